@@ -1,0 +1,339 @@
+"""NATS and JetStream plumbing shared by every service.
+
+- `Bus.publish` awaits the JetStream ack (so a caller knows the message is durable), sets
+  `Nats-Msg-Id` for de-duplication and carries the trace context in headers.
+- `Bus.consume` runs a durable pull consumer: batches, explicit acks, per-key ordering with
+  concurrency across keys, delayed redelivery for transient failures, and a span per message.
+- `Bus.serve` exposes request/reply endpoints as a `nats.micro` service; `Bus.request` calls them.
+- `KvMirror` keeps an in-memory copy of a KV bucket fresh by watching it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointConfig, Service
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared.subjects import ALL_STREAMS, StreamSpec
+from shared.telemetry import extract_context, inject_headers, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class Retry(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raise from a consumer handler to have the message redelivered after `delay` seconds."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry in {delay}s")
+        self.delay = delay
+
+
+class Poison(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raise from a consumer handler when a message can never be processed (it is terminated)."""
+
+
+Handler = Callable[[bytes, Mapping[str, str], "Delivery"], Awaitable[None]]
+RequestHandler = Callable[[bytes, Mapping[str, str]], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Facts about one JetStream delivery handed to a consumer handler."""
+
+    subject: str
+    num_delivered: int
+    stream_sequence: int
+
+
+@dataclass
+class Bus:
+    """A connection to NATS with JetStream."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _services: list[Service] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def connect(cls, url: str, name: str) -> Bus:
+        """Connect (retrying while the server starts) and return a Bus."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc)
+
+        nc = await nats.connect(
+            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            connect_timeout=5, allow_reconnect=True, error_cb=on_error,
+        )
+        return cls(nc=nc, js=nc.jetstream(timeout=10))
+
+    async def ensure_streams(self, replicas: int = 1, streams: tuple[StreamSpec, ...] = ALL_STREAMS) -> None:
+        """Create (or update) the streams Threadline uses. Safe to call from every service."""
+        for spec in streams:
+            config = api.StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=spec.max_age_seconds,
+                duplicate_window=spec.duplicate_window_seconds,
+                num_replicas=replicas,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> api.PubAck:
+        """Publish to JetStream and wait for the ack: on return the message is durable."""
+        with _tracer.start_as_current_span(f"publish {subject.split('.')[0]}", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.destination.name", subject)
+            hdrs = inject_headers(dict(headers or {}))
+            if msg_id is not None:
+                hdrs[MSG_ID_HEADER] = msg_id
+                span.set_attribute("messaging.message.id", msg_id)
+            ack = await self.js.publish(subject, data, headers=hdrs)
+            if ack.duplicate:
+                span.set_attribute("threadline.duplicate", True)
+            return ack
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        """Send a request to a `nats.micro` endpoint and return the reply body."""
+        with _tracer.start_as_current_span(f"request {subject}", kind=SpanKind.CLIENT):
+            msg = await self.nc.request(subject, data, timeout=timeout, headers=inject_headers())
+            if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
+                raise RequestFailed(int(msg.headers["Nats-Service-Error-Code"]),
+                                    msg.headers.get("Nats-Service-Error", "service error"))
+            return msg.data
+
+    async def serve(self, name: str, endpoints: Mapping[str, RequestHandler], *, version: str = "0.1.0") -> Service:
+        """Expose request/reply endpoints (subject → handler) as a `nats.micro` service."""
+        service = await add_service(self.nc, name=name, version=version)
+        for subject, handler in endpoints.items():
+            await service.add_endpoint(EndpointConfig(
+                name=subject.replace(".", "-"), subject=subject, handler=_micro_handler(subject, handler),
+            ))
+        self._services.append(service)
+        return service
+
+    def consume(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler, *,
+                batch: int = 100, ordering_key: Callable[[str, bytes], str] | None = None,
+                ack_wait: float = 30.0, max_ack_pending: int = 2000) -> None:
+        """Run a durable pull consumer in the background until `close()`.
+
+        Messages in a fetched batch that share an ordering key (default: the subject) are
+        handled one after another; different keys are handled concurrently. A handler that
+        returns acks the message; `Retry` naks it with a delay; `Poison` (or an undecodable
+        message) terminates it; any other exception naks it with a short delay.
+        """
+        key = ordering_key or (lambda subject, _data: subject)
+        self._tasks.append(asyncio.create_task(
+            self._consume_loop(stream, durable, filter_subject, handler, batch, key, ack_wait, max_ack_pending),
+            name=f"consume:{durable}",
+        ))
+
+    async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
+                            batch: int, key: Callable[[str, bytes], str], ack_wait: float,
+                            max_ack_pending: int) -> None:
+        config = api.ConsumerConfig(
+            durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending, filter_subject=filter_subject,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        while not self._stopping.is_set():
+            try:
+                sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream.name, config=config)
+                break
+            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("consumer %s not ready yet: %s", durable, exc)
+                await asyncio.sleep(0.5)
+        else:
+            return
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                return
+            except nats.errors.Error as exc:
+                log.warning("fetch failed on %s: %s", durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            groups: dict[str, list[Msg]] = {}
+            for msg in msgs:
+                groups.setdefault(key(msg.subject, msg.data), []).append(msg)
+            await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
+
+    async def _handle_group(self, durable: str, group: list[Msg], handler: Handler) -> None:
+        for msg in group:
+            await self._handle_one(durable, msg, handler)
+
+    async def _handle_one(self, durable: str, msg: Msg, handler: Handler) -> None:
+        headers: Mapping[str, str] = msg.headers or {}
+        meta = msg.metadata
+        delivery = Delivery(subject=msg.subject, num_delivered=meta.num_delivered or 1,
+                            stream_sequence=meta.sequence.stream if meta.sequence else 0)
+        token = otel_context.attach(extract_context(headers))
+        try:
+            with _tracer.start_as_current_span(f"process {durable}", kind=SpanKind.CONSUMER) as span:
+                span.set_attribute("messaging.destination.name", msg.subject)
+                span.set_attribute("messaging.consumer.group.name", durable)
+                span.set_attribute("messaging.message.delivery_count", delivery.num_delivered)
+                try:
+                    await handler(msg.data, headers, delivery)
+                except Retry as exc:
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    await msg.nak(delay=exc.delay)
+                    return
+                except Poison as exc:
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    log.error("terminating message on %s: %s", msg.subject, exc)
+                    await msg.term()
+                    return
+                except Exception as exc:  # a bug or an outage: keep the message, try again soon
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    log.exception("handler failed on %s (delivery %d)", msg.subject, delivery.num_delivered)
+                    await msg.nak(delay=min(30.0, 0.5 * delivery.num_delivered))
+                    return
+                await msg.ack()
+        except nats.errors.Error as exc:
+            log.warning("ack/nak failed on %s: %s", msg.subject, exc)
+        finally:
+            otel_context.detach(token)
+
+    async def key_value(self, bucket: str, *, history: int = 1, replicas: int = 1) -> KeyValue:
+        """Return a KV bucket, creating it when missing."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+            except nats.js.errors.BadRequestError:
+                return await self.js.key_value(bucket)
+
+    async def close(self) -> None:
+        """Stop consumers and services, then drain the connection."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for service in self._services:
+            with contextlib.suppress(Exception):
+                await service.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+
+class RequestFailed(Exception):
+    """A request/reply endpoint answered with a service error."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"{code} {description}")
+        self.code = code
+        self.description = description
+
+
+def _micro_handler(subject: str, handler: RequestHandler) -> Callable[[MicroRequest], Awaitable[None]]:
+    async def handle(request: MicroRequest) -> None:
+        token = otel_context.attach(extract_context(request.headers or {}))
+        try:
+            with _tracer.start_as_current_span(f"serve {subject}", kind=SpanKind.SERVER) as span:
+                try:
+                    reply = await handler(request.data, request.headers or {})
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    log.exception("request handler %s failed", subject)
+                    await request.respond_error("500", "internal error")
+                    return
+                await request.respond(reply)
+        finally:
+            otel_context.detach(token)
+
+    return handle
+
+
+class KvMirror:
+    """An in-memory copy of a KV bucket, kept fresh by a watcher.
+
+    `ready` is set once the initial values are loaded; `get` then answers without I/O.
+    """
+
+    def __init__(self, bus: Bus, bucket: str, decode: Callable[[bytes], Any]) -> None:
+        self.bus = bus
+        self.bucket = bucket
+        self.decode = decode
+        self.values: dict[str, Any] = {}
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start watching and wait for the initial values."""
+        kv = await self.bus.key_value(self.bucket)
+        watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._run(watcher), name=f"kv:{self.bucket}")
+        await self.ready.wait()
+
+    async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    self.ready.set()
+                    continue
+                if entry.operation in ("DEL", "PURGE") or entry.value in (None, b""):
+                    self.values.pop(entry.key, None)
+                else:
+                    try:
+                        self.values[entry.key] = self.decode(entry.value)
+                    except Exception:
+                        log.exception("undecodable KV entry %s/%s", self.bucket, entry.key)
+                if not self.ready.is_set():
+                    # The watcher sends a None marker after the initial values; a bucket
+                    # with pending history sets ready on it. This covers a value seen first.
+                    pass
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    def get(self, key: str) -> Any | None:
+        """The current value for `key`, or None."""
+        return self.values.get(key)
+
+    async def stop(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+def current_span_trace_id() -> str:
+    """Hex trace id of the current span (empty when none)."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -1,0 +1,89 @@
+"""Configuration from the environment, validated at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "placeholder", "sandbox", "dev", "test"})
+
+
+class ConfigError(ValueError):
+    """Raised when the environment does not describe a runnable service."""
+
+
+def env_str(name: str, default: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Read a string variable; raise ConfigError when it is missing and has no default."""
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise ConfigError(f"{name} must be set")
+        return default
+    return value
+
+
+def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    """Read an integer variable."""
+    raw = env_str(name, str(default), environ)
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def env_float(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """Read a float variable."""
+    raw = env_str(name, str(default), environ)
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """Read a boolean variable (1/true/yes/on)."""
+    raw = env_str(name, "1" if default else "0", environ).strip().lower()
+    return raw in {"1", "true", "yes", "on"}
+
+
+def env_secret(name: str, *, sandbox: bool, default: str | None = None,
+               environ: Mapping[str, str] | None = None) -> str:
+    """Read a secret; outside the sandbox refuse missing, placeholder or short values."""
+    value = env_str(name, default if sandbox else None, environ)
+    if not sandbox and (value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < 16):
+        raise ConfigError(f"{name} holds a placeholder or too-short secret; set a real one (>= 16 chars)")
+    return value
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    """Settings every service shares."""
+
+    nats_url: str
+    http_host: str
+    http_port: int
+    data_dir: str
+    sandbox: bool
+    stream_replicas: int
+    public_base_url: str
+
+    @classmethod
+    def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
+        """Build from THREADLINE_* variables; `default_port` is the service's own HTTP port."""
+        port = env_int("THREADLINE_HTTP_PORT", default_port, environ)
+        if not 0 <= port < 65536:
+            raise ConfigError("THREADLINE_HTTP_PORT out of range")
+        replicas = env_int("THREADLINE_STREAM_REPLICAS", 1, environ)
+        if replicas not in (1, 3, 5):
+            raise ConfigError("THREADLINE_STREAM_REPLICAS must be 1, 3 or 5")
+        return cls(
+            nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
+            http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
+            http_port=port,
+            data_dir=env_str("THREADLINE_DATA_DIR", ".threadline", environ),
+            sandbox=env_bool("THREADLINE_SANDBOX", False, environ),
+            stream_replicas=replicas,
+            public_base_url=env_str("THREADLINE_PUBLIC_BASE_URL", "http://127.0.0.1:8080", environ).rstrip("/"),
+        )

@@ -1,0 +1,114 @@
+"""The `channel` family: what channel services publish (inbound, statuses) and consume (sends)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from shared.sunco import ActivityType, ClientType, Content
+
+
+class ChannelMessage(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of the channel family."""
+
+
+class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A button/quick-reply tap: `payload` is the id the business gave the button."""
+
+    payload: str
+    text: str = ""
+
+
+class InboundMessage(ChannelMessage, tag="channel.inbound.message", kw_only=True):
+    """A customer's message, normalized by the channel service that received it."""
+
+    app_id: str
+    integration_id: str
+    channel: str
+    client_type: ClientType
+    # The customer's id on the channel (WhatsApp BSUID or wa_id, SDK client id, …).
+    channel_user_id: str
+    provider_message_id: str
+    received_at: float
+    content: Content
+    display_name: str | None = None
+    client_info: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    # Set when the channel already knows who this is (an SDK session).
+    user_id: str | None = None
+    client_id: str | None = None
+    conversation_id: str | None = None
+    postback: Postback | None = None
+    quoted_provider_message_id: str | None = None
+    # A handoff code or deep-link referral carried invisibly by the channel (Telegram start, m.me ref).
+    referral: str | None = None
+
+
+class InboundActivity(ChannelMessage, tag="channel.inbound.activity", kw_only=True):
+    """Typing or read state from a customer's client."""
+
+    app_id: str
+    integration_id: str
+    channel: str
+    user_id: str
+    client_id: str
+    conversation_id: str
+    activity: ActivityType
+    at: float
+
+
+DeliveryState = Literal["sent", "delivered", "read", "failed"]
+
+
+class DeliveryStatus(ChannelMessage, tag="channel.delivery.status", kw_only=True):
+    """What a platform said about a message the gateway sent."""
+
+    app_id: str
+    integration_id: str
+    channel: str
+    provider_message_id: str
+    status: DeliveryState
+    timestamp: float
+    # Known when the status comes from the send call itself; statuses from webhooks carry
+    # only the provider id and `conversations` maps it.
+    message_id: str | None = None
+    conversation_id: str | None = None
+    error_code: str | None = None
+    error_title: str | None = None
+    error_details: str | None = None
+    raw: dict[str, Any] = {}
+
+
+class OutboundSend(ChannelMessage, tag="channel.outbound.send", kw_only=True):
+    """A business message to deliver to one client on one channel."""
+
+    app_id: str
+    integration_id: str
+    channel: str
+    conversation_id: str
+    message_id: str
+    user_id: str
+    client_id: str
+    recipient: str
+    recipient_info: dict[str, Any] = {}
+    content: Content
+    schema: str | None = None
+    override: dict[str, Any] | None = None
+    quoted_provider_message_id: str | None = None
+
+
+ChannelUnion = InboundMessage | InboundActivity | DeliveryStatus | OutboundSend
+
+ENCODER = msgspec.json.Encoder()
+DECODER: msgspec.json.Decoder[ChannelUnion] = msgspec.json.Decoder(ChannelUnion)
+
+
+def encode(message: ChannelMessage) -> bytes:
+    """Encode a channel-family message."""
+    return ENCODER.encode(message)
+
+
+def decode(data: bytes) -> ChannelUnion:
+    """Decode a channel-family message (raises msgspec.ValidationError on a bad one)."""
+    return DECODER.decode(data)

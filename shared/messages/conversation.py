@@ -1,0 +1,220 @@
+"""The `conversation` family: events published by `conversations`, one subject per conversation.
+
+Each event maps to one SunCo webhook event (`webhook_event`), which is what the `webhooks`
+service delivers and what the SDK socket pushes to the widget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from shared.ids import iso
+from shared.sunco import (
+    Activity,
+    Client,
+    ConversationRef,
+    DeliveryError,
+    Destination,
+    ExternalMessage,
+    Message,
+    Source,
+    User,
+    UserRef,
+    api_content,
+    to_wire,
+)
+
+
+class ConversationEvent(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of the conversation family. `id` is the SunCo event id and the Nats-Msg-Id."""
+
+    id: str
+    app_id: str
+    conversation_id: str
+    created_at: float
+
+
+class MessageCreated(ConversationEvent, tag="conversation.message.created", kw_only=True):
+    """A message was appended to the conversation's history."""
+
+    conversation: ConversationRef
+    message: Message
+    # Position in the conversation's history; the SDK resumes from it.
+    cursor: int
+    user_id: str
+
+
+class ActivityPosted(ConversationEvent, tag="conversation.activity", kw_only=True):
+    """Typing or read state, from the business or the customer."""
+
+    conversation: ConversationRef
+    activity: Activity
+    user_id: str
+
+
+DeliveryKind = Literal["channel", "user", "failure"]
+
+
+class DeliveryReported(ConversationEvent, tag="conversation.delivery", kw_only=True):
+    """A channel accepted, delivered, read or failed a business message."""
+
+    kind: DeliveryKind
+    conversation: ConversationRef
+    user: UserRef
+    message_id: str
+    destination: Destination
+    external_messages: list[ExternalMessage] = []
+    is_final: bool = False
+    error: DeliveryError | None = None
+    # `read` reports a `delivered` (kind user) with this flag, for the widget's read state.
+    read: bool = False
+
+
+class ConversationCreated(ConversationEvent, tag="conversation.created", kw_only=True):
+    """A conversation started."""
+
+    conversation: ConversationRef
+    user: User | None = None
+    creation_reason: str = "message"
+    source: Source | None = None
+
+
+class ConversationRemoved(ConversationEvent, tag="conversation.removed", kw_only=True):
+    """A conversation was deleted."""
+
+    conversation: ConversationRef
+
+
+class ClientAdded(ConversationEvent, tag="conversation.client.added", kw_only=True):
+    """A client joined the user's conversation (channel linking)."""
+
+    user: User
+    client: Client
+    reason: str = "channelLinking"
+
+
+ConversationUnion = (
+    MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
+)
+
+ENCODER = msgspec.json.Encoder()
+DECODER: msgspec.json.Decoder[ConversationUnion] = msgspec.json.Decoder(ConversationUnion)
+
+
+def encode(event: ConversationEvent) -> bytes:
+    """Encode a conversation event."""
+    return ENCODER.encode(event)
+
+
+def decode(data: bytes) -> ConversationUnion:
+    """Decode a conversation event (raises msgspec.ValidationError on a bad one)."""
+    return DECODER.decode(data)
+
+
+def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None:
+    """The SunCo webhook trigger and event object (`{id, type, createdAt, payload}`) for an event.
+
+    Returns None for events that have no webhook form.
+    """
+    trigger: str
+    payload: dict[str, Any]
+    conversation = to_wire(event.conversation) if hasattr(event, "conversation") else None
+    if isinstance(event, MessageCreated):
+        message = msgspec.structs.replace(event.message, content=api_content(event.message.content))
+        trigger, payload = "conversation:message", {"conversation": conversation, "message": to_wire(message)}
+    elif isinstance(event, ActivityPosted):
+        trigger = "conversation:read" if event.activity.type == "conversation:read" else "conversation:typing"
+        payload = {"conversation": conversation, "activity": to_wire(event.activity)}
+    elif isinstance(event, DeliveryReported):
+        trigger = f"conversation:message:delivery:{event.kind}"
+        payload = {
+            "user": to_wire(event.user),
+            "conversation": conversation,
+            "message": {"id": event.message_id},
+            "destination": to_wire(event.destination),
+            "externalMessages": to_wire(event.external_messages),
+            "isFinalEvent": event.is_final,
+        }
+        if event.error is not None:
+            payload["error"] = to_wire(event.error)
+    elif isinstance(event, ConversationCreated):
+        trigger = "conversation:create"
+        payload = {"conversation": conversation, "creationReason": event.creation_reason}
+        if event.user is not None:
+            payload["user"] = to_wire(event.user)
+        if event.source is not None:
+            payload["source"] = to_wire(event.source)
+    elif isinstance(event, ConversationRemoved):
+        trigger, payload = "conversation:remove", {"conversation": conversation}
+    elif isinstance(event, ClientAdded):
+        trigger = "client:add"
+        payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
+    else:
+        return None
+    return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}
+
+
+# --- request/reply with `conversations` ------------------------------------------------------
+
+class ConversationRequest(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of the requests other services make to `conversations`."""
+
+
+class StartConversation(ConversationRequest, tag="conversation.start"):
+    """Return the user's default personal conversation, creating it when missing (SDK sessions)."""
+
+    app_id: str
+    integration_id: str
+    user_id: str
+    client_id: str
+
+
+class GetHistory(ConversationRequest, tag="conversation.history"):
+    """Messages of a conversation with `cursor` > `after` (oldest first), at most `limit`.
+
+    Without `after`, the latest `limit` messages. `user_id` must be a participant (the SDK
+    may only read its own conversations).
+    """
+
+    app_id: str
+    conversation_id: str
+    user_id: str | None = None
+    after: int | None = None
+    limit: int = 100
+
+
+class ConversationStarted(ConversationRequest, tag="conversation.started"):
+    conversation: ConversationRef
+    created: bool = False
+
+
+class HistoryMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    cursor: int
+    message: Message
+
+
+class HistoryPage(ConversationRequest, tag="conversation.history.page"):
+    conversation: ConversationRef
+    messages: list[HistoryMessage]
+    has_more: bool = False
+    # Read state for the SDK: the business's last read time (unix seconds), if any.
+    business_last_read: float | None = None
+
+
+class ConversationError(ConversationRequest, tag="conversation.error"):
+    status: int
+    code: str
+    title: str
+
+
+ConversationRequestUnion = (
+    StartConversation | GetHistory | ConversationStarted | HistoryPage | ConversationError
+)
+REQUEST_DECODER: msgspec.json.Decoder[ConversationRequestUnion] = msgspec.json.Decoder(ConversationRequestUnion)
+
+
+def decode_request(data: bytes) -> ConversationRequestUnion:
+    """Decode a request or reply exchanged with `conversations`."""
+    return REQUEST_DECODER.decode(data)

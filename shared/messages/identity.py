@@ -1,0 +1,112 @@
+"""The `identity` family: request/reply with the `identity` service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shared.sunco import Client, ClientType, Profile, User
+
+
+class IdentityMessage(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of the identity family."""
+
+
+class ResolveClient(IdentityMessage, tag="identity.resolve", kw_only=True):
+    """Find or create the user and client behind a channel identity.
+
+    The same (app, integration, channel_user_id) always resolves to the same client and user.
+    `user_id`, when given, is the user a brand-new client is attached to.
+    """
+
+    app_id: str
+    integration_id: str
+    client_type: ClientType
+    channel_user_id: str
+    display_name: str | None = None
+    avatar_url: str | None = None
+    info: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    user_id: str | None = None
+
+
+class Resolved(IdentityMessage, tag="identity.resolved", kw_only=True):
+    user: User
+    client: Client
+    user_created: bool = False
+    client_created: bool = False
+
+
+class CreateUser(IdentityMessage, tag="identity.user.create", kw_only=True):
+    app_id: str
+    external_id: str | None = None
+    profile: Profile = msgspec.field(default_factory=Profile)
+    metadata: dict[str, Any] = {}
+    signed_up_at: float | None = None
+
+
+class GetUser(IdentityMessage, tag="identity.user.get", kw_only=True):
+    app_id: str
+    user_id_or_external_id: str
+
+
+class UpdateUser(IdentityMessage, tag="identity.user.update", kw_only=True):
+    """Patch a user: only the fields that are set change (None = leave as is)."""
+
+    app_id: str
+    user_id_or_external_id: str
+    external_id: str | None = None
+    profile: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DeleteUser(IdentityMessage, tag="identity.user.delete", kw_only=True):
+    app_id: str
+    user_id_or_external_id: str
+
+
+class ListClients(IdentityMessage, tag="identity.clients.list", kw_only=True):
+    app_id: str
+    user_id_or_external_id: str
+
+
+class UserReply(IdentityMessage, tag="identity.user", kw_only=True):
+    user: User
+
+
+class ClientsReply(IdentityMessage, tag="identity.clients", kw_only=True):
+    user: User
+    clients: list[Client]
+
+
+class Deleted(IdentityMessage, tag="identity.deleted", kw_only=True):
+    user_id: str
+    client_ids: list[str] = []
+
+
+class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
+    """A refusal: `status` is the HTTP status the API should answer with, `code` SunCo's code."""
+
+    status: int
+    code: str
+    title: str
+
+
+IdentityUnion = (
+    ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients
+    | UserReply | ClientsReply | Deleted | IdentityError
+)
+
+ENCODER = msgspec.json.Encoder()
+DECODER: msgspec.json.Decoder[IdentityUnion] = msgspec.json.Decoder(IdentityUnion)
+
+
+def encode(message: IdentityMessage) -> bytes:
+    """Encode an identity-family message."""
+    return ENCODER.encode(message)
+
+
+def decode(data: bytes) -> IdentityUnion:
+    """Decode an identity-family message."""
+    return DECODER.decode(data)

@@ -1,0 +1,58 @@
+"""The public front door's routing table: path prefix → service.
+
+`threadline up` serves it with a small reverse proxy; the Kubernetes Ingress routes the same
+prefixes. Longest prefix wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+
+@dataclass(frozen=True)
+class Route:
+    """One path prefix and the service that serves it."""
+
+    prefix: str
+    service: str
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """A service's name and default HTTP port."""
+
+    name: str
+    port: int
+
+
+SERVICES: Final = (
+    ServicePort("conversations", 8081),
+    ServicePort("identity", 8082),
+    ServicePort("web", 8083),
+    ServicePort("whatsapp", 8084),
+    ServicePort("webhooks", 8085),
+    ServicePort("sandbox", 8086),
+)
+
+DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
+
+ROUTES: Final = (
+    Route("/v2/", "conversations"),
+    Route("/sdk/", "web"),
+    Route("/widget/", "web"),
+    Route("/webhooks/whatsapp/", "whatsapp"),
+    Route("/sandbox/", "sandbox"),
+)
+
+# `/_svc/<name>/healthz|readyz` reach each service's own probes through the front door.
+SERVICE_PROBE_PREFIX: Final = "/_svc/"
+
+
+def route_for(path: str) -> Route | None:
+    """Return the route whose prefix is the longest match for `path`, if any."""
+    best: Route | None = None
+    for route in ROUTES:
+        if path.startswith(route.prefix) and (best is None or len(route.prefix) > len(best.prefix)):
+            best = route
+    return best

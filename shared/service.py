@@ -1,0 +1,103 @@
+"""The service runner: lifecycle, HTTP probes and signal handling common to every service.
+
+A service module provides a `ServiceApp` subclass (in `app.py`) with `start()` and `stop()`;
+`run_service` runs it until SIGINT/SIGTERM. Every service serves `/healthz` (process alive)
+and `/readyz` (dependencies connected) on its own port, besides whatever routes it adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from shared.config import CommonConfig
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+class ServiceApp:
+    """Base class for a service: owns an aiohttp app and its runner."""
+
+    name: str = "service"
+
+    def __init__(self, common: CommonConfig) -> None:
+        self.common = common
+        self.http = web.Application(client_max_size=1024 * 1024)
+        self.http.router.add_get("/healthz", self._healthz)
+        self.http.router.add_get("/readyz", self._readyz)
+        self._ready_checks: list[ReadyCheck] = []
+        self._runner: web.AppRunner | None = None
+        self.port: int = common.http_port
+
+    def add_ready_check(self, check: ReadyCheck) -> None:
+        """Register a check that must pass for /readyz to answer 200."""
+        self._ready_checks.append(check)
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": self.name})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        for check in self._ready_checks:
+            try:
+                ok = await check()
+            except Exception:
+                ok = False
+            if not ok:
+                return web.json_response({"status": "not ready", "service": self.name}, status=503)
+        return web.json_response({"status": "ready", "service": self.name})
+
+    async def start_http(self) -> None:
+        """Start serving HTTP; with port 0 the chosen port is stored in `self.port`."""
+        self._runner = web.AppRunner(self.http, access_log=None, handle_signals=False, shutdown_timeout=10)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.common.http_host, self.common.http_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.port = server.sockets[0].getsockname()[1]
+        log.info("%s listening on http://%s:%d", self.name, self.common.http_host, self.port)
+
+    async def stop_http(self) -> None:
+        """Stop serving HTTP (in-flight requests get the shutdown timeout to finish)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def start(self) -> None:
+        """Connect dependencies and start serving. Subclasses extend this."""
+        await self.start_http()
+
+    async def stop(self) -> None:
+        """Stop serving and release resources. Subclasses extend this."""
+        await self.stop_http()
+
+
+def run_service(factory: Callable[[], ServiceApp]) -> None:
+    """Run a service until SIGINT/SIGTERM, then stop it cleanly."""
+    async def main() -> None:
+        service = factory()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await service.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("%s stopping", service.name)
+            await service.stop()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,123 @@
+"""Signatures: Meta's X-Hub-Signature-256, Threadline's webhook signature, HS256 JWTs, SDK tokens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+META_SIGNATURE_HEADER = "X-Hub-Signature-256"
+WEBHOOK_SIGNATURE_HEADER = "X-Threadline-Signature"
+
+
+def meta_signature(app_secret: str, raw_body: bytes) -> str:
+    """The `X-Hub-Signature-256` value Meta sends for `raw_body`."""
+    return "sha256=" + hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+
+
+def meta_signature_ok(app_secret: str, raw_body: bytes, header: str | None) -> bool:
+    """Constant-time check of an `X-Hub-Signature-256` header over the raw bytes received."""
+    if not header or not header.startswith("sha256="):
+        return False
+    return hmac.compare_digest(meta_signature(app_secret, raw_body), header)
+
+
+def webhook_signature(secret: str, raw_body: bytes, timestamp: int | None = None) -> str:
+    """`X-Threadline-Signature`: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode(), f"{ts}.".encode() + raw_body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={digest}"
+
+
+def webhook_signature_ok(secret: str, raw_body: bytes, header: str, *, tolerance: int = 300,
+                         now: float | None = None) -> bool:
+    """Verify an `X-Threadline-Signature` header (what a business's receiver should do)."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        ts = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > tolerance:
+        return False
+    return hmac.compare_digest(webhook_signature(secret, raw_body, ts), header)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class JwtError(ValueError):
+    """The token is malformed, unsigned, wrongly signed or expired."""
+
+
+def jwt_encode(payload: dict[str, Any], key: str, kid: str | None = None) -> str:
+    """An HS256 JWT."""
+    header: dict[str, Any] = {"alg": "HS256", "typ": "JWT"}
+    if kid is not None:
+        header["kid"] = kid
+    signing_input = _b64url(json.dumps(header, separators=(",", ":")).encode()) + "." + _b64url(
+        json.dumps(payload, separators=(",", ":")).encode())
+    sig = hmac.new(key.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(sig)
+
+
+def jwt_header(token: str) -> dict[str, Any]:
+    """The (unverified) header of a JWT, to find its `kid`."""
+    try:
+        header = json.loads(_b64url_decode(token.split(".")[0]))
+    except (ValueError, IndexError) as exc:
+        raise JwtError("malformed token") from exc
+    if not isinstance(header, dict):
+        raise JwtError("malformed token")
+    return header
+
+
+def jwt_decode(token: str, key: str) -> dict[str, Any]:
+    """Verify an HS256 JWT with `key` and return its payload; refuses other algorithms."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise JwtError("malformed token")
+    header = jwt_header(token)
+    if header.get("alg") != "HS256":
+        raise JwtError("only HS256 tokens are accepted")
+    expected = hmac.new(key.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+    try:
+        given = _b64url_decode(parts[2])
+        payload = json.loads(_b64url_decode(parts[1]))
+    except ValueError as exc:
+        raise JwtError("malformed token") from exc
+    if not hmac.compare_digest(expected, given):
+        raise JwtError("bad signature")
+    if not isinstance(payload, dict):
+        raise JwtError("malformed payload")
+    exp = payload.get("exp")
+    if isinstance(exp, int | float) and exp < time.time():
+        raise JwtError("token expired")
+    return payload
+
+
+def sign_token(secret: str, fields: dict[str, str]) -> str:
+    """A compact signed token (`<b64 json>.<b64 hmac>`) for SDK sessions and similar."""
+    body = _b64url(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode())
+    sig = _b64url(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest())
+    return f"{body}.{sig}"
+
+
+def verify_token(secret: str, token: str) -> dict[str, str] | None:
+    """The fields of a token made by `sign_token`, or None when it is not authentic."""
+    try:
+        body, sig = token.split(".")
+        expected = _b64url(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, sig):
+            return None
+        fields = json.loads(_b64url_decode(body))
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None

