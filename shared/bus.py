@@ -40,7 +40,7 @@ _tracer = tracer(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-class Retry(Exception):  # noqa: N818 - it is a signal, not an error
+class Retry(Exception):
     """Raise from a consumer handler to have the message redelivered after `delay` seconds."""
 
     def __init__(self, delay: float, reason: str = "") -> None:
@@ -48,7 +48,7 @@ class Retry(Exception):  # noqa: N818 - it is a signal, not an error
         self.delay = delay
 
 
-class Poison(Exception):  # noqa: N818 - it is a signal, not an error
+class Poison(Exception):
     """Raise from a consumer handler when a message can never be processed (it is terminated)."""
 
 
@@ -166,7 +166,7 @@ class Bus:
             try:
                 sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream.name, config=config)
                 break
-            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("consumer %s not ready yet: %s", durable, exc)
                 await asyncio.sleep(0.5)
         else:
@@ -174,7 +174,7 @@ class Bus:
         while not self._stopping.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return

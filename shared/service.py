@@ -59,9 +59,9 @@ class ServiceApp:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.common.http_host, self.common.http_port, reuse_address=True)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
         log.info("%s listening on http://%s:%d", self.name, self.common.http_host, self.port)
 
     async def stop_http(self) -> None:

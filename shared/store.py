@@ -6,8 +6,11 @@ backend can follow.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Sequence
+import weakref
+from collections.abc import AsyncIterator, Sequence
 
 import aiosqlite
 
@@ -53,3 +56,32 @@ def _split_sql(script: str) -> list[str]:
 def db_path(data_dir: str, service: str) -> str:
     """Path of a service's database under the data directory."""
     return os.path.join(data_dir, f"{service}.db")
+
+
+_WRITE_LOCKS: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def write_lock(db: aiosqlite.Connection) -> asyncio.Lock:
+    """The lock that serializes writes on one connection.
+
+    aiosqlite runs every coroutine's statements on one connection: without this lock a
+    statement from another coroutine would land inside (and be rolled back with) a transaction
+    it does not belong to. Hold it for every write, single statements included.
+    """
+    lock = _WRITE_LOCKS.get(db)
+    if lock is None:
+        lock = _WRITE_LOCKS[db] = asyncio.Lock()
+    return lock
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+    """`async with transaction(db):` — BEGIN … COMMIT under the write lock; ROLLBACK on error."""
+    async with write_lock(db):
+        await db.execute("BEGIN")
+        try:
+            yield db
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")

@@ -57,7 +57,7 @@ async def _healthz(request: web.Request) -> web.Response:
         try:
             async with session.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 return name, resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return name, False
 
     results = dict(await asyncio.gather(*(probe(n, b) for n, b in upstreams.items())))

@@ -64,7 +64,7 @@ class NatsServer:
             self.port = free_port()
         os.makedirs(self.store_dir, exist_ok=True)
         self.log_path = self.log_path or os.path.join(self.store_dir, "nats-server.log")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
              *self.extra_args],

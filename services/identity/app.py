@@ -1,0 +1,74 @@
+"""The identity service: users, clients (one per channel identity), request/reply over NATS."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+from services.identity.config import IdentityConfig
+from services.identity.handlers import IdentityHandlers
+from services.identity.store import IdentityStore
+from shared import subjects
+from shared.bus import Bus
+from shared.http import error_middleware, tracing_middleware
+from shared.messages import identity as msgs
+from shared.service import ServiceApp
+from shared.telemetry import setup_telemetry
+
+ENDPOINTS = (
+    subjects.IDENTITY_RESOLVE,
+    subjects.IDENTITY_USER_CREATE,
+    subjects.IDENTITY_USER_GET,
+    subjects.IDENTITY_USER_UPDATE,
+    subjects.IDENTITY_USER_DELETE,
+    subjects.IDENTITY_CLIENTS_LIST,
+)
+
+
+class IdentityService(ServiceApp):
+    name = "identity"
+
+    def __init__(self, config: IdentityConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.http.middlewares.extend([tracing_middleware, error_middleware])
+        self.bus: Bus | None = None
+        self.store: IdentityStore | None = None
+        self.handlers: IdentityHandlers | None = None
+        self.add_ready_check(self._bus_connected)
+
+    async def _bus_connected(self) -> bool:
+        return self.bus is not None and self.bus.nc.is_connected
+
+    async def start(self) -> None:
+        self.store = await IdentityStore.open(self.config.db_path)
+        self.handlers = IdentityHandlers(self.store)
+        self.bus = await Bus.connect(self.common.nats_url, self.name)
+        await self.bus.ensure_streams(self.common.stream_replicas)
+        await self.bus.serve(subjects.IDENTITY_SERVICE, {subject: self._answer for subject in ENDPOINTS})
+        await self.start_http()
+
+    async def _answer(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
+        assert self.handlers is not None
+        try:
+            request = msgs.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return msgs.encode(msgs.IdentityError(status=400, code="bad_request", title=f"Invalid request: {exc}"))
+        return msgs.encode(await self.handlers.handle(request))
+
+    async def stop(self) -> None:
+        await self.stop_http()
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
+def create(environ: Mapping[str, str] | None = None) -> IdentityService:
+    """Build the identity service from the environment."""
+    setup_telemetry("identity")
+    return IdentityService(IdentityConfig.from_env(os.environ if environ is None else environ))

@@ -1,0 +1,106 @@
+"""Identity logic on decoded requests: resolve channel identities, manage users and clients."""
+
+from __future__ import annotations
+
+import logging
+
+from services.identity.store import Conflict, IdentityStore
+from shared.messages import identity as msgs
+from shared.sunco import Client, User
+
+log = logging.getLogger(__name__)
+
+
+class IdentityHandlers:
+    """Answers identity requests. Resolutions are cached: the same channel identity always maps
+    to the same client, so a hit needs no I/O (the cache is dropped for a user on delete)."""
+
+    def __init__(self, store: IdentityStore, cache_size: int = 100_000) -> None:
+        self.store = store
+        self.cache_size = cache_size
+        self._resolved: dict[tuple[str, str, str], tuple[User, Client]] = {}
+
+    async def handle(self, request: msgs.IdentityUnion) -> msgs.IdentityMessage:
+        """Dispatch one request to its handler."""
+        if isinstance(request, msgs.ResolveClient):
+            return await self.resolve(request)
+        if isinstance(request, msgs.CreateUser):
+            return await self.create_user(request)
+        if isinstance(request, msgs.GetUser):
+            return await self.get_user(request)
+        if isinstance(request, msgs.UpdateUser):
+            return await self.update_user(request)
+        if isinstance(request, msgs.DeleteUser):
+            return await self.delete_user(request)
+        if isinstance(request, msgs.ListClients):
+            return await self.list_clients(request)
+        return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
+
+    async def resolve(self, req: msgs.ResolveClient) -> msgs.IdentityMessage:
+        key = (req.app_id, req.integration_id, req.channel_user_id)
+        cached = self._resolved.get(key)
+        if cached is not None:
+            return msgs.Resolved(user=cached[0], client=cached[1])
+        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        if found is not None:
+            user, client = found
+            created_user = created_client = False
+        else:
+            if req.user_id is not None and await self.store.find_user(req.app_id, req.user_id) is None:
+                return msgs.IdentityError(status=404, code="user_not_found", title="User not found")
+            user, client, created_user, created_client = await self.store.create_client(
+                app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
+                channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
+                info=req.info, raw=req.raw, user_id=req.user_id,
+            )
+        if len(self._resolved) >= self.cache_size:
+            self._resolved.clear()
+        self._resolved[key] = (user, client)
+        return msgs.Resolved(user=user, client=client, user_created=created_user, client_created=created_client)
+
+    async def create_user(self, req: msgs.CreateUser) -> msgs.IdentityMessage:
+        try:
+            user = await self.store.create_user(req.app_id, req.external_id, req.profile, req.metadata,
+                                                req.signed_up_at)
+        except Conflict as exc:
+            return msgs.IdentityError(status=409, code="conflict", title=str(exc))
+        return msgs.UserReply(user=user)
+
+    async def get_user(self, req: msgs.GetUser) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        return msgs.UserReply(user=user)
+
+    async def update_user(self, req: msgs.UpdateUser) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        try:
+            updated = await self.store.update_user(req.app_id, user, req.external_id, req.profile, req.metadata)
+        except Conflict as exc:
+            return msgs.IdentityError(status=409, code="conflict", title=str(exc))
+        self._forget_user(user.id)
+        return msgs.UserReply(user=updated)
+
+    async def delete_user(self, req: msgs.DeleteUser) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        client_ids = await self.store.delete_user(req.app_id, user.id)
+        self._forget_user(user.id)
+        return msgs.Deleted(user_id=user.id, client_ids=client_ids)
+
+    async def list_clients(self, req: msgs.ListClients) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        return msgs.ClientsReply(user=user, clients=await self.store.list_clients(req.app_id, user.id))
+
+    def _forget_user(self, user_id: str) -> None:
+        for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:
+            del self._resolved[key]
+
+
+def _not_found() -> msgs.IdentityError:
+    return msgs.IdentityError(status=404, code="user_not_found", title="User not found")

@@ -1,0 +1,202 @@
+"""Users and clients, in the identity service's own SQLite database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from shared.ids import iso, new_id, now
+from shared.store import open_db, transaction, write_lock
+from shared.sunco import Client, Profile, User
+
+MIGRATIONS = (
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        external_id TEXT,
+        signed_up_at REAL NOT NULL,
+        authenticated INTEGER NOT NULL DEFAULT 0,
+        profile TEXT NOT NULL DEFAULT '{}',
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE UNIQUE INDEX users_external_id ON users (app_id, external_id);
+    CREATE INDEX users_app ON users (app_id);
+    CREATE TABLE clients (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        external_id TEXT NOT NULL,
+        display_name TEXT,
+        avatar_url TEXT,
+        info TEXT NOT NULL DEFAULT '{}',
+        raw TEXT NOT NULL DEFAULT '{}',
+        linked_at REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX clients_channel_identity ON clients (app_id, integration_id, external_id);
+    CREATE INDEX clients_user ON clients (user_id)
+    """,
+)
+
+
+class Conflict(Exception):
+    """A uniqueness rule (externalId per app) would be broken."""
+
+
+def _user(row: aiosqlite.Row) -> User:
+    return User(
+        id=row["id"], external_id=row["external_id"], signed_up_at=iso(row["signed_up_at"]),
+        authenticated=bool(row["authenticated"]),
+        profile=msgspec.convert(json.loads(row["profile"]), Profile),
+        metadata=json.loads(row["metadata"]),
+    )
+
+
+def _client(row: aiosqlite.Row) -> Client:
+    return Client(
+        id=row["id"], type=row["type"], status=row["status"], integration_id=row["integration_id"],
+        external_id=row["external_id"], display_name=row["display_name"], avatar_url=row["avatar_url"],
+        info=json.loads(row["info"]) or None, raw=json.loads(row["raw"]) or None,
+        linked_at=iso(row["linked_at"]), last_seen=iso(row["last_seen"]),
+    )
+
+
+class IdentityStore:
+    """Reads and writes users and clients; every write is one transaction."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str) -> IdentityStore:
+        return cls(await open_db(path, MIGRATIONS))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def find_user(self, app_id: str, id_or_external_id: str) -> User | None:
+        """A user by id, else by externalId (SunCo's `{userIdOrExternalId}`)."""
+        async with self.db.execute(
+            "SELECT * FROM users WHERE app_id = ? AND id = ?", (app_id, id_or_external_id)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            async with self.db.execute(
+                "SELECT * FROM users WHERE app_id = ? AND external_id = ?", (app_id, id_or_external_id)) as cur:
+                row = await cur.fetchone()
+        return _user(row) if row is not None else None
+
+    async def create_user(self, app_id: str, external_id: str | None, profile: Profile,
+                          metadata: dict[str, Any], signed_up_at: float | None = None) -> User:
+        user_id = new_id()
+        try:
+            async with write_lock(self.db):
+                await self.db.execute(
+                "INSERT INTO users (id, app_id, external_id, signed_up_at, profile, metadata) VALUES (?,?,?,?,?,?)",
+                (user_id, app_id, external_id, signed_up_at or now(),
+                 msgspec.json.encode(profile).decode(), json.dumps(metadata)),
+            )
+        except aiosqlite.IntegrityError as exc:
+            raise Conflict(f"A user with externalId {external_id!r} already exists") from exc
+        user = await self.find_user(app_id, user_id)
+        assert user is not None
+        return user
+
+    async def update_user(self, app_id: str, user: User, external_id: str | None,
+                          profile: dict[str, Any] | None, metadata: dict[str, Any] | None) -> User:
+        merged_profile = msgspec.to_builtins(user.profile)
+        if profile is not None:
+            for key, value in profile.items():
+                if value is None:
+                    merged_profile.pop(key, None)
+                else:
+                    merged_profile[key] = value
+        merged_metadata = dict(user.metadata)
+        if metadata is not None:
+            for key, value in metadata.items():
+                if value is None:
+                    merged_metadata.pop(key, None)
+                else:
+                    merged_metadata[key] = value
+        try:
+            async with write_lock(self.db):
+                await self.db.execute(
+                "UPDATE users SET external_id = ?, profile = ?, metadata = ? WHERE id = ? AND app_id = ?",
+                (external_id if external_id is not None else user.external_id,
+                 json.dumps(merged_profile), json.dumps(merged_metadata), user.id, app_id),
+            )
+        except aiosqlite.IntegrityError as exc:
+            raise Conflict(f"A user with externalId {external_id!r} already exists") from exc
+        updated = await self.find_user(app_id, user.id)
+        assert updated is not None
+        return updated
+
+    async def delete_user(self, app_id: str, user_id: str) -> list[str]:
+        """Delete a user and its clients; returns the deleted client ids."""
+        clients = await self.list_clients(app_id, user_id)
+        async with transaction(self.db):
+            await self.db.execute("DELETE FROM clients WHERE app_id = ? AND user_id = ?", (app_id, user_id))
+            await self.db.execute("DELETE FROM users WHERE app_id = ? AND id = ?", (app_id, user_id))
+        return [c.id for c in clients]
+
+    async def list_clients(self, app_id: str, user_id: str) -> list[Client]:
+        async with self.db.execute(
+            "SELECT * FROM clients WHERE app_id = ? AND user_id = ? ORDER BY linked_at", (app_id, user_id)) as cur:
+            return [_client(row) for row in await cur.fetchall()]
+
+    async def find_client(self, app_id: str, integration_id: str, channel_user_id: str) -> tuple[User, Client] | None:
+        async with self.db.execute(
+            "SELECT * FROM clients WHERE app_id = ? AND integration_id = ? AND external_id = ?",
+            (app_id, integration_id, channel_user_id)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        user = await self.find_user(app_id, row["user_id"])
+        if user is None:
+            return None
+        return user, _client(row)
+
+    async def create_client(self, *, app_id: str, integration_id: str, client_type: str, channel_user_id: str,
+                            display_name: str | None, avatar_url: str | None, info: dict[str, Any],
+                            raw: dict[str, Any], user_id: str | None) -> tuple[User, Client, bool, bool]:
+        """Create the client (and its user unless `user_id` is given) in one transaction.
+
+        Returns (user, client, user_created, client_created). If another request created the
+        same client meanwhile, that one is returned and nothing is written.
+        """
+        ts = now()
+        new_user_id = user_id or new_id()
+        client_id = new_id()
+        profile: dict[str, Any] = {}
+        if display_name:
+            given, _, surname = display_name.partition(" ")
+            profile = {"givenName": given, **({"surname": surname} if surname else {})}
+        async with write_lock(self.db):
+            await self.db.execute("BEGIN")
+            try:
+                if user_id is None:
+                    await self.db.execute(
+                        "INSERT INTO users (id, app_id, external_id, signed_up_at, profile) VALUES (?,?,NULL,?,?)",
+                        (new_user_id, app_id, ts, json.dumps(profile)))
+                cur = await self.db.execute(
+                    "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id,"
+                    " display_name, avatar_url, info, raw, linked_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (app_id, integration_id, external_id) DO NOTHING",
+                    (client_id, app_id, new_user_id, client_type, "active", integration_id, channel_user_id,
+                     display_name, avatar_url, json.dumps(info), json.dumps(raw), ts, ts))
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            inserted = cur.rowcount == 1
+            # A concurrent resolve created this client first: drop our user too.
+            await self.db.execute("COMMIT" if inserted else "ROLLBACK")
+        found = await self.find_client(app_id, integration_id, channel_user_id)
+        assert found is not None
+        user, client = found
+        return user, client, inserted and user_id is None, inserted
