@@ -1,0 +1,274 @@
+"""`threadline up`: the whole system on one machine — embedded NATS, every service, front door, sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shared.routes import SERVICES
+from threadline.bootstrap import AccountKey, bootstrap_sandbox
+from threadline.frontdoor import build_frontdoor
+from threadline.natsserver import NatsServer, free_port
+
+
+class LaunchError(RuntimeError):
+    """The system cannot start here (a port is taken, a service failed to start)."""
+
+
+START_ORDER = ("identity", "conversations", "webhooks", "whatsapp", "web", "sandbox")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def load_secrets(data_dir: str) -> dict[str, str]:
+    """Secrets of this installation, generated on first run and kept in `<data-dir>/secrets.json`."""
+    path = os.path.join(data_dir, "secrets.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            stored: dict[str, str] = json.load(fh)
+        return stored
+    generated = {
+        "accountKeyId": "act_" + secrets.token_hex(12),
+        "accountKeySecret": secrets.token_urlsafe(32),
+        "sdkTokenSecret": secrets.token_urlsafe(32),
+    }
+    os.makedirs(data_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(generated, fh, indent=2)
+    os.chmod(path, 0o600)
+    return generated
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    async def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{self.name}", env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT,
+        )
+        log.close()
+        self.started_at = time.monotonic()
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+@dataclass
+class Launcher:
+    data_dir: str
+    host: str
+    port: int
+    nats_port: int
+    auto_ports: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+    nats: NatsServer | None = None
+    account: AccountKey | None = None
+    _frontdoor: web.AppRunner | None = None
+    _stopping: bool = False
+
+    @property
+    def base_url(self) -> str:
+        shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{shown}:{self.port}"
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    async def run(self) -> int:
+        """Start everything, print the banner, serve until Ctrl-C, stop everything."""
+        try:
+            info = await self.start()
+        except LaunchError as exc:
+            self.say(f"error: {exc}")
+            await self.shutdown()
+            return 2
+        self._print_banner(info)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        supervisor = asyncio.create_task(self._supervise(stop))
+        await stop.wait()
+        self.say("\nstopping…")
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await self.shutdown()
+        self.say("stopped")
+        return 0
+
+    async def start(self) -> dict[str, Any]:
+        """Start NATS, the services and the front door; bootstrap the sandbox; return sandbox.json."""
+        os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
+        if self.port == 0:
+            self.port = free_port()
+        if not _port_free(self.host, self.port):
+            raise LaunchError(f"port {self.port} is in use; pass --port or set THREADLINE_PORT")
+        ports = {s.name: (free_port() if self.auto_ports else s.port) for s in SERVICES}
+        busy = [f"{n}:{p}" for n, p in ports.items() if not _port_free("127.0.0.1", p)]
+        if busy:
+            raise LaunchError("service ports in use: " + ", ".join(busy) + " (is another `threadline up` running?)")
+        keys = load_secrets(self.data_dir)
+        nats_port = self.nats_port if self.nats_port and _port_free("127.0.0.1", self.nats_port) else free_port()
+        self.nats = NatsServer(store_dir=os.path.join(self.data_dir, "nats"), port=nats_port,
+                               log_path=os.path.join(self.data_dir, "logs", "nats-server.log"))
+        await asyncio.to_thread(self.nats.start)
+        self.say(f"nats-server (JetStream) on {self.nats.url}")
+        base_env = {
+            **os.environ,
+            "THREADLINE_NATS_URL": self.nats.url,
+            "THREADLINE_DATA_DIR": os.path.abspath(self.data_dir),
+            "THREADLINE_SANDBOX": "1",
+            "THREADLINE_HTTP_HOST": "127.0.0.1",
+            "THREADLINE_PUBLIC_BASE_URL": self.base_url,
+            "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
+            "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
+            "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        for name in START_ORDER:
+            env = {**base_env, "THREADLINE_HTTP_PORT": str(ports[name])}
+            svc = ServiceProcess(name=name, port=ports[name], env=env,
+                                 log_path=os.path.join(self.data_dir, "logs", f"{name}.log"))
+            self.services[name] = svc
+            await svc.start()
+        await self._wait_ready()
+        self._frontdoor = web.AppRunner(
+            build_frontdoor({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}), access_log=None)
+        await self._frontdoor.setup()
+        await web.TCPSite(self._frontdoor, self.host, self.port).start()
+        self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir)
+
+    async def shutdown(self) -> None:
+        """Stop the front door, then the services (SIGTERM, in reverse order), then NATS."""
+        self._stopping = True
+        if self._frontdoor is not None:
+            await self._frontdoor.cleanup()
+            self._frontdoor = None
+        for name in reversed(START_ORDER):
+            svc = self.services.get(name)
+            if svc is not None:
+                await svc.stop()
+        if self.nats is not None:
+            await self.nats.astop()
+
+    async def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            for name, svc in self.services.items():
+                while True:
+                    if svc.process is not None and svc.process.returncode is not None:
+                        raise LaunchError(f"{name} exited with {svc.process.returncode}; see {svc.log_path}")
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with session.get(f"http://127.0.0.1:{svc.port}/readyz",
+                                               timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                            if resp.status == 200:
+                                break
+                    if time.monotonic() > deadline:
+                        raise LaunchError(f"{name} not ready after {timeout}s; see {svc.log_path}")
+                    await asyncio.sleep(0.1)
+                self.say(f"  {name:<14} ready on :{svc.port}")
+
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        """Restart a service that crashed (with back-off), as Kubernetes would."""
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            for name, svc in self.services.items():
+                if svc.process is None or svc.process.returncode is None or self._stopping:
+                    continue
+                delay = min(30.0, 0.5 * 2 ** svc.restarts)
+                self.say(f"{name} exited with {svc.process.returncode}; restarting in {delay:.1f}s "
+                         f"(log: {svc.log_path})")
+                await asyncio.sleep(delay)
+                svc.restarts += 1
+                await svc.start()
+
+    def _print_banner(self, info: dict[str, Any]) -> None:
+        wa = info["integrations"]["whatsapp"]
+        self.say(f"""
+Threadline is up.  Front door: {self.base_url}   (Ctrl-C stops everything)
+
+  Sandbox page     {self.base_url}/sandbox/
+  Business API     {self.base_url}/v2   (OpenAPI: {self.base_url}/v2/openapi.json)
+  Widget           {self.base_url}/widget/threadline.js
+  Health           {self.base_url}/healthz
+
+  App id           {info['appId']}
+  API key id       {info['apiKey']['id']}
+  API key secret   {info['apiKey']['secret']}
+  Web integration  {info['integrations']['web']['id']}
+  WhatsApp integr. {wa['id']}   number {wa['phoneNumber']} (phone-number id {wa['phoneNumberId']})
+    webhook        {wa['webhookUrl']}
+    verify token   {wa['verifyToken']}
+    app secret     {wa['appSecret']}
+
+  Credentials:     {os.path.join(self.data_dir, 'sandbox.json')}
+  Logs:            {os.path.join(self.data_dir, 'logs')}/
+""")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="threadline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the whole system locally (embedded NATS, SQLite, sandbox channels)")
+    up.add_argument("--data-dir", default=os.environ.get("THREADLINE_DATA_DIR", ".threadline"))
+    up.add_argument("--host", default=os.environ.get("THREADLINE_HOST", "127.0.0.1"),
+                    help="front door bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=int(os.environ.get("THREADLINE_PORT", "8080")),
+                    help="front door port (default 8080)")
+    up.add_argument("--nats-port", type=int, default=int(os.environ.get("THREADLINE_NATS_PORT", "4222")),
+                    help="embedded nats-server port (default 4222; a free one if taken)")
+    up.add_argument("--auto-ports", action="store_true",
+                    help="give services free ports instead of 8081-8086 (to run beside another instance)")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        launcher = Launcher(data_dir=args.data_dir, host=args.host, port=args.port, nats_port=args.nats_port,
+                            auto_ports=args.auto_ports)
+        try:
+            return asyncio.run(launcher.run())
+        except KeyboardInterrupt:
+            return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
