@@ -1,0 +1,1 @@
+"""The `webhooks` service: signed, retried, per-conversation-ordered delivery of business webhooks."""

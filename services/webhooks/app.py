@@ -1,0 +1,108 @@
+"""Wiring of the `webhooks` service: events in from JetStream, rows into SQLite, POSTs out."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from services.webhooks.config import SERVICE_NAME, WebhooksConfig
+from services.webhooks.delivery import Dispatcher
+from services.webhooks.handlers import deliveries_for
+from services.webhooks.store import DeliveryStore
+from shared import records, subjects
+from shared.bus import Bus, Delivery, KvMirror, Poison
+from shared.http import error_middleware, json_response, tracing_middleware
+from shared.messages import conversation
+from shared.records import WebhookRecord
+from shared.service import ServiceApp
+from shared.telemetry import inject_headers, setup_telemetry
+
+
+class WebhooksService(ServiceApp):
+    """Consumes conversation events and delivers them to the businesses' webhooks."""
+
+    name = SERVICE_NAME
+
+    def __init__(self, config: WebhooksConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.bus: Bus | None = None
+        self.store: DeliveryStore | None = None
+        self.mirror: KvMirror | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.http.middlewares.append(tracing_middleware)
+        self.http.middlewares.append(error_middleware)
+        self.http.router.add_get("/stats", self._stats)
+        self.add_ready_check(self._ready)
+
+    async def start(self) -> None:
+        """Connect, resume pending deliveries, consume events, serve HTTP."""
+        self.bus = await Bus.connect(self.common.nats_url, SERVICE_NAME)
+        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.store = await DeliveryStore.open(self.config.db_path)
+        self.mirror = KvMirror(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
+        await self.mirror.start()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
+        await self.dispatcher.start()
+        self.bus.consume(subjects.EVENTS, subjects.WEBHOOKS_EVENTS_CONSUMER, subjects.EVENTS_ALL, self._on_event)
+        await self.start_http()
+
+    async def stop(self) -> None:
+        """Stop HTTP, the consumer, deliveries in flight (they stay pending), then the database."""
+        await self.stop_http()
+        if self.mirror is not None:
+            await self.mirror.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        if self.session is not None:
+            await self.session.close()
+        if self.store is not None:
+            await self.store.close()
+
+    def webhook(self, app_id: str, webhook_id: str) -> WebhookRecord | None:
+        """The current configuration of a webhook (None once deleted)."""
+        assert self.mirror is not None
+        record = self.mirror.get(records.webhook_key(app_id, webhook_id))
+        return record if isinstance(record, WebhookRecord) else None
+
+    async def _on_event(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        assert self.mirror is not None and self.store is not None and self.dispatcher is not None
+        try:
+            event = conversation.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Poison(f"undecodable conversation event: {exc}") from exc
+        # The consumer span is current: its context is stored so the delivery continues the trace.
+        rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time())
+        if not rows:
+            return
+        # Durable before the ack (the bus acks when this returns); the dispatcher only sees
+        # committed rows.
+        created = await self.store.insert(rows)
+        self.dispatcher.add(created)
+
+    async def _ready(self) -> bool:
+        return (self.bus is not None and self.bus.nc.is_connected and self.mirror is not None
+                and self.mirror.ready.is_set() and self.dispatcher is not None)
+
+    async def _stats(self, _request: web.Request) -> web.Response:
+        if self.dispatcher is None:
+            return json_response({"status": "starting"}, status=503)
+        return json_response(self.dispatcher.stats())
+
+
+def create(environ: Mapping[str, str] | None = None) -> ServiceApp:
+    """Build the service from the environment (os.environ when None)."""
+    setup_telemetry(SERVICE_NAME)
+    return WebhooksService(WebhooksConfig.from_env(os.environ if environ is None else environ))

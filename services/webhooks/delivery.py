@@ -1,0 +1,233 @@
+"""The delivery engine: schedules pending rows per webhook, POSTs envelopes, records outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from services.webhooks.config import WebhooksConfig
+from services.webhooks.handlers import (
+    Outcome,
+    PendingDelivery,
+    RetryPolicy,
+    WebhookQueue,
+    build_envelope,
+    classify,
+    request_headers,
+)
+from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
+from shared.records import WebhookRecord
+from shared.telemetry import extract_context, inject_headers, log_fields, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+# How much of a receiver's answer is read (to keep the connection reusable); the rest is dropped.
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_SPAN_LINKS = 32
+
+WebhookLookup = Callable[[str, str], WebhookRecord | None]
+
+
+@dataclass
+class AttemptResult:
+    """What one POST came back with."""
+
+    status: int | None
+    error: str | None
+
+    @property
+    def outcome(self) -> Outcome:
+        return classify(self.status)
+
+
+class Dispatcher:
+    """Runs deliveries for every webhook: at most `max_inflight_per_webhook` POSTs per webhook."""
+
+    def __init__(self, store: DeliveryStore, lookup: WebhookLookup, session: aiohttp.ClientSession,
+                 config: WebhooksConfig, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.lookup = lookup
+        self.session = session
+        self.config = config
+        self.clock = clock
+        self.policy = RetryPolicy(config.retry_base_seconds, config.retry_window_seconds)
+        self.queues: dict[str, WebhookQueue] = {}
+        self.pending = 0
+        self.inflight = 0
+        self.delivered = 0
+        self.failed = 0
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Resume pending rows from the database and start scheduling."""
+        counts = await self.store.counts()
+        self.delivered, self.failed = counts[DELIVERED], counts[FAILED]
+        resumed = await self.store.load_pending()
+        self.add(resumed)
+        if resumed:
+            log.info("resuming %d pending webhook deliveries", len(resumed))
+        self._loop_task = asyncio.create_task(self._run(), name="webhooks:dispatch")
+        self._prune_task = asyncio.create_task(self._prune_loop(), name="webhooks:prune")
+
+    async def stop(self) -> None:
+        """Stop scheduling and abandon attempts in flight (their rows stay pending)."""
+        tasks = [t for t in (self._loop_task, self._prune_task) if t is not None] + list(self._deliveries)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._deliveries.clear()
+
+    def add(self, rows: list[PendingDelivery]) -> None:
+        """Schedule stored rows (rows of one conversation in event order)."""
+        if not rows:
+            return
+        now = self.clock()
+        for row in rows:
+            queue = self.queues.get(row.webhook_id)
+            if queue is None:
+                queue = self.queues[row.webhook_id] = WebhookQueue(row.webhook_id, row.app_id)
+            queue.add(row, now)
+        self.pending += len(rows)
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        """Counts for /stats: pending includes rows in flight."""
+        return {
+            PENDING: self.pending, "inflight": self.inflight, DELIVERED: self.delivered, FAILED: self.failed,
+            "webhooks": len(self.queues),
+        }
+
+    async def _run(self) -> None:
+        max_inflight = self.config.max_inflight_per_webhook
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            wake_at: float | None = None
+            for webhook_id, queue in list(self.queues.items()):
+                while queue.inflight_batches < max_inflight and queue.has_ready(now):
+                    batch = queue.take_batch(now, self.config.max_batch_events)
+                    if not batch:
+                        break
+                    queue.inflight_batches += 1
+                    self.inflight += len(batch)
+                    task = asyncio.create_task(self._deliver(queue, batch))
+                    self._deliveries.add(task)
+                    task.add_done_callback(self._deliveries.discard)
+                if queue.inflight_batches < max_inflight:
+                    # A full queue is woken by a finishing attempt, not by the clock.
+                    due = queue.next_due()
+                    if due is not None:
+                        wake_at = due if wake_at is None else min(wake_at, due)
+                if queue.is_idle() and queue.inflight_batches == 0:
+                    del self.queues[webhook_id]
+            timeout = None if wake_at is None else max(0.001, wake_at - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _deliver(self, queue: WebhookQueue, batch: list[PendingDelivery]) -> None:
+        try:
+            record = self.lookup(queue.app_id, queue.webhook_id)
+            if record is None:
+                result = AttemptResult(None, "webhook deleted")
+                outcome: Outcome = "failed"
+            else:
+                try:
+                    result = await self._post(record, batch)
+                except Exception as exc:  # a bug must not leave the conversations blocked forever
+                    log.exception("webhook POST to %s crashed", record.target)
+                    result = AttemptResult(None, f"internal error: {type(exc).__name__}")
+                outcome = result.outcome
+            completed = queue.complete(batch, outcome, self.clock(), self.policy)
+            self.inflight -= len(batch)
+            self.pending -= len(completed.delivered) + len(completed.failed)
+            self.delivered += len(completed.delivered)
+            self.failed += len(completed.failed)
+            for row in completed.failed:
+                log.warning("webhook delivery failed: event %s to webhook %s after %d attempt(s): %s",
+                            row.event_id, row.webhook_id, row.attempts, result.error, extra=log_fields(
+                                event_id=row.event_id, webhook_id=row.webhook_id, app_id=row.app_id,
+                                conversation_id=row.conversation_id, attempts=row.attempts,
+                                http_status=result.status, error=result.error))
+            try:
+                await self.store.record_outcome(completed.delivered, completed.failed, completed.retried,
+                                                self.clock(), result.status, result.error)
+            except Exception:
+                # The rows stay pending in the database: a restart delivers them again (same ids).
+                log.exception("could not record webhook outcome for webhook %s", queue.webhook_id)
+        finally:
+            queue.inflight_batches -= 1
+            self._wake.set()
+
+    async def _post(self, record: WebhookRecord, batch: list[PendingDelivery]) -> AttemptResult:
+        body = build_envelope(record.app_id, record.id, record.version, (row.body for row in batch))
+        headers = request_headers(record, body, self.clock())
+        parent = extract_context(batch[0].trace_headers())
+        with _tracer.start_as_current_span("POST webhook", context=parent, kind=SpanKind.CLIENT,
+                                           links=_links(batch[1:])) as span:
+            span.set_attribute("http.request.method", "POST")
+            span.set_attribute("url.full", record.target)
+            span.set_attribute("threadline.webhook.id", record.id)
+            span.set_attribute("threadline.webhook.events", len(batch))
+            span.set_attribute("threadline.webhook.attempt", max(r.attempts for r in batch) + 1)
+            try:
+                async with self.session.post(
+                    record.target, data=body, headers=inject_headers(headers), allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
+                ) as response:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        await response.content.read(MAX_RESPONSE_BYTES)
+                    status: int | None = response.status
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                # ValueError: a target aiohttp cannot even parse; it is retried like any failure
+                # until the window ends, in case the business fixes the URL.
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                return AttemptResult(None, f"{type(exc).__name__}: {exc}".strip(": "))
+            span.set_attribute("http.response.status_code", status or 0)
+            if classify(status) != "delivered":
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+                return AttemptResult(status, f"HTTP {status}")
+            return AttemptResult(status, None)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.prune_interval_seconds)
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("pruning webhook deliveries failed")
+
+    async def prune(self) -> dict[str, int]:
+        """Delete finished rows older than the retention period."""
+        removed = await self.store.prune(self.clock() - self.config.retention_seconds)
+        self.delivered -= removed.get(DELIVERED, 0)
+        self.failed -= removed.get(FAILED, 0)
+        return removed
+
+
+def _links(rows: list[PendingDelivery]) -> list[Link]:
+    """Links to the traces of the other events in a batch (the span's parent is the first's)."""
+    links: list[Link] = []
+    seen: set[int] = set()
+    for row in rows:
+        context = trace.get_current_span(extract_context(row.trace_headers())).get_span_context()
+        if context.is_valid and context.trace_id not in seen:
+            seen.add(context.trace_id)
+            links.append(Link(context))
+            if len(links) >= MAX_SPAN_LINKS:
+                break
+    return links
