@@ -84,7 +84,7 @@ class Bus:
 
         nc = await nats.connect(
             url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=5, allow_reconnect=True, error_cb=on_error,
+            connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5,
         )
         return cls(nc=nc, js=nc.jetstream(timeout=10))
 

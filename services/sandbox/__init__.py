@@ -1,0 +1,1 @@
+"""The sandbox: wire-accurate platform fakes and a demo page, for `threadline up` and the tests."""

@@ -1,0 +1,157 @@
+"""The sandbox service: the fake WhatsApp Cloud API and the demo page, behind `/sandbox/`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from shared import records, subjects
+from shared.bus import Bus, KvMirror
+from shared.http import Handler, error_middleware, tracing_middleware
+from shared.records import IntegrationRecord
+from shared.service import ServiceApp
+from shared.telemetry import setup_telemetry
+
+from .config import SandboxConfig
+from .whatsapp_fake import FakeWhatsApp, points_at_sandbox
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+PREFIX = "/sandbox"
+
+
+def read_sandbox_file(path: str) -> dict[str, Any]:
+    """The demo's ids written by `threadline up` ({} when missing or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp) -> dict[str, Any]:
+    """What the demo page needs: app id, the web and WhatsApp integration ids, the business number."""
+    integrations = sandbox.get("integrations") if isinstance(sandbox.get("integrations"), dict) else {}
+    assert isinstance(integrations, dict)
+
+    def integration_id(kind: str) -> str | None:
+        entry = integrations.get(kind)
+        value = entry.get("id") if isinstance(entry, dict) else None
+        return value if isinstance(value, str) and value else None
+
+    whatsapp_id = integration_id("whatsapp")
+    account = fake.accounts.get(whatsapp_id) if whatsapp_id else None
+    app_id = sandbox.get("appId")
+    return {
+        "appId": app_id if isinstance(app_id, str) else None,
+        "webIntegrationId": integration_id("web"),
+        "whatsappIntegrationId": whatsapp_id,
+        "whatsappNumber": account.display_phone_number if account else None,
+    }
+
+
+def render_page(config: Mapping[str, Any]) -> str:
+    """The demo page with its configuration inlined (safe inside a <script> element)."""
+    template = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    blob = json.dumps(dict(config)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return template.replace("__SANDBOX_CONFIG__", blob)
+
+
+class SandboxService(ServiceApp):
+    """Hosts `FakeWhatsApp` with accounts taken from the integrations that point at the sandbox."""
+
+    name = "sandbox"
+
+    def __init__(self, config: SandboxConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.fake = FakeWhatsApp(config.public_url, enforce_window=config.enforce_window,
+                                 auto_statuses=config.auto_statuses)
+        self.bus: Bus | None = None
+        self.integrations: KvMirror | None = None
+        self._synced: dict[str, tuple[str, ...]] = {}
+        self.http.middlewares.append(tracing_middleware)
+        self.http.middlewares.append(error_middleware)
+        self.http.middlewares.append(self._sync_middleware)
+        self.http.router.add_get(PREFIX, self._redirect_to_page)
+        self.http.router.add_get(f"{PREFIX}/", self._page)
+        self.http.router.add_get(f"{PREFIX}/config.json", self._config_json)
+        self.http.router.add_static(f"{PREFIX}/static", STATIC_DIR, show_index=False)
+        self.http.router.add_routes(self.fake.routes(PREFIX))
+        self.add_ready_check(self._ready)
+
+    async def _ready(self) -> bool:
+        return (self.bus is not None and self.bus.nc.is_connected and self.integrations is not None
+                and self.integrations.ready.is_set())
+
+    async def start(self) -> None:
+        """Connect NATS, mirror the integrations, then serve HTTP."""
+        self.bus = await Bus.connect(self.common.nats_url, self.name)
+        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
+        await self.integrations.start()
+        await self.start_http()
+
+    async def stop(self) -> None:
+        """Stop HTTP, the mirror and the bus, then the fake's pending deliveries."""
+        await self.stop_http()
+        if self.integrations is not None:
+            await self.integrations.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        await self.fake.close()
+
+    def sync_accounts(self) -> None:
+        """Mirror every whatsapp integration whose Graph base URL is the sandbox into the fake."""
+        if self.integrations is None:
+            return
+        seen: set[str] = set()
+        for record in list(self.integrations.values.values()):
+            if not isinstance(record, IntegrationRecord) or record.type != "whatsapp":
+                continue
+            cfg = record.config
+            if not points_at_sandbox(str(cfg.get("baseUrl") or "")):
+                continue
+            fields = tuple(str(cfg.get(k) or "") for k in
+                           ("phoneNumberId", "appSecret", "accessToken", "phoneNumber", "verifyToken"))
+            if not all(fields[:3]):
+                continue
+            seen.add(record.id)
+            if self._synced.get(record.id) != fields:
+                phone_number_id, app_secret, access_token, phone_number, verify_token = fields
+                self.fake.add_account(record.id, phone_number_id, app_secret, access_token,
+                                      phone_number or "+15550001111", self.config.webhook_url(record.id),
+                                      verify_token=verify_token or None)
+                self._synced[record.id] = fields
+        for integration_id in [i for i in self._synced if i not in seen]:
+            self.fake.remove_account(integration_id)
+            del self._synced[integration_id]
+
+    @web.middleware
+    async def _sync_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(PREFIX):
+            self.sync_accounts()
+        return await handler(request)
+
+    async def _redirect_to_page(self, _request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{PREFIX}/")
+
+    async def _page(self, _request: web.Request) -> web.Response:
+        config = page_config(read_sandbox_file(self.config.sandbox_file), self.fake)
+        return web.Response(text=render_page(config), content_type="text/html",
+                            headers={"Cache-Control": "no-store"})
+
+    async def _config_json(self, _request: web.Request) -> web.Response:
+        return web.json_response(page_config(read_sandbox_file(self.config.sandbox_file), self.fake))
+
+
+def create(environ: Mapping[str, str] | None = None) -> SandboxService:
+    """Build the sandbox service from the environment (os.environ when None)."""
+    setup_telemetry("sandbox")
+    return SandboxService(SandboxConfig.from_env(environ))

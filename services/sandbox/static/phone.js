@@ -1,0 +1,166 @@
+// The simulated WhatsApp phone of the sandbox page: polls the fake's thread for one customer
+// number and sends what is typed as that customer (through the fake, which signs a real webhook).
+(function () {
+  "use strict";
+  const config = window.SANDBOX || {};
+  const integrationId = config.whatsappIntegrationId;
+  const $ = (id) => document.getElementById(id);
+  const thread = $("phone-thread");
+  const numberInput = $("phone-number");
+  const nameInput = $("phone-name");
+  const textInput = $("phone-text");
+  const readSent = new Set();
+  let lastRender = "";
+
+  numberInput.value = localStorage.getItem("sandbox.phone.number") || numberInput.value;
+  nameInput.value = localStorage.getItem("sandbox.phone.name") || nameInput.value;
+  numberInput.addEventListener("change", () => { localStorage.setItem("sandbox.phone.number", numberInput.value); lastRender = ""; poll(); });
+  nameInput.addEventListener("change", () => localStorage.setItem("sandbox.phone.name", nameInput.value));
+  if (config.whatsappNumber) $("phone-business").textContent = "chatting with " + config.whatsappNumber;
+
+  if (!integrationId) {
+    const notice = $("sandbox-notice");
+    notice.hidden = false;
+    notice.textContent = "No WhatsApp sandbox integration yet (sandbox.json has no integrations.whatsapp.id).";
+  }
+
+  // wa.me links (the handoff) open the simulated phone with the prefilled text instead of WhatsApp.
+  function waText(href) {
+    try {
+      const url = new URL(href);
+      if (url.hostname === "wa.me" || (url.hostname === "api.whatsapp.com" && url.pathname === "/send")) {
+        return url.searchParams.get("text") || "";
+      }
+    } catch (e) { /* not a URL */ }
+    return null;
+  }
+  function prefill(text) { textInput.value = text; textInput.focus(); }
+  document.addEventListener("click", (event) => {
+    for (const el of event.composedPath()) {
+      if (el && el.tagName === "A" && el.href) {
+        const text = waText(el.href);
+        if (text !== null) { event.preventDefault(); prefill(text); }
+        return;
+      }
+    }
+  }, true);
+  const nativeOpen = window.open;
+  window.open = function (url, ...rest) {
+    const text = url ? waText(String(url)) : null;
+    if (text !== null) { prefill(text); return null; }
+    return nativeOpen.call(window, url, ...rest);
+  };
+  const initial = new URLSearchParams(location.search).get("waText");
+  if (initial) prefill(initial);
+
+  async function api(path, body) {
+    const response = await fetch("/sandbox/whatsapp/" + encodeURIComponent(integrationId) + path, {
+      method: body ? "POST" : "GET",
+      headers: body ? {"Content-Type": "application/json"} : {},
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    return response.json();
+  }
+
+  function sendAsCustomer(spec) {
+    return api("/inbound", Object.assign({from: numberInput.value, name: nameInput.value}, spec)).then(poll);
+  }
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function renderOut(body, bubble) {
+    const type = body.type || "text";
+    if (type === "text") bubble.append(el("div", "", body.text.body));
+    else if (type === "image") {
+      const img = el("img"); img.src = body.image.link || ""; img.alt = body.image.caption || "image";
+      bubble.append(img);
+      if (body.image.caption) bubble.append(el("div", "", body.image.caption));
+    } else if (type === "document") {
+      const a = el("a", "", "📄 " + (body.document.filename || "document")); a.href = body.document.link; a.target = "_blank";
+      bubble.append(a);
+    } else if (type === "location") {
+      bubble.append(el("div", "", "📍 " + (body.location.name || "") + " " + body.location.latitude + "," + body.location.longitude));
+    } else if (type === "template") {
+      bubble.append(el("div", "template", "Template " + body.template.name));
+      for (const component of body.template.components || []) {
+        const params = (component.parameters || []).map((p) => p.text || p.payload || "").filter(Boolean);
+        if (params.length) bubble.append(el("div", "", params.join(" · ")));
+      }
+    } else if (type === "interactive") {
+      const inter = body.interactive;
+      if (inter.body) bubble.append(el("div", "", inter.body.text));
+      const buttons = el("div", "buttons");
+      const choices = inter.type === "button"
+        ? inter.action.buttons.map((b) => ({id: b.reply.id, title: b.reply.title, kind: "buttonReply"}))
+        : [].concat(...(inter.action.sections || []).map((s) => s.rows.map((r) => ({id: r.id, title: r.title, kind: "listReply"}))));
+      for (const choice of choices) {
+        const button = el("button", "", choice.title);
+        button.addEventListener("click", () => sendAsCustomer({[choice.kind]: {id: choice.id, title: choice.title}, contextId: undefined}));
+        buttons.append(button);
+      }
+      bubble.append(buttons);
+    } else bubble.append(el("div", "", "[" + type + "]"));
+  }
+
+  function renderIn(body, bubble) {
+    if (body.type === "text") bubble.append(el("div", "", body.text.body));
+    else if (body.type === "interactive") {
+      const reply = body.interactive.button_reply || body.interactive.list_reply || {};
+      bubble.append(el("div", "", reply.title || "[choice]"));
+    } else if (body.type === "image") bubble.append(el("div", "", "🖼 " + (body.image.caption || "image")));
+    else bubble.append(el("div", "", "[" + body.type + "]"));
+  }
+
+  function render(messages) {
+    const key = JSON.stringify(messages.map((m) => [m.wamid, m.status]));
+    if (key === lastRender) return;
+    lastRender = key;
+    const atBottom = thread.scrollTop + thread.clientHeight >= thread.scrollHeight - 20;
+    thread.textContent = "";
+    for (const m of messages) {
+      const bubble = el("li", "bubble " + m.direction);
+      bubble.dataset.wamid = m.wamid;
+      if (m.direction === "out") renderOut(m.body, bubble); else renderIn(m.body, bubble);
+      if (m.status === "failed") bubble.append(el("div", "failed", "not delivered: " + ((m.errors[0] || {}).title || "")));
+      const time = new Date(m.at * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+      const ticks = m.direction === "in" ? (m.status === "read" ? " ✓✓" : " ✓") : "";
+      bubble.append(el("span", "meta" + (m.status === "read" && m.direction === "in" ? " read" : ""), time + ticks));
+      thread.append(bubble);
+    }
+    if (atBottom) thread.scrollTop = thread.scrollHeight;
+  }
+
+  async function markRead(messages) {
+    if (document.visibilityState !== "visible") return;
+    for (const m of messages) {
+      if (m.direction === "out" && m.status !== "read" && m.status !== "failed" && !readSent.has(m.wamid)) {
+        readSent.add(m.wamid);
+        api("/status", {wamid: m.wamid, status: "read"}).catch(() => readSent.delete(m.wamid));
+      }
+    }
+  }
+
+  async function poll() {
+    if (!integrationId || !numberInput.value) return;
+    try {
+      const data = await api("/thread?to=" + encodeURIComponent(numberInput.value));
+      render(data.messages || []);
+      markRead(data.messages || []);
+    } catch (e) { /* the sandbox restarts; try again on the next tick */ }
+  }
+
+  $("phone-compose").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = textInput.value.trim();
+    if (!text || !integrationId) return;
+    textInput.value = "";
+    sendAsCustomer({text});
+  });
+  setInterval(poll, 1000);
+  poll();
+})();

@@ -1,0 +1,291 @@
+"""The whatsapp service: wiring of the webhook endpoints and the send loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared import records, subjects
+from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.http import ApiError, error_middleware, read_body, tracing_middleware
+from shared.messages import channel
+from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.records import IntegrationRecord
+from shared.service import ServiceApp
+from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
+from shared.telemetry import inject_headers, setup_telemetry, tracer
+
+from . import handlers
+from .config import WhatsAppConfig
+from .handlers import Credentials, SendFailure, TokenBucket
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+# Remember what was already sent, so a redelivered command (e.g. the status publish failed after
+# a successful send) reports again instead of messaging the customer twice.
+SENT_MEMORY = 10_000
+
+
+class _Route(msgspec.Struct):
+    integration_id: str = ""
+    recipient: str = ""
+
+
+_ROUTE_DECODER = msgspec.json.Decoder(_Route)
+
+
+def recipient_key(_subject: str, data: bytes) -> str:
+    """Ordering key of a send command: one recipient on one integration."""
+    try:
+        route = _ROUTE_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "undecodable"
+    return f"{route.integration_id}:{route.recipient}"
+
+
+class WhatsAppService(ServiceApp):
+    """Webhook ingress (verify → normalize → publish) and send egress (consume → send → status)."""
+
+    name = "whatsapp"
+
+    def __init__(self, config: WhatsAppConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.bus: Bus | None = None
+        self.integrations: KvMirror | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.buckets: dict[str, TokenBucket] = {}
+        self.sent: OrderedDict[str, str] = OrderedDict()
+        self.http.middlewares.append(tracing_middleware)
+        self.http.middlewares.append(error_middleware)
+        self.http.router.add_get("/webhooks/whatsapp/{integration_id}", self.handshake)
+        self.http.router.add_post("/webhooks/whatsapp/{integration_id}", self.webhook)
+        self.http.router.add_get("/webhooks/whatsapp/{integration_id}/media/{media_id}", self.media)
+        self.add_ready_check(self._ready)
+
+    async def _ready(self) -> bool:
+        return (self.bus is not None and self.bus.nc.is_connected and self.integrations is not None
+                and self.integrations.ready.is_set())
+
+    async def start(self) -> None:
+        """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
+        self.bus = await Bus.connect(self.common.nats_url, self.name)
+        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
+        await self.integrations.start()
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
+                         subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
+        await self.start_http()
+
+    async def stop(self) -> None:
+        """Stop HTTP, then the bus, then the outgoing HTTP session."""
+        await self.stop_http()
+        if self.integrations is not None:
+            await self.integrations.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # --- integrations ----------------------------------------------------------------------
+
+    def credentials(self, integration_id: str) -> Credentials | None:
+        """The usable credentials of a whatsapp integration, or None."""
+        record = self.integrations.get(integration_id) if self.integrations else None
+        return Credentials.from_record(record) if isinstance(record, IntegrationRecord) else None
+
+    def by_phone_number_id(self, phone_number_id: str) -> Credentials | None:
+        """The whatsapp integration of a business number (for multi-number Meta apps)."""
+        if self.integrations is None:
+            return None
+        for record in list(self.integrations.values.values()):
+            if (isinstance(record, IntegrationRecord) and record.type == handlers.CHANNEL
+                    and record.config.get("phoneNumberId") == phone_number_id):
+                creds = Credentials.from_record(record)
+                if creds is not None:
+                    return creds
+        return None
+
+    # --- webhooks --------------------------------------------------------------------------
+
+    async def handshake(self, request: web.Request) -> web.Response:
+        """Meta's subscription check: echo `hub.challenge` when `hub.verify_token` matches."""
+        creds = self.credentials(request.match_info["integration_id"])
+        q = request.query
+        challenge = handlers.verify_handshake(creds, q.get("hub.mode"), q.get("hub.verify_token"),
+                                              q.get("hub.challenge"))
+        if challenge is None:
+            return web.Response(status=403, text="Forbidden", content_type="text/plain")
+        return web.Response(status=200, text=challenge, content_type="text/plain")
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        """A signed notification: answered 200 only once all its content is durable in JetStream."""
+        creds = self.credentials(request.match_info["integration_id"])
+        if creds is None:
+            raise ApiError(404, "Unknown WhatsApp integration")
+        raw = await read_body(request, handlers.MAX_WEBHOOK_BODY)
+        if not meta_signature_ok(creds.app_secret, raw, request.headers.get(META_SIGNATURE_HEADER)):
+            raise ApiError(401, "Missing or invalid X-Hub-Signature-256")
+        if request.content_type != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {request.content_type}")
+        try:
+            normalized = handlers.normalize_webhook(raw, creds, self.by_phone_number_id, self.common.public_base_url)
+        except handlers.WebhookShapeError as exc:
+            raise ApiError(400, f"Invalid WhatsApp notification: {exc}") from exc
+        bus = self._bus()
+        publishes = [
+            bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
+                        msg_id=handlers.inbound_msg_id(m))
+            for m in normalized.messages
+        ] + [
+            bus.publish(subjects.status_subject(handlers.CHANNEL, s.integration_id), channel.encode(s),
+                        msg_id=handlers.status_msg_id(s))
+            for s in normalized.statuses
+        ]
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(results), failures[0])
+            raise ApiError(503, "Could not store the notification, retry later")
+        return web.Response(status=200, text="ok", content_type="text/plain")
+
+    async def media(self, request: web.Request) -> web.StreamResponse:
+        """Serve a customer's media: resolve the Graph media id to its short-lived URL and stream it."""
+        integration_id = request.match_info["integration_id"]
+        media_id = request.match_info["media_id"]
+        creds = self.credentials(integration_id)
+        sig = request.query.get("sig", "")
+        if creds is None or not hmac.compare_digest(
+                handlers.media_signature(creds.app_secret, integration_id, media_id), sig):
+            raise ApiError(404, "Unknown media")
+        session = self._session()
+        auth = {"Authorization": f"Bearer {creds.access_token}"}
+        with _tracer.start_as_current_span("GET graph media", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("http.request.method", "GET")
+            try:
+                async with session.get(creds.media_lookup_url(media_id), headers=inject_headers(auth)) as resp:
+                    if resp.status != 200:
+                        raise ApiError(404, "Unknown media")
+                    info = await resp.json(content_type=None)
+                url = info.get("url") if isinstance(info, dict) else None
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    raise ApiError(502, "Unexpected media lookup answer")
+                async with session.get(url, headers=inject_headers(auth)) as upstream:
+                    if upstream.status != 200:
+                        raise ApiError(502, "Media download failed")
+                    response = web.StreamResponse(status=200)
+                    response.content_type = upstream.content_type or "application/octet-stream"
+                    response.headers["Cache-Control"] = "private, max-age=300"
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_chunked(64 * 1024):
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise ApiError(502, "Media download failed") from exc
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def on_outbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+        """Send one command to the Graph API and report the outcome as a DeliveryStatus."""
+        try:
+            command = channel.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise Poison(f"undecodable outbound command: {exc}") from exc
+        if not isinstance(command, OutboundSend):
+            return
+        done = self.sent.get(command.message_id)
+        if done is not None:
+            await self._report(handlers.sent_status(command, done))
+            return
+        creds = self.credentials(command.integration_id)
+        if creds is None:
+            # The KV mirror may lag behind a just-created integration: retry a while first.
+            await self._retry_or_fail(command, delivery, SendFailure(
+                http_status=0, code=None, title="Unknown or inactive WhatsApp integration", transient=True))
+            return
+        try:
+            body = handlers.build_send_body(command)
+        except handlers.UnsendableContent as exc:
+            await self._report(handlers.failed_status(command, "unsupported_content", str(exc)))
+            return
+        await self._bucket(creds.phone_number_id).acquire()
+        try:
+            wamid = await self._post_message(creds, body)
+        except SendFailure as failure:
+            await self._retry_or_fail(command, delivery, failure)
+            return
+        self._remember(command.message_id, wamid)
+        await self._report(handlers.sent_status(command, wamid))
+
+    async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
+        if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
+            raise Retry(handlers.backoff_delay(delivery.num_delivered, self.config.retry_base_seconds,
+                                               self.config.retry_max_seconds), str(failure))
+        log.warning("giving up on message %s: %s", command.message_id, failure)
+        await self._report(handlers.failed_status(command, handlers.failure_code(failure), failure.title,
+                                                  failure.details))
+
+    async def _post_message(self, creds: Credentials, body: dict[str, object]) -> str:
+        session = self._session()
+        headers = inject_headers({"Authorization": f"Bearer {creds.access_token}",
+                                  "Content-Type": "application/json"})
+        with _tracer.start_as_current_span("POST graph messages", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("http.request.method", "POST")
+            span.set_attribute("server.address", creds.base_url)
+            span.set_attribute("threadline.whatsapp.phone_number_id", creds.phone_number_id)
+            try:
+                async with session.post(creds.messages_url, data=msgspec.json.encode(body), headers=headers) as resp:
+                    payload = await resp.read()
+                    span.set_attribute("http.response.status_code", resp.status)
+                    if resp.status != 200:
+                        failure = handlers.classify_error(resp.status, payload)
+                        span.set_status(Status(StatusCode.ERROR, str(failure)))
+                        raise failure
+                    return handlers.parse_send_response(payload)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise SendFailure(http_status=0, code=None, title=f"Graph API unreachable: {exc!r}",
+                                  transient=True) from exc
+
+    async def _report(self, status: DeliveryStatus) -> None:
+        await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
+                                  channel.encode(status), msg_id=handlers.send_status_msg_id(status))
+
+    def _remember(self, message_id: str, wamid: str) -> None:
+        self.sent[message_id] = wamid
+        while len(self.sent) > SENT_MEMORY:
+            self.sent.popitem(last=False)
+
+    def _bucket(self, phone_number_id: str) -> TokenBucket:
+        bucket = self.buckets.get(phone_number_id)
+        if bucket is None:
+            bucket = self.buckets[phone_number_id] = TokenBucket(self.config.messages_per_second)
+        return bucket
+
+    def _bus(self) -> Bus:
+        if self.bus is None:
+            raise ApiError(503, "Not connected")
+        return self.bus
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise ApiError(503, "Not started")
+        return self.session
+
+
+def create(environ: Mapping[str, str] | None = None) -> WhatsAppService:
+    """Build the whatsapp service from the environment (os.environ when None)."""
+    setup_telemetry("whatsapp")
+    return WhatsAppService(WhatsAppConfig.from_env(environ))

@@ -1,0 +1,672 @@
+"""WhatsApp Cloud API logic on decoded values: webhook parsing/normalization, send bodies, errors.
+
+Nothing here touches NATS; `app.py` wires it to the bus and HTTP. The wire formats follow the
+platform reference §1 (webhook envelope, statuses, send API, error envelope).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared.records import IntegrationRecord
+from shared.sunco import (
+    Content,
+    FileContent,
+    ImageContent,
+    LinkAction,
+    LocationContent,
+    LocationCoordinates,
+    LocationInfo,
+    PostbackAction,
+    ReplyAction,
+    TemplateContent,
+    TextContent,
+    UnsupportedContent,
+)
+
+CHANNEL = "whatsapp"
+MAX_WEBHOOK_BODY = 100 * 1024
+# WhatsApp limits (platform reference §1.7.2, §1.10).
+MAX_BUTTONS = 3
+MAX_LIST_ROWS = 10
+BUTTON_TITLE_MAX = 20
+LIST_ROW_TITLE_MAX = 24
+BUTTON_ID_MAX = 256
+INTERACTIVE_BODY_MAX = 1024
+TEXT_BODY_MAX = 4096
+# `biz_opaque_callback_data` is echoed in status webhooks; it lets a webhook status name our message.
+CALLBACK_PREFIX = "tl:"
+
+_BSUID_RE = re.compile(r"^[A-Z]{2}\.[A-Za-z0-9.]{1,160}$")
+_JSON = msgspec.json.Decoder()
+
+
+# --- integration credentials -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Credentials:
+    """The fields of a whatsapp integration record the service needs."""
+
+    integration_id: str
+    app_id: str
+    phone_number_id: str
+    access_token: str
+    app_secret: str
+    verify_token: str
+    api_version: str
+    base_url: str
+
+    @classmethod
+    def from_record(cls, record: IntegrationRecord) -> Credentials | None:
+        """Credentials of a usable whatsapp integration, or None (wrong type, inactive, incomplete)."""
+        if record.type != CHANNEL or record.status not in ("active", ""):
+            return None
+        cfg = record.config
+        version = str(cfg.get("apiVersion") or "v23.0")
+        if not version.startswith("v"):
+            version = "v" + version
+        values = {
+            "phone_number_id": cfg.get("phoneNumberId"),
+            "access_token": cfg.get("accessToken"),
+            "app_secret": cfg.get("appSecret"),
+        }
+        if not all(isinstance(v, str) and v for v in values.values()):
+            return None
+        return cls(
+            integration_id=record.id,
+            app_id=record.app_id,
+            phone_number_id=str(values["phone_number_id"]),
+            access_token=str(values["access_token"]),
+            app_secret=str(values["app_secret"]),
+            verify_token=str(cfg.get("verifyToken") or ""),
+            api_version=version,
+            base_url=str(cfg.get("baseUrl") or "https://graph.facebook.com").rstrip("/"),
+        )
+
+    @property
+    def messages_url(self) -> str:
+        """The send endpoint of this business number."""
+        return f"{self.base_url}/{self.api_version}/{self.phone_number_id}/messages"
+
+    def media_lookup_url(self, media_id: str) -> str:
+        """The Graph URL that answers where a media id's bytes are."""
+        return f"{self.base_url}/{self.api_version}/{media_id}"
+
+
+def verify_handshake(creds: Credentials | None, mode: str | None, token: str | None,
+                     challenge: str | None) -> str | None:
+    """The challenge to echo when Meta's subscription handshake is genuine, else None."""
+    if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
+        return None
+    if not hmac.compare_digest(creds.verify_token.encode(), token.encode()):
+        return None
+    return challenge
+
+
+def media_signature(app_secret: str, integration_id: str, media_id: str) -> str:
+    """A short HMAC that makes a gateway media URL unguessable without the app secret."""
+    mac = hmac.new(app_secret.encode(), f"{integration_id}:{media_id}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def media_url(public_base_url: str, creds: Credentials, media_id: str) -> str:
+    """The gateway URL that serves a WhatsApp media id (it re-resolves the short-lived Graph URL)."""
+    sig = media_signature(creds.app_secret, creds.integration_id, media_id)
+    return f"{public_base_url}/webhooks/whatsapp/{creds.integration_id}/media/{media_id}?sig={sig}"
+
+
+# --- webhook wire schema -------------------------------------------------------------------------
+
+class _Context(msgspec.Struct):
+    id: str = ""
+
+
+class _TextBody(msgspec.Struct):
+    body: str
+
+
+class _Media(msgspec.Struct):
+    id: str = ""
+    mime_type: str | None = None
+    caption: str | None = None
+    filename: str | None = None
+    link: str | None = None
+
+
+class _Reply(msgspec.Struct):
+    id: str
+    title: str = ""
+
+
+class _Interactive(msgspec.Struct):
+    type: str
+    button_reply: _Reply | None = None
+    list_reply: _Reply | None = None
+
+
+class _TemplateButton(msgspec.Struct):
+    payload: str = ""
+    text: str = ""
+
+
+class _Location(msgspec.Struct):
+    latitude: float
+    longitude: float
+    name: str | None = None
+    address: str | None = None
+
+
+class _Message(msgspec.Struct):
+    id: str
+    timestamp: str | int
+    type: str
+    from_: str | None = msgspec.field(default=None, name="from")
+    from_user_id: str | None = None
+    context: _Context | None = None
+    text: _TextBody | None = None
+    image: _Media | None = None
+    document: _Media | None = None
+    video: _Media | None = None
+    audio: _Media | None = None
+    interactive: _Interactive | None = None
+    button: _TemplateButton | None = None
+    location: _Location | None = None
+
+
+class _Profile(msgspec.Struct):
+    name: str | None = None
+    username: str | None = None
+
+
+class _Contact(msgspec.Struct):
+    profile: _Profile | None = None
+    wa_id: str | None = None
+    user_id: str | None = None
+
+
+class _ErrorData(msgspec.Struct):
+    details: str | None = None
+
+
+class _Error(msgspec.Struct):
+    code: int | None = None
+    title: str | None = None
+    message: str | None = None
+    error_data: _ErrorData | None = None
+
+
+class _Status(msgspec.Struct):
+    id: str
+    status: str
+    timestamp: str | int
+    recipient_id: str | None = None
+    biz_opaque_callback_data: str | None = None
+    errors: list[_Error] = []
+
+
+class _Metadata(msgspec.Struct):
+    phone_number_id: str = ""
+    display_phone_number: str = ""
+
+
+class _Value(msgspec.Struct):
+    metadata: _Metadata | None = None
+    contacts: list[_Contact] = []
+    messages: list[_Message] = []
+    statuses: list[_Status] = []
+
+
+class _Change(msgspec.Struct):
+    field: str
+    value: dict[str, Any]
+
+
+class _Entry(msgspec.Struct):
+    changes: list[_Change] = []
+    id: str = ""
+
+
+class _Envelope(msgspec.Struct):
+    object: str
+    entry: list[_Entry]
+
+
+class WebhookShapeError(ValueError):
+    """The body is not a WhatsApp webhook notification (answered 400)."""
+
+
+@dataclass
+class Normalized:
+    """What one webhook delivery carries, ready to publish (subject, payload, msg id)."""
+
+    messages: list[InboundMessage] = field(default_factory=list)
+    statuses: list[DeliveryStatus] = field(default_factory=list)
+
+
+Resolver = Callable[[str], Credentials | None]
+
+
+def _timestamp(value: str | int) -> float:
+    try:
+        ts = float(value)
+    except ValueError as exc:
+        raise WebhookShapeError(f"bad timestamp {value!r}") from exc
+    if not math.isfinite(ts) or ts < 0:
+        raise WebhookShapeError(f"bad timestamp {value!r}")
+    return ts
+
+
+def parse_webhook(raw: bytes) -> _Envelope:
+    """Decode and validate the notification envelope (raises WebhookShapeError)."""
+    try:
+        envelope = msgspec.json.decode(raw, type=_Envelope)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WebhookShapeError(f"not a WhatsApp notification: {exc}") from exc
+    if envelope.object != "whatsapp_business_account":
+        raise WebhookShapeError(f"unexpected object {envelope.object!r}")
+    return envelope
+
+
+def normalize_webhook(raw: bytes, creds: Credentials, resolve: Resolver, public_base_url: str) -> Normalized:
+    """Every message and status of a verified notification, normalized; all-or-nothing.
+
+    `creds` is the integration whose URL received the call; `resolve(phone_number_id)` finds a
+    sibling integration when one Meta app's webhook carries several business numbers (it must
+    share the app secret, which the signature proved).
+    """
+    envelope = parse_webhook(raw)
+    out = Normalized()
+    for entry in envelope.entry:
+        for change in entry.changes:
+            if change.field != "messages":
+                continue  # account/template updates: nothing for the conversation
+            try:
+                value = msgspec.convert(change.value, _Value)
+            except msgspec.ValidationError as exc:
+                raise WebhookShapeError(f"bad change value: {exc}") from exc
+            target = creds
+            phone_id = value.metadata.phone_number_id if value.metadata else ""
+            if phone_id and phone_id != creds.phone_number_id:
+                sibling = resolve(phone_id)
+                if sibling is None or sibling.app_secret != creds.app_secret:
+                    continue  # a number this gateway does not serve
+                target = sibling
+            raw_messages = change.value.get("messages") or []
+            for index, message in enumerate(value.messages):
+                out.messages.append(_inbound(message, raw_messages[index], value.contacts, target, public_base_url))
+            raw_statuses = change.value.get("statuses") or []
+            for index, status in enumerate(value.statuses):
+                normalized = _status(status, raw_statuses[index], target)
+                if normalized is not None:
+                    out.statuses.append(normalized)
+    return out
+
+
+def _find_contact(contacts: list[_Contact], message: _Message) -> _Contact | None:
+    for contact in contacts:
+        if message.from_user_id and contact.user_id == message.from_user_id:
+            return contact
+        if message.from_ and contact.wa_id == message.from_:
+            return contact
+    return contacts[0] if len(contacts) == 1 else None
+
+
+def _inbound(message: _Message, raw: dict[str, Any], contacts: list[_Contact], creds: Credentials,
+             public_base_url: str) -> InboundMessage:
+    contact = _find_contact(contacts, message)
+    bsuid = message.from_user_id or (contact.user_id if contact else None)
+    wa_id = message.from_ or (contact.wa_id if contact else None)
+    user_key = bsuid or wa_id
+    if not user_key:
+        raise WebhookShapeError(f"message {message.id} has no sender")
+    if not message.id:
+        raise WebhookShapeError("message without id")
+    client_info: dict[str, Any] = {"phone_number_id": creds.phone_number_id}
+    if wa_id:
+        client_info["wa_id"] = wa_id
+    if bsuid:
+        client_info["bsuid"] = bsuid
+    display_name = None
+    if contact and contact.profile:
+        display_name = contact.profile.name or None
+        if contact.profile.username:
+            client_info["username"] = contact.profile.username
+    content, postback = _content(message, raw, creds, public_base_url)
+    return InboundMessage(
+        app_id=creds.app_id,
+        integration_id=creds.integration_id,
+        channel=CHANNEL,
+        client_type="whatsapp",
+        channel_user_id=user_key,
+        provider_message_id=message.id,
+        received_at=_timestamp(message.timestamp),
+        content=content,
+        display_name=display_name,
+        client_info=client_info,
+        raw=raw,
+        postback=postback,
+        quoted_provider_message_id=(message.context.id or None) if message.context else None,
+    )
+
+
+def _content(message: _Message, raw: dict[str, Any], creds: Credentials,
+             public_base_url: str) -> tuple[Content, Postback | None]:
+    kind = message.type
+    if kind == "text" and message.text is not None:
+        return TextContent(text=message.text.body), None
+    if kind == "image" and message.image is not None and message.image.id:
+        image = message.image
+        return ImageContent(media_url=media_url(public_base_url, creds, image.id), media_type=image.mime_type,
+                            text=image.caption or None), None
+    media = {"document": message.document, "video": message.video, "audio": message.audio}.get(kind)
+    if media is not None and media.id:
+        return FileContent(media_url=media_url(public_base_url, creds, media.id), media_type=media.mime_type,
+                           alt_text=media.filename or None, text=media.caption or None), None
+    if kind == "interactive" and message.interactive is not None:
+        reply = message.interactive.button_reply or message.interactive.list_reply
+        if message.interactive.type in ("button_reply", "list_reply") and reply is not None:
+            return (TextContent(text=reply.title, payload=reply.id),
+                    Postback(payload=reply.id, text=reply.title))
+    if kind == "button" and message.button is not None:
+        button = message.button
+        return (TextContent(text=button.text, payload=button.payload),
+                Postback(payload=button.payload, text=button.text))
+    if kind == "location" and message.location is not None:
+        loc = message.location
+        if not (math.isfinite(loc.latitude) and math.isfinite(loc.longitude)):
+            raise WebhookShapeError("bad coordinates")
+        info = LocationInfo(name=loc.name, address=loc.address) if (loc.name or loc.address) else None
+        return LocationContent(coordinates=LocationCoordinates(lat=loc.latitude, long=loc.longitude),
+                               location=info), None
+    if kind in ("text", "image", "location", "button"):
+        raise WebhookShapeError(f"{kind} message {message.id} lacks its {kind} object")
+    # Stickers, reactions, orders, contacts, system, unsupported, …: kept, never dropped.
+    return UnsupportedContent(channel_type=kind, raw=raw), None
+
+
+_STATUS_MAP: dict[str, DeliveryState] = {
+    "sent": "sent", "delivered": "delivered", "read": "read", "played": "read", "failed": "failed",
+}
+
+
+def _status(status: _Status, raw: dict[str, Any], creds: Credentials) -> DeliveryStatus | None:
+    state = _STATUS_MAP.get(status.status)
+    if state is None or not status.id:
+        return None  # e.g. "deleted"/"warning": not a delivery state the gateway tracks
+    error = status.errors[0] if status.errors else None
+    message_id, conversation_id = parse_callback_data(status.biz_opaque_callback_data)
+    return DeliveryStatus(
+        app_id=creds.app_id,
+        integration_id=creds.integration_id,
+        channel=CHANNEL,
+        provider_message_id=status.id,
+        status=state,
+        timestamp=_timestamp(status.timestamp),
+        message_id=message_id,
+        conversation_id=conversation_id,
+        error_code=str(error.code) if error and error.code is not None else None,
+        error_title=(error.title or error.message) if error else None,
+        error_details=error.error_data.details if error and error.error_data else None,
+        raw=raw,
+    )
+
+
+def callback_data(send: OutboundSend) -> str:
+    """The `biz_opaque_callback_data` that lets status webhooks name the message they are about."""
+    return f"{CALLBACK_PREFIX}{send.conversation_id}:{send.message_id}"
+
+
+def parse_callback_data(value: str | None) -> tuple[str | None, str | None]:
+    """(message_id, conversation_id) from our own `biz_opaque_callback_data`, else (None, None)."""
+    if not value or not value.startswith(CALLBACK_PREFIX):
+        return None, None
+    conversation_id, sep, message_id = value[len(CALLBACK_PREFIX):].partition(":")
+    if not sep or not conversation_id or not message_id:
+        return None, None
+    return message_id, conversation_id
+
+
+def inbound_msg_id(message: InboundMessage) -> str:
+    """JetStream de-duplication id of an inbound message (a Meta retry must not be a second message)."""
+    return f"{CHANNEL}:{message.provider_message_id}"
+
+
+def status_msg_id(status: DeliveryStatus) -> str:
+    """JetStream de-duplication id of a webhook status."""
+    return f"{CHANNEL}:{status.provider_message_id}:{status.status}"
+
+
+# --- sending -------------------------------------------------------------------------------------
+
+class UnsendableContent(ValueError):
+    """The content has no WhatsApp representation (a permanent failure)."""
+
+
+def is_bsuid(value: str) -> bool:
+    """True for a business-scoped user id (`US.1349…`), false for a phone number."""
+    return bool(_BSUID_RE.match(value))
+
+
+def _digits(number: str) -> str:
+    return "".join(ch for ch in number if ch.isdigit())
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def addressing(send: OutboundSend) -> dict[str, str]:
+    """`to` (phone digits) when the recipient's wa_id is known, else `recipient` (the BSUID)."""
+    wa_id = send.recipient_info.get("wa_id")
+    if isinstance(wa_id, str) and _digits(wa_id):
+        return {"to": _digits(wa_id)}
+    if is_bsuid(send.recipient):
+        return {"recipient": send.recipient}
+    return {"to": _digits(send.recipient) or send.recipient}
+
+
+def build_send_body(send: OutboundSend) -> dict[str, Any]:
+    """The Graph API request body for an outbound message (platform reference §1.7)."""
+    override = (send.override or {}).get("whatsapp")
+    payload = override.get("payload") if isinstance(override, dict) else None
+    if isinstance(payload, dict) and payload:
+        body = dict(payload)
+        body.setdefault("messaging_product", "whatsapp")
+        if "to" not in body and "recipient" not in body:
+            body.update(addressing(send))
+        return body
+    body = {"messaging_product": "whatsapp", "recipient_type": "individual", **addressing(send)}
+    body.update(_content_body(send.content))
+    if send.quoted_provider_message_id:
+        body["context"] = {"message_id": send.quoted_provider_message_id}
+    body["biz_opaque_callback_data"] = callback_data(send)
+    return body
+
+
+def _content_body(content: Content) -> dict[str, Any]:
+    if isinstance(content, TextContent):
+        return _text_body(content)
+    if isinstance(content, ImageContent):
+        if not content.media_url:
+            raise UnsendableContent("image without mediaUrl")
+        image: dict[str, Any] = {"link": content.media_url}
+        if content.text:
+            image["caption"] = content.text
+        return {"type": "image", "image": image}
+    if isinstance(content, FileContent):
+        if not content.media_url:
+            raise UnsendableContent("file without mediaUrl")
+        document: dict[str, Any] = {"link": content.media_url}
+        if content.text:
+            document["caption"] = content.text
+        filename = content.alt_text or content.media_url.rsplit("/", 1)[-1].split("?", 1)[0]
+        if filename:
+            document["filename"] = filename
+        return {"type": "document", "document": document}
+    if isinstance(content, LocationContent):
+        location: dict[str, Any] = {"latitude": content.coordinates.lat, "longitude": content.coordinates.long}
+        if content.location and content.location.name:
+            location["name"] = content.location.name
+        if content.location and content.location.address:
+            location["address"] = content.location.address
+        return {"type": "location", "location": location}
+    if isinstance(content, TemplateContent):
+        if not content.template.get("name"):
+            raise UnsendableContent("template without name")
+        return {"type": "template", "template": content.template}
+    raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on WhatsApp")
+
+
+def _text_body(content: TextContent) -> dict[str, Any]:
+    text = content.text
+    links = [a for a in content.actions or [] if isinstance(a, LinkAction) and a.uri]
+    if links:
+        # WhatsApp has no URL buttons outside templates: links go in the text.
+        text = "\n\n".join([text, *(f"{a.text}: {a.uri}" if a.text else a.uri for a in links)]).strip()
+    replies = [a for a in content.actions or [] if isinstance(a, ReplyAction | PostbackAction)]
+    if not replies:
+        if not text:
+            raise UnsendableContent("empty text")
+        return {"type": "text", "text": {"body": _clip(text, TEXT_BODY_MAX), "preview_url": False}}
+    body_text = _clip(text or " ", INTERACTIVE_BODY_MAX)
+    if len(replies) <= MAX_BUTTONS:
+        buttons = [{"type": "reply", "reply": {"id": _clip(a.payload or a.text, BUTTON_ID_MAX),
+                                               "title": _clip(a.text, BUTTON_TITLE_MAX)}} for a in replies]
+        return {"type": "interactive",
+                "interactive": {"type": "button", "body": {"text": body_text}, "action": {"buttons": buttons}}}
+    rows = [{"id": _clip(a.payload or a.text, BUTTON_ID_MAX), "title": _clip(a.text, LIST_ROW_TITLE_MAX)}
+            for a in replies[:MAX_LIST_ROWS]]
+    return {"type": "interactive",
+            "interactive": {"type": "list", "body": {"text": body_text},
+                            "action": {"button": "Options", "sections": [{"title": "Options", "rows": rows}]}}}
+
+
+# Graph error codes worth retrying (platform reference §1.8 and §8): throughput, pair rate,
+# app/WABA call limits, unknown error, service unavailable, and Graph's "temporary" code 2.
+TRANSIENT_CODES = frozenset({130429, 131056, 131000, 131016, 4, 80007, 2})
+
+
+@dataclass
+class SendFailure(Exception):
+    """A send the Graph API refused (or that never reached it)."""
+
+    http_status: int
+    code: int | None
+    title: str
+    details: str | None = None
+    transient: bool = False
+
+    def __str__(self) -> str:
+        return f"HTTP {self.http_status} code {self.code}: {self.title}"
+
+
+def classify_error(http_status: int, body: bytes) -> SendFailure:
+    """Turn a non-200 Graph answer into a SendFailure, deciding whether a retry can help."""
+    code: int | None = None
+    title = f"HTTP {http_status}"
+    details: str | None = None
+    try:
+        doc = _JSON.decode(body)
+    except msgspec.DecodeError:
+        doc = None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        raw_code = error.get("code")
+        code = raw_code if isinstance(raw_code, int) else None
+        title = str(error.get("error_user_title") or error.get("message") or title)
+        error_data = error.get("error_data")
+        if isinstance(error_data, dict) and error_data.get("details"):
+            details = str(error_data["details"])
+        elif error.get("error_user_msg"):
+            details = str(error["error_user_msg"])
+    transient = (code in TRANSIENT_CODES) or http_status >= 500 or http_status == 429
+    return SendFailure(http_status=http_status, code=code, title=title, details=details, transient=transient)
+
+
+def parse_send_response(body: bytes) -> str:
+    """The wamid from a 200 answer of the send API (§1.7.5)."""
+    try:
+        doc = _JSON.decode(body)
+        wamid = doc["messages"][0]["id"]
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError) as exc:
+        raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True) from exc
+    if not isinstance(wamid, str) or not wamid:
+        raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True)
+    return wamid
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential back-off for the `attempt`-th delivery (1-based), capped."""
+    return min(cap, base * (2 ** max(0, min(attempt, 32) - 1)))
+
+
+def sent_status(send: OutboundSend, wamid: str, at: float | None = None) -> DeliveryStatus:
+    """The `sent` status reported when the send API accepted a message."""
+    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
+                          provider_message_id=wamid, status="sent", timestamp=time.time() if at is None else at,
+                          message_id=send.message_id, conversation_id=send.conversation_id)
+
+
+def failed_status(send: OutboundSend, error_code: str, title: str, details: str | None = None,
+                  at: float | None = None) -> DeliveryStatus:
+    """The `failed` status reported when a send is given up (no wamid exists then)."""
+    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
+                          provider_message_id="", status="failed", timestamp=time.time() if at is None else at,
+                          message_id=send.message_id, conversation_id=send.conversation_id,
+                          error_code=error_code, error_title=title, error_details=details)
+
+
+def failure_code(failure: SendFailure) -> str:
+    """The error code reported for a failure: Meta's code, else `http_<status>` (0: unreachable)."""
+    return str(failure.code) if failure.code is not None else f"http_{failure.http_status}"
+
+
+def send_status_msg_id(status: DeliveryStatus) -> str:
+    """De-duplication id of a status the send loop reports (keyed by our message id).
+
+    Distinct from the webhook's `whatsapp:{wamid}:{status}`: whichever arrives first, the one
+    that carries our message id is never dropped as a duplicate.
+    """
+    return f"{CHANNEL}:send:{status.message_id}:{status.status}"
+
+
+class TokenBucket:
+    """A token bucket: `rate` tokens per second, up to `burst` saved (Meta throughput per number)."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.burst
+        self.clock = clock
+        self.updated = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def try_take(self) -> float:
+        """Take a token and return 0, or return how many seconds until one is available."""
+        self._refill()
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    async def acquire(self) -> None:
+        """Wait until a token is available and take it."""
+        async with self._lock:
+            while (wait := self.try_take()) > 0:
+                await asyncio.sleep(wait)

@@ -1,0 +1,87 @@
+"""The sandbox service: accounts from the integrations KV, the demo page, the scripting API over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.sandbox.app import create
+from shared import records, subjects
+from shared.bus import Bus
+from shared.config import ConfigError
+from tests.fakes.whatsapp_env import CUSTOMER, eventually, start_whatsapp, whatsapp_record
+from tests.harness import System
+
+
+async def test_page_loads_widget_with_ids_from_sandbox_json(system: System, bus: Bus) -> None:
+    wa = await start_whatsapp(system, bus)
+    async with httpx.AsyncClient(base_url=system.base_url) as http:
+        empty = await http.get("/sandbox/")
+        assert empty.status_code == 200
+        assert empty.text.count('<script src="/widget/threadline.js"></script>') == 1
+        assert '"appId": null' in empty.text
+        Path(system.data_dir).mkdir(parents=True, exist_ok=True)
+        (Path(system.data_dir) / "sandbox.json").write_text(json.dumps({
+            "appId": "app</script>1", "integrations": {"web": {"id": "web-int-1"},
+                                                       "whatsapp": {"id": wa.integration_id}}}))
+        page = await http.get("/sandbox/")  # read per request: no restart needed
+        assert "Threadline.init({appId, integrationId, baseUrl: location.origin})" in page.text
+        assert '"webIntegrationId": "web-int-1"' in page.text
+        assert "app</script>1" not in page.text and "app\\u003c/script\\u003e1" in page.text
+        assert '"whatsappNumber": "+15550001111"' in page.text
+        config = (await http.get("/sandbox/config.json")).json()
+        assert config["whatsappIntegrationId"] == wa.integration_id
+        script = await http.get("/sandbox/static/phone.js")
+        assert script.status_code == 200 and "/inbound" in script.text
+        redirect = await http.get(f"{system.service_url('sandbox')}/sandbox", follow_redirects=False)
+        assert redirect.status_code == 302 and redirect.headers["location"] == "/sandbox/"
+
+
+async def test_accounts_follow_the_integrations_bucket(system: System, bus: Bus) -> None:
+    wa = await start_whatsapp(system, bus)
+    kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
+    real = whatsapp_record(system.base_url, baseUrl="https://graph.facebook.com", phoneNumberId="999")
+    await kv.put(real.id, records.ENCODER.encode(real))
+
+    async def mirrored() -> bool:
+        return wa.sandbox.integrations is not None and wa.sandbox.integrations.get(real.id) is not None
+
+    await eventually(mirrored)
+    async with httpx.AsyncClient(base_url=f"{system.base_url}/sandbox/whatsapp") as http:
+        assert (await http.get(f"/{wa.integration_id}")).json()["webhookUrl"] == wa.webhook_url
+        assert (await http.get(f"/{real.id}")).status_code == 404  # not ours to fake
+        await kv.delete(wa.integration_id)
+
+        async def gone() -> bool:
+            return (await http.get(f"/{wa.integration_id}")).status_code == 404
+
+        await eventually(gone)
+
+
+async def test_outbox_over_http_matches_with_or_without_plus(system: System, bus: Bus) -> None:
+    wa = await start_whatsapp(system, bus)
+    async with httpx.AsyncClient(base_url=system.base_url) as http:
+        sent = await http.post(f"/sandbox/graph/v23.0/{wa.record.config['phoneNumberId']}/messages",
+                               headers={"Authorization": f"Bearer {wa.record.config['accessToken']}"},
+                               json={"messaging_product": "whatsapp", "to": "15551234567", "type": "text",
+                                     "text": {"body": "hello"}})
+        assert sent.status_code == 200
+        assert sent.json()["contacts"] == [{"input": "15551234567", "wa_id": "15551234567"}]
+        outbox_url = f"/sandbox/whatsapp/{wa.integration_id}/outbox"
+        for to in (CUSTOMER, "15551234567"):
+            box = (await http.get(outbox_url, params={"to": to})).json()
+            assert box == {"messages": [{"messaging_product": "whatsapp", "to": "15551234567", "type": "text",
+                                         "text": {"body": "hello"}}]}
+        assert (await http.get(outbox_url, params={"to": "+15550000000"})).json() == {"messages": []}
+        unauthorized = await http.post(f"/sandbox/graph/v23.0/{wa.record.config['phoneNumberId']}/messages",
+                                       json={"messaging_product": "whatsapp", "to": "1", "type": "text",
+                                             "text": {"body": "x"}})
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == 190
+
+
+def test_sandbox_refuses_to_run_outside_sandbox_mode() -> None:
+    with pytest.raises(ConfigError):
+        create({"THREADLINE_SANDBOX": "0"})
