@@ -73,6 +73,7 @@ class Bus:
     js: JetStreamContext
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _services: list[Service] = field(default_factory=list)
+    _pull_subscriptions: list[JetStreamContext.PullSubscription] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -165,6 +166,7 @@ class Bus:
         while not self._stopping.is_set():
             try:
                 sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream.name, config=config)
+                self._pull_subscriptions.append(sub)
                 break
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("consumer %s not ready yet: %s", durable, exc)
@@ -243,6 +245,10 @@ class Bus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # A fetch cancelled mid-flight leaves its inbox subscribed; drain would wait on it.
+        for sub in self._pull_subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         for service in self._services:
             with contextlib.suppress(Exception):
                 await service.stop()

@@ -122,3 +122,11 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
             return response
     finally:
         otel_context.detach(token)
+
+
+def basic_auth_header(username: str, password: str) -> dict[str, str]:
+    """An `Authorization: Basic …` header (aiohttp's BasicAuth helper is deprecated)."""
+    import base64
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}

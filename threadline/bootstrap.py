@@ -10,6 +10,8 @@ from typing import Any
 
 import aiohttp
 
+from shared.http import basic_auth_header
+
 SANDBOX_PHONE_NUMBER = "+15550001111"
 SANDBOX_PHONE_NUMBER_ID = "1122334455667"
 
@@ -24,9 +26,9 @@ class BootstrapError(RuntimeError):
     """The business API refused a bootstrap call."""
 
 
-async def _call(session: aiohttp.ClientSession, method: str, url: str, auth: aiohttp.BasicAuth,
+async def _call(session: aiohttp.ClientSession, method: str, url: str, auth: dict[str, str],
                 body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    async with session.request(method, url, json=body, auth=auth) as resp:
+    async with session.request(method, url, json=body, headers=auth) as resp:
         data = await resp.json(content_type=None) if resp.content_length != 0 else {}
         return resp.status, data or {}
 
@@ -37,7 +39,7 @@ async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str) -
     A second run finds the app recorded in sandbox.json and keeps it (history survives).
     """
     path = os.path.join(data_dir, "sandbox.json")
-    auth = aiohttp.BasicAuth(account.key_id, account.secret)
+    auth = basic_auth_header(account.key_id, account.secret)
     async with aiohttp.ClientSession() as session:
         if os.path.exists(path):
             with open(path) as fh:

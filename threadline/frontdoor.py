@@ -153,7 +153,8 @@ async def _proxy_websocket(request: web.Request, target: str) -> web.StreamRespo
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     await upstream.close()
-    await downstream.close()
+    # Keep the service's close code (e.g. 4401 for a bad token) for the browser.
+    await downstream.close(code=upstream.close_code or 1000)
     return downstream
 
 

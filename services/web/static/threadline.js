@@ -1,0 +1,874 @@
+/*
+ * Threadline web messenger widget. Plain JavaScript, no framework, no build step.
+ *
+ *   <script src="https://threadline.example.com/widget/threadline.js"></script>
+ *   <script>Threadline.init({appId: "...", integrationId: "..."});</script>
+ *
+ * Talks to the `web` service: POST .../sessions once (the session is kept in localStorage),
+ * POST messages/activity, and one WebSocket that replays history after the last cursor seen
+ * and then streams live frames. Stable hooks for tests and styling: [data-threadline=...].
+ */
+(function () {
+  "use strict";
+
+  if (window.Threadline && window.Threadline.version) {
+    return;
+  }
+
+  var SCRIPT_BASE = (function () {
+    var script = document.currentScript;
+    if (!script || !script.src) {
+      return window.location.origin;
+    }
+    var url = new URL(script.src, window.location.href);
+    return url.origin;
+  })();
+
+  var RECONNECT_BASE_MS = 500;
+  var RECONNECT_CAP_MS = 30000;
+  var POST_RETRY_CAP_MS = 30000;
+  var TYPING_IDLE_MS = 3000;
+  var BUSINESS_TYPING_TIMEOUT_MS = 15000;
+  var CONNECT_TIMEOUT_MS = 10000;
+
+  var CSS = [
+    ".tl-root{position:fixed;right:20px;bottom:20px;z-index:2147483000;font:14px/1.4 system-ui,-apple-system,",
+    "'Segoe UI',Roboto,sans-serif;color:#1f2328}",
+    ".tl-launcher{width:56px;height:56px;border-radius:50%;border:0;background:var(--tl-brand,#2b59c3);",
+    "color:#fff;cursor:pointer;box-shadow:0 4px 14px rgba(0,0,0,.25);position:relative;display:flex;",
+    "align-items:center;justify-content:center}",
+    ".tl-unread{position:absolute;top:-4px;right:-4px;min-width:20px;height:20px;border-radius:10px;",
+    "background:#d1242f;color:#fff;font-size:12px;line-height:20px;padding:0 5px;box-sizing:border-box}",
+    ".tl-panel{position:absolute;right:0;bottom:70px;width:340px;max-width:calc(100vw - 40px);height:480px;",
+    "max-height:calc(100vh - 110px);background:#fff;border-radius:12px;box-shadow:0 8px 30px rgba(0,0,0,.25);",
+    "display:flex;flex-direction:column;overflow:hidden}",
+    ".tl-panel[hidden]{display:none}",
+    ".tl-header{display:flex;align-items:center;gap:8px;padding:12px 14px;background:var(--tl-brand,#2b59c3);",
+    "color:#fff}",
+    ".tl-title{flex:1;font-weight:600}",
+    ".tl-status{font-size:11px;opacity:.85}",
+    ".tl-close{background:none;border:0;color:#fff;font-size:20px;cursor:pointer;line-height:1}",
+    ".tl-messages{flex:1;overflow-y:auto;padding:12px;display:flex;flex-direction:column;gap:6px;",
+    "background:#f6f8fa}",
+    ".tl-message{display:flex;flex-direction:column;max-width:80%}",
+    ".tl-message[data-author=user]{align-self:flex-end;align-items:flex-end}",
+    ".tl-message[data-author=business]{align-self:flex-start;align-items:flex-start}",
+    ".tl-bubble{padding:8px 12px;border-radius:14px;white-space:pre-wrap;word-wrap:break-word;",
+    "overflow-wrap:anywhere}",
+    ".tl-message[data-author=user] .tl-bubble{background:var(--tl-brand,#2b59c3);color:#fff}",
+    ".tl-message[data-author=business] .tl-bubble{background:#fff;border:1px solid #d0d7de}",
+    ".tl-message[data-status=pending] .tl-bubble{opacity:.6}",
+    ".tl-message[data-status=failed] .tl-bubble{background:#d1242f;cursor:pointer}",
+    ".tl-meta{font-size:11px;color:#656d76;margin-top:2px}",
+    ".tl-bubble img{max-width:100%;border-radius:8px;display:block}",
+    ".tl-seen{align-self:flex-end;font-size:11px;color:#656d76}",
+    ".tl-typing{padding:0 14px 6px;font-size:12px;color:#656d76;background:#f6f8fa}",
+    ".tl-typing[hidden]{display:none}",
+    ".tl-composer{display:flex;gap:6px;padding:10px;border-top:1px solid #d0d7de}",
+    ".tl-input{flex:1;resize:none;border:1px solid #d0d7de;border-radius:8px;padding:8px;font:inherit;",
+    "height:38px;box-sizing:border-box}",
+    ".tl-send{border:0;border-radius:8px;background:var(--tl-brand,#2b59c3);color:#fff;padding:0 14px;",
+    "cursor:pointer;font:inherit}"
+  ].join("");
+
+  function injectCss() {
+    if (document.getElementById("threadline-css")) {
+      return;
+    }
+    var style = document.createElement("style");
+    style.id = "threadline-css";
+    style.textContent = CSS;
+    (document.head || document.documentElement).appendChild(style);
+  }
+
+  function el(tag, attrs, text) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (key) {
+      node.setAttribute(key, attrs[key]);
+    });
+    if (text !== undefined) {
+      node.textContent = text;
+    }
+    return node;
+  }
+
+  function uuid() {
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
+    }
+    var bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    var hex = Array.prototype.map.call(bytes, function (b) {
+      return (b + 0x100).toString(16).slice(1);
+    }).join("");
+    return hex.slice(0, 8) + "-" + hex.slice(8, 12) + "-" + hex.slice(12, 16) + "-" +
+      hex.slice(16, 20) + "-" + hex.slice(20);
+  }
+
+  // Exponential back-off with "equal jitter": half fixed, half random, capped.
+  function backoff(attempt, base, cap) {
+    var ceiling = Math.min(cap, base * Math.pow(2, attempt));
+    return ceiling / 2 + Math.random() * ceiling / 2;
+  }
+
+  function sleep(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
+  }
+
+  function load(key) {
+    try {
+      var raw = window.localStorage.getItem(key);
+      return raw ? JSON.parse(raw) : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function save(key, value) {
+    try {
+      if (value === null || value === undefined) {
+        window.localStorage.removeItem(key);
+      } else {
+        window.localStorage.setItem(key, JSON.stringify(value));
+      }
+    } catch (e) {
+      /* storage full or disabled: the widget still works for this page view */
+    }
+  }
+
+  function Widget(options) {
+    if (!options || !options.appId || !options.integrationId) {
+      throw new Error("Threadline.init needs {appId, integrationId}");
+    }
+    this.appId = options.appId;
+    this.integrationId = options.integrationId;
+    this.baseUrl = (options.baseUrl || SCRIPT_BASE).replace(/\/+$/, "");
+    this.storageKey = "threadline:" + this.appId + ":" + this.integrationId;
+    this.state = load(this.storageKey) || {};
+    this.session = this.state.session || null;
+    this.outbox = load(this.storageKey + ":outbox") || [];
+    this.readCursor = this.state.readCursor || 0;
+    this.lastCursor = null;       // highest cursor seen on the socket (resume point)
+    this.latestBusinessCursor = 0;
+    this.businessReadAt = 0;      // ms; when the business last read the conversation
+    this.pending = {};            // clientMessageId -> element
+    this.rendered = {};           // message id -> element
+    this.socket = null;
+    this.reconnectAttempt = 0;
+    this.reconnectTimer = null;
+    this.lastFrameAt = 0;
+    this.pingIntervalMs = 30000;
+    this.ready = false;
+    this.isOpen = false;
+    this.destroyed = false;
+    this.typingSent = false;
+    this.typingTimer = null;
+    this.businessTypingTimer = null;
+    this.sessionPromise = null;
+    this.render();
+    var self = this;
+    this.watchdog = setInterval(function () { self.checkSocket(); }, 1000);
+    this.onVisibility = function () { self.maybeSendRead(); };
+    this.onOnline = function () { self.reconnectNow(); };
+    document.addEventListener("visibilitychange", this.onVisibility);
+    window.addEventListener("online", this.onOnline);
+    this.loadConfig();
+    if (this.session) {
+      // A returning visitor: restore history and unsent messages right away.
+      this.restoreOutbox();
+      this.connect();
+    }
+  }
+
+  Widget.prototype.apiUrl = function (path) {
+    return this.baseUrl + "/sdk/v1/apps/" + encodeURIComponent(this.appId) + path;
+  };
+
+  Widget.prototype.request = function (method, path, body) {
+    var headers = {"Content-Type": "application/json"};
+    if (this.session) {
+      headers.Authorization = "Bearer " + this.session.sessionToken;
+    }
+    return fetch(this.apiUrl(path), {
+      method: method,
+      headers: headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "omit",
+      mode: "cors"
+    });
+  };
+
+  // --- DOM ------------------------------------------------------------------------------------
+
+  Widget.prototype.render = function () {
+    injectCss();
+    var self = this;
+    this.root = el("div", {"class": "tl-root", "data-threadline": "root"});
+    this.launcher = el("button", {"class": "tl-launcher", "data-threadline": "launcher", "type": "button",
+      "aria-label": "Open chat"});
+    // A static icon (no emoji font needed).
+    this.launcher.innerHTML = '<svg width="26" height="26" viewBox="0 0 24 24" aria-hidden="true">' +
+      '<path fill="currentColor" d="M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V5a2 ' +
+      '2 0 0 1 2-2z"/></svg>';
+    this.unread = el("span", {"class": "tl-unread", "data-threadline": "unread", "hidden": ""}, "0");
+    this.launcher.appendChild(this.unread);
+    this.panel = el("div", {"class": "tl-panel", "data-threadline": "panel", "hidden": "", "role": "dialog",
+      "aria-label": "Chat"});
+    var header = el("div", {"class": "tl-header"});
+    this.title = el("span", {"class": "tl-title"}, "Chat");
+    this.status = el("span", {"class": "tl-status", "data-threadline": "status", "data-state": "idle",
+      "aria-live": "polite"}, "");
+    var close = el("button", {"class": "tl-close", "data-threadline": "close", "type": "button",
+      "aria-label": "Close chat"}, "\u00D7");
+    header.appendChild(this.title);
+    header.appendChild(this.status);
+    header.appendChild(close);
+    this.list = el("div", {"class": "tl-messages", "data-threadline": "messages", "aria-live": "polite"});
+    this.typing = el("div", {"class": "tl-typing", "data-threadline": "typing", "hidden": ""}, "typing\u2026");
+    var composer = el("form", {"class": "tl-composer", "data-threadline": "composer"});
+    this.input = el("textarea", {"class": "tl-input", "data-threadline": "input", "rows": "1",
+      "placeholder": "Type a message\u2026", "maxlength": "4096", "aria-label": "Message"});
+    this.sendButton = el("button", {"class": "tl-send", "data-threadline": "send", "type": "submit"}, "Send");
+    composer.appendChild(this.input);
+    composer.appendChild(this.sendButton);
+    this.panel.appendChild(header);
+    this.panel.appendChild(this.list);
+    this.panel.appendChild(this.typing);
+    this.panel.appendChild(composer);
+    this.root.appendChild(this.panel);
+    this.root.appendChild(this.launcher);
+    var root = this.root;
+    if (document.body) {
+      document.body.appendChild(root);
+    } else {
+      // init() ran from <head>: attach once the body exists.
+      document.addEventListener("DOMContentLoaded", function () { document.body.appendChild(root); });
+    }
+
+    this.launcher.addEventListener("click", function () { self.toggle(); });
+    close.addEventListener("click", function () { self.close(); });
+    composer.addEventListener("submit", function (event) {
+      event.preventDefault();
+      self.sendFromInput();
+    });
+    this.input.addEventListener("keydown", function (event) {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        self.sendFromInput();
+      }
+    });
+    this.input.addEventListener("input", function () { self.onTyping(); });
+  };
+
+  Widget.prototype.setStatus = function (state, text) {
+    this.status.setAttribute("data-state", state);
+    this.status.textContent = text;
+  };
+
+  Widget.prototype.loadConfig = function () {
+    var self = this;
+    fetch(this.apiUrl("/integrations/" + encodeURIComponent(this.integrationId) + "/config"),
+      {credentials: "omit", mode: "cors"})
+      .then(function (res) { return res.ok ? res.json() : null; })
+      .then(function (config) {
+        if (!config) {
+          return;
+        }
+        self.title.textContent = config.businessName || config.displayName || "Chat";
+        if (config.brandColor && /^#?[0-9a-fA-F]{3,8}$/.test(config.brandColor)) {
+          var color = config.brandColor.charAt(0) === "#" ? config.brandColor : "#" + config.brandColor;
+          self.root.style.setProperty("--tl-brand", color);
+        }
+      })
+      .catch(function () { /* cosmetic only */ });
+  };
+
+  Widget.prototype.toggle = function () {
+    if (this.isOpen) {
+      this.close();
+    } else {
+      this.open();
+    }
+  };
+
+  Widget.prototype.open = function () {
+    this.isOpen = true;
+    this.panel.removeAttribute("hidden");
+    this.launcher.setAttribute("aria-label", "Close chat");
+    this.clearUnread();
+    this.input.focus();
+    if (!this.socket && !this.reconnectTimer) {
+      this.connect();
+    }
+    this.maybeSendRead();
+    this.scrollToEnd();
+  };
+
+  Widget.prototype.close = function () {
+    this.isOpen = false;
+    this.panel.setAttribute("hidden", "");
+    this.launcher.setAttribute("aria-label", "Open chat");
+    this.stopTyping();
+  };
+
+  Widget.prototype.scrollToEnd = function () {
+    this.list.scrollTop = this.list.scrollHeight;
+  };
+
+  Widget.prototype.clearUnread = function () {
+    this.unread.textContent = "0";
+    this.unread.setAttribute("hidden", "");
+  };
+
+  Widget.prototype.bumpUnread = function () {
+    var count = parseInt(this.unread.textContent, 10) + 1;
+    this.unread.textContent = String(count);
+    this.unread.removeAttribute("hidden");
+  };
+
+  function renderContent(bubble, content) {
+    content = content || {};
+    if (content.type === "image" && content.mediaUrl) {
+      var img = el("img", {"src": content.mediaUrl, "alt": content.altText || "image"});
+      bubble.appendChild(img);
+      if (content.text) {
+        bubble.appendChild(el("div", {}, content.text));
+      }
+    } else if (content.type === "file" && content.mediaUrl) {
+      var link = el("a", {"href": content.mediaUrl, "target": "_blank", "rel": "noopener noreferrer"},
+        content.altText || content.text || "file");
+      bubble.appendChild(link);
+    } else if (content.type === "location" && content.coordinates) {
+      bubble.textContent = (content.location && (content.location.name || content.location.address)) ||
+        content.coordinates.lat + ", " + content.coordinates.long;
+    } else {
+      bubble.textContent = content.text || "[" + (content.type || "message") + "]";
+    }
+    if (Array.isArray(content.actions)) {
+      content.actions.forEach(function (action) {
+        if (action.type === "link" && action.uri && /^https?:/i.test(action.uri)) {
+          bubble.appendChild(el("br"));
+          bubble.appendChild(el("a", {"href": action.uri, "target": "_blank", "rel": "noopener noreferrer"},
+            action.text || action.uri));
+        }
+      });
+    }
+  }
+
+  Widget.prototype.messageElement = function (author, status) {
+    var node = el("div", {"class": "tl-message", "data-threadline": "message", "data-author": author,
+      "data-status": status});
+    node.appendChild(el("div", {"class": "tl-bubble"}));
+    return node;
+  };
+
+  // Insert a confirmed message in cursor order, before any still-pending message.
+  Widget.prototype.insertByCursor = function (node, cursor) {
+    var children = this.list.children;
+    for (var i = 0; i < children.length; i++) {
+      var child = children[i];
+      if (child.getAttribute("data-threadline") !== "message") {
+        continue;
+      }
+      var childCursor = child.getAttribute("data-cursor");
+      if (childCursor === null || parseInt(childCursor, 10) > cursor) {
+        this.list.insertBefore(node, child);
+        return;
+      }
+    }
+    this.list.appendChild(node);
+  };
+
+  Widget.prototype.onMessage = function (cursor, message) {
+    if (this.lastCursor === null || cursor > this.lastCursor) {
+      this.lastCursor = cursor;
+    }
+    if (!message || this.rendered[message.id]) {
+      return;
+    }
+    var author = message.author && message.author.type === "business" ? "business" : "user";
+    var clientMessageId = message.source && message.source.originalMessageId;
+    var node = author === "user" && clientMessageId ? this.pending[clientMessageId] : null;
+    if (node) {
+      // Our own message came back: it is stored, confirm it where it stands.
+      delete this.pending[clientMessageId];
+      this.dropFromOutbox(clientMessageId);
+      this.list.removeChild(node);
+      node.setAttribute("data-status", "confirmed");
+    } else {
+      node = this.messageElement(author, author === "user" ? "confirmed" : "received");
+      renderContent(node.firstChild, message.content);
+      if (clientMessageId) {
+        node.setAttribute("data-client-message-id", clientMessageId);
+      }
+    }
+    node.setAttribute("data-message-id", message.id);
+    node.setAttribute("data-cursor", String(cursor));
+    node.setAttribute("data-received", String(Date.parse(message.received) || 0));
+    this.insertByCursor(node, cursor);
+    this.rendered[message.id] = node;
+    if (author === "business") {
+      this.showBusinessTyping(false);
+      if (cursor > this.latestBusinessCursor) {
+        this.latestBusinessCursor = cursor;
+      }
+      if (cursor > this.readCursor && !this.isReading()) {
+        this.bumpUnread();
+      }
+      this.maybeSendRead();
+    }
+    this.updateSeen();
+    this.scrollToEnd();
+  };
+
+  Widget.prototype.updateSeen = function () {
+    var nodes = this.list.querySelectorAll('[data-threadline="message"][data-author="user"]');
+    var last = nodes.length ? nodes[nodes.length - 1] : null;
+    var seen = this.list.querySelector('[data-threadline="seen"]');
+    var show = last && last.getAttribute("data-status") === "confirmed" && this.businessReadAt > 0 &&
+      this.businessReadAt >= parseInt(last.getAttribute("data-received") || "0", 10);
+    if (!show) {
+      if (seen) {
+        seen.parentNode.removeChild(seen);
+      }
+      return;
+    }
+    if (!seen) {
+      seen = el("div", {"class": "tl-seen", "data-threadline": "seen"}, "Seen");
+    }
+    if (last.nextSibling !== seen) {
+      this.list.insertBefore(seen, last.nextSibling);
+    }
+  };
+
+  Widget.prototype.showBusinessTyping = function (active) {
+    var self = this;
+    clearTimeout(this.businessTypingTimer);
+    if (active) {
+      this.typing.removeAttribute("hidden");
+      // A lost typing:stop must not leave the indicator on forever.
+      this.businessTypingTimer = setTimeout(function () { self.showBusinessTyping(false); },
+        BUSINESS_TYPING_TIMEOUT_MS);
+    } else {
+      this.typing.setAttribute("hidden", "");
+    }
+  };
+
+  // --- session --------------------------------------------------------------------------------
+
+  Widget.prototype.persist = function () {
+    this.state.session = this.session;
+    this.state.readCursor = this.readCursor;
+    save(this.storageKey, this.session ? this.state : null);
+  };
+
+  Widget.prototype.ensureSession = function () {
+    var self = this;
+    if (this.session) {
+      return Promise.resolve(this.session);
+    }
+    if (!this.sessionPromise) {
+      this.sessionPromise = this.request("POST",
+        "/integrations/" + encodeURIComponent(this.integrationId) + "/sessions", {})
+        .then(function (res) {
+          if (!res.ok) {
+            var error = new Error("session refused: " + res.status);
+            error.status = res.status;
+            throw error;
+          }
+          return res.json();
+        })
+        .then(function (session) {
+          self.session = session;
+          self.readCursor = 0;
+          self.persist();
+          return session;
+        })
+        .finally(function () { self.sessionPromise = null; });
+    }
+    return this.sessionPromise;
+  };
+
+  // The session is no longer valid (secret rotated, integration removed): start over.
+  Widget.prototype.resetSession = function () {
+    this.session = null;
+    this.state = {};
+    this.readCursor = 0;
+    this.lastCursor = null;
+    save(this.storageKey, null);
+  };
+
+  // --- socket ---------------------------------------------------------------------------------
+
+  Widget.prototype.connect = function () {
+    var self = this;
+    if (this.destroyed || this.socket) {
+      return;
+    }
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.setStatus(this.reconnectAttempt ? "reconnecting" : "connecting",
+      this.reconnectAttempt ? "Reconnecting\u2026" : "Connecting\u2026");
+    this.ensureSession().then(function (session) {
+      if (self.destroyed || self.socket) {
+        return;
+      }
+      self.openSocket(session);
+      self.flushOutbox();
+    }).catch(function (error) {
+      if (error && error.status && error.status >= 400 && error.status < 500 && error.status !== 429) {
+        self.setStatus("error", "Chat unavailable");
+        return;
+      }
+      self.scheduleReconnect();
+    });
+  };
+
+  Widget.prototype.openSocket = function (session) {
+    var self = this;
+    var url = this.apiUrl("/conversations/" + encodeURIComponent(session.conversationId) + "/socket") +
+      "?token=" + encodeURIComponent(session.sessionToken);
+    if (this.lastCursor !== null) {
+      url += "&after=" + this.lastCursor;
+    }
+    url = url.replace(/^http/, "ws");
+    var socket = new WebSocket(url);
+    this.socket = socket;
+    this.ready = false;
+    this.lastFrameAt = Date.now();
+    socket.onmessage = function (event) {
+      if (self.socket !== socket) {
+        return;
+      }
+      self.lastFrameAt = Date.now();
+      var frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      self.onFrame(frame);
+    };
+    socket.onclose = function (event) {
+      if (self.socket !== socket) {
+        return;
+      }
+      self.socket = null;
+      self.ready = false;
+      self.onSocketClosed(event.code);
+    };
+    socket.onerror = function () {
+      /* onclose follows and decides */
+    };
+  };
+
+  Widget.prototype.onFrame = function (frame) {
+    switch (frame.type) {
+      case "message":
+        this.onMessage(frame.cursor, frame.message);
+        break;
+      case "ready":
+        this.ready = true;
+        this.reconnectAttempt = 0;
+        if (typeof frame.cursor === "number" && (this.lastCursor === null || frame.cursor > this.lastCursor)) {
+          this.lastCursor = frame.cursor;
+        }
+        if (frame.pingInterval) {
+          this.pingIntervalMs = frame.pingInterval * 1000;
+        }
+        if (frame.businessLastRead) {
+          this.onBusinessRead(frame.businessLastRead);
+        }
+        this.setStatus("connected", "Online");
+        this.maybeSendRead();
+        break;
+      case "typing":
+        this.showBusinessTyping(!!frame.active);
+        break;
+      case "read":
+        this.onBusinessRead(frame.at);
+        break;
+      case "error":
+        // Sent just before the server closes; carries the reason even through proxies that
+        // do not relay close codes.
+        this.closeReason = frame.status;
+        break;
+      default:
+        /* ping, delivery and future frames */
+        break;
+    }
+  };
+
+  Widget.prototype.onBusinessRead = function (at) {
+    var ms = Date.parse(at) || 0;
+    if (ms > this.businessReadAt) {
+      this.businessReadAt = ms;
+    }
+    this.updateSeen();
+  };
+
+  Widget.prototype.onSocketClosed = function (code) {
+    if (this.destroyed) {
+      return;
+    }
+    if (code < 4000 && this.closeReason) {
+      code = 4000 + this.closeReason;
+    }
+    this.closeReason = 0;
+    if (code === 4401 || code === 4404) {
+      // The session is not valid any more: a fresh one (new anonymous user) on next connect.
+      this.resetSession();
+    } else if (code === 4403) {
+      this.setStatus("error", "Chat not allowed on this site");
+      return;
+    }
+    this.scheduleReconnect();
+  };
+
+  Widget.prototype.scheduleReconnect = function () {
+    var self = this;
+    if (this.destroyed || this.reconnectTimer) {
+      return;
+    }
+    var delay = backoff(this.reconnectAttempt, RECONNECT_BASE_MS, RECONNECT_CAP_MS);
+    this.reconnectAttempt += 1;
+    this.setStatus("reconnecting", "Reconnecting\u2026");
+    this.reconnectTimer = setTimeout(function () {
+      self.reconnectTimer = null;
+      self.connect();
+    }, delay);
+  };
+
+  Widget.prototype.reconnectNow = function () {
+    if (this.socket || !this.reconnectTimer) {
+      return;
+    }
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.connect();
+  };
+
+  // A socket that went silent (no frame for 2.5 ping intervals) is dead even if not closed.
+  Widget.prototype.checkSocket = function () {
+    if (!this.socket) {
+      return;
+    }
+    var limit = this.ready ? this.pingIntervalMs * 2.5 : CONNECT_TIMEOUT_MS;
+    if (Date.now() - this.lastFrameAt > limit) {
+      var socket = this.socket;
+      this.socket = null;
+      this.ready = false;
+      try {
+        socket.close();
+      } catch (e) { /* already closing */ }
+      this.scheduleReconnect();
+    }
+  };
+
+  // --- sending --------------------------------------------------------------------------------
+
+  Widget.prototype.saveOutbox = function () {
+    save(this.storageKey + ":outbox", this.outbox.length ? this.outbox.map(function (item) {
+      return {id: item.id, text: item.text};
+    }) : null);
+  };
+
+  Widget.prototype.dropFromOutbox = function (clientMessageId) {
+    var before = this.outbox.length;
+    this.outbox = this.outbox.filter(function (item) { return item.id !== clientMessageId; });
+    if (this.outbox.length !== before) {
+      this.saveOutbox();
+    }
+  };
+
+  Widget.prototype.restoreOutbox = function () {
+    var self = this;
+    this.outbox.forEach(function (item) {
+      item.posting = false;
+      self.addPending(item);
+    });
+  };
+
+  Widget.prototype.addPending = function (item) {
+    var self = this;
+    var node = this.messageElement("user", "pending");
+    node.firstChild.textContent = item.text;
+    node.setAttribute("data-client-message-id", item.id);
+    node.firstChild.addEventListener("click", function () {
+      if (node.getAttribute("data-status") === "failed") {
+        node.setAttribute("data-status", "pending");
+        self.post(item);
+      }
+    });
+    this.pending[item.id] = node;
+    this.list.appendChild(node);
+    this.updateSeen();
+    this.scrollToEnd();
+  };
+
+  Widget.prototype.sendFromInput = function () {
+    var text = this.input.value;
+    if (!text.trim()) {
+      return;
+    }
+    this.input.value = "";
+    this.stopTyping();
+    this.send(text);
+  };
+
+  Widget.prototype.send = function (text) {
+    var item = {id: uuid(), text: text.slice(0, 4096)};
+    this.outbox.push(item);
+    this.saveOutbox();
+    this.addPending(item);
+    this.post(item);
+    return item.id;
+  };
+
+  Widget.prototype.flushOutbox = function () {
+    var self = this;
+    this.outbox.forEach(function (item) {
+      if (!item.posting && self.pending[item.id] &&
+          self.pending[item.id].getAttribute("data-status") === "pending") {
+        self.post(item);
+      }
+    });
+  };
+
+  // POST with retries; the same clientMessageId makes every retry the same message.
+  Widget.prototype.post = function (item) {
+    var self = this;
+    if (item.posting) {
+      return;
+    }
+    item.posting = true;
+    var attempt = 0;
+    var run = function () {
+      if (self.destroyed) {
+        return Promise.resolve();
+      }
+      return self.ensureSession().then(function (session) {
+        return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
+          "/messages", {clientMessageId: item.id, text: item.text});
+      }).then(function (res) {
+        var node = self.pending[item.id];
+        if (res.ok) {
+          if (node && node.getAttribute("data-status") === "pending") {
+            node.setAttribute("data-status", "sent");
+          }
+          return null;
+        }
+        if (res.status === 401) {
+          self.resetSession();
+        }
+        if (res.status >= 400 && res.status < 500 && res.status !== 401 && res.status !== 408 &&
+            res.status !== 429) {
+          if (node) {
+            node.setAttribute("data-status", "failed");
+          }
+          self.dropFromOutbox(item.id);
+          return null;
+        }
+        throw new Error("retry " + res.status);
+      }).catch(function () {
+        attempt += 1;
+        return sleep(backoff(attempt, 1000, POST_RETRY_CAP_MS)).then(run);
+      });
+    };
+    run().finally(function () { item.posting = false; });
+  };
+
+  // --- typing and read ------------------------------------------------------------------------
+
+  Widget.prototype.activity = function (type) {
+    var self = this;
+    if (!this.session) {
+      return;
+    }
+    this.request("POST", "/conversations/" + encodeURIComponent(this.session.conversationId) + "/activity",
+      {type: type}).then(function (res) {
+      if (res.status === 401) {
+        self.resetSession();
+      }
+    }).catch(function () { /* best effort: typing/read are not worth retrying */ });
+  };
+
+  Widget.prototype.onTyping = function () {
+    var self = this;
+    if (!this.input.value.trim()) {
+      this.stopTyping();
+      return;
+    }
+    if (!this.typingSent) {
+      this.typingSent = true;
+      this.activity("typing:start");
+    }
+    clearTimeout(this.typingTimer);
+    this.typingTimer = setTimeout(function () { self.stopTyping(); }, TYPING_IDLE_MS);
+  };
+
+  Widget.prototype.stopTyping = function () {
+    clearTimeout(this.typingTimer);
+    if (this.typingSent) {
+      this.typingSent = false;
+      this.activity("typing:stop");
+    }
+  };
+
+  Widget.prototype.isReading = function () {
+    return this.isOpen && document.visibilityState === "visible";
+  };
+
+  Widget.prototype.maybeSendRead = function () {
+    if (!this.isReading() || !this.session || this.latestBusinessCursor <= this.readCursor) {
+      return;
+    }
+    this.readCursor = this.latestBusinessCursor;
+    this.persist();
+    this.clearUnread();
+    this.activity("conversation:read");
+  };
+
+  Widget.prototype.destroy = function () {
+    this.destroyed = true;
+    clearInterval(this.watchdog);
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.typingTimer);
+    clearTimeout(this.businessTypingTimer);
+    document.removeEventListener("visibilitychange", this.onVisibility);
+    window.removeEventListener("online", this.onOnline);
+    if (this.socket) {
+      var socket = this.socket;
+      this.socket = null;
+      socket.close();
+    }
+    if (this.root.parentNode) {
+      this.root.parentNode.removeChild(this.root);
+    }
+  };
+
+  var current = null;
+
+  window.Threadline = {
+    version: "0.1.0",
+    /** Start the widget: {appId, integrationId, baseUrl?} (baseUrl defaults to this script's origin). */
+    init: function (options) {
+      if (current) {
+        current.destroy();
+      }
+      current = new Widget(options);
+      return current;
+    },
+    open: function () { if (current) { current.open(); } },
+    close: function () { if (current) { current.close(); } },
+    send: function (text) { return current ? current.send(text) : null; },
+    destroy: function () {
+      if (current) {
+        current.destroy();
+        current = null;
+      }
+    }
+  };
+})();

@@ -1,0 +1,202 @@
+"""The SDK wire protocol: what the web widget (and a future in-app SDK) exchanges with Threadline.
+
+HTTP request/response bodies and WebSocket frames are camelCase JSON, like the business API.
+The session token is a `shared.signing.sign_token` over `SessionClaims`, so the SDK services
+stay stateless. `services/web/README.md` documents the endpoints that use these shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from shared.ids import iso
+from shared.signing import sign_token, verify_token
+from shared.sunco import ActivityType, Author, Message, Wire, api_content
+
+# Limits the SDK endpoints enforce.
+MAX_TEXT_LENGTH = 4096
+MAX_CLIENT_MESSAGE_ID_LENGTH = 128
+HISTORY_PAGE_LIMIT = 100
+
+
+# --- session ---------------------------------------------------------------------------------
+
+class SessionClaims(msgspec.Struct, kw_only=True, frozen=True):
+    """What a session token proves: this browser is `user`/`client` of `app` via `integration`.
+
+    `conversation` is the conversation the session was created for (a fast path for access
+    checks; other conversations of the user are checked with `conversations`).
+    """
+
+    app: str
+    user: str
+    client: str
+    integration: str
+    channel_user_id: str
+    conversation: str = ""
+
+    def to_token(self, secret: str) -> str:
+        """Sign the claims into a session token."""
+        return sign_token(secret, msgspec.structs.asdict(self))
+
+    @classmethod
+    def from_token(cls, secret: str, token: str) -> SessionClaims | None:
+        """The claims of an authentic token, or None (forged, malformed, missing fields)."""
+        fields = verify_token(secret, token)
+        if fields is None:
+            return None
+        try:
+            return msgspec.convert(fields, cls)
+        except msgspec.ValidationError:
+            return None
+
+
+class SessionCreated(Wire, kw_only=True):
+    """Answer of `POST .../integrations/{integrationId}/sessions`."""
+
+    app_user_id: str
+    client_id: str
+    conversation_id: str
+    session_token: str
+
+
+class IntegrationConfig(Wire, kw_only=True):
+    """Public settings of a web integration (what the widget may show)."""
+
+    integration_id: str
+    display_name: str | None = None
+    business_name: str | None = None
+    business_icon_url: str | None = None
+    brand_color: str | None = None
+
+
+# --- messages and activity -------------------------------------------------------------------
+
+class PostMessage(Wire, kw_only=True):
+    """Body of `POST .../conversations/{conversationId}/messages`.
+
+    `clientMessageId` is chosen by the client (a UUID) and makes retries idempotent; it comes
+    back as `message.source.originalMessageId`.
+    """
+
+    client_message_id: str
+    text: str
+
+
+class MessageAccepted(Wire, kw_only=True):
+    """Answer (202) of a message post: the message is durably queued."""
+
+    client_message_id: str
+    duplicate: bool = False
+
+
+class PostActivity(Wire, kw_only=True):
+    """Body of `POST .../conversations/{conversationId}/activity`."""
+
+    type: ActivityType
+
+
+class HistoryEntry(Wire, kw_only=True):
+    """A message with its position in the conversation's history."""
+
+    cursor: int
+    message: Message
+
+
+class MessagesPage(Wire, kw_only=True):
+    """Answer of `GET .../conversations/{conversationId}/messages`."""
+
+    messages: list[HistoryEntry]
+    has_more: bool
+    business_last_read: str | None = None
+
+
+def sdk_message(message: Message) -> Message:
+    """A message as the SDK shows it (unsupported content rendered as text)."""
+    return msgspec.structs.replace(message, content=api_content(message.content))
+
+
+# --- socket frames (server → client) ---------------------------------------------------------
+
+class Frame(Wire, tag_field="type", kw_only=True):
+    """Base of the frames the SDK socket sends."""
+
+
+class MessageFrame(Frame, tag="message", kw_only=True):
+    """A message in the conversation (history replay and live)."""
+
+    cursor: int
+    message: Message
+
+
+class TypingFrame(Frame, tag="typing", kw_only=True):
+    """The business started (`active`) or stopped typing."""
+
+    active: bool
+    author: Author | None = None
+
+
+class ReadFrame(Frame, tag="read", kw_only=True):
+    """The business read the conversation at `at` (ISO time)."""
+
+    at: str
+    author: Author | None = None
+
+
+DeliveryFrameStatus = Literal["sent", "delivered", "read", "failed"]
+
+
+class DeliveryFrame(Frame, tag="delivery", kw_only=True):
+    """A delivery report about a message of the conversation."""
+
+    message_id: str
+    status: DeliveryFrameStatus
+
+
+class ReadyFrame(Frame, tag="ready", kw_only=True):
+    """Sent once the history replay is complete; live frames follow.
+
+    `cursor` is the highest cursor sent so far (resume with `after=` it); `pingInterval` the
+    seconds between server pings (a client that hears nothing for ~2.5 intervals reconnects).
+    """
+
+    cursor: int
+    ping_interval: float
+    business_last_read: str | None = None
+
+
+class PingFrame(Frame, tag="ping", kw_only=True):
+    """Heartbeat (browsers cannot see WebSocket-level pings)."""
+
+    at: str
+
+
+class ErrorFrame(Frame, tag="error", kw_only=True):
+    """Sent before the server closes the socket with code 4000 + `status`."""
+
+    status: int
+    code: str
+    title: str
+
+
+FrameUnion = MessageFrame | TypingFrame | ReadFrame | DeliveryFrame | ReadyFrame | PingFrame | ErrorFrame
+
+_FRAME_ENCODER = msgspec.json.Encoder()
+_FRAME_DECODER: msgspec.json.Decoder[FrameUnion] = msgspec.json.Decoder(FrameUnion)
+
+
+def encode_frame(frame: Frame) -> str:
+    """A frame as the JSON text sent on the socket."""
+    return _FRAME_ENCODER.encode(frame).decode()
+
+
+def decode_frame(data: str | bytes) -> FrameUnion:
+    """Decode a socket frame (clients and tests)."""
+    return _FRAME_DECODER.decode(data)
+
+
+def ping_frame(now: float) -> PingFrame:
+    """A heartbeat frame stamped with `now` (unix seconds)."""
+    return PingFrame(at=iso(now))

@@ -1,0 +1,149 @@
+"""`threadline up` as a user runs it: real processes, the front door, the sandbox, Ctrl-C, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shared.http import basic_auth_header
+from threadline.natsserver import free_port
+
+
+async def start_up(data_dir: Path, port: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "threadline.cli", "up", "--data-dir", str(data_dir), "--port", str(port),
+        "--auto-ports", "--nats-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "THREADLINE_LOG_LEVEL": "WARNING"},
+    )
+
+
+async def wait_banner(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    seen = []
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        if not line:
+            raise AssertionError("threadline up exited early:\n" + "".join(seen))
+        seen.append(line.decode())
+        if seen[-1].strip().startswith("Logs:"):  # the banner's last line
+            return "".join(seen)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.read(), 60)
+    return await asyncio.wait_for(proc.wait(), 60)
+
+
+async def poll_json(session: aiohttp.ClientSession, url: str, ok: Any, auth: dict[str, str] | None = None,
+                    timeout: float = 20.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with session.get(url, headers=auth) as resp:
+            body = await resp.json(content_type=None)
+        if ok(body):
+            return body
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met for {url}: {body}")
+        await asyncio.sleep(0.1)
+
+
+async def test_up_serves_everything_and_keeps_history_across_restart(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = await start_up(tmp_path, port)
+    try:
+        banner = await wait_banner(proc)
+        info = json.loads((tmp_path / "sandbox.json").read_text())
+        assert info["appId"] in banner and info["apiKey"]["secret"] in banner
+        wa = info["integrations"]["whatsapp"]
+        for key in ("appSecret", "verifyToken", "phoneNumberId", "phoneNumber", "id"):
+            assert wa[key]
+        auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as resp:
+                health = await resp.json()
+                assert resp.status == 200, health
+            for name in ("conversations", "identity", "web", "whatsapp", "webhooks", "sandbox"):
+                async with session.get(f"{base}/_svc/{name}/readyz") as resp:
+                    assert resp.status == 200, name
+            async with session.get(f"{base}/sandbox/") as resp:
+                page = await resp.text()
+                assert resp.status == 200 and "/widget/threadline.js" in page
+            async with session.get(f"{base}/widget/threadline.js") as resp:
+                assert resp.status == 200 and "Threadline" in await resp.text()
+            async with session.get(f"{base}/v2/openapi.json") as resp:
+                assert resp.status == 200 and "paths" in await resp.json()
+            async with session.get(
+                    f"{base}/webhooks/whatsapp/{wa['id']}",
+                    params={"hub.mode": "subscribe", "hub.verify_token": wa["verifyToken"], "hub.challenge": "42"},
+            ) as resp:
+                assert resp.status == 200 and await resp.text() == "42"
+            conversation_id = await _send_from_phone_and_catch_webhook(session, base, info, auth)
+            async with session.post(f"{base}/v2/apps/{info['appId']}/conversations/{conversation_id}/messages",
+                                    headers=auth, json={"author": {"type": "business"},
+                                                     "content": {"type": "text", "text": "hello back"}}) as resp:
+                assert resp.status == 201, await resp.text()
+            outbox = await poll_json(session, f"{base}/sandbox/whatsapp/{wa['id']}/outbox?to=%2B15551234567",
+                                     lambda body: any(m.get("text", {}).get("body") == "hello back"
+                                                      for m in body["messages"]))
+            assert outbox["messages"][-1]["to"] in ("15551234567", "+15551234567")
+    finally:
+        assert await stop(proc) == 0
+
+    proc = await start_up(tmp_path, port)
+    try:
+        await wait_banner(proc)
+        again = json.loads((tmp_path / "sandbox.json").read_text())
+        assert again["appId"] == info["appId"]
+        async with aiohttp.ClientSession() as session:
+            url = f"{base}/v2/apps/{info['appId']}/conversations/{conversation_id}/messages"
+            body = await poll_json(session, url, lambda b: "messages" in b, auth=auth)
+            texts = [m["content"].get("text") for m in body["messages"]]
+            assert texts[:2] == ["hi from the phone", "hello back"]
+    finally:
+        assert await stop(proc) == 0
+
+
+async def _send_from_phone_and_catch_webhook(session: aiohttp.ClientSession, base: str, info: dict[str, Any],
+                                             auth: dict[str, str]) -> str:
+    """Register a business webhook, send from the sandbox phone, return the conversation id it names."""
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def hook(request: web.Request) -> web.Response:
+        for event in (await request.json())["events"]:
+            events.put_nowait(event)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    try:
+        async with session.post(f"{base}/v2/apps/{info['appId']}/integrations", headers=auth, json={
+                "type": "custom", "displayName": "test hook",
+                "webhooks": [{"target": f"http://127.0.0.1:{hook_port}/hook", "triggers": ["conversation:message"]}],
+        }) as resp:
+            assert resp.status == 201, await resp.text()
+        wa_id = info["integrations"]["whatsapp"]["id"]
+        async with session.post(f"{base}/sandbox/whatsapp/{wa_id}/inbound",
+                                json={"from": "+15551234567", "text": "hi from the phone"}) as resp:
+            assert resp.status == 200, await resp.text()
+        event = await asyncio.wait_for(events.get(), 30)
+        assert event["payload"]["message"]["content"]["text"] == "hi from the phone"
+        assert event["payload"]["message"]["source"]["type"] == "whatsapp"
+        return str(event["payload"]["conversation"]["id"])
+    finally:
+        await runner.cleanup()
