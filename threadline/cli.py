@@ -113,19 +113,29 @@ class Launcher:
 
     async def run(self) -> int:
         """Start everything, print the banner, serve until Ctrl-C, stop everything."""
-        try:
-            info = await self.start()
-        except LaunchError as exc:
-            self.say(f"error: {exc}")
-            await self.shutdown()
-            return 2
-        self._print_banner(info)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # Ctrl-C while starting
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LaunchError):
+                await starting
+            await self.shutdown()
+            return 130
+        try:
+            info = starting.result()
+        except LaunchError as exc:
+            self.say(f"error: {exc}")
+            stopping.cancel()
+            await self.shutdown()
+            return 2
+        self._print_banner(info)
         supervisor = asyncio.create_task(self._supervise(stop))
-        await stop.wait()
+        await stopping
         self.say("\nstopping…")
         supervisor.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,1 @@
+"""The conversations service: apps, keys, integrations, conversations, messages, delivery routing."""

@@ -1,0 +1,317 @@
+"""Configuration resources: apps, API keys, integrations and their webhooks.
+
+Integrations and webhooks are mirrored to KV buckets (`shared.records`) for the channel
+services and `webhooks`; SQLite is the source of truth and the KV write happens inside the
+DB transaction, so a failed KV write leaves nothing behind (the API answers 503).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import aiosqlite
+import msgspec
+
+from services.conversations import models
+from services.conversations.store import Store, loads
+from shared import records
+from shared.http import ApiError
+from shared.ids import new_id, new_secret, now
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_APP = 10
+MAX_WEBHOOKS_PER_APP = 10
+WEBHOOK_RECORD_DECODER = records.WEBHOOK_DECODER
+
+
+class ConfigSink(Protocol):
+    """Where integration and webhook records are published (KV buckets)."""
+
+    async def put_integration(self, record: records.IntegrationRecord) -> None: ...
+
+    async def delete_integration(self, integration_id: str) -> None: ...
+
+    async def put_webhook(self, record: records.WebhookRecord) -> None: ...
+
+    async def delete_webhook(self, app_id: str, webhook_id: str) -> None: ...
+
+
+def new_key_id() -> str:
+    """An app key id: `app_` + 24 hex (SunCo's shape)."""
+    return f"app_{new_id()}"
+
+
+def app_out(row: aiosqlite.Row) -> models.App:
+    return models.App(id=row["id"], display_name=row["display_name"], settings=loads(row["settings"]),
+                      metadata=loads(row["metadata"]))
+
+
+def key_out(row: aiosqlite.Row) -> models.AppKey:
+    return models.AppKey(id=row["id"], display_name=row["display_name"], secret=row["secret"])
+
+
+def webhook_out(record: records.WebhookRecord) -> models.Webhook:
+    return models.Webhook(id=record.id, version=record.version, target=record.target, triggers=record.triggers,
+                          secret=record.secret, include_full_user=record.include_full_user,
+                          include_full_source=record.include_full_source)
+
+
+def _builtins(struct: msgspec.Struct) -> dict[str, Any]:
+    data = msgspec.to_builtins(struct)
+    assert isinstance(data, dict)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+class Admin:
+    """Apps, keys, integrations, webhooks."""
+
+    def __init__(self, store: Store, sink: ConfigSink) -> None:
+        self.store = store
+        self.sink = sink
+
+    # --- apps -----------------------------------------------------------------------------
+
+    async def create_app(self, body: models.AppCreateBody) -> models.App:
+        if not body.display_name or len(body.display_name) > 100:
+            raise ApiError(400, "displayName must be 1 to 100 characters")
+        models.check_metadata(body.metadata)
+        app_id = new_id()
+        settings = {} if body.settings is None else _builtins(body.settings)
+        async with self.store.tx():
+            await self.store.add_app(app_id, body.display_name, settings, body.metadata or {}, now())
+        row = await self.store.get_app(app_id)
+        assert row is not None
+        return app_out(row)
+
+    async def app_row(self, app_id: str) -> aiosqlite.Row:
+        row = await self.store.get_app(app_id)
+        if row is None:
+            raise ApiError(404, "App not found", "app_not_found")
+        return row
+
+    async def update_app(self, app_id: str, body: models.AppUpdateBody) -> models.App:
+        row = await self.app_row(app_id)
+        models.check_metadata(body.metadata)
+        if body.display_name is not None and not 1 <= len(body.display_name) <= 100:
+            raise ApiError(400, "displayName must be 1 to 100 characters")
+        settings = loads(row["settings"])
+        if body.settings is not None:
+            settings.update(_builtins(body.settings))
+        async with self.store.tx():
+            await self.store.set_app(app_id, body.display_name or row["display_name"], settings,
+                                     loads(row["metadata"]) if body.metadata is None else body.metadata)
+        return app_out(await self.app_row(app_id))
+
+    async def delete_app(self, app_id: str) -> None:
+        await self.app_row(app_id)
+        integrations, _ = await self.store.list_integrations(app_id)
+        webhooks = await self.store.list_webhooks(app_id=app_id)
+        async with self.store.tx():
+            await self.store.delete_app(app_id)
+            for webhook in webhooks:
+                await self.sink.delete_webhook(app_id, webhook["id"])
+            for integration in integrations:
+                await self.sink.delete_integration(integration["id"])
+
+    # --- keys -----------------------------------------------------------------------------
+
+    async def create_key(self, app_id: str, body: models.AppKeyCreateBody) -> models.AppKey:
+        await self.app_row(app_id)
+        if not body.display_name or len(body.display_name) > 100:
+            raise ApiError(400, "displayName must be 1 to 100 characters")
+        key_id = new_key_id()
+        async with self.store.tx():
+            if len(await self.store.list_keys(app_id)) >= MAX_KEYS_PER_APP:
+                raise ApiError(400, f"An app can have at most {MAX_KEYS_PER_APP} keys")
+            await self.store.add_key(key_id, app_id, body.display_name, new_secret(), now())
+        row = await self.store.get_key(key_id)
+        assert row is not None
+        return key_out(row)
+
+    async def get_key(self, app_id: str, key_id: str) -> models.AppKey:
+        row = await self.store.get_key(key_id)
+        if row is None or row["app_id"] != app_id:
+            raise ApiError(404, "Key not found", "key_not_found")
+        return key_out(row)
+
+    async def delete_key(self, app_id: str, key_id: str) -> None:
+        async with self.store.tx():
+            deleted = await self.store.delete_key(app_id, key_id)
+        if not deleted:
+            raise ApiError(404, "Key not found", "key_not_found")
+
+    # --- integrations ---------------------------------------------------------------------
+
+    async def integration_row(self, app_id: str, integration_id: str) -> aiosqlite.Row:
+        row = await self.store.get_integration(app_id, integration_id)
+        if row is None:
+            raise ApiError(404, "Integration not found", "integration_not_found")
+        return row
+
+    async def integration_out(self, row: aiosqlite.Row) -> dict[str, Any]:
+        """The API form: common fields, the type's fields, never a secret; custom adds its webhooks."""
+        out: dict[str, Any] = {"id": row["id"], "type": row["type"], "status": row["status"]}
+        if row["display_name"] is not None:
+            out["displayName"] = row["display_name"]
+        for key, value in loads(row["config"]).items():
+            if key not in models.SECRET_FIELDS:
+                out[key] = value
+        if row["type"] == "custom":
+            out["webhooks"] = [msgspec.to_builtins(webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"])))
+                               for w in await self.store.list_webhooks(integration_id=row["id"])]
+        return out
+
+    async def create_integration(self, app_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        await self.app_row(app_id)
+        type_ = models.convert(body, models.IntegrationTypeProbe).type
+        if type_ not in models.SUPPORTED_INTEGRATIONS:
+            raise ApiError(400, f"Integration type {type_} is not supported by this server "
+                                f"(supported: {', '.join(models.SUPPORTED_INTEGRATIONS)})")
+        fields = models.convert({k: v for k, v in body.items() if k != "type"},
+                                models.INTEGRATION_CREATE_BODIES[type_])
+        display_name: str | None = getattr(fields, "display_name", None)
+        if display_name is not None and len(display_name) > 100:
+            raise ApiError(400, "displayName must be at most 100 characters")
+        integration_id = new_id()
+        webhooks: list[records.WebhookRecord] = []
+        if isinstance(fields, models.CustomIntegrationIn):
+            if not fields.webhooks:
+                raise ApiError(400, "A custom integration needs at least one webhook")
+            config: dict[str, Any] = {}
+            for hook in fields.webhooks:
+                models.check_webhook(hook.target, hook.triggers)
+                webhooks.append(records.WebhookRecord(
+                    id=new_id(), app_id=app_id, integration_id=integration_id, target=hook.target,
+                    triggers=list(hook.triggers), secret=new_secret(), include_full_user=hook.include_full_user,
+                    include_full_source=hook.include_full_source))
+        else:
+            config = _builtins(fields)
+            config.pop("displayName", None)
+            if isinstance(fields, models.WhatsappIntegrationIn):
+                config.setdefault("hsmFallbackLanguage", "en_US")
+                config.setdefault("apiVersion", models.DEFAULT_WHATSAPP_API_VERSION)
+                config.setdefault("baseUrl", models.DEFAULT_GRAPH_BASE_URL)
+                config.setdefault("verifyToken", new_secret(18))
+        status = _status(type_, config)
+        record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=type_, status=status,
+                                           display_name=display_name, config=config)
+        async with self.store.tx():
+            if webhooks and len(await self.store.list_webhooks(app_id=app_id)) + len(webhooks) > MAX_WEBHOOKS_PER_APP:
+                raise ApiError(400, f"An app can have at most {MAX_WEBHOOKS_PER_APP} webhooks")
+            await self.store.add_integration(integration_id, app_id, type_, status, display_name, config, now())
+            for hook_record in webhooks:
+                await self.store.add_webhook(hook_record.id, app_id, integration_id,
+                                             records.ENCODER.encode(hook_record).decode(), now())
+            await self.sink.put_integration(record)
+            for hook_record in webhooks:
+                await self.sink.put_webhook(hook_record)
+        return await self.integration_out(await self.integration_row(app_id, integration_id))
+
+    async def update_integration(self, app_id: str, integration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        row = await self.integration_row(app_id, integration_id)
+        if "type" in body and body["type"] != row["type"]:
+            raise ApiError(400, "An integration's type cannot change")
+        fields = models.convert({k: v for k, v in body.items() if k != "type"},
+                                models.INTEGRATION_UPDATE_BODIES.get(row["type"], models.CustomIntegrationUpdate))
+        changes = _builtins(fields)
+        display_name = changes.pop("displayName", row["display_name"])
+        if display_name is not None and len(display_name) > 100:
+            raise ApiError(400, "displayName must be at most 100 characters")
+        config = loads(row["config"])
+        config.update(changes)
+        status = _status(row["type"], config)
+        record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
+                                           display_name=display_name, config=config)
+        async with self.store.tx():
+            await self.store.set_integration(integration_id, status, display_name, config)
+            await self.sink.put_integration(record)
+        return await self.integration_out(await self.integration_row(app_id, integration_id))
+
+    async def delete_integration(self, app_id: str, integration_id: str) -> None:
+        await self.integration_row(app_id, integration_id)
+        webhooks = await self.store.list_webhooks(integration_id=integration_id)
+        async with self.store.tx():
+            await self.store.delete_integration(integration_id)
+            for webhook in webhooks:
+                await self.sink.delete_webhook(app_id, webhook["id"])
+            await self.sink.delete_integration(integration_id)
+
+    # --- webhooks -------------------------------------------------------------------------
+
+    async def _custom_integration(self, app_id: str, integration_id: str) -> aiosqlite.Row:
+        row = await self.integration_row(app_id, integration_id)
+        if row["type"] != "custom":
+            raise ApiError(400, "Webhooks can only be attached to custom integrations")
+        return row
+
+    async def create_webhook(self, app_id: str, integration_id: str, body: models.WebhookCreateBody) -> models.Webhook:
+        await self._custom_integration(app_id, integration_id)
+        models.check_webhook(body.target, body.triggers)
+        record = records.WebhookRecord(
+            id=new_id(), app_id=app_id, integration_id=integration_id, target=body.target,
+            triggers=list(body.triggers), secret=new_secret(), include_full_user=body.include_full_user,
+            include_full_source=body.include_full_source)
+        async with self.store.tx():
+            if len(await self.store.list_webhooks(app_id=app_id)) >= MAX_WEBHOOKS_PER_APP:
+                raise ApiError(400, f"An app can have at most {MAX_WEBHOOKS_PER_APP} webhooks")
+            await self.store.add_webhook(record.id, app_id, integration_id, records.ENCODER.encode(record).decode(),
+                                         now())
+            await self.sink.put_webhook(record)
+        return webhook_out(record)
+
+    async def webhook_record(self, app_id: str, integration_id: str, webhook_id: str) -> records.WebhookRecord:
+        await self._custom_integration(app_id, integration_id)
+        row = await self.store.get_webhook(integration_id, webhook_id)
+        if row is None:
+            raise ApiError(404, "Webhook not found", "webhook_not_found")
+        return WEBHOOK_RECORD_DECODER.decode(row["record"])
+
+    async def list_webhooks(self, app_id: str, integration_id: str) -> list[models.Webhook]:
+        await self._custom_integration(app_id, integration_id)
+        return [webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"]))
+                for w in await self.store.list_webhooks(integration_id=integration_id)]
+
+    async def update_webhook(self, app_id: str, integration_id: str, webhook_id: str,
+                             body: models.WebhookUpdateBody) -> models.Webhook:
+        record = await self.webhook_record(app_id, integration_id, webhook_id)
+        models.check_webhook(body.target, body.triggers)
+        changes: dict[str, Any] = {}
+        if body.target is not None:
+            changes["target"] = body.target
+        if body.triggers is not None:
+            changes["triggers"] = list(body.triggers)
+        if body.include_full_user is not None:
+            changes["include_full_user"] = body.include_full_user
+        if body.include_full_source is not None:
+            changes["include_full_source"] = body.include_full_source
+        record = msgspec.structs.replace(record, **changes)
+        async with self.store.tx():
+            await self.store.set_webhook(webhook_id, records.ENCODER.encode(record).decode())
+            await self.sink.put_webhook(record)
+        return webhook_out(record)
+
+    async def delete_webhook(self, app_id: str, integration_id: str, webhook_id: str) -> None:
+        await self.webhook_record(app_id, integration_id, webhook_id)
+        async with self.store.tx():
+            await self.store.delete_webhook(webhook_id)
+            await self.sink.delete_webhook(app_id, webhook_id)
+
+    # --- KV is a cache of the DB -----------------------------------------------------------
+
+    async def all_records(self) -> tuple[list[records.IntegrationRecord], list[records.WebhookRecord]]:
+        """Every integration and webhook record, as they must appear in KV."""
+        rows, _ = await self.store.list_integrations(None, limit=1_000_000)
+        integrations = [records.IntegrationRecord(
+            id=r["id"], app_id=r["app_id"], type=r["type"], status=r["status"], display_name=r["display_name"],
+            config=loads(r["config"])) for r in rows]
+        webhooks = [WEBHOOK_RECORD_DECODER.decode(w["record"]) for w in await self.store.list_webhooks()]
+        return integrations, webhooks
+
+
+def _status(type_: str, config: dict[str, Any]) -> str:
+    """WhatsApp is `active` only once Threadline can call the Cloud API (phone number id + token)."""
+    if type_ == "whatsapp" and not (config.get("phoneNumberId") and config.get("accessToken")):
+        return "inactive"
+    return "active"

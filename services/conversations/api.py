@@ -1,0 +1,571 @@
+"""The business REST API at /v2 (a Sunshine Conversations v2 compatible subset).
+
+Every operation is one row of `OPERATIONS`; the router and the OpenAPI document are both built
+from that table, so they cannot drift apart.
+
+Auth: HTTP Basic `keyId:secret` or a Bearer HS256 JWT whose `kid` names the key (`scope: "app"`
+for app keys, `"account"` for the account key). Missing or wrong credentials → 401. A valid app
+key used on another app's path → **403** (`forbidden`): the caller is authenticated but the key
+does not grant that app. The answer is the same whether that app exists or not, so it leaks
+nothing. Resource ids of another app (under the caller's own app path) → 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+from yarl import URL
+
+from services.conversations import models
+from services.conversations.admin import Admin, app_out, key_out, webhook_out
+from services.conversations.handlers import Conversations, conversation_out
+from services.conversations.store import CursorNotFound, Store
+from shared import subjects
+from shared.http import ApiError, json_response, read_json
+from shared.ids import parse_iso
+from shared.messages import identity as ident
+from shared.signing import JwtError, jwt_decode, jwt_header
+from shared.sunco import Profile
+
+Scope = Literal["account", "app", "public"]
+HandlerFn = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
+
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the account (every app) or one app's key."""
+
+    key_id: str
+    app_id: str | None  # None = account scope
+
+    def may_access(self, app_id: str) -> bool:
+        return self.app_id is None or self.app_id == app_id
+
+
+PRINCIPAL_KEY = web.RequestKey("threadline.principal", Principal)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One API operation: routing, auth scope and its OpenAPI description."""
+
+    method: str
+    path: str
+    operation_id: str
+    tag: str
+    summary: str
+    handler: HandlerFn
+    status: int = 200
+    scope: Scope = "app"
+    request: type[Any] | None = None
+    response: type[Any] | None = None
+    query: tuple[str, ...] = ()
+
+
+def _b64decode(text: str) -> str:
+    try:
+        return base64.b64decode(text, validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(401, "Invalid credentials", "unauthorized") from exc
+
+
+def _eq(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class Api:
+    """HTTP handlers. Holds the account key; app keys live in the DB."""
+
+    def __init__(self, store: Store, admin: Admin, conversations: Conversations, account_key_id: str,
+                 account_key_secret: str, public_base_url: str) -> None:
+        self.store = store
+        self.admin = admin
+        self.conversations = conversations
+        self.identity = conversations.identity
+        self.account_key_id = account_key_id
+        self.account_key_secret = account_key_secret
+        self.public_base_url = public_base_url
+
+    # --- auth -----------------------------------------------------------------------------
+
+    async def _key_secret(self, key_id: str) -> tuple[str, str | None] | None:
+        """(secret, app_id) of a key id; app_id None for the account key."""
+        if _eq(key_id, self.account_key_id):
+            return self.account_key_secret, None
+        if not key_id.startswith("app_"):
+            return None
+        row = await self.store.get_key(key_id)
+        return None if row is None else (row["secret"], row["app_id"])
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        """The caller, from Basic or Bearer credentials; 401 when there are none or they are wrong."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            key_id, sep, secret = _b64decode(value.strip()).partition(":")
+            found = await self._key_secret(key_id) if sep else None
+            if found is None or not _eq(secret, found[0]):
+                raise ApiError(401, "Invalid credentials", "unauthorized")
+            return Principal(key_id=key_id, app_id=found[1])
+        if scheme == "bearer":
+            token = value.strip()
+            try:
+                kid = jwt_header(token).get("kid")
+                found = await self._key_secret(kid) if isinstance(kid, str) else None
+                if found is None:
+                    raise ApiError(401, "Invalid token", "unauthorized")
+                payload = jwt_decode(token, found[0])
+            except JwtError as exc:
+                raise ApiError(401, f"Invalid token: {exc}", "unauthorized") from exc
+            expected = "account" if found[1] is None else "app"
+            if payload.get("scope") != expected:
+                raise ApiError(401, f"Invalid token: scope must be {expected}", "unauthorized")
+            return Principal(key_id=str(kid), app_id=found[1])
+        raise ApiError(401, "Authorization required", "unauthorized")
+
+    def make_handler(self, op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if op.scope != "public":
+                principal = await self.authenticate(request)
+                if op.scope == "account" and principal.app_id is not None:
+                    raise ApiError(403, "This operation requires an account key", "forbidden")
+                app_id = request.match_info.get("appId")
+                if app_id is not None and not principal.may_access(app_id):
+                    raise ApiError(403, "This key does not grant access to this app", "forbidden")
+                request[PRINCIPAL_KEY] = principal
+            try:
+                return await op.handler(self, request)
+            except CursorNotFound as exc:
+                raise ApiError(400, "page cursor does not name an item of this list") from exc
+
+        return handle
+
+    def links(self, request: web.Request, cursors: dict[str, str]) -> dict[str, str]:
+        """`links.prev/next`: absolute URLs with `page[before]`/`page[after]` (the documented style)."""
+        base = URL(self.public_base_url + request.path)
+        out: dict[str, str] = {}
+        if "before" in cursors:
+            out["prev"] = str(base.with_query({"page[before]": cursors["before"]}))
+        if "after" in cursors:
+            out["next"] = str(base.with_query({"page[after]": cursors["after"]}))
+        return out
+
+    def _page_lists(self, request: web.Request, ids: list[str], more: bool,
+                    page: models.PageParams) -> dict[str, Any]:
+        """`meta`/`links` of a forward-paged list (apps, conversations, integrations)."""
+        meta: dict[str, Any] = {"hasMore": more}
+        cursors: dict[str, str] = {}
+        if ids:
+            meta["afterCursor"] = ids[-1]
+            meta["beforeCursor"] = ids[0]
+            if page.before is not None:  # paging backwards: `more` means older items exist
+                if more:
+                    cursors["before"] = ids[0]
+                cursors["after"] = ids[-1]
+            else:
+                if more:
+                    cursors["after"] = ids[-1]
+                if page.after is not None:
+                    cursors["before"] = ids[0]
+        return {"meta": meta, "links": self.links(request, cursors)}
+
+    # --- apps -----------------------------------------------------------------------------
+
+    async def create_app(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.AppCreateBody)
+        return json_response({"app": await self.admin.create_app(body)}, 201)
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        page = models.page_params(request.query)
+        rows, more = await self.store.list_apps(page.after, page.before, page.size)
+        return json_response({"apps": [app_out(r) for r in rows],
+                              **self._page_lists(request, [r["id"] for r in rows], more, page)})
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        return json_response({"app": app_out(await self.admin.app_row(request.match_info["appId"]))})
+
+    async def update_app(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.AppUpdateBody)
+        return json_response({"app": await self.admin.update_app(request.match_info["appId"], body)})
+
+    async def delete_app(self, request: web.Request) -> web.Response:
+        await self.admin.delete_app(request.match_info["appId"])
+        return json_response({})
+
+    # --- keys -----------------------------------------------------------------------------
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.AppKeyCreateBody)
+        return json_response({"key": await self.admin.create_key(request.match_info["appId"], body)}, 201)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        app_id = request.match_info["appId"]
+        await self.admin.app_row(app_id)
+        return json_response({"keys": [key_out(r) for r in await self.store.list_keys(app_id)]})
+
+    async def get_key(self, request: web.Request) -> web.Response:
+        return json_response({"key": await self.admin.get_key(request.match_info["appId"],
+                                                               request.match_info["keyId"])})
+
+    async def delete_key(self, request: web.Request) -> web.Response:
+        await self.admin.delete_key(request.match_info["appId"], request.match_info["keyId"])
+        return json_response({})
+
+    # --- users and clients (identity) -----------------------------------------------------
+
+    async def _app(self, request: web.Request) -> str:
+        app_id = request.match_info["appId"]
+        await self.admin.app_row(app_id)
+        return app_id
+
+    async def create_user(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        body = await read_json(request, models.UserCreateBody)
+        models.check_metadata(body.metadata)
+        if body.external_id is not None and not 1 <= len(body.external_id) <= 1024:
+            raise ApiError(400, "externalId must be 1 to 1024 characters")
+        signed_up_at = None
+        if body.signed_up_at is not None:
+            try:
+                signed_up_at = parse_iso(body.signed_up_at)
+            except ValueError as exc:
+                raise ApiError(400, "signedUpAt must be an ISO-8601 timestamp") from exc
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_CREATE, ident.CreateUser(
+            app_id=app_id, external_id=body.external_id, profile=body.profile or Profile(),
+            metadata=body.metadata or {}, signed_up_at=signed_up_at))
+        assert isinstance(reply, ident.UserReply)
+        return json_response({"user": reply.user}, 201)
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_GET, ident.GetUser(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.UserReply)
+        return json_response({"user": reply.user})
+
+    async def update_user(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        body = await read_json(request, models.UserUpdateBody)
+        models.check_metadata(body.metadata)
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_UPDATE, ident.UpdateUser(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"],
+            external_id=body.external_id,
+            profile=None if body.profile is None else msgspec.to_builtins(body.profile),
+            metadata=body.metadata))
+        assert isinstance(reply, ident.UserReply)
+        async with self.store.tx():
+            await self.store.set_participant_external_id(app_id, reply.user.id, reply.user.external_id)
+        return json_response({"user": reply.user})
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.Deleted)
+        await self.conversations.forget_user(app_id, reply.user_id)
+        return json_response({})
+
+    async def list_clients(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.ClientsReply)
+        return json_response({"clients": reply.clients, "meta": {"hasMore": False}, "links": {}})
+
+    # --- conversations --------------------------------------------------------------------
+
+    async def _user(self, app_id: str, user_id: str | None, external_id: str | None) -> ident.ClientsReply:
+        """A user (with clients) by id or externalId, from identity (404 when unknown)."""
+        key = user_id or external_id
+        if not key:
+            raise ApiError(400, "userId or userExternalId is required")
+        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
+            app_id=app_id, user_id_or_external_id=key))
+        assert isinstance(reply, ident.ClientsReply)
+        if user_id is not None and reply.user.id != user_id:
+            raise ApiError(404, "User not found", "user_not_found")
+        return reply
+
+    async def create_conversation(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        body = await read_json(request, models.ConversationCreateBody)
+        if body.type != "personal":
+            raise ApiError(400, "Only personal conversations are supported")
+        if len(body.participants) != 1:
+            raise ApiError(400, "A personal conversation has exactly one participant")
+        models.check_metadata(body.metadata)
+        for name, value, limit in (("displayName", body.display_name, 100), ("description", body.description, 100),
+                                   ("iconUrl", body.icon_url, 2048)):
+            if value is not None and not 1 <= len(value) <= limit:
+                raise ApiError(400, f"{name} must be 1 to {limit} characters")
+        who = body.participants[0]
+        found = await self._user(app_id, who.user_id, who.user_external_id)
+        row, _ = await self.conversations.ensure_conversation(
+            app_id, found.user, reason="api", default=False, display_name=body.display_name,
+            description=body.description, icon_url=body.icon_url, metadata=body.metadata)
+        # The user's existing clients join the conversation, most recently seen first (primary).
+        for client in sorted(found.clients, key=lambda c: c.last_seen or c.linked_at or ""):
+            if client.status in ("active", "pending"):
+                await self.conversations.associate(app_id, row["id"], found.user, client,
+                                                   _ts(client.last_seen or client.linked_at))
+        return json_response({"conversation": conversation_out(row)}, 201)
+
+    async def list_conversations(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        filters = models.query_object(request.query, "filter")
+        page = models.page_params(request.query)
+        user_id = filters.get("userId")
+        if not user_id:
+            external_id = filters.get("userExternalId")
+            if not external_id:
+                raise ApiError(400, "filter.userId or filter.userExternalId is required")
+            user_id = (await self._user(app_id, None, external_id)).user.id
+        rows, more = await self.store.list_user_conversations(app_id, user_id, page.after, page.before, page.size)
+        return json_response({"conversations": [conversation_out(r) for r in rows],
+                              **self._page_lists(request, [r["id"] for r in rows], more, page)})
+
+    async def get_conversation(self, request: web.Request) -> web.Response:
+        row = await self.conversations.conversation_row(request.match_info["appId"],
+                                                        request.match_info["conversationId"])
+        return json_response({"conversation": conversation_out(row)})
+
+    async def update_conversation(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        row = await self.conversations.conversation_row(app_id, conversation_id)
+        body = await read_json(request, models.ConversationUpdateBody)
+        models.check_metadata(body.metadata)
+        async with self.store.tx():
+            await self.store.set_conversation(
+                conversation_id,
+                row["display_name"] if body.display_name is None else body.display_name,
+                row["description"] if body.description is None else body.description,
+                row["icon_url"] if body.icon_url is None else body.icon_url,
+                _loads_or(row["metadata"]) if body.metadata is None else body.metadata)
+        return json_response({"conversation": conversation_out(
+            await self.conversations.conversation_row(app_id, conversation_id))})
+
+    async def delete_conversation(self, request: web.Request) -> web.Response:
+        await self.conversations.delete_conversation(request.match_info["appId"],
+                                                     request.match_info["conversationId"])
+        return json_response({})
+
+    async def list_participants(self, request: web.Request) -> web.Response:
+        row = await self.conversations.conversation_row(request.match_info["appId"],
+                                                        request.match_info["conversationId"])
+        participants = await self.conversations.participants_out(row["id"])
+        return json_response({"participants": participants, "meta": {"hasMore": False}, "links": {}})
+
+    # --- messages and activity ------------------------------------------------------------
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        await self.conversations.conversation_row(app_id, conversation_id)
+        body = await read_json(request, models.MessagePostBody)
+        message = await self.conversations.post_message(app_id, conversation_id, body)
+        return json_response({"messages": [message]}, 201)
+
+    async def list_messages(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        await self.conversations.conversation_row(app_id, conversation_id)
+        page = models.page_params(request.query)
+        messages, meta, cursors = await self.conversations.list_messages(conversation_id, page)
+        return json_response({"messages": messages, "meta": meta, "links": self.links(request, cursors)})
+
+    async def delete_message(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        await self.conversations.conversation_row(app_id, conversation_id)
+        async with self.store.tx():
+            deleted = await self.store.delete_message(conversation_id, request.match_info["messageId"])
+        if not deleted:
+            raise ApiError(404, "Message not found", "message_not_found")
+        return json_response({})
+
+    async def delete_messages(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        await self.conversations.conversation_row(app_id, conversation_id)
+        async with self.store.tx():
+            await self.store.delete_messages(conversation_id)
+        return json_response({})
+
+    async def post_activity(self, request: web.Request) -> web.Response:
+        app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
+        await self.conversations.conversation_row(app_id, conversation_id)
+        body = await read_json(request, models.ActivityPostBody)
+        await self.conversations.post_activity(app_id, conversation_id, body)
+        return json_response({})
+
+    # --- integrations and webhooks --------------------------------------------------------
+
+    async def create_integration(self, request: web.Request) -> web.Response:
+        app_id = request.match_info["appId"]
+        body = await read_json(request, dict[str, Any])
+        return json_response({"integration": await self.admin.create_integration(app_id, body)}, 201)
+
+    async def list_integrations(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        page = models.page_params(request.query)
+        types_filter = models.query_object(request.query, "filter").get("types")
+        types = [t.strip() for t in types_filter.split(",") if t.strip()] if types_filter else None
+        rows, more = await self.store.list_integrations(app_id, types, after=page.after, before=page.before,
+                                                        limit=page.size)
+        return json_response({"integrations": [await self.admin.integration_out(r) for r in rows],
+                              **self._page_lists(request, [r["id"] for r in rows], more, page)})
+
+    async def get_integration(self, request: web.Request) -> web.Response:
+        row = await self.admin.integration_row(request.match_info["appId"], request.match_info["integrationId"])
+        return json_response({"integration": await self.admin.integration_out(row)})
+
+    async def update_integration(self, request: web.Request) -> web.Response:
+        app_id, integration_id = request.match_info["appId"], request.match_info["integrationId"]
+        await self.admin.integration_row(app_id, integration_id)
+        body = await read_json(request, dict[str, Any])
+        return json_response({"integration": await self.admin.update_integration(app_id, integration_id, body)})
+
+    async def delete_integration(self, request: web.Request) -> web.Response:
+        await self.admin.delete_integration(request.match_info["appId"], request.match_info["integrationId"])
+        return json_response({})
+
+    async def create_webhook(self, request: web.Request) -> web.Response:
+        app_id, integration_id = request.match_info["appId"], request.match_info["integrationId"]
+        await self.admin.integration_row(app_id, integration_id)
+        body = await read_json(request, models.WebhookCreateBody)
+        return json_response({"webhook": await self.admin.create_webhook(app_id, integration_id, body)}, 201)
+
+    async def list_webhooks(self, request: web.Request) -> web.Response:
+        return json_response({"webhooks": await self.admin.list_webhooks(
+            request.match_info["appId"], request.match_info["integrationId"])})
+
+    async def get_webhook(self, request: web.Request) -> web.Response:
+        record = await self.admin.webhook_record(request.match_info["appId"], request.match_info["integrationId"],
+                                                 request.match_info["webhookId"])
+        return json_response({"webhook": webhook_out(record)})
+
+    async def update_webhook(self, request: web.Request) -> web.Response:
+        app_id, integration_id = request.match_info["appId"], request.match_info["integrationId"]
+        await self.admin.webhook_record(app_id, integration_id, request.match_info["webhookId"])
+        body = await read_json(request, models.WebhookUpdateBody)
+        return json_response({"webhook": await self.admin.update_webhook(
+            app_id, integration_id, request.match_info["webhookId"], body)})
+
+    async def delete_webhook(self, request: web.Request) -> web.Response:
+        await self.admin.delete_webhook(request.match_info["appId"], request.match_info["integrationId"],
+                                        request.match_info["webhookId"])
+        return json_response({})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from services.conversations.openapi import openapi_document
+
+        return json_response(openapi_document(OPERATIONS, self.public_base_url))
+
+
+def _ts(value: str | None) -> float:
+    if value:
+        try:
+            return parse_iso(value)
+        except ValueError:
+            pass
+    return 0.0
+
+
+def _loads_or(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else msgspec.json.decode(text)
+
+
+A = "/v2/apps/{appId}"
+C = A + "/conversations/{conversationId}"
+INT = A + "/integrations/{integrationId}"
+PAGE = ("page",)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("GET", "/v2/openapi.json", "getOpenApi", "Meta", "This OpenAPI document", Api.openapi,
+              scope="public"),
+    Operation("POST", "/v2/apps", "createApp", "Apps", "Create an app", Api.create_app, 201, "account",
+              models.AppCreateBody, models.AppResponse),
+    Operation("GET", "/v2/apps", "listApps", "Apps", "List apps", Api.list_apps, scope="account",
+              response=models.AppListResponse, query=PAGE),
+    Operation("GET", A, "getApp", "Apps", "Get an app", Api.get_app, response=models.AppResponse),
+    Operation("PATCH", A, "updateApp", "Apps", "Update an app", Api.update_app, scope="account",
+              request=models.AppUpdateBody, response=models.AppResponse),
+    Operation("DELETE", A, "deleteApp", "Apps", "Delete an app and everything in it", Api.delete_app,
+              scope="account"),
+    Operation("POST", A + "/keys", "createAppKey", "App Keys", "Create an app key", Api.create_key, 201,
+              request=models.AppKeyCreateBody, response=models.AppKeyResponse),
+    Operation("GET", A + "/keys", "listAppKeys", "App Keys", "List app keys", Api.list_keys,
+              response=models.AppKeyListResponse),
+    Operation("GET", A + "/keys/{keyId}", "getAppKey", "App Keys", "Get an app key", Api.get_key,
+              response=models.AppKeyResponse),
+    Operation("DELETE", A + "/keys/{keyId}", "deleteAppKey", "App Keys", "Delete an app key", Api.delete_key),
+    Operation("POST", A + "/users", "createUser", "Users", "Create a user", Api.create_user, 201,
+              request=models.UserCreateBody, response=models.UserResponse),
+    Operation("GET", A + "/users/{userIdOrExternalId}", "getUser", "Users", "Get a user by id or externalId",
+              Api.get_user, response=models.UserResponse),
+    Operation("PATCH", A + "/users/{userIdOrExternalId}", "updateUser", "Users", "Update a user",
+              Api.update_user, request=models.UserUpdateBody, response=models.UserResponse),
+    Operation("DELETE", A + "/users/{userIdOrExternalId}", "deleteUser", "Users",
+              "Delete a user, their clients and conversations", Api.delete_user),
+    Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
+              Api.list_clients, response=models.ClientListResponse, query=PAGE),
+    Operation("POST", A + "/conversations", "createConversation", "Conversations",
+              "Create a personal conversation", Api.create_conversation, 201,
+              request=models.ConversationCreateBody, response=models.ConversationResponse),
+    Operation("GET", A + "/conversations", "listConversations", "Conversations",
+              "List a user's conversations (filter userId or userExternalId)", Api.list_conversations,
+              response=models.ConversationListResponse, query=("page", "filter")),
+    Operation("GET", C, "getConversation", "Conversations", "Get a conversation", Api.get_conversation,
+              response=models.ConversationResponse),
+    Operation("PATCH", C, "updateConversation", "Conversations", "Update a conversation", Api.update_conversation,
+              request=models.ConversationUpdateBody, response=models.ConversationResponse),
+    Operation("DELETE", C, "deleteConversation", "Conversations", "Delete a (non-default) conversation",
+              Api.delete_conversation),
+    Operation("GET", C + "/participants", "listParticipants", "Participants",
+              "List participants (clientAssociations, primary first)", Api.list_participants,
+              response=models.ParticipantListResponse, query=PAGE),
+    Operation("POST", C + "/messages", "postMessage", "Messages", "Post a message (routed to the primary client)",
+              Api.post_message, 201, request=models.MessagePostBody, response=models.MessagePostResponse),
+    Operation("GET", C + "/messages", "listMessages", "Messages", "List messages (backwards, 100 a page)",
+              Api.list_messages, response=models.MessageListResponse, query=PAGE),
+    Operation("DELETE", C + "/messages", "deleteAllMessages", "Messages", "Delete every message",
+              Api.delete_messages),
+    Operation("DELETE", C + "/messages/{messageId}", "deleteMessage", "Messages", "Delete a message",
+              Api.delete_message),
+    Operation("POST", C + "/activity", "postActivity", "Activities", "Typing or read", Api.post_activity,
+              request=models.ActivityPostBody),
+    Operation("POST", A + "/integrations", "createIntegration", "Integrations",
+              "Create an integration (custom, web, whatsapp)", Api.create_integration, 201,
+              request=models.Integration, response=models.IntegrationResponse),
+    Operation("GET", A + "/integrations", "listIntegrations", "Integrations", "List integrations",
+              Api.list_integrations, response=models.IntegrationListResponse, query=("page", "filter")),
+    Operation("GET", INT, "getIntegration", "Integrations", "Get an integration", Api.get_integration,
+              response=models.IntegrationResponse),
+    Operation("PATCH", INT, "updateIntegration", "Integrations", "Update an integration", Api.update_integration,
+              request=models.Integration, response=models.IntegrationResponse),
+    Operation("DELETE", INT, "deleteIntegration", "Integrations", "Delete an integration and its webhooks",
+              Api.delete_integration),
+    Operation("POST", INT + "/webhooks", "createWebhook", "Webhooks", "Create a webhook", Api.create_webhook, 201,
+              request=models.WebhookCreateBody, response=models.WebhookResponse),
+    Operation("GET", INT + "/webhooks", "listWebhooks", "Webhooks", "List webhooks", Api.list_webhooks,
+              response=models.WebhookListResponse),
+    Operation("GET", INT + "/webhooks/{webhookId}", "getWebhook", "Webhooks", "Get a webhook", Api.get_webhook,
+              response=models.WebhookResponse),
+    Operation("PATCH", INT + "/webhooks/{webhookId}", "updateWebhook", "Webhooks", "Update a webhook",
+              Api.update_webhook, request=models.WebhookUpdateBody, response=models.WebhookResponse),
+    Operation("DELETE", INT + "/webhooks/{webhookId}", "deleteWebhook", "Webhooks", "Delete a webhook",
+              Api.delete_webhook),
+)
+
+
+def add_routes(app: web.Application, api: Api) -> None:
+    """Register every operation of the table on `app`."""
+    for op in OPERATIONS:
+        app.router.add_route(op.method, op.path, api.make_handler(op))
+
+
+__all__ = ["OPERATIONS", "Api", "Operation", "Principal", "add_routes"]

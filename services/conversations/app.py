@@ -1,0 +1,161 @@
+"""The conversations service: wiring and lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from services.conversations.admin import Admin
+from services.conversations.api import Api, add_routes
+from services.conversations.config import ConversationsConfig
+from services.conversations.handlers import Conversations, IdentityClient
+from services.conversations.store import Store
+from shared import records, subjects
+from shared.bus import Bus
+from shared.http import error_middleware, tracing_middleware
+from shared.service import ServiceApp
+from shared.telemetry import setup_telemetry
+
+log = logging.getLogger(__name__)
+
+
+class _InboundKeyProbe(msgspec.Struct):
+    integration_id: str = ""
+    channel_user_id: str = ""
+    user_id: str = ""
+
+
+class _StatusKeyProbe(msgspec.Struct):
+    integration_id: str = ""
+    provider_message_id: str = ""
+
+
+_INBOUND_PROBE = msgspec.json.Decoder(_InboundKeyProbe)
+_STATUS_PROBE = msgspec.json.Decoder(_StatusKeyProbe)
+
+
+def inbound_ordering_key(subject: str, data: bytes) -> str:
+    """One customer's messages are handled in order; different customers concurrently."""
+    try:
+        probe = _INBOUND_PROBE.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return subject
+    return f"{probe.integration_id}:{probe.channel_user_id or probe.user_id}"
+
+
+def status_ordering_key(subject: str, data: bytes) -> str:
+    """Statuses of one provider message in order (sent before delivered before read)."""
+    try:
+        probe = _STATUS_PROBE.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return subject
+    return f"{probe.integration_id}:{probe.provider_message_id}"
+
+
+class KvSink:
+    """Publishes integration and webhook records to their KV buckets."""
+
+    def __init__(self, integrations: KeyValue, webhooks: KeyValue) -> None:
+        self.integrations = integrations
+        self.webhooks = webhooks
+
+    async def put_integration(self, record: records.IntegrationRecord) -> None:
+        await self.integrations.put(record.id, records.ENCODER.encode(record))
+
+    async def delete_integration(self, integration_id: str) -> None:
+        await self.integrations.delete(integration_id)
+
+    async def put_webhook(self, record: records.WebhookRecord) -> None:
+        await self.webhooks.put(records.webhook_key(record.app_id, record.id), records.ENCODER.encode(record))
+
+    async def delete_webhook(self, app_id: str, webhook_id: str) -> None:
+        await self.webhooks.delete(records.webhook_key(app_id, webhook_id))
+
+
+async def _keys(kv: KeyValue) -> list[str]:
+    try:
+        return list(await kv.keys())
+    except nats.js.errors.NoKeysError:
+        return []
+
+
+class ConversationsService(ServiceApp):
+    """The business API plus the inbound/status consumers and the history/start endpoints."""
+
+    name = "conversations"
+
+    def __init__(self, config: ConversationsConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.http.middlewares.extend([tracing_middleware, error_middleware])
+        self.bus: Bus | None = None
+        self.store: Store | None = None
+        self.conversations: Conversations | None = None
+        self.admin: Admin | None = None
+        self.add_ready_check(self._bus_connected)
+
+    async def _bus_connected(self) -> bool:
+        return self.bus is not None and self.bus.nc.is_connected
+
+    async def start(self) -> None:
+        self.bus = await Bus.connect(self.common.nats_url, self.name)
+        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.store = await Store.open(self.config.db_path)
+        sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
+                      await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas))
+        identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
+        self.conversations = Conversations(self.store, self.bus, identity)
+        self.admin = Admin(self.store, sink)
+        await self._republish(sink)
+        api = Api(self.store, self.admin, self.conversations, self.config.account_key_id,
+                  self.config.account_key_secret, self.common.public_base_url)
+        add_routes(self.http, api)
+        self.bus.consume(subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, subjects.INBOUND_ALL,
+                         self.conversations.handle_inbound, ordering_key=inbound_ordering_key)
+        self.bus.consume(subjects.STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,
+                         self.conversations.handle_status, ordering_key=status_ordering_key)
+        await self.bus.serve(subjects.CONVERSATIONS_SERVICE, {
+            subjects.CONVERSATIONS_START: self.conversations.answer,
+            subjects.CONVERSATIONS_HISTORY: self.conversations.answer,
+        })
+        await self.start_http()
+
+    async def _republish(self, sink: KvSink) -> None:
+        """KV is a cache of the DB: write every record, remove keys the DB no longer has."""
+        assert self.admin is not None
+        integrations, webhooks = await self.admin.all_records()
+        for integration in integrations:
+            await sink.put_integration(integration)
+        for webhook in webhooks:
+            await sink.put_webhook(webhook)
+        wanted = {i.id for i in integrations}
+        for key in await _keys(sink.integrations):
+            if key not in wanted:
+                await sink.integrations.delete(key)
+        wanted = {records.webhook_key(w.app_id, w.id) for w in webhooks}
+        for key in await _keys(sink.webhooks):
+            if key not in wanted:
+                await sink.webhooks.delete(key)
+        log.info("published %d integrations and %d webhooks to KV", len(integrations), len(webhooks))
+
+    async def stop(self) -> None:
+        await self.stop_http()
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            self.store = None
+
+
+def create(environ: Mapping[str, str] | None = None) -> ConversationsService:
+    """Build the conversations service from the environment."""
+    setup_telemetry("conversations")
+    return ConversationsService(ConversationsConfig.from_env(os.environ if environ is None else environ))

@@ -1,0 +1,697 @@
+"""Conversation logic on decoded structs: messages, participants, routing, statuses, history.
+
+Nothing here knows about HTTP or NATS subscriptions: it is handed a `Publisher` (the bus, or a
+recorder in unit tests) and an `IdentityClient`, and raises `ApiError` for the REST layer and
+`Retry`/`Poison` for the bus consumers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiosqlite
+import msgspec
+import nats.errors
+
+from services.conversations import models
+from services.conversations.store import Association, Store, StoredMessage, dumps, loads
+from shared import subjects
+from shared.bus import Delivery, Poison, RequestFailed, Retry
+from shared.http import ApiError
+from shared.ids import iso, new_id, now
+from shared.messages import channel as chan
+from shared.messages import conversation as conv
+from shared.messages import identity as ident
+from shared.sunco import (
+    Activity,
+    Author,
+    Client,
+    ConversationRef,
+    DeliveryError,
+    Destination,
+    ExternalMessage,
+    Message,
+    QuotedMessage,
+    Source,
+    SourceClient,
+    TextContent,
+    UnsupportedContent,
+    User,
+    UserRef,
+    api_content,
+)
+
+log = logging.getLogger(__name__)
+
+MESSAGE_DECODER = msgspec.json.Decoder(Message)
+# Statuses whose provider id is not mapped yet are retried this many times (the `sent` record
+# is published by the same channel service just before, but may be processed after).
+STATUS_MAX_DELIVERIES = 10
+MESSAGES_PAGE_SIZE = 100
+SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
+
+
+class Publisher(Protocol):
+    """What the handlers need from the bus."""
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> Any: ...
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes: ...
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic 24-hex id (for event ids that must survive redelivery unchanged)."""
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
+
+
+class IdentityUnavailable(Exception):
+    """identity did not answer (no responders, timeout, service error)."""
+
+
+class IdentityClient:
+    """Requests to the identity service, with an in-memory cache of resolved channel identities."""
+
+    def __init__(self, bus: Publisher, timeout: float = 5.0, cache_size: int = 50_000,
+                 cache_ttl: float = 300.0) -> None:
+        self.bus = bus
+        self.timeout = timeout
+        self.cache_size = cache_size
+        # A TTL bounds how long a merge done elsewhere can leave a stale user behind a client.
+        self.cache_ttl = cache_ttl
+        self._resolved: OrderedDict[tuple[str, str, str], tuple[float, User, Client]] = OrderedDict()
+
+    async def call(self, subject: str, request: ident.IdentityMessage) -> ident.IdentityUnion:
+        """Send a request; IdentityUnavailable when identity cannot answer."""
+        try:
+            data = await self.bus.request(subject, ident.encode(request), timeout=self.timeout)
+            return ident.decode(data)
+        except (nats.errors.Error, TimeoutError, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise IdentityUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def api_call(self, subject: str, request: ident.IdentityMessage) -> ident.IdentityUnion:
+        """Like `call`, for the REST API: refusals and outages become ApiErrors."""
+        try:
+            reply = await self.call(subject, request)
+        except IdentityUnavailable as exc:
+            log.warning("identity unavailable: %s", exc)
+            raise ApiError(503, "Identity service unavailable, try again") from exc
+        if isinstance(reply, ident.IdentityError):
+            raise ApiError(reply.status, reply.title, reply.code)
+        return reply
+
+    async def resolve(self, request: ident.ResolveClient) -> tuple[User, Client]:
+        """The user and client behind a channel identity (cached; identity asked on a miss)."""
+        key = (request.app_id, request.integration_id, request.channel_user_id)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            self._resolved.move_to_end(key)
+            return hit[1], hit[2]
+        reply = await self.call(subjects.IDENTITY_RESOLVE, request)
+        if isinstance(reply, ident.IdentityError):
+            if reply.status >= 500:
+                raise IdentityUnavailable(reply.title)
+            raise Poison(f"identity refused {key}: {reply.status} {reply.title}")
+        if not isinstance(reply, ident.Resolved):
+            raise IdentityUnavailable(f"unexpected reply {type(reply).__name__}")
+        self._resolved[key] = (time.monotonic() + self.cache_ttl, reply.user, reply.client)
+        while len(self._resolved) > self.cache_size:
+            self._resolved.popitem(last=False)
+        return reply.user, reply.client
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop cached resolutions of a deleted user."""
+        for key in [k for k, v in self._resolved.items() if v[1].id == user_id]:
+            del self._resolved[key]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a business message goes: one client association (None = stored only)."""
+
+    association: Association | None
+    user_id: str
+
+
+def conversation_out(row: aiosqlite.Row) -> models.Conversation:
+    """The API form of a conversation row."""
+    return models.Conversation(
+        id=row["id"], type=row["type"], is_default=row["default_user_id"] is not None,
+        display_name=row["display_name"], description=row["description"], icon_url=row["icon_url"],
+        metadata=loads(row["metadata"]),
+        business_last_read=None if row["business_last_read"] is None else iso(row["business_last_read"]),
+        last_updated_at=iso(row["last_updated_at"]), created_at=iso(row["created_at"]),
+    )
+
+
+def conversation_ref(row: aiosqlite.Row) -> ConversationRef:
+    return ConversationRef(id=row["id"], type=row["type"])
+
+
+def api_message(stored: StoredMessage | Message) -> Message:
+    """The API form of a stored message (unsupported content rendered as text)."""
+    message = stored if isinstance(stored, Message) else MESSAGE_DECODER.decode(stored.body)
+    if isinstance(message.content, UnsupportedContent):
+        return msgspec.structs.replace(message, content=api_content(message.content))
+    return message
+
+
+class Conversations:
+    """The conversation model: what the REST API, the bus consumers and the endpoints call."""
+
+    def __init__(self, store: Store, bus: Publisher, identity: IdentityClient) -> None:
+        self.store = store
+        self.bus = bus
+        self.identity = identity
+
+    # --- conversations --------------------------------------------------------------------
+
+    async def conversation_row(self, app_id: str, conversation_id: str) -> aiosqlite.Row:
+        row = await self.store.get_conversation(app_id, conversation_id)
+        if row is None:
+            raise ApiError(404, "Conversation not found", "conversation_not_found")
+        return row
+
+    async def ensure_conversation(self, app_id: str, user: User, *, reason: str, source: Source | None = None,
+                                  default: bool = True, display_name: str | None = None,
+                                  description: str | None = None, icon_url: str | None = None,
+                                  metadata: dict[str, Any] | None = None) -> tuple[aiosqlite.Row, bool]:
+        """The user's default personal conversation (created when missing) or, with
+        `default=False`, a new personal conversation (the default one when the user has none).
+
+        A created conversation is announced with ConversationCreated; if that publish fails the
+        conversation is removed again and the error propagates.
+        """
+        if default:
+            existing = await self.store.default_conversation(app_id, user.id)
+            if existing is not None:
+                return existing, False
+        created_at = now()
+        conversation_id = new_id()
+        async with self.store.tx():
+            has_default = await self.store.default_conversation(app_id, user.id) is not None
+            inserted = False
+            if not (default and has_default):
+                inserted = await self.store.add_conversation(
+                    conversation_id, app_id, "personal", None if has_default else user.id, display_name,
+                    description, icon_url, metadata, created_at)
+            if inserted:
+                await self.store.add_participant(new_id(), app_id, conversation_id, user.id, user.external_id,
+                                                 created_at)
+        if not inserted:
+            existing = await self.store.default_conversation(app_id, user.id)
+            if existing is None:  # deleted in between: let the caller retry
+                raise Retry(0.1, "default conversation vanished")
+            return existing, False
+        row = await self.store.get_conversation(app_id, conversation_id)
+        assert row is not None
+        event = conv.ConversationCreated(
+            id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=created_at,
+            conversation=conversation_ref(row), user=user, creation_reason=reason, source=source)
+        try:
+            await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(event),
+                                   msg_id=event.id)
+        except Exception:
+            async with self.store.tx():
+                await self.store.delete_conversation(conversation_id)
+            raise
+        return row, True
+
+    async def associate(self, app_id: str, conversation_id: str, user: User, client: Client,
+                        at: float) -> bool:
+        """Make `client` the participant's primary client; True when it is new to the conversation."""
+        async with self.store.tx():
+            participant = await self.store.participant(conversation_id, user.id)
+            if participant is None:
+                return False
+            return await self.store.upsert_association(
+                participant["id"], client.id, client.type, client.integration_id, client.external_id,
+                client.info, at)
+
+    async def participants_out(self, conversation_id: str) -> list[models.Participant]:
+        result = []
+        for row in await self.store.participants(conversation_id):
+            associations = await self.store.associations(row["id"])
+            result.append(models.Participant(
+                id=row["id"], user_id=row["user_id"], user_external_id=row["user_external_id"],
+                unread_count=row["unread_count"], last_read=None if row["last_read"] is None else iso(row["last_read"]),
+                client_associations=[models.ClientAssociation(type=a.type, client_id=a.client_id)  # type: ignore[arg-type]
+                                     for a in associations],
+            ))
+        return result
+
+    async def delete_conversation(self, app_id: str, conversation_id: str) -> None:
+        row = await self.conversation_row(app_id, conversation_id)
+        if row["default_user_id"] is not None:
+            raise ApiError(400, "The default conversation of a user cannot be deleted; delete its messages instead")
+        event = conv.ConversationRemoved(id=new_id(), app_id=app_id, conversation_id=conversation_id,
+                                         created_at=now(), conversation=conversation_ref(row))
+        # Announced inside the transaction: if the bus refuses, the delete is rolled back (503).
+        async with self.store.tx():
+            await self.store.delete_conversation(conversation_id)
+            await self._publish_event(event)
+
+    async def forget_user(self, app_id: str, user_id: str) -> None:
+        """Remove a deleted user's conversations (SunCo deletes the history with the user)."""
+        self.identity.forget_user(user_id)
+        async with self.store.tx():
+            for conversation_id in await self.store.user_conversation_ids(app_id, user_id):
+                await self.store.delete_conversation(conversation_id)
+
+    # --- business messages ----------------------------------------------------------------
+
+    async def route(self, conversation_id: str, body: models.MessagePostBody) -> Route:
+        """Pick the client a business message goes to (validated before anything is stored)."""
+        participants = await self.store.participants(conversation_id)
+        if not participants:
+            return Route(None, "")
+        participant = participants[0]
+        destination = body.destination
+        if body.author.type == "user" or (destination is not None and destination.integration_type == "none"):
+            return Route(None, participant["user_id"])
+        associations = await self.store.associations(participant["id"])
+        if destination is not None and destination.integration_id:
+            for association in associations:
+                if association.integration_id == destination.integration_id:
+                    return Route(association, participant["user_id"])
+            raise ApiError(400, "The user has no client on destination.integrationId")
+        if destination is not None and destination.integration_type:
+            wanted = "sdk" if destination.integration_type in SDK_INTEGRATION_TYPES else destination.integration_type
+            for association in associations:
+                if association.type == wanted:
+                    return Route(association, participant["user_id"])
+            raise ApiError(400, "The user has no client of destination.integrationType")
+        return Route(associations[0] if associations else None, participant["user_id"])
+
+    async def post_message(self, app_id: str, conversation_id: str, body: models.MessagePostBody) -> Message:
+        """Store a message from the API, announce it, and hand it to the primary client's channel."""
+        row = await self.conversation_row(app_id, conversation_id)
+        if isinstance(body.content, UnsupportedContent):
+            raise ApiError(400, "content.type 'unsupported' cannot be posted")
+        if body.author.subtypes and not set(body.author.subtypes) <= models.AUTHOR_SUBTYPES:
+            raise ApiError(400, "author.subtypes must be among AI, activity")
+        models.check_metadata(body.metadata)
+        author = body.author
+        if author.type == "user":
+            participant = await self._author_participant(conversation_id, author)
+            author = msgspec.structs.replace(author, user_id=participant["user_id"],
+                                             user_external_id=participant["user_external_id"])
+        route = await self.route(conversation_id, body)
+        received = now()
+        message = Message(id=new_id(), received=iso(received), author=author, content=body.content,
+                          source=Source(type="api:conversations"), metadata=body.metadata)
+        event_id = new_id()
+        async with self.store.tx():
+            seq = await self.store.insert_message(
+                message.id, app_id, conversation_id, author.type, author.user_id, None, None, event_id, received,
+                dumps(message))
+            await self.store.touch_conversation(conversation_id, received)
+            if author.type == "business":
+                await self.store.add_unread(conversation_id)
+        assert seq is not None
+        try:
+            await self._publish_event(conv.MessageCreated(
+                id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=received,
+                conversation=conversation_ref(row), message=message, cursor=seq, user_id=route.user_id))
+            association = route.association
+            if association is not None and association.type != "sdk" and association.integration_id:
+                send = chan.OutboundSend(
+                    app_id=app_id, integration_id=association.integration_id, channel=association.type,
+                    conversation_id=conversation_id, message_id=message.id, user_id=route.user_id,
+                    client_id=association.client_id, recipient=association.external_id or "",
+                    recipient_info=association.info or {}, content=body.content, schema=body.schema,
+                    override=body.override)
+                await self.bus.publish(subjects.outbound_subject(association.type, association.integration_id),
+                                       chan.encode(send), msg_id=message.id)
+        except Exception as exc:
+            log.warning("publishing message %s failed, undoing it: %s", message.id, exc)
+            async with self.store.tx():
+                await self.store.delete_message(conversation_id, message.id)
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+        return api_message(message)
+
+    async def _author_participant(self, conversation_id: str, author: Author) -> aiosqlite.Row:
+        for participant in await self.store.participants(conversation_id):
+            if (author.user_id and participant["user_id"] == author.user_id) or (
+                    author.user_external_id and participant["user_external_id"] == author.user_external_id):
+                return participant
+        raise ApiError(400, "author.userId or author.userExternalId must name a participant of the conversation")
+
+    async def list_messages(self, conversation_id: str, page: models.PageParams) -> tuple[
+            list[Message], models.Meta, dict[str, str]]:
+        """A page of history, latest first by default (SunCo pages backwards, 100 a page).
+
+        Returns the messages (oldest first), `meta`, and the cursors for `links`
+        (`{"before": id}` for older, `{"after": id}` for newer).
+        """
+        if page.after is not None:
+            seq = await self._cursor_seq(conversation_id, page.after)
+            rows, newer = await self.store.messages_after(conversation_id, seq, MESSAGES_PAGE_SIZE)
+            older = await self.store.has_messages(conversation_id, before_seq=rows[0].seq if rows else seq + 1)
+        else:
+            seq_before = None if page.before is None else await self._cursor_seq(conversation_id, page.before)
+            rows, older = await self.store.messages_before(conversation_id, seq_before, MESSAGES_PAGE_SIZE)
+            newer = seq_before is not None and await self.store.has_messages(
+                conversation_id, after_seq=rows[-1].seq if rows else seq_before - 1)
+        messages = [api_message(r) for r in rows]
+        meta = models.Meta(has_more=newer if page.after is not None else older)
+        cursors: dict[str, str] = {}
+        if messages:
+            meta.before_cursor = messages[0].id
+            meta.after_cursor = messages[-1].id
+            if older:
+                cursors["before"] = messages[0].id
+            if newer:
+                cursors["after"] = messages[-1].id
+        return messages, meta, cursors
+
+    async def _cursor_seq(self, conversation_id: str, message_id: str) -> int:
+        seq = await self.store.message_seq(conversation_id, message_id)
+        if seq is None:
+            raise ApiError(400, "page cursor does not name a message of this conversation")
+        return seq
+
+    # --- activity -------------------------------------------------------------------------
+
+    async def post_activity(self, app_id: str, conversation_id: str, body: models.ActivityPostBody) -> None:
+        """Typing or read from the business (or read on behalf of a user), announced as ActivityPosted."""
+        row = await self.conversation_row(app_id, conversation_id)
+        at = now()
+        author = body.author
+        participants = await self.store.participants(conversation_id)
+        if author.type == "user":
+            if body.type != "conversation:read":
+                raise ApiError(400, "a user author may only post conversation:read")
+            participant = await self._author_participant(conversation_id, author)
+            async with self.store.tx():
+                await self.store.mark_read(participant["id"], at)
+            author = msgspec.structs.replace(author, user_id=participant["user_id"])
+            user_id = participant["user_id"]
+        else:
+            user_id = participants[0]["user_id"] if participants else ""
+            if body.type == "conversation:read":
+                async with self.store.tx():
+                    await self.store.set_business_last_read(conversation_id, at)
+        await self._publish_event(conv.ActivityPosted(
+            id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=at,
+            conversation=conversation_ref(row), user_id=user_id,
+            activity=Activity(type=body.type, author=author, source=Source(type="api:conversations"))))
+
+    async def _publish_event(self, event: conv.ConversationEvent) -> None:
+        try:
+            await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), conv.encode(event),
+                                   msg_id=event.id)
+        except ApiError:
+            raise
+        except Exception as exc:
+            if isinstance(event, conv.MessageCreated):
+                raise
+            log.warning("publishing %s failed: %s", type(event).__name__, exc)
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+
+    # --- inbound from channels ------------------------------------------------------------
+
+    async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        """Consumer of `inbound.>`: customer messages and activity."""
+        try:
+            message = chan.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Poison(f"undecodable inbound message: {exc}") from exc
+        if isinstance(message, chan.InboundMessage):
+            await self.inbound_message(message)
+        elif isinstance(message, chan.InboundActivity):
+            await self.inbound_activity(message)
+        else:
+            raise Poison(f"unexpected {type(message).__name__} on inbound")
+
+    async def inbound_message(self, msg: chan.InboundMessage) -> None:
+        """Store a customer message once (by provider id) and announce it."""
+        integration = await self.store.get_integration(msg.app_id, msg.integration_id)
+        if integration is None:
+            log.warning("dropping inbound message %s for unknown app/integration %s/%s",
+                        msg.provider_message_id, msg.app_id, msg.integration_id)
+            return
+        duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id, msg.provider_message_id)
+        if duplicate is not None:
+            await self._republish(msg.app_id, duplicate)
+            return
+        user, client = await self._inbound_identity(msg)
+        if msg.conversation_id:
+            row = await self.store.get_conversation(msg.app_id, msg.conversation_id)
+            if row is None or await self.store.participant(msg.conversation_id, user.id) is None:
+                raise Poison(f"conversation {msg.conversation_id} is not the user's")
+        else:
+            source = Source(type=msg.channel, integration_id=msg.integration_id)
+            row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
+        conversation_id = row["id"]
+        received = now()
+        content = msg.content
+        if msg.postback is not None:
+            title = msg.postback.text or (content.text if isinstance(content, TextContent) else "")
+            content = TextContent(text=title, payload=msg.postback.payload)
+        display_name = msg.display_name or client.display_name or user.profile.given_name
+        message = Message(
+            id=new_id(), received=iso(received),
+            author=Author(type="user", user_id=user.id, user_external_id=user.external_id, display_name=display_name,
+                          avatar_url=client.avatar_url or user.profile.avatar_url),
+            content=content,
+            source=Source(type=msg.channel, integration_id=msg.integration_id,
+                          original_message_id=msg.provider_message_id,
+                          original_message_timestamp=iso(msg.received_at),
+                          client=SourceClient(id=client.id, type=client.type, integration_id=client.integration_id,
+                                              external_id=client.external_id)),
+            quoted_message=None if not msg.quoted_provider_message_id else QuotedMessage(
+                type="externalMessageId", external_message_id=msg.quoted_provider_message_id),
+        )
+        event_id = new_id()
+        async with self.store.tx():
+            seq = await self.store.insert_message(
+                message.id, msg.app_id, conversation_id, "user", user.id, msg.integration_id,
+                msg.provider_message_id, event_id, received, dumps(message))
+            if seq is not None:
+                await self.store.touch_conversation(conversation_id, received)
+                participant = await self.store.participant(conversation_id, user.id)
+                participant_id = None if participant is None else str(participant["id"])
+                new_client = False
+                if participant is not None:
+                    new_client = await self.store.upsert_association(
+                        participant["id"], client.id, client.type, client.integration_id, client.external_id,
+                        client.info, received)
+                    if user.external_id is not None and user.external_id != participant["user_external_id"]:
+                        await self.store.set_participant_external_id(msg.app_id, user.id, user.external_id)
+        if seq is None:  # a concurrent duplicate won the insert
+            duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
+                                                                msg.provider_message_id)
+            if duplicate is not None:
+                await self._republish(msg.app_id, duplicate)
+            return
+        ref = conversation_ref(row)
+        if new_client and participant_id and len(await self.store.associations(participant_id)) > 1:
+            # A new channel joined a conversation the user already had: SunCo's client:add.
+            await self.bus.publish(subjects.event_subject(msg.app_id, conversation_id), conv.encode(conv.ClientAdded(
+                id=derived_id(conversation_id, client.id, "client:add"), app_id=msg.app_id,
+                conversation_id=conversation_id, created_at=received, user=user, client=client)),
+                msg_id=derived_id(conversation_id, client.id, "client:add"))
+        await self.bus.publish(
+            subjects.event_subject(msg.app_id, conversation_id),
+            conv.encode(conv.MessageCreated(id=event_id, app_id=msg.app_id, conversation_id=conversation_id,
+                                            created_at=received, conversation=ref, message=message, cursor=seq,
+                                            user_id=user.id)),
+            msg_id=event_id)
+
+    async def _republish(self, app_id: str, stored: StoredMessage) -> None:
+        """Publish a stored message's MessageCreated again with its original event id (de-duplicated
+        by JetStream if the first publish went through)."""
+        row = await self.store.get_conversation(app_id, stored.conversation_id)
+        if row is None:
+            return
+        message = MESSAGE_DECODER.decode(stored.body)
+        await self.bus.publish(
+            subjects.event_subject(app_id, stored.conversation_id),
+            conv.encode(conv.MessageCreated(
+                id=stored.event_id, app_id=app_id, conversation_id=stored.conversation_id,
+                created_at=_parse_received(message), conversation=conversation_ref(row), message=message,
+                cursor=stored.seq, user_id=message.author.user_id or "")),
+            msg_id=stored.event_id)
+
+    async def _inbound_identity(self, msg: chan.InboundMessage) -> tuple[User, Client]:
+        if msg.user_id and msg.client_id:
+            user = User(id=msg.user_id)
+            client = Client(id=msg.client_id, type=msg.client_type, status="active", integration_id=msg.integration_id,
+                            external_id=msg.channel_user_id, display_name=msg.display_name,
+                            info=msg.client_info or None)
+            return user, client
+        try:
+            return await self.identity.resolve(ident.ResolveClient(
+                app_id=msg.app_id, integration_id=msg.integration_id, client_type=msg.client_type,
+                channel_user_id=msg.channel_user_id, display_name=msg.display_name,
+                info=msg.client_info, raw=msg.raw, user_id=msg.user_id))
+        except IdentityUnavailable as exc:
+            raise Retry(1.0, f"identity unavailable: {exc}") from exc
+
+    async def inbound_activity(self, msg: chan.InboundActivity) -> None:
+        """Typing/read from a customer: update read state, announce ActivityPosted."""
+        row = await self.store.get_conversation(msg.app_id, msg.conversation_id)
+        participant = None if row is None else await self.store.participant(msg.conversation_id, msg.user_id)
+        if row is None or participant is None:
+            log.warning("dropping activity for unknown conversation/participant %s/%s", msg.conversation_id,
+                        msg.user_id)
+            return
+        if msg.activity == "conversation:read":
+            async with self.store.tx():
+                await self.store.mark_read(participant["id"], msg.at)
+        client = SourceClient(id=msg.client_id, type="sdk" if msg.channel in SDK_INTEGRATION_TYPES else msg.channel,  # type: ignore[arg-type]
+                              integration_id=msg.integration_id) if _is_client_type(msg.channel) else None
+        await self.bus.publish(subjects.event_subject(msg.app_id, msg.conversation_id), conv.encode(
+            conv.ActivityPosted(
+                id=new_id(), app_id=msg.app_id, conversation_id=msg.conversation_id, created_at=msg.at,
+                conversation=conversation_ref(row), user_id=msg.user_id,
+                activity=Activity(type=msg.activity,
+                                  author=Author(type="user", user_id=msg.user_id,
+                                                user_external_id=participant["user_external_id"]),
+                                  source=Source(type=msg.channel, integration_id=msg.integration_id,
+                                                client=client)))))
+
+    # --- delivery statuses ----------------------------------------------------------------
+
+    async def handle_status(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+        """Consumer of `status.>`: map provider ids to messages and announce DeliveryReported."""
+        try:
+            status = chan.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Poison(f"undecodable status: {exc}") from exc
+        if not isinstance(status, chan.DeliveryStatus):
+            raise Poison(f"unexpected {type(status).__name__} on status")
+        await self.delivery_status(status, delivery.num_delivered)
+
+    async def delivery_status(self, status: chan.DeliveryStatus, num_delivered: int = 1) -> None:
+        message_id, conversation_id = status.message_id, status.conversation_id
+        if message_id is None:
+            mapped = await self.store.external(status.app_id, status.integration_id, status.provider_message_id)
+            if mapped is None:
+                if num_delivered < STATUS_MAX_DELIVERIES:
+                    raise Retry(0.5, f"provider message {status.provider_message_id} not mapped yet")
+                log.warning("dropping %s status for unknown provider message %s", status.status,
+                            status.provider_message_id)
+                return
+            message_id, conversation_id = mapped["message_id"], mapped["conversation_id"]
+        stored = await self.store.get_message(status.app_id, message_id)
+        if stored is None:
+            log.warning("dropping %s status for unknown message %s", status.status, message_id)
+            return
+        conversation_id = stored.conversation_id
+        if status.status == "sent":
+            async with self.store.tx():
+                await self.store.upsert_external(status.app_id, status.integration_id, status.provider_message_id,
+                                                 message_id, conversation_id, now())
+        row = await self.store.get_conversation(status.app_id, conversation_id)
+        if row is None:
+            return
+        participants = await self.store.participants(conversation_id)
+        user = UserRef(id=participants[0]["user_id"], external_id=participants[0]["user_external_id"]) \
+            if participants else UserRef(id="")
+        kind: conv.DeliveryKind = {"sent": "channel", "delivered": "user", "read": "user", "failed": "failure"}[
+            status.status]  # type: ignore[assignment]
+        error = None
+        if status.status == "failed":
+            error = DeliveryError(code=status.error_code or "delivery_failed",
+                                  message=status.error_title or status.error_details)
+        event_id = derived_id(message_id, status.integration_id, status.status)
+        event = conv.DeliveryReported(
+            id=event_id, app_id=status.app_id, conversation_id=conversation_id, created_at=status.timestamp,
+            kind=kind, conversation=conversation_ref(row), user=user, message_id=message_id,
+            destination=Destination(type=status.channel, integration_id=status.integration_id),
+            external_messages=[ExternalMessage(id=status.provider_message_id)],
+            is_final=status.status == "failed", error=error, read=status.status == "read")
+        await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(event),
+                               msg_id=event_id)
+
+    # --- request/reply for other services -------------------------------------------------
+
+    async def answer(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
+        """The CONVERSATIONS_START and CONVERSATIONS_HISTORY endpoints."""
+        try:
+            request = conv.decode_request(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return conv.ENCODER.encode(conv.ConversationError(status=400, code="bad_request",
+                                                              title=f"Invalid request: {exc}"))
+        try:
+            if isinstance(request, conv.StartConversation):
+                reply: conv.ConversationRequest = await self.start_conversation(request)
+            elif isinstance(request, conv.GetHistory):
+                reply = await self.history(request)
+            else:
+                reply = conv.ConversationError(status=400, code="bad_request",
+                                               title=f"Unexpected request {type(request).__name__}")
+        except ApiError as exc:
+            reply = conv.ConversationError(status=exc.status, code=exc.code, title=exc.title)
+        except Retry as exc:
+            reply = conv.ConversationError(status=503, code="service_unavailable", title=str(exc))
+        return conv.ENCODER.encode(reply)
+
+    async def start_conversation(self, req: conv.StartConversation) -> conv.ConversationStarted:
+        """The SDK user's default conversation (created when missing), the SDK client made primary."""
+        if await self.store.get_app(req.app_id) is None:
+            raise ApiError(404, "App not found", "app_not_found")
+        existing = await self.store.default_conversation(req.app_id, req.user_id)
+        if existing is None:
+            try:
+                reply = await self.identity.call(subjects.IDENTITY_USER_GET, ident.GetUser(
+                    app_id=req.app_id, user_id_or_external_id=req.user_id))
+            except IdentityUnavailable as exc:
+                raise ApiError(503, "Identity service unavailable") from exc
+            if isinstance(reply, ident.IdentityError):
+                raise ApiError(reply.status, reply.title, reply.code)
+            user = reply.user if isinstance(reply, ident.UserReply) else User(id=req.user_id)
+            try:
+                row, created = await self.ensure_conversation(
+                    req.app_id, user, reason="startConversation",
+                    source=Source(type="web", integration_id=req.integration_id))
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise ApiError(503, "Messaging bus unavailable") from exc
+        else:
+            row, created = existing, False
+        client = Client(id=req.client_id, type="sdk", status="active", integration_id=req.integration_id)
+        await self.associate(req.app_id, row["id"], User(id=req.user_id), client, now())
+        return conv.ConversationStarted(conversation=conversation_ref(row), created=created)
+
+    async def history(self, req: conv.GetHistory) -> conv.HistoryPage:
+        """Messages with cursor > after (oldest first), or the latest `limit` without `after`."""
+        row = await self.store.get_conversation(req.app_id, req.conversation_id)
+        if row is None or (req.user_id is not None and
+                           await self.store.participant(req.conversation_id, req.user_id) is None):
+            raise ApiError(404, "Conversation not found", "conversation_not_found")
+        limit = max(1, min(req.limit, 1000))
+        if req.after is not None:
+            rows, more = await self.store.messages_after(req.conversation_id, req.after, limit)
+        else:
+            rows, more = await self.store.messages_before(req.conversation_id, None, limit)
+        return conv.HistoryPage(
+            conversation=conversation_ref(row),
+            messages=[conv.HistoryMessage(cursor=r.seq, message=MESSAGE_DECODER.decode(r.body)) for r in rows],
+            has_more=more, business_last_read=row["business_last_read"])
+
+
+def _parse_received(message: Message) -> float:
+    from shared.ids import parse_iso
+
+    try:
+        return parse_iso(message.received)
+    except ValueError:
+        return now()
+
+
+_CLIENT_TYPES = frozenset({
+    "apple", "gbm", "googlercs", "instagram", "kakao", "line", "mailgun", "messagebird", "messenger",
+    "slackconnect", "sdk", "telegram", "twilio", "twitter", "viber", "wechat", "whatsapp", "web",
+})
+
+
+def _is_client_type(channel: str) -> bool:
+    return channel in _CLIENT_TYPES

@@ -1,0 +1,476 @@
+"""REST request bodies and response objects of the business API (SunCo v2 wire shapes).
+
+Request bodies are decoded strictly (enums are Literals, so an invalid value is a 400);
+unknown fields are ignored, as SunCo does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from shared.http import ApiError
+from shared.sunco import (
+    ActivityType,
+    Author,
+    Client,
+    ClientType,
+    Content,
+    ConversationType,
+    IntegrationType,
+    Message,
+    Profile,
+    User,
+    Wire,
+)
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+WEBHOOK_TRIGGERS = frozenset({
+    "client:add", "client:remove", "client:update", "conversation:create", "conversation:join",
+    "conversation:leave", "conversation:remove", "conversation:message", "conversation:message:delivery:channel",
+    "conversation:message:delivery:failure", "conversation:message:delivery:user", "conversation:postback",
+    "conversation:read", "conversation:referral", "passthrough:messaging", "conversation:typing",
+    "switchboard:acceptControl", "switchboard:acceptControl:failure", "switchboard:offerControl",
+    "switchboard:offerControl:failure", "switchboard:passControl", "switchboard:passControl:failure",
+    "switchboard:releaseControl", "user:merge", "user:update", "user:remove",
+})
+AUTHOR_SUBTYPES = frozenset({"AI", "activity"})
+MAX_METADATA_BYTES = 4096
+# Integration types this server can create (the others are valid SunCo enums, refused with 400).
+SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp")
+# Secrets never returned by the API (they stay in the DB and the KV record for channel services).
+SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken"})
+DEFAULT_WHATSAPP_API_VERSION = "v23.0"
+DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
+
+
+class Meta(Wire, kw_only=True):
+    has_more: bool
+    after_cursor: str | None = None
+    before_cursor: str | None = None
+
+
+class Links(Wire, kw_only=True):
+    prev: str | None = None
+    next: str | None = None
+
+
+# --- apps and keys ---------------------------------------------------------------------------
+
+class AppSettings(Wire, kw_only=True):
+    conversation_retention_seconds: int | None = None
+    mask_credit_card_numbers: bool | None = None
+    use_animal_names: bool | None = None
+    echo_postback: bool | None = None
+    ignore_auto_conversation_start: bool | None = None
+    multi_convo_enabled: bool | None = None
+    app_localization_enabled: bool | None = None
+
+
+class AppCreateBody(Wire, kw_only=True):
+    display_name: str
+    settings: AppSettings | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class AppUpdateBody(Wire, kw_only=True):
+    display_name: str | None = None
+    settings: AppSettings | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class App(Wire, kw_only=True):
+    id: str
+    display_name: str
+    settings: dict[str, Any]
+    metadata: dict[str, Any] | None = None
+
+
+class AppKeyCreateBody(Wire, kw_only=True):
+    display_name: str
+
+
+class AppKey(Wire, kw_only=True):
+    id: str
+    display_name: str
+    secret: str
+
+
+# --- users (forwarded to identity) -----------------------------------------------------------
+
+class UserCreateBody(Wire, kw_only=True):
+    external_id: str | None = None
+    signed_up_at: str | None = None
+    to_be_retained: bool | None = None
+    profile: Profile | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class UserUpdateBody(Wire, kw_only=True):
+    external_id: str | None = None
+    signed_up_at: str | None = None
+    to_be_retained: bool | None = None
+    profile: Profile | None = None
+    metadata: dict[str, Any] | None = None
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+class ParticipantIn(Wire, kw_only=True):
+    user_id: str | None = None
+    user_external_id: str | None = None
+    subscribe_sdk_client: bool | None = msgspec.field(default=None, name="subscribeSDKClient")
+
+
+class ConversationCreateBody(Wire, kw_only=True):
+    type: ConversationType
+    participants: list[ParticipantIn] = []
+    display_name: str | None = None
+    description: str | None = None
+    icon_url: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ConversationUpdateBody(Wire, kw_only=True):
+    display_name: str | None = None
+    description: str | None = None
+    icon_url: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class Conversation(Wire, kw_only=True):
+    id: str
+    type: ConversationType
+    is_default: bool
+    display_name: str | None = None
+    description: str | None = None
+    icon_url: str | None = None
+    metadata: dict[str, Any] | None = None
+    business_last_read: str | None = None
+    last_updated_at: str | None = None
+    created_at: str | None = None
+
+
+class ClientAssociation(Wire, kw_only=True):
+    type: ClientType
+    client_id: str
+
+
+class Participant(Wire, kw_only=True):
+    id: str
+    user_id: str
+    unread_count: int
+    client_associations: list[ClientAssociation]
+    user_external_id: str | None = None
+    last_read: str | None = None
+
+
+# --- messages and activity -------------------------------------------------------------------
+
+class DestinationIn(Wire, kw_only=True):
+    integration_id: str | None = None
+    integration_type: str | None = None
+
+
+class MessagePostBody(Wire, kw_only=True):
+    author: Author
+    content: Content
+    destination: DestinationIn | None = None
+    metadata: dict[str, Any] | None = None
+    override: dict[str, Any] | None = None
+    schema: Literal["whatsapp"] | None = None
+
+
+class ActivityPostBody(Wire, kw_only=True):
+    type: ActivityType
+    author: Author
+
+
+# --- integrations and webhooks ---------------------------------------------------------------
+
+class WebhookCreateBody(Wire, kw_only=True):
+    target: str
+    triggers: list[str]
+    include_full_user: bool = False
+    include_full_source: bool = False
+
+
+class WebhookUpdateBody(Wire, kw_only=True):
+    target: str | None = None
+    triggers: list[str] | None = None
+    include_full_user: bool | None = None
+    include_full_source: bool | None = None
+
+
+class Webhook(Wire, kw_only=True):
+    id: str
+    version: str
+    target: str
+    triggers: list[str]
+    secret: str
+    # Required (not defaulted) so they are always on the wire.
+    include_full_user: bool
+    include_full_source: bool
+
+
+class IntegrationTypeProbe(msgspec.Struct):
+    """Only the discriminator of an integration body (validated against SunCo's enum)."""
+
+    type: IntegrationType
+
+
+class PrechatField(Wire, kw_only=True):
+    type: str
+    name: str
+    label: str
+    placeholder: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    options: list[dict[str, Any]] | None = None
+
+
+class PrechatCapture(Wire, kw_only=True):
+    avatar_url: str | None = None
+    enabled: bool | None = None
+    enable_email_linking: bool | None = None
+    fields: list[PrechatField] | None = None
+
+
+class CustomIntegrationIn(Wire, kw_only=True):
+    display_name: str | None = None
+    webhooks: list[WebhookCreateBody] = []
+
+
+class CustomIntegrationUpdate(Wire, kw_only=True):
+    display_name: str | None = None
+
+
+class WebIntegrationIn(Wire, kw_only=True):
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    brand_color: str | None = None
+    fixed_intro_pane: bool | None = None
+    conversation_color: str | None = None
+    action_color: str | None = None
+    display_style: Literal["button", "tab"] | None = None
+    button_icon_url: str | None = None
+    button_width: str | None = None
+    button_height: str | None = None
+    integration_order: list[str] | None = None
+    business_name: str | None = None
+    business_icon_url: str | None = None
+    background_image_url: str | None = None
+    origin_whitelist: list[str] | None = None
+    prechat_capture: PrechatCapture | None = None
+    can_user_see_conversation_list: bool | None = None
+    can_user_create_more_conversations: bool | None = None
+    attachments_enabled: bool | None = None
+
+
+class WhatsappIntegrationIn(Wire, kw_only=True):
+    """SunCo's WhatsApp fields plus what Threadline needs to call the Cloud API itself."""
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    hsm_fallback_language: str | None = None
+    account_id: str | None = None
+    account_management_access_token: str | None = None
+    phone_number: str | None = None
+    phone_number_id: str | None = None
+    access_token: str | None = None
+    app_secret: str | None = None
+    verify_token: str | None = None
+    api_version: str | None = None
+    base_url: str | None = None
+
+
+INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
+    "custom": CustomIntegrationIn,
+    "web": WebIntegrationIn,
+    "whatsapp": WhatsappIntegrationIn,
+}
+INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
+    "custom": CustomIntegrationUpdate,
+    "web": WebIntegrationIn,
+    "whatsapp": WhatsappIntegrationIn,
+}
+
+
+# --- response envelopes (for the OpenAPI document; handlers build them directly) --------------
+
+class AppResponse(Wire, kw_only=True):
+    app: App
+
+
+class AppListResponse(Wire, kw_only=True):
+    apps: list[App]
+    meta: Meta
+    links: Links
+
+
+class AppKeyResponse(Wire, kw_only=True):
+    key: AppKey
+
+
+class AppKeyListResponse(Wire, kw_only=True):
+    keys: list[AppKey]
+
+
+class UserResponse(Wire, kw_only=True):
+    user: User
+
+
+class ClientListResponse(Wire, kw_only=True):
+    clients: list[Client]
+    meta: Meta
+    links: Links
+
+
+class ConversationResponse(Wire, kw_only=True):
+    conversation: Conversation
+
+
+class ConversationListResponse(Wire, kw_only=True):
+    conversations: list[Conversation]
+    meta: Meta
+    links: Links
+
+
+class ParticipantListResponse(Wire, kw_only=True):
+    participants: list[Participant]
+    meta: Meta
+    links: Links
+
+
+class MessagePostResponse(Wire, kw_only=True):
+    messages: list[Message]
+
+
+class MessageListResponse(Wire, kw_only=True):
+    messages: list[Message]
+    meta: Meta
+    links: Links
+
+
+class Integration(Wire, kw_only=True):
+    """An integration as returned: common fields plus the type's own fields (secrets removed)."""
+
+    id: str
+    type: IntegrationType
+    status: Literal["active", "inactive", "error"]
+    display_name: str | None = None
+
+
+class IntegrationResponse(Wire, kw_only=True):
+    integration: Integration
+
+
+class IntegrationListResponse(Wire, kw_only=True):
+    integrations: list[Integration]
+    meta: Meta
+    links: Links
+
+
+class WebhookResponse(Wire, kw_only=True):
+    webhook: Webhook
+
+
+class WebhookListResponse(Wire, kw_only=True):
+    webhooks: list[Webhook]
+
+
+class ErrorItem(Wire, kw_only=True):
+    code: str
+    title: str
+
+
+class ErrorResponse(Wire, kw_only=True):
+    errors: list[ErrorItem]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def convert(data: Any, type_: type[Any]) -> Any:
+    """Validate builtins into a struct; a 400 ApiError when they do not fit."""
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"Invalid request body: {exc}") from exc
+
+
+def check_metadata(metadata: Mapping[str, Any] | None) -> None:
+    """SunCo metadata: a flat object of strings, numbers and booleans, at most 4 KB."""
+    if metadata is None:
+        return
+    for key, value in metadata.items():
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise ApiError(400, f"metadata.{key} must be a string, number or boolean")
+    if len(msgspec.json.encode(metadata)) > MAX_METADATA_BYTES:
+        raise ApiError(400, "metadata exceeds 4KB")
+
+
+def check_webhook(target: str | None, triggers: list[str] | None) -> None:
+    """Refuse webhook targets that are not http(s) URLs and unknown triggers."""
+    if target is not None and not target.startswith(("http://", "https://")):
+        raise ApiError(400, "webhook target must be an http(s) URL")
+    if triggers is not None:
+        if not triggers:
+            raise ApiError(400, "webhook triggers must not be empty")
+        unknown = sorted(set(triggers) - WEBHOOK_TRIGGERS)
+        if unknown:
+            raise ApiError(400, f"unknown webhook trigger(s): {', '.join(unknown)}")
+
+
+def query_object(query: Mapping[str, str], name: str) -> dict[str, str]:
+    """Read an object query parameter in either style SunCo clients send.
+
+    `page[after]=x&page[size]=10` (docs, clients ≤16.x) and `page={"after":"x","size":10}`
+    (URL-encoded JSON, client 17.x) both give `{"after": "x", "size": "10"}`.
+    """
+    result: dict[str, str] = {}
+    raw = query.get(name)
+    if raw is not None and raw != "":
+        try:
+            parsed = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"query parameter {name} must be a JSON object") from exc
+        if not isinstance(parsed, dict):
+            raise ApiError(400, f"query parameter {name} must be a JSON object")
+        for key, value in parsed.items():
+            if value is not None:
+                result[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    prefix = f"{name}["
+    for key, value in query.items():
+        if key.startswith(prefix) and key.endswith("]"):
+            result[key[len(prefix):-1]] = value
+    return result
+
+
+class PageParams(msgspec.Struct, frozen=True):
+    after: str | None
+    before: str | None
+    size: int
+
+
+def page_params(query: Mapping[str, str], default_size: int = 25) -> PageParams:
+    """Validate `page` (after/before cursors are 24-hex ids, size 1..100)."""
+    page = query_object(query, "page")
+    after, before = page.get("after") or None, page.get("before") or None
+    if after is not None and before is not None:
+        raise ApiError(400, "page.after and page.before are mutually exclusive")
+    for cursor in (after, before):
+        if cursor is not None and (len(cursor) != 24 or not all(c in "0123456789abcdef" for c in cursor)):
+            raise ApiError(400, "page cursors must be 24-character ids")
+    size = default_size
+    if "size" in page:
+        try:
+            size = int(page["size"])
+        except ValueError as exc:
+            raise ApiError(400, "page.size must be an integer") from exc
+        if not 1 <= size <= 100:
+            raise ApiError(400, "page.size must be between 1 and 100")
+    return PageParams(after=after, before=before, size=size)

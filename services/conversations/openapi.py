@@ -1,0 +1,120 @@
+"""The OpenAPI 3 document of the business API, generated from the operations table and the
+msgspec structs that define the bodies (no hand-written schema literal)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from services.conversations import models
+
+if TYPE_CHECKING:
+    from services.conversations.api import Operation
+
+REF_TEMPLATE = "#/components/schemas/{name}"
+_PATH_PARAM = re.compile(r"{([^}]+)}")
+
+QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
+    "page": {
+        "name": "page", "in": "query", "required": False, "style": "deepObject", "explode": True,
+        "description": "Cursor paging: `page[after]`, `page[before]` (24-char ids), `page[size]` (1-100). "
+                       "URL-encoded JSON (`page={\"after\":\"...\"}`) is accepted too.",
+        "schema": {"type": "object", "properties": {
+            "after": {"type": "string", "minLength": 24, "maxLength": 24},
+            "before": {"type": "string", "minLength": 24, "maxLength": 24},
+            "size": {"type": "integer", "minimum": 1, "maximum": 100}}},
+    },
+    "filter": {
+        "name": "filter", "in": "query", "required": False, "style": "deepObject", "explode": True,
+        "description": "`filter[userId]`, `filter[userExternalId]` (conversations) or `filter[types]` "
+                       "(integrations, comma-separated). URL-encoded JSON is accepted too.",
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def openapi_document(operations: Sequence[Operation], server_url: str) -> dict[str, Any]:
+    """Build the document: one path item per operation, schemas from the structs they use."""
+    types: list[Any] = [models.ErrorResponse]
+    for op in operations:
+        types.extend(t for t in (op.request, op.response) if t is not None)
+    unique = list(dict.fromkeys(types))
+    _, components = msgspec.json.schema_components(unique, ref_template=REF_TEMPLATE)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        item: dict[str, Any] = {
+            "operationId": op.operation_id,
+            "tags": [op.tag],
+            "summary": op.summary,
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in _PATH_PARAM.findall(op.path)
+            ] + [QUERY_PARAMETERS[q] for q in op.query],
+            "responses": {
+                str(op.status): {
+                    "description": "Success",
+                    "content": {"application/json": {"schema": (
+                        {"$ref": REF_TEMPLATE.format(name=op.response.__name__)} if op.response is not None
+                        else {"type": "object"})}},
+                },
+                **{str(code): {"$ref": f"#/components/responses/{name}"} for code, name in _error_refs(op)},
+            },
+        }
+        if op.scope == "public":
+            item["security"] = []
+        elif op.scope == "account":
+            item["description"] = "Requires the account key (Basic or a JWT with scope `account`)."
+        if op.request is not None:
+            item["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": REF_TEMPLATE.format(name=op.request.__name__)}}}}
+        paths.setdefault(op.path, {})[op.method.lower()] = item
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Threadline business API",
+            "version": "2.0.0",
+            "description": "A Sunshine Conversations v2 compatible subset (the official "
+                           "sunshine-conversations-client works against it) plus Threadline extensions.",
+        },
+        "servers": [{"url": server_url}],
+        "security": [{"basicAuth": []}, {"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "basicAuth": {"type": "http", "scheme": "basic",
+                              "description": "API key id and secret (app key or the account key)."},
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                               "description": "HS256 JWT signed with a key secret, `kid` = key id, "
+                                              "`scope` = app (app keys) or account (the account key)."},
+            },
+            "responses": {name: {"description": description, "content": {"application/json": {
+                "schema": {"$ref": REF_TEMPLATE.format(name="ErrorResponse")}}}}
+                for name, description in _ERRORS.items()},
+        },
+    }
+
+
+_ERRORS = {
+    "BadRequest": "Invalid request (malformed JSON, invalid enum value, validation error)",
+    "Unauthorized": "Missing or wrong credentials",
+    "Forbidden": "The key does not grant this app or operation",
+    "NotFound": "No such resource in this app",
+    "PayloadTooLarge": "Body over 100 KB",
+    "UnsupportedMediaType": "Body is not application/json",
+    "ServiceUnavailable": "A dependency (bus, identity) is unavailable; retry",
+}
+
+
+def _error_refs(op: Operation) -> list[tuple[int, str]]:
+    refs = [] if op.scope == "public" else [(401, "Unauthorized"), (403, "Forbidden")]
+    if "{" in op.path:
+        refs.append((404, "NotFound"))
+    if op.request is not None:
+        refs.extend([(400, "BadRequest"), (413, "PayloadTooLarge"), (415, "UnsupportedMediaType")])
+    if op.method != "GET" or "users" in op.path:
+        refs.append((503, "ServiceUnavailable"))
+    return refs

@@ -1,0 +1,497 @@
+"""The conversations database: apps, keys, integrations, webhooks, conversations, messages.
+
+One aiosqlite connection. Every write runs inside `Store.tx()`, which holds a lock: on a shared
+connection an open transaction would otherwise swallow another coroutine's statements.
+Methods named `add_*`, `set_*`, `delete_*`, `upsert_*`, `insert_*` must be called inside `tx()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from shared.store import open_db
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the whole schema.
+    """
+    CREATE TABLE apps (
+        id TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE app_keys (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        display_name TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX app_keys_app ON app_keys(app_id, id);
+    CREATE TABLE integrations (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        display_name TEXT,
+        config TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX integrations_app ON integrations(app_id, id);
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+        record TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX webhooks_integration ON webhooks(integration_id, id);
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        default_user_id TEXT,
+        display_name TEXT,
+        description TEXT,
+        icon_url TEXT,
+        metadata TEXT,
+        business_last_read REAL,
+        last_updated_at REAL NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_app ON conversations(app_id, id);
+    CREATE UNIQUE INDEX conversations_default ON conversations(app_id, default_user_id);
+    CREATE TABLE participants (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        user_external_id TEXT,
+        unread_count INTEGER NOT NULL DEFAULT 0,
+        last_read REAL,
+        created_at REAL NOT NULL,
+        UNIQUE (conversation_id, user_id)
+    );
+    CREATE INDEX participants_user ON participants(app_id, user_id);
+    CREATE TABLE client_associations (
+        participant_id TEXT NOT NULL REFERENCES participants(id) ON DELETE CASCADE,
+        client_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        integration_id TEXT,
+        external_id TEXT,
+        info TEXT,
+        last_active REAL NOT NULL,
+        PRIMARY KEY (participant_id, client_id)
+    );
+    CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        app_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        author_type TEXT NOT NULL,
+        user_id TEXT,
+        integration_id TEXT,
+        provider_message_id TEXT,
+        event_id TEXT NOT NULL,
+        received REAL NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX messages_provider ON messages(app_id, integration_id, provider_message_id);
+    CREATE INDEX messages_conversation ON messages(conversation_id, seq);
+    CREATE TABLE external_messages (
+        app_id TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        provider_message_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (app_id, integration_id, provider_message_id)
+    );
+    """,
+)
+
+_JSON = msgspec.json.Encoder()
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a value (structs included)."""
+    return _JSON.encode(value).decode()
+
+
+def loads(text: str | None) -> Any:
+    """Parse JSON text (None stays None)."""
+    return None if text is None else msgspec.json.decode(text)
+
+
+@dataclass(frozen=True)
+class Association:
+    """A client attached to a participant; the most recently active comes first (= primary)."""
+
+    client_id: str
+    type: str
+    integration_id: str | None
+    external_id: str | None
+    info: dict[str, Any] | None
+    last_active: float
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A row of the messages table; `body` is the SunCo Message JSON."""
+
+    seq: int
+    id: str
+    conversation_id: str
+    event_id: str
+    body: str
+
+
+class Store:
+    """Data access for the conversations service."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (and migrate) the database at `path`."""
+        return cls(await open_db(path, MIGRATIONS))
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[None]:
+        """A write transaction (serialized with every other write of this process)."""
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    # --- generic helpers --------------------------------------------------------------------
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self.db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        async with self.db.execute(sql, params) as cur:
+            return cur.rowcount
+
+    # --- apps and keys ----------------------------------------------------------------------
+
+    async def add_app(self, app_id: str, display_name: str, settings: dict[str, Any],
+                      metadata: dict[str, Any], now: float) -> None:
+        await self._run("INSERT INTO apps (id, display_name, settings, metadata, created_at) VALUES (?,?,?,?,?)",
+                        (app_id, display_name, dumps(settings), dumps(metadata), now))
+
+    async def set_app(self, app_id: str, display_name: str, settings: dict[str, Any],
+                      metadata: dict[str, Any]) -> None:
+        await self._run("UPDATE apps SET display_name=?, settings=?, metadata=? WHERE id=?",
+                        (display_name, dumps(settings), dumps(metadata), app_id))
+
+    async def delete_app(self, app_id: str) -> int:
+        return await self._run("DELETE FROM apps WHERE id=?", (app_id,))
+
+    async def get_app(self, app_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM apps WHERE id=?", (app_id,))
+
+    async def list_apps(self, after: str | None, before: str | None, limit: int) -> tuple[list[aiosqlite.Row], bool]:
+        return await self._page("SELECT * FROM apps", "", (), after, before, limit, "apps")
+
+    async def add_key(self, key_id: str, app_id: str, display_name: str, secret: str, now: float) -> None:
+        await self._run("INSERT INTO app_keys (id, app_id, display_name, secret, created_at) VALUES (?,?,?,?,?)",
+                        (key_id, app_id, display_name, secret, now))
+
+    async def get_key(self, key_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM app_keys WHERE id=?", (key_id,))
+
+    async def list_keys(self, app_id: str) -> list[aiosqlite.Row]:
+        return await self._all("SELECT * FROM app_keys WHERE app_id=? ORDER BY id", (app_id,))
+
+    async def delete_key(self, app_id: str, key_id: str) -> int:
+        return await self._run("DELETE FROM app_keys WHERE app_id=? AND id=?", (app_id, key_id))
+
+    # --- integrations and webhooks ----------------------------------------------------------
+
+    async def add_integration(self, integration_id: str, app_id: str, type_: str, status: str,
+                              display_name: str | None, config: dict[str, Any], now: float) -> None:
+        await self._run(
+            "INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at) "
+            "VALUES (?,?,?,?,?,?,?)", (integration_id, app_id, type_, status, display_name, dumps(config), now))
+
+    async def set_integration(self, integration_id: str, status: str, display_name: str | None,
+                              config: dict[str, Any]) -> None:
+        await self._run("UPDATE integrations SET status=?, display_name=?, config=? WHERE id=?",
+                        (status, display_name, dumps(config), integration_id))
+
+    async def delete_integration(self, integration_id: str) -> int:
+        return await self._run("DELETE FROM integrations WHERE id=?", (integration_id,))
+
+    async def get_integration(self, app_id: str, integration_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM integrations WHERE app_id=? AND id=?", (app_id, integration_id))
+
+    async def list_integrations(self, app_id: str | None, types: Iterable[str] | None = None, *,
+                                after: str | None = None, before: str | None = None,
+                                limit: int = 1000) -> tuple[list[aiosqlite.Row], bool]:
+        where, params = [], []
+        if app_id is not None:
+            where.append("app_id=?")
+            params.append(app_id)
+        if types:
+            type_list = list(types)
+            where.append(f"type IN ({','.join('?' * len(type_list))})")
+            params.extend(type_list)
+        return await self._page("SELECT * FROM integrations", " AND ".join(where), params, after, before, limit,
+                                "integrations")
+
+    async def add_webhook(self, webhook_id: str, app_id: str, integration_id: str, record: str, now: float) -> None:
+        await self._run("INSERT INTO webhooks (id, app_id, integration_id, record, created_at) VALUES (?,?,?,?,?)",
+                        (webhook_id, app_id, integration_id, record, now))
+
+    async def set_webhook(self, webhook_id: str, record: str) -> None:
+        await self._run("UPDATE webhooks SET record=? WHERE id=?", (record, webhook_id))
+
+    async def delete_webhook(self, webhook_id: str) -> int:
+        return await self._run("DELETE FROM webhooks WHERE id=?", (webhook_id,))
+
+    async def get_webhook(self, integration_id: str, webhook_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM webhooks WHERE integration_id=? AND id=?", (integration_id, webhook_id))
+
+    async def list_webhooks(self, integration_id: str | None = None, app_id: str | None = None) -> list[aiosqlite.Row]:
+        if integration_id is not None:
+            return await self._all("SELECT * FROM webhooks WHERE integration_id=? ORDER BY id", (integration_id,))
+        if app_id is not None:
+            return await self._all("SELECT * FROM webhooks WHERE app_id=? ORDER BY id", (app_id,))
+        return await self._all("SELECT * FROM webhooks ORDER BY id")
+
+    # --- conversations and participants -----------------------------------------------------
+
+    async def add_conversation(self, conversation_id: str, app_id: str, type_: str, default_user_id: str | None,
+                               display_name: str | None, description: str | None, icon_url: str | None,
+                               metadata: dict[str, Any] | None, now: float) -> bool:
+        """Insert a conversation; False when the user already has a default one (nothing written)."""
+        changed = await self._run(
+            "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description, icon_url,"
+            " metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (app_id, default_user_id) DO NOTHING",
+            (conversation_id, app_id, type_, default_user_id, display_name, description, icon_url,
+             None if metadata is None else dumps(metadata), now, now))
+        return changed > 0
+
+    async def set_conversation(self, conversation_id: str, display_name: str | None, description: str | None,
+                               icon_url: str | None, metadata: dict[str, Any] | None) -> None:
+        await self._run("UPDATE conversations SET display_name=?, description=?, icon_url=?, metadata=? WHERE id=?",
+                        (display_name, description, icon_url, None if metadata is None else dumps(metadata),
+                         conversation_id))
+
+    async def touch_conversation(self, conversation_id: str, now: float) -> None:
+        await self._run("UPDATE conversations SET last_updated_at=? WHERE id=?", (now, conversation_id))
+
+    async def set_business_last_read(self, conversation_id: str, at: float) -> None:
+        await self._run("UPDATE conversations SET business_last_read=? WHERE id=?", (at, conversation_id))
+
+    async def delete_conversation(self, conversation_id: str) -> int:
+        return await self._run("DELETE FROM conversations WHERE id=?", (conversation_id,))
+
+    async def get_conversation(self, app_id: str, conversation_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM conversations WHERE app_id=? AND id=?", (app_id, conversation_id))
+
+    async def default_conversation(self, app_id: str, user_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?", (app_id, user_id))
+
+    async def list_user_conversations(self, app_id: str, user_id: str, after: str | None, before: str | None,
+                                      limit: int) -> tuple[list[aiosqlite.Row], bool]:
+        return await self._page(
+            "SELECT c.* FROM conversations c JOIN participants p ON p.conversation_id = c.id",
+            "p.app_id=? AND p.user_id=?", (app_id, user_id), after, before, limit, "conversations", "c")
+
+    async def add_participant(self, participant_id: str, app_id: str, conversation_id: str, user_id: str,
+                              user_external_id: str | None, now: float) -> None:
+        await self._run(
+            "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (conversation_id, user_id) DO NOTHING",
+            (participant_id, app_id, conversation_id, user_id, user_external_id, now))
+
+    async def set_participant_external_id(self, app_id: str, user_id: str, external_id: str | None) -> None:
+        await self._run("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
+                        (external_id, app_id, user_id))
+
+    async def participants(self, conversation_id: str) -> list[aiosqlite.Row]:
+        return await self._all("SELECT * FROM participants WHERE conversation_id=? ORDER BY created_at, id",
+                               (conversation_id,))
+
+    async def participant(self, conversation_id: str, user_id: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
+                               (conversation_id, user_id))
+
+    async def user_conversation_ids(self, app_id: str, user_id: str) -> list[str]:
+        rows = await self._all("SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?",
+                               (app_id, user_id))
+        return [r["conversation_id"] for r in rows]
+
+    async def mark_read(self, participant_id: str, at: float) -> None:
+        await self._run("UPDATE participants SET last_read=?, unread_count=0 WHERE id=?", (at, participant_id))
+
+    async def add_unread(self, conversation_id: str) -> None:
+        await self._run("UPDATE participants SET unread_count = unread_count + 1 WHERE conversation_id=?",
+                        (conversation_id,))
+
+    async def upsert_association(self, participant_id: str, client_id: str, type_: str,
+                                 integration_id: str | None, external_id: str | None,
+                                 info: dict[str, Any] | None, now: float) -> bool:
+        """Make the client the most recent (primary) one; True when it was not associated before."""
+        existed = await self._one("SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
+                                  (participant_id, client_id))
+        await self._run(
+            "INSERT INTO client_associations (participant_id, client_id, type, integration_id, external_id, info,"
+            " last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id, client_id) DO UPDATE SET"
+            " last_active=excluded.last_active, type=excluded.type, integration_id=excluded.integration_id,"
+            " external_id=excluded.external_id, info=excluded.info",
+            (participant_id, client_id, type_, integration_id, external_id, None if info is None else dumps(info), now))
+        return existed is None
+
+    async def associations(self, participant_id: str) -> list[Association]:
+        rows = await self._all(
+            "SELECT * FROM client_associations WHERE participant_id=? ORDER BY last_active DESC, client_id",
+            (participant_id,))
+        return [Association(client_id=r["client_id"], type=r["type"], integration_id=r["integration_id"],
+                            external_id=r["external_id"], info=loads(r["info"]), last_active=r["last_active"])
+                for r in rows]
+
+    # --- messages ---------------------------------------------------------------------------
+
+    async def insert_message(self, message_id: str, app_id: str, conversation_id: str, author_type: str,
+                             user_id: str | None, integration_id: str | None, provider_message_id: str | None,
+                             event_id: str, received: float, body: str) -> int | None:
+        """Insert a message and return its seq, or None when the provider id was stored already."""
+        async with self.db.execute(
+            "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
+            " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
+            (message_id, app_id, conversation_id, author_type, user_id, integration_id, provider_message_id,
+             event_id, received, body),
+        ) as cur:
+            if cur.rowcount == 0:
+                return None
+            return cur.lastrowid
+
+    async def message_by_provider_id(self, app_id: str, integration_id: str,
+                                     provider_message_id: str) -> StoredMessage | None:
+        row = await self._one(
+            "SELECT seq, id, conversation_id, event_id, body FROM messages"
+            " WHERE app_id=? AND integration_id=? AND provider_message_id=?",
+            (app_id, integration_id, provider_message_id))
+        return None if row is None else StoredMessage(**dict(row))
+
+    async def get_message(self, app_id: str, message_id: str) -> StoredMessage | None:
+        row = await self._one("SELECT seq, id, conversation_id, event_id, body FROM messages WHERE app_id=? AND id=?",
+                              (app_id, message_id))
+        return None if row is None else StoredMessage(**dict(row))
+
+    async def delete_message(self, conversation_id: str, message_id: str) -> int:
+        return await self._run("DELETE FROM messages WHERE conversation_id=? AND id=?", (conversation_id, message_id))
+
+    async def delete_messages(self, conversation_id: str) -> int:
+        return await self._run("DELETE FROM messages WHERE conversation_id=?", (conversation_id,))
+
+    async def message_seq(self, conversation_id: str, message_id: str) -> int | None:
+        row = await self._one("SELECT seq FROM messages WHERE conversation_id=? AND id=?",
+                              (conversation_id, message_id))
+        return None if row is None else int(row["seq"])
+
+    async def messages_before(self, conversation_id: str, before_seq: int | None, limit: int) -> tuple[
+            list[StoredMessage], bool]:
+        """The `limit` messages just before `before_seq` (all when None), oldest first, and whether older exist."""
+        bound = "AND seq < ?" if before_seq is not None else ""
+        params: list[Any] = [conversation_id]
+        if before_seq is not None:
+            params.append(before_seq)
+        rows = await self._all(
+            f"SELECT seq, id, conversation_id, event_id, body FROM messages WHERE conversation_id=? {bound}"
+            " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
+        more = len(rows) > limit
+        return [StoredMessage(**dict(r)) for r in reversed(rows[:limit])], more
+
+    async def messages_after(self, conversation_id: str, after_seq: int, limit: int) -> tuple[
+            list[StoredMessage], bool]:
+        """The `limit` messages just after `after_seq`, oldest first, and whether newer exist."""
+        rows = await self._all(
+            "SELECT seq, id, conversation_id, event_id, body FROM messages WHERE conversation_id=? AND seq > ?"
+            " ORDER BY seq LIMIT ?", (conversation_id, after_seq, limit + 1))
+        return [StoredMessage(**dict(r)) for r in rows[:limit]], len(rows) > limit
+
+    async def has_messages(self, conversation_id: str, *, before_seq: int | None = None,
+                           after_seq: int | None = None) -> bool:
+        if before_seq is not None:
+            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq < ? LIMIT 1",
+                                  (conversation_id, before_seq))
+        else:
+            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq > ? LIMIT 1",
+                                  (conversation_id, after_seq or 0))
+        return row is not None
+
+    # --- provider ids of sent messages ------------------------------------------------------
+
+    async def upsert_external(self, app_id: str, integration_id: str, provider_message_id: str,
+                              message_id: str, conversation_id: str, now: float) -> None:
+        await self._run(
+            "INSERT INTO external_messages (app_id, integration_id, provider_message_id, message_id, conversation_id,"
+            " created_at) VALUES (?,?,?,?,?,?) ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
+            (app_id, integration_id, provider_message_id, message_id, conversation_id, now))
+
+    async def external(self, app_id: str, integration_id: str, provider_message_id: str) -> aiosqlite.Row | None:
+        return await self._one(
+            "SELECT * FROM external_messages WHERE app_id=? AND integration_id=? AND provider_message_id=?",
+            (app_id, integration_id, provider_message_id))
+
+    # --- paging -----------------------------------------------------------------------------
+
+    async def _page(self, select: str, where: str, params: Sequence[Any], after: str | None, before: str | None,
+                    limit: int, table: str, alias: str = "") -> tuple[list[aiosqlite.Row], bool]:
+        """Keyset paging in creation order, by (created_at, id); cursors are ids.
+
+        Returns the page in ascending order and whether more rows exist past it in the
+        direction of paging. A cursor id that does not exist is a 400.
+        """
+        col = f"{alias}." if alias else ""
+        clauses = [where] if where else []
+        args = list(params)
+        for cursor, op in ((after, ">"), (before, "<")):
+            if cursor is None:
+                continue
+            row = await self._one(f"SELECT created_at FROM {table} WHERE id=?", (cursor,))
+            if row is None:
+                raise CursorNotFound(cursor)
+            clauses.append(f"({col}created_at {op} ? OR ({col}created_at = ? AND {col}id {op} ?))")
+            args.extend([row["created_at"], row["created_at"], cursor])
+        sql = select + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        order = "DESC" if before is not None and after is None else "ASC"
+        rows = await self._all(f"{sql} ORDER BY {col}created_at {order}, {col}id {order} LIMIT ?", (*args, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if order == "DESC":
+            rows.reverse()
+        return rows, more
+
+
+class CursorNotFound(LookupError):
+    """A paging cursor names no row."""

@@ -1,0 +1,523 @@
+"""The business API driven by the official `sunshine-conversations-client` 17.0.1 (and raw HTTP
+where the client cannot go), against real identity + conversations services and nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import sunshine_conversations_client as sc
+from sunshine_conversations_client.exceptions import ApiException
+
+from shared import records, subjects
+from shared.bus import Bus
+from shared.signing import jwt_encode
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+
+T = TypeVar("T")
+
+
+def basic(key_id: str, secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key_id}:{secret}".encode()).decode()}
+
+
+ACCOUNT = basic(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET)
+
+
+@dataclass
+class Tenant:
+    """A running system with one app and an app key, plus helpers to call it."""
+
+    system: System
+    http: aiohttp.ClientSession
+    app_id: str
+    key_id: str
+    secret: str
+
+    @property
+    def base(self) -> str:
+        return self.system.base_url
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return basic(self.key_id, self.secret)
+
+    def client(self, key_id: str | None = None, secret: str | None = None) -> sc.ApiClient:
+        config = sc.Configuration(host=self.base, username=key_id or self.key_id, password=secret or self.secret)
+        return sc.ApiClient(config)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a (synchronous) client call in a thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None,
+                      data: bytes | None = None) -> tuple[int, Any]:
+        hdrs = {**self.auth, **(headers or {})}
+        async with self.http.request(method, self.base + path, json=body, data=data, headers=hdrs) as resp:
+            text = await resp.text()
+            return resp.status, (json.loads(text) if text else None)
+
+
+async def create_tenant(system: System, http: aiohttp.ClientSession, name: str = "Acme") -> tuple[str, str, str]:
+    """Bootstrap as the docs say: POST /v2/apps with the account key, then an app key."""
+    async with http.post(system.base_url + "/v2/apps", json={"displayName": name}, headers=ACCOUNT) as resp:
+        assert resp.status == 201
+        app_id = (await resp.json())["app"]["id"]
+    async with http.post(system.base_url + f"/v2/apps/{app_id}/keys", json={"displayName": "server"},
+                         headers=ACCOUNT) as resp:
+        assert resp.status == 201
+        key = (await resp.json())["key"]
+    assert key["id"].startswith("app_") and len(key["id"]) == 28
+    return app_id, key["id"], key["secret"]
+
+
+@pytest.fixture
+async def tenant(system: System) -> AsyncIterator[Tenant]:
+    await system.start("identity", "conversations")
+    async with aiohttp.ClientSession() as http:
+        app_id, key_id, secret = await create_tenant(system, http)
+        yield Tenant(system, http, app_id, key_id, secret)
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 5.0) -> T:
+    """Poll `check` until it returns something truthy (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def text_post(text: str, author_type: str = "business") -> sc.MessagePost:
+    return sc.MessagePost(author=sc.Author(type=author_type),
+                          content=sc.Content(sc.TextMessage(type="text", text=text)))
+
+
+async def new_user_conversation(t: Tenant, external_id: str = "u-1") -> tuple[str, str]:
+    api = sc.UsersApi(t.client())
+    user = (await t.call(api.create_user, t.app_id, sc.UserCreateBody(external_id=external_id))).user
+    conversations = sc.ConversationsApi(t.client())
+    body = sc.ConversationCreateBody(type="personal", participants=[
+        sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user.id))])
+    conversation = (await t.call(conversations.create_conversation, t.app_id, body)).conversation
+    return user.id, conversation.id
+
+
+# --- auth and apps ---------------------------------------------------------------------------
+
+async def test_apps_and_auth(tenant: Tenant) -> None:
+    t = tenant
+    apps = sc.AppsApi(t.client(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET))
+    created = await t.call(apps.create_app, sc.AppCreateBody(display_name="Second"))
+    assert created.app.display_name == "Second" and len(created.app.id) == 24
+    listed = await t.call(apps.list_apps)
+    assert {a.id for a in listed.apps} == {t.app_id, created.app.id}
+    assert listed.meta.has_more is False
+    # An app key sees its own app, cannot list/create apps (403) and cannot touch another app (403).
+    own = sc.AppsApi(t.client())
+    assert (await t.call(own.get_app, t.app_id)).app.id == t.app_id
+    with pytest.raises(ApiException) as exc:
+        await t.call(own.list_apps)
+    assert exc.value.status == 403
+    with pytest.raises(ApiException) as exc:
+        await t.call(own.get_app, created.app.id)
+    assert exc.value.status == 403
+    # Wrong secret, unknown key, no credentials → 401 with SunCo's error body.
+    with pytest.raises(ApiException) as exc:
+        await t.call(sc.AppsApi(t.client(t.key_id, "wrong")).get_app, t.app_id)
+    assert exc.value.status == 401
+    assert json.loads(exc.value.body)["errors"][0]["code"] == "unauthorized"
+    async with t.http.get(f"{t.base}/v2/apps/{t.app_id}") as resp:
+        assert resp.status == 401
+    # JWT with kid + scope app works; wrong scope and bad signature do not.
+    token = jwt_encode({"scope": "app"}, t.secret, kid=t.key_id)
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and body["app"]["id"] == t.app_id
+    bad_scope = jwt_encode({"scope": "account"}, t.secret, kid=t.key_id)
+    status, _ = await t.request("GET", f"/v2/apps/{t.app_id}", headers={"Authorization": f"Bearer {bad_scope}"})
+    assert status == 401
+    forged = jwt_encode({"scope": "app"}, "not-the-secret", kid=t.key_id)
+    status, _ = await t.request("GET", f"/v2/apps/{t.app_id}", headers={"Authorization": f"Bearer {forged}"})
+    assert status == 401
+    account_jwt = jwt_encode({"scope": "account"}, ACCOUNT_KEY_SECRET, kid=ACCOUNT_KEY_ID)
+    status, body = await t.request("GET", "/v2/apps", headers={"Authorization": f"Bearer {account_jwt}"})
+    assert status == 200 and len(body["apps"]) == 2
+    # Update and delete with the account key.
+    updated = await t.call(apps.update_app, created.app.id, sc.AppUpdateBody(display_name="Renamed"))
+    assert updated.app.display_name == "Renamed"
+    assert await t.call(apps.delete_app, created.app.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(apps.get_app, created.app.id)
+    assert exc.value.status == 404
+
+
+async def test_app_keys(tenant: Tenant) -> None:
+    t = tenant
+    keys = sc.AppKeysApi(t.client())
+    created = await t.call(keys.create_app_key, t.app_id, sc.AppKeyCreateBody(display_name="rotation"))
+    assert created.key.id.startswith("app_") and created.key.secret
+    listed = await t.call(keys.list_app_keys, t.app_id)
+    assert {k.id for k in listed.keys} == {t.key_id, created.key.id}
+    got = await t.call(keys.get_app_key, t.app_id, created.key.id)
+    assert got.key.display_name == "rotation"
+    # The new key works, then stops working once deleted.
+    assert (await t.call(sc.AppsApi(t.client(created.key.id, created.key.secret)).get_app, t.app_id)).app
+    assert await t.call(keys.delete_app_key, t.app_id, created.key.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(sc.AppsApi(t.client(created.key.id, created.key.secret)).get_app, t.app_id)
+    assert exc.value.status == 401
+    with pytest.raises(ApiException) as exc:
+        await t.call(keys.get_app_key, t.app_id, created.key.id)
+    assert exc.value.status == 404
+
+
+# --- users and conversations -----------------------------------------------------------------
+
+async def test_users_and_clients(tenant: Tenant) -> None:
+    t = tenant
+    users = sc.UsersApi(t.client())
+    created = await t.call(users.create_user, t.app_id, sc.UserCreateBody(
+        external_id="alice", profile=sc.Profile(given_name="Alice"), metadata={"tier": "gold"}))
+    user = created.user
+    assert len(user.id) == 24 and user.external_id == "alice" and user.profile.given_name == "Alice"
+    assert (await t.call(users.get_user, t.app_id, "alice")).user.id == user.id
+    assert (await t.call(users.get_user, t.app_id, user.id)).user.external_id == "alice"
+    with pytest.raises(ApiException) as exc:
+        await t.call(users.create_user, t.app_id, sc.UserCreateBody(external_id="alice"))
+    assert exc.value.status == 409
+    updated = await t.call(users.update_user, t.app_id, "alice",
+                           sc.UserUpdateBody(profile=sc.Profile(surname="Smith")))
+    assert updated.user.profile.surname == "Smith"
+    clients = await t.call(sc.ClientsApi(t.client()).list_clients, t.app_id, "alice")
+    assert clients.clients == []
+    assert await t.call(users.delete_user, t.app_id, user.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(users.get_user, t.app_id, "alice")
+    assert exc.value.status == 404
+
+
+async def test_conversations_crud_and_participants(tenant: Tenant) -> None:
+    t = tenant
+    user_id, conversation_id = await new_user_conversation(t, "bob")
+    conversations = sc.ConversationsApi(t.client())
+    got = (await t.call(conversations.get_conversation, t.app_id, conversation_id)).conversation
+    assert got.type == "personal" and got.is_default is True and got.created_at.endswith("Z")
+    second = (await t.call(conversations.create_conversation, t.app_id, sc.ConversationCreateBody(
+        type="personal", display_name="Billing",
+        participants=[sc.ParticipantSubSchema(sc.ParticipantWithUserExternalId(user_external_id="bob"))]))).conversation
+    assert second.is_default is False and second.display_name == "Billing"
+    # Both filter styles: the 17.x client sends URL-encoded JSON; older clients send filter[...].
+    listed = await t.call(conversations.list_conversations, t.app_id,
+                          sc.ConversationListFilter(user_external_id="bob"))
+    assert [c.id for c in listed.conversations] == [conversation_id, second.id]
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations?filter[userId]={user_id}"
+                                          "&page[size]=1")
+    assert status == 200 and [c["id"] for c in body["conversations"]] == [conversation_id]
+    assert body["meta"]["hasMore"] is True and "page%5Bafter%5D" in body["links"]["next"]
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations?filter[userId]={user_id}"
+                                          f"&page[after]={conversation_id}")
+    assert [c["id"] for c in body["conversations"]] == [second.id]
+    updated = (await t.call(conversations.update_conversation, t.app_id, second.id, sc.ConversationUpdateBody(
+        description="About invoices", metadata={"lang": "en"}))).conversation
+    assert updated.description == "About invoices" and updated.metadata == {"lang": "en"}
+    assert updated.display_name == "Billing"
+    participants = await t.call(sc.ParticipantsApi(t.client()).list_participants, t.app_id, conversation_id)
+    assert [p.user_id for p in participants.participants] == [user_id]
+    assert participants.participants[0].user_external_id == "bob"
+    assert participants.participants[0].client_associations == []
+    # The default conversation cannot be deleted; another one can.
+    with pytest.raises(ApiException) as exc:
+        await t.call(conversations.delete_conversation, t.app_id, conversation_id)
+    assert exc.value.status == 400
+    assert await t.call(conversations.delete_conversation, t.app_id, second.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(conversations.get_conversation, t.app_id, second.id)
+    assert exc.value.status == 404
+    # Unknown user → 404; sdkGroup → 400.
+    with pytest.raises(ApiException) as exc:
+        await t.call(conversations.create_conversation, t.app_id, sc.ConversationCreateBody(
+            type="personal",
+            participants=[sc.ParticipantSubSchema(sc.ParticipantWithUserExternalId(user_external_id="nobody"))]))
+    assert exc.value.status == 404
+
+
+async def test_other_apps_resources_are_not_found(tenant: Tenant) -> None:
+    t = tenant
+    _, conversation_id = await new_user_conversation(t, "carol")
+    other_app, other_key, other_secret = await create_tenant(t.system, t.http, "Other")
+    other = sc.ConversationsApi(t.client(other_key, other_secret))
+    with pytest.raises(ApiException) as exc:
+        await t.call(other.get_conversation, other_app, conversation_id)
+    assert exc.value.status == 404
+    with pytest.raises(ApiException) as exc:
+        await t.call(sc.MessagesApi(t.client(other_key, other_secret)).post_message, other_app, conversation_id,
+                     text_post("hi"))
+    assert exc.value.status == 404
+    # The other app's key on this app's path → 403 whatever the resource.
+    with pytest.raises(ApiException) as exc:
+        await t.call(other.get_conversation, t.app_id, conversation_id)
+    assert exc.value.status == 403
+
+
+# --- messages --------------------------------------------------------------------------------
+
+async def test_post_and_page_messages_backwards(tenant: Tenant) -> None:
+    t = tenant
+    _, conversation_id = await new_user_conversation(t, "dave")
+    messages = sc.MessagesApi(t.client())
+    posted = await t.call(messages.post_message, t.app_id, conversation_id, text_post("m0"))
+    assert isinstance(posted, sc.MessagePostResponse)  # a 200 would deserialize to None
+    first = posted.messages[0]
+    assert first.author.type == "business" and first.content.actual_instance.text == "m0"
+    assert len(first.id) == 24 and first.received.endswith("Z")
+    path = f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages"
+    for i in range(1, 205):
+        status, _ = await t.request("POST", path, body={"author": {"type": "business"},
+                                                        "content": {"type": "text", "text": f"m{i}"}})
+        assert status == 201
+
+    def texts(page: Any) -> list[str]:
+        return [m.content.actual_instance.text for m in page.messages]
+
+    latest = await t.call(messages.list_messages, t.app_id, conversation_id)
+    assert texts(latest) == [f"m{i}" for i in range(105, 205)]
+    assert latest.meta.has_more is True and latest.meta.before_cursor == latest.messages[0].id
+    assert "page%5Bbefore%5D=" in latest.links.prev
+    middle = await t.call(messages.list_messages, t.app_id, conversation_id,
+                          sc.Page(before=latest.meta.before_cursor))
+    assert texts(middle) == [f"m{i}" for i in range(5, 105)]
+    oldest = await t.call(messages.list_messages, t.app_id, conversation_id,
+                          sc.Page(before=middle.meta.before_cursor))
+    assert texts(oldest) == [f"m{i}" for i in range(5)]
+    assert oldest.meta.has_more is False
+    # The documented bracket style gives the same pages; page[after] pages forwards.
+    status, body = await t.request("GET", f"{path}?page[before]={latest.meta.before_cursor}")
+    assert status == 200 and [m["content"]["text"] for m in body["messages"]] == texts(middle)
+    status, body = await t.request("GET", f"{path}?page[after]={oldest.messages[-1].id}")
+    assert [m["content"]["text"] for m in body["messages"]] == texts(middle)
+    assert body["meta"]["hasMore"] is True
+    status, _ = await t.request("GET", f"{path}?page[before]=short")
+    assert status == 400
+
+
+async def test_delete_messages(tenant: Tenant) -> None:
+    t = tenant
+    _, conversation_id = await new_user_conversation(t, "erin")
+    messages = sc.MessagesApi(t.client())
+    a = (await t.call(messages.post_message, t.app_id, conversation_id, text_post("a"))).messages[0]
+    await t.call(messages.post_message, t.app_id, conversation_id, text_post("b"))
+    assert await t.call(messages.delete_message, t.app_id, conversation_id, a.id) == {}
+    listed = await t.call(messages.list_messages, t.app_id, conversation_id)
+    assert [m.content.actual_instance.text for m in listed.messages] == ["b"]
+    with pytest.raises(ApiException) as exc:
+        await t.call(messages.delete_message, t.app_id, conversation_id, a.id)
+    assert exc.value.status == 404
+    assert await t.call(messages.delete_all_messages, t.app_id, conversation_id) == {}
+    assert (await t.call(messages.list_messages, t.app_id, conversation_id)).messages == []
+
+
+async def test_activity(tenant: Tenant) -> None:
+    t = tenant
+    user_id, conversation_id = await new_user_conversation(t, "fay")
+    bus = await Bus.connect(t.system.nats_url, "test-events")
+    seen: list[dict[str, Any]] = []
+
+    async def on_event(msg: Any) -> None:
+        seen.append(json.loads(msg.data))
+
+    await bus.nc.subscribe(subjects.event_subject(t.app_id, conversation_id), cb=on_event)
+    await bus.nc.flush()  # the server has the subscription before anything is published
+    try:
+        await _check_activity(t, user_id, conversation_id, seen)
+    finally:
+        await bus.close()
+
+
+async def _check_activity(t: Tenant, user_id: str, conversation_id: str, seen: list[dict[str, Any]]) -> None:
+    activities = sc.ActivitiesApi(t.client())
+    assert await t.call(activities.post_activity, t.app_id, conversation_id,
+                        sc.ActivityPost(type="typing:start", author=sc.Author(type="business"))) == {}
+    assert await t.call(activities.post_activity, t.app_id, conversation_id,
+                        sc.ActivityPost(type="conversation:read", author=sc.Author(type="business"))) == {}
+
+    async def two_activities() -> list[dict[str, Any]] | None:
+        found = [e for e in seen if e["type"] == "conversation.activity"]
+        return found if len(found) == 2 else None
+
+    found = await eventually(two_activities)
+    assert [e["activity"]["type"] for e in found] == ["typing:start", "conversation:read"]
+    assert found[0]["activity"]["author"]["type"] == "business" and found[0]["user_id"] == user_id
+    conversation = (await t.call(sc.ConversationsApi(t.client()).get_conversation, t.app_id,
+                                 conversation_id)).conversation
+    assert conversation.business_last_read is not None
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/activity",
+                                body={"type": "typing:start", "author": {"type": "user", "userId": user_id}})
+    assert status == 400  # a user author may only mark read
+
+
+# --- integrations and webhooks ---------------------------------------------------------------
+
+async def test_integrations_and_webhooks(tenant: Tenant) -> None:
+    t = tenant
+    integrations = sc.IntegrationsApi(t.client())
+    custom = (await t.call(integrations.create_integration, t.app_id, sc.Custom(
+        display_name="bot", webhooks=[sc.Webhook(target="https://bot.example/hook",
+                                                 triggers=["conversation:message"])]))).integration
+    assert custom.type == "custom" and custom.status == "active"
+    assert custom.webhooks[0].secret and custom.webhooks[0].version == "v2"
+    web = (await t.call(integrations.create_integration, t.app_id, sc.Web(
+        display_name="site", brand_color="112233", business_name="Acme",
+        origin_whitelist=["https://acme.example"]))).integration
+    assert web.type == "web" and web.business_name == "Acme" and web.origin_whitelist == ["https://acme.example"]
+    wa_plain = (await t.call(integrations.create_integration, t.app_id, sc.Whatsapp(
+        display_name="wa", hsm_fallback_language="fr_FR"))).integration
+    assert wa_plain.type == "whatsapp" and wa_plain.status == "inactive"  # no Cloud API credentials yet
+    # Threadline's WhatsApp fields need raw JSON (the client's model does not know them).
+    status, body = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={
+        "type": "whatsapp", "displayName": "wa2", "phoneNumber": "+15550001", "phoneNumberId": "1234",
+        "accessToken": "EAAG-secret-token", "appSecret": "app-secret-value", "verifyToken": "verify-me"})
+    assert status == 201
+    wa = body["integration"]
+    assert wa["status"] == "active" and wa["phoneNumberId"] == "1234" and wa["apiVersion"] == "v23.0"
+    assert wa["verifyToken"] == "verify-me" and "accessToken" not in wa and "appSecret" not in wa
+    assert wa["baseUrl"] == "https://graph.facebook.com"
+    parsed = (await t.call(integrations.get_integration, t.app_id, wa["id"])).integration
+    assert isinstance(parsed, sc.Whatsapp) and parsed.phone_number == "+15550001"
+    # KV carries the secrets for the channel service.
+    bus = await Bus.connect(t.system.nats_url, "test-kv")
+    kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
+    record = records.INTEGRATION_DECODER.decode((await kv.get(wa["id"])).value)
+    assert record.config["accessToken"] == "EAAG-secret-token" and record.app_id == t.app_id
+    # List (with a type filter), update, get.
+    listed = await t.call(integrations.list_integrations, t.app_id)
+    assert {i.id for i in listed.integrations} == {custom.id, web.id, wa_plain.id, wa["id"]}
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/integrations?filter[types]=whatsapp")
+    assert {i["id"] for i in body["integrations"]} == {wa_plain.id, wa["id"]}
+    updated = (await t.call(integrations.update_integration, t.app_id, web.id,
+                            sc.IntegrationUpdate(sc.WebUpdate(business_name="Acme Inc")))).integration
+    # (the client's WebUpdate always sends its default colours; fields it leaves unset are kept)
+    assert updated.business_name == "Acme Inc" and updated.origin_whitelist == ["https://acme.example"]
+    status, body = await t.request("PATCH", f"/v2/apps/{t.app_id}/integrations/{wa['id']}",
+                                   body={"accessToken": "rotated-token"})
+    assert status == 200 and "accessToken" not in body["integration"]
+
+    async def rotated() -> bool:
+        entry = await kv.get(wa["id"])
+        return records.INTEGRATION_DECODER.decode(entry.value).config["accessToken"] == "rotated-token"
+
+    await eventually(rotated)
+    # Webhooks under the custom integration.
+    webhooks = sc.WebhooksApi(t.client())
+    hook = (await t.call(webhooks.create_webhook, t.app_id, custom.id, sc.WebhookCreateBody(
+        target="https://bot.example/second", triggers=["conversation:create", "client:add"],
+        include_full_user=True))).webhook
+    assert hook.include_full_user is True and hook.secret
+    hooks_kv = await bus.key_value(subjects.WEBHOOKS_BUCKET)
+    stored = records.WEBHOOK_DECODER.decode((await hooks_kv.get(records.webhook_key(t.app_id, hook.id))).value)
+    assert stored.target == "https://bot.example/second" and stored.secret == hook.secret
+    listed_hooks = await t.call(webhooks.list_webhooks, t.app_id, custom.id)
+    assert len(listed_hooks.webhooks) == 2
+    changed = (await t.call(webhooks.update_webhook, t.app_id, custom.id, hook.id,
+                            sc.WebhookBody(triggers=["conversation:message"]))).webhook
+    assert changed.triggers == ["conversation:message"] and changed.target == "https://bot.example/second"
+    assert (await t.call(webhooks.get_webhook, t.app_id, custom.id, hook.id)).webhook.triggers == [
+        "conversation:message"]
+    with pytest.raises(ApiException) as exc:
+        await t.call(webhooks.create_webhook, t.app_id, custom.id, sc.WebhookCreateBody(
+            target="https://bot.example/x", triggers=["conversation:nonsense"]))
+    assert exc.value.status == 400
+    assert await t.call(webhooks.delete_webhook, t.app_id, custom.id, hook.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(webhooks.get_webhook, t.app_id, custom.id, hook.id)
+    assert exc.value.status == 404
+    # Deleting the custom integration removes it and its webhooks from KV.
+    first_hook_key = records.webhook_key(t.app_id, custom.webhooks[0].id)
+    assert (await hooks_kv.get(first_hook_key)).value
+    assert await t.call(integrations.delete_integration, t.app_id, custom.id) == {}
+    with pytest.raises(ApiException) as exc:
+        await t.call(integrations.get_integration, t.app_id, custom.id)
+    assert exc.value.status == 404
+
+    async def gone() -> bool:
+        try:
+            entry = await hooks_kv.get(first_hook_key)
+        except Exception:
+            return True
+        return not entry.value
+
+    await eventually(gone)
+    # Unsupported (valid) type and invalid type → 400.
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={"type": "telegram"})
+    assert status == 400
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={"type": "pigeon"})
+    assert status == 400
+    await bus.close()
+
+
+async def test_kv_is_republished_on_start(tenant: Tenant) -> None:
+    t = tenant
+    status, body = await t.request("POST", f"/v2/apps/{t.app_id}/integrations",
+                                   body={"type": "web", "displayName": "site"})
+    assert status == 201
+    integration_id = body["integration"]["id"]
+    bus = await Bus.connect(t.system.nats_url, "test-kv")
+    kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
+    await kv.delete(integration_id)
+    await kv.put("000000000000000000000000", b"{}")  # a stale key the DB does not know
+    await t.system.restart_service("conversations")
+    entry = await kv.get(integration_id)
+    assert records.INTEGRATION_DECODER.decode(entry.value).type == "web"
+    assert "000000000000000000000000" not in await kv.keys()
+    await bus.close()
+
+
+# --- errors and the document -----------------------------------------------------------------
+
+async def test_error_statuses(tenant: Tenant) -> None:
+    t = tenant
+    _, conversation_id = await new_user_conversation(t, "gus")
+    path = f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages"
+    # Invalid enum values → 400.
+    status, body = await t.request("POST", path, body={"author": {"type": "robot"},
+                                                       "content": {"type": "text", "text": "x"}})
+    assert status == 400 and body["errors"][0]["code"] == "bad_request"
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations",
+                                body={"type": "group", "participants": [{"userExternalId": "gus"}]})
+    assert status == 400
+    status, _ = await t.request("POST", path, body={"author": {"type": "business"},
+                                                    "content": {"type": "carousel", "items": []}})
+    assert status == 400
+    # Malformed JSON, wrong content type, too large.
+    status, body = await t.request("POST", path, data=b'{"author": ', headers={"Content-Type": "application/json"})
+    assert status == 400 and "errors" in body
+    status, _ = await t.request("POST", path, data=b"author=business", headers={"Content-Type": "text/plain"})
+    assert status == 415
+    big = json.dumps({"author": {"type": "business"}, "content": {"type": "text", "text": "x" * 120_000}})
+    status, body = await t.request("POST", path, data=big.encode(), headers={"Content-Type": "application/json"})
+    assert status == 413 and body["errors"][0]["code"] == "payload_too_large"
+    # Nothing was written by any of these.
+    listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, conversation_id)
+    assert listed.messages == []
+    status, _ = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{'0' * 24}")
+    assert status == 404
+
+
+async def test_openapi_document(tenant: Tenant) -> None:
+    async with tenant.http.get(tenant.base + "/v2/openapi.json") as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["openapi"].startswith("3.")
+    post = doc["paths"]["/v2/apps/{appId}/conversations/{conversationId}/messages"]["post"]
+    assert "201" in post["responses"] and post["operationId"] == "postMessage"
+    assert "MessagePostBody" in doc["components"]["schemas"]
+    assert set(doc["components"]["securitySchemes"]) == {"basicAuth", "bearerAuth"}
+    assert "/v2/apps/{appId}/integrations/{integrationId}/webhooks/{webhookId}" in doc["paths"]

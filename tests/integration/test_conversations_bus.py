@@ -1,0 +1,269 @@
+"""conversations on the bus: inbound messages/activity, delivery statuses, outbound routing and
+the start/history endpoints, against real identity + conversations services and nats-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sunshine_conversations_client as sc
+
+from shared import subjects
+from shared.bus import Bus
+from shared.ids import new_id
+from shared.messages import channel as chan
+from shared.messages import conversation as conv
+from shared.subjects import StreamSpec
+from shared.sunco import TextContent, UnsupportedContent
+from tests.integration.test_conversations_api import Tenant, eventually, text_post
+from tests.integration.test_conversations_api import tenant as tenant
+
+
+class Wa:
+    """A tenant with an active WhatsApp integration and a bus connection (as the whatsapp service)."""
+
+    def __init__(self, t: Tenant, bus: Bus, integration_id: str) -> None:
+        self.t = t
+        self.bus = bus
+        self.integration_id = integration_id
+
+    def inbound(self, provider_id: str, text: str = "hello", **extra: Any) -> chan.InboundMessage:
+        fields: dict[str, Any] = {
+            "app_id": self.t.app_id, "integration_id": self.integration_id, "channel": "whatsapp",
+            "client_type": "whatsapp", "channel_user_id": "15551234", "provider_message_id": provider_id,
+            "received_at": time.time(), "content": TextContent(text=text), "display_name": "Zoe",
+            "client_info": {"phoneNumber": "+15551234"},
+        }
+        fields.update(extra)
+        return chan.InboundMessage(**fields)
+
+    async def publish_inbound(self, message: chan.ChannelMessage) -> None:
+        await self.bus.publish(subjects.inbound_subject("whatsapp", self.integration_id), chan.encode(message))
+
+    async def publish_status(self, status: str, provider_id: str, message_id: str | None = None,
+                             **extra: Any) -> None:
+        await self.bus.publish(subjects.status_subject("whatsapp", self.integration_id), chan.encode(
+            chan.DeliveryStatus(app_id=self.t.app_id, integration_id=self.integration_id, channel="whatsapp",
+                                provider_message_id=provider_id, status=status, timestamp=time.time(),  # type: ignore[arg-type]
+                                message_id=message_id, **extra)))
+
+
+async def stored(bus: Bus, stream: StreamSpec, prefix: str = "") -> list[tuple[str, bytes]]:
+    """Every message a stream holds (subject, data), optionally only subjects starting with `prefix`."""
+    info = await bus.js.stream_info(stream.name)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await bus.js.get_msg(stream.name, seq)
+        except Exception:
+            continue
+        if msg.subject and msg.subject.startswith(prefix) and msg.data is not None:
+            out.append((msg.subject, msg.data))
+    return out
+
+
+async def events(bus: Bus, app_id: str) -> list[conv.ConversationUnion]:
+    return [conv.decode(data) for _, data in await stored(bus, subjects.EVENTS, f"events.{app_id}.")]
+
+
+async def consumed(bus: Bus, stream: StreamSpec, durable: str, count: int) -> None:
+    """Wait until a durable consumer has acked `count` messages and has nothing pending."""
+    async def done() -> bool:
+        info = await bus.js.consumer_info(stream.name, durable)
+        return info.num_pending == 0 and info.num_ack_pending == 0 and (info.ack_floor.stream_seq or 0) >= count
+
+    await eventually(done)
+
+
+@pytest.fixture
+async def wa(tenant: Tenant) -> AsyncIterator[Wa]:
+    status, body = await tenant.request("POST", f"/v2/apps/{tenant.app_id}/integrations", body={
+        "type": "whatsapp", "phoneNumberId": "100", "accessToken": "token-0123456789", "appSecret": "s" * 20})
+    assert status == 201
+    bus = await Bus.connect(tenant.system.nats_url, "test-whatsapp")
+    try:
+        yield Wa(tenant, bus, body["integration"]["id"])
+    finally:
+        await bus.close()
+
+
+async def user_conversation(wa: Wa) -> tuple[str, str]:
+    """(user id, conversation id) of the WhatsApp customer, once their first message is in."""
+    async def created() -> conv.MessageCreated | None:
+        for event in await events(wa.bus, wa.t.app_id):
+            if isinstance(event, conv.MessageCreated):
+                return event
+        return None
+
+    event = await eventually(created)
+    return event.user_id, event.conversation_id
+
+
+async def test_inbound_message_is_stored_once_and_announced(wa: Wa) -> None:
+    message = wa.inbound("wamid.1")
+    await wa.publish_inbound(message)
+    await wa.publish_inbound(message)  # a redelivery past JetStream's de-dup window
+    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 2)
+    found = await events(wa.bus, wa.t.app_id)
+    created = [e for e in found if isinstance(e, conv.MessageCreated)]
+    assert len(created) == 1  # the duplicate re-published with the same event id: de-duplicated
+    assert [type(e).__name__ for e in found] == ["ConversationCreated", "MessageCreated"]
+    event = created[0]
+    assert event.message.author.type == "user" and event.message.author.display_name == "Zoe"
+    assert event.message.source is not None and event.message.source.type == "whatsapp"
+    assert event.message.source.original_message_id == "wamid.1"
+    assert event.message.source.client is not None and event.message.source.client.external_id == "15551234"
+    assert event.cursor >= 1
+    # The API shows one message, and the WhatsApp client as the participant's primary client.
+    t = wa.t
+    listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, event.conversation_id)
+    assert [m.content.actual_instance.text for m in listed.messages] == ["hello"]
+    assert listed.messages[0].source.integration_id == wa.integration_id
+    participants = await t.call(sc.ParticipantsApi(t.client()).list_participants, t.app_id, event.conversation_id)
+    associations = participants.participants[0].client_associations
+    assert [a.type for a in associations] == ["whatsapp"]
+    assert associations[0].client_id == event.message.source.client.id
+    conversations = await t.call(sc.ConversationsApi(t.client()).list_conversations, t.app_id,
+                                 sc.ConversationListFilter(user_id=event.user_id))
+    assert [c.id for c in conversations.conversations] == [event.conversation_id]
+    assert conversations.conversations[0].is_default is True
+
+
+async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa) -> None:
+    await wa.publish_inbound(wa.inbound("wamid.in"))
+    user_id, conversation_id = await user_conversation(wa)
+    t = wa.t
+    messages = sc.MessagesApi(t.client())
+    posted = (await t.call(messages.post_message, t.app_id, conversation_id, text_post("Hi Zoe"))).messages[0]
+    outbound = [chan.decode(d) for _, d in await stored(
+        wa.bus, subjects.OUTBOUND, subjects.outbound_subject("whatsapp", wa.integration_id))]
+    assert len(outbound) == 1
+    send = outbound[0]
+    assert isinstance(send, chan.OutboundSend)
+    assert send.message_id == posted.id and send.recipient == "15551234" and send.user_id == user_id
+    assert send.recipient_info == {"phoneNumber": "+15551234"}
+    assert isinstance(send.content, TextContent) and send.content.text == "Hi Zoe"
+    # A silent message (integrationType none) is stored but not sent.
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages", body={
+        "author": {"type": "business"}, "content": {"type": "text", "text": "note"},
+        "destination": {"integrationType": "none"}})
+    assert status == 201
+    assert len(await stored(wa.bus, subjects.OUTBOUND)) == 1
+    # `delivered` arrives before `sent` has mapped the provider id: it is retried, then reported.
+    await wa.publish_status("delivered", "wamid.out1")
+    await wa.publish_status("sent", "wamid.out1", message_id=posted.id, conversation_id=conversation_id)
+    await wa.publish_status("read", "wamid.out1")
+    await wa.publish_status("failed", "wamid.out1", error_code="131047", error_title="Re-engagement message")
+    await wa.publish_status("sent", "wamid.out1", message_id=posted.id)  # a redelivered `sent`
+
+    async def reports() -> list[conv.DeliveryReported] | None:
+        found = [e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.DeliveryReported)]
+        return found if len(found) >= 4 else None
+
+    found = await eventually(reports, timeout=8)
+    await consumed(wa.bus, subjects.STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER, 5)
+    found = [e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.DeliveryReported)]
+    by_kind = {(e.kind, e.read): e for e in found}
+    assert len(found) == 4  # the second `sent` is the same event id, de-duplicated
+    assert set(by_kind) == {("channel", False), ("user", False), ("user", True), ("failure", False)}
+    channel = by_kind[("channel", False)]
+    assert channel.message_id == posted.id and channel.user.id == user_id
+    assert channel.destination.type == "whatsapp" and channel.destination.integration_id == wa.integration_id
+    assert [m.id for m in channel.external_messages] == ["wamid.out1"]
+    failure = by_kind[("failure", False)]
+    assert failure.is_final and failure.error is not None and failure.error.code == "131047"
+    hook = conv.webhook_event(failure)
+    assert hook is not None and hook[0] == "conversation:message:delivery:failure"
+
+
+async def test_postback_and_unsupported_content(wa: Wa) -> None:
+    from shared.messages.channel import Postback
+
+    await wa.publish_inbound(wa.inbound("wamid.p", text="", postback=Postback(payload="BUY_1", text="Buy")))
+    await wa.publish_inbound(wa.inbound("wamid.u", content=UnsupportedContent(channel_type="whatsapp",
+                                                                              raw={"type": "sticker"})))
+    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 2)
+    _, conversation_id = await user_conversation(wa)
+    t = wa.t
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages")
+    assert status == 200
+    contents = [m["content"] for m in body["messages"]]
+    assert contents[0] == {"type": "text", "text": "Buy", "payload": "BUY_1"}
+    assert contents[1]["type"] == "text" and "unsupported" in contents[1]["text"]
+    # The client parses both.
+    listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, conversation_id)
+    assert len(listed.messages) == 2
+
+
+async def test_inbound_for_unknown_integration_is_dropped(wa: Wa) -> None:
+    stray = wa.inbound("wamid.x", integration_id=new_id())
+    await wa.bus.publish(subjects.inbound_subject("whatsapp", stray.integration_id), chan.encode(stray))
+    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 1)
+    assert await events(wa.bus, wa.t.app_id) == []
+
+
+async def test_customer_read_activity(wa: Wa) -> None:
+    await wa.publish_inbound(wa.inbound("wamid.r"))
+    user_id, conversation_id = await user_conversation(wa)
+    t = wa.t
+    await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, conversation_id, text_post("unread"))
+    participants = sc.ParticipantsApi(t.client())
+    before = (await t.call(participants.list_participants, t.app_id, conversation_id)).participants[0]
+    assert before.unread_count == 1
+    participant_client = before.client_associations[0].client_id
+    await wa.publish_inbound(chan.InboundActivity(
+        app_id=t.app_id, integration_id=wa.integration_id, channel="whatsapp", user_id=user_id,
+        client_id=participant_client, conversation_id=conversation_id, activity="conversation:read",
+        at=time.time()))
+
+    async def read() -> Any:
+        found = (await t.call(participants.list_participants, t.app_id, conversation_id)).participants[0]
+        return found if found.unread_count == 0 and found.last_read else None
+
+    assert (await eventually(read)).last_read.endswith("Z")
+    activity = [e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.ActivityPosted)]
+    assert len(activity) == 1 and activity[0].activity.type == "conversation:read"
+    assert activity[0].activity.author is not None and activity[0].activity.author.type == "user"
+
+
+async def test_start_and_history_endpoints(wa: Wa) -> None:
+    t = wa.t
+    web_status, web = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={"type": "web"})
+    assert web_status == 201
+    user = (await t.call(sc.UsersApi(t.client()).create_user, t.app_id,
+                         sc.UserCreateBody(external_id="sdk-user"))).user
+    client_id = new_id()
+    request = conv.StartConversation(app_id=t.app_id, integration_id=web["integration"]["id"], user_id=user.id,
+                                     client_id=client_id)
+    started = conv.decode_request(await wa.bus.request(subjects.CONVERSATIONS_START, conv.ENCODER.encode(request)))
+    assert isinstance(started, conv.ConversationStarted) and started.created
+    again = conv.decode_request(await wa.bus.request(subjects.CONVERSATIONS_START, conv.ENCODER.encode(request)))
+    assert isinstance(again, conv.ConversationStarted) and not again.created
+    assert again.conversation.id == started.conversation.id
+    conversation_id = started.conversation.id
+    participants = await t.call(sc.ParticipantsApi(t.client()).list_participants, t.app_id, conversation_id)
+    assert [(a.type, a.client_id) for a in participants.participants[0].client_associations] == [("sdk", client_id)]
+    # A business message to an sdk-primary user is not sent to any channel service.
+    for text in ("one", "two", "three"):
+        await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, conversation_id, text_post(text))
+    assert await stored(wa.bus, subjects.OUTBOUND) == []
+
+    async def history(**fields: Any) -> conv.ConversationRequestUnion:
+        req = conv.GetHistory(app_id=t.app_id, conversation_id=conversation_id, **fields)
+        return conv.decode_request(await wa.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(req)))
+
+    latest = await history(user_id=user.id, limit=2)
+    assert isinstance(latest, conv.HistoryPage) and latest.has_more
+    assert [m.message.content.text for m in latest.messages] == ["two", "three"]  # type: ignore[union-attr]
+    first_cursor = latest.messages[0].cursor - 1
+    after = await history(after=first_cursor, limit=10)
+    assert isinstance(after, conv.HistoryPage) and not after.has_more
+    assert [m.message.content.text for m in after.messages] == ["two", "three"]  # type: ignore[union-attr]
+    assert after.messages[0].cursor < after.messages[1].cursor
+    stranger = await history(user_id=new_id())
+    assert isinstance(stranger, conv.ConversationError) and stranger.status == 404
+    missing = conv.decode_request(await wa.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(
+        conv.GetHistory(app_id=t.app_id, conversation_id=new_id()))))
+    assert isinstance(missing, conv.ConversationError) and missing.status == 404
