@@ -60,8 +60,9 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 async def drive(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrency: int,
-                sent_at: dict[int, float] | None = None) -> tuple[float, list[int]]:
-    """POST every body with `concurrency` in flight; returns (seconds, status codes)."""
+                sent_at: dict[int, float] | None = None, rate: float = 0.0) -> tuple[float, list[int]]:
+    """POST every body with `concurrency` in flight (at most `rate` per second when set);
+    returns (seconds, status codes)."""
     statuses: list[int] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(bodies)):
@@ -76,6 +77,10 @@ async def drive(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
                 except asyncio.QueueEmpty:
                     return
                 body, headers = bodies[i]
+                if rate:
+                    delay = started + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 for attempt in range(5):
                     if sent_at is not None:
                         sent_at.setdefault(i, time.perf_counter())
@@ -135,7 +140,11 @@ async def bench_system(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"cannot create webhook: {resp.status} {await resp.text()}")
         await asyncio.sleep(1.0)  # let the webhook config reach the webhooks service's KV mirror
         wa = info["integrations"]["whatsapp"]
-        url = f"{info['baseUrl']}/webhooks/whatsapp/{wa['id']}"
+        # Through the front door (as in `make up`), or straight to the whatsapp service as a
+        # Kubernetes Ingress would deliver it (the Python front door costs a proxy hop on the
+        # same 2 cores as the load generator).
+        entry = info["baseUrl"] if args.via_frontdoor else f"http://127.0.0.1:{launcher.services['whatsapp'].port}"
+        url = f"{entry}/webhooks/whatsapp/{wa['id']}"
         bodies = []
         for i in range(args.messages):
             sender = f"1555{i % args.senders:07d}"
@@ -145,7 +154,7 @@ async def bench_system(args: argparse.Namespace) -> dict[str, Any]:
                                   "X-Hub-Signature-256": meta_signature(wa["appSecret"], body)}))
         sent_at: dict[int, float] = {}
         started = time.perf_counter()
-        ingest_seconds, statuses = await drive(url, bodies, args.concurrency, sent_at)
+        ingest_seconds, statuses = await drive(url, bodies, args.concurrency, sent_at, args.rate)
         deadline = time.perf_counter() + args.drain_timeout
         while len(received) < args.messages and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
@@ -203,10 +212,16 @@ async def main() -> None:
     parser.add_argument("--senders", type=int, default=500, help="distinct WhatsApp senders")
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="seconds to wait for the last business webhook after the last request")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offered load in msg/s (open loop); default: as fast as the system accepts")
+    parser.add_argument("--via-frontdoor", action="store_true",
+                        help="send through the Python front door instead of straight to the whatsapp service")
     args = parser.parse_args()
     system = await bench_system(args)
     floor = await bench_floor(args)
-    print(f"threadline e2e: {args.messages} WhatsApp webhooks, {args.concurrency} in flight, {args.senders} senders")
+    print(f"threadline e2e: {args.messages} WhatsApp webhooks, {args.concurrency} in flight, {args.senders} senders, "
+          f"{'through the front door' if args.via_frontdoor else 'straight to the whatsapp service'}, "
+          f"offered {f'{args.rate:.0f} msg/s' if args.rate else 'as fast as accepted'}")
     print(f"  accepted (200)            {system['accepted_200']}")
     print(f"  ingest (webhook → 200)    {system['ingest_msg_per_s']:.0f} msg/s")
     print(f"  end to end sustained      {system['end_to_end_msg_per_s']:.0f} msg/s")

@@ -432,12 +432,11 @@ class Conversations:
 
     async def inbound_message(self, msg: chan.InboundMessage) -> None:
         """Store a customer message once (by provider id) and announce it."""
-        integration = await self.store.get_integration(msg.app_id, msg.integration_id)
+        integration, duplicate = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if integration is None:
             log.warning("dropping inbound message %s for unknown app/integration %s/%s",
                         msg.provider_message_id, msg.app_id, msg.integration_id)
             return
-        duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id, msg.provider_message_id)
         if duplicate is not None:
             await self._republish(msg.app_id, duplicate)
             return
@@ -447,8 +446,10 @@ class Conversations:
             if row is None or await self.store.participant(msg.conversation_id, user.id) is None:
                 raise Poison(f"conversation {msg.conversation_id} is not the user's")
         else:
-            source = Source(type=msg.channel, integration_id=msg.integration_id)
-            row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
+            row = self.store.default_conversation_now(msg.app_id, user.id)
+            if row is None:
+                source = Source(type=msg.channel, integration_id=msg.integration_id)
+                row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
         conversation_id = row["id"]
         received = now()
         content = msg.content
@@ -470,21 +471,13 @@ class Conversations:
                 type="externalMessageId", external_message_id=msg.quoted_provider_message_id),
         )
         event_id = new_id()
-        async with self.store.tx():
-            seq = await self.store.insert_message(
-                message.id, msg.app_id, conversation_id, "user", user.id, msg.integration_id,
-                msg.provider_message_id, event_id, received, dumps(message))
-            if seq is not None:
-                await self.store.touch_conversation(conversation_id, received)
-                participant = await self.store.participant(conversation_id, user.id)
-                participant_id = None if participant is None else str(participant["id"])
-                new_client = False
-                if participant is not None:
-                    new_client = await self.store.upsert_association(
-                        participant["id"], client.id, client.type, client.integration_id, client.external_id,
-                        client.info, received)
-                    if user.external_id is not None and user.external_id != participant["user_external_id"]:
-                        await self.store.set_participant_external_id(msg.app_id, user.id, user.external_id)
+        record = await self.store.record_inbound(
+            message_id=message.id, app_id=msg.app_id, conversation_id=conversation_id, user_id=user.id,
+            user_external_id=user.external_id, integration_id=msg.integration_id,
+            provider_message_id=msg.provider_message_id, event_id=event_id, received=received, body=dumps(message),
+            client_id=client.id, client_type=client.type, client_integration_id=client.integration_id,
+            client_external_id=client.external_id, client_info=client.info)
+        seq, participant_id, new_client = record.seq, record.participant_id, record.new_client
         if seq is None:  # a concurrent duplicate won the insert
             duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
                                                                 msg.provider_message_id)

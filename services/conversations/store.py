@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,21 +155,111 @@ class StoredMessage:
     body: str
 
 
+@dataclass(frozen=True)
+class InboundRecord:
+    """What `record_inbound` wrote: the message's cursor, and whether its client is new here."""
+
+    seq: int | None
+    participant_id: str | None = None
+    new_client: bool = False
+
+
 class Store:
     """Data access for the conversations service."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection | None = None) -> None:
         self.db = db
+        # The inbound hot path runs its few statements on this connection, on the event loop
+        # thread: one aiosqlite thread hop per statement cost more CPU than the statements
+        # themselves (bench/e2e.py). It writes only under `_lock`, like every other writer, so
+        # it never waits on an open aiosqlite transaction.
+        self.hot = hot
         self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str) -> Store:
         """Open (and migrate) the database at `path`."""
-        return cls(await open_db(path, MIGRATIONS))
+        db = await open_db(path, MIGRATIONS)
+        hot = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        hot.row_factory = sqlite3.Row
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000"):
+            hot.execute(f"PRAGMA {pragma}")
+        return cls(db, hot)
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        if self.hot is not None:
+            self.hot.close()
         await self.db.close()
+
+    def _hot(self) -> sqlite3.Connection:
+        assert self.hot is not None, "store opened without its hot-path connection"
+        return self.hot
+
+    def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str,
+                       ) -> tuple[sqlite3.Row | None, StoredMessage | None]:
+        """The integration and the already-stored message with this provider id (hot path, no I/O wait)."""
+        hot = self._hot()
+        integration = hot.execute("SELECT * FROM integrations WHERE app_id=? AND id=?",
+                                  (app_id, integration_id)).fetchone()
+        row = hot.execute("SELECT seq, id, conversation_id, event_id, body FROM messages"
+                          " WHERE app_id=? AND integration_id=? AND provider_message_id=?",
+                          (app_id, integration_id, provider_message_id)).fetchone()
+        return integration, None if row is None else StoredMessage(**dict(row))
+
+    def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
+        """`default_conversation` on the hot-path connection."""
+        return self._hot().execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
+                                   (app_id, user_id)).fetchone()
+
+    async def record_inbound(self, *, message_id: str, app_id: str, conversation_id: str, user_id: str,
+                             user_external_id: str | None, integration_id: str, provider_message_id: str,
+                             event_id: str, received: float, body: str, client_id: str, client_type: str,
+                             client_integration_id: str | None, client_external_id: str | None,
+                             client_info: dict[str, Any] | None) -> InboundRecord:
+        """Store a customer message, touch the conversation and make the client primary, in one
+        transaction. `seq` is None when the provider id was stored already (nothing written)."""
+        async with self._lock:
+            hot = self._hot()
+            hot.execute("BEGIN IMMEDIATE")
+            try:
+                cur = hot.execute(
+                    "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
+                    " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
+                    (message_id, app_id, conversation_id, "user", user_id, integration_id, provider_message_id,
+                     event_id, received, body))
+                if cur.rowcount == 0:
+                    hot.execute("ROLLBACK")
+                    return InboundRecord(seq=None)
+                seq = cur.lastrowid
+                hot.execute("UPDATE conversations SET last_updated_at=? WHERE id=?", (received, conversation_id))
+                participant = hot.execute("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
+                                          (conversation_id, user_id)).fetchone()
+                new_client = False
+                participant_id = None
+                if participant is not None:
+                    participant_id = str(participant["id"])
+                    existed = hot.execute(
+                        "SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
+                        (participant_id, client_id)).fetchone()
+                    hot.execute(
+                        "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
+                        " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
+                        " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
+                        " integration_id=excluded.integration_id, external_id=excluded.external_id,"
+                        " info=excluded.info",
+                        (participant_id, client_id, client_type, client_integration_id, client_external_id,
+                         None if client_info is None else dumps(client_info), received))
+                    new_client = existed is None
+                    if user_external_id is not None and user_external_id != participant["user_external_id"]:
+                        hot.execute("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
+                                    (user_external_id, app_id, user_id))
+                hot.execute("COMMIT")
+            except BaseException:
+                hot.execute("ROLLBACK")
+                raise
+        return InboundRecord(seq=seq, participant_id=participant_id, new_client=new_client)
 
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[None]:
