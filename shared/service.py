@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from shared.bus import Bus
 from shared.config import CommonConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ class ServiceApp:
             if not ok:
                 return web.json_response({"status": "not ready", "service": self.name}, status=503)
         return web.json_response({"status": "ready", "service": self.name})
+
+    async def connect_bus(self) -> Bus:
+        """Connect to NATS, create the streams, and make /readyz follow the connection."""
+        bus = await Bus.connect(self.common.nats_url, self.name)
+        await bus.ensure_streams(self.common.stream_replicas)
+
+        async def connected() -> bool:
+            return bus.nc.is_connected
+
+        self.add_ready_check(connected)
+        return bus
 
     async def start_http(self) -> None:
         """Start serving HTTP; with port 0 the chosen port is stored in `self.port`."""

@@ -94,6 +94,8 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
 async def _proxy(request: web.Request) -> web.StreamResponse:
     target = _target(request)
     if target is None:
+        if any(route.prefix == request.path + "/" for route in ROUTES):  # `/sandbox` → `/sandbox/`
+            raise web.HTTPPermanentRedirect(request.rel_url.with_path(request.path + "/"))
         return error_response(404, f"No route for {request.path}")
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _proxy_websocket(request, target)

@@ -98,14 +98,9 @@ class ConversationsService(ServiceApp):
         self.store: Store | None = None
         self.conversations: Conversations | None = None
         self.admin: Admin | None = None
-        self.add_ready_check(self._bus_connected)
-
-    async def _bus_connected(self) -> bool:
-        return self.bus is not None and self.bus.nc.is_connected
 
     async def start(self) -> None:
-        self.bus = await Bus.connect(self.common.nats_url, self.name)
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         self.store = await Store.open(self.config.db_path)
         sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas))

@@ -37,16 +37,11 @@ class IdentityService(ServiceApp):
         self.bus: Bus | None = None
         self.store: IdentityStore | None = None
         self.handlers: IdentityHandlers | None = None
-        self.add_ready_check(self._bus_connected)
-
-    async def _bus_connected(self) -> bool:
-        return self.bus is not None and self.bus.nc.is_connected
 
     async def start(self) -> None:
         self.store = await IdentityStore.open(self.config.db_path)
         self.handlers = IdentityHandlers(self.store)
-        self.bus = await Bus.connect(self.common.nats_url, self.name)
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         await self.bus.serve(subjects.IDENTITY_SERVICE, {subject: self._answer for subject in ENDPOINTS})
         await self.start_http()
 

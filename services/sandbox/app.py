@@ -92,8 +92,7 @@ class SandboxService(ServiceApp):
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, then serve HTTP."""
-        self.bus = await Bus.connect(self.common.nats_url, self.name)
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
         await self.integrations.start()
         await self.start_http()

@@ -184,8 +184,7 @@ class WebService(ServiceApp):
     async def start(self) -> None:
         """Connect the bus, mirror integrations, subscribe to events, serve HTTP."""
         self._static = _load_static()
-        self.bus = await Bus.connect(self.common.nats_url, "web")
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, INTEGRATION_DECODER.decode)
         await self.integrations.start()
         await self.hub.start(self.bus.nc)

@@ -43,8 +43,7 @@ class WebhooksService(ServiceApp):
 
     async def start(self) -> None:
         """Connect, resume pending deliveries, consume events, serve HTTP."""
-        self.bus = await Bus.connect(self.common.nats_url, SERVICE_NAME)
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         self.store = await DeliveryStore.open(self.config.db_path)
         self.mirror = KvMirror(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
         await self.mirror.start()

@@ -78,8 +78,7 @@ class WhatsAppService(ServiceApp):
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
-        self.bus = await Bus.connect(self.common.nats_url, self.name)
-        await self.bus.ensure_streams(self.common.stream_replicas)
+        self.bus = await self.connect_bus()
         self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
         await self.integrations.start()
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))

@@ -1,0 +1,92 @@
+"""The front door routes by prefix exactly as `shared.routes` says, probes every service, and
+forwards WebSockets with their close codes."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from shared.routes import ROUTES, route_for
+from threadline.frontdoor import build_frontdoor
+from threadline.natsserver import free_port
+
+
+async def start(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+def upstream(name: str) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"service": name, "path": request.path, "query": request.query_string,
+                                  "body": (await request.read()).decode(),
+                                  "forwardedHost": request.headers.get("X-Forwarded-Host")})
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        msg = await ws.receive_str()
+        await ws.send_str(f"{name}:{msg}")
+        await ws.close(code=4401)
+        return ws
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/readyz", ready)
+    app.router.add_get("/healthz", ready)
+    app.router.add_get("/sdk/socket", socket)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def test_routes_probes_redirects_and_websockets() -> None:
+    names = sorted({r.service for r in ROUTES})
+    ports = {name: free_port() for name in names}
+    runners = [await start(upstream(name), port) for name, port in ports.items()]
+    door_port = free_port()
+    runners.append(await start(build_frontdoor({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}), door_port))
+    base = f"http://127.0.0.1:{door_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for route in ROUTES:
+                path = f"{route.prefix}x/y"
+                async with session.post(f"{base}{path}?a=1", data=b"hello") as resp:
+                    body = await resp.json()
+                assert body == {"service": route.service, "path": path, "query": "a=1", "body": "hello",
+                                "forwardedHost": f"127.0.0.1:{door_port}"}
+            async with session.get(f"{base}/nowhere") as resp:
+                assert resp.status == 404
+                assert (await resp.json())["errors"][0]["code"] == "not_found"
+            async with session.get(f"{base}/sandbox", allow_redirects=False) as resp:
+                assert resp.status == 308 and resp.headers["Location"].endswith("/sandbox/")
+            async with session.get(f"{base}/healthz") as resp:
+                assert resp.status == 200 and set((await resp.json())["services"]) == set(names)
+            for name in names:
+                async with session.get(f"{base}/_svc/{name}/readyz") as resp:
+                    assert resp.status == 200
+            async with session.ws_connect(f"{base}/sdk/socket") as ws:
+                await ws.send_str("ping")
+                assert await ws.receive_str() == "web:ping"
+                closing = await ws.receive()
+                assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == 4401
+        await runners[0].cleanup()  # one upstream down → /healthz degraded, its routes 503
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as resp:
+                assert resp.status == 503
+            down = next(r for r in ROUTES if r.service == names[0])
+            async with session.get(f"{base}{down.prefix}z") as resp:
+                assert resp.status == 503
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def test_longest_prefix_wins() -> None:
+    assert route_for("/webhooks/whatsapp/abc") is not None
+    assert route_for("/v2/apps") is not None and route_for("/v2/apps").service == "conversations"  # type: ignore[union-attr]
+    assert route_for("/v1/apps") is None
