@@ -159,7 +159,8 @@ class Source(Wire, kw_only=True):
 
 
 class QuotedMessage(Wire, kw_only=True):
-    type: Literal["message", "externalMessageId"] = "externalMessageId"
+    # No default: omit_defaults would drop it, and the official client needs it to parse.
+    type: Literal["message", "externalMessageId"]
     external_message_id: str | None = None
 
 

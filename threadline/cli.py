@@ -154,7 +154,8 @@ class Launcher:
         ports = {s.name: (free_port() if self.auto_ports else s.port) for s in SERVICES}
         busy = [f"{n}:{p}" for n, p in ports.items() if not _port_free("127.0.0.1", p)]
         if busy:
-            raise LaunchError("service ports in use: " + ", ".join(busy) + " (is another `threadline up` running?)")
+            raise LaunchError("service ports in use: " + ", ".join(busy)
+                              + " (is another `threadline up` running? --auto-ports picks free ones)")
         keys = load_secrets(self.data_dir)
         nats_port = self.nats_port if self.nats_port and _port_free("127.0.0.1", self.nats_port) else free_port()
         self.nats = NatsServer(store_dir=os.path.join(self.data_dir, "nats"), port=nats_port,
@@ -246,7 +247,7 @@ Threadline is up.  Front door: {self.base_url}   (Ctrl-C stops everything)
   API key id       {info['apiKey']['id']}
   API key secret   {info['apiKey']['secret']}
   Web integration  {info['integrations']['web']['id']}
-  WhatsApp integr. {wa['id']}   number {wa['phoneNumber']} (phone-number id {wa['phoneNumberId']})
+  WhatsApp integ.  {wa['id']}   number {wa['phoneNumber']} (phone-number id {wa['phoneNumberId']})
     webhook        {wa['webhookUrl']}
     verify token   {wa['verifyToken']}
     app secret     {wa['appSecret']}
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="threadline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the whole system locally (embedded NATS, SQLite, sandbox channels)")
-    up.add_argument("--data-dir", default=os.environ.get("THREADLINE_DATA_DIR", ".threadline"))
+    up.add_argument("--data-dir", default=os.environ.get("THREADLINE_DATA_DIR", ".threadline"),
+                    help="where SQLite databases, JetStream files, logs and sandbox.json live (default .threadline)")
     up.add_argument("--host", default=os.environ.get("THREADLINE_HOST", "127.0.0.1"),
                     help="front door bind address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=int(os.environ.get("THREADLINE_PORT", "8080")),

@@ -117,7 +117,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
     except aiohttp.ClientConnectionError as exc:
-        log.warning("upstream %s unavailable: %s", target, exc)
+        log.warning("upstream %s unavailable: %s", target.split("?", 1)[0], exc)
         return error_response(503, "Service unavailable, try again")
 
 
@@ -129,7 +129,8 @@ async def _proxy_websocket(request: web.Request, target: str) -> web.StreamRespo
         upstream = await session.ws_connect(target.replace("http://", "ws://", 1), headers=headers,
                                             heartbeat=None, autoping=False)
     except (aiohttp.ClientError, aiohttp.WSServerHandshakeError) as exc:
-        log.warning("websocket upstream %s unavailable: %s", target, exc)
+        # Never log the query: SDK sockets carry their session token there.
+        log.warning("websocket upstream %s unavailable: %s", target.split("?", 1)[0], type(exc).__name__)
         return error_response(503, "Service unavailable, try again")
     downstream = web.WebSocketResponse(autoping=False)
     await downstream.prepare(request)

@@ -297,6 +297,7 @@ class Conversations:
         if body.author.subtypes and not set(body.author.subtypes) <= models.AUTHOR_SUBTYPES:
             raise ApiError(400, "author.subtypes must be among AI, activity")
         models.check_metadata(body.metadata)
+        models.check_content(body.content)
         author = body.author
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)

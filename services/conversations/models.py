@@ -20,9 +20,12 @@ from shared.sunco import (
     ClientType,
     Content,
     ConversationType,
+    FileContent,
+    ImageContent,
     IntegrationType,
     Message,
     Profile,
+    TextContent,
     User,
     Wire,
 )
@@ -174,6 +177,25 @@ class Participant(Wire, kw_only=True):
 class DestinationIn(Wire, kw_only=True):
     integration_id: str | None = None
     integration_type: str | None = None
+
+
+MAX_TEXT_LENGTH = 4096  # SunCo's TextMessage limit (text, htmlText, markdownText)
+
+
+def check_content(content: Content) -> None:
+    """Refuse content SunCo would refuse, rather than storing it and failing at the channel."""
+    if isinstance(content, TextContent):
+        if not content.text.strip():
+            raise ApiError(400, "content.text must not be empty")
+        for name in ("text", "html_text", "markdown_text"):
+            value = getattr(content, name)
+            if value is not None and len(value) > MAX_TEXT_LENGTH:
+                raise ApiError(400, f"content.{name} exceeds {MAX_TEXT_LENGTH} characters")
+    elif isinstance(content, ImageContent | FileContent):
+        if not content.media_url:
+            raise ApiError(400, "content.mediaUrl is required")
+        if content.text is not None and len(content.text) > MAX_TEXT_LENGTH:
+            raise ApiError(400, f"content.text exceeds {MAX_TEXT_LENGTH} characters")
 
 
 class MessagePostBody(Wire, kw_only=True):

@@ -493,6 +493,12 @@ async def test_error_statuses(tenant: Tenant) -> None:
     status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations",
                                 body={"type": "group", "participants": [{"userExternalId": "gus"}]})
     assert status == 400
+    # Text SunCo refuses: empty, or over 4096 characters; an image without a URL.
+    for content in ({"type": "text", "text": ""}, {"type": "text", "text": "x" * 4097},
+                    {"type": "image", "mediaUrl": ""}):
+        status, body = await t.request("POST", path, body={"author": {"type": "business"}, "content": content})
+        assert status == 400, content
+        assert body["errors"][0]["code"] == "bad_request"
     status, _ = await t.request("POST", path, body={"author": {"type": "business"},
                                                     "content": {"type": "carousel", "items": []}})
     assert status == 400

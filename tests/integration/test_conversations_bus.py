@@ -181,7 +181,9 @@ async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa)
 async def test_postback_and_unsupported_content(wa: Wa) -> None:
     from shared.messages.channel import Postback
 
-    await wa.publish_inbound(wa.inbound("wamid.p", text="", postback=Postback(payload="BUY_1", text="Buy")))
+    # A reply-button tap quotes the business message it answers (WhatsApp's context.id).
+    await wa.publish_inbound(wa.inbound("wamid.p", text="", postback=Postback(payload="BUY_1", text="Buy"),
+                                        quoted_provider_message_id="wamid.OUTBOUND1"))
     await wa.publish_inbound(wa.inbound("wamid.u", content=UnsupportedContent(channel_type="whatsapp",
                                                                               raw={"type": "sticker"})))
     await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 2)
@@ -191,10 +193,13 @@ async def test_postback_and_unsupported_content(wa: Wa) -> None:
     assert status == 200
     contents = [m["content"] for m in body["messages"]]
     assert contents[0] == {"type": "text", "text": "Buy", "payload": "BUY_1"}
+    assert body["messages"][0]["quotedMessage"] == {"type": "externalMessageId",
+                                                    "externalMessageId": "wamid.OUTBOUND1"}
     assert contents[1]["type"] == "text" and "unsupported" in contents[1]["text"]
     # The client parses both.
     listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, conversation_id)
     assert len(listed.messages) == 2
+    assert listed.messages[0].quoted_message is not None
 
 
 async def test_inbound_for_unknown_integration_is_dropped(wa: Wa) -> None:
