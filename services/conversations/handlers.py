@@ -46,6 +46,7 @@ from shared.sunco import (
     UserRef,
     api_content,
 )
+from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +486,9 @@ class Conversations:
             if duplicate is not None:
                 await self._republish(msg.app_id, duplicate)
             return
+        log.info("customer message %s stored in conversation %s", message.id, conversation_id, extra=log_fields(
+            app_id=msg.app_id, conversation_id=conversation_id, message_id=message.id, channel=msg.channel,
+            provider_message_id=msg.provider_message_id))
         ref = conversation_ref(row)
         if new_client and participant_id and len(await self.store.associations(participant_id)) > 1:
             # A new channel joined a conversation the user already had: SunCo's client:add.

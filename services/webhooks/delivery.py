@@ -156,6 +156,10 @@ class Dispatcher:
             self.pending -= len(completed.delivered) + len(completed.failed)
             self.delivered += len(completed.delivered)
             self.failed += len(completed.failed)
+            if completed.delivered:
+                log.info("delivered %d event(s) to webhook %s", len(completed.delivered), queue.webhook_id,
+                         extra=log_fields(webhook_id=queue.webhook_id, events=len(completed.delivered),
+                                          http_status=result.status))
             for row in completed.failed:
                 log.warning("webhook delivery failed: event %s to webhook %s after %d attempt(s): %s",
                             row.event_id, row.webhook_id, row.attempts, result.error, extra=log_fields(

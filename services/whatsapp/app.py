@@ -21,7 +21,7 @@ from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
 from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
-from shared.telemetry import inject_headers, setup_telemetry, tracer
+from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
 
 from . import handlers
 from .config import WhatsAppConfig
@@ -156,6 +156,10 @@ class WhatsAppService(ServiceApp):
         if failures:
             log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(results), failures[0])
             raise ApiError(503, "Could not store the notification, retry later")
+        log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
+                 len(normalized.statuses), extra=log_fields(
+                     integration_id=request.match_info["integration_id"], messages=len(normalized.messages),
+                     statuses=len(normalized.statuses)))
         return web.Response(status=200, text="ok", content_type="text/plain")
 
     async def media(self, request: web.Request) -> web.StreamResponse:
