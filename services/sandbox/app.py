@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from .whatsapp_fake import FakeWhatsApp, points_at_sandbox
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 PREFIX = "/sandbox"
+DEFAULT_BUSINESS_NAME = "Threadline Demo Shop"
+_PLACEHOLDER = re.compile(r"__SANDBOX_CONFIG__|__BUSINESS_NAME__")
 
 
 def read_sandbox_file(path: str) -> dict[str, Any]:
@@ -35,8 +40,13 @@ def read_sandbox_file(path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp) -> dict[str, Any]:
-    """What the demo page needs: app id, the web and WhatsApp integration ids, the business number."""
+def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: str = "",
+                business_name: str | None = None) -> dict[str, Any]:
+    """What the demo page needs: ids, the business number and name, what a curl to the API needs.
+
+    The API key secret stays out of the page (the page is unauthenticated); the page points at
+    the file that holds it instead.
+    """
     integrations = sandbox.get("integrations") if isinstance(sandbox.get("integrations"), dict) else {}
     assert isinstance(integrations, dict)
 
@@ -48,19 +58,29 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp) -> dict[str, Any
     whatsapp_id = integration_id("whatsapp")
     account = fake.accounts.get(whatsapp_id) if whatsapp_id else None
     app_id = sandbox.get("appId")
+    base_url = sandbox.get("baseUrl")
+    api_key = sandbox.get("apiKey")
+    key_id = api_key.get("id") if isinstance(api_key, dict) else None
     return {
         "appId": app_id if isinstance(app_id, str) else None,
         "webIntegrationId": integration_id("web"),
         "whatsappIntegrationId": whatsapp_id,
         "whatsappNumber": account.display_phone_number if account else None,
+        "businessName": business_name or DEFAULT_BUSINESS_NAME,
+        "baseUrl": base_url if isinstance(base_url, str) and base_url else None,
+        "keyId": key_id if isinstance(key_id, str) and key_id else None,
+        "sandboxFile": os.path.abspath(sandbox_file) if sandbox_file else None,
     }
 
 
 def render_page(config: Mapping[str, Any]) -> str:
-    """The demo page with its configuration inlined (safe inside a <script> element)."""
+    """The demo page with its configuration inlined (safe inside a <script> element) and its name."""
     template = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     blob = json.dumps(dict(config)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return template.replace("__SANDBOX_CONFIG__", blob)
+    name = html.escape(str(config.get("businessName") or DEFAULT_BUSINESS_NAME))
+    # One pass, so a value that happens to contain a placeholder is never substituted again.
+    values = {"__SANDBOX_CONFIG__": blob, "__BUSINESS_NAME__": name}
+    return _PLACEHOLDER.sub(lambda match: values[match.group(0)], template)
 
 
 class SandboxService(ServiceApp):
@@ -72,7 +92,7 @@ class SandboxService(ServiceApp):
         super().__init__(config.common)
         self.config = config
         self.fake = FakeWhatsApp(config.public_url, enforce_window=config.enforce_window,
-                                 auto_statuses=config.auto_statuses)
+                                 auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file)
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self._synced: dict[str, tuple[str, ...]] = {}
@@ -141,13 +161,31 @@ class SandboxService(ServiceApp):
     async def _redirect_to_page(self, _request: web.Request) -> web.Response:
         raise web.HTTPFound(f"{PREFIX}/")
 
+    def business_name(self, web_integration_id: str | None) -> str | None:
+        """The web integration's businessName (what the widget shows as its title)."""
+        if self.integrations is None or not web_integration_id:
+            return None
+        record = self.integrations.get(web_integration_id)
+        if not isinstance(record, IntegrationRecord):
+            return None
+        name = record.config.get("businessName") or record.display_name
+        return name if isinstance(name, str) and name else None
+
+    def current_page_config(self) -> dict[str, Any]:
+        """page_config for the sandbox.json on disk now (read per request: `up` may rewrite it)."""
+        sandbox = read_sandbox_file(self.config.sandbox_file)
+        config = page_config(sandbox, self.fake, self.config.sandbox_file)
+        name = self.business_name(config["webIntegrationId"])
+        if name:
+            config["businessName"] = name
+        return config
+
     async def _page(self, _request: web.Request) -> web.Response:
-        config = page_config(read_sandbox_file(self.config.sandbox_file), self.fake)
-        return web.Response(text=render_page(config), content_type="text/html",
+        return web.Response(text=render_page(self.current_page_config()), content_type="text/html",
                             headers={"Cache-Control": "no-store"})
 
     async def _config_json(self, _request: web.Request) -> web.Response:
-        return web.json_response(page_config(read_sandbox_file(self.config.sandbox_file), self.fake))
+        return web.json_response(self.current_page_config())
 
 
 def create(environ: Mapping[str, str] | None = None) -> SandboxService:

@@ -30,6 +30,11 @@ class SandboxConfig:
         """The file the lead's bootstrap writes: app id and integration ids of the demo."""
         return os.path.join(self.common.data_dir, "sandbox.json")
 
+    @property
+    def whatsapp_store_file(self) -> str:
+        """Where the fake WhatsApp keeps its threads across restarts (JSON lines)."""
+        return os.path.join(self.common.data_dir, "sandbox-whatsapp.jsonl")
+
     def webhook_url(self, integration_id: str) -> str:
         """The gateway's public webhook URL for one WhatsApp integration."""
         return f"{self.common.public_base_url}/webhooks/whatsapp/{integration_id}"

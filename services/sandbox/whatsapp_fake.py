@@ -9,7 +9,10 @@ aiohttp app (`routes(prefix)`), and it behaves like Meta towards a gateway:
   customer messages and for `sent`/`delivered`/`read`/`failed` statuses, always in the BSUID-era
   superset shape (contacts with `wa_id` + `user_id`, contacts in statuses);
 - scripting (`{prefix}/whatsapp/{integrationId}/...`): inbound messages, late statuses,
-  injected send errors, the outbox and the whole thread per customer.
+  injected send errors, the outbox and the whole thread per customer (errors in SunCo's shape).
+
+With a `store_path` the threads, customers and media survive a restart: every change is appended
+to a JSON-lines file, replayed (and compacted) when the fake is created.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
+from shared.http import ApiError, error_response
 from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -192,7 +196,8 @@ class WebhookDelivery:
 class FakeWhatsApp:
     """The fake Cloud API; see the module docstring."""
 
-    def __init__(self, public_url: str = "", *, enforce_window: bool = False, auto_statuses: bool = True) -> None:
+    def __init__(self, public_url: str = "", *, enforce_window: bool = False, auto_statuses: bool = True,
+                 store_path: str | None = None) -> None:
         # Base URL under which `routes(prefix)` is reachable from outside (for media URLs).
         self.public_url = public_url.rstrip("/")
         self.enforce_window = enforce_window
@@ -207,6 +212,92 @@ class FakeWhatsApp:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Append-only journal of threads/customers/media (None: memory only, as in unit tests).
+        self.store_path = store_path
+        if store_path is not None:
+            self._load(store_path)
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def _load(self, path: str) -> None:
+        """Replay the journal, then rewrite it compacted (one line per live record)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            return
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self._apply(record)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # A torn last line after a crash, or a hand edit: skip it, keep the rest.
+                continue
+        live = self._snapshot()
+        if len(live) < len(lines):
+            tmp = f"{path}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in live)
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("cannot compact %s: %s", path, exc)
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        if kind == "customer":
+            self.customers[record["number"]] = Customer(number=record["number"], bsuid=record["bsuid"],
+                                                        name=record.get("name") or "",
+                                                        last_inbound_at=record.get("lastInboundAt"))
+        elif kind == "entry":
+            entry = ThreadEntry(record["direction"], record["wamid"], float(record["at"]), record["body"],
+                                status=record.get("status") or "", errors=list(record.get("errors") or []))
+            self.threads.setdefault((record["integrationId"], record["number"]), []).append(entry)
+        elif kind == "status":
+            found = self.find_entry(record["integrationId"], record["wamid"])
+            if found is not None:
+                found[1].status = record["status"]
+                found[1].errors = list(record.get("errors") or [])
+        elif kind == "media":
+            self.media[record["id"]] = dict(record["media"])
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = [self._customer_record(c) for c in self.customers.values()]
+        records += [{"kind": "media", "id": media_id, "media": media} for media_id, media in self.media.items()]
+        for (integration_id, number), entries in self.threads.items():
+            records += [self._entry_record(integration_id, number, e) for e in entries]
+        return records
+
+    @staticmethod
+    def _customer_record(customer: Customer) -> dict[str, Any]:
+        return {"kind": "customer", "number": customer.number, "bsuid": customer.bsuid, "name": customer.name,
+                "lastInboundAt": customer.last_inbound_at}
+
+    @staticmethod
+    def _entry_record(integration_id: str, number: str, entry: ThreadEntry) -> dict[str, Any]:
+        return {"kind": "entry", "integrationId": integration_id, "number": number, "direction": entry.direction,
+                "wamid": entry.wamid, "at": entry.at, "body": entry.body, "status": entry.status,
+                "errors": entry.errors}
+
+    def _journal(self, record: dict[str, Any]) -> None:
+        if self.store_path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.store_path)), exist_ok=True)
+            with open(self.store_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except OSError as exc:  # the sandbox keeps working in memory
+            log.warning("cannot append to %s: %s", self.store_path, exc)
+
+    def _save_customer(self, customer: Customer) -> None:
+        self._journal(self._customer_record(customer))
+
+    def _save_status(self, integration_id: str, entry: ThreadEntry) -> None:
+        self._journal({"kind": "status", "integrationId": integration_id, "wamid": entry.wamid,
+                       "status": entry.status, "errors": entry.errors})
 
     # --- lifecycle and accounts ----------------------------------------------------------------
 
@@ -247,12 +338,15 @@ class FakeWhatsApp:
         """The simulated user of a phone number (created on first use)."""
         d = digits(number)
         found = self.customers.get(d)
+        before = None if found is None else (found.bsuid, found.name)
         if found is None:
             found = self.customers[d] = Customer(number=d, bsuid=bsuid or bsuid_for(d), name=name or "")
         if name:
             found.name = name
         if bsuid:
             found.bsuid = bsuid
+        if (found.bsuid, found.name) != before:
+            self._save_customer(found)
         return found
 
     def customer_key(self, recipient: str) -> str:
@@ -324,6 +418,7 @@ class FakeWhatsApp:
         if with_bsuid:
             contact["user_id"] = customer.bsuid
         customer.last_inbound_at = time.time()
+        self._save_customer(customer)
         self._append(integration_id, customer.number, ThreadEntry("in", wamid, time.time(), message))
         status = await self.deliver(account, {"contacts": [contact], "messages": [message]})
         return wamid, status
@@ -372,6 +467,7 @@ class FakeWhatsApp:
             "mime_type": mime_type, "sha256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
             "file_size": len(TINY_PNG) if not isinstance(link, str) or not link else 0,
         }
+        self._journal({"kind": "media", "id": media_id, "media": self.media[media_id]})
         return media_id
 
     async def send_status(self, integration_id: str, wamid: str, status: str, code: int | None = None,
@@ -400,6 +496,7 @@ class FakeWhatsApp:
         if entry is not None:
             entry.status = status
             entry.errors = item.get("errors", [])
+            self._save_status(integration_id, entry)
         value: dict[str, Any] = {"statuses": [item]}
         # Since the BSUID change statuses carry `contacts` (pywa 4.5 requires them).
         customer = self.customers.get(number)
@@ -467,6 +564,7 @@ class FakeWhatsApp:
 
     def _append(self, integration_id: str, number: str, entry: ThreadEntry) -> None:
         self.threads.setdefault((integration_id, number), []).append(entry)
+        self._journal(self._entry_record(integration_id, number, entry))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -488,18 +586,19 @@ class FakeWhatsApp:
     def routes(self, prefix: str = "/sandbox") -> list[web.RouteDef]:
         """The fake's HTTP routes, mounted under `prefix`."""
         p = prefix.rstrip("/")
+        s = _sunco_errors  # the scripting API is ours, so it answers errors like the business API
         return [
             web.post(f"{p}/graph/{_VERSION}/{{phone_number_id}}/messages", self._graph_messages),
             web.get(f"{p}/graph/{_VERSION}/{{media_id}}", self._graph_media),
             web.get(f"{p}/whatsapp/media/{{media_id}}", self._media_download),
-            web.post(f"{p}/whatsapp/{{integration_id}}/inbound", self._script_inbound),
-            web.post(f"{p}/whatsapp/{{integration_id}}/status", self._script_status),
-            web.post(f"{p}/whatsapp/{{integration_id}}/fail-next", self._script_fail_next),
-            web.post(f"{p}/whatsapp/{{integration_id}}/verify", self._script_verify),
-            web.post(f"{p}/whatsapp/{{integration_id}}/window", self._script_window),
-            web.get(f"{p}/whatsapp/{{integration_id}}/outbox", self._script_outbox),
-            web.get(f"{p}/whatsapp/{{integration_id}}/thread", self._script_thread),
-            web.get(f"{p}/whatsapp/{{integration_id}}", self._script_account),
+            web.post(f"{p}/whatsapp/{{integration_id}}/inbound", s(self._script_inbound)),
+            web.post(f"{p}/whatsapp/{{integration_id}}/status", s(self._script_status)),
+            web.post(f"{p}/whatsapp/{{integration_id}}/fail-next", s(self._script_fail_next)),
+            web.post(f"{p}/whatsapp/{{integration_id}}/verify", s(self._script_verify)),
+            web.post(f"{p}/whatsapp/{{integration_id}}/window", s(self._script_window)),
+            web.get(f"{p}/whatsapp/{{integration_id}}/outbox", s(self._script_outbox)),
+            web.get(f"{p}/whatsapp/{{integration_id}}/thread", s(self._script_thread)),
+            web.get(f"{p}/whatsapp/{{integration_id}}", s(self._script_account)),
         ]
 
     def _authorized(self, request: web.Request, account: Account) -> bool:
@@ -612,6 +711,7 @@ class FakeWhatsApp:
         found = self.find_entry(account.integration_id, message_id)
         if found is not None and found[1].direction == "in":
             found[1].status = "read"
+            self._save_status(account.integration_id, found[1])
         return web.json_response({"success": True})
 
     async def _graph_media(self, request: web.Request) -> web.Response:
@@ -645,15 +745,14 @@ class FakeWhatsApp:
     def _script_account_or_404(self, request: web.Request) -> Account:
         account = self.accounts.get(request.match_info["integration_id"])
         if account is None:
-            raise web.HTTPNotFound(text=json.dumps({"error": "unknown WhatsApp integration in the sandbox"}),
-                                   content_type="application/json")
+            raise ApiError(404, "Unknown WhatsApp integration in the sandbox")
         return account
 
     @staticmethod
     async def _json_body(request: web.Request) -> dict[str, Any]:
         raw = await request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
-            raise _bad_request("body too large")
+            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -710,6 +809,7 @@ class FakeWhatsApp:
             raise _bad_request("need to")
         customer = self.customer(to)
         customer.last_inbound_at = time.time() if spec.get("open", True) else None
+        self._save_customer(customer)
         return web.json_response({"open": customer.last_inbound_at is not None})
 
     async def _script_outbox(self, request: web.Request) -> web.Response:
@@ -739,8 +839,19 @@ class FakeWhatsApp:
                                   "webhookUrl": account.webhook_url})
 
 
-def _bad_request(reason: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": reason}), content_type="application/json")
+def _bad_request(reason: str) -> ApiError:
+    return ApiError(400, reason)
+
+
+def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
+                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.title, exc.code)
+    return wrapped
 
 
 _FAKE_PATH = re.compile(r"/sandbox/graph/?$")

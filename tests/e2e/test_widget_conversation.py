@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,9 +45,13 @@ class Business:
         config = sunco.Configuration(host=self.base_url, username=self.key_id, password=self.key_secret)
         return sunco.ApiClient(config)
 
-    async def reply(self, conversation_id: str, text: str) -> str:
-        post = sunco.MessagePost.from_dict({"author": {"type": "business"},
-                                            "content": {"type": "text", "text": text}})
+    async def reply(self, conversation_id: str, text: str, display_name: str | None = None,
+                    content: dict[str, Any] | None = None) -> str:
+        author: dict[str, Any] = {"type": "business"}
+        if display_name is not None:
+            author["displayName"] = display_name
+        post = sunco.MessagePost.from_dict({"author": author,
+                                            "content": content or {"type": "text", "text": text}})
 
         def call() -> str:
             with self.client() as api_client:
@@ -197,9 +202,14 @@ async def test_customer_message_reaches_the_business_and_the_reply_comes_back(pa
     event = await business.wait_event(lambda e: e["type"] == "conversation:message")
     assert event["payload"]["message"]["source"]["originalMessageId"] == client_message_id
 
-    await business.reply(conversation_id, "Hi! How can we help?")
+    await business.reply(conversation_id, "Hi! How can we help?", display_name="Sam from Support")
     replies = page.locator('[data-threadline="message"][data-author="business"]')
     await expect(replies).to_have_text(["Hi! How can we help?"])
+    # Under each message: the business author's name and the time; the message text stays the content.
+    await expect(replies.locator('[data-threadline="meta"]')).to_have_attribute(
+        "data-label", re.compile(r"^Sam from Support \u00b7 .*\d{1,2}:\d{2}"))
+    await expect(user_message.locator('[data-threadline="meta"]')).to_have_attribute(
+        "data-label", re.compile(r"^[^\u00b7]*\d{1,2}:\d{2}"))
 
     # Reload: the session is in localStorage, history comes back in order.
     await page.reload()
@@ -274,3 +284,13 @@ async def test_widget_reconnects_after_a_web_restart_and_shows_the_missed_messag
     offline_events = [e for e in business.events if e["type"] == "conversation:message"
                       and e["payload"]["message"]["content"].get("text") == "Typed while offline"]
     assert len(offline_events) == 1
+
+
+async def test_an_image_that_fails_to_load_shows_a_placeholder(page: Page, business: Business) -> None:
+    conversation_id = await open_and_send(page, business, "Can I see a picture?")
+    missing = f"{business.base_url}/widget/no-such-picture.png"
+    await business.reply(conversation_id, "", content={"type": "image", "mediaUrl": missing, "altText": "Our beans"})
+    reply = page.locator('[data-threadline="message"][data-author="business"]')
+    await expect(reply.locator('[data-threadline="image-missing"]')).to_be_visible()
+    await expect(reply.locator("img")).to_have_count(0)
+    await expect(reply.locator('[data-threadline="image-missing"]')).to_have_attribute("aria-label", "Our beans")

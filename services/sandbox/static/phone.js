@@ -10,13 +10,17 @@
   const nameInput = $("phone-name");
   const textInput = $("phone-text");
   const readSent = new Set();
-  let lastRender = "";
+  // Rendered bubbles by message id: a poll only adds new bubbles and updates statuses, so images
+  // are not fetched again and the scroll position holds.
+  let bubbles = new Map();
+  // Image links that failed once: shown as a placeholder from then on, never fetched again.
+  const brokenImages = new Set();
 
   numberInput.value = localStorage.getItem("sandbox.phone.number") || numberInput.value;
   nameInput.value = localStorage.getItem("sandbox.phone.name") || nameInput.value;
-  numberInput.addEventListener("change", () => { localStorage.setItem("sandbox.phone.number", numberInput.value); lastRender = ""; poll(); });
+  numberInput.addEventListener("change", () => { localStorage.setItem("sandbox.phone.number", numberInput.value); resetThread(); poll(); });
   nameInput.addEventListener("change", () => localStorage.setItem("sandbox.phone.name", nameInput.value));
-  if (config.whatsappNumber) $("phone-business").textContent = "chatting with " + config.whatsappNumber;
+  if (config.whatsappNumber) $("phone-business").textContent = "WhatsApp business · " + config.whatsappNumber;
 
   if (!integrationId) {
     const notice = $("sandbox-notice");
@@ -63,7 +67,49 @@
   }
 
   function sendAsCustomer(spec) {
-    return api("/inbound", Object.assign({from: numberInput.value, name: nameInput.value}, spec)).then(poll);
+    return api("/inbound", Object.assign({from: numberInput.value, name: nameInput.value}, spec))
+      .then(poll).then(scrollToNewest);
+  }
+
+  // Whether the thread shows its end: content that grows later (an image loading, a placeholder)
+  // keeps the newest message in view then, but does not yank a reader who scrolled up.
+  let pinned = true;
+  const atEnd = () => thread.scrollTop + thread.clientHeight >= thread.scrollHeight - 4;
+  thread.addEventListener("scroll", () => { pinned = atEnd(); });
+  function scrollToNewest() { thread.scrollTop = thread.scrollHeight; pinned = true; }
+
+  function resetThread() {
+    bubbles = new Map();
+    thread.textContent = "";
+  }
+
+  // An icon drawn inline: no emoji font needed for the placeholder.
+  const PICTURE_ICON = '<svg width="16" height="16" viewBox="0 0 24 24" aria-hidden="true"><path fill="currentColor" ' +
+    'd="M21 5v14H3V5h18m0-2H3a2 2 0 0 0-2 2v14a2 2 0 0 0 2 2h18a2 2 0 0 0 2-2V5a2 2 0 0 0-2-2zm-7.5 9.5L11 ' +
+    '15.5l-2-2.5-3 4h12l-3.5-4.5z"/></svg>';
+  function imagePlaceholder() {
+    const box = el("div", "img-missing");
+    box.innerHTML = PICTURE_ICON;
+    box.append(el("span", "", "image unavailable"));
+    return box;
+  }
+
+  function renderImage(link, caption, bubble) {
+    if (!link || brokenImages.has(link)) {
+      bubble.append(imagePlaceholder());
+      return;
+    }
+    const img = el("img");
+    img.alt = caption || "image";
+    img.addEventListener("error", () => {
+      brokenImages.add(link);
+      const wasPinned = pinned;
+      img.replaceWith(imagePlaceholder());
+      if (wasPinned) scrollToNewest();
+    }, {once: true});
+    img.addEventListener("load", () => { if (pinned) scrollToNewest(); }, {once: true});
+    img.src = link;
+    bubble.append(img);
   }
 
   function el(tag, cls, text) {
@@ -77,8 +123,7 @@
     const type = body.type || "text";
     if (type === "text") bubble.append(el("div", "", body.text.body));
     else if (type === "image") {
-      const img = el("img"); img.src = body.image.link || ""; img.alt = body.image.caption || "image";
-      bubble.append(img);
+      renderImage(body.image.link || "", body.image.caption || "", bubble);
       if (body.image.caption) bubble.append(el("div", "", body.image.caption));
     } else if (type === "document") {
       const a = el("a", "", "📄 " + (body.document.filename || "document")); a.href = body.document.link; a.target = "_blank";
@@ -116,23 +161,44 @@
     else bubble.append(el("div", "", "[" + body.type + "]"));
   }
 
+  function renderStatus(m, footer) {
+    footer.textContent = "";
+    if (m.status === "failed") footer.append(el("div", "failed", "not delivered: " + (((m.errors || [])[0] || {}).title || "")));
+    const time = new Date(m.at * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    const ticks = m.direction === "in" ? (m.status === "read" ? " ✓✓" : " ✓") : "";
+    footer.append(el("span", "meta" + (m.status === "read" && m.direction === "in" ? " read" : ""), time + ticks));
+  }
+
   function render(messages) {
-    const key = JSON.stringify(messages.map((m) => [m.wamid, m.status]));
-    if (key === lastRender) return;
-    lastRender = key;
-    const atBottom = thread.scrollTop + thread.clientHeight >= thread.scrollHeight - 20;
-    thread.textContent = "";
+    let added = false;
+    let previous = null;
+    const current = new Set();
     for (const m of messages) {
-      const bubble = el("li", "bubble " + m.direction);
-      bubble.dataset.wamid = m.wamid;
-      if (m.direction === "out") renderOut(m.body, bubble); else renderIn(m.body, bubble);
-      if (m.status === "failed") bubble.append(el("div", "failed", "not delivered: " + ((m.errors[0] || {}).title || "")));
-      const time = new Date(m.at * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
-      const ticks = m.direction === "in" ? (m.status === "read" ? " ✓✓" : " ✓") : "";
-      bubble.append(el("span", "meta" + (m.status === "read" && m.direction === "in" ? " read" : ""), time + ticks));
-      thread.append(bubble);
+      current.add(m.wamid);
+      let entry = bubbles.get(m.wamid);
+      if (!entry) {
+        const bubble = el("li", "bubble " + m.direction);
+        bubble.dataset.wamid = m.wamid;
+        if (m.direction === "out") renderOut(m.body, bubble); else renderIn(m.body, bubble);
+        const footer = el("div", "footer");
+        bubble.append(footer);
+        entry = {bubble, footer, status: null};
+        bubbles.set(m.wamid, entry);
+        thread.insertBefore(bubble, previous ? previous.nextSibling : thread.firstChild);
+        added = true;
+      }
+      const status = m.status + "|" + JSON.stringify(m.errors || []);
+      if (entry.status !== status) {
+        renderStatus(m, entry.footer);
+        entry.status = status;
+      }
+      previous = entry.bubble;
     }
-    if (atBottom) thread.scrollTop = thread.scrollHeight;
+    for (const [wamid, entry] of bubbles) {
+      if (!current.has(wamid)) { entry.bubble.remove(); bubbles.delete(wamid); }
+    }
+    // A new message (either side, a button reply included) brings the newest into view.
+    if (added) scrollToNewest();
   }
 
   async function markRead(messages) {

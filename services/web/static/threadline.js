@@ -59,8 +59,14 @@
     ".tl-message[data-author=business] .tl-bubble{background:#fff;border:1px solid #d0d7de}",
     ".tl-message[data-status=pending] .tl-bubble{opacity:.6}",
     ".tl-message[data-status=failed] .tl-bubble{background:#d1242f;cursor:pointer}",
-    ".tl-meta{font-size:11px;color:#656d76;margin-top:2px}",
+    ".tl-meta{font-size:11px;color:#656d76;margin-top:2px;min-height:0}",
+    // The label is CSS-generated content so a message node's text stays exactly its content.
+    ".tl-meta::before{content:attr(data-label)}",
+    ".tl-message[data-status=failed] .tl-meta::before{content:'Not sent \\B7  tap to retry';color:#d1242f}",
     ".tl-bubble img{max-width:100%;border-radius:8px;display:block}",
+    ".tl-img-missing{display:flex;align-items:center;justify-content:center;gap:6px;min-width:160px;",
+    "height:96px;border-radius:8px;background:#eaeef2;color:#656d76;font-size:12px}",
+    ".tl-message[data-author=user] .tl-img-missing{background:rgba(255,255,255,.2);color:#fff}",
     ".tl-seen{align-self:flex-end;font-size:11px;color:#656d76}",
     ".tl-typing{padding:0 14px 6px;font-size:12px;color:#656d76;background:#f6f8fa}",
     ".tl-typing[hidden]{display:none}",
@@ -328,10 +334,55 @@
     this.unread.removeAttribute("hidden");
   };
 
+  // A neat box instead of the browser's broken-image icon (and no retry on every re-render).
+  function imagePlaceholder(label) {
+    var box = el("div", {"class": "tl-img-missing", "data-threadline": "image-missing", "role": "img",
+      "aria-label": label || "image unavailable"});
+    box.innerHTML = '<svg width="18" height="18" viewBox="0 0 24 24" aria-hidden="true"><path ' +
+      'fill="currentColor" d="M21 5v14H3V5h18m0-2H3a2 2 0 0 0-2 2v14a2 2 0 0 0 2 2h18a2 2 0 0 0 2-2V5a2 2 ' +
+      '0 0 0-2-2zm-7.5 9.5L11 15.5l-2-2.5-3 4h12l-3.5-4.5z"/></svg>';
+    box.appendChild(el("span", {}, "Image unavailable"));
+    return box;
+  }
+
+  function pad2(n) {
+    return (n < 10 ? "0" : "") + n;
+  }
+
+  // "14:05" today, "3 Mar 14:05" on other days (the visitor's local time).
+  function formatTime(ms) {
+    if (!ms) {
+      return "";
+    }
+    var date = new Date(ms);
+    var time;
+    try {
+      time = date.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    } catch (e) {
+      time = pad2(date.getHours()) + ":" + pad2(date.getMinutes());
+    }
+    if (date.toDateString() === new Date().toDateString()) {
+      return time;
+    }
+    var day;
+    try {
+      day = date.toLocaleDateString([], {day: "numeric", month: "short"});
+    } catch (e) {
+      day = date.getDate() + "/" + (date.getMonth() + 1);
+    }
+    return day + " " + time;
+  }
+
   function renderContent(bubble, content) {
     content = content || {};
     if (content.type === "image" && content.mediaUrl) {
-      var img = el("img", {"src": content.mediaUrl, "alt": content.altText || "image"});
+      var img = el("img", {"alt": content.altText || "image"});
+      img.addEventListener("error", function () {
+        if (img.parentNode) {
+          img.parentNode.replaceChild(imagePlaceholder(content.altText), img);
+        }
+      });
+      img.setAttribute("src", content.mediaUrl);
       bubble.appendChild(img);
       if (content.text) {
         bubble.appendChild(el("div", {}, content.text));
@@ -361,8 +412,32 @@
     var node = el("div", {"class": "tl-message", "data-threadline": "message", "data-author": author,
       "data-status": status});
     node.appendChild(el("div", {"class": "tl-bubble"}));
+    node.appendChild(el("div", {"class": "tl-meta", "data-threadline": "meta", "data-label": ""}));
     return node;
   };
+
+  // Under the bubble: the business author's display name (when sent) and the time received.
+  function setMeta(node, author, message) {
+    var meta = node.querySelector('[data-threadline="meta"]');
+    if (!meta) {
+      return;
+    }
+    var parts = [];
+    var name = author === "business" && message.author && message.author.displayName;
+    if (typeof name === "string" && name) {
+      parts.push(name);
+    }
+    var time = formatTime(Date.parse(message.received) || 0);
+    if (time) {
+      parts.push(time);
+    }
+    var label = parts.join(" \u00B7 ");
+    meta.setAttribute("data-label", label);
+    meta.setAttribute("title", message.received || "");
+    if (label) {
+      meta.setAttribute("aria-label", label);
+    }
+  }
 
   // Insert a confirmed message in cursor order, before any still-pending message.
   Widget.prototype.insertByCursor = function (node, cursor) {
@@ -407,6 +482,7 @@
     node.setAttribute("data-message-id", message.id);
     node.setAttribute("data-cursor", String(cursor));
     node.setAttribute("data-received", String(Date.parse(message.received) || 0));
+    setMeta(node, author, message);
     this.insertByCursor(node, cursor);
     this.rendered[message.id] = node;
     if (author === "business") {
@@ -696,7 +772,8 @@
     var node = this.messageElement("user", "pending");
     node.firstChild.textContent = item.text;
     node.setAttribute("data-client-message-id", item.id);
-    node.firstChild.addEventListener("click", function () {
+    // The whole message (bubble and its "tap to retry" line) retries a failed send.
+    node.addEventListener("click", function () {
       if (node.getAttribute("data-status") === "failed") {
         node.setAttribute("data-status", "pending");
         self.post(item);
