@@ -12,10 +12,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from shared.bus import Bus
+from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ class ServiceApp:
 
         self.add_ready_check(connected)
         return bus
+
+    async def mirror_bucket(self, bus: Bus, bucket: str, decode: Callable[[bytes], Any]) -> KvMirror:
+        """Start an in-memory mirror of a KV bucket; /readyz waits for its initial values."""
+        mirror = KvMirror(bus, bucket, decode)
+        await mirror.start()
+
+        async def loaded() -> bool:
+            return mirror.ready.is_set()
+
+        self.add_ready_check(loaded)
+        return mirror
 
     async def start_http(self) -> None:
         """Start serving HTTP; with port 0 the chosen port is stored in `self.port`."""

@@ -104,17 +104,12 @@ class SandboxService(ServiceApp):
         self.http.router.add_get(f"{PREFIX}/config.json", self._config_json)
         self.http.router.add_static(f"{PREFIX}/static", STATIC_DIR, show_index=False)
         self.http.router.add_routes(self.fake.routes(PREFIX))
-        self.add_ready_check(self._ready)
-
-    async def _ready(self) -> bool:
-        return (self.bus is not None and self.bus.nc.is_connected and self.integrations is not None
-                and self.integrations.ready.is_set())
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, then serve HTTP."""
         self.bus = await self.connect_bus()
-        self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
-        await self.integrations.start()
+        self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                     records.INTEGRATION_DECODER.decode)
         await self.start_http()
 
     async def stop(self) -> None:

@@ -185,11 +185,10 @@ class WebService(ServiceApp):
         """Connect the bus, mirror integrations, subscribe to events, serve HTTP."""
         self._static = _load_static()
         self.bus = await self.connect_bus()
-        self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, INTEGRATION_DECODER.decode)
-        await self.integrations.start()
+        self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                     INTEGRATION_DECODER.decode)
         await self.hub.start(self.bus.nc)
         self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name="web:reconnects")
-        self.add_ready_check(self._bus_ready)
         await self.start_http()
 
     async def stop(self) -> None:
@@ -205,9 +204,6 @@ class WebService(ServiceApp):
             await self.integrations.stop()
         if self.bus is not None:
             await self.bus.close()
-
-    async def _bus_ready(self) -> bool:
-        return self.bus is not None and self.bus.nc.is_connected
 
     async def close_sockets(self, code: int, message: bytes) -> None:
         """Close every open socket (their clients reconnect and resume from their cursor)."""

@@ -45,8 +45,7 @@ class WebhooksService(ServiceApp):
         """Connect, resume pending deliveries, consume events, serve HTTP."""
         self.bus = await self.connect_bus()
         self.store = await DeliveryStore.open(self.config.db_path)
-        self.mirror = KvMirror(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
-        await self.mirror.start()
+        self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -92,8 +91,7 @@ class WebhooksService(ServiceApp):
         self.dispatcher.add(created)
 
     async def _ready(self) -> bool:
-        return (self.bus is not None and self.bus.nc.is_connected and self.mirror is not None
-                and self.mirror.ready.is_set() and self.dispatcher is not None)
+        return self.dispatcher is not None
 
     async def _stats(self, _request: web.Request) -> web.Response:
         if self.dispatcher is None:

@@ -70,17 +70,12 @@ class WhatsAppService(ServiceApp):
         self.http.router.add_get("/webhooks/whatsapp/{integration_id}", self.handshake)
         self.http.router.add_post("/webhooks/whatsapp/{integration_id}", self.webhook)
         self.http.router.add_get("/webhooks/whatsapp/{integration_id}/media/{media_id}", self.media)
-        self.add_ready_check(self._ready)
-
-    async def _ready(self) -> bool:
-        return (self.bus is not None and self.bus.nc.is_connected and self.integrations is not None
-                and self.integrations.ready.is_set())
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
         self.bus = await self.connect_bus()
-        self.integrations = KvMirror(self.bus, subjects.INTEGRATIONS_BUCKET, records.INTEGRATION_DECODER.decode)
-        await self.integrations.start()
+        self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                     records.INTEGRATION_DECODER.decode)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
                          subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
