@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from shared.routes import SERVICES
+from shared.routes import DEFAULT_PORTS
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, free_port
@@ -151,7 +151,7 @@ class Launcher:
             self.port = free_port()
         if not _port_free(self.host, self.port):
             raise LaunchError(f"port {self.port} is in use; pass --port or set THREADLINE_PORT")
-        ports = {s.name: (free_port() if self.auto_ports else s.port) for s in SERVICES}
+        ports = {name: (free_port() if self.auto_ports else DEFAULT_PORTS[name]) for name in START_ORDER}
         busy = [f"{n}:{p}" for n, p in ports.items() if not _port_free("127.0.0.1", p)]
         if busy:
             raise LaunchError("service ports in use: " + ", ".join(busy)
