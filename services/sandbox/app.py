@@ -20,6 +20,7 @@ from shared.records import IntegrationRecord
 from shared.service import ServiceApp
 from shared.telemetry import setup_telemetry
 
+from .channels import build_channel_fakes
 from .config import SandboxConfig
 from .whatsapp_fake import FakeWhatsApp, points_at_sandbox
 
@@ -93,6 +94,7 @@ class SandboxService(ServiceApp):
         self.config = config
         self.fake = FakeWhatsApp(config.public_url, enforce_window=config.enforce_window,
                                  auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file)
+        self.channel_fakes = build_channel_fakes(config.public_url, config.common.data_dir)
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self._synced: dict[str, tuple[str, ...]] = {}
@@ -104,6 +106,8 @@ class SandboxService(ServiceApp):
         self.http.router.add_get(f"{PREFIX}/config.json", self._config_json)
         self.http.router.add_static(f"{PREFIX}/static", STATIC_DIR, show_index=False)
         self.http.router.add_routes(self.fake.routes(PREFIX))
+        for channel_fake in self.channel_fakes:
+            self.http.router.add_routes(channel_fake.routes(PREFIX))
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, then serve HTTP."""
@@ -120,6 +124,8 @@ class SandboxService(ServiceApp):
         if self.bus is not None:
             await self.bus.close()
         await self.fake.close()
+        for channel_fake in self.channel_fakes:
+            await channel_fake.close()
 
     def sync_accounts(self) -> None:
         """Mirror every whatsapp integration whose Graph base URL is the sandbox into the fake."""
@@ -146,6 +152,9 @@ class SandboxService(ServiceApp):
         for integration_id in [i for i in self._synced if i not in seen]:
             self.fake.remove_account(integration_id)
             del self._synced[integration_id]
+        all_records = [r for r in self.integrations.values.values() if isinstance(r, IntegrationRecord)]
+        for channel_fake in self.channel_fakes:
+            channel_fake.sync([r for r in all_records if r.type == channel_fake.integration_type])
 
     @web.middleware
     async def _sync_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

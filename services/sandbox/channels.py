@@ -1,0 +1,44 @@
+"""The sandbox's other channel fakes (Messenger, Telegram, Twilio, …), next to `FakeWhatsApp`.
+
+Each fake serves its platform's API and its scriptable phone under `/sandbox/`, and keeps its
+accounts in step with the integrations that point at the sandbox. To add one, implement
+`ChannelFake` in `<channel>_fake.py` and append it in `build_channel_fakes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp import web
+
+from shared.records import IntegrationRecord
+
+
+class ChannelFake(Protocol):
+    """What the sandbox service needs from a channel fake."""
+
+    # The integration type whose records `sync` receives (e.g. "messenger", "telegram", "twilio").
+    integration_type: str
+
+    def routes(self, prefix: str) -> list[web.RouteDef]:
+        """Routes of the fake platform API and of its scriptable phone, under `prefix`."""
+        ...
+
+    def sync(self, records: Sequence[IntegrationRecord]) -> None:
+        """Make the fake's accounts match these integration records (all of this type)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop pending deliveries."""
+        ...
+
+
+def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFake]:
+    """Every channel fake the sandbox hosts besides WhatsApp.
+
+    `public_url` is the gateway's public base URL (where webhooks are delivered), `data_dir`
+    where a fake may keep its phone's history (None: memory only).
+    """
+    fakes: list[ChannelFake] = []
+    return fakes
