@@ -158,6 +158,8 @@ class Admin:
         for key, value in loads(row["config"]).items():
             if key not in models.SECRET_FIELDS:
                 out[key] = value
+        if row["type"] == "messenger" and str(out.get("pageId", "")).isdigit():
+            out["pageId"] = int(out["pageId"])  # SunCo's wire type
         if row["type"] == "custom":
             out["webhooks"] = [msgspec.to_builtins(webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"])))
                                for w in await self.store.list_webhooks(integration_id=row["id"])]
@@ -194,6 +196,21 @@ class Admin:
                 config.setdefault("apiVersion", models.DEFAULT_WHATSAPP_API_VERSION)
                 config.setdefault("baseUrl", models.DEFAULT_GRAPH_BASE_URL)
                 config.setdefault("verifyToken", new_secret(18))
+            elif isinstance(fields, models.MessengerIntegrationIn):
+                if "pageId" in config:
+                    config["pageId"] = str(config["pageId"])
+                config.setdefault("apiVersion", models.DEFAULT_WHATSAPP_API_VERSION)
+                config.setdefault("baseUrl", models.DEFAULT_GRAPH_BASE_URL)
+                config.setdefault("verifyToken", new_secret(18))
+            elif isinstance(fields, models.TelegramIntegrationIn):
+                config.setdefault("baseUrl", "https://api.telegram.org")
+                # The secret_token Telegram echoes in X-Telegram-Bot-Api-Secret-Token ([A-Za-z0-9_-]).
+                config["webhookSecret"] = new_secret(24).replace("=", "")
+            elif isinstance(fields, models.TwilioIntegrationIn):
+                config.setdefault("baseUrl", "https://api.twilio.com")
+        missing = [f for f in REQUIRED_ON_CREATE.get(type_, ()) if not config.get(f)]
+        if missing:
+            raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
         status = _status(type_, config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=type_, status=status,
                                            display_name=display_name, config=config)
@@ -310,8 +327,26 @@ class Admin:
         return integrations, webhooks
 
 
+# What SunCo's own models require (the official client cannot parse the integration without them).
+REQUIRED_ON_CREATE = {
+    "messenger": ("appId",),
+    "telegram": ("token",),
+    "twilio": ("accountSid",),
+}
+
+# What a channel integration needs before Threadline can talk to its platform.
+REQUIRED_FOR_ACTIVE = {
+    "whatsapp": ("phoneNumberId", "accessToken"),
+    "messenger": ("pageId", "pageAccessToken", "appSecret"),
+    "telegram": ("token",),
+    "twilio": ("accountSid", "authToken"),
+}
+
+
 def _status(type_: str, config: dict[str, Any]) -> str:
-    """WhatsApp is `active` only once Threadline can call the Cloud API (phone number id + token)."""
-    if type_ == "whatsapp" and not (config.get("phoneNumberId") and config.get("accessToken")):
+    """A channel integration is `active` only once its credentials are all there."""
+    if not all(config.get(field) for field in REQUIRED_FOR_ACTIVE.get(type_, ())):
+        return "inactive"
+    if type_ == "twilio" and not (config.get("phoneNumber") or config.get("messagingServiceSid")):
         return "inactive"
     return "active"

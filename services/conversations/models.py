@@ -44,9 +44,10 @@ WEBHOOK_TRIGGERS = frozenset({
 AUTHOR_SUBTYPES = frozenset({"AI", "activity"})
 MAX_METADATA_BYTES = 4096
 # Integration types this server can create (the others are valid SunCo enums, refused with 400).
-SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp")
+SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", "twilio")
 # Secrets never returned by the API (they stay in the DB and the KV record for channel services).
-SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken"})
+SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken", "pageAccessToken",
+                           "token", "webhookSecret", "authToken"})
 DEFAULT_WHATSAPP_API_VERSION = "v23.0"
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
 
@@ -310,15 +311,63 @@ class WhatsappIntegrationIn(Wire, kw_only=True):
     base_url: str | None = None
 
 
+class MessengerIntegrationIn(Wire, kw_only=True):
+    """SunCo's Messenger fields plus the webhook verify token and the Graph base/version."""
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    page_access_token: str | None = None
+    app_id: str | None = None
+    app_secret: str | None = None
+    # SunCo's model types it as a number; Graph ids are digit strings. Stored as a string.
+    page_id: str | int | None = None
+    page_name: str | None = None
+    verify_token: str | None = None
+    api_version: str | None = None
+    base_url: str | None = None
+
+
+class TelegramIntegrationIn(Wire, kw_only=True):
+    """SunCo's Telegram fields plus the Bot API base (the webhook secret is generated)."""
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    token: str | None = None
+    username: str | None = None
+    bot_id: str | None = None
+    base_url: str | None = None
+
+
+class TwilioIntegrationIn(Wire, kw_only=True):
+    """SunCo's Twilio fields plus the sending number, the REST base and the public webhook URL
+    the operator configured in Twilio (signatures are computed over it)."""
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    account_sid: str | None = None
+    auth_token: str | None = None
+    phone_number_sid: str | None = None
+    messaging_service_sid: str | None = None
+    phone_number: str | None = None
+    base_url: str | None = None
+    webhook_url: str | None = None
+
+
 INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationIn,
     "web": WebIntegrationIn,
     "whatsapp": WhatsappIntegrationIn,
+    "messenger": MessengerIntegrationIn,
+    "telegram": TelegramIntegrationIn,
+    "twilio": TwilioIntegrationIn,
 }
 INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationUpdate,
     "web": WebIntegrationIn,
     "whatsapp": WhatsappIntegrationIn,
+    "messenger": MessengerIntegrationIn,
+    "telegram": TelegramIntegrationIn,
+    "twilio": TwilioIntegrationIn,
 }
 
 
