@@ -85,6 +85,7 @@ IDENTITY_USER_GET: Final = "identity.user.get"
 IDENTITY_USER_UPDATE: Final = "identity.user.update"
 IDENTITY_USER_DELETE: Final = "identity.user.delete"
 IDENTITY_CLIENTS_LIST: Final = "identity.clients.list"
+IDENTITY_CLIENT_STATUS: Final = "identity.client.status"
 
 CONVERSATIONS_SERVICE: Final = "conversations"
 CONVERSATIONS_HISTORY: Final = "conversations.history"

@@ -67,6 +67,11 @@ class Publisher(Protocol):
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes: ...
 
 
+# Delivery failures that mean "the customer blocked the business here" (channel services
+# report them with these codes): Telegram 403 Forbidden, Twilio 21610 (unsubscribed, STOP).
+BLOCKED_ERROR_CODES = frozenset({"telegram_403_blocked", "21610"})
+
+
 def derived_id(*parts: str) -> str:
     """A deterministic 24-hex id (for event ids that must survive redelivery unchanged)."""
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
@@ -609,6 +614,26 @@ class Conversations:
             is_final=status.status == "failed", error=error, read=status.status == "read")
         await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(event),
                                msg_id=event_id)
+        if status.status == "failed" and status.error_code in BLOCKED_ERROR_CODES and participants:
+            await self._mark_blocked(status, conversation_id, str(participants[0]["id"]))
+
+    async def _mark_blocked(self, status: chan.DeliveryStatus, conversation_id: str, participant_id: str) -> None:
+        """The customer blocked the business on this channel: the client becomes `blocked` (SunCo
+        `client:update`, reason `blocked`), so routing and notifications stop choosing it."""
+        client_id = next((a.client_id for a in await self.store.associations(participant_id)
+                          if a.integration_id == status.integration_id), None)
+        if client_id is None:
+            return
+        reply = await self.identity.call(subjects.IDENTITY_CLIENT_STATUS, ident.SetClientStatus(
+            app_id=status.app_id, client_id=client_id, status="blocked"))
+        if not isinstance(reply, ident.ClientReply):
+            log.warning("could not mark client %s blocked: %s", client_id, reply)
+            return
+        self.identity.forget_user(reply.user.id)
+        event_id = derived_id(client_id, status.provider_message_id, "client:update:blocked")
+        await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(conv.ClientUpdated(
+            id=event_id, app_id=status.app_id, conversation_id=conversation_id, created_at=status.timestamp,
+            user=reply.user, client=reply.client, reason="blocked")), msg_id=event_id)
 
     # --- request/reply for other services -------------------------------------------------
 

@@ -24,6 +24,7 @@ ENDPOINTS = (
     subjects.IDENTITY_USER_UPDATE,
     subjects.IDENTITY_USER_DELETE,
     subjects.IDENTITY_CLIENTS_LIST,
+    subjects.IDENTITY_CLIENT_STATUS,
 )
 
 

@@ -34,6 +34,8 @@ class IdentityHandlers:
             return await self.delete_user(request)
         if isinstance(request, msgs.ListClients):
             return await self.list_clients(request)
+        if isinstance(request, msgs.SetClientStatus):
+            return await self.set_client_status(request)
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
 
     async def resolve(self, req: msgs.ResolveClient) -> msgs.IdentityMessage:
@@ -96,6 +98,14 @@ class IdentityHandlers:
         if user is None:
             return _not_found()
         return msgs.ClientsReply(user=user, clients=await self.store.list_clients(req.app_id, user.id))
+
+    async def set_client_status(self, req: msgs.SetClientStatus) -> msgs.IdentityMessage:
+        found = await self.store.set_client_status(req.app_id, req.client_id, req.status)
+        if found is None:
+            return msgs.IdentityError(status=404, code="client_not_found", title="Client not found")
+        user, client = found
+        self._forget_user(user.id)
+        return msgs.ClientReply(user=user, client=client)
 
     def _forget_user(self, user_id: str) -> None:
         for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:

@@ -150,6 +150,18 @@ class IdentityStore:
             "SELECT * FROM clients WHERE app_id = ? AND user_id = ? ORDER BY linked_at", (app_id, user_id)) as cur:
             return [_client(row) for row in await cur.fetchall()]
 
+    async def set_client_status(self, app_id: str, client_id: str, status: str) -> tuple[User, Client] | None:
+        """Set a client's status; returns its user and the updated client (None: no such client)."""
+        async with write_lock(self.db):
+            await self.db.execute("UPDATE clients SET status = ? WHERE app_id = ? AND id = ?",
+                                  (status, app_id, client_id))
+        async with self.db.execute("SELECT * FROM clients WHERE app_id = ? AND id = ?", (app_id, client_id)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        user = await self.find_user(app_id, row["user_id"])
+        return None if user is None else (user, _client(row))
+
     async def find_client(self, app_id: str, integration_id: str, channel_user_id: str) -> tuple[User, Client] | None:
         async with self.db.execute(
             "SELECT * FROM clients WHERE app_id = ? AND integration_id = ? AND external_id = ?",

@@ -95,8 +95,17 @@ class ClientAdded(ConversationEvent, tag="conversation.client.added", kw_only=Tr
     reason: str = "channelLinking"
 
 
+class ClientUpdated(ConversationEvent, tag="conversation.client.updated", kw_only=True):
+    """A client's status changed (SunCo `client:update`, reasons blocked/unblocked/…)."""
+
+    user: User
+    client: Client
+    reason: str
+
+
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
+    | ClientUpdated
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -148,8 +157,8 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
             payload["source"] = to_wire(event.source)
     elif isinstance(event, ConversationRemoved):
         trigger, payload = "conversation:remove", {"conversation": conversation}
-    elif isinstance(event, ClientAdded):
-        trigger = "client:add"
+    elif isinstance(event, ClientAdded | ClientUpdated):
+        trigger = "client:add" if isinstance(event, ClientAdded) else "client:update"
         payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
     else:
         return None

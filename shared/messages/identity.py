@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from shared.sunco import Client, ClientType, Profile, User
+from shared.sunco import Client, ClientStatus, ClientType, Profile, User
 
 
 class IdentityMessage(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -71,6 +71,19 @@ class ListClients(IdentityMessage, tag="identity.clients.list", kw_only=True):
     user_id_or_external_id: str
 
 
+class SetClientStatus(IdentityMessage, tag="identity.client.status", kw_only=True):
+    """Change a client's status (e.g. `blocked` when the customer blocked the business)."""
+
+    app_id: str
+    client_id: str
+    status: ClientStatus
+
+
+class ClientReply(IdentityMessage, tag="identity.client", kw_only=True):
+    user: User
+    client: Client
+
+
 class UserReply(IdentityMessage, tag="identity.user", kw_only=True):
     user: User
 
@@ -94,8 +107,8 @@ class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
 
 
 IdentityUnion = (
-    ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients
-    | UserReply | ClientsReply | Deleted | IdentityError
+    ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients | SetClientStatus
+    | UserReply | ClientsReply | ClientReply | Deleted | IdentityError
 )
 
 ENCODER = msgspec.json.Encoder()

@@ -272,3 +272,26 @@ async def test_start_and_history_endpoints(wa: Wa) -> None:
     missing = conv.decode_request(await wa.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(
         conv.GetHistory(app_id=t.app_id, conversation_id=new_id()))))
     assert isinstance(missing, conv.ConversationError) and missing.status == 404
+
+
+async def test_a_blocking_failure_marks_the_client_blocked(wa: Wa) -> None:
+    await wa.publish_inbound(wa.inbound("wamid.b1"))
+    user_id, conversation_id = await user_conversation(wa)
+    t = wa.t
+    posted = (await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, conversation_id,
+                           text_post("are you there?"))).messages[0]
+    await wa.publish_status("sent", "wamid.out-b1", message_id=posted.id, conversation_id=conversation_id)
+    await wa.publish_status("failed", "wamid.out-b1", error_code="21610", error_title="unsubscribed")
+
+    async def updated() -> conv.ClientUpdated | None:
+        return next((e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.ClientUpdated)), None)
+
+    event = await eventually(updated)
+    assert event.reason == "blocked" and event.client.status == "blocked" and event.user.id == user_id
+    webhook = conv.webhook_event(event)
+    assert webhook is not None and webhook[0] == "client:update"
+    assert webhook[1]["payload"]["reason"] == "blocked"
+    clients = await t.call(sc.ClientsApi(t.client()).list_clients, t.app_id, user_id)
+    assert [c.status for c in clients.clients] == ["blocked"]
+    # A failure that is not a block leaves other clients alone.
+    assert sum(isinstance(e, conv.ClientUpdated) for e in await events(wa.bus, t.app_id)) == 1
