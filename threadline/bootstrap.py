@@ -14,6 +14,8 @@ from shared.http import basic_auth_header
 
 SANDBOX_PHONE_NUMBER = "+15550001111"
 SANDBOX_PHONE_NUMBER_ID = "1122334455667"
+SANDBOX_SMS_NUMBER = "+15550002222"
+SANDBOX_PAGE_ID = "102290129340398"
 
 
 @dataclass(frozen=True)
@@ -33,62 +35,79 @@ async def _call(session: aiohttp.ClientSession, method: str, url: str, auth: dic
         return resp.status, data or {}
 
 
-async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str) -> dict[str, Any]:
-    """Ensure the sandbox app exists and return the contents of `<data_dir>/sandbox.json`.
+def sandbox_integrations(base_url: str) -> dict[str, dict[str, Any]]:
+    """The body of each sandbox integration (credentials are made up; the fakes accept them)."""
+    return {
+        "web": {"type": "web", "displayName": "Web messenger", "businessName": "Threadline Demo Shop",
+                "brandColor": "2b6cb0"},
+        "whatsapp": {
+            "type": "whatsapp", "displayName": "WhatsApp (sandbox)", "phoneNumber": SANDBOX_PHONE_NUMBER,
+            "phoneNumberId": SANDBOX_PHONE_NUMBER_ID, "accessToken": "EAA" + secrets.token_urlsafe(24),
+            "appSecret": secrets.token_hex(16), "verifyToken": secrets.token_urlsafe(12), "apiVersion": "v23.0",
+            "baseUrl": f"{base_url}/sandbox/graph",
+        },
+        "messenger": {
+            "type": "messenger", "displayName": "Messenger (sandbox)", "appId": "5551212", "pageId": SANDBOX_PAGE_ID,
+            "pageName": "Threadline Demo Shop", "pageAccessToken": "EAAG" + secrets.token_urlsafe(24),
+            "appSecret": secrets.token_hex(16), "verifyToken": secrets.token_urlsafe(12), "apiVersion": "v23.0",
+            "baseUrl": f"{base_url}/sandbox/messenger-graph",
+        },
+        "telegram": {
+            "type": "telegram", "displayName": "Telegram (sandbox)", "username": "threadline_demo_bot",
+            "token": f"{secrets.randbelow(10**9) + 10**9}:{secrets.token_urlsafe(26)}",
+            "baseUrl": f"{base_url}/sandbox/telegram-api",
+        },
+        "twilio": {
+            "type": "twilio", "displayName": "SMS (sandbox)", "accountSid": "AC" + secrets.token_hex(16),
+            "authToken": secrets.token_hex(16), "phoneNumber": SANDBOX_SMS_NUMBER,
+            "baseUrl": f"{base_url}/sandbox/twilio-api",
+        },
+    }
 
-    A second run finds the app recorded in sandbox.json and keeps it (history survives).
+
+async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
+                            kinds: tuple[str, ...] = ("web", "whatsapp")) -> dict[str, Any]:
+    """Ensure the sandbox app and one integration of each of `kinds` exist; return sandbox.json.
+
+    A second run finds the app recorded in `<data_dir>/sandbox.json` and keeps it (history
+    survives); integrations missing from the file (a newer version added a channel) are created.
     """
     path = os.path.join(data_dir, "sandbox.json")
     auth = basic_auth_header(account.key_id, account.secret)
+    info: dict[str, Any] = {}
     async with aiohttp.ClientSession() as session:
         if os.path.exists(path):
             with open(path) as fh:
-                existing: dict[str, Any] = json.load(fh)
-            status, _ = await _call(session, "GET", f"{base_url}/v2/apps/{existing['appId']}", auth)
-            if status == 200:
-                existing["baseUrl"] = base_url
-                _write(path, existing)
-                return existing
-        status, body = await _call(session, "POST", f"{base_url}/v2/apps", auth, {"displayName": "Sandbox"})
-        if status != 201:
-            raise BootstrapError(f"create app: {status} {body}")
-        app_id = body["app"]["id"]
-        status, body = await _call(session, "POST", f"{base_url}/v2/apps/{app_id}/keys", auth,
-                                   {"displayName": "Sandbox key"})
-        if status != 201:
-            raise BootstrapError(f"create key: {status} {body}")
-        key = body["key"]
-        status, body = await _call(session, "POST", f"{base_url}/v2/apps/{app_id}/integrations", auth, {
-            "type": "web", "displayName": "Web messenger", "businessName": "Threadline Demo Shop",
-            "brandColor": "2b6cb0",
-        })
-        if status != 201:
-            raise BootstrapError(f"create web integration: {status} {body}")
-        web_id = body["integration"]["id"]
-        whatsapp = {
-            "phoneNumber": SANDBOX_PHONE_NUMBER,
-            "phoneNumberId": SANDBOX_PHONE_NUMBER_ID,
-            "accessToken": "EAA" + secrets.token_urlsafe(24),
-            "appSecret": secrets.token_hex(16),
-            "verifyToken": secrets.token_urlsafe(12),
-            "apiVersion": "v23.0",
-            "baseUrl": f"{base_url}/sandbox/graph",
-        }
-        status, body = await _call(session, "POST", f"{base_url}/v2/apps/{app_id}/integrations", auth,
-                                   {"type": "whatsapp", "displayName": "WhatsApp (sandbox)", **whatsapp})
-        if status != 201:
-            raise BootstrapError(f"create whatsapp integration: {status} {body}")
-        whatsapp_id = body["integration"]["id"]
-    info: dict[str, Any] = {
-        "baseUrl": base_url,
-        "appId": app_id,
-        "apiKey": {"id": key["id"], "secret": key["secret"]},
-        "integrations": {
-            "web": {"id": web_id},
-            "whatsapp": {"id": whatsapp_id, **whatsapp,
-                         "webhookUrl": f"{base_url}/webhooks/whatsapp/{whatsapp_id}"},
-        },
-    }
+                info = json.load(fh)
+            status, _ = await _call(session, "GET", f"{base_url}/v2/apps/{info.get('appId')}", auth)
+            if status != 200:
+                info = {}
+        if not info:
+            status, body = await _call(session, "POST", f"{base_url}/v2/apps", auth, {"displayName": "Sandbox"})
+            if status != 201:
+                raise BootstrapError(f"create app: {status} {body}")
+            app_id = body["app"]["id"]
+            status, body = await _call(session, "POST", f"{base_url}/v2/apps/{app_id}/keys", auth,
+                                       {"displayName": "Sandbox key"})
+            if status != 201:
+                raise BootstrapError(f"create key: {status} {body}")
+            info = {"appId": app_id, "apiKey": {"id": body["key"]["id"], "secret": body["key"]["secret"]},
+                    "integrations": {}}
+        info["baseUrl"] = base_url
+        bodies = sandbox_integrations(base_url)
+        for kind in kinds:
+            if kind in info["integrations"]:
+                continue
+            status, body = await _call(session, "POST", f"{base_url}/v2/apps/{info['appId']}/integrations", auth,
+                                       bodies[kind])
+            if status != 201:
+                raise BootstrapError(f"create {kind} integration: {status} {body}")
+            integration_id = body["integration"]["id"]
+            entry = {k: v for k, v in bodies[kind].items() if k not in ("type", "displayName")}
+            webhook_path = "twilio" if kind == "twilio" else kind
+            if kind != "web":
+                entry["webhookUrl"] = f"{base_url}/webhooks/{webhook_path}/{integration_id}"
+            info["integrations"][kind] = {"id": integration_id, **entry}
     _write(path, info)
     return info
 
