@@ -304,6 +304,7 @@ class KvMirror:
         self.values: dict[str, Any] = {}
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[str, Any | None], None]] = []
 
     async def start(self) -> None:
         """Start watching and wait for the initial values."""
@@ -325,6 +326,7 @@ class KvMirror:
                         self.values[entry.key] = self.decode(entry.value)
                     except Exception:
                         log.exception("undecodable KV entry %s/%s", self.bucket, entry.key)
+                self._notify(entry.key)
                 if not self.ready.is_set():
                     # The watcher sends a None marker after the initial values; a bucket
                     # with pending history sets ready on it. This covers a value seen first.
@@ -336,6 +338,21 @@ class KvMirror:
     def get(self, key: str) -> Any | None:
         """The current value for `key`, or None."""
         return self.values.get(key)
+
+    def add_listener(self, listener: Callable[[str, Any | None], None]) -> None:
+        """Call `listener(key, value)` after each change the watcher sees (value None: deleted).
+
+        Listeners run synchronously in the watcher task and must not block (schedule work
+        instead). Values loaded before the listener was added are in `values`.
+        """
+        self._listeners.append(listener)
+
+    def _notify(self, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(key, self.values.get(key))
+            except Exception:
+                log.exception("KV listener failed on %s/%s", self.bucket, key)
 
     async def stop(self) -> None:
         """Stop watching."""

@@ -33,6 +33,9 @@ SERVICES: Final = (
     ServicePort("whatsapp", 8084),
     ServicePort("webhooks", 8085),
     ServicePort("sandbox", 8086),
+    ServicePort("messenger", 8087),
+    ServicePort("telegram", 8088),
+    ServicePort("sms", 8089),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
@@ -42,6 +45,9 @@ ROUTES: Final = (
     Route("/sdk/", "web"),
     Route("/widget/", "web"),
     Route("/webhooks/whatsapp/", "whatsapp"),
+    Route("/webhooks/messenger/", "messenger"),
+    Route("/webhooks/telegram/", "telegram"),
+    Route("/webhooks/twilio/", "sms"),
     Route("/sandbox/", "sandbox"),
 )
 

@@ -28,7 +28,8 @@ class LaunchError(RuntimeError):
     """The system cannot start here (a port is taken, a service failed to start)."""
 
 
-START_ORDER = ("identity", "conversations", "webhooks", "whatsapp", "web", "sandbox")
+START_ORDER = ("identity", "conversations", "webhooks", "whatsapp", "messenger", "telegram", "sms", "web", "sandbox")
+SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -187,7 +188,7 @@ class Launcher:
         await self._frontdoor.setup()
         await web.TCPSite(self._frontdoor, self.host, self.port).start()
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
-        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir)
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS)
 
     async def shutdown(self) -> None:
         """Stop the front door, then the services (SIGTERM, in reverse order), then NATS."""
@@ -233,6 +234,21 @@ class Launcher:
                 svc.restarts += 1
                 await svc.start()
 
+    @staticmethod
+    def _channel_lines(info: dict[str, Any]) -> str:
+        integrations = info["integrations"]
+        lines = []
+        if "messenger" in integrations:
+            fb = integrations["messenger"]
+            lines.append(f"  Messenger        {fb['id']}   page {fb['pageId']}   verify token {fb['verifyToken']}")
+        if "telegram" in integrations:
+            tg = integrations["telegram"]
+            lines.append(f"  Telegram         {tg['id']}   bot @{tg['username']}")
+        if "twilio" in integrations:
+            sms = integrations["twilio"]
+            lines.append(f"  SMS (Twilio)     {sms['id']}   number {sms['phoneNumber']}")
+        return "\n".join(lines)
+
     def _print_banner(self, info: dict[str, Any]) -> None:
         wa = info["integrations"]["whatsapp"]
         self.say(f"""
@@ -251,6 +267,7 @@ Threadline is up.  Front door: {self.base_url}   (Ctrl-C stops everything)
     webhook        {wa['webhookUrl']}
     verify token   {wa['verifyToken']}
     app secret     {wa['appSecret']}
+{self._channel_lines(info)}
 
   Credentials:     {os.path.join(self.data_dir, 'sandbox.json')}
   Logs:            {os.path.join(self.data_dir, 'logs')}/

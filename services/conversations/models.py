@@ -325,6 +325,9 @@ class MessengerIntegrationIn(Wire, kw_only=True):
     verify_token: str | None = None
     api_version: str | None = None
     base_url: str | None = None
+    # The Page has Meta's human_agent permission: replies 24 h–7 days after the customer's last
+    # message go out with the HUMAN_AGENT tag instead of being refused.
+    human_agent: bool | None = None
 
 
 class TelegramIntegrationIn(Wire, kw_only=True):

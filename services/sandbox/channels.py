@@ -14,6 +14,10 @@ from aiohttp import web
 
 from shared.records import IntegrationRecord
 
+from .messenger_fake import FakeMessenger, gateway_base
+from .telegram_fake import FakeTelegram
+from .twilio_fake import FakeTwilio
+
 
 class ChannelFake(Protocol):
     """What the sandbox service needs from a channel fake."""
@@ -37,8 +41,11 @@ class ChannelFake(Protocol):
 def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFake]:
     """Every channel fake the sandbox hosts besides WhatsApp.
 
-    `public_url` is the gateway's public base URL (where webhooks are delivered), `data_dir`
-    where a fake may keep its phone's history (None: memory only).
+    `public_url` is the sandbox's public URL (`<gateway public base>/sandbox`; webhooks go to the
+    gateway base), `data_dir` where a fake may keep its phone's history (None: memory only).
     """
     fakes: list[ChannelFake] = []
+    fakes.append(FakeTwilio(public_url=public_url.rstrip("/").removesuffix("/sandbox") + "/sandbox"))
+    fakes.append(FakeMessenger(gateway_base(public_url)))
+    fakes.append(FakeTelegram(public_url))
     return fakes

@@ -1,0 +1,720 @@
+"""A wire-accurate fake of the Messenger Platform (Page webhooks + Send API) plus a scriptable person.
+
+`FakeMessenger` needs no NATS: register Pages with `add_account(...)` (or let `sync` take them
+from integration records whose `baseUrl` is the sandbox), mount `routes(prefix)` on an aiohttp
+app, and it behaves like Meta towards a gateway (platform reference §2):
+
+- the Send API at `{prefix}/messenger-graph/v{N}.0/{page-id|me}/messages`: Page token as
+  `access_token` query parameter or Bearer header, JSON or form bodies (form fields holding JSON
+  strings, as in Meta's curl examples), answered `{"recipient_id", "message_id"}` or with the
+  Graph error envelope; the standard window is enforced (free-form more than 24 h after the
+  person's last action, or HUMAN_AGENT after 7 days → `(#10)` / 2018278);
+- signed webhooks (`X-Hub-Signature-256` over `json.dumps(payload, ensure_ascii=True)`) for the
+  person's messages, postbacks (Get Started with the m.me `ref` on a new thread), referrals
+  (m.me `ref` into an existing thread), quick replies, attachments, and `delivery`/`read` receipts;
+- scripting under `{prefix}/messenger/{integrationId}/…`: `inbound`, `read`, `fail-next`,
+  `verify`, `window`, `outbox?to=`, `thread?to=` (errors in SunCo's shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from opentelemetry.trace import SpanKind
+
+from shared.http import ApiError, error_response
+from shared.records import IntegrationRecord
+from shared.telemetry import inject_headers, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+INTEGRATION_TYPE = "messenger"
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+WINDOW_SECONDS = 24 * 3600
+HUMAN_AGENT_SECONDS = 7 * 24 * 3600
+MAX_BODY = 1024 * 1024
+TEXT_MAX = 2000
+MAX_QUICK_REPLIES = 13
+_VERSION = r"{version:v\d+\.\d+}"
+TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE", "HUMAN_AGENT"})
+ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "file", "template"})
+WINDOW_MESSAGE = ("(#10) This message is sent outside of allowed window. Learn more about the new policy here: "
+                  "https://developers.facebook.com/docs/messenger-platform/policy-overview")
+
+# code → default message as Graph words it (platform reference §2.6).
+ERRORS: dict[int, str] = {
+    1: "An unknown error occurred",
+    2: "An unexpected error has occurred. Please retry your request later.",
+    4: "(#4) Application request limit reached",
+    10: WINDOW_MESSAGE,
+    17: "(#17) User request limit reached",
+    32: "(#32) Page request limit reached",
+    100: "(#100) Invalid parameter",
+    190: "Invalid OAuth access token - Cannot parse access token",
+    200: "(#200) Requires pages_messaging permission to manage the object",
+    230: "(#230) Requires pages_messaging_subscriptions permission to manage the object",
+    551: "(#551) This person isn't available right now.",
+    613: "(#613) Calls to this api have exceeded the rate limit.",
+    1200: "(#1200) Temporary send message failure. Please try again later",
+}
+DEFAULT_SUBCODES: dict[int, int] = {10: 2018278, 551: 1545041}
+
+
+def signature(app_secret: str, body: bytes) -> str:
+    """`X-Hub-Signature-256` of a body."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def legacy_signature(app_secret: str, body: bytes) -> str:
+    """The older `X-Hub-Signature` (HMAC-SHA1) Meta still sends alongside."""
+    return "sha1=" + hmac.new(app_secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def new_mid() -> str:
+    """A message id shaped like Messenger's (`m_` + URL-safe base64)."""
+    return "m_" + base64.urlsafe_b64encode(os.urandom(48)).decode().rstrip("=")
+
+
+def graph_error(code: int, http_status: int | None = None, message: str | None = None,
+                subcode: int | None = None) -> web.Response:
+    """A Graph API error envelope as Meta answers it."""
+    error: dict[str, Any] = {"message": message or ERRORS.get(code, f"(#{code}) Error"),
+                             "type": "OAuthException", "code": code}
+    sub = subcode if subcode is not None else DEFAULT_SUBCODES.get(code)
+    if sub is not None:
+        error["error_subcode"] = sub
+    error["fbtrace_id"] = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    status = http_status if http_status is not None else (401 if code == 190 else 500 if code in (1, 2) else 400)
+    return web.json_response({"error": error}, status=status)
+
+
+@dataclass
+class Account:
+    """One simulated Facebook Page."""
+
+    integration_id: str
+    page_id: str
+    app_secret: str
+    page_access_token: str
+    webhook_url: str
+    verify_token: str | None = None
+
+
+@dataclass
+class Person:
+    """A simulated Messenger user, as one Page sees them (PSIDs are page-scoped)."""
+
+    psid: str
+    name: str = ""
+    last_user_at: float | None = None
+
+
+@dataclass
+class ThreadEntry:
+    """One message in a person's thread with a Page, either direction."""
+
+    direction: str  # "in" (person → Page) or "out" (Page → person)
+    mid: str
+    at: float
+    body: dict[str, Any]
+    status: str = ""
+
+    def view(self) -> dict[str, Any]:
+        """JSON shape for the scripting API and the phone page."""
+        return {"direction": self.direction, "mid": self.mid, "at": self.at, "body": self.body,
+                "status": self.status}
+
+
+@dataclass
+class InjectedError:
+    """A scripted synchronous send error."""
+
+    code: int
+    http_status: int | None
+    remaining: int
+    subcode: int | None = None
+    message: str | None = None
+
+
+@dataclass
+class WebhookDelivery:
+    """A webhook the fake posted, with the gateway's answer (0: unreachable)."""
+
+    integration_id: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    status: int
+
+
+@dataclass
+class SendRequest:
+    """A Send API call as received (after auth), for white-box assertions."""
+
+    integration_id: str
+    path: str
+    body: dict[str, Any]
+    status: int = 0
+
+
+class FakeMessenger:
+    """The fake Messenger Platform; see the module docstring."""
+
+    integration_type = INTEGRATION_TYPE
+
+    def __init__(self, gateway_url: str = "", *, enforce_window: bool = True, auto_statuses: bool = True) -> None:
+        # The gateway's public base URL: webhooks go to `{gateway_url}/webhooks/messenger/{id}`.
+        self.gateway_url = gateway_url.rstrip("/")
+        self.enforce_window = enforce_window
+        self.auto_statuses = auto_statuses
+        self.accounts: dict[str, Account] = {}
+        self.people: dict[tuple[str, str], Person] = {}
+        self.threads: dict[tuple[str, str], list[ThreadEntry]] = {}
+        self.injected: dict[str, list[InjectedError]] = {}
+        self.requests: list[SendRequest] = []
+        self.webhooks: list[WebhookDelivery] = []
+        self._synced: dict[str, tuple[str, ...]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # --- lifecycle and accounts ----------------------------------------------------------------
+
+    def add_account(self, integration_id: str, page_id: str, app_secret: str, page_access_token: str,
+                    webhook_url: str, verify_token: str | None = None) -> Account:
+        """Register (or update) a simulated Page."""
+        account = Account(integration_id, page_id, app_secret, page_access_token, webhook_url, verify_token)
+        self.accounts[integration_id] = account
+        return account
+
+    def remove_account(self, integration_id: str) -> None:
+        """Forget a Page (its threads stay, as Meta keeps them)."""
+        self.accounts.pop(integration_id, None)
+
+    def account_by_page_id(self, page_id: str, token: str = "") -> Account | None:
+        """The Page of a Send API path (`me` = the Page whose token is used)."""
+        for account in self.accounts.values():
+            if account.page_id == page_id or (page_id == "me" and token and hmac.compare_digest(
+                    token.encode(), account.page_access_token.encode())):
+                return account
+        return None
+
+    def sync(self, records: Sequence[IntegrationRecord]) -> None:
+        """Mirror the messenger integrations whose Graph base URL is the sandbox into Pages."""
+        seen: set[str] = set()
+        for record in records:
+            if record.type != INTEGRATION_TYPE or not points_at_sandbox(str(record.config.get("baseUrl") or "")):
+                continue
+            cfg = record.config
+            fields = tuple(str(cfg.get(k) or "") for k in ("pageId", "appSecret", "pageAccessToken", "verifyToken"))
+            if not all(fields[:3]):
+                continue
+            seen.add(record.id)
+            if self._synced.get(record.id) != fields:
+                page_id, app_secret, token, verify_token = fields
+                self.add_account(record.id, page_id, app_secret, token,
+                                 f"{self.gateway_url}/webhooks/messenger/{record.id}", verify_token or None)
+                self._synced[record.id] = fields
+        for integration_id in [i for i in self._synced if i not in seen]:
+            self.remove_account(integration_id)
+            del self._synced[integration_id]
+
+    async def close(self) -> None:
+        """Stop pending deliveries and the HTTP client."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- people and threads ----------------------------------------------------------------------
+
+    def person(self, integration_id: str, psid: str, name: str | None = None) -> Person:
+        """The person with this PSID on a Page (created on first use)."""
+        key = (integration_id, psid)
+        found = self.people.get(key)
+        if found is None:
+            found = self.people[key] = Person(psid=psid)
+        if name:
+            found.name = name
+        return found
+
+    def thread(self, integration_id: str, psid: str) -> list[ThreadEntry]:
+        """Both directions of a person's conversation with a Page."""
+        return list(self.threads.get((integration_id, psid), []))
+
+    def outbox(self, integration_id: str, psid: str) -> list[dict[str, Any]]:
+        """Send API bodies the Page sent to `psid`, as received, oldest first."""
+        return [e.body for e in self.thread(integration_id, psid) if e.direction == "out"]
+
+    def find_entry(self, integration_id: str, mid: str) -> tuple[str, ThreadEntry] | None:
+        """(psid, entry) of a message id."""
+        for (iid, psid), entries in self.threads.items():
+            if iid == integration_id:
+                for entry in entries:
+                    if entry.mid == mid:
+                        return psid, entry
+        return None
+
+    def fail_next(self, integration_id: str, code: int, http_status: int | None = None, count: int = 1,
+                  subcode: int | None = None, message: str | None = None) -> None:
+        """Make the next `count` sends of a Page fail with a Graph error."""
+        self.injected.setdefault(integration_id, []).append(
+            InjectedError(code=code, http_status=http_status, remaining=count, subcode=subcode, message=message))
+
+    def _append(self, integration_id: str, psid: str, entry: ThreadEntry) -> None:
+        self.threads.setdefault((integration_id, psid), []).append(entry)
+
+    # --- the person's side (webhooks) -------------------------------------------------------------
+
+    async def send_inbound(self, integration_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Have a person act; returns the mids, events and the gateway's HTTP statuses.
+
+        `spec`: `from` (the PSID, required); any of `ref` (m.me?ref=: a Get Started postback
+        carrying it on a new thread, a `referral` event on an existing one), `postback` (a payload
+        string or {payload, title}), `text` (+ `quickReply`: a payload), `image` (a URL) or
+        `attachment` ({type, url}); optional `name`, `at` (Unix seconds of the action), `replyTo`.
+        """
+        account = self.accounts[integration_id]
+        psid = spec.get("from")
+        if not isinstance(psid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", psid):
+            raise ValueError("'from' must be a PSID ([A-Za-z0-9_.-], up to 64 characters)")
+        name = spec.get("name") if isinstance(spec.get("name"), str) else None
+        at = spec.get("at")
+        if at is not None and (not isinstance(at, int | float) or isinstance(at, bool) or at <= 0):
+            raise ValueError("'at' must be Unix seconds")
+        when = float(at) if at is not None else time.time()
+        new_thread = not self.threads.get((integration_id, psid))
+        person = self.person(integration_id, psid, name)
+        events = self._inbound_events(account, psid, spec, new_thread)
+        if not events:
+            raise ValueError("give one of text, ref, postback, image, attachment")
+        statuses: list[int] = []
+        mids: list[str] = []
+        for offset, event in enumerate(events):
+            ms = int(when * 1000) + offset
+            event = {"sender": {"id": psid}, "recipient": {"id": account.page_id}, "timestamp": ms, **event}
+            mid = (event.get("message") or event.get("postback") or {}).get("mid")
+            if mid:
+                mids.append(mid)
+            self._append(integration_id, psid, ThreadEntry("in", mid or "", ms / 1000, event))
+            person.last_user_at = max(person.last_user_at or 0.0, ms / 1000)
+            statuses.append(await self.deliver(account, [event]))
+        return {"mids": mids, "mid": mids[-1] if mids else None, "events": len(events),
+                "webhookStatus": max(statuses, key=lambda s: (s != 200, s)), "webhookStatuses": statuses}
+
+    @staticmethod
+    def _inbound_events(account: Account, psid: str, spec: dict[str, Any], new_thread: bool) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        ref = spec.get("ref")
+        if ref is not None:
+            if not isinstance(ref, str) or not ref or len(ref) > 2083:
+                raise ValueError("'ref' must be a non-empty string of at most 2083 characters")
+            referral = {"ref": ref, "source": "SHORTLINK", "type": "OPEN_THREAD"}
+            if new_thread:
+                # A new conversation opened from m.me?ref=: the ref rides on Get Started (§2.3).
+                events.append({"postback": {"title": "Get Started", "payload": "GET_STARTED", "mid": new_mid(),
+                                            "referral": referral}})
+            else:
+                events.append({"referral": referral})
+        postback = spec.get("postback")
+        if postback is not None:
+            if isinstance(postback, str):
+                postback = {"payload": postback, "title": postback}
+            if not isinstance(postback, dict) or not isinstance(postback.get("payload"), str):
+                raise ValueError("'postback' must be a payload string or {payload, title}")
+            events.append({"postback": {"title": str(postback.get("title") or postback["payload"]),
+                                        "payload": postback["payload"], "mid": new_mid()}})
+        message: dict[str, Any] = {}
+        text = spec.get("text")
+        if text is not None:
+            if not isinstance(text, str) or not text:
+                raise ValueError("'text' must be a non-empty string")
+            message["text"] = text
+            quick = spec.get("quickReply")
+            if quick is not None:
+                if not isinstance(quick, str) or not quick:
+                    raise ValueError("'quickReply' must be a payload string")
+                message["quick_reply"] = {"payload": quick}
+        attachment = spec.get("attachment")
+        if isinstance(spec.get("image"), str):
+            attachment = {"type": "image", "url": spec["image"]}
+        if attachment is not None:
+            if not isinstance(attachment, dict) or not isinstance(attachment.get("type"), str):
+                raise ValueError("'attachment' must be {type, url}")
+            payload: dict[str, Any] = {}
+            if isinstance(attachment.get("url"), str):
+                payload["url"] = attachment["url"]
+            if isinstance(attachment.get("stickerId"), int):
+                payload["sticker_id"] = attachment["stickerId"]
+            message["attachments"] = [{"type": attachment["type"], "payload": payload}]
+        if message:
+            reply_to = spec.get("replyTo")
+            if isinstance(reply_to, str) and reply_to:
+                message["reply_to"] = {"mid": reply_to}
+            events.append({"message": {"mid": new_mid(), **message}})
+        return events
+
+    async def send_read(self, integration_id: str, psid: str, watermark: float | None = None) -> int:
+        """The person reads the thread: a `read` receipt up to now (or `watermark`, Unix seconds)."""
+        account = self.accounts[integration_id]
+        mark = time.time() if watermark is None else watermark
+        for entry in self.threads.get((integration_id, psid), []):
+            if entry.direction == "out" and entry.at <= mark:
+                entry.status = "read"
+        return await self.deliver(account, [{"sender": {"id": psid}, "recipient": {"id": account.page_id},
+                                             "timestamp": int(time.time() * 1000),
+                                             "read": {"watermark": int(mark * 1000)}}])
+
+    async def send_delivery(self, integration_id: str, psid: str, mids: list[str]) -> int:
+        """The person's device received messages: a `delivery` receipt naming them."""
+        account = self.accounts[integration_id]
+        now = time.time()
+        for mid in mids:
+            found = self.find_entry(integration_id, mid)
+            if found is not None and found[1].status != "read":
+                found[1].status = "delivered"
+        return await self.deliver(account, [{"sender": {"id": psid}, "recipient": {"id": account.page_id},
+                                             "timestamp": int(now * 1000),
+                                             "delivery": {"mids": mids, "watermark": int(now * 1000)}}])
+
+    def payload(self, account: Account, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """The notification envelope Meta wraps around Page events (§2.2)."""
+        return {"object": "page", "entry": [{"id": account.page_id, "time": int(time.time() * 1000),
+                                             "messaging": events}]}
+
+    async def deliver(self, account: Account, events: list[dict[str, Any]]) -> int:
+        """Sign and POST one notification to the Page's webhook; the gateway's status (0: unreachable)."""
+        body = json.dumps(self.payload(account, events), ensure_ascii=True).encode()
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(account.app_secret, body),
+                   "X-Hub-Signature": legacy_signature(account.app_secret, body), "User-Agent": "facebookexternalua"}
+        status = 0
+        with _tracer.start_as_current_span("POST messenger webhook", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("http.request.method", "POST")
+            try:
+                async with self._client().post(account.webhook_url, data=body,
+                                               headers=inject_headers(headers)) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("webhook %s unreachable: %s", account.webhook_url, exc)
+            span.set_attribute("http.response.status_code", status)
+        self.webhooks.append(WebhookDelivery(account.integration_id, account.webhook_url, body, headers, status))
+        return status
+
+    async def verify_webhook(self, integration_id: str, challenge: str = "1158201444",
+                             verify_token: str | None = None) -> tuple[int, str]:
+        """Run Meta's subscription handshake against the Page's webhook: (status, body)."""
+        account = self.accounts[integration_id]
+        params = {"hub.mode": "subscribe", "hub.challenge": challenge,
+                  "hub.verify_token": verify_token if verify_token is not None else account.verify_token or ""}
+        try:
+            async with self._client().get(account.webhook_url, params=params) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return 0, ""
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._session
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_send(self, account: Account, psid: str, mid: str) -> None:
+        # One person's receipts go out in order, like a phone acknowledging one message after another.
+        lock = self._locks.setdefault((account.integration_id, psid), asyncio.Lock())
+        async with lock:
+            if account.integration_id in self.accounts:
+                await self.send_delivery(account.integration_id, psid, [mid])
+
+    # --- Send API -----------------------------------------------------------------------------------
+
+    def routes(self, prefix: str = "/sandbox") -> list[web.RouteDef]:
+        """The fake's HTTP routes, mounted under `prefix`."""
+        p = prefix.rstrip("/")
+        s = _sunco_errors  # the scripting API is ours, so it answers errors like the business API
+        return [
+            web.post(f"{p}/messenger-graph/{_VERSION}/{{page_id}}/messages", self._send_api),
+            web.post(f"{p}/messenger/{{integration_id}}/inbound", s(self._script_inbound)),
+            web.post(f"{p}/messenger/{{integration_id}}/read", s(self._script_read)),
+            web.post(f"{p}/messenger/{{integration_id}}/fail-next", s(self._script_fail_next)),
+            web.post(f"{p}/messenger/{{integration_id}}/verify", s(self._script_verify)),
+            web.post(f"{p}/messenger/{{integration_id}}/window", s(self._script_window)),
+            web.get(f"{p}/messenger/{{integration_id}}/outbox", s(self._script_outbox)),
+            web.get(f"{p}/messenger/{{integration_id}}/thread", s(self._script_thread)),
+            web.get(f"{p}/messenger/{{integration_id}}", s(self._script_account)),
+        ]
+
+    @staticmethod
+    def _token(request: web.Request) -> str:
+        header = request.headers.get("Authorization", "")
+        return header[7:] if header.lower().startswith("bearer ") else request.query.get("access_token", "")
+
+    @staticmethod
+    async def _send_body(request: web.Request) -> dict[str, Any] | None:
+        raw = await request.read()
+        if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            form = await request.post()
+            body: dict[str, Any] = {}
+            for key, value in form.items():
+                text = value if isinstance(value, str) else ""
+                # Form fields hold JSON strings for objects (`recipient={"id":"…"}`).
+                if text[:1] in ("{", "["):
+                    try:
+                        body[key] = json.loads(text)
+                        continue
+                    except ValueError:
+                        return None
+                body[key] = text
+            return body
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def _send_api(self, request: web.Request) -> web.Response:
+        token = self._token(request)
+        account = self.account_by_page_id(request.match_info["page_id"], token)
+        if account is None:
+            return graph_error(100, 400, f"(#100) Unsupported post request. Object with ID "
+                                         f"'{request.match_info['page_id']}' does not exist, cannot be loaded due "
+                                         f"to missing permissions, or does not support this operation.", 33)
+        if not token or not hmac.compare_digest(token.encode(), account.page_access_token.encode()):
+            return graph_error(190, 401)
+        body = await self._send_body(request)
+        if body is None:
+            return graph_error(100, 400, "(#100) The request body is not valid JSON.")
+        record = SendRequest(account.integration_id, request.path, body)
+        self.requests.append(record)
+        response = self._send(account, body)
+        record.status = response.status
+        return response
+
+    def _send(self, account: Account, body: dict[str, Any]) -> web.Response:
+        recipient = body.get("recipient")
+        psid = recipient.get("id") if isinstance(recipient, dict) else None
+        if not isinstance(psid, str) or not psid:
+            return graph_error(100, 400, "(#100) The parameter recipient is required")
+        message, action = body.get("message"), body.get("sender_action")
+        if message is None and action is None:
+            return graph_error(100, 400, "(#100) Must send either message or sender action")
+        if action is not None and action not in ("typing_on", "typing_off", "mark_seen"):
+            return graph_error(100, 400, "(#100) Param sender_action must be one of {MARK_SEEN, TYPING_ON, "
+                                         "TYPING_OFF}")
+        person = self.people.get((account.integration_id, psid))
+        if person is None:
+            return graph_error(100, 400, "(#100) No matching user found", 2018001)
+        if message is not None:
+            problem = self._validate_message(body, message)
+            if problem is not None:
+                return graph_error(100, 400, problem)
+        injected = self.injected.get(account.integration_id)
+        if injected:
+            error = injected[0]
+            error.remaining -= 1
+            if error.remaining <= 0:
+                injected.pop(0)
+            return graph_error(error.code, error.http_status, error.message, error.subcode)
+        if message is not None and self.enforce_window and not self._window_allows(person, body):
+            return graph_error(10, 400)
+        if message is None:
+            return web.json_response({"recipient_id": psid})
+        mid = new_mid()
+        self._append(account.integration_id, psid, ThreadEntry("out", mid, time.time(), body, status="sent"))
+        if self.auto_statuses:
+            self._spawn(self._after_send(account, psid, mid))
+        return web.json_response({"recipient_id": psid, "message_id": mid})
+
+    @staticmethod
+    def _validate_message(body: dict[str, Any], message: Any) -> str | None:
+        messaging_type = body.get("messaging_type")
+        if messaging_type not in ("RESPONSE", "UPDATE", "MESSAGE_TAG"):
+            return "(#100) param messaging_type must be one of {RESPONSE, UPDATE, MESSAGE_TAG}"
+        if messaging_type == "MESSAGE_TAG" and body.get("tag") not in TAGS:
+            return "(#100) Param tag must be a valid message tag when messaging_type is MESSAGE_TAG"
+        if not isinstance(message, dict):
+            return "(#100) param message must be an object"
+        text, attachment = message.get("text"), message.get("attachment")
+        if (text is None) == (attachment is None):
+            return "(#100) Must send either text or attachment in message"
+        if text is not None and (not isinstance(text, str) or not text or len(text) > TEXT_MAX):
+            return f"(#100) param message[text] must be a non-empty UTF-8 string of at most {TEXT_MAX} characters"
+        if attachment is not None:
+            if not isinstance(attachment, dict) or attachment.get("type") not in ATTACHMENT_TYPES:
+                return "(#100) param message[attachment][type] must be one of {image, video, audio, file, template}"
+            payload = attachment.get("payload")
+            if not isinstance(payload, dict):
+                return "(#100) param message[attachment][payload] is required"
+            if attachment["type"] == "template":
+                buttons = payload.get("buttons")
+                if payload.get("template_type") == "button" and (
+                        not isinstance(buttons, list) or not 1 <= len(buttons) <= 3 or not payload.get("text")):
+                    return "(#100) Button template needs text and 1 to 3 buttons"
+            elif not payload.get("url") and not payload.get("attachment_id"):
+                return "(#100) param message[attachment][payload][url] is required"
+        replies = message.get("quick_replies")
+        if replies is not None:
+            if not isinstance(replies, list) or not 1 <= len(replies) <= MAX_QUICK_REPLIES:
+                return f"(#100) param message[quick_replies] must have 1 to {MAX_QUICK_REPLIES} elements"
+            for reply in replies:
+                if not isinstance(reply, dict) or reply.get("content_type") not in (
+                        "text", "user_phone_number", "user_email"):
+                    return "(#100) param message[quick_replies][content_type] is invalid"
+                if reply.get("content_type") == "text" and (not reply.get("title") or not reply.get("payload")):
+                    return "(#100) Quick replies of type text need a title and a payload"
+                if len(str(reply.get("title") or "")) > 20:
+                    return "(#100) Quick reply titles are limited to 20 characters"
+        return None
+
+    @staticmethod
+    def _window_allows(person: Person, body: dict[str, Any]) -> bool:
+        if body.get("messaging_type") == "MESSAGE_TAG" and body.get("tag") != "HUMAN_AGENT":
+            return True  # non-promotional update tags work outside the window
+        if person.last_user_at is None:
+            return False
+        elapsed = time.time() - person.last_user_at
+        limit = HUMAN_AGENT_SECONDS if body.get("tag") == "HUMAN_AGENT" else WINDOW_SECONDS
+        return elapsed <= limit
+
+    # --- scripting routes --------------------------------------------------------------------------
+
+    def _account_or_404(self, request: web.Request) -> Account:
+        account = self.accounts.get(request.match_info["integration_id"])
+        if account is None:
+            raise ApiError(404, "Unknown Messenger integration in the sandbox")
+        return account
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict[str, Any]:
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise ApiError(400, "body must be JSON") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    async def _script_inbound(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        spec = await self._json_body(request)
+        try:
+            result = await self.send_inbound(account.integration_id, spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from exc
+        return web.json_response(result)
+
+    async def _script_read(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        spec = await self._json_body(request)
+        to = spec.get("to")
+        if not isinstance(to, str) or not to:
+            raise ApiError(400, "need to")
+        return web.json_response({"webhookStatus": await self.send_read(account.integration_id, to)})
+
+    async def _script_fail_next(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        spec = await self._json_body(request)
+        code, http_status, count = spec.get("code"), spec.get("httpStatus"), spec.get("count", 1)
+        subcode = spec.get("subcode")
+        if (not isinstance(code, int) or not isinstance(count, int) or count < 1
+                or (http_status is not None and not isinstance(http_status, int))
+                or (subcode is not None and not isinstance(subcode, int))):
+            raise ApiError(400, "need integer code, optional httpStatus/subcode and count >= 1")
+        message = spec.get("message") if isinstance(spec.get("message"), str) else None
+        self.fail_next(account.integration_id, code, http_status, count, subcode, message)
+        return web.json_response({"queued": sum(e.remaining for e in self.injected[account.integration_id])})
+
+    async def _script_verify(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        spec = await self._json_body(request)
+        token = spec.get("verifyToken") if isinstance(spec.get("verifyToken"), str) else None
+        challenge = str(spec.get("challenge") or "1158201444")
+        status, text = await self.verify_webhook(account.integration_id, challenge, token)
+        return web.json_response({"webhookStatus": status, "body": text, "ok": status == 200 and text == challenge})
+
+    async def _script_window(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        spec = await self._json_body(request)
+        to, hours_ago = spec.get("to"), spec.get("hoursAgo", 0)
+        if not isinstance(to, str) or not to or not isinstance(hours_ago, int | float):
+            raise ApiError(400, "need to (and optional hoursAgo)")
+        person = self.person(account.integration_id, to)
+        person.last_user_at = time.time() - float(hours_ago) * 3600 if spec.get("open", True) else None
+        return web.json_response({"lastUserAt": person.last_user_at})
+
+    async def _script_outbox(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        to = request.query.get("to", "")
+        if not to:
+            raise ApiError(400, "need ?to=")
+        return web.json_response({"messages": self.outbox(account.integration_id, to)})
+
+    async def _script_thread(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        to = request.query.get("to", "")
+        if not to:
+            raise ApiError(400, "need ?to=")
+        person = self.people.get((account.integration_id, to))
+        return web.json_response({
+            "messages": [e.view() for e in self.thread(account.integration_id, to)],
+            "person": {"psid": person.psid, "name": person.name, "lastUserAt": person.last_user_at}
+            if person else None,
+        })
+
+    async def _script_account(self, request: web.Request) -> web.Response:
+        account = self._account_or_404(request)
+        return web.json_response({"integrationId": account.integration_id, "pageId": account.page_id,
+                                  "webhookUrl": account.webhook_url, "link": f"https://m.me/{account.page_id}"})
+
+
+def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
+                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.title, exc.code)
+    return wrapped
+
+
+_FAKE_PATH = re.compile(r"/sandbox/messenger-graph/?$")
+
+
+def points_at_sandbox(base_url: str) -> bool:
+    """True when a Graph base URL is the sandbox's fake (`…/sandbox/messenger-graph`)."""
+    return bool(_FAKE_PATH.search(base_url))
+
+
+def gateway_base(public_url: str) -> str:
+    """The gateway's public base URL from what the sandbox passes (it may end in `/sandbox`)."""
+    url = public_url.rstrip("/")
+    return url[: -len("/sandbox")] if url.endswith("/sandbox") else url
+

@@ -1,0 +1,1 @@
+"""The sms channel service: SMS/MMS through Twilio Programmable Messaging (channel type `twilio`)."""

@@ -1,0 +1,1 @@
+"""The telegram channel service: Bot API webhooks in, sendMessage/sendPhoto out."""

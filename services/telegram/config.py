@@ -1,0 +1,67 @@
+"""Settings of the telegram channel service."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.routes import DEFAULT_PORTS
+
+
+@dataclass(frozen=True)
+class TelegramConfig:
+    """Everything the telegram service reads from its environment.
+
+    Bot tokens and webhook secrets are not here: they come per integration from the
+    integrations KV bucket.
+    """
+
+    common: CommonConfig
+    # Bot API flood limits (platform reference §4.7): ~30 messages/s per bot, 1/s per chat,
+    # 20/min per group chat.
+    bot_messages_per_second: float
+    chat_messages_per_second: float
+    group_messages_per_minute: float
+    # Back-off for transient send errors (5xx, unreachable): base * 2^(attempt-1), capped.
+    # A 429 waits exactly the `retry_after` Telegram asks for instead.
+    retry_base_seconds: float
+    retry_max_seconds: float
+    max_send_attempts: int
+    send_timeout_seconds: float
+    # Back-off of `setWebhook` while the Bot API refuses or cannot be reached.
+    webhook_retry_base_seconds: float
+    webhook_retry_max_seconds: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TelegramConfig:
+        """Build and validate the configuration."""
+        env = os.environ if environ is None else environ
+        config = cls(
+            common=CommonConfig.from_env(DEFAULT_PORTS["telegram"], env),
+            bot_messages_per_second=env_float("TELEGRAM_BOT_MESSAGES_PER_SECOND", 30.0, env),
+            chat_messages_per_second=env_float("TELEGRAM_CHAT_MESSAGES_PER_SECOND", 1.0, env),
+            group_messages_per_minute=env_float("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", 20.0, env),
+            retry_base_seconds=env_float("TELEGRAM_RETRY_BASE_SECONDS", 1.0, env),
+            retry_max_seconds=env_float("TELEGRAM_RETRY_MAX_SECONDS", 60.0, env),
+            max_send_attempts=env_int("TELEGRAM_MAX_SEND_ATTEMPTS", 10, env),
+            send_timeout_seconds=env_float("TELEGRAM_SEND_TIMEOUT_SECONDS", 15.0, env),
+            webhook_retry_base_seconds=env_float("TELEGRAM_WEBHOOK_RETRY_BASE_SECONDS", 0.2, env),
+            webhook_retry_max_seconds=env_float("TELEGRAM_WEBHOOK_RETRY_MAX_SECONDS", 60.0, env),
+        )
+        for name, value in (("TELEGRAM_BOT_MESSAGES_PER_SECOND", config.bot_messages_per_second),
+                            ("TELEGRAM_CHAT_MESSAGES_PER_SECOND", config.chat_messages_per_second),
+                            ("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", config.group_messages_per_minute),
+                            ("TELEGRAM_SEND_TIMEOUT_SECONDS", config.send_timeout_seconds)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive")
+        if config.retry_base_seconds < 0 or config.retry_max_seconds < config.retry_base_seconds:
+            raise ConfigError("TELEGRAM_RETRY_BASE_SECONDS must be >= 0 and <= TELEGRAM_RETRY_MAX_SECONDS")
+        if (config.webhook_retry_base_seconds <= 0
+                or config.webhook_retry_max_seconds < config.webhook_retry_base_seconds):
+            raise ConfigError("TELEGRAM_WEBHOOK_RETRY_BASE_SECONDS must be > 0 and <= "
+                              "TELEGRAM_WEBHOOK_RETRY_MAX_SECONDS")
+        if config.max_send_attempts < 1:
+            raise ConfigError("TELEGRAM_MAX_SEND_ATTEMPTS must be at least 1")
+        return config

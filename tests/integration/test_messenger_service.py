@@ -1,0 +1,463 @@
+"""The messenger service against real NATS and the sandbox's fake Messenger Platform, through the
+front door: signed webhooks in, m.me referrals, the reply window, Send API bodies, receipts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from services.messenger.app import MessengerService
+from services.sandbox.app import SandboxService
+from services.sandbox.messenger_fake import FakeMessenger
+from shared import records, subjects
+from shared.bus import Bus
+from shared.ids import new_id
+from shared.messages import channel
+from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend
+from shared.records import IntegrationRecord
+from shared.signing import meta_signature
+from shared.sunco import (
+    Content,
+    FileContent,
+    ImageContent,
+    LinkAction,
+    LocationContent,
+    LocationCoordinates,
+    LocationInfo,
+    PostbackAction,
+    ReplyAction,
+    TemplateContent,
+    TextContent,
+    UnsupportedContent,
+)
+from tests.fakes.whatsapp_env import eventually, stream_messages
+from tests.harness import System
+
+APP_SECRET = "ms-app-secret-0123456789abcdef"
+PAGE_TOKEN = "EAAms-page-token-0123456789"
+VERIFY_TOKEN = "ms-verify-token-0123456789"
+PAGE_ID = "104857600123456"
+PSID = "6543210987654321"
+
+
+@dataclass
+class MsEnv:
+    """messenger + sandbox behind the front door, one messenger integration pointing at the fake."""
+
+    system: System
+    bus: Bus
+    record: IntegrationRecord
+
+    @property
+    def integration_id(self) -> str:
+        return self.record.id
+
+    @property
+    def service(self) -> MessengerService:
+        return self.system.service("messenger")  # type: ignore[no-any-return]
+
+    @property
+    def sandbox(self) -> SandboxService:
+        return self.system.service("sandbox")  # type: ignore[no-any-return]
+
+    @property
+    def fake(self) -> FakeMessenger:
+        return next(f for f in self.sandbox.channel_fakes if isinstance(f, FakeMessenger))
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.system.base_url}/webhooks/messenger/{self.integration_id}"
+
+    async def inbound(self) -> list[Any]:
+        return await stream_messages(self.bus, subjects.INBOUND,
+                                     subjects.inbound_subject("messenger", self.integration_id))
+
+    async def statuses(self) -> list[Any]:
+        return await stream_messages(self.bus, subjects.STATUS,
+                                     subjects.status_subject("messenger", self.integration_id))
+
+    async def script(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=f"{self.system.base_url}/sandbox/messenger/{self.integration_id}") as c:
+            resp = await c.post(path, json=body)
+            assert resp.status_code == 200, resp.text
+            result: dict[str, Any] = resp.json()
+            return result
+
+    async def outbox(self, psid: str = PSID) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as http:
+            resp = await http.get(f"{self.system.base_url}/sandbox/messenger/{self.integration_id}/outbox",
+                                  params={"to": psid})
+            assert resp.status_code == 200, resp.text
+            messages: list[dict[str, Any]] = resp.json()["messages"]
+            return messages
+
+
+def messenger_record(base_url: str, **config: Any) -> IntegrationRecord:
+    """A messenger integration record whose Graph API is the sandbox's fake."""
+    return IntegrationRecord(id=new_id(), app_id=new_id(), type="messenger", display_name="Messenger", config={
+        "pageId": PAGE_ID, "pageAccessToken": PAGE_TOKEN, "appSecret": APP_SECRET, "verifyToken": VERIFY_TOKEN,
+        "apiVersion": "v23.0", "baseUrl": f"{base_url}/sandbox/messenger-graph", **config,
+    })
+
+
+async def start_messenger(system: System, bus: Bus, env: dict[str, str] | None = None,
+                          **config: Any) -> MsEnv:
+    """Start messenger + sandbox, register one integration, wait until both services see it."""
+    await system.start("messenger", "sandbox", env={"MESSENGER_RETRY_BASE_SECONDS": "0.05", **(env or {})})
+    record = messenger_record(system.base_url, **config)
+    kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
+    await kv.put(record.id, records.ENCODER.encode(record))
+    ms = MsEnv(system, bus, record)
+
+    async def both_see_it() -> bool:
+        ms.sandbox.sync_accounts()
+        return ms.service.credentials(record.id) is not None and record.id in ms.fake.accounts
+
+    await eventually(both_see_it)
+    return ms
+
+
+def outbound(ms: MsEnv, content: Content, psid: str = PSID, **extra: Any) -> OutboundSend:
+    return OutboundSend(app_id=ms.record.app_id, integration_id=ms.integration_id, channel="messenger",
+                        conversation_id=new_id(), message_id=new_id(), user_id=new_id(), client_id=new_id(),
+                        recipient=psid, recipient_info={"page_id": PAGE_ID, "psid": psid}, content=content, **extra)
+
+
+async def publish(ms: MsEnv, send: OutboundSend) -> None:
+    await ms.bus.publish(subjects.outbound_subject("messenger", ms.integration_id), channel.encode(send))
+
+
+async def statuses_of(ms: MsEnv, message_id: str, wanted: set[str]) -> list[DeliveryStatus]:
+    async def probe() -> list[DeliveryStatus] | None:
+        found = [s for s in await ms.statuses() if s.message_id == message_id]
+        return found if wanted <= {s.status for s in found} else None
+
+    return await eventually(probe)
+
+
+@pytest.fixture
+async def ms(system: System, bus: Bus) -> AsyncIterator[MsEnv]:
+    yield await start_messenger(system, bus)
+
+
+# --- inbound ---------------------------------------------------------------------------------------
+
+async def test_verification_handshake(ms: MsEnv) -> None:
+    async with httpx.AsyncClient() as http:
+        ok = await http.get(ms.webhook_url, params={"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN,
+                                                    "hub.challenge": "1158201444"})
+        assert ok.status_code == 200 and ok.text == "1158201444"
+        wrong = await http.get(ms.webhook_url, params={"hub.mode": "subscribe", "hub.verify_token": "nope",
+                                                       "hub.challenge": "1"})
+        assert wrong.status_code == 403
+        unknown = await http.get(f"{ms.system.base_url}/webhooks/messenger/{new_id()}", params={
+            "hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1"})
+        assert unknown.status_code == 403
+    assert (await ms.script("/verify", {}))["ok"] is True
+
+
+async def test_signed_text_is_one_inbound_message_and_opens_the_window(ms: MsEnv) -> None:
+    before = time.time()
+    sent = await ms.script("/inbound", {"from": PSID, "text": "café? 😮"})
+    assert sent["webhookStatus"] == 200
+    [message] = await ms.inbound()
+    assert isinstance(message, InboundMessage)
+    assert message.channel == "messenger" and message.client_type == "messenger"
+    assert message.app_id == ms.record.app_id and message.integration_id == ms.integration_id
+    assert message.channel_user_id == PSID and message.provider_message_id == sent["mid"]
+    assert message.content == TextContent(text="café? 😮")
+    assert message.client_info == {"page_id": PAGE_ID, "psid": PSID}
+    assert before - 1 <= message.received_at <= time.time() + 1
+    assert message.raw["message"]["mid"] == sent["mid"]
+    assert message.referral is None
+    assert ms.service.store is not None
+    last = await ms.service.store.last_user_at(PAGE_ID, PSID)
+    assert last is not None and abs(last - message.received_at) < 0.01
+
+
+async def test_same_webhook_twice_is_one_message(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "once"})
+    delivery = ms.fake.webhooks[-1]
+    async with httpx.AsyncClient() as http:
+        again = await http.post(ms.webhook_url, content=delivery.body, headers=delivery.headers)
+    assert again.status_code == 200
+    assert len(await ms.inbound()) == 1
+
+
+async def test_forged_or_missing_signature_is_refused(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "genuine"})
+    genuine = ms.fake.webhooks[-1]
+    body = genuine.body.replace(b"genuine", b"forged!")
+    async with httpx.AsyncClient() as http:
+        missing = await http.post(ms.webhook_url, content=body, headers={"Content-Type": "application/json"})
+        forged = await http.post(ms.webhook_url, content=body, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": meta_signature("wrong-secret", body)})
+        replayed_sig = await http.post(ms.webhook_url, content=body, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": genuine.headers["X-Hub-Signature-256"]})
+    assert missing.status_code == 401 and missing.json()["errors"][0]["code"] == "unauthorized"
+    assert forged.status_code == replayed_sig.status_code == 403
+    [only] = await ms.inbound()
+    assert only.content == TextContent(text="genuine")
+
+
+async def test_http_errors_unknown_integration_type_size_shape(ms: MsEnv) -> None:
+    body = json.dumps({"object": "page", "entry": []}).encode()
+    signed = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, body)}
+    async with httpx.AsyncClient() as http:
+        unknown = await http.post(f"{ms.system.base_url}/webhooks/messenger/{new_id()}", content=body,
+                                  headers=signed)
+        assert unknown.status_code == 404
+        assert (await http.post(ms.webhook_url, content=body, headers=signed)).status_code == 200
+        text = await http.post(ms.webhook_url, content=body, headers={**signed, "Content-Type": "text/plain"})
+        assert text.status_code == 415
+        huge = b'{"object":"page","entry":[],"pad":"' + b"x" * 200_000 + b'"}'
+        too_big = await http.post(ms.webhook_url, content=huge, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, huge)})
+        assert too_big.status_code == 413
+        wa = json.dumps({"object": "whatsapp_business_account", "entry": []}).encode()
+        wrong_shape = await http.post(ms.webhook_url, content=wa, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, wa)})
+        assert wrong_shape.status_code == 400 and wrong_shape.json()["errors"][0]["code"] == "bad_request"
+    assert await ms.inbound() == []
+
+
+async def test_mme_ref_rides_on_get_started_then_on_referral_events(ms: MsEnv) -> None:
+    first = await ms.script("/inbound", {"from": PSID, "ref": "Hx_code-42"})
+    [get_started] = await ms.inbound()
+    assert get_started.referral == "Hx_code-42"
+    assert get_started.provider_message_id == first["mid"]
+    assert get_started.postback is not None and get_started.postback.payload == "GET_STARTED"
+    assert get_started.content == TextContent(text="Get Started", payload="GET_STARTED")
+    assert get_started.raw["postback"]["referral"] == {"ref": "Hx_code-42", "source": "SHORTLINK",
+                                                       "type": "OPEN_THREAD"}
+    # The thread exists now: the next m.me link arrives as a `referral` event, kept as such.
+    again = await ms.script("/inbound", {"from": PSID, "ref": "second_code", "text": "hello again"})
+    assert again["events"] == 2 and again["webhookStatuses"] == [200, 200]
+    messages = await eventually(lambda: _at_least(ms, 3))
+    referral = next(m for m in messages if m.referral == "second_code")
+    assert isinstance(referral.content, UnsupportedContent) and referral.content.channel_type == "referral"
+    assert referral.raw["referral"]["ref"] == "second_code"
+    assert referral.provider_message_id.startswith(f"referral.{PSID}.")
+    assert any(m.content == TextContent(text="hello again") for m in messages)
+
+
+async def _at_least(ms: MsEnv, count: int) -> list[Any] | None:
+    found = await ms.inbound()
+    return found if len(found) >= count else None
+
+
+async def test_postbacks_quick_replies_and_attachments(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "start"})
+    button = await ms.script("/inbound", {"from": PSID, "postback": {"payload": "ORDER_42", "title": "Track"}})
+    quick = await ms.script("/inbound", {"from": PSID, "text": "Yes", "quickReply": "YES_PAYLOAD"})
+    image = await ms.script("/inbound", {"from": PSID, "image": "https://cdn.example/p.jpg"})
+    video = await ms.script("/inbound", {"from": PSID, "attachment": {"type": "video",
+                                                                      "url": "https://cdn.example/v.mp4"}})
+    reel = await ms.script("/inbound", {"from": PSID, "attachment": {"type": "ig_reel"}})
+    by_id = {m.provider_message_id: m for m in await eventually(lambda: _at_least(ms, 6))}
+    tapped = by_id[button["mid"]]
+    assert tapped.content == TextContent(text="Track", payload="ORDER_42")
+    assert tapped.postback is not None and tapped.postback.payload == "ORDER_42"
+    replied = by_id[quick["mid"]]
+    assert replied.content == TextContent(text="Yes", payload="YES_PAYLOAD")
+    assert replied.postback is not None and replied.postback.payload == "YES_PAYLOAD"
+    assert by_id[image["mid"]].content == ImageContent(media_url="https://cdn.example/p.jpg")
+    assert by_id[video["mid"]].content == FileContent(media_url="https://cdn.example/v.mp4")
+    unsupported = by_id[reel["mid"]].content
+    assert isinstance(unsupported, UnsupportedContent) and unsupported.channel_type == "ig_reel"
+
+
+# --- outbound --------------------------------------------------------------------------------------
+
+async def test_outbound_text_with_quick_replies_exact_body_and_statuses(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    send = outbound(ms, TextContent(text="Pick one", actions=[ReplyAction(text="Yes please", payload="yes"),
+                                                             ReplyAction(text="No", payload="no")]))
+    await publish(ms, send)
+    statuses = await statuses_of(ms, send.message_id, {"sent", "delivered"})
+    assert await ms.outbox() == [{
+        "recipient": {"id": PSID}, "messaging_type": "RESPONSE",
+        "message": {"text": "Pick one", "quick_replies": [
+            {"content_type": "text", "title": "Yes please", "payload": "yes"},
+            {"content_type": "text", "title": "No", "payload": "no"}]},
+    }]
+    mid = ms.fake.thread(ms.integration_id, PSID)[-1].mid
+    assert all(s.provider_message_id == mid and s.conversation_id == send.conversation_id for s in statuses)
+    request = ms.fake.requests[-1]
+    assert request.path == f"/sandbox/messenger-graph/v23.0/{PAGE_ID}/messages"
+
+
+async def test_buttons_image_caption_and_location(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    buttons = outbound(ms, TextContent(text="Your order", actions=[
+        PostbackAction(text="Track", payload="TRACK_1"), LinkAction(text="Invoice", uri="https://shop.example/i/1")]))
+    image = outbound(ms, ImageContent(media_url="https://shop.example/a.jpg", text="our shop"))
+    location = location_send(ms)
+    for send in (buttons, image, location):
+        await publish(ms, send)
+        await statuses_of(ms, send.message_id, {"sent"})
+    bodies = await ms.outbox()
+    assert bodies[0]["message"] == {"attachment": {"type": "template", "payload": {
+        "template_type": "button", "text": "Your order", "buttons": [
+            {"type": "postback", "title": "Track", "payload": "TRACK_1"},
+            {"type": "web_url", "url": "https://shop.example/i/1", "title": "Invoice"}]}}}
+    # An image with a caption is two Send API calls, in order; the caption never gets lost.
+    assert bodies[1]["message"] == {"attachment": {"type": "image", "payload": {
+        "url": "https://shop.example/a.jpg", "is_reusable": True}}}
+    assert bodies[2]["message"] == {"text": "our shop"}
+    assert bodies[3]["message"]["text"].endswith("query=48.85%2C2.35")
+    assert all(b["messaging_type"] == "RESPONSE" and b["recipient"] == {"id": PSID} for b in bodies)
+    [image_sent] = [s for s in await ms.statuses() if s.message_id == image.message_id and s.status == "sent"]
+    assert image_sent.provider_message_id == ms.fake.thread(ms.integration_id, PSID)[-3].mid
+
+
+def location_send(ms: MsEnv) -> OutboundSend:
+    return outbound(ms, LocationContent(coordinates=LocationCoordinates(lat=48.85, long=2.35),
+                                        location=LocationInfo(name="Shop")))
+
+
+async def test_unsendable_content_fails_at_once(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    send = outbound(ms, TemplateContent(template={"name": "wa_only"}))
+    await publish(ms, send)
+    [failed] = await statuses_of(ms, send.message_id, {"failed"})
+    assert failed.error_code == "unsupported_content"
+    assert ms.fake.requests == []
+
+
+async def test_read_watermark_marks_sent_messages_read(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    first, second = outbound(ms, TextContent(text="one")), outbound(ms, TextContent(text="two"))
+    for send in (first, second):
+        await publish(ms, send)
+        await statuses_of(ms, send.message_id, {"sent", "delivered"})
+    read = await ms.script("/read", {"to": PSID})
+    assert read["webhookStatus"] == 200
+    read_first = await statuses_of(ms, first.message_id, {"read"})
+    read_second = await statuses_of(ms, second.message_id, {"read"})
+    mids = [e.mid for e in ms.fake.thread(ms.integration_id, PSID) if e.direction == "out"]
+    assert {s.provider_message_id for s in read_first + read_second if s.status == "read"} == set(mids)
+    # Reading again reports nothing new.
+    count = len(await ms.statuses())
+    await ms.script("/read", {"to": PSID})
+    assert len(await ms.statuses()) == count
+
+
+# --- the reply window --------------------------------------------------------------------------------
+
+async def test_outside_the_window_is_refused_never_sent(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "yesterday", "at": time.time() - 30 * 3600})
+    send = outbound(ms, TextContent(text="too late"))
+    await publish(ms, send)
+    [failed] = await statuses_of(ms, send.message_id, {"failed"})
+    assert failed.error_code == "outside_messaging_window"
+    assert failed.error_title and "24-hour" in failed.error_title
+    assert ms.fake.requests == []  # Meta never saw it: no policy violation
+    stranger = outbound(ms, TextContent(text="cold outreach"), psid="999000111")
+    await publish(ms, stranger)
+    [refused] = await statuses_of(ms, stranger.message_id, {"failed"})
+    assert refused.error_code == "outside_messaging_window"
+
+
+async def test_human_agent_tag_between_24_hours_and_7_days(system: System, bus: Bus) -> None:
+    ms = await start_messenger(system, bus, humanAgent=True)
+    await ms.script("/inbound", {"from": PSID, "text": "two days ago", "at": time.time() - 48 * 3600})
+    late = outbound(ms, TextContent(text="an agent answers"))
+    await publish(ms, late)
+    await statuses_of(ms, late.message_id, {"sent"})
+    [body] = await ms.outbox()
+    assert body == {"recipient": {"id": PSID}, "messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT",
+                    "message": {"text": "an agent answers"}}
+    old = "1122334455"
+    await ms.script("/inbound", {"from": old, "text": "last week", "at": time.time() - 8 * 86400})
+    too_old = outbound(ms, TextContent(text="sorry for the wait"), psid=old)
+    await publish(ms, too_old)
+    [failed] = await statuses_of(ms, too_old.message_id, {"failed"})
+    assert failed.error_code == "outside_messaging_window" and failed.error_title and "7-day" in failed.error_title
+    assert await ms.outbox(old) == []
+
+
+async def test_override_requests_human_agent_and_update_tags(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hello", "at": time.time() - 30 * 3600})
+    human = outbound(ms, TextContent(text="agent here"),
+                     override={"messenger": {"payload": {"messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT"}}})
+    update = outbound(ms, TextContent(text="your order shipped"),
+                      override={"messenger": {"payload": {"messaging_type": "MESSAGE_TAG",
+                                                          "tag": "POST_PURCHASE_UPDATE"}}})
+    raw = outbound(ms, TextContent(text="ignored"), override={"messenger": {"payload": {
+        "messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT", "message": {"text": "raw payload"}}}})
+    for send in (human, update, raw):
+        await publish(ms, send)
+        await statuses_of(ms, send.message_id, {"sent"})
+    bodies = await ms.outbox()
+    assert [(b["messaging_type"], b.get("tag")) for b in bodies] == [
+        ("MESSAGE_TAG", "HUMAN_AGENT"), ("MESSAGE_TAG", "POST_PURCHASE_UPDATE"), ("MESSAGE_TAG", "HUMAN_AGENT")]
+    assert bodies[2] == {"recipient": {"id": PSID}, "messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT",
+                         "message": {"text": "raw payload"}}
+
+
+async def test_meta_window_error_is_permanent(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    await ms.script("/window", {"to": PSID, "open": False})  # Meta disagrees (e.g. clock skew)
+    send = outbound(ms, TextContent(text="refused by Meta"))
+    await publish(ms, send)
+    [failed] = await statuses_of(ms, send.message_id, {"failed"})
+    assert failed.error_code == "10" and failed.error_details and "2018278" in failed.error_details
+    assert failed.error_title and "outside of allowed window" in failed.error_title
+    assert len(ms.fake.requests) == 1
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+async def test_transient_errors_are_retried_then_sent_once(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    await ms.script("/fail-next", {"code": 613, "count": 1})
+    await ms.script("/fail-next", {"code": 2, "httpStatus": 500, "count": 1})
+    send = outbound(ms, TextContent(text="eventually"))
+    await publish(ms, send)
+    [sent] = [s for s in await statuses_of(ms, send.message_id, {"sent"}) if s.status == "sent"]
+    assert sent.provider_message_id.startswith("m_")
+    assert [r.status for r in ms.fake.requests] == [400, 500, 200]
+    assert len(await ms.outbox()) == 1
+
+
+@pytest.mark.parametrize(("code", "subcode"), [(551, 1545041), (100, 2018001), (190, None)])
+async def test_permanent_errors_fail_without_retry(ms: MsEnv, code: int, subcode: int | None) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    await ms.script("/fail-next", {"code": code, "count": 5, **({"subcode": subcode} if subcode else {})})
+    send = outbound(ms, TextContent(text="doomed"))
+    await publish(ms, send)
+    [failed] = await statuses_of(ms, send.message_id, {"failed"})
+    assert failed.error_code == str(code) and failed.error_title
+    if subcode:
+        assert failed.error_details and str(subcode) in failed.error_details
+    assert len(ms.fake.requests) == 1
+
+
+async def test_half_sent_message_resumes_without_repeating_parts(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    send = outbound(ms, ImageContent(media_url="https://shop.example/b.jpg", text="caption"))
+    # The image goes through, the caption hits a rate limit once: the retry sends only the caption.
+    ms.fake.auto_statuses = False
+    original = ms.fake._send
+
+    calls = {"n": 0}
+
+    def flaky(account: Any, body: dict[str, Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            ms.fake.fail_next(ms.integration_id, 613)
+        return original(account, body)
+
+    ms.fake._send = flaky  # type: ignore[method-assign]
+    await publish(ms, send)
+    await statuses_of(ms, send.message_id, {"sent"})
+    bodies = await ms.outbox()
+    assert [b["message"].get("text") or b["message"]["attachment"]["type"] for b in bodies] == ["image", "caption"]
+    assert [r.status for r in ms.fake.requests] == [200, 400, 200]

@@ -1,0 +1,49 @@
+"""The messenger database on a real SQLite file: windows never move back, receipts map once,
+half-sent messages are remembered, old ids are pruned, and it all survives a reopen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.messenger.handlers import SentRef, UserAction
+from services.messenger.store import Store
+
+
+async def test_windows_receipts_parts_and_prune(tmp_path: Path) -> None:
+    path = str(tmp_path / "messenger.db")
+    store = await Store.open(path)
+    try:
+        assert await store.last_user_at("p", "u") is None
+        await store.touch_windows([UserAction("p", "u", 100.0), UserAction("p", "v", 50.0)])
+        await store.touch_windows([UserAction("p", "u", 90.0)])  # a late, older webhook
+        assert await store.last_user_at("p", "u") == 100.0
+        await store.touch_windows([UserAction("p", "u", 200.0)])
+        assert await store.last_user_at("p", "u") == 200.0
+        assert await store.last_user_at("other-page", "u") is None
+
+        await store.record_sent("msg1", 0, "p", "u", "m_1", "conv", 10.0)
+        await store.record_sent("msg1", 1, "p", "u", "m_2", "conv", 11.0)
+        await store.record_sent("msg1", 1, "p", "u", "m_other", "conv", 11.0)  # a replay changes nothing
+        await store.record_sent("msg2", 0, "p", "u", "m_3", None, 30.0)
+        assert await store.sent_parts("msg1") == {0: "m_1", 1: "m_2"}
+
+        read = await store.receipt_candidates("read", "p", "u", 20.0)
+        assert read == [SentRef("m_1", "msg1", "conv"), SentRef("m_2", "msg1", "conv")]
+        await store.mark_receipts("read", [r.mid for r in read], 20.0)
+        assert await store.receipt_candidates("read", "p", "u", 20.0) == []
+        # Named mids (delivery receipts) are found beyond the watermark, in big batches too.
+        named = [f"m_unknown_{i}" for i in range(1200)] + ["m_3"]
+        delivered = await store.receipt_candidates("delivered", "p", "u", 0.0, named)
+        assert delivered == [SentRef("m_3", "msg2", None)]
+        assert await store.receipt_candidates("delivered", "p", "someone-else", 100.0) == []
+    finally:
+        await store.close()
+
+    reopened = await Store.open(path)
+    try:
+        assert await reopened.last_user_at("p", "u") == 200.0
+        assert await reopened.prune(20.0) == 2
+        assert await reopened.sent_parts("msg1") == {}
+        assert await reopened.sent_parts("msg2") == {0: "m_3"}
+    finally:
+        await reopened.close()

@@ -1,0 +1,439 @@
+"""The telegram service against real NATS and the sandbox's fake Bot API, through the front door."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.sandbox.app import SandboxService
+from services.sandbox.telegram_fake import FakeTelegram
+from services.telegram.app import TelegramService
+from shared import records, subjects
+from shared.bus import Bus
+from shared.ids import new_id
+from shared.messages import channel
+from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend
+from shared.records import IntegrationRecord
+from shared.sunco import ImageContent, LinkAction, PostbackAction, ReplyAction, TextContent
+from tests.fakes.whatsapp_env import eventually, stream_messages
+from tests.harness import System
+
+TOKEN = "7000000001:AAE-fake_bot_token_0123456789abcdef"
+SECRET = "tg-webhook-secret_0123456789abcdef"
+USER = 111222333
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+FAST = {"TELEGRAM_RETRY_BASE_SECONDS": "0.05", "TELEGRAM_CHAT_MESSAGES_PER_SECOND": "100",
+        "TELEGRAM_WEBHOOK_RETRY_BASE_SECONDS": "0.05"}
+
+
+def telegram_record(base_url: str, **config: Any) -> IntegrationRecord:
+    """A telegram integration whose Bot API is the sandbox's fake."""
+    return IntegrationRecord(id=new_id(), app_id=new_id(), type="telegram", display_name="Telegram", config={
+        "token": TOKEN, "username": "gw_test_bot", "botId": "7000000001", "webhookSecret": SECRET,
+        "baseUrl": f"{base_url}/sandbox/telegram-api", **config,
+    })
+
+
+@dataclass
+class TgEnv:
+    """telegram + sandbox behind the front door, one telegram integration pointing at the fake."""
+
+    system: System
+    bus: Bus
+    record: IntegrationRecord
+
+    @property
+    def integration_id(self) -> str:
+        return self.record.id
+
+    @property
+    def service(self) -> TelegramService:
+        return self.system.service("telegram")  # type: ignore[no-any-return]
+
+    @property
+    def sandbox(self) -> SandboxService:
+        return self.system.service("sandbox")  # type: ignore[no-any-return]
+
+    @property
+    def fake(self) -> FakeTelegram:
+        return next(f for f in self.sandbox.channel_fakes if isinstance(f, FakeTelegram))
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.system.base_url}/webhooks/telegram/{self.integration_id}"
+
+    async def inbound(self) -> list[Any]:
+        return await stream_messages(self.bus, subjects.INBOUND,
+                                     subjects.inbound_subject("telegram", self.integration_id))
+
+    async def statuses(self) -> list[Any]:
+        return await stream_messages(self.bus, subjects.STATUS,
+                                     subjects.status_subject("telegram", self.integration_id))
+
+    async def script(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=f"{self.system.base_url}/sandbox/telegram/{self.integration_id}") as c:
+            resp = await c.post(path, json=body)
+            assert resp.status_code == 200, resp.text
+            result: dict[str, Any] = resp.json()
+            return result
+
+    async def put(self, record: IntegrationRecord) -> None:
+        kv = await self.bus.key_value(subjects.INTEGRATIONS_BUCKET)
+        await kv.put(record.id, records.ENCODER.encode(record))
+
+
+async def start_telegram(system: System, bus: Bus, env: dict[str, str] | None = None) -> TgEnv:
+    """Start telegram + sandbox, add one integration, wait until its webhook is registered with the fake."""
+    await system.start("telegram", "sandbox", env={**FAST, **(env or {})})
+    tg = TgEnv(system, bus, telegram_record(system.base_url))
+    await tg.put(tg.record)
+
+    async def registered() -> bool:
+        bot = tg.fake.bots.get(tg.record.id)
+        return bot is not None and bot.webhook_url == tg.webhook_url
+
+    await eventually(registered)
+    return tg
+
+
+@pytest.fixture
+async def tg(system: System, bus: Bus) -> AsyncIterator[TgEnv]:
+    yield await start_telegram(system, bus)
+
+
+# --- webhook registration ------------------------------------------------------------------------
+
+async def test_set_webhook_on_new_and_changed_integration_delete_on_removal(tg: TgEnv) -> None:
+    bot = tg.fake.bots[tg.integration_id]
+    assert bot.secret_token == SECRET and bot.allowed_updates == ["message", "callback_query"]
+    [set_call] = [r for r in tg.fake.requests if r["method"] == "setwebhook"]
+    assert set_call["params"] == {"url": tg.webhook_url, "secret_token": SECRET,
+                                  "allowed_updates": ["message", "callback_query"]}
+    # Same record again (e.g. conversations republishing at start): no new call.
+    await tg.put(tg.record)
+    changed = telegram_record(tg.system.base_url, webhookSecret="rotated_secret-0123456789")
+    changed.id, changed.app_id = tg.record.id, tg.record.app_id
+    await tg.put(changed)
+    await eventually(lambda: _async(tg.fake.bots[tg.integration_id].secret_token == "rotated_secret-0123456789"))
+    assert len([r for r in tg.fake.requests if r["method"] == "setwebhook"]) == 2
+    # The old secret no longer opens the door; the new one does.
+    async with httpx.AsyncClient() as http:
+        body = json.dumps({"update_id": 1}).encode()
+        old = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
+                                                                      SECRET_HEADER: SECRET})
+        new = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
+                                                                      SECRET_HEADER: "rotated_secret-0123456789"})
+    assert (old.status_code, new.status_code) == (401, 200)
+    # Removing the integration deletes the webhook (the fake forgets the bot too: both are fine).
+    kv = await tg.bus.key_value(subjects.INTEGRATIONS_BUCKET)
+    await kv.delete(tg.integration_id)
+    await eventually(lambda: _async(tg.service.webhooks.registered(tg.integration_id) is None))
+
+
+async def test_integration_present_at_start_is_registered_and_again_after_restart(system: System, bus: Bus) -> None:
+    tg = TgEnv(system, bus, telegram_record(system.base_url))
+    await tg.put(tg.record)
+    # (Not one service after the other: the harness's front-door restart would cut a setWebhook in flight.)
+    await system.start("telegram", "sandbox", env=FAST)
+
+    def set_calls() -> int:
+        return len([r for r in tg.fake.requests if r["method"] == "setwebhook"])
+
+    await eventually(lambda: _async(set_calls() == 1))
+    assert tg.fake.bots[tg.integration_id].webhook_url == tg.webhook_url
+    await system.stop_service("telegram")
+    await system.start_service("telegram", env=FAST)
+    await eventually(lambda: _async(set_calls() == 2))  # idempotent: every start (and replica) calls it
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+# --- inbound ---------------------------------------------------------------------------------------
+
+async def test_text_message_becomes_one_inbound_message(tg: TgEnv) -> None:
+    sent = await tg.script("/inbound", {"from": USER, "text": "hi there", "name": "Ada Lovelace",
+                                        "username": "ada"})
+    assert sent["webhookStatus"] == 200
+    [message] = await tg.inbound()
+    assert isinstance(message, InboundMessage)
+    assert message.channel == "telegram" and message.client_type == "telegram"
+    assert message.app_id == tg.record.app_id and message.integration_id == tg.integration_id
+    assert message.channel_user_id == str(USER)
+    assert message.provider_message_id == f"{USER}:{sent['messageId']}"
+    assert message.content == TextContent(text="hi there")
+    assert message.display_name == "Ada Lovelace"
+    assert message.client_info["username"] == "ada" and message.client_info["user_id"] == USER
+    assert message.client_info["chat_type"] == "private"
+    assert message.referral is None and message.received_at > 1_700_000_000
+    assert message.raw["text"] == "hi there"
+
+
+async def test_start_payload_becomes_referral(tg: TgEnv) -> None:
+    good = await tg.script("/inbound", {"from": USER, "start": "ref_abc-123"})
+    too_long = await tg.script("/inbound", {"from": USER, "start": "x" * 65})
+    bad_chars = await tg.script("/inbound", {"from": USER, "start": "a+b"})
+    bare = await tg.script("/inbound", {"from": USER, "text": "/start"})
+    by_id = {m.provider_message_id: m for m in await tg.inbound()}
+    assert len(by_id) == 4  # none dropped
+    linked = by_id[f"{USER}:{good['messageId']}"]
+    assert linked.referral == "ref_abc-123" and linked.content == TextContent(text="/start ref_abc-123")
+    for other in (too_long, bad_chars, bare):
+        assert by_id[f"{USER}:{other['messageId']}"].referral is None
+
+
+async def test_button_press_is_a_postback_and_is_answered(tg: TgEnv) -> None:
+    send = outbound(tg, TextContent(text="Pick one", actions=[ReplyAction(text="Yes please", payload="yes")]))
+    await publish(tg, send)
+    await statuses_of(tg, send.message_id, 1)
+    pressed = await tg.script("/inbound", {"from": USER, "callbackData": "yes"})
+    assert pressed["webhookStatus"] == 200
+    [message] = await tg.inbound()
+    assert message.postback is not None and message.postback.payload == "yes"
+    assert message.postback.text == "Yes please"
+    assert message.content == TextContent(text="Yes please", payload="yes")
+    assert message.provider_message_id == f"callback:{pressed['callbackQueryId']}"
+    assert message.channel_user_id == str(USER)
+    query = tg.fake.callbacks[pressed["callbackQueryId"]]
+    await eventually(lambda: _async(query["answered"]))
+
+
+async def test_photo_is_an_image_served_by_the_gateway(tg: TgEnv) -> None:
+    await tg.script("/inbound", {"from": USER, "photo": {"caption": "look"}})
+    [message] = await tg.inbound()
+    assert isinstance(message.content, ImageContent) and message.content.text == "look"
+    largest = message.raw["photo"][-1]["file_id"]
+    assert largest in message.content.media_url and TOKEN not in message.content.media_url
+    async with httpx.AsyncClient() as http:
+        fetched = await http.get(message.content.media_url)
+        assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
+        forged = await http.get(message.content.media_url.split("?")[0] + "?sig=00")
+        assert forged.status_code == 404
+
+
+async def test_same_update_twice_is_one_message(tg: TgEnv) -> None:
+    await tg.script("/inbound", {"from": USER, "text": "once"})
+    delivery = tg.fake.deliveries[-1]
+    async with httpx.AsyncClient() as http:
+        again = await http.post(tg.webhook_url, content=delivery.body, headers=delivery.headers)
+    assert again.status_code == 200
+    assert len(await tg.inbound()) == 1
+
+
+async def test_missing_or_wrong_secret_is_401_and_nothing_queued(tg: TgEnv) -> None:
+    await tg.script("/inbound", {"from": USER, "text": "genuine"})
+    body = tg.fake.deliveries[-1].body.replace(b"genuine", b"forged!").replace(b'"update_id":', b'"update_id":9')
+    async with httpx.AsyncClient() as http:
+        missing = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json"})
+        wrong = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
+                                                                       SECRET_HEADER: SECRET[:-1] + "X"})
+        empty = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
+                                                                       SECRET_HEADER: ""})
+    assert missing.status_code == wrong.status_code == empty.status_code == 401
+    assert missing.json()["errors"][0]["code"] == "unauthorized"
+    [only] = await tg.inbound()
+    assert only.content == TextContent(text="genuine")
+
+
+async def test_http_errors_unknown_integration_type_size_shape(tg: TgEnv) -> None:
+    signed = {"Content-Type": "application/json", SECRET_HEADER: SECRET}
+    body = json.dumps({"update_id": 5, "edited_message": {"message_id": 1}}).encode()
+    async with httpx.AsyncClient() as http:
+        unknown = await http.post(f"{tg.system.base_url}/webhooks/telegram/{new_id()}", content=body, headers=signed)
+        assert unknown.status_code == 404
+        ignored = await http.post(tg.webhook_url, content=body, headers=signed)
+        assert ignored.status_code == 200  # an update kind the gateway does not handle: acknowledged
+        text = await http.post(tg.webhook_url, content=body, headers={**signed, "Content-Type": "text/plain"})
+        assert text.status_code == 415
+        huge = b'{"update_id":1,"pad":"' + b"x" * 300_000 + b'"}'
+        assert (await http.post(tg.webhook_url, content=huge, headers=signed)).status_code == 413
+        shape = await http.post(tg.webhook_url, content=b'{"update_id":"x"}', headers=signed)
+        assert shape.status_code == 400 and shape.json()["errors"][0]["code"] == "bad_request"
+    assert await tg.inbound() == []
+
+
+# --- outbound --------------------------------------------------------------------------------------
+
+def outbound(tg: TgEnv, content: TextContent | ImageContent, **extra: Any) -> OutboundSend:
+    return OutboundSend(app_id=tg.record.app_id, integration_id=tg.integration_id, channel="telegram",
+                        conversation_id=new_id(), message_id=new_id(), user_id=new_id(), client_id=new_id(),
+                        recipient=str(USER), recipient_info={"chat_id": USER}, content=content, **extra)
+
+
+async def publish(tg: TgEnv, send: OutboundSend) -> None:
+    if (tg.integration_id, USER) not in tg.fake.chats:
+        tg.fake.start_chat(tg.integration_id, USER)
+    await tg.bus.publish(subjects.outbound_subject("telegram", tg.integration_id), channel.encode(send))
+
+
+async def statuses_of(tg: TgEnv, message_id: str, count: int) -> list[DeliveryStatus]:
+    async def probe() -> list[DeliveryStatus] | None:
+        found = [s for s in await tg.statuses() if s.message_id == message_id]
+        return found if len(found) >= count else None
+
+    return await eventually(probe)
+
+
+def sends(tg: TgEnv, text: str) -> list[dict[str, Any]]:
+    return [r for r in tg.fake.requests if r["method"].startswith("send") and r["params"].get("text") == text]
+
+
+async def test_outbound_text_with_inline_keyboard_and_sent_status(tg: TgEnv) -> None:
+    send = outbound(tg, TextContent(text="Pick one", actions=[
+        ReplyAction(text="Yes please", payload="yes"), PostbackAction(text="No", payload="no"),
+        LinkAction(text="Docs", uri="https://example.com/docs")]))
+    await publish(tg, send)
+    [sent] = await statuses_of(tg, send.message_id, 1)
+    [body] = tg.fake.outbox(tg.integration_id, USER)
+    assert body == {"chat_id": USER, "text": "Pick one", "reply_markup": {"inline_keyboard": [
+        [{"text": "Yes please", "callback_data": "yes"}], [{"text": "No", "callback_data": "no"}],
+        [{"text": "Docs", "url": "https://example.com/docs"}]]}}
+    message_id = tg.fake.thread(tg.integration_id, USER)[-1].message["message_id"]
+    assert sent.status == "sent" and sent.provider_message_id == f"{USER}:{message_id}"
+    assert sent.conversation_id == send.conversation_id and sent.channel == "telegram"
+
+
+async def test_outbound_photo_and_quoted_reply(tg: TgEnv) -> None:
+    await tg.script("/inbound", {"from": USER, "text": "question"})
+    [question] = await tg.inbound()
+    image = outbound(tg, ImageContent(media_url="https://example.com/a.jpg", text="our shop",
+                                      actions=[ReplyAction(text="Buy", payload="buy")]),
+                     quoted_provider_message_id=question.provider_message_id)
+    await publish(tg, image)
+    await statuses_of(tg, image.message_id, 1)
+    [body] = tg.fake.outbox(tg.integration_id, USER)
+    assert body == {"chat_id": USER, "photo": "https://example.com/a.jpg", "caption": "our shop",
+                    "reply_markup": {"inline_keyboard": [[{"text": "Buy", "callback_data": "buy"}]]},
+                    "reply_parameters": {"message_id": 1, "allow_sending_without_reply": True}}
+    assert tg.fake.thread(tg.integration_id, USER)[-1].message["reply_to_message"]["text"] == "question"
+
+
+async def test_429_waits_retry_after_then_sends(tg: TgEnv) -> None:
+    await tg.script("/fail-next", {"errorCode": 429, "retryAfter": 1})
+    send = outbound(tg, TextContent(text="flooded"))
+    await publish(tg, send)
+    [sent] = await statuses_of(tg, send.message_id, 1)
+    assert sent.status == "sent"
+    first, second = [r["at"] for r in sends(tg, "flooded")]
+    # Telegram's retry_after (1 s), not the 0.05 s back-off, decided the second attempt.
+    assert second - first >= 0.9
+    assert len(tg.fake.outbox(tg.integration_id, USER)) == 1
+
+
+async def test_blocked_user_fails_with_blocked_code_without_retry(tg: TgEnv) -> None:
+    tg.fake.start_chat(tg.integration_id, USER)
+    await tg.script("/block", {"user": USER})
+    send = outbound(tg, TextContent(text="are you there"))
+    await publish(tg, send)
+    [failed] = await statuses_of(tg, send.message_id, 1)
+    assert failed.status == "failed" and failed.error_code == "telegram_403_blocked"
+    assert failed.error_title == "Forbidden: bot was blocked by the user"
+    probe = outbound(tg, TextContent(text="next"))
+    await tg.script("/block", {"user": USER, "blocked": False})
+    await publish(tg, probe)
+    await statuses_of(tg, probe.message_id, 1)
+    assert len(sends(tg, "are you there")) == 1
+
+
+async def test_bad_request_is_permanent_and_5xx_is_retried(tg: TgEnv) -> None:
+    await tg.script("/fail-next", {"errorCode": 400, "description": "Bad Request: chat not found"})
+    doomed = outbound(tg, TextContent(text="doomed"))
+    await publish(tg, doomed)
+    [failed] = await statuses_of(tg, doomed.message_id, 1)
+    assert failed.status == "failed" and failed.error_code == "telegram_400"
+    assert failed.error_title == "Bad Request: chat not found"
+    await tg.script("/fail-next", {"errorCode": 502, "count": 2})
+    later = outbound(tg, TextContent(text="eventually"))
+    await publish(tg, later)
+    [sent] = await statuses_of(tg, later.message_id, 1)
+    assert sent.status == "sent"
+    assert len(sends(tg, "doomed")) == 1 and len(sends(tg, "eventually")) == 3
+
+
+async def test_unsendable_content_fails_at_once(tg: TgEnv) -> None:
+    send = outbound(tg, TextContent(text="long", actions=[ReplyAction(text="x", payload="p" * 65)]))
+    await publish(tg, send)
+    [failed] = await statuses_of(tg, send.message_id, 1)
+    assert failed.status == "failed" and failed.error_code == "unsupported_content"
+    assert tg.fake.outbox(tg.integration_id, USER) == []
+
+
+async def test_one_message_per_second_per_chat(system: System, bus: Bus) -> None:
+    tg = await start_telegram(system, bus, env={"TELEGRAM_CHAT_MESSAGES_PER_SECOND": "1"})
+    burst = [outbound(tg, TextContent(text=f"burst {i}")) for i in range(3)]
+    for send in burst:
+        await publish(tg, send)
+    for send in burst:
+        await statuses_of(tg, send.message_id, 1)
+    times = [sends(tg, f"burst {i}")[0]["at"] for i in range(3)]
+    assert [b["text"] for b in tg.fake.outbox(tg.integration_id, USER)] == ["burst 0", "burst 1", "burst 2"]
+    assert times[1] - times[0] >= 0.9 and times[2] - times[1] >= 0.9
+
+
+# --- fuzz ------------------------------------------------------------------------------------------
+
+VALID = json.dumps({"update_id": 900000001, "message": {
+    "message_id": 5, "from": {"id": USER, "is_bot": False, "first_name": "Ada"},
+    "chat": {"id": USER, "first_name": "Ada", "type": "private"}, "date": 1717000000, "text": "hi"}}).encode()
+json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+
+
+def _broken_message(message: Any) -> bytes:
+    doc = json.loads(VALID)
+    doc["message"] = message
+    return json.dumps(doc).encode()
+
+
+bad_bodies = st.one_of(
+    st.tuples(st.binary(max_size=300), st.booleans()),
+    st.tuples(st.integers(1, len(VALID) - 1).map(lambda n: VALID[:n]), st.booleans()),
+    st.tuples(json_value.map(lambda v: json.dumps(v).encode()), st.booleans()),
+    st.tuples(st.just(VALID), st.just(False)),
+    st.tuples(st.dictionaries(st.sampled_from(["message_id", "date", "chat", "text", "photo", "from"]), json_leaf,
+                              max_size=3).filter(lambda m: not {"message_id", "date", "chat"} <= m.keys())
+              .map(_broken_message), st.just(True)),
+    st.tuples(st.integers(256 * 1024 + 1, 400 * 1024).map(lambda n: b"{" + b" " * n + b"}"), st.booleans()),
+)
+
+
+def _acceptable(body: bytes) -> bool:
+    """An Update with nothing the gateway handles (`{"update_id": 3}`) may be acknowledged."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return (isinstance(doc, dict) and isinstance(doc.get("update_id"), int) and not isinstance(doc["update_id"], bool)
+            and "message" not in doc and "callback_query" not in doc)
+
+
+async def test_webhook_fuzz_never_accepts_garbage(tg: TgEnv) -> None:
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(case=bad_bodies)
+    def cases(case: tuple[bytes, bool]) -> None:
+        collected.append(case)
+
+    collected: list[tuple[bytes, bool]] = []
+    cases()
+    assert collected
+    async with httpx.AsyncClient(timeout=10) as http:
+        for body, signed in collected:
+            headers = {"Content-Type": "application/json", SECRET_HEADER: SECRET if signed else "not-the-secret"}
+            resp = await http.post(tg.webhook_url, content=body, headers=headers)
+            if signed and _acceptable(body) and resp.status_code == 200:
+                continue
+            assert 400 <= resp.status_code < 500, (resp.status_code, body[:200])
+            assert resp.status_code != 404
+        info = await tg.bus.js.stream_info(subjects.INBOUND.name)
+        assert info.state.messages == 0
+        assert (await http.get(f"{tg.system.service_url('telegram')}/healthz")).status_code == 200
+        assert (await http.get(f"{tg.system.base_url}/_svc/telegram/readyz")).status_code == 200
