@@ -1,15 +1,22 @@
-"""End-to-end benchmark: signed WhatsApp webhooks in → business webhooks out.
+"""End-to-end benchmark: signed channel webhooks in → business webhooks out, per channel.
 
 Starts the whole system (as `threadline up` does: nats-server + every service as its own
 process + front door) in a temporary data directory, registers a business webhook pointing at
-a local receiver, drives N signed WhatsApp webhooks through the front door with C in flight,
-and counts the `conversation:message` webhooks that come out.
+a local receiver, drives N inbound webhooks of one channel — built and signed exactly as the
+platform sends them — with C in flight, and counts the `conversation:message` webhooks that
+come out (matched by each message's unique text).
 
-Prints: msg/s sustained, p50/p99 webhook-in → webhook-out latency, lost and duplicated
-counts; then the floor pipeline (a bare aiohttp handler that awaits one JetStream publish)
-driven by the same load generator, and the ratio.
+Channels (`--channel`): `whatsapp` (X-Hub-Signature-256 over the Cloud API notification),
+`messenger` (X-Hub-Signature-256 over `entry[].messaging[]`), `telegram` (an `Update` with
+`X-Telegram-Bot-Api-Secret-Token`), `twilio` (a form with `X-Twilio-Signature` over the public
+URL), or `all`: each in turn on the same system, one block per channel and a summary table.
+
+Prints per channel: msg/s sustained, p50/p99 webhook-in → webhook-out latency, lost and
+duplicated counts; then the floor pipeline (a bare aiohttp handler that awaits one JetStream
+publish) driven by the same load generator, and the ratio.
 
     python bench/e2e.py --messages 5000 --concurrency 64 --senders 500
+    python bench/e2e.py --channel all --messages 3000 --rate 500
 
 Run by hand; tests never depend on these figures.
 """
@@ -23,7 +30,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -32,10 +42,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.bus import Bus
 from shared.http import basic_auth_header
+from shared.records import INTEGRATION_DECODER, IntegrationRecord
 from shared.signing import meta_signature
-from shared.subjects import StreamSpec
+from shared.subjects import INTEGRATIONS_BUCKET, StreamSpec
+from shared.twilio_wire import API_VERSION, FORM_CONTENT_TYPE, SIGNATURE_HEADER, twilio_signature
 from threadline.cli import Launcher
 from threadline.natsserver import NatsServer, free_port
+
+CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")
+# The service that receives each channel's webhooks (launcher.services[…]) and its URL segment.
+SERVICE_OF = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram", "twilio": "sms"}
+TELEGRAM_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+TEXT_PREFIX = "bench-"
+
+Request = tuple[bytes, dict[str, str]]
 
 
 def whatsapp_payload(phone_number_id: str, display_number: str, sender: str, wamid: str, text: str) -> bytes:
@@ -52,6 +72,37 @@ def whatsapp_payload(phone_number_id: str, display_number: str, sender: str, wam
     return json.dumps(payload, ensure_ascii=True).encode()
 
 
+def messenger_payload(page_id: str, psid: str, mid: str, text: str) -> bytes:
+    """A Page notification as Meta posts it (platform reference §2.2): one text message event."""
+    now_ms = int(time.time() * 1000)
+    payload = {"object": "page", "entry": [{"id": page_id, "time": now_ms, "messaging": [{
+        "sender": {"id": psid}, "recipient": {"id": page_id}, "timestamp": now_ms,
+        "message": {"mid": mid, "text": text},
+    }]}]}
+    return json.dumps(payload, ensure_ascii=True).encode()
+
+
+def telegram_update(update_id: int, user_id: int, message_id: int, text: str) -> bytes:
+    """An `Update` carrying a private-chat text message, as the Bot API posts it (§4.4)."""
+    user = {"id": user_id, "is_bot": False, "first_name": "Bench", "language_code": "en"}
+    update = {"update_id": update_id, "message": {
+        "message_id": message_id, "from": user, "chat": {"id": user_id, "first_name": "Bench", "type": "private"},
+        "date": int(time.time()), "text": text,
+    }}
+    return json.dumps(update, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def twilio_form(account_sid: str, to_number: str, sender: str, sid: str, text: str) -> list[tuple[str, str]]:
+    """An inbound SMS webhook form with Twilio's parameters in Twilio's order (§5.1)."""
+    return [
+        ("ToCountry", "US"), ("ToState", ""), ("SmsMessageSid", sid), ("NumMedia", "0"), ("ToCity", ""),
+        ("FromZip", ""), ("SmsSid", sid), ("FromState", ""), ("SmsStatus", "received"), ("FromCity", ""),
+        ("Body", text), ("FromCountry", "US"), ("To", to_number), ("ToZip", ""), ("NumSegments", "1"),
+        ("ReferralNumMedia", "0"), ("MessageSid", sid), ("AccountSid", account_sid), ("From", sender),
+        ("ApiVersion", API_VERSION),
+    ]
+
+
 def percentile(values: list[float], pct: float) -> float:
     if not values:
         return float("nan")
@@ -59,7 +110,7 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-async def drive(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrency: int,
+async def drive(url: str, bodies: list[Request], concurrency: int,
                 sent_at: dict[int, float] | None = None, rate: float = 0.0) -> tuple[float, list[int]]:
     """POST every body with `concurrency` in flight (at most `rate` per second when set);
     returns (seconds, status codes)."""
@@ -92,7 +143,7 @@ async def drive(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
                         status = 599
                     if status < 500:
                         break
-                    await asyncio.sleep(0.05 * (attempt + 1))  # as Meta would retry a 5xx
+                    await asyncio.sleep(0.05 * (attempt + 1))  # as the platforms retry a 5xx
                 statuses.append(status)
 
         started = time.perf_counter()
@@ -100,34 +151,174 @@ async def drive(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
         return time.perf_counter() - started, statuses
 
 
-async def bench_system(args: argparse.Namespace) -> dict[str, Any]:
-    data_dir = tempfile.mkdtemp(prefix="threadline-bench-")
-    launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
-                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING"})
-    launcher.say = lambda _text: None  # type: ignore[method-assign]
-    info = await launcher.start()
-    received: dict[int, list[float]] = {}
-    received_events = 0
+# --- building each channel's webhooks --------------------------------------------------------
 
-    async def receive(request: web.Request) -> web.Response:
-        nonlocal received_events
+@dataclass
+class ChannelLoad:
+    """Where a channel's webhooks go and the signed requests to send (request i carries text i)."""
+
+    url: str
+    requests: list[Request]
+
+
+Builder = Callable[[dict[str, Any], IntegrationRecord, str, int, int], ChannelLoad]
+
+
+def text_of(channel: str, i: int) -> str:
+    """The unique text of message i of a channel's run (how its business webhook is recognised)."""
+    return f"{TEXT_PREFIX}{channel}-{i}"
+
+
+def build_whatsapp(integration: dict[str, Any], _record: IntegrationRecord, entry: str, messages: int,
+                   senders: int) -> ChannelLoad:
+    requests = []
+    for i in range(messages):
+        body = whatsapp_payload(integration["phoneNumberId"], integration["phoneNumber"].lstrip("+"),
+                                f"1555{i % senders:07d}", f"wamid.bench{i:08d}", text_of("whatsapp", i))
+        requests.append((body, {"Content-Type": "application/json",
+                                "X-Hub-Signature-256": meta_signature(integration["appSecret"], body)}))
+    return ChannelLoad(f"{entry}/webhooks/whatsapp/{integration['id']}", requests)
+
+
+def build_messenger(integration: dict[str, Any], _record: IntegrationRecord, entry: str, messages: int,
+                    senders: int) -> ChannelLoad:
+    requests = []
+    for i in range(messages):
+        body = messenger_payload(integration["pageId"], f"{7_100_000_000_000_000 + i % senders}",
+                                 f"m_bench{i:08d}", text_of("messenger", i))
+        requests.append((body, {"Content-Type": "application/json", "User-Agent": "facebookexternalua",
+                                "X-Hub-Signature-256": meta_signature(integration["appSecret"], body)}))
+    return ChannelLoad(f"{entry}/webhooks/messenger/{integration['id']}", requests)
+
+
+def build_telegram(integration: dict[str, Any], record: IntegrationRecord, entry: str, messages: int,
+                   senders: int) -> ChannelLoad:
+    secret = record.config.get("webhookSecret")
+    if not isinstance(secret, str) or not secret:
+        raise RuntimeError(f"telegram integration {integration['id']} has no webhookSecret in KV")
+    headers = {"Content-Type": "application/json", TELEGRAM_SECRET_HEADER: secret}
+    # Message ids are unique per chat in Telegram; a global counter keeps them unique in every chat.
+    requests = [(telegram_update(800_000_000 + i, 700_000_000 + i % senders, i + 1, text_of("telegram", i)),
+                 headers) for i in range(messages)]
+    return ChannelLoad(f"{entry}/webhooks/telegram/{integration['id']}", requests)
+
+
+def build_twilio(integration: dict[str, Any], record: IntegrationRecord, entry: str, messages: int,
+                 senders: int) -> ChannelLoad:
+    # Twilio signs the public URL configured in its console, whatever URL the service sees.
+    configured = record.config.get("webhookUrl")
+    signed_url = configured if isinstance(configured, str) and configured else integration["webhookUrl"]
+    requests = []
+    for i in range(messages):
+        form = twilio_form(integration["accountSid"], integration["phoneNumber"], f"+1555{i % senders:07d}",
+                           f"SM{i:032x}", text_of("twilio", i))
+        requests.append((urlencode(form).encode(), {
+            "Content-Type": FORM_CONTENT_TYPE, "User-Agent": "TwilioProxy/1.1", "Accept": "*/*",
+            SIGNATURE_HEADER: twilio_signature(integration["authToken"], signed_url, form),
+            "I-Twilio-Idempotency-Token": os.urandom(16).hex()}))
+    return ChannelLoad(f"{entry}/webhooks/twilio/{integration['id']}", requests)
+
+
+BUILDERS: dict[str, Builder] = {
+    "whatsapp": build_whatsapp, "messenger": build_messenger, "telegram": build_telegram, "twilio": build_twilio,
+}
+
+
+async def integration_record(bus: Bus, integration_id: str, ready: Callable[[IntegrationRecord], bool],
+                             timeout: float = 15.0) -> IntegrationRecord:
+    """The integration's record from the integrations KV bucket, once `ready(record)` holds."""
+    kv = await bus.key_value(INTEGRATIONS_BUCKET)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            entry = await kv.get(integration_id)
+            record = INTEGRATION_DECODER.decode(entry.value) if entry.value else None
+        except Exception:
+            record = None
+        if record is not None and ready(record):
+            return record
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"integration {integration_id} not ready in {INTEGRATIONS_BUCKET}")
+        await asyncio.sleep(0.2)
+
+
+def has_webhook_secret(record: IntegrationRecord) -> bool:
+    """True once the integrations API has minted the Telegram integration's webhook secret."""
+    return bool(record.config.get("webhookSecret"))
+
+
+def is_present(_record: IntegrationRecord) -> bool:
+    """Any stored record will do."""
+    return True
+
+
+# --- the system run ----------------------------------------------------------------------------
+
+class Receiver:
+    """The business webhook endpoint: first-arrival times of every bench message, per channel."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, dict[int, list[float]]] = {channel: {} for channel in CHANNELS}
+
+    async def handle(self, request: web.Request) -> web.Response:
         now = time.perf_counter()
         body = await request.json()
         for event in body.get("events", []):
             if event.get("type") != "conversation:message":
                 continue
-            text = event["payload"]["message"]["content"].get("text", "")
-            if text.startswith("bench-"):
-                received.setdefault(int(text[6:]), []).append(now)
-                received_events += 1
+            text = event["payload"]["message"]["content"].get("text") or ""
+            if not text.startswith(TEXT_PREFIX):
+                continue
+            channel, _, index = text[len(TEXT_PREFIX):].rpartition("-")
+            if channel in self.received and index.isdigit():
+                self.received[channel].setdefault(int(index), []).append(now)
         return web.Response(text="ok")
 
-    receiver = web.Application()
-    receiver.router.add_post("/hook", receive)
-    runner = web.AppRunner(receiver, access_log=None)
+
+async def bench_channel(channel: str, load: ChannelLoad, receiver: Receiver,
+                        args: argparse.Namespace) -> dict[str, Any]:
+    received = receiver.received[channel]
+    sent_at: dict[int, float] = {}
+    started = time.perf_counter()
+    ingest_seconds, statuses = await drive(load.url, load.requests, args.concurrency, sent_at, args.rate)
+    deadline = time.perf_counter() + args.drain_timeout
+    while len(received) < args.messages and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    last = max((times[0] for times in received.values()), default=time.perf_counter())
+    total_seconds = last - started
+    latencies = [(times[0] - sent_at[i]) * 1000 for i, times in received.items() if i in sent_at]
+    non_200: dict[int, int] = {}
+    for status in statuses:
+        if status != 200:
+            non_200[status] = non_200.get(status, 0) + 1
+    return {
+        "channel": channel,
+        "messages": args.messages,
+        "accepted_200": sum(1 for s in statuses if s == 200),
+        "refused": non_200,
+        "ingest_msg_per_s": args.messages / ingest_seconds,
+        "end_to_end_msg_per_s": len(received) / total_seconds if total_seconds > 0 else 0.0,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "lost": args.messages - len(received),
+        "duplicated": sum(len(t) - 1 for t in received.values()),
+    }
+
+
+async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> list[dict[str, Any]]:
+    data_dir = tempfile.mkdtemp(prefix="threadline-bench-")
+    launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
+                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING"})
+    launcher.say = lambda text: None  # type: ignore[method-assign]
+    info = await launcher.start()
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     receiver_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", receiver_port).start()
+    bus: Bus | None = None
     try:
         auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
         async with aiohttp.ClientSession() as session:
@@ -138,40 +329,29 @@ async def bench_system(args: argparse.Namespace) -> dict[str, Any]:
             }) as resp:
                 if resp.status != 201:
                     raise RuntimeError(f"cannot create webhook: {resp.status} {await resp.text()}")
+        assert launcher.nats is not None
+        bus = await Bus.connect(launcher.nats.url, "bench")
+        loads: dict[str, ChannelLoad] = {}
+        for channel in channels:
+            integration = info["integrations"][channel]
+            # Telegram's webhook secret is minted by the integrations API and never written to
+            # sandbox.json: it is read, like every channel's record, from the integrations bucket.
+            ready = has_webhook_secret if channel == "telegram" else is_present
+            record = await integration_record(bus, integration["id"], ready)
+            # Through the front door (as in `make up`), or straight to the channel's service as a
+            # Kubernetes Ingress would deliver it (the Python front door costs a proxy hop on the
+            # same 2 cores as the load generator).
+            entry = (info["baseUrl"] if args.via_frontdoor
+                     else f"http://127.0.0.1:{launcher.services[SERVICE_OF[channel]].port}")
+            loads[channel] = BUILDERS[channel](integration, record, entry, args.messages, args.senders)
         await asyncio.sleep(1.0)  # let the webhook config reach the webhooks service's KV mirror
-        wa = info["integrations"]["whatsapp"]
-        # Through the front door (as in `make up`), or straight to the whatsapp service as a
-        # Kubernetes Ingress would deliver it (the Python front door costs a proxy hop on the
-        # same 2 cores as the load generator).
-        entry = info["baseUrl"] if args.via_frontdoor else f"http://127.0.0.1:{launcher.services['whatsapp'].port}"
-        url = f"{entry}/webhooks/whatsapp/{wa['id']}"
-        bodies = []
-        for i in range(args.messages):
-            sender = f"1555{i % args.senders:07d}"
-            body = whatsapp_payload(wa["phoneNumberId"], wa["phoneNumber"].lstrip("+"), sender,
-                                    f"wamid.bench{i:08d}", f"bench-{i}")
-            bodies.append((body, {"Content-Type": "application/json",
-                                  "X-Hub-Signature-256": meta_signature(wa["appSecret"], body)}))
-        sent_at: dict[int, float] = {}
-        started = time.perf_counter()
-        ingest_seconds, statuses = await drive(url, bodies, args.concurrency, sent_at, args.rate)
-        deadline = time.perf_counter() + args.drain_timeout
-        while len(received) < args.messages and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
-        last = max((times[0] for times in received.values()), default=time.perf_counter())
-        total_seconds = last - started
-        latencies = [(times[0] - sent_at[i]) * 1000 for i, times in received.items() if i in sent_at]
-        return {
-            "messages": args.messages,
-            "accepted_200": sum(1 for s in statuses if s == 200),
-            "ingest_msg_per_s": args.messages / ingest_seconds,
-            "end_to_end_msg_per_s": len(received) / total_seconds if total_seconds > 0 else 0.0,
-            "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99),
-            "lost": args.messages - len(received),
-            "duplicated": sum(len(t) - 1 for t in received.values()),
-        }
+        results = []
+        for channel in channels:
+            results.append(await bench_channel(channel, loads[channel], receiver, args))
+        return results
     finally:
+        if bus is not None:
+            await bus.close()
         await runner.cleanup()
         await launcher.shutdown()
 
@@ -205,32 +385,56 @@ async def bench_floor(args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
 
 
+def print_block(result: dict[str, Any], args: argparse.Namespace, floor_msg_per_s: float) -> None:
+    channel = result["channel"]
+    target = "through the front door" if args.via_frontdoor else f"straight to the {SERVICE_OF[channel]} service"
+    print(f"threadline e2e [{channel}]: {args.messages} webhooks, {args.concurrency} in flight, "
+          f"{args.senders} senders, {target}, "
+          f"offered {f'{args.rate:.0f} msg/s' if args.rate else 'as fast as accepted'}")
+    refused = ", ".join(f"{status}×{count}" for status, count in sorted(result["refused"].items()))
+    print(f"  accepted (200)            {result['accepted_200']}" + (f"   refused: {refused}" if refused else ""))
+    print(f"  ingest (webhook → 200)    {result['ingest_msg_per_s']:.0f} msg/s")
+    print(f"  end to end sustained      {result['end_to_end_msg_per_s']:.0f} msg/s")
+    print(f"  latency in → out          p50 {result['p50_ms']:.1f} ms   p99 {result['p99_ms']:.1f} ms")
+    print(f"  lost                      {result['lost']}")
+    print(f"  duplicated                {result['duplicated']}")
+    ratio = result["end_to_end_msg_per_s"] / floor_msg_per_s if floor_msg_per_s else 0.0
+    print(f"  ratio end-to-end / floor  {ratio:.2f}")
+
+
+def print_summary(results: list[dict[str, Any]], floor_msg_per_s: float) -> None:
+    print("summary")
+    print(f"  {'channel':<10} {'200s':>6} {'ingest/s':>9} {'e2e/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'lost':>5} {'dup':>5} {'ratio':>6}")
+    for r in results:
+        ratio = r["end_to_end_msg_per_s"] / floor_msg_per_s if floor_msg_per_s else 0.0
+        print(f"  {r['channel']:<10} {r['accepted_200']:>6} {r['ingest_msg_per_s']:>9.0f} "
+              f"{r['end_to_end_msg_per_s']:>7.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['lost']:>5} {r['duplicated']:>5} {ratio:>6.2f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--channel", choices=(*CHANNELS, "all"), default="whatsapp",
+                        help="which channel's webhooks to drive; `all` runs each in turn on the same system")
+    parser.add_argument("--messages", type=int, default=5000, help="webhooks per channel")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--senders", type=int, default=500, help="distinct WhatsApp senders")
+    parser.add_argument("--senders", type=int, default=500, help="distinct senders per channel")
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="seconds to wait for the last business webhook after the last request")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="offered load in msg/s (open loop); default: as fast as the system accepts")
     parser.add_argument("--via-frontdoor", action="store_true",
-                        help="send through the Python front door instead of straight to the whatsapp service")
+                        help="send through the Python front door instead of straight to the channel's service")
     args = parser.parse_args()
-    system = await bench_system(args)
+    channels = CHANNELS if args.channel == "all" else (args.channel,)
+    results = await bench_system(args, channels)
     floor = await bench_floor(args)
-    print(f"threadline e2e: {args.messages} WhatsApp webhooks, {args.concurrency} in flight, {args.senders} senders, "
-          f"{'through the front door' if args.via_frontdoor else 'straight to the whatsapp service'}, "
-          f"offered {f'{args.rate:.0f} msg/s' if args.rate else 'as fast as accepted'}")
-    print(f"  accepted (200)            {system['accepted_200']}")
-    print(f"  ingest (webhook → 200)    {system['ingest_msg_per_s']:.0f} msg/s")
-    print(f"  end to end sustained      {system['end_to_end_msg_per_s']:.0f} msg/s")
-    print(f"  latency in → out          p50 {system['p50_ms']:.1f} ms   p99 {system['p99_ms']:.1f} ms")
-    print(f"  lost                      {system['lost']}")
-    print(f"  duplicated                {system['duplicated']}")
+    for result in results:
+        print_block(result, args, floor["floor_msg_per_s"])
     print(f"floor (aiohttp + awaited JetStream publish): {floor['floor_msg_per_s']:.0f} msg/s")
-    ratio = system["end_to_end_msg_per_s"] / floor["floor_msg_per_s"] if floor["floor_msg_per_s"] else 0.0
-    print(f"ratio end-to-end / floor:  {ratio:.2f}")
+    if len(results) > 1:
+        print_summary(results, floor["floor_msg_per_s"])
 
 
 if __name__ == "__main__":

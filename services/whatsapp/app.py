@@ -18,14 +18,16 @@ from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.ratelimit import BucketMap
 from shared.records import IntegrationRecord
+from shared.retry import backoff_delay
 from shared.service import ServiceApp
 from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
 
 from . import handlers
 from .config import WhatsAppConfig
-from .handlers import Credentials, SendFailure, TokenBucket
+from .handlers import Credentials, SendFailure
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -63,7 +65,8 @@ class WhatsAppService(ServiceApp):
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.buckets: dict[str, TokenBucket] = {}
+        # Graph API throughput per business number.
+        self.buckets = BucketMap(config.messages_per_second)
         self.sent: OrderedDict[str, str] = OrderedDict()
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -218,7 +221,7 @@ class WhatsAppService(ServiceApp):
         except handlers.UnsendableContent as exc:
             await self._report(handlers.failed_status(command, "unsupported_content", str(exc)))
             return
-        await self._bucket(creds.phone_number_id).acquire()
+        await self.buckets.get(creds.phone_number_id).acquire()
         try:
             wamid = await self._post_message(creds, body)
         except SendFailure as failure:
@@ -229,8 +232,8 @@ class WhatsAppService(ServiceApp):
 
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
         if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
-            raise Retry(handlers.backoff_delay(delivery.num_delivered, self.config.retry_base_seconds,
-                                               self.config.retry_max_seconds), str(failure))
+            raise Retry(backoff_delay(delivery.num_delivered, self.config.retry_base_seconds,
+                                      self.config.retry_max_seconds), str(failure))
         log.warning("giving up on message %s: %s", command.message_id, failure)
         await self._report(handlers.failed_status(command, handlers.failure_code(failure), failure.title,
                                                   failure.details))
@@ -265,12 +268,6 @@ class WhatsAppService(ServiceApp):
         self.sent[message_id] = wamid
         while len(self.sent) > SENT_MEMORY:
             self.sent.popitem(last=False)
-
-    def _bucket(self, phone_number_id: str) -> TokenBucket:
-        bucket = self.buckets.get(phone_number_id)
-        if bucket is None:
-            bucket = self.buckets[phone_number_id] = TokenBucket(self.config.messages_per_second)
-        return bucket
 
     def _bus(self) -> Bus:
         if self.bus is None:

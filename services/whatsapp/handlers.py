@@ -6,7 +6,6 @@ platform reference §1 (webhook envelope, statuses, send API, error envelope).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import math
@@ -606,11 +605,6 @@ def parse_send_response(body: bytes) -> str:
     return wamid
 
 
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential back-off for the `attempt`-th delivery (1-based), capped."""
-    return min(cap, base * (2 ** max(0, min(attempt, 32) - 1)))
-
-
 def sent_status(send: OutboundSend, wamid: str, at: float | None = None) -> DeliveryStatus:
     """The `sent` status reported when the send API accepted a message."""
     return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
@@ -640,33 +634,3 @@ def send_status_msg_id(status: DeliveryStatus) -> str:
     """
     return f"{CHANNEL}:send:{status.message_id}:{status.status}"
 
-
-class TokenBucket:
-    """A token bucket: `rate` tokens per second, up to `burst` saved (Meta throughput per number)."""
-
-    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate)
-        self.tokens = self.burst
-        self.clock = clock
-        self.updated = clock()
-        self._lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def try_take(self) -> float:
-        """Take a token and return 0, or return how many seconds until one is available."""
-        self._refill()
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-    async def acquire(self) -> None:
-        """Wait until a token is available and take it."""
-        async with self._lock:
-            while (wait := self.try_take()) > 0:
-                await asyncio.sleep(wait)

@@ -213,23 +213,6 @@ def test_send_response_parsing() -> None:
         handlers.parse_send_response(b'{"success": true}')
 
 
-def test_backoff_grows_and_caps() -> None:
-    delays = [handlers.backoff_delay(n, 1.0, 60.0) for n in range(1, 12)]
-    assert delays[:4] == [1.0, 2.0, 4.0, 8.0]
-    assert delays == sorted(delays) and max(delays) == 60.0
-    assert handlers.backoff_delay(10_000, 1.0, 60.0) == 60.0
-
-
-def test_token_bucket_paces_a_burst() -> None:
-    now = [0.0]
-    bucket = handlers.TokenBucket(rate=80, clock=lambda: now[0])
-    assert all(bucket.try_take() == 0 for _ in range(80))
-    wait = bucket.try_take()
-    assert wait == pytest.approx(1 / 80)
-    now[0] += wait
-    assert bucket.try_take() == 0
-
-
 def test_callback_data_round_trip() -> None:
     assert handlers.parse_callback_data(handlers.callback_data(send(TextContent(text="x")))) == ("m1", "c1")
     assert handlers.parse_callback_data("someone else's data") == (None, None)
