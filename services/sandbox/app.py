@@ -1,4 +1,4 @@
-"""The sandbox service: the fake WhatsApp Cloud API and the demo page, behind `/sandbox/`."""
+"""The sandbox service: the channel fakes (WhatsApp, Messenger, Telegram, Twilio) and the demo page."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def read_sandbox_file(path: str) -> dict[str, Any]:
 
 def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: str = "",
                 business_name: str | None = None) -> dict[str, Any]:
-    """What the demo page needs: ids, the business number and name, what a curl to the API needs.
+    """What the demo page needs: ids, the business number and name, what a curl to the API needs,
+    and `channels`: one simulated phone per channel integration in sandbox.json.
 
     The API key secret stays out of the page (the page is unauthenticated); the page points at
     the file that holds it instead.
@@ -56,8 +57,24 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: st
         value = entry.get("id") if isinstance(entry, dict) else None
         return value if isinstance(value, str) and value else None
 
+    def public_field(kind: str, key: str) -> str | None:
+        entry = integrations.get(kind)
+        value = entry.get(key) if isinstance(entry, dict) else None
+        return value if isinstance(value, str) and value else None
+
     whatsapp_id = integration_id("whatsapp")
     account = fake.accounts.get(whatsapp_id) if whatsapp_id else None
+    whatsapp_number = account.display_phone_number if account else public_field("whatsapp", "phoneNumber")
+    # One simulated phone per channel sandbox.json has, in this order; only public names and
+    # numbers (sandbox.json also holds each integration's secrets).
+    public: dict[str, dict[str, str | None]] = {
+        "whatsapp": {"number": whatsapp_number},
+        "messenger": {"pageId": public_field("messenger", "pageId"), "pageName": public_field("messenger", "pageName")},
+        "telegram": {"username": public_field("telegram", "username")},
+        "twilio": {"number": public_field("twilio", "phoneNumber")},
+    }
+    channels = [{"kind": kind, "integrationId": integration_id(kind), **fields}
+                for kind, fields in public.items() if integration_id(kind)]
     app_id = sandbox.get("appId")
     base_url = sandbox.get("baseUrl")
     api_key = sandbox.get("apiKey")
@@ -67,6 +84,7 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: st
         "webIntegrationId": integration_id("web"),
         "whatsappIntegrationId": whatsapp_id,
         "whatsappNumber": account.display_phone_number if account else None,
+        "channels": channels,
         "businessName": business_name or DEFAULT_BUSINESS_NAME,
         "baseUrl": base_url if isinstance(base_url, str) and base_url else None,
         "keyId": key_id if isinstance(key_id, str) and key_id else None,

@@ -7,6 +7,7 @@ accounts in step with the integrations that point at the sandbox. To add one, im
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -42,10 +43,16 @@ def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFa
     """Every channel fake the sandbox hosts besides WhatsApp.
 
     `public_url` is the sandbox's public URL (`<gateway public base>/sandbox`; webhooks go to the
-    gateway base), `data_dir` where a fake may keep its phone's history (None: memory only).
+    gateway base), `data_dir` where each fake keeps its phone's history across restarts, in
+    `<data_dir>/sandbox-<channel>.jsonl` (None: memory only).
     """
+    def store(channel: str) -> str | None:
+        # Next to FakeWhatsApp's `sandbox-whatsapp.jsonl`: one JSON-lines journal per channel.
+        return os.path.join(data_dir, f"sandbox-{channel}.jsonl") if data_dir else None
+
     fakes: list[ChannelFake] = []
-    fakes.append(FakeTwilio(public_url=public_url.rstrip("/").removesuffix("/sandbox") + "/sandbox"))
-    fakes.append(FakeMessenger(gateway_base(public_url)))
-    fakes.append(FakeTelegram(public_url))
+    fakes.append(FakeTwilio(public_url=public_url.rstrip("/").removesuffix("/sandbox") + "/sandbox",
+                            store_path=store("twilio")))
+    fakes.append(FakeMessenger(gateway_base(public_url), store_path=store("messenger")))
+    fakes.append(FakeTelegram(public_url, store_path=store("telegram")))
     return fakes

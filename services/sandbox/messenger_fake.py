@@ -14,6 +14,9 @@ app, and it behaves like Meta towards a gateway (platform reference §2):
   (m.me `ref` into an existing thread), quick replies, attachments, and `delivery`/`read` receipts;
 - scripting under `{prefix}/messenger/{integrationId}/…`: `inbound`, `read`, `fail-next`,
   `verify`, `window`, `outbox?to=`, `thread?to=` (errors in SunCo's shape).
+
+With a `store_path` the people and threads survive a restart (JSON lines, replayed and compacted
+when the fake is created), like `FakeWhatsApp`'s.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from opentelemetry.trace import SpanKind
 from shared.http import ApiError, error_response
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
+
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -176,7 +181,8 @@ class FakeMessenger:
 
     integration_type = INTEGRATION_TYPE
 
-    def __init__(self, gateway_url: str = "", *, enforce_window: bool = True, auto_statuses: bool = True) -> None:
+    def __init__(self, gateway_url: str = "", *, enforce_window: bool = True, auto_statuses: bool = True,
+                 store_path: str | None = None) -> None:
         # The gateway's public base URL: webhooks go to `{gateway_url}/webhooks/messenger/{id}`.
         self.gateway_url = gateway_url.rstrip("/")
         self.enforce_window = enforce_window
@@ -191,6 +197,52 @@ class FakeMessenger:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Append-only journal of people and threads (None: memory only, as in unit tests).
+        self.store_path = store_path
+        self._journal = Journal(store_path)
+        lines = self._journal.replay(self._apply)
+        self._journal.compact(self._snapshot(), lines)  # after the replay: the live state
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        if kind == "person":
+            last = record.get("lastUserAt")
+            self.people[(record["integrationId"], record["psid"])] = Person(
+                psid=record["psid"], name=str(record.get("name") or ""),
+                last_user_at=float(last) if last is not None else None)
+        elif kind == "entry":
+            entry = ThreadEntry(record["direction"], str(record["mid"]), float(record["at"]), dict(record["body"]),
+                                status=str(record.get("status") or ""))
+            self.threads.setdefault((record["integrationId"], record["psid"]), []).append(entry)
+        elif kind == "status":
+            found = self.find_entry(record["integrationId"], record["mid"])
+            if found is not None:
+                found[1].status = str(record["status"])
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        records = [self._person_record(iid, p) for (iid, _psid), p in self.people.items()]
+        for (integration_id, psid), entries in self.threads.items():
+            records += [self._entry_record(integration_id, psid, e) for e in entries]
+        return records
+
+    @staticmethod
+    def _person_record(integration_id: str, person: Person) -> dict[str, Any]:
+        return {"kind": "person", "integrationId": integration_id, "psid": person.psid, "name": person.name,
+                "lastUserAt": person.last_user_at}
+
+    @staticmethod
+    def _entry_record(integration_id: str, psid: str, entry: ThreadEntry) -> dict[str, Any]:
+        return {"kind": "entry", "integrationId": integration_id, "psid": psid, "direction": entry.direction,
+                "mid": entry.mid, "at": entry.at, "body": entry.body, "status": entry.status}
+
+    def _save_person(self, integration_id: str, person: Person) -> None:
+        self._journal.append(self._person_record(integration_id, person))
+
+    def _save_status(self, integration_id: str, entry: ThreadEntry) -> None:
+        self._journal.append({"kind": "status", "integrationId": integration_id, "mid": entry.mid,
+                              "status": entry.status})
 
     # --- lifecycle and accounts ----------------------------------------------------------------
 
@@ -252,10 +304,14 @@ class FakeMessenger:
         """The person with this PSID on a Page (created on first use)."""
         key = (integration_id, psid)
         found = self.people.get(key)
+        changed = found is None
         if found is None:
             found = self.people[key] = Person(psid=psid)
-        if name:
+        if name and name != found.name:
             found.name = name
+            changed = True
+        if changed:
+            self._save_person(integration_id, found)
         return found
 
     def thread(self, integration_id: str, psid: str) -> list[ThreadEntry]:
@@ -283,6 +339,7 @@ class FakeMessenger:
 
     def _append(self, integration_id: str, psid: str, entry: ThreadEntry) -> None:
         self.threads.setdefault((integration_id, psid), []).append(entry)
+        self._journal.append(self._entry_record(integration_id, psid, entry))
 
     # --- the person's side (webhooks) -------------------------------------------------------------
 
@@ -319,6 +376,7 @@ class FakeMessenger:
             self._append(integration_id, psid, ThreadEntry("in", mid or "", ms / 1000, event))
             person.last_user_at = max(person.last_user_at or 0.0, ms / 1000)
             statuses.append(await self.deliver(account, [event]))
+        self._save_person(integration_id, person)
         return {"mids": mids, "mid": mids[-1] if mids else None, "events": len(events),
                 "webhookStatus": max(statuses, key=lambda s: (s != 200, s)), "webhookStatuses": statuses}
 
@@ -379,8 +437,9 @@ class FakeMessenger:
         account = self.accounts[integration_id]
         mark = time.time() if watermark is None else watermark
         for entry in self.threads.get((integration_id, psid), []):
-            if entry.direction == "out" and entry.at <= mark:
+            if entry.direction == "out" and entry.at <= mark and entry.status != "read":
                 entry.status = "read"
+                self._save_status(integration_id, entry)
         return await self.deliver(account, [{"sender": {"id": psid}, "recipient": {"id": account.page_id},
                                              "timestamp": int(time.time() * 1000),
                                              "read": {"watermark": int(mark * 1000)}}])
@@ -391,8 +450,9 @@ class FakeMessenger:
         now = time.time()
         for mid in mids:
             found = self.find_entry(integration_id, mid)
-            if found is not None and found[1].status != "read":
+            if found is not None and found[1].status not in ("read", "delivered"):
                 found[1].status = "delivered"
+                self._save_status(integration_id, found[1])
         return await self.deliver(account, [{"sender": {"id": psid}, "recipient": {"id": account.page_id},
                                              "timestamp": int(now * 1000),
                                              "delivery": {"mids": mids, "watermark": int(now * 1000)}}])
@@ -667,6 +727,7 @@ class FakeMessenger:
             raise ApiError(400, "need to (and optional hoursAgo)")
         person = self.person(account.integration_id, to)
         person.last_user_at = time.time() - float(hours_ago) * 3600 if spec.get("open", True) else None
+        self._save_person(account.integration_id, person)
         return web.json_response({"lastUserAt": person.last_user_at})
 
     async def _script_outbox(self, request: web.Request) -> web.Response:

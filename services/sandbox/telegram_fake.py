@@ -23,6 +23,11 @@ like Telegram towards a gateway (platform reference §4):
 
 Flood control: with `flood_per_chat` set, more than that many sends to one chat within a second
 get `429 Too Many Requests: retry after 1`.
+
+With a `store_path` users, chats (with their message ids), files, blocks and each bot's webhook
+and next `update_id` survive a restart (JSON lines, replayed and compacted when the fake is
+created), so a restarted sandbox neither loses the phone's history nor repeats ids the gateway
+has already seen. Updates still waiting for a webhook are not kept.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from opentelemetry.trace import SpanKind
 from shared.http import ApiError, error_response
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
+
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -214,7 +221,8 @@ class FakeTelegram:
 
     integration_type = "telegram"
 
-    def __init__(self, public_url: str = "", *, flood_per_chat: int | None = None) -> None:
+    def __init__(self, public_url: str = "", *, flood_per_chat: int | None = None,
+                 store_path: str | None = None) -> None:
         # Where `routes(prefix)` is reachable from outside (for the account's deep link only).
         self.public_url = public_url.rstrip("/")
         self.flood_per_chat = flood_per_chat
@@ -232,6 +240,87 @@ class FakeTelegram:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._delivery_locks: dict[str, asyncio.Lock] = {}
+        # Webhook settings and update ids of bots, by integration id, as last journaled: a bot
+        # registered again with the same token picks them up.
+        self._saved_bots: dict[str, dict[str, Any]] = {}
+        self.store_path = store_path
+        self._journal = Journal(store_path)
+        lines = self._journal.replay(self._apply)
+        self._journal.compact(self._snapshot(), lines)  # after the replay: the live state
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        if kind == "user":
+            self.users[int(record["id"])] = TgUser(
+                id=int(record["id"]), first_name=str(record["firstName"]), last_name=str(record.get("lastName") or ""),
+                username=str(record.get("username") or ""), language_code=str(record.get("languageCode") or "en"))
+        elif kind == "chat":
+            self.chats.setdefault((record["integrationId"], int(record["chatId"])), [])
+        elif kind == "entry":
+            key = (record["integrationId"], int(record["chatId"]))
+            entry = ChatEntry(record["direction"], dict(record["message"]), float(record["at"]),
+                              method=str(record.get("method") or ""), params=dict(record.get("params") or {}),
+                              callback=record.get("callback"))
+            self.chats.setdefault(key, []).append(entry)
+            self.message_ids[key] = max(self.message_ids.get(key, 0), int(entry.message.get("message_id") or 0))
+        elif kind == "file":
+            info = dict(record["info"])
+            info["data"] = base64.b64decode(info["data"])
+            self.files[info["file_id"]] = info
+        elif kind == "block":
+            key = (str(record["integrationId"]), int(record["user"]))
+            if record["blocked"]:
+                self.blocked.add(key)
+            else:
+                self.blocked.discard(key)
+        elif kind == "bot":
+            self._saved_bots[record["integrationId"]] = record
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        records = [self._user_record(u) for u in self.users.values()]
+        records += [{"kind": "file", "info": self._file_info(info)} for info in self.files.values()]
+        records += [{"kind": "block", "integrationId": iid, "user": user, "blocked": True}
+                    for iid, user in self.blocked]
+        records += list(self._saved_bots.values())
+        for (integration_id, chat_id), entries in self.chats.items():
+            records.append({"kind": "chat", "integrationId": integration_id, "chatId": chat_id})
+            records += [self._entry_record(integration_id, chat_id, e) for e in entries]
+        return records
+
+    @staticmethod
+    def _user_record(user: TgUser) -> dict[str, Any]:
+        return {"kind": "user", "id": user.id, "firstName": user.first_name, "lastName": user.last_name,
+                "username": user.username, "languageCode": user.language_code}
+
+    @staticmethod
+    def _file_info(info: dict[str, Any]) -> dict[str, Any]:
+        return {**info, "data": base64.b64encode(info["data"]).decode()}
+
+    @staticmethod
+    def _entry_record(integration_id: str, chat_id: int, entry: ChatEntry) -> dict[str, Any]:
+        return {"kind": "entry", "integrationId": integration_id, "chatId": chat_id, "direction": entry.direction,
+                "message": entry.message, "at": entry.at, "method": entry.method, "params": entry.params,
+                "callback": entry.callback}
+
+    def _save_bot(self, bot: Bot) -> None:
+        record = {"kind": "bot", "integrationId": bot.integration_id, "token": bot.token,
+                  "webhookUrl": bot.webhook_url, "secretToken": bot.secret_token,
+                  "allowedUpdates": bot.allowed_updates, "nextUpdateId": bot.next_update_id}
+        self._saved_bots[bot.integration_id] = record
+        self._journal.append(record)
+
+    def _add_entry(self, integration_id: str, chat_id: int, entry: ChatEntry) -> None:
+        self.chats.setdefault((integration_id, chat_id), []).append(entry)
+        self._journal.append(self._entry_record(integration_id, chat_id, entry))
+
+    def _open_chat(self, integration_id: str, chat_id: int) -> list[ChatEntry]:
+        key = (integration_id, chat_id)
+        if key not in self.chats:
+            self.chats[key] = []
+            self._journal.append({"kind": "chat", "integrationId": integration_id, "chatId": chat_id})
+        return self.chats[key]
 
     # --- lifecycle and accounts ----------------------------------------------------------------
 
@@ -259,6 +348,12 @@ class FakeTelegram:
             bot.webhook_url, bot.secret_token, bot.allowed_updates = old.webhook_url, old.secret_token, \
                 old.allowed_updates
             bot.next_update_id, bot.pending, bot.last_error = old.next_update_id, old.pending, old.last_error
+        elif old is None and (saved := self._saved_bots.get(integration_id)) and saved.get("token") == token:
+            # The sandbox restarted: the gateway registered this webhook before and will not again.
+            bot.webhook_url, bot.secret_token = str(saved.get("webhookUrl") or ""), str(saved.get("secretToken") or "")
+            allowed = saved.get("allowedUpdates")
+            bot.allowed_updates = list(allowed) if isinstance(allowed, list) else None
+            bot.next_update_id = max(bot.next_update_id, int(saved.get("nextUpdateId") or 0))
         self.bots[integration_id] = bot
         return bot
 
@@ -294,6 +389,7 @@ class FakeTelegram:
     def user(self, user_id: int, name: str | None = None, username: str | None = None) -> TgUser:
         """The simulated user with this id (created on first use)."""
         found = self.users.get(user_id)
+        before = None if found is None else self._user_record(found)
         if found is None:
             found = self.users[user_id] = TgUser(id=user_id, first_name=f"User {user_id}")
         if name:
@@ -301,12 +397,14 @@ class FakeTelegram:
             found.first_name, found.last_name = first or found.first_name, last
         if username:
             found.username = username
+        if self._user_record(found) != before:
+            self._journal.append(self._user_record(found))
         return found
 
     def start_chat(self, integration_id: str, user_id: int, name: str | None = None) -> TgUser:
         """Open the private chat of a user with a bot (as pressing Start does) without sending anything."""
         user = self.user(user_id, name)
-        self.chats.setdefault((integration_id, user_id), [])
+        self._open_chat(integration_id, user_id)
         return user
 
     # --- scripting (Python API; the HTTP scripting routes call these) ---------------------------
@@ -324,10 +422,14 @@ class FakeTelegram:
 
     def block(self, integration_id: str, user_id: int, blocked: bool = True) -> None:
         """The user blocks (or unblocks) the bot: sends to them get 403 Forbidden."""
+        key = (integration_id, user_id)
+        if blocked == (key in self.blocked):
+            return
         if blocked:
-            self.blocked.add((integration_id, user_id))
+            self.blocked.add(key)
         else:
-            self.blocked.discard((integration_id, user_id))
+            self.blocked.discard(key)
+        self._journal.append({"kind": "block", "integrationId": integration_id, "user": user_id, "blocked": blocked})
 
     def thread(self, integration_id: str, chat_id: int) -> list[ChatEntry]:
         """Both directions of a chat, oldest first."""
@@ -350,6 +452,7 @@ class FakeTelegram:
                 "file_path": f"{kind}/file_{len(self.files)}.{'png' if mime_type == 'image/png' else 'bin'}",
                 "data": data, "mime_type": mime_type}
         self.files[file_id] = info
+        self._journal.append({"kind": "file", "info": self._file_info(info)})
         return info
 
     async def send_inbound(self, integration_id: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +470,7 @@ class FakeTelegram:
         user = self.user(int(raw_from), spec.get("name") if isinstance(spec.get("name"), str) else None,
                          spec.get("username") if isinstance(spec.get("username"), str) else None)
         key = (integration_id, user.id)
-        thread = self.chats.setdefault(key, [])
+        thread = self._open_chat(*key)
         if isinstance(spec.get("callbackData"), str):
             return await self._press_button(bot, user, thread, spec["callbackData"])
         message: dict[str, Any] = {"message_id": self._next_message_id(integration_id, user.id),
@@ -400,7 +503,7 @@ class FakeTelegram:
         if isinstance(text, str) and (command := re.match(r"^/[A-Za-z0-9_]+(@[A-Za-z0-9_]+)?", text)):
             # Telegram marks a leading command with a bot_command entity (§4.4).
             message["entities"] = [{"offset": 0, "length": len(command.group(0)), "type": "bot_command"}]
-        thread.append(ChatEntry("in", message, time.time()))
+        self._add_entry(integration_id, user.id, ChatEntry("in", message, time.time()))
         status = await self.deliver(bot, {"message": message})
         return {"messageId": message["message_id"], "chatId": user.id, "webhookStatus": status}
 
@@ -419,7 +522,7 @@ class FakeTelegram:
                  "chat_instance": str(-int(hashlib.sha256(f"{bot.bot_id}:{user.id}".encode()).hexdigest()[:15], 16)),
                  "data": data}
         self.callbacks[query_id] = {"integration_id": bot.integration_id, "answered": False}
-        thread.append(ChatEntry("in", entry.message, time.time(), callback=query))
+        self._add_entry(bot.integration_id, user.id, ChatEntry("in", entry.message, time.time(), callback=query))
         status = await self.deliver(bot, {"callback_query": query})
         return {"callbackQueryId": query_id, "chatId": user.id, "webhookStatus": status}
 
@@ -432,6 +535,7 @@ class FakeTelegram:
         """
         update = {"update_id": bot.next_update_id, **content}
         bot.next_update_id += 1
+        self._save_bot(bot)
         if not bot.webhook_url:
             bot.pending.append(update)
             return None
@@ -505,7 +609,10 @@ class FakeTelegram:
             params = await self._params(request)
             self.requests.append({"integration_id": bot.integration_id, "method": method, "params": params,
                                   "at": time.time()})
-            return await handler(bot, params)
+            response = await handler(bot, params)
+            if method in ("setwebhook", "deletewebhook"):
+                self._save_bot(bot)
+            return response
         except BotApiError as exc:
             return exc.response()
 
@@ -754,7 +861,8 @@ class FakeTelegram:
         message["message_id"] = self._next_message_id(bot.integration_id, user.id)
         if markup is not None:
             message["reply_markup"] = markup
-        thread.append(ChatEntry("out", message, time.time(), method=method, params=params))
+        self._add_entry(bot.integration_id, user.id, ChatEntry("out", message, time.time(), method=method,
+                                                               params=params))
         return _ok(message)
 
     # --- scripting routes ---------------------------------------------------------------------

@@ -14,6 +14,9 @@ on an aiohttp app, and it behaves like Twilio towards a gateway (platform refere
   (`sent`, `delivered`, or `undelivered`/`failed` with `ErrorCode`) to each message's StatusCallback;
 - scripting (`{prefix}/twilio/{integrationId}/...`): inbound messages, late statuses, injected
   send errors, the outbox and the whole thread per customer (errors in SunCo's shape).
+
+With a `store_path` threads, Message resources, MMS media and opt-outs survive a restart (JSON
+lines, replayed and compacted when the fake is created), like `FakeWhatsApp`'s.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from shared.twilio_wire import (
     sms_segments,
     twilio_signature,
 )
+
+from .journal import Journal
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -180,12 +185,70 @@ class FakeTwilio:
     _session: aiohttp.ClientSession | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Where the journal of threads, resources, media and opt-outs lives (None: memory only).
+    store_path: str | None = None
+    _journal: Journal = field(init=False)
 
     def __post_init__(self) -> None:
         self.public_url = self.public_url.rstrip("/")
         if not self.gateway_url:
             self.gateway_url = self.public_url.removesuffix("/sandbox")
         self.gateway_url = self.gateway_url.rstrip("/")
+        self._journal = Journal(self.store_path)
+        lines = self._journal.replay(self._apply)
+        self._journal.compact(self._snapshot(), lines)  # after the replay: the live state
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        if kind == "entry":
+            code = record.get("errorCode")
+            entry = ThreadEntry(record["direction"], str(record["sid"]), float(record["at"]), dict(record["body"]),
+                                status=str(record.get("status") or ""),
+                                error_code=int(code) if code is not None else None,
+                                status_callback=str(record.get("statusCallback") or ""))
+            self.threads.setdefault((record["integrationId"], record["number"]), []).append(entry)
+        elif kind == "status":
+            found = self.find(record["integrationId"], record["sid"])
+            if found is not None:
+                code = record.get("errorCode")
+                found[1].status = str(record["status"])
+                found[1].error_code = int(code) if code is not None else None
+        elif kind == "message":
+            self.messages[str(record["sid"])] = dict(record["resource"])
+        elif kind == "media":
+            self.media[str(record["id"])] = dict(record["media"])
+        elif kind == "optout":
+            key = (str(record["integrationId"]), str(record["number"]))
+            if record["out"]:
+                self.opted_out.add(key)
+            else:
+                self.opted_out.discard(key)
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = [{"kind": "message", "sid": sid, "resource": r}
+                                         for sid, r in self.messages.items()]
+        records += [{"kind": "media", "id": media_id, "media": m} for media_id, m in self.media.items()]
+        records += [{"kind": "optout", "integrationId": iid, "number": n, "out": True} for iid, n in self.opted_out]
+        for (integration_id, number), entries in self.threads.items():
+            records += [self._entry_record(integration_id, number, e) for e in entries]
+        return records
+
+    @staticmethod
+    def _entry_record(integration_id: str, number: str, entry: ThreadEntry) -> dict[str, Any]:
+        return {"kind": "entry", "integrationId": integration_id, "number": number, "direction": entry.direction,
+                "sid": entry.sid, "at": entry.at, "body": entry.body, "status": entry.status,
+                "errorCode": entry.error_code, "statusCallback": entry.status_callback}
+
+    def _save_opt_out(self, key: tuple[str, str], out: bool) -> None:
+        if out == (key in self.opted_out):
+            return
+        if out:
+            self.opted_out.add(key)
+        else:
+            self.opted_out.discard(key)
+        self._journal.append({"kind": "optout", "integrationId": key[0], "number": key[1], "out": out})
 
     # --- lifecycle and accounts ----------------------------------------------------------------
 
@@ -310,10 +373,10 @@ class FakeTwilio:
         key = (integration_id, number)
         if keyword in STOP_WORDS:
             form.append(("OptOutType", "STOP"))
-            self.opted_out.add(key)
+            self._save_opt_out(key, True)
         elif keyword in START_WORDS:
             form.append(("OptOutType", "START"))
-            self.opted_out.discard(key)
+            self._save_opt_out(key, False)
         elif keyword in HELP_WORDS:
             form.append(("OptOutType", "HELP"))
         for index, link in enumerate(links):
@@ -321,6 +384,7 @@ class FakeTwilio:
             content_type = types[index] if index < len(types) and types[index] else guessed or "image/jpeg"
             media_sid = new_sid("ME")
             self.media[media_sid] = {"link": link, "content_type": content_type, "account_sid": account.account_sid}
+            self._journal.append({"kind": "media", "id": media_sid, "media": self.media[media_sid]})
             url = (f"{self.public_url}/twilio-api/{API_VERSION}/Accounts/{account.account_sid}"
                    f"/Messages/{sid}/Media/{media_sid}")
             form += [(f"MediaContentType{index}", content_type), (f"MediaUrl{index}", url)]
@@ -348,6 +412,9 @@ class FakeTwilio:
             resource["status"] = status
             resource["error_code"] = entry.error_code
             resource["date_updated"] = formatdate(usegmt=False).replace("-0000", "+0000")
+            self._journal.append({"kind": "message", "sid": sid, "resource": resource})
+        self._journal.append({"kind": "status", "integrationId": integration_id, "sid": sid, "status": status,
+                              "errorCode": entry.error_code})
         form: list[tuple[str, str]] = []
         if entry.error_code is not None and status in ("undelivered", "failed"):
             form.append(("ErrorCode", str(entry.error_code)))
@@ -389,6 +456,7 @@ class FakeTwilio:
 
     def _append(self, integration_id: str, number: str, entry: ThreadEntry) -> None:
         self.threads.setdefault((integration_id, number), []).append(entry)
+        self._journal.append(self._entry_record(integration_id, number, entry))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -476,6 +544,7 @@ class FakeTwilio:
         sid = new_sid("MM" if media else "SM")
         resource = self._resource(account, sid, params)
         self.messages[sid] = resource
+        self._journal.append({"kind": "message", "sid": sid, "resource": resource})
         self._append(account.integration_id, number, ThreadEntry(
             "out", sid, time.time(), params, status=resource["status"],
             status_callback=params.get("StatusCallback", "")))

@@ -16,6 +16,7 @@ from shared.config import ConfigError
 from tests.fakes.whatsapp import FakeWhatsApp
 from tests.fakes.whatsapp_env import CUSTOMER, eventually, start_whatsapp, whatsapp_record
 from tests.harness import System
+from tests.integration.test_sandbox_channel_persistence import channel_records
 
 
 async def test_page_loads_widget_with_ids_from_sandbox_json(system: System, bus: Bus) -> None:
@@ -171,3 +172,27 @@ async def test_page_is_branded_with_the_web_integration_business_name(system: Sy
         assert config["keyId"] == "app_key1" and config["baseUrl"] == system.base_url
         assert config["sandboxFile"] == os.path.abspath(os.path.join(system.data_dir, "sandbox.json"))
         assert "s3cret-value" not in page  # the key secret never reaches the unauthenticated page
+
+
+async def test_page_lists_one_phone_per_channel_in_sandbox_json_without_secrets(system: System, bus: Bus) -> None:
+    wa = await start_whatsapp(system, bus)
+    messenger, telegram, twilio = channel_records(system.base_url)
+    Path(system.data_dir).mkdir(parents=True, exist_ok=True)
+    integrations = {"whatsapp": {"id": wa.integration_id, **wa.record.config},
+                    "telegram": {"id": telegram.id, **telegram.config},
+                    "twilio": {"id": twilio.id, **twilio.config}}
+    (Path(system.data_dir) / "sandbox.json").write_text(json.dumps({"integrations": integrations}))
+    async with httpx.AsyncClient(base_url=system.base_url) as http:
+        config = (await http.get("/sandbox/config.json")).json()
+        assert config["channels"] == [
+            {"kind": "whatsapp", "integrationId": wa.integration_id, "number": "+15550001111"},
+            {"kind": "telegram", "integrationId": telegram.id, "username": "threadline_demo_bot"},
+            {"kind": "twilio", "integrationId": twilio.id, "number": "+15550002222"},
+        ]  # no messenger: it is not in sandbox.json
+        integrations["messenger"] = {"id": messenger.id, **messenger.config}
+        (Path(system.data_dir) / "sandbox.json").write_text(json.dumps({"integrations": integrations}))
+        page = (await http.get("/sandbox/")).text
+        assert f'"kind": "messenger", "integrationId": "{messenger.id}"' in page
+        for secret in (wa.record.config["accessToken"], wa.record.config["appSecret"], messenger.config["appSecret"],
+                       messenger.config["pageAccessToken"], telegram.config["token"], twilio.config["authToken"]):
+            assert secret not in page

@@ -9,7 +9,6 @@
   const sandboxFile = config.sandboxFile || "<data-dir>/sandbox.json";
   const shellQuote = (value) => "'" + String(value).replace(/'/g, "'\\''") + "'";
 
-  if (config.whatsappNumber) $("whatsapp-number").textContent = config.whatsappNumber;
   $("sandbox-file").textContent = sandboxFile;
 
   // The widget keeps its session (with the conversation id) in localStorage under this key.
