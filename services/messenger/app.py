@@ -18,6 +18,7 @@ from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.outbound import recipient_key
 from shared.ratelimit import BucketMap
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -36,21 +37,6 @@ _tracer = tracer(__name__)
 PRUNE_INTERVAL_SECONDS = 3600.0
 
 
-class _Route(msgspec.Struct):
-    integration_id: str = ""
-    recipient: str = ""
-
-
-_ROUTE_DECODER = msgspec.json.Decoder(_Route)
-
-
-def recipient_key(_subject: str, data: bytes) -> str:
-    """Ordering key of a send command: one person on one integration (their messages stay in order)."""
-    try:
-        route = _ROUTE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return "undecodable"
-    return f"{route.integration_id}:{route.recipient}"
 
 
 class MessengerService(ServiceApp):

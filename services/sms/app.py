@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
@@ -18,6 +17,7 @@ from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, basic_auth_header, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.outbound import BoundedMemory, recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
 from shared.service import ServiceApp
@@ -37,26 +37,8 @@ from .handlers import Credentials, Form, SegmentBucket, SendFailure
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-# Remember what was sent, so a redelivered command reports again instead of texting twice, and
-# so a status callback can name the message it is about.
-SENT_MEMORY = 10_000
 
 
-class _Route(msgspec.Struct):
-    integration_id: str = ""
-    recipient: str = ""
-
-
-_ROUTE_DECODER = msgspec.json.Decoder(_Route)
-
-
-def recipient_key(_subject: str, data: bytes) -> str:
-    """Ordering key of a send command: one recipient on one integration."""
-    try:
-        route = _ROUTE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return "undecodable"
-    return f"{route.integration_id}:{route.recipient}"
 
 
 def twiml_ok() -> web.Response:
@@ -76,8 +58,9 @@ class SmsService(ServiceApp):
         self.integrations: KvMirror | None = None
         self.session: aiohttp.ClientSession | None = None
         self.buckets: dict[str, SegmentBucket] = {}
-        self.sent: OrderedDict[str, str] = OrderedDict()
-        self.sids: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.sent: BoundedMemory[str, str] = BoundedMemory()
+        # Provider SID → (message id, conversation id), so a status callback can name its message.
+        self.sids: BoundedMemory[str, tuple[str, str]] = BoundedMemory()
         self.in_flight: set[str] = set()
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -285,11 +268,8 @@ class SmsService(ServiceApp):
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
     def _remember(self, command: OutboundSend, sid: str) -> None:
-        self.sent[command.message_id] = sid
-        self.sids[sid] = (command.message_id, command.conversation_id)
-        for memory in (self.sent, self.sids):
-            while len(memory) > SENT_MEMORY:
-                memory.popitem(last=False)
+        self.sent.remember(command.message_id, sid)
+        self.sids.remember(sid, (command.message_id, command.conversation_id))
 
     def _bucket(self, creds: Credentials) -> SegmentBucket:
         rate = creds.segments_per_second or self.config.segments_per_second

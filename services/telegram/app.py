@@ -7,7 +7,6 @@ import contextlib
 import hmac
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.outbound import BoundedMemory, recipient_key
 from shared.ratelimit import BucketMap, TokenBucket
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -34,28 +34,10 @@ from .handlers import Credentials, SendFailure, WebhookRegistration
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-# Remember what was already sent, so a redelivered command (e.g. the status publish failed after
-# a successful send) reports again instead of messaging the customer twice.
-SENT_MEMORY = 10_000
 # Chat buckets are dropped once this many exist (full ones only: forgetting them changes nothing).
 CHAT_BUCKETS_MAX = 20_000
 
 
-class _Route(msgspec.Struct):
-    integration_id: str = ""
-    recipient: str = ""
-
-
-_ROUTE_DECODER = msgspec.json.Decoder(_Route)
-
-
-def recipient_key(_subject: str, data: bytes) -> str:
-    """Ordering key of a send command: one chat on one bot."""
-    try:
-        route = _ROUTE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return "undecodable"
-    return f"{route.integration_id}:{route.recipient}"
 
 
 class WebhookRegistrar:
@@ -161,7 +143,7 @@ class TelegramService(ServiceApp):
         self.group_buckets = BucketMap(config.group_messages_per_minute / 60.0, burst=1.0)
         # Chats Telegram told to wait (429 retry_after): monotonic time until which nothing is sent.
         self.paused_until: dict[str, float] = {}
-        self.sent: OrderedDict[str, str] = OrderedDict()
+        self.sent: BoundedMemory[str, str] = BoundedMemory()
         self._background: set[asyncio.Task[None]] = set()
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -349,7 +331,7 @@ class TelegramService(ServiceApp):
             provider_id = handlers.sent_message_id(result)
         except SendFailure:
             provider_id = ""  # sent all the same: never send it twice
-        self._remember(command.message_id, provider_id)
+        self.sent.remember(command.message_id, provider_id)
         await self._report(handlers.sent_status(command, provider_id))
 
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure,
@@ -376,10 +358,6 @@ class TelegramService(ServiceApp):
         await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
-    def _remember(self, message_id: str, provider_id: str) -> None:
-        self.sent[message_id] = provider_id
-        while len(self.sent) > SENT_MEMORY:
-            self.sent.popitem(last=False)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

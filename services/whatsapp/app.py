@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import aiohttp
@@ -18,6 +17,7 @@ from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.outbound import BoundedMemory, recipient_key
 from shared.ratelimit import BucketMap
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -32,26 +32,8 @@ from .handlers import Credentials, SendFailure
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-# Remember what was already sent, so a redelivered command (e.g. the status publish failed after
-# a successful send) reports again instead of messaging the customer twice.
-SENT_MEMORY = 10_000
 
 
-class _Route(msgspec.Struct):
-    integration_id: str = ""
-    recipient: str = ""
-
-
-_ROUTE_DECODER = msgspec.json.Decoder(_Route)
-
-
-def recipient_key(_subject: str, data: bytes) -> str:
-    """Ordering key of a send command: one recipient on one integration."""
-    try:
-        route = _ROUTE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return "undecodable"
-    return f"{route.integration_id}:{route.recipient}"
 
 
 class WhatsAppService(ServiceApp):
@@ -67,7 +49,7 @@ class WhatsAppService(ServiceApp):
         self.session: aiohttp.ClientSession | None = None
         # Graph API throughput per business number.
         self.buckets = BucketMap(config.messages_per_second)
-        self.sent: OrderedDict[str, str] = OrderedDict()
+        self.sent: BoundedMemory[str, str] = BoundedMemory()
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
         self.http.router.add_get("/webhooks/whatsapp/{integration_id}", self.handshake)
@@ -227,7 +209,7 @@ class WhatsAppService(ServiceApp):
         except SendFailure as failure:
             await self._retry_or_fail(command, delivery, failure)
             return
-        self._remember(command.message_id, wamid)
+        self.sent.remember(command.message_id, wamid)
         await self._report(handlers.sent_status(command, wamid))
 
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
@@ -264,10 +246,6 @@ class WhatsAppService(ServiceApp):
         await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
-    def _remember(self, message_id: str, wamid: str) -> None:
-        self.sent[message_id] = wamid
-        while len(self.sent) > SENT_MEMORY:
-            self.sent.popitem(last=False)
 
     def _bus(self) -> Bus:
         if self.bus is None:

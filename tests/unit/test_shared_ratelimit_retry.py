@@ -1,4 +1,4 @@
-"""The token bucket and back-off every channel service's send loop uses."""
+"""Shared send-loop pieces every channel service uses: token bucket, back-off, ordering, memory."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def test_token_bucket_paces_a_burst() -> None:
     assert wait == pytest.approx(1 / 80)
     now[0] += wait
     assert bucket.try_take() == 0
+
+
+def test_recipient_key_and_bounded_memory() -> None:
+    from shared.outbound import BoundedMemory, recipient_key
+
+    assert recipient_key("outbound.x.i1", b'{"integration_id":"i1","recipient":"+1555","content":{}}') == "i1:+1555"
+    assert recipient_key("outbound.x.i1", b"not json") == "undecodable"
+    memory: BoundedMemory[str, str] = BoundedMemory(limit=2)
+    for key in ("a", "b", "c"):
+        memory.remember(key, key.upper())
+    assert dict(memory) == {"b": "B", "c": "C"}
