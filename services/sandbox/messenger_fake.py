@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,8 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
-from shared.http import ApiError, error_response
+from services.sandbox.scripting import read_json_object, sunco_errors
+from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
 
@@ -515,7 +516,7 @@ class FakeMessenger:
     def routes(self, prefix: str = "/sandbox") -> list[web.RouteDef]:
         """The fake's HTTP routes, mounted under `prefix`."""
         p = prefix.rstrip("/")
-        s = _sunco_errors  # the scripting API is ours, so it answers errors like the business API
+        s = sunco_errors  # the scripting API is ours, so it answers errors like the business API
         return [
             web.post(f"{p}/messenger-graph/{_VERSION}/{{page_id}}/messages", self._send_api),
             web.post(f"{p}/messenger/{{integration_id}}/inbound", s(self._script_inbound)),
@@ -668,22 +669,9 @@ class FakeMessenger:
             raise ApiError(404, "Unknown Messenger integration in the sandbox")
         return account
 
-    @staticmethod
-    async def _json_body(request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise ApiError(400, "body must be JSON") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        return body
-
     async def _script_inbound(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         try:
             result = await self.send_inbound(account.integration_id, spec)
         except (ValueError, KeyError, TypeError) as exc:
@@ -692,7 +680,7 @@ class FakeMessenger:
 
     async def _script_read(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         to = spec.get("to")
         if not isinstance(to, str) or not to:
             raise ApiError(400, "need to")
@@ -700,7 +688,7 @@ class FakeMessenger:
 
     async def _script_fail_next(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         code, http_status, count = spec.get("code"), spec.get("httpStatus"), spec.get("count", 1)
         subcode = spec.get("subcode")
         if (not isinstance(code, int) or not isinstance(count, int) or count < 1
@@ -713,7 +701,7 @@ class FakeMessenger:
 
     async def _script_verify(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         token = spec.get("verifyToken") if isinstance(spec.get("verifyToken"), str) else None
         challenge = str(spec.get("challenge") or "1158201444")
         status, text = await self.verify_webhook(account.integration_id, challenge, token)
@@ -721,7 +709,7 @@ class FakeMessenger:
 
     async def _script_window(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         to, hours_ago = spec.get("to"), spec.get("hoursAgo", 0)
         if not isinstance(to, str) or not to or not isinstance(hours_ago, int | float):
             raise ApiError(400, "need to (and optional hoursAgo)")
@@ -753,17 +741,6 @@ class FakeMessenger:
         account = self._account_or_404(request)
         return web.json_response({"integrationId": account.integration_id, "pageId": account.page_id,
                                   "webhookUrl": account.webhook_url, "link": f"https://m.me/{account.page_id}"})
-
-
-def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
-                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return error_response(exc.status, exc.title, exc.code)
-    return wrapped
 
 
 _FAKE_PATH = re.compile(r"/sandbox/messenger-graph/?$")

@@ -50,7 +50,8 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
-from shared.http import ApiError, error_response
+from services.sandbox.scripting import read_json_object, sunco_errors
+from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
 
@@ -582,7 +583,7 @@ class FakeTelegram:
     def routes(self, prefix: str = "/sandbox") -> list[web.RouteDef]:
         """The fake's HTTP routes, mounted under `prefix`."""
         p = prefix.rstrip("/")
-        s = _sunco_errors
+        s = sunco_errors
         return [
             web.route("*", f"{p}/telegram-api/bot{{token}}/{{method}}", self._bot_api),
             web.get(f"{p}/telegram-api/file/bot{{token}}/{{file_path:.+}}", self._download),
@@ -874,19 +875,6 @@ class FakeTelegram:
         return bot
 
     @staticmethod
-    async def _json_body(request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise ApiError(400, "body must be JSON") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        return body
-
-    @staticmethod
     def _chat_param(request: web.Request) -> int:
         to = request.query.get("to", "")
         try:
@@ -896,7 +884,7 @@ class FakeTelegram:
 
     async def _script_inbound(self, request: web.Request) -> web.Response:
         bot = self._bot_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         try:
             result = await self.send_inbound(bot.integration_id, spec)
         except (ValueError, KeyError, TypeError) as exc:
@@ -905,7 +893,7 @@ class FakeTelegram:
 
     async def _script_fail_next(self, request: web.Request) -> web.Response:
         bot = self._bot_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         code, count, retry_after = spec.get("errorCode"), spec.get("count", 1), spec.get("retryAfter")
         if not isinstance(code, int) or not 400 <= code <= 599 or not isinstance(count, int) or count < 1:
             raise ApiError(400, "need errorCode (400-599) and count >= 1")
@@ -917,7 +905,7 @@ class FakeTelegram:
 
     async def _script_block(self, request: web.Request) -> web.Response:
         bot = self._bot_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         user = spec.get("user")
         if isinstance(user, bool) or not isinstance(user, int):
             raise ApiError(400, "need user (a Telegram user id)")
@@ -942,14 +930,3 @@ class FakeTelegram:
                                   "username": bot.username, "webhookUrl": bot.webhook_url,
                                   "deepLink": f"https://t.me/{bot.username}",
                                   "pendingUpdates": len(bot.pending)})
-
-
-def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
-                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return error_response(exc.status, exc.title, exc.code)
-    return wrapped

@@ -26,13 +26,12 @@ import base64
 import binascii
 import contextlib
 import hmac
-import json
 import logging
 import mimetypes
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -42,7 +41,8 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
-from shared.http import ApiError, error_response
+from services.sandbox.scripting import read_json_object, sunco_errors
+from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
 from shared.twilio_wire import (
@@ -477,7 +477,7 @@ class FakeTwilio:
         """The fake's HTTP routes, mounted under `prefix`."""
         p = prefix.rstrip("/")
         api = f"{p}/twilio-api/{API_VERSION}/Accounts/{{account_sid}}"
-        s = _sunco_errors  # the scripting API is ours, so it answers errors like the business API
+        s = sunco_errors  # the scripting API is ours, so it answers errors like the business API
         return [
             web.post(f"{api}/Messages.json", self._create_message),
             web.get(f"{api}/Messages/{{sid}}.json", self._fetch_message),
@@ -626,22 +626,9 @@ class FakeTwilio:
             raise ApiError(404, "Unknown Twilio integration in the sandbox")
         return account
 
-    @staticmethod
-    async def _json_body(request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise ApiError(400, "body must be JSON") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        return body
-
     async def _script_inbound(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         try:
             sid, status = await self.send_inbound(account.integration_id, spec)
         except (ValueError, TypeError) as exc:
@@ -650,7 +637,7 @@ class FakeTwilio:
 
     async def _script_status(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         sid, status, code = spec.get("sid"), spec.get("status"), spec.get("errorCode")
         if not isinstance(sid, str) or status not in ("sent", "delivered", "undelivered", "failed", "read"):
             raise ApiError(400, "need sid and status in sent|delivered|undelivered|failed|read")
@@ -666,7 +653,7 @@ class FakeTwilio:
 
     async def _script_fail_next(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         code, http_status, count = spec.get("code"), spec.get("httpStatus", 400), spec.get("count", 1)
         if not (isinstance(code, int) and isinstance(http_status, int) and isinstance(count, int)) or count < 1:
             raise ApiError(400, "need integer code, httpStatus and count >= 1")
@@ -694,14 +681,3 @@ class FakeTwilio:
                                   "phoneNumber": account.phone_number,
                                   "messagingServiceSid": account.messaging_service_sid or None,
                                   "webhookUrl": account.webhook_url})
-
-
-def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
-                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return error_response(exc.status, exc.title, exc.code)
-    return wrapped

@@ -28,7 +28,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,8 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
-from shared.http import ApiError, error_response
+from services.sandbox.scripting import read_json_object, sunco_errors
+from shared.http import ApiError
 from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -586,7 +587,7 @@ class FakeWhatsApp:
     def routes(self, prefix: str = "/sandbox") -> list[web.RouteDef]:
         """The fake's HTTP routes, mounted under `prefix`."""
         p = prefix.rstrip("/")
-        s = _sunco_errors  # the scripting API is ours, so it answers errors like the business API
+        s = sunco_errors  # the scripting API is ours, so it answers errors like the business API
         return [
             web.post(f"{p}/graph/{_VERSION}/{{phone_number_id}}/messages", self._graph_messages),
             web.get(f"{p}/graph/{_VERSION}/{{media_id}}", self._graph_media),
@@ -748,22 +749,9 @@ class FakeWhatsApp:
             raise ApiError(404, "Unknown WhatsApp integration in the sandbox")
         return account
 
-    @staticmethod
-    async def _json_body(request: web.Request) -> dict[str, Any]:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"Request body exceeds {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise _bad_request("body must be JSON") from exc
-        if not isinstance(body, dict):
-            raise _bad_request("body must be a JSON object")
-        return body
-
     async def _script_inbound(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         try:
             wamid, status = await self.send_inbound(account.integration_id, spec)
         except (ValueError, KeyError, TypeError) as exc:
@@ -772,7 +760,7 @@ class FakeWhatsApp:
 
     async def _script_status(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         wamid, status = spec.get("wamid"), spec.get("status")
         if not isinstance(wamid, str) or status not in ("sent", "delivered", "read", "played", "failed"):
             raise _bad_request("need wamid and status in sent|delivered|read|played|failed")
@@ -785,7 +773,7 @@ class FakeWhatsApp:
 
     async def _script_fail_next(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         code, http_status, count = spec.get("code"), spec.get("httpStatus", 400), spec.get("count", 1)
         if not isinstance(code, int) or not isinstance(http_status, int) or not isinstance(count, int) or count < 1:
             raise _bad_request("need integer code, httpStatus and count >= 1")
@@ -795,7 +783,7 @@ class FakeWhatsApp:
 
     async def _script_verify(self, request: web.Request) -> web.Response:
         account = self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         token = spec.get("verifyToken") if isinstance(spec.get("verifyToken"), str) else None
         challenge = str(spec.get("challenge") or "1158201444")
         status, text = await self.verify_webhook(account.integration_id, challenge, token)
@@ -803,7 +791,7 @@ class FakeWhatsApp:
 
     async def _script_window(self, request: web.Request) -> web.Response:
         self._script_account_or_404(request)
-        spec = await self._json_body(request)
+        spec = await read_json_object(request, MAX_BODY)
         to = spec.get("to")
         if not isinstance(to, str) or not digits(to):
             raise _bad_request("need to")
@@ -843,15 +831,6 @@ def _bad_request(reason: str) -> ApiError:
     return ApiError(400, reason)
 
 
-def _sunco_errors(handler: Callable[[web.Request], Awaitable[web.Response]]
-                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Answer `ApiError` with SunCo's body even where no `error_middleware` is installed (tests)."""
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return error_response(exc.status, exc.title, exc.code)
-    return wrapped
 
 
 _FAKE_PATH = re.compile(r"/sandbox/graph/?$")
