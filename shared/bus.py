@@ -75,6 +75,9 @@ class Bus:
     _services: list[Service] = field(default_factory=list)
     _pull_subscriptions: list[JetStreamContext.PullSubscription] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Replicas of the streams `ensure_streams` was asked for; KV buckets created later get the
+    # same (a bucket made by whichever service starts first must survive a node loss too).
+    stream_replicas: int = 1
 
     @classmethod
     async def connect(cls, url: str, name: str) -> Bus:
@@ -83,14 +86,20 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error: %s", exc)
 
+        # "nats://a:4222,nats://b:4222" lists several seeds (a cluster); nats-py wants a list.
+        servers: str | list[str] = [u.strip() for u in url.split(",") if u.strip()] if "," in url else url
         nc = await nats.connect(
-            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5,
         )
         return cls(nc=nc, js=nc.jetstream(timeout=10))
 
     async def ensure_streams(self, replicas: int = 1, streams: tuple[StreamSpec, ...] = ALL_STREAMS) -> None:
-        """Create (or update) the streams Threadline uses. Safe to call from every service."""
+        """Create (or update) the streams Threadline uses. Safe to call from every service.
+
+        `replicas` (1, 3 or 5) is also the default for KV buckets this bus creates afterwards.
+        """
+        self.stream_replicas = replicas
         for spec in streams:
             config = api.StreamConfig(
                 name=spec.name,
@@ -233,13 +242,16 @@ class Bus:
         finally:
             otel_context.detach(token)
 
-    async def key_value(self, bucket: str, *, history: int = 1, replicas: int = 1) -> KeyValue:
-        """Return a KV bucket, creating it when missing."""
+    async def key_value(self, bucket: str, *, history: int = 1, replicas: int | None = None,
+                        ttl: float | None = None) -> KeyValue:
+        """Return a KV bucket, creating it when missing (replicas default: `stream_replicas`;
+        `ttl`: seconds after which entries expire, None = never)."""
+        replicas = self.stream_replicas if replicas is None else replicas
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             try:
-                return await self.js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+                return await self.js.create_key_value(bucket=bucket, history=history, replicas=replicas, ttl=ttl)
             except nats.js.errors.BadRequestError:
                 return await self.js.key_value(bucket)
 

@@ -36,6 +36,7 @@ SERVICES: Final = (
     ServicePort("messenger", 8087),
     ServicePort("telegram", 8088),
     ServicePort("sms", 8089),
+    ServicePort("app", 8090),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
@@ -44,6 +45,7 @@ ROUTES: Final = (
     Route("/v2/", "conversations"),
     Route("/sdk/", "web"),
     Route("/widget/", "web"),
+    Route("/app/", "app"),
     Route("/webhooks/whatsapp/", "whatsapp"),
     Route("/webhooks/messenger/", "messenger"),
     Route("/webhooks/telegram/", "telegram"),

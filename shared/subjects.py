@@ -86,6 +86,9 @@ IDENTITY_USER_UPDATE: Final = "identity.user.update"
 IDENTITY_USER_DELETE: Final = "identity.user.delete"
 IDENTITY_CLIENTS_LIST: Final = "identity.clients.list"
 IDENTITY_CLIENT_STATUS: Final = "identity.client.status"
+IDENTITY_DEVICE_REGISTER: Final = "identity.device.register"
+IDENTITY_DEVICES_LIST: Final = "identity.devices.list"
+IDENTITY_DEVICE_DROP_TOKEN: Final = "identity.device.droptoken"
 
 CONVERSATIONS_SERVICE: Final = "conversations"
 CONVERSATIONS_HISTORY: Final = "conversations.history"
@@ -94,3 +97,6 @@ CONVERSATIONS_START: Final = "conversations.start"
 # KV buckets written by `conversations`, watched by the services that need them.
 INTEGRATIONS_BUCKET: Final = "tl_integrations"
 WEBHOOKS_BUCKET: Final = "tl_webhooks"
+# Written by `app`: business messages an app socket delivered (key: message id), so that the
+# replica deciding on a push skips it. Entries expire after a day.
+APP_DELIVERIES_BUCKET: Final = "tl_app_deliveries"

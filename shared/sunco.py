@@ -209,6 +209,25 @@ class Client(Wire, kw_only=True):
     raw: dict[str, Any] | None = None
 
 
+DeviceType = Literal["android", "ios", "web"]
+DeviceStatus = Literal["active", "inactive"]
+
+
+class Device(Wire, kw_only=True):
+    """An SDK install under the user's `sdk` client (SunCo's Device)."""
+
+    id: str
+    type: DeviceType
+    guid: str
+    client_id: str
+    status: DeviceStatus
+    integration_id: str
+    last_seen: str | None = None
+    push_notification_token: str | None = None
+    info: dict[str, Any] | None = None
+    app_version: str | None = None
+
+
 # --- conversations ---------------------------------------------------------------------------
 
 class ConversationRef(Wire, kw_only=True):

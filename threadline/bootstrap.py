@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from shared.http import basic_auth_header
 
@@ -16,6 +18,13 @@ SANDBOX_PHONE_NUMBER = "+15550001111"
 SANDBOX_PHONE_NUMBER_ID = "1122334455667"
 SANDBOX_SMS_NUMBER = "+15550002222"
 SANDBOX_PAGE_ID = "102290129340398"
+SANDBOX_FCM_PROJECT = "threadline-sandbox"
+SANDBOX_BUNDLE_ID = "com.threadline.demo"
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,18 @@ def sandbox_integrations(base_url: str) -> dict[str, dict[str, Any]]:
             "authToken": secrets.token_hex(16), "phoneNumber": SANDBOX_SMS_NUMBER,
             "baseUrl": f"{base_url}/sandbox/twilio-api",
         },
+        # Push credentials are real keys (the fakes verify the signed JWTs), made up per data dir.
+        "android": {
+            "type": "android", "displayName": "Threadline Demo Shop", "projectId": SANDBOX_FCM_PROJECT,
+            "clientEmail": f"threadline@{SANDBOX_FCM_PROJECT}.iam.gserviceaccount.com",
+            "privateKey": _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+            "tokenUri": f"{base_url}/sandbox/google-oauth/token", "baseUrl": f"{base_url}/sandbox/fcm",
+        },
+        "ios": {
+            "type": "ios", "displayName": "Threadline Demo Shop", "keyId": secrets.token_hex(5).upper(),
+            "teamId": secrets.token_hex(5).upper(), "bundleId": SANDBOX_BUNDLE_ID,
+            "signingKey": _pem(ec.generate_private_key(ec.SECP256R1())), "baseUrl": f"{base_url}/sandbox/apns",
+        },
     }
 
 
@@ -105,7 +126,7 @@ async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
             integration_id = body["integration"]["id"]
             entry = {k: v for k, v in bodies[kind].items() if k not in ("type", "displayName")}
             webhook_path = "twilio" if kind == "twilio" else kind
-            if kind != "web":
+            if kind not in ("web", "android", "ios"):
                 entry["webhookUrl"] = f"{base_url}/webhooks/{webhook_path}/{integration_id}"
             info["integrations"][kind] = {"id": integration_id, **entry}
     _write(path, info)

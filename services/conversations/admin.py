@@ -208,6 +208,10 @@ class Admin:
                 config["webhookSecret"] = new_secret(24).replace("=", "")
             elif isinstance(fields, models.TwilioIntegrationIn):
                 config.setdefault("baseUrl", "https://api.twilio.com")
+            elif isinstance(fields, models.AndroidIntegrationIn):
+                config.setdefault("tokenUri", "https://oauth2.googleapis.com/token")
+                config.setdefault("baseUrl", "https://fcm.googleapis.com")
+        _check_push_credentials(type_, config)
         missing = [f for f in REQUIRED_ON_CREATE.get(type_, ()) if not config.get(f)]
         if missing:
             raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
@@ -238,6 +242,7 @@ class Admin:
             raise ApiError(400, "displayName must be at most 100 characters")
         config = loads(row["config"])
         config.update(changes)
+        _check_push_credentials(row["type"], config)
         status = _status(row["type"], config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
                                            display_name=display_name, config=config)
@@ -327,6 +332,17 @@ class Admin:
         return integrations, webhooks
 
 
+def _check_push_credentials(type_: str, config: dict[str, Any]) -> None:
+    """400 for push credentials that could never work (caught now, not at the first push)."""
+    if type_ == "ios" and (config.get("certificate") or config.get("password")):
+        raise ApiError(400, "Certificate-based APNs is not supported: give keyId, teamId, bundleId and "
+                            "signingKey (the .p8 key) for token-based APNs")
+    key = config.get("privateKey") if type_ == "android" else config.get("signingKey") if type_ == "ios" else None
+    if key is not None and (not isinstance(key, str) or "-----BEGIN PRIVATE KEY-----" not in key):
+        field = "privateKey" if type_ == "android" else "signingKey"
+        raise ApiError(400, f"{field} must be a PEM private key (-----BEGIN PRIVATE KEY-----)")
+
+
 # What SunCo's own models require (the official client cannot parse the integration without them).
 REQUIRED_ON_CREATE = {
     "messenger": ("appId",),
@@ -340,6 +356,9 @@ REQUIRED_FOR_ACTIVE = {
     "messenger": ("pageId", "pageAccessToken", "appSecret"),
     "telegram": ("token",),
     "twilio": ("accountSid", "authToken"),
+    # Push needs these; without them the app's SDK still chats, and pushes fail visibly.
+    "android": ("projectId", "clientEmail", "privateKey"),
+    "ios": ("keyId", "teamId", "bundleId", "signingKey"),
 }
 
 

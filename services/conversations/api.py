@@ -280,6 +280,23 @@ class Api:
         assert isinstance(reply, ident.ClientsReply)
         return json_response({"clients": reply.clients, "meta": {"hasMore": False}, "links": {}})
 
+    async def list_devices(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_DEVICES_LIST, ident.ListDevices(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.DevicesReply)
+        return json_response({"devices": reply.devices})
+
+    async def get_device(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_DEVICES_LIST, ident.ListDevices(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.DevicesReply)
+        for device in reply.devices:
+            if device.id == request.match_info["deviceId"]:
+                return json_response({"device": device})
+        raise ApiError(404, "Device not found", "device_not_found")
+
     # --- conversations --------------------------------------------------------------------
 
     async def _user(self, app_id: str, user_id: str | None, external_id: str | None) -> ident.ClientsReply:
@@ -513,6 +530,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "Delete a user, their clients and conversations", Api.delete_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
+    Operation("GET", A + "/users/{userIdOrExternalId}/devices", "listDevices", "Devices",
+              "List a user's SDK devices (app installs and their push tokens)", Api.list_devices,
+              response=models.DeviceListResponse),
+    Operation("GET", A + "/users/{userIdOrExternalId}/devices/{deviceId}", "getDevice", "Devices",
+              "Get one of a user's devices", Api.get_device, response=models.DeviceResponse),
     Operation("POST", A + "/conversations", "createConversation", "Conversations",
               "Create a personal conversation", Api.create_conversation, 201,
               request=models.ConversationCreateBody, response=models.ConversationResponse),

@@ -56,6 +56,7 @@ MESSAGE_DECODER = msgspec.json.Decoder(Message)
 STATUS_MAX_DELIVERIES = 10
 MESSAGES_PAGE_SIZE = 100
 SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
+APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 
 
 class Publisher(Protocol):
@@ -295,6 +296,19 @@ class Conversations:
             raise ApiError(400, "The user has no client of destination.integrationType")
         return Route(associations[0] if associations else None, participant["user_id"])
 
+    def outbound_channel(self, association: Association | None) -> str | None:
+        """The channel service that delivers to this client, None when nobody needs to.
+
+        Web SDK clients read the conversation over their socket; app SDK clients too, but the
+        app channel also pushes what their socket did not deliver.
+        """
+        if association is None or not association.integration_id:
+            return None
+        if association.type != "sdk":
+            return association.type
+        integration_type = self.store.integration_type_now(association.integration_id)
+        return integration_type if integration_type in APP_INTEGRATION_TYPES else None
+
     async def post_message(self, app_id: str, conversation_id: str, body: models.MessagePostBody) -> Message:
         """Store a message from the API, announce it, and hand it to the primary client's channel."""
         row = await self.conversation_row(app_id, conversation_id)
@@ -327,14 +341,15 @@ class Conversations:
                 id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=received,
                 conversation=conversation_ref(row), message=message, cursor=seq, user_id=route.user_id))
             association = route.association
-            if association is not None and association.type != "sdk" and association.integration_id:
+            outbound_channel = self.outbound_channel(association)
+            if association is not None and outbound_channel is not None and association.integration_id:
                 send = chan.OutboundSend(
-                    app_id=app_id, integration_id=association.integration_id, channel=association.type,
+                    app_id=app_id, integration_id=association.integration_id, channel=outbound_channel,
                     conversation_id=conversation_id, message_id=message.id, user_id=route.user_id,
                     client_id=association.client_id, recipient=association.external_id or "",
                     recipient_info=association.info or {}, content=body.content, schema=body.schema,
-                    override=body.override)
-                await self.bus.publish(subjects.outbound_subject(association.type, association.integration_id),
+                    override=body.override, created_at=received)
+                await self.bus.publish(subjects.outbound_subject(outbound_channel, association.integration_id),
                                        chan.encode(send), msg_id=message.id)
         except Exception as exc:
             log.warning("publishing message %s failed, undoing it: %s", message.id, exc)

@@ -20,6 +20,7 @@ from shared.sunco import (
     ClientType,
     Content,
     ConversationType,
+    Device,
     FileContent,
     ImageContent,
     IntegrationType,
@@ -44,10 +45,11 @@ WEBHOOK_TRIGGERS = frozenset({
 AUTHOR_SUBTYPES = frozenset({"AI", "activity"})
 MAX_METADATA_BYTES = 4096
 # Integration types this server can create (the others are valid SunCo enums, refused with 400).
-SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", "twilio")
+SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios")
 # Secrets never returned by the API (they stay in the DB and the KV record for channel services).
 SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken", "pageAccessToken",
-                           "token", "webhookSecret", "authToken"})
+                           "token", "webhookSecret", "authToken", "privateKey", "serverKey", "certificate",
+                           "password", "signingKey"})
 DEFAULT_WHATSAPP_API_VERSION = "v23.0"
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
 
@@ -356,6 +358,49 @@ class TwilioIntegrationIn(Wire, kw_only=True):
     webhook_url: str | None = None
 
 
+class AndroidIntegrationIn(Wire, kw_only=True):
+    """SunCo's Android fields (FCM HTTP v1 service account) plus the token and FCM endpoints.
+
+    `serverKey`/`senderId` (FCM's retired legacy API) are kept for SunCo clients but unused.
+    """
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    project_id: str | None = None
+    client_email: str | None = None
+    private_key: str | None = None
+    server_key: str | None = None
+    sender_id: str | None = None
+    token_uri: str | None = None
+    base_url: str | None = None
+    can_user_see_conversation_list: bool | None = None
+    can_user_create_more_conversations: bool | None = None
+    attachments_enabled: bool | None = None
+
+
+class IosIntegrationIn(Wire, kw_only=True):
+    """An iOS app with token-based APNs: the .p8 signing key, its key id, the team and bundle ids.
+
+    SunCo's certificate-based `certificate`/`password` are refused: Apple's token-based auth
+    does not expire yearly and is what a new integration should use.
+    """
+
+    display_name: str | None = None
+    default_responder_id: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    bundle_id: str | None = None
+    signing_key: str | None = None
+    production: bool | None = None
+    base_url: str | None = None
+    certificate: str | None = None
+    password: str | None = None
+    auto_update_badge: bool | None = None
+    can_user_see_conversation_list: bool | None = None
+    can_user_create_more_conversations: bool | None = None
+    attachments_enabled: bool | None = None
+
+
 INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationIn,
     "web": WebIntegrationIn,
@@ -363,6 +408,8 @@ INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
     "messenger": MessengerIntegrationIn,
     "telegram": TelegramIntegrationIn,
     "twilio": TwilioIntegrationIn,
+    "android": AndroidIntegrationIn,
+    "ios": IosIntegrationIn,
 }
 INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationUpdate,
@@ -371,6 +418,8 @@ INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
     "messenger": MessengerIntegrationIn,
     "telegram": TelegramIntegrationIn,
     "twilio": TwilioIntegrationIn,
+    "android": AndroidIntegrationIn,
+    "ios": IosIntegrationIn,
 }
 
 
@@ -402,6 +451,14 @@ class ClientListResponse(Wire, kw_only=True):
     clients: list[Client]
     meta: Meta
     links: Links
+
+
+class DeviceListResponse(Wire, kw_only=True):
+    devices: list[Device]
+
+
+class DeviceResponse(Wire, kw_only=True):
+    device: Device
 
 
 class ConversationResponse(Wire, kw_only=True):

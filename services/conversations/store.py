@@ -207,6 +207,11 @@ class Store:
                           (app_id, integration_id, provider_message_id)).fetchone()
         return integration, None if row is None else StoredMessage(**dict(row))
 
+    def integration_type_now(self, integration_id: str) -> str | None:
+        """An integration's type, read on the hot-path connection (None when unknown)."""
+        row = self._hot().execute("SELECT type FROM integrations WHERE id=?", (integration_id,)).fetchone()
+        return None if row is None else str(row["type"])
+
     def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
         """`default_conversation` on the hot-path connection."""
         return self._hot().execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",

@@ -36,6 +36,12 @@ class IdentityHandlers:
             return await self.list_clients(request)
         if isinstance(request, msgs.SetClientStatus):
             return await self.set_client_status(request)
+        if isinstance(request, msgs.RegisterDevice):
+            return await self.register_device(request)
+        if isinstance(request, msgs.ListDevices):
+            return await self.list_devices(request)
+        if isinstance(request, msgs.DropPushToken):
+            return await self.drop_push_token(request)
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
 
     async def resolve(self, req: msgs.ResolveClient) -> msgs.IdentityMessage:
@@ -106,6 +112,28 @@ class IdentityHandlers:
         user, client = found
         self._forget_user(user.id)
         return msgs.ClientReply(user=user, client=client)
+
+    async def register_device(self, req: msgs.RegisterDevice) -> msgs.IdentityMessage:
+        if not req.guid or len(req.guid) > 128:
+            return msgs.IdentityError(status=400, code="bad_request", title="device guid must be 1-128 characters")
+        if req.push_notification_token is not None and len(req.push_notification_token) > 4096:
+            return msgs.IdentityError(status=400, code="bad_request", title="pushNotificationToken is too long")
+        device = await self.store.register_device(req)
+        if device is None:
+            return msgs.IdentityError(status=404, code="client_not_found", title="Client not found")
+        return msgs.DeviceReply(device=device)
+
+    async def list_devices(self, req: msgs.ListDevices) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        return msgs.DevicesReply(user=user, devices=await self.store.list_devices(req.app_id, user.id))
+
+    async def drop_push_token(self, req: msgs.DropPushToken) -> msgs.IdentityMessage:
+        device = await self.store.drop_push_token(req.app_id, req.device_id, req.push_notification_token)
+        if device is None:
+            return msgs.IdentityError(status=404, code="device_not_found", title="Device not found")
+        return msgs.DeviceReply(device=device)
 
     def _forget_user(self, user_id: str) -> None:
         for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:

@@ -9,8 +9,9 @@ import aiosqlite
 import msgspec
 
 from shared.ids import iso, new_id, now
+from shared.messages.identity import RegisterDevice
 from shared.store import open_db, transaction, write_lock
-from shared.sunco import Client, Profile, User
+from shared.sunco import Client, Device, Profile, User
 
 MIGRATIONS = (
     """
@@ -43,6 +44,25 @@ MIGRATIONS = (
     CREATE UNIQUE INDEX clients_channel_identity ON clients (app_id, integration_id, external_id);
     CREATE INDEX clients_user ON clients (user_id)
     """,
+    """
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        client_id TEXT NOT NULL REFERENCES clients (id) ON DELETE CASCADE,
+        integration_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        guid TEXT NOT NULL,
+        status TEXT NOT NULL,
+        push_token TEXT,
+        app_version TEXT,
+        info TEXT NOT NULL DEFAULT '{}',
+        last_seen REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX devices_client_guid ON devices (client_id, guid);
+    CREATE INDEX devices_user ON devices (user_id);
+    CREATE INDEX devices_push_token ON devices (app_id, push_token)
+    """,
 )
 
 
@@ -65,6 +85,15 @@ def _client(row: aiosqlite.Row) -> Client:
         external_id=row["external_id"], display_name=row["display_name"], avatar_url=row["avatar_url"],
         info=json.loads(row["info"]) or None, raw=json.loads(row["raw"]) or None,
         linked_at=iso(row["linked_at"]), last_seen=iso(row["last_seen"]),
+    )
+
+
+def _device(row: aiosqlite.Row) -> Device:
+    return Device(
+        id=row["id"], type=row["type"], guid=row["guid"], client_id=row["client_id"], status=row["status"],
+        integration_id=row["integration_id"], last_seen=iso(row["last_seen"]),
+        push_notification_token=row["push_token"], info=json.loads(row["info"]) or None,
+        app_version=row["app_version"],
     )
 
 
@@ -212,3 +241,48 @@ class IdentityStore:
         assert found is not None
         user, client = found
         return user, client, inserted and user_id is None, inserted
+
+    async def register_device(self, req: RegisterDevice) -> Device | None:
+        """Upsert the device `(client, guid)`; None when the client is not the user's sdk client."""
+        async with self.db.execute("SELECT id FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
+                                   (req.app_id, req.client_id, req.user_id)) as cur:
+            if await cur.fetchone() is None:
+                return None
+        token = req.push_notification_token or None
+        async with transaction(self.db):
+            if token is not None:
+                await self.db.execute(
+                    "UPDATE devices SET push_token = NULL, status = 'inactive'"
+                    " WHERE app_id = ? AND push_token = ? AND NOT (client_id = ? AND guid = ?)",
+                    (req.app_id, token, req.client_id, req.guid))
+            await self.db.execute(
+                "INSERT INTO devices (id, app_id, user_id, client_id, integration_id, type, guid, status, push_token,"
+                " app_version, info, last_seen) VALUES (?,?,?,?,?,?,?,'active',?,?,?,?)"
+                " ON CONFLICT (client_id, guid) DO UPDATE SET status = 'active',"
+                " push_token = COALESCE(excluded.push_token, devices.push_token),"
+                " app_version = COALESCE(excluded.app_version, devices.app_version),"
+                " info = CASE WHEN excluded.info = '{}' THEN devices.info ELSE excluded.info END,"
+                " integration_id = excluded.integration_id, last_seen = excluded.last_seen",
+                (new_id(), req.app_id, req.user_id, req.client_id, req.integration_id, req.device_type, req.guid, token,
+                 req.app_version, json.dumps(req.info), now()))
+        async with self.db.execute("SELECT * FROM devices WHERE client_id = ? AND guid = ?",
+                                   (req.client_id, req.guid)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return _device(row)
+
+    async def list_devices(self, app_id: str, user_id: str) -> list[Device]:
+        async with self.db.execute("SELECT * FROM devices WHERE app_id = ? AND user_id = ? ORDER BY last_seen DESC",
+                                   (app_id, user_id)) as cur:
+            return [_device(row) for row in await cur.fetchall()]
+
+    async def drop_push_token(self, app_id: str, device_id: str, token: str) -> Device | None:
+        """Forget a dead push token (only if it is still the device's token)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "UPDATE devices SET push_token = NULL, status = 'inactive'"
+                " WHERE app_id = ? AND id = ? AND push_token = ?",
+                (app_id, device_id, token))
+        async with self.db.execute("SELECT * FROM devices WHERE app_id = ? AND id = ?", (app_id, device_id)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _device(row)

@@ -16,6 +16,7 @@ from aiohttp import web
 from shared.records import IntegrationRecord
 
 from .messenger_fake import FakeMessenger, gateway_base
+from .push_fake import FakeApns, FakeFcm
 from .telegram_fake import FakeTelegram
 from .twilio_fake import FakeTwilio
 
@@ -55,4 +56,6 @@ def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFa
                             store_path=store("twilio")))
     fakes.append(FakeMessenger(gateway_base(public_url), store_path=store("messenger")))
     fakes.append(FakeTelegram(public_url, store_path=store("telegram")))
+    fakes.append(FakeFcm(public_url, store_path=store("android")))
+    fakes.append(FakeApns(public_url, store_path=store("ios")))
     return fakes

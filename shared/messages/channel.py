@@ -96,6 +96,9 @@ class OutboundSend(ChannelMessage, tag="channel.outbound.send", kw_only=True):
     schema: str | None = None
     override: dict[str, Any] | None = None
     quoted_provider_message_id: str | None = None
+    # When the message was created (unix seconds; 0 = unknown): lets a channel wait relative
+    # to it (the app channel pushes only if no socket delivered the message meanwhile).
+    created_at: float = 0.0
 
 
 ChannelUnion = InboundMessage | InboundActivity | DeliveryStatus | OutboundSend

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from shared.sunco import Client, ClientStatus, ClientType, Profile, User
+from shared.sunco import Client, ClientStatus, ClientType, Device, DeviceType, Profile, User
 
 
 class IdentityMessage(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -98,6 +98,47 @@ class Deleted(IdentityMessage, tag="identity.deleted", kw_only=True):
     client_ids: list[str] = []
 
 
+class RegisterDevice(IdentityMessage, tag="identity.device.register", kw_only=True):
+    """Create or update the device `guid` of an `sdk` client (an app install and its push token).
+
+    A push token moves with the install: the same token on another device of the app is
+    cleared there (the app was reinstalled or the token reassigned).
+    """
+
+    app_id: str
+    user_id: str
+    client_id: str
+    integration_id: str
+    device_type: DeviceType
+    guid: str
+    push_notification_token: str | None = None
+    app_version: str | None = None
+    info: dict[str, Any] = {}
+
+
+class ListDevices(IdentityMessage, tag="identity.devices.list", kw_only=True):
+    app_id: str
+    user_id_or_external_id: str
+
+
+class DropPushToken(IdentityMessage, tag="identity.device.droptoken", kw_only=True):
+    """The push provider said the token is dead (FCM `UNREGISTERED`, APNs 410): forget it and
+    mark the device inactive. Matching on the token too keeps a newer token safe."""
+
+    app_id: str
+    device_id: str
+    push_notification_token: str
+
+
+class DeviceReply(IdentityMessage, tag="identity.device", kw_only=True):
+    device: Device
+
+
+class DevicesReply(IdentityMessage, tag="identity.devices", kw_only=True):
+    user: User
+    devices: list[Device]
+
+
 class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
     """A refusal: `status` is the HTTP status the API should answer with, `code` SunCo's code."""
 
@@ -108,7 +149,8 @@ class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
 
 IdentityUnion = (
     ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients | SetClientStatus
-    | UserReply | ClientsReply | ClientReply | Deleted | IdentityError
+    | RegisterDevice | ListDevices | DropPushToken
+    | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
 )
 
 ENCODER = msgspec.json.Encoder()

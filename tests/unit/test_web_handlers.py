@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from services.web import handlers
+from shared import sdk_service
 from shared.http import ApiError
 from shared.messages import conversation as conv
 from shared.records import IntegrationRecord
@@ -44,25 +45,25 @@ def web_record(**config: object) -> IntegrationRecord:
 
 def test_token_round_trip_and_tampering() -> None:
     token = CLAIMS.to_token(SECRET)
-    assert handlers.authenticate(SECRET, token, "app1") == CLAIMS
+    assert sdk_service.authenticate(SECRET, token, "app1") == CLAIMS
     body, sig = token.split(".")
     forged = SessionClaims(app="app1", user="u2", client="c1", integration="i1", channel_user_id="cu1")
     forged_body = forged.to_token("another-secret-0123456789").split(".")[0]
     for bad in (None, "", "garbage", f"{forged_body}.{sig}", f"{body}.{sig}x", CLAIMS.to_token("other-secret")):
         with pytest.raises(ApiError) as exc:
-            handlers.authenticate(SECRET, bad, "app1")
+            sdk_service.authenticate(SECRET, bad, "app1")
         assert exc.value.status == 401
     with pytest.raises(ApiError) as exc:
-        handlers.authenticate(SECRET, token, "another-app")
+        sdk_service.authenticate(SECRET, token, "another-app")
     assert exc.value.status == 401
 
 
 def test_bearer_token_parsing() -> None:
-    assert handlers.bearer_token("Bearer abc.def") == "abc.def"
-    assert handlers.bearer_token("bearer  abc ") == "abc"
-    assert handlers.bearer_token("Basic abc") is None
-    assert handlers.bearer_token(None) is None
-    assert handlers.bearer_token("Bearer ") is None
+    assert sdk_service.bearer_token("Bearer abc.def") == "abc.def"
+    assert sdk_service.bearer_token("bearer  abc ") == "abc"
+    assert sdk_service.bearer_token("Basic abc") is None
+    assert sdk_service.bearer_token(None) is None
+    assert sdk_service.bearer_token("Bearer ") is None
 
 
 def test_web_integration_must_be_active_web_of_the_app() -> None:
@@ -104,38 +105,38 @@ def test_public_config_exposes_no_secrets() -> None:
 
 @pytest.mark.parametrize("raw,expected", [(None, None), ("", None), ("0", 0), ("42", 42)])
 def test_parse_cursor(raw: str | None, expected: int | None) -> None:
-    assert handlers.parse_cursor(raw) == expected
+    assert sdk_service.parse_cursor(raw) == expected
 
 
 @pytest.mark.parametrize("raw", ["-1", "abc", "1.5", "9" * 30])
 def test_parse_cursor_refuses(raw: str) -> None:
     with pytest.raises(ApiError) as exc:
-        handlers.parse_cursor(raw)
+        sdk_service.parse_cursor(raw)
     assert exc.value.status == 400
 
 
 def test_post_message_validation() -> None:
     ok = PostMessage(client_message_id="3f1c2a9e-1b2c-4d5e-8f90-123456789abc", text="hello")
-    assert handlers.validate_post_message(ok) is ok
-    assert handlers.validate_post_message(PostMessage(client_message_id=ok.client_message_id, text="x" * 4096))
+    assert sdk_service.validate_post_message(ok) is ok
+    assert sdk_service.validate_post_message(PostMessage(client_message_id=ok.client_message_id, text="x" * 4096))
     for bad in (PostMessage(client_message_id="short", text="hi"),
                 PostMessage(client_message_id="has spaces in it", text="hi"),
                 PostMessage(client_message_id=ok.client_message_id, text="   "),
                 PostMessage(client_message_id=ok.client_message_id, text="x" * 4097)):
         with pytest.raises(ApiError) as exc:
-            handlers.validate_post_message(bad)
+            sdk_service.validate_post_message(bad)
         assert exc.value.status == 400
 
 
 def test_inbound_message_and_activity_carry_the_session() -> None:
     body = PostMessage(client_message_id="3f1c2a9e-1b2c-4d5e-8f90-123456789abc", text="hello")
-    msg = handlers.inbound_message(CLAIMS, "conv1", body, 100.0)
+    msg = sdk_service.inbound_message(CLAIMS, "conv1", body, 100.0, "web")
     assert (msg.app_id, msg.integration_id, msg.channel, msg.client_type) == ("app1", "i1", "web", "sdk")
     assert (msg.user_id, msg.client_id, msg.conversation_id, msg.channel_user_id) == ("u1", "c1", "conv1", "cu1")
     assert msg.provider_message_id == body.client_message_id
     assert msg.content == TextContent(text="hello")
-    assert handlers.inbound_msg_id(body.client_message_id) == f"web:{body.client_message_id}"
-    activity = handlers.inbound_activity(CLAIMS, "conv1", PostActivity(type="typing:start"), 5.0)
+    assert sdk_service.inbound_msg_id("web", body.client_message_id) == f"web:{body.client_message_id}"
+    activity = sdk_service.inbound_activity(CLAIMS, "conv1", PostActivity(type="typing:start"), 5.0, "web")
     assert (activity.activity, activity.user_id, activity.conversation_id, activity.at) == (
         "typing:start", "u1", "conv1", 5.0)
 
@@ -143,10 +144,10 @@ def test_inbound_message_and_activity_carry_the_session() -> None:
 def test_conversation_error_becomes_api_error() -> None:
     data = conv.ENCODER.encode(conv.ConversationError(status=404, code="conversation_not_found", title="nope"))
     with pytest.raises(ApiError) as exc:
-        handlers.conversation_reply(data)
+        sdk_service.conversation_reply(data)
     assert (exc.value.status, exc.value.code) == (404, "conversation_not_found")
     with pytest.raises(ApiError) as exc:
-        handlers.conversation_reply(b"not json")
+        sdk_service.conversation_reply(b"not json")
     assert exc.value.status == 503
 
 
@@ -160,7 +161,7 @@ def test_history_page_sorted_and_rendered() -> None:
         conv.HistoryMessage(cursor=3, message=_message("m3", content=UnsupportedContent(channel_type="whatsapp"))),
         conv.HistoryMessage(cursor=2, message=_message("m2")),
     ], has_more=True, business_last_read=0.5)
-    out = handlers.messages_page(page)
+    out = sdk_service.messages_page(page)
     assert [e.cursor for e in out.messages] == [2, 3]
     assert out.messages[1].message.content == TextContent(text="[unsupported whatsapp message]")
     wire = msgspec.to_builtins(out)
@@ -175,7 +176,7 @@ def _event_base() -> dict[str, object]:
 def test_event_frames() -> None:
     created = conv.MessageCreated(**_event_base(), conversation=REF, message=_message("m1"), cursor=7,  # type: ignore[arg-type]
                                   user_id="u1")
-    frame = handlers.event_frame(created)
+    frame = sdk_service.event_frame(created)
     assert isinstance(frame, MessageFrame) and frame.cursor == 7 and frame.message.id == "m1"
     wire = msgspec.json.decode(encode_frame(frame))
     assert wire["type"] == "message" and wire["cursor"] == 7 and wire["message"]["content"]["text"] == "m1"
@@ -185,21 +186,21 @@ def test_event_frames() -> None:
         return conv.ActivityPosted(**_event_base(), conversation=REF, user_id="u1",  # type: ignore[arg-type]
                                    activity=Activity(type=kind, author=Author(type=author) if author else None))  # type: ignore[arg-type]
 
-    typing = handlers.event_frame(activity("typing:start", "business"))
+    typing = sdk_service.event_frame(activity("typing:start", "business"))
     assert isinstance(typing, TypingFrame) and typing.active
-    stop = handlers.event_frame(activity("typing:stop", "business"))
+    stop = sdk_service.event_frame(activity("typing:stop", "business"))
     assert isinstance(stop, TypingFrame) and not stop.active
-    read = handlers.event_frame(activity("conversation:read", "business"))
+    read = sdk_service.event_frame(activity("conversation:read", "business"))
     assert isinstance(read, ReadFrame) and read.at == "1970-01-01T00:00:10.000Z"
-    assert handlers.event_frame(activity("typing:start", "user")) is None  # no echo of the customer
+    assert sdk_service.event_frame(activity("typing:start", "user")) is None  # no echo of the customer
     delivery = conv.DeliveryReported(**_event_base(), kind="user", conversation=REF, user=UserRef(id="u1"),  # type: ignore[arg-type]
                                      message_id="m1", destination=Destination(type="web"), read=True)
-    assert handlers.event_frame(delivery) == DeliveryFrame(message_id="m1", status="read")
+    assert sdk_service.event_frame(delivery) == DeliveryFrame(message_id="m1", status="read")
     removed = conv.ConversationRemoved(**_event_base(), conversation=REF)  # type: ignore[arg-type]
-    assert handlers.event_frame(removed) is None
+    assert sdk_service.event_frame(removed) is None
 
 
 def test_cursor_watermark_deduplicates() -> None:
-    mark = handlers.CursorWatermark(5)
+    mark = sdk_service.CursorWatermark(5)
     assert [c for c in (3, 5, 6, 6, 7, 7, 9) if mark.admit(c)] == [6, 7, 9]
     assert mark.high == 9

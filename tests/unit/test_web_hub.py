@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 from nats.aio.msg import Msg
 
-from services.web.app import EventHub, SocketListener
 from shared import subjects
 from shared.messages import conversation as conv
+from shared.sdk_service import EventHub, SocketListener
 from shared.sunco import Author, ConversationRef, Message, TextContent
 
 
@@ -30,9 +30,10 @@ async def test_hub_routes_events_to_the_sockets_of_their_conversation() -> None:
     await hub._on_message(created("c1", 1))
     await hub._on_message(created("c3", 2))  # nobody watches c3
     for listener in (mine, also_mine):
-        cursor, text = listener.queue.get_nowait()
-        assert cursor == 1
-        assert msgspec.json.decode(text)["message"]["content"]["text"] == "hello 1"
+        frame = listener.queue.get_nowait()
+        assert frame.cursor == 1
+        assert frame.business_message_id == "m1"
+        assert msgspec.json.decode(frame.text)["message"]["content"]["text"] == "hello 1"
         assert listener.queue.empty()
     assert other.queue.empty()
     hub.remove("c1", mine)

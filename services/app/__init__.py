@@ -1,0 +1,1 @@
+"""The in-app (mobile) SDK channel: SDK endpoints, devices and push (FCM, APNs)."""

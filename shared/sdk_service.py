@@ -1,0 +1,709 @@
+"""The server side of the SDK protocol (`shared.sdk`), shared by the `web` and `app` services.
+
+`SdkService` serves sessions, history, message and activity posts and the realtime socket
+under a path prefix; a subclass says which integrations it serves, what it checks on each
+request (the web checks Origin), what a session body carries (the app registers a device) and
+what to do when a business message reached a socket (the app skips the push).
+
+One core NATS subscription on every conversation event per process (`EventHub`) fans events
+out to the sockets of their conversation; a socket replays history from its `after` cursor
+first, de-duplicating by cursor, so a reconnecting client gets every missed message once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from aiohttp import WSCloseCode, WSMsgType, web
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
+
+from shared import subjects
+from shared.bus import Bus, KvMirror, RequestFailed
+from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.http import ApiError, json_response, read_json
+from shared.ids import iso, new_id, now
+from shared.messages import channel, identity
+from shared.messages import conversation as conv
+from shared.messages.channel import InboundActivity, InboundMessage
+from shared.records import INTEGRATION_DECODER, IntegrationRecord
+from shared.sdk import (
+    HISTORY_PAGE_LIMIT,
+    MAX_CLIENT_MESSAGE_ID_LENGTH,
+    MAX_TEXT_LENGTH,
+    DeliveryFrame,
+    ErrorFrame,
+    Frame,
+    HistoryEntry,
+    MessageAccepted,
+    MessageFrame,
+    MessagesPage,
+    PostActivity,
+    PostMessage,
+    ReadFrame,
+    ReadyFrame,
+    SessionClaims,
+    SessionCreated,
+    TypingFrame,
+    encode_frame,
+    ping_frame,
+    sdk_message,
+)
+from shared.service import ServiceApp
+from shared.sunco import TextContent
+from shared.telemetry import extract_context, tracer
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+SDK_CLIENT_TYPE: Final = "sdk"
+SANDBOX_SDK_TOKEN_SECRET: Final = "sandbox-sdk-token-secret-not-for-production"
+# Close codes a client should not retry with the same session (4000 + HTTP status).
+SOCKET_CLOSE_BASE: Final = 4000
+_CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
+_KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+# --- settings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SdkSettings:
+    """What an SDK service needs to run the protocol."""
+
+    # Signs session tokens (THREADLINE_SDK_TOKEN_SECRET, shared by web and app); rotating it
+    # logs every SDK client out.
+    token_secret: str
+    # Seconds between heartbeat pings on each socket.
+    ping_interval: float
+    # Frames a slow socket may have queued before it is closed (the client resumes by cursor).
+    socket_queue_size: int
+    # Seconds to wait for identity / conversations to answer.
+    request_timeout: float
+
+    @classmethod
+    def from_env(cls, common: CommonConfig, prefix: str, env: Mapping[str, str]) -> SdkSettings:
+        """Read `THREADLINE_SDK_TOKEN_SECRET` and `<prefix>_PING_INTERVAL|_SOCKET_QUEUE|_REQUEST_TIMEOUT`."""
+        settings = cls(
+            token_secret=env_secret("THREADLINE_SDK_TOKEN_SECRET", sandbox=common.sandbox,
+                                    default=SANDBOX_SDK_TOKEN_SECRET, environ=env),
+            ping_interval=env_float(f"{prefix}_PING_INTERVAL", 20.0, env),
+            socket_queue_size=env_int(f"{prefix}_SOCKET_QUEUE", 256, env),
+            request_timeout=env_float(f"{prefix}_REQUEST_TIMEOUT", 5.0, env),
+        )
+        if not 0.05 <= settings.ping_interval <= 300:
+            raise ConfigError(f"{prefix}_PING_INTERVAL must be between 0.05 and 300 seconds")
+        if settings.socket_queue_size < 8:
+            raise ConfigError(f"{prefix}_SOCKET_QUEUE must be at least 8")
+        if settings.request_timeout <= 0:
+            raise ConfigError(f"{prefix}_REQUEST_TIMEOUT must be positive")
+        return settings
+
+
+# --- authentication and requests -------------------------------------------------------------
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticate(secret: str, token: str | None, app_id: str) -> SessionClaims:
+    """The session behind `token`, which must be authentic and for `app_id` (else 401)."""
+    if not token:
+        raise ApiError(401, "A session token is required (Authorization: Bearer <sessionToken>)")
+    claims = SessionClaims.from_token(secret, token)
+    if claims is None or claims.app != app_id:
+        raise ApiError(401, "Invalid session token")
+    return claims
+
+
+def parse_cursor(raw: str | None, name: str = "after") -> int | None:
+    """A non-negative integer cursor from a query parameter (absent/empty → None, bad → 400)."""
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, f"{name} must be a non-negative integer cursor")
+    return int(raw)
+
+
+def parse_limit(raw: str | None, maximum: int) -> int:
+    """A page size between 1 and `maximum` (absent → maximum)."""
+    if raw is None or raw == "":
+        return maximum
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, f"limit must be an integer between 1 and {maximum}")
+    return int(raw)
+
+
+def validate_post_message(body: PostMessage) -> PostMessage:
+    """400 for an unusable client message id or text (empty, or over 4096 characters)."""
+    if not _CLIENT_MESSAGE_ID.match(body.client_message_id):
+        raise ApiError(400, "clientMessageId must be 8-128 characters of [A-Za-z0-9_-] (a UUID)")
+    if not body.text.strip():
+        raise ApiError(400, "text must not be empty")
+    if len(body.text) > MAX_TEXT_LENGTH:
+        raise ApiError(400, f"text must be at most {MAX_TEXT_LENGTH} characters")
+    return body
+
+
+def inbound_msg_id(channel_name: str, client_message_id: str) -> str:
+    """The Nats-Msg-Id of a customer message: a retried POST is de-duplicated by JetStream."""
+    return f"{channel_name}:{client_message_id}"
+
+
+def inbound_message(claims: SessionClaims, conversation_id: str, body: PostMessage, now: float,
+                    channel_name: str, client_info: dict[str, Any] | None = None) -> InboundMessage:
+    """The normalized inbound message for a customer's post on SDK channel `channel_name`."""
+    return InboundMessage(
+        app_id=claims.app, integration_id=claims.integration, channel=channel_name,
+        client_type=SDK_CLIENT_TYPE, channel_user_id=claims.channel_user_id,
+        provider_message_id=body.client_message_id, received_at=now,
+        content=TextContent(text=body.text), client_info=client_info or {},
+        user_id=claims.user, client_id=claims.client, conversation_id=conversation_id,
+    )
+
+
+def inbound_activity(claims: SessionClaims, conversation_id: str, body: PostActivity, now: float,
+                     channel_name: str) -> InboundActivity:
+    """The normalized typing/read activity for a customer's post."""
+    return InboundActivity(
+        app_id=claims.app, integration_id=claims.integration, channel=channel_name,
+        user_id=claims.user, client_id=claims.client, conversation_id=conversation_id,
+        activity=body.type, at=now,
+    )
+
+
+# --- replies from conversations --------------------------------------------------------------
+
+def conversation_reply(data: bytes) -> conv.ConversationRequestUnion:
+    """Decode a reply of `conversations`; a ConversationError becomes the matching ApiError."""
+    try:
+        reply = conv.decode_request(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ApiError(503, "Unexpected answer from conversations") from exc
+    if isinstance(reply, conv.ConversationError):
+        status = reply.status if 400 <= reply.status < 600 else 503
+        raise ApiError(status, reply.title, reply.code)
+    return reply
+
+
+def history_entries(page: conv.HistoryPage) -> list[HistoryEntry]:
+    """The page's messages as the SDK shows them, oldest first."""
+    entries = [HistoryEntry(cursor=m.cursor, message=sdk_message(m.message)) for m in page.messages]
+    entries.sort(key=lambda e: e.cursor)
+    return entries
+
+
+def business_last_read(page: conv.HistoryPage) -> str | None:
+    """When the business last read the conversation (ISO), if it did."""
+    return iso(page.business_last_read) if page.business_last_read is not None else None
+
+
+def messages_page(page: conv.HistoryPage) -> MessagesPage:
+    """The HTTP answer for a history page."""
+    return MessagesPage(messages=history_entries(page), has_more=page.has_more,
+                        business_last_read=business_last_read(page))
+
+
+# --- socket frames ---------------------------------------------------------------------------
+
+_DELIVERY_STATUS = {"channel": "sent", "user": "delivered", "failure": "failed"}
+
+
+def event_frame(event: conv.ConversationUnion) -> Frame | None:
+    """The socket frame for a conversation event, or None when the SDK need not see it.
+
+    The customer's own typing/read activity is not echoed back; only the business's is.
+    """
+    if isinstance(event, conv.MessageCreated):
+        return MessageFrame(cursor=event.cursor, message=sdk_message(event.message))
+    if isinstance(event, conv.ActivityPosted):
+        author = event.activity.author
+        if author is not None and author.type != "business":
+            return None
+        if event.activity.type == "conversation:read":
+            return ReadFrame(at=iso(event.created_at), author=author)
+        return TypingFrame(active=event.activity.type == "typing:start", author=author)
+    if isinstance(event, conv.DeliveryReported):
+        status = "read" if event.read else _DELIVERY_STATUS[event.kind]
+        return DeliveryFrame(message_id=event.message_id, status=status)  # type: ignore[arg-type]
+    return None
+
+
+@dataclass
+class CursorWatermark:
+    """De-duplicates message frames by cursor: every cursor at or below `high` was sent.
+
+    Events of one conversation are published in cursor order, so a watermark is enough and
+    costs one integer per socket.
+    """
+
+    high: int = 0
+
+    def admit(self, cursor: int) -> bool:
+        """True (and advance) when `cursor` was not sent yet."""
+        if cursor <= self.high:
+            return False
+        self.high = cursor
+        return True
+
+
+class QueuedFrame(msgspec.Struct, frozen=True):
+    """A frame waiting for its socket: its text, its cursor (message frames) and, for a business
+    message, the message id (so the service can note that a socket delivered it)."""
+
+    text: str
+    cursor: int | None = None
+    business_message_id: str | None = None
+
+
+def queued_frame(frame: Frame) -> QueuedFrame:
+    """Encode a frame once for every socket that gets it."""
+    if isinstance(frame, MessageFrame):
+        business = frame.message.id if frame.message.author.type == "business" else None
+        return QueuedFrame(encode_frame(frame), frame.cursor, business)
+    return QueuedFrame(encode_frame(frame))
+
+
+# --- fan-out ---------------------------------------------------------------------------------
+
+class SocketListener:
+    """A socket's bounded queue of frames pushed by the hub."""
+
+    __slots__ = ("overflowed", "queue")
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[QueuedFrame] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def offer(self, frame: QueuedFrame) -> None:
+        """Queue a frame without waiting; a full queue marks the socket for closing."""
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class EventHub:
+    """One core NATS subscription on every conversation event, fanned out by conversation."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, set[SocketListener]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: NatsClient) -> None:
+        """Subscribe (core NATS: live events only; history fills the gaps)."""
+        self._sub = await nc.subscribe(subjects.EVENTS_ALL, cb=self._on_message,
+                                       pending_msgs_limit=100_000, pending_bytes_limit=128 * 1024 * 1024)
+
+    async def stop(self) -> None:
+        """Unsubscribe."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def add(self, conversation_id: str, listener: SocketListener) -> None:
+        """Start delivering the conversation's events to `listener`."""
+        self.listeners.setdefault(conversation_id, set()).add(listener)
+
+    def remove(self, conversation_id: str, listener: SocketListener) -> None:
+        """Stop delivering to `listener`."""
+        listeners = self.listeners.get(conversation_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self.listeners[conversation_id]
+
+    async def _on_message(self, msg: Msg) -> None:
+        # Route by subject first: events of conversations nobody watches here are not decoded.
+        listeners = self.listeners.get(subjects.conversation_of_event_subject(msg.subject))
+        if not listeners:
+            return
+        token = otel_context.attach(extract_context(msg.headers or {}))
+        try:
+            with _tracer.start_as_current_span("fanout events", kind=SpanKind.CONSUMER) as span:
+                span.set_attribute("messaging.destination.name", msg.subject)
+                span.set_attribute("threadline.sockets", len(listeners))
+                try:
+                    event = conv.decode(msg.data)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    log.warning("undecodable event on %s", msg.subject)
+                    return
+                frame = event_frame(event)
+                if frame is None:
+                    return
+                queued = queued_frame(frame)
+                for listener in list(listeners):
+                    listener.offer(queued)
+        finally:
+            otel_context.detach(token)
+
+
+# --- the service -----------------------------------------------------------------------------
+
+class SdkService(ServiceApp):
+    """SDK endpoints under `/{path_root}/v1/apps/{app_id}` for the integrations of `integration_types`.
+
+    Subclasses set `name`, `path_root` and `integration_types`, and may override the hooks
+    `check_request`, `session_info`, `read_session_body`, `session_created` and
+    `business_message_delivered`.
+    """
+
+    path_root: str = "sdk"
+    integration_types: frozenset[str] = frozenset()
+
+    def __init__(self, common: CommonConfig, sdk: SdkSettings) -> None:
+        super().__init__(common)
+        self.sdk = sdk
+        self.bus: Bus | None = None
+        self.integrations: KvMirror | None = None
+        self.hub = EventHub()
+        self.sockets: set[web.WebSocketResponse] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        prefix = self.sdk_prefix
+        r = self.http.router
+        r.add_post(prefix + "/integrations/{integration_id}/sessions", self.create_session)
+        r.add_get(prefix + "/conversations/{conversation_id}/messages", self.get_messages)
+        r.add_post(prefix + "/conversations/{conversation_id}/messages", self.post_message)
+        r.add_post(prefix + "/conversations/{conversation_id}/activity", self.post_activity)
+        r.add_get(prefix + "/conversations/{conversation_id}/socket", self.socket)
+
+    @property
+    def sdk_prefix(self) -> str:
+        """The path every SDK endpoint of this service starts with."""
+        return f"/{self.path_root}/v1/apps/{{app_id}}"
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    def channel_of(self, record: IntegrationRecord) -> str:
+        """The channel name on the bus (and the message source type) for this integration."""
+        return record.type
+
+    def check_request(self, record: IntegrationRecord, request: web.Request) -> None:
+        """Refuse (ApiError) a request this integration does not accept; default: accept."""
+
+    def session_info(self, request: web.Request, record: IntegrationRecord, body: Any) -> dict[str, Any]:
+        """The client `info` a new session's client is created with (`body`: `read_session_body`'s)."""
+        return {}
+
+    async def read_session_body(self, request: web.Request) -> Any:
+        """The session request's body, validated before anything is created; default: none."""
+        return None
+
+    async def session_created(self, request: web.Request, claims: SessionClaims, body: Any) -> None:
+        """Called once a session's user, client and conversation exist."""
+
+    async def business_message_delivered(self, claims: SessionClaims, conversation_id: str, message_id: str) -> None:
+        """Called when a socket of this service sent a business message to its client."""
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start_sdk(self) -> None:
+        """Connect the bus, mirror integrations and subscribe to events (call from `start`)."""
+        self.bus = await self.connect_bus()
+        self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                     INTEGRATION_DECODER.decode)
+        await self.hub.start(self.bus.nc)
+        self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
+
+    async def stop_sdk(self) -> None:
+        """Close sockets (clients resume by cursor elsewhere), stop HTTP, then the bus."""
+        await self.close_sockets(WSCloseCode.SERVICE_RESTART, b"service restarting")
+        await self.stop_http()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.hub.stop()
+        if self.integrations is not None:
+            await self.integrations.stop()
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def close_sockets(self, code: int, message: bytes) -> None:
+        """Close every open socket (their clients reconnect and resume from their cursor)."""
+        sockets = list(self.sockets)
+        await asyncio.gather(*(ws.close(code=code, message=message) for ws in sockets),
+                             return_exceptions=True)
+
+    async def _watch_reconnects(self, nc: NatsClient) -> None:
+        # Core NATS drops what is published while disconnected: after a reconnect, every
+        # socket is closed so that its client resumes from its cursor through history.
+        seen = nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(1.0)
+            if nc.stats["reconnects"] != seen:
+                seen = nc.stats["reconnects"]
+                log.warning("nats reconnected: closing %d sockets so they resync", len(self.sockets))
+                await self.close_sockets(WSCloseCode.TRY_AGAIN_LATER, b"resync")
+
+    # --- bus helpers --------------------------------------------------------------------------
+
+    def _bus(self) -> Bus:
+        if self.bus is None:
+            raise ApiError(503, "Not connected")
+        return self.bus
+
+    async def ask(self, subject: str, data: bytes, service: str) -> bytes:
+        """A request to another service; its unavailability becomes a 503."""
+        try:
+            return await self._bus().request(subject, data, timeout=self.sdk.request_timeout)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise ApiError(503, f"{service} is unavailable, try again") from exc
+        except RequestFailed as exc:
+            log.warning("%s failed: %s", subject, exc)
+            raise ApiError(503, f"{service} failed, try again") from exc
+        except nats.errors.Error as exc:
+            raise ApiError(503, "Message bus unavailable, try again") from exc
+
+    async def ask_identity(self, subject: str, request: identity.IdentityMessage) -> identity.IdentityUnion:
+        """An identity request; its refusals become the matching ApiError."""
+        try:
+            reply = identity.decode(await self.ask(subject, identity.encode(request), "identity"))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(503, "Unexpected answer from identity") from exc
+        if isinstance(reply, identity.IdentityError):
+            raise ApiError(reply.status, reply.title, reply.code)
+        return reply
+
+    async def integration(self, integration_id: str) -> IntegrationRecord | None:
+        """The integration record: from the mirror, else (just created?) from the bucket itself."""
+        if self.integrations is not None:
+            record = self.integrations.get(integration_id)
+            if record is not None:
+                return record  # type: ignore[no-any-return]
+        if not _KV_KEY.match(integration_id):
+            return None
+        try:
+            kv = await self._bus().key_value(subjects.INTEGRATIONS_BUCKET)
+            entry = await kv.get(integration_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise ApiError(503, "Message bus unavailable, try again") from exc
+        if not entry.value:
+            return None
+        try:
+            return INTEGRATION_DECODER.decode(entry.value)
+        except msgspec.ValidationError:
+            return None
+
+    def served_integration(self, record: IntegrationRecord | None, app_id: str) -> IntegrationRecord:
+        """The record when this service serves it for `app_id`, else 404 (no detail leaked)."""
+        if (record is None or record.app_id != app_id or record.type not in self.integration_types
+                or record.status == "error"):
+            raise ApiError(404, "Integration not found")
+        return record
+
+    async def history(self, claims: SessionClaims, conversation_id: str, after: int | None,
+                      limit: int) -> conv.HistoryPage:
+        """A page of the conversation's history, as its participant `claims.user` may read it."""
+        request = conv.GetHistory(app_id=claims.app, conversation_id=conversation_id, user_id=claims.user,
+                                  after=after, limit=limit)
+        reply = conversation_reply(
+            await self.ask(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(request), "conversations"))
+        if not isinstance(reply, conv.HistoryPage):
+            raise ApiError(503, "Unexpected answer from conversations")
+        return reply
+
+    async def session(self, request: web.Request, token: str | None) -> tuple[SessionClaims, IntegrationRecord]:
+        """The authentic session behind `token` and its (still served) integration."""
+        app_id = request.match_info["app_id"]
+        claims = authenticate(self.sdk.token_secret, token, app_id)
+        try:
+            record = self.served_integration(await self.integration(claims.integration), app_id)
+        except ApiError as exc:
+            raise ApiError(401, "Invalid session token (integration removed)") from exc
+        self.check_request(record, request)
+        return claims, record
+
+    async def authorize(self, request: web.Request, token: str | None) -> tuple[SessionClaims, str]:
+        """The session and the conversation of the path, which the session's user may access."""
+        claims, _record = await self.session(request, token)
+        conversation_id = request.match_info["conversation_id"]
+        if conversation_id != claims.conversation:
+            # Not the session's own conversation: `conversations` knows whether the user is in it.
+            try:
+                await self.history(claims, conversation_id, None, 1)
+            except ApiError as exc:
+                if exc.status >= 500:
+                    raise
+                raise ApiError(404, "Conversation not found") from exc
+        return claims, conversation_id
+
+    # --- HTTP endpoints -----------------------------------------------------------------------
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        """A new anonymous user with an `sdk` client, and their conversation."""
+        app_id = request.match_info["app_id"]
+        integration_id = request.match_info["integration_id"]
+        record = self.served_integration(await self.integration(integration_id), app_id)
+        self.check_request(record, request)
+        body = await self.read_session_body(request)
+        channel_user_id = new_id()
+        resolved = await self.ask_identity(subjects.IDENTITY_RESOLVE, identity.ResolveClient(
+            app_id=app_id, integration_id=integration_id, client_type=SDK_CLIENT_TYPE,
+            channel_user_id=channel_user_id, info=self.session_info(request, record, body)))
+        if not isinstance(resolved, identity.Resolved):
+            raise ApiError(503, "Unexpected answer from identity")
+        start = conv.StartConversation(app_id=app_id, integration_id=integration_id, user_id=resolved.user.id,
+                                       client_id=resolved.client.id)
+        started = conversation_reply(
+            await self.ask(subjects.CONVERSATIONS_START, conv.ENCODER.encode(start), "conversations"))
+        if not isinstance(started, conv.ConversationStarted):
+            raise ApiError(503, "Unexpected answer from conversations")
+        claims = SessionClaims(app=app_id, user=resolved.user.id, client=resolved.client.id,
+                               integration=integration_id, channel_user_id=channel_user_id,
+                               conversation=started.conversation.id)
+        await self.session_created(request, claims, body)
+        return json_response(SessionCreated(
+            app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
+            session_token=claims.to_token(self.sdk.token_secret),
+        ), status=201)
+
+    async def get_messages(self, request: web.Request) -> web.Response:
+        """History: messages with cursor > `after` (oldest first), or the latest page."""
+        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        after = parse_cursor(request.query.get("after"))
+        limit = parse_limit(request.query.get("limit"), HISTORY_PAGE_LIMIT)
+        page = await self.history(claims, conversation_id, after, limit)
+        return json_response(messages_page(page))
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        """Queue a customer message durably; 202 once JetStream acked it."""
+        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        body = validate_post_message(await read_json(request, PostMessage))
+        record = await self.integration(claims.integration)
+        channel_name = self.channel_of(record) if record is not None else self.path_root
+        message = inbound_message(claims, conversation_id, body, now(), channel_name)
+        try:
+            ack = await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),
+                                            channel.encode(message),
+                                            msg_id=inbound_msg_id(channel_name, body.client_message_id))
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise ApiError(503, "Could not queue the message, retry with the same clientMessageId") from exc
+        return json_response(MessageAccepted(client_message_id=body.client_message_id,
+                                             duplicate=bool(ack.duplicate)), status=202)
+
+    async def post_activity(self, request: web.Request) -> web.Response:
+        """Typing or read state from the customer."""
+        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        body = await read_json(request, PostActivity, limit=4096)
+        record = await self.integration(claims.integration)
+        channel_name = self.channel_of(record) if record is not None else self.path_root
+        activity = inbound_activity(claims, conversation_id, body, now(), channel_name)
+        try:
+            await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),
+                                      channel.encode(activity))
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise ApiError(503, "Could not queue the activity, try again") from exc
+        return web.Response(status=202)
+
+    # --- the socket ---------------------------------------------------------------------------
+
+    async def socket(self, request: web.Request) -> web.StreamResponse:
+        """Realtime: history after `after`, then live frames of the conversation.
+
+        Auth failures on an upgrade are reported in-band (an `error` frame, then close code
+        4000 + HTTP status) because browsers cannot read a refused handshake's status.
+        """
+        ws = web.WebSocketResponse(heartbeat=max(self.sdk.ping_interval, 1.0), max_msg_size=4096)
+        upgrade = ws.can_prepare(request).ok
+        try:
+            claims, conversation_id = await self.authorize(request, request.query.get("token"))
+            after = parse_cursor(request.query.get("after"))
+        except ApiError as exc:
+            if not upgrade:
+                raise
+            await ws.prepare(request)
+            await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
+            await ws.close(code=SOCKET_CLOSE_BASE + exc.status, message=exc.code.encode()[:100])
+            return ws
+        if not upgrade:
+            raise ApiError(400, "Expected a WebSocket upgrade")
+        await ws.prepare(request)
+        listener = SocketListener(self.sdk.socket_queue_size)
+        # Subscribe before reading history so nothing published in between is lost.
+        self.hub.add(conversation_id, listener)
+        self.sockets.add(ws)
+        pump = asyncio.create_task(self._pump(ws, claims, conversation_id, after, listener),
+                                   name=f"{self.name}:socket-pump")
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+                    break
+                # Clients only listen; anything they send is ignored.
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+            self.hub.remove(conversation_id, listener)
+            self.sockets.discard(ws)
+        return ws
+
+    async def _send_message(self, ws: web.WebSocketResponse, claims: SessionClaims, conversation_id: str,
+                            frame: QueuedFrame) -> None:
+        await ws.send_str(frame.text)
+        if frame.business_message_id is not None:
+            await self.business_message_delivered(claims, conversation_id, frame.business_message_id)
+
+    async def _pump(self, ws: web.WebSocketResponse, claims: SessionClaims, conversation_id: str,
+                    after: int | None, listener: SocketListener) -> None:
+        watermark = CursorWatermark(after or 0)
+        try:
+            last_read: str | None = None
+            while True:
+                page = await self.history(claims, conversation_id, watermark.high if after is not None else None,
+                                          HISTORY_PAGE_LIMIT)
+                last_read = business_last_read(page)
+                entries = history_entries(page)
+                for entry in entries:
+                    if watermark.admit(entry.cursor):
+                        await self._send_message(ws, claims, conversation_id, queued_frame(
+                            MessageFrame(cursor=entry.cursor, message=entry.message)))
+                # Without `after` only the latest page is replayed; with it, every page.
+                if after is None or not page.has_more or not entries:
+                    break
+            await ws.send_str(encode_frame(ReadyFrame(cursor=watermark.high, ping_interval=self.sdk.ping_interval,
+                                                      business_last_read=last_read)))
+            while not ws.closed:
+                try:
+                    async with asyncio.timeout(self.sdk.ping_interval):
+                        frame = await listener.queue.get()
+                except TimeoutError:
+                    await ws.send_str(encode_frame(ping_frame(now())))
+                    continue
+                if listener.overflowed:
+                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow, resume by cursor")
+                    return
+                if frame.cursor is not None and not watermark.admit(frame.cursor):
+                    continue
+                await self._send_message(ws, claims, conversation_id, frame)
+        except ApiError as exc:
+            with contextlib.suppress(Exception):
+                await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
+                code = SOCKET_CLOSE_BASE + exc.status if exc.status < 500 else WSCloseCode.TRY_AGAIN_LATER
+                await ws.close(code=code, message=exc.code.encode()[:100])
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("socket pump failed")
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
