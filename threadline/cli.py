@@ -289,7 +289,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="embedded nats-server port (default 4222; a free one if taken)")
     up.add_argument("--auto-ports", action="store_true",
                     help="give services free ports instead of 8081-8086 (to run beside another instance)")
+    up.add_argument("--cluster", action="store_true",
+                    help="3-node NATS JetStream cluster, two replicas of each stateless service")
     args = parser.parse_args(argv)
+    if args.command == "up" and args.cluster:
+        from threadline.cluster import run_cluster  # imports this module: import it only when asked
+
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(run_cluster(args.data_dir, args.host, args.port))
+        return 130
     if args.command == "up":
         launcher = Launcher(data_dir=args.data_dir, host=args.host, port=args.port, nats_port=args.nats_port,
                             auto_ports=args.auto_ports)

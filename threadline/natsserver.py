@@ -94,3 +94,36 @@ class NatsServer:
     async def astop(self) -> None:
         """`stop` without blocking the event loop."""
         await asyncio.to_thread(self.stop)
+
+
+def cluster_node_config(*, server_name: str, host: str, client_port: int, cluster_port: int,
+                        routes: list[str], store_dir: str = "", monitor_port: int = 0,
+                        cluster_name: str = "threadline", lame_duck_seconds: int = 30) -> str:
+    """The nats-server config of one JetStream cluster node (routes to every node, itself included).
+
+    The same shape as the Kubernetes ConfigMap (`deploy/k8s/base/nats/nats.conf`): a named
+    server, JetStream on a per-node store, a `cluster` block whose routes list every node (a
+    route to itself is ignored by nats-server), lame-duck shutdown.
+    """
+    route_lines = "\n".join(f"    {route}" for route in routes)
+    monitor = f"http_port: {monitor_port}\n" if monitor_port else ""
+    store = f'  store_dir: "{store_dir}"\n' if store_dir else ""
+    return f"""server_name: {server_name}
+host: {host}
+port: {client_port}
+{monitor}lame_duck_duration: "{lame_duck_seconds}s"
+lame_duck_grace_period: "1s"
+
+jetstream {{
+{store}}}
+
+cluster {{
+  name: {cluster_name}
+  host: {host}
+  port: {cluster_port}
+  routes: [
+{route_lines}
+  ]
+}}
+"""
+
