@@ -26,7 +26,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
-from nats.micro.service import EndpointConfig, Service
+from nats.micro.service import EndpointConfig, Service, ServiceVerb, control_subject
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -139,13 +139,19 @@ class Bus:
             return msg.data
 
     async def serve(self, name: str, endpoints: Mapping[str, RequestHandler], *, version: str = "0.1.0") -> Service:
-        """Expose request/reply endpoints (subject → handler) as a `nats.micro` service."""
+        """Expose request/reply endpoints (subject → handler) as a `nats.micro` service.
+
+        Returns once the endpoints answer: nats-py's flush() writes its PING ahead of
+        subscriptions still in the send buffer, so it proves nothing; a request to the service's
+        own PING subject is queued behind them, so its answer means they are registered.
+        """
         service = await add_service(self.nc, name=name, version=version)
         for subject, handler in endpoints.items():
             await service.add_endpoint(EndpointConfig(
                 name=subject.replace(".", "-"), subject=subject, handler=_micro_handler(subject, handler),
             ))
         self._services.append(service)
+        await self.nc.request(control_subject(ServiceVerb.PING, name=name, id=service.id), b"", timeout=5)
         return service
 
     def consume(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler, *,

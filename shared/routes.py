@@ -37,12 +37,14 @@ SERVICES: Final = (
     ServicePort("telegram", 8088),
     ServicePort("sms", 8089),
     ServicePort("app", 8090),
+    ServicePort("handoff", 8091),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
 
 ROUTES: Final = (
     Route("/v2/", "conversations"),
+    Route("/v1.1/", "conversations"),
     Route("/sdk/", "web"),
     Route("/widget/", "web"),
     Route("/app/", "app"),
@@ -51,6 +53,7 @@ ROUTES: Final = (
     Route("/webhooks/telegram/", "telegram"),
     Route("/webhooks/twilio/", "sms"),
     Route("/sandbox/", "sandbox"),
+    Route("/handoff/", "handoff"),
 )
 
 # `/_svc/<name>/healthz|readyz` reach each service's own probes through the front door.

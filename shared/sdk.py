@@ -173,6 +173,16 @@ class PingFrame(Frame, tag="ping", kw_only=True):
     at: str
 
 
+class ChannelFrame(Frame, tag="channel", kw_only=True):
+    """The conversation moved to another channel (`moved`: the customer continues there), or a
+    link to one was refused (`failed`, with the reason to show)."""
+
+    status: Literal["moved", "failed"]
+    client_type: str
+    integration_id: str | None = None
+    message: str | None = None
+
+
 class ErrorFrame(Frame, tag="error", kw_only=True):
     """Sent before the server closes the socket with code 4000 + `status`."""
 
@@ -181,7 +191,9 @@ class ErrorFrame(Frame, tag="error", kw_only=True):
     title: str
 
 
-FrameUnion = MessageFrame | TypingFrame | ReadFrame | DeliveryFrame | ReadyFrame | PingFrame | ErrorFrame
+FrameUnion = (
+    MessageFrame | TypingFrame | ReadFrame | DeliveryFrame | ReadyFrame | PingFrame | ErrorFrame | ChannelFrame
+)
 
 _FRAME_ENCODER = msgspec.json.Encoder()
 _FRAME_DECODER: msgspec.json.Decoder[FrameUnion] = msgspec.json.Decoder(FrameUnion)

@@ -43,6 +43,7 @@ from shared.sdk import (
     HISTORY_PAGE_LIMIT,
     MAX_CLIENT_MESSAGE_ID_LENGTH,
     MAX_TEXT_LENGTH,
+    ChannelFrame,
     DeliveryFrame,
     ErrorFrame,
     Frame,
@@ -243,6 +244,11 @@ def event_frame(event: conv.ConversationUnion) -> Frame | None:
     if isinstance(event, conv.DeliveryReported):
         status = "read" if event.read else _DELIVERY_STATUS[event.kind]
         return DeliveryFrame(message_id=event.message_id, status=status)  # type: ignore[arg-type]
+    if isinstance(event, conv.ClientAdded) and event.reason == "channelLinking":
+        return ChannelFrame(status="moved", client_type=event.client.type, integration_id=event.client.integration_id)
+    if isinstance(event, conv.ClientRemoved) and event.reason in ("linkFailed", "theft"):
+        return ChannelFrame(status="failed", client_type=event.client.type, integration_id=event.client.integration_id,
+                            message=event.error.message if event.error is not None else None)
     return None
 
 

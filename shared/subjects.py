@@ -89,6 +89,14 @@ IDENTITY_CLIENT_STATUS: Final = "identity.client.status"
 IDENTITY_DEVICE_REGISTER: Final = "identity.device.register"
 IDENTITY_DEVICES_LIST: Final = "identity.devices.list"
 IDENTITY_DEVICE_DROP_TOKEN: Final = "identity.device.droptoken"
+IDENTITY_CLIENT_LINK: Final = "identity.client.link"
+IDENTITY_MERGES_LIST: Final = "identity.merges.list"
+
+HANDOFF_SERVICE: Final = "handoff"
+HANDOFF_ISSUE: Final = "handoff.issue"
+HANDOFF_REDEEM: Final = "handoff.redeem"
+# Link codes (written by `handoff` only; compare-and-set makes a redemption single-use across replicas).
+LINK_CODES_BUCKET: Final = "tl_link_codes"
 
 CONVERSATIONS_SERVICE: Final = "conversations"
 CONVERSATIONS_HISTORY: Final = "conversations.history"

@@ -29,8 +29,8 @@ ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
 
 # Start order: what a service asks at start-up runs before it.
-SERVICE_ORDER = ("identity", "conversations", "webhooks", "whatsapp", "messenger", "telegram", "sms", "web", "app",
-                 "sandbox")
+SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "whatsapp", "messenger", "telegram", "sms",
+                 "web", "app", "sandbox")
 
 
 class System:

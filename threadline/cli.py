@@ -28,8 +28,8 @@ class LaunchError(RuntimeError):
     """The system cannot start here (a port is taken, a service failed to start)."""
 
 
-START_ORDER = ("identity", "conversations", "webhooks", "whatsapp", "messenger", "telegram", "sms", "web", "app",
-               "sandbox")
+START_ORDER = ("identity", "conversations", "webhooks", "handoff", "whatsapp", "messenger", "telegram", "sms", "web",
+               "app", "sandbox")
 SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios")
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_SIZE = 3
 # Stateless services run two replicas (as in deploy/k8s); the others keep SQLite files and run one.
-STATELESS_REPLICAS = {"whatsapp": 2, "telegram": 2, "sms": 2, "web": 2, "app": 2}
+STATELESS_REPLICAS = {"whatsapp": 2, "telegram": 2, "sms": 2, "web": 2, "app": 2, "handoff": 2}
 
 
 def service_available(name: str) -> bool:

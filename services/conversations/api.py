@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+import nats.errors
 from aiohttp import web
 from yarl import URL
 
@@ -27,11 +29,15 @@ from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
+from shared.bus import RequestFailed
 from shared.http import ApiError, json_response, read_json
-from shared.ids import parse_iso
+from shared.ids import iso, parse_iso
+from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
 from shared.sunco import Profile
+
+log = logging.getLogger(__name__)
 
 Scope = Literal["account", "app", "public"]
 HandlerFn = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
@@ -279,6 +285,64 @@ class Api:
             app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
         assert isinstance(reply, ident.ClientsReply)
         return json_response({"clients": reply.clients, "meta": {"hasMore": False}, "links": {}})
+
+    # --- handoff (Threadline extension + SunCo v1.1) ----------------------------------------
+
+    async def _link_requests(self, app_id: str, user_ref: str, integration_ids: list[str],
+                             conversation_id: str | None, status: int) -> web.Response:
+        if not integration_ids or len(integration_ids) > 20 or not all(isinstance(i, str) and i
+                                                                        for i in integration_ids):
+            raise ApiError(400, "integrationIds must list 1 to 20 integration ids")
+        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
+            app_id=app_id, user_id_or_external_id=user_ref))
+        assert isinstance(reply, ident.ClientsReply)
+        user_id = reply.user.id
+        if conversation_id is None:
+            row = await self.store.default_conversation(app_id, user_id)
+            if row is None:
+                raise ApiError(404, "The user has no conversation yet: pass conversationId", "conversation_not_found")
+            conversation_id = str(row["id"])
+        elif await self.store.participant(conversation_id, user_id) is None:
+            raise ApiError(404, "Conversation not found", "conversation_not_found")
+        issue = handoff.IssueLinks(app_id=app_id, user_id=user_id, conversation_id=conversation_id,
+                                   integration_ids=integration_ids)
+        try:
+            data = await self.conversations.bus.request(subjects.HANDOFF_ISSUE, handoff.encode(issue), timeout=5.0)
+            answer = handoff.decode(data)
+        except (nats.errors.Error, TimeoutError, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("handoff unavailable: %s", exc)
+            raise ApiError(503, "Handoff service unavailable, try again") from exc
+        if isinstance(answer, handoff.HandoffError):
+            raise ApiError(answer.status, answer.title, answer.code)
+        if not isinstance(answer, handoff.LinksIssued):
+            raise ApiError(503, "Unexpected answer from handoff")
+        return json_response({"linkRequests": [handoff.link_request_wire(link) for link in answer.links]},
+                             status=status)
+
+    async def create_link_requests(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        body = await read_json(request, models.LinkRequestsBody)
+        return await self._link_requests(app_id, request.match_info["userIdOrExternalId"], body.integration_ids,
+                                         body.conversation_id, 201)
+
+    async def get_link_request_v1(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        raw = request.query.get("integrationIds", "")
+        return await self._link_requests(app_id, request.match_info["appUserId"],
+                                         [i.strip() for i in raw.split(",") if i.strip()], None, 200)
+
+    async def list_merges(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
+            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
+        assert isinstance(reply, ident.ClientsReply)
+        merges = await self.identity.api_call(subjects.IDENTITY_MERGES_LIST, ident.ListMerges(
+            app_id=app_id, user_id=reply.user.id))
+        assert isinstance(merges, ident.MergesReply)
+        return json_response({"merges": [{
+            "id": m.id, "survivingUserId": m.surviving_user_id, "discardedUserId": m.discarded_user_id,
+            "reason": m.reason, "mergedClientIds": m.merged_client_ids, "discardedMetadata": m.discarded_metadata,
+            "createdAt": iso(m.created_at)} for m in merges.merges]})
 
     async def list_devices(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -530,6 +594,14 @@ OPERATIONS: tuple[Operation, ...] = (
               "Delete a user, their clients and conversations", Api.delete_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
+    Operation("POST", A + "/users/{userIdOrExternalId}/linkRequests", "createLinkRequests", "Handoff",
+              "Links (deep link, QR code) that move the user's conversation to other channels (Threadline)",
+              Api.create_link_requests, 201, request=models.LinkRequestsBody),
+    Operation("GET", "/v1.1/apps/{appId}/appusers/{appUserId}/linkrequest", "getLinkRequest", "Handoff",
+              "SunCo v1.1 link request codes (integrationIds: comma-separated)", Api.get_link_request_v1,
+              query=("integrationIds",)),
+    Operation("GET", A + "/users/{userIdOrExternalId}/merges", "listMerges", "Users",
+              "The audit log of user merges the user took part in (Threadline)", Api.list_merges),
     Operation("GET", A + "/users/{userIdOrExternalId}/devices", "listDevices", "Devices",
               "List a user's SDK devices (app installs and their push tokens)", Api.list_devices,
               response=models.DeviceListResponse),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config import CommonConfig, ConfigError, env_float, env_secret, env_str
+from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret, env_str
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -23,6 +23,8 @@ class ConversationsConfig:
     account_key_id: str
     account_key_secret: str
     identity_timeout: float
+    # Messages of recent history a channel receives when a conversation is handed off to it.
+    handoff_recap_count: int = 10
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ConversationsConfig:
@@ -37,5 +39,9 @@ class ConversationsConfig:
         timeout = env_float("THREADLINE_IDENTITY_TIMEOUT", 5.0, environ)
         if timeout <= 0:
             raise ConfigError("THREADLINE_IDENTITY_TIMEOUT must be positive")
+        recap = env_int("THREADLINE_HANDOFF_RECAP_COUNT", 10, environ)
+        if not 0 <= recap <= 50:
+            raise ConfigError("THREADLINE_HANDOFF_RECAP_COUNT must be between 0 and 50")
         return cls(common=common, db_path=db_path(common.data_dir, "conversations"),
-                   account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout)
+                   account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout,
+                   handoff_recap_count=recap)

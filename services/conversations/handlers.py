@@ -20,6 +20,7 @@ import msgspec
 import nats.errors
 
 from services.conversations import models
+from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
 from services.conversations.store import Association, Store, StoredMessage, dumps, loads
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed, Retry
@@ -172,10 +173,12 @@ def api_message(stored: StoredMessage | Message) -> Message:
 class Conversations:
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
-    def __init__(self, store: Store, bus: Publisher, identity: IdentityClient) -> None:
+    def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
+                 recap_count: int = DEFAULT_RECAP_COUNT) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
+        self.linker = Linker(self, recap_count)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -295,6 +298,18 @@ class Conversations:
                     return Route(association, participant["user_id"])
             raise ApiError(400, "The user has no client of destination.integrationType")
         return Route(associations[0] if associations else None, participant["user_id"])
+
+    def outbound_channel_of(self, client: Client) -> str | None:
+        """`outbound_channel` for a client (the channel service that sends to it)."""
+        if client.type != "sdk":
+            return client.type
+        integration_type = self.store.integration_type_now(client.integration_id or "")
+        return integration_type if integration_type in APP_INTEGRATION_TYPES else None
+
+    async def business_name(self, app_id: str) -> str:
+        """How the business is named to customers (the app's display name)."""
+        row = await self.store.get_app(app_id)
+        return str(row["display_name"]) if row is not None and row["display_name"] else "us"
 
     def outbound_channel(self, association: Association | None) -> str | None:
         """The channel service that delivers to this client, None when nobody needs to.
@@ -461,6 +476,8 @@ class Conversations:
             return
         if duplicate is not None:
             await self._republish(msg.app_id, duplicate)
+            return
+        if await self.linker.handle(msg):
             return
         user, client = await self._inbound_identity(msg)
         if msg.conversation_id:

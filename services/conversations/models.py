@@ -294,6 +294,8 @@ class WebIntegrationIn(Wire, kw_only=True):
     can_user_see_conversation_list: bool | None = None
     can_user_create_more_conversations: bool | None = None
     attachments_enabled: bool | None = None
+    # Threadline: the page hosting the widget, where handoff links back to the web land.
+    link_url: str | None = None
 
 
 class WhatsappIntegrationIn(Wire, kw_only=True):
@@ -373,6 +375,8 @@ class AndroidIntegrationIn(Wire, kw_only=True):
     sender_id: str | None = None
     token_uri: str | None = None
     base_url: str | None = None
+    # Threadline: the app's https universal/app link that handoff links open (`?code=` added).
+    universal_link: str | None = None
     can_user_see_conversation_list: bool | None = None
     can_user_create_more_conversations: bool | None = None
     attachments_enabled: bool | None = None
@@ -393,6 +397,7 @@ class IosIntegrationIn(Wire, kw_only=True):
     signing_key: str | None = None
     production: bool | None = None
     base_url: str | None = None
+    universal_link: str | None = None
     certificate: str | None = None
     password: str | None = None
     auto_update_badge: bool | None = None
@@ -451,6 +456,13 @@ class ClientListResponse(Wire, kw_only=True):
     clients: list[Client]
     meta: Meta
     links: Links
+
+
+class LinkRequestsBody(Wire, kw_only=True):
+    """Body of `POST …/users/{id}/linkRequests` (Threadline extension)."""
+
+    integration_ids: list[str]
+    conversation_id: str | None = None
 
 
 class DeviceListResponse(Wire, kw_only=True):

@@ -33,6 +33,11 @@ QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
                        "(integrations, comma-separated). URL-encoded JSON is accepted too.",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
     },
+    "integrationIds": {
+        "name": "integrationIds", "in": "query", "required": True,
+        "description": "Comma-separated ids of the integrations to link to (SunCo v1.1).",
+        "schema": {"type": "string"},
+    },
 }
 
 

@@ -451,6 +451,27 @@ class Store:
         await self._run("UPDATE participants SET unread_count = unread_count + 1 WHERE conversation_id=?",
                         (conversation_id,))
 
+    async def merge_user(self, app_id: str, discarded_id: str, surviving_id: str,
+                         surviving_external_id: str | None) -> list[str]:
+        """Give the discarded user's conversations to the survivor (inside `tx()`); their ids.
+
+        The survivor keeps its own default conversation; the discarded one's stays as another
+        conversation of the survivor.
+        """
+        moved = [str(r["conversation_id"]) for r in await self._all(
+            "SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?", (app_id, discarded_id))]
+        if await self._one("SELECT 1 FROM conversations WHERE app_id=? AND default_user_id=?", (app_id, surviving_id)):
+            await self._run("UPDATE conversations SET default_user_id=NULL WHERE app_id=? AND default_user_id=?",
+                            (app_id, discarded_id))
+        else:
+            await self._run("UPDATE conversations SET default_user_id=? WHERE app_id=? AND default_user_id=?",
+                            (surviving_id, app_id, discarded_id))
+        await self._run("UPDATE participants SET user_id=?, user_external_id=? WHERE app_id=? AND user_id=?",
+                        (surviving_id, surviving_external_id, app_id, discarded_id))
+        await self._run("UPDATE messages SET user_id=? WHERE app_id=? AND user_id=?",
+                        (surviving_id, app_id, discarded_id))
+        return moved
+
     async def upsert_association(self, participant_id: str, client_id: str, type_: str,
                                  integration_id: str | None, external_id: str | None,
                                  info: dict[str, Any] | None, now: float) -> bool:

@@ -28,6 +28,8 @@ ENDPOINTS = (
     subjects.IDENTITY_DEVICE_REGISTER,
     subjects.IDENTITY_DEVICES_LIST,
     subjects.IDENTITY_DEVICE_DROP_TOKEN,
+    subjects.IDENTITY_CLIENT_LINK,
+    subjects.IDENTITY_MERGES_LIST,
 )
 
 

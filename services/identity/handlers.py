@@ -42,6 +42,10 @@ class IdentityHandlers:
             return await self.list_devices(request)
         if isinstance(request, msgs.DropPushToken):
             return await self.drop_push_token(request)
+        if isinstance(request, msgs.LinkClient):
+            return await self.link_client(request)
+        if isinstance(request, msgs.ListMerges):
+            return msgs.MergesReply(merges=await self.store.list_merges(request.app_id, request.user_id))
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
 
     async def resolve(self, req: msgs.ResolveClient) -> msgs.IdentityMessage:
@@ -134,6 +138,36 @@ class IdentityHandlers:
         if device is None:
             return msgs.IdentityError(status=404, code="device_not_found", title="Device not found")
         return msgs.DeviceReply(device=device)
+
+    async def link_client(self, req: msgs.LinkClient) -> msgs.IdentityMessage:
+        target = await self.store.find_user(req.app_id, req.user_id)
+        if target is None:
+            return _not_found()
+        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        if found is None:
+            user, client, _user_created, created = await self.store.create_client(
+                app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
+                channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
+                info=req.info, raw=req.raw, user_id=target.id)
+            if user.id == target.id:
+                self._forget_user(target.id)
+                return msgs.ClientLinked(user=user, client=client, client_created=created)
+            found = (user, client)  # a concurrent message created it under its own user meanwhile
+        owner, client = found
+        if owner.id == target.id:
+            return msgs.ClientLinked(user=owner, client=client)
+        if owner.external_id and target.external_id and owner.external_id != target.external_id:
+            log.warning("link refused: client %s belongs to another identified user", client.id)
+            return msgs.IdentityError(
+                status=409, code="link_refused",
+                title="This channel identity belongs to another identified user; two known users are never merged")
+        merged = await self.store.merge_users(req.app_id, surviving=target, discarded=owner, reason=req.reason)
+        self._forget_user(owner.id)
+        self._forget_user(target.id)
+        survivor = await self.store.find_user(req.app_id, target.id)
+        moved = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        assert survivor is not None and moved is not None
+        return msgs.ClientLinked(user=survivor, client=moved[1], merge=merged, discarded_user=owner)
 
     def _forget_user(self, user_id: str) -> None:
         for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:

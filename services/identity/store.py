@@ -9,7 +9,7 @@ import aiosqlite
 import msgspec
 
 from shared.ids import iso, new_id, now
-from shared.messages.identity import RegisterDevice
+from shared.messages.identity import MergeRecord, RegisterDevice
 from shared.store import open_db, transaction, write_lock
 from shared.sunco import Client, Device, Profile, User
 
@@ -63,7 +63,23 @@ MIGRATIONS = (
     CREATE INDEX devices_user ON devices (user_id);
     CREATE INDEX devices_push_token ON devices (app_id, push_token)
     """,
+    """
+    CREATE TABLE merges (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        surviving_user_id TEXT NOT NULL,
+        discarded_user_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        merged_client_ids TEXT NOT NULL,
+        discarded_metadata TEXT NOT NULL,
+        discarded_user TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX merges_surviving ON merges (app_id, surviving_user_id);
+    CREATE INDEX merges_discarded ON merges (app_id, discarded_user_id)
+    """,
 )
+MAX_METADATA_BYTES = 4096
 
 
 class Conflict(Exception):
@@ -286,3 +302,50 @@ class IdentityStore:
         async with self.db.execute("SELECT * FROM devices WHERE app_id = ? AND id = ?", (app_id, device_id)) as cur:
             row = await cur.fetchone()
         return None if row is None else _device(row)
+
+    async def merge_users(self, app_id: str, *, surviving: User, discarded: User, reason: str) -> MergeRecord:
+        """Move `discarded`'s clients and devices to `surviving`, fold its metadata and profile
+        in (the survivor's values win; keys past SunCo's 4 KB are dropped and reported), take
+        its externalId when the survivor has none, delete it and log the merge — one transaction."""
+        metadata = dict(discarded.metadata)
+        metadata.update(surviving.metadata)
+        dropped: dict[str, Any] = {}
+        for key in [k for k in discarded.metadata if k not in surviving.metadata]:
+            if len(json.dumps(metadata)) <= MAX_METADATA_BYTES:
+                break
+            dropped[key] = metadata.pop(key)
+        profile = {**msgspec.to_builtins(discarded.profile), **msgspec.to_builtins(surviving.profile)}
+        external_id = surviving.external_id or discarded.external_id
+        clients = await self.list_clients(app_id, discarded.id)
+        record = MergeRecord(id=new_id(), app_id=app_id, surviving_user_id=surviving.id,
+                             discarded_user_id=discarded.id, reason=reason,
+                             merged_client_ids=[c.id for c in clients], discarded_metadata=dropped, created_at=now())
+        async with transaction(self.db):
+            await self.db.execute("UPDATE clients SET user_id = ? WHERE app_id = ? AND user_id = ?",
+                                  (surviving.id, app_id, discarded.id))
+            await self.db.execute("UPDATE devices SET user_id = ? WHERE app_id = ? AND user_id = ?",
+                                  (surviving.id, app_id, discarded.id))
+            await self.db.execute("DELETE FROM users WHERE app_id = ? AND id = ?", (app_id, discarded.id))
+            await self.db.execute(
+                "UPDATE users SET external_id = ?, profile = ?, metadata = ?,"
+                " authenticated = MAX(authenticated, ?) WHERE app_id = ? AND id = ?",
+                (external_id, json.dumps(profile), json.dumps(metadata), int(discarded.authenticated),
+                 app_id, surviving.id))
+            await self.db.execute(
+                "INSERT INTO merges (id, app_id, surviving_user_id, discarded_user_id, reason, merged_client_ids,"
+                " discarded_metadata, discarded_user, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (record.id, app_id, surviving.id, discarded.id, reason, json.dumps(record.merged_client_ids),
+                 json.dumps(dropped), msgspec.json.encode(discarded).decode(), record.created_at))
+        return record
+
+    async def list_merges(self, app_id: str, user_id: str) -> list[MergeRecord]:
+        """The audit log of merges the user took part in (as survivor or discarded), oldest first."""
+        async with self.db.execute(
+            "SELECT * FROM merges WHERE app_id = ? AND (surviving_user_id = ? OR discarded_user_id = ?)"
+            " ORDER BY created_at", (app_id, user_id, user_id)) as cur:
+            rows = await cur.fetchall()
+        return [MergeRecord(id=r["id"], app_id=r["app_id"], surviving_user_id=r["surviving_user_id"],
+                            discarded_user_id=r["discarded_user_id"], reason=r["reason"],
+                            merged_client_ids=json.loads(r["merged_client_ids"]),
+                            discarded_metadata=json.loads(r["discarded_metadata"]), created_at=r["created_at"])
+                for r in rows]

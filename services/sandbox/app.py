@@ -44,7 +44,8 @@ def read_sandbox_file(path: str) -> dict[str, Any]:
 def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: str = "",
                 business_name: str | None = None) -> dict[str, Any]:
     """What the demo page needs: ids, the business number and name, what a curl to the API needs,
-    and `channels`: one simulated phone per channel integration in sandbox.json.
+    and `channels`: one simulated phone per channel integration in sandbox.json (the `android`
+    integration is the `app` phone: the business's own app with the in-app SDK and push).
 
     The API key secret stays out of the page (the page is unauthenticated); the page points at
     the file that holds it instead.
@@ -73,9 +74,13 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: st
         "telegram": {"username": public_field("telegram", "username")},
         "twilio": {"number": public_field("twilio", "phoneNumber")},
     }
-    channels = [{"kind": kind, "integrationId": integration_id(kind), **fields}
-                for kind, fields in public.items() if integration_id(kind)]
     app_id = sandbox.get("appId")
+    # The in-app SDK phone (a simulated Android app of the business) talks the SDK protocol
+    # itself: it needs the app id, never the integration's service-account private key.
+    public["app"] = {"appId": app_id if isinstance(app_id, str) and app_id else None}
+    integration_of = {"app": "android"}  # phone kind → the sandbox.json integration it uses
+    channels = [{"kind": kind, "integrationId": integration_id(integration_of.get(kind, kind)), **fields}
+                for kind, fields in public.items() if integration_id(integration_of.get(kind, kind))]
     base_url = sandbox.get("baseUrl")
     api_key = sandbox.get("apiKey")
     key_id = api_key.get("id") if isinstance(api_key, dict) else None

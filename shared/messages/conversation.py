@@ -103,9 +103,39 @@ class ClientUpdated(ConversationEvent, tag="conversation.client.updated", kw_onl
     reason: str
 
 
+class ClientRemoved(ConversationEvent, tag="conversation.client.removed", kw_only=True):
+    """A client left, or a link was refused (SunCo `client:remove`, reasons linkFailed/theft/…)."""
+
+    user: User
+    client: Client
+    reason: str
+    error: DeliveryError | None = None
+
+
+class Referred(ConversationEvent, tag="conversation.referral", kw_only=True):
+    """The customer arrived through a link (SunCo `conversation:referral`)."""
+
+    conversation: ConversationRef
+    user: User
+    code: str
+    source: Source
+    details: dict[str, Any] = {}
+
+
+class UsersMerged(ConversationEvent, tag="conversation.users.merged", kw_only=True):
+    """Two users became one (SunCo `user:merge`): `surviving` kept, `discarded` folded in."""
+
+    surviving: User
+    discarded: User
+    reason: str
+    merged_client_ids: list[str] = []
+    merged_conversation_ids: list[str] = []
+    discarded_metadata: dict[str, Any] = {}
+
+
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
-    | ClientUpdated
+    | ClientUpdated | ClientRemoved | Referred | UsersMerged
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -160,6 +190,25 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
     elif isinstance(event, ClientAdded | ClientUpdated):
         trigger = "client:add" if isinstance(event, ClientAdded) else "client:update"
         payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
+    elif isinstance(event, ClientRemoved):
+        trigger = "client:remove"
+        payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
+        if event.error is not None:
+            payload["error"] = to_wire(event.error)
+    elif isinstance(event, Referred):
+        trigger = "conversation:referral"
+        payload = {"conversation": conversation, "user": to_wire(event.user), "source": to_wire(event.source),
+                   "referral": {"code": event.code, "details": event.details}}
+    elif isinstance(event, UsersMerged):
+        trigger = "user:merge"
+        payload = {"mergedUsers": {"surviving": to_wire(event.surviving), "discarded": to_wire(event.discarded)},
+                   "reason": event.reason}
+        if event.merged_client_ids:
+            payload["mergedClients"] = {"surviving": event.merged_client_ids}
+        if event.merged_conversation_ids:
+            payload["mergedConversations"] = {"surviving": event.merged_conversation_ids}
+        if event.discarded_metadata:
+            payload["discardedMetadata"] = event.discarded_metadata
     else:
         return None
     return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}

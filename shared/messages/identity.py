@@ -139,6 +139,59 @@ class DevicesReply(IdentityMessage, tag="identity.devices", kw_only=True):
     devices: list[Device]
 
 
+class LinkClient(IdentityMessage, tag="identity.client.link", kw_only=True):
+    """Attach the channel identity to `user_id` (channel linking, a redeemed handoff code).
+
+    A new identity becomes a client of the user; one that belongs to another user is moved and
+    that user is merged into `user_id` — unless both users carry different externalIds, which
+    is refused (409, code `link_refused`): two known people are never merged by a link.
+    """
+
+    app_id: str
+    user_id: str
+    integration_id: str
+    client_type: ClientType
+    channel_user_id: str
+    display_name: str | None = None
+    avatar_url: str | None = None
+    info: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    reason: str = "channelLinking"
+
+
+class MergeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One merge, as kept in identity's audit log (and given in SunCo's `user:merge`)."""
+
+    id: str
+    app_id: str
+    surviving_user_id: str
+    discarded_user_id: str
+    reason: str
+    merged_client_ids: list[str] = []
+    discarded_metadata: dict[str, Any] = {}
+    created_at: float
+
+
+class ClientLinked(IdentityMessage, tag="identity.client.linked", kw_only=True):
+    """The client now belongs to `user`. `merge` (with the discarded user as it was) when a
+    user was merged into `user`."""
+
+    user: User
+    client: Client
+    client_created: bool = False
+    merge: MergeRecord | None = None
+    discarded_user: User | None = None
+
+
+class ListMerges(IdentityMessage, tag="identity.merges.list", kw_only=True):
+    app_id: str
+    user_id: str
+
+
+class MergesReply(IdentityMessage, tag="identity.merges", kw_only=True):
+    merges: list[MergeRecord]
+
+
 class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
     """A refusal: `status` is the HTTP status the API should answer with, `code` SunCo's code."""
 
@@ -149,7 +202,7 @@ class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
 
 IdentityUnion = (
     ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients | SetClientStatus
-    | RegisterDevice | ListDevices | DropPushToken
+    | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
 )
 

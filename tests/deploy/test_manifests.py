@@ -14,7 +14,7 @@ from shared.routes import DEFAULT_PORTS, ROUTES
 from tests.deploy.k8s import DEPLOY, OVERLAYS, REPO, containers, objects, one, render
 
 STATEFUL = ("identity", "conversations", "webhooks", "messenger")
-STATELESS = ("whatsapp", "telegram", "sms", "web", "app")
+STATELESS = ("whatsapp", "telegram", "sms", "web", "app", "handoff")
 # Secrets each service reads (its config.py) and the Secret keys they come from.
 SECRET_ENV = {
     "conversations": {"THREADLINE_ACCOUNT_KEY_ID": "account-key-id",

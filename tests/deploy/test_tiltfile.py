@@ -9,7 +9,8 @@ from tests.deploy.k8s import REPO
 from tests.deploy.tilt import TiltfileError, evaluate
 
 TILTFILE = (REPO / "Tiltfile").read_text()
-SERVICES = ("identity", "conversations", "webhooks", "messenger", "whatsapp", "telegram", "sms", "web", "app")
+SERVICES = ("identity", "conversations", "webhooks", "messenger", "whatsapp", "telegram", "sms", "web", "app",
+            "handoff")
 
 
 def test_tiltfile_builds_the_image_with_live_update() -> None:

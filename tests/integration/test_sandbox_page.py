@@ -1,7 +1,8 @@
 """The sandbox page in headless Chromium: one simulated phone per channel behind a tab strip,
 layout (the phone of every channel and the open widget never overlap, no sideways scroll on a
-phone), the phone keeps the newest message in view and does not refetch broken images, and each
-channel's phone sends through its fake, renders what the business sends and taps its buttons."""
+phone), the phone keeps the newest message in view and does not refetch broken images, each
+channel's phone sends through its fake, renders what the business sends and taps its buttons,
+and the App phone (the in-app SDK) gets only the android integration's public ids."""
 
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from tests.integration.test_sandbox_channel_persistence import (
     Channels,
     add_channels,
 )
-from tests.integration.test_web_conversation import create_app_with_web
+from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web
+from threadline.bootstrap import sandbox_integrations
 
-CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")
+CHANNELS = ("whatsapp", "messenger", "telegram", "twilio", "app")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
@@ -58,12 +60,25 @@ async def sandbox(system: System, bus: Bus) -> WaEnv:
 
 @pytest.fixture
 async def channels(sandbox: WaEnv, bus: Bus) -> Channels:
-    """The sandbox fixture plus messenger, telegram and twilio integrations, all in sandbox.json."""
+    """The sandbox fixture plus messenger, telegram, twilio and android (the App phone, served by
+    the `app` service) integrations, all in sandbox.json."""
     added = await add_channels(sandbox.system, bus)
     info = json.loads((Path(sandbox.system.data_dir) / "sandbox.json").read_text())
     info["integrations"].update(added.sandbox_json_entries())
+    info["integrations"]["android"] = await add_android(sandbox.system, info["appId"])
     write_sandbox_json(sandbox.system, info["integrations"], info["appId"])
     return added
+
+
+async def add_android(system: System, app_id: str) -> dict[str, Any]:
+    """Start `app` and create the android integration `threadline up` makes; its sandbox.json entry."""
+    await system.start("app")
+    body = sandbox_integrations(system.base_url)["android"]
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{system.base_url}/v2/apps/{app_id}/integrations", json=body, headers=ACCOUNT) as resp:
+        assert resp.status == 201, await resp.text()
+        integration_id = (await resp.json())["integration"]["id"]
+    return {"id": integration_id, **{k: v for k, v in body.items() if k not in ("type", "displayName")}}
 
 
 def write_sandbox_json(system: System, integrations: dict[str, Any], app_id: str) -> None:
@@ -317,5 +332,43 @@ async def test_sms_phone_sends_and_shows_the_business_texts(channels: Channels, 
         await page.locator("#phone-text").press("Enter")
         await expect(page.locator("#phone-error")).to_contain_text("E.164")
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        await page.context.close()
+
+
+async def test_app_phone_gets_public_ids_only(channels: Channels, browser: Browser) -> None:
+    base = channels.system.base_url
+    info = json.loads((Path(channels.system.data_dir) / "sandbox.json").read_text())
+    android = info["integrations"]["android"]
+    async with httpx.AsyncClient(base_url=base) as http:
+        config = (await http.get("/sandbox/config.json")).json()
+        html = (await http.get("/sandbox/")).text
+    assert [ch for ch in config["channels"] if ch["kind"] == "app"] == [
+        {"kind": "app", "integrationId": android["id"], "appId": info["appId"]}]
+    # The service account's private key (and its id) never reach the unauthenticated page.
+    for page_text in (html, json.dumps(config)):
+        assert "PRIVATE KEY" not in page_text
+        assert android["privateKey"].splitlines()[1] not in page_text
+    page = await open_page(browser, f"{base}/sandbox/?channel=app", 1280, 800)
+    try:
+        await expect(page.locator("#tab-app")).to_have_text("App")
+        await expect(page.locator("#phone-app-state")).to_contain_text("online")
+        # The App phone has no sender fields: it is one install of the app, with its own controls.
+        await expect(page.locator(".phone-identity")).to_be_hidden()
+        await expect(page.locator("#phone-app-bar")).to_be_visible()
+        await page.get_by_role("button", name="Close app").click()
+        await expect(page.locator("#phone-lock")).to_be_visible()
+        await expect(page.locator("#phone-lock-empty")).to_contain_text("No notifications")
+        # Another channel's phone shows neither the app's controls nor its lock screen.
+        await page.locator("#tab-whatsapp").click()
+        await expect(page.locator("#phone-app-bar")).to_be_hidden()
+        await expect(page.locator("#phone-lock")).to_be_hidden()
+        await expect(page.locator(".phone-identity")).to_be_visible()
+        # Back on the App tab the app is still closed (kept in localStorage like its session).
+        await page.locator("#tab-app").click()
+        await expect(page.locator("#phone-lock")).to_be_visible()
+        await page.locator("#phone-lock-open").click()
+        await expect(page.locator("#phone-lock")).to_be_hidden()
+        await expect(page.locator("#phone-app-state")).to_contain_text("online")
     finally:
         await page.context.close()

@@ -1,7 +1,8 @@
 // The simulated phone of the sandbox page: one phone frame, one tab per channel the sandbox has
-// (WhatsApp, Messenger, Telegram, SMS). The chosen channel's phone polls its fake's thread for
+// (WhatsApp, Messenger, Telegram, SMS, App). The chosen channel's phone polls its fake's thread for
 // one customer and sends what is typed (or tapped) as that customer through the fake, which
-// delivers a real, signed webhook to the gateway.
+// delivers a real, signed webhook to the gateway. The App phone is the business's own app
+// instead: a client of the in-app SDK with push notifications (see `app` below).
 (function () {
   "use strict";
   const config = window.SANDBOX || {};
@@ -14,6 +15,7 @@
   const quick = $("phone-quick");
   const errorLine = $("phone-error");
   const tabs = $("phone-tabs");
+  const identityRow = frame.querySelector(".phone-identity");
   const businessName = config.businessName || "Threadline";
 
   // --- helpers ---------------------------------------------------------------------------------
@@ -273,9 +275,510 @@
     markRead() { /* SMS has no read receipts */ },
   };
 
-  const ADAPTERS = {whatsapp, messenger, telegram, twilio};
+
+  // --- the App phone: the business's own Android app with Threadline's in-app SDK -----------------
+  // Unlike the other phones this is no fake's thread: the simulated app is a client of the SDK
+  // protocol (the `app` service under /app/v1): an install gets a device token from the sandbox's
+  // fake FCM, starts a session with that device, and keeps the realtime socket open while the app
+  // is open. Closing the app closes the socket, so the business's next reply is pushed through the
+  // fake FCM: the lock screen polls that token's outbox and shows each push as a notification.
+
+  const APP_VERSION = "1.0.0-sandbox";
+  const APP_TYPING_MS = 10000; // a typing:start without its stop fades after this long
+
+  const app = (function () {
+    let ch = null; // {integrationId, appId} of the App tab while it is shown
+    let stored = {}; // {guid, token, session, closed, uninstalled, seenUpTo}, kept in localStorage
+    let storedFor = null; // the storage key `stored` belongs to
+    let messages = new Map(); // "c:<clientMessageId>" (customer) | "m:<id>" (business) → entry
+    let cursor = null; // highest cursor seen on the socket: where a reopened app resumes
+    let socket = null;
+    let socketReady = false;
+    let lastFrameAt = 0;
+    let pingMs = 20000;
+    let retryAt = 0; // no install, session or socket attempt before this time (back-off)
+    let attempt = 0;
+    let busy = false; // an install, session creation or outbox fetch is under way
+    let businessReadAt = 0;
+    let typingUntil = 0;
+    let readSentCursor = 0;
+    let notifications = []; // pushes that arrived while the app was closed, newest first
+    let baselineNeeded = false; // the next outbox fetch marks what is there as seen
+    let shownNotifications = "";
+
+    const enc = encodeURIComponent;
+    const storageKey = () => "sandbox.phone.app:" + ch.appId + ":" + ch.integrationId;
+    function save() { localStorage.setItem(storedFor, JSON.stringify(stored)); }
+    function load() {
+      storedFor = storageKey();
+      try { stored = JSON.parse(localStorage.getItem(storedFor) || "{}") || {}; } catch (e) { stored = {}; }
+      if (typeof stored !== "object") stored = {};
+    }
+
+    function uuid() {
+      if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+      // crypto.randomUUID needs a secure context; a LAN address over http is not one.
+      const b = crypto.getRandomValues(new Uint8Array(16));
+      b[6] = (b[6] & 15) | 64;
+      b[8] = (b[8] & 63) | 128;
+      const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+      return h.slice(0, 8) + "-" + h.slice(8, 12) + "-" + h.slice(12, 16) + "-" + h.slice(16, 20) + "-" + h.slice(20);
+    }
+
+    const appPath = (path) => "/app/v1/apps/" + enc(ch.appId) + path;
+    const fakePath = (path) => "/sandbox/android/" + enc(ch.integrationId) + path;
+
+    async function call(url, method, body, token) {
+      const headers = {};
+      if (body !== undefined) headers["Content-Type"] = "application/json";
+      if (token) headers.Authorization = "Bearer " + token;
+      const response = await fetch(url, {method, headers, body: body !== undefined ? JSON.stringify(body) : undefined});
+      const data = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        const error = new Error(((data.errors || [])[0] || {}).title || ("HTTP " + response.status));
+        error.status = response.status;
+        throw error;
+      }
+      return data;
+    }
+
+    function backOff() {
+      attempt += 1;
+      retryAt = Date.now() + Math.min(10000, 500 * 2 ** Math.min(attempt, 5));
+    }
+
+    // --- install and session -------------------------------------------------------------------
+
+    async function install() {
+      busy = true;
+      const mine = ch;
+      try {
+        if (!stored.guid) { stored.guid = uuid(); save(); }
+        if (!stored.token) {
+          const device = await call(fakePath("/devices"), "POST", {name: "Sandbox phone"});
+          if (mine !== ch) return;
+          stored.token = device.token;
+          save();
+        }
+        if (!stored.session) {
+          const session = await call(appPath("/integrations/" + enc(ch.integrationId) + "/sessions"), "POST", {
+            device: {guid: stored.guid, pushNotificationToken: stored.token, appVersion: APP_VERSION,
+                     info: {os: "Android", osVersion: "15", devicePlatform: "sandbox", appName: businessName}},
+          });
+          if (mine !== ch) return;
+          stored.session = {appUserId: session.appUserId, clientId: session.clientId,
+                            conversationId: session.conversationId, sessionToken: session.sessionToken};
+          save();
+        }
+        attempt = 0;
+        retryAt = 0;
+        showError("");
+      } catch (e) {
+        if (mine === ch) { showError("App unavailable: " + e.message); backOff(); }
+      } finally {
+        busy = false;
+      }
+      if (mine === ch) tick();
+    }
+
+    // A session the service no longer accepts (secret rotated, integration removed): this
+    // install starts over as a new anonymous user, with the same device.
+    function dropSession() {
+      stored.session = null;
+      save();
+      messages = new Map();
+      cursor = null;
+      readSentCursor = 0;
+      businessReadAt = 0;
+      show();
+    }
+
+    // --- the socket ----------------------------------------------------------------------------
+
+    function connect() {
+      const session = stored.session;
+      let url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host +
+        appPath("/conversations/" + enc(session.conversationId) + "/socket") + "?token=" + enc(session.sessionToken);
+      if (cursor !== null) url += "&after=" + cursor;
+      const ws = new WebSocket(url);
+      socket = ws;
+      socketReady = false;
+      lastFrameAt = Date.now();
+      let refusedWith = 0;
+      ws.onmessage = (event) => {
+        if (socket !== ws) return;
+        lastFrameAt = Date.now();
+        let frame;
+        try { frame = JSON.parse(event.data); } catch (e) { return; }
+        if (frame.type === "error") refusedWith = frame.status;
+        else onFrame(frame);
+      };
+      ws.onclose = (event) => {
+        if (socket !== ws) return;
+        socket = null;
+        socketReady = false;
+        const code = event.code < 4000 && refusedWith ? 4000 + refusedWith : event.code;
+        if (code === 4401 || code === 4404) { dropSession(); retryAt = 0; } else backOff();
+        updateChrome();
+      };
+      updateChrome();
+    }
+
+    function dropSocket() {
+      const ws = socket;
+      socket = null;
+      socketReady = false;
+      if (ws) { try { ws.close(); } catch (e) { /* already closing */ } }
+    }
+
+    function onFrame(frame) {
+      if (frame.type === "message") {
+        if (typeof frame.cursor === "number" && (cursor === null || frame.cursor > cursor)) cursor = frame.cursor;
+        const m = frame.message || {};
+        const business = (m.author || {}).type === "business";
+        const original = m.source && m.source.originalMessageId;
+        const key = !business && original ? "c:" + original : "m:" + m.id;
+        messages.set(key, {key, cursor: frame.cursor, message: m});
+        if (business) typingUntil = 0;
+        show();
+        markRead();
+      } else if (frame.type === "ready") {
+        socketReady = true;
+        attempt = 0;
+        if (typeof frame.cursor === "number" && (cursor === null || frame.cursor > cursor)) cursor = frame.cursor;
+        if (frame.pingInterval) pingMs = frame.pingInterval * 1000;
+        if (frame.businessLastRead) businessReadAt = Math.max(businessReadAt, Date.parse(frame.businessLastRead) || 0);
+        show();
+        markRead();
+      } else if (frame.type === "typing") {
+        typingUntil = frame.active ? Date.now() + APP_TYPING_MS : 0;
+        updateChrome();
+      } else if (frame.type === "read") {
+        businessReadAt = Math.max(businessReadAt, Date.parse(frame.at) || 0);
+        show();
+      }
+      /* ping and delivery frames: the socket is alive, nothing to show */
+    }
+
+    // The customer has seen the business's messages: the business gets conversation:read.
+    function markRead() {
+      if (!socketReady || stored.closed || document.visibilityState !== "visible") return;
+      let newest = 0;
+      for (const entry of messages.values()) {
+        if (entry.message && (entry.message.author || {}).type === "business" && entry.cursor > newest) newest = entry.cursor;
+      }
+      if (newest <= readSentCursor) return;
+      readSentCursor = newest;
+      const session = stored.session;
+      call(appPath("/conversations/" + enc(session.conversationId) + "/activity"), "POST",
+        {type: "conversation:read"}, session.sessionToken).catch(() => { readSentCursor = 0; });
+    }
+
+    // --- sending -------------------------------------------------------------------------------
+
+    async function send(spec) {
+      const text = String(spec.text || "").trim();
+      const session = stored.session;
+      if (!text) return;
+      if (!session || stored.closed || stored.uninstalled) {
+        showError("Not sent: the app is not open yet");
+        return;
+      }
+      const id = uuid();
+      const entry = {key: "c:" + id, pending: {text, status: "sending", at: Date.now() / 1000}};
+      messages.set(entry.key, entry);
+      show();
+      scrollToNewest();
+      try {
+        await call(appPath("/conversations/" + enc(session.conversationId) + "/messages"), "POST",
+          {clientMessageId: id, text}, session.sessionToken);
+        if (entry.pending) entry.pending.status = "sent";
+        showError("");
+      } catch (e) {
+        if (entry.pending) entry.pending.status = "failed";
+        showError("Not sent: " + e.message);
+        if (e.status === 401) dropSession();
+      }
+      show();
+    }
+
+    // --- the lock screen -----------------------------------------------------------------------
+
+    async function pollOutbox() {
+      if (busy || !stored.token) return;
+      busy = true;
+      const mine = ch;
+      try {
+        const data = await call(fakePath("/outbox?to=" + enc(stored.token)), "GET");
+        if (mine !== ch) return;
+        const pushes = (data.messages || []).filter((p) => p && p.message);
+        const newest = pushes.reduce((max, p) => Math.max(max, Number(p.receivedAt) || 0), stored.seenUpTo || 0);
+        if (baselineNeeded) {
+          baselineNeeded = false;
+          stored.seenUpTo = newest;
+          save();
+        }
+        // A newer notification with the same tag (the conversation) replaces the older one, as on Android.
+        const byTag = new Map();
+        for (const push of pushes) {
+          if (!((Number(push.receivedAt) || 0) > (stored.seenUpTo || 0))) continue;
+          const message = push.message;
+          const tag = ((message.android || {}).notification || {}).tag || (message.data || {}).conversationId || push.name;
+          const earlier = byTag.get(tag);
+          byTag.set(tag, {push, count: earlier ? earlier.count + 1 : 1});
+        }
+        notifications = Array.from(byTag.values()).reverse();
+      } catch (e) {
+        /* the sandbox restarts; the next tick asks again */
+      } finally {
+        busy = false;
+      }
+      if (mine === ch) updateChrome();
+    }
+
+    function renderNotifications() {
+      const list = $("phone-notifications");
+      const signature = JSON.stringify(notifications.map((n) => [n.push.name, n.count]));
+      if (signature === shownNotifications) return;
+      shownNotifications = signature;
+      list.textContent = "";
+      for (const {push, count} of notifications) {
+        const message = push.message;
+        const note = message.notification || {};
+        const item = el("li");
+        const button = el("button", "lock-note");
+        button.type = "button";
+        button.dataset.messageId = (message.data || {}).messageId || "";
+        const head = el("div", "note-head");
+        head.append(el("span", "note-icon", (businessName || "?").charAt(0).toUpperCase()),
+          el("span", "note-app", businessName), el("span", "note-time", clock(Number(push.receivedAt) || Date.now() / 1000)));
+        button.append(head, el("div", "note-title", note.title || businessName), el("div", "note-body", note.body || ""));
+        if (count > 1) button.append(el("div", "note-more", count + " new messages"));
+        button.setAttribute("aria-label", "Notification: " + (note.title || "") + ": " + (note.body || ""));
+        button.addEventListener("click", openApp);
+        item.append(button);
+        list.append(item);
+      }
+    }
+
+    // --- app lifecycle -------------------------------------------------------------------------
+
+    function openApp() {
+      if (stored.uninstalled) {
+        // Installing again is a new install: a new device token, a new anonymous user.
+        stored = {};
+        save();
+        messages = new Map();
+        cursor = null;
+        readSentCursor = 0;
+        businessReadAt = 0;
+      }
+      stored.closed = false;
+      save();
+      notifications = [];
+      // What was pushed so far is seen now that the app shows the conversation.
+      baselineNeeded = true;
+      retryAt = 0;
+      attempt = 0;
+      show();
+      tick();
+    }
+
+    function closeApp() {
+      stored.closed = true;
+      save();
+      dropSocket();
+      notifications = [];
+      baselineNeeded = true;
+      typingUntil = 0;
+      tick();
+    }
+
+    async function uninstall() {
+      const token = stored.token;
+      dropSocket();
+      try {
+        if (token) await call(fakePath("/devices/" + enc(token) + "/revoke"), "POST", {});
+      } catch (e) {
+        if (e.status !== 404) { showError("Not uninstalled: " + e.message); return; }
+      }
+      stored = {uninstalled: true};
+      save();
+      messages = new Map();
+      cursor = null;
+      notifications = [];
+      show();
+    }
+
+    function show() {
+      if (current !== ch || !ch) return;
+      render(items());
+      updateChrome();
+    }
+
+    function status() {
+      if (stored.uninstalled) return "Not installed";
+      if (!stored.session) return "Installing…";
+      if (stored.closed) return "Closed · notifications on";
+      return socketReady ? "Open · online" : "Open · connecting…";
+    }
+
+    function updateChrome() {
+      if (current !== ch || !ch) return;
+      const closed = !!stored.closed;
+      $("phone-app-state").textContent = status();
+      const toggle = $("phone-app-toggle");
+      toggle.textContent = closed ? "Open app" : "Close app";
+      toggle.disabled = !!stored.uninstalled;
+      $("phone-app-uninstall").hidden = !!stored.uninstalled;
+      const lock = $("phone-lock");
+      lock.hidden = !(closed || stored.uninstalled);
+      if (!lock.hidden) {
+        const nowDate = new Date();
+        $("phone-lock-time").textContent = nowDate.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+        $("phone-lock-date").textContent = nowDate.toLocaleDateString([], {weekday: "long", month: "long", day: "numeric"});
+        if (stored.uninstalled) notifications = [];
+        renderNotifications();
+        $("phone-lock-empty").textContent = stored.uninstalled
+          ? businessName + " is not installed on this phone."
+          : (notifications.length ? "" : "No notifications. Reply as the business: the app gets a push.");
+        $("phone-lock-open").textContent = stored.uninstalled ? "Install app" : "Open app";
+      }
+      const typing = !closed && typingUntil > Date.now();
+      $("phone-business").textContent = typing ? "typing…" : app.subtitle();
+    }
+
+    function items() {
+      const entries = Array.from(messages.values());
+      // Confirmed messages in cursor order, then what is still on its way, in the order sent.
+      const confirmed = entries.filter((e) => e.message).sort((a, b) => a.cursor - b.cursor);
+      const pending = entries.filter((e) => !e.message);
+      return confirmed.concat(pending).map(item);
+    }
+
+    function item(entry) {
+      if (!entry.message) {
+        const p = entry.pending;
+        return {
+          key: entry.key, direction: "in", at: p.at, state: p.status,
+          render: (bubble) => bubble.append(el("div", "", p.text)),
+          footer: (footer) => {
+            if (p.status === "failed") footer.append(el("div", "failed", "not sent"));
+            footer.append(el("span", "meta", clock(p.at) + (p.status === "sent" ? " ✓" : p.status === "sending" ? " …" : "")));
+          },
+        };
+      }
+      const m = entry.message;
+      const business = (m.author || {}).type === "business";
+      const receivedMs = Date.parse(m.received) || Date.now();
+      const read = !business && businessReadAt >= receivedMs;
+      const content = m.content || {};
+      const actions = Array.isArray(content.actions) ? content.actions : [];
+      return {
+        key: entry.key, direction: business ? "out" : "in", at: receivedMs / 1000, state: read ? "read" : "ok",
+        render: (bubble) => {
+          if (business && (m.author || {}).displayName) bubble.append(el("div", "note", m.author.displayName));
+          appContent(content, bubble);
+        },
+        footer: (footer) => {
+          footer.append(el("span", "meta" + (read ? " read" : ""), clock(receivedMs / 1000) + (business ? "" : read ? " ✓✓" : " ✓")));
+        },
+        quickReplies: business ? actions.filter((a) => a.type === "reply" && a.text)
+          .map((a) => ({title: a.text, spec: {text: a.text}})) : [],
+      };
+    }
+
+    function appContent(content, bubble) {
+      const type = content.type || "text";
+      if (type === "image") {
+        renderImage(content.mediaUrl || "", content.altText || content.text || "", bubble);
+        if (content.text) bubble.append(el("div", "", content.text));
+      } else if (type === "file") {
+        if (/^https?:/i.test(content.mediaUrl || "")) bubble.append(link(content.mediaUrl, "📄 " + (content.altText || content.text || "file")));
+        else bubble.append(el("div", "", "📄 " + (content.text || "file")));
+      } else if (type === "location") {
+        const place = content.location || {};
+        const at = content.coordinates || {};
+        bubble.append(el("div", "", "📍 " + (place.name || place.address || (at.lat + "," + at.long))));
+      } else if (type === "text") {
+        bubble.append(el("div", "", content.text || ""));
+      } else bubble.append(el("div", "", content.text || "[" + type + "]"));
+      const links = (content.actions || []).filter((a) => (a.type === "link" || a.type === "webview") && /^https?:/i.test(a.uri || ""));
+      if (links.length) {
+        const box = el("div", "buttons");
+        for (const a of links) box.append(link(a.uri, a.text || a.uri));
+        bubble.append(box);
+      }
+    }
+
+    // The phone's periodic tick (and after every change): install, connect, watch the socket or
+    // the lock screen.
+    function tick() {
+      if (!ch || current !== ch) return;
+      updateChrome();
+      if (stored.uninstalled) return;
+      if (!stored.token || !stored.session) {
+        if (!busy && Date.now() >= retryAt) install();
+        return;
+      }
+      if (stored.closed) {
+        pollOutbox();
+        return;
+      }
+      if (baselineNeeded) pollOutbox();
+      if (!socket) {
+        if (Date.now() >= retryAt) connect();
+      } else if (Date.now() - lastFrameAt > (socketReady ? pingMs * 2.5 : 10000)) {
+        // A socket that went silent is dead even if not closed: resume from the cursor.
+        dropSocket();
+        backOff();
+      }
+    }
+
+    $("phone-app-toggle").addEventListener("click", () => (stored.closed ? openApp() : closeApp()));
+    $("phone-lock-open").addEventListener("click", openApp);
+    $("phone-app-uninstall").addEventListener("click", uninstall);
+    document.addEventListener("visibilitychange", () => { if (ch && current === ch) markRead(); });
+
+    return {
+      label: "App", who: "App user", fromLabel: "", defaultFrom: "", fromKey: "sandbox.phone.app.unused",
+      placeholder: "Write a message…", hasIdentity: false,
+      title: () => businessName,
+      subtitle: () => "Android app · in-app messaging",
+      address: () => businessName,
+      addressLine: () => businessName + " in its own Android app",
+      items,
+      markRead() { /* the app marks read itself, over the SDK */ },
+      send,
+      tick,
+      activate(next) {
+        ch = next;
+        if (storedFor !== storageKey()) {
+          load();
+          messages = new Map();
+          cursor = null;
+          readSentCursor = 0;
+          businessReadAt = 0;
+        }
+        shownNotifications = "";
+        baselineNeeded = !stored.closed;
+        retryAt = 0;
+        attempt = 0;
+        show();
+        tick();
+      },
+      deactivate() {
+        // Another phone in front: this app goes to the background (its socket closes).
+        dropSocket();
+        ch = null;
+        $("phone-lock").hidden = true;
+      },
+    };
+  })();
+
+  const ADAPTERS = {whatsapp, messenger, telegram, twilio, app};
   const channels = (Array.isArray(config.channels) ? config.channels : [])
-    .filter((ch) => ch && ADAPTERS[ch.kind] && ch.integrationId);
+    .filter((ch) => ch && ADAPTERS[ch.kind] && ch.integrationId && (ch.kind !== "app" || ch.appId));
   if (!channels.length && config.whatsappIntegrationId) {
     channels.push({kind: "whatsapp", integrationId: config.whatsappIntegrationId, number: config.whatsappNumber});
   }
@@ -366,6 +869,7 @@
 
   function sendAsCustomer(spec) {
     if (!current) return Promise.resolve();
+    if (adapter.send) return adapter.send(spec);
     const from = numberInput.value.trim();
     return api("/inbound", adapter.inbound(from, nameInput.value.trim(), spec))
       .then(() => { showError(""); return poll(); })
@@ -417,6 +921,7 @@
   }
 
   async function poll() {
+    if (current && adapter.tick) { adapter.tick(); return; }
     if (!current || !numberInput.value.trim()) return;
     const mine = generation;
     const from = numberInput.value.trim();
@@ -434,6 +939,7 @@
     const next = channels.find((ch) => ch.kind === kind) || channels[0];
     if (!next) return;
     if (current && current.kind === next.kind) return;
+    if (current && adapter.deactivate) adapter.deactivate();
     current = next;
     adapter = ADAPTERS[next.kind];
     if (remember) localStorage.setItem("sandbox.phone.channel", next.kind);
@@ -449,15 +955,19 @@
     if (adapter.hasName === false) $("phone-avatar").innerHTML = PERSON_ICON;
     else $("phone-avatar").textContent = (adapter.title(next) || "?").charAt(0).toUpperCase();
     nameInput.parentElement.hidden = adapter.hasName === false;
+    identityRow.hidden = adapter.hasIdentity === false;
+    $("phone-app-bar").hidden = !adapter.activate;
     $("phone-number-label").textContent = adapter.fromLabel;
     frame.setAttribute("aria-label", "Simulated " + adapter.label + " phone");
     textInput.placeholder = adapter.placeholder;
     textInput.setAttribute("aria-label", adapter.label + " message");
     numberInput.value = localStorage.getItem(adapter.fromKey) || adapter.defaultFrom;
     const address = $("channel-address");
-    if (address) address.textContent = (adapter.address(next) || "the business") + " on " + adapter.label;
+    if (address) address.textContent = adapter.addressLine ? adapter.addressLine(next)
+      : (adapter.address(next) || "the business") + " on " + adapter.label;
     resetThread();
-    poll();
+    if (adapter.activate) adapter.activate(next);
+    else poll();
   }
 
   for (const ch of channels) {
@@ -492,7 +1002,7 @@
   if (!channels.length) {
     const notice = $("sandbox-notice");
     notice.hidden = false;
-    notice.textContent = "No simulated channel yet (sandbox.json has no whatsapp, messenger, telegram or twilio integration).";
+    notice.textContent = "No simulated channel yet (sandbox.json has no whatsapp, messenger, telegram, twilio or android integration).";
     $("phone-compose").querySelector("button").disabled = true;
   }
 

@@ -1,0 +1,174 @@
+"""The handoff end to end on every channel: a web conversation gets a link from the business
+API, the channel's sandbox phone sends what the platform would send with it, and the channel
+joins the same conversation — recap in its outbox, `client:add` + `conversation:referral`, the
+widget told it moved, the code never shown as customer text, the next reply routed there — and
+a second use of the code links nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shared.http import basic_auth_header
+from shared.sdk import ChannelFrame, decode_frame
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.integration.test_web_conversation import frames_until_ready
+from threadline.bootstrap import AccountKey, bootstrap_sandbox
+from threadline.natsserver import free_port
+
+SERVICE = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram", "twilio": "sms"}
+SENDERS = {"whatsapp": ("+15557000001", "+15557000002"), "messenger": ("6100000000000101", "6100000000000102"),
+           "telegram": (515151, 525252), "twilio": ("+15558000001", "+15558000002")}
+
+
+def phone_spec(channel: str, url: str, sender: Any) -> dict[str, Any]:
+    """What the customer's tap on the deep link makes the platform send."""
+    query = parse_qs(urlsplit(url).query)
+    if channel == "whatsapp":
+        return {"from": sender, "text": query["text"][0]}
+    if channel == "twilio":
+        return {"from": sender, "text": query["body"][0]}
+    if channel == "messenger":
+        return {"from": sender, "ref": query["ref"][0]}
+    return {"from": sender, "start": query["start"][0]}
+
+
+def outbox_texts(channel: str, messages: list[dict[str, Any]]) -> list[str]:
+    texts = []
+    for body in messages:
+        if channel == "whatsapp":
+            texts.append(str(body.get("text", {}).get("body", "")))
+        elif channel == "messenger":
+            texts.append(str(body.get("message", {}).get("text", "")))
+        elif channel == "telegram":
+            texts.append(str(body.get("text", "")))
+        else:
+            texts.append(str(body.get("Body", "")))
+    return texts
+
+
+async def until(check: Any, timeout: float = 20.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("channel", sorted(SERVICE))
+async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_path: Path, channel: str) -> None:
+    events: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        events.extend((await request.json())["events"])
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    try:
+        await system.start("identity", "conversations", "webhooks", "handoff", SERVICE[channel], "web", "sandbox")
+        info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                       str(tmp_path / "sbx"), ("web", channel))
+        base, app_id = system.base_url, info["appId"]
+        web_id, target_id = info["integrations"]["web"]["id"], info["integrations"][channel]["id"]
+        auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v2/apps/{app_id}/integrations", headers=auth, json={
+                    "type": "custom", "webhooks": [{"target": f"http://127.0.0.1:{hook_port}/hook", "triggers": [
+                        "conversation:message", "client:add", "conversation:referral"]}]}) as resp:
+                assert resp.status == 201
+            # The customer chats on the web first.
+            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
+                session = await resp.json()
+            conversation_id, user_id = session["conversationId"], session["appUserId"]
+            sdk_auth = {"Authorization": f"Bearer {session['sessionToken']}"}
+            async with http.post(f"{base}/sdk/v1/apps/{app_id}/conversations/{conversation_id}/messages",
+                                 headers=sdk_auth, json={"clientMessageId": uuid.uuid4().hex,
+                                                         "text": "hello from the web"}) as resp:
+                assert resp.status == 202
+            async with http.post(f"{base}/v2/apps/{app_id}/conversations/{conversation_id}/messages", headers=auth,
+                                 json={"author": {"type": "business"},
+                                       "content": {"type": "text", "text": "hi, how can we help"}}) as resp:
+                assert resp.status == 201
+            socket = await http.ws_connect(f"{base.replace('http', 'ws')}/sdk/v1/apps/{app_id}/conversations/"
+                                           f"{conversation_id}/socket?token={session['sessionToken']}")
+            await frames_until_ready(socket)
+            # The business (or the widget) asks for a link to the channel.
+            async with http.post(f"{base}/v2/apps/{app_id}/users/{user_id}/linkRequests", headers=auth,
+                                 json={"integrationIds": [target_id]}) as resp:
+                assert resp.status == 201, await resp.text()
+                link = (await resp.json())["linkRequests"][0]
+            assert link["integrationId"] == target_id and link["type"] == channel
+            assert link["code"] in link["url"] or channel in ("whatsapp", "twilio")
+            # The customer taps it: the channel's phone sends what the platform would.
+            sender, stranger = SENDERS[channel]
+            path = f"{base}/sandbox/{channel}/{target_id}"
+
+            async def deliver(spec: dict[str, Any]) -> bool:
+                async with http.post(f"{path}/inbound", json=spec) as resp:
+                    body = await resp.json(content_type=None)
+                    return resp.status == 200 and body.get("webhookStatus", 200) == 200
+
+            await until(lambda: deliver(phone_spec(channel, link["url"], sender)))
+
+            async def outbox(to: Any) -> list[str]:
+                async with http.get(f"{path}/outbox", params={"to": str(to)}) as resp:
+                    return outbox_texts(channel, (await resp.json())["messages"])
+
+            recap = await until(lambda: outbox(sender))
+            assert "hello from the web" in recap[0] and "hi, how can we help" in recap[0]
+
+            def added() -> list[dict[str, Any]]:
+                return [e for e in events if e["type"] == "client:add"
+                        and e["payload"]["client"]["type"] == channel]
+
+            async def linked() -> list[dict[str, Any]]:
+                return added()
+
+            await until(linked)
+            client_add = added()[0]["payload"]
+            assert client_add["reason"] == "channelLinking" and client_add["user"]["id"] == user_id
+            assert any(e["type"] == "conversation:referral"
+                       and e["payload"]["conversation"]["id"] == conversation_id for e in events)
+            # The widget hears that the conversation moved.
+            frame = decode_frame((await socket.receive(timeout=10)).data)
+            while not isinstance(frame, ChannelFrame):
+                frame = decode_frame((await socket.receive(timeout=10)).data)
+            assert frame.status == "moved" and frame.integration_id == target_id
+            await socket.close()
+            # The next business reply goes to the channel (now the primary client).
+            async with http.post(f"{base}/v2/apps/{app_id}/conversations/{conversation_id}/messages", headers=auth,
+                                 json={"author": {"type": "business"},
+                                       "content": {"type": "text", "text": "now on your phone"}}) as resp:
+                assert resp.status == 201
+            await until(lambda: _contains(outbox(sender), "now on your phone"))
+            # The code was never shown to the business as a customer message.
+            texts = [e["payload"]["message"]["content"].get("text", "") for e in events
+                     if e["type"] == "conversation:message"]
+            assert all(link["code"] not in text for text in texts)
+            # A second use (someone else) links nothing and is told why.
+            await until(lambda: deliver(phone_spec(channel, link["url"], stranger)))
+            refusal = await until(lambda: outbox(stranger))
+            assert "used" in refusal[0].lower()
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{user_id}/clients", headers=auth) as resp:
+                clients = (await resp.json())["clients"]
+            assert sorted(c["type"] for c in clients) == sorted(["sdk", channel])
+    finally:
+        await runner.cleanup()
+
+
+async def _contains(texts: Any, wanted: str) -> bool:
+    return any(wanted in text for text in await texts)

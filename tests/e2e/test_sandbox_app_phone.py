@@ -1,0 +1,246 @@
+"""The sandbox page's App phone in headless Chromium against the whole stack (identity,
+conversations, webhooks, app, sandbox): a simulated Android app of the business that talks
+the in-app SDK protocol, gets its device token from the sandbox's fake FCM, and shows the
+business's replies over its socket while open and as push notifications while closed.
+
+The business side is a webhook receiver (a custom integration) and the business REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from shared.http import basic_auth_header
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from threadline.bootstrap import AccountKey, bootstrap_sandbox
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 8000
+# A short push grace period: a reply no socket got is pushed 0.3 s later.
+APP_ENV = {"THREADLINE_APP_PUSH_GRACE_SECONDS": "0.3", "THREADLINE_APP_RETRY_BASE_SECONDS": "0.1",
+           "THREADLINE_APP_RETRY_MAX_SECONDS": "0.3"}
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Business:
+    """The integrator: the sandbox app's key, a webhook receiver and the REST API."""
+
+    base_url: str
+    app_id: str
+    android_id: str
+    auth: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        async with aiohttp.ClientSession(headers=self.auth) as http, \
+                http.request(method, f"{self.base_url}/v2/apps/{self.app_id}{path}", json=body) as resp:
+            assert resp.status in (200, 201), await resp.text()
+            data: dict[str, Any] = await resp.json()
+        return data
+
+    async def reply(self, conversation_id: str, text: str) -> str:
+        sent = await self.api("POST", f"/conversations/{conversation_id}/messages", {
+            "author": {"type": "business", "displayName": "Support"}, "content": {"type": "text", "text": text}})
+        return str(sent["messages"][0]["id"])
+
+    async def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float = 8.0) -> dict[str, Any]:
+        """The first webhook event (old or new) for which `match` holds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for event in self.events:
+                if match(event):
+                    return event
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"no matching webhook event; got {[e['type'] for e in self.events]}")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 8.0) -> Any:
+    """Poll an async check until it returns a truthy value (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def business(system: System) -> AsyncIterator[Business]:
+    """The stack with the app channel, the sandbox app bootstrapped as `threadline up` does it."""
+    await system.start("identity", "conversations", "webhooks", "app", "sandbox", env=APP_ENV)
+    info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                   system.data_dir, ("android",))
+    receiver = web.Application()
+    holder: dict[str, Business] = {}
+
+    async def on_webhook(request: web.Request) -> web.Response:
+        holder["b"].events.extend((await request.json())["events"])
+        holder["b"].arrived.set()
+        return web.Response(status=200)
+
+    receiver.router.add_post("/hook", on_webhook)
+    runner = web.AppRunner(receiver, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        holder["b"] = Business(base_url=system.base_url, app_id=info["appId"],
+                               android_id=info["integrations"]["android"]["id"],
+                               auth=basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"]))
+        await holder["b"].api("POST", "/integrations", {
+            "type": "custom", "displayName": "Helpdesk",
+            "webhooks": [{"target": f"http://127.0.0.1:{port}/hook",
+                          "triggers": ["conversation:message", "conversation:read"]}]})
+        yield holder["b"]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def page(system: System, business: Business) -> AsyncIterator[Page]:
+    async with async_playwright() as pw:
+        browser: Browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1280, "height": 800})
+            tab = await context.new_page()
+            tab.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            await tab.goto(f"{system.base_url}/sandbox/?channel=app")
+            yield tab
+        finally:
+            await browser.close()
+
+
+async def installed(page: Page, business: Business) -> dict[str, Any]:
+    """What the simulated app keeps in localStorage (its device token and SDK session)."""
+    raw = await page.evaluate("key => localStorage.getItem(key)",
+                              f"sandbox.phone.app:{business.app_id}:{business.android_id}")
+    stored: dict[str, Any] = json.loads(raw)
+    return stored
+
+
+async def pushes_to(business: Business, token: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{business.base_url}/sandbox/android/{business.android_id}/outbox", params={"to": token}) as resp:
+        assert resp.status == 200, await resp.text()
+        messages: list[dict[str, Any]] = (await resp.json())["messages"]
+    return messages
+
+
+async def send_from_app(page: Page, business: Business, text: str) -> str:
+    """Type `text` in the open app; the conversation id the business got it in."""
+    await expect(page.locator("#phone-app-state")).to_have_text(re.compile("online"))
+    await page.locator("#phone-text").fill(text)
+    await page.locator("#phone-text").press("Enter")
+    await expect(page.locator("#phone-thread li.in").last).to_contain_text(text)
+    event = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                      and e["payload"]["message"]["content"].get("text") == text)
+    message = event["payload"]["message"]
+    assert message["author"]["type"] == "user"
+    assert message["source"]["type"] == "android"
+    assert message["source"]["integrationId"] == business.android_id
+    return str(event["payload"]["conversation"]["id"])
+
+
+async def test_the_app_chats_live_and_shows_a_push_while_closed(page: Page, business: Business) -> None:
+    await expect(page.locator("#tab-app")).to_have_attribute("aria-selected", "true")
+    await expect(page.locator("#phone-title")).to_have_text("Threadline Demo Shop")
+    conversation_id = await send_from_app(page, business, "Is my order ready?")
+    stored = await installed(page, business)
+    assert stored["session"]["conversationId"] == conversation_id
+    # The customer's message is stored in the conversation the business reads through the API.
+    history = await business.api("GET", f"/conversations/{conversation_id}/messages")
+    assert [m["content"]["text"] for m in history["messages"]] == ["Is my order ready?"]
+    # The install registered its device (with the fake FCM's token) under the user's sdk client.
+    devices = (await business.api("GET", f"/users/{stored['session']['appUserId']}/devices"))["devices"]
+    assert [(d["guid"], d["pushNotificationToken"], d["status"]) for d in devices] == [
+        (stored["guid"], stored["token"], "active")]
+
+    # The app is open: the business's typing and read show, the reply arrives over its socket,
+    # and the app marks it read.
+    await business.api("POST", f"/conversations/{conversation_id}/activity",
+                       {"author": {"type": "business"}, "type": "typing:start"})
+    await expect(page.locator("#phone-business")).to_have_text("typing…")
+    await business.api("POST", f"/conversations/{conversation_id}/activity",
+                       {"author": {"type": "business"}, "type": "conversation:read"})
+    await expect(page.locator("#phone-thread li.in .meta.read")).to_have_count(1)
+    await business.reply(conversation_id, "It ships today.")
+    await expect(page.locator("#phone-thread li.out").last).to_contain_text("It ships today.")
+    await expect(page.locator("#phone-business")).not_to_have_text("typing…")
+    await business.wait_event(lambda e: e["type"] == "conversation:read"
+                              and e["payload"]["conversation"]["id"] == conversation_id)
+
+    # Closed: the socket is gone, so the next reply is pushed and shows on the lock screen.
+    await page.get_by_role("button", name="Close app").click()
+    lock = page.locator("#phone-lock")
+    await expect(lock).to_be_visible()
+    await expect(page.locator("#phone-app-toggle")).to_have_text("Open app")
+    await business.reply(conversation_id, "Your beans are on their way.")
+    note = page.locator("#phone-notifications .lock-note")
+    await expect(note).to_have_count(1)
+    await expect(note).to_contain_text("Your beans are on their way.")
+    await expect(note.locator(".note-title")).to_have_text("Threadline Demo Shop")
+    assert "Your beans are on their way." not in await page.locator("#phone-thread").inner_text()
+
+    # Tapping the notification opens the app: the socket resumes from its cursor with the message.
+    await note.click()
+    await expect(lock).to_be_hidden()
+    await expect(page.locator("#phone-thread li.out").last).to_contain_text("Your beans are on their way.")
+    await expect(page.locator("#phone-thread li.out")).to_have_count(2)
+    # One push only: the reply the open app got over its socket was never pushed.
+    pushed = await pushes_to(business, stored["token"])
+    assert [p["message"]["notification"]["body"] for p in pushed] == ["Your beans are on their way."]
+    assert pushed[0]["message"]["data"]["conversationId"] == conversation_id
+
+
+async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: Business) -> None:
+    conversation_id = await send_from_app(page, business, "Hello from the app")
+    stored = await installed(page, business)
+    user_id = stored["session"]["appUserId"]
+    await page.get_by_role("button", name="Uninstall").click()
+    await expect(page.locator("#phone-lock")).to_be_visible()
+    await expect(page.locator("#phone-lock-empty")).to_contain_text("not installed")
+    await expect(page.locator("#phone-app-toggle")).to_be_disabled()
+
+    # The next reply is pushed to a revoked token: FCM says UNREGISTERED and the token is dropped.
+    await business.reply(conversation_id, "Are you still there?")
+
+    async def token_dropped() -> bool:
+        devices = (await business.api("GET", f"/users/{user_id}/devices"))["devices"]
+        return bool(devices) and devices[0].get("pushNotificationToken") is None \
+            and devices[0]["status"] == "inactive"
+
+    await eventually(token_dropped)
+    assert await pushes_to(business, stored["token"]) == []
+    await expect(page.locator("#phone-notifications .lock-note")).to_have_count(0)
+
+    # Installing again is a new install: a new device token and a new (anonymous) user.
+    await page.get_by_role("button", name="Install app").click()
+    await expect(page.locator("#phone-lock")).to_be_hidden()
+    await expect(page.locator("#phone-app-state")).to_have_text(re.compile("online"))
+    again = await installed(page, business)
+    assert again["token"] != stored["token"]
+    assert again["session"]["appUserId"] != user_id
+    await expect(page.locator("#phone-thread li")).to_have_count(0)
