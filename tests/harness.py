@@ -13,8 +13,9 @@ tests never collide on ports; everything public goes through the front door as i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,24 @@ class System:
             self._frontdoor = None
         for name in sorted(self.services, key=SERVICE_ORDER.index, reverse=True):
             await self.services.pop(name).stop()
+
+
+@contextlib.asynccontextmanager
+async def business_webhooks() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A local business webhook endpoint: (its URL, the events received so far, in order)."""
+    events: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        events.extend((await request.json())["events"])
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/hook", events
+    finally:
+        await runner.cleanup()

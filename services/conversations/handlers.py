@@ -307,7 +307,13 @@ class Conversations:
         return integration_type if integration_type in APP_INTEGRATION_TYPES else None
 
     async def business_name(self, app_id: str) -> str:
-        """How the business is named to customers (the app's display name)."""
+        """How the business is named to customers: the web messenger's `businessName` (what the
+        handoff's prefilled texts say too), else the app's display name."""
+        integrations, _ = await self.store.list_integrations(app_id, ["web"])
+        for integration in integrations:
+            name = loads(integration["config"]).get("businessName")
+            if isinstance(name, str) and name:
+                return name
         row = await self.store.get_app(app_id)
         return str(row["display_name"]) if row is not None and row["display_name"] else "us"
 

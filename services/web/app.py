@@ -11,13 +11,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from services.web import handlers
 from services.web.config import WebConfig
-from shared.http import ApiError, Handler, error_middleware, json_response, tracing_middleware
+from shared import subjects
+from shared.http import ApiError, Handler, error_middleware, json_response, read_json, tracing_middleware
+from shared.messages import handoff
 from shared.records import IntegrationRecord
-from shared.sdk_service import SdkService
+from shared.sdk_service import SdkService, bearer_token
 from shared.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class WebService(SdkService):
         self._static: dict[str, tuple[bytes, str]] = {}
         self.http.middlewares.extend([tracing_middleware, cors_middleware, error_middleware])
         self.http.router.add_get(self.sdk_prefix + "/integrations/{integration_id}/config", self.get_config)
+        self.http.router.add_get(self.sdk_prefix + "/integrations/{integration_id}/channels", self.get_channels)
+        self.http.router.add_post(self.sdk_prefix + "/conversations/{conversation_id}/linkRequests",
+                                  self.create_link_requests)
         self.http.router.add_get("/widget/{name}", self.widget_file)
 
     async def start(self) -> None:
@@ -98,6 +104,29 @@ class WebService(SdkService):
         record = handlers.web_integration(await self.integration(request.match_info["integration_id"]), app_id)
         handlers.check_origin(record, request.headers.get("Origin"))
         return json_response(handlers.public_config(record))
+
+    async def get_channels(self, request: web.Request) -> web.Response:
+        """The app's other channels the customer can continue on ("Continue on…")."""
+        app_id = request.match_info["app_id"]
+        record = handlers.web_integration(await self.integration(request.match_info["integration_id"]), app_id)
+        handlers.check_origin(record, request.headers.get("Origin"))
+        records = list(self.integrations.values.values()) if self.integrations is not None else []
+        return json_response(handlers.continue_channels(app_id, records))
+
+    async def create_link_requests(self, request: web.Request) -> web.Response:
+        """Links (deep link + QR) that continue the session's conversation on other channels."""
+        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        targets = handlers.link_targets(await read_json(request, handlers.LinkRequestsBody, limit=4096))
+        for target in targets:
+            handlers.check_link_target(await self.integration(target), claims.app, target)
+        issue = handoff.IssueLinks(app_id=claims.app, user_id=claims.user, conversation_id=conversation_id,
+                                   integration_ids=targets, source_integration_id=claims.integration)
+        data = await self.ask(subjects.HANDOFF_ISSUE, handoff.encode(issue), "handoff")
+        try:
+            reply = handoff.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(503, "Unexpected answer from handoff") from exc
+        return json_response(handlers.issued_links(reply), status=201)
 
     async def widget_file(self, request: web.Request) -> web.Response:
         """The widget's static files (held in memory; a few KB)."""

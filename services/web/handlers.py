@@ -6,11 +6,15 @@ Nothing here touches NATS or sockets, so it is unit-tested directly.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from shared.http import ApiError
+from shared.messages.handoff import HandoffError, HandoffUnion, LinksIssued, link_request_wire
 from shared.records import IntegrationRecord
 from shared.sdk import IntegrationConfig
+from shared.sunco import Wire
 
 WEB_CHANNEL = "web"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -79,3 +83,74 @@ def public_config(record: IntegrationRecord) -> IntegrationConfig:
         business_icon_url=text("businessIconUrl"),
         brand_color=text("brandColor"),
     )
+
+
+# --- "Continue on…" (the handoff, web side) --------------------------------------------------
+
+# Integration types a web customer may continue on, in the order the widget lists them.
+CONTINUE_TYPES: tuple[str, ...] = ("whatsapp", "messenger", "telegram", "twilio", "android", "ios")
+# Targets one "Continue on…" request may name (the widget asks for one at a time).
+MAX_LINK_TARGETS = 10
+MAX_INTEGRATION_ID_LENGTH = 64
+
+
+class ContinueChannel(Wire, kw_only=True):
+    """One channel the widget offers under "Continue on…"."""
+
+    integration_id: str
+    type: str
+    display_name: str | None = None
+
+
+class ContinueChannels(Wire, kw_only=True):
+    """`GET …/integrations/{id}/channels`: where the customer can continue the conversation."""
+
+    channels: list[ContinueChannel]
+
+
+class LinkRequestsBody(Wire, kw_only=True):
+    """Body of `POST …/conversations/{id}/linkRequests`."""
+
+    integration_ids: list[str]
+
+
+def continuable(record: IntegrationRecord | None, app_id: str) -> bool:
+    """Whether `record` is an active integration of `app_id` a web customer can continue on."""
+    return (record is not None and record.app_id == app_id and record.status == "active"
+            and record.type in CONTINUE_TYPES)
+
+
+def continue_channels(app_id: str, records: Iterable[object]) -> ContinueChannels:
+    """The app's integrations the customer can continue on, by type (CONTINUE_TYPES order), then id."""
+    found = [r for r in records if isinstance(r, IntegrationRecord) and continuable(r, app_id)]
+    found.sort(key=lambda r: (CONTINUE_TYPES.index(r.type), r.id))
+    return ContinueChannels(channels=[
+        ContinueChannel(integration_id=r.id, type=r.type, display_name=r.display_name) for r in found])
+
+
+def link_targets(body: LinkRequestsBody) -> list[str]:
+    """The requested integration ids, de-duplicated in order; 400 when empty, too many or malformed."""
+    targets = list(dict.fromkeys(body.integration_ids))
+    if not targets:
+        raise ApiError(400, "integrationIds must name at least one integration")
+    if len(targets) > MAX_LINK_TARGETS:
+        raise ApiError(400, f"integrationIds may name at most {MAX_LINK_TARGETS} integrations")
+    if not all(0 < len(t) <= MAX_INTEGRATION_ID_LENGTH for t in targets):
+        raise ApiError(400, f"integrationIds must be 1 to {MAX_INTEGRATION_ID_LENGTH} characters each")
+    return targets
+
+
+def check_link_target(record: IntegrationRecord | None, app_id: str, integration_id: str) -> None:
+    """404 unless the target is one of the app's channels the customer may continue on."""
+    if not continuable(record, app_id):
+        raise ApiError(404, f"Integration {integration_id} not found")
+
+
+def issued_links(reply: HandoffUnion) -> dict[str, Any]:
+    """The 201 body for `handoff`'s answer; its refusal becomes the matching ApiError."""
+    if isinstance(reply, HandoffError):
+        status = reply.status if 400 <= reply.status < 600 else 503
+        raise ApiError(status, reply.title, reply.code)
+    if not isinstance(reply, LinksIssued):
+        raise ApiError(503, "Unexpected answer from handoff")
+    return {"linkRequests": [link_request_wire(link) for link in reply.links]}

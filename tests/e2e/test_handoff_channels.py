@@ -6,7 +6,6 @@ a second use of the code links nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from shared.http import basic_auth_header
 from shared.sdk import ChannelFrame, decode_frame
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
-from tests.integration.test_web_conversation import frames_until_ready
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.integration.test_web_conversation import eventually, frames_until_ready
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
-from threadline.natsserver import free_port
 
 SERVICE = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram", "twilio": "sms"}
 SENDERS = {"whatsapp": ("+15557000001", "+15557000002"), "messenger": ("6100000000000101", "6100000000000102"),
@@ -54,31 +51,9 @@ def outbox_texts(channel: str, messages: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-async def until(check: Any, timeout: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize("channel", sorted(SERVICE))
 async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_path: Path, channel: str) -> None:
-    events: list[dict[str, Any]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        events.extend((await request.json())["events"])
-        return web.Response(text="ok")
-
-    receiver = web.Application()
-    receiver.router.add_post("/hook", hook)
-    runner = web.AppRunner(receiver)
-    await runner.setup()
-    hook_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
-    try:
+    async with business_webhooks() as (hook_url, events):
         await system.start("identity", "conversations", "webhooks", "handoff", SERVICE[channel], "web", "sandbox")
         info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
                                        str(tmp_path / "sbx"), ("web", channel))
@@ -87,7 +62,7 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
         auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{base}/v2/apps/{app_id}/integrations", headers=auth, json={
-                    "type": "custom", "webhooks": [{"target": f"http://127.0.0.1:{hook_port}/hook", "triggers": [
+                    "type": "custom", "webhooks": [{"target": hook_url, "triggers": [
                         "conversation:message", "client:add", "conversation:referral"]}]}) as resp:
                 assert resp.status == 201
             # The customer chats on the web first.
@@ -122,14 +97,15 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
                     body = await resp.json(content_type=None)
                     return resp.status == 200 and body.get("webhookStatus", 200) == 200
 
-            await until(lambda: deliver(phone_spec(channel, link["url"], sender)))
+            await eventually(timeout=20.0, check=lambda: deliver(phone_spec(channel, link["url"], sender)))
 
             async def outbox(to: Any) -> list[str]:
                 async with http.get(f"{path}/outbox", params={"to": str(to)}) as resp:
                     return outbox_texts(channel, (await resp.json())["messages"])
 
-            recap = await until(lambda: outbox(sender))
+            recap = await eventually(timeout=20.0, check=lambda: outbox(sender))
             assert "hello from the web" in recap[0] and "hi, how can we help" in recap[0]
+            assert "Threadline Demo Shop" in recap[0]  # the web messenger's businessName
 
             def added() -> list[dict[str, Any]]:
                 return [e for e in events if e["type"] == "client:add"
@@ -138,7 +114,7 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
             async def linked() -> list[dict[str, Any]]:
                 return added()
 
-            await until(linked)
+            await eventually(timeout=20.0, check=linked)
             client_add = added()[0]["payload"]
             assert client_add["reason"] == "channelLinking" and client_add["user"]["id"] == user_id
             assert any(e["type"] == "conversation:referral"
@@ -154,21 +130,138 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
                                  json={"author": {"type": "business"},
                                        "content": {"type": "text", "text": "now on your phone"}}) as resp:
                 assert resp.status == 201
-            await until(lambda: _contains(outbox(sender), "now on your phone"))
+            await eventually(timeout=20.0, check=lambda: _contains(outbox(sender), "now on your phone"))
             # The code was never shown to the business as a customer message.
             texts = [e["payload"]["message"]["content"].get("text", "") for e in events
                      if e["type"] == "conversation:message"]
             assert all(link["code"] not in text for text in texts)
             # A second use (someone else) links nothing and is told why.
-            await until(lambda: deliver(phone_spec(channel, link["url"], stranger)))
-            refusal = await until(lambda: outbox(stranger))
+            await eventually(timeout=20.0, check=lambda: deliver(phone_spec(channel, link["url"], stranger)))
+            refusal = await eventually(timeout=20.0, check=lambda: outbox(stranger))
             assert "used" in refusal[0].lower()
             async with http.get(f"{base}/v2/apps/{app_id}/users/{user_id}/clients", headers=auth) as resp:
                 clients = (await resp.json())["clients"]
             assert sorted(c["type"] for c in clients) == sorted(["sdk", channel])
-    finally:
-        await runner.cleanup()
 
 
 async def _contains(texts: Any, wanted: str) -> bool:
     return any(wanted in text for text in await texts)
+
+
+async def test_two_identified_users_are_never_merged_by_a_link(system: System, tmp_path: Path) -> None:
+    async with business_webhooks() as (hook_url, events):
+        await system.start("identity", "conversations", "webhooks", "handoff", "whatsapp", "web", "sandbox")
+        info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                       str(tmp_path / "sbx"), ("web", "whatsapp"))
+        base, app_id = system.base_url, info["appId"]
+        web_id, wa_id = info["integrations"]["web"]["id"], info["integrations"]["whatsapp"]["id"]
+        auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
+        phone = f"{base}/sandbox/whatsapp/{wa_id}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v2/apps/{app_id}/integrations", headers=auth, json={
+                    "type": "custom", "webhooks": [{"target": hook_url, "triggers": [
+                        "conversation:message", "client:add", "client:remove"]}]}) as resp:
+                assert resp.status == 201
+            # Alice is known on WhatsApp (her user carries an externalId).
+            await eventually(
+                timeout=20.0,
+                check=lambda: _delivered(http, phone, {"from": "+15557000009", "text": "hi, alice here"}))
+            alice = await eventually(timeout=20.0, check=lambda: _user_of_message(events, "hi, alice here"))
+            async with http.patch(f"{base}/v2/apps/{app_id}/users/{alice}", headers=auth,
+                                  json={"externalId": "alice"}) as resp:
+                assert resp.status == 200, await resp.text()
+            # Bob is known on the web and asks for a WhatsApp link.
+            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
+                bob_session = await resp.json()
+            bob = bob_session["appUserId"]
+            async with http.patch(f"{base}/v2/apps/{app_id}/users/{bob}", headers=auth,
+                                  json={"externalId": "bob"}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{base}/v2/apps/{app_id}/users/{bob}/linkRequests", headers=auth,
+                                 json={"integrationIds": [wa_id]}) as resp:
+                link = (await resp.json())["linkRequests"][0]
+            # Alice's phone sends Bob's code: refused on WhatsApp, client:remove linkFailed for Bob.
+            await eventually(
+                timeout=20.0,
+                check=lambda: _delivered(http, phone, phone_spec("whatsapp", link["url"], "+15557000009")))
+
+            async def refusal() -> list[str]:
+                async with http.get(f"{phone}/outbox", params={"to": "+15557000009"}) as resp:
+                    return [t for t in outbox_texts("whatsapp", (await resp.json())["messages"])
+                            if "another account" in t]
+
+            await eventually(timeout=20.0, check=refusal)
+            await eventually(timeout=20.0, check=lambda: _has(events, lambda e: e["type"] == "client:remove"
+                                     and e["payload"]["reason"] == "linkFailed"
+                                     and e["payload"]["user"]["id"] == bob))
+            for user, external in ((alice, "alice"), (bob, "bob")):
+                async with http.get(f"{base}/v2/apps/{app_id}/users/{user}", headers=auth) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["user"]["externalId"] == external
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{bob}/clients", headers=auth) as resp:
+                assert [c["type"] for c in (await resp.json())["clients"]] == ["sdk"]
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{bob}/merges", headers=auth) as resp:
+                assert (await resp.json())["merges"] == []
+
+
+async def _delivered(http: aiohttp.ClientSession, phone: str, spec: dict[str, Any]) -> bool:
+    async with http.post(f"{phone}/inbound", json=spec) as resp:
+        body = await resp.json(content_type=None)
+        return resp.status == 200 and body.get("webhookStatus", 200) == 200
+
+
+async def _user_of_message(events: list[dict[str, Any]], text: str) -> str | None:
+    for event in events:
+        if event["type"] == "conversation:message" and event["payload"]["message"]["content"].get("text") == text:
+            return str(event["payload"]["message"]["author"]["userId"])
+    return None
+
+
+async def _has(events: list[dict[str, Any]], predicate: Any) -> bool:
+    return any(predicate(e) for e in events)
+
+
+async def test_a_known_channel_identity_merges_its_anonymous_user_into_the_link_user(system: System,
+                                                                                     tmp_path: Path) -> None:
+    async with business_webhooks() as (hook_url, events):
+        await system.start("identity", "conversations", "webhooks", "handoff", "whatsapp", "web", "sandbox")
+        info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                       str(tmp_path / "sbx"), ("web", "whatsapp"))
+        base, app_id = system.base_url, info["appId"]
+        web_id, wa_id = info["integrations"]["web"]["id"], info["integrations"]["whatsapp"]["id"]
+        auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
+        phone = f"{base}/sandbox/whatsapp/{wa_id}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v2/apps/{app_id}/integrations", headers=auth, json={
+                    "type": "custom", "webhooks": [{"target": hook_url, "triggers": [
+                        "conversation:message", "user:merge"]}]}) as resp:
+                assert resp.status == 201
+            await eventually(
+                timeout=20.0,
+                check=lambda: _delivered(http, phone, {"from": "+15557000077", "text": "an earlier chat"}))
+            earlier = await eventually(timeout=20.0, check=lambda: _user_of_message(events, "an earlier chat"))
+            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
+                session = await resp.json()
+            survivor = session["appUserId"]
+            async with http.post(f"{base}/v2/apps/{app_id}/users/{survivor}/linkRequests", headers=auth,
+                                 json={"integrationIds": [wa_id]}) as resp:
+                link = (await resp.json())["linkRequests"][0]
+            await eventually(
+                timeout=20.0,
+                check=lambda: _delivered(http, phone, phone_spec("whatsapp", link["url"], "+15557000077")))
+            await eventually(timeout=20.0, check=lambda: _has(events, lambda e: e["type"] == "user:merge"))
+            merge = next(e for e in events if e["type"] == "user:merge")["payload"]
+            assert merge["mergedUsers"]["surviving"]["id"] == survivor
+            assert merge["mergedUsers"]["discarded"]["id"] == earlier
+            assert merge["reason"] == "channelLinking"
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{earlier}", headers=auth) as resp:
+                assert resp.status == 404
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{survivor}/clients", headers=auth) as resp:
+                assert sorted(c["type"] for c in (await resp.json())["clients"]) == ["sdk", "whatsapp"]
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{survivor}/merges", headers=auth) as resp:
+                merges = (await resp.json())["merges"]
+            assert [(m["survivingUserId"], m["discardedUserId"]) for m in merges] == [(survivor, earlier)]
+            # The earlier WhatsApp conversation now belongs to the survivor too.
+            async with http.get(f"{base}/v2/apps/{app_id}/conversations",
+                                params={"filter[userId]": survivor}, headers=auth) as resp:
+                assert len((await resp.json())["conversations"]) == 2

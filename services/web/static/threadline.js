@@ -45,7 +45,7 @@
     ".tl-panel[hidden]{display:none}",
     ".tl-header{display:flex;align-items:center;gap:8px;padding:12px 14px;background:var(--tl-brand,#2b59c3);",
     "color:#fff}",
-    ".tl-title{flex:1;font-weight:600}",
+    ".tl-title{flex:1;font-weight:600;min-width:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}",
     ".tl-status{font-size:11px;opacity:.85}",
     ".tl-close{background:none;border:0;color:#fff;font-size:20px;cursor:pointer;line-height:1}",
     ".tl-messages{flex:1;overflow-y:auto;padding:12px;display:flex;flex-direction:column;gap:6px;",
@@ -74,8 +74,60 @@
     ".tl-input{flex:1;resize:none;border:1px solid #d0d7de;border-radius:8px;padding:8px;font:inherit;",
     "height:38px;box-sizing:border-box}",
     ".tl-send{border:0;border-radius:8px;background:var(--tl-brand,#2b59c3);color:#fff;padding:0 14px;",
-    "cursor:pointer;font:inherit}"
+    "cursor:pointer;font:inherit}",
+    // "Continue on…": the header button, its panel (channels, then the link and QR code) and
+    // the system lines the conversation's moves leave in the thread.
+    ".tl-continue{background:rgba(255,255,255,.16);border:1px solid rgba(255,255,255,.65);color:#fff;",
+    "border-radius:999px;padding:2px 10px;font:inherit;font-size:12px;cursor:pointer;white-space:nowrap}",
+    ".tl-continue[hidden],.tl-handoff[hidden]{display:none}",
+    ".tl-handoff{display:flex;flex-direction:column;gap:8px;padding:10px 12px;background:#fff;",
+    "border-bottom:1px solid #d0d7de;max-height:65%;overflow-y:auto}",
+    ".tl-handoff-title{font-weight:600}",
+    ".tl-handoff-options{display:flex;flex-wrap:wrap;gap:6px}",
+    ".tl-option{border:1px solid #d0d7de;background:#f6f8fa;border-radius:8px;padding:6px 12px;font:inherit;",
+    "cursor:pointer;color:inherit}",
+    ".tl-option:hover,.tl-option:focus-visible{border-color:var(--tl-brand,#2b59c3)}",
+    ".tl-link{display:block;text-align:center;background:var(--tl-brand,#2b59c3);color:#fff;border-radius:8px;",
+    "padding:8px 12px;text-decoration:none;font-weight:600}",
+    ".tl-qr{display:block;align-self:center;width:144px;height:144px;border:1px solid #d0d7de;border-radius:8px}",
+    ".tl-hint{font-size:12px;color:#656d76}",
+    ".tl-handoff-error{font-size:12px;color:#d1242f}",
+    ".tl-linkish{align-self:flex-start;background:none;border:0;padding:0;font:inherit;font-size:12px;",
+    "color:var(--tl-brand,#2b59c3);text-decoration:underline;cursor:pointer}",
+    ".tl-system{align-self:center;max-width:90%;text-align:center;font-size:12px;color:#656d76;",
+    "background:#eaeef2;border-radius:10px;padding:4px 10px}",
+    ".tl-system[data-kind=failed]{color:#d1242f;background:#ffebe9}"
   ].join("");
+
+  // How the widget names a channel: on its buttons ("Continue on WhatsApp") and in the thread.
+  var CHANNEL_NAMES = {whatsapp: "WhatsApp", messenger: "Messenger", telegram: "Telegram", twilio: "SMS",
+    sms: "SMS", android: "our app", ios: "our app"};
+  // What the customer does once the link opened the channel.
+  var CHANNEL_STEPS = {
+    whatsapp: "Open WhatsApp and send the message that is filled in for you.",
+    twilio: "Open your messages app and send the text that is filled in for you.",
+    messenger: "Open Messenger and tap Get Started.",
+    telegram: "Open Telegram and tap Start.",
+    android: "Open the link on the phone where our app is installed.",
+    ios: "Open the link on the phone where our app is installed."
+  };
+  // Links the widget will show: the channels' deep links (https wa.me/m.me/t.me, sms:) and, in
+  // a sandbox, the plain-http app page. Never javascript: or data: URLs.
+  var LINK_SCHEMES = /^(https?:|sms:)/i;
+
+  function channelName(type) {
+    return CHANNEL_NAMES[type] || "another channel";
+  }
+
+  function capitalize(text) {
+    return text.charAt(0).toUpperCase() + text.slice(1);
+  }
+
+  // Desktop: a fine pointer (no touch screen) or a wide screen, where a QR code helps.
+  function isDesktop() {
+    var coarse = window.matchMedia && window.matchMedia("(pointer: coarse)").matches;
+    return !coarse || window.innerWidth >= 1024;
+  }
 
   function injectCss() {
     if (document.getElementById("threadline-css")) {
@@ -173,6 +225,7 @@
     this.typingTimer = null;
     this.businessTypingTimer = null;
     this.sessionPromise = null;
+    this.channels = null;         // where "Continue on…" can take the conversation (null: not loaded)
     this.render();
     var self = this;
     this.watchdog = setInterval(function () { self.checkSocket(); }, 1000);
@@ -181,6 +234,7 @@
     document.addEventListener("visibilitychange", this.onVisibility);
     window.addEventListener("online", this.onOnline);
     this.loadConfig();
+    this.loadChannels();
     if (this.session) {
       // A returning visitor: restore history and unsent messages right away.
       this.restoreOutbox();
@@ -228,8 +282,14 @@
       "aria-live": "polite"}, "");
     var close = el("button", {"class": "tl-close", "data-threadline": "close", "type": "button",
       "aria-label": "Close chat"}, "\u00D7");
+    this.continueButton = el("button", {"class": "tl-continue", "data-threadline": "continue", "type": "button",
+      "aria-label": "Continue this conversation on another channel", "aria-expanded": "false",
+      "aria-controls": "threadline-handoff", "hidden": ""}, "Continue on\u2026");
+    this.handoff = el("div", {"class": "tl-handoff", "id": "threadline-handoff", "data-threadline": "handoff",
+      "role": "region", "aria-label": "Continue on another channel", "hidden": ""});
     header.appendChild(this.title);
     header.appendChild(this.status);
+    header.appendChild(this.continueButton);
     header.appendChild(close);
     this.list = el("div", {"class": "tl-messages", "data-threadline": "messages", "aria-live": "polite"});
     this.typing = el("div", {"class": "tl-typing", "data-threadline": "typing", "hidden": ""}, "typing\u2026");
@@ -240,6 +300,7 @@
     composer.appendChild(this.input);
     composer.appendChild(this.sendButton);
     this.panel.appendChild(header);
+    this.panel.appendChild(this.handoff);
     this.panel.appendChild(this.list);
     this.panel.appendChild(this.typing);
     this.panel.appendChild(composer);
@@ -255,6 +316,7 @@
 
     this.launcher.addEventListener("click", function () { self.toggle(); });
     close.addEventListener("click", function () { self.close(); });
+    this.continueButton.addEventListener("click", function () { self.toggleHandoff(); });
     composer.addEventListener("submit", function (event) {
       event.preventDefault();
       self.sendFromInput();
@@ -532,6 +594,176 @@
     }
   };
 
+  // --- continue on another channel (the handoff) ----------------------------------------------
+
+  Widget.prototype.loadChannels = function () {
+    var self = this;
+    return fetch(this.apiUrl("/integrations/" + encodeURIComponent(this.integrationId) + "/channels"),
+      {credentials: "omit", mode: "cors"})
+      .then(function (res) { return res.ok ? res.json() : null; })
+      .then(function (body) {
+        if (body && Array.isArray(body.channels)) {
+          self.channels = body.channels.filter(function (c) { return c && c.integrationId && c.type; });
+          self.continueButton.hidden = self.channels.length === 0;
+        }
+      })
+      .catch(function () { /* no button then; the chat works without it */ });
+  };
+
+  // A channel's button label; two of one kind (an Android and an iOS app) are told apart by name.
+  Widget.prototype.optionLabel = function (channel) {
+    var name = capitalize(channelName(channel.type));
+    var twins = (this.channels || []).filter(function (c) {
+      return channelName(c.type) === channelName(channel.type);
+    });
+    return twins.length > 1 ? name + " (" + (channel.displayName || channel.type) + ")" : name;
+  };
+
+  Widget.prototype.channelType = function (integrationId, clientType) {
+    var found = (this.channels || []).filter(function (c) { return c.integrationId === integrationId; })[0];
+    return found ? found.type : clientType;
+  };
+
+  Widget.prototype.toggleHandoff = function () {
+    if (this.handoff.hidden) {
+      this.showChannels();
+    } else {
+      this.hideHandoff();
+    }
+  };
+
+  Widget.prototype.hideHandoff = function () {
+    this.handoffRequest = null;
+    this.handoff.setAttribute("hidden", "");
+    this.handoff.textContent = "";
+    this.continueButton.setAttribute("aria-expanded", "false");
+  };
+
+  Widget.prototype.handoffFrame = function (title) {
+    this.handoff.textContent = "";
+    this.handoff.removeAttribute("hidden");
+    this.continueButton.setAttribute("aria-expanded", "true");
+    this.handoff.appendChild(el("div", {"class": "tl-handoff-title", "data-threadline": "handoff-title"}, title));
+  };
+
+  Widget.prototype.handoffButton = function (label, onClick) {
+    var button = el("button", {"class": "tl-linkish", "type": "button"}, label);
+    button.addEventListener("click", onClick);
+    this.handoff.appendChild(button);
+    return button;
+  };
+
+  Widget.prototype.showChannels = function () {
+    var self = this;
+    this.handoffRequest = null;
+    this.handoffFrame("Continue this conversation on\u2026");
+    var channels = this.channels || [];
+    if (!channels.length) {
+      this.handoff.appendChild(el("div", {"class": "tl-hint"}, "No other channel is available right now."));
+    }
+    var options = el("div", {"class": "tl-handoff-options", "role": "group", "aria-label": "Channels"});
+    channels.forEach(function (channel) {
+      var label = self.optionLabel(channel);
+      var option = el("button", {"class": "tl-option", "type": "button",
+        "data-threadline": "continue-option", "data-type": channel.type,
+        "data-integration-id": channel.integrationId, "aria-label": "Continue on " + label}, label);
+      option.addEventListener("click", function () { self.requestLink(channel); });
+      options.appendChild(option);
+    });
+    this.handoff.appendChild(options);
+    this.handoffButton("Cancel", function () { self.hideHandoff(); self.input.focus(); });
+    var first = options.querySelector("button");
+    if (first) {
+      first.focus();
+    }
+  };
+
+  Widget.prototype.requestLink = function (channel) {
+    var self = this;
+    var name = channelName(channel.type);
+    var request = {};
+    this.handoffRequest = request;
+    this.handoffFrame("Continue on " + name);
+    this.handoff.appendChild(el("div", {"class": "tl-hint", "role": "status"}, "Getting your link\u2026"));
+    this.ensureSession().then(function (session) {
+      return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
+        "/linkRequests", {integrationIds: [channel.integrationId]});
+    }).then(function (res) {
+      return res.json().catch(function () { return {}; }).then(function (body) {
+        if (!res.ok) {
+          if (res.status === 401) {
+            self.resetSession();
+          }
+          var title = body && body.errors && body.errors[0] && body.errors[0].title;
+          throw new Error(title || "HTTP " + res.status);
+        }
+        return body;
+      });
+    }).then(function (body) {
+      var link = body && body.linkRequests && body.linkRequests[0];
+      if (!link || typeof link.url !== "string" || !LINK_SCHEMES.test(link.url)) {
+        throw new Error("no usable link");
+      }
+      if (self.handoffRequest === request) {
+        self.showLink(channel, link);
+      }
+    }).catch(function () {
+      if (self.handoffRequest !== request) {
+        return;
+      }
+      self.handoffFrame("Continue on " + name);
+      self.handoff.appendChild(el("div", {"class": "tl-handoff-error", "data-threadline": "handoff-error",
+        "role": "alert"}, "We couldn't get a link to " + name + ". Please try again."));
+      self.handoffButton("Try again", function () { self.requestLink(channel); });
+      self.handoffButton("Other channels", function () { self.showChannels(); });
+    });
+  };
+
+  Widget.prototype.showLink = function (channel, link) {
+    var self = this;
+    var name = channelName(channel.type);
+    this.handoffFrame("Continue on " + name);
+    this.handoff.appendChild(el("div", {"class": "tl-hint"}, CHANNEL_STEPS[channel.type] || ""));
+    // A plain link: it opens the channel's app (or a new tab), and a host page may intercept the
+    // click (the sandbox hands it to its simulated phone).
+    var anchor = el("a", {"class": "tl-link", "data-threadline": "continue-link", "href": link.url,
+      "target": "_blank", "rel": "noopener noreferrer", "data-type": channel.type},
+      "Open " + name);
+    this.handoff.appendChild(anchor);
+    if (isDesktop() && typeof link.qrCodeUrl === "string" && /^https?:/i.test(link.qrCodeUrl)) {
+      this.handoff.appendChild(el("div", {"class": "tl-hint"}, "Or scan this code with your phone's camera:"));
+      this.handoff.appendChild(el("img", {"class": "tl-qr", "data-threadline": "continue-qr", "src": link.qrCodeUrl,
+        "width": "144", "height": "144",
+        "alt": "QR code that opens " + name + " on your phone to continue this conversation"}));
+    }
+    var expires = formatTime(Date.parse(link.expiresAt) || 0);
+    this.handoff.appendChild(el("div", {"class": "tl-hint", "data-threadline": "continue-expiry"},
+      "The link works once" + (expires ? " and expires at " + expires : "") + "."));
+    this.handoffButton("Other channels", function () { self.showChannels(); });
+    anchor.focus();
+  };
+
+  // A line in the thread that is not a message (the conversation moved, a move failed).
+  Widget.prototype.addSystemLine = function (kind, text) {
+    var line = el("div", {"class": "tl-system", "data-threadline": "system", "data-kind": kind,
+      "role": kind === "failed" ? "alert" : "status"}, text);
+    this.list.appendChild(line);
+    this.scrollToEnd();
+    if (!this.isReading()) {
+      this.bumpUnread();
+    }
+  };
+
+  Widget.prototype.onChannelFrame = function (frame) {
+    var name = channelName(this.channelType(frame.integrationId, frame.clientType));
+    if (frame.status === "moved") {
+      this.hideHandoff();
+      this.addSystemLine("moved", "Conversation moved to " + name + " \u2014 reply there");
+    } else if (frame.status === "failed") {
+      this.addSystemLine("failed", frame.message || "We couldn't continue this conversation on " + name + ".");
+    }
+  };
+
   // --- session --------------------------------------------------------------------------------
 
   Widget.prototype.persist = function () {
@@ -665,6 +897,9 @@
         break;
       case "read":
         this.onBusinessRead(frame.at);
+        break;
+      case "channel":
+        this.onChannelFrame(frame);
         break;
       case "error":
         // Sent just before the server closes; carries the reason even through proxies that
