@@ -413,7 +413,8 @@ class SdkService(ServiceApp):
         """The session request's body, validated before anything is created; default: none."""
         return None
 
-    async def session_created(self, request: web.Request, claims: SessionClaims, body: Any) -> None:
+    async def session_created(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
+                              body: Any) -> None:
         """Called once a session's user, client and conversation exist."""
 
     async def business_message_delivered(self, claims: SessionClaims, conversation_id: str, message_id: str) -> None:
@@ -542,7 +543,13 @@ class SdkService(ServiceApp):
 
     async def authorize(self, request: web.Request, token: str | None) -> tuple[SessionClaims, str]:
         """The session and the conversation of the path, which the session's user may access."""
-        claims, _record = await self.session(request, token)
+        claims, _record, conversation_id = await self.authorized(request, token)
+        return claims, conversation_id
+
+    async def authorized(self, request: web.Request,
+                         token: str | None) -> tuple[SessionClaims, IntegrationRecord, str]:
+        """`authorize`, plus the session's integration record."""
+        claims, record = await self.session(request, token)
         conversation_id = request.match_info["conversation_id"]
         if conversation_id != claims.conversation:
             # Not the session's own conversation: `conversations` knows whether the user is in it.
@@ -552,7 +559,7 @@ class SdkService(ServiceApp):
                 if exc.status >= 500:
                     raise
                 raise ApiError(404, "Conversation not found") from exc
-        return claims, conversation_id
+        return claims, record, conversation_id
 
     # --- HTTP endpoints -----------------------------------------------------------------------
 
@@ -578,7 +585,7 @@ class SdkService(ServiceApp):
         claims = SessionClaims(app=app_id, user=resolved.user.id, client=resolved.client.id,
                                integration=integration_id, channel_user_id=channel_user_id,
                                conversation=started.conversation.id)
-        await self.session_created(request, claims, body)
+        await self.session_created(request, record, claims, body)
         return json_response(SessionCreated(
             app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
             session_token=claims.to_token(self.sdk.token_secret),
@@ -594,10 +601,10 @@ class SdkService(ServiceApp):
 
     async def post_message(self, request: web.Request) -> web.Response:
         """Queue a customer message durably; 202 once JetStream acked it."""
-        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        claims, record, conversation_id = await self.authorized(
+            request, bearer_token(request.headers.get("Authorization")))
         body = validate_post_message(await read_json(request, PostMessage))
-        record = await self.integration(claims.integration)
-        channel_name = self.channel_of(record) if record is not None else self.path_root
+        channel_name = self.channel_of(record)
         message = inbound_message(claims, conversation_id, body, now(), channel_name)
         try:
             ack = await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),
@@ -610,10 +617,10 @@ class SdkService(ServiceApp):
 
     async def post_activity(self, request: web.Request) -> web.Response:
         """Typing or read state from the customer."""
-        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        claims, record, conversation_id = await self.authorized(
+            request, bearer_token(request.headers.get("Authorization")))
         body = await read_json(request, PostActivity, limit=4096)
-        record = await self.integration(claims.integration)
-        channel_name = self.channel_of(record) if record is not None else self.path_root
+        channel_name = self.channel_of(record)
         activity = inbound_activity(claims, conversation_id, body, now(), channel_name)
         try:
             await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),

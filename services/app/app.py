@@ -90,9 +90,9 @@ class AppService(SdkService):
             body = msgspec.structs.replace(body, device=handlers.validate_device(body.device))
         return body
 
-    async def session_created(self, request: web.Request, claims: SessionClaims, body: Any) -> None:
+    async def session_created(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
+                              body: Any) -> None:
         if isinstance(body, handlers.SessionBody) and body.device is not None:
-            record = self.served_integration(await self.integration(claims.integration), claims.app)
             await self.ask_identity(subjects.IDENTITY_DEVICE_REGISTER,
                                     handlers.register_device(claims, record, body.device))
 

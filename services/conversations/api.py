@@ -293,10 +293,7 @@ class Api:
         if not integration_ids or len(integration_ids) > 20 or not all(isinstance(i, str) and i
                                                                         for i in integration_ids):
             raise ApiError(400, "integrationIds must list 1 to 20 integration ids")
-        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
-            app_id=app_id, user_id_or_external_id=user_ref))
-        assert isinstance(reply, ident.ClientsReply)
-        user_id = reply.user.id
+        user_id = (await self._user(app_id, None, user_ref)).user.id
         if conversation_id is None:
             row = await self.store.default_conversation(app_id, user_id)
             if row is None:
@@ -333,11 +330,9 @@ class Api:
 
     async def list_merges(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
-        reply = await self.identity.api_call(subjects.IDENTITY_CLIENTS_LIST, ident.ListClients(
-            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
-        assert isinstance(reply, ident.ClientsReply)
+        user = (await self._user(app_id, None, request.match_info["userIdOrExternalId"])).user
         merges = await self.identity.api_call(subjects.IDENTITY_MERGES_LIST, ident.ListMerges(
-            app_id=app_id, user_id=reply.user.id))
+            app_id=app_id, user_id=user.id))
         assert isinstance(merges, ident.MergesReply)
         return json_response({"merges": [{
             "id": m.id, "survivingUserId": m.surviving_user_id, "discardedUserId": m.discarded_user_id,

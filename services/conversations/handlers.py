@@ -21,7 +21,15 @@ import nats.errors
 
 from services.conversations import models
 from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
-from services.conversations.store import Association, Store, StoredMessage, dumps, loads
+from services.conversations.store import (
+    MESSAGE_DECODER,
+    Association,
+    Store,
+    StoredMessage,
+    conversation_ref,
+    dumps,
+    loads,
+)
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed, Retry
 from shared.http import ApiError
@@ -33,7 +41,6 @@ from shared.sunco import (
     Activity,
     Author,
     Client,
-    ConversationRef,
     DeliveryError,
     Destination,
     ExternalMessage,
@@ -51,7 +58,6 @@ from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
 
-MESSAGE_DECODER = msgspec.json.Decoder(Message)
 # Statuses whose provider id is not mapped yet are retried this many times (the `sent` record
 # is published by the same channel service just before, but may be processed after).
 STATUS_MAX_DELIVERIES = 10
@@ -157,9 +163,6 @@ def conversation_out(row: aiosqlite.Row) -> models.Conversation:
         last_updated_at=iso(row["last_updated_at"]), created_at=iso(row["created_at"]),
     )
 
-
-def conversation_ref(row: aiosqlite.Row) -> ConversationRef:
-    return ConversationRef(id=row["id"], type=row["type"])
 
 
 def api_message(stored: StoredMessage | Message) -> Message:
@@ -301,10 +304,7 @@ class Conversations:
 
     def outbound_channel_of(self, client: Client) -> str | None:
         """`outbound_channel` for a client (the channel service that sends to it)."""
-        if client.type != "sdk":
-            return client.type
-        integration_type = self.store.integration_type_now(client.integration_id or "")
-        return integration_type if integration_type in APP_INTEGRATION_TYPES else None
+        return self.outbound_channel(client.type, client.integration_id)
 
     async def business_name(self, app_id: str) -> str:
         """How the business is named to customers: the web messenger's `businessName` (what the
@@ -317,17 +317,17 @@ class Conversations:
         row = await self.store.get_app(app_id)
         return str(row["display_name"]) if row is not None and row["display_name"] else "us"
 
-    def outbound_channel(self, association: Association | None) -> str | None:
-        """The channel service that delivers to this client, None when nobody needs to.
+    def outbound_channel(self, client_type: str, integration_id: str | None) -> str | None:
+        """The channel service that delivers to a client of this type, None when nobody needs to.
 
         Web SDK clients read the conversation over their socket; app SDK clients too, but the
         app channel also pushes what their socket did not deliver.
         """
-        if association is None or not association.integration_id:
+        if not integration_id:
             return None
-        if association.type != "sdk":
-            return association.type
-        integration_type = self.store.integration_type_now(association.integration_id)
+        if client_type != "sdk":
+            return client_type
+        integration_type = self.store.integration_type_now(integration_id)
         return integration_type if integration_type in APP_INTEGRATION_TYPES else None
 
     async def post_message(self, app_id: str, conversation_id: str, body: models.MessagePostBody) -> Message:
@@ -362,7 +362,8 @@ class Conversations:
                 id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=received,
                 conversation=conversation_ref(row), message=message, cursor=seq, user_id=route.user_id))
             association = route.association
-            outbound_channel = self.outbound_channel(association)
+            outbound_channel = None if association is None else self.outbound_channel(
+                association.type, association.integration_id)
             if association is not None and outbound_channel is not None and association.integration_id:
                 send = chan.OutboundSend(
                     app_id=app_id, integration_id=association.integration_id, channel=outbound_channel,

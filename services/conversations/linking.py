@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.errors
 
+from services.conversations.store import MESSAGE_DECODER, conversation_ref
 from shared import subjects
 from shared.bus import Retry
 from shared.ids import new_id, now
@@ -22,13 +23,12 @@ from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
-from shared.sunco import Client, ConversationRef, DeliveryError, Message, Source, TextContent, User
+from shared.sunco import Client, DeliveryError, Message, Source, TextContent, User
 
 if TYPE_CHECKING:
     from services.conversations.handlers import Conversations
 
 log = logging.getLogger(__name__)
-MESSAGE_DECODER = msgspec.json.Decoder(Message)
 
 DEFAULT_RECAP_COUNT = 10
 RECAP_MAX_CHARS = 1500
@@ -154,7 +154,7 @@ class Linker:
             app_id=msg.app_id, user_id=redeemed.user_id, integration_id=msg.integration_id,
             client_type=msg.client_type, channel_user_id=msg.channel_user_id, display_name=msg.display_name,
             info=msg.client_info, raw=msg.raw))
-        conv_ref = ConversationRef(id=row["id"], type=row["type"])
+        conv_ref = conversation_ref(row)
         at = now()
         if isinstance(reply, ident.IdentityError):
             if reply.status >= 500:

@@ -18,6 +18,15 @@ import aiosqlite
 import msgspec
 
 from shared.store import open_db
+from shared.sunco import ConversationRef, Message
+
+# Stored message bodies are `Message` JSON.
+MESSAGE_DECODER = msgspec.json.Decoder(Message)
+
+
+def conversation_ref(row: aiosqlite.Row | sqlite3.Row) -> ConversationRef:
+    """The `{id, type}` reference events carry, from a conversations row."""
+    return ConversationRef(id=row["id"], type=row["type"])
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the whole schema.

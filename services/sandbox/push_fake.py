@@ -45,6 +45,7 @@ import re
 import secrets
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +246,7 @@ class _Account:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-class _PushFake:
+class _PushFake(ABC):
     """Devices, outbox, scripted errors and the journal, common to the FCM and APNs fakes."""
 
     integration_type = ""
@@ -280,7 +281,8 @@ class _PushFake:
             self._apply_extra(record)
 
     def _apply_extra(self, record: dict[str, Any]) -> None:
-        """Replay a record kind a subclass journals."""
+        """Replay a record kind a subclass journals (none by default)."""
+        return
 
     def _snapshot(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
@@ -307,15 +309,18 @@ class _PushFake:
 
     # accounts
 
+    @abstractmethod
     def _account_fields(self, record: IntegrationRecord) -> dict[str, str] | None:
         """The record's fields this fake needs, or None when it is not one of the sandbox's."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _key_field(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _key_ok(self, key: Any) -> bool:
-        raise NotImplementedError
+        ...
 
     def sync(self, records: Sequence[IntegrationRecord]) -> None:
         """Keep one account per integration of this type that points at the sandbox (cheap when unchanged)."""
@@ -349,12 +354,14 @@ class _PushFake:
 
     async def close(self) -> None:
         """Nothing runs in the background."""
+        return
 
     # scripting (Python API)
 
+    @abstractmethod
     def new_token(self) -> str:
         """A fresh, well-formed device token for this platform."""
-        raise NotImplementedError
+        ...
 
     def add_device(self, integration_id: str, name: str = "") -> Device:
         """Install the app on a new simulated phone: returns its device (with its push token)."""
@@ -378,8 +385,9 @@ class _PushFake:
         self.injected.setdefault(integration_id, []).append(ScriptedError(
             status, code, message or self._default_message(code), count, retry_after))
 
+    @abstractmethod
     def _default_code(self, status: int) -> str:
-        raise NotImplementedError
+        ...
 
     def _default_message(self, code: str) -> str:
         return code
