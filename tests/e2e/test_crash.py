@@ -41,11 +41,16 @@ async def test_killing_services_loses_no_acknowledged_message(tmp_path: Path) ->
     launcher = Launcher(data_dir=str(tmp_path), host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
                         extra_env={"THREADLINE_LOG_LEVEL": "WARNING", "THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.2"})
     launcher.say = lambda _text: None  # type: ignore[method-assign]
+    # A business de-duplicates on the event id (README): webhooks killed between the business's
+    # 200 and recording it delivers that event again, with the same id. What must never happen
+    # is one customer message arriving as two different events (two stored messages).
     seen: Counter[str] = Counter()
+    event_ids: set[str] = set()
 
     async def hook(request: web.Request) -> web.Response:
         for event in (await request.json())["events"]:
-            if event["type"] == "conversation:message":
+            if event["type"] == "conversation:message" and event["id"] not in event_ids:
+                event_ids.add(event["id"])
                 seen[event["payload"]["message"]["content"]["text"]] += 1
         return web.Response(text="ok")
 
