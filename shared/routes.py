@@ -38,6 +38,7 @@ SERVICES: Final = (
     ServicePort("sms", 8089),
     ServicePort("app", 8090),
     ServicePort("handoff", 8091),
+    ServicePort("notifications", 8092),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
@@ -54,6 +55,7 @@ ROUTES: Final = (
     Route("/webhooks/twilio/", "sms"),
     Route("/sandbox/", "sandbox"),
     Route("/handoff/", "handoff"),
+    Route("/notifications/", "notifications"),
 )
 
 # `/_svc/<name>/healthz|readyz` reach each service's own probes through the front door.

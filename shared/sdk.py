@@ -62,6 +62,38 @@ class SessionCreated(Wire, kw_only=True):
     session_token: str
 
 
+class SessionBody(Wire, kw_only=True):
+    """Body of `POST .../integrations/{integrationId}/sessions` (optional, every SDK).
+
+    `linkCode`: a handoff code (the web page's `threadline_code`, the app's universal link
+    `code`) to redeem: the session then joins the code's user and conversation.
+    """
+
+    link_code: str | None = None
+
+
+class LoginBody(Wire, kw_only=True):
+    """Body of `POST .../sessions/login`: the SDK user logs in (`Threadline.login`)."""
+
+    external_id: str
+    jwt: str
+
+
+class LoginResult(Wire, kw_only=True):
+    """Answer of `POST .../sessions/login`: a new session for the user that survived.
+
+    `outcome`: `identified` (the visitor took the externalId), `merged` (the visitor was merged
+    into the user who had it) or `unchanged` (the visitor was that user already).
+    """
+
+    app_user_id: str
+    client_id: str
+    conversation_id: str
+    session_token: str
+    external_id: str
+    outcome: str
+
+
 class IntegrationConfig(Wire, kw_only=True):
     """Public settings of a web integration (what the widget may show)."""
 

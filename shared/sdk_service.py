@@ -27,6 +27,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
@@ -35,7 +36,7 @@ from shared.bus import Bus, KvMirror, RequestFailed
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
 from shared.http import ApiError, json_response, read_json
 from shared.ids import iso, new_id, now
-from shared.messages import channel, identity
+from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
 from shared.messages.channel import InboundActivity, InboundMessage
 from shared.records import INTEGRATION_DECODER, IntegrationRecord
@@ -48,6 +49,8 @@ from shared.sdk import (
     ErrorFrame,
     Frame,
     HistoryEntry,
+    LoginBody,
+    LoginResult,
     MessageAccepted,
     MessageFrame,
     MessagesPage,
@@ -55,6 +58,7 @@ from shared.sdk import (
     PostMessage,
     ReadFrame,
     ReadyFrame,
+    SessionBody,
     SessionClaims,
     SessionCreated,
     TypingFrame,
@@ -244,7 +248,10 @@ def event_frame(event: conv.ConversationUnion) -> Frame | None:
     if isinstance(event, conv.DeliveryReported):
         status = "read" if event.read else _DELIVERY_STATUS[event.kind]
         return DeliveryFrame(message_id=event.message_id, status=status)  # type: ignore[arg-type]
-    if isinstance(event, conv.ClientAdded) and event.reason == "channelLinking":
+    linked = (isinstance(event, conv.ClientAdded) and event.reason == "channelLinking"
+              and event.client.status == "active")
+    confirmed = isinstance(event, conv.ClientUpdated) and event.reason == "confirmed"
+    if isinstance(event, conv.ClientAdded | conv.ClientUpdated) and (linked or confirmed) and event.primary:
         return ChannelFrame(status="moved", client_type=event.client.type, integration_id=event.client.integration_id)
     if isinstance(event, conv.ClientRemoved) and event.reason in ("linkFailed", "theft"):
         return ChannelFrame(status="failed", client_type=event.client.type, integration_id=event.client.integration_id,
@@ -380,12 +387,17 @@ class SdkService(ServiceApp):
         self.sdk = sdk
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
+        self.ended_users: KvMirror | None = None
         self.hub = EventHub()
         self.sockets: set[web.WebSocketResponse] = set()
         self._monitor: asyncio.Task[None] | None = None
+        # Socket presence (`SDK_PRESENCE_BUCKET`): one refresher task per open socket.
+        self._presence_kv: KeyValue | None = None
+        self._presence_tasks: set[asyncio.Task[None]] = set()
         prefix = self.sdk_prefix
         r = self.http.router
         r.add_post(prefix + "/integrations/{integration_id}/sessions", self.create_session)
+        r.add_post(prefix + "/sessions/login", self.login)
         r.add_get(prefix + "/conversations/{conversation_id}/messages", self.get_messages)
         r.add_post(prefix + "/conversations/{conversation_id}/messages", self.post_message)
         r.add_post(prefix + "/conversations/{conversation_id}/activity", self.post_activity)
@@ -410,8 +422,11 @@ class SdkService(ServiceApp):
         return {}
 
     async def read_session_body(self, request: web.Request) -> Any:
-        """The session request's body, validated before anything is created; default: none."""
-        return None
+        """The session request's body, validated before anything is created; default: an
+        optional `SessionBody` (`linkCode`). A subclass's body carries `linkCode` by extending it."""
+        if not request.can_read_body:
+            return None
+        return await read_json(request, SessionBody, limit=4096)
 
     async def session_created(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
                               body: Any) -> None:
@@ -427,6 +442,8 @@ class SdkService(ServiceApp):
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      INTEGRATION_DECODER.decode)
+        self.ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
+                                                    identity.USER_ENDED_DECODER.decode)
         await self.hub.start(self.bus.nc)
         self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
 
@@ -434,6 +451,7 @@ class SdkService(ServiceApp):
         """Close sockets (clients resume by cursor elsewhere), stop HTTP, then the bus."""
         await self.close_sockets(WSCloseCode.SERVICE_RESTART, b"service restarting")
         await self.stop_http()
+        await self.stop_presence()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -534,6 +552,9 @@ class SdkService(ServiceApp):
         """The authentic session behind `token` and its (still served) integration."""
         app_id = request.match_info["app_id"]
         claims = authenticate(self.sdk.token_secret, token, app_id)
+        if self.ended_users is not None and self.ended_users.get(claims.user) is not None:
+            # The visitor was merged into another user (SDK login, channel link) or deleted.
+            raise ApiError(401, "This session has ended; start a new one")
         try:
             record = self.served_integration(await self.integration(claims.integration), app_id)
         except ApiError as exc:
@@ -570,6 +591,8 @@ class SdkService(ServiceApp):
         record = self.served_integration(await self.integration(integration_id), app_id)
         self.check_request(record, request)
         body = await self.read_session_body(request)
+        if isinstance(body, SessionBody) and body.link_code is not None:
+            return await self.linked_session(request, record, body, body.link_code)
         channel_user_id = new_id()
         resolved = await self.ask_identity(subjects.IDENTITY_RESOLVE, identity.ResolveClient(
             app_id=app_id, integration_id=integration_id, client_type=SDK_CLIENT_TYPE,
@@ -590,6 +613,52 @@ class SdkService(ServiceApp):
             app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
             session_token=claims.to_token(self.sdk.token_secret),
         ), status=201)
+
+    async def linked_session(self, request: web.Request, record: IntegrationRecord, body: SessionBody,
+                             code: str) -> web.Response:
+        """A session that redeems a handoff link code: a new `sdk` client of the code's user, on the
+        code's conversation (`conversations` redeems and links; the business gets `client:add`
+        and `conversation:referral`). A refused code is a 4xx whose title is the handoff's
+        message for the customer, and nothing is created."""
+        app_id = record.app_id
+        channel_user_id = new_id()
+        link = conv.LinkSdkClient(app_id=app_id, integration_id=record.id, channel=self.channel_of(record),
+                                  channel_user_id=channel_user_id, code=code,
+                                  info=self.session_info(request, record, body))
+        linked = conversation_reply(
+            await self.ask(subjects.CONVERSATIONS_SDK_LINK, conv.ENCODER.encode(link), "conversations"))
+        if not isinstance(linked, conv.SdkClientLinked):
+            raise ApiError(503, "Unexpected answer from conversations")
+        claims = SessionClaims(app=app_id, user=linked.user.id, client=linked.client.id, integration=record.id,
+                               channel_user_id=channel_user_id, conversation=linked.conversation.id)
+        await self.session_created(request, record, claims, body)
+        return json_response(SessionCreated(
+            app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
+            session_token=claims.to_token(self.sdk.token_secret),
+        ), status=201)
+
+    async def login(self, request: web.Request) -> web.Response:
+        """`Threadline.login(externalId, jwt)`: the session's user logs in with a user JWT.
+
+        The visitor becomes identified, or is merged into the user who has `externalId`; either
+        way a new session token names the user that remains, on the same conversation. A bad JWT
+        is a 401 (`invalid_auth`) and changes nothing; a session whose user already has another
+        externalId is a 409.
+        """
+        claims, record = await self.session(request, bearer_token(request.headers.get("Authorization")))
+        body = await read_json(request, LoginBody, limit=16384)
+        login = conv.SdkLogin(app_id=claims.app, user_id=claims.user, client_id=claims.client,
+                              integration_id=record.id, conversation_id=claims.conversation,
+                              external_id=body.external_id, jwt=body.jwt)
+        reply = conversation_reply(
+            await self.ask(subjects.CONVERSATIONS_SDK_LOGIN, conv.ENCODER.encode(login), "conversations"))
+        if not isinstance(reply, conv.SdkLoggedIn):
+            raise ApiError(503, "Unexpected answer from conversations")
+        renewed = msgspec.structs.replace(claims, user=reply.user.id, conversation=reply.conversation_id)
+        return json_response(LoginResult(
+            app_user_id=renewed.user, client_id=renewed.client, conversation_id=renewed.conversation,
+            session_token=renewed.to_token(self.sdk.token_secret), external_id=body.external_id,
+            outcome=reply.outcome))
 
     async def get_messages(self, request: web.Request) -> web.Response:
         """History: messages with cursor > `after` (oldest first), or the latest page."""
@@ -658,6 +727,7 @@ class SdkService(ServiceApp):
         self.sockets.add(ws)
         pump = asyncio.create_task(self._pump(ws, claims, conversation_id, after, listener),
                                    name=f"{self.name}:socket-pump")
+        presence = self.start_presence(claims, conversation_id)
         try:
             async for msg in ws:
                 if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
@@ -667,6 +737,7 @@ class SdkService(ServiceApp):
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+            await self.end_presence(presence)
             self.hub.remove(conversation_id, listener)
             self.sockets.discard(ws)
         return ws
@@ -720,3 +791,56 @@ class SdkService(ServiceApp):
             log.exception("socket pump failed")
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+
+    # --- socket presence ----------------------------------------------------------------------
+    # While a socket is open, `SDK_PRESENCE_BUCKET` holds one entry for it (a random key),
+    # refreshed every SDK_PRESENCE_REFRESH_SECONDS and deleted when it closes; the bucket's TTL
+    # removes the entries of a replica that died. `notifications` reads it to tell "connected"
+    # from "away". Presence is advisory: a failure to write it is logged, never fatal.
+
+    async def presence_bucket(self) -> KeyValue:
+        """The presence KV bucket (created with its TTL when missing)."""
+        if self._presence_kv is None:
+            self._presence_kv = await self._bus().key_value(subjects.SDK_PRESENCE_BUCKET,
+                                                            ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
+        return self._presence_kv
+
+    def start_presence(self, claims: SessionClaims, conversation_id: str) -> asyncio.Task[None]:
+        """Announce an open socket of `claims` on `conversation_id` until the task is cancelled."""
+        task = asyncio.create_task(self._hold_presence(new_id(), claims, conversation_id),
+                                   name=f"{self.name}:socket-presence")
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
+        return task
+
+    async def end_presence(self, task: asyncio.Task[None]) -> None:
+        """Stop announcing a socket (its entry is deleted before this returns)."""
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def stop_presence(self) -> None:
+        """Withdraw every socket's presence (on stop, while the bus is still connected)."""
+        await asyncio.gather(*(self.end_presence(task) for task in list(self._presence_tasks)))
+
+    async def _hold_presence(self, socket_id: str, claims: SessionClaims, conversation_id: str) -> None:
+        record = self.integrations.get(claims.integration) if self.integrations is not None else None
+        channel_name = self.channel_of(record) if isinstance(record, IntegrationRecord) else self.name
+        try:
+            while True:
+                entry = sdk_presence.SocketPresence(
+                    app_id=claims.app, user_id=claims.user, client_id=claims.client,
+                    conversation_id=conversation_id, integration_id=claims.integration,
+                    channel=channel_name, updated_at=now())
+                try:
+                    kv = await self.presence_bucket()
+                    await kv.put(socket_id, sdk_presence.ENCODER.encode(entry))
+                except (TimeoutError, ApiError, nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.warning("could not write socket presence: %s", exc)
+                await asyncio.sleep(subjects.SDK_PRESENCE_REFRESH_SECONDS)
+        finally:
+            try:
+                kv = await self.presence_bucket()
+                await kv.delete(socket_id)
+            except (TimeoutError, ApiError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("could not delete socket presence (it expires with the TTL): %s", exc)

@@ -91,6 +91,9 @@ IDENTITY_DEVICES_LIST: Final = "identity.devices.list"
 IDENTITY_DEVICE_DROP_TOKEN: Final = "identity.device.droptoken"
 IDENTITY_CLIENT_LINK: Final = "identity.client.link"
 IDENTITY_MERGES_LIST: Final = "identity.merges.list"
+# Direct linking by phone (SunCo Clients API): attach a number's client to a user, remove a client.
+IDENTITY_CLIENT_ATTACH_PHONE: Final = "identity.client.attachphone"
+IDENTITY_CLIENT_REMOVE: Final = "identity.client.remove"
 
 HANDOFF_SERVICE: Final = "handoff"
 HANDOFF_ISSUE: Final = "handoff.issue"
@@ -108,3 +111,40 @@ WEBHOOKS_BUCKET: Final = "tl_webhooks"
 # Written by `app`: business messages an app socket delivered (key: message id), so that the
 # replica deciding on a push skips it. Entries expire after a day.
 APP_DELIVERIES_BUCKET: Final = "tl_app_deliveries"
+
+# Written by the SDK services (`web`, `app`): one key per open realtime socket (a random socket
+# id), value `sdk_presence.SocketPresence`; refreshed while the socket lives and deleted when it
+# closes, so a crashed replica's sockets vanish with the bucket's TTL.
+SDK_PRESENCE_BUCKET: Final = "tl_sdk_presence"
+SDK_PRESENCE_TTL_SECONDS: Final = 60
+SDK_PRESENCE_REFRESH_SECONDS: Final = 20
+
+# Direct linking of a phone-number client (SunCo Clients API `matchCriteria`), served by
+# `conversations`; also used by `notifications` when a customer confirms an opt-in.
+CONVERSATIONS_CLIENT_LINK: Final = "conversations.client.link"
+
+NOTIFICATIONS_SERVICE: Final = "notifications"
+NOTIFICATIONS_OPTIN_START: Final = "notifications.optin.start"
+NOTIFICATIONS_OPTIN_CONFIRM: Final = "notifications.optin.confirm"
+NOTIFICATIONS_OPTIN_LIST: Final = "notifications.optin.list"
+NOTIFICATIONS_OPTIN_STOP: Final = "notifications.optin.stop"
+# Written by `conversations`: each app's public settings (`notification_settings` below), watched
+# by `notifications` (key: app id).
+APPS_BUCKET: Final = "tl_apps"
+
+# Participants, read state and client associations of a conversation (served by `conversations`).
+CONVERSATIONS_PARTICIPANTS: Final = "conversations.participants"
+NOTIFICATIONS_EVENTS_CONSUMER: Final = "notifications-events"
+NOTIFICATIONS_STATUS_CONSUMER: Final = "notifications-status"
+
+# SDK handoff and login, served by `conversations` for `web` and `app`: redeem a link code into a
+# new SDK client on the code's conversation; verify an SDK login JWT and identify/merge the user.
+CONVERSATIONS_SDK_LINK: Final = "conversations.sdk.link"
+CONVERSATIONS_SDK_LOGIN: Final = "conversations.sdk.login"
+# Identify a session's user by externalId, or merge it into the user who has it (SDK login).
+IDENTITY_USER_LOGIN: Final = "identity.user.login"
+
+# Written by `identity`: users that no longer exist because they were merged into another user
+# or deleted (key: user id, value `identity.UserEnded`). SDK services mirror it and refuse the
+# session tokens of those users (SunCo revokes the discarded user's session on a merge).
+ENDED_USERS_BUCKET: Final = "tl_ended_users"

@@ -30,8 +30,8 @@ ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
 
 # Start order: what a service asks at start-up runs before it.
-SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "whatsapp", "messenger", "telegram", "sms",
-                 "web", "app", "sandbox")
+SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
+                 "telegram", "sms", "web", "app", "sandbox")
 
 
 class System:
@@ -51,6 +51,8 @@ class System:
             "THREADLINE_ACCOUNT_KEY_ID": ACCOUNT_KEY_ID,
             "THREADLINE_ACCOUNT_KEY_SECRET": ACCOUNT_KEY_SECRET,
             "THREADLINE_SDK_TOKEN_SECRET": SDK_TOKEN_SECRET,
+            # The sandbox's SMTP sink on any free port (read it from `sandbox.mail.port`).
+            "THREADLINE_SANDBOX_SMTP_PORT": "0",
             **(env or {}),
         }
         self.services: dict[str, ServiceApp] = {}

@@ -20,6 +20,7 @@ SANDBOX_SMS_NUMBER = "+15550002222"
 SANDBOX_PAGE_ID = "102290129340398"
 SANDBOX_FCM_PROJECT = "threadline-sandbox"
 SANDBOX_BUNDLE_ID = "com.threadline.demo"
+SANDBOX_MAIL_FROM = "notifications@demo-shop.threadline.test"
 
 
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
@@ -83,7 +84,29 @@ def sandbox_integrations(base_url: str) -> dict[str, dict[str, Any]]:
             "teamId": secrets.token_hex(5).upper(), "bundleId": SANDBOX_BUNDLE_ID,
             "signingKey": _pem(ec.generate_private_key(ec.SECP256R1())), "baseUrl": f"{base_url}/sandbox/apns",
         },
+        # E-mail notifications go to the sandbox's SMTP sink (its port is asked at bootstrap). The
+        # kind stays `email` (sandbox.json's key); the integration is SunCo's e-mail type, `mailgun`.
+        "email": {
+            "type": "mailgun", "displayName": "E-mail (sandbox)", "smtpHost": "127.0.0.1", "smtpPort": 2525,
+            "security": "none", "fromAddress": SANDBOX_MAIL_FROM, "fromName": "Threadline Demo Shop",
+        },
     }
+
+
+async def sandbox_smtp_server(session: aiohttp.ClientSession, base_url: str) -> tuple[str, int] | None:
+    """(host, port) the sandbox's SMTP sink listens on, or None when it does not (yet)."""
+    try:
+        async with session.get(f"{base_url}/sandbox/mail/server") as resp:
+            if resp.status != 200:
+                return None
+            info = await resp.json()
+    except (aiohttp.ClientError, ValueError):
+        return None
+    port = info.get("port") if isinstance(info, dict) else None
+    if not isinstance(port, int) or not port:
+        return None
+    host = str(info.get("host") or "")
+    return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), port
 
 
 async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
@@ -118,7 +141,13 @@ async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
         bodies = sandbox_integrations(base_url)
         for kind in kinds:
             if kind in info["integrations"]:
+                if kind == "email":
+                    await _follow_smtp_sink(session, base_url, auth, info)
                 continue
+            if kind == "email":
+                smtp = await sandbox_smtp_server(session, base_url)
+                if smtp is not None:
+                    bodies[kind] = {**bodies[kind], "smtpHost": smtp[0], "smtpPort": smtp[1]}
             status, body = await _call(session, "POST", f"{base_url}/v2/apps/{info['appId']}/integrations", auth,
                                        bodies[kind])
             if status != 201:
@@ -131,6 +160,20 @@ async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
             info["integrations"][kind] = {"id": integration_id, **entry}
     _write(path, info)
     return info
+
+
+async def _follow_smtp_sink(session: aiohttp.ClientSession, base_url: str, auth: dict[str, str],
+                            info: dict[str, Any]) -> None:
+    """Point the sandbox `email` integration at the sink's port of this run (it may differ)."""
+    smtp = await sandbox_smtp_server(session, base_url)
+    entry = info["integrations"]["email"]
+    if smtp is None or (entry.get("smtpHost"), entry.get("smtpPort")) == smtp:
+        return
+    status, body = await _call(session, "PATCH", f"{base_url}/v2/apps/{info['appId']}/integrations/{entry['id']}",
+                               auth, {"smtpHost": smtp[0], "smtpPort": smtp[1]})
+    if status != 200:
+        raise BootstrapError(f"update email integration: {status} {body}")
+    entry.update(smtpHost=smtp[0], smtpPort=smtp[1])
 
 
 def _write(path: str, info: dict[str, Any]) -> None:

@@ -28,9 +28,10 @@ class LaunchError(RuntimeError):
     """The system cannot start here (a port is taken, a service failed to start)."""
 
 
-START_ORDER = ("identity", "conversations", "webhooks", "handoff", "whatsapp", "messenger", "telegram", "sms", "web",
-               "app", "sandbox")
-SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios")
+START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
+               "telegram", "sms", "web", "app", "sandbox")
+# sandbox.json kinds (bootstrap.sandbox_integrations); the `email` kind is a `mailgun` integration.
+SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios", "email")
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -16,6 +16,7 @@ from shared.http import ApiError
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.messages.identity import RegisterDevice
 from shared.records import IntegrationRecord
+from shared.sdk import SessionBody as SdkSessionBody
 from shared.sdk import SessionClaims
 from shared.sunco import Device, FileContent, ImageContent, LocationContent, TextContent, Wire
 
@@ -35,8 +36,9 @@ class DeviceIn(Wire, kw_only=True):
     info: dict[str, Any] = {}
 
 
-class SessionBody(Wire, kw_only=True):
-    """Body of the app's `POST …/sessions` (optional): the install the session starts on."""
+class SessionBody(SdkSessionBody, kw_only=True):
+    """Body of the app's `POST …/sessions` (optional): the install the session starts on (and,
+    from the SDK's body, a `linkCode` from the app's universal link)."""
 
     device: DeviceIn | None = None
 

@@ -8,6 +8,7 @@ DB transaction, so a failed KV write leaves nothing behind (the API answers 503)
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Protocol
 
 import aiosqlite
@@ -36,6 +37,10 @@ class ConfigSink(Protocol):
     async def put_webhook(self, record: records.WebhookRecord) -> None: ...
 
     async def delete_webhook(self, app_id: str, webhook_id: str) -> None: ...
+
+    async def put_app(self, record: records.AppRecord) -> None: ...
+
+    async def delete_app(self, app_id: str) -> None: ...
 
 
 def new_key_id() -> str:
@@ -77,10 +82,12 @@ class Admin:
         if not body.display_name or len(body.display_name) > 100:
             raise ApiError(400, "displayName must be 1 to 100 characters")
         models.check_metadata(body.metadata)
+        models.check_notification_settings(body.settings.notifications if body.settings else None)
         app_id = new_id()
         settings = {} if body.settings is None else _builtins(body.settings)
         async with self.store.tx():
             await self.store.add_app(app_id, body.display_name, settings, body.metadata or {}, now())
+            await self.sink.put_app(records.AppRecord(id=app_id, display_name=body.display_name, settings=settings))
         row = await self.store.get_app(app_id)
         assert row is not None
         return app_out(row)
@@ -98,10 +105,13 @@ class Admin:
             raise ApiError(400, "displayName must be 1 to 100 characters")
         settings = loads(row["settings"])
         if body.settings is not None:
+            models.check_notification_settings(body.settings.notifications)
             settings.update(_builtins(body.settings))
         async with self.store.tx():
             await self.store.set_app(app_id, body.display_name or row["display_name"], settings,
                                      loads(row["metadata"]) if body.metadata is None else body.metadata)
+            await self.sink.put_app(records.AppRecord(id=app_id, display_name=body.display_name or row["display_name"],
+                                                      settings=settings))
         return app_out(await self.app_row(app_id))
 
     async def delete_app(self, app_id: str) -> None:
@@ -114,6 +124,7 @@ class Admin:
                 await self.sink.delete_webhook(app_id, webhook["id"])
             for integration in integrations:
                 await self.sink.delete_integration(integration["id"])
+            await self.sink.delete_app(app_id)
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -160,6 +171,13 @@ class Admin:
                 out[key] = value
         if row["type"] == "messenger" and str(out.get("pageId", "")).isdigit():
             out["pageId"] = int(out["pageId"])  # SunCo's wire type
+        if row["type"] == "mailgun":
+            # SunCo's Mailgun model requires both: an SMTP-only integration takes them from its sender.
+            sender = str(out.get("fromAddress") or out.get("incomingAddress") or "")
+            if sender and not out.get("incomingAddress"):
+                out["incomingAddress"] = sender
+            if sender and not out.get("domain"):
+                out["domain"] = sender.rpartition("@")[2]
         if row["type"] == "custom":
             out["webhooks"] = [msgspec.to_builtins(webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"])))
                                for w in await self.store.list_webhooks(integration_id=row["id"])]
@@ -211,8 +229,16 @@ class Admin:
             elif isinstance(fields, models.AndroidIntegrationIn):
                 config.setdefault("tokenUri", "https://oauth2.googleapis.com/token")
                 config.setdefault("baseUrl", "https://fcm.googleapis.com")
+            elif isinstance(fields, models.MailgunIntegrationIn):
+                config.setdefault("security", "starttls")
+                config.setdefault("smtpPort", EMAIL_DEFAULT_PORTS[config["security"]])
+                if config.get("domain"):
+                    # Mailgun's SMTP relay: smtp.mailgun.org, STARTTLS on 587, login postmaster@<domain>.
+                    config.setdefault("smtpHost", MAILGUN_SMTP_HOST)
+                    config.setdefault("username", f"postmaster@{config['domain']}")
         _check_push_credentials(type_, config)
-        missing = [f for f in REQUIRED_ON_CREATE.get(type_, ()) if not config.get(f)]
+        _check_email_settings(type_, config)
+        missing = [f.replace("|", " or ") for f in REQUIRED_ON_CREATE.get(type_, ()) if not _has(config, f)]
         if missing:
             raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
         status = _status(type_, config)
@@ -243,6 +269,7 @@ class Admin:
         config = loads(row["config"])
         config.update(changes)
         _check_push_credentials(row["type"], config)
+        _check_email_settings(row["type"], config)
         status = _status(row["type"], config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
                                            display_name=display_name, config=config)
@@ -331,6 +358,12 @@ class Admin:
         webhooks = [WEBHOOK_RECORD_DECODER.decode(w["record"]) for w in await self.store.list_webhooks()]
         return integrations, webhooks
 
+    async def all_apps(self) -> list[records.AppRecord]:
+        """Every app record, as it must appear in the apps KV bucket."""
+        rows, _ = await self.store.list_apps(None, None, 1_000_000)
+        return [records.AppRecord(id=r["id"], display_name=r["display_name"], settings=loads(r["settings"]))
+                for r in rows]
+
 
 def _check_push_credentials(type_: str, config: dict[str, Any]) -> None:
     """400 for push credentials that could never work (caught now, not at the first push)."""
@@ -343,11 +376,13 @@ def _check_push_credentials(type_: str, config: dict[str, Any]) -> None:
         raise ApiError(400, f"{field} must be a PEM private key (-----BEGIN PRIVATE KEY-----)")
 
 
-# What SunCo's own models require (the official client cannot parse the integration without them).
+# What SunCo's own models require (the official client cannot parse the integration without them);
+# "a|b": either field. A mailgun integration needs a server to send through and a sender address.
 REQUIRED_ON_CREATE = {
     "messenger": ("appId",),
     "telegram": ("token",),
     "twilio": ("accountSid",),
+    "mailgun": ("smtpHost|domain", "fromAddress|incomingAddress"),
 }
 
 # What a channel integration needs before Threadline can talk to its platform.
@@ -359,13 +394,54 @@ REQUIRED_FOR_ACTIVE = {
     # Push needs these; without them the app's SDK still chats, and pushes fail visibly.
     "android": ("projectId", "clientEmail", "privateKey"),
     "ios": ("keyId", "teamId", "bundleId", "signingKey"),
+    "mailgun": ("smtpHost", "fromAddress|incomingAddress"),
 }
+
+
+def _has(config: dict[str, Any], fields: str) -> bool:
+    """Whether `config` has a value for one of the "|"-separated `fields`."""
+    return any(config.get(field) for field in fields.split("|"))
 
 
 def _status(type_: str, config: dict[str, Any]) -> str:
     """A channel integration is `active` only once its credentials are all there."""
-    if not all(config.get(field) for field in REQUIRED_FOR_ACTIVE.get(type_, ())):
+    if not all(_has(config, fields) for fields in REQUIRED_FOR_ACTIVE.get(type_, ())):
         return "inactive"
     if type_ == "twilio" and not (config.get("phoneNumber") or config.get("messagingServiceSid")):
         return "inactive"
     return "active"
+
+
+# --- the `mailgun` integration (SunCo's e-mail type; Threadline sends it over SMTP) ------------
+
+EMAIL_DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+MAILGUN_SMTP_HOST = "smtp.mailgun.org"
+_EMAIL_ADDRESS = re.compile(r"^[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,253}$")
+
+
+def _check_email_settings(type_: str, config: dict[str, Any]) -> None:
+    """400 for SMTP settings that could never send (caught now, not at the first notification)."""
+    if type_ != "mailgun":
+        return
+    host = config.get("smtpHost")
+    if host is not None and (not isinstance(host, str) or not _HOSTNAME.match(host)):
+        raise ApiError(400, "smtpHost must be a host name or IP address")
+    domain = config.get("domain")
+    if domain is not None and (not isinstance(domain, str) or not _EMAIL_ADDRESS.match(f"postmaster@{domain}")):
+        raise ApiError(400, "domain must be a domain name (mg.example.com)")
+    incoming = config.get("incomingAddress")
+    if incoming is not None and (not isinstance(incoming, str) or not _EMAIL_ADDRESS.match(incoming)):
+        raise ApiError(400, "incomingAddress must be an e-mail address (name@example.com)")
+    port = config.get("smtpPort")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise ApiError(400, "smtpPort must be between 1 and 65535")
+    address = config.get("fromAddress")
+    if address is not None and (not isinstance(address, str) or not _EMAIL_ADDRESS.match(address)):
+        raise ApiError(400, "fromAddress must be an e-mail address (name@example.com)")
+    name = config.get("fromName")
+    if name is not None and (not isinstance(name, str) or len(name) > 100 or any(c in name for c in "\r\n")):
+        raise ApiError(400, "fromName must be at most 100 characters on one line")
+    if config.get("username") and not config.get("password"):
+        raise ApiError(400, "username needs a password (SMTP AUTH; for Mailgun's relay, the domain's SMTP "
+                            "password)")

@@ -26,16 +26,18 @@ from yarl import URL
 
 from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
+from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
 from shared.bus import RequestFailed
 from shared.http import ApiError, json_response, read_json
 from shared.ids import iso, parse_iso
+from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
-from shared.sunco import Profile
+from shared.sunco import Profile, Source
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +287,45 @@ class Api:
             app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
         assert isinstance(reply, ident.ClientsReply)
         return json_response({"clients": reply.clients, "meta": {"hasMore": False}, "links": {}})
+
+    async def create_client(self, request: web.Request) -> web.Response:
+        """SunCo Clients API: link a phone number (whatsapp/twilio) to the user's conversation."""
+        app_id = await self._app(request)
+        body = await read_json(request, models.ClientCreateBody)
+        criteria = body.match_criteria
+        if criteria.type in UNSUPPORTED_PHONE_TYPES:
+            raise ApiError(400, f"matchCriteria.type {criteria.type} is not supported by this gateway "
+                                "(use whatsapp or twilio)")
+        if criteria.type not in PHONE_TYPES:
+            raise ApiError(400, "matchCriteria.type must be one of whatsapp, twilio, messagebird, mailgun")
+        client_type = await self.conversations.phone_links.check_integration(app_id, criteria.integration_id,
+                                                                            criteria.type)
+        if not criteria.phone_number:
+            raise ApiError(400, "matchCriteria.phoneNumber is required")
+        message = None if body.confirmation.message is None else confirmation_content(body.confirmation.message,
+                                                                                       client_type)
+        user = (await self._user(app_id, None, request.match_info["userIdOrExternalId"])).user
+        assert criteria.integration_id is not None
+        linked = await self.conversations.phone_links.link(conv.LinkPhoneClient(
+            app_id=app_id, user_id=user.id, conversation_id=body.target.conversation_id,
+            integration_id=criteria.integration_id, phone_number=criteria.phone_number,
+            confirmation=body.confirmation.type, primary=criteria.primary),
+            message=message, message_schema=body.confirmation.message.schema if body.confirmation.message else None,
+            source=Source(type="api:conversations"))
+        return json_response({"client": linked.client}, 201)
+
+    async def remove_client(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        await self.conversations.phone_links.remove(app_id, request.match_info["userIdOrExternalId"],
+                                                    request.match_info["clientId"])
+        return json_response({})
+
+    async def post_notification(self, request: web.Request) -> web.Response:
+        """SunCo v1.1 Notification API: one call sends a business message to a phone number."""
+        app_id = await self._app(request)
+        body = await read_json(request, models.NotificationPostBody)
+        message_id = await self.conversations.phone_links.notify(app_id, body)
+        return json_response({"notification": {"_id": message_id}}, 201)
 
     # --- handoff (Threadline extension + SunCo v1.1) ----------------------------------------
 
@@ -589,6 +630,14 @@ OPERATIONS: tuple[Operation, ...] = (
               "Delete a user, their clients and conversations", Api.delete_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
+    Operation("POST", A + "/users/{userIdOrExternalId}/clients", "createClient", "Clients",
+              "Link a phone number (whatsapp, twilio) to the user's conversation: immediate, userActivity, prompt",
+              Api.create_client, 201, request=models.ClientCreateBody, response=models.ClientResponse),
+    Operation("DELETE", A + "/users/{userIdOrExternalId}/clients/{clientId}", "removeClient", "Clients",
+              "Remove a client: it leaves every conversation (client:remove reason api)", Api.remove_client),
+    Operation("POST", "/v1.1/apps/{appId}/notifications", "postNotification", "Notifications",
+              "SunCo v1.1 Notification API: send a message to a phone number (its reply continues the conversation)",
+              Api.post_notification, 201, request=models.NotificationPostBody),
     Operation("POST", A + "/users/{userIdOrExternalId}/linkRequests", "createLinkRequests", "Handoff",
               "Links (deep link, QR code) that move the user's conversation to other channels (Threadline)",
               Api.create_link_requests, 201, request=models.LinkRequestsBody),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -61,9 +62,10 @@ def status_ordering_key(subject: str, data: bytes) -> str:
 class KvSink:
     """Publishes integration and webhook records to their KV buckets."""
 
-    def __init__(self, integrations: KeyValue, webhooks: KeyValue) -> None:
+    def __init__(self, integrations: KeyValue, webhooks: KeyValue, apps: KeyValue | None = None) -> None:
         self.integrations = integrations
         self.webhooks = webhooks
+        self.apps = apps
 
     async def put_integration(self, record: records.IntegrationRecord) -> None:
         await self.integrations.put(record.id, records.ENCODER.encode(record))
@@ -76,6 +78,14 @@ class KvSink:
 
     async def delete_webhook(self, app_id: str, webhook_id: str) -> None:
         await self.webhooks.delete(records.webhook_key(app_id, webhook_id))
+
+    async def put_app(self, record: records.AppRecord) -> None:
+        if self.apps is not None:
+            await self.apps.put(record.id, records.ENCODER.encode(record))
+
+    async def delete_app(self, app_id: str) -> None:
+        if self.apps is not None:
+            await self.apps.delete(app_id)
 
 
 async def _keys(kv: KeyValue) -> list[str]:
@@ -98,12 +108,14 @@ class ConversationsService(ServiceApp):
         self.store: Store | None = None
         self.conversations: Conversations | None = None
         self.admin: Admin | None = None
+        self._link_sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.bus = await self.connect_bus()
         self.store = await Store.open(self.config.db_path)
         sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
-                      await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas))
+                      await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas),
+                      await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count)
         self.admin = Admin(self.store, sink)
@@ -118,7 +130,13 @@ class ConversationsService(ServiceApp):
         await self.bus.serve(subjects.CONVERSATIONS_SERVICE, {
             subjects.CONVERSATIONS_START: self.conversations.answer,
             subjects.CONVERSATIONS_HISTORY: self.conversations.answer,
+            subjects.CONVERSATIONS_PARTICIPANTS: self.conversations.answer,
+            subjects.CONVERSATIONS_SDK_LINK: self.conversations.answer,
+            subjects.CONVERSATIONS_SDK_LOGIN: self.conversations.answer,
+            subjects.CONVERSATIONS_CLIENT_LINK: self.conversations.phone_links.answer,
         })
+        # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
+        self._link_sweeper = asyncio.create_task(self.conversations.phone_links.sweep_forever())
         await self.start_http()
 
     async def _republish(self, sink: KvSink) -> None:
@@ -138,8 +156,21 @@ class ConversationsService(ServiceApp):
             if key not in wanted:
                 await sink.webhooks.delete(key)
         log.info("published %d integrations and %d webhooks to KV", len(integrations), len(webhooks))
+        if sink.apps is not None:
+            apps = await self.admin.all_apps()
+            for app in apps:
+                await sink.put_app(app)
+            wanted = {a.id for a in apps}
+            for key in await _keys(sink.apps):
+                if key not in wanted:
+                    await sink.apps.delete(key)
 
     async def stop(self) -> None:
+        if self._link_sweeper is not None:
+            self._link_sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._link_sweeper
+            self._link_sweeper = None
         await self.stop_http()
         if self.bus is not None:
             await self.bus.close()

@@ -20,7 +20,9 @@ import msgspec
 import nats.errors
 
 from services.conversations import models
+from services.conversations.clients import PhoneLinks
 from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
+from services.conversations.sdk_login import sdk_login
 from services.conversations.store import (
     MESSAGE_DECODER,
     Association,
@@ -37,6 +39,7 @@ from shared.ids import iso, new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
+from shared.messages import notification
 from shared.sunco import (
     Activity,
     Author,
@@ -182,6 +185,7 @@ class Conversations:
         self.bus = bus
         self.identity = identity
         self.linker = Linker(self, recap_count)
+        self.phone_links = PhoneLinks(self)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -487,6 +491,17 @@ class Conversations:
         if await self.linker.handle(msg):
             return
         user, client = await self._inbound_identity(msg)
+        if client.status == "pending":  # a direct link by phone waits for this number (clients.py)
+            outcome = await self.phone_links.on_pending_inbound(msg, user, client)
+            if outcome.consumed:
+                return
+            if outcome.resolve_again:
+                user, client = await self._inbound_identity(msg)
+            else:
+                assert outcome.user is not None and outcome.client is not None
+                user, client = outcome.user, outcome.client
+            if outcome.conversation_id:
+                msg = msgspec.structs.replace(msg, conversation_id=outcome.conversation_id)
         if msg.conversation_id:
             row = await self.store.get_conversation(msg.app_id, msg.conversation_id)
             if row is None or await self.store.participant(msg.conversation_id, user.id) is None:
@@ -614,6 +629,8 @@ class Conversations:
 
     async def delivery_status(self, status: chan.DeliveryStatus, num_delivered: int = 1) -> None:
         message_id, conversation_id = status.message_id, status.conversation_id
+        if notification.is_notification_id(message_id):
+            return  # a send of `notifications` (not a message of the history): it follows those itself
         if message_id is None:
             mapped = await self.store.external(status.app_id, status.integration_id, status.provider_message_id)
             if mapped is None:
@@ -688,6 +705,12 @@ class Conversations:
                 reply: conv.ConversationRequest = await self.start_conversation(request)
             elif isinstance(request, conv.GetHistory):
                 reply = await self.history(request)
+            elif isinstance(request, conv.GetParticipants):
+                reply = await self.participants_state(request)
+            elif isinstance(request, conv.LinkSdkClient):
+                reply = await self.linker.link_sdk(request)
+            elif isinstance(request, conv.SdkLogin):
+                reply = await sdk_login(self, request)
             else:
                 reply = conv.ConversationError(status=400, code="bad_request",
                                                title=f"Unexpected request {type(request).__name__}")
@@ -738,6 +761,20 @@ class Conversations:
             conversation=conversation_ref(row),
             messages=[conv.HistoryMessage(cursor=r.seq, message=MESSAGE_DECODER.decode(r.body)) for r in rows],
             has_more=more, business_last_read=row["business_last_read"])
+
+
+    async def participants_state(self, req: conv.GetParticipants) -> conv.ParticipantsReply:
+        """Participants with read state and client associations (primary first), for `notifications`."""
+        row = await self.conversation_row(req.app_id, req.conversation_id)
+        participants = []
+        for participant in await self.store.participants(req.conversation_id):
+            clients = [conv.ParticipantClient(client_id=a.client_id, type=a.type, integration_id=a.integration_id,
+                                              external_id=a.external_id, info=a.info or {}, last_active=a.last_active)
+                       for a in await self.store.associations(participant["id"])]
+            participants.append(conv.ParticipantState(
+                user_id=participant["user_id"], user_external_id=participant["user_external_id"],
+                unread_count=participant["unread_count"] or 0, last_read=participant["last_read"], clients=clients))
+        return conv.ParticipantsReply(conversation=conversation_ref(row), participants=participants)
 
 
 def _parse_received(message: Message) -> float:

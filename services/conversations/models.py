@@ -7,12 +7,15 @@ unknown fields are ignored, as SunCo does.
 from __future__ import annotations
 
 import json
+import re
+import zoneinfo
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 
 from shared.http import ApiError
+from shared.records import NotificationSettings
 from shared.sunco import (
     ActivityType,
     Author,
@@ -41,15 +44,18 @@ WEBHOOK_TRIGGERS = frozenset({
     "switchboard:acceptControl", "switchboard:acceptControl:failure", "switchboard:offerControl",
     "switchboard:offerControl:failure", "switchboard:passControl", "switchboard:passControl:failure",
     "switchboard:releaseControl", "user:merge", "user:update", "user:remove",
+    # Threadline extension (SunCo v1 names): away notifications sent or failed (`notifications`).
+    "notification:delivery:channel", "notification:delivery:failure",
 })
 AUTHOR_SUBTYPES = frozenset({"AI", "activity"})
 MAX_METADATA_BYTES = 4096
 # Integration types this server can create (the others are valid SunCo enums, refused with 400).
-SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios")
+SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios",
+                          "mailgun")
 # Secrets never returned by the API (they stay in the DB and the KV record for channel services).
 SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken", "pageAccessToken",
                            "token", "webhookSecret", "authToken", "privateKey", "serverKey", "certificate",
-                           "password", "signingKey"})
+                           "password", "signingKey", "apiKey"})
 DEFAULT_WHATSAPP_API_VERSION = "v23.0"
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
 
@@ -75,6 +81,8 @@ class AppSettings(Wire, kw_only=True):
     ignore_auto_conversation_start: bool | None = None
     multi_convo_enabled: bool | None = None
     app_localization_enabled: bool | None = None
+    # Threadline extension: away notifications (validated by `check_notification_settings`).
+    notifications: NotificationSettings | None = None
 
 
 class AppCreateBody(Wire, kw_only=True):
@@ -406,6 +414,36 @@ class IosIntegrationIn(Wire, kw_only=True):
     attachments_enabled: bool | None = None
 
 
+class MailgunIntegrationIn(Wire, kw_only=True):
+    """SunCo's e-mail integration (`mailgun`), which Threadline sends over SMTP (notifications).
+
+    SunCo's fields: `domain`, `incomingAddress`, `fromAddress`, `hideUnsubscribeLink` and
+    `apiKey`. `apiKey` is accepted and kept write-only (like every secret) for compatibility, but
+    is never used: Threadline does not call Mailgun's HTTP API, it sends through Mailgun's SMTP
+    relay (or any SMTP server). `hideUnsubscribeLink` is stored but the opt-out link stays in
+    every notification e-mail, as it is the customer's way to end an e-mail opt-in.
+
+    Threadline extensions, the SMTP server: `smtpHost` (default `smtp.mailgun.org` when a
+    `domain` is given), `smtpPort`, `security` ("starttls" (default, port 587), "tls" (implicit
+    TLS, 465) or "none" (25)), `username` (default `postmaster@<domain>` when a `domain` is
+    given), `password` (write-only), `fromName`. Mail goes out from `fromAddress`, else
+    `incomingAddress`.
+    """
+
+    display_name: str | None = None
+    api_key: str | None = None
+    domain: str | None = None
+    incoming_address: str | None = None
+    hide_unsubscribe_link: bool | None = None
+    from_address: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int | None = None
+    security: Literal["starttls", "tls", "none"] | None = None
+    username: str | None = None
+    password: str | None = None
+    from_name: str | None = None
+
+
 INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationIn,
     "web": WebIntegrationIn,
@@ -415,6 +453,7 @@ INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
     "twilio": TwilioIntegrationIn,
     "android": AndroidIntegrationIn,
     "ios": IosIntegrationIn,
+    "mailgun": MailgunIntegrationIn,
 }
 INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
     "custom": CustomIntegrationUpdate,
@@ -425,6 +464,7 @@ INTEGRATION_UPDATE_BODIES: dict[str, type[Wire]] = {
     "twilio": TwilioIntegrationIn,
     "android": AndroidIntegrationIn,
     "ios": IosIntegrationIn,
+    "mailgun": MailgunIntegrationIn,
 }
 
 
@@ -617,3 +657,108 @@ def page_params(query: Mapping[str, str], default_size: int = 25) -> PageParams:
         if not 1 <= size <= 100:
             raise ApiError(400, "page.size must be between 1 and 100")
     return PageParams(after=after, before=before, size=size)
+
+
+_CLOCK_TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+NOTIFICATION_DELAY_RANGE = (1, 7 * 24 * 3600)
+WHATSAPP_TEMPLATE_PARAMETERS = frozenset({"text", "link", "business", "code"})
+
+
+def check_notification_settings(settings: NotificationSettings | None) -> None:
+    """400 for `settings.notifications` that could never work (bad delay, clock time, time zone, template)."""
+    if settings is None:
+        return
+    low, high = NOTIFICATION_DELAY_RANGE
+    if settings.delay_seconds is not None and not low <= settings.delay_seconds <= high:
+        raise ApiError(400, f"settings.notifications.delaySeconds must be between {low} and {high}")
+    quiet = settings.quiet_hours
+    if quiet is not None:
+        if not (_CLOCK_TIME.match(quiet.start) and _CLOCK_TIME.match(quiet.end)):
+            raise ApiError(400, "settings.notifications.quietHours start and end must be HH:MM (24 h)")
+        if quiet.start == quiet.end:
+            raise ApiError(400, "settings.notifications.quietHours start and end must differ")
+        try:
+            zoneinfo.ZoneInfo(quiet.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ApiError(400, f"settings.notifications.quietHours.timezone {quiet.timezone!r} is not an IANA "
+                                "time zone") from None
+    templates = settings.templates
+    named = [] if templates is None else [("whatsapp", templates.whatsapp),
+                                          ("whatsappOptIn", templates.whatsapp_opt_in)]
+    for name, template in named:
+        if template is None:
+            continue
+        if not re.match(r"^[a-z0-9_]{1,512}$", template.name):
+            raise ApiError(400, f"settings.notifications.templates.{name}.name must be a WhatsApp template name "
+                                "(lowercase letters, digits, _)")
+        if not re.match(r"^[a-z]{2,3}(_[A-Z]{2})?$", template.language):
+            raise ApiError(400, f"settings.notifications.templates.{name}.language must be a code like en_US")
+        unknown = sorted(set(template.parameters or ()) - WHATSAPP_TEMPLATE_PARAMETERS)
+        if unknown:
+            raise ApiError(400, f"settings.notifications.templates.{name}.parameters: unknown {', '.join(unknown)} "
+                                f"(use {', '.join(sorted(WHATSAPP_TEMPLATE_PARAMETERS))})")
+
+
+# --- direct linking by phone (Clients API) and the Notification API (v1.1) --------------------
+
+class MatchCriteriaIn(Wire, kw_only=True):
+    """SunCo `matchCriteria` (oneOf by `type`): whatsapp/twilio/messagebird carry a phone number,
+    mailgun an address. Only whatsapp and twilio are served here."""
+
+    type: str
+    integration_id: str | None = None
+    phone_number: str | None = None
+    primary: bool = True
+    address: str | None = None
+    subject: str | None = None
+
+
+class ConfirmationMessageIn(Wire, kw_only=True):
+    """SunCo `confirmation.message` (a MessagePost): sent to the number, never stored."""
+
+    content: Content
+    author: Author | None = None
+    schema: Literal["whatsapp"] | None = None
+
+
+class ConfirmationIn(Wire, kw_only=True):
+    type: Literal["immediate", "userActivity", "prompt"]
+    message: ConfirmationMessageIn | None = None
+
+
+class TargetIn(Wire, kw_only=True):
+    conversation_id: str
+
+
+class ClientCreateBody(Wire, kw_only=True):
+    """Body of `POST …/users/{id}/clients` (SunCo `ClientCreate`)."""
+
+    match_criteria: MatchCriteriaIn
+    confirmation: ConfirmationIn
+    target: TargetIn
+
+
+class ClientResponse(Wire, kw_only=True):
+    client: Client
+
+
+class NotificationDestination(Wire, kw_only=True):
+    integration_id: str
+    destination_id: str
+
+
+class NotificationAuthor(Wire, kw_only=True):
+    role: str
+    name: str | None = None
+    avatar_url: str | None = None
+
+
+class NotificationPostBody(Wire, kw_only=True):
+    """Body of SunCo v1.1 `POST /v1.1/apps/{appId}/notifications`: `message` is a v1 message
+    (`{type: text|image, text, mediaUrl, actions}`) or, with `messageSchema: "whatsapp"`, a native
+    WhatsApp message (`{type: "template", template: {…}}` or `{type: "text", text: {body}}`)."""
+
+    destination: NotificationDestination
+    author: NotificationAuthor
+    message: dict[str, Any]
+    message_schema: Literal["whatsapp"] | None = None

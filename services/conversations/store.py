@@ -126,6 +126,29 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (app_id, integration_id, provider_message_id)
     );
     """,
+    # 2: pending direct links by phone (Clients API `userActivity` / `prompt`), see clients.py.
+    """
+    CREATE TABLE client_links (
+        client_id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        integration_id TEXT NOT NULL,
+        client_type TEXT NOT NULL,
+        phone_number TEXT NOT NULL,
+        confirmation TEXT NOT NULL,
+        is_primary INTEGER NOT NULL,
+        source_integration_id TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX client_links_expiry ON client_links(expires_at);
+    """,
+    # 3: the e-mail integration's type became SunCo's `mailgun` (it was `email`, which the official
+    # client cannot parse); startup republishes every record to KV, so the KV copies follow.
+    """
+    UPDATE integrations SET type = 'mailgun' WHERE type = 'email';
+    """,
 )
 
 _JSON = msgspec.json.Encoder()

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 
 import msgspec
+from nats.js.kv import KeyValue
 
 from services.identity.config import IdentityConfig
 from services.identity.handlers import IdentityHandlers
@@ -13,6 +14,7 @@ from services.identity.store import IdentityStore
 from shared import subjects
 from shared.bus import Bus
 from shared.http import error_middleware, tracing_middleware
+from shared.ids import now
 from shared.messages import identity as msgs
 from shared.service import ServiceApp
 from shared.telemetry import setup_telemetry
@@ -30,6 +32,9 @@ ENDPOINTS = (
     subjects.IDENTITY_DEVICE_DROP_TOKEN,
     subjects.IDENTITY_CLIENT_LINK,
     subjects.IDENTITY_MERGES_LIST,
+    subjects.IDENTITY_CLIENT_ATTACH_PHONE,
+    subjects.IDENTITY_CLIENT_REMOVE,
+    subjects.IDENTITY_USER_LOGIN,
 )
 
 
@@ -43,6 +48,7 @@ class IdentityService(ServiceApp):
         self.bus: Bus | None = None
         self.store: IdentityStore | None = None
         self.handlers: IdentityHandlers | None = None
+        self.ended_users: KeyValue | None = None
 
     async def start(self) -> None:
         self.store = await IdentityStore.open(self.config.db_path)
@@ -57,7 +63,19 @@ class IdentityService(ServiceApp):
             request = msgs.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return msgs.encode(msgs.IdentityError(status=400, code="bad_request", title=f"Invalid request: {exc}"))
-        return msgs.encode(await self.handlers.handle(request))
+        reply = await self.handlers.handle(request)
+        ended = msgs.ended_user(getattr(request, "app_id", ""), reply, now())
+        if ended is not None:
+            await self._record_ended_user(*ended)
+        return msgs.encode(reply)
+
+    async def _record_ended_user(self, user_id: str, ended: msgs.UserEnded) -> None:
+        """Tell the SDK services that `user_id`'s session tokens are void (before replying, so the
+        caller's next step — a new token for the survivor — never races an old token's use)."""
+        assert self.bus is not None
+        if self.ended_users is None:
+            self.ended_users = await self.bus.key_value(subjects.ENDED_USERS_BUCKET)
+        await self.ended_users.put(user_id, msgs.USER_ENDED_ENCODER.encode(ended))
 
     async def stop(self) -> None:
         await self.stop_http()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import msgspec
+
+from services.identity.login import login_user
 from services.identity.store import Conflict, IdentityStore
 from shared.messages import identity as msgs
 from shared.sunco import Client, User
@@ -44,6 +48,12 @@ class IdentityHandlers:
             return await self.drop_push_token(request)
         if isinstance(request, msgs.LinkClient):
             return await self.link_client(request)
+        if isinstance(request, msgs.AttachPhoneClient):
+            return await self.attach_phone_client(request)
+        if isinstance(request, msgs.RemoveClient):
+            return await self.remove_client(request)
+        if isinstance(request, msgs.LoginUser):
+            return await login_user(self, request)
         if isinstance(request, msgs.ListMerges):
             return msgs.MergesReply(merges=await self.store.list_merges(request.app_id, request.user_id))
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
@@ -54,6 +64,8 @@ class IdentityHandlers:
         if cached is not None:
             return msgs.Resolved(user=cached[0], client=cached[1])
         found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        if found is None:
+            found = await self._find_by_wa_id(req)
         if found is not None:
             user, client = found
             created_user = created_client = False
@@ -65,6 +77,10 @@ class IdentityHandlers:
                 channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
                 info=req.info, raw=req.raw, user_id=req.user_id,
             )
+            wa_id = _wa_id(req)
+            if created_client and wa_id:
+                # Keyed by its BSUID: its number finds it too (direct linking by phone).
+                await self.store.add_alias(req.app_id, req.integration_id, wa_id, client.id)
         if len(self._resolved) >= self.cache_size:
             self._resolved.clear()
         self._resolved[key] = (user, client)
@@ -169,9 +185,77 @@ class IdentityHandlers:
         assert survivor is not None and moved is not None
         return msgs.ClientLinked(user=survivor, client=moved[1], merge=merged, discarded_user=owner)
 
+    async def _find_by_wa_id(self, req: msgs.ResolveClient) -> tuple[User, Client] | None:
+        """A WhatsApp sender unknown by its key (a BSUID) whose wa_id names a client — one made by
+        direct linking from the phone number, or one first seen without its BSUID: the BSUID
+        becomes an alias of that client, so the number stays one client."""
+        wa_id = _wa_id(req)
+        if not wa_id:
+            return None
+        found = await self.store.find_client(req.app_id, req.integration_id, wa_id)
+        if found is None:
+            return None
+        user, client = found
+        await self.store.add_alias(req.app_id, req.integration_id, req.channel_user_id, client.id)
+        info = {**(client.info or {}), **req.info}
+        if info != (client.info or {}):
+            await self.store.set_client_info(req.app_id, client.id, info)
+            client = msgspec.structs.replace(client, info=info)
+        return user, client
+
+    async def attach_phone_client(self, req: msgs.AttachPhoneClient) -> msgs.IdentityMessage:
+        target = await self.store.find_user(req.app_id, req.user_id)
+        if target is None:
+            return _not_found()
+        key = msgs.phone_client_key(req.client_type, req.phone_number)
+        found = await self.store.find_client(req.app_id, req.integration_id, key)
+        if found is None:
+            digits = key.lstrip("+")
+            info: dict[str, Any] = {"phoneNumber": f"+{digits}"}
+            info["wa_id" if req.client_type == "whatsapp" else "phone_number"] = key
+            user, client, _user_created, created = await self.store.create_client(
+                app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
+                channel_user_id=key, display_name=None, avatar_url=None, info=info, raw={}, user_id=target.id,
+                status=req.status)
+            if created:
+                self._forget_user(target.id)
+                return msgs.PhoneClientAttached(user=user, client=client, client_created=True)
+            found = (user, client)  # a message from the number created it meanwhile
+        owner, client = found
+        # The user's own active client has nothing left to confirm: it stays active.
+        status = "active" if owner.id == target.id and client.status == "active" else req.status
+        await self.store.attach_client(req.app_id, client.id, target.id, status)
+        self._forget_user(owner.id)
+        self._forget_user(target.id)
+        moved = await self.store.find_client(req.app_id, req.integration_id, key)
+        assert moved is not None
+        return msgs.PhoneClientAttached(user=moved[0], client=moved[1],
+                                        previous_user=None if owner.id == target.id else owner)
+
+    async def remove_client(self, req: msgs.RemoveClient) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        client = await self.store.remove_client(req.app_id, user.id, req.client_id)
+        if client is None:
+            return msgs.IdentityError(status=404, code="client_not_found", title="Client not found")
+        self._forget_user(user.id)
+        return msgs.ClientReply(user=user, client=client)
+
     def _forget_user(self, user_id: str) -> None:
         for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:
             del self._resolved[key]
+
+
+def _wa_id(req: msgs.ResolveClient) -> str | None:
+    """The sender's wa_id when a WhatsApp message carries one besides another key (its BSUID)."""
+    if req.client_type != "whatsapp":
+        return None
+    wa_id = req.info.get("wa_id")
+    if not isinstance(wa_id, str):
+        return None
+    digits = "".join(ch for ch in wa_id if ch.isdigit())
+    return digits if digits and digits != req.channel_user_id else None
 
 
 def _not_found() -> msgs.IdentityError:

@@ -78,6 +78,24 @@ MIGRATIONS = (
     CREATE INDEX merges_surviving ON merges (app_id, surviving_user_id);
     CREATE INDEX merges_discarded ON merges (app_id, discarded_user_id)
     """,
+    # Other keys one client is known by on its integration: a WhatsApp client keyed by its BSUID
+    # is also found by its wa_id (the phone's digits), one created from a phone number by its
+    # BSUID once a message carried both. Backfilled from the wa_id kept in `info`.
+    """
+    CREATE TABLE client_aliases (
+        app_id TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        client_id TEXT NOT NULL REFERENCES clients (id) ON DELETE CASCADE,
+        PRIMARY KEY (app_id, integration_id, alias)
+    );
+    CREATE INDEX client_aliases_client ON client_aliases (client_id);
+    INSERT INTO client_aliases (app_id, integration_id, alias, client_id)
+        SELECT app_id, integration_id, json_extract(info, '$.wa_id'), id FROM clients
+        WHERE type = 'whatsapp' AND json_extract(info, '$.wa_id') IS NOT NULL
+          AND json_extract(info, '$.wa_id') != external_id
+        ON CONFLICT DO NOTHING
+    """,
 )
 MAX_METADATA_BYTES = 4096
 
@@ -208,10 +226,17 @@ class IdentityStore:
         return None if user is None else (user, _client(row))
 
     async def find_client(self, app_id: str, integration_id: str, channel_user_id: str) -> tuple[User, Client] | None:
+        """The client a channel identity names: by its key, else by one of its aliases."""
         async with self.db.execute(
             "SELECT * FROM clients WHERE app_id = ? AND integration_id = ? AND external_id = ?",
             (app_id, integration_id, channel_user_id)) as cur:
             row = await cur.fetchone()
+        if row is None:
+            async with self.db.execute(
+                "SELECT c.* FROM client_aliases a JOIN clients c ON c.id = a.client_id"
+                " WHERE a.app_id = ? AND a.integration_id = ? AND a.alias = ?",
+                (app_id, integration_id, channel_user_id)) as cur:
+                row = await cur.fetchone()
         if row is None:
             return None
         user = await self.find_user(app_id, row["user_id"])
@@ -221,7 +246,8 @@ class IdentityStore:
 
     async def create_client(self, *, app_id: str, integration_id: str, client_type: str, channel_user_id: str,
                             display_name: str | None, avatar_url: str | None, info: dict[str, Any],
-                            raw: dict[str, Any], user_id: str | None) -> tuple[User, Client, bool, bool]:
+                            raw: dict[str, Any], user_id: str | None,
+                            status: str = "active") -> tuple[User, Client, bool, bool]:
         """Create the client (and its user unless `user_id` is given) in one transaction.
 
         Returns (user, client, user_created, client_created). If another request created the
@@ -245,7 +271,7 @@ class IdentityStore:
                     "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id,"
                     " display_name, avatar_url, info, raw, linked_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (app_id, integration_id, external_id) DO NOTHING",
-                    (client_id, app_id, new_user_id, client_type, "active", integration_id, channel_user_id,
+                    (client_id, app_id, new_user_id, client_type, status, integration_id, channel_user_id,
                      display_name, avatar_url, json.dumps(info), json.dumps(raw), ts, ts))
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -257,6 +283,36 @@ class IdentityStore:
         assert found is not None
         user, client = found
         return user, client, inserted and user_id is None, inserted
+
+    async def add_alias(self, app_id: str, integration_id: str, alias: str, client_id: str) -> None:
+        """Make `alias` another key of the client on its integration (kept if already taken)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "INSERT INTO client_aliases (app_id, integration_id, alias, client_id) VALUES (?,?,?,?)"
+                " ON CONFLICT (app_id, integration_id, alias) DO NOTHING", (app_id, integration_id, alias, client_id))
+
+    async def set_client_info(self, app_id: str, client_id: str, info: dict[str, Any]) -> None:
+        async with write_lock(self.db):
+            await self.db.execute("UPDATE clients SET info = ? WHERE app_id = ? AND id = ?",
+                                  (json.dumps(info), app_id, client_id))
+
+    async def attach_client(self, app_id: str, client_id: str, user_id: str, status: str) -> None:
+        """Give the client to `user_id` with `status` (a direct link: moved, never merged)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "UPDATE clients SET user_id = ?, status = ?, linked_at = ? WHERE app_id = ? AND id = ?",
+                (user_id, status, now(), app_id, client_id))
+
+    async def remove_client(self, app_id: str, user_id: str, client_id: str) -> Client | None:
+        """Delete one of the user's clients (its aliases and devices go with it); the client as it was."""
+        async with self.db.execute("SELECT * FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
+                                   (app_id, client_id, user_id)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        async with write_lock(self.db):
+            await self.db.execute("DELETE FROM clients WHERE app_id = ? AND id = ?", (app_id, client_id))
+        return _client(row)
 
     async def register_device(self, req: RegisterDevice) -> Device | None:
         """Upsert the device `(client, guid)`; None when the client is not the user's sdk client."""

@@ -22,6 +22,7 @@ from shared.telemetry import setup_telemetry
 
 from .channels import build_channel_fakes
 from .config import SandboxConfig
+from .smtp_fake import SmtpSink
 from .whatsapp_fake import FakeWhatsApp, points_at_sandbox
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,10 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: st
     # The in-app SDK phone (a simulated Android app of the business) talks the SDK protocol
     # itself: it needs the app id, never the integration's service-account private key.
     public["app"] = {"appId": app_id if isinstance(app_id, str) and app_id else None}
-    integration_of = {"app": "android"}  # phone kind → the sandbox.json integration it uses
+    # The Mail tab: the inbox of the SMTP sink the e-mail integration (sandbox.json's `email`,
+    # of type `mailgun`) sends through.
+    public["mail"] = {"fromAddress": public_field("email", "fromAddress")}
+    integration_of = {"app": "android", "mail": "email"}  # phone kind → the sandbox.json integration it uses
     channels = [{"kind": kind, "integrationId": integration_id(integration_of.get(kind, kind)), **fields}
                 for kind, fields in public.items() if integration_id(integration_of.get(kind, kind))]
     base_url = sandbox.get("baseUrl")
@@ -118,6 +122,7 @@ class SandboxService(ServiceApp):
         self.fake = FakeWhatsApp(config.public_url, enforce_window=config.enforce_window,
                                  auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file)
         self.channel_fakes = build_channel_fakes(config.public_url, config.common.data_dir)
+        self.mail = SmtpSink(config.smtp_host, config.smtp_port, config.mail_store_file)
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self._synced: dict[str, tuple[str, ...]] = {}
@@ -131,12 +136,14 @@ class SandboxService(ServiceApp):
         self.http.router.add_routes(self.fake.routes(PREFIX))
         for channel_fake in self.channel_fakes:
             self.http.router.add_routes(channel_fake.routes(PREFIX))
+        self.http.router.add_routes(self.mail.routes(PREFIX))
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, then serve HTTP."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.INTEGRATION_DECODER.decode)
+        await self.mail.start()
         await self.start_http()
 
     async def stop(self) -> None:
@@ -149,6 +156,7 @@ class SandboxService(ServiceApp):
         await self.fake.close()
         for channel_fake in self.channel_fakes:
             await channel_fake.close()
+        await self.mail.close()
 
     def sync_accounts(self) -> None:
         """Mirror every whatsapp integration whose Graph base URL is the sandbox into the fake."""

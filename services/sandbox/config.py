@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config import CommonConfig, ConfigError, env_bool
+from shared.config import CommonConfig, ConfigError, env_bool, env_int, env_str
 from shared.routes import DEFAULT_PORTS
 
 
@@ -19,6 +19,9 @@ class SandboxConfig:
     enforce_window: bool
     # Send `sent`/`delivered` status webhooks after each accepted message.
     auto_statuses: bool
+    # The SMTP sink (`smtp_fake`): where it listens (port 0: any free port).
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
 
     @property
     def public_url(self) -> str:
@@ -39,6 +42,11 @@ class SandboxConfig:
         """The gateway's public webhook URL for one WhatsApp integration."""
         return f"{self.common.public_base_url}/webhooks/whatsapp/{integration_id}"
 
+    @property
+    def mail_store_file(self) -> str:
+        """Where the SMTP sink keeps its inbox across restarts (JSON lines)."""
+        return os.path.join(self.common.data_dir, "sandbox-mail.jsonl")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SandboxConfig:
         """Build and validate the configuration."""
@@ -46,8 +54,13 @@ class SandboxConfig:
         common = CommonConfig.from_env(DEFAULT_PORTS["sandbox"], env)
         if not common.sandbox:
             raise ConfigError("the sandbox service only runs with THREADLINE_SANDBOX=1")
+        smtp_port = env_int("THREADLINE_SANDBOX_SMTP_PORT", 2525, env)
+        if not 0 <= smtp_port <= 65535:
+            raise ConfigError("THREADLINE_SANDBOX_SMTP_PORT must be between 0 and 65535")
         return cls(
             common=common,
             enforce_window=env_bool("SANDBOX_WHATSAPP_ENFORCE_WINDOW", False, env),
             auto_statuses=env_bool("SANDBOX_WHATSAPP_AUTO_STATUSES", True, env),
+            smtp_host=env_str("THREADLINE_SANDBOX_SMTP_HOST", "127.0.0.1", env),
+            smtp_port=smtp_port,
         )

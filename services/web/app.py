@@ -14,11 +14,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from services.web import handlers
+from services.web import handlers, notify
 from services.web.config import WebConfig
 from shared import subjects
 from shared.http import ApiError, Handler, error_middleware, json_response, read_json, tracing_middleware
-from shared.messages import handoff
+from shared.messages import handoff, notification
 from shared.records import IntegrationRecord
 from shared.sdk_service import SdkService, bearer_token
 from shared.telemetry import setup_telemetry
@@ -44,7 +44,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
         if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Max-Age"] = "600"
     return response
@@ -67,6 +67,7 @@ class WebService(SdkService):
         self.http.router.add_post(self.sdk_prefix + "/conversations/{conversation_id}/linkRequests",
                                   self.create_link_requests)
         self.http.router.add_get("/widget/{name}", self.widget_file)
+        self.add_notify_routes()
 
     async def start(self) -> None:
         """Connect the bus, mirror integrations, subscribe to events, serve HTTP."""
@@ -111,7 +112,10 @@ class WebService(SdkService):
         record = handlers.web_integration(await self.integration(request.match_info["integration_id"]), app_id)
         handlers.check_origin(record, request.headers.get("Origin"))
         records = list(self.integrations.values.values()) if self.integrations is not None else []
-        return json_response(handlers.continue_channels(app_id, records))
+        body = msgspec.to_builtins(handlers.continue_channels(app_id, records))
+        # "Notify me" lists where the customer may be notified (e-mail, SMS, WhatsApp).
+        body["notificationChannels"] = msgspec.to_builtins(notify.notify_channels(app_id, records))
+        return json_response(body)
 
     async def create_link_requests(self, request: web.Request) -> web.Response:
         """Links (deep link + QR) that continue the session's conversation on other channels."""
@@ -136,6 +140,69 @@ class WebService(SdkService):
         body, content_type = found
         return web.Response(body=body, content_type=content_type, charset="utf-8",
                             headers={"Cache-Control": "public, max-age=60"})
+
+
+    # --- "Notify me": notification opt-ins (relayed to `notifications`) -----------------------
+
+    def add_notify_routes(self) -> None:
+        """SDK endpoints of the widget's notification opt-in."""
+        base = self.sdk_prefix + "/conversations/{conversation_id}/notificationOptIns"
+        r = self.http.router
+        r.add_post(base, self.start_opt_in)
+        r.add_get(base, self.list_opt_ins)
+        r.add_post(base + "/{opt_in_id}/confirm", self.confirm_opt_in)
+        r.add_delete(base + "/{opt_in_id}", self.stop_opt_in)
+
+    async def ask_notifications(self, subject: str, request: notification.NotificationMessage
+                                ) -> notification.NotificationUnion:
+        """A request to `notifications`; its refusal becomes the matching ApiError, its absence a 503."""
+        data = await self.ask(subject, notification.ENCODER.encode(request), "notifications")
+        try:
+            reply = notification.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(503, "Unexpected answer from notifications") from exc
+        return notify.reply_or_error(reply)
+
+    async def start_opt_in(self, request: web.Request) -> web.Response:
+        """Send a confirmation code to the address the customer gave (201: the pending opt-in)."""
+        claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        body = await read_json(request, notify.OptInBody, limit=4096)
+        records = list(self.integrations.values.values()) if self.integrations is not None else []
+        start = notify.start_request(claims.app, claims.user, conversation_id, claims.integration, body, records)
+        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_START, start)
+        if not isinstance(reply, notification.OptInState):
+            raise ApiError(503, "Unexpected answer from notifications")
+        return json_response({"optIn": notify.opt_in_wire(reply)}, status=201)
+
+    async def confirm_opt_in(self, request: web.Request) -> web.Response:
+        """The code the customer typed back: the opt-in is confirmed (or 400/404/429 from notifications)."""
+        claims, _conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        opt_in_id = notify.check_opt_in_id(request.match_info["opt_in_id"])
+        code = notify.check_code(await read_json(request, notify.ConfirmBody, limit=1024))
+        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_CONFIRM, notification.ConfirmOptIn(
+            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id, code=code))
+        if not isinstance(reply, notification.OptInState):
+            raise ApiError(503, "Unexpected answer from notifications")
+        return json_response({"optIn": notify.opt_in_wire(reply)})
+
+    async def list_opt_ins(self, request: web.Request) -> web.Response:
+        """The session user's opt-ins (addresses masked)."""
+        claims, _conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_LIST, notification.ListOptIns(
+            app_id=claims.app, user_id=claims.user))
+        if not isinstance(reply, notification.OptInsReply):
+            raise ApiError(503, "Unexpected answer from notifications")
+        return json_response({"optIns": [notify.opt_in_wire(state) for state in reply.opt_ins]})
+
+    async def stop_opt_in(self, request: web.Request) -> web.Response:
+        """The customer's "Stop": no more notifications there."""
+        claims, _conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
+        opt_in_id = notify.check_opt_in_id(request.match_info["opt_in_id"])
+        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_STOP, notification.StopOptIn(
+            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id))
+        if not isinstance(reply, notification.OptInState):
+            raise ApiError(503, "Unexpected answer from notifications")
+        return json_response({"optIn": notify.opt_in_wire(reply)})
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:

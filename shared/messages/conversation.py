@@ -93,6 +93,12 @@ class ClientAdded(ConversationEvent, tag="conversation.client.added", kw_only=Tr
     user: User
     client: Client
     reason: str = "channelLinking"
+    # SunCo's payload `conversation` (the link's target) and `source` (who asked: api, an SDK).
+    conversation: ConversationRef | None = None
+    source: Source | None = None
+    # The client is the conversation's primary client from this event on (the widget then says
+    # "moved"); a direct link becomes primary with its confirming `ClientUpdated` instead.
+    primary: bool = True
 
 
 class ClientUpdated(ConversationEvent, tag="conversation.client.updated", kw_only=True):
@@ -101,6 +107,10 @@ class ClientUpdated(ConversationEvent, tag="conversation.client.updated", kw_onl
     user: User
     client: Client
     reason: str
+    conversation: ConversationRef | None = None
+    source: Source | None = None
+    # With reason `confirmed`: the client is now the conversation's primary client.
+    primary: bool = False
 
 
 class ClientRemoved(ConversationEvent, tag="conversation.client.removed", kw_only=True):
@@ -110,6 +120,8 @@ class ClientRemoved(ConversationEvent, tag="conversation.client.removed", kw_onl
     client: Client
     reason: str
     error: DeliveryError | None = None
+    conversation: ConversationRef | None = None
+    source: Source | None = None
 
 
 class Referred(ConversationEvent, tag="conversation.referral", kw_only=True):
@@ -133,9 +145,32 @@ class UsersMerged(ConversationEvent, tag="conversation.users.merged", kw_only=Tr
     discarded_metadata: dict[str, Any] = {}
 
 
+class NotificationReported(ConversationEvent, tag="conversation.notification", kw_only=True):
+    """An away notification was sent to, or could not reach, the customer (published by
+    `notifications`; SunCo v1's `notification:delivery:channel|failure`).
+
+    `notification_id` is the id the notification's send carried (`notification.NOTIFICATION_ID_PREFIX`).
+    """
+
+    kind: Literal["channel", "failure"]
+    conversation: ConversationRef
+    user: UserRef
+    notification_id: str
+    destination: Destination
+    error: DeliveryError | None = None
+
+
+class UserUpdated(ConversationEvent, tag="conversation.user.updated", kw_only=True):
+    """A user changed (SunCo `user:update`), e.g. reason `authentication`: an anonymous SDK user
+    logged in with a JWT and now carries its externalId."""
+
+    user: User
+    reason: str
+
+
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
-    | ClientUpdated | ClientRemoved | Referred | UsersMerged
+    | ClientUpdated | ClientRemoved | Referred | UsersMerged | NotificationReported | UserUpdated
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -190,11 +225,13 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
     elif isinstance(event, ClientAdded | ClientUpdated):
         trigger = "client:add" if isinstance(event, ClientAdded) else "client:update"
         payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
+        _client_event_extras(event, payload)
     elif isinstance(event, ClientRemoved):
         trigger = "client:remove"
         payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
         if event.error is not None:
             payload["error"] = to_wire(event.error)
+        _client_event_extras(event, payload)
     elif isinstance(event, Referred):
         trigger = "conversation:referral"
         payload = {"conversation": conversation, "user": to_wire(event.user), "source": to_wire(event.source),
@@ -209,9 +246,24 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
             payload["mergedConversations"] = {"surviving": event.merged_conversation_ids}
         if event.discarded_metadata:
             payload["discardedMetadata"] = event.discarded_metadata
+    elif isinstance(event, UserUpdated):
+        trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
+    elif isinstance(event, NotificationReported):
+        trigger = f"notification:delivery:{event.kind}"
+        payload = {"notification": {"id": event.notification_id}, "conversation": conversation,
+                   "user": to_wire(event.user), "destination": to_wire(event.destination)}
+        if event.error is not None:
+            payload["error"] = to_wire(event.error)
     else:
         return None
     return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}
+
+
+def _client_event_extras(event: ClientAdded | ClientUpdated | ClientRemoved, payload: dict[str, Any]) -> None:
+    if event.conversation is not None:
+        payload["conversation"] = to_wire(event.conversation)
+    if event.source is not None:
+        payload["source"] = to_wire(event.source)
 
 
 # --- request/reply with `conversations` ------------------------------------------------------
@@ -267,8 +319,126 @@ class ConversationError(ConversationRequest, tag="conversation.error"):
     title: str
 
 
+class LinkPhoneClient(ConversationRequest, tag="conversation.client.link"):
+    """Attach a phone-number client (`whatsapp` or `twilio` integration) to a user's conversation.
+
+    The SunCo Clients API's direct linking (`matchCriteria` + `confirmation`), also used by
+    `notifications` once a customer confirmed an opt-in. `confirmation` is `immediate` (active at
+    once), `userActivity` (pending until the number next writes on that integration) or `prompt`
+    (pending; `prompt_text` or a default question is sent, a yes confirms and a no cancels).
+    `message_text` is sent to the number once linked (SunCo `confirmation.message`; not stored in
+    the conversation).
+    """
+
+    app_id: str
+    user_id: str
+    conversation_id: str
+    integration_id: str
+    phone_number: str  # E.164, "+" and digits
+    confirmation: Literal["immediate", "userActivity", "prompt"] = "immediate"
+    primary: bool = True
+    message_text: str | None = None
+    prompt_text: str | None = None
+    # Integration that asked (SunCo `client:add` `source`), e.g. the web integration of an opt-in.
+    source_integration_id: str | None = None
+
+
+class PhoneClientLinked(ConversationRequest, tag="conversation.client.linked"):
+    """The client as linked: `status` is `active` or `pending`."""
+
+    user: User
+    client: Client
+
+
+class GetParticipants(ConversationRequest, tag="conversation.participants.get"):
+    """The participants of a conversation with their read state and client associations."""
+
+    app_id: str
+    conversation_id: str
+
+
+class ParticipantClient(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One client association of a participant (SunCo `clientAssociations[]` plus what a sender needs)."""
+
+    client_id: str
+    type: str
+    integration_id: str | None = None
+    external_id: str | None = None
+    info: dict[str, Any] = {}
+    last_active: float = 0.0
+
+
+class ParticipantState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    user_id: str
+    user_external_id: str | None = None
+    unread_count: int = 0
+    last_read: float | None = None  # unix seconds
+    # `clientAssociations` order: the most recently active (the primary) first.
+    clients: list[ParticipantClient] = []
+
+
+class ParticipantsReply(ConversationRequest, tag="conversation.participants"):
+    conversation: ConversationRef
+    participants: list[ParticipantState]
+
+
+class LinkSdkClient(ConversationRequest, tag="conversation.sdk.link"):
+    """Redeem a handoff link code for a new SDK session (web or app) on `integration_id`.
+
+    The code is redeemed with `handoff` (channel = the SDK channel); a new `sdk` client with
+    `channel_user_id` joins the code's user and conversation as its primary client, and the
+    business gets `client:add` (reason `channelLinking`) and `conversation:referral`. Refusals
+    come back as ConversationError with the handoff's customer-facing message as `title`.
+    """
+
+    app_id: str
+    integration_id: str
+    channel: str
+    channel_user_id: str
+    code: str
+    info: dict[str, Any] = {}
+
+
+class SdkClientLinked(ConversationRequest, tag="conversation.sdk.linked"):
+    """The new SDK client, its user (the code's) and the conversation the session is for."""
+
+    user: User
+    client: Client
+    conversation: ConversationRef
+
+
+class SdkLogin(ConversationRequest, tag="conversation.sdk.login"):
+    """An SDK session logs in (`Threadline.login(externalId, jwt)`).
+
+    `jwt` is HS256 with `kid` = an API key of `app_id` and payload `{"scope": "user",
+    "external_id": external_id}`. The session's user becomes identified, or is merged into the
+    user who has `external_id` (reason `sdkLogin`); `conversation_id` (the session's) is kept.
+    """
+
+    app_id: str
+    user_id: str
+    client_id: str
+    integration_id: str
+    conversation_id: str
+    external_id: str
+    jwt: str
+
+
+SdkLoginOutcome = Literal["identified", "merged", "unchanged"]
+
+
+class SdkLoggedIn(ConversationRequest, tag="conversation.sdk.loggedin"):
+    """The surviving user (a new session token names it) and what happened."""
+
+    user: User
+    conversation_id: str
+    outcome: SdkLoginOutcome
+
+
 ConversationRequestUnion = (
     StartConversation | GetHistory | ConversationStarted | HistoryPage | ConversationError
+    | LinkPhoneClient | PhoneClientLinked | GetParticipants | ParticipantsReply
+    | LinkSdkClient | SdkClientLinked | SdkLogin | SdkLoggedIn
 )
 REQUEST_DECODER: msgspec.json.Decoder[ConversationRequestUnion] = msgspec.json.Decoder(ConversationRequestUnion)
 

@@ -192,6 +192,73 @@ class MergesReply(IdentityMessage, tag="identity.merges", kw_only=True):
     merges: list[MergeRecord]
 
 
+class AttachPhoneClient(IdentityMessage, tag="identity.client.attachphone", kw_only=True):
+    """Attach the client of a phone number on a `whatsapp`/`twilio` integration to `user_id`.
+
+    The number's existing client is found however the channel keys it (WhatsApp: by `wa_id`,
+    the number's digits, even when its messages carry a BSUID; twilio: by the E.164 number) or
+    created, keyed so that the number's next inbound message resolves to it. A client of another
+    user is moved (SunCo `theft`): users are never merged here. `status` is the client's new
+    status (`pending` until a link is confirmed).
+    """
+
+    app_id: str
+    user_id: str
+    integration_id: str
+    client_type: ClientType
+    phone_number: str  # E.164: "+" and digits
+    status: ClientStatus = "active"
+
+
+def phone_client_key(client_type: str, phone_number: str) -> str:
+    """How a channel keys the client of a phone number: WhatsApp by `wa_id` (the number's
+    digits, no "+"), twilio (SMS) by the E.164 number."""
+    digits = "".join(ch for ch in phone_number if ch.isdigit())
+    return digits if client_type == "whatsapp" else f"+{digits}"
+
+
+class PhoneClientAttached(IdentityMessage, tag="identity.client.phoneattached", kw_only=True):
+    """The client now belongs to `user`; `previous_user` is the user it was taken from."""
+
+    user: User
+    client: Client
+    client_created: bool = False
+    previous_user: User | None = None
+
+
+class RemoveClient(IdentityMessage, tag="identity.client.remove", kw_only=True):
+    """Delete one of a user's clients (SunCo `DELETE …/clients/{clientId}`); answers ClientReply."""
+
+    app_id: str
+    user_id_or_external_id: str
+    client_id: str
+
+
+class LoginUser(IdentityMessage, tag="identity.user.login", kw_only=True):
+    """An SDK session's user logs in as `external_id` (its JWT was verified by the caller).
+
+    No user has `external_id` → this user becomes identified (`authenticated`); another user
+    has it → this (anonymous) user is merged into that one (reason `sdkLogin`); this user has it
+    already → nothing changes. A user that carries a different externalId is refused (409).
+    `client_id` is the session's client, returned as it is after the login.
+    """
+
+    app_id: str
+    user_id: str
+    client_id: str
+    external_id: str
+
+
+class UserLoggedIn(IdentityMessage, tag="identity.user.loggedin", kw_only=True):
+    """The surviving user and the session's client; `merge` and `discarded_user` after a merge."""
+
+    user: User
+    client: Client
+    outcome: str  # identified | merged | unchanged
+    merge: MergeRecord | None = None
+    discarded_user: User | None = None
+
+
 class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
     """A refusal: `status` is the HTTP status the API should answer with, `code` SunCo's code."""
 
@@ -204,6 +271,8 @@ IdentityUnion = (
     ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients | SetClientStatus
     | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
+    | AttachPhoneClient | PhoneClientAttached | RemoveClient
+    | LoginUser | UserLoggedIn
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -218,3 +287,26 @@ def encode(message: IdentityMessage) -> bytes:
 def decode(data: bytes) -> IdentityUnion:
     """Decode an identity-family message."""
     return DECODER.decode(data)
+
+
+class UserEnded(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A user that stopped existing (value in `subjects.ENDED_USERS_BUCKET`, keyed by its id)."""
+
+    app_id: str
+    reason: str  # "merged" or "deleted"
+    surviving_user_id: str | None = None
+    ended_at: float = 0.0
+
+
+USER_ENDED_ENCODER = msgspec.json.Encoder()
+USER_ENDED_DECODER: msgspec.json.Decoder[UserEnded] = msgspec.json.Decoder(UserEnded)
+
+
+def ended_user(app_id: str, reply: IdentityMessage, at: float) -> tuple[str, UserEnded] | None:
+    """The user a reply says stopped existing (merged away or deleted), if any."""
+    if isinstance(reply, ClientLinked | UserLoggedIn) and reply.discarded_user is not None:
+        return reply.discarded_user.id, UserEnded(app_id=app_id, reason="merged",
+                                                  surviving_user_id=reply.user.id, ended_at=at)
+    if isinstance(reply, Deleted):
+        return reply.user_id, UserEnded(app_id=app_id, reason="deleted", ended_at=at)
+    return None

@@ -13,7 +13,7 @@ import yaml
 from shared.routes import DEFAULT_PORTS, ROUTES
 from tests.deploy.k8s import DEPLOY, OVERLAYS, REPO, containers, objects, one, render
 
-STATEFUL = ("identity", "conversations", "webhooks", "messenger")
+STATEFUL = ("identity", "conversations", "webhooks", "messenger", "notifications")
 STATELESS = ("whatsapp", "telegram", "sms", "web", "app", "handoff")
 # Secrets each service reads (its config.py) and the Secret keys they come from.
 SECRET_ENV = {
@@ -21,6 +21,7 @@ SECRET_ENV = {
                       "THREADLINE_ACCOUNT_KEY_SECRET": "account-key-secret"},
     "web": {"THREADLINE_SDK_TOKEN_SECRET": "sdk-token-secret"},
     "app": {"THREADLINE_SDK_TOKEN_SECRET": "sdk-token-secret"},
+    "notifications": {"THREADLINE_NOTIFY_SECRET": "notify-secret"},
 }
 K8S_VERSION = "1.37.0"
 

@@ -10,7 +10,7 @@ from tests.deploy.tilt import TiltfileError, evaluate
 
 TILTFILE = (REPO / "Tiltfile").read_text()
 SERVICES = ("identity", "conversations", "webhooks", "messenger", "whatsapp", "telegram", "sms", "web", "app",
-            "handoff")
+            "handoff", "notifications")
 
 
 def test_tiltfile_builds_the_image_with_live_update() -> None:

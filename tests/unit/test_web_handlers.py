@@ -204,3 +204,28 @@ def test_cursor_watermark_deduplicates() -> None:
     mark = sdk_service.CursorWatermark(5)
     assert [c for c in (3, 5, 6, 6, 7, 7, 9) if mark.admit(c)] == [6, 7, 9]
     assert mark.high == 9
+
+
+def test_channel_frames_say_moved_only_when_the_new_client_is_primary() -> None:
+    from shared.sdk import ChannelFrame
+    from shared.sunco import Client, User
+
+    user = User(id="u1")
+    active = Client(id="c1", type="whatsapp", status="active", integration_id="wa1")
+    pending = Client(id="c1", type="whatsapp", status="pending", integration_id="wa1")
+    moved = ChannelFrame(status="moved", client_type="whatsapp", integration_id="wa1")
+
+    def added(client: Client, primary: bool = True) -> conv.ClientAdded:
+        return conv.ClientAdded(id="e1", app_id="a", conversation_id="k", created_at=1.0, user=user,
+                                client=client, primary=primary)
+
+    def updated(reason: str, primary: bool) -> conv.ClientUpdated:
+        return conv.ClientUpdated(id="e2", app_id="a", conversation_id="k", created_at=1.0, user=user,
+                                  client=active, reason=reason, primary=primary)
+
+    assert sdk_service.event_frame(added(active)) == moved  # a handoff link
+    assert sdk_service.event_frame(added(pending)) is None  # a direct link not yet confirmed
+    assert sdk_service.event_frame(added(active, primary=False)) is None  # e.g. a notification opt-in
+    assert sdk_service.event_frame(updated("confirmed", primary=True)) == moved
+    assert sdk_service.event_frame(updated("confirmed", primary=False)) is None
+    assert sdk_service.event_frame(updated("blocked", primary=False)) is None

@@ -776,7 +776,122 @@
     };
   })();
 
-  const ADAPTERS = {whatsapp, messenger, telegram, twilio, app};
+  // --- the Mail tab ------------------------------------------------------------------------------
+  // No phone app: the inbox of the sandbox's SMTP sink for one address (the e-mail notifications
+  // and opt-in codes the gateway sends). A list of mails, newest first; a tap opens one, with its
+  // links clickable. The customer does not write from here (reply-by-mail may come later).
+
+  const mail = (function () {
+    let openId = null; // the mail shown, or null: the list
+
+    function linkify(text, into) {
+      let last = 0;
+      for (const match of text.matchAll(/https?:\/\/[^\s<>"')\]]+/g)) {
+        into.append(text.slice(last, match.index), link(match[0], match[0]));
+        last = match.index + match[0].length;
+      }
+      into.append(text.slice(last));
+    }
+
+    function when(at) {
+      const d = new Date(at * 1000);
+      return d.toLocaleDateString([], {month: "short", day: "numeric"}) + " " + clock(at);
+    }
+
+    function senderName(from) {
+      const m = /^\s*"?([^"<]*?)"?\s*<[^>]+>\s*$/.exec(from || "");
+      return (m && m[1]) || from || "(unknown sender)";
+    }
+
+    function listView(mails, address) {
+      const view = el("li", "mail-view");
+      if (!mails.length) {
+        view.append(el("p", "mail-empty", "No mail for " + address + " yet. E-mail notifications and codes sent to this address land here."));
+        return view;
+      }
+      const list = el("ul", "mail-list");
+      list.setAttribute("aria-label", "Inbox of " + address);
+      for (const m of mails.slice().reverse()) {
+        const row = el("button", "mail-row");
+        row.type = "button";
+        row.dataset.mailId = m.id;
+        const top = el("span", "mail-row-top");
+        top.append(el("strong", "", senderName(m.from)), el("span", "meta", when(m.receivedAt)));
+        row.append(top, el("span", "mail-subject", m.subject || "(no subject)"),
+          el("span", "mail-snippet", (m.text || "").replace(/\s+/g, " ").slice(0, 90)));
+        row.addEventListener("click", () => { openId = m.id; tick(); });
+        const item = el("li");
+        item.append(row);
+        list.append(item);
+      }
+      view.append(list);
+      return view;
+    }
+
+    function mailView(m) {
+      const view = el("li", "mail-view mail-open");
+      const back = el("button", "linkish mail-back", "← Inbox");
+      back.type = "button";
+      back.addEventListener("click", () => { openId = null; tick(); });
+      const heading = el("h3", "mail-heading", m.subject || "(no subject)");
+      const meta = el("div", "mail-meta");
+      meta.append(el("div", "", "From: " + (m.from || "")), el("div", "", "To: " + (m.to || []).join(", ")),
+        el("div", "", "Date: " + (m.date || when(m.receivedAt))));
+      const body = el("div", "mail-body");
+      if (m.text) linkify(m.text, body);
+      else if (m.html) {
+        // HTML only: shown in a sandboxed frame (no scripts); its links open in a new tab.
+        const frame = el("iframe", "mail-html");
+        frame.setAttribute("sandbox", "allow-popups allow-popups-to-escape-sandbox");
+        frame.title = "Mail content";
+        frame.srcdoc = '<base target="_blank">' + m.html;
+        body.append(frame);
+      }
+      view.append(back, heading, meta, body);
+      if (m.unsubscribe && /^https?:/i.test(m.unsubscribe)) {
+        const footer = el("div", "mail-unsubscribe");
+        footer.append(link(m.unsubscribe, "Unsubscribe"));
+        view.append(footer);
+      }
+      return view;
+    }
+
+    function show(view, signature) {
+      const shown = thread.querySelector(".mail-view");
+      if (shown && shown.dataset.signature === signature) return;
+      view.dataset.signature = signature;
+      thread.textContent = "";
+      thread.append(view);
+    }
+
+    function tick() {
+      const address = numberInput.value.trim();
+      if (!address || !current || current.kind !== "mail") return;
+      fetch("/sandbox/mail?to=" + encodeURIComponent(address)).then((r) => (r.ok ? r.json() : null)).then((data) => {
+        if (!data || !current || current.kind !== "mail" || numberInput.value.trim() !== address) return;
+        const mails = data.mails || [];
+        const open = openId && mails.find((m) => m.id === openId);
+        if (open) show(mailView(open), "open:" + open.id);
+        else {
+          openId = null;
+          show(listView(mails, address), "list:" + address + ":" + mails.map((m) => m.id).join(","));
+        }
+        showError(data.listening === false ? "The sandbox SMTP sink is not listening (port taken?)." : "");
+      }).catch(() => { /* the sandbox restarts; the next tick asks again */ });
+    }
+
+    return {
+      label: "Mail", who: "E-mail customer", fromLabel: "Your address", defaultFrom: "ada@example.com",
+      fromKey: "sandbox.phone.email", placeholder: "", hasName: false,
+      title: () => "Mail",
+      subtitle: (ch) => "Inbox · mail from " + (ch.fromAddress || businessName),
+      address: (ch) => ch.fromAddress,
+      addressLine: () => "an inbox: e-mail notifications to the address above land there",
+      tick,
+    };
+  })();
+
+  const ADAPTERS = {whatsapp, messenger, telegram, twilio, app, mail};
   const channels = (Array.isArray(config.channels) ? config.channels : [])
     .filter((ch) => ch && ADAPTERS[ch.kind] && ch.integrationId && (ch.kind !== "app" || ch.appId));
   if (!channels.length && config.whatsappIntegrationId) {

@@ -96,7 +96,7 @@
     "color:var(--tl-brand,#2b59c3);text-decoration:underline;cursor:pointer}",
     ".tl-system{align-self:center;max-width:90%;text-align:center;font-size:12px;color:#656d76;",
     "background:#eaeef2;border-radius:10px;padding:4px 10px}",
-    ".tl-system[data-kind=failed]{color:#d1242f;background:#ffebe9}"
+    ".tl-system[data-kind=failed],.tl-system[data-kind=link-refused]{color:#d1242f;background:#ffebe9}"
   ].join("");
 
   // How the widget names a channel: on its buttons ("Continue on WhatsApp") and in the thread.
@@ -196,6 +196,26 @@
     }
   }
 
+  // The handoff code a web link carried (`?threadline_code=`), removed from the address bar so that
+  // a reload or a shared URL does not replay it.
+  function linkCodeFromPage() {
+    var url;
+    try {
+      url = new URL(window.location.href);
+    } catch (e) {
+      return null;
+    }
+    var code = url.searchParams.get("threadline_code");
+    if (code === null) {
+      return null;
+    }
+    url.searchParams.delete("threadline_code");
+    try {
+      window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+    } catch (e) { /* sandboxed frame: the code just stays visible */ }
+    return code || null;
+  }
+
   function Widget(options) {
     if (!options || !options.appId || !options.integrationId) {
       throw new Error("Threadline.init needs {appId, integrationId}");
@@ -235,7 +255,11 @@
     window.addEventListener("online", this.onOnline);
     this.loadConfig();
     this.loadChannels();
-    if (this.session) {
+    var linkCode = options.linkCode !== undefined ? options.linkCode : linkCodeFromPage();
+    if (linkCode) {
+      // Arrived through a handoff link (from WhatsApp, SMS, …): continue that conversation here.
+      this.redeemLink(String(linkCode));
+    } else if (this.session) {
       // A returning visitor: restore history and unsent messages right away.
       this.restoreOutbox();
       this.connect();
@@ -328,6 +352,7 @@
       }
     });
     this.input.addEventListener("input", function () { self.onTyping(); });
+    this.renderNotify();
   };
 
   Widget.prototype.setStatus = function (state, text) {
@@ -605,6 +630,7 @@
         if (body && Array.isArray(body.channels)) {
           self.channels = body.channels.filter(function (c) { return c && c.integrationId && c.type; });
           self.continueButton.hidden = self.channels.length === 0;
+          self.onNotifyChannels(body.notificationChannels);
         }
       })
       .catch(function () { /* no button then; the chat works without it */ });
@@ -755,6 +781,9 @@
   };
 
   Widget.prototype.onChannelFrame = function (frame) {
+    if (frame.status === "moved" && frame.integrationId === this.integrationId) {
+      return;  // another browser joined through a web link: the conversation did not leave the web
+    }
     var name = channelName(this.channelType(frame.integrationId, frame.clientType));
     if (frame.status === "moved") {
       this.hideHandoff();
@@ -762,6 +791,304 @@
     } else if (frame.status === "failed") {
       this.addSystemLine("failed", frame.message || "We couldn't continue this conversation on " + name + ".");
     }
+  };
+
+  // --- "Notify me" (notification opt-in) ------------------------------------------------------
+  // The customer leaves an e-mail address or a phone number, types back the code sent there, and
+  // is told there when the business replies while they are away (the `notifications` service
+  // decides when). Everything of this feature lives in this section.
+
+  var NOTIFY_CSS = [
+    ".tl-notify-button{background:rgba(255,255,255,.16);border:1px solid rgba(255,255,255,.65);color:#fff;",
+    "border-radius:999px;width:26px;height:24px;padding:0;display:flex;align-items:center;justify-content:center;",
+    "cursor:pointer;flex:none}",
+    ".tl-notify-button[data-active=true]{background:#fff;color:var(--tl-brand,#2b59c3)}",
+    ".tl-notify-button[hidden],.tl-notify[hidden]{display:none}",
+    ".tl-notify{display:flex;flex-direction:column;gap:8px;padding:10px 12px;background:#fff;",
+    "border-bottom:1px solid #d0d7de;max-height:65%;overflow-y:auto}",
+    ".tl-notify-form{display:flex;flex-direction:column;gap:4px}",
+    ".tl-notify-row{display:flex;gap:6px}",
+    ".tl-notify-form label{font-size:12px;color:#656d76}",
+    ".tl-notify-input{flex:1;min-width:0;border:1px solid #d0d7de;border-radius:8px;padding:6px 8px;font:inherit}",
+    ".tl-notify-submit{border:0;border-radius:8px;background:var(--tl-brand,#2b59c3);color:#fff;padding:0 12px;",
+    "cursor:pointer;font:inherit}",
+    ".tl-notify-submit[disabled]{opacity:.6;cursor:default}",
+    ".tl-notify-done{font-weight:600}"
+  ].join("");
+  // How "Notify me" names a channel, and what it asks for.
+  var NOTIFY_NAMES = {email: "e-mail", twilio: "SMS", whatsapp: "WhatsApp"};
+  var NOTIFY_ADDRESS = {
+    email: {label: "Your e-mail address", type: "email", autocomplete: "email", placeholder: "you@example.com"},
+    twilio: {label: "Your mobile number, with country code", type: "tel", autocomplete: "tel",
+      placeholder: "+15551234567"},
+    whatsapp: {label: "Your WhatsApp number, with country code", type: "tel", autocomplete: "tel",
+      placeholder: "+15551234567"}
+  };
+  var BELL_ICON = '<svg width="14" height="14" viewBox="0 0 24 24" aria-hidden="true"><path fill="currentColor" ' +
+    'd="M12 22a2.5 2.5 0 0 0 2.5-2.5h-5A2.5 2.5 0 0 0 12 22zm7-6V11a7 7 0 0 0-5.5-6.8V3a1.5 1.5 0 0 0-3 0v1.2A7 ' +
+    '7 0 0 0 5 11v5l-2 2v1h18v-1z"/></svg>';
+
+  function notifyName(type) {
+    return NOTIFY_NAMES[type] || type;
+  }
+
+  // "e-mail, SMS or WhatsApp"
+  function listOfNames(types) {
+    var names = types.map(notifyName);
+    return names.length > 1 ? names.slice(0, -1).join(", ") + " or " + names[names.length - 1] : names.join("");
+  }
+
+  // Called once from render(): the header's bell button and the panel under the header.
+  Widget.prototype.renderNotify = function () {
+    var self = this;
+    if (!document.getElementById("threadline-notify-css")) {
+      var style = document.createElement("style");
+      style.id = "threadline-notify-css";
+      style.textContent = NOTIFY_CSS;
+      (document.head || document.documentElement).appendChild(style);
+    }
+    this.notifyChannels = [];
+    this.notifyView = null;   // token of the view shown; answers for an older view are dropped
+    this.notifyButton = el("button", {"class": "tl-notify-button", "data-threadline": "notify-button",
+      "type": "button", "aria-expanded": "false", "aria-controls": "threadline-notify", "hidden": "",
+      "aria-label": "Notify me when you reply", "title": "Notify me when you reply"});
+    this.notifyButton.innerHTML = BELL_ICON;
+    this.notifyPanel = el("div", {"class": "tl-notify", "id": "threadline-notify", "data-threadline": "notify",
+      "role": "region", "aria-label": "Notify me when you reply", "hidden": ""});
+    this.continueButton.parentNode.insertBefore(this.notifyButton, this.continueButton);
+    this.handoff.parentNode.insertBefore(this.notifyPanel, this.handoff.nextSibling);
+    this.notifyButton.addEventListener("click", function () { self.toggleNotify(); });
+    this.notifyPanel.addEventListener("keydown", function (event) {
+      if (event.key === "Escape") {
+        self.hideNotify();
+        self.notifyButton.focus();
+      }
+    });
+  };
+
+  // From the /channels answer: where this app can notify (none: no bell).
+  Widget.prototype.onNotifyChannels = function (channels) {
+    this.notifyChannels = (Array.isArray(channels) ? channels : []).filter(function (c) {
+      return c && c.integrationId && NOTIFY_ADDRESS[c.type];
+    });
+    var label = "Notify me by " + listOfNames(this.notifyChannels.map(function (c) { return c.type; })) +
+      " when you reply";
+    this.notifyButton.setAttribute("aria-label", label);
+    this.notifyButton.setAttribute("title", label);
+    this.notifyButton.hidden = this.notifyChannels.length === 0;
+  };
+
+  Widget.prototype.toggleNotify = function () {
+    if (this.notifyPanel.hidden) {
+      this.showNotify();
+    } else {
+      this.hideNotify();
+    }
+  };
+
+  Widget.prototype.hideNotify = function () {
+    this.notifyView = null;
+    this.notifyPanel.setAttribute("hidden", "");
+    this.notifyPanel.textContent = "";
+    this.notifyButton.setAttribute("aria-expanded", "false");
+  };
+
+  // A fresh view in the panel; returns its token.
+  Widget.prototype.notifyFrame = function (title) {
+    if (this.handoff && !this.handoff.hidden) {
+      this.hideHandoff();
+    }
+    this.notifyView = {};
+    this.notifyPanel.textContent = "";
+    this.notifyPanel.removeAttribute("hidden");
+    this.notifyButton.setAttribute("aria-expanded", "true");
+    this.notifyPanel.appendChild(el("div", {"class": "tl-handoff-title", "data-threadline": "notify-title"}, title));
+    return this.notifyView;
+  };
+
+  Widget.prototype.notifyLink = function (label, hook, onClick) {
+    var button = el("button", {"class": "tl-linkish", "type": "button", "data-threadline": hook}, label);
+    button.addEventListener("click", onClick);
+    this.notifyPanel.appendChild(button);
+    return button;
+  };
+
+  Widget.prototype.notifyError = function (view, text) {
+    if (this.notifyView !== view) {
+      return;
+    }
+    var old = this.notifyPanel.querySelector("[data-threadline=notify-error]");
+    if (old) {
+      old.parentNode.removeChild(old);
+    }
+    this.notifyPanel.appendChild(el("div", {"class": "tl-handoff-error", "data-threadline": "notify-error",
+      "role": "alert"}, text));
+  };
+
+  // An opt-in call with the session (created on first use); rejects with the server's message.
+  Widget.prototype.notifyCall = function (method, path, body) {
+    var self = this;
+    return this.ensureSession().then(function (session) {
+      return self.request(method, "/conversations/" + encodeURIComponent(session.conversationId) +
+        "/notificationOptIns" + path, body);
+    }).then(function (res) {
+      return res.json().catch(function () { return {}; }).then(function (data) {
+        if (!res.ok) {
+          if (res.status === 401) {
+            self.resetSession();
+          }
+          var title = data && data.errors && data.errors[0] && data.errors[0].title;
+          var error = new Error(title || "Something went wrong (" + res.status + "). Please try again.");
+          error.status = res.status;
+          throw error;
+        }
+        return data;
+      });
+    });
+  };
+
+  // A small labelled form: [label] [input] [button]; `onSubmit(value, submitButton)`.
+  Widget.prototype.notifyForm = function (spec, onSubmit) {
+    var id = "threadline-notify-" + spec.hook;
+    var form = el("form", {"class": "tl-notify-form", "data-threadline": "notify-form", "novalidate": ""});
+    form.appendChild(el("label", {"for": id}, spec.label));
+    var row = el("div", {"class": "tl-notify-row"});
+    var input = el("input", {"class": "tl-notify-input", "id": id, "data-threadline": spec.hook,
+      "type": spec.type || "text", "autocomplete": spec.autocomplete || "off", "required": "",
+      "placeholder": spec.placeholder || "", "maxlength": String(spec.maxlength || 254)});
+    if (spec.inputmode) {
+      input.setAttribute("inputmode", spec.inputmode);
+    }
+    var submit = el("button", {"class": "tl-notify-submit", "type": "submit",
+      "data-threadline": spec.hook + "-submit"}, spec.submit);
+    row.appendChild(input);
+    row.appendChild(submit);
+    form.appendChild(row);
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var value = input.value.trim();
+      if (!value) {
+        input.focus();
+        return;
+      }
+      onSubmit(value, submit);
+    });
+    this.notifyPanel.appendChild(form);
+    input.focus();
+    return input;
+  };
+
+  // First view: the opt-ins already confirmed (with Stop), then the channels to choose from.
+  Widget.prototype.showNotify = function () {
+    var self = this;
+    var view = this.notifyFrame("Notify me when you reply");
+    this.notifyPanel.appendChild(el("div", {"class": "tl-hint"},
+      "If you're away when we answer, we'll let you know by " +
+      listOfNames(this.notifyChannels.map(function (c) { return c.type; })) + "."));
+    var confirmedList = el("div", {"class": "tl-notify-current", "data-threadline": "notify-current"});
+    this.notifyPanel.appendChild(confirmedList);
+    var options = el("div", {"class": "tl-handoff-options", "role": "group", "aria-label": "Notify me by"});
+    this.notifyChannels.forEach(function (channel) {
+      var label = "By " + notifyName(channel.type);
+      var option = el("button", {"class": "tl-option", "type": "button", "data-threadline": "notify-option",
+        "data-type": channel.type, "data-integration-id": channel.integrationId,
+        "aria-label": "Notify me by " + notifyName(channel.type)}, label);
+      option.addEventListener("click", function () { self.askNotifyAddress(channel); });
+      options.appendChild(option);
+    });
+    this.notifyPanel.appendChild(options);
+    this.notifyLink("Close", "notify-close", function () { self.hideNotify(); self.input.focus(); });
+    var first = options.querySelector("button");
+    if (first) {
+      first.focus();
+    }
+    if (this.session) {
+      this.notifyCall("GET", "").then(function (data) {
+        if (self.notifyView !== view) {
+          return;
+        }
+        var confirmed = (data.optIns || []).filter(function (o) { return o && o.status === "confirmed"; });
+        self.notifyButton.setAttribute("data-active", confirmed.length ? "true" : "false");
+        confirmed.forEach(function (optIn) {
+          var line = el("div", {"class": "tl-hint", "data-threadline": "notify-status"},
+            "You'll be notified at " + optIn.maskedAddress + " (" + notifyName(optIn.channel) + "). ");
+          var stop = el("button", {"class": "tl-linkish", "type": "button", "data-threadline": "notify-stop",
+            "aria-label": "Stop notifications at " + optIn.maskedAddress}, "Stop");
+          stop.addEventListener("click", function () { self.stopNotify(optIn); });
+          line.appendChild(stop);
+          confirmedList.appendChild(line);
+        });
+      }).catch(function () { /* the list is a convenience; choosing a channel still works */ });
+    }
+  };
+
+  Widget.prototype.askNotifyAddress = function (channel) {
+    var self = this;
+    var view = this.notifyFrame("Notify me by " + notifyName(channel.type));
+    var spec = NOTIFY_ADDRESS[channel.type];
+    this.notifyForm({hook: "notify-address", label: spec.label, type: spec.type, autocomplete: spec.autocomplete,
+      placeholder: spec.placeholder, submit: "Send code"}, function (address, submit) {
+      submit.disabled = true;
+      self.notifyCall("POST", "", {channel: channel.type, address: address, integrationId: channel.integrationId})
+        .then(function (data) {
+          if (self.notifyView === view) {
+            self.askNotifyCode(channel, data.optIn);
+          }
+        }).catch(function (error) {
+          submit.disabled = false;
+          self.notifyError(view, error.message);
+        });
+    });
+    this.notifyLink("Back", "notify-back", function () { self.showNotify(); });
+  };
+
+  Widget.prototype.askNotifyCode = function (channel, optIn) {
+    var self = this;
+    var view = this.notifyFrame("Notify me by " + notifyName(channel.type));
+    this.notifyPanel.appendChild(el("div", {"class": "tl-hint", "role": "status", "data-threadline": "notify-sent"},
+      "We sent a code to " + optIn.maskedAddress + ". Type it here to confirm."));
+    this.notifyForm({hook: "notify-code", label: "Code", autocomplete: "one-time-code", inputmode: "numeric",
+      maxlength: 12, submit: "Confirm"}, function (code, submit) {
+      submit.disabled = true;
+      self.notifyCall("POST", "/" + encodeURIComponent(optIn.id) + "/confirm", {code: code}).then(function (data) {
+        if (self.notifyView === view) {
+          self.showNotifyDone(data.optIn);
+        }
+      }).catch(function (error) {
+        submit.disabled = false;
+        self.notifyError(view, error.message);
+      });
+    });
+    this.notifyLink("Send a new code", "notify-resend", function () { self.askNotifyAddress(channel); });
+    this.notifyLink("Cancel", "notify-cancel", function () { self.hideNotify(); self.input.focus(); });
+  };
+
+  Widget.prototype.showNotifyDone = function (optIn) {
+    var self = this;
+    this.notifyFrame("Notify me when you reply");
+    this.notifyButton.setAttribute("data-active", "true");
+    this.notifyPanel.appendChild(el("div", {"class": "tl-notify-done", "role": "status",
+      "data-threadline": "notify-done"}, "You'll be notified at " + optIn.maskedAddress + " when we reply."));
+    var stop = this.notifyLink("Stop", "notify-stop", function () { self.stopNotify(optIn); });
+    stop.setAttribute("aria-label", "Stop notifications at " + optIn.maskedAddress);
+    this.notifyLink("Close", "notify-close", function () { self.hideNotify(); self.input.focus(); });
+    stop.focus();
+  };
+
+  Widget.prototype.stopNotify = function (optIn) {
+    var self = this;
+    var view = this.notifyView;
+    this.notifyCall("DELETE", "/" + encodeURIComponent(optIn.id)).then(function () {
+      var next = self.notifyFrame("Notify me when you reply");
+      self.notifyButton.setAttribute("data-active", "false");
+      self.notifyPanel.appendChild(el("div", {"class": "tl-hint", "role": "status",
+        "data-threadline": "notify-stopped"}, "You won't be notified at " + optIn.maskedAddress + " any more."));
+      self.notifyLink("Notify me elsewhere", "notify-again", function () { self.showNotify(); });
+      self.notifyLink("Close", "notify-close", function () { self.hideNotify(); self.input.focus(); });
+      return next;
+    }).catch(function (error) {
+      self.notifyError(view, error.message);
+    });
   };
 
   // --- session --------------------------------------------------------------------------------
@@ -774,6 +1101,10 @@
 
   Widget.prototype.ensureSession = function () {
     var self = this;
+    if (this.linkPromise) {
+      // A link code is being redeemed: its session (or the fallback) comes first.
+      return this.linkPromise.then(function () { return self.ensureSession(); });
+    }
     if (this.session) {
       return Promise.resolve(this.session);
     }
@@ -806,6 +1137,137 @@
     this.readCursor = 0;
     this.lastCursor = null;
     save(this.storageKey, null);
+  };
+
+  // --- handoff link codes, login and logout ----------------------------------------------------
+
+  Widget.prototype.dropSocket = function () {
+    if (this.socket) {
+      var socket = this.socket;
+      this.socket = null;
+      this.ready = false;
+      try {
+        socket.close();
+      } catch (e) { /* already closing */ }
+    }
+  };
+
+  // A session that redeemed a link code replaces whatever this browser had: the conversation it
+  // opens is the one the customer came to continue.
+  Widget.prototype.adoptSession = function (session) {
+    this.session = session;
+    this.state = {};
+    this.readCursor = 0;
+    this.lastCursor = null;
+    this.outbox = [];
+    this.saveOutbox();
+    this.persist();
+  };
+
+  // Redeem `code` (POST …/sessions {linkCode}). Refused (expired, used, …): say why in the thread
+  // and carry on with the session this browser had, or a fresh anonymous one.
+  Widget.prototype.redeemLink = function (code) {
+    var self = this;
+    var previous = this.session;
+    this.session = null;
+    this.setStatus("connecting", "Connecting\u2026");
+    this.linkPromise = fetch(this.apiUrl("/integrations/" + encodeURIComponent(this.integrationId) + "/sessions"), {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({linkCode: code}),
+      credentials: "omit",
+      mode: "cors"
+    }).then(function (res) {
+      return res.json().catch(function () { return {}; }).then(function (body) {
+        if (res.ok && body && body.sessionToken) {
+          return {session: body};
+        }
+        var title = body && body.errors && body.errors[0] && body.errors[0].title;
+        return {refused: res.status >= 400 && res.status < 500 && title ? title :
+          "We couldn't open this conversation right now. You can still chat with us here."};
+      });
+    }).catch(function () {
+      return {refused: "We couldn't open this conversation right now. You can still chat with us here."};
+    }).then(function (outcome) {
+      self.linkPromise = null;
+      if (self.destroyed) {
+        return;
+      }
+      if (outcome.session) {
+        self.adoptSession(outcome.session);
+      } else {
+        self.session = previous;
+        if (previous) {
+          self.restoreOutbox();
+        }
+        self.addSystemLine("link-refused", outcome.refused);
+        self.list.lastChild.setAttribute("role", "alert");
+      }
+      self.open();
+    });
+    return this.linkPromise;
+  };
+
+  // Threadline.login(externalId, jwt): the visitor becomes the business's known user (merged
+  // into it when it exists). The new session token is kept; the conversation stays the same.
+  Widget.prototype.login = function (externalId, jwt) {
+    var self = this;
+    if (typeof externalId !== "string" || !externalId || typeof jwt !== "string" || !jwt) {
+      return Promise.reject(new Error("Threadline.login needs (externalId, jwt) as strings"));
+    }
+    return this.ensureSession().then(function () {
+      return self.request("POST", "/sessions/login", {externalId: externalId, jwt: jwt});
+    }).then(function (res) {
+      return res.json().catch(function () { return {}; }).then(function (body) {
+        if (!res.ok) {
+          var detail = body && body.errors && body.errors[0];
+          var error = new Error((detail && detail.title) || "login refused: HTTP " + res.status);
+          error.status = res.status;
+          error.code = detail && detail.code;
+          throw error;
+        }
+        return body;
+      });
+    }).then(function (body) {
+      var sameConversation = self.session && self.session.conversationId === body.conversationId;
+      self.session = {appUserId: body.appUserId, clientId: body.clientId, conversationId: body.conversationId,
+        sessionToken: body.sessionToken, externalId: body.externalId};
+      if (!sameConversation) {
+        self.lastCursor = null;
+        self.readCursor = 0;
+      }
+      self.persist();
+      // The socket was opened with the old token: reopen it with the new one (it resumes by cursor).
+      if (self.socket) {
+        self.dropSocket();
+        self.connect();
+      }
+      return {appUserId: body.appUserId, externalId: body.externalId, conversationId: body.conversationId,
+        outcome: body.outcome};
+    });
+  };
+
+  // Threadline.logout(): forget the session on this browser; the next chat is anonymous.
+  Widget.prototype.logout = function () {
+    this.dropSocket();
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.reconnectAttempt = 0;
+    this.resetSession();
+    this.outbox = [];
+    this.saveOutbox();
+    this.pending = {};
+    this.rendered = {};
+    this.latestBusinessCursor = 0;
+    this.businessReadAt = 0;
+    this.list.textContent = "";
+    this.hideHandoff();
+    this.clearUnread();
+    this.setStatus("idle", "");
+    if (this.isOpen) {
+      this.connect();
+    }
+    return Promise.resolve();
   };
 
   // --- socket ---------------------------------------------------------------------------------
@@ -1165,7 +1627,8 @@
 
   window.Threadline = {
     version: "0.1.0",
-    /** Start the widget: {appId, integrationId, baseUrl?} (baseUrl defaults to this script's origin). */
+    /** Start the widget: {appId, integrationId, baseUrl?, linkCode?} (baseUrl defaults to this script's
+     * origin; linkCode to the page URL's `threadline_code`, a handoff link to continue a conversation). */
     init: function (options) {
       if (current) {
         current.destroy();
@@ -1176,6 +1639,12 @@
     open: function () { if (current) { current.open(); } },
     close: function () { if (current) { current.close(); } },
     send: function (text) { return current ? current.send(text) : null; },
+    /** Log the visitor in as the business's user: a JWT {scope: "user", external_id} (HS256, kid = app key). */
+    login: function (externalId, jwt) {
+      return current ? current.login(externalId, jwt) : Promise.reject(new Error("Threadline.init first"));
+    },
+    /** Forget this browser's session; the next conversation is anonymous. */
+    logout: function () { return current ? current.logout() : Promise.resolve(); },
     destroy: function () {
       if (current) {
         current.destroy();

@@ -1,0 +1,110 @@
+"""SDK login on the identity side: an SDK session's user becomes `externalId`'s user.
+
+The caller (`conversations`) verified the login JWT; here the user is identified (takes the
+externalId and becomes `authenticated`), or merged into the user who already has it through the
+same `IdentityStore.merge_users` as channel linking (reason `sdkLogin`), or left alone when it is
+that user already. A user that carries another externalId is never merged (409).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import aiosqlite
+
+from shared.messages import identity as msgs
+from shared.store import write_lock
+from shared.sunco import Client, User
+
+if TYPE_CHECKING:
+    from services.identity.handlers import IdentityHandlers
+    from services.identity.store import IdentityStore
+
+log = logging.getLogger(__name__)
+
+MAX_EXTERNAL_ID_LENGTH = 1024
+LOGIN_REASON = "sdkLogin"
+
+
+async def user_by_id(store: IdentityStore, app_id: str, user_id: str) -> User | None:
+    """The user with exactly this id (never a user whose externalId happens to equal it)."""
+    async with store.db.execute("SELECT id FROM users WHERE app_id = ? AND id = ?", (app_id, user_id)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else await store.find_user(app_id, user_id)
+
+
+async def user_by_external_id(store: IdentityStore, app_id: str, external_id: str) -> User | None:
+    """The user with exactly this externalId."""
+    async with store.db.execute("SELECT id FROM users WHERE app_id = ? AND external_id = ?",
+                                (app_id, external_id)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else await store.find_user(app_id, str(row["id"]))
+
+
+async def identify(store: IdentityStore, app_id: str, user_id: str, external_id: str) -> bool:
+    """Give an anonymous user `external_id` and mark it authenticated.
+
+    False when another user took `external_id` meanwhile (or this user got another one): the
+    unique index decides, so two concurrent logins cannot both take it.
+    """
+    try:
+        async with write_lock(store.db):
+            cursor = await store.db.execute(
+                "UPDATE users SET external_id = ?, authenticated = 1"
+                " WHERE app_id = ? AND id = ? AND external_id IS NULL", (external_id, app_id, user_id))
+    except aiosqlite.IntegrityError:
+        return False
+    return cursor.rowcount == 1
+
+
+async def mark_authenticated(store: IdentityStore, app_id: str, user_id: str) -> None:
+    """The user proved who it is with a JWT (SunCo `authenticated`)."""
+    async with write_lock(store.db):
+        await store.db.execute("UPDATE users SET authenticated = 1 WHERE app_id = ? AND id = ?", (app_id, user_id))
+
+
+async def session_client(store: IdentityStore, app_id: str, user_id: str, client_id: str) -> Client | None:
+    """The session's client, if it belongs to `user_id`."""
+    return next((c for c in await store.list_clients(app_id, user_id) if c.id == client_id), None)
+
+
+def _error(status: int, code: str, title: str) -> msgs.IdentityError:
+    return msgs.IdentityError(status=status, code=code, title=title)
+
+
+async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.IdentityMessage:
+    """Identify the session's user as `req.external_id`, or merge it into the user who has it."""
+    store = handlers.store
+    if not 1 <= len(req.external_id) <= MAX_EXTERNAL_ID_LENGTH:
+        return _error(400, "bad_request", f"externalId must be 1-{MAX_EXTERNAL_ID_LENGTH} characters")
+    current = await user_by_id(store, req.app_id, req.user_id)
+    if current is None:
+        return _error(404, "user_not_found", "The session's user no longer exists")
+    client = await session_client(store, req.app_id, current.id, req.client_id)
+    if client is None:
+        return _error(404, "client_not_found", "The session's client no longer exists")
+    if current.external_id == req.external_id:
+        return msgs.UserLoggedIn(user=current, client=client, outcome="unchanged")
+    if current.external_id is not None:
+        return _error(409, "conflict", "This session already belongs to another externalId; log out before "
+                                       "logging in as someone else")
+    for _ in range(3):
+        target = await user_by_external_id(store, req.app_id, req.external_id)
+        if target is None:
+            if await identify(store, req.app_id, current.id, req.external_id):
+                handlers._forget_user(current.id)
+                identified = await user_by_id(store, req.app_id, current.id)
+                assert identified is not None
+                return msgs.UserLoggedIn(user=identified, client=client, outcome="identified")
+            continue  # someone took the externalId meanwhile: merge into them
+        merge = await store.merge_users(req.app_id, surviving=target, discarded=current, reason=LOGIN_REASON)
+        await mark_authenticated(store, req.app_id, target.id)
+        handlers._forget_user(current.id)
+        handlers._forget_user(target.id)
+        survivor = await user_by_id(store, req.app_id, target.id)
+        moved = await session_client(store, req.app_id, target.id, req.client_id)
+        assert survivor is not None and moved is not None
+        log.info("sdk login merged user %s into %s", current.id, survivor.id)
+        return msgs.UserLoggedIn(user=survivor, client=moved, outcome="merged", merge=merge, discarded_user=current)
+    return _error(409, "conflict", "The externalId changed hands while logging in; try again")

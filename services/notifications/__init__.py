@@ -1,0 +1,1 @@
+"""The `notifications` service: away notifications, per-channel reply windows, opt-ins."""

@@ -1,0 +1,143 @@
+"""Wiring of the `notifications` service: away notifications, reply-window policies, opt-ins.
+
+- a durable consumer on `events.>` schedules a notification when the business replies (one row
+  per conversation in SQLite, committed before the event is acked) and cancels it when the
+  customer reads or writes;
+- a timer fires the rows that fell due (`handlers.Notifier.fire`), sending on the channel
+  services' outbound subjects (or by e-mail) with ids `ntf_…` that are also the Nats-Msg-Id;
+- a durable consumer on `status.>` follows those sends and publishes
+  `notification:delivery:channel|failure` events (the existing events → webhooks path);
+- `nats.micro` endpoints serve the widget's opt-ins; `GET /notifications/v1/optout` the e-mail
+  opt-out link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+from collections.abc import Iterable, Mapping
+
+from aiohttp import web
+
+from services.notifications.config import NotificationsConfig
+from services.notifications.handlers import Lookups, Notifier
+from services.notifications.store import Store
+from shared import records, subjects
+from shared.bus import Bus, KvMirror
+from shared.http import error_middleware, tracing_middleware
+from shared.messages import sdk_presence
+from shared.messages.sdk_presence import SocketPresence
+from shared.records import AppRecord, IntegrationRecord
+from shared.service import ServiceApp
+from shared.telemetry import setup_telemetry
+
+log = logging.getLogger(__name__)
+
+OPTIN_ENDPOINTS = (subjects.NOTIFICATIONS_OPTIN_START, subjects.NOTIFICATIONS_OPTIN_CONFIRM,
+                   subjects.NOTIFICATIONS_OPTIN_LIST, subjects.NOTIFICATIONS_OPTIN_STOP)
+OPTOUT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 3rem auto; padding: 0 1rem">
+<h1 style="font-size: 1.3rem">{title}</h1><p>{text}</p></body></html>
+"""
+
+
+class NotificationsService(ServiceApp):
+    """Away notifications and opt-ins."""
+
+    name = "notifications"
+
+    def __init__(self, config: NotificationsConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.http.middlewares.extend([tracing_middleware, error_middleware])
+        self.http.router.add_get("/notifications/v1/optout", self.optout)
+        self.bus: Bus | None = None
+        self.store: Store | None = None
+        self.notifier: Notifier | None = None
+        self.mirrors: list[KvMirror] = []
+        self._timer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect, open the store, mirror apps/integrations/presence, consume, serve, start the timer."""
+        self.bus = await self.connect_bus()
+        self.store = await Store.open(self.config.db_path)
+        apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
+        integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                records.INTEGRATION_DECODER.decode)
+        # Presence entries expire with the bucket's TTL (a crashed replica's sockets vanish).
+        await self.bus.key_value(subjects.SDK_PRESENCE_BUCKET, ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
+        presence = await self.mirror_bucket(self.bus, subjects.SDK_PRESENCE_BUCKET, sdk_presence.DECODER.decode)
+        self.mirrors = [apps, integrations, presence]
+
+        def all_integrations() -> Iterable[IntegrationRecord]:
+            return list(integrations.values.values())
+
+        def all_presence() -> Iterable[SocketPresence]:
+            return list(presence.values.values())
+
+        def app(app_id: str) -> AppRecord | None:
+            return apps.get(app_id)  # type: ignore[no-any-return]
+
+        def integration(integration_id: str) -> IntegrationRecord | None:
+            return integrations.get(integration_id)  # type: ignore[no-any-return]
+
+        self.notifier = Notifier(self.store, self.bus, self.config, Lookups(
+            app=app, integration=integration, integrations=all_integrations, presence=all_presence))
+        self.bus.consume(subjects.EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER, subjects.EVENTS_ALL,
+                         self.notifier.on_event)
+        self.bus.consume(subjects.STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,
+                         self.notifier.on_status)
+        await self.bus.serve(subjects.NOTIFICATIONS_SERVICE,
+                             dict.fromkeys(OPTIN_ENDPOINTS, self.notifier.answer_optin))
+        self._timer = asyncio.create_task(self._run_timer(), name="notifications-timer")
+        await self.start_http()
+
+    async def _run_timer(self) -> None:
+        assert self.notifier is not None
+        while True:
+            try:
+                await self.notifier.fire_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("notification timer round failed")
+            await asyncio.sleep(self.config.tick_seconds)
+
+    async def optout(self, request: web.Request) -> web.Response:
+        """The opt-out link of a notification e-mail."""
+        assert self.notifier is not None
+        token = request.query.get("token", "")
+        if len(token) > 200 or not await self.notifier.optout(token):
+            return web.Response(status=400, content_type="text/html", text=OPTOUT_PAGE.format(
+                title="This link is not valid", text=html.escape("Check that you opened the whole link.")))
+        return web.Response(content_type="text/html", text=OPTOUT_PAGE.format(
+            title="You're unsubscribed", text="You won't get e-mails about this conversation any more."))
+
+    async def stop(self) -> None:
+        """Stop HTTP, the timer, the bus, then the database."""
+        await self.stop_http()
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+            self._timer = None
+        for mirror in self.mirrors:
+            await mirror.stop()
+        self.mirrors = []
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            self.store = None
+
+
+def create(environ: Mapping[str, str] | None = None) -> NotificationsService:
+    """The notifications service, configured from `environ` (`os.environ` when None)."""
+    setup_telemetry("notifications")
+    return NotificationsService(NotificationsConfig.from_env(environ))

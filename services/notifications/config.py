@@ -1,0 +1,62 @@
+"""Settings of the notifications service."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.routes import DEFAULT_PORTS
+from shared.store import db_path
+
+MAX_DELAY_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """Everything the notifications service reads from its environment."""
+
+    common: CommonConfig
+    db_path: str
+    # How long a business reply may stay unread before the customer is notified (apps may
+    # override it with `settings.notifications.delaySeconds`).
+    default_delay_seconds: float
+    # How often the timer looks for notifications that fell due.
+    tick_seconds: float
+    # Signs opt-out links and keys the opt-in code hashes.
+    secret: str
+    # Opt-in confirmation codes: lifetime, wrong tries allowed, starts allowed per user per hour.
+    code_ttl_seconds: float
+    max_code_attempts: int
+    max_starts_per_hour: int
+    request_timeout: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> NotificationsConfig:
+        """Build and validate the configuration."""
+        env = os.environ if environ is None else environ
+        common = CommonConfig.from_env(DEFAULT_PORTS["notifications"], env)
+        config = cls(
+            common=common,
+            db_path=db_path(common.data_dir, "notifications"),
+            default_delay_seconds=env_float("THREADLINE_NOTIFY_DEFAULT_DELAY_SECONDS", 300.0, env),
+            tick_seconds=env_float("THREADLINE_NOTIFY_TICK_SECONDS", 0.5, env),
+            secret=env_secret("THREADLINE_NOTIFY_SECRET", sandbox=common.sandbox,
+                              default="sandbox-notifications-secret", environ=env),
+            code_ttl_seconds=env_float("THREADLINE_NOTIFY_CODE_TTL_SECONDS", 600.0, env),
+            max_code_attempts=env_int("THREADLINE_NOTIFY_MAX_CODE_ATTEMPTS", 5, env),
+            max_starts_per_hour=env_int("THREADLINE_NOTIFY_MAX_OPTIN_STARTS_PER_HOUR", 5, env),
+            request_timeout=env_float("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS", 5.0, env),
+        )
+        if not 0 < config.default_delay_seconds <= MAX_DELAY_SECONDS:
+            raise ConfigError(f"THREADLINE_NOTIFY_DEFAULT_DELAY_SECONDS must be in (0, {MAX_DELAY_SECONDS}]")
+        if not 0.05 <= config.tick_seconds <= 60:
+            raise ConfigError("THREADLINE_NOTIFY_TICK_SECONDS must be between 0.05 and 60")
+        if not 0 < config.code_ttl_seconds <= 24 * 3600:
+            raise ConfigError("THREADLINE_NOTIFY_CODE_TTL_SECONDS must be in (0, 86400]")
+        if config.max_code_attempts < 1 or config.max_starts_per_hour < 1:
+            raise ConfigError("THREADLINE_NOTIFY_MAX_CODE_ATTEMPTS and _MAX_OPTIN_STARTS_PER_HOUR must be >= 1")
+        if not 0 < config.request_timeout <= 60:
+            raise ConfigError("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS must be in (0, 60]")
+        return config

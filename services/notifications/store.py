@@ -1,0 +1,373 @@
+"""The notifications service's SQLite database: pending notifications, sends, reply windows, opt-ins.
+
+A pending notification is one row per conversation, committed before the event that caused it
+is acked, so it survives a crash or a restart; the timer fires the rows that fell due. A send
+is recorded with the id its OutboundSend carried (its Nats-Msg-Id), so a restart between the
+publish and the bookkeeping publishes the same id again and JetStream drops the duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from services.notifications.policy import Pending, schedule
+from shared.store import open_db, transaction, write_lock
+
+MIGRATIONS = (
+    """
+    CREATE TABLE pending (
+        conversation_id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        conversation_type TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        notification_id TEXT NOT NULL,
+        first_unread_at REAL NOT NULL,
+        due_at REAL NOT NULL,
+        unread_count INTEGER NOT NULL,
+        last_message_id TEXT NOT NULL,
+        last_text TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX pending_due ON pending (due_at);
+    CREATE TABLE sends (
+        id TEXT PRIMARY KEY,
+        notification_id TEXT NOT NULL,
+        app_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        conversation_type TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        recipient_info TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        notice TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error_code TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX sends_conversation ON sends (conversation_id, created_at);
+    CREATE TABLE client_inbound (
+        client_id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        last_inbound_at REAL NOT NULL
+    );
+    CREATE TABLE optins (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        address TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        source_integration_id TEXT,
+        status TEXT NOT NULL,
+        code_hash TEXT,
+        code_expires_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        linked INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        confirmed_at REAL,
+        stopped_at REAL
+    );
+    CREATE INDEX optins_user ON optins (app_id, user_id, created_at)
+    """,
+)
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A conversation's pending notification."""
+
+    conversation_id: str
+    app_id: str
+    conversation_type: str
+    user_id: str
+    notification_id: str
+    first_unread_at: float
+    due_at: float
+    unread_count: int
+    last_message_id: str
+    last_text: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class SendRow:
+    """One send made for a notification (or an opt-in code)."""
+
+    id: str
+    notification_id: str
+    app_id: str
+    conversation_id: str
+    conversation_type: str
+    user_id: str
+    channel: str
+    integration_id: str
+    client_id: str
+    recipient: str
+    recipient_info: dict[str, Any]
+    kind: str  # text | template | tagged | email | push | code
+    notice: dict[str, Any]
+    status: str  # published | sent | failed
+    error_code: str | None
+
+
+@dataclass(frozen=True)
+class OptInRow:
+    """A customer's opt-in to be notified at an address."""
+
+    id: str
+    app_id: str
+    user_id: str
+    conversation_id: str
+    channel: str
+    address: str
+    integration_id: str
+    source_integration_id: str | None
+    status: str  # pending | confirmed | stopped
+    code_hash: str | None
+    code_expires_at: float | None
+    attempts: int
+    linked: bool
+    created_at: float
+
+
+def _pending(row: aiosqlite.Row) -> PendingRow:
+    return PendingRow(**{k: row[k] for k in row.keys()})
+
+
+def _send(row: aiosqlite.Row) -> SendRow:
+    return SendRow(
+        id=row["id"], notification_id=row["notification_id"], app_id=row["app_id"],
+        conversation_id=row["conversation_id"], conversation_type=row["conversation_type"], user_id=row["user_id"],
+        channel=row["channel"], integration_id=row["integration_id"], client_id=row["client_id"],
+        recipient=row["recipient"], recipient_info=json.loads(row["recipient_info"]), kind=row["kind"],
+        notice=json.loads(row["notice"]), status=row["status"], error_code=row["error_code"])
+
+
+def _optin(row: aiosqlite.Row) -> OptInRow:
+    return OptInRow(
+        id=row["id"], app_id=row["app_id"], user_id=row["user_id"], conversation_id=row["conversation_id"],
+        channel=row["channel"], address=row["address"], integration_id=row["integration_id"],
+        source_integration_id=row["source_integration_id"], status=row["status"], code_hash=row["code_hash"],
+        code_expires_at=row["code_expires_at"], attempts=row["attempts"], linked=bool(row["linked"]),
+        created_at=row["created_at"])
+
+
+class Store:
+    """All of the service's SQL."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (and migrate) the database at `path`."""
+        return cls(await open_db(path, MIGRATIONS))
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.db.close()
+
+    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+        async with self.db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
+        async with self.db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    # --- pending notifications ------------------------------------------------------------
+
+    async def schedule(self, *, app_id: str, conversation_id: str, conversation_type: str, user_id: str,
+                       message_id: str, text: str, at: float, delay: float, new_notification_id: str) -> PendingRow:
+        """Fold a business message into the conversation's pending notification (one per conversation)."""
+        async with transaction(self.db):
+            row = await self._one("SELECT * FROM pending WHERE conversation_id=?", (conversation_id,))
+            existing = None if row is None else _pending(row)
+            if existing is not None and existing.last_message_id == message_id:
+                return existing  # a redelivered event
+            folded = schedule(None if existing is None else Pending(existing.first_unread_at, existing.due_at,
+                                                                   existing.unread_count), at, delay)
+            if existing is None:
+                await self.db.execute(
+                    "INSERT INTO pending (conversation_id, app_id, conversation_type, user_id, notification_id,"
+                    " first_unread_at, due_at, unread_count, last_message_id, last_text) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (conversation_id, app_id, conversation_type, user_id, new_notification_id,
+                     folded.first_unread_at, folded.due_at, folded.unread_count, message_id, text))
+            else:
+                await self.db.execute(
+                    "UPDATE pending SET unread_count=?, last_message_id=?, last_text=? WHERE conversation_id=?",
+                    (folded.unread_count, message_id, text, conversation_id))
+            row = await self._one("SELECT * FROM pending WHERE conversation_id=?", (conversation_id,))
+        assert row is not None
+        return _pending(row)
+
+    async def cancel(self, conversation_id: str) -> bool:
+        """Drop the conversation's pending notification (the customer read or wrote); True if there was one."""
+        async with write_lock(self.db):
+            cur = await self.db.execute("DELETE FROM pending WHERE conversation_id=?", (conversation_id,))
+            return (cur.rowcount or 0) > 0
+
+    async def pending(self, conversation_id: str) -> PendingRow | None:
+        """The conversation's pending notification, if any."""
+        row = await self._one("SELECT * FROM pending WHERE conversation_id=?", (conversation_id,))
+        return None if row is None else _pending(row)
+
+    async def due(self, now: float, limit: int = 100) -> list[PendingRow]:
+        """Pending notifications due at `now`, oldest first."""
+        return [_pending(r) for r in await self._all(
+            "SELECT * FROM pending WHERE due_at <= ? ORDER BY due_at LIMIT ?", (now, limit))]
+
+    async def postpone(self, conversation_id: str, notification_id: str, due_at: float, *,
+                       failed_attempt: bool = False) -> None:
+        """Fire the notification later (quiet hours, an open socket, a dependency down)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "UPDATE pending SET due_at=?, attempts=attempts+? WHERE conversation_id=? AND notification_id=?",
+                (due_at, 1 if failed_attempt else 0, conversation_id, notification_id))
+
+    async def finish(self, conversation_id: str, notification_id: str, send: SendRow | None = None,
+                     at: float = 0.0) -> None:
+        """The notification was handled: record its send (if any) and drop the pending row, atomically."""
+        async with transaction(self.db):
+            if send is not None:
+                await self._insert_send(send, at)
+            await self.db.execute("DELETE FROM pending WHERE conversation_id=? AND notification_id=?",
+                                  (conversation_id, notification_id))
+
+    # --- sends ----------------------------------------------------------------------------
+
+    async def _insert_send(self, send: SendRow, at: float) -> None:
+        await self.db.execute(
+            "INSERT INTO sends (id, notification_id, app_id, conversation_id, conversation_type, user_id, channel,"
+            " integration_id, client_id, recipient, recipient_info, kind, notice, status, error_code, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO NOTHING",
+            (send.id, send.notification_id, send.app_id, send.conversation_id, send.conversation_type, send.user_id,
+             send.channel, send.integration_id, send.client_id, send.recipient, json.dumps(send.recipient_info),
+             send.kind, json.dumps(send.notice), send.status, send.error_code, at, at))
+
+    async def record_send(self, send: SendRow, at: float) -> None:
+        """Record a send made outside a pending notification (an opt-in code, a template retry)."""
+        async with write_lock(self.db):
+            await self._insert_send(send, at)
+
+    async def get_send(self, send_id: str) -> SendRow | None:
+        """A send by the id its OutboundSend carried."""
+        row = await self._one("SELECT * FROM sends WHERE id=?", (send_id,))
+        return None if row is None else _send(row)
+
+    async def set_send_status(self, send_id: str, status: str, error_code: str | None, at: float) -> bool:
+        """Move a send to `status`; False when it already was there (a redelivered status)."""
+        async with write_lock(self.db):
+            cur = await self.db.execute(
+                "UPDATE sends SET status=?, error_code=?, updated_at=? WHERE id=? AND status<>?",
+                (status, error_code, at, send_id, status))
+            return (cur.rowcount or 0) > 0
+
+    async def sends(self, conversation_id: str) -> list[SendRow]:
+        """The sends made for a conversation, oldest first."""
+        return [_send(r) for r in await self._all(
+            "SELECT * FROM sends WHERE conversation_id=? ORDER BY created_at, id", (conversation_id,))]
+
+    # --- reply windows --------------------------------------------------------------------
+
+    async def note_inbound(self, client_id: str, app_id: str, user_id: str, at: float) -> None:
+        """The customer wrote from `client_id` at `at` (opens/refreshes that channel's reply window)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "INSERT INTO client_inbound (client_id, app_id, user_id, last_inbound_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (client_id) DO UPDATE SET user_id=excluded.user_id,"
+                " last_inbound_at=MAX(client_inbound.last_inbound_at, excluded.last_inbound_at)",
+                (client_id, app_id, user_id, at))
+
+    async def set_last_inbound(self, client_id: str, app_id: str, user_id: str, at: float) -> None:
+        """Set the last inbound time as is (tests and operators moving a window)."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "INSERT INTO client_inbound (client_id, app_id, user_id, last_inbound_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (client_id) DO UPDATE SET last_inbound_at=excluded.last_inbound_at",
+                (client_id, app_id, user_id, at))
+
+    async def last_inbound(self, client_id: str) -> float | None:
+        """When the customer last wrote from `client_id`, if ever (as far as this service saw)."""
+        row = await self._one("SELECT last_inbound_at FROM client_inbound WHERE client_id=?", (client_id,))
+        return None if row is None else float(row[0])
+
+    # --- opt-ins --------------------------------------------------------------------------
+
+    async def add_optin(self, row: OptInRow) -> None:
+        """Store a new (pending) opt-in."""
+        async with write_lock(self.db):
+            await self.db.execute(
+                "INSERT INTO optins (id, app_id, user_id, conversation_id, channel, address, integration_id,"
+                " source_integration_id, status, code_hash, code_expires_at, attempts, linked, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (row.id, row.app_id, row.user_id, row.conversation_id, row.channel, row.address, row.integration_id,
+                 row.source_integration_id, row.status, row.code_hash, row.code_expires_at, row.attempts,
+                 int(row.linked), row.created_at))
+
+    async def optin(self, app_id: str, optin_id: str) -> OptInRow | None:
+        """One opt-in of an app."""
+        row = await self._one("SELECT * FROM optins WHERE id=? AND app_id=?", (optin_id, app_id))
+        return None if row is None else _optin(row)
+
+    async def optin_any(self, optin_id: str) -> OptInRow | None:
+        """One opt-in by id (the opt-out link names no app)."""
+        row = await self._one("SELECT * FROM optins WHERE id=?", (optin_id,))
+        return None if row is None else _optin(row)
+
+    async def optins(self, app_id: str, user_id: str) -> list[OptInRow]:
+        """A user's opt-ins, newest first."""
+        return [_optin(r) for r in await self._all(
+            "SELECT * FROM optins WHERE app_id=? AND user_id=? ORDER BY created_at DESC, id", (app_id, user_id))]
+
+    async def active_optins(self, app_id: str, channel: str) -> list[OptInRow]:
+        """An app's opt-ins on `channel` that are not stopped."""
+        return [_optin(r) for r in await self._all(
+            "SELECT * FROM optins WHERE app_id=? AND channel=? AND status<>'stopped'", (app_id, channel))]
+
+    async def starts_since(self, app_id: str, user_id: str, since: float) -> int:
+        """How many opt-ins the user started since `since` (rate limit)."""
+        row = await self._one("SELECT COUNT(*) FROM optins WHERE app_id=? AND user_id=? AND created_at>=?",
+                              (app_id, user_id, since))
+        return int(row[0]) if row else 0
+
+    async def count_attempt(self, optin_id: str) -> None:
+        """One more wrong code."""
+        async with write_lock(self.db):
+            await self.db.execute("UPDATE optins SET attempts=attempts+1 WHERE id=?", (optin_id,))
+
+    async def confirm_optin(self, optin_id: str, at: float) -> bool:
+        """pending → confirmed (the code is forgotten); False if it was not pending."""
+        async with write_lock(self.db):
+            cur = await self.db.execute(
+                "UPDATE optins SET status='confirmed', confirmed_at=?, code_hash=NULL, code_expires_at=NULL"
+                " WHERE id=? AND status='pending'", (at, optin_id))
+            return (cur.rowcount or 0) > 0
+
+    async def stop_optin(self, optin_id: str, at: float) -> bool:
+        """→ stopped; False if it already was."""
+        async with write_lock(self.db):
+            cur = await self.db.execute(
+                "UPDATE optins SET status='stopped', stopped_at=?, code_hash=NULL WHERE id=? AND status<>'stopped'",
+                (at, optin_id))
+            return (cur.rowcount or 0) > 0
+
+    async def mark_linked(self, optin_id: str) -> None:
+        """The opt-in's number is a client of the conversation now."""
+        async with write_lock(self.db):
+            await self.db.execute("UPDATE optins SET linked=1 WHERE id=?", (optin_id,))
+
+    async def unlinked_phone_optins(self) -> list[OptInRow]:
+        """Confirmed WhatsApp/SMS opt-ins whose number is not linked to the conversation yet."""
+        return [_optin(r) for r in await self._all(
+            "SELECT * FROM optins WHERE status='confirmed' AND linked=0 AND channel IN ('whatsapp','twilio')")]
