@@ -16,6 +16,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +81,9 @@ async def shop(request: pytest.FixtureRequest, system: System) -> Shop:
                 info["integrations"][channel]["id"], basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"]))
 
 
-@pytest.fixture
-async def page(system: System, shop: Shop) -> AsyncIterator[Page]:
+@asynccontextmanager
+async def sandbox_page(base_url: str) -> AsyncIterator[Page]:
+    """The sandbox page in headless Chromium, desktop-sized."""
     async with async_playwright() as pw:
         browser: Browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
@@ -89,10 +91,16 @@ async def page(system: System, shop: Shop) -> AsyncIterator[Page]:
             tab = await context.new_page()
             tab.set_default_timeout(TIMEOUT_MS)
             expect.set_options(timeout=TIMEOUT_MS)
-            await tab.goto(f"{system.base_url}/sandbox/")
+            await tab.goto(f"{base_url}/sandbox/")
             yield tab
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def page(system: System, shop: Shop) -> AsyncIterator[Page]:
+    async with sandbox_page(system.base_url) as tab:
+        yield tab
 
 
 async def widget_session(page: Page, shop: Shop) -> dict[str, Any]:

@@ -305,6 +305,7 @@
     let notifications = []; // pushes that arrived while the app was closed, newest first
     let baselineNeeded = false; // the next outbox fetch marks what is there as seen
     let shownNotifications = "";
+    let linkCode = null; // a handoff code the app was opened with: its next session joins that conversation
 
     const enc = encodeURIComponent;
     const storageKey = () => "sandbox.phone.app:" + ch.appId + ":" + ch.integrationId;
@@ -360,12 +361,32 @@
           stored.token = device.token;
           save();
         }
-        if (!stored.session) {
-          const session = await call(appPath("/integrations/" + enc(ch.integrationId) + "/sessions"), "POST", {
+        if (!stored.session || linkCode) {
+          const code = linkCode;
+          const body = {
             device: {guid: stored.guid, pushNotificationToken: stored.token, appVersion: APP_VERSION,
                      info: {os: "Android", osVersion: "15", devicePlatform: "sandbox", appName: businessName}},
-          });
+          };
+          if (code) body.linkCode = code;
+          let session;
+          try {
+            session = await call(appPath("/integrations/" + enc(ch.integrationId) + "/sessions"), "POST", body);
+          } catch (e) {
+            // A used or expired code: the app keeps the session it had (if any).
+            if (code && linkCode === code) { linkCode = null; e.message = "link not opened: " + e.message; }
+            throw e;
+          }
           if (mine !== ch) return;
+          if (code) {
+            // The linked session replaces the app's own: its socket, and the thread it showed.
+            if (linkCode === code) linkCode = null;
+            dropSocket();
+            messages = new Map();
+            cursor = null;
+            readSentCursor = 0;
+            businessReadAt = 0;
+            typingUntil = 0;
+          }
           stored.session = {appUserId: session.appUserId, clientId: session.clientId,
                             conversationId: session.conversationId, sessionToken: session.sessionToken};
           save();
@@ -717,7 +738,7 @@
       if (!ch || current !== ch) return;
       updateChrome();
       if (stored.uninstalled) return;
-      if (!stored.token || !stored.session) {
+      if (!stored.token || !stored.session || linkCode) {
         if (!busy && Date.now() >= retryAt) install();
         return;
       }
@@ -762,6 +783,24 @@
         }
         shownNotifications = "";
         baselineNeeded = !stored.closed;
+        retryAt = 0;
+        attempt = 0;
+        show();
+        tick();
+      },
+      // A handoff link (`/handoff/v1/open?code=`) opened on this phone: the app opens (installed
+      // again if it was not) and signs in with the code, joining the conversation it carries.
+      openLink(code) {
+        if (stored.uninstalled) {
+          stored = {};
+          messages = new Map();
+          cursor = null;
+        }
+        linkCode = code;
+        stored.closed = false;
+        save();
+        notifications = [];
+        baselineNeeded = true;
         retryAt = 0;
         attempt = 0;
         show();
@@ -1124,8 +1163,11 @@
   // --- links into the phone ------------------------------------------------------------------------
   // wa.me, m.me, t.me and sms: links (the handoff) open the simulated phone of that channel
   // instead of the real app: WhatsApp and SMS get the prefilled text, an m.me ?ref= or a
-  // t.me ?start= link is opened as the real app opens it (a referral, a /start payload).
+  // t.me ?start= link is opened as the real app opens it (a referral, a /start payload). The app
+  // integration's link (the gateway's /handoff/v1/open?code=, what an App Link would open) opens
+  // the App phone, which signs in with the code.
 
+  const HANDOFF_OPEN_PATH = "/handoff/v1/open";
   function linkAction(href) {
     let url;
     try { url = new URL(href); } catch (e) { return null; }
@@ -1141,6 +1183,10 @@
       const start = url.searchParams.get("start");
       return {kind: "telegram", spec: start !== null ? {start} : null};
     }
+    const code = url.searchParams.get("code");
+    if (has("app") && /^https?:$/.test(url.protocol) && url.pathname === HANDOFF_OPEN_PATH && code) {
+      return {kind: "app", linkCode: code};
+    }
     if (has("twilio") && url.protocol === "sms:") {
       const body = url.searchParams.get("body") || new URLSearchParams(url.href.split("?")[1] || "").get("body");
       return {kind: "twilio", text: body || ""};
@@ -1149,7 +1195,8 @@
   }
   function follow(action) {
     select(action.kind, true);
-    if (action.spec) sendAsCustomer(action.spec);
+    if (action.linkCode) app.openLink(action.linkCode);
+    else if (action.spec) sendAsCustomer(action.spec);
     else if (action.text !== undefined) { textInput.value = action.text; textInput.focus(); }
   }
   document.addEventListener("click", (event) => {
