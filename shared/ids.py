@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -15,6 +16,12 @@ def new_id() -> str:
     keeps SQLite index inserts append-mostly.
     """
     return f"{int(time.time()):08x}{os.urandom(8).hex()}"
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic 24-hex id from `parts` (for ids that must survive a redelivery unchanged:
+    event ids, send ids used as `Nats-Msg-Id`)."""
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
 
 
 def new_secret(nbytes: int = 24) -> str:

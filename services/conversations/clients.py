@@ -45,7 +45,7 @@ from services.conversations.store import conversation_ref
 from shared import subjects
 from shared.bus import Retry
 from shared.http import ApiError
-from shared.ids import new_id, now
+from shared.ids import derived_id, new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -374,7 +374,7 @@ class PhoneLinks:
             reasons = ("matched", "confirmed") if matched else ("confirmed",)
             for reason in reasons:
                 # Derived ids: a redelivered message confirms once.
-                event_id = _derived(client.id, str(link.created_at), reason)
+                event_id = derived_id(client.id, str(link.created_at), reason)
                 await convs.bus.publish(subjects.event_subject(link.app_id, ref.id), conv.encode(conv.ClientUpdated(
                     id=event_id, app_id=link.app_id, conversation_id=ref.id, created_at=at, user=user,
                     client=active, reason=reason, conversation=ref, source=source, primary=link.primary)),
@@ -396,7 +396,7 @@ class PhoneLinks:
         row = await convs.store.get_conversation(link.app_id, link.conversation_id)
         if row is not None:
             ref = conversation_ref(row)
-            event_id = _derived(client.id, str(link.created_at), reason)
+            event_id = derived_id(client.id, str(link.created_at), reason)
             removed = msgspec.structs.replace(client, status="inactive")
             await convs.bus.publish(subjects.event_subject(link.app_id, ref.id), conv.encode(conv.ClientRemoved(
                 id=event_id, app_id=link.app_id, conversation_id=ref.id, created_at=now(), user=user,
@@ -574,12 +574,6 @@ def notification_content(message: dict[str, Any], schema: str | None, client_typ
         raise ApiError(400, "message.type must be text or image (or use messageSchema whatsapp)")
     models.check_content(content)
     return content
-
-
-def _derived(*parts: str) -> str:
-    from services.conversations.handlers import derived_id
-
-    return derived_id(*parts)
 
 
 __all__ = ["InboundOutcome", "PendingLink", "PhoneLinks", "normalize_phone", "yes_or_no"]

@@ -7,7 +7,6 @@ recorder in unit tests) and an `IdentityClient`, and raises `ApiError` for the R
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from services.conversations.store import (
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed, Retry
 from shared.http import ApiError
-from shared.ids import iso, new_id, now
+from shared.ids import derived_id, iso, new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -81,11 +80,6 @@ class Publisher(Protocol):
 # Delivery failures that mean "the customer blocked the business here" (channel services
 # report them with these codes): Telegram 403 Forbidden, Twilio 21610 (unsubscribed, STOP).
 BLOCKED_ERROR_CODES = frozenset({"telegram_403_blocked", "21610"})
-
-
-def derived_id(*parts: str) -> str:
-    """A deterministic 24-hex id (for event ids that must survive redelivery unchanged)."""
-    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
 
 
 class IdentityUnavailable(Exception):

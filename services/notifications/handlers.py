@@ -39,7 +39,7 @@ from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed
-from shared.ids import new_id
+from shared.ids import derived_id, new_id
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import handoff
@@ -108,11 +108,6 @@ class Target:
     client_id: str = ""
     recipient_info: Mapping[str, Any] | None = None
     optin_id: str | None = None
-
-
-def derived_id(*parts: str) -> str:
-    """A deterministic 24-hex id (event ids that must survive a redelivery unchanged)."""
-    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:24]
 
 
 def new_notification_id() -> str:

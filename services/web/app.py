@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html"}
+
+
+Reply = TypeVar("Reply", bound=notification.NotificationMessage)
 
 
 @web.middleware
@@ -153,15 +156,18 @@ class WebService(SdkService):
         r.add_post(base + "/{opt_in_id}/confirm", self.confirm_opt_in)
         r.add_delete(base + "/{opt_in_id}", self.stop_opt_in)
 
-    async def ask_notifications(self, subject: str, request: notification.NotificationMessage
-                                ) -> notification.NotificationUnion:
-        """A request to `notifications`; its refusal becomes the matching ApiError, its absence a 503."""
+    async def ask_notifications(self, subject: str, request: notification.NotificationMessage,
+                                expected: type[Reply]) -> Reply:
+        """A request to `notifications` answered with an `expected`; its refusal becomes the
+        matching ApiError, its absence or any other answer a 503."""
         data = await self.ask(subject, notification.ENCODER.encode(request), "notifications")
         try:
-            reply = notification.decode(data)
+            reply = notify.reply_or_error(notification.decode(data))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ApiError(503, "Unexpected answer from notifications") from exc
-        return notify.reply_or_error(reply)
+        if not isinstance(reply, expected):
+            raise ApiError(503, "Unexpected answer from notifications")
+        return reply
 
     async def start_opt_in(self, request: web.Request) -> web.Response:
         """Send a confirmation code to the address the customer gave (201: the pending opt-in)."""
@@ -169,9 +175,7 @@ class WebService(SdkService):
         body = await read_json(request, notify.OptInBody, limit=4096)
         records = list(self.integrations.values.values()) if self.integrations is not None else []
         start = notify.start_request(claims.app, claims.user, conversation_id, claims.integration, body, records)
-        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_START, start)
-        if not isinstance(reply, notification.OptInState):
-            raise ApiError(503, "Unexpected answer from notifications")
+        reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_START, start, notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)}, status=201)
 
     async def confirm_opt_in(self, request: web.Request) -> web.Response:
@@ -180,18 +184,14 @@ class WebService(SdkService):
         opt_in_id = notify.check_opt_in_id(request.match_info["opt_in_id"])
         code = notify.check_code(await read_json(request, notify.ConfirmBody, limit=1024))
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_CONFIRM, notification.ConfirmOptIn(
-            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id, code=code))
-        if not isinstance(reply, notification.OptInState):
-            raise ApiError(503, "Unexpected answer from notifications")
+            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id, code=code), notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)})
 
     async def list_opt_ins(self, request: web.Request) -> web.Response:
         """The session user's opt-ins (addresses masked)."""
         claims, _conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_LIST, notification.ListOptIns(
-            app_id=claims.app, user_id=claims.user))
-        if not isinstance(reply, notification.OptInsReply):
-            raise ApiError(503, "Unexpected answer from notifications")
+            app_id=claims.app, user_id=claims.user), notification.OptInsReply)
         return json_response({"optIns": [notify.opt_in_wire(state) for state in reply.opt_ins]})
 
     async def stop_opt_in(self, request: web.Request) -> web.Response:
@@ -199,9 +199,7 @@ class WebService(SdkService):
         claims, _conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
         opt_in_id = notify.check_opt_in_id(request.match_info["opt_in_id"])
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_STOP, notification.StopOptIn(
-            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id))
-        if not isinstance(reply, notification.OptInState):
-            raise ApiError(503, "Unexpected answer from notifications")
+            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id), notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)})
 
 
