@@ -83,7 +83,9 @@ class LoginResult(Wire, kw_only=True):
     """Answer of `POST .../sessions/login`: a new session for the user that survived.
 
     `outcome`: `identified` (the visitor took the externalId), `merged` (the visitor was merged
-    into the user who had it) or `unchanged` (the visitor was that user already).
+    into the user who had it), `unchanged` (the visitor was that user already) or `separated`
+    (the visitor's user also held clients the JWT does not prove, such as a channel whose link
+    this browser opened: this session alone moved to the account, on the account's conversation).
     """
 
     app_user_id: str

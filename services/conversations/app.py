@@ -136,7 +136,7 @@ class ConversationsService(ServiceApp):
             subjects.CONVERSATIONS_CLIENT_LINK: self.conversations.phone_links.answer,
         })
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
-        self._link_sweeper = asyncio.create_task(self.conversations.phone_links.sweep_forever())
+        self._link_sweeper = asyncio.create_task(self.conversations.sweep_forever())
         await self.start_http()
 
     async def _republish(self, sink: KvSink) -> None:

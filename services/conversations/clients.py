@@ -16,8 +16,9 @@ function, `PhoneLinks.link`, serves both.
   again and the text is not stored — until the number agreed, whoever holds it must not write into
   someone else's conversation.
 - A pending link expires after 24 h: the number's next message, or the sweep that runs every few
-  minutes, removes it (`client:remove` linkFailed, code `link_expired`) and deletes the pending
-  client; a message that arrives after expiry then flows on as from an unknown number.
+  minutes (`Conversations.sweep_forever`), removes it (`client:remove` linkFailed, code
+  `link_expired`) and deletes the pending client; a message that arrives after expiry then flows
+  on as from an unknown number.
 - A client that belonged to another user is moved (`client:remove` reason theft on that user,
   published in the conversations the client left); users are never merged by a direct link.
 
@@ -30,7 +31,6 @@ history, so it is logged, not reported as a conversation event.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -425,15 +425,6 @@ class PhoneLinks:
             await self._fail(link, user, client)
             count += 1
         return count
-
-    async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
-        """Run `sweep` now and every `interval` seconds (until cancelled)."""
-        while True:
-            try:
-                await self.sweep()
-            except Exception as exc:  # the sweeper must outlive an outage
-                log.warning("sweeping expired client links failed: %s", exc)
-            await asyncio.sleep(interval)
 
     # --- removal (DELETE …/clients/{clientId}) ------------------------------------------------
 

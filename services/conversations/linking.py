@@ -1,30 +1,42 @@
 """Channel handoff on the inbound path: a message that carries a link code is redeemed by
 `handoff` before anything is stored as customer text, and the sender joins the code's
-conversation (merging users when the channel identity belonged to someone else).
+conversation.
+
+A link code must never give its holder anything the redeemer had before. A channel identity
+that is new, or that has nothing (no messages, no other clients, no externalId), simply joins
+the code's user. One that already holds history is not merged on the code alone: the customer
+is asked on that channel, with what would be shared, and only a yes merges it in
+(`PendingMerge`); a no or silence links nothing. Two users with different externalIds are
+never merged at all.
 
 The reverse path shares the same linking (`Linker.link_arrival`): a web or app SDK session
 created with a `linkCode` (`conversation.sdk.link`) gets a new `sdk` client on the code's user
 and conversation; it gets no recap, since the SDK shows the whole history.
 
-What the customer sent to redeem the code (the prefilled WhatsApp/SMS text, the Telegram
+What the customer sent to redeem a valid code (the prefilled WhatsApp/SMS text, the Telegram
 `/start`, the Messenger referral) is consumed here: the business sees `client:add`,
-`conversation:referral` (and `user:merge`), never the code as a message.
+`conversation:referral` (and `user:merge`), never the code as a message. A refused code is
+answered on the channel and the customer's message is stored like any other: no customer
+message is ever dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
 
-from services.conversations.store import MESSAGE_DECODER, conversation_ref
+from services.conversations.clients import yes_or_no
+from services.conversations.identity_client import IdentityUnavailable
+from services.conversations.store import MESSAGE_DECODER, PendingMerge, conversation_ref
 from shared import subjects
 from shared.bus import Retry
 from shared.http import ApiError
-from shared.ids import new_id, now
+from shared.ids import derived_id, new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import handoff
@@ -41,6 +53,8 @@ RECAP_MAX_CHARS = 1500
 RECAP_LINE_MAX_CHARS = 200
 THEFT_MESSAGE = ("This chat is already linked to another account, so the conversation could not be moved here. "
                  "Please continue where you started.")
+# How long a customer has to confirm a merge on the channel that holds the history.
+CONFIRM_TTL_SECONDS = 3600.0
 
 
 def link_code(msg: chan.InboundMessage) -> tuple[str, bool] | None:
@@ -54,7 +68,7 @@ def link_code(msg: chan.InboundMessage) -> tuple[str, bool] | None:
     if msg.referral and handoff.CODE_PATTERN.match(msg.referral):
         return msg.referral, False
     if msg.channel in handoff.VISIBLE_CODE_CHANNELS and isinstance(msg.content, TextContent):
-        code = handoff.find_visible_code(msg.content.text)
+        code = handoff.redemption_code(msg.content.text)
         if code is not None:
             return code, True
     return None
@@ -90,6 +104,39 @@ def recap_text(messages: list[Message], business_name: str) -> str:
     if not lines:
         return f"Continuing your conversation with {business_name}. {footer}"
     return "\n".join([header, "", *reversed(lines), "", footer])
+
+
+def _since(at: float | None) -> str:
+    return "" if at is None else " since " + time.strftime("%d %b %Y", time.gmtime(at)).lstrip("0")
+
+
+def _messages(count: int) -> str:
+    return "1 message" if count == 1 else f"{count} messages"
+
+
+def link_question(business: str, count: int, since: float | None) -> str:
+    """What a redeemer whose chat holds history is asked, with what a yes would share."""
+    held = f"your earlier conversation with {business} ({_messages(count)}{_since(since)})" if count else \
+        f"your earlier details with {business}"
+    return (f"You opened a link to continue a conversation with {business} here. This chat already holds "
+            f"{held}. Reply YES to bring them together: your earlier messages will be shared with whoever "
+            f"continues the linked conversation. Reply NO to keep this chat as it is.")
+
+
+def declined_text(business: str) -> str:
+    """The answer to a no: nothing was linked."""
+    return f"OK, nothing was linked. This chat with {business} stays as it was."
+
+
+@dataclass(frozen=True)
+class NeedsConfirmation:
+    """The arrival's identity belongs to `owner`, who has something of its own (`messages`
+    since `since`, other clients or an externalId): merging needs the customer's yes."""
+
+    owner: User
+    client: Client
+    messages: int
+    since: float | None
 
 
 @dataclass(frozen=True)
@@ -133,13 +180,15 @@ SDK_SHORT_CODE_MESSAGE = ("This code isn't valid here. Go back to the chat where
 
 class Linker:
     """Redeems link codes that arrive on channels or SDK sessions and links the arrival into the
-    code's conversation (one code path for both: `link_arrival`)."""
+    code's conversation (one code path for both: `link_arrival`); asks and hears the customer's
+    confirmation where a merge needs one."""
 
     def __init__(self, conversations: Conversations, recap_count: int = DEFAULT_RECAP_COUNT,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, confirm_ttl: float = CONFIRM_TTL_SECONDS) -> None:
         self.conversations = conversations
         self.recap_count = recap_count
         self.timeout = timeout
+        self.confirm_ttl = confirm_ttl
 
     async def _redeem(self, arrival: Arrival, code: str) -> handoff.HandoffUnion:
         """Ask `handoff` to redeem `code` for `arrival` (bus and decoding errors propagate)."""
@@ -149,7 +198,10 @@ class Linker:
         return handoff.decode(data)
 
     async def handle(self, msg: chan.InboundMessage) -> bool:
-        """Redeem the message's code and link its sender; True when the message was consumed."""
+        """Redeem the message's code and link its sender; True when the message was consumed.
+
+        A refused code is answered on the channel, and the message flows on to be stored as the
+        customer's (False)."""
         found = link_code(msg)
         if found is None:
             return False
@@ -167,8 +219,9 @@ class Linker:
             if reply.reason == "unknown" and not visible:
                 return False  # an ordinary m.me ref / t.me start parameter, not one of ours
             await self._answer(msg, reply.message)
-            log.info("link code refused (%s) on %s", reply.reason, msg.channel)
-            return True
+            log.info("link code refused (%s) on %s; the message is stored as the customer's", reply.reason,
+                     msg.channel)
+            return False
         if not isinstance(reply, handoff.CodeRedeemed):
             log.warning("handoff refused to redeem: %s", reply)
             return False
@@ -193,11 +246,16 @@ class Linker:
         await self.conversations.bus.publish(subjects.outbound_subject(channel_name, client.integration_id),
                                              chan.encode(send), msg_id=message_id)
 
-    async def _link(self, msg: chan.InboundMessage, code: str, redeemed: handoff.CodeRedeemed) -> None:
-        """A channel arrival: link it, then send the recap there (or say why it was refused)."""
+    async def _link(self, msg: chan.InboundMessage, code: str, redeemed: handoff.CodeRedeemed, *,
+                    confirmed: bool = False) -> None:
+        """A channel arrival: link it and send the recap there, ask first when the arrival holds
+        history of its own, or say why it was refused."""
         convs = self.conversations
-        linked = await self.link_arrival(Arrival.of_message(msg), code, redeemed)
-        if linked is None:
+        linked = await self.link_arrival(Arrival.of_message(msg), code, redeemed, confirmed=confirmed)
+        if isinstance(linked, NeedsConfirmation):
+            await self._ask_link(msg, code, redeemed, linked)
+            return
+        if linked is None or (isinstance(linked, ident.IdentityError) and linked.code != "link_refused"):
             await self._answer(msg, GONE_MESSAGE)
             return
         if isinstance(linked, ident.IdentityError):
@@ -215,27 +273,46 @@ class Linker:
         log.info("linked %s client %s into conversation %s", msg.channel, linked.client.id,
                  redeemed.conversation_id)
 
-    async def link_arrival(self, arrival: Arrival, code: str,
-                           redeemed: handoff.CodeRedeemed) -> ident.ClientLinked | ident.IdentityError | None:
-        """Attach the arrival to the code's user (merging its old user in) and make it the primary
-        client of the code's conversation; announce `user:merge`, `client:add` (channelLinking)
-        and `conversation:referral`.
+    async def _link_client(self, arrival: Arrival, user_id: str, *, allow_merge: bool) -> ident.IdentityUnion:
+        """identity's LinkClient; outages raise Retry, refusals (4xx) are returned."""
+        try:
+            reply = await self.conversations.identity.call(subjects.IDENTITY_CLIENT_LINK, ident.LinkClient(
+                app_id=arrival.app_id, user_id=user_id, integration_id=arrival.integration_id,
+                client_type=arrival.client_type, channel_user_id=arrival.channel_user_id,
+                display_name=arrival.display_name, info=arrival.info, raw=arrival.raw, allow_merge=allow_merge))
+        except IdentityUnavailable as exc:
+            raise Retry(1.0, f"identity unavailable: {exc}") from exc
+        if isinstance(reply, ident.IdentityError) and reply.status >= 500:
+            raise Retry(1.0, f"identity: {reply.title}")
+        return reply
 
-        None when the conversation (or the user's place in it) is gone; identity's refusal (two
-        known users are never merged) is returned as is; identity outages raise Retry.
+    async def link_arrival(self, arrival: Arrival, code: str, redeemed: handoff.CodeRedeemed, *,
+                           confirmed: bool = False,
+                           ) -> ident.ClientLinked | ident.IdentityError | NeedsConfirmation | None:
+        """Attach the arrival to the code's user and make it the primary client of the code's
+        conversation; announce `user:merge`, `client:add` (channelLinking) and
+        `conversation:referral`.
+
+        An arrival whose identity belongs to another user is merged into the code's user only
+        when that user has nothing of its own, or when the customer `confirmed` it on the channel;
+        otherwise NeedsConfirmation, with nothing changed. None when the conversation (or the
+        user's place in it) is gone; identity's refusals (two known users are never merged) are
+        returned as they are; identity outages raise Retry.
         """
         convs = self.conversations
         store = convs.store
         row = await store.get_conversation(arrival.app_id, redeemed.conversation_id)
         if row is None:
             return None
-        reply = await convs.identity.call(subjects.IDENTITY_CLIENT_LINK, ident.LinkClient(
-            app_id=arrival.app_id, user_id=redeemed.user_id, integration_id=arrival.integration_id,
-            client_type=arrival.client_type, channel_user_id=arrival.channel_user_id,
-            display_name=arrival.display_name, info=arrival.info, raw=arrival.raw))
+        reply = await self._link_client(arrival, redeemed.user_id, allow_merge=confirmed)
+        if isinstance(reply, ident.ClientOwnedElsewhere):
+            owner = reply.owner
+            count, since = await store.user_history(arrival.app_id, owner.id)
+            if count or owner.external_id or owner.metadata or reply.owner_client_count > 1:
+                return NeedsConfirmation(owner=owner, client=reply.client, messages=count, since=since)
+            # The owner is this client and nothing else: there is nothing of the redeemer's to give away.
+            reply = await self._link_client(arrival, redeemed.user_id, allow_merge=True)
         if isinstance(reply, ident.IdentityError):
-            if reply.status >= 500:
-                raise Retry(1.0, f"identity: {reply.title}")
             return reply
         if not isinstance(reply, ident.ClientLinked):
             raise Retry(1.0, f"unexpected identity reply {type(reply).__name__}")
@@ -271,6 +348,76 @@ class Linker:
             source=Source(type=arrival.channel, integration_id=arrival.integration_id)))
         return reply
 
+    # --- confirmations ----------------------------------------------------------------------
+
+    async def _ask_link(self, msg: chan.InboundMessage, code: str, redeemed: handoff.CodeRedeemed,
+                        need: NeedsConfirmation) -> None:
+        """Ask the redeemer, on the channel that holds their history, whether to bring it along."""
+        at = now()
+        async with self.conversations.store.tx():
+            await self.conversations.store.put_pending_merge(PendingMerge(
+                client_id=need.client.id, app_id=msg.app_id, surviving_user_id=redeemed.user_id,
+                discarded_user_id=need.owner.id, conversation_id=redeemed.conversation_id,
+                integration_id=msg.integration_id, client_type=need.client.type, code=code, created_at=at,
+                expires_at=at + self.confirm_ttl))
+        business = await self.conversations.business_name(msg.app_id)
+        await self._send(msg.app_id, need.client, need.owner.id, "",
+                         link_question(business, need.messages, need.since))
+        log.info("link code redeemed by %s client %s which holds history: asked to confirm", msg.channel,
+                 need.client.id)
+
+    async def on_inbound(self, msg: chan.InboundMessage, user: User, client: Client) -> bool:
+        """A message from a client asked to confirm a merge: a yes merges, a no declines (both
+        consumed: True); anything else is the customer's message (False), the question stands."""
+        pending = self.conversations.store.pending_merge_now(client.id)
+        if pending is None:
+            return False
+        if pending.discarded_user_id != user.id or pending.expires_at <= now():
+            await self._end(pending, "linkFailed", "link_expired", "The link was not confirmed in time")
+            return False
+        answer = yes_or_no(msg.content, msg.postback.payload if msg.postback else None)
+        if answer is None:
+            return False
+        if answer is False:
+            business = await self.conversations.business_name(msg.app_id)
+            await self._send(msg.app_id, client, user.id, "", declined_text(business))
+            await self._end(pending, "linkCancelled", "link_cancelled", "The user declined the link")
+            log.info("client %s declined to bring its history into a link", client.id)
+            return True
+        redeemed = handoff.CodeRedeemed(app_id=pending.app_id, user_id=pending.surviving_user_id,
+                                        conversation_id=pending.conversation_id, integration_id=pending.integration_id)
+        await self._link(msg, pending.code or "", redeemed, confirmed=True)
+        async with self.conversations.store.tx():
+            await self.conversations.store.drop_pending_merge(pending.client_id, pending.created_at)
+        log.info("client %s confirmed bringing its history into a link", client.id)
+        return True
+
+    async def _end(self, pending: PendingMerge, reason: str, code: str, message: str) -> None:
+        """Forget a pending merge and tell the business nothing was linked (`client:remove`)."""
+        store = self.conversations.store
+        row = await store.get_conversation(pending.app_id, pending.conversation_id)
+        if row is not None:
+            # Published before the row goes (a derived id de-duplicates a second try).
+            event_id = derived_id(pending.client_id, str(pending.created_at), "pending-merge-end")
+            await self.conversations.bus.publish(
+                subjects.event_subject(pending.app_id, pending.conversation_id), conv.encode(conv.ClientRemoved(
+                    id=event_id, app_id=pending.app_id, conversation_id=pending.conversation_id, created_at=now(),
+                    user=User(id=pending.surviving_user_id),
+                    client=Client(id=pending.client_id, type=pending.client_type,  # type: ignore[arg-type]
+                                  status="inactive", integration_id=pending.integration_id),
+                    reason=reason, error=DeliveryError(code=code, message=message),
+                    conversation=conversation_ref(row))),
+                msg_id=event_id)
+        async with store.tx():
+            await store.drop_pending_merge(pending.client_id, pending.created_at)
+
+    async def sweep(self) -> int:
+        """Forget every pending merge past its time; how many."""
+        expired = await self.conversations.store.expired_pending_merges(now())
+        for pending in expired:
+            await self._end(pending, "linkFailed", "link_expired", "The link was not confirmed in time")
+        return len(expired)
+
     async def link_sdk(self, req: conv.LinkSdkClient) -> conv.SdkClientLinked:
         """An SDK session redeems a code: a new `sdk` client joins the code's conversation.
 
@@ -279,7 +426,7 @@ class Linker:
         """
         arrival = Arrival(app_id=req.app_id, integration_id=req.integration_id, channel=req.channel,
                           client_type="sdk", channel_user_id=req.channel_user_id, info=req.info)
-        if handoff.find_visible_code(req.code) is not None:
+        if handoff.is_visible_code(req.code):
             # Web and app links carry 144-bit codes; a short `TL…` code (WhatsApp, SMS) is refused
             # here, unasked: the SDK endpoint has no per-sender attempt limit, so it must not tell a
             # live short code from an unknown one, nor burn its attempts.
@@ -298,16 +445,13 @@ class Linker:
             raise ApiError(reply.status if 400 <= reply.status < 600 else 503, reply.title, reply.code)
         if not isinstance(reply, handoff.CodeRedeemed):
             raise ApiError(503, "Unexpected answer from the handoff service")
-        from services.conversations.handlers import IdentityUnavailable  # handlers imports this module
-
-        try:
-            linked = await self.link_arrival(arrival, req.code, reply)
-        except IdentityUnavailable as exc:
-            raise ApiError(503, "Identity service unavailable, try again") from exc
+        linked = await self.link_arrival(arrival, req.code, reply)  # an identity outage is a Retry: 503
         if linked is None:
             raise ApiError(410, GONE_MESSAGE, "link_conversation_gone")
         if isinstance(linked, ident.IdentityError):
             raise ApiError(409, linked.title, linked.code)
+        if isinstance(linked, NeedsConfirmation):  # a fresh SDK client belongs to nobody yet
+            raise ApiError(409, "This session already belongs to someone else", "conflict")
         row = await self.conversations.store.get_conversation(req.app_id, reply.conversation_id)
         if row is None:
             raise ApiError(410, GONE_MESSAGE, "link_conversation_gone")

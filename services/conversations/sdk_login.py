@@ -4,6 +4,11 @@ has that externalId, and bring the conversations store and the business up to da
 
 The JWT is SunCo's SDK user token: HS256, header `kid` = an API key id of the app, payload
 `{"scope": "user", "external_id": "<string>"}` signed with that key's secret, `exp` honoured.
+
+The JWT proves who holds the session, not who holds the other clients of its user: a visitor
+that joined someone's channel conversation through a link is `separated` — the session alone
+moves to the account (and to its default conversation); the channel stays the user it was. Were
+it merged, whoever sent the link would hold a channel of the account (and read and write as it).
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
+
+from services.conversations.identity_client import IdentityUnavailable
 from shared import subjects
 from shared.http import ApiError
 from shared.ids import new_id, now
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
+from shared.sunco import Source
 
 if TYPE_CHECKING:
     from services.conversations.handlers import Conversations
@@ -68,8 +77,6 @@ async def verify_user_jwt(convs: Conversations, app_id: str, token: str, externa
 
 async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedIn:
     """Log the session's user in as `req.external_id` (see the module docstring)."""
-    from services.conversations.handlers import IdentityUnavailable  # handlers imports this module
-
     if not 1 <= len(req.external_id) <= MAX_EXTERNAL_ID_LENGTH:
         raise ApiError(400, f"externalId must be 1-{MAX_EXTERNAL_ID_LENGTH} characters")
     row = await convs.store.get_conversation(req.app_id, req.conversation_id)
@@ -88,6 +95,8 @@ async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedI
         raise ApiError(reply.status if 400 <= reply.status < 600 else 503, reply.title, reply.code)
     if not isinstance(reply, ident.UserLoggedIn):
         raise ApiError(503, "Unexpected answer from identity")
+    if reply.outcome == "separated":
+        return await _separated(convs, req, reply)
     user, client = reply.user, reply.client
     at = now()
     store = convs.store
@@ -121,3 +130,32 @@ async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedI
     outcome: conv.SdkLoginOutcome = "merged" if reply.outcome == "merged" else (
         "identified" if reply.outcome == "identified" else "unchanged")
     return conv.SdkLoggedIn(user=user, conversation_id=req.conversation_id, outcome=outcome)
+
+
+async def _separated(convs: Conversations, req: conv.SdkLogin, reply: ident.UserLoggedIn) -> conv.SdkLoggedIn:
+    """The visitor holds clients the JWT does not prove: the session's client alone went to the
+    account, whose default conversation the session continues in."""
+    user, client, left = reply.user, reply.client, reply.left_user
+    store = convs.store
+    convs.identity.forget_user(user.id)
+    if left is not None:
+        convs.identity.forget_user(left.id)
+    try:
+        row, _created = await convs.ensure_conversation(
+            req.app_id, user, reason="startConversation", source=Source(type="web", integration_id=req.integration_id))
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise ApiError(503, "Messaging bus unavailable, try again") from exc
+    at = now()
+    async with store.tx():
+        if left is not None:
+            await store.remove_association(req.app_id, left.id, client.id)
+        participant = await store.participant(row["id"], user.id)
+        if participant is not None:
+            await store.upsert_association(str(participant["id"]), client.id, client.type, client.integration_id,
+                                           client.external_id, client.info, at)
+    await convs._publish_event(conv.ClientAdded(
+        id=new_id(), app_id=req.app_id, conversation_id=row["id"], created_at=at, user=user, client=client,
+        reason="sdkLogin"))
+    log.info("sdk login moved client %s alone into %s (conversation %s); %s keeps its channels", client.id, user.id,
+             row["id"], None if left is None else left.id)
+    return conv.SdkLoggedIn(user=user, conversation_id=row["id"], outcome="separated")

@@ -149,6 +149,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     UPDATE integrations SET type = 'mailgun' WHERE type = 'email';
     """,
+    # 4: merges waiting for the customer's yes on the channel that holds the history (a link code
+    # redeemed by an identity with history of its own), see linking.py.
+    """
+    CREATE TABLE merge_confirmations (
+        client_id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        surviving_user_id TEXT NOT NULL,
+        discarded_user_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        integration_id TEXT NOT NULL,
+        client_type TEXT NOT NULL,
+        code TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX merge_confirmations_expiry ON merge_confirmations(expires_at);
+    """,
 )
 
 _JSON = msgspec.json.Encoder()
@@ -185,6 +202,24 @@ class StoredMessage:
     conversation_id: str
     event_id: str
     body: str
+
+
+@dataclass(frozen=True)
+class PendingMerge:
+    """A merge waiting for the customer's yes on `client_id`'s channel (`merge_confirmations`):
+    a link `code` for `conversation_id` was redeemed by an identity (of `discarded_user_id`) that
+    holds history of its own."""
+
+    client_id: str
+    app_id: str
+    surviving_user_id: str
+    discarded_user_id: str
+    conversation_id: str
+    integration_id: str
+    client_type: str
+    code: str | None
+    created_at: float
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -503,6 +538,54 @@ class Store:
         await self._run("UPDATE messages SET user_id=? WHERE app_id=? AND user_id=?",
                         (surviving_id, app_id, discarded_id))
         return moved
+
+    async def user_history(self, app_id: str, user_id: str) -> tuple[int, float | None]:
+        """How many messages the user's conversations hold, and when the first was received."""
+        row = await self._one(
+            "SELECT COUNT(*) AS n, MIN(received) AS first FROM messages WHERE app_id=? AND conversation_id IN"
+            " (SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?)", (app_id, app_id, user_id))
+        return (0, None) if row is None else (int(row["n"]), row["first"])
+
+    async def remove_association(self, app_id: str, user_id: str, client_id: str) -> list[str]:
+        """Take the client out of the user's conversations (inside `tx()`); their ids."""
+        rows = await self._all(
+            "SELECT p.id, p.conversation_id FROM participants p JOIN client_associations a ON a.participant_id = p.id"
+            " WHERE p.app_id=? AND p.user_id=? AND a.client_id=?", (app_id, user_id, client_id))
+        for row in rows:
+            await self._run("DELETE FROM client_associations WHERE participant_id=? AND client_id=?",
+                            (row["id"], client_id))
+        return [str(row["conversation_id"]) for row in rows]
+
+    async def put_pending_merge(self, pending: PendingMerge) -> None:
+        """Record (or replace) the merge `pending.client_id` is asked to confirm (inside `tx()`)."""
+        await self._run(
+            "INSERT INTO merge_confirmations (client_id, app_id, surviving_user_id, discarded_user_id,"
+            " conversation_id, integration_id, client_type, code, created_at, expires_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (client_id) DO UPDATE SET app_id=excluded.app_id,"
+            " surviving_user_id=excluded.surviving_user_id, discarded_user_id=excluded.discarded_user_id,"
+            " conversation_id=excluded.conversation_id, integration_id=excluded.integration_id,"
+            " client_type=excluded.client_type, code=excluded.code, created_at=excluded.created_at,"
+            " expires_at=excluded.expires_at",
+            (pending.client_id, pending.app_id, pending.surviving_user_id, pending.discarded_user_id,
+             pending.conversation_id, pending.integration_id, pending.client_type, pending.code, pending.created_at,
+             pending.expires_at))
+
+    def pending_merge_now(self, client_id: str) -> PendingMerge | None:
+        """The merge a client is asked to confirm (hot-path connection: asked for every message)."""
+        row = self._hot().execute("SELECT * FROM merge_confirmations WHERE client_id=?", (client_id,)).fetchone()
+        return None if row is None else PendingMerge(**dict(row))
+
+    async def drop_pending_merge(self, client_id: str, created_at: float) -> bool:
+        """Forget a client's pending merge if it is still this one (inside `tx()`)."""
+        return await self._run("DELETE FROM merge_confirmations WHERE client_id=? AND created_at=?",
+                               (client_id, created_at)) > 0
+
+    async def expired_pending_merges(self, at: float, limit: int = 100) -> list[PendingMerge]:
+        """Pending merges past their time, oldest first."""
+        rows = await self._all("SELECT * FROM merge_confirmations WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+                               (at, limit))
+        return [PendingMerge(**dict(row)) for row in rows]
 
     async def upsert_association(self, participant_id: str, client_id: str, type_: str,
                                  integration_id: str | None, external_id: str | None,

@@ -22,6 +22,8 @@ from shared.messages.handoff import (
     CODE_PATTERN,
     VISIBLE_CODE_ALPHABET,
     VISIBLE_CODE_CHANNELS,
+    VISIBLE_CODE_LENGTH,
+    VISIBLE_CODE_PREFIX,
     CodeRedeemed,
     CodeRefused,
     HandoffError,
@@ -31,6 +33,8 @@ from shared.messages.handoff import (
     LinksIssued,
     RedeemCode,
     RefusalReason,
+    customer_text,
+    is_visible_code,
 )
 from shared.records import IntegrationRecord
 from shared.telemetry import log_fields
@@ -52,9 +56,6 @@ log = logging.getLogger(__name__)
 # Integration types a conversation can be handed off to.
 LINKABLE_TYPES = frozenset({"whatsapp", "twilio", "messenger", "telegram", "android", "ios", "web"})
 INVISIBLE_CODE_BYTES = 18  # 144 bits, 24 characters of token_urlsafe
-VISIBLE_CODE_PREFIX = "TL"
-VISIBLE_CODE_LENGTH = 8  # 40 bits of Crockford base32
-_VISIBLE_CODE_FULL = re.compile(r"^TL[0-9A-HJKMNP-TV-Z]{8}$")
 MAX_TARGETS = 20
 MAX_ID_LENGTH = 256
 # Compare-and-set rounds before giving up (each lost round means another writer made progress).
@@ -113,19 +114,9 @@ def mint_code(integration_type: str) -> str:
     return secrets.token_urlsafe(INVISIBLE_CODE_BYTES)
 
 
-def is_visible_code(code: str) -> bool:
-    """Whether `code` has the shape of a customer-visible `TL…` code (any letter case)."""
-    return len(code) == len(VISIBLE_CODE_PREFIX) + VISIBLE_CODE_LENGTH and bool(_VISIBLE_CODE_FULL.match(code.upper()))
-
-
 def normalize_code(code: str) -> str:
     """Visible codes are case-insensitive (customers retype them); invisible ones are exact."""
     return code.upper() if is_visible_code(code) else code
-
-
-def customer_text(business_name: str, code: str) -> str:
-    """The prefilled message that carries a visible code."""
-    return f"Continue my conversation with {business_name} — code {code}"
 
 
 def with_query(url: str, name: str, value: str) -> str:

@@ -177,6 +177,9 @@ class IdentityHandlers:
             return msgs.IdentityError(
                 status=409, code="link_refused",
                 title="This channel identity belongs to another identified user; two known users are never merged")
+        if not req.allow_merge:
+            owner_clients = await self.store.list_clients(req.app_id, owner.id)
+            return msgs.ClientOwnedElsewhere(owner=owner, client=client, owner_client_count=len(owner_clients))
         merged = await self.store.merge_users(req.app_id, surviving=target, discarded=owner, reason=req.reason)
         self._forget_user(owner.id)
         self._forget_user(target.id)

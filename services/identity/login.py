@@ -4,6 +4,11 @@ The caller (`conversations`) verified the login JWT; here the user is identified
 externalId and becomes `authenticated`), or merged into the user who already has it through the
 same `IdentityStore.merge_users` as channel linking (reason `sdkLogin`), or left alone when it is
 that user already. A user that carries another externalId is never merged (409).
+
+The JWT proves who holds the session's client and nothing about the user's other clients: a
+browser that opened someone's link joined that person's user, channel included. Such a user is
+neither identified nor merged; the session's client alone moves to the externalId's user
+(`separated`) and the rest stays with the user it was.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import aiosqlite
 
+from services.identity.store import Conflict
 from shared.messages import identity as msgs
 from shared.store import write_lock
-from shared.sunco import Client, User
+from shared.sunco import Client, Profile, User
 
 if TYPE_CHECKING:
     from services.identity.handlers import IdentityHandlers
@@ -89,6 +95,9 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
     if current.external_id is not None:
         return _error(409, "conflict", "This session already belongs to another externalId; log out before "
                                        "logging in as someone else")
+    others = [c for c in await store.list_clients(req.app_id, current.id) if c.id != client.id]
+    if others:
+        return await _separate(handlers, req, current, client, others)
     for _ in range(3):
         target = await user_by_external_id(store, req.app_id, req.external_id)
         if target is None:
@@ -107,4 +116,28 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
         assert survivor is not None and moved is not None
         log.info("sdk login merged user %s into %s", current.id, survivor.id)
         return msgs.UserLoggedIn(user=survivor, client=moved, outcome="merged", merge=merge, discarded_user=current)
+    return _error(409, "conflict", "The externalId changed hands while logging in; try again")
+
+
+async def _separate(handlers: IdentityHandlers, req: msgs.LoginUser, current: User, client: Client,
+                    others: list[Client]) -> msgs.IdentityMessage:
+    """Move only the session's client to `req.external_id`'s user (created when missing)."""
+    store = handlers.store
+    for _ in range(3):
+        target = await user_by_external_id(store, req.app_id, req.external_id)
+        if target is None:
+            try:
+                target = await store.create_user(req.app_id, req.external_id, Profile(), {})
+            except Conflict:
+                continue  # created by a concurrent login: move the client to that one
+        await mark_authenticated(store, req.app_id, target.id)
+        await store.move_client(req.app_id, client.id, target.id)
+        handlers._forget_user(current.id)
+        handlers._forget_user(target.id)
+        survivor = await user_by_id(store, req.app_id, target.id)
+        moved = await session_client(store, req.app_id, target.id, client.id)
+        assert survivor is not None and moved is not None
+        log.info("sdk login moved client %s from %s (which keeps %d other clients) to %s", client.id, current.id,
+                 len(others), survivor.id)
+        return msgs.UserLoggedIn(user=survivor, client=moved, outcome="separated", left_user=current)
     return _error(409, "conflict", "The externalId changed hands while logging in; try again")

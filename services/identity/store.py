@@ -303,6 +303,14 @@ class IdentityStore:
                 "UPDATE clients SET user_id = ?, status = ?, linked_at = ? WHERE app_id = ? AND id = ?",
                 (user_id, status, now(), app_id, client_id))
 
+    async def move_client(self, app_id: str, client_id: str, user_id: str) -> None:
+        """Give one client, with its devices, to `user_id` (an SDK login that proves only it)."""
+        async with transaction(self.db):
+            await self.db.execute("UPDATE clients SET user_id = ?, linked_at = ? WHERE app_id = ? AND id = ?",
+                                  (user_id, now(), app_id, client_id))
+            await self.db.execute("UPDATE devices SET user_id = ? WHERE app_id = ? AND client_id = ?",
+                                  (user_id, app_id, client_id))
+
     async def remove_client(self, app_id: str, user_id: str, client_id: str) -> Client | None:
         """Delete one of the user's clients (its aliases and devices go with it); the client as it was."""
         async with self.db.execute("SELECT * FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",

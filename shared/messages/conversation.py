@@ -412,7 +412,9 @@ class SdkLogin(ConversationRequest, tag="conversation.sdk.login"):
 
     `jwt` is HS256 with `kid` = an API key of `app_id` and payload `{"scope": "user",
     "external_id": external_id}`. The session's user becomes identified, or is merged into the
-    user who has `external_id` (reason `sdkLogin`); `conversation_id` (the session's) is kept.
+    user who has `external_id` (reason `sdkLogin`); `conversation_id` (the session's) is kept —
+    unless the user holds channels the JWT does not prove (`separated`: the session moves alone,
+    to the account's default conversation).
     """
 
     app_id: str
@@ -424,7 +426,7 @@ class SdkLogin(ConversationRequest, tag="conversation.sdk.login"):
     jwt: str
 
 
-SdkLoginOutcome = Literal["identified", "merged", "unchanged"]
+SdkLoginOutcome = Literal["identified", "merged", "unchanged", "separated"]
 
 
 class SdkLoggedIn(ConversationRequest, tag="conversation.sdk.loggedin"):

@@ -3,7 +3,11 @@
 A link request binds a code to (app, user, conversation, target integration). Where the code
 travels invisibly (Messenger `ref`, Telegram `start`, app and web links) it is 144 random bits;
 where the customer sees it in a prefilled message (WhatsApp, SMS) it is a short `TL…` code whose
-redemption is attempt-limited per sender and per code. `find_visible_code` spots one in a text.
+redemption is attempt-limited per sender and per code.
+
+A customer's text is a redemption only when it is the handoff's own prefilled message
+(`customer_text`) or a code alone (`redemption_code`): "My tracking number is TL12345678" is the
+customer's message, never a code to redeem.
 """
 
 from __future__ import annotations
@@ -19,14 +23,36 @@ from shared.ids import iso
 VISIBLE_CODE_CHANNELS = frozenset({"whatsapp", "twilio"})
 # "TL" + 8 characters of Crockford's base32 (no I, L, O, U): 40 bits, readable aloud.
 VISIBLE_CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_VISIBLE_CODE = re.compile(r"(?<![A-Za-z0-9_-])(TL[0-9A-HJKMNP-TV-Z]{8})(?![A-Za-z0-9_-])")
+VISIBLE_CODE_PREFIX = "TL"
+VISIBLE_CODE_LENGTH = 8  # 40 bits of Crockford base32
+_VISIBLE_CODE = "TL[0-9A-HJKMNP-TV-Z]{8}"
+_VISIBLE_CODE_FULL = re.compile(rf"^{_VISIBLE_CODE}$")
+# What `customer_text` produces, as a customer's app may send it back: any business name, the
+# dash possibly replaced, spacing and letter case changed, a closing full stop added.
+_PREFILLED = re.compile(rf"^CONTINUE MY CONVERSATION WITH .{{1,120}}? [—–-]{{1,2}} CODE:? ({_VISIBLE_CODE})[.!]?$")
+_CODE_ALONE = re.compile(rf"^(?:CODE:? )?({_VISIBLE_CODE})[.!]?$")
 # Every code fits Telegram's `start` (≤ 64 chars of [A-Za-z0-9_-]) and Messenger's `ref`.
 CODE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_REDEMPTION_TEXT = 300
 
 
-def find_visible_code(text: str) -> str | None:
-    """The `TL…` link code in a customer's message text, if it carries one."""
-    match = _VISIBLE_CODE.search(text.upper()) if len(text) <= 4096 else None
+def customer_text(business_name: str, code: str) -> str:
+    """The prefilled message that carries a visible code (WhatsApp `text=`, SMS `body=`)."""
+    return f"Continue my conversation with {business_name} — code {code}"
+
+
+def is_visible_code(code: str) -> bool:
+    """Whether `code` has the shape of a customer-visible `TL…` code (any letter case)."""
+    return bool(_VISIBLE_CODE_FULL.match(code.upper()))
+
+
+def redemption_code(text: str) -> str | None:
+    """The `TL…` code a customer's text asks to redeem: only the prefilled handoff message or a
+    code on its own are redemptions; a code inside any other text is just part of the message."""
+    if len(text) > MAX_REDEMPTION_TEXT:
+        return None
+    normalized = " ".join(text.split()).upper()
+    match = _CODE_ALONE.match(normalized) or _PREFILLED.match(normalized)
     return match.group(1) if match else None
 
 

@@ -139,12 +139,27 @@ class DevicesReply(IdentityMessage, tag="identity.devices", kw_only=True):
     devices: list[Device]
 
 
+class MergeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One merge, as kept in identity's audit log (and given in SunCo's `user:merge`)."""
+
+    id: str
+    app_id: str
+    surviving_user_id: str
+    discarded_user_id: str
+    reason: str
+    merged_client_ids: list[str] = []
+    discarded_metadata: dict[str, Any] = {}
+    created_at: float
+
+
 class LinkClient(IdentityMessage, tag="identity.client.link", kw_only=True):
     """Attach the channel identity to `user_id` (channel linking, a redeemed handoff code).
 
-    A new identity becomes a client of the user; one that belongs to another user is moved and
-    that user is merged into `user_id` — unless both users carry different externalIds, which
-    is refused (409, code `link_refused`): two known people are never merged by a link.
+    A new identity becomes a client of the user. One that belongs to another user is refused
+    (409, code `link_refused`) when both users carry different externalIds — two known people
+    are never merged by a link; otherwise it is merged into `user_id` only with `allow_merge`
+    (the caller has proof from both sides), and without it answered `ClientOwnedElsewhere`,
+    changing nothing: a link code must never hand its holder what the redeemer had before.
     """
 
     app_id: str
@@ -157,19 +172,16 @@ class LinkClient(IdentityMessage, tag="identity.client.link", kw_only=True):
     info: dict[str, Any] = {}
     raw: dict[str, Any] = {}
     reason: str = "channelLinking"
+    allow_merge: bool = False
 
 
-class MergeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One merge, as kept in identity's audit log (and given in SunCo's `user:merge`)."""
+class ClientOwnedElsewhere(IdentityMessage, tag="identity.client.owned", kw_only=True):
+    """`LinkClient` without `allow_merge` found the identity's client on another user, `owner`,
+    who has `owner_client_count` clients in all (this one included). Nothing was changed."""
 
-    id: str
-    app_id: str
-    surviving_user_id: str
-    discarded_user_id: str
-    reason: str
-    merged_client_ids: list[str] = []
-    discarded_metadata: dict[str, Any] = {}
-    created_at: float
+    owner: User
+    client: Client
+    owner_client_count: int
 
 
 class ClientLinked(IdentityMessage, tag="identity.client.linked", kw_only=True):
@@ -241,6 +253,11 @@ class LoginUser(IdentityMessage, tag="identity.user.login", kw_only=True):
     has it → this (anonymous) user is merged into that one (reason `sdkLogin`); this user has it
     already → nothing changes. A user that carries a different externalId is refused (409).
     `client_id` is the session's client, returned as it is after the login.
+
+    The JWT proves who holds this session's client, nothing more: when the user also holds other
+    clients (a channel whose link this browser redeemed, another device), only the session's
+    client moves to `external_id`'s user (created when missing) — outcome `separated`, with the
+    user left behind, which keeps the rest.
     """
 
     app_id: str
@@ -254,9 +271,11 @@ class UserLoggedIn(IdentityMessage, tag="identity.user.loggedin", kw_only=True):
 
     user: User
     client: Client
-    outcome: str  # identified | merged | unchanged
+    outcome: str  # identified | merged | unchanged | separated
     merge: MergeRecord | None = None
     discarded_user: User | None = None
+    # `separated`: the session's former user, which keeps its other clients.
+    left_user: User | None = None
 
 
 class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
@@ -272,7 +291,7 @@ IdentityUnion = (
     | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
     | AttachPhoneClient | PhoneClientAttached | RemoveClient
-    | LoginUser | UserLoggedIn
+    | LoginUser | UserLoggedIn | ClientOwnedElsewhere
 )
 
 ENCODER = msgspec.json.Encoder()

@@ -221,8 +221,8 @@ async def _has(events: list[dict[str, Any]], predicate: Any) -> bool:
     return any(predicate(e) for e in events)
 
 
-async def test_a_known_channel_identity_merges_its_anonymous_user_into_the_link_user(system: System,
-                                                                                     tmp_path: Path) -> None:
+async def test_a_known_channel_identity_joins_the_link_user_only_after_saying_yes(system: System,
+                                                                                  tmp_path: Path) -> None:
     async with business_webhooks() as (hook_url, events):
         await system.start("identity", "conversations", "webhooks", "handoff", "whatsapp", "web", "sandbox")
         info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
@@ -249,11 +249,25 @@ async def test_a_known_channel_identity_merges_its_anonymous_user_into_the_link_
             await eventually(
                 timeout=20.0,
                 check=lambda: _delivered(http, phone, phone_spec("whatsapp", link["url"], "+15557000077")))
+
+            async def outbox() -> list[str]:
+                async with http.get(f"{phone}/outbox", params={"to": "+15557000077"}) as resp:
+                    return outbox_texts("whatsapp", (await resp.json())["messages"])
+
+            # The number holds a conversation of its own: it is asked first, and nothing moves.
+            await eventually(timeout=20.0, check=lambda: _contains(outbox(), "Reply YES"))
+            assert not any(e["type"] == "user:merge" for e in events)
+            async with http.get(f"{base}/v2/apps/{app_id}/users/{earlier}", headers=auth) as resp:
+                assert resp.status == 200
+            # Its yes brings it in.
+            await eventually(timeout=20.0,
+                             check=lambda: _delivered(http, phone, {"from": "+15557000077", "text": "Yes!"}))
             await eventually(timeout=20.0, check=lambda: _has(events, lambda e: e["type"] == "user:merge"))
             merge = next(e for e in events if e["type"] == "user:merge")["payload"]
             assert merge["mergedUsers"]["surviving"]["id"] == survivor
             assert merge["mergedUsers"]["discarded"]["id"] == earlier
             assert merge["reason"] == "channelLinking"
+            await eventually(timeout=20.0, check=lambda: _contains(outbox(), "Continuing your conversation"))
             async with http.get(f"{base}/v2/apps/{app_id}/users/{earlier}", headers=auth) as resp:
                 assert resp.status == 404
             async with http.get(f"{base}/v2/apps/{app_id}/users/{survivor}/clients", headers=auth) as resp:

@@ -146,12 +146,12 @@ async def test_issue_builds_each_channel_deep_link(handoff: HandoffEnv) -> None:
     wa = urlsplit(by_type["whatsapp"].url)
     assert (wa.scheme, wa.netloc, wa.path) == ("https", "wa.me", "/15550001111")
     assert parse_qs(wa.query)["text"] == [f"Continue my conversation with Acme Shop — code {by_type['whatsapp'].code}"]
-    assert msgs.find_visible_code(parse_qs(wa.query)["text"][0]) == by_type["whatsapp"].code
+    assert msgs.redemption_code(parse_qs(wa.query)["text"][0]) == by_type["whatsapp"].code
     assert by_type["messenger"].url == f"https://m.me/102290129340398?ref={by_type['messenger'].code}"
     assert by_type["telegram"].url == f"https://t.me/threadline_demo_bot?start={by_type['telegram'].code}"
     sms = by_type["twilio"].url
     assert sms.startswith("sms:+15550002222?body=")
-    assert msgs.find_visible_code(unquote(sms.split("?body=", 1)[1])) == by_type["twilio"].code
+    assert msgs.redemption_code(unquote(sms.split("?body=", 1)[1])) == by_type["twilio"].code
     assert by_type["android"].url == f"{handoff.base_url}/handoff/v1/open?code={by_type['android'].code}"
     assert by_type["ios"].url == f"https://shop.example/go?code={by_type['ios'].code}"
     assert by_type["web"].url == f"https://shop.example/help?threadline_code={by_type['web'].code}"

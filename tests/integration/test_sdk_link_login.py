@@ -301,11 +301,7 @@ async def test_login_identifies_an_anonymous_visitor(shop: Shop) -> None:
 
 async def test_login_merges_the_visitor_into_the_known_user(shop: Shop) -> None:
     known = (await shop.api("POST", "/users", {"externalId": "carol", "metadata": {"tier": "gold"}}))["user"]
-    # The handoff brought the visitor here: a WhatsApp-like conversation opened by link code.
-    source = await chatting_visitor(shop)
-    link = await shop.link(source["appUserId"])
-    status, visitor = await shop.session(link["code"])
-    assert status == 201, visitor
+    visitor = await chatting_visitor(shop)
     conversation_id = visitor["conversationId"]
 
     status, login = await shop.login(visitor, "carol", shop.jwt("carol"))
@@ -313,10 +309,9 @@ async def test_login_merges_the_visitor_into_the_known_user(shop: Shop) -> None:
     assert login["outcome"] == "merged"
     assert (login["appUserId"], login["conversationId"], login["clientId"]) == (
         known["id"], conversation_id, visitor["clientId"])
-    # The visitor's user is gone; its clients and its conversation belong to carol now.
+    # The visitor's user is gone; its client and its conversation belong to carol now.
     await shop.api("GET", f"/users/{visitor['appUserId']}", status=404)
-    assert sorted(c["id"] for c in await shop.clients(known["id"])) == sorted(
-        [source["clientId"], visitor["clientId"]])
+    assert [c["id"] for c in await shop.clients(known["id"])] == [visitor["clientId"]]
     participants = (await shop.api("GET", f"/conversations/{conversation_id}/participants"))["participants"]
     assert [(p["userId"], p["userExternalId"]) for p in participants] == [(known["id"], "carol")]
     assert participants[0]["clientAssociations"][0]["clientId"] == visitor["clientId"]
@@ -366,3 +361,37 @@ async def _truthy(value: Any) -> Any:
 
 async def _history_has(shop: Shop, session: dict[str, Any], text: str) -> bool:
     return text in (await shop.history(session))[1]
+
+
+@pytest.mark.parametrize("carol_exists", [False, True])
+async def test_a_login_moves_only_the_session_when_its_user_holds_other_clients(shop: Shop,
+                                                                                carol_exists: bool) -> None:
+    """A session opened by someone else's link joined their user: the JWT proves the session, not
+    the link's sender, so only the session goes to the account — no identification, no merge."""
+    known = (await shop.api("POST", "/users", {"externalId": "carol"}))["user"] if carol_exists else None
+    source = await chatting_visitor(shop)
+    link = await shop.link(source["appUserId"])
+    status, visitor = await shop.session(link["code"])
+    assert status == 201, visitor
+    status, login = await shop.login(visitor, "carol", shop.jwt("carol"))
+    assert status == 200, login
+    assert login["outcome"] == "separated" and login["clientId"] == visitor["clientId"]
+    carol = (await shop.api("GET", "/users/carol"))["user"]
+    assert carol["authenticated"] is True
+    if known is not None:
+        assert carol["id"] == known["id"]
+    assert login["appUserId"] == carol["id"] != source["appUserId"]
+    assert login["conversationId"] != source["conversationId"]
+    # The link's sender keeps its user, its client and its conversation; carol got the session only.
+    assert [c["id"] for c in await shop.clients(source["appUserId"])] == [source["clientId"]]
+    assert [c["id"] for c in await shop.clients(carol["id"])] == [visitor["clientId"]]
+    assert "externalId" not in (await shop.api("GET", f"/users/{source['appUserId']}"))["user"]
+    participants = (await shop.api("GET", f"/conversations/{source['conversationId']}/participants"))["participants"]
+    assert [a["clientId"] for a in participants[0]["clientAssociations"]] == [source["clientId"]]
+    assert not shop.of_type("user:merge") and not shop.of_type("user:update")
+    # The sender's session still works, on its conversation only; carol's reads hers.
+    assert (await shop.history(source))[0] == 200
+    assert (await shop.history(login)) == (200, [])
+    await shop.reply(login["conversationId"], "hello carol")
+    assert await eventually(lambda: _history_has(shop, login, "hello carol"))
+    assert "hello carol" not in (await shop.history(source))[1]

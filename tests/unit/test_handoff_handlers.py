@@ -15,7 +15,6 @@ from services.handoff.handlers import (
     LinkError,
     business_name_of,
     deep_link,
-    is_visible_code,
     mint_code,
     normalize_code,
     with_query,
@@ -31,7 +30,9 @@ from shared.messages.handoff import (
     IssueLinks,
     LinksIssued,
     RedeemCode,
-    find_visible_code,
+    customer_text,
+    is_visible_code,
+    redemption_code,
 )
 from shared.records import IntegrationRecord
 
@@ -126,13 +127,27 @@ def test_code_shapes() -> None:
         visible = mint_code("whatsapp")
         assert re.fullmatch(r"TL[0-9A-HJKMNP-TV-Z]{8}", visible)
         assert all(c in VISIBLE_CODE_ALPHABET for c in visible[2:])
-        assert find_visible_code(f"Continue my conversation with us — code {visible}") == visible
+        assert redemption_code(customer_text("us", visible)) == visible
         assert is_visible_code(visible) and is_visible_code(visible.lower())
         assert normalize_code(visible.lower()) == visible
         hidden = mint_code("telegram")
         assert len(hidden) == 24 and CODE_PATTERN.match(hidden) and not is_visible_code(hidden)
         assert normalize_code(hidden) == hidden
     assert len({mint_code("messenger") for _ in range(200)}) == 200
+
+
+def test_only_the_prefilled_text_or_a_code_alone_is_a_redemption() -> None:
+    code = "TLABCD2345"
+    for text in (customer_text("Threadline Demo Shop", code), customer_text("Ünïcode Café & Co", code),
+                 f"  continue my conversation with us - code {code.lower()}. ", code, f" {code.lower()}\n",
+                 f"code: {code}", f"Continue my conversation with a shop -- code {code}!"):
+        assert redemption_code(text) == code, text
+    # A code-shaped word inside the customer's own words is their message, never a redemption.
+    for text in ("My tracking number is TL12345678", "Also TLXPRESS12 order", f"is {code} my code?",
+                 f"{code} {code}", f"Continue my conversation with us — code {code} please call me",
+                 f"hello\n{code}", "TL1234567", "TL12345678X", "TLI2345678",  # I is not in the alphabet
+                 customer_text("x" * 400, code)):
+        assert redemption_code(text) is None, text
 
 
 def test_with_query_keeps_parameters_and_fragment() -> None:
