@@ -5,8 +5,10 @@ asks for a link request to the web integration for that user and sends the link 
 text. The customer opens it: the sandbox page with `?threadline_code=…` — the widget redeems it,
 drops it from the address bar and shows the WhatsApp history of the same conversation. Then the
 page calls `Threadline.login(externalId, jwt)` with a JWT the business backend minted with an app
-key: the anonymous WhatsApp user merges into the business's known user (`user:merge`, reason
-`sdkLogin`), the conversation id stays the same, and the business's reply appears in the widget.
+key. The JWT proves who holds the browser, not who holds the WhatsApp number (whoever sent the
+link): the browser alone moves to the known user (`separated`), the widget switches to that
+user's conversation and clears what the WhatsApp one showed, nothing is merged, and the
+business's reply there appears in the widget.
 """
 
 from __future__ import annotations
@@ -126,31 +128,31 @@ async def test_a_whatsapp_customer_continues_on_the_web_and_logs_in(system: Syst
         key = (await api("POST", "/keys", {"displayName": "website login"}))["key"]
         token = jwt_encode({"scope": "user", "external_id": "customer-42"}, key["secret"], key["id"])
         result = await page.evaluate("([id, jwt]) => Threadline.login(id, jwt)", ["customer-42", token])
-        assert result["outcome"] == "merged"
-        assert (result["appUserId"], result["conversationId"]) == (known["id"], conversation_id)
+        assert result["outcome"] == "separated"
+        assert result["appUserId"] == known["id"] and result["conversationId"] != conversation_id
+        account_conversation = result["conversationId"]
+        # The WhatsApp conversation is no longer shown: this is the account's conversation.
+        await expect(messages).to_have_count(0)
 
-        def merged() -> list[dict[str, Any]]:
-            return [e["payload"] for e in events if e["type"] == "user:merge"]
-
-        await eventually(lambda: _value(merged()), timeout=20.0)
-        merge = merged()[0]
-        assert merge["reason"] == "sdkLogin"
-        assert merge["mergedUsers"]["surviving"]["id"] == known["id"]
-        assert merge["mergedUsers"]["discarded"]["id"] == whatsapp_user
-        participants = (await api("GET", f"/conversations/{conversation_id}/participants"))["participants"]
-        assert [p["userId"] for p in participants] == [known["id"]]
+        # Nothing was merged: the WhatsApp number stays its own user with its own conversation.
+        assert not [e for e in events if e["type"] == "user:merge"]
         clients = (await api("GET", "/users/customer-42/clients"))["clients"]
-        assert sorted(c["type"] for c in clients) == ["sdk", "whatsapp"]
+        assert [c["type"] for c in clients] == ["sdk"]
+        whatsapp_clients = (await api("GET", f"/users/{whatsapp_user}/clients"))["clients"]
+        assert [c["type"] for c in whatsapp_clients] == ["whatsapp"]
+        participants = (await api("GET", f"/conversations/{conversation_id}/participants"))["participants"]
+        assert [p["userId"] for p in participants] == [whatsapp_user]
 
-        # Same conversation for the business; its reply shows in the widget (new token, new socket).
-        await api("POST", f"/conversations/{conversation_id}/messages", {
+        # The business's reply in the account's conversation shows in the widget (new token, new socket).
+        await api("POST", f"/conversations/{account_conversation}/messages", {
             "author": {"type": "business"}, "content": {"type": "text", "text": "Your order ships tomorrow"}})
         await expect(messages.last).to_contain_text("Your order ships tomorrow")
+        await expect(messages).to_have_count(1)
         stored = await page.evaluate("key => JSON.parse(localStorage.getItem(key)).session",
                                      f"threadline:{app_id}:{web_id}")
         assert (stored["appUserId"], stored["externalId"], stored["conversationId"]) == (
-            known["id"], "customer-42", conversation_id)
-        # What the customer writes now is the known user's, in the same conversation.
+            known["id"], "customer-42", account_conversation)
+        # What the customer writes now is the known user's, in the account's conversation.
         await widget.locator('[data-threadline="input"]').fill("thanks!")
         await widget.locator('[data-threadline="input"]').press("Enter")
 
@@ -159,8 +161,9 @@ async def test_a_whatsapp_customer_continues_on_the_web_and_logs_in(system: Syst
                          and e["payload"]["message"]["content"].get("text") == "thanks!"), None)
 
         said = await eventually(thanks, timeout=20.0)
-        assert said["conversation"]["id"] == conversation_id
+        assert said["conversation"]["id"] == account_conversation
         assert said["message"]["author"]["userId"] == known["id"]
+        assert not any("Your order ships tomorrow" in t for t in await whatsapp_inbox())
         await context.close()
 
 

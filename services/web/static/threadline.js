@@ -1209,7 +1209,9 @@
   };
 
   // Threadline.login(externalId, jwt): the visitor becomes the business's known user (merged
-  // into it when it exists). The new session token is kept; the conversation stays the same.
+  // into it when it exists). The new session token is kept; the conversation stays the same,
+  // unless this browser had joined someone else's conversation through a link: then it alone
+  // moves to the account, and to the account's conversation.
   Widget.prototype.login = function (externalId, jwt) {
     var self = this;
     if (typeof externalId !== "string" || !externalId || typeof jwt !== "string" || !jwt) {
@@ -1233,8 +1235,9 @@
       self.session = {appUserId: body.appUserId, clientId: body.clientId, conversationId: body.conversationId,
         sessionToken: body.sessionToken, externalId: body.externalId};
       if (!sameConversation) {
-        self.lastCursor = null;
-        self.readCursor = 0;
+        // A login that moved this browser alone to the account ("separated") continues in the
+        // account's conversation: what the old one showed is not the account's.
+        self.clearThread();
       }
       self.persist();
       // The socket was opened with the old token: reopen it with the new one (it resumes by cursor).
@@ -1247,6 +1250,17 @@
     });
   };
 
+  // Forget the messages shown: the next ones belong to another conversation.
+  Widget.prototype.clearThread = function () {
+    this.pending = {};
+    this.rendered = {};
+    this.latestBusinessCursor = 0;
+    this.businessReadAt = 0;
+    this.lastCursor = null;
+    this.readCursor = 0;
+    this.list.textContent = "";
+  };
+
   // Threadline.logout(): forget the session on this browser; the next chat is anonymous.
   Widget.prototype.logout = function () {
     this.dropSocket();
@@ -1256,11 +1270,7 @@
     this.resetSession();
     this.outbox = [];
     this.saveOutbox();
-    this.pending = {};
-    this.rendered = {};
-    this.latestBusinessCursor = 0;
-    this.businessReadAt = 0;
-    this.list.textContent = "";
+    this.clearThread();
     this.hideHandoff();
     this.clearUnread();
     this.setStatus("idle", "");
