@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web, create_session
+from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web, create_session, eventually
 
 
 @pytest.fixture
@@ -38,8 +38,12 @@ async def test_channels_list_where_the_customer_can_be_notified(stack: Any) -> N
         email_id = await add_integration(http, stack.base_url, app_id, EMAIL_BODY)
         twilio_id = await add_integration(http, stack.base_url, app_id, {
             "type": "twilio", "accountSid": "AC" + "0" * 32, "authToken": "t", "phoneNumber": "+15550002222"})
-        async with http.get(url) as resp:
-            body = await resp.json()
+        async def both_listed() -> dict[str, Any] | None:  # web learns integrations from a KV mirror
+            async with http.get(url) as resp:
+                listed: dict[str, Any] = await resp.json()
+            return listed if len(listed["notificationChannels"]) == 2 else None
+
+        body = await eventually(both_listed)
         assert [(c["type"], c["integrationId"]) for c in body["notificationChannels"]] == [
             ("email", email_id), ("twilio", twilio_id)]
         assert [c["type"] for c in body["channels"]] == ["twilio"]  # e-mail is no "Continue on…" target
