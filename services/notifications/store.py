@@ -355,11 +355,6 @@ class Store:
              row.source_integration_id, row.status, row.code_hash, row.code_expires_at, row.attempts,
              int(row.linked), row.created_at, int(row.code_sent)))
 
-    async def add_optin(self, row: OptInRow) -> None:
-        """Store a new (pending) opt-in."""
-        async with write_lock(self.db):
-            await self._insert_optin(row)
-
     async def start_optin(self, fresh: OptInRow, decoy_code_hash: str, *, starts: Sequence[Counter],
                           sends: Sequence[Counter], now: float, max_attempts: int) -> StartOutcome:
         """Decide an opt-in request atomically (one at a time across replicas sharing the database).
