@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,6 +56,42 @@ def env_secret(name: str, *, sandbox: bool, default: str | None = None,
     if not sandbox and (value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < 16):
         raise ConfigError(f"{name} holds a placeholder or too-short secret; set a real one (>= 16 chars)")
     return value
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most `count` actions per sliding window of `window_seconds`."""
+
+    count: int
+    window_seconds: float
+
+
+_RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]*)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_RATE_WINDOW_SECONDS = 7 * 86400
+
+
+def parse_rates(raw: str) -> tuple[Rate, ...]:
+    """Parse `"10/h,30/d"` (count / optional number + s|m|h|d, comma-separated); ValueError if malformed."""
+    rates = []
+    for part in raw.split(","):
+        match = _RATE.match(part)
+        if match is None:
+            raise ValueError(f"{part.strip()!r} is not <count>/<window> such as 10/h or 3/15m")
+        count, number, unit = int(match.group(1)), int(match.group(2) or 1), match.group(3)
+        window = number * _UNIT_SECONDS[unit]
+        if count < 1 or not 1 <= window <= MAX_RATE_WINDOW_SECONDS:
+            raise ValueError(f"{part.strip()!r}: the count must be >= 1 and the window between 1s and 7d")
+        rates.append(Rate(count, float(window)))
+    return tuple(sorted(rates, key=lambda r: r.window_seconds))
+
+
+def env_rates(name: str, default: str, environ: Mapping[str, str] | None = None) -> tuple[Rate, ...]:
+    """Read a rate limit such as `10/h,30/d` (see `parse_rates`)."""
+    try:
+        return parse_rates(env_str(name, default, environ))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
 
 
 @dataclass(frozen=True)

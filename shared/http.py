@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -39,17 +39,21 @@ ERROR_CODES = {
 class ApiError(Exception):
     """An error answered with SunCo's body: `{"errors": [{"code", "title"}]}`."""
 
-    def __init__(self, status: int, title: str, code: str | None = None) -> None:
+    def __init__(self, status: int, title: str, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(title)
         self.status = status
         self.title = title
         self.code = code or ERROR_CODES.get(status, "error")
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429
 
 
-def error_response(status: int, title: str, code: str | None = None) -> web.Response:
+def error_response(status: int, title: str, code: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
     """A SunCo-shaped error response."""
     body = {"errors": [{"code": code or ERROR_CODES.get(status, "error"), "title": title}]}
-    return web.Response(status=status, body=_ENCODER.encode(body), content_type="application/json")
+    return web.Response(status=status, body=_ENCODER.encode(body), content_type="application/json",
+                        headers=headers)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -96,7 +100,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.title, exc.code)
+        return error_response(exc.status, exc.title, exc.code, exc.headers)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             return error_response(exc.status, exc.reason or "error")

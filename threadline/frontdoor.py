@@ -85,7 +85,10 @@ def _target(request: web.Request) -> str | None:
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["X-Forwarded-For"] = request.remote or ""
+    # Append, as every proxy does: the services believe the chain only up to the first address
+    # that is not a trusted proxy (shared/clientip.py), so what a client wrote there is ignored.
+    chain = [*request.headers.getall("X-Forwarded-For", []), request.remote or ""]
+    headers["X-Forwarded-For"] = ", ".join(hop.strip() for hop in chain if hop.strip())
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
     return headers

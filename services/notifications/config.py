@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -31,6 +31,16 @@ class NotificationsConfig:
     max_code_attempts: int
     max_starts_per_hour: int
     request_timeout: float
+    # Sends to addresses a customer typed (services/notifications/limits.py), as `10/h,50/d`:
+    # opt-in requests per client address (IPv6: /64) and per app + page Origin; confirmation
+    # codes per destination address (all apps) and per app; away notifications to opted-in
+    # addresses per destination and per app.
+    optin_limit_per_ip: tuple[Rate, ...] = (Rate(10, 3600.0), Rate(50, 86400.0))
+    optin_limit_per_origin: tuple[Rate, ...] = (Rate(60, 3600.0), Rate(500, 86400.0))
+    code_limit_per_address: tuple[Rate, ...] = (Rate(3, 3600.0), Rate(10, 86400.0))
+    code_limit_per_app: tuple[Rate, ...] = (Rate(100, 3600.0), Rate(1000, 86400.0))
+    send_limit_per_address: tuple[Rate, ...] = (Rate(20, 3600.0), Rate(100, 86400.0))
+    send_limit_per_app: tuple[Rate, ...] = (Rate(5000, 3600.0), Rate(50000, 86400.0))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NotificationsConfig:
@@ -48,6 +58,12 @@ class NotificationsConfig:
             max_code_attempts=env_int("THREADLINE_NOTIFY_MAX_CODE_ATTEMPTS", 5, env),
             max_starts_per_hour=env_int("THREADLINE_NOTIFY_MAX_OPTIN_STARTS_PER_HOUR", 5, env),
             request_timeout=env_float("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS", 5.0, env),
+            optin_limit_per_ip=env_rates("THREADLINE_NOTIFY_OPTIN_LIMIT_PER_IP", "10/h,50/d", env),
+            optin_limit_per_origin=env_rates("THREADLINE_NOTIFY_OPTIN_LIMIT_PER_ORIGIN", "60/h,500/d", env),
+            code_limit_per_address=env_rates("THREADLINE_NOTIFY_CODE_LIMIT_PER_ADDRESS", "3/h,10/d", env),
+            code_limit_per_app=env_rates("THREADLINE_NOTIFY_CODE_LIMIT_PER_APP", "100/h,1000/d", env),
+            send_limit_per_address=env_rates("THREADLINE_NOTIFY_SEND_LIMIT_PER_ADDRESS", "20/h,100/d", env),
+            send_limit_per_app=env_rates("THREADLINE_NOTIFY_SEND_LIMIT_PER_APP", "5000/h,50000/d", env),
         )
         if not 0 < config.default_delay_seconds <= MAX_DELAY_SECONDS:
             raise ConfigError(f"THREADLINE_NOTIFY_DEFAULT_DELAY_SECONDS must be in (0, {MAX_DELAY_SECONDS}]")
@@ -60,3 +76,10 @@ class NotificationsConfig:
         if not 0 < config.request_timeout <= 60:
             raise ConfigError("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS must be in (0, 60]")
         return config
+
+    @property
+    def longest_limit_window(self) -> float:
+        """How long a counted request or send must be remembered."""
+        rates = (*self.optin_limit_per_ip, *self.optin_limit_per_origin, *self.code_limit_per_address,
+                 *self.code_limit_per_app, *self.send_limit_per_address, *self.send_limit_per_app)
+        return max([3600.0, *(rate.window_seconds for rate in rates)])

@@ -34,11 +34,13 @@ from typing import Any, Protocol
 import msgspec
 import nats.errors
 
-from services.notifications import policy
+from services.notifications import limits, policy
 from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed
+from shared.clientip import source_key
+from shared.config import Rate
 from shared.ids import derived_id, new_id
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
@@ -58,6 +60,7 @@ from shared.sunco import (
     TextContent,
     UserRef,
 )
+from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ PHONE_CHANNELS = frozenset({"whatsapp", "twilio"})
 RETRY_SECONDS = 5.0
 MAX_FIRE_ATTEMPTS = 12
 LINK_RETRY_SECONDS = 30.0
+PRUNE_LIMITS_SECONDS = 600.0
 STOP_WORDS = frozenset({"stop", "stopall", "unsubscribe"})
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _EMAIL = re.compile(r"^[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,}$")
@@ -180,6 +184,7 @@ class Notifier:
         self.clock = clock
         self._email_sender = email_sender
         self._next_link_retry = 0.0
+        self._next_prune = 0.0
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -307,7 +312,15 @@ class Notifier:
                 await self._retry_later(row, "internal error")
             handled += 1
         await self._link_confirmed_optins()
+        await self._prune_limits()
         return handled
+
+    async def _prune_limits(self) -> None:
+        now = self.clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_LIMITS_SECONDS
+        await self.store.prune_hits(now - self.config.longest_limit_window)
 
     async def _retry_later(self, row: PendingRow, reason: str) -> None:
         if row.attempts + 1 >= MAX_FIRE_ATTEMPTS:
@@ -351,6 +364,8 @@ class Notifier:
         first_skip: tuple[Target, policy.Skip] | None = None
         for target in targets:
             decision = await self._decide(target, now, settings, notice, clients)
+            if not isinstance(decision, policy.Skip) and target.optin_id:
+                decision = await self._within_send_limits(row, target, decision)
             if isinstance(decision, policy.Skip):
                 first_skip = first_skip or (target, decision)
                 continue
@@ -362,6 +377,20 @@ class Notifier:
             log.info("notification %s not sent: %s", row.notification_id, skip.reason)
             await self._failure(row, target, skip.code, skip.reason)
         await self.store.finish(row.conversation_id, row.notification_id)
+
+    async def _within_send_limits(self, row: PendingRow, target: Target,
+                                  decision: policy.Decision) -> policy.Decision:
+        """An opted-in address (typed by a customer) gets at most so many notifications, and
+        an app sends at most so many to such addresses: past that the target is skipped."""
+        refusal = await self.store.take(self.send_counters(row.app_id, target.channel, target.recipient),
+                                        self.clock())
+        if refusal is None:
+            return decision
+        log.warning("notification not sent: limit reached", extra=log_fields(
+            limit=refusal.scope, app_id=row.app_id, notification_id=row.notification_id, channel=target.channel,
+            address=mask(target.channel, target.recipient), retry_after=refusal.retry_after))
+        return policy.Skip("rate_limited", f"Too many notifications to this {target.channel} address or from "
+                                           f"this app; the {refusal.scope} limit frees up in {refusal.retry_after} s")
 
     async def _participant(self, row: PendingRow) -> conv.ParticipantState | None:
         data = await self._ask(subjects.CONVERSATIONS_PARTICIPANTS, conv.ENCODER.encode(conv.GetParticipants(
@@ -639,13 +668,46 @@ class Notifier:
             else:
                 reply = _error(400, "bad_request", f"Unexpected request {type(request).__name__}")
         except OptInRefused as exc:
-            reply = _error(exc.status, exc.code, exc.title)
+            reply = note.NotificationError(status=exc.status, code=exc.code, title=exc.title,
+                                           retry_after=exc.retry_after)
         except Unavailable as exc:
             reply = _error(503, "service_unavailable", str(exc))
         return note.ENCODER.encode(reply)
 
+    def _counter(self, scope: str, key: str, rates: tuple[Rate, ...]) -> limits.Counter:
+        return limits.Counter(scope, limits.hashed_key(self.config.secret, scope, key), rates)
+
+    def start_counters(self, req: note.StartOptIn) -> list[limits.Counter]:
+        """What an opt-in request counts against: its user and, when known, its sources."""
+        counters = [self._counter("user", f"{req.app_id}:{req.user_id}",
+                                  (Rate(self.config.max_starts_per_hour, 3600.0),))]
+        if req.client_ip:
+            counters.append(self._counter("ip", source_key(req.client_ip), self.config.optin_limit_per_ip))
+        if req.client_ip or req.origin:  # a request through `web`: a missing Origin is a source too
+            counters.append(self._counter("origin", f"{req.app_id}:{req.origin or 'none'}",
+                                          self.config.optin_limit_per_origin))
+        return counters
+
+    def code_counters(self, app_id: str, channel: str, address: str) -> list[limits.Counter]:
+        """What a confirmation code sent counts against: its destination (all apps) and its app."""
+        return [self._counter("address", limits.canonical_address(channel, address),
+                              self.config.code_limit_per_address),
+                self._counter("app", app_id, self.config.code_limit_per_app)]
+
+    def send_counters(self, app_id: str, channel: str, address: str) -> list[limits.Counter]:
+        """What an away notification to an opted-in address counts against."""
+        return [self._counter("notify_address", limits.canonical_address(channel, address),
+                              self.config.send_limit_per_address),
+                self._counter("notify_app", app_id, self.config.send_limit_per_app)]
+
     async def start_optin(self, req: note.StartOptIn) -> note.OptInState:
-        """Store a pending opt-in and send its code to the address."""
+        """Store a pending opt-in and send its code to the address, within the limits.
+
+        A second request for an address whose code is still pending sends nothing and is
+        answered exactly like the first (the same user gets their opt-in back, anyone else an
+        opt-in that cannot be confirmed): the destination gets one code, and the answer does not
+        tell whether somebody else asked before. Limits answer 429 with when to retry.
+        """
         address = req.address.strip()
         if req.channel == "email":
             if not _EMAIL.match(address):
@@ -654,18 +716,39 @@ class Notifier:
             raise OptInRefused(400, "invalid_address", "Give the phone number in international format (+15551234567)")
         record = self._optin_integration(req)
         now = self.clock()
-        if await self.store.starts_since(req.app_id, req.user_id, now - 3600) >= self.config.max_starts_per_hour:
-            raise OptInRefused(429, "too_many_requests", "Too many confirmation codes asked for: try again later")
         code = f"{secrets.randbelow(10 ** 6):06d}"
-        optin = OptInRow(
-            id=new_id(), app_id=req.app_id, user_id=req.user_id, conversation_id=req.conversation_id,
+        optin_id = new_id()
+        fresh = OptInRow(
+            id=optin_id, app_id=req.app_id, user_id=req.user_id, conversation_id=req.conversation_id,
             channel=req.channel, address=address, integration_id=record.id,
-            source_integration_id=req.source_integration_id, status="pending", code_hash="",
+            source_integration_id=req.source_integration_id, status="pending",
+            code_hash=code_hash(self.config.secret, optin_id, code),
             code_expires_at=now + self.config.code_ttl_seconds, attempts=0, linked=False, created_at=now)
-        optin = dataclasses.replace(optin, code_hash=code_hash(self.config.secret, optin.id, code))
-        await self.store.add_optin(optin)
-        await self._send_code(optin, record, code)
-        return optin_state(optin)
+        # A decoy opt-in's hash is of a code nobody has: it answers "wrong code" like any other.
+        decoy_hash = code_hash(self.config.secret, optin_id, secrets.token_urlsafe(24))
+        outcome = await self.store.start_optin(
+            fresh, decoy_hash, starts=self.start_counters(req),
+            sends=self.code_counters(req.app_id, req.channel, address), now=now,
+            max_attempts=self.config.max_code_attempts)
+        fields = {"app_id": req.app_id, "user_id": req.user_id, "channel": req.channel,
+                  "address": mask(req.channel, address), "client_ip": req.client_ip, "origin": req.origin}
+        if outcome.refusal is not None:
+            log.warning("opt-in refused: limit reached", extra=log_fields(
+                limit=outcome.refusal.scope, retry_after=outcome.refusal.retry_after, **fields))
+            raise OptInRefused(429, "too_many_requests", outcome.refusal.title, outcome.refusal.retry_after)
+        assert outcome.optin is not None
+        if outcome.kind == "pending":
+            log.info("opt-in: a code is already pending for the address, nothing sent",
+                     extra=log_fields(opt_in_id=outcome.optin.id, **fields))
+            return optin_state(outcome.optin)
+        try:
+            await self._send_code(outcome.optin, record, code)
+        except Exception:
+            # Not sent: the address must not stay held by a code nobody received.
+            await self.store.expire_code(outcome.optin.id, self.clock())
+            raise
+        log.info("opt-in code sent", extra=log_fields(opt_in_id=outcome.optin.id, **fields))
+        return optin_state(outcome.optin)
 
     def _optin_integration(self, req: note.StartOptIn) -> IntegrationRecord:
         if req.integration_id:
@@ -716,8 +799,12 @@ class Notifier:
         else:
             decision = policy.Send(f"{business}: your confirmation code is {code}. It expires in {minutes} minutes. "
                                    "Reply STOP to stop notifications.")
-        await self.bus.publish(subjects.outbound_subject(optin.channel, record.id),
-                               chan.encode(self.outbound(send, decision, created_at=self.clock())), msg_id=send.id)
+        try:
+            await self.bus.publish(subjects.outbound_subject(optin.channel, record.id),
+                                   chan.encode(self.outbound(send, decision, created_at=self.clock())),
+                                   msg_id=send.id)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"publish: {exc or type(exc).__name__}") from exc
         await self.store.record_send(send, self.clock())
 
     async def confirm_optin(self, req: note.ConfirmOptIn) -> note.OptInState:
@@ -796,11 +883,12 @@ class Notifier:
 class OptInRefused(Exception):
     """An opt-in request refused: answered as a NotificationError."""
 
-    def __init__(self, status: int, code: str, title: str) -> None:
+    def __init__(self, status: int, code: str, title: str, retry_after: int | None = None) -> None:
         super().__init__(title)
         self.status = status
         self.code = code
         self.title = title
+        self.retry_after = retry_after
 
 
 def _error(status: int, code: str, title: str) -> note.NotificationError:

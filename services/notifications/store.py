@@ -8,12 +8,16 @@ publish and the bookkeeping publishes the same id again and JetStream drops the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
+from services.notifications.limits import Counter, Refusal, retry_after
 from services.notifications.policy import Pending, schedule
 from shared.store import open_db, transaction, write_lock
 
@@ -79,6 +83,19 @@ MIGRATIONS = (
     );
     CREATE INDEX optins_user ON optins (app_id, user_id, created_at)
     """,
+    # Limits on sends to typed addresses (limits.py). `code_sent` = 0: an opt-in asked while a
+    # code was pending for its address, for which nothing was sent (it can never be confirmed).
+    """
+    ALTER TABLE optins ADD COLUMN code_sent INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX optins_address ON optins (app_id, channel, address, status);
+    CREATE TABLE limit_hits (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX limit_hits_key ON limit_hits (scope, key, at);
+    CREATE INDEX limit_hits_at ON limit_hits (at)
+    """,
 )
 
 
@@ -138,6 +155,17 @@ class OptInRow:
     attempts: int
     linked: bool
     created_at: float
+    code_sent: bool = True
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    """What `Store.start_optin` decided: `send` the code of `optin`; a code is already `pending`
+    for the address (nothing to send; `optin` is the one to answer with); or `refused`."""
+
+    kind: Literal["send", "pending", "refused"]
+    optin: OptInRow | None = None
+    refusal: Refusal | None = None
 
 
 def _pending(row: aiosqlite.Row) -> PendingRow:
@@ -159,7 +187,21 @@ def _optin(row: aiosqlite.Row) -> OptInRow:
         channel=row["channel"], address=row["address"], integration_id=row["integration_id"],
         source_integration_id=row["source_integration_id"], status=row["status"], code_hash=row["code_hash"],
         code_expires_at=row["code_expires_at"], attempts=row["attempts"], linked=bool(row["linked"]),
-        created_at=row["created_at"])
+        created_at=row["created_at"], code_sent=bool(row["code_sent"]))
+
+
+@contextlib.asynccontextmanager
+async def _immediate(db: aiosqlite.Connection) -> AsyncIterator[None]:
+    """A write transaction that takes the database's write lock at BEGIN: replicas sharing the
+    file run check-then-insert one at a time (a deferred BEGIN would let two both read "free")."""
+    async with write_lock(db):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
 
 
 class Store:
@@ -304,16 +346,56 @@ class Store:
 
     # --- opt-ins --------------------------------------------------------------------------
 
-    async def add_optin(self, row: OptInRow) -> None:
-        """Store a new (pending) opt-in."""
+    async def _insert_optin(self, row: OptInRow) -> None:
+        await self.db.execute(
+            "INSERT INTO optins (id, app_id, user_id, conversation_id, channel, address, integration_id,"
+            " source_integration_id, status, code_hash, code_expires_at, attempts, linked, created_at, code_sent)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (row.id, row.app_id, row.user_id, row.conversation_id, row.channel, row.address, row.integration_id,
+             row.source_integration_id, row.status, row.code_hash, row.code_expires_at, row.attempts,
+             int(row.linked), row.created_at, int(row.code_sent)))
+
+    async def start_optin(self, fresh: OptInRow, decoy_code_hash: str, *, starts: Sequence[Counter],
+                          sends: Sequence[Counter], now: float, max_attempts: int) -> StartOutcome:
+        """Decide an opt-in request atomically (one at a time across replicas sharing the database).
+
+        The request counts against `starts` (refused when one is full). Then: the same user's
+        live code for the address → that opt-in again (their code still works); another live
+        code for the address → `fresh` is stored with `decoy_code_hash` and marked unsent (it
+        answers like a real one and can never be confirmed); else the code counts against
+        `sends` (refused when one is full) and `fresh` is stored: its code is to be sent.
+        """
+        async with _immediate(self.db):
+            refusal = await self._over(starts, now)
+            if refusal is not None:
+                return StartOutcome("refused", refusal=refusal)
+            await self._hit(starts, now)
+            live = "status='pending' AND code_expires_at>? AND attempts<?"
+            own = await self._one(
+                f"SELECT * FROM optins WHERE app_id=? AND user_id=? AND channel=? AND address=? AND {live}"
+                " ORDER BY created_at DESC LIMIT 1",
+                (fresh.app_id, fresh.user_id, fresh.channel, fresh.address, now, max_attempts))
+            if own is not None:
+                return StartOutcome("pending", optin=_optin(own))
+            other = await self._one(
+                f"SELECT id FROM optins WHERE app_id=? AND channel=? AND address=? AND code_sent=1 AND {live} LIMIT 1",
+                (fresh.app_id, fresh.channel, fresh.address, now, max_attempts))
+            if other is not None:
+                decoy = dataclasses.replace(fresh, code_hash=decoy_code_hash, code_sent=False)
+                await self._insert_optin(decoy)
+                return StartOutcome("pending", optin=decoy)
+            refusal = await self._over(sends, now)
+            if refusal is not None:
+                return StartOutcome("refused", refusal=refusal)
+            await self._hit(sends, now)
+            await self._insert_optin(fresh)
+            return StartOutcome("send", optin=fresh)
+
+    async def expire_code(self, optin_id: str, at: float) -> None:
+        """The code could not be sent: it no longer holds the address (a new request may send one)."""
         async with write_lock(self.db):
-            await self.db.execute(
-                "INSERT INTO optins (id, app_id, user_id, conversation_id, channel, address, integration_id,"
-                " source_integration_id, status, code_hash, code_expires_at, attempts, linked, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (row.id, row.app_id, row.user_id, row.conversation_id, row.channel, row.address, row.integration_id,
-                 row.source_integration_id, row.status, row.code_hash, row.code_expires_at, row.attempts,
-                 int(row.linked), row.created_at))
+            await self.db.execute("UPDATE optins SET code_expires_at=? WHERE id=? AND status='pending'",
+                                  (at, optin_id))
 
     async def optin(self, app_id: str, optin_id: str) -> OptInRow | None:
         """One opt-in of an app."""
@@ -334,12 +416,6 @@ class Store:
         """An app's opt-ins on `channel` that are not stopped."""
         return [_optin(r) for r in await self._all(
             "SELECT * FROM optins WHERE app_id=? AND channel=? AND status<>'stopped'", (app_id, channel))]
-
-    async def starts_since(self, app_id: str, user_id: str, since: float) -> int:
-        """How many opt-ins the user started since `since` (rate limit)."""
-        row = await self._one("SELECT COUNT(*) FROM optins WHERE app_id=? AND user_id=? AND created_at>=?",
-                              (app_id, user_id, since))
-        return int(row[0]) if row else 0
 
     async def count_attempt(self, optin_id: str) -> None:
         """One more wrong code."""
@@ -371,3 +447,43 @@ class Store:
         """Confirmed WhatsApp/SMS opt-ins whose number is not linked to the conversation yet."""
         return [_optin(r) for r in await self._all(
             "SELECT * FROM optins WHERE status='confirmed' AND linked=0 AND channel IN ('whatsapp','twilio')")]
+
+    # --- limits ---------------------------------------------------------------------------
+
+    async def _over(self, counters: Sequence[Counter], now: float) -> Refusal | None:
+        """The first counter with a full window (and when it frees up), None when all have room."""
+        for counter in counters:
+            wait = 0
+            for rate in counter.rates:
+                since = now - rate.window_seconds
+                row = await self._one("SELECT COUNT(*) FROM limit_hits WHERE scope=? AND key=? AND at>?",
+                                      (counter.scope, counter.key, since))
+                count = int(row[0]) if row else 0
+                if count < rate.count:
+                    continue
+                # One more is allowed once all but count-1 of the entries have left the window.
+                oldest = await self._one(
+                    "SELECT at FROM limit_hits WHERE scope=? AND key=? AND at>? ORDER BY at LIMIT 1 OFFSET ?",
+                    (counter.scope, counter.key, since, count - rate.count))
+                wait = max(wait, retry_after(float(oldest[0]) if oldest else now, rate.window_seconds, now))
+            if wait:
+                return Refusal(counter.scope, wait)
+        return None
+
+    async def _hit(self, counters: Sequence[Counter], now: float) -> None:
+        await self.db.executemany("INSERT INTO limit_hits (scope, key, at) VALUES (?,?,?)",
+                                  [(c.scope, c.key, now) for c in counters])
+
+    async def take(self, counters: Sequence[Counter], now: float) -> Refusal | None:
+        """Count one action against every counter, or none when one is full (its refusal)."""
+        async with _immediate(self.db):
+            refusal = await self._over(counters, now)
+            if refusal is None:
+                await self._hit(counters, now)
+            return refusal
+
+    async def prune_hits(self, before: float) -> int:
+        """Forget counted actions older than every window; the number forgotten."""
+        async with write_lock(self.db):
+            cur = await self.db.execute("DELETE FROM limit_hits WHERE at<?", (before,))
+            return cur.rowcount or 0

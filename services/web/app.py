@@ -17,6 +17,7 @@ from aiohttp import web
 from services.web import handlers, notify
 from services.web.config import WebConfig
 from shared import subjects
+from shared.clientip import client_ip
 from shared.http import ApiError, Handler, error_middleware, json_response, read_json, tracing_middleware
 from shared.messages import handoff, notification
 from shared.records import IntegrationRecord
@@ -46,6 +47,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if origin and (request.path.startswith("/sdk/") or request.path.startswith("/widget/")):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"  # a 429 says when to retry
         if request.method == "OPTIONS":
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
@@ -174,7 +176,12 @@ class WebService(SdkService):
         claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
         body = await read_json(request, notify.OptInBody, limit=4096)
         records = list(self.integrations.values.values()) if self.integrations is not None else []
-        start = notify.start_request(claims.app, claims.user, conversation_id, claims.integration, body, records)
+        # `notifications` limits opt-ins per source (client address, Origin) as well as per address and app.
+        start = notify.start_request(
+            claims.app, claims.user, conversation_id, claims.integration, body, records,
+            client_ip=client_ip(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                self.config.trusted_proxies),
+            origin=handlers.normalize_origin(request.headers.get("Origin", "")[:notify.MAX_ORIGIN_LENGTH]))
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_START, start, notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)}, status=201)
 

@@ -22,6 +22,7 @@ from shared.sunco import Wire
 NOTIFY_TYPES: Final = ("mailgun", "twilio", "whatsapp")
 MAX_ADDRESS_LENGTH: Final = 254
 MAX_CODE_LENGTH: Final = 12
+MAX_ORIGIN_LENGTH: Final = 256
 _EMAIL = re.compile(r"^[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)+$")
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
@@ -80,8 +81,11 @@ def normalized_address(channel: str, address: str) -> str:
 
 
 def start_request(app_id: str, user_id: str, conversation_id: str, source_integration_id: str,
-                  body: OptInBody, records: Iterable[object]) -> notification.StartOptIn:
-    """The StartOptIn for a validated body; 404 when the named integration is not a notify channel."""
+                  body: OptInBody, records: Iterable[object], *, client_ip: str | None = None,
+                  origin: str | None = None) -> notification.StartOptIn:
+    """The StartOptIn for a validated body; 404 when the named integration is not a notify channel.
+
+    `client_ip` and `origin` name the request's source, which `notifications` rate-limits."""
     channel: notification.OptInChannel = "twilio" if body.channel == "sms" else body.channel
     offered = [c for c in notify_channels(app_id, records) if c.type == channel]
     if body.integration_id is not None and body.integration_id not in {c.integration_id for c in offered}:
@@ -91,7 +95,7 @@ def start_request(app_id: str, user_id: str, conversation_id: str, source_integr
     return notification.StartOptIn(
         app_id=app_id, user_id=user_id, conversation_id=conversation_id, channel=channel,
         address=normalized_address(channel, body.address), integration_id=body.integration_id,
-        source_integration_id=source_integration_id)
+        source_integration_id=source_integration_id, client_ip=client_ip, origin=origin)
 
 
 def check_code(body: ConfirmBody) -> str:
@@ -122,5 +126,6 @@ def reply_or_error(reply: notification.NotificationUnion) -> notification.Notifi
     """`reply` unless it is a NotificationError, which becomes the matching ApiError."""
     if isinstance(reply, notification.NotificationError):
         status = reply.status if 400 <= reply.status < 600 else 503
-        raise ApiError(status, reply.title, reply.code)
+        headers = {"Retry-After": str(reply.retry_after)} if reply.retry_after else None
+        raise ApiError(status, reply.title, reply.code, headers)
     return reply

@@ -45,6 +45,10 @@ class StartOptIn(NotificationMessage, tag="notification.optin.start"):
     integration_id: str | None = None
     # The SDK integration the customer asked from (for the link back into the conversation).
     source_integration_id: str | None = None
+    # Where the request came from (the client's address behind trusted proxies, the page's
+    # normalized Origin): opt-ins are rate-limited per source. None when the caller has none.
+    client_ip: str | None = None
+    origin: str | None = None
 
 
 class ConfirmOptIn(NotificationMessage, tag="notification.optin.confirm"):
@@ -83,6 +87,7 @@ class NotificationError(NotificationMessage, tag="notification.error"):
     status: int
     code: str
     title: str
+    retry_after: int | None = None  # seconds, on a 429 (the HTTP Retry-After)
 
 
 NotificationUnion = (

@@ -101,8 +101,13 @@ def template_texts(body: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture
-async def shop(system: System) -> AsyncIterator[Shop]:
-    await system.start(*SERVICES, env=FAST)
+def shop_env() -> dict[str, str]:
+    return FAST
+
+
+@pytest.fixture
+async def shop(system: System, shop_env: dict[str, str]) -> AsyncIterator[Shop]:
+    await system.start(*SERVICES, env=shop_env)
     info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
                                    system.data_dir, ("web", "whatsapp", "email"))
     async with business_webhooks() as (hook_url, events):
@@ -315,3 +320,44 @@ async def test_email_opt_in_notifies_with_a_working_opt_out_link(system: System,
     await eventually(scheduled)
     await eventually(lambda: notifications_idle(system, conversation_id))
     assert len(await shop.inbox()) == mails_before
+
+
+@pytest.mark.parametrize("shop_env", [{**FAST, "THREADLINE_NOTIFY_CODE_LIMIT_PER_APP": "1/h"}])
+async def test_a_refused_code_says_when_to_retry_and_asking_again_reuses_the_pending_code(
+        system: System, shop: Shop, browser: Browser) -> None:
+    """The app's budget of confirmation codes is one an hour: a second address is refused with
+    when to retry; asking again for the first address sends nothing and its code still works."""
+    context, page = await open_shop_page(browser, shop)
+    await chat(page, shop, "notify me please")
+    widget = page.locator('[data-threadline="root"]')
+    await widget.get_by_role("button", name=re.compile(r"^Notify me by .* when you reply$")).click()
+    await widget.get_by_role("button", name="Notify me by e-mail", exact=True).click()
+    await widget.locator('[data-threadline="notify-address"]').fill(CUSTOMER_EMAIL)
+    await widget.get_by_role("button", name="Send code").click()
+    await expect(widget.locator('[data-threadline="notify-sent"]')).to_contain_text("We sent a code to")
+
+    async def mail_code() -> str | None:
+        for mail in await shop.inbox():
+            found = re.search(r"\b(\d{6})\b", mail["subject"])
+            if found:
+                return found.group(1)
+        return None
+
+    code = await eventually(mail_code)
+    await widget.get_by_role("button", name="Send a new code").click()
+    await widget.locator('[data-threadline="notify-address"]').fill("grace@example.com")
+    await widget.get_by_role("button", name="Send code").click()
+    await expect(widget.locator('[data-threadline="notify-error"]')).to_have_text(
+        re.compile(r"^No more codes can be sent right now\. Try again in (59|60) minutes\.$"))
+    assert (await shop.sandbox("/mail?to=grace@example.com"))["mails"] == []
+
+    # The first address again: "We sent a code", nothing new in the inbox, and that code confirms.
+    await widget.locator('[data-threadline="notify-address"]').fill(CUSTOMER_EMAIL)
+    await widget.get_by_role("button", name="Send code").click()
+    sent = widget.locator('[data-threadline="notify-sent"]')
+    await expect(sent).to_contain_text("We sent a code to a•••@example.com")
+    assert len(await shop.inbox()) == 1  # codes go out over SMTP before the answer: none was sent
+    await widget.get_by_label("Code").fill(code)
+    await widget.get_by_role("button", name="Confirm").click()
+    await expect(widget.locator('[data-threadline="notify-done"]')).to_contain_text("You'll be notified at")
+    await context.close()

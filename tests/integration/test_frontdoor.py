@@ -22,7 +22,8 @@ def upstream(name: str) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         return web.json_response({"service": name, "path": request.path, "query": request.query_string,
                                   "body": (await request.read()).decode(),
-                                  "forwardedHost": request.headers.get("X-Forwarded-Host")})
+                                  "forwardedHost": request.headers.get("X-Forwarded-Host"),
+                                  "forwardedFor": request.headers.get("X-Forwarded-For")})
 
     async def socket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -57,7 +58,11 @@ async def test_routes_probes_redirects_and_websockets() -> None:
                 async with session.post(f"{base}{path}?a=1", data=b"hello") as resp:
                     body = await resp.json()
                 assert body == {"service": route.service, "path": path, "query": "a=1", "body": "hello",
-                                "forwardedHost": f"127.0.0.1:{door_port}"}
+                                "forwardedHost": f"127.0.0.1:{door_port}", "forwardedFor": "127.0.0.1"}
+            # What the client wrote is kept and the address the door saw appended, as proxies do:
+            # the services believe the chain from the right, up to the first untrusted hop.
+            async with session.get(f"{base}/v2/x", headers={"X-Forwarded-For": "198.51.100.7"}) as resp:
+                assert (await resp.json())["forwardedFor"] == "198.51.100.7, 127.0.0.1"
             async with session.get(f"{base}/nowhere") as resp:
                 assert resp.status == 404
                 assert (await resp.json())["errors"][0]["code"] == "not_found"

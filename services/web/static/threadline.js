@@ -938,7 +938,11 @@
             self.resetSession();
           }
           var title = data && data.errors && data.errors[0] && data.errors[0].title;
-          var error = new Error(title || "Something went wrong (" + res.status + "). Please try again.");
+          var text = title || "Something went wrong (" + res.status + "). Please try again.";
+          if (res.status === 429) {
+            text = (title || "Too many requests") + ". " + retryText(res.headers.get("Retry-After"));
+          }
+          var error = new Error(text);
           error.status = res.status;
           throw error;
         }
@@ -946,6 +950,22 @@
       });
     });
   };
+
+  // A 429's Retry-After (seconds) in words: "Try again in 12 minutes."
+  function retryText(header) {
+    var seconds = parseInt(header, 10);
+    if (!(seconds > 0)) {
+      return "Please try again later.";
+    }
+    if (seconds < 60) {
+      return "Try again in a minute.";
+    }
+    var minutes = Math.ceil(seconds / 60);
+    if (minutes < 120) {
+      return "Try again in " + minutes + " minutes.";
+    }
+    return "Try again in " + Math.ceil(minutes / 60) + " hours.";
+  }
 
   // A small labelled form: [label] [input] [button]; `onSubmit(value, submitButton)`.
   Widget.prototype.notifyForm = function (spec, onSubmit) {
