@@ -583,15 +583,22 @@ class _EgressBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        addresses = await self._policy.resolve(host, port, purpose=self._purpose, timeout=timeout)
-        last: Exception | None = None
+        # httpx maps only httpcore's exceptions to its own: DNS and connect failures must be those.
+        try:
+            addresses = await self._policy.resolve(host, port, purpose=self._purpose, timeout=timeout)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        last: Exception = httpcore.ConnectError(f"cannot connect to {host}:{port}")
         for address in addresses:
             try:
                 return await self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
                                                      socket_options=socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as exc:
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
-        assert last is not None
+            except OSError as exc:
+                last = httpcore.ConnectError(str(exc))
         raise last
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,

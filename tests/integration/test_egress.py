@@ -362,6 +362,9 @@ async def test_httpx_transport_checks_addresses_at_connect_time(internal: Server
     async with httpx.AsyncClient(transport=EgressPolicy(allow_http=True).httpx_transport("platform")) as client:
         with pytest.raises(EgressRefused, match="loopback"):
             await client.get(f"{internal.origin}/latest/meta-data")
+        # A name that does not resolve stays an ordinary (retryable) network error.
+        with pytest.raises(httpx.ConnectError):
+            await client.get("https://no-such-host.invalid/")
     assert internal.seen == []
     # A push integration whose token endpoint was stored inside: a failed push, never a crash.
     sender = FcmSender(sandbox_android_config(internal.origin), policy=EgressPolicy())
