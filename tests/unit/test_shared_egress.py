@@ -21,6 +21,7 @@ from shared.egress import (
     parse_rules,
     same_origin,
 )
+from threadline.cli import loopback_egress_allow
 
 STRICT = EgressPolicy()
 SANDBOX = EgressPolicy.from_env({}, sandbox=True, public_base_url="http://127.0.0.1:8080")
@@ -230,3 +231,18 @@ def test_ipv6_internal_ranges_are_never_accepted(address: ipaddress.IPv6Address)
     if address_refusal(address) is None:
         assert address.is_global and not address.is_multicast and not address.is_private
         assert classify_host(f"[{address}]").addresses == (address,)
+
+
+def test_threadline_up_allows_loopback_except_its_own_ports() -> None:
+    raw = loopback_egress_allow([8080, 4222, 8081, 8081], "hooks.corp.example")
+    policy = EgressPolicy(allow_http=True, rules=parse_rules(raw))
+    for url in ("http://127.0.0.1:9000/hook", "http://[::1]:9000/hook", "http://localhost:9000/hook",
+                "http://hooks.corp.example/x"):
+        policy.check_url(url, purpose="business")
+    policy.check_host("127.0.0.1", 2525)  # the sandbox's SMTP sink
+    for port in (8080, 4222, 8081):
+        for host in ("127.0.0.1", "[::1]", "localhost", "127.0.0.2"):
+            with pytest.raises(EgressRefused, match="denied"):
+                policy.check_url(f"http://{host}:{port}/", purpose="business")
+    with pytest.raises(EgressRefused):
+        policy.check_url("http://10.0.0.1:9000/", purpose="business")
