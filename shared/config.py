@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from shared.egress import EgressPolicy
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "placeholder", "sandbox", "dev", "test"})
 
@@ -105,6 +107,8 @@ class CommonConfig:
     sandbox: bool
     stream_replicas: int
     public_base_url: str
+    # Where outbound HTTP/SMTP may go (THREADLINE_EGRESS_ALLOW, THREADLINE_EGRESS_ALLOW_HTTP).
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
     @classmethod
     def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
@@ -115,12 +119,20 @@ class CommonConfig:
         replicas = env_int("THREADLINE_STREAM_REPLICAS", 1, environ)
         if replicas not in (1, 3, 5):
             raise ConfigError("THREADLINE_STREAM_REPLICAS must be 1, 3 or 5")
+        sandbox = env_bool("THREADLINE_SANDBOX", False, environ)
+        public_base_url = env_str("THREADLINE_PUBLIC_BASE_URL", "http://127.0.0.1:8080", environ).rstrip("/")
+        try:
+            egress = EgressPolicy.from_env(os.environ if environ is None else environ, sandbox=sandbox,
+                                           public_base_url=public_base_url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         return cls(
             nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
             http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
             http_port=port,
             data_dir=env_str("THREADLINE_DATA_DIR", ".threadline", environ),
-            sandbox=env_bool("THREADLINE_SANDBOX", False, environ),
+            sandbox=sandbox,
             stream_replicas=replicas,
-            public_base_url=env_str("THREADLINE_PUBLIC_BASE_URL", "http://127.0.0.1:8080", environ).rstrip("/"),
+            public_base_url=public_base_url,
+            egress=egress,
         )

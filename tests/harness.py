@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from shared.egress import EgressPolicy, parse_rules
 from shared.service import ServiceApp
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import free_port
@@ -28,6 +29,12 @@ from threadline.natsserver import free_port
 ACCOUNT_KEY_ID = "act_000000000000000000000001"
 ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
+
+LOOPBACK_EGRESS_ALLOW = "127.0.0.0/8,[::1]"
+# The same policy for tests that build a client outside a service (push senders, send_email).
+LOOPBACK_EGRESS = EgressPolicy(allow_http=True, rules=parse_rules(LOOPBACK_EGRESS_ALLOW))
+# The default allow-list (empty), for tests that prove what the egress policy refuses.
+NO_EGRESS_ALLOW = {"THREADLINE_EGRESS_ALLOW": ""}
 
 # Start order: what a service asks at start-up runs before it.
 SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
@@ -53,6 +60,10 @@ class System:
             "THREADLINE_SDK_TOKEN_SECRET": SDK_TOKEN_SECRET,
             # The sandbox's SMTP sink on any free port (read it from `sandbox.mail.port`).
             "THREADLINE_SANDBOX_SMTP_PORT": "0",
+            # Tests run platform stand-ins, business webhook receivers and SMTP sinks on random
+            # loopback ports: allow loopback explicitly (tests of the egress policy itself pass
+            # `env=NO_EGRESS_ALLOW` to get the default, empty allow-list).
+            "THREADLINE_EGRESS_ALLOW": LOOPBACK_EGRESS_ALLOW,
             **(env or {}),
         }
         self.services: dict[str, ServiceApp] = {}

@@ -12,12 +12,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from shared.egress import ALLOW_ENV
 from shared.routes import DEFAULT_PORTS
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import build_frontdoor
@@ -42,6 +44,15 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def loopback_egress_allow(own_ports: Iterable[int], configured: str = "") -> str:
+    """THREADLINE_EGRESS_ALLOW under `threadline up`: the operator's own entries, plus loopback
+    (a business's webhook receiver such as the README's 127.0.0.1:9000, the sandbox's SMTP sink)
+    except Threadline's own ports (NATS, the services, the front door), which a webhook target
+    must never reach."""
+    denied = [f"!127.0.0.0/8:{port},![::1]:{port}" for port in sorted(set(own_ports)) if port]
+    return ",".join(part for part in (configured.strip(" ,"), *denied, "127.0.0.0/8", "[::1]") if part)
 
 
 def load_secrets(data_dir: str) -> dict[str, str]:
@@ -175,6 +186,7 @@ class Launcher:
             "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
+            ALLOW_ENV: loopback_egress_allow([self.port, nats_port, *ports.values()], os.environ.get(ALLOW_ENV, "")),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

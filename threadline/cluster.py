@@ -29,10 +29,19 @@ import nats.js.errors
 from aiohttp import web
 
 from shared.bus import Bus
+from shared.egress import ALLOW_ENV
 from shared.routes import DEFAULT_PORTS, ROUTES
 from shared.subjects import INBOUND, StreamSpec
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
-from threadline.cli import SANDBOX_INTEGRATIONS, START_ORDER, Launcher, LaunchError, ServiceProcess, load_secrets
+from threadline.cli import (
+    SANDBOX_INTEGRATIONS,
+    START_ORDER,
+    Launcher,
+    LaunchError,
+    ServiceProcess,
+    load_secrets,
+    loopback_egress_allow,
+)
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, cluster_node_config, free_port
 
@@ -258,6 +267,9 @@ class ClusterLauncher(Launcher):
         stream_replicas = 3 if self.cluster_size >= 3 else 1
         await wait_for_jetstream(self.cluster.url, stream_replicas)
         self.say(f"nats-server cluster ({self.cluster_size} nodes, JetStream R{stream_replicas}) on {self.cluster.url}")
+        replica_ports = {name: [free_port() for _ in range(self.replicas.get(name, 1))] for name in self.service_names}
+        nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
+        own_ports = [self.port, *nats_ports, *(p for ports in replica_ports.values() for p in ports)]
         base_env = {
             **os.environ,
             "THREADLINE_NATS_URL": self.cluster.url,
@@ -269,6 +281,7 @@ class ClusterLauncher(Launcher):
             "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
+            ALLOW_ENV: loopback_egress_allow(own_ports, os.environ.get(ALLOW_ENV, "")),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -277,7 +290,7 @@ class ClusterLauncher(Launcher):
             count = self.replicas.get(name, 1)
             ports = []
             for index in range(count):
-                port = free_port()
+                port = replica_ports[name][index]
                 replica = f"{name}-{index}"
                 proc = ReplicaProcess(name=replica, port=port, env={**base_env, "THREADLINE_HTTP_PORT": str(port)},
                                       log_path=os.path.join(self.data_dir, "logs", f"{replica}.log"), service=name)

@@ -128,7 +128,7 @@ class AppService(SdkService):
         cached = self.senders.get(record.id)
         if cached is not None and cached[0] == record:
             return cached[1]
-        sender = push_sender(record.type, record.config)
+        sender = push_sender(record.type, record.config, self.common.egress)
         if cached is not None:
             asyncio.get_running_loop().create_task(cached[1].close())
         self.senders[record.id] = (record, sender)

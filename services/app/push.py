@@ -15,6 +15,10 @@ Integration config (camelCase, as the business API stores it):
 
 APNs is HTTP/2 only; the client negotiates it through ALPN over TLS. The sandbox's fake is plain
 `http://`, where httpx speaks HTTP/1.1 (it does not do h2c), which the fake accepts.
+
+Every request goes through the egress policy (`shared.egress`): `tokenUri` and `baseUrl` must be
+Google's / Apple's hosts, the sandbox's origin or allow-listed, and connections go to checked
+addresses only. A refusal is the outcome "failed" with code `egress_refused`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from shared.egress import APNS_HOSTS, FCM_HOSTS, GOOGLE_OAUTH_HOSTS, REFUSED_CODE, EgressPolicy, EgressRefused
 from shared.telemetry import inject_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -108,12 +113,12 @@ class PushSender(Protocol):
         ...
 
 
-def push_sender(integration_type: str, config: Mapping[str, Any]) -> PushSender:
+def push_sender(integration_type: str, config: Mapping[str, Any], policy: EgressPolicy) -> PushSender:
     """The sender for an `android` (FCM) or `ios` (APNs) integration; ValueError naming the bad field."""
     if integration_type == "android":
-        return FcmSender(config)
+        return FcmSender(config, policy=policy)
     if integration_type == "ios":
-        return ApnsSender(config)
+        return ApnsSender(config, policy=policy)
     raise ValueError(f"no push sender for integration type {integration_type!r}")
 
 
@@ -234,6 +239,15 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _egress_client(policy: EgressPolicy) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=policy.httpx_transport("platform", http2=True), timeout=REQUEST_TIMEOUT,
+                             trust_env=False)
+
+
+def _refused_outcome(exc: EgressRefused) -> PushOutcome:
+    return PushOutcome(status="failed", code=REFUSED_CODE, reason=str(exc)[:300])
 
 
 def _network_outcome(exc: httpx.HTTPError) -> PushOutcome:
@@ -360,10 +374,12 @@ def classify_token_error(status: int, raw: bytes, headers: Mapping[str, str], no
 class FcmSender:
     """FCM HTTP v1 for one android integration (OAuth2 service-account token, cached)."""
 
-    def __init__(self, config: Mapping[str, Any], *, client: httpx.AsyncClient | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Mapping[str, Any], *, policy: EgressPolicy | None = None,
+                 client: httpx.AsyncClient | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = FcmSettings.from_config(config)
-        self._client = client or httpx.AsyncClient(http2=True, timeout=REQUEST_TIMEOUT)
+        # No policy given: the strictest one (Google's hosts over https only).
+        self.policy = policy or EgressPolicy()
+        self._client = client or _egress_client(self.policy)
         self._owns_client = client is None
         self._clock = clock
         self._access_token = ""
@@ -386,6 +402,7 @@ class FcmSender:
 
     async def _exchange(self) -> str | PushOutcome:
         now = self._clock()
+        self.policy.check_url(self.settings.token_uri, purpose="platform", hosts=GOOGLE_OAUTH_HOSTS)
         form = {"grant_type": JWT_BEARER_GRANT, "assertion": fcm_assertion(self.settings, now)}
         self.token_requests += 1
         with _tracer.start_as_current_span("oauth2 token", kind=SpanKind.CLIENT, attributes={
@@ -411,6 +428,7 @@ class FcmSender:
         return token
 
     async def _post(self, access_token: str, body: dict[str, Any], token: str) -> httpx.Response:
+        self.policy.check_url(self.settings.send_url, purpose="platform", hosts=FCM_HOSTS)
         with _tracer.start_as_current_span("fcm messages:send", kind=SpanKind.CLIENT, attributes={
                 "http.request.method": "POST", "server.address": urlsplit(self.settings.base_url).hostname or "",
                 "url.full": self.settings.send_url, "messaging.system": "fcm",
@@ -429,10 +447,10 @@ class FcmSender:
     async def send(self, token: str, message: PushMessage) -> PushOutcome:
         """Exchange (or reuse) the access token, then `messages:send`; a 401 refreshes it once."""
         body = fcm_request_body(token, message)
-        access = await self._access()
-        if isinstance(access, PushOutcome):
-            return access
         try:
+            access = await self._access()
+            if isinstance(access, PushOutcome):
+                return access
             response = await self._post(access, body, token)
             if response.status_code == 401:
                 # Revoked or expired early: one fresh token, one more try.
@@ -440,6 +458,8 @@ class FcmSender:
                 if isinstance(access, PushOutcome):
                     return access
                 response = await self._post(access, body, token)
+        except EgressRefused as exc:
+            outcome = _refused_outcome(exc)
         except httpx.HTTPError as exc:
             outcome = _network_outcome(exc)
         else:
@@ -544,10 +564,12 @@ def classify_apns(status: int, raw: bytes, headers: Mapping[str, str], now: floa
 class ApnsSender:
     """APNs token-based auth for one ios integration (provider token reused for 30 minutes)."""
 
-    def __init__(self, config: Mapping[str, Any], *, client: httpx.AsyncClient | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Mapping[str, Any], *, policy: EgressPolicy | None = None,
+                 client: httpx.AsyncClient | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = ApnsSettings.from_config(config)
-        self._client = client or httpx.AsyncClient(http2=True, timeout=REQUEST_TIMEOUT)
+        # No policy given: the strictest one (Apple's hosts over https only).
+        self.policy = policy or EgressPolicy()
+        self._client = client or _egress_client(self.policy)
         self._owns_client = client is None
         self._clock = clock
         self._provider_token = ""
@@ -569,6 +591,7 @@ class ApnsSender:
     async def _post(self, token: str, message: PushMessage, payload: bytes,
                     force: bool) -> tuple[httpx.Response, str]:
         url = f"{self.settings.base_url}/3/device/{token}"
+        self.policy.check_url(url, purpose="platform", hosts=APNS_HOSTS)
         headers = apns_headers(self.settings, self.provider_token(force), message, self._clock(), str(uuid.uuid4()))
         with _tracer.start_as_current_span("apns push", kind=SpanKind.CLIENT, attributes={
                 "http.request.method": "POST", "server.address": urlsplit(url).hostname or "",
@@ -596,6 +619,8 @@ class ApnsSender:
             response, apns_id = await self._post(token, message, payload, force=False)
             if response.status_code == 403 and _json_object(response.content).get("reason") == "ExpiredProviderToken":
                 response, apns_id = await self._post(token, message, payload, force=True)
+        except EgressRefused as exc:
+            outcome = _refused_outcome(exc)
         except httpx.HTTPError as exc:
             outcome = _network_outcome(exc)
         else:

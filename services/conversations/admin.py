@@ -17,6 +17,16 @@ import msgspec
 from services.conversations import models
 from services.conversations.store import Store, loads
 from shared import records
+from shared.egress import (
+    APNS_HOSTS,
+    FCM_HOSTS,
+    GOOGLE_OAUTH_HOSTS,
+    GRAPH_HOSTS,
+    TELEGRAM_HOSTS,
+    TWILIO_HOSTS,
+    EgressPolicy,
+    EgressRefused,
+)
 from shared.http import ApiError
 from shared.ids import new_id, new_secret, now
 
@@ -72,9 +82,10 @@ def _builtins(struct: msgspec.Struct) -> dict[str, Any]:
 class Admin:
     """Apps, keys, integrations, webhooks."""
 
-    def __init__(self, store: Store, sink: ConfigSink) -> None:
+    def __init__(self, store: Store, sink: ConfigSink, egress: EgressPolicy) -> None:
         self.store = store
         self.sink = sink
+        self.egress = egress
 
     # --- apps -----------------------------------------------------------------------------
 
@@ -202,6 +213,7 @@ class Admin:
             config: dict[str, Any] = {}
             for hook in fields.webhooks:
                 models.check_webhook(hook.target, hook.triggers)
+                self._check_target(hook.target)
                 webhooks.append(records.WebhookRecord(
                     id=new_id(), app_id=app_id, integration_id=integration_id, target=hook.target,
                     triggers=list(hook.triggers), secret=new_secret(), include_full_user=hook.include_full_user,
@@ -238,6 +250,7 @@ class Admin:
                     config.setdefault("username", f"postmaster@{config['domain']}")
         _check_push_credentials(type_, config)
         _check_email_settings(type_, config)
+        _check_egress(self.egress, type_, config)
         missing = [f.replace("|", " or ") for f in REQUIRED_ON_CREATE.get(type_, ()) if not _has(config, f)]
         if missing:
             raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
@@ -270,6 +283,9 @@ class Admin:
         config.update(changes)
         _check_push_credentials(row["type"], config)
         _check_email_settings(row["type"], config)
+        # Only what this update sets: a value stored before the egress policy existed is
+        # refused when it is used (a delivery failure), not on an unrelated change.
+        _check_egress(self.egress, row["type"], config, set(changes))
         status = _status(row["type"], config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
                                            display_name=display_name, config=config)
@@ -298,6 +314,7 @@ class Admin:
     async def create_webhook(self, app_id: str, integration_id: str, body: models.WebhookCreateBody) -> models.Webhook:
         await self._custom_integration(app_id, integration_id)
         models.check_webhook(body.target, body.triggers)
+        self._check_target(body.target)
         record = records.WebhookRecord(
             id=new_id(), app_id=app_id, integration_id=integration_id, target=body.target,
             triggers=list(body.triggers), secret=new_secret(), include_full_user=body.include_full_user,
@@ -326,6 +343,8 @@ class Admin:
                              body: models.WebhookUpdateBody) -> models.Webhook:
         record = await self.webhook_record(app_id, integration_id, webhook_id)
         models.check_webhook(body.target, body.triggers)
+        if body.target is not None:
+            self._check_target(body.target)
         changes: dict[str, Any] = {}
         if body.target is not None:
             changes["target"] = body.target
@@ -346,6 +365,13 @@ class Admin:
         async with self.store.tx():
             await self.store.delete_webhook(webhook_id)
             await self.sink.delete_webhook(app_id, webhook_id)
+
+    def _check_target(self, target: str) -> None:
+        """400 for a webhook target the egress policy would never deliver to."""
+        try:
+            self.egress.check_url(target, purpose="business")
+        except EgressRefused as exc:
+            raise ApiError(400, f"webhook target: {exc}") from None
 
     # --- KV is a cache of the DB -----------------------------------------------------------
 
@@ -410,6 +436,40 @@ def _status(type_: str, config: dict[str, Any]) -> str:
     if type_ == "twilio" and not (config.get("phoneNumber") or config.get("messagingServiceSid")):
         return "inactive"
     return "active"
+
+
+# The fields of each type that hold a platform API base URL Threadline calls, with the platform's
+# own hosts: anything else must be the sandbox's origin or allow-listed by the operator.
+PLATFORM_URL_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "whatsapp": {"baseUrl": GRAPH_HOSTS},
+    "messenger": {"baseUrl": GRAPH_HOSTS},
+    "telegram": {"baseUrl": TELEGRAM_HOSTS},
+    "twilio": {"baseUrl": TWILIO_HOSTS},
+    "android": {"tokenUri": GOOGLE_OAUTH_HOSTS, "baseUrl": FCM_HOSTS},
+    "ios": {"baseUrl": APNS_HOSTS},
+}
+
+
+def _check_egress(egress: EgressPolicy, type_: str, config: dict[str, Any], fields: set[str] | None = None) -> None:
+    """400 for a platform base URL or an SMTP server the egress policy refuses (`fields`: only
+    those, when an update sets some)."""
+    for name, hosts in PLATFORM_URL_FIELDS.get(type_, {}).items():
+        value = config.get(name)
+        if value is None or (fields is not None and name not in fields):
+            continue
+        if not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a URL")
+        try:
+            egress.check_url(value, purpose="platform", hosts=hosts)
+        except EgressRefused as exc:
+            raise ApiError(400, f"{name}: {exc}") from None
+    host = config.get("smtpHost")
+    if type_ == "mailgun" and isinstance(host, str) and (fields is None or fields & {"smtpHost", "smtpPort"}):
+        port = config.get("smtpPort") or EMAIL_DEFAULT_PORTS.get(str(config.get("security") or "starttls"), 587)
+        try:
+            egress.check_host(host, int(port))
+        except EgressRefused as exc:
+            raise ApiError(400, f"smtpHost: {exc}") from None
 
 
 # --- the `mailgun` integration (SunCo's e-mail type; Threadline sends it over SMTP) ------------

@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
@@ -52,7 +53,7 @@ class MessengerService(ServiceApp):
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self.store: Store | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: EgressSession | None = None
         # Page-level Send API limits (§2.7): one bucket per Page for text, one for audio/video.
         self.buckets = BucketMap(config.calls_per_second)
         self.media_buckets = BucketMap(config.media_calls_per_second)
@@ -68,7 +69,8 @@ class MessengerService(ServiceApp):
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.INTEGRATION_DECODER.decode)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.session = self.common.egress.http_session(
+            "platform", hosts=GRAPH_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
                          subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
         self._pruner = asyncio.create_task(self._prune_loop(), name="messenger:prune")
@@ -226,6 +228,9 @@ class MessengerService(ServiceApp):
             started = time.time()
             try:
                 mid = await self._post_message(creds, part.body)
+            except EgressRefused as exc:
+                await self._report(handlers.failed_status(command, REFUSED_CODE, str(exc)))
+                return
             except SendFailure as failure:
                 await self._retry_or_fail(command, delivery, failure)
                 return
@@ -278,7 +283,7 @@ class MessengerService(ServiceApp):
             raise ApiError(503, "Not started")
         return self.store
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _session(self) -> EgressSession:
         if self.session is None:
             raise ApiError(503, "Not started")
         return self.session

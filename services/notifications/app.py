@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import html
 import logging
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from aiohttp import web
 
 from services.notifications.config import NotificationsConfig
+from services.notifications.email import send_email
 from services.notifications.handlers import Lookups, Notifier
 from services.notifications.store import Store
 from shared import records, subjects
@@ -86,7 +88,8 @@ class NotificationsService(ServiceApp):
             return integrations.get(integration_id)  # type: ignore[no-any-return]
 
         self.notifier = Notifier(self.store, self.bus, self.config, Lookups(
-            app=app, integration=integration, integrations=all_integrations, presence=all_presence))
+            app=app, integration=integration, integrations=all_integrations, presence=all_presence),
+            email_sender=functools.partial(send_email, policy=self.common.egress))
         self.bus.consume(subjects.EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER, subjects.EVENTS_ALL,
                          self.notifier.on_event)
         self.bus.consume(subjects.STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,

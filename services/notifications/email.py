@@ -6,6 +6,10 @@ The integration's config (camelCase, as the business API stores it): `smtpHost`,
 set), `fromAddress` (else SunCo's `incomingAddress`), `fromName` (else the integration's display
 name). Mailgun's `apiKey` is never used here.
 
+The connection goes through the egress policy (`shared.egress`): `smtpHost` is resolved once,
+every address checked (no loopback, private, link-local, … unless allow-listed) and the socket
+opened to a checked address, while TLS still verifies `smtpHost`. A refusal is permanent.
+
 Failures are split the way a sender must treat them: `EmailTransientError` (4xx replies,
 connection refused/reset, timeouts: try again later) and `EmailPermanentError` (5xx replies such
 as 550 mailbox unavailable, a bad address, a server that cannot do the configured security:
@@ -25,6 +29,7 @@ from typing import Any, Final
 import aiosmtplib
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from shared.egress import EgressPolicy, EgressRefused
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
 
@@ -134,12 +139,12 @@ def smtp_options(integration: IntegrationRecord, timeout: float,
 
 async def send_email(integration: IntegrationRecord, to: str, subject: str, text: str, html: str | None = None,
                      *, unsubscribe_url: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                     tls_context: ssl.SSLContext | None = None) -> str:
+                     tls_context: ssl.SSLContext | None = None, policy: EgressPolicy | None = None) -> str:
     """Send one e-mail through the integration's SMTP server; return its Message-ID.
 
     `unsubscribe_url` becomes the List-Unsubscribe header (the opt-out link). `tls_context`
-    overrides certificate checks (tests with a private CA). Raises `EmailTransientError` or
-    `EmailPermanentError`.
+    overrides certificate checks (tests with a private CA). `policy` is the egress policy (the
+    strictest when None). Raises `EmailTransientError` or `EmailPermanentError`.
     """
     with _tracer.start_as_current_span("smtp send", kind=SpanKind.CLIENT) as span:
         span.set_attribute("server.address", str(integration.config.get("smtpHost") or ""))
@@ -150,7 +155,7 @@ async def send_email(integration: IntegrationRecord, to: str, subject: str, text
                                     traceparent=traceparent)
             options = smtp_options(integration, timeout, tls_context)
             span.set_attribute("server.port", options["port"])
-            await _deliver(message, options)
+            await _deliver(message, options, policy or EgressPolicy())
         except EmailError as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -162,10 +167,19 @@ async def send_email(integration: IntegrationRecord, to: str, subject: str, text
         return message_id
 
 
-async def _deliver(message: EmailMessage, options: dict[str, Any]) -> None:
-    """aiosmtplib.send with its exceptions turned into transient/permanent errors."""
+async def _deliver(message: EmailMessage, options: dict[str, Any], policy: EgressPolicy) -> None:
+    """aiosmtplib.send over a socket the egress policy opened, its exceptions turned into
+    transient/permanent errors."""
+    options = dict(options)
+    host, port = str(options.pop("hostname")), int(options.pop("port"))
     try:
-        await aiosmtplib.send(message, **options)
+        sock = await policy.connect_smtp(host, port, timeout=options.get("timeout"))
+    except EgressRefused as exc:
+        raise EmailPermanentError(str(exc)) from exc
+    except OSError as exc:
+        raise EmailTransientError(f"SMTP connection failed: {exc}") from exc
+    try:
+        await aiosmtplib.send(message, hostname=host, sock=sock, **options)
     except aiosmtplib.SMTPRecipientsRefused as exc:
         codes = [r.code for r in exc.recipients]
         # Every recipient refused with a 4xx (greylisting, mailbox busy): try again later.
@@ -190,3 +204,5 @@ async def _deliver(message: EmailMessage, options: dict[str, Any]) -> None:
         raise EmailTransientError(f"SMTP failed: {exc}") from exc
     except OSError as exc:
         raise EmailTransientError(f"SMTP failed: {exc}") from exc
+    finally:
+        sock.close()

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.egress import REFUSED_CODE, TWILIO_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, basic_auth_header, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
@@ -56,7 +57,7 @@ class SmsService(ServiceApp):
         self.config = config
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: EgressSession | None = None
         self.buckets: dict[str, SegmentBucket] = {}
         self.sent: BoundedMemory[str, str] = BoundedMemory()
         # Provider SID → (message id, conversation id), so a status callback can name its message.
@@ -72,7 +73,8 @@ class SmsService(ServiceApp):
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.INTEGRATION_DECODER.decode)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.session = self.common.egress.http_session(
+            "platform", hosts=TWILIO_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         # Small batches and a long ack wait: sends may wait for their sender's 1 segment/s.
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
                          subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, batch=20,
@@ -225,6 +227,9 @@ class SmsService(ServiceApp):
             if wait > 0:
                 await asyncio.sleep(wait)
             sid = await self._post_message(creds, form)
+        except EgressRefused as exc:
+            await self._report(handlers.failed_status(command, REFUSED_CODE, str(exc)))
+            return
         except SendFailure as failure:
             await self._retry_or_fail(command, delivery, failure)
             return
@@ -284,7 +289,7 @@ class SmsService(ServiceApp):
             raise ApiError(503, "Not connected")
         return self.bus
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _session(self) -> EgressSession:
         if self.session is None:
             raise ApiError(503, "Not started")
         return self.session

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
@@ -102,6 +103,15 @@ class WebhookRegistrar:
                     log.info("telegram webhook set", extra=log_fields(integration_id=integration_id,
                                                                       url=registration.url))
                 attempt = 0
+            except EgressRefused as exc:
+                # Retrying cannot help until the integration (or the operator's allow-list) changes,
+                # and a change of the record starts a new worker.
+                log.error("telegram webhook registration of %s not attempted: %s", integration_id, exc,
+                          extra=log_fields(integration_id=integration_id, error_code=REFUSED_CODE))
+                if target is None:
+                    self.applied.pop(integration_id, None)
+                self.wanted.pop(integration_id, None)
+                return
             except SendFailure as failure:
                 if target is None and not failure.transient:
                     # The token was revoked (or the bot deleted): there is no webhook left to remove.
@@ -136,7 +146,7 @@ class TelegramService(ServiceApp):
         self.config = config
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: EgressSession | None = None
         self.webhooks = WebhookRegistrar(self)
         self.bot_buckets = BucketMap(config.bot_messages_per_second)
         self.chat_buckets = BucketMap(config.chat_messages_per_second, burst=1.0)
@@ -153,7 +163,8 @@ class TelegramService(ServiceApp):
     async def start(self) -> None:
         """Connect NATS, mirror the integrations (registering webhooks), start the send loop, serve HTTP."""
         self.bus = await self.connect_bus()
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.session = self.common.egress.http_session(
+            "platform", hosts=TELEGRAM_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.INTEGRATION_DECODER.decode)
         self.integrations.add_listener(self.webhooks.observe)
@@ -190,7 +201,8 @@ class TelegramService(ServiceApp):
     # --- Bot API calls ---------------------------------------------------------------------
 
     async def call(self, creds: Credentials, method: str, params: dict[str, Any]) -> Any:
-        """Call a Bot API method with JSON parameters; its `result`, or SendFailure."""
+        """Call a Bot API method with JSON parameters; its `result`, or SendFailure (EgressRefused
+        when the egress policy refuses the integration's base URL)."""
         session = self._session()
         headers = inject_headers({"Content-Type": "application/json"})
         with _tracer.start_as_current_span(f"POST telegram {method}", kind=SpanKind.CLIENT) as span:
@@ -250,7 +262,7 @@ class TelegramService(ServiceApp):
     async def _answer_callback(self, creds: Credentials, callback_query_id: str) -> None:
         try:
             await self.call(creds, "answerCallbackQuery", {"callback_query_id": callback_query_id})
-        except SendFailure as failure:
+        except (SendFailure, EgressRefused) as failure:
             log.info("answerCallbackQuery failed: %s", failure)
 
     async def media(self, request: web.Request) -> web.StreamResponse:
@@ -263,6 +275,8 @@ class TelegramService(ServiceApp):
             raise ApiError(404, "Unknown media")
         try:
             info = await self.call(creds, "getFile", {"file_id": file_id})
+        except EgressRefused:
+            raise ApiError(502, "Media lookup refused by the egress policy") from None
         except SendFailure as failure:
             raise ApiError(404 if failure.http_status == 400 else 502, "Media lookup failed") from None
         file_path = info.get("file_path") if isinstance(info, dict) else None
@@ -283,6 +297,9 @@ class TelegramService(ServiceApp):
                         await response.write(chunk)
                     await response.write_eof()
                     return response
+            except EgressRefused:
+                span.set_status(Status(StatusCode.ERROR, REFUSED_CODE))
+                raise ApiError(502, "Media download refused by the egress policy") from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise ApiError(502, "Media download failed") from None
@@ -321,6 +338,9 @@ class TelegramService(ServiceApp):
         await self.bot_buckets.get(command.integration_id).acquire()
         try:
             result = await self.call(creds, method, params)
+        except EgressRefused as exc:
+            await self._report(handlers.failed_status(command, REFUSED_CODE, str(exc)))
+            return
         except SendFailure as failure:
             if failure.retry_after is not None:
                 self.paused_until[chat_key] = time.monotonic() + failure.retry_after
@@ -369,7 +389,7 @@ class TelegramService(ServiceApp):
             raise ApiError(503, "Not connected")
         return self.bus
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _session(self) -> EgressSession:
         if self.session is None:
             raise ApiError(503, "Not started")
         return self.session

@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Mapping
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -16,6 +15,7 @@ from services.webhooks.handlers import deliveries_for
 from services.webhooks.store import DeliveryStore
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison
+from shared.egress import EgressSession
 from shared.http import error_middleware, json_response, tracing_middleware
 from shared.messages import conversation
 from shared.records import WebhookRecord
@@ -34,7 +34,7 @@ class WebhooksService(ServiceApp):
         self.bus: Bus | None = None
         self.store: DeliveryStore | None = None
         self.mirror: KvMirror | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: EgressSession | None = None
         self.dispatcher: Dispatcher | None = None
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -46,10 +46,7 @@ class WebhooksService(ServiceApp):
         self.bus = await self.connect_bus()
         self.store = await DeliveryStore.open(self.config.db_path)
         self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)
         self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
         await self.dispatcher.start()
         self.bus.consume(subjects.EVENTS, subjects.WEBHOOKS_EVENTS_CONSUMER, subjects.EVENTS_ALL, self._on_event)

@@ -24,6 +24,7 @@ from services.webhooks.handlers import (
     request_headers,
 )
 from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
+from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.records import WebhookRecord
 from shared.telemetry import extract_context, inject_headers, log_fields, tracer
 
@@ -43,16 +44,18 @@ class AttemptResult:
 
     status: int | None
     error: str | None
+    # The egress policy refused the target: no retry can help until the business changes it.
+    refused: bool = False
 
     @property
     def outcome(self) -> Outcome:
-        return classify(self.status)
+        return "failed" if self.refused else classify(self.status)
 
 
 class Dispatcher:
     """Runs deliveries for every webhook: at most `max_inflight_per_webhook` POSTs per webhook."""
 
-    def __init__(self, store: DeliveryStore, lookup: WebhookLookup, session: aiohttp.ClientSession,
+    def __init__(self, store: DeliveryStore, lookup: WebhookLookup, session: EgressSession,
                  config: WebhooksConfig, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.lookup = lookup
@@ -195,6 +198,9 @@ class Dispatcher:
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                         await response.content.read(MAX_RESPONSE_BYTES)
                     status: int | None = response.status
+            except EgressRefused as exc:
+                span.set_status(Status(StatusCode.ERROR, REFUSED_CODE))
+                return AttemptResult(None, f"{REFUSED_CODE}: {exc}", refused=True)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 # ValueError: a target aiohttp cannot even parse; it is retried like any failure
                 # until the window ends, in case the business fixes the URL.

@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
@@ -46,7 +47,7 @@ class WhatsAppService(ServiceApp):
         self.config = config
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: EgressSession | None = None
         # Graph API throughput per business number.
         self.buckets = BucketMap(config.messages_per_second)
         self.sent: BoundedMemory[str, str] = BoundedMemory()
@@ -61,7 +62,8 @@ class WhatsAppService(ServiceApp):
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.INTEGRATION_DECODER.decode)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.session = self.common.egress.http_session(
+            "platform", hosts=GRAPH_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
                          subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
         await self.start_http()
@@ -143,7 +145,12 @@ class WhatsAppService(ServiceApp):
         return web.Response(status=200, text="ok", content_type="text/plain")
 
     async def media(self, request: web.Request) -> web.StreamResponse:
-        """Serve a customer's media: resolve the Graph media id to its short-lived URL and stream it."""
+        """Serve a customer's media: resolve the Graph media id to its short-lived URL and stream it.
+
+        The integration's bearer token goes only to its Graph base URL and to the URL the lookup
+        returns when that is Meta's media CDN or the Graph origin itself (the sandbox's fake);
+        any other URL, or an address the egress policy refuses, is never fetched.
+        """
         integration_id = request.match_info["integration_id"]
         media_id = request.match_info["media_id"]
         creds = self.credentials(integration_id)
@@ -161,9 +168,13 @@ class WhatsAppService(ServiceApp):
                         raise ApiError(404, "Unknown media")
                     info = await resp.json(content_type=None)
                 url = info.get("url") if isinstance(info, dict) else None
-                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                if not isinstance(url, str) or not handlers.media_download_allowed(url, creds.base_url):
+                    log.warning("media lookup of integration %s answered a URL off Meta's hosts: not fetched",
+                                integration_id, extra=log_fields(integration_id=integration_id, event="egress_refused",
+                                                                 reason="media URL off the Graph and CDN hosts"))
                     raise ApiError(502, "Unexpected media lookup answer")
-                async with session.get(url, headers=inject_headers(auth)) as upstream:
+                async with session.get(url, headers=inject_headers(auth),
+                                       hosts=handlers.MEDIA_HOSTS) as upstream:
                     if upstream.status != 200:
                         raise ApiError(502, "Media download failed")
                     response = web.StreamResponse(status=200)
@@ -174,6 +185,9 @@ class WhatsAppService(ServiceApp):
                         await response.write(chunk)
                     await response.write_eof()
                     return response
+            except EgressRefused as exc:
+                span.set_status(Status(StatusCode.ERROR, REFUSED_CODE))
+                raise ApiError(502, "Media download refused by the egress policy") from exc
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise ApiError(502, "Media download failed") from exc
@@ -206,6 +220,9 @@ class WhatsAppService(ServiceApp):
         await self.buckets.get(creds.phone_number_id).acquire()
         try:
             wamid = await self._post_message(creds, body)
+        except EgressRefused as exc:
+            await self._report(handlers.failed_status(command, REFUSED_CODE, str(exc)))
+            return
         except SendFailure as failure:
             await self._retry_or_fail(command, delivery, failure)
             return
@@ -252,7 +269,7 @@ class WhatsAppService(ServiceApp):
             raise ApiError(503, "Not connected")
         return self.bus
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _session(self) -> EgressSession:
         if self.session is None:
             raise ApiError(503, "Not started")
         return self.session

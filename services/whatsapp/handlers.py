@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -117,6 +118,20 @@ def media_signature(app_secret: str, integration_id: str, media_id: str) -> str:
     """A short HMAC that makes a gateway media URL unguessable without the app secret."""
     mac = hmac.new(app_secret.encode(), f"{integration_id}:{media_id}".encode(), hashlib.sha256)
     return mac.hexdigest()[:32]
+
+
+# Where a media download may go (the Graph host itself serves the sandbox's and proxies' media).
+MEDIA_HOSTS = WHATSAPP_MEDIA_HOSTS + GRAPH_HOSTS
+
+
+def media_download_allowed(url: str, base_url: str) -> bool:
+    """Whether the integration's bearer token may follow a media lookup's `url`: only to the
+    Graph base URL's own origin (the sandbox's fake, an operator's proxy) or, over https, to
+    Meta's media CDN — never to whatever host the lookup answer names."""
+    if same_origin(url, base_url):
+        return True
+    origin = Origin.of(url)
+    return origin is not None and origin.scheme == "https" and host_matches(origin.host, WHATSAPP_MEDIA_HOSTS)
 
 
 def media_url(public_base_url: str, creds: Credentials, media_id: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import functools
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator
@@ -30,16 +31,19 @@ from services.notifications.email import (
     EmailPermanentError,
     EmailTransientError,
     build_message,
-    send_email,
 )
+from services.notifications.email import send_email as send_email_with_policy
 from services.sandbox.smtp_fake import ScriptedFailure, SmtpSink
 from shared import records, subjects
 from shared.bus import Bus
 from shared.records import IntegrationRecord
 from shared.store import open_db
 from shared.telemetry import setup_telemetry, tracer
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, System
 from threadline.natsserver import free_port
+
+# The SMTP sinks of these tests listen on loopback.
+send_email = functools.partial(send_email_with_policy, policy=LOOPBACK_EGRESS)
 
 ACCOUNT = {"Authorization": "Basic " + base64.b64encode(f"{ACCOUNT_KEY_ID}:{ACCOUNT_KEY_SECRET}".encode()).decode()}
 

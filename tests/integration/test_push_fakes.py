@@ -39,7 +39,7 @@ from shared.ids import new_id
 from shared.records import IntegrationRecord
 from shared.telemetry import setup_telemetry, tracer
 from tests.fakes.whatsapp_env import eventually
-from tests.harness import System
+from tests.harness import LOOPBACK_EGRESS, System
 from threadline.natsserver import free_port
 
 APP_ID = new_id()
@@ -135,7 +135,7 @@ async def _outbox(served: Served, channel: str, integration_id: str, token: str)
 async def test_fcm_sender_exchanges_a_token_then_sends_and_reuses_the_token(served: Served) -> None:
     token = await _device(served, "android", served.android.id)
     assert FCM_TOKEN_RE.match(token)
-    sender = push_sender("android", served.android.config)
+    sender = push_sender("android", served.android.config, LOOPBACK_EGRESS)
     try:
         first = await sender.send(token, MESSAGE)
         second = await sender.send(token, PushMessage(title="Shop", body="and again"))
@@ -163,7 +163,7 @@ async def test_fcm_revoked_or_unknown_token_is_unregistered(served: Served) -> N
         unknown = await client.post(f"{served.base}/sandbox/android/{served.android.id}/devices/nope/revoke")
     assert revoked.status_code == 200 and revoked.json()["revoked"] is True
     assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "not_found"
-    sender = FcmSender(served.android.config)
+    sender = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
     try:
         gone = await sender.send(token, MESSAGE)
         never = await sender.send(served.fcm.new_token(), MESSAGE)
@@ -182,7 +182,7 @@ async def test_fcm_scripted_503_is_retry_with_retry_after_then_sends(served: Ser
                                      json={"status": 503, "code": "UNAVAILABLE", "count": 1, "retryAfter": 7})
     assert bad.status_code == 400 and "status" in bad.json()["errors"][0]["title"]
     assert scripted.status_code == 200 and scripted.json() == {"queued": 1}
-    sender = FcmSender(served.android.config)
+    sender = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
     try:
         transient = await sender.send(token, MESSAGE)
         later = await sender.send(token, MESSAGE)
@@ -195,7 +195,7 @@ async def test_fcm_scripted_503_is_retry_with_retry_after_then_sends(served: Ser
 async def test_fcm_forged_key_fails_at_the_token_exchange(served: Served) -> None:
     token = await _device(served, "android", served.android.id)
     forged = {**served.android.config, "privateKey": OTHER_RSA}
-    sender = FcmSender(forged)
+    sender = FcmSender(forged, policy=LOOPBACK_EGRESS)
     try:
         outcome = await sender.send(token, MESSAGE)
     finally:
@@ -207,7 +207,7 @@ async def test_fcm_forged_key_fails_at_the_token_exchange(served: Served) -> Non
 
 async def test_fcm_401_forces_one_token_refresh_and_one_retry(served: Served) -> None:
     token = await _device(served, "android", served.android.id)
-    sender = FcmSender(served.android.config)
+    sender = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
     try:
         assert (await sender.send(token, MESSAGE)).status == "sent"
         served.fcm.revoke_access_tokens()  # Google revoked it early
@@ -220,7 +220,7 @@ async def test_fcm_401_forces_one_token_refresh_and_one_retry(served: Served) ->
 
 async def test_fcm_concurrent_first_sends_share_one_token_exchange(served: Served) -> None:
     tokens = [await _device(served, "android", served.android.id) for _ in range(5)]
-    sender = FcmSender(served.android.config)
+    sender = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
     try:
         outcomes = await asyncio.gather(*(sender.send(t, MESSAGE) for t in tokens))
     finally:
@@ -231,7 +231,7 @@ async def test_fcm_concurrent_first_sends_share_one_token_exchange(served: Serve
 
 async def test_fcm_network_error_is_retry(served: Served) -> None:
     config = {**served.android.config, "tokenUri": f"http://127.0.0.1:{free_port()}/token"}
-    sender = FcmSender(config)
+    sender = FcmSender(config, policy=LOOPBACK_EGRESS)
     try:
         outcome = await sender.send(served.fcm.new_token(), MESSAGE)
     finally:
@@ -242,7 +242,7 @@ async def test_fcm_network_error_is_retry(served: Served) -> None:
 async def test_fcm_fake_validates_the_message(served: Served) -> None:
     """What FCM refuses with INVALID_ARGUMENT, the fake refuses too (and the sender reports "failed")."""
     token = await _device(served, "android", served.android.id)
-    sender = FcmSender(served.android.config)
+    sender = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
     try:
         access = await sender._access()
         assert isinstance(access, str)
@@ -314,7 +314,7 @@ async def test_firebase_admin_sends_through_the_fake_and_sees_unregistered(serve
 async def test_apns_sender_sends_with_the_headers_apple_expects(served: Served) -> None:
     token = await _device(served, "ios", served.ios.id)
     assert re.fullmatch(r"[0-9a-f]{64}", token)
-    sender = push_sender("ios", served.ios.config)
+    sender = push_sender("ios", served.ios.config, LOOPBACK_EGRESS)
     try:
         outcome = await sender.send(token, MESSAGE)
         again = await sender.send(token, MESSAGE)
@@ -336,7 +336,7 @@ async def test_apns_sender_sends_with_the_headers_apple_expects(served: Served) 
 async def test_apns_revoked_device_is_unregistered_and_bad_tokens_too(served: Served) -> None:
     token = await _device(served, "ios", served.ios.id)
     served.apns.revoke(token)
-    sender = ApnsSender(served.ios.config)
+    sender = ApnsSender(served.ios.config, policy=LOOPBACK_EGRESS)
     try:
         gone = await sender.send(token, MESSAGE)
         unknown = await sender.send("ab" * 32, MESSAGE)
@@ -352,8 +352,8 @@ async def test_apns_revoked_device_is_unregistered_and_bad_tokens_too(served: Se
 async def test_apns_wrong_topic_fails_and_another_apps_device_is_unregistered(served: Served) -> None:
     other_app_device = await _device(served, "ios", served.ios_other.id)
     own_device = await _device(served, "ios", served.ios.id)
-    wrong_bundle = ApnsSender({**served.ios.config, "bundleId": "com.example.not-ours"})
-    sender = ApnsSender(served.ios.config)
+    wrong_bundle = ApnsSender({**served.ios.config, "bundleId": "com.example.not-ours"}, policy=LOOPBACK_EGRESS)
+    sender = ApnsSender(served.ios.config, policy=LOOPBACK_EGRESS)
     try:
         disallowed = await wrong_bundle.send(own_device, MESSAGE)
         not_for_topic = await sender.send(other_app_device, MESSAGE)
@@ -371,7 +371,7 @@ async def test_apns_expired_provider_token_is_regenerated_once(served: Served) -
     def clock() -> float:
         return times.pop(0) if times else time.time()
 
-    sender = ApnsSender(served.ios.config, clock=clock)
+    sender = ApnsSender(served.ios.config, clock=clock, policy=LOOPBACK_EGRESS)
     try:
         outcome = await sender.send(token, MESSAGE)
     finally:
@@ -383,8 +383,8 @@ async def test_apns_expired_provider_token_is_regenerated_once(served: Served) -
 
 async def test_apns_forged_key_and_scripted_errors(served: Served) -> None:
     token = await _device(served, "ios", served.ios.id)
-    forged = ApnsSender({**served.ios.config, "signingKey": OTHER_EC})
-    sender = ApnsSender(served.ios.config)
+    forged = ApnsSender({**served.ios.config, "signingKey": OTHER_EC}, policy=LOOPBACK_EGRESS)
+    sender = ApnsSender(served.ios.config, policy=LOOPBACK_EGRESS)
     async with httpx.AsyncClient() as client:
         scripted = await client.post(f"{served.base}/sandbox/ios/{served.ios.id}/errors",
                                      json={"status": 503, "code": "ServiceUnavailable", "retryAfter": 3})
@@ -406,7 +406,7 @@ async def test_apns_forged_key_and_scripted_errors(served: Served) -> None:
 
 async def test_apns_fake_refuses_what_apple_refuses(served: Served) -> None:
     token = await _device(served, "ios", served.ios.id)
-    sender = ApnsSender(served.ios.config)
+    sender = ApnsSender(served.ios.config, policy=LOOPBACK_EGRESS)
     jwt = sender.provider_token()
     await sender.close()
     url = f"{served.base}/sandbox/apns/3/device/{token}"
@@ -435,7 +435,8 @@ async def test_push_senders_open_client_spans_and_send_traceparent(served: Serve
     setup_telemetry("tests", extra_processor=SimpleSpanProcessor(exporter))
     android_token = await _device(served, "android", served.android.id)
     ios_token = await _device(served, "ios", served.ios.id)
-    fcm, apns = FcmSender(served.android.config), ApnsSender(served.ios.config)
+    fcm = FcmSender(served.android.config, policy=LOOPBACK_EGRESS)
+    apns = ApnsSender(served.ios.config, policy=LOOPBACK_EGRESS)
     try:
         with tracer("tests").start_as_current_span("push consumer") as parent:
             trace_id = format(parent.get_span_context().trace_id, "032x")
@@ -516,7 +517,8 @@ async def test_sandbox_service_fakes_push_for_integrations_in_the_bucket(system:
 
         android_token = await eventually(lambda: device("android", android.id))
         ios_token = await eventually(lambda: device("ios", ios.id))
-        fcm, apns = push_sender("android", android.config), push_sender("ios", ios.config)
+        fcm = push_sender("android", android.config, LOOPBACK_EGRESS)
+        apns = push_sender("ios", ios.config, LOOPBACK_EGRESS)
         try:
             assert (await fcm.send(android_token, MESSAGE)).status == "sent"
             assert (await apns.send(ios_token, MESSAGE)).status == "sent"

@@ -36,6 +36,7 @@ from services.app.push import (
     retry_after_seconds,
     truncate_body,
 )
+from shared.egress import EgressPolicy
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -116,12 +117,12 @@ def test_apns_provider_token_is_reused_for_30_minutes_then_regenerated() -> None
 ])
 def test_push_sender_names_the_bad_config_field(kind: str, config: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        push_sender(kind, config)
+        push_sender(kind, config, EgressPolicy())
 
 
 def test_push_sender_defaults_and_overrides() -> None:
     with pytest.raises(ValueError, match="web"):
-        push_sender("web", {})
+        push_sender("web", {}, EgressPolicy())
     fcm = FcmSender({**ANDROID, "privateKey": ANDROID["privateKey"].replace("\n", "\\n")})  # escaped newlines
     assert fcm.settings.send_url == "https://fcm.googleapis.com/v1/projects/demo-proj/messages:send"
     assert fcm.settings.token_uri == "https://oauth2.googleapis.com/token"
