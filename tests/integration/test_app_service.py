@@ -67,10 +67,15 @@ async def ios_integration(http: aiohttp.ClientSession, base: str, app_id: str) -
 
 
 async def new_device_token(http: aiohttp.ClientSession, base: str, platform: str, integration_id: str) -> str:
-    async with http.post(f"{base}/sandbox/{platform}/{integration_id}/devices") as resp:
-        assert resp.status in (200, 201), await resp.text()
-        token: str = (await resp.json())["token"]
-    return token
+    async def issued() -> str | None:  # the sandbox learns a new integration from a KV mirror
+        async with http.post(f"{base}/sandbox/{platform}/{integration_id}/devices") as resp:
+            if resp.status == 404:
+                return None
+            assert resp.status in (200, 201), await resp.text()
+            token: str = (await resp.json())["token"]
+        return token
+
+    return str(await eventually(issued))
 
 
 async def pushes(http: aiohttp.ClientSession, base: str, platform: str, integration_id: str,
