@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.telemetry import inject_headers, tracer
+from shared.untrusted import decode_json
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -230,8 +231,8 @@ def _flag(config: Mapping[str, Any], field: str, kind: str) -> bool:
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError):
+        value = decode_json(raw) if raw else {}
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -13,7 +13,6 @@ nothing. Resource ids of another app (under the caller's own app path) → 404.
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
 from shared.sunco import Profile, Source
+from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ def _b64decode(text: str) -> str:
         raise ApiError(401, "Invalid credentials", "unauthorized") from exc
 
 
-def _eq(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
@@ -105,9 +101,9 @@ class Api:
 
     async def _key_secret(self, key_id: str) -> tuple[str, str | None] | None:
         """(secret, app_id) of a key id; app_id None for the account key."""
-        if _eq(key_id, self.account_key_id):
+        if secrets_equal(self.account_key_id, key_id):
             return self.account_key_secret, None
-        if not key_id.startswith("app_"):
+        if not key_id.startswith("app_") or not key_id.isascii():
             return None
         row = await self.store.get_key(key_id)
         return None if row is None else (row["secret"], row["app_id"])
@@ -120,7 +116,7 @@ class Api:
         if scheme == "basic":
             key_id, sep, secret = _b64decode(value.strip()).partition(":")
             found = await self._key_secret(key_id) if sep else None
-            if found is None or not _eq(secret, found[0]):
+            if found is None or not secrets_equal(found[0], secret):
                 raise ApiError(401, "Invalid credentials", "unauthorized")
             return Principal(key_id=key_id, app_id=found[1])
         if scheme == "bearer":

@@ -33,6 +33,7 @@ from shared.sunco import (
     User,
     Wire,
 )
+from shared.untrusted import decode_json
 
 # --- shared pieces ---------------------------------------------------------------------------
 
@@ -618,7 +619,7 @@ def query_object(query: Mapping[str, str], name: str) -> dict[str, str]:
     raw = query.get(name)
     if raw is not None and raw != "":
         try:
-            parsed = json.loads(raw)
+            parsed = decode_json(raw)
         except ValueError as exc:
             raise ApiError(400, f"query parameter {name} must be a JSON object") from exc
         if not isinstance(parsed, dict):

@@ -7,7 +7,6 @@ reference §2 (envelope `entry[].messaging[]`, m.me `ref`, Send API, window and 
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 import urllib.parse
@@ -33,6 +32,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
+from shared.untrusted import decode_json, secrets_equal
 
 CHANNEL = "messenger"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -49,7 +49,6 @@ HUMAN_AGENT = "HUMAN_AGENT"
 UPDATE_TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE"})
 MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
 
-_JSON = msgspec.json.Decoder()
 
 
 # --- integration credentials -------------------------------------------------------------------
@@ -105,7 +104,7 @@ def verify_handshake(creds: Credentials | None, mode: str | None, token: str | N
     """The challenge to echo when Meta's subscription handshake is genuine, else None."""
     if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
         return None
-    if not hmac.compare_digest(creds.verify_token.encode(), token.encode()):
+    if not secrets_equal(creds.verify_token, token):
         return None
     return challenge
 
@@ -253,7 +252,7 @@ def _seconds(value: int | float, what: str) -> float:
 def parse_webhook(raw: bytes) -> _Envelope:
     """Decode and validate the notification envelope (raises WebhookShapeError)."""
     try:
-        envelope = msgspec.json.decode(raw, type=_Envelope)
+        envelope = decode_json(raw, _Envelope)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise WebhookShapeError(f"not a Messenger notification: {exc}") from exc
     if envelope.object != "page":
@@ -661,7 +660,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     title = f"HTTP {http_status}"
     details: str | None = None
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     error = doc.get("error") if isinstance(doc, dict) else None
@@ -683,7 +682,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_send_response(body: bytes) -> str:
     """The `message_id` of a 200 answer of the Send API (`{"recipient_id", "message_id"}`)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError as exc:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True) from exc
     mid = doc.get("message_id") if isinstance(doc, dict) else None

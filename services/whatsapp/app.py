@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Mapping
 
@@ -24,6 +23,7 @@ from shared.retry import backoff_delay
 from shared.service import ServiceApp
 from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
+from shared.untrusted import decode_json, secrets_equal
 
 from . import handlers
 from .config import WhatsAppConfig
@@ -148,7 +148,7 @@ class WhatsAppService(ServiceApp):
         media_id = request.match_info["media_id"]
         creds = self.credentials(integration_id)
         sig = request.query.get("sig", "")
-        if creds is None or not hmac.compare_digest(
+        if creds is None or not secrets_equal(
                 handlers.media_signature(creds.app_secret, integration_id, media_id), sig):
             raise ApiError(404, "Unknown media")
         session = self._session()
@@ -159,7 +159,7 @@ class WhatsAppService(ServiceApp):
                 async with session.get(creds.media_lookup_url(media_id), headers=inject_headers(auth)) as resp:
                     if resp.status != 200:
                         raise ApiError(404, "Unknown media")
-                    info = await resp.json(content_type=None)
+                    info = decode_json(await resp.read())
                 url = info.get("url") if isinstance(info, dict) else None
                 if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                     raise ApiError(502, "Unexpected media lookup answer")

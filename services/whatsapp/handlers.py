@@ -33,6 +33,7 @@ from shared.sunco import (
     TextContent,
     UnsupportedContent,
 )
+from shared.untrusted import decode_json, secrets_equal
 
 CHANNEL = "whatsapp"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -48,7 +49,6 @@ TEXT_BODY_MAX = 4096
 CALLBACK_PREFIX = "tl:"
 
 _BSUID_RE = re.compile(r"^[A-Z]{2}\.[A-Za-z0-9.]{1,160}$")
-_JSON = msgspec.json.Decoder()
 
 
 # --- integration credentials -------------------------------------------------------------------
@@ -108,7 +108,7 @@ def verify_handshake(creds: Credentials | None, mode: str | None, token: str | N
     """The challenge to echo when Meta's subscription handshake is genuine, else None."""
     if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
         return None
-    if not hmac.compare_digest(creds.verify_token.encode(), token.encode()):
+    if not secrets_equal(creds.verify_token, token):
         return None
     return challenge
 
@@ -269,7 +269,7 @@ def _timestamp(value: str | int) -> float:
 def parse_webhook(raw: bytes) -> _Envelope:
     """Decode and validate the notification envelope (raises WebhookShapeError)."""
     try:
-        envelope = msgspec.json.decode(raw, type=_Envelope)
+        envelope = decode_json(raw, _Envelope)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise WebhookShapeError(f"not a WhatsApp notification: {exc}") from exc
     if envelope.object != "whatsapp_business_account":
@@ -576,7 +576,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     title = f"HTTP {http_status}"
     details: str | None = None
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     error = doc.get("error") if isinstance(doc, dict) else None
@@ -596,7 +596,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_send_response(body: bytes) -> str:
     """The wamid from a 200 answer of the send API (§1.7.5)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
         wamid = doc["messages"][0]["id"]
     except (msgspec.DecodeError, KeyError, IndexError, TypeError) as exc:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True) from exc
