@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
+from shared.ingress import report_rejected
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import BoundedMemory, recipient_key
@@ -108,7 +109,8 @@ class WhatsAppService(ServiceApp):
         return web.Response(status=200, text=challenge, content_type="text/plain")
 
     async def webhook(self, request: web.Request) -> web.Response:
-        """A signed notification: answered 200 only once all its content is durable in JetStream."""
+        """A signed notification: answered 200 only once all its well-formed content is durable in
+        JetStream; its malformed items are reported, never a reason to refuse the others."""
         creds = self.credentials(request.match_info["integration_id"])
         if creds is None:
             raise ApiError(404, "Unknown WhatsApp integration")
@@ -121,6 +123,7 @@ class WhatsAppService(ServiceApp):
             normalized = handlers.normalize_webhook(raw, creds, self.by_phone_number_id, self.common.public_base_url)
         except handlers.WebhookShapeError as exc:
             raise ApiError(400, f"Invalid WhatsApp notification: {exc}") from exc
+        report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
         bus = self._bus()
         publishes = [
             bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
@@ -139,7 +142,7 @@ class WhatsAppService(ServiceApp):
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
                  len(normalized.statuses), extra=log_fields(
                      integration_id=request.match_info["integration_id"], messages=len(normalized.messages),
-                     statuses=len(normalized.statuses)))
+                     statuses=len(normalized.statuses), rejected=len(normalized.rejected)))
         return web.Response(status=200, text="ok", content_type="text/plain")
 
     async def media(self, request: web.Request) -> web.StreamResponse:
