@@ -234,6 +234,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserCreateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         if body.external_id is not None and not 1 <= len(body.external_id) <= 1024:
             raise ApiError(400, "externalId must be 1 to 1024 characters")
         signed_up_at = None
@@ -259,6 +260,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         reply = await self.identity.api_call(subjects.IDENTITY_USER_UPDATE, ident.UpdateUser(
             app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"],
             external_id=body.external_id,
@@ -419,6 +421,7 @@ class Api:
                                    ("iconUrl", body.icon_url, 2048)):
             if value is not None and not 1 <= len(value) <= limit:
                 raise ApiError(400, f"{name} must be 1 to {limit} characters")
+        models.check_url(body.icon_url, "iconUrl")
         who = body.participants[0]
         found = await self._user(app_id, who.user_id, who.user_external_id)
         row, _ = await self.conversations.ensure_conversation(
@@ -455,6 +458,7 @@ class Api:
         row = await self.conversations.conversation_row(app_id, conversation_id)
         body = await read_json(request, models.ConversationUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.icon_url, "iconUrl")
         async with self.store.tx():
             await self.store.set_conversation(
                 conversation_id,

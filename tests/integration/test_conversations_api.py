@@ -517,6 +517,55 @@ async def test_error_statuses(tenant: Tenant) -> None:
     assert status == 404
 
 
+HOSTILE_URLS = ("javascript:alert(document.cookie)", "JavaScript:alert(1)", " javascript:alert(1)",
+                "java\tscript:alert(1)", "data:text/html,<script>alert(1)</script>", "vbscript:msgbox(1)",
+                "//evil.example/x", "/relative/path", "https://ok.example/\nx", "http://[::1")
+
+
+async def test_urls_in_messages_profiles_and_conversations_must_be_http(tenant: Tenant) -> None:
+    t = tenant
+    user_id, conversation_id = await new_user_conversation(t, "ursula")
+    path = f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages"
+    business = {"type": "business"}
+
+    def bodies(url: str) -> list[tuple[str, str, dict[str, Any]]]:
+        return [
+            ("POST", path, {"author": business, "content": {"type": "file", "mediaUrl": url}}),
+            ("POST", path, {"author": business, "content": {"type": "image", "mediaUrl": url}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "link", "text": "Open", "uri": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "image", "mediaUrl": "https://ok.example/a.png",
+                                                            "actions": [{"type": "link", "text": "x", "uri": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "webview", "text": "Open", "uri": url, "fallback": "https://ok.example"}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "webview", "text": "Open", "uri": "https://ok.example", "fallback": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "pick", "actions": [
+                {"type": "reply", "text": "Yes", "payload": "y", "iconUrl": url}]}}),
+            ("POST", path, {"author": {**business, "avatarUrl": url}, "content": {"type": "text", "text": "hi"}}),
+            ("PATCH", f"/v2/apps/{t.app_id}/conversations/{conversation_id}", {"iconUrl": url}),
+            ("POST", f"/v2/apps/{t.app_id}/conversations", {"type": "personal", "iconUrl": url,
+                                                            "participants": [{"userId": user_id}]}),
+            ("PATCH", f"/v2/apps/{t.app_id}/users/{user_id}", {"profile": {"avatarUrl": url}}),
+            ("POST", f"/v2/apps/{t.app_id}/users", {"externalId": "mallory", "profile": {"avatarUrl": url}}),
+        ]
+
+    for url in HOSTILE_URLS:
+        for method, where, body in bodies(url):
+            status, answer = await t.request(method, where, body=body)
+            assert status == 400, (url, body)
+            assert answer["errors"][0]["code"] == "bad_request" and "http(s) URL" in answer["errors"][0]["title"]
+    listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, conversation_id)
+    assert listed.messages == []
+    # The same bodies with web URLs are fine (through the official client too).
+    for method, where, body in bodies("https://cdn.example/files/menu.pdf"):
+        status, answer = await t.request(method, where, body=body)
+        assert status in (200, 201), (body, answer)
+    post = sc.MessagePost(author=sc.Author(type="business"), content=sc.Content(sc.FileMessage(
+        type="file", media_url="http://cdn.example/files/terms.pdf")))
+    await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, conversation_id, post)
+
+
 async def test_openapi_document(tenant: Tenant) -> None:
     async with tenant.http.get(tenant.base + "/v2/openapi.json") as resp:
         assert resp.status == 200
