@@ -32,7 +32,15 @@ from shared.bus import Bus
 from shared.routes import DEFAULT_PORTS, ROUTES
 from shared.subjects import INBOUND, StreamSpec
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
-from threadline.cli import SANDBOX_INTEGRATIONS, START_ORDER, Launcher, LaunchError, ServiceProcess, load_secrets
+from threadline.cli import (
+    SANDBOX_INTEGRATIONS,
+    SMTP_PORT_VARIABLE,
+    START_ORDER,
+    Launcher,
+    LaunchError,
+    ServiceProcess,
+    load_secrets,
+)
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, cluster_node_config, free_port
 
@@ -269,6 +277,7 @@ class ClusterLauncher(Launcher):
             "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
+            SMTP_PORT_VARIABLE: str(self.sandbox_smtp_port()),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
