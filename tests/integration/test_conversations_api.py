@@ -268,6 +268,70 @@ async def test_other_apps_resources_are_not_found(tenant: Tenant) -> None:
     assert exc.value.status == 403
 
 
+async def test_another_apps_path_is_403_whether_or_not_that_app_exists(tenant: Tenant) -> None:
+    t = tenant
+    other_app, _key, _secret = await create_tenant(t.system, t.http, "Other")
+    for path in ("", "/integrations", f"/conversations/{'0' * 24}", "/users/someone"):
+        existing = await t.request("GET", f"/v2/apps/{other_app}{path}")
+        missing = await t.request("GET", f"/v2/apps/{'f' * 24}{path}")
+        assert existing == missing == (403, {"errors": [{"code": "forbidden",
+                                                         "title": "This key does not grant access to this app"}]})
+
+
+# Every credential field of every channel type, with a value that must never come back.
+CREDENTIALS: dict[str, dict[str, Any]] = {
+    "whatsapp": {"phoneNumber": "+15550001", "phoneNumberId": "1234", "accessToken": "EAAsecret-wa-access",
+                 "appSecret": "secret-wa-app", "accountManagementAccessToken": "secret-wa-management"},
+    "messenger": {"pageId": "102290129340398", "pageAccessToken": "EAAsecret-ms-page", "appSecret": "secret-ms-app",
+                  "appId": "5551212"},
+    "telegram": {"token": "123456789:secret-telegram-token", "username": "demo_bot"},
+    "twilio": {"accountSid": "AC" + "0" * 32, "authToken": "secret-twilio-auth", "phoneNumber": "+15550002"},
+    "android": {"projectId": "demo", "clientEmail": "a@demo.iam.gserviceaccount.com",
+                "privateKey": "-----BEGIN PRIVATE KEY-----\nsecret-fcm-key\n-----END PRIVATE KEY-----\n"},
+    "ios": {"keyId": "ABCDE12345", "teamId": "TEAM123456", "bundleId": "com.demo",
+            "signingKey": "-----BEGIN PRIVATE KEY-----\nsecret-apns-key\n-----END PRIVATE KEY-----\n"},
+    "mailgun": {"domain": "mg.demo.example", "fromAddress": "shop@mg.demo.example", "apiKey": "secret-mailgun-api",
+                "password": "secret-smtp-password"},
+}
+SECRET_VALUES = ("EAAsecret-wa-access", "secret-wa-app", "secret-wa-management", "EAAsecret-ms-page",
+                 "secret-ms-app", "secret-telegram-token", "secret-twilio-auth", "secret-fcm-key", "secret-apns-key",
+                 "secret-mailgun-api", "secret-smtp-password", "rotated-secret")
+
+
+async def test_channel_credentials_are_write_only_and_shared_values_are_returned(tenant: Tenant) -> None:
+    t = tenant
+    base = f"/v2/apps/{t.app_id}/integrations"
+    answers: list[Any] = []
+    ids: dict[str, str] = {}
+    for kind, fields in CREDENTIALS.items():
+        status, body = await t.request("POST", base, body={"type": kind, "displayName": kind, **fields})
+        assert status == 201, body
+        ids[kind] = body["integration"]["id"]
+        rotate = {"appSecret": "rotated-secret"} if "appSecret" in fields else {"displayName": "renamed"}
+        answers += [body, await t.request("GET", f"{base}/{ids[kind]}"),
+                    await t.request("PATCH", f"{base}/{ids[kind]}", body=rotate)]
+    answers.append(await t.request("GET", base))
+    text = json.dumps(answers)
+    leaked = [value for value in SECRET_VALUES if value in text]
+    assert leaked == [], leaked
+    # The Meta handshake token is returned (generated when not given): it only answers Meta's
+    # subscription GET and authenticates nothing (notifications are checked with appSecret).
+    _, whatsapp = await t.request("GET", f"{base}/{ids['whatsapp']}")
+    assert len(whatsapp["integration"]["verifyToken"]) >= 16
+    # A webhook's secret is returned on create and on GET, as SunCo does (X-API-Key, signature).
+    status, created = await t.request("POST", base, body={"type": "custom", "webhooks": [
+        {"target": "https://bot.example/hook", "triggers": ["conversation:message"]}]})
+    assert status == 201
+    hook = created["integration"]["webhooks"][0]
+    assert len(hook["secret"]) >= 16
+    custom = created["integration"]["id"]
+    _, again = await t.request("GET", f"{base}/{custom}/webhooks/{hook['id']}")
+    _, listed = await t.request("GET", f"{base}/{custom}/webhooks")
+    assert again["webhook"]["secret"] == listed["webhooks"][0]["secret"] == hook["secret"]
+    fetched = await t.call(sc.WebhooksApi(t.client()).get_webhook, t.app_id, custom, hook["id"])
+    assert fetched.webhook.secret == hook["secret"]
+
+
 # --- messages --------------------------------------------------------------------------------
 
 async def test_post_and_page_messages_backwards(tenant: Tenant) -> None:
