@@ -54,7 +54,7 @@ from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
-from shared.untrusted import decode_json
+from shared.untrusted import decode_json, secrets_equal
 
 from .journal import Journal
 
@@ -365,7 +365,7 @@ class FakeTelegram:
 
     def bot_by_token(self, token: str) -> Bot | None:
         """The bot a token belongs to."""
-        return next((b for b in self.bots.values() if b.token == token), None)
+        return next((b for b in self.bots.values() if secrets_equal(b.token, token)), None)
 
     def sync(self, records: Sequence[IntegrationRecord]) -> None:
         """Make the bots match the telegram integrations whose Bot API is this fake."""
