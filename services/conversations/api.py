@@ -13,7 +13,6 @@ nothing. Resource ids of another app (under the caller's own app path) → 404.
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
 from shared.sunco import Profile, Source
+from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ def _b64decode(text: str) -> str:
         raise ApiError(401, "Invalid credentials", "unauthorized") from exc
 
 
-def _eq(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
@@ -105,9 +101,9 @@ class Api:
 
     async def _key_secret(self, key_id: str) -> tuple[str, str | None] | None:
         """(secret, app_id) of a key id; app_id None for the account key."""
-        if _eq(key_id, self.account_key_id):
+        if secrets_equal(self.account_key_id, key_id):
             return self.account_key_secret, None
-        if not key_id.startswith("app_"):
+        if not key_id.startswith("app_") or not key_id.isascii():
             return None
         row = await self.store.get_key(key_id)
         return None if row is None else (row["secret"], row["app_id"])
@@ -120,7 +116,7 @@ class Api:
         if scheme == "basic":
             key_id, sep, secret = _b64decode(value.strip()).partition(":")
             found = await self._key_secret(key_id) if sep else None
-            if found is None or not _eq(secret, found[0]):
+            if found is None or not secrets_equal(found[0], secret):
                 raise ApiError(401, "Invalid credentials", "unauthorized")
             return Principal(key_id=key_id, app_id=found[1])
         if scheme == "bearer":
@@ -238,6 +234,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserCreateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         if body.external_id is not None and not 1 <= len(body.external_id) <= 1024:
             raise ApiError(400, "externalId must be 1 to 1024 characters")
         signed_up_at = None
@@ -263,6 +260,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         reply = await self.identity.api_call(subjects.IDENTITY_USER_UPDATE, ident.UpdateUser(
             app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"],
             external_id=body.external_id,
@@ -423,6 +421,7 @@ class Api:
                                    ("iconUrl", body.icon_url, 2048)):
             if value is not None and not 1 <= len(value) <= limit:
                 raise ApiError(400, f"{name} must be 1 to {limit} characters")
+        models.check_url(body.icon_url, "iconUrl")
         who = body.participants[0]
         found = await self._user(app_id, who.user_id, who.user_external_id)
         row, _ = await self.conversations.ensure_conversation(
@@ -459,6 +458,7 @@ class Api:
         row = await self.conversations.conversation_row(app_id, conversation_id)
         body = await read_json(request, models.ConversationUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.icon_url, "iconUrl")
         async with self.store.tx():
             await self.store.set_conversation(
                 conversation_id,

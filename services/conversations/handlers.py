@@ -279,6 +279,7 @@ class Conversations:
             raise ApiError(400, "author.subtypes must be among AI, activity")
         models.check_metadata(body.metadata)
         models.check_content(body.content)
+        models.check_url(body.author.avatar_url, "author.avatarUrl")
         author = body.author
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)

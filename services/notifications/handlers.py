@@ -61,6 +61,7 @@ from shared.sunco import (
     UserRef,
 )
 from shared.telemetry import log_fields
+from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def optout_token(secret: str, optin_id: str) -> str:
 def optin_of_token(secret: str, token: str) -> str | None:
     """The opt-in an opt-out token names, None when the signature does not match."""
     optin_id, _, _signature = token.partition(".")
-    if not optin_id or not hmac.compare_digest(optout_token(secret, optin_id), token):
+    if not optin_id or not secrets_equal(optout_token(secret, optin_id), token):
         return None
     return optin_id
 
@@ -819,7 +820,7 @@ class Notifier:
             raise OptInRefused(429, "too_many_attempts", "Too many wrong codes: ask for a new one")
         if optin.code_expires_at is not None and self.clock() > optin.code_expires_at:
             raise OptInRefused(410, "code_expired", "The code expired: ask for a new one")
-        if not hmac.compare_digest(code_hash(self.config.secret, optin.id, req.code.strip()), optin.code_hash):
+        if not secrets_equal(optin.code_hash, code_hash(self.config.secret, optin.id, req.code.strip())):
             await self.store.count_attempt(optin.id)
             left = self.config.max_code_attempts - optin.attempts - 1
             raise OptInRefused(400, "wrong_code", f"Wrong code ({max(0, left)} tries left)")
