@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -33,12 +33,14 @@ from services.conversations.store import (
 )
 from shared import subjects
 from shared.bus import Delivery, Poison, Retry
+from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.http import ApiError
 from shared.ids import derived_id, iso, new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.messages import notification
+from shared.subjects import StreamSpec
 from shared.sunco import (
     Activity,
     Author,
@@ -73,6 +75,16 @@ APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 BLOCKED_ERROR_CODES = frozenset({"telegram_403_blocked", "21610"})
 
 
+class Streams(Protocol):
+    """Erasure in the JetStream streams (the bus; absent in unit tests)."""
+
+    async def delete_message(self, stream: StreamSpec, seq: int) -> None: ...
+
+    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None) -> None: ...
+
+    async def purge_consumed(self, stream: StreamSpec) -> int: ...
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a business message goes: one client association (None = stored only)."""
@@ -105,10 +117,11 @@ class Conversations:
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
-                 recap_count: int = DEFAULT_RECAP_COUNT) -> None:
+                 recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
+        self.streams = streams
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
@@ -279,6 +292,9 @@ class Conversations:
             raise ApiError(400, "author.subtypes must be among AI, activity")
         models.check_metadata(body.metadata)
         models.check_content(body.content)
+        if self.store.masks_cards_now(app_id):
+            body = msgspec.structs.replace(body, content=mask_content(body.content),
+                                           override=mask_strings(body.override))
         author = body.author
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)
@@ -408,14 +424,33 @@ class Conversations:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Poison(f"undecodable inbound message: {exc}") from exc
         if isinstance(message, chan.InboundMessage):
-            await self.inbound_message(message)
+            masked = self.mask_inbound(message)
+            await self.inbound_message(masked, masked=True)
+            if masked is not message and self.streams is not None:
+                # The bus's copy still holds the card number: it goes once the masked one is stored.
+                await self.streams.delete_message(subjects.INBOUND, _delivery.stream_sequence)
         elif isinstance(message, chan.InboundActivity):
             await self.inbound_activity(message)
         else:
             raise Poison(f"unexpected {type(message).__name__} on inbound")
 
-    async def inbound_message(self, msg: chan.InboundMessage) -> None:
-        """Store a customer message once (by provider id) and announce it."""
+    def mask_inbound(self, msg: chan.InboundMessage) -> chan.InboundMessage:
+        """The message with card numbers masked when its app asks for it (the same object when
+        nothing changed); only apps with `maskCreditCardNumbers` pay for the scan."""
+        if not self.store.masks_cards_now(msg.app_id):
+            return msg
+        postback = msg.postback
+        if postback is not None:
+            postback = chan.Postback(payload=mask_card_numbers(postback.payload), text=mask_card_numbers(postback.text))
+        masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback,
+                                         raw=mask_strings(msg.raw), client_info=mask_strings(msg.client_info))
+        return msg if masked == msg else masked
+
+    async def inbound_message(self, msg: chan.InboundMessage, *, masked: bool = False) -> None:
+        """Store a customer message once (by provider id) and announce it (card numbers masked
+        first when the app asks for it; `masked` says the caller did that already)."""
+        if not masked:
+            msg = self.mask_inbound(msg)
         integration, duplicate = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if integration is None:
             log.warning("dropping inbound message %s for unknown app/integration %s/%s",

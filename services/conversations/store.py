@@ -24,6 +24,14 @@ from shared.sunco import ConversationRef, Message
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
 
 
+class _MaskSetting(msgspec.Struct, rename="camel"):
+    mask_credit_card_numbers: bool | None = None
+
+
+# Reads one key of an app's settings JSON without building the whole dict.
+_MASK_SETTING = msgspec.json.Decoder(_MaskSetting)
+
+
 def conversation_ref(row: aiosqlite.Row | sqlite3.Row) -> ConversationRef:
     """The `{id, type}` reference events carry, from a conversations row."""
     return ConversationRef(id=row["id"], type=row["type"])
@@ -249,7 +257,8 @@ class Store:
         db = await open_db(path, MIGRATIONS)
         hot = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         hot.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000"):
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000",
+                       "secure_delete=ON"):
             hot.execute(f"PRAGMA {pragma}")
         return cls(db, hot)
 
@@ -278,6 +287,16 @@ class Store:
         """An integration's type, read on the hot-path connection (None when unknown)."""
         row = self._hot().execute("SELECT type FROM integrations WHERE id=?", (integration_id,)).fetchone()
         return None if row is None else str(row["type"])
+
+    def masks_cards_now(self, app_id: str) -> bool:
+        """The app's `maskCreditCardNumbers` setting, read on the hot-path connection."""
+        row = self._hot().execute("SELECT settings FROM apps WHERE id=?", (app_id,)).fetchone()
+        if row is None:
+            return False
+        try:
+            return bool(_MASK_SETTING.decode(row["settings"]).mask_credit_card_numbers)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
 
     def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
         """`default_conversation` on the hot-path connection."""
