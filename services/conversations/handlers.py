@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 # is published by the same channel service just before, but may be processed after).
 STATUS_MAX_DELIVERIES = 10
 MESSAGES_PAGE_SIZE = 100
+# The retention sweep reads conversations a page at a time and deletes messages a batch per
+# transaction, so it never holds the write lock for long.
+RETENTION_PAGE = 100
+RETENTION_BATCH = 500
 SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
 APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 
@@ -122,19 +126,90 @@ class Conversations:
         self.bus = bus
         self.identity = identity
         self.streams = streams
+        # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
+        self._retention_marks: dict[str, tuple[float, str]] = {}
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
     async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
-        """Expire pending phone links and merge confirmations now and every `interval` seconds."""
-        sweeps = (("client links", self.phone_links.sweep), ("merge confirmations", self.linker.sweep))
+        """Expire pending phone links and merge confirmations, and messages past their app's
+        retention, now and every `interval` seconds; from the second round on, drop the bus's
+        copies of inbound messages and send commands once every consumer has acknowledged them."""
+        sweeps = (("client links", self.phone_links.sweep), ("merge confirmations", self.linker.sweep),
+                  ("messages past retention", self.sweep_retention))
+        first = True
         while True:
-            for name, sweep in sweeps:
+            for name, sweep in sweeps if first else (*sweeps, ("consumed bus copies", self.purge_consumed)):
                 try:
                     await sweep()
                 except Exception as exc:  # the sweeper must outlive an outage
                     log.warning("sweeping expired %s failed: %s", name, exc)
+            first = False
             await asyncio.sleep(interval)
+
+    # --- retention (conversationRetentionSeconds) ---------------------------------------------
+
+    async def sweep_retention(self, at: float | None = None) -> int:
+        """Delete the messages of every conversation inactive for longer than its app's
+        `conversationRetentionSeconds` (as SunCo's Delete All Messages would); the number deleted.
+
+        Each conversation is first announced (MessagesExpired: the services holding copies drop
+        them), then emptied in batches of RETENTION_BATCH, each its own short transaction, and its
+        events are purged from the bus. Apps are walked by inactivity from where the last sweep
+        stopped, so emptied conversations are not visited again.
+        """
+        at = now() if at is None else at
+        deleted = 0
+        apps = await self.store.retention_settings()
+        self._retention_marks = {app_id: mark for app_id, mark in self._retention_marks.items()
+                                 if app_id in dict(apps)}
+        for app_id, seconds in apps:
+            cutoff = at - seconds
+            while True:
+                rows = await self.store.inactive_conversations(app_id, cutoff, self._retention_marks.get(app_id),
+                                                               RETENTION_PAGE)
+                for row in rows:
+                    deleted += await self._expire(app_id, row, cutoff)
+                    self._retention_marks[app_id] = (float(row["last_updated_at"]), str(row["id"]))
+                if len(rows) < RETENTION_PAGE:
+                    break
+        if deleted:
+            await self.store.checkpoint()
+        return deleted
+
+    async def _expire(self, app_id: str, row: aiosqlite.Row, cutoff: float) -> int:
+        conversation_id = str(row["id"])
+        if not await self.store.has_messages_before(conversation_id, cutoff):
+            return 0
+        event_id = derived_id(conversation_id, "messages:expired", repr(cutoff))
+        ack = await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(conv.MessagesExpired(
+            id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=now(),
+            conversation=conversation_ref(row), before=cutoff)), msg_id=event_id)
+        deleted = 0
+        while True:
+            async with self.store.tx():
+                batch = await self.store.delete_expired_messages(conversation_id, cutoff, RETENTION_BATCH)
+            deleted += batch
+            if batch < RETENTION_BATCH:
+                break
+            await asyncio.sleep(0)  # writers waiting for the lock go between batches
+        async with self.store.tx():
+            await self.store.delete_expired_externals(conversation_id, cutoff)
+        if self.streams is not None:
+            # The bus's copies of the conversation's events (message contents) go too; the
+            # announcement itself stays for the services that have not read it yet.
+            await self.streams.purge_subject(subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+                                             before_seq=getattr(ack, "seq", None))
+        log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
+                 extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
+        return deleted
+
+    async def purge_consumed(self) -> None:
+        """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
+        (customer texts and addresses would otherwise stay there for the stream's max age)."""
+        if self.streams is not None:
+            for stream in (subjects.INBOUND, subjects.OUTBOUND):
+                await self.streams.purge_consumed(stream)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -557,11 +632,13 @@ class Conversations:
                             external_id=msg.channel_user_id, display_name=msg.display_name,
                             info=msg.client_info or None)
             return user, client
+        # Not `msg.raw`: every channel's raw payload is the message itself, which kept as the
+        # client's `raw` would outlive retention and deletion of the message (and show in the API).
         try:
             return await self.identity.resolve(ident.ResolveClient(
                 app_id=msg.app_id, integration_id=msg.integration_id, client_type=msg.client_type,
                 channel_user_id=msg.channel_user_id, display_name=msg.display_name,
-                info=msg.client_info, raw=msg.raw, user_id=msg.user_id))
+                info=msg.client_info, user_id=msg.user_id))
         except IdentityUnavailable as exc:
             raise Retry(1.0, f"identity unavailable: {exc}") from exc
 

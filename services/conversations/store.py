@@ -17,19 +17,27 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from shared.store import open_db
+from shared.store import open_db, truncate_wal
 from shared.sunco import ConversationRef, Message
 
 # Stored message bodies are `Message` JSON.
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
 
 
-class _MaskSetting(msgspec.Struct, rename="camel"):
+class _PrivacySettings(msgspec.Struct, rename="camel"):
     mask_credit_card_numbers: bool | None = None
+    conversation_retention_seconds: int | None = None
 
 
-# Reads one key of an app's settings JSON without building the whole dict.
-_MASK_SETTING = msgspec.json.Decoder(_MaskSetting)
+# Reads the privacy keys of an app's settings JSON without building the whole dict.
+_PRIVACY_SETTINGS = msgspec.json.Decoder(_PrivacySettings)
+
+
+def _privacy(settings: str) -> _PrivacySettings:
+    try:
+        return _PRIVACY_SETTINGS.decode(settings)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _PrivacySettings()
 
 
 def conversation_ref(row: aiosqlite.Row | sqlite3.Row) -> ConversationRef:
@@ -174,6 +182,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX merge_confirmations_expiry ON merge_confirmations(expires_at);
     """,
+    # 5 (privacy): the retention sweep walks an app's conversations by inactivity.
+    """
+    CREATE INDEX conversations_activity ON conversations(app_id, last_updated_at, id);
+    """,
 )
 
 _JSON = msgspec.json.Encoder()
@@ -291,12 +303,7 @@ class Store:
     def masks_cards_now(self, app_id: str) -> bool:
         """The app's `maskCreditCardNumbers` setting, read on the hot-path connection."""
         row = self._hot().execute("SELECT settings FROM apps WHERE id=?", (app_id,)).fetchone()
-        if row is None:
-            return False
-        try:
-            return bool(_MASK_SETTING.decode(row["settings"]).mask_credit_card_numbers)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return False
+        return row is not None and bool(_privacy(row["settings"]).mask_credit_card_numbers)
 
     def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
         """`default_conversation` on the hot-path connection."""
@@ -699,6 +706,54 @@ class Store:
             row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq > ? LIMIT 1",
                                   (conversation_id, after_seq or 0))
         return row is not None
+
+    # --- retention (conversationRetentionSeconds) ---------------------------------------------
+
+    async def retention_settings(self) -> list[tuple[str, int]]:
+        """(app id, seconds) of every app with a retention period."""
+        rows = await self._all("SELECT id, settings FROM apps ORDER BY id")
+        out = []
+        for row in rows:
+            seconds = _privacy(row["settings"]).conversation_retention_seconds
+            if seconds:
+                out.append((str(row["id"]), int(seconds)))
+        return out
+
+    async def inactive_conversations(self, app_id: str, cutoff: float, after: tuple[float, str] | None,
+                                     limit: int) -> list[aiosqlite.Row]:
+        """The app's conversations last active before `cutoff`, in activity order after the
+        keyset `after` ((last_updated_at, id) of the previous page's last row)."""
+        since, since_id = after if after is not None else (float("-inf"), "")
+        return await self._all(
+            "SELECT * FROM conversations WHERE app_id=? AND last_updated_at < ?"
+            " AND (last_updated_at > ? OR (last_updated_at = ? AND id > ?))"
+            " ORDER BY last_updated_at, id LIMIT ?", (app_id, cutoff, since, since, since_id, limit))
+
+    async def has_messages_before(self, conversation_id: str, before: float) -> bool:
+        row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND received < ? LIMIT 1",
+                              (conversation_id, before))
+        return row is not None
+
+    async def delete_expired_messages(self, conversation_id: str, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` messages received before `cutoff`, while the conversation is still
+        inactive since before it (inside `tx()`; a message that just arrived stops the sweep)."""
+        deleted = await self._run(
+            "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m JOIN conversations c"
+            " ON c.id = m.conversation_id WHERE m.conversation_id=? AND m.received < ? AND c.last_updated_at < ?"
+            " ORDER BY m.seq LIMIT ?)", (conversation_id, cutoff, cutoff, limit))
+        return deleted
+
+    async def delete_expired_externals(self, conversation_id: str, cutoff: float) -> int:
+        """Forget the provider ids of the conversation's messages that are gone (inside `tx()`)."""
+        return await self._run(
+            "DELETE FROM external_messages WHERE conversation_id=? AND created_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = external_messages.message_id)",
+            (conversation_id, cutoff))
+
+    async def checkpoint(self) -> bool:
+        """Truncate the write-ahead log (erased rows' older page versions leave the disk)."""
+        async with self._lock:
+            return await truncate_wal(self.db)
 
     # --- provider ids of sent messages ------------------------------------------------------
 

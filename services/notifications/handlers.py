@@ -238,6 +238,11 @@ class Notifier:
         await self.handle_event(event)
 
     async def handle_event(self, event: conv.ConversationUnion) -> None:
+        forget = conv.erasure(event)
+        if forget is not None:  # retention, a deleted user or their personal information
+            deleted = await self.store.forget(forget)
+            log.info("forgot %d notification row(s) after a privacy event", deleted)
+            return
         if isinstance(event, conv.MessageCreated):
             if event.message.author.type == "business":
                 await self._business_message(event)

@@ -15,7 +15,8 @@ from typing import Any
 import aiosqlite
 
 from services.notifications.policy import Pending, schedule
-from shared.store import open_db, transaction, write_lock
+from shared.messages.conversation import Erasure
+from shared.store import open_db, transaction, truncate_wal, write_lock
 
 MIGRATIONS = (
     """
@@ -371,3 +372,35 @@ class Store:
         """Confirmed WhatsApp/SMS opt-ins whose number is not linked to the conversation yet."""
         return [_optin(r) for r in await self._all(
             "SELECT * FROM optins WHERE status='confirmed' AND linked=0 AND channel IN ('whatsapp','twilio')")]
+
+    # --- erasure (privacy events) ---------------------------------------------------------
+
+    async def forget(self, erasure: Erasure) -> int:
+        """Delete what a privacy event names, then truncate the log so the bytes leave the disk:
+        - messages past retention: the conversations' pending notification and sends (their texts);
+        - a deleted user: also every pending notification, send, opt-in and reply window of theirs;
+        - deleted personal information: the user's opt-ins and sends (the addresses), history kept.
+        The number of rows deleted."""
+        ids = list(erasure.conversation_ids)
+        marks = ",".join("?" * len(ids)) or "NULL"
+        before = float("inf") if erasure.before is None else erasure.before
+        user = erasure.user_id or ""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if not erasure.delivered_only:
+            statements.append((f"DELETE FROM pending WHERE (conversation_id IN ({marks}) AND first_unread_at < ?)"
+                               " OR user_id = ?", (*ids, before, user)))
+        statements.append((f"DELETE FROM sends WHERE (conversation_id IN ({marks}) AND created_at < ?)"
+                           " OR user_id = ?", (*ids, before, user)))
+        if erasure.user_id:
+            statements.append(("DELETE FROM optins WHERE user_id = ?", (user,)))
+            if not erasure.delivered_only:
+                statements.append(("DELETE FROM client_inbound WHERE user_id = ?", (user,)))
+        deleted = 0
+        async with transaction(self.db):
+            for sql, params in statements:
+                cur = await self.db.execute(sql, params)
+                deleted += max(0, cur.rowcount or 0)
+        if deleted:
+            async with write_lock(self.db):
+                await truncate_wal(self.db)
+        return deleted

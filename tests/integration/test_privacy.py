@@ -6,6 +6,7 @@ person left in any database), and the export of everything held about a user."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ async def set_settings(s: Sandbox, settings: dict[str, Any]) -> None:
     async with s.http.patch(f"{s.system.base_url}/v2/apps/{s.app_id}", headers=ACCOUNT,
                             json={"settings": settings}) as resp:
         assert resp.status == 200, await resp.text()
+
+
+async def s_request(s: Sandbox, method: str, path: str, body: Any = None,
+                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with s.http.request(method, s.system.base_url + path, json=body, headers=headers or s.auth) as resp:
+        text = await resp.text()
+        return resp.status, (json.loads(text) if text else None)
 
 
 async def stream_bytes(bus: Bus, stream: subjects.StreamSpec) -> bytes:
@@ -131,3 +139,81 @@ async def test_numbers_are_kept_as_written_when_the_app_does_not_mask(sandbox: S
     await s.phone_sends("whatsapp", "+15557300002", f"my card is {PAN}")
     event = await s.event("conversation:message")
     assert event["payload"]["message"]["content"]["text"] == f"my card is {PAN}"
+
+
+async def customer_conversation(s: Sandbox, phone: str, text: str) -> str:
+    """The customer writes on WhatsApp; the conversation it landed in."""
+    await s.phone_sends("whatsapp", phone, text)
+
+    async def arrived() -> dict[str, Any] | None:
+        for e in s.of("conversation:message"):
+            if e["payload"]["message"]["content"].get("text") == text:
+                return e
+        return None
+
+    event = await eventually(arrived, timeout=10.0)
+    return str(event["payload"]["conversation"]["id"])
+
+
+async def stored_row_count(system: System, service: str, sql: str, *params: Any) -> int:
+    store = system.service(service).store
+    async with store.db.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    return int(row[0])
+
+
+async def test_retention_deletes_an_inactive_conversations_messages_and_every_copy(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    s = sandbox
+    status, _ = await s_request(s, "PATCH", f"/v2/apps/{s.app_id}", {"settings": {"conversationRetentionSeconds": -1}},
+                                ACCOUNT)
+    assert status == 400
+    await set_settings(s, {"conversationRetentionSeconds": 3600})
+    old = await customer_conversation(s, "+15557300011", "old news from Ada")
+    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, old, sc.MessagePost(
+        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text="old reply to Ada"))))
+    fresh = await customer_conversation(s, "+15557300012", "fresh news from Bea")
+    notifications = s.system.service("notifications")
+
+    async def copies_made() -> bool:
+        return (await notifications.store.pending(old) is not None and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=? AND status='delivered'",
+            old) >= 2)
+
+    await eventually(copies_made, timeout=10.0)
+    # Ada's conversation was last active two hours ago (its rows say so); Bea's is active now.
+    convs = s.system.service("conversations").conversations
+    async with convs.store.tx():
+        await convs.store.db.execute("UPDATE messages SET received = received - 7200 WHERE conversation_id=?", (old,))
+        await convs.store.db.execute(
+            "UPDATE conversations SET last_updated_at = last_updated_at - 7200 WHERE id=?", (old,))
+    assert await convs.sweep_retention() == 2
+    assert await convs.sweep_retention() == 0  # nothing left, nothing visited again
+    messages = sc.MessagesApi(s.api)
+    assert (await s.call(messages.list_messages, s.app_id, old)).messages == []
+    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, fresh)).messages] \
+        == ["fresh news from Bea"]
+    # The conversation stays (as after SunCo's Delete All Messages); the copies go.
+    assert (await s.call(sc.ConversationsApi(s.api).get_conversation, s.app_id, old)).conversation.id == old
+
+    async def copies_gone() -> bool:
+        return (await notifications.store.pending(old) is None and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=?", old) == 0)
+
+    await eventually(copies_gone, timeout=10.0)
+    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=?",
+                                  fresh) > 0
+    await convs.purge_consumed()
+    bus = await Bus.connect(s.system.nats_url, "test-privacy")
+    try:
+        events = await stream_bytes(bus, subjects.EVENTS)
+        assert b"fresh news from Bea" in events
+        for stream in subjects.ALL_STREAMS:
+            data = await stream_bytes(bus, stream)
+            assert b"old news from Ada" not in data and b"old reply to Ada" not in data, stream.name
+    finally:
+        await bus.close()
+    # Every database file (JetStream purges are logical: block files keep bytes until compacted).
+    stored = files_bytes(Path(s.system.data_dir))
+    assert holding(stored, "old news from Ada", "old reply to Ada") == []
+    assert holding(stored, "fresh news from Bea")  # the search does find what is still there
