@@ -275,11 +275,13 @@ class Api:
 
     async def delete_user(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
-        reply = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
-            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
-        assert isinstance(reply, ident.Deleted)
-        await self.conversations.forget_user(app_id, reply.user_id)
+        await self.conversations.delete_user(app_id, request.match_info["userIdOrExternalId"])
         return json_response({})
+
+    async def delete_personal_information(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        user = await self.conversations.delete_personal_information(app_id, request.match_info["userIdOrExternalId"])
+        return json_response({"user": user})
 
     async def list_clients(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -628,6 +630,9 @@ OPERATIONS: tuple[Operation, ...] = (
               Api.update_user, request=models.UserUpdateBody, response=models.UserResponse),
     Operation("DELETE", A + "/users/{userIdOrExternalId}", "deleteUser", "Users",
               "Delete a user, their clients and conversations", Api.delete_user),
+    Operation("DELETE", A + "/users/{userIdOrExternalId}/personalinformation", "deleteUserPersonalInformation",
+              "Users", "Delete a user's personal information (profile, metadata, client details); history stays",
+              Api.delete_personal_information, response=models.UserResponse),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
     Operation("POST", A + "/users/{userIdOrExternalId}/clients", "createClient", "Clients",

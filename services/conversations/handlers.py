@@ -298,12 +298,92 @@ class Conversations:
             await self.store.delete_conversation(conversation_id)
             await self._publish_event(event)
 
-    async def forget_user(self, app_id: str, user_id: str) -> None:
-        """Remove a deleted user's conversations (SunCo deletes the history with the user)."""
-        self.identity.forget_user(user_id)
+    async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
+        """SunCo's Delete User: the user, its clients and its conversations with their history,
+        and every copy other services keep (they learn it from `user:remove`); no byte of the
+        person stays in the databases.
+
+        Retry-safe in this order: the history goes first; `user:remove` (a derived event id, so a
+        retried call announces once) is published before identity deletes the user, so a failure
+        leaves the user there for the retry; conversations created meanwhile go after.
+        """
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_GET, ident.GetUser(
+            app_id=app_id, user_id_or_external_id=user_id_or_external_id))
+        assert isinstance(reply, ident.UserReply)
+        user = reply.user
+        default = await self.store.default_conversation(app_id, user.id)
+        conversation_ids = await self._delete_user_conversations(app_id, user.id)
+        subject_id = str(default["id"]) if default is not None else user.id
+        event_id = derived_id(app_id, user.id, "user:remove")
+        event = conv.UserRemoved(id=event_id, app_id=app_id, conversation_id=subject_id, created_at=now(),
+                                 user=UserRef(id=user.id, external_id=user.external_id),
+                                 authenticated=user.authenticated, conversation_ids=conversation_ids)
+        try:
+            ack = await self.bus.publish(subjects.event_subject(app_id, subject_id), conv.encode(event),
+                                         msg_id=event_id)
+        except Exception as exc:
+            log.warning("announcing the deletion of user %s failed: %s", user.id, exc)
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+        deleted = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
+            app_id=app_id, user_id_or_external_id=user.id))
+        assert isinstance(deleted, ident.Deleted)
+        self.identity.forget_user(user.id)
+        await self._delete_user_conversations(app_id, user.id)  # any a message created meanwhile
+        if self.streams is not None:
+            # The bus's copies of the user's events go too; `user:remove` stays for its readers.
+            for conversation_id in {*conversation_ids, subject_id}:
+                await self.streams.purge_subject(
+                    subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+                    before_seq=getattr(ack, "seq", None) if conversation_id == subject_id else None)
+        await self.store.checkpoint()
+        log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids),
+                 extra=log_fields(app_id=app_id, user_id=user.id))
+
+    async def _delete_user_conversations(self, app_id: str, user_id: str) -> list[str]:
+        """Delete the user's conversations and their messages, a batch per transaction; their ids."""
+        conversation_ids = await self.store.user_conversation_ids(app_id, user_id)
+        for conversation_id in conversation_ids:
+            while True:
+                async with self.store.tx():
+                    batch = await self.store.delete_some_messages(conversation_id, RETENTION_BATCH)
+                if batch < RETENTION_BATCH:
+                    break
+                await asyncio.sleep(0)
         async with self.store.tx():
-            for conversation_id in await self.store.user_conversation_ids(app_id, user_id):
-                await self.store.delete_conversation(conversation_id)
+            await self.store.delete_user_rows(app_id, user_id, conversation_ids)
+        return conversation_ids
+
+    async def delete_personal_information(self, app_id: str, user_id_or_external_id: str) -> User:
+        """SunCo's Delete User Personal Information: identity clears the profile, metadata and the
+        clients' names, pictures, info and raw; here the copies of client info and the names and
+        pictures on the user's messages go (the messages stay). Other services drop the addresses
+        they keep (PersonalInformationDeleted; SunCo fires no webhook for it)."""
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_PERSONAL_DELETE, ident.DeletePersonalInformation(
+            app_id=app_id, user_id_or_external_id=user_id_or_external_id))
+        assert isinstance(reply, ident.UserReply)
+        user = reply.user
+        self.identity.forget_user(user.id)
+        async with self.store.tx():
+            await self.store.clear_association_info(app_id, user.id)
+        after = 0
+        while True:
+            page = await self.store.user_authored(app_id, user.id, after, RETENTION_BATCH)
+            bodies = [(seq, _anonymous(body)) for seq, body in page]
+            changed = [(seq, new) for (seq, new), (_, old) in zip(bodies, page, strict=True) if new != old]
+            if changed:
+                async with self.store.tx():
+                    await self.store.set_message_bodies(changed)
+            if len(page) < RETENTION_BATCH:
+                break
+            after = page[-1][0]
+        default = await self.store.default_conversation(app_id, user.id)
+        subject_id = str(default["id"]) if default is not None else user.id
+        event = conv.PersonalInformationDeleted(
+            id=new_id(), app_id=app_id, conversation_id=subject_id, created_at=now(), user_id=user.id,
+            conversation_ids=await self.store.user_conversation_ids(app_id, user.id))
+        await self._publish_event(event)
+        await self.store.checkpoint()
+        return user
 
     # --- business messages ----------------------------------------------------------------
 
@@ -825,6 +905,15 @@ class Conversations:
                 user_id=participant["user_id"], user_external_id=participant["user_external_id"],
                 unread_count=participant["unread_count"] or 0, last_read=participant["last_read"], clients=clients))
         return conv.ParticipantsReply(conversation=conversation_ref(row), participants=participants)
+
+
+def _anonymous(body: str) -> str:
+    """A stored message body without its author's name and picture."""
+    message = MESSAGE_DECODER.decode(body)
+    if message.author.display_name is None and message.author.avatar_url is None:
+        return body
+    return dumps(msgspec.structs.replace(message, author=msgspec.structs.replace(
+        message.author, display_name=None, avatar_url=None)))
 
 
 def _parse_received(message: Message) -> float:

@@ -750,6 +750,38 @@ class Store:
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = external_messages.message_id)",
             (conversation_id, cutoff))
 
+    # --- erasure (user deletion, personal information) ---------------------------------------
+
+    async def delete_some_messages(self, conversation_id: str, limit: int) -> int:
+        """Delete up to `limit` of the conversation's messages, oldest first (inside `tx()`)."""
+        return await self._run("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE conversation_id=?"
+                               " ORDER BY seq LIMIT ?)", (conversation_id, limit))
+
+    async def delete_user_rows(self, app_id: str, user_id: str, conversation_ids: Sequence[str]) -> None:
+        """Delete the user's conversations (participants, client associations and pending links go
+        with them), their provider ids, and the user's pending links and merges (inside `tx()`)."""
+        marks = ",".join("?" * len(conversation_ids)) or "NULL"
+        await self._run(f"DELETE FROM external_messages WHERE conversation_id IN ({marks})", conversation_ids)
+        await self._run("DELETE FROM client_links WHERE app_id=? AND user_id=?", (app_id, user_id))
+        await self._run("DELETE FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
+                        " discarded_user_id=?)", (app_id, user_id, user_id))
+        await self._run(f"DELETE FROM conversations WHERE id IN ({marks})", conversation_ids)
+
+    async def clear_association_info(self, app_id: str, user_id: str) -> None:
+        """Forget the channel information copied with the user's clients (inside `tx()`)."""
+        await self._run("UPDATE client_associations SET info=NULL WHERE participant_id IN"
+                        " (SELECT id FROM participants WHERE app_id=? AND user_id=?)", (app_id, user_id))
+
+    async def user_authored(self, app_id: str, user_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, body) of the messages the user wrote, after `after_seq`, oldest first."""
+        rows = await self._all("SELECT seq, body FROM messages WHERE app_id=? AND user_id=? AND author_type='user'"
+                               " AND seq > ? ORDER BY seq LIMIT ?", (app_id, user_id, after_seq, limit))
+        return [(int(r["seq"]), str(r["body"])) for r in rows]
+
+    async def set_message_bodies(self, bodies: Sequence[tuple[int, str]]) -> None:
+        """Rewrite stored message bodies (inside `tx()`)."""
+        await self.db.executemany("UPDATE messages SET body=? WHERE seq=?", [(body, seq) for seq, body in bodies])
+
     async def checkpoint(self) -> bool:
         """Truncate the write-ahead log (erased rows' older page versions leave the disk)."""
         async with self._lock:

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -18,12 +19,13 @@ import sunshine_conversations_client as sc
 from shared import subjects
 from shared.bus import Bus
 from shared.http import basic_auth_header
+from shared.messages import notification as note
 from tests.e2e.test_direct_linking import Sandbox
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
-SERVICES = ("identity", "conversations", "webhooks", "notifications", "whatsapp", "sandbox")
+SERVICES = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "sandbox")
 TRIGGERS = ["conversation:message", "conversation:create", "client:add", "client:update", "client:remove",
             "user:remove", "user:update", "user:merge"]
 ACCOUNT = basic_auth_header(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET)
@@ -37,7 +39,7 @@ async def running(system: System, tmp_path: Path) -> AsyncIterator[Sandbox]:
     async with business_webhooks() as (hook_url, events):
         await system.start(*SERVICES)
         info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
-                                       str(tmp_path / "sbx"), ("web", "whatsapp"))
+                                       str(tmp_path / "sbx"), ("web", "whatsapp", "email"))
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{system.base_url}/v2/apps/{info['appId']}/integrations",
                                  headers=basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"]),
@@ -217,3 +219,145 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
     stored = files_bytes(Path(s.system.data_dir))
     assert holding(stored, "old news from Ada", "old reply to Ada") == []
     assert holding(stored, "fresh news from Bea")  # the search does find what is still there
+
+
+# The person of the erasure tests: every trace of these must go with her.
+NAME, SURNAME, EMAIL = "Adalinda", "Zqwertyova", "adalinda.zq@example.com"
+PHONE, OPTIN_EMAIL = "+15557300021", "ada.optin@example.org"
+SECRET_META, OLD_TEXT = "vip-tier-obsidian", "my flat is 12 Quayside Lane"
+
+
+async def person_with_history(s: Sandbox) -> tuple[str, str]:
+    """Ada chatted on WhatsApp anonymously, then the business created her account (externalId
+    `ada-ext`), linked her WhatsApp to it (she said YES to bring her chat along: a merge in the
+    audit log), she opted in to notifications, and the business wrote to her. (user id,
+    conversation id)."""
+    async with s.http.post(f"{s.system.base_url}/sandbox/whatsapp/{s.integration('whatsapp')}/inbound",
+                           json={"from": PHONE, "text": OLD_TEXT, "name": f"{NAME} {SURNAME}"}) as resp:
+        assert resp.status == 200
+    await customer_conversation_of(s, OLD_TEXT)
+    user = (await s.call(sc.UsersApi(s.api).create_user, s.app_id, sc.UserCreateBody(
+        external_id="ada-ext", profile=sc.Profile(given_name=NAME, surname=SURNAME, email=EMAIL),
+        metadata={"tier": SECRET_META}))).user
+    body = sc.ConversationCreateBody(type="personal", participants=[
+        sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user.id))])
+    conversation_id = (await s.call(sc.ConversationsApi(s.api).create_conversation, s.app_id, body)).conversation.id
+    status, links = await s_request(s, "POST", f"/v2/apps/{s.app_id}/users/{user.id}/linkRequests",
+                                    {"integrationIds": [s.integration("whatsapp")]})
+    assert status == 201, links
+    prefilled = parse_qs(urlsplit(links["linkRequests"][0]["url"]).query)["text"][0]
+    await s.phone_sends("whatsapp", PHONE, prefilled)
+    await s.phone_receives("whatsapp", PHONE, "Reply YES")
+    await s.phone_sends("whatsapp", PHONE, "YES")
+    await s.event("user:merge")
+    bus = await Bus.connect(s.system.nats_url, "test-privacy-optin")
+    try:
+        reply = note.decode(await bus.request(subjects.NOTIFICATIONS_OPTIN_START, note.ENCODER.encode(note.StartOptIn(
+            app_id=s.app_id, user_id=user.id, conversation_id=conversation_id, channel="email",
+            address=OPTIN_EMAIL))))
+        assert isinstance(reply, note.OptInState), reply
+    finally:
+        await bus.close()
+    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, conversation_id, sc.MessagePost(
+        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text="Welcome back!"))))
+    await s.phone_receives("whatsapp", PHONE, "Welcome back!")
+    return user.id, conversation_id
+
+
+async def customer_conversation_of(s: Sandbox, text: str) -> dict[str, Any]:
+    async def arrived() -> dict[str, Any] | None:
+        for e in s.of("conversation:message"):
+            if e["payload"]["message"]["content"].get("text") == text:
+                return e
+        return None
+
+    found: dict[str, Any] = await eventually(arrived, timeout=10.0)
+    return found
+
+
+async def test_deleting_a_user_leaves_no_byte_of_them_and_fires_user_remove(sandbox: Sandbox) -> None:
+    s = sandbox
+    user_id, conversation_id = await person_with_history(s)
+    data = Path(s.system.data_dir)
+    before = files_bytes(data)
+    # Before: the person is all over the databases (the search works).
+    for needle in (NAME, SURNAME, EMAIL, SECRET_META, OLD_TEXT, PHONE.lstrip("+"), OPTIN_EMAIL):
+        assert holding(before, needle), needle
+    status, _ = await s_request(s, "DELETE", f"/v2/apps/{s.app_id}/users/ada-ext")
+    assert status == 200
+    removed = await s.event("user:remove")
+    assert removed["payload"]["user"] == {"id": user_id, "externalId": "ada-ext", "authenticated": False}
+    assert sc.UserRemoveEvent.from_dict(removed).payload.user.id == user_id
+    status, body = await s_request(s, "GET", f"/v2/apps/{s.app_id}/users/{user_id}")
+    assert status == 404 and body["errors"][0]["code"] == "user_not_found"
+    status, _ = await s_request(s, "GET", f"/v2/apps/{s.app_id}/conversations/{conversation_id}")
+    assert status == 404
+    notifications = s.system.service("notifications")
+
+    async def others_forgot() -> bool:
+        return (await notifications.store.optins(s.app_id, user_id) == [] and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE trigger_name <> 'user:remove'") == 0)
+
+    await eventually(others_forgot, timeout=10.0)
+    after = files_bytes(data)
+    assert holding(after, NAME, SURNAME, EMAIL, SECRET_META, OLD_TEXT, "Welcome back!", PHONE.lstrip("+"),
+                   OPTIN_EMAIL) == []
+    # The merge audit log keeps who, why and when, nothing of the person merged.
+    identity = s.system.service("identity").store
+    async with identity.db.execute("SELECT surviving_user_id, discarded_user_id, reason, discarded_user,"
+                                   " discarded_metadata FROM merges") as cur:
+        merges = [tuple(row) for row in await cur.fetchall()]
+    assert len(merges) == 1 and merges[0][0] == user_id and merges[0][2] == "channelLinking"
+    assert json.loads(merges[0][3]) == {"id": merges[0][1]} and merges[0][4] == "{}"
+    # Nothing readable on the bus either, once the consumed copies are purged.
+    await s.system.service("conversations").conversations.purge_consumed()
+    bus = await Bus.connect(s.system.nats_url, "test-privacy")
+    try:
+        for stream in (subjects.INBOUND, subjects.EVENTS, subjects.OUTBOUND):
+            stored = await stream_bytes(bus, stream)
+            for needle in (NAME, EMAIL, SECRET_META, OLD_TEXT, "Welcome back!", OPTIN_EMAIL):
+                assert needle.encode() not in stored, (stream.name, needle)
+    finally:
+        await bus.close()
+
+
+async def test_deleting_personal_information_keeps_the_user_and_history_but_not_the_person(
+        sandbox: Sandbox) -> None:
+    s = sandbox
+    user_id, conversation_id = await person_with_history(s)
+
+    async def delivered_all() -> bool:
+        return await stored_row_count(s.system, "webhooks",
+                                      "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'") == 0
+
+    await eventually(delivered_all, timeout=10.0)
+    # The official client's call works against Threadline.
+    user = (await s.call(sc.UsersApi(s.api).delete_user_personal_information, s.app_id, "ada-ext")).user
+    assert user.id == user_id and user.external_id == "ada-ext"
+    assert user.profile is None or (user.profile.given_name, user.profile.surname, user.profile.email) == (
+        None, None, None)
+    assert not user.metadata
+    clients = (await s.call(sc.ClientsApi(s.api).list_clients, s.app_id, user_id)).clients
+    assert [c.type for c in clients] == ["whatsapp"] and clients[0].external_id  # kept: it routes replies
+    assert (clients[0].display_name, clients[0].info, clients[0].raw) == (None, None, None)
+    # The history stays, without the author's name.
+    conversations = (await s.call(sc.ConversationsApi(s.api).list_conversations, s.app_id,
+                                  filter=sc.ConversationListFilter(user_id=user_id))).conversations
+    texts, names = [], []
+    for conversation in conversations:
+        for message in (await s.call(sc.MessagesApi(s.api).list_messages, s.app_id, conversation.id)).messages:
+            texts.append(message.content.actual_instance.text)
+            names.append(message.author.display_name)
+    assert OLD_TEXT in texts and "Welcome back!" in texts and conversation_id in [c.id for c in conversations]
+    assert names and all(name is None for name in names)
+    notifications = s.system.service("notifications")
+
+    async def others_forgot() -> bool:
+        return (await notifications.store.optins(s.app_id, user_id) == [] and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries") == 0)
+
+    await eventually(others_forgot, timeout=10.0)
+    after = files_bytes(Path(s.system.data_dir))
+    assert holding(after, NAME, SURNAME, EMAIL, SECRET_META, OPTIN_EMAIL) == []
+    assert holding(after, OLD_TEXT)  # the history is still there
+    assert not s.of("user:remove")
