@@ -129,6 +129,8 @@ NOTIFICATIONS_OPTIN_START: Final = "notifications.optin.start"
 NOTIFICATIONS_OPTIN_CONFIRM: Final = "notifications.optin.confirm"
 NOTIFICATIONS_OPTIN_LIST: Final = "notifications.optin.list"
 NOTIFICATIONS_OPTIN_STOP: Final = "notifications.optin.stop"
+# Everything notifications holds about a user (opt-ins, sends), for the user export.
+NOTIFICATIONS_USER_EXPORT: Final = "notifications.user.export"
 # Written by `conversations`: each app's public settings (`notification_settings` below), watched
 # by `notifications` (key: app id).
 APPS_BUCKET: Final = "tl_apps"

@@ -27,6 +27,7 @@ from yarl import URL
 from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
+from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
@@ -282,6 +283,11 @@ class Api:
         app_id = await self._app(request)
         user = await self.conversations.delete_personal_information(app_id, request.match_info["userIdOrExternalId"])
         return json_response({"user": user})
+
+    async def export_user(self, request: web.Request) -> web.StreamResponse:
+        """Everything held about the user, as one streamed JSON document (see export.py)."""
+        app_id = await self._app(request)
+        return await export_user(self.conversations, request, app_id, request.match_info["userIdOrExternalId"])
 
     async def list_clients(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -633,6 +639,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("DELETE", A + "/users/{userIdOrExternalId}/personalinformation", "deleteUserPersonalInformation",
               "Users", "Delete a user's personal information (profile, metadata, client details); history stays",
               Api.delete_personal_information, response=models.UserResponse),
+    Operation("GET", A + "/users/{userIdOrExternalId}/export", "exportUser", "Users",
+              "Everything held about the user: user, clients, devices, merges, notification opt-ins, pending "
+              "confirmations, conversations with all their messages (Threadline; streamed JSON)", Api.export_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
     Operation("POST", A + "/users/{userIdOrExternalId}/clients", "createClient", "Clients",

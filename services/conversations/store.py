@@ -782,6 +782,17 @@ class Store:
         """Rewrite stored message bodies (inside `tx()`)."""
         await self.db.executemany("UPDATE messages SET body=? WHERE seq=?", [(body, seq) for seq, body in bodies])
 
+    async def user_pending_links(self, app_id: str, user_id: str) -> list[aiosqlite.Row]:
+        """The user's direct links by phone waiting for a confirmation (for an export)."""
+        return await self._all("SELECT * FROM client_links WHERE app_id=? AND user_id=? ORDER BY created_at",
+                               (app_id, user_id))
+
+    async def user_pending_merges(self, app_id: str, user_id: str) -> list[PendingMerge]:
+        """The merges waiting for a customer's yes that involve the user (for an export)."""
+        rows = await self._all("SELECT * FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
+                               " discarded_user_id=?) ORDER BY created_at", (app_id, user_id, user_id))
+        return [PendingMerge(**dict(row)) for row in rows]
+
     async def checkpoint(self) -> bool:
         """Truncate the write-ahead log (erased rows' older page versions leave the disk)."""
         async with self._lock:

@@ -404,3 +404,12 @@ class Store:
             async with write_lock(self.db):
                 await truncate_wal(self.db)
         return deleted
+
+    async def user_data(self, app_id: str, user_id: str, max_sends: int) -> tuple[
+            list[aiosqlite.Row], list[aiosqlite.Row], bool]:
+        """A user's opt-ins and most recent sends (and whether older sends exist), for an export."""
+        optins = await self._all("SELECT * FROM optins WHERE app_id=? AND user_id=? ORDER BY created_at, id",
+                                 (app_id, user_id))
+        sends = await self._all("SELECT * FROM sends WHERE app_id=? AND user_id=? ORDER BY created_at DESC, id"
+                                " LIMIT ?", (app_id, user_id, max_sends + 1))
+        return optins, sends[:max_sends], len(sends) > max_sends

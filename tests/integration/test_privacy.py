@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import sunshine_conversations_client as sc
 
+from services.conversations import export
 from shared import subjects
 from shared.bus import Bus
 from shared.http import basic_auth_header
@@ -361,3 +362,65 @@ async def test_deleting_personal_information_keeps_the_user_and_history_but_not_
     assert holding(after, NAME, SURNAME, EMAIL, SECRET_META, OPTIN_EMAIL) == []
     assert holding(after, OLD_TEXT)  # the history is still there
     assert not s.of("user:remove")
+
+
+async def test_export_holds_everything_about_the_user_streamed_a_page_at_a_time(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = sandbox
+    monkeypatch.setattr(export, "EXPORT_PAGE", 2)  # several pages per conversation
+    user_id, conversation_id = await person_with_history(s)
+    for n in range(3):
+        await s.call(sc.MessagesApi(s.api).post_message, s.app_id, conversation_id, sc.MessagePost(
+            author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text=f"note {n}"))))
+    async with s.http.get(f"{s.system.base_url}/v2/apps/{s.app_id}/users/ada-ext/export", headers=s.auth) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert resp.headers["Content-Disposition"] == f'attachment; filename="user-{user_id}.json"'
+        document = json.loads(await resp.read())
+    assert document["format"] == "threadline.userExport.v1" and document["app"] == {"id": s.app_id}
+    user = document["user"]
+    assert (user["id"], user["externalId"], user["profile"]["email"], user["metadata"]) == (
+        user_id, "ada-ext", EMAIL, {"tier": SECRET_META})
+    assert [c["type"] for c in document["clients"]] == ["whatsapp"] and document["devices"] == []
+    [merge] = document["merges"]
+    assert merge["survivingUserId"] == user_id and merge["reason"] == "channelLinking"
+    [optin] = document["notifications"]["optIns"]
+    assert (optin["channel"], optin["address"], optin["status"]) == ("email", OPTIN_EMAIL, "pending")
+    assert document["notifications"]["sends"] == [] and document["notifications"]["sendsTruncated"] is False
+    assert document["pendingConfirmations"] == {"clientLinks": [], "mergeConfirmations": []}
+    exported = {c["conversation"]["id"]: c for c in document["conversations"]}
+    assert conversation_id in exported and len(exported) == 2
+    for conversation in document["conversations"]:
+        assert conversation["participants"][0]["userId"] == user_id
+        listed = (await s.call(sc.MessagesApi(s.api).list_messages, s.app_id,
+                               conversation["conversation"]["id"])).messages
+        assert [m["id"] for m in conversation["messages"]] == [m.id for m in listed]
+    texts = [m["content"]["text"] for c in document["conversations"] for m in c["messages"]]
+    assert OLD_TEXT in texts and ["Welcome back!", "note 0", "note 1", "note 2"] == [
+        t for t in texts if t in ("Welcome back!", "note 0", "note 1", "note 2")]
+    # Unknown users, and a service that cannot answer, are the API's usual errors.
+    status, body = await s_request(s, "GET", f"/v2/apps/{s.app_id}/users/nobody/export")
+    assert status == 404 and body["errors"][0]["code"] == "user_not_found"
+    await s.system.stop_service("notifications")
+    status, body = await s_request(s, "GET", f"/v2/apps/{s.app_id}/users/ada-ext/export")
+    assert status == 503 and "otifications" in body["errors"][0]["title"]
+
+
+async def test_another_apps_key_can_neither_export_nor_erase_a_user(sandbox: Sandbox) -> None:
+    s = sandbox
+    user_id, _conversation_id = await person_with_history(s)
+    async with s.http.post(f"{s.system.base_url}/v2/apps", json={"displayName": "Other"}, headers=ACCOUNT) as resp:
+        other_app = (await resp.json())["app"]["id"]
+    async with s.http.post(f"{s.system.base_url}/v2/apps/{other_app}/keys", json={"displayName": "k"},
+                           headers=ACCOUNT) as resp:
+        key = (await resp.json())["key"]
+    other = basic_auth_header(key["id"], key["secret"])
+    for method, tail in (("GET", "/export"), ("DELETE", "/personalinformation"), ("DELETE", "")):
+        # On the user's app path: refused before anything is looked up.
+        status, body = await s_request(s, method, f"/v2/apps/{s.app_id}/users/{user_id}{tail}", headers=other)
+        assert status in (403, 404) and NAME not in json.dumps(body), (method, tail, status)
+        # On its own app's path, the other app's user does not exist.
+        status, body = await s_request(s, method, f"/v2/apps/{other_app}/users/{user_id}{tail}", headers=other)
+        assert status == 404 and body["errors"][0]["code"] == "user_not_found", (method, tail, body)
+    user = (await s.call(sc.UsersApi(s.api).get_user, s.app_id, user_id)).user
+    assert user.profile.given_name == NAME and not s.of("user:remove")
