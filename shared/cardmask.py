@@ -119,12 +119,11 @@ def _mask_actions(actions: list[Action] | None) -> list[Action] | None:
 
 def mask_content(content: Content) -> Content:
     """The content with card numbers masked in everything a person reads (texts, alt texts,
-    button labels, postback payloads, template parameters); URLs are left alone."""
+    button labels, template parameters); URLs and payloads (the business's own ids) are left alone."""
     replace = msgspec.structs.replace
     if isinstance(content, TextContent):
         return replace(content, text=mask_card_numbers(content.text), html_text=_mask_optional(content.html_text),
-                       markdown_text=_mask_optional(content.markdown_text), actions=_mask_actions(content.actions),
-                       payload=_mask_optional(content.payload))
+                       markdown_text=_mask_optional(content.markdown_text), actions=_mask_actions(content.actions))
     if isinstance(content, ImageContent):
         return replace(content, text=_mask_optional(content.text), alt_text=_mask_optional(content.alt_text),
                        actions=_mask_actions(content.actions))

@@ -572,7 +572,7 @@ class Conversations:
 
     # --- inbound from channels ------------------------------------------------------------
 
-    async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+    async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """Consumer of `inbound.>`: customer messages and activity."""
         try:
             message = chan.decode(data)
@@ -583,7 +583,7 @@ class Conversations:
             await self.inbound_message(masked, masked=True)
             if masked is not message and self.streams is not None:
                 # The bus's copy still holds the card number: it goes once the masked one is stored.
-                await self.streams.delete_message(subjects.INBOUND, _delivery.stream_sequence)
+                await self.streams.delete_message(subjects.INBOUND, delivery.stream_sequence)
         elif isinstance(message, chan.InboundActivity):
             await self.inbound_activity(message)
         else:
@@ -596,9 +596,10 @@ class Conversations:
             return msg
         postback = msg.postback
         if postback is not None:
-            postback = chan.Postback(payload=mask_card_numbers(postback.payload), text=mask_card_numbers(postback.text))
-        masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback,
-                                         raw=mask_strings(msg.raw), client_info=mask_strings(msg.client_info))
+            postback = msgspec.structs.replace(postback, text=mask_card_numbers(postback.text))
+        # What a person wrote, not the sender's identifiers (a long phone number can pass Luhn); the
+        # raw payload is never stored (see `_inbound_identity`).
+        masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback)
         return msg if masked == msg else masked
 
     async def inbound_message(self, msg: chan.InboundMessage, *, masked: bool = False) -> None:

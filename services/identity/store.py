@@ -96,6 +96,11 @@ MIGRATIONS = (
           AND json_extract(info, '$.wa_id') != external_id
         ON CONFLICT DO NOTHING
     """,
+    # (privacy) A client's `raw` was the payload of the message that created it: that text must
+    # not outlive the message (retention, erasure); nothing else ever wrote `raw`.
+    """
+    UPDATE clients SET raw = '{}' WHERE raw <> '{}'
+    """,
 )
 MAX_METADATA_BYTES = 4096
 

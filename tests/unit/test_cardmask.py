@@ -105,7 +105,7 @@ def test_mask_content_covers_what_a_person_reads_and_leaves_urls() -> None:
     masked = mask_content(text)
     assert isinstance(masked, TextContent)
     assert masked.text == "card **** **** **** 4242" and masked.markdown_text == "****** **** **** 4242**"
-    assert masked.payload == "**** **** **** 4242"
+    assert masked.payload == pan  # the business's own id
     assert masked.actions is not None and masked.actions[0].text == "**** **** **** 4242"
     assert isinstance(masked.actions[1], LinkAction) and masked.actions[1].uri == "https://x/4242424242424242"
     image = mask_content(ImageContent(media_url="https://cdn/4242424242424242.png", text=pan, alt_text=pan))
