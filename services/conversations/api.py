@@ -26,6 +26,7 @@ from yarl import URL
 from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
+from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
@@ -273,11 +274,18 @@ class Api:
 
     async def delete_user(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
-        reply = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
-            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
-        assert isinstance(reply, ident.Deleted)
-        await self.conversations.forget_user(app_id, reply.user_id)
+        await self.conversations.delete_user(app_id, request.match_info["userIdOrExternalId"])
         return json_response({})
+
+    async def delete_personal_information(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        user = await self.conversations.delete_personal_information(app_id, request.match_info["userIdOrExternalId"])
+        return json_response({"user": user})
+
+    async def export_user(self, request: web.Request) -> web.StreamResponse:
+        """Everything held about the user, as one streamed JSON document (see export.py)."""
+        app_id = await self._app(request)
+        return await export_user(self.conversations, request, app_id, request.match_info["userIdOrExternalId"])
 
     async def list_clients(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -628,6 +636,12 @@ OPERATIONS: tuple[Operation, ...] = (
               Api.update_user, request=models.UserUpdateBody, response=models.UserResponse),
     Operation("DELETE", A + "/users/{userIdOrExternalId}", "deleteUser", "Users",
               "Delete a user, their clients and conversations", Api.delete_user),
+    Operation("DELETE", A + "/users/{userIdOrExternalId}/personalinformation", "deleteUserPersonalInformation",
+              "Users", "Delete a user's personal information (profile, metadata, client details); history stays",
+              Api.delete_personal_information, response=models.UserResponse),
+    Operation("GET", A + "/users/{userIdOrExternalId}/export", "exportUser", "Users",
+              "Everything held about the user: user, clients, devices, merges, notification opt-ins, pending "
+              "confirmations, conversations with all their messages (Threadline; streamed JSON)", Api.export_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
     Operation("POST", A + "/users/{userIdOrExternalId}/clients", "createClient", "Clients",

@@ -10,7 +10,7 @@ import json
 import re
 import zoneinfo
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -79,7 +79,8 @@ class Links(Wire, kw_only=True):
 # --- apps and keys ---------------------------------------------------------------------------
 
 class AppSettings(Wire, kw_only=True):
-    conversation_retention_seconds: int | None = None
+    # Seconds of inactivity after which a conversation's messages are deleted (0: kept).
+    conversation_retention_seconds: Annotated[int, msgspec.Meta(ge=0)] | None = None
     mask_credit_card_numbers: bool | None = None
     use_animal_names: bool | None = None
     echo_postback: bool | None = None

@@ -244,6 +244,11 @@ class Notifier:
         await self.handle_event(event)
 
     async def handle_event(self, event: conv.ConversationUnion) -> None:
+        forget = conv.erasure(event)
+        if forget is not None:  # retention, a deleted user or their personal information
+            deleted = await self.store.forget(forget)
+            log.info("forgot %d notification row(s) after a privacy event", deleted)
+            return
         if isinstance(event, conv.MessageCreated):
             if event.message.author.type == "business":
                 await self._business_message(event)
@@ -879,6 +884,28 @@ class Notifier:
             return False
         await self.store.stop_optin(optin_id, self.clock())
         return True
+
+    # --- access requests ------------------------------------------------------------------
+
+    async def answer_export(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
+        """The NOTIFICATIONS_USER_EXPORT endpoint: a user's opt-ins and sends (`UserData`)."""
+        try:
+            request = note.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return note.ENCODER.encode(_error(400, "bad_request", f"Invalid request: {exc}"))
+        if not isinstance(request, note.ExportUserData):
+            return note.ENCODER.encode(_error(400, "bad_request", f"Unexpected request {type(request).__name__}"))
+        max_sends = max(0, min(request.max_sends, 5000))
+        optins, sends, truncated = await self.store.user_data(request.app_id, request.user_id, max_sends)
+        return note.ENCODER.encode(note.UserData(
+            opt_ins=[note.OptInRecord(
+                id=r["id"], channel=r["channel"], address=r["address"], status=r["status"],
+                conversation_id=r["conversation_id"], integration_id=r["integration_id"], created_at=r["created_at"],
+                confirmed_at=r["confirmed_at"], stopped_at=r["stopped_at"]) for r in optins],
+            sends=[note.SendRecord(id=r["id"], channel=r["channel"], recipient=r["recipient"], kind=r["kind"],
+                                   status=r["status"], conversation_id=r["conversation_id"],
+                                   created_at=r["created_at"]) for r in sends],
+            sends_truncated=truncated))
 
 
 class OptInRefused(Exception):
