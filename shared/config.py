@@ -68,6 +68,12 @@ class CommonConfig:
     sandbox: bool
     stream_replicas: int
     public_base_url: str
+    # NATS credentials of this service (shared/natsauth.py gives each service its own user);
+    # None = anonymous, which no server Threadline starts or deploys accepts.
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # CA bundle that signed the NATS servers' certificates (a `tls://` NATS URL).
+    nats_tls_ca_file: str | None = None
 
     @classmethod
     def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
@@ -78,12 +84,24 @@ class CommonConfig:
         replicas = env_int("THREADLINE_STREAM_REPLICAS", 1, environ)
         if replicas not in (1, 3, 5):
             raise ConfigError("THREADLINE_STREAM_REPLICAS must be 1, 3 or 5")
+        sandbox = env_bool("THREADLINE_SANDBOX", False, environ)
+        # The servers Threadline starts and deploys refuse anonymous connections; a password,
+        # when given, must be a real one.
+        nats_user = env_str("THREADLINE_NATS_USER", "", environ) or None
+        nats_password = None
+        if nats_user is not None:
+            nats_password = env_secret("THREADLINE_NATS_PASSWORD", sandbox=sandbox, environ=environ)
+        elif env_str("THREADLINE_NATS_PASSWORD", "", environ):
+            raise ConfigError("THREADLINE_NATS_PASSWORD needs THREADLINE_NATS_USER")
         return cls(
             nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
             http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
             http_port=port,
             data_dir=env_str("THREADLINE_DATA_DIR", ".threadline", environ),
-            sandbox=env_bool("THREADLINE_SANDBOX", False, environ),
+            sandbox=sandbox,
             stream_replicas=replicas,
             public_base_url=env_str("THREADLINE_PUBLIC_BASE_URL", "http://127.0.0.1:8080", environ).rstrip("/"),
+            nats_user=nats_user,
+            nats_password=nats_password,
+            nats_tls_ca_file=env_str("THREADLINE_NATS_TLS_CA_FILE", "", environ) or None,
         )

@@ -67,7 +67,7 @@ class MessengerService(ServiceApp):
         self.store = await Store.open(self.config.db_path)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     records.INTEGRATION_DECODER.decode)
+                                                     records.integration_decoder(self.config.keyring))
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
                          subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -31,6 +32,8 @@ class NotificationsConfig:
     max_code_attempts: int
     max_starts_per_hour: int
     request_timeout: float
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NotificationsConfig:
@@ -59,4 +62,5 @@ class NotificationsConfig:
             raise ConfigError("THREADLINE_NOTIFY_MAX_CODE_ATTEMPTS and _MAX_OPTIN_STARTS_PER_HOUR must be >= 1")
         if not 0 < config.request_timeout <= 60:
             raise ConfigError("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS must be in (0, 60]")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

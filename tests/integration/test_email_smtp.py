@@ -38,7 +38,7 @@ from shared.bus import Bus
 from shared.records import IntegrationRecord
 from shared.store import open_db
 from shared.telemetry import setup_telemetry, tracer
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, TEST_KEYRING, System
 from threadline.natsserver import free_port
 
 ACCOUNT = {"Authorization": "Basic " + base64.b64encode(f"{ACCOUNT_KEY_ID}:{ACCOUNT_KEY_SECRET}".encode()).decode()}
@@ -238,7 +238,7 @@ async def test_email_integration_in_the_business_api(system: System, bus: Bus) -
         assert integration["security"] == "starttls" and integration["smtpPort"] == 587
         assert "password" not in integration  # write-only
         kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
-        record = records.INTEGRATION_DECODER.decode((await kv.get(integration["id"])).value)
+        record = records.integration_decoder(TEST_KEYRING)((await kv.get(integration["id"])).value)
         assert record.type == "mailgun" and record.config["password"] == "hunter2"
         assert record.config["fromName"] == "The Shop"
         patched = await http.patch(f"{path}/{integration['id']}", json={"security": "tls", "smtpPort": 465})
@@ -246,7 +246,7 @@ async def test_email_integration_in_the_business_api(system: System, bus: Bus) -
         assert (await http.patch(f"{path}/{integration['id']}", json={"smtpPort": 0})).status_code == 400
         listed = (await http.get(path)).json()["integrations"]
         assert all("password" not in i for i in listed)
-        record = records.INTEGRATION_DECODER.decode((await kv.get(integration["id"])).value)
+        record = records.integration_decoder(TEST_KEYRING)((await kv.get(integration["id"])).value)
         assert msgspec.to_builtins(record)["config"]["smtpPort"] == 465
 
 
