@@ -92,9 +92,13 @@ class Bus:
         """
 
         async def on_error(exc: Exception) -> None:
-            if "permissions violation" in str(exc).lower():
+            text = str(exc).lower()
+            if "permissions violation" in text:
                 # A subject missing from shared/natsauth.py: loud, or the caller only sees a timeout.
                 log.error("nats refused: %s (user %s; see shared/natsauth.py)", exc, user)
+            elif "authorization violation" in text:
+                # Retried like an unreachable server, so say why the service never becomes ready.
+                log.error("nats refused the credentials of user %s (THREADLINE_NATS_USER/_PASSWORD)", user)
             else:
                 log.warning("nats error: %s", exc)
 

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -103,6 +104,9 @@ class NatsCluster:
     def start(self) -> NatsCluster:
         """Write each node's config and start them all (blocking until each accepts clients)."""
         client_ports = [free_port() for _ in range(self.size)]
+        # Routes authenticate too: a local process cannot join the cluster as a node (one run's
+        # nodes all start here, so a password per run will do).
+        route_password = secrets.token_urlsafe(24) if self.passwords is not None else None
         cluster_ports = [free_port() for _ in range(self.size)]
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports]
         for i in range(self.size):
@@ -112,7 +116,7 @@ class NatsCluster:
             config_path = os.path.join(store, "nats.conf")
             write_private(config_path, cluster_node_config(
                 server_name=name, host=self.host, client_port=client_ports[i], cluster_port=cluster_ports[i],
-                routes=routes, monitor_port=monitor_port, passwords=self.passwords))
+                routes=routes, monitor_port=monitor_port, passwords=self.passwords, route_password=route_password))
             server = NatsServer(store_dir=store, port=client_ports[i], host=self.host,
                                 extra_args=["-c", config_path], log_path=os.path.join(store, "nats-server.log"))
             self.nodes.append(NatsNode(name, server, cluster_ports[i], monitor_port, config_path))

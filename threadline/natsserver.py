@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -130,7 +131,7 @@ class NatsServer:
 def cluster_node_config(*, server_name: str, host: str, client_port: int, cluster_port: int,
                         routes: list[str], store_dir: str = "", monitor_port: int = 0,
                         cluster_name: str = "threadline", lame_duck_seconds: int = 30,
-                        passwords: Mapping[str, str] | None = None) -> str:
+                        passwords: Mapping[str, str] | None = None, route_password: str | None = None) -> str:
     """The nats-server config of one JetStream cluster node (routes to every node, itself included).
 
     The same shape as the Kubernetes ConfigMap (`deploy/k8s/base/nats/nats.conf`): a named
@@ -138,7 +139,11 @@ def cluster_node_config(*, server_name: str, host: str, client_port: int, cluste
     route to itself is ignored by nats-server), lame-duck shutdown; with `passwords`, the
     users of shared/natsauth.py.
     """
+    if route_password is not None:
+        routes = [credentials_url(route, "route", route_password) for route in routes]
     route_lines = "\n".join(f"    {route}" for route in routes)
+    route_auth = ("" if route_password is None else
+                  f'  authorization {{\n    user: "route"\n    password: {json.dumps(route_password)}\n  }}\n')
     monitor = f"http_port: {monitor_port}\n" if monitor_port else ""
     store = f'  store_dir: "{store_dir}"\n' if store_dir else ""
     auth = "" if passwords is None else "\n" + authorization_config(passwords)
@@ -158,6 +163,6 @@ cluster {{
   routes: [
 {route_lines}
   ]
-}}
+{route_auth}}}
 {auth}"""
 

@@ -111,7 +111,8 @@ def test_cluster_mode_node_config_is_valid(tmp_path: Path) -> None:
     path.write_text(cluster_node_config(server_name="nats-1", host="127.0.0.1", client_port=14222,
                                         cluster_port=16222, monitor_port=18222, store_dir=str(tmp_path / "js"),
                                         routes=[f"nats://127.0.0.1:{p}" for p in (16221, 16222, 16223)],
-                                        passwords={user: f"pw-{user}" for user in USERS}))
-    assert 'user: "conversations"' in path.read_text()
+                                        passwords={user: f"pw-{user}" for user in USERS},
+                                        route_password="route-secret"))
+    assert 'user: "conversations"' in path.read_text() and "nats://route:route-secret@" in path.read_text()
     result = nats_check(path)
     assert result.returncode == 0, result.stdout + result.stderr
