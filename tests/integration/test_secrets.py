@@ -3,9 +3,11 @@ directory from an older version, key rotation, and NATS with one user per servic
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
+import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,8 +42,6 @@ def basic(key_id: str, secret: str) -> dict[str, str]:
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 10.0) -> T:
-    import asyncio
-
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = await check()
@@ -339,3 +339,57 @@ async def test_nats_refuses_anonymous_clients_and_each_service_gets_only_what_it
     finally:
         await whatsapp.close()
 
+
+
+def write_certificate(directory: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (as Secret nats-tls would hold): (cert = CA, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+async def test_services_reach_a_tls_nats_with_the_ca_they_are_given(tmp_path: Path) -> None:
+    cert, key = write_certificate(tmp_path)
+    server = NatsServer(store_dir=str(tmp_path / "nats"), passwords=NATS_PASSWORDS,
+                        extra_args=["--tls", "--tlscert", cert, "--tlskey", key]).start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        # As a service configured with THREADLINE_NATS_URL=tls://… and THREADLINE_NATS_TLS_CA_FILE.
+        from services.webhooks.app import create
+
+        service = create({"THREADLINE_NATS_URL": url, "THREADLINE_NATS_TLS_CA_FILE": cert,
+                          "THREADLINE_NATS_USER": "webhooks", "THREADLINE_NATS_PASSWORD": NATS_PASSWORDS["webhooks"],
+                          "THREADLINE_SANDBOX": "0", KEY_ENV: SECRETS_KEY, "THREADLINE_HTTP_PORT": "0",
+                          "THREADLINE_DATA_DIR": str(tmp_path / "data")})
+        await asyncio.wait_for(service.start(), 30)  # a client that cannot verify the server retries forever
+        try:
+            assert service.bus is not None and service.bus.nc.is_connected
+            assert service.bus.nc.connected_url is not None and service.bus.nc.connected_url.scheme == "tls"
+        finally:
+            await service.stop()
+        # Without the CA the server's certificate is not trusted: no connection.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await nats.connect(url, user="webhooks", password=NATS_PASSWORDS["webhooks"], allow_reconnect=False,
+                               connect_timeout=5)
+    finally:
+        server.stop()
