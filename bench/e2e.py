@@ -42,12 +42,13 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.bus import Bus
+from shared.encryption import Keyring
 from shared.http import basic_auth_header
-from shared.records import INTEGRATION_DECODER, IntegrationRecord
+from shared.records import IntegrationRecord, integration_decoder
 from shared.signing import meta_signature
 from shared.subjects import INTEGRATIONS_BUCKET, StreamSpec
 from shared.twilio_wire import API_VERSION, FORM_CONTENT_TYPE, SIGNATURE_HEADER, twilio_signature
-from threadline.cli import Launcher
+from threadline.cli import Launcher, load_secrets
 from threadline.natsserver import NatsServer, free_port
 
 CHANNELS = ("whatsapp", "messenger", "telegram", "twilio", "app")
@@ -256,14 +257,15 @@ BUILDERS: dict[str, Builder] = {
 
 
 async def integration_record(bus: Bus, integration_id: str, ready: Callable[[IntegrationRecord], bool],
-                             timeout: float = 15.0) -> IntegrationRecord:
-    """The integration's record from the integrations KV bucket, once `ready(record)` holds."""
+                             keyring: Keyring, timeout: float = 15.0) -> IntegrationRecord:
+    """The integration's record from the integrations KV bucket (its secrets opened with
+    `keyring`), once `ready(record)` holds."""
     kv = await bus.key_value(INTEGRATIONS_BUCKET)
     deadline = time.monotonic() + timeout
     while True:
         try:
             entry = await kv.get(integration_id)
-            record = INTEGRATION_DECODER.decode(entry.value) if entry.value else None
+            record = integration_decoder(keyring)(entry.value) if entry.value else None
         except Exception:
             record = None
         if record is not None and ready(record):
@@ -362,6 +364,8 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
                     raise RuntimeError(f"cannot create webhook: {resp.status} {await resp.text()}")
         assert launcher.nats is not None
         bus = await Bus.connect(launcher.nats.url, "bench")
+        # Credentials in KV are sealed with the installation's key (secrets.json).
+        keyring = Keyring.parse(load_secrets(data_dir)["secretsKey"])
         loads: dict[str, ChannelLoad] = {}
         # Through the front door (as in `make up`), or straight to the channel's service as a
         # Kubernetes Ingress would deliver it (the Python front door costs a proxy hop on the
@@ -377,7 +381,7 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
             # Telegram's webhook secret is minted by the integrations API and never written to
             # sandbox.json: it is read, like every channel's record, from the integrations bucket.
             ready = has_webhook_secret if channel == "telegram" else is_present
-            record = await integration_record(bus, integration["id"], ready)
+            record = await integration_record(bus, integration["id"], ready, keyring)
             loads[channel] = BUILDERS[channel](integration, record, entry, args.messages, args.senders)
         await asyncio.sleep(1.0)  # let the webhook config reach the webhooks service's KV mirror
         results = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from shared.natsauth import inbox_prefix
 from shared.subjects import ALL_STREAMS, StreamSpec
 from shared.telemetry import extract_context, inject_headers, tracer
 
@@ -80,17 +82,36 @@ class Bus:
     stream_replicas: int = 1
 
     @classmethod
-    async def connect(cls, url: str, name: str) -> Bus:
-        """Connect (retrying while the server starts) and return a Bus."""
+    async def connect(cls, url: str, name: str, *, user: str | None = None, password: str | None = None,
+                      tls_ca_file: str | None = None) -> Bus:
+        """Connect (retrying while the server starts) and return a Bus.
+
+        `user`/`password`: this service's NATS credentials (shared/natsauth.py); its replies then
+        arrive under its own inbox prefix, the only `_INBOX` subjects it may subscribe to.
+        `tls_ca_file`: verify `tls://` servers against this CA bundle.
+        """
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats error: %s", exc)
+            text = str(exc).lower()
+            if "permissions violation" in text:
+                # A subject missing from shared/natsauth.py: loud, or the caller only sees a timeout.
+                log.error("nats refused: %s (user %s; see shared/natsauth.py)", exc, user)
+            elif "authorization violation" in text:
+                # Retried like an unreachable server, so say why the service never becomes ready.
+                log.error("nats refused the credentials of user %s (THREADLINE_NATS_USER/_PASSWORD)", user)
+            else:
+                log.warning("nats error: %s", exc)
 
         # "nats://a:4222,nats://b:4222" lists several seeds (a cluster); nats-py wants a list.
         servers: str | list[str] = [u.strip() for u in url.split(",") if u.strip()] if "," in url else url
+        options: dict[str, Any] = {}
+        if user is not None:
+            options.update(user=user, password=password, inbox_prefix=inbox_prefix(user))
+        if tls_ca_file:
+            options["tls"] = ssl.create_default_context(cafile=tls_ca_file)
         nc = await nats.connect(
             servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5,
+            connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5, **options,
         )
         return cls(nc=nc, js=nc.jetstream(timeout=10))
 

@@ -109,6 +109,12 @@ class CommonConfig:
     public_base_url: str
     # Where outbound HTTP/SMTP may go (THREADLINE_EGRESS_ALLOW, THREADLINE_EGRESS_ALLOW_HTTP).
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    # NATS credentials of this service (shared/natsauth.py gives each service its own user);
+    # None = anonymous, which no server Threadline starts or deploys accepts.
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # CA bundle that signed the NATS servers' certificates (a `tls://` NATS URL).
+    nats_tls_ca_file: str | None = None
 
     @classmethod
     def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
@@ -126,6 +132,14 @@ class CommonConfig:
                                            public_base_url=public_base_url)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        # The servers Threadline starts and deploys refuse anonymous connections; a password,
+        # when given, must be a real one.
+        nats_user = env_str("THREADLINE_NATS_USER", "", environ) or None
+        nats_password = None
+        if nats_user is not None:
+            nats_password = env_secret("THREADLINE_NATS_PASSWORD", sandbox=sandbox, environ=environ)
+        elif env_str("THREADLINE_NATS_PASSWORD", "", environ):
+            raise ConfigError("THREADLINE_NATS_PASSWORD needs THREADLINE_NATS_USER")
         return cls(
             nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
             http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
@@ -135,4 +149,7 @@ class CommonConfig:
             stream_replicas=replicas,
             public_base_url=public_base_url,
             egress=egress,
+            nats_user=nats_user,
+            nats_password=nats_password,
+            nats_tls_ca_file=env_str("THREADLINE_NATS_TLS_CA_FILE", "", environ) or None,
         )

@@ -6,11 +6,16 @@ in-memory mirror of these buckets (`shared.bus.KvMirror`), so the hot path never
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
+from shared.encryption import Keyring, SecretsError, is_sealed
 from shared.sunco import IntegrationType
+
+log = logging.getLogger(__name__)
 
 
 class IntegrationRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -18,7 +23,8 @@ class IntegrationRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     `config` holds the type's fields in SunCo camelCase, secrets included, e.g. for
     `whatsapp`: phoneNumberId, phoneNumber, accessToken, appSecret, verifyToken, apiVersion,
-    baseUrl (the Graph API base; the sandbox's fake in the sandbox).
+    baseUrl (the Graph API base; the sandbox's fake in the sandbox). In KV (and in the
+    database) the secrets are sealed (`shared.encryption`); `integration_decoder` opens them.
     """
 
     id: str
@@ -30,7 +36,8 @@ class IntegrationRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class WebhookRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One business webhook: where to POST which triggers, with which secret."""
+    """One business webhook: where to POST which triggers, with which secret (sealed in KV and
+    in the database; `webhook_decoder` opens it)."""
 
     id: str
     app_id: str
@@ -51,6 +58,61 @@ def webhook_key(app_id: str, webhook_id: str) -> str:
 INTEGRATION_DECODER = msgspec.json.Decoder(IntegrationRecord)
 WEBHOOK_DECODER = msgspec.json.Decoder(WebhookRecord)
 ENCODER = msgspec.json.Encoder()
+
+
+def integration_context(integration_id: str) -> str:
+    """What an integration's sealed config fields are bound to (plus `:<field>`)."""
+    return f"integration:{integration_id}"
+
+
+def webhook_secret_context(webhook_id: str) -> str:
+    """What a webhook's sealed secret is bound to."""
+    return f"webhook:{webhook_id}:secret"
+
+
+def open_integration(record: IntegrationRecord, keyring: Keyring) -> IntegrationRecord:
+    """`record` with its sealed config fields opened.
+
+    A field that does not open is left out (and logged unless the keyring is empty: a service
+    given no key, such as `web`, needs no secret), so a send fails on a missing credential
+    rather than with ciphertext.
+    """
+    if not any(is_sealed(v) for v in record.config.values()):
+        return record
+    context = integration_context(record.id)
+    config: dict[str, Any] = {}
+    for name, value in record.config.items():
+        if not is_sealed(value):
+            config[name] = value
+            continue
+        try:
+            config[name] = keyring.open(value, f"{context}:{name}")
+        except SecretsError as exc:
+            if keyring.keys:
+                log.error("integration %s: %s does not open: %s", record.id, name, exc)
+    return msgspec.structs.replace(record, config=config)
+
+
+def integration_decoder(keyring: Keyring) -> Callable[[bytes], IntegrationRecord]:
+    """Decode an integrations KV value and open its secrets with `keyring`."""
+
+    def decode(data: bytes) -> IntegrationRecord:
+        return open_integration(INTEGRATION_DECODER.decode(data), keyring)
+
+    return decode
+
+
+def webhook_decoder(keyring: Keyring) -> Callable[[bytes], WebhookRecord]:
+    """Decode a webhooks KV value and open its secret with `keyring` (raises SecretsError when
+    it does not open: a webhook delivered without its secret would be unverifiable)."""
+
+    def decode(data: bytes) -> WebhookRecord:
+        record = WEBHOOK_DECODER.decode(data)
+        if not is_sealed(record.secret):
+            return record
+        return msgspec.structs.replace(record, secret=keyring.open(record.secret, webhook_secret_context(record.id)))
+
+    return decode
 
 
 # --- apps (written by `conversations` to `subjects.APPS_BUCKET`, read by `notifications`) --------

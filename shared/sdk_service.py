@@ -34,12 +34,13 @@ from opentelemetry.trace import SpanKind
 from shared import subjects
 from shared.bus import Bus, KvMirror, RequestFailed
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.encryption import Keyring
 from shared.http import ApiError, json_response, read_json
 from shared.ids import iso, new_id, now
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
 from shared.messages.channel import InboundActivity, InboundMessage
-from shared.records import INTEGRATION_DECODER, IntegrationRecord
+from shared.records import INTEGRATION_DECODER, IntegrationRecord, integration_decoder, open_integration
 from shared.sdk import (
     HISTORY_PAGE_LIMIT,
     MAX_CLIENT_MESSAGE_ID_LENGTH,
@@ -382,9 +383,11 @@ class SdkService(ServiceApp):
     path_root: str = "sdk"
     integration_types: frozenset[str] = frozenset()
 
-    def __init__(self, common: CommonConfig, sdk: SdkSettings) -> None:
+    def __init__(self, common: CommonConfig, sdk: SdkSettings, keyring: Keyring | None = None) -> None:
         super().__init__(common)
         self.sdk = sdk
+        # Opens the integrations' sealed credentials (`app` pushes with them; `web` has none).
+        self.keyring = keyring or Keyring()
         self.bus: Bus | None = None
         self.integrations: KvMirror | None = None
         self.ended_users: KvMirror | None = None
@@ -441,7 +444,7 @@ class SdkService(ServiceApp):
         """Connect the bus, mirror integrations and subscribe to events (call from `start`)."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     INTEGRATION_DECODER.decode)
+                                                     integration_decoder(self.keyring))
         self.ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
                                                     identity.USER_ENDED_DECODER.decode)
         await self.hub.start(self.bus.nc)
@@ -526,7 +529,7 @@ class SdkService(ServiceApp):
         if not entry.value:
             return None
         try:
-            return INTEGRATION_DECODER.decode(entry.value)
+            return open_integration(INTEGRATION_DECODER.decode(entry.value), self.keyring)
         except msgspec.ValidationError:
             return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,7 +58,8 @@ class ServiceApp:
 
     async def connect_bus(self) -> Bus:
         """Connect to NATS, create the streams, and make /readyz follow the connection."""
-        bus = await Bus.connect(self.common.nats_url, self.name)
+        bus = await Bus.connect(self.common.nats_url, self.name, user=self.common.nats_user,
+                                password=self.common.nats_password, tls_ca_file=self.common.nats_tls_ca_file)
         await bus.ensure_streams(self.common.stream_replicas)
 
         async def connected() -> bool:
@@ -105,6 +107,9 @@ class ServiceApp:
 
 def run_service(factory: Callable[[], ServiceApp]) -> None:
     """Run a service until SIGINT/SIGTERM, then stop it cleanly."""
+    # What the service writes (databases, journals) is readable by its owner only.
+    os.umask(0o077)
+
     async def main() -> None:
         service = factory()
         stop = asyncio.Event()

@@ -14,15 +14,23 @@ from collections.abc import AsyncIterator, Sequence
 
 import aiosqlite
 
+from shared.files import ensure_private_file, private_dir
+
 
 async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
     """Open (creating folders as needed) a database and apply pending migrations.
 
     `migrations[i]` is the SQL script of version i+1; applied versions are recorded in
     `schema_migrations`, so a migration runs once, in order, inside a transaction.
+
+    The folder is 0700 and the file 0600 (SQLite gives its -wal and -shm files the database
+    file's mode); those of older data directories are restricted here.
     """
     if path != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        private_dir(os.path.dirname(os.path.abspath(path)))
+        for existing in (path, f"{path}-wal", f"{path}-shm"):
+            if existing == path or os.path.exists(existing):
+                ensure_private_file(existing)
     db = await aiosqlite.connect(path, isolation_level=None)
     db.row_factory = aiosqlite.Row
     await db.execute("PRAGMA journal_mode=WAL")

@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 
 from shared.bus import Bus
+from shared.natsauth import ADMIN_USER
+from tests.harness import NATS_PASSWORDS
 from threadline.natsserver import NatsServer
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A fresh nats-server with JetStream per test (starting one costs ~0.1 s)."""
-    server = NatsServer(store_dir=str(tmp_path / "nats")).start()
+    """A fresh nats-server with JetStream per test (starting one costs ~0.1 s).
+
+    It requires a user per service, as `threadline up` does (services started by
+    `tests.harness.System` connect as themselves); `url` carries the admin's credentials, for
+    tests that look at streams and buckets directly.
+    """
+    server = NatsServer(store_dir=str(tmp_path / "nats"), passwords=NATS_PASSWORDS, url_user=ADMIN_USER).start()
     try:
         yield server
     finally:

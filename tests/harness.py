@@ -13,8 +13,11 @@ tests never collide on ports; everything public goes through the front door as i
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import importlib
+import re
 import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -23,12 +26,34 @@ from typing import Any
 from aiohttp import web
 
 from shared.egress import EgressPolicy, parse_rules
+from shared.encryption import KEY_ENV, SERVICES_WITH_SECRETS, Keyring
+from shared.natsauth import USERS
 from shared.service import ServiceApp
 from threadline.frontdoor import APP_KEY_UPSTREAMS, build_frontdoor
 
 ACCOUNT_KEY_ID = "act_000000000000000000000001"
 ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
+# The test nats-server (tests/conftest.py) has a user per service, as `threadline up` does.
+NATS_PASSWORDS = {user: f"test-nats-password-{user}-0123456789" for user in USERS}
+# The keyring services that keep or use secrets get (THREADLINE_SECRETS_KEY).
+SECRETS_KEY = "test:" + base64.urlsafe_b64encode(
+    hashlib.sha256(b"threadline test secrets key").digest()).decode().rstrip("=")
+TEST_KEYRING = Keyring.parse(SECRETS_KEY)
+
+
+def without_credentials(url: str) -> str:
+    """A NATS URL (list) without `user:password@`."""
+    return re.sub(r"://[^@/,]*@", "://", url)
+
+
+def service_credentials(name: str) -> dict[str, str]:
+    """The environment that makes service `name` connect as its own NATS user, with the
+    secrets key when it is one of the services given it."""
+    env = {"THREADLINE_NATS_USER": name, "THREADLINE_NATS_PASSWORD": NATS_PASSWORDS[name]}
+    if name in SERVICES_WITH_SECRETS:
+        env[KEY_ENV] = SECRETS_KEY
+    return env
 
 LOOPBACK_EGRESS_ALLOW = "127.0.0.0/8,[::1]"
 # The same policy for tests that build a client outside a service (push senders, send_email).
@@ -55,7 +80,7 @@ class System:
         self._frontdoor_socket.listen(128)
         self.frontdoor_port: int = self._frontdoor_socket.getsockname()[1]
         self.env: dict[str, str] = {
-            "THREADLINE_NATS_URL": nats_url,
+            "THREADLINE_NATS_URL": without_credentials(nats_url),
             "THREADLINE_HTTP_HOST": "127.0.0.1",
             "THREADLINE_HTTP_PORT": "0",
             "THREADLINE_DATA_DIR": self.data_dir,
@@ -97,7 +122,7 @@ class System:
     async def start_service(self, name: str, env: Mapping[str, str] | None = None) -> ServiceApp:
         """Start one service (not the front door)."""
         module = importlib.import_module(f"services.{name}.app")
-        service: ServiceApp = module.create({**self.env, **(env or {})})
+        service: ServiceApp = module.create({**self.env, **service_credentials(name), **(env or {})})
         await service.start()
         self.services[name] = service
         return service

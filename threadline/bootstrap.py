@@ -12,6 +12,7 @@ import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from shared.files import private_dir, write_private
 from shared.http import basic_auth_header
 from shared.routes import SANDBOX_SMTP_PORT
 
@@ -179,9 +180,5 @@ async def _follow_smtp_sink(session: aiohttp.ClientSession, base_url: str, auth:
 
 
 def _write(path: str, info: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(info, fh, indent=2)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    private_dir(os.path.dirname(path))
+    write_private(path, json.dumps(info, indent=2))

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,9 @@ import aiohttp
 from aiohttp import web
 
 from shared.egress import ALLOW_ENV
+from shared.encryption import KEY_ENV, KEY_FILE_ENV, SERVICES_WITH_SECRETS, generate_key
+from shared.files import ensure_private_file, private_dir, write_private
+from shared.natsauth import ADMIN_USER, USERS
 from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import build_frontdoor
@@ -56,23 +59,52 @@ def loopback_egress_allow(own_ports: Iterable[int], configured: str = "") -> str
     return ",".join(part for part in (configured.strip(" ,"), *denied, "127.0.0.0/8", "[::1]") if part)
 
 
-def load_secrets(data_dir: str) -> dict[str, str]:
-    """Secrets of this installation, generated on first run and kept in `<data-dir>/secrets.json`."""
+def load_secrets(data_dir: str) -> dict[str, Any]:
+    """Secrets of this installation, generated on first run and kept in `<data-dir>/secrets.json` (0600).
+
+    The account key, the SDK token secret, the key that encrypts secrets at rest (`secretsKey`,
+    a THREADLINE_SECRETS_KEY keyring) and a NATS password per service (`natsPasswords`). A file
+    from an older version gets the entries it lacks.
+    """
     path = os.path.join(data_dir, "secrets.json")
+    stored: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as fh:
-            stored: dict[str, str] = json.load(fh)
-        return stored
-    generated = {
-        "accountKeyId": "act_" + secrets.token_hex(12),
-        "accountKeySecret": secrets.token_urlsafe(32),
-        "sdkTokenSecret": secrets.token_urlsafe(32),
+            stored = json.load(fh)
+    wanted: dict[str, Any] = {
+        "accountKeyId": lambda: "act_" + secrets.token_hex(12),
+        "accountKeySecret": lambda: secrets.token_urlsafe(32),
+        "sdkTokenSecret": lambda: secrets.token_urlsafe(32),
+        "secretsKey": lambda: f"k1:{generate_key()}",
+        "natsPasswords": dict,
     }
-    os.makedirs(data_dir, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(generated, fh, indent=2)
-    os.chmod(path, 0o600)
-    return generated
+    updated = {**stored, "natsPasswords": dict(stored.get("natsPasswords") or {})}
+    for name, make in wanted.items():
+        if name not in updated:
+            updated[name] = make()
+    passwords = updated["natsPasswords"]
+    for user in USERS:
+        passwords.setdefault(user, secrets.token_urlsafe(24))
+    private_dir(data_dir)
+    if updated != stored or not os.path.exists(path):
+        write_private(path, json.dumps(updated, indent=2))
+    else:
+        ensure_private_file(path)
+    return updated
+
+
+def service_credentials(service: str, keys: Mapping[str, Any]) -> dict[str, str]:
+    """The environment that gives `service` its NATS user and, if it needs it, the secrets key."""
+    env = {"THREADLINE_NATS_USER": service, "THREADLINE_NATS_PASSWORD": keys["natsPasswords"][service]}
+    if service in SERVICES_WITH_SECRETS:
+        env[KEY_ENV] = keys["secretsKey"]
+    return env
+
+
+def service_env(base: Mapping[str, str], service: str, keys: Mapping[str, Any], port: int) -> dict[str, str]:
+    """`base` plus one service's port and credentials; a service that needs no secret gets no key."""
+    env = {k: v for k, v in base.items() if k not in (KEY_ENV, KEY_FILE_ENV)}
+    return {**env, "THREADLINE_HTTP_PORT": str(port), **service_credentials(service, keys)}
 
 
 @dataclass
@@ -86,7 +118,7 @@ class ServiceProcess:
     started_at: float = 0.0
 
     async def start(self) -> None:
-        log = open(self.log_path, "ab")
+        log = open(ensure_private_file(self.log_path), "ab")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{self.name}", env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT,
         )
@@ -173,7 +205,8 @@ class Launcher:
 
     async def start(self) -> dict[str, Any]:
         """Start NATS, the services and the front door; bootstrap the sandbox; return sandbox.json."""
-        os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
+        private_dir(self.data_dir)
+        private_dir(os.path.join(self.data_dir, "logs"))
         if self.port == 0:
             self.port = free_port()
         if not _port_free(self.host, self.port):
@@ -188,12 +221,13 @@ class Launcher:
         keys = load_secrets(self.data_dir)
         nats_port = self.nats_port if self.nats_port and _port_free("127.0.0.1", self.nats_port) else free_port()
         self.nats = NatsServer(store_dir=os.path.join(self.data_dir, "nats"), port=nats_port,
-                               log_path=os.path.join(self.data_dir, "logs", "nats-server.log"))
+                               log_path=os.path.join(self.data_dir, "logs", "nats-server.log"),
+                               passwords=keys["natsPasswords"], url_user=ADMIN_USER)
         await asyncio.to_thread(self.nats.start)
-        self.say(f"nats-server (JetStream) on {self.nats.url}")
+        self.say(f"nats-server (JetStream, a user per service) on {self.nats.address}")
         base_env = {
             **os.environ,
-            "THREADLINE_NATS_URL": self.nats.url,
+            "THREADLINE_NATS_URL": self.nats.address,
             "THREADLINE_DATA_DIR": os.path.abspath(self.data_dir),
             "THREADLINE_SANDBOX": "1",
             "THREADLINE_HTTP_HOST": "127.0.0.1",
@@ -207,7 +241,7 @@ class Launcher:
             **self.extra_env,
         }
         for name in START_ORDER:
-            env = {**base_env, "THREADLINE_HTTP_PORT": str(ports[name])}
+            env = service_env(base_env, name, keys, ports[name])
             svc = ServiceProcess(name=name, port=ports[name], env=env,
                                  log_path=os.path.join(self.data_dir, "logs", f"{name}.log"))
             self.services[name] = svc
@@ -322,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--cluster", action="store_true",
                     help="3-node NATS JetStream cluster, two replicas of each stateless service")
     args = parser.parse_args(argv)
+    # Whatever this run creates (databases, logs, JetStream files of the child nats-server) is
+    # its owner's only.
+    os.umask(0o077)
     if args.command == "up" and args.cluster:
         from threadline.cluster import run_cluster  # imports this module: import it only when asked
 

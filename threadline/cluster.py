@@ -19,8 +19,10 @@ import importlib.util
 import itertools
 import logging
 import os
+import secrets
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,8 @@ from aiohttp import web
 
 from shared.bus import Bus
 from shared.egress import ALLOW_ENV
+from shared.files import ensure_private_file, private_dir, write_private
+from shared.natsauth import ADMIN_USER
 from shared.routes import DEFAULT_PORTS, ROUTES
 from shared.subjects import INBOUND, StreamSpec
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -42,9 +46,10 @@ from threadline.cli import (
     ServiceProcess,
     load_secrets,
     loopback_egress_allow,
+    service_env,
 )
 from threadline.frontdoor import build_frontdoor
-from threadline.natsserver import NatsServer, cluster_node_config, free_port
+from threadline.natsserver import NatsServer, cluster_node_config, credentials_url, free_port
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +80,46 @@ class NatsNode:
 
 @dataclass
 class NatsCluster:
-    """`size` nats-server processes routed to each other, JetStream on each."""
+    """`size` nats-server processes routed to each other, JetStream on each.
+
+    With `passwords`, every node requires the users of shared/natsauth.py; `url` then carries
+    the admin's credentials (for the launcher's own checks and tests), `address` none.
+    """
 
     data_dir: str
     size: int = CLUSTER_SIZE
     host: str = "127.0.0.1"
     nodes: list[NatsNode] = field(default_factory=list)
+    passwords: Mapping[str, str] | None = None
+
+    @property
+    def address(self) -> str:
+        """Every node's client URL, comma-separated (what THREADLINE_NATS_URL takes)."""
+        return ",".join(node.server.address for node in self.nodes if node.server.process is not None)
 
     @property
     def url(self) -> str:
-        """Every node's client URL, comma-separated (what THREADLINE_NATS_URL takes)."""
-        return ",".join(node.url for node in self.nodes if node.server.process is not None)
+        """`address` with the admin's credentials (when the cluster has users)."""
+        if self.passwords is None:
+            return self.address
+        return credentials_url(self.address, ADMIN_USER, self.passwords[ADMIN_USER])
 
     def start(self) -> NatsCluster:
         """Write each node's config and start them all (blocking until each accepts clients)."""
         client_ports = [free_port() for _ in range(self.size)]
+        # Routes authenticate too: a local process cannot join the cluster as a node (one run's
+        # nodes all start here, so a password per run will do).
+        route_password = secrets.token_urlsafe(24) if self.passwords is not None else None
         cluster_ports = [free_port() for _ in range(self.size)]
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports]
         for i in range(self.size):
             name = f"nats-{i}"
-            store = os.path.join(self.data_dir, name)
-            os.makedirs(store, exist_ok=True)
+            store = private_dir(os.path.join(self.data_dir, name))
             monitor_port = free_port()
             config_path = os.path.join(store, "nats.conf")
-            with open(config_path, "w") as fh:
-                fh.write(cluster_node_config(server_name=name, host=self.host, client_port=client_ports[i],
-                                             cluster_port=cluster_ports[i], routes=routes,
-                                             monitor_port=monitor_port))
+            write_private(config_path, cluster_node_config(
+                server_name=name, host=self.host, client_port=client_ports[i], cluster_port=cluster_ports[i],
+                routes=routes, monitor_port=monitor_port, passwords=self.passwords, route_password=route_password))
             server = NatsServer(store_dir=store, port=client_ports[i], host=self.host,
                                 extra_args=["-c", config_path], log_path=os.path.join(store, "nats-server.log"))
             self.nodes.append(NatsNode(name, server, cluster_ports[i], monitor_port, config_path))
@@ -228,7 +246,7 @@ class ReplicaProcess(ServiceProcess):
     service: str = ""
 
     async def start(self) -> None:
-        log_file = open(self.log_path, "ab")
+        log_file = open(ensure_private_file(self.log_path), "ab")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{self.service}", env=self.env, stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,
@@ -259,21 +277,24 @@ class ClusterLauncher(Launcher):
 
     async def start(self) -> dict[str, Any]:
         """Start the NATS cluster, every replica, the balancers and the front door; bootstrap the sandbox."""
-        os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
+        private_dir(self.data_dir)
+        private_dir(os.path.join(self.data_dir, "logs"))
         if self.port == 0:
             self.port = free_port()
         keys = load_secrets(self.data_dir)
-        self.cluster = NatsCluster(os.path.join(self.data_dir, "nats-cluster"), size=self.cluster_size)
+        self.cluster = NatsCluster(os.path.join(self.data_dir, "nats-cluster"), size=self.cluster_size,
+                                   passwords=keys["natsPasswords"])
         await asyncio.to_thread(self.cluster.start)
         stream_replicas = 3 if self.cluster_size >= 3 else 1
         await wait_for_jetstream(self.cluster.url, stream_replicas)
-        self.say(f"nats-server cluster ({self.cluster_size} nodes, JetStream R{stream_replicas}) on {self.cluster.url}")
+        self.say(f"nats-server cluster ({self.cluster_size} nodes, JetStream R{stream_replicas}) "
+                 f"on {self.cluster.address}")
         replica_ports = {name: [free_port() for _ in range(self.replicas.get(name, 1))] for name in self.service_names}
         nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
         own_ports = [self.port, *nats_ports, *(p for ports in replica_ports.values() for p in ports)]
         base_env = {
             **os.environ,
-            "THREADLINE_NATS_URL": self.cluster.url,
+            "THREADLINE_NATS_URL": self.cluster.address,
             "THREADLINE_STREAM_REPLICAS": str(stream_replicas),
             "THREADLINE_DATA_DIR": os.path.abspath(self.data_dir),
             "THREADLINE_SANDBOX": "1",
@@ -294,7 +315,7 @@ class ClusterLauncher(Launcher):
             for index in range(count):
                 port = replica_ports[name][index]
                 replica = f"{name}-{index}"
-                proc = ReplicaProcess(name=replica, port=port, env={**base_env, "THREADLINE_HTTP_PORT": str(port)},
+                proc = ReplicaProcess(name=replica, port=port, env=service_env(base_env, name, keys, port),
                                       log_path=os.path.join(self.data_dir, "logs", f"{replica}.log"), service=name)
                 self.services[replica] = proc
                 await proc.start()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from shared.files import ensure_private_file, private_dir, private_file
+from shared.natsauth import authorization_config
 
 
 def find_nats_server() -> str:
@@ -43,9 +49,20 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
             time.sleep(0.05)
 
 
+def credentials_url(url: str, user: str, password: str) -> str:
+    """`url` (one or several comma-separated nats:// URLs) with `user:password@` in each."""
+    userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@"
+    return ",".join(u.replace("://", "://" + userinfo, 1) for u in url.split(","))
+
+
 @dataclass
 class NatsServer:
-    """A nats-server child process with JetStream storing under `store_dir`."""
+    """A nats-server child process with JetStream storing under `store_dir`.
+
+    With `passwords` (user → password) it requires authentication: the users and their
+    permissions (shared/natsauth.py) go into a 0600 config file beside the store. `url_user`
+    puts that user's credentials into `url` (tests connect with it as they always did).
+    """
 
     store_dir: str
     port: int = 0
@@ -53,20 +70,35 @@ class NatsServer:
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     log_path: str | None = None
+    passwords: Mapping[str, str] | None = None
+    url_user: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The server's URL without credentials."""
+        return f"nats://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        if self.url_user is not None and self.passwords is not None:
+            return credentials_url(self.address, self.url_user, self.passwords[self.url_user])
+        return self.address
 
     def start(self) -> NatsServer:
         """Start the server and wait until it accepts connections."""
         if self.port == 0:
             self.port = free_port()
-        os.makedirs(self.store_dir, exist_ok=True)
+        private_dir(self.store_dir)
         self.log_path = self.log_path or os.path.join(self.store_dir, "nats-server.log")
-        log = open(self.log_path, "ab")
+        auth_args: list[str] = []
+        if self.passwords is not None:
+            config = os.path.join(self.store_dir, "auth.conf")
+            with private_file(config) as fh:
+                fh.write(authorization_config(self.passwords).encode())
+            auth_args = ["-c", config]
+        log = open(ensure_private_file(self.log_path), "ab")
         self.process = subprocess.Popen(
-            [find_nats_server(), "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
+            [find_nats_server(), *auth_args, "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -98,16 +130,23 @@ class NatsServer:
 
 def cluster_node_config(*, server_name: str, host: str, client_port: int, cluster_port: int,
                         routes: list[str], store_dir: str = "", monitor_port: int = 0,
-                        cluster_name: str = "threadline", lame_duck_seconds: int = 30) -> str:
+                        cluster_name: str = "threadline", lame_duck_seconds: int = 30,
+                        passwords: Mapping[str, str] | None = None, route_password: str | None = None) -> str:
     """The nats-server config of one JetStream cluster node (routes to every node, itself included).
 
     The same shape as the Kubernetes ConfigMap (`deploy/k8s/base/nats/nats.conf`): a named
     server, JetStream on a per-node store, a `cluster` block whose routes list every node (a
-    route to itself is ignored by nats-server), lame-duck shutdown.
+    route to itself is ignored by nats-server), lame-duck shutdown; with `passwords`, the
+    users of shared/natsauth.py.
     """
+    if route_password is not None:
+        routes = [credentials_url(route, "route", route_password) for route in routes]
     route_lines = "\n".join(f"    {route}" for route in routes)
+    route_auth = ("" if route_password is None else
+                  f'  authorization {{\n    user: "route"\n    password: {json.dumps(route_password)}\n  }}\n')
     monitor = f"http_port: {monitor_port}\n" if monitor_port else ""
     store = f'  store_dir: "{store_dir}"\n' if store_dir else ""
+    auth = "" if passwords is None else "\n" + authorization_config(passwords)
     return f"""server_name: {server_name}
 host: {host}
 port: {client_port}
@@ -124,6 +163,6 @@ cluster {{
   routes: [
 {route_lines}
   ]
-}}
-"""
+{route_auth}}}
+{auth}"""
 

@@ -51,7 +51,7 @@ class AppService(SdkService):
     integration_types = handlers.APP_INTEGRATION_TYPES
 
     def __init__(self, config: AppConfig) -> None:
-        super().__init__(config.common, config.sdk)
+        super().__init__(config.common, config.sdk, config.keyring)
         self.config = config
         self.deliveries: KeyValue | None = None
         self.senders: dict[str, tuple[IntegrationRecord, PushSender]] = {}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.sdk_service import SdkSettings
 
@@ -24,6 +25,8 @@ class AppConfig:
     retry_base_seconds: float
     retry_max_seconds: float
     max_push_attempts: int
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
@@ -44,4 +47,5 @@ class AppConfig:
             raise ConfigError("THREADLINE_APP_RETRY_BASE_SECONDS must be >= 0 and <= THREADLINE_APP_RETRY_MAX_SECONDS")
         if config.max_push_attempts < 1:
             raise ConfigError("THREADLINE_APP_MAX_PUSH_ATTEMPTS must be at least 1")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -3,12 +3,17 @@
 Integrations and webhooks are mirrored to KV buckets (`shared.records`) for the channel
 services and `webhooks`; SQLite is the source of truth and the KV write happens inside the
 DB transaction, so a failed KV write leaves nothing behind (the API answers 503).
+
+Secrets are sealed (`shared.encryption`) before they are written anywhere: the integration's
+`SEALED_CONFIG_FIELDS` and each webhook's secret, in the database and in KV alike (the services
+that use them open them with the same keyring). They are opened only to answer the API.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import aiosqlite
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_KEYS_PER_APP = 10
 MAX_WEBHOOKS_PER_APP = 10
 WEBHOOK_RECORD_DECODER = records.WEBHOOK_DECODER
+# Config fields sealed at rest and in KV: every write-only secret, and the verify tokens.
+SEALED_CONFIG_FIELDS = models.SECRET_FIELDS | {"verifyToken"}
 
 
 class ConfigSink(Protocol):
@@ -63,11 +70,13 @@ def app_out(row: aiosqlite.Row) -> models.App:
                       metadata=loads(row["metadata"]))
 
 
-def key_out(row: aiosqlite.Row) -> models.AppKey:
+def key_out(row: Mapping[str, Any]) -> models.AppKey:
+    """The API form of a key (`Store.get_key`'s row, its secret opened)."""
     return models.AppKey(id=row["id"], display_name=row["display_name"], secret=row["secret"])
 
 
 def webhook_out(record: records.WebhookRecord) -> models.Webhook:
+    """The API form of a webhook record whose secret is opened (`Admin.open_webhook`)."""
     return models.Webhook(id=record.id, version=record.version, target=record.target, triggers=record.triggers,
                           secret=record.secret, include_full_user=record.include_full_user,
                           include_full_source=record.include_full_source)
@@ -86,6 +95,27 @@ class Admin:
         self.store = store
         self.sink = sink
         self.egress = egress
+        self.keyring = store.keyring
+
+    # --- secrets --------------------------------------------------------------------------
+
+    def seal_config(self, integration_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` with its secret fields sealed, as the database and KV hold it."""
+        return self.keyring.seal_fields(config, SEALED_CONFIG_FIELDS, records.integration_context(integration_id))
+
+    def open_config(self, row: aiosqlite.Row) -> dict[str, Any]:
+        """An integration row's config with its secrets opened."""
+        config: dict[str, Any] = loads(row["config"])
+        return self.keyring.open_fields(config, records.integration_context(row["id"]))
+
+    def new_webhook_secret(self, webhook_id: str) -> str:
+        """A new webhook secret, sealed."""
+        return self.keyring.seal(new_secret(), records.webhook_secret_context(webhook_id))
+
+    def open_webhook(self, record: records.WebhookRecord) -> records.WebhookRecord:
+        """`record` with its secret opened (to answer the API)."""
+        return msgspec.structs.replace(
+            record, secret=self.keyring.open(record.secret, records.webhook_secret_context(record.id)))
 
     # --- apps -----------------------------------------------------------------------------
 
@@ -145,7 +175,7 @@ class Admin:
             raise ApiError(400, "displayName must be 1 to 100 characters")
         key_id = new_key_id()
         async with self.store.tx():
-            if len(await self.store.list_keys(app_id)) >= MAX_KEYS_PER_APP:
+            if await self.store.count_keys(app_id) >= MAX_KEYS_PER_APP:
                 raise ApiError(400, f"An app can have at most {MAX_KEYS_PER_APP} keys")
             await self.store.add_key(key_id, app_id, body.display_name, new_secret(), now())
         row = await self.store.get_key(key_id)
@@ -177,7 +207,7 @@ class Admin:
         out: dict[str, Any] = {"id": row["id"], "type": row["type"], "status": row["status"]}
         if row["display_name"] is not None:
             out["displayName"] = row["display_name"]
-        for key, value in loads(row["config"]).items():
+        for key, value in self.open_config(row).items():
             if key not in models.SECRET_FIELDS:
                 out[key] = value
         if row["type"] == "messenger" and str(out.get("pageId", "")).isdigit():
@@ -190,8 +220,9 @@ class Admin:
             if sender and not out.get("domain"):
                 out["domain"] = sender.rpartition("@")[2]
         if row["type"] == "custom":
-            out["webhooks"] = [msgspec.to_builtins(webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"])))
-                               for w in await self.store.list_webhooks(integration_id=row["id"])]
+            out["webhooks"] = [
+                msgspec.to_builtins(webhook_out(self.open_webhook(WEBHOOK_RECORD_DECODER.decode(w["record"]))))
+                for w in await self.store.list_webhooks(integration_id=row["id"])]
         return out
 
     async def create_integration(self, app_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +245,11 @@ class Admin:
             for hook in fields.webhooks:
                 models.check_webhook(hook.target, hook.triggers)
                 self._check_target(hook.target)
+                webhook_id = new_id()
                 webhooks.append(records.WebhookRecord(
-                    id=new_id(), app_id=app_id, integration_id=integration_id, target=hook.target,
-                    triggers=list(hook.triggers), secret=new_secret(), include_full_user=hook.include_full_user,
-                    include_full_source=hook.include_full_source))
+                    id=webhook_id, app_id=app_id, integration_id=integration_id, target=hook.target,
+                    triggers=list(hook.triggers), secret=self.new_webhook_secret(webhook_id),
+                    include_full_user=hook.include_full_user, include_full_source=hook.include_full_source))
         else:
             config = _builtins(fields)
             config.pop("displayName", None)
@@ -255,6 +287,7 @@ class Admin:
         if missing:
             raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
         status = _status(type_, config)
+        config = self.seal_config(integration_id, config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=type_, status=status,
                                            display_name=display_name, config=config)
         async with self.store.tx():
@@ -279,7 +312,7 @@ class Admin:
         display_name = changes.pop("displayName", row["display_name"])
         if display_name is not None and len(display_name) > 100:
             raise ApiError(400, "displayName must be at most 100 characters")
-        config = loads(row["config"])
+        config = self.open_config(row)
         config.update(changes)
         _check_push_credentials(row["type"], config)
         _check_email_settings(row["type"], config)
@@ -287,6 +320,7 @@ class Admin:
         # refused when it is used (a delivery failure), not on an unrelated change.
         _check_egress(self.egress, row["type"], config, set(changes))
         status = _status(row["type"], config)
+        config = self.seal_config(integration_id, config)
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
                                            display_name=display_name, config=config)
         async with self.store.tx():
@@ -315,33 +349,38 @@ class Admin:
         await self._custom_integration(app_id, integration_id)
         models.check_webhook(body.target, body.triggers)
         self._check_target(body.target)
+        webhook_id = new_id()
         record = records.WebhookRecord(
-            id=new_id(), app_id=app_id, integration_id=integration_id, target=body.target,
-            triggers=list(body.triggers), secret=new_secret(), include_full_user=body.include_full_user,
-            include_full_source=body.include_full_source)
+            id=webhook_id, app_id=app_id, integration_id=integration_id, target=body.target,
+            triggers=list(body.triggers), secret=self.new_webhook_secret(webhook_id),
+            include_full_user=body.include_full_user, include_full_source=body.include_full_source)
         async with self.store.tx():
             if len(await self.store.list_webhooks(app_id=app_id)) >= MAX_WEBHOOKS_PER_APP:
                 raise ApiError(400, f"An app can have at most {MAX_WEBHOOKS_PER_APP} webhooks")
             await self.store.add_webhook(record.id, app_id, integration_id, records.ENCODER.encode(record).decode(),
                                          now())
             await self.sink.put_webhook(record)
-        return webhook_out(record)
+        return webhook_out(self.open_webhook(record))
 
-    async def webhook_record(self, app_id: str, integration_id: str, webhook_id: str) -> records.WebhookRecord:
+    async def _sealed_webhook(self, app_id: str, integration_id: str, webhook_id: str) -> records.WebhookRecord:
         await self._custom_integration(app_id, integration_id)
         row = await self.store.get_webhook(integration_id, webhook_id)
         if row is None:
             raise ApiError(404, "Webhook not found", "webhook_not_found")
         return WEBHOOK_RECORD_DECODER.decode(row["record"])
 
+    async def webhook_record(self, app_id: str, integration_id: str, webhook_id: str) -> records.WebhookRecord:
+        """A webhook of the app's custom integration, its secret opened; 404 when unknown."""
+        return self.open_webhook(await self._sealed_webhook(app_id, integration_id, webhook_id))
+
     async def list_webhooks(self, app_id: str, integration_id: str) -> list[models.Webhook]:
         await self._custom_integration(app_id, integration_id)
-        return [webhook_out(WEBHOOK_RECORD_DECODER.decode(w["record"]))
+        return [webhook_out(self.open_webhook(WEBHOOK_RECORD_DECODER.decode(w["record"])))
                 for w in await self.store.list_webhooks(integration_id=integration_id)]
 
     async def update_webhook(self, app_id: str, integration_id: str, webhook_id: str,
                              body: models.WebhookUpdateBody) -> models.Webhook:
-        record = await self.webhook_record(app_id, integration_id, webhook_id)
+        record = await self._sealed_webhook(app_id, integration_id, webhook_id)
         models.check_webhook(body.target, body.triggers)
         if body.target is not None:
             self._check_target(body.target)
@@ -358,10 +397,10 @@ class Admin:
         async with self.store.tx():
             await self.store.set_webhook(webhook_id, records.ENCODER.encode(record).decode())
             await self.sink.put_webhook(record)
-        return webhook_out(record)
+        return webhook_out(self.open_webhook(record))
 
     async def delete_webhook(self, app_id: str, integration_id: str, webhook_id: str) -> None:
-        await self.webhook_record(app_id, integration_id, webhook_id)
+        await self._sealed_webhook(app_id, integration_id, webhook_id)
         async with self.store.tx():
             await self.store.delete_webhook(webhook_id)
             await self.sink.delete_webhook(app_id, webhook_id)

@@ -12,16 +12,18 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from services.conversations.admin import Admin
+from services.conversations.admin import SEALED_CONFIG_FIELDS, Admin
 from services.conversations.api import Api, add_routes
 from services.conversations.config import ConversationsConfig
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
 from shared import records, subjects
 from shared.bus import Bus
+from shared.config import ConfigError
+from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
 from shared.service import ServiceApp
-from shared.telemetry import setup_telemetry
+from shared.telemetry import log_fields, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,14 @@ class ConversationsService(ServiceApp):
         self._link_sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self.store = await Store.open(self.config.db_path, self.config.keyring)
+        try:
+            await self._reseal_secrets()
+        except ConfigError:
+            await self.store.close()
+            self.store = None
+            raise
         self.bus = await self.connect_bus()
-        self.store = await Store.open(self.config.db_path)
         sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
@@ -139,6 +147,21 @@ class ConversationsService(ServiceApp):
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
         self._link_sweeper = asyncio.create_task(self.conversations.sweep_forever())
         await self.start_http()
+
+    async def _reseal_secrets(self) -> None:
+        """Seal secrets still in plaintext (an older data directory) or sealed under an older key
+        (a rotation), before anything is published; refuse to start when one does not open."""
+        assert self.store is not None
+        try:
+            done = await self.store.reseal_secrets(SEALED_CONFIG_FIELDS)
+        except SecretsError as exc:
+            raise ConfigError(f"a stored secret does not open with THREADLINE_SECRETS_KEY ({exc}); "
+                              "keep the key that sealed it in the keyring") from exc
+        if done.app_keys or done.integrations or done.webhooks:
+            log.warning("sealed secrets under key %s: %d app keys, %d integrations, %d webhooks",
+                        self.config.keyring.primary_id, done.app_keys, done.integrations, done.webhooks,
+                        extra=log_fields(key_id=self.config.keyring.primary_id, app_keys=done.app_keys,
+                                         integrations=done.integrations, webhooks=done.webhooks))
 
     async def _republish(self, sink: KvSink) -> None:
         """KV is a cache of the DB: write every record, remove keys the DB no longer has."""

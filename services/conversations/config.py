@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret, env_str
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -23,6 +24,8 @@ class ConversationsConfig:
     account_key_id: str
     account_key_secret: str
     identity_timeout: float
+    # Seals app key secrets, channel credentials and webhook secrets (THREADLINE_SECRETS_KEY).
+    keyring: Keyring
     # Messages of recent history a channel receives when a conversation is handed off to it.
     handoff_recap_count: int = 10
 
@@ -44,4 +47,4 @@ class ConversationsConfig:
             raise ConfigError("THREADLINE_HANDOFF_RECAP_COUNT must be between 0 and 50")
         return cls(common=common, db_path=db_path(common.data_dir, "conversations"),
                    account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout,
-                   handoff_recap_count=recap)
+                   keyring=Keyring.from_env(environ, sandbox=common.sandbox), handoff_recap_count=recap)

@@ -17,6 +17,8 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from shared import records
+from shared.encryption import Keyring
 from shared.store import open_db, truncate_wal
 from shared.sunco import ConversationRef, Message
 
@@ -251,11 +253,31 @@ class InboundRecord:
     new_client: bool = False
 
 
-class Store:
-    """Data access for the conversations service."""
+def app_key_context(key_id: str) -> str:
+    """What an app key's sealed secret is bound to."""
+    return f"appkey:{key_id}:secret"
 
-    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection | None = None) -> None:
+
+@dataclass(frozen=True)
+class Resealed:
+    """What `Store.reseal_secrets` changed: rows whose secrets it (re)sealed under the primary key."""
+
+    app_keys: int = 0
+    integrations: int = 0
+    webhooks: int = 0
+
+
+class Store:
+    """Data access for the conversations service.
+
+    App key secrets are sealed with `keyring` here; integration configs and webhook records
+    arrive sealed (`Admin`), since the same sealed values go to KV.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.db = db
+        self.keyring = keyring or Keyring()
         # The inbound hot path runs its few statements on this connection, on the event loop
         # thread: one aiosqlite thread hop per statement cost more CPU than the statements
         # themselves (bench/e2e.py). It writes only under `_lock`, like every other writer, so
@@ -264,7 +286,7 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str) -> Store:
+    async def open(cls, path: str, keyring: Keyring | None = None) -> Store:
         """Open (and migrate) the database at `path`."""
         db = await open_db(path, MIGRATIONS)
         hot = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -272,7 +294,7 @@ class Store:
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000",
                        "secure_delete=ON"):
             hot.execute(f"PRAGMA {pragma}")
-        return cls(db, hot)
+        return cls(db, hot, keyring)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -407,14 +429,59 @@ class Store:
         return await self._page("SELECT * FROM apps", "", (), after, before, limit, "apps")
 
     async def add_key(self, key_id: str, app_id: str, display_name: str, secret: str, now: float) -> None:
+        """Store an app key; its secret is sealed (an HS256 JWT is verified with it, so it cannot be a hash)."""
         await self._run("INSERT INTO app_keys (id, app_id, display_name, secret, created_at) VALUES (?,?,?,?,?)",
-                        (key_id, app_id, display_name, secret, now))
+                        (key_id, app_id, display_name, self.keyring.seal(secret, app_key_context(key_id)), now))
 
-    async def get_key(self, key_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM app_keys WHERE id=?", (key_id,))
+    def _key_out(self, row: aiosqlite.Row) -> dict[str, Any]:
+        key = dict(row)
+        key["secret"] = self.keyring.open(key["secret"], app_key_context(key["id"]))
+        return key
 
-    async def list_keys(self, app_id: str) -> list[aiosqlite.Row]:
-        return await self._all("SELECT * FROM app_keys WHERE app_id=? ORDER BY id", (app_id,))
+    async def get_key(self, key_id: str) -> dict[str, Any] | None:
+        """An app key's row, its secret opened."""
+        row = await self._one("SELECT * FROM app_keys WHERE id=?", (key_id,))
+        return None if row is None else self._key_out(row)
+
+    async def list_keys(self, app_id: str) -> list[dict[str, Any]]:
+        """An app's keys, their secrets opened."""
+        return [self._key_out(row) for row in await self._all("SELECT * FROM app_keys WHERE app_id=? ORDER BY id",
+                                                              (app_id,))]
+
+    async def count_keys(self, app_id: str) -> int:
+        row = await self._one("SELECT COUNT(*) FROM app_keys WHERE app_id=?", (app_id,))
+        return int(row[0]) if row else 0
+
+    async def reseal_secrets(self, integration_fields: Iterable[str]) -> Resealed:
+        """Seal every secret under the keyring's primary key: plaintext ones (a data directory
+        from before secrets were encrypted) and those sealed under an older key (rotation).
+
+        One transaction; raises SecretsError (nothing changed) when a secret is sealed under a
+        key the keyring does not hold.
+        """
+        fields = tuple(integration_fields)
+        counts = {"app_keys": 0, "integrations": 0, "webhooks": 0}
+        async with self.tx():
+            for row in await self._all("SELECT id, secret FROM app_keys"):
+                if self.keyring.needs_reseal(row["secret"]):
+                    sealed = self.keyring.reseal(row["secret"], app_key_context(row["id"]))
+                    await self._run("UPDATE app_keys SET secret=? WHERE id=?", (sealed, row["id"]))
+                    counts["app_keys"] += 1
+            for row in await self._all("SELECT id, config FROM integrations"):
+                config = loads(row["config"])
+                resealed = self.keyring.seal_fields(config, fields, records.integration_context(row["id"]))
+                if resealed != config:
+                    await self._run("UPDATE integrations SET config=? WHERE id=?", (dumps(resealed), row["id"]))
+                    counts["integrations"] += 1
+            for row in await self._all("SELECT id, record FROM webhooks"):
+                hook = records.WEBHOOK_DECODER.decode(row["record"])
+                if self.keyring.needs_reseal(hook.secret):
+                    hook = msgspec.structs.replace(hook, secret=self.keyring.reseal(
+                        hook.secret, records.webhook_secret_context(hook.id)))
+                    await self._run("UPDATE webhooks SET record=? WHERE id=?",
+                                    (records.ENCODER.encode(hook).decode(), row["id"]))
+                    counts["webhooks"] += 1
+        return Resealed(**counts)
 
     async def delete_key(self, app_id: str, key_id: str) -> int:
         return await self._run("DELETE FROM app_keys WHERE app_id=? AND id=?", (app_id, key_id))

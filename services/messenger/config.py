@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -33,6 +34,8 @@ class MessengerConfig:
     human_agent_days: float
     # How long sent message ids are kept to map delivery/read watermarks back to our messages.
     sent_retention_days: float
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @property
     def db_path(self) -> str:
@@ -43,8 +46,9 @@ class MessengerConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MessengerConfig:
         """Build and validate the configuration."""
         env = os.environ if environ is None else environ
+        common = CommonConfig.from_env(DEFAULT_PORTS["messenger"], env)
         config = cls(
-            common=CommonConfig.from_env(DEFAULT_PORTS["messenger"], env),
+            common=common,
             calls_per_second=env_float("MESSENGER_CALLS_PER_SECOND", 300.0, env),
             media_calls_per_second=env_float("MESSENGER_MEDIA_CALLS_PER_SECOND", 10.0, env),
             retry_base_seconds=env_float("MESSENGER_RETRY_BASE_SECONDS", 1.0, env),
@@ -70,4 +74,5 @@ class MessengerConfig:
             raise ConfigError("MESSENGER_HUMAN_AGENT_DAYS must be in [0, 7]")
         if config.sent_retention_days <= 0:
             raise ConfigError("MESSENGER_SENT_RETENTION_DAYS must be positive")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -69,7 +69,7 @@ class NotificationsService(ServiceApp):
         self.store = await Store.open(self.config.db_path)
         apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                records.INTEGRATION_DECODER.decode)
+                                                records.integration_decoder(self.config.keyring))
         # Presence entries expire with the bucket's TTL (a crashed replica's sockets vanish).
         await self.bus.key_value(subjects.SDK_PRESENCE_BUCKET, ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
         presence = await self.mirror_bucket(self.bus, subjects.SDK_PRESENCE_BUCKET, sdk_presence.DECODER.decode)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -41,6 +42,8 @@ class NotificationsConfig:
     code_limit_per_app: tuple[Rate, ...] = (Rate(100, 3600.0), Rate(1000, 86400.0))
     send_limit_per_address: tuple[Rate, ...] = (Rate(20, 3600.0), Rate(100, 86400.0))
     send_limit_per_app: tuple[Rate, ...] = (Rate(5000, 3600.0), Rate(50000, 86400.0))
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NotificationsConfig:
@@ -75,7 +78,8 @@ class NotificationsConfig:
             raise ConfigError("THREADLINE_NOTIFY_MAX_CODE_ATTEMPTS and _MAX_OPTIN_STARTS_PER_HOUR must be >= 1")
         if not 0 < config.request_timeout <= 60:
             raise ConfigError("THREADLINE_NOTIFY_REQUEST_TIMEOUT_SECONDS must be in (0, 60]")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))
 
     @property
     def longest_limit_window(self) -> float:

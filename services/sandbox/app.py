@@ -142,7 +142,7 @@ class SandboxService(ServiceApp):
         """Connect NATS, mirror the integrations, then serve HTTP."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     records.INTEGRATION_DECODER.decode)
+                                                     records.integration_decoder(self.config.keyring))
         await self.mail.start()
         await self.start_http()
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.config import CommonConfig, ConfigError, env_bool, env_int, env_str
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
 
 
@@ -22,6 +23,8 @@ class SandboxConfig:
     # The SMTP sink (`smtp_fake`): where it listens (port 0: any free port).
     smtp_host: str = "127.0.0.1"
     smtp_port: int = SANDBOX_SMTP_PORT
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @property
     def public_url(self) -> str:
@@ -59,6 +62,7 @@ class SandboxConfig:
             raise ConfigError("THREADLINE_SANDBOX_SMTP_PORT must be between 0 and 65535")
         return cls(
             common=common,
+            keyring=Keyring.from_env(env, sandbox=common.sandbox),
             enforce_window=env_bool("SANDBOX_WHATSAPP_ENFORCE_WINDOW", False, env),
             auto_statuses=env_bool("SANDBOX_WHATSAPP_AUTO_STATUSES", True, env),
             smtp_host=env_str("THREADLINE_SANDBOX_SMTP_HOST", "127.0.0.1", env),

@@ -72,7 +72,7 @@ class SmsService(ServiceApp):
         """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     records.INTEGRATION_DECODER.decode)
+                                                     records.integration_decoder(self.config.keyring))
         self.session = self.common.egress.http_session(
             "platform", hosts=TWILIO_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         # Small batches and a long ack wait: sends may wait for their sender's 1 segment/s.

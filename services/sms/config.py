@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 
 
@@ -30,13 +31,16 @@ class SmsConfig:
     retry_max_seconds: float
     max_send_attempts: int
     send_timeout_seconds: float
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SmsConfig:
         """Build and validate the configuration."""
         env = os.environ if environ is None else environ
+        common = CommonConfig.from_env(DEFAULT_PORTS["sms"], env)
         config = cls(
-            common=CommonConfig.from_env(DEFAULT_PORTS["sms"], env),
+            common=common,
             segments_per_second=env_float("SMS_SEGMENTS_PER_SECOND", 1.0, env),
             max_rate_wait_seconds=env_float("SMS_MAX_RATE_WAIT_SECONDS", 20.0, env),
             ack_wait_seconds=env_float("SMS_ACK_WAIT_SECONDS", 60.0, env),
@@ -57,4 +61,5 @@ class SmsConfig:
             raise ConfigError("SMS_MAX_SEND_ATTEMPTS must be at least 1")
         if config.send_timeout_seconds <= 0:
             raise ConfigError("SMS_SEND_TIMEOUT_SECONDS must be positive")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -166,7 +166,7 @@ class TelegramService(ServiceApp):
         self.session = self.common.egress.http_session(
             "platform", hosts=TELEGRAM_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     records.INTEGRATION_DECODER.decode)
+                                                     records.integration_decoder(self.config.keyring))
         self.integrations.add_listener(self.webhooks.observe)
         for integration_id, record in list(self.integrations.values.items()):
             self.webhooks.observe(integration_id, record)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 
 
@@ -33,13 +34,16 @@ class TelegramConfig:
     # Back-off of `setWebhook` while the Bot API refuses or cannot be reached.
     webhook_retry_base_seconds: float
     webhook_retry_max_seconds: float
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TelegramConfig:
         """Build and validate the configuration."""
         env = os.environ if environ is None else environ
+        common = CommonConfig.from_env(DEFAULT_PORTS["telegram"], env)
         config = cls(
-            common=CommonConfig.from_env(DEFAULT_PORTS["telegram"], env),
+            common=common,
             bot_messages_per_second=env_float("TELEGRAM_BOT_MESSAGES_PER_SECOND", 30.0, env),
             chat_messages_per_second=env_float("TELEGRAM_CHAT_MESSAGES_PER_SECOND", 1.0, env),
             group_messages_per_minute=env_float("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", 20.0, env),
@@ -64,4 +68,5 @@ class TelegramConfig:
                               "TELEGRAM_WEBHOOK_RETRY_MAX_SECONDS")
         if config.max_send_attempts < 1:
             raise ConfigError("TELEGRAM_MAX_SEND_ATTEMPTS must be at least 1")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -45,7 +45,8 @@ class WebhooksService(ServiceApp):
         """Connect, resume pending deliveries, consume events, serve HTTP."""
         self.bus = await self.connect_bus()
         self.store = await DeliveryStore.open(self.config.db_path)
-        self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET, records.WEBHOOK_DECODER.decode)
+        self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET,
+                                          records.webhook_decoder(self.config.keyring))
         self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)
         self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
         await self.dispatcher.start()

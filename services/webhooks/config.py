@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.store import db_path
 
@@ -31,6 +32,8 @@ class WebhooksConfig:
     # How long delivered and failed rows are kept before pruning.
     retention_seconds: float = 24 * 3600.0
     prune_interval_seconds: float = 300.0
+    # Opens the webhooks' sealed secrets (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> WebhooksConfig:
@@ -48,7 +51,8 @@ class WebhooksConfig:
             prune_interval_seconds=env_float("THREADLINE_WEBHOOK_PRUNE_INTERVAL_SECONDS", 300.0, environ),
         )
         config.validate()
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(environ, sandbox=common.sandbox))
 
     def validate(self) -> None:
         """Refuse values that would make delivery misbehave."""

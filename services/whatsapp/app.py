@@ -62,7 +62,7 @@ class WhatsAppService(ServiceApp):
         """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
-                                                     records.INTEGRATION_DECODER.decode)
+                                                     records.integration_decoder(self.config.keyring))
         self.session = self.common.egress.http_session(
             "platform", hosts=GRAPH_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 
 
@@ -25,13 +26,16 @@ class WhatsAppConfig:
     retry_max_seconds: float
     max_send_attempts: int
     send_timeout_seconds: float
+    # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
+    keyring: Keyring = field(default_factory=Keyring)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WhatsAppConfig:
         """Build and validate the configuration."""
         env = os.environ if environ is None else environ
+        common = CommonConfig.from_env(DEFAULT_PORTS["whatsapp"], env)
         config = cls(
-            common=CommonConfig.from_env(DEFAULT_PORTS["whatsapp"], env),
+            common=common,
             messages_per_second=env_float("WHATSAPP_MESSAGES_PER_SECOND", 80.0, env),
             retry_base_seconds=env_float("WHATSAPP_RETRY_BASE_SECONDS", 1.0, env),
             retry_max_seconds=env_float("WHATSAPP_RETRY_MAX_SECONDS", 60.0, env),
@@ -46,4 +50,5 @@ class WhatsAppConfig:
             raise ConfigError("WHATSAPP_MAX_SEND_ATTEMPTS must be at least 1")
         if config.send_timeout_seconds <= 0:
             raise ConfigError("WHATSAPP_SEND_TIMEOUT_SECONDS must be positive")
-        return config
+        # Last, so that a bad setting is reported as itself rather than as a missing key.
+        return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from shared.encryption import SERVICES_WITH_SECRETS
+from shared.natsauth import SERVICE_ACCESS
 from shared.routes import DEFAULT_PORTS, ROUTES
 from tests.deploy.k8s import DEPLOY, OVERLAYS, REPO, containers, objects, one, render
 
@@ -110,7 +112,8 @@ def test_every_service_runs_with_probes_graceful_stop_and_limits(overlay: str) -
         assert any(ref.get("configMapRef", {}).get("name", "").startswith("threadline-config")
                    for ref in main["envFrom"])
     assert config["THREADLINE_DATA_DIR"] == "/data"
-    assert config["THREADLINE_NATS_URL"] == "nats://nats:4222"
+    # Production's clients reach NATS over TLS (the 3-node cluster); dev's single node is plain.
+    assert config["THREADLINE_NATS_URL"] == ("nats://nats:4222" if overlay == "dev" else "tls://nats:4222")
     assert config["THREADLINE_SANDBOX"] == ("1" if overlay == "dev" else "0")
 
 
@@ -152,6 +155,16 @@ def test_secrets_only_by_reference(overlay: str) -> None:
         for var, key in SECRET_ENV.get(name, {}).items():
             ref = env_of(main)[var]["valueFrom"]["secretKeyRef"]
             assert (ref["name"], ref["key"]) == ("threadline-secrets", key)
+        # Each service is its own NATS user; only those that keep or use secrets get the key.
+        env = env_of(main)
+        assert env["THREADLINE_NATS_USER"]["value"] == name and name in SERVICE_ACCESS
+        ref = env["THREADLINE_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("threadline-nats", name)
+        if name in SERVICES_WITH_SECRETS:
+            ref = env["THREADLINE_SECRETS_KEY"]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == ("threadline-secrets", "secrets-key")
+        else:
+            assert "THREADLINE_SECRETS_KEY" not in env
     for key, value in config_of(docs).items():
         assert "SECRET" not in key, f"{key}={value} in the ConfigMap"
     example = (DEPLOY / "k8s" / "secret.example.yaml").read_text()
@@ -215,3 +228,38 @@ def test_overlays_use_their_own_namespace() -> None:
         docs = render(overlay)
         assert one(docs, "Namespace")["metadata"]["name"] == namespace
         assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {namespace}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_tls_certificate_is_mounted_and_services_get_only_its_ca(overlay: str) -> None:
+    docs = render(overlay)
+    nats = one(docs, "StatefulSet", "nats")
+    volumes = {v["name"]: v for v in nats["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "nats-tls"
+    assert {"name": "tls", "mountPath": "/etc/nats-tls", "readOnly": True} in next(containers(nats))["volumeMounts"]
+    ca_file = config_of(docs)["THREADLINE_NATS_TLS_CA_FILE"]
+    assert ca_file == ("" if overlay == "dev" else "/etc/nats-tls/ca.crt")
+    for name, deployment in objects(docs, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        if name == "sandbox":
+            continue
+        # The CA, never the NATS server's private key.
+        assert volumes["nats-ca"]["secret"]["secretName"] == "nats-tls"
+        assert volumes["nats-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+        main = next(c for c in containers(deployment) if c["name"] == name)
+        assert {"name": "nats-ca", "mountPath": "/etc/nats-tls", "readOnly": True} in main["volumeMounts"]
+
+
+def test_prod_nats_requires_tls_for_clients_and_mutual_tls_for_routes() -> None:
+    text = (DEPLOY / "k8s" / "base" / "nats" / "nats.conf").read_text()
+    client_tls, cluster = text.split("jetstream {")[0], text.split("cluster {")[1]
+    for block in (client_tls, cluster):
+        assert 'cert_file: "/etc/nats-tls/tls.crt"' in block and 'ca_file: "/etc/nats-tls/ca.crt"' in block
+    assert "verify: true" in cluster and "no_advertise: true" in cluster
+    # The example certificate covers what clients and routes dial.
+    example = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "nats-tls.example.yaml").read_text()) if d]
+    [certificate] = [d for d in example if d["kind"] == "Certificate" and d["spec"]["secretName"] == "nats-tls"]
+    names = certificate["spec"]["dnsNames"]
+    assert "nats" in names and "*.nats-headless" in names
+    assert set(certificate["spec"]["usages"]) == {"server auth", "client auth"}

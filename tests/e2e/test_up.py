@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import smtplib
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
+import nats.errors
+import pytest
 from aiohttp import web
 
+from shared.encryption import Keyring
 from shared.http import basic_auth_header
+from shared.natsauth import USERS
 from shared.routes import SANDBOX_SMTP_PORT
 from threadline.natsserver import free_port
 
@@ -68,6 +75,7 @@ async def test_up_serves_everything_and_keeps_history_across_restart(tmp_path: P
         banner = await wait_banner(proc)
         info = json.loads((tmp_path / "sandbox.json").read_text())
         assert info["appId"] in banner and info["apiKey"]["secret"] in banner
+        await _check_private_and_authenticated(tmp_path, banner)
         wa = info["integrations"]["whatsapp"]
         for key in ("appSecret", "verifyToken", "phoneNumberId", "phoneNumber", "id"):
             assert wa[key]
@@ -156,6 +164,24 @@ async def test_auto_ports_give_the_sandbox_smtp_sink_a_port_of_its_own(tmp_path:
 def _send_mail(host: str, port: int, message: str) -> None:
     with smtplib.SMTP(host, port, timeout=10) as smtp:
         smtp.sendmail("shop@example.test", ["ada@example.test"], message)
+
+
+async def _check_private_and_authenticated(data_dir: Path, banner: str) -> None:
+    """The data directory is its owner's only; NATS takes no anonymous client; the secrets key
+    and a NATS password per service were generated into secrets.json."""
+    for path in [data_dir, *data_dir.rglob("*")]:
+        expected = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    generated = json.loads((data_dir / "secrets.json").read_text())
+    assert Keyring.parse(generated["secretsKey"]).primary_id == "k1"
+    assert set(generated["natsPasswords"]) == set(USERS)
+    address = re.search(r"nats-server \(JetStream[^)]*\) on (nats://\S+)", banner)
+    assert address is not None and "@" not in address.group(1)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(address.group(1), allow_reconnect=False, connect_timeout=5)
+    client = await nats.connect(address.group(1), user="admin", password=generated["natsPasswords"]["admin"],
+                                allow_reconnect=False)
+    await client.close()
 
 
 async def _send_from_phone_and_catch_webhook(session: aiohttp.ClientSession, base: str, info: dict[str, Any],

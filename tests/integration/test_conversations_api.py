@@ -18,7 +18,7 @@ from sunshine_conversations_client.exceptions import ApiException
 from shared import records, subjects
 from shared.bus import Bus
 from shared.signing import jwt_encode
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, TEST_KEYRING, System
 
 T = TypeVar("T")
 
@@ -456,10 +456,12 @@ async def test_integrations_and_webhooks(tenant: Tenant) -> None:
     assert wa["baseUrl"] == "https://graph.facebook.com"
     parsed = (await t.call(integrations.get_integration, t.app_id, wa["id"])).integration
     assert isinstance(parsed, sc.Whatsapp) and parsed.phone_number == "+15550001"
-    # KV carries the secrets for the channel service.
+    # KV carries the secrets for the channel service, sealed: only the secrets key opens them.
     bus = await Bus.connect(t.system.nats_url, "test-kv")
     kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
-    record = records.INTEGRATION_DECODER.decode((await kv.get(wa["id"])).value)
+    raw = (await kv.get(wa["id"])).value
+    assert b"EAAG-secret-token" not in raw and b"app-secret-value" not in raw and b"verify-me" not in raw
+    record = records.integration_decoder(TEST_KEYRING)(raw)
     assert record.config["accessToken"] == "EAAG-secret-token" and record.app_id == t.app_id
     # List (with a type filter), update, get.
     listed = await t.call(integrations.list_integrations, t.app_id)
@@ -476,7 +478,7 @@ async def test_integrations_and_webhooks(tenant: Tenant) -> None:
 
     async def rotated() -> bool:
         entry = await kv.get(wa["id"])
-        return records.INTEGRATION_DECODER.decode(entry.value).config["accessToken"] == "rotated-token"
+        return records.integration_decoder(TEST_KEYRING)(entry.value).config["accessToken"] == "rotated-token"
 
     await eventually(rotated)
     # Webhooks under the custom integration.
@@ -486,7 +488,9 @@ async def test_integrations_and_webhooks(tenant: Tenant) -> None:
         include_full_user=True))).webhook
     assert hook.include_full_user is True and hook.secret
     hooks_kv = await bus.key_value(subjects.WEBHOOKS_BUCKET)
-    stored = records.WEBHOOK_DECODER.decode((await hooks_kv.get(records.webhook_key(t.app_id, hook.id))).value)
+    raw = (await hooks_kv.get(records.webhook_key(t.app_id, hook.id))).value
+    assert hook.secret.encode() not in raw
+    stored = records.webhook_decoder(TEST_KEYRING)(raw)
     assert stored.target == "https://bot.example/second" and stored.secret == hook.secret
     listed_hooks = await t.call(webhooks.list_webhooks, t.app_id, custom.id)
     assert len(listed_hooks.webhooks) == 2

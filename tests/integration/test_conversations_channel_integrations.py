@@ -3,11 +3,11 @@ their KV records for the channel services."""
 
 from __future__ import annotations
 
-import msgspec
 import sunshine_conversations_client as sc
 
 from shared import records, subjects
 from shared.bus import Bus
+from tests.harness import TEST_KEYRING
 from tests.integration.test_conversations_api import Tenant
 from tests.integration.test_conversations_api import tenant as tenant
 
@@ -45,16 +45,18 @@ async def test_channel_integrations_round_trip_and_hide_secrets(tenant: Tenant) 
     status, raw = await t.request("GET", f"/v2/apps/{t.app_id}/integrations")
     for integration in raw["integrations"]:
         assert not set(SECRETS) & set(integration), integration
-    # The channel services get the secrets through KV.
+    # The channel services get the secrets through KV, sealed (they open them with the secrets key).
     bus = await Bus.connect(t.system.nats_url, "test-kv")
     try:
         kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
-        record = msgspec.json.decode((await kv.get(telegram.id)).value or b"", type=records.IntegrationRecord)
+        raw_record = (await kv.get(telegram.id)).value or b""
+        assert b"123456:ABC-DEF" not in raw_record
+        record = records.integration_decoder(TEST_KEYRING)(raw_record)
         assert record.config["token"] == "123456:ABC-DEF"
         assert record.config["baseUrl"] == "https://api.telegram.org"
         secret = record.config["webhookSecret"]
         assert 16 <= len(secret) <= 256 and all(c.isalnum() or c in "_-" for c in secret)
-        twilio_record = msgspec.json.decode((await kv.get(twilio.id)).value or b"", type=records.IntegrationRecord)
+        twilio_record = records.integration_decoder(TEST_KEYRING)((await kv.get(twilio.id)).value or b"")
         assert twilio_record.config["authToken"] == "twilio-auth-token"
         assert twilio_record.config["phoneNumber"] == "+15550002222"
     finally:

@@ -39,7 +39,7 @@ from shared.bus import Bus
 from shared.records import IntegrationRecord
 from shared.store import open_db
 from shared.telemetry import setup_telemetry, tracer
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, TEST_KEYRING, System
 from threadline.natsserver import free_port
 
 # The SMTP sinks of these tests listen on loopback.
@@ -242,7 +242,7 @@ async def test_email_integration_in_the_business_api(system: System, bus: Bus) -
         assert integration["security"] == "starttls" and integration["smtpPort"] == 587
         assert "password" not in integration  # write-only
         kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
-        record = records.INTEGRATION_DECODER.decode((await kv.get(integration["id"])).value)
+        record = records.integration_decoder(TEST_KEYRING)((await kv.get(integration["id"])).value)
         assert record.type == "mailgun" and record.config["password"] == "hunter2"
         assert record.config["fromName"] == "The Shop"
         patched = await http.patch(f"{path}/{integration['id']}", json={"security": "tls", "smtpPort": 465})
@@ -250,7 +250,7 @@ async def test_email_integration_in_the_business_api(system: System, bus: Bus) -
         assert (await http.patch(f"{path}/{integration['id']}", json={"smtpPort": 0})).status_code == 400
         listed = (await http.get(path)).json()["integrations"]
         assert all("password" not in i for i in listed)
-        record = records.INTEGRATION_DECODER.decode((await kv.get(integration["id"])).value)
+        record = records.integration_decoder(TEST_KEYRING)((await kv.get(integration["id"])).value)
         assert msgspec.to_builtins(record)["config"]["smtpPort"] == 465
 
 

@@ -22,7 +22,7 @@ from shared.bus import Bus
 from shared.ids import new_id
 from shared.messages import handoff as msgs
 from shared.records import IntegrationRecord
-from tests.harness import System
+from tests.harness import System, service_credentials, without_credentials
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, free_port
 
@@ -63,9 +63,10 @@ class HandoffEnv:
     frontdoor: web.AppRunner | None = None
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return {"THREADLINE_NATS_URL": self.nats_url, "THREADLINE_HTTP_HOST": "127.0.0.1",
+        return {"THREADLINE_NATS_URL": without_credentials(self.nats_url), "THREADLINE_HTTP_HOST": "127.0.0.1",
                 "THREADLINE_HTTP_PORT": "0", "THREADLINE_DATA_DIR": str(self.data_dir),
-                "THREADLINE_SANDBOX": "0", "THREADLINE_PUBLIC_BASE_URL": self.base_url, **(extra or {})}
+                "THREADLINE_SANDBOX": "0", "THREADLINE_PUBLIC_BASE_URL": self.base_url,
+                **service_credentials("handoff"), **(extra or {})}
 
     async def start(self, extra: Mapping[str, str] | None = None) -> HandoffService:
         """Start one more replica; the front door routes /handoff/ to the first one."""

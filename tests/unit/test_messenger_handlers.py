@@ -19,6 +19,7 @@ from services.messenger.handlers import (
     WindowRefusal,
 )
 from shared.config import ConfigError
+from shared.encryption import KEY_ENV
 from shared.messages.channel import OutboundSend
 from shared.ratelimit import BucketMap, TokenBucket
 from shared.records import IntegrationRecord
@@ -35,6 +36,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
+from tests.harness import SECRETS_KEY
 
 HOUR = 3600.0
 NOW = 1_800_000_000.0
@@ -388,7 +390,7 @@ def test_credentials_from_record() -> None:
 
 
 def test_config_validation() -> None:
-    config = MessengerConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/x"})
+    config = MessengerConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/x", KEY_ENV: SECRETS_KEY})
     assert config.calls_per_second == 300 and config.media_calls_per_second == 10
     assert config.db_path == "/tmp/x/messenger.db"
     for bad in ({"MESSENGER_WINDOW_HOURS": "48"}, {"MESSENGER_HUMAN_AGENT_DAYS": "8"},

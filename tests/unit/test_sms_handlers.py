@@ -12,6 +12,7 @@ from services.sms import handlers
 from services.sms.config import SmsConfig
 from services.sms.handlers import Credentials, SegmentBucket, WebhookShapeError
 from shared.config import ConfigError
+from shared.encryption import KEY_ENV
 from shared.messages.channel import OutboundSend
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -27,6 +28,7 @@ from shared.sunco import (
     UnsupportedContent,
 )
 from shared.twilio_wire import signature_urls, sms_segments, twilio_signature, twilio_signature_ok
+from tests.harness import SECRETS_KEY
 
 ACCOUNT = "AC" + "0" * 32
 SID = "SM" + "1" * 32
@@ -166,7 +168,7 @@ def test_credentials_defaults_and_refusals() -> None:
 
 
 def test_config_validation() -> None:
-    assert SmsConfig.from_env({}).segments_per_second == 1.0
+    assert SmsConfig.from_env({KEY_ENV: SECRETS_KEY}).segments_per_second == 1.0
     with pytest.raises(ConfigError):
         SmsConfig.from_env({"SMS_SEGMENTS_PER_SECOND": "0"})
     with pytest.raises(ConfigError):

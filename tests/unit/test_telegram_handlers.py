@@ -12,6 +12,7 @@ from services.telegram import handlers
 from services.telegram.config import TelegramConfig
 from services.telegram.handlers import Credentials, _Entity
 from shared.config import ConfigError
+from shared.encryption import KEY_ENV
 from shared.messages.channel import OutboundSend
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -26,6 +27,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
+from tests.harness import SECRETS_KEY
 
 CREDS = Credentials(integration_id="i1", app_id="a1", token="7000000001:AAE-token", webhook_secret="s3cret_-X",
                     base_url="https://api.telegram.org", username="gw_test_bot", bot_id="7000000001")
@@ -220,7 +222,7 @@ def test_ids_and_group_detection() -> None:
 
 
 def test_config_validation() -> None:
-    config = TelegramConfig.from_env({})
+    config = TelegramConfig.from_env({KEY_ENV: SECRETS_KEY})
     assert config.bot_messages_per_second == 30 and config.chat_messages_per_second == 1
     assert config.group_messages_per_minute == 20 and config.common.http_port == 8088
     for bad in ({"TELEGRAM_CHAT_MESSAGES_PER_SECOND": "0"}, {"TELEGRAM_MAX_SEND_ATTEMPTS": "0"},

@@ -22,10 +22,12 @@ from services.webhooks.handlers import (
     request_headers,
 )
 from shared.config import ConfigError
+from shared.encryption import KEY_ENV
 from shared.messages.conversation import ConversationCreated, MessageCreated
 from shared.records import WebhookRecord
 from shared.signing import webhook_signature_ok
 from shared.sunco import Author, ConversationRef, Message, TextContent
+from tests.harness import SECRETS_KEY
 
 APP = "a" * 24
 OTHER_APP = "b" * 24
@@ -239,12 +241,12 @@ def test_queue_never_sends_an_event_before_its_predecessor_finished(
 
 
 def test_config_defaults_and_validation(tmp_path: object) -> None:
-    config = WebhooksConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/tl"})
+    config = WebhooksConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/tl", KEY_ENV: SECRETS_KEY})
     assert config.retry_base_seconds == 2.0 and config.retry_window_seconds == 900.0
     assert config.timeout_seconds == 20.0 and config.db_path == "/tmp/tl/webhooks.db"
     assert config.common.http_port == 8085
     shrunk = WebhooksConfig.from_env({"THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
-                                      "THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS": "3"})
+                                      "THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS": "3", KEY_ENV: SECRETS_KEY})
     assert (shrunk.retry_base_seconds, shrunk.retry_window_seconds) == (0.05, 3.0)
     for name, value in [("THREADLINE_WEBHOOK_RETRY_BASE_SECONDS", "0"),
                         ("THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS", "-1"),

@@ -1,0 +1,191 @@
+"""Who may do what on NATS: one user per service, with only the subjects that service uses.
+
+`SERVICE_ACCESS` is the single description; `authorization_config` renders it as the
+`authorization {}` block of nats-server's config (the embedded server of `threadline up`, the
+loopback cluster, the test fixture and, with passwords from the environment, the Kubernetes
+ConfigMap `deploy/k8s/base/nats/auth.conf`). A service connects as itself
+(`THREADLINE_NATS_USER`/`THREADLINE_NATS_PASSWORD`) and gets replies under its own inbox prefix,
+so it cannot read another service's replies.
+
+What a service may touch:
+- the streams it publishes to, by subject; the durable consumers it owns (create, fetch, ack);
+- the KV buckets it reads (info, get, watch) and those it writes (`$KV.<bucket>.>`) — e.g. only
+  `conversations` writes integrations, only `webhooks` reads webhook secrets;
+- the request/reply services it calls and, if it serves some, its own endpoints (replying to
+  a request it received is `allow_responses`);
+- create/update of the four Threadline streams (every service ensures them at start);
+- erasing from streams (purges, single deletes) for `conversations` only (privacy).
+
+A subject or bucket a service starts using must be added here, or the server refuses it (the
+bus logs "nats refused … see shared/natsauth.py").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared import subjects
+from shared.subjects import ALL_STREAMS, EVENTS, INBOUND, OUTBOUND, STATUS, StreamSpec
+
+INBOX_PREFIX = "_INBOX"
+ADMIN_USER = "admin"  # every permission: operators' tools, the launcher's cluster checks, tests
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of `user`'s connection (its replies arrive under it)."""
+    return f"{INBOX_PREFIX}.{user}"
+
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one service does on NATS."""
+
+    publish: tuple[str, ...] = ()  # stream subjects it publishes to, request subjects it calls
+    subscribe: tuple[str, ...] = ()  # plain (core) subscriptions
+    serves: tuple[str, ...] = ()  # its nats.micro endpoints
+    consumers: tuple[tuple[StreamSpec, str], ...] = ()  # (stream, durable name)
+    kv_read: tuple[str, ...] = ()
+    kv_write: tuple[str, ...] = ()
+    # Streams it erases from: purges (retention, consumed copies) and single-message deletes.
+    erases: tuple[StreamSpec, ...] = ()
+
+
+_CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")
+
+
+def _channel(channel: str) -> Access:
+    return Access(publish=(subjects.inbound_subject(channel, ">"), subjects.status_subject(channel, ">")),
+                  consumers=((OUTBOUND, subjects.channel_outbound_consumer(channel)),),
+                  kv_read=(subjects.INTEGRATIONS_BUCKET,))
+
+
+_SDK_REQUESTS = ("conversations.>", "identity.>", "handoff.>", "notifications.>")
+
+SERVICE_ACCESS: Mapping[str, Access] = {
+    "identity": Access(serves=("identity.>",), kv_write=(subjects.ENDED_USERS_BUCKET,)),
+    "conversations": Access(
+        publish=("events.>", "outbound.>", "identity.>", "handoff.>", "notifications.>"),
+        serves=("conversations.>",),
+        consumers=((INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER),
+                   (STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER)),
+        kv_write=(subjects.INTEGRATIONS_BUCKET, subjects.WEBHOOKS_BUCKET, subjects.APPS_BUCKET),
+        erases=(EVENTS, INBOUND, OUTBOUND)),
+    "webhooks": Access(consumers=((EVENTS, subjects.WEBHOOKS_EVENTS_CONSUMER),),
+                       kv_read=(subjects.WEBHOOKS_BUCKET,)),
+    "handoff": Access(serves=("handoff.>",), kv_read=(subjects.INTEGRATIONS_BUCKET,),
+                      kv_write=(subjects.LINK_CODES_BUCKET,)),
+    "notifications": Access(
+        publish=("events.>", "outbound.>", "conversations.>", "identity.>", "handoff.>"),
+        serves=("notifications.>",),
+        consumers=((EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER),
+                   (STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER)),
+        kv_read=(subjects.APPS_BUCKET, subjects.INTEGRATIONS_BUCKET, subjects.SDK_PRESENCE_BUCKET)),
+    "whatsapp": _channel("whatsapp"),
+    "messenger": _channel("messenger"),
+    "telegram": _channel("telegram"),
+    "sms": _channel("twilio"),
+    "web": Access(publish=(subjects.inbound_subject("web", ">"), *_SDK_REQUESTS), subscribe=(subjects.EVENTS_ALL,),
+                  kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
+                  kv_write=(subjects.SDK_PRESENCE_BUCKET,)),
+    "app": Access(
+        publish=tuple(s for p in ("android", "ios") for s in (subjects.inbound_subject(p, ">"),
+                                                              subjects.status_subject(p, ">"))) + _SDK_REQUESTS,
+        subscribe=(subjects.EVENTS_ALL,),
+        consumers=((OUTBOUND, subjects.channel_outbound_consumer("android")),
+                   (OUTBOUND, subjects.channel_outbound_consumer("ios"))),
+        kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
+        kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.APP_DELIVERIES_BUCKET)),
+    "sandbox": Access(kv_read=(subjects.INTEGRATIONS_BUCKET,)),
+}
+
+# Users of a deployment: every service plus the admin.
+USERS: tuple[str, ...] = (*SERVICE_ACCESS, ADMIN_USER)
+
+
+def _js(api: str) -> str:
+    return f"$JS.API.{api}"
+
+
+def permissions(user: str) -> dict[str, object] | None:
+    """nats-server `permissions` of `user` (None: the admin, who may do anything)."""
+    if user == ADMIN_USER:
+        return None
+    access = SERVICE_ACCESS[user]
+    publish: list[str] = [*access.publish, _js("INFO")]
+    for stream in ALL_STREAMS:  # Bus.ensure_streams
+        publish += [_js(f"STREAM.{verb}.{stream.name}") for verb in ("CREATE", "UPDATE", "INFO")]
+    for stream, durable in access.consumers:
+        publish += [_js(f"CONSUMER.INFO.{stream.name}.{durable}"),
+                    _js(f"CONSUMER.DURABLE.CREATE.{stream.name}.{durable}"),
+                    _js(f"CONSUMER.CREATE.{stream.name}.{durable}"),
+                    _js(f"CONSUMER.CREATE.{stream.name}.{durable}.>"),
+                    _js(f"CONSUMER.MSG.NEXT.{stream.name}.{durable}"),
+                    f"$JS.ACK.{stream.name}.{durable}.>"]
+    for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message
+        publish += [_js(f"STREAM.PURGE.{stream.name}"), _js(f"STREAM.MSG.DELETE.{stream.name}"),
+                    _js(f"CONSUMER.LIST.{stream.name}")]
+    for bucket in dict.fromkeys((*access.kv_read, *access.kv_write)):
+        stream_name = kv_stream(bucket)
+        publish += [_js(f"STREAM.INFO.{stream_name}"), _js(f"STREAM.CREATE.{stream_name}"),
+                    _js(f"DIRECT.GET.{stream_name}"), _js(f"DIRECT.GET.{stream_name}.>"),
+                    _js(f"STREAM.MSG.GET.{stream_name}"),
+                    _js(f"CONSUMER.CREATE.{stream_name}"), _js(f"CONSUMER.CREATE.{stream_name}.>"),
+                    _js(f"CONSUMER.INFO.{stream_name}.>"), _js(f"CONSUMER.DELETE.{stream_name}.>"),
+                    f"$JS.FC.{stream_name}.>"]
+    for bucket in access.kv_write:
+        publish.append(f"$KV.{bucket}.>")
+    subscribe: list[str] = [f"{inbox_prefix(user)}.>", *access.subscribe]
+    if access.serves:
+        subscribe += [*access.serves, "$SRV.>"]
+        publish.append("$SRV.>")  # Bus.serve pings its own endpoints
+    out: dict[str, object] = {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+    if access.serves:
+        out["allow_responses"] = True
+    return out
+
+
+def _value(text: str) -> str:
+    # "$NAME" is a reference nats-server resolves from its environment; anything else a literal.
+    return text if text.startswith("$") else json.dumps(text)
+
+
+def authorization_config(passwords: Mapping[str, str]) -> str:
+    """The `authorization {}` block for these users: a literal password each, or `$VARIABLE`
+    (nats-server reads it from its environment). Users not in `passwords` cannot connect."""
+    lines = ["# Generated from shared/natsauth.py (SERVICE_ACCESS): one user per service, each allowed",
+             "# only the subjects it uses. Regenerate: python -m shared.natsauth > auth.conf",
+             "authorization {", "  users: ["]
+    for user in USERS:
+        if user not in passwords:
+            continue
+        lines += ["    {", f"      user: {json.dumps(user)}", f"      password: {_value(passwords[user])}"]
+        perms = permissions(user)
+        if perms is not None:
+            body = json.dumps(perms, indent=2).splitlines()
+            lines.append(f"      permissions: {body[0]}")
+            lines += [f"      {line}" for line in body[1:]]
+        lines.append("    }")
+    lines += ["  ]", "}", ""]
+    return "\n".join(lines)
+
+
+def password_env(user: str) -> str:
+    """The environment variable the Kubernetes NATS pods read `user`'s password from."""
+    return f"NATS_PASSWORD_{user.upper()}"
+
+
+def kubernetes_auth_config() -> str:
+    """The `auth.conf` of the Kubernetes NATS ConfigMap: passwords from the pods' environment
+    (`NATS_PASSWORD_<USER>`, from Secret `threadline-nats`)."""
+    return authorization_config({user: "$" + password_env(user) for user in USERS})
+
+
+if __name__ == "__main__":
+    print(kubernetes_auth_config(), end="")
