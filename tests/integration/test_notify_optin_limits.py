@@ -25,7 +25,7 @@ from services.notifications.app import NotificationsService
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import notification as note
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, service_credentials
 from tests.integration.test_notifications_service import _sms_texts, notifications_in, scene
 from tests.integration.test_web_conversation import ACCOUNT, eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -318,7 +318,8 @@ async def test_each_app_has_a_budget_of_confirmations(shop: Shop) -> None:
 async def test_limits_and_the_pending_rule_hold_across_two_replicas(shop: Shop, bus: Bus) -> None:
     """Two replicas of `notifications` on one database: what one counted, the other sees, and
     two requests racing on the two replicas for one number send one code."""
-    second = notifications_app.create({**shop.system.env, "THREADLINE_NOTIFY_CODE_LIMIT_PER_APP": "2/h"})
+    second = notifications_app.create({**shop.system.env, **service_credentials("notifications"),
+                                        "THREADLINE_NOTIFY_CODE_LIMIT_PER_APP": "2/h"})
     await second.start()
     try:
         first_notifier, second_notifier = shop.notifications.notifier, second.notifier
