@@ -39,6 +39,7 @@ from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.messages import notification
+from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 from shared.sunco import (
     Activity,
     Author,
@@ -105,10 +106,11 @@ class Conversations:
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
-                 recap_count: int = DEFAULT_RECAP_COUNT) -> None:
+                 recap_count: int = DEFAULT_RECAP_COUNT, jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
+        self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
