@@ -164,6 +164,25 @@ async def test_a_session_creates_nobody_until_its_first_message(shop: Shop) -> N
     assert await shop.texts(started) == ["hello, is anyone there?"]
 
 
+async def test_a_pending_session_logs_in_and_its_old_token_does_not_follow(shop: Shop) -> None:
+    status, pending, _headers = await shop.new_session()
+    assert status == 201
+    jwt = jwt_encode({"scope": "user", "external_id": "dana", "exp": int(time.time()) + 600}, shop.key_secret,
+                     shop.key_id)
+    status, login = await shop.call("POST", "/sessions/login", pending["sessionToken"],
+                                    {"externalId": "dana", "jwt": jwt})
+    assert status == 200 and login["outcome"] == "identified", login
+    assert (await shop.api("GET", "/users/dana"))["user"]["id"] == login["appUserId"]
+    status, _ = await shop.call("POST", f"/conversations/{login['conversationId']}/messages", login["sessionToken"],
+                                {"clientMessageId": str(uuid.uuid4()), "text": "signed in"})
+    assert status == 202
+    # The pending token was good for one visitor, who is now dana: it does not become dana's.
+    status, body = await shop.call("POST", "/conversations", pending["sessionToken"],
+                                   {"clientMessageId": str(uuid.uuid4()), "text": "am I dana?"})
+    assert status == 401, body
+    assert await shop.users() == 1
+
+
 async def test_the_app_registers_its_install_with_the_first_message(shop: Shop) -> None:
     device = {"guid": "phone-1", "pushNotificationToken": "fcm-token-1", "appVersion": "1.0",
               "info": {"os": "Android"}}
