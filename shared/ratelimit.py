@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 from collections.abc import Callable, Sequence
 
@@ -70,6 +71,10 @@ class BucketMap:
 
 # --- limits every replica agrees on ----------------------------------------------------------
 
+# Compare-and-set attempts on one key before a subject counts as over its limit (contention).
+MAX_CAS_ROUNDS = 20
+
+
 def gcra(tat: float | None, now: float, rate: Rate) -> tuple[float | None, float]:
     """One action under `rate` with GCRA (a token bucket kept as one timestamp).
 
@@ -90,18 +95,19 @@ class SharedLimiter:
     JetStream KV bucket, written with compare-and-set so concurrent replicas never both take the
     last slot. The bucket's TTL must cover the longest window (a key idle that long is fresh).
 
-    Subjects (addresses, origins) are stored hashed. The KV being unavailable raises (callers
-    answer 503): a limit that silently stops limiting would invite the abuse it exists for.
+    Subjects (addresses, origins) are stored as keyed hashes (`hash_key`: an IPv4 address space
+    is small enough to reverse a plain hash). The KV being unavailable raises (callers answer
+    503): a limit that silently stops limiting would invite the abuse it exists for.
     """
 
-    def __init__(self, kv: KeyValue, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, kv: KeyValue, hash_key: bytes, clock: Callable[[], float] = time.time) -> None:
         self.kv = kv
+        self.hash_key = hash_key
         self.clock = clock
 
-    @staticmethod
-    def key(scope: str, subject: str, rate: Rate) -> str:
+    def key(self, scope: str, subject: str, rate: Rate) -> str:
         """The KV key of `subject`'s state under `rate` (KV keys allow no ':' or '/')."""
-        digest = hashlib.sha256(subject.encode()).hexdigest()[:40]
+        digest = hmac.new(self.hash_key, subject.encode(), hashlib.sha256).hexdigest()[:40]
         return f"{scope}.{digest}.{rate.count}-{int(rate.window_seconds)}"
 
     async def take(self, scope: str, subject: str, rates: Sequence[Rate]) -> float:
@@ -134,9 +140,6 @@ class SharedLimiter:
                 continue  # another replica counted first: read again
             return 0.0
         return 1.0  # this subject is too busy to count: treat it as over the limit
-
-
-MAX_CAS_ROUNDS = 20
 
 
 def _float(value: bytes | None) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import re
@@ -568,8 +569,9 @@ class SdkService(ServiceApp):
                                                      INTEGRATION_DECODER.decode)
         self.ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
                                                     identity.USER_ENDED_DECODER.decode)
-        self.limiter = SharedLimiter(await self.bus.key_value(subjects.SDK_LIMITS_BUCKET,
-                                                              ttl=MAX_LIMIT_WINDOW_SECONDS))
+        # Keyed with the token secret, which every replica of web and app shares.
+        self.limiter = SharedLimiter(await self.bus.key_value(subjects.SDK_LIMITS_BUCKET, ttl=MAX_LIMIT_WINDOW_SECONDS),
+                                     hmac.new(self.sdk.token_secret.encode(), b"sdk-limits", "sha256").digest())
         await self.hub.start(self.bus.nc)
         self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
 

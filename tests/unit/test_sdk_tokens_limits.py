@@ -117,10 +117,13 @@ def test_gcra_allows_the_burst_then_one_per_interval_and_says_how_long_to_wait()
 
 
 def test_limiter_keys_hide_the_subject_and_fit_kv_keys() -> None:
-    key = SharedLimiter.key("new-sessions-ip", "2001:db8::/64", Rate(30, 60.0))
+    limiter = SharedLimiter(kv=None, hash_key=b"k1")  # type: ignore[arg-type]
+    key = limiter.key("new-sessions-ip", "2001:db8::/64", Rate(30, 60.0))
     assert "2001" not in key and key.startswith("new-sessions-ip.") and key.endswith(".30-60")
     assert all(ch.isalnum() or ch in "-_." for ch in key)
-    assert key != SharedLimiter.key("new-sessions-ip", "2001:db8::/64", Rate(300, 3600.0))
+    assert key != limiter.key("new-sessions-ip", "2001:db8::/64", Rate(300, 3600.0))
+    other = SharedLimiter(kv=None, hash_key=b"k2")  # type: ignore[arg-type]
+    assert key != other.key("new-sessions-ip", "2001:db8::/64", Rate(30, 60.0))
 
 
 # --- JWT time claims --------------------------------------------------------------------------
