@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up cluster test lint bench bench-handoff clean
+.PHONY: install up cluster test lint bench bench-handoff bench-chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-handoff: $(STAMP)
 	$(BIN)/python bench/handoff.py $(ARGS)
+
+bench-chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .threadline .pytest_cache .mypy_cache .ruff_cache

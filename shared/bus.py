@@ -248,6 +248,39 @@ class Bus:
         finally:
             otel_context.detach(token)
 
+    # --- erasure: copies of personal data the streams would otherwise keep until max_age ----
+
+    async def delete_message(self, stream: StreamSpec, seq: int) -> None:
+        """Erase one stored message (the server overwrites it); a missing one is not an error."""
+        if seq <= 0:
+            return
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_msg(stream.name, seq)
+
+    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None) -> None:
+        """Remove the messages stored on `subject` (only those below `before_seq` when given)."""
+        await self.js.purge_stream(stream.name, seq=before_seq, subject=subject)
+
+    async def purge_consumed(self, stream: StreamSpec) -> int:
+        """Remove the messages every durable consumer that wants them has acknowledged.
+
+        For each consumer's filter, messages up to the lowest ack floor among the consumers
+        whose filters overlap it are gone from every consumer's view already: a message that
+        matches a filter is acknowledged by every consumer it was for once it is at or below
+        their floors. Messages no consumer wants are left to the stream's max_age. Returns how
+        many filters were purged.
+        """
+        consumers = await self.js.consumers_info(stream.name)
+        floors = [(info.config.filter_subject or ">", info.ack_floor.stream_seq if info.ack_floor else 0)
+                  for info in consumers]
+        purged = 0
+        for subject in sorted({subject for subject, _ in floors}):
+            floor = min((seq or 0) for other, seq in floors if subjects_overlap(subject, other))
+            if floor > 0:
+                await self.js.purge_stream(stream.name, seq=floor + 1, subject=subject)
+                purged += 1
+        return purged
+
     async def key_value(self, bucket: str, *, history: int = 1, replicas: int | None = None,
                         ttl: float | None = None) -> KeyValue:
         """Return a KV bucket, creating it when missing (replicas default: `stream_replicas`;
@@ -278,6 +311,17 @@ class Bus:
                 await service.stop()
         with contextlib.suppress(Exception):
             await self.nc.drain()
+
+
+def subjects_overlap(a: str, b: str) -> bool:
+    """True when some subject matches both filters (`*` one token, `>` the rest)."""
+    left, right = a.split("."), b.split(".")
+    for x, y in zip(left, right, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(left) == len(right)
 
 
 class RequestFailed(Exception):

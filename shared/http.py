@@ -12,6 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.telemetry import extract_context, tracer
+from shared.untrusted import decode_json
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -76,7 +77,10 @@ async def read_body(request: web.Request, limit: int = MAX_JSON_BODY) -> bytes:
 
 
 async def read_json(request: web.Request, type_: type[T], limit: int = MAX_JSON_BODY) -> T:
-    """Read and validate a JSON body into `type_`; 415/400/413 with a clear title otherwise."""
+    """Read and validate a JSON body into `type_`; 415/400/413 with a clear title otherwise.
+
+    Decoding goes through `shared.untrusted.decode_json`, so deep nesting is a 400 too.
+    """
     ctype = request.content_type
     if ctype not in ("application/json", "") and not ctype.endswith("+json"):
         raise ApiError(415, f"Content-Type must be application/json, got {ctype}")
@@ -84,7 +88,7 @@ async def read_json(request: web.Request, type_: type[T], limit: int = MAX_JSON_
     if not raw:
         raise ApiError(400, "Request body is required")
     try:
-        return msgspec.json.decode(raw, type=type_)
+        return decode_json(raw, type_)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"Invalid request body: {exc}") from exc
     except msgspec.DecodeError as exc:

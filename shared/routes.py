@@ -42,6 +42,9 @@ SERVICES: Final = (
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
+# The sandbox's SMTP sink (`THREADLINE_SANDBOX_SMTP_PORT`); `threadline up --auto-ports` picks a
+# free one instead, so that a second instance's mail never lands in the first one's sink.
+SANDBOX_SMTP_PORT: Final = 2525
 
 ROUTES: Final = (
     Route("/v2/", "conversations"),

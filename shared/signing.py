@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from shared.untrusted import decode_json, secrets_equal
+
 META_SIGNATURE_HEADER = "X-Hub-Signature-256"
 WEBHOOK_SIGNATURE_HEADER = "X-Threadline-Signature"
 
@@ -24,7 +26,7 @@ def meta_signature_ok(app_secret: str, raw_body: bytes, header: str | None) -> b
     """Constant-time check of an `X-Hub-Signature-256` header over the raw bytes received."""
     if not header or not header.startswith("sha256="):
         return False
-    return hmac.compare_digest(meta_signature(app_secret, raw_body), header)
+    return secrets_equal(meta_signature(app_secret, raw_body), header)
 
 
 def webhook_signature(secret: str, raw_body: bytes, timestamp: int | None = None) -> str:
@@ -44,7 +46,7 @@ def webhook_signature_ok(secret: str, raw_body: bytes, header: str, *, tolerance
         return False
     if abs((time.time() if now is None else now) - ts) > tolerance:
         return False
-    return hmac.compare_digest(webhook_signature(secret, raw_body, ts), header)
+    return secrets_equal(webhook_signature(secret, raw_body, ts), header)
 
 
 def _b64url(data: bytes) -> str:
@@ -89,9 +91,11 @@ def jwt_encode(payload: dict[str, Any], key: str, kid: str | None = None) -> str
 
 
 def jwt_header(token: str) -> dict[str, Any]:
-    """The (unverified) header of a JWT, to find its `kid`."""
+    """The (unverified) header of a JWT, to find its `kid` (bounded decoding: it is unverified)."""
+    if not token.isascii():  # base64url and dots only; `jwt_decode` relies on this too
+        raise JwtError("malformed token")
     try:
-        header = json.loads(_b64url_decode(token.split(".")[0]))
+        header = decode_json(_b64url_decode(token.split(".")[0]))
     except (ValueError, IndexError) as exc:
         raise JwtError("malformed token") from exc
     if not isinstance(header, dict):
@@ -112,10 +116,10 @@ def jwt_decode(token: str, key: str, policy: JwtPolicy = DEFAULT_JWT_POLICY,
     expected = hmac.new(key.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
     try:
         given = _b64url_decode(parts[2])
-        payload = json.loads(_b64url_decode(parts[1]))
+        payload = decode_json(_b64url_decode(parts[1]))
     except ValueError as exc:
         raise JwtError("malformed token") from exc
-    if not hmac.compare_digest(expected, given):
+    if not secrets_equal(expected, given):
         raise JwtError("bad signature")
     if not isinstance(payload, dict):
         raise JwtError("malformed payload")
@@ -164,9 +168,9 @@ def verify_token(secret: str, token: str) -> dict[str, Any] | None:
     try:
         body, sig = token.split(".")
         expected = _b64url(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest())
-        if not hmac.compare_digest(expected, sig):
+        if not secrets_equal(expected, sig):
             return None
-        fields = json.loads(_b64url_decode(body))
+        fields = decode_json(_b64url_decode(body))
     except ValueError:
         return None
     return fields if isinstance(fields, dict) else None

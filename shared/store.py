@@ -29,6 +29,9 @@ async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
     await db.execute("PRAGMA synchronous=NORMAL")
     await db.execute("PRAGMA foreign_keys=ON")
     await db.execute("PRAGMA busy_timeout=5000")
+    # Deleted rows are overwritten, not just unlinked: an erased user's data must not stay
+    # readable in free pages of the file.
+    await db.execute("PRAGMA secure_delete=ON")
     await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
     async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
         row = await cur.fetchone()
@@ -47,6 +50,15 @@ async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
             await db.execute("ROLLBACK")
             raise
     return db
+
+
+async def truncate_wal(db: aiosqlite.Connection) -> bool:
+    """Checkpoint the write-ahead log into the database and truncate it, so the pages erased
+    rows were written in (earlier versions, still in the log) are gone from disk too. False when
+    a reader kept the log busy (it is truncated by a later call or the next checkpoint)."""
+    async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+        row = await cur.fetchone()
+    return row is not None and int(row[0]) == 0
 
 
 def _split_sql(script: str) -> list[str]:

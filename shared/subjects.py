@@ -84,6 +84,7 @@ IDENTITY_USER_CREATE: Final = "identity.user.create"
 IDENTITY_USER_GET: Final = "identity.user.get"
 IDENTITY_USER_UPDATE: Final = "identity.user.update"
 IDENTITY_USER_DELETE: Final = "identity.user.delete"
+IDENTITY_USER_PERSONAL_DELETE: Final = "identity.user.personal.delete"
 IDENTITY_CLIENTS_LIST: Final = "identity.clients.list"
 IDENTITY_CLIENT_STATUS: Final = "identity.client.status"
 IDENTITY_DEVICE_REGISTER: Final = "identity.device.register"
@@ -132,6 +133,8 @@ NOTIFICATIONS_OPTIN_START: Final = "notifications.optin.start"
 NOTIFICATIONS_OPTIN_CONFIRM: Final = "notifications.optin.confirm"
 NOTIFICATIONS_OPTIN_LIST: Final = "notifications.optin.list"
 NOTIFICATIONS_OPTIN_STOP: Final = "notifications.optin.stop"
+# Everything notifications holds about a user (opt-ins, sends), for the user export.
+NOTIFICATIONS_USER_EXPORT: Final = "notifications.user.export"
 # Written by `conversations`: each app's public settings (`notification_settings` below), watched
 # by `notifications` (key: app id).
 APPS_BUCKET: Final = "tl_apps"

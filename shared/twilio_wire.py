@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.untrusted import secrets_equal
+
 SIGNATURE_HEADER = "X-Twilio-Signature"
 SIGNATURE_SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
 API_VERSION = "2010-04-01"
@@ -79,7 +81,7 @@ def twilio_signature_ok(auth_token: str, url: str, params: Params, header: str |
     ok = False
     for candidate in signature_urls(url):
         # Every candidate is compared (no early exit), so timing says nothing about which matched.
-        ok |= hmac.compare_digest(twilio_signature(auth_token, candidate, grouped).encode(), header.encode())
+        ok |= secrets_equal(twilio_signature(auth_token, candidate, grouped), header)
     return ok
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -25,8 +26,7 @@ from aiohttp import web
 
 from shared.egress import EgressPolicy, parse_rules
 from shared.service import ServiceApp
-from threadline.frontdoor import build_frontdoor
-from threadline.natsserver import free_port
+from threadline.frontdoor import APP_KEY_UPSTREAMS, build_frontdoor
 
 ACCOUNT_KEY_ID = "act_000000000000000000000001"
 ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
@@ -49,7 +49,13 @@ class System:
     def __init__(self, nats_url: str, data_dir: Path | str, env: Mapping[str, str] | None = None) -> None:
         self.nats_url = nats_url
         self.data_dir = str(data_dir)
-        self.frontdoor_port = free_port()
+        # Bound now and kept: the port in THREADLINE_PUBLIC_BASE_URL can never be taken by another
+        # process before the front door listens (picking a free port and binding it later raced).
+        self._frontdoor_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._frontdoor_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._frontdoor_socket.bind(("127.0.0.1", 0))
+        self._frontdoor_socket.listen(128)
+        self.frontdoor_port: int = self._frontdoor_socket.getsockname()[1]
         self.env: dict[str, str] = {
             "THREADLINE_NATS_URL": nats_url,
             "THREADLINE_HTTP_HOST": "127.0.0.1",
@@ -110,18 +116,22 @@ class System:
         await self._restart_frontdoor()
 
     async def _restart_frontdoor(self) -> None:
-        if self._frontdoor is not None:
-            await self._frontdoor.cleanup()
         upstreams = {name: f"http://127.0.0.1:{svc.port}" for name, svc in self.services.items()}
+        if self._frontdoor is not None:  # the same listening socket, routes to the current ports
+            routes = self._frontdoor.app[APP_KEY_UPSTREAMS]
+            routes.clear()
+            routes.update(upstreams)
+            return
         self._frontdoor = web.AppRunner(build_frontdoor(upstreams), access_log=None)
         await self._frontdoor.setup()
-        await web.TCPSite(self._frontdoor, "127.0.0.1", self.frontdoor_port, reuse_address=True).start()
+        await web.SockSite(self._frontdoor, self._frontdoor_socket).start()
 
     async def close(self) -> None:
         """Stop the front door and every service, in reverse start order."""
         if self._frontdoor is not None:
             await self._frontdoor.cleanup()
             self._frontdoor = None
+        self._frontdoor_socket.close()
         for name in sorted(self.services, key=SERVICE_ORDER.index, reverse=True):
             await self.services.pop(name).stop()
 
@@ -139,8 +149,9 @@ async def business_webhooks() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]
     receiver.router.add_post("/hook", hook)
     runner = web.AppRunner(receiver)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}/hook", events
     finally:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from shared.http import basic_auth_header
+from shared.routes import SANDBOX_SMTP_PORT
 
 SANDBOX_PHONE_NUMBER = "+15550001111"
 SANDBOX_PHONE_NUMBER_ID = "1122334455667"
@@ -87,7 +88,8 @@ def sandbox_integrations(base_url: str) -> dict[str, dict[str, Any]]:
         # E-mail notifications go to the sandbox's SMTP sink (its port is asked at bootstrap). The
         # kind stays `email` (sandbox.json's key); the integration is SunCo's e-mail type, `mailgun`.
         "email": {
-            "type": "mailgun", "displayName": "E-mail (sandbox)", "smtpHost": "127.0.0.1", "smtpPort": 2525,
+            "type": "mailgun", "displayName": "E-mail (sandbox)", "smtpHost": "127.0.0.1",
+            "smtpPort": SANDBOX_SMTP_PORT,
             "security": "none", "fromAddress": SANDBOX_MAIL_FROM, "fromName": "Threadline Demo Shop",
         },
     }

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from shared.egress import ALLOW_ENV
-from shared.routes import DEFAULT_PORTS
+from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, free_port
@@ -32,6 +32,7 @@ class LaunchError(RuntimeError):
 
 START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
                "telegram", "sms", "web", "app", "sandbox")
+SMTP_PORT_VARIABLE = "THREADLINE_SANDBOX_SMTP_PORT"
 # sandbox.json kinds (bootstrap.sandbox_integrations); the `email` kind is a `mailgun` integration.
 SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios", "email")
 
@@ -122,6 +123,18 @@ class Launcher:
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{shown}:{self.port}"
 
+    def sandbox_smtp_port(self) -> int:
+        """The port of this run's sandbox SMTP sink: THREADLINE_SANDBOX_SMTP_PORT when set, else a
+        free one with --auto-ports (mail of this instance must reach its own sink, never another
+        instance's on the default port), else 2525. Bootstrap points the e-mail integration at it."""
+        configured = self.extra_env.get(SMTP_PORT_VARIABLE, os.environ.get(SMTP_PORT_VARIABLE, ""))
+        if configured:
+            try:
+                return int(configured)
+            except ValueError as exc:
+                raise LaunchError(f"{SMTP_PORT_VARIABLE} must be a port number, got {configured!r}") from exc
+        return free_port() if self.auto_ports else SANDBOX_SMTP_PORT
+
     def say(self, text: str) -> None:
         print(text, flush=True)
 
@@ -166,7 +179,9 @@ class Launcher:
         if not _port_free(self.host, self.port):
             raise LaunchError(f"port {self.port} is in use; pass --port or set THREADLINE_PORT")
         ports = {name: (free_port() if self.auto_ports else DEFAULT_PORTS[name]) for name in START_ORDER}
-        busy = [f"{n}:{p}" for n, p in ports.items() if not _port_free("127.0.0.1", p)]
+        smtp_port = self.sandbox_smtp_port()
+        busy = [f"{n}:{p}" for n, p in {**ports, "sandbox SMTP sink": smtp_port}.items()
+                if p and not _port_free("127.0.0.1", p)]
         if busy:
             raise LaunchError("service ports in use: " + ", ".join(busy)
                               + " (is another `threadline up` running? --auto-ports picks free ones)")
@@ -187,6 +202,7 @@ class Launcher:
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
             ALLOW_ENV: loopback_egress_allow([self.port, nats_port, *ports.values()], os.environ.get(ALLOW_ENV, "")),
+            SMTP_PORT_VARIABLE: str(smtp_port),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -301,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nats-port", type=int, default=int(os.environ.get("THREADLINE_NATS_PORT", "4222")),
                     help="embedded nats-server port (default 4222; a free one if taken)")
     up.add_argument("--auto-ports", action="store_true",
-                    help="give services free ports instead of 8081-8086 (to run beside another instance)")
+                    help="give services and the sandbox SMTP sink free ports instead of 8081-8092 and 2525 "
+                         "(to run beside another instance)")
     up.add_argument("--cluster", action="store_true",
                     help="3-node NATS JetStream cluster, two replicas of each stateless service")
     args = parser.parse_args(argv)

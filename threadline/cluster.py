@@ -35,6 +35,7 @@ from shared.subjects import INBOUND, StreamSpec
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.cli import (
     SANDBOX_INTEGRATIONS,
+    SMTP_PORT_VARIABLE,
     START_ORDER,
     Launcher,
     LaunchError,
@@ -282,6 +283,7 @@ class ClusterLauncher(Launcher):
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
             ALLOW_ENV: loopback_egress_allow(own_ports, os.environ.get(ALLOW_ENV, "")),
+            SMTP_PORT_VARIABLE: str(self.sandbox_smtp_port()),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

@@ -47,6 +47,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.egress import APNS_HOSTS, FCM_HOSTS, GOOGLE_OAUTH_HOSTS, REFUSED_CODE, EgressPolicy, EgressRefused
 from shared.telemetry import inject_headers, tracer
+from shared.untrusted import decode_json
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -235,8 +236,8 @@ def _flag(config: Mapping[str, Any], field: str, kind: str) -> bool:
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError):
+        value = decode_json(raw) if raw else {}
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -13,7 +13,6 @@ nothing. Resource ids of another app (under the caller's own app path) → 404.
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from yarl import URL
 from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
+from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
@@ -38,6 +38,7 @@ from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.signing import DEFAULT_JWT_POLICY, JwtError, JwtPolicy, jwt_decode, jwt_header
 from shared.sunco import Profile, Source
+from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ def _b64decode(text: str) -> str:
         raise ApiError(401, "Invalid credentials", "unauthorized") from exc
 
 
-def _eq(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
@@ -107,9 +104,9 @@ class Api:
 
     async def _key_secret(self, key_id: str) -> tuple[str, str | None] | None:
         """(secret, app_id) of a key id; app_id None for the account key."""
-        if _eq(key_id, self.account_key_id):
+        if secrets_equal(self.account_key_id, key_id):
             return self.account_key_secret, None
-        if not key_id.startswith("app_"):
+        if not key_id.startswith("app_") or not key_id.isascii():
             return None
         row = await self.store.get_key(key_id)
         return None if row is None else (row["secret"], row["app_id"])
@@ -122,7 +119,7 @@ class Api:
         if scheme == "basic":
             key_id, sep, secret = _b64decode(value.strip()).partition(":")
             found = await self._key_secret(key_id) if sep else None
-            if found is None or not _eq(secret, found[0]):
+            if found is None or not secrets_equal(found[0], secret):
                 raise ApiError(401, "Invalid credentials", "unauthorized")
             return Principal(key_id=key_id, app_id=found[1])
         if scheme == "bearer":
@@ -240,6 +237,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserCreateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         if body.external_id is not None and not 1 <= len(body.external_id) <= 1024:
             raise ApiError(400, "externalId must be 1 to 1024 characters")
         signed_up_at = None
@@ -265,6 +263,7 @@ class Api:
         app_id = await self._app(request)
         body = await read_json(request, models.UserUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.profile.avatar_url if body.profile else None, "profile.avatarUrl")
         reply = await self.identity.api_call(subjects.IDENTITY_USER_UPDATE, ident.UpdateUser(
             app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"],
             external_id=body.external_id,
@@ -277,11 +276,18 @@ class Api:
 
     async def delete_user(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
-        reply = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
-            app_id=app_id, user_id_or_external_id=request.match_info["userIdOrExternalId"]))
-        assert isinstance(reply, ident.Deleted)
-        await self.conversations.forget_user(app_id, reply.user_id)
+        await self.conversations.delete_user(app_id, request.match_info["userIdOrExternalId"])
         return json_response({})
+
+    async def delete_personal_information(self, request: web.Request) -> web.Response:
+        app_id = await self._app(request)
+        user = await self.conversations.delete_personal_information(app_id, request.match_info["userIdOrExternalId"])
+        return json_response({"user": user})
+
+    async def export_user(self, request: web.Request) -> web.StreamResponse:
+        """Everything held about the user, as one streamed JSON document (see export.py)."""
+        app_id = await self._app(request)
+        return await export_user(self.conversations, request, app_id, request.match_info["userIdOrExternalId"])
 
     async def list_clients(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -425,6 +431,7 @@ class Api:
                                    ("iconUrl", body.icon_url, 2048)):
             if value is not None and not 1 <= len(value) <= limit:
                 raise ApiError(400, f"{name} must be 1 to {limit} characters")
+        models.check_url(body.icon_url, "iconUrl")
         who = body.participants[0]
         found = await self._user(app_id, who.user_id, who.user_external_id)
         row, _ = await self.conversations.ensure_conversation(
@@ -461,6 +468,7 @@ class Api:
         row = await self.conversations.conversation_row(app_id, conversation_id)
         body = await read_json(request, models.ConversationUpdateBody)
         models.check_metadata(body.metadata)
+        models.check_url(body.icon_url, "iconUrl")
         async with self.store.tx():
             await self.store.set_conversation(
                 conversation_id,
@@ -630,6 +638,12 @@ OPERATIONS: tuple[Operation, ...] = (
               Api.update_user, request=models.UserUpdateBody, response=models.UserResponse),
     Operation("DELETE", A + "/users/{userIdOrExternalId}", "deleteUser", "Users",
               "Delete a user, their clients and conversations", Api.delete_user),
+    Operation("DELETE", A + "/users/{userIdOrExternalId}/personalinformation", "deleteUserPersonalInformation",
+              "Users", "Delete a user's personal information (profile, metadata, client details); history stays",
+              Api.delete_personal_information, response=models.UserResponse),
+    Operation("GET", A + "/users/{userIdOrExternalId}/export", "exportUser", "Users",
+              "Everything held about the user: user, clients, devices, merges, notification opt-ins, pending "
+              "confirmations, conversations with all their messages (Threadline; streamed JSON)", Api.export_user),
     Operation("GET", A + "/users/{userIdOrExternalId}/clients", "listClients", "Clients", "List a user's clients",
               Api.list_clients, response=models.ClientListResponse, query=PAGE),
     Operation("POST", A + "/users/{userIdOrExternalId}/clients", "createClient", "Clients",

@@ -118,7 +118,7 @@ class ConversationsService(ServiceApp):
                       await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
-                                           self.config.jwt_policy)
+                                           streams=self.bus, jwt_policy=self.config.jwt_policy)
         self.admin = Admin(self.store, sink, self.common.egress)
         await self._republish(sink)
         api = Api(self.store, self.admin, self.conversations, self.config.account_key_id,

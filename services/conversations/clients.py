@@ -44,6 +44,7 @@ from services.conversations import models
 from services.conversations.store import conversation_ref
 from shared import subjects
 from shared.bus import Retry
+from shared.cardmask import mask_content
 from shared.http import ApiError
 from shared.ids import derived_id, new_id, now
 from shared.messages import channel as chan
@@ -316,6 +317,8 @@ class PhoneLinks:
         channel = self.conversations.outbound_channel_of(client)
         if channel is None or not client.integration_id:
             return
+        if self.conversations.store.masks_cards_now(app_id):
+            content = mask_content(content)
         message_id = new_id()
         send = chan.OutboundSend(
             app_id=app_id, integration_id=client.integration_id, channel=channel, conversation_id=conversation_id,

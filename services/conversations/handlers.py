@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -33,6 +33,7 @@ from services.conversations.store import (
 )
 from shared import subjects
 from shared.bus import Delivery, Poison, Retry
+from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.http import ApiError
 from shared.ids import derived_id, iso, new_id, now
 from shared.messages import channel as chan
@@ -40,6 +41,7 @@ from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.messages import notification
 from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
+from shared.subjects import StreamSpec
 from shared.sunco import (
     Activity,
     Author,
@@ -65,6 +67,10 @@ log = logging.getLogger(__name__)
 # is published by the same channel service just before, but may be processed after).
 STATUS_MAX_DELIVERIES = 10
 MESSAGES_PAGE_SIZE = 100
+# The retention sweep reads conversations a page at a time and deletes messages a batch per
+# transaction, so it never holds the write lock for long.
+RETENTION_PAGE = 100
+RETENTION_BATCH = 500
 SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
 APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 
@@ -72,6 +78,16 @@ APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 # Delivery failures that mean "the customer blocked the business here" (channel services
 # report them with these codes): Telegram 403 Forbidden, Twilio 21610 (unsubscribed, STOP).
 BLOCKED_ERROR_CODES = frozenset({"telegram_403_blocked", "21610"})
+
+
+class Streams(Protocol):
+    """Erasure in the JetStream streams (the bus; absent in unit tests)."""
+
+    async def delete_message(self, stream: StreamSpec, seq: int) -> None: ...
+
+    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None) -> None: ...
+
+    async def purge_consumed(self, stream: StreamSpec) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -106,24 +122,97 @@ class Conversations:
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
-                 recap_count: int = DEFAULT_RECAP_COUNT, jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
+                 recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None,
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
+        self.streams = streams
         self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
+        # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
+        self._retention_marks: dict[str, tuple[float, str]] = {}
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
     async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
-        """Expire pending phone links and merge confirmations now and every `interval` seconds."""
-        sweeps = (("client links", self.phone_links.sweep), ("merge confirmations", self.linker.sweep))
+        """Expire pending phone links and merge confirmations, and messages past their app's
+        retention, now and every `interval` seconds; from the second round on, drop the bus's
+        copies of inbound messages and send commands once every consumer has acknowledged them."""
+        sweeps = (("client links", self.phone_links.sweep), ("merge confirmations", self.linker.sweep),
+                  ("messages past retention", self.sweep_retention))
+        first = True
         while True:
-            for name, sweep in sweeps:
+            for name, sweep in sweeps if first else (*sweeps, ("consumed bus copies", self.purge_consumed)):
                 try:
                     await sweep()
                 except Exception as exc:  # the sweeper must outlive an outage
                     log.warning("sweeping expired %s failed: %s", name, exc)
+            first = False
             await asyncio.sleep(interval)
+
+    # --- retention (conversationRetentionSeconds) ---------------------------------------------
+
+    async def sweep_retention(self, at: float | None = None) -> int:
+        """Delete the messages of every conversation inactive for longer than its app's
+        `conversationRetentionSeconds` (as SunCo's Delete All Messages would); the number deleted.
+
+        Each conversation is first announced (MessagesExpired: the services holding copies drop
+        them), then emptied in batches of RETENTION_BATCH, each its own short transaction, and its
+        events are purged from the bus. Apps are walked by inactivity from where the last sweep
+        stopped, so emptied conversations are not visited again.
+        """
+        at = now() if at is None else at
+        deleted = 0
+        apps = await self.store.retention_settings()
+        self._retention_marks = {app_id: mark for app_id, mark in self._retention_marks.items()
+                                 if app_id in dict(apps)}
+        for app_id, seconds in apps:
+            cutoff = at - seconds
+            while True:
+                rows = await self.store.inactive_conversations(app_id, cutoff, self._retention_marks.get(app_id),
+                                                               RETENTION_PAGE)
+                for row in rows:
+                    deleted += await self._expire(app_id, row, cutoff)
+                    self._retention_marks[app_id] = (float(row["last_updated_at"]), str(row["id"]))
+                if len(rows) < RETENTION_PAGE:
+                    break
+        if deleted:
+            await self.store.checkpoint()
+        return deleted
+
+    async def _expire(self, app_id: str, row: aiosqlite.Row, cutoff: float) -> int:
+        conversation_id = str(row["id"])
+        if not await self.store.has_messages_before(conversation_id, cutoff):
+            return 0
+        event_id = derived_id(conversation_id, "messages:expired", repr(cutoff))
+        ack = await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(conv.MessagesExpired(
+            id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=now(),
+            conversation=conversation_ref(row), before=cutoff)), msg_id=event_id)
+        deleted = 0
+        while True:
+            async with self.store.tx():
+                batch = await self.store.delete_expired_messages(conversation_id, cutoff, RETENTION_BATCH)
+            deleted += batch
+            if batch < RETENTION_BATCH:
+                break
+            await asyncio.sleep(0)  # writers waiting for the lock go between batches
+        async with self.store.tx():
+            await self.store.delete_expired_externals(conversation_id, cutoff)
+        if self.streams is not None:
+            # The bus's copies of the conversation's events (message contents) go too; the
+            # announcement itself stays for the services that have not read it yet.
+            await self.streams.purge_subject(subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+                                             before_seq=getattr(ack, "seq", None))
+        log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
+                 extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
+        return deleted
+
+    async def purge_consumed(self) -> None:
+        """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
+        (customer texts and addresses would otherwise stay there for the stream's max age)."""
+        if self.streams is not None:
+            for stream in (subjects.INBOUND, subjects.OUTBOUND):
+                await self.streams.purge_consumed(stream)
 
     # --- conversations --------------------------------------------------------------------
 
@@ -212,12 +301,92 @@ class Conversations:
             await self.store.delete_conversation(conversation_id)
             await self._publish_event(event)
 
-    async def forget_user(self, app_id: str, user_id: str) -> None:
-        """Remove a deleted user's conversations (SunCo deletes the history with the user)."""
-        self.identity.forget_user(user_id)
+    async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
+        """SunCo's Delete User: the user, its clients and its conversations with their history,
+        and every copy other services keep (they learn it from `user:remove`); no byte of the
+        person stays in the databases.
+
+        Retry-safe in this order: the history goes first; `user:remove` (a derived event id, so a
+        retried call announces once) is published before identity deletes the user, so a failure
+        leaves the user there for the retry; conversations created meanwhile go after.
+        """
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_GET, ident.GetUser(
+            app_id=app_id, user_id_or_external_id=user_id_or_external_id))
+        assert isinstance(reply, ident.UserReply)
+        user = reply.user
+        default = await self.store.default_conversation(app_id, user.id)
+        conversation_ids = await self._delete_user_conversations(app_id, user.id)
+        subject_id = str(default["id"]) if default is not None else user.id
+        event_id = derived_id(app_id, user.id, "user:remove")
+        event = conv.UserRemoved(id=event_id, app_id=app_id, conversation_id=subject_id, created_at=now(),
+                                 user=UserRef(id=user.id, external_id=user.external_id),
+                                 authenticated=user.authenticated, conversation_ids=conversation_ids)
+        try:
+            ack = await self.bus.publish(subjects.event_subject(app_id, subject_id), conv.encode(event),
+                                         msg_id=event_id)
+        except Exception as exc:
+            log.warning("announcing the deletion of user %s failed: %s", user.id, exc)
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+        deleted = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
+            app_id=app_id, user_id_or_external_id=user.id))
+        assert isinstance(deleted, ident.Deleted)
+        self.identity.forget_user(user.id)
+        await self._delete_user_conversations(app_id, user.id)  # any a message created meanwhile
+        if self.streams is not None:
+            # The bus's copies of the user's events go too; `user:remove` stays for its readers.
+            for conversation_id in {*conversation_ids, subject_id}:
+                await self.streams.purge_subject(
+                    subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+                    before_seq=getattr(ack, "seq", None) if conversation_id == subject_id else None)
+        await self.store.checkpoint()
+        log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids),
+                 extra=log_fields(app_id=app_id, user_id=user.id))
+
+    async def _delete_user_conversations(self, app_id: str, user_id: str) -> list[str]:
+        """Delete the user's conversations and their messages, a batch per transaction; their ids."""
+        conversation_ids = await self.store.user_conversation_ids(app_id, user_id)
+        for conversation_id in conversation_ids:
+            while True:
+                async with self.store.tx():
+                    batch = await self.store.delete_some_messages(conversation_id, RETENTION_BATCH)
+                if batch < RETENTION_BATCH:
+                    break
+                await asyncio.sleep(0)
         async with self.store.tx():
-            for conversation_id in await self.store.user_conversation_ids(app_id, user_id):
-                await self.store.delete_conversation(conversation_id)
+            await self.store.delete_user_rows(app_id, user_id, conversation_ids)
+        return conversation_ids
+
+    async def delete_personal_information(self, app_id: str, user_id_or_external_id: str) -> User:
+        """SunCo's Delete User Personal Information: identity clears the profile, metadata and the
+        clients' names, pictures, info and raw; here the copies of client info and the names and
+        pictures on the user's messages go (the messages stay). Other services drop the addresses
+        they keep (PersonalInformationDeleted; SunCo fires no webhook for it)."""
+        reply = await self.identity.api_call(subjects.IDENTITY_USER_PERSONAL_DELETE, ident.DeletePersonalInformation(
+            app_id=app_id, user_id_or_external_id=user_id_or_external_id))
+        assert isinstance(reply, ident.UserReply)
+        user = reply.user
+        self.identity.forget_user(user.id)
+        async with self.store.tx():
+            await self.store.clear_association_info(app_id, user.id)
+        after = 0
+        while True:
+            page = await self.store.user_authored(app_id, user.id, after, RETENTION_BATCH)
+            bodies = [(seq, _anonymous(body)) for seq, body in page]
+            changed = [(seq, new) for (seq, new), (_, old) in zip(bodies, page, strict=True) if new != old]
+            if changed:
+                async with self.store.tx():
+                    await self.store.set_message_bodies(changed)
+            if len(page) < RETENTION_BATCH:
+                break
+            after = page[-1][0]
+        default = await self.store.default_conversation(app_id, user.id)
+        subject_id = str(default["id"]) if default is not None else user.id
+        event = conv.PersonalInformationDeleted(
+            id=new_id(), app_id=app_id, conversation_id=subject_id, created_at=now(), user_id=user.id,
+            conversation_ids=await self.store.user_conversation_ids(app_id, user.id))
+        await self._publish_event(event)
+        await self.store.checkpoint()
+        return user
 
     # --- business messages ----------------------------------------------------------------
 
@@ -281,6 +450,10 @@ class Conversations:
             raise ApiError(400, "author.subtypes must be among AI, activity")
         models.check_metadata(body.metadata)
         models.check_content(body.content)
+        models.check_url(body.author.avatar_url, "author.avatarUrl")
+        if self.store.masks_cards_now(app_id):
+            body = msgspec.structs.replace(body, content=mask_content(body.content),
+                                           override=mask_strings(body.override))
         author = body.author
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)
@@ -403,21 +576,41 @@ class Conversations:
 
     # --- inbound from channels ------------------------------------------------------------
 
-    async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+    async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """Consumer of `inbound.>`: customer messages and activity."""
         try:
             message = chan.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Poison(f"undecodable inbound message: {exc}") from exc
         if isinstance(message, chan.InboundMessage):
-            await self.inbound_message(message)
+            masked = self.mask_inbound(message)
+            await self.inbound_message(masked, masked=True)
+            if masked is not message and self.streams is not None:
+                # The bus's copy still holds the card number: it goes once the masked one is stored.
+                await self.streams.delete_message(subjects.INBOUND, delivery.stream_sequence)
         elif isinstance(message, chan.InboundActivity):
             await self.inbound_activity(message)
         else:
             raise Poison(f"unexpected {type(message).__name__} on inbound")
 
-    async def inbound_message(self, msg: chan.InboundMessage) -> None:
-        """Store a customer message once (by provider id) and announce it."""
+    def mask_inbound(self, msg: chan.InboundMessage) -> chan.InboundMessage:
+        """The message with card numbers masked when its app asks for it (the same object when
+        nothing changed); only apps with `maskCreditCardNumbers` pay for the scan."""
+        if not self.store.masks_cards_now(msg.app_id):
+            return msg
+        postback = msg.postback
+        if postback is not None:
+            postback = msgspec.structs.replace(postback, text=mask_card_numbers(postback.text))
+        # What a person wrote, not the sender's identifiers (a long phone number can pass Luhn); the
+        # raw payload is never stored (see `_inbound_identity`).
+        masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback)
+        return msg if masked == msg else masked
+
+    async def inbound_message(self, msg: chan.InboundMessage, *, masked: bool = False) -> None:
+        """Store a customer message once (by provider id) and announce it (card numbers masked
+        first when the app asks for it; `masked` says the caller did that already)."""
+        if not masked:
+            msg = self.mask_inbound(msg)
         integration, duplicate = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if integration is None:
             log.warning("dropping inbound message %s for unknown app/integration %s/%s",
@@ -524,11 +717,13 @@ class Conversations:
                             external_id=msg.channel_user_id, display_name=msg.display_name,
                             info=msg.client_info or None)
             return user, client
+        # Not `msg.raw`: every channel's raw payload is the message itself, which kept as the
+        # client's `raw` would outlive retention and deletion of the message (and show in the API).
         try:
             return await self.identity.resolve(ident.ResolveClient(
                 app_id=msg.app_id, integration_id=msg.integration_id, client_type=msg.client_type,
                 channel_user_id=msg.channel_user_id, display_name=msg.display_name,
-                info=msg.client_info, raw=msg.raw, user_id=msg.user_id))
+                info=msg.client_info, user_id=msg.user_id))
         except IdentityUnavailable as exc:
             raise Retry(1.0, f"identity unavailable: {exc}") from exc
 
@@ -715,6 +910,15 @@ class Conversations:
                 user_id=participant["user_id"], user_external_id=participant["user_external_id"],
                 unread_count=participant["unread_count"] or 0, last_read=participant["last_read"], clients=clients))
         return conv.ParticipantsReply(conversation=conversation_ref(row), participants=participants)
+
+
+def _anonymous(body: str) -> str:
+    """A stored message body without its author's name and picture."""
+    message = MESSAGE_DECODER.decode(body)
+    if message.author.display_name is None and message.author.avatar_url is None:
+        return body
+    return dumps(msgspec.structs.replace(message, author=msgspec.structs.replace(
+        message.author, display_name=None, avatar_url=None)))
 
 
 def _parse_received(message: Message) -> float:

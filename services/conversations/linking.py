@@ -157,10 +157,11 @@ class Arrival:
 
     @classmethod
     def of_message(cls, msg: chan.InboundMessage) -> Arrival:
-        """The sender of an inbound channel message."""
+        """The sender of an inbound channel message (not its raw payload: that is the message,
+        which must not outlive it in the client's record; see `Conversations._inbound_identity`)."""
         return cls(app_id=msg.app_id, integration_id=msg.integration_id, channel=msg.channel,
                    client_type=msg.client_type, channel_user_id=msg.channel_user_id,
-                   display_name=msg.display_name, info=msg.client_info, raw=msg.raw)
+                   display_name=msg.display_name, info=msg.client_info)
 
 
 # SDK refusals: the HTTP status and error code per handoff refusal (a foreign code reads like an

@@ -10,7 +10,8 @@ import json
 import re
 import zoneinfo
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -27,12 +28,16 @@ from shared.sunco import (
     FileContent,
     ImageContent,
     IntegrationType,
+    LinkAction,
     Message,
     Profile,
+    ReplyAction,
     TextContent,
     User,
+    WebviewAction,
     Wire,
 )
+from shared.untrusted import decode_json
 
 # --- shared pieces ---------------------------------------------------------------------------
 
@@ -74,7 +79,8 @@ class Links(Wire, kw_only=True):
 # --- apps and keys ---------------------------------------------------------------------------
 
 class AppSettings(Wire, kw_only=True):
-    conversation_retention_seconds: int | None = None
+    # Seconds of inactivity after which a conversation's messages are deleted (0: kept).
+    conversation_retention_seconds: Annotated[int, msgspec.Meta(ge=0)] | None = None
     mask_credit_card_numbers: bool | None = None
     use_animal_names: bool | None = None
     echo_postback: bool | None = None
@@ -193,8 +199,37 @@ class DestinationIn(Wire, kw_only=True):
 MAX_TEXT_LENGTH = 4096  # SunCo's TextMessage limit (text, htmlText, markdownText)
 
 
+def check_url(value: str | None, name: str) -> None:
+    """400 unless `value` (when set) is an absolute http(s) URL.
+
+    Message, author, profile and conversation URLs are rendered as links and images (the
+    widget, the sandbox phones, the channels, the business's own agent tools): a `javascript:`
+    or `data:` URL stored there would run in whoever opens it.
+    """
+    if not value:
+        return
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ApiError(400, f"{name} must be an http(s) URL") from exc
+    # Browsers drop whitespace and control characters from URLs, so `java\tscript:` is refused
+    # outright rather than parsed differently here and there.
+    if (parts.scheme.lower() not in ("http", "https") or not parts.netloc
+            or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)):
+        raise ApiError(400, f"{name} must be an http(s) URL")
+
+
 def check_content(content: Content) -> None:
-    """Refuse content SunCo would refuse, rather than storing it and failing at the channel."""
+    """Refuse content SunCo would refuse, rather than storing it and failing at the channel;
+    every URL in it must be http(s) (`check_url`)."""
+    for index, action in enumerate(getattr(content, "actions", None) or []):
+        where = f"content.actions[{index}]"
+        if isinstance(action, LinkAction | WebviewAction):
+            check_url(action.uri, f"{where}.uri")
+        if isinstance(action, WebviewAction):
+            check_url(action.fallback, f"{where}.fallback")
+        if isinstance(action, ReplyAction):
+            check_url(action.icon_url, f"{where}.iconUrl")
     if isinstance(content, TextContent):
         if not content.text.strip():
             raise ApiError(400, "content.text must not be empty")
@@ -205,6 +240,7 @@ def check_content(content: Content) -> None:
     elif isinstance(content, ImageContent | FileContent):
         if not content.media_url:
             raise ApiError(400, "content.mediaUrl is required")
+        check_url(content.media_url, "content.mediaUrl")
         if content.text is not None and len(content.text) > MAX_TEXT_LENGTH:
             raise ApiError(400, f"content.text exceeds {MAX_TEXT_LENGTH} characters")
 
@@ -618,7 +654,7 @@ def query_object(query: Mapping[str, str], name: str) -> dict[str, str]:
     raw = query.get(name)
     if raw is not None and raw != "":
         try:
-            parsed = json.loads(raw)
+            parsed = decode_json(raw)
         except ValueError as exc:
             raise ApiError(400, f"query parameter {name} must be a JSON object") from exc
         if not isinstance(parsed, dict):

@@ -17,11 +17,27 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from shared.store import open_db
+from shared.store import open_db, truncate_wal
 from shared.sunco import ConversationRef, Message
 
 # Stored message bodies are `Message` JSON.
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
+
+
+class _PrivacySettings(msgspec.Struct, rename="camel"):
+    mask_credit_card_numbers: bool | None = None
+    conversation_retention_seconds: int | None = None
+
+
+# Reads the privacy keys of an app's settings JSON without building the whole dict.
+_PRIVACY_SETTINGS = msgspec.json.Decoder(_PrivacySettings)
+
+
+def _privacy(settings: str) -> _PrivacySettings:
+    try:
+        return _PRIVACY_SETTINGS.decode(settings)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _PrivacySettings()
 
 
 def conversation_ref(row: aiosqlite.Row | sqlite3.Row) -> ConversationRef:
@@ -166,6 +182,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX merge_confirmations_expiry ON merge_confirmations(expires_at);
     """,
+    # 5 (privacy): the retention sweep walks an app's conversations by inactivity.
+    """
+    CREATE INDEX conversations_activity ON conversations(app_id, last_updated_at, id);
+    """,
 )
 
 _JSON = msgspec.json.Encoder()
@@ -249,7 +269,8 @@ class Store:
         db = await open_db(path, MIGRATIONS)
         hot = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         hot.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000"):
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000",
+                       "secure_delete=ON"):
             hot.execute(f"PRAGMA {pragma}")
         return cls(db, hot)
 
@@ -278,6 +299,11 @@ class Store:
         """An integration's type, read on the hot-path connection (None when unknown)."""
         row = self._hot().execute("SELECT type FROM integrations WHERE id=?", (integration_id,)).fetchone()
         return None if row is None else str(row["type"])
+
+    def masks_cards_now(self, app_id: str) -> bool:
+        """The app's `maskCreditCardNumbers` setting, read on the hot-path connection."""
+        row = self._hot().execute("SELECT settings FROM apps WHERE id=?", (app_id,)).fetchone()
+        return row is not None and bool(_privacy(row["settings"]).mask_credit_card_numbers)
 
     def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
         """`default_conversation` on the hot-path connection."""
@@ -680,6 +706,97 @@ class Store:
             row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq > ? LIMIT 1",
                                   (conversation_id, after_seq or 0))
         return row is not None
+
+    # --- retention (conversationRetentionSeconds) ---------------------------------------------
+
+    async def retention_settings(self) -> list[tuple[str, int]]:
+        """(app id, seconds) of every app with a retention period."""
+        rows = await self._all("SELECT id, settings FROM apps ORDER BY id")
+        out = []
+        for row in rows:
+            seconds = _privacy(row["settings"]).conversation_retention_seconds
+            if seconds:
+                out.append((str(row["id"]), int(seconds)))
+        return out
+
+    async def inactive_conversations(self, app_id: str, cutoff: float, after: tuple[float, str] | None,
+                                     limit: int) -> list[aiosqlite.Row]:
+        """The app's conversations last active before `cutoff`, in activity order after the
+        keyset `after` ((last_updated_at, id) of the previous page's last row)."""
+        since, since_id = after if after is not None else (float("-inf"), "")
+        return await self._all(
+            "SELECT * FROM conversations WHERE app_id=? AND last_updated_at < ?"
+            " AND (last_updated_at > ? OR (last_updated_at = ? AND id > ?))"
+            " ORDER BY last_updated_at, id LIMIT ?", (app_id, cutoff, since, since, since_id, limit))
+
+    async def has_messages_before(self, conversation_id: str, before: float) -> bool:
+        row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND received < ? LIMIT 1",
+                              (conversation_id, before))
+        return row is not None
+
+    async def delete_expired_messages(self, conversation_id: str, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` messages received before `cutoff`, while the conversation is still
+        inactive since before it (inside `tx()`; a message that just arrived stops the sweep)."""
+        deleted = await self._run(
+            "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m JOIN conversations c"
+            " ON c.id = m.conversation_id WHERE m.conversation_id=? AND m.received < ? AND c.last_updated_at < ?"
+            " ORDER BY m.seq LIMIT ?)", (conversation_id, cutoff, cutoff, limit))
+        return deleted
+
+    async def delete_expired_externals(self, conversation_id: str, cutoff: float) -> int:
+        """Forget the provider ids of the conversation's messages that are gone (inside `tx()`)."""
+        return await self._run(
+            "DELETE FROM external_messages WHERE conversation_id=? AND created_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = external_messages.message_id)",
+            (conversation_id, cutoff))
+
+    # --- erasure (user deletion, personal information) ---------------------------------------
+
+    async def delete_some_messages(self, conversation_id: str, limit: int) -> int:
+        """Delete up to `limit` of the conversation's messages, oldest first (inside `tx()`)."""
+        return await self._run("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE conversation_id=?"
+                               " ORDER BY seq LIMIT ?)", (conversation_id, limit))
+
+    async def delete_user_rows(self, app_id: str, user_id: str, conversation_ids: Sequence[str]) -> None:
+        """Delete the user's conversations (participants, client associations and pending links go
+        with them), their provider ids, and the user's pending links and merges (inside `tx()`)."""
+        marks = ",".join("?" * len(conversation_ids)) or "NULL"
+        await self._run(f"DELETE FROM external_messages WHERE conversation_id IN ({marks})", conversation_ids)
+        await self._run("DELETE FROM client_links WHERE app_id=? AND user_id=?", (app_id, user_id))
+        await self._run("DELETE FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
+                        " discarded_user_id=?)", (app_id, user_id, user_id))
+        await self._run(f"DELETE FROM conversations WHERE id IN ({marks})", conversation_ids)
+
+    async def clear_association_info(self, app_id: str, user_id: str) -> None:
+        """Forget the channel information copied with the user's clients (inside `tx()`)."""
+        await self._run("UPDATE client_associations SET info=NULL WHERE participant_id IN"
+                        " (SELECT id FROM participants WHERE app_id=? AND user_id=?)", (app_id, user_id))
+
+    async def user_authored(self, app_id: str, user_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, body) of the messages the user wrote, after `after_seq`, oldest first."""
+        rows = await self._all("SELECT seq, body FROM messages WHERE app_id=? AND user_id=? AND author_type='user'"
+                               " AND seq > ? ORDER BY seq LIMIT ?", (app_id, user_id, after_seq, limit))
+        return [(int(r["seq"]), str(r["body"])) for r in rows]
+
+    async def set_message_bodies(self, bodies: Sequence[tuple[int, str]]) -> None:
+        """Rewrite stored message bodies (inside `tx()`)."""
+        await self.db.executemany("UPDATE messages SET body=? WHERE seq=?", [(body, seq) for seq, body in bodies])
+
+    async def user_pending_links(self, app_id: str, user_id: str) -> list[aiosqlite.Row]:
+        """The user's direct links by phone waiting for a confirmation (for an export)."""
+        return await self._all("SELECT * FROM client_links WHERE app_id=? AND user_id=? ORDER BY created_at",
+                               (app_id, user_id))
+
+    async def user_pending_merges(self, app_id: str, user_id: str) -> list[PendingMerge]:
+        """The merges waiting for a customer's yes that involve the user (for an export)."""
+        rows = await self._all("SELECT * FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
+                               " discarded_user_id=?) ORDER BY created_at", (app_id, user_id, user_id))
+        return [PendingMerge(**dict(row)) for row in rows]
+
+    async def checkpoint(self) -> bool:
+        """Truncate the write-ahead log (erased rows' older page versions leave the disk)."""
+        async with self._lock:
+            return await truncate_wal(self.db)
 
     # --- provider ids of sent messages ------------------------------------------------------
 

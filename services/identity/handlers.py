@@ -36,6 +36,8 @@ class IdentityHandlers:
             return await self.update_user(request)
         if isinstance(request, msgs.DeleteUser):
             return await self.delete_user(request)
+        if isinstance(request, msgs.DeletePersonalInformation):
+            return await self.delete_personal_information(request)
         if isinstance(request, msgs.ListClients):
             return await self.list_clients(request)
         if isinstance(request, msgs.SetClientStatus):
@@ -117,7 +119,16 @@ class IdentityHandlers:
             return _not_found()
         client_ids = await self.store.delete_user(req.app_id, user.id)
         self._forget_user(user.id)
-        return msgs.Deleted(user_id=user.id, client_ids=client_ids)
+        return msgs.Deleted(user_id=user.id, client_ids=client_ids, external_id=user.external_id,
+                            authenticated=user.authenticated)
+
+    async def delete_personal_information(self, req: msgs.DeletePersonalInformation) -> msgs.IdentityMessage:
+        user = await self.store.find_user(req.app_id, req.user_id_or_external_id)
+        if user is None:
+            return _not_found()
+        scrubbed = await self.store.delete_personal_information(req.app_id, user.id)
+        self._forget_user(user.id)
+        return _not_found() if scrubbed is None else msgs.UserReply(user=scrubbed)
 
     async def list_clients(self, req: msgs.ListClients) -> msgs.IdentityMessage:
         user = await self.store.find_user(req.app_id, req.user_id_or_external_id)

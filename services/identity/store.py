@@ -10,7 +10,7 @@ import msgspec
 
 from shared.ids import iso, new_id, now
 from shared.messages.identity import MergeRecord, RegisterDevice
-from shared.store import open_db, transaction, write_lock
+from shared.store import open_db, transaction, truncate_wal, write_lock
 from shared.sunco import Client, Device, Profile, User
 
 MIGRATIONS = (
@@ -95,6 +95,11 @@ MIGRATIONS = (
         WHERE type = 'whatsapp' AND json_extract(info, '$.wa_id') IS NOT NULL
           AND json_extract(info, '$.wa_id') != external_id
         ON CONFLICT DO NOTHING
+    """,
+    # (privacy) A client's `raw` was the payload of the message that created it: that text must
+    # not outlive the message (retention, erasure); nothing else ever wrote `raw`.
+    """
+    UPDATE clients SET raw = '{}' WHERE raw <> '{}'
     """,
 )
 MAX_METADATA_BYTES = 4096
@@ -201,12 +206,60 @@ class IdentityStore:
         return updated
 
     async def delete_user(self, app_id: str, user_id: str) -> list[str]:
-        """Delete a user and its clients; returns the deleted client ids."""
+        """Delete a user with its clients, their aliases and devices, and the personal data the
+        merge log kept of it (see `_scrub_merges`), leaving no byte of it on disk; returns the
+        deleted client ids."""
         clients = await self.list_clients(app_id, user_id)
         async with transaction(self.db):
+            await self._scrub_merges(app_id, user_id)
+            await self.db.execute("DELETE FROM devices WHERE app_id = ? AND user_id = ?", (app_id, user_id))
             await self.db.execute("DELETE FROM clients WHERE app_id = ? AND user_id = ?", (app_id, user_id))
             await self.db.execute("DELETE FROM users WHERE app_id = ? AND id = ?", (app_id, user_id))
+        await self.checkpoint()
         return [c.id for c in clients]
+
+    async def delete_personal_information(self, app_id: str, user_id: str) -> User | None:
+        """SunCo's Delete User Personal Information: the profile (all but `locale`) and metadata,
+        each client's displayName, avatarUrl, info and raw, devices' info and what the merge log
+        kept are cleared; the user, its externalId, clients and history stay."""
+        user = await self.find_user(app_id, user_id)
+        if user is None:
+            return None
+        profile = {"locale": user.profile.locale} if user.profile.locale else {}
+        async with transaction(self.db):
+            await self._scrub_merges(app_id, user_id)
+            await self.db.execute("UPDATE users SET profile = ?, metadata = '{}' WHERE app_id = ? AND id = ?",
+                                  (json.dumps(profile), app_id, user_id))
+            await self.db.execute("UPDATE clients SET display_name = NULL, avatar_url = NULL, info = '{}', raw = '{}'"
+                                  " WHERE app_id = ? AND user_id = ?", (app_id, user_id))
+            await self.db.execute("UPDATE devices SET info = '{}' WHERE app_id = ? AND user_id = ?", (app_id, user_id))
+        await self.checkpoint()
+        return await self.find_user(app_id, user_id)
+
+    async def _scrub_merges(self, app_id: str, user_id: str) -> None:
+        """Keep the merge log's ids, reasons and times for the user and every user merged into it
+        (transitively), and drop what it kept of their persons: the discarded user as it was and
+        the metadata the merge dropped (inside a transaction)."""
+        people = {user_id}
+        frontier = [user_id]
+        while frontier:
+            marks = ",".join("?" * len(frontier))
+            async with self.db.execute(
+                f"SELECT discarded_user_id FROM merges WHERE app_id = ? AND surviving_user_id IN ({marks})",
+                (app_id, *frontier)) as cur:
+                found = {str(row[0]) for row in await cur.fetchall()}
+            frontier = sorted(found - people)
+            people |= found
+        marks = ",".join("?" * len(people))
+        await self.db.execute(
+            "UPDATE merges SET discarded_user = '{\"id\":\"' || discarded_user_id || '\"}', discarded_metadata = '{}'"
+            f" WHERE app_id = ? AND (surviving_user_id IN ({marks}) OR discarded_user_id IN ({marks}))",
+            (app_id, *people, *people))
+
+    async def checkpoint(self) -> bool:
+        """Truncate the write-ahead log: erased rows' older page versions leave the disk."""
+        async with write_lock(self.db):
+            return await truncate_wal(self.db)
 
     async def list_clients(self, app_id: str, user_id: str) -> list[Client]:
         async with self.db.execute(

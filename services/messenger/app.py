@@ -17,6 +17,7 @@ from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
+from shared.ingress import report_rejected
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import recipient_key
@@ -134,7 +135,8 @@ class MessengerService(ServiceApp):
         return web.Response(status=200, text=challenge, content_type="text/plain")
 
     async def webhook(self, request: web.Request) -> web.Response:
-        """A signed notification: answered 200 only once all its content is durable."""
+        """A signed notification: answered 200 only once all its well-formed content is durable;
+        its malformed events are reported, never a reason to refuse the others."""
         integration_id = request.match_info["integration_id"]
         creds = self.credentials(integration_id)
         if creds is None:
@@ -153,6 +155,7 @@ class MessengerService(ServiceApp):
             normalized = handlers.normalize_webhook(raw, creds, self.by_page_id)
         except handlers.WebhookShapeError as exc:
             raise ApiError(400, f"Invalid Messenger notification: {exc}") from exc
+        report_rejected(log, handlers.CHANNEL, integration_id, normalized.rejected)
         store = self._store()
         bus = self._bus()
         try:
@@ -186,7 +189,7 @@ class MessengerService(ServiceApp):
         status_count = sum(len(found) for _receipt, found in statuses)
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages), status_count,
                  extra=log_fields(integration_id=integration_id, messages=len(normalized.messages),
-                                  statuses=status_count))
+                                  statuses=status_count, rejected=len(normalized.rejected)))
         return web.Response(status=200, text="EVENT_RECEIVED", content_type="text/plain")
 
     # --- sending ---------------------------------------------------------------------------

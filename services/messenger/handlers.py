@@ -7,7 +7,6 @@ reference §2 (envelope `entry[].messaging[]`, m.me `ref`, Send API, window and 
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -33,6 +33,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
+from shared.untrusted import decode_json, secrets_equal
 
 CHANNEL = "messenger"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -49,7 +50,6 @@ HUMAN_AGENT = "HUMAN_AGENT"
 UPDATE_TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE"})
 MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
 
-_JSON = msgspec.json.Decoder()
 
 
 # --- integration credentials -------------------------------------------------------------------
@@ -105,7 +105,7 @@ def verify_handshake(creds: Credentials | None, mode: str | None, token: str | N
     """The challenge to echo when Meta's subscription handshake is genuine, else None."""
     if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
         return None
-    if not hmac.compare_digest(creds.verify_token.encode(), token.encode()):
+    if not secrets_equal(creds.verify_token, token):
         return None
     return challenge
 
@@ -190,15 +190,17 @@ class _Event(msgspec.Struct):
     reaction: _Reaction | None = None
 
 
+# Lists of items are kept raw and each item converted on its own: one malformed item is
+# reported (`Normalized.rejected`) without failing its siblings.
 class _Entry(msgspec.Struct):
     id: str
     time: int | float = 0
-    messaging: list[dict[str, Any]] = []
+    messaging: list[Any] = []
 
 
 class _Envelope(msgspec.Struct):
     object: str
-    entry: list[_Entry]
+    entry: list[Any]
 
 
 class WebhookShapeError(ValueError):
@@ -237,6 +239,7 @@ class Normalized:
     messages: list[InboundMessage] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     actions: list[UserAction] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
 
 
 Resolver = Callable[[str], Credentials | None]
@@ -253,7 +256,7 @@ def _seconds(value: int | float, what: str) -> float:
 def parse_webhook(raw: bytes) -> _Envelope:
     """Decode and validate the notification envelope (raises WebhookShapeError)."""
     try:
-        envelope = msgspec.json.decode(raw, type=_Envelope)
+        envelope = decode_json(raw, _Envelope)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise WebhookShapeError(f"not a Messenger notification: {exc}") from exc
     if envelope.object != "page":
@@ -262,28 +265,44 @@ def parse_webhook(raw: bytes) -> _Envelope:
 
 
 def normalize_webhook(raw: bytes, creds: Credentials, resolve: Resolver, now: float | None = None) -> Normalized:
-    """Every event of a verified notification, normalized; all-or-nothing (a bad event → 400).
+    """Every well-formed event of a verified notification, normalized.
 
-    `creds` is the integration whose URL received the call; `resolve(page_id)` finds a sibling
-    integration when one Meta app's webhook carries several Pages (it must share the app
-    secret, which the signature proved). Echoes of our own sends and standby events are skipped.
+    Raises WebhookShapeError only when the body is not a notification at all; a malformed entry
+    or event goes to `rejected` and its siblings are still normalized (Meta retries a refused
+    notification unchanged, so one bad event would hold back the rest). `creds` is the
+    integration whose URL received the call; `resolve(page_id)` finds a sibling integration
+    when one Meta app's webhook carries several Pages (it must share the app secret, which the
+    signature proved). Echoes of our own sends and standby events are skipped.
     """
     envelope = parse_webhook(raw)
     current = time.time() if now is None else now
     out = Normalized()
-    for entry in envelope.entry:
+    for e_index, raw_entry in enumerate(envelope.entry):
+        try:
+            entry = msgspec.convert(raw_entry, _Entry)
+        except msgspec.ValidationError as exc:
+            out.rejected.append(rejected(f"entry[{e_index}]", exc))
+            continue
         target: Credentials | None = creds
         if entry.id != creds.page_id:
             sibling = resolve(entry.id)
             target = sibling if sibling is not None and sibling.app_secret == creds.app_secret else None
-        for raw_event in entry.messaging:
+        for index, raw_event in enumerate(entry.messaging):
+            where = f"entry[{e_index}].messaging[{index}]"
             try:
                 event = msgspec.convert(raw_event, _Event)
-            except msgspec.ValidationError as exc:
-                raise WebhookShapeError(f"bad messaging event: {exc}") from exc
-            if target is None:
-                continue  # a Page this gateway does not serve (validated, then ignored)
-            _normalize_event(event, raw_event, target, current, out)
+                if target is None:
+                    continue  # a Page this gateway does not serve (validated, then ignored)
+                # Into a scratch result first, so a half-normalized event adds nothing.
+                one = Normalized()
+                _normalize_event(event, raw_event, target, current, one)
+            except (msgspec.ValidationError, WebhookShapeError) as exc:
+                mid = raw_event.get("message") if isinstance(raw_event, dict) else None
+                out.rejected.append(rejected(where, exc, mid, id_key="mid"))
+                continue
+            out.messages += one.messages
+            out.receipts += one.receipts
+            out.actions += one.actions
     return out
 
 
@@ -661,7 +680,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     title = f"HTTP {http_status}"
     details: str | None = None
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     error = doc.get("error") if isinstance(doc, dict) else None
@@ -683,7 +702,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_send_response(body: bytes) -> str:
     """The `message_id` of a 200 answer of the Send API (`{"recipient_id", "message_id"}`)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError as exc:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True) from exc
     mid = doc.get("message_id") if isinstance(doc, dict) else None

@@ -95,7 +95,8 @@ class NotificationsService(ServiceApp):
         self.bus.consume(subjects.STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,
                          self.notifier.on_status)
         await self.bus.serve(subjects.NOTIFICATIONS_SERVICE,
-                             dict.fromkeys(OPTIN_ENDPOINTS, self.notifier.answer_optin))
+                             {**dict.fromkeys(OPTIN_ENDPOINTS, self.notifier.answer_optin),
+                              subjects.NOTIFICATIONS_USER_EXPORT: self.notifier.answer_export})
         self._timer = asyncio.create_task(self._run_timer(), name="notifications-timer")
         await self.start_http()
 

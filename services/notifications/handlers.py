@@ -61,6 +61,7 @@ from shared.sunco import (
     UserRef,
 )
 from shared.telemetry import log_fields
+from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def optout_token(secret: str, optin_id: str) -> str:
 def optin_of_token(secret: str, token: str) -> str | None:
     """The opt-in an opt-out token names, None when the signature does not match."""
     optin_id, _, _signature = token.partition(".")
-    if not optin_id or not hmac.compare_digest(optout_token(secret, optin_id), token):
+    if not optin_id or not secrets_equal(optout_token(secret, optin_id), token):
         return None
     return optin_id
 
@@ -243,6 +244,11 @@ class Notifier:
         await self.handle_event(event)
 
     async def handle_event(self, event: conv.ConversationUnion) -> None:
+        forget = conv.erasure(event)
+        if forget is not None:  # retention, a deleted user or their personal information
+            deleted = await self.store.forget(forget)
+            log.info("forgot %d notification row(s) after a privacy event", deleted)
+            return
         if isinstance(event, conv.MessageCreated):
             if event.message.author.type == "business":
                 await self._business_message(event)
@@ -819,7 +825,7 @@ class Notifier:
             raise OptInRefused(429, "too_many_attempts", "Too many wrong codes: ask for a new one")
         if optin.code_expires_at is not None and self.clock() > optin.code_expires_at:
             raise OptInRefused(410, "code_expired", "The code expired: ask for a new one")
-        if not hmac.compare_digest(code_hash(self.config.secret, optin.id, req.code.strip()), optin.code_hash):
+        if not secrets_equal(optin.code_hash, code_hash(self.config.secret, optin.id, req.code.strip())):
             await self.store.count_attempt(optin.id)
             left = self.config.max_code_attempts - optin.attempts - 1
             raise OptInRefused(400, "wrong_code", f"Wrong code ({max(0, left)} tries left)")
@@ -878,6 +884,28 @@ class Notifier:
             return False
         await self.store.stop_optin(optin_id, self.clock())
         return True
+
+    # --- access requests ------------------------------------------------------------------
+
+    async def answer_export(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
+        """The NOTIFICATIONS_USER_EXPORT endpoint: a user's opt-ins and sends (`UserData`)."""
+        try:
+            request = note.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return note.ENCODER.encode(_error(400, "bad_request", f"Invalid request: {exc}"))
+        if not isinstance(request, note.ExportUserData):
+            return note.ENCODER.encode(_error(400, "bad_request", f"Unexpected request {type(request).__name__}"))
+        max_sends = max(0, min(request.max_sends, 5000))
+        optins, sends, truncated = await self.store.user_data(request.app_id, request.user_id, max_sends)
+        return note.ENCODER.encode(note.UserData(
+            opt_ins=[note.OptInRecord(
+                id=r["id"], channel=r["channel"], address=r["address"], status=r["status"],
+                conversation_id=r["conversation_id"], integration_id=r["integration_id"], created_at=r["created_at"],
+                confirmed_at=r["confirmed_at"], stopped_at=r["stopped_at"]) for r in optins],
+            sends=[note.SendRecord(id=r["id"], channel=r["channel"], recipient=r["recipient"], kind=r["kind"],
+                                   status=r["status"], conversation_id=r["conversation_id"],
+                                   created_at=r["created_at"]) for r in sends],
+            sends_truncated=truncated))
 
 
 class OptInRefused(Exception):

@@ -19,7 +19,8 @@ import aiosqlite
 
 from services.notifications.limits import Counter, Refusal, retry_after
 from services.notifications.policy import Pending, schedule
-from shared.store import open_db, transaction, write_lock
+from shared.messages.conversation import Erasure
+from shared.store import open_db, transaction, truncate_wal, write_lock
 
 MIGRATIONS = (
     """
@@ -487,3 +488,44 @@ class Store:
         async with write_lock(self.db):
             cur = await self.db.execute("DELETE FROM limit_hits WHERE at<?", (before,))
             return cur.rowcount or 0
+
+    # --- erasure (privacy events) ---------------------------------------------------------
+
+    async def forget(self, erasure: Erasure) -> int:
+        """Delete what a privacy event names, then truncate the log so the bytes leave the disk:
+        - messages past retention: the conversations' pending notification and sends (their texts);
+        - a deleted user: also every pending notification, send, opt-in and reply window of theirs;
+        - deleted personal information: the user's opt-ins and sends (the addresses), history kept.
+        The number of rows deleted."""
+        ids = list(erasure.conversation_ids)
+        marks = ",".join("?" * len(ids)) or "NULL"
+        before = float("inf") if erasure.before is None else erasure.before
+        user = erasure.user_id or ""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if not erasure.delivered_only:
+            statements.append((f"DELETE FROM pending WHERE (conversation_id IN ({marks}) AND first_unread_at < ?)"
+                               " OR user_id = ?", (*ids, before, user)))
+        statements.append((f"DELETE FROM sends WHERE (conversation_id IN ({marks}) AND created_at < ?)"
+                           " OR user_id = ?", (*ids, before, user)))
+        if erasure.user_id:
+            statements.append(("DELETE FROM optins WHERE user_id = ?", (user,)))
+            if not erasure.delivered_only:
+                statements.append(("DELETE FROM client_inbound WHERE user_id = ?", (user,)))
+        deleted = 0
+        async with transaction(self.db):
+            for sql, params in statements:
+                cur = await self.db.execute(sql, params)
+                deleted += max(0, cur.rowcount or 0)
+        if deleted:
+            async with write_lock(self.db):
+                await truncate_wal(self.db)
+        return deleted
+
+    async def user_data(self, app_id: str, user_id: str, max_sends: int) -> tuple[
+            list[aiosqlite.Row], list[aiosqlite.Row], bool]:
+        """A user's opt-ins and most recent sends (and whether older sends exist), for an export."""
+        optins = await self._all("SELECT * FROM optins WHERE app_id=? AND user_id=? ORDER BY created_at, id",
+                                 (app_id, user_id))
+        sends = await self._all("SELECT * FROM sends WHERE app_id=? AND user_id=? ORDER BY created_at DESC, id"
+                                " LIMIT ?", (app_id, user_id, max_sends + 1))
+        return optins, sends[:max_sends], len(sends) > max_sends

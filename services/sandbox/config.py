@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.config import CommonConfig, ConfigError, env_bool, env_int, env_str
-from shared.routes import DEFAULT_PORTS
+from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class SandboxConfig:
     auto_statuses: bool
     # The SMTP sink (`smtp_fake`): where it listens (port 0: any free port).
     smtp_host: str = "127.0.0.1"
-    smtp_port: int = 2525
+    smtp_port: int = SANDBOX_SMTP_PORT
 
     @property
     def public_url(self) -> str:
@@ -54,7 +54,7 @@ class SandboxConfig:
         common = CommonConfig.from_env(DEFAULT_PORTS["sandbox"], env)
         if not common.sandbox:
             raise ConfigError("the sandbox service only runs with THREADLINE_SANDBOX=1")
-        smtp_port = env_int("THREADLINE_SANDBOX_SMTP_PORT", 2525, env)
+        smtp_port = env_int("THREADLINE_SANDBOX_SMTP_PORT", SANDBOX_SMTP_PORT, env)
         if not 0 <= smtp_port <= 65535:
             raise ConfigError("THREADLINE_SANDBOX_SMTP_PORT must be between 0 and 65535")
         return cls(

@@ -42,6 +42,7 @@ from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
+from shared.untrusted import decode_json, secrets_equal
 
 from .journal import Journal
 
@@ -261,8 +262,8 @@ class FakeMessenger:
     def account_by_page_id(self, page_id: str, token: str = "") -> Account | None:
         """The Page of a Send API path (`me` = the Page whose token is used)."""
         for account in self.accounts.values():
-            if account.page_id == page_id or (page_id == "me" and token and hmac.compare_digest(
-                    token.encode(), account.page_access_token.encode())):
+            if account.page_id == page_id or (page_id == "me" and token and secrets_equal(
+                    account.page_access_token, token)):
                 return account
         return None
 
@@ -538,21 +539,24 @@ class FakeMessenger:
     async def _send_body(request: web.Request) -> dict[str, Any] | None:
         raw = await request.read()
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ValueError:  # undecodable text, a broken multipart body
+                return None
             body: dict[str, Any] = {}
             for key, value in form.items():
                 text = value if isinstance(value, str) else ""
                 # Form fields hold JSON strings for objects (`recipient={"id":"…"}`).
                 if text[:1] in ("{", "["):
                     try:
-                        body[key] = json.loads(text)
+                        body[key] = decode_json(text)
                         continue
                     except ValueError:
                         return None
                 body[key] = text
             return body
         try:
-            doc = json.loads(raw)
+            doc = decode_json(raw)
         except ValueError:
             return None
         return doc if isinstance(doc, dict) else None
@@ -564,7 +568,7 @@ class FakeMessenger:
             return graph_error(100, 400, f"(#100) Unsupported post request. Object with ID "
                                          f"'{request.match_info['page_id']}' does not exist, cannot be loaded due "
                                          f"to missing permissions, or does not support this operation.", 33)
-        if not token or not hmac.compare_digest(token.encode(), account.page_access_token.encode()):
+        if not token or not secrets_equal(account.page_access_token, token):
             return graph_error(190, 401)
         body = await self._send_body(request)
         if body is None:

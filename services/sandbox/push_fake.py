@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.records import IntegrationRecord
+from shared.untrusted import decode_json
 
 from .journal import Journal
 
@@ -168,8 +169,8 @@ def split_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]
     if len(parts) != 3 or not all(parts):
         raise JwtInvalid("a JWT has three parts")
     try:
-        header, claims = json.loads(_b64url_decode(parts[0])), json.loads(_b64url_decode(parts[1]))
-    except (ValueError, RecursionError) as exc:
+        header, claims = decode_json(_b64url_decode(parts[0])), decode_json(_b64url_decode(parts[1]))
+    except ValueError as exc:
         raise JwtInvalid("header and claims must be JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise JwtInvalid("header and claims must be JSON objects")
@@ -657,8 +658,8 @@ class FakeFcm(_PushFake):
         if len(raw) > MAX_FCM_BODY:
             return _invalid_argument("Request payload size exceeds the limit.")
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # deeply nested JSON overflows the parser's stack
+            body = decode_json(raw)
+        except ValueError:
             return _invalid_argument("Invalid JSON payload received.")
         problem = self._invalid(body)
         if problem is not None:
@@ -828,8 +829,8 @@ class FakeApns(_PushFake):
         if len(raw) > APNS_PAYLOAD_MAX_BYTES:
             return refuse(413, "PayloadTooLarge")
         try:
-            payload = json.loads(raw) if raw else None
-        except (ValueError, RecursionError):
+            payload = decode_json(raw) if raw else None
+        except ValueError:
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
             return refuse(400, "PayloadEmpty")

@@ -3,13 +3,13 @@ every channel fake serves the same way."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from shared.http import ApiError, error_response
+from shared.untrusted import decode_json
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -20,7 +20,7 @@ async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
     if len(raw) > limit:
         raise ApiError(413, f"Request body exceeds {limit} bytes")
     try:
-        body = json.loads(raw or b"{}")
+        body = decode_json(raw or b"{}")
     except ValueError as exc:
         raise ApiError(400, "body must be JSON") from exc
     if not isinstance(body, dict):

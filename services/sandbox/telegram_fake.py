@@ -54,6 +54,7 @@ from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
+from shared.untrusted import decode_json, secrets_equal
 
 from .journal import Journal
 
@@ -364,7 +365,7 @@ class FakeTelegram:
 
     def bot_by_token(self, token: str) -> Bot | None:
         """The bot a token belongs to."""
-        return next((b for b in self.bots.values() if b.token == token), None)
+        return next((b for b in self.bots.values() if secrets_equal(b.token, token)), None)
 
     def sync(self, records: Sequence[IntegrationRecord]) -> None:
         """Make the bots match the telegram integrations whose Bot API is this fake."""
@@ -639,7 +640,7 @@ class FakeTelegram:
                 raise BotApiError(413, "Request Entity Too Large")
             if raw.strip():
                 try:
-                    doc = json.loads(raw)
+                    doc = decode_json(raw)
                 except ValueError as exc:
                     raise bad_request("can't parse JSON") from exc
                 if not isinstance(doc, dict):
@@ -658,7 +659,7 @@ class FakeTelegram:
         for key in JSON_FIELDS & params.keys():
             if isinstance(params[key], str):
                 try:
-                    params[key] = json.loads(params[key])
+                    params[key] = decode_json(params[key])
                 except ValueError as exc:
                     raise bad_request(f"can't parse {key} JSON object") from exc
         return params

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hmac
 import logging
 import mimetypes
 import os
@@ -56,6 +55,7 @@ from shared.twilio_wire import (
     sms_segments,
     twilio_signature,
 )
+from shared.untrusted import secrets_equal
 
 from .journal import Journal
 
@@ -499,8 +499,7 @@ class FakeTwilio:
         except (binascii.Error, UnicodeDecodeError):
             return None
         for account in self.accounts.values():
-            if hmac.compare_digest(account.account_sid.encode(), user.encode()) and hmac.compare_digest(
-                    account.auth_token.encode(), password.encode()):
+            if secrets_equal(account.account_sid, user) and secrets_equal(account.auth_token, password):
                 return account
         return None
 

@@ -39,6 +39,7 @@ from opentelemetry.trace import SpanKind
 from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.telemetry import inject_headers, tracer
+from shared.untrusted import decode_json, secrets_equal
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -605,7 +606,7 @@ class FakeWhatsApp:
     def _authorized(self, request: web.Request, account: Account) -> bool:
         header = request.headers.get("Authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else request.query.get("access_token", "")
-        return bool(token) and hmac.compare_digest(token.encode(), account.access_token.encode())
+        return bool(token) and secrets_equal(account.access_token, token)
 
     async def _graph_messages(self, request: web.Request) -> web.Response:
         account = self.account_by_phone_id(request.match_info["phone_number_id"])
@@ -616,7 +617,7 @@ class FakeWhatsApp:
             return graph_error(190, 401)
         raw = await request.read()
         try:
-            body = json.loads(raw)
+            body = decode_json(raw)
         except ValueError:
             return graph_error(100, 400, "The request body is not valid JSON.")
         if not isinstance(body, dict):

@@ -33,6 +33,7 @@ from shared.sunco import (
     UnsupportedContent,
 )
 from shared.twilio_wire import API_VERSION, ERROR_TITLES, MAX_BODY_CHARS, MAX_MEDIA, sms_segments
+from shared.untrusted import decode_json
 
 CHANNEL = "twilio"
 MAX_WEBHOOK_BODY = 64 * 1024
@@ -41,7 +42,6 @@ DEFAULT_BASE_URL = "https://api.twilio.com"
 
 _SID_RE = re.compile(r"^[A-Z]{2}[0-9a-fA-F]{32}$")
 _ADDRESS_RE = re.compile(r"^[^\s]{1,64}$")
-_JSON = msgspec.json.Decoder()
 
 Form = list[tuple[str, str]]
 
@@ -383,7 +383,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     """Turn a non-2xx Twilio answer (legacy `{code, message, more_info, status}` or RFC 9457
     `{type, title, status, code, detail}`) into a SendFailure, deciding whether a retry can help."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     code: int | None = None
@@ -404,7 +404,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_send_response(body: bytes) -> str:
     """The message SID from a 2xx Messages.json answer (the Message resource JSON)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
         sid = doc["sid"]
     except (msgspec.DecodeError, KeyError, TypeError) as exc:
         raise SendFailure(http_status=201, code=None, title="unexpected send response", transient=True) from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
 from shared.service import ServiceApp
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
+from shared.untrusted import secrets_equal
 
 from . import handlers
 from .config import TelegramConfig
@@ -270,7 +270,7 @@ class TelegramService(ServiceApp):
         integration_id = request.match_info["integration_id"]
         file_id = request.match_info["file_id"]
         creds = self.credentials(integration_id)
-        if creds is None or not hmac.compare_digest(
+        if creds is None or not secrets_equal(
                 handlers.media_signature(creds.token, integration_id, file_id), request.query.get("sig", "")):
             raise ApiError(404, "Unknown media")
         try:

@@ -38,6 +38,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
+from shared.untrusted import decode_json, secrets_equal
 
 CHANNEL = "telegram"
 DEFAULT_BASE_URL = "https://api.telegram.org"
@@ -58,7 +59,6 @@ BLOCKED_ERROR_CODE = "telegram_403_blocked"
 SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 DEEP_LINK_PAYLOAD_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _START_RE = re.compile(r"^/start(?:@(?P<bot>[A-Za-z0-9_]+))?(?:[ \t\n]+(?P<payload>.*))?$", re.DOTALL)
-_JSON = msgspec.json.Decoder()
 
 
 # --- integration credentials ---------------------------------------------------------------------
@@ -114,7 +114,7 @@ def secret_ok(creds: Credentials, header: str | None) -> bool:
     """Constant-time check of `X-Telegram-Bot-Api-Secret-Token`; never true without a usable secret."""
     if not creds.secret_usable or header is None:
         return False
-    return hmac.compare_digest(creds.webhook_secret.encode(), header.encode("utf-8", "surrogateescape"))
+    return secrets_equal(creds.webhook_secret, header)
 
 
 def webhook_url(public_base_url: str, integration_id: str) -> str:
@@ -252,7 +252,7 @@ class Normalized:
 def parse_update(raw: bytes) -> tuple[_Update, dict[str, Any]]:
     """Decode and validate an `Update` (raises WebhookShapeError); also returns the raw JSON object."""
     try:
-        doc = _JSON.decode(raw)
+        doc = decode_json(raw)
         if not isinstance(doc, dict):
             raise WebhookShapeError("an Update is a JSON object")
         update = msgspec.convert(doc, _Update)
@@ -525,7 +525,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     retry_after: float | None = None
     migrate: int | None = None
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     if isinstance(doc, dict):
@@ -550,7 +550,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_ok_result(body: bytes) -> Any:
     """The `result` of a `{"ok": true, "result": …}` answer (raises a transient SendFailure otherwise)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError as exc:
         raise SendFailure(http_status=200, error_code=None, description="unexpected Bot API answer",
                           transient=True) from exc

@@ -78,6 +78,9 @@ class WebhooksService(ServiceApp):
             event = conversation.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Poison(f"undecodable conversation event: {exc}") from exc
+        forget = conversation.erasure(event)
+        if forget is not None:  # before its own delivery (user:remove) is stored
+            await self.dispatcher.forget(forget)
         # The consumer span is current: its context is stored so the delivery continues the trace.
         rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time())
         if not rows:

@@ -25,6 +25,7 @@ from services.webhooks.handlers import (
 )
 from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
+from shared.messages.conversation import Erasure
 from shared.records import WebhookRecord
 from shared.telemetry import extract_context, inject_headers, log_fields, tracer
 
@@ -106,6 +107,19 @@ class Dispatcher:
             queue.add(row, now)
         self.pending += len(rows)
         self._wake.set()
+
+    async def forget(self, erasure: Erasure) -> None:
+        """A privacy event: drop the rows it names from the queues and the database."""
+        keys = [*erasure.conversation_ids, *([erasure.user_id] if erasure.user_id else [])]
+        if not erasure.delivered_only:
+            for queue in self.queues.values():
+                self.pending -= queue.forget(keys, erasure.before)
+        removed = await self.store.forget(erasure)
+        self.delivered -= removed.get(DELIVERED, 0)
+        self.failed -= removed.get(FAILED, 0)
+        if removed:
+            log.info("forgot %d webhook deliveries after a privacy event", sum(removed.values()),
+                     extra=log_fields(deliveries=sum(removed.values())))
 
     def stats(self) -> dict[str, int]:
         """Counts for /stats: pending includes rows in flight."""

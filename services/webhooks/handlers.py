@@ -333,6 +333,27 @@ class WebhookQueue:
             self._rows.pop(conversation_id, None)
             self._failing_since.pop(conversation_id, None)
 
+    def forget(self, conversation_ids: Iterable[str], before: float | None) -> int:
+        """Drop the waiting rows of these conversations (created before `before`, None = all)
+        after a privacy event; rows in flight finish. The number dropped."""
+        dropped = 0
+        for conversation_id in conversation_ids:
+            rows = self._rows.get(conversation_id)
+            if not rows:
+                continue
+            kept = deque(r for r in rows if before is not None and r.created_at >= before)
+            dropped += len(rows) - len(kept)
+            if kept:
+                self._rows[conversation_id] = kept
+                continue
+            del self._rows[conversation_id]
+            self._ready_fresh.pop(conversation_id, None)
+            self._ready_retry.pop(conversation_id, None)
+            if conversation_id not in self._inflight:
+                self._failing_since.pop(conversation_id, None)
+        self.pending -= dropped
+        return dropped
+
     def is_idle(self) -> bool:
         """True when nothing is pending or in flight."""
         return not self._rows and not self._inflight

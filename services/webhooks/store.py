@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from services.webhooks.handlers import NewDelivery, PendingDelivery
-from shared.store import open_db
+from shared.messages.conversation import Erasure
+from shared.store import open_db, truncate_wal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class GroupWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._current: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._checkpoints: list[asyncio.Future[bool]] = []
 
     def start(self) -> None:
         """Start the writer task."""
@@ -82,6 +84,26 @@ class GroupWriter:
             ops, self._queue = self._queue, []
             if ops:
                 await self._commit_group(ops)
+            if self._checkpoints:
+                await self._checkpoint()
+
+    async def checkpoint(self) -> bool:
+        """Truncate the write-ahead log between two group transactions (see `truncate_wal`)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._checkpoints.append(future)
+        self._wake.set()
+        return await future
+
+    async def _checkpoint(self) -> None:
+        waiting, self._checkpoints = self._checkpoints, []
+        try:
+            done = await truncate_wal(self.db)
+        except Exception:
+            log.exception("webhooks store checkpoint failed")
+            done = False
+        for future in waiting:
+            if not future.done():
+                future.set_result(done)
 
     async def _commit_group(self, ops: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
         self._current = ops
@@ -123,8 +145,11 @@ class GroupWriter:
         for _, future in [*self._current, *self._queue]:
             if not future.done():
                 future.cancel()
+        for checkpoint in self._checkpoints:
+            checkpoint.cancel()
         self._queue = []
         self._current = []
+        self._checkpoints = []
 
 
 _INSERT = (
@@ -240,6 +265,34 @@ class DeliveryStore:
             return removed
 
         return await self.writer.run(op)
+
+    async def forget(self, erasure: Erasure) -> dict[str, int]:
+        """Delete the rows a privacy event names (every status, or only finished ones), then
+        truncate the log so their bytes leave the disk; counts removed per status."""
+        keys = [*erasure.conversation_ids, *([erasure.user_id] if erasure.user_id else [])]
+        if not keys:
+            return {}
+        where = f"conversation_id IN ({','.join('?' * len(keys))})"
+        params: list[Any] = list(keys)
+        if erasure.before is not None:
+            where += " AND created_at < ?"
+            params.append(erasure.before)
+        if erasure.delivered_only:
+            where += " AND status <> 'pending'"
+
+        async def op(db: aiosqlite.Connection) -> dict[str, int]:
+            removed: dict[str, int] = {}
+            async with db.execute(f"SELECT status, COUNT(*) FROM deliveries WHERE {where} GROUP BY status",
+                                  params) as cursor:
+                for status, count in await cursor.fetchall():
+                    removed[str(status)] = int(count)
+            await db.execute(f"DELETE FROM deliveries WHERE {where}", params)
+            return removed
+
+        removed = await self.writer.run(op)
+        if removed:
+            await self.writer.checkpoint()
+        return removed
 
     async def delivery(self, webhook_id: str, event_id: str) -> dict[str, Any] | None:
         """One row as a dict (for diagnostics and tests)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Mapping
 
@@ -16,6 +15,7 @@ from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
+from shared.ingress import report_rejected
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import BoundedMemory, recipient_key
@@ -25,6 +25,7 @@ from shared.retry import backoff_delay
 from shared.service import ServiceApp
 from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
+from shared.untrusted import decode_json, secrets_equal
 
 from . import handlers
 from .config import WhatsAppConfig
@@ -110,7 +111,8 @@ class WhatsAppService(ServiceApp):
         return web.Response(status=200, text=challenge, content_type="text/plain")
 
     async def webhook(self, request: web.Request) -> web.Response:
-        """A signed notification: answered 200 only once all its content is durable in JetStream."""
+        """A signed notification: answered 200 only once all its well-formed content is durable in
+        JetStream; its malformed items are reported, never a reason to refuse the others."""
         creds = self.credentials(request.match_info["integration_id"])
         if creds is None:
             raise ApiError(404, "Unknown WhatsApp integration")
@@ -123,6 +125,7 @@ class WhatsAppService(ServiceApp):
             normalized = handlers.normalize_webhook(raw, creds, self.by_phone_number_id, self.common.public_base_url)
         except handlers.WebhookShapeError as exc:
             raise ApiError(400, f"Invalid WhatsApp notification: {exc}") from exc
+        report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
         bus = self._bus()
         publishes = [
             bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
@@ -141,7 +144,7 @@ class WhatsAppService(ServiceApp):
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
                  len(normalized.statuses), extra=log_fields(
                      integration_id=request.match_info["integration_id"], messages=len(normalized.messages),
-                     statuses=len(normalized.statuses)))
+                     statuses=len(normalized.statuses), rejected=len(normalized.rejected)))
         return web.Response(status=200, text="ok", content_type="text/plain")
 
     async def media(self, request: web.Request) -> web.StreamResponse:
@@ -155,7 +158,7 @@ class WhatsAppService(ServiceApp):
         media_id = request.match_info["media_id"]
         creds = self.credentials(integration_id)
         sig = request.query.get("sig", "")
-        if creds is None or not hmac.compare_digest(
+        if creds is None or not secrets_equal(
                 handlers.media_signature(creds.app_secret, integration_id, media_id), sig):
             raise ApiError(404, "Unknown media")
         session = self._session()
@@ -166,7 +169,7 @@ class WhatsAppService(ServiceApp):
                 async with session.get(creds.media_lookup_url(media_id), headers=inject_headers(auth)) as resp:
                     if resp.status != 200:
                         raise ApiError(404, "Unknown media")
-                    info = await resp.json(content_type=None)
+                    info = decode_json(await resp.read())
                 url = info.get("url") if isinstance(info, dict) else None
                 if not isinstance(url, str) or not handlers.media_download_allowed(url, creds.base_url):
                     log.warning("media lookup of integration %s answered a URL off Meta's hosts: not fetched",

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
+from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -34,6 +35,7 @@ from shared.sunco import (
     TextContent,
     UnsupportedContent,
 )
+from shared.untrusted import decode_json, secrets_equal
 
 CHANNEL = "whatsapp"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -49,7 +51,6 @@ TEXT_BODY_MAX = 4096
 CALLBACK_PREFIX = "tl:"
 
 _BSUID_RE = re.compile(r"^[A-Z]{2}\.[A-Za-z0-9.]{1,160}$")
-_JSON = msgspec.json.Decoder()
 
 
 # --- integration credentials -------------------------------------------------------------------
@@ -109,7 +110,7 @@ def verify_handshake(creds: Credentials | None, mode: str | None, token: str | N
     """The challenge to echo when Meta's subscription handshake is genuine, else None."""
     if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
         return None
-    if not hmac.compare_digest(creds.verify_token.encode(), token.encode()):
+    if not secrets_equal(creds.verify_token, token):
         return None
     return challenge
 
@@ -234,11 +235,13 @@ class _Metadata(msgspec.Struct):
     display_phone_number: str = ""
 
 
+# Lists of items are kept raw and each item converted on its own: one malformed item is
+# reported (`Normalized.rejected`) without failing its siblings.
 class _Value(msgspec.Struct):
     metadata: _Metadata | None = None
     contacts: list[_Contact] = []
-    messages: list[_Message] = []
-    statuses: list[_Status] = []
+    messages: list[Any] = []
+    statuses: list[Any] = []
 
 
 class _Change(msgspec.Struct):
@@ -247,13 +250,13 @@ class _Change(msgspec.Struct):
 
 
 class _Entry(msgspec.Struct):
-    changes: list[_Change] = []
+    changes: list[Any] = []
     id: str = ""
 
 
 class _Envelope(msgspec.Struct):
     object: str
-    entry: list[_Entry]
+    entry: list[Any]
 
 
 class WebhookShapeError(ValueError):
@@ -266,6 +269,7 @@ class Normalized:
 
     messages: list[InboundMessage] = field(default_factory=list)
     statuses: list[DeliveryStatus] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
 
 
 Resolver = Callable[[str], Credentials | None]
@@ -284,7 +288,7 @@ def _timestamp(value: str | int) -> float:
 def parse_webhook(raw: bytes) -> _Envelope:
     """Decode and validate the notification envelope (raises WebhookShapeError)."""
     try:
-        envelope = msgspec.json.decode(raw, type=_Envelope)
+        envelope = decode_json(raw, _Envelope)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise WebhookShapeError(f"not a WhatsApp notification: {exc}") from exc
     if envelope.object != "whatsapp_business_account":
@@ -293,22 +297,33 @@ def parse_webhook(raw: bytes) -> _Envelope:
 
 
 def normalize_webhook(raw: bytes, creds: Credentials, resolve: Resolver, public_base_url: str) -> Normalized:
-    """Every message and status of a verified notification, normalized; all-or-nothing.
+    """Every well-formed message and status of a verified notification, normalized.
 
+    Raises WebhookShapeError only when the body is not a notification at all; a malformed
+    entry, change, message or status goes to `rejected` and its siblings are still normalized
+    (Meta retries a refused notification unchanged, so one bad item would hold back the rest).
     `creds` is the integration whose URL received the call; `resolve(phone_number_id)` finds a
     sibling integration when one Meta app's webhook carries several business numbers (it must
     share the app secret, which the signature proved).
     """
     envelope = parse_webhook(raw)
     out = Normalized()
-    for entry in envelope.entry:
-        for change in entry.changes:
-            if change.field != "messages":
-                continue  # account/template updates: nothing for the conversation
+    for e_index, raw_entry in enumerate(envelope.entry):
+        try:
+            entry = msgspec.convert(raw_entry, _Entry)
+        except msgspec.ValidationError as exc:
+            out.rejected.append(rejected(f"entry[{e_index}]", exc))
+            continue
+        for c_index, raw_change in enumerate(entry.changes):
+            where = f"entry[{e_index}].changes[{c_index}]"
             try:
+                change = msgspec.convert(raw_change, _Change)
+                if change.field != "messages":
+                    continue  # account/template updates: nothing for the conversation
                 value = msgspec.convert(change.value, _Value)
             except msgspec.ValidationError as exc:
-                raise WebhookShapeError(f"bad change value: {exc}") from exc
+                out.rejected.append(rejected(where, exc))
+                continue
             target = creds
             phone_id = value.metadata.phone_number_id if value.metadata else ""
             if phone_id and phone_id != creds.phone_number_id:
@@ -316,12 +331,18 @@ def normalize_webhook(raw: bytes, creds: Credentials, resolve: Resolver, public_
                 if sibling is None or sibling.app_secret != creds.app_secret:
                     continue  # a number this gateway does not serve
                 target = sibling
-            raw_messages = change.value.get("messages") or []
-            for index, message in enumerate(value.messages):
-                out.messages.append(_inbound(message, raw_messages[index], value.contacts, target, public_base_url))
-            raw_statuses = change.value.get("statuses") or []
-            for index, status in enumerate(value.statuses):
-                normalized = _status(status, raw_statuses[index], target)
+            for index, raw_message in enumerate(value.messages):
+                try:
+                    message = msgspec.convert(raw_message, _Message)
+                    out.messages.append(_inbound(message, raw_message, value.contacts, target, public_base_url))
+                except (msgspec.ValidationError, WebhookShapeError) as exc:
+                    out.rejected.append(rejected(f"{where}.value.messages[{index}]", exc, raw_message))
+            for index, raw_status in enumerate(value.statuses):
+                try:
+                    normalized = _status(msgspec.convert(raw_status, _Status), raw_status, target)
+                except (msgspec.ValidationError, WebhookShapeError) as exc:
+                    out.rejected.append(rejected(f"{where}.value.statuses[{index}]", exc, raw_status))
+                    continue
                 if normalized is not None:
                     out.statuses.append(normalized)
     return out
@@ -591,7 +612,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
     title = f"HTTP {http_status}"
     details: str | None = None
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
     except msgspec.DecodeError:
         doc = None
     error = doc.get("error") if isinstance(doc, dict) else None
@@ -611,7 +632,7 @@ def classify_error(http_status: int, body: bytes) -> SendFailure:
 def parse_send_response(body: bytes) -> str:
     """The wamid from a 200 answer of the send API (§1.7.5)."""
     try:
-        doc = _JSON.decode(body)
+        doc = decode_json(body)
         wamid = doc["messages"][0]["id"]
     except (msgspec.DecodeError, KeyError, IndexError, TypeError) as exc:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True) from exc

@@ -6,6 +6,7 @@ service delivers and what the SDK socket pushes to the widget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -168,9 +169,43 @@ class UserUpdated(ConversationEvent, tag="conversation.user.updated", kw_only=Tr
     reason: str
 
 
+class UserRemoved(ConversationEvent, tag="conversation.user.removed", kw_only=True):
+    """A user was deleted with its clients and conversations (SunCo `user:remove`, payload
+    `{user: {id, externalId, authenticated}}`: nothing more of the person is sent).
+
+    `conversation_id` is the user's default conversation when it had one (its events are
+    ordered before this one), else the user's id. Services that keep copies of the user's data
+    (deliveries, notifications, opt-ins) forget everything of `user` and of `conversation_ids`.
+    """
+
+    user: UserRef
+    authenticated: bool = False
+    conversation_ids: list[str] = []
+
+
+class PersonalInformationDeleted(ConversationEvent, tag="conversation.user.personal.deleted", kw_only=True):
+    """A user's personal information was deleted (SunCo `DELETE …/personalinformation`; no
+    webhook): the user and its history stay. Services forget the personal data they keep of
+    `user_id` (opt-in addresses, notification recipients, delivered webhook bodies of
+    `conversation_ids`)."""
+
+    user_id: str
+    conversation_ids: list[str] = []
+
+
+class MessagesExpired(ConversationEvent, tag="conversation.messages.expired", kw_only=True):
+    """The app's `conversationRetentionSeconds` passed for this inactive conversation: its messages
+    (all received before `before`) are deleted (no webhook, as in SunCo). Services drop what they
+    keep of the conversation from before this event (`created_at`)."""
+
+    conversation: ConversationRef
+    before: float
+
+
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
     | ClientUpdated | ClientRemoved | Referred | UsersMerged | NotificationReported | UserUpdated
+    | UserRemoved | PersonalInformationDeleted | MessagesExpired
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -248,6 +283,9 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
             payload["discardedMetadata"] = event.discarded_metadata
     elif isinstance(event, UserUpdated):
         trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
+    elif isinstance(event, UserRemoved):
+        user = {**to_wire(event.user), "authenticated": event.authenticated}
+        trigger, payload = "user:remove", {"user": user}
     elif isinstance(event, NotificationReported):
         trigger = f"notification:delivery:{event.kind}"
         payload = {"notification": {"id": event.notification_id}, "conversation": conversation,
@@ -257,6 +295,29 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
     else:
         return None
     return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What a service must forget of its copies after a privacy event: rows of
+    `conversation_ids` (created before `before`, None = all), of `user_id` (None = none), and
+    whether only already-delivered copies go (personal information: the history stays)."""
+
+    conversation_ids: tuple[str, ...]
+    before: float | None = None
+    user_id: str | None = None
+    delivered_only: bool = False
+
+
+def erasure(event: ConversationUnion) -> Erasure | None:
+    """The copies a privacy event asks every service to forget; None for other events."""
+    if isinstance(event, UserRemoved):
+        return Erasure(tuple(event.conversation_ids), user_id=event.user.id)
+    if isinstance(event, PersonalInformationDeleted):
+        return Erasure(tuple(event.conversation_ids), user_id=event.user_id, delivered_only=True)
+    if isinstance(event, MessagesExpired):
+        return Erasure((event.conversation_id,), before=event.created_at)
+    return None
 
 
 def _client_event_extras(event: ClientAdded | ClientUpdated | ClientRemoved, payload: dict[str, Any]) -> None:

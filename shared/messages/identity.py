@@ -96,6 +96,17 @@ class ClientsReply(IdentityMessage, tag="identity.clients", kw_only=True):
 class Deleted(IdentityMessage, tag="identity.deleted", kw_only=True):
     user_id: str
     client_ids: list[str] = []
+    # What SunCo's `user:remove` still says of the user (nothing else of it is left).
+    external_id: str | None = None
+    authenticated: bool = False
+
+
+class DeletePersonalInformation(IdentityMessage, tag="identity.user.personal.delete", kw_only=True):
+    """SunCo's Delete User Personal Information: profile (but `locale`), metadata, clients'
+    displayName/avatarUrl/info/raw and what the merge log kept are cleared; answers UserReply."""
+
+    app_id: str
+    user_id_or_external_id: str
 
 
 class RegisterDevice(IdentityMessage, tag="identity.device.register", kw_only=True):
@@ -291,7 +302,7 @@ IdentityUnion = (
     | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
     | AttachPhoneClient | PhoneClientAttached | RemoveClient
-    | LoginUser | UserLoggedIn | ClientOwnedElsewhere
+    | LoginUser | UserLoggedIn | ClientOwnedElsewhere | DeletePersonalInformation
 )
 
 ENCODER = msgspec.json.Encoder()

@@ -90,8 +90,51 @@ class NotificationError(NotificationMessage, tag="notification.error"):
     retry_after: int | None = None  # seconds, on a 429 (the HTTP Retry-After)
 
 
+class ExportUserData(NotificationMessage, tag="notification.user.export"):
+    """Everything `notifications` holds about a user, for an access request (answers UserData)."""
+
+    app_id: str
+    user_id: str
+    # The most recent sends given (notifications and codes sent to the user).
+    max_sends: int = 500
+
+
+class OptInRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An opt-in as stored: the address in full (the export is for its owner)."""
+
+    id: str
+    channel: str
+    address: str
+    status: str
+    conversation_id: str
+    integration_id: str
+    created_at: float
+    confirmed_at: float | None = None
+    stopped_at: float | None = None
+
+
+class SendRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A notification or confirmation code sent to the user."""
+
+    id: str
+    channel: str
+    recipient: str
+    kind: str
+    status: str
+    conversation_id: str
+    created_at: float
+
+
+class UserData(NotificationMessage, tag="notification.user.data"):
+    opt_ins: list[OptInRecord] = []
+    sends: list[SendRecord] = []
+    # More sends exist than were given (`ExportUserData.max_sends`).
+    sends_truncated: bool = False
+
+
 NotificationUnion = (
     StartOptIn | ConfirmOptIn | ListOptIns | StopOptIn | OptInState | OptInsReply | NotificationError
+    | ExportUserData | UserData
 )
 ENCODER = msgspec.json.Encoder()
 DECODER: msgspec.json.Decoder[NotificationUnion] = msgspec.json.Decoder(NotificationUnion)

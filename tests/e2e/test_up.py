@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import smtplib
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from shared.http import basic_auth_header
+from shared.routes import SANDBOX_SMTP_PORT
 from threadline.natsserver import free_port
 
 
@@ -113,6 +115,47 @@ async def test_up_serves_everything_and_keeps_history_across_restart(tmp_path: P
             assert texts[:2] == ["hi from the phone", "hello back"]
     finally:
         assert await stop(proc) == 0
+
+
+async def test_auto_ports_give_the_sandbox_smtp_sink_a_port_of_its_own(tmp_path: Path) -> None:
+    # Another instance's sink on the default port: this one must neither need it nor deliver to it.
+    knocks: list[int] = []
+
+    async def other_sink(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        knocks.append(1)
+        writer.close()
+
+    try:
+        other = await asyncio.start_server(other_sink, "127.0.0.1", SANDBOX_SMTP_PORT)
+    except OSError:
+        other = None  # something else holds it already: the same situation
+    port = free_port()
+    proc = await start_up(tmp_path, port)
+    try:
+        await wait_banner(proc)
+        info = json.loads((tmp_path / "sandbox.json").read_text())
+        email = info["integrations"]["email"]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/sandbox/mail/server") as resp:
+                server = await resp.json()
+            assert server["listening"] and server["port"] != SANDBOX_SMTP_PORT, server
+            assert (email["smtpHost"], email["smtpPort"]) == ("127.0.0.1", server["port"])
+            # Mail sent where the e-mail integration points lands in this instance's Mail tab.
+            message = "From: shop@example.test\r\nTo: ada@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
+            await asyncio.to_thread(_send_mail, email["smtpHost"], email["smtpPort"], message)
+            await poll_json(session, f"http://127.0.0.1:{port}/sandbox/mail?to=ada@example.test",
+                            lambda body: len(body["mails"]) == 1)
+        assert knocks == []
+    finally:
+        assert await stop(proc) == 0
+        if other is not None:
+            other.close()
+            await other.wait_closed()
+
+
+def _send_mail(host: str, port: int, message: str) -> None:
+    with smtplib.SMTP(host, port, timeout=10) as smtp:
+        smtp.sendmail("shop@example.test", ["ada@example.test"], message)
 
 
 async def _send_from_phone_and_catch_webhook(session: aiohttp.ClientSession, base: str, info: dict[str, Any],

@@ -268,6 +268,70 @@ async def test_other_apps_resources_are_not_found(tenant: Tenant) -> None:
     assert exc.value.status == 403
 
 
+async def test_another_apps_path_is_403_whether_or_not_that_app_exists(tenant: Tenant) -> None:
+    t = tenant
+    other_app, _key, _secret = await create_tenant(t.system, t.http, "Other")
+    for path in ("", "/integrations", f"/conversations/{'0' * 24}", "/users/someone"):
+        existing = await t.request("GET", f"/v2/apps/{other_app}{path}")
+        missing = await t.request("GET", f"/v2/apps/{'f' * 24}{path}")
+        assert existing == missing == (403, {"errors": [{"code": "forbidden",
+                                                         "title": "This key does not grant access to this app"}]})
+
+
+# Every credential field of every channel type, with a value that must never come back.
+CREDENTIALS: dict[str, dict[str, Any]] = {
+    "whatsapp": {"phoneNumber": "+15550001", "phoneNumberId": "1234", "accessToken": "EAAsecret-wa-access",
+                 "appSecret": "secret-wa-app", "accountManagementAccessToken": "secret-wa-management"},
+    "messenger": {"pageId": "102290129340398", "pageAccessToken": "EAAsecret-ms-page", "appSecret": "secret-ms-app",
+                  "appId": "5551212"},
+    "telegram": {"token": "123456789:secret-telegram-token", "username": "demo_bot"},
+    "twilio": {"accountSid": "AC" + "0" * 32, "authToken": "secret-twilio-auth", "phoneNumber": "+15550002"},
+    "android": {"projectId": "demo", "clientEmail": "a@demo.iam.gserviceaccount.com",
+                "privateKey": "-----BEGIN PRIVATE KEY-----\nsecret-fcm-key\n-----END PRIVATE KEY-----\n"},
+    "ios": {"keyId": "ABCDE12345", "teamId": "TEAM123456", "bundleId": "com.demo",
+            "signingKey": "-----BEGIN PRIVATE KEY-----\nsecret-apns-key\n-----END PRIVATE KEY-----\n"},
+    "mailgun": {"domain": "mg.demo.example", "fromAddress": "shop@mg.demo.example", "apiKey": "secret-mailgun-api",
+                "password": "secret-smtp-password"},
+}
+SECRET_VALUES = ("EAAsecret-wa-access", "secret-wa-app", "secret-wa-management", "EAAsecret-ms-page",
+                 "secret-ms-app", "secret-telegram-token", "secret-twilio-auth", "secret-fcm-key", "secret-apns-key",
+                 "secret-mailgun-api", "secret-smtp-password", "rotated-secret")
+
+
+async def test_channel_credentials_are_write_only_and_shared_values_are_returned(tenant: Tenant) -> None:
+    t = tenant
+    base = f"/v2/apps/{t.app_id}/integrations"
+    answers: list[Any] = []
+    ids: dict[str, str] = {}
+    for kind, fields in CREDENTIALS.items():
+        status, body = await t.request("POST", base, body={"type": kind, "displayName": kind, **fields})
+        assert status == 201, body
+        ids[kind] = body["integration"]["id"]
+        rotate = {"appSecret": "rotated-secret"} if "appSecret" in fields else {"displayName": "renamed"}
+        answers += [body, await t.request("GET", f"{base}/{ids[kind]}"),
+                    await t.request("PATCH", f"{base}/{ids[kind]}", body=rotate)]
+    answers.append(await t.request("GET", base))
+    text = json.dumps(answers)
+    leaked = [value for value in SECRET_VALUES if value in text]
+    assert leaked == [], leaked
+    # The Meta handshake token is returned (generated when not given): it only answers Meta's
+    # subscription GET and authenticates nothing (notifications are checked with appSecret).
+    _, whatsapp = await t.request("GET", f"{base}/{ids['whatsapp']}")
+    assert len(whatsapp["integration"]["verifyToken"]) >= 16
+    # A webhook's secret is returned on create and on GET, as SunCo does (X-API-Key, signature).
+    status, created = await t.request("POST", base, body={"type": "custom", "webhooks": [
+        {"target": "https://bot.example/hook", "triggers": ["conversation:message"]}]})
+    assert status == 201
+    hook = created["integration"]["webhooks"][0]
+    assert len(hook["secret"]) >= 16
+    custom = created["integration"]["id"]
+    _, again = await t.request("GET", f"{base}/{custom}/webhooks/{hook['id']}")
+    _, listed = await t.request("GET", f"{base}/{custom}/webhooks")
+    assert again["webhook"]["secret"] == listed["webhooks"][0]["secret"] == hook["secret"]
+    fetched = await t.call(sc.WebhooksApi(t.client()).get_webhook, t.app_id, custom, hook["id"])
+    assert fetched.webhook.secret == hook["secret"]
+
+
 # --- messages --------------------------------------------------------------------------------
 
 async def test_post_and_page_messages_backwards(tenant: Tenant) -> None:
@@ -515,6 +579,55 @@ async def test_error_statuses(tenant: Tenant) -> None:
     assert listed.messages == []
     status, _ = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{'0' * 24}")
     assert status == 404
+
+
+HOSTILE_URLS = ("javascript:alert(document.cookie)", "JavaScript:alert(1)", " javascript:alert(1)",
+                "java\tscript:alert(1)", "data:text/html,<script>alert(1)</script>", "vbscript:msgbox(1)",
+                "//evil.example/x", "/relative/path", "https://ok.example/\nx", "http://[::1")
+
+
+async def test_urls_in_messages_profiles_and_conversations_must_be_http(tenant: Tenant) -> None:
+    t = tenant
+    user_id, conversation_id = await new_user_conversation(t, "ursula")
+    path = f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages"
+    business = {"type": "business"}
+
+    def bodies(url: str) -> list[tuple[str, str, dict[str, Any]]]:
+        return [
+            ("POST", path, {"author": business, "content": {"type": "file", "mediaUrl": url}}),
+            ("POST", path, {"author": business, "content": {"type": "image", "mediaUrl": url}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "link", "text": "Open", "uri": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "image", "mediaUrl": "https://ok.example/a.png",
+                                                            "actions": [{"type": "link", "text": "x", "uri": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "webview", "text": "Open", "uri": url, "fallback": "https://ok.example"}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "see", "actions": [
+                {"type": "webview", "text": "Open", "uri": "https://ok.example", "fallback": url}]}}),
+            ("POST", path, {"author": business, "content": {"type": "text", "text": "pick", "actions": [
+                {"type": "reply", "text": "Yes", "payload": "y", "iconUrl": url}]}}),
+            ("POST", path, {"author": {**business, "avatarUrl": url}, "content": {"type": "text", "text": "hi"}}),
+            ("PATCH", f"/v2/apps/{t.app_id}/conversations/{conversation_id}", {"iconUrl": url}),
+            ("POST", f"/v2/apps/{t.app_id}/conversations", {"type": "personal", "iconUrl": url,
+                                                            "participants": [{"userId": user_id}]}),
+            ("PATCH", f"/v2/apps/{t.app_id}/users/{user_id}", {"profile": {"avatarUrl": url}}),
+            ("POST", f"/v2/apps/{t.app_id}/users", {"externalId": "mallory", "profile": {"avatarUrl": url}}),
+        ]
+
+    for url in HOSTILE_URLS:
+        for method, where, body in bodies(url):
+            status, answer = await t.request(method, where, body=body)
+            assert status == 400, (url, body)
+            assert answer["errors"][0]["code"] == "bad_request" and "http(s) URL" in answer["errors"][0]["title"]
+    listed = await t.call(sc.MessagesApi(t.client()).list_messages, t.app_id, conversation_id)
+    assert listed.messages == []
+    # The same bodies with web URLs are fine (through the official client too).
+    for method, where, body in bodies("https://cdn.example/files/menu.pdf"):
+        status, answer = await t.request(method, where, body=body)
+        assert status in (200, 201), (body, answer)
+    post = sc.MessagePost(author=sc.Author(type="business"), content=sc.Content(sc.FileMessage(
+        type="file", media_url="http://cdn.example/files/terms.pdf")))
+    await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, conversation_id, post)
 
 
 async def test_openapi_document(tenant: Tenant) -> None:

@@ -110,3 +110,18 @@ async def test_the_migration_gives_existing_bsuid_clients_their_wa_id_alias(tmp_
     found = await store.find_client(APP, WA, "15551230004")
     assert found is not None and found[1].id == "c1"
     await store.close()
+
+
+async def test_the_migration_forgets_the_first_message_kept_as_a_clients_raw(tmp_path: Path) -> None:
+    path = tmp_path / "identity.db"
+    db = await open_db(str(path), MIGRATIONS[:4])  # a database from before raw was dropped
+    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', ?, 0)", (APP,))
+    await db.execute(
+        "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id, raw, linked_at,"
+        " last_seen) VALUES ('c1', ?, 'u1', 'whatsapp', 'active', ?, '15551230005', ?, 0, 0)",
+        (APP, WA, json.dumps({"text": {"body": "my first message"}})))
+    await db.close()
+    store = await IdentityStore.open(str(path))
+    found = await store.find_client(APP, WA, "15551230005")
+    await store.close()
+    assert found is not None and found[1].raw is None

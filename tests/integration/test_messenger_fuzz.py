@@ -1,5 +1,6 @@
 """Fuzzing the Messenger webhook: malformed, truncated, oversized, unsigned and signed-but-garbage
-bodies get a 4xx, nothing is published or stored, and the service keeps serving."""
+bodies get a 4xx (a signed notification whose only event is malformed: 200, the event reported and
+not retried forever), nothing is published or stored, and the service keeps serving."""
 
 from __future__ import annotations
 

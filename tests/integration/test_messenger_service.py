@@ -227,6 +227,25 @@ async def test_http_errors_unknown_integration_type_size_shape(ms: MsEnv) -> Non
     assert await ms.inbound() == []
 
 
+async def test_one_malformed_event_does_not_hold_back_its_batch(ms: MsEnv, caplog: pytest.LogCaptureFixture) -> None:
+    def event(mid: str, text: str, **extra: Any) -> dict[str, Any]:
+        return {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(time.time() * 1000),
+                "message": {"mid": mid, "text": text}, **extra}
+
+    body = json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "time": 1, "messaging": [
+        event("m_GOOD1", "first"), event("m_BAD", "broken", timestamp="soon"), event("m_GOOD2", "second")]}]}).encode()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, body)}
+    async with httpx.AsyncClient() as http:
+        first = await http.post(ms.webhook_url, content=body, headers=headers)
+        again = await http.post(ms.webhook_url, content=body, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert sorted(m.provider_message_id for m in await ms.inbound()) == ["m_GOOD1", "m_GOOD2"]
+    [report, _again] = [r for r in caplog.records if r.getMessage().startswith("webhook item rejected")]
+    fields = report.fields  # type: ignore[attr-defined]
+    assert fields["where"] == "entry[0].messaging[1]" and fields["provider_message_id"] == "m_BAD"
+    assert fields["channel"] == "messenger" and "broken" not in json.dumps(fields)
+
+
 async def test_mme_ref_rides_on_get_started_then_on_referral_events(ms: MsEnv) -> None:
     first = await ms.script("/inbound", {"from": PSID, "ref": "Hx_code-42"})
     [get_started] = await ms.inbound()

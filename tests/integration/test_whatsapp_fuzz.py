@@ -1,5 +1,6 @@
 """Fuzzing the webhook: malformed, truncated, oversized, unsigned and signed-but-garbage bodies are
-always answered 4xx, publish nothing, and leave the service healthy."""
+answered 4xx (a signed notification whose only message is malformed: 200, the message reported and
+not retried forever), publish nothing, and leave the service healthy."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _broken_message(message: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-# (body, signed?) pairs that must never be accepted.
+# (body, signed?) pairs whose content must never be accepted.
 bad_bodies = st.one_of(
     st.tuples(st.binary(max_size=300), st.booleans()),  # arbitrary bytes
     st.tuples(st.integers(1, len(VALID) - 1).map(lambda n: VALID[:n]), st.booleans()),  # truncated

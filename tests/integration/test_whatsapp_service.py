@@ -118,6 +118,32 @@ async def test_http_errors_unknown_integration_type_size_shape(wa: WaEnv) -> Non
         assert wrong_shape.json()["errors"][0]["code"] == "bad_request"
 
 
+async def test_one_malformed_message_does_not_hold_back_its_batch(wa: WaEnv, caplog: pytest.LogCaptureFixture) -> None:
+    def text(wamid: str, body: str) -> dict[str, object]:
+        return {"from": "15551234567", "id": wamid, "timestamp": "1717000000", "type": "text", "text": {"body": body}}
+
+    value = {"messaging_product": "whatsapp", "metadata": {"phone_number_id": wa.record.config["phoneNumberId"]},
+             "contacts": [{"profile": {"name": "Ada"}, "wa_id": "15551234567"}],
+             "messages": [text("wamid.GOOD1", "first"), {**text("wamid.BAD", "broken"), "timestamp": "yesterday"},
+                          text("wamid.GOOD2", "second")]}
+    body = json.dumps({"object": "whatsapp_business_account",
+                       "entry": [{"id": "waba", "changes": [{"field": "messages", "value": value}]}]}).encode()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, body)}
+    async with httpx.AsyncClient() as http:
+        first = await http.post(wa.webhook_url, content=body, headers=headers)
+        again = await http.post(wa.webhook_url, content=body, headers=headers)  # Meta's retry changes nothing
+    assert first.status_code == again.status_code == 200
+    inbound = await wa.inbound()
+    assert sorted(m.provider_message_id for m in inbound) == ["wamid.GOOD1", "wamid.GOOD2"]
+    reports = [r for r in caplog.records if r.getMessage().startswith("webhook item rejected")]
+    assert len(reports) == 2 and all(r.levelname == "WARNING" for r in reports)
+    fields = reports[0].fields  # type: ignore[attr-defined]
+    assert fields["where"] == "entry[0].changes[0].value.messages[1]"
+    assert fields["provider_message_id"] == "wamid.BAD" and "timestamp" in fields["reason"]
+    assert fields["integration_id"] == wa.integration_id and fields["channel"] == "whatsapp"
+    assert "broken" not in json.dumps(fields)  # the customer's text is never logged
+
+
 async def test_content_types_are_normalized(wa: WaEnv) -> None:
     image = await wa.script("/inbound", {"from": CUSTOMER, "image": {"caption": "look", "mimeType": "image/png"}})
     button = await wa.script("/inbound", {"from": CUSTOMER, "buttonReply": {"id": "yes", "title": "Yes"},

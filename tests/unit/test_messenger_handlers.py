@@ -203,19 +203,49 @@ def test_sibling_pages_and_unknown_pages() -> None:
 
 
 @pytest.mark.parametrize("raw", [
-    b"", b"{", b"[]", b'{"object": "user", "entry": []}', b'{"object": "page"}',
-    _webhook({"recipient": {"id": PAGE}, "timestamp": 1, "message": {"mid": "m", "text": "x"}}),
-    _webhook(_event(timestamp="yesterday", message={"mid": "m", "text": "x"})),
-    _webhook(_event(timestamp=-1, message={"mid": "m", "text": "x"})),
-    _webhook(_event(message={"text": "no mid"})),
-    _webhook(_event(message={"mid": "", "text": "empty mid"})),
-    _webhook(_event(sender={"id": ""}, message={"mid": "m", "text": "x"})),
-    _webhook(_event(read={"watermark": "soon"})),
-    _webhook(_event(postback="GET_STARTED")),
+    b"", b"{", b"[]", b'{"object": "user", "entry": []}', b'{"object": "page"}', b'{"object": "page", "entry": {}}',
 ])
 def test_malformed_notifications_are_refused(raw: bytes) -> None:
     with pytest.raises(WebhookShapeError):
         _normalize(raw)
+
+
+BAD_EVENTS = [
+    {"recipient": {"id": PAGE}, "timestamp": 1, "message": {"mid": "m", "text": "x"}},
+    _event(timestamp="yesterday", message={"mid": "m", "text": "x"}),
+    _event(timestamp=-1, message={"mid": "m", "text": "x"}),
+    _event(message={"text": "no mid"}),
+    _event(message={"mid": "", "text": "empty mid"}),
+    _event(sender={"id": ""}, message={"mid": "m", "text": "x"}),
+    _event(read={"watermark": "soon"}),
+    _event(postback="GET_STARTED"),
+    "not an event",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_EVENTS)
+def test_a_malformed_event_is_rejected_and_its_siblings_kept(bad: Any) -> None:
+    good = [_event(message={"mid": "m_good1", "text": "a"}), _event(message={"mid": "m_good2", "text": "b"})]
+    out = _normalize(_webhook(good[0], bad, good[1]))
+    assert [m.provider_message_id for m in out.messages] == ["m_good1", "m_good2"]
+    assert len(out.actions) == 2
+    [rejected] = out.rejected
+    assert rejected.where == "entry[0].messaging[1]" and rejected.reason
+
+
+def test_a_malformed_entry_is_rejected_and_the_other_entries_kept() -> None:
+    raw = json.dumps({"object": "page", "entry": [
+        {"messaging": [_event(message={"mid": "m_lost_page", "text": "x"})]},  # no Page id
+        {"id": PAGE, "messaging": [_event(message={"mid": "m_ok", "text": "y"})]},
+    ]}).encode()
+    out = _normalize(raw)
+    assert [m.provider_message_id for m in out.messages] == ["m_ok"]
+    assert [r.where for r in out.rejected] == ["entry[0]"]
+
+
+def test_rejected_event_names_its_mid() -> None:
+    out = _normalize(_webhook(_event(timestamp="soon", message={"mid": "m_bad", "text": "x"})))
+    assert out.messages == [] and [r.provider_id for r in out.rejected] == ["m_bad"]
 
 
 def test_handshake() -> None:

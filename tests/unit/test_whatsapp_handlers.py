@@ -108,17 +108,53 @@ def test_other_fields_are_ignored_and_siblings_routed() -> None:
 
 @pytest.mark.parametrize("raw", [
     b"", b"null", b"[]", b'{"object":"page","entry":[]}', b'{"object":"whatsapp_business_account"}',
-    envelope({"messages": "nope"}),
-    envelope(text_value("wamid.A", timestamp="yesterday")),
-    envelope(text_value("wamid.A", timestamp="inf")),
-    envelope({"messages": [{"id": "wamid.A", "timestamp": "1", "type": "text", "text": {"body": "x"}}]}),
-    envelope({"messages": [{"from": "1", "id": "wamid.A", "timestamp": "1", "type": "text"}]}),
-    envelope({"messages": [{"from": "1", "id": "wamid.A", "timestamp": "1", "type": "location",
-                            "location": {"latitude": "north"}}]}),
+    b'{"object":"whatsapp_business_account","entry":{}}',
 ])
 def test_malformed_notifications_raise(raw: bytes) -> None:
     with pytest.raises(WebhookShapeError):
         handlers.normalize_webhook(raw, creds(), no_siblings, BASE)
+
+
+def _good(wamid: str) -> dict[str, Any]:
+    return {"from": "15551234567", "id": wamid, "timestamp": "1717000000", "type": "text", "text": {"body": "hi"}}
+
+
+BAD_MESSAGES = [
+    {**_good("wamid.BAD"), "timestamp": "yesterday"},
+    {**_good("wamid.BAD"), "timestamp": "inf"},
+    {k: v for k, v in _good("wamid.BAD").items() if k != "from"} | {"id": "wamid.BAD"},
+    {k: v for k, v in _good("wamid.BAD").items() if k != "text"},
+    {**_good("wamid.BAD"), "type": "location", "location": {"latitude": "north"}},
+    {"type": "text"},
+    "not a message",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_MESSAGES)
+def test_a_malformed_message_is_rejected_and_its_siblings_kept(bad: Any) -> None:
+    value = {"metadata": {"phone_number_id": "111"}, "messages": [_good("wamid.G1"), bad, _good("wamid.G2")],
+             "statuses": [{"id": "wamid.S", "status": "read", "timestamp": "1717000001", "recipient_id": "1"},
+                          {"id": "wamid.S2", "status": "read", "timestamp": "later"}]}
+    out = handlers.normalize_webhook(envelope(value), creds(), no_siblings, BASE)
+    assert [m.provider_message_id for m in out.messages] == ["wamid.G1", "wamid.G2"]
+    assert [s.provider_message_id for s in out.statuses] == ["wamid.S"]
+    assert [r.where for r in out.rejected] == ["entry[0].changes[0].value.messages[1]",
+                                               "entry[0].changes[0].value.statuses[1]"]
+    assert out.rejected[1].provider_id == "wamid.S2"
+    if isinstance(bad, dict) and "id" in bad:
+        assert out.rejected[0].provider_id == "wamid.BAD"
+
+
+def test_a_malformed_change_is_rejected_and_the_other_changes_kept() -> None:
+    raw = json.dumps({"object": "whatsapp_business_account", "entry": [
+        {"id": "waba", "changes": [{"field": "messages", "value": {"messages": "nope"}},
+                                   {"field": "messages"},
+                                   {"field": "messages", "value": {"messages": [_good("wamid.OK")]}}]},
+        "not an entry",
+    ]}).encode()
+    out = handlers.normalize_webhook(raw, creds(), no_siblings, BASE)
+    assert [m.provider_message_id for m in out.messages] == ["wamid.OK"]
+    assert [r.where for r in out.rejected] == ["entry[0].changes[0]", "entry[0].changes[1]", "entry[1]"]
 
 
 def test_contact_matching_and_unsupported_kept() -> None:

@@ -26,9 +26,21 @@
     if (text !== undefined) node.textContent = text;
     return node;
   }
+  // The URL as the browser parses it when its scheme is one the phones may render (links: web,
+  // sms: and tel:; images: web only), else null: what a business sent is never a javascript: link.
+  const LINK_SCHEMES = ["http:", "https:", "sms:", "tel:"];
+  const IMAGE_SCHEMES = ["http:", "https:"];
+  function safeUrl(href, schemes) {
+    if (typeof href !== "string" || !href) return null;
+    let url;
+    try { url = new URL(href, window.location.href); } catch (e) { return null; }
+    return schemes.includes(url.protocol) ? url.href : null;
+  }
   function link(href, text) {
+    const safe = safeUrl(href, LINK_SCHEMES);
+    if (!safe) return el("span", "", text); // shown, never followed
     const a = el("a", "", text);
-    a.href = href;
+    a.href = safe;
     a.target = "_blank";
     a.rel = "noopener";
     return a;
@@ -1037,6 +1049,7 @@
   }
 
   function renderImage(href, caption, bubble) {
+    href = safeUrl(href, IMAGE_SCHEMES);
     if (!href || brokenImages.has(href)) {
       bubble.append(imagePlaceholder());
       return;

@@ -116,7 +116,25 @@
   };
   // Links the widget will show: the channels' deep links (https wa.me/m.me/t.me, sms:) and, in
   // a sandbox, the plain-http app page. Never javascript: or data: URLs.
-  var LINK_SCHEMES = /^(https?:|sms:)/i;
+  var LINK_SCHEMES = ["http:", "https:", "sms:"];
+  // What message content may point at (media, link actions, QR codes).
+  var WEB_SCHEMES = ["http:", "https:"];
+
+  // The URL to put in an href or src, as the browser itself parses it, when its scheme is one of
+  // `schemes` (default: http and https); else null. Everything a message or the API hands the
+  // widget goes through this, whatever the server let through (e.g. data stored long ago).
+  function safeUrl(value, schemes) {
+    if (typeof value !== "string" || !value) {
+      return null;
+    }
+    var parsed;
+    try {
+      parsed = new URL(value);
+    } catch (e) {
+      return null;
+    }
+    return (schemes || WEB_SCHEMES).indexOf(parsed.protocol) >= 0 ? parsed.href : null;
+  }
 
   function channelName(type) {
     return CHANNEL_NAMES[type] || "another channel";
@@ -465,22 +483,28 @@
 
   function renderContent(bubble, content) {
     content = content || {};
+    var mediaUrl = safeUrl(content.mediaUrl);
     if (content.type === "image" && content.mediaUrl) {
-      var img = el("img", {"alt": content.altText || "image"});
-      img.addEventListener("error", function () {
-        if (img.parentNode) {
-          img.parentNode.replaceChild(imagePlaceholder(content.altText), img);
-        }
-      });
-      img.setAttribute("src", content.mediaUrl);
-      bubble.appendChild(img);
+      if (mediaUrl) {
+        var img = el("img", {"alt": content.altText || "image"});
+        img.addEventListener("error", function () {
+          if (img.parentNode) {
+            img.parentNode.replaceChild(imagePlaceholder(content.altText), img);
+          }
+        });
+        img.setAttribute("src", mediaUrl);
+        bubble.appendChild(img);
+      } else {
+        bubble.appendChild(imagePlaceholder(content.altText));
+      }
       if (content.text) {
         bubble.appendChild(el("div", {}, content.text));
       }
     } else if (content.type === "file" && content.mediaUrl) {
-      var link = el("a", {"href": content.mediaUrl, "target": "_blank", "rel": "noopener noreferrer"},
-        content.altText || content.text || "file");
-      bubble.appendChild(link);
+      var label = content.altText || content.text || "file";
+      // Not a web URL: the file's name as text, never a link.
+      bubble.appendChild(mediaUrl ? el("a", {"href": mediaUrl, "target": "_blank", "rel": "noopener noreferrer"},
+        label) : el("span", {"data-threadline": "file-unavailable"}, label));
     } else if (content.type === "location" && content.coordinates) {
       bubble.textContent = (content.location && (content.location.name || content.location.address)) ||
         content.coordinates.lat + ", " + content.coordinates.long;
@@ -489,10 +513,11 @@
     }
     if (Array.isArray(content.actions)) {
       content.actions.forEach(function (action) {
-        if (action.type === "link" && action.uri && /^https?:/i.test(action.uri)) {
+        var uri = action && action.type === "link" && safeUrl(action.uri);
+        if (uri) {
           bubble.appendChild(el("br"));
-          bubble.appendChild(el("a", {"href": action.uri, "target": "_blank", "rel": "noopener noreferrer"},
-            action.text || action.uri));
+          bubble.appendChild(el("a", {"href": uri, "target": "_blank", "rel": "noopener noreferrer"},
+            action.text || uri));
         }
       });
     }
@@ -730,7 +755,7 @@
       });
     }).then(function (body) {
       var link = body && body.linkRequests && body.linkRequests[0];
-      if (!link || typeof link.url !== "string" || !LINK_SCHEMES.test(link.url)) {
+      if (!link || !safeUrl(link.url, LINK_SCHEMES)) {
         throw new Error("no usable link");
       }
       if (self.handoffRequest === request) {
@@ -755,13 +780,15 @@
     this.handoff.appendChild(el("div", {"class": "tl-hint"}, CHANNEL_STEPS[channel.type] || ""));
     // A plain link: it opens the channel's app (or a new tab), and a host page may intercept the
     // click (the sandbox hands it to its simulated phone).
-    var anchor = el("a", {"class": "tl-link", "data-threadline": "continue-link", "href": link.url,
+    var anchor = el("a", {"class": "tl-link", "data-threadline": "continue-link",
+      "href": safeUrl(link.url, LINK_SCHEMES),
       "target": "_blank", "rel": "noopener noreferrer", "data-type": channel.type},
       "Open " + name);
     this.handoff.appendChild(anchor);
-    if (isDesktop() && typeof link.qrCodeUrl === "string" && /^https?:/i.test(link.qrCodeUrl)) {
+    var qrCodeUrl = safeUrl(link.qrCodeUrl);
+    if (isDesktop() && qrCodeUrl) {
       this.handoff.appendChild(el("div", {"class": "tl-hint"}, "Or scan this code with your phone's camera:"));
-      this.handoff.appendChild(el("img", {"class": "tl-qr", "data-threadline": "continue-qr", "src": link.qrCodeUrl,
+      this.handoff.appendChild(el("img", {"class": "tl-qr", "data-threadline": "continue-qr", "src": qrCodeUrl,
         "width": "144", "height": "144",
         "alt": "QR code that opens " + name + " on your phone to continue this conversation"}));
     }

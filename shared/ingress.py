@@ -1,0 +1,54 @@
+"""What the channels' webhook ingress shares: the malformed items of a batch, reported.
+
+A platform batches several items into one signed notification (WhatsApp
+`entry[].changes[].value.messages[]` and `statuses[]`, Messenger `entry[].messaging[]`). One
+malformed item must not fail the whole notification: the platform would retry it unchanged
+and never deliver the well-formed items beside it. The ingress publishes the well-formed items,
+answers 200 once they are durable, and reports every rejected item with `report_rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from opentelemetry import trace
+
+from shared.telemetry import log_fields
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One item of a notification that could not be normalized (its siblings still are)."""
+
+    where: str  # its place in the notification, e.g. `entry[0].changes[1].value.messages[2]`
+    reason: str
+    provider_id: str | None = None  # the platform's id of the item, when it has a readable one
+
+
+def rejected(where: str, exc: Exception, raw: Any = None, id_key: str = "id") -> Rejected:
+    """A `Rejected` for `raw` (the item as received) refused with `exc`."""
+    provider_id = raw.get(id_key) if isinstance(raw, Mapping) else None
+    reason = str(exc) if isinstance(exc, ValueError | msgspec.MsgspecError) else type(exc).__name__
+    return Rejected(where=where, reason=reason[:300],
+                    provider_id=provider_id if isinstance(provider_id, str) else None)
+
+
+def report_rejected(logger: logging.Logger, channel: str, integration_id: str, items: Sequence[Rejected]) -> None:
+    """Log each rejected item (structured, never its content) and mark the request's span.
+
+    The span gets `threadline.webhook.rejected` (a count) and one `webhook.item_rejected` event
+    per item, so traces show which notification carried them.
+    """
+    if not items:
+        return
+    span = trace.get_current_span()
+    span.set_attribute("threadline.webhook.rejected", len(items))
+    for item in items:
+        span.add_event("webhook.item_rejected", {"where": item.where, "reason": item.reason})
+        logger.warning("webhook item rejected, the rest of the notification accepted", extra=log_fields(
+            channel=channel, integration_id=integration_id, where=item.where, reason=item.reason,
+            provider_message_id=item.provider_id))
