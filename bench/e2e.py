@@ -168,6 +168,11 @@ class ChannelLoad:
 Builder = Callable[[dict[str, Any], IntegrationRecord, str, int, int], ChannelLoad]
 
 
+# Every simulated install comes from loopback: the per-source session limits are for real visitors.
+UNLIMITED_SDK_SESSIONS = {"THREADLINE_SDK_SESSIONS_PER_IP": "off", "THREADLINE_SDK_SESSIONS_PER_ORIGIN": "off",
+                          "THREADLINE_SDK_SESSIONS_PER_APP": "off"}
+
+
 def text_of(channel: str, i: int) -> str:
     """The unique text of message i of a channel's run (how its business webhook is recognised)."""
     return f"{TEXT_PREFIX}{channel}-{i}"
@@ -224,16 +229,23 @@ def build_twilio(integration: dict[str, Any], record: IntegrationRecord, entry: 
 
 
 async def app_sessions(entry: str, app_id: str, integration_id: str, senders: int) -> list[dict[str, Any]]:
-    """One SDK session (user, client, conversation) per simulated app install."""
-    url = f"{entry}/app/v1/apps/{app_id}/integrations/{integration_id}/sessions"
+    """One SDK session (user, client, conversation) per simulated app install: a session, then its
+    first message (which creates them and registers the install; not a bench message)."""
+    sdk = f"{entry}/app/v1/apps/{app_id}"
     connector = aiohttp.TCPConnector(limit=16)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(n: int) -> dict[str, Any]:
-            body = {"device": {"guid": f"bench-install-{n}", "appVersion": "1.0.0"}}
-            async with session.post(url, json=body) as resp:
+            async with session.post(f"{sdk}/integrations/{integration_id}/sessions") as resp:
                 if resp.status != 201:
                     raise RuntimeError(f"app session: {resp.status} {await resp.text()}")
+                pending: dict[str, Any] = await resp.json()
+            first = {"clientMessageId": f"bench-install-{n:06d}", "text": f"install {n}",
+                     "device": {"guid": f"bench-install-{n}", "appVersion": "1.0.0"}}
+            async with session.post(f"{sdk}/conversations", json=first,
+                                    headers={"Authorization": f"Bearer {pending['sessionToken']}"}) as resp:
+                if resp.status != 201:
+                    raise RuntimeError(f"app first message: {resp.status} {await resp.text()}")
                 result: dict[str, Any] = await resp.json()
                 return result
 
@@ -341,7 +353,7 @@ async def bench_channel(channel: str, load: ChannelLoad, receiver: Receiver,
 async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> list[dict[str, Any]]:
     data_dir = tempfile.mkdtemp(prefix="threadline-bench-")
     launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
-                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING"})
+                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
     launcher.say = lambda text: None  # type: ignore[method-assign]
     info = await launcher.start()
     receiver = Receiver()

@@ -39,7 +39,7 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from e2e import app_sessions, drive, percentile, whatsapp_payload
+from e2e import UNLIMITED_SDK_SESSIONS, app_sessions, drive, percentile, whatsapp_payload
 
 from shared.http import basic_auth_header
 from shared.signing import meta_signature
@@ -181,7 +181,7 @@ async def main() -> None:
 
     data_dir = tempfile.mkdtemp(prefix="threadline-bench-handoff-")
     launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
-                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING"})
+                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
     launcher.say = lambda text: None  # type: ignore[method-assign]
     info = await launcher.start()
     try:

@@ -93,7 +93,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
     "sms": _channel("twilio"),
     "web": Access(publish=(subjects.inbound_subject("web", ">"), *_SDK_REQUESTS), subscribe=(subjects.EVENTS_ALL,),
                   kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
-                  kv_write=(subjects.SDK_PRESENCE_BUCKET,)),
+                  kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.SDK_LIMITS_BUCKET)),
     "app": Access(
         publish=tuple(s for p in ("android", "ios") for s in (subjects.inbound_subject(p, ">"),
                                                               subjects.status_subject(p, ">"))) + _SDK_REQUESTS,
@@ -101,7 +101,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
         consumers=((OUTBOUND, subjects.channel_outbound_consumer("android")),
                    (OUTBOUND, subjects.channel_outbound_consumer("ios"))),
         kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
-        kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.APP_DELIVERIES_BUCKET)),
+        kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.APP_DELIVERIES_BUCKET, subjects.SDK_LIMITS_BUCKET)),
     "sandbox": Access(kv_read=(subjects.INTEGRATIONS_BUCKET,)),
 }
 

@@ -1,10 +1,18 @@
-"""Token buckets for platform rate limits (per number, per Page, per bot, per chat, …)."""
+"""Token buckets for platform rate limits (per number, per Page, per bot, per chat, …), and
+`SharedLimiter` for limits every replica of a service must agree on (SDK sessions, link requests)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from shared.config import Rate
 
 
 class TokenBucket:
@@ -59,3 +67,83 @@ class BucketMap:
         if bucket is None:
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
         return bucket
+
+
+# --- limits every replica agrees on ----------------------------------------------------------
+
+# Compare-and-set attempts on one key before a subject counts as over its limit (contention).
+MAX_CAS_ROUNDS = 20
+
+
+def gcra(tat: float | None, now: float, rate: Rate) -> tuple[float | None, float]:
+    """One action under `rate` with GCRA (a token bucket kept as one timestamp).
+
+    `tat` is the stored "theoretical arrival time" (None: nothing stored, or stale). Returns the
+    TAT to store and 0 when the action is allowed, or (None, seconds to wait) when it is not.
+    `count` actions may come at once; after that one every `window / count` seconds.
+    """
+    interval = rate.window_seconds / rate.count
+    tolerance = rate.window_seconds - interval
+    start = now if tat is None or tat < now else tat
+    if start - now > tolerance:
+        return None, start - now - tolerance
+    return start + interval, 0.0
+
+
+class SharedLimiter:
+    """Rate limits shared by every replica: one GCRA timestamp per (scope, subject, window) in a
+    JetStream KV bucket, written with compare-and-set so concurrent replicas never both take the
+    last slot. The bucket's TTL must cover the longest window (a key idle that long is fresh).
+
+    Subjects (addresses, origins) are stored as keyed hashes (`hash_key`: an IPv4 address space
+    is small enough to reverse a plain hash). The KV being unavailable raises (callers answer
+    503): a limit that silently stops limiting would invite the abuse it exists for.
+    """
+
+    def __init__(self, kv: KeyValue, hash_key: bytes, clock: Callable[[], float] = time.time) -> None:
+        self.kv = kv
+        self.hash_key = hash_key
+        self.clock = clock
+
+    def key(self, scope: str, subject: str, rate: Rate) -> str:
+        """The KV key of `subject`'s state under `rate` (KV keys allow no ':' or '/')."""
+        digest = hmac.new(self.hash_key, subject.encode(), hashlib.sha256).hexdigest()[:40]
+        return f"{scope}.{digest}.{rate.count}-{int(rate.window_seconds)}"
+
+    async def take(self, scope: str, subject: str, rates: Sequence[Rate]) -> float:
+        """Count one action of `subject` under each of `rates`, in order: 0 when every rate
+        allowed it, else the seconds to wait (the refusing rate and those after it count nothing)."""
+        for rate in rates:
+            wait = await self._take_one(self.key(scope, subject, rate), rate)
+            if wait > 0:
+                return wait
+        return 0.0
+
+    async def _take_one(self, key: str, rate: Rate) -> float:
+        for _ in range(MAX_CAS_ROUNDS):
+            try:
+                entry = await self.kv.get(key)
+                revision = entry.revision
+                tat = _float(entry.value)
+            except nats.js.errors.KeyNotFoundError:
+                revision, tat = None, None
+            new_tat, wait = gcra(tat, self.clock(), rate)
+            if new_tat is None:
+                return wait
+            value = repr(new_tat).encode()
+            try:
+                if revision is None:
+                    await self.kv.create(key, value)
+                else:
+                    await self.kv.update(key, value, last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another replica counted first: read again
+            return 0.0
+        return 1.0  # this subject is too busy to count: treat it as over the limit
+
+
+def _float(value: bytes | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

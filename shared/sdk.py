@@ -1,8 +1,8 @@
 """The SDK wire protocol: what the web widget (and a future in-app SDK) exchanges with Threadline.
 
 HTTP request/response bodies and WebSocket frames are camelCase JSON, like the business API.
-The session token is a `shared.signing.sign_token` over `SessionClaims`, so the SDK services
-stay stateless. `services/web/README.md` documents the endpoints that use these shapes.
+Session and refresh tokens are `shared.signing.sign_token` over `SessionClaims`, so the SDK
+services stay stateless. `services/web/README.md` documents the endpoints that use these shapes.
 """
 
 from __future__ import annotations
@@ -23,43 +23,71 @@ HISTORY_PAGE_LIMIT = 100
 
 # --- session ---------------------------------------------------------------------------------
 
+TokenType = Literal["session", "refresh"]
+
+
 class SessionClaims(msgspec.Struct, kw_only=True, frozen=True):
     """What a session token proves: this browser is `user`/`client` of `app` via `integration`.
 
-    `conversation` is the conversation the session was created for (a fast path for access
-    checks; other conversations of the user are checked with `conversations`).
+    A session starts *pending*: `user`, `client` and `conversation` are empty until its first
+    message creates them (a pending session can do nothing else), so opening the widget creates
+    nobody. `conversation` is the conversation the session was created for (a fast path for
+    access checks; other conversations of the user are checked with `conversations`).
+
+    `typ` tells the short-lived bearer token (`session`, on every request and the socket URL)
+    from the long-lived `refresh` token (only ever in the body of `POST …/sessions/refresh`).
+    `iat`/`exp` are the token's own times, `sst` when the session started (kept by refreshes and
+    logins, for the optional absolute session age). All are integers (seconds since the epoch).
     """
 
+    typ: TokenType
     app: str
-    user: str
-    client: str
     integration: str
     channel_user_id: str
+    user: str = ""
+    client: str = ""
     conversation: str = ""
+    iat: int
+    exp: int
+    sst: int
+
+    @property
+    def pending(self) -> bool:
+        """True until the session's first message created its user, client and conversation."""
+        return not self.user
 
     def to_token(self, secret: str) -> str:
-        """Sign the claims into a session token."""
+        """Sign the claims into a token."""
         return sign_token(secret, msgspec.structs.asdict(self))
 
     @classmethod
     def from_token(cls, secret: str, token: str) -> SessionClaims | None:
-        """The claims of an authentic token, or None (forged, malformed, missing fields)."""
+        """The claims of an authentic token, or None (forged, malformed, missing fields, or a
+        field of the wrong type: a string `exp` is refused, not ignored)."""
         fields = verify_token(secret, token)
         if fields is None:
             return None
         try:
-            return msgspec.convert(fields, cls)
+            return msgspec.convert(fields, cls, strict=True)
         except msgspec.ValidationError:
             return None
 
 
 class SessionCreated(Wire, kw_only=True):
-    """Answer of `POST .../integrations/{integrationId}/sessions`."""
+    """Answer of `POST .../integrations/{integrationId}/sessions` (and of every call that gives
+    the client a new session: its first message, a login, a refresh).
 
-    app_user_id: str
-    client_id: str
-    conversation_id: str
+    `sessionToken` expires at `expiresAt`; `refreshToken` gets a new pair before or after that
+    (`POST …/sessions/refresh`). A pending session has no `appUserId`/`clientId`/`conversationId`
+    yet: its first message (`POST …/conversations`) creates them.
+    """
+
     session_token: str
+    refresh_token: str
+    expires_at: str
+    app_user_id: str | None = None
+    client_id: str | None = None
+    conversation_id: str | None = None
 
 
 class SessionBody(Wire, kw_only=True):
@@ -72,6 +100,12 @@ class SessionBody(Wire, kw_only=True):
     link_code: str | None = None
 
 
+class RefreshBody(Wire, kw_only=True):
+    """Body of `POST .../sessions/refresh`."""
+
+    refresh_token: str
+
+
 class LoginBody(Wire, kw_only=True):
     """Body of `POST .../sessions/login`: the SDK user logs in (`Threadline.login`)."""
 
@@ -79,7 +113,7 @@ class LoginBody(Wire, kw_only=True):
     jwt: str
 
 
-class LoginResult(Wire, kw_only=True):
+class LoginResult(SessionCreated, kw_only=True):
     """Answer of `POST .../sessions/login`: a new session for the user that survived.
 
     `outcome`: `identified` (the visitor took the externalId), `merged` (the visitor was merged
@@ -88,10 +122,6 @@ class LoginResult(Wire, kw_only=True):
     this browser opened: this session alone moved to the account, on the account's conversation).
     """
 
-    app_user_id: str
-    client_id: str
-    conversation_id: str
-    session_token: str
     external_id: str
     outcome: str
 
@@ -121,6 +151,14 @@ class PostMessage(Wire, kw_only=True):
 
 class MessageAccepted(Wire, kw_only=True):
     """Answer (202) of a message post: the message is durably queued."""
+
+    client_message_id: str
+    duplicate: bool = False
+
+
+class SessionStarted(SessionCreated, kw_only=True):
+    """Answer (201) of a pending session's first message (`POST .../conversations`): the user,
+    client and conversation it created, the session's new tokens, and the message, queued."""
 
     client_message_id: str
     duplicate: bool = False

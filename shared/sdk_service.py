@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,13 +35,15 @@ from opentelemetry.trace import SpanKind
 
 from shared import subjects
 from shared.bus import Bus, KvMirror, RequestFailed
-from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret
+from shared.clientip import Network, client_ip, env_trusted_proxies, source_key
+from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret, env_str
 from shared.encryption import Keyring
 from shared.http import ApiError, json_response, read_json
 from shared.ids import iso, new_id, now
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
 from shared.messages.channel import InboundActivity, InboundMessage
+from shared.ratelimit import SharedLimiter
 from shared.records import INTEGRATION_DECODER, IntegrationRecord, integration_decoder, open_integration
 from shared.sdk import (
     HISTORY_PAGE_LIMIT,
@@ -59,9 +63,12 @@ from shared.sdk import (
     PostMessage,
     ReadFrame,
     ReadyFrame,
+    RefreshBody,
     SessionBody,
     SessionClaims,
     SessionCreated,
+    SessionStarted,
+    TokenType,
     TypingFrame,
     encode_frame,
     ping_frame,
@@ -69,7 +76,7 @@ from shared.sdk import (
 )
 from shared.service import ServiceApp
 from shared.sunco import TextContent
-from shared.telemetry import extract_context, tracer
+from shared.telemetry import extract_context, log_fields, tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -80,9 +87,59 @@ SANDBOX_SDK_TOKEN_SECRET: Final = "sandbox-sdk-token-secret-not-for-production"
 SOCKET_CLOSE_BASE: Final = 4000
 _CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
 _KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Error code of a pending session's calls that need its conversation (409).
+NOT_STARTED: Final = "conversation_not_started"
+MAX_ORIGIN_KEY_LENGTH: Final = 256
 
 
 # --- settings --------------------------------------------------------------------------------
+
+# Limits are counted in `subjects.SDK_LIMITS_BUCKET`, whose entries live this long: no window
+# may be longer.
+MAX_LIMIT_WINDOW_SECONDS: Final = 24 * 3600
+
+
+def env_limit(name: str, default: str, env: Mapping[str, str]) -> tuple[Rate, ...]:
+    """A rate limit such as `20/m,200/h` (`off`: no limit); windows up to 24 hours."""
+    if env_str(name, default, env).strip().lower() == "off":
+        return ()
+    rates = env_rates(name, default, env)
+    if any(rate.window_seconds > MAX_LIMIT_WINDOW_SECONDS for rate in rates):
+        raise ConfigError(f"{name}: windows may be at most 24h")
+    return rates
+
+
+@dataclass(frozen=True)
+class SdkLimits:
+    """How often new sessions and link requests may come, per source and per app.
+
+    A session costs nothing until its first message creates a user, but each one can create
+    one: sessions are the budget for anonymous users. Per client address (`client_ip`, behind
+    trusted proxies only), per (app, Origin) — a request without Origin is one more origin —
+    and per app; link requests per session user as well.
+    """
+
+    sessions_per_ip: tuple[Rate, ...] = ()
+    sessions_per_origin: tuple[Rate, ...] = ()
+    sessions_per_app: tuple[Rate, ...] = ()
+    links_per_user: tuple[Rate, ...] = ()
+    links_per_ip: tuple[Rate, ...] = ()
+    links_per_origin: tuple[Rate, ...] = ()
+    links_per_app: tuple[Rate, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SdkLimits:
+        """`THREADLINE_SDK_SESSIONS_PER_IP|_PER_ORIGIN|_PER_APP`, `THREADLINE_SDK_LINKS_PER_USER|_PER_IP|…`."""
+        return cls(
+            sessions_per_ip=env_limit("THREADLINE_SDK_SESSIONS_PER_IP", "30/m,300/h", env),
+            sessions_per_origin=env_limit("THREADLINE_SDK_SESSIONS_PER_ORIGIN", "600/m,10000/h", env),
+            sessions_per_app=env_limit("THREADLINE_SDK_SESSIONS_PER_APP", "1200/m,30000/h", env),
+            links_per_user=env_limit("THREADLINE_SDK_LINKS_PER_USER", "5/m,30/h", env),
+            links_per_ip=env_limit("THREADLINE_SDK_LINKS_PER_IP", "20/m,200/h", env),
+            links_per_origin=env_limit("THREADLINE_SDK_LINKS_PER_ORIGIN", "300/m,5000/h", env),
+            links_per_app=env_limit("THREADLINE_SDK_LINKS_PER_APP", "600/m,10000/h", env),
+        )
+
 
 @dataclass(frozen=True)
 class SdkSettings:
@@ -97,16 +154,31 @@ class SdkSettings:
     socket_queue_size: int
     # Seconds to wait for identity / conversations to answer.
     request_timeout: float
+    # Lifetimes: a session token (bearer, in socket URLs) lives `token_ttl`; the refresh token
+    # that renews it `refresh_ttl` (renewed by each refresh: a visitor who comes back within it
+    # keeps the session); `session_max_age` > 0 ends every session that long after it started.
+    token_ttl: float = 24 * 3600
+    refresh_ttl: float = 30 * 86400
+    session_max_age: float = 0
+    limits: SdkLimits = SdkLimits()
+    # Proxies whose X-Forwarded-For names the client (THREADLINE_TRUSTED_PROXIES).
+    trusted_proxies: tuple[Network, ...] = ()
 
     @classmethod
     def from_env(cls, common: CommonConfig, prefix: str, env: Mapping[str, str]) -> SdkSettings:
-        """Read `THREADLINE_SDK_TOKEN_SECRET` and `<prefix>_PING_INTERVAL|_SOCKET_QUEUE|_REQUEST_TIMEOUT`."""
+        """Read `THREADLINE_SDK_*` (token secret and lifetimes, limits), `THREADLINE_TRUSTED_PROXIES`
+        and `<prefix>_PING_INTERVAL|_SOCKET_QUEUE|_REQUEST_TIMEOUT`."""
         settings = cls(
             token_secret=env_secret("THREADLINE_SDK_TOKEN_SECRET", sandbox=common.sandbox,
                                     default=SANDBOX_SDK_TOKEN_SECRET, environ=env),
             ping_interval=env_float(f"{prefix}_PING_INTERVAL", 20.0, env),
             socket_queue_size=env_int(f"{prefix}_SOCKET_QUEUE", 256, env),
             request_timeout=env_float(f"{prefix}_REQUEST_TIMEOUT", 5.0, env),
+            token_ttl=env_float("THREADLINE_SDK_TOKEN_TTL_SECONDS", 24 * 3600.0, env),
+            refresh_ttl=env_float("THREADLINE_SDK_REFRESH_TTL_SECONDS", 30 * 86400.0, env),
+            session_max_age=env_float("THREADLINE_SDK_SESSION_MAX_AGE_SECONDS", 0.0, env),
+            limits=SdkLimits.from_env(env),
+            trusted_proxies=env_trusted_proxies(env),
         )
         if not 0.05 <= settings.ping_interval <= 300:
             raise ConfigError(f"{prefix}_PING_INTERVAL must be between 0.05 and 300 seconds")
@@ -114,6 +186,12 @@ class SdkSettings:
             raise ConfigError(f"{prefix}_SOCKET_QUEUE must be at least 8")
         if settings.request_timeout <= 0:
             raise ConfigError(f"{prefix}_REQUEST_TIMEOUT must be positive")
+        if not 60 <= settings.token_ttl <= 30 * 86400:
+            raise ConfigError("THREADLINE_SDK_TOKEN_TTL_SECONDS must be between 60 and 2592000 (30 days)")
+        if not settings.token_ttl <= settings.refresh_ttl <= 366 * 86400:
+            raise ConfigError("THREADLINE_SDK_REFRESH_TTL_SECONDS must be at least the token TTL and at most 366 days")
+        if settings.session_max_age != 0 and settings.session_max_age < settings.token_ttl:
+            raise ConfigError("THREADLINE_SDK_SESSION_MAX_AGE_SECONDS must be 0 (no limit) or at least the token TTL")
         return settings
 
 
@@ -129,14 +207,51 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-def authenticate(secret: str, token: str | None, app_id: str) -> SessionClaims:
-    """The session behind `token`, which must be authentic and for `app_id` (else 401)."""
+SESSION_EXPIRED: Final = "session_expired"
+
+
+def authenticate(secret: str, token: str | None, app_id: str, at: float,
+                 typ: TokenType = "session") -> SessionClaims:
+    """The session behind `token`, which must be an authentic, unexpired `typ` token for `app_id`
+    (else 401; an expired one with code `session_expired`, so the client knows to refresh)."""
     if not token:
         raise ApiError(401, "A session token is required (Authorization: Bearer <sessionToken>)")
     claims = SessionClaims.from_token(secret, token)
-    if claims is None or claims.app != app_id:
-        raise ApiError(401, "Invalid session token")
+    if claims is None or claims.app != app_id or claims.typ != typ:
+        raise ApiError(401, "Invalid session token" if typ == "session" else "Invalid refresh token")
+    if claims.exp <= at:
+        if typ == "refresh":
+            raise ApiError(401, "The refresh token expired: start a new session", SESSION_EXPIRED)
+        raise ApiError(401, "The session token expired: get a new one with POST …/sessions/refresh",
+                       SESSION_EXPIRED)
     return claims
+
+
+def issue_tokens(settings: SdkSettings, claims: SessionClaims, at: float) -> SessionCreated:
+    """A new session token and refresh token for `claims`' session (ids and start kept)."""
+    issued = int(at)
+    end = claims.sst + int(settings.session_max_age) if settings.session_max_age else None
+    session_exp = issued + int(settings.token_ttl)
+    refresh_exp = issued + int(settings.refresh_ttl)
+    if end is not None:
+        session_exp, refresh_exp = min(session_exp, end), min(refresh_exp, end)
+    session = msgspec.structs.replace(claims, typ="session", iat=issued, exp=session_exp)
+    refresh = msgspec.structs.replace(claims, typ="refresh", iat=issued, exp=refresh_exp)
+    return SessionCreated(
+        session_token=session.to_token(settings.token_secret),
+        refresh_token=refresh.to_token(settings.token_secret),
+        expires_at=iso(session_exp),
+        app_user_id=claims.user or None, client_id=claims.client or None,
+        conversation_id=claims.conversation or None)
+
+
+def new_session_claims(app_id: str, integration_id: str, channel_user_id: str, at: float, *, user: str = "",
+                       client: str = "", conversation: str = "") -> SessionClaims:
+    """The claims of a session that starts now (times are set by `issue_tokens`)."""
+    started = int(at)
+    return SessionClaims(typ="session", app=app_id, integration=integration_id, channel_user_id=channel_user_id,
+                         user=user, client=client, conversation=conversation, iat=started, exp=started,
+                         sst=started)
 
 
 def parse_cursor(raw: str | None, name: str = "after") -> int | None:
@@ -376,8 +491,8 @@ class SdkService(ServiceApp):
     """SDK endpoints under `/{path_root}/v1/apps/{app_id}` for the integrations of `integration_types`.
 
     Subclasses set `name`, `path_root` and `integration_types`, and may override the hooks
-    `check_request`, `session_info`, `read_session_body`, `session_created` and
-    `business_message_delivered`.
+    `check_request`, `session_info`, `read_session_body`, `read_start_body`, `session_created`
+    and `business_message_delivered`.
     """
 
     path_root: str = "sdk"
@@ -397,10 +512,14 @@ class SdkService(ServiceApp):
         # Socket presence (`SDK_PRESENCE_BUCKET`): one refresher task per open socket.
         self._presence_kv: KeyValue | None = None
         self._presence_tasks: set[asyncio.Task[None]] = set()
+        # New sessions and link requests, counted in `SDK_LIMITS_BUCKET` (every replica agrees).
+        self.limiter: SharedLimiter | None = None
         prefix = self.sdk_prefix
         r = self.http.router
         r.add_post(prefix + "/integrations/{integration_id}/sessions", self.create_session)
+        r.add_post(prefix + "/sessions/refresh", self.refresh)
         r.add_post(prefix + "/sessions/login", self.login)
+        r.add_post(prefix + "/conversations", self.start_conversation)
         r.add_get(prefix + "/conversations/{conversation_id}/messages", self.get_messages)
         r.add_post(prefix + "/conversations/{conversation_id}/messages", self.post_message)
         r.add_post(prefix + "/conversations/{conversation_id}/activity", self.post_activity)
@@ -431,9 +550,15 @@ class SdkService(ServiceApp):
             return None
         return await read_json(request, SessionBody, limit=4096)
 
+    async def read_start_body(self, request: web.Request) -> PostMessage:
+        """The body of a pending session's first message (`POST …/conversations`); default: the
+        message. A subclass's body may carry more (the app's install) by extending it."""
+        return await read_json(request, PostMessage)
+
     async def session_created(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
                               body: Any) -> None:
-        """Called once a session's user, client and conversation exist."""
+        """Called once a session's user, client and conversation exist (`body`: the link-code
+        session's body, the first message's, or None for a login)."""
 
     async def business_message_delivered(self, claims: SessionClaims, conversation_id: str, message_id: str) -> None:
         """Called when a socket of this service sent a business message to its client."""
@@ -447,6 +572,9 @@ class SdkService(ServiceApp):
                                                      integration_decoder(self.keyring))
         self.ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
                                                     identity.USER_ENDED_DECODER.decode)
+        # Keyed with the token secret, which every replica of web and app shares.
+        self.limiter = SharedLimiter(await self.bus.key_value(subjects.SDK_LIMITS_BUCKET, ttl=MAX_LIMIT_WINDOW_SECONDS),
+                                     hmac.new(self.sdk.token_secret.encode(), b"sdk-limits", "sha256").digest())
         await self.hub.start(self.bus.nc)
         self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
 
@@ -551,11 +679,21 @@ class SdkService(ServiceApp):
             raise ApiError(503, "Unexpected answer from conversations")
         return reply
 
-    async def session(self, request: web.Request, token: str | None) -> tuple[SessionClaims, IntegrationRecord]:
-        """The authentic session behind `token` and its (still served) integration."""
+    async def session(self, request: web.Request, token: str | None, *,
+                      pending_ok: bool = False) -> tuple[SessionClaims, IntegrationRecord]:
+        """The authentic, unexpired session behind `token` and its (still served) integration; a
+        pending session (no first message yet) is a 409 unless `pending_ok`."""
+        claims = authenticate(self.sdk.token_secret, token, request.match_info["app_id"], now())
+        record = await self.live_session(request, claims)
+        if claims.pending and not pending_ok:
+            raise ApiError(409, "This session has no conversation yet: its first message starts it "
+                                "(POST …/conversations)", NOT_STARTED)
+        return claims, record
+
+    async def live_session(self, request: web.Request, claims: SessionClaims) -> IntegrationRecord:
+        """The session's integration, when the session has not ended (401 otherwise)."""
         app_id = request.match_info["app_id"]
-        claims = authenticate(self.sdk.token_secret, token, app_id)
-        if self.ended_users is not None and self.ended_users.get(claims.user) is not None:
+        if claims.user and self.ended_users is not None and self.ended_users.get(claims.user) is not None:
             # The visitor was merged into another user (SDK login, channel link) or deleted.
             raise ApiError(401, "This session has ended; start a new one")
         try:
@@ -563,59 +701,86 @@ class SdkService(ServiceApp):
         except ApiError as exc:
             raise ApiError(401, "Invalid session token (integration removed)") from exc
         self.check_request(record, request)
-        return claims, record
+        return record
 
     async def authorize(self, request: web.Request, token: str | None) -> tuple[SessionClaims, str]:
         """The session and the conversation of the path, which the session's user may access."""
         claims, _record, conversation_id = await self.authorized(request, token)
         return claims, conversation_id
 
-    async def authorized(self, request: web.Request,
-                         token: str | None) -> tuple[SessionClaims, IntegrationRecord, str]:
-        """`authorize`, plus the session's integration record."""
+    async def authorized(self, request: web.Request, token: str | None, *,
+                         confirm: bool = False) -> tuple[SessionClaims, IntegrationRecord, str]:
+        """`authorize`, plus the session's integration record. The session's own conversation is
+        taken on trust unless `confirm` (it may have been deleted since the token was issued)."""
         claims, record = await self.session(request, token)
         conversation_id = request.match_info["conversation_id"]
-        if conversation_id != claims.conversation:
-            # Not the session's own conversation: `conversations` knows whether the user is in it.
+        if confirm or conversation_id != claims.conversation:
+            # `conversations` knows whether the conversation exists and the user is in it.
             try:
                 await self.history(claims, conversation_id, None, 1)
             except ApiError as exc:
                 if exc.status >= 500:
                     raise
-                raise ApiError(404, "Conversation not found") from exc
+                raise ApiError(404, "Conversation not found", "conversation_not_found") from exc
         return claims, record, conversation_id
+
+    # --- rate limits --------------------------------------------------------------------------
+
+    def client_address(self, request: web.Request) -> str | None:
+        """The client's IP address (X-Forwarded-For believed from trusted proxies only)."""
+        return client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), self.sdk.trusted_proxies)
+
+    async def limit(self, request: web.Request, action: str, app_id: str,
+                    checks: Sequence[tuple[str, str, tuple[Rate, ...]]]) -> None:
+        """Count one `action` against each (scope, subject, rates) check; 429 with Retry-After
+        (and nothing counted further) at the first that is over its limit."""
+        for scope, subject, rates in checks:
+            if not rates:
+                continue
+            try:
+                wait = await self._limiter().take(f"{action}-{scope}", subject, rates)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                raise ApiError(503, "Rate limits unavailable, try again") from exc
+            if wait > 0:
+                retry_after = max(1, math.ceil(wait))
+                log.warning("%s refused: over the per-%s limit", action, scope, extra=log_fields(
+                    app_id=app_id, action=action, scope=scope, client_ip=self.client_address(request),
+                    origin=request.headers.get("Origin"), retry_after=retry_after))
+                raise ApiError(429, f"Too many {action.replace('-', ' ')} (per {scope}); retry in {retry_after} s",
+                               "too_many_requests", headers={"Retry-After": str(retry_after)})
+
+    def source_checks(self, request: web.Request, app_id: str, per_ip: tuple[Rate, ...],
+                      per_origin: tuple[Rate, ...],
+                      per_app: tuple[Rate, ...]) -> list[tuple[str, str, tuple[Rate, ...]]]:
+        """The per-address, per-(app, Origin) and per-app checks of a request, most specific first."""
+        address = self.client_address(request)
+        origin = (request.headers.get("Origin") or "-").strip().lower()[:MAX_ORIGIN_KEY_LENGTH]
+        return [("ip", source_key(address) if address else "unknown", per_ip),
+                ("origin", f"{app_id} {origin}", per_origin),
+                ("app", app_id, per_app)]
+
+    def _limiter(self) -> SharedLimiter:
+        if self.limiter is None:
+            raise ApiError(503, "Not connected")
+        return self.limiter
 
     # --- HTTP endpoints -----------------------------------------------------------------------
 
     async def create_session(self, request: web.Request) -> web.Response:
-        """A new anonymous user with an `sdk` client, and their conversation."""
+        """A new session: pending (nothing is created until its first message), or, with a
+        `linkCode`, joined to the code's user and conversation. Limited per source and app."""
         app_id = request.match_info["app_id"]
         integration_id = request.match_info["integration_id"]
         record = self.served_integration(await self.integration(integration_id), app_id)
         self.check_request(record, request)
         body = await self.read_session_body(request)
+        limits = self.sdk.limits
+        await self.limit(request, "new-sessions", app_id, self.source_checks(
+            request, app_id, limits.sessions_per_ip, limits.sessions_per_origin, limits.sessions_per_app))
         if isinstance(body, SessionBody) and body.link_code is not None:
             return await self.linked_session(request, record, body, body.link_code)
-        channel_user_id = new_id()
-        resolved = await self.ask_identity(subjects.IDENTITY_RESOLVE, identity.ResolveClient(
-            app_id=app_id, integration_id=integration_id, client_type=SDK_CLIENT_TYPE,
-            channel_user_id=channel_user_id, info=self.session_info(request, record, body)))
-        if not isinstance(resolved, identity.Resolved):
-            raise ApiError(503, "Unexpected answer from identity")
-        start = conv.StartConversation(app_id=app_id, integration_id=integration_id, user_id=resolved.user.id,
-                                       client_id=resolved.client.id)
-        started = conversation_reply(
-            await self.ask(subjects.CONVERSATIONS_START, conv.ENCODER.encode(start), "conversations"))
-        if not isinstance(started, conv.ConversationStarted):
-            raise ApiError(503, "Unexpected answer from conversations")
-        claims = SessionClaims(app=app_id, user=resolved.user.id, client=resolved.client.id,
-                               integration=integration_id, channel_user_id=channel_user_id,
-                               conversation=started.conversation.id)
-        await self.session_created(request, record, claims, body)
-        return json_response(SessionCreated(
-            app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
-            session_token=claims.to_token(self.sdk.token_secret),
-        ), status=201)
+        claims = new_session_claims(app_id, integration_id, new_id(), now())
+        return json_response(issue_tokens(self.sdk, claims, now()), status=201)
 
     async def linked_session(self, request: web.Request, record: IntegrationRecord, body: SessionBody,
                              code: str) -> web.Response:
@@ -632,13 +797,64 @@ class SdkService(ServiceApp):
             await self.ask(subjects.CONVERSATIONS_SDK_LINK, conv.ENCODER.encode(link), "conversations"))
         if not isinstance(linked, conv.SdkClientLinked):
             raise ApiError(503, "Unexpected answer from conversations")
-        claims = SessionClaims(app=app_id, user=linked.user.id, client=linked.client.id, integration=record.id,
-                               channel_user_id=channel_user_id, conversation=linked.conversation.id)
+        claims = new_session_claims(app_id, record.id, channel_user_id, now(), user=linked.user.id,
+                                    client=linked.client.id, conversation=linked.conversation.id)
         await self.session_created(request, record, claims, body)
-        return json_response(SessionCreated(
-            app_user_id=claims.user, client_id=claims.client, conversation_id=claims.conversation,
-            session_token=claims.to_token(self.sdk.token_secret),
-        ), status=201)
+        return json_response(issue_tokens(self.sdk, claims, now()), status=201)
+
+    async def materialize(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
+                          body: Any) -> SessionClaims:
+        """Create a pending session's user, `sdk` client and default conversation (its first
+        message, or a login, is about to use them). Idempotent: the token's `channel_user_id`
+        always resolves to the same client, so a retried first message finds what the first
+        try created. A client that meanwhile became an identified user's (a login, a merge) is
+        not handed to this old token: 401."""
+        resolved = await self.ask_identity(subjects.IDENTITY_RESOLVE, identity.ResolveClient(
+            app_id=claims.app, integration_id=claims.integration, client_type=SDK_CLIENT_TYPE,
+            channel_user_id=claims.channel_user_id, info=self.session_info(request, record, body)))
+        if not isinstance(resolved, identity.Resolved):
+            raise ApiError(503, "Unexpected answer from identity")
+        if not resolved.client_created and resolved.user.external_id is not None:
+            raise ApiError(401, "This session has ended; start a new one")
+        start = conv.StartConversation(app_id=claims.app, integration_id=claims.integration,
+                                       user_id=resolved.user.id, client_id=resolved.client.id)
+        started = conversation_reply(
+            await self.ask(subjects.CONVERSATIONS_START, conv.ENCODER.encode(start), "conversations"))
+        if not isinstance(started, conv.ConversationStarted):
+            raise ApiError(503, "Unexpected answer from conversations")
+        started_claims = msgspec.structs.replace(claims, user=resolved.user.id, client=resolved.client.id,
+                                                 conversation=started.conversation.id)
+        await self.session_created(request, record, started_claims, body)
+        return started_claims
+
+    async def start_conversation(self, request: web.Request) -> web.Response:
+        """A pending session's first message: its user, client and conversation are created, the
+        message is queued, and the answer (201) carries the session's new tokens (the pending
+        ones can do nothing else). Retrying with the same token and `clientMessageId` is safe."""
+        claims, record = await self.session(request, bearer_token(request.headers.get("Authorization")),
+                                            pending_ok=True)
+        if not claims.pending:
+            raise ApiError(409, "This session's conversation has started: post to …/conversations/"
+                                f"{claims.conversation}/messages", "conversation_started")
+        body = validate_post_message(await self.read_start_body(request))
+        started = await self.materialize(request, record, claims, body)
+        accepted = await self.queue_message(started, record, started.conversation, body)
+        tokens = issue_tokens(self.sdk, started, now())
+        log.info("sdk conversation started", extra=log_fields(
+            app_id=started.app, user_id=started.user, conversation_id=started.conversation,
+            integration_id=started.integration))
+        return json_response(SessionStarted(
+            **msgspec.structs.asdict(tokens), client_message_id=accepted.client_message_id,
+            duplicate=accepted.duplicate), status=201)
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        """New tokens for a session, from its refresh token (valid or not yet expired session
+        token alike): the same ids, the session token's lifetime and the refresh token's again."""
+        body = await read_json(request, RefreshBody, limit=8192)
+        claims = authenticate(self.sdk.token_secret, body.refresh_token, request.match_info["app_id"], now(),
+                              typ="refresh")
+        await self.live_session(request, claims)
+        return json_response(issue_tokens(self.sdk, claims, now()))
 
     async def login(self, request: web.Request) -> web.Response:
         """`Threadline.login(externalId, jwt)`: the session's user logs in with a user JWT.
@@ -646,10 +862,14 @@ class SdkService(ServiceApp):
         The visitor becomes identified, or is merged into the user who has `externalId`; either
         way a new session token names the user that remains, on the same conversation. A bad JWT
         is a 401 (`invalid_auth`) and changes nothing; a session whose user already has another
-        externalId is a 409.
+        externalId is a 409. A pending session's visitor is created first (then identified, or
+        merged into the account: it has nothing yet).
         """
-        claims, record = await self.session(request, bearer_token(request.headers.get("Authorization")))
+        claims, record = await self.session(request, bearer_token(request.headers.get("Authorization")),
+                                            pending_ok=True)
         body = await read_json(request, LoginBody, limit=16384)
+        if claims.pending:
+            claims = await self.materialize(request, record, claims, None)
         login = conv.SdkLogin(app_id=claims.app, user_id=claims.user, client_id=claims.client,
                               integration_id=record.id, conversation_id=claims.conversation,
                               external_id=body.external_id, jwt=body.jwt)
@@ -658,10 +878,9 @@ class SdkService(ServiceApp):
         if not isinstance(reply, conv.SdkLoggedIn):
             raise ApiError(503, "Unexpected answer from conversations")
         renewed = msgspec.structs.replace(claims, user=reply.user.id, conversation=reply.conversation_id)
-        return json_response(LoginResult(
-            app_user_id=renewed.user, client_id=renewed.client, conversation_id=renewed.conversation,
-            session_token=renewed.to_token(self.sdk.token_secret), external_id=body.external_id,
-            outcome=reply.outcome))
+        tokens = issue_tokens(self.sdk, renewed, now())
+        return json_response(LoginResult(**msgspec.structs.asdict(tokens), external_id=body.external_id,
+                                         outcome=reply.outcome))
 
     async def get_messages(self, request: web.Request) -> web.Response:
         """History: messages with cursor > `after` (oldest first), or the latest page."""
@@ -672,10 +891,18 @@ class SdkService(ServiceApp):
         return json_response(messages_page(page))
 
     async def post_message(self, request: web.Request) -> web.Response:
-        """Queue a customer message durably; 202 once JetStream acked it."""
+        """Queue a customer message durably; 202 once JetStream acked it. The conversation is
+        confirmed with `conversations` first: one the business deleted is a 404, not a 202 for a
+        message the consumer could only drop."""
         claims, record, conversation_id = await self.authorized(
-            request, bearer_token(request.headers.get("Authorization")))
+            request, bearer_token(request.headers.get("Authorization")), confirm=True)
         body = validate_post_message(await read_json(request, PostMessage))
+        accepted = await self.queue_message(claims, record, conversation_id, body)
+        return json_response(accepted, status=202)
+
+    async def queue_message(self, claims: SessionClaims, record: IntegrationRecord, conversation_id: str,
+                            body: PostMessage) -> MessageAccepted:
+        """Publish a customer message on the inbound stream (de-duplicated by clientMessageId)."""
         channel_name = self.channel_of(record)
         message = inbound_message(claims, conversation_id, body, now(), channel_name)
         try:
@@ -684,8 +911,7 @@ class SdkService(ServiceApp):
                                             msg_id=inbound_msg_id(channel_name, body.client_message_id))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Could not queue the message, retry with the same clientMessageId") from exc
-        return json_response(MessageAccepted(client_message_id=body.client_message_id,
-                                             duplicate=bool(ack.duplicate)), status=202)
+        return MessageAccepted(client_message_id=body.client_message_id, duplicate=bool(ack.duplicate))
 
     async def post_activity(self, request: web.Request) -> web.Response:
         """Typing or read state from the customer."""

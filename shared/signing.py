@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from shared.untrusted import decode_json, secrets_equal
@@ -59,6 +61,24 @@ class JwtError(ValueError):
     """The token is malformed, unsigned, wrongly signed or expired."""
 
 
+@dataclass(frozen=True)
+class JwtPolicy:
+    """What `jwt_decode` requires of the time claims beyond a good signature.
+
+    `exp`, `iat` and `nbf`, when present, must be numbers (a string or a boolean is refused, not
+    ignored). A token may live at most `max_lifetime_seconds` (`exp` minus `iat`, or minus now
+    without `iat`); `require_exp` refuses tokens without `exp` (SunCo's documented tokens carry
+    none, so it is off by default). `leeway_seconds` absorbs clock skew on `exp`/`nbf`/`iat`.
+    """
+
+    max_lifetime_seconds: float = 24 * 3600
+    require_exp: bool = False
+    leeway_seconds: float = 60
+
+
+DEFAULT_JWT_POLICY = JwtPolicy()
+
+
 def jwt_encode(payload: dict[str, Any], key: str, kid: str | None = None) -> str:
     """An HS256 JWT."""
     header: dict[str, Any] = {"alg": "HS256", "typ": "JWT"}
@@ -83,8 +103,10 @@ def jwt_header(token: str) -> dict[str, Any]:
     return header
 
 
-def jwt_decode(token: str, key: str) -> dict[str, Any]:
-    """Verify an HS256 JWT with `key` and return its payload; refuses other algorithms."""
+def jwt_decode(token: str, key: str, policy: JwtPolicy = DEFAULT_JWT_POLICY,
+               now: float | None = None) -> dict[str, Any]:
+    """Verify an HS256 JWT with `key` and return its payload; refuses other algorithms and time
+    claims `policy` does not accept (see `JwtPolicy`)."""
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtError("malformed token")
@@ -101,20 +123,47 @@ def jwt_decode(token: str, key: str) -> dict[str, Any]:
         raise JwtError("bad signature")
     if not isinstance(payload, dict):
         raise JwtError("malformed payload")
-    exp = payload.get("exp")
-    if isinstance(exp, int | float) and exp < time.time():
-        raise JwtError("token expired")
+    check_time_claims(payload, policy, time.time() if now is None else now)
     return payload
 
 
-def sign_token(secret: str, fields: dict[str, str]) -> str:
+def _number_claim(payload: dict[str, Any], name: str) -> float | None:
+    value = payload.get(name)
+    if value is None and name not in payload:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise JwtError(f"{name} must be a number of seconds since the epoch")
+    return float(value)
+
+
+def check_time_claims(payload: dict[str, Any], policy: JwtPolicy, now: float) -> None:
+    """Raise JwtError unless `exp`/`iat`/`nbf` are numbers that make the token valid at `now`."""
+    exp = _number_claim(payload, "exp")
+    iat = _number_claim(payload, "iat")
+    nbf = _number_claim(payload, "nbf")
+    leeway = policy.leeway_seconds
+    if exp is None:
+        if policy.require_exp:
+            raise JwtError("exp is required")
+    elif exp + leeway < now:
+        raise JwtError("token expired")
+    if nbf is not None and nbf - leeway > now:
+        raise JwtError("token not valid yet (nbf)")
+    if iat is not None and iat - leeway > now:
+        raise JwtError("iat is in the future")
+    if exp is not None and exp - (iat if iat is not None else now) > policy.max_lifetime_seconds:
+        raise JwtError(f"exp is more than {policy.max_lifetime_seconds:g} seconds after "
+                       f"{'iat' if iat is not None else 'now'} (maximum token lifetime)")
+
+
+def sign_token(secret: str, fields: dict[str, Any]) -> str:
     """A compact signed token (`<b64 json>.<b64 hmac>`) for SDK sessions and similar."""
     body = _b64url(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode())
     sig = _b64url(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest())
     return f"{body}.{sig}"
 
 
-def verify_token(secret: str, token: str) -> dict[str, str] | None:
+def verify_token(secret: str, token: str) -> dict[str, Any] | None:
     """The fields of a token made by `sign_token`, or None when it is not authentic."""
     try:
         body, sig = token.split(".")

@@ -119,6 +119,10 @@ APP_DELIVERIES_BUCKET: Final = "tl_app_deliveries"
 SDK_PRESENCE_BUCKET: Final = "tl_sdk_presence"
 SDK_PRESENCE_TTL_SECONDS: Final = 60
 SDK_PRESENCE_REFRESH_SECONDS: Final = 20
+# SDK rate limits (new sessions, link requests): one GCRA timestamp per source and window,
+# shared by every replica of web and app (`shared.ratelimit.SharedLimiter`); entries expire a day
+# after their last write.
+SDK_LIMITS_BUCKET: Final = "tl_sdk_limits"
 
 # Direct linking of a phone-number client (SunCo Clients API `matchCriteria`), served by
 # `conversations`; also used by `notifications` when a customer confirms an opt-in.

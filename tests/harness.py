@@ -19,10 +19,12 @@ import hashlib
 import importlib
 import re
 import socket
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from shared.egress import EgressPolicy, parse_rules
@@ -179,3 +181,21 @@ async def business_webhooks() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]
         yield f"http://127.0.0.1:{port}/hook", events
     finally:
         await runner.cleanup()
+
+
+async def start_sdk_session(http: aiohttp.ClientSession, base_url: str, app_id: str, integration_id: str,
+                            text: str = "hello", *, root: str = "sdk", start_body: Mapping[str, Any] | None = None,
+                            headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An SDK session with its user, client and conversation: a (pending) session, then its
+    first message `text` (which creates them). The answer of that message's
+    `POST …/conversations`: ids, tokens, `clientMessageId`."""
+    sdk = f"{base_url}/{root}/v1/apps/{app_id}"
+    async with http.post(f"{sdk}/integrations/{integration_id}/sessions", headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
+        pending: dict[str, Any] = await resp.json()
+    async with http.post(f"{sdk}/conversations", json={"clientMessageId": str(uuid.uuid4()), "text": text,
+                                                       **(start_body or {})},
+                         headers={**(headers or {}), "Authorization": f"Bearer {pending['sessionToken']}"}) as resp:
+        assert resp.status == 201, await resp.text()
+        session: dict[str, Any] = await resp.json()
+    return session

@@ -90,14 +90,21 @@ class AppService(SdkService):
             body = msgspec.structs.replace(body, device=handlers.validate_device(body.device))
         return body
 
+    async def read_start_body(self, request: web.Request) -> handlers.StartBody:
+        body = await read_json(request, handlers.StartBody)
+        if body.device is not None:
+            body = msgspec.structs.replace(body, device=handlers.validate_device(body.device))
+        return body
+
     async def session_created(self, request: web.Request, record: IntegrationRecord, claims: SessionClaims,
                               body: Any) -> None:
-        if isinstance(body, handlers.SessionBody) and body.device is not None:
+        if isinstance(body, handlers.SessionBody | handlers.StartBody) and body.device is not None:
             await self.ask_identity(subjects.IDENTITY_DEVICE_REGISTER,
                                     handlers.register_device(claims, record, body.device))
 
     def session_info(self, request: web.Request, record: IntegrationRecord, body: Any) -> dict[str, Any]:
-        return handlers.session_client_info(body if isinstance(body, handlers.SessionBody) else None, record.type)
+        known = body if isinstance(body, handlers.SessionBody | handlers.StartBody) else None
+        return handlers.session_client_info(known, record.type)
 
     async def business_message_delivered(self, claims: SessionClaims, conversation_id: str, message_id: str) -> None:
         if self.deliveries is None:

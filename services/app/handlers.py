@@ -16,8 +16,8 @@ from shared.http import ApiError
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.messages.identity import RegisterDevice
 from shared.records import IntegrationRecord
+from shared.sdk import PostMessage, SessionClaims
 from shared.sdk import SessionBody as SdkSessionBody
-from shared.sdk import SessionClaims
 from shared.sunco import Device, FileContent, ImageContent, LocationContent, TextContent, Wire
 
 APP_INTEGRATION_TYPES: Final = frozenset({"android", "ios"})
@@ -38,7 +38,16 @@ class DeviceIn(Wire, kw_only=True):
 
 class SessionBody(SdkSessionBody, kw_only=True):
     """Body of the app's `POST …/sessions` (optional): the install the session starts on (and,
-    from the SDK's body, a `linkCode` from the app's universal link)."""
+    from the SDK's body, a `linkCode` from the app's universal link). An anonymous session is
+    pending until its first message, so its install is registered with that message
+    (`StartBody.device`); a `linkCode` session registers it at once."""
+
+    device: DeviceIn | None = None
+
+
+class StartBody(PostMessage, kw_only=True):
+    """Body of the app's first message (`POST …/conversations`): the message and the install it
+    comes from (registered once the message created the session's user and client)."""
 
     device: DeviceIn | None = None
 
@@ -72,7 +81,7 @@ def register_device(claims: SessionClaims, record: IntegrationRecord, device: De
         info=device.info)
 
 
-def session_client_info(body: SessionBody | None, integration_type: str) -> dict[str, Any]:
+def session_client_info(body: SessionBody | StartBody | None, integration_type: str) -> dict[str, Any]:
     """The new sdk client's `info`: the platform and what the app said about its install."""
     info: dict[str, Any] = {"platform": integration_type}
     if body is not None and body.device is not None:

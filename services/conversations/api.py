@@ -36,7 +36,7 @@ from shared.ids import iso, parse_iso
 from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
-from shared.signing import JwtError, jwt_decode, jwt_header
+from shared.signing import DEFAULT_JWT_POLICY, JwtError, JwtPolicy, jwt_decode, jwt_header
 from shared.sunco import Profile, Source
 from shared.untrusted import secrets_equal
 
@@ -89,8 +89,10 @@ class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
     def __init__(self, store: Store, admin: Admin, conversations: Conversations, account_key_id: str,
-                 account_key_secret: str, public_base_url: str) -> None:
+                 account_key_secret: str, public_base_url: str,
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
+        self.jwt_policy = jwt_policy
         self.admin = admin
         self.conversations = conversations
         self.identity = conversations.identity
@@ -127,7 +129,7 @@ class Api:
                 found = await self._key_secret(kid) if isinstance(kid, str) else None
                 if found is None:
                     raise ApiError(401, "Invalid token", "unauthorized")
-                payload = jwt_decode(token, found[0])
+                payload = jwt_decode(token, found[0], self.jwt_policy)
             except JwtError as exc:
                 raise ApiError(401, f"Invalid token: {exc}", "unauthorized") from exc
             expected = "account" if found[1] is None else "app"

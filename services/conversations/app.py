@@ -126,11 +126,11 @@ class ConversationsService(ServiceApp):
                       await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
-                                           streams=self.bus)
+                                           streams=self.bus, jwt_policy=self.config.jwt_policy)
         self.admin = Admin(self.store, sink, self.common.egress)
         await self._republish(sink)
         api = Api(self.store, self.admin, self.conversations, self.config.account_key_id,
-                  self.config.account_key_secret, self.common.public_base_url)
+                  self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
         self.bus.consume(subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, subjects.INBOUND_ALL,
                          self.conversations.handle_inbound, ordering_key=inbound_ordering_key)

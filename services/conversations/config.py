@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret, env_str
 from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
+from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 from shared.store import db_path
 
 
@@ -28,6 +29,9 @@ class ConversationsConfig:
     keyring: Keyring
     # Messages of recent history a channel receives when a conversation is handed off to it.
     handoff_recap_count: int = 10
+    # Business API and SDK login JWTs: time claims must be numbers, lifetime bounded
+    # (THREADLINE_JWT_MAX_LIFETIME_SECONDS), exp required if THREADLINE_JWT_REQUIRE_EXP.
+    jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ConversationsConfig:
@@ -47,4 +51,20 @@ class ConversationsConfig:
             raise ConfigError("THREADLINE_HANDOFF_RECAP_COUNT must be between 0 and 50")
         return cls(common=common, db_path=db_path(common.data_dir, "conversations"),
                    account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout,
-                   keyring=Keyring.from_env(environ, sandbox=common.sandbox), handoff_recap_count=recap)
+                   keyring=Keyring.from_env(environ, sandbox=common.sandbox), handoff_recap_count=recap,
+                   jwt_policy=jwt_policy_from_env(environ))
+
+
+def jwt_policy_from_env(environ: Mapping[str, str]) -> JwtPolicy:
+    """`THREADLINE_JWT_MAX_LIFETIME_SECONDS` (default 24 h) and `THREADLINE_JWT_REQUIRE_EXP` (default off)."""
+    lifetime = env_float("THREADLINE_JWT_MAX_LIFETIME_SECONDS", 24 * 3600.0, environ)
+    if not 60 <= lifetime <= 366 * 86400:
+        raise ConfigError("THREADLINE_JWT_MAX_LIFETIME_SECONDS must be between 60 and 31622400 (366 days)")
+    raw = env_str("THREADLINE_JWT_REQUIRE_EXP", "false", environ).strip().lower()
+    if raw not in _TRUE | _FALSE:
+        raise ConfigError("THREADLINE_JWT_REQUIRE_EXP must be true or false")
+    return JwtPolicy(max_lifetime_seconds=lifetime, require_exp=raw in _TRUE)
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})

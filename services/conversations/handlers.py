@@ -40,6 +40,7 @@ from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.messages import notification
+from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 from shared.subjects import StreamSpec
 from shared.sunco import (
     Activity,
@@ -121,11 +122,13 @@ class Conversations:
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
-                 recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None) -> None:
+                 recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None,
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
         self.streams = streams
+        self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
         # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
         self._retention_marks: dict[str, tuple[float, str]] = {}
         self.linker = Linker(self, recap_count)

@@ -3,7 +3,8 @@
 has that externalId, and bring the conversations store and the business up to date.
 
 The JWT is SunCo's SDK user token: HS256, header `kid` = an API key id of the app, payload
-`{"scope": "user", "external_id": "<string>"}` signed with that key's secret, `exp` honoured.
+`{"scope": "user", "external_id": "<string>"}` signed with that key's secret; its time claims
+as `shared.signing.JwtPolicy` says (numbers only, bounded lifetime).
 
 The JWT proves who holds the session, not who holds the other clients of its user: a visitor
 that joined someone's channel conversation through a link is `separated` — the session alone
@@ -14,7 +15,6 @@ it merged, whoever sent the link would hold a channel of the account (and read a
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -59,13 +59,9 @@ async def verify_user_jwt(convs: Conversations, app_id: str, token: str, externa
     if key is None or key["app_id"] != app_id:
         raise _refuse("kid is not an API key of this app")
     try:
-        payload: dict[str, Any] = jwt_decode(token, key["secret"])
+        payload: dict[str, Any] = jwt_decode(token, key["secret"], convs.jwt_policy)
     except JwtError as exc:
         raise _refuse(str(exc)) from exc
-    if "exp" in payload:
-        exp = payload["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
-            raise _refuse("exp must be a number of seconds")
     if payload.get("scope") != "user":
         raise _refuse('scope must be "user"')
     claimed = payload.get("external_id")

@@ -17,7 +17,6 @@ from aiohttp import web
 from services.web import handlers, notify
 from services.web.config import WebConfig
 from shared import subjects
-from shared.clientip import client_ip
 from shared.http import ApiError, Handler, error_middleware, json_response, read_json, tracing_middleware
 from shared.messages import handoff, notification
 from shared.records import IntegrationRecord
@@ -128,6 +127,11 @@ class WebService(SdkService):
         targets = handlers.link_targets(await read_json(request, handlers.LinkRequestsBody, limit=4096))
         for target in targets:
             handlers.check_link_target(await self.integration(target), claims.app, target)
+        limits = self.sdk.limits
+        await self.limit(request, "link-requests", claims.app, [
+            ("user", claims.user, limits.links_per_user),
+            *self.source_checks(request, claims.app, limits.links_per_ip, limits.links_per_origin,
+                                limits.links_per_app)])
         issue = handoff.IssueLinks(app_id=claims.app, user_id=claims.user, conversation_id=conversation_id,
                                    integration_ids=targets, source_integration_id=claims.integration)
         data = await self.ask(subjects.HANDOFF_ISSUE, handoff.encode(issue), "handoff")
@@ -179,8 +183,7 @@ class WebService(SdkService):
         # `notifications` limits opt-ins per source (client address, Origin) as well as per address and app.
         start = notify.start_request(
             claims.app, claims.user, conversation_id, claims.integration, body, records,
-            client_ip=client_ip(request.remote, request.headers.getall("X-Forwarded-For", []),
-                                self.config.trusted_proxies),
+            client_ip=self.client_address(request),
             origin=handlers.normalize_origin(request.headers.get("Origin", "")[:notify.MAX_ORIGIN_LENGTH]))
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_START, start, notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)}, status=201)

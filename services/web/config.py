@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.clientip import Network, env_trusted_proxies
+from shared.clientip import Network
 from shared.config import CommonConfig
 from shared.routes import DEFAULT_PORTS
 from shared.sdk_service import SdkSettings
@@ -20,12 +20,15 @@ class WebConfig:
 
     common: CommonConfig
     sdk: SdkSettings
-    trusted_proxies: tuple[Network, ...] = ()
+
+    @property
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        """The proxies whose X-Forwarded-For is believed (the SDK settings hold them)."""
+        return self.sdk.trusted_proxies
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebConfig:
         """Build and validate from THREADLINE_* variables (`os.environ` when None)."""
         env = os.environ if environ is None else environ
         common = CommonConfig.from_env(DEFAULT_PORTS["web"], env)
-        return cls(common=common, sdk=SdkSettings.from_env(common, "THREADLINE_WEB", env),
-                   trusted_proxies=env_trusted_proxies(env))
+        return cls(common=common, sdk=SdkSettings.from_env(common, "THREADLINE_WEB", env))

@@ -6,7 +6,6 @@ a second use of the code links nothing."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +15,7 @@ import pytest
 
 from shared.http import basic_auth_header
 from shared.sdk import ChannelFrame, decode_frame
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually, frames_until_ready
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -66,14 +65,8 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
                         "conversation:message", "client:add", "conversation:referral"]}]}) as resp:
                 assert resp.status == 201
             # The customer chats on the web first.
-            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
-                session = await resp.json()
+            session = await start_sdk_session(http, base, app_id, web_id, "hello from the web")
             conversation_id, user_id = session["conversationId"], session["appUserId"]
-            sdk_auth = {"Authorization": f"Bearer {session['sessionToken']}"}
-            async with http.post(f"{base}/sdk/v1/apps/{app_id}/conversations/{conversation_id}/messages",
-                                 headers=sdk_auth, json={"clientMessageId": uuid.uuid4().hex,
-                                                         "text": "hello from the web"}) as resp:
-                assert resp.status == 202
             async with http.post(f"{base}/v2/apps/{app_id}/conversations/{conversation_id}/messages", headers=auth,
                                  json={"author": {"type": "business"},
                                        "content": {"type": "text", "text": "hi, how can we help"}}) as resp:
@@ -171,8 +164,7 @@ async def test_two_identified_users_are_never_merged_by_a_link(system: System, t
                                   json={"externalId": "alice"}) as resp:
                 assert resp.status == 200, await resp.text()
             # Bob is known on the web and asks for a WhatsApp link.
-            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
-                bob_session = await resp.json()
+            bob_session = await start_sdk_session(http, base, app_id, web_id)
             bob = bob_session["appUserId"]
             async with http.patch(f"{base}/v2/apps/{app_id}/users/{bob}", headers=auth,
                                   json={"externalId": "bob"}) as resp:
@@ -240,8 +232,7 @@ async def test_a_known_channel_identity_joins_the_link_user_only_after_saying_ye
                 timeout=20.0,
                 check=lambda: _delivered(http, phone, {"from": "+15557000077", "text": "an earlier chat"}))
             earlier = await eventually(timeout=20.0, check=lambda: _user_of_message(events, "an earlier chat"))
-            async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
-                session = await resp.json()
+            session = await start_sdk_session(http, base, app_id, web_id)
             survivor = session["appUserId"]
             async with http.post(f"{base}/v2/apps/{app_id}/users/{survivor}/linkRequests", headers=auth,
                                  json={"integrationIds": [wa_id]}) as resp:

@@ -12,7 +12,7 @@ import aiohttp
 
 from shared.http import basic_auth_header
 from tests.e2e.test_handoff_channels import outbox_texts, phone_spec
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -62,8 +62,7 @@ async def test_code_shaped_words_are_the_customers_message(system: System, tmp_p
         await eventually(timeout=20.0, check=lambda: _any(outbox(), "isn't valid"))
 
         # The words above did not count against the sender: a real link still works.
-        async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
-            session = await resp.json()
+        session = await start_sdk_session(http, base, app_id, web_id)
         async with http.post(f"{base}/v2/apps/{app_id}/users/{session['appUserId']}/linkRequests", headers=auth,
                              json={"integrationIds": [wa_id]}) as resp:
             link = (await resp.json())["linkRequests"][0]

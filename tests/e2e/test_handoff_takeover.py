@@ -26,7 +26,7 @@ import pytest
 
 from shared.http import basic_auth_header
 from shared.signing import jwt_encode
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -59,9 +59,11 @@ class World:
 
     async def session(self, root: str = "sdk", integration: str = "web", code: str | None = None,
                       ) -> dict[str, Any]:
-        body: dict[str, Any] = {} if code is None else {"linkCode": code}
-        if root == "app":
-            body["device"] = {"guid": uuid.uuid4().hex, "appVersion": "1.0"}
+        device = {"device": {"guid": uuid.uuid4().hex, "appVersion": "1.0"}} if root == "app" else {}
+        if code is None:  # an anonymous visitor: their first message creates them
+            return await start_sdk_session(self.http, self.base, self.app_id, self.integrations[integration], "hi",
+                                           root=root, start_body=device)
+        body: dict[str, Any] = {"linkCode": code, **device}
         async with self.http.post(self.sdk(root, f"/integrations/{self.integrations[integration]}/sessions"),
                                   json=body) as resp:
             data: dict[str, Any] = await resp.json()

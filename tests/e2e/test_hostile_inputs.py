@@ -27,7 +27,7 @@ from shared.routes import route_for
 from shared.signing import META_SIGNATURE_HEADER, meta_signature
 from shared.twilio_wire import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
 from shared.twilio_wire import twilio_signature
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, SERVICE_ORDER, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, SERVICE_ORDER, System, start_sdk_session
 from threadline.bootstrap import AccountKey, bootstrap_sandbox, sandbox_integrations
 
 DEPTH = 2000
@@ -265,15 +265,13 @@ def check(route: PublicRoute, path: str, label: str, reply: Reply, failures: lis
 
 
 async def open_sessions(fixture: Fixture) -> None:
-    """A web and an app session, so the SDK routes are fuzzed behind a valid token too."""
+    """A web and an app session (started by a first message), so the SDK routes are fuzzed
+    behind a valid token too."""
     async with aiohttp.ClientSession() as http:
         for kind, root in (("web", "sdk"), ("app", "app")):
             integration = fixture.integrations["web" if kind == "web" else "android"]["id"]
-            url = (f"{fixture.system.base_url}/{root}/v1/apps/{fixture.info['appId']}/integrations/{integration}"
-                   "/sessions")
-            async with http.post(url, json={}) as resp:
-                assert resp.status == 201, await resp.text()
-                fixture.sessions[kind] = await resp.json()
+            fixture.sessions[kind] = await start_sdk_session(http, fixture.system.base_url, fixture.info["appId"],
+                                                             integration, root=root)
 
 
 async def test_no_public_route_answers_5xx_to_hostile_input(system: System, tmp_path: Path) -> None:

@@ -236,11 +236,18 @@ async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: B
     assert await pushes_to(business, stored["token"]) == []
     await expect(page.locator("#phone-notifications .lock-note")).to_have_count(0)
 
-    # Installing again is a new install: a new device token and a new (anonymous) user.
+    # Installing again is a new install: a new device token and a new session, which creates a new
+    # (anonymous) user with its first message only.
     await page.get_by_role("button", name="Install app").click()
     await expect(page.locator("#phone-lock")).to_be_hidden()
     await expect(page.locator("#phone-app-state")).to_have_text(re.compile("online"))
     again = await installed(page, business)
     assert again["token"] != stored["token"]
-    assert again["session"]["appUserId"] != user_id
+    assert again["session"]["sessionToken"] != stored["session"]["sessionToken"]
+    assert again["session"].get("appUserId") is None
     await expect(page.locator("#phone-thread li")).to_have_count(0)
+    await send_from_app(page, business, "Back again")
+    again = await installed(page, business)
+    assert again["session"]["appUserId"] not in (None, user_id)
+    devices = (await business.api("GET", f"/users/{again['session']['appUserId']}/devices"))["devices"]
+    assert [d["pushNotificationToken"] for d in devices] == [again["token"]]

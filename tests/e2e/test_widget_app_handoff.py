@@ -55,10 +55,12 @@ async def test_widget_hands_off_to_the_app(app_page: Page, app_shop: Shop) -> No
     widget = page.locator('[data-threadline="root"]')
     thread = page.locator("#phone-thread")
 
-    # The App phone is the page's only phone: it installs as an anonymous user of its own.
+    # The App phone is the page's only phone: it installs with a session of its own, which
+    # creates nobody until its first message.
     await expect(page.locator("#tab-app")).to_have_attribute("aria-selected", "true")
     await expect(page.locator("#phone-app-state")).to_have_text(re.compile("online"))
     own = (await installed_app(page, shop))["session"]
+    assert own["sessionToken"] and own.get("appUserId") is None and own.get("conversationId") is None
 
     # The customer chats in the web messenger; the business answers.
     await widget.locator('[data-threadline="launcher"]').click()
@@ -68,7 +70,6 @@ async def test_widget_hands_off_to_the_app(app_page: Page, app_shop: Shop) -> No
         "data-status", "confirmed")
     session = await widget_session(page, shop)
     conversation_id = session["conversationId"]
-    assert conversation_id != own["conversationId"]
     await shop.reply(conversation_id, "hi, how can we help")
     await expect(widget.locator('[data-threadline="message"][data-author="business"]')).to_contain_text(
         "hi, how can we help")
@@ -89,7 +90,7 @@ async def test_widget_hands_off_to_the_app(app_page: Page, app_shop: Shop) -> No
     await expect(page.locator("#phone-app-state")).to_have_text(re.compile("online"))
     linked = (await installed_app(page, shop))["session"]
     assert (linked["appUserId"], linked["conversationId"]) == (session["appUserId"], conversation_id)
-    assert linked["clientId"] != own["clientId"]
+    assert linked["sessionToken"] != own["sessionToken"]
 
     # The widget says where the conversation went; its history stays.
     moved = widget.locator('[data-threadline="system"][data-kind="moved"]')

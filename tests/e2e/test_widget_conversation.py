@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,9 @@ import sunshine_conversations_client as sunco
 from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from shared.sdk import SessionClaims
+from shared.sdk_service import SdkSettings, issue_tokens
+from tests.harness import SDK_TOKEN_SECRET
 from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -294,3 +298,64 @@ async def test_an_image_that_fails_to_load_shows_a_placeholder(page: Page, busin
     await expect(reply.locator('[data-threadline="image-missing"]')).to_be_visible()
     await expect(reply.locator("img")).to_have_count(0)
     await expect(reply.locator('[data-threadline="image-missing"]')).to_have_attribute("aria-label", "Our beans")
+
+
+async def users_of(system: Any, app_id: str) -> int:
+    """Users identity holds for the app (white-box: its own SQLite)."""
+    async with system.service("identity").store.db.execute("SELECT COUNT(*) FROM users WHERE app_id=?",
+                                                           (app_id,)) as cur:
+        row = await cur.fetchone()
+    return int(row[0])
+
+
+async def test_opening_the_widget_creates_nobody_until_the_first_message(system: Any, page: Page,
+                                                                         business: Business) -> None:
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if "/sdk/v1/" in request.url else None)
+    await hook(page, "launcher").click()
+    await expect(hook(page, "status")).to_have_attribute("data-state", "connected")
+    await hook(page, "input").fill("Just looking")  # typing is not a message either
+    await hook(page, "close").click()
+    await page.reload()
+    await hook(page, "launcher").click()
+    await expect(hook(page, "status")).to_have_attribute("data-state", "connected")
+    assert await users_of(system, business.app_id) == 0
+    assert not [url for url in asked if "/sessions" in url or "/conversations" in url]
+    assert await page.evaluate("key => localStorage.getItem(key)",
+                               f"threadline:{business.app_id}:{business.web_integration_id}") is None
+    # The first message creates the visitor, and the conversation the business sees.
+    await hook(page, "close").click()
+    await open_and_send(page, business, "Now a question")
+    assert await users_of(system, business.app_id) == 1
+
+
+async def test_the_widget_renews_an_expired_session_and_keeps_the_conversation(system: Any, page: Page,
+                                                                               business: Business) -> None:
+    conversation_id = await open_and_send(page, business, "Before the token expired")
+    await business.reply(conversation_id, "Noted")
+    await expect(page.locator('[data-threadline="message"][data-author="business"]')).to_have_text(["Noted"])
+    key = f"threadline:{business.app_id}:{business.web_integration_id}"
+    state = await page.evaluate("key => JSON.parse(localStorage.getItem(key))", key)
+    session = state["session"]
+    claims = SessionClaims.from_token(SDK_TOKEN_SECRET, session["sessionToken"])
+    assert claims is not None
+    settings = SdkSettings(token_secret=SDK_TOKEN_SECRET, ping_interval=20, socket_queue_size=256, request_timeout=5)
+    # Tokens issued 25 hours ago: the session token has expired, the refresh token has not.
+    old = issue_tokens(settings, claims, time.time() - 25 * 3600)
+    for expires_at, what in ((old.expires_at, "known to be expired"),
+                             ("2999-01-01T00:00:00.000Z", "expired by the service's clock only")):
+        state["session"] = {**session, "sessionToken": old.session_token, "refreshToken": old.refresh_token,
+                            "expiresAt": expires_at}
+        await page.evaluate("([key, value]) => localStorage.setItem(key, JSON.stringify(value))", [key, state])
+        await page.reload()
+        await hook(page, "launcher").click()
+        await expect(hook(page, "status")).to_have_attribute("data-state", "connected")
+        await expect(hook(page, "message")).to_have_text(["Before the token expired", "Noted"])
+        renewed = (await page.evaluate("key => JSON.parse(localStorage.getItem(key))", key))["session"]
+        assert renewed["sessionToken"] != old.session_token, what
+        assert (renewed["appUserId"], renewed["conversationId"]) == (session["appUserId"], conversation_id), what
+    await hook(page, "input").fill("Still me")
+    await hook(page, "send").click()
+    await expect(page.locator('[data-threadline="message"][data-author="user"]').last).to_have_attribute(
+        "data-status", "confirmed")
+    assert await users_of(system, business.app_id) == 1

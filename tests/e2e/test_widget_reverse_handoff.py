@@ -24,7 +24,7 @@ from shared.http import basic_auth_header
 from shared.signing import jwt_encode
 from tests.e2e.test_handoff_channels import outbox_texts
 from tests.e2e.test_widget_handoff import CHROMIUM_ARGS, TIMEOUT_MS, eventually
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
 pytestmark = pytest.mark.e2e
@@ -174,8 +174,7 @@ async def test_a_used_link_says_why_and_falls_back_to_a_fresh_chat(system: Syste
                                        system.data_dir, ("web",))
         base, app_id, web_id = system.base_url, info["appId"], info["integrations"]["web"]["id"]
         auth = basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"])
-        async with http.post(f"{base}/sdk/v1/apps/{app_id}/integrations/{web_id}/sessions") as resp:
-            owner = await resp.json()
+        owner = await start_sdk_session(http, base, app_id, web_id)
         async with http.post(f"{base}/v2/apps/{app_id}/users/{owner['appUserId']}/linkRequests", headers=auth,
                              json={"integrationIds": [web_id]}) as resp:
             link = (await resp.json())["linkRequests"][0]
@@ -202,11 +201,15 @@ async def test_a_used_link_says_why_and_falls_back_to_a_fresh_chat(system: Syste
                                      f"threadline:{app_id}:{web_id}")
         assert stored["appUserId"] != owner["appUserId"]
         assert stored["conversationId"] != owner["conversationId"]
-        # Logging out forgets it: the next chat is another anonymous visitor.
+        # Logging out forgets it: the next chat is another anonymous visitor (created by its first message).
         await page.evaluate("() => Threadline.logout()")
         assert await page.evaluate("key => localStorage.getItem(key)", f"threadline:{app_id}:{web_id}") is None
         await expect(widget.locator('[data-threadline="message"]')).to_have_count(0)
         await expect(widget.locator('[data-threadline="status"]')).to_have_attribute("data-state", "connected")
+        await widget.locator('[data-threadline="input"]').fill("me again")
+        await widget.locator('[data-threadline="input"]').press("Enter")
+        await expect(widget.locator('[data-threadline="message"][data-author="user"]')).to_have_attribute(
+            "data-status", "confirmed")
         again = await page.evaluate("key => JSON.parse(localStorage.getItem(key)).session",
                                     f"threadline:{app_id}:{web_id}")
         assert again["appUserId"] not in (stored["appUserId"], owner["appUserId"])

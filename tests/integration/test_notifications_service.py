@@ -28,7 +28,7 @@ from shared.http import basic_auth_header
 from shared.messages import notification as note
 from shared.messages.sdk_presence import ENCODER as PRESENCE_ENCODER
 from shared.messages.sdk_presence import SocketPresence
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -150,10 +150,8 @@ async def scene(system: System, tmp_path: Path, channel: str, sender: str, *,
                 "type": "custom", "webhooks": [{"target": hook_url, "triggers": [
                     "notification:delivery:channel", "notification:delivery:failure"]}]}) as resp:
             assert resp.status == 201, await resp.text()
-        async with http.post(f"{s.base}/sdk/v1/apps/{s.app_id}/integrations/{s.integration('web')}/sessions") as resp:
-            s.session = await resp.json()
+        s.session = await start_sdk_session(http, s.base, s.app_id, s.integration("web"), "hello from the web")
         s.conversation_id, s.user_id = s.session["conversationId"], s.session["appUserId"]
-        await s.web_message("hello from the web")
         async with http.post(f"{s.base}/v2/apps/{s.app_id}/users/{s.user_id}/linkRequests", headers=s.auth,
                              json={"integrationIds": [s.integration(channel)]}) as resp:
             assert resp.status == 201, await resp.text()

@@ -25,7 +25,7 @@ from services.notifications.app import NotificationsService
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import notification as note
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, service_credentials
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, service_credentials, start_sdk_session
 from tests.integration.test_notifications_service import _sms_texts, notifications_in, scene
 from tests.integration.test_web_conversation import ACCOUNT, eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -63,12 +63,8 @@ class Shop:
         return service
 
     async def session(self, app_id: str | None = None, web_id: str | None = None) -> dict[str, Any]:
-        """A new anonymous visitor (a new user) of the widget."""
-        async with self.http.post(f"{self.base}/sdk/v1/apps/{app_id or self.app_id}/integrations/"
-                                  f"{web_id or self.web_id}/sessions") as resp:
-            assert resp.status == 201, await resp.text()
-            session: dict[str, Any] = await resp.json()
-        return session
+        """A new anonymous visitor (a new user, created by their first message) of the widget."""
+        return await start_sdk_session(self.http, self.base, app_id or self.app_id, web_id or self.web_id)
 
     async def opt_in(self, session: dict[str, Any], address: str, *, channel: str = "sms", ip: str | None = None,
                      origin: str | None = None, app_id: str | None = None,

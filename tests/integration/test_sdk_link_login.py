@@ -21,7 +21,7 @@ import pytest
 from shared.http import basic_auth_header
 from shared.sdk import ErrorFrame, decode_frame
 from shared.signing import jwt_encode
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import create_app_with_web, eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -57,10 +57,11 @@ class Shop:
                                   json=body) as resp:
             return resp.status, await resp.json()
 
-    async def new_session(self) -> dict[str, Any]:
-        status, body = await self.session()
-        assert status == 201, body
-        return body
+    async def new_session(self, first_message: str = "hello from the first device") -> dict[str, Any]:
+        """A web visitor whose first message (which created their user and conversation) is stored."""
+        session = await start_sdk_session(self.http, self.base, self.app_id, self.integrations["web"], first_message)
+        await eventually(lambda: _history_has(self, session, first_message))
+        return session
 
     async def link(self, user_id: str, integration: str = "web") -> dict[str, Any]:
         body = await self.api("POST", f"/users/{user_id}/linkRequests",
@@ -118,9 +119,7 @@ async def shop(system: System, tmp_path: Path) -> AsyncIterator[Shop]:
 
 async def chatting_visitor(shop: Shop) -> dict[str, Any]:
     """A web visitor with a short exchange with the business (both messages stored)."""
-    session = await shop.new_session()
-    await shop.say(session, "hello from the first device")
-    await eventually(lambda: _history_has(shop, session, "hello from the first device"))
+    session = await shop.new_session("hello from the first device")
     await shop.reply(session["conversationId"], "hi, how can we help")
 
     async def both() -> bool:
@@ -196,8 +195,7 @@ async def test_refused_codes_link_nothing(shop: Shop, system: System) -> None:
     assert record is not None and record.failed_attempts == 0 and record.used_at is None
     # Another app's code reads like an unknown one.
     other_app, other_web = await create_app_with_web(shop.http, shop.base)
-    async with shop.http.post(f"{shop.base}/sdk/v1/apps/{other_app}/integrations/{other_web}/sessions") as resp:
-        other_user = (await resp.json())["appUserId"]
+    other_user = (await start_sdk_session(shop.http, shop.base, other_app, other_web))["appUserId"]
     async with shop.http.post(f"{shop.base}/v2/apps/{other_app}/users/{other_user}/linkRequests", headers=ACCOUNT,
                               json={"integrationIds": [other_web]}) as resp:
         assert resp.status == 201, await resp.text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import nats.js.errors
 import pytest
 
 from shared import subjects
@@ -35,7 +36,10 @@ async def presence_entries(bus: Bus) -> dict[str, sdk_presence.SocketPresence]:
             return found
         raise
     for key in keys:
-        entry = await kv.get(key)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # deleted since `keys()` listed it (a socket closed)
+            continue
         if entry.value:
             found[key] = sdk_presence.DECODER.decode(entry.value)
     return found

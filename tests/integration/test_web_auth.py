@@ -1,21 +1,29 @@
 """The web service's SDK API alone (identity + web, the integration record put in KV as
-`conversations` publishes it): auth, origin checks, durable message posts, activity, statics."""
+`conversations` publishes it, and `conversations.history` answered for the one conversation the
+tokens name, as `conversations` answers a participant): auth, origin checks, durable message
+posts, activity, statics."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import channel
+from shared.messages import conversation as conv
 from shared.records import ENCODER as RECORD_ENCODER
 from shared.records import IntegrationRecord
-from shared.sdk import ErrorFrame, SessionClaims, decode_frame
+from shared.sdk import ErrorFrame, decode_frame
+from shared.sdk_service import SdkSettings, issue_tokens, new_session_claims
+from shared.sunco import ConversationRef
 from tests.harness import SDK_TOKEN_SECRET
 
 APP = "64b000000000000000000001"
@@ -27,9 +35,14 @@ async def put_integration(bus: Bus, record: IntegrationRecord) -> None:
     await kv.put(record.id, RECORD_ENCODER.encode(record))
 
 
-def token(conversation: str = "c" * 24, app: str = APP, integration: str = WEB) -> str:
-    return SessionClaims(app=app, user="u" * 24, client="k" * 24, integration=integration,
-                         channel_user_id="cu-1", conversation=conversation).to_token(SDK_TOKEN_SECRET)
+SETTINGS = SdkSettings(token_secret=SDK_TOKEN_SECRET, ping_interval=20, socket_queue_size=256, request_timeout=5)
+
+
+def token(conversation: str = "c" * 24, app: str = APP, integration: str = WEB,
+          secret: str = SDK_TOKEN_SECRET) -> str:
+    claims = new_session_claims(app, integration, "cu-1", time.time(), user="u" * 24, client="k" * 24,
+                                conversation=conversation)
+    return issue_tokens(dataclasses.replace(SETTINGS, token_secret=secret), claims, time.time()).session_token
 
 
 async def inbound_messages(bus: Bus, integration: str = WEB) -> list[tuple[Any, str | None]]:
@@ -47,8 +60,22 @@ async def inbound_messages(bus: Bus, integration: str = WEB) -> list[tuple[Any, 
         await sub.unsubscribe()
 
 
+async def answer_history(msg: Msg) -> None:
+    """`conversations.history` as `conversations` answers it: the tokens' conversation exists and
+    its user is a participant; any other is not found."""
+    request = conv.decode_request(msg.data)
+    assert isinstance(request, conv.GetHistory)
+    if request.conversation_id == "c" * 24 and request.user_id == "u" * 24:
+        reply: conv.ConversationRequest = conv.HistoryPage(
+            conversation=ConversationRef(id=request.conversation_id, type="personal"), messages=[])
+    else:
+        reply = conv.ConversationError(status=404, code="conversation_not_found", title="Conversation not found")
+    await msg.respond(conv.ENCODER.encode(reply))
+
+
 @pytest.fixture
 async def web(system: Any, bus: Bus) -> Any:
+    await bus.nc.subscribe(subjects.CONVERSATIONS_HISTORY, cb=answer_history)
     await put_integration(bus, IntegrationRecord(id=WEB, app_id=APP, type="web",
                                                  config={"originWhitelist": ["https://shop.example"]}))
     await put_integration(bus, IntegrationRecord(id="64b0000000000000000000b2", app_id=APP, type="whatsapp"))
@@ -58,8 +85,7 @@ async def web(system: Any, bus: Bus) -> Any:
 
 async def test_requests_without_a_valid_token_are_401(web: Any) -> None:
     base = f"{web.base_url}/sdk/v1/apps/{APP}/conversations/{'c' * 24}"
-    forged = SessionClaims(app=APP, user="u" * 24, client="k" * 24, integration=WEB,
-                           channel_user_id="x").to_token("not-the-server-secret-000000")
+    forged = token(secret="not-the-server-secret-000000")
     async with aiohttp.ClientSession() as http:
         for headers in ({}, {"Authorization": "Bearer nonsense"}, {"Authorization": f"Bearer {forged}"},
                         {"Authorization": f"Bearer {token(app='64b000000000000000000009')}"}):

@@ -21,7 +21,7 @@ from shared.sdk import (
     TypingFrame,
     decode_frame,
 )
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, start_sdk_session
 
 ACCOUNT = {"Authorization": "Basic " + base64.b64encode(f"{ACCOUNT_KEY_ID}:{ACCOUNT_KEY_SECRET}".encode()).decode()}
 
@@ -39,11 +39,20 @@ async def create_app_with_web(http: aiohttp.ClientSession, base_url: str,
     return app_id, integration_id
 
 
+FIRST_MESSAGE = "hello, first message"
+
+
 async def create_session(http: aiohttp.ClientSession, base_url: str, app_id: str,
                          integration_id: str) -> dict[str, Any]:
-    async with http.post(f"{base_url}/sdk/v1/apps/{app_id}/integrations/{integration_id}/sessions") as resp:
-        assert resp.status == 201, await resp.text()
-        session: dict[str, Any] = await resp.json()
+    """A visitor whose first message (which created their user and conversation) is stored."""
+    session = await start_sdk_session(http, base_url, app_id, integration_id, FIRST_MESSAGE)
+
+    async def stored() -> bool:
+        async with http.get(f"{base_url}/sdk/v1/apps/{app_id}/conversations/{session['conversationId']}/messages",
+                            headers={"Authorization": f"Bearer {session['sessionToken']}"}) as resp:
+            return bool((await resp.json())["messages"])
+
+    await eventually(stored)
     return session
 
 
@@ -101,7 +110,8 @@ async def test_session_post_and_history(stack: Any) -> None:
     async with aiohttp.ClientSession() as http:
         app_id, integration_id = await create_app_with_web(http, stack.base_url)
         session = await create_session(http, stack.base_url, app_id, integration_id)
-        assert set(session) == {"appUserId", "clientId", "conversationId", "sessionToken"}
+        assert set(session) == {"appUserId", "clientId", "conversationId", "sessionToken", "refreshToken",
+                                "expiresAt", "clientMessageId"}
         sdk = f"{stack.base_url}/sdk/v1/apps/{app_id}/conversations/{session['conversationId']}"
         auth = {"Authorization": f"Bearer {session['sessionToken']}"}
         client_message_id = str(uuid.uuid4())
@@ -114,10 +124,12 @@ async def test_session_post_and_history(stack: Any) -> None:
             async with http.get(f"{sdk}/messages", headers=auth) as resp:
                 assert resp.status == 200
                 page = await resp.json()
-            return page["messages"] or None
+            return page["messages"] if len(page["messages"]) > 1 else None
 
         entries = await eventually(history)
-        assert len(entries) == 1
+        assert len(entries) == 2
+        assert entries[0]["message"]["content"] == {"type": "text", "text": FIRST_MESSAGE}
+        entries = entries[1:]
         message = entries[0]["message"]
         assert message["author"]["type"] == "user" and message["author"]["userId"] == session["appUserId"]
         assert message["content"] == {"type": "text", "text": "hello"}
@@ -164,7 +176,8 @@ async def test_socket_resumes_from_cursor_with_exactly_the_missed_messages(stack
         first = await business_message(http, stack.base_url, app_id, conversation_id, "one")
         async with http.ws_connect(socket_url) as ws:
             history, ready = await frames_until_ready(ws)
-            assert [f.message.id for f in history] == [first["id"]]
+            assert [f.message.content.text for f in history[:1]] == [FIRST_MESSAGE]  # type: ignore[union-attr]
+            assert [f.message.id for f in history[1:]] == [first["id"]]
             assert ready.cursor == history[-1].cursor
             # Live: a message, the business typing and reading.
             second = await business_message(http, stack.base_url, app_id, conversation_id, "two")
@@ -206,7 +219,7 @@ async def test_events_published_during_history_replay_are_not_lost_or_doubled(st
             seen: list[MessageFrame] = []
             while len(seen) < len(sent):
                 frame = await next_frame(ws)
-                if isinstance(frame, MessageFrame):
+                if isinstance(frame, MessageFrame) and frame.message.author.type == "business":
                     seen.append(frame)
             assert sorted(f.message.id for f in seen) == sorted(m["id"] for m in sent)
             cursors = [f.cursor for f in seen]
@@ -228,6 +241,6 @@ async def test_idle_socket_gets_heartbeat_pings(system: Any) -> None:
         async with http.ws_connect(f"{system.base_url}/sdk/v1/apps/{app_id}/conversations/"
                                    f"{session['conversationId']}/socket?token={session['sessionToken']}") as ws:
             history, ready = await frames_until_ready(ws)
-            assert history == [] and ready.cursor == 0 and ready.ping_interval == 0.2
+            assert len(history) == 1 and ready.cursor == history[0].cursor and ready.ping_interval == 0.2
             pings = [await next_frame(ws) for _ in range(2)]
             assert all(isinstance(p, PingFrame) for p in pings)

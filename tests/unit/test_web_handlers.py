@@ -34,8 +34,9 @@ from shared.sunco import (
 )
 
 SECRET = "unit-test-sdk-secret-0123456789"
-CLAIMS = SessionClaims(app="app1", user="u1", client="c1", integration="i1", channel_user_id="cu1",
-                       conversation="conv1")
+NOW = 1_800_000_000
+CLAIMS = SessionClaims(typ="session", app="app1", user="u1", client="c1", integration="i1", channel_user_id="cu1",
+                       conversation="conv1", iat=NOW, exp=NOW + 3600, sst=NOW)
 REF = ConversationRef(id="conv1", type="personal")
 
 
@@ -45,16 +46,16 @@ def web_record(**config: object) -> IntegrationRecord:
 
 def test_token_round_trip_and_tampering() -> None:
     token = CLAIMS.to_token(SECRET)
-    assert sdk_service.authenticate(SECRET, token, "app1") == CLAIMS
+    assert sdk_service.authenticate(SECRET, token, "app1", NOW) == CLAIMS
     body, sig = token.split(".")
-    forged = SessionClaims(app="app1", user="u2", client="c1", integration="i1", channel_user_id="cu1")
+    forged = msgspec.structs.replace(CLAIMS, user="u2")
     forged_body = forged.to_token("another-secret-0123456789").split(".")[0]
     for bad in (None, "", "garbage", f"{forged_body}.{sig}", f"{body}.{sig}x", CLAIMS.to_token("other-secret")):
         with pytest.raises(ApiError) as exc:
-            sdk_service.authenticate(SECRET, bad, "app1")
+            sdk_service.authenticate(SECRET, bad, "app1", NOW)
         assert exc.value.status == 401
     with pytest.raises(ApiError) as exc:
-        sdk_service.authenticate(SECRET, token, "another-app")
+        sdk_service.authenticate(SECRET, token, "another-app", NOW)
     assert exc.value.status == 401
 
 

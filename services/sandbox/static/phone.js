@@ -361,6 +361,39 @@
     }
 
     // --- install and session -------------------------------------------------------------------
+    // An app session is pending until its first message, which creates the user and registers
+    // this install (its device goes with that message). The session token expires: the app
+    // renews it with its refresh token shortly before, or after a 401.
+
+    const REFRESH_MARGIN_MS = 5 * 60 * 1000;
+    const started = () => !!(stored.session && stored.session.conversationId);
+    const needsRefresh = () => !!stored.session &&
+      (stored.session.stale || (Date.parse(stored.session.expiresAt) || 0) - Date.now() < REFRESH_MARGIN_MS);
+
+    function deviceBody() {
+      return {guid: stored.guid, pushNotificationToken: stored.token, appVersion: APP_VERSION,
+              info: {os: "Android", osVersion: "15", devicePlatform: "sandbox", appName: businessName}};
+    }
+
+    function keepSession(answer) {
+      stored.session = {appUserId: answer.appUserId, clientId: answer.clientId, conversationId: answer.conversationId,
+                        sessionToken: answer.sessionToken, refreshToken: answer.refreshToken,
+                        expiresAt: answer.expiresAt};
+      save();
+    }
+
+    // New tokens for the session; a refused refresh (the session ended) starts a new one.
+    let refreshing = null;
+    function refresh() {
+      if (!refreshing) {
+        const session = stored.session;
+        refreshing = call(appPath("/sessions/refresh"), "POST", {refreshToken: session.refreshToken})
+          .then((answer) => { if (stored.session === session) keepSession(answer); })
+          .catch((e) => { if (e.status === 401 && stored.session === session) dropSession(); else throw e; })
+          .finally(() => { refreshing = null; });
+      }
+      return refreshing;
+    }
 
     async function install() {
       busy = true;
@@ -375,11 +408,8 @@
         }
         if (!stored.session || linkCode) {
           const code = linkCode;
-          const body = {
-            device: {guid: stored.guid, pushNotificationToken: stored.token, appVersion: APP_VERSION,
-                     info: {os: "Android", osVersion: "15", devicePlatform: "sandbox", appName: businessName}},
-          };
-          if (code) body.linkCode = code;
+          // A linked session joins an existing user: its install is registered at once.
+          const body = code ? {linkCode: code, device: deviceBody()} : {};
           let session;
           try {
             session = await call(appPath("/integrations/" + enc(ch.integrationId) + "/sessions"), "POST", body);
@@ -399,9 +429,7 @@
             businessReadAt = 0;
             typingUntil = 0;
           }
-          stored.session = {appUserId: session.appUserId, clientId: session.clientId,
-                            conversationId: session.conversationId, sessionToken: session.sessionToken};
-          save();
+          keepSession(session);
         }
         attempt = 0;
         retryAt = 0;
@@ -451,7 +479,8 @@
         socket = null;
         socketReady = false;
         const code = event.code < 4000 && refusedWith ? 4000 + refusedWith : event.code;
-        if (code === 4401 || code === 4404) { dropSession(); retryAt = 0; } else backOff();
+        if (code === 4401 && stored.session) { stored.session.stale = true; retryAt = 0; }
+        else if (code === 4404) { dropSession(); retryAt = 0; } else backOff();
         updateChrome();
       };
       updateChrome();
@@ -495,7 +524,7 @@
 
     // The customer has seen the business's messages: the business gets conversation:read.
     function markRead() {
-      if (!socketReady || stored.closed || document.visibilityState !== "visible") return;
+      if (!socketReady || !started() || stored.closed || document.visibilityState !== "visible") return;
       let newest = 0;
       for (const entry of messages.values()) {
         if (entry.message && (entry.message.author || {}).type === "business" && entry.cursor > newest) newest = entry.cursor;
@@ -504,7 +533,10 @@
       readSentCursor = newest;
       const session = stored.session;
       call(appPath("/conversations/" + enc(session.conversationId) + "/activity"), "POST",
-        {type: "conversation:read"}, session.sessionToken).catch(() => { readSentCursor = 0; });
+        {type: "conversation:read"}, session.sessionToken).catch((e) => {
+        readSentCursor = 0;
+        if (e.status === 401) session.stale = true;
+      });
     }
 
     // --- sending -------------------------------------------------------------------------------
@@ -523,16 +555,26 @@
       show();
       scrollToNewest();
       try {
-        await call(appPath("/conversations/" + enc(session.conversationId) + "/messages"), "POST",
-          {clientMessageId: id, text}, session.sessionToken);
+        if (needsRefresh()) await refresh();
+        const now = stored.session;
+        if (!now) throw new Error("the session ended");
+        if (!started()) {
+          // The first message: it creates the user, registers this install, and brings the session.
+          keepSession(await call(appPath("/conversations"), "POST", {clientMessageId: id, text, device: deviceBody()},
+            now.sessionToken));
+        } else {
+          await call(appPath("/conversations/" + enc(now.conversationId) + "/messages"), "POST",
+            {clientMessageId: id, text}, now.sessionToken);
+        }
         if (entry.pending) entry.pending.status = "sent";
         showError("");
       } catch (e) {
         if (entry.pending) entry.pending.status = "failed";
         showError("Not sent: " + e.message);
-        if (e.status === 401) dropSession();
+        if (e.status === 401 && stored.session) stored.session.stale = true;
       }
       show();
+      tick();
     }
 
     // --- the lock screen -----------------------------------------------------------------------
@@ -653,7 +695,7 @@
       if (stored.uninstalled) return "Not installed";
       if (!stored.session) return "Installing…";
       if (stored.closed) return "Closed · notifications on";
-      return socketReady ? "Open · online" : "Open · connecting…";
+      return socketReady || !started() ? "Open · online" : "Open · connecting…";
     }
 
     function updateChrome() {
@@ -760,7 +802,16 @@
       }
       if (baselineNeeded) pollOutbox();
       if (!socket) {
-        if (Date.now() >= retryAt) connect();
+        // Before the first message there is no conversation to listen to.
+        if (!started() || Date.now() < retryAt) return;
+        if (needsRefresh()) {
+          if (!busy) {
+            busy = true;
+            refresh().catch(() => backOff()).finally(() => { busy = false; tick(); });
+          }
+          return;
+        }
+        connect();
       } else if (Date.now() - lastFrameAt > (socketReady ? pingMs * 2.5 : 10000)) {
         // A socket that went silent is dead even if not closed: resume from the cursor.
         dropSocket();

@@ -4,9 +4,11 @@
  *   <script src="https://threadline.example.com/widget/threadline.js"></script>
  *   <script>Threadline.init({appId: "...", integrationId: "..."});</script>
  *
- * Talks to the `web` service: POST .../sessions once (the session is kept in localStorage),
- * POST messages/activity, and one WebSocket that replays history after the last cursor seen
- * and then streams live frames. Stable hooks for tests and styling: [data-threadline=...].
+ * Talks to the `web` service: POST .../sessions once (the session is kept in localStorage; it
+ * is pending, and creates nobody, until the first message, POST .../conversations, starts the
+ * conversation), POST messages/activity, POST .../sessions/refresh before the session token
+ * expires, and one WebSocket that replays history after the last cursor seen and then streams
+ * live frames. Stable hooks for tests and styling: [data-threadline=...].
  */
 (function () {
   "use strict";
@@ -30,6 +32,7 @@
   var TYPING_IDLE_MS = 3000;
   var BUSINESS_TYPING_TIMEOUT_MS = 15000;
   var CONNECT_TIMEOUT_MS = 10000;
+  var REFRESH_MARGIN_MS = 5 * 60 * 1000;   // renew the session token this long before it expires
 
   var CSS = [
     ".tl-root{position:fixed;right:20px;bottom:20px;z-index:2147483000;font:14px/1.4 system-ui,-apple-system,",
@@ -654,8 +657,8 @@
       .then(function (body) {
         if (body && Array.isArray(body.channels)) {
           self.channels = body.channels.filter(function (c) { return c && c.integrationId && c.type; });
-          self.continueButton.hidden = self.channels.length === 0;
           self.onNotifyChannels(body.notificationChannels);
+          self.updateStartedUi();
         }
       })
       .catch(function () { /* no button then; the chat works without it */ });
@@ -736,14 +739,14 @@
     this.handoffRequest = request;
     this.handoffFrame("Continue on " + name);
     this.handoff.appendChild(el("div", {"class": "tl-hint", "role": "status"}, "Getting your link\u2026"));
-    this.ensureSession().then(function (session) {
+    this.ensureStarted().then(function (session) {
       return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
         "/linkRequests", {integrationIds: [channel.integrationId]});
     }).then(function (res) {
       return res.json().catch(function () { return {}; }).then(function (body) {
         if (!res.ok) {
           if (res.status === 401) {
-            self.resetSession();
+            self.sessionRefused();
           }
           var title = body && body.errors && body.errors[0] && body.errors[0].title;
           throw new Error(title || "HTTP " + res.status);
@@ -902,7 +905,7 @@
       " when you reply";
     this.notifyButton.setAttribute("aria-label", label);
     this.notifyButton.setAttribute("title", label);
-    this.notifyButton.hidden = this.notifyChannels.length === 0;
+    this.updateStartedUi();
   };
 
   Widget.prototype.toggleNotify = function () {
@@ -955,14 +958,14 @@
   // An opt-in call with the session (created on first use); rejects with the server's message.
   Widget.prototype.notifyCall = function (method, path, body) {
     var self = this;
-    return this.ensureSession().then(function (session) {
+    return this.ensureStarted().then(function (session) {
       return self.request(method, "/conversations/" + encodeURIComponent(session.conversationId) +
         "/notificationOptIns" + path, body);
     }).then(function (res) {
       return res.json().catch(function () { return {}; }).then(function (data) {
         if (!res.ok) {
           if (res.status === 401) {
-            self.resetSession();
+            self.sessionRefused();
           }
           var title = data && data.errors && data.errors[0] && data.errors[0].title;
           var text = title || "Something went wrong (" + res.status + "). Please try again.";
@@ -1049,7 +1052,7 @@
     if (first) {
       first.focus();
     }
-    if (this.session) {
+    if (this.started()) {
       this.notifyCall("GET", "").then(function (data) {
         if (self.notifyView !== view) {
           return;
@@ -1139,11 +1142,20 @@
   };
 
   // --- session --------------------------------------------------------------------------------
+  // A session starts pending: a token and nothing else, so opening the widget creates nobody.
+  // The first message (POST …/conversations) creates the visitor's user and conversation and
+  // answers with the session's new tokens. The session token expires (`expiresAt`); the refresh
+  // token gets a new pair, before expiry or after a 401, without the visitor noticing.
 
   Widget.prototype.persist = function () {
     this.state.session = this.session;
     this.state.readCursor = this.readCursor;
     save(this.storageKey, this.session ? this.state : null);
+  };
+
+  // Whether the session's conversation exists (its first message was accepted).
+  Widget.prototype.started = function () {
+    return !!(this.session && this.session.conversationId);
   };
 
   Widget.prototype.ensureSession = function () {
@@ -1153,6 +1165,10 @@
       return this.linkPromise.then(function () { return self.ensureSession(); });
     }
     if (this.session) {
+      var expiresAt = Date.parse(this.session.expiresAt) || 0;
+      if (this.session.stale || expiresAt - Date.now() < REFRESH_MARGIN_MS) {
+        return this.refreshSession();
+      }
       return Promise.resolve(this.session);
     }
     if (!this.sessionPromise) {
@@ -1177,6 +1193,107 @@
     return this.sessionPromise;
   };
 
+  // New tokens for the session (same user and conversation). A refusal (the session ended, or its
+  // refresh token expired) starts over: the next call makes a new session.
+  Widget.prototype.refreshSession = function () {
+    var self = this;
+    var session = this.session;
+    if (!session || !session.refreshToken) {
+      this.resetSession();
+      return this.ensureSession();
+    }
+    if (!this.refreshPromise) {
+      this.refreshPromise = fetch(this.apiUrl("/sessions/refresh"), {
+        method: "POST",
+        headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({refreshToken: session.refreshToken}),
+        credentials: "omit",
+        mode: "cors"
+      }).then(function (res) {
+        if (res.status === 401) {
+          if (self.session === session) {
+            self.resetSession();
+          }
+          return self.ensureSession();
+        }
+        if (!res.ok) {
+          var error = new Error("refresh refused: " + res.status);
+          error.status = res.status;
+          throw error;
+        }
+        return res.json().then(function (tokens) {
+          if (self.session === session) {
+            self.session = Object.assign({}, session, tokens);
+            delete self.session.stale;
+            self.persist();
+          }
+          return self.session;
+        });
+      }).finally(function () { self.refreshPromise = null; });
+    }
+    return this.refreshPromise;
+  };
+
+  // A 401 from the service: the token expired early (clock skew) or the session ended. The next
+  // call refreshes, which tells the two apart.
+  Widget.prototype.sessionRefused = function () {
+    if (this.session) {
+      this.session.stale = true;
+    }
+  };
+
+  // The session's first message: creates its user and conversation, and brings the real session.
+  // Resolves to {ok, status} like a message POST; a message sent meanwhile waits for it.
+  Widget.prototype.startConversation = function (item) {
+    var self = this;
+    var session = this.session;
+    if (this.startPromise) {
+      return this.startPromise.then(function () { return self.postMessage(item); });
+    }
+    this.startPromise = this.request("POST", "/conversations", {clientMessageId: item.id, text: item.text})
+      .then(function (res) {
+        if (!res.ok) {
+          return {ok: false, status: res.status};
+        }
+        return res.json().then(function (body) {
+          if (self.session === session) {
+            self.session = {appUserId: body.appUserId, clientId: body.clientId, conversationId: body.conversationId,
+              sessionToken: body.sessionToken, refreshToken: body.refreshToken, expiresAt: body.expiresAt};
+            self.persist();
+            self.updateStartedUi();
+            // Now there is a conversation to listen to; its history brings this message back.
+            if (!self.socket) {
+              self.connect();
+            }
+          }
+          return {ok: true, status: res.status};
+        });
+      }).finally(function () { self.startPromise = null; });
+    return this.startPromise;
+  };
+
+  // The session, once its conversation exists (for calls about the conversation).
+  Widget.prototype.ensureStarted = function () {
+    return this.ensureSession().then(function (session) {
+      if (!session.conversationId) {
+        throw new Error("no conversation yet: send a message first");
+      }
+      return session;
+    });
+  };
+
+  // POST a message with the current session: the first one starts the conversation.
+  Widget.prototype.postMessage = function (item) {
+    var self = this;
+    return this.ensureSession().then(function (session) {
+      if (!session.conversationId) {
+        return self.startConversation(item);
+      }
+      return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
+        "/messages", {clientMessageId: item.id, text: item.text});
+    });
+  };
+
   // The session is no longer valid (secret rotated, integration removed): start over.
   Widget.prototype.resetSession = function () {
     this.session = null;
@@ -1184,6 +1301,18 @@
     this.readCursor = 0;
     this.lastCursor = null;
     save(this.storageKey, null);
+    this.updateStartedUi();
+  };
+
+  // "Continue on…" and "Notify me" need the conversation: they appear with its first message.
+  Widget.prototype.updateStartedUi = function () {
+    var started = this.started();
+    this.continueButton.hidden = !started || !this.channels || this.channels.length === 0;
+    this.notifyButton.hidden = !started || this.notifyChannels.length === 0;
+    if (!started) {
+      this.hideHandoff();
+      this.hideNotify();
+    }
   };
 
   // --- handoff link codes, login and logout ----------------------------------------------------
@@ -1209,6 +1338,7 @@
     this.outbox = [];
     this.saveOutbox();
     this.persist();
+    this.updateStartedUi();
   };
 
   // Redeem `code` (POST …/sessions {linkCode}). Refused (expired, used, …): say why in the thread
@@ -1278,18 +1408,23 @@
         return body;
       });
     }).then(function (body) {
-      var sameConversation = self.session && self.session.conversationId === body.conversationId;
+      var sameConversation = !self.started() || self.session.conversationId === body.conversationId;
       self.session = {appUserId: body.appUserId, clientId: body.clientId, conversationId: body.conversationId,
-        sessionToken: body.sessionToken, externalId: body.externalId};
+        sessionToken: body.sessionToken, refreshToken: body.refreshToken, expiresAt: body.expiresAt,
+        externalId: body.externalId};
       if (!sameConversation) {
         // A login that moved this browser alone to the account ("separated") continues in the
         // account's conversation: what the old one showed is not the account's.
         self.clearThread();
       }
       self.persist();
-      // The socket was opened with the old token: reopen it with the new one (it resumes by cursor).
+      self.updateStartedUi();
+      // The socket was opened with the old token (or not at all, before the first message):
+      // (re)open it with the new one (it resumes by cursor).
       if (self.socket) {
         self.dropSocket();
+        self.connect();
+      } else if (self.isOpen) {
         self.connect();
       }
       return {appUserId: body.appUserId, externalId: body.externalId, conversationId: body.conversationId,
@@ -1336,13 +1471,23 @@
     }
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = null;
+    if (!this.session && !this.linkPromise) {
+      // Nothing to listen to before the first message, and no session needed to show the panel.
+      this.setStatus("connected", "Online");
+      this.flushOutbox();
+      return;
+    }
     this.setStatus(this.reconnectAttempt ? "reconnecting" : "connecting",
       this.reconnectAttempt ? "Reconnecting\u2026" : "Connecting\u2026");
     this.ensureSession().then(function (session) {
       if (self.destroyed || self.socket) {
         return;
       }
-      self.openSocket(session);
+      if (!session.conversationId) {
+        self.setStatus("connected", "Online");
+      } else {
+        self.openSocket(session);
+      }
       self.flushOutbox();
     }).catch(function (error) {
       if (error && error.status && error.status >= 400 && error.status < 500 && error.status !== 429) {
@@ -1447,8 +1592,12 @@
       code = 4000 + this.closeReason;
     }
     this.closeReason = 0;
-    if (code === 4401 || code === 4404) {
-      // The session is not valid any more: a fresh one (new anonymous user) on next connect.
+    if (code === 4401) {
+      // The token expired (or the session ended): the reconnect refreshes it first, and starts
+      // over only if the refresh is refused too.
+      this.sessionRefused();
+    } else if (code === 4404) {
+      // The conversation is gone: a fresh session on the next message.
       this.resetSession();
     } else if (code === 4403) {
       this.setStatus("error", "Chat not allowed on this site");
@@ -1580,10 +1729,7 @@
       if (self.destroyed) {
         return Promise.resolve();
       }
-      return self.ensureSession().then(function (session) {
-        return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
-          "/messages", {clientMessageId: item.id, text: item.text});
-      }).then(function (res) {
+      return self.postMessage(item).then(function (res) {
         var node = self.pending[item.id];
         if (res.ok) {
           if (node && node.getAttribute("data-status") === "pending") {
@@ -1592,7 +1738,7 @@
           return null;
         }
         if (res.status === 401) {
-          self.resetSession();
+          self.sessionRefused();
         }
         if (res.status >= 400 && res.status < 500 && res.status !== 401 && res.status !== 408 &&
             res.status !== 429) {
@@ -1615,13 +1761,15 @@
 
   Widget.prototype.activity = function (type) {
     var self = this;
-    if (!this.session) {
+    if (!this.started()) {
       return;
     }
-    this.request("POST", "/conversations/" + encodeURIComponent(this.session.conversationId) + "/activity",
-      {type: type}).then(function (res) {
+    this.ensureStarted().then(function (session) {
+      return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) + "/activity",
+        {type: type});
+    }).then(function (res) {
       if (res.status === 401) {
-        self.resetSession();
+        self.sessionRefused();
       }
     }).catch(function () { /* best effort: typing/read are not worth retrying */ });
   };
@@ -1653,7 +1801,7 @@
   };
 
   Widget.prototype.maybeSendRead = function () {
-    if (!this.isReading() || !this.session || this.latestBusinessCursor <= this.readCursor) {
+    if (!this.isReading() || !this.started() || this.latestBusinessCursor <= this.readCursor) {
       return;
     }
     this.readCursor = this.latestBusinessCursor;
