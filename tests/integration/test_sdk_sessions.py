@@ -22,7 +22,14 @@ from shared.http import basic_auth_header
 from shared.sdk import ErrorFrame, SessionClaims, decode_frame
 from shared.sdk_service import SdkSettings, issue_tokens, new_session_claims
 from shared.signing import jwt_encode, sign_token
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, SDK_TOKEN_SECRET, System, start_sdk_session
+from tests.harness import (
+    ACCOUNT_KEY_ID,
+    ACCOUNT_KEY_SECRET,
+    SDK_TOKEN_SECRET,
+    System,
+    service_credentials,
+    start_sdk_session,
+)
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -234,7 +241,7 @@ async def test_replicas_share_the_session_budget(system: System, tmp_path: Path,
                                                  http: aiohttp.ClientSession) -> None:
     shop = await open_shop(system, tmp_path, http, LIMITED)
     # A second web replica on the same NATS, reached directly (its peer address is the client's).
-    second = web_app.create({**system.env, **LIMITED})
+    second = web_app.create({**system.env, **service_credentials("web"), **LIMITED})
     await second.start()
     try:
         other_base = f"http://127.0.0.1:{second.port}"
