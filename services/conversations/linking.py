@@ -5,9 +5,9 @@ conversation.
 A link code must never give its holder anything the redeemer had before. A channel identity
 that is new, or that has nothing (no messages, no other clients, no externalId), simply joins
 the code's user. One that already holds history is not merged on the code alone: the customer
-is asked on that channel, with what would be shared, and only a yes merges it in
-(`PendingMerge`); a no or silence links nothing. Two users with different externalIds are
-never merged at all.
+is asked on that channel, with what would be shared, and only "YES <the question's number>"
+merges it in (`PendingMerge`); a no or silence links nothing. An identified user (externalId)
+is never merged by a link at all (identity refuses it).
 
 The reverse path shares the same linking (`Linker.link_arrival`): a web or app SDK session
 created with a `linkCode` (`conversation.sdk.link`) gets a new `sdk` client on the code's user
@@ -23,6 +23,8 @@ message is ever dropped.
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,7 @@ from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
-from shared.sunco import Client, ClientType, DeliveryError, Message, Source, TextContent, User
+from shared.sunco import Client, ClientType, Content, DeliveryError, Message, Source, TextContent, User
 
 if TYPE_CHECKING:
     from services.conversations.handlers import Conversations
@@ -54,7 +56,8 @@ RECAP_LINE_MAX_CHARS = 200
 THEFT_MESSAGE = ("This chat is already linked to another account, so the conversation could not be moved here. "
                  "Please continue where you started.")
 # How long a customer has to confirm a merge on the channel that holds the history.
-CONFIRM_TTL_SECONDS = 3600.0
+CONFIRM_TTL_SECONDS = 900.0
+_CONFIRMATION = re.compile(r"^\W*yes\W*(\d{4})\W*$", re.IGNORECASE)
 
 
 def link_code(msg: chan.InboundMessage) -> tuple[str, bool] | None:
@@ -114,13 +117,20 @@ def _messages(count: int) -> str:
     return "1 message" if count == 1 else f"{count} messages"
 
 
-def link_question(business: str, count: int, since: float | None) -> str:
-    """What a redeemer whose chat holds history is asked, with what a yes would share."""
+def link_question(business: str, count: int, since: float | None, answer: str) -> str:
+    """What a redeemer whose chat holds history is asked, with what a yes would share and the
+    number the yes must carry."""
     held = f"your earlier conversation with {business} ({_messages(count)}{_since(since)})" if count else \
         f"your earlier details with {business}"
     return (f"You opened a link to continue a conversation with {business} here. This chat already holds "
-            f"{held}. Reply YES to bring them together: your earlier messages will be shared with whoever "
-            f"continues the linked conversation. Reply NO to keep this chat as it is.")
+            f"{held}. To bring them together, reply YES {answer}: your earlier messages will be shared with "
+            f"whoever continues the linked conversation. Reply NO to keep this chat as it is.")
+
+
+def confirms(content: Content, answer: str) -> bool:
+    """Whether the customer's message is the yes asked for: YES and the question's number."""
+    match = _CONFIRMATION.match(content.text) if isinstance(content, TextContent) else None
+    return match is not None and match.group(1) == answer
 
 
 def declined_text(business: str) -> str:
@@ -355,36 +365,36 @@ class Linker:
                         need: NeedsConfirmation) -> None:
         """Ask the redeemer, on the channel that holds their history, whether to bring it along."""
         at = now()
+        answer = f"{secrets.randbelow(10_000):04d}"
         async with self.conversations.store.tx():
             await self.conversations.store.put_pending_merge(PendingMerge(
                 client_id=need.client.id, app_id=msg.app_id, surviving_user_id=redeemed.user_id,
                 discarded_user_id=need.owner.id, conversation_id=redeemed.conversation_id,
-                integration_id=msg.integration_id, client_type=need.client.type, code=code, created_at=at,
-                expires_at=at + self.confirm_ttl))
+                integration_id=msg.integration_id, client_type=need.client.type, code=code, answer=answer,
+                created_at=at, expires_at=at + self.confirm_ttl))
         business = await self.conversations.business_name(msg.app_id)
         await self._send(msg.app_id, need.client, need.owner.id, "",
-                         link_question(business, need.messages, need.since))
+                         link_question(business, need.messages, need.since, answer))
         log.info("link code redeemed by %s client %s which holds history: asked to confirm", msg.channel,
                  need.client.id)
 
     async def on_inbound(self, msg: chan.InboundMessage, user: User, client: Client) -> bool:
-        """A message from a client asked to confirm a merge: a yes merges, a no declines (both
-        consumed: True); anything else is the customer's message (False), the question stands."""
+        """A message from a client asked to confirm a merge. Only "YES <the question's number>"
+        merges (consumed: True): a plain "yes" or "ok" may answer anything else. A no declines
+        and, like anything else, is still the customer's message (False)."""
         pending = self.conversations.store.pending_merge_now(client.id)
         if pending is None:
             return False
         if pending.discarded_user_id != user.id or pending.expires_at <= now():
             await self._end(pending, "linkFailed", "link_expired", "The link was not confirmed in time")
             return False
-        answer = yes_or_no(msg.content, msg.postback.payload if msg.postback else None)
-        if answer is None:
+        if not confirms(msg.content, pending.answer):
+            if yes_or_no(msg.content) is False:
+                business = await self.conversations.business_name(msg.app_id)
+                await self._send(msg.app_id, client, user.id, "", declined_text(business))
+                await self._end(pending, "linkCancelled", "link_cancelled", "The user declined the link")
+                log.info("client %s declined to bring its history into a link", client.id)
             return False
-        if answer is False:
-            business = await self.conversations.business_name(msg.app_id)
-            await self._send(msg.app_id, client, user.id, "", declined_text(business))
-            await self._end(pending, "linkCancelled", "link_cancelled", "The user declined the link")
-            log.info("client %s declined to bring its history into a link", client.id)
-            return True
         redeemed = handoff.CodeRedeemed(app_id=pending.app_id, user_id=pending.surviving_user_id,
                                         conversation_id=pending.conversation_id, integration_id=pending.integration_id)
         await self._link(msg, pending.code or "", redeemed, confirmed=True)

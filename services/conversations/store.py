@@ -179,6 +179,7 @@ MIGRATIONS: tuple[str, ...] = (
         integration_id TEXT NOT NULL,
         client_type TEXT NOT NULL,
         code TEXT,
+        answer TEXT NOT NULL,
         created_at REAL NOT NULL,
         expires_at REAL NOT NULL
     );
@@ -240,6 +241,8 @@ class PendingMerge:
     integration_id: str
     client_type: str
     code: str | None
+    # The number the customer's yes must carry ("YES 4821"): a yes to anything else is not one.
+    answer: str
     created_at: float
     expires_at: float
 
@@ -653,16 +656,17 @@ class Store:
         """Record (or replace) the merge `pending.client_id` is asked to confirm (inside `tx()`)."""
         await self._run(
             "INSERT INTO merge_confirmations (client_id, app_id, surviving_user_id, discarded_user_id,"
-            " conversation_id, integration_id, client_type, code, created_at, expires_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " conversation_id, integration_id, client_type, code, answer, created_at, expires_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (client_id) DO UPDATE SET app_id=excluded.app_id,"
             " surviving_user_id=excluded.surviving_user_id, discarded_user_id=excluded.discarded_user_id,"
             " conversation_id=excluded.conversation_id, integration_id=excluded.integration_id,"
-            " client_type=excluded.client_type, code=excluded.code, created_at=excluded.created_at,"
+            " client_type=excluded.client_type, code=excluded.code, answer=excluded.answer,"
+            " created_at=excluded.created_at,"
             " expires_at=excluded.expires_at",
             (pending.client_id, pending.app_id, pending.surviving_user_id, pending.discarded_user_id,
-             pending.conversation_id, pending.integration_id, pending.client_type, pending.code, pending.created_at,
-             pending.expires_at))
+             pending.conversation_id, pending.integration_id, pending.client_type, pending.code, pending.answer,
+             pending.created_at, pending.expires_at))
 
     def pending_merge_now(self, client_id: str) -> PendingMerge | None:
         """The merge a client is asked to confirm (hot-path connection: asked for every message)."""

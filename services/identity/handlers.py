@@ -65,9 +65,7 @@ class IdentityHandlers:
         cached = self._resolved.get(key)
         if cached is not None:
             return msgs.Resolved(user=cached[0], client=cached[1])
-        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
-        if found is None:
-            found = await self._find_by_wa_id(req)
+        found = await self._find_channel_client(req)
         if found is not None:
             user, client = found
             created_user = created_client = False
@@ -170,12 +168,17 @@ class IdentityHandlers:
         target = await self.store.find_user(req.app_id, req.user_id)
         if target is None:
             return _not_found()
-        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        # Found however the channel knows it (a WhatsApp number linked by phone is the same client
+        # as its BSUID), so the rules below see the identity's real owner.
+        found = await self._find_channel_client(req)
         if found is None:
             user, client, _user_created, created = await self.store.create_client(
                 app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
                 channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
                 info=req.info, raw=req.raw, user_id=target.id)
+            wa_id = _wa_id(req)
+            if created and wa_id:
+                await self.store.add_alias(req.app_id, req.integration_id, wa_id, client.id)
             if user.id == target.id:
                 self._forget_user(target.id)
                 return msgs.ClientLinked(user=user, client=client, client_created=created)
@@ -183,11 +186,13 @@ class IdentityHandlers:
         owner, client = found
         if owner.id == target.id:
             return msgs.ClientLinked(user=owner, client=client)
-        if owner.external_id and target.external_id and owner.external_id != target.external_id:
-            log.warning("link refused: client %s belongs to another identified user", client.id)
+        if owner.external_id:
+            # A known person's account is never joined on a link: the other side would have to be
+            # identified as the same person, and then it would be this user already.
+            log.warning("link refused: client %s belongs to an identified user", client.id)
             return msgs.IdentityError(
                 status=409, code="link_refused",
-                title="This channel identity belongs to another identified user; two known users are never merged")
+                title="This channel identity belongs to an identified user, who is never merged by a link")
         if not req.allow_merge:
             owner_clients = await self.store.list_clients(req.app_id, owner.id)
             return msgs.ClientOwnedElsewhere(owner=owner, client=client, owner_client_count=len(owner_clients))
@@ -195,11 +200,16 @@ class IdentityHandlers:
         self._forget_user(owner.id)
         self._forget_user(target.id)
         survivor = await self.store.find_user(req.app_id, target.id)
-        moved = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        moved = await self._find_channel_client(req)
         assert survivor is not None and moved is not None
         return msgs.ClientLinked(user=survivor, client=moved[1], merge=merged, discarded_user=owner)
 
-    async def _find_by_wa_id(self, req: msgs.ResolveClient) -> tuple[User, Client] | None:
+    async def _find_channel_client(self, req: msgs.ResolveClient | msgs.LinkClient) -> tuple[User, Client] | None:
+        """The client a channel identity names: by its key or an alias, else by its wa_id."""
+        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
+        return found if found is not None else await self._find_by_wa_id(req)
+
+    async def _find_by_wa_id(self, req: msgs.ResolveClient | msgs.LinkClient) -> tuple[User, Client] | None:
         """A WhatsApp sender unknown by its key (a BSUID) whose wa_id names a client — one made by
         direct linking from the phone number, or one first seen without its BSUID: the BSUID
         becomes an alias of that client, so the number stays one client."""
@@ -261,7 +271,7 @@ class IdentityHandlers:
             del self._resolved[key]
 
 
-def _wa_id(req: msgs.ResolveClient) -> str | None:
+def _wa_id(req: msgs.ResolveClient | msgs.LinkClient) -> str | None:
     """The sender's wa_id when a WhatsApp message carries one besides another key (its BSUID)."""
     if req.client_type != "whatsapp":
         return None

@@ -167,8 +167,8 @@ class LinkClient(IdentityMessage, tag="identity.client.link", kw_only=True):
     """Attach the channel identity to `user_id` (channel linking, a redeemed handoff code).
 
     A new identity becomes a client of the user. One that belongs to another user is refused
-    (409, code `link_refused`) when both users carry different externalIds — two known people
-    are never merged by a link; otherwise it is merged into `user_id` only with `allow_merge`
+    (409, code `link_refused`) when that user carries an externalId — a known person's account is
+    never joined on a link; otherwise it is merged into `user_id` only with `allow_merge`
     (the caller has proof from both sides), and without it answered `ClientOwnedElsewhere`,
     changing nothing: a link code must never hand its holder what the redeemer had before.
     """

@@ -6,6 +6,7 @@ a second use of the code links nothing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -141,6 +142,17 @@ async def _contains(texts: Any, wanted: str) -> bool:
     return any(wanted in text for text in await texts)
 
 
+async def _first_with(texts: Any, wanted: str) -> str | None:
+    return next((text for text in await texts if wanted in text), None)
+
+
+def yes_answer(question: str) -> str:
+    """The exact yes a merge question asks for ("YES 4821")."""
+    match = re.search(r"reply (YES \d{4})", question)
+    assert match is not None, question
+    return match.group(1)
+
+
 async def test_two_identified_users_are_never_merged_by_a_link(system: System, tmp_path: Path) -> None:
     async with business_webhooks() as (hook_url, events):
         await system.start("identity", "conversations", "webhooks", "handoff", "whatsapp", "web", "sandbox")
@@ -246,13 +258,14 @@ async def test_a_known_channel_identity_joins_the_link_user_only_after_saying_ye
                     return outbox_texts("whatsapp", (await resp.json())["messages"])
 
             # The number holds a conversation of its own: it is asked first, and nothing moves.
-            await eventually(timeout=20.0, check=lambda: _contains(outbox(), "Reply YES"))
+            question = await eventually(timeout=20.0, check=lambda: _first_with(outbox(), "reply YES"))
             assert not any(e["type"] == "user:merge" for e in events)
             async with http.get(f"{base}/v2/apps/{app_id}/users/{earlier}", headers=auth) as resp:
                 assert resp.status == 200
             # Its yes brings it in.
             await eventually(timeout=20.0,
-                             check=lambda: _delivered(http, phone, {"from": "+15557000077", "text": "Yes!"}))
+                             check=lambda: _delivered(http, phone, {"from": "+15557000077",
+                                                                    "text": yes_answer(question) + "!"}))
             await eventually(timeout=20.0, check=lambda: _has(events, lambda e: e["type"] == "user:merge"))
             merge = next(e for e in events if e["type"] == "user:merge")["payload"]
             assert merge["mergedUsers"]["surviving"]["id"] == survivor

@@ -67,7 +67,7 @@ async def test_code_shaped_words_are_the_customers_message(system: System, tmp_p
                              json={"integrationIds": [wa_id]}) as resp:
             link = (await resp.json())["linkRequests"][0]
         await send(phone_spec("whatsapp", link["url"], SENDER)["text"])
-        await eventually(timeout=20.0, check=lambda: _any(outbox(), "Reply YES"))  # it holds a chat of its own
+        await eventually(timeout=20.0, check=lambda: _any(outbox(), "reply YES"))  # it holds a chat of its own
         assert not stored(phone_spec("whatsapp", link["url"], SENDER)["text"])  # the redemption is consumed
 
 

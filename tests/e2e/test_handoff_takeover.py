@@ -26,6 +26,7 @@ import pytest
 
 from shared.http import basic_auth_header
 from shared.signing import jwt_encode
+from tests.e2e.test_handoff_channels import yes_answer
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -168,9 +169,10 @@ async def messenger_link(world: World, root: str) -> tuple[dict[str, Any], str]:
     return holder, parse_qs(urlsplit(link["url"]).query)["ref"][0]
 
 
-async def asked(world: World) -> str:
+async def asked(world: World, channel: str = "messenger", to: str = VICTIM_PSID) -> str:
+    """The merge question the redeemer got, once it arrives."""
     async def question() -> str | None:
-        return next((t for t in await world.outbox("messenger", VICTIM_PSID) if "Reply YES" in t), None)
+        return next((t for t in await world.outbox(channel, to) if "reply YES" in t), None)
 
     return str(await eventually(timeout=20.0, check=question))
 
@@ -185,6 +187,10 @@ async def test_a_messenger_link_never_gives_its_holder_the_redeemers_history(wor
     await world.phone("messenger", {"from": VICTIM_PSID, "ref": code})
     question = await asked(world)
     assert "1 message" in question and "shared" in question and "Reply NO" in question
+    # A "yes" or "ok" that may answer anything else (an agent's question) merges nothing.
+    for casual in ("yes", "ok", "Yes!"):
+        await world.phone("messenger", {"from": VICTIM_PSID, "text": casual})
+        await eventually(timeout=20.0, check=lambda casual=casual: _found(world.message_event(casual)))
 
     # Nothing was merged or moved: the holder reads only its own conversation.
     assert not world.of_type("user:merge")
@@ -200,14 +206,16 @@ async def test_a_messenger_link_never_gives_its_holder_the_redeemers_history(wor
     assert event["message"]["author"]["userId"] == victim
     assert "where is my order?" not in (await world.read(holder, holder_conversation, root))[1]
 
-    # A no links nothing, and the business hears the link was cancelled.
+    # A no links nothing, and the business hears the link was cancelled; the "No" is still the
+    # customer's message, in their own conversation.
     await world.phone("messenger", {"from": VICTIM_PSID, "text": "No"})
     await eventually(timeout=20.0, check=lambda: _any_contains(world.outbox("messenger", VICTIM_PSID),
                                                                "nothing was linked"))
     await eventually(timeout=20.0, check=lambda: _found(next(
         (p for p in world.of_type("client:remove") if p["reason"] == "linkCancelled"), None)))
     assert not world.of_type("user:merge")
-    assert world.message_event("No") is None  # the answer was consumed, not stored
+    stored_no = await eventually(timeout=20.0, check=lambda: _found(world.message_event("No")))
+    assert stored_no["conversation"]["id"] == victim_conversation
     assert await world.conversations_of(holder_user) == [holder_conversation]
     assert await world.clients_of(victim) == [("messenger", VICTIM_PSID)]
     # After the no the customer chats on as before.
@@ -221,8 +229,8 @@ async def test_the_customer_who_says_yes_brings_their_history_along(world: World
     earlier, earlier_conversation = await victim_on_messenger(world)
     web, code = await messenger_link(world, "sdk")
     await world.phone("messenger", {"from": VICTIM_PSID, "ref": code})
-    await asked(world)
-    await world.phone("messenger", {"from": VICTIM_PSID, "text": "yes"})
+    answer = yes_answer(await asked(world))
+    await world.phone("messenger", {"from": VICTIM_PSID, "text": answer.lower()})
 
     merge = await eventually(timeout=20.0, check=lambda: _found(next(iter(world.of_type("user:merge")), None)))
     assert merge["mergedUsers"]["surviving"]["id"] == web["appUserId"]
@@ -233,7 +241,7 @@ async def test_the_customer_who_says_yes_brings_their_history_along(world: World
     assert "hello, I am the holder" in recap
     assert sorted(await world.conversations_of(web["appUserId"])) == sorted(
         [web["conversationId"], earlier_conversation])
-    assert world.message_event("yes") is None
+    assert world.message_event(answer.lower()) is None  # the confirmation itself was consumed
     # The next business reply goes to Messenger, now the primary client of the web conversation.
     status, _ = await world.api("POST", f"/conversations/{web['conversationId']}/messages", {
         "author": {"type": "business"}, "content": {"type": "text", "text": "see you on Messenger"}})
@@ -313,3 +321,52 @@ async def _any_contains(texts: Any, wanted: str) -> bool:
 
 async def _first_containing(texts: Any, wanted: str) -> str | None:
     return next((text for text in await texts if wanted in text), None)
+
+
+async def test_an_identified_account_is_never_joined_by_a_link(world: World) -> None:
+    """The victim is a known customer (externalId) whose WhatsApp number the business linked by
+    phone and wrote to. Someone's link, sent from that number, joins nothing of the account: no
+    question (a yes must not hand over an account), no second client for the number, and the
+    customer's next message stays in the account's conversation."""
+    phone = "+15557000902"
+    status, body = await world.api("POST", "/users", {"externalId": "known-902", "profile": {"givenName": "Ada"},
+                                                      "metadata": {"tier": "gold"}})
+    assert status == 201, body
+    victim = body["user"]["id"]
+    status, body = await world.api("POST", "/conversations", {"type": "personal",
+                                                             "participants": [{"userId": victim}]})
+    assert status == 201, body
+    victim_conversation = body["conversation"]["id"]
+    status, body = await world.api("POST", f"/users/{victim}/clients", {
+        "matchCriteria": {"type": "whatsapp", "integrationId": world.integrations["whatsapp"],
+                          "phoneNumber": phone},
+        "confirmation": {"type": "immediate"}, "target": {"conversationId": victim_conversation}})
+    assert status == 201, body
+    status, _ = await world.api("POST", f"/conversations/{victim_conversation}/messages", {
+        "author": {"type": "business"}, "content": {"type": "text", "text": "your balance is $12,345"}})
+    assert status == 201
+    # The attacker's web session asks for a WhatsApp link.
+    holder = await world.session()
+    await world.say(holder, "hi, holder here")
+    await eventually(timeout=20.0, check=lambda: _found(world.message_event("hi, holder here")))
+    async with world.http.post(world.sdk("sdk", f"/conversations/{holder['conversationId']}/linkRequests"),
+                               headers=bearer(holder),
+                               json={"integrationIds": [world.integrations["whatsapp"]]}) as resp:
+        assert resp.status == 201, await resp.text()
+        url = (await resp.json())["linkRequests"][0]["url"]
+    await world.phone("whatsapp", {"from": phone, "text": parse_qs(urlsplit(url).query)["text"][0]})
+    refusal = await eventually(timeout=20.0, check=lambda: _first_containing(world.outbox("whatsapp", phone),
+                                                                             "another account"))
+    assert "reply YES" not in refusal
+    await eventually(timeout=20.0, check=lambda: _found(next(
+        (p for p in world.of_type("client:remove") if p["reason"] == "linkFailed"), None)))
+    # Nothing moved: the account keeps its one WhatsApp client and its externalId.
+    assert [kind for kind, _ in await world.clients_of(victim)] == ["whatsapp"]
+    assert [kind for kind, _ in await world.clients_of(holder["appUserId"])] == ["sdk"]
+    status, body = await world.api("GET", "/users/known-902")
+    assert status == 200 and body["user"]["id"] == victim
+    assert not world.of_type("user:merge")
+    await world.phone("whatsapp", {"from": phone, "text": "please deliver to my office"})
+    event = await eventually(timeout=20.0, check=lambda: _found(world.message_event("please deliver to my office")))
+    assert event["conversation"]["id"] == victim_conversation and event["message"]["author"]["userId"] == victim
+    assert (await world.read(holder, victim_conversation))[0] in (401, 403, 404)

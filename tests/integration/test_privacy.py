@@ -22,6 +22,7 @@ from shared.bus import Bus
 from shared.http import basic_auth_header
 from shared.messages import notification as note
 from tests.e2e.test_direct_linking import Sandbox
+from tests.e2e.test_handoff_channels import yes_answer
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -248,8 +249,8 @@ async def person_with_history(s: Sandbox) -> tuple[str, str]:
     assert status == 201, links
     prefilled = parse_qs(urlsplit(links["linkRequests"][0]["url"]).query)["text"][0]
     await s.phone_sends("whatsapp", PHONE, prefilled)
-    await s.phone_receives("whatsapp", PHONE, "Reply YES")
-    await s.phone_sends("whatsapp", PHONE, "YES")
+    texts = await s.phone_receives("whatsapp", PHONE, "reply YES")
+    await s.phone_sends("whatsapp", PHONE, yes_answer(next(t for t in texts if "reply YES" in t)))
     await s.event("user:merge")
     bus = await Bus.connect(s.system.nats_url, "test-privacy-optin")
     try:
