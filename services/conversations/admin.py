@@ -32,6 +32,7 @@ from shared.egress import (
     EgressPolicy,
     EgressRefused,
 )
+from shared.encryption import is_sealed
 from shared.http import ApiError
 from shared.ids import new_id, new_secret, now
 
@@ -283,6 +284,7 @@ class Admin:
         _check_push_credentials(type_, config)
         _check_email_settings(type_, config)
         _check_egress(self.egress, type_, config)
+        _refuse_sealed_input(config)
         missing = [f.replace("|", " or ") for f in REQUIRED_ON_CREATE.get(type_, ()) if not _has(config, f)]
         if missing:
             raise ApiError(400, f"A {type_} integration needs {', '.join(missing)}")
@@ -312,6 +314,7 @@ class Admin:
         display_name = changes.pop("displayName", row["display_name"])
         if display_name is not None and len(display_name) > 100:
             raise ApiError(400, "displayName must be at most 100 characters")
+        _refuse_sealed_input(changes)
         config = self.open_config(row)
         config.update(changes)
         _check_push_credentials(row["type"], config)
@@ -544,3 +547,11 @@ def _check_email_settings(type_: str, config: dict[str, Any]) -> None:
     if config.get("username") and not config.get("password"):
         raise ApiError(400, "username needs a password (SMTP AUTH; for Mailgun's relay, the domain's SMTP "
                             "password)")
+
+
+def _refuse_sealed_input(values: dict[str, Any]) -> None:
+    """400 for a secret sent in Threadline's sealed form: it would be stored as if sealed here,
+    never open, and stop the next key rotation (which re-seals every stored secret)."""
+    for name in SEALED_CONFIG_FIELDS:
+        if is_sealed(values.get(name)):
+            raise ApiError(400, f"{name} must be the credential itself, not a sealed value")

@@ -240,6 +240,26 @@ async def test_rotation_reseals_under_the_new_key_and_a_missing_key_refuses_star
     assert {sealed_key_id(v) for v in sealed_values(db_path)} == {"k2"}
 
 
+async def test_a_secret_sent_in_sealed_form_is_refused_and_rotation_still_works(system: System) -> None:
+    """A tenant must not store a value that looks sealed but never opens: it would break every
+    app at the next key rotation (the re-seal refuses to start on a value that does not open)."""
+    old, new = f"k1:{generate_key()}", f"k2:{generate_key()}"
+    await system.start("identity")
+    await system.start("conversations", env={KEY_ENV: old})
+    async with httpx.AsyncClient(base_url=system.base_url) as http:
+        made = await create_secrets(http)
+        auth = basic(made["key"]["id"], made["key"]["secret"])
+        planted = {"type": "telegram", "token": "tlenc1:k1:AAAA"}
+        resp = await http.post(f"/v2/apps/{made['app_id']}/integrations", headers=auth, json=planted)
+        assert resp.status_code == 400 and resp.json()["errors"][0]["title"].startswith("token must be"), resp.text
+        resp = await http.patch(f"/v2/apps/{made['app_id']}/integrations/{made['whatsapp']['id']}", headers=auth,
+                                json={"accessToken": "tlenc1:k1:AAAA"})
+        assert resp.status_code == 400, resp.text
+        assert (await http.get(f"/v2/apps/{made['app_id']}/integrations", headers=auth)).status_code == 200
+    await system.restart_service("conversations", env={KEY_ENV: f"{new},{old}"})
+    assert {sealed_key_id(v) for v in sealed_values(Path(system.data_dir) / "conversations.db")} == {"k2"}
+
+
 def test_start_refuses_a_placeholder_key_outside_the_sandbox(tmp_path: Path) -> None:
     from services.conversations.app import create as conversations
     from services.whatsapp.app import create as whatsapp
