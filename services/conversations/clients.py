@@ -245,7 +245,8 @@ class PhoneLinks:
         attached = await convs.identity.api_call(subjects.IDENTITY_CLIENT_ATTACH_PHONE, ident.AttachPhoneClient(
             app_id=req.app_id, user_id=req.user_id, integration_id=req.integration_id,
             client_type=client_type, phone_number=phone,  # type: ignore[arg-type]
-            status="active" if req.confirmation == "immediate" else "pending"))
+            status="active" if req.confirmation == "immediate" else "pending",
+            proven_by_client_id=req.proven_by_client_id))
         if not isinstance(attached, ident.PhoneClientAttached):
             raise ApiError(503, "Unexpected answer from identity")
         user, client = attached.user, attached.client

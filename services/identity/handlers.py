@@ -242,6 +242,7 @@ class IdentityHandlers:
                 channel_user_id=key, display_name=None, avatar_url=None, info=info, raw={}, user_id=target.id,
                 status=req.status)
             if created:
+                await self.store.set_proven_by(req.app_id, client.id, req.proven_by_client_id)
                 self._forget_user(target.id)
                 return msgs.PhoneClientAttached(user=user, client=client, client_created=True)
             found = (user, client)  # a message from the number created it meanwhile
@@ -249,6 +250,7 @@ class IdentityHandlers:
         # The user's own active client has nothing left to confirm: it stays active.
         status = "active" if owner.id == target.id and client.status == "active" else req.status
         await self.store.attach_client(req.app_id, client.id, target.id, status)
+        await self.store.set_proven_by(req.app_id, client.id, req.proven_by_client_id)
         self._forget_user(owner.id)
         self._forget_user(target.id)
         moved = await self.store.find_client(req.app_id, req.integration_id, key)

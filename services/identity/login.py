@@ -95,7 +95,9 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
     if current.external_id is not None:
         return _error(409, "conflict", "This session already belongs to another externalId; log out before "
                                        "logging in as someone else")
-    others = [c for c in await store.list_clients(req.app_id, current.id) if c.id != client.id]
+    # Clients this session proved it reads (a confirmed opt-in code typed here) go with it.
+    proven = await store.proven_by(req.app_id, client.id)
+    others = [c for c in await store.list_clients(req.app_id, current.id) if c.id != client.id and c.id not in proven]
     if others:
         return await _separate(handlers, req, current, client, others)
     for _ in range(3):

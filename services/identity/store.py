@@ -101,6 +101,11 @@ MIGRATIONS = (
     """
     UPDATE clients SET raw = '{}' WHERE raw <> '{}'
     """,
+    # The SDK client that proved it reads a phone client's number (an opt-in's confirmed code):
+    # an SDK login takes such a client along with the session (login.py).
+    """
+    ALTER TABLE clients ADD COLUMN proven_by TEXT
+    """,
 )
 MAX_METADATA_BYTES = 4096
 
@@ -363,6 +368,18 @@ class IdentityStore:
                                   (user_id, now(), app_id, client_id))
             await self.db.execute("UPDATE devices SET user_id = ? WHERE app_id = ? AND client_id = ?",
                                   (user_id, app_id, client_id))
+
+    async def set_proven_by(self, app_id: str, client_id: str, proven_by: str | None) -> None:
+        """Record which SDK client proved it reads this client's address (None: none did)."""
+        async with write_lock(self.db):
+            await self.db.execute("UPDATE clients SET proven_by = ? WHERE app_id = ? AND id = ?",
+                                  (proven_by, app_id, client_id))
+
+    async def proven_by(self, app_id: str, sdk_client_id: str) -> set[str]:
+        """The clients whose address the SDK client proved it reads."""
+        async with self.db.execute("SELECT id FROM clients WHERE app_id = ? AND proven_by = ?",
+                                   (app_id, sdk_client_id)) as cur:
+            return {str(row["id"]) for row in await cur.fetchall()}
 
     async def remove_client(self, app_id: str, user_id: str, client_id: str) -> Client | None:
         """Delete one of the user's clients (its aliases and devices go with it); the client as it was."""

@@ -829,7 +829,7 @@ class Notifier:
             await self.store.count_attempt(optin.id)
             left = self.config.max_code_attempts - optin.attempts - 1
             raise OptInRefused(400, "wrong_code", f"Wrong code ({max(0, left)} tries left)")
-        await self.store.confirm_optin(optin.id, self.clock())
+        await self.store.confirm_optin(optin.id, self.clock(), req.client_id)
         confirmed = await self.store.optin(req.app_id, optin.id)
         assert confirmed is not None
         if confirmed.channel in PHONE_CHANNELS:
@@ -842,7 +842,8 @@ class Notifier:
             data = await self._ask(subjects.CONVERSATIONS_CLIENT_LINK, conv.ENCODER.encode(conv.LinkPhoneClient(
                 app_id=optin.app_id, user_id=optin.user_id, conversation_id=optin.conversation_id,
                 integration_id=optin.integration_id, phone_number=optin.address, confirmation="immediate",
-                primary=False, source_integration_id=optin.source_integration_id)))
+                primary=False, source_integration_id=optin.source_integration_id,
+                proven_by_client_id=optin.proven_by)))
             reply = conv.decode_request(data)
         except (Unavailable, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("could not link opt-in %s yet: %s", optin.id, exc)

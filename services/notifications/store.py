@@ -97,6 +97,10 @@ MIGRATIONS = (
     CREATE INDEX limit_hits_key ON limit_hits (scope, key, at);
     CREATE INDEX limit_hits_at ON limit_hits (at)
     """,
+    # The SDK client that typed the code (it proved it reads the address).
+    """
+    ALTER TABLE optins ADD COLUMN proven_by TEXT
+    """,
 )
 
 
@@ -157,6 +161,7 @@ class OptInRow:
     linked: bool
     created_at: float
     code_sent: bool = True
+    proven_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ def _optin(row: aiosqlite.Row) -> OptInRow:
         channel=row["channel"], address=row["address"], integration_id=row["integration_id"],
         source_integration_id=row["source_integration_id"], status=row["status"], code_hash=row["code_hash"],
         code_expires_at=row["code_expires_at"], attempts=row["attempts"], linked=bool(row["linked"]),
-        created_at=row["created_at"], code_sent=bool(row["code_sent"]))
+        created_at=row["created_at"], code_sent=bool(row["code_sent"]), proven_by=row["proven_by"])
 
 
 @contextlib.asynccontextmanager
@@ -423,12 +428,13 @@ class Store:
         async with write_lock(self.db):
             await self.db.execute("UPDATE optins SET attempts=attempts+1 WHERE id=?", (optin_id,))
 
-    async def confirm_optin(self, optin_id: str, at: float) -> bool:
-        """pending → confirmed (the code is forgotten); False if it was not pending."""
+    async def confirm_optin(self, optin_id: str, at: float, proven_by: str | None = None) -> bool:
+        """pending → confirmed (the code is forgotten; `proven_by`: the SDK client that typed
+        it); False if it was not pending."""
         async with write_lock(self.db):
             cur = await self.db.execute(
-                "UPDATE optins SET status='confirmed', confirmed_at=?, code_hash=NULL, code_expires_at=NULL"
-                " WHERE id=? AND status='pending'", (at, optin_id))
+                "UPDATE optins SET status='confirmed', confirmed_at=?, code_hash=NULL, code_expires_at=NULL,"
+                " proven_by=? WHERE id=? AND status='pending'", (at, proven_by, optin_id))
             return (cur.rowcount or 0) > 0
 
     async def stop_optin(self, optin_id: str, at: float) -> bool:

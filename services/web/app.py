@@ -194,7 +194,8 @@ class WebService(SdkService):
         opt_in_id = notify.check_opt_in_id(request.match_info["opt_in_id"])
         code = notify.check_code(await read_json(request, notify.ConfirmBody, limit=1024))
         reply = await self.ask_notifications(subjects.NOTIFICATIONS_OPTIN_CONFIRM, notification.ConfirmOptIn(
-            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id, code=code), notification.OptInState)
+            app_id=claims.app, user_id=claims.user, opt_in_id=opt_in_id, code=code, client_id=claims.client),
+            notification.OptInState)
         return json_response({"optIn": notify.opt_in_wire(reply)})
 
     async def list_opt_ins(self, request: web.Request) -> web.Response:

@@ -400,6 +400,8 @@ class LinkPhoneClient(ConversationRequest, tag="conversation.client.link"):
     primary: bool = True
     message_text: str | None = None
     prompt_text: str | None = None
+    # The SDK client that proved it reads this number (an opt-in's confirmed code), if any.
+    proven_by_client_id: str | None = None
     # Integration that asked (SunCo `client:add` `source`), e.g. the web integration of an opt-in.
     source_integration_id: str | None = None
 

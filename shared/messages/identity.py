@@ -231,6 +231,8 @@ class AttachPhoneClient(IdentityMessage, tag="identity.client.attachphone", kw_o
     client_type: ClientType
     phone_number: str  # E.164: "+" and digits
     status: ClientStatus = "active"
+    # The SDK client that proved it reads this number (a confirmed opt-in code), if any.
+    proven_by_client_id: str | None = None
 
 
 def phone_client_key(client_type: str, phone_number: str) -> str:
@@ -265,10 +267,11 @@ class LoginUser(IdentityMessage, tag="identity.user.login", kw_only=True):
     already → nothing changes. A user that carries a different externalId is refused (409).
     `client_id` is the session's client, returned as it is after the login.
 
-    The JWT proves who holds this session's client, nothing more: when the user also holds other
-    clients (a channel whose link this browser redeemed, another device), only the session's
-    client moves to `external_id`'s user (created when missing) — outcome `separated`, with the
-    user left behind, which keeps the rest.
+    The JWT proves who holds this session's client, and the clients that client proved it reads
+    (a number whose opt-in code it typed), nothing more: when the user also holds other clients (a
+    channel whose link this browser redeemed, another device), only the session's client moves to
+    `external_id`'s user (created when missing) — outcome `separated`, with the user left behind,
+    which keeps the rest.
     """
 
     app_id: str

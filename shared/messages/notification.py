@@ -56,6 +56,9 @@ class ConfirmOptIn(NotificationMessage, tag="notification.optin.confirm"):
     user_id: str
     opt_in_id: str
     code: str
+    # The SDK client that typed the code: it proved it reads this address (an SDK login keeps
+    # such a client with the session, shared/messages/identity.LoginUser).
+    client_id: str | None = None
 
 
 class ListOptIns(NotificationMessage, tag="notification.optin.list"):

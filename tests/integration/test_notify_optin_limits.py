@@ -24,7 +24,9 @@ from services.notifications import app as notifications_app
 from services.notifications.app import NotificationsService
 from shared import subjects
 from shared.bus import Bus
+from shared.http import basic_auth_header
 from shared.messages import notification as note
+from shared.signing import jwt_encode
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, service_credentials, start_sdk_session
 from tests.integration.test_notifications_service import _sms_texts, notifications_in, scene
 from tests.integration.test_web_conversation import ACCOUNT, eventually
@@ -408,3 +410,40 @@ async def _gone(s: Any) -> bool:
 async def _whatsapp_notice(s: Any, text: str) -> dict[str, Any] | None:
     found = [m for m in notifications_in(await s.outbox()) if text in m.get("text", {}).get("body", "")]
     return found[0] if found else None
+
+
+# --- an SDK login keeps what the session proved --------------------------------------------------
+
+async def test_a_number_this_session_confirmed_goes_with_its_login(shop: Shop) -> None:
+    """A visitor whose session typed an SMS opt-in's code proved it reads that number: its login
+    identifies it with the number (same conversation), rather than leaving the number behind."""
+    number = "+15550199021"
+    visitor = await shop.session()
+    status, body, _ = await shop.opt_in(visitor, number)
+    assert status == 201, body
+    texts = await eventually(lambda: shop.sms_outbox(number), timeout=10.0)
+    code = re.search(r"\b(\d{6})\b", texts[-1])
+    assert code is not None, texts
+    status, confirmed = await shop.confirm(visitor, body["optIn"]["id"], code.group(1))
+    assert status == 200 and confirmed["optIn"]["status"] == "confirmed", confirmed
+    auth = basic_auth_header(shop.info["apiKey"]["id"], shop.info["apiKey"]["secret"])
+
+    async def client_types(user: str) -> list[str]:
+        async with shop.http.get(f"{shop.base}/v2/apps/{shop.app_id}/users/{user}/clients", headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+            return sorted(c["type"] for c in (await resp.json())["clients"])
+
+    async def has_number() -> bool:
+        return "twilio" in await client_types(visitor["appUserId"])
+
+    await eventually(has_number, timeout=10.0)
+    key = shop.info["apiKey"]
+    jwt = jwt_encode({"scope": "user", "external_id": "optin-customer"}, key["secret"], key["id"])
+    async with shop.http.post(f"{shop.base}/sdk/v1/apps/{shop.app_id}/sessions/login",
+                              json={"externalId": "optin-customer", "jwt": jwt},
+                              headers={"Authorization": f"Bearer {visitor['sessionToken']}"}) as resp:
+        result = await resp.json()
+        assert resp.status == 200, result
+    assert result["outcome"] == "identified", result
+    assert (result["appUserId"], result["conversationId"]) == (visitor["appUserId"], visitor["conversationId"])
+    assert await client_types("optin-customer") == ["sdk", "twilio"]
