@@ -729,7 +729,9 @@ class Notifier:
             channel=req.channel, address=address, integration_id=record.id,
             source_integration_id=req.source_integration_id, status="pending",
             code_hash=code_hash(self.config.secret, optin_id, code),
-            code_expires_at=now + self.config.code_ttl_seconds, attempts=0, linked=False, created_at=now)
+            code_expires_at=now + self.config.code_ttl_seconds, attempts=0, linked=False, created_at=now,
+            destination=limits.hashed_key(self.config.secret, "destination",
+                                          limits.canonical_address(req.channel, address)))
         # A decoy opt-in's hash is of a code nobody has: it answers "wrong code" like any other.
         decoy_hash = code_hash(self.config.secret, optin_id, secrets.token_urlsafe(24))
         outcome = await self.store.start_optin(

@@ -101,6 +101,12 @@ MIGRATIONS = (
     """
     ALTER TABLE optins ADD COLUMN proven_by TEXT
     """,
+    # The mailbox or phone an opt-in's address reaches, whatever its spelling or channel (a keyed
+    # hash of limits.canonical_address): one pending code per destination, across apps.
+    """
+    ALTER TABLE optins ADD COLUMN destination TEXT;
+    CREATE INDEX optins_destination ON optins (destination, status)
+    """,
 )
 
 
@@ -162,6 +168,7 @@ class OptInRow:
     created_at: float
     code_sent: bool = True
     proven_by: str | None = None
+    destination: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +200,8 @@ def _optin(row: aiosqlite.Row) -> OptInRow:
         channel=row["channel"], address=row["address"], integration_id=row["integration_id"],
         source_integration_id=row["source_integration_id"], status=row["status"], code_hash=row["code_hash"],
         code_expires_at=row["code_expires_at"], attempts=row["attempts"], linked=bool(row["linked"]),
-        created_at=row["created_at"], code_sent=bool(row["code_sent"]), proven_by=row["proven_by"])
+        created_at=row["created_at"], code_sent=bool(row["code_sent"]), proven_by=row["proven_by"],
+        destination=row["destination"])
 
 
 @contextlib.asynccontextmanager
@@ -355,11 +363,11 @@ class Store:
     async def _insert_optin(self, row: OptInRow) -> None:
         await self.db.execute(
             "INSERT INTO optins (id, app_id, user_id, conversation_id, channel, address, integration_id,"
-            " source_integration_id, status, code_hash, code_expires_at, attempts, linked, created_at, code_sent)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " source_integration_id, status, code_hash, code_expires_at, attempts, linked, created_at, code_sent,"
+            " destination) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (row.id, row.app_id, row.user_id, row.conversation_id, row.channel, row.address, row.integration_id,
              row.source_integration_id, row.status, row.code_hash, row.code_expires_at, row.attempts,
-             int(row.linked), row.created_at, int(row.code_sent)))
+             int(row.linked), row.created_at, int(row.code_sent), row.destination))
 
     async def start_optin(self, fresh: OptInRow, decoy_code_hash: str, *, starts: Sequence[Counter],
                           sends: Sequence[Counter], now: float, max_attempts: int) -> StartOutcome:
@@ -377,15 +385,16 @@ class Store:
                 return StartOutcome("refused", refusal=refusal)
             await self._hit(starts, now)
             live = "status='pending' AND code_expires_at>? AND attempts<?"
+            # Matched on the destination (any spelling, channel or app reaching that mailbox or phone).
             own = await self._one(
-                f"SELECT * FROM optins WHERE app_id=? AND user_id=? AND channel=? AND address=? AND {live}"
+                f"SELECT * FROM optins WHERE app_id=? AND user_id=? AND channel=? AND destination=? AND {live}"
                 " ORDER BY created_at DESC LIMIT 1",
-                (fresh.app_id, fresh.user_id, fresh.channel, fresh.address, now, max_attempts))
+                (fresh.app_id, fresh.user_id, fresh.channel, fresh.destination, now, max_attempts))
             if own is not None:
                 return StartOutcome("pending", optin=_optin(own))
             other = await self._one(
-                f"SELECT id FROM optins WHERE app_id=? AND channel=? AND address=? AND code_sent=1 AND {live} LIMIT 1",
-                (fresh.app_id, fresh.channel, fresh.address, now, max_attempts))
+                f"SELECT id FROM optins WHERE destination=? AND code_sent=1 AND {live} LIMIT 1",
+                (fresh.destination, now, max_attempts))
             if other is not None:
                 decoy = dataclasses.replace(fresh, code_hash=decoy_code_hash, code_sent=False)
                 await self._insert_optin(decoy)

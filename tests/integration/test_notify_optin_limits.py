@@ -447,3 +447,16 @@ async def test_a_number_this_session_confirmed_goes_with_its_login(shop: Shop) -
     assert result["outcome"] == "identified", result
     assert (result["appUserId"], result["conversationId"]) == (visitor["appUserId"], visitor["conversationId"])
     assert await client_types("optin-customer") == ["sdk", "twilio"]
+
+
+async def test_one_pending_code_per_mailbox_whatever_the_spelling(shop: Shop, tmp_path: Path) -> None:
+    """Case, a `+tag` or another app do not make another destination: one code is sent."""
+    info = await bootstrap_sandbox(shop.base, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET), str(tmp_path / "sbx"),
+                                   ("web", "twilio", "email"))
+    assert "email" in info["integrations"]
+    for spelling in ("victim9@example.com", "Victim9@Example.com", "VICTIM9+news@example.com"):
+        status, body, _ = await shop.opt_in(await shop.session(), spelling, channel="email")
+        assert status == 201 and body["optIn"]["status"] == "pending", body
+    # A code mail is sent over SMTP before the opt-in is answered: all there is has arrived.
+    async with shop.http.get(f"{shop.base}/sandbox/mail") as resp:
+        assert len((await resp.json())["mails"]) == 1
