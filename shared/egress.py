@@ -231,6 +231,13 @@ class Rule:
     name: str | None = None
     network: IPNetwork | None = None
     ports: tuple[int, int] | None = None
+    # `business=…`: only for business destinations (webhook targets, SMTP), never a platform's
+    # base URL, which carries the integration's platform credentials (and the media proxy).
+    purpose: Purpose | None = None
+
+    def applies(self, purpose: Purpose) -> bool:
+        """Whether this rule speaks for calls of `purpose`."""
+        return self.purpose is None or self.purpose == purpose
 
     def _port_ok(self, port: int) -> bool:
         return self.ports is None or self.ports[0] <= port <= self.ports[1]
@@ -259,10 +266,14 @@ def _parse_ports(text: str, entry: str) -> tuple[int, int]:
 
 
 def parse_rule(entry: str) -> Rule:
-    """One allow-list entry (`10.0.0.0/8`, `[::1]:9000`, `*.corp.example`, `!127.0.0.1:4222`, …)."""
+    """One allow-list entry (`10.0.0.0/8`, `[::1]:9000`, `*.corp.example`, `!127.0.0.1:4222`,
+    `business=127.0.0.0/8`, …)."""
     text = entry.strip()
     deny = text.startswith("!")
     text = text.removeprefix("!").strip()
+    purpose: Purpose | None = None
+    if text.startswith("business="):
+        purpose, text = "business", text.removeprefix("business=").strip()
     ports: tuple[int, int] | None = None
     if text.startswith("["):
         inner, bracket, rest = text[1:].partition("]")
@@ -277,7 +288,7 @@ def parse_rule(entry: str) -> Rule:
     else:
         target = text
     try:
-        return Rule(deny=deny, network=ipaddress.ip_network(target, strict=False), ports=ports)
+        return Rule(deny=deny, network=ipaddress.ip_network(target, strict=False), ports=ports, purpose=purpose)
     except ValueError:
         pass
     name = normalize_host(target)
@@ -286,7 +297,7 @@ def parse_rule(entry: str) -> Rule:
         name = name[1:]
     if not name or not _HOST_NAME.match(name.lstrip(".")) or _NUMERIC_LABEL.match(name.rsplit(".", 1)[-1]):
         raise ValueError(f"{ALLOW_ENV}: {entry!r} is not a host name, IP address or CIDR")
-    return Rule(deny=deny, name=name, ports=ports)
+    return Rule(deny=deny, name=name, ports=ports, purpose=purpose)
 
 
 def parse_rules(raw: str) -> tuple[Rule, ...]:
@@ -364,11 +375,12 @@ class EgressPolicy:
         return any(rule.deny and (rule.covers_name(host, port) or any(rule.covers_address(a, port) for a in addresses))
                    for rule in self.rules)
 
-    def _allowed_name(self, host: str, port: int) -> bool:
-        return any(not rule.deny and rule.covers_name(host, port) for rule in self.rules)
+    def _allowed_name(self, host: str, port: int, purpose: Purpose) -> bool:
+        return any(not rule.deny and rule.applies(purpose) and rule.covers_name(host, port) for rule in self.rules)
 
-    def _allowed_address(self, address: IPAddress, port: int) -> bool:
-        return any(not rule.deny and rule.covers_address(address, port) for rule in self.rules)
+    def _allowed_address(self, address: IPAddress, port: int, purpose: Purpose) -> bool:
+        return any(not rule.deny and rule.applies(purpose) and rule.covers_address(address, port)
+                   for rule in self.rules)
 
     def _static(self, host: str, port: int, purpose: Purpose, stage: str) -> bool:
         """Check a host before DNS (deny rules, literal addresses, private names); True when
@@ -380,19 +392,19 @@ class EgressPolicy:
         if self._denied(host, port, kind.addresses):
             raise self.refuse(host, f"{_host_port(host, port)} is denied by {ALLOW_ENV}", purpose=purpose,
                               stage=stage, port=port)
-        if self._allowed_name(host, port):
+        if self._allowed_name(host, port, purpose):
             return True
         if kind.private_name is not None:
             raise self.refuse(host, f"{host} is {kind.private_name}{_EXCEPTIONS}", purpose=purpose, stage=stage,
                               port=port)
         for address in kind.addresses:
-            if self._allowed_address(address, port):
+            if self._allowed_address(address, port, purpose):
                 continue
             reason = address_refusal(address)
             if reason is not None:
                 what = reason if str(address) == host else f"{address}, {reason}"
                 raise self.refuse(host, f"{host} is {what}{_EXCEPTIONS}", purpose=purpose, stage=stage, port=port)
-        return bool(kind.addresses) and all(self._allowed_address(a, port) for a in kind.addresses)
+        return bool(kind.addresses) and all(self._allowed_address(a, port, purpose) for a in kind.addresses)
 
     def check_url(self, url: str | URL, *, purpose: Purpose, hosts: Sequence[str] = ()) -> URL:
         """Refuse (EgressRefused) a URL no outbound call may fetch; return it parsed.
@@ -454,10 +466,10 @@ class EgressPolicy:
         if self._denied(host, port, parsed):
             raise self.refuse(host, f"{_host_port(host, port)} is denied by {ALLOW_ENV}", purpose=purpose,
                               stage="connect", port=port)
-        if self._allowed_name(host, port):
+        if self._allowed_name(host, port, purpose):
             return
         for address in parsed:
-            if self._allowed_address(address, port):
+            if self._allowed_address(address, port, purpose):
                 continue
             reason = address_refusal(address)
             if reason is not None:

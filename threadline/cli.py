@@ -52,11 +52,14 @@ def _port_free(host: str, port: int) -> bool:
 
 def loopback_egress_allow(own_ports: Iterable[int], configured: str = "") -> str:
     """THREADLINE_EGRESS_ALLOW under `threadline up`: the operator's own entries, plus loopback
-    (a business's webhook receiver such as the README's 127.0.0.1:9000, the sandbox's SMTP sink)
-    except Threadline's own ports (NATS, the services, the front door), which a webhook target
-    must never reach."""
+    for business destinations only (a webhook receiver such as the README's 127.0.0.1:9000, the
+    sandbox's SMTP sink) except Threadline's own ports (NATS, the services, the front door),
+    which a webhook target must never reach. A platform base URL on loopback stays refused (the
+    sandbox's own origin is trusted for those): it would receive the integration's credentials
+    and, through the media proxy, be read back."""
     denied = [f"!127.0.0.0/8:{port},![::1]:{port}" for port in sorted(set(own_ports)) if port]
-    return ",".join(part for part in (configured.strip(" ,"), *denied, "127.0.0.0/8", "[::1]") if part)
+    loopback = ("business=127.0.0.0/8", "business=[::1]")
+    return ",".join(part for part in (configured.strip(" ,"), *denied, *loopback) if part)
 
 
 def load_secrets(data_dir: str) -> dict[str, Any]:

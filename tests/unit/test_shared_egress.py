@@ -246,3 +246,10 @@ def test_threadline_up_allows_loopback_except_its_own_ports() -> None:
                 policy.check_url(f"http://{host}:{port}/", purpose="business")
     with pytest.raises(EgressRefused):
         policy.check_url("http://10.0.0.1:9000/", purpose="business")
+    # Loopback is for business destinations only: a platform base URL there would receive the
+    # integration's credentials (and the media proxy would stream back what it answers).
+    for url in ("http://127.0.0.1:9999/", "http://[::1]:9999/", "http://localhost:9999/"):
+        with pytest.raises(EgressRefused):
+            policy.check_url(url, purpose="platform", hosts=GRAPH_HOSTS)
+        with pytest.raises(EgressRefused):
+            policy.check_addresses("127.0.0.1", 9999, ["127.0.0.1"], purpose="platform")
