@@ -66,7 +66,15 @@ def _channel(channel: str) -> Access:
                   kv_read=(subjects.INTEGRATIONS_BUCKET,))
 
 
-_SDK_REQUESTS = ("conversations.>", "identity.>", "handoff.>", "notifications.>")
+# The internal requests the internet-facing SDK services make, exactly: none of them can delete a
+# user, link or merge clients, or read another app's data through a subject it never needs.
+_SDK_REQUESTS = (
+    subjects.CONVERSATIONS_START, subjects.CONVERSATIONS_HISTORY, subjects.CONVERSATIONS_SDK_LINK,
+    subjects.CONVERSATIONS_SDK_LOGIN, subjects.IDENTITY_RESOLVE, subjects.IDENTITY_DEVICE_REGISTER,
+    subjects.IDENTITY_DEVICES_LIST, subjects.IDENTITY_DEVICE_DROP_TOKEN, subjects.HANDOFF_ISSUE,
+    subjects.NOTIFICATIONS_OPTIN_START, subjects.NOTIFICATIONS_OPTIN_CONFIRM, subjects.NOTIFICATIONS_OPTIN_LIST,
+    subjects.NOTIFICATIONS_OPTIN_STOP,
+)
 
 SERVICE_ACCESS: Mapping[str, Access] = {
     "identity": Access(serves=("identity.>",), kv_write=(subjects.ENDED_USERS_BUCKET,)),

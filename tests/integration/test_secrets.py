@@ -336,7 +336,10 @@ async def test_nats_refuses_anonymous_clients_and_each_service_gets_only_what_it
                      "$JS.API.DIRECT.GET.KV_tl_webhooks.$KV.tl_webhooks.a.w1",
                      "$JS.API.STREAM.MSG.GET.KV_tl_webhooks", "$KV.tl_integrations.i1",
                      subjects.inbound_subject("whatsapp", "i1"), "$JS.API.STREAM.CREATE.MIRROR",
-                     "$JS.API.CONSUMER.MSG.NEXT.TL_INBOUND.conversations-inbound", "$KV.tl_link_codes.x"]
+                     "$JS.API.CONSUMER.MSG.NEXT.TL_INBOUND.conversations-inbound", "$KV.tl_link_codes.x",
+                     # internal requests it never makes: deleting a user, linking or merging clients
+                     subjects.IDENTITY_USER_DELETE, subjects.IDENTITY_CLIENT_LINK, subjects.IDENTITY_USER_GET,
+                     subjects.CONVERSATIONS_CLIENT_LINK, subjects.HANDOFF_REDEEM]
         for subject in forbidden:
             await web.publish(subject, b"{}")
         await web.subscribe(inbox_prefix("conversations") + ".>")
