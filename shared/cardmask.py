@@ -1,7 +1,8 @@
 """Card numbers (PANs) masked out of message text: the app setting `maskCreditCardNumbers`.
 
 A card number is 13 to 19 digits that pass the Luhn check, written in one piece or in groups
-separated by single spaces or dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"). Every such
+separated by single spaces (plain, no-break or thin), dashes or dots ("4111 1111 1111 1111",
+"4111-1111-1111-1111", "4111.1111.1111.1111"). Every such
 number in a text has all its digits but the last four replaced by `*`, separators kept:
 "**** **** **** 1111". Digits are never masked unless they belong to one.
 
@@ -35,7 +36,7 @@ KEEP_LAST = 4
 MASK_CHAR = "*"
 
 # Groups of ASCII digits joined by single separators; a group longer than a card is never part of one.
-_TOKEN = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+_TOKEN = re.compile("[0-9]+(?:[ .\\-\u00a0\u2007\u2009\u202f][0-9]+)*")
 _GROUP = re.compile(r"[0-9]+")
 # Cheap pre-check: a text with fewer digits than a card cannot hold one.
 _DIGIT = re.compile(r"[0-9]")

@@ -47,6 +47,10 @@ def test_examples() -> None:
     assert mask_card_numbers("my card is 4111 1111 1111 1111, exp 12/25") == \
         "my card is **** **** **** 1111, exp 12/25"
     assert mask_card_numbers("4111-1111-1111-1111") == "****-****-****-1111"
+    assert mask_card_numbers("4111.1111.1111.1111") == "****.****.****.1111"
+    assert mask_card_numbers("4111\u00a01111\u00a01111\u00a01111") == "****\u00a0****\u00a0****\u00a01111"
+    assert mask_card_numbers("4111\u20091111 1111 1111") == "****\u2009**** **** 1111"
+    assert mask_card_numbers("v1.2.3 at 10.0.0.1") == "v1.2.3 at 10.0.0.1"
     assert mask_card_numbers("amex 378282246310005!") == "amex ***********0005!"
     assert mask_card_numbers("4111111111111112") == "4111111111111112"  # fails Luhn
     assert mask_card_numbers("My tracking number is TL12345678") == "My tracking number is TL12345678"
