@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Sequence
 
 import aiosqlite
 
 from shared.files import ensure_private_file, private_dir
+
+log = logging.getLogger(__name__)
 
 
 async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
@@ -60,13 +64,32 @@ async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
     return db
 
 
+TRUNCATE_ATTEMPTS = 50
+TRUNCATE_RETRY_SECONDS = 0.02
+
+
 async def truncate_wal(db: aiosqlite.Connection) -> bool:
     """Checkpoint the write-ahead log into the database and truncate it, so the pages erased
-    rows were written in (earlier versions, still in the log) are gone from disk too. False when
-    a reader kept the log busy (it is truncated by a later call or the next checkpoint)."""
-    async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-        row = await cur.fetchone()
-    return row is not None and int(row[0]) == 0
+    rows were written in (earlier versions, still in the log) are gone from disk too.
+
+    A read another coroutine has open on the same connection makes SQLite refuse the
+    checkpoint ("database table is locked") and a reader elsewhere makes it report busy: both
+    end within moments, so it is retried for about a second. False when it never got through
+    (a later call or the next automatic checkpoint finishes the job)."""
+    for attempt in range(TRUNCATE_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(TRUNCATE_RETRY_SECONDS)
+        try:
+            async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            continue
+        if row is not None and int(row[0]) == 0:
+            return True
+    log.warning("the write-ahead log of a database stayed in use; erased rows' old pages wait for the next checkpoint")
+    return False
 
 
 def _split_sql(script: str) -> list[str]:
