@@ -172,9 +172,8 @@ class PhoneLinks:
 
     async def pending(self, client_id: str) -> PendingLink | None:
         """The pending link of a client, if any."""
-        async with self.db.execute("SELECT * FROM client_links WHERE client_id=?", (client_id,)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _link(row)
+        rows = await self.db.execute_fetchall("SELECT * FROM client_links WHERE client_id=?", (client_id,))
+        return next((_link(row) for row in rows), None)
 
     async def _drop(self, client_id: str) -> bool:
         async with self.conversations.store.tx():
@@ -182,9 +181,9 @@ class PhoneLinks:
                 return cur.rowcount > 0
 
     async def _expired(self, at: float, limit: int = 100) -> list[PendingLink]:
-        async with self.db.execute("SELECT * FROM client_links WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
-                                   (at, limit)) as cur:
-            return [_link(row) for row in await cur.fetchall()]
+        rows = await self.db.execute_fetchall(
+            "SELECT * FROM client_links WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (at, limit))
+        return [_link(row) for row in rows]
 
     async def _leave_conversations(self, app_id: str, client_id: str, *, except_user_id: str | None = None,
                                    only_user_id: str | None = None) -> list[ConversationRef]:
@@ -197,11 +196,10 @@ class PhoneLinks:
             where += " AND p.user_id = ?"
             params.append(only_user_id)
         async with self.conversations.store.tx():
-            async with self.db.execute(
-                    "SELECT a.participant_id, c.id, c.type FROM client_associations a"
-                    " JOIN participants p ON p.id = a.participant_id JOIN conversations c ON c.id = p.conversation_id"
-                    f" WHERE {where} ORDER BY a.last_active DESC", params) as cur:
-                rows = list(await cur.fetchall())
+            rows = list(await self.db.execute_fetchall(
+                "SELECT a.participant_id, c.id, c.type FROM client_associations a"
+                " JOIN participants p ON p.id = a.participant_id JOIN conversations c ON c.id = p.conversation_id"
+                f" WHERE {where} ORDER BY a.last_active DESC", params))
             for row in rows:
                 await self.db.execute("DELETE FROM client_associations WHERE participant_id=? AND client_id=?",
                                       (row[0], client_id))

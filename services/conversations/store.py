@@ -398,13 +398,16 @@ class Store:
 
     # --- generic helpers --------------------------------------------------------------------
 
+    # A read runs to its end in one hop to aiosqlite's thread. Stepped over several hops, an open
+    # SELECT holds a read snapshot that another coroutine's `tx()` on this connection inherits:
+    # once the hot connection has committed, its BEGIN IMMEDIATE then fails at once with
+    # "database is locked" (a stale snapshot cannot be upgraded to a writer).
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self.db.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = await self.db.execute_fetchall(sql, params)
+        return next(iter(rows), None)  # type: ignore[arg-type]
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return list(await self.db.execute_fetchall(sql, params))  # type: ignore[arg-type]
 
     async def _run(self, sql: str, params: Sequence[Any] = ()) -> int:
         async with self.db.execute(sql, params) as cur:
