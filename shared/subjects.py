@@ -80,6 +80,7 @@ def channel_outbound_consumer(channel: str) -> str:
 # Request/reply (nats.micro) subjects.
 IDENTITY_SERVICE: Final = "identity"
 IDENTITY_RESOLVE: Final = "identity.resolve"
+IDENTITY_RESOLVE_BATCH: Final = "identity.resolve.batch"
 IDENTITY_USER_CREATE: Final = "identity.user.create"
 IDENTITY_USER_GET: Final = "identity.user.get"
 IDENTITY_USER_UPDATE: Final = "identity.user.update"

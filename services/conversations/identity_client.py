@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -10,6 +11,7 @@ from typing import Any, Protocol
 
 import msgspec
 import nats.errors
+from opentelemetry import trace
 
 from shared import subjects
 from shared.bus import Poison, RequestFailed
@@ -18,6 +20,10 @@ from shared.messages import identity as ident
 from shared.sunco import Client, User
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+BATCH_GATHER_TURNS = 3
+MAX_RESOLVE_BATCH = 250
 
 
 class Publisher(Protocol):
@@ -44,6 +50,9 @@ class IdentityClient:
         # A TTL bounds how long a merge done elsewhere can leave a stale user behind a client.
         self.cache_ttl = cache_ttl
         self._resolved: OrderedDict[tuple[str, str, str], tuple[float, User, Client]] = OrderedDict()
+        self._waiting: list[tuple[ident.ResolveClient, asyncio.Future[ident.Resolved | ident.IdentityError],
+                                  trace.SpanContext]] = []
+        self._flush: asyncio.Task[None] | None = None
 
     async def call(self, subject: str, request: ident.IdentityMessage) -> ident.IdentityUnion:
         """Send a request; IdentityUnavailable when identity cannot answer."""
@@ -71,17 +80,46 @@ class IdentityClient:
         if hit is not None and hit[0] > time.monotonic():
             self._resolved.move_to_end(key)
             return hit[1], hit[2]
-        reply = await self.call(subjects.IDENTITY_RESOLVE, request)
+        future: asyncio.Future[ident.Resolved | ident.IdentityError] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future, trace.get_current_span().get_span_context()))
+        if self._flush is None:
+            self._flush = asyncio.create_task(self._send_waiting(), name="identity:resolve-batch")
+        reply = await future
         if isinstance(reply, ident.IdentityError):
             if reply.status >= 500:
                 raise IdentityUnavailable(reply.title)
             raise Poison(f"identity refused {key}: {reply.status} {reply.title}")
-        if not isinstance(reply, ident.Resolved):
-            raise IdentityUnavailable(f"unexpected reply {type(reply).__name__}")
         self._resolved[key] = (time.monotonic() + self.cache_ttl, reply.user, reply.client)
         while len(self._resolved) > self.cache_size:
             self._resolved.popitem(last=False)
         return reply.user, reply.client
+
+    async def _send_waiting(self) -> None:
+        # The handlers of one fetched batch reach `resolve` within a few turns of the loop: they
+        # share one request (one round trip, one transaction in identity).
+        for _ in range(BATCH_GATHER_TURNS):
+            await asyncio.sleep(0)
+        self._flush = None
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), MAX_RESOLVE_BATCH):
+            chunk = waiting[start:start + MAX_RESOLVE_BATCH]
+            # One request serves several messages' traces: its span links to each of them.
+            links = [trace.Link(context) for _, _, context in chunk if context.is_valid]
+            try:
+                with _tracer.start_as_current_span("resolve identities", links=links) as span:
+                    span.set_attribute("threadline.batch_size", len(chunk))
+                    reply = await self.call(subjects.IDENTITY_RESOLVE_BATCH,
+                                            ident.ResolveClients(requests=[request for request, _, _ in chunk]))
+                if not isinstance(reply, ident.ResolvedBatch) or len(reply.results) != len(chunk):
+                    raise IdentityUnavailable(f"unexpected reply {type(reply).__name__}")
+            except IdentityUnavailable as exc:
+                for _, future, _ in chunk:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future, _), result in zip(chunk, reply.results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     def forget_user(self, user_id: str) -> None:
         """Drop cached resolutions of a deleted user."""

@@ -19,7 +19,7 @@ import msgspec
 
 from shared import records
 from shared.encryption import Keyring
-from shared.store import open_db, truncate_wal
+from shared.store import open_db, open_hot_connection, truncate_wal
 from shared.sunco import ConversationRef, Message
 
 # Stored message bodies are `Message` JSON.
@@ -292,12 +292,7 @@ class Store:
     async def open(cls, path: str, keyring: Keyring | None = None) -> Store:
         """Open (and migrate) the database at `path`."""
         db = await open_db(path, MIGRATIONS)
-        hot = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        hot.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000",
-                       "secure_delete=ON"):
-            hot.execute(f"PRAGMA {pragma}")
-        return cls(db, hot, keyring)
+        return cls(db, open_hot_connection(path), keyring)
 
     async def close(self) -> None:
         """Close the connections."""

@@ -21,6 +21,7 @@ from shared.telemetry import setup_telemetry
 
 ENDPOINTS = (
     subjects.IDENTITY_RESOLVE,
+    subjects.IDENTITY_RESOLVE_BATCH,
     subjects.IDENTITY_USER_CREATE,
     subjects.IDENTITY_USER_GET,
     subjects.IDENTITY_USER_UPDATE,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import msgspec
-
 from services.identity.login import login_user
-from services.identity.store import Conflict, IdentityStore
+from services.identity.store import ChannelIdentity, Conflict, IdentityStore
 from shared.messages import identity as msgs
 from shared.sunco import Client, User
 
@@ -28,6 +26,8 @@ class IdentityHandlers:
         """Dispatch one request to its handler."""
         if isinstance(request, msgs.ResolveClient):
             return await self.resolve(request)
+        if isinstance(request, msgs.ResolveClients):
+            return await self.resolve_batch(request)
         if isinstance(request, msgs.CreateUser):
             return await self.create_user(request)
         if isinstance(request, msgs.GetUser):
@@ -61,30 +61,38 @@ class IdentityHandlers:
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
 
     async def resolve(self, req: msgs.ResolveClient) -> msgs.IdentityMessage:
-        key = (req.app_id, req.integration_id, req.channel_user_id)
-        cached = self._resolved.get(key)
-        if cached is not None:
-            return msgs.Resolved(user=cached[0], client=cached[1])
-        found = await self._find_channel_client(req)
-        if found is not None:
-            user, client = found
-            created_user = created_client = False
-        else:
-            if req.user_id is not None and await self.store.find_user(req.app_id, req.user_id) is None:
-                return msgs.IdentityError(status=404, code="user_not_found", title="User not found")
-            user, client, created_user, created_client = await self.store.create_client(
-                app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
-                channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
-                info=req.info, raw=req.raw, user_id=req.user_id,
-            )
-            wa_id = _wa_id(req)
-            if created_client and wa_id:
-                # Keyed by its BSUID: its number finds it too (direct linking by phone).
-                await self.store.add_alias(req.app_id, req.integration_id, wa_id, client.id)
-        if len(self._resolved) >= self.cache_size:
-            self._resolved.clear()
-        self._resolved[key] = (user, client)
-        return msgs.Resolved(user=user, client=client, user_created=created_user, client_created=created_client)
+        [result] = await self.resolve_many([req])
+        return result
+
+    async def resolve_batch(self, req: msgs.ResolveClients) -> msgs.IdentityMessage:
+        return msgs.ResolvedBatch(results=await self.resolve_many(req.requests))
+
+    async def resolve_many(self, requests: list[msgs.ResolveClient]) -> list[msgs.Resolved | msgs.IdentityError]:
+        """Each request's user and client, in order: cached ones without I/O, the others found or
+        created in one transaction."""
+        results: list[msgs.Resolved | msgs.IdentityError | None] = []
+        misses: list[int] = []
+        for req in requests:
+            cached = self._resolved.get((req.app_id, req.integration_id, req.channel_user_id))
+            results.append(None if cached is None else msgs.Resolved(user=cached[0], client=cached[1]))
+            if cached is None:
+                misses.append(len(results) - 1)
+        if misses:
+            resolutions = await self.store.resolve_clients(
+                [ChannelIdentity(requests[i], _wa_id(requests[i])) for i in misses])
+            for i, resolution in zip(misses, resolutions, strict=True):
+                if resolution is None:
+                    results[i] = _not_found()
+                    continue
+                req = requests[i]
+                if len(self._resolved) >= self.cache_size:
+                    self._resolved.clear()
+                self._resolved[(req.app_id, req.integration_id, req.channel_user_id)] = (
+                    resolution.user, resolution.client)
+                results[i] = msgs.Resolved(user=resolution.user, client=resolution.client,
+                                           user_created=resolution.user_created,
+                                           client_created=resolution.client_created)
+        return [result for result in results if result is not None]
 
     async def create_user(self, req: msgs.CreateUser) -> msgs.IdentityMessage:
         try:
@@ -170,20 +178,17 @@ class IdentityHandlers:
             return _not_found()
         # Found however the channel knows it (a WhatsApp number linked by phone is the same client
         # as its BSUID), so the rules below see the identity's real owner.
-        found = await self._find_channel_client(req)
-        if found is None:
-            user, client, _user_created, created = await self.store.create_client(
-                app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
-                channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
-                info=req.info, raw=req.raw, user_id=target.id)
-            wa_id = _wa_id(req)
-            if created and wa_id:
-                await self.store.add_alias(req.app_id, req.integration_id, wa_id, client.id)
-            if user.id == target.id:
-                self._forget_user(target.id)
-                return msgs.ClientLinked(user=user, client=client, client_created=created)
-            found = (user, client)  # a concurrent message created it under its own user meanwhile
-        owner, client = found
+        as_resolve = msgs.ResolveClient(
+            app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
+            channel_user_id=req.channel_user_id, display_name=req.display_name, avatar_url=req.avatar_url,
+            info=req.info, raw=req.raw, user_id=target.id)
+        [resolution] = await self.store.resolve_clients([ChannelIdentity(as_resolve, _wa_id(req))])
+        if resolution is None:  # the user was deleted meanwhile
+            return _not_found()
+        owner, client = resolution.user, resolution.client
+        if resolution.client_created:
+            self._forget_user(target.id)
+            return msgs.ClientLinked(user=owner, client=client, client_created=True)
         if owner.id == target.id:
             return msgs.ClientLinked(user=owner, client=client)
         if owner.external_id:
@@ -200,32 +205,9 @@ class IdentityHandlers:
         self._forget_user(owner.id)
         self._forget_user(target.id)
         survivor = await self.store.find_user(req.app_id, target.id)
-        moved = await self._find_channel_client(req)
+        moved = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
         assert survivor is not None and moved is not None
         return msgs.ClientLinked(user=survivor, client=moved[1], merge=merged, discarded_user=owner)
-
-    async def _find_channel_client(self, req: msgs.ResolveClient | msgs.LinkClient) -> tuple[User, Client] | None:
-        """The client a channel identity names: by its key or an alias, else by its wa_id."""
-        found = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
-        return found if found is not None else await self._find_by_wa_id(req)
-
-    async def _find_by_wa_id(self, req: msgs.ResolveClient | msgs.LinkClient) -> tuple[User, Client] | None:
-        """A WhatsApp sender unknown by its key (a BSUID) whose wa_id names a client — one made by
-        direct linking from the phone number, or one first seen without its BSUID: the BSUID
-        becomes an alias of that client, so the number stays one client."""
-        wa_id = _wa_id(req)
-        if not wa_id:
-            return None
-        found = await self.store.find_client(req.app_id, req.integration_id, wa_id)
-        if found is None:
-            return None
-        user, client = found
-        await self.store.add_alias(req.app_id, req.integration_id, req.channel_user_id, client.id)
-        info = {**(client.info or {}), **req.info}
-        if info != (client.info or {}):
-            await self.store.set_client_info(req.app_id, client.id, info)
-            client = msgspec.structs.replace(client, info=info)
-        return user, client
 
     async def attach_phone_client(self, req: msgs.AttachPhoneClient) -> msgs.IdentityMessage:
         target = await self.store.find_user(req.app_id, req.user_id)

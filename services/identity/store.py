@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import aiosqlite
 import msgspec
 
 from shared.ids import iso, new_id, now
-from shared.messages.identity import MergeRecord, RegisterDevice
-from shared.store import open_db, transaction, truncate_wal, write_lock
+from shared.messages.identity import MergeRecord, RegisterDevice, ResolveClient
+from shared.store import open_db, open_hot_connection, transaction, truncate_wal, write_lock
 from shared.sunco import Client, Device, Profile, User
 
 MIGRATIONS = (
@@ -141,28 +143,137 @@ def _device(row: aiosqlite.Row) -> Device:
     )
 
 
+class ChannelIdentity(NamedTuple):
+    """What `resolve_clients` needs of a `ResolveClient` (wa_id: a WhatsApp sender's number when
+    it differs from the key)."""
+
+    request: ResolveClient
+    wa_id: str | None
+
+
+class Resolution(NamedTuple):
+    user: User
+    client: Client
+    user_created: bool
+    client_created: bool
+
+
+_CLIENT_BY_KEY = "SELECT * FROM clients WHERE app_id = ? AND integration_id = ? AND external_id = ?"
+_CLIENT_BY_ALIAS = ("SELECT c.* FROM client_aliases a JOIN clients c ON c.id = a.client_id"
+                    " WHERE a.app_id = ? AND a.integration_id = ? AND a.alias = ?")
+_ADD_ALIAS = ("INSERT INTO client_aliases (app_id, integration_id, alias, client_id) VALUES (?,?,?,?)"
+              " ON CONFLICT (app_id, integration_id, alias) DO NOTHING")
+_INSERT_USER = "INSERT INTO users (id, app_id, external_id, signed_up_at, profile) VALUES (?,?,NULL,?,?)"
+_INSERT_CLIENT = (
+    "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id,"
+    " display_name, avatar_url, info, raw, linked_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (app_id, integration_id, external_id) DO NOTHING")
+
+
+def _profile_from_name(display_name: str | None) -> dict[str, Any]:
+    if not display_name:
+        return {}
+    given, _, surname = display_name.partition(" ")
+    return {"givenName": given, **({"surname": surname} if surname else {})}
+
+
+def _client_now(hot: sqlite3.Connection, app_id: str, integration_id: str, key: str) -> tuple[User, Client] | None:
+    row = hot.execute(_CLIENT_BY_KEY, (app_id, integration_id, key)).fetchone()
+    if row is None:
+        row = hot.execute(_CLIENT_BY_ALIAS, (app_id, integration_id, key)).fetchone()
+    if row is None:
+        return None
+    user = hot.execute("SELECT * FROM users WHERE app_id = ? AND id = ?", (app_id, row["user_id"])).fetchone()
+    return None if user is None else (_user(user), _client(row))
+
+
+def _resolve_now(hot: sqlite3.Connection, identity: ChannelIdentity) -> Resolution | None:
+    """One identity of `IdentityStore.resolve_clients`, inside its transaction."""
+    req, wa_id = identity
+    found = _client_now(hot, req.app_id, req.integration_id, req.channel_user_id)
+    if found is None and wa_id:
+        found = _client_now(hot, req.app_id, req.integration_id, wa_id)
+        if found is not None:
+            user, client = found
+            hot.execute(_ADD_ALIAS, (req.app_id, req.integration_id, req.channel_user_id, client.id))
+            info = {**(client.info or {}), **req.info}
+            if info != (client.info or {}):
+                hot.execute("UPDATE clients SET info = ? WHERE app_id = ? AND id = ?",
+                            (json.dumps(info), req.app_id, client.id))
+                client = msgspec.structs.replace(client, info=info)
+            found = user, client
+    if found is not None:
+        return Resolution(found[0], found[1], False, False)
+    if req.user_id is not None and hot.execute(
+            "SELECT 1 FROM users WHERE app_id = ? AND id = ?", (req.app_id, req.user_id)).fetchone() is None:
+        return None
+    ts = now()
+    user_id = req.user_id or new_id()
+    client_id = new_id()
+    if req.user_id is None:
+        hot.execute(_INSERT_USER, (user_id, req.app_id, ts, json.dumps(_profile_from_name(req.display_name))))
+    hot.execute(_INSERT_CLIENT, (client_id, req.app_id, user_id, req.client_type, "active", req.integration_id,
+                                 req.channel_user_id, req.display_name, req.avatar_url, json.dumps(req.info),
+                                 json.dumps(req.raw), ts, ts))
+    if wa_id:
+        # Keyed by its BSUID: its number finds it too (direct linking by phone).
+        hot.execute(_ADD_ALIAS, (req.app_id, req.integration_id, wa_id, client_id))
+    created = _client_now(hot, req.app_id, req.integration_id, req.channel_user_id)
+    assert created is not None
+    return Resolution(created[0], created[1], req.user_id is None, True)
+
+
 class IdentityStore:
     """Reads and writes users and clients; every write is one transaction."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection) -> None:
         self.db = db
+        # First contacts are resolved on this connection, on the event loop thread, a batch per
+        # transaction (see `resolve_clients`); it writes only under `write_lock(self.db)`.
+        self.hot = hot
 
     @classmethod
     async def open(cls, path: str) -> IdentityStore:
-        return cls(await open_db(path, MIGRATIONS))
+        db = await open_db(path, MIGRATIONS)
+        return cls(db, open_hot_connection(path))
 
     async def close(self) -> None:
+        self.hot.close()
         await self.db.close()
+
+    async def resolve_clients(self, identities: Sequence[ChannelIdentity]) -> list[Resolution | None]:
+        """Find or create the client (and its user) behind each channel identity, in order, in one
+        transaction: None for one whose `user_id` names no user. The same identity twice in a
+        batch is created once. A WhatsApp sender unknown by its key whose wa_id names a client
+        (made by direct linking from the number, or first seen without its BSUID) is that client,
+        with its key as a new alias; a new WhatsApp client's wa_id becomes its alias."""
+        async with write_lock(self.db):
+            self.hot.execute("BEGIN IMMEDIATE")
+            try:
+                results = [_resolve_now(self.hot, identity) for identity in identities]
+                self.hot.execute("COMMIT")
+            except BaseException:
+                self.hot.execute("ROLLBACK")
+                raise
+            return results
+
+    # A read runs to its end in one hop to aiosqlite's thread: an open SELECT stepped over several
+    # hops holds a snapshot that a transaction another coroutine begins on this connection would
+    # inherit, and once the hot-path connection has committed that snapshot cannot write.
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self.db.execute_fetchall(sql, params)
+        return next(iter(rows), None)  # type: ignore[arg-type]
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        return list(await self.db.execute_fetchall(sql, params))  # type: ignore[arg-type]
 
     async def find_user(self, app_id: str, id_or_external_id: str) -> User | None:
         """A user by id, else by externalId (SunCo's `{userIdOrExternalId}`)."""
-        async with self.db.execute(
-            "SELECT * FROM users WHERE app_id = ? AND id = ?", (app_id, id_or_external_id)) as cur:
-            row = await cur.fetchone()
+        row = await self._one(
+            "SELECT * FROM users WHERE app_id = ? AND id = ?", (app_id, id_or_external_id))
         if row is None:
-            async with self.db.execute(
-                "SELECT * FROM users WHERE app_id = ? AND external_id = ?", (app_id, id_or_external_id)) as cur:
-                row = await cur.fetchone()
+            row = await self._one(
+                "SELECT * FROM users WHERE app_id = ? AND external_id = ?", (app_id, id_or_external_id))
         return _user(row) if row is not None else None
 
     async def create_user(self, app_id: str, external_id: str | None, profile: Profile,
@@ -249,10 +360,9 @@ class IdentityStore:
         frontier = [user_id]
         while frontier:
             marks = ",".join("?" * len(frontier))
-            async with self.db.execute(
+            found = {str(row[0]) for row in await self._all(
                 f"SELECT discarded_user_id FROM merges WHERE app_id = ? AND surviving_user_id IN ({marks})",
-                (app_id, *frontier)) as cur:
-                found = {str(row[0]) for row in await cur.fetchall()}
+                (app_id, *frontier))}
             frontier = sorted(found - people)
             people |= found
         marks = ",".join("?" * len(people))
@@ -267,17 +377,16 @@ class IdentityStore:
             return await truncate_wal(self.db)
 
     async def list_clients(self, app_id: str, user_id: str) -> list[Client]:
-        async with self.db.execute(
-            "SELECT * FROM clients WHERE app_id = ? AND user_id = ? ORDER BY linked_at", (app_id, user_id)) as cur:
-            return [_client(row) for row in await cur.fetchall()]
+        rows = await self._all(
+            "SELECT * FROM clients WHERE app_id = ? AND user_id = ? ORDER BY linked_at", (app_id, user_id))
+        return [_client(row) for row in rows]
 
     async def set_client_status(self, app_id: str, client_id: str, status: str) -> tuple[User, Client] | None:
         """Set a client's status; returns its user and the updated client (None: no such client)."""
         async with write_lock(self.db):
             await self.db.execute("UPDATE clients SET status = ? WHERE app_id = ? AND id = ?",
                                   (status, app_id, client_id))
-        async with self.db.execute("SELECT * FROM clients WHERE app_id = ? AND id = ?", (app_id, client_id)) as cur:
-            row = await cur.fetchone()
+        row = await self._one("SELECT * FROM clients WHERE app_id = ? AND id = ?", (app_id, client_id))
         if row is None:
             return None
         user = await self.find_user(app_id, row["user_id"])
@@ -285,16 +394,14 @@ class IdentityStore:
 
     async def find_client(self, app_id: str, integration_id: str, channel_user_id: str) -> tuple[User, Client] | None:
         """The client a channel identity names: by its key, else by one of its aliases."""
-        async with self.db.execute(
+        row = await self._one(
             "SELECT * FROM clients WHERE app_id = ? AND integration_id = ? AND external_id = ?",
-            (app_id, integration_id, channel_user_id)) as cur:
-            row = await cur.fetchone()
+            (app_id, integration_id, channel_user_id))
         if row is None:
-            async with self.db.execute(
+            row = await self._one(
                 "SELECT c.* FROM client_aliases a JOIN clients c ON c.id = a.client_id"
                 " WHERE a.app_id = ? AND a.integration_id = ? AND a.alias = ?",
-                (app_id, integration_id, channel_user_id)) as cur:
-                row = await cur.fetchone()
+                (app_id, integration_id, channel_user_id))
         if row is None:
             return None
         user = await self.find_user(app_id, row["user_id"])
@@ -314,23 +421,16 @@ class IdentityStore:
         ts = now()
         new_user_id = user_id or new_id()
         client_id = new_id()
-        profile: dict[str, Any] = {}
-        if display_name:
-            given, _, surname = display_name.partition(" ")
-            profile = {"givenName": given, **({"surname": surname} if surname else {})}
         async with write_lock(self.db):
             await self.db.execute("BEGIN")
             try:
                 if user_id is None:
-                    await self.db.execute(
-                        "INSERT INTO users (id, app_id, external_id, signed_up_at, profile) VALUES (?,?,NULL,?,?)",
-                        (new_user_id, app_id, ts, json.dumps(profile)))
+                    await self.db.execute(_INSERT_USER, (new_user_id, app_id, ts,
+                                                         json.dumps(_profile_from_name(display_name))))
                 cur = await self.db.execute(
-                    "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id,"
-                    " display_name, avatar_url, info, raw, linked_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (app_id, integration_id, external_id) DO NOTHING",
-                    (client_id, app_id, new_user_id, client_type, status, integration_id, channel_user_id,
-                     display_name, avatar_url, json.dumps(info), json.dumps(raw), ts, ts))
+                    _INSERT_CLIENT, (client_id, app_id, new_user_id, client_type, status, integration_id,
+                                     channel_user_id, display_name, avatar_url, json.dumps(info), json.dumps(raw),
+                                     ts, ts))
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
@@ -341,18 +441,6 @@ class IdentityStore:
         assert found is not None
         user, client = found
         return user, client, inserted and user_id is None, inserted
-
-    async def add_alias(self, app_id: str, integration_id: str, alias: str, client_id: str) -> None:
-        """Make `alias` another key of the client on its integration (kept if already taken)."""
-        async with write_lock(self.db):
-            await self.db.execute(
-                "INSERT INTO client_aliases (app_id, integration_id, alias, client_id) VALUES (?,?,?,?)"
-                " ON CONFLICT (app_id, integration_id, alias) DO NOTHING", (app_id, integration_id, alias, client_id))
-
-    async def set_client_info(self, app_id: str, client_id: str, info: dict[str, Any]) -> None:
-        async with write_lock(self.db):
-            await self.db.execute("UPDATE clients SET info = ? WHERE app_id = ? AND id = ?",
-                                  (json.dumps(info), app_id, client_id))
 
     async def attach_client(self, app_id: str, client_id: str, user_id: str, status: str) -> None:
         """Give the client to `user_id` with `status` (a direct link: moved, never merged)."""
@@ -377,15 +465,14 @@ class IdentityStore:
 
     async def proven_by(self, app_id: str, sdk_client_id: str) -> set[str]:
         """The clients whose address the SDK client proved it reads."""
-        async with self.db.execute("SELECT id FROM clients WHERE app_id = ? AND proven_by = ?",
-                                   (app_id, sdk_client_id)) as cur:
-            return {str(row["id"]) for row in await cur.fetchall()}
+        rows = await self._all("SELECT id FROM clients WHERE app_id = ? AND proven_by = ?",
+                                   (app_id, sdk_client_id))
+        return {str(row["id"]) for row in rows}
 
     async def remove_client(self, app_id: str, user_id: str, client_id: str) -> Client | None:
         """Delete one of the user's clients (its aliases and devices go with it); the client as it was."""
-        async with self.db.execute("SELECT * FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
-                                   (app_id, client_id, user_id)) as cur:
-            row = await cur.fetchone()
+        row = await self._one("SELECT * FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
+                                   (app_id, client_id, user_id))
         if row is None:
             return None
         async with write_lock(self.db):
@@ -394,10 +481,9 @@ class IdentityStore:
 
     async def register_device(self, req: RegisterDevice) -> Device | None:
         """Upsert the device `(client, guid)`; None when the client is not the user's sdk client."""
-        async with self.db.execute("SELECT id FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
-                                   (req.app_id, req.client_id, req.user_id)) as cur:
-            if await cur.fetchone() is None:
-                return None
+        if await self._one("SELECT id FROM clients WHERE app_id = ? AND id = ? AND user_id = ?",
+                                   (req.app_id, req.client_id, req.user_id)) is None:
+            return None
         token = req.push_notification_token or None
         async with transaction(self.db):
             if token is not None:
@@ -415,16 +501,15 @@ class IdentityStore:
                 " integration_id = excluded.integration_id, last_seen = excluded.last_seen",
                 (new_id(), req.app_id, req.user_id, req.client_id, req.integration_id, req.device_type, req.guid, token,
                  req.app_version, json.dumps(req.info), now()))
-        async with self.db.execute("SELECT * FROM devices WHERE client_id = ? AND guid = ?",
-                                   (req.client_id, req.guid)) as cur:
-            row = await cur.fetchone()
+        row = await self._one("SELECT * FROM devices WHERE client_id = ? AND guid = ?",
+                                   (req.client_id, req.guid))
         assert row is not None
         return _device(row)
 
     async def list_devices(self, app_id: str, user_id: str) -> list[Device]:
-        async with self.db.execute("SELECT * FROM devices WHERE app_id = ? AND user_id = ? ORDER BY last_seen DESC",
-                                   (app_id, user_id)) as cur:
-            return [_device(row) for row in await cur.fetchall()]
+        rows = await self._all("SELECT * FROM devices WHERE app_id = ? AND user_id = ? ORDER BY last_seen DESC",
+                                   (app_id, user_id))
+        return [_device(row) for row in rows]
 
     async def drop_push_token(self, app_id: str, device_id: str, token: str) -> Device | None:
         """Forget a dead push token (only if it is still the device's token)."""
@@ -433,8 +518,7 @@ class IdentityStore:
                 "UPDATE devices SET push_token = NULL, status = 'inactive'"
                 " WHERE app_id = ? AND id = ? AND push_token = ?",
                 (app_id, device_id, token))
-        async with self.db.execute("SELECT * FROM devices WHERE app_id = ? AND id = ?", (app_id, device_id)) as cur:
-            row = await cur.fetchone()
+        row = await self._one("SELECT * FROM devices WHERE app_id = ? AND id = ?", (app_id, device_id))
         return None if row is None else _device(row)
 
     async def merge_users(self, app_id: str, *, surviving: User, discarded: User, reason: str) -> MergeRecord:
@@ -474,10 +558,9 @@ class IdentityStore:
 
     async def list_merges(self, app_id: str, user_id: str) -> list[MergeRecord]:
         """The audit log of merges the user took part in (as survivor or discarded), oldest first."""
-        async with self.db.execute(
+        rows = await self._all(
             "SELECT * FROM merges WHERE app_id = ? AND (surviving_user_id = ? OR discarded_user_id = ?)"
-            " ORDER BY created_at", (app_id, user_id, user_id)) as cur:
-            rows = await cur.fetchall()
+            " ORDER BY created_at", (app_id, user_id, user_id))
         return [MergeRecord(id=r["id"], app_id=r["app_id"], surviving_user_id=r["surviving_user_id"],
                             discarded_user_id=r["discarded_user_id"], reason=r["reason"],
                             merged_client_ids=json.loads(r["merged_client_ids"]),

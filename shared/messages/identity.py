@@ -38,6 +38,19 @@ class Resolved(IdentityMessage, tag="identity.resolved", kw_only=True):
     client_created: bool = False
 
 
+class ResolveClients(IdentityMessage, tag="identity.resolve.batch", kw_only=True):
+    """Several `ResolveClient`s answered in one reply and written in one transaction (a consumer's
+    batch of first contacts costs one round trip and one commit)."""
+
+    requests: list[ResolveClient]
+
+
+class ResolvedBatch(IdentityMessage, tag="identity.resolved.batch", kw_only=True):
+    """One result per request of a `ResolveClients`, in its order."""
+
+    results: list[Resolved | IdentityError]
+
+
 class CreateUser(IdentityMessage, tag="identity.user.create", kw_only=True):
     app_id: str
     external_id: str | None = None
@@ -301,7 +314,8 @@ class IdentityError(IdentityMessage, tag="identity.error", kw_only=True):
 
 
 IdentityUnion = (
-    ResolveClient | Resolved | CreateUser | GetUser | UpdateUser | DeleteUser | ListClients | SetClientStatus
+    ResolveClient | Resolved | ResolveClients | ResolvedBatch | CreateUser | GetUser | UpdateUser | DeleteUser
+    | ListClients | SetClientStatus
     | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
     | AttachPhoneClient | PhoneClientAttached | RemoveClient

@@ -83,3 +83,31 @@ async def test_malformed_request_gets_an_error_reply(system: System, bus: Bus) -
     await system.start("identity")
     reply = msgs.decode(await bus.request(subjects.IDENTITY_USER_GET, b'{"type":"nope"}'))
     assert isinstance(reply, msgs.IdentityError) and reply.status == 400
+
+
+async def test_a_batch_resolves_in_order_in_one_request(system: System, bus: Bus) -> None:
+    await system.start("identity")
+    known = await ask(bus, subjects.IDENTITY_RESOLVE, resolve("US.known"))
+    by_number = await ask(bus, subjects.IDENTITY_RESOLVE, resolve("15550001111"))
+    assert isinstance(known, msgs.Resolved) and isinstance(by_number, msgs.Resolved)
+    reply = await ask(bus, subjects.IDENTITY_RESOLVE_BATCH, msgs.ResolveClients(requests=[
+        resolve("US.new", display_name="Bea Smith", info={"wa_id": "15550002222"}),
+        resolve("US.known"),
+        resolve("US.new"),  # the same new sender twice in one batch: one client
+        resolve("US.bsuid", info={"wa_id": "15550001111"}),  # the number's client, under its BSUID now
+        resolve("sdk-x", client_type="sdk", user_id="no-such-user"),
+    ]))
+    assert isinstance(reply, msgs.ResolvedBatch)
+    new, again_known, new_again, bsuid, missing = reply.results
+    assert isinstance(new, msgs.Resolved) and new.user_created and new.client_created
+    assert new.user.profile.given_name == "Bea" and new.client.info == {"wa_id": "15550002222"}
+    assert isinstance(again_known, msgs.Resolved) and again_known.client.id == known.client.id
+    assert isinstance(new_again, msgs.Resolved) and not new_again.client_created
+    assert (new_again.user.id, new_again.client.id) == (new.user.id, new.client.id)
+    assert isinstance(bsuid, msgs.Resolved) and bsuid.client.id == by_number.client.id
+    assert bsuid.client.info == {"wa_id": "15550001111"}
+    assert isinstance(missing, msgs.IdentityError) and missing.status == 404
+    # Each is found again one by one, by its key, its number or its alias.
+    for request, expected in ((resolve("15550002222"), new), (resolve("US.bsuid"), bsuid)):
+        found = await ask(bus, subjects.IDENTITY_RESOLVE, request)
+        assert isinstance(found, msgs.Resolved) and found.client.id == expected.client.id
