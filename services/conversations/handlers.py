@@ -233,28 +233,16 @@ class Conversations:
         conversation is removed again and the error propagates.
         """
         if default:
-            existing = await self.store.default_conversation(app_id, user.id)
+            existing = self.store.default_conversation_now(app_id, user.id)
             if existing is not None:
                 return existing, False
         created_at = now()
-        conversation_id = new_id()
-        async with self.store.tx():
-            has_default = await self.store.default_conversation(app_id, user.id) is not None
-            inserted = False
-            if not (default and has_default):
-                inserted = await self.store.add_conversation(
-                    conversation_id, app_id, "personal", None if has_default else user.id, display_name,
-                    description, icon_url, metadata, created_at)
-            if inserted:
-                await self.store.add_participant(new_id(), app_id, conversation_id, user.id, user.external_id,
-                                                 created_at)
-        if not inserted:
-            existing = await self.store.default_conversation(app_id, user.id)
-            if existing is None:  # deleted in between: let the caller retry
-                raise Retry(0.1, "default conversation vanished")
-            return existing, False
-        row = await self.store.get_conversation(app_id, conversation_id)
-        assert row is not None
+        row, created = await self.store.create_personal_conversation(
+            new_id(), new_id(), app_id, user.id, user.external_id, default=default, display_name=display_name,
+            description=description, icon_url=icon_url, metadata=metadata, now=created_at)
+        if not created:
+            return row, False
+        conversation_id = row["id"]
         event = conv.ConversationCreated(
             id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=created_at,
             conversation=conversation_ref(row), user=user, creation_reason=reason, source=source)

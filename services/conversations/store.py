@@ -542,17 +542,38 @@ class Store:
 
     # --- conversations and participants -----------------------------------------------------
 
-    async def add_conversation(self, conversation_id: str, app_id: str, type_: str, default_user_id: str | None,
-                               display_name: str | None, description: str | None, icon_url: str | None,
-                               metadata: dict[str, Any] | None, now: float) -> bool:
-        """Insert a conversation; False when the user already has a default one (nothing written)."""
-        changed = await self._run(
-            "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description, icon_url,"
-            " metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (app_id, default_user_id) DO NOTHING",
-            (conversation_id, app_id, type_, default_user_id, display_name, description, icon_url,
-             None if metadata is None else dumps(metadata), now, now))
-        return changed > 0
+    async def create_personal_conversation(
+            self, conversation_id: str, participant_id: str, app_id: str, user_id: str, user_external_id: str | None,
+            *, default: bool, display_name: str | None, description: str | None, icon_url: str | None,
+            metadata: dict[str, Any] | None, now: float) -> tuple[sqlite3.Row, bool]:
+        """Create a personal conversation with the user as its participant, in one transaction on
+        the hot-path connection (a first contact waits on no thread hop, and holds the write lock
+        for no loop turn). With `default`, the user's default conversation when they have one
+        (nothing written); a new one is the default when the user has none. The row and whether
+        it was created."""
+        async with self._lock:
+            hot = self._hot()
+            hot.execute("BEGIN IMMEDIATE")
+            try:
+                existing = hot.execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
+                                       (app_id, user_id)).fetchone()
+                if default and existing is not None:
+                    hot.execute("ROLLBACK")
+                    return existing, False
+                hot.execute(
+                    "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description,"
+                    " icon_url, metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (conversation_id, app_id, "personal", None if existing is not None else user_id, display_name,
+                     description, icon_url, None if metadata is None else dumps(metadata), now, now))
+                hot.execute(
+                    "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
+                    " VALUES (?,?,?,?,?,?)", (participant_id, app_id, conversation_id, user_id, user_external_id, now))
+                row = hot.execute("SELECT * FROM conversations WHERE id=?", (conversation_id,)).fetchone()
+                hot.execute("COMMIT")
+            except BaseException:
+                hot.execute("ROLLBACK")
+                raise
+        return row, True
 
     async def set_conversation(self, conversation_id: str, display_name: str | None, description: str | None,
                                icon_url: str | None, metadata: dict[str, Any] | None) -> None:
@@ -580,13 +601,6 @@ class Store:
         return await self._page(
             "SELECT c.* FROM conversations c JOIN participants p ON p.conversation_id = c.id",
             "p.app_id=? AND p.user_id=?", (app_id, user_id), after, before, limit, "conversations", "c")
-
-    async def add_participant(self, participant_id: str, app_id: str, conversation_id: str, user_id: str,
-                              user_external_id: str | None, now: float) -> None:
-        await self._run(
-            "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at) "
-            "VALUES (?,?,?,?,?,?) ON CONFLICT (conversation_id, user_id) DO NOTHING",
-            (participant_id, app_id, conversation_id, user_id, user_external_id, now))
 
     async def set_participant_external_id(self, app_id: str, user_id: str, external_id: str | None) -> None:
         await self._run("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
