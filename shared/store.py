@@ -12,13 +12,15 @@ import logging
 import os
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from shared.files import ensure_private_file, private_dir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def open_db(path: str, migrations: Sequence[str]) -> aiosqlite.Connection:
@@ -80,6 +82,69 @@ def open_hot_connection(path: str) -> sqlite3.Connection:
     for pragma in HOT_PRAGMAS:
         hot.execute(f"PRAGMA {pragma}")
     return hot
+
+
+class GroupCommit:
+    """Runs the write functions that concurrent coroutines hand in during one turn of the loop
+    together, in one transaction on a plain sqlite3 connection (`open_hot_connection`), on the
+    event loop thread: one commit — the costly part of a small write — for a whole consumer
+    batch instead of one per message.
+
+    Each function runs inside its own savepoint: one that raises is undone alone and its caller
+    gets the exception; the others commit. `run` returns only after the COMMIT, so a caller
+    acknowledging a message afterwards acknowledges a durable write. `lock` is the lock every
+    writer of the database holds, so the transaction never waits on an aiosqlite one.
+    """
+
+    def __init__(self, hot: sqlite3.Connection, lock: asyncio.Lock) -> None:
+        self.hot = hot
+        self.lock = lock
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op(connection)` in the next group transaction; its result once committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="sqlite:group-commit")
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0)  # the other coroutines of this turn hand theirs in
+        while self._queue:
+            async with self.lock:
+                ops, self._queue = self._queue, []
+                self._commit(ops)
+
+    def _commit(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> None:
+        hot = self.hot
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            hot.execute("BEGIN IMMEDIATE")
+            for op, _ in ops:
+                hot.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(hot)))
+                except Exception as exc:
+                    hot.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                hot.execute("RELEASE op")
+            hot.execute("COMMIT")
+        except Exception as exc:
+            if hot.in_transaction:
+                hot.execute("ROLLBACK")
+            for _, future in ops:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), (ok, value) in zip(ops, outcomes, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
 
 TRUNCATE_ATTEMPTS = 50

@@ -659,7 +659,7 @@ class Conversations:
             provider_message_id=msg.provider_message_id, event_id=event_id, received=received, body=dumps(message),
             client_id=client.id, client_type=client.type, client_integration_id=client.integration_id,
             client_external_id=client.external_id, client_info=client.info)
-        seq, participant_id, new_client = record.seq, record.participant_id, record.new_client
+        seq = record.seq
         if seq is None:  # a concurrent duplicate won the insert
             duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
                                                                 msg.provider_message_id)
@@ -670,7 +670,7 @@ class Conversations:
             app_id=msg.app_id, conversation_id=conversation_id, message_id=message.id, channel=msg.channel,
             provider_message_id=msg.provider_message_id))
         ref = conversation_ref(row)
-        if new_client and participant_id and len(await self.store.associations(participant_id)) > 1:
+        if record.joined_others:
             # A new channel joined a conversation the user already had: SunCo's client:add.
             await self.bus.publish(subjects.event_subject(msg.app_id, conversation_id), conv.encode(conv.ClientAdded(
                 id=derived_id(conversation_id, client.id, "client:add"), app_id=msg.app_id,

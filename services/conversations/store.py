@@ -19,7 +19,7 @@ import msgspec
 
 from shared import records
 from shared.encryption import Keyring
-from shared.store import open_db, open_hot_connection, truncate_wal
+from shared.store import GroupCommit, open_db, open_hot_connection, truncate_wal
 from shared.sunco import ConversationRef, Message
 
 # Stored message bodies are `Message` JSON.
@@ -254,6 +254,8 @@ class InboundRecord:
     seq: int | None
     participant_id: str | None = None
     new_client: bool = False
+    # The new client joined a conversation the user already had other clients in (SunCo's client:add).
+    joined_others: bool = False
 
 
 def app_key_context(key_id: str) -> str:
@@ -287,6 +289,7 @@ class Store:
         # it never waits on an open aiosqlite transaction.
         self.hot = hot
         self._lock = asyncio.Lock()
+        self._group = GroupCommit(hot, self._lock) if hot is not None else None
 
     @classmethod
     async def open(cls, path: str, keyring: Keyring | None = None) -> Store:
@@ -299,6 +302,10 @@ class Store:
         if self.hot is not None:
             self.hot.close()
         await self.db.close()
+
+    def _grouped(self) -> GroupCommit:
+        assert self._group is not None, "store opened without its hot-path connection"
+        return self._group
 
     def _hot(self) -> sqlite3.Connection:
         assert self.hot is not None, "store opened without its hot-path connection"
@@ -336,48 +343,44 @@ class Store:
                              client_integration_id: str | None, client_external_id: str | None,
                              client_info: dict[str, Any] | None) -> InboundRecord:
         """Store a customer message, touch the conversation and make the client primary, in one
-        transaction. `seq` is None when the provider id was stored already (nothing written)."""
-        async with self._lock:
-            hot = self._hot()
-            hot.execute("BEGIN IMMEDIATE")
-            try:
-                cur = hot.execute(
-                    "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
-                    " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
-                    (message_id, app_id, conversation_id, "user", user_id, integration_id, provider_message_id,
-                     event_id, received, body))
-                if cur.rowcount == 0:
-                    hot.execute("ROLLBACK")
-                    return InboundRecord(seq=None)
-                seq = cur.lastrowid
-                hot.execute("UPDATE conversations SET last_updated_at=? WHERE id=?", (received, conversation_id))
-                participant = hot.execute("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
-                                          (conversation_id, user_id)).fetchone()
-                new_client = False
-                participant_id = None
-                if participant is not None:
-                    participant_id = str(participant["id"])
-                    existed = hot.execute(
-                        "SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
-                        (participant_id, client_id)).fetchone()
-                    hot.execute(
-                        "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
-                        " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
-                        " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
-                        " integration_id=excluded.integration_id, external_id=excluded.external_id,"
-                        " info=excluded.info",
-                        (participant_id, client_id, client_type, client_integration_id, client_external_id,
-                         None if client_info is None else dumps(client_info), received))
-                    new_client = existed is None
-                    if user_external_id is not None and user_external_id != participant["user_external_id"]:
-                        hot.execute("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
-                                    (user_external_id, app_id, user_id))
-                hot.execute("COMMIT")
-            except BaseException:
-                hot.execute("ROLLBACK")
-                raise
-        return InboundRecord(seq=seq, participant_id=participant_id, new_client=new_client)
+        group transaction (`GroupCommit`). `seq` is None when the provider id was stored already
+        (nothing written)."""
+        def op(hot: sqlite3.Connection) -> InboundRecord:
+            cur = hot.execute(
+                "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
+                " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
+                (message_id, app_id, conversation_id, "user", user_id, integration_id, provider_message_id,
+                 event_id, received, body))
+            if cur.rowcount == 0:
+                return InboundRecord(seq=None)
+            seq = cur.lastrowid
+            hot.execute("UPDATE conversations SET last_updated_at=? WHERE id=?", (received, conversation_id))
+            participant = hot.execute("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
+                                      (conversation_id, user_id)).fetchone()
+            if participant is None:
+                return InboundRecord(seq=seq)
+            participant_id = str(participant["id"])
+            existed = hot.execute("SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
+                                  (participant_id, client_id)).fetchone()
+            hot.execute(
+                "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
+                " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
+                " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
+                " integration_id=excluded.integration_id, external_id=excluded.external_id,"
+                " info=excluded.info",
+                (participant_id, client_id, client_type, client_integration_id, client_external_id,
+                 None if client_info is None else dumps(client_info), received))
+            if user_external_id is not None and user_external_id != participant["user_external_id"]:
+                hot.execute("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
+                            (user_external_id, app_id, user_id))
+            joined_others = existed is None and hot.execute(
+                "SELECT 1 FROM client_associations WHERE participant_id=? AND client_id<>? LIMIT 1",
+                (participant_id, client_id)).fetchone() is not None
+            return InboundRecord(seq=seq, participant_id=participant_id, new_client=existed is None,
+                                 joined_others=joined_others)
+
+        return await self._grouped().run(op)
 
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[None]:
@@ -546,34 +549,28 @@ class Store:
             self, conversation_id: str, participant_id: str, app_id: str, user_id: str, user_external_id: str | None,
             *, default: bool, display_name: str | None, description: str | None, icon_url: str | None,
             metadata: dict[str, Any] | None, now: float) -> tuple[sqlite3.Row, bool]:
-        """Create a personal conversation with the user as its participant, in one transaction on
-        the hot-path connection (a first contact waits on no thread hop, and holds the write lock
-        for no loop turn). With `default`, the user's default conversation when they have one
-        (nothing written); a new one is the default when the user has none. The row and whether
-        it was created."""
-        async with self._lock:
-            hot = self._hot()
-            hot.execute("BEGIN IMMEDIATE")
-            try:
-                existing = hot.execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
-                                       (app_id, user_id)).fetchone()
-                if default and existing is not None:
-                    hot.execute("ROLLBACK")
-                    return existing, False
-                hot.execute(
-                    "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description,"
-                    " icon_url, metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (conversation_id, app_id, "personal", None if existing is not None else user_id, display_name,
-                     description, icon_url, None if metadata is None else dumps(metadata), now, now))
-                hot.execute(
-                    "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
-                    " VALUES (?,?,?,?,?,?)", (participant_id, app_id, conversation_id, user_id, user_external_id, now))
-                row = hot.execute("SELECT * FROM conversations WHERE id=?", (conversation_id,)).fetchone()
-                hot.execute("COMMIT")
-            except BaseException:
-                hot.execute("ROLLBACK")
-                raise
-        return row, True
+        """Create a personal conversation with the user as its participant, on the hot-path
+        connection in a group transaction (a first contact waits on no thread hop, holds the
+        write lock for no loop turn, and shares its commit with the others of the batch). With
+        `default`, the user's default conversation when they have one (nothing written); a new
+        one is the default when the user has none. The row and whether it was created."""
+
+        def op(hot: sqlite3.Connection) -> tuple[sqlite3.Row, bool]:
+            existing = hot.execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
+                                   (app_id, user_id)).fetchone()
+            if default and existing is not None:
+                return existing, False
+            hot.execute(
+                "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description,"
+                " icon_url, metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (conversation_id, app_id, "personal", None if existing is not None else user_id, display_name,
+                 description, icon_url, None if metadata is None else dumps(metadata), now, now))
+            hot.execute(
+                "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
+                " VALUES (?,?,?,?,?,?)", (participant_id, app_id, conversation_id, user_id, user_external_id, now))
+            return hot.execute("SELECT * FROM conversations WHERE id=?", (conversation_id,)).fetchone(), True
+
+        return await self._grouped().run(op)
 
     async def set_conversation(self, conversation_id: str, display_name: str | None, description: str | None,
                                icon_url: str | None, metadata: dict[str, Any] | None) -> None:
