@@ -275,12 +275,12 @@ class Notifier:
             at=event.created_at, delay=self.delay(settings), new_notification_id=new_notification_id())
 
     async def _customer_message(self, event: conv.MessageCreated) -> None:
-        await self.store.cancel(event.conversation_id)
         source = event.message.source
         client = source.client if source is not None else None
+        await self.store.customer_wrote(event.conversation_id, None if client is None else client.id, event.app_id,
+                                        event.user_id, event.created_at)
         if client is None:
             return
-        await self.store.note_inbound(client.id, event.app_id, event.user_id, event.created_at)
         content = event.message.content
         if client.type in PHONE_CHANNELS and isinstance(content, TextContent) and is_stop(content.text):
             await self._stop_by_reply(event.app_id, event.user_id, client.type, client.external_id)

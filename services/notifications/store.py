@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import aiosqlite
 from services.notifications.limits import Counter, Refusal, retry_after
 from services.notifications.policy import Pending, schedule
 from shared.messages.conversation import Erasure
-from shared.store import open_db, transaction, truncate_wal, write_lock
+from shared.store import GroupCommit, open_db, open_hot_connection, transaction, truncate_wal, write_lock
 
 MIGRATIONS = (
     """
@@ -218,28 +219,48 @@ async def _immediate(db: aiosqlite.Connection) -> AsyncIterator[None]:
         await db.execute("COMMIT")
 
 
+_NOTE_INBOUND = (
+    "INSERT INTO client_inbound (client_id, app_id, user_id, last_inbound_at) VALUES (?,?,?,?)"
+    " ON CONFLICT (client_id) DO UPDATE SET user_id=excluded.user_id,"
+    " last_inbound_at=MAX(client_inbound.last_inbound_at, excluded.last_inbound_at)")
+
+
+def _cancel(hot: sqlite3.Connection, conversation_id: str) -> bool:
+    # Most customer messages have nothing pending: a read first spares the delete's write.
+    if hot.execute("SELECT 1 FROM pending WHERE conversation_id=?", (conversation_id,)).fetchone() is None:
+        return False
+    return (hot.execute("DELETE FROM pending WHERE conversation_id=?", (conversation_id,)).rowcount or 0) > 0
+
+
 class Store:
     """All of the service's SQL."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection) -> None:
         self.db = db
+        # What every customer message writes (a cancel and the reply window) goes through this
+        # connection, a consumer batch per commit. Replicas sharing the file: its BEGIN IMMEDIATE
+        # waits on the event loop thread for another replica's write, which lasts milliseconds.
+        self.hot = hot
+        self._group = GroupCommit(hot, write_lock(db))
 
     @classmethod
     async def open(cls, path: str) -> Store:
         """Open (and migrate) the database at `path`."""
-        return cls(await open_db(path, MIGRATIONS))
+        db = await open_db(path, MIGRATIONS)
+        return cls(db, open_hot_connection(path))
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        self.hot.close()
         await self.db.close()
 
+    # A read runs to its end in one hop (an open SELECT's snapshot, once the hot connection has
+    # committed, would make another coroutine's transaction on this connection unable to write).
     async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
-        async with self.db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return list(await self.db.execute_fetchall(sql, params))  # type: ignore[arg-type]
 
     async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
-        async with self.db.execute(sql, params) as cur:
-            return await cur.fetchone()
+        return next(iter(await self.db.execute_fetchall(sql, params)), None)  # type: ignore[arg-type]
 
     # --- pending notifications ------------------------------------------------------------
 
@@ -268,10 +289,21 @@ class Store:
         return _pending(row)
 
     async def cancel(self, conversation_id: str) -> bool:
-        """Drop the conversation's pending notification (the customer read or wrote); True if there was one."""
-        async with write_lock(self.db):
-            cur = await self.db.execute("DELETE FROM pending WHERE conversation_id=?", (conversation_id,))
-            return (cur.rowcount or 0) > 0
+        """Drop the conversation's pending notification (the customer read it); True if there was one."""
+        return await self._group.run(lambda hot: _cancel(hot, conversation_id))
+
+    async def customer_wrote(self, conversation_id: str, client_id: str | None, app_id: str, user_id: str,
+                             at: float) -> bool:
+        """The customer wrote in the conversation, from `client_id` at `at`: its pending
+        notification goes, and that channel's reply window opens (or is refreshed), in one group
+        commit. True if a notification was pending."""
+
+        def op(hot: sqlite3.Connection) -> bool:
+            if client_id is not None:
+                hot.execute(_NOTE_INBOUND, (client_id, app_id, user_id, at))
+            return _cancel(hot, conversation_id)
+
+        return await self._group.run(op)
 
     async def pending(self, conversation_id: str) -> PendingRow | None:
         """The conversation's pending notification, if any."""
@@ -335,15 +367,6 @@ class Store:
             "SELECT * FROM sends WHERE conversation_id=? ORDER BY created_at, id", (conversation_id,))]
 
     # --- reply windows --------------------------------------------------------------------
-
-    async def note_inbound(self, client_id: str, app_id: str, user_id: str, at: float) -> None:
-        """The customer wrote from `client_id` at `at` (opens/refreshes that channel's reply window)."""
-        async with write_lock(self.db):
-            await self.db.execute(
-                "INSERT INTO client_inbound (client_id, app_id, user_id, last_inbound_at) VALUES (?,?,?,?)"
-                " ON CONFLICT (client_id) DO UPDATE SET user_id=excluded.user_id,"
-                " last_inbound_at=MAX(client_inbound.last_inbound_at, excluded.last_inbound_at)",
-                (client_id, app_id, user_id, at))
 
     async def set_last_inbound(self, client_id: str, app_id: str, user_id: str, at: float) -> None:
         """Set the last inbound time as is (tests and operators moving a window)."""
