@@ -7,6 +7,9 @@ import logging
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.config import CommonConfig, ConfigError, env_secret
 from shared.ids import is_sunco_id, iso, new_id, parse_iso
@@ -21,7 +24,7 @@ from shared.signing import (
     webhook_signature,
     webhook_signature_ok,
 )
-from shared.telemetry import JsonFormatter, setup_telemetry
+from shared.telemetry import JsonFormatter, RecordWhenExported, setup_telemetry
 
 
 def test_placeholder_secrets_are_refused_outside_the_sandbox() -> None:
@@ -51,6 +54,22 @@ def test_json_log_lines_carry_the_trace_id() -> None:
     assert line["msg"] == "hello world" and line["service"] == "unit" and line["level"] == "info"
     assert line["trace_id"] == expected
     assert "trace_id" not in json.loads(formatter.format(record))
+
+
+def test_spans_are_recorded_only_when_exported_and_keep_their_trace_ids_either_way() -> None:
+    sampler = RecordWhenExported()
+    provider = TracerProvider(sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("dropped") as dropped, tracer.start_as_current_span("child") as child:
+        assert not dropped.is_recording() and dropped.get_span_context().is_valid
+        assert child.get_span_context().trace_id == dropped.get_span_context().trace_id
+    assert exporter.get_finished_spans() == ()
+    sampler.exporting = True
+    with tracer.start_as_current_span("kept") as kept:
+        assert kept.is_recording()
+    assert [span.name for span in exporter.get_finished_spans()] == ["kept"]
 
 
 def test_signatures_and_tokens() -> None:
