@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -489,4 +490,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())  # as `threadline up` runs its front door, and the services run

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 from shared.egress import ALLOW_ENV
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         launcher = Launcher(data_dir=args.data_dir, host=args.host, port=args.port, nats_port=args.nats_port,
                             auto_ports=args.auto_ports)
         try:
-            return asyncio.run(launcher.run())
+            # uvloop: the front door proxies every public request in this process.
+            return uvloop.run(launcher.run())
         except KeyboardInterrupt:
             return 130
     return 2

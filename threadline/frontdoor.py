@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from shared.http import error_response
 from shared.routes import ROUTES, SERVICE_PROBE_PREFIX, route_for
@@ -24,6 +25,7 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 })
+BUFFERED_BODY_BYTES = 1024 * 1024
 APP_KEY_UPSTREAMS = web.AppKey("upstreams", dict)
 APP_KEY_SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -103,17 +105,26 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _proxy_websocket(request, target)
     session = request.app[APP_KEY_SESSION]
+    # A small body of known length (every webhook and API call) goes in one piece with its
+    # length: streaming it cost a chunked upstream request and a write per chunk.
+    body: bytes | aiohttp.StreamReader | None = None
+    if request.can_read_body:
+        length = request.content_length
+        body = await request.read() if length is not None and length <= BUFFERED_BODY_BYTES else request.content
     try:
         async with session.request(
-            request.method, target, headers=_forward_headers(request),
-            data=request.content if request.can_read_body else None, allow_redirects=False,
+            request.method, target, headers=_forward_headers(request), data=body, allow_redirects=False,
         ) as upstream:
+            headers = [(key, value) for key, value in upstream.headers.items() if key.lower() not in HOP_BY_HOP]
+            length = upstream.content_length
+            if length is not None and length <= BUFFERED_BODY_BYTES:
+                return web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read(),
+                                    headers=CIMultiDict(headers))
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if upstream.headers.get("Content-Length") is not None:
-                response.content_length = int(upstream.headers["Content-Length"])
+            for key, value in headers:
+                response.headers.add(key, value)
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
