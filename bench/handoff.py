@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2e import UNLIMITED_SDK_SESSIONS, app_sessions, drive, percentile, whatsapp_payload
 
+from shared.egress import ALLOW_ENV
 from shared.http import basic_auth_header
 from shared.signing import meta_signature
 from threadline.cli import Launcher
@@ -180,6 +182,10 @@ async def main() -> None:
     hook_runner, hook_port = await serve(hook_app)
 
     data_dir = tempfile.mkdtemp(prefix="threadline-bench-handoff-")
+    # The stand-in plays Meta's Cloud API on loopback, which the egress policy refuses as a
+    # platform base URL unless the operator lists it: exactly that port is listed.
+    os.environ[ALLOW_ENV] = ",".join(part for part in (os.environ.get(ALLOW_ENV, ""), f"127.0.0.1:{cloud_port}")
+                                     if part)
     launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
                         extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
     launcher.say = lambda text: None  # type: ignore[method-assign]
@@ -259,4 +265,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main())
+    uvloop.run(main())  # as the services run
