@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -105,6 +106,23 @@ class ServiceApp:
         await self.stop_http()
 
 
+# Young-generation collections every 20,000 net allocations of container objects instead of 700:
+# a service allocates a few hundred per message, so the default ran the cyclic collector (and
+# walked everything start-up left in the young generations) several times per consumer batch,
+# ~10 % of conversations' CPU under bench/e2e.py. Cycles are still collected, just in bigger batches.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Once a process has started: collect, move every object that start-up left (modules,
+    config, caches) to the permanent generation so collections no longer walk them, and collect
+    the young generation less often (`GC_YOUNG_THRESHOLD`)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def run_service(factory: Callable[[], ServiceApp]) -> None:
     """Run a service until SIGINT/SIGTERM, then stop it cleanly."""
     # What the service writes (databases, journals) is readable by its owner only.
@@ -118,6 +136,7 @@ def run_service(factory: Callable[[], ServiceApp]) -> None:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await service.start()
+        settle_garbage_collector()
         try:
             await stop.wait()
         finally:

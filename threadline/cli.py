@@ -25,6 +25,7 @@ from shared.encryption import KEY_ENV, KEY_FILE_ENV, SERVICES_WITH_SECRETS, gene
 from shared.files import ensure_private_file, private_dir, write_private
 from shared.natsauth import ADMIN_USER, USERS
 from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
+from shared.service import settle_garbage_collector
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import build_frontdoor
 from threadline.natsserver import NatsServer, free_port
@@ -372,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         launcher = Launcher(data_dir=args.data_dir, host=args.host, port=args.port, nats_port=args.nats_port,
                             auto_ports=args.auto_ports)
+        # The front door proxies every public request in this process: uvloop, and the
+        # services' collector settings.
+        settle_garbage_collector()
         try:
-            # uvloop: the front door proxies every public request in this process.
             return uvloop.run(launcher.run())
         except KeyboardInterrupt:
             return 130
