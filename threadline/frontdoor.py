@@ -36,8 +36,11 @@ def build_frontdoor(upstreams: Mapping[str, str]) -> web.Application:
     app[APP_KEY_UPSTREAMS] = dict(upstreams)
 
     async def on_startup(app: web.Application) -> None:
+        # No cookie jar: one session serves every visitor, and a cookie an upstream set for one
+        # must never ride along on another's request.
         app[APP_KEY_SESSION] = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0),
         )
 

@@ -91,6 +91,47 @@ async def test_routes_probes_redirects_and_websockets() -> None:
             await runner.cleanup()
 
 
+async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors() -> None:
+    big = bytes(range(256)) * 8192  # 2 MiB: streamed, not buffered
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.query.get("chunked"):
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, len(body), 65536):
+                await response.write(body[start:start + 65536])
+            await response.write_eof()
+            return response
+        response = web.Response(body=body, headers={"X-Cookie-Seen": request.headers.get("Cookie", "")})
+        response.set_cookie("session", "visitor-a-secret")
+        return response
+
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    upstream_port, door_port = free_port(), free_port()
+    runners = [await start(app, upstream_port)]
+    runners.append(await start(build_frontdoor({"conversations": f"http://localhost:{upstream_port}"}), door_port))
+    base = f"http://127.0.0.1:{door_port}/v2/echo"
+    try:
+        async with aiohttp.ClientSession() as visitor_a:
+            async with visitor_a.post(base, data=b"small") as resp:
+                assert resp.status == 200 and await resp.read() == b"small"
+                assert resp.headers["Content-Length"] == "5"
+            async with visitor_a.post(base, data=big) as resp:
+                assert await resp.read() == big
+            async with visitor_a.post(f"{base}?chunked=1", data=big) as resp:
+                assert resp.headers.get("Transfer-Encoding") == "chunked" and await resp.read() == big
+        # Another visitor: the cookie set for the first is not replayed by the door's own client.
+        async with aiohttp.ClientSession() as visitor_b:
+            async with visitor_b.get(base) as resp:
+                assert resp.status == 200 and resp.headers["X-Cookie-Seen"] == ""
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
 def test_longest_prefix_wins() -> None:
     assert route_for("/webhooks/whatsapp/abc") is not None
     assert route_for("/v2/apps") is not None and route_for("/v2/apps").service == "conversations"  # type: ignore[union-attr]
