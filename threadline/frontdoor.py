@@ -15,9 +15,11 @@ from collections.abc import Mapping
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from shared.http import error_response
 from shared.routes import ROUTES, SERVICE_PROBE_PREFIX, route_for
+from threadline.upstream import Upstream, UpstreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,14 @@ HOP_BY_HOP = frozenset({
 BUFFERED_BODY_BYTES = 1024 * 1024
 APP_KEY_UPSTREAMS = web.AppKey("upstreams", dict)
 APP_KEY_SESSION = web.AppKey("session", aiohttp.ClientSession)
+APP_KEY_LEAN = web.AppKey("lean_upstreams", dict)
 
 
 def build_frontdoor(upstreams: Mapping[str, str]) -> web.Application:
     """An aiohttp app proxying to `upstreams` (service name → base URL like http://127.0.0.1:8081)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[APP_KEY_UPSTREAMS] = dict(upstreams)
+    app[APP_KEY_LEAN] = {}
 
     async def on_startup(app: web.Application) -> None:
         # No cookie jar: one session serves every visitor, and a cookie an upstream set for one
@@ -46,6 +50,8 @@ def build_frontdoor(upstreams: Mapping[str, str]) -> web.Application:
 
     async def on_cleanup(app: web.Application) -> None:
         await app[APP_KEY_SESSION].close()
+        for lean in app[APP_KEY_LEAN].values():
+            lean.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -71,7 +77,8 @@ async def _healthz(request: web.Request) -> web.Response:
                              status=200 if ok else 503)
 
 
-def _target(request: web.Request) -> str | None:
+def _route(request: web.Request) -> tuple[str, str] | None:
+    """The service a request goes to and the path (with query) it asks of it."""
     upstreams: dict[str, str] = request.app[APP_KEY_UPSTREAMS]
     path = request.rel_url.raw_path
     if path.startswith(SERVICE_PROBE_PREFIX):
@@ -79,13 +86,13 @@ def _target(request: web.Request) -> str | None:
         rest = path[len(SERVICE_PROBE_PREFIX):]
         name, _, probe = rest.partition("/")
         if name in upstreams and probe in ("healthz", "readyz"):
-            return f"{upstreams[name]}/{probe}"
+            return name, f"/{probe}"
         return None
     route = route_for(path)
     if route is None or route.service not in upstreams:
         return None
     query = f"?{request.rel_url.raw_query_string}" if request.rel_url.raw_query_string else ""
-    return f"{upstreams[route.service]}{path}{query}"
+    return route.service, f"{path}{query}"
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
@@ -100,34 +107,74 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
-    target = _target(request)
-    if target is None:
+    routed = _route(request)
+    if routed is None:
         if any(route.prefix == request.path + "/" for route in ROUTES):  # `/sandbox` → `/sandbox/`
             raise web.HTTPPermanentRedirect(request.rel_url.with_path(request.path + "/"))
         return error_response(404, f"No route for {request.path}")
+    service, path = routed
+    target = f"{request.app[APP_KEY_UPSTREAMS][service]}{path}"
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _proxy_websocket(request, target)
+    length = request.content_length if request.can_read_body else 0
+    if length is None or length > BUFFERED_BODY_BYTES:
+        return await _proxy_streaming(request, target)
+    # Every webhook and API call: a body of known, small length, sent in one piece on a kept-alive
+    # connection by the lean client (threadline/upstream.py).
+    body = await request.read() if length else b""
+    upstream = _lean_upstream(request.app, target)
+    headers = list(_forward_headers(request).items())
+    try:
+        response, conn = await upstream.request(request.method, path, headers, body,
+                                                buffer_up_to=BUFFERED_BODY_BYTES)
+    except (UpstreamClosed, OSError, TimeoutError) as exc:
+        log.warning("upstream %s unavailable: %s", target.split("?", 1)[0], exc)
+        return error_response(503, "Service unavailable, try again")
+    kept = CIMultiDict((key, value) for key, value in response.headers if key.lower() not in HOP_BY_HOP)
+    if response.body is not None:
+        upstream.release(conn, response)
+        return web.Response(status=response.status, reason=response.reason, body=response.body, headers=kept)
+    streamed = web.StreamResponse(status=response.status, reason=response.reason, headers=kept)
+    if response.content_length is not None:
+        streamed.content_length = response.content_length
+    try:
+        await streamed.prepare(request)
+        async for chunk in response.chunks():
+            await streamed.write(chunk)
+        await streamed.write_eof()
+    except BaseException:
+        conn.close()
+        raise
+    upstream.release(conn, response)
+    return streamed
+
+
+def _lean_upstream(app: web.Application, target: str) -> Upstream:
+    """The connection pool for the service `target` is on (keyed by address: the routes may be
+    pointed at a restarted service's new port)."""
+    url = URL(target)
+    key = f"{url.host}:{url.port}"
+    pools: dict[str, Upstream] = app[APP_KEY_LEAN]
+    pool = pools.get(key)
+    if pool is None:
+        pool = pools[key] = Upstream(url.host or "127.0.0.1", url.port or 80)
+    return pool
+
+
+async def _proxy_streaming(request: web.Request, target: str) -> web.StreamResponse:
+    """A body too big to hold, or of unknown length: streamed both ways by aiohttp's client."""
     session = request.app[APP_KEY_SESSION]
-    # A small body of known length (every webhook and API call) goes in one piece with its
-    # length: streaming it cost a chunked upstream request and a write per chunk.
-    body: bytes | aiohttp.StreamReader | None = None
-    if request.can_read_body:
-        length = request.content_length
-        body = await request.read() if length is not None and length <= BUFFERED_BODY_BYTES else request.content
     try:
         async with session.request(
-            request.method, target, headers=_forward_headers(request), data=body, allow_redirects=False,
+            request.method, target, headers=_forward_headers(request),
+            data=request.content if request.can_read_body else None, allow_redirects=False,
         ) as upstream:
-            headers = [(key, value) for key, value in upstream.headers.items() if key.lower() not in HOP_BY_HOP]
-            length = upstream.content_length
-            if length is not None and length <= BUFFERED_BODY_BYTES:
-                return web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read(),
-                                    headers=CIMultiDict(headers))
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in headers:
-                response.headers.add(key, value)
-            if length is not None:
-                response.content_length = length
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)

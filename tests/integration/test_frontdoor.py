@@ -3,6 +3,8 @@ forwards WebSockets with their close codes."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -130,6 +132,53 @@ async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors() -> None
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_kept_alive_connections_survive_a_service_restart_and_close_delimited_answers() -> None:
+    seen: list[str] = []
+
+    async def hello(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path_qs} {await request.text()}")
+        return web.Response(text=f"hello {len(seen)}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hello)
+    upstream_port, raw_port, door_port = free_port(), free_port(), free_port()
+    service = await start(app, upstream_port)
+
+    async def raw_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+        writer.close()
+
+    raw = await asyncio.start_server(raw_answer, "127.0.0.1", raw_port)
+    door = await start(build_frontdoor({"conversations": f"http://127.0.0.1:{upstream_port}",
+                                        "sandbox": f"http://127.0.0.1:{raw_port}"}), door_port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):  # one kept-alive connection carries them all
+                async with session.post(f"http://127.0.0.1:{door_port}/v2/a?x=1", data=b"body") as resp:
+                    assert resp.status == 200
+            assert seen == ["POST /v2/a?x=1 body"] * 3
+            # The service restarts: the door's pooled connection is dead; the next request still
+            # arrives, once.
+            await service.cleanup()
+            service = await start(app, upstream_port)
+            async with session.post(f"http://127.0.0.1:{door_port}/v2/b", data=b"again") as resp:
+                assert resp.status == 200 and await resp.text() == "hello 4"
+            assert seen[3:] == ["POST /v2/b again"]
+            for _ in range(2):
+                async with session.get(f"http://127.0.0.1:{door_port}/sandbox/x") as resp:
+                    assert resp.status == 200 and await resp.text() == "until the end"
+            await service.cleanup()
+            async with session.get(f"http://127.0.0.1:{door_port}/v2/c") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["errors"][0]["title"] == "Service unavailable, try again"
+    finally:
+        raw.close()
+        await door.cleanup()
+        await service.cleanup()
 
 
 def test_longest_prefix_wins() -> None:
