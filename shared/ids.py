@@ -37,7 +37,10 @@ def now() -> float:
 def iso(ts: float) -> str:
     """Format Unix seconds as SunCo's `YYYY-MM-DDThh:mm:ss.SSSZ`."""
     dt = datetime.fromtimestamp(ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # One f-string: strftime made this a visible share of the hot path (called several times
+    # per message).
+    return (f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
+            f".{dt.microsecond // 1000:03d}Z")
 
 
 def parse_iso(value: str) -> float:
