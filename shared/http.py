@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from shared.telemetry import extract_context, tracer
 from shared.untrusted import decode_json
@@ -114,22 +115,37 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "Internal error")
 
 
-@web.middleware
-async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Open a SERVER span per request, continuing a `traceparent` the caller sent."""
+@contextlib.contextmanager
+def server_span(request: web.Request) -> Iterator[Span]:
+    """A SERVER span for `request`, continuing a `traceparent` the caller sent (current while open)."""
     token = otel_context.attach(extract_context(request.headers))
     try:
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
         with _tracer.start_as_current_span(f"{request.method} {route}", kind=SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("url.path", request.path)
-            response = await handler(request)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            return response
+            yield span
     finally:
         otel_context.detach(token)
+
+
+def is_websocket_upgrade(request: web.Request) -> bool:
+    """Whether `request` asks to become a WebSocket."""
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Open a SERVER span per request (`server_span`). A WebSocket's handler opens its own around
+    the handshake: a span as long as the socket (hours) says nothing, and costs memory per socket."""
+    if is_websocket_upgrade(request):
+        return await handler(request)
+    with server_span(request) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return response
 
 
 def basic_auth_header(username: str, password: str) -> dict[str, str]:

@@ -18,9 +18,11 @@ import hmac
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import msgspec
 import nats.errors
@@ -38,11 +40,12 @@ from shared.bus import Bus, KvMirror, RequestFailed
 from shared.clientip import Network, client_ip, env_trusted_proxies, source_key
 from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret, env_str
 from shared.encryption import Keyring
-from shared.http import ApiError, json_response, read_json
+from shared.http import ApiError, is_websocket_upgrade, json_response, read_json, server_span
 from shared.ids import iso, new_id, now
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
 from shared.messages.channel import InboundActivity, InboundMessage
+from shared.presence import PresenceBoard
 from shared.ratelimit import SharedLimiter
 from shared.records import INTEGRATION_DECODER, IntegrationRecord, integration_decoder, open_integration
 from shared.sdk import (
@@ -85,6 +88,9 @@ SDK_CLIENT_TYPE: Final = "sdk"
 SANDBOX_SDK_TOKEN_SECRET: Final = "sandbox-sdk-token-secret-not-for-production"
 # Close codes a client should not retry with the same session (4000 + HTTP status).
 SOCKET_CLOSE_BASE: Final = 4000
+# The idle-socket pinger wakes this often and pings the slice of sockets due.
+PING_TICK_SECONDS: Final = 0.1
+MAX_SOCKET_QUERY_FIELDS: Final = 16
 _CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
 _KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Error code of a pending session's calls that need its conversation (409).
@@ -263,6 +269,15 @@ def parse_cursor(raw: str | None, name: str = "after") -> int | None:
     return int(raw)
 
 
+def socket_query(query_string: str) -> dict[str, str]:
+    """A socket URL's query parameters (first value of each). Parsed here rather than with
+    `request.query`, whose parsed copy would stay cached for the socket's whole life."""
+    try:
+        return dict(reversed(parse_qsl(query_string, max_num_fields=MAX_SOCKET_QUERY_FIELDS)))
+    except ValueError as exc:
+        raise ApiError(400, "Too many query parameters") from exc
+
+
 def parse_limit(raw: str | None, maximum: int) -> int:
     """A page size between 1 and `maximum` (absent → maximum)."""
     if raw is None or raw == "":
@@ -413,20 +428,60 @@ def queued_frame(frame: Frame) -> QueuedFrame:
 # --- fan-out ---------------------------------------------------------------------------------
 
 class SocketListener:
-    """A socket's bounded queue of frames pushed by the hub."""
+    """One socket's frames pushed by the hub, sent in order with de-duplication by cursor.
 
-    __slots__ = ("overflowed", "queue")
+    Frames offered while the socket still replays history wait in `pending`; once `go_live` is
+    called, a short-lived sender task (`drain`) sends what is pending and ends. An idle socket
+    holds no task and no queue of its own: 50,000 of them cost only what they must.
+    """
 
-    def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[QueuedFrame] = asyncio.Queue(size)
+    __slots__ = ("claims", "conversation_id", "drain", "last_sent", "limit", "live", "overflowed", "pending",
+                 "sender", "watermark", "ws")
+
+    def __init__(self, limit: int, drain: Callable[[SocketListener], Coroutine[Any, Any, None]] | None = None, *,
+                 ws: web.WebSocketResponse | None = None, claims: SessionClaims | None = None,
+                 conversation_id: str = "", after: int = 0) -> None:
+        self.limit = limit
+        self.drain = drain
+        self.ws = ws
+        self.claims = claims
+        self.conversation_id = conversation_id
+        self.watermark = CursorWatermark(after)
+        self.pending: deque[QueuedFrame] | None = None
+        self.live = False
         self.overflowed = False
+        self.sender: asyncio.Task[None] | None = None
+        self.last_sent = 0.0
 
     def offer(self, frame: QueuedFrame) -> None:
-        """Queue a frame without waiting; a full queue marks the socket for closing."""
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        """Queue a frame without waiting; more than `limit` waiting marks the socket for closing."""
+        if self.pending is None:
+            self.pending = deque()
+        if len(self.pending) >= self.limit:
             self.overflowed = True
+        else:
+            self.pending.append(frame)
+        self.wake()
+
+    def go_live(self) -> None:
+        """History is sent: from now on frames go out as they come."""
+        self.live = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Start the sender when there is something to send and none runs."""
+        if (self.live and self.sender is None and self.drain is not None
+                and (self.pending or self.overflowed)):
+            self.sender = asyncio.create_task(self.drain(self), name="sdk:socket-send")
+
+    async def stop(self) -> None:
+        """Stop sending (the socket closed)."""
+        self.live = False
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sender
+            self.sender = None
 
 
 class EventHub:
@@ -507,11 +562,12 @@ class SdkService(ServiceApp):
         self.integrations: KvMirror | None = None
         self.ended_users: KvMirror | None = None
         self.hub = EventHub()
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.sockets: dict[web.WebSocketResponse, SocketListener] = {}
         self._monitor: asyncio.Task[None] | None = None
-        # Socket presence (`SDK_PRESENCE_BUCKET`): one refresher task per open socket.
+        self._pinger: asyncio.Task[None] | None = None
+        # Socket presence (`SDK_PRESENCE_BUCKET`): this replica's heartbeat and open sockets.
         self._presence_kv: KeyValue | None = None
-        self._presence_tasks: set[asyncio.Task[None]] = set()
+        self.presence = PresenceBoard(self.presence_bucket, new_id())
         # New sessions and link requests, counted in `SDK_LIMITS_BUCKET` (every replica agrees).
         self.limiter: SharedLimiter | None = None
         prefix = self.sdk_prefix
@@ -576,17 +632,23 @@ class SdkService(ServiceApp):
         self.limiter = SharedLimiter(await self.bus.key_value(subjects.SDK_LIMITS_BUCKET, ttl=MAX_LIMIT_WINDOW_SECONDS),
                                      hmac.new(self.sdk.token_secret.encode(), b"sdk-limits", "sha256").digest())
         await self.hub.start(self.bus.nc)
+        try:
+            await self.presence.start()
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise ConfigError(f"cannot write socket presence to {subjects.SDK_PRESENCE_BUCKET}: {exc}") from exc
         self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
+        self._pinger = asyncio.create_task(self._ping_idle_sockets(), name=f"{self.name}:socket-pings")
 
     async def stop_sdk(self) -> None:
         """Close sockets (clients resume by cursor elsewhere), stop HTTP, then the bus."""
         await self.close_sockets(WSCloseCode.SERVICE_RESTART, b"service restarting")
         await self.stop_http()
-        await self.stop_presence()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        await self.presence.stop()
+        for task in (self._monitor, self._pinger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.hub.stop()
         if self.integrations is not None:
             await self.integrations.stop()
@@ -935,80 +997,87 @@ class SdkService(ServiceApp):
         Auth failures on an upgrade are reported in-band (an `error` frame, then close code
         4000 + HTTP status) because browsers cannot read a refused handshake's status.
         """
-        ws = web.WebSocketResponse(heartbeat=max(self.sdk.ping_interval, 1.0), max_msg_size=4096)
+        # No permessage-deflate: a browser always offers it, and each socket would then hold a
+        # zlib compressor (~260 KiB) for its whole life to shrink frames of a few hundred bytes.
+        ws = web.WebSocketResponse(heartbeat=max(self.sdk.ping_interval, 1.0), max_msg_size=4096, compress=False)
         upgrade = ws.can_prepare(request).ok
-        try:
-            claims, conversation_id = await self.authorize(request, request.query.get("token"))
-            after = parse_cursor(request.query.get("after"))
-        except ApiError as exc:
+        # The request's span covers the handshake and the history replay, not the socket's life.
+        with server_span(request) if is_websocket_upgrade(request) else contextlib.nullcontext():
+            try:
+                query = socket_query(request.query_string)
+                claims, conversation_id = await self.authorize(request, query.get("token"))
+                after = parse_cursor(query.get("after"))
+            except ApiError as exc:
+                if not upgrade:
+                    raise
+                await ws.prepare(request)
+                await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
+                await ws.close(code=SOCKET_CLOSE_BASE + exc.status, message=exc.code.encode()[:100])
+                return ws
             if not upgrade:
-                raise
+                raise ApiError(400, "Expected a WebSocket upgrade")
             await ws.prepare(request)
-            await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
-            await ws.close(code=SOCKET_CLOSE_BASE + exc.status, message=exc.code.encode()[:100])
-            return ws
-        if not upgrade:
-            raise ApiError(400, "Expected a WebSocket upgrade")
-        await ws.prepare(request)
-        listener = SocketListener(self.sdk.socket_queue_size)
-        # Subscribe before reading history so nothing published in between is lost.
-        self.hub.add(conversation_id, listener)
-        self.sockets.add(ws)
-        pump = asyncio.create_task(self._pump(ws, claims, conversation_id, after, listener),
-                                   name=f"{self.name}:socket-pump")
-        presence = self.start_presence(claims, conversation_id)
+            listener = SocketListener(self.sdk.socket_queue_size, self._drain_socket, ws=ws, claims=claims,
+                                      conversation_id=conversation_id, after=after or 0)
+            # Listen before reading history so nothing published in between is lost.
+            self.hub.add(conversation_id, listener)
+            self.sockets[ws] = listener
+            socket_id = new_id()
+            self.presence.open(socket_id, self.socket_presence(claims, conversation_id))
+            try:
+                live = await self._replay(listener, after)
+            except BaseException:
+                await self._forget_socket(listener, socket_id)
+                raise
         try:
-            async for msg in ws:
-                if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
-                    break
-                # Clients only listen; anything they send is ignored.
+            if live:
+                listener.go_live()
+                async for msg in ws:
+                    if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+                        break
+                    # Clients only listen; anything they send is ignored.
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
-            await self.end_presence(presence)
-            self.hub.remove(conversation_id, listener)
-            self.sockets.discard(ws)
+            await self._forget_socket(listener, socket_id)
         return ws
 
-    async def _send_message(self, ws: web.WebSocketResponse, claims: SessionClaims, conversation_id: str,
-                            frame: QueuedFrame) -> None:
-        await ws.send_str(frame.text)
-        if frame.business_message_id is not None:
-            await self.business_message_delivered(claims, conversation_id, frame.business_message_id)
+    async def _forget_socket(self, listener: SocketListener, socket_id: str) -> None:
+        await listener.stop()
+        self.presence.close(socket_id)
+        self.hub.remove(listener.conversation_id, listener)
+        if listener.ws is not None:
+            self.sockets.pop(listener.ws, None)
 
-    async def _pump(self, ws: web.WebSocketResponse, claims: SessionClaims, conversation_id: str,
-                    after: int | None, listener: SocketListener) -> None:
-        watermark = CursorWatermark(after or 0)
+    async def _send_message(self, listener: SocketListener, frame: QueuedFrame) -> None:
+        assert listener.ws is not None and listener.claims is not None
+        listener.last_sent = asyncio.get_running_loop().time()
+        await listener.ws.send_str(frame.text)
+        if frame.business_message_id is not None:
+            await self.business_message_delivered(listener.claims, listener.conversation_id,
+                                                  frame.business_message_id)
+
+    async def _replay(self, listener: SocketListener, after: int | None) -> bool:
+        """History after `after` (or the latest page), then the ready frame; False when the
+        socket was closed instead (its session ended, or history failed)."""
+        ws, claims, watermark = listener.ws, listener.claims, listener.watermark
+        assert ws is not None and claims is not None
         try:
             last_read: str | None = None
             while True:
-                page = await self.history(claims, conversation_id, watermark.high if after is not None else None,
-                                          HISTORY_PAGE_LIMIT)
+                page = await self.history(claims, listener.conversation_id,
+                                          watermark.high if after is not None else None, HISTORY_PAGE_LIMIT)
                 last_read = business_last_read(page)
                 entries = history_entries(page)
                 for entry in entries:
                     if watermark.admit(entry.cursor):
-                        await self._send_message(ws, claims, conversation_id, queued_frame(
+                        await self._send_message(listener, queued_frame(
                             MessageFrame(cursor=entry.cursor, message=entry.message)))
                 # Without `after` only the latest page is replayed; with it, every page.
                 if after is None or not page.has_more or not entries:
                     break
             await ws.send_str(encode_frame(ReadyFrame(cursor=watermark.high, ping_interval=self.sdk.ping_interval,
                                                       business_last_read=last_read)))
-            while not ws.closed:
-                try:
-                    async with asyncio.timeout(self.sdk.ping_interval):
-                        frame = await listener.queue.get()
-                except TimeoutError:
-                    await ws.send_str(encode_frame(ping_frame(now())))
-                    continue
-                if listener.overflowed:
-                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow, resume by cursor")
-                    return
-                if frame.cursor is not None and not watermark.admit(frame.cursor):
-                    continue
-                await self._send_message(ws, claims, conversation_id, frame)
+            listener.last_sent = asyncio.get_running_loop().time()
+            return True
         except ApiError as exc:
             with contextlib.suppress(Exception):
                 await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
@@ -1017,15 +1086,60 @@ class SdkService(ServiceApp):
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("socket pump failed")
+            log.exception("socket history replay failed")
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+        return False
+
+    async def _drain_socket(self, listener: SocketListener) -> None:
+        """Send a live socket's pending frames in order, then end (`SocketListener.wake`)."""
+        ws = listener.ws
+        assert ws is not None
+        try:
+            while not ws.closed:
+                if listener.overflowed:
+                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow, resume by cursor")
+                    return
+                if not listener.pending:
+                    return
+                frame = listener.pending.popleft()
+                if frame.cursor is not None and not listener.watermark.admit(frame.cursor):
+                    continue
+                await self._send_message(listener, frame)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("socket send failed")
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+        finally:
+            listener.sender = None
+            if not listener.pending:
+                listener.pending = None
+
+    async def _ping_idle_sockets(self) -> None:
+        """A ping frame to every socket that sent nothing for half a ping interval, so clients
+        can tell a live connection from a dead one. One task for all sockets, visiting a slice
+        of them every PING_TICK seconds (each socket about once per interval): no burst, and
+        no timer per socket."""
+        interval = self.sdk.ping_interval
+        tick = min(PING_TICK_SECONDS, interval / 4)
+        loop = asyncio.get_running_loop()
+        visiting: list[SocketListener] = []
+        while True:
+            await asyncio.sleep(tick)
+            if not visiting:
+                visiting = list(self.sockets.values())
+                visiting.reverse()  # popped from the end: oldest first
+            at = loop.time()
+            frame = QueuedFrame(encode_frame(ping_frame(now())))
+            for _ in range(min(len(visiting), math.ceil(len(self.sockets) * tick / interval) + 1)):
+                listener = visiting.pop()
+                if listener.live and at - listener.last_sent >= interval / 2:
+                    listener.last_sent = at
+                    listener.offer(frame)
 
     # --- socket presence ----------------------------------------------------------------------
-    # While a socket is open, `SDK_PRESENCE_BUCKET` holds one entry for it (a random key),
-    # refreshed every SDK_PRESENCE_REFRESH_SECONDS and deleted when it closes; the bucket's TTL
-    # removes the entries of a replica that died. `notifications` reads it to tell "connected"
-    # from "away". Presence is advisory: a failure to write it is logged, never fatal.
 
     async def presence_bucket(self) -> KeyValue:
         """The presence KV bucket (created with its TTL when missing)."""
@@ -1034,42 +1148,11 @@ class SdkService(ServiceApp):
                                                             ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
         return self._presence_kv
 
-    def start_presence(self, claims: SessionClaims, conversation_id: str) -> asyncio.Task[None]:
-        """Announce an open socket of `claims` on `conversation_id` until the task is cancelled."""
-        task = asyncio.create_task(self._hold_presence(new_id(), claims, conversation_id),
-                                   name=f"{self.name}:socket-presence")
-        self._presence_tasks.add(task)
-        task.add_done_callback(self._presence_tasks.discard)
-        return task
-
-    async def end_presence(self, task: asyncio.Task[None]) -> None:
-        """Stop announcing a socket (its entry is deleted before this returns)."""
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-
-    async def stop_presence(self) -> None:
-        """Withdraw every socket's presence (on stop, while the bus is still connected)."""
-        await asyncio.gather(*(self.end_presence(task) for task in list(self._presence_tasks)))
-
-    async def _hold_presence(self, socket_id: str, claims: SessionClaims, conversation_id: str) -> None:
+    def socket_presence(self, claims: SessionClaims, conversation_id: str) -> sdk_presence.SocketPresence:
+        """The presence entry of a socket of `claims` on `conversation_id`."""
         record = self.integrations.get(claims.integration) if self.integrations is not None else None
         channel_name = self.channel_of(record) if isinstance(record, IntegrationRecord) else self.name
-        try:
-            while True:
-                entry = sdk_presence.SocketPresence(
-                    app_id=claims.app, user_id=claims.user, client_id=claims.client,
-                    conversation_id=conversation_id, integration_id=claims.integration,
-                    channel=channel_name, updated_at=now())
-                try:
-                    kv = await self.presence_bucket()
-                    await kv.put(socket_id, sdk_presence.ENCODER.encode(entry))
-                except (TimeoutError, ApiError, nats.errors.Error, nats.js.errors.Error) as exc:
-                    log.warning("could not write socket presence: %s", exc)
-                await asyncio.sleep(subjects.SDK_PRESENCE_REFRESH_SECONDS)
-        finally:
-            try:
-                kv = await self.presence_bucket()
-                await kv.delete(socket_id)
-            except (TimeoutError, ApiError, nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("could not delete socket presence (it expires with the TTL): %s", exc)
+        return sdk_presence.SocketPresence(
+            app_id=claims.app, user_id=claims.user, client_id=claims.client, conversation_id=conversation_id,
+            integration_id=claims.integration, channel=channel_name, replica_id=self.presence.replica_id,
+            written_at=now())

@@ -114,12 +114,16 @@ WEBHOOKS_BUCKET: Final = "tl_webhooks"
 # replica deciding on a push skips it. Entries expire after a day.
 APP_DELIVERIES_BUCKET: Final = "tl_app_deliveries"
 
-# Written by the SDK services (`web`, `app`): one key per open realtime socket (a random socket
-# id), value `sdk_presence.SocketPresence`; refreshed while the socket lives and deleted when it
-# closes, so a crashed replica's sockets vanish with the bucket's TTL.
-SDK_PRESENCE_BUCKET: Final = "tl_sdk_presence"
-SDK_PRESENCE_TTL_SECONDS: Final = 60
-SDK_PRESENCE_REFRESH_SECONDS: Final = 20
+# Written by the SDK services (`web`, `app`): each replica's heartbeat and one entry per open
+# realtime socket (`shared.messages.sdk_presence`). A socket entry is written when it opens and
+# deleted when it closes; it counts only while its replica's heartbeat (every BEAT seconds) is
+# younger than DEAD seconds. Entries are rewritten every REFRESH seconds so that the bucket's TTL
+# only ever removes the leftovers of a replica that died.
+SDK_PRESENCE_BUCKET: Final = "tl_sdk_sockets"
+SDK_PRESENCE_TTL_SECONDS: Final = 24 * 3600
+SDK_PRESENCE_REFRESH_SECONDS: Final = 6 * 3600
+SDK_REPLICA_BEAT_SECONDS: Final = 15
+SDK_REPLICA_DEAD_SECONDS: Final = 45
 # SDK rate limits (new sessions, link requests): one GCRA timestamp per source and window,
 # shared by every replica of web and app (`shared.ratelimit.SharedLimiter`); entries expire a day
 # after their last write.

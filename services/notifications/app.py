@@ -30,7 +30,7 @@ from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.http import error_middleware, tracing_middleware
 from shared.messages import sdk_presence
-from shared.messages.sdk_presence import SocketPresence
+from shared.presence import PresenceIndex
 from shared.records import AppRecord, IntegrationRecord
 from shared.service import ServiceApp
 from shared.telemetry import setup_telemetry
@@ -61,6 +61,7 @@ class NotificationsService(ServiceApp):
         self.store: Store | None = None
         self.notifier: Notifier | None = None
         self.mirrors: list[KvMirror] = []
+        self.presence = PresenceIndex()
         self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -70,16 +71,15 @@ class NotificationsService(ServiceApp):
         apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                 records.integration_decoder(self.config.keyring))
-        # Presence entries expire with the bucket's TTL (a crashed replica's sockets vanish).
+        # Sockets count while their replica's heartbeat is fresh (a crashed replica's vanish).
         await self.bus.key_value(subjects.SDK_PRESENCE_BUCKET, ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
-        presence = await self.mirror_bucket(self.bus, subjects.SDK_PRESENCE_BUCKET, sdk_presence.DECODER.decode)
+        presence = KvMirror(self.bus, subjects.SDK_PRESENCE_BUCKET, sdk_presence.DECODER.decode)
+        presence.add_listener(self.presence.apply)
+        await presence.start()
         self.mirrors = [apps, integrations, presence]
 
         def all_integrations() -> Iterable[IntegrationRecord]:
             return list(integrations.values.values())
-
-        def all_presence() -> Iterable[SocketPresence]:
-            return list(presence.values.values())
 
         def app(app_id: str) -> AppRecord | None:
             return apps.get(app_id)  # type: ignore[no-any-return]
@@ -88,7 +88,8 @@ class NotificationsService(ServiceApp):
             return integrations.get(integration_id)  # type: ignore[no-any-return]
 
         self.notifier = Notifier(self.store, self.bus, self.config, Lookups(
-            app=app, integration=integration, integrations=all_integrations, presence=all_presence),
+            app=app, integration=integration, integrations=all_integrations,
+            connected=self.presence.connected),
             email_sender=functools.partial(send_email, policy=self.common.egress))
         self.bus.consume(subjects.EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER, subjects.EVENTS_ALL,
                          self.notifier.on_event)

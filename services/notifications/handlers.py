@@ -47,7 +47,6 @@ from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.messages import notification as note
-from shared.messages.sdk_presence import SocketPresence
 from shared.records import AppRecord, IntegrationRecord, NotificationSettings, WhatsappTemplate
 from shared.sunco import (
     ConversationRef,
@@ -100,7 +99,8 @@ class Lookups:
     app: Callable[[str], AppRecord | None]
     integration: Callable[[str], IntegrationRecord | None]
     integrations: Callable[[], Iterable[IntegrationRecord]]
-    presence: Callable[[], Iterable[SocketPresence]]
+    # Whether the user has an SDK socket open on the conversation (`shared.presence.PresenceIndex`).
+    connected: Callable[[str, str], bool]
 
 
 @dataclass(frozen=True)
@@ -424,9 +424,7 @@ class Notifier:
         return primary.type == "sdk" and self._integration_type(primary) == "web"
 
     def _connected(self, user_id: str, conversation_id: str) -> bool:
-        cutoff = self.clock() - subjects.SDK_PRESENCE_TTL_SECONDS
-        return any(p.user_id == user_id and p.conversation_id == conversation_id and p.updated_at >= cutoff
-                   for p in self.lookups.presence())
+        return self.lookups.connected(user_id, conversation_id)
 
     async def _client_statuses(self, app_id: str, user_id: str) -> dict[str, str]:
         try:

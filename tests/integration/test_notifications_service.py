@@ -9,6 +9,7 @@ by waiting.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -27,7 +28,7 @@ from shared.bus import Bus
 from shared.http import basic_auth_header
 from shared.messages import notification as note
 from shared.messages.sdk_presence import ENCODER as PRESENCE_ENCODER
-from shared.messages.sdk_presence import SocketPresence
+from shared.messages.sdk_presence import ReplicaAlive, SocketPresence, replica_key, socket_key
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -254,9 +255,14 @@ async def test_reading_before_the_delay_cancels_and_an_open_socket_postpones(
         # Another reply while a widget socket of the customer is open on the conversation:
         # when it falls due it is postponed by the delay, not sent.
         kv = await bus.key_value(subjects.SDK_PRESENCE_BUCKET, ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
-        await kv.put("sock-test-1", PRESENCE_ENCODER.encode(SocketPresence(
+        await kv.put(socket_key("replica-t", "sock-test-1"), PRESENCE_ENCODER.encode(SocketPresence(
             app_id=s.app_id, user_id=s.user_id, client_id="c", conversation_id=s.conversation_id,
-            integration_id=s.integration("web"), channel="web", updated_at=time.time())))
+            integration_id=s.integration("web"), channel="web", replica_id="replica-t", written_at=time.time())))
+        # The socket counts only while its replica's heartbeat is fresh.
+        await asyncio.sleep(0.5)
+        assert not s.service.presence.connected(s.user_id, s.conversation_id)
+        await kv.put(replica_key("replica-t"), PRESENCE_ENCODER.encode(
+            ReplicaAlive(replica_id="replica-t", updated_at=time.time())))
         await eventually(lambda: _presence_seen(s), timeout=10.0)
         await s.reply("Still there?")
         row = await eventually(s.pending, timeout=10.0)
@@ -272,8 +278,7 @@ async def _gone(s: Scene) -> bool:
 
 
 async def _presence_seen(s: Scene) -> bool:
-    assert s.service.notifier is not None
-    return any(p.conversation_id == s.conversation_id for p in s.service.notifier.lookups.presence())
+    return s.service.presence.connected(s.user_id, s.conversation_id)
 
 
 async def test_a_burst_is_one_notification_and_a_restart_mid_delay_sends_exactly_one(

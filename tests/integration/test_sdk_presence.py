@@ -1,4 +1,5 @@
-"""Socket presence: an open SDK socket has one entry in SDK_PRESENCE_BUCKET; closing it removes it."""
+"""Socket presence: an open SDK socket has one entry in SDK_PRESENCE_BUCKET; closing it removes it;
+the replica's heartbeat keeps its sockets alive, and stopping withdraws both."""
 
 from __future__ import annotations
 
@@ -26,9 +27,15 @@ async def stack(system: Any) -> Any:
 
 
 async def presence_entries(bus: Bus) -> dict[str, sdk_presence.SocketPresence]:
-    """Every live entry of the presence bucket (key → decoded value)."""
+    """Every socket entry of the presence bucket (key → decoded value)."""
+    return {key: entry for key, entry in (await bucket_entries(bus)).items()
+            if isinstance(entry, sdk_presence.SocketPresence)}
+
+
+async def bucket_entries(bus: Bus) -> dict[str, sdk_presence.PresenceEntry]:
+    """Every entry of the presence bucket, heartbeats included."""
     kv = await bus.key_value(subjects.SDK_PRESENCE_BUCKET)
-    found: dict[str, sdk_presence.SocketPresence] = {}
+    found: dict[str, sdk_presence.PresenceEntry] = {}
     try:
         keys = await kv.keys()
     except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
@@ -62,6 +69,11 @@ async def test_open_socket_is_present_until_closed(stack: Any, bus: Bus) -> None
         assert presence.conversation_id == session["conversationId"]
         assert presence.integration_id == integration_id
         assert presence.channel == "web"
+        # Held by a replica whose heartbeat is in the bucket, under the socket's key.
+        heartbeats = [e for e in (await bucket_entries(bus)).values() if isinstance(e, sdk_presence.ReplicaAlive)]
+        assert [h.replica_id for h in heartbeats] == [presence.replica_id]
+        (key,) = entries
+        assert key.startswith(f"socket.{presence.replica_id}.")
 
         # A second socket of the same session is a second entry.
         ws2 = await http.ws_connect(url)
@@ -88,7 +100,7 @@ async def test_stopping_the_service_withdraws_presence(stack: Any, bus: Bus) -> 
         await frames_until_ready(ws)
         await eventually(lambda: _exactly(bus, 1))
         await stack.stop_service("web")
-        assert await presence_entries(bus) == {}
+        assert await bucket_entries(bus) == {}
         await ws.close()
 
 
