@@ -36,6 +36,9 @@ WRITE_WINDOW = 64
 RETRY_SECONDS = 1.0
 # Deleting this replica's entries on stop may take this long; a crash leaves them to the heartbeat.
 STOP_SECONDS = 5.0
+# A bucket just created with several replicas answers "no responders" until its leader is
+# elected; the first heartbeat waits this long for it before the replica refuses to start.
+START_SECONDS = 30.0
 BUS_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error)
 
 
@@ -83,7 +86,16 @@ class PresenceBoard:
 
     async def start(self) -> None:
         """Write the heartbeat, then keep writing changes and heartbeats in the background."""
-        await self._beat()
+        deadline = self.clock() + START_SECONDS
+        while True:
+            try:
+                await self._beat()
+                break
+            except (*BUS_ERRORS, ValueError) as exc:
+                if self.clock() >= deadline:
+                    raise
+                log.info("presence bucket not writable yet (retrying): %r", exc)
+                await asyncio.sleep(RETRY_SECONDS / 4)
         self._task = asyncio.create_task(self._run(), name=f"presence:{self.replica_id}")
 
     async def stop(self) -> None:

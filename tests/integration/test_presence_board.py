@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.js.errors
 from nats.js.kv import KeyValue
 
 from shared import subjects
@@ -62,3 +63,23 @@ async def test_the_board_writes_opens_and_closes_and_withdraws_everything_on_sto
 
     await board.stop()
     assert await keys(kv) == set()
+
+
+async def test_the_first_heartbeat_waits_for_a_bucket_that_has_no_leader_yet(bus: Bus) -> None:
+    """A replicated bucket just created answers "no responders" until its leader is elected
+    (seen with three web replicas starting at once in a cluster); starting must wait it out."""
+    kv = await bus.key_value(subjects.SDK_PRESENCE_BUCKET, ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
+    refusals = 3
+
+    async def bucket() -> KeyValue:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise nats.js.errors.NoStreamResponseError
+        return kv
+
+    board = PresenceBoard(bucket, "r2")
+    await board.start()
+    assert refusals == 0
+    assert replica_key("r2") in await keys(kv)
+    await board.stop()
