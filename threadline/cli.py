@@ -1,8 +1,8 @@
-"""`threadline up`: the whole system on one machine — embedded NATS, every service, front door, sandbox."""
+"""The launcher behind `threadline up`: the whole system on one machine — embedded NATS, every
+service, front door, sandbox (the command line is `threadline.main`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import uvloop
 from aiohttp import web
 
 from shared.egress import ALLOW_ENV
@@ -25,9 +24,8 @@ from shared.encryption import KEY_ENV, KEY_FILE_ENV, SERVICES_WITH_SECRETS, gene
 from shared.files import ensure_private_file, private_dir, write_private
 from shared.natsauth import ADMIN_USER, USERS
 from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
-from shared.service import settle_garbage_collector
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
-from threadline.frontdoor import build_frontdoor
+from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import NatsServer, free_port
 
 
@@ -255,7 +253,8 @@ class Launcher:
         self._frontdoor = web.AppRunner(
             build_frontdoor({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}), access_log=None)
         await self._frontdoor.setup()
-        await web.TCPSite(self._frontdoor, self.host, self.port).start()
+        # The fast path serves plain requests; the app behind it everything else.
+        await FrontdoorSite(self._frontdoor, self.host, self.port).start()
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
         return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS)
 
@@ -341,47 +340,3 @@ Threadline is up.  Front door: {self.base_url}   (Ctrl-C stops everything)
   Credentials:     {os.path.join(self.data_dir, 'sandbox.json')}
   Logs:            {os.path.join(self.data_dir, 'logs')}/
 """)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="threadline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run the whole system locally (embedded NATS, SQLite, sandbox channels)")
-    up.add_argument("--data-dir", default=os.environ.get("THREADLINE_DATA_DIR", ".threadline"),
-                    help="where SQLite databases, JetStream files, logs and sandbox.json live (default .threadline)")
-    up.add_argument("--host", default=os.environ.get("THREADLINE_HOST", "127.0.0.1"),
-                    help="front door bind address (default 127.0.0.1)")
-    up.add_argument("--port", type=int, default=int(os.environ.get("THREADLINE_PORT", "8080")),
-                    help="front door port (default 8080)")
-    up.add_argument("--nats-port", type=int, default=int(os.environ.get("THREADLINE_NATS_PORT", "4222")),
-                    help="embedded nats-server port (default 4222; a free one if taken)")
-    up.add_argument("--auto-ports", action="store_true",
-                    help="give services and the sandbox SMTP sink free ports instead of 8081-8092 and 2525 "
-                         "(to run beside another instance)")
-    up.add_argument("--cluster", action="store_true",
-                    help="3-node NATS JetStream cluster, two replicas of each stateless service")
-    args = parser.parse_args(argv)
-    # Whatever this run creates (databases, logs, JetStream files of the child nats-server) is
-    # its owner's only.
-    os.umask(0o077)
-    if args.command == "up" and args.cluster:
-        from threadline.cluster import run_cluster  # imports this module: import it only when asked
-
-        with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(run_cluster(args.data_dir, args.host, args.port))
-        return 130
-    if args.command == "up":
-        launcher = Launcher(data_dir=args.data_dir, host=args.host, port=args.port, nats_port=args.nats_port,
-                            auto_ports=args.auto_ports)
-        # The front door proxies every public request in this process: uvloop, and the
-        # services' collector settings.
-        settle_garbage_collector()
-        try:
-            return uvloop.run(launcher.run())
-        except KeyboardInterrupt:
-            return 130
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ from threadline.cli import (
     loopback_egress_allow,
     service_env,
 )
-from threadline.frontdoor import build_frontdoor
+from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import NatsServer, cluster_node_config, credentials_url, free_port
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ class ClusterLauncher(Launcher):
         await self._wait_ready()
         self._frontdoor = web.AppRunner(build_frontdoor(upstreams), access_log=None)
         await self._frontdoor.setup()
-        await web.TCPSite(self._frontdoor, self.host, self.port).start()
+        await FrontdoorSite(self._frontdoor, self.host, self.port).start()
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
         kinds = tuple(k for k in SANDBOX_INTEGRATIONS
                       if ("sms" if k == "twilio" else k) in self.service_names)
@@ -371,11 +372,9 @@ async def serve_frontdoor(host: str, port: int, bootstrap: bool) -> None:
     Runs until SIGTERM. With `bootstrap`, creates the sandbox app and integrations through the
     business API once it answers (as `threadline up` does), writing `<data dir>/sandbox.json`.
     """
-    import signal
-
     runner = web.AppRunner(build_frontdoor(kubernetes_upstreams()), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await FrontdoorSite(runner, host, port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

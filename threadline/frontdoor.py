@@ -3,6 +3,11 @@
 It routes exactly `shared.routes.ROUTES` (what the Kubernetes Ingress routes), forwards
 WebSockets, streams bodies, and adds `X-Forwarded-*` so services can rebuild public URLs
 (Twilio-style signatures are computed over the public URL, not the internal one).
+
+Served on a `FrontdoorSite`, a connection's plain requests (small bodies of known length to a
+routed prefix) take the fast path of `threadline.fastpath`; everything else is served by the
+aiohttp application below, which also serves every request when the app runs on a plain
+`web.TCPSite`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -19,6 +25,7 @@ from yarl import URL
 
 from shared.http import error_response
 from shared.routes import ROUTES, SERVICE_PROBE_PREFIX, route_for
+from threadline.fastpath import Door, fast_connection
 from threadline.upstream import Upstream, UpstreamClosed
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 })
+# Written by the door itself: what a client sends under these names is not passed on.
+FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 BUFFERED_BODY_BYTES = 1024 * 1024
 APP_KEY_UPSTREAMS = web.AppKey("upstreams", dict)
 APP_KEY_SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -95,8 +104,10 @@ def _route(request: web.Request) -> tuple[str, str] | None:
     return route.service, f"{path}{query}"
 
 
-def _forward_headers(request: web.Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+def _forward_headers(request: web.Request) -> CIMultiDict[str]:
+    # A multidict: a header the visitor sent twice (Cookie, Accept) is forwarded twice.
+    headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                          if k.lower() not in HOP_BY_HOP and k.lower() not in FORWARDED)
     # Append, as every proxy does: the services believe the chain only up to the first address
     # that is not a trusted proxy (shared/clientip.py), so what a client wrote there is ignored.
     chain = [*request.headers.getall("X-Forwarded-For", []), request.remote or ""]
@@ -123,7 +134,8 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     # connection by the lean client (threadline/upstream.py).
     body = await request.read() if length else b""
     upstream = _lean_upstream(request.app, target)
-    headers = list(_forward_headers(request).items())
+    # The body is in hand: the service has no `100 Continue` to send.
+    headers = [(k, v) for k, v in _forward_headers(request).items() if k.lower() != "expect"]
     try:
         response, conn = await upstream.request(request.method, path, headers, body,
                                                 buffer_up_to=BUFFERED_BODY_BYTES)
@@ -187,8 +199,8 @@ async def _proxy_streaming(request: web.Request, target: str) -> web.StreamRespo
 
 async def _proxy_websocket(request: web.Request, target: str) -> web.StreamResponse:
     session = request.app[APP_KEY_SESSION]
-    headers = {k: v for k, v in _forward_headers(request).items()
-               if not k.lower().startswith("sec-websocket")}
+    headers = CIMultiDict((k, v) for k, v in _forward_headers(request).items()
+                          if not k.lower().startswith("sec-websocket"))
     try:
         upstream = await session.ws_connect(target.replace("http://", "ws://", 1), headers=headers,
                                             heartbeat=None, autoping=False)
@@ -225,4 +237,39 @@ async def _proxy_websocket(request: web.Request, target: str) -> web.StreamRespo
     return downstream
 
 
-__all__ = ["ROUTES", "build_frontdoor"]
+class FrontdoorSite(web.TCPSite):
+    """A TCP site for the front door's `AppRunner`: connections start on the fast path, and
+    anything the fast path does not take is served by the runner's aiohttp application."""
+
+    def __init__(self, runner: web.AppRunner, host: str | None = None, port: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self.door: Door | None = None
+
+    async def start(self) -> None:
+        if self._ssl_context is not None:  # the fast path speaks plain HTTP only
+            await super().start()
+            return
+        # As TCPSite.start, with the fast path's protocol in front of aiohttp's.
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        upstreams: dict[str, str] = runner.app[APP_KEY_UPSTREAMS]
+        door = self.door = Door(loop, upstreams, runner.server)
+        self._server = await loop.create_server(
+            lambda: fast_connection(door), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+    async def stop(self) -> None:
+        # Stop listening, answer what is in flight on the fast path, then let the runner stop
+        # aiohttp's connections (those handed over) as it does for any site.
+        if self._server is not None:
+            self._server.close()
+        if self.door is not None:
+            await self.door.close(timeout=10.0)
+        await super().stop()
+
+
+__all__ = ["ROUTES", "FrontdoorSite", "build_frontdoor"]

@@ -89,7 +89,7 @@ class Upstream:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.authority = f"{host}:{port}"
+        self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._idle: list[Connection] = []
 
     async def _connect(self) -> Connection:
@@ -134,12 +134,16 @@ class Upstream:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
         conn = self._reusable()
         reused = conn is not None
+        written = False
         while True:
             if conn is None:
                 conn = await self._connect()
-            conn.writer.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                conn.writer.write(body)
+                written = False
+            if not written:
+                conn.writer.write(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    conn.writer.write(body)
+                written = True
             try:
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -152,11 +156,17 @@ class Upstream:
             except asyncio.LimitOverrunError as exc:
                 conn.close()
                 raise UpstreamClosed("response head too long") from exc
+            response = _parse_head(raw)
+            if 100 <= response.status < 200 and response.status != 101:
+                # An interim answer (`100 Continue`, `103 Early Hints`): the final one follows on
+                # this connection. Taken for the answer, it would leave the real one unread on a
+                # pooled connection, for the next visitor's request to read.
+                reused = False
+                continue
             break
-        response = _parse_head(raw)
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             response.content_length, response.chunked, response.body = 0, False, b""
-            response.keep_alive = response.persistent
+            response.keep_alive = response.persistent and response.status != 101  # 101: no longer HTTP
         elif (not response.chunked and response.content_length is not None
               and response.content_length <= buffer_up_to):
             try:

@@ -28,7 +28,7 @@ from threadline.natsserver import free_port
 
 async def start_up(data_dir: Path, port: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "threadline.cli", "up", "--data-dir", str(data_dir), "--port", str(port),
+        sys.executable, "-m", "threadline", "up", "--data-dir", str(data_dir), "--port", str(port),
         "--auto-ports", "--nats-port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "THREADLINE_LOG_LEVEL": "WARNING"},

@@ -1,22 +1,33 @@
 """The front door routes by prefix exactly as `shared.routes` says, probes every service, and
-forwards WebSockets with their close codes."""
+forwards WebSockets with their close codes — served by aiohttp alone (`web.TCPSite`) and with the
+fast path in front (`FrontdoorSite`, as `threadline up` runs it)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import aiohttp
+import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from shared.routes import ROUTES, route_for
-from threadline.frontdoor import build_frontdoor
+from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import free_port
 
+Site = type[web.TCPSite]
 
-async def start(app: web.Application, port: int) -> web.AppRunner:
+
+@pytest.fixture(params=[web.TCPSite, FrontdoorSite], ids=["aiohttp", "fastpath"])
+def door_site(request: pytest.FixtureRequest) -> Site:
+    site: Site = request.param
+    return site
+
+
+async def start(app: web.Application, port: int, site: Site = web.TCPSite) -> web.AppRunner:
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await site(runner, "127.0.0.1", port).start()
     return runner
 
 
@@ -46,12 +57,13 @@ def upstream(name: str) -> web.Application:
     return app
 
 
-async def test_routes_probes_redirects_and_websockets() -> None:
+async def test_routes_probes_redirects_and_websockets(door_site: Site) -> None:
     names = sorted({r.service for r in ROUTES})
     ports = {name: free_port() for name in names}
     runners = [await start(upstream(name), port) for name, port in ports.items()]
     door_port = free_port()
-    runners.append(await start(build_frontdoor({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}), door_port))
+    runners.append(await start(build_frontdoor({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}), door_port,
+                               door_site))
     base = f"http://127.0.0.1:{door_port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -93,7 +105,7 @@ async def test_routes_probes_redirects_and_websockets() -> None:
             await runner.cleanup()
 
 
-async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors() -> None:
+async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors(door_site: Site) -> None:
     big = bytes(range(256)) * 8192  # 2 MiB: streamed, not buffered
 
     async def echo(request: web.Request) -> web.StreamResponse:
@@ -114,7 +126,8 @@ async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors() -> None
     app.router.add_route("*", "/{tail:.*}", echo)
     upstream_port, door_port = free_port(), free_port()
     runners = [await start(app, upstream_port)]
-    runners.append(await start(build_frontdoor({"conversations": f"http://localhost:{upstream_port}"}), door_port))
+    runners.append(await start(build_frontdoor({"conversations": f"http://localhost:{upstream_port}"}), door_port,
+                               door_site))
     base = f"http://127.0.0.1:{door_port}/v2/echo"
     try:
         async with aiohttp.ClientSession() as visitor_a:
@@ -134,7 +147,31 @@ async def test_bodies_both_ways_and_no_cookie_crosses_between_visitors() -> None
             await runner.cleanup()
 
 
-async def test_kept_alive_connections_survive_a_service_restart_and_close_delimited_answers() -> None:
+async def test_a_header_sent_twice_reaches_the_service_twice(door_site: Site) -> None:
+    """Repeated request headers (two Cookie lines, two Accept lines) are all forwarded, on the
+    buffered and on the streamed path alike."""
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"repeated": request.headers.getall("X-Repeated", [])})
+
+    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    upstream_port, door_port = free_port(), free_port()
+    runners = [await start(app, upstream_port)]
+    runners.append(await start(build_frontdoor({"conversations": f"http://127.0.0.1:{upstream_port}"}), door_port,
+                               door_site))
+    headers = CIMultiDict([("X-Repeated", "a"), ("X-Repeated", "b")])
+    try:
+        async with aiohttp.ClientSession() as client:
+            for body in (b"small", b"x" * (2 * 1024 * 1024)):
+                async with client.post(f"http://127.0.0.1:{door_port}/v2/echo", data=body, headers=headers) as resp:
+                    assert resp.status == 200 and (await resp.json())["repeated"] == ["a", "b"]
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def test_kept_alive_connections_survive_a_service_restart_and_close_delimited_answers(door_site: Site) -> None:
     seen: list[str] = []
 
     async def hello(request: web.Request) -> web.Response:
@@ -154,7 +191,7 @@ async def test_kept_alive_connections_survive_a_service_restart_and_close_delimi
 
     raw = await asyncio.start_server(raw_answer, "127.0.0.1", raw_port)
     door = await start(build_frontdoor({"conversations": f"http://127.0.0.1:{upstream_port}",
-                                        "sandbox": f"http://127.0.0.1:{raw_port}"}), door_port)
+                                        "sandbox": f"http://127.0.0.1:{raw_port}"}), door_port, door_site)
     try:
         async with aiohttp.ClientSession() as session:
             for _ in range(3):  # one kept-alive connection carries them all
