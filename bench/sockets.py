@@ -385,7 +385,7 @@ async def bench_floor(args: argparse.Namespace, count: int) -> dict[str, Any]:
     sockets: dict[str, web.WebSocketResponse] = {}
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0)
+        ws = web.WebSocketResponse(heartbeat=20.0, compress=False)
         await ws.prepare(request)
         key = request.match_info["key"]
         sockets[key] = ws
