@@ -18,8 +18,9 @@ import hmac
 import logging
 import math
 import re
+import sys
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -40,7 +41,15 @@ from shared.bus import Bus, KvMirror, RequestFailed
 from shared.clientip import Network, client_ip, env_trusted_proxies, source_key
 from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret, env_str
 from shared.encryption import Keyring
-from shared.http import ApiError, is_websocket_upgrade, json_response, read_json, server_span
+from shared.http import (
+    ApiError,
+    Handler,
+    error_response,
+    is_websocket_upgrade,
+    json_response,
+    read_json,
+    server_span,
+)
 from shared.ids import iso, new_id, now
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
@@ -88,6 +97,8 @@ SDK_CLIENT_TYPE: Final = "sdk"
 SANDBOX_SDK_TOKEN_SECRET: Final = "sandbox-sdk-token-secret-not-for-production"
 # Close codes a client should not retry with the same session (4000 + HTTP status).
 SOCKET_CLOSE_BASE: Final = 4000
+# What a socket's client sent when the connection ends.
+_SOCKET_ENDS: Final = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 # The idle-socket pinger wakes this often and pings the slice of sockets due.
 PING_TICK_SECONDS: Final = 0.1
 MAX_SOCKET_QUERY_FIELDS: Final = 16
@@ -390,7 +401,7 @@ def event_frame(event: conv.ConversationUnion) -> Frame | None:
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class CursorWatermark:
     """De-duplicates message frames by cursor: every cursor at or below `high` was sent.
 
@@ -409,12 +420,14 @@ class CursorWatermark:
 
 
 class QueuedFrame(msgspec.Struct, frozen=True):
-    """A frame waiting for its socket: its text, its cursor (message frames) and, for a business
-    message, the message id (so the service can note that a socket delivered it)."""
+    """A frame waiting for its socket: its text (none: nothing but a protocol ping), its cursor
+    (message frames), for a business message the message id (so the service can note that a
+    socket delivered it), and whether a WebSocket ping goes out with it (`ws_ping`)."""
 
     text: str
     cursor: int | None = None
     business_message_id: str | None = None
+    ws_ping: bool = False
 
 
 def queued_frame(frame: Frame) -> QueuedFrame:
@@ -435,15 +448,17 @@ class SocketListener:
     holds no task and no queue of its own: 50,000 of them cost only what they must.
     """
 
-    __slots__ = ("claims", "conversation_id", "drain", "last_sent", "limit", "live", "overflowed", "pending",
-                 "sender", "watermark", "ws")
+    __slots__ = ("claims", "conversation_id", "drain", "heard", "last_sent", "limit", "live", "overflowed",
+                 "pending", "pinged", "sender", "transport", "watermark", "ws")
 
     def __init__(self, limit: int, drain: Callable[[SocketListener], Coroutine[Any, Any, None]] | None = None, *,
                  ws: web.WebSocketResponse | None = None, claims: SessionClaims | None = None,
-                 conversation_id: str = "", after: int = 0) -> None:
+                 conversation_id: str = "", after: int = 0, transport: asyncio.Transport | None = None,
+                 now: float = 0.0) -> None:
         self.limit = limit
         self.drain = drain
         self.ws = ws
+        self.transport = transport
         self.claims = claims
         self.conversation_id = conversation_id
         self.watermark = CursorWatermark(after)
@@ -451,7 +466,11 @@ class SocketListener:
         self.live = False
         self.overflowed = False
         self.sender: asyncio.Task[None] | None = None
-        self.last_sent = 0.0
+        self.last_sent = now
+        # When the client was last heard from (any frame, a pong included), and when the
+        # WebSocket ping it has not answered yet was sent (0: none outstanding).
+        self.heard = now
+        self.pinged = 0.0
 
     def offer(self, frame: QueuedFrame) -> None:
         """Queue a frame without waiting; more than `limit` waiting marks the socket for closing."""
@@ -488,7 +507,8 @@ class EventHub:
     """One core NATS subscription on every conversation event, fanned out by conversation."""
 
     def __init__(self) -> None:
-        self.listeners: dict[str, set[SocketListener]] = {}
+        # A list per conversation: it has one socket or a few, and a set of one costs 216 B.
+        self.listeners: dict[str, list[SocketListener]] = {}
         self._sub: Subscription | None = None
 
     async def start(self, nc: NatsClient) -> None:
@@ -505,13 +525,16 @@ class EventHub:
 
     def add(self, conversation_id: str, listener: SocketListener) -> None:
         """Start delivering the conversation's events to `listener`."""
-        self.listeners.setdefault(conversation_id, set()).add(listener)
+        listeners = self.listeners.setdefault(conversation_id, [])
+        if listener not in listeners:
+            listeners.append(listener)
 
     def remove(self, conversation_id: str, listener: SocketListener) -> None:
         """Stop delivering to `listener`."""
         listeners = self.listeners.get(conversation_id)
         if listeners is not None:
-            listeners.discard(listener)
+            if listener in listeners:
+                listeners.remove(listener)
             if not listeners:
                 del self.listeners[conversation_id]
 
@@ -579,7 +602,9 @@ class SdkService(ServiceApp):
         r.add_get(prefix + "/conversations/{conversation_id}/messages", self.get_messages)
         r.add_post(prefix + "/conversations/{conversation_id}/messages", self.post_message)
         r.add_post(prefix + "/conversations/{conversation_id}/activity", self.post_activity)
-        r.add_get(prefix + "/conversations/{conversation_id}/socket", self.socket)
+        self._socket_route = r.add_get(prefix + "/conversations/{conversation_id}/socket", self.socket)
+        # First in the list: the outermost middleware (subclasses add theirs after).
+        self.http.middlewares.append(self.socket_middleware)
 
     @property
     def sdk_prefix(self) -> str:
@@ -991,22 +1016,51 @@ class SdkService(ServiceApp):
 
     # --- the socket ---------------------------------------------------------------------------
 
+    def socket_response(self) -> web.WebSocketResponse:
+        """A socket's response, before its handshake."""
+        # No permessage-deflate: a browser always offers it, and each socket would then hold a
+        # zlib compressor (~260 KiB) for its whole life to shrink frames of a few hundred bytes.
+        # No heartbeat or autoping of aiohttp's: its heartbeat is a timer per socket (which also
+        # kept the handshake's trace context alive); `_ping_idle_sockets` pings every socket
+        # instead and drops one whose client stopped answering, and `serve_socket` answers the
+        # client's pings.
+        return web.WebSocketResponse(autoping=False, max_msg_size=4096, compress=False)
+
+    @web.middleware
+    def socket_middleware(self, request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        """The outermost middleware: a handshake that can become a socket goes straight to
+        `serve_socket`, which answers its own errors; every other request goes down the chain.
+
+        A socket's handler runs for the socket's whole life, and every middleware that awaits it
+        keeps a coroutine frame (~300 B) per socket for as long; this one is a plain function
+        that hands over the handler's coroutine, so it keeps none.
+        """
+        if request.match_info.route is self._socket_route and is_websocket_upgrade(request):
+            ws = self.socket_response()
+            if ws.can_prepare(request).ok:
+                return self.serve_socket(request, ws)
+        return handler(request)
+
     async def socket(self, request: web.Request) -> web.StreamResponse:
+        """Realtime: history after `after`, then live frames of the conversation.
+
+        Reached through the middlewares only by a request that cannot become a socket (a 400
+        once its session is checked); a handshake goes to `serve_socket` straight
+        (`socket_middleware`).
+        """
+        return await self.serve_socket(request, self.socket_response())
+
+    async def serve_socket(self, request: web.Request, ws: web.WebSocketResponse) -> web.StreamResponse:
         """Realtime: history after `after`, then live frames of the conversation.
 
         Auth failures on an upgrade are reported in-band (an `error` frame, then close code
         4000 + HTTP status) because browsers cannot read a refused handshake's status.
         """
-        # No permessage-deflate: a browser always offers it, and each socket would then hold a
-        # zlib compressor (~260 KiB) for its whole life to shrink frames of a few hundred bytes.
-        ws = web.WebSocketResponse(heartbeat=max(self.sdk.ping_interval, 1.0), max_msg_size=4096, compress=False)
         upgrade = ws.can_prepare(request).ok
         # The request's span covers the handshake and the history replay, not the socket's life.
         with server_span(request) if is_websocket_upgrade(request) else contextlib.nullcontext():
             try:
-                query = socket_query(request.query_string)
-                claims, conversation_id = await self.authorize(request, query.get("token"))
-                after = parse_cursor(query.get("after"))
+                claims, conversation_id, after = await self._socket_session(request)
             except ApiError as exc:
                 if not upgrade:
                     raise
@@ -1014,11 +1068,18 @@ class SdkService(ServiceApp):
                 await ws.send_str(encode_frame(ErrorFrame(status=exc.status, code=exc.code, title=exc.title)))
                 await ws.close(code=SOCKET_CLOSE_BASE + exc.status, message=exc.code.encode()[:100])
                 return ws
+            except Exception:
+                if not upgrade:
+                    raise
+                # What error_middleware answers, which a handshake passes by (socket_middleware).
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                return error_response(500, "Internal error")
             if not upgrade:
                 raise ApiError(400, "Expected a WebSocket upgrade")
             await ws.prepare(request)
             listener = SocketListener(self.sdk.socket_queue_size, self._drain_socket, ws=ws, claims=claims,
-                                      conversation_id=conversation_id, after=after or 0)
+                                      conversation_id=conversation_id, after=after or 0,
+                                      transport=request.transport, now=asyncio.get_running_loop().time())
             # Listen before reading history so nothing published in between is lost.
             self.hub.add(conversation_id, listener)
             self.sockets[ws] = listener
@@ -1032,13 +1093,30 @@ class SdkService(ServiceApp):
         try:
             if live:
                 listener.go_live()
-                async for msg in ws:
-                    if msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
-                        break
-                    # Clients only listen; anything they send is ignored.
+                # `receive` rather than `async for`, whose `__anext__` would be one more frame
+                # kept for the socket's life.
+                while (msg := await ws.receive()).type not in _SOCKET_ENDS:
+                    # Clients only listen: what they send only shows that they are there (a
+                    # pong answers `_ping_idle_sockets`), and their pings are answered.
+                    listener.heard = asyncio.get_running_loop().time()
+                    listener.pinged = 0.0
+                    if msg.type is WSMsgType.PING:
+                        await ws.pong(msg.data)
         finally:
             await self._forget_socket(listener, socket_id)
         return ws
+
+    async def _socket_session(self, request: web.Request) -> tuple[SessionClaims, str, int | None]:
+        """The socket's session, its conversation and its `after` cursor. The parsed query (the
+        token with it) is dropped on return, not kept by the socket's frame for its whole life;
+        the ids every socket of an app shares are interned, and the conversation id is the path's."""
+        query = socket_query(request.rel_url.raw_query_string)
+        claims, conversation_id = await self.authorize(request, query.get("token"))
+        after = parse_cursor(query.get("after"))
+        claims = msgspec.structs.replace(
+            claims, typ="session", app=sys.intern(claims.app), integration=sys.intern(claims.integration),
+            conversation=conversation_id if claims.conversation == conversation_id else claims.conversation)
+        return claims, conversation_id, after
 
     async def _forget_socket(self, listener: SocketListener, socket_id: str) -> None:
         await listener.stop()
@@ -1049,6 +1127,10 @@ class SdkService(ServiceApp):
 
     async def _send_message(self, listener: SocketListener, frame: QueuedFrame) -> None:
         assert listener.ws is not None and listener.claims is not None
+        if frame.ws_ping:
+            await listener.ws.ping()
+        if not frame.text:
+            return
         listener.last_sent = asyncio.get_running_loop().time()
         await listener.ws.send_str(frame.text)
         if frame.business_message_id is not None:
@@ -1118,11 +1200,19 @@ class SdkService(ServiceApp):
                 listener.pending = None
 
     async def _ping_idle_sockets(self) -> None:
-        """A ping frame to every socket that sent nothing for half a ping interval, so clients
-        can tell a live connection from a dead one. One task for all sockets, visiting a slice
-        of them every PING_TICK seconds (each socket about once per interval): no burst, and
-        no timer per socket."""
+        """One task pings every socket, visiting a slice of them every PING_TICK seconds (each
+        socket about once per interval): no burst, and no timer per socket.
+
+        - A `ping` frame to every socket that sent nothing for half a ping interval, so clients
+          can tell a live connection from a dead one.
+        - A WebSocket ping to every socket whose client was not heard from for a ping interval
+          (at least a second; browsers answer it by themselves), and the connection dropped when
+          that ping is still unanswered half an interval later: the socket of a client that
+          vanished without closing is not held for ever (what aiohttp's heartbeat did, with a
+          timer per socket).
+        """
         interval = self.sdk.ping_interval
+        liveness = max(interval, 1.0)
         tick = min(PING_TICK_SECONDS, interval / 4)
         loop = asyncio.get_running_loop()
         visiting: list[SocketListener] = []
@@ -1132,12 +1222,26 @@ class SdkService(ServiceApp):
                 visiting = list(self.sockets.values())
                 visiting.reverse()  # popped from the end: oldest first
             at = loop.time()
-            frame = QueuedFrame(encode_frame(ping_frame(now())))
+            text = encode_frame(ping_frame(now()))
+            frames = {(True, False): QueuedFrame(text), (False, True): QueuedFrame("", ws_ping=True),
+                      (True, True): QueuedFrame(text, ws_ping=True)}
             for _ in range(min(len(visiting), math.ceil(len(self.sockets) * tick / interval) + 1)):
                 listener = visiting.pop()
-                if listener.live and at - listener.last_sent >= interval / 2:
-                    listener.last_sent = at
-                    listener.offer(frame)
+                if not listener.live:
+                    continue
+                if listener.pinged and at - listener.pinged >= liveness / 2:
+                    listener.live = False
+                    if listener.transport is not None:
+                        listener.transport.abort()  # its socket's handler ends with the connection
+                    continue
+                ping_text = at - listener.last_sent >= interval / 2
+                ws_ping = not listener.pinged and at - listener.heard >= liveness
+                if ping_text or ws_ping:
+                    if ping_text:
+                        listener.last_sent = at
+                    if ws_ping:
+                        listener.pinged = at
+                    listener.offer(frames[ping_text, ws_ping])
 
     # --- socket presence ----------------------------------------------------------------------
 

@@ -244,3 +244,34 @@ async def test_idle_socket_gets_heartbeat_pings(system: Any) -> None:
             assert len(history) == 1 and ready.cursor == history[0].cursor and ready.ping_interval == 0.2
             pings = [await next_frame(ws) for _ in range(2)]
             assert all(isinstance(p, PingFrame) for p in pings)
+
+
+async def test_socket_pings_its_client_and_drops_one_that_stops_answering(system: Any) -> None:
+    # Ping interval 0.2 s: a client silent for a second gets a WebSocket ping, and is dropped when
+    # it has not answered half a second later.
+    await system.start("identity", "conversations", "web", env={"THREADLINE_WEB_PING_INTERVAL": "0.2"})
+    async with aiohttp.ClientSession() as http:
+        app_id, integration_id = await create_app_with_web(http, system.base_url)
+        session = await create_session(http, system.base_url, app_id, integration_id)
+        url = (f"{system.base_url}/sdk/v1/apps/{app_id}/conversations/{session['conversationId']}/socket"
+               f"?token={session['sessionToken']}")
+        async with http.ws_connect(url) as ws:  # answers pings (aiohttp's autoping)
+            await frames_until_ready(ws)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 2.5
+            while loop.time() < until:
+                assert isinstance(await next_frame(ws), PingFrame)
+            assert not ws.closed
+        async with http.ws_connect(url, autoping=False) as ws:
+            await frames_until_ready(ws)
+            await ws.ping(b"are you there")  # the server answers the client's pings
+            kinds = []
+            while True:
+                msg = await ws.receive(timeout=5)
+                kinds.append(msg.type)
+                if msg.type == aiohttp.WSMsgType.PONG:
+                    assert msg.data == b"are you there"
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+            assert aiohttp.WSMsgType.PONG in kinds and aiohttp.WSMsgType.PING in kinds
+            assert ws.closed
