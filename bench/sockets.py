@@ -35,6 +35,8 @@ import multiprocessing.connection
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -381,6 +383,14 @@ async def bench_floor(args: argparse.Namespace, count: int) -> dict[str, Any]:
     socket: the same sockets, the same probes (published on NATS instead of through the API)."""
     store = tempfile.mkdtemp(prefix="threadline-floor-sockets-")
     server = NatsServer(store_dir=store).start()
+    try:
+        return await _floor_on(server, args, count)
+    finally:
+        server.stop()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+async def _floor_on(server: NatsServer, args: argparse.Namespace, count: int) -> dict[str, Any]:
     bus = await Bus.connect(server.url, "floor")
     sockets: dict[str, web.WebSocketResponse] = {}
 
@@ -431,7 +441,6 @@ async def bench_floor(args: argparse.Namespace, count: int) -> dict[str, Any]:
             process.kill()
         await runner.cleanup()
         await bus.close()
-        server.stop()
 
 
 def mib(n: float) -> str:
@@ -449,6 +458,10 @@ async def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="CPU sampled while idle")
     parser.add_argument("--no-floor", action="store_true")
     args = parser.parse_args()
+    # Stopped by SIGTERM (a timeout, a supervisor): unwind, so every server this run started stops.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     limit = raise_open_files_limit()
     if args.sockets > limit - 500:
         print(f"  note: one process may hold at most {limit} open files (`ulimit -Hn` here); "
@@ -477,4 +490,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except asyncio.CancelledError:  # SIGTERM, after everything started was stopped
+        raise SystemExit(143) from None
