@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
-from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from shared.telemetry import extract_context, tracer
@@ -118,15 +117,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @contextlib.contextmanager
 def server_span(request: web.Request) -> Iterator[Span]:
     """A SERVER span for `request`, continuing a `traceparent` the caller sent (current while open)."""
-    token = otel_context.attach(extract_context(request.headers))
-    try:
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
-        with _tracer.start_as_current_span(f"{request.method} {route}", kind=SpanKind.SERVER) as span:
-            span.set_attribute("http.request.method", request.method)
-            span.set_attribute("url.path", request.path)
-            yield span
-    finally:
-        otel_context.detach(token)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    with _tracer.start_as_current_span(f"{request.method} {route}", context=extract_context(request.headers),
+                                       kind=SpanKind.SERVER) as span:
+        span.set_attribute("http.request.method", request.method)
+        span.set_attribute("url.path", request.path)
+        yield span
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:

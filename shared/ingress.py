@@ -9,8 +9,9 @@ answers 200 once they are durable, and reports every rejected item with `report_
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,22 @@ import msgspec
 from opentelemetry import trace
 
 from shared.telemetry import log_fields
+
+
+async def publish_all(publishes: Sequence[Awaitable[object]]) -> list[BaseException]:
+    """Await a notification's publishes together; the exceptions of those that failed.
+
+    Almost every notification carries one item: that one is awaited as it is, without the task
+    `asyncio.gather` would wrap it in (a visible share of an ingress's CPU per webhook).
+    """
+    if len(publishes) == 1:
+        try:
+            await publishes[0]
+        except Exception as exc:
+            return [exc]
+        return []
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    return [result for result in results if isinstance(result, BaseException)]
 
 
 @dataclass(frozen=True)

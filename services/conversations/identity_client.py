@@ -18,9 +18,10 @@ from shared.bus import Poison, RequestFailed
 from shared.http import ApiError
 from shared.messages import identity as ident
 from shared.sunco import Client, User
+from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
+_tracer = tracer(__name__)
 
 BATCH_GATHER_TURNS = 3
 MAX_RESOLVE_BATCH = 250

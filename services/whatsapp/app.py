@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -15,7 +14,7 @@ from shared import records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import report_rejected
+from shared.ingress import publish_all, report_rejected
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import BoundedMemory, recipient_key
@@ -136,10 +135,9 @@ class WhatsAppService(ServiceApp):
                         msg_id=handlers.status_msg_id(s))
             for s in normalized.statuses
         ]
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
+        failures = await publish_all(publishes)
         if failures:
-            log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(results), failures[0])
+            log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(publishes), failures[0])
             raise ApiError(503, "Could not store the notification, retry later")
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
                  len(normalized.statuses), extra=log_fields(
