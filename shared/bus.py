@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,6 +24,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -97,7 +99,7 @@ class Bus:
     js: JetStreamContext
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _services: list[Service] = field(default_factory=list)
-    _pull_subscriptions: list[JetStreamContext.PullSubscription] = field(default_factory=list)
+    _pullers: list[PullBatches] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Replicas of the streams `ensure_streams` was asked for; KV buckets created later get the
     # same (a bucket made by whichever service starts first must survive a node loss too).
@@ -223,8 +225,12 @@ class Bus:
         )
         while not self._stopping.is_set():
             try:
-                sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream.name, config=config)
-                self._pull_subscriptions.append(sub)
+                try:
+                    await self.js.consumer_info(stream.name, durable)
+                except nats.js.errors.NotFoundError:
+                    await self.js.add_consumer(stream.name, config)
+                puller = await PullBatches.start(self.nc, stream.name, durable, batch)
+                self._pullers.append(puller)
                 break
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("consumer %s not ready yet: %s", durable, exc)
@@ -233,17 +239,14 @@ class Bus:
             return
         while not self._stopping.is_set():
             try:
-                # One pull request per batch: nats-py (>= 2.16) asks for what is there without
-                # waiting for the batch to fill, and waits (up to the timeout) only when nothing
-                # is; the first message to arrive then ends the wait.
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
+                msgs = await puller.next_batch()
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
                 return
             except nats.errors.Error as exc:
                 log.warning("fetch failed on %s: %s", durable, exc)
                 await asyncio.sleep(0.5)
+                continue
+            if not msgs:
                 continue
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
@@ -338,15 +341,80 @@ class Bus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        # A fetch cancelled mid-flight leaves its inbox subscribed; drain would wait on it.
-        for sub in self._pull_subscriptions:
+        # A pull request still open would deliver into the inbox; drain would wait on it.
+        for puller in self._pullers:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await puller.stop()
         for service in self._services:
             with contextlib.suppress(Exception):
                 await service.stop()
         with contextlib.suppress(Exception):
             await self.nc.drain()
+
+
+class PullBatches:
+    """The batches of a durable pull consumer, one pull request each.
+
+    A request asks for up to `batch` messages with `no_wait` and an expiry: the server sends at
+    once what is there, or waits up to `wait` seconds for the first message, then ends the
+    request with a status (404/408) unless the batch is full. The messages land in this
+    object's inbox subscription through a callback: nats-py's `fetch` reads each one with
+    `next_msg`, a task, a timer and a uuid4 per message, a visible share of every consumer's CPU.
+    """
+
+    def __init__(self, nc: NatsClient, stream: str, durable: str, batch: int, wait: float = 1.0) -> None:
+        self.nc = nc
+        self.batch = batch
+        self.wait = wait
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.request = json.dumps({"batch": batch, "expires": int(wait * 1e9), "no_wait": True}).encode()
+        self.inbox = nc.new_inbox()
+        self._subscription: Subscription | None = None
+        self._msgs: list[Msg] = []
+        self._ended = asyncio.Event()
+        self._refusal: str | None = None
+
+    @classmethod
+    async def start(cls, nc: NatsClient, stream: str, durable: str, batch: int, wait: float = 1.0) -> PullBatches:
+        """Subscribe the inbox the batches arrive in."""
+        puller = cls(nc, stream, durable, batch, wait)
+        puller._subscription = await nc.subscribe(puller.inbox, cb=puller._on_message)
+        return puller
+
+    async def next_batch(self) -> list[Msg]:
+        """The next batch: what the consumer has now, else what arrives within `wait` (maybe
+        nothing). Raises `nats.errors.Error` when the server refuses the request."""
+        self._ended.clear()
+        await self.nc.publish(self.next_subject, self.request, reply=self.inbox)
+        # The server ends the request itself; the margin covers a request lost to a reconnect.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), self.wait + 1.0)
+        msgs, self._msgs = self._msgs, []
+        refusal, self._refusal = self._refusal, None
+        if refusal is not None and not msgs:
+            raise nats.errors.Error(f"pull request refused: {refusal}")
+        return msgs
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+        if not status:
+            self._msgs.append(msg)
+            if len(self._msgs) >= self.batch:
+                self._ended.set()
+            return
+        if status == "100":  # a heartbeat: not asked for, and no reason to end the batch
+            return
+        if status not in ("404", "408"):  # 409 (consumer deleted, limits), 503 (no JetStream), …
+            self._refusal = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '') if msg.headers else ''}".strip()
+        # A status may also end an earlier request that timed out here: this batch then ends
+        # early, and the next request picks up where it left off.
+        self._ended.set()
+
+    async def stop(self) -> None:
+        """Unsubscribe the inbox."""
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+            self._subscription = None
 
 
 def subjects_overlap(a: str, b: str) -> bool:

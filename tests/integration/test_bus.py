@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Mapping
 
 import pytest
+from nats.errors import Error as NatsError
+from nats.js import api
 
 from shared import subjects
-from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.bus import Bus, Delivery, KvMirror, Poison, PullBatches, Retry
 
 
 async def test_publish_deduplicates_by_msg_id(bus: Bus) -> None:
@@ -82,3 +84,37 @@ async def test_kv_mirror_ready_on_empty_bucket(bus: Bus, bucket: str) -> None:
     await asyncio.wait_for(mirror.start(), 5)
     assert mirror.values == {}
     await mirror.stop()
+
+
+async def test_pull_batches_take_what_is_there_wait_for_what_comes_and_report_refusals(bus: Bus) -> None:
+    subject = subjects.inbound_subject("web", "pull")
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name="t-pull", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject))
+    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-pull", batch=100, wait=5.0)
+    try:
+        for i in range(150):
+            await bus.publish(subject, f"m{i}".encode())
+        first = await puller.next_batch()
+        second = await puller.next_batch()
+        assert [m.data for m in first + second] == [f"m{i}".encode() for i in range(150)]
+        assert len(first) == 100  # a full batch ends the request, the rest comes with the next one
+        for msg in first + second:
+            await msg.ack()
+            assert Delivery.of(msg).num_delivered == 1
+
+        async def later() -> None:
+            await asyncio.sleep(0.2)
+            await bus.publish(subject, b"late")
+
+        # Nothing there: the request waits, and the first message to arrive ends it.
+        waiting = asyncio.create_task(later())
+        late = await puller.next_batch()
+        await waiting
+        assert [m.data for m in late] == [b"late"]
+        await late[0].ack()
+
+        await bus.js.delete_consumer(subjects.INBOUND.name, "t-pull")
+        with pytest.raises(NatsError, match="refused"):
+            await puller.next_batch()
+    finally:
+        await puller.stop()
