@@ -13,8 +13,9 @@ URL), `app` (the in-app SDK's message post, one session per sender, created firs
 each in turn on the same system, one block per channel and a summary table.
 
 Prints per channel: msg/s sustained, p50/p99 webhook-in → webhook-out latency, lost and
-duplicated counts; then the floor pipeline (a bare aiohttp handler that awaits one JetStream
-publish) driven by the same load generator, and the ratio.
+duplicated counts, the CPU time per message of each service and nats-server (Linux); then the
+floor pipeline (a bare aiohttp handler that awaits one JetStream publish) driven by the same load
+generator, and the ratio.
 
     python bench/e2e.py --messages 5000 --concurrency 64 --senders 500
     python bench/e2e.py --channel all --messages 3000 --rate 500
@@ -399,13 +400,37 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
         await asyncio.sleep(1.0)  # let the webhook config reach the webhooks service's KV mirror
         results = []
         for channel in channels:
-            results.append(await bench_channel(channel, loads[channel], receiver, args))
+            before = cpu_seconds(launcher)
+            result = await bench_channel(channel, loads[channel], receiver, args)
+            after = cpu_seconds(launcher)
+            result["cpu_us_per_msg"] = {name: (after[name] - before.get(name, 0.0)) * 1e6 / args.messages
+                                        for name in after}
+            results.append(result)
         return results
     finally:
         if bus is not None:
             await bus.close()
         await runner.cleanup()
         await launcher.shutdown()
+
+
+def cpu_seconds(launcher: Launcher) -> dict[str, float]:
+    """CPU time (user + system) each service process and nats-server has used so far (Linux
+    /proc; empty elsewhere): differences around a run give the CPU a message costs."""
+    pids = {name: svc.process.pid for name, svc in launcher.services.items() if svc.process is not None}
+    if launcher.nats is not None and launcher.nats.process is not None:
+        pids["nats-server"] = launcher.nats.process.pid
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                # Fields after the parenthesized command: utime and stime are the 12th and 13th.
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
 
 
 async def bench_floor(args: argparse.Namespace) -> dict[str, Any]:
@@ -452,6 +477,10 @@ def print_block(result: dict[str, Any], args: argparse.Namespace, floor_msg_per_
     print(f"  duplicated                {result['duplicated']}")
     ratio = result["end_to_end_msg_per_s"] / floor_msg_per_s if floor_msg_per_s else 0.0
     print(f"  ratio end-to-end / floor  {ratio:.2f}")
+    cpu = {name: us for name, us in result.get("cpu_us_per_msg", {}).items() if us >= 1}
+    if cpu:
+        busiest = ", ".join(f"{name} {us:.0f}" for name, us in sorted(cpu.items(), key=lambda item: -item[1]))
+        print(f"  CPU per message           {sum(cpu.values()):.0f} µs ({busiest})")
 
 
 def print_summary(results: list[dict[str, Any]], floor_msg_per_s: float) -> None:
