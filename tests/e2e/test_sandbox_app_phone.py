@@ -161,7 +161,13 @@ async def send_from_app(page: Page, business: Business, text: str) -> str:
     assert message["author"]["type"] == "user"
     assert message["source"]["type"] == "android"
     assert message["source"]["integrationId"] == business.android_id
-    return str(event["payload"]["conversation"]["id"])
+    conversation_id = str(event["payload"]["conversation"]["id"])
+    # The business may hear of the message before the app has read the answer to its POST (which
+    # brings the session's conversation on a first message): wait for the app to keep it.
+    await page.wait_for_function(
+        "([key, id]) => ((JSON.parse(localStorage.getItem(key) || '{}').session || {}).conversationId) === id",
+        arg=[f"sandbox.phone.app:{business.app_id}:{business.android_id}", conversation_id])
+    return conversation_id
 
 
 async def test_the_app_chats_live_and_shows_a_push_while_closed(page: Page, business: Business) -> None:

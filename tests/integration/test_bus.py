@@ -7,10 +7,12 @@ from collections.abc import Mapping
 
 import pytest
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
+from nats.js.errors import APIError, NoStreamResponseError
 
 from shared import subjects
-from shared.bus import Bus, Delivery, KvMirror, Poison, PullBatches, Retry
+from shared.bus import Bus, Delivery, JetStreamPublisher, KvMirror, Poison, PullBatches, Retry
 
 
 async def test_publish_deduplicates_by_msg_id(bus: Bus) -> None:
@@ -118,3 +120,23 @@ async def test_pull_batches_take_what_is_there_wait_for_what_comes_and_report_re
             await puller.next_batch()
     finally:
         await puller.stop()
+
+
+async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> None:
+    subject = subjects.inbound_subject("web", "acks")
+    acks = await asyncio.gather(*(bus.publish(subject, f"m{i}".encode(), msg_id=f"acks-{i}") for i in range(50)))
+    assert [ack.stream for ack in acks] == [subjects.INBOUND.name] * 50
+    assert len({ack.seq for ack in acks}) == 50 and not any(ack.duplicate for ack in acks)
+    assert (await bus.publish(subject, b"m0", msg_id="acks-0")).duplicate
+    with pytest.raises(NoStreamResponseError):
+        await bus.publish("no-stream-here.x", b"x")
+    with pytest.raises(APIError) as refused:
+        await bus.publish(subject, b"x", headers={"Nats-Expected-Stream": "ANOTHER"})
+    assert refused.value.code == 400
+    # Someone answers nothing on a subject no stream holds: the publish gives up.
+    silent = await bus.nc.subscribe("silent.x")
+    try:
+        with pytest.raises(NatsTimeoutError):
+            await JetStreamPublisher(bus.nc, timeout=0.2).publish("silent.x", b"x", {})
+    finally:
+        await silent.unsubscribe()
