@@ -84,14 +84,20 @@ def open_hot_connection(path: str) -> sqlite3.Connection:
     return hot
 
 
+_Op = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+
+
 class GroupCommit:
     """Runs the write functions that concurrent coroutines hand in during one turn of the loop
     together, in one transaction on a plain sqlite3 connection (`open_hot_connection`), on the
     event loop thread: one commit — the costly part of a small write — for a whole consumer
     batch instead of one per message.
 
-    Each function runs inside its own savepoint: one that raises is undone alone and its caller
-    gets the exception; the others commit. `run` returns only after the COMMIT, so a caller
+    A function that raises is undone alone and its caller gets the exception; the others
+    commit. The functions run one after another in the transaction; only when one raises is
+    the transaction rolled back and run again with a savepoint around each function (two more
+    statements per function, which the common case need not pay). So a function must depend on
+    nothing but the connection: it may run twice. `run` returns only after the COMMIT, so a caller
     acknowledging a message afterwards acknowledges a durable write. `lock` is the lock every
     writer of the database holds, so the transaction never waits on an aiosqlite one.
     """
@@ -99,7 +105,7 @@ class GroupCommit:
     def __init__(self, hot: sqlite3.Connection, lock: asyncio.Lock) -> None:
         self.hot = hot
         self.lock = lock
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Op] = []
         self._drainer: asyncio.Task[None] | None = None
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -117,19 +123,16 @@ class GroupCommit:
                 ops, self._queue = self._queue, []
                 self._commit(ops)
 
-    def _commit(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> None:
+    def _commit(self, ops: list[_Op]) -> None:
         hot = self.hot
-        outcomes: list[tuple[bool, Any]] = []
         try:
             hot.execute("BEGIN IMMEDIATE")
-            for op, _ in ops:
-                hot.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, op(hot)))
-                except Exception as exc:
-                    hot.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                hot.execute("RELEASE op")
+            try:
+                outcomes: list[tuple[bool, Any]] = [(True, op(hot)) for op, _ in ops]
+            except Exception:
+                hot.execute("ROLLBACK")
+                hot.execute("BEGIN IMMEDIATE")
+                outcomes = self._each_in_savepoint(ops)
             hot.execute("COMMIT")
         except Exception as exc:
             if hot.in_transaction:
@@ -138,6 +141,23 @@ class GroupCommit:
                 if not future.done():
                     future.set_exception(exc)
             return
+        self._settle(ops, outcomes)
+
+    def _each_in_savepoint(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        hot = self.hot
+        outcomes: list[tuple[bool, Any]] = []
+        for op, _ in ops:
+            hot.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, op(hot)))
+            except Exception as exc:
+                hot.execute("ROLLBACK TO op")
+                outcomes.append((False, exc))
+            hot.execute("RELEASE op")
+        return outcomes
+
+    @staticmethod
+    def _settle(ops: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
         for (_, future), (ok, value) in zip(ops, outcomes, strict=True):
             if future.done():
                 continue

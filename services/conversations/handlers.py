@@ -571,8 +571,7 @@ class Conversations:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Poison(f"undecodable inbound message: {exc}") from exc
         if isinstance(message, chan.InboundMessage):
-            masked = self.mask_inbound(message)
-            await self.inbound_message(masked, masked=True)
+            masked = await self.inbound_message(message)
             if masked is not message and self.streams is not None:
                 # The bus's copy still holds the card number: it goes once the masked one is stored.
                 await self.streams.delete_message(subjects.INBOUND, delivery.stream_sequence)
@@ -581,11 +580,10 @@ class Conversations:
         else:
             raise Poison(f"unexpected {type(message).__name__} on inbound")
 
-    def mask_inbound(self, msg: chan.InboundMessage) -> chan.InboundMessage:
-        """The message with card numbers masked when its app asks for it (the same object when
-        nothing changed); only apps with `maskCreditCardNumbers` pay for the scan."""
-        if not self.store.masks_cards_now(msg.app_id):
-            return msg
+    @staticmethod
+    def mask_inbound(msg: chan.InboundMessage) -> chan.InboundMessage:
+        """The message with card numbers masked (the same object when nothing changed): for
+        apps with `maskCreditCardNumbers`."""
         postback = msg.postback
         if postback is not None:
             postback = msgspec.structs.replace(postback, text=mask_card_numbers(postback.text))
@@ -594,28 +592,29 @@ class Conversations:
         masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback)
         return msg if masked == msg else masked
 
-    async def inbound_message(self, msg: chan.InboundMessage, *, masked: bool = False) -> None:
-        """Store a customer message once (by provider id) and announce it (card numbers masked
-        first when the app asks for it; `masked` says the caller did that already)."""
-        if not masked:
+    async def inbound_message(self, msg: chan.InboundMessage) -> chan.InboundMessage:
+        """Store a customer message once (by provider id) and announce it, card numbers masked
+        first when the app asks for it. Returns the message as handled (masked or the same)."""
+        lookup = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
+        if lookup.masks_cards:
             msg = self.mask_inbound(msg)
-        integration, duplicate = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
-        if integration is None:
+        if not lookup.integration_known:
             log.warning("dropping inbound message %s for unknown app/integration %s/%s",
                         msg.provider_message_id, msg.app_id, msg.integration_id)
-            return
-        if duplicate is not None:
-            await self._republish(msg.app_id, duplicate)
-            return
+            return msg
+        if lookup.duplicate is not None:
+            await self._republish(msg.app_id, lookup.duplicate)
+            return msg
+        handled = msg
         if await self.linker.handle(msg):
-            return
+            return handled
         user, client = await self._inbound_identity(msg)
         if await self.linker.on_inbound(msg, user, client):  # a yes or no to a merge it was asked about
-            return
+            return handled
         if client.status == "pending":  # a direct link by phone waits for this number (clients.py)
             outcome = await self.phone_links.on_pending_inbound(msg, user, client)
             if outcome.consumed:
-                return
+                return handled
             if outcome.resolve_again:
                 user, client = await self._inbound_identity(msg)
             else:
@@ -665,7 +664,7 @@ class Conversations:
                                                                 msg.provider_message_id)
             if duplicate is not None:
                 await self._republish(msg.app_id, duplicate)
-            return
+            return handled
         log.info("customer message %s stored in conversation %s", message.id, conversation_id, extra=log_fields(
             app_id=msg.app_id, conversation_id=conversation_id, message_id=message.id, channel=msg.channel,
             provider_message_id=msg.provider_message_id))
@@ -682,6 +681,7 @@ class Conversations:
                                             created_at=received, conversation=ref, message=message, cursor=seq,
                                             user_id=user.id)),
             msg_id=event_id)
+        return handled
 
     async def _republish(self, app_id: str, stored: StoredMessage) -> None:
         """Publish a stored message's MessageCreated again with its original event id (de-duplicated

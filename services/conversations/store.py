@@ -248,6 +248,15 @@ class PendingMerge:
 
 
 @dataclass(frozen=True)
+class InboundLookup:
+    """What a customer message needs to know before it is handled, read in two statements."""
+
+    integration_known: bool
+    masks_cards: bool  # the app's `maskCreditCardNumbers`
+    duplicate: StoredMessage | None  # the message already stored with this provider id
+
+
+@dataclass(frozen=True)
 class InboundRecord:
     """What `record_inbound` wrote: the message's cursor, and whether its client is new here."""
 
@@ -311,16 +320,20 @@ class Store:
         assert self.hot is not None, "store opened without its hot-path connection"
         return self.hot
 
-    def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str,
-                       ) -> tuple[sqlite3.Row | None, StoredMessage | None]:
-        """The integration and the already-stored message with this provider id (hot path, no I/O wait)."""
+    def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str) -> InboundLookup:
+        """Whether the app has the integration and masks card numbers, and the already-stored
+        message with this provider id (hot path, no I/O wait)."""
         hot = self._hot()
-        integration = hot.execute("SELECT * FROM integrations WHERE app_id=? AND id=?",
-                                  (app_id, integration_id)).fetchone()
+        app = hot.execute("SELECT a.settings, i.id AS integration_id FROM apps a"
+                          " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = ? WHERE a.id = ?",
+                          (integration_id, app_id)).fetchone()
         row = hot.execute("SELECT seq, id, conversation_id, event_id, body FROM messages"
                           " WHERE app_id=? AND integration_id=? AND provider_message_id=?",
                           (app_id, integration_id, provider_message_id)).fetchone()
-        return integration, None if row is None else StoredMessage(**dict(row))
+        return InboundLookup(
+            integration_known=app is not None and app["integration_id"] is not None,
+            masks_cards=app is not None and bool(_privacy(app["settings"]).mask_credit_card_numbers),
+            duplicate=None if row is None else StoredMessage(**dict(row)))
 
     def integration_type_now(self, integration_id: str) -> str | None:
         """An integration's type, read on the hot-path connection (None when unknown)."""
@@ -361,23 +374,29 @@ class Store:
             if participant is None:
                 return InboundRecord(seq=seq)
             participant_id = str(participant["id"])
-            existed = hot.execute("SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
-                                  (participant_id, client_id)).fetchone()
-            hot.execute(
-                "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
-                " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
-                " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
-                " integration_id=excluded.integration_id, external_id=excluded.external_id,"
-                " info=excluded.info",
-                (participant_id, client_id, client_type, client_integration_id, client_external_id,
-                 None if client_info is None else dumps(client_info), received))
+            info = None if client_info is None else dumps(client_info)
+            # A returning client (the common case) is one UPDATE; a new one is inserted.
+            existed = hot.execute(
+                "UPDATE client_associations SET last_active=?, type=?, integration_id=?, external_id=?, info=?"
+                " WHERE participant_id=? AND client_id=?",
+                (received, client_type, client_integration_id, client_external_id, info, participant_id,
+                 client_id)).rowcount > 0
+            if not existed:
+                hot.execute(
+                    "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
+                    " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
+                    " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
+                    " integration_id=excluded.integration_id, external_id=excluded.external_id,"
+                    " info=excluded.info",
+                    (participant_id, client_id, client_type, client_integration_id, client_external_id, info,
+                     received))
             if user_external_id is not None and user_external_id != participant["user_external_id"]:
                 hot.execute("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
                             (user_external_id, app_id, user_id))
-            joined_others = existed is None and hot.execute(
+            joined_others = not existed and hot.execute(
                 "SELECT 1 FROM client_associations WHERE participant_id=? AND client_id<>? LIMIT 1",
                 (participant_id, client_id)).fetchone() is not None
-            return InboundRecord(seq=seq, participant_id=participant_id, new_client=existed is None,
+            return InboundRecord(seq=seq, participant_id=participant_id, new_client=not existed,
                                  joined_others=joined_others)
 
         return await self._grouped().run(op)

@@ -68,10 +68,16 @@ async def test_concurrent_writes_share_one_commit_and_a_failing_one_is_undone_al
             with pytest.raises(sqlite3.IntegrityError):
                 await group.run(lambda _hot: insert_then_fail())
 
+        # Writes that all succeed share a transaction without a savepoint each.
+        await asyncio.gather(write("zero"), write("also zero"))
+        assert statements.count("COMMIT") == 1 and not any("SAVEPOINT" in s for s in statements)
+        statements.clear()
+
         ids = await asyncio.gather(write("one"), write("two"), failing(), write("three"))
         assert len(set(ids[:2] + ids[3:])) == 3
         assert statements.count("COMMIT") == 1
-        assert [row[0] for row in other.execute("SELECT body FROM notes ORDER BY id")] == ["one", "two", "three"]
+        bodies = [row[0] for row in other.execute("SELECT body FROM notes ORDER BY id")]
+        assert bodies == ["zero", "also zero", "one", "two", "three"]
         # A later turn's write is a transaction of its own.
         await write("four")
         assert statements.count("COMMIT") == 2
