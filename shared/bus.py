@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,6 +42,7 @@ _tracer = tracer(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_SECONDS = 10.0
+HANDLING_GRACE_SECONDS = 5.0
 
 
 class Retry(Exception):
@@ -102,6 +102,7 @@ class Bus:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _services: list[Service] = field(default_factory=list)
     _pullers: list[PullBatches] = field(default_factory=list)
+    _handling: set[asyncio.Task[Any]] = field(default_factory=set)  # consumers handling a batch
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Replicas of the streams `ensure_streams` was asked for; KV buckets created later get the
     # same (a bucket made by whichever service starts first must survive a node loss too).
@@ -257,7 +258,13 @@ class Bus:
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
                 groups.setdefault(key(msg.subject, msg.data), []).append(msg)
-            await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
+            task = asyncio.current_task()
+            assert task is not None
+            self._handling.add(task)
+            try:
+                await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
+            finally:
+                self._handling.discard(task)
 
     async def _handle_group(self, durable: str, group: list[Msg], handler: Handler) -> None:
         for msg in group:
@@ -340,8 +347,18 @@ class Bus:
                 return await self.js.key_value(bucket)
 
     async def close(self) -> None:
-        """Stop consumers and services, then drain the connection."""
+        """Stop consumers and services, then drain the connection.
+
+        A consumer handling a batch finishes it first (for up to `HANDLING_GRACE_SECONDS`): cut
+        short, its messages would wait out `ack_wait` before another replica got them. Messages
+        fetched but not handled yet are handed back at once (nak)."""
         self._stopping.set()
+        busy = [task for task in self._tasks if task in self._handling]
+        for task in self._tasks:
+            if task not in self._handling:
+                task.cancel()
+        if busy:
+            await asyncio.wait(busy, timeout=HANDLING_GRACE_SECONDS)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -444,43 +461,73 @@ class PullBatches:
     """The batches of a durable pull consumer, one pull request each.
 
     A request asks for up to `batch` messages with `no_wait` and an expiry: the server sends at
-    once what is there, or waits up to `wait` seconds for the first message, then ends the
+    once what is there, or waits up to `wait` seconds for the first message, and ends the
     request with a status (404/408) unless the batch is full. The messages land in this
     object's inbox subscription through a callback: nats-py's `fetch` reads each one with
     `next_msg`, a task, a timer and a uuid4 per message, a visible share of every consumer's CPU.
+
+    A consumer at its `max_ack_pending` gets what it may take and then no status until the
+    request expires: a batch also ends once messages have stopped arriving for `IDLE_GAP`
+    seconds. Each request has its own reply subject, so the status that ends an earlier one (a
+    request that outlived its batch) cannot end the current one; the messages it brings late
+    are kept for the next batch, and a batch never holds more than `batch` messages. No request
+    goes out while the connection is down: nats-py would buffer them all, and on reconnect each
+    would bring a batch at once.
     """
+
+    IDLE_GAP = 0.01
+    RECONNECT_POLL = 0.1
 
     def __init__(self, nc: NatsClient, stream: str, durable: str, batch: int, wait: float = 1.0) -> None:
         self.nc = nc
         self.batch = batch
         self.wait = wait
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self.request = json.dumps({"batch": batch, "expires": int(wait * 1e9), "no_wait": True}).encode()
         self.inbox = nc.new_inbox()
+        self._expires = int(wait * 1e9)
         self._subscription: Subscription | None = None
+        self._requests = 0
+        self._reply = ""
         self._msgs: list[Msg] = []
         self._ended = asyncio.Event()
+        self._idle: asyncio.TimerHandle | None = None
         self._refusal: str | None = None
 
     @classmethod
     async def start(cls, nc: NatsClient, stream: str, durable: str, batch: int, wait: float = 1.0) -> PullBatches:
         """Subscribe the inbox the batches arrive in."""
         puller = cls(nc, stream, durable, batch, wait)
-        puller._subscription = await nc.subscribe(puller.inbox, cb=puller._on_message)
+        puller._subscription = await nc.subscribe(f"{puller.inbox}.*", cb=puller._on_message)
         return puller
 
     async def next_batch(self) -> list[Msg]:
         """The next batch: what the consumer has now, else what arrives within `wait` (maybe
         nothing). Raises `nats.errors.Error` when the server refuses the request."""
+        if len(self._msgs) >= self.batch:
+            return self._take()
+        while not self.nc.is_connected:
+            if self.nc.is_closed:
+                raise nats.errors.ConnectionClosedError
+            await asyncio.sleep(self.RECONNECT_POLL)
+        self._requests += 1
+        self._reply = f"{self.inbox}.{self._requests}"
         self._ended.clear()
-        await self.nc.publish(self.next_subject, self.request, reply=self.inbox)
+        self._cancel_idle()
+        if self._msgs:  # brought late by an earlier request: they go with whatever comes now
+            self._arm_idle()
+        request = b'{"batch":%d,"expires":%d,"no_wait":true}' % (self.batch - len(self._msgs), self._expires)
+        await self.nc.publish(self.next_subject, request, reply=self._reply)
         # The server ends the request itself; the margin covers a request lost to a reconnect.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), self.wait + 1.0)
-        msgs, self._msgs = self._msgs, []
+        self._cancel_idle()
         refusal, self._refusal = self._refusal, None
-        if refusal is not None and not msgs:
+        if refusal is not None and not self._msgs:
             raise nats.errors.Error(f"pull request refused: {refusal}")
+        return self._take()
+
+    def _take(self) -> list[Msg]:
+        msgs, self._msgs = self._msgs[:self.batch], self._msgs[self.batch:]
         return msgs
 
     async def _on_message(self, msg: Msg) -> None:
@@ -489,20 +536,43 @@ class PullBatches:
             self._msgs.append(msg)
             if len(self._msgs) >= self.batch:
                 self._ended.set()
+            elif self._idle is None:
+                self._arm_idle()
             return
-        if status == "100":  # a heartbeat: not asked for, and no reason to end the batch
+        if status == "100" or msg.subject != self._reply:  # a heartbeat, or an earlier request's end
             return
         if status not in ("404", "408"):  # 409 (consumer deleted, limits), 503 (no JetStream), …
             self._refusal = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '') if msg.headers else ''}".strip()
-        # A status may also end an earlier request that timed out here: this batch then ends
-        # early, and the next request picks up where it left off.
         self._ended.set()
 
+    def _arm_idle(self) -> None:
+        self._idle = asyncio.get_running_loop().call_later(self.IDLE_GAP, self._idle_check, len(self._msgs))
+
+    def _idle_check(self, seen: int) -> None:
+        self._idle = None
+        if self._ended.is_set():
+            return
+        if len(self._msgs) > seen:  # still arriving: look again after another gap
+            self._arm_idle()
+        else:
+            self._ended.set()
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
     async def stop(self) -> None:
-        """Unsubscribe the inbox."""
+        """Unsubscribe the inbox and hand back (nak) what arrived but was never handed out, so
+        another replica gets it now rather than after `ack_wait`."""
+        self._cancel_idle()
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
+        left, self._msgs = self._msgs, []
+        for msg in left:
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
 
 def subjects_overlap(a: str, b: str) -> bool:

@@ -95,8 +95,8 @@ class GroupCommit:
 
     A function that raises is undone alone and its caller gets the exception; the others
     commit. The functions run one after another in the transaction; only when one raises is
-    the transaction rolled back and run again with a savepoint around each function (two more
-    statements per function, which the common case need not pay). So a function must depend on
+    the batch undone (to a savepoint taken at its start) and run again with a savepoint around
+    each function (two more statements per function, which the common case need not pay). So a function must depend on
     nothing but the connection: it may run twice. `run` returns only after the COMMIT, so a caller
     acknowledging a message afterwards acknowledges a durable write. `lock` is the lock every
     writer of the database holds, so the transaction never waits on an aiosqlite one.
@@ -127,11 +127,12 @@ class GroupCommit:
         hot = self.hot
         try:
             hot.execute("BEGIN IMMEDIATE")
+            # One savepoint for the batch (the write lock stays held if it has to run again).
+            hot.execute("SAVEPOINT batch")
             try:
                 outcomes: list[tuple[bool, Any]] = [(True, op(hot)) for op, _ in ops]
             except Exception:
-                hot.execute("ROLLBACK")
-                hot.execute("BEGIN IMMEDIATE")
+                hot.execute("ROLLBACK TO batch")
                 outcomes = self._each_in_savepoint(ops)
             hot.execute("COMMIT")
         except Exception as exc:

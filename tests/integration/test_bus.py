@@ -13,6 +13,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from shared import subjects
 from shared.bus import Bus, Delivery, JetStreamPublisher, KvMirror, Poison, PullBatches, Retry
+from threadline.natsserver import NatsServer
 
 
 async def test_publish_deduplicates_by_msg_id(bus: Bus) -> None:
@@ -140,3 +141,70 @@ async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> No
             await JetStreamPublisher(bus.nc, timeout=0.2).publish("silent.x", b"x", {})
     finally:
         await silent.unsubscribe()
+
+
+async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_the_expiry(bus: Bus) -> None:
+    subject = subjects.inbound_subject("web", "full")
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name="t-full", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject, max_ack_pending=2))
+    # A request that waits up to 60 s: at the ack limit the server sends what it may and then
+    # nothing until the request expires, so only the end of the flow may end the batch.
+    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-full", batch=10, wait=60.0)
+    try:
+        for i in range(5):
+            await bus.publish(subject, f"m{i}".encode())
+        first = await asyncio.wait_for(puller.next_batch(), 10)
+        assert [m.data for m in first] == [b"m0", b"m1"]
+        for msg in first:
+            await msg.ack()
+        second = await asyncio.wait_for(puller.next_batch(), 10)
+        assert [m.data for m in second] == [b"m2", b"m3"]
+    finally:
+        await puller.stop()
+
+
+async def test_batches_hold_at_most_batch_messages_and_keep_what_earlier_requests_bring(bus: Bus) -> None:
+    subject = subjects.inbound_subject("web", "late")
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name="t-late", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject))
+    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-late", batch=10, wait=5.0)
+    try:
+        for i in range(30):
+            await bus.publish(subject, f"m{i}".encode())
+        # Earlier requests that outlived their batch (a timeout, a reconnect) bring more at once.
+        for stale in ("stale1", "stale2"):
+            await bus.nc.publish(puller.next_subject, b'{"batch":10,"expires":1000000000,"no_wait":true}',
+                                 reply=f"{puller.inbox}.{stale}")
+        await bus.nc.flush()
+        batches = [await asyncio.wait_for(puller.next_batch(), 10) for _ in range(3)]
+        assert [len(batch) for batch in batches] == [10, 10, 10]
+        assert sorted(m.data for batch in batches for m in batch) == sorted(f"m{i}".encode() for i in range(30))
+        for batch in batches:
+            for msg in batch:
+                await msg.ack()
+    finally:
+        await puller.stop()
+
+
+async def test_closing_lets_the_batch_in_hand_finish_and_hands_nothing_to_ack_wait(
+        bus: Bus, nats_server: NatsServer) -> None:
+    consumer = await Bus.connect(nats_server.url, "closing")
+    started, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def slow(data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        started.set()
+        await release.wait()
+        handled.append(data)
+
+    subject = subjects.inbound_subject("web", "closing")
+    consumer.consume(subjects.INBOUND, "t-closing", subject, slow, ack_wait=60)
+    await bus.publish(subject, b"in hand")
+    await asyncio.wait_for(started.wait(), 10)
+    closing = asyncio.create_task(consumer.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    assert handled == [b"in hand"]
+    info = await bus.js.consumer_info(subjects.INBOUND.name, "t-closing")
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
