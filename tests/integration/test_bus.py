@@ -214,3 +214,39 @@ async def test_closing_lets_the_batch_in_hand_finish_and_hands_nothing_to_ack_wa
     assert handled == [b"in hand"]
     info = await bus.js.consumer_info(subjects.INBOUND.name, "t-closing")
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, nats_server: NatsServer) -> None:
+    consumer = await Bus.connect(nats_server.url, "outage")
+    running = peak = 0
+    handled: set[int] = set()
+
+    async def handler(_data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        handled.add(delivery.stream_sequence)
+
+    try:
+        consumer.consume(subjects.INBOUND, "t-outage", subjects.inbound_subject("web", "*"), handler, batch=10)
+        await asyncio.sleep(0.5)
+        await nats_server.astop()
+        # Long enough for a client that kept asking to have queued several requests meanwhile.
+        await asyncio.sleep(5)
+        await asyncio.to_thread(nats_server.start)
+        for _ in range(100):
+            if consumer.nc.is_connected and bus.nc.is_connected:
+                break
+            await asyncio.sleep(0.1)
+        for i in range(200):
+            await bus.publish(subjects.inbound_subject("web", f"o{i}"), b"m")
+        for _ in range(200):
+            if len(handled) == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert len(handled) == 200
+        assert peak <= 10  # requests queued while disconnected would each have brought a batch
+    finally:
+        await consumer.close()
