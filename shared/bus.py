@@ -244,6 +244,8 @@ class Bus:
                 await asyncio.sleep(0.5)
         else:
             return
+        this_task = asyncio.current_task()
+        assert this_task is not None
         while not self._stopping.is_set():
             try:
                 msgs = await puller.next_batch()
@@ -258,13 +260,11 @@ class Bus:
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
                 groups.setdefault(key(msg.subject, msg.data), []).append(msg)
-            task = asyncio.current_task()
-            assert task is not None
-            self._handling.add(task)
+            self._handling.add(this_task)
             try:
                 await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
             finally:
-                self._handling.discard(task)
+                self._handling.discard(this_task)
 
     async def _handle_group(self, durable: str, group: list[Msg], handler: Handler) -> None:
         for msg in group:
@@ -432,7 +432,7 @@ class JetStreamPublisher:
         future = self._waiting.get(msg.subject[len(self._prefix) + 1:])
         if future is None or future.done():
             return  # an ack that arrived after its publish gave up
-        if msg.headers and msg.headers.get(api.Header.STATUS) == "503":
+        if _status(msg) == "503":
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
@@ -450,6 +450,11 @@ class JetStreamPublisher:
             return
         future.set_result(api.PubAck(stream=reply.stream, seq=reply.seq, domain=reply.domain,
                                      duplicate=reply.duplicate))
+
+
+def _status(msg: Msg) -> str | None:
+    """The status code of a server's status message (404, 408, 409, 503, …); None for a message."""
+    return msg.headers.get(api.Header.STATUS) if msg.headers else None
 
 
 def _expire(future: asyncio.Future[api.PubAck]) -> None:
@@ -531,7 +536,7 @@ class PullBatches:
         return msgs
 
     async def _on_message(self, msg: Msg) -> None:
-        status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+        status = _status(msg)
         if not status:
             self._msgs.append(msg)
             if len(self._msgs) >= self.batch:
@@ -542,7 +547,7 @@ class PullBatches:
         if status == "100" or msg.subject != self._reply:  # a heartbeat, or an earlier request's end
             return
         if status not in ("404", "408"):  # 409 (consumer deleted, limits), 503 (no JetStream), …
-            self._refusal = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '') if msg.headers else ''}".strip()
+            self._refusal = f"{status} {(msg.headers or {}).get(api.Header.DESCRIPTION, '')}".strip()
         self._ended.set()
 
     def _arm_idle(self) -> None:

@@ -96,8 +96,9 @@ class GroupCommit:
     A function that raises is undone alone and its caller gets the exception; the others
     commit. The functions run one after another in the transaction; only when one raises is
     the batch undone (to a savepoint taken at its start) and run again with a savepoint around
-    each function (two more statements per function, which the common case need not pay). So a function must depend on
-    nothing but the connection: it may run twice. `run` returns only after the COMMIT, so a caller
+    each function (two more statements per function, which the common case need not pay). So a
+    function must depend on nothing but the connection: it may run twice. `run` returns only
+    after the COMMIT, so a caller
     acknowledging a message afterwards acknowledges a durable write. `lock` is the lock every
     writer of the database holds, so the transaction never waits on an aiosqlite one.
     """

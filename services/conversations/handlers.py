@@ -598,14 +598,14 @@ class Conversations:
         lookup = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if lookup.masks_cards:
             msg = self.mask_inbound(msg)
+        handled = msg  # `msg` may still gain a conversation id below; the caller compares this one
         if not lookup.integration_known:
             log.warning("dropping inbound message %s for unknown app/integration %s/%s",
                         msg.provider_message_id, msg.app_id, msg.integration_id)
-            return msg
+            return handled
         if lookup.duplicate is not None:
             await self._republish(msg.app_id, lookup.duplicate)
-            return msg
-        handled = msg
+            return handled
         if await self.linker.handle(msg):
             return handled
         user, client = await self._inbound_identity(msg)

@@ -90,11 +90,18 @@ async def test_kv_mirror_ready_on_empty_bucket(bus: Bus, bucket: str) -> None:
     await mirror.stop()
 
 
+async def _puller(bus: Bus, durable: str, subject: str, *, batch: int, wait: float,
+                  max_ack_pending: int | None = None) -> PullBatches:
+    """A durable consumer of `subject` on the inbound stream, and the batches it is read in."""
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject,
+        max_ack_pending=max_ack_pending))
+    return await PullBatches.start(bus.nc, subjects.INBOUND.name, durable, batch=batch, wait=wait)
+
+
 async def test_pull_batches_take_what_is_there_wait_for_what_comes_and_report_refusals(bus: Bus) -> None:
     subject = subjects.inbound_subject("web", "pull")
-    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
-        durable_name="t-pull", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject))
-    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-pull", batch=100, wait=5.0)
+    puller = await _puller(bus, "t-pull", subject, batch=100, wait=5.0)
     try:
         for i in range(150):
             await bus.publish(subject, f"m{i}".encode())
@@ -146,11 +153,9 @@ async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> No
 
 async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_the_expiry(bus: Bus) -> None:
     subject = subjects.inbound_subject("web", "full")
-    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
-        durable_name="t-full", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject, max_ack_pending=2))
     # A request that waits up to 60 s: at the ack limit the server sends what it may and then
     # nothing until the request expires, so only the end of the flow may end the batch.
-    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-full", batch=10, wait=60.0)
+    puller = await _puller(bus, "t-full", subject, batch=10, wait=60.0, max_ack_pending=2)
     try:
         for i in range(5):
             await bus.publish(subject, f"m{i}".encode())
@@ -171,9 +176,7 @@ async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_
 
 async def test_batches_hold_at_most_batch_messages_and_keep_what_earlier_requests_bring(bus: Bus) -> None:
     subject = subjects.inbound_subject("web", "late")
-    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
-        durable_name="t-late", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=subject))
-    puller = await PullBatches.start(bus.nc, subjects.INBOUND.name, "t-late", batch=10, wait=5.0)
+    puller = await _puller(bus, "t-late", subject, batch=10, wait=5.0)
     try:
         for i in range(30):
             await bus.publish(subject, f"m{i}".encode())
