@@ -1,4 +1,6 @@
-"""Fixtures shared by every test: a real nats-server with JetStream on a free port, a Bus."""
+"""Fixtures shared by every test: a real nats-server with JetStream on a free port, a Bus, a
+real PostgreSQL server (one per session, a fresh database per test) and database settings for
+both engines."""
 
 from __future__ import annotations
 
@@ -8,9 +10,39 @@ from pathlib import Path
 import pytest
 
 from shared.bus import Bus
+from shared.db import DatabaseSettings
 from shared.natsauth import ADMIN_USER
-from tests.harness import NATS_PASSWORDS
+from tests.harness import ENGINES, NATS_PASSWORDS, new_postgres_database
 from threadline.natsserver import NatsServer
+from threadline.postgres import PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (the pgserver wheel's binaries, loopback, a
+    password); tests take a fresh database of their own with `new_postgres_database`."""
+    server = PostgresServer(extra_settings={"fsync": "off", "full_page_writes": "off"}).start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return await new_postgres_database(postgres_server)
+
+
+@pytest.fixture(params=ENGINES)
+async def database_settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatabaseSettings:
+    """Settings for a service named `svc`, once per engine: a SQLite file under the test's
+    folder, then a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return DatabaseSettings(sqlite_path=str(tmp_path / "svc.db"), schema="svc")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return DatabaseSettings(sqlite_path=str(tmp_path / "svc.db"), schema="svc",
+                            url=await new_postgres_database(server), pool_size=4)
 
 
 @pytest.fixture

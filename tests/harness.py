@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib
 import re
+import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from shared.egress import EgressPolicy, parse_rules
@@ -32,7 +34,10 @@ from shared.encryption import KEY_ENV, SERVICES_WITH_SECRETS, Keyring
 from shared.natsauth import USERS
 from shared.service import ServiceApp
 from threadline.frontdoor import APP_KEY_UPSTREAMS, build_frontdoor
+from threadline.postgres import PostgresServer
 
+# The store engines tests run on (tests/conftest.py: `database_settings`).
+ENGINES = ("sqlite", "postgres")
 ACCOUNT_KEY_ID = "act_000000000000000000000001"
 ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
@@ -199,3 +204,14 @@ async def start_sdk_session(http: aiohttp.ClientSession, base_url: str, app_id: 
         assert resp.status == 201, await resp.text()
         session: dict[str, Any] = await resp.json()
     return session
+
+
+async def new_postgres_database(server: PostgresServer) -> str:
+    """Create an empty database on `server` (the session's, tests/conftest.py); its URL."""
+    name = "t_" + secrets.token_hex(8)
+    conn = await asyncpg.connect(server.url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server.url_for(name)

@@ -66,7 +66,7 @@ class MessengerService(ServiceApp):
 
     async def start(self) -> None:
         """Open the store, connect NATS, mirror the integrations, start the send loop, serve HTTP."""
-        self.store = await Store.open(self.config.db_path)
+        self.store = await Store.open(self.config.database)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))

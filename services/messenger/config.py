@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.db import DatabaseSettings
 from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
-from shared.store import db_path
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,12 @@ class MessengerConfig:
     human_agent_days: float
     # How long sent message ids are kept to map delivery/read watermarks back to our messages.
     sent_retention_days: float
+    # Where reply windows and sent message ids are kept (THREADLINE_DATABASE_URL, or a SQLite
+    # file under the data directory).
+    database: DatabaseSettings
     # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
     keyring: Keyring = field(default_factory=Keyring)
 
-    @property
-    def db_path(self) -> str:
-        """The service's SQLite file (reply windows and sent message ids)."""
-        return db_path(self.common.data_dir, "messenger")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MessengerConfig:
@@ -58,6 +57,7 @@ class MessengerConfig:
             window_hours=env_float("MESSENGER_WINDOW_HOURS", 24.0, env),
             human_agent_days=env_float("MESSENGER_HUMAN_AGENT_DAYS", 7.0, env),
             sent_retention_days=env_float("MESSENGER_SENT_RETENTION_DAYS", 30.0, env),
+            database=DatabaseSettings.from_env(common.data_dir, "messenger", env),
         )
         if config.calls_per_second <= 0 or config.media_calls_per_second <= 0:
             raise ConfigError("MESSENGER_CALLS_PER_SECOND and MESSENGER_MEDIA_CALLS_PER_SECOND must be positive")

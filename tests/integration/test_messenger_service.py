@@ -37,7 +37,7 @@ from shared.sunco import (
     UnsupportedContent,
 )
 from tests.fakes.whatsapp_env import eventually, stream_messages
-from tests.harness import System
+from tests.harness import ENGINES, System, new_postgres_database
 
 APP_SECRET = "ms-app-secret-0123456789abcdef"
 PAGE_TOKEN = "EAAms-page-token-0123456789"
@@ -141,9 +141,13 @@ async def statuses_of(ms: MsEnv, message_id: str, wanted: set[str]) -> list[Deli
     return await eventually(probe)
 
 
-@pytest.fixture
-async def ms(system: System, bus: Bus) -> AsyncIterator[MsEnv]:
-    yield await start_messenger(system, bus)
+@pytest.fixture(params=ENGINES)
+async def ms(request: pytest.FixtureRequest, system: System, bus: Bus) -> AsyncIterator[MsEnv]:
+    """The service on each engine: its SQLite file, then a database on a real PostgreSQL server."""
+    env = {}
+    if request.param == "postgres":
+        env["THREADLINE_DATABASE_URL"] = await new_postgres_database(request.getfixturevalue("postgres_server"))
+    yield await start_messenger(system, bus, env)
 
 
 # --- inbound ---------------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""The messenger database on a real SQLite file: windows never move back, receipts map once,
-half-sent messages are remembered, old ids are pruned, and it all survives a reopen."""
+"""The messenger database on both engines (a real SQLite file, a real PostgreSQL server): windows
+never move back, receipts map once, half-sent messages are remembered, old ids are pruned, and
+it all survives a reopen."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from services.messenger.handlers import SentRef, UserAction
 from services.messenger.store import Store
+from shared.db import DatabaseSettings
 
 
-async def test_windows_receipts_parts_and_prune(tmp_path: Path) -> None:
-    path = str(tmp_path / "messenger.db")
+async def test_windows_receipts_parts_and_prune(database_settings: DatabaseSettings) -> None:
+    path = database_settings
     store = await Store.open(path)
     try:
         assert await store.last_user_at("p", "u") is None

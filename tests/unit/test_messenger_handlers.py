@@ -392,7 +392,7 @@ def test_credentials_from_record() -> None:
 def test_config_validation() -> None:
     config = MessengerConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/x", KEY_ENV: SECRETS_KEY})
     assert config.calls_per_second == 300 and config.media_calls_per_second == 10
-    assert config.db_path == "/tmp/x/messenger.db"
+    assert config.database.sqlite_path == "/tmp/x/messenger.db" and config.database.engine == "sqlite"
     for bad in ({"MESSENGER_WINDOW_HOURS": "48"}, {"MESSENGER_HUMAN_AGENT_DAYS": "8"},
                 {"MESSENGER_CALLS_PER_SECOND": "0"}, {"MESSENGER_MAX_SEND_ATTEMPTS": "0"},
                 {"MESSENGER_RETRY_BASE_SECONDS": "5", "MESSENGER_RETRY_MAX_SECONDS": "1"}):
