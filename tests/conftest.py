@@ -35,6 +35,29 @@ async def postgres_url(postgres_server: PostgresServer) -> str:
 
 
 @pytest.fixture(params=ENGINES)
+async def engine_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that puts services on each engine: none (their SQLite files), then
+    THREADLINE_DATABASE_URL of a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return {}
+    return {"THREADLINE_DATABASE_URL": await new_postgres_database(request.getfixturevalue("postgres_server"))}
+
+
+@pytest.fixture
+async def system_on_each_engine(nats_server: NatsServer, tmp_path: Path,
+                                engine_env: dict[str, str]) -> AsyncIterator[object]:
+    """`system`, once with the services' state on SQLite and once on PostgreSQL (a module opts
+    in by defining its `system` fixture as this one)."""
+    from tests.harness import System
+
+    sys_ = System(nats_server.url, tmp_path / "data", env=engine_env)
+    try:
+        yield sys_
+    finally:
+        await sys_.close()
+
+
+@pytest.fixture(params=ENGINES)
 async def database_settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatabaseSettings:
     """Settings for a service named `svc`, once per engine: a SQLite file under the test's
     folder, then a fresh database on the session's PostgreSQL server."""

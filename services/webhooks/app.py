@@ -1,4 +1,4 @@
-"""Wiring of the `webhooks` service: events in from JetStream, rows into SQLite, POSTs out."""
+"""Wiring of the `webhooks` service: events in from JetStream, rows into the database, POSTs out."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class WebhooksService(ServiceApp):
     async def start(self) -> None:
         """Connect, resume pending deliveries, consume events, serve HTTP."""
         self.bus = await self.connect_bus()
-        self.store = await DeliveryStore.open(self.config.db_path)
+        self.store = await DeliveryStore.open(self.config.database)
         self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET,
                                           records.webhook_decoder(self.config.keyring))
         self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)

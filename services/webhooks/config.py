@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.db import DatabaseSettings
 from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
-from shared.store import db_path
 
 SERVICE_NAME = "webhooks"
 
@@ -18,7 +18,7 @@ class WebhooksConfig:
     """Settings of the delivery engine. Durations are in seconds."""
 
     common: CommonConfig
-    db_path: str
+    database: DatabaseSettings
     # First retry delay; each further retry doubles it (with jitter).
     retry_base_seconds: float = 2.0
     # How long a failing delivery keeps being retried before it is given up (SunCo: 15 min).
@@ -41,7 +41,7 @@ class WebhooksConfig:
         common = CommonConfig.from_env(DEFAULT_PORTS[SERVICE_NAME], environ)
         config = cls(
             common=common,
-            db_path=db_path(common.data_dir, SERVICE_NAME),
+            database=DatabaseSettings.from_env(common.data_dir, SERVICE_NAME, environ),
             retry_base_seconds=env_float("THREADLINE_WEBHOOK_RETRY_BASE_SECONDS", 2.0, environ),
             retry_window_seconds=env_float("THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS", 900.0, environ),
             timeout_seconds=env_float("THREADLINE_WEBHOOK_TIMEOUT_SECONDS", 20.0, environ),

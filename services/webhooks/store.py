@@ -1,29 +1,25 @@
 """The `webhooks` database: one row per (webhook, event) delivery, pending until delivered or failed.
 
-Writes go through `shared.store.GroupCommit` on a plain sqlite3 connection: every write handed
-in during one turn of the loop runs in one transaction on the event loop thread, so a burst of
-events costs one commit and no thread hop per statement.
+Writes go through `shared.db.GroupCommit`: every write handed in during one turn of the loop
+runs in one transaction, so a burst of events costs one commit (on SQLite with no thread hop
+per statement).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from services.webhooks.handlers import NewDelivery, PendingDelivery
+from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database
 from shared.messages.conversation import Erasure
-from shared.store import GroupCommit, open_db, open_hot_connection, truncate_wal
 
 log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
-MIGRATIONS = [
+MIGRATION = Migration([
     """
     CREATE TABLE deliveries (
         seq INTEGER PRIMARY KEY,
@@ -48,11 +44,12 @@ MIGRATIONS = [
     CREATE INDEX deliveries_status_seq ON deliveries (status, seq);
     CREATE INDEX deliveries_finished_at ON deliveries (finished_at)
     """,
-]
+])
 
 _INSERT = (
     "INSERT INTO deliveries (webhook_id, app_id, event_id, conversation_id, trigger_name, body, traceparent,"
-    " tracestate, status, attempts, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
+    " tracestate, status, attempts, created_at, next_attempt_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9)"
     " ON CONFLICT (webhook_id, event_id) DO NOTHING RETURNING seq"
 )
 
@@ -65,28 +62,18 @@ _PENDING_COLUMNS = (
 class DeliveryStore:
     """Reads and writes of the deliveries table."""
 
-    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self.hot = hot
-        self.lock = asyncio.Lock()
-        self.writes = GroupCommit(hot, self.lock)
+        self.writes = GroupCommit(db)
 
     @classmethod
-    async def open(cls, path: str) -> DeliveryStore:
-        """Open (and migrate) the database."""
-        db = await open_db(path, MIGRATIONS)
-        return cls(db, open_hot_connection(path))
+    async def open(cls, settings: DatabaseSettings) -> DeliveryStore:
+        """Open (and migrate) the service's database."""
+        return cls(await open_database(settings, MIGRATION))
 
     async def close(self) -> None:
         """Close the database (a write handed in later fails)."""
-        async with self.lock:
-            self.hot.close()
         await self.db.close()
-
-    async def checkpoint(self) -> bool:
-        """Truncate the write-ahead log between two group transactions (see `truncate_wal`)."""
-        async with self.lock:
-            return await truncate_wal(self.db)
 
     async def insert(self, rows: Sequence[NewDelivery]) -> list[PendingDelivery]:
         """Store rows (all or none); returns the ones that were new, in order.
@@ -94,16 +81,15 @@ class DeliveryStore:
         A row whose (webhook, event) is already stored is skipped: a redelivered event never
         becomes a second delivery.
         """
-        def op(hot: sqlite3.Connection) -> list[PendingDelivery]:
+        async def op(tx: Connection) -> list[PendingDelivery]:
             created: list[PendingDelivery] = []
             for row in rows:
-                found = hot.execute(_INSERT, (
-                    row.webhook_id, row.app_id, row.event_id, row.conversation_id, row.trigger, row.body,
-                    row.traceparent, row.tracestate, row.created_at, row.created_at,
-                )).fetchone()
-                if found is not None:
+                seq = await tx.fetchval(
+                    _INSERT, row.webhook_id, row.app_id, row.event_id, row.conversation_id, row.trigger, row.body,
+                    row.traceparent, row.tracestate, row.created_at)
+                if seq is not None:
                     created.append(PendingDelivery(
-                        seq=int(found[0]), webhook_id=row.webhook_id, app_id=row.app_id, event_id=row.event_id,
+                        seq=int(seq), webhook_id=row.webhook_id, app_id=row.app_id, event_id=row.event_id,
                         conversation_id=row.conversation_id, body=row.body, traceparent=row.traceparent,
                         tracestate=row.tracestate, created_at=row.created_at, next_attempt_at=row.created_at,
                     ))
@@ -113,7 +99,7 @@ class DeliveryStore:
 
     async def load_pending(self) -> list[PendingDelivery]:
         """Every pending row in insertion order (to resume after a restart)."""
-        found = await self.db.execute_fetchall(
+        found = await self.db.fetch(
             f"SELECT {_PENDING_COLUMNS} FROM deliveries WHERE status = 'pending' ORDER BY seq")
         return [
             PendingDelivery(
@@ -128,21 +114,21 @@ class DeliveryStore:
                              retried: Sequence[PendingDelivery], now: float, status: int | None,
                              error: str | None) -> None:
         """Persist the result of one attempt for the rows it carried."""
-        def op(hot: sqlite3.Connection) -> None:
+        async def op(tx: Connection) -> None:
             if delivered:
-                hot.executemany(
-                    "UPDATE deliveries SET status = 'delivered', attempts = ?, first_attempt_at = ?,"
-                    " finished_at = ?, last_status = ?, last_error = NULL WHERE seq = ?",
+                await tx.executemany(
+                    "UPDATE deliveries SET status = 'delivered', attempts = $1, first_attempt_at = $2,"
+                    " finished_at = $3, last_status = $4, last_error = NULL WHERE seq = $5",
                     [(r.attempts, r.first_attempt_at, now, status, r.seq) for r in delivered])
             if failed:
-                hot.executemany(
-                    "UPDATE deliveries SET status = 'failed', attempts = ?, first_attempt_at = ?,"
-                    " finished_at = ?, last_status = ?, last_error = ? WHERE seq = ?",
+                await tx.executemany(
+                    "UPDATE deliveries SET status = 'failed', attempts = $1, first_attempt_at = $2,"
+                    " finished_at = $3, last_status = $4, last_error = $5 WHERE seq = $6",
                     [(r.attempts, r.first_attempt_at, now, status, error, r.seq) for r in failed])
             if retried:
-                hot.executemany(
-                    "UPDATE deliveries SET attempts = ?, first_attempt_at = ?, next_attempt_at = ?,"
-                    " last_status = ?, last_error = ? WHERE seq = ?",
+                await tx.executemany(
+                    "UPDATE deliveries SET attempts = $1, first_attempt_at = $2, next_attempt_at = $3,"
+                    " last_status = $4, last_error = $5 WHERE seq = $6",
                     [(r.attempts, r.first_attempt_at, r.next_attempt_at, status, error, r.seq) for r in retried])
 
         await self.writes.run(op)
@@ -150,58 +136,53 @@ class DeliveryStore:
     async def counts(self) -> dict[str, int]:
         """Rows per status."""
         result = {PENDING: 0, DELIVERED: 0, FAILED: 0}
-        for status, count in await self.db.execute_fetchall("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
+        for status, count in await self.db.fetch("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
             result[str(status)] = int(count)
         return result
 
     async def prune(self, finished_before: float) -> dict[str, int]:
         """Delete delivered and failed rows finished before `finished_before`; counts removed per status."""
-        def op(hot: sqlite3.Connection) -> dict[str, int]:
-            removed: dict[str, int] = {}
-            for status in (DELIVERED, FAILED):
-                cursor = hot.execute(
-                    "DELETE FROM deliveries WHERE status = ? AND finished_at < ?", (status, finished_before))
-                removed[status] = max(0, cursor.rowcount)
-            return removed
+        async def op(tx: Connection) -> dict[str, int]:
+            return {status: await tx.execute("DELETE FROM deliveries WHERE status = $1 AND finished_at < $2",
+                                             status, finished_before)
+                    for status in (DELIVERED, FAILED)}
 
         return await self.writes.run(op)
 
     async def forget(self, erasure: Erasure) -> dict[str, int]:
         """Delete the rows a privacy event names (every status, or only finished ones), then
-        truncate the log so their bytes leave the disk; counts removed per status."""
+        make their bytes unreadable where the engine allows; counts removed per status."""
         keys = [*erasure.conversation_ids, *([erasure.user_id] if erasure.user_id else [])]
         if not keys:
             return {}
-        where = f"conversation_id IN ({','.join('?' * len(keys))})"
+        where = f"conversation_id IN ({','.join(f'${i}' for i in range(1, len(keys) + 1))})"
         params: list[Any] = list(keys)
         if erasure.before is not None:
-            where += " AND created_at < ?"
             params.append(erasure.before)
+            where += f" AND created_at < ${len(params)}"
         if erasure.delivered_only:
             where += " AND status <> 'pending'"
 
-        def op(hot: sqlite3.Connection) -> dict[str, int]:
+        async def op(tx: Connection) -> dict[str, int]:
             removed: dict[str, int] = {}
-            for status, count in hot.execute(f"SELECT status, COUNT(*) FROM deliveries WHERE {where} GROUP BY status",
-                                             params).fetchall():
+            for status, count in await tx.fetch(
+                    f"SELECT status, COUNT(*) FROM deliveries WHERE {where} GROUP BY status", *params):
                 removed[str(status)] = int(count)
-            hot.execute(f"DELETE FROM deliveries WHERE {where}", params)
+            await tx.execute(f"DELETE FROM deliveries WHERE {where}", *params)
             return removed
 
         removed = await self.writes.run(op)
         if removed:
-            await self.checkpoint()
+            await self.db.erase_freed_pages()
         return removed
 
     async def delivery(self, webhook_id: str, event_id: str) -> dict[str, Any] | None:
         """One row as a dict (for diagnostics and tests)."""
-        rows = await self.db.execute_fetchall(
+        row = await self.db.fetchrow(
             "SELECT seq, webhook_id, event_id, conversation_id, status, attempts, last_status, last_error"
-            " FROM deliveries WHERE webhook_id = ? AND event_id = ?", (webhook_id, event_id))
-        return next((dict(row) for row in rows), None)
+            " FROM deliveries WHERE webhook_id = $1 AND event_id = $2", webhook_id, event_id)
+        return None if row is None else dict(row)
 
     async def count_for_webhook(self, webhook_id: str) -> int:
         """Rows stored for one webhook, whatever their status."""
-        rows = list(await self.db.execute_fetchall("SELECT COUNT(*) FROM deliveries WHERE webhook_id = ?",
-                                                   (webhook_id,)))
-        return int(rows[0][0]) if rows else 0
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM deliveries WHERE webhook_id = $1", webhook_id))

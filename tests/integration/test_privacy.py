@@ -173,10 +173,7 @@ async def customer_conversation(s: Sandbox, phone: str, text: str) -> str:
 
 
 async def stored_row_count(system: System, service: str, sql: str, *params: Any) -> int:
-    store = system.service(service).store
-    async with store.db.execute(sql, params) as cur:
-        row = await cur.fetchone()
-    return int(row[0])
+    return int(await system.service(service).store.db.fetchval(sql, *params))
 
 
 async def test_retention_deletes_an_inactive_conversations_messages_and_every_copy(
@@ -194,7 +191,7 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
 
     async def copies_made() -> bool:
         return (await notifications.store.pending(old) is not None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=? AND status='delivered'",
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1 AND status='delivered'",
             old) >= 2)
 
     await eventually(copies_made, timeout=10.0)
@@ -215,10 +212,10 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
 
     async def copies_gone() -> bool:
         return (await notifications.store.pending(old) is None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=?", old) == 0)
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1", old) == 0)
 
     await eventually(copies_gone, timeout=10.0)
-    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=?",
+    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
                                   fresh) > 0
     await convs.purge_consumed()
     bus = await Bus.connect(s.system.nats_url, "test-privacy")

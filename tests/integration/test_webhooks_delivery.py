@@ -27,6 +27,12 @@ from shared.sunco import Author, ConversationRef, Message, TextContent
 from tests.harness import System
 from threadline.natsserver import free_port
 
+
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """Every test here runs with the webhooks' state on SQLite, then on PostgreSQL."""
+    return system_on_each_engine
+
 SECRET = "whsec-integration-0123456789abcdef"
 FAST_RETRIES = {
     "THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.05",

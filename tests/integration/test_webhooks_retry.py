@@ -25,6 +25,12 @@ from tests.integration.test_webhooks_delivery import (
 from threadline.natsserver import free_port
 
 
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """Every test here runs with the webhooks' state on SQLite, then on PostgreSQL."""
+    return system_on_each_engine
+
+
 async def test_retries_500_then_delivers_once_with_same_event_id(bus: Bus, system: System) -> None:
     answers = iter([500, 500])
 

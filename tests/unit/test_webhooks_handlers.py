@@ -243,7 +243,7 @@ def test_queue_never_sends_an_event_before_its_predecessor_finished(
 def test_config_defaults_and_validation(tmp_path: object) -> None:
     config = WebhooksConfig.from_env({"THREADLINE_DATA_DIR": "/tmp/tl", KEY_ENV: SECRETS_KEY})
     assert config.retry_base_seconds == 2.0 and config.retry_window_seconds == 900.0
-    assert config.timeout_seconds == 20.0 and config.db_path == "/tmp/tl/webhooks.db"
+    assert config.timeout_seconds == 20.0 and config.database.sqlite_path == "/tmp/tl/webhooks.db"
     assert config.common.http_port == 8085
     shrunk = WebhooksConfig.from_env({"THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
                                       "THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS": "3", KEY_ENV: SECRETS_KEY})
