@@ -34,7 +34,7 @@ import re
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -62,6 +62,10 @@ class Row(Protocol):
     """A result row: by column name or position (`sqlite3.Row` and `asyncpg.Record` both are)."""
 
     def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
 
     def keys(self) -> Any: ...
 
