@@ -70,6 +70,10 @@ class Row(Protocol):
     def keys(self) -> Any: ...
 
 
+# What a violated constraint (unique, foreign key, not null, check) raises, on either engine.
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+
+
 class MigrationError(RuntimeError):
     """A schema migration failed; the schema is left as it was."""
 
@@ -145,6 +149,27 @@ class Database(Connection, Protocol):
     async def close(self) -> None:
         """Close every connection."""
         ...
+
+
+_savepoints = 0
+
+
+@contextlib.asynccontextmanager
+async def savepoint(tx: Connection) -> AsyncIterator[Connection]:
+    """`async with savepoint(tx):` inside a transaction — an error in the block undoes the block
+    alone, and the transaction goes on (PostgreSQL refuses every later statement of a
+    transaction after an error unless it is rolled back to a savepoint)."""
+    global _savepoints
+    _savepoints += 1
+    name = f"sp_{_savepoints}"
+    await tx.execute(f"SAVEPOINT {name}")
+    try:
+        yield tx
+    except BaseException:
+        await tx.execute(f"ROLLBACK TO SAVEPOINT {name}")
+        await tx.execute(f"RELEASE SAVEPOINT {name}")
+        raise
+    await tx.execute(f"RELEASE SAVEPOINT {name}")
 
 
 Step = str | Callable[[Connection], Awaitable[None]]

@@ -12,6 +12,7 @@ import pytest
 
 from shared.config import ConfigError
 from shared.db import (
+    INTEGRITY_ERRORS,
     Connection,
     DatabaseSettings,
     GroupCommit,
@@ -19,6 +20,7 @@ from shared.db import (
     MigrationError,
     open_database,
     postgres_ddl,
+    savepoint,
     sqlite_query,
 )
 
@@ -71,6 +73,23 @@ async def test_a_transaction_commits_together_or_not_at_all(database_settings: D
         async with db.transaction() as tx:
             seq = await tx.fetchval("INSERT INTO items (name, size) VALUES ($1, $2) RETURNING seq", "y", 1)
         assert await db.fetchval("SELECT name FROM items WHERE seq = $1", seq) == "y"
+    finally:
+        await db.close()
+
+
+async def test_a_savepoint_undoes_its_block_alone(database_settings: DatabaseSettings) -> None:
+    db = await open_database(database_settings, SCHEMA)
+    try:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO items (name, size) VALUES ($1, $2)", "first", 1)
+            with pytest.raises(INTEGRITY_ERRORS):
+                async with savepoint(tx):
+                    await tx.execute("INSERT INTO items (name, size) VALUES ($1, $2)", "second", 2)
+                    await tx.execute("INSERT INTO items (name, size) VALUES ($1, $2)", "first", 3)
+            # The transaction goes on after the error (PostgreSQL would refuse this otherwise).
+            await tx.execute("INSERT INTO items (name, size) VALUES ($1, $2)", "third", 4)
+        names = [r["name"] for r in await db.fetch("SELECT name FROM items ORDER BY seq")]
+        assert names == ["first", "third"]
     finally:
         await db.close()
 
