@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up cluster test lint bench bench-handoff bench-chaos clean
+.PHONY: install system-packages up cluster test lint bench bench-handoff bench-chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The one system package the tests need (PostgreSQL comes from the pgserver wheel): Debian's
+# chromium for the browser tests. Installed with apt-get when running as root; otherwise the
+# command to run is printed and make stops.
+system-packages:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium (browser tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "the browser tests need Debian's chromium; run:  sudo apt-get install -y chromium  and then make test again" >&2; \
+	    exit 1; \
+	  fi; }
+
 up: $(STAMP)
 	$(BIN)/threadline up $(ARGS)
 
 cluster: $(STAMP)
 	$(BIN)/threadline up --cluster $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
