@@ -74,6 +74,15 @@ class Row(Protocol):
 INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
+# What a statement raises when the database cannot be reached (down, failing over, restarting):
+# callers answer 503 so the sender retries, and readiness turns false (`Database.ping`).
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.InterfaceError,
+)
+PING_TIMEOUT_SECONDS = 2.0
+
+
 class MigrationError(RuntimeError):
     """A schema migration failed; the schema is left as it was."""
 
@@ -139,6 +148,10 @@ class Database(Connection, Protocol):
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Connection]:
         """`async with db.transaction() as tx:` — every statement on `tx` commits together, or none."""
+        ...
+
+    async def ping(self) -> bool:
+        """Whether the database answers now (a readiness check)."""
         ...
 
     async def erase_freed_pages(self) -> bool:
@@ -317,6 +330,9 @@ class SqliteDatabase:
                 raise
             conn.execute("COMMIT")
 
+    async def ping(self) -> bool:
+        return True  # a file of this process: it answers whenever the process does
+
     async def erase_freed_pages(self) -> bool:
         async with self.lock:
             return await _truncate_wal(self._writer.conn)
@@ -426,6 +442,12 @@ class PostgresDatabase:
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self.pool.acquire() as conn, conn.transaction():
             yield PostgresConnection(conn)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.pool.fetchval("SELECT 1", timeout=PING_TIMEOUT_SECONDS) == 1)
+        except Exception:  # whatever the failure, the answer is "not now"
+            return False
 
     async def erase_freed_pages(self) -> bool:
         # PostgreSQL reclaims dead rows with (auto)vacuum; it never zeroes them. Physical erasure

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
+from shared.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,15 @@ class ServiceApp:
     def add_ready_check(self, check: ReadyCheck) -> None:
         """Register a check that must pass for /readyz to answer 200."""
         self._ready_checks.append(check)
+
+    def add_database_check(self, database: Callable[[], Database | None]) -> None:
+        """/readyz answers 503 while the service's database (once opened) does not answer: a
+        PostgreSQL server down or failing over takes the replica out of its Service's endpoints."""
+        async def database_answers() -> bool:
+            db = database()
+            return db is not None and await db.ping()
+
+        self.add_ready_check(database_answers)
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "service": self.name})

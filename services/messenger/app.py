@@ -63,6 +63,7 @@ class MessengerService(ServiceApp):
         self.http.middlewares.append(error_middleware)
         self.http.router.add_get("/webhooks/messenger/{integration_id}", self.handshake)
         self.http.router.add_post("/webhooks/messenger/{integration_id}", self.webhook)
+        self.add_database_check(lambda: None if self.store is None else self.store.db)
 
     async def start(self) -> None:
         """Open the store, connect NATS, mirror the integrations, start the send loop, serve HTTP."""

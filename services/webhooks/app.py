@@ -40,6 +40,7 @@ class WebhooksService(ServiceApp):
         self.http.middlewares.append(error_middleware)
         self.http.router.add_get("/stats", self._stats)
         self.add_ready_check(self._ready)
+        self.add_database_check(lambda: None if self.store is None else self.store.db)
 
     async def start(self) -> None:
         """Connect, resume pending deliveries, consume events, serve HTTP."""
