@@ -185,6 +185,15 @@ async def savepoint(tx: Connection) -> AsyncIterator[Connection]:
     await tx.execute(f"RELEASE SAVEPOINT {name}")
 
 
+async def serialize(tx: Connection, name: str) -> None:
+    """Make the rest of this transaction run one at a time with every other transaction that
+    serializes on `name`, in any replica: for a decision that counts rows before inserting,
+    which no unique constraint can express. PostgreSQL takes a transaction-scoped advisory lock;
+    SQLite's write transaction already holds the file's write lock from its BEGIN IMMEDIATE."""
+    if tx.engine == "postgres":
+        await tx.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+
+
 Step = str | Callable[[Connection], Awaitable[None]]
 
 
@@ -483,7 +492,7 @@ async def migrate(db: Database, migration: Migration) -> int:
     """
     async with db.transaction() as tx:
         if tx.engine == "postgres":
-            await tx.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(db.settings.schema))
+            await tx.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(f"migrate:{db.settings.schema}"))
         await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY,"
                          " applied_at DOUBLE PRECISION)")
         current = int(await tx.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
@@ -507,9 +516,9 @@ async def migrate(db: Database, migration: Migration) -> int:
     return current
 
 
-def _lock_key(schema: str) -> int:
-    """A stable 63-bit key for the schema's advisory lock."""
-    return zlib.crc32(f"threadline:migrate:{schema}".encode())
+def _lock_key(name: str) -> int:
+    """A stable key for an advisory lock."""
+    return zlib.crc32(f"threadline:{name}".encode())
 
 
 # --- group commit ------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def load_secrets(data_dir: str) -> dict[str, Any]:
     """Secrets of this installation, generated on first run and kept in `<data-dir>/secrets.json` (0600).
 
     The account key, the SDK token secret, the key that encrypts secrets at rest (`secretsKey`,
-    a THREADLINE_SECRETS_KEY keyring) and a NATS password per service (`natsPasswords`). A file
+    a THREADLINE_SECRETS_KEY keyring), the cluster mode's PostgreSQL password and a NATS password
+    per service (`natsPasswords`). A file
     from an older version gets the entries it lacks.
     """
     path = os.path.join(data_dir, "secrets.json")
@@ -79,6 +80,8 @@ def load_secrets(data_dir: str) -> dict[str, Any]:
         "accountKeySecret": lambda: secrets.token_urlsafe(32),
         "sdkTokenSecret": lambda: secrets.token_urlsafe(32),
         "secretsKey": lambda: f"k1:{generate_key()}",
+        # The cluster mode's PostgreSQL superuser (`threadline up --cluster`).
+        "postgresPassword": lambda: secrets.token_urlsafe(24),
         "natsPasswords": dict,
     }
     updated = {**stored, "natsPasswords": dict(stored.get("natsPasswords") or {})}

@@ -1,9 +1,10 @@
 """`threadline up --cluster`: the system as it runs on Kubernetes, on one machine.
 
 A 3-node NATS JetStream cluster on loopback (routes between the nodes, one store per node,
-streams and KV buckets with 3 replicas), two replicas of every stateless service behind a
-round-robin balancer (what a Kubernetes Service does), one replica of each stateful service
-(they keep SQLite files), and the usual front door routing `shared.routes.ROUTES`.
+streams and KV buckets with 3 replicas), a PostgreSQL server holding every service's state
+(THREADLINE_DATABASE_URL, a schema per service), two replicas of every stateless service behind
+a round-robin balancer (what a Kubernetes Service does), one replica of each stateful service,
+and the usual front door routing `shared.routes.ROUTES`.
 
 It exists to prove the deployment's failure story where it can be run: a NATS node (even the
 one leading the streams) or a replica of a channel service can die and no acknowledged message
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import itertools
 import logging
@@ -51,6 +53,7 @@ from threadline.cli import (
 )
 from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import NatsServer, cluster_node_config, credentials_url, free_port
+from threadline.postgres import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +268,7 @@ class ClusterLauncher(Launcher):
     only: tuple[str, ...] | None = None
     replicas: dict[str, int] = field(default_factory=lambda: dict(STATELESS_REPLICAS))
     cluster: NatsCluster | None = None
+    postgres: PostgresServer | None = None
     balancers: dict[str, RoundRobinBalancer] = field(default_factory=dict)
 
     @property
@@ -290,13 +294,18 @@ class ClusterLauncher(Launcher):
         await wait_for_jetstream(self.cluster.url, stream_replicas)
         self.say(f"nats-server cluster ({self.cluster_size} nodes, JetStream R{stream_replicas}) "
                  f"on {self.cluster.address}")
+        self.postgres = PostgresServer(base_dir=postgres_dir(self.data_dir), password=keys["postgresPassword"])
+        await asyncio.to_thread(self.postgres.start)
+        self.say(f"PostgreSQL on {self.postgres.host}:{self.postgres.port} (data in {self.postgres.data_dir})")
         replica_ports = {name: [free_port() for _ in range(self.replicas.get(name, 1))] for name in self.service_names}
         nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
-        own_ports = [self.port, *nats_ports, *(p for ports in replica_ports.values() for p in ports)]
+        own_ports = [self.port, self.postgres.port, *nats_ports,
+                     *(p for ports in replica_ports.values() for p in ports)]
         base_env = {
             **os.environ,
             "THREADLINE_NATS_URL": self.cluster.address,
             "THREADLINE_STREAM_REPLICAS": str(stream_replicas),
+            "THREADLINE_DATABASE_URL": self.postgres.url,
             "THREADLINE_DATA_DIR": os.path.abspath(self.data_dir),
             "THREADLINE_SANDBOX": "1",
             "THREADLINE_HTTP_HOST": "127.0.0.1",
@@ -345,8 +354,20 @@ class ClusterLauncher(Launcher):
         await asyncio.gather(*(proc.stop() for proc in reversed(list(self.services.values()))))
         for balancer in self.balancers.values():
             await balancer.stop()
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.stop)
         if self.cluster is not None:
             await self.cluster.astop()
+
+
+def postgres_dir(data_dir: str) -> str:
+    """Where the cluster's PostgreSQL keeps its data: beside the rest, unless running as root —
+    the server then runs as an unprivileged user, who cannot enter the private (0700, root's)
+    data directory, so it gets a folder of its own under /var/tmp, named after the data dir."""
+    if os.geteuid() != 0:
+        return os.path.join(os.path.abspath(data_dir), "postgres")
+    tag = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+    return os.path.join("/var/tmp", f"threadline-postgres-{tag}")
 
 
 async def run_cluster(data_dir: str, host: str, port: int) -> int:

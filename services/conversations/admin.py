@@ -16,12 +16,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import aiosqlite
 import msgspec
 
 from services.conversations import models
 from services.conversations.store import Store, loads
 from shared import records
+from shared.db import Row
 from shared.egress import (
     APNS_HOSTS,
     FCM_HOSTS,
@@ -66,7 +66,7 @@ def new_key_id() -> str:
     return f"app_{new_id()}"
 
 
-def app_out(row: aiosqlite.Row) -> models.App:
+def app_out(row: Row) -> models.App:
     return models.App(id=row["id"], display_name=row["display_name"], settings=loads(row["settings"]),
                       metadata=loads(row["metadata"]))
 
@@ -104,7 +104,7 @@ class Admin:
         """`config` with its secret fields sealed, as the database and KV hold it."""
         return self.keyring.seal_fields(config, SEALED_CONFIG_FIELDS, records.integration_context(integration_id))
 
-    def open_config(self, row: aiosqlite.Row) -> dict[str, Any]:
+    def open_config(self, row: Row) -> dict[str, Any]:
         """An integration row's config with its secrets opened."""
         config: dict[str, Any] = loads(row["config"])
         return self.keyring.open_fields(config, records.integration_context(row["id"]))
@@ -134,7 +134,7 @@ class Admin:
         assert row is not None
         return app_out(row)
 
-    async def app_row(self, app_id: str) -> aiosqlite.Row:
+    async def app_row(self, app_id: str) -> Row:
         row = await self.store.get_app(app_id)
         if row is None:
             raise ApiError(404, "App not found", "app_not_found")
@@ -176,6 +176,7 @@ class Admin:
             raise ApiError(400, "displayName must be 1 to 100 characters")
         key_id = new_key_id()
         async with self.store.tx():
+            await self.store.serialize(f"keys:{app_id}")  # two replicas never both add the last one
             if await self.store.count_keys(app_id) >= MAX_KEYS_PER_APP:
                 raise ApiError(400, f"An app can have at most {MAX_KEYS_PER_APP} keys")
             await self.store.add_key(key_id, app_id, body.display_name, new_secret(), now())
@@ -197,13 +198,13 @@ class Admin:
 
     # --- integrations ---------------------------------------------------------------------
 
-    async def integration_row(self, app_id: str, integration_id: str) -> aiosqlite.Row:
+    async def integration_row(self, app_id: str, integration_id: str) -> Row:
         row = await self.store.get_integration(app_id, integration_id)
         if row is None:
             raise ApiError(404, "Integration not found", "integration_not_found")
         return row
 
-    async def integration_out(self, row: aiosqlite.Row) -> dict[str, Any]:
+    async def integration_out(self, row: Row) -> dict[str, Any]:
         """The API form: common fields, the type's fields, never a secret; custom adds its webhooks."""
         out: dict[str, Any] = {"id": row["id"], "type": row["type"], "status": row["status"]}
         if row["display_name"] is not None:
@@ -293,6 +294,8 @@ class Admin:
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=type_, status=status,
                                            display_name=display_name, config=config)
         async with self.store.tx():
+            if webhooks:
+                await self.store.serialize(f"webhooks:{app_id}")
             if webhooks and len(await self.store.list_webhooks(app_id=app_id)) + len(webhooks) > MAX_WEBHOOKS_PER_APP:
                 raise ApiError(400, f"An app can have at most {MAX_WEBHOOKS_PER_APP} webhooks")
             await self.store.add_integration(integration_id, app_id, type_, status, display_name, config, now())
@@ -342,7 +345,7 @@ class Admin:
 
     # --- webhooks -------------------------------------------------------------------------
 
-    async def _custom_integration(self, app_id: str, integration_id: str) -> aiosqlite.Row:
+    async def _custom_integration(self, app_id: str, integration_id: str) -> Row:
         row = await self.integration_row(app_id, integration_id)
         if row["type"] != "custom":
             raise ApiError(400, "Webhooks can only be attached to custom integrations")
@@ -358,6 +361,7 @@ class Admin:
             triggers=list(body.triggers), secret=self.new_webhook_secret(webhook_id),
             include_full_user=body.include_full_user, include_full_source=body.include_full_source)
         async with self.store.tx():
+            await self.store.serialize(f"webhooks:{app_id}")
             if len(await self.store.list_webhooks(app_id=app_id)) >= MAX_WEBHOOKS_PER_APP:
                 raise ApiError(400, f"An app can have at most {MAX_WEBHOOKS_PER_APP} webhooks")
             await self.store.add_webhook(record.id, app_id, integration_id, records.ENCODER.encode(record).decode(),

@@ -113,7 +113,7 @@ class ConversationsService(ServiceApp):
         self._link_sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.store = await Store.open(self.config.db_path, self.config.keyring)
+        self.store = await Store.open(self.config.database, self.config.keyring)
         try:
             await self._reseal_secrets()
         except ConfigError:

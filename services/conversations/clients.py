@@ -36,7 +36,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
 import msgspec
 import nats.errors
 
@@ -45,6 +44,7 @@ from services.conversations.store import conversation_ref
 from shared import subjects
 from shared.bus import Retry
 from shared.cardmask import mask_content
+from shared.db import Row
 from shared.http import ApiError
 from shared.ids import derived_id, new_id, now
 from shared.messages import channel as chan
@@ -120,7 +120,7 @@ class PendingLink:
     expires_at: float
 
 
-def _link(row: aiosqlite.Row) -> PendingLink:
+def _link(row: Row) -> PendingLink:
     return PendingLink(
         client_id=row["client_id"], app_id=row["app_id"], user_id=row["user_id"],
         conversation_id=row["conversation_id"], integration_id=row["integration_id"],
@@ -149,61 +149,33 @@ class PhoneLinks:
         self.conversations = conversations
         self.ttl = ttl
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        return self.conversations.store.db
-
     # --- the pending-link table ----------------------------------------------------------
 
     async def _put(self, link: PendingLink) -> None:
-        async with self.conversations.store.tx():
-            await self.db.execute(
-                "INSERT INTO client_links (client_id, app_id, user_id, conversation_id, integration_id, client_type,"
-                " phone_number, confirmation, is_primary, source_integration_id, created_at, expires_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (client_id) DO UPDATE SET app_id=excluded.app_id,"
-                " user_id=excluded.user_id, conversation_id=excluded.conversation_id,"
-                " integration_id=excluded.integration_id, client_type=excluded.client_type,"
-                " phone_number=excluded.phone_number, confirmation=excluded.confirmation,"
-                " is_primary=excluded.is_primary, source_integration_id=excluded.source_integration_id,"
-                " created_at=excluded.created_at, expires_at=excluded.expires_at",
-                (link.client_id, link.app_id, link.user_id, link.conversation_id, link.integration_id,
-                 link.client_type, link.phone_number, link.confirmation, int(link.primary),
-                 link.source_integration_id, link.created_at, link.expires_at))
+        await self.conversations.store.put_client_link(
+            client_id=link.client_id, app_id=link.app_id, user_id=link.user_id, conversation_id=link.conversation_id,
+            integration_id=link.integration_id, client_type=link.client_type, phone_number=link.phone_number,
+            confirmation=link.confirmation, primary=link.primary, source_integration_id=link.source_integration_id,
+            created_at=link.created_at, expires_at=link.expires_at)
 
     async def pending(self, client_id: str) -> PendingLink | None:
         """The pending link of a client, if any."""
-        rows = await self.db.execute_fetchall("SELECT * FROM client_links WHERE client_id=?", (client_id,))
-        return next((_link(row) for row in rows), None)
+        row = await self.conversations.store.client_link(client_id)
+        return None if row is None else _link(row)
 
     async def _drop(self, client_id: str) -> bool:
-        async with self.conversations.store.tx():
-            async with self.db.execute("DELETE FROM client_links WHERE client_id=?", (client_id,)) as cur:
-                return cur.rowcount > 0
+        return await self.conversations.store.drop_client_link(client_id)
 
     async def _expired(self, at: float, limit: int = 100) -> list[PendingLink]:
-        rows = await self.db.execute_fetchall(
-            "SELECT * FROM client_links WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (at, limit))
-        return [_link(row) for row in rows]
+        return [_link(row) for row in await self.conversations.store.expired_client_links(at, limit)]
 
     async def _leave_conversations(self, app_id: str, client_id: str, *, except_user_id: str | None = None,
                                    only_user_id: str | None = None) -> list[ConversationRef]:
         """Remove the client from participants' client associations; the conversations it left."""
-        where, params = "a.client_id=? AND p.app_id=?", [client_id, app_id]
-        if except_user_id is not None:
-            where += " AND p.user_id != ?"
-            params.append(except_user_id)
-        if only_user_id is not None:
-            where += " AND p.user_id = ?"
-            params.append(only_user_id)
-        async with self.conversations.store.tx():
-            rows = list(await self.db.execute_fetchall(
-                "SELECT a.participant_id, c.id, c.type FROM client_associations a"
-                " JOIN participants p ON p.id = a.participant_id JOIN conversations c ON c.id = p.conversation_id"
-                f" WHERE {where} ORDER BY a.last_active DESC", params))
-            for row in rows:
-                await self.db.execute("DELETE FROM client_associations WHERE participant_id=? AND client_id=?",
-                                      (row[0], client_id))
-        return [ConversationRef(id=row[1], type=row[2]) for row in rows]
+        store = self.conversations.store
+        async with store.tx():
+            return await store.leave_conversations(app_id, client_id, except_user_id=except_user_id,
+                                                   only_user_id=only_user_id)
 
     # --- linking ---------------------------------------------------------------------------
 
@@ -313,10 +285,10 @@ class PhoneLinks:
     async def _send(self, app_id: str, client: Client, user_id: str, conversation_id: str, content: Content,
                     schema: str | None = None) -> None:
         """Send content to the client's number (not stored in the conversation)."""
-        channel = self.conversations.outbound_channel_of(client)
+        channel = await self.conversations.outbound_channel_of(client)
         if channel is None or not client.integration_id:
             return
-        if self.conversations.store.masks_cards_now(app_id):
+        if await self.conversations.store.masks_cards(app_id):
             content = mask_content(content)
         message_id = new_id()
         send = chan.OutboundSend(

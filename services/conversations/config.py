@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret, env_str
+from shared.db import DatabaseSettings
 from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
 from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
-from shared.store import db_path
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class ConversationsConfig:
     """
 
     common: CommonConfig
-    db_path: str
+    # Its SQLite file under the data directory, or a schema of THREADLINE_DATABASE_URL.
+    database: DatabaseSettings
     account_key_id: str
     account_key_secret: str
     identity_timeout: float
@@ -49,7 +50,7 @@ class ConversationsConfig:
         recap = env_int("THREADLINE_HANDOFF_RECAP_COUNT", 10, environ)
         if not 0 <= recap <= 50:
             raise ConfigError("THREADLINE_HANDOFF_RECAP_COUNT must be between 0 and 50")
-        return cls(common=common, db_path=db_path(common.data_dir, "conversations"),
+        return cls(common=common, database=DatabaseSettings.from_env(common.data_dir, "conversations", environ),
                    account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout,
                    keyring=Keyring.from_env(environ, sandbox=common.sandbox), handoff_recap_count=recap,
                    jwt_policy=jwt_policy_from_env(environ))

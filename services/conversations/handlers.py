@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiosqlite
 import msgspec
 import nats.errors
 
@@ -34,6 +33,7 @@ from services.conversations.store import (
 from shared import subjects
 from shared.bus import Delivery, Poison, Retry
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
+from shared.db import Row
 from shared.http import ApiError
 from shared.ids import derived_id, iso, new_id, now
 from shared.messages import channel as chan
@@ -98,7 +98,7 @@ class Route:
     user_id: str
 
 
-def conversation_out(row: aiosqlite.Row) -> models.Conversation:
+def conversation_out(row: Row) -> models.Conversation:
     """The API form of a conversation row."""
     return models.Conversation(
         id=row["id"], type=row["type"], is_default=row["default_user_id"] is not None,
@@ -180,7 +180,7 @@ class Conversations:
             await self.store.checkpoint()
         return deleted
 
-    async def _expire(self, app_id: str, row: aiosqlite.Row, cutoff: float) -> int:
+    async def _expire(self, app_id: str, row: Row, cutoff: float) -> int:
         conversation_id = str(row["id"])
         if not await self.store.has_messages_before(conversation_id, cutoff):
             return 0
@@ -216,7 +216,7 @@ class Conversations:
 
     # --- conversations --------------------------------------------------------------------
 
-    async def conversation_row(self, app_id: str, conversation_id: str) -> aiosqlite.Row:
+    async def conversation_row(self, app_id: str, conversation_id: str) -> Row:
         row = await self.store.get_conversation(app_id, conversation_id)
         if row is None:
             raise ApiError(404, "Conversation not found", "conversation_not_found")
@@ -225,7 +225,7 @@ class Conversations:
     async def ensure_conversation(self, app_id: str, user: User, *, reason: str, source: Source | None = None,
                                   default: bool = True, display_name: str | None = None,
                                   description: str | None = None, icon_url: str | None = None,
-                                  metadata: dict[str, Any] | None = None) -> tuple[aiosqlite.Row, bool]:
+                                  metadata: dict[str, Any] | None = None) -> tuple[Row, bool]:
         """The user's default personal conversation (created when missing) or, with
         `default=False`, a new personal conversation (the default one when the user has none).
 
@@ -233,7 +233,7 @@ class Conversations:
         conversation is removed again and the error propagates.
         """
         if default:
-            existing = self.store.default_conversation_now(app_id, user.id)
+            existing = await self.store.default_conversation(app_id, user.id)
             if existing is not None:
                 return existing, False
         created_at = now()
@@ -401,9 +401,9 @@ class Conversations:
             raise ApiError(400, "The user has no client of destination.integrationType")
         return Route(associations[0] if associations else None, participant["user_id"])
 
-    def outbound_channel_of(self, client: Client) -> str | None:
+    async def outbound_channel_of(self, client: Client) -> str | None:
         """`outbound_channel` for a client (the channel service that sends to it)."""
-        return self.outbound_channel(client.type, client.integration_id)
+        return await self.outbound_channel(client.type, client.integration_id)
 
     async def business_name(self, app_id: str) -> str:
         """How the business is named to customers: the web messenger's `businessName` (what the
@@ -416,7 +416,7 @@ class Conversations:
         row = await self.store.get_app(app_id)
         return str(row["display_name"]) if row is not None and row["display_name"] else "us"
 
-    def outbound_channel(self, client_type: str, integration_id: str | None) -> str | None:
+    async def outbound_channel(self, client_type: str, integration_id: str | None) -> str | None:
         """The channel service that delivers to a client of this type, None when nobody needs to.
 
         Web SDK clients read the conversation over their socket; app SDK clients too, but the
@@ -426,7 +426,7 @@ class Conversations:
             return None
         if client_type != "sdk":
             return client_type
-        integration_type = self.store.integration_type_now(integration_id)
+        integration_type = await self.store.integration_type(integration_id)
         return integration_type if integration_type in APP_INTEGRATION_TYPES else None
 
     async def post_message(self, app_id: str, conversation_id: str, body: models.MessagePostBody) -> Message:
@@ -439,7 +439,7 @@ class Conversations:
         models.check_metadata(body.metadata)
         models.check_content(body.content)
         models.check_url(body.author.avatar_url, "author.avatarUrl")
-        if self.store.masks_cards_now(app_id):
+        if await self.store.masks_cards(app_id):
             body = msgspec.structs.replace(body, content=mask_content(body.content),
                                            override=mask_strings(body.override))
         author = body.author
@@ -465,7 +465,7 @@ class Conversations:
                 id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=received,
                 conversation=conversation_ref(row), message=message, cursor=seq, user_id=route.user_id))
             association = route.association
-            outbound_channel = None if association is None else self.outbound_channel(
+            outbound_channel = None if association is None else await self.outbound_channel(
                 association.type, association.integration_id)
             if association is not None and outbound_channel is not None and association.integration_id:
                 send = chan.OutboundSend(
@@ -483,7 +483,7 @@ class Conversations:
             raise ApiError(503, "Messaging bus unavailable, try again") from exc
         return api_message(message)
 
-    async def _author_participant(self, conversation_id: str, author: Author) -> aiosqlite.Row:
+    async def _author_participant(self, conversation_id: str, author: Author) -> Row:
         for participant in await self.store.participants(conversation_id):
             if (author.user_id and participant["user_id"] == author.user_id) or (
                     author.user_external_id and participant["user_external_id"] == author.user_external_id):
@@ -595,7 +595,7 @@ class Conversations:
     async def inbound_message(self, msg: chan.InboundMessage) -> chan.InboundMessage:
         """Store a customer message once (by provider id) and announce it, card numbers masked
         first when the app asks for it. Returns the message as handled (masked or the same)."""
-        lookup = self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
+        lookup = await self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if lookup.masks_cards:
             msg = self.mask_inbound(msg)
         handled = msg  # `msg` may still gain a conversation id below; the caller compares this one
@@ -627,7 +627,7 @@ class Conversations:
             if row is None or await self.store.participant(msg.conversation_id, user.id) is None:
                 raise Poison(f"conversation {msg.conversation_id} is not the user's")
         else:
-            row = self.store.default_conversation_now(msg.app_id, user.id)
+            row = await self.store.default_conversation(msg.app_id, user.id)
             if row is None:
                 source = Source(type=msg.channel, integration_id=msg.integration_id)
                 row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)

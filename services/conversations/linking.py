@@ -245,7 +245,7 @@ class Linker:
         await self._send(msg.app_id, client, user.id, "", text)
 
     async def _send(self, app_id: str, client: Client, user_id: str, conversation_id: str, text: str) -> None:
-        channel_name = self.conversations.outbound_channel_of(client)
+        channel_name = await self.conversations.outbound_channel_of(client)
         if channel_name is None or not client.integration_id:
             return
         message_id = new_id()
@@ -382,7 +382,7 @@ class Linker:
         """A message from a client asked to confirm a merge. Only "YES <the question's number>"
         merges (consumed: True): a plain "yes" or "ok" may answer anything else. A no declines
         and, like anything else, is still the customer's message (False)."""
-        pending = self.conversations.store.pending_merge_now(client.id)
+        pending = await self.conversations.store.pending_merge(client.id)
         if pending is None:
             return False
         if pending.discarded_user_id != user.id or pending.expires_at <= now():

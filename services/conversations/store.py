@@ -1,25 +1,41 @@
 """The conversations database: apps, keys, integrations, webhooks, conversations, messages.
 
-One aiosqlite connection. Every write runs inside `Store.tx()`, which holds a lock: on a shared
-connection an open transaction would otherwise swallow another coroutine's statements.
-Methods named `add_*`, `set_*`, `delete_*`, `upsert_*`, `insert_*` must be called inside `tx()`.
+On `shared.db`: a SQLite file under the data directory, or the `conversations` schema of the
+PostgreSQL database THREADLINE_DATABASE_URL names; one SQL text for both.
+
+Writes that belong together run inside `async with store.tx():` — every store method called in
+that block (by the same task) runs on the transaction's connection, so its reads see the block's
+writes and no statement escapes it (on SQLite a write outside it would wait for the lock the
+block holds). Methods named `add_*`, `set_*`, `delete_*`, `upsert_*`, `insert_*`, `put_*`,
+`drop_*` are meant to be called inside `tx()`; outside it each statement commits on its own.
+The inbound hot path (`record_inbound`, `create_personal_conversation`) hands its writes to a
+`GroupCommit` instead: concurrent handlers share one transaction and one commit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
 import msgspec
 
 from shared import records
+from shared.db import (
+    Connection,
+    Database,
+    DatabaseSettings,
+    GroupCommit,
+    Migration,
+    Row,
+    open_database,
+    postgres_ddl,
+    serialize,
+    split_sql,
+)
 from shared.encryption import Keyring
-from shared.store import GroupCommit, open_db, open_hot_connection, truncate_wal
 from shared.sunco import ConversationRef, Message
 
 # Stored message bodies are `Message` JSON.
@@ -42,11 +58,14 @@ def _privacy(settings: str) -> _PrivacySettings:
         return _PrivacySettings()
 
 
-def conversation_ref(row: aiosqlite.Row | sqlite3.Row) -> ConversationRef:
+def conversation_ref(row: Row) -> ConversationRef:
     """The `{id, type}` reference events carry, from a conversations row."""
     return ConversationRef(id=row["id"], type=row["type"])
 
-MIGRATIONS: tuple[str, ...] = (
+
+# Version i+1 of the schema is SCRIPTS[i], in the SQLite dialect the store always used (existing
+# data directories have applied them as written).
+SCRIPTS: tuple[str, ...] = (
     # 1: the whole schema.
     """
     CREATE TABLE apps (
@@ -191,6 +210,23 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+
+def _script(script: str) -> Callable[[Connection], Awaitable[None]]:
+    """A migration step running `script`: as written on SQLite; on PostgreSQL translated by
+    `postgres_ddl`, whose identity column needs no AUTOINCREMENT (it never reuses a value, which
+    is what AUTOINCREMENT asks of SQLite)."""
+    async def step(tx: Connection) -> None:
+        text = script if tx.engine == "sqlite" else postgres_ddl(script).replace(" AUTOINCREMENT", "")
+        for statement in split_sql(text):
+            await tx.execute(statement)
+
+    return step
+
+
+# Only the first script has an AUTOINCREMENT; the others run as plain scripts.
+MIGRATION = Migration([_script(SCRIPTS[0]), *SCRIPTS[1:]])
+
+
 _JSON = msgspec.json.Encoder()
 
 
@@ -281,6 +317,40 @@ class Resealed:
     webhooks: int = 0
 
 
+class _Args:
+    """The parameters of a query built piece by piece: `add` keeps a value, returns its `$n`."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values: list[Any] = list(values)
+
+    def add(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+    def marks(self, values: Iterable[Any]) -> str:
+        """`$n, $n+1, …` for each value (NULL for none: `x IN (NULL)` matches nothing)."""
+        return ", ".join(self.add(value) for value in values) or "NULL"
+
+
+_MESSAGE_COLUMNS = "seq, id, conversation_id, event_id, body"
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
+    " provider_message_id, event_id, received, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING RETURNING seq")
+_INSERT_CONVERSATION = (
+    "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description, icon_url, metadata,"
+    " last_updated_at, created_at) VALUES ($1, $2, 'personal', $3, $4, $5, $6, $7, $8, $8)"
+    " ON CONFLICT (app_id, default_user_id) DO NOTHING RETURNING *")
+_UPSERT_ASSOCIATION = (
+    "INSERT INTO client_associations (participant_id, client_id, type, integration_id, external_id, info,"
+    " last_active) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (participant_id, client_id) DO UPDATE SET"
+    " last_active=excluded.last_active, type=excluded.type, integration_id=excluded.integration_id,"
+    " external_id=excluded.external_id, info=excluded.info")
+_TOUCH_ASSOCIATION = (
+    "UPDATE client_associations SET last_active=$1, type=$2, integration_id=$3, external_id=$4, info=$5"
+    " WHERE participant_id=$6 AND client_id=$7")
+
+
 class Store:
     """Data access for the conversations service.
 
@@ -288,67 +358,100 @@ class Store:
     arrive sealed (`Admin`), since the same sealed values go to KV.
     """
 
-    def __init__(self, db: aiosqlite.Connection, hot: sqlite3.Connection | None = None,
-                 keyring: Keyring | None = None) -> None:
+    def __init__(self, db: Database, keyring: Keyring | None = None) -> None:
         self.db = db
         self.keyring = keyring or Keyring()
-        # The inbound hot path runs its few statements on this connection, on the event loop
-        # thread: one aiosqlite thread hop per statement cost more CPU than the statements
-        # themselves (bench/e2e.py). It writes only under `_lock`, like every other writer, so
-        # it never waits on an open aiosqlite transaction.
-        self.hot = hot
-        self._lock = asyncio.Lock()
-        self._group = GroupCommit(hot, self._lock) if hot is not None else None
+        self._group = GroupCommit(db)
+        # The transaction `tx()` opened in the current task (None: statements go to `db`).
+        self._tx: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+            f"conversations-store-tx-{id(self)}", default=None)
 
     @classmethod
-    async def open(cls, path: str, keyring: Keyring | None = None) -> Store:
-        """Open (and migrate) the database at `path`."""
-        db = await open_db(path, MIGRATIONS)
-        return cls(db, open_hot_connection(path), keyring)
+    async def open(cls, settings: DatabaseSettings, keyring: Keyring | None = None) -> Store:
+        """Open (and migrate) the service's database."""
+        return cls(await open_database(settings, MIGRATION), keyring)
 
     async def close(self) -> None:
         """Close the connections."""
-        if self.hot is not None:
-            self.hot.close()
         await self.db.close()
 
-    def _grouped(self) -> GroupCommit:
-        assert self._group is not None, "store opened without its hot-path connection"
-        return self._group
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[Connection]:
+        """A write transaction: the store's methods called inside the block (by this task) run on
+        it, and commit together or not at all. Not reentrant (on SQLite a nested one would wait
+        for the lock its own block holds)."""
+        if self._tx.get() is not None:
+            raise RuntimeError("Store.tx() inside Store.tx()")
+        async with self.db.transaction() as conn:
+            token = self._tx.set(conn)
+            try:
+                yield conn
+            finally:
+                self._tx.reset(token)
 
-    def _hot(self) -> sqlite3.Connection:
-        assert self.hot is not None, "store opened without its hot-path connection"
-        return self.hot
+    # --- generic helpers --------------------------------------------------------------------
 
-    def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str) -> InboundLookup:
+    def _outside_tx(self, what: str) -> None:
+        """Refuse what would wait for the lock the task's own `tx()` holds (SQLite)."""
+        if self._tx.get() is not None:
+            raise RuntimeError(f"{what} inside Store.tx() would wait for that transaction")
+
+    def _c(self) -> Connection:
+        """Where a statement goes: the task's open `tx()`, else the database."""
+        conn = self._tx.get()
+        return self.db if conn is None else conn
+
+    async def _one(self, sql: str, *args: Any) -> Row | None:
+        return await self._c().fetchrow(sql, *args)
+
+    async def _all(self, sql: str, *args: Any) -> list[Row]:
+        return await self._c().fetch(sql, *args)
+
+    async def _run(self, sql: str, *args: Any) -> int:
+        return await self._c().execute(sql, *args)
+
+    async def _returning(self, sql: str, *args: Any) -> Any:
+        """The value a write's RETURNING gives: in the open `tx()`, else in a transaction of its
+        own (outside one, `fetchval` reads on SQLite's read-only connection)."""
+        conn = self._tx.get()
+        if conn is not None:
+            return await conn.fetchval(sql, *args)
+        async with self.db.transaction() as tx:
+            return await tx.fetchval(sql, *args)
+
+    async def serialize(self, name: str) -> None:
+        """Inside `tx()`: the rest of the transaction runs one at a time with every other that
+        serializes on `name`, in any replica (a limit checked by counting before an insert)."""
+        conn = self._tx.get()
+        if conn is None:
+            raise RuntimeError("Store.serialize() outside Store.tx()")
+        await serialize(conn, f"conversations:{name}")
+
+    # --- the inbound hot path -----------------------------------------------------------------
+
+    async def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str) -> InboundLookup:
         """Whether the app has the integration and masks card numbers, and the already-stored
-        message with this provider id (hot path, no I/O wait)."""
-        hot = self._hot()
-        app = hot.execute("SELECT a.settings, i.id AS integration_id FROM apps a"
-                          " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = ? WHERE a.id = ?",
-                          (integration_id, app_id)).fetchone()
-        row = hot.execute("SELECT seq, id, conversation_id, event_id, body FROM messages"
-                          " WHERE app_id=? AND integration_id=? AND provider_message_id=?",
-                          (app_id, integration_id, provider_message_id)).fetchone()
+        message with this provider id (on SQLite two reads that never wait)."""
+        app = await self._one("SELECT a.settings, i.id AS integration_id FROM apps a"
+                              " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = $1 WHERE a.id = $2",
+                              integration_id, app_id)
+        row = await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                              " WHERE app_id=$1 AND integration_id=$2 AND provider_message_id=$3",
+                              app_id, integration_id, provider_message_id)
         return InboundLookup(
             integration_known=app is not None and app["integration_id"] is not None,
             masks_cards=app is not None and bool(_privacy(app["settings"]).mask_credit_card_numbers),
             duplicate=None if row is None else StoredMessage(**dict(row)))
 
-    def integration_type_now(self, integration_id: str) -> str | None:
-        """An integration's type, read on the hot-path connection (None when unknown)."""
-        row = self._hot().execute("SELECT type FROM integrations WHERE id=?", (integration_id,)).fetchone()
+    async def integration_type(self, integration_id: str) -> str | None:
+        """An integration's type (None when unknown)."""
+        row = await self._one("SELECT type FROM integrations WHERE id=$1", integration_id)
         return None if row is None else str(row["type"])
 
-    def masks_cards_now(self, app_id: str) -> bool:
-        """The app's `maskCreditCardNumbers` setting, read on the hot-path connection."""
-        row = self._hot().execute("SELECT settings FROM apps WHERE id=?", (app_id,)).fetchone()
+    async def masks_cards(self, app_id: str) -> bool:
+        """The app's `maskCreditCardNumbers` setting."""
+        row = await self._one("SELECT settings FROM apps WHERE id=$1", app_id)
         return row is not None and bool(_privacy(row["settings"]).mask_credit_card_numbers)
-
-    def default_conversation_now(self, app_id: str, user_id: str) -> sqlite3.Row | None:
-        """`default_conversation` on the hot-path connection."""
-        return self._hot().execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
-                                   (app_id, user_id)).fetchone()
 
     async def record_inbound(self, *, message_id: str, app_id: str, conversation_id: str, user_id: str,
                              user_external_id: str | None, integration_id: str, provider_message_id: str,
@@ -358,122 +461,120 @@ class Store:
         """Store a customer message, touch the conversation and make the client primary, in one
         group transaction (`GroupCommit`). `seq` is None when the provider id was stored already
         (nothing written)."""
-        def op(hot: sqlite3.Connection) -> InboundRecord:
-            cur = hot.execute(
-                "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
-                " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
-                (message_id, app_id, conversation_id, "user", user_id, integration_id, provider_message_id,
-                 event_id, received, body))
-            if cur.rowcount == 0:
+        async def op(tx: Connection) -> InboundRecord:
+            seq = await tx.fetchval(_INSERT_MESSAGE, message_id, app_id, conversation_id, "user", user_id,
+                                    integration_id, provider_message_id, event_id, received, body)
+            if seq is None:
                 return InboundRecord(seq=None)
-            seq = cur.lastrowid
-            hot.execute("UPDATE conversations SET last_updated_at=? WHERE id=?", (received, conversation_id))
-            participant = hot.execute("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
-                                      (conversation_id, user_id)).fetchone()
+            await tx.execute("UPDATE conversations SET last_updated_at=$1 WHERE id=$2", received, conversation_id)
+            participant = await tx.fetchrow("SELECT * FROM participants WHERE conversation_id=$1 AND user_id=$2",
+                                            conversation_id, user_id)
             if participant is None:
-                return InboundRecord(seq=seq)
+                return InboundRecord(seq=int(seq))
             participant_id = str(participant["id"])
             info = None if client_info is None else dumps(client_info)
             # A returning client (the common case) is one UPDATE; a new one is inserted.
-            existed = hot.execute(
-                "UPDATE client_associations SET last_active=?, type=?, integration_id=?, external_id=?, info=?"
-                " WHERE participant_id=? AND client_id=?",
-                (received, client_type, client_integration_id, client_external_id, info, participant_id,
-                 client_id)).rowcount > 0
+            existed = await tx.execute(_TOUCH_ASSOCIATION, received, client_type, client_integration_id,
+                                       client_external_id, info, participant_id, client_id) > 0
             if not existed:
-                hot.execute(
-                    "INSERT INTO client_associations (participant_id, client_id, type, integration_id,"
-                    " external_id, info, last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id,"
-                    " client_id) DO UPDATE SET last_active=excluded.last_active, type=excluded.type,"
-                    " integration_id=excluded.integration_id, external_id=excluded.external_id,"
-                    " info=excluded.info",
-                    (participant_id, client_id, client_type, client_integration_id, client_external_id, info,
-                     received))
+                await tx.execute(_UPSERT_ASSOCIATION, participant_id, client_id, client_type, client_integration_id,
+                                 client_external_id, info, received)
             if user_external_id is not None and user_external_id != participant["user_external_id"]:
-                hot.execute("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
-                            (user_external_id, app_id, user_id))
-            joined_others = not existed and hot.execute(
-                "SELECT 1 FROM client_associations WHERE participant_id=? AND client_id<>? LIMIT 1",
-                (participant_id, client_id)).fetchone() is not None
-            return InboundRecord(seq=seq, participant_id=participant_id, new_client=not existed,
+                await tx.execute("UPDATE participants SET user_external_id=$1 WHERE app_id=$2 AND user_id=$3",
+                                 user_external_id, app_id, user_id)
+            joined_others = not existed and await tx.fetchrow(
+                "SELECT 1 FROM client_associations WHERE participant_id=$1 AND client_id<>$2 LIMIT 1",
+                participant_id, client_id) is not None
+            return InboundRecord(seq=int(seq), participant_id=participant_id, new_client=not existed,
                                  joined_others=joined_others)
 
-        return await self._grouped().run(op)
+        self._outside_tx("record_inbound")
+        return await self._group.run(op)
 
-    @contextlib.asynccontextmanager
-    async def tx(self) -> AsyncIterator[None]:
-        """A write transaction (serialized with every other write of this process)."""
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-            await self.db.execute("COMMIT")
+    async def create_personal_conversation(
+            self, conversation_id: str, participant_id: str, app_id: str, user_id: str, user_external_id: str | None,
+            *, default: bool, display_name: str | None, description: str | None, icon_url: str | None,
+            metadata: dict[str, Any] | None, now: float) -> tuple[Row, bool]:
+        """Create a personal conversation with the user as its participant, in a group
+        transaction (a first contact shares its commit with the others of the batch). With
+        `default`, the user's default conversation when they have one (nothing written); a new
+        one is the default when the user has none. The row and whether it was created.
 
-    # --- generic helpers --------------------------------------------------------------------
+        Another writer (a replica) creating the user's default conversation at the same moment
+        is no error: the unique (app, default user) index decides, and the loser returns the
+        winner's (with `default`) or creates one that is not the default."""
+        meta = None if metadata is None else dumps(metadata)
 
-    # A read runs to its end in one hop to aiosqlite's thread. Stepped over several hops, an open
-    # SELECT holds a read snapshot that another coroutine's `tx()` on this connection inherits:
-    # once the hot connection has committed, its BEGIN IMMEDIATE then fails at once with
-    # "database is locked" (a stale snapshot cannot be upgraded to a writer).
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        rows = await self.db.execute_fetchall(sql, params)
-        return next(iter(rows), None)  # type: ignore[arg-type]
+        async def op(tx: Connection) -> tuple[Row, bool]:
+            existing = await tx.fetchrow("SELECT * FROM conversations WHERE app_id=$1 AND default_user_id=$2",
+                                         app_id, user_id)
+            if default and existing is not None:
+                return existing, False
+            row = await tx.fetchrow(_INSERT_CONVERSATION, conversation_id, app_id,
+                                    None if existing is not None else user_id, display_name, description, icon_url,
+                                    meta, now)
+            if row is None:  # another writer made the user's default conversation meanwhile
+                if default:
+                    winner = await tx.fetchrow(
+                        "SELECT * FROM conversations WHERE app_id=$1 AND default_user_id=$2", app_id, user_id)
+                    if winner is not None:
+                        return winner, False
+                row = await tx.fetchrow(_INSERT_CONVERSATION, conversation_id, app_id, None, display_name,
+                                        description, icon_url, meta, now)
+                assert row is not None
+            await tx.execute(
+                "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)", participant_id, app_id, conversation_id, user_id,
+                user_external_id, now)
+            return row, True
 
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        return list(await self.db.execute_fetchall(sql, params))  # type: ignore[arg-type]
-
-    async def _run(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self.db.execute(sql, params) as cur:
-            return cur.rowcount
+        self._outside_tx("create_personal_conversation")
+        return await self._group.run(op)
 
     # --- apps and keys ----------------------------------------------------------------------
 
     async def add_app(self, app_id: str, display_name: str, settings: dict[str, Any],
                       metadata: dict[str, Any], now: float) -> None:
-        await self._run("INSERT INTO apps (id, display_name, settings, metadata, created_at) VALUES (?,?,?,?,?)",
-                        (app_id, display_name, dumps(settings), dumps(metadata), now))
+        await self._run("INSERT INTO apps (id, display_name, settings, metadata, created_at)"
+                        " VALUES ($1, $2, $3, $4, $5)", app_id, display_name, dumps(settings), dumps(metadata), now)
 
     async def set_app(self, app_id: str, display_name: str, settings: dict[str, Any],
                       metadata: dict[str, Any]) -> None:
-        await self._run("UPDATE apps SET display_name=?, settings=?, metadata=? WHERE id=?",
-                        (display_name, dumps(settings), dumps(metadata), app_id))
+        await self._run("UPDATE apps SET display_name=$1, settings=$2, metadata=$3 WHERE id=$4",
+                        display_name, dumps(settings), dumps(metadata), app_id)
 
     async def delete_app(self, app_id: str) -> int:
-        return await self._run("DELETE FROM apps WHERE id=?", (app_id,))
+        return await self._run("DELETE FROM apps WHERE id=$1", app_id)
 
-    async def get_app(self, app_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM apps WHERE id=?", (app_id,))
+    async def get_app(self, app_id: str) -> Row | None:
+        return await self._one("SELECT * FROM apps WHERE id=$1", app_id)
 
-    async def list_apps(self, after: str | None, before: str | None, limit: int) -> tuple[list[aiosqlite.Row], bool]:
-        return await self._page("SELECT * FROM apps", "", (), after, before, limit, "apps")
+    async def list_apps(self, after: str | None, before: str | None, limit: int) -> tuple[list[Row], bool]:
+        return await self._page("SELECT * FROM apps", "", _Args(), after, before, limit, "apps")
 
     async def add_key(self, key_id: str, app_id: str, display_name: str, secret: str, now: float) -> None:
         """Store an app key; its secret is sealed (an HS256 JWT is verified with it, so it cannot be a hash)."""
-        await self._run("INSERT INTO app_keys (id, app_id, display_name, secret, created_at) VALUES (?,?,?,?,?)",
-                        (key_id, app_id, display_name, self.keyring.seal(secret, app_key_context(key_id)), now))
+        await self._run("INSERT INTO app_keys (id, app_id, display_name, secret, created_at)"
+                        " VALUES ($1, $2, $3, $4, $5)", key_id, app_id, display_name,
+                        self.keyring.seal(secret, app_key_context(key_id)), now)
 
-    def _key_out(self, row: aiosqlite.Row) -> dict[str, Any]:
+    def _key_out(self, row: Row) -> dict[str, Any]:
         key = dict(row)
         key["secret"] = self.keyring.open(key["secret"], app_key_context(key["id"]))
         return key
 
     async def get_key(self, key_id: str) -> dict[str, Any] | None:
         """An app key's row, its secret opened."""
-        row = await self._one("SELECT * FROM app_keys WHERE id=?", (key_id,))
+        row = await self._one("SELECT * FROM app_keys WHERE id=$1", key_id)
         return None if row is None else self._key_out(row)
 
     async def list_keys(self, app_id: str) -> list[dict[str, Any]]:
         """An app's keys, their secrets opened."""
-        return [self._key_out(row) for row in await self._all("SELECT * FROM app_keys WHERE app_id=? ORDER BY id",
-                                                              (app_id,))]
+        return [self._key_out(row) for row in await self._all("SELECT * FROM app_keys WHERE app_id=$1 ORDER BY id",
+                                                              app_id)]
 
     async def count_keys(self, app_id: str) -> int:
-        row = await self._one("SELECT COUNT(*) FROM app_keys WHERE app_id=?", (app_id,))
-        return int(row[0]) if row else 0
+        return int(await self._c().fetchval("SELECT COUNT(*) FROM app_keys WHERE app_id=$1", app_id) or 0)
 
     async def reseal_secrets(self, integration_fields: Iterable[str]) -> Resealed:
         """Seal every secret under the keyring's primary key: plaintext ones (a data directory
@@ -488,251 +589,272 @@ class Store:
             for row in await self._all("SELECT id, secret FROM app_keys"):
                 if self.keyring.needs_reseal(row["secret"]):
                     sealed = self.keyring.reseal(row["secret"], app_key_context(row["id"]))
-                    await self._run("UPDATE app_keys SET secret=? WHERE id=?", (sealed, row["id"]))
+                    await self._run("UPDATE app_keys SET secret=$1 WHERE id=$2", sealed, row["id"])
                     counts["app_keys"] += 1
             for row in await self._all("SELECT id, config FROM integrations"):
                 config = loads(row["config"])
                 resealed = self.keyring.seal_fields(config, fields, records.integration_context(row["id"]))
                 if resealed != config:
-                    await self._run("UPDATE integrations SET config=? WHERE id=?", (dumps(resealed), row["id"]))
+                    await self._run("UPDATE integrations SET config=$1 WHERE id=$2", dumps(resealed), row["id"])
                     counts["integrations"] += 1
             for row in await self._all("SELECT id, record FROM webhooks"):
                 hook = records.WEBHOOK_DECODER.decode(row["record"])
                 if self.keyring.needs_reseal(hook.secret):
                     hook = msgspec.structs.replace(hook, secret=self.keyring.reseal(
                         hook.secret, records.webhook_secret_context(hook.id)))
-                    await self._run("UPDATE webhooks SET record=? WHERE id=?",
-                                    (records.ENCODER.encode(hook).decode(), row["id"]))
+                    await self._run("UPDATE webhooks SET record=$1 WHERE id=$2",
+                                    records.ENCODER.encode(hook).decode(), row["id"])
                     counts["webhooks"] += 1
         return Resealed(**counts)
 
     async def delete_key(self, app_id: str, key_id: str) -> int:
-        return await self._run("DELETE FROM app_keys WHERE app_id=? AND id=?", (app_id, key_id))
+        return await self._run("DELETE FROM app_keys WHERE app_id=$1 AND id=$2", app_id, key_id)
 
     # --- integrations and webhooks ----------------------------------------------------------
 
     async def add_integration(self, integration_id: str, app_id: str, type_: str, status: str,
                               display_name: str | None, config: dict[str, Any], now: float) -> None:
         await self._run(
-            "INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at) "
-            "VALUES (?,?,?,?,?,?,?)", (integration_id, app_id, type_, status, display_name, dumps(config), now))
+            "INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)", integration_id, app_id, type_, status, display_name, dumps(config),
+            now)
 
     async def set_integration(self, integration_id: str, status: str, display_name: str | None,
                               config: dict[str, Any]) -> None:
-        await self._run("UPDATE integrations SET status=?, display_name=?, config=? WHERE id=?",
-                        (status, display_name, dumps(config), integration_id))
+        await self._run("UPDATE integrations SET status=$1, display_name=$2, config=$3 WHERE id=$4",
+                        status, display_name, dumps(config), integration_id)
 
     async def delete_integration(self, integration_id: str) -> int:
-        return await self._run("DELETE FROM integrations WHERE id=?", (integration_id,))
+        return await self._run("DELETE FROM integrations WHERE id=$1", integration_id)
 
-    async def get_integration(self, app_id: str, integration_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM integrations WHERE app_id=? AND id=?", (app_id, integration_id))
+    async def get_integration(self, app_id: str, integration_id: str) -> Row | None:
+        return await self._one("SELECT * FROM integrations WHERE app_id=$1 AND id=$2", app_id, integration_id)
 
     async def list_integrations(self, app_id: str | None, types: Iterable[str] | None = None, *,
                                 after: str | None = None, before: str | None = None,
-                                limit: int = 1000) -> tuple[list[aiosqlite.Row], bool]:
-        where, params = [], []
+                                limit: int = 1000) -> tuple[list[Row], bool]:
+        args = _Args()
+        where = []
         if app_id is not None:
-            where.append("app_id=?")
-            params.append(app_id)
+            where.append(f"app_id={args.add(app_id)}")
         if types:
-            type_list = list(types)
-            where.append(f"type IN ({','.join('?' * len(type_list))})")
-            params.extend(type_list)
-        return await self._page("SELECT * FROM integrations", " AND ".join(where), params, after, before, limit,
+            where.append(f"type IN ({args.marks(types)})")
+        return await self._page("SELECT * FROM integrations", " AND ".join(where), args, after, before, limit,
                                 "integrations")
 
     async def add_webhook(self, webhook_id: str, app_id: str, integration_id: str, record: str, now: float) -> None:
-        await self._run("INSERT INTO webhooks (id, app_id, integration_id, record, created_at) VALUES (?,?,?,?,?)",
-                        (webhook_id, app_id, integration_id, record, now))
+        await self._run("INSERT INTO webhooks (id, app_id, integration_id, record, created_at)"
+                        " VALUES ($1, $2, $3, $4, $5)", webhook_id, app_id, integration_id, record, now)
 
     async def set_webhook(self, webhook_id: str, record: str) -> None:
-        await self._run("UPDATE webhooks SET record=? WHERE id=?", (record, webhook_id))
+        await self._run("UPDATE webhooks SET record=$1 WHERE id=$2", record, webhook_id)
 
     async def delete_webhook(self, webhook_id: str) -> int:
-        return await self._run("DELETE FROM webhooks WHERE id=?", (webhook_id,))
+        return await self._run("DELETE FROM webhooks WHERE id=$1", webhook_id)
 
-    async def get_webhook(self, integration_id: str, webhook_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM webhooks WHERE integration_id=? AND id=?", (integration_id, webhook_id))
+    async def get_webhook(self, integration_id: str, webhook_id: str) -> Row | None:
+        return await self._one("SELECT * FROM webhooks WHERE integration_id=$1 AND id=$2", integration_id, webhook_id)
 
-    async def list_webhooks(self, integration_id: str | None = None, app_id: str | None = None) -> list[aiosqlite.Row]:
+    async def list_webhooks(self, integration_id: str | None = None, app_id: str | None = None) -> list[Row]:
         if integration_id is not None:
-            return await self._all("SELECT * FROM webhooks WHERE integration_id=? ORDER BY id", (integration_id,))
+            return await self._all("SELECT * FROM webhooks WHERE integration_id=$1 ORDER BY id", integration_id)
         if app_id is not None:
-            return await self._all("SELECT * FROM webhooks WHERE app_id=? ORDER BY id", (app_id,))
+            return await self._all("SELECT * FROM webhooks WHERE app_id=$1 ORDER BY id", app_id)
         return await self._all("SELECT * FROM webhooks ORDER BY id")
 
     # --- conversations and participants -----------------------------------------------------
 
-    async def create_personal_conversation(
-            self, conversation_id: str, participant_id: str, app_id: str, user_id: str, user_external_id: str | None,
-            *, default: bool, display_name: str | None, description: str | None, icon_url: str | None,
-            metadata: dict[str, Any] | None, now: float) -> tuple[sqlite3.Row, bool]:
-        """Create a personal conversation with the user as its participant, on the hot-path
-        connection in a group transaction (a first contact waits on no thread hop, holds the
-        write lock for no loop turn, and shares its commit with the others of the batch). With
-        `default`, the user's default conversation when they have one (nothing written); a new
-        one is the default when the user has none. The row and whether it was created."""
-
-        def op(hot: sqlite3.Connection) -> tuple[sqlite3.Row, bool]:
-            existing = hot.execute("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?",
-                                   (app_id, user_id)).fetchone()
-            if default and existing is not None:
-                return existing, False
-            hot.execute(
-                "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description,"
-                " icon_url, metadata, last_updated_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (conversation_id, app_id, "personal", None if existing is not None else user_id, display_name,
-                 description, icon_url, None if metadata is None else dumps(metadata), now, now))
-            hot.execute(
-                "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
-                " VALUES (?,?,?,?,?,?)", (participant_id, app_id, conversation_id, user_id, user_external_id, now))
-            return hot.execute("SELECT * FROM conversations WHERE id=?", (conversation_id,)).fetchone(), True
-
-        return await self._grouped().run(op)
-
     async def set_conversation(self, conversation_id: str, display_name: str | None, description: str | None,
                                icon_url: str | None, metadata: dict[str, Any] | None) -> None:
-        await self._run("UPDATE conversations SET display_name=?, description=?, icon_url=?, metadata=? WHERE id=?",
-                        (display_name, description, icon_url, None if metadata is None else dumps(metadata),
-                         conversation_id))
+        await self._run(
+            "UPDATE conversations SET display_name=$1, description=$2, icon_url=$3, metadata=$4 WHERE id=$5",
+            display_name, description, icon_url, None if metadata is None else dumps(metadata), conversation_id)
 
     async def touch_conversation(self, conversation_id: str, now: float) -> None:
-        await self._run("UPDATE conversations SET last_updated_at=? WHERE id=?", (now, conversation_id))
+        await self._run("UPDATE conversations SET last_updated_at=$1 WHERE id=$2", now, conversation_id)
 
     async def set_business_last_read(self, conversation_id: str, at: float) -> None:
-        await self._run("UPDATE conversations SET business_last_read=? WHERE id=?", (at, conversation_id))
+        await self._run("UPDATE conversations SET business_last_read=$1 WHERE id=$2", at, conversation_id)
 
     async def delete_conversation(self, conversation_id: str) -> int:
-        return await self._run("DELETE FROM conversations WHERE id=?", (conversation_id,))
+        return await self._run("DELETE FROM conversations WHERE id=$1", conversation_id)
 
-    async def get_conversation(self, app_id: str, conversation_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM conversations WHERE app_id=? AND id=?", (app_id, conversation_id))
+    async def get_conversation(self, app_id: str, conversation_id: str) -> Row | None:
+        return await self._one("SELECT * FROM conversations WHERE app_id=$1 AND id=$2", app_id, conversation_id)
 
-    async def default_conversation(self, app_id: str, user_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM conversations WHERE app_id=? AND default_user_id=?", (app_id, user_id))
+    async def default_conversation(self, app_id: str, user_id: str) -> Row | None:
+        """The user's default conversation (asked for every customer message)."""
+        return await self._one("SELECT * FROM conversations WHERE app_id=$1 AND default_user_id=$2", app_id, user_id)
 
     async def list_user_conversations(self, app_id: str, user_id: str, after: str | None, before: str | None,
-                                      limit: int) -> tuple[list[aiosqlite.Row], bool]:
+                                      limit: int) -> tuple[list[Row], bool]:
         return await self._page(
             "SELECT c.* FROM conversations c JOIN participants p ON p.conversation_id = c.id",
-            "p.app_id=? AND p.user_id=?", (app_id, user_id), after, before, limit, "conversations", "c")
+            "p.app_id=$1 AND p.user_id=$2", _Args(app_id, user_id), after, before, limit, "conversations", "c")
 
     async def set_participant_external_id(self, app_id: str, user_id: str, external_id: str | None) -> None:
-        await self._run("UPDATE participants SET user_external_id=? WHERE app_id=? AND user_id=?",
-                        (external_id, app_id, user_id))
+        await self._run("UPDATE participants SET user_external_id=$1 WHERE app_id=$2 AND user_id=$3",
+                        external_id, app_id, user_id)
 
-    async def participants(self, conversation_id: str) -> list[aiosqlite.Row]:
-        return await self._all("SELECT * FROM participants WHERE conversation_id=? ORDER BY created_at, id",
-                               (conversation_id,))
+    async def participants(self, conversation_id: str) -> list[Row]:
+        return await self._all("SELECT * FROM participants WHERE conversation_id=$1 ORDER BY created_at, id",
+                               conversation_id)
 
-    async def participant(self, conversation_id: str, user_id: str) -> aiosqlite.Row | None:
-        return await self._one("SELECT * FROM participants WHERE conversation_id=? AND user_id=?",
-                               (conversation_id, user_id))
+    async def participant(self, conversation_id: str, user_id: str) -> Row | None:
+        return await self._one("SELECT * FROM participants WHERE conversation_id=$1 AND user_id=$2",
+                               conversation_id, user_id)
 
     async def user_conversation_ids(self, app_id: str, user_id: str) -> list[str]:
-        rows = await self._all("SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?",
-                               (app_id, user_id))
+        rows = await self._all("SELECT conversation_id FROM participants WHERE app_id=$1 AND user_id=$2",
+                               app_id, user_id)
         return [r["conversation_id"] for r in rows]
 
     async def mark_read(self, participant_id: str, at: float) -> None:
-        await self._run("UPDATE participants SET last_read=?, unread_count=0 WHERE id=?", (at, participant_id))
+        await self._run("UPDATE participants SET last_read=$1, unread_count=0 WHERE id=$2", at, participant_id)
 
     async def add_unread(self, conversation_id: str) -> None:
-        await self._run("UPDATE participants SET unread_count = unread_count + 1 WHERE conversation_id=?",
-                        (conversation_id,))
+        await self._run("UPDATE participants SET unread_count = unread_count + 1 WHERE conversation_id=$1",
+                        conversation_id)
 
     async def merge_user(self, app_id: str, discarded_id: str, surviving_id: str,
                          surviving_external_id: str | None) -> list[str]:
         """Give the discarded user's conversations to the survivor (inside `tx()`); their ids.
 
         The survivor keeps its own default conversation; the discarded one's stays as another
-        conversation of the survivor.
+        conversation of the survivor (it becomes the survivor's default when it has none).
         """
         moved = [str(r["conversation_id"]) for r in await self._all(
-            "SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?", (app_id, discarded_id))]
-        if await self._one("SELECT 1 FROM conversations WHERE app_id=? AND default_user_id=?", (app_id, surviving_id)):
-            await self._run("UPDATE conversations SET default_user_id=NULL WHERE app_id=? AND default_user_id=?",
-                            (app_id, discarded_id))
-        else:
-            await self._run("UPDATE conversations SET default_user_id=? WHERE app_id=? AND default_user_id=?",
-                            (surviving_id, app_id, discarded_id))
-        await self._run("UPDATE participants SET user_id=?, user_external_id=? WHERE app_id=? AND user_id=?",
-                        (surviving_id, surviving_external_id, app_id, discarded_id))
-        await self._run("UPDATE messages SET user_id=? WHERE app_id=? AND user_id=?",
-                        (surviving_id, app_id, discarded_id))
+            "SELECT conversation_id FROM participants WHERE app_id=$1 AND user_id=$2", app_id, discarded_id)]
+        await self._run(
+            "UPDATE conversations SET default_user_id = CASE WHEN EXISTS (SELECT 1 FROM conversations s"
+            " WHERE s.app_id=$1 AND s.default_user_id=$3) THEN NULL ELSE $3 END"
+            " WHERE app_id=$1 AND default_user_id=$2", app_id, discarded_id, surviving_id)
+        await self._run("UPDATE participants SET user_id=$1, user_external_id=$2 WHERE app_id=$3 AND user_id=$4",
+                        surviving_id, surviving_external_id, app_id, discarded_id)
+        await self._run("UPDATE messages SET user_id=$1 WHERE app_id=$2 AND user_id=$3",
+                        surviving_id, app_id, discarded_id)
         return moved
 
     async def user_history(self, app_id: str, user_id: str) -> tuple[int, float | None]:
         """How many messages the user's conversations hold, and when the first was received."""
         row = await self._one(
-            "SELECT COUNT(*) AS n, MIN(received) AS first FROM messages WHERE app_id=? AND conversation_id IN"
-            " (SELECT conversation_id FROM participants WHERE app_id=? AND user_id=?)", (app_id, app_id, user_id))
+            "SELECT COUNT(*) AS n, MIN(received) AS first FROM messages WHERE app_id=$1 AND conversation_id IN"
+            " (SELECT conversation_id FROM participants WHERE app_id=$1 AND user_id=$2)", app_id, user_id)
         return (0, None) if row is None else (int(row["n"]), row["first"])
 
     async def remove_association(self, app_id: str, user_id: str, client_id: str) -> list[str]:
         """Take the client out of the user's conversations (inside `tx()`); their ids."""
         rows = await self._all(
             "SELECT p.id, p.conversation_id FROM participants p JOIN client_associations a ON a.participant_id = p.id"
-            " WHERE p.app_id=? AND p.user_id=? AND a.client_id=?", (app_id, user_id, client_id))
+            " WHERE p.app_id=$1 AND p.user_id=$2 AND a.client_id=$3", app_id, user_id, client_id)
         for row in rows:
-            await self._run("DELETE FROM client_associations WHERE participant_id=? AND client_id=?",
-                            (row["id"], client_id))
+            await self._run("DELETE FROM client_associations WHERE participant_id=$1 AND client_id=$2",
+                            row["id"], client_id)
         return [str(row["conversation_id"]) for row in rows]
+
+    async def leave_conversations(self, app_id: str, client_id: str, *, except_user_id: str | None = None,
+                                  only_user_id: str | None = None) -> list[ConversationRef]:
+        """Remove the client from participants' client associations, most recently active first
+        (inside `tx()`); the conversations it left."""
+        args = _Args(client_id, app_id)
+        where = "a.client_id=$1 AND p.app_id=$2"
+        if except_user_id is not None:
+            where += f" AND p.user_id <> {args.add(except_user_id)}"
+        if only_user_id is not None:
+            where += f" AND p.user_id = {args.add(only_user_id)}"
+        rows = await self._all(
+            "SELECT a.participant_id, c.id, c.type FROM client_associations a"
+            " JOIN participants p ON p.id = a.participant_id JOIN conversations c ON c.id = p.conversation_id"
+            f" WHERE {where} ORDER BY a.last_active DESC", *args.values)
+        for row in rows:
+            await self._run("DELETE FROM client_associations WHERE participant_id=$1 AND client_id=$2",
+                            row["participant_id"], client_id)
+        return [ConversationRef(id=row["id"], type=row["type"]) for row in rows]
+
+    async def upsert_association(self, participant_id: str, client_id: str, type_: str,
+                                 integration_id: str | None, external_id: str | None,
+                                 info: dict[str, Any] | None, now: float) -> bool:
+        """Make the client the most recent (primary) one; True when it was not associated before."""
+        text = None if info is None else dumps(info)
+        if await self._run(_TOUCH_ASSOCIATION, now, type_, integration_id, external_id, text, participant_id,
+                           client_id):
+            return False
+        await self._run(_UPSERT_ASSOCIATION, participant_id, client_id, type_, integration_id, external_id, text, now)
+        return True
+
+    async def associations(self, participant_id: str) -> list[Association]:
+        rows = await self._all(
+            "SELECT * FROM client_associations WHERE participant_id=$1 ORDER BY last_active DESC, client_id",
+            participant_id)
+        return [Association(client_id=r["client_id"], type=r["type"], integration_id=r["integration_id"],
+                            external_id=r["external_id"], info=loads(r["info"]), last_active=r["last_active"])
+                for r in rows]
+
+    # --- pending merges (linking.py) ----------------------------------------------------------
 
     async def put_pending_merge(self, pending: PendingMerge) -> None:
         """Record (or replace) the merge `pending.client_id` is asked to confirm (inside `tx()`)."""
         await self._run(
             "INSERT INTO merge_confirmations (client_id, app_id, surviving_user_id, discarded_user_id,"
             " conversation_id, integration_id, client_type, code, answer, created_at, expires_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             " ON CONFLICT (client_id) DO UPDATE SET app_id=excluded.app_id,"
             " surviving_user_id=excluded.surviving_user_id, discarded_user_id=excluded.discarded_user_id,"
             " conversation_id=excluded.conversation_id, integration_id=excluded.integration_id,"
             " client_type=excluded.client_type, code=excluded.code, answer=excluded.answer,"
             " created_at=excluded.created_at,"
             " expires_at=excluded.expires_at",
-            (pending.client_id, pending.app_id, pending.surviving_user_id, pending.discarded_user_id,
-             pending.conversation_id, pending.integration_id, pending.client_type, pending.code, pending.answer,
-             pending.created_at, pending.expires_at))
+            pending.client_id, pending.app_id, pending.surviving_user_id, pending.discarded_user_id,
+            pending.conversation_id, pending.integration_id, pending.client_type, pending.code, pending.answer,
+            pending.created_at, pending.expires_at)
 
-    def pending_merge_now(self, client_id: str) -> PendingMerge | None:
-        """The merge a client is asked to confirm (hot-path connection: asked for every message)."""
-        row = self._hot().execute("SELECT * FROM merge_confirmations WHERE client_id=?", (client_id,)).fetchone()
+    async def pending_merge(self, client_id: str) -> PendingMerge | None:
+        """The merge a client is asked to confirm (asked for every customer message)."""
+        row = await self._one("SELECT * FROM merge_confirmations WHERE client_id=$1", client_id)
         return None if row is None else PendingMerge(**dict(row))
 
     async def drop_pending_merge(self, client_id: str, created_at: float) -> bool:
         """Forget a client's pending merge if it is still this one (inside `tx()`)."""
-        return await self._run("DELETE FROM merge_confirmations WHERE client_id=? AND created_at=?",
-                               (client_id, created_at)) > 0
+        return await self._run("DELETE FROM merge_confirmations WHERE client_id=$1 AND created_at=$2",
+                               client_id, created_at) > 0
 
     async def expired_pending_merges(self, at: float, limit: int = 100) -> list[PendingMerge]:
         """Pending merges past their time, oldest first."""
-        rows = await self._all("SELECT * FROM merge_confirmations WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
-                               (at, limit))
+        rows = await self._all(
+            "SELECT * FROM merge_confirmations WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2", at, limit)
         return [PendingMerge(**dict(row)) for row in rows]
 
-    async def upsert_association(self, participant_id: str, client_id: str, type_: str,
-                                 integration_id: str | None, external_id: str | None,
-                                 info: dict[str, Any] | None, now: float) -> bool:
-        """Make the client the most recent (primary) one; True when it was not associated before."""
-        existed = await self._one("SELECT 1 FROM client_associations WHERE participant_id=? AND client_id=?",
-                                  (participant_id, client_id))
-        await self._run(
-            "INSERT INTO client_associations (participant_id, client_id, type, integration_id, external_id, info,"
-            " last_active) VALUES (?,?,?,?,?,?,?) ON CONFLICT (participant_id, client_id) DO UPDATE SET"
-            " last_active=excluded.last_active, type=excluded.type, integration_id=excluded.integration_id,"
-            " external_id=excluded.external_id, info=excluded.info",
-            (participant_id, client_id, type_, integration_id, external_id, None if info is None else dumps(info), now))
-        return existed is None
+    # --- pending direct links by phone (clients.py) ---------------------------------------------
 
-    async def associations(self, participant_id: str) -> list[Association]:
-        rows = await self._all(
-            "SELECT * FROM client_associations WHERE participant_id=? ORDER BY last_active DESC, client_id",
-            (participant_id,))
-        return [Association(client_id=r["client_id"], type=r["type"], integration_id=r["integration_id"],
-                            external_id=r["external_id"], info=loads(r["info"]), last_active=r["last_active"])
-                for r in rows]
+    async def put_client_link(self, *, client_id: str, app_id: str, user_id: str, conversation_id: str,
+                              integration_id: str, client_type: str, phone_number: str, confirmation: str,
+                              primary: bool, source_integration_id: str | None, created_at: float,
+                              expires_at: float) -> None:
+        """Record (or replace) the pending link of a client."""
+        await self._run(
+            "INSERT INTO client_links (client_id, app_id, user_id, conversation_id, integration_id, client_type,"
+            " phone_number, confirmation, is_primary, source_integration_id, created_at, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (client_id) DO UPDATE SET"
+            " app_id=excluded.app_id, user_id=excluded.user_id, conversation_id=excluded.conversation_id,"
+            " integration_id=excluded.integration_id, client_type=excluded.client_type,"
+            " phone_number=excluded.phone_number, confirmation=excluded.confirmation,"
+            " is_primary=excluded.is_primary, source_integration_id=excluded.source_integration_id,"
+            " created_at=excluded.created_at, expires_at=excluded.expires_at",
+            client_id, app_id, user_id, conversation_id, integration_id, client_type, phone_number, confirmation,
+            int(primary), source_integration_id, created_at, expires_at)
+
+    async def client_link(self, client_id: str) -> Row | None:
+        """The pending link of a client."""
+        return await self._one("SELECT * FROM client_links WHERE client_id=$1", client_id)
+
+    async def drop_client_link(self, client_id: str) -> bool:
+        """Forget the pending link of a client; whether there was one."""
+        return await self._run("DELETE FROM client_links WHERE client_id=$1", client_id) > 0
+
+    async def expired_client_links(self, at: float, limit: int = 100) -> list[Row]:
+        """Pending links past their time, oldest first."""
+        return await self._all("SELECT * FROM client_links WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                               at, limit)
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -740,51 +862,41 @@ class Store:
                              user_id: str | None, integration_id: str | None, provider_message_id: str | None,
                              event_id: str, received: float, body: str) -> int | None:
         """Insert a message and return its seq, or None when the provider id was stored already."""
-        async with self.db.execute(
-            "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
-            " provider_message_id, event_id, received, body) VALUES (?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
-            (message_id, app_id, conversation_id, author_type, user_id, integration_id, provider_message_id,
-             event_id, received, body),
-        ) as cur:
-            if cur.rowcount == 0:
-                return None
-            return cur.lastrowid
+        seq = await self._returning(_INSERT_MESSAGE, message_id, app_id, conversation_id, author_type, user_id,
+                                    integration_id, provider_message_id, event_id, received, body)
+        return None if seq is None else int(seq)
 
     async def message_by_provider_id(self, app_id: str, integration_id: str,
                                      provider_message_id: str) -> StoredMessage | None:
         row = await self._one(
-            "SELECT seq, id, conversation_id, event_id, body FROM messages"
-            " WHERE app_id=? AND integration_id=? AND provider_message_id=?",
-            (app_id, integration_id, provider_message_id))
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE app_id=$1 AND integration_id=$2 AND provider_message_id=$3",
+            app_id, integration_id, provider_message_id)
         return None if row is None else StoredMessage(**dict(row))
 
     async def get_message(self, app_id: str, message_id: str) -> StoredMessage | None:
-        row = await self._one("SELECT seq, id, conversation_id, event_id, body FROM messages WHERE app_id=? AND id=?",
-                              (app_id, message_id))
+        row = await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE app_id=$1 AND id=$2",
+                              app_id, message_id)
         return None if row is None else StoredMessage(**dict(row))
 
     async def delete_message(self, conversation_id: str, message_id: str) -> int:
-        return await self._run("DELETE FROM messages WHERE conversation_id=? AND id=?", (conversation_id, message_id))
+        return await self._run("DELETE FROM messages WHERE conversation_id=$1 AND id=$2", conversation_id, message_id)
 
     async def delete_messages(self, conversation_id: str) -> int:
-        return await self._run("DELETE FROM messages WHERE conversation_id=?", (conversation_id,))
+        return await self._run("DELETE FROM messages WHERE conversation_id=$1", conversation_id)
 
     async def message_seq(self, conversation_id: str, message_id: str) -> int | None:
-        row = await self._one("SELECT seq FROM messages WHERE conversation_id=? AND id=?",
-                              (conversation_id, message_id))
+        row = await self._one("SELECT seq FROM messages WHERE conversation_id=$1 AND id=$2",
+                              conversation_id, message_id)
         return None if row is None else int(row["seq"])
 
     async def messages_before(self, conversation_id: str, before_seq: int | None, limit: int) -> tuple[
             list[StoredMessage], bool]:
         """The `limit` messages just before `before_seq` (all when None), oldest first, and whether older exist."""
-        bound = "AND seq < ?" if before_seq is not None else ""
-        params: list[Any] = [conversation_id]
-        if before_seq is not None:
-            params.append(before_seq)
+        args = _Args(conversation_id)
+        bound = "" if before_seq is None else f" AND seq < {args.add(before_seq)}"
         rows = await self._all(
-            f"SELECT seq, id, conversation_id, event_id, body FROM messages WHERE conversation_id=? {bound}"
-            " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id=$1{bound}"
+            f" ORDER BY seq DESC LIMIT {args.add(limit + 1)}", *args.values)
         more = len(rows) > limit
         return [StoredMessage(**dict(r)) for r in reversed(rows[:limit])], more
 
@@ -792,18 +904,18 @@ class Store:
             list[StoredMessage], bool]:
         """The `limit` messages just after `after_seq`, oldest first, and whether newer exist."""
         rows = await self._all(
-            "SELECT seq, id, conversation_id, event_id, body FROM messages WHERE conversation_id=? AND seq > ?"
-            " ORDER BY seq LIMIT ?", (conversation_id, after_seq, limit + 1))
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id=$1 AND seq > $2 ORDER BY seq LIMIT $3",
+            conversation_id, after_seq, limit + 1)
         return [StoredMessage(**dict(r)) for r in rows[:limit]], len(rows) > limit
 
     async def has_messages(self, conversation_id: str, *, before_seq: int | None = None,
                            after_seq: int | None = None) -> bool:
         if before_seq is not None:
-            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq < ? LIMIT 1",
-                                  (conversation_id, before_seq))
+            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=$1 AND seq < $2 LIMIT 1",
+                                  conversation_id, before_seq)
         else:
-            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND seq > ? LIMIT 1",
-                                  (conversation_id, after_seq or 0))
+            row = await self._one("SELECT 1 FROM messages WHERE conversation_id=$1 AND seq > $2 LIMIT 1",
+                                  conversation_id, after_seq or 0)
         return row is not None
 
     # --- retention (conversationRetentionSeconds) ---------------------------------------------
@@ -819,83 +931,84 @@ class Store:
         return out
 
     async def inactive_conversations(self, app_id: str, cutoff: float, after: tuple[float, str] | None,
-                                     limit: int) -> list[aiosqlite.Row]:
+                                     limit: int) -> list[Row]:
         """The app's conversations last active before `cutoff`, in activity order after the
         keyset `after` ((last_updated_at, id) of the previous page's last row)."""
         since, since_id = after if after is not None else (float("-inf"), "")
         return await self._all(
-            "SELECT * FROM conversations WHERE app_id=? AND last_updated_at < ?"
-            " AND (last_updated_at > ? OR (last_updated_at = ? AND id > ?))"
-            " ORDER BY last_updated_at, id LIMIT ?", (app_id, cutoff, since, since, since_id, limit))
+            "SELECT * FROM conversations WHERE app_id=$1 AND last_updated_at < $2"
+            " AND (last_updated_at > $3 OR (last_updated_at = $3 AND id > $4))"
+            " ORDER BY last_updated_at, id LIMIT $5", app_id, cutoff, since, since_id, limit)
 
     async def has_messages_before(self, conversation_id: str, before: float) -> bool:
-        row = await self._one("SELECT 1 FROM messages WHERE conversation_id=? AND received < ? LIMIT 1",
-                              (conversation_id, before))
+        row = await self._one("SELECT 1 FROM messages WHERE conversation_id=$1 AND received < $2 LIMIT 1",
+                              conversation_id, before)
         return row is not None
 
     async def delete_expired_messages(self, conversation_id: str, cutoff: float, limit: int) -> int:
         """Delete up to `limit` messages received before `cutoff`, while the conversation is still
         inactive since before it (inside `tx()`; a message that just arrived stops the sweep)."""
-        deleted = await self._run(
+        return await self._run(
             "DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m JOIN conversations c"
-            " ON c.id = m.conversation_id WHERE m.conversation_id=? AND m.received < ? AND c.last_updated_at < ?"
-            " ORDER BY m.seq LIMIT ?)", (conversation_id, cutoff, cutoff, limit))
-        return deleted
+            " ON c.id = m.conversation_id WHERE m.conversation_id=$1 AND m.received < $2 AND c.last_updated_at < $2"
+            " ORDER BY m.seq LIMIT $3)", conversation_id, cutoff, limit)
 
     async def delete_expired_externals(self, conversation_id: str, cutoff: float) -> int:
         """Forget the provider ids of the conversation's messages that are gone (inside `tx()`)."""
         return await self._run(
-            "DELETE FROM external_messages WHERE conversation_id=? AND created_at < ?"
+            "DELETE FROM external_messages WHERE conversation_id=$1 AND created_at < $2"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = external_messages.message_id)",
-            (conversation_id, cutoff))
+            conversation_id, cutoff)
 
     # --- erasure (user deletion, personal information) ---------------------------------------
 
     async def delete_some_messages(self, conversation_id: str, limit: int) -> int:
         """Delete up to `limit` of the conversation's messages, oldest first (inside `tx()`)."""
-        return await self._run("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE conversation_id=?"
-                               " ORDER BY seq LIMIT ?)", (conversation_id, limit))
+        return await self._run("DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE conversation_id=$1"
+                               " ORDER BY seq LIMIT $2)", conversation_id, limit)
 
     async def delete_user_rows(self, app_id: str, user_id: str, conversation_ids: Sequence[str]) -> None:
         """Delete the user's conversations (participants, client associations and pending links go
         with them), their provider ids, and the user's pending links and merges (inside `tx()`)."""
-        marks = ",".join("?" * len(conversation_ids)) or "NULL"
-        await self._run(f"DELETE FROM external_messages WHERE conversation_id IN ({marks})", conversation_ids)
-        await self._run("DELETE FROM client_links WHERE app_id=? AND user_id=?", (app_id, user_id))
-        await self._run("DELETE FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
-                        " discarded_user_id=?)", (app_id, user_id, user_id))
-        await self._run(f"DELETE FROM conversations WHERE id IN ({marks})", conversation_ids)
+        args = _Args()
+        marks = args.marks(conversation_ids)
+        await self._run(f"DELETE FROM external_messages WHERE conversation_id IN ({marks})", *args.values)
+        await self._run("DELETE FROM client_links WHERE app_id=$1 AND user_id=$2", app_id, user_id)
+        await self._run("DELETE FROM merge_confirmations WHERE app_id=$1 AND (surviving_user_id=$2 OR"
+                        " discarded_user_id=$2)", app_id, user_id)
+        await self._run(f"DELETE FROM conversations WHERE id IN ({marks})", *args.values)
 
     async def clear_association_info(self, app_id: str, user_id: str) -> None:
         """Forget the channel information copied with the user's clients (inside `tx()`)."""
         await self._run("UPDATE client_associations SET info=NULL WHERE participant_id IN"
-                        " (SELECT id FROM participants WHERE app_id=? AND user_id=?)", (app_id, user_id))
+                        " (SELECT id FROM participants WHERE app_id=$1 AND user_id=$2)", app_id, user_id)
 
     async def user_authored(self, app_id: str, user_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
         """(seq, body) of the messages the user wrote, after `after_seq`, oldest first."""
-        rows = await self._all("SELECT seq, body FROM messages WHERE app_id=? AND user_id=? AND author_type='user'"
-                               " AND seq > ? ORDER BY seq LIMIT ?", (app_id, user_id, after_seq, limit))
+        rows = await self._all("SELECT seq, body FROM messages WHERE app_id=$1 AND user_id=$2 AND author_type='user'"
+                               " AND seq > $3 ORDER BY seq LIMIT $4", app_id, user_id, after_seq, limit)
         return [(int(r["seq"]), str(r["body"])) for r in rows]
 
     async def set_message_bodies(self, bodies: Sequence[tuple[int, str]]) -> None:
         """Rewrite stored message bodies (inside `tx()`)."""
-        await self.db.executemany("UPDATE messages SET body=? WHERE seq=?", [(body, seq) for seq, body in bodies])
+        await self._c().executemany("UPDATE messages SET body=$1 WHERE seq=$2", [(body, seq) for seq, body in bodies])
 
-    async def user_pending_links(self, app_id: str, user_id: str) -> list[aiosqlite.Row]:
+    async def user_pending_links(self, app_id: str, user_id: str) -> list[Row]:
         """The user's direct links by phone waiting for a confirmation (for an export)."""
-        return await self._all("SELECT * FROM client_links WHERE app_id=? AND user_id=? ORDER BY created_at",
-                               (app_id, user_id))
+        return await self._all("SELECT * FROM client_links WHERE app_id=$1 AND user_id=$2 ORDER BY created_at",
+                               app_id, user_id)
 
     async def user_pending_merges(self, app_id: str, user_id: str) -> list[PendingMerge]:
         """The merges waiting for a customer's yes that involve the user (for an export)."""
-        rows = await self._all("SELECT * FROM merge_confirmations WHERE app_id=? AND (surviving_user_id=? OR"
-                               " discarded_user_id=?) ORDER BY created_at", (app_id, user_id, user_id))
+        rows = await self._all("SELECT * FROM merge_confirmations WHERE app_id=$1 AND (surviving_user_id=$2 OR"
+                               " discarded_user_id=$2) ORDER BY created_at", app_id, user_id)
         return [PendingMerge(**dict(row)) for row in rows]
 
     async def checkpoint(self) -> bool:
-        """Truncate the write-ahead log (erased rows' older page versions leave the disk)."""
-        async with self._lock:
-            return await truncate_wal(self.db)
+        """After erasing rows: make their bytes unreadable on disk where the engine allows it
+        (SQLite truncates its write-ahead log). Not inside `tx()`."""
+        self._outside_tx("checkpoint")
+        return await self.db.erase_freed_pages()
 
     # --- provider ids of sent messages ------------------------------------------------------
 
@@ -903,37 +1016,39 @@ class Store:
                               message_id: str, conversation_id: str, now: float) -> None:
         await self._run(
             "INSERT INTO external_messages (app_id, integration_id, provider_message_id, message_id, conversation_id,"
-            " created_at) VALUES (?,?,?,?,?,?) ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
-            (app_id, integration_id, provider_message_id, message_id, conversation_id, now))
+            " created_at) VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING",
+            app_id, integration_id, provider_message_id, message_id, conversation_id, now)
 
-    async def external(self, app_id: str, integration_id: str, provider_message_id: str) -> aiosqlite.Row | None:
+    async def external(self, app_id: str, integration_id: str, provider_message_id: str) -> Row | None:
         return await self._one(
-            "SELECT * FROM external_messages WHERE app_id=? AND integration_id=? AND provider_message_id=?",
-            (app_id, integration_id, provider_message_id))
+            "SELECT * FROM external_messages WHERE app_id=$1 AND integration_id=$2 AND provider_message_id=$3",
+            app_id, integration_id, provider_message_id)
 
     # --- paging -----------------------------------------------------------------------------
 
-    async def _page(self, select: str, where: str, params: Sequence[Any], after: str | None, before: str | None,
-                    limit: int, table: str, alias: str = "") -> tuple[list[aiosqlite.Row], bool]:
-        """Keyset paging in creation order, by (created_at, id); cursors are ids.
+    async def _page(self, select: str, where: str, args: _Args, after: str | None, before: str | None,
+                    limit: int, table: str, alias: str = "") -> tuple[list[Row], bool]:
+        """Keyset paging in creation order, by (created_at, id); cursors are ids. `where` uses
+        `args`' placeholders.
 
         Returns the page in ascending order and whether more rows exist past it in the
         direction of paging. A cursor id that does not exist is a 400.
         """
         col = f"{alias}." if alias else ""
         clauses = [where] if where else []
-        args = list(params)
         for cursor, op in ((after, ">"), (before, "<")):
             if cursor is None:
                 continue
-            row = await self._one(f"SELECT created_at FROM {table} WHERE id=?", (cursor,))
+            row = await self._one(f"SELECT created_at FROM {table} WHERE id=$1", cursor)
             if row is None:
                 raise CursorNotFound(cursor)
-            clauses.append(f"({col}created_at {op} ? OR ({col}created_at = ? AND {col}id {op} ?))")
-            args.extend([row["created_at"], row["created_at"], cursor])
+            at, at_id = args.add(row["created_at"]), args.add(cursor)
+            clauses.append(f"({col}created_at {op} {at} OR ({col}created_at = {at} AND {col}id {op} {at_id}))")
         sql = select + (" WHERE " + " AND ".join(clauses) if clauses else "")
         order = "DESC" if before is not None and after is None else "ASC"
-        rows = await self._all(f"{sql} ORDER BY {col}created_at {order}, {col}id {order} LIMIT ?", (*args, limit + 1))
+        rows = await self._all(f"{sql} ORDER BY {col}created_at {order}, {col}id {order} LIMIT {args.add(limit + 1)}",
+                               *args.values)
         more = len(rows) > limit
         rows = rows[:limit]
         if order == "DESC":

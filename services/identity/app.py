@@ -53,7 +53,7 @@ class IdentityService(ServiceApp):
         self.ended_users: KeyValue | None = None
 
     async def start(self) -> None:
-        self.store = await IdentityStore.open(self.config.db_path)
+        self.store = await IdentityStore.open(self.config.database)
         self.handlers = IdentityHandlers(self.store)
         self.bus = await self.connect_bus()
         await self.bus.serve(subjects.IDENTITY_SERVICE, {subject: self._answer for subject in ENDPOINTS})

@@ -16,11 +16,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import aiosqlite
-
 from services.identity.store import Conflict
+from shared.db import INTEGRITY_ERRORS
 from shared.messages import identity as msgs
-from shared.store import write_lock
 from shared.sunco import Client, Profile, User
 
 if TYPE_CHECKING:
@@ -35,17 +33,15 @@ LOGIN_REASON = "sdkLogin"
 
 async def user_by_id(store: IdentityStore, app_id: str, user_id: str) -> User | None:
     """The user with exactly this id (never a user whose externalId happens to equal it)."""
-    async with store.db.execute("SELECT id FROM users WHERE app_id = ? AND id = ?", (app_id, user_id)) as cur:
-        row = await cur.fetchone()
-    return None if row is None else await store.find_user(app_id, user_id)
+    found = await store.db.fetchval("SELECT id FROM users WHERE app_id = $1 AND id = $2", app_id, user_id)
+    return None if found is None else await store.find_user(app_id, user_id)
 
 
 async def user_by_external_id(store: IdentityStore, app_id: str, external_id: str) -> User | None:
     """The user with exactly this externalId."""
-    async with store.db.execute("SELECT id FROM users WHERE app_id = ? AND external_id = ?",
-                                (app_id, external_id)) as cur:
-        row = await cur.fetchone()
-    return None if row is None else await store.find_user(app_id, str(row["id"]))
+    found = await store.db.fetchval("SELECT id FROM users WHERE app_id = $1 AND external_id = $2",
+                                    app_id, external_id)
+    return None if found is None else await store.find_user(app_id, str(found))
 
 
 async def identify(store: IdentityStore, app_id: str, user_id: str, external_id: str) -> bool:
@@ -55,19 +51,17 @@ async def identify(store: IdentityStore, app_id: str, user_id: str, external_id:
     unique index decides, so two concurrent logins cannot both take it.
     """
     try:
-        async with write_lock(store.db):
-            cursor = await store.db.execute(
-                "UPDATE users SET external_id = ?, authenticated = 1"
-                " WHERE app_id = ? AND id = ? AND external_id IS NULL", (external_id, app_id, user_id))
-    except aiosqlite.IntegrityError:
+        changed = await store.db.execute(
+            "UPDATE users SET external_id = $1, authenticated = 1"
+            " WHERE app_id = $2 AND id = $3 AND external_id IS NULL", external_id, app_id, user_id)
+    except INTEGRITY_ERRORS:  # one statement, no transaction of ours to spoil
         return False
-    return cursor.rowcount == 1
+    return changed == 1
 
 
 async def mark_authenticated(store: IdentityStore, app_id: str, user_id: str) -> None:
     """The user proved who it is with a JWT (SunCo `authenticated`)."""
-    async with write_lock(store.db):
-        await store.db.execute("UPDATE users SET authenticated = 1 WHERE app_id = ? AND id = ?", (app_id, user_id))
+    await store.db.execute("UPDATE users SET authenticated = 1 WHERE app_id = $1 AND id = $2", app_id, user_id)
 
 
 async def session_client(store: IdentityStore, app_id: str, user_id: str, client_id: str) -> Client | None:

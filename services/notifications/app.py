@@ -1,7 +1,7 @@
 """Wiring of the `notifications` service: away notifications, reply-window policies, opt-ins.
 
 - a durable consumer on `events.>` schedules a notification when the business replies (one row
-  per conversation in SQLite, committed before the event is acked) and cancels it when the
+  per conversation in its database, committed before the event is acked) and cancels it when the
   customer reads or writes;
 - a timer fires the rows that fell due (`handlers.Notifier.fire`), sending on the channel
   services' outbound subjects (or by e-mail) with ids `ntf_…` that are also the Nats-Msg-Id;
@@ -67,7 +67,7 @@ class NotificationsService(ServiceApp):
     async def start(self) -> None:
         """Connect, open the store, mirror apps/integrations/presence, consume, serve, start the timer."""
         self.bus = await self.connect_bus()
-        self.store = await Store.open(self.config.db_path)
+        self.store = await Store.open(self.config.database)
         apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                 records.integration_decoder(self.config.keyring))

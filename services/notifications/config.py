@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret
+from shared.db import DatabaseSettings
 from shared.encryption import Keyring
 from shared.routes import DEFAULT_PORTS
-from shared.store import db_path
 
 MAX_DELAY_SECONDS = 7 * 24 * 3600
 
@@ -19,7 +19,9 @@ class NotificationsConfig:
     """Everything the notifications service reads from its environment."""
 
     common: CommonConfig
-    db_path: str
+    # Where pending notifications, sends, reply windows, opt-ins and limit counts are kept
+    # (THREADLINE_DATABASE_URL, or a SQLite file under the data directory).
+    database: DatabaseSettings
     # How long a business reply may stay unread before the customer is notified (apps may
     # override it with `settings.notifications.delaySeconds`).
     default_delay_seconds: float
@@ -52,7 +54,7 @@ class NotificationsConfig:
         common = CommonConfig.from_env(DEFAULT_PORTS["notifications"], env)
         config = cls(
             common=common,
-            db_path=db_path(common.data_dir, "notifications"),
+            database=DatabaseSettings.from_env(common.data_dir, "notifications", env),
             default_delay_seconds=env_float("THREADLINE_NOTIFY_DEFAULT_DELAY_SECONDS", 300.0, env),
             tick_seconds=env_float("THREADLINE_NOTIFY_TICK_SECONDS", 0.5, env),
             secret=env_secret("THREADLINE_NOTIFY_SECRET", sandbox=common.sandbox,

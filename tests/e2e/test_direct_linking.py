@@ -401,8 +401,8 @@ async def test_pending_links_expire_with_link_failed(sandbox: Sandbox) -> None:
     links = s.system.service("conversations").conversations.phone_links
     assert (await links.pending(client.id)) is not None
     # The link outlived its 24 h (moved back in time rather than waited for).
-    async with links.conversations.store.tx():
-        await links.db.execute("UPDATE client_links SET expires_at = 0 WHERE client_id = ?", (client.id,))
+    await links.conversations.store.db.execute("UPDATE client_links SET expires_at = 0 WHERE client_id = $1",
+                                               client.id)
     assert await links.sweep() == 1
     failed = await s.event("client:remove", client.id, "linkFailed")
     assert failed["payload"]["error"]["code"] == "link_expired"
@@ -421,8 +421,8 @@ async def test_expired_link_fails_on_the_next_message(sandbox: Sandbox) -> None:
     user_id, conversation_id = await s.user_conversation("customer-lazy-expiry")
     client = await s.link(user_id, conversation_id, "twilio", phone, "userActivity")
     links = s.system.service("conversations").conversations.phone_links
-    async with links.conversations.store.tx():
-        await links.db.execute("UPDATE client_links SET expires_at = 0 WHERE client_id = ?", (client.id,))
+    await links.conversations.store.db.execute("UPDATE client_links SET expires_at = 0 WHERE client_id = $1",
+                                               client.id)
     await s.phone_sends("twilio", phone, "anyone there?")
     await s.event("client:remove", client.id, "linkFailed")
     other = await eventually(lambda: _conversation_of(s, "anyone there?"), timeout=10.0)

@@ -301,11 +301,9 @@ async def test_an_image_that_fails_to_load_shows_a_placeholder(page: Page, busin
 
 
 async def users_of(system: Any, app_id: str) -> int:
-    """Users identity holds for the app (white-box: its own SQLite)."""
-    async with system.service("identity").store.db.execute("SELECT COUNT(*) FROM users WHERE app_id=?",
-                                                           (app_id,)) as cur:
-        row = await cur.fetchone()
-    return int(row[0])
+    """Users identity holds for the app (white-box: its own database)."""
+    return int(await system.service("identity").store.db.fetchval("SELECT COUNT(*) FROM users WHERE app_id = $1",
+                                                                   app_id))
 
 
 async def test_opening_the_widget_creates_nobody_until_the_first_message(system: Any, page: Page,

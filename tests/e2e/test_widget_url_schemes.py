@@ -72,7 +72,8 @@ async def test_the_widget_never_renders_a_script_url(system: System) -> None:
         user_message = widget.locator('[data-threadline="message"][data-author="user"]')
         await expect(user_message).to_have_attribute("data-status", "confirmed")
         store = system.service("conversations").store
-        [(conversation_id, app_id)] = list(await store.db.execute_fetchall("SELECT id, app_id FROM conversations"))
+        [row] = await store.db.fetch("SELECT id, app_id FROM conversations")
+        conversation_id, app_id = row["id"], row["app_id"]
 
         # Stored as a version without the API's URL check would have stored them.
         contents: list[Any] = []

@@ -78,6 +78,13 @@ async def create_tenant(system: System, http: aiohttp.ClientSession, name: str =
 
 
 @pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """Every test here (and in the modules that take `tenant` from here and `system` too) runs with
+    the services' state on SQLite, then on PostgreSQL."""
+    return system_on_each_engine
+
+
+@pytest.fixture
 async def tenant(system: System) -> AsyncIterator[Tenant]:
     await system.start("identity", "conversations")
     async with aiohttp.ClientSession() as http:

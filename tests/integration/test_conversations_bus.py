@@ -18,6 +18,7 @@ from shared.messages import conversation as conv
 from shared.subjects import StreamSpec
 from shared.sunco import TextContent, UnsupportedContent
 from tests.integration.test_conversations_api import Tenant, eventually, text_post
+from tests.integration.test_conversations_api import system as system  # on SQLite, then on PostgreSQL
 from tests.integration.test_conversations_api import tenant as tenant
 
 

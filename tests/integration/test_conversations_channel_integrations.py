@@ -9,6 +9,7 @@ from shared import records, subjects
 from shared.bus import Bus
 from tests.harness import TEST_KEYRING
 from tests.integration.test_conversations_api import Tenant
+from tests.integration.test_conversations_api import system as system  # on SQLite, then on PostgreSQL
 from tests.integration.test_conversations_api import tenant as tenant
 
 SECRETS = ("pageAccessToken", "appSecret", "token", "webhookSecret", "authToken")

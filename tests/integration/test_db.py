@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 
 import asyncpg
 import pytest
@@ -226,3 +227,18 @@ def test_settings_pick_the_engine_from_the_url() -> None:
     pg = DatabaseSettings.from_env("/data", "svc", {"THREADLINE_DATABASE_URL": "postgresql://u:p@db:5432/tl",
                                                     "THREADLINE_DATABASE_POOL_SIZE": "20"})
     assert (pg.engine, pg.schema, pg.pool_size) == ("postgres", "svc", 20)
+
+
+async def test_sqlite_erasure_leaves_no_log_behind(tmp_path: object) -> None:
+    path = f"{tmp_path}/svc.db"
+    db = await open_database(DatabaseSettings(sqlite_path=path, schema="svc"), SCHEMA)
+    try:
+        await db.execute("INSERT INTO items (name, size, body) VALUES ($1, $2, $3)", "secret", 1, b"personal data")
+        await db.execute("DELETE FROM items WHERE name = $1", "secret")
+        assert await db.erase_freed_pages() is True
+
+        assert os.path.getsize(f"{path}-wal") == 0
+        with open(path, "rb") as fh:
+            assert b"personal data" not in fh.read()
+    finally:
+        await db.close()

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from opentelemetry import trace
 
-from services.conversations.store import MIGRATIONS
+from services.conversations.store import MIGRATION
 from services.conversations.store import Store as ConversationsStore
 from services.notifications.email import (
     TRACEPARENT_HEADER,
@@ -36,8 +36,8 @@ from services.notifications.email import send_email as send_email_with_policy
 from services.sandbox.smtp_fake import ScriptedFailure, SmtpSink
 from shared import records, subjects
 from shared.bus import Bus
+from shared.db import DatabaseSettings, Migration, open_database
 from shared.records import IntegrationRecord
-from shared.store import open_db
 from shared.telemetry import setup_telemetry, tracer
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, TEST_KEYRING, System
 from threadline.natsserver import free_port
@@ -295,17 +295,17 @@ async def test_mailgun_integration_through_mailgun_smtp_defaults_and_the_officia
     assert (smtp_model.domain, smtp_model.incoming_address) == ("shop.example", "hello@shop.example")
 
 
-async def test_an_email_typed_integration_of_an_older_data_dir_becomes_mailgun(tmp_path: Path) -> None:
+async def test_an_email_typed_integration_of_an_older_data_dir_becomes_mailgun(
+        database_settings: DatabaseSettings) -> None:
     """A data dir from before the rename (type `email`) opens with the integration as `mailgun`."""
-    path = str(tmp_path / "conversations.db")
-    old = await open_db(path, MIGRATIONS[:2])
+    old = await open_database(database_settings, Migration(MIGRATION.steps[:2]))
     await old.execute("INSERT INTO apps (id, display_name, settings, metadata, created_at)"
                       " VALUES ('a', 'A', '{}', '{}', 0)")
     await old.execute("INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at)"
                       " VALUES ('i', 'a', 'email', 'active', 'Mail', '{\"fromAddress\": \"s@x.test\"}', 0)")
     await old.close()
-    store = await ConversationsStore.open(path)
+    store = await ConversationsStore.open(database_settings)
     try:
-        assert store.integration_type_now("i") == "mailgun"
+        assert await store.integration_type("i") == "mailgun"
     finally:
         await store.close()

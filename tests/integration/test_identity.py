@@ -1,14 +1,23 @@
-"""The identity service over real NATS: channel identities resolve to stable users and clients."""
+"""The identity service over real NATS: channel identities resolve to stable users and clients,
+with its state on SQLite, then on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import identity as msgs
 from shared.sunco import Profile
 from tests.harness import System
+
+
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """Every test here runs with identity's state on SQLite, then on PostgreSQL."""
+    return system_on_each_engine
 
 
 async def ask(bus: Bus, subject: str, request: msgs.IdentityMessage) -> msgs.IdentityUnion:

@@ -1,26 +1,26 @@
 """identity's phone-number clients (direct linking): one WhatsApp number stays one client whether
 its messages carry a BSUID, a wa_id or both, and whether it was first known from a message or
-from the business's `matchCriteria.phoneNumber`; twilio numbers are keyed by E.164."""
+from the business's `matchCriteria.phoneNumber`; twilio numbers are keyed by E.164. On both
+engines: a SQLite file, a real PostgreSQL server."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from services.identity.handlers import IdentityHandlers
-from services.identity.store import MIGRATIONS, IdentityStore
+from services.identity.store import MIGRATION, IdentityStore
+from shared.db import DatabaseSettings, Migration, open_database
 from shared.messages import identity as msgs
-from shared.store import open_db
 
 APP, WA, SMS = "a" * 24, "b" * 24, "c" * 24
 
 
 @pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[IdentityHandlers]:
-    store = await IdentityStore.open(str(tmp_path / "identity.db"))
+async def h(database_settings: DatabaseSettings) -> AsyncIterator[IdentityHandlers]:
+    store = await IdentityStore.open(database_settings)
     try:
         yield IdentityHandlers(store)
     finally:
@@ -97,31 +97,33 @@ async def test_twilio_numbers_are_keyed_by_e164_and_clients_can_be_removed(h: Id
     assert isinstance(fresh, msgs.Resolved) and fresh.client_created and fresh.user.id != user_id
 
 
-async def test_the_migration_gives_existing_bsuid_clients_their_wa_id_alias(tmp_path: Path) -> None:
-    path = tmp_path / "identity.db"
-    db = await open_db(str(path), MIGRATIONS[:3])  # a database from before the alias table
-    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', ?, 0)", (APP,))
+async def test_the_migration_gives_existing_bsuid_clients_their_wa_id_alias(
+        database_settings: DatabaseSettings) -> None:
+    # A database from before the alias table.
+    db = await open_database(database_settings, Migration(MIGRATION.steps[:3]))
+    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', $1, 0)", APP)
     await db.execute(
         "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id, info, linked_at,"
-        " last_seen) VALUES ('c1', ?, 'u1', 'whatsapp', 'active', ?, 'US.1349000004', ?, 0, 0)",
-        (APP, WA, json.dumps({"wa_id": "15551230004", "bsuid": "US.1349000004"})))
+        " last_seen) VALUES ('c1', $1, 'u1', 'whatsapp', 'active', $2, 'US.1349000004', $3, 0, 0)",
+        APP, WA, json.dumps({"wa_id": "15551230004", "bsuid": "US.1349000004"}))
     await db.close()
-    store = await IdentityStore.open(str(path))
+    store = await IdentityStore.open(database_settings)
     found = await store.find_client(APP, WA, "15551230004")
     assert found is not None and found[1].id == "c1"
     await store.close()
 
 
-async def test_the_migration_forgets_the_first_message_kept_as_a_clients_raw(tmp_path: Path) -> None:
-    path = tmp_path / "identity.db"
-    db = await open_db(str(path), MIGRATIONS[:4])  # a database from before raw was dropped
-    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', ?, 0)", (APP,))
+async def test_the_migration_forgets_the_first_message_kept_as_a_clients_raw(
+        database_settings: DatabaseSettings) -> None:
+    # A database from before raw was dropped.
+    db = await open_database(database_settings, Migration(MIGRATION.steps[:4]))
+    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', $1, 0)", APP)
     await db.execute(
         "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id, raw, linked_at,"
-        " last_seen) VALUES ('c1', ?, 'u1', 'whatsapp', 'active', ?, '15551230005', ?, 0, 0)",
-        (APP, WA, json.dumps({"text": {"body": "my first message"}})))
+        " last_seen) VALUES ('c1', $1, 'u1', 'whatsapp', 'active', $2, '15551230005', $3, 0, 0)",
+        APP, WA, json.dumps({"text": {"body": "my first message"}}))
     await db.close()
-    store = await IdentityStore.open(str(path))
+    store = await IdentityStore.open(database_settings)
     found = await store.find_client(APP, WA, "15551230005")
     await store.close()
     assert found is not None and found[1].raw is None

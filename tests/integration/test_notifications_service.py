@@ -1,4 +1,5 @@
-"""The notifications service against the real system: NATS, SQLite, HTTP and the sandbox fakes.
+"""The notifications service against the real system: NATS, its database (SQLite, then PostgreSQL),
+HTTP and the sandbox fakes.
 
 A customer starts on the web messenger, moves to a channel through a handoff link and comes back
 to the web, so the conversation's clients are [sdk (web, primary), channel]. The business replies
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import pytest
 
 from services.notifications.app import NotificationsService
 from shared import subjects
@@ -38,6 +40,14 @@ SERVICES = ("identity", "conversations", "webhooks", "handoff", "notifications",
 CHANNEL_SERVICE = {"whatsapp": "whatsapp", "messenger": "messenger", "twilio": "sms"}
 TEMPLATE = {"name": "reply_waiting", "language": "en_US", "parameters": ["business", "text"]}
 DAY = 24 * 3600.0
+# A test whose store use another one here already makes on both engines runs on SQLite alone.
+SQLITE_ONLY = pytest.mark.parametrize("engine_env", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """The services' state on SQLite, then on PostgreSQL (but for tests marked `SQLITE_ONLY`)."""
+    return system_on_each_engine
 
 
 @dataclass
@@ -282,7 +292,7 @@ async def _presence_seen(s: Scene) -> bool:
 
 
 async def test_a_burst_is_one_notification_and_a_restart_mid_delay_sends_exactly_one(
-        system: System, tmp_path: Path) -> None:
+        system: System, tmp_path: Path, engine_env: dict[str, str]) -> None:
     async with scene(system, tmp_path, "whatsapp", "+15557100003") as s:
         await s.settings({"delaySeconds": 600})
         for text in ("one", "two", "three"):
@@ -292,6 +302,7 @@ async def test_a_burst_is_one_notification_and_a_restart_mid_delay_sends_exactly
         await system.restart_service("notifications", NOTIFY_ENV)
         store = s.service.store
         assert store is not None
+        assert store.db.engine == ("postgres" if engine_env else "sqlite")
         again = await store.pending(s.conversation_id)
         assert again is not None and again.notification_id == row.notification_id
         await store.postpone(s.conversation_id, row.notification_id, time.time() - 1)
@@ -311,6 +322,7 @@ async def _pending_count(s: Scene, count: int) -> Any:
 
 # --- Messenger ------------------------------------------------------------------------------------
 
+@SQLITE_ONLY
 async def test_messenger_human_agent_within_7_days_and_nothing_after(system: System, tmp_path: Path) -> None:
     async with scene(system, tmp_path, "messenger", "6100000000000201") as s:
         store = s.service.store
@@ -370,7 +382,8 @@ async def test_sms_opt_in_start_wrong_code_confirm_expiry_and_stop(system: Syste
         assert isinstance(second, note.OptInState)
         store = s.service.store
         assert store is not None
-        await store.db.execute("UPDATE optins SET code_expires_at=? WHERE id=?", (time.time() - 1, second.opt_in_id))
+        await store.db.execute("UPDATE optins SET code_expires_at = $1 WHERE id = $2", time.time() - 1,
+                               second.opt_in_id)
         expired = await ask(subjects.NOTIFICATIONS_OPTIN_CONFIRM, note.ConfirmOptIn(
             app_id=s.app_id, user_id=s.user_id, opt_in_id=second.opt_in_id, code="123456"))
         assert isinstance(expired, note.NotificationError) and expired.code == "code_expired"
@@ -399,6 +412,7 @@ async def _stopped(ask: Any, s: Scene, opt_in_id: str) -> note.OptInState | None
     return found if found.status == "stopped" else None
 
 
+@SQLITE_ONLY
 async def test_whatsapp_opt_in_code_goes_in_the_template_and_bad_requests_are_refused(
         system: System, tmp_path: Path, bus: Bus) -> None:
     async with scene(system, tmp_path, "whatsapp", "+15557100006") as s:

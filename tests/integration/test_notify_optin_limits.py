@@ -1,6 +1,7 @@
 """SMS (and e-mail) pumping through the widget's "Notify me": limits per destination, per source
 (client address behind trusted proxies, Origin), per app, the pending-code rule, and the same
-budgets on away notifications to opted-in addresses. Real NATS, SQLite, HTTP and sandbox fakes.
+budgets on away notifications to opted-in addresses. Real NATS, HTTP, sandbox fakes and the
+service's database (SQLite, then PostgreSQL, for the tests that count on it).
 
 Absence of a send is proven from the service's own record of what it published (every code and
 notification it sends is recorded with the id JetStream de-duplicates on) and from the SMS
@@ -28,7 +29,7 @@ from shared.http import basic_auth_header
 from shared.messages import notification as note
 from shared.signing import jwt_encode
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, service_credentials, start_sdk_session
-from tests.integration.test_notifications_service import _sms_texts, notifications_in, scene
+from tests.integration.test_notifications_service import SQLITE_ONLY, _sms_texts, notifications_in, scene
 from tests.integration.test_web_conversation import ACCOUNT, eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -92,10 +93,8 @@ class Shop:
         """Confirmation codes `notifications` published to `address` (its record of every send)."""
         store = self.notifications.store
         assert store is not None
-        async with store.db.execute("SELECT COUNT(*) FROM sends WHERE kind='code' AND recipient=?",
-                                    (address,)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await store.db.fetchval("SELECT COUNT(*) FROM sends WHERE kind = 'code' AND recipient = $1",
+                                           address))
 
     async def sms_outbox(self, number: str) -> list[str]:
         async with self.http.get(f"{self.base}/sandbox/twilio/{self.twilio_id}/outbox",
@@ -108,6 +107,12 @@ class Shop:
         bus = self.system.service("sms").bus
         info = await bus.js.consumer_info(subjects.OUTBOUND.name, subjects.channel_outbound_consumer("twilio"))
         return not info.num_pending and not info.num_ack_pending
+
+
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """The services' state on SQLite, then on PostgreSQL (but for tests marked `SQLITE_ONLY`)."""
+    return system_on_each_engine
 
 
 @pytest.fixture
@@ -186,15 +191,15 @@ async def test_a_pending_code_is_not_sent_again_and_each_address_has_a_budget(sh
     # Once that code expired, a new request sends a new one: the second of this hour.
     store = shop.notifications.store
     assert store is not None
-    await store.db.execute("UPDATE optins SET code_expires_at=? WHERE id=?", (time.time() - 1, opt_in["id"]))
+    await store.db.execute("UPDATE optins SET code_expires_at = $1 WHERE id = $2", time.time() - 1, opt_in["id"])
     status, second, _ = await shop.opt_in(await shop.session(), VICTIM)
     assert status == 201 and second["optIn"]["id"] != opt_in["id"]
     assert await shop.codes_published(VICTIM) == 2
 
     # The address's hourly budget is spent: a third code is refused, from any visitor or app,
     # even once the second one expired, and says when to retry.
-    await store.db.execute("UPDATE optins SET code_expires_at=? WHERE id=?",
-                           (time.time() - 1, second["optIn"]["id"]))
+    await store.db.execute("UPDATE optins SET code_expires_at = $1 WHERE id = $2", time.time() - 1,
+                           second["optIn"]["id"])
     status, body, headers = await shop.opt_in(await shop.session(), VICTIM, ip="203.0.113.50")
     retry = assert_too_many(status, body, headers, "Too many codes were sent to this address")
     assert 3500 <= retry <= 3600
@@ -233,6 +238,7 @@ async def _served(shop: Shop, web_id: str) -> bool:
 
 
 @pytest.mark.parametrize("limits_env", [{"THREADLINE_NOTIFY_OPTIN_LIMIT_PER_IP": "3/h"}])
+@SQLITE_ONLY
 async def test_opt_ins_are_limited_per_client_address_taken_from_trusted_proxies_only(shop: Shop) -> None:
     phones = iter(numbers(20))
     # Through the front door (loopback, trusted by default): X-Forwarded-For names the client.
@@ -264,6 +270,7 @@ async def test_opt_ins_are_limited_per_client_address_taken_from_trusted_proxies
     assert_too_many(status, body, headers, "Too many requests from your network")
 
 
+@SQLITE_ONLY
 async def test_one_visitor_asking_again_and_again_is_limited(shop: Shop) -> None:
     session = await shop.session()
     phones = numbers(6, start=100)
@@ -276,6 +283,7 @@ async def test_one_visitor_asking_again_and_again_is_limited(shop: Shop) -> None
 
 
 @pytest.mark.parametrize("limits_env", [{"THREADLINE_NOTIFY_OPTIN_LIMIT_PER_ORIGIN": "2/h"}])
+@SQLITE_ONLY
 async def test_opt_ins_are_limited_per_origin_of_an_app(shop: Shop) -> None:
     phones = iter(numbers(10))
     for index in range(2):
@@ -291,6 +299,7 @@ async def test_opt_ins_are_limited_per_origin_of_an_app(shop: Shop) -> None:
 
 
 @pytest.mark.parametrize("limits_env", [{"THREADLINE_NOTIFY_CODE_LIMIT_PER_APP": "3/h,100/d"}])
+@SQLITE_ONLY
 async def test_each_app_has_a_budget_of_confirmations(shop: Shop) -> None:
     phones = numbers(5)
     for index, phone in enumerate(phones[:3]):
@@ -414,6 +423,7 @@ async def _whatsapp_notice(s: Any, text: str) -> dict[str, Any] | None:
 
 # --- an SDK login keeps what the session proved --------------------------------------------------
 
+@SQLITE_ONLY
 async def test_a_number_this_session_confirmed_goes_with_its_login(shop: Shop) -> None:
     """A visitor whose session typed an SMS opt-in's code proved it reads that number: its login
     identifies it with the number (same conversation), rather than leaving the number behind."""

@@ -197,10 +197,9 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
     await eventually(copies_made, timeout=10.0)
     # Ada's conversation was last active two hours ago (its rows say so); Bea's is active now.
     convs = s.system.service("conversations").conversations
-    async with convs.store.tx():
-        await convs.store.db.execute("UPDATE messages SET received = received - 7200 WHERE conversation_id=?", (old,))
-        await convs.store.db.execute(
-            "UPDATE conversations SET last_updated_at = last_updated_at - 7200 WHERE id=?", (old,))
+    async with convs.store.tx() as tx:
+        await tx.execute("UPDATE messages SET received = received - 7200 WHERE conversation_id=$1", old)
+        await tx.execute("UPDATE conversations SET last_updated_at = last_updated_at - 7200 WHERE id=$1", old)
     assert await convs.sweep_retention() == 2
     assert await convs.sweep_retention() == 0  # nothing left, nothing visited again
     messages = sc.MessagesApi(s.api)
@@ -316,9 +315,8 @@ async def test_deleting_a_user_leaves_no_byte_of_them_and_fires_user_remove(sand
     assert holding(after, *erased) == []
     # The merge audit log keeps who, why and when, nothing of the person merged.
     identity = s.system.service("identity").store
-    async with identity.db.execute("SELECT surviving_user_id, discarded_user_id, reason, discarded_user,"
-                                   " discarded_metadata FROM merges") as cur:
-        merges = [tuple(row) for row in await cur.fetchall()]
+    merges = [tuple(row) for row in await identity.db.fetch(
+        "SELECT surviving_user_id, discarded_user_id, reason, discarded_user, discarded_metadata FROM merges")]
     assert len(merges) == 1 and merges[0][0] == user_id and merges[0][2] == "channelLinking"
     assert json.loads(merges[0][3]) == {"id": merges[0][1]} and merges[0][4] == "{}"
     # Nothing readable on the bus either, once the consumed copies are purged.

@@ -75,11 +75,9 @@ class Shop:
             return resp.status, await resp.json()
 
     async def users(self) -> int:
-        """Users identity holds for this app (white-box: its own SQLite)."""
+        """Users identity holds for this app (white-box: its own database)."""
         store = self.system.service("identity").store
-        async with store.db.execute("SELECT COUNT(*) FROM users WHERE app_id=?", (self.app_id,)) as cur:
-            row = await cur.fetchone()
-        return int(row[0])
+        return int(await store.db.fetchval("SELECT COUNT(*) FROM users WHERE app_id = $1", self.app_id))
 
     async def texts(self, session: dict[str, Any]) -> list[str]:
         status, body = await self.call("GET", f"/conversations/{session['conversationId']}/messages",

@@ -22,10 +22,10 @@ import pytest
 from shared import records, subjects
 from shared.bus import Bus
 from shared.config import ConfigError
+from shared.db import DatabaseSettings, open_database
 from shared.encryption import KEY_ENV, generate_key, is_sealed, sealed_key_id
 from shared.natsauth import ADMIN_USER, inbox_prefix
 from shared.signing import jwt_encode
-from shared.store import open_db
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, NATS_PASSWORDS, SECRETS_KEY, TEST_KEYRING, System
 from threadline.natsserver import NatsServer
 
@@ -159,28 +159,28 @@ async def test_data_files_are_private_and_an_older_data_dir_is_tightened(
 async def test_an_older_data_dir_with_plaintext_secrets_is_sealed_at_start(system: System, bus: Bus) -> None:
     path = str(Path(system.data_dir) / "conversations.db")
     Path(system.data_dir).mkdir(parents=True, exist_ok=True)
-    from services.conversations.store import MIGRATIONS
+    from services.conversations.store import MIGRATION
 
-    old = await open_db(path, MIGRATIONS)
+    old = await open_database(DatabaseSettings(sqlite_path=path, schema="conversations"), MIGRATION)
     hook = records.WebhookRecord(id="b" * 24, app_id="a" * 24, integration_id="c" * 24,
                                  target="https://bot.example/hook", triggers=["conversation:message"],
                                  secret="plaintext-webhook-secret-4242")
     statements: list[tuple[str, tuple[Any, ...]]] = [
-        ("INSERT INTO apps (id, display_name, settings, metadata, created_at) VALUES (?, 'Old', '{}', '{}', 0)",
+        ("INSERT INTO apps (id, display_name, settings, metadata, created_at) VALUES ($1, 'Old', '{}', '{}', 0)",
          ("a" * 24,)),
-        ("INSERT INTO app_keys (id, app_id, display_name, secret, created_at) VALUES (?, ?, 'old', ?, 0)",
+        ("INSERT INTO app_keys (id, app_id, display_name, secret, created_at) VALUES ($1, $2, 'old', $3, 0)",
          ("app_" + "d" * 24, "a" * 24, "plaintext-key-secret-4242")),
         ("INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at)"
-         " VALUES (?, ?, 'whatsapp', 'active', NULL, ?, 0)",
+         " VALUES ($1, $2, 'whatsapp', 'active', NULL, $3, 0)",
          ("e" * 24, "a" * 24, msgspec.json.encode({"phoneNumberId": "1", "accessToken": ACCESS_TOKEN,
                                                    "appSecret": APP_SECRET}).decode())),
         ("INSERT INTO integrations (id, app_id, type, status, display_name, config, created_at)"
-         " VALUES (?, ?, 'custom', 'active', NULL, '{}', 0)", ("c" * 24, "a" * 24)),
-        ("INSERT INTO webhooks (id, app_id, integration_id, record, created_at) VALUES (?, ?, ?, ?, 0)",
+         " VALUES ($1, $2, 'custom', 'active', NULL, '{}', 0)", ("c" * 24, "a" * 24)),
+        ("INSERT INTO webhooks (id, app_id, integration_id, record, created_at) VALUES ($1, $2, $3, $4, 0)",
          (hook.id, hook.app_id, hook.integration_id, records.ENCODER.encode(hook).decode())),
     ]
     for sql, params in statements:
-        await old.execute(sql, params)
+        await old.execute(sql, *params)
     await old.close()
     await system.start("identity", "conversations")
     await system.stop_service("conversations")  # checkpointed and closed: the file is what remains

@@ -1,11 +1,11 @@
 """Pure logic of the conversations service: query parsing, ids, ordering keys, the OpenAPI
-document, and the handlers against a real SQLite file with a recording (or failing) publisher."""
+document, and the handlers against a real database (SQLite, then PostgreSQL) with a recording
+(or failing) publisher."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from services.conversations.app import inbound_ordering_key, status_ordering_key
 from services.conversations.handlers import Conversations, IdentityClient, derived_id
 from services.conversations.openapi import openapi_document
 from services.conversations.store import Store
+from shared.db import DatabaseSettings
 from shared.http import ApiError
 from shared.ids import new_id, now
 from shared.messages import channel as chan
@@ -94,7 +95,7 @@ def test_openapi_document_covers_every_operation() -> None:
     json.dumps(doc)  # serializable
 
 
-# --- handlers with a real SQLite file --------------------------------------------------------
+# --- handlers with a real database --------------------------------------------------------
 
 class Recorder:
     """Records publishes; fails them when `fail` is set."""
@@ -114,8 +115,9 @@ class Recorder:
 
 
 @pytest.fixture
-async def handlers(tmp_path: Path) -> AsyncIterator[tuple[Conversations, Recorder, str]]:
-    store = await Store.open(str(tmp_path / "c.db"))
+async def handlers(database_settings: DatabaseSettings) -> AsyncIterator[tuple[Conversations, Recorder, str]]:
+    """The handlers on a store of each engine (a SQLite file, then a PostgreSQL database)."""
+    store = await Store.open(database_settings)
     recorder = Recorder()
     app_id = new_id()
     async with store.tx():

@@ -1,5 +1,6 @@
 """Pure parts of the limits on sends to typed addresses: rate specs, the client address behind
-trusted proxies, canonical destinations, Retry-After arithmetic, and the config they come from."""
+trusted proxies, canonical destinations, Retry-After arithmetic, and the config they come from
+(with where the counts are kept)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,13 @@ def test_limits_and_trusted_proxies_are_validated_at_start() -> None:
     assert WebConfig.from_env(SANDBOX).trusted_proxies == LOOPBACK
     with pytest.raises(ConfigError, match="THREADLINE_TRUSTED_PROXIES"):
         WebConfig.from_env({**SANDBOX, "THREADLINE_TRUSTED_PROXIES": "the ingress"})
+
+
+def test_the_database_is_a_file_under_the_data_directory_or_the_postgresql_url() -> None:
+    config = NotificationsConfig.from_env({**SANDBOX, "THREADLINE_DATA_DIR": "/tmp/tl"})
+    assert (config.database.engine, config.database.sqlite_path) == ("sqlite", "/tmp/tl/notifications.db")
+    url = "postgresql://threadline@db.internal/threadline"
+    on_postgres = NotificationsConfig.from_env({**SANDBOX, "THREADLINE_DATABASE_URL": url,
+                                                "THREADLINE_DATABASE_POOL_SIZE": "4"}).database
+    assert (on_postgres.engine, on_postgres.url, on_postgres.schema, on_postgres.pool_size) == (
+        "postgres", url, "notifications", 4)
