@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +31,7 @@ from shared.db import (
     Migration,
     Row,
     open_database,
-    postgres_ddl,
     serialize,
-    split_sql,
 )
 from shared.encryption import Keyring
 from shared.sunco import ConversationRef, Message
@@ -211,20 +209,7 @@ SCRIPTS: tuple[str, ...] = (
 )
 
 
-def _script(script: str) -> Callable[[Connection], Awaitable[None]]:
-    """A migration step running `script`: as written on SQLite; on PostgreSQL translated by
-    `postgres_ddl`, whose identity column needs no AUTOINCREMENT (it never reuses a value, which
-    is what AUTOINCREMENT asks of SQLite)."""
-    async def step(tx: Connection) -> None:
-        text = script if tx.engine == "sqlite" else postgres_ddl(script).replace(" AUTOINCREMENT", "")
-        for statement in split_sql(text):
-            await tx.execute(statement)
-
-    return step
-
-
-# Only the first script has an AUTOINCREMENT; the others run as plain scripts.
-MIGRATION = Migration([_script(SCRIPTS[0]), *SCRIPTS[1:]])
+MIGRATION = Migration(SCRIPTS)
 
 
 _JSON = msgspec.json.Encoder()
