@@ -17,8 +17,15 @@ duplicated counts, the CPU time per message of each service and nats-server (Lin
 floor pipeline (a bare aiohttp handler that awaits one JetStream publish) driven by the same load
 generator, and the ratio.
 
+With `--cluster`, the same load runs twice in one invocation: on the single-node system
+(SQLite), then on cluster mode (`threadline up --cluster`: 3 NATS nodes with R3 streams,
+PostgreSQL, two replicas of every service, the webhooks alternating between the two replicas of
+the channel's service as a Kubernetes Service would spread them), and the cluster's figures are
+printed beside the single node's.
+
     python bench/e2e.py --messages 5000 --concurrency 64 --senders 500
     python bench/e2e.py --channel all --messages 3000 --rate 500
+    python bench/e2e.py --cluster --messages 20000 --senders 20
 
 Run by hand; tests never depend on these figures.
 """
@@ -51,6 +58,7 @@ from shared.signing import meta_signature
 from shared.subjects import INTEGRATIONS_BUCKET, StreamSpec
 from shared.twilio_wire import API_VERSION, FORM_CONTENT_TYPE, SIGNATURE_HEADER, twilio_signature
 from threadline.cli import Launcher, load_secrets
+from threadline.cluster import ClusterLauncher
 from threadline.natsserver import NatsServer, free_port
 
 CHANNELS = ("whatsapp", "messenger", "telegram", "twilio", "app")
@@ -352,10 +360,12 @@ async def bench_channel(channel: str, load: ChannelLoad, receiver: Receiver,
     }
 
 
-async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> list[dict[str, Any]]:
-    data_dir = tempfile.mkdtemp(prefix="threadline-bench-")
-    launcher = Launcher(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
-                        extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
+async def bench_system(args: argparse.Namespace, channels: tuple[str, ...], *,
+                       cluster: bool = False) -> list[dict[str, Any]]:
+    data_dir = tempfile.mkdtemp(prefix="threadline-bench-cluster-" if cluster else "threadline-bench-")
+    launcher_type = ClusterLauncher if cluster else Launcher
+    launcher = launcher_type(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
+                             extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
     launcher.say = lambda text: None  # type: ignore[method-assign]
     info = await launcher.start()
     receiver = Receiver()
@@ -376,8 +386,11 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
             }) as resp:
                 if resp.status != 201:
                     raise RuntimeError(f"cannot create webhook: {resp.status} {await resp.text()}")
-        assert launcher.nats is not None
-        bus = await Bus.connect(launcher.nats.url, "bench")
+        nats_url = launcher.cluster.url if isinstance(launcher, ClusterLauncher) and launcher.cluster else None
+        if nats_url is None:
+            assert launcher.nats is not None
+            nats_url = launcher.nats.url
+        bus = await Bus.connect(nats_url, "bench")
         # Credentials in KV are sealed with the installation's key (secrets.json).
         keyring = Keyring.parse(load_secrets(data_dir)["secretsKey"])
         loads: dict[str, ChannelLoad] = {}
@@ -386,8 +399,8 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
         # same 2 cores as the load generator).
         for channel in channels:
             integration = info["integrations"]["android" if channel == "app" else channel]
-            entry = (info["baseUrl"] if args.via_frontdoor
-                     else f"http://127.0.0.1:{launcher.services[SERVICE_OF[channel]].port}")
+            entries = [info["baseUrl"]] if args.via_frontdoor else service_entries(launcher, SERVICE_OF[channel])
+            entry = entries[0]
             if channel == "app":
                 sessions = await app_sessions(entry, info["appId"], integration["id"], min(args.senders, args.messages))
                 loads[channel] = build_app(sessions, info["appId"], entry, args.messages)
@@ -396,7 +409,8 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
             # sandbox.json: it is read, like every channel's record, from the integrations bucket.
             ready = has_webhook_secret if channel == "telegram" else is_present
             record = await integration_record(bus, integration["id"], ready, keyring)
-            loads[channel] = BUILDERS[channel](integration, record, entry, args.messages, args.senders)
+            loads[channel] = spread(BUILDERS[channel](integration, record, entry, args.messages, args.senders),
+                                    entries)
         await asyncio.sleep(1.0)  # let the webhook config reach the webhooks service's KV mirror
         results = []
         for channel in channels:
@@ -414,22 +428,60 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...]) -> l
         await launcher.shutdown()
 
 
+def service_entries(launcher: Launcher, service: str) -> list[str]:
+    """The base URLs of a service's processes (one on a single node, one per replica in a cluster)."""
+    if isinstance(launcher, ClusterLauncher):
+        return [f"http://127.0.0.1:{replica.port}" for replica in launcher.replicas_of(service)]
+    return [f"http://127.0.0.1:{launcher.services[service].port}"]
+
+
+def spread(load: ChannelLoad, entries: list[str]) -> ChannelLoad:
+    """Request i to replica i mod n (a Kubernetes Service spreads connections; no proxy hop here)."""
+    if len(entries) < 2 or not isinstance(load.url, str):
+        return load
+    first = entries[0]
+    return ChannelLoad([load.url.replace(first, entries[i % len(entries)], 1) for i in range(len(load.requests))],
+                       load.requests)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the parenthesized command: ppid is the 2nd, utime and stime the 12th and 13th.
+            return stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(launcher: Launcher) -> dict[str, float]:
-    """CPU time (user + system) each service process and nats-server has used so far (Linux
-    /proc; empty elsewhere): differences around a run give the CPU a message costs."""
-    pids = {name: svc.process.pid for name, svc in launcher.services.items() if svc.process is not None}
+    """CPU time (user + system) each service (its replicas summed), nats-server (its nodes) and
+    PostgreSQL (with its backends) have used so far (Linux /proc; empty elsewhere): differences
+    around a run give the CPU a message costs."""
+    pids: dict[int, str] = {}
+    for name, svc in launcher.services.items():
+        if svc.process is not None:
+            pids[svc.process.pid] = getattr(svc, "service", "") or name
     if launcher.nats is not None and launcher.nats.process is not None:
-        pids["nats-server"] = launcher.nats.process.pid
+        pids[launcher.nats.process.pid] = "nats-server"
+    if isinstance(launcher, ClusterLauncher):
+        if launcher.cluster is not None:
+            for node in launcher.cluster.nodes:
+                if node.server.process is not None:
+                    pids[node.server.process.pid] = "nats-server"
+        if launcher.postgres is not None and launcher.postgres.process is not None:
+            postmaster = launcher.postgres.process.pid
+            pids[postmaster] = "postgres"
+            for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+                if entry.isdigit():
+                    fields = _proc_stat(int(entry))
+                    if fields is not None and fields[1] == str(postmaster):
+                        pids[int(entry)] = "postgres"
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     used: dict[str, float] = {}
-    for name, pid in pids.items():
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                # Fields after the parenthesized command: utime and stime are the 12th and 13th.
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    for pid, name in pids.items():
+        fields = _proc_stat(pid)
+        if fields is not None:
+            used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
     return used
 
 
@@ -462,10 +514,11 @@ async def bench_floor(args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
 
 
-def print_block(result: dict[str, Any], args: argparse.Namespace, floor_msg_per_s: float) -> None:
+def print_block(result: dict[str, Any], args: argparse.Namespace, floor_msg_per_s: float, system: str = "") -> None:
     channel = result["channel"]
     target = "through the front door" if args.via_frontdoor else f"straight to the {SERVICE_OF[channel]} service"
-    print(f"threadline e2e [{channel}]: {args.messages} webhooks, {args.concurrency} in flight, "
+    where = f" {system}" if system else ""
+    print(f"threadline e2e [{channel}]{where}: {args.messages} webhooks, {args.concurrency} in flight, "
           f"{args.senders} senders, {target}, "
           f"offered {f'{args.rate:.0f} msg/s' if args.rate else 'as fast as accepted'}")
     refused = ", ".join(f"{status}×{count}" for status, count in sorted(result["refused"].items()))
@@ -507,13 +560,24 @@ async def main() -> None:
                         help="offered load in msg/s (open loop); default: as fast as the system accepts")
     parser.add_argument("--via-frontdoor", action="store_true",
                         help="send through the Python front door instead of straight to the channel's service")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run the load on the single node (SQLite), then on cluster mode (PostgreSQL, "
+                             "2 replicas of every service, 3 NATS nodes) and compare")
     args = parser.parse_args()
     channels = CHANNELS if args.channel == "all" else (args.channel,)
     results = await bench_system(args, channels)
+    clustered = await bench_system(args, channels, cluster=True) if args.cluster else []
     floor = await bench_floor(args)
     for result in results:
-        print_block(result, args, floor["floor_msg_per_s"])
+        print_block(result, args, floor["floor_msg_per_s"], "single node, SQLite" if clustered else "")
+    for result in clustered:
+        print_block(result, args, floor["floor_msg_per_s"], "cluster, PostgreSQL, 2 replicas each")
     print(f"floor (aiohttp + awaited JetStream publish): {floor['floor_msg_per_s']:.0f} msg/s")
+    for single, cluster in zip(results, clustered, strict=False):
+        base = single["end_to_end_msg_per_s"]
+        share = cluster["end_to_end_msg_per_s"] / base if base else 0.0
+        print(f"cluster / single node [{single['channel']}]: {share:.2f} of the throughput, "
+              f"p99 {cluster['p99_ms']:.0f} ms vs {single['p99_ms']:.0f} ms")
     if len(results) > 1:
         print_summary(results, floor["floor_msg_per_s"])
 

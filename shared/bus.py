@@ -2,7 +2,8 @@
 
 - `Bus.publish` awaits the JetStream ack (so a caller knows the message is durable), sets
   `Nats-Msg-Id` for de-duplication and carries the trace context in headers.
-- `Bus.consume` runs a durable pull consumer: batches, explicit acks, per-key ordering with
+- `Bus.consume` runs this replica's share of a consumer group (`shared.partitions`): a durable
+  pull consumer per partition it holds, batches, explicit acks, per-key ordering with
   concurrency across keys, delayed redelivery for transient failures, and a span per message.
 - `Bus.serve` exposes request/reply endpoints as a `nats.micro` service; `Bus.request` calls them.
 - `KvMirror` keeps an in-memory copy of a KV bucket fresh by watching it.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +37,15 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.natsauth import inbox_prefix
-from shared.subjects import ALL_STREAMS, StreamSpec
+from shared.partitions import PartitionHook, PartitionLeases
+from shared.subjects import (
+    ALL_STREAMS,
+    PARTITION_LEASE_SECONDS,
+    PARTITIONS,
+    PARTITIONS_BUCKET,
+    ConsumerSpec,
+    StreamSpec,
+)
 from shared.telemetry import extract_context, inject_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -104,6 +115,9 @@ class Bus:
     _pullers: list[PullBatches] = field(default_factory=list)
     _handling: set[asyncio.Task[Any]] = field(default_factory=set)  # consumers handling a batch
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _leases: list[PartitionLeases] = field(default_factory=list)
+    # This process among the replicas of its service (partition leases are held under it).
+    replica: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     # Replicas of the streams `ensure_streams` was asked for; KV buckets created later get the
     # same (a bucket made by whichever service starts first must survive a node loss too).
     stream_replicas: int = 1
@@ -114,12 +128,13 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, name: str, *, user: str | None = None, password: str | None = None,
-                      tls_ca_file: str | None = None) -> Bus:
+                      tls_ca_file: str | None = None, replica: str | None = None) -> Bus:
         """Connect (retrying while the server starts) and return a Bus.
 
         `user`/`password`: this service's NATS credentials (shared/natsauth.py); its replies then
         arrive under its own inbox prefix, the only `_INBOX` subjects it may subscribe to.
-        `tls_ca_file`: verify `tls://` servers against this CA bundle.
+        `tls_ca_file`: verify `tls://` servers against this CA bundle. `replica`: this process's
+        id among its service's replicas, unique and ideally stable across restarts (default: random).
         """
 
         async def on_error(exc: Exception) -> None:
@@ -144,7 +159,10 @@ class Bus:
             servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5, **options,
         )
-        return cls(nc=nc, js=nc.jetstream(timeout=10))
+        bus = cls(nc=nc, js=nc.jetstream(timeout=10))
+        if replica:
+            bus.replica = replica
+        return bus
 
     async def ensure_streams(self, replicas: int = 1, streams: tuple[StreamSpec, ...] = ALL_STREAMS) -> None:
         """Create (or update) the streams Threadline uses. Safe to call from every service.
@@ -206,10 +224,52 @@ class Bus:
         await self.nc.request(control_subject(ServiceVerb.PING, name=name, id=service.id), b"", timeout=5)
         return service
 
-    def consume(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler, *,
-                batch: int = 100, ordering_key: Callable[[str, bytes], str] | None = None,
-                ack_wait: float = 30.0, max_ack_pending: int = 2000) -> None:
-        """Run a durable pull consumer in the background until `close()`.
+    async def consume(self, spec: ConsumerSpec, handler: Handler, *, batch: int = 100,
+                      ordering_key: Callable[[str, bytes], str] | None = None, ack_wait: float = 30.0,
+                      max_ack_pending: int = 2000, on_acquire: PartitionHook | None = None,
+                      on_release: PartitionHook | None = None) -> PartitionLeases:
+        """Consume this replica's share of a consumer group until `close()`.
+
+        The group's partitions are split among its live replicas (`shared.partitions`); for each
+        partition it holds, this replica runs the partition's durable consumer (`consume_durable`).
+        `on_acquire(n)` runs before partition n is consumed here, `on_release(n)` after it no
+        longer is (the batch in hand finished). The holder of partition 0 also drains the group's
+        durable from before partitioning, if one is left, and removes it.
+        """
+        stops: dict[int, asyncio.Event] = {}
+        loops: dict[int, asyncio.Task[None]] = {}
+        key = ordering_key or (lambda subject, _data: subject)
+
+        async def acquire(partition: int) -> None:
+            if on_acquire is not None:
+                await on_acquire(partition)
+            stop = stops[partition] = asyncio.Event()
+            durable = spec.durable(partition)
+            loops[partition] = self._spawn(
+                self._consume_loop(spec.stream, durable, spec.filter(partition), handler, batch, key, ack_wait,
+                                   max_ack_pending, stop, legacy=spec if partition == 0 else None),
+                name=f"consume:{durable}")
+
+        async def release(partition: int) -> None:
+            stop, loop = stops.pop(partition, None), loops.pop(partition, None)
+            if stop is not None:
+                stop.set()
+            if loop is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loop
+            if on_release is not None:
+                await on_release(partition)
+
+        kv = await self.key_value(PARTITIONS_BUCKET, ttl=PARTITION_LEASE_SECONDS)
+        leases = PartitionLeases(kv, spec.group, self.replica, PARTITIONS, PARTITION_LEASE_SECONDS, acquire, release)
+        self._leases.append(leases)
+        await leases.start()
+        return leases
+
+    def consume_durable(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler, *,
+                        batch: int = 100, ordering_key: Callable[[str, bytes], str] | None = None,
+                        ack_wait: float = 30.0, max_ack_pending: int = 2000) -> None:
+        """Run one durable pull consumer in the background until `close()`.
 
         Messages in a fetched batch that share an ordering key (default: the subject) are
         handled one after another; different keys are handled concurrently. A handler that
@@ -217,45 +277,130 @@ class Bus:
         message) terminates it; any other exception naks it with a short delay.
         """
         key = ordering_key or (lambda subject, _data: subject)
-        self._tasks.append(asyncio.create_task(
-            self._consume_loop(stream, durable, filter_subject, handler, batch, key, ack_wait, max_ack_pending),
-            name=f"consume:{durable}",
-        ))
+        self._spawn(self._consume_loop(stream, durable, filter_subject, handler, batch, key, ack_wait,
+                                       max_ack_pending, asyncio.Event()), name=f"consume:{durable}")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
+        return task
 
     async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
                             batch: int, key: Callable[[str, bytes], str], ack_wait: float,
-                            max_ack_pending: int) -> None:
+                            max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None) -> None:
         config = api.ConsumerConfig(
             durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
             max_ack_pending=max_ack_pending, filter_subject=filter_subject,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        while not self._stopping.is_set():
+        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=True)
+        if puller is None:
+            return
+        if legacy is not None:
+            legacy_config = api.ConsumerConfig(
+                durable_name=legacy.group, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                max_ack_pending=max_ack_pending, filter_subject=legacy.legacy_filter,
+                deliver_policy=api.DeliverPolicy.ALL)
+            self._spawn(self._drain_legacy(stream, legacy_config, handler, batch, key, stop),
+                        name=f"drain:{legacy.group}")
+        try:
+            await self._pull_and_handle(puller, durable, handler, key, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
+            if puller in self._pullers:
+                self._pullers.remove(puller)
+
+    async def _start_puller(self, stream: StreamSpec, durable: str, config: api.ConsumerConfig, batch: int,
+                            stop: asyncio.Event, *, create: bool, took_over: bool = False) -> PullBatches | None:
+        """The durable's puller (created when missing, unless `create` is false: then None when
+        there is no such durable).
+
+        `took_over`: this replica has just taken the durable's partition. Messages still awaiting
+        an ack were handed to a holder that died (one that let go acked or handed back all it
+        had): the server would redeliver them only after `ack_wait`, behind the messages that
+        came later. The durable is recreated at its ack floor instead, so the partition goes on
+        at once and in stream order; the few messages acked beyond the floor come again, which
+        the handlers' idempotence absorbs.
+        """
+        while not (self._stopping.is_set() or stop.is_set()):
             try:
                 try:
-                    await self.js.consumer_info(stream.name, durable)
+                    info = await self.js.consumer_info(stream.name, durable)
+                    if took_over and info.num_ack_pending:
+                        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                        log.warning("consumer %s: %d messages of a dead holder, resuming at the ack floor (%d)",
+                                    durable, info.num_ack_pending, floor)
+                        await self.js.delete_consumer(stream.name, durable)
+                        await self.js.add_consumer(stream.name, dataclasses.replace(
+                            config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=(floor or 0) + 1))
+                    elif info.config.filter_subject != config.filter_subject:
+                        await self.js.add_consumer(stream.name, config)  # an update: same durable
                 except nats.js.errors.NotFoundError:
+                    if not create:
+                        return None
                     await self.js.add_consumer(stream.name, config)
                 puller = await PullBatches.start(self.nc, stream.name, durable, batch)
                 self._pullers.append(puller)
-                break
+                return puller
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("consumer %s not ready yet: %s", durable, exc)
                 await asyncio.sleep(0.5)
-        else:
+        return None
+
+    async def _drain_legacy(self, stream: StreamSpec, config: api.ConsumerConfig, handler: Handler, batch: int,
+                            key: Callable[[str, bytes], str], stop: asyncio.Event) -> None:
+        """Handle what the group's pre-partitioning durable still holds, then delete it."""
+        durable = config.durable_name or ""
+        puller = await self._start_puller(stream, durable, config, batch, stop, create=False)
+        if puller is None:
             return
+        log.info("draining consumer %s (from before partitioning)", durable)
+        try:
+            drained = await self._pull_and_handle(puller, durable, handler, key, stop, until_empty=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
+            if puller in self._pullers:
+                self._pullers.remove(puller)
+        if drained:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await self.js.delete_consumer(stream.name, durable)
+                log.info("consumer %s drained and removed", durable)
+
+    async def _pull_and_handle(self, puller: PullBatches, durable: str, handler: Handler,
+                               key: Callable[[str, bytes], str], stop: asyncio.Event, *,
+                               until_empty: bool = False) -> bool:
+        """Fetch and handle batches until stopped (or, `until_empty`, until the consumer has
+        nothing pending or unacknowledged: then True)."""
         this_task = asyncio.current_task()
         assert this_task is not None
-        while not self._stopping.is_set():
+        # Stopping ends a pull request's wait at once (not after its expiry); a batch in hand finishes.
+        waker = asyncio.create_task(_wake_on(stop, self._stopping, puller))
+        try:
+            return await self._pull_loop(puller, durable, handler, key, stop, this_task, until_empty)
+        finally:
+            waker.cancel()
+
+    async def _pull_loop(self, puller: PullBatches, durable: str, handler: Handler, key: Callable[[str, bytes], str],
+                         stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool) -> bool:
+        while not (self._stopping.is_set() or stop.is_set()):
             try:
                 msgs = await puller.next_batch()
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-                return
+                return False
             except nats.errors.Error as exc:
                 log.warning("fetch failed on %s: %s", durable, exc)
                 await asyncio.sleep(0.5)
                 continue
             if not msgs:
+                if until_empty:
+                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                        info = await self.js.consumer_info(puller.stream, durable)
+                        if not info.num_pending and not info.num_ack_pending:
+                            return True
                 continue
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
@@ -265,6 +410,7 @@ class Bus:
                 await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
             finally:
                 self._handling.discard(this_task)
+        return False
 
     async def _handle_group(self, durable: str, group: list[Msg], handler: Handler) -> None:
         for msg in group:
@@ -353,19 +499,26 @@ class Bus:
         short, its messages would wait out `ack_wait` before another replica got them. Messages
         fetched but not handled yet are handed back at once (nak)."""
         self._stopping.set()
+        if self._leases:
+            # Every partition handed back (batches in hand finished, leases deleted): the other
+            # replicas take them over at their next tick instead of after the lease TTL.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(leases.stop() for leases in self._leases),
+                                                      return_exceptions=True), HANDLING_GRACE_SECONDS + 2)
         busy = [task for task in self._tasks if task in self._handling]
-        for task in self._tasks:
+        for task in list(self._tasks):
             if task not in self._handling:
                 task.cancel()
         if busy:
             await asyncio.wait(busy, timeout=HANDLING_GRACE_SECONDS)
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         # A pull request still open would deliver into the inbox; drain would wait on it.
-        for puller in self._pullers:
+        for puller in list(self._pullers):
             with contextlib.suppress(Exception):
                 await puller.stop()
         for service in self._services:
@@ -487,6 +640,7 @@ class PullBatches:
         self.nc = nc
         self.batch = batch
         self.wait = wait
+        self.stream = stream
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
         self._expires = int(wait * 1e9)
@@ -567,6 +721,10 @@ class PullBatches:
             self._idle.cancel()
             self._idle = None
 
+    def wake(self) -> None:
+        """End the current request's wait now: `next_batch` returns what it has."""
+        self._ended.set()
+
     async def stop(self) -> None:
         """Unsubscribe the inbox and hand back (nak) what arrived but was never handed out, so
         another replica gets it now rather than after `ack_wait`."""
@@ -578,6 +736,16 @@ class PullBatches:
         for msg in left:
             with contextlib.suppress(Exception):
                 await msg.nak()
+
+
+async def _wake_on(stop: asyncio.Event, stopping: asyncio.Event, puller: PullBatches) -> None:
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        puller.wake()
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def subjects_overlap(a: str, b: str) -> bool:

@@ -96,6 +96,9 @@ def env_rates(name: str, default: str, environ: Mapping[str, str] | None = None)
         raise ConfigError(f"{name}: {exc}") from exc
 
 
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
 @dataclass(frozen=True)
 class CommonConfig:
     """Settings every service shares."""
@@ -115,6 +118,10 @@ class CommonConfig:
     nats_password: str | None = None
     # CA bundle that signed the NATS servers' certificates (a `tls://` NATS URL).
     nats_tls_ca_file: str | None = None
+    # This process among its service's replicas (THREADLINE_REPLICA_ID: the pod name in
+    # Kubernetes): partition leases are held under it, and a replica restarted under the same id
+    # takes its partitions back at once. None: a random id per start.
+    replica_id: str | None = None
 
     @classmethod
     def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
@@ -140,6 +147,9 @@ class CommonConfig:
             nats_password = env_secret("THREADLINE_NATS_PASSWORD", sandbox=sandbox, environ=environ)
         elif env_str("THREADLINE_NATS_PASSWORD", "", environ):
             raise ConfigError("THREADLINE_NATS_PASSWORD needs THREADLINE_NATS_USER")
+        replica_id = env_str("THREADLINE_REPLICA_ID", "", environ) or None
+        if replica_id is not None and not _REPLICA_ID.fullmatch(replica_id):
+            raise ConfigError("THREADLINE_REPLICA_ID may hold only letters, digits, '-' and '_' (at most 63)")
         return cls(
             nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
             http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
@@ -152,4 +162,5 @@ class CommonConfig:
             nats_user=nats_user,
             nats_password=nats_password,
             nats_tls_ca_file=env_str("THREADLINE_NATS_TLS_CA_FILE", "", environ) or None,
+            replica_id=replica_id,
         )

@@ -8,7 +8,8 @@ ConfigMap `deploy/k8s/base/nats/auth.conf`). A service connects as itself
 so it cannot read another service's replies.
 
 What a service may touch:
-- the streams it publishes to, by subject; the durable consumers it owns (create, fetch, ack);
+- the streams it publishes to, by subject; the durable consumers it owns (create, fetch, ack)
+  and their partition leases (`tl_partitions`);
 - the KV buckets it reads (info, get, watch) and those it writes (`$KV.<bucket>.>`) — e.g. only
   `conversations` writes integrations, only `webhooks` reads webhook secrets;
 - the request/reply services it calls and, if it serves some, its own endpoints (replying to
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared import subjects
-from shared.subjects import ALL_STREAMS, EVENTS, INBOUND, OUTBOUND, STATUS, StreamSpec
+from shared.subjects import ALL_STREAMS, EVENTS, INBOUND, OUTBOUND, ConsumerSpec, StreamSpec
 
 INBOX_PREFIX = "_INBOX"
 ADMIN_USER = "admin"  # every permission: operators' tools, the launcher's cluster checks, tests
@@ -50,19 +51,24 @@ class Access:
     publish: tuple[str, ...] = ()  # stream subjects it publishes to, request subjects it calls
     subscribe: tuple[str, ...] = ()  # plain (core) subscriptions
     serves: tuple[str, ...] = ()  # its nats.micro endpoints
-    consumers: tuple[tuple[StreamSpec, str], ...] = ()  # (stream, durable name)
+    consumers: tuple[ConsumerSpec, ...] = ()  # consumer groups (a durable per partition)
     kv_read: tuple[str, ...] = ()
     kv_write: tuple[str, ...] = ()
     # Streams it erases from: purges (retention, consumed copies) and single-message deletes.
     erases: tuple[StreamSpec, ...] = ()
+
+    @property
+    def buckets_written(self) -> tuple[str, ...]:
+        """`kv_write`, plus the partition leases of its consumer groups (`shared.partitions`)."""
+        return (*self.kv_write, *((subjects.PARTITIONS_BUCKET,) if self.consumers else ()))
 
 
 _CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")
 
 
 def _channel(channel: str) -> Access:
-    return Access(publish=(subjects.inbound_subject(channel, ">"), subjects.status_subject(channel, ">")),
-                  consumers=((OUTBOUND, subjects.channel_outbound_consumer(channel)),),
+    return Access(publish=(subjects.channel_subjects("inbound", channel), subjects.channel_subjects("status", channel)),
+                  consumers=(subjects.channel_outbound_consumer(channel),),
                   kv_read=(subjects.INTEGRATIONS_BUCKET,))
 
 
@@ -81,33 +87,32 @@ SERVICE_ACCESS: Mapping[str, Access] = {
     "conversations": Access(
         publish=("events.>", "outbound.>", "identity.>", "handoff.>", "notifications.>"),
         serves=("conversations.>",),
-        consumers=((INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER),
-                   (STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER)),
+        consumers=(subjects.CONVERSATIONS_INBOUND, subjects.CONVERSATIONS_STATUS),
+        kv_read=(subjects.ENDED_USERS_BUCKET,),
         kv_write=(subjects.INTEGRATIONS_BUCKET, subjects.WEBHOOKS_BUCKET, subjects.APPS_BUCKET),
         erases=(EVENTS, INBOUND, OUTBOUND)),
-    "webhooks": Access(consumers=((EVENTS, subjects.WEBHOOKS_EVENTS_CONSUMER),),
+    "webhooks": Access(consumers=(subjects.WEBHOOKS_EVENTS,),
                        kv_read=(subjects.WEBHOOKS_BUCKET,)),
     "handoff": Access(serves=("handoff.>",), kv_read=(subjects.INTEGRATIONS_BUCKET,),
                       kv_write=(subjects.LINK_CODES_BUCKET,)),
     "notifications": Access(
         publish=("events.>", "outbound.>", "conversations.>", "identity.>", "handoff.>"),
         serves=("notifications.>",),
-        consumers=((EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER),
-                   (STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER)),
+        consumers=(subjects.NOTIFICATIONS_EVENTS, subjects.NOTIFICATIONS_STATUS),
         kv_read=(subjects.APPS_BUCKET, subjects.INTEGRATIONS_BUCKET, subjects.SDK_PRESENCE_BUCKET)),
     "whatsapp": _channel("whatsapp"),
     "messenger": _channel("messenger"),
     "telegram": _channel("telegram"),
     "sms": _channel("twilio"),
-    "web": Access(publish=(subjects.inbound_subject("web", ">"), *_SDK_REQUESTS), subscribe=(subjects.EVENTS_ALL,),
+    "web": Access(publish=(subjects.channel_subjects("inbound", "web"), *_SDK_REQUESTS),
+                  subscribe=(subjects.EVENTS_ALL,),
                   kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
                   kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.SDK_LIMITS_BUCKET)),
     "app": Access(
-        publish=tuple(s for p in ("android", "ios") for s in (subjects.inbound_subject(p, ">"),
-                                                              subjects.status_subject(p, ">"))) + _SDK_REQUESTS,
+        publish=tuple(s for p in ("android", "ios") for s in (subjects.channel_subjects("inbound", p),
+                                                              subjects.channel_subjects("status", p))) + _SDK_REQUESTS,
         subscribe=(subjects.EVENTS_ALL,),
-        consumers=((OUTBOUND, subjects.channel_outbound_consumer("android")),
-                   (OUTBOUND, subjects.channel_outbound_consumer("ios"))),
+        consumers=(subjects.channel_outbound_consumer("android"), subjects.channel_outbound_consumer("ios")),
         kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
         kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.APP_DELIVERIES_BUCKET, subjects.SDK_LIMITS_BUCKET)),
     "sandbox": Access(kv_read=(subjects.INTEGRATIONS_BUCKET,)),
@@ -129,17 +134,23 @@ def permissions(user: str) -> dict[str, object] | None:
     publish: list[str] = [*access.publish, _js("INFO")]
     for stream in ALL_STREAMS:  # Bus.ensure_streams
         publish += [_js(f"STREAM.{verb}.{stream.name}") for verb in ("CREATE", "UPDATE", "INFO")]
-    for stream, durable in access.consumers:
-        publish += [_js(f"CONSUMER.INFO.{stream.name}.{durable}"),
-                    _js(f"CONSUMER.DURABLE.CREATE.{stream.name}.{durable}"),
-                    _js(f"CONSUMER.CREATE.{stream.name}.{durable}"),
-                    _js(f"CONSUMER.CREATE.{stream.name}.{durable}.>"),
-                    _js(f"CONSUMER.MSG.NEXT.{stream.name}.{durable}"),
-                    f"$JS.ACK.{stream.name}.{durable}.>"]
+    for spec in access.consumers:
+        stream = spec.stream
+        for durable in spec.durables:
+            publish += [_js(f"CONSUMER.INFO.{stream.name}.{durable}"),
+                        _js(f"CONSUMER.DURABLE.CREATE.{stream.name}.{durable}"),
+                        _js(f"CONSUMER.CREATE.{stream.name}.{durable}"),
+                        _js(f"CONSUMER.CREATE.{stream.name}.{durable}.>"),
+                        _js(f"CONSUMER.MSG.NEXT.{stream.name}.{durable}"),
+                        # Recreated at its ack floor after a holder died; the pre-partitioning
+                        # durable is removed once drained.
+                        _js(f"CONSUMER.DELETE.{stream.name}.{durable}"),
+                        f"$JS.ACK.{stream.name}.{durable}.>"]
     for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message
         publish += [_js(f"STREAM.PURGE.{stream.name}"), _js(f"STREAM.MSG.DELETE.{stream.name}"),
                     _js(f"CONSUMER.LIST.{stream.name}")]
-    for bucket in dict.fromkeys((*access.kv_read, *access.kv_write)):
+    kv_write = access.buckets_written
+    for bucket in dict.fromkeys((*access.kv_read, *kv_write)):
         stream_name = kv_stream(bucket)
         publish += [_js(f"STREAM.INFO.{stream_name}"), _js(f"STREAM.CREATE.{stream_name}"),
                     _js(f"DIRECT.GET.{stream_name}"), _js(f"DIRECT.GET.{stream_name}.>"),
@@ -147,7 +158,7 @@ def permissions(user: str) -> dict[str, object] | None:
                     _js(f"CONSUMER.CREATE.{stream_name}"), _js(f"CONSUMER.CREATE.{stream_name}.>"),
                     _js(f"CONSUMER.INFO.{stream_name}.>"), _js(f"CONSUMER.DELETE.{stream_name}.>"),
                     f"$JS.FC.{stream_name}.>"]
-    for bucket in access.kv_write:
+    for bucket in kv_write:
         publish.append(f"$KV.{bucket}.>")
     subscribe: list[str] = [f"{inbox_prefix(user)}.>", *access.subscribe]
     if access.serves:

@@ -993,8 +993,8 @@ class SdkService(ServiceApp):
         channel_name = self.channel_of(record)
         message = inbound_message(claims, conversation_id, body, now(), channel_name)
         try:
-            ack = await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),
-                                            channel.encode(message),
+            subject = channel.subject_of(message)
+            ack = await self._bus().publish(subject, channel.encode(message),
                                             msg_id=inbound_msg_id(channel_name, body.client_message_id))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Could not queue the message, retry with the same clientMessageId") from exc
@@ -1008,8 +1008,9 @@ class SdkService(ServiceApp):
         channel_name = self.channel_of(record)
         activity = inbound_activity(claims, conversation_id, body, now(), channel_name)
         try:
-            await self._bus().publish(subjects.inbound_subject(channel_name, claims.integration),
-                                      channel.encode(activity))
+            await self._bus().publish(
+                channel.subject_of(activity),
+                channel.encode(activity))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Could not queue the activity, try again") from exc
         return web.Response(status=202)

@@ -70,7 +70,8 @@ class ServiceApp:
     async def connect_bus(self) -> Bus:
         """Connect to NATS, create the streams, and make /readyz follow the connection."""
         bus = await Bus.connect(self.common.nats_url, self.name, user=self.common.nats_user,
-                                password=self.common.nats_password, tls_ca_file=self.common.nats_tls_ca_file)
+                                password=self.common.nats_password, tls_ca_file=self.common.nats_tls_ca_file,
+                                replica=self.common.replica_id)
         await bus.ensure_streams(self.common.stream_replicas)
 
         async def connected() -> bool:

@@ -6,6 +6,7 @@ rename is one edit and a typo is an import error.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,49 +33,117 @@ STATUS: Final = StreamSpec("TL_STATUS", ("status.>",))
 ALL_STREAMS: Final = (INBOUND, EVENTS, OUTBOUND, STATUS)
 
 
-def inbound_subject(channel: str, integration_id: str) -> str:
-    """Subject of a normalized inbound message from `channel` for one integration."""
-    return f"inbound.{channel}.{integration_id}"
+# Every stream subject ends in a partition number: the messages that must stay in order (one
+# customer's inbound messages, one conversation's events, one recipient's send commands, one
+# provider message's statuses) share a key, hence a partition, and each partition is consumed by
+# one replica at a time (`shared.partitions`). The count bounds how many replicas of one consumer
+# group share the work; changing it re-keys every subject, so it is fixed.
+PARTITIONS: Final = 8
 
 
-def outbound_subject(channel: str, integration_id: str) -> str:
-    """Subject of a send command for one channel integration."""
-    return f"outbound.{channel}.{integration_id}"
+def partition_of(key: str) -> int:
+    """The partition of an ordering key (the same on every host and Python version)."""
+    return zlib.crc32(key.encode()) % PARTITIONS
 
 
-def outbound_filter(channel: str) -> str:
-    """Filter matching every send command for one channel."""
-    return f"outbound.{channel}.>"
+def inbound_key(integration_id: str, sender: str) -> str:
+    """Ordering key of inbound messages: one sender (channel user, else user) on one integration."""
+    return f"{integration_id}:{sender}"
 
 
-def status_subject(channel: str, integration_id: str) -> str:
-    """Subject of a delivery status reported by a channel integration."""
-    return f"status.{channel}.{integration_id}"
+def inbound_subject(channel: str, integration_id: str, sender: str) -> str:
+    """Subject of a normalized inbound message from `channel` for one integration, partitioned
+    by its sender (`channel_user_id`, else `user_id`)."""
+    return f"inbound.{channel}.{integration_id}.{partition_of(inbound_key(integration_id, sender))}"
+
+
+def outbound_subject(channel: str, integration_id: str, recipient: str) -> str:
+    """Subject of a send command for one channel integration, partitioned by its recipient."""
+    return f"outbound.{channel}.{integration_id}.{partition_of(f'{integration_id}:{recipient}')}"
+
+
+def status_subject(channel: str, integration_id: str, provider_message_id: str) -> str:
+    """Subject of a delivery status reported by a channel integration, partitioned by the
+    provider message it is about (sent, delivered and read of one message stay in order)."""
+    return f"status.{channel}.{integration_id}.{partition_of(f'{integration_id}:{provider_message_id}')}"
+
+
+def channel_subjects(stream_prefix: str, channel: str) -> str:
+    """Every subject `channel` publishes under one stream prefix (`inbound`, `status`): for permissions."""
+    return f"{stream_prefix}.{channel}.>"
+
+
+def integration_subjects(stream_prefix: str, channel: str, integration_id: str) -> str:
+    """Filter matching one integration's subjects under a stream prefix, every partition."""
+    return f"{stream_prefix}.{channel}.{integration_id}.*"
 
 
 def event_subject(app_id: str, conversation_id: str) -> str:
-    """Subject of an event in one conversation (ordering is per subject)."""
-    return f"events.{app_id}.{conversation_id}"
+    """Subject of an event in one conversation (its partition: the conversation's)."""
+    return f"events.{app_id}.{conversation_id}.{partition_of(conversation_id)}"
 
 
 def conversation_of_event_subject(subject: str) -> str:
     """The conversation id in a subject made by `event_subject` (cheap routing without decoding)."""
-    return subject.rsplit(".", 1)[-1]
+    parts = subject.split(".")
+    return parts[2] if len(parts) > 2 else ""
 
 
 EVENTS_ALL: Final = "events.>"
 INBOUND_ALL: Final = "inbound.>"
 STATUS_ALL: Final = "status.>"
 
-# Durable consumer names.
-CONVERSATIONS_INBOUND_CONSUMER: Final = "conversations-inbound"
-CONVERSATIONS_STATUS_CONSUMER: Final = "conversations-status"
-WEBHOOKS_EVENTS_CONSUMER: Final = "webhooks-events"
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A consumer group: one durable consumer per partition (`<group>-p<n>`), each consumed by
+    one replica of the group at a time.
+
+    `prefix` is the subject before the partition token (`inbound.*.*`). Before partitioning the
+    group was one durable named `group` over those subjects without the token: a replica drains
+    it (`legacy_filter`) and removes it, so an upgrade loses nothing that was queued.
+    """
+
+    stream: StreamSpec
+    group: str
+    prefix: str
+
+    def durable(self, partition: int) -> str:
+        """The durable consumer of one partition."""
+        return f"{self.group}-p{partition}"
+
+    def filter(self, partition: int) -> str:
+        """The subjects of one partition."""
+        return f"{self.prefix}.{partition}"
+
+    @property
+    def durables(self) -> tuple[str, ...]:
+        """Every durable of the group: the partitions' and the pre-partitioning one."""
+        return (*(self.durable(p) for p in range(PARTITIONS)), self.group)
+
+    @property
+    def legacy_filter(self) -> str:
+        """The subjects of messages published before partitioning (no partition token)."""
+        return self.prefix
 
 
-def channel_outbound_consumer(channel: str) -> str:
-    """Durable consumer name of a channel service's send loop."""
-    return f"{channel}-outbound"
+CONVERSATIONS_INBOUND: Final = ConsumerSpec(INBOUND, "conversations-inbound", "inbound.*.*")
+CONVERSATIONS_STATUS: Final = ConsumerSpec(STATUS, "conversations-status", "status.*.*")
+WEBHOOKS_EVENTS: Final = ConsumerSpec(EVENTS, "webhooks-events", "events.*.*")
+NOTIFICATIONS_EVENTS: Final = ConsumerSpec(EVENTS, "notifications-events", "events.*.*")
+NOTIFICATIONS_STATUS: Final = ConsumerSpec(STATUS, "notifications-status", "status.*.*")
+
+
+def channel_outbound_consumer(channel: str) -> ConsumerSpec:
+    """The consumer group of a channel service's send loop."""
+    return ConsumerSpec(OUTBOUND, f"{channel}-outbound", f"outbound.{channel}.*")
+
+
+# Leases of consumer-group partitions (`shared.partitions`): `<group>.m.<replica>` heartbeats and
+# `<group>.p.<n>` owners. An entry not rewritten within the TTL expires: a dead replica's
+# partitions are taken over after at most PARTITION_LEASE_SECONDS.
+PARTITIONS_BUCKET: Final = "tl_partitions"
+PARTITION_LEASE_SECONDS: Final = 6.0
 
 
 # Request/reply (nats.micro) subjects.
@@ -146,8 +215,6 @@ APPS_BUCKET: Final = "tl_apps"
 
 # Participants, read state and client associations of a conversation (served by `conversations`).
 CONVERSATIONS_PARTICIPANTS: Final = "conversations.participants"
-NOTIFICATIONS_EVENTS_CONSUMER: Final = "notifications-events"
-NOTIFICATIONS_STATUS_CONSUMER: Final = "notifications-status"
 
 # SDK handoff and login, served by `conversations` for `web` and `app`: redeem a link code into a
 # new SDK client on the code's conversation; verify an SDK login JWT and identify/merge the user.

@@ -57,6 +57,18 @@ async def system_on_each_engine(nats_server: NatsServer, tmp_path: Path,
         await sys_.close()
 
 
+@pytest.fixture
+async def system_on_postgres(nats_server: NatsServer, tmp_path: Path, postgres_url: str) -> AsyncIterator[object]:
+    """`system` with every service's state in a fresh database of the session's PostgreSQL server."""
+    from tests.harness import System
+
+    sys_ = System(nats_server.url, tmp_path / "data", env={"THREADLINE_DATABASE_URL": postgres_url})
+    try:
+        yield sys_
+    finally:
+        await sys_.close()
+
+
 @pytest.fixture(params=ENGINES)
 async def database_settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatabaseSettings:
     """Settings for a service named `svc`, once per engine: a SQLite file under the test's

@@ -107,10 +107,13 @@ def service_credentials(service: str, keys: Mapping[str, Any]) -> dict[str, str]
     return env
 
 
-def service_env(base: Mapping[str, str], service: str, keys: Mapping[str, Any], port: int) -> dict[str, str]:
-    """`base` plus one service's port and credentials; a service that needs no secret gets no key."""
+def service_env(base: Mapping[str, str], service: str, keys: Mapping[str, Any], port: int,
+                replica: str | None = None) -> dict[str, str]:
+    """`base` plus one service's port, credentials and replica id (stable across restarts, so a
+    restarted replica takes its partitions back at once); a service that needs no secret gets no key."""
     env = {k: v for k, v in base.items() if k not in (KEY_ENV, KEY_FILE_ENV)}
-    return {**env, "THREADLINE_HTTP_PORT": str(port), **service_credentials(service, keys)}
+    return {**env, "THREADLINE_HTTP_PORT": str(port), "THREADLINE_REPLICA_ID": replica or service,
+            **service_credentials(service, keys)}
 
 
 @dataclass

@@ -2,13 +2,14 @@
 
 A 3-node NATS JetStream cluster on loopback (routes between the nodes, one store per node,
 streams and KV buckets with 3 replicas), a PostgreSQL server holding every service's state
-(THREADLINE_DATABASE_URL, a schema per service), two replicas of every stateless service behind
-a round-robin balancer (what a Kubernetes Service does), one replica of each stateful service,
-and the usual front door routing `shared.routes.ROUTES`.
+(THREADLINE_DATABASE_URL, a schema per service), two replicas of every service behind a
+round-robin balancer (what a Kubernetes Service does), and the usual front door routing
+`shared.routes.ROUTES`. The replicas of a service split the partitions of its consumer groups
+(`shared.partitions`) and share its database.
 
 It exists to prove the deployment's failure story where it can be run: a NATS node (even the
-one leading the streams) or a replica of a channel service can die and no acknowledged message
-is lost or duplicated (`tests/cluster/`).
+one leading the streams) or a replica of any service can die and no acknowledged message is
+lost or duplicated (`tests/cluster/`).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ from threadline.postgres import PostgresServer
 log = logging.getLogger(__name__)
 
 CLUSTER_SIZE = 3
-# Stateless services run two replicas (as in deploy/k8s); the others keep SQLite files and run one.
-STATELESS_REPLICAS = {"whatsapp": 2, "telegram": 2, "sms": 2, "web": 2, "app": 2, "handoff": 2}
+# Every service runs two replicas, as in deploy/k8s (the sandbox's fakes keep their state in memory: one).
+REPLICAS = 2
+SINGLE_REPLICA = frozenset({"sandbox"})
 
 
 def service_available(name: str) -> bool:
@@ -261,12 +263,13 @@ class ReplicaProcess(ServiceProcess):
 
 @dataclass
 class ClusterLauncher(Launcher):
-    """`Launcher` with a 3-node NATS cluster and replicated stateless services."""
+    """`Launcher` with a 3-node NATS cluster, PostgreSQL and two replicas of every service."""
 
     cluster_size: int = CLUSTER_SIZE
     # Services to run (default: every one in START_ORDER present in this checkout).
     only: tuple[str, ...] | None = None
-    replicas: dict[str, int] = field(default_factory=lambda: dict(STATELESS_REPLICAS))
+    # Replicas per service where not REPLICAS.
+    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SINGLE_REPLICA, 1))
     cluster: NatsCluster | None = None
     postgres: PostgresServer | None = None
     balancers: dict[str, RoundRobinBalancer] = field(default_factory=dict)
@@ -275,6 +278,10 @@ class ClusterLauncher(Launcher):
     def service_names(self) -> tuple[str, ...]:
         wanted = START_ORDER if self.only is None else tuple(n for n in START_ORDER if n in self.only)
         return tuple(name for name in wanted if service_available(name))
+
+    def replica_count(self, service: str) -> int:
+        """How many replicas of `service` run."""
+        return self.replicas.get(service, REPLICAS)
 
     def replicas_of(self, service: str) -> list[ReplicaProcess]:
         """The running replicas of one service, in start order."""
@@ -297,7 +304,7 @@ class ClusterLauncher(Launcher):
         self.postgres = PostgresServer(base_dir=postgres_dir(self.data_dir), password=keys["postgresPassword"])
         await asyncio.to_thread(self.postgres.start)
         self.say(f"PostgreSQL on {self.postgres.host}:{self.postgres.port} (data in {self.postgres.data_dir})")
-        replica_ports = {name: [free_port() for _ in range(self.replicas.get(name, 1))] for name in self.service_names}
+        replica_ports = {name: [free_port() for _ in range(self.replica_count(name))] for name in self.service_names}
         nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
         own_ports = [self.port, self.postgres.port, *nats_ports,
                      *(p for ports in replica_ports.values() for p in ports)]
@@ -320,12 +327,12 @@ class ClusterLauncher(Launcher):
         }
         upstreams: dict[str, str] = {}
         for name in self.service_names:
-            count = self.replicas.get(name, 1)
+            count = self.replica_count(name)
             ports = []
             for index in range(count):
                 port = replica_ports[name][index]
                 replica = f"{name}-{index}"
-                proc = ReplicaProcess(name=replica, port=port, env=service_env(base_env, name, keys, port),
+                proc = ReplicaProcess(name=replica, port=port, env=service_env(base_env, name, keys, port, replica),
                                       log_path=os.path.join(self.data_dir, "logs", f"{replica}.log"), service=name)
                 self.services[replica] = proc
                 await proc.start()

@@ -68,9 +68,8 @@ class AppService(SdkService):
         bus = self._bus()
         self.deliveries = await bus.key_value(subjects.APP_DELIVERIES_BUCKET, ttl=DELIVERIES_TTL_SECONDS)
         for platform in sorted(handlers.APP_INTEGRATION_TYPES):
-            bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(platform),
-                        subjects.outbound_filter(platform), self.on_outbound, batch=50,
-                        ordering_key=recipient_key, ack_wait=60.0)
+            await bus.consume(subjects.channel_outbound_consumer(platform), self.on_outbound, batch=50,
+                              ordering_key=recipient_key, ack_wait=60.0)
         await self.start_http()
 
     async def stop(self) -> None:
@@ -229,7 +228,7 @@ class AppService(SdkService):
                 app_id=app_id, device_id=device_id, push_notification_token=token))
 
     async def _report(self, status: DeliveryStatus) -> None:
-        await self._bus().publish(subjects.status_subject(status.channel, status.integration_id),
+        await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.status_msg_id(status))
 
 

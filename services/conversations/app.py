@@ -18,10 +18,11 @@ from services.conversations.config import ConversationsConfig
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
 from shared import records, subjects
-from shared.bus import Bus
+from shared.bus import Bus, KvMirror
 from shared.config import ConfigError
 from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
+from shared.messages import identity as ident
 from shared.service import ServiceApp
 from shared.telemetry import log_fields, setup_telemetry
 
@@ -49,7 +50,7 @@ def inbound_ordering_key(subject: str, data: bytes) -> str:
         probe = _INBOUND_PROBE.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return subject
-    return f"{probe.integration_id}:{probe.channel_user_id or probe.user_id}"
+    return subjects.inbound_key(probe.integration_id, probe.channel_user_id or probe.user_id)
 
 
 def status_ordering_key(subject: str, data: bytes) -> str:
@@ -97,6 +98,9 @@ async def _keys(kv: KeyValue) -> list[str]:
         return []
 
 
+SWEEPER_PARTITION = 0
+
+
 class ConversationsService(ServiceApp):
     """The business API plus the inbound/status consumers and the history/start endpoints."""
 
@@ -108,9 +112,11 @@ class ConversationsService(ServiceApp):
         self.http.middlewares.extend([tracing_middleware, error_middleware])
         self.bus: Bus | None = None
         self.store: Store | None = None
+        self.add_database_check(lambda: None if self.store is None else self.store.db)
         self.conversations: Conversations | None = None
         self.admin: Admin | None = None
         self._link_sweeper: asyncio.Task[None] | None = None
+        self._ended_users: KvMirror | None = None
 
     async def start(self) -> None:
         self.store = await Store.open(self.config.database, self.config.keyring)
@@ -125,6 +131,10 @@ class ConversationsService(ServiceApp):
                       await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
+        # A merge or a deletion done through another replica: its cached resolutions go at once.
+        self._ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
+                                                     ident.USER_ENDED_DECODER.decode)
+        self._ended_users.add_listener(lambda user_id, _ended: identity.forget_user(user_id))
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
                                            streams=self.bus, jwt_policy=self.config.jwt_policy)
         self.admin = Admin(self.store, sink, self.common.egress)
@@ -132,10 +142,10 @@ class ConversationsService(ServiceApp):
         api = Api(self.store, self.admin, self.conversations, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
-        self.bus.consume(subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, subjects.INBOUND_ALL,
-                         self.conversations.handle_inbound, ordering_key=inbound_ordering_key)
-        self.bus.consume(subjects.STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,
-                         self.conversations.handle_status, ordering_key=status_ordering_key)
+        inbound = await self.bus.consume(subjects.CONVERSATIONS_INBOUND, self.conversations.handle_inbound,
+                                         ordering_key=inbound_ordering_key)
+        await self.bus.consume(subjects.CONVERSATIONS_STATUS, self.conversations.handle_status,
+                               ordering_key=status_ordering_key)
         await self.bus.serve(subjects.CONVERSATIONS_SERVICE, {
             subjects.CONVERSATIONS_START: self.conversations.answer,
             subjects.CONVERSATIONS_HISTORY: self.conversations.answer,
@@ -145,7 +155,10 @@ class ConversationsService(ServiceApp):
             subjects.CONVERSATIONS_CLIENT_LINK: self.conversations.phone_links.answer,
         })
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
-        self._link_sweeper = asyncio.create_task(self.conversations.sweep_forever())
+        # One replica sweeps (the holder of the inbound stream's partition 0): two would expire
+        # the same link twice.
+        self._link_sweeper = asyncio.create_task(self.conversations.sweep_forever(
+            is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned))
         await self.start_http()
 
     async def _reseal_secrets(self) -> None:
@@ -196,6 +209,8 @@ class ConversationsService(ServiceApp):
                 await self._link_sweeper
             self._link_sweeper = None
         await self.stop_http()
+        if self._ended_users is not None:
+            await self._ended_users.stop()
         if self.bus is not None:
             await self.bus.close()
             self.bus = None

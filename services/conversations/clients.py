@@ -295,7 +295,7 @@ class PhoneLinks:
             app_id=app_id, integration_id=client.integration_id, channel=channel, conversation_id=conversation_id,
             message_id=message_id, user_id=user_id, client_id=client.id, recipient=client.external_id or "",
             recipient_info=client.info or {}, content=content, schema=schema, created_at=now())
-        await self.conversations.bus.publish(subjects.outbound_subject(channel, client.integration_id),
+        await self.conversations.bus.publish(chan.subject_of(send),
                                              chan.encode(send), msg_id=message_id)
 
     # --- the inbound path --------------------------------------------------------------------

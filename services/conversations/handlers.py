@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,14 +134,19 @@ class Conversations:
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
-    async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
+    async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS,
+                            is_sweeper: Callable[[], bool] = lambda: True) -> None:
         """Expire pending phone links and merge confirmations, and messages past their app's
         retention, now and every `interval` seconds; from the second round on, drop the bus's
-        copies of inbound messages and send commands once every consumer has acknowledged them."""
+        copies of inbound messages and send commands once every consumer has acknowledged them.
+        A round runs only while `is_sweeper()` (one replica of several sweeps)."""
         sweeps = (("client links", self.phone_links.sweep), ("merge confirmations", self.linker.sweep),
                   ("messages past retention", self.sweep_retention))
         first = True
         while True:
+            if not is_sweeper():
+                await asyncio.sleep(min(interval, 1.0))
+                continue
             for name, sweep in sweeps if first else (*sweeps, ("consumed bus copies", self.purge_consumed)):
                 try:
                     await sweep()
@@ -474,7 +479,7 @@ class Conversations:
                     client_id=association.client_id, recipient=association.external_id or "",
                     recipient_info=association.info or {}, content=body.content, schema=body.schema,
                     override=body.override, created_at=received)
-                await self.bus.publish(subjects.outbound_subject(outbound_channel, association.integration_id),
+                await self.bus.publish(chan.subject_of(send),
                                        chan.encode(send), msg_id=message.id)
         except Exception as exc:
             log.warning("publishing message %s failed, undoing it: %s", message.id, exc)

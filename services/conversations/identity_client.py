@@ -48,7 +48,8 @@ class IdentityClient:
         self.bus = bus
         self.timeout = timeout
         self.cache_size = cache_size
-        # A TTL bounds how long a merge done elsewhere can leave a stale user behind a client.
+        # Merges and deletions done elsewhere arrive through the ended-users bucket (forget_user);
+        # the TTL is a backstop should that watch lag.
         self.cache_ttl = cache_ttl
         self._resolved: OrderedDict[tuple[str, str, str], tuple[float, User, Client]] = OrderedDict()
         self._waiting: list[tuple[ident.ResolveClient, asyncio.Future[ident.Resolved | ident.IdentityError],

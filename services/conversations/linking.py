@@ -254,7 +254,7 @@ class Linker:
             conversation_id=conversation_id, message_id=message_id, user_id=user_id, client_id=client.id,
             recipient=client.external_id or "", recipient_info=client.info or {}, content=TextContent(text=text),
             created_at=now())
-        await self.conversations.bus.publish(subjects.outbound_subject(channel_name, client.integration_id),
+        await self.conversations.bus.publish(chan.subject_of(send),
                                              chan.encode(send), msg_id=message_id)
 
     async def _link(self, msg: chan.InboundMessage, code: str, redeemed: handoff.CodeRedeemed, *,

@@ -49,6 +49,7 @@ class IdentityService(ServiceApp):
         self.http.middlewares.extend([tracing_middleware, error_middleware])
         self.bus: Bus | None = None
         self.store: IdentityStore | None = None
+        self.add_database_check(lambda: None if self.store is None else self.store.db)
         self.handlers: IdentityHandlers | None = None
         self.ended_users: KeyValue | None = None
 

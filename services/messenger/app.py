@@ -73,8 +73,8 @@ class MessengerService(ServiceApp):
                                                      records.integration_decoder(self.config.keyring))
         self.session = self.common.egress.http_session(
             "platform", hosts=GRAPH_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
-        self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
-                         subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
+        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.on_outbound,
+                               ordering_key=recipient_key)
         self._pruner = asyncio.create_task(self._prune_loop(), name="messenger:prune")
         await self.start_http()
 
@@ -170,11 +170,11 @@ class MessengerService(ServiceApp):
             raise ApiError(503, "Could not store the notification, retry later") from exc
         statuses = [(receipt, handlers.receipt_statuses(receipt, sent)) for receipt, sent in receipts]
         publishes = [
-            bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
+            bus.publish(channel.subject_of(m), channel.encode(m),
                         msg_id=handlers.inbound_msg_id(m))
             for m in normalized.messages
         ] + [
-            bus.publish(subjects.status_subject(handlers.CHANNEL, s.integration_id), channel.encode(s),
+            bus.publish(channel.subject_of(s), channel.encode(s),
                         msg_id=handlers.status_msg_id(s))
             for _receipt, found in statuses for s in found
         ]
@@ -273,7 +273,7 @@ class MessengerService(ServiceApp):
                                   transient=True) from exc
 
     async def _report(self, status: DeliveryStatus) -> None:
-        await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
+        await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
     def _bus(self) -> Bus:

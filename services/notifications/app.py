@@ -59,6 +59,7 @@ class NotificationsService(ServiceApp):
         self.http.router.add_get("/notifications/v1/optout", self.optout)
         self.bus: Bus | None = None
         self.store: Store | None = None
+        self.add_database_check(lambda: None if self.store is None else self.store.db)
         self.notifier: Notifier | None = None
         self.mirrors: list[KvMirror] = []
         self.presence = PresenceIndex()
@@ -91,10 +92,9 @@ class NotificationsService(ServiceApp):
             app=app, integration=integration, integrations=all_integrations,
             connected=self.presence.connected),
             email_sender=functools.partial(send_email, policy=self.common.egress))
-        self.bus.consume(subjects.EVENTS, subjects.NOTIFICATIONS_EVENTS_CONSUMER, subjects.EVENTS_ALL,
-                         self.notifier.on_event)
-        self.bus.consume(subjects.STATUS, subjects.NOTIFICATIONS_STATUS_CONSUMER, subjects.STATUS_ALL,
-                         self.notifier.on_status)
+        await self.bus.consume(subjects.NOTIFICATIONS_EVENTS, self.notifier.on_event,
+                               on_acquire=self.notifier.acquire, on_release=self.notifier.release)
+        await self.bus.consume(subjects.NOTIFICATIONS_STATUS, self.notifier.on_status)
         await self.bus.serve(subjects.NOTIFICATIONS_SERVICE,
                              {**dict.fromkeys(OPTIN_ENDPOINTS, self.notifier.answer_optin),
                               subjects.NOTIFICATIONS_USER_EXPORT: self.notifier.answer_export})

@@ -19,6 +19,7 @@ The decision when a notification falls due (SunCo's automatic delivery rule, sun
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -186,6 +187,10 @@ class Notifier:
         self._email_sender = email_sender
         self._next_link_retry = 0.0
         self._next_prune = 0.0
+        # The partitions of the events stream this replica holds: it fires their conversations'
+        # notifications, and no other replica does (shared.partitions).
+        self.partitions: set[int] = set()
+        self._firing = asyncio.Lock()
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -305,18 +310,31 @@ class Notifier:
 
     # --- firing -----------------------------------------------------------------------------
 
+    async def acquire(self, partition: int) -> None:
+        """This replica now fires the notifications of `partition`'s conversations."""
+        self.partitions.add(partition)
+
+    async def release(self, partition: int) -> None:
+        """Another replica fires `partition`'s notifications from now on (after the pass in hand)."""
+        self.partitions.discard(partition)
+        async with self._firing:
+            pass
+
     async def fire_due(self) -> int:
-        """Fire every pending notification that fell due; the number handled."""
+        """Fire every pending notification of this replica's partitions that fell due; the number handled."""
         handled = 0
-        for row in await self.store.due(self.clock()):
-            try:
-                await self.fire(row)
-            except Unavailable as exc:
-                await self._retry_later(row, str(exc))
-            except Exception:
-                log.exception("notification %s failed", row.notification_id)
-                await self._retry_later(row, "internal error")
-            handled += 1
+        async with self._firing:
+            for row in await self.store.due(self.clock(), set(self.partitions)):
+                if subjects.partition_of(row.conversation_id) not in self.partitions:
+                    continue  # released since the query
+                try:
+                    await self.fire(row)
+                except Unavailable as exc:
+                    await self._retry_later(row, str(exc))
+                except Exception:
+                    log.exception("notification %s failed", row.notification_id)
+                    await self._retry_later(row, "internal error")
+                handled += 1
         await self._link_confirmed_optins()
         await self._prune_limits()
         return handled
@@ -525,7 +543,7 @@ class Notifier:
             return await self._send_email(row, target, notice, send)
         send = dataclasses.replace(send, kind=_kind(decision))
         command = self.outbound(send, decision, created_at=row.first_unread_at)
-        await self.bus.publish(subjects.outbound_subject(target.channel, target.integration_id),
+        await self.bus.publish(chan.subject_of(command),
                                chan.encode(command), msg_id=send.id)
         await self.store.finish(row.conversation_id, row.notification_id, send, now)
         log.info("notification %s sent to %s (%s)", send.id, target.channel, send.kind)
@@ -645,8 +663,9 @@ class Notifier:
         notice = policy.Notice(**send.notice)
         retry = dataclasses.replace(send, id=f"{send.id}t", kind="template", status="published")
         decision = policy.SendTemplate(template, policy.template_params(template, notice))
-        await self.bus.publish(subjects.outbound_subject(retry.channel, retry.integration_id),
-                               chan.encode(self.outbound(retry, decision, created_at=self.clock())), msg_id=retry.id)
+        command = self.outbound(retry, decision, created_at=self.clock())
+        await self.bus.publish(chan.subject_of(command),
+                               chan.encode(command), msg_id=retry.id)
         await self.store.record_send(retry, self.clock())
         return True
 
@@ -806,9 +825,9 @@ class Notifier:
             decision = policy.Send(f"{business}: your confirmation code is {code}. It expires in {minutes} minutes. "
                                    "Reply STOP to stop notifications.")
         try:
-            await self.bus.publish(subjects.outbound_subject(optin.channel, record.id),
-                                   chan.encode(self.outbound(send, decision, created_at=self.clock())),
-                                   msg_id=send.id)
+            command = self.outbound(send, decision, created_at=self.clock())
+            await self.bus.publish(chan.subject_of(command),
+                                   chan.encode(command), msg_id=send.id)
         except (nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"publish: {exc or type(exc).__name__}") from exc
         await self.store.record_send(send, self.clock())

@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.notifications.limits import Counter, Refusal, retry_after
 from services.notifications.policy import schedule
+from shared import subjects
 from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, Row, open_database, serialize
 from shared.messages.conversation import Erasure
+
+
+async def _partition_pending(tx: Connection) -> None:
+    """Notifications pending from before partitioning get their conversation's partition."""
+    rows = await tx.fetch("SELECT conversation_id FROM pending")
+    await tx.executemany("UPDATE pending SET part = $1 WHERE conversation_id = $2",
+                         [(subjects.partition_of(r[0]), r[0]) for r in rows])
+
 
 MIGRATION = Migration([
     """
@@ -109,6 +118,13 @@ MIGRATION = Migration([
     ALTER TABLE optins ADD COLUMN destination TEXT;
     CREATE INDEX optins_destination ON optins (destination, status)
     """,
+    # The replica holding a conversation's partition of the events stream fires its notification
+    # (shared.partitions): never two replicas deciding on one.
+    """
+    ALTER TABLE pending ADD COLUMN part INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX pending_part_due ON pending (part, due_at)
+    """,
+    _partition_pending,
 ])
 
 
@@ -218,7 +234,7 @@ def _optin(row: Row) -> OptInRow:
 # become the excerpt). A redelivered event (the same last message) changes nothing.
 _SCHEDULE = (
     "INSERT INTO pending (conversation_id, app_id, conversation_type, user_id, notification_id, first_unread_at,"
-    " due_at, unread_count, last_message_id, last_text) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " due_at, unread_count, last_message_id, last_text, part) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
     " ON CONFLICT (conversation_id) DO UPDATE SET"
     " unread_count = pending.unread_count"
     " + CASE WHEN pending.last_message_id = excluded.last_message_id THEN 0 ELSE 1 END,"
@@ -278,7 +294,8 @@ class Store:
         async def op(tx: Connection) -> Row | None:
             return await tx.fetchrow(
                 _SCHEDULE, conversation_id, app_id, conversation_type, user_id, new_notification_id,
-                float(first.first_unread_at), float(first.due_at), first.unread_count, message_id, text)
+                float(first.first_unread_at), float(first.due_at), first.unread_count, message_id, text,
+                subjects.partition_of(conversation_id))
 
         row = await self._group.run(op)
         assert row is not None  # an upsert returns its row, inserted or updated
@@ -306,10 +323,15 @@ class Store:
         row = await self.db.fetchrow("SELECT * FROM pending WHERE conversation_id = $1", conversation_id)
         return None if row is None else _pending(row)
 
-    async def due(self, now: float, limit: int = 100) -> list[PendingRow]:
-        """Pending notifications due at `now`, oldest first."""
+    async def due(self, now: float, partitions: Collection[int], limit: int = 100) -> list[PendingRow]:
+        """Pending notifications of these partitions' conversations due at `now`, oldest first."""
+        if not partitions:
+            return []
+        parts = sorted(partitions)
+        listed = ", ".join(f"${i}" for i in range(3, 3 + len(parts)))
         return [_pending(r) for r in await self.db.fetch(
-            "SELECT * FROM pending WHERE due_at <= $1 ORDER BY due_at LIMIT $2", float(now), limit)]
+            f"SELECT * FROM pending WHERE due_at <= $1 AND part IN ({listed}) ORDER BY due_at LIMIT $2",
+            float(now), limit, *parts)]
 
     async def postpone(self, conversation_id: str, notification_id: str, due_at: float, *,
                        failed_attempt: bool = False) -> None:

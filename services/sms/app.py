@@ -76,9 +76,8 @@ class SmsService(ServiceApp):
         self.session = self.common.egress.http_session(
             "platform", hosts=TWILIO_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
         # Small batches and a long ack wait: sends may wait for their sender's 1 segment/s.
-        self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
-                         subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, batch=20,
-                         ordering_key=recipient_key, ack_wait=self.config.ack_wait_seconds)
+        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.on_outbound, batch=20,
+                               ordering_key=recipient_key, ack_wait=self.config.ack_wait_seconds)
         await self.start_http()
 
     async def stop(self) -> None:
@@ -155,7 +154,7 @@ class SmsService(ServiceApp):
             raise ApiError(400, f"Invalid Twilio message webhook: {exc}") from exc
         bus = self._bus()
         results = await asyncio.gather(*(
-            bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
+            bus.publish(channel.subject_of(m), channel.encode(m),
                         msg_id=handlers.inbound_msg_id(m))
             for m in messages), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -182,7 +181,7 @@ class SmsService(ServiceApp):
             raise ApiError(400, f"Invalid Twilio status callback: {exc}") from exc
         if status is not None:
             try:
-                await self._bus().publish(subjects.status_subject(handlers.CHANNEL, integration_id),
+                await self._bus().publish(channel.subject_of(status),
                                           channel.encode(status), msg_id=handlers.status_msg_id(status))
             except Exception as exc:
                 log.warning("publishing a twilio status failed: %s", exc)
@@ -269,7 +268,7 @@ class SmsService(ServiceApp):
                                   transient=True) from exc
 
     async def _report(self, status: DeliveryStatus) -> None:
-        await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
+        await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
     def _remember(self, command: OutboundSend, sid: str) -> None:

@@ -170,9 +170,8 @@ class TelegramService(ServiceApp):
         self.integrations.add_listener(self.webhooks.observe)
         for integration_id, record in list(self.integrations.values.items()):
             self.webhooks.observe(integration_id, record)
-        self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
-                         subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key,
-                         ack_wait=120.0)
+        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.on_outbound,
+                               ordering_key=recipient_key, ack_wait=120.0)
         await self.start_http()
 
     async def stop(self) -> None:
@@ -246,7 +245,7 @@ class TelegramService(ServiceApp):
         message = normalized.message
         if message is not None:
             try:
-                await self._bus().publish(subjects.inbound_subject(handlers.CHANNEL, integration_id),
+                await self._bus().publish(channel.subject_of(message),
                                           channel.encode(message), msg_id=handlers.inbound_msg_id(message))
             except Exception as exc:
                 log.warning("publishing a telegram update failed: %s", exc)
@@ -375,7 +374,7 @@ class TelegramService(ServiceApp):
         return buckets.get(chat_key)
 
     async def _report(self, status: DeliveryStatus) -> None:
-        await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
+        await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
 

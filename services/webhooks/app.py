@@ -51,7 +51,8 @@ class WebhooksService(ServiceApp):
         self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)
         self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
         await self.dispatcher.start()
-        self.bus.consume(subjects.EVENTS, subjects.WEBHOOKS_EVENTS_CONSUMER, subjects.EVENTS_ALL, self._on_event)
+        await self.bus.consume(subjects.WEBHOOKS_EVENTS, self._on_event, on_acquire=self.dispatcher.acquire,
+                               on_release=self.dispatcher.release)
         await self.start_http()
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from services.webhooks.handlers import (
     request_headers,
 )
 from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
+from shared import subjects
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages.conversation import Erasure
 from shared.records import WebhookRecord
@@ -54,7 +56,14 @@ class AttemptResult:
 
 
 class Dispatcher:
-    """Runs deliveries for every webhook: at most `max_inflight_per_webhook` POSTs per webhook."""
+    """Runs the deliveries of the partitions this replica holds, for every webhook: at most
+    `max_inflight_per_webhook` POSTs per webhook and replica.
+
+    A conversation's rows are delivered by the replica holding its partition of the events
+    stream (`shared.partitions`): `acquire` loads the partition's pending rows, `release` drops
+    them from memory once its attempts in flight have finished and recorded their outcome, so
+    the next holder resumes exactly where this one stopped, in order.
+    """
 
     def __init__(self, store: DeliveryStore, lookup: WebhookLookup, session: EgressSession,
                  config: WebhooksConfig, clock: Callable[[], float] = time.time) -> None:
@@ -73,15 +82,14 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self.partitions: set[int] = set()
+        self._inflight_partitions: Counter[int] = Counter()
+        self._settled = asyncio.Event()  # set whenever an attempt finished
 
     async def start(self) -> None:
-        """Resume pending rows from the database and start scheduling."""
+        """Start scheduling (rows come with the partitions this replica acquires)."""
         counts = await self.store.counts()
         self.delivered, self.failed = counts[DELIVERED], counts[FAILED]
-        resumed = await self.store.load_pending()
-        self.add(resumed)
-        if resumed:
-            log.info("resuming %d pending webhook deliveries", len(resumed))
         self._loop_task = asyncio.create_task(self._run(), name="webhooks:dispatch")
         self._prune_task = asyncio.create_task(self._prune_loop(), name="webhooks:prune")
 
@@ -94,6 +102,32 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._deliveries.clear()
+
+    async def acquire(self, partition: int) -> None:
+        """This replica now delivers the conversations of `partition`: resume their pending rows."""
+        self.partitions.add(partition)
+        resumed = await self.store.load_pending(partition)
+        self.add(resumed)
+        if resumed:
+            log.info("resuming %d pending webhook deliveries of partition %d", len(resumed), partition,
+                     extra=log_fields(partition=partition, deliveries=len(resumed)))
+
+    async def release(self, partition: int) -> None:
+        """Another replica delivers `partition` from now on: wait for its attempts in flight
+        (their outcomes recorded), then drop its rows from memory (they stay pending in the
+        database for the next holder)."""
+        self.partitions.discard(partition)
+        self._drop_partition(partition)
+        while self._inflight_partitions[partition] > 0:
+            self._settled.clear()
+            await self._settled.wait()
+        self._inflight_partitions.pop(partition, None)
+        self._drop_partition(partition)
+
+    def _drop_partition(self, partition: int) -> None:
+        for queue in self.queues.values():
+            mine = [c for c in queue.conversation_ids() if subjects.partition_of(c) == partition]
+            self.pending -= queue.forget(mine, None)
 
     def add(self, rows: list[PendingDelivery]) -> None:
         """Schedule stored rows (rows of one conversation in event order)."""
@@ -141,7 +175,9 @@ class Dispatcher:
                         break
                     queue.inflight_batches += 1
                     self.inflight += len(batch)
-                    task = asyncio.create_task(self._deliver(queue, batch))
+                    partitions = {subjects.partition_of(row.conversation_id) for row in batch}
+                    self._inflight_partitions.update(partitions)
+                    task = asyncio.create_task(self._deliver(queue, batch, partitions))
                     self._deliveries.add(task)
                     task.add_done_callback(self._deliveries.discard)
                 if queue.inflight_batches < max_inflight:
@@ -155,7 +191,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _deliver(self, queue: WebhookQueue, batch: list[PendingDelivery]) -> None:
+    async def _deliver(self, queue: WebhookQueue, batch: list[PendingDelivery], partitions: set[int]) -> None:
         try:
             record = self.lookup(queue.app_id, queue.webhook_id)
             if record is None:
@@ -191,6 +227,8 @@ class Dispatcher:
                 log.exception("could not record webhook outcome for webhook %s", queue.webhook_id)
         finally:
             queue.inflight_batches -= 1
+            self._inflight_partitions.subtract(partitions)
+            self._settled.set()
             self._wake.set()
 
     async def _post(self, record: WebhookRecord, batch: list[PendingDelivery]) -> AttemptResult:

@@ -354,6 +354,10 @@ class WebhookQueue:
         self.pending -= dropped
         return dropped
 
+    def conversation_ids(self) -> list[str]:
+        """The conversations with rows waiting here."""
+        return list(self._rows)
+
     def is_idle(self) -> bool:
         """True when nothing is pending or in flight."""
         return not self._rows and not self._inflight

@@ -12,12 +12,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.webhooks.handlers import NewDelivery, PendingDelivery
+from shared import subjects
 from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database
 from shared.messages.conversation import Erasure
 
 log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+async def _partition_pending(tx: Connection) -> None:
+    """Rows stored before partitioning get their conversation's partition (only pending ones
+    are ever read by partition)."""
+    rows = await tx.fetch("SELECT seq, conversation_id FROM deliveries WHERE status = 'pending'")
+    await tx.executemany("UPDATE deliveries SET part = $1 WHERE seq = $2",
+                         [(subjects.partition_of(r[1]), r[0]) for r in rows])
+
 
 MIGRATION = Migration([
     """
@@ -44,12 +54,18 @@ MIGRATION = Migration([
     CREATE INDEX deliveries_status_seq ON deliveries (status, seq);
     CREATE INDEX deliveries_finished_at ON deliveries (finished_at)
     """,
+    # The replica that holds a conversation's partition delivers its rows (shared.partitions).
+    """
+    ALTER TABLE deliveries ADD COLUMN part INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX deliveries_part_pending ON deliveries (part, seq) WHERE status = 'pending'
+    """,
+    _partition_pending,
 ])
 
 _INSERT = (
     "INSERT INTO deliveries (webhook_id, app_id, event_id, conversation_id, trigger_name, body, traceparent,"
-    " tracestate, status, attempts, created_at, next_attempt_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9)"
+    " tracestate, status, attempts, created_at, next_attempt_at, part)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9, $10)"
     " ON CONFLICT (webhook_id, event_id) DO NOTHING RETURNING seq"
 )
 
@@ -86,7 +102,7 @@ class DeliveryStore:
             for row in rows:
                 seq = await tx.fetchval(
                     _INSERT, row.webhook_id, row.app_id, row.event_id, row.conversation_id, row.trigger, row.body,
-                    row.traceparent, row.tracestate, row.created_at)
+                    row.traceparent, row.tracestate, row.created_at, subjects.partition_of(row.conversation_id))
                 if seq is not None:
                     created.append(PendingDelivery(
                         seq=int(seq), webhook_id=row.webhook_id, app_id=row.app_id, event_id=row.event_id,
@@ -97,10 +113,12 @@ class DeliveryStore:
 
         return await self.writes.run(op)
 
-    async def load_pending(self) -> list[PendingDelivery]:
-        """Every pending row in insertion order (to resume after a restart)."""
+    async def load_pending(self, partition: int) -> list[PendingDelivery]:
+        """The pending rows of one partition's conversations in insertion order (to resume them
+        when this replica takes the partition)."""
         found = await self.db.fetch(
-            f"SELECT {_PENDING_COLUMNS} FROM deliveries WHERE status = 'pending' ORDER BY seq")
+            f"SELECT {_PENDING_COLUMNS} FROM deliveries WHERE status = 'pending' AND part = $1 ORDER BY seq",
+            partition)
         return [
             PendingDelivery(
                 seq=int(r[0]), webhook_id=r[1], app_id=r[2], event_id=r[3], conversation_id=r[4], body=bytes(r[5]),

@@ -64,8 +64,8 @@ class WhatsAppService(ServiceApp):
                                                      records.integration_decoder(self.config.keyring))
         self.session = self.common.egress.http_session(
             "platform", hosts=GRAPH_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
-        self.bus.consume(subjects.OUTBOUND, subjects.channel_outbound_consumer(handlers.CHANNEL),
-                         subjects.outbound_filter(handlers.CHANNEL), self.on_outbound, ordering_key=recipient_key)
+        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.on_outbound,
+                               ordering_key=recipient_key)
         await self.start_http()
 
     async def stop(self) -> None:
@@ -127,11 +127,11 @@ class WhatsAppService(ServiceApp):
         report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
         bus = self._bus()
         publishes = [
-            bus.publish(subjects.inbound_subject(handlers.CHANNEL, m.integration_id), channel.encode(m),
+            bus.publish(channel.subject_of(m), channel.encode(m),
                         msg_id=handlers.inbound_msg_id(m))
             for m in normalized.messages
         ] + [
-            bus.publish(subjects.status_subject(handlers.CHANNEL, s.integration_id), channel.encode(s),
+            bus.publish(channel.subject_of(s), channel.encode(s),
                         msg_id=handlers.status_msg_id(s))
             for s in normalized.statuses
         ]
@@ -261,7 +261,7 @@ class WhatsAppService(ServiceApp):
                                   transient=True) from exc
 
     async def _report(self, status: DeliveryStatus) -> None:
-        await self._bus().publish(subjects.status_subject(handlers.CHANNEL, status.integration_id),
+        await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 
 

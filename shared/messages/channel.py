@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared import subjects
 from shared.sunco import ActivityType, ClientType, Content
 
 
@@ -115,3 +116,18 @@ def encode(message: ChannelMessage) -> bytes:
 def decode(data: bytes) -> ChannelUnion:
     """Decode a channel-family message (raises msgspec.ValidationError on a bad one)."""
     return DECODER.decode(data)
+
+
+def sender_of(message: InboundMessage | InboundActivity) -> str:
+    """Who an inbound message is from, as its partition and ordering key use it: the channel's
+    user id, else the Threadline user id (SDK activity)."""
+    return getattr(message, "channel_user_id", "") or message.user_id or ""
+
+
+def subject_of(message: InboundMessage | InboundActivity | DeliveryStatus | OutboundSend) -> str:
+    """The stream subject a channel message is published on (its partition from its ordering key)."""
+    if isinstance(message, DeliveryStatus):
+        return subjects.status_subject(message.channel, message.integration_id, message.provider_message_id)
+    if isinstance(message, OutboundSend):
+        return subjects.outbound_subject(message.channel, message.integration_id, message.recipient)
+    return subjects.inbound_subject(message.channel, message.integration_id, sender_of(message))

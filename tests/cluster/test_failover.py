@@ -1,9 +1,12 @@
-"""Cluster mode: losing the NATS node that leads the streams, and a channel replica, loses nothing.
+"""Cluster mode: losing the NATS node that leads the streams and a replica of each service in
+the path loses nothing and keeps every conversation in order.
 
 `ClusterLauncher` runs a 3-node JetStream cluster on loopback (streams and KV with 3 replicas),
-two replicas of the stateless services behind a round-robin balancer and one of each stateful
-service. Signed WhatsApp webhooks stream in while the node leading TL_INBOUND and one
-`whatsapp` replica are SIGKILLed. Every webhook answered 200 reaches the business exactly once.
+PostgreSQL, and two replicas of every service behind round-robin balancers. Signed WhatsApp
+webhooks stream in while the node leading TL_INBOUND and one replica each of `whatsapp`,
+`conversations`, `identity` and `webhooks` are SIGKILLed. Every webhook answered 200 reaches the
+business as one message (one event id, however often that event is retried), and each
+conversation's messages reach the business in the order of its history.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ from shared.signing import meta_signature
 from threadline.cluster import ClusterLauncher, stream_leader
 from threadline.natsserver import free_port
 
-MESSAGES = 120
+MESSAGES = 150
 KILL_LEADER_AT = 30
-KILL_REPLICA_AT = 60
+# A replica of each, one after another under steady traffic.
+KILL_REPLICA_AT = {45: "whatsapp", 65: "conversations", 85: "identity", 105: "webhooks"}
 SEND_DEADLINE = 45.0
 
 
@@ -42,6 +45,21 @@ def payload(wa: dict[str, Any], i: int, prefix: str = "cluster") -> bytes:
                           "type": "text", "text": {"body": f"{prefix}-{i}"}}]}}]}]}, ensure_ascii=True).encode()
 
 
+async def history_ids(session: aiohttp.ClientSession, base_url: str, app_id: str, conversation_id: str,
+                      auth: dict[str, str]) -> list[str]:
+    """The ids of a conversation's messages in history order (every page)."""
+    ids: list[str] = []
+    url: str | None = f"{base_url}/v2/apps/{app_id}/conversations/{conversation_id}/messages"
+    while url:
+        async with session.get(url, headers=auth) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        page = [m["id"] for m in body["messages"]]
+        ids = page + ids  # SunCo pages go backwards from the newest
+        url = body.get("links", {}).get("prev")
+    return ids
+
+
 async def until(probe: Any, timeout: float, what: str) -> Any:
     """Poll an async probe until it returns something truthy (bounded)."""
     deadline = time.monotonic() + timeout
@@ -53,18 +71,23 @@ async def until(probe: Any, timeout: float, what: str) -> Any:
         await asyncio.sleep(0.1)
 
 
-async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_path: Path) -> None:
+async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_nothing(tmp_path: Path) -> None:
     launcher = ClusterLauncher(
         data_dir=str(tmp_path), host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
         only=("identity", "conversations", "webhooks", "whatsapp", "web"),
         extra_env={"THREADLINE_LOG_LEVEL": "WARNING", "THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.2"})
     launcher.say = lambda _text: None  # type: ignore[method-assign]
-    seen: Counter[str] = Counter()
+    seen: dict[str, set[str]] = {}  # message text → the event ids it arrived under
+    arrivals: dict[str, list[str]] = {}  # conversation → message ids, first arrival of each event
 
     async def hook(request: web.Request) -> web.Response:
         for event in (await request.json())["events"]:
             if event["type"] == "conversation:message":
-                seen[event["payload"]["message"]["content"]["text"]] += 1
+                ids = seen.setdefault(event["payload"]["message"]["content"]["text"], set())
+                if event["id"] not in ids:
+                    ids.add(event["id"])
+                    arrivals.setdefault(event["payload"]["conversation"]["id"], []).append(
+                        event["payload"]["message"]["id"])
         return web.Response(text="ok")
 
     receiver = web.Application()
@@ -77,7 +100,7 @@ async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_
     try:
         info = await launcher.start()
         assert launcher.cluster is not None
-        assert [len(launcher.replicas_of(name)) for name in ("whatsapp", "web", "conversations")] == [2, 2, 1]
+        assert {len(launcher.replicas_of(name)) for name in launcher.service_names} == {2}
         observer = await Bus.connect(launcher.cluster.url, "test-observer")
         for stream in subjects.ALL_STREAMS:
             assert (await observer.js.stream_info(stream.name)).config.num_replicas == 3
@@ -117,7 +140,7 @@ async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_
             await until(warmed_up, 20, "a first message reaches the business")
 
             leader = await until(lambda: stream_leader(observer), 10, "TL_INBOUND has a leader")
-            victim_replica = launcher.replicas_of("whatsapp")[0]
+            victims = {at: launcher.replicas_of(name)[0] for at, name in KILL_REPLICA_AT.items()}
             in_flight: set[asyncio.Task[None]] = set()
 
             async def send_and_record(i: int) -> None:
@@ -127,9 +150,10 @@ async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_
             for i in range(MESSAGES):
                 if i == KILL_LEADER_AT:
                     launcher.cluster.kill(leader)
-                if i == KILL_REPLICA_AT:
-                    assert victim_replica.process is not None
-                    victim_replica.process.kill()
+                if i in victims:
+                    victim = victims[i].process
+                    assert victim is not None
+                    victim.kill()
                 in_flight.add(asyncio.create_task(send_and_record(i)))
                 if i % 10 == 0:  # steady traffic, not one burst
                     await asyncio.sleep(0.05)
@@ -138,9 +162,10 @@ async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_
         assert len(accepted) == MESSAGES, f"never accepted: {sorted(set(range(MESSAGES)) - accepted)}"
         new_leader = await until(lambda: stream_leader(observer), 15, "TL_INBOUND elects a new leader")
         assert new_leader != leader
-        assert victim_replica.process is not None and victim_replica.process.returncode is not None
-        assert all(p.process is not None and p.process.returncode is None
-                   for p in launcher.replicas_of("whatsapp")[1:])
+        for victim in victims.values():
+            assert victim.process is not None and victim.process.returncode is not None
+            assert all(p.process is not None and p.process.returncode is None
+                       for p in launcher.replicas_of(victim.service)[1:])
         expected = {f"cluster-{i}" for i in accepted}
 
         async def all_delivered() -> bool:
@@ -151,7 +176,13 @@ async def test_losing_the_stream_leader_and_a_channel_replica_loses_nothing(tmp_
         finally:
             missing = expected - set(seen)
             assert missing == set(), f"lost after failover: {sorted(missing)}"
-        assert [text for text, count in seen.items() if count > 1] == [], "duplicated after failover"
+        assert [text for text, ids in seen.items() if len(ids) > 1] == [], "stored twice after failover"
+        # Each conversation reached the business in the order of its history, whichever replicas
+        # handled its messages.
+        async with aiohttp.ClientSession() as session:
+            for conversation_id, arrived in arrivals.items():
+                history = await history_ids(session, launcher.base_url, info["appId"], conversation_id, auth)
+                assert arrived == history, f"conversation {conversation_id} out of order"
     finally:
         if observer is not None:
             await observer.close()

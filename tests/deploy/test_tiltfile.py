@@ -11,6 +11,8 @@ from tests.deploy.tilt import TiltfileError, evaluate
 TILTFILE = (REPO / "Tiltfile").read_text()
 SERVICES = ("identity", "conversations", "webhooks", "messenger", "whatsapp", "telegram", "sms", "web", "app",
             "handoff", "notifications")
+WITH_DATABASE = ("identity", "conversations", "webhooks", "messenger", "notifications")
+INFRA = ("nats", "postgres")
 
 
 def test_tiltfile_builds_the_image_with_live_update() -> None:
@@ -29,16 +31,19 @@ def test_tiltfile_builds_the_image_with_live_update() -> None:
 
 def test_tiltfile_resources_match_the_dev_overlay() -> None:
     run = evaluate(TILTFILE, REPO)
-    assert set(run.workloads) == {"nats", "sandbox", *SERVICES}
-    # Every workload is configured (labels, deps); services start after NATS.
+    assert set(run.workloads) == {*INFRA, "sandbox", *SERVICES}
+    # Every workload is configured (labels, deps); services start after NATS, and after
+    # PostgreSQL when they use it.
     assert set(run.resources) == set(run.workloads)
     for name, resource in run.resources.items():
         assert resource["labels"], name
-        if name != "nats":
+        if name not in INFRA:
             assert "nats" in resource["resource_deps"], name
+        assert ("postgres" in resource["resource_deps"]) == (name in WITH_DATABASE), name
     forwards = {f["local_port"]: f for r in run.resources.values() for f in r["port_forwards"]}
     assert forwards[8080]["name"] == "front door"
     assert forwards[8086]["name"] == "sandbox"
+    assert (forwards[15432]["name"], forwards[15432]["container_port"]) == ("postgres", 5432)
     assert "dev-secrets" in run.local_resources
 
 

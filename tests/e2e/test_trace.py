@@ -38,8 +38,8 @@ async def api(session: aiohttp.ClientSession, method: str, url: str, auth: dict[
 
 
 async def test_one_trace_from_whatsapp_webhook_to_business_webhook(
-        spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path) -> None:
-    system = System(nats_server.url, tmp_path / "data")
+        spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path, postgres_url: str) -> None:
+    system = System(nats_server.url, tmp_path / "data", env={"THREADLINE_DATABASE_URL": postgres_url})
     hooks: asyncio.Queue[tuple[dict[str, Any], str]] = asyncio.Queue()
 
     async def receive(request: web.Request) -> web.Response:

@@ -177,7 +177,8 @@ async def opt_in(page: Page, channel_name: str, address: str, read_code: Callabl
 async def notifications_idle(system: System, conversation_id: str) -> bool:
     """Every event is consumed by `notifications` and nothing is pending for the conversation."""
     bus: Bus = system.service("notifications").bus
-    info = await bus.js.consumer_info(subjects.EVENTS.name, subjects.NOTIFICATIONS_EVENTS_CONSUMER)
+    spec = subjects.NOTIFICATIONS_EVENTS
+    info = await bus.js.consumer_info(spec.stream.name, spec.durable(subjects.partition_of(conversation_id)))
     if info.num_pending or info.num_ack_pending:
         return False
     return await system.service("notifications").store.pending(conversation_id) is None

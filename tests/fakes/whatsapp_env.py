@@ -13,7 +13,7 @@ import httpx
 from services.sandbox.app import SandboxService
 from services.whatsapp.app import WhatsAppService
 from shared import records, subjects
-from shared.bus import Bus
+from shared.bus import Bus, subjects_overlap
 from shared.ids import new_id
 from shared.messages import channel
 from shared.records import IntegrationRecord
@@ -53,7 +53,7 @@ async def stream_messages(bus: Bus, stream: StreamSpec, subject: str | None = No
             raw = await bus.js.get_msg(stream.name, seq)
         except Exception:  # deleted/missing sequence
             continue
-        if subject is None or raw.subject == subject:
+        if subject is None or subjects_overlap(subject, raw.subject or ""):
             out.append(channel.decode(raw.data or b""))
     return out
 
@@ -88,11 +88,11 @@ class WaEnv:
 
     @property
     def inbound_subject(self) -> str:
-        return subjects.inbound_subject("whatsapp", self.integration_id)
+        return subjects.integration_subjects("inbound", "whatsapp", self.integration_id)
 
     @property
     def status_subject(self) -> str:
-        return subjects.status_subject("whatsapp", self.integration_id)
+        return subjects.integration_subjects("status", "whatsapp", self.integration_id)
 
     async def inbound(self) -> list[Any]:
         return await stream_messages(self.bus, subjects.INBOUND, self.inbound_subject)

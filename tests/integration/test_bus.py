@@ -18,7 +18,7 @@ from threadline.natsserver import NatsServer
 
 
 async def test_publish_deduplicates_by_msg_id(bus: Bus) -> None:
-    subject = subjects.inbound_subject("whatsapp", "i1")
+    subject = subjects.inbound_subject("whatsapp", "i1", "u1")
     first = await bus.publish(subject, b"a", msg_id="whatsapp:wamid.1")
     second = await bus.publish(subject, b"a", msg_id="whatsapp:wamid.1")
     assert not first.duplicate
@@ -43,14 +43,14 @@ async def test_consumer_orders_per_key_and_retries(bus: Bus) -> None:
             done.set()
 
     for i in range(3):
-        await bus.publish(subjects.inbound_subject("web", "a"), f"a{i}".encode())
-        await bus.publish(subjects.inbound_subject("web", "b"), f"b{i}".encode())
-    await bus.publish(subjects.inbound_subject("web", "c"), b"poison")
-    await bus.publish(subjects.inbound_subject("web", "c"), b"flaky")
-    bus.consume(subjects.INBOUND, "t-consumer", subjects.INBOUND_ALL, handler)
+        await bus.publish(subjects.inbound_subject("web", "a", "u"), f"a{i}".encode())
+        await bus.publish(subjects.inbound_subject("web", "b", "u"), f"b{i}".encode())
+    await bus.publish(subjects.inbound_subject("web", "c", "u"), b"poison")
+    await bus.publish(subjects.inbound_subject("web", "c", "u"), b"flaky")
+    bus.consume_durable(subjects.INBOUND, "t-consumer", subjects.INBOUND_ALL, handler)
     await asyncio.wait_for(done.wait(), 10)
-    a_order = [d for s, d in seen if s.endswith(".a")]
-    b_order = [d for s, d in seen if s.endswith(".b")]
+    a_order = [d for s, d in seen if s.split(".")[2] == "a"]
+    b_order = [d for s, d in seen if s.split(".")[2] == "b"]
     assert a_order == [b"a0", b"a1", b"a2"]
     assert b_order == [b"b0", b"b1", b"b2"]
     assert attempts[b"flaky"] == 3
@@ -100,7 +100,7 @@ async def _puller(bus: Bus, durable: str, subject: str, *, batch: int, wait: flo
 
 
 async def test_pull_batches_take_what_is_there_wait_for_what_comes_and_report_refusals(bus: Bus) -> None:
-    subject = subjects.inbound_subject("web", "pull")
+    subject = subjects.inbound_subject("web", "pull", "u")
     puller = await _puller(bus, "t-pull", subject, batch=100, wait=5.0)
     try:
         for i in range(150):
@@ -132,7 +132,7 @@ async def test_pull_batches_take_what_is_there_wait_for_what_comes_and_report_re
 
 
 async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> None:
-    subject = subjects.inbound_subject("web", "acks")
+    subject = subjects.inbound_subject("web", "acks", "u")
     acks = await asyncio.gather(*(bus.publish(subject, f"m{i}".encode(), msg_id=f"acks-{i}") for i in range(50)))
     assert [ack.stream for ack in acks] == [subjects.INBOUND.name] * 50
     assert len({ack.seq for ack in acks}) == 50 and not any(ack.duplicate for ack in acks)
@@ -152,7 +152,7 @@ async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> No
 
 
 async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_the_expiry(bus: Bus) -> None:
-    subject = subjects.inbound_subject("web", "full")
+    subject = subjects.inbound_subject("web", "full", "u")
     # A request that waits up to 60 s: at the ack limit the server sends what it may and then
     # nothing until the request expires, so only the end of the flow may end the batch.
     puller = await _puller(bus, "t-full", subject, batch=10, wait=60.0, max_ack_pending=2)
@@ -175,7 +175,7 @@ async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_
 
 
 async def test_batches_hold_at_most_batch_messages_and_keep_what_earlier_requests_bring(bus: Bus) -> None:
-    subject = subjects.inbound_subject("web", "late")
+    subject = subjects.inbound_subject("web", "late", "u")
     puller = await _puller(bus, "t-late", subject, batch=10, wait=5.0)
     try:
         for i in range(30):
@@ -206,8 +206,8 @@ async def test_closing_lets_the_batch_in_hand_finish_and_hands_nothing_to_ack_wa
         await release.wait()
         handled.append(data)
 
-    subject = subjects.inbound_subject("web", "closing")
-    consumer.consume(subjects.INBOUND, "t-closing", subject, slow, ack_wait=60)
+    subject = subjects.inbound_subject("web", "closing", "u")
+    consumer.consume_durable(subjects.INBOUND, "t-closing", subject, slow, ack_wait=60)
     await bus.publish(subject, b"in hand")
     await asyncio.wait_for(started.wait(), 10)
     closing = asyncio.create_task(consumer.close())
@@ -233,7 +233,7 @@ async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, na
         handled.add(delivery.stream_sequence)
 
     try:
-        consumer.consume(subjects.INBOUND, "t-outage", subjects.inbound_subject("web", "*"), handler, batch=10)
+        consumer.consume_durable(subjects.INBOUND, "t-outage", "inbound.web.*.*", handler, batch=10)
         await asyncio.sleep(0.5)
         await nats_server.astop()
         # Long enough for a client that kept asking to have queued several requests meanwhile.
@@ -244,7 +244,7 @@ async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, na
                 break
             await asyncio.sleep(0.1)
         for i in range(200):
-            await bus.publish(subjects.inbound_subject("web", f"o{i}"), b"m")
+            await bus.publish(subjects.inbound_subject("web", f"o{i}", "u"), b"m")
         for _ in range(200):
             if len(handled) == 200:
                 break

@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 import sunshine_conversations_client as sc
+from nats.js.errors import NotFoundError
 
 from shared import subjects
 from shared.bus import Bus
 from shared.ids import new_id
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
-from shared.subjects import StreamSpec
+from shared.messages import identity as ident
+from shared.subjects import ConsumerSpec, StreamSpec
 from shared.sunco import TextContent, UnsupportedContent
 from tests.integration.test_conversations_api import Tenant, eventually, text_post
 from tests.integration.test_conversations_api import system as system  # on SQLite, then on PostgreSQL
@@ -41,14 +43,15 @@ class Wa:
         return chan.InboundMessage(**fields)
 
     async def publish_inbound(self, message: chan.ChannelMessage) -> None:
-        await self.bus.publish(subjects.inbound_subject("whatsapp", self.integration_id), chan.encode(message))
+        await self.bus.publish(chan.subject_of(message), chan.encode(message))
 
     async def publish_status(self, status: str, provider_id: str, message_id: str | None = None,
                              **extra: Any) -> None:
-        await self.bus.publish(subjects.status_subject("whatsapp", self.integration_id), chan.encode(
-            chan.DeliveryStatus(app_id=self.t.app_id, integration_id=self.integration_id, channel="whatsapp",
-                                provider_message_id=provider_id, status=status, timestamp=time.time(),  # type: ignore[arg-type]
-                                message_id=message_id, **extra)))
+        delivery_status = chan.DeliveryStatus(
+            app_id=self.t.app_id, integration_id=self.integration_id, channel="whatsapp",
+            provider_message_id=provider_id, status=status, timestamp=time.time(),  # type: ignore[arg-type]
+            message_id=message_id, **extra)
+        await self.bus.publish(chan.subject_of(delivery_status), chan.encode(delivery_status))
 
 
 async def stored(bus: Bus, stream: StreamSpec, prefix: str = "") -> list[tuple[str, bytes]]:
@@ -69,11 +72,19 @@ async def events(bus: Bus, app_id: str) -> list[conv.ConversationUnion]:
     return [conv.decode(data) for _, data in await stored(bus, subjects.EVENTS, f"events.{app_id}.")]
 
 
-async def consumed(bus: Bus, stream: StreamSpec, durable: str, count: int) -> None:
-    """Wait until a durable consumer has acked `count` messages and has nothing pending."""
+async def consumed(bus: Bus, spec: ConsumerSpec, count: int) -> None:
+    """Wait until a consumer group has acked `count` messages and has nothing pending."""
     async def done() -> bool:
-        info = await bus.js.consumer_info(stream.name, durable)
-        return info.num_pending == 0 and info.num_ack_pending == 0 and (info.ack_floor.stream_seq or 0) >= count
+        acked = 0
+        for partition in range(subjects.PARTITIONS):
+            try:
+                info = await bus.js.consumer_info(spec.stream.name, spec.durable(partition))
+            except NotFoundError:
+                return False
+            if info.num_pending or info.num_ack_pending:
+                return False
+            acked += info.ack_floor.consumer_seq or 0
+        return acked >= count
 
     await eventually(done)
 
@@ -106,7 +117,7 @@ async def test_inbound_message_is_stored_once_and_announced(wa: Wa) -> None:
     message = wa.inbound("wamid.1")
     await wa.publish_inbound(message)
     await wa.publish_inbound(message)  # a redelivery past JetStream's de-dup window
-    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 2)
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 2)
     found = await events(wa.bus, wa.t.app_id)
     created = [e for e in found if isinstance(e, conv.MessageCreated)]
     assert len(created) == 1  # the duplicate re-published with the same event id: de-duplicated
@@ -139,7 +150,7 @@ async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa)
     messages = sc.MessagesApi(t.client())
     posted = (await t.call(messages.post_message, t.app_id, conversation_id, text_post("Hi Zoe"))).messages[0]
     outbound = [chan.decode(d) for _, d in await stored(
-        wa.bus, subjects.OUTBOUND, subjects.outbound_subject("whatsapp", wa.integration_id))]
+        wa.bus, subjects.OUTBOUND, f"outbound.whatsapp.{wa.integration_id}.")]
     assert len(outbound) == 1
     send = outbound[0]
     assert isinstance(send, chan.OutboundSend)
@@ -164,7 +175,7 @@ async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa)
         return found if len(found) >= 4 else None
 
     found = await eventually(reports, timeout=8)
-    await consumed(wa.bus, subjects.STATUS, subjects.CONVERSATIONS_STATUS_CONSUMER, 5)
+    await consumed(wa.bus, subjects.CONVERSATIONS_STATUS, 5)
     found = [e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.DeliveryReported)]
     by_kind = {(e.kind, e.read): e for e in found}
     assert len(found) == 4  # the second `sent` is the same event id, de-duplicated
@@ -187,7 +198,7 @@ async def test_postback_and_unsupported_content(wa: Wa) -> None:
                                         quoted_provider_message_id="wamid.OUTBOUND1"))
     await wa.publish_inbound(wa.inbound("wamid.u", content=UnsupportedContent(channel_type="whatsapp",
                                                                               raw={"type": "sticker"})))
-    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 2)
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 2)
     _, conversation_id = await user_conversation(wa)
     t = wa.t
     status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages")
@@ -205,8 +216,8 @@ async def test_postback_and_unsupported_content(wa: Wa) -> None:
 
 async def test_inbound_for_unknown_integration_is_dropped(wa: Wa) -> None:
     stray = wa.inbound("wamid.x", integration_id=new_id())
-    await wa.bus.publish(subjects.inbound_subject("whatsapp", stray.integration_id), chan.encode(stray))
-    await consumed(wa.bus, subjects.INBOUND, subjects.CONVERSATIONS_INBOUND_CONSUMER, 1)
+    await wa.bus.publish(chan.subject_of(stray), chan.encode(stray))
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 1)
     assert await events(wa.bus, wa.t.app_id) == []
 
 
@@ -296,3 +307,19 @@ async def test_a_blocking_failure_marks_the_client_blocked(wa: Wa) -> None:
     assert [c.status for c in clients.clients] == ["blocked"]
     # A failure that is not a block leaves other clients alone.
     assert sum(isinstance(e, conv.ClientUpdated) for e in await events(wa.bus, t.app_id)) == 1
+
+
+async def test_a_user_ended_through_another_replica_leaves_no_cached_resolution(wa: Wa) -> None:
+    """A merge or deletion made through another replica reaches this one's identity cache over
+    NATS (the ended-users bucket identity writes), not after the cache's TTL."""
+    await wa.publish_inbound(wa.inbound("wamid.cache"))
+    user_id, _ = await user_conversation(wa)
+    cache = wa.t.system.service("conversations").conversations.identity
+    assert any(user.id == user_id for _, user, _ in cache._resolved.values())
+    kv = await wa.bus.key_value(subjects.ENDED_USERS_BUCKET)
+    await kv.put(user_id, ident.USER_ENDED_ENCODER.encode(ident.UserEnded(app_id=wa.t.app_id, reason="deleted")))
+
+    async def forgotten() -> bool:
+        return not any(user.id == user_id for _, user, _ in cache._resolved.values())
+
+    await eventually(forgotten)

@@ -250,7 +250,7 @@ async def test_a_stored_internal_base_url_is_refused_at_send_time(system: System
     send = OutboundSend(app_id=record.app_id, integration_id=record.id, channel="whatsapp", conversation_id=new_id(),
                         message_id=new_id(), user_id=new_id(), client_id=new_id(), recipient="15551234567",
                         recipient_info={"wa_id": "15551234567"}, content=TextContent(text="hello"))
-    await bus.publish(subjects.outbound_subject("whatsapp", record.id), channel.encode(send))
+    await bus.publish(channel.subject_of(send), channel.encode(send))
 
     async def failed() -> DeliveryStatus | None:
         for status in await stream_messages(bus, subjects.STATUS):
@@ -435,7 +435,7 @@ async def test_redirects_are_never_followed(system: System, bus: Bus, internal: 
                             conversation_id=new_id(), message_id=new_id(), user_id=new_id(), client_id=new_id(),
                             recipient="15551234567", recipient_info={"wa_id": "15551234567"},
                             content=TextContent(text="your order number is 4711"))
-        await bus.publish(subjects.outbound_subject("whatsapp", record.id), channel.encode(send))
+        await bus.publish(channel.subject_of(send), channel.encode(send))
 
         async def failed() -> DeliveryStatus | None:
             for status in await stream_messages(bus, subjects.STATUS):

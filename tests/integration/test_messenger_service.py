@@ -76,11 +76,11 @@ class MsEnv:
 
     async def inbound(self) -> list[Any]:
         return await stream_messages(self.bus, subjects.INBOUND,
-                                     subjects.inbound_subject("messenger", self.integration_id))
+                                     subjects.integration_subjects("inbound", "messenger", self.integration_id))
 
     async def statuses(self) -> list[Any]:
         return await stream_messages(self.bus, subjects.STATUS,
-                                     subjects.status_subject("messenger", self.integration_id))
+                                     subjects.integration_subjects("status", "messenger", self.integration_id))
 
     async def script(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=f"{self.system.base_url}/sandbox/messenger/{self.integration_id}") as c:
@@ -130,7 +130,7 @@ def outbound(ms: MsEnv, content: Content, psid: str = PSID, **extra: Any) -> Out
 
 
 async def publish(ms: MsEnv, send: OutboundSend) -> None:
-    await ms.bus.publish(subjects.outbound_subject("messenger", ms.integration_id), channel.encode(send))
+    await ms.bus.publish(channel.subject_of(send), channel.encode(send))
 
 
 async def statuses_of(ms: MsEnv, message_id: str, wanted: set[str]) -> list[DeliveryStatus]:

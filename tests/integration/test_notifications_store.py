@@ -12,6 +12,7 @@ from pathlib import Path
 
 from services.notifications.limits import Counter, Refusal
 from services.notifications.store import MIGRATION, OptInRow, SendRow, Store
+from shared import subjects
 from shared.config import Rate
 from shared.db import DatabaseSettings
 from shared.messages.conversation import Erasure
@@ -60,8 +61,13 @@ async def test_pending_notifications_fold_fire_and_survive_a_reopen(database_set
         await asyncio.gather(schedule(store, "m3"), schedule(store, "m4"))
         assert (await store.pending("conv-1")).unread_count == 4  # type: ignore[union-attr]
 
-        assert await store.due(T0 + 299) == []
-        assert [r.conversation_id for r in await store.due(T0 + 300)] == ["conv-1"]
+        everything = range(subjects.PARTITIONS)
+        assert await store.due(T0 + 299, everything) == []
+        assert [r.conversation_id for r in await store.due(T0 + 300, everything)] == ["conv-1"]
+        # Only the partitions asked for: another replica fires the others' notifications.
+        mine = subjects.partition_of("conv-1")
+        assert await store.due(T0 + 300, [p for p in everything if p != mine]) == []
+        assert [r.conversation_id for r in await store.due(T0 + 300, [mine])] == ["conv-1"]
         await store.postpone("conv-1", "n-1", T0 + 900, failed_attempt=True)
         await store.postpone("conv-1", "n-other", T0 + 5)  # another notification's: nothing changes
         row = await store.pending("conv-1")
@@ -271,11 +277,18 @@ async def test_a_data_directory_of_the_previous_store_layer_keeps_opening(tmp_pa
     old.execute("INSERT INTO optins (id, app_id, user_id, conversation_id, channel, address, integration_id, status,"
                 " created_at, code_sent) VALUES ('o-old', 'app-1', 'user-1', 'conv-1', 'twilio', '+15550002222',"
                 " 'int-sms', 'confirmed', ?, 1)", (T0,))
+    old.execute("INSERT INTO pending (conversation_id, app_id, conversation_type, user_id, notification_id,"
+                " first_unread_at, due_at, unread_count, last_message_id, last_text) VALUES ('conv-old', 'app-1',"
+                " 'personal', 'user-1', 'n-old', ?, ?, 1, 'm-old', 'hi')", (T0, T0 + 300))
     old.close()
     store = await Store.open(DatabaseSettings(sqlite_path=str(path), schema="notifications"))
     try:
-        assert await store.db.fetchval("SELECT MAX(version) FROM schema_migrations") == len(MIGRATION.steps) == 4
+        assert await store.db.fetchval("SELECT MAX(version) FROM schema_migrations") == len(MIGRATION.steps) == 6
         kept = await store.optin_any("o-old")
         assert kept is not None and (kept.status, kept.destination, kept.code_sent) == ("confirmed", None, True)
+        # A notification pending from before partitioning is fired by its conversation's partition holder.
+        mine = subjects.partition_of("conv-old")
+        assert [r.conversation_id for r in await store.due(T0 + 300, [mine])] == ["conv-old"]
+        assert await store.due(T0 + 300, [p for p in range(subjects.PARTITIONS) if p != mine]) == []
     finally:
         await store.close()

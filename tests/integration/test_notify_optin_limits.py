@@ -105,8 +105,12 @@ class Shop:
     async def sms_idle(self) -> bool:
         """The SMS service has taken every send command off the stream."""
         bus = self.system.service("sms").bus
-        info = await bus.js.consumer_info(subjects.OUTBOUND.name, subjects.channel_outbound_consumer("twilio"))
-        return not info.num_pending and not info.num_ack_pending
+        spec = subjects.channel_outbound_consumer("twilio")
+        for partition in range(subjects.PARTITIONS):
+            info = await bus.js.consumer_info(spec.stream.name, spec.durable(partition))
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
 
 
 @pytest.fixture

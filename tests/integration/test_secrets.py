@@ -329,14 +329,14 @@ async def test_nats_refuses_anonymous_clients_and_each_service_gets_only_what_it
         # What `web` needs works: the integrations bucket (whose secrets it cannot open) and its inbound.
         js = web.jetstream(timeout=5)
         assert (await (await js.key_value(subjects.INTEGRATIONS_BUCKET)).get("i1")).value
-        await js.publish(subjects.inbound_subject("web", "i1"), b"{}")
+        await js.publish(subjects.inbound_subject("web", "i1", "u1"), b"{}")
         # What it does not is refused: webhook secrets, writing integrations, other channels' inbound,
         # conversations' consumer, another service's replies, a stream that would mirror a bucket.
         forbidden = ["$JS.API.STREAM.INFO.KV_tl_webhooks", "$JS.API.CONSUMER.CREATE.KV_tl_webhooks",
                      "$JS.API.DIRECT.GET.KV_tl_webhooks.$KV.tl_webhooks.a.w1",
                      "$JS.API.STREAM.MSG.GET.KV_tl_webhooks", "$KV.tl_integrations.i1",
-                     subjects.inbound_subject("whatsapp", "i1"), "$JS.API.STREAM.CREATE.MIRROR",
-                     "$JS.API.CONSUMER.MSG.NEXT.TL_INBOUND.conversations-inbound", "$KV.tl_link_codes.x",
+                     subjects.inbound_subject("whatsapp", "i1", "u1"), "$JS.API.STREAM.CREATE.MIRROR",
+                     "$JS.API.CONSUMER.MSG.NEXT.TL_INBOUND.conversations-inbound-p0", "$KV.tl_link_codes.x",
                      # internal requests it never makes: deleting a user, linking or merging clients
                      subjects.IDENTITY_USER_DELETE, subjects.IDENTITY_CLIENT_LINK, subjects.IDENTITY_USER_GET,
                      subjects.CONVERSATIONS_CLIENT_LINK, subjects.HANDOFF_REDEEM]

@@ -28,9 +28,9 @@ from shared.ids import new_id
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend
 from shared.records import IntegrationRecord
-from shared.subjects import StreamSpec
 from shared.sunco import FileContent, ImageContent, TextContent
 from shared.twilio_wire import EMPTY_TWIML, SIGNATURE_HEADER
+from tests.fakes.whatsapp_env import stream_messages
 from tests.harness import System
 
 ACCOUNT_SID = "AC" + "b" * 32
@@ -51,22 +51,6 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
-
-
-async def stream_messages(bus: Bus, stream: StreamSpec, subject: str) -> list[Any]:
-    """Every message stored on one subject of a stream, decoded as channel messages."""
-    info = await bus.js.stream_info(stream.name)
-    out: list[Any] = []
-    if info.state.messages == 0:
-        return out
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            raw = await bus.js.get_msg(stream.name, seq)
-        except Exception:  # deleted/missing sequence
-            continue
-        if raw.subject == subject:
-            out.append(channel.decode(raw.data or b""))
-    return out
 
 
 def twilio_record(base_url: str, **config: Any) -> IntegrationRecord:
@@ -111,11 +95,12 @@ class SmsEnv:
         return f"{self.system.service_url('sms')}/webhooks/twilio/{self.integration_id}"
 
     async def inbound(self) -> list[Any]:
-        subject = subjects.inbound_subject("twilio", self.integration_id)
+        subject = subjects.integration_subjects("inbound", "twilio", self.integration_id)
         return await stream_messages(self.bus, subjects.INBOUND, subject)
 
     async def statuses(self) -> list[Any]:
-        return await stream_messages(self.bus, subjects.STATUS, subjects.status_subject("twilio", self.integration_id))
+        return await stream_messages(self.bus, subjects.STATUS,
+                                     subjects.integration_subjects("status", "twilio", self.integration_id))
 
     async def script(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=f"{self.system.base_url}/sandbox/twilio/{self.integration_id}") as c:
@@ -245,7 +230,8 @@ async def test_configured_webhook_url_is_what_gets_checked(sms: SmsEnv) -> None:
         accepted = await http.post(pod_url, content=good_body, headers=good)
         refused = await http.post(pod_url, content=default_body, headers=default_signed)
     assert (accepted.status_code, refused.status_code) == (200, 403)
-    [message] = await stream_messages(sms.bus, subjects.INBOUND, subjects.inbound_subject("twilio", record.id))
+    [message] = await stream_messages(sms.bus, subjects.INBOUND,
+                                      subjects.integration_subjects("inbound", "twilio", record.id))
     assert message.content == TextContent(text="via configured url")
 
 
@@ -294,7 +280,7 @@ def outbound(sms: SmsEnv, content: Any, **extra: Any) -> OutboundSend:
 
 
 async def publish(sms: SmsEnv, send: OutboundSend) -> None:
-    await sms.bus.publish(subjects.outbound_subject("twilio", sms.integration_id), channel.encode(send))
+    await sms.bus.publish(channel.subject_of(send), channel.encode(send))
 
 
 async def statuses_of(sms: SmsEnv, message_id: str, count: int) -> list[DeliveryStatus]:

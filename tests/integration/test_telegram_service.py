@@ -71,11 +71,11 @@ class TgEnv:
 
     async def inbound(self) -> list[Any]:
         return await stream_messages(self.bus, subjects.INBOUND,
-                                     subjects.inbound_subject("telegram", self.integration_id))
+                                     subjects.integration_subjects("inbound", "telegram", self.integration_id))
 
     async def statuses(self) -> list[Any]:
         return await stream_messages(self.bus, subjects.STATUS,
-                                     subjects.status_subject("telegram", self.integration_id))
+                                     subjects.integration_subjects("status", "telegram", self.integration_id))
 
     async def script(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=f"{self.system.base_url}/sandbox/telegram/{self.integration_id}") as c:
@@ -271,7 +271,7 @@ def outbound(tg: TgEnv, content: TextContent | ImageContent, **extra: Any) -> Ou
 async def publish(tg: TgEnv, send: OutboundSend) -> None:
     if (tg.integration_id, USER) not in tg.fake.chats:
         tg.fake.start_chat(tg.integration_id, USER)
-    await tg.bus.publish(subjects.outbound_subject("telegram", tg.integration_id), channel.encode(send))
+    await tg.bus.publish(channel.subject_of(send), channel.encode(send))
 
 
 async def statuses_of(tg: TgEnv, message_id: str, count: int) -> list[DeliveryStatus]:

@@ -47,7 +47,7 @@ def token(conversation: str = "c" * 24, app: str = APP, integration: str = WEB,
 
 async def inbound_messages(bus: Bus, integration: str = WEB) -> list[tuple[Any, str | None]]:
     """Everything on the integration's inbound subject so far (decoded, with its Nats-Msg-Id)."""
-    sub = await bus.js.subscribe(subjects.inbound_subject("web", integration), ordered_consumer=True)
+    sub = await bus.js.subscribe(subjects.integration_subjects("inbound", "web", integration), ordered_consumer=True)
     out: list[tuple[Any, str | None]] = []
     try:
         while True:

@@ -205,7 +205,7 @@ def outbound(wa: WaEnv, content: TextContent | ImageContent | TemplateContent, *
 
 
 async def publish(wa: WaEnv, send: OutboundSend) -> None:
-    await wa.bus.publish(subjects.outbound_subject("whatsapp", wa.integration_id), channel.encode(send))
+    await wa.bus.publish(channel.subject_of(send), channel.encode(send))
 
 
 async def statuses_of(wa: WaEnv, message_id: str, count: int) -> list[DeliveryStatus]:
@@ -308,10 +308,11 @@ async def test_unknown_integration_send_fails_after_retries(system: System, bus:
     wa = await start_whatsapp(system, bus, env={"WHATSAPP_MAX_SEND_ATTEMPTS": "2"})
     send = outbound(wa, TextContent(text="to nowhere"))
     send.integration_id = new_id()
-    await wa.bus.publish(subjects.outbound_subject("whatsapp", send.integration_id), channel.encode(send))
+    await wa.bus.publish(channel.subject_of(send), channel.encode(send))
 
     async def probe() -> list[DeliveryStatus] | None:
-        found = await stream_messages(bus, subjects.STATUS, subjects.status_subject("whatsapp", send.integration_id))
+        found = await stream_messages(bus, subjects.STATUS,
+                                      subjects.integration_subjects("status", "whatsapp", send.integration_id))
         return found or None
 
     [failed] = await eventually(probe)

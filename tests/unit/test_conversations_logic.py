@@ -18,6 +18,7 @@ from services.conversations.app import inbound_ordering_key, status_ordering_key
 from services.conversations.handlers import Conversations, IdentityClient, derived_id
 from services.conversations.openapi import openapi_document
 from services.conversations.store import Store
+from shared import subjects
 from shared.db import DatabaseSettings
 from shared.http import ApiError
 from shared.ids import new_id, now
@@ -144,7 +145,7 @@ async def test_post_message_is_undone_when_the_bus_fails(handlers: tuple[Convers
     subject, data, msg_id = recorder.published[-1]
     event = conv.decode(data)
     assert isinstance(event, conv.MessageCreated) and event.message.id == posted.id and msg_id == event.id
-    assert subject == f"events.{app_id}.{row['id']}"
+    assert subject == subjects.event_subject(app_id, row["id"])
 
 
 async def test_default_conversation_is_created_once(handlers: tuple[Conversations, Recorder, str]) -> None:

@@ -16,7 +16,7 @@ def test_every_service_is_a_user_and_every_bucket_has_one_writer() -> None:
     assert set(USERS) == packages | {ADMIN_USER}
     buckets = {value for name, value in vars(subjects).items() if name.endswith("_BUCKET")}
     for bucket in buckets:
-        writers = [name for name, access in SERVICE_ACCESS.items() if bucket in access.kv_write]
+        writers = [name for name, access in SERVICE_ACCESS.items() if bucket in access.buckets_written]
         # A new bucket must be given to the services that use it, or the server refuses them.
         assert writers, f"{bucket}: no service may write it (add it to shared/natsauth.py)"
 

@@ -1,0 +1,215 @@
+"""Partitioned consumer groups on a real nats-server: two replicas split the partitions, each
+message is handled once and in order per key, a replica that leaves or dies is taken over, and
+the durable from before partitioning is drained."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pytest
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from shared import subjects
+from shared.bus import Bus, Delivery
+from shared.subjects import ConsumerSpec
+from threadline.natsserver import NatsServer
+
+
+@dataclass
+class Seen:
+    """What every replica handled: (replica, subject, data) in handling order."""
+
+    handled: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    def handler(self, replica: str, hang: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+        async def handle(data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+            if hang is not None and hang.is_set():
+                await asyncio.Event().wait()  # stuck: the message stays unacknowledged
+            await asyncio.sleep(0.001)  # let the replicas interleave
+            self.handled.append((replica, delivery.subject, data))
+        return handle
+
+    def data(self) -> list[bytes]:
+        return [d for _, _, d in self.handled]
+
+    async def until(self, count: int, timeout: float = 30) -> None:
+        for _ in range(int(timeout / 0.05)):
+            if len(self.handled) >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"handled {len(self.handled)} of {count}")
+
+
+async def publish(bus: Bus, keys: int, per_key: int, tag: str) -> list[bytes]:
+    sent = []
+    for i in range(per_key):
+        for k in range(keys):
+            data = f"{tag}:k{k}:{i}".encode()
+            await bus.publish(subjects.inbound_subject("web", "i1", f"k{k}"), data)
+            sent.append(data)
+    return sent
+
+
+def per_key(values: list[bytes]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for value in values:
+        tag, key, index = value.decode().split(":")
+        out.setdefault(f"{tag}:{key}", []).append(int(index))
+    return out
+
+
+def partition(subject: str) -> int:
+    return int(subject.rsplit(".", 1)[1])
+
+
+async def replica(nats_server: NatsServer, name: str, spec: ConsumerSpec, seen: Seen,
+                  hang: asyncio.Event | None = None) -> Bus:
+    bus = await Bus.connect(nats_server.url, name, replica=name)
+    await bus.consume(spec, seen.handler(name, hang), batch=20)
+    return bus
+
+
+def kill(bus: Bus) -> None:
+    """The process dies: no release, no lease deleted, nothing acked (its connection just goes)."""
+    for leases in bus._leases:
+        assert leases._task is not None
+        leases._task.cancel()
+    for task in list(bus._tasks):
+        task.cancel()
+
+
+async def holders(bus: Bus, spec: ConsumerSpec) -> dict[int, str]:
+    kv = await bus.key_value(subjects.PARTITIONS_BUCKET)
+    found = {}
+    for p in range(subjects.PARTITIONS):
+        try:
+            entry = await kv.get(f"{spec.group}.p.{p}")
+        except Exception:
+            continue
+        if entry.value:
+            found[p] = entry.value.decode()
+    return found
+
+
+async def until_held_by(bus: Bus, spec: ConsumerSpec, replicas: set[str], timeout: float = 20) -> dict[int, str]:
+    for _ in range(int(timeout / 0.1)):
+        held = await holders(bus, spec)
+        if len(held) == subjects.PARTITIONS and set(held.values()) == replicas:
+            return held
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"partitions held: {await holders(bus, spec)}")
+
+
+async def test_two_replicas_split_the_partitions_and_keep_each_key_in_order(bus: Bus,
+                                                                          nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-split", "inbound.*.*")
+    seen = Seen()
+    a = await replica(nats_server, "r-a", spec, seen)
+    b = await replica(nats_server, "r-b", spec, seen)
+    try:
+        held = await until_held_by(bus, spec, {"r-a", "r-b"})
+        sent = await publish(bus, keys=40, per_key=5, tag="x")
+        await seen.until(len(sent))
+        await asyncio.sleep(0.3)
+        assert sorted(seen.data()) == sorted(sent)  # each once
+        assert all(order == sorted(order) for order in per_key(seen.data()).values())
+        by_partition: dict[int, set[str]] = {}
+        for who, subject, _ in seen.handled:
+            by_partition.setdefault(partition(subject), set()).add(who)
+        assert all(len(who) == 1 for who in by_partition.values()), by_partition
+        assert {p: next(iter(w)) for p, w in by_partition.items()} == {p: held[p] for p in by_partition}
+        assert {"r-a", "r-b"} == {who for who, _, _ in seen.handled}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_replica_that_leaves_hands_its_partitions_over_at_once(bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-leave", "inbound.*.*")
+    seen = Seen()
+    a = await replica(nats_server, "r-a", spec, seen)
+    b = await replica(nats_server, "r-b", spec, seen)
+    try:
+        await until_held_by(bus, spec, {"r-a", "r-b"})
+        await a.close()  # leases deleted: no waiting out the TTL
+        await until_held_by(bus, spec, {"r-b"}, timeout=subjects.PARTITION_LEASE_SECONDS - 1)
+        sent = await publish(bus, keys=20, per_key=3, tag="y")
+        await seen.until(len(sent))
+        assert {who for who, _, _ in seen.handled} == {"r-b"}
+        assert sorted(seen.data()) == sorted(sent)
+    finally:
+        await b.close()
+
+
+async def test_a_dead_replica_is_taken_over_after_the_lease_ttl_in_order_and_nothing_is_lost(
+        bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-dead", "inbound.*.*")
+    seen = Seen()
+    stuck = asyncio.Event()
+    a = await replica(nats_server, "r-a", spec, seen, hang=stuck)
+    b = await replica(nats_server, "r-b", spec, seen)
+    try:
+        held_by_a = {p for p, who in (await until_held_by(bus, spec, {"r-a", "r-b"})).items() if who == "r-a"}
+        stuck.set()  # r-a takes messages and never finishes them
+        sent = await publish(bus, keys=40, per_key=3, tag="z")
+        await asyncio.sleep(0.5)
+        kill(a)
+        await a.nc.close()
+        await until_held_by(bus, spec, {"r-b"}, timeout=subjects.PARTITION_LEASE_SECONDS * 3)
+        # Well before the 30 s ack_wait would hand r-a's unacknowledged messages out again.
+        await seen.until(len(sent), timeout=10)
+        await asyncio.sleep(0.3)
+        assert sorted(seen.data()) == sorted(sent)
+        assert all(order == sorted(order) for order in per_key(seen.data()).values())
+        taken_over = {partition(s) for who, s, _ in seen.handled if who == "r-b"}
+        assert held_by_a <= taken_over
+    finally:
+        await b.close()
+
+
+async def test_a_replica_restarted_under_its_id_takes_its_partitions_back_at_once(
+        bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-restart", "inbound.*.*")
+    seen = Seen()
+    first = await replica(nats_server, "r-a", spec, seen)
+    await until_held_by(bus, spec, {"r-a"})
+    kill(first)
+    await first.nc.close()  # its leases stay until the TTL
+    again = await replica(nats_server, "r-a", spec, seen)
+    try:
+        sent = await publish(bus, keys=10, per_key=2, tag="r")
+        await seen.until(len(sent), timeout=subjects.PARTITION_LEASE_SECONDS - 2)
+        assert sorted(seen.data()) == sorted(sent)
+    finally:
+        await again.close()
+
+
+async def test_the_durable_from_before_partitioning_is_drained_then_removed(bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-legacy", "inbound.*.*")
+    # What the previous version left: one durable over every subject, with messages on the old
+    # three-token subjects still unhandled.
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name=spec.group, ack_policy=api.AckPolicy.EXPLICIT, filter_subject="inbound.>"))
+    old = [f"old:k{k}:{i}".encode() for i in range(3) for k in range(5)]
+    for data in old:
+        await bus.publish(f"inbound.web.{data.decode().split(':')[1]}", data)
+    seen = Seen()
+    a = await replica(nats_server, "r-a", spec, seen)
+    try:
+        new = await publish(bus, keys=5, per_key=2, tag="new")
+        await seen.until(len(old) + len(new))
+        assert sorted(seen.data()) == sorted(old + new)
+        assert per_key([d for d in seen.data() if d.startswith(b"old")]) == {f"old:k{k}": [0, 1, 2] for k in range(5)}
+        for _ in range(100):
+            try:
+                await bus.js.consumer_info(subjects.INBOUND.name, spec.group)
+            except NotFoundError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the pre-partitioning durable was not removed")
+    finally:
+        await a.close()

@@ -1,0 +1,52 @@
+"""The split of a consumer group's partitions among its replicas (pure logic)."""
+
+from __future__ import annotations
+
+from shared import subjects
+from shared.partitions import assignment
+
+
+def test_every_partition_has_exactly_one_owner() -> None:
+    for members in (["a"], ["a", "b"], ["r-1", "r-2", "r-3"], [f"pod-{i}" for i in range(10)]):
+        owned = assignment(members, subjects.PARTITIONS)
+        flat = [p for parts in owned.values() for p in parts]
+        assert sorted(flat) == list(range(subjects.PARTITIONS))
+
+
+def test_every_member_computes_the_same_split_whatever_the_order() -> None:
+    assert assignment(["b", "a", "c"], 8) == assignment(["c", "b", "a", "a"], 8)
+
+
+def test_a_member_joining_takes_partitions_only_for_itself() -> None:
+    before = assignment(["a", "b"], 64)
+    after = assignment(["a", "b", "c"], 64)
+    assert after["a"] <= before["a"] and after["b"] <= before["b"]
+    assert after["c"] == (before["a"] - after["a"]) | (before["b"] - after["b"])
+    assert len(after["c"]) > 64 // 6  # roughly a third, not a crumb
+
+
+def test_a_member_leaving_hands_its_partitions_to_the_others_only() -> None:
+    before = assignment(["a", "b", "c"], 64)
+    after = assignment(["a", "c"], 64)
+    assert before["a"] <= after["a"] and before["c"] <= after["c"]
+    assert after["a"] | after["c"] == set(range(64))
+
+
+def test_no_members_no_owners() -> None:
+    assert assignment([], 8) == {}
+
+
+def test_partition_of_is_stable_and_in_range() -> None:
+    # crc32, not Python's salted hash(): every process and host puts a key in the same partition.
+    assert subjects.partition_of("i1:+15550001") == subjects.partition_of("i1:+15550001")
+    assert {subjects.partition_of(f"k{i}") for i in range(200)} == set(range(subjects.PARTITIONS))
+
+
+def test_subjects_carry_the_partition_of_their_ordering_key() -> None:
+    subject = subjects.event_subject("app1", "conv1")
+    assert subject == f"events.app1.conv1.{subjects.partition_of('conv1')}"
+    assert subjects.conversation_of_event_subject(subject) == "conv1"
+    inbound = subjects.inbound_subject("whatsapp", "i1", "+1555")
+    assert inbound.endswith(f".{subjects.partition_of(subjects.inbound_key('i1', '+1555'))}")
+    spec = subjects.CONVERSATIONS_INBOUND
+    assert spec.filter(3) == "inbound.*.*.3" and spec.durable(3) == "conversations-inbound-p3"
