@@ -139,6 +139,10 @@ def channel_outbound_consumer(channel: str) -> ConsumerSpec:
     return ConsumerSpec(OUTBOUND, f"{channel}-outbound", f"outbound.{channel}.*")
 
 
+# Core (not stored) broadcast among `webhooks` replicas: a privacy event one replica handled, so
+# that the others drop the rows it names from their queues too.
+WEBHOOKS_ERASURES: Final = "webhooks.erasures"
+
 # Leases of consumer-group partitions (`shared.partitions`): `<group>.m.<replica>` heartbeats and
 # `<group>.p.<n>` owners. An entry not rewritten within the TTL expires: a dead replica's
 # partitions are taken over after at most PARTITION_LEASE_SECONDS.

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import msgspec
 from aiohttp import web
+from nats.aio.msg import Msg
 
 from services.webhooks.config import SERVICE_NAME, WebhooksConfig
 from services.webhooks.delivery import Dispatcher
@@ -51,6 +52,7 @@ class WebhooksService(ServiceApp):
         self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)
         self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
         await self.dispatcher.start()
+        await self.bus.nc.subscribe(subjects.WEBHOOKS_ERASURES, cb=self._on_erasure)
         await self.bus.consume(subjects.WEBHOOKS_EVENTS, self._on_event, on_acquire=self.dispatcher.acquire,
                                on_release=self.dispatcher.release)
         await self.start_http()
@@ -84,6 +86,10 @@ class WebhooksService(ServiceApp):
         forget = conversation.erasure(event)
         if forget is not None:  # before its own delivery (user:remove) is stored
             await self.dispatcher.forget(forget)
+            # The user's other conversations may be in partitions other replicas hold, their
+            # rows queued in those replicas' memory: tell them (the database rows are gone).
+            assert self.bus is not None
+            await self.bus.nc.publish(subjects.WEBHOOKS_ERASURES, data)
         # The consumer span is current: its context is stored so the delivery continues the trace.
         rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time())
         if not rows:
@@ -92,6 +98,15 @@ class WebhooksService(ServiceApp):
         # committed rows.
         created = await self.store.insert(rows)
         self.dispatcher.add(created)
+
+    async def _on_erasure(self, msg: Msg) -> None:
+        """Another replica handled a privacy event: drop what it names from this one's queues."""
+        try:
+            forget = conversation.erasure(conversation.decode(msg.data))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        if forget is not None and self.dispatcher is not None:
+            self.dispatcher.forget_queued(forget)
 
     async def _ready(self) -> bool:
         return self.dispatcher is not None

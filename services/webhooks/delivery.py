@@ -142,12 +142,16 @@ class Dispatcher:
         self.pending += len(rows)
         self._wake.set()
 
-    async def forget(self, erasure: Erasure) -> None:
-        """A privacy event: drop the rows it names from the queues and the database."""
+    def forget_queued(self, erasure: Erasure) -> None:
+        """Drop the rows a privacy event names from this replica's queues (not the database)."""
         keys = [*erasure.conversation_ids, *([erasure.user_id] if erasure.user_id else [])]
         if not erasure.delivered_only:
             for queue in self.queues.values():
                 self.pending -= queue.forget(keys, erasure.before)
+
+    async def forget(self, erasure: Erasure) -> None:
+        """A privacy event: drop the rows it names from the queues and the database."""
+        self.forget_queued(erasure)
         removed = await self.store.forget(erasure)
         self.delivered -= removed.get(DELIVERED, 0)
         self.failed -= removed.get(FAILED, 0)

@@ -3,7 +3,7 @@ from new WhatsApp numbers, each number's messages arriving at both `whatsapp` re
 
 Each number becomes one user with one conversation, every message is stored once, and each
 conversation reaches the business in the order of its history, with its own `webhooks` replica
-delivering it; a merge or a deletion through one `conversations` replica is seen by the other.
+delivering it. A privacy event handled by one `webhooks` replica empties the other's queue too.
 """
 
 from __future__ import annotations
@@ -17,10 +17,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shared import subjects
+from shared.bus import Bus
+from shared.ids import new_id
+from shared.messages import conversation as conv
 from shared.service import ServiceApp
 from shared.signing import meta_signature
+from shared.sunco import UserRef
 from tests.harness import System, business_webhooks, service_credentials
 from tests.integration.test_conversations_api import Tenant, create_tenant, eventually
+from tests.integration.test_webhooks_delivery import Receiver, message_created, publish, put_webhook
+from threadline.natsserver import free_port
 
 NUMBERS = 12
 PER_NUMBER = 4
@@ -33,11 +40,11 @@ def system(system_on_postgres: System) -> System:
     return system_on_postgres
 
 
-async def second_replica(system: System, name: str) -> ServiceApp:
+async def second_replica(system: System, name: str, env: dict[str, str] | None = None) -> ServiceApp:
     """Another process of `name` on the same database and NATS, with its own port and replica id."""
     module = importlib.import_module(f"services.{name}.app")
-    service: ServiceApp = module.create({**system.env, **service_credentials(name), "THREADLINE_HTTP_PORT": "0",
-                                         "THREADLINE_REPLICA_ID": f"{name}-second"})
+    service: ServiceApp = module.create({**system.env, **service_credentials(name), **(env or {}),
+                                         "THREADLINE_HTTP_PORT": "0", "THREADLINE_REPLICA_ID": f"{name}-second"})
     await service.start()
     return service
 
@@ -138,3 +145,58 @@ def _async(check: Any) -> Any:
     async def run() -> Any:
         return check()
     return run
+
+
+async def test_a_privacy_event_empties_every_webhooks_replicas_queue(system: System, bus: Bus) -> None:
+    """A deleted user's conversations may sit in partitions two replicas hold, their rows queued in
+    both replicas' memory while the receiver is down: none of them is delivered afterwards."""
+    env = {"THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.2", "THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS": "60"}
+    await system.start("webhooks", env=env)
+    first = system.service("webhooks")
+    second = await second_replica(system, "webhooks", env)
+    try:
+        await eventually(lambda: _split(first, second), timeout=15)
+        port = free_port()  # the receiver is down
+        app_id = new_id()
+        await put_webhook(bus, app_id, f"http://127.0.0.1:{port}/hook", ("conversation:message",), "s" * 24)
+        await eventually(lambda: _sees_webhook(first, second, app_id), timeout=10)
+        conversations = [_conversation_in(await held_partitions(replica)) for replica in (first, second)]
+        messages = [message_created(app_id, conversation_id, "personal data") for conversation_id in conversations]
+        for event in messages:
+            await publish(bus, event)
+
+        async def both_queued() -> bool:
+            return all(replica.dispatcher.stats()["pending"] == 1 for replica in (first, second))
+
+        await eventually(both_queued, timeout=10)
+        user = messages[0].user_id
+        assert user is not None
+        removed = conv.UserRemoved(id=new_id(), app_id=app_id, conversation_id=conversations[0],
+                                   created_at=time.time(), user=UserRef(id=user),
+                                   conversation_ids=conversations)
+        await publish(bus, removed)
+
+        async def both_forgot() -> bool:
+            return all(replica.dispatcher.stats()["pending"] == 0 for replica in (first, second))
+
+        await eventually(both_forgot, timeout=10)
+        receiver = await Receiver().start(port)
+        try:
+            await asyncio.sleep(1.0)  # past the next retry of anything still queued
+            assert receiver.requests == []
+        finally:
+            await receiver.stop()
+    finally:
+        await second.stop()
+
+
+def _conversation_in(partitions: set[int]) -> str:
+    while True:
+        conversation_id = new_id()
+        if subjects.partition_of(conversation_id) in partitions:
+            return conversation_id
+
+
+async def _sees_webhook(first: Any, second: Any, app_id: str) -> bool:
+    return all(list(replica.mirror.values) and any(k.startswith(app_id) for k in replica.mirror.values)
+               for replica in (first, second))
