@@ -80,6 +80,12 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.InterfaceError,
 )
+# What a transaction raises when PostgreSQL chose it as the loser of a conflict with another
+# replica's (a deadlock, a serialization failure): nothing was written; the same request or
+# message succeeds when tried again. Consumers nak and retry; the API answers 503 + Retry-After.
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+)
 PING_TIMEOUT_SECONDS = 2.0
 
 

@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from shared.db import UNAVAILABLE_ERRORS
+from shared.db import CONFLICT_ERRORS, UNAVAILABLE_ERRORS
 from shared.telemetry import extract_context, tracer
 from shared.untrusted import decode_json
 
@@ -114,6 +114,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The database is down or failing over: the caller (a platform, a business) retries.
         log.warning("database unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
         return error_response(503, "Service temporarily unavailable, retry later", headers={"Retry-After": "1"})
+    except CONFLICT_ERRORS as exc:
+        # Another replica's transaction won a conflict over the same rows; nothing was written.
+        log.warning("database conflict on %s %s: %s", request.method, request.path, type(exc).__name__)
+        return error_response(503, "Concurrent update, retry", headers={"Retry-After": "1"})
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "Internal error")
