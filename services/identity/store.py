@@ -23,6 +23,7 @@ from shared.db import (
     Row,
     open_database,
     postgres_ddl,
+    serialize,
     split_sql,
 )
 from shared.ids import iso, new_id, now
@@ -141,6 +142,17 @@ MIGRATION = Migration([
     # an SDK login takes such a client along with the session (login.py).
     """
     ALTER TABLE clients ADD COLUMN proven_by TEXT
+    """,
+    # One device per push token and app, enforced by the database: two replicas registering one
+    # token for two devices at once would otherwise both keep it (each push sent twice). Of
+    # devices already sharing a token, the one seen last keeps it.
+    """
+    UPDATE devices SET push_token = NULL, status = 'inactive'
+    WHERE push_token IS NOT NULL AND EXISTS (
+        SELECT 1 FROM devices AS newer WHERE newer.app_id = devices.app_id AND newer.push_token = devices.push_token
+        AND (newer.last_seen > devices.last_seen OR (newer.last_seen = devices.last_seen AND newer.id > devices.id)));
+    DROP INDEX devices_push_token;
+    CREATE UNIQUE INDEX devices_push_token ON devices (app_id, push_token) WHERE push_token IS NOT NULL
     """,
 ])
 
@@ -474,6 +486,10 @@ class IdentityStore:
         token = req.push_notification_token or None
         async with self.db.transaction() as tx:
             if token is not None:
+                # One registration of a token at a time across replicas: the one that waited
+                # then sees the other's device and takes the token from it (the unique index
+                # guarantees one holder; this keeps the loser from failing on it).
+                await serialize(tx, f"identity:push-token:{req.app_id}:{token}")
                 await tx.execute(
                     "UPDATE devices SET push_token = NULL, status = 'inactive'"
                     " WHERE app_id = $1 AND push_token = $2 AND NOT (client_id = $3 AND guid = $4)",

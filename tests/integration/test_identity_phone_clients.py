@@ -127,3 +127,26 @@ async def test_the_migration_forgets_the_first_message_kept_as_a_clients_raw(
     found = await store.find_client(APP, WA, "15551230005")
     await store.close()
     assert found is not None and found[1].raw is None
+
+
+async def test_the_migration_leaves_a_shared_push_token_with_the_device_seen_last(
+        database_settings: DatabaseSettings) -> None:
+    # A database from before one token per app was enforced, two installs sharing one token.
+    db = await open_database(database_settings, Migration(MIGRATION.steps[:-1]))
+    await db.execute("INSERT INTO users (id, app_id, signed_up_at) VALUES ('u1', $1, 0)", APP)
+    for client, seen in (("c1", 10.0), ("c2", 20.0)):
+        await db.execute(
+            "INSERT INTO clients (id, app_id, user_id, type, status, integration_id, external_id, linked_at,"
+            " last_seen) VALUES ($1, $2, 'u1', 'sdk', 'active', 'web', $1, 0, 0)", client, APP)
+        await db.execute(
+            "INSERT INTO devices (id, app_id, user_id, client_id, integration_id, type, guid, status, push_token,"
+            " last_seen) VALUES ($1, $2, 'u1', $3, 'web', 'android', $3, 'active', 'tok', $4)",
+            f"d-{client}", APP, client, seen)
+    await db.close()
+    store = await IdentityStore.open(database_settings)
+    try:
+        devices = {d.client_id: d for d in await store.list_devices(APP, "u1")}
+    finally:
+        await store.close()
+    assert devices["c2"].push_notification_token == "tok" and devices["c2"].status == "active"
+    assert devices["c1"].push_notification_token is None and devices["c1"].status == "inactive"

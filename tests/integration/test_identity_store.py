@@ -107,6 +107,25 @@ async def test_devices_keep_a_push_token_on_one_install(store: IdentityStore) ->
     assert await store.set_client_status(APP, "no-such-client", "blocked") is None
 
 
+async def test_one_push_token_stays_on_one_device_when_two_replicas_register_it_at_once(
+        store: IdentityStore, database_settings: DatabaseSettings) -> None:
+    installs = await store.resolve_clients([identity(f"sdk-{i}", client_type="sdk", integration=WEB)
+                                            for i in range(6)])
+    replica = await IdentityStore.open(database_settings)  # a second process on the same database
+    try:
+        await asyncio.gather(*(
+            (store if i % 2 else replica).register_device(msgs.RegisterDevice(
+                app_id=APP, user_id=who.user.id, client_id=who.client.id, integration_id=WEB,
+                device_type="android", guid=f"g{i}", push_notification_token="shared-token"))
+            for i, who in enumerate(installs) if who is not None))
+    finally:
+        await replica.close()
+    holders = await store.db.fetchval(
+        "SELECT COUNT(*) FROM devices WHERE app_id = $1 AND push_token = $2", APP, "shared-token")
+    assert holders == 1
+    assert await count(store, "devices") == 6
+
+
 async def test_merges_are_logged_and_erasure_clears_what_they_kept(store: IdentityStore) -> None:
     survivor = await store.create_user(APP, "sam", Profile(given_name="Sam"), {"a": 1})
     [anon] = await store.resolve_clients([identity("US.9", display_name="Ann Onymous")])
