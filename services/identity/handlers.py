@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from services.identity.login import login_user
-from services.identity.store import ChannelIdentity, Conflict, IdentityStore
+from services.identity.store import ChannelIdentity, Conflict, IdentityStore, UserGone
 from shared.messages import identity as msgs
 from shared.sunco import Client, User
 
@@ -201,7 +201,10 @@ class IdentityHandlers:
         if not req.allow_merge:
             owner_clients = await self.store.list_clients(req.app_id, owner.id)
             return msgs.ClientOwnedElsewhere(owner=owner, client=client, owner_client_count=len(owner_clients))
-        merged = await self.store.merge_users(req.app_id, surviving=target, discarded=owner, reason=req.reason)
+        try:
+            merged = await self.store.merge_users(req.app_id, surviving=target, discarded=owner, reason=req.reason)
+        except UserGone:
+            return _not_found()
         self._forget_user(owner.id)
         self._forget_user(target.id)
         survivor = await self.store.find_user(req.app_id, target.id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from services.identity.store import Conflict
+from services.identity.store import Conflict, UserGone
 from shared.db import INTEGRITY_ERRORS
 from shared.messages import identity as msgs
 from shared.sunco import Client, Profile, User
@@ -103,7 +103,10 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
                 assert identified is not None
                 return msgs.UserLoggedIn(user=identified, client=client, outcome="identified")
             continue  # someone took the externalId meanwhile: merge into them
-        merge = await store.merge_users(req.app_id, surviving=target, discarded=current, reason=LOGIN_REASON)
+        try:
+            merge = await store.merge_users(req.app_id, surviving=target, discarded=current, reason=LOGIN_REASON)
+        except UserGone:
+            return _error(409, "conflict", "The session's user changed while logging in; try again")
         await mark_authenticated(store, req.app_id, target.id)
         handlers._forget_user(current.id)
         handlers._forget_user(target.id)

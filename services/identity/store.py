@@ -525,7 +525,11 @@ class IdentityStore:
     async def merge_users(self, app_id: str, *, surviving: User, discarded: User, reason: str) -> MergeRecord:
         """Move `discarded`'s clients and devices to `surviving`, fold its metadata and profile
         in (the survivor's values win; keys past SunCo's 4 KB are dropped and reported), take
-        its externalId when the survivor has none, delete it and log the merge — one transaction."""
+        its externalId when the survivor has none, delete it and log the merge — one transaction.
+
+        Once, whichever replica asks: a merge of a pair another replica has just merged returns
+        that merge's record and changes nothing; `UserGone` when `discarded` went another way
+        (deleted, merged into someone else)."""
         metadata = dict(discarded.metadata)
         metadata.update(surviving.metadata)
         dropped: dict[str, Any] = {}
@@ -540,6 +544,14 @@ class IdentityStore:
                              discarded_user_id=discarded.id, reason=reason,
                              merged_client_ids=[c.id for c in clients], discarded_metadata=dropped, created_at=now())
         async with self.db.transaction() as tx:
+            # Locks the discarded user's row (a concurrent merge of it waits here, then finds it
+            # gone): a no-op write, as SQLite has no SELECT … FOR UPDATE.
+            if not await tx.execute("UPDATE users SET authenticated = authenticated WHERE app_id = $1 AND id = $2",
+                                    app_id, discarded.id):
+                done = await _merge_of(tx, app_id, surviving.id, discarded.id)
+                if done is None:
+                    raise UserGone(discarded.id)
+                return done
             await tx.execute("UPDATE clients SET user_id = $1 WHERE app_id = $2 AND user_id = $3",
                              surviving.id, app_id, discarded.id)
             await tx.execute("UPDATE devices SET user_id = $1 WHERE app_id = $2 AND user_id = $3",
@@ -564,11 +576,25 @@ class IdentityStore:
         rows = await self.db.fetch(
             "SELECT * FROM merges WHERE app_id = $1 AND (surviving_user_id = $2 OR discarded_user_id = $2)"
             " ORDER BY created_at", app_id, user_id)
-        return [MergeRecord(id=r["id"], app_id=r["app_id"], surviving_user_id=r["surviving_user_id"],
-                            discarded_user_id=r["discarded_user_id"], reason=r["reason"],
-                            merged_client_ids=json.loads(r["merged_client_ids"]),
-                            discarded_metadata=json.loads(r["discarded_metadata"]), created_at=r["created_at"])
-                for r in rows]
+        return [_merge_record(r) for r in rows]
+
+
+class UserGone(LookupError):
+    """The user a merge would discard no longer exists (deleted, or merged into another user)."""
+
+
+def _merge_record(r: Row) -> MergeRecord:
+    return MergeRecord(id=r["id"], app_id=r["app_id"], surviving_user_id=r["surviving_user_id"],
+                       discarded_user_id=r["discarded_user_id"], reason=r["reason"],
+                       merged_client_ids=json.loads(r["merged_client_ids"]),
+                       discarded_metadata=json.loads(r["discarded_metadata"]), created_at=r["created_at"])
+
+
+async def _merge_of(tx: Connection, app_id: str, surviving_id: str, discarded_id: str) -> MergeRecord | None:
+    row = await tx.fetchrow(
+        "SELECT * FROM merges WHERE app_id = $1 AND surviving_user_id = $2 AND discarded_user_id = $3"
+        " ORDER BY created_at DESC LIMIT 1", app_id, surviving_id, discarded_id)
+    return None if row is None else _merge_record(row)
 
 
 async def _scrub_merges(tx: Connection, app_id: str, user_id: str) -> None:

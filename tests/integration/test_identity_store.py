@@ -11,7 +11,7 @@ import pytest
 
 from services.identity.handlers import IdentityHandlers
 from services.identity.login import identify, login_user, user_by_external_id
-from services.identity.store import ChannelIdentity, Conflict, IdentityStore, Resolution
+from services.identity.store import ChannelIdentity, Conflict, IdentityStore, Resolution, UserGone
 from shared.db import DatabaseSettings
 from shared.messages import identity as msgs
 from shared.sunco import Profile
@@ -124,6 +124,31 @@ async def test_one_push_token_stays_on_one_device_when_two_replicas_register_it_
         "SELECT COUNT(*) FROM devices WHERE app_id = $1 AND push_token = $2", APP, "shared-token")
     assert holders == 1
     assert await count(store, "devices") == 6
+
+
+async def test_a_merge_asked_of_two_replicas_at_once_happens_once(
+        store: IdentityStore, database_settings: DatabaseSettings) -> None:
+    survivor = await store.create_user(APP, "kim", Profile(given_name="Kim"), {"plan": "gold"})
+    [anon] = await store.resolve_clients([identity("US.77", display_name="Anon")])
+    assert anon is not None
+    replica = await IdentityStore.open(database_settings)  # a second process on the same database
+    try:
+        records = await asyncio.gather(*(
+            s.merge_users(APP, surviving=survivor, discarded=anon.user, reason="channelLinking")
+            for s in (store, replica, store, replica)))
+    finally:
+        await replica.close()
+    assert len({r.id for r in records}) == 1  # one merge, the same record for every caller
+    assert await store.list_merges(APP, survivor.id) == [records[0]]
+    merged = await store.find_user(APP, survivor.id)
+    assert merged is not None and merged.metadata == {"plan": "gold"} and merged.profile.given_name == "Kim"
+    assert [c.id for c in await store.list_clients(APP, survivor.id)] == [anon.client.id]
+    # A user deleted meanwhile cannot be merged: the caller learns it.
+    [gone] = await store.resolve_clients([identity("US.78")])
+    assert gone is not None
+    await store.delete_user(APP, gone.user.id)
+    with pytest.raises(UserGone):
+        await store.merge_users(APP, surviving=survivor, discarded=gone.user, reason="channelLinking")
 
 
 async def test_merges_are_logged_and_erasure_clears_what_they_kept(store: IdentityStore) -> None:
