@@ -134,6 +134,16 @@ class System:
         self.services[name] = service
         return service
 
+    async def start_replica(self, name: str, env: Mapping[str, str] | None = None) -> ServiceApp:
+        """Another process of a running service: same NATS and database, its own port and
+        replica id; not behind the front door; the caller stops it."""
+        module = importlib.import_module(f"services.{name}.app")
+        service: ServiceApp = module.create({**self.env, **service_credentials(name), **(env or {}),
+                                             "THREADLINE_HTTP_PORT": "0",
+                                             "THREADLINE_REPLICA_ID": f"{name}-{len(self.services)}-second"})
+        await service.start()
+        return service
+
     async def stop_service(self, name: str) -> None:
         """Stop one service as a SIGTERM would."""
         service = self.services.pop(name)

@@ -497,3 +497,31 @@ async def _mails(s: Scene, to: str, subject: str = "") -> list[dict[str, Any]] |
         assert resp.status == 200, await resp.text()
         mails = [m for m in (await resp.json())["mails"] if subject in m["subject"]]
     return mails or None
+
+
+@pytest.mark.parametrize("engine_env", ["postgres"], indirect=True)
+async def test_two_replicas_decide_a_notification_once(system: System, tmp_path: Path) -> None:
+    async with scene(system, tmp_path, "whatsapp", "+15557100009") as s:
+        second = await system.start_replica("notifications", NOTIFY_ENV)
+        try:
+            first = s.service
+            assert first.notifier is not None and second.notifier is not None  # type: ignore[attr-defined]
+            await s.settings({"delaySeconds": 600})
+            for text in ("one", "two"):
+                await s.reply(text)
+            row = await eventually(lambda: _pending_count(s, 2), timeout=10.0)
+            mine = subjects.partition_of(s.conversation_id)
+            holders = [r for r in (first, second) if mine in r.notifier.partitions]  # type: ignore[attr-defined]
+            assert len(holders) == 1  # one replica decides on this conversation
+            store = first.store
+            assert store is not None
+            await store.postpone(s.conversation_id, row.notification_id, time.time() - 1)
+            # Both timers run; a pass of the replica without the partition fires nothing of it.
+            await asyncio.gather(first.notifier.fire_due(), second.notifier.fire_due())  # type: ignore[attr-defined]
+            found = await eventually(lambda: notification_count(s), timeout=10.0)
+            await eventually(lambda: _gone(s), timeout=10.0)
+            await asyncio.sleep(0.5)  # both timers tick again meanwhile
+            assert found is not None and len(notifications_in(await s.outbox())) == 1
+            assert [x.id for x in await s.sends()] == [row.notification_id]
+        finally:
+            await second.stop()

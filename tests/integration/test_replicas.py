@@ -9,7 +9,6 @@ delivering it. A privacy event handled by one `webhooks` replica empties the oth
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from shared.messages import conversation as conv
 from shared.service import ServiceApp
 from shared.signing import meta_signature
 from shared.sunco import UserRef
-from tests.harness import System, business_webhooks, service_credentials
+from tests.harness import System, business_webhooks
 from tests.integration.test_conversations_api import Tenant, create_tenant, eventually
 from tests.integration.test_webhooks_delivery import Receiver, message_created, publish, put_webhook
 from threadline.natsserver import free_port
@@ -38,15 +37,6 @@ REPLICATED = ("identity", "conversations", "webhooks", "whatsapp")
 @pytest.fixture
 def system(system_on_postgres: System) -> System:
     return system_on_postgres
-
-
-async def second_replica(system: System, name: str, env: dict[str, str] | None = None) -> ServiceApp:
-    """Another process of `name` on the same database and NATS, with its own port and replica id."""
-    module = importlib.import_module(f"services.{name}.app")
-    service: ServiceApp = module.create({**system.env, **service_credentials(name), **(env or {}),
-                                         "THREADLINE_HTTP_PORT": "0", "THREADLINE_REPLICA_ID": f"{name}-second"})
-    await service.start()
-    return service
 
 
 def webhook_body(phone_number_id: str, sender: str, index: int) -> bytes:
@@ -66,7 +56,7 @@ async def held_partitions(service: ServiceApp) -> set[int]:
 
 async def test_two_replicas_of_each_service_keep_one_user_one_conversation_and_the_order(system: System) -> None:
     await system.start(*REPLICATED)
-    seconds = [await second_replica(system, name) for name in REPLICATED]
+    seconds = [await system.start_replica(name) for name in REPLICATED]
     try:
         async with aiohttp.ClientSession() as http, business_webhooks() as (hook_url, events):
             app_id, key_id, secret = await create_tenant(system, http)
@@ -153,7 +143,7 @@ async def test_a_privacy_event_empties_every_webhooks_replicas_queue(system: Sys
     env = {"THREADLINE_WEBHOOK_RETRY_BASE_SECONDS": "0.2", "THREADLINE_WEBHOOK_RETRY_WINDOW_SECONDS": "60"}
     await system.start("webhooks", env=env)
     first = system.service("webhooks")
-    second = await second_replica(system, "webhooks", env)
+    second = await system.start_replica("webhooks", env)
     try:
         await eventually(lambda: _split(first, second), timeout=15)
         port = free_port()  # the receiver is down
