@@ -4,6 +4,8 @@ it all survives a reopen."""
 
 from __future__ import annotations
 
+import asyncio
+
 from services.messenger.handlers import SentRef, UserAction
 from services.messenger.store import Store
 from shared.db import DatabaseSettings
@@ -47,3 +49,18 @@ async def test_windows_receipts_parts_and_prune(database_settings: DatabaseSetti
         assert await reopened.sent_parts("msg2") == {0: "m_3"}
     finally:
         await reopened.close()
+
+
+async def test_two_replicas_moving_one_window_at_once_keep_the_latest(database_settings: DatabaseSettings) -> None:
+    first, second = await Store.open(database_settings), await Store.open(database_settings)
+    try:
+        times = [float(t) for t in range(1, 41)]
+        # Webhooks of one person, out of order, recorded by two replicas at once.
+        await asyncio.gather(*((first if i % 2 else second).touch_windows([UserAction("p", "u", at)])
+                               for i, at in enumerate(reversed(times))))
+        assert await first.last_user_at("p", "u") == await second.last_user_at("p", "u") == max(times)
+        count = await first.db.fetchval("SELECT COUNT(*) FROM windows WHERE page_id = 'p' AND psid = 'u'")
+        assert count == 1
+    finally:
+        await first.close()
+        await second.close()
