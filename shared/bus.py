@@ -41,8 +41,9 @@ from shared.partitions import PartitionHook, PartitionLeases
 from shared.subjects import (
     ALL_STREAMS,
     PARTITION_LEASE_SECONDS,
+    PARTITION_MEMBERS_BUCKET,
+    PARTITION_OWNERS_BUCKET,
     PARTITIONS,
-    PARTITIONS_BUCKET,
     ConsumerSpec,
     StreamSpec,
 )
@@ -54,6 +55,10 @@ _tracer = tracer(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_SECONDS = 10.0
 HANDLING_GRACE_SECONDS = 5.0
+# How long an idle pull request waits for a message: a long poll, so that the dozens of idle
+# partition consumers of a deployment cost the servers a request every few seconds each. A
+# consumer told to stop ends its wait at once.
+PULL_WAIT_SECONDS = 5.0
 
 
 class Retry(Exception):
@@ -260,8 +265,10 @@ class Bus:
             if on_release is not None:
                 await on_release(partition)
 
-        kv = await self.key_value(PARTITIONS_BUCKET, ttl=PARTITION_LEASE_SECONDS)
-        leases = PartitionLeases(kv, spec.group, self.replica, PARTITIONS, PARTITION_LEASE_SECONDS, acquire, release)
+        members = await self.key_value(PARTITION_MEMBERS_BUCKET, ttl=PARTITION_LEASE_SECONDS)
+        owners = await self.key_value(PARTITION_OWNERS_BUCKET)
+        leases = PartitionLeases(members, owners, spec.group, self.replica, PARTITIONS, PARTITION_LEASE_SECONDS,
+                                 acquire, release)
         self._leases.append(leases)
         await leases.start()
         return leases
@@ -342,7 +349,7 @@ class Bus:
                     if not create:
                         return None
                     await self.js.add_consumer(stream.name, config)
-                puller = await PullBatches.start(self.nc, stream.name, durable, batch)
+                puller = await PullBatches.start(self.nc, stream.name, durable, batch, wait=PULL_WAIT_SECONDS)
                 self._pullers.append(puller)
                 return puller
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:

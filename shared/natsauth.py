@@ -9,7 +9,7 @@ so it cannot read another service's replies.
 
 What a service may touch:
 - the streams it publishes to, by subject; the durable consumers it owns (create, fetch, ack)
-  and their partition leases (`tl_partitions`);
+  and their partitions (`tl_partition_members`, `tl_partition_owners`);
 - the KV buckets it reads (info, get, watch) and those it writes (`$KV.<bucket>.>`) — e.g. only
   `conversations` writes integrations, only `webhooks` reads webhook secrets;
 - the request/reply services it calls and, if it serves some, its own endpoints (replying to
@@ -59,8 +59,9 @@ class Access:
 
     @property
     def buckets_written(self) -> tuple[str, ...]:
-        """`kv_write`, plus the partition leases of its consumer groups (`shared.partitions`)."""
-        return (*self.kv_write, *((subjects.PARTITIONS_BUCKET,) if self.consumers else ()))
+        """`kv_write`, plus the partition buckets of its consumer groups (`shared.partitions`)."""
+        partitions = (subjects.PARTITION_MEMBERS_BUCKET, subjects.PARTITION_OWNERS_BUCKET)
+        return (*self.kv_write, *(partitions if self.consumers else ()))
 
 
 _CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")

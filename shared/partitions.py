@@ -6,21 +6,28 @@ the messages of one key (a customer, a conversation, a recipient) are handled in
 whichever replica handles them, and a partition's other state (the webhooks' pending deliveries
 of its conversations) has one owner.
 
-The agreement, in the bucket `shared.subjects.PARTITIONS_BUCKET` (entries expire after its TTL):
-- each replica rewrites `<group>.m.<replica>` every `tick` seconds; the members are the keys
-  present;
+The agreement, in two NATS KV buckets (`shared.subjects`):
+- members (`PARTITION_MEMBERS_BUCKET`, entries expire after the TTL): each replica rewrites
+  `<group>.<replica>` every `tick` seconds. Every replica watches those keys (one watcher for its
+  life) and counts as members those it heard from within the TTL, minus those deleted (a replica
+  that stops deletes its key);
 - the members split the partitions by rendezvous hashing (`assignment`): every member computes
   the same split from the same member list, and a member joining or leaving moves only the
   partitions it gains or loses;
-- a replica consumes a partition only while it holds `<group>.p.<n>`: created with the KV's
-  compare-and-set (one winner), rewritten with the revision it last wrote each tick (a replica
-  that lost it learns so at once), deleted after the replica stopped consuming it (it finishes
-  the batch in hand and its `release` hook first). A replica that dies stops rewriting; its
-  entries expire after the TTL, and the members that now own its partitions create them.
+- owners (`PARTITION_OWNERS_BUCKET`, no expiry): `<group>.<n>` names the replica consuming
+  partition n. A replica takes a partition with the KV's compare-and-set: creating the key when
+  nobody owns it, or replacing an owner that is no longer a member (its heartbeat stopped); one
+  of several contenders wins. It deletes the key after it stopped consuming (the batch in hand
+  finished, its `release` hook done). Every replica watches the owners too: one that sees its
+  partition taken over (it was thought dead) stops consuming it at once, and one that could not
+  write its heartbeat for most of the TTL stops consuming everything.
+
+Only heartbeats are written while nothing changes: one small write per group and replica per
+tick, whatever the number of partitions (on a clustered bucket every write is replicated).
 
 A replica that keeps its id across a restart (`THREADLINE_REPLICA_ID`: the pod name in
-Kubernetes, `<service>-<n>` under `threadline up`) takes its own leases back at once instead of
-waiting out the TTL. Two live processes must never share an id.
+Kubernetes, `<service>-<n>` under `threadline up`) takes its own partitions back at once instead
+of waiting out the TTL. Two live processes must never share an id.
 
 Not a fence: a replica stalled longer than the TTL (a stopped VM) may still finish the batch it
 held after another replica took the partition over. A batch takes milliseconds and the TTL is
@@ -66,14 +73,15 @@ def assignment(members: Iterable[str], partitions: int) -> dict[str, set[int]]:
 class PartitionLeases:
     """One replica's share of one consumer group's partitions, kept up to date every `tick`.
 
-    `acquire(n)` is awaited once this replica holds partition n's lease; `release(n)` when it
-    must give the partition up (another member owns it now, the lease was lost, or `stop()`),
-    and must return only once nothing of partition n is being handled any more.
+    `acquire(n)` is awaited once this replica owns partition n; `release(n)` when it must give
+    the partition up (another member owns it now, it was taken over, or `stop()`), and must
+    return only once nothing of partition n is being handled any more.
     """
 
-    def __init__(self, kv: KeyValue, group: str, replica: str, partitions: int, ttl: float,
+    def __init__(self, members: KeyValue, owners: KeyValue, group: str, replica: str, partitions: int, ttl: float,
                  acquire: PartitionHook, release: PartitionHook) -> None:
-        self.kv = kv
+        self.members_kv = members
+        self.owners_kv = owners
         self.group = group
         self.replica = replica
         self.partitions = partitions
@@ -82,43 +90,97 @@ class PartitionLeases:
         self.acquire = acquire
         self.release = release
         self.members: list[str] = []
-        self.owned: dict[int, int] = {}  # partition → revision of our lease entry
-        self._renewed: dict[int, float] = {}  # partition → monotonic time of the last rewrite
+        self.owned: dict[int, int] = {}  # partition → revision of our owner entry
+        self._owners: dict[int, tuple[str, int]] = {}  # partition → (owner, revision), as watched
+        self._heard: dict[str, float] = {}  # member → monotonic time its heartbeat was last seen
+        self._beat_at = time.monotonic()  # our last heartbeat the server took
         self._releasing: dict[int, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.changed = asyncio.Event()  # set after every tick that changed what this replica holds
 
     def _member_key(self, replica: str) -> str:
-        return f"{self.group}.m.{replica}"
+        return f"{self.group}.{replica}"
 
-    def _lease_key(self, partition: int) -> str:
-        return f"{self.group}.p.{partition}"
+    def _owner_key(self, partition: int) -> str:
+        return f"{self.group}.{partition}"
 
     async def start(self) -> None:
         """Take this replica's share now (a replica starting alone consumes before its start
         returns), then keep it up to date in the background."""
+        loaded = [asyncio.Event(), asyncio.Event()]
+        self._tasks = [
+            asyncio.create_task(self._watch(self.members_kv, self._on_member, loaded[0]),
+                                name=f"partitions:{self.group}:members"),
+            asyncio.create_task(self._watch(self.owners_kv, self._on_owner, loaded[1]),
+                                name=f"partitions:{self.group}:owners"),
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in loaded)), self.ttl)
         await self._tick_once()
-        self._task = asyncio.create_task(self._run(), name=f"partitions:{self.group}")
+        self._tasks.append(asyncio.create_task(self._run(), name=f"partitions:{self.group}"))
+
+    async def _watch(self, kv: KeyValue, apply: Callable[[KeyValue.Entry], None], loaded: asyncio.Event) -> None:
+        while not self._stopped.is_set():
+            try:
+                watcher = await kv.watch(f"{self.group}.*")
+                try:
+                    async for entry in watcher:
+                        if entry is None:  # the current values are in
+                            loaded.set()
+                        else:
+                            apply(entry)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: the watch starts again
+                log.warning("watching the partitions of %s: %s", self.group, exc)
+                await asyncio.sleep(self.tick)
+
+    def _on_member(self, entry: KeyValue.Entry) -> None:
+        member = entry.key[len(self._member_key("")):]
+        if entry.operation in ("DEL", "PURGE"):
+            self._heard.pop(member, None)
+            return
+        heard = time.monotonic()
+        if entry.created is not None:  # a value written before we watched: as old as the server says
+            age = time.time() - entry.created.timestamp()  # type: ignore[attr-defined]
+            heard -= min(max(age, 0.0), self.ttl)
+        self._heard[member] = heard
+
+    def _on_owner(self, entry: KeyValue.Entry) -> None:
+        suffix = entry.key[len(self.group) + 1:]
+        if not suffix.isdecimal():
+            return
+        partition = int(suffix)
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._owners.pop(partition, None)
+            return
+        owner = entry.value.decode()
+        self._owners[partition] = (owner, entry.revision or 0)
+        if partition in self.owned and owner != self.replica:
+            self._lost(partition)  # taken over: we were thought dead
 
     async def stop(self) -> None:
-        """Give every partition back (release hooks first, then the leases, so that the other
-        members take them over at their next tick rather than after the TTL)."""
+        """Give every partition back (release hooks first, then the owner keys and the heartbeat,
+        so that the other members take them over at their next tick rather than after the TTL)."""
         self._stopped.set()
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
         for partition in list(self.owned):
             if partition not in self._releasing:
                 self._releasing[partition] = asyncio.create_task(self.release(partition))
         for partition, task in list(self._releasing.items()):
             with contextlib.suppress(Exception):
                 await task
-            await self._drop_lease(partition)
+            await self._give_back(partition)
         self._releasing.clear()
         with contextlib.suppress(Exception):
-            await self.kv.delete(self._member_key(self.replica))
+            await self.members_kv.delete(self._member_key(self.replica))
 
     async def _run(self) -> None:
         while not self._stopped.is_set():
@@ -132,23 +194,25 @@ class PartitionLeases:
             raise
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("partition leases of %s: %s", self.group, exc)
-            self._expire_unrenewed()
         except Exception:
             log.exception("partition leases of %s failed", self.group)
-            self._expire_unrenewed()
+        if time.monotonic() - self._beat_at > self.ttl * 0.75:
+            # Our heartbeat has not reached the server for most of the TTL: the others may be
+            # taking our partitions over.
+            for partition in list(self.owned):
+                self._lost(partition)
 
     async def step(self) -> None:
-        """One tick: heartbeat, renew, release what is no longer ours, take what is ours and free."""
+        """One tick: heartbeat, settle releases, give up what is no longer ours, take what is."""
         before = set(self.owned)
-        await self.kv.put(self._member_key(self.replica), b"")
-        self.members = sorted({*await self._live_members(), self.replica})
+        await self.members_kv.put(self._member_key(self.replica), b"")
+        self._beat_at = time.monotonic()
+        self.members = sorted({*self._live_members(), self.replica})
         wanted = assignment(self.members, self.partitions)[self.replica]
-        for partition in list(self.owned):
-            await self._renew(partition)
         for partition, task in list(self._releasing.items()):
             if task.done():
                 del self._releasing[partition]
-                await self._drop_lease(partition)
+                await self._give_back(partition)
         given_up = sorted(set(self.owned) - wanted - set(self._releasing))
         for partition in given_up:
             self._releasing[partition] = asyncio.create_task(self.release(partition))
@@ -164,67 +228,39 @@ class PartitionLeases:
         if set(self.owned) != before:
             self.changed.set()
 
-    async def _live_members(self) -> list[str]:
-        prefix = self._member_key("")
-        watcher = await self.kv.watch(self._member_key("*"), ignore_deletes=True, meta_only=True)
-        members: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of the current values
-                    break
-                if entry.key.startswith(prefix):
-                    members.append(entry.key[len(prefix):])
-        finally:
-            await watcher.stop()
-        return members
+    def _live_members(self) -> list[str]:
+        horizon = time.monotonic() - self.ttl
+        return [member for member, heard in self._heard.items() if heard >= horizon]
 
     async def _claim(self, partition: int) -> bool:
-        key = self._lease_key(partition)
+        key = self._owner_key(partition)
+        current = self._owners.get(partition)
         try:
-            revision = await self.kv.create(key, self.replica.encode())
+            if current is None:
+                revision = await self.owners_kv.create(key, self.replica.encode())
+            elif current[0] == self.replica:  # ours before a restart under the same id
+                revision = current[1]
+            elif current[0] in self._live_members():
+                return False  # its owner lets it go at its next tick
+            else:  # its owner stopped beating: take it over
+                revision = await self.owners_kv.update(key, self.replica.encode(), last=current[1])
         except nats.js.errors.KeyWrongLastSequenceError:
-            # Held — by this very replica before a restart (same id): take it back at once.
-            try:
-                entry = await self.kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return False
-            if entry.value != self.replica.encode() or partition in self._releasing:
-                return False
-            try:
-                revision = await self.kv.update(key, self.replica.encode(), last=entry.revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return False
+            return False  # someone else was quicker, or our view is behind: next tick
         self.owned[partition] = revision
-        self._renewed[partition] = time.monotonic()
+        self._owners[partition] = (self.replica, revision)
         return True
 
-    async def _renew(self, partition: int) -> None:
-        try:
-            self.owned[partition] = await self.kv.update(self._lease_key(partition), self.replica.encode(),
-                                                         last=self.owned[partition])
-            self._renewed[partition] = time.monotonic()
-        except nats.js.errors.KeyWrongLastSequenceError:
-            self._lost(partition)
-
-    def _expire_unrenewed(self) -> None:
-        """NATS unreachable: a lease not rewritten for most of the TTL may be someone else's by now."""
-        deadline = time.monotonic() - self.ttl * 0.75
-        for partition in [p for p, at in self._renewed.items() if at < deadline and p in self.owned]:
-            self._lost(partition)
-
     def _lost(self, partition: int) -> None:
-        log.warning("lost the lease of partition %d of %s", partition, self.group,
+        log.warning("lost partition %d of %s", partition, self.group,
                     extra=log_fields(group=self.group, partition=partition))
         self.owned.pop(partition, None)
-        self._renewed.pop(partition, None)
         if partition not in self._releasing:
             self._releasing[partition] = asyncio.create_task(self.release(partition))
         self.changed.set()
 
-    async def _drop_lease(self, partition: int) -> None:
+    async def _give_back(self, partition: int) -> None:
         revision = self.owned.pop(partition, None)
-        self._renewed.pop(partition, None)
         if revision is None:
             return
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-            await self.kv.delete(self._lease_key(partition), last=revision)
+            await self.owners_kv.delete(self._owner_key(partition), last=revision)

@@ -143,10 +143,11 @@ def channel_outbound_consumer(channel: str) -> ConsumerSpec:
 # that the others drop the rows it names from their queues too.
 WEBHOOKS_ERASURES: Final = "webhooks.erasures"
 
-# Leases of consumer-group partitions (`shared.partitions`): `<group>.m.<replica>` heartbeats and
-# `<group>.p.<n>` owners. An entry not rewritten within the TTL expires: a dead replica's
-# partitions are taken over after at most PARTITION_LEASE_SECONDS.
-PARTITIONS_BUCKET: Final = "tl_partitions"
+# Partitions of the consumer groups (`shared.partitions`): `<group>.<replica>` heartbeats, which
+# expire when not rewritten within PARTITION_LEASE_SECONDS (a dead replica's partitions are taken
+# over after that long), and `<group>.<n>` owners.
+PARTITION_MEMBERS_BUCKET: Final = "tl_partition_members"
+PARTITION_OWNERS_BUCKET: Final = "tl_partition_owners"
 PARTITION_LEASE_SECONDS: Final = 6.0
 
 

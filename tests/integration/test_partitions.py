@@ -75,18 +75,18 @@ async def replica(nats_server: NatsServer, name: str, spec: ConsumerSpec, seen: 
 def kill(bus: Bus) -> None:
     """The process dies: no release, no lease deleted, nothing acked (its connection just goes)."""
     for leases in bus._leases:
-        assert leases._task is not None
-        leases._task.cancel()
+        for task in leases._tasks:
+            task.cancel()
     for task in list(bus._tasks):
         task.cancel()
 
 
 async def holders(bus: Bus, spec: ConsumerSpec) -> dict[int, str]:
-    kv = await bus.key_value(subjects.PARTITIONS_BUCKET)
+    kv = await bus.key_value(subjects.PARTITION_OWNERS_BUCKET)
     found = {}
     for p in range(subjects.PARTITIONS):
         try:
-            entry = await kv.get(f"{spec.group}.p.{p}")
+            entry = await kv.get(f"{spec.group}.{p}")
         except Exception:
             continue
         if entry.value:
