@@ -393,6 +393,7 @@ class Bus:
 
     async def _pull_loop(self, puller: PullBatches, durable: str, handler: Handler, key: Callable[[str, bytes], str],
                          stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool) -> bool:
+        held: dict[str, tuple[int, float]] = {}  # key → (stream seq, delay) of its message handed back
         while not (self._stopping.is_set() or stop.is_set()):
             try:
                 msgs = await puller.next_batch()
@@ -414,16 +415,35 @@ class Bus:
                 groups.setdefault(key(msg.subject, msg.data), []).append(msg)
             self._handling.add(this_task)
             try:
-                await asyncio.gather(*(self._handle_group(durable, group, handler) for group in groups.values()))
+                await asyncio.gather(*(self._handle_group(durable, group_key, group, handler, held)
+                                       for group_key, group in groups.items()))
             finally:
                 self._handling.discard(this_task)
         return False
 
-    async def _handle_group(self, durable: str, group: list[Msg], handler: Handler) -> None:
+    async def _handle_group(self, durable: str, group_key: str, group: list[Msg], handler: Handler,
+                            held: dict[str, tuple[int, float]]) -> None:
+        """One key's messages in stream order. A message handed back for later (`Retry`, a
+        failure) holds back every later message of its key until it is handled: handled now,
+        they would overtake it (a customer's second message stored before the first)."""
+        if len(group) > 1:
+            group.sort(key=lambda m: Delivery.of(m).stream_sequence)
         for msg in group:
-            await self._handle_one(durable, msg, handler)
+            sequence = Delivery.of(msg).stream_sequence
+            first = held.get(group_key)
+            if first is not None and sequence > first[0]:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=first[1])
+                continue
+            delay = await self._handle_one(durable, msg, handler)
+            if delay is None:
+                if first is not None and sequence == first[0]:
+                    del held[group_key]
+            else:
+                held[group_key] = (sequence, delay) if first is None or sequence < first[0] else first
 
-    async def _handle_one(self, durable: str, msg: Msg, handler: Handler) -> None:
+    async def _handle_one(self, durable: str, msg: Msg, handler: Handler) -> float | None:
+        """Handle one message and ack it; the delay it was handed back with (nak), if it was."""
         headers: Mapping[str, str] = msg.headers or {}
         delivery = Delivery.of(msg)
         try:
@@ -437,21 +457,23 @@ class Bus:
                 except Retry as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     await msg.nak(delay=exc.delay)
-                    return
+                    return exc.delay
                 except Poison as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     log.error("terminating message on %s: %s", msg.subject, exc)
                     await msg.term()
-                    return
+                    return None
                 except Exception as exc:  # a bug or an outage: keep the message, try again soon
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     log.exception("handler failed on %s (delivery %d)", msg.subject, delivery.num_delivered)
-                    await msg.nak(delay=min(30.0, 0.5 * delivery.num_delivered))
-                    return
+                    delay = min(30.0, 0.5 * delivery.num_delivered)
+                    await msg.nak(delay=delay)
+                    return delay
                 await msg.ack()
         except nats.errors.Error as exc:
             log.warning("ack/nak failed on %s: %s", msg.subject, exc)
+        return None
 
     # --- erasure: copies of personal data the streams would otherwise keep until max_age ----
 

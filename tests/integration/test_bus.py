@@ -253,3 +253,29 @@ async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, na
         assert peak <= 10  # requests queued while disconnected would each have brought a batch
     finally:
         await consumer.close()
+
+
+async def test_a_message_handed_back_holds_back_the_later_ones_of_its_key(bus: Bus) -> None:
+    """A customer's first message failing for a moment must not let the second be stored first."""
+    seen: list[bytes] = []
+    attempts: dict[bytes, int] = {}
+    done = asyncio.Event()
+
+    async def handler(data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        attempts[data] = attempts.get(data, 0) + 1
+        if data == b"a1" and attempts[data] < 3:
+            raise Retry(0.1)  # an outage of what the first needs
+        if data == b"b1" and attempts[data] < 2:
+            raise RuntimeError("a bug hit once")
+        seen.append(data)
+        if len(seen) == 7:
+            done.set()
+
+    for data in (b"a1", b"b1", b"a2", b"c1", b"b2", b"a3", b"c2"):
+        await bus.publish(subjects.inbound_subject("web", "i1", data[:1].decode()), data)
+    bus.consume_durable(subjects.INBOUND, "t-held", subjects.INBOUND_ALL, handler,
+                        ordering_key=lambda subject, data: data[:1].decode(), batch=3)
+    await asyncio.wait_for(done.wait(), 15)
+    for prefix in (b"a", b"b", b"c"):
+        assert [d for d in seen if d.startswith(prefix)] == sorted(d for d in seen if d.startswith(prefix))
+    assert seen.index(b"c1") < seen.index(b"a1")  # other keys were not held back
