@@ -62,11 +62,17 @@ PULL_WAIT_SECONDS = 5.0
 
 
 class Retry(Exception):
-    """Raise from a consumer handler to have the message redelivered after `delay` seconds."""
+    """Raise from a consumer handler to have the message redelivered after `delay` seconds.
 
-    def __init__(self, delay: float, reason: str = "") -> None:
+    The later messages of its ordering key wait for it (they would overtake it), unless
+    `let_pass`: the message is early (a status before the send it is about), and what comes
+    after it is what it waits for.
+    """
+
+    def __init__(self, delay: float, reason: str = "", *, let_pass: bool = False) -> None:
         super().__init__(reason or f"retry in {delay}s")
         self.delay = delay
+        self.let_pass = let_pass
 
 
 class Poison(Exception):
@@ -457,7 +463,7 @@ class Bus:
                 except Retry as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     await msg.nak(delay=exc.delay)
-                    return exc.delay
+                    return None if exc.let_pass else exc.delay
                 except Poison as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     log.error("terminating message on %s: %s", msg.subject, exc)

@@ -763,7 +763,8 @@ class Conversations:
             mapped = await self.store.external(status.app_id, status.integration_id, status.provider_message_id)
             if mapped is None:
                 if num_delivered < STATUS_MAX_DELIVERIES:
-                    raise Retry(0.5, f"provider message {status.provider_message_id} not mapped yet")
+                    # Its `sent` (which maps it) may be right behind it: let that pass.
+                    raise Retry(0.5, f"provider message {status.provider_message_id} not mapped yet", let_pass=True)
                 log.warning("dropping %s status for unknown provider message %s", status.status,
                             status.provider_message_id)
                 return
