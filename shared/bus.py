@@ -4,7 +4,8 @@
   `Nats-Msg-Id` for de-duplication and carries the trace context in headers.
 - `Bus.consume` runs this replica's share of a consumer group (`shared.partitions`): a durable
   pull consumer per partition it holds, batches, explicit acks, per-key ordering with
-  concurrency across keys, delayed redelivery for transient failures, and a span per message.
+  concurrency across keys, delayed redelivery for transient failures, and a span per message;
+  each group's pending messages and redeliveries go to `shared.metrics`.
 - `Bus.serve` exposes request/reply endpoints as a `nats.micro` service; `Bus.request` calls them.
 - `KvMirror` keeps an in-memory copy of a KV bucket fresh by watching it.
 """
@@ -36,6 +37,7 @@ from nats.micro.service import EndpointConfig, Service, ServiceVerb, control_sub
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from shared import metrics
 from shared.natsauth import inbox_prefix
 from shared.partitions import PartitionHook, PartitionLeases
 from shared.subjects import (
@@ -277,7 +279,30 @@ class Bus:
                                  acquire, release)
         self._leases.append(leases)
         await leases.start()
+        self._spawn(self._count_pending(spec, loops), name=f"pending:{spec.group}")
         return leases
+
+    async def _count_pending(self, spec: ConsumerSpec, held: Mapping[int, object]) -> None:
+        """Keep `shared.metrics.PENDING` current for this replica's share of a group: what its
+        partitions' durables hold undelivered or unacknowledged, read every
+        `PENDING_REFRESH_SECONDS` (a gauge's callback cannot await a request). A durable not
+        created yet counts 0; a read that fails leaves the last count in place."""
+        owner = object()
+        try:
+            while True:
+                total = 0
+                try:
+                    for partition in list(held):
+                        with contextlib.suppress(nats.js.errors.NotFoundError):  # being created
+                            info = await self.js.consumer_info(spec.stream.name, spec.durable(partition))
+                            total += (info.num_pending or 0) + (info.num_ack_pending or 0)
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.debug("pending of %s not read: %s", spec.group, exc)
+                else:
+                    metrics.PENDING.set(owner, spec.group, total)
+                await asyncio.sleep(metrics.PENDING_REFRESH_SECONDS)
+        finally:
+            metrics.PENDING.drop(owner)
 
     def consume_durable(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler, *,
                         batch: int = 100, ordering_key: Callable[[str, bytes], str] | None = None,
@@ -452,6 +477,8 @@ class Bus:
         """Handle one message and ack it; the delay it was handed back with (nak), if it was."""
         headers: Mapping[str, str] = msg.headers or {}
         delivery = Delivery.of(msg)
+        if delivery.num_delivered > 1:
+            metrics.redelivered(durable)
         try:
             with _tracer.start_as_current_span(f"process {durable}", context=extract_context(headers),
                                                kind=SpanKind.CONSUMER) as span:

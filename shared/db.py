@@ -22,31 +22,39 @@ raises `MigrationError`.
 
 `GroupCommit` batches the writes concurrent coroutines hand in during one turn of the loop into
 one transaction.
+
+Latency goes to `shared.metrics` (`threadline_store_duration_seconds`, by engine and operation):
+one measurement per call of a `Database` method, per transaction (named by its caller:
+`transaction`, `group_commit`, `migrate`, `executemany`), never per statement inside one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from shared import metrics
 from shared.config import ConfigError, env_int, env_str
 from shared.files import ensure_private_file, private_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 Engine = Literal["sqlite", "postgres"]
+ENGINES: tuple[Engine, ...] = ("sqlite", "postgres")
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 DEFAULT_POOL_SIZE = 10
@@ -152,8 +160,10 @@ class Database(Connection, Protocol):
 
     settings: DatabaseSettings
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Connection]:
-        """`async with db.transaction() as tx:` — every statement on `tx` commits together, or none."""
+    def transaction(self, operation: str = "transaction") -> contextlib.AbstractAsyncContextManager[Connection]:
+        """`async with db.transaction() as tx:` — every statement on `tx` commits together, or none.
+
+        `operation` names it in the store latency metric (one of `shared.metrics.STORE_OPERATIONS`)."""
         ...
 
     async def ping(self) -> bool:
@@ -255,6 +265,36 @@ def _rows_affected(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
+# --- latency -----------------------------------------------------------------------------------
+
+class _Timed(Protocol):
+    engine: Engine
+
+
+D = TypeVar("D", bound=_Timed)
+
+
+_Method = Callable[Concatenate[D, P], Coroutine[Any, Any, T]]
+
+
+def _timed(operation: str) -> Callable[[_Method[D, P, T]], _Method[D, P, T]]:
+    """Record each call of a database method in the store latency metric (raising ones too)."""
+    attributes = {engine: metrics.store_attributes(engine, operation) for engine in ENGINES}
+
+    def wrap(method: _Method[D, P, T]) -> _Method[D, P, T]:
+        @functools.wraps(method)
+        async def timed(self: D, *args: P.args, **kwargs: P.kwargs) -> T:
+            started = time.perf_counter()
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                metrics.store_elapsed(started, attributes[self.engine])
+
+        return timed
+
+    return wrap
+
+
 # --- SQLite ------------------------------------------------------------------------------------
 
 def _sqlite_connect(path: str, *, read_only: bool) -> sqlite3.Connection:
@@ -317,35 +357,43 @@ class SqliteDatabase:
         writer = _sqlite_connect(path, read_only=False)
         return cls(settings, writer, _sqlite_connect(path, read_only=True))
 
+    @_timed("execute")
     async def execute(self, query: str, *args: Any) -> int:
         async with self.lock:
             return await self._writer.execute(query, *args)
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
-        async with self.transaction() as tx:
+        async with self.transaction("executemany") as tx:
             await tx.executemany(query, args)
 
+    @_timed("fetch")
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         return await self._reader.fetch(query, *args)
 
+    @_timed("fetchrow")
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
         return await self._reader.fetchrow(query, *args)
 
+    @_timed("fetchval")
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self._reader.fetchval(query, *args)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
-        async with self.lock:
-            conn = self._writer.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    async def transaction(self, operation: str = "transaction") -> AsyncIterator[Connection]:
+        started = time.perf_counter()
+        try:
+            async with self.lock:
+                conn = self._writer.conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        finally:
+            metrics.store_elapsed(started, metrics.store_attributes(self.engine, operation))
 
     async def ping(self) -> bool:
         return True  # a file of this process: it answers whenever the process does
@@ -438,27 +486,35 @@ class PostgresDatabase:
             server_settings={"search_path": settings.schema, "application_name": f"threadline-{settings.schema}"})
         return cls(settings, pool)
 
+    @_timed("execute")
     async def execute(self, query: str, *args: Any) -> int:
         return _rows_affected(await self.pool.execute(query, *args))
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
-        async with self.transaction() as tx:
+        async with self.transaction("executemany") as tx:
             await tx.executemany(query, args)
 
+    @_timed("fetch")
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         return list(await self.pool.fetch(query, *args))
 
+    @_timed("fetchrow")
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
         row: Row | None = await self.pool.fetchrow(query, *args)
         return row
 
+    @_timed("fetchval")
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self.pool.fetchval(query, *args)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield PostgresConnection(conn)
+    async def transaction(self, operation: str = "transaction") -> AsyncIterator[Connection]:
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield PostgresConnection(conn)
+        finally:
+            metrics.store_elapsed(started, metrics.store_attributes(self.engine, operation))
 
     async def ping(self) -> bool:
         try:
@@ -498,7 +554,7 @@ async def migrate(db: Database, migration: Migration) -> int:
     On PostgreSQL a transaction-scoped advisory lock named after the schema makes a second
     replica wait, then find the steps applied.
     """
-    async with db.transaction() as tx:
+    async with db.transaction("migrate") as tx:
         if tx.engine == "postgres":
             await tx.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(f"migrate:{db.settings.schema}"))
         await tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY,"
@@ -545,6 +601,7 @@ class GroupCommit:
     more statements per function, which the common case need not pay). So a function must
     depend on nothing but the connection: it may run twice. `run` returns only after the
     COMMIT, so a caller acknowledging a message afterwards acknowledges a durable write.
+    Each batch is one `group_commit` measurement of the store latency metric.
     """
 
     def __init__(self, db: Database) -> None:
@@ -568,7 +625,7 @@ class GroupCommit:
 
     async def _commit(self, ops: list[_Op]) -> None:
         try:
-            async with self.db.transaction() as tx:
+            async with self.db.transaction("group_commit") as tx:
                 await tx.execute("SAVEPOINT batch")
                 try:
                     outcomes: list[tuple[bool, Any]] = [(True, await op(tx)) for op, _ in ops]

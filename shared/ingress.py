@@ -5,6 +5,8 @@ A platform batches several items into one signed notification (WhatsApp
 malformed item must not fail the whole notification: the platform would retry it unchanged
 and never deliver the well-formed items beside it. The ingress publishes the well-formed items,
 answers 200 once they are durable, and reports every rejected item with `report_rejected`.
+Both count in `shared.metrics` (`threadline_messages_in_total`): a customer message published
+through `published_message` as accepted or duplicate, a rejected item as rejected.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from nats.js.api import PubAck
 from opentelemetry import trace
 
+from shared import metrics
 from shared.telemetry import log_fields
 
 
@@ -35,6 +39,14 @@ async def publish_all(publishes: Sequence[Awaitable[object]]) -> list[BaseExcept
         return []
     results = await asyncio.gather(*publishes, return_exceptions=True)
     return [result for result in results if isinstance(result, BaseException)]
+
+
+async def published_message(channel: str, publish: Awaitable[PubAck]) -> PubAck:
+    """Await the publish of one customer message of `channel` and count it: accepted (durable
+    now), or a duplicate (JetStream already had its id: the platform sent it again)."""
+    ack = await publish
+    metrics.message_in_acked(channel, ack.duplicate)
+    return ack
 
 
 @dataclass(frozen=True)
@@ -55,13 +67,14 @@ def rejected(where: str, exc: Exception, raw: Any = None, id_key: str = "id") ->
 
 
 def report_rejected(logger: logging.Logger, channel: str, integration_id: str, items: Sequence[Rejected]) -> None:
-    """Log each rejected item (structured, never its content) and mark the request's span.
+    """Log each rejected item (structured, never its content), count it, and mark the request's span.
 
     The span gets `threadline.webhook.rejected` (a count) and one `webhook.item_rejected` event
     per item, so traces show which notification carried them.
     """
     if not items:
         return
+    metrics.message_in(channel, "rejected", len(items))
     span = trace.get_current_span()
     span.set_attribute("threadline.webhook.rejected", len(items))
     for item in items:

@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
-from shared import subjects
+from shared import metrics, subjects
 from shared.bus import Bus, KvMirror, RequestFailed
 from shared.clientip import Network, client_ip, env_trusted_proxies, source_key
 from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_secret, env_str
@@ -998,6 +998,7 @@ class SdkService(ServiceApp):
                                             msg_id=inbound_msg_id(channel_name, body.client_message_id))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Could not queue the message, retry with the same clientMessageId") from exc
+        metrics.message_in_acked(channel_name, ack.duplicate)
         return MessageAccepted(client_message_id=body.client_message_id, duplicate=bool(ack.duplicate))
 
     async def post_activity(self, request: web.Request) -> web.Response:
@@ -1084,6 +1085,7 @@ class SdkService(ServiceApp):
             # Listen before reading history so nothing published in between is lost.
             self.hub.add(conversation_id, listener)
             self.sockets[ws] = listener
+            metrics.websocket_opened(self.name)
             socket_id = new_id()
             self.presence.open(socket_id, self.socket_presence(claims, conversation_id))
             try:
@@ -1123,8 +1125,8 @@ class SdkService(ServiceApp):
         await listener.stop()
         self.presence.close(socket_id)
         self.hub.remove(listener.conversation_id, listener)
-        if listener.ws is not None:
-            self.sockets.pop(listener.ws, None)
+        if listener.ws is not None and self.sockets.pop(listener.ws, None) is not None:
+            metrics.websocket_closed(self.name)
 
     async def _send_message(self, listener: SocketListener, frame: QueuedFrame) -> None:
         assert listener.ws is not None and listener.claims is not None

@@ -1,8 +1,9 @@
 """The service runner: lifecycle, HTTP probes and signal handling common to every service.
 
 A service module provides a `ServiceApp` subclass (in `app.py`) with `start()` and `stop()`;
-`run_service` runs it until SIGINT/SIGTERM. Every service serves `/healthz` (process alive)
-and `/readyz` (dependencies connected) on its own port, besides whatever routes it adds.
+`run_service` runs it until SIGINT/SIGTERM. Every service serves `/healthz` (process alive),
+`/readyz` (dependencies connected) and `/metrics` (Prometheus, `shared.metrics`) on its own
+port, besides whatever routes it adds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from shared import metrics
 from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
 from shared.db import Database
@@ -37,6 +39,7 @@ class ServiceApp:
         self.http = web.Application(client_max_size=1024 * 1024)
         self.http.router.add_get("/healthz", self._healthz)
         self.http.router.add_get("/readyz", self._readyz)
+        self.http.router.add_get("/metrics", self._metrics)
         self._ready_checks: list[ReadyCheck] = []
         self._runner: web.AppRunner | None = None
         self.port: int = common.http_port
@@ -66,6 +69,9 @@ class ServiceApp:
             if not ok:
                 return web.json_response({"status": "not ready", "service": self.name}, status=503)
         return web.json_response({"status": "ready", "service": self.name})
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def connect_bus(self) -> Bus:
         """Connect to NATS, create the streams, and make /readyz follow the connection."""

@@ -1,7 +1,8 @@
-"""OpenTelemetry tracing and structured JSON logs that carry the trace id.
+"""OpenTelemetry tracing and metrics, and structured JSON logs that carry the trace id.
 
 Exporters come from the standard `OTEL_*` variables (`OTEL_TRACES_EXPORTER=otlp|console|none`,
-default none). Trace context crosses NATS as W3C `traceparent`/`tracestate` headers.
+default none). Trace context crosses NATS as W3C `traceparent`/`tracestate` headers. Metrics
+(`shared.metrics`) are read by a Prometheus exporter and served on each service's `/metrics`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from shared import metrics
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 # A version-00 `traceparent` as this system writes it (anything else goes to the propagator).
@@ -62,12 +65,14 @@ _SAMPLER = RecordWhenExported()
 
 
 def setup_telemetry(service_name: str, *, extra_processor: SpanProcessor | None = None) -> None:
-    """Install the tracer provider and JSON logging for this process (idempotent).
+    """Install the tracer and meter providers and JSON logging for this process (idempotent:
+    the first call installs them, later ones — other services in the same process — share them).
 
     `extra_processor` lets tests attach an in-memory exporter.
     """
     global _configured
     configure_logging(service_name)
+    metrics.install(service_name)
     if _configured:
         if extra_processor is not None:
             provider = trace.get_tracer_provider()

@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from services.app import handlers
 from services.app.config import AppConfig
 from services.app.push import PushOutcome, PushSender, push_sender, token_suffix
-from shared import subjects
+from shared import metrics, subjects
 from shared.bus import Delivery, Poison, Retry
 from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
 from shared.ids import now
@@ -194,6 +194,7 @@ class AppService(SdkService):
         if result.status == "retry" and delivery.num_delivered < self.config.max_push_attempts:
             delay = result.retry_after if result.retry_after is not None else backoff_delay(
                 delivery.num_delivered, self.config.retry_base_seconds, self.config.retry_max_seconds)
+            metrics.message_out(command.channel, "retried")
             raise Retry(delay, f"push {result.code}")
         if result.status == "sent":
             await self._report(handlers.delivery_status(command, "sent", now(), provider_id=result.provider_id))
@@ -228,6 +229,7 @@ class AppService(SdkService):
                 app_id=app_id, device_id=device_id, push_notification_token=token))
 
     async def _report(self, status: DeliveryStatus) -> None:
+        metrics.message_out(status.channel, status.status)
         await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.status_msg_id(status))
 

@@ -13,11 +13,11 @@ import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import records, subjects
+from shared import metrics, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_all, report_rejected
+from shared.ingress import publish_all, published_message, report_rejected
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import recipient_key
@@ -155,6 +155,7 @@ class MessengerService(ServiceApp):
         try:
             normalized = handlers.normalize_webhook(raw, creds, self.by_page_id)
         except handlers.WebhookShapeError as exc:
+            metrics.message_in(handlers.CHANNEL, "rejected")
             raise ApiError(400, f"Invalid Messenger notification: {exc}") from exc
         report_rejected(log, handlers.CHANNEL, integration_id, normalized.rejected)
         store = self._store()
@@ -170,8 +171,8 @@ class MessengerService(ServiceApp):
             raise ApiError(503, "Could not store the notification, retry later") from exc
         statuses = [(receipt, handlers.receipt_statuses(receipt, sent)) for receipt, sent in receipts]
         publishes = [
-            bus.publish(channel.subject_of(m), channel.encode(m),
-                        msg_id=handlers.inbound_msg_id(m))
+            published_message(handlers.CHANNEL, bus.publish(channel.subject_of(m), channel.encode(m),
+                                                            msg_id=handlers.inbound_msg_id(m)))
             for m in normalized.messages
         ] + [
             bus.publish(channel.subject_of(s), channel.encode(s),
@@ -244,6 +245,7 @@ class MessengerService(ServiceApp):
 
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
         if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
+            metrics.message_out(command.channel, "retried")
             raise Retry(backoff_delay(delivery.num_delivered, self.config.retry_base_seconds,
                                       self.config.retry_max_seconds), str(failure))
         log.warning("giving up on message %s: %s", command.message_id, failure)
@@ -273,6 +275,7 @@ class MessengerService(ServiceApp):
                                   transient=True) from exc
 
     async def _report(self, status: DeliveryStatus) -> None:
+        metrics.message_out(status.channel, status.status)
         await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 

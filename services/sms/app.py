@@ -12,10 +12,11 @@ import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import records, subjects
+from shared import metrics, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import REFUSED_CODE, TWILIO_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, basic_auth_header, error_middleware, read_body, tracing_middleware
+from shared.ingress import published_message
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import BoundedMemory, recipient_key
@@ -151,11 +152,12 @@ class SmsService(ServiceApp):
         try:
             messages = handlers.normalize_inbound(form, creds)
         except handlers.WebhookShapeError as exc:
+            metrics.message_in(handlers.CHANNEL, "rejected")
             raise ApiError(400, f"Invalid Twilio message webhook: {exc}") from exc
         bus = self._bus()
         results = await asyncio.gather(*(
-            bus.publish(channel.subject_of(m), channel.encode(m),
-                        msg_id=handlers.inbound_msg_id(m))
+            published_message(handlers.CHANNEL, bus.publish(channel.subject_of(m), channel.encode(m),
+                                                             msg_id=handlers.inbound_msg_id(m)))
             for m in messages), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -239,6 +241,7 @@ class SmsService(ServiceApp):
 
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
         if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
+            metrics.message_out(command.channel, "retried")
             raise Retry(backoff_delay(delivery.num_delivered, self.config.retry_base_seconds,
                                       self.config.retry_max_seconds), str(failure))
         log.warning("giving up on message %s: %s", command.message_id, failure)
@@ -268,6 +271,7 @@ class SmsService(ServiceApp):
                                   transient=True) from exc
 
     async def _report(self, status: DeliveryStatus) -> None:
+        metrics.message_out(status.channel, status.status)
         await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 

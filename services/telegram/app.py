@@ -14,10 +14,11 @@ import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import records, subjects
+from shared import metrics, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
+from shared.ingress import published_message
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.outbound import BoundedMemory, recipient_key
@@ -241,12 +242,13 @@ class TelegramService(ServiceApp):
         try:
             normalized = handlers.normalize_update(raw, creds, self.common.public_base_url)
         except handlers.WebhookShapeError as exc:
+            metrics.message_in(handlers.CHANNEL, "rejected")
             raise ApiError(400, f"Invalid Telegram update: {exc}") from exc
         message = normalized.message
         if message is not None:
             try:
-                await self._bus().publish(channel.subject_of(message),
-                                          channel.encode(message), msg_id=handlers.inbound_msg_id(message))
+                await published_message(handlers.CHANNEL, self._bus().publish(
+                    channel.subject_of(message), channel.encode(message), msg_id=handlers.inbound_msg_id(message)))
             except Exception as exc:
                 log.warning("publishing a telegram update failed: %s", exc)
                 raise ApiError(503, "Could not store the update, retry later") from exc
@@ -356,6 +358,7 @@ class TelegramService(ServiceApp):
     async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure,
                              code: str | None = None) -> None:
         if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
+            metrics.message_out(command.channel, "retried")
             delay = failure.retry_after if failure.retry_after is not None else backoff_delay(
                 delivery.num_delivered, self.config.retry_base_seconds, self.config.retry_max_seconds)
             raise Retry(delay, str(failure))
@@ -374,6 +377,7 @@ class TelegramService(ServiceApp):
         return buckets.get(chat_key)
 
     async def _report(self, status: DeliveryStatus) -> None:
+        metrics.message_out(status.channel, status.status)
         await self._bus().publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.send_status_msg_id(status))
 

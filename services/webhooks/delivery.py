@@ -25,7 +25,7 @@ from services.webhooks.handlers import (
     request_headers,
 )
 from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
-from shared import subjects
+from shared import metrics, subjects
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages.conversation import Erasure
 from shared.records import WebhookRecord
@@ -202,13 +202,17 @@ class Dispatcher:
                 result = AttemptResult(None, "webhook deleted")
                 outcome: Outcome = "failed"
             else:
+                started = time.perf_counter()
                 try:
                     result = await self._post(record, batch)
                 except Exception as exc:  # a bug must not leave the conversations blocked forever
                     log.exception("webhook POST to %s crashed", record.target)
                     result = AttemptResult(None, f"internal error: {type(exc).__name__}")
                 outcome = result.outcome
+                metrics.webhook_attempt(outcome, time.perf_counter() - started)
             completed = queue.complete(batch, outcome, self.clock(), self.policy)
+            metrics.webhook_events([row.created_at for row in completed.delivered], len(completed.retried),
+                                   len(completed.failed), self.clock())
             self.inflight -= len(batch)
             self.pending -= len(completed.delivered) + len(completed.failed)
             self.delivered += len(completed.delivered)
