@@ -268,8 +268,9 @@ class Bus:
             if stop is not None:
                 stop.set()
             if loop is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await loop
+                # Not `await loop`: its own end (an error, a cancellation) is not ours to raise,
+                # and a cancellation of this release (close() past its grace) must stop it.
+                await asyncio.wait([loop])
             if on_release is not None:
                 await on_release(partition)
 

@@ -279,3 +279,18 @@ async def test_a_message_handed_back_holds_back_the_later_ones_of_its_key(bus: B
     for prefix in (b"a", b"b", b"c"):
         assert [d for d in seen if d.startswith(prefix)] == sorted(d for d in seen if d.startswith(prefix))
     assert seen.index(b"c1") < seen.index(b"a1")  # other keys were not held back
+
+
+async def test_closing_does_not_wait_forever_for_a_handler_that_never_returns(nats_server: NatsServer) -> None:
+    consumer = await Bus.connect(nats_server.url, "stuck")
+    await consumer.ensure_streams()
+    started = asyncio.Event()
+
+    async def stuck(_data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await consumer.consume(subjects.ConsumerSpec(subjects.INBOUND, "t-stuck", "inbound.*.*"), stuck)
+    await consumer.publish(subjects.inbound_subject("web", "i1", "u1"), b"never done")
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(consumer.close(), 30)  # the grace, then the handler is cancelled
