@@ -127,10 +127,13 @@ CONSUMER_REDELIVERIES: Final = MetricSpec(
     "threadline.consumer.redeliveries", "counter", "{message}",
     "JetStream deliveries handled again (a message's delivery count above 1), per consumer group.",
     (GROUP,))
+# One call in STORE_SAMPLE of the per-call operations is measured (counts: multiply by it).
+STORE_SAMPLE: Final = 8
 STORE_DURATION: Final = MetricSpec(
     "threadline.store.duration", "histogram", "s",
     "Database latency in seconds, per engine (sqlite, postgres) and operation: a call of a Database method"
-    " (execute, executemany, fetch, fetchrow, fetchval), a whole transaction, one group-commit batch, a migration.",
+    " (execute, executemany, fetch, fetchrow, fetchval: one call in 8 is measured), a whole transaction,"
+    " one group-commit batch, a migration.",
     (ENGINE, OPERATION), STORE_BUCKETS)
 WEBSOCKETS_OPEN: Final = MetricSpec(
     "threadline.websockets.open", "up_down_counter", "{socket}",
