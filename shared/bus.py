@@ -253,14 +253,15 @@ class Bus:
         loops: dict[int, asyncio.Task[None]] = {}
         key = ordering_key or (lambda subject, _data: subject)
 
-        async def acquire(partition: int) -> None:
+        async def acquire(partition: int, took_over: bool) -> None:
             if on_acquire is not None:
                 await on_acquire(partition)
             stop = stops[partition] = asyncio.Event()
             durable = spec.durable(partition)
             loops[partition] = self._spawn(
                 self._consume_loop(spec.stream, durable, spec.filter(partition), handler, batch, key, ack_wait,
-                                   max_ack_pending, stop, legacy=spec if partition == 0 else None),
+                                   max_ack_pending, stop, legacy=spec if partition == 0 else None,
+                                   took_over=took_over),
                 name=f"consume:{durable}")
 
         async def release(partition: int) -> None:
@@ -328,13 +329,14 @@ class Bus:
 
     async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
                             batch: int, key: Callable[[str, bytes], str], ack_wait: float,
-                            max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None) -> None:
+                            max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None,
+                            took_over: bool = False) -> None:
         config = api.ConsumerConfig(
             durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
             max_ack_pending=max_ack_pending, filter_subject=filter_subject,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=True)
+        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=took_over)
         if puller is None:
             return
         if legacy is not None:
@@ -357,12 +359,13 @@ class Bus:
         """The durable's puller (created when missing, unless `create` is false: then None when
         there is no such durable).
 
-        `took_over`: this replica has just taken the durable's partition. Messages still awaiting
-        an ack were handed to a holder that died (one that let go acked or handed back all it
-        had): the server would redeliver them only after `ack_wait`, behind the messages that
-        came later. The durable is recreated at its ack floor instead, so the partition goes on
-        at once and in stream order; the few messages acked beyond the floor come again, which
-        the handlers' idempotence absorbs.
+        `took_over`: this replica has just taken the durable's partition from an owner that did
+        not give it back (it died, or this replica restarted under its id). Messages still
+        awaiting an ack were handed to it: the server would redeliver them only after `ack_wait`,
+        behind the messages that came later. The durable is recreated at its ack floor instead, so
+        the partition goes on at once and in stream order; the messages acked beyond the floor
+        come again, which the handlers' idempotence absorbs. (A partition given back cleanly is
+        not recreated: its holder finished its batch and handed the rest back.)
         """
         while not (self._stopping.is_set() or stop.is_set()):
             try:
@@ -372,9 +375,13 @@ class Bus:
                         floor = info.ack_floor.stream_seq if info.ack_floor else 0
                         log.warning("consumer %s: %d messages of a dead holder, resuming at the ack floor (%d)",
                                     durable, info.num_ack_pending, floor)
+                        # From here on the floor's config (a retry after the delete must not
+                        # recreate the durable from the stream's start).
+                        config = dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                                     opt_start_seq=(floor or 0) + 1)
+                        took_over = False
                         await self.js.delete_consumer(stream.name, durable)
-                        await self.js.add_consumer(stream.name, dataclasses.replace(
-                            config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=(floor or 0) + 1))
+                        await self.js.add_consumer(stream.name, config)
                     elif info.config.filter_subject != config.filter_subject:
                         await self.js.add_consumer(stream.name, config)  # an update: same durable
                 except nats.js.errors.NotFoundError:
@@ -480,6 +487,7 @@ class Bus:
         delivery = Delivery.of(msg)
         if delivery.num_delivered > 1:
             metrics.redelivered(durable)
+        handed_back: float | None = None
         try:
             with _tracer.start_as_current_span(f"process {durable}", context=extract_context(headers),
                                                kind=SpanKind.CONSUMER) as span:
@@ -490,8 +498,9 @@ class Bus:
                     await handler(msg.data, headers, delivery)
                 except Retry as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    handed_back = None if exc.let_pass else exc.delay
                     await msg.nak(delay=exc.delay)
-                    return None if exc.let_pass else exc.delay
+                    return handed_back
                 except Poison as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     log.error("terminating message on %s: %s", msg.subject, exc)
@@ -501,12 +510,14 @@ class Bus:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     log.exception("handler failed on %s (delivery %d)", msg.subject, delivery.num_delivered)
-                    delay = min(30.0, 0.5 * delivery.num_delivered)
-                    await msg.nak(delay=delay)
-                    return delay
+                    handed_back = min(30.0, 0.5 * delivery.num_delivered)
+                    await msg.nak(delay=handed_back)
+                    return handed_back
                 await msg.ack()
         except nats.errors.Error as exc:
+            # A failed nak still leaves the message to come back (after ack_wait): hold its key.
             log.warning("ack/nak failed on %s: %s", msg.subject, exc)
+            return handed_back
         return None
 
     # --- erasure: copies of personal data the streams would otherwise keep until max_age ----

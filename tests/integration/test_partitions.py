@@ -213,3 +213,25 @@ async def test_the_durable_from_before_partitioning_is_drained_then_removed(bus:
             pytest.fail("the pre-partitioning durable was not removed")
     finally:
         await a.close()
+
+
+async def test_a_partition_whose_take_failed_is_taken_again(bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-acquire", "inbound.*.*")
+    seen = Seen()
+    failures = {3: 1}
+
+    async def on_acquire(partition: int) -> None:
+        if failures.get(partition):
+            failures[partition] -= 1
+            raise RuntimeError("the database is away for a moment")
+
+    consumer = await Bus.connect(nats_server.url, "r-a", replica="r-a")
+    await consumer.consume(spec, seen.handler("r-a"), on_acquire=on_acquire)
+    try:
+        await until_held_by(bus, spec, {"r-a"}, timeout=subjects.PARTITION_LEASE_SECONDS)
+        sent = await publish(bus, keys=40, per_key=2, tag="q")
+        await seen.until(len(sent))
+        assert 3 in {partition(s) for _, s, _ in seen.handled}
+        assert failures == {3: 0}
+    finally:
+        await consumer.close()
