@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ HANDLING_GRACE_SECONDS = 5.0
 # partition consumers of a deployment cost the servers a request every few seconds each. A
 # consumer told to stop ends its wait at once.
 PULL_WAIT_SECONDS = 5.0
+# How long past its redelivery delay a handed-back message holds its key's later messages back
+# at most (it may never come back: erased by retention, its partition taken by another replica).
+HOLD_GRACE_SECONDS = 60.0
 
 
 class Retry(Exception):
@@ -432,7 +436,8 @@ class Bus:
 
     async def _pull_loop(self, puller: PullBatches, durable: str, handler: Handler, key: Callable[[str, bytes], str],
                          stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool) -> bool:
-        held: dict[str, tuple[int, float]] = {}  # key → (stream seq, delay) of its message handed back
+        # key → (stream seq, delay, hold until) of its message handed back
+        held: dict[str, tuple[int, float, float]] = {}
         while not (self._stopping.is_set() or stop.is_set()):
             try:
                 msgs = await puller.next_batch()
@@ -461,7 +466,7 @@ class Bus:
         return False
 
     async def _handle_group(self, durable: str, group_key: str, group: list[Msg], handler: Handler,
-                            held: dict[str, tuple[int, float]]) -> None:
+                            held: dict[str, tuple[int, float, float]]) -> None:
         """One key's messages in stream order. A message handed back for later (`Retry`, a
         failure) holds back every later message of its key until it is handled: handled now,
         they would overtake it (a customer's second message stored before the first)."""
@@ -470,6 +475,11 @@ class Bus:
         for msg in group:
             sequence = Delivery.of(msg).stream_sequence
             first = held.get(group_key)
+            if first is not None and time.monotonic() > first[2]:
+                # Its message never came back (erased by retention, or taken by another replica):
+                # the key is not held forever.
+                del held[group_key]
+                first = None
             if first is not None and sequence > first[0]:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak(delay=first[1])
@@ -479,7 +489,8 @@ class Bus:
                 if first is not None and sequence == first[0]:
                     del held[group_key]
             else:
-                held[group_key] = (sequence, delay) if first is None or sequence < first[0] else first
+                until = time.monotonic() + delay + HOLD_GRACE_SECONDS
+                held[group_key] = (sequence, delay, until) if first is None or sequence < first[0] else first
 
     async def _handle_one(self, durable: str, msg: Msg, handler: Handler) -> float | None:
         """Handle one message and ack it; the delay it was handed back with (nak), if it was."""
