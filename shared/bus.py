@@ -470,10 +470,10 @@ class Bus:
         """One key's messages in stream order. A message handed back for later (`Retry`, a
         failure) holds back every later message of its key until it is handled: handled now,
         they would overtake it (a customer's second message stored before the first)."""
-        if len(group) > 1:
-            group.sort(key=lambda m: Delivery.of(m).stream_sequence)
-        for msg in group:
-            sequence = Delivery.of(msg).stream_sequence
+        sequenced = [(Delivery.of(msg).stream_sequence, msg) for msg in group]
+        if len(sequenced) > 1:
+            sequenced.sort(key=lambda item: item[0])
+        for sequence, msg in sequenced:
             first = held.get(group_key)
             if first is not None and time.monotonic() > first[2]:
                 # Its message never came back (erased by retention, or taken by another replica):
