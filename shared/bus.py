@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -53,11 +53,17 @@ from shared.subjects import (
 from shared.telemetry import extract_context, inject_headers, tracer
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _tracer = tracer(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_SECONDS = 10.0
 HANDLING_GRACE_SECONDS = 5.0
+# How long creating streams and buckets keeps trying while JetStream is busy or electing leaders
+# (a cluster starting, every replica of every service asking at once): a service that gave up
+# at the first timeout would exit and wait for a restart.
+SETUP_RETRY_SECONDS = 30.0
+SETUP_RETRY_PAUSE_SECONDS = 0.5
 # How long an idle pull request waits for a message: a long poll, so that the dozens of idle
 # partition consumers of a deployment cost the servers a request every few seconds each. A
 # consumer told to stop ends its wait at once.
@@ -119,6 +125,19 @@ class Delivery:
                 return cls(msg.subject, int(delivered) or 1, int(sequence))
         meta = msg.metadata
         return cls(msg.subject, meta.num_delivered or 1, meta.sequence.stream if meta.sequence else 0)
+
+
+async def _retry_setup(setup: Callable[[], Awaitable[_T]]) -> _T:
+    """Run an idempotent JetStream setup call again while the server answers 'busy' or not at all."""
+    deadline = time.monotonic() + SETUP_RETRY_SECONDS
+    while True:
+        try:
+            return await setup()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("JetStream setup not answered yet (%s), trying again", type(exc).__name__)
+            await asyncio.sleep(SETUP_RETRY_PAUSE_SECONDS)
 
 
 @dataclass
@@ -187,6 +206,9 @@ class Bus:
         `replicas` (1, 3 or 5) is also the default for KV buckets this bus creates afterwards.
         """
         self.stream_replicas = replicas
+        await _retry_setup(lambda: self._add_streams(replicas, streams))
+
+    async def _add_streams(self, replicas: int, streams: tuple[StreamSpec, ...]) -> None:
         for spec in streams:
             config = api.StreamConfig(
                 name=spec.name,
@@ -569,13 +591,17 @@ class Bus:
         """Return a KV bucket, creating it when missing (replicas default: `stream_replicas`;
         `ttl`: seconds after which entries expire, None = never)."""
         replicas = self.stream_replicas if replicas is None else replicas
-        try:
-            return await self.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
+
+        async def open_bucket() -> KeyValue:
             try:
-                return await self.js.create_key_value(bucket=bucket, history=history, replicas=replicas, ttl=ttl)
-            except nats.js.errors.BadRequestError:
                 return await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    return await self.js.create_key_value(bucket=bucket, history=history, replicas=replicas, ttl=ttl)
+                except nats.js.errors.BadRequestError:
+                    return await self.js.key_value(bucket)
+
+        return await _retry_setup(open_bucket)
 
     async def close(self) -> None:
         """Stop consumers and services, then drain the connection.

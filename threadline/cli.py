@@ -33,6 +33,18 @@ class LaunchError(RuntimeError):
     """The system cannot start here (a port is taken, a service failed to start)."""
 
 
+def log_tail(path: str, lines: int = 20) -> str:
+    """The last lines of a log file (why a service exited), or a note that it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 8192))
+            text = file.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
                "telegram", "sms", "web", "app", "sandbox")
 SMTP_PORT_VARIABLE = "THREADLINE_SANDBOX_SMTP_PORT"
@@ -283,7 +295,8 @@ class Launcher:
             for name, svc in self.services.items():
                 while True:
                     if svc.process is not None and svc.process.returncode is not None:
-                        raise LaunchError(f"{name} exited with {svc.process.returncode}; see {svc.log_path}")
+                        raise LaunchError(f"{name} exited with {svc.process.returncode}; see {svc.log_path}:\n"
+                                          + log_tail(svc.log_path))
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                         async with session.get(f"http://127.0.0.1:{svc.port}/readyz",
                                                timeout=aiohttp.ClientTimeout(total=1)) as resp:

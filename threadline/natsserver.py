@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,8 +30,39 @@ def find_nats_server() -> str:
     return found
 
 
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# Lowest port `free_port` hands out below the kernel's ephemeral range.
+LOWEST_CHOSEN_PORT = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel picks for outgoing connections and `bind(0)` (Linux; IANA's elsewhere)."""
+    try:
+        with open(EPHEMERAL_RANGE_FILE) as file:
+            low, high = (int(part) for part in file.read().split())
+    except (OSError, ValueError):
+        return 49152, 65535
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
+    """A TCP port that is free on loopback right now, chosen below the ephemeral range.
+
+    A port from `bind(0)` lies in the ephemeral range, so between being chosen and being bound
+    by the process it was chosen for (seconds, while a cluster starts) any outgoing connection
+    (a NATS route, a PostgreSQL login) may take it as its local port. Below that range only
+    another listener can, and a random choice makes that unlikely.
+    """
+    low, _high = ephemeral_port_range()
+    if low - LOWEST_CHOSEN_PORT >= 1000:
+        for _ in range(100):
+            port = random.randrange(LOWEST_CHOSEN_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
