@@ -273,7 +273,10 @@ class Bus:
         partition it holds, this replica runs the partition's durable consumer (`consume_durable`).
         `on_acquire(n)` runs before partition n is consumed here, `on_release(n)` after it no
         longer is (the batch in hand finished). The holder of partition 0 also drains the group's
-        durable from before partitioning, if one is left, and removes it.
+        durables an earlier deployment left — the one from before partitioning, those of
+        partitions beyond today's count — and removes them. (A key's messages still queued in a
+        leftover are handled beside its new ones: change the count with the queues drained when
+        per-key order matters to them.)
         """
         stops: dict[int, asyncio.Event] = {}
         loops: dict[int, asyncio.Task[None]] = {}
@@ -366,11 +369,9 @@ class Bus:
         if puller is None:
             return
         if legacy is not None:
-            legacy_config = api.ConsumerConfig(
-                durable_name=legacy.group, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
-                max_ack_pending=max_ack_pending, filter_subject=legacy.legacy_filter,
-                deliver_policy=api.DeliverPolicy.ALL)
-            self._spawn(self._drain_legacy(stream, legacy_config, handler, batch, key, stop),
+            leftovers = [dataclasses.replace(config, durable_name=name, filter_subject=subjects_filter)
+                         for name, subjects_filter in legacy.leftovers]
+            self._spawn(self._drain_leftovers(stream, leftovers, handler, batch, key, stop),
                         name=f"drain:{legacy.group}")
         try:
             await self._pull_and_handle(puller, durable, handler, key, stop)
@@ -422,14 +423,24 @@ class Bus:
                 await asyncio.sleep(0.5)
         return None
 
+    async def _drain_leftovers(self, stream: StreamSpec, configs: list[api.ConsumerConfig], handler: Handler,
+                               batch: int, key: Callable[[str, bytes], str], stop: asyncio.Event) -> None:
+        """Drain, one after another, the durables an earlier deployment may have left (most do
+        not exist: one request each tells)."""
+        for config in configs:
+            if self._stopping.is_set() or stop.is_set():
+                return
+            await self._drain_legacy(stream, config, handler, batch, key, stop)
+
     async def _drain_legacy(self, stream: StreamSpec, config: api.ConsumerConfig, handler: Handler, batch: int,
                             key: Callable[[str, bytes], str], stop: asyncio.Event) -> None:
-        """Handle what the group's pre-partitioning durable still holds, then delete it."""
+        """Handle what a leftover durable (the group's pre-partitioning one, or a partition's
+        beyond today's count) still holds, then delete it."""
         durable = config.durable_name or ""
         puller = await self._start_puller(stream, durable, config, batch, stop, create=False)
         if puller is None:
             return
-        log.info("draining consumer %s (from before partitioning)", durable)
+        log.info("draining consumer %s (left by an earlier partitioning)", durable)
         try:
             drained = await self._pull_and_handle(puller, durable, handler, key, stop, until_empty=True)
         finally:

@@ -548,8 +548,10 @@ class PostgresDatabase:
 
 # --- opening and migrating -------------------------------------------------------------------
 
-async def open_database(settings: DatabaseSettings, migration: Migration) -> Database:
-    """Open the service's database on its engine and bring its schema up to date."""
+async def open_database(settings: DatabaseSettings, migration: Migration,
+                        at_start: Callable[[Connection], Awaitable[None]] | None = None) -> Database:
+    """Open the service's database on its engine and bring its schema up to date; then run
+    `at_start` (in a transaction of its own: it must be idempotent, every replica runs it)."""
     db: Database
     if settings.url is None:
         db = SqliteDatabase.open(settings)
@@ -557,6 +559,9 @@ async def open_database(settings: DatabaseSettings, migration: Migration) -> Dat
         db = await PostgresDatabase.open(settings)
     try:
         await migrate(db, migration)
+        if at_start is not None:
+            async with db.transaction() as tx:
+                await at_start(tx)
     except BaseException:
         await db.close()
         raise

@@ -6,7 +6,9 @@ rename is one edit and a typo is an import error.
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,8 +39,30 @@ ALL_STREAMS: Final = (INBOUND, EVENTS, OUTBOUND, STATUS)
 # customer's inbound messages, one conversation's events, one recipient's send commands, one
 # provider message's statuses) share a key, hence a partition, and each partition is consumed by
 # one replica at a time (`shared.partitions`). The count bounds how many replicas of one consumer
-# group share the work; changing it re-keys every subject, so it is fixed.
-PARTITIONS: Final = 8
+# group share the work, and each partition costs its own pull requests: one process alone (the
+# single node of `threadline up`) runs fastest with one. Every process of a deployment must use
+# the same count (THREADLINE_PARTITIONS); after a change the holder of partition 0 drains the
+# durables of partitions that no longer exist (`Bus.consume`).
+PARTITIONS_VARIABLE: Final = "THREADLINE_PARTITIONS"
+DEFAULT_PARTITIONS: Final = 8
+# The NATS permissions (shared.natsauth) name the durables of this many partitions.
+MAX_PARTITIONS: Final = 16
+PARTITION_COUNTS: Final = tuple(2 ** n for n in range(MAX_PARTITIONS.bit_length()))
+
+
+def partition_count(environ: Mapping[str, str]) -> int:
+    """The partition count `environ` sets (default DEFAULT_PARTITIONS): a power of two up to
+    MAX_PARTITIONS, so that each partition of a smaller count is a union of larger ones'."""
+    text = environ.get(PARTITIONS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_PARTITIONS
+    if not text.isdecimal() or int(text) not in PARTITION_COUNTS:
+        raise ValueError(f"{PARTITIONS_VARIABLE} must be one of {', '.join(map(str, PARTITION_COUNTS))},"
+                         f" got {text!r}")
+    return int(text)
+
+
+PARTITIONS: Final = partition_count(os.environ)
 
 
 def partition_of(key: str) -> int:
@@ -118,8 +142,16 @@ class ConsumerSpec:
 
     @property
     def durables(self) -> tuple[str, ...]:
-        """Every durable of the group: the partitions' and the pre-partitioning one."""
-        return (*(self.durable(p) for p in range(PARTITIONS)), self.group)
+        """Every durable the group may have: those of MAX_PARTITIONS partitions (a deployment
+        uses PARTITIONS of them) and the pre-partitioning one."""
+        return (*(self.durable(p) for p in range(MAX_PARTITIONS)), self.group)
+
+    @property
+    def leftovers(self) -> tuple[tuple[str, str], ...]:
+        """(durable, filter) of what an earlier deployment may have left to drain: the
+        pre-partitioning durable, and those of partitions beyond today's count."""
+        return ((self.group, self.legacy_filter),
+                *((self.durable(p), self.filter(p)) for p in range(PARTITIONS, MAX_PARTITIONS)))
 
     @property
     def legacy_filter(self) -> str:

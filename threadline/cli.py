@@ -24,6 +24,7 @@ from shared.encryption import KEY_ENV, KEY_FILE_ENV, SERVICES_WITH_SECRETS, gene
 from shared.files import ensure_private_file, private_dir, write_private
 from shared.natsauth import ADMIN_USER, USERS
 from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
+from shared.subjects import PARTITIONS_VARIABLE
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import NatsServer, free_port
@@ -247,6 +248,9 @@ class Launcher:
         await asyncio.to_thread(self.nats.start)
         self.say(f"nats-server (JetStream, a user per service) on {self.nats.address}")
         base_env = {
+            # One replica of each service: one partition per consumer group (a pull request per
+            # partition is what eight cost; shared/subjects.py). An explicit setting wins.
+            PARTITIONS_VARIABLE: "1",
             **os.environ,
             "THREADLINE_NATS_URL": self.nats.address,
             "THREADLINE_DATA_DIR": os.path.abspath(self.data_dir),

@@ -27,10 +27,13 @@ from shared.messages.conversation import Erasure
 
 
 async def _partition_pending(tx: Connection) -> None:
-    """Notifications pending from before partitioning get their conversation's partition."""
-    rows = await tx.fetch("SELECT conversation_id FROM pending")
-    await tx.executemany("UPDATE pending SET part = $1 WHERE conversation_id = $2",
-                         [(subjects.partition_of(r[0]), r[0]) for r in rows])
+    """Pending notifications get their conversation's partition under today's count (rows from
+    before partitioning, or from a deployment with another count): run at every start, it
+    writes only the rows whose partition changed."""
+    rows = await tx.fetch("SELECT conversation_id, part FROM pending")
+    moved = [(part, r[0]) for r in rows if (part := subjects.partition_of(r[0])) != r[1]]
+    if moved:
+        await tx.executemany("UPDATE pending SET part = $1 WHERE conversation_id = $2", moved)
 
 
 MIGRATION = Migration([
@@ -277,8 +280,8 @@ class Store:
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Store:
-        """Open (and migrate) the service's database."""
-        return cls(await open_database(settings, MIGRATION))
+        """Open (and migrate) the service's database; pending rows follow the partition count."""
+        return cls(await open_database(settings, MIGRATION, at_start=_partition_pending))
 
     async def close(self) -> None:
         """Close the connections (a write handed in later fails)."""

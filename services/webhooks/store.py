@@ -22,11 +22,13 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 
 async def _partition_pending(tx: Connection) -> None:
-    """Rows stored before partitioning get their conversation's partition (only pending ones
-    are ever read by partition)."""
-    rows = await tx.fetch("SELECT seq, conversation_id FROM deliveries WHERE status = 'pending'")
-    await tx.executemany("UPDATE deliveries SET part = $1 WHERE seq = $2",
-                         [(subjects.partition_of(r[1]), r[0]) for r in rows])
+    """Pending rows get their conversation's partition under today's count (rows from before
+    partitioning, or from a deployment with another count; only pending rows are ever read by
+    partition): run at every start, it writes only the rows whose partition changed."""
+    rows = await tx.fetch("SELECT seq, conversation_id, part FROM deliveries WHERE status = 'pending'")
+    moved = [(part, r[0]) for r in rows if (part := subjects.partition_of(r[1])) != r[2]]
+    if moved:
+        await tx.executemany("UPDATE deliveries SET part = $1 WHERE seq = $2", moved)
 
 
 MIGRATION = Migration([
@@ -84,8 +86,8 @@ class DeliveryStore:
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> DeliveryStore:
-        """Open (and migrate) the service's database."""
-        return cls(await open_database(settings, MIGRATION))
+        """Open (and migrate) the service's database; pending rows follow the partition count."""
+        return cls(await open_database(settings, MIGRATION, at_start=_partition_pending))
 
     async def close(self) -> None:
         """Close the database (a write handed in later fails)."""

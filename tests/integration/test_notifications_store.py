@@ -292,3 +292,26 @@ async def test_a_data_directory_of_the_previous_store_layer_keeps_opening(tmp_pa
         assert await store.due(T0 + 300, [p for p in range(subjects.PARTITIONS) if p != mine]) == []
     finally:
         await store.close()
+
+
+async def test_pending_rows_follow_a_changed_partition_count_at_the_next_start(
+        database_settings: DatabaseSettings) -> None:
+    store = await Store.open(database_settings)
+    conversations = [f"conv-{i}" for i in range(12)]
+    try:
+        for i, conversation in enumerate(conversations):
+            await schedule(store, f"m{i}", conversation_id=conversation, notification_id=f"n-{i}")
+        # As a deployment with another partition count wrote them.
+        async with store.db.transaction() as tx:
+            await tx.execute("UPDATE pending SET part = $1", subjects.MAX_PARTITIONS - 1)
+        assert await store.due(T0 + 300, range(subjects.PARTITIONS)) == []
+    finally:
+        await store.close()
+    store = await Store.open(database_settings)
+    try:
+        for conversation in conversations:
+            due = await store.due(T0 + 300, [subjects.partition_of(conversation)], limit=100)
+            assert conversation in {r.conversation_id for r in due}
+        assert len(await store.due(T0 + 300, range(subjects.PARTITIONS), limit=100)) == len(conversations)
+    finally:
+        await store.close()

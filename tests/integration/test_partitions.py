@@ -215,6 +215,44 @@ async def test_the_durable_from_before_partitioning_is_drained_then_removed(bus:
         await a.close()
 
 
+async def test_the_durables_of_partitions_beyond_todays_count_are_drained_then_removed(
+        bus: Bus, nats_server: NatsServer) -> None:
+    spec = ConsumerSpec(subjects.INBOUND, "t-shrunk", "inbound.*.*")
+    # What a deployment with twice today's partitions left: durables of the partitions that no
+    # longer exist, with messages on their subjects still unhandled.
+    gone = [subjects.PARTITIONS, subjects.MAX_PARTITIONS - 1]
+    old: list[bytes] = []
+    for partition in gone:
+        await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+            durable_name=spec.durable(partition), ack_policy=api.AckPolicy.EXPLICIT,
+            filter_subject=spec.filter(partition)))
+        for i in range(3):
+            data = f"old:p{partition}:{i}".encode()
+            old.append(data)
+            await bus.publish(f"inbound.web.shrunk.{partition}", data)
+    seen = Seen()
+    a = await replica(nats_server, "r-a", spec, seen)
+    try:
+        new = await publish(bus, keys=5, per_key=2, tag="new")
+        await seen.until(len(old) + len(new))
+        assert sorted(seen.data()) == sorted(old + new)
+        assert [d for d in seen.data() if d.startswith(b"old:p%d" % gone[0])] == old[:3]  # in order
+        for partition in gone:
+            for _ in range(100):
+                try:
+                    await bus.js.consumer_info(subjects.INBOUND.name, spec.durable(partition))
+                except NotFoundError:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the durable of partition {partition} was not removed")
+        # Today's partitions are untouched.
+        assert (await bus.js.consumer_info(subjects.INBOUND.name, spec.durable(0))).config.filter_subject \
+            == spec.filter(0)
+    finally:
+        await a.close()
+
+
 async def test_a_partition_whose_take_failed_is_taken_again(bus: Bus, nats_server: NatsServer) -> None:
     spec = ConsumerSpec(subjects.INBOUND, "t-acquire", "inbound.*.*")
     seen = Seen()

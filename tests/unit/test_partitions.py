@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shared import subjects
 from shared.partitions import assignment
 
@@ -50,3 +52,18 @@ def test_subjects_carry_the_partition_of_their_ordering_key() -> None:
     assert inbound.endswith(f".{subjects.partition_of(subjects.inbound_key('i1', '+1555'))}")
     spec = subjects.CONVERSATIONS_INBOUND
     assert spec.filter(3) == "inbound.*.*.3" and spec.durable(3) == "conversations-inbound-p3"
+
+
+def test_the_partition_count_is_a_power_of_two_up_to_the_maximum_the_permissions_name() -> None:
+    assert subjects.partition_count({}) == subjects.DEFAULT_PARTITIONS
+    assert subjects.partition_count({subjects.PARTITIONS_VARIABLE: " "}) == subjects.DEFAULT_PARTITIONS
+    for count in (1, 2, 4, 8, 16):
+        assert subjects.partition_count({subjects.PARTITIONS_VARIABLE: str(count)}) == count
+    for bad in ("0", "3", "12", "32", "-1", "eight", "1.0"):
+        with pytest.raises(ValueError, match=subjects.PARTITIONS_VARIABLE):
+            subjects.partition_count({subjects.PARTITIONS_VARIABLE: bad})
+    assert subjects.MAX_PARTITIONS in subjects.PARTITION_COUNTS
+    spec = subjects.CONVERSATIONS_INBOUND
+    assert len(spec.durables) == subjects.MAX_PARTITIONS + 1  # each may exist: the permissions name them all
+    assert [name for name, _ in spec.leftovers] == [
+        spec.group, *(spec.durable(p) for p in range(subjects.PARTITIONS, subjects.MAX_PARTITIONS))]
