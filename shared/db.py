@@ -616,9 +616,9 @@ class GroupCommit:
     batch instead of one per message.
 
     A function that raises is undone alone and its caller gets the exception; the others
-    commit. The functions run one after another; only when one raises is the batch undone (to
-    a savepoint taken at its start) and run again with a savepoint around each function (two
-    more statements per function, which the common case need not pay). So a function must
+    commit. The functions run one after another; only when one raises is the transaction rolled
+    back and the batch run again in a new one with a savepoint around each function (two more
+    statements per function, which the common case need not pay). So a function must
     depend on nothing but the connection: it may run twice. `run` returns only after the
     COMMIT, so a caller acknowledging a message afterwards acknowledges a durable write.
     Each batch is one `group_commit` measurement of the store latency metric.
@@ -644,13 +644,18 @@ class GroupCommit:
             await self._commit(ops)
 
     async def _commit(self, ops: list[_Op]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
         try:
-            async with self.db.transaction("group_commit") as tx:
-                await tx.execute("SAVEPOINT batch")
-                try:
-                    outcomes: list[tuple[bool, Any]] = [(True, await op(tx)) for op, _ in ops]
-                except Exception:
-                    await tx.execute("ROLLBACK TO SAVEPOINT batch")
+            try:
+                async with self.db.transaction("group_commit") as tx:
+                    outcomes = [(True, await op(tx)) for op, _ in ops]
+            except Exception:
+                if len(outcomes) == len(ops):  # the COMMIT failed, not a function: nothing to sort out
+                    raise
+                # A function raised and the transaction was rolled back: again, each function
+                # undone alone if it raises (a savepoint around the whole batch would have cost
+                # every batch a statement, and SQLite a copy of each page it changed).
+                async with self.db.transaction("group_commit") as tx:
                     outcomes = await self._each_in_savepoint(tx, ops)
         except Exception as exc:
             for _, future in ops:
