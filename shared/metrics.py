@@ -187,8 +187,27 @@ PENDING: Final = PendingCounts()
 _meter = otel_metrics.get_meter("threadline")
 
 
-def _counter(spec: MetricSpec) -> otel_metrics.Counter:
-    return _meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+class LocalCounter:
+    """A counter whose totals are kept in this process and reported by an observable counter
+    at each collection: adding is a dict update (a fraction of a microsecond), where a
+    synchronous OpenTelemetry `Counter.add` goes through the SDK's measurement pipeline (~5 µs,
+    4 % of a channel service's CPU per message). Exported exactly as a counter (`<name>_total`)."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self._totals: dict[tuple[str, ...], int] = {}
+        _meter.create_observable_counter(spec.name, callbacks=[self._observe], unit=spec.unit,
+                                         description=spec.description)
+
+    def add(self, amount: int, *pairs: str) -> None:
+        """Count `amount` under the labels (name, value, name, value, …)."""
+        self._totals[pairs] = self._totals.get(pairs, 0) + amount
+
+    def _observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(total, _labels(*pairs)) for pairs, total in list(self._totals.items())]
+
+
+def _counter(spec: MetricSpec) -> LocalCounter:
+    return LocalCounter(spec)
 
 
 def _histogram(spec: MetricSpec) -> otel_metrics.Histogram:
@@ -227,23 +246,23 @@ def _labels(*pairs: str) -> dict[str, str]:
 def message_in(channel: str, result: str, count: int = 1) -> None:
     """`count` customer messages of `channel` were accepted, rejected or duplicates."""
     if count:
-        _messages_in.add(count, _labels(CHANNEL, channel, RESULT, result))
+        _messages_in.add(count, CHANNEL, channel, RESULT, result)
 
 
 def message_in_acked(channel: str, duplicate: bool | None) -> None:
     """One customer message of `channel` is durable: accepted, or a duplicate JetStream already had."""
-    _messages_in.add(1, _labels(CHANNEL, channel, RESULT, "duplicate" if duplicate else "accepted"))
+    _messages_in.add(1, CHANNEL, channel, RESULT, "duplicate" if duplicate else "accepted")
 
 
 def message_out(channel: str, result: str) -> None:
     """A send command of `channel` ended in `result` (sent, delivered, failed) or is retried."""
-    _messages_out.add(1, _labels(CHANNEL, channel, RESULT, result))
+    _messages_out.add(1, CHANNEL, channel, RESULT, result)
 
 
 def webhook_attempt(outcome: str, seconds: float) -> None:
     """One business webhook POST took `seconds` and ended in `outcome`."""
     attributes = _labels(OUTCOME, outcome)
-    _webhook_attempts.add(1, attributes)
+    _webhook_attempts.add(1, OUTCOME, outcome)
     _webhook_post.record(seconds, attributes)
 
 
@@ -254,7 +273,7 @@ def webhook_events(delivered_created_at: Sequence[float], retried: int, failed: 
         _webhook_latency.record(max(0.0, now - created_at))
     for outcome, count in (("delivered", len(delivered_created_at)), ("retried", retried), ("failed", failed)):
         if count:
-            _webhook_events.add(count, _labels(OUTCOME, outcome))
+            _webhook_events.add(count, OUTCOME, outcome)
 
 
 def consumer_group(durable: str) -> str:
@@ -265,7 +284,7 @@ def consumer_group(durable: str) -> str:
 
 def redelivered(durable: str) -> None:
     """A message of `durable` came again (its delivery count is above 1)."""
-    _redeliveries.add(1, _labels(GROUP, consumer_group(durable)))
+    _redeliveries.add(1, GROUP, consumer_group(durable))
 
 
 def store_attributes(engine: str, operation: str) -> dict[str, str]:

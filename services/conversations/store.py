@@ -270,7 +270,7 @@ class PendingMerge:
 
 @dataclass(frozen=True)
 class InboundLookup:
-    """What a customer message needs to know before it is handled, read in two statements."""
+    """What a customer message needs to know before it is handled, read in one statement."""
 
     integration_known: bool
     masks_cards: bool  # the app's `maskCreditCardNumbers`
@@ -318,6 +318,11 @@ class _Args:
 
 
 _MESSAGE_COLUMNS = "seq, id, conversation_id, event_id, body"
+_INBOUND_LOOKUP = (
+    "SELECT a.settings, i.id AS integration_id, m.seq, m.id, m.conversation_id, m.event_id, m.body FROM apps a"
+    " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = $1"
+    " LEFT JOIN messages m ON m.app_id = a.id AND m.integration_id = $1 AND m.provider_message_id = $3"
+    " WHERE a.id = $2")
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
     " provider_message_id, event_id, received, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
@@ -416,17 +421,17 @@ class Store:
 
     async def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str) -> InboundLookup:
         """Whether the app has the integration and masks card numbers, and the already-stored
-        message with this provider id (on SQLite two reads that never wait)."""
-        app = await self._one("SELECT a.settings, i.id AS integration_id FROM apps a"
-                              " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = $1 WHERE a.id = $2",
-                              integration_id, app_id)
-        row = await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                              " WHERE app_id=$1 AND integration_id=$2 AND provider_message_id=$3",
-                              app_id, integration_id, provider_message_id)
+        message with this provider id, in one read (a message for an unknown app is dropped
+        whether or not it is a duplicate)."""
+        row = await self._one(_INBOUND_LOOKUP, integration_id, app_id, provider_message_id)
+        if row is None:
+            return InboundLookup(integration_known=False, masks_cards=False, duplicate=None)
         return InboundLookup(
-            integration_known=app is not None and app["integration_id"] is not None,
-            masks_cards=app is not None and bool(_privacy(app["settings"]).mask_credit_card_numbers),
-            duplicate=None if row is None else StoredMessage(**dict(row)))
+            integration_known=row["integration_id"] is not None,
+            masks_cards=bool(_privacy(row["settings"]).mask_credit_card_numbers),
+            duplicate=None if row["seq"] is None else StoredMessage(
+                seq=int(row["seq"]), id=row["id"], conversation_id=row["conversation_id"], event_id=row["event_id"],
+                body=row["body"]))
 
     async def integration_type(self, integration_id: str) -> str | None:
         """An integration's type (None when unknown)."""
