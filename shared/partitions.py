@@ -121,6 +121,8 @@ class PartitionLeases:
         ]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(event.wait() for event in loaded)), self.ttl)
+        await self._beat()
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name=f"partitions:{self.group}:heartbeat"))
         await self._tick_once()
         self._tasks.append(asyncio.create_task(self._run(), name=f"partitions:{self.group}"))
 
@@ -186,6 +188,28 @@ class PartitionLeases:
         with contextlib.suppress(Exception):
             await self.members_kv.delete(self._member_key(self.replica))
 
+    async def _heartbeat(self) -> None:
+        """Beat every tick in a task of its own: a slow acquire hook (a partition's rows loaded,
+        its consumer created while NATS elects a leader) must not let our entry expire, or the
+        others would take over partitions we still consume."""
+        while not self._stopped.is_set():
+            await asyncio.sleep(self.tick)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        try:
+            await self.members_kv.put(self._member_key(self.replica), b"")
+            self._beat_at = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("heartbeat of %s: %s", self.group, exc)
+        if time.monotonic() - self._beat_at > self.ttl * 0.75:
+            # Our heartbeat has not reached the server for most of the TTL: the others may be
+            # taking our partitions over.
+            for partition in list(self.owned):
+                self._lost(partition)
+
     async def _run(self) -> None:
         while not self._stopped.is_set():
             await asyncio.sleep(self.tick)
@@ -200,17 +224,11 @@ class PartitionLeases:
             log.warning("partition leases of %s: %s", self.group, exc)
         except Exception:
             log.exception("partition leases of %s failed", self.group)
-        if time.monotonic() - self._beat_at > self.ttl * 0.75:
-            # Our heartbeat has not reached the server for most of the TTL: the others may be
-            # taking our partitions over.
-            for partition in list(self.owned):
-                self._lost(partition)
 
     async def step(self) -> None:
-        """One tick: heartbeat, settle releases, give up what is no longer ours, take what is."""
+        """One tick: settle releases, give up what is no longer ours, take what is (the heartbeat
+        runs on its own)."""
         before = set(self.owned)
-        await self.members_kv.put(self._member_key(self.replica), b"")
-        self._beat_at = time.monotonic()
         self.members = sorted({*self._live_members(), self.replica})
         wanted = assignment(self.members, self.partitions)[self.replica]
         for partition, task in list(self._releasing.items()):
@@ -237,6 +255,14 @@ class PartitionLeases:
                 # Not consumed, so not ours: give it back, and try again at a next tick.
                 log.exception("taking partition %d of %s failed", partition, self.group)
                 await self._give_back(partition)
+                continue
+            if partition not in self.owned:
+                # Lost while being taken (taken over, or our heartbeat lapsed): its release may
+                # have run before the acquire started consuming; run it again now.
+                lost = self._releasing.get(partition)
+                if lost is not None:
+                    await asyncio.wait([lost])
+                self._releasing[partition] = asyncio.create_task(self.release(partition))
                 continue
             taken.append(partition)
         if given_up or taken:

@@ -14,6 +14,7 @@ from nats.js.errors import NotFoundError
 
 from shared import subjects
 from shared.bus import Bus, Delivery
+from shared.partitions import PartitionLeases
 from shared.subjects import ConsumerSpec
 from threadline.natsserver import NatsServer
 
@@ -273,3 +274,35 @@ async def test_a_partition_whose_take_failed_is_taken_again(bus: Bus, nats_serve
         assert failures == {3: 0}
     finally:
         await consumer.close()
+
+
+async def test_a_slow_acquire_never_stops_the_heartbeat(bus: Bus) -> None:
+    ttl = 1.0
+    members = await bus.js.create_key_value(bucket="t_slow_members", ttl=ttl)
+    owners = await bus.js.create_key_value(bucket="t_slow_owners")
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    async def acquire(partition: int, _took_over: bool) -> None:
+        if partition == 0:
+            started.set()
+            await finish.wait()  # e.g. a partition's pending rows loaded from a slow database
+
+    async def release(_partition: int) -> None:
+        return None
+
+    leases = PartitionLeases(members, owners, "t-slow", "r-slow", 2, ttl, acquire, release)
+    starting = asyncio.create_task(leases.start())
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        for _ in range(int(3 * ttl / 0.25)):  # three TTLs: the entry would have expired twice
+            await asyncio.sleep(0.25)
+            entry = await members.get("t-slow.r-slow")  # raises KeyNotFoundError once expired
+            assert entry is not None
+        assert not leases._releasing  # nothing was lost meanwhile
+        finish.set()
+        await asyncio.wait_for(starting, 5)
+        assert set(leases.owned) == {0, 1}
+    finally:
+        finish.set()
+        await asyncio.wait_for(starting, 5)
+        await leases.stop()
