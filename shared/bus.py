@@ -368,11 +368,12 @@ class Bus:
         puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=took_over)
         if puller is None:
             return
+        drain: asyncio.Task[None] | None = None
         if legacy is not None:
             leftovers = [dataclasses.replace(config, durable_name=name, filter_subject=subjects_filter)
                          for name, subjects_filter in legacy.leftovers]
-            self._spawn(self._drain_leftovers(stream, leftovers, handler, batch, key, stop),
-                        name=f"drain:{legacy.group}")
+            drain = self._spawn(self._drain_leftovers(stream, leftovers, handler, batch, key, stop),
+                                name=f"drain:{legacy.group}")
         try:
             await self._pull_and_handle(puller, durable, handler, key, stop)
         finally:
@@ -380,6 +381,11 @@ class Bus:
                 await puller.stop()
             if puller in self._pullers:
                 self._pullers.remove(puller)
+            if drain is not None:
+                # The partition is released only once its drain stopped too (it sees `stop`
+                # and finishes the batch in hand): the next holder drains the same durables,
+                # and two replicas pulling one would mix a key's messages.
+                await asyncio.wait([drain])
 
     async def _start_puller(self, stream: StreamSpec, durable: str, config: api.ConsumerConfig, batch: int,
                             stop: asyncio.Event, *, create: bool, took_over: bool = False) -> PullBatches | None:

@@ -12,6 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import APIError, NoStreamResponseError
 
+from shared import bus as bus_module
 from shared import subjects
 from shared.bus import Bus, Delivery, JetStreamPublisher, KvMirror, Poison, PullBatches, Retry
 from threadline.natsserver import NatsServer
@@ -279,6 +280,36 @@ async def test_a_message_handed_back_holds_back_the_later_ones_of_its_key(bus: B
     for prefix in (b"a", b"b", b"c"):
         assert [d for d in seen if d.startswith(prefix)] == sorted(d for d in seen if d.startswith(prefix))
     assert seen.index(b"c1") < seen.index(b"a1")  # other keys were not held back
+
+
+async def test_a_held_key_is_released_when_its_message_never_comes_back(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handed-back message is erased from the stream (retention, a privacy purge): its key's
+    later messages wait for it only until the hold's grace is over, not forever."""
+    monkeypatch.setattr(bus_module, "HOLD_GRACE_SECONDS", 1.0)
+    seen: list[bytes] = []
+    gone = asyncio.Event()
+    done = asyncio.Event()
+
+    async def handler(data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+        if data == b"a1":
+            await bus.js.delete_msg(subjects.INBOUND.name, delivery.stream_sequence)
+            gone.set()
+            raise Retry(0.2)  # never delivered again: it is no longer in the stream
+        seen.append(data)
+        if b"a3" in seen:
+            done.set()
+
+    for data in (b"a1", b"a2", b"b1"):
+        await bus.publish(subjects.inbound_subject("web", "i1", data[:1].decode()), data)
+    bus.consume_durable(subjects.INBOUND, "t-gone", subjects.INBOUND_ALL, handler,
+                        ordering_key=lambda subject, data: data[:1].decode(), batch=10)
+    await asyncio.wait_for(gone.wait(), 10)
+    await asyncio.sleep(0.5)
+    assert b"a2" not in seen  # held back while a1 may still come
+    await bus.publish(subjects.inbound_subject("web", "i1", "a"), b"a3")
+    await asyncio.wait_for(done.wait(), 15)
+    assert [d for d in seen if d.startswith(b"a")] == [b"a2", b"a3"] and b"b1" in seen
 
 
 async def test_closing_does_not_wait_forever_for_a_handler_that_never_returns(nats_server: NatsServer) -> None:
