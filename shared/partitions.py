@@ -126,16 +126,19 @@ class PartitionLeases:
         await self._tick_once()
         self._tasks.append(asyncio.create_task(self._run(), name=f"partitions:{self.group}"))
 
-    async def _watch(self, kv: KeyValue, apply: Callable[[KeyValue.Entry], None], loaded: asyncio.Event) -> None:
+    async def _watch(self, kv: KeyValue, apply: Callable[[KeyValue.Entry, bool], None],
+                     loaded: asyncio.Event) -> None:
         while not self._stopped.is_set():
             try:
                 watcher = await kv.watch(f"{self.group}.*")
+                current = True  # the values there when the watch began, until its end marker
                 try:
                     async for entry in watcher:
                         if entry is None:  # the current values are in
+                            current = False
                             loaded.set()
                         else:
-                            apply(entry)
+                            apply(entry, current)
                 finally:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
@@ -145,18 +148,21 @@ class PartitionLeases:
                 log.warning("watching the partitions of %s: %s", self.group, exc)
                 await asyncio.sleep(self.tick)
 
-    def _on_member(self, entry: KeyValue.Entry) -> None:
+    def _on_member(self, entry: KeyValue.Entry, current: bool) -> None:
         member = entry.key[len(self._member_key("")):]
         if entry.operation in ("DEL", "PURGE"):
             self._heard.pop(member, None)
             return
         heard = time.monotonic()
-        if entry.created is not None:  # a value written before we watched: as old as the server says
+        if current and entry.created is not None:
+            # A value written before we watched: as old as the server says. Only then — a
+            # heartbeat arriving live was just written, and comparing the server's clock with
+            # ours would let a skew of a few seconds make every member look dead.
             age = time.time() - entry.created.timestamp()  # type: ignore[attr-defined]
             heard -= min(max(age, 0.0), self.ttl)
         self._heard[member] = heard
 
-    def _on_owner(self, entry: KeyValue.Entry) -> None:
+    def _on_owner(self, entry: KeyValue.Entry, _current: bool) -> None:
         suffix = entry.key[len(self.group) + 1:]
         if not suffix.isdecimal():
             return

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
+from nats.js.kv import KeyValue
 
 from shared import subjects
-from shared.partitions import assignment
+from shared.partitions import PartitionLeases, assignment
 
 
 def test_every_partition_has_exactly_one_owner() -> None:
@@ -67,3 +70,19 @@ def test_the_partition_count_is_a_power_of_two_up_to_the_maximum_the_permissions
     assert len(spec.durables) == subjects.MAX_PARTITIONS + 1  # each may exist: the permissions name them all
     assert [name for name, _ in spec.leftovers] == [
         spec.group, *(spec.durable(p) for p in range(subjects.PARTITIONS, subjects.MAX_PARTITIONS))]
+
+
+def test_a_live_heartbeat_counts_as_fresh_whatever_the_servers_clock_says() -> None:
+    async def hook(*_args: object) -> None:
+        return None
+
+    leases = PartitionLeases(None, None, "g", "r-me", subjects.PARTITIONS, 6.0, hook, hook)  # type: ignore[arg-type]
+    skewed = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=30)  # server 30 s behind
+
+    def heartbeat(member: str) -> KeyValue.Entry:
+        return KeyValue.Entry(bucket="b", key=f"g.{member}", value=b"", revision=1, delta=0,
+                              created=skewed, operation=None)  # type: ignore[arg-type]
+
+    leases._on_member(heartbeat("r-live"), False)  # arrived while watching: just written
+    leases._on_member(heartbeat("r-old"), True)  # there before the watch: as old as the server says
+    assert leases._live_members() == ["r-live"]
