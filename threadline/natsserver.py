@@ -35,6 +35,11 @@ EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 LOWEST_CHOSEN_PORT = 10000
 
 
+# Ports this process handed out: a launcher picks a dozen before any is bound, and a random
+# choice could otherwise repeat one.
+_handed_out: set[int] = set()
+
+
 def ephemeral_port_range() -> tuple[int, int]:
     """The ports the kernel picks for outgoing connections and `bind(0)` (Linux; IANA's elsewhere)."""
     try:
@@ -55,14 +60,19 @@ def free_port() -> int:
     """
     low, _high = ephemeral_port_range()
     if low - LOWEST_CHOSEN_PORT >= 1000:
+        if len(_handed_out) > (low - LOWEST_CHOSEN_PORT) // 2:
+            _handed_out.clear()
         for _ in range(100):
             port = random.randrange(LOWEST_CHOSEN_PORT, low)
+            if port in _handed_out:  # chosen for another service that may not have bound it yet
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 try:
                     sock.bind(("127.0.0.1", port))
                 except OSError:
                     continue
-                return port
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

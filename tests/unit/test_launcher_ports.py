@@ -20,6 +20,11 @@ def test_a_chosen_port_lies_below_the_ephemeral_range_where_outgoing_connections
             sock.bind(("127.0.0.1", port))  # still free
 
 
+def test_a_port_is_never_handed_out_twice_before_it_is_bound() -> None:
+    ports = [free_port() for _ in range(500)]  # a random choice of 500 in ~22,000 repeats one at 99.6 %
+    assert len(set(ports)) == len(ports)
+
+
 def test_a_port_in_use_is_never_chosen() -> None:
     held = []
     try:
