@@ -71,6 +71,9 @@ PULL_WAIT_SECONDS = 5.0
 # How long past its redelivery delay a handed-back message holds its key's later messages back
 # at most (it may never come back: erased by retention, its partition taken by another replica).
 HOLD_GRACE_SECONDS = 60.0
+# How often the holder of a group's partition 0 looks again at the durables of partitions beyond
+# today's count (`Bus._drain_leftovers`).
+LEFTOVER_RECHECK_SECONDS = 60.0
 
 
 class Retry(Exception):
@@ -372,7 +375,8 @@ class Bus:
         if legacy is not None:
             leftovers = [dataclasses.replace(config, durable_name=name, filter_subject=subjects_filter)
                          for name, subjects_filter in legacy.leftovers]
-            drain = self._spawn(self._drain_leftovers(stream, leftovers, handler, batch, key, stop),
+            drain = self._spawn(self._drain_leftovers(stream, leftovers, handler, batch, key, stop,
+                                                      removed=legacy.group),
                                 name=f"drain:{legacy.group}")
         try:
             await self._pull_and_handle(puller, durable, handler, key, stop)
@@ -430,31 +434,56 @@ class Bus:
         return None
 
     async def _drain_leftovers(self, stream: StreamSpec, configs: list[api.ConsumerConfig], handler: Handler,
-                               batch: int, key: Callable[[str, bytes], str], stop: asyncio.Event) -> None:
+                               batch: int, key: Callable[[str, bytes], str], stop: asyncio.Event,
+                               removed: str) -> None:
         """Drain, one after another, the durables an earlier deployment may have left (most do
-        not exist: one request each tells)."""
-        for config in configs:
-            if self._stopping.is_set() or stop.is_set():
-                return
-            await self._drain_legacy(stream, config, handler, batch, key, stop)
+        not exist: one request each tells), and again every LEFTOVER_RECHECK_SECONDS while this
+        replica holds partition 0: during a change of the count, replicas still on the old one
+        may publish to (and consume) the old partitions for a while.
+
+        Only `removed` (the pre-partitioning durable, which nothing creates any more) is
+        deleted once empty. A partition's durable stays, drained, where it is: deleted, it
+        would be created again by a later raise of the count with DeliverPolicy.ALL, and replay
+        every message still retained on its subjects."""
+        while not (self._stopping.is_set() or stop.is_set()):
+            for config in configs:
+                if self._stopping.is_set() or stop.is_set():
+                    return
+                await self._drain_legacy(stream, config, handler, batch, key, stop,
+                                         remove=config.durable_name == removed)
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._stopping.wait())]
+            try:
+                await asyncio.wait(waits, timeout=LEFTOVER_RECHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     async def _drain_legacy(self, stream: StreamSpec, config: api.ConsumerConfig, handler: Handler, batch: int,
-                            key: Callable[[str, bytes], str], stop: asyncio.Event) -> None:
+                            key: Callable[[str, bytes], str], stop: asyncio.Event, *, remove: bool) -> None:
         """Handle what a leftover durable (the group's pre-partitioning one, or a partition's
-        beyond today's count) still holds, then delete it."""
+        beyond today's count) still holds; delete it then if `remove`."""
         durable = config.durable_name or ""
-        puller = await self._start_puller(stream, durable, config, batch, stop, create=False)
-        if puller is None:
-            return
-        log.info("draining consumer %s (left by an earlier partitioning)", durable)
         try:
-            drained = await self._pull_and_handle(puller, durable, handler, key, stop, until_empty=True)
-        finally:
-            with contextlib.suppress(Exception):
-                await puller.stop()
-            if puller in self._pullers:
-                self._pullers.remove(puller)
-        if drained:
+            info = await self.js.consumer_info(stream.name, durable)
+        except nats.js.errors.NotFoundError:
+            return
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("leftover consumer %s not read: %s", durable, exc)
+            return
+        drained = not info.num_pending and not info.num_ack_pending
+        if not drained:
+            puller = await self._start_puller(stream, durable, config, batch, stop, create=False)
+            if puller is None:
+                return
+            log.info("draining consumer %s (left by an earlier partitioning)", durable)
+            try:
+                drained = await self._pull_and_handle(puller, durable, handler, key, stop, until_empty=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    await puller.stop()
+                if puller in self._pullers:
+                    self._pullers.remove(puller)
+        if drained and remove:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await self.js.delete_consumer(stream.name, durable)
                 log.info("consumer %s drained and removed", durable)

@@ -210,6 +210,8 @@ class PartitionLeases:
             raise
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("heartbeat of %s: %s", self.group, exc)
+        except Exception:  # the loop must go on: its lapse check is what gives partitions up
+            log.exception("heartbeat of %s failed", self.group)
         if time.monotonic() - self._beat_at > self.ttl * 0.75:
             # Our heartbeat has not reached the server for most of the TTL: the others may be
             # taking our partitions over.

@@ -107,6 +107,12 @@ def event_subject(app_id: str, conversation_id: str) -> str:
     return f"events.{app_id}.{conversation_id}.{partition_of(conversation_id)}"
 
 
+def conversation_events(app_id: str, conversation_id: str) -> str:
+    """Filter matching every event of one conversation, under any partition count (what an
+    erasure purges: events published before a change of the count carry the old partition)."""
+    return f"events.{app_id}.{conversation_id}.*"
+
+
 def conversation_of_event_subject(subject: str) -> str:
     """The conversation id in a subject made by `event_subject` (cheap routing without decoding)."""
     parts = subject.split(".")

@@ -226,6 +226,16 @@ class Launcher:
         return 0
 
     async def start(self) -> dict[str, Any]:
+        """Start the system (`_start`); one that fails to start stops what it had started (the
+        processes would otherwise outlive the launcher)."""
+        try:
+            return await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.shutdown()
+            raise
+
+    async def _start(self) -> dict[str, Any]:
         """Start NATS, the services and the front door; bootstrap the sandbox; return sandbox.json."""
         private_dir(self.data_dir)
         private_dir(os.path.join(self.data_dir, "logs"))

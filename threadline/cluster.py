@@ -287,7 +287,7 @@ class ClusterLauncher(Launcher):
         """The running replicas of one service, in start order."""
         return [p for p in self.services.values() if isinstance(p, ReplicaProcess) and p.service == service]
 
-    async def start(self) -> dict[str, Any]:
+    async def _start(self) -> dict[str, Any]:
         """Start the NATS cluster, every replica, the balancers and the front door; bootstrap the sandbox."""
         private_dir(self.data_dir)
         private_dir(os.path.join(self.data_dir, "logs"))

@@ -206,7 +206,7 @@ class Conversations:
         if self.streams is not None:
             # The bus's copies of the conversation's events (message contents) go too; the
             # announcement itself stays for the services that have not read it yet.
-            await self.streams.purge_subject(subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+            await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
                                              before_seq=getattr(ack, "seq", None))
         log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
@@ -329,7 +329,7 @@ class Conversations:
             # The bus's copies of the user's events go too; `user:remove` stays for its readers.
             for conversation_id in {*conversation_ids, subject_id}:
                 await self.streams.purge_subject(
-                    subjects.EVENTS, subjects.event_subject(app_id, conversation_id),
+                    subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
                     before_seq=getattr(ack, "seq", None) if conversation_id == subject_id else None)
         await self.store.checkpoint()
         log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids),

@@ -12,6 +12,7 @@ import pytest
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from shared import bus as bus_module
 from shared import subjects
 from shared.bus import Bus, Delivery
 from shared.partitions import PartitionLeases
@@ -216,8 +217,9 @@ async def test_the_durable_from_before_partitioning_is_drained_then_removed(bus:
         await a.close()
 
 
-async def test_the_durables_of_partitions_beyond_todays_count_are_drained_then_removed(
-        bus: Bus, nats_server: NatsServer) -> None:
+async def test_the_durables_of_partitions_beyond_todays_count_are_drained_and_kept_where_they_are(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_module, "LEFTOVER_RECHECK_SECONDS", 0.5)
     spec = ConsumerSpec(subjects.INBOUND, "t-shrunk", "inbound.*.*")
     # What a deployment with twice today's partitions left: durables of the partitions that no
     # longer exist, with messages on their subjects still unhandled.
@@ -238,15 +240,21 @@ async def test_the_durables_of_partitions_beyond_todays_count_are_drained_then_r
         await seen.until(len(old) + len(new))
         assert sorted(seen.data()) == sorted(old + new)
         assert [d for d in seen.data() if d.startswith(b"old:p%d" % gone[0])] == old[:3]  # in order
+        # Drained, and kept at their position: a later raise of the count goes on from there
+        # instead of creating them again from the stream's start (a replay of all it retains).
         for partition in gone:
             for _ in range(100):
-                try:
-                    await bus.js.consumer_info(subjects.INBOUND.name, spec.durable(partition))
-                except NotFoundError:
+                info = await bus.js.consumer_info(subjects.INBOUND.name, spec.durable(partition))
+                if not info.num_pending and not info.num_ack_pending:
                     break
                 await asyncio.sleep(0.1)
             else:
-                pytest.fail(f"the durable of partition {partition} was not removed")
+                pytest.fail(f"the durable of partition {partition} was not drained")
+            assert info.delivered.stream_seq > 0
+        # A replica still on the old count publishes there during a change: drained again.
+        await bus.publish(f"inbound.web.shrunk.{gone[0]}", b"late:p:0")
+        await seen.until(len(old) + len(new) + 1)
+        assert seen.data()[-1] == b"late:p:0"
         # Today's partitions are untouched.
         assert (await bus.js.consumer_info(subjects.INBOUND.name, spec.durable(0))).config.filter_subject \
             == spec.filter(0)

@@ -51,6 +51,8 @@ def test_subjects_carry_the_partition_of_their_ordering_key() -> None:
     subject = subjects.event_subject("app1", "conv1")
     assert subject == f"events.app1.conv1.{subjects.partition_of('conv1')}"
     assert subjects.conversation_of_event_subject(subject) == "conv1"
+    # An erasure's filter matches the conversation's events under any partition count.
+    assert subjects.conversation_events("app1", "conv1") == "events.app1.conv1.*"
     inbound = subjects.inbound_subject("whatsapp", "i1", "+1555")
     assert inbound.endswith(f".{subjects.partition_of(subjects.inbound_key('i1', '+1555'))}")
     spec = subjects.CONVERSATIONS_INBOUND
