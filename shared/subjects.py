@@ -62,6 +62,12 @@ def partition_count(environ: Mapping[str, str]) -> int:
     return int(text)
 
 
+def partitions_for(replicas: int) -> int:
+    """The smallest partition count that gives each of `replicas` replicas a partition of its own
+    (capped at MAX_PARTITIONS): what a launcher that knows its replica counts runs."""
+    return next((count for count in PARTITION_COUNTS if count >= replicas), MAX_PARTITIONS)
+
+
 PARTITIONS: Final = partition_count(os.environ)
 
 

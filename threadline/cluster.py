@@ -39,7 +39,7 @@ from shared.egress import ALLOW_ENV
 from shared.files import ensure_private_file, private_dir, write_private
 from shared.natsauth import ADMIN_USER
 from shared.routes import DEFAULT_PORTS, ROUTES
-from shared.subjects import INBOUND, StreamSpec
+from shared.subjects import INBOUND, PARTITIONS_VARIABLE, StreamSpec, partitions_for
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.cli import (
     SANDBOX_INTEGRATIONS,
@@ -309,6 +309,10 @@ class ClusterLauncher(Launcher):
         own_ports = [self.port, self.postgres.port, *nats_ports,
                      *(p for ports in replica_ports.values() for p in ports)]
         base_env = {
+            # As many partitions as the most replicated service has replicas: each partition is a
+            # consumer of its own, and in a cluster a Raft group on every NATS node (README,
+            # "Replicas and partitions"). An explicit setting wins.
+            PARTITIONS_VARIABLE: str(partitions_for(max(map(self.replica_count, self.service_names), default=1))),
             **os.environ,
             "THREADLINE_NATS_URL": self.cluster.address,
             "THREADLINE_STREAM_REPLICAS": str(stream_replicas),

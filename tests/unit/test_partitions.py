@@ -68,6 +68,7 @@ def test_the_partition_count_is_a_power_of_two_up_to_the_maximum_the_permissions
         with pytest.raises(ValueError, match=subjects.PARTITIONS_VARIABLE):
             subjects.partition_count({subjects.PARTITIONS_VARIABLE: bad})
     assert subjects.MAX_PARTITIONS in subjects.PARTITION_COUNTS
+    assert [subjects.partitions_for(n) for n in (0, 1, 2, 3, 5, 8, 9, 40)] == [1, 1, 2, 4, 8, 8, 16, 16]
     spec = subjects.CONVERSATIONS_INBOUND
     assert len(spec.durables) == subjects.MAX_PARTITIONS + 1  # each may exist: the permissions name them all
     assert [name for name, _ in spec.leftovers] == [
