@@ -1,9 +1,11 @@
 """The service runner: lifecycle, HTTP probes and signal handling common to every service.
 
-A service module provides a `ServiceApp` subclass (in `app.py`) with `start()` and `stop()`;
-`run_service` runs it until SIGINT/SIGTERM. Every service serves `/healthz` (process alive),
-`/readyz` (dependencies connected) and `/metrics` (Prometheus, `shared.metrics`) on its own
-port, besides whatever routes it adds.
+A service module provides a `ServiceApp` subclass (in `app.py`) whose `start()` acquires its
+resources through the base (`egress_session`, `connect_bus`, `mirror_bucket`, `on_stop`, `spawn`, then
+`start_http`): each is released by `stop()` in the reverse order, so the order is declared once,
+by the order of acquisition. `run_service` runs it until SIGINT/SIGTERM. Every service serves
+`/healthz` (process alive), `/readyz` (dependencies connected) and `/metrics` (Prometheus,
+`shared.metrics`) on its own port, besides whatever routes it adds.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from shared import metrics
 from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
 from shared.db import Database
+from shared.egress import EgressSession, Purpose
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,37 @@ class ServiceApp:
         self._ready_checks: list[ReadyCheck] = []
         self._runner: web.AppRunner | None = None
         self.port: int = common.http_port
+        # What `start` acquired, released by `stop` last-in first-out.
+        self.resources = contextlib.AsyncExitStack()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def on_stop(self, release: Callable[[], Awaitable[object]]) -> None:
+        """Have `stop()` await `release` (after what was acquired later, before what earlier)."""
+        self.resources.push_async_callback(release)
+
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run `work` in the background until it ends or `stop()` cancels it (right after HTTP
+        stops serving, before anything it may use is released)."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_background(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def egress_session(self, purpose: Purpose, *, hosts: Sequence[str] = (),
+                       timeout: aiohttp.ClientTimeout | None = None, limit: int = 100,
+                       ttl_dns_cache: int | None = 10) -> EgressSession:
+        """An HTTP session under the egress policy (`EgressPolicy.http_session`), closed by `stop()`."""
+        session = self.common.egress.http_session(purpose, hosts=hosts, timeout=timeout, limit=limit,
+                                                  ttl_dns_cache=ttl_dns_cache)
+        self.on_stop(session.close)
+        return session
 
     def add_ready_check(self, check: ReadyCheck) -> None:
         """Register a check that must pass for /readyz to answer 200."""
@@ -78,6 +113,7 @@ class ServiceApp:
         bus = await Bus.connect(self.common.nats_url, self.name, user=self.common.nats_user,
                                 password=self.common.nats_password, tls_ca_file=self.common.nats_tls_ca_file,
                                 replica=self.common.replica_id)
+        self.on_stop(bus.close)
         await bus.ensure_streams(self.common.stream_replicas)
 
         async def connected() -> bool:
@@ -90,6 +126,7 @@ class ServiceApp:
         """Start an in-memory mirror of a KV bucket; /readyz waits for its initial values."""
         mirror = KvMirror(bus, bucket, decode)
         await mirror.start()
+        self.on_stop(mirror.stop)
 
         async def loaded() -> bool:
             return mirror.ready.is_set()
@@ -101,6 +138,8 @@ class ServiceApp:
         """Start serving HTTP; with port 0 the chosen port is stored in `self.port`."""
         self._runner = web.AppRunner(self.http, access_log=None, handle_signals=False, shutdown_timeout=10)
         await self._runner.setup()
+        self.on_stop(self._cancel_background)
+        self.on_stop(self.stop_http)
         site = web.TCPSite(self._runner, self.common.http_host, self.common.http_port, reuse_address=True)
         await site.start()
         sockets = getattr(site._server, "sockets", None)
@@ -119,8 +158,9 @@ class ServiceApp:
         await self.start_http()
 
     async def stop(self) -> None:
-        """Stop serving and release resources. Subclasses extend this."""
-        await self.stop_http()
+        """Release what `start` acquired, the last acquired first (HTTP before the bus's
+        consumers, those before the sessions and stores they use)."""
+        await self.resources.aclose()
 
 
 # Young-generation collections every 20,000 net allocations of container objects instead of 700:

@@ -27,12 +27,12 @@ from services.app import handlers
 from services.app.config import AppConfig
 from services.app.push import PushOutcome, PushSender, push_sender, token_suffix
 from shared import metrics, subjects
-from shared.bus import Delivery, Poison, Retry
+from shared.bus import Delivery, Retry
 from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
 from shared.ids import now
 from shared.messages import channel, identity
 from shared.messages.channel import DeliveryStatus, OutboundSend
-from shared.outbound import BoundedMemory, recipient_key
+from shared.outbound import BoundedMemory, decode_send, recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
 from shared.sdk import SessionClaims
@@ -142,11 +142,8 @@ class AppService(SdkService):
 
     async def on_outbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """Push a business message to the client's app installs unless a socket delivered it."""
-        try:
-            command = channel.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise Poison(f"undecodable outbound command: {exc}") from exc
-        if not isinstance(command, OutboundSend):
+        command = decode_send(data)
+        if command is None:
             return
         waited = now() - command.created_at if command.created_at else self.config.push_grace_seconds
         if waited < self.config.push_grace_seconds:

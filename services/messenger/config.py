@@ -6,9 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.config import CommonConfig, ConfigError, env_float
 from shared.db import DatabaseSettings
 from shared.encryption import Keyring
+from shared.outbound import SendSettings
 from shared.routes import DEFAULT_PORTS
 
 
@@ -24,11 +25,8 @@ class MessengerConfig:
     # stickers; 10 for audio and video.
     calls_per_second: float
     media_calls_per_second: float
-    # Back-off for transient send errors: base * 2^(attempt-1), capped.
-    retry_base_seconds: float
-    retry_max_seconds: float
-    max_send_attempts: int
-    send_timeout_seconds: float
+    # MESSENGER_RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS, _MAX_SEND_ATTEMPTS, _SEND_TIMEOUT_SECONDS.
+    send: SendSettings
     # The standard messaging window and the HUMAN_AGENT tag's reach (platform reference §2.5).
     window_hours: float
     human_agent_days: float
@@ -50,10 +48,7 @@ class MessengerConfig:
             common=common,
             calls_per_second=env_float("MESSENGER_CALLS_PER_SECOND", 300.0, env),
             media_calls_per_second=env_float("MESSENGER_MEDIA_CALLS_PER_SECOND", 10.0, env),
-            retry_base_seconds=env_float("MESSENGER_RETRY_BASE_SECONDS", 1.0, env),
-            retry_max_seconds=env_float("MESSENGER_RETRY_MAX_SECONDS", 60.0, env),
-            max_send_attempts=env_int("MESSENGER_MAX_SEND_ATTEMPTS", 10, env),
-            send_timeout_seconds=env_float("MESSENGER_SEND_TIMEOUT_SECONDS", 15.0, env),
+            send=SendSettings.from_env("MESSENGER", env),
             window_hours=env_float("MESSENGER_WINDOW_HOURS", 24.0, env),
             human_agent_days=env_float("MESSENGER_HUMAN_AGENT_DAYS", 7.0, env),
             sent_retention_days=env_float("MESSENGER_SENT_RETENTION_DAYS", 30.0, env),
@@ -61,12 +56,6 @@ class MessengerConfig:
         )
         if config.calls_per_second <= 0 or config.media_calls_per_second <= 0:
             raise ConfigError("MESSENGER_CALLS_PER_SECOND and MESSENGER_MEDIA_CALLS_PER_SECOND must be positive")
-        if config.retry_base_seconds < 0 or config.retry_max_seconds < config.retry_base_seconds:
-            raise ConfigError("MESSENGER_RETRY_BASE_SECONDS must be >= 0 and <= MESSENGER_RETRY_MAX_SECONDS")
-        if config.max_send_attempts < 1:
-            raise ConfigError("MESSENGER_MAX_SEND_ATTEMPTS must be at least 1")
-        if config.send_timeout_seconds <= 0:
-            raise ConfigError("MESSENGER_SEND_TIMEOUT_SECONDS must be positive")
         # Longer than Meta allows would turn the policy into a policy violation.
         if not 0 < config.window_hours <= 24:
             raise ConfigError("MESSENGER_WINDOW_HOURS must be in (0, 24]")

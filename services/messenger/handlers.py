@@ -18,6 +18,7 @@ import msgspec
 
 from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
 from shared.sunco import (
     Action,
@@ -659,15 +660,10 @@ TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 613, 1200})
 
 
 @dataclass
-class SendFailure(Exception):
+class SendFailure(CodedSendFailure):
     """A send the Graph API refused (or that never reached it)."""
 
-    http_status: int
-    code: int | None
-    title: str
     subcode: int | None = None
-    details: str | None = None
-    transient: bool = False
 
     def __str__(self) -> str:
         return f"HTTP {self.http_status} code {self.code}/{self.subcode}: {self.title}"
@@ -709,29 +705,3 @@ def parse_send_response(body: bytes) -> str:
     if not isinstance(mid, str) or not mid:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True)
     return mid
-
-
-def failure_code(failure: SendFailure) -> str:
-    """The error code reported for a failure: Meta's code, else `http_<status>` (0: unreachable)."""
-    return str(failure.code) if failure.code is not None else f"http_{failure.http_status}"
-
-
-def sent_status(send: OutboundSend, mid: str, at: float | None = None) -> DeliveryStatus:
-    """The `sent` status reported when the Send API accepted a message."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id=mid, status="sent", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id)
-
-
-def failed_status(send: OutboundSend, error_code: str, title: str, details: str | None = None,
-                  at: float | None = None) -> DeliveryStatus:
-    """The `failed` status reported when a send is refused or given up."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id="", status="failed", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id,
-                          error_code=error_code, error_title=title, error_details=details)
-
-
-def send_status_msg_id(status: DeliveryStatus) -> str:
-    """De-duplication id of a status the send loop reports (keyed by our message id)."""
-    return f"{CHANNEL}:send:{status.message_id}:{status.status}"

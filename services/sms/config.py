@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.config import CommonConfig, ConfigError, env_float
 from shared.encryption import Keyring
+from shared.outbound import SendSettings
 from shared.routes import DEFAULT_PORTS
 
 
@@ -26,11 +27,8 @@ class SmsConfig:
     # (delayed) instead of holding its JetStream ack past `ack_wait_seconds`.
     max_rate_wait_seconds: float
     ack_wait_seconds: float
-    # Back-off for transient send errors: base * 2^(attempt-1), capped.
-    retry_base_seconds: float
-    retry_max_seconds: float
-    max_send_attempts: int
-    send_timeout_seconds: float
+    # SMS_RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS, _MAX_SEND_ATTEMPTS, _SEND_TIMEOUT_SECONDS.
+    send: SendSettings
     # Opens the integrations' sealed credentials (THREADLINE_SECRETS_KEY).
     keyring: Keyring = field(default_factory=Keyring)
 
@@ -44,22 +42,13 @@ class SmsConfig:
             segments_per_second=env_float("SMS_SEGMENTS_PER_SECOND", 1.0, env),
             max_rate_wait_seconds=env_float("SMS_MAX_RATE_WAIT_SECONDS", 20.0, env),
             ack_wait_seconds=env_float("SMS_ACK_WAIT_SECONDS", 60.0, env),
-            retry_base_seconds=env_float("SMS_RETRY_BASE_SECONDS", 1.0, env),
-            retry_max_seconds=env_float("SMS_RETRY_MAX_SECONDS", 60.0, env),
-            max_send_attempts=env_int("SMS_MAX_SEND_ATTEMPTS", 10, env),
-            send_timeout_seconds=env_float("SMS_SEND_TIMEOUT_SECONDS", 15.0, env),
+            send=SendSettings.from_env("SMS", env),
         )
         if config.segments_per_second <= 0:
             raise ConfigError("SMS_SEGMENTS_PER_SECOND must be positive")
         if config.max_rate_wait_seconds < 0:
             raise ConfigError("SMS_MAX_RATE_WAIT_SECONDS must be >= 0")
-        if config.ack_wait_seconds <= config.max_rate_wait_seconds + config.send_timeout_seconds:
+        if config.ack_wait_seconds <= config.max_rate_wait_seconds + config.send.send_timeout_seconds:
             raise ConfigError("SMS_ACK_WAIT_SECONDS must exceed SMS_MAX_RATE_WAIT_SECONDS + SMS_SEND_TIMEOUT_SECONDS")
-        if config.retry_base_seconds < 0 or config.retry_max_seconds < config.retry_base_seconds:
-            raise ConfigError("SMS_RETRY_BASE_SECONDS must be >= 0 and <= SMS_RETRY_MAX_SECONDS")
-        if config.max_send_attempts < 1:
-            raise ConfigError("SMS_MAX_SEND_ATTEMPTS must be at least 1")
-        if config.send_timeout_seconds <= 0:
-            raise ConfigError("SMS_SEND_TIMEOUT_SECONDS must be positive")
         # Last, so that a bad setting is reported as itself rather than as a missing key.
         return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared.outbound import CodedSendFailure
 from shared.ratelimit import TokenBucket
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -365,18 +366,8 @@ def send_cost(form: Sequence[tuple[str, str]]) -> int:
 TRANSIENT_CODES = frozenset({20429, 20500, 20503, 21611, 63018})
 
 
-@dataclass
-class SendFailure(Exception):
+class SendFailure(CodedSendFailure):
     """A send Twilio refused (or that never reached it)."""
-
-    http_status: int
-    code: int | None
-    title: str
-    details: str | None = None
-    transient: bool = False
-
-    def __str__(self) -> str:
-        return f"HTTP {self.http_status} code {self.code}: {self.title}"
 
 
 def classify_error(http_status: int, body: bytes) -> SendFailure:
@@ -411,32 +402,6 @@ def parse_send_response(body: bytes) -> str:
     if not isinstance(sid, str) or not _SID_RE.match(sid):
         raise SendFailure(http_status=201, code=None, title="unexpected send response", transient=True)
     return sid
-
-
-def sent_status(send: OutboundSend, sid: str, at: float | None = None) -> DeliveryStatus:
-    """The `sent` status reported when Twilio accepted a message."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id=sid, status="sent", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id)
-
-
-def failed_status(send: OutboundSend, error_code: str, title: str, details: str | None = None,
-                  at: float | None = None) -> DeliveryStatus:
-    """The `failed` status reported when a send is given up (no SID exists then)."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id="", status="failed", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id,
-                          error_code=error_code, error_title=title, error_details=details)
-
-
-def failure_code(failure: SendFailure) -> str:
-    """The error code reported for a failure: Twilio's code, else `http_<status>` (0: unreachable)."""
-    return str(failure.code) if failure.code is not None else f"http_{failure.http_status}"
-
-
-def send_status_msg_id(status: DeliveryStatus) -> str:
-    """De-duplication id of a status the send loop reports (keyed by our message id)."""
-    return f"{CHANNEL}:send:{status.message_id}:{status.status}"
 
 
 class SegmentBucket(TokenBucket):

@@ -5,24 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import metrics, records, subjects
-from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.bus import Bus, KvMirror
 from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
 from shared.ingress import published_message
 from shared.messages import channel
-from shared.messages.channel import DeliveryStatus, OutboundSend
-from shared.outbound import BoundedMemory, recipient_key
-from shared.ratelimit import BucketMap, TokenBucket
+from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
 from shared.service import ServiceApp
@@ -32,6 +28,7 @@ from shared.untrusted import secrets_equal
 from . import handlers
 from .config import TelegramConfig
 from .handlers import Credentials, SendFailure, WebhookRegistration
+from .sender import TelegramSender
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -141,21 +138,16 @@ class TelegramService(ServiceApp):
     """Webhook ingress (verify → normalize → publish) and send egress (consume → send → status)."""
 
     name = "telegram"
+    # Set by `start`, before HTTP serves (and released by `stop`, in the reverse order).
+    session: EgressSession
+    sender: TelegramSender
+    bus: Bus
+    integrations: KvMirror
 
     def __init__(self, config: TelegramConfig) -> None:
         super().__init__(config.common)
         self.config = config
-        self.bus: Bus | None = None
-        self.integrations: KvMirror | None = None
-        self.session: EgressSession | None = None
         self.webhooks = WebhookRegistrar(self)
-        self.bot_buckets = BucketMap(config.bot_messages_per_second)
-        self.chat_buckets = BucketMap(config.chat_messages_per_second, burst=1.0)
-        self.group_buckets = BucketMap(config.group_messages_per_minute / 60.0, burst=1.0)
-        # Chats Telegram told to wait (429 retry_after): monotonic time until which nothing is sent.
-        self.paused_until: dict[str, float] = {}
-        self.sent: BoundedMemory[str, str] = BoundedMemory()
-        self._background: set[asyncio.Task[None]] = set()
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
         self.http.router.add_post("/webhooks/telegram/{integration_id}", self.webhook)
@@ -163,39 +155,26 @@ class TelegramService(ServiceApp):
 
     async def start(self) -> None:
         """Connect NATS, mirror the integrations (registering webhooks), start the send loop, serve HTTP."""
+        self.session = self.egress_session("platform", hosts=TELEGRAM_HOSTS, timeout=self.config.send.client_timeout())
         self.bus = await self.connect_bus()
-        self.session = self.common.egress.http_session(
-            "platform", hosts=TELEGRAM_HOSTS, timeout=aiohttp.ClientTimeout(total=self.config.send_timeout_seconds))
+        self.sender = TelegramSender(self.bus, self.session, self.config.send, self.credentials,
+                                     self.config.bot_messages_per_second, self.config.chat_messages_per_second,
+                                     self.config.group_messages_per_minute)
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
+        self.on_stop(self.webhooks.close)
         self.integrations.add_listener(self.webhooks.observe)
         for integration_id, record in list(self.integrations.values.items()):
             self.webhooks.observe(integration_id, record)
-        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.on_outbound,
+        await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.sender.on_outbound,
                                ordering_key=recipient_key, ack_wait=120.0)
         await self.start_http()
-
-    async def stop(self) -> None:
-        """Stop HTTP, then registrations and the bus, then the outgoing HTTP session."""
-        await self.stop_http()
-        await self.webhooks.close()
-        if self.integrations is not None:
-            await self.integrations.stop()
-        if self.bus is not None:
-            await self.bus.close()
-        for task in list(self._background):
-            task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self.session is not None:
-            await self.session.close()
 
     # --- integrations ----------------------------------------------------------------------
 
     def credentials(self, integration_id: str) -> Credentials | None:
         """The usable credentials of a telegram integration, or None."""
-        record = self.integrations.get(integration_id) if self.integrations else None
+        record = self.integrations.get(integration_id)
         return Credentials.from_record(record) if isinstance(record, IntegrationRecord) else None
 
     # --- Bot API calls ---------------------------------------------------------------------
@@ -203,27 +182,7 @@ class TelegramService(ServiceApp):
     async def call(self, creds: Credentials, method: str, params: dict[str, Any]) -> Any:
         """Call a Bot API method with JSON parameters; its `result`, or SendFailure (EgressRefused
         when the egress policy refuses the integration's base URL)."""
-        session = self._session()
-        headers = inject_headers({"Content-Type": "application/json"})
-        with _tracer.start_as_current_span(f"POST telegram {method}", kind=SpanKind.CLIENT) as span:
-            span.set_attribute("http.request.method", "POST")
-            span.set_attribute("server.address", creds.base_url)
-            span.set_attribute("threadline.telegram.method", method)
-            try:
-                async with session.post(creds.method_url(method), data=msgspec.json.encode(params),
-                                        headers=headers) as resp:
-                    payload = await resp.read()
-                    span.set_attribute("http.response.status_code", resp.status)
-                    if resp.status != 200:
-                        failure = handlers.classify_error(resp.status, payload)
-                        span.set_status(Status(StatusCode.ERROR, str(failure)))
-                        raise failure
-                    return handlers.parse_ok_result(payload)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Never put the exception text in spans, logs or statuses: the URL holds the token.
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                raise SendFailure(http_status=0, error_code=None,
-                                  description=f"Bot API unreachable ({type(exc).__name__})", transient=True) from None
+        return await self.sender.call(creds, method, params)
 
     # --- webhooks --------------------------------------------------------------------------
 
@@ -247,14 +206,14 @@ class TelegramService(ServiceApp):
         message = normalized.message
         if message is not None:
             try:
-                await published_message(handlers.CHANNEL, self._bus().publish(
+                await published_message(handlers.CHANNEL, self.bus.publish(
                     channel.subject_of(message), channel.encode(message), msg_id=handlers.inbound_msg_id(message)))
             except Exception as exc:
                 log.warning("publishing a telegram update failed: %s", exc)
                 raise ApiError(503, "Could not store the update, retry later") from exc
         if normalized.callback_query_id is not None:
             # Stops the spinner on the customer's button; the answer must not wait for it.
-            self._spawn(self._answer_callback(creds, normalized.callback_query_id))
+            self.spawn(self._answer_callback(creds, normalized.callback_query_id), "telegram:answer-callback")
         log.info("telegram update accepted", extra=log_fields(
             integration_id=integration_id, update_id=normalized.update_id, queued=message is not None,
             referral=bool(message and message.referral)))
@@ -286,7 +245,7 @@ class TelegramService(ServiceApp):
         with _tracer.start_as_current_span("GET telegram file", kind=SpanKind.CLIENT) as span:
             span.set_attribute("http.request.method", "GET")
             try:
-                async with self._session().get(creds.file_url(file_path), headers=inject_headers()) as upstream:
+                async with self.session.get(creds.file_url(file_path), headers=inject_headers()) as upstream:
                     span.set_attribute("http.response.status_code", upstream.status)
                     if upstream.status != 200:
                         raise ApiError(502, "Media download failed")
@@ -306,96 +265,6 @@ class TelegramService(ServiceApp):
                 raise ApiError(502, "Media download failed") from None
 
     # --- sending ---------------------------------------------------------------------------
-
-    async def on_outbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
-        """Send one command with the Bot API and report the outcome as a DeliveryStatus."""
-        try:
-            command = channel.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise Poison(f"undecodable outbound command: {exc}") from exc
-        if not isinstance(command, OutboundSend):
-            return
-        done = self.sent.get(command.message_id)
-        if done is not None:
-            await self._report(handlers.sent_status(command, done))
-            return
-        creds = self.credentials(command.integration_id)
-        if creds is None:
-            # The KV mirror may lag behind a just-created integration: retry a while first.
-            await self._retry_or_fail(command, delivery, SendFailure(
-                http_status=0, error_code=None, description="Unknown or inactive Telegram integration",
-                transient=True), code="telegram_unknown_integration")
-            return
-        try:
-            method, params = handlers.build_request(command)
-        except handlers.UnsendableContent as exc:
-            await self._report(handlers.failed_status(command, "unsupported_content", str(exc)))
-            return
-        chat_key = f"{command.integration_id}:{command.recipient}"
-        paused = self.paused_until.get(chat_key, 0.0) - time.monotonic()
-        if paused > 0:
-            raise Retry(paused, "chat paused by a 429")
-        await self._chat_bucket(chat_key, command.recipient).acquire()
-        await self.bot_buckets.get(command.integration_id).acquire()
-        try:
-            result = await self.call(creds, method, params)
-        except EgressRefused as exc:
-            await self._report(handlers.failed_status(command, REFUSED_CODE, str(exc)))
-            return
-        except SendFailure as failure:
-            if failure.retry_after is not None:
-                self.paused_until[chat_key] = time.monotonic() + failure.retry_after
-            await self._retry_or_fail(command, delivery, failure)
-            return
-        self.paused_until.pop(chat_key, None)
-        try:
-            provider_id = handlers.sent_message_id(result)
-        except SendFailure:
-            provider_id = ""  # sent all the same: never send it twice
-        self.sent.remember(command.message_id, provider_id)
-        await self._report(handlers.sent_status(command, provider_id))
-
-    async def _retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure,
-                             code: str | None = None) -> None:
-        if failure.transient and delivery.num_delivered < self.config.max_send_attempts:
-            metrics.message_out(command.channel, "retried")
-            delay = failure.retry_after if failure.retry_after is not None else backoff_delay(
-                delivery.num_delivered, self.config.retry_base_seconds, self.config.retry_max_seconds)
-            raise Retry(delay, str(failure))
-        log.warning("giving up on message %s: %s", command.message_id, failure)
-        await self._report(handlers.failed_status(command, code or failure.code, failure.description,
-                                                  handlers.failure_details(failure)))
-
-    def _chat_bucket(self, chat_key: str, recipient: str) -> TokenBucket:
-        buckets = self.group_buckets if handlers.is_group_chat(recipient) else self.chat_buckets
-        if len(buckets.buckets) > CHAT_BUCKETS_MAX:
-            now = buckets.clock()
-            for key in [k for k, b in buckets.buckets.items()
-                        if b.tokens + (now - b.updated) * b.rate >= b.burst and not b._lock.locked()]:
-                del buckets.buckets[key]
-            self.paused_until = {k: t for k, t in self.paused_until.items() if t > time.monotonic()}
-        return buckets.get(chat_key)
-
-    async def _report(self, status: DeliveryStatus) -> None:
-        metrics.message_out(status.channel, status.status)
-        await self._bus().publish(channel.subject_of(status),
-                                  channel.encode(status), msg_id=handlers.send_status_msg_id(status))
-
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _bus(self) -> Bus:
-        if self.bus is None:
-            raise ApiError(503, "Not connected")
-        return self.bus
-
-    def _session(self) -> EgressSession:
-        if self.session is None:
-            raise ApiError(503, "Not started")
-        return self.session
 
 
 def create(environ: Mapping[str, str] | None = None) -> TelegramService:

@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from shared.config import CommonConfig, ConfigError, env_float, env_int
+from shared.config import CommonConfig, ConfigError, env_float
 from shared.encryption import Keyring
+from shared.outbound import SendSettings
 from shared.routes import DEFAULT_PORTS
 
 
@@ -25,12 +26,9 @@ class TelegramConfig:
     bot_messages_per_second: float
     chat_messages_per_second: float
     group_messages_per_minute: float
-    # Back-off for transient send errors (5xx, unreachable): base * 2^(attempt-1), capped.
-    # A 429 waits exactly the `retry_after` Telegram asks for instead.
-    retry_base_seconds: float
-    retry_max_seconds: float
-    max_send_attempts: int
-    send_timeout_seconds: float
+    # TELEGRAM_RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS, _MAX_SEND_ATTEMPTS, _SEND_TIMEOUT_SECONDS
+    # (the back-off for 5xx and unreachable; a 429 waits exactly the `retry_after` Telegram asks).
+    send: SendSettings
     # Back-off of `setWebhook` while the Bot API refuses or cannot be reached.
     webhook_retry_base_seconds: float
     webhook_retry_max_seconds: float
@@ -47,26 +45,18 @@ class TelegramConfig:
             bot_messages_per_second=env_float("TELEGRAM_BOT_MESSAGES_PER_SECOND", 30.0, env),
             chat_messages_per_second=env_float("TELEGRAM_CHAT_MESSAGES_PER_SECOND", 1.0, env),
             group_messages_per_minute=env_float("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", 20.0, env),
-            retry_base_seconds=env_float("TELEGRAM_RETRY_BASE_SECONDS", 1.0, env),
-            retry_max_seconds=env_float("TELEGRAM_RETRY_MAX_SECONDS", 60.0, env),
-            max_send_attempts=env_int("TELEGRAM_MAX_SEND_ATTEMPTS", 10, env),
-            send_timeout_seconds=env_float("TELEGRAM_SEND_TIMEOUT_SECONDS", 15.0, env),
+            send=SendSettings.from_env("TELEGRAM", env),
             webhook_retry_base_seconds=env_float("TELEGRAM_WEBHOOK_RETRY_BASE_SECONDS", 0.2, env),
             webhook_retry_max_seconds=env_float("TELEGRAM_WEBHOOK_RETRY_MAX_SECONDS", 60.0, env),
         )
         for name, value in (("TELEGRAM_BOT_MESSAGES_PER_SECOND", config.bot_messages_per_second),
                             ("TELEGRAM_CHAT_MESSAGES_PER_SECOND", config.chat_messages_per_second),
-                            ("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", config.group_messages_per_minute),
-                            ("TELEGRAM_SEND_TIMEOUT_SECONDS", config.send_timeout_seconds)):
+                            ("TELEGRAM_GROUP_MESSAGES_PER_MINUTE", config.group_messages_per_minute)):
             if not value > 0:
                 raise ConfigError(f"{name} must be positive")
-        if config.retry_base_seconds < 0 or config.retry_max_seconds < config.retry_base_seconds:
-            raise ConfigError("TELEGRAM_RETRY_BASE_SECONDS must be >= 0 and <= TELEGRAM_RETRY_MAX_SECONDS")
         if (config.webhook_retry_base_seconds <= 0
                 or config.webhook_retry_max_seconds < config.webhook_retry_base_seconds):
             raise ConfigError("TELEGRAM_WEBHOOK_RETRY_BASE_SECONDS must be > 0 and <= "
                               "TELEGRAM_WEBHOOK_RETRY_MAX_SECONDS")
-        if config.max_send_attempts < 1:
-            raise ConfigError("TELEGRAM_MAX_SEND_ATTEMPTS must be at least 1")
         # Last, so that a bad setting is reported as itself rather than as a missing key.
         return replace(config, keyring=Keyring.from_env(env, sandbox=common.sandbox))

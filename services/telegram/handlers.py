@@ -23,7 +23,8 @@ from typing import Any
 
 import msgspec
 
-from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared import outbound
+from shared.messages.channel import InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
     Content,
@@ -495,7 +496,7 @@ def build_request(send: OutboundSend) -> tuple[str, dict[str, Any]]:
 
 
 @dataclass
-class SendFailure(Exception):
+class SendFailure(outbound.SendFailure):
     """A call the Bot API refused (or that never reached it)."""
 
     http_status: int
@@ -504,6 +505,8 @@ class SendFailure(Exception):
     retry_after: float | None = None
     migrate_to_chat_id: int | None = None
     transient: bool = False
+    # Reported instead of `code` (a failure of ours rather than the Bot API's).
+    reported_code: str | None = None
 
     def __str__(self) -> str:
         return f"HTTP {self.http_status}: {self.description}"
@@ -516,6 +519,9 @@ class SendFailure(Exception):
         if self.http_status == 0:
             return "telegram_unreachable"
         return f"telegram_{self.error_code or self.http_status}"
+
+    def status_error(self) -> tuple[str, str, str | None]:
+        return self.reported_code or self.code, self.description, failure_details(self)
 
 
 def classify_error(http_status: int, body: bytes) -> SendFailure:
@@ -569,32 +575,11 @@ def sent_message_id(result: Any) -> str:
     raise SendFailure(http_status=200, error_code=None, description="send answer without a message", transient=True)
 
 
-def sent_status(send: OutboundSend, provider_id: str, at: float | None = None) -> DeliveryStatus:
-    """The `sent` status reported when the Bot API accepted a message (Telegram has no receipts)."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id=provider_id, status="sent", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id)
-
-
-def failed_status(send: OutboundSend, error_code: str, title: str, details: str | None = None,
-                  at: float | None = None) -> DeliveryStatus:
-    """The `failed` status reported when a send is given up."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id="", status="failed", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id,
-                          error_code=error_code, error_title=title, error_details=details)
-
-
 def failure_details(failure: SendFailure) -> str | None:
     """Extra facts worth reporting with a failure (the new chat id of a migrated group)."""
     if failure.migrate_to_chat_id is not None:
         return f"migrate_to_chat_id={failure.migrate_to_chat_id}"
     return None
-
-
-def send_status_msg_id(status: DeliveryStatus) -> str:
-    """De-duplication id of a status the send loop reports (keyed by our message id)."""
-    return f"{CHANNEL}:send:{status.message_id}:{status.status}"
 
 
 def is_group_chat(recipient: str) -> bool:

@@ -28,57 +28,45 @@ class WebhooksService(ServiceApp):
     """Consumes conversation events and delivers them to the businesses' webhooks."""
 
     name = SERVICE_NAME
+    # Set by `start`, before HTTP serves (and released by `stop`, in the reverse order).
+    store: DeliveryStore
+    session: EgressSession
+    dispatcher: Dispatcher
+    bus: Bus
+    mirror: KvMirror
 
     def __init__(self, config: WebhooksConfig) -> None:
         super().__init__(config.common)
         self.config = config
-        self.bus: Bus | None = None
-        self.store: DeliveryStore | None = None
-        self.mirror: KvMirror | None = None
-        self.session: EgressSession | None = None
-        self.dispatcher: Dispatcher | None = None
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
         self.http.router.add_get("/stats", self._stats)
-        self.add_ready_check(self._ready)
-        self.add_database_check(lambda: None if self.store is None else self.store.db)
+        self.add_database_check(lambda: self.store.db)
 
     async def start(self) -> None:
-        """Connect, resume pending deliveries, consume events, serve HTTP."""
-        self.bus = await self.connect_bus()
+        """Open the database, start the dispatcher, connect, consume events, serve HTTP (stopped
+        the other way round: the consumers before the dispatcher, its attempts before the
+        database)."""
         self.store = await DeliveryStore.open(self.config.database)
-        self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET,
-                                          records.webhook_decoder(self.config.keyring))
-        self.session = self.common.egress.http_session("business", limit=256, ttl_dns_cache=300)
+        self.on_stop(self.store.close)
+        self.session = self.egress_session("business", limit=256, ttl_dns_cache=300)
         self.dispatcher = Dispatcher(self.store, self.webhook, self.session, self.config)
         await self.dispatcher.start()
+        self.on_stop(self.dispatcher.stop)
+        self.bus = await self.connect_bus()
+        self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET,
+                                               records.webhook_decoder(self.config.keyring))
         await self.bus.nc.subscribe(subjects.WEBHOOKS_ERASURES, cb=self._on_erasure)
         await self.bus.consume(subjects.WEBHOOKS_EVENTS, self._on_event, on_acquire=self.dispatcher.acquire,
                                on_release=self.dispatcher.release)
         await self.start_http()
 
-    async def stop(self) -> None:
-        """Stop HTTP, the consumer, deliveries in flight (they stay pending), then the database."""
-        await self.stop_http()
-        if self.mirror is not None:
-            await self.mirror.stop()
-        if self.bus is not None:
-            await self.bus.close()
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-        if self.session is not None:
-            await self.session.close()
-        if self.store is not None:
-            await self.store.close()
-
     def webhook(self, app_id: str, webhook_id: str) -> WebhookRecord | None:
         """The current configuration of a webhook (None once deleted)."""
-        assert self.mirror is not None
         record = self.mirror.get(records.webhook_key(app_id, webhook_id))
         return record if isinstance(record, WebhookRecord) else None
 
     async def _on_event(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
-        assert self.mirror is not None and self.store is not None and self.dispatcher is not None
         try:
             event = conversation.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -88,7 +76,6 @@ class WebhooksService(ServiceApp):
             await self.dispatcher.forget(forget)
             # The user's other conversations may be in partitions other replicas hold, their
             # rows queued in those replicas' memory: tell them (the database rows are gone).
-            assert self.bus is not None
             await self.bus.nc.publish(subjects.WEBHOOKS_ERASURES, data)
         # The consumer span is current: its context is stored so the delivery continues the trace.
         rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time())
@@ -105,15 +92,10 @@ class WebhooksService(ServiceApp):
             forget = conversation.erasure(conversation.decode(msg.data))
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        if forget is not None and self.dispatcher is not None:
+        if forget is not None:
             self.dispatcher.forget_queued(forget)
 
-    async def _ready(self) -> bool:
-        return self.dispatcher is not None
-
     async def _stats(self, _request: web.Request) -> web.Response:
-        if self.dispatcher is None:
-            return json_response({"status": "starting"}, status=503)
         return json_response(self.dispatcher.stats())
 
 

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import msgspec
 from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
 from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
 from shared.sunco import (
     Content,
@@ -592,18 +592,8 @@ def _text_body(content: TextContent) -> dict[str, Any]:
 TRANSIENT_CODES = frozenset({130429, 131056, 131000, 131016, 4, 80007, 2})
 
 
-@dataclass
-class SendFailure(Exception):
+class SendFailure(CodedSendFailure):
     """A send the Graph API refused (or that never reached it)."""
-
-    http_status: int
-    code: int | None
-    title: str
-    details: str | None = None
-    transient: bool = False
-
-    def __str__(self) -> str:
-        return f"HTTP {self.http_status} code {self.code}: {self.title}"
 
 
 def classify_error(http_status: int, body: bytes) -> SendFailure:
@@ -639,34 +629,3 @@ def parse_send_response(body: bytes) -> str:
     if not isinstance(wamid, str) or not wamid:
         raise SendFailure(http_status=200, code=None, title="unexpected send response", transient=True)
     return wamid
-
-
-def sent_status(send: OutboundSend, wamid: str, at: float | None = None) -> DeliveryStatus:
-    """The `sent` status reported when the send API accepted a message."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id=wamid, status="sent", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id)
-
-
-def failed_status(send: OutboundSend, error_code: str, title: str, details: str | None = None,
-                  at: float | None = None) -> DeliveryStatus:
-    """The `failed` status reported when a send is given up (no wamid exists then)."""
-    return DeliveryStatus(app_id=send.app_id, integration_id=send.integration_id, channel=CHANNEL,
-                          provider_message_id="", status="failed", timestamp=time.time() if at is None else at,
-                          message_id=send.message_id, conversation_id=send.conversation_id,
-                          error_code=error_code, error_title=title, error_details=details)
-
-
-def failure_code(failure: SendFailure) -> str:
-    """The error code reported for a failure: Meta's code, else `http_<status>` (0: unreachable)."""
-    return str(failure.code) if failure.code is not None else f"http_{failure.http_status}"
-
-
-def send_status_msg_id(status: DeliveryStatus) -> str:
-    """De-duplication id of a status the send loop reports (keyed by our message id).
-
-    Distinct from the webhook's `whatsapp:{wamid}:{status}`: whichever arrives first, the one
-    that carries our message id is never dropped as a duplicate.
-    """
-    return f"{CHANNEL}:send:{status.message_id}:{status.status}"
-

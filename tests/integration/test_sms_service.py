@@ -400,6 +400,6 @@ async def test_segments_are_throttled_per_sender(system: System, bus: Bus) -> No
     first = outbound(sms, TextContent(text="x" * 400))
     await publish(sms, first)
     await statuses_of(sms, first.message_id, 1)
-    bucket = sms.service.buckets[f"{ACCOUNT_SID}:{BUSINESS}"]
+    bucket = sms.service.sender.buckets[f"{ACCOUNT_SID}:{BUSINESS}"]
     assert bucket.rate == 1.0 and bucket.tokens == -2.0  # 1 token held, 3 segments spent
     assert bucket.reserve(1, max_wait=0) is None

@@ -21,6 +21,7 @@ from services.messenger.handlers import (
 from shared.config import ConfigError
 from shared.encryption import KEY_ENV
 from shared.messages.channel import OutboundSend
+from shared.outbound import failed_status, send_status_msg_id, sent_status
 from shared.ratelimit import BucketMap, TokenBucket
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -347,7 +348,7 @@ def _graph(code: int, subcode: int | None = None, **extra: Any) -> bytes:
 ])
 def test_classify_error(status: int, body: bytes, transient: bool, code: str) -> None:
     failure = handlers.classify_error(status, body)
-    assert failure.transient is transient and handlers.failure_code(failure) == code
+    assert failure.transient is transient and failure.error_code() == code
 
 
 def test_error_details_carry_subcode_and_trace() -> None:
@@ -366,11 +367,11 @@ def test_parse_send_response() -> None:
 
 def test_statuses_for_the_send_loop() -> None:
     send = _send(TextContent(text="x"))
-    sent = handlers.sent_status(send, "m_1", at=5.0)
+    sent = sent_status(handlers.CHANNEL, send, "m_1", at=5.0)
     assert (sent.status, sent.provider_message_id, sent.message_id, sent.timestamp) == ("sent", "m_1", "m1", 5.0)
-    failed = handlers.failed_status(send, "outside_messaging_window", "closed", "details")
+    failed = failed_status(handlers.CHANNEL, send, "outside_messaging_window", "closed", "details")
     assert failed.status == "failed" and failed.error_code == "outside_messaging_window"
-    assert handlers.send_status_msg_id(failed) == "messenger:send:m1:failed"
+    assert send_status_msg_id(failed) == "messenger:send:m1:failed"
 
 
 # --- credentials, configuration, buckets ---------------------------------------------------------------------

@@ -319,7 +319,7 @@ def test_error_classification(status: int, body: bytes, code: int | None, transi
     failure = handlers.classify_error(status, body)
     assert (failure.code, failure.transient) == (code, transient)
     assert failure.title
-    assert handlers.failure_code(failure) == (str(code) if code else f"http_{status}")
+    assert failure.error_code() == (str(code) if code else f"http_{status}")
 
 
 def test_send_response_parsing() -> None:

@@ -239,7 +239,7 @@ def test_error_classification(status: int, code: int | None, transient: bool) ->
     failure = handlers.classify_error(status, body if code is not None else b"<html>")
     assert failure.transient is transient
     assert failure.code == code
-    assert handlers.failure_code(failure) == (str(code) if code is not None else f"http_{status}")
+    assert failure.error_code() == (str(code) if code is not None else f"http_{status}")
 
 
 def test_send_response_parsing() -> None:

@@ -1,0 +1,77 @@
+"""The sms send path: what Twilio's Messages.json needs of `ChannelSender`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+from shared.bus import Bus, Retry
+from shared.egress import EgressSession
+from shared.http import basic_auth_header
+from shared.messages.channel import OutboundSend
+from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings, Unsendable
+from shared.twilio_wire import FORM_CONTENT_TYPE
+
+from . import handlers
+from .handlers import Credentials, Form, SegmentBucket, SendFailure
+
+
+class SmsSender(ChannelSender[Credentials, Form]):
+    """One Messages.json call per message, paced in segments per sender."""
+
+    channel = handlers.CHANNEL
+    classify_error = staticmethod(handlers.classify_error)
+    parse_response = staticmethod(handlers.parse_send_response)
+
+    def __init__(self, bus: Bus, session: EgressSession, settings: SendSettings,
+                 credentials: Callable[[str], Credentials | None], segments_per_second: float,
+                 max_rate_wait_seconds: float) -> None:
+        super().__init__(bus, session, settings, credentials)
+        self.segments_per_second = segments_per_second
+        self.max_rate_wait_seconds = max_rate_wait_seconds
+        self.buckets: dict[str, SegmentBucket] = {}
+        # Provider SID → (message id, conversation id), so a status callback can name its message.
+        self.sids: BoundedMemory[str, tuple[str, str]] = BoundedMemory()
+
+    def unknown_integration(self) -> SendFailure:
+        return SendFailure(http_status=0, code=None, title="Unknown or inactive Twilio integration", transient=True)
+
+    async def plan(self, command: OutboundSend, creds: Credentials) -> list[Form]:
+        try:
+            return [handlers.build_send_form(command, creds)]
+        except handlers.UnsendableContent as exc:
+            raise Unsendable("unsupported_content", str(exc)) from exc
+
+    async def pace(self, command: OutboundSend, creds: Credentials, part: Form) -> None:
+        wait = self._bucket(creds).reserve(handlers.send_cost(part), self.max_rate_wait_seconds)
+        if wait is None:
+            # The sender's queue is long: come back later rather than hold the ack.
+            raise Retry(self.max_rate_wait_seconds, f"sender {creds.sender_key} is busy")
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _bucket(self, creds: Credentials) -> SegmentBucket:
+        rate = creds.segments_per_second or self.segments_per_second
+        key = f"{creds.account_sid}:{creds.sender_key}"
+        bucket = self.buckets.get(key)
+        if bucket is None or bucket.rate != rate:
+            bucket = self.buckets[key] = SegmentBucket(rate, burst=1.0)
+        return bucket
+
+    def request(self, creds: Credentials, part: Form) -> PlatformRequest:
+        return PlatformRequest(
+            url=creds.messages_url, body=urlencode(part).encode(), span_name="POST twilio Messages.json",
+            headers={**basic_auth_header(creds.account_sid, creds.auth_token),
+                     "Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"},
+            server_address=creds.base_url, attributes={"threadline.twilio.sender": creds.sender_key})
+
+    def accepted(self, http_status: int) -> bool:
+        return 200 <= http_status < 300
+
+    def unreachable(self, exc: Exception) -> SendFailure:
+        return SendFailure(http_status=0, code=None, title=f"Twilio API unreachable: {exc!r}", transient=True)
+
+
+    def sent_once(self, command: OutboundSend, provider_id: str) -> None:
+        self.sids.remember(provider_id, (command.message_id, command.conversation_id))
