@@ -16,7 +16,7 @@ import base64
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -28,6 +28,7 @@ from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
 from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
+from services.conversations.openapi import Operation, openapi_document
 from services.conversations.store import CursorNotFound, Store
 from shared import subjects
 from shared.bus import RequestFailed
@@ -42,8 +43,6 @@ from shared.untrusted import secrets_equal
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["account", "app", "public"]
-HandlerFn = Callable[["Api", web.Request], Awaitable[web.StreamResponse]]
 
 
 
@@ -59,23 +58,6 @@ class Principal:
 
 
 PRINCIPAL_KEY = web.RequestKey("threadline.principal", Principal)
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One API operation: routing, auth scope and its OpenAPI description."""
-
-    method: str
-    path: str
-    operation_id: str
-    tag: str
-    summary: str
-    handler: HandlerFn
-    status: int = 200
-    scope: Scope = "app"
-    request: type[Any] | None = None
-    response: type[Any] | None = None
-    query: tuple[str, ...] = ()
 
 
 def _b64decode(text: str) -> str:
@@ -332,7 +314,7 @@ class Api:
         """SunCo v1.1 Notification API: one call sends a business message to a phone number."""
         app_id = await self._app(request)
         body = await read_json(request, models.NotificationPostBody)
-        message_id = await self.conversations.phone_links.notify(app_id, body)
+        message_id = await self.conversations.notify(app_id, body)
         return json_response({"notification": {"_id": message_id}}, 201)
 
     # --- handoff (Threadline extension + SunCo v1.1) ----------------------------------------
@@ -588,8 +570,6 @@ class Api:
         return json_response({})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        from services.conversations.openapi import openapi_document
-
         return json_response(openapi_document(OPERATIONS, self.public_base_url))
 
 

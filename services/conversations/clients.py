@@ -34,12 +34,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.errors
 
 from services.conversations import models
+from services.conversations.core import ConversationCore
 from services.conversations.store import conversation_ref
 from shared import subjects
 from shared.bus import Retry
@@ -52,7 +53,6 @@ from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.sunco import (
     Action,
-    Author,
     Client,
     Content,
     ConversationRef,
@@ -64,9 +64,6 @@ from shared.sunco import (
     TextContent,
     User,
 )
-
-if TYPE_CHECKING:
-    from services.conversations.handlers import Conversations
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +142,7 @@ class InboundOutcome:
 class PhoneLinks:
     """Direct links by phone: create, confirm on inbound, cancel, expire, remove; notifications."""
 
-    def __init__(self, conversations: Conversations, ttl: float = LINK_TTL_SECONDS) -> None:
+    def __init__(self, conversations: ConversationCore, ttl: float = LINK_TTL_SECONDS) -> None:
         self.conversations = conversations
         self.ttl = ttl
 
@@ -226,7 +223,7 @@ class PhoneLinks:
         if attached.previous_user is not None:
             await self._theft(req.app_id, attached.previous_user, client, ref, source, at)
         await self._drop(client.id)  # a newer link replaces a pending one
-        await convs._publish_event(conv.ClientAdded(
+        await convs.publish_event(conv.ClientAdded(
             id=new_id(), app_id=req.app_id, conversation_id=ref.id, created_at=at, user=user, client=client,
             reason="channelLinking", conversation=ref, source=source, primary=False))
         if client.status == "pending":
@@ -237,7 +234,7 @@ class PhoneLinks:
                 created_at=at, expires_at=at + self.ttl))
         else:
             await self._join(req.app_id, ref.id, user, client, req.primary, at)
-            await convs._publish_event(conv.ClientUpdated(
+            await convs.publish_event(conv.ClientUpdated(
                 id=new_id(), app_id=req.app_id, conversation_id=ref.id, created_at=at, user=user, client=client,
                 reason="confirmed", conversation=ref, source=source, primary=req.primary))
         if message is not None:
@@ -266,7 +263,7 @@ class PhoneLinks:
         self.conversations.identity.forget_user(previous.id)
         left = await self._leave_conversations(app_id, client.id, except_user_id=None, only_user_id=previous.id)
         for ref in left or [target]:
-            await self.conversations._publish_event(conv.ClientRemoved(
+            await self.conversations.publish_event(conv.ClientRemoved(
                 id=new_id(), app_id=app_id, conversation_id=ref.id, created_at=at, user=previous, client=client,
                 reason="theft", conversation=ref, source=source))
         log.info("client %s moved from user %s (theft)", client.id, previous.id)
@@ -418,7 +415,7 @@ class PhoneLinks:
             left = [] if default is None else [conversation_ref(default)]
         at = now()
         for ref in left:  # a user with no conversation has nowhere to announce it
-            await convs._publish_event(conv.ClientRemoved(
+            await convs.publish_event(conv.ClientRemoved(
                 id=new_id(), app_id=app_id, conversation_id=ref.id, created_at=at, user=user,
                 client=msgspec.structs.replace(client, status="inactive"), reason="api", conversation=ref,
                 source=Source(type="api:conversations")))
@@ -443,48 +440,6 @@ class PhoneLinks:
         except (Retry, nats.errors.Error, TimeoutError) as exc:
             reply = conv.ConversationError(status=503, code="service_unavailable", title=str(exc) or "unavailable")
         return conv.ENCODER.encode(reply)
-
-    # --- the Notification API (v1.1) ---------------------------------------------------------
-
-    async def notify(self, app_id: str, body: models.NotificationPostBody) -> str:
-        """Send a business message to a phone number: find or create the number's user and client,
-        store the message in that user's conversation and send it. Returns the message id."""
-        convs = self.conversations
-        if body.author.role != "appMaker":
-            raise ApiError(400, "author.role must be appMaker")
-        integration_id = body.destination.integration_id
-        row = await convs.store.get_integration(app_id, integration_id)
-        if row is None:
-            raise ApiError(404, "Integration not found", "integration_not_found")
-        client_type = str(row["type"])
-        if client_type not in PHONE_TYPES:
-            raise ApiError(400, f"Notifications reach phone numbers: a {client_type} integration is not supported "
-                                "(use a whatsapp or twilio integration)")
-        phone = normalize_phone(body.destination.destination_id, plus_optional=True)
-        if phone is None:
-            raise ApiError(400, "destination.destinationId must be a phone number with its country code")
-        content = notification_content(body.message, body.message_schema, client_type)
-        key = ident.phone_client_key(client_type, phone)
-        info: dict[str, Any] = {"phoneNumber": phone, ("wa_id" if client_type == "whatsapp" else "phone_number"): key}
-        resolved = await convs.identity.api_call(subjects.IDENTITY_RESOLVE, ident.ResolveClient(
-            app_id=app_id, integration_id=integration_id, client_type=client_type,  # type: ignore[arg-type]
-            channel_user_id=key, info=info))
-        if not isinstance(resolved, ident.Resolved):
-            raise ApiError(503, "Unexpected answer from identity")
-        user, client = resolved.user, resolved.client
-        try:
-            conversation, _created = await convs.ensure_conversation(
-                app_id, user, reason="notification", source=Source(type="api:conversations",
-                                                                   integration_id=integration_id))
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise ApiError(503, "Messaging bus unavailable, try again") from exc
-        await convs.associate(app_id, conversation["id"], user, client, now())
-        message = await convs.post_message(app_id, conversation["id"], models.MessagePostBody(
-            author=Author(type="business", display_name=body.author.name, avatar_url=body.author.avatar_url),
-            content=content, destination=models.DestinationIn(integration_id=integration_id),
-            schema="whatsapp" if isinstance(content, TemplateContent) else None))
-        log.info("notification %s to a %s number in conversation %s", message.id, client_type, conversation["id"])
-        return message.id
 
 
 def confirmation_content(message: models.ConfirmationMessageIn, client_type: str) -> Content:

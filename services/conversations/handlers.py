@@ -17,7 +17,14 @@ import msgspec
 import nats.errors
 
 from services.conversations import models
-from services.conversations.clients import SWEEP_INTERVAL_SECONDS, PhoneLinks
+from services.conversations.clients import (
+    PHONE_TYPES,
+    SWEEP_INTERVAL_SECONDS,
+    PhoneLinks,
+    normalize_phone,
+    notification_content,
+)
+from services.conversations.core import SDK_INTEGRATION_TYPES, ConversationCore
 from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
 from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
 from services.conversations.sdk_login import sdk_login
@@ -35,7 +42,7 @@ from shared.bus import Delivery, Poison, Retry
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
 from shared.http import ApiError
-from shared.ids import derived_id, iso, new_id, now
+from shared.ids import derived_id, iso, new_id, now, parse_iso
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -53,6 +60,7 @@ from shared.sunco import (
     QuotedMessage,
     Source,
     SourceClient,
+    TemplateContent,
     TextContent,
     UnsupportedContent,
     User,
@@ -71,8 +79,6 @@ MESSAGES_PAGE_SIZE = 100
 # transaction, so it never holds the write lock for long.
 RETENTION_PAGE = 100
 RETENTION_BATCH = 500
-SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
-APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
 
 
 # Delivery failures that mean "the customer blocked the business here" (channel services
@@ -118,17 +124,14 @@ def api_message(stored: StoredMessage | Message) -> Message:
     return message
 
 
-class Conversations:
+class Conversations(ConversationCore):
     """The conversation model: what the REST API, the bus consumers and the endpoints call."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
                  recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None,
                  jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
-        self.store = store
-        self.bus = bus
-        self.identity = identity
+        super().__init__(store, bus, identity, jwt_policy)
         self.streams = streams
-        self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
         # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
         self._retention_marks: dict[str, tuple[float, str]] = {}
         self.linker = Linker(self, recap_count)
@@ -227,39 +230,6 @@ class Conversations:
             raise ApiError(404, "Conversation not found", "conversation_not_found")
         return row
 
-    async def ensure_conversation(self, app_id: str, user: User, *, reason: str, source: Source | None = None,
-                                  default: bool = True, display_name: str | None = None,
-                                  description: str | None = None, icon_url: str | None = None,
-                                  metadata: dict[str, Any] | None = None) -> tuple[Row, bool]:
-        """The user's default personal conversation (created when missing) or, with
-        `default=False`, a new personal conversation (the default one when the user has none).
-
-        A created conversation is announced with ConversationCreated; if that publish fails the
-        conversation is removed again and the error propagates.
-        """
-        if default:
-            existing = await self.store.default_conversation(app_id, user.id)
-            if existing is not None:
-                return existing, False
-        created_at = now()
-        row, created = await self.store.create_personal_conversation(
-            new_id(), new_id(), app_id, user.id, user.external_id, default=default, display_name=display_name,
-            description=description, icon_url=icon_url, metadata=metadata, now=created_at)
-        if not created:
-            return row, False
-        conversation_id = row["id"]
-        event = conv.ConversationCreated(
-            id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=created_at,
-            conversation=conversation_ref(row), user=user, creation_reason=reason, source=source)
-        try:
-            await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(event),
-                                   msg_id=event.id)
-        except Exception:
-            async with self.store.tx():
-                await self.store.delete_conversation(conversation_id)
-            raise
-        return row, True
-
     async def associate(self, app_id: str, conversation_id: str, user: User, client: Client,
                         at: float) -> bool:
         """Make `client` the participant's primary client; True when it is new to the conversation."""
@@ -270,6 +240,48 @@ class Conversations:
             return await self.store.upsert_association(
                 participant["id"], client.id, client.type, client.integration_id, client.external_id,
                 client.info, at)
+
+    # --- the Notification API (v1.1) ---------------------------------------------------------
+
+    async def notify(self, app_id: str, body: models.NotificationPostBody) -> str:
+        """Send a business message to a phone number: find or create the number's user and client,
+        store the message in that user's conversation and send it. Returns the message id."""
+        convs = self
+        if body.author.role != "appMaker":
+            raise ApiError(400, "author.role must be appMaker")
+        integration_id = body.destination.integration_id
+        row = await convs.store.get_integration(app_id, integration_id)
+        if row is None:
+            raise ApiError(404, "Integration not found", "integration_not_found")
+        client_type = str(row["type"])
+        if client_type not in PHONE_TYPES:
+            raise ApiError(400, f"Notifications reach phone numbers: a {client_type} integration is not supported "
+                                "(use a whatsapp or twilio integration)")
+        phone = normalize_phone(body.destination.destination_id, plus_optional=True)
+        if phone is None:
+            raise ApiError(400, "destination.destinationId must be a phone number with its country code")
+        content = notification_content(body.message, body.message_schema, client_type)
+        key = ident.phone_client_key(client_type, phone)
+        info: dict[str, Any] = {"phoneNumber": phone, ("wa_id" if client_type == "whatsapp" else "phone_number"): key}
+        resolved = await convs.identity.api_call(subjects.IDENTITY_RESOLVE, ident.ResolveClient(
+            app_id=app_id, integration_id=integration_id, client_type=client_type,  # type: ignore[arg-type]
+            channel_user_id=key, info=info))
+        if not isinstance(resolved, ident.Resolved):
+            raise ApiError(503, "Unexpected answer from identity")
+        user, client = resolved.user, resolved.client
+        try:
+            conversation, _created = await convs.ensure_conversation(
+                app_id, user, reason="notification", source=Source(type="api:conversations",
+                                                                   integration_id=integration_id))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+        await convs.associate(app_id, conversation["id"], user, client, now())
+        message = await convs.post_message(app_id, conversation["id"], models.MessagePostBody(
+            author=Author(type="business", display_name=body.author.name, avatar_url=body.author.avatar_url),
+            content=content, destination=models.DestinationIn(integration_id=integration_id),
+            schema="whatsapp" if isinstance(content, TemplateContent) else None))
+        log.info("notification %s to a %s number in conversation %s", message.id, client_type, conversation["id"])
+        return message.id
 
     async def participants_out(self, conversation_id: str) -> list[models.Participant]:
         result = []
@@ -292,7 +304,7 @@ class Conversations:
         # Announced inside the transaction: if the bus refuses, the delete is rolled back (503).
         async with self.store.tx():
             await self.store.delete_conversation(conversation_id)
-            await self._publish_event(event)
+            await self.publish_event(event)
 
     async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
         """SunCo's Delete User: the user, its clients and its conversations with their history,
@@ -377,7 +389,7 @@ class Conversations:
         event = conv.PersonalInformationDeleted(
             id=new_id(), app_id=app_id, conversation_id=subject_id, created_at=now(), user_id=user.id,
             conversation_ids=await self.store.user_conversation_ids(app_id, user.id))
-        await self._publish_event(event)
+        await self.publish_event(event)
         await self.store.checkpoint()
         return user
 
@@ -405,34 +417,6 @@ class Conversations:
                     return Route(association, participant["user_id"])
             raise ApiError(400, "The user has no client of destination.integrationType")
         return Route(associations[0] if associations else None, participant["user_id"])
-
-    async def outbound_channel_of(self, client: Client) -> str | None:
-        """`outbound_channel` for a client (the channel service that sends to it)."""
-        return await self.outbound_channel(client.type, client.integration_id)
-
-    async def business_name(self, app_id: str) -> str:
-        """How the business is named to customers: the web messenger's `businessName` (what the
-        handoff's prefilled texts say too), else the app's display name."""
-        integrations, _ = await self.store.list_integrations(app_id, ["web"])
-        for integration in integrations:
-            name = loads(integration["config"]).get("businessName")
-            if isinstance(name, str) and name:
-                return name
-        row = await self.store.get_app(app_id)
-        return str(row["display_name"]) if row is not None and row["display_name"] else "us"
-
-    async def outbound_channel(self, client_type: str, integration_id: str | None) -> str | None:
-        """The channel service that delivers to a client of this type, None when nobody needs to.
-
-        Web SDK clients read the conversation over their socket; app SDK clients too, but the
-        app channel also pushes what their socket did not deliver.
-        """
-        if not integration_id:
-            return None
-        if client_type != "sdk":
-            return client_type
-        integration_type = await self.store.integration_type(integration_id)
-        return integration_type if integration_type in APP_INTEGRATION_TYPES else None
 
     async def post_message(self, app_id: str, conversation_id: str, body: models.MessagePostBody) -> Message:
         """Store a message from the API, announce it, and hand it to the primary client's channel."""
@@ -466,7 +450,7 @@ class Conversations:
                 await self.store.add_unread(conversation_id)
         assert seq is not None
         try:
-            await self._publish_event(conv.MessageCreated(
+            await self.publish_event(conv.MessageCreated(
                 id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=received,
                 conversation=conversation_ref(row), message=message, cursor=seq, user_id=route.user_id))
             association = route.association
@@ -550,22 +534,10 @@ class Conversations:
             if body.type == "conversation:read":
                 async with self.store.tx():
                     await self.store.set_business_last_read(conversation_id, at)
-        await self._publish_event(conv.ActivityPosted(
+        await self.publish_event(conv.ActivityPosted(
             id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=at,
             conversation=conversation_ref(row), user_id=user_id,
             activity=Activity(type=body.type, author=author, source=Source(type="api:conversations"))))
-
-    async def _publish_event(self, event: conv.ConversationEvent) -> None:
-        try:
-            await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), conv.encode(event),
-                                   msg_id=event.id)
-        except ApiError:
-            raise
-        except Exception as exc:
-            if isinstance(event, conv.MessageCreated):
-                raise
-            log.warning("publishing %s failed: %s", type(event).__name__, exc)
-            raise ApiError(503, "Messaging bus unavailable, try again") from exc
 
     # --- inbound from channels ------------------------------------------------------------
 
@@ -593,7 +565,7 @@ class Conversations:
         if postback is not None:
             postback = msgspec.structs.replace(postback, text=mask_card_numbers(postback.text))
         # What a person wrote, not the sender's identifiers (a long phone number can pass Luhn); the
-        # raw payload is never stored (see `_inbound_identity`).
+        # raw payload is never stored (see `inbound_identity`).
         masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback)
         return msg if masked == msg else masked
 
@@ -613,7 +585,7 @@ class Conversations:
             return handled
         if await self.linker.handle(msg):
             return handled
-        user, client = await self._inbound_identity(msg)
+        user, client = await self.inbound_identity(msg)
         if await self.linker.on_inbound(msg, user, client):  # a yes or no to a merge it was asked about
             return handled
         if client.status == "pending":  # a direct link by phone waits for this number (clients.py)
@@ -621,7 +593,7 @@ class Conversations:
             if outcome.consumed:
                 return handled
             if outcome.resolve_again:
-                user, client = await self._inbound_identity(msg)
+                user, client = await self.inbound_identity(msg)
             else:
                 assert outcome.user is not None and outcome.client is not None
                 user, client = outcome.user, outcome.client
@@ -702,23 +674,6 @@ class Conversations:
                 created_at=_parse_received(message), conversation=conversation_ref(row), message=message,
                 cursor=stored.seq, user_id=message.author.user_id or "")),
             msg_id=stored.event_id)
-
-    async def _inbound_identity(self, msg: chan.InboundMessage) -> tuple[User, Client]:
-        if msg.user_id and msg.client_id:
-            user = User(id=msg.user_id)
-            client = Client(id=msg.client_id, type=msg.client_type, status="active", integration_id=msg.integration_id,
-                            external_id=msg.channel_user_id, display_name=msg.display_name,
-                            info=msg.client_info or None)
-            return user, client
-        # Not `msg.raw`: every channel's raw payload is the message itself, which kept as the
-        # client's `raw` would outlive retention and deletion of the message (and show in the API).
-        try:
-            return await self.identity.resolve(ident.ResolveClient(
-                app_id=msg.app_id, integration_id=msg.integration_id, client_type=msg.client_type,
-                channel_user_id=msg.channel_user_id, display_name=msg.display_name,
-                info=msg.client_info, user_id=msg.user_id))
-        except IdentityUnavailable as exc:
-            raise Retry(1.0, f"identity unavailable: {exc}") from exc
 
     async def inbound_activity(self, msg: chan.InboundActivity) -> None:
         """Typing/read from a customer: update read state, announce ActivityPosted."""
@@ -916,8 +871,6 @@ def _anonymous(body: str) -> str:
 
 
 def _parse_received(message: Message) -> float:
-    from shared.ids import parse_iso
-
     try:
         return parse_iso(message.received)
     except ValueError:

@@ -27,12 +27,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.errors
 
 from services.conversations.clients import yes_or_no
+from services.conversations.core import ConversationCore
 from services.conversations.identity_client import IdentityUnavailable
 from services.conversations.store import MESSAGE_DECODER, PendingMerge, conversation_ref
 from shared import subjects
@@ -44,9 +45,6 @@ from shared.messages import conversation as conv
 from shared.messages import handoff
 from shared.messages import identity as ident
 from shared.sunco import Client, ClientType, Content, DeliveryError, Message, Source, TextContent, User
-
-if TYPE_CHECKING:
-    from services.conversations.handlers import Conversations
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +166,7 @@ class Arrival:
     @classmethod
     def of_message(cls, msg: chan.InboundMessage) -> Arrival:
         """The sender of an inbound channel message (not its raw payload: that is the message,
-        which must not outlive it in the client's record; see `Conversations._inbound_identity`)."""
+        which must not outlive it in the client's record; see `ConversationCore.inbound_identity`)."""
         return cls(app_id=msg.app_id, integration_id=msg.integration_id, channel=msg.channel,
                    client_type=msg.client_type, channel_user_id=msg.channel_user_id,
                    display_name=msg.display_name, info=msg.client_info)
@@ -194,7 +192,7 @@ class Linker:
     code's conversation (one code path for both: `link_arrival`); asks and hears the customer's
     confirmation where a merge needs one."""
 
-    def __init__(self, conversations: Conversations, recap_count: int = DEFAULT_RECAP_COUNT,
+    def __init__(self, conversations: ConversationCore, recap_count: int = DEFAULT_RECAP_COUNT,
                  timeout: float = 5.0, confirm_ttl: float = CONFIRM_TTL_SECONDS) -> None:
         self.conversations = conversations
         self.recap_count = recap_count
@@ -241,7 +239,7 @@ class Linker:
 
     async def _answer(self, msg: chan.InboundMessage, text: str) -> None:
         """Say `text` to the sender on the channel the code arrived on (nothing is stored)."""
-        user, client = await self.conversations._inbound_identity(msg)
+        user, client = await self.conversations.inbound_identity(msg)
         await self._send(msg.app_id, client, user.id, "", text)
 
     async def _send(self, app_id: str, client: Client, user_id: str, conversation_id: str, text: str) -> None:
@@ -270,9 +268,9 @@ class Linker:
             await self._answer(msg, GONE_MESSAGE)
             return
         if isinstance(linked, ident.IdentityError):
-            user, client = await convs._inbound_identity(msg)
+            user, client = await convs.inbound_identity(msg)
             await self._send(msg.app_id, client, user.id, "", THEFT_MESSAGE)
-            await convs._publish_event(conv.ClientRemoved(
+            await convs.publish_event(conv.ClientRemoved(
                 id=new_id(), app_id=msg.app_id, conversation_id=redeemed.conversation_id, created_at=now(),
                 user=User(id=redeemed.user_id), client=client, reason="linkFailed",
                 error=DeliveryError(code=linked.code, message=linked.title)))
@@ -345,15 +343,15 @@ class Linker:
             await store.upsert_association(str(participant["id"]), client.id, client.type, client.integration_id,
                                            client.external_id, client.info, at)
         if reply.merge is not None and reply.discarded_user is not None:
-            await convs._publish_event(conv.UsersMerged(
+            await convs.publish_event(conv.UsersMerged(
                 id=reply.merge.id, app_id=arrival.app_id, conversation_id=redeemed.conversation_id, created_at=at,
                 surviving=user, discarded=reply.discarded_user, reason=reply.merge.reason,
                 merged_client_ids=reply.merge.merged_client_ids, merged_conversation_ids=merged_conversations,
                 discarded_metadata=reply.merge.discarded_metadata))
-        await convs._publish_event(conv.ClientAdded(
+        await convs.publish_event(conv.ClientAdded(
             id=new_id(), app_id=arrival.app_id, conversation_id=redeemed.conversation_id, created_at=at, user=user,
             client=client, reason="channelLinking"))
-        await convs._publish_event(conv.Referred(
+        await convs.publish_event(conv.Referred(
             id=new_id(), app_id=arrival.app_id, conversation_id=redeemed.conversation_id, created_at=at,
             conversation=conv_ref, user=user, code=code,
             source=Source(type=arrival.channel, integration_id=arrival.integration_id)))

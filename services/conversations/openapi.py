@@ -4,15 +4,35 @@ msgspec structs that define the bodies (no hand-written schema literal)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import msgspec
+from aiohttp import web
 
 from services.conversations import models
 
-if TYPE_CHECKING:
-    from services.conversations.api import Operation
+Scope = Literal["account", "app", "public"]
+# An unbound method of the API's handler class, called with the instance and the request.
+HandlerFn = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One API operation: routing, auth scope and its OpenAPI description."""
+
+    method: str
+    path: str
+    operation_id: str
+    tag: str
+    summary: str
+    handler: HandlerFn
+    status: int = 200
+    scope: Scope = "app"
+    request: type[Any] | None = None
+    response: type[Any] | None = None
+    query: tuple[str, ...] = ()
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"{([^}]+)}")

@@ -15,10 +15,11 @@ it merged, whoever sent the link would hold a channel of the account (and read a
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 
+from services.conversations.core import ConversationCore
 from services.conversations.identity_client import IdentityUnavailable
 from shared import subjects
 from shared.http import ApiError
@@ -27,9 +28,6 @@ from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.signing import JwtError, jwt_decode, jwt_header
 from shared.sunco import Source
-
-if TYPE_CHECKING:
-    from services.conversations.handlers import Conversations
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def _refuse(title: str) -> ApiError:
     return ApiError(401, f"Invalid login JWT: {title}", INVALID_AUTH)
 
 
-async def verify_user_jwt(convs: Conversations, app_id: str, token: str, external_id: str) -> None:
+async def verify_user_jwt(convs: ConversationCore, app_id: str, token: str, external_id: str) -> None:
     """Raise a 401 ApiError unless `token` is a valid user JWT of `app_id` for `external_id`."""
     if not token or len(token) > MAX_JWT_LENGTH:
         raise _refuse("a JWT is required")
@@ -71,7 +69,7 @@ async def verify_user_jwt(convs: Conversations, app_id: str, token: str, externa
         raise _refuse("external_id does not match externalId")
 
 
-async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedIn:
+async def sdk_login(convs: ConversationCore, req: conv.SdkLogin) -> conv.SdkLoggedIn:
     """Log the session's user in as `req.external_id` (see the module docstring)."""
     if not 1 <= len(req.external_id) <= MAX_EXTERNAL_ID_LENGTH:
         raise ApiError(400, f"externalId must be 1-{MAX_EXTERNAL_ID_LENGTH} characters")
@@ -100,7 +98,7 @@ async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedI
         convs.identity.forget_user(user.id)
         async with store.tx():
             await store.set_participant_external_id(req.app_id, user.id, user.external_id)
-        await convs._publish_event(conv.UserUpdated(
+        await convs.publish_event(conv.UserUpdated(
             id=new_id(), app_id=req.app_id, conversation_id=req.conversation_id, created_at=at, user=user,
             reason="authentication"))
     elif reply.outcome == "merged" and reply.merge is not None and reply.discarded_user is not None:
@@ -114,12 +112,12 @@ async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedI
                 # The visitor is active on this client now: it is the conversation's primary one.
                 await store.upsert_association(str(participant["id"]), client.id, client.type,
                                                client.integration_id, client.external_id, client.info, at)
-        await convs._publish_event(conv.UsersMerged(
+        await convs.publish_event(conv.UsersMerged(
             id=reply.merge.id, app_id=req.app_id, conversation_id=req.conversation_id, created_at=at,
             surviving=user, discarded=discarded, reason=reply.merge.reason,
             merged_client_ids=reply.merge.merged_client_ids, merged_conversation_ids=merged_conversations,
             discarded_metadata=reply.merge.discarded_metadata))
-        await convs._publish_event(conv.ClientAdded(
+        await convs.publish_event(conv.ClientAdded(
             id=new_id(), app_id=req.app_id, conversation_id=req.conversation_id, created_at=at, user=user,
             client=client, reason="sdkLogin"))
         log.info("sdk login merged %s into %s (conversation %s kept)", discarded.id, user.id, req.conversation_id)
@@ -128,7 +126,7 @@ async def sdk_login(convs: Conversations, req: conv.SdkLogin) -> conv.SdkLoggedI
     return conv.SdkLoggedIn(user=user, conversation_id=req.conversation_id, outcome=outcome)
 
 
-async def _separated(convs: Conversations, req: conv.SdkLogin, reply: ident.UserLoggedIn) -> conv.SdkLoggedIn:
+async def _separated(convs: ConversationCore, req: conv.SdkLogin, reply: ident.UserLoggedIn) -> conv.SdkLoggedIn:
     """The visitor holds clients the JWT does not prove: the session's client alone went to the
     account, whose default conversation the session continues in."""
     user, client, left = reply.user, reply.client, reply.left_user
@@ -149,7 +147,7 @@ async def _separated(convs: Conversations, req: conv.SdkLogin, reply: ident.User
         if participant is not None:
             await store.upsert_association(str(participant["id"]), client.id, client.type, client.integration_id,
                                            client.external_id, client.info, at)
-    await convs._publish_event(conv.ClientAdded(
+    await convs.publish_event(conv.ClientAdded(
         id=new_id(), app_id=req.app_id, conversation_id=row["id"], created_at=at, user=user, client=client,
         reason="sdkLogin"))
     log.info("sdk login moved client %s alone into %s (conversation %s); %s keeps its channels", client.id, user.id,

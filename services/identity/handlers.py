@@ -55,7 +55,7 @@ class IdentityHandlers:
         if isinstance(request, msgs.RemoveClient):
             return await self.remove_client(request)
         if isinstance(request, msgs.LoginUser):
-            return await login_user(self, request)
+            return await login_user(self.store, self.forget_user, request)
         if isinstance(request, msgs.ListMerges):
             return msgs.MergesReply(merges=await self.store.list_merges(request.app_id, request.user_id))
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")
@@ -116,7 +116,7 @@ class IdentityHandlers:
             updated = await self.store.update_user(req.app_id, user, req.external_id, req.profile, req.metadata)
         except Conflict as exc:
             return msgs.IdentityError(status=409, code="conflict", title=str(exc))
-        self._forget_user(user.id)
+        self.forget_user(user.id)
         return msgs.UserReply(user=updated)
 
     async def delete_user(self, req: msgs.DeleteUser) -> msgs.IdentityMessage:
@@ -124,7 +124,7 @@ class IdentityHandlers:
         if user is None:
             return _not_found()
         client_ids = await self.store.delete_user(req.app_id, user.id)
-        self._forget_user(user.id)
+        self.forget_user(user.id)
         return msgs.Deleted(user_id=user.id, client_ids=client_ids, external_id=user.external_id,
                             authenticated=user.authenticated)
 
@@ -133,7 +133,7 @@ class IdentityHandlers:
         if user is None:
             return _not_found()
         scrubbed = await self.store.delete_personal_information(req.app_id, user.id)
-        self._forget_user(user.id)
+        self.forget_user(user.id)
         return _not_found() if scrubbed is None else msgs.UserReply(user=scrubbed)
 
     async def list_clients(self, req: msgs.ListClients) -> msgs.IdentityMessage:
@@ -147,7 +147,7 @@ class IdentityHandlers:
         if found is None:
             return msgs.IdentityError(status=404, code="client_not_found", title="Client not found")
         user, client = found
-        self._forget_user(user.id)
+        self.forget_user(user.id)
         return msgs.ClientReply(user=user, client=client)
 
     async def register_device(self, req: msgs.RegisterDevice) -> msgs.IdentityMessage:
@@ -187,7 +187,7 @@ class IdentityHandlers:
             return _not_found()
         owner, client = resolution.user, resolution.client
         if resolution.client_created:
-            self._forget_user(target.id)
+            self.forget_user(target.id)
             return msgs.ClientLinked(user=owner, client=client, client_created=True)
         if owner.id == target.id:
             return msgs.ClientLinked(user=owner, client=client)
@@ -205,8 +205,8 @@ class IdentityHandlers:
             merged = await self.store.merge_users(req.app_id, surviving=target, discarded=owner, reason=req.reason)
         except UserGone:
             return _not_found()
-        self._forget_user(owner.id)
-        self._forget_user(target.id)
+        self.forget_user(owner.id)
+        self.forget_user(target.id)
         survivor = await self.store.find_user(req.app_id, target.id)
         moved = await self.store.find_client(req.app_id, req.integration_id, req.channel_user_id)
         assert survivor is not None and moved is not None
@@ -228,7 +228,7 @@ class IdentityHandlers:
                 status=req.status)
             if created:
                 await self.store.set_proven_by(req.app_id, client.id, req.proven_by_client_id)
-                self._forget_user(target.id)
+                self.forget_user(target.id)
                 return msgs.PhoneClientAttached(user=user, client=client, client_created=True)
             found = (user, client)  # a message from the number created it meanwhile
         owner, client = found
@@ -236,8 +236,8 @@ class IdentityHandlers:
         status = "active" if owner.id == target.id and client.status == "active" else req.status
         await self.store.attach_client(req.app_id, client.id, target.id, status)
         await self.store.set_proven_by(req.app_id, client.id, req.proven_by_client_id)
-        self._forget_user(owner.id)
-        self._forget_user(target.id)
+        self.forget_user(owner.id)
+        self.forget_user(target.id)
         moved = await self.store.find_client(req.app_id, req.integration_id, key)
         assert moved is not None
         return msgs.PhoneClientAttached(user=moved[0], client=moved[1],
@@ -250,10 +250,11 @@ class IdentityHandlers:
         client = await self.store.remove_client(req.app_id, user.id, req.client_id)
         if client is None:
             return msgs.IdentityError(status=404, code="client_not_found", title="Client not found")
-        self._forget_user(user.id)
+        self.forget_user(user.id)
         return msgs.ClientReply(user=user, client=client)
 
-    def _forget_user(self, user_id: str) -> None:
+    def forget_user(self, user_id: str) -> None:
+        """Drop the resolver cache's entries of `user_id` (it was merged, moved or changed)."""
         for key in [k for k, (u, _c) in self._resolved.items() if u.id == user_id]:
             del self._resolved[key]
 

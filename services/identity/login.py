@@ -14,16 +14,15 @@ neither identified nor merged; the session's client alone moves to the externalI
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from services.identity.store import Conflict, UserGone
+from services.identity.store import Conflict, IdentityStore, UserGone
 from shared.db import INTEGRITY_ERRORS
 from shared.messages import identity as msgs
 from shared.sunco import Client, Profile, User
 
-if TYPE_CHECKING:
-    from services.identity.handlers import IdentityHandlers
-    from services.identity.store import IdentityStore
+# Drops a user's entries from the resolver's cache (the user changed: merged, moved, separated).
+ForgetUser = Callable[[str], None]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,8 @@ def _error(status: int, code: str, title: str) -> msgs.IdentityError:
     return msgs.IdentityError(status=status, code=code, title=title)
 
 
-async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.IdentityMessage:
+async def login_user(store: IdentityStore, forget_user: ForgetUser, req: msgs.LoginUser) -> msgs.IdentityMessage:
     """Identify the session's user as `req.external_id`, or merge it into the user who has it."""
-    store = handlers.store
     if not 1 <= len(req.external_id) <= MAX_EXTERNAL_ID_LENGTH:
         return _error(400, "bad_request", f"externalId must be 1-{MAX_EXTERNAL_ID_LENGTH} characters")
     current = await user_by_id(store, req.app_id, req.user_id)
@@ -93,12 +91,12 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
     proven = await store.proven_by(req.app_id, client.id)
     others = [c for c in await store.list_clients(req.app_id, current.id) if c.id != client.id and c.id not in proven]
     if others:
-        return await _separate(handlers, req, current, client, others)
+        return await _separate(store, forget_user, req, current, client, others)
     for _ in range(3):
         target = await user_by_external_id(store, req.app_id, req.external_id)
         if target is None:
             if await identify(store, req.app_id, current.id, req.external_id):
-                handlers._forget_user(current.id)
+                forget_user(current.id)
                 identified = await user_by_id(store, req.app_id, current.id)
                 assert identified is not None
                 return msgs.UserLoggedIn(user=identified, client=client, outcome="identified")
@@ -108,8 +106,8 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
         except UserGone:
             return _error(409, "conflict", "The session's user changed while logging in; try again")
         await mark_authenticated(store, req.app_id, target.id)
-        handlers._forget_user(current.id)
-        handlers._forget_user(target.id)
+        forget_user(current.id)
+        forget_user(target.id)
         survivor = await user_by_id(store, req.app_id, target.id)
         moved = await session_client(store, req.app_id, target.id, req.client_id)
         assert survivor is not None and moved is not None
@@ -118,10 +116,9 @@ async def login_user(handlers: IdentityHandlers, req: msgs.LoginUser) -> msgs.Id
     return _error(409, "conflict", "The externalId changed hands while logging in; try again")
 
 
-async def _separate(handlers: IdentityHandlers, req: msgs.LoginUser, current: User, client: Client,
-                    others: list[Client]) -> msgs.IdentityMessage:
+async def _separate(store: IdentityStore, forget_user: ForgetUser, req: msgs.LoginUser, current: User,
+                    client: Client, others: list[Client]) -> msgs.IdentityMessage:
     """Move only the session's client to `req.external_id`'s user (created when missing)."""
-    store = handlers.store
     for _ in range(3):
         target = await user_by_external_id(store, req.app_id, req.external_id)
         if target is None:
@@ -131,8 +128,8 @@ async def _separate(handlers: IdentityHandlers, req: msgs.LoginUser, current: Us
                 continue  # created by a concurrent login: move the client to that one
         await mark_authenticated(store, req.app_id, target.id)
         await store.move_client(req.app_id, client.id, target.id)
-        handlers._forget_user(current.id)
-        handlers._forget_user(target.id)
+        forget_user(current.id)
+        forget_user(target.id)
         survivor = await user_by_id(store, req.app_id, target.id)
         moved = await session_client(store, req.app_id, target.id, client.id)
         assert survivor is not None and moved is not None

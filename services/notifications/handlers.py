@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import msgspec
 import nats.errors
 
+from services.notifications import email as email_out
 from services.notifications import limits, policy
 from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
@@ -228,14 +229,10 @@ class Notifier:
                          html_body: str | None, unsubscribe_url: str | None) -> str:
         sender = self._email_sender
         if sender is None:
-            from services.notifications import email as email_out  # N2's module (SMTP)
-
             sender = email_out.send_email
         return await sender(integration, to, subject, text, html_body, unsubscribe_url=unsubscribe_url)
 
     def email_errors(self) -> tuple[type[Exception], type[Exception]]:
-        from services.notifications import email as email_out
-
         return email_out.EmailTransientError, email_out.EmailPermanentError
 
     # --- events -----------------------------------------------------------------------------

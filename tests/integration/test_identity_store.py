@@ -189,8 +189,8 @@ async def test_sdk_login_identifies_merges_or_separates(store: IdentityStore) ->
         return r.user.id, r.client.id
 
     async def login(user_id: str, client_id: str, external_id: str) -> msgs.UserLoggedIn:
-        reply = await login_user(h, msgs.LoginUser(app_id=APP, user_id=user_id, client_id=client_id,
-                                                   external_id=external_id))
+        reply = await login_user(h.store, h.forget_user, msgs.LoginUser(
+            app_id=APP, user_id=user_id, client_id=client_id, external_id=external_id))
         assert isinstance(reply, msgs.UserLoggedIn), reply
         return reply
 

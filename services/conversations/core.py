@@ -1,0 +1,132 @@
+"""The part of the conversation model its collaborators share (`clients`, `linking`,
+`sdk_login` and `handlers`): the store, the bus, identity, and what they all need of them —
+announcing events, resolving a customer's identity, the default conversation, the channel
+that reaches a client. A leaf: it imports none of the modules built on it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
+from services.conversations.store import Store, conversation_ref, loads
+from shared import subjects
+from shared.bus import Retry
+from shared.db import Row
+from shared.http import ApiError
+from shared.ids import new_id, now
+from shared.messages import channel as chan
+from shared.messages import conversation as conv
+from shared.messages import identity as ident
+from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
+from shared.sunco import Client, Source, User
+
+log = logging.getLogger(__name__)
+
+SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
+APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
+
+
+class ConversationCore:
+    """The store, the bus and identity, and the operations every part of the model shares."""
+
+    def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
+        self.store = store
+        self.bus = bus
+        self.identity = identity
+        self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
+
+    async def publish_event(self, event: conv.ConversationEvent) -> None:
+        """Announce `event` on its conversation's subject (de-duplicated by its id); a failure
+        other than a MessageCreated's is answered 503 (the caller's change stays)."""
+        try:
+            await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), conv.encode(event),
+                                   msg_id=event.id)
+        except ApiError:
+            raise
+        except Exception as exc:
+            if isinstance(event, conv.MessageCreated):
+                raise
+            log.warning("publishing %s failed: %s", type(event).__name__, exc)
+            raise ApiError(503, "Messaging bus unavailable, try again") from exc
+
+    async def inbound_identity(self, msg: chan.InboundMessage) -> tuple[User, Client]:
+        """The user and client a customer message comes from (resolved by identity unless the
+        channel named them); Retry while identity cannot answer."""
+        if msg.user_id and msg.client_id:
+            user = User(id=msg.user_id)
+            client = Client(id=msg.client_id, type=msg.client_type, status="active", integration_id=msg.integration_id,
+                            external_id=msg.channel_user_id, display_name=msg.display_name,
+                            info=msg.client_info or None)
+            return user, client
+        # Not `msg.raw`: every channel's raw payload is the message itself, which kept as the
+        # client's `raw` would outlive retention and deletion of the message (and show in the API).
+        try:
+            return await self.identity.resolve(ident.ResolveClient(
+                app_id=msg.app_id, integration_id=msg.integration_id, client_type=msg.client_type,
+                channel_user_id=msg.channel_user_id, display_name=msg.display_name,
+                info=msg.client_info, user_id=msg.user_id))
+        except IdentityUnavailable as exc:
+            raise Retry(1.0, f"identity unavailable: {exc}") from exc
+
+    async def ensure_conversation(self, app_id: str, user: User, *, reason: str, source: Source | None = None,
+                                  default: bool = True, display_name: str | None = None,
+                                  description: str | None = None, icon_url: str | None = None,
+                                  metadata: dict[str, Any] | None = None) -> tuple[Row, bool]:
+        """The user's default personal conversation (created when missing) or, with
+        `default=False`, a new personal conversation (the default one when the user has none).
+
+        A created conversation is announced with ConversationCreated; if that publish fails the
+        conversation is removed again and the error propagates.
+        """
+        if default:
+            existing = await self.store.default_conversation(app_id, user.id)
+            if existing is not None:
+                return existing, False
+        created_at = now()
+        row, created = await self.store.create_personal_conversation(
+            new_id(), new_id(), app_id, user.id, user.external_id, default=default, display_name=display_name,
+            description=description, icon_url=icon_url, metadata=metadata, now=created_at)
+        if not created:
+            return row, False
+        conversation_id = row["id"]
+        event = conv.ConversationCreated(
+            id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=created_at,
+            conversation=conversation_ref(row), user=user, creation_reason=reason, source=source)
+        try:
+            await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(event),
+                                   msg_id=event.id)
+        except Exception:
+            async with self.store.tx():
+                await self.store.delete_conversation(conversation_id)
+            raise
+        return row, True
+
+    async def outbound_channel_of(self, client: Client) -> str | None:
+        """`outbound_channel` for a client (the channel service that sends to it)."""
+        return await self.outbound_channel(client.type, client.integration_id)
+
+    async def business_name(self, app_id: str) -> str:
+        """How the business is named to customers: the web messenger's `businessName` (what the
+        handoff's prefilled texts say too), else the app's display name."""
+        integrations, _ = await self.store.list_integrations(app_id, ["web"])
+        for integration in integrations:
+            name = loads(integration["config"]).get("businessName")
+            if isinstance(name, str) and name:
+                return name
+        row = await self.store.get_app(app_id)
+        return str(row["display_name"]) if row is not None and row["display_name"] else "us"
+
+    async def outbound_channel(self, client_type: str, integration_id: str | None) -> str | None:
+        """The channel service that delivers to a client of this type, None when nobody needs to.
+
+        Web SDK clients read the conversation over their socket; app SDK clients too, but the
+        app channel also pushes what their socket did not deliver.
+        """
+        if not integration_id:
+            return None
+        if client_type != "sdk":
+            return client_type
+        integration_type = await self.store.integration_type(integration_id)
+        return integration_type if integration_type in APP_INTEGRATION_TYPES else None
