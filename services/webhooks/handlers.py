@@ -14,13 +14,30 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from shared.messages.conversation import ConversationUnion, webhook_event
+from shared.ids import iso
+from shared.messages.conversation import (
+    ActivityPosted,
+    ClientAdded,
+    ClientRemoved,
+    ClientUpdated,
+    ConversationCreated,
+    ConversationRemoved,
+    ConversationUnion,
+    DeliveryReported,
+    MessageCreated,
+    NotificationReported,
+    Referred,
+    UserRemoved,
+    UsersMerged,
+    UserUpdated,
+)
 from shared.records import WebhookRecord
 from shared.signing import WEBHOOK_SIGNATURE_HEADER, webhook_signature
+from shared.sunco import api_content, to_wire
 
 USER_AGENT = "Threadline-Webhooks/0.1"
 WEBHOOK_ID_HEADER = "X-Threadline-Webhook-Id"
@@ -87,6 +104,74 @@ def matching_webhooks(records: Iterable[WebhookRecord], app_id: str, trigger: st
     found = [r for r in records if r.app_id == app_id and subscribed(r, trigger)]
     found.sort(key=lambda r: r.id)
     return found
+
+
+def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None:
+    """The SunCo webhook trigger and event object (`{id, type, createdAt, payload}`) of an event;
+    None for the events that have no webhook form."""
+    conversation = to_wire(event.conversation) if hasattr(event, "conversation") else None
+    trigger: str
+    payload: dict[str, Any]
+    match event:
+        case MessageCreated(message=message):
+            message = msgspec.structs.replace(message, content=api_content(message.content))
+            trigger, payload = "conversation:message", {"conversation": conversation, "message": to_wire(message)}
+        case ActivityPosted(activity=activity):
+            trigger = "conversation:read" if activity.type == "conversation:read" else "conversation:typing"
+            payload = {"conversation": conversation, "activity": to_wire(activity)}
+        case DeliveryReported():
+            trigger = f"conversation:message:delivery:{event.kind}"
+            payload = {"user": to_wire(event.user), "conversation": conversation, "message": {"id": event.message_id},
+                       "destination": to_wire(event.destination),
+                       "externalMessages": to_wire(event.external_messages), "isFinalEvent": event.is_final}
+            _add(payload, "error", event.error)
+        case ConversationCreated():
+            trigger = "conversation:create"
+            payload = {"conversation": conversation, "creationReason": event.creation_reason}
+            _add(payload, "user", event.user)
+            _add(payload, "source", event.source)
+        case ConversationRemoved():
+            trigger, payload = "conversation:remove", {"conversation": conversation}
+        case ClientAdded() | ClientUpdated() | ClientRemoved():
+            trigger = {ClientAdded: "client:add", ClientUpdated: "client:update", ClientRemoved: "client:remove"}[
+                type(event)]
+            payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
+            if isinstance(event, ClientRemoved):
+                _add(payload, "error", event.error)
+            _add(payload, "conversation", event.conversation)
+            _add(payload, "source", event.source)
+        case Referred():
+            trigger = "conversation:referral"
+            payload = {"conversation": conversation, "user": to_wire(event.user), "source": to_wire(event.source),
+                       "referral": {"code": event.code, "details": event.details}}
+        case UsersMerged():
+            trigger = "user:merge"
+            payload = {"mergedUsers": {"surviving": to_wire(event.surviving), "discarded": to_wire(event.discarded)},
+                       "reason": event.reason}
+            if event.merged_client_ids:
+                payload["mergedClients"] = {"surviving": event.merged_client_ids}
+            if event.merged_conversation_ids:
+                payload["mergedConversations"] = {"surviving": event.merged_conversation_ids}
+            if event.discarded_metadata:
+                payload["discardedMetadata"] = event.discarded_metadata
+        case UserUpdated():
+            trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
+        case UserRemoved():
+            trigger, payload = "user:remove", {"user": {**to_wire(event.user), "authenticated": event.authenticated}}
+        case NotificationReported():
+            trigger = f"notification:delivery:{event.kind}"
+            payload = {"notification": {"id": event.notification_id}, "conversation": conversation,
+                       "user": to_wire(event.user), "destination": to_wire(event.destination)}
+            _add(payload, "error", event.error)
+        case _:
+            return None
+    return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}
+
+
+def _add(payload: dict[str, Any], name: str, value: object | None) -> None:
+    """Put `value` in the payload in its wire form, unless it is absent."""
+    if value is not None:
+        payload[name] = to_wire(value)
 
 
 def deliveries_for(event: ConversationUnion, records: Iterable[WebhookRecord],

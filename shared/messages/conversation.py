@@ -1,7 +1,7 @@
 """The `conversation` family: events published by `conversations`, one subject per conversation.
 
-Each event maps to one SunCo webhook event (`webhook_event`), which is what the `webhooks`
-service delivers and what the SDK socket pushes to the widget.
+Each event maps to one SunCo webhook event (`services/webhooks/handlers.py`'s `webhook_event`),
+which is what the `webhooks` service delivers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.ids import iso
 from shared.sunco import (
     Activity,
     Client,
@@ -23,8 +22,6 @@ from shared.sunco import (
     Source,
     User,
     UserRef,
-    api_content,
-    to_wire,
 )
 
 
@@ -222,81 +219,6 @@ def decode(data: bytes) -> ConversationUnion:
     return DECODER.decode(data)
 
 
-def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None:
-    """The SunCo webhook trigger and event object (`{id, type, createdAt, payload}`) for an event.
-
-    Returns None for events that have no webhook form.
-    """
-    trigger: str
-    payload: dict[str, Any]
-    conversation = to_wire(event.conversation) if hasattr(event, "conversation") else None
-    if isinstance(event, MessageCreated):
-        message = msgspec.structs.replace(event.message, content=api_content(event.message.content))
-        trigger, payload = "conversation:message", {"conversation": conversation, "message": to_wire(message)}
-    elif isinstance(event, ActivityPosted):
-        trigger = "conversation:read" if event.activity.type == "conversation:read" else "conversation:typing"
-        payload = {"conversation": conversation, "activity": to_wire(event.activity)}
-    elif isinstance(event, DeliveryReported):
-        trigger = f"conversation:message:delivery:{event.kind}"
-        payload = {
-            "user": to_wire(event.user),
-            "conversation": conversation,
-            "message": {"id": event.message_id},
-            "destination": to_wire(event.destination),
-            "externalMessages": to_wire(event.external_messages),
-            "isFinalEvent": event.is_final,
-        }
-        if event.error is not None:
-            payload["error"] = to_wire(event.error)
-    elif isinstance(event, ConversationCreated):
-        trigger = "conversation:create"
-        payload = {"conversation": conversation, "creationReason": event.creation_reason}
-        if event.user is not None:
-            payload["user"] = to_wire(event.user)
-        if event.source is not None:
-            payload["source"] = to_wire(event.source)
-    elif isinstance(event, ConversationRemoved):
-        trigger, payload = "conversation:remove", {"conversation": conversation}
-    elif isinstance(event, ClientAdded | ClientUpdated):
-        trigger = "client:add" if isinstance(event, ClientAdded) else "client:update"
-        payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
-        _client_event_extras(event, payload)
-    elif isinstance(event, ClientRemoved):
-        trigger = "client:remove"
-        payload = {"user": to_wire(event.user), "client": to_wire(event.client), "reason": event.reason}
-        if event.error is not None:
-            payload["error"] = to_wire(event.error)
-        _client_event_extras(event, payload)
-    elif isinstance(event, Referred):
-        trigger = "conversation:referral"
-        payload = {"conversation": conversation, "user": to_wire(event.user), "source": to_wire(event.source),
-                   "referral": {"code": event.code, "details": event.details}}
-    elif isinstance(event, UsersMerged):
-        trigger = "user:merge"
-        payload = {"mergedUsers": {"surviving": to_wire(event.surviving), "discarded": to_wire(event.discarded)},
-                   "reason": event.reason}
-        if event.merged_client_ids:
-            payload["mergedClients"] = {"surviving": event.merged_client_ids}
-        if event.merged_conversation_ids:
-            payload["mergedConversations"] = {"surviving": event.merged_conversation_ids}
-        if event.discarded_metadata:
-            payload["discardedMetadata"] = event.discarded_metadata
-    elif isinstance(event, UserUpdated):
-        trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
-    elif isinstance(event, UserRemoved):
-        user = {**to_wire(event.user), "authenticated": event.authenticated}
-        trigger, payload = "user:remove", {"user": user}
-    elif isinstance(event, NotificationReported):
-        trigger = f"notification:delivery:{event.kind}"
-        payload = {"notification": {"id": event.notification_id}, "conversation": conversation,
-                   "user": to_wire(event.user), "destination": to_wire(event.destination)}
-        if event.error is not None:
-            payload["error"] = to_wire(event.error)
-    else:
-        return None
-    return trigger, {"id": event.id, "type": trigger, "createdAt": iso(event.created_at), "payload": payload}
-
-
 @dataclass(frozen=True)
 class Erasure:
     """What a service must forget of its copies after a privacy event: rows of
@@ -318,13 +240,6 @@ def erasure(event: ConversationUnion) -> Erasure | None:
     if isinstance(event, MessagesExpired):
         return Erasure((event.conversation_id,), before=event.created_at)
     return None
-
-
-def _client_event_extras(event: ClientAdded | ClientUpdated | ClientRemoved, payload: dict[str, Any]) -> None:
-    if event.conversation is not None:
-        payload["conversation"] = to_wire(event.conversation)
-    if event.source is not None:
-        payload["source"] = to_wire(event.source)
 
 
 # --- request/reply with `conversations` ------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import sunshine_conversations_client as sc
 from nats.js.errors import NotFoundError
 
+from services.webhooks.handlers import webhook_event
 from shared import subjects
 from shared.bus import Bus
 from shared.ids import new_id
@@ -186,7 +187,7 @@ async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa)
     assert [m.id for m in channel.external_messages] == ["wamid.out1"]
     failure = by_kind[("failure", False)]
     assert failure.is_final and failure.error is not None and failure.error.code == "131047"
-    hook = conv.webhook_event(failure)
+    hook = webhook_event(failure)
     assert hook is not None and hook[0] == "conversation:message:delivery:failure"
 
 
@@ -300,7 +301,7 @@ async def test_a_blocking_failure_marks_the_client_blocked(wa: Wa) -> None:
 
     event = await eventually(updated)
     assert event.reason == "blocked" and event.client.status == "blocked" and event.user.id == user_id
-    webhook = conv.webhook_event(event)
+    webhook = webhook_event(event)
     assert webhook is not None and webhook[0] == "client:update"
     assert webhook[1]["payload"]["reason"] == "blocked"
     clients = await t.call(sc.ClientsApi(t.client()).list_clients, t.app_id, user_id)

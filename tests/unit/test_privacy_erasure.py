@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sunshine_conversations_client as sc
 
-from services.webhooks.handlers import PendingDelivery, WebhookQueue
+from services.webhooks.handlers import PendingDelivery, WebhookQueue, webhook_event
 from shared.bus import subjects_overlap
 from shared.messages import conversation as conv
 from shared.sunco import ConversationRef, UserRef
@@ -29,8 +29,8 @@ def test_privacy_events_name_the_copies_to_forget() -> None:
                                    conversation=ConversationRef(id="c1", type="personal"), before=3.0)
     assert conv.erasure(expired) == conv.Erasure(("c1",), before=7.0)
     # Only user:remove is a webhook (SunCo announces neither retention nor personal information).
-    assert conv.webhook_event(personal) is None and conv.webhook_event(expired) is None
-    found = conv.webhook_event(conv.decode(conv.encode(removed)))
+    assert webhook_event(personal) is None and webhook_event(expired) is None
+    found = webhook_event(conv.decode(conv.encode(removed)))
     assert found is not None and found[0] == "user:remove"
     assert found[1]["payload"] == {"user": {"id": "u1", "externalId": "x", "authenticated": False}}
     assert sc.UserRemoveEvent.from_dict(found[1]).payload.user.external_id == "x"
