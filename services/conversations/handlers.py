@@ -97,6 +97,27 @@ class Streams(Protocol):
 
 
 @dataclass(frozen=True)
+class ResolvedInbound:
+    """A customer message with its sender and the conversation it goes into."""
+
+    msg: chan.InboundMessage
+    user: User
+    client: Client
+    row: Row
+
+
+@dataclass(frozen=True)
+class StoredInbound:
+    """A customer message as stored: what its announcement carries."""
+
+    message: Message
+    event_id: str
+    seq: int
+    received: float
+    joined_others: bool
+
+
+@dataclass(frozen=True)
 class Route:
     """Where a business message goes: one client association (None = stored only)."""
 
@@ -571,7 +592,8 @@ class Conversations(ConversationCore):
 
     async def inbound_message(self, msg: chan.InboundMessage) -> chan.InboundMessage:
         """Store a customer message once (by provider id) and announce it, card numbers masked
-        first when the app asks for it. Returns the message as handled (masked or the same)."""
+        first when the app asks for it: resolve (who, which conversation) → store → announce.
+        Returns the message as handled (masked or the same)."""
         lookup = await self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if lookup.masks_cards:
             msg = self.mask_inbound(msg)
@@ -583,15 +605,26 @@ class Conversations(ConversationCore):
         if lookup.duplicate is not None:
             await self._republish(msg.app_id, lookup.duplicate)
             return handled
-        if await self.linker.handle(msg):
+        resolved = await self._resolve_inbound(msg)
+        if resolved is None:  # a linking step took the message
             return handled
+        stored = await self._store_inbound(resolved)
+        if stored is not None:
+            await self._announce_inbound(resolved, stored)
+        return handled
+
+    async def _resolve_inbound(self, msg: chan.InboundMessage) -> ResolvedInbound | None:
+        """Who sent `msg` and into which conversation it goes (created when the user has none);
+        None when a link or merge step consumed it instead."""
+        if await self.linker.handle(msg):
+            return None
         user, client = await self.inbound_identity(msg)
         if await self.linker.on_inbound(msg, user, client):  # a yes or no to a merge it was asked about
-            return handled
+            return None
         if client.status == "pending":  # a direct link by phone waits for this number (clients.py)
             outcome = await self.phone_links.on_pending_inbound(msg, user, client)
             if outcome.consumed:
-                return handled
+                return None
             if outcome.resolve_again:
                 user, client = await self.inbound_identity(msg)
             else:
@@ -608,7 +641,13 @@ class Conversations(ConversationCore):
             if row is None:
                 source = Source(type=msg.channel, integration_id=msg.integration_id)
                 row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
-        conversation_id = row["id"]
+        return ResolvedInbound(msg, user, client, row)
+
+    async def _store_inbound(self, resolved: ResolvedInbound) -> StoredInbound | None:
+        """The message stored in its conversation's history; None when a concurrent duplicate won
+        the insert (its announcement is republished instead)."""
+        msg, user, client = resolved.msg, resolved.user, resolved.client
+        conversation_id = resolved.row["id"]
         received = now()
         content = msg.content
         if msg.postback is not None:
@@ -635,30 +674,31 @@ class Conversations(ConversationCore):
             provider_message_id=msg.provider_message_id, event_id=event_id, received=received, body=dumps(message),
             client_id=client.id, client_type=client.type, client_integration_id=client.integration_id,
             client_external_id=client.external_id, client_info=client.info)
-        seq = record.seq
-        if seq is None:  # a concurrent duplicate won the insert
+        if record.seq is None:  # a concurrent duplicate won the insert
             duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
                                                                 msg.provider_message_id)
             if duplicate is not None:
                 await self._republish(msg.app_id, duplicate)
-            return handled
+            return None
         log.info("customer message %s stored in conversation %s", message.id, conversation_id, extra=log_fields(
             app_id=msg.app_id, conversation_id=conversation_id, message_id=message.id, channel=msg.channel,
             provider_message_id=msg.provider_message_id))
-        ref = conversation_ref(row)
-        if record.joined_others:
-            # A new channel joined a conversation the user already had: SunCo's client:add.
-            await self.bus.publish(subjects.event_subject(msg.app_id, conversation_id), conv.encode(conv.ClientAdded(
-                id=derived_id(conversation_id, client.id, "client:add"), app_id=msg.app_id,
-                conversation_id=conversation_id, created_at=received, user=user, client=client)),
-                msg_id=derived_id(conversation_id, client.id, "client:add"))
-        await self.bus.publish(
-            subjects.event_subject(msg.app_id, conversation_id),
-            conv.encode(conv.MessageCreated(id=event_id, app_id=msg.app_id, conversation_id=conversation_id,
-                                            created_at=received, conversation=ref, message=message, cursor=seq,
-                                            user_id=user.id)),
-            msg_id=event_id)
-        return handled
+        return StoredInbound(message, event_id, record.seq, received, record.joined_others)
+
+    async def _announce_inbound(self, resolved: ResolvedInbound, stored: StoredInbound) -> None:
+        """ClientAdded when a new channel joined a conversation the user already had (SunCo's
+        client:add), then MessageCreated."""
+        app_id, user, client, conversation_id = resolved.msg.app_id, resolved.user, resolved.client, resolved.row["id"]
+        subject = subjects.event_subject(app_id, conversation_id)
+        if stored.joined_others:
+            client_added = derived_id(conversation_id, client.id, "client:add")
+            await self.bus.publish(subject, conv.encode(conv.ClientAdded(
+                id=client_added, app_id=app_id, conversation_id=conversation_id, created_at=stored.received,
+                user=user, client=client)), msg_id=client_added)
+        await self.bus.publish(subject, conv.encode(conv.MessageCreated(
+            id=stored.event_id, app_id=app_id, conversation_id=conversation_id, created_at=stored.received,
+            conversation=conversation_ref(resolved.row), message=stored.message, cursor=stored.seq,
+            user_id=user.id)), msg_id=stored.event_id)
 
     async def _republish(self, app_id: str, stored: StoredMessage) -> None:
         """Publish a stored message's MessageCreated again with its original event id (de-duplicated
