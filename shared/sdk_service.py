@@ -575,24 +575,23 @@ class SdkService(ServiceApp):
 
     path_root: str = "sdk"
     integration_types: frozenset[str] = frozenset()
+    # Set by `start_sdk`, before HTTP serves (and released by `stop`, in the reverse order).
+    bus: Bus
+    integrations: KvMirror
+    ended_users: KvMirror
+    # Socket presence (`SDK_PRESENCE_BUCKET`): this replica's heartbeat and open sockets.
+    presence_kv: KeyValue
+    # New sessions and link requests, counted in `SDK_LIMITS_BUCKET` (every replica agrees).
+    limiter: SharedLimiter
 
     def __init__(self, common: CommonConfig, sdk: SdkSettings, keyring: Keyring | None = None) -> None:
         super().__init__(common)
         self.sdk = sdk
         # Opens the integrations' sealed credentials (`app` pushes with them; `web` has none).
         self.keyring = keyring or Keyring()
-        self.bus: Bus | None = None
-        self.integrations: KvMirror | None = None
-        self.ended_users: KvMirror | None = None
         self.hub = EventHub()
         self.sockets: dict[web.WebSocketResponse, SocketListener] = {}
-        self._monitor: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
-        # Socket presence (`SDK_PRESENCE_BUCKET`): this replica's heartbeat and open sockets.
-        self._presence_kv: KeyValue | None = None
         self.presence = PresenceBoard(self.presence_bucket, new_id())
-        # New sessions and link requests, counted in `SDK_LIMITS_BUCKET` (every replica agrees).
-        self.limiter: SharedLimiter | None = None
         prefix = self.sdk_prefix
         r = self.http.router
         r.add_post(prefix + "/integrations/{integration_id}/sessions", self.create_session)
@@ -647,7 +646,8 @@ class SdkService(ServiceApp):
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start_sdk(self) -> None:
-        """Connect the bus, mirror integrations and subscribe to events (call from `start`)."""
+        """Connect the bus, mirror integrations and subscribe to events (call from `start`,
+        before `start_http`)."""
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      integration_decoder(self.keyring))
@@ -657,28 +657,22 @@ class SdkService(ServiceApp):
         self.limiter = SharedLimiter(await self.bus.key_value(subjects.SDK_LIMITS_BUCKET, ttl=MAX_LIMIT_WINDOW_SECONDS),
                                      hmac.new(self.sdk.token_secret.encode(), b"sdk-limits", "sha256").digest())
         await self.hub.start(self.bus.nc)
+        self.on_stop(self.hub.stop)
         try:
+            self.presence_kv = await self.bus.key_value(subjects.SDK_PRESENCE_BUCKET,
+                                                        ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
             await self.presence.start()
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ConfigError(f"cannot write socket presence to {subjects.SDK_PRESENCE_BUCKET}: {exc}") from exc
-        self._monitor = asyncio.create_task(self._watch_reconnects(self.bus.nc), name=f"{self.name}:reconnects")
-        self._pinger = asyncio.create_task(self._ping_idle_sockets(), name=f"{self.name}:socket-pings")
+        self.on_stop(self.presence.stop)
+        self.spawn(self._watch_reconnects(self.bus.nc), f"{self.name}:reconnects")
+        self.spawn(self._ping_idle_sockets(), f"{self.name}:socket-pings")
 
-    async def stop_sdk(self) -> None:
-        """Close sockets (clients resume by cursor elsewhere), stop HTTP, then the bus."""
+    async def stop(self) -> None:
+        """Close sockets (clients resume by cursor elsewhere), then release the rest: HTTP, the
+        background tasks, presence, the event hub, the mirrors, the bus."""
         await self.close_sockets(WSCloseCode.SERVICE_RESTART, b"service restarting")
-        await self.stop_http()
-        await self.presence.stop()
-        for task in (self._monitor, self._pinger):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.hub.stop()
-        if self.integrations is not None:
-            await self.integrations.stop()
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
 
     async def close_sockets(self, code: int, message: bytes) -> None:
         """Close every open socket (their clients reconnect and resume from their cursor)."""
@@ -699,15 +693,10 @@ class SdkService(ServiceApp):
 
     # --- bus helpers --------------------------------------------------------------------------
 
-    def _bus(self) -> Bus:
-        if self.bus is None:
-            raise ApiError(503, "Not connected")
-        return self.bus
-
     async def ask(self, subject: str, data: bytes, service: str) -> bytes:
         """A request to another service; its unavailability becomes a 503."""
         try:
-            return await self._bus().request(subject, data, timeout=self.sdk.request_timeout)
+            return await self.bus.request(subject, data, timeout=self.sdk.request_timeout)
         except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise ApiError(503, f"{service} is unavailable, try again") from exc
         except RequestFailed as exc:
@@ -728,14 +717,13 @@ class SdkService(ServiceApp):
 
     async def integration(self, integration_id: str) -> IntegrationRecord | None:
         """The integration record: from the mirror, else (just created?) from the bucket itself."""
-        if self.integrations is not None:
-            record = self.integrations.get(integration_id)
-            if record is not None:
-                return record  # type: ignore[no-any-return]
+        record = self.integrations.get(integration_id)
+        if record is not None:
+            return record  # type: ignore[no-any-return]
         if not _KV_KEY.match(integration_id):
             return None
         try:
-            kv = await self._bus().key_value(subjects.INTEGRATIONS_BUCKET)
+            kv = await self.bus.key_value(subjects.INTEGRATIONS_BUCKET)
             entry = await kv.get(integration_id)
         except nats.js.errors.KeyNotFoundError:
             return None
@@ -780,7 +768,7 @@ class SdkService(ServiceApp):
     async def live_session(self, request: web.Request, claims: SessionClaims) -> IntegrationRecord:
         """The session's integration, when the session has not ended (401 otherwise)."""
         app_id = request.match_info["app_id"]
-        if claims.user and self.ended_users is not None and self.ended_users.get(claims.user) is not None:
+        if claims.user and self.ended_users.get(claims.user) is not None:
             # The visitor was merged into another user (SDK login, channel link) or deleted.
             raise ApiError(401, "This session has ended; start a new one")
         try:
@@ -825,7 +813,7 @@ class SdkService(ServiceApp):
             if not rates:
                 continue
             try:
-                wait = await self._limiter().take(f"{action}-{scope}", subject, rates)
+                wait = await self.limiter.take(f"{action}-{scope}", subject, rates)
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 raise ApiError(503, "Rate limits unavailable, try again") from exc
             if wait > 0:
@@ -845,11 +833,6 @@ class SdkService(ServiceApp):
         return [("ip", source_key(address) if address else "unknown", per_ip),
                 ("origin", f"{app_id} {origin}", per_origin),
                 ("app", app_id, per_app)]
-
-    def _limiter(self) -> SharedLimiter:
-        if self.limiter is None:
-            raise ApiError(503, "Not connected")
-        return self.limiter
 
     # --- HTTP endpoints -----------------------------------------------------------------------
 
@@ -994,7 +977,7 @@ class SdkService(ServiceApp):
         message = inbound_message(claims, conversation_id, body, now(), channel_name)
         try:
             subject = channel.subject_of(message)
-            ack = await self._bus().publish(subject, channel.encode(message),
+            ack = await self.bus.publish(subject, channel.encode(message),
                                             msg_id=inbound_msg_id(channel_name, body.client_message_id))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Could not queue the message, retry with the same clientMessageId") from exc
@@ -1009,7 +992,7 @@ class SdkService(ServiceApp):
         channel_name = self.channel_of(record)
         activity = inbound_activity(claims, conversation_id, body, now(), channel_name)
         try:
-            await self._bus().publish(
+            await self.bus.publish(
                 channel.subject_of(activity),
                 channel.encode(activity))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
@@ -1249,15 +1232,12 @@ class SdkService(ServiceApp):
     # --- socket presence ----------------------------------------------------------------------
 
     async def presence_bucket(self) -> KeyValue:
-        """The presence KV bucket (created with its TTL when missing)."""
-        if self._presence_kv is None:
-            self._presence_kv = await self._bus().key_value(subjects.SDK_PRESENCE_BUCKET,
-                                                            ttl=subjects.SDK_PRESENCE_TTL_SECONDS)
-        return self._presence_kv
+        """The presence KV bucket (opened, with its TTL, by `start_sdk`)."""
+        return self.presence_kv
 
     def socket_presence(self, claims: SessionClaims, conversation_id: str) -> sdk_presence.SocketPresence:
         """The presence entry of a socket of `claims` on `conversation_id`."""
-        record = self.integrations.get(claims.integration) if self.integrations is not None else None
+        record = self.integrations.get(claims.integration)
         channel_name = self.channel_of(record) if isinstance(record, IntegrationRecord) else self.name
         return sdk_presence.SocketPresence(
             app_id=claims.app, user_id=claims.user, client_id=claims.client, conversation_id=conversation_id,

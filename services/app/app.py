@@ -48,12 +48,13 @@ class AppService(SdkService):
 
     name = "app"
     path_root = "app"
+    # Set by `start`, before HTTP serves.
+    deliveries: KeyValue
     integration_types = handlers.APP_INTEGRATION_TYPES
 
     def __init__(self, config: AppConfig) -> None:
         super().__init__(config.common, config.sdk, config.keyring)
         self.config = config
-        self.deliveries: KeyValue | None = None
         self.senders: dict[str, tuple[IntegrationRecord, PushSender]] = {}
         # (message id, device id) pushed already: a redelivered command does not buzz twice.
         self.pushed: BoundedMemory[tuple[str, str], PushOutcome] = BoundedMemory(50_000)
@@ -64,17 +65,17 @@ class AppService(SdkService):
 
     async def start(self) -> None:
         """Connect, mirror integrations, watch events, consume sends for both platforms, serve."""
+        self.on_stop(self._close_push_clients)  # after the bus: its consumers push until it stops
         await self.start_sdk()
-        bus = self._bus()
+        bus = self.bus
         self.deliveries = await bus.key_value(subjects.APP_DELIVERIES_BUCKET, ttl=DELIVERIES_TTL_SECONDS)
         for platform in sorted(handlers.APP_INTEGRATION_TYPES):
             await bus.consume(subjects.channel_outbound_consumer(platform), self.on_outbound, batch=50,
                               ordering_key=recipient_key, ack_wait=60.0)
         await self.start_http()
 
-    async def stop(self) -> None:
-        """Close sockets, stop HTTP and the bus, then the push clients."""
-        await self.stop_sdk()
+    async def _close_push_clients(self) -> None:
+        """The push clients go last: consumers may push until the bus stops."""
         senders = [sender for _record, sender in self.senders.values()]
         self.senders.clear()
         await asyncio.gather(*(sender.close() for sender in senders), return_exceptions=True)
@@ -106,8 +107,6 @@ class AppService(SdkService):
         return handlers.session_client_info(known, record.type)
 
     async def business_message_delivered(self, claims: SessionClaims, conversation_id: str, message_id: str) -> None:
-        if self.deliveries is None:
-            return
         try:
             await self.deliveries.put(message_id, claims.client.encode())
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
@@ -200,8 +199,6 @@ class AppService(SdkService):
                                                     title=result.reason or "Push failed"))
 
     async def _delivered_by_socket(self, message_id: str) -> bool:
-        if self.deliveries is None:
-            return False
         try:
             entry = await self.deliveries.get(message_id)
         except nats.js.errors.KeyNotFoundError:
@@ -227,7 +224,7 @@ class AppService(SdkService):
 
     async def _report(self, status: DeliveryStatus) -> None:
         metrics.message_out(status.channel, status.status)
-        await self._bus().publish(channel.subject_of(status),
+        await self.bus.publish(channel.subject_of(status),
                                   channel.encode(status), msg_id=handlers.status_msg_id(status))
 
 

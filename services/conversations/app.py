@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -10,6 +9,7 @@ from collections.abc import Mapping
 
 import msgspec
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.conversations.admin import SEALED_CONFIG_FIELDS, Admin
@@ -18,7 +18,7 @@ from services.conversations.config import ConversationsConfig
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
 from shared import records, subjects
-from shared.bus import Bus, KvMirror
+from shared.bus import Bus
 from shared.config import ConfigError
 from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
@@ -91,11 +91,22 @@ class KvSink:
             await self.apps.delete(app_id)
 
 
-async def _keys(kv: KeyValue) -> list[str]:
+async def _keys(js: JetStreamContext, bucket: str, kv: KeyValue) -> list[str]:
+    """The live keys of a KV bucket."""
     try:
         return list(await kv.keys())
     except nats.js.errors.NoKeysError:
-        return []
+        pass
+    # nats-py also answers "no keys" when its watcher's entries are still on the way as it reads
+    # the consumer's pending count (0): ask the stream which keys hold an entry, then which live.
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    live = []
+    for subject in info.state.subjects or {}:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # deleted or purged
+            await kv.get(subject[len(prefix):])
+            live.append(subject[len(prefix):])
+    return live
 
 
 SWEEPER_PARTITION = 0
@@ -105,36 +116,36 @@ class ConversationsService(ServiceApp):
     """The business API plus the inbound/status consumers and the history/start endpoints."""
 
     name = "conversations"
+    # Set by `start`, before NATS and HTTP serve (and released by `stop`, in the reverse order).
+    store: Store
+    bus: Bus
+    conversations: Conversations
+    admin: Admin
 
     def __init__(self, config: ConversationsConfig) -> None:
         super().__init__(config.common)
         self.config = config
         self.http.middlewares.extend([tracing_middleware, error_middleware])
-        self.bus: Bus | None = None
-        self.store: Store | None = None
-        self.add_database_check(lambda: None if self.store is None else self.store.db)
-        self.conversations: Conversations | None = None
-        self.admin: Admin | None = None
-        self._link_sweeper: asyncio.Task[None] | None = None
-        self._ended_users: KvMirror | None = None
+        self.add_database_check(lambda: self.store.db)
 
     async def start(self) -> None:
+        """Open the database (its secrets resealed), connect, republish the KV caches, consume,
+        serve NATS, start the sweeper, then HTTP."""
         self.store = await Store.open(self.config.database, self.config.keyring)
         try:
             await self._reseal_secrets()
         except ConfigError:
             await self.store.close()
-            self.store = None
             raise
+        self.on_stop(self.store.close)
         self.bus = await self.connect_bus()
         sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
         # A merge or a deletion done through another replica: its cached resolutions go at once.
-        self._ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET,
-                                                     ident.USER_ENDED_DECODER.decode)
-        self._ended_users.add_listener(lambda user_id, _ended: identity.forget_user(user_id))
+        ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET, ident.USER_ENDED_DECODER.decode)
+        ended_users.add_listener(lambda user_id, _ended: identity.forget_user(user_id))
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
                                            streams=self.bus, jwt_policy=self.config.jwt_policy)
         self.admin = Admin(self.store, sink, self.common.egress)
@@ -157,14 +168,13 @@ class ConversationsService(ServiceApp):
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
         # One replica sweeps (the holder of the inbound stream's partition 0): two would expire
         # the same link twice.
-        self._link_sweeper = asyncio.create_task(self.conversations.sweep_forever(
-            is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned))
+        self.spawn(self.conversations.sweep_forever(is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned),
+                   "conversations:sweep")
         await self.start_http()
 
     async def _reseal_secrets(self) -> None:
         """Seal secrets still in plaintext (an older data directory) or sealed under an older key
         (a rotation), before anything is published; refuse to start when one does not open."""
-        assert self.store is not None
         try:
             done = await self.store.reseal_secrets(SEALED_CONFIG_FIELDS)
         except SecretsError as exc:
@@ -178,18 +188,17 @@ class ConversationsService(ServiceApp):
 
     async def _republish(self, sink: KvSink) -> None:
         """KV is a cache of the DB: write every record, remove keys the DB no longer has."""
-        assert self.admin is not None
         integrations, webhooks = await self.admin.all_records()
         for integration in integrations:
             await sink.put_integration(integration)
         for webhook in webhooks:
             await sink.put_webhook(webhook)
         wanted = {i.id for i in integrations}
-        for key in await _keys(sink.integrations):
+        for key in await _keys(self.bus.js, subjects.INTEGRATIONS_BUCKET, sink.integrations):
             if key not in wanted:
                 await sink.integrations.delete(key)
         wanted = {records.webhook_key(w.app_id, w.id) for w in webhooks}
-        for key in await _keys(sink.webhooks):
+        for key in await _keys(self.bus.js, subjects.WEBHOOKS_BUCKET, sink.webhooks):
             if key not in wanted:
                 await sink.webhooks.delete(key)
         log.info("published %d integrations and %d webhooks to KV", len(integrations), len(webhooks))
@@ -198,26 +207,9 @@ class ConversationsService(ServiceApp):
             for app in apps:
                 await sink.put_app(app)
             wanted = {a.id for a in apps}
-            for key in await _keys(sink.apps):
+            for key in await _keys(self.bus.js, subjects.APPS_BUCKET, sink.apps):
                 if key not in wanted:
                     await sink.apps.delete(key)
-
-    async def stop(self) -> None:
-        if self._link_sweeper is not None:
-            self._link_sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._link_sweeper
-            self._link_sweeper = None
-        await self.stop_http()
-        if self._ended_users is not None:
-            await self._ended_users.stop()
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.close()
-            self.store = None
 
 
 def create(environ: Mapping[str, str] | None = None) -> ConversationsService:

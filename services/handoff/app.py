@@ -60,13 +60,14 @@ class HandoffService(ServiceApp):
     """Link codes in a JetStream KV bucket; nats.micro endpoints for issue and redeem."""
 
     name = "handoff"
+    # Set by `start`, before NATS and HTTP serve (and released by `stop`, in the reverse order).
+    bus: Bus
+    integrations: KvMirror
+    handlers: HandoffHandlers
 
     def __init__(self, config: HandoffConfig) -> None:
         super().__init__(config.common)
         self.config = config
-        self.bus: Bus | None = None
-        self.integrations: KvMirror | None = None
-        self.handlers: HandoffHandlers | None = None
         self.http.middlewares.extend([tracing_middleware, error_middleware])
         self.http.router.add_get(QR_PATH_PREFIX + "{qr_id}.svg", self.qr_code)
         self.http.router.add_get(OPEN_PATH, self.open_page)
@@ -82,25 +83,13 @@ class HandoffService(ServiceApp):
         await self.bus.serve(subjects.HANDOFF_SERVICE, {subject: self._answer for subject in ENDPOINTS})
         await self.start_http()
 
-    async def stop(self) -> None:
-        """Stop HTTP, then the mirror and the bus."""
-        await self.stop_http()
-        if self.integrations is not None:
-            await self.integrations.stop()
-            self.integrations = None
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
-
     # --- integrations ----------------------------------------------------------------------
 
     async def lookup_integration(self, integration_id: str) -> IntegrationRecord | None:
         """An integration record: from the mirror, or straight from KV when the mirror lags."""
-        record = self.integrations.get(integration_id) if self.integrations is not None else None
+        record = self.integrations.get(integration_id)
         if isinstance(record, IntegrationRecord):
             return record
-        if self.bus is None:
-            return None
         # An integration created a moment ago may not have reached the watcher yet.
         try:
             kv = await self.bus.key_value(subjects.INTEGRATIONS_BUCKET)
@@ -116,13 +105,11 @@ class HandoffService(ServiceApp):
 
     def business_name(self, app_id: str) -> str:
         """The app's name for customers (its web integration's businessName)."""
-        values = list(self.integrations.values.values()) if self.integrations is not None else []
-        return business_name_of(app_id, values)
+        return business_name_of(app_id, list(self.integrations.values.values()))
 
     # --- NATS ------------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
-        assert self.handlers is not None
         try:
             request = msgs.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

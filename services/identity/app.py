@@ -41,27 +41,32 @@ ENDPOINTS = (
 
 
 class IdentityService(ServiceApp):
+    """Users and clients: the request/reply endpoints other services resolve identities with."""
+
     name = "identity"
+    # Set by `start`, before NATS and HTTP serve (and released by `stop`, in the reverse order).
+    store: IdentityStore
+    handlers: IdentityHandlers
+    bus: Bus
+    ended_users: KeyValue
 
     def __init__(self, config: IdentityConfig) -> None:
         super().__init__(config.common)
         self.config = config
         self.http.middlewares.extend([tracing_middleware, error_middleware])
-        self.bus: Bus | None = None
-        self.store: IdentityStore | None = None
-        self.add_database_check(lambda: None if self.store is None else self.store.db)
-        self.handlers: IdentityHandlers | None = None
-        self.ended_users: KeyValue | None = None
+        self.add_database_check(lambda: self.store.db)
 
     async def start(self) -> None:
+        """Open the database, connect NATS, serve the endpoints, then HTTP."""
         self.store = await IdentityStore.open(self.config.database)
+        self.on_stop(self.store.close)
         self.handlers = IdentityHandlers(self.store)
         self.bus = await self.connect_bus()
+        self.ended_users = await self.bus.key_value(subjects.ENDED_USERS_BUCKET)
         await self.bus.serve(subjects.IDENTITY_SERVICE, {subject: self._answer for subject in ENDPOINTS})
         await self.start_http()
 
     async def _answer(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
-        assert self.handlers is not None
         try:
             request = msgs.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -75,19 +80,7 @@ class IdentityService(ServiceApp):
     async def _record_ended_user(self, user_id: str, ended: msgs.UserEnded) -> None:
         """Tell the SDK services that `user_id`'s session tokens are void (before replying, so the
         caller's next step — a new token for the survivor — never races an old token's use)."""
-        assert self.bus is not None
-        if self.ended_users is None:
-            self.ended_users = await self.bus.key_value(subjects.ENDED_USERS_BUCKET)
         await self.ended_users.put(user_id, msgs.USER_ENDED_ENCODER.encode(ended))
-
-    async def stop(self) -> None:
-        await self.stop_http()
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
 
 
 def create(environ: Mapping[str, str] | None = None) -> IdentityService:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import html
 import logging
@@ -51,24 +50,24 @@ class NotificationsService(ServiceApp):
     """Away notifications and opt-ins."""
 
     name = "notifications"
+    # Set by `start`, before NATS and HTTP serve (and released by `stop`, in the reverse order).
+    store: Store
+    bus: Bus
+    notifier: Notifier
 
     def __init__(self, config: NotificationsConfig) -> None:
         super().__init__(config.common)
         self.config = config
         self.http.middlewares.extend([tracing_middleware, error_middleware])
         self.http.router.add_get("/notifications/v1/optout", self.optout)
-        self.bus: Bus | None = None
-        self.store: Store | None = None
-        self.add_database_check(lambda: None if self.store is None else self.store.db)
-        self.notifier: Notifier | None = None
-        self.mirrors: list[KvMirror] = []
+        self.add_database_check(lambda: self.store.db)
         self.presence = PresenceIndex()
-        self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect, open the store, mirror apps/integrations/presence, consume, serve, start the timer."""
-        self.bus = await self.connect_bus()
+        """Open the store, connect, mirror apps/integrations/presence, consume, serve, start the timer."""
         self.store = await Store.open(self.config.database)
+        self.on_stop(self.store.close)
+        self.bus = await self.connect_bus()
         apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                 records.integration_decoder(self.config.keyring))
@@ -77,7 +76,7 @@ class NotificationsService(ServiceApp):
         presence = KvMirror(self.bus, subjects.SDK_PRESENCE_BUCKET, sdk_presence.DECODER.decode)
         presence.add_listener(self.presence.apply)
         await presence.start()
-        self.mirrors = [apps, integrations, presence]
+        self.on_stop(presence.stop)
 
         def all_integrations() -> Iterable[IntegrationRecord]:
             return list(integrations.values.values())
@@ -98,11 +97,10 @@ class NotificationsService(ServiceApp):
         await self.bus.serve(subjects.NOTIFICATIONS_SERVICE,
                              {**dict.fromkeys(OPTIN_ENDPOINTS, self.notifier.answer_optin),
                               subjects.NOTIFICATIONS_USER_EXPORT: self.notifier.answer_export})
-        self._timer = asyncio.create_task(self._run_timer(), name="notifications-timer")
+        self.spawn(self._run_timer(), "notifications-timer")
         await self.start_http()
 
     async def _run_timer(self) -> None:
-        assert self.notifier is not None
         while True:
             try:
                 await self.notifier.fire_due()
@@ -114,32 +112,12 @@ class NotificationsService(ServiceApp):
 
     async def optout(self, request: web.Request) -> web.Response:
         """The opt-out link of a notification e-mail."""
-        assert self.notifier is not None
         token = request.query.get("token", "")
         if len(token) > 200 or not await self.notifier.optout(token):
             return web.Response(status=400, content_type="text/html", text=OPTOUT_PAGE.format(
                 title="This link is not valid", text=html.escape("Check that you opened the whole link.")))
         return web.Response(content_type="text/html", text=OPTOUT_PAGE.format(
             title="You're unsubscribed", text="You won't get e-mails about this conversation any more."))
-
-    async def stop(self) -> None:
-        """Stop HTTP, the timer, the bus, then the database."""
-        await self.stop_http()
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
-            self._timer = None
-        for mirror in self.mirrors:
-            await mirror.stop()
-        self.mirrors = []
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.close()
-            self.store = None
 
 
 def create(environ: Mapping[str, str] | None = None) -> NotificationsService:

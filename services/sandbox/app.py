@@ -115,6 +115,9 @@ class SandboxService(ServiceApp):
     """Hosts `FakeWhatsApp` with accounts taken from the integrations that point at the sandbox."""
 
     name = "sandbox"
+    # Set by `start`, before HTTP serves (and released by `stop`, in the reverse order).
+    bus: Bus
+    integrations: KvMirror
 
     def __init__(self, config: SandboxConfig) -> None:
         super().__init__(config.common)
@@ -123,8 +126,6 @@ class SandboxService(ServiceApp):
                                  auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file)
         self.channel_fakes = build_channel_fakes(config.public_url, config.common.data_dir)
         self.mail = SmtpSink(config.smtp_host, config.smtp_port, config.mail_store_file)
-        self.bus: Bus | None = None
-        self.integrations: KvMirror | None = None
         self._synced: dict[str, tuple[str, ...]] = {}
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -139,29 +140,20 @@ class SandboxService(ServiceApp):
         self.http.router.add_routes(self.mail.routes(PREFIX))
 
     async def start(self) -> None:
-        """Connect NATS, mirror the integrations, then serve HTTP."""
+        """Start the mail sink, connect NATS, mirror the integrations, then serve HTTP (stopped
+        the other way round, the fakes' pending deliveries after the bus)."""
+        await self.mail.start()
+        self.on_stop(self.mail.close)
+        for channel_fake in reversed(self.channel_fakes):
+            self.on_stop(channel_fake.close)
+        self.on_stop(self.fake.close)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
-        await self.mail.start()
         await self.start_http()
-
-    async def stop(self) -> None:
-        """Stop HTTP, the mirror and the bus, then the fake's pending deliveries."""
-        await self.stop_http()
-        if self.integrations is not None:
-            await self.integrations.stop()
-        if self.bus is not None:
-            await self.bus.close()
-        await self.fake.close()
-        for channel_fake in self.channel_fakes:
-            await channel_fake.close()
-        await self.mail.close()
 
     def sync_accounts(self) -> None:
         """Mirror every whatsapp integration whose Graph base URL is the sandbox into the fake."""
-        if self.integrations is None:
-            return
         seen: set[str] = set()
         for record in list(self.integrations.values.values()):
             if not isinstance(record, IntegrationRecord) or record.type != "whatsapp":
@@ -198,7 +190,7 @@ class SandboxService(ServiceApp):
 
     def business_name(self, web_integration_id: str | None) -> str | None:
         """The web integration's businessName (what the widget shows as its title)."""
-        if self.integrations is None or not web_integration_id:
+        if not web_integration_id:
             return None
         record = self.integrations.get(web_integration_id)
         if not isinstance(record, IntegrationRecord):

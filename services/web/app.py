@@ -79,10 +79,6 @@ class WebService(SdkService):
         await self.start_sdk()
         await self.start_http()
 
-    async def stop(self) -> None:
-        """Close sockets, stop HTTP, then the bus."""
-        await self.stop_sdk()
-
     # --- SDK hooks ----------------------------------------------------------------------------
 
     def channel_of(self, record: IntegrationRecord) -> str:
@@ -115,7 +111,7 @@ class WebService(SdkService):
         app_id = request.match_info["app_id"]
         record = handlers.web_integration(await self.integration(request.match_info["integration_id"]), app_id)
         handlers.check_origin(record, request.headers.get("Origin"))
-        records = list(self.integrations.values.values()) if self.integrations is not None else []
+        records = list(self.integrations.values.values())
         body = msgspec.to_builtins(handlers.continue_channels(app_id, records))
         # "Notify me" lists where the customer may be notified (e-mail, SMS, WhatsApp).
         body["notificationChannels"] = msgspec.to_builtins(notify.notify_channels(app_id, records))
@@ -179,7 +175,7 @@ class WebService(SdkService):
         """Send a confirmation code to the address the customer gave (201: the pending opt-in)."""
         claims, conversation_id = await self.authorize(request, bearer_token(request.headers.get("Authorization")))
         body = await read_json(request, notify.OptInBody, limit=4096)
-        records = list(self.integrations.values.values()) if self.integrations is not None else []
+        records = list(self.integrations.values.values())
         # `notifications` limits opt-ins per source (client address, Origin) as well as per address and app.
         start = notify.start_request(
             claims.app, claims.user, conversation_id, claims.integration, body, records,
