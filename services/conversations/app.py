@@ -91,22 +91,20 @@ class KvSink:
             await self.apps.delete(app_id)
 
 
-async def _keys(js: JetStreamContext, bucket: str, kv: KeyValue) -> list[str]:
-    """The live keys of a KV bucket."""
-    try:
-        return list(await kv.keys())
-    except nats.js.errors.NoKeysError:
-        pass
-    # nats-py also answers "no keys" when its watcher's entries are still on the way as it reads
-    # the consumer's pending count (0): ask the stream which keys hold an entry, then which live.
+async def _remove_stale_keys(js: JetStreamContext, bucket: str, kv: KeyValue, wanted: set[str]) -> None:
+    """Delete the live keys of a KV bucket that `wanted` does not name.
+
+    The keys come from the bucket's stream (every subject that holds an entry), not from
+    nats-py's `keys()`, which answers "no keys" when its watcher's entries are still on the way
+    as it reads the consumer's pending count (it did under load: a stale key stayed)."""
     prefix = f"$KV.{bucket}."
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
-    live = []
-    for subject in info.state.subjects or {}:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # deleted or purged
-            await kv.get(subject[len(prefix):])
-            live.append(subject[len(prefix):])
-    return live
+    for key in (subject[len(prefix):] for subject in info.state.subjects or {}):
+        if key in wanted:
+            continue
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # deleted or purged already
+            await kv.get(key)
+            await kv.delete(key)
 
 
 SWEEPER_PARTITION = 0
@@ -193,23 +191,16 @@ class ConversationsService(ServiceApp):
             await sink.put_integration(integration)
         for webhook in webhooks:
             await sink.put_webhook(webhook)
-        wanted = {i.id for i in integrations}
-        for key in await _keys(self.bus.js, subjects.INTEGRATIONS_BUCKET, sink.integrations):
-            if key not in wanted:
-                await sink.integrations.delete(key)
-        wanted = {records.webhook_key(w.app_id, w.id) for w in webhooks}
-        for key in await _keys(self.bus.js, subjects.WEBHOOKS_BUCKET, sink.webhooks):
-            if key not in wanted:
-                await sink.webhooks.delete(key)
+        await _remove_stale_keys(self.bus.js, subjects.INTEGRATIONS_BUCKET, sink.integrations,
+                                 {i.id for i in integrations})
+        await _remove_stale_keys(self.bus.js, subjects.WEBHOOKS_BUCKET, sink.webhooks,
+                                 {records.webhook_key(w.app_id, w.id) for w in webhooks})
         log.info("published %d integrations and %d webhooks to KV", len(integrations), len(webhooks))
         if sink.apps is not None:
             apps = await self.admin.all_apps()
             for app in apps:
                 await sink.put_app(app)
-            wanted = {a.id for a in apps}
-            for key in await _keys(self.bus.js, subjects.APPS_BUCKET, sink.apps):
-                if key not in wanted:
-                    await sink.apps.delete(key)
+            await _remove_stale_keys(self.bus.js, subjects.APPS_BUCKET, sink.apps, {a.id for a in apps})
 
 
 def create(environ: Mapping[str, str] | None = None) -> ConversationsService:
