@@ -50,6 +50,7 @@ from shared.subjects import (
     ConsumerSpec,
     StreamSpec,
 )
+from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, inject_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -668,12 +669,7 @@ class Bus:
                 task.cancel()
         if busy:
             await asyncio.wait(busy, timeout=HANDLING_GRACE_SECONDS)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))
         # A pull request still open would deliver into the inbox; drain would wait on it.
         for puller in list(self._pullers):
             with contextlib.suppress(Exception):

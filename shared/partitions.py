@@ -48,6 +48,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from shared.tasks import cancel_and_wait
 from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,7 @@ class PartitionLeases:
         """Give every partition back (release hooks first, then the owner keys and the heartbeat,
         so that the other members take them over at their next tick rather than after the TTL)."""
         self._stopped.set()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         for partition in list(self.owned):
             if partition not in self._releasing:
                 self._releasing[partition] = asyncio.create_task(self.release(partition))

@@ -27,6 +27,7 @@ from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
 from shared.db import Database
 from shared.egress import EgressSession, Purpose
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,7 @@ class ServiceApp:
         task.add_done_callback(self._background.discard)
 
     async def _cancel_background(self) -> None:
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._background))
 
     def egress_session(self, purpose: Purpose, *, hosts: Sequence[str] = (),
                        timeout: aiohttp.ClientTimeout | None = None, limit: int = 100,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +52,7 @@ from opentelemetry.trace import SpanKind
 from services.sandbox.scripting import read_json_object, sunco_errors
 from shared.http import ApiError
 from shared.records import IntegrationRecord
+from shared.tasks import cancel_and_wait
 from shared.telemetry import inject_headers, tracer
 from shared.untrusted import decode_json, secrets_equal
 
@@ -328,11 +328,7 @@ class FakeTelegram:
 
     async def close(self) -> None:
         """Cancel pending deliveries and close the HTTP client."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
 from shared.service import ServiceApp
+from shared.tasks import cancel_and_wait
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
 from shared.untrusted import secrets_equal
 
@@ -126,11 +126,7 @@ class WebhookRegistrar:
 
     async def close(self) -> None:
         """Stop pending registrations."""
-        for task in self._workers.values():
-            task.cancel()
-        for task in self._workers.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._workers.values()))
         self._workers.clear()
 
 

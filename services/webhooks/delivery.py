@@ -29,6 +29,7 @@ from shared import metrics, subjects
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages.conversation import Erasure
 from shared.records import WebhookRecord
+from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, inject_headers, log_fields, tracer
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop scheduling and abandon attempts in flight (their rows stay pending)."""
         tasks = [t for t in (self._loop_task, self._prune_task) if t is not None] + list(self._deliveries)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
         self._deliveries.clear()
 
     async def acquire(self, partition: int) -> None:
