@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,13 @@ from nats.js.api import PubAck
 from opentelemetry import trace
 
 from shared import metrics
+from shared.bus import Bus
+from shared.http import ApiError
+from shared.messages import channel as channel_messages
+from shared.messages.channel import DeliveryStatus, InboundMessage
 from shared.telemetry import log_fields
+
+log = logging.getLogger(__name__)
 
 
 async def publish_all(publishes: Sequence[Awaitable[object]]) -> list[BaseException]:
@@ -47,6 +53,30 @@ async def published_message(channel: str, publish: Awaitable[PubAck]) -> PubAck:
     ack = await publish
     metrics.message_in_acked(channel, ack.duplicate)
     return ack
+
+
+async def publish_durably(bus: Bus, channel: str, messages: Sequence[InboundMessage],
+                          statuses: Sequence[DeliveryStatus] = (), *,
+                          message_id: Callable[[InboundMessage], str],
+                          status_id: Callable[[DeliveryStatus], str] | None = None,
+                          what: str = "notification") -> None:
+    """Publish what one platform webhook carried — customer messages (counted accepted or
+    duplicate) and delivery statuses, each under its de-duplication id — and return once every
+    one is durable in JetStream: the webhook may be answered 200 then. ApiError 503 otherwise
+    (the platform retries; what did go through is de-duplicated by its id)."""
+    publishes: list[Awaitable[object]] = [
+        published_message(channel, bus.publish(channel_messages.subject_of(m), channel_messages.encode(m),
+                                               msg_id=message_id(m)))
+        for m in messages]
+    if statuses:
+        assert status_id is not None, "statuses need their de-duplication id"
+        publishes += [bus.publish(channel_messages.subject_of(s), channel_messages.encode(s), msg_id=status_id(s))
+                      for s in statuses]
+    failures = await publish_all(publishes)
+    if failures:
+        log.warning("publishing a %s %s failed (%d of %d): %s", channel, what, len(failures), len(publishes),
+                    failures[0])
+        raise ApiError(503, f"Could not store the {what}, retry later")
 
 
 @dataclass(frozen=True)

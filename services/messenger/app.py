@@ -14,8 +14,7 @@ from shared import metrics, records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_all, published_message, report_rejected
-from shared.messages import channel
+from shared.ingress import publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -147,19 +146,9 @@ class MessengerService(ServiceApp):
             log.exception("recording a webhook failed")
             raise ApiError(503, "Could not store the notification, retry later") from exc
         statuses = [(receipt, handlers.receipt_statuses(receipt, sent)) for receipt, sent in receipts]
-        publishes = [
-            published_message(handlers.CHANNEL, bus.publish(channel.subject_of(m), channel.encode(m),
-                                                            msg_id=handlers.inbound_msg_id(m)))
-            for m in normalized.messages
-        ] + [
-            bus.publish(channel.subject_of(s), channel.encode(s),
-                        msg_id=handlers.status_msg_id(s))
-            for _receipt, found in statuses for s in found
-        ]
-        failures = await publish_all(publishes)
-        if failures:
-            log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(publishes), failures[0])
-            raise ApiError(503, "Could not store the notification, retry later")
+        await publish_durably(bus, handlers.CHANNEL, normalized.messages,
+                              [s for _receipt, found in statuses for s in found],
+                              message_id=handlers.inbound_msg_id, status_id=handlers.status_msg_id)
         for receipt, found in statuses:
             # Marked only once published: a retried webhook publishes again (deduplicated by id).
             with contextlib.suppress(Exception):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -12,8 +11,7 @@ from shared import metrics, records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import TWILIO_HOSTS, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import published_message
-from shared.messages import channel
+from shared.ingress import publish_durably
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -137,16 +135,8 @@ class SmsService(ServiceApp):
         except handlers.WebhookShapeError as exc:
             metrics.message_in(handlers.CHANNEL, "rejected")
             raise ApiError(400, f"Invalid Twilio message webhook: {exc}") from exc
-        bus = self.bus
-        results = await asyncio.gather(*(
-            published_message(handlers.CHANNEL, bus.publish(channel.subject_of(m), channel.encode(m),
-                                                             msg_id=handlers.inbound_msg_id(m)))
-            for m in messages), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            log.warning("publishing a twilio message failed (%d of %d): %s", len(failures), len(results),
-                        failures[0])
-            raise ApiError(503, "Could not store the message, retry later")
+        await publish_durably(self.bus, handlers.CHANNEL, messages, message_id=handlers.inbound_msg_id,
+                              what="message")
         log.info("twilio message accepted: %s (%d part(s))", messages[0].provider_message_id, len(messages),
                  extra=log_fields(integration_id=integration_id, provider_message_id=messages[0].provider_message_id,
                                   parts=len(messages)))
@@ -165,12 +155,8 @@ class SmsService(ServiceApp):
         except handlers.WebhookShapeError as exc:
             raise ApiError(400, f"Invalid Twilio status callback: {exc}") from exc
         if status is not None:
-            try:
-                await self.bus.publish(channel.subject_of(status),
-                                          channel.encode(status), msg_id=handlers.status_msg_id(status))
-            except Exception as exc:
-                log.warning("publishing a twilio status failed: %s", exc)
-                raise ApiError(503, "Could not store the status, retry later") from exc
+            await publish_durably(self.bus, handlers.CHANNEL, (), (status,), message_id=handlers.inbound_msg_id,
+                                  status_id=handlers.status_msg_id, what="status")
         return twiml_ok()
 
     # --- sending ---------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from shared import metrics, records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import published_message
-from shared.messages import channel
+from shared.ingress import publish_durably
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -201,12 +200,8 @@ class TelegramService(ServiceApp):
             raise ApiError(400, f"Invalid Telegram update: {exc}") from exc
         message = normalized.message
         if message is not None:
-            try:
-                await published_message(handlers.CHANNEL, self.bus.publish(
-                    channel.subject_of(message), channel.encode(message), msg_id=handlers.inbound_msg_id(message)))
-            except Exception as exc:
-                log.warning("publishing a telegram update failed: %s", exc)
-                raise ApiError(503, "Could not store the update, retry later") from exc
+            await publish_durably(self.bus, handlers.CHANNEL, (message,), message_id=handlers.inbound_msg_id,
+                                  what="update")
         if normalized.callback_query_id is not None:
             # Stops the spinner on the customer's button; the answer must not wait for it.
             self.spawn(self._answer_callback(creds, normalized.callback_query_id), "telegram:answer-callback")

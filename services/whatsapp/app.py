@@ -13,8 +13,7 @@ from shared import metrics, records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_all, published_message, report_rejected
-from shared.messages import channel
+from shared.ingress import publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -112,20 +111,8 @@ class WhatsAppService(ServiceApp):
             metrics.message_in(handlers.CHANNEL, "rejected")
             raise ApiError(400, f"Invalid WhatsApp notification: {exc}") from exc
         report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
-        bus = self.bus
-        publishes = [
-            published_message(handlers.CHANNEL, bus.publish(channel.subject_of(m), channel.encode(m),
-                                                            msg_id=handlers.inbound_msg_id(m)))
-            for m in normalized.messages
-        ] + [
-            bus.publish(channel.subject_of(s), channel.encode(s),
-                        msg_id=handlers.status_msg_id(s))
-            for s in normalized.statuses
-        ]
-        failures = await publish_all(publishes)
-        if failures:
-            log.warning("publishing a webhook failed (%d of %d): %s", len(failures), len(publishes), failures[0])
-            raise ApiError(503, "Could not store the notification, retry later")
+        await publish_durably(self.bus, handlers.CHANNEL, normalized.messages, normalized.statuses,
+                              message_id=handlers.inbound_msg_id, status_id=handlers.status_msg_id)
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
                  len(normalized.statuses), extra=log_fields(
                      integration_id=request.match_info["integration_id"], messages=len(normalized.messages),
