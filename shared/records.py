@@ -7,7 +7,7 @@ in-memory mirror of these buckets (`shared.bus.KvMirror`), so the hot path never
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -175,3 +175,13 @@ class AppRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 APP_DECODER = msgspec.json.Decoder(AppRecord)
+
+
+def integrations_where(values: Iterable[object], integration_type: str, field: str, value: str,
+                       ) -> Iterator[IntegrationRecord]:
+    """The integration records of `integration_type` whose config `field` is `value` (a Meta
+    app's webhook names its Page or business number, not our integration)."""
+    for record in list(values):
+        if (isinstance(record, IntegrationRecord) and record.type == integration_type
+                and record.config.get(field) == value):
+            yield record

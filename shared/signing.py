@@ -29,6 +29,16 @@ def meta_signature_ok(app_secret: str, raw_body: bytes, header: str | None) -> b
     return secrets_equal(meta_signature(app_secret, raw_body), header)
 
 
+def meta_handshake_challenge(verify_token: str | None, mode: str | None, token: str | None,
+                             challenge: str | None) -> str | None:
+    """The `hub.challenge` to echo when Meta's subscription handshake (`hub.mode=subscribe`,
+    `hub.verify_token`) is genuine for an integration whose verify token is `verify_token`, else
+    None (no token set, another mode, or the wrong token)."""
+    if not verify_token or mode != "subscribe" or challenge is None or token is None:
+        return None
+    return challenge if secrets_equal(verify_token, token) else None
+
+
 def webhook_signature(secret: str, raw_body: bytes, timestamp: int | None = None) -> str:
     """`X-Threadline-Signature`: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`."""
     ts = int(time.time()) if timestamp is None else timestamp

@@ -18,7 +18,7 @@ from shared.ingress import publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
-from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
+from shared.signing import META_SIGNATURE_HEADER, meta_handshake_challenge, meta_signature_ok
 from shared.telemetry import log_fields, setup_telemetry, tracer
 
 from . import handlers
@@ -91,13 +91,9 @@ class MessengerService(ServiceApp):
 
     def by_page_id(self, page_id: str) -> Credentials | None:
         """The messenger integration of a Page (one Meta app's webhook may carry several Pages)."""
-        for record in list(self.integrations.values.values()):
-            if (isinstance(record, IntegrationRecord) and record.type == handlers.CHANNEL
-                    and record.config.get("pageId") == page_id):
-                creds = Credentials.from_record(record)
-                if creds is not None:
-                    return creds
-        return None
+        usable = (Credentials.from_record(record) for record in records.integrations_where(
+            self.integrations.values.values(), handlers.CHANNEL, "pageId", page_id))
+        return next((creds for creds in usable if creds is not None), None)
 
     # --- webhooks --------------------------------------------------------------------------
 
@@ -105,8 +101,8 @@ class MessengerService(ServiceApp):
         """Meta's subscription check: echo `hub.challenge` when `hub.verify_token` matches."""
         creds = self.credentials(request.match_info["integration_id"])
         q = request.query
-        challenge = handlers.verify_handshake(creds, q.get("hub.mode"), q.get("hub.verify_token"),
-                                              q.get("hub.challenge"))
+        challenge = meta_handshake_challenge(creds.verify_token if creds else None, q.get("hub.mode"),
+                                             q.get("hub.verify_token"), q.get("hub.challenge"))
         if challenge is None:
             return web.Response(status=403, text="Forbidden", content_type="text/plain")
         return web.Response(status=200, text=challenge, content_type="text/plain")

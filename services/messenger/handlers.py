@@ -34,7 +34,7 @@ from shared.sunco import (
     UnsupportedContent,
     WebviewAction,
 )
-from shared.untrusted import decode_json, secrets_equal
+from shared.untrusted import decode_json
 
 CHANNEL = "messenger"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -99,16 +99,6 @@ class Credentials:
     def messages_url(self) -> str:
         """The Send API endpoint of this Page (the token goes in the Authorization header)."""
         return f"{self.base_url}/{self.api_version}/{self.page_id}/messages"
-
-
-def verify_handshake(creds: Credentials | None, mode: str | None, token: str | None,
-                     challenge: str | None) -> str | None:
-    """The challenge to echo when Meta's subscription handshake is genuine, else None."""
-    if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
-        return None
-    if not secrets_equal(creds.verify_token, token):
-        return None
-    return challenge
 
 
 # --- webhook wire schema -------------------------------------------------------------------------

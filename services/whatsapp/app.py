@@ -17,7 +17,7 @@ from shared.ingress import publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
-from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
+from shared.signing import META_SIGNATURE_HEADER, meta_handshake_challenge, meta_signature_ok
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
 from shared.untrusted import decode_json, secrets_equal
 
@@ -74,13 +74,9 @@ class WhatsAppService(ServiceApp):
 
     def by_phone_number_id(self, phone_number_id: str) -> Credentials | None:
         """The whatsapp integration of a business number (for multi-number Meta apps)."""
-        for record in list(self.integrations.values.values()):
-            if (isinstance(record, IntegrationRecord) and record.type == handlers.CHANNEL
-                    and record.config.get("phoneNumberId") == phone_number_id):
-                creds = Credentials.from_record(record)
-                if creds is not None:
-                    return creds
-        return None
+        usable = (Credentials.from_record(record) for record in records.integrations_where(
+            self.integrations.values.values(), handlers.CHANNEL, "phoneNumberId", phone_number_id))
+        return next((creds for creds in usable if creds is not None), None)
 
     # --- webhooks --------------------------------------------------------------------------
 
@@ -88,8 +84,8 @@ class WhatsAppService(ServiceApp):
         """Meta's subscription check: echo `hub.challenge` when `hub.verify_token` matches."""
         creds = self.credentials(request.match_info["integration_id"])
         q = request.query
-        challenge = handlers.verify_handshake(creds, q.get("hub.mode"), q.get("hub.verify_token"),
-                                              q.get("hub.challenge"))
+        challenge = meta_handshake_challenge(creds.verify_token if creds else None, q.get("hub.mode"),
+                                             q.get("hub.verify_token"), q.get("hub.challenge"))
         if challenge is None:
             return web.Response(status=403, text="Forbidden", content_type="text/plain")
         return web.Response(status=200, text=challenge, content_type="text/plain")

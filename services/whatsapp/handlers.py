@@ -35,7 +35,7 @@ from shared.sunco import (
     TextContent,
     UnsupportedContent,
 )
-from shared.untrusted import decode_json, secrets_equal
+from shared.untrusted import decode_json
 
 CHANNEL = "whatsapp"
 MAX_WEBHOOK_BODY = 100 * 1024
@@ -103,16 +103,6 @@ class Credentials:
     def media_lookup_url(self, media_id: str) -> str:
         """The Graph URL that answers where a media id's bytes are."""
         return f"{self.base_url}/{self.api_version}/{media_id}"
-
-
-def verify_handshake(creds: Credentials | None, mode: str | None, token: str | None,
-                     challenge: str | None) -> str | None:
-    """The challenge to echo when Meta's subscription handshake is genuine, else None."""
-    if creds is None or not creds.verify_token or mode != "subscribe" or challenge is None or token is None:
-        return None
-    if not secrets_equal(creds.verify_token, token):
-        return None
-    return challenge
 
 
 def media_signature(app_secret: str, integration_id: str, media_id: str) -> str:

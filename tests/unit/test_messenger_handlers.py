@@ -25,6 +25,7 @@ from shared.outbound import failed_status, send_status_msg_id, sent_status
 from shared.ratelimit import BucketMap, TokenBucket
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
+from shared.signing import meta_handshake_challenge
 from shared.sunco import (
     Content,
     FileContent,
@@ -252,10 +253,11 @@ def test_rejected_event_names_its_mid() -> None:
 
 
 def test_handshake() -> None:
-    assert handlers.verify_handshake(CREDS, "subscribe", "v", "42") == "42"
-    assert handlers.verify_handshake(CREDS, "subscribe", "w", "42") is None
-    assert handlers.verify_handshake(CREDS, "unsubscribe", "v", "42") is None
-    assert handlers.verify_handshake(None, "subscribe", "v", "42") is None
+    assert meta_handshake_challenge(CREDS.verify_token, "subscribe", "v", "42") == "42"
+    assert meta_handshake_challenge(CREDS.verify_token, "subscribe", "w", "42") is None
+    assert meta_handshake_challenge(CREDS.verify_token, "unsubscribe", "v", "42") is None
+    assert meta_handshake_challenge(None, "subscribe", "v", "42") is None
+    assert meta_handshake_challenge("", "subscribe", "", "42") is None  # no token set: never
 
 
 # --- Send API bodies -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from services.whatsapp import handlers
 from services.whatsapp.handlers import Credentials, WebhookShapeError
 from shared.messages.channel import OutboundSend
 from shared.records import IntegrationRecord
+from shared.signing import meta_handshake_challenge
 from shared.sunco import (
     FileContent,
     LinkAction,
@@ -65,11 +66,12 @@ def test_credentials_from_record() -> None:
 
 
 def test_handshake() -> None:
-    assert handlers.verify_handshake(creds(), "subscribe", "vt", "123") == "123"
-    assert handlers.verify_handshake(creds(), "subscribe", "nope", "123") is None
-    assert handlers.verify_handshake(creds(), "other", "vt", "123") is None
-    assert handlers.verify_handshake(creds(verifyToken=""), "subscribe", "", "123") is None
-    assert handlers.verify_handshake(None, "subscribe", "vt", "123") is None
+    token = creds().verify_token
+    assert meta_handshake_challenge(token, "subscribe", "vt", "123") == "123"
+    assert meta_handshake_challenge(token, "subscribe", "nope", "123") is None
+    assert meta_handshake_challenge(token, "other", "vt", "123") is None
+    assert meta_handshake_challenge(creds(verifyToken="").verify_token, "subscribe", "", "123") is None
+    assert meta_handshake_challenge(None, "subscribe", "vt", "123") is None
 
 
 def test_every_entry_change_message_and_status_is_read() -> None:
