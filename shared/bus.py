@@ -277,10 +277,11 @@ class Bus:
         partition it holds, this replica runs the partition's durable consumer (`consume_durable`).
         `on_acquire(n)` runs before partition n is consumed here, `on_release(n)` after it no
         longer is (the batch in hand finished). The holder of partition 0 also drains the group's
-        durables an earlier deployment left — the one from before partitioning, those of
-        partitions beyond today's count — and removes them. (A key's messages still queued in a
-        leftover are handled beside its new ones: change the count with the queues drained when
-        per-key order matters to them.)
+        durables an earlier deployment left — the one from before partitioning (then removed),
+        those of partitions beyond today's count (kept, drained) — and looks again every
+        LEFTOVER_RECHECK_SECONDS. (A key's messages still queued in a leftover are handled
+        beside its new ones: change the count with the queues drained when per-key order
+        matters to them.)
         """
         stops: dict[int, asyncio.Event] = {}
         loops: dict[int, asyncio.Task[None]] = {}

@@ -57,17 +57,19 @@ async def published_message(channel: str, publish: Awaitable[PubAck]) -> PubAck:
 
 async def publish_durably(bus: Bus, channel: str, messages: Sequence[InboundMessage],
                           statuses: Sequence[DeliveryStatus] = (), *,
-                          message_id: Callable[[InboundMessage], str],
+                          message_id: Callable[[InboundMessage], str] | None = None,
                           status_id: Callable[[DeliveryStatus], str] | None = None,
                           what: str = "notification") -> None:
     """Publish what one platform webhook carried — customer messages (counted accepted or
     duplicate) and delivery statuses, each under its de-duplication id — and return once every
     one is durable in JetStream: the webhook may be answered 200 then. ApiError 503 otherwise
     (the platform retries; what did go through is de-duplicated by its id)."""
-    publishes: list[Awaitable[object]] = [
-        published_message(channel, bus.publish(channel_messages.subject_of(m), channel_messages.encode(m),
-                                               msg_id=message_id(m)))
-        for m in messages]
+    publishes: list[Awaitable[object]] = []
+    if messages:
+        assert message_id is not None, "messages need their de-duplication id"
+        publishes += [published_message(channel, bus.publish(channel_messages.subject_of(m),
+                                                             channel_messages.encode(m), msg_id=message_id(m)))
+                      for m in messages]
     if statuses:
         assert status_id is not None, "statuses need their de-duplication id"
         publishes += [bus.publish(channel_messages.subject_of(s), channel_messages.encode(s), msg_id=status_id(s))

@@ -144,6 +144,11 @@ class CodedSendFailure(SendFailure):
         return self.error_code(), self.title, self.details
 
 
+class UnsendableContent(ValueError):
+    """The content has no representation on a channel (a permanent failure): a channel's `plan`
+    raises its subclass, reported `failed` with `unsupported_content`."""
+
+
 class Unsendable(Exception):
     """A send the channel will not make, whatever the retries (content the platform cannot
     carry, a closed reply window): reported `failed` at once with this code, title and details."""
@@ -205,7 +210,9 @@ class ChannelSender(ABC, Generic[C, P]):
 
     @abstractmethod
     async def plan(self, command: OutboundSend, creds: C) -> list[P]:
-        """The requests that carry `command`, in order (at least one); Unsendable if none can."""
+        """The requests that carry `command`, in order (at least one); UnsendableContent when
+        its content has no form on the channel, Unsendable when it may not be sent for another
+        reason (a closed reply window)."""
 
     @abstractmethod
     def request(self, creds: C, part: P) -> PlatformRequest:
@@ -264,7 +271,10 @@ class ChannelSender(ABC, Generic[C, P]):
             await self.retry_or_fail(command, delivery, self.unknown_integration())
             return
         try:
-            parts = await self.plan(command, creds)
+            try:
+                parts = await self.plan(command, creds)
+            except UnsendableContent as exc:
+                raise Unsendable("unsupported_content", str(exc)) from exc
         except Unsendable as refusal:
             log.info("not sending message %s: %s", command.message_id, refusal.title,
                      extra=log_fields(integration_id=command.integration_id, message_id=command.message_id))

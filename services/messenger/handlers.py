@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared import outbound
 from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
@@ -539,7 +540,7 @@ def requested_tagging(send: OutboundSend) -> Tagging | None:
 
 # --- Send API bodies -------------------------------------------------------------------------------
 
-class UnsendableContent(ValueError):
+class UnsendableContent(outbound.UnsendableContent):
     """The content has no Messenger representation (a permanent failure)."""
 
 

@@ -46,10 +46,7 @@ class MessengerSender(ChannelSender[Credentials, SendPart]):
                                       requested=handlers.requested_tagging(command))
         if isinstance(decision, WindowRefusal):
             raise Unsendable(decision.code, decision.title, decision.details)
-        try:
-            return handlers.build_send_parts(command, decision)
-        except handlers.UnsendableContent as exc:
-            raise Unsendable("unsupported_content", str(exc)) from exc
+        return handlers.build_send_parts(command, decision)
 
     async def done_parts(self, command: OutboundSend) -> dict[int, str]:
         # Parts accepted on an earlier delivery are not sent twice (the customer sees each once).
@@ -66,7 +63,6 @@ class MessengerSender(ChannelSender[Credentials, SendPart]):
 
     def unreachable(self, exc: Exception) -> SendFailure:
         return SendFailure(http_status=0, code=None, title=f"Graph API unreachable: {exc!r}", transient=True)
-
 
     async def part_sent(self, command: OutboundSend, creds: Credentials, index: int, provider_id: str,
                         started: float) -> None:

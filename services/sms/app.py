@@ -155,8 +155,8 @@ class SmsService(ServiceApp):
         except handlers.WebhookShapeError as exc:
             raise ApiError(400, f"Invalid Twilio status callback: {exc}") from exc
         if status is not None:
-            await publish_durably(self.bus, handlers.CHANNEL, (), (status,), message_id=handlers.inbound_msg_id,
-                                  status_id=handlers.status_msg_id, what="status")
+            await publish_durably(self.bus, handlers.CHANNEL, (), (status,), status_id=handlers.status_msg_id,
+                                  what="status")
         return twiml_ok()
 
     # --- sending ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from shared import outbound
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
 from shared.ratelimit import TokenBucket
@@ -287,7 +288,7 @@ def status_msg_id(status: DeliveryStatus) -> str:
 
 # --- sending -------------------------------------------------------------------------------------
 
-class UnsendableContent(ValueError):
+class UnsendableContent(outbound.UnsendableContent):
     """The content has no SMS/MMS representation (a permanent failure)."""
 
 

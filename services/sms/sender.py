@@ -10,7 +10,7 @@ from shared.bus import Bus, Retry
 from shared.egress import EgressSession
 from shared.http import basic_auth_header
 from shared.messages.channel import OutboundSend
-from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings, Unsendable
+from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings
 from shared.twilio_wire import FORM_CONTENT_TYPE
 
 from . import handlers
@@ -38,10 +38,7 @@ class SmsSender(ChannelSender[Credentials, Form]):
         return SendFailure(http_status=0, code=None, title="Unknown or inactive Twilio integration", transient=True)
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[Form]:
-        try:
-            return [handlers.build_send_form(command, creds)]
-        except handlers.UnsendableContent as exc:
-            raise Unsendable("unsupported_content", str(exc)) from exc
+        return [handlers.build_send_form(command, creds)]
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: Form) -> None:
         wait = self._bucket(creds).reserve(handlers.send_cost(part), self.max_rate_wait_seconds)

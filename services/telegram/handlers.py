@@ -418,7 +418,7 @@ def inbound_msg_id(message: InboundMessage) -> str:
 
 # --- sending ---------------------------------------------------------------------------------------
 
-class UnsendableContent(ValueError):
+class UnsendableContent(outbound.UnsendableContent):
     """The content has no Telegram representation (a permanent failure)."""
 
 

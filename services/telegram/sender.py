@@ -12,7 +12,7 @@ from shared import outbound
 from shared.bus import Bus, Retry
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings, Unsendable
+from shared.outbound import ChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap, TokenBucket
 
 from . import handlers
@@ -46,10 +46,7 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
                            transient=True, reported_code="telegram_unknown_integration")
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[MethodCall]:
-        try:
-            return [handlers.build_request(command)]
-        except handlers.UnsendableContent as exc:
-            raise Unsendable("unsupported_content", str(exc)) from exc
+        return [handlers.build_request(command)]
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: MethodCall) -> None:
         chat_key = _chat_key(command)

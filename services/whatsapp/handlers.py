@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shared import outbound
 from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
 from shared.ingress import Rejected, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
@@ -474,7 +475,7 @@ def status_msg_id(status: DeliveryStatus) -> str:
 
 # --- sending -------------------------------------------------------------------------------------
 
-class UnsendableContent(ValueError):
+class UnsendableContent(outbound.UnsendableContent):
     """The content has no WhatsApp representation (a permanent failure)."""
 
 

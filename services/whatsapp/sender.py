@@ -10,7 +10,7 @@ import msgspec
 from shared.bus import Bus
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings, Unsendable
+from shared.outbound import ChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap
 
 from . import handlers
@@ -37,10 +37,7 @@ class WhatsAppSender(ChannelSender[Credentials, WhatsAppBody]):
                            transient=True)
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[WhatsAppBody]:
-        try:
-            return [handlers.build_send_body(command)]
-        except handlers.UnsendableContent as exc:
-            raise Unsendable("unsupported_content", str(exc)) from exc
+        return [handlers.build_send_body(command)]
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: WhatsAppBody) -> None:
         await self.buckets.get(creds.phone_number_id).acquire()
