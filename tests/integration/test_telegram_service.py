@@ -9,8 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from services.sandbox.app import SandboxService
 from services.sandbox.telegram_fake import FakeTelegram
@@ -219,44 +217,15 @@ async def test_photo_is_an_image_served_by_the_gateway(tg: TgEnv) -> None:
         assert forged.status_code == 404
 
 
-async def test_same_update_twice_is_one_message(tg: TgEnv) -> None:
-    await tg.script("/inbound", {"from": USER, "text": "once"})
-    delivery = tg.fake.deliveries[-1]
-    async with httpx.AsyncClient() as http:
-        again = await http.post(tg.webhook_url, content=delivery.body, headers=delivery.headers)
-    assert again.status_code == 200
-    assert len(await tg.inbound()) == 1
 
 
-async def test_missing_or_wrong_secret_is_401_and_nothing_queued(tg: TgEnv) -> None:
-    await tg.script("/inbound", {"from": USER, "text": "genuine"})
-    body = tg.fake.deliveries[-1].body.replace(b"genuine", b"forged!").replace(b'"update_id":', b'"update_id":9')
-    async with httpx.AsyncClient() as http:
-        missing = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json"})
-        wrong = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
-                                                                       SECRET_HEADER: SECRET[:-1] + "X"})
-        empty = await http.post(tg.webhook_url, content=body, headers={"Content-Type": "application/json",
-                                                                       SECRET_HEADER: ""})
-    assert missing.status_code == wrong.status_code == empty.status_code == 401
-    assert missing.json()["errors"][0]["code"] == "unauthorized"
-    [only] = await tg.inbound()
-    assert only.content == TextContent(text="genuine")
 
-
-async def test_http_errors_unknown_integration_type_size_shape(tg: TgEnv) -> None:
-    signed = {"Content-Type": "application/json", SECRET_HEADER: SECRET}
+async def test_an_update_kind_the_gateway_does_not_handle_is_acknowledged(tg: TgEnv) -> None:
     body = json.dumps({"update_id": 5, "edited_message": {"message_id": 1}}).encode()
     async with httpx.AsyncClient() as http:
-        unknown = await http.post(f"{tg.system.base_url}/webhooks/telegram/{new_id()}", content=body, headers=signed)
-        assert unknown.status_code == 404
-        ignored = await http.post(tg.webhook_url, content=body, headers=signed)
-        assert ignored.status_code == 200  # an update kind the gateway does not handle: acknowledged
-        text = await http.post(tg.webhook_url, content=body, headers={**signed, "Content-Type": "text/plain"})
-        assert text.status_code == 415
-        huge = b'{"update_id":1,"pad":"' + b"x" * 300_000 + b'"}'
-        assert (await http.post(tg.webhook_url, content=huge, headers=signed)).status_code == 413
-        shape = await http.post(tg.webhook_url, content=b'{"update_id":"x"}', headers=signed)
-        assert shape.status_code == 400 and shape.json()["errors"][0]["code"] == "bad_request"
+        ignored = await http.post(tg.webhook_url, content=body,
+                                  headers={"Content-Type": "application/json", SECRET_HEADER: SECRET})
+    assert ignored.status_code == 200  # else Telegram would retry it for a day
     assert await tg.inbound() == []
 
 
@@ -376,64 +345,3 @@ async def test_one_message_per_second_per_chat(system: System, bus: Bus) -> None
     times = [sends(tg, f"burst {i}")[0]["at"] for i in range(3)]
     assert [b["text"] for b in tg.fake.outbox(tg.integration_id, USER)] == ["burst 0", "burst 1", "burst 2"]
     assert times[1] - times[0] >= 0.9 and times[2] - times[1] >= 0.9
-
-
-# --- fuzz ------------------------------------------------------------------------------------------
-
-VALID = json.dumps({"update_id": 900000001, "message": {
-    "message_id": 5, "from": {"id": USER, "is_bot": False, "first_name": "Ada"},
-    "chat": {"id": USER, "first_name": "Ada", "type": "private"}, "date": 1717000000, "text": "hi"}}).encode()
-json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4)
-                          | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
-
-
-def _broken_message(message: Any) -> bytes:
-    doc = json.loads(VALID)
-    doc["message"] = message
-    return json.dumps(doc).encode()
-
-
-bad_bodies = st.one_of(
-    st.tuples(st.binary(max_size=300), st.booleans()),
-    st.tuples(st.integers(1, len(VALID) - 1).map(lambda n: VALID[:n]), st.booleans()),
-    st.tuples(json_value.map(lambda v: json.dumps(v).encode()), st.booleans()),
-    st.tuples(st.just(VALID), st.just(False)),
-    st.tuples(st.dictionaries(st.sampled_from(["message_id", "date", "chat", "text", "photo", "from"]), json_leaf,
-                              max_size=3).filter(lambda m: not {"message_id", "date", "chat"} <= m.keys())
-              .map(_broken_message), st.just(True)),
-    st.tuples(st.integers(256 * 1024 + 1, 400 * 1024).map(lambda n: b"{" + b" " * n + b"}"), st.booleans()),
-)
-
-
-def _acceptable(body: bytes) -> bool:
-    """An Update with nothing the gateway handles (`{"update_id": 3}`) may be acknowledged."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return False
-    return (isinstance(doc, dict) and isinstance(doc.get("update_id"), int) and not isinstance(doc["update_id"], bool)
-            and "message" not in doc and "callback_query" not in doc)
-
-
-async def test_webhook_fuzz_never_accepts_garbage(tg: TgEnv) -> None:
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(case=bad_bodies)
-    def cases(case: tuple[bytes, bool]) -> None:
-        collected.append(case)
-
-    collected: list[tuple[bytes, bool]] = []
-    cases()
-    assert collected
-    async with httpx.AsyncClient(timeout=10) as http:
-        for body, signed in collected:
-            headers = {"Content-Type": "application/json", SECRET_HEADER: SECRET if signed else "not-the-secret"}
-            resp = await http.post(tg.webhook_url, content=body, headers=headers)
-            if signed and _acceptable(body) and resp.status_code == 200:
-                continue
-            assert 400 <= resp.status_code < 500, (resp.status_code, body[:200])
-            assert resp.status_code != 404
-        info = await tg.bus.js.stream_info(subjects.INBOUND.name)
-        assert info.state.messages == 0
-        assert (await http.get(f"{tg.system.service_url('telegram')}/healthz")).status_code == 200
-        assert (await http.get(f"{tg.system.base_url}/_svc/telegram/readyz")).status_code == 200
