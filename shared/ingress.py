@@ -15,20 +15,67 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
+from aiohttp import web
 from nats.js.api import PubAck
 from opentelemetry import trace
 
 from shared import metrics
 from shared.bus import Bus
-from shared.http import ApiError
+from shared.http import ApiError, read_body
 from shared.messages import channel as channel_messages
 from shared.messages.channel import DeliveryStatus, InboundMessage
 from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")
+N = TypeVar("N")
+
+
+class WebhookShapeError(ValueError):
+    """A delivery that is not of its platform's shape (answered 400)."""
+
+
+@dataclass(frozen=True)
+class WebhookIntake(Generic[C]):
+    """The checks every channel's webhook makes, with the same answers: the integration named
+    in the path (404), the body read within its bound (413), its content type (415) and its shape
+    (400, counted as a rejected message). The signature check between them is the channel's own."""
+
+    channel: str  # the metrics label, e.g. `whatsapp`
+    platform: str  # as the errors name it, e.g. `WhatsApp`
+    credentials: Callable[[str], C | None]
+    max_body: int
+    content_type: str = "application/json"
+
+    def integration(self, request: web.Request) -> C:
+        """The credentials of the integration in the path; ApiError 404 when there is none."""
+        creds = self.credentials(request.match_info["integration_id"])
+        if creds is None:
+            raise ApiError(404, f"Unknown {self.platform} integration")
+        return creds
+
+    async def body(self, request: web.Request) -> bytes:
+        """The raw body (a signature covers these bytes); ApiError 413 past `max_body`."""
+        return await read_body(request, self.max_body)
+
+    def check_content_type(self, request: web.Request) -> None:
+        """ApiError 415 unless the request says it carries `content_type`."""
+        if request.content_type != self.content_type:
+            raise ApiError(415, f"Content-Type must be {self.content_type}, got {request.content_type}")
+
+    def normalized(self, normalize: Callable[[], N], what: str = "notification", *,
+                   counts_as_message: bool = True) -> N:
+        """`normalize()`, or ApiError 400 naming why the delivery is not of the platform's
+        shape (a refused customer message is counted rejected; a refused status callback is not)."""
+        try:
+            return normalize()
+        except WebhookShapeError as exc:
+            if counts_as_message:
+                metrics.message_in(self.channel, "rejected")
+            raise ApiError(400, f"Invalid {self.platform} {what}: {exc}") from exc
 
 
 async def publish_all(publishes: Sequence[Awaitable[object]]) -> list[BaseException]:

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from shared import metrics, records, subjects
+from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, EgressSession
-from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_durably, report_rejected
+from shared.http import ApiError, error_middleware, tracing_middleware
+from shared.ingress import WebhookIntake, publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -49,6 +49,7 @@ class MessengerService(ServiceApp):
     def __init__(self, config: MessengerConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        self.intake = WebhookIntake(handlers.CHANNEL, "Messenger", self.credentials, handlers.MAX_WEBHOOK_BODY)
         self.policy = ReplyWindowPolicy(standard_seconds=config.window_hours * 3600,
                                         human_agent_seconds=config.human_agent_days * 86400)
         self.http.middlewares.append(tracing_middleware)
@@ -111,10 +112,8 @@ class MessengerService(ServiceApp):
         """A signed notification: answered 200 only once all its well-formed content is durable;
         its malformed events are reported, never a reason to refuse the others."""
         integration_id = request.match_info["integration_id"]
-        creds = self.credentials(integration_id)
-        if creds is None:
-            raise ApiError(404, "Unknown Messenger integration")
-        raw = await read_body(request, handlers.MAX_WEBHOOK_BODY)
+        creds = self.intake.integration(request)
+        raw = await self.intake.body(request)
         header = request.headers.get(META_SIGNATURE_HEADER)
         if not header:
             raise ApiError(401, "Missing X-Hub-Signature-256")
@@ -122,13 +121,8 @@ class MessengerService(ServiceApp):
             log.warning("webhook signature mismatch", extra=log_fields(integration_id=integration_id,
                                                                       body_bytes=len(raw)))
             raise ApiError(403, "Invalid X-Hub-Signature-256")
-        if request.content_type != "application/json":
-            raise ApiError(415, f"Content-Type must be application/json, got {request.content_type}")
-        try:
-            normalized = handlers.normalize_webhook(raw, creds, self.by_page_id)
-        except handlers.WebhookShapeError as exc:
-            metrics.message_in(handlers.CHANNEL, "rejected")
-            raise ApiError(400, f"Invalid Messenger notification: {exc}") from exc
+        self.intake.check_content_type(request)
+        normalized = self.intake.normalized(lambda: handlers.normalize_webhook(raw, creds, self.by_page_id))
         report_rejected(log, handlers.CHANNEL, integration_id, normalized.rejected)
         store = self.store
         bus = self.bus

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from shared import outbound
-from shared.ingress import Rejected, rejected
+from shared.ingress import Rejected, WebhookShapeError, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
@@ -193,10 +193,6 @@ class _Entry(msgspec.Struct):
 class _Envelope(msgspec.Struct):
     object: str
     entry: list[Any]
-
-
-class WebhookShapeError(ValueError):
-    """The body is not a Messenger webhook notification (answered 400)."""
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from shared import metrics, records, subjects
+from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import TWILIO_HOSTS, EgressSession
-from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_durably
+from shared.http import ApiError, error_middleware, tracing_middleware
+from shared.ingress import WebhookIntake, publish_durably
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -54,6 +54,8 @@ class SmsService(ServiceApp):
     def __init__(self, config: SmsConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        self.intake = WebhookIntake(handlers.CHANNEL, "Twilio", self.credentials, handlers.MAX_WEBHOOK_BODY,
+                                    FORM_CONTENT_TYPE)
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
         self.http.router.add_post("/webhooks/twilio/{integration_id}", self.inbound_webhook)
@@ -83,13 +85,9 @@ class SmsService(ServiceApp):
 
     async def _signed_form(self, request: web.Request, creds: Credentials, url: str, kind: str) -> Form:
         """The form of a webhook whose `X-Twilio-Signature` matches the public `url` (else 403)."""
-        raw = await read_body(request, handlers.MAX_WEBHOOK_BODY)
-        if request.content_type != FORM_CONTENT_TYPE:
-            raise ApiError(415, f"Content-Type must be {FORM_CONTENT_TYPE}, got {request.content_type}")
-        try:
-            form = handlers.parse_form(raw)
-        except handlers.WebhookShapeError as exc:
-            raise ApiError(400, f"Invalid Twilio {kind} webhook: {exc}") from exc
+        raw = await self.intake.body(request)
+        self.intake.check_content_type(request)
+        form = self.intake.normalized(lambda: handlers.parse_form(raw), f"{kind} webhook", counts_as_message=False)
         header = request.headers.get(SIGNATURE_HEADER)
         if not twilio_signature_ok(creds.auth_token, url, form, header):
             self._log_signature_failure(request, creds, url, form, header, kind)
@@ -126,15 +124,9 @@ class SmsService(ServiceApp):
     async def inbound_webhook(self, request: web.Request) -> web.Response:
         """A customer's SMS/MMS: answered with empty TwiML only once it is durable in JetStream."""
         integration_id = request.match_info["integration_id"]
-        creds = self.credentials(integration_id)
-        if creds is None:
-            raise ApiError(404, "Unknown Twilio integration")
+        creds = self.intake.integration(request)
         form = await self._signed_form(request, creds, creds.webhook_url, "message")
-        try:
-            messages = handlers.normalize_inbound(form, creds)
-        except handlers.WebhookShapeError as exc:
-            metrics.message_in(handlers.CHANNEL, "rejected")
-            raise ApiError(400, f"Invalid Twilio message webhook: {exc}") from exc
+        messages = self.intake.normalized(lambda: handlers.normalize_inbound(form, creds), "message webhook")
         await publish_durably(self.bus, handlers.CHANNEL, messages, message_id=handlers.inbound_msg_id,
                               what="message")
         log.info("twilio message accepted: %s (%d part(s))", messages[0].provider_message_id, len(messages),
@@ -144,16 +136,11 @@ class SmsService(ServiceApp):
 
     async def status_webhook(self, request: web.Request) -> web.Response:
         """A status callback for a message the gateway sent (signed over the StatusCallback URL)."""
-        integration_id = request.match_info["integration_id"]
-        creds = self.credentials(integration_id)
-        if creds is None:
-            raise ApiError(404, "Unknown Twilio integration")
+        creds = self.intake.integration(request)
         form = await self._signed_form(request, creds, creds.status_url, "status")
         sid = next((value for name, value in form if name in ("MessageSid", "SmsSid")), "")
-        try:
-            status = handlers.normalize_status(form, creds, self.sender.sids.get(sid))
-        except handlers.WebhookShapeError as exc:
-            raise ApiError(400, f"Invalid Twilio status callback: {exc}") from exc
+        status = self.intake.normalized(lambda: handlers.normalize_status(form, creds, self.sender.sids.get(sid)),
+                                        "status callback", counts_as_message=False)
         if status is not None:
             await publish_durably(self.bus, handlers.CHANNEL, (), (status,), status_id=handlers.status_msg_id,
                                   what="status")

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from shared import outbound
+from shared.ingress import WebhookShapeError
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
 from shared.ratelimit import TokenBucket
@@ -111,10 +112,6 @@ class Credentials:
 
 
 # --- webhook forms -------------------------------------------------------------------------------
-
-class WebhookShapeError(ValueError):
-    """The body is not a Twilio webhook form (answered 400)."""
-
 
 def parse_form(raw: bytes) -> Form:
     """The (name, value) pairs of a form-encoded body, in order (raises WebhookShapeError)."""

@@ -11,11 +11,11 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import metrics, records, subjects
+from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
-from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_durably
+from shared.http import ApiError, error_middleware, tracing_middleware
+from shared.ingress import WebhookIntake, publish_durably
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -142,6 +142,7 @@ class TelegramService(ServiceApp):
     def __init__(self, config: TelegramConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        self.intake = WebhookIntake(handlers.CHANNEL, "Telegram", self.credentials, handlers.MAX_WEBHOOK_BODY)
         self.webhooks = WebhookRegistrar(self)
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -184,20 +185,14 @@ class TelegramService(ServiceApp):
     async def webhook(self, request: web.Request) -> web.Response:
         """An update from Telegram: answered 200 only once its message is durable in JetStream."""
         integration_id = request.match_info["integration_id"]
-        creds = self.credentials(integration_id)
-        if creds is None:
-            raise ApiError(404, "Unknown Telegram integration")
+        creds = self.intake.integration(request)
         # The secret is checked before the body is read: a forged request costs nothing.
         if not handlers.secret_ok(creds, request.headers.get(handlers.SECRET_HEADER)):
             raise ApiError(401, f"Missing or invalid {handlers.SECRET_HEADER}")
-        raw = await read_body(request, handlers.MAX_WEBHOOK_BODY)
-        if request.content_type != "application/json":
-            raise ApiError(415, f"Content-Type must be application/json, got {request.content_type}")
-        try:
-            normalized = handlers.normalize_update(raw, creds, self.common.public_base_url)
-        except handlers.WebhookShapeError as exc:
-            metrics.message_in(handlers.CHANNEL, "rejected")
-            raise ApiError(400, f"Invalid Telegram update: {exc}") from exc
+        raw = await self.intake.body(request)
+        self.intake.check_content_type(request)
+        normalized = self.intake.normalized(lambda: handlers.normalize_update(raw, creds, self.common.public_base_url),
+                                            "update")
         message = normalized.message
         if message is not None:
             await publish_durably(self.bus, handlers.CHANNEL, (message,), message_id=handlers.inbound_msg_id,

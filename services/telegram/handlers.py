@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from shared import outbound
+from shared.ingress import WebhookShapeError
 from shared.messages.channel import InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
@@ -235,10 +236,6 @@ class _Update(msgspec.Struct):
     update_id: int
     message: _Message | None = None
     callback_query: _CallbackQuery | None = None
-
-
-class WebhookShapeError(ValueError):
-    """The body is not a Telegram `Update` (answered 400)."""
 
 
 @dataclass

@@ -9,11 +9,11 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import metrics, records, subjects
+from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
-from shared.http import ApiError, error_middleware, read_body, tracing_middleware
-from shared.ingress import publish_durably, report_rejected
+from shared.http import ApiError, error_middleware, tracing_middleware
+from shared.ingress import WebhookIntake, publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
 
-
-
-
 class WhatsAppService(ServiceApp):
     """Webhook ingress (verify → normalize → publish) and send egress (consume → send → status)."""
 
@@ -46,6 +43,7 @@ class WhatsAppService(ServiceApp):
     def __init__(self, config: WhatsAppConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        self.intake = WebhookIntake(handlers.CHANNEL, "WhatsApp", self.credentials, handlers.MAX_WEBHOOK_BODY)
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
         self.http.router.add_get("/webhooks/whatsapp/{integration_id}", self.handshake)
@@ -93,19 +91,13 @@ class WhatsAppService(ServiceApp):
     async def webhook(self, request: web.Request) -> web.Response:
         """A signed notification: answered 200 only once all its well-formed content is durable in
         JetStream; its malformed items are reported, never a reason to refuse the others."""
-        creds = self.credentials(request.match_info["integration_id"])
-        if creds is None:
-            raise ApiError(404, "Unknown WhatsApp integration")
-        raw = await read_body(request, handlers.MAX_WEBHOOK_BODY)
+        creds = self.intake.integration(request)
+        raw = await self.intake.body(request)
         if not meta_signature_ok(creds.app_secret, raw, request.headers.get(META_SIGNATURE_HEADER)):
             raise ApiError(401, "Missing or invalid X-Hub-Signature-256")
-        if request.content_type != "application/json":
-            raise ApiError(415, f"Content-Type must be application/json, got {request.content_type}")
-        try:
-            normalized = handlers.normalize_webhook(raw, creds, self.by_phone_number_id, self.common.public_base_url)
-        except handlers.WebhookShapeError as exc:
-            metrics.message_in(handlers.CHANNEL, "rejected")
-            raise ApiError(400, f"Invalid WhatsApp notification: {exc}") from exc
+        self.intake.check_content_type(request)
+        normalized = self.intake.normalized(lambda: handlers.normalize_webhook(
+            raw, creds, self.by_phone_number_id, self.common.public_base_url))
         report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
         await publish_durably(self.bus, handlers.CHANNEL, normalized.messages, normalized.statuses,
                               message_id=handlers.inbound_msg_id, status_id=handlers.status_msg_id)

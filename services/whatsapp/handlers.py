@@ -18,7 +18,7 @@ import msgspec
 
 from shared import outbound
 from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
-from shared.ingress import Rejected, rejected
+from shared.ingress import Rejected, WebhookShapeError, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
@@ -248,10 +248,6 @@ class _Entry(msgspec.Struct):
 class _Envelope(msgspec.Struct):
     object: str
     entry: list[Any]
-
-
-class WebhookShapeError(ValueError):
-    """The body is not a WhatsApp webhook notification (answered 400)."""
 
 
 @dataclass
