@@ -27,11 +27,22 @@ from shared.bus import Bus
 from shared.http import ApiError, read_body
 from shared.messages import channel as channel_messages
 from shared.messages.channel import DeliveryStatus, InboundMessage
+from shared.signing import meta_handshake_challenge
 from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
 N = TypeVar("N")
+
+
+def meta_handshake(verify_token: str | None, query: Mapping[str, str]) -> web.Response:
+    """Meta's subscription check (WhatsApp, Messenger): the `hub.challenge` echoed as plain text
+    when `hub.verify_token` matches the integration's `verify_token`, else 403."""
+    challenge = meta_handshake_challenge(verify_token, query.get("hub.mode"), query.get("hub.verify_token"),
+                                         query.get("hub.challenge"))
+    if challenge is None:
+        return web.Response(status=403, text="Forbidden", content_type="text/plain")
+    return web.Response(status=200, text=challenge, content_type="text/plain")
 
 
 class WebhookShapeError(ValueError):

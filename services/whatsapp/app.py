@@ -13,11 +13,11 @@ from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, tracing_middleware
-from shared.ingress import WebhookIntake, publish_durably, report_rejected
+from shared.ingress import WebhookIntake, meta_handshake, publish_durably, report_rejected
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
-from shared.signing import META_SIGNATURE_HEADER, meta_handshake_challenge, meta_signature_ok
+from shared.signing import META_SIGNATURE_HEADER, meta_signature_ok
 from shared.telemetry import inject_headers, log_fields, setup_telemetry, tracer
 from shared.untrusted import decode_json, secrets_equal
 
@@ -81,12 +81,7 @@ class WhatsAppService(ServiceApp):
     async def handshake(self, request: web.Request) -> web.Response:
         """Meta's subscription check: echo `hub.challenge` when `hub.verify_token` matches."""
         creds = self.credentials(request.match_info["integration_id"])
-        q = request.query
-        challenge = meta_handshake_challenge(creds.verify_token if creds else None, q.get("hub.mode"),
-                                             q.get("hub.verify_token"), q.get("hub.challenge"))
-        if challenge is None:
-            return web.Response(status=403, text="Forbidden", content_type="text/plain")
-        return web.Response(status=200, text=challenge, content_type="text/plain")
+        return meta_handshake(creds.verify_token if creds else None, request.query)
 
     async def webhook(self, request: web.Request) -> web.Response:
         """A signed notification: answered 200 only once all its well-formed content is durable in
