@@ -94,7 +94,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
         erases=(EVENTS, INBOUND, OUTBOUND)),
     "webhooks": Access(publish=(subjects.WEBHOOKS_ERASURES,), subscribe=(subjects.WEBHOOKS_ERASURES,),
                        consumers=(subjects.WEBHOOKS_EVENTS,),
-                       kv_read=(subjects.WEBHOOKS_BUCKET,)),
+                       kv_read=(subjects.WEBHOOKS_BUCKET, subjects.APPS_BUCKET)),
     "handoff": Access(serves=("handoff.>",), kv_read=(subjects.INTEGRATIONS_BUCKET,),
                       kv_write=(subjects.LINK_CODES_BUCKET,)),
     "notifications": Access(

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from shared.encryption import Keyring, SecretsError, is_sealed
-from shared.sunco import IntegrationType
+from shared.sunco import IntegrationType, SwitchboardIntegrationRef
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,49 @@ class NotificationSettings(msgspec.Struct, rename="camel", omit_defaults=True, k
     templates: NotificationTemplates | None = None
 
 
+class SwitchboardIntegrationRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One member of an app's switchboard: the integration (custom, by id) or integration type
+    (e.g. `desk`) that handles a conversation while it is in control."""
+
+    id: str
+    name: str
+    integration_type: str
+    integration_id: str | None = None
+    deliver_standby_events: bool = False
+    next_switchboard_integration_id: str | None = None
+    message_history_count: int | None = None
+
+    def ref(self) -> SwitchboardIntegrationRef:
+        """How a conversation's `activeSwitchboardIntegration` names it."""
+        return SwitchboardIntegrationRef(id=self.id, name=self.name, integration_id=self.integration_id,
+                                         integration_type=self.integration_type)
+
+
+class SwitchboardRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An app's switchboard: who gets a conversation's events, and who starts in control."""
+
+    id: str
+    enabled: bool = False
+    default_switchboard_integration_id: str | None = None
+    integrations: list[SwitchboardIntegrationRecord] = []
+
+    def integration(self, switchboard_integration_id: str | None) -> SwitchboardIntegrationRecord | None:
+        """The member with this id, if there is one."""
+        return next((i for i in self.integrations if i.id == switchboard_integration_id), None)
+
+
 class AppRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One app as other services need it: its name and its settings (SunCo camelCase keys)."""
+    """One app as other services need it: its name, its settings (SunCo camelCase keys) and
+    its switchboard."""
 
     id: str
     display_name: str
     settings: dict[str, Any] = {}
+    switchboard: SwitchboardRecord | None = None
+
+    def active_switchboard(self) -> SwitchboardRecord | None:
+        """The app's switchboard when it routes events (enabled), else None."""
+        return self.switchboard if self.switchboard is not None and self.switchboard.enabled else None
 
     def notification_settings(self) -> NotificationSettings:
         """The app's `settings.notifications` (defaults when absent or unreadable)."""

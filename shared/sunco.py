@@ -230,9 +230,22 @@ class Device(Wire, kw_only=True):
 
 # --- conversations ---------------------------------------------------------------------------
 
+class SwitchboardIntegrationRef(Wire, kw_only=True):
+    """A switchboard integration as a conversation names it (SunCo's SwitchboardIntegrationWebhook).
+    Events carry only its id; the webhook payload and the API fill in the rest."""
+
+    id: str
+    name: str | None = None
+    integration_id: str | None = None
+    integration_type: str | None = None
+
+
 class ConversationRef(Wire, kw_only=True):
     id: str
     type: ConversationType
+    # The switchboard integration in control of the conversation, and the one offered control.
+    active_switchboard_integration: SwitchboardIntegrationRef | None = None
+    pending_switchboard_integration: SwitchboardIntegrationRef | None = None
 
 
 class Activity(Wire, kw_only=True):

@@ -83,6 +83,15 @@ def webhook_out(record: records.WebhookRecord) -> models.Webhook:
                           include_full_source=record.include_full_source)
 
 
+def member_record(row: Row | Mapping[str, Any]) -> records.SwitchboardIntegrationRecord:
+    """A switchboard_integrations row as the apps bucket carries it."""
+    return records.SwitchboardIntegrationRecord(
+        id=row["id"], name=row["name"], integration_id=row["integration_id"],
+        integration_type=row["integration_type"], deliver_standby_events=bool(row["deliver_standby_events"]),
+        next_switchboard_integration_id=row["next_switchboard_integration_id"],
+        message_history_count=row["message_history_count"])
+
+
 def _builtins(struct: msgspec.Struct) -> dict[str, Any]:
     data = msgspec.to_builtins(struct)
     assert isinstance(data, dict)
@@ -129,7 +138,7 @@ class Admin:
         settings = {} if body.settings is None else _builtins(body.settings)
         async with self.store.tx():
             await self.store.add_app(app_id, body.display_name, settings, body.metadata or {}, now())
-            await self.sink.put_app(records.AppRecord(id=app_id, display_name=body.display_name, settings=settings))
+            await self.publish_app(app_id)
         row = await self.store.get_app(app_id)
         assert row is not None
         return app_out(row)
@@ -152,9 +161,28 @@ class Admin:
         async with self.store.tx():
             await self.store.set_app(app_id, body.display_name or row["display_name"], settings,
                                      loads(row["metadata"]) if body.metadata is None else body.metadata)
-            await self.sink.put_app(records.AppRecord(id=app_id, display_name=body.display_name or row["display_name"],
-                                                      settings=settings))
+            await self.publish_app(app_id)
         return app_out(await self.app_row(app_id))
+
+    async def switchboard_record(self, app_id: str) -> records.SwitchboardRecord | None:
+        """The app's switchboard with its integrations, from the database (None: it has none)."""
+        row = await self.store.switchboard(app_id)
+        if row is None:
+            return None
+        members = await self.store.switchboard_integrations(row["id"])
+        return records.SwitchboardRecord(
+            id=row["id"], enabled=bool(row["enabled"]),
+            default_switchboard_integration_id=row["default_switchboard_integration_id"],
+            integrations=[member_record(m) for m in members])
+
+    async def _app_record(self, row: Row) -> records.AppRecord:
+        return records.AppRecord(id=row["id"], display_name=row["display_name"], settings=loads(row["settings"]),
+                                 switchboard=await self.switchboard_record(row["id"]))
+
+    async def publish_app(self, app_id: str) -> None:
+        """Write the app's record (settings, switchboard) to the apps bucket, as the database has
+        it now (call inside the transaction that changed it)."""
+        await self.sink.put_app(await self._app_record(await self.app_row(app_id)))
 
     async def delete_app(self, app_id: str) -> None:
         await self.app_row(app_id)
@@ -195,6 +223,42 @@ class Admin:
             deleted = await self.store.delete_key(app_id, key_id)
         if not deleted:
             raise ApiError(404, "Key not found", "key_not_found")
+
+    # --- custom integration keys ----------------------------------------------------------
+
+    async def _keyed_integration(self, app_id: str, integration_id: str) -> Row:
+        row = await self.integration_row(app_id, integration_id)
+        if row["type"] != "custom":
+            raise ApiError(400, "Only custom integrations have API keys")
+        return row
+
+    async def create_integration_key(self, app_id: str, integration_id: str,
+                                     body: models.IntegrationApiKeyBody) -> models.IntegrationApiKey:
+        await self._keyed_integration(app_id, integration_id)
+        key_id = f"int_{new_id()}"
+        async with self.store.tx():
+            await self.store.serialize(f"integration-keys:{integration_id}")
+            if len(await self.store.integration_keys(integration_id)) >= MAX_KEYS_PER_APP:
+                raise ApiError(400, f"A custom integration can have at most {MAX_KEYS_PER_APP} keys")
+            await self.store.add_integration_key(key_id, app_id, integration_id, body.display_name, new_secret(),
+                                                 now())
+        return await self.integration_key(app_id, integration_id, key_id)
+
+    async def integration_keys(self, app_id: str, integration_id: str) -> list[models.IntegrationApiKey]:
+        await self._keyed_integration(app_id, integration_id)
+        return [models.IntegrationApiKey(id=k["id"], secret=k["secret"], display_name=k["display_name"])
+                for k in await self.store.integration_keys(integration_id)]
+
+    async def integration_key(self, app_id: str, integration_id: str, key_id: str) -> models.IntegrationApiKey:
+        key = await self.store.integration_key(key_id)
+        if key is None or key["app_id"] != app_id or key["integration_id"] != integration_id:
+            raise ApiError(404, "Key not found", "key_not_found")
+        return models.IntegrationApiKey(id=key["id"], secret=key["secret"], display_name=key["display_name"])
+
+    async def delete_integration_key(self, app_id: str, integration_id: str, key_id: str) -> None:
+        await self.integration_key(app_id, integration_id, key_id)
+        async with self.store.tx():
+            await self.store.delete_integration_key(integration_id, key_id)
 
     # --- integrations ---------------------------------------------------------------------
 
@@ -433,8 +497,7 @@ class Admin:
     async def all_apps(self) -> list[records.AppRecord]:
         """Every app record, as it must appear in the apps KV bucket."""
         rows, _ = await self.store.list_apps(None, None, 1_000_000)
-        return [records.AppRecord(id=r["id"], display_name=r["display_name"], settings=loads(r["settings"]))
-                for r in rows]
+        return [await self._app_record(r) for r in rows]
 
 
 def _check_push_credentials(type_: str, config: dict[str, Any]) -> None:

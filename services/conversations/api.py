@@ -30,7 +30,8 @@ from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.openapi import Operation, openapi_document
 from services.conversations.store import CursorNotFound, Store
-from shared import subjects
+from services.conversations.switchboard import Switchboards
+from shared import records, subjects
 from shared.bus import RequestFailed
 from shared.http import ApiError, json_response, read_json
 from shared.ids import iso, parse_iso
@@ -46,12 +47,19 @@ log = logging.getLogger(__name__)
 
 
 
+# What a custom integration's key may call (SunCo's integration scope: users, conversations and
+# their parts, its own webhooks; not apps, keys, integrations or switchboards).
+INTEGRATION_SCOPE_TAGS = frozenset({"Users", "Clients", "Devices", "Conversations", "Participants", "Messages",
+                                    "Activities", "Switchboard Actions", "Webhooks", "Handoff"})
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the account (every app) or one app's key."""
+    """Who is calling: the account (every app), one app's key, or one custom integration's key."""
 
     key_id: str
     app_id: str | None  # None = account scope
+    integration_id: str | None = None  # set for a custom integration's key (integration scope)
 
     def may_access(self, app_id: str) -> bool:
         return self.app_id is None or self.app_id == app_id
@@ -70,13 +78,14 @@ def _b64decode(text: str) -> str:
 class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
-    def __init__(self, store: Store, admin: Admin, conversations: Conversations, account_key_id: str,
-                 account_key_secret: str, public_base_url: str,
+    def __init__(self, store: Store, admin: Admin, conversations: Conversations, switchboards: Switchboards,
+                 account_key_id: str, account_key_secret: str, public_base_url: str,
                  jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
         self.jwt_policy = jwt_policy
         self.admin = admin
         self.conversations = conversations
+        self.switchboards = switchboards
         self.identity = conversations.identity
         self.account_key_id = account_key_id
         self.account_key_secret = account_key_secret
@@ -84,14 +93,20 @@ class Api:
 
     # --- auth -----------------------------------------------------------------------------
 
-    async def _key_secret(self, key_id: str) -> tuple[str, str | None] | None:
-        """(secret, app_id) of a key id; app_id None for the account key."""
+    async def _key_secret(self, key_id: str) -> tuple[str, Principal] | None:
+        """The secret of a key id and who it makes the caller (app_id None: the account key)."""
         if secrets_equal(self.account_key_id, key_id):
-            return self.account_key_secret, None
-        if not key_id.startswith("app_") or not key_id.isascii():
+            return self.account_key_secret, Principal(key_id=key_id, app_id=None)
+        if not key_id.isascii():
             return None
-        row = await self.store.get_key(key_id)
-        return None if row is None else (row["secret"], row["app_id"])
+        if key_id.startswith("app_"):
+            row = await self.store.get_key(key_id)
+            return None if row is None else (row["secret"], Principal(key_id=key_id, app_id=row["app_id"]))
+        if key_id.startswith("int_"):
+            row = await self.store.integration_key(key_id)
+            return None if row is None else (row["secret"], Principal(
+                key_id=key_id, app_id=row["app_id"], integration_id=row["integration_id"]))
+        return None
 
     async def authenticate(self, request: web.Request) -> Principal:
         """The caller, from Basic or Bearer credentials; 401 when there are none or they are wrong."""
@@ -103,7 +118,7 @@ class Api:
             found = await self._key_secret(key_id) if sep else None
             if found is None or not secrets_equal(found[0], secret):
                 raise ApiError(401, "Invalid credentials", "unauthorized")
-            return Principal(key_id=key_id, app_id=found[1])
+            return found[1]
         if scheme == "bearer":
             token = value.strip()
             try:
@@ -114,10 +129,14 @@ class Api:
                 payload = jwt_decode(token, found[0], self.jwt_policy)
             except JwtError as exc:
                 raise ApiError(401, f"Invalid token: {exc}", "unauthorized") from exc
-            expected = "account" if found[1] is None else "app"
-            if payload.get("scope") != expected:
-                raise ApiError(401, f"Invalid token: scope must be {expected}", "unauthorized")
-            return Principal(key_id=str(kid), app_id=found[1])
+            principal = found[1]
+            # A custom integration's key signs `integration` tokens (`app` is taken too: the key,
+            # not the claim, decides what the caller may do).
+            allowed = (("account",) if principal.app_id is None else ("app",) if principal.integration_id is None
+                       else ("integration", "app"))
+            if payload.get("scope") not in allowed:
+                raise ApiError(401, f"Invalid token: scope must be {' or '.join(allowed)}", "unauthorized")
+            return principal
         raise ApiError(401, "Authorization required", "unauthorized")
 
     def make_handler(self, op: Operation) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -129,6 +148,12 @@ class Api:
                 app_id = request.match_info.get("appId")
                 if app_id is not None and not principal.may_access(app_id):
                     raise ApiError(403, "This key does not grant access to this app", "forbidden")
+                if principal.integration_id is not None:
+                    if op.tag not in INTEGRATION_SCOPE_TAGS:
+                        raise ApiError(403, "This operation requires an app key", "forbidden")
+                    path_integration = request.match_info.get("integrationId")
+                    if path_integration is not None and path_integration != principal.integration_id:
+                        raise ApiError(403, "An integration's key reaches only its own webhooks", "forbidden")
                 request[PRINCIPAL_KEY] = principal
             try:
                 return await op.handler(self, request)
@@ -424,7 +449,7 @@ class Api:
             if client.status in ("active", "pending"):
                 await self.conversations.associate(app_id, row["id"], found.user, client,
                                                    _ts(client.last_seen or client.linked_at))
-        return json_response({"conversation": conversation_out(row)}, 201)
+        return json_response({"conversation": conversation_out(row, self._switchboard(app_id))}, 201)
 
     async def list_conversations(self, request: web.Request) -> web.Response:
         app_id = await self._app(request)
@@ -437,13 +462,14 @@ class Api:
                 raise ApiError(400, "filter.userId or filter.userExternalId is required")
             user_id = (await self._user(app_id, None, external_id)).user.id
         rows, more = await self.store.list_user_conversations(app_id, user_id, page.after, page.before, page.size)
-        return json_response({"conversations": [conversation_out(r) for r in rows],
+        switchboard = self._switchboard(app_id)
+        return json_response({"conversations": [conversation_out(r, switchboard) for r in rows],
                               **self._page_lists(request, [r["id"] for r in rows], more, page)})
 
     async def get_conversation(self, request: web.Request) -> web.Response:
-        row = await self.conversations.conversation_row(request.match_info["appId"],
-                                                        request.match_info["conversationId"])
-        return json_response({"conversation": conversation_out(row)})
+        app_id = request.match_info["appId"]
+        row = await self.conversations.conversation_row(app_id, request.match_info["conversationId"])
+        return json_response({"conversation": conversation_out(row, self._switchboard(app_id))})
 
     async def update_conversation(self, request: web.Request) -> web.Response:
         app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
@@ -459,7 +485,7 @@ class Api:
                 row["icon_url"] if body.icon_url is None else body.icon_url,
                 _loads_or(row["metadata"]) if body.metadata is None else body.metadata)
         return json_response({"conversation": conversation_out(
-            await self.conversations.conversation_row(app_id, conversation_id))})
+            await self.conversations.conversation_row(app_id, conversation_id), self._switchboard(app_id))})
 
     async def delete_conversation(self, request: web.Request) -> web.Response:
         await self.conversations.delete_conversation(request.match_info["appId"],
@@ -569,6 +595,95 @@ class Api:
                                         request.match_info["webhookId"])
         return json_response({})
 
+    # --- switchboards -----------------------------------------------------------------------
+
+    def _switchboard(self, app_id: str) -> records.SwitchboardRecord | None:
+        """The app's switchboard, enabled or not, as this replica's copy of the apps bucket has it."""
+        app = self.conversations.apps(app_id)
+        return app.switchboard if app is not None else None
+
+    async def create_switchboard(self, request: web.Request) -> web.Response:
+        return json_response({"switchboard": await self.switchboards.create(request.match_info["appId"])}, 201)
+
+    async def list_switchboards(self, request: web.Request) -> web.Response:
+        return json_response({"switchboards": await self.switchboards.listed(request.match_info["appId"])})
+
+    async def update_switchboard(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.SwitchboardUpdateBody)
+        return json_response({"switchboard": await self.switchboards.update(
+            request.match_info["appId"], request.match_info["switchboardId"], body)})
+
+    async def delete_switchboard(self, request: web.Request) -> web.Response:
+        await self.switchboards.delete(request.match_info["appId"], request.match_info["switchboardId"])
+        return json_response({})
+
+    async def create_switchboard_integration(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.SwitchboardIntegrationCreateBody)
+        return json_response({"switchboardIntegration": await self.switchboards.add_member(
+            request.match_info["appId"], request.match_info["switchboardId"], body)}, 201)
+
+    async def list_switchboard_integrations(self, request: web.Request) -> web.Response:
+        return json_response({"switchboardIntegrations": await self.switchboards.members(
+            request.match_info["appId"], request.match_info["switchboardId"])})
+
+    async def update_switchboard_integration(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.SwitchboardIntegrationUpdateBody)
+        return json_response({"switchboardIntegration": await self.switchboards.update_member(
+            request.match_info["appId"], request.match_info["switchboardId"],
+            request.match_info["switchboardIntegrationId"], body)})
+
+    async def delete_switchboard_integration(self, request: web.Request) -> web.Response:
+        await self.switchboards.delete_member(request.match_info["appId"], request.match_info["switchboardId"],
+                                              request.match_info["switchboardIntegrationId"])
+        return json_response({})
+
+    async def pass_control(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.PassControlBody)
+        await self._control(request, "passControl", body.switchboard_integration, body.metadata, body.reason)
+        return json_response({})
+
+    async def offer_control(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.OfferControlBody)
+        await self._control(request, "offerControl", body.switchboard_integration, body.metadata, None)
+        return json_response({})
+
+    async def accept_control(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.ControlBody) if request.can_read_body else models.ControlBody()
+        await self._control(request, "acceptControl", None, body.metadata, body.reason)
+        return json_response({})
+
+    async def release_control(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.ControlBody) if request.can_read_body else models.ControlBody()
+        await self._control(request, "releaseControl", None, body.metadata, body.reason)
+        return json_response({})
+
+    async def _control(self, request: web.Request, action: conv.SwitchboardAction, target: str | None,
+                       metadata: dict[str, Any] | None, reason: str | None) -> None:
+        await self.switchboards.control(request.match_info["appId"], request.match_info["conversationId"], action,
+                                        target=target, metadata=metadata, reason=reason,
+                                        caller=request[PRINCIPAL_KEY].integration_id)
+
+    # --- custom integration keys --------------------------------------------------------------
+
+    async def create_integration_key(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.IntegrationApiKeyBody) if request.can_read_body else (
+            models.IntegrationApiKeyBody())
+        return json_response({"key": await self.admin.create_integration_key(
+            request.match_info["appId"], request.match_info["integrationId"], body)}, 201)
+
+    async def list_integration_keys(self, request: web.Request) -> web.Response:
+        return json_response({"keys": await self.admin.integration_keys(
+            request.match_info["appId"], request.match_info["integrationId"])})
+
+    async def get_integration_key(self, request: web.Request) -> web.Response:
+        return json_response({"key": await self.admin.integration_key(
+            request.match_info["appId"], request.match_info["integrationId"], request.match_info["keyId"])})
+
+    async def delete_integration_key(self, request: web.Request) -> web.Response:
+        await self.admin.delete_integration_key(request.match_info["appId"], request.match_info["integrationId"],
+                                                request.match_info["keyId"])
+        return json_response({})
+
     async def openapi(self, request: web.Request) -> web.Response:
         return json_response(openapi_document(OPERATIONS, self.public_base_url))
 
@@ -589,6 +704,8 @@ def _loads_or(text: str | None) -> dict[str, Any] | None:
 A = "/v2/apps/{appId}"
 C = A + "/conversations/{conversationId}"
 INT = A + "/integrations/{integrationId}"
+SB = A + "/switchboards"
+SBI = SB + "/{switchboardId}/switchboardIntegrations"
 PAGE = ("page",)
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -693,6 +810,50 @@ OPERATIONS: tuple[Operation, ...] = (
               Api.update_webhook, request=models.WebhookUpdateBody, response=models.WebhookResponse),
     Operation("DELETE", INT + "/webhooks/{webhookId}", "deleteWebhook", "Webhooks", "Delete a webhook",
               Api.delete_webhook),
+    Operation("POST", INT + "/keys", "createCustomIntegrationKey", "Custom Integration API Keys",
+              "Create a key of a custom integration (integration scope: users, conversations, its webhooks)",
+              Api.create_integration_key, 201, request=models.IntegrationApiKeyBody,
+              response=models.IntegrationApiKeyResponse),
+    Operation("GET", INT + "/keys", "listCustomIntegrationKeys", "Custom Integration API Keys",
+              "List a custom integration's keys", Api.list_integration_keys,
+              response=models.IntegrationApiKeyListResponse),
+    Operation("GET", INT + "/keys/{keyId}", "getCustomIntegrationKey", "Custom Integration API Keys",
+              "Get a custom integration's key", Api.get_integration_key, response=models.IntegrationApiKeyResponse),
+    Operation("DELETE", INT + "/keys/{keyId}", "deleteCustomIntegrationKey", "Custom Integration API Keys",
+              "Delete a custom integration's key", Api.delete_integration_key),
+    Operation("POST", SB, "createSwitchboard", "Switchboards", "Create the app's switchboard (disabled)",
+              Api.create_switchboard, 201, response=models.SwitchboardResponse),
+    Operation("GET", SB, "listSwitchboards", "Switchboards", "List switchboards", Api.list_switchboards,
+              response=models.SwitchboardListResponse),
+    Operation("PATCH", SB + "/{switchboardId}", "updateSwitchboard", "Switchboards",
+              "Enable a switchboard or set its default integration", Api.update_switchboard,
+              request=models.SwitchboardUpdateBody, response=models.SwitchboardResponse),
+    Operation("DELETE", SB + "/{switchboardId}", "deleteSwitchboard", "Switchboards",
+              "Delete a switchboard and its integrations", Api.delete_switchboard),
+    Operation("POST", SBI, "createSwitchboardIntegration", "Switchboard Integrations",
+              "Add an integration (custom, by id) or an integration type to the switchboard",
+              Api.create_switchboard_integration, 201, request=models.SwitchboardIntegrationCreateBody,
+              response=models.SwitchboardIntegrationResponse),
+    Operation("GET", SBI, "listSwitchboardIntegrations", "Switchboard Integrations",
+              "List switchboard integrations", Api.list_switchboard_integrations,
+              response=models.SwitchboardIntegrationListResponse),
+    Operation("PATCH", SBI + "/{switchboardIntegrationId}", "updateSwitchboardIntegration",
+              "Switchboard Integrations", "Update a switchboard integration", Api.update_switchboard_integration,
+              request=models.SwitchboardIntegrationUpdateBody, response=models.SwitchboardIntegrationResponse),
+    Operation("DELETE", SBI + "/{switchboardIntegrationId}", "deleteSwitchboardIntegration",
+              "Switchboard Integrations", "Delete a switchboard integration (not the default, nor another's next)",
+              Api.delete_switchboard_integration),
+    Operation("POST", C + "/passControl", "passControl", "Switchboard Actions",
+              "Give control to a switchboard integration (id, name, integration type or `next`)", Api.pass_control,
+              request=models.PassControlBody),
+    Operation("POST", C + "/offerControl", "offerControl", "Switchboard Actions",
+              "Offer control to a switchboard integration (it becomes pending)", Api.offer_control,
+              request=models.OfferControlBody),
+    Operation("POST", C + "/acceptControl", "acceptControl", "Switchboard Actions",
+              "The pending switchboard integration takes control", Api.accept_control, request=models.ControlBody),
+    Operation("POST", C + "/releaseControl", "releaseControl", "Switchboard Actions",
+              "Nobody is in control until the customer's next message (then the default is)", Api.release_control,
+              request=models.ControlBody),
 )
 
 

@@ -17,8 +17,9 @@ from services.conversations.api import Api, add_routes
 from services.conversations.config import ConversationsConfig
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
+from services.conversations.switchboard import Switchboards
 from shared import records, subjects
-from shared.bus import Bus
+from shared.bus import Bus, KvMirror
 from shared.config import ConfigError
 from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
@@ -65,10 +66,13 @@ def status_ordering_key(subject: str, data: bytes) -> str:
 class KvSink:
     """Publishes integration and webhook records to their KV buckets."""
 
-    def __init__(self, integrations: KeyValue, webhooks: KeyValue, apps: KeyValue | None = None) -> None:
+    def __init__(self, integrations: KeyValue, webhooks: KeyValue, apps: KeyValue | None = None,
+                 apps_mirror: KvMirror | None = None) -> None:
         self.integrations = integrations
         self.webhooks = webhooks
         self.apps = apps
+        # This replica reads its own writes at once (others when their watchers see them).
+        self.apps_mirror = apps_mirror
 
     async def put_integration(self, record: records.IntegrationRecord) -> None:
         await self.integrations.put(record.id, records.ENCODER.encode(record))
@@ -85,10 +89,14 @@ class KvSink:
     async def put_app(self, record: records.AppRecord) -> None:
         if self.apps is not None:
             await self.apps.put(record.id, records.ENCODER.encode(record))
+        if self.apps_mirror is not None:
+            self.apps_mirror.values[record.id] = record
 
     async def delete_app(self, app_id: str) -> None:
         if self.apps is not None:
             await self.apps.delete(app_id)
+        if self.apps_mirror is not None:
+            self.apps_mirror.values.pop(app_id, None)
 
 
 async def _remove_stale_keys(js: JetStreamContext, bucket: str, kv: KeyValue, wanted: set[str]) -> None:
@@ -119,6 +127,7 @@ class ConversationsService(ServiceApp):
     bus: Bus
     conversations: Conversations
     admin: Admin
+    apps: KvMirror
 
     def __init__(self, config: ConversationsConfig) -> None:
         super().__init__(config.common)
@@ -137,18 +146,21 @@ class ConversationsService(ServiceApp):
             raise
         self.on_stop(self.store.close)
         self.bus = await self.connect_bus()
+        apps_bucket = await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas)
+        self.apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         sink = KvSink(await self.bus.key_value(subjects.INTEGRATIONS_BUCKET, replicas=self.common.stream_replicas),
                       await self.bus.key_value(subjects.WEBHOOKS_BUCKET, replicas=self.common.stream_replicas),
-                      await self.bus.key_value(subjects.APPS_BUCKET, replicas=self.common.stream_replicas))
+                      apps_bucket, self.apps)
         identity = IdentityClient(self.bus, timeout=self.config.identity_timeout)
         # A merge or a deletion done through another replica: its cached resolutions go at once.
         ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET, ident.USER_ENDED_DECODER.decode)
         ended_users.add_listener(lambda user_id, _ended: identity.forget_user(user_id))
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
-                                           streams=self.bus, jwt_policy=self.config.jwt_policy)
+                                           streams=self.bus, jwt_policy=self.config.jwt_policy, apps=self._app)
         self.admin = Admin(self.store, sink, self.common.egress)
+        switchboards = Switchboards(self.store, self.admin, self.conversations)
         await self._republish(sink)
-        api = Api(self.store, self.admin, self.conversations, self.config.account_key_id,
+        api = Api(self.store, self.admin, self.conversations, switchboards, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
         inbound = await self.bus.consume(subjects.CONVERSATIONS_INBOUND, self.conversations.handle_inbound,
@@ -169,6 +181,10 @@ class ConversationsService(ServiceApp):
         self.spawn(self.conversations.sweep_forever(is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned),
                    "conversations:sweep")
         await self.start_http()
+
+    def _app(self, app_id: str) -> records.AppRecord | None:
+        app = self.apps.get(app_id)
+        return app if isinstance(app, records.AppRecord) else None
 
     async def _reseal_secrets(self) -> None:
         """Seal secrets still in plaintext (an older data directory) or sealed under an older key

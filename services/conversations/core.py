@@ -6,11 +6,12 @@ that reaches a client. A leaf: it imports none of the modules built on it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
 from services.conversations.store import Store, conversation_ref, loads
-from shared import subjects
+from shared import records, subjects
 from shared.bus import Retry
 from shared.db import Row
 from shared.http import ApiError
@@ -31,11 +32,34 @@ class ConversationCore:
     """The store, the bus and identity, and the operations every part of the model shares."""
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
-                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY,
+                 apps: Callable[[str], records.AppRecord | None] = lambda _app_id: None) -> None:
         self.store = store
         self.bus = bus
         self.identity = identity
         self.jwt_policy = jwt_policy  # what SDK login JWTs must satisfy (exp, lifetime)
+        self.apps = apps  # the apps bucket's copy of an app (its switchboard), without a query
+
+    def switchboard(self, app_id: str) -> records.SwitchboardRecord | None:
+        """The app's switchboard when it is enabled (from the apps bucket)."""
+        app = self.apps(app_id)
+        return app.active_switchboard() if app is not None else None
+
+    def _default_control(self, app_id: str) -> str | None:
+        switchboard = self.switchboard(app_id)
+        return switchboard.default_switchboard_integration_id if switchboard is not None else None
+
+    async def with_default_control(self, app_id: str, row: Row) -> Row:
+        """The conversation with the switchboard's default integration in control when nobody
+        is (a conversation from before the switchboard, or released): the customer's next
+        message goes to the default again, as SunCo does. The row as it is now."""
+        if row["switchboard_active"] is not None:
+            return row
+        default_id = self._default_control(app_id)
+        if default_id is None:
+            return row
+        updated = await self.store.give_default_control(row["id"], default_id)
+        return updated if updated is not None else row
 
     async def publish_event(self, event: conv.ConversationEvent) -> None:
         """Announce `event` on its conversation's subject (de-duplicated by its id); a failure
@@ -87,7 +111,8 @@ class ConversationCore:
         created_at = now()
         row, created = await self.store.create_personal_conversation(
             new_id(), new_id(), app_id, user.id, user.external_id, default=default, display_name=display_name,
-            description=description, icon_url=icon_url, metadata=metadata, now=created_at)
+            description=description, icon_url=icon_url, metadata=metadata, now=created_at,
+            in_control=self._default_control(app_id))
         if not created:
             return row, False
         conversation_id = row["id"]

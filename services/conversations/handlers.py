@@ -37,7 +37,7 @@ from services.conversations.store import (
     dumps,
     loads,
 )
-from shared import subjects
+from shared import records, subjects
 from shared.bus import Delivery, Poison, Retry
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
@@ -60,6 +60,7 @@ from shared.sunco import (
     QuotedMessage,
     Source,
     SourceClient,
+    SwitchboardIntegrationRef,
     TemplateContent,
     TextContent,
     UnsupportedContent,
@@ -125,14 +126,24 @@ class Route:
     user_id: str
 
 
-def conversation_out(row: Row) -> models.Conversation:
-    """The API form of a conversation row."""
+def conversation_out(row: Row, switchboard: records.SwitchboardRecord | None = None) -> models.Conversation:
+    """The API form of a conversation row (`switchboard`, the app's: who is in control of it,
+    named in full)."""
+
+    def member(member_id: str | None) -> SwitchboardIntegrationRef | None:
+        if member_id is None:
+            return None
+        found = switchboard.integration(member_id) if switchboard is not None else None
+        return found.ref() if found is not None else SwitchboardIntegrationRef(id=member_id)
+
     return models.Conversation(
         id=row["id"], type=row["type"], is_default=row["default_user_id"] is not None,
         display_name=row["display_name"], description=row["description"], icon_url=row["icon_url"],
         metadata=loads(row["metadata"]),
         business_last_read=None if row["business_last_read"] is None else iso(row["business_last_read"]),
         last_updated_at=iso(row["last_updated_at"]), created_at=iso(row["created_at"]),
+        active_switchboard_integration=member(row["switchboard_active"]),
+        pending_switchboard_integration=member(row["switchboard_pending"]),
     )
 
 
@@ -150,8 +161,9 @@ class Conversations(ConversationCore):
 
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
                  recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None,
-                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
-        super().__init__(store, bus, identity, jwt_policy)
+                 jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY,
+                 apps: Callable[[str], records.AppRecord | None] = lambda _app_id: None) -> None:
+        super().__init__(store, bus, identity, jwt_policy, apps)
         self.streams = streams
         # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
         self._retention_marks: dict[str, tuple[float, str]] = {}
@@ -457,6 +469,7 @@ class Conversations(ConversationCore):
             participant = await self._author_participant(conversation_id, author)
             author = msgspec.structs.replace(author, user_id=participant["user_id"],
                                              user_external_id=participant["user_external_id"])
+            row = await self.with_default_control(app_id, row)
         route = await self.route(conversation_id, body)
         received = now()
         message = Message(id=new_id(), received=iso(received), author=author, content=body.content,
@@ -641,7 +654,7 @@ class Conversations(ConversationCore):
             if row is None:
                 source = Source(type=msg.channel, integration_id=msg.integration_id)
                 row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
-        return ResolvedInbound(msg, user, client, row)
+        return ResolvedInbound(msg, user, client, await self.with_default_control(msg.app_id, row))
 
     async def _store_inbound(self, resolved: ResolvedInbound) -> StoredInbound | None:
         """The message stored in its conversation's history; None when a concurrent duplicate won

@@ -32,6 +32,7 @@ from shared.sunco import (
     Message,
     Profile,
     ReplyAction,
+    SwitchboardIntegrationRef,
     TextContent,
     User,
     WebviewAction,
@@ -173,6 +174,8 @@ class Conversation(Wire, kw_only=True):
     business_last_read: str | None = None
     last_updated_at: str | None = None
     created_at: str | None = None
+    active_switchboard_integration: SwitchboardIntegrationRef | None = None
+    pending_switchboard_integration: SwitchboardIntegrationRef | None = None
 
 
 class ClientAssociation(Wire, kw_only=True):
@@ -600,6 +603,108 @@ class WebhookResponse(Wire, kw_only=True):
 
 class WebhookListResponse(Wire, kw_only=True):
     webhooks: list[Webhook]
+
+
+# --- switchboards ----------------------------------------------------------------------------
+
+SwitchboardName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+HistoryCount = Annotated[int, msgspec.Meta(ge=1, le=10)]
+
+
+class Switchboard(Wire, kw_only=True):
+    id: str
+    enabled: bool
+    default_switchboard_integration_id: str | None = None
+
+
+class SwitchboardUpdateBody(Wire, kw_only=True):
+    enabled: bool | None = None
+    default_switchboard_integration_id: str | None = None
+
+
+class SwitchboardResponse(Wire, kw_only=True):
+    switchboard: Switchboard
+
+
+class SwitchboardListResponse(Wire, kw_only=True):
+    switchboards: list[Switchboard]
+
+
+class SwitchboardIntegration(Wire, kw_only=True):
+    id: str
+    name: str
+    # "" for a member named by its integration type only (e.g. `desk`): the official client
+    # requires the field.
+    integration_id: str
+    integration_type: str
+    deliver_standby_events: bool
+    next_switchboard_integration_id: str | None = None
+    message_history_count: int | None = None
+
+
+class SwitchboardIntegrationCreateBody(Wire, kw_only=True):
+    name: SwitchboardName
+    integration_id: str | None = None
+    integration_type: str | None = None
+    deliver_standby_events: bool = False
+    next_switchboard_integration_id: str | None = None
+    message_history_count: HistoryCount | None = None
+
+
+class SwitchboardIntegrationUpdateBody(Wire, kw_only=True):
+    name: SwitchboardName | None = None
+    integration_id: str | None = None
+    integration_type: str | None = None
+    deliver_standby_events: bool | None = None
+    next_switchboard_integration_id: str | None = None
+    message_history_count: HistoryCount | None = None
+
+
+class SwitchboardIntegrationResponse(Wire, kw_only=True):
+    switchboard_integration: SwitchboardIntegration
+
+
+class SwitchboardIntegrationListResponse(Wire, kw_only=True):
+    switchboard_integrations: list[SwitchboardIntegration]
+
+
+class PassControlBody(Wire, kw_only=True):
+    # An id, a name or an integration type of the app's switchboard, or `next`.
+    switchboard_integration: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    reason: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class OfferControlBody(Wire, kw_only=True):
+    switchboard_integration: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    metadata: dict[str, Any] | None = None
+
+
+class ControlBody(Wire, kw_only=True):
+    """acceptControl and releaseControl."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+# --- custom integration keys -----------------------------------------------------------------
+
+class IntegrationApiKeyBody(Wire, kw_only=True):
+    display_name: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
+class IntegrationApiKey(Wire, kw_only=True):
+    id: str
+    secret: str
+    display_name: str | None = None
+
+
+class IntegrationApiKeyResponse(Wire, kw_only=True):
+    key: IntegrationApiKey
+
+
+class IntegrationApiKeyListResponse(Wire, kw_only=True):
+    keys: list[IntegrationApiKey]
 
 
 class ErrorItem(Wire, kw_only=True):

@@ -34,7 +34,7 @@ from shared.db import (
     serialize,
 )
 from shared.encryption import Keyring
-from shared.sunco import ConversationRef, Message
+from shared.sunco import ConversationRef, Message, SwitchboardIntegrationRef
 
 # Stored message bodies are `Message` JSON.
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
@@ -57,8 +57,14 @@ def _privacy(settings: str) -> _PrivacySettings:
 
 
 def conversation_ref(row: Row) -> ConversationRef:
-    """The `{id, type}` reference events carry, from a conversations row."""
-    return ConversationRef(id=row["id"], type=row["type"])
+    """The reference events carry, from a conversations row: `{id, type}` and the ids of the
+    switchboard integrations in control and offered control."""
+    active, pending = row["switchboard_active"], row["switchboard_pending"]
+    return ConversationRef(id=row["id"], type=row["type"],
+                           active_switchboard_integration=None if active is None else SwitchboardIntegrationRef(
+                               id=active),
+                           pending_switchboard_integration=None if pending is None else SwitchboardIntegrationRef(
+                               id=pending))
 
 
 # Version i+1 of the schema is SCRIPTS[i], in the SQLite dialect the store always used (existing
@@ -206,6 +212,41 @@ SCRIPTS: tuple[str, ...] = (
     """
     CREATE INDEX conversations_activity ON conversations(app_id, last_updated_at, id);
     """,
+    # 6 (switchboard): an app's switchboard and its integrations, who is in control of each
+    # conversation (active) and who was offered it (pending), and custom integrations' API keys.
+    """
+    CREATE TABLE switchboards (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL UNIQUE REFERENCES apps(id) ON DELETE CASCADE,
+        enabled INTEGER NOT NULL,
+        default_switchboard_integration_id TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE switchboard_integrations (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        switchboard_id TEXT NOT NULL REFERENCES switchboards(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        integration_id TEXT,
+        integration_type TEXT NOT NULL,
+        deliver_standby_events INTEGER NOT NULL,
+        next_switchboard_integration_id TEXT,
+        message_history_count INTEGER,
+        created_at REAL NOT NULL,
+        UNIQUE (switchboard_id, name)
+    );
+    ALTER TABLE conversations ADD COLUMN switchboard_active TEXT;
+    ALTER TABLE conversations ADD COLUMN switchboard_pending TEXT;
+    CREATE TABLE integration_keys (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+        display_name TEXT,
+        secret TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX integration_keys_integration ON integration_keys(integration_id, id);
+    """,
 )
 
 
@@ -329,7 +370,7 @@ _INSERT_MESSAGE = (
     " ON CONFLICT (app_id, integration_id, provider_message_id) DO NOTHING RETURNING seq")
 _INSERT_CONVERSATION = (
     "INSERT INTO conversations (id, app_id, type, default_user_id, display_name, description, icon_url, metadata,"
-    " last_updated_at, created_at) VALUES ($1, $2, 'personal', $3, $4, $5, $6, $7, $8, $8)"
+    " last_updated_at, created_at, switchboard_active) VALUES ($1, $2, 'personal', $3, $4, $5, $6, $7, $8, $8, $9)"
     " ON CONFLICT (app_id, default_user_id) DO NOTHING RETURNING *")
 _UPSERT_ASSOCIATION = (
     "INSERT INTO client_associations (participant_id, client_id, type, integration_id, external_id, info,"
@@ -484,8 +525,10 @@ class Store:
     async def create_personal_conversation(
             self, conversation_id: str, participant_id: str, app_id: str, user_id: str, user_external_id: str | None,
             *, default: bool, display_name: str | None, description: str | None, icon_url: str | None,
-            metadata: dict[str, Any] | None, now: float) -> tuple[Row, bool]:
-        """Create a personal conversation with the user as its participant, in a group
+            metadata: dict[str, Any] | None, now: float,
+            in_control: str | None = None) -> tuple[Row, bool]:
+        """Create a personal conversation with the user as its participant (`in_control`: the
+        switchboard integration that starts in control of it), in a group
         transaction (a first contact shares its commit with the others of the batch). With
         `default`, the user's default conversation when they have one (nothing written); a new
         one is the default when the user has none. The row and whether it was created.
@@ -502,7 +545,7 @@ class Store:
                 return existing, False
             row = await tx.fetchrow(_INSERT_CONVERSATION, conversation_id, app_id,
                                     None if existing is not None else user_id, display_name, description, icon_url,
-                                    meta, now)
+                                    meta, now, in_control)
             if row is None:  # another writer made the user's default conversation meanwhile
                 if default:
                     winner = await tx.fetchrow(
@@ -510,7 +553,7 @@ class Store:
                     if winner is not None:
                         return winner, False
                 row = await tx.fetchrow(_INSERT_CONVERSATION, conversation_id, app_id, None, display_name,
-                                        description, icon_url, meta, now)
+                                        description, icon_url, meta, now, in_control)
                 assert row is not None
             await tx.execute(
                 "INSERT INTO participants (id, app_id, conversation_id, user_id, user_external_id, created_at)"
@@ -520,6 +563,96 @@ class Store:
 
         self._outside_tx("create_personal_conversation")
         return await self._group.run(op)
+
+    # --- switchboards -----------------------------------------------------------------------
+
+    async def add_switchboard(self, switchboard_id: str, app_id: str, enabled: bool, now: float) -> bool:
+        """Create the app's switchboard; False when it has one already (one per app)."""
+        inserted = await self._returning(
+            "INSERT INTO switchboards (id, app_id, enabled, created_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (app_id) DO NOTHING RETURNING id", switchboard_id, app_id, int(enabled), now)
+        return inserted is not None
+
+    async def switchboard(self, app_id: str, switchboard_id: str | None = None) -> Row | None:
+        """The app's switchboard (when `switchboard_id` is given, only if it is that one)."""
+        row = await self._one("SELECT * FROM switchboards WHERE app_id=$1", app_id)
+        return row if row is not None and switchboard_id in (None, row["id"]) else None
+
+    async def set_switchboard(self, switchboard_id: str, enabled: bool, default_id: str | None) -> None:
+        await self._run("UPDATE switchboards SET enabled=$2, default_switchboard_integration_id=$3 WHERE id=$1",
+                        switchboard_id, int(enabled), default_id)
+
+    async def delete_switchboard(self, switchboard_id: str) -> int:
+        """Remove the switchboard, its integrations and every conversation's control by them."""
+        await self._run("UPDATE conversations SET switchboard_active=NULL, switchboard_pending=NULL"
+                        " WHERE app_id=(SELECT app_id FROM switchboards WHERE id=$1)"
+                        " AND (switchboard_active IS NOT NULL OR switchboard_pending IS NOT NULL)", switchboard_id)
+        return await self._run("DELETE FROM switchboards WHERE id=$1", switchboard_id)
+
+    async def switchboard_integrations(self, switchboard_id: str) -> list[Row]:
+        return await self._all("SELECT * FROM switchboard_integrations WHERE switchboard_id=$1 ORDER BY created_at, id",
+                               switchboard_id)
+
+    async def put_switchboard_integration(self, row: dict[str, Any]) -> None:
+        """Insert or replace a switchboard integration (`row`: every column)."""
+        columns = ("id", "app_id", "switchboard_id", "name", "integration_id", "integration_type",
+                   "deliver_standby_events", "next_switchboard_integration_id", "message_history_count", "created_at")
+        args = _Args()
+        marks = ", ".join(args.add(int(row[c]) if isinstance(row[c], bool) else row[c]) for c in columns)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in columns[3:-1])
+        await self._run(f"INSERT INTO switchboard_integrations ({', '.join(columns)}) VALUES ({marks})"
+                        f" ON CONFLICT (id) DO UPDATE SET {updates}", *args.values)
+
+    async def delete_switchboard_integration(self, switchboard_integration_id: str) -> int:
+        """Remove a switchboard integration; conversations it controlled (or was offered) have
+        no one in control (or pending) then."""
+        await self._run("UPDATE conversations SET switchboard_active=NULL WHERE switchboard_active=$1",
+                        switchboard_integration_id)
+        await self._run("UPDATE conversations SET switchboard_pending=NULL WHERE switchboard_pending=$1",
+                        switchboard_integration_id)
+        return await self._run("DELETE FROM switchboard_integrations WHERE id=$1", switchboard_integration_id)
+
+    async def all_switchboards(self) -> list[Row]:
+        return await self._all("SELECT * FROM switchboards ORDER BY app_id")
+
+    async def set_control(self, conversation_id: str, expected: tuple[str | None, str | None],
+                          active: str | None, pending: str | None) -> Row | None:
+        """Move the conversation's control from `expected` (active, pending) to (`active`,
+        `pending`); None when another writer changed it first (the caller reads and decides
+        again), else the updated row."""
+        return await self._one(
+            "UPDATE conversations SET switchboard_active=$2, switchboard_pending=$3 WHERE id=$1"
+            " AND switchboard_active IS NOT DISTINCT FROM $4 AND switchboard_pending IS NOT DISTINCT FROM $5"
+            " RETURNING *", conversation_id, active, pending, expected[0], expected[1])
+
+    async def give_default_control(self, conversation_id: str, default_id: str) -> Row | None:
+        """Put the switchboard's default in control of a conversation nobody controls; the row
+        (None when the conversation is gone)."""
+        await self._run("UPDATE conversations SET switchboard_active=$2 WHERE id=$1 AND switchboard_active IS NULL",
+                        conversation_id, default_id)
+        return await self._one("SELECT * FROM conversations WHERE id=$1", conversation_id)
+
+    # --- integration keys -------------------------------------------------------------------
+
+    async def add_integration_key(self, key_id: str, app_id: str, integration_id: str, display_name: str | None,
+                                  secret: str, now: float) -> None:
+        await self._run("INSERT INTO integration_keys (id, app_id, integration_id, display_name, secret, created_at)"
+                        " VALUES ($1, $2, $3, $4, $5, $6)", key_id, app_id, integration_id, display_name,
+                        self.keyring.seal(secret, app_key_context(key_id)), now)
+
+    async def integration_key(self, key_id: str) -> dict[str, Any] | None:
+        """A custom integration key with its secret opened."""
+        row = await self._one("SELECT * FROM integration_keys WHERE id=$1", key_id)
+        return None if row is None else self._key_out(row)
+
+    async def integration_keys(self, integration_id: str) -> list[dict[str, Any]]:
+        rows = await self._all("SELECT * FROM integration_keys WHERE integration_id=$1 ORDER BY created_at, id",
+                               integration_id)
+        return [self._key_out(row) for row in rows]
+
+    async def delete_integration_key(self, integration_id: str, key_id: str) -> int:
+        return await self._run("DELETE FROM integration_keys WHERE integration_id=$1 AND id=$2", integration_id,
+                               key_id)
 
     # --- apps and keys ----------------------------------------------------------------------
 
@@ -576,11 +709,12 @@ class Store:
         fields = tuple(integration_fields)
         counts = {"app_keys": 0, "integrations": 0, "webhooks": 0}
         async with self.tx():
-            for row in await self._all("SELECT id, secret FROM app_keys"):
-                if self.keyring.needs_reseal(row["secret"]):
-                    sealed = self.keyring.reseal(row["secret"], app_key_context(row["id"]))
-                    await self._run("UPDATE app_keys SET secret=$1 WHERE id=$2", sealed, row["id"])
-                    counts["app_keys"] += 1
+            for table in ("app_keys", "integration_keys"):  # custom integration keys count as keys
+                for row in await self._all(f"SELECT id, secret FROM {table}"):
+                    if self.keyring.needs_reseal(row["secret"]):
+                        sealed = self.keyring.reseal(row["secret"], app_key_context(row["id"]))
+                        await self._run(f"UPDATE {table} SET secret=$1 WHERE id=$2", sealed, row["id"])
+                        counts["app_keys"] += 1
             for row in await self._all("SELECT id, config FROM integrations"):
                 config = loads(row["config"])
                 resealed = self.keyring.seal_fields(config, fields, records.integration_context(row["id"]))

@@ -34,6 +34,7 @@ class WebhooksService(ServiceApp):
     dispatcher: Dispatcher
     bus: Bus
     mirror: KvMirror
+    apps: KvMirror
 
     def __init__(self, config: WebhooksConfig) -> None:
         super().__init__(config.common)
@@ -56,6 +57,8 @@ class WebhooksService(ServiceApp):
         self.bus = await self.connect_bus()
         self.mirror = await self.mirror_bucket(self.bus, subjects.WEBHOOKS_BUCKET,
                                                records.webhook_decoder(self.config.keyring))
+        # Apps carry their switchboards: who of the subscribers is in control of a conversation.
+        self.apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
         await self.bus.nc.subscribe(subjects.WEBHOOKS_ERASURES, cb=self._on_erasure)
         await self.bus.consume(subjects.WEBHOOKS_EVENTS, self._on_event, on_acquire=self.dispatcher.acquire,
                                on_release=self.dispatcher.release)
@@ -78,7 +81,9 @@ class WebhooksService(ServiceApp):
             # rows queued in those replicas' memory: tell them (the database rows are gone).
             await self.bus.nc.publish(subjects.WEBHOOKS_ERASURES, data)
         # The consumer span is current: its context is stored so the delivery continues the trace.
-        rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time())
+        app = self.apps.get(event.app_id)
+        switchboard = app.active_switchboard() if isinstance(app, records.AppRecord) else None
+        rows = deliveries_for(event, list(self.mirror.values.values()), inject_headers(), time.time(), switchboard)
         if not rows:
             return
         # Durable before the ack (the bus acks when this returns); the dispatcher only sees

@@ -31,13 +31,14 @@ from shared.messages.conversation import (
     MessageCreated,
     NotificationReported,
     Referred,
+    SwitchboardControlled,
     UserRemoved,
     UsersMerged,
     UserUpdated,
 )
-from shared.records import WebhookRecord
+from shared.records import SwitchboardRecord, WebhookRecord
 from shared.signing import WEBHOOK_SIGNATURE_HEADER, webhook_signature
-from shared.sunco import api_content, to_wire
+from shared.sunco import ConversationRef, api_content, to_wire
 
 USER_AGENT = "Threadline-Webhooks/0.1"
 WEBHOOK_ID_HEADER = "X-Threadline-Webhook-Id"
@@ -106,10 +107,42 @@ def matching_webhooks(records: Iterable[WebhookRecord], app_id: str, trigger: st
     return found
 
 
-def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None:
+def receives(record: WebhookRecord, trigger: str, conversation: ConversationRef | None,
+             switchboard: SwitchboardRecord | None) -> bool:
+    """Whether the switchboard lets a subscribed webhook have a conversation's event: a webhook of
+    an integration in the (enabled) switchboard gets it while its switchboard integration is in
+    control of the conversation, or in standby when it asked for standby events. Integrations
+    outside the switchboard, and the `switchboard:*` events themselves, are not filtered."""
+    if switchboard is None or conversation is None or not trigger.startswith("conversation:"):
+        return True
+    members = [m for m in switchboard.integrations if m.integration_id == record.integration_id]
+    if not members:
+        return True
+    active = conversation.active_switchboard_integration
+    return any(m.deliver_standby_events or (active is not None and m.id == active.id) for m in members)
+
+
+def _conversation_wire(conversation: ConversationRef, switchboard: SwitchboardRecord | None) -> dict[str, Any]:
+    """The payload's `conversation`, its switchboard integrations named in full (events carry
+    their ids; a deleted one keeps only its id)."""
+    wire: dict[str, Any] = to_wire(conversation)
+    if switchboard is None:
+        return wire
+    for key, ref in (("activeSwitchboardIntegration", conversation.active_switchboard_integration),
+                     ("pendingSwitchboardIntegration", conversation.pending_switchboard_integration)):
+        member = switchboard.integration(ref.id) if ref is not None else None
+        if member is not None:
+            wire[key] = to_wire(member.ref())
+    return wire
+
+
+def webhook_event(event: ConversationUnion, switchboard: SwitchboardRecord | None = None,
+                  ) -> tuple[str, dict[str, Any]] | None:
     """The SunCo webhook trigger and event object (`{id, type, createdAt, payload}`) of an event;
-    None for the events that have no webhook form."""
-    conversation = to_wire(event.conversation) if hasattr(event, "conversation") else None
+    None for the events that have no webhook form. `switchboard` (the app's) names the
+    conversation's switchboard integrations in full."""
+    ref = getattr(event, "conversation", None)
+    conversation = _conversation_wire(ref, switchboard) if isinstance(ref, ConversationRef) else None
     trigger: str
     payload: dict[str, Any]
     match event:
@@ -158,6 +191,12 @@ def webhook_event(event: ConversationUnion) -> tuple[str, dict[str, Any]] | None
             trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
         case UserRemoved():
             trigger, payload = "user:remove", {"user": {**to_wire(event.user), "authenticated": event.authenticated}}
+        case SwitchboardControlled():
+            trigger = f"switchboard:{event.action}" + (":failure" if event.error is not None else "")
+            payload = {"conversation": conversation}
+            for name, value in (("metadata", event.metadata), ("reason", event.reason), ("error", event.error)):
+                if value is not None:
+                    payload[name] = value
         case NotificationReported():
             trigger = f"notification:delivery:{event.kind}"
             payload = {"notification": {"id": event.notification_id}, "conversation": conversation,
@@ -175,13 +214,18 @@ def _add(payload: dict[str, Any], name: str, value: object | None) -> None:
 
 
 def deliveries_for(event: ConversationUnion, records: Iterable[WebhookRecord],
-                   trace_headers: Mapping[str, str], now: float) -> list[NewDelivery]:
-    """The rows to store for one conversation event (empty when nobody subscribed)."""
-    converted = webhook_event(event)
+                   trace_headers: Mapping[str, str], now: float,
+                   switchboard: SwitchboardRecord | None = None) -> list[NewDelivery]:
+    """The rows to store for one conversation event (empty when nobody subscribed, or the app's
+    enabled `switchboard` keeps it from the subscribers in standby)."""
+    converted = webhook_event(event, switchboard)
     if converted is None:
         return []
     trigger, event_object = converted
-    hooks = matching_webhooks(records, event.app_id, trigger)
+    ref = getattr(event, "conversation", None)
+    conversation = ref if isinstance(ref, ConversationRef) else None
+    hooks = [hook for hook in matching_webhooks(records, event.app_id, trigger)
+             if receives(hook, trigger, conversation, switchboard)]
     if not hooks:
         return []
     body = _ENCODER.encode(event_object)

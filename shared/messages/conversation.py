@@ -199,10 +199,26 @@ class MessagesExpired(ConversationEvent, tag="conversation.messages.expired", kw
     before: float
 
 
+SwitchboardAction = Literal["passControl", "offerControl", "acceptControl", "releaseControl"]
+
+
+class SwitchboardControlled(ConversationEvent, tag="conversation.switchboard", kw_only=True):
+    """Control of the conversation changed hands, or a request to change it failed (SunCo
+    `switchboard:{action}` and `switchboard:{action}:failure`). `conversation` carries the state
+    after the action (before it, on a failure)."""
+
+    action: SwitchboardAction
+    conversation: ConversationRef
+    metadata: dict[str, Any] | None = None
+    reason: str | None = None
+    # Set on a failure: `{code, message}`.
+    error: dict[str, str] | None = None
+
+
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
     | ClientUpdated | ClientRemoved | Referred | UsersMerged | NotificationReported | UserUpdated
-    | UserRemoved | PersonalInformationDeleted | MessagesExpired
+    | UserRemoved | PersonalInformationDeleted | MessagesExpired | SwitchboardControlled
 )
 
 ENCODER = msgspec.json.Encoder()

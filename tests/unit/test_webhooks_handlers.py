@@ -23,18 +23,19 @@ from services.webhooks.handlers import (
 )
 from shared.config import ConfigError
 from shared.encryption import KEY_ENV
-from shared.messages.conversation import ConversationCreated, MessageCreated
-from shared.records import WebhookRecord
+from shared.messages.conversation import ConversationCreated, MessageCreated, SwitchboardControlled
+from shared.records import SwitchboardIntegrationRecord, SwitchboardRecord, WebhookRecord
 from shared.signing import webhook_signature_ok
-from shared.sunco import Author, ConversationRef, Message, TextContent
+from shared.sunco import Author, ConversationRef, Message, SwitchboardIntegrationRef, TextContent
 from tests.harness import SECRETS_KEY
 
 APP = "a" * 24
 OTHER_APP = "b" * 24
 
 
-def hook(webhook_id: str, app_id: str = APP, triggers: tuple[str, ...] = ("conversation:message",)) -> WebhookRecord:
-    return WebhookRecord(id=webhook_id, app_id=app_id, integration_id="i" * 24, target="http://127.0.0.1:1/hook",
+def hook(webhook_id: str, app_id: str = APP, triggers: tuple[str, ...] = ("conversation:message",),
+         integration_id: str = "i" * 24) -> WebhookRecord:
+    return WebhookRecord(id=webhook_id, app_id=app_id, integration_id=integration_id, target="http://127.0.0.1:1/hook",
                          triggers=list(triggers), secret="s3cret-webhook-key-0123456789")
 
 
@@ -261,3 +262,57 @@ def test_envelope_events_are_spliced_verbatim() -> None:
     raw = msgspec.json.encode({"id": "e1", "payload": {"text": "é \u2028"}})
     body = build_envelope(APP, "w1", "v2", [raw])
     assert raw in body
+
+
+# --- the switchboard ---------------------------------------------------------------------------
+
+BOT, AGENT, OBSERVER, OUTSIDER = "1" * 24, "2" * 24, "3" * 24, "4" * 24
+SWITCHBOARD = SwitchboardRecord(id="s" * 24, enabled=True, default_switchboard_integration_id="sb-bot", integrations=[
+    SwitchboardIntegrationRecord(id="sb-bot", name="bot", integration_id=BOT, integration_type="custom"),
+    SwitchboardIntegrationRecord(id="sb-agent", name="agent", integration_id=AGENT, integration_type="custom"),
+    SwitchboardIntegrationRecord(id="sb-observer", name="observer", integration_id=OBSERVER,
+                                 integration_type="custom", deliver_standby_events=True),
+])
+SWITCHBOARD_HOOKS = [hook(f"w-{i}", integration_id=i, triggers=("*",)) for i in (BOT, AGENT, OBSERVER, OUTSIDER)]
+
+
+def controlled(event: MessageCreated, active: str | None, pending: str | None = None) -> MessageCreated:
+    ref = ConversationRef(
+        id=event.conversation_id, type="personal",
+        active_switchboard_integration=None if active is None else SwitchboardIntegrationRef(id=active),
+        pending_switchboard_integration=None if pending is None else SwitchboardIntegrationRef(id=pending))
+    return msgspec.structs.replace(event, conversation=ref)
+
+
+def test_only_the_integration_in_control_and_standby_listeners_get_conversation_events() -> None:
+    event = controlled(message_event(), "sb-agent", pending="sb-bot")
+    rows = deliveries_for(event, SWITCHBOARD_HOOKS, {}, now=1.0, switchboard=SWITCHBOARD)
+    assert sorted(r.webhook_id for r in rows) == [f"w-{AGENT}", f"w-{OBSERVER}", f"w-{OUTSIDER}"]
+    conversation = json.loads(rows[0].body)["payload"]["conversation"]
+    assert conversation["activeSwitchboardIntegration"] == {
+        "id": "sb-agent", "name": "agent", "integrationId": AGENT, "integrationType": "custom"}
+    assert conversation["pendingSwitchboardIntegration"]["name"] == "bot"
+    # Nobody in control (released): only those listening in standby, and integrations outside it.
+    released = deliveries_for(controlled(message_event(), None), SWITCHBOARD_HOOKS, {}, 1.0, SWITCHBOARD)
+    assert sorted(r.webhook_id for r in released) == [f"w-{OBSERVER}", f"w-{OUTSIDER}"]
+    # A disabled switchboard (passed as None) filters nothing.
+    assert len(deliveries_for(event, SWITCHBOARD_HOOKS, {}, 1.0, None)) == 4
+
+
+def test_switchboard_events_reach_every_subscriber_with_their_failures_named() -> None:
+    ref = ConversationRef(id="c" * 24, type="personal", active_switchboard_integration=SwitchboardIntegrationRef(
+        id="sb-bot"))
+    passed = SwitchboardControlled(id="e" * 24, app_id=APP, conversation_id="c" * 24, created_at=1.0,
+                                   action="passControl", conversation=ref, metadata={"topic": "billing"},
+                                   reason="ticketClosed")
+    failed = msgspec.structs.replace(passed, id="f" * 24, action="acceptControl", metadata=None, reason=None,
+                                     error={"code": "bad_request", "message": "nothing offered"})
+    rows = deliveries_for(passed, SWITCHBOARD_HOOKS, {}, 1.0, SWITCHBOARD)
+    assert len(rows) == 4 and rows[0].trigger == "switchboard:passControl"
+    payload = json.loads(rows[0].body)["payload"]
+    assert payload["metadata"] == {"topic": "billing"} and payload["reason"] == "ticketClosed"
+    assert payload["conversation"]["activeSwitchboardIntegration"]["name"] == "bot"
+    [failure] = deliveries_for(failed, [hook("w", triggers=("switchboard:acceptControl:failure",))], {}, 1.0,
+                               SWITCHBOARD)
+    assert failure.trigger == "switchboard:acceptControl:failure"
+    assert json.loads(failure.body)["payload"]["error"] == {"code": "bad_request", "message": "nothing offered"}
