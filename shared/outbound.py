@@ -19,12 +19,14 @@ from shared.bus import Bus, Delivery, Poison, Retry
 from shared.config import ConfigError, env_float, env_int
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages import channel as channel_messages
-from shared.messages.channel import DeliveryStatus, OutboundSend
+from shared.messages.channel import DeliveryStatus, OutboundActivity, OutboundSend
 from shared.retry import backoff_delay
 from shared.telemetry import inject_headers, log_fields, tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+# A typing or read state older than this is not shown any more (it would only mislead).
+ACTIVITY_MAX_AGE_SECONDS = 30.0
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -251,12 +253,20 @@ class ChannelSender(ABC, Generic[C, P]):
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         """Note that `command` went out (e.g. map the provider id back to it)."""
 
+    def activity_request(self, creds: C, activity: OutboundActivity) -> PlatformRequest | None:
+        """The call that shows the business's typing or read state, None where the platform
+        has none for it."""
+        return None
+
     # --- the path itself ------------------------------------------------------------------
 
     async def on_outbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """The consumer handler of the channel's send commands (`Bus.consume`)."""
         command = decode_send(data)
         if command is None:
+            return
+        if isinstance(command, OutboundActivity):
+            await self.show_activity(command)
             return
         done = self.sent.get(command.message_id)
         if done is not None:
@@ -305,6 +315,21 @@ class ChannelSender(ABC, Generic[C, P]):
         self.sent_once(command, provider_id)
         await self.report(sent_status(self.channel, command, provider_id))
 
+    async def show_activity(self, activity: OutboundActivity) -> None:
+        """Show the business's typing or read state once; a failure is logged, never retried
+        (a typing indicator shown late is worse than none)."""
+        creds = self.credentials(activity.integration_id)
+        if creds is None or time.time() - activity.created_at > ACTIVITY_MAX_AGE_SECONDS:
+            return
+        request = self.activity_request(creds, activity)
+        if request is None:
+            return
+        try:
+            await self.post(request)
+        except (SendFailure, EgressRefused) as exc:
+            log.info("%s activity not shown: %s", activity.activity, exc, extra=log_fields(
+                integration_id=activity.integration_id, conversation_id=activity.conversation_id))
+
     async def post(self, request: PlatformRequest) -> bytes:
         """POST `request` inside a client span; the answer's body once accepted, else the
         channel's SendFailure (EgressRefused when the egress policy refuses the URL)."""
@@ -348,14 +373,14 @@ class ChannelSender(ABC, Generic[C, P]):
                                msg_id=send_status_msg_id(status))
 
 
-def decode_send(data: bytes) -> OutboundSend | None:
-    """The send command in a message of an outbound stream (None: another kind of channel
-    message, not for a send loop); Poison when it cannot be decoded at all."""
+def decode_send(data: bytes) -> OutboundSend | OutboundActivity | None:
+    """The send command or business activity in a message of an outbound stream (None: another
+    kind of channel message, not for a send loop); Poison when it cannot be decoded at all."""
     try:
         command = channel_messages.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise Poison(f"undecodable outbound command: {exc}") from exc
-    return command if isinstance(command, OutboundSend) else None
+    return command if isinstance(command, OutboundSend | OutboundActivity) else None
 
 
 def sent_status(channel: str, send: OutboundSend, provider_id: str, at: float | None = None) -> DeliveryStatus:

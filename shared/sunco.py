@@ -60,7 +60,13 @@ class LocationRequestAction(ActionBase, tag="locationRequest", kw_only=True):
     pass
 
 
-Action = PostbackAction | ReplyAction | LinkAction | WebviewAction | LocationRequestAction
+class BuyAction(ActionBase, tag="buy", kw_only=True):
+    amount: int = 0  # in cents
+    currency: str | None = None
+    uri: str | None = None
+
+
+Action = PostbackAction | ReplyAction | LinkAction | WebviewAction | LocationRequestAction | BuyAction
 
 
 class ContentBase(Wire, tag_field="type"):
@@ -106,6 +112,72 @@ class LocationContent(ContentBase, tag="location", kw_only=True):
     location: LocationInfo | None = None
 
 
+class Item(Wire, kw_only=True):
+    """One card of a carousel or row of a list."""
+
+    title: str
+    description: str | None = None
+    media_url: str | None = None
+    media_type: str | None = None
+    alt_text: str | None = None
+    size: str | None = None
+    actions: list[Action] = []
+    metadata: dict[str, Any] | None = None
+
+
+class CarouselDisplaySettings(Wire, kw_only=True):
+    image_aspect_ratio: str | None = None
+
+
+class CarouselContent(ContentBase, tag="carousel", kw_only=True):
+    items: list[Item]
+    text: str | None = None  # the fallback where a channel has no carousel
+    block_chat_input: bool | None = None
+    display_settings: CarouselDisplaySettings | None = None
+
+
+class ListContent(ContentBase, tag="list", kw_only=True):
+    items: list[Item]
+    actions: list[Action] | None = None
+    block_chat_input: bool | None = None
+
+
+class FormOption(Wire, kw_only=True):
+    name: str
+    label: str
+
+
+FormFieldType = Literal["text", "email", "select"]
+
+
+class FormField(Wire, kw_only=True):
+    """A field of a form (what to ask) or of a formResponse (what was answered: `text`,
+    `email` or `select`)."""
+
+    type: FormFieldType
+    name: str
+    label: str
+    placeholder: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    options: list[FormOption] | None = None
+    text: str | None = None
+    email: str | None = None
+    select: list[FormOption] | None = None
+    quoted_message_id: str | None = None
+
+
+class FormContent(ContentBase, tag="form", kw_only=True):
+    fields: list[FormField]
+    submitted: bool | None = None
+    block_chat_input: bool | None = None
+
+
+class FormResponseContent(ContentBase, tag="formResponse", kw_only=True):
+    fields: list[FormField]
+    text_fallback: str | None = None
+
+
 class TemplateContent(ContentBase, tag="template", kw_only=True):
     """A WhatsApp template in the native WhatsApp schema (SunCo `schema: "whatsapp"`)."""
 
@@ -122,7 +194,8 @@ class UnsupportedContent(ContentBase, tag="unsupported", kw_only=True):
     raw: dict[str, Any] = {}
 
 
-Content = TextContent | ImageContent | FileContent | LocationContent | TemplateContent | UnsupportedContent
+Content = (TextContent | ImageContent | FileContent | LocationContent | CarouselContent | ListContent | FormContent
+           | FormResponseContent | TemplateContent | UnsupportedContent)
 
 
 def api_content(content: Content) -> Content:

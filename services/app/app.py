@@ -142,7 +142,7 @@ class AppService(SdkService):
     async def on_outbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """Push a business message to the client's app installs unless a socket delivered it."""
         command = decode_send(data)
-        if command is None:
+        if not isinstance(command, OutboundSend):  # business typing/read reaches apps over their sockets
             return
         waited = now() - command.created_at if command.created_at else self.config.push_grace_seconds
         if waited < self.config.push_grace_seconds:

@@ -24,7 +24,7 @@ from services.conversations.clients import (
     normalize_phone,
     notification_content,
 )
-from services.conversations.core import SDK_INTEGRATION_TYPES, ConversationCore
+from services.conversations.core import APP_INTEGRATION_TYPES, SDK_INTEGRATION_TYPES, ConversationCore
 from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
 from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
 from services.conversations.sdk_login import sdk_login
@@ -56,6 +56,8 @@ from shared.sunco import (
     DeliveryError,
     Destination,
     ExternalMessage,
+    FormContent,
+    FormResponseContent,
     Message,
     QuotedMessage,
     Source,
@@ -465,6 +467,10 @@ class Conversations(ConversationCore):
             body = msgspec.structs.replace(body, content=mask_content(body.content),
                                            override=mask_strings(body.override))
         author = body.author
+        if isinstance(body.content, FormResponseContent):
+            if author.type != "user":
+                raise ApiError(400, "A formResponse is a user's answer to a form")
+            await self._check_form_response(app_id, conversation_id, body.content)
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)
             author = msgspec.structs.replace(author, user_id=participant["user_id"],
@@ -549,6 +555,17 @@ class Conversations(ConversationCore):
 
     # --- activity -------------------------------------------------------------------------
 
+    async def _check_form_response(self, app_id: str, conversation_id: str, answer: FormResponseContent) -> None:
+        """400 unless the answer names (`quotedMessageId`) a form of this conversation and fits it."""
+        quoted = {f.quoted_message_id for f in answer.fields if f.quoted_message_id}
+        if len(quoted) != 1:
+            raise ApiError(400, "A formResponse's fields must name the form they answer (quotedMessageId)")
+        stored = await self.store.get_message(app_id, quoted.pop())
+        form = MESSAGE_DECODER.decode(stored.body).content if stored is not None else None
+        if stored is None or stored.conversation_id != conversation_id or not isinstance(form, FormContent):
+            raise ApiError(400, "quotedMessageId does not name a form of this conversation")
+        models.check_form_response(answer, form)
+
     async def post_activity(self, app_id: str, conversation_id: str, body: models.ActivityPostBody) -> None:
         """Typing or read from the business (or read on behalf of a user), announced as ActivityPosted."""
         row = await self.conversation_row(app_id, conversation_id)
@@ -572,6 +589,30 @@ class Conversations(ConversationCore):
             id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=at,
             conversation=conversation_ref(row), user_id=user_id,
             activity=Activity(type=body.type, author=author, source=Source(type="api:conversations"))))
+        if author.type == "business" and participants:
+            await self._show_business_activity(app_id, conversation_id, participants[0], body.type, at)
+
+    async def _show_business_activity(self, app_id: str, conversation_id: str, participant: Row,
+                                      activity: chan.BusinessActivity, at: float) -> None:
+        """Show the business's typing or read on the customer's primary channel where the
+        platform can (the SDK channels show it from the event over their sockets)."""
+        associations = await self.store.associations(participant["id"])
+        primary = associations[0] if associations else None
+        integration_id = primary.integration_id if primary is not None else None
+        if primary is None or integration_id is None:
+            return
+        channel = await self.outbound_channel(primary.type, integration_id)
+        if channel is None or channel in APP_INTEGRATION_TYPES:
+            return
+        command = chan.OutboundActivity(
+            app_id=app_id, integration_id=integration_id, channel=channel, conversation_id=conversation_id,
+            user_id=participant["user_id"], client_id=primary.client_id, recipient=primary.external_id or "",
+            recipient_info=primary.info or {}, activity=activity, created_at=at,
+            last_provider_message_id=await self.store.last_inbound_provider_id(conversation_id, integration_id))
+        try:
+            await self.bus.publish(chan.subject_of(command), chan.encode(command))
+        except Exception as exc:  # best effort: the event went out, the indicator is a courtesy
+            log.info("business %s not shown on %s: %s", activity, channel, exc)
 
     # --- inbound from channels ------------------------------------------------------------
 
@@ -807,8 +848,24 @@ class Conversations(ConversationCore):
             is_final=status.status == "failed", error=error, read=status.status == "read")
         await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(event),
                                msg_id=event_id)
+        if status.status == "read" and participants:
+            await self._customer_read(status, row, participants[0], message_id)
         if status.status == "failed" and status.error_code in BLOCKED_ERROR_CODES and participants:
             await self._mark_blocked(status, conversation_id, str(participants[0]["id"]))
+
+    async def _customer_read(self, status: chan.DeliveryStatus, row: Row, participant: Row, message_id: str) -> None:
+        """The platform says the customer read a business message: the customer read the
+        conversation (SunCo `conversation:read`, author user), once per message read."""
+        async with self.store.tx():
+            await self.store.mark_read(participant["id"], status.timestamp)
+        event_id = derived_id(message_id, status.integration_id, "conversation:read")
+        author = Author(type="user", user_id=participant["user_id"], user_external_id=participant["user_external_id"])
+        event = conv.ActivityPosted(
+            id=event_id, app_id=status.app_id, conversation_id=row["id"], created_at=status.timestamp,
+            conversation=conversation_ref(row), user_id=participant["user_id"],
+            activity=Activity(type="conversation:read", author=author,
+                              source=Source(type=status.channel, integration_id=status.integration_id)))
+        await self.bus.publish(subjects.event_subject(status.app_id, row["id"]), conv.encode(event), msg_id=event_id)
 
     async def _mark_blocked(self, status: chan.DeliveryStatus, conversation_id: str, participant_id: str) -> None:
         """The customer blocked the business on this channel: the client becomes `blocked` (SunCo

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -18,18 +18,28 @@ import msgspec
 from shared.http import ApiError
 from shared.records import NotificationSettings
 from shared.sunco import (
+    Action,
     ActivityType,
     Author,
+    BuyAction,
+    CarouselContent,
     Client,
     ClientType,
     Content,
     ConversationType,
     Device,
     FileContent,
+    FormContent,
+    FormField,
+    FormResponseContent,
     ImageContent,
     IntegrationType,
+    Item,
     LinkAction,
+    ListContent,
+    LocationRequestAction,
     Message,
+    PostbackAction,
     Profile,
     ReplyAction,
     SwitchboardIntegrationRef,
@@ -222,17 +232,122 @@ def check_url(value: str | None, name: str) -> None:
         raise ApiError(400, f"{name} must be an http(s) URL")
 
 
+MAX_ITEMS = 10  # carousel and list items, list actions
+MAX_ITEM_ACTIONS = 3
+MAX_FORM_FIELDS = 20
+MAX_SELECT_OPTIONS = 200
+MAX_LABEL_LENGTH = 128
+MAX_PAYLOAD_LENGTH = 1000
+# The actions a carousel or list may carry (SunCo's ActionSubset): nothing a customer types back.
+ITEM_ACTIONS = (PostbackAction, LinkAction, WebviewAction, BuyAction)
+
+
+def _check_actions(actions: Sequence[Action], where: str, allowed: tuple[type, ...] | None = None) -> None:
+    for index, action in enumerate(actions):
+        at = f"{where}[{index}]"
+        if allowed is not None and not isinstance(action, allowed):
+            raise ApiError(400, f"{at}.type {action.__class__.__name__} is not allowed here")
+        if not isinstance(action, LocationRequestAction) and not action.text.strip():
+            raise ApiError(400, f"{at}.text must not be empty")
+        if len(action.text) > MAX_LABEL_LENGTH:
+            raise ApiError(400, f"{at}.text exceeds {MAX_LABEL_LENGTH} characters")
+        if isinstance(action, LinkAction | WebviewAction):
+            check_url(action.uri, f"{at}.uri")
+        if isinstance(action, WebviewAction):
+            check_url(action.fallback, f"{at}.fallback")
+        if isinstance(action, ReplyAction):
+            check_url(action.icon_url, f"{at}.iconUrl")
+        if isinstance(action, BuyAction):
+            check_url(action.uri, f"{at}.uri")
+            if action.amount <= 0:
+                raise ApiError(400, f"{at}.amount must be a positive number of cents")
+        if isinstance(action, ReplyAction | PostbackAction) and len(action.payload) > MAX_PAYLOAD_LENGTH:
+            raise ApiError(400, f"{at}.payload exceeds {MAX_PAYLOAD_LENGTH} characters")
+        check_metadata(action.metadata)
+
+
+def _check_items(items: Sequence[Item], where: str) -> None:
+    if not 1 <= len(items) <= MAX_ITEMS:
+        raise ApiError(400, f"{where} must have 1 to {MAX_ITEMS} items")
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        if not item.title.strip() or len(item.title) > MAX_LABEL_LENGTH:
+            raise ApiError(400, f"{at}.title must be 1 to {MAX_LABEL_LENGTH} characters")
+        if item.description is not None and len(item.description) > MAX_LABEL_LENGTH:
+            raise ApiError(400, f"{at}.description exceeds {MAX_LABEL_LENGTH} characters")
+        check_url(item.media_url, f"{at}.mediaUrl")
+        if not 1 <= len(item.actions) <= MAX_ITEM_ACTIONS:
+            raise ApiError(400, f"{at}.actions must have 1 to {MAX_ITEM_ACTIONS} actions")
+        _check_actions(item.actions, f"{at}.actions", ITEM_ACTIONS)
+        check_metadata(item.metadata)
+
+
+def _check_form_fields(fields: Sequence[FormField], where: str, answers: bool) -> None:
+    if not 1 <= len(fields) <= MAX_FORM_FIELDS:
+        raise ApiError(400, f"{where} must have 1 to {MAX_FORM_FIELDS} fields")
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise ApiError(400, f"{where} names must be unique")
+    for index, form_field in enumerate(fields):
+        at = f"{where}[{index}]"
+        for name in ("name", "label"):
+            value = getattr(form_field, name)
+            if not value.strip() or len(value) > MAX_LABEL_LENGTH:
+                raise ApiError(400, f"{at}.{name} must be 1 to {MAX_LABEL_LENGTH} characters")
+        if answers:
+            continue
+        if form_field.type == "select" and not 1 <= len(form_field.options or []) <= MAX_SELECT_OPTIONS:
+            raise ApiError(400, f"{at}.options must have 1 to {MAX_SELECT_OPTIONS} options")
+        low, high = form_field.min_size or 1, form_field.max_size or 128
+        if not 1 <= low <= high <= 256:
+            raise ApiError(400, f"{at}: 1 <= minSize <= maxSize <= 256")
+
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+
+
+def check_form_response(answer: FormResponseContent, form: FormContent) -> None:
+    """400 unless `answer` answers `form`: each field one of the form's, of its type, with a
+    value the form allows (a text of its length, an e-mail address, options it offered)."""
+    asked = {f.name: f for f in form.fields}
+    for index, given in enumerate(answer.fields):
+        at = f"content.fields[{index}]"
+        field = asked.get(given.name)
+        if field is None or field.type != given.type:
+            raise ApiError(400, f"{at} ({given.name!r}, {given.type}) is not a field of the form it answers")
+        if given.type == "text":
+            low, high = field.min_size or 1, field.max_size or 128
+            if given.text is None or not low <= len(given.text) <= high:
+                raise ApiError(400, f"{at}.text must be {low} to {high} characters")
+        elif given.type == "email":
+            if given.email is None or not _EMAIL.match(given.email):
+                raise ApiError(400, f"{at}.email must be an e-mail address")
+        else:
+            offered = {o.name for o in field.options or []}
+            if not given.select or len(given.select) != 1 or given.select[0].name not in offered:
+                raise ApiError(400, f"{at}.select must be one of the options the form offered")
+    missing = sorted(set(asked) - {f.name for f in answer.fields})
+    if missing:
+        raise ApiError(400, f"the form's fields {', '.join(missing)} are not answered")
+
+
 def check_content(content: Content) -> None:
     """Refuse content SunCo would refuse, rather than storing it and failing at the channel;
     every URL in it must be http(s) (`check_url`)."""
-    for index, action in enumerate(getattr(content, "actions", None) or []):
-        where = f"content.actions[{index}]"
-        if isinstance(action, LinkAction | WebviewAction):
-            check_url(action.uri, f"{where}.uri")
-        if isinstance(action, WebviewAction):
-            check_url(action.fallback, f"{where}.fallback")
-        if isinstance(action, ReplyAction):
-            check_url(action.icon_url, f"{where}.iconUrl")
+    if isinstance(content, TextContent | ImageContent):
+        _check_actions(content.actions or [], "content.actions")
+    if isinstance(content, CarouselContent | ListContent):
+        _check_items(content.items, "content.items")
+    if isinstance(content, ListContent) and content.actions is not None:
+        if len(content.actions) > MAX_ITEMS:
+            raise ApiError(400, f"content.actions has at most {MAX_ITEMS} actions")
+        _check_actions(content.actions, "content.actions", ITEM_ACTIONS)
+    if isinstance(content, CarouselContent) and content.text is not None and len(content.text) > MAX_TEXT_LENGTH:
+        raise ApiError(400, f"content.text exceeds {MAX_TEXT_LENGTH} characters")
+    if isinstance(content, FormContent):
+        _check_form_fields(content.fields, "content.fields", answers=False)
+    if isinstance(content, FormResponseContent):
+        _check_form_fields(content.fields, "content.fields", answers=True)
     if isinstance(content, TextContent):
         if not content.text.strip():
             raise ApiError(400, "content.text must not be empty")

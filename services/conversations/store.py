@@ -990,6 +990,14 @@ class Store:
                                     integration_id, provider_message_id, event_id, received, body)
         return None if seq is None else int(seq)
 
+    async def last_inbound_provider_id(self, conversation_id: str, integration_id: str) -> str | None:
+        """The platform's id of the customer's latest message in the conversation on this integration."""
+        row = await self._one(
+            "SELECT provider_message_id FROM messages WHERE conversation_id=$1 AND integration_id=$2"
+            " AND author_type='user' AND provider_message_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            conversation_id, integration_id)
+        return None if row is None else str(row["provider_message_id"])
+
     async def message_by_provider_id(self, app_id: str, integration_id: str,
                                      provider_message_id: str) -> StoredMessage | None:
         row = await self._one(

@@ -102,7 +102,29 @@ class OutboundSend(ChannelMessage, tag="channel.outbound.send", kw_only=True):
     created_at: float = 0.0
 
 
-ChannelUnion = InboundMessage | InboundActivity | DeliveryStatus | OutboundSend
+BusinessActivity = Literal["typing:start", "typing:stop", "conversation:read"]
+
+
+class OutboundActivity(ChannelMessage, tag="channel.outbound.activity", kw_only=True):
+    """The business is typing, stopped, or read the conversation: shown to one client on one
+    channel where the platform can show it (best effort: never retried, never reported)."""
+
+    app_id: str
+    integration_id: str
+    channel: str
+    conversation_id: str
+    user_id: str
+    client_id: str
+    recipient: str
+    recipient_info: dict[str, Any] = {}
+    activity: BusinessActivity
+    # The customer's latest message on this channel (WhatsApp marks that one read, and shows
+    # typing in reply to it).
+    last_provider_message_id: str | None = None
+    created_at: float = 0.0
+
+
+ChannelUnion = InboundMessage | InboundActivity | DeliveryStatus | OutboundSend | OutboundActivity
 
 ENCODER = msgspec.json.Encoder()
 DECODER: msgspec.json.Decoder[ChannelUnion] = msgspec.json.Decoder(ChannelUnion)
@@ -124,10 +146,11 @@ def sender_of(message: InboundMessage | InboundActivity) -> str:
     return getattr(message, "channel_user_id", "") or message.user_id or ""
 
 
-def subject_of(message: InboundMessage | InboundActivity | DeliveryStatus | OutboundSend) -> str:
-    """The stream subject a channel message is published on (its partition from its ordering key)."""
+def subject_of(message: ChannelUnion) -> str:
+    """The stream subject a channel message is published on (its partition from its ordering key:
+    a business activity is ordered with the sends to its recipient)."""
     if isinstance(message, DeliveryStatus):
         return subjects.status_subject(message.channel, message.integration_id, message.provider_message_id)
-    if isinstance(message, OutboundSend):
+    if isinstance(message, OutboundSend | OutboundActivity):
         return subjects.outbound_subject(message.channel, message.integration_id, message.recipient)
     return subjects.inbound_subject(message.channel, message.integration_id, sender_of(message))
