@@ -145,6 +145,17 @@ def form_response_text(content: FormResponseContent) -> str:
     return "\n".join(lines)
 
 
+def is_numbered_answer(answer: str) -> bool:
+    """Whether a reply is a bare choice number (`2`, `2.`, `#2`): cheap to test before looking
+    for what was offered."""
+    return _NUMBER.match(answer) is not None
+
+
+def offered_action(payload: str, offered: Content) -> Answerable | None:
+    """The answerable action of `offered` whose payload a customer's tap carries."""
+    return next((a for a in choices(offered) if a.payload == payload), None)
+
+
 def answered_choice(answer: str, offered: Content) -> Answerable | None:
     """The action a customer's reply picks among the choices `offered` showed: a bare number
     (`2`, `2.`, `#2`), or the label itself (case and spaces aside); None when it picks none."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import msgspec
@@ -37,7 +37,7 @@ from services.conversations.store import (
     dumps,
     loads,
 )
-from shared import records, subjects
+from shared import records, render, subjects
 from shared.bus import Delivery, Poison, Retry
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
@@ -59,6 +59,7 @@ from shared.sunco import (
     FormContent,
     FormResponseContent,
     Message,
+    PostbackAction,
     QuotedMessage,
     Source,
     SourceClient,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 # Statuses whose provider id is not mapped yet are retried this many times (the `sent` record
 # is published by the same channel service just before, but may be processed after).
 STATUS_MAX_DELIVERIES = 10
+# How many of the business's latest messages a tapped button's payload is looked for in.
+TAP_LOOKBACK = 10
 MESSAGES_PAGE_SIZE = 100
 # The retention sweep reads conversations a page at a time and deletes messages a batch per
 # transaction, so it never holds the write lock for long.
@@ -662,10 +665,46 @@ class Conversations(ConversationCore):
         resolved = await self._resolve_inbound(msg)
         if resolved is None:  # a linking step took the message
             return handled
+        tapped = await self._tapped_action(resolved)
+        if isinstance(tapped, PostbackAction):
+            await self._announce_postback(resolved, tapped)
+            return handled
+        if tapped is not None and resolved.msg.postback is None:  # a numbered answer picked a reply
+            resolved = replace(resolved, msg=msgspec.structs.replace(
+                resolved.msg, postback=chan.Postback(payload=tapped.payload, text=tapped.text)))
         stored = await self._store_inbound(resolved)
         if stored is not None:
             await self._announce_inbound(resolved, stored)
         return handled
+
+    async def _tapped_action(self, resolved: ResolvedInbound) -> render.Answerable | None:
+        """The business's action a customer message answers: the button whose payload it carries
+        (looked up among the business's recent messages), or the choice a bare number picks in
+        the latest one (channels without buttons show choices numbered, `shared.render`)."""
+        msg, conversation_id = resolved.msg, resolved.row["id"]
+        if msg.postback is not None:
+            for content in await self.store.recent_business_contents(conversation_id, TAP_LOOKBACK):
+                found = render.offered_action(msg.postback.payload, content)
+                if found is not None:
+                    return found
+            return None
+        content = msg.content
+        if isinstance(content, TextContent) and content.payload is None and render.is_numbered_answer(content.text):
+            latest = await self.store.recent_business_contents(conversation_id, 1)
+            return render.answered_choice(content.text, latest[0]) if latest else None
+        return None
+
+    async def _announce_postback(self, resolved: ResolvedInbound, action: PostbackAction) -> None:
+        """SunCo's `conversation:postback`: the tap is announced, not kept in the history (its
+        id derives from the platform's, so a redelivered tap is announced once)."""
+        msg, row = resolved.msg, resolved.row
+        event_id = derived_id(msg.integration_id, msg.provider_message_id, "postback")
+        await self.bus.publish(subjects.event_subject(msg.app_id, row["id"]), conv.encode(conv.PostbackReceived(
+            id=event_id, app_id=msg.app_id, conversation_id=row["id"], created_at=msg.received_at,
+            conversation=conversation_ref(row), user=resolved.user, payload=action.payload, text=action.text,
+            metadata=action.metadata, source=Source(type=msg.channel, integration_id=msg.integration_id,
+                                                    original_message_id=msg.provider_message_id))),
+            msg_id=event_id)
 
     async def _resolve_inbound(self, msg: chan.InboundMessage) -> ResolvedInbound | None:
         """Who sent `msg` and into which conversation it goes (created when the user has none);

@@ -34,7 +34,7 @@ from shared.db import (
     serialize,
 )
 from shared.encryption import Keyring
-from shared.sunco import ConversationRef, Message, SwitchboardIntegrationRef
+from shared.sunco import Content, ConversationRef, Message, SwitchboardIntegrationRef
 
 # Stored message bodies are `Message` JSON.
 MESSAGE_DECODER = msgspec.json.Decoder(Message)
@@ -989,6 +989,13 @@ class Store:
         seq = await self._returning(_INSERT_MESSAGE, message_id, app_id, conversation_id, author_type, user_id,
                                     integration_id, provider_message_id, event_id, received, body)
         return None if seq is None else int(seq)
+
+    async def recent_business_contents(self, conversation_id: str, limit: int) -> list[Content]:
+        """The contents of the business's latest `limit` messages in the conversation, newest first."""
+        rows = await self._all(
+            "SELECT body FROM messages WHERE conversation_id=$1 AND author_type='business' ORDER BY seq DESC LIMIT $2",
+            conversation_id, limit)
+        return [MESSAGE_DECODER.decode(row["body"]).content for row in rows]
 
     async def last_inbound_provider_id(self, conversation_id: str, integration_id: str) -> str | None:
         """The platform's id of the customer's latest message in the conversation on this integration."""

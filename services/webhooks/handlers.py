@@ -30,6 +30,7 @@ from shared.messages.conversation import (
     DeliveryReported,
     MessageCreated,
     NotificationReported,
+    PostbackReceived,
     Referred,
     SwitchboardControlled,
     UserRemoved,
@@ -191,6 +192,13 @@ def webhook_event(event: ConversationUnion, switchboard: SwitchboardRecord | Non
             trigger, payload = "user:update", {"user": to_wire(event.user), "reason": event.reason}
         case UserRemoved():
             trigger, payload = "user:remove", {"user": {**to_wire(event.user), "authenticated": event.authenticated}}
+        case PostbackReceived():
+            trigger = "conversation:postback"
+            postback: dict[str, Any] = {"payload": event.payload}
+            if event.metadata:
+                postback["metadata"] = event.metadata
+            payload = {"conversation": conversation, "user": to_wire(event.user), "postback": postback}
+            _add(payload, "source", event.source)
         case SwitchboardControlled():
             trigger = f"switchboard:{event.action}" + (":failure" if event.error is not None else "")
             payload = {"conversation": conversation}

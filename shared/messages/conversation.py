@@ -199,6 +199,18 @@ class MessagesExpired(ConversationEvent, tag="conversation.messages.expired", kw
     before: float
 
 
+class PostbackReceived(ConversationEvent, tag="conversation.postback", kw_only=True):
+    """The customer tapped a postback button (SunCo `conversation:postback`: not a message of
+    the history)."""
+
+    conversation: ConversationRef
+    user: User
+    payload: str
+    text: str = ""
+    metadata: dict[str, Any] | None = None
+    source: Source | None = None
+
+
 SwitchboardAction = Literal["passControl", "offerControl", "acceptControl", "releaseControl"]
 
 
@@ -218,7 +230,7 @@ class SwitchboardControlled(ConversationEvent, tag="conversation.switchboard", k
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
     | ClientUpdated | ClientRemoved | Referred | UsersMerged | NotificationReported | UserUpdated
-    | UserRemoved | PersonalInformationDeleted | MessagesExpired | SwitchboardControlled
+    | UserRemoved | PersonalInformationDeleted | MessagesExpired | SwitchboardControlled | PostbackReceived
 )
 
 ENCODER = msgspec.json.Encoder()

@@ -324,3 +324,42 @@ async def test_a_user_ended_through_another_replica_leaves_no_cached_resolution(
         return not any(user.id == user_id for _, user, _ in cache._resolved.values())
 
     await eventually(forgotten)
+
+
+async def test_taps_and_numbered_answers_are_postbacks_or_replies_as_the_business_asked(wa: Wa) -> None:
+    from shared.messages.channel import Postback
+
+    await wa.publish_inbound(wa.inbound("wamid.first", text="hi"))
+    user_id, conversation_id = await user_conversation(wa)
+    t = wa.t
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages", body={
+        "author": {"type": "business"}, "content": {"type": "text", "text": "How can we help?", "actions": [
+            {"type": "postback", "text": "Talk to sales", "payload": "SALES", "metadata": {"team": "sales"}},
+            {"type": "reply", "text": "Track my order", "payload": "TRACK"}]}})
+    assert status == 201
+    # Taps (a platform button carries the payload) and answers by number (SMS shows them numbered).
+    await wa.publish_inbound(wa.inbound("wamid.tap1", text="Talk to sales",
+                                        postback=Postback(payload="SALES", text="Talk to sales")))
+    await wa.publish_inbound(wa.inbound("wamid.tap2", text="Track my order",
+                                        postback=Postback(payload="TRACK", text="Track my order")))
+    await wa.publish_inbound(wa.inbound("wamid.n1", text=" 1 "))
+    await wa.publish_inbound(wa.inbound("wamid.n2", text="2."))
+    await wa.publish_inbound(wa.inbound("wamid.n3", text="3"))  # no third choice: just a message
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 6)
+    found = await events(wa.bus, t.app_id)
+    postbacks = [e for e in found if isinstance(e, conv.PostbackReceived)]
+    assert [(p.payload, p.metadata, p.user.id) for p in postbacks] == [("SALES", {"team": "sales"}, user_id)] * 2
+    assert len({p.id for p in postbacks}) == 2
+    hook = webhook_event(postbacks[0])
+    assert hook is not None and hook[0] == "conversation:postback"
+    parsed = sc.ConversationPostbackEvent.from_dict(hook[1])
+    assert parsed.payload.postback.payload == "SALES" and parsed.payload.postback.metadata == {"team": "sales"}
+    assert parsed.payload.user.id == user_id and parsed.payload.conversation.id == conversation_id
+    # Postbacks are not messages of the history; replies are, with their payload.
+    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages")
+    assert status == 200
+    user_said = [m["content"] for m in body["messages"] if m["author"]["type"] == "user"]
+    assert user_said == [{"type": "text", "text": "hi"},
+                         {"type": "text", "text": "Track my order", "payload": "TRACK"},
+                         {"type": "text", "text": "Track my order", "payload": "TRACK"},
+                         {"type": "text", "text": "3"}]
