@@ -665,6 +665,13 @@ class Conversations(ConversationCore):
         resolved = await self._resolve_inbound(msg)
         if resolved is None:  # a linking step took the message
             return handled
+        if isinstance(msg.content, FormResponseContent):
+            try:
+                await self._check_form_response(msg.app_id, resolved.row["id"], msg.content)
+            except ApiError as refused:  # the widget checks first: only a forged answer gets here
+                log.warning("dropping a form response that does not answer its form: %s", refused.title,
+                            extra=log_fields(integration_id=msg.integration_id, conversation_id=resolved.row["id"]))
+                return handled
         tapped = await self._tapped_action(resolved)
         if isinstance(tapped, PostbackAction):
             await self._announce_postback(resolved, tapped)
