@@ -400,6 +400,12 @@ class Admin:
 
     async def delete_integration(self, app_id: str, integration_id: str) -> None:
         await self.integration_row(app_id, integration_id)
+        switchboard = await self.switchboard_record(app_id)
+        member = next((m for m in switchboard.integrations if m.integration_id == integration_id),
+                      None) if switchboard is not None else None
+        if member is not None:
+            raise ApiError(400, f"The integration is the switchboard integration {member.name!r}: remove it from "
+                                "the switchboard first")
         webhooks = await self.store.list_webhooks(integration_id=integration_id)
         async with self.store.tx():
             await self.store.delete_integration(integration_id)

@@ -277,6 +277,9 @@ async def test_configuration_rules(desk: Desk) -> None:
     await t.call(d.actions().pass_control, t.app_id, d.conversation_id,
                  sc.PassControlBody(switchboard_integration=d.agent.member_id))
     assert await d.in_control() == "agent"
+    # An integration of the switchboard cannot be deleted from under it.
+    in_use = await _refused(t.call(sc.IntegrationsApi(t.client()).delete_integration, t.app_id, d.bot.integration_id))
+    assert in_use.status == 400 and "switchboard" in (in_use.body or "")
     # An integration's key reaches its conversations and own webhooks, not the switchboard or others' webhooks.
     bot_client = t.client(d.bot.key_id, d.bot.secret)
     for call in (t.call(sc.SwitchboardsApi(bot_client).list_switchboards, t.app_id),
