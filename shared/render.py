@@ -68,8 +68,10 @@ def choices(content: Content) -> list[Answerable]:
 
 
 def _link_line(action: Action) -> str | None:
-    if isinstance(action, LinkAction | WebviewAction) and action.uri:
-        return f"{action.text}: {action.uri}" if action.text else action.uri
+    # A webview's `fallback` is the page SunCo opens where a channel has no webview.
+    uri = (action.fallback or action.uri) if isinstance(action, WebviewAction) else getattr(action, "uri", None)
+    if isinstance(action, LinkAction | WebviewAction) and uri:
+        return f"{action.text}: {uri}" if action.text else uri
     if isinstance(action, BuyAction) and action.uri:
         price = f" ({action.amount / 100:.2f} {action.currency.upper()})" if action.currency else ""
         return f"{action.text}{price}: {action.uri}"

@@ -13,7 +13,8 @@ on an aiohttp app, and it behaves like Twilio towards a gateway (platform refere
   opt the customer out/in, as Twilio's Advanced Opt-Out does) and status callbacks
   (`sent`, `delivered`, or `undelivered`/`failed` with `ErrorCode`) to each message's StatusCallback;
 - scripting (`{prefix}/twilio/{integrationId}/...`): inbound messages, late statuses, injected
-  send errors, the outbox and the whole thread per customer (errors in SunCo's shape).
+  send errors, the outbox and the whole thread per customer (each text with the segments it
+  costs, and the numbered choices the business's latest texts offer), errors in SunCo's shape.
 
 With a `store_path` threads, Message resources, MMS media and opt-outs survive a restart (JSON
 lines, replayed and compacted when the fake is created), like `FakeWhatsApp`'s.
@@ -67,6 +68,8 @@ STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT
 START_WORDS = frozenset({"START", "YES", "UNSTOP"})
 HELP_WORDS = frozenset({"HELP", "INFO"})
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# A numbered choice as the gateway writes one on a line of its own (`shared.render`): "2. Medium".
+_CHOICE_LINE = re.compile(r"^(\d{1,2})\. (.+)$")
 # A 1x1 transparent PNG: what an inbound MMS without a real link serves.
 TINY_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
@@ -133,9 +136,12 @@ class ThreadEntry:
     status_callback: str = ""
 
     def view(self) -> dict[str, Any]:
-        """JSON shape for the scripting API and the phone page."""
+        """JSON shape for the scripting API and the phone page (with the segments its text costs)."""
         out: dict[str, Any] = {"direction": self.direction, "sid": self.sid, "at": self.at, "body": self.body,
                                "status": self.status}
+        text = self.body.get("Body")
+        if isinstance(text, str) and text:
+            out["segments"] = sms_segments(text).count
         if self.error_code is not None:
             out["errorCode"] = self.error_code
         return out
@@ -143,11 +149,12 @@ class ThreadEntry:
 
 @dataclass
 class InjectedError:
-    """A scripted synchronous send error."""
+    """A scripted synchronous send error (after `skip` sends that go through)."""
 
     code: int
     http_status: int
     remaining: int
+    skip: int = 0
 
 
 @dataclass
@@ -304,9 +311,11 @@ class FakeTwilio:
 
     # --- scripting (Python API; the HTTP scripting routes call these) ---------------------------
 
-    def fail_next(self, integration_id: str, code: int, http_status: int = 400, count: int = 1) -> None:
-        """Make the next `count` sends of an account fail with a Twilio error."""
-        self.injected.setdefault(integration_id, []).append(InjectedError(code, http_status, count))
+    def fail_next(self, integration_id: str, code: int, http_status: int = 400, count: int = 1,
+                  skip: int = 0) -> None:
+        """Make the next `count` sends of an account fail with a Twilio error (once `skip` more
+        have gone through: the second text of a message split in two, say)."""
+        self.injected.setdefault(integration_id, []).append(InjectedError(code, http_status, count, skip))
 
     def thread(self, integration_id: str, number: str) -> list[ThreadEntry]:
         """Both directions of a customer's conversation with a business number."""
@@ -315,6 +324,26 @@ class FakeTwilio:
     def outbox(self, integration_id: str, number: str) -> list[dict[str, Any]]:
         """The Messages.json parameters of what the business sent to `number`, oldest first."""
         return [e.body for e in self.thread(integration_id, number) if e.direction == "out"]
+
+    def choices(self, integration_id: str, number: str) -> list[dict[str, Any]]:
+        """The numbered choices the business's latest texts offer (`1. Yes` lines), which the
+        customer can answer with the number; none once the customer has written since.
+
+        A message the gateway split into several texts numbers on across them, so the texts
+        since the customer's last one are read back to the one whose choices start at 1.
+        """
+        offered: list[tuple[int, str]] = []
+        for entry in reversed(self.thread(integration_id, number)):
+            if entry.direction != "out":
+                break
+            text = entry.body.get("Body")
+            lines = [m for m in (_CHOICE_LINE.match(line.strip()) for line in str(text or "").splitlines()) if m]
+            offered = [(int(m.group(1)), m.group(2)) for m in lines] + offered
+            if offered and offered[0][0] == 1:
+                break
+        if [n for n, _ in offered] != list(range(1, len(offered) + 1)):
+            return []
+        return [{"number": n, "label": label} for n, label in offered]
 
     def find(self, integration_id: str, sid: str) -> tuple[str, ThreadEntry] | None:
         """(customer number, entry) of a message SID."""
@@ -525,7 +554,9 @@ class FakeTwilio:
         if problem is not None:
             return twilio_error(*problem)
         injected = self.injected.get(account.integration_id)
-        if injected:
+        if injected and injected[0].skip > 0:
+            injected[0].skip -= 1
+        elif injected:
             error = injected[0]
             error.remaining -= 1
             if error.remaining <= 0:
@@ -650,9 +681,11 @@ class FakeTwilio:
         account = self._script_account_or_404(request)
         spec = await read_json_object(request, MAX_BODY)
         code, http_status, count = spec.get("code"), spec.get("httpStatus", 400), spec.get("count", 1)
-        if not (isinstance(code, int) and isinstance(http_status, int) and isinstance(count, int)) or count < 1:
-            raise ApiError(400, "need integer code, httpStatus and count >= 1")
-        self.fail_next(account.integration_id, code, http_status, count)
+        skip = spec.get("skip", 0)
+        if not (isinstance(code, int) and isinstance(http_status, int) and isinstance(count, int)
+                and isinstance(skip, int)) or count < 1 or skip < 0:
+            raise ApiError(400, "need integer code, httpStatus, count >= 1 and skip >= 0")
+        self.fail_next(account.integration_id, code, http_status, count, skip)
         return web.json_response({"queued": sum(e.remaining for e in self.injected[account.integration_id])})
 
     async def _script_outbox(self, request: web.Request) -> web.Response:
@@ -668,6 +701,7 @@ class FakeTwilio:
         if not to:
             raise ApiError(400, "need ?to=")
         return web.json_response({"messages": [e.view() for e in self.thread(account.integration_id, to)],
+                                  "choices": self.choices(account.integration_id, to),
                                   "optedOut": (account.integration_id, _address(to)) in self.opted_out})
 
     async def _script_account(self, request: web.Request) -> web.Response:

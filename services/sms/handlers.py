@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from shared import outbound
+from shared import outbound, render
 from shared.ingress import WebhookShapeError
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
@@ -26,12 +26,10 @@ from shared.records import IntegrationRecord
 from shared.sunco import (
     Content,
     FileContent,
+    FormResponseContent,
     ImageContent,
-    LinkAction,
     LocationContent,
     LocationCoordinates,
-    PostbackAction,
-    ReplyAction,
     TextContent,
     UnsupportedContent,
 )
@@ -67,6 +65,9 @@ class Credentials:
     webhook_url: str
     status_url: str
     segments_per_second: float | None = None
+    # Whether the number sends MMS (config `mms`, default true): where it does not, an image or
+    # a file goes as a link in the text.
+    mms: bool = True
 
     @classmethod
     def from_record(cls, record: IntegrationRecord, public_base_url: str) -> Credentials | None:
@@ -98,6 +99,7 @@ class Credentials:
             status_url=status_url if isinstance(status_url, str) and status_url
             else f"{public}/webhooks/twilio/{record.id}/status",
             segments_per_second=float(rate) if isinstance(rate, int | float) and rate > 0 else None,
+            mms=cfg.get("mms") is not False,
         )
 
     @property
@@ -289,66 +291,141 @@ class UnsendableContent(outbound.UnsendableContent):
     """The content has no SMS/MMS representation (a permanent failure)."""
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+# Twilio sends a body of up to 1,600 characters as one message (the handset joins its segments).
+# Counted in UTF-16 units, so that a character beyond the BMP (most emoji) can never push a part
+# past Twilio's own count. A longer text goes as several messages, split between blocks, then
+# lines, then words; never more than MAX_PARTS of them (the rest is cut, marked with "…").
+MAX_PARTS = 10
+_SEPARATORS = ("\n\n", "\n", " ")
 
 
-def _body_and_media(content: Content) -> tuple[str, list[str]]:
-    if isinstance(content, TextContent):
-        text = content.text
-        actions = content.actions or []
-        links = [f"{a.text}: {a.uri}" if a.text else a.uri for a in actions if isinstance(a, LinkAction) and a.uri]
-        # SMS has no buttons: offer the choices as a numbered list the customer can answer.
-        replies = [a.text for a in actions if isinstance(a, ReplyAction | PostbackAction) and a.text]
-        parts = [text] if text else []
-        if replies:
-            parts.append("\n".join(f"{i}. {label}" for i, label in enumerate(replies, start=1)))
-        parts += links
-        body = "\n\n".join(parts).strip()
-        if not body:
-            raise UnsendableContent("empty text")
-        return body, []
-    if isinstance(content, ImageContent | FileContent):
-        if not content.media_url:
-            raise UnsendableContent(f"{content.__class__.__name__} without mediaUrl")
-        return content.text or "", [content.media_url]
-    if isinstance(content, LocationContent):
-        coords = content.coordinates
-        lines = [x for x in ((content.location.name, content.location.address) if content.location else ()) if x]
-        lines.append(f"https://maps.google.com/maps?q={coords.lat},{coords.long}")
-        return "\n".join(lines), []
-    raise UnsendableContent(f"{content.__class__.__name__} cannot be sent by SMS")
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
 
 
-def build_send_form(send: OutboundSend, creds: Credentials) -> Form:
-    """The Messages.json form for an outbound message, in the order twilio's SDK writes it (§5.4).
+def _hard_split(text: str, limit: int) -> list[str]:
+    out: list[str] = []
+    current: list[str] = []
+    used = 0
+    for ch in text:
+        size = _units(ch)
+        if used + size > limit:
+            out.append("".join(current))
+            current, used = [], 0
+        current.append(ch)
+        used += size
+    out.append("".join(current))
+    return out
+
+
+def _chunks(text: str, limit: int, separators: Sequence[str]) -> list[str]:
+    """`text` in pieces of at most `limit` units, cut at the first separator that allows it (the
+    separator at a cut is dropped: each piece is a message of its own)."""
+    if _units(text) <= limit:
+        return [text]
+    if not separators:
+        return _hard_split(text, limit)
+    separator, finer = separators[0], separators[1:]
+    out: list[str] = []
+    current: str | None = None
+    for piece in text.split(separator):
+        for sub in _chunks(piece, limit, finer):
+            if current is None:
+                current = sub
+            elif _units(current) + _units(separator) + _units(sub) <= limit:
+                current += separator + sub
+            else:
+                out.append(current)
+                current = sub
+    if current is not None:
+        out.append(current)
+    return out
+
+
+def split_body(text: str, limit: int = MAX_BODY_CHARS) -> list[str]:
+    """The bodies of the messages that carry `text` (one when it fits in `limit` units)."""
+    if _units(text) <= limit:
+        return [text]
+    parts = [p.strip() for p in _chunks(text, limit, _SEPARATORS)]
+    parts = [p for p in parts if p]
+    if len(parts) > MAX_PARTS:
+        parts = parts[:MAX_PARTS]
+        last = parts[-1]
+        while _units(last) + 1 > limit:
+            last = last[:-1]
+        parts[-1] = last + "…"
+    return parts
+
+
+def render_content(content: Content, mms: bool = True) -> tuple[str, list[str]]:
+    """The text and the media URLs that carry `content` by SMS/MMS (UnsendableContent if none).
+
+    The text is `shared.render.fallback`'s: answerable actions numbered (`1. Yes`) exactly as
+    the conversations service maps a customer's "1" back, links as `label: url`, carousel and
+    list items as blocks (an item's image as a link beside its title), forms as questions. The
+    media of an image or file go as MMS `MediaUrl`s, or as links first in the text on a number
+    that sends no MMS (integration config `mms: false`). A formResponse is the customer's own
+    answer, never sent to them; a template has no text form.
+    """
+    if isinstance(content, FormResponseContent):
+        raise UnsendableContent("a formResponse is the customer's answer: it is never sent to them")
+    if isinstance(content, ImageContent | FileContent) and not content.media_url:
+        raise UnsendableContent(f"{content.__class__.__name__} without mediaUrl")
+    try:
+        rendered = render.fallback(content)
+    except render.NoFallback as exc:
+        raise UnsendableContent(f"{content.__class__.__name__} cannot be sent by SMS") from exc
+    text, media = rendered.text, list(rendered.media_urls)
+    if not mms and media:
+        text = "\n\n".join(["\n".join(media), *([text] if text else [])])
+        media = []
+    if not text.strip() and not media:
+        raise UnsendableContent(f"empty {content.__class__.__name__}")
+    return text, media
+
+
+def _head(send: OutboundSend, creds: Credentials) -> Form:
+    form: Form = [("To", send.recipient), ("StatusCallback", creds.status_url)]
+    if creds.messaging_service_sid:
+        form.append(("MessagingServiceSid", creds.messaging_service_sid))
+    else:
+        sender = creds.phone_number
+        if send.recipient.startswith("whatsapp:") and not sender.startswith("whatsapp:"):
+            sender = f"whatsapp:{sender}"
+        form.append(("From", sender))
+    return form
+
+
+def build_send_forms(send: OutboundSend, creds: Credentials) -> list[Form]:
+    """The Messages.json forms that carry an outbound message, in order, each in the order
+    twilio's SDK writes it (§5.4): one, or several when the text passes 1,600 characters (the
+    media ride on the first; more than 10 on the next ones).
 
     `override["twilio"]["payload"]` (a dict of Messages.json parameters) replaces the content.
     """
     override = (send.override or {}).get("twilio")
     payload = override.get("payload") if isinstance(override, dict) else None
-    to = send.recipient
-    form: Form = [("To", to), ("StatusCallback", creds.status_url)]
-    if creds.messaging_service_sid:
-        form.append(("MessagingServiceSid", creds.messaging_service_sid))
-    else:
-        sender = creds.phone_number
-        if to.startswith("whatsapp:") and not sender.startswith("whatsapp:"):
-            sender = f"whatsapp:{sender}"
-        form.append(("From", sender))
     if isinstance(payload, dict) and payload:
+        form = _head(send, creds)
         taken = {"To", "StatusCallback"}
         for name, value in payload.items():
             if name in taken or not isinstance(name, str):
                 continue
             values = value if isinstance(value, list) else [value]
             form += [(name, str(v)) for v in values if v is not None]
-        return form
-    body, media = _body_and_media(send.content)
-    if body:
-        form.append(("Body", _clip(body, MAX_BODY_CHARS)))
-    form += [("MediaUrl", url) for url in media]
-    return form
+        return [form]
+    text, media = render_content(send.content, creds.mms)
+    bodies: list[str] = split_body(text) if text.strip() else []
+    media_groups = [media[i:i + MAX_MEDIA] for i in range(0, len(media), MAX_MEDIA)]
+    forms = []
+    for index in range(max(len(bodies), len(media_groups))):
+        form = _head(send, creds)
+        if index < len(bodies):
+            form.append(("Body", bodies[index]))
+        if index < len(media_groups):
+            form += [("MediaUrl", url) for url in media_groups[index]]
+        forms.append(form)
+    return forms
 
 
 def send_cost(form: Sequence[tuple[str, str]]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from urllib.parse import urlencode
 
@@ -18,7 +19,14 @@ from .handlers import Credentials, Form, SegmentBucket, SendFailure
 
 
 class SmsSender(ChannelSender[Credentials, Form]):
-    """One Messages.json call per message, paced in segments per sender."""
+    """One Messages.json call per message part (a text past 1,600 characters goes as several),
+    paced in segments per sender.
+
+    The parts of a message already accepted are remembered in this process, so a delivery that
+    comes back (its sender busy, a transient error on a later part) sends only the rest; a
+    delivery holds its ack for at most `max_rate_wait_seconds` of waiting in all, however many
+    parts it has (then it is put back on the stream and goes on where it stopped).
+    """
 
     channel = handlers.CHANNEL
     classify_error = staticmethod(handlers.classify_error)
@@ -31,17 +39,36 @@ class SmsSender(ChannelSender[Credentials, Form]):
         self.segments_per_second = segments_per_second
         self.max_rate_wait_seconds = max_rate_wait_seconds
         self.buckets: dict[str, SegmentBucket] = {}
-        # Provider SID → (message id, conversation id), so a status callback can name its message.
+        # Provider SID (of every part) → (message id, conversation id), so a status callback can
+        # name its message.
         self.sids: BoundedMemory[str, tuple[str, str]] = BoundedMemory()
+        # Message id → the SIDs of its parts accepted so far, while the message is not all sent.
+        self.parts: BoundedMemory[str, dict[int, str]] = BoundedMemory()
+        # Message id → when the current delivery must stop waiting for its sender's bucket.
+        self.wait_until: BoundedMemory[str, float] = BoundedMemory()
 
     def unknown_integration(self) -> SendFailure:
         return SendFailure(http_status=0, code=None, title="Unknown or inactive Twilio integration", transient=True)
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[Form]:
-        return [handlers.build_send_form(command, creds)]
+        forms = handlers.build_send_forms(command, creds)
+        self.wait_until.remember(command.message_id, time.monotonic() + self.max_rate_wait_seconds)
+        return forms
+
+    async def done_parts(self, command: OutboundSend) -> dict[int, str]:
+        return dict(self.parts.get(command.message_id) or {})
+
+    async def part_sent(self, command: OutboundSend, creds: Credentials, index: int, provider_id: str,
+                        started: float) -> None:
+        done = self.parts.get(command.message_id) or {}
+        done[index] = provider_id
+        self.parts.remember(command.message_id, done)
+        self.sids.remember(provider_id, (command.message_id, command.conversation_id))
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: Form) -> None:
-        wait = self._bucket(creds).reserve(handlers.send_cost(part), self.max_rate_wait_seconds)
+        deadline = self.wait_until.get(command.message_id)
+        budget = self.max_rate_wait_seconds if deadline is None else max(0.0, deadline - time.monotonic())
+        wait = self._bucket(creds).reserve(handlers.send_cost(part), budget)
         if wait is None:
             # The sender's queue is long: come back later rather than hold the ack.
             raise Retry(self.max_rate_wait_seconds, f"sender {creds.sender_key} is busy")
@@ -69,6 +96,7 @@ class SmsSender(ChannelSender[Credentials, Form]):
     def unreachable(self, exc: Exception) -> SendFailure:
         return SendFailure(http_status=0, code=None, title=f"Twilio API unreachable: {exc!r}", transient=True)
 
-
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         self.sids.remember(provider_id, (command.message_id, command.conversation_id))
+        self.parts.pop(command.message_id, None)
+        self.wait_until.pop(command.message_id, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +22,30 @@ from twilio.rest import Client
 from services.sandbox.app import SandboxService
 from services.sandbox.twilio_fake import FakeTwilio
 from services.sms.app import SmsService
-from shared import records, subjects
-from shared.bus import Bus
+from shared import records, render, subjects
+from shared.bus import Bus, Delivery
 from shared.ids import new_id
 from shared.messages import channel
-from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend
+from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundActivity, OutboundSend
 from shared.records import IntegrationRecord
-from shared.sunco import FileContent, ImageContent, TextContent
+from shared.sunco import (
+    BuyAction,
+    CarouselContent,
+    FileContent,
+    FormContent,
+    FormField,
+    FormOption,
+    FormResponseContent,
+    ImageContent,
+    Item,
+    LinkAction,
+    ListContent,
+    LocationRequestAction,
+    PostbackAction,
+    ReplyAction,
+    TemplateContent,
+    TextContent,
+)
 from shared.twilio_wire import EMPTY_TWIML, SIGNATURE_HEADER
 from tests.fakes.whatsapp_env import eventually, stream_messages
 from tests.harness import System
@@ -369,3 +387,186 @@ async def test_segments_are_throttled_per_sender(system: System, bus: Bus) -> No
     bucket = sms.service.sender.buckets[f"{ACCOUNT_SID}:{BUSINESS}"]
     assert bucket.rate == 1.0 and bucket.tokens == -2.0  # 1 token held, 3 segments spent
     assert bucket.reserve(1, max_wait=0) is None
+
+
+# --- every SunCo message type as readable SMS/MMS (shared.render's text) ---------------------------
+
+async def reported(sms: SmsEnv, send: OutboundSend) -> DeliveryStatus:
+    """The status the send path itself reported for `send` (not a Twilio callback: it has no raw form)."""
+    async def probe() -> DeliveryStatus | None:
+        return next((s for s in await sms.statuses() if s.message_id == send.message_id and not s.raw), None)
+
+    return await eventually(probe)
+
+
+async def sent_bodies(sms: SmsEnv, send: OutboundSend) -> list[dict[str, Any]]:
+    """What reached the fake for `send`, once the gateway reported it sent (all its parts)."""
+    sent = await reported(sms, send)
+    assert sent.status == "sent", sent
+    return sms.fake.outbox(sms.integration_id, CUSTOMER)
+
+
+async def test_text_with_choices_is_numbered_and_a_number_answers_it(sms: SmsEnv) -> None:
+    content = TextContent(text="Which size?", actions=[
+        ReplyAction(text="Small", payload="size_s"), ReplyAction(text="Medium", payload="size_m"),
+        LinkAction(text="Size guide", uri="https://shop.example/sizes"),
+        PostbackAction(text="Large", payload="size_l")])
+    send = outbound(sms, content)
+    await publish(sms, send)
+    [body] = await sent_bodies(sms, send)
+    assert body["Body"] == "Which size?\n\n1. Small\n2. Medium\nSize guide: https://shop.example/sizes\n3. Large"
+    assert "MediaUrl" not in body
+    # The phone offers the numbers; the customer answers "2", which is the choice "Medium".
+    async with httpx.AsyncClient(base_url=f"{sms.system.base_url}/sandbox/twilio/{sms.integration_id}") as http:
+        thread = (await http.get("/thread", params={"to": CUSTOMER})).json()
+    assert thread["choices"] == [{"number": 1, "label": "Small"}, {"number": 2, "label": "Medium"},
+                                 {"number": 3, "label": "Large"}]
+    await sms.script("/inbound", {"from": CUSTOMER, "text": "2"})
+    [answer] = await sms.inbound()
+    assert answer.content == TextContent(text="2")
+    picked = render.answered_choice(answer.content.text, content)
+    assert isinstance(picked, ReplyAction) and picked.payload == "size_m"
+    assert sms.fake.choices(sms.integration_id, CUSTOMER) == []  # answered: nothing pending
+
+
+async def test_carousel_is_item_blocks_with_images_as_links(sms: SmsEnv) -> None:
+    send = outbound(sms, CarouselContent(text="Our picks", items=[
+        Item(title="Red shirt", description="Cotton, $20", media_url="https://shop.example/red.jpg",
+             actions=[PostbackAction(text="Pick red", payload="red"),
+                      LinkAction(text="Details", uri="https://shop.example/red")]),
+        Item(title="Blue shirt", actions=[PostbackAction(text="Pick blue", payload="blue")])]))
+    await publish(sms, send)
+    [body] = await sent_bodies(sms, send)
+    assert body["Body"] == ("Our picks\n\nRed shirt — Cotton, $20\nhttps://shop.example/red.jpg\n1. Pick red\n"
+                            "Details: https://shop.example/red\n\nBlue shirt\n2. Pick blue")
+    assert "MediaUrl" not in body  # an item's picture stays beside its item, as a link
+
+
+async def test_list_numbers_item_and_list_actions_in_order(sms: SmsEnv) -> None:
+    send = outbound(sms, ListContent(items=[
+        Item(title="Basic", description="1 GB", actions=[PostbackAction(text="Choose Basic", payload="basic")]),
+        Item(title="Pro", description="10 GB", actions=[
+            PostbackAction(text="Choose Pro", payload="pro"),
+            BuyAction(text="Buy now", amount=999, currency="usd", uri="https://pay.example/pro")])],
+        actions=[PostbackAction(text="Talk to sales", payload="sales")]))
+    await publish(sms, send)
+    [body] = await sent_bodies(sms, send)
+    assert body["Body"] == ("Basic — 1 GB\n1. Choose Basic\n\nPro — 10 GB\n2. Choose Pro\n"
+                            "Buy now (9.99 USD): https://pay.example/pro\n\n3. Talk to sales")
+
+
+async def test_form_and_location_request_are_questions(sms: SmsEnv) -> None:
+    form = outbound(sms, FormContent(fields=[
+        FormField(type="text", name="name", label="Your name"),
+        FormField(type="select", name="size", label="Size", options=[FormOption(name="s", label="Small"),
+                                                                       FormOption(name="l", label="Large")])]))
+    where = outbound(sms, TextContent(text="Where should we deliver?",
+                                      actions=[LocationRequestAction(text="Share location")]))
+    await publish(sms, form)
+    await sent_bodies(sms, form)
+    await publish(sms, where)
+    await sent_bodies(sms, where)
+    assert [b["Body"] for b in sms.fake.outbox(sms.integration_id, CUSTOMER)] == [
+        "Please reply with:\nYour name\nSize (Small, Large)",
+        "Where should we deliver?\n\nReply with your address, or share your location."]
+
+
+async def test_a_long_list_goes_as_several_texts_split_between_items(sms: SmsEnv) -> None:
+    blurb = "Unlimited calls and texts, data that rolls over, no contract, cancel any time. " * 3
+    items = [Item(title=f"Plan {n}", description=blurb.strip(), actions=[
+        PostbackAction(text=f"Pick plan {n}", payload=f"pick_{n}"),
+        PostbackAction(text=f"Ask about plan {n}", payload=f"ask_{n}")]) for n in range(1, 9)]
+    content = ListContent(items=items)
+    send = outbound(sms, content)
+    await publish(sms, send)
+    bodies = [b["Body"] for b in await sent_bodies(sms, send)]
+    blocks = [f"Plan {n} — {blurb.strip()}\n{2 * n - 1}. Pick plan {n}\n{2 * n}. Ask about plan {n}"
+              for n in range(1, 9)]
+    assert len("\n\n".join(blocks[:5])) <= 1600 < len("\n\n".join(blocks[:6]))
+    # As many whole items as fit in 1,600 characters, then the rest: no choice is cut away and
+    # the numbers run on across the texts, as the conversations service counts them.
+    assert bodies == ["\n\n".join(blocks[:5]), "\n\n".join(blocks[5:])]
+    assert [c["number"] for c in sms.fake.choices(sms.integration_id, CUSTOMER)] == list(range(1, 17))
+    picked = render.answered_choice("12", content)
+    assert isinstance(picked, PostbackAction) and picked.payload == "ask_6"
+    # Each text is a message of its own at Twilio (the SDK reads them back), and status callbacks
+    # of either one name the gateway's message.
+    client = Client(ACCOUNT_SID, AUTH_TOKEN)
+    client.api.base_url = f"{sms.system.base_url}/sandbox/twilio-api"
+    first, second = [e.sid for e in sms.fake.thread(sms.integration_id, CUSTOMER)]
+    fetched = [await asyncio.to_thread(client.messages(sid).fetch) for sid in (first, second)]
+    assert [m.body for m in fetched] == bodies and all(int(m.num_segments or 0) > 1 for m in fetched)
+    sent = await reported(sms, send)
+    assert (sent.status, sent.provider_message_id, sent.conversation_id) == ("sent", first, send.conversation_id)
+    assert sms.service.sender.sids.get(second) == (send.message_id, send.conversation_id)
+
+
+async def test_a_text_that_is_one_long_paragraph_is_cut_between_words(sms: SmsEnv) -> None:
+    words = " ".join(f"w{n:03d}" for n in range(400))  # 1,999 characters, no line breaks
+    send = outbound(sms, TextContent(text=words))
+    await publish(sms, send)
+    bodies = [b["Body"] for b in await sent_bodies(sms, send)]
+    assert bodies == [" ".join(f"w{n:03d}" for n in range(320)), " ".join(f"w{n:03d}" for n in range(320, 400))]
+
+
+async def test_a_part_refused_transiently_is_resent_alone(sms: SmsEnv) -> None:
+    # The first text goes through, the second gets a 500 once: the retry sends only the second.
+    await sms.script("/fail-next", {"code": 20500, "httpStatus": 500, "count": 1, "skip": 1})
+    send = outbound(sms, TextContent(text="A" * 1000 + "\n\n" + "B" * 1000))
+    await publish(sms, send)
+    bodies = [b["Body"] for b in await sent_bodies(sms, send)]
+    assert bodies == ["A" * 1000, "B" * 1000]
+    posted = [dict(r["form"])["Body"][0] for r in sms.fake.requests]
+    assert posted == ["A", "B", "B"]
+
+
+async def test_a_number_without_mms_gets_media_as_links(system: System, bus: Bus) -> None:
+    sms = await start_sms(system, bus, mms=False)
+    send = outbound(sms, ImageContent(media_url="https://example.com/a.jpg", text="our shop",
+                                      actions=[ReplyAction(text="Visit", payload="visit")]))
+    await publish(sms, send)
+    [body] = await sent_bodies(sms, send)
+    assert body["Body"] == "https://example.com/a.jpg\n\nour shop\n\n1. Visit" and "MediaUrl" not in body
+
+
+async def test_image_with_choices_is_an_mms_with_numbered_caption(sms: SmsEnv) -> None:
+    send = outbound(sms, ImageContent(media_url="https://example.com/a.jpg", text="New in",
+                                      actions=[ReplyAction(text="Want it", payload="want")]))
+    await publish(sms, send)
+    [body] = await sent_bodies(sms, send)
+    assert body["MediaUrl"] == ["https://example.com/a.jpg"] and body["Body"] == "New in\n\n1. Want it"
+
+
+async def test_form_responses_and_templates_are_never_sent(sms: SmsEnv) -> None:
+    answer = outbound(sms, FormResponseContent(fields=[FormField(type="text", name="name", label="Name",
+                                                                 text="Ann")], text_fallback="Name: Ann"))
+    template = outbound(sms, TemplateContent(template={"name": "order_update"}))
+    for send in (answer, template):
+        await publish(sms, send)
+        failed = await reported(sms, send)
+        assert (failed.status, failed.error_code) == ("failed", "unsupported_content")
+    assert sms.fake.requests == []
+
+
+async def test_business_typing_and_read_are_consumed_without_a_twilio_call(sms: SmsEnv) -> None:
+    conversation_id = new_id()
+    for activity in ("typing:start", "conversation:read", "typing:stop"):
+        await sms.bus.publish(*encoded_activity(sms, conversation_id, activity))
+    # Sends to the same customer wait for what came before them (one ordering key), so once this
+    # one is sent the activities have been handled: none of them reached Twilio.
+    send = outbound(sms, TextContent(text="after typing"))
+    await publish(sms, send)
+    await sent_bodies(sms, send)
+    assert [dict(r["form"]).get("Body") for r in sms.fake.requests] == ["after typing"]
+    # Handled directly, an activity returns at once (no Retry, no Poison) and calls nothing.
+    subject, data = encoded_activity(sms, conversation_id, "typing:start")
+    await sms.service.sender.on_outbound(data, {}, Delivery(subject, 1, 1))
+    assert len(sms.fake.requests) == 1
+
+
+def encoded_activity(sms: SmsEnv, conversation_id: str, activity: str) -> tuple[str, bytes]:
+    message = OutboundActivity(app_id=sms.record.app_id, integration_id=sms.integration_id, channel="twilio",
+                               conversation_id=conversation_id, user_id=new_id(), client_id=new_id(),
+                               recipient=CUSTOMER, activity=activity,  # type: ignore[arg-type]
+                               created_at=time.time())
+    return channel.subject_of(message), channel.encode(message)

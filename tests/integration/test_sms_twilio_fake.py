@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
@@ -180,3 +181,51 @@ async def test_scripting_api_errors_are_sunco_shaped(served: Served) -> None:
     assert outbox.json() == {"messages": []}
     [entry] = thread.json()["messages"]
     assert entry["direction"] == "in" and entry["body"]["Body"] == "hey" and entry["sid"] == ok.json()["sid"]
+
+
+async def test_thread_shows_segments_and_the_choices_a_number_answers(served: Served) -> None:
+    client = served.client()
+
+    async def send(body: str) -> None:
+        await asyncio.to_thread(client.messages.create, to=CUSTOMER, from_=BUSINESS, body=body)
+
+    async def thread() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=f"{served.base_url}/twilio") as http:
+            answer = await http.get("/int1/thread", params={"to": CUSTOMER})
+        assert answer.status_code == 200
+        result: dict[str, Any] = answer.json()
+        return result
+
+    # A message split in two texts numbers on across them: both texts' choices are offered.
+    await send("Pick a plan:\n\n1. Basic\nSee https://x.example/plans\n2. Pro")
+    await send("x" * 161 + "\n3. Team")
+    view = await thread()
+    assert [m.get("segments") for m in view["messages"]] == [1, 2]
+    assert view["choices"] == [{"number": 1, "label": "Basic"}, {"number": 2, "label": "Pro"},
+                               {"number": 3, "label": "Team"}]
+    # Once the customer answers, nothing is pending; a later text without numbers offers none,
+    # and a new numbered message (from 1 again) offers only its own.
+    await served.fake.send_inbound("int1", {"from": CUSTOMER, "text": "2"})
+    assert (await thread())["choices"] == []
+    await send("Thanks! Anything else?")
+    assert (await thread())["choices"] == []
+    await send("Rate us:\n1. Good\n2. Bad")
+    assert [c["label"] for c in (await thread())["choices"]] == ["Good", "Bad"]
+    # Numbers that do not run 1, 2, 3… are not choices.
+    await send("Steps:\n2. Unplug\n4. Replug")
+    assert (await thread())["choices"] == []
+
+
+async def test_an_injected_error_can_skip_sends_first(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=f"{served.base_url}/twilio") as http:
+        queued = await http.post("/int1/fail-next", json={"code": 20500, "httpStatus": 500, "skip": 1})
+        refused = await http.post("/int1/fail-next", json={"code": 20500, "skip": -1})
+    assert queued.status_code == 200 and refused.status_code == 400
+    client = served.client()
+    first = await asyncio.to_thread(client.messages.create, to=CUSTOMER, from_=BUSINESS, body="part 1")
+    with pytest.raises(TwilioRestException) as failed:
+        await asyncio.to_thread(client.messages.create, to=CUSTOMER, from_=BUSINESS, body="part 2")
+    assert first.status == "queued" and (failed.value.status, failed.value.code) == (500, 20500)
+    again = await asyncio.to_thread(client.messages.create, to=CUSTOMER, from_=BUSINESS, body="part 2")
+    assert again.status == "queued"
+    assert [b["Body"] for b in served.fake.outbox("int1", CUSTOMER)] == ["part 1", "part 2"]

@@ -53,7 +53,8 @@ def test_nothing_to_pick_without_choices() -> None:
 def test_carousel_and_list_items_with_numbered_actions_across_items() -> None:
     items = [Item(title="Red", description="Bright", media_url="https://x.example/red.png",
                   actions=[PostbackAction(text="Pick red", payload="red"),
-                           WebviewAction(text="More", uri="https://x.example/red", fallback="https://x.example")]),
+                           WebviewAction(text="More", uri="https://x.example/red-webview",
+                                         fallback="https://x.example/red")]),
              Item(title="Blue", actions=[PostbackAction(text="Pick blue", payload="blue"),
                                          BuyAction(text="Buy", amount=999, currency="usd",
                                                    uri="https://pay.example/1")])]

@@ -269,37 +269,39 @@ def test_status_callbacks() -> None:
 # --- sending --------------------------------------------------------------------------------------
 
 def test_send_form_text_in_sdk_order() -> None:
-    form = handlers.build_send_form(send(TextContent(text="hi")), creds())
+    [form] = handlers.build_send_forms(send(TextContent(text="hi")), creds())
     assert form == [("To", "+15551234567"), ("StatusCallback", f"{PUBLIC}/webhooks/twilio/int1/status"),
                     ("From", "+15557654321"), ("Body", "hi")]
 
 
 def test_send_form_messaging_service_media_actions_location() -> None:
     service = "MG" + "3" * 32
-    with_service = handlers.build_send_form(send(ImageContent(media_url="https://x/a.jpg", text="cap")),
-                                            creds(messagingServiceSid=service))
+    [with_service] = handlers.build_send_forms(send(ImageContent(media_url="https://x/a.jpg", text="cap")),
+                                               creds(messagingServiceSid=service))
     assert with_service == [("To", "+15551234567"), ("StatusCallback", f"{PUBLIC}/webhooks/twilio/int1/status"),
                             ("MessagingServiceSid", service), ("Body", "cap"), ("MediaUrl", "https://x/a.jpg")]
-    actions = handlers.build_send_form(send(TextContent(text="Pick", actions=[
+    [actions] = handlers.build_send_forms(send(TextContent(text="Pick", actions=[
         ReplyAction(text="Yes", payload="y"), ReplyAction(text="No", payload="n"),
         LinkAction(text="Site", uri="https://shop.example")])), creds())
-    assert dict(actions)["Body"] == "Pick\n\n1. Yes\n2. No\n\nSite: https://shop.example"
-    location = handlers.build_send_form(send(LocationContent(coordinates=LocationCoordinates(lat=1.5, long=2.5),
-                                                             location=LocationInfo(name="Shop"))), creds())
+    # shared.render's text: actions one per line, in their order, answerable ones numbered.
+    assert dict(actions)["Body"] == "Pick\n\n1. Yes\n2. No\nSite: https://shop.example"
+    [location] = handlers.build_send_forms(send(LocationContent(coordinates=LocationCoordinates(lat=1.5, long=2.5),
+                                                                location=LocationInfo(name="Shop"))), creds())
     assert dict(location)["Body"] == "Shop\nhttps://maps.google.com/maps?q=1.5,2.5"
-    long_text = handlers.build_send_form(send(TextContent(text="x" * 2000)), creds())
-    assert len(dict(long_text)["Body"]) == 1600
+    # Past 1,600 characters a text goes as several messages (a word longer than that is cut).
+    long_text = handlers.build_send_forms(send(TextContent(text="x" * 2000)), creds())
+    assert [len(dict(form)["Body"]) for form in long_text] == [1600, 400]
     wa = send(TextContent(text="hi"))
     wa.recipient = "whatsapp:+15551234567"
-    assert ("From", "whatsapp:+15557654321") in handlers.build_send_form(wa, creds())
-    override = handlers.build_send_form(send(TextContent(text="ignored"), override={"twilio": {"payload": {
+    assert ("From", "whatsapp:+15557654321") in handlers.build_send_forms(wa, creds())[0]
+    [override] = handlers.build_send_forms(send(TextContent(text="ignored"), override={"twilio": {"payload": {
         "ContentSid": "HX" + "4" * 32, "To": "+1999", "MediaUrl": ["https://x/1", "https://x/2"]}}}), creds())
     assert override[-3:] == [("ContentSid", "HX" + "4" * 32), ("MediaUrl", "https://x/1"), ("MediaUrl", "https://x/2")]
     assert override[0] == ("To", "+15551234567")
     for unsendable in (TextContent(text=""), ImageContent(media_url=""),
                        TemplateContent(template={"name": "x"})):
         with pytest.raises(handlers.UnsendableContent):
-            handlers.build_send_form(send(unsendable), creds())
+            handlers.build_send_forms(send(unsendable), creds())
 
 
 @pytest.mark.parametrize(("status", "body", "code", "transient"), [
