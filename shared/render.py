@@ -154,8 +154,9 @@ def is_numbered_answer(answer: str) -> bool:
 
 
 def offered_action(payload: str, offered: Content) -> Answerable | None:
-    """The answerable action of `offered` whose payload a customer's tap carries."""
-    return next((a for a in choices(offered) if a.payload == payload), None)
+    """The answerable action of `offered` whose payload a customer's tap carries (a button
+    without a payload carries its label, as the channels send it)."""
+    return next((a for a in choices(offered) if (a.payload or a.text) == payload), None)
 
 
 def answered_choice(answer: str, offered: Content) -> Answerable | None:

@@ -3,13 +3,16 @@
 `FakeWhatsApp` needs no NATS: register accounts with `add_account(...)`, mount its routes on an
 aiohttp app (`routes(prefix)`), and it behaves like Meta towards a gateway:
 
-- the Graph API (`{prefix}/graph/v{N}.0/...`): send messages (Bearer-checked, answered exactly
-  like Meta, §1.7.5), mark as read, media lookup and download;
+- the Graph API (`{prefix}/graph/v{N}.0/...`): send messages (Bearer-checked, validated against
+  Meta's required fields and limits — reply buttons, lists, CTA URL buttons, location requests,
+  captions, text — and refused with Meta's error envelope, else answered exactly like Meta,
+  §1.7.5), mark as read with or without the typing indicator, media lookup and download;
 - signed webhooks (`X-Hub-Signature-256` over `json.dumps(payload, ensure_ascii=True)`) for
   customer messages and for `sent`/`delivered`/`read`/`failed` statuses, always in the BSUID-era
   superset shape (contacts with `wa_id` + `user_id`, contacts in statuses);
 - scripting (`{prefix}/whatsapp/{integrationId}/...`): inbound messages, late statuses,
-  injected send errors, the outbox and the whole thread per customer (errors in SunCo's shape).
+  injected send errors, the outbox and the whole thread per customer, with whether the business
+  is typing (errors in SunCo's shape).
 
 With a `store_path` the threads, customers and media survive a restart: every change is appended
 to a JSON-lines file, replayed (and compacted) when the fake is created.
@@ -126,6 +129,147 @@ def graph_error(code: int, http_status: int | None = None, details: str | None =
     return web.json_response({"error": error}, status=status)
 
 
+# Meta's limits on what a send may carry (platform reference §1.7, §1.10; the interactive pages).
+LIMITS = {
+    "text_body": 4096, "caption": 1024, "interactive_body": 1024, "header_text": 60, "footer_text": 60,
+    "buttons": 3, "button_title": 20, "button_id": 256, "list_button": 20, "sections": 10, "rows": 10,
+    "section_title": 24, "row_id": 200, "row_title": 24, "row_description": 72, "cta_display_text": 20,
+}
+INTERACTIVE_TYPES = frozenset({"button", "list", "cta_url", "location_request_message", "flow", "product",
+                               "product_list", "catalog_message", "voice_call", "call_permission_request"})
+TYPING_SECONDS = 25.0
+Problem = tuple[int, str] | None
+
+
+def _text_field(value: Any, where: str, limit: int, required: bool = True) -> Problem:
+    """A string Meta requires non-blank and at most `limit` characters long."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return 131008, f"The parameter {where} is required."
+    if len(value) > limit:
+        return 131009, f"Param {where} length is invalid. Min length: 1, Max length: {limit}."
+    return None
+
+
+def _header(header: Any, kind: str) -> Problem:
+    if header is None:
+        return None
+    if not isinstance(header, dict) or header.get("type") not in ("text", "image", "video", "document"):
+        return 131009, "interactive['header']['type'] must be text, image, video or document."
+    if kind in ("list", "location_request_message") and header["type"] != "text":
+        return 131009, f"A {kind} message only takes a text header."
+    if header["type"] == "text":
+        return _text_field(header.get("text"), "interactive['header']['text']", LIMITS["header_text"])
+    media = header.get(header["type"])
+    if not isinstance(media, dict) or not (media.get("link") or media.get("id")):
+        return 131008, f"The parameter interactive['header']['{header['type']}'] needs a link or an id."
+    return None
+
+
+def _reply_buttons(action: dict[str, Any]) -> Problem:
+    buttons = action.get("buttons")
+    if not isinstance(buttons, list) or not 1 <= len(buttons) <= LIMITS["buttons"]:
+        return 131009, "interactive['action']['buttons'] must have 1 to 3 buttons."
+    ids: list[str] = []
+    titles: list[str] = []
+    for button in buttons:
+        reply = button.get("reply") if isinstance(button, dict) and button.get("type") == "reply" else None
+        if not isinstance(reply, dict):
+            return 131008, "Each button needs type 'reply' and reply['id'] and reply['title']."
+        problem = (_text_field(reply.get("id"), "reply['id']", LIMITS["button_id"])
+                   or _text_field(reply.get("title"), "reply['title']", LIMITS["button_title"]))
+        if problem is not None:
+            return problem
+        ids.append(reply["id"])
+        titles.append(reply["title"])
+    if len(set(ids)) != len(ids):
+        return 131009, "Button ids must be unique."
+    if len(set(titles)) != len(titles):
+        return 131009, "Button titles must be unique."
+    return None
+
+
+def _list_action(action: dict[str, Any]) -> Problem:
+    problem = _text_field(action.get("button"), "interactive['action']['button']", LIMITS["list_button"])
+    if problem is not None:
+        return problem
+    sections = action.get("sections")
+    if not isinstance(sections, list) or not 1 <= len(sections) <= LIMITS["sections"]:
+        return 131009, "interactive['action']['sections'] must have 1 to 10 sections."
+    ids: list[str] = []
+    for section in sections:
+        rows = section.get("rows") if isinstance(section, dict) else None
+        if not isinstance(rows, list) or not rows:
+            return 131008, "Each section needs at least one row."
+        problem = _text_field(section.get("title"), "section['title']", LIMITS["section_title"],
+                              required=len(sections) > 1)
+        if problem is not None:
+            return problem
+        for row in rows:
+            if not isinstance(row, dict):
+                return 131008, "Each row needs an id and a title."
+            problem = (_text_field(row.get("id"), "row['id']", LIMITS["row_id"])
+                       or _text_field(row.get("title"), "row['title']", LIMITS["row_title"])
+                       or _text_field(row.get("description"), "row['description']", LIMITS["row_description"],
+                                      required=False))
+            if problem is not None:
+                return problem
+            ids.append(row["id"])
+    if len(ids) > LIMITS["rows"]:
+        return 131009, "A list message has at most 10 rows across its sections."
+    if len(set(ids)) != len(ids):
+        return 131009, "Row ids must be unique."
+    return None
+
+
+def _cta_action(action: dict[str, Any]) -> Problem:
+    params = action.get("parameters")
+    if action.get("name") != "cta_url" or not isinstance(params, dict):
+        return 131008, "interactive['action'] needs name 'cta_url' and parameters."
+    problem = _text_field(params.get("display_text"), "parameters['display_text']", LIMITS["cta_display_text"])
+    if problem is not None:
+        return problem
+    url = params.get("url")
+    if not isinstance(url, str) or not re.match(r"^https?://[^\s/]+", url, re.IGNORECASE):
+        return 131009, "parameters['url'] must be an http or https URL."
+    return None
+
+
+def validate_interactive(inner: dict[str, Any]) -> Problem:
+    """What Meta answers for an `interactive` object it refuses (None: accepted)."""
+    kind = inner.get("type")
+    if kind not in INTERACTIVE_TYPES:
+        return 131009, f"Unsupported interactive type {kind!r}."
+    action = inner.get("action")
+    if not isinstance(action, dict):
+        return 131008, "The parameter interactive['action'] is required."
+    body = inner.get("body")
+    if kind in ("button", "list", "cta_url", "location_request_message") or body is not None:
+        text = body.get("text") if isinstance(body, dict) else None
+        problem = _text_field(text, "interactive['body']['text']", LIMITS["interactive_body"])
+        if problem is not None:
+            return problem
+    footer = inner.get("footer")
+    if footer is not None:
+        problem = _text_field(footer.get("text") if isinstance(footer, dict) else None,
+                              "interactive['footer']['text']", LIMITS["footer_text"])
+        if problem is not None:
+            return problem
+    problem = _header(inner.get("header"), str(kind))
+    if problem is not None:
+        return problem
+    if kind == "button":
+        return _reply_buttons(action)
+    if kind == "list":
+        return _list_action(action)
+    if kind == "cta_url":
+        return _cta_action(action)
+    if kind == "location_request_message" and action.get("name") != "send_location":
+        return 131009, "interactive['action']['name'] must be 'send_location'."
+    return None
+
+
 @dataclass
 class Account:
     """One simulated business number."""
@@ -211,6 +355,8 @@ class FakeWhatsApp:
         self.media: dict[str, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
         self.webhooks: list[WebhookDelivery] = []
+        # (integration id, customer number) → when the business last showed its typing indicator.
+        self.typing: dict[tuple[str, str], float] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -384,7 +530,7 @@ class FakeWhatsApp:
         """Have a customer send a message; returns (wamid, the gateway's HTTP status, 0 if unreachable).
 
         `spec`: `from` (required), one of `text`, `image` ({link?, caption?, mimeType?}),
-        `buttonReply`/`listReply` ({id, title}), `location` ({latitude, longitude, name?, address?}),
+        `buttonReply`/`listReply` ({id, title, description?}), `location` ({latitude, longitude, name?, address?}),
         `message` (a raw message object for other types); optional `name`, `bsuid`, `contextId`,
         `withWaId`/`withBsuid` (false drops that identifier, as Meta does for username users).
         """
@@ -439,9 +585,10 @@ class FakeWhatsApp:
         for key, kind in (("buttonReply", "button_reply"), ("listReply", "list_reply")):
             reply = spec.get(key)
             if isinstance(reply, dict):
-                content: dict[str, Any] = {"type": "interactive",
-                                           "interactive": {"type": kind, kind: {"id": str(reply.get("id", "")),
-                                                                                "title": str(reply.get("title", ""))}}}
+                chosen = {"id": str(reply.get("id", "")), "title": str(reply.get("title", ""))}
+                if kind == "list_reply" and isinstance(reply.get("description"), str) and reply["description"]:
+                    chosen["description"] = reply["description"]
+                content: dict[str, Any] = {"type": "interactive", "interactive": {"type": kind, kind: chosen}}
                 if last_out and "contextId" not in spec:
                     content["context"] = {"from": digits(account.display_phone_number), "id": last_out}
                 return content
@@ -642,6 +789,7 @@ class FakeWhatsApp:
             self.customer(number)
         wamid = new_wamid(number)
         self._append(account.integration_id, number, ThreadEntry("out", wamid, time.time(), body, status="accepted"))
+        self.typing.pop((account.integration_id, number), None)  # a message ends the typing indicator
         customer = self.customers.get(number)
         window_closed = self.enforce_window and body.get("type") != "template" and (
             customer is None or customer.last_inbound_at is None
@@ -658,6 +806,10 @@ class FakeWhatsApp:
         to, recipient = body.get("to"), body.get("recipient")
         if not (isinstance(to, str) and digits(to)) and not (isinstance(recipient, str) and recipient):
             return 131008, "The parameter to is required."
+        context = body.get("context")
+        if context is not None and not (isinstance(context, dict) and isinstance(context.get("message_id"), str)
+                                        and context["message_id"]):
+            return 131009, "context['message_id'] must be a message id."
         kind = body.get("type", "text")
         if kind not in SEND_TYPES:
             return 131009, f"Unsupported message type {kind!r}."
@@ -666,51 +818,46 @@ class FakeWhatsApp:
             return 131008, f"The parameter {kind} is required."
         if kind == "text":
             text = inner.get("body")
-            if not isinstance(text, str) or not text:
+            if not isinstance(text, str) or not text.strip():
                 return 131008, "The parameter text['body'] is required."
-            if len(text) > 4096:
-                return 131009, "text['body'] is longer than 4096 characters."
+            if len(text) > LIMITS["text_body"]:
+                return 131009, f"text['body'] is longer than {LIMITS['text_body']} characters."
         elif kind in ("image", "video", "audio", "document", "sticker"):
             if not inner.get("link") and not inner.get("id"):
                 return 131008, f"The parameter {kind}['link'] or {kind}['id'] is required."
+            caption = inner.get("caption")
+            if caption is not None and (not isinstance(caption, str) or len(caption) > LIMITS["caption"]):
+                return 131009, f"{kind}['caption'] must be a string of at most {LIMITS['caption']} characters."
         elif kind == "template":
             if not inner.get("name") or not isinstance(inner.get("language"), dict):
                 return 131008, "The parameters template['name'] and template['language'] are required."
         elif kind == "interactive":
-            return self._validate_interactive(inner)
-        return None
-
-    @staticmethod
-    def _validate_interactive(inner: dict[str, Any]) -> tuple[int, str] | None:
-        action = inner.get("action")
-        body = inner.get("body")
-        if inner.get("type") in ("button", "list") and not (isinstance(body, dict) and body.get("text")):
-            return 131008, "The parameter interactive['body']['text'] is required."
-        if not isinstance(action, dict):
-            return 131008, "The parameter interactive['action'] is required."
-        if inner.get("type") == "button":
-            buttons = action.get("buttons")
-            if not isinstance(buttons, list) or not 1 <= len(buttons) <= 3:
-                return 131009, "interactive['action']['buttons'] must have 1 to 3 buttons."
-            for button in buttons:
-                reply = button.get("reply") if isinstance(button, dict) else None
-                if not isinstance(reply, dict) or not reply.get("id") or not reply.get("title"):
-                    return 131008, "Each button needs reply['id'] and reply['title']."
-                if len(str(reply["title"])) > 20:
-                    return 131009, "Button title length is more than 20 characters."
-                if len(str(reply["id"])) > 256:
-                    return 131009, "Button id length is more than 256 characters."
+            return validate_interactive(inner)
         return None
 
     def _mark_read(self, account: Account, body: dict[str, Any]) -> web.Response:
+        """`status: read` (optionally with a typing indicator) on a customer's message (§1.7.6)."""
         message_id = body.get("message_id")
         if not isinstance(message_id, str) or not message_id:
             return graph_error(131008, 400, "The parameter message_id is required.")
+        typing = body.get("typing_indicator")
+        if typing is not None and typing != {"type": "text"}:
+            return graph_error(131009, 400, "typing_indicator['type'] must be 'text'.")
         found = self.find_entry(account.integration_id, message_id)
         if found is not None and found[1].direction == "in":
-            found[1].status = "read"
-            self._save_status(account.integration_id, found[1])
+            number, entry = found
+            if entry.status != "read":
+                entry.status = "read"
+                self._save_status(account.integration_id, entry)
+            if typing is not None:
+                # Shown until the business's next message or for 25 s, whichever comes first.
+                self.typing[(account.integration_id, number)] = time.time()
         return web.json_response({"success": True})
+
+    def is_typing(self, integration_id: str, to: str) -> bool:
+        """Whether the business's typing indicator is showing in a customer's thread."""
+        since = self.typing.get((integration_id, self.customer_key(to)))
+        return since is not None and time.time() - since < TYPING_SECONDS
 
     async def _graph_media(self, request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
@@ -812,6 +959,7 @@ class FakeWhatsApp:
         customer = self.customers.get(self.customer_key(to))
         return web.json_response({
             "messages": [e.view() for e in self.thread(account.integration_id, to)],
+            "typing": self.is_typing(account.integration_id, to),
             "customer": {"number": customer.number, "bsuid": customer.bsuid, "name": customer.name}
             if customer else None,
         })

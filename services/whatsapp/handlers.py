@@ -16,38 +16,64 @@ from typing import Any
 
 import msgspec
 
-from shared import outbound
+from shared import outbound, render
 from shared.egress import GRAPH_HOSTS, WHATSAPP_MEDIA_HOSTS, Origin, host_matches, same_origin
 from shared.ingress import Rejected, WebhookShapeError, rejected
-from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
+from shared.messages.channel import (
+    DeliveryState,
+    DeliveryStatus,
+    InboundMessage,
+    OutboundActivity,
+    OutboundSend,
+    Postback,
+)
 from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
 from shared.sunco import (
+    Action,
+    CarouselContent,
     Content,
     FileContent,
+    FormContent,
+    FormResponseContent,
     ImageContent,
     LinkAction,
+    ListContent,
     LocationContent,
     LocationCoordinates,
     LocationInfo,
+    LocationRequestAction,
     PostbackAction,
     ReplyAction,
     TemplateContent,
     TextContent,
     UnsupportedContent,
+    WebviewAction,
 )
 from shared.untrusted import decode_json
 
 CHANNEL = "whatsapp"
 MAX_WEBHOOK_BODY = 100 * 1024
-# WhatsApp limits (platform reference §1.7.2, §1.10).
+# WhatsApp limits (platform reference §1.7.2, §1.10; Meta's interactive message pages).
 MAX_BUTTONS = 3
 MAX_LIST_ROWS = 10
 BUTTON_TITLE_MAX = 20
-LIST_ROW_TITLE_MAX = 24
 BUTTON_ID_MAX = 256
+LIST_ROW_ID_MAX = 200
+LIST_ROW_TITLE_MAX = 24
+LIST_ROW_DESCRIPTION_MAX = 72
+LIST_BUTTON_MAX = 20
+LIST_SECTION_TITLE_MAX = 24
+CTA_DISPLAY_TEXT_MAX = 20
 INTERACTIVE_BODY_MAX = 1024
+MEDIA_CAPTION_MAX = 1024
 TEXT_BODY_MAX = 4096
+# Words the gateway adds where WhatsApp requires text the content has none of.
+LIST_BUTTON_LABEL = "Options"
+LIST_SECTION_TITLE = "Options"
+CHOOSE_PROMPT = "Please choose:"
+CTA_LABEL = "Open"
+LOCATION_REQUEST_PROMPT = "Please share your location."
 # `biz_opaque_callback_data` is echoed in status webhooks; it lets a webhook status name our message.
 CALLBACK_PREFIX = "tl:"
 
@@ -509,33 +535,24 @@ def build_send_body(send: OutboundSend) -> dict[str, Any]:
             body.update(addressing(send))
         return body
     body = {"messaging_product": "whatsapp", "recipient_type": "individual", **addressing(send)}
-    body.update(_content_body(send.content))
+    body.update(content_body(send.content))
     if send.quoted_provider_message_id:
         body["context"] = {"message_id": send.quoted_provider_message_id}
     body["biz_opaque_callback_data"] = callback_data(send)
     return body
 
 
-def _content_body(content: Content) -> dict[str, Any]:
+def content_body(content: Content) -> dict[str, Any]:
+    """The message part of a send body (`type` and its object): WhatsApp's own form of the
+    content where it has one that fits its limits, else the readable text of `shared.render`
+    (choices numbered, so a customer's "2" still answers). Never a body Meta would refuse;
+    UnsendableContent for content with no form at all."""
     if isinstance(content, TextContent):
         return _text_body(content)
     if isinstance(content, ImageContent):
-        if not content.media_url:
-            raise UnsendableContent("image without mediaUrl")
-        image: dict[str, Any] = {"link": content.media_url}
-        if content.text:
-            image["caption"] = content.text
-        return {"type": "image", "image": image}
+        return _image_body(content)
     if isinstance(content, FileContent):
-        if not content.media_url:
-            raise UnsendableContent("file without mediaUrl")
-        document: dict[str, Any] = {"link": content.media_url}
-        if content.text:
-            document["caption"] = content.text
-        filename = content.alt_text or content.media_url.rsplit("/", 1)[-1].split("?", 1)[0]
-        if filename:
-            document["filename"] = filename
-        return {"type": "document", "document": document}
+        return _file_body(content)
     if isinstance(content, LocationContent):
         location: dict[str, Any] = {"latitude": content.coordinates.lat, "longitude": content.coordinates.long}
         if content.location and content.location.name:
@@ -543,35 +560,217 @@ def _content_body(content: Content) -> dict[str, Any]:
         if content.location and content.location.address:
             location["address"] = content.location.address
         return {"type": "location", "location": location}
+    if isinstance(content, CarouselContent | ListContent):
+        return _items_body(content)
+    if isinstance(content, FormContent):
+        return _fallback_text(content)
     if isinstance(content, TemplateContent):
         if not content.template.get("name"):
             raise UnsendableContent("template without name")
         return {"type": "template", "template": content.template}
+    if isinstance(content, FormResponseContent):
+        raise UnsendableContent("a formResponse is the customer's answer, never sent to a customer")
     raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on WhatsApp")
 
 
+def _answerable(actions: list[Action]) -> list[ReplyAction | PostbackAction]:
+    return [a for a in actions if isinstance(a, ReplyAction | PostbackAction)]
+
+
+def _others(actions: list[Action]) -> list[Action]:
+    return [a for a in actions if not isinstance(a, ReplyAction | PostbackAction)]
+
+
+def _choice_id(action: ReplyAction | PostbackAction) -> str:
+    """What a tap sends back (`button_reply.id`, `list_reply.id`): the payload, never clipped
+    (the conversations service finds the tapped action by it)."""
+    return action.payload or action.text
+
+
+def _ids_fit(ids: list[str], limit: int) -> bool:
+    return all(ids) and all(len(i) <= limit for i in ids) and len(set(ids)) == len(ids)
+
+
+def _body_text(text: str, default: str) -> str | None:
+    """An interactive body (required, ≤ 1024): `text`, else `default`; None when it is too long."""
+    body = text if text.strip() else default
+    return body if len(body) <= INTERACTIVE_BODY_MAX else None
+
+
+def _interactive(kind: str, body: str, action: dict[str, Any],
+                 header: dict[str, Any] | None = None) -> dict[str, Any]:
+    interactive: dict[str, Any] = {"type": kind}
+    if header is not None:
+        interactive["header"] = header
+    interactive["body"] = {"text": body}
+    interactive["action"] = action
+    return {"type": "interactive", "interactive": interactive}
+
+
+def _reply_buttons(text: str, actions: list[ReplyAction | PostbackAction],
+                   header: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Interactive reply buttons (1-3, unique ids ≤ 256 and unique titles ≤ 20), or None."""
+    if not 1 <= len(actions) <= MAX_BUTTONS:
+        return None
+    ids = [_choice_id(a) for a in actions]
+    titles = [_clip(a.text.strip(), BUTTON_TITLE_MAX) for a in actions]
+    body = _body_text(text, CHOOSE_PROMPT)
+    if body is None or not _ids_fit(ids, BUTTON_ID_MAX) or not all(titles) or len(set(titles)) != len(titles):
+        return None
+    buttons = [{"type": "reply", "reply": {"id": i, "title": t}} for i, t in zip(ids, titles, strict=True)]
+    return _interactive("button", body, {"buttons": buttons}, header)
+
+
+def _row(row_id: str, title: str, description: str | None) -> dict[str, Any]:
+    title = title.strip()
+    row: dict[str, Any] = {"id": row_id, "title": _clip(title, LIST_ROW_TITLE_MAX)}
+    # A title that had to be clipped is shown whole (as far as it fits) in the description.
+    detail = (description or "").strip() or (title if len(title) > LIST_ROW_TITLE_MAX else "")
+    if detail:
+        row["description"] = _clip(detail, LIST_ROW_DESCRIPTION_MAX)
+    return row
+
+
+def _list(text: str, rows: list[tuple[str, str, str | None]]) -> dict[str, Any] | None:
+    """An interactive list (1-10 rows with unique ids ≤ 200 and a title), or None."""
+    body = _body_text(text, CHOOSE_PROMPT)
+    if body is None or not 1 <= len(rows) <= MAX_LIST_ROWS:
+        return None
+    if not _ids_fit([r[0] for r in rows], LIST_ROW_ID_MAX) or not all(r[1].strip() for r in rows):
+        return None
+    section = {"title": LIST_SECTION_TITLE, "rows": [_row(*r) for r in rows]}
+    return _interactive("list", body, {"button": LIST_BUTTON_LABEL, "sections": [section]})
+
+
+def _cta_url(text: str, action: Action, header: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """An interactive CTA URL button for one link or webview (http/https), or None."""
+    if not isinstance(action, LinkAction | WebviewAction):
+        return None
+    url = action.uri.strip()
+    if not url.lower().startswith(("https://", "http://")):
+        return None
+    label = action.text.strip()
+    body = _body_text(text, label or url)
+    if body is None:
+        return None
+    return _interactive("cta_url", body, {"name": "cta_url", "parameters": {
+        "display_text": _clip(label or CTA_LABEL, CTA_DISPLAY_TEXT_MAX), "url": url}}, header)
+
+
+def _choices_or_fallback(content: TextContent) -> dict[str, Any]:
+    """Reply buttons (≤ 3) or a list (≤ 10) for the answerable actions of a text, the text of its
+    other actions (links, payments) in the body; the numbered text when they do not fit."""
+    actions = list(content.actions or [])
+    text = render.fallback(TextContent(text=content.text, actions=_others(actions))).text
+    answerable = _answerable(actions)
+    native = _reply_buttons(text, answerable)
+    if native is None:
+        native = _list(text, [(_choice_id(a), a.text, None) for a in answerable])
+    return native if native is not None else _fallback_text(content)
+
+
 def _text_body(content: TextContent) -> dict[str, Any]:
-    text = content.text
-    links = [a for a in content.actions or [] if isinstance(a, LinkAction) and a.uri]
-    if links:
-        # WhatsApp has no URL buttons outside templates: links go in the text.
-        text = "\n\n".join([text, *(f"{a.text}: {a.uri}" if a.text else a.uri for a in links)]).strip()
-    replies = [a for a in content.actions or [] if isinstance(a, ReplyAction | PostbackAction)]
-    if not replies:
-        if not text:
+    actions = list(content.actions or [])
+    if not actions:
+        if not content.text.strip():
             raise UnsendableContent("empty text")
-        return {"type": "text", "text": {"body": _clip(text, TEXT_BODY_MAX), "preview_url": False}}
-    body_text = _clip(text or " ", INTERACTIVE_BODY_MAX)
-    if len(replies) <= MAX_BUTTONS:
-        buttons = [{"type": "reply", "reply": {"id": _clip(a.payload or a.text, BUTTON_ID_MAX),
-                                               "title": _clip(a.text, BUTTON_TITLE_MAX)}} for a in replies]
-        return {"type": "interactive",
-                "interactive": {"type": "button", "body": {"text": body_text}, "action": {"buttons": buttons}}}
-    rows = [{"id": _clip(a.payload or a.text, BUTTON_ID_MAX), "title": _clip(a.text, LIST_ROW_TITLE_MAX)}
-            for a in replies[:MAX_LIST_ROWS]]
-    return {"type": "interactive",
-            "interactive": {"type": "list", "body": {"text": body_text},
-                            "action": {"button": "Options", "sections": [{"title": "Options", "rows": rows}]}}}
+        return {"type": "text", "text": {"body": _clip(content.text, TEXT_BODY_MAX), "preview_url": False}}
+    if any(isinstance(a, LocationRequestAction) for a in actions):
+        # The location button is WhatsApp's; any other choice is written in the body, numbered.
+        only = all(isinstance(a, LocationRequestAction) for a in actions)
+        body = _body_text(content.text if only else render.fallback(content).text, LOCATION_REQUEST_PROMPT)
+        if body is None:
+            return _fallback_text(content)
+        return _interactive("location_request_message", body, {"name": "send_location"})
+    if _answerable(actions):
+        return _choices_or_fallback(content)
+    if len(actions) == 1:
+        native = _cta_url(content.text, actions[0])
+        if native is not None:
+            return native
+    return _fallback_text(content)
+
+
+def _image_body(content: ImageContent) -> dict[str, Any]:
+    if not content.media_url:
+        raise UnsendableContent("image without mediaUrl")
+    actions = list(content.actions or [])
+    header = {"type": "image", "image": {"link": content.media_url}}
+    native: dict[str, Any] | None = None
+    if not any(isinstance(a, LocationRequestAction) for a in actions):
+        others = _others(actions)
+        if _answerable(actions):
+            text = render.fallback(TextContent(text=content.text or "", actions=others)).text
+            native = _reply_buttons(text or content.alt_text or "", _answerable(actions), header)
+        elif len(others) == 1:
+            native = _cta_url(content.text or content.alt_text or "", others[0], header)
+    if native is not None:
+        return native
+    # No actions, or more than buttons can carry: the image, its choices numbered in the caption.
+    return _media_body("image", {"link": content.media_url}, render.fallback(content).text, content)
+
+
+def _file_body(content: FileContent) -> dict[str, Any]:
+    if not content.media_url:
+        raise UnsendableContent("file without mediaUrl")
+    document: dict[str, Any] = {"link": content.media_url}
+    filename = content.alt_text or content.media_url.rsplit("/", 1)[-1].split("?", 1)[0]
+    if filename:
+        document["filename"] = filename
+    return _media_body("document", document, content.text or "", content)
+
+
+def _media_body(kind: str, media: dict[str, Any], caption: str, content: Content) -> dict[str, Any]:
+    """A media message with `caption` (≤ 1024); a longer caption makes it the fallback text,
+    the media as a link."""
+    if len(caption) > MEDIA_CAPTION_MAX:
+        return _fallback_text(content)
+    if caption.strip():
+        media = {**media, "caption": caption}
+    return {"type": kind, kind: media}
+
+
+def _items_body(content: CarouselContent | ListContent) -> dict[str, Any]:
+    """A carousel or list as an interactive list, one row per item (id: its payload), when every
+    item has exactly one action and it answers (reply/postback); else the numbered text."""
+    rows: list[tuple[str, str, str | None]] = []
+    for item in content.items:
+        if len(item.actions) != 1 or not isinstance(item.actions[0], ReplyAction | PostbackAction):
+            return _fallback_text(content)
+        rows.append((_choice_id(item.actions[0]), item.title, item.description))
+    extra = list(content.actions or []) if isinstance(content, ListContent) else []
+    if _others(extra):
+        return _fallback_text(content)
+    rows += [(_choice_id(a), a.text, None) for a in _answerable(extra)]
+    text = (content.text or "") if isinstance(content, CarouselContent) else ""
+    native = _list(text, rows)
+    return native if native is not None else _fallback_text(content)
+
+
+def _fallback_text(content: Content) -> dict[str, Any]:
+    """`content` as the readable text of `shared.render` (media as links first, previewed)."""
+    try:
+        fallback = render.fallback(content)
+    except render.NoFallback as exc:
+        raise UnsendableContent(str(exc)) from exc
+    media = [url for url in fallback.media_urls if url not in fallback.text]
+    text = "\n\n".join([*media, *([fallback.text] if fallback.text.strip() else [])])
+    if not text.strip():
+        raise UnsendableContent("empty text")
+    return {"type": "text", "text": {"body": _clip(text, TEXT_BODY_MAX), "preview_url": bool(fallback.media_urls)}}
+
+
+def activity_body(activity: OutboundActivity) -> dict[str, Any] | None:
+    """The Graph call that shows the business's read state (and typing, which also marks read)
+    on the customer's latest message; None when WhatsApp has nothing to show (typing stopped:
+    the indicator ends by itself, or with the next message) or no message to show it on."""
+    message_id = activity.last_provider_message_id
+    if not message_id or activity.activity not in ("conversation:read", "typing:start"):
+        return None
+    body: dict[str, Any] = {"messaging_product": "whatsapp", "status": "read", "message_id": message_id}
+    if activity.activity == "typing:start":
+        body["typing_indicator"] = {"type": "text"}
+    return body
 
 
 # Graph error codes worth retrying (platform reference §1.8 and §8): throughput, pair rate,

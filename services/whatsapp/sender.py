@@ -9,7 +9,7 @@ import msgspec
 
 from shared.bus import Bus
 from shared.egress import EgressSession
-from shared.messages.channel import OutboundSend
+from shared.messages.channel import OutboundActivity, OutboundSend
 from shared.outbound import ChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap
 
@@ -42,11 +42,17 @@ class WhatsAppSender(ChannelSender[Credentials, WhatsAppBody]):
     async def pace(self, command: OutboundSend, creds: Credentials, part: WhatsAppBody) -> None:
         await self.buckets.get(creds.phone_number_id).acquire()
 
-    def request(self, creds: Credentials, part: WhatsAppBody) -> PlatformRequest:
+    def request(self, creds: Credentials, part: WhatsAppBody, span_name: str = "POST graph messages"
+                ) -> PlatformRequest:
         return PlatformRequest(
-            url=creds.messages_url, body=msgspec.json.encode(part), span_name="POST graph messages",
+            url=creds.messages_url, body=msgspec.json.encode(part), span_name=span_name,
             headers={"Authorization": f"Bearer {creds.access_token}", "Content-Type": "application/json"},
             server_address=creds.base_url, attributes={"threadline.whatsapp.phone_number_id": creds.phone_number_id})
+
+    def activity_request(self, creds: Credentials, activity: OutboundActivity) -> PlatformRequest | None:
+        """Mark the customer's latest message read, with the typing indicator for typing:start."""
+        body = handlers.activity_body(activity)
+        return None if body is None else self.request(creds, body, span_name="POST graph messages status")
 
     def unreachable(self, exc: Exception) -> SendFailure:
         return SendFailure(http_status=0, code=None, title=f"Graph API unreachable: {exc!r}", transient=True)

@@ -260,3 +260,128 @@ async def test_media_lookup_and_download(server: FakeServer) -> None:
         assert (await http.get(info["url"])).status_code == 401
 
 
+
+
+# --- what the fake refuses, as Meta does ---------------------------------------------------------
+
+def _buttons(*replies: tuple[str, str]) -> dict[str, Any]:
+    return {"type": "button", "body": {"text": "b"},
+            "action": {"buttons": [{"type": "reply", "reply": {"id": i, "title": t}} for i, t in replies]}}
+
+
+def _list(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"type": "list", "body": {"text": "b"},
+            "action": {"button": "Choose", "sections": [{"title": "S", "rows": rows}], **extra}}
+
+
+def _row(i: int, **extra: Any) -> dict[str, Any]:
+    return {"id": f"r{i}", "title": f"Row {i}", **extra}
+
+
+def _cta(display_text: str = "Open", url: str = "https://x.example") -> dict[str, Any]:
+    return {"type": "cta_url", "body": {"text": "b"},
+            "action": {"name": "cta_url", "parameters": {"display_text": display_text, "url": url}}}
+
+
+REFUSED: dict[str, tuple[dict[str, Any], int]] = {
+    "button title over 20": ({"interactive": _buttons(("a", "x" * 21))}, 131009),
+    "button id over 256": ({"interactive": _buttons(("a" * 257, "A"))}, 131009),
+    "duplicate button ids": ({"interactive": _buttons(("a", "A"), ("a", "B"))}, 131009),
+    "duplicate button titles": ({"interactive": _buttons(("a", "A"), ("b", "A"))}, 131009),
+    "button without body": ({"interactive": {**_buttons(("a", "A")), "body": {"text": "  "}}}, 131008),
+    "interactive body over 1024": ({"interactive": {**_buttons(("a", "A")), "body": {"text": "b" * 1025}}}, 131009),
+    "image header on a list": ({"interactive": {**_list([_row(1)]),
+                                                "header": {"type": "image", "image": {"link": "https://x/a.jpg"}}}},
+                               131009),
+    "header image without link": ({"interactive": {**_buttons(("a", "A")), "header": {"type": "image",
+                                                                                         "image": {}}}}, 131008),
+    "footer over 60": ({"interactive": {**_buttons(("a", "A")), "footer": {"text": "f" * 61}}}, 131009),
+    "eleven rows": ({"interactive": _list([_row(i) for i in range(11)])}, 131009),
+    "eleven rows across sections": ({"interactive": {"type": "list", "body": {"text": "b"}, "action": {
+        "button": "Choose", "sections": [{"title": "A", "rows": [_row(i) for i in range(6)]},
+                                         {"title": "B", "rows": [_row(i) for i in range(6, 11)]}]}}}, 131009),
+    "untitled section among two": ({"interactive": {"type": "list", "body": {"text": "b"}, "action": {
+        "button": "Choose", "sections": [{"rows": [_row(1)]}, {"title": "B", "rows": [_row(2)]}]}}}, 131008),
+    "row title over 24": ({"interactive": _list([{"id": "r", "title": "t" * 25}])}, 131009),
+    "row description over 72": ({"interactive": _list([_row(1, description="d" * 73)])}, 131009),
+    "row id over 200": ({"interactive": _list([{"id": "i" * 201, "title": "t"}])}, 131009),
+    "duplicate row ids": ({"interactive": _list([_row(1), _row(1)])}, 131009),
+    "list button over 20": ({"interactive": {**_list([_row(1)]), "action": {
+        "button": "b" * 21, "sections": [{"title": "S", "rows": [_row(1)]}]}}}, 131009),
+    "section title over 24": ({"interactive": {**_list([_row(1)]), "action": {
+        "button": "Choose", "sections": [{"title": "s" * 25, "rows": [_row(1)]}]}}}, 131009),
+    "cta display text over 20": ({"interactive": _cta(display_text="d" * 21)}, 131009),
+    "cta url not http": ({"interactive": _cta(url="javascript:alert(1)")}, 131009),
+    "cta without parameters": ({"interactive": {"type": "cta_url", "body": {"text": "b"},
+                                                "action": {"name": "cta_url"}}}, 131008),
+    "location request without body": ({"interactive": {"type": "location_request_message",
+                                                       "action": {"name": "send_location"}}}, 131008),
+    "location request with another action": ({"interactive": {"type": "location_request_message",
+                                                              "body": {"text": "where?"}, "action": {"name": "x"}}},
+                                             131009),
+    "unknown interactive type": ({"interactive": {"type": "carousel_of_dreams", "body": {"text": "b"},
+                                                  "action": {}}}, 131009),
+    "image caption over 1024": ({"type": "image", "image": {"link": "https://x/a.jpg", "caption": "c" * 1025}},
+                                131009),
+    "text over 4096": ({"type": "text", "text": {"body": "t" * 4097}}, 131009),
+    "blank text": ({"type": "text", "text": {"body": " \n"}}, 131008),
+    "context without message id": ({"type": "text", "text": {"body": "hi"}, "context": {}}, 131009),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+async def test_bodies_meta_would_refuse_are_refused_like_meta(server: FakeServer, case: str) -> None:
+    message, code = REFUSED[case]
+    if "interactive" in message and "type" not in message:
+        message = {"type": "interactive", **message}
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(f"{server.graph_url}/v23.0/{PHONE_ID}/messages",
+                               headers={"Authorization": f"Bearer {TOKEN}"},
+                               json={"messaging_product": "whatsapp", "to": "15551234567", **message})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == code and error["type"] == "OAuthException"
+    assert error["message"].startswith(f"(#{code}) ") and error["error_data"]["details"] and error["fbtrace_id"]
+    assert server.fake.outbox("int1", CUSTOMER) == []
+
+
+async def test_pywa_interactive_sends_are_accepted_and_typing_shows(server: FakeServer, receiver: Receiver) -> None:
+    server.fake.auto_statuses = False
+    wa = pywa_client(server.port)
+    to = "15551234567"
+    rows = [types.SectionRow(f"Row {i}", f"r{i}", "d" * 72 if i == 0 else None) for i in range(10)]
+    await asyncio.to_thread(wa.send_message, to, "Pick", header="Menu", footer="f" * 60,
+                            buttons=types.SectionList("b" * 20, [types.Section("Section A", rows[:4]),
+                                                                 types.Section("Section B", rows[4:])]))
+    await asyncio.to_thread(wa.send_message, to, "Track", buttons=types.URLButton("t" * 20, "https://x.example/t"))
+    await asyncio.to_thread(wa.request_location, to, "Where are you?")
+    await asyncio.to_thread(wa.send_image, to, "https://x.example/a.jpg", caption="c" * 1024,
+                            buttons=[types.Button("x" * 20, "i" * 256)])
+    kinds = [b["interactive"]["type"] for b in server.fake.outbox("int1", CUSTOMER)]
+    assert kinds == ["list", "cta_url", "location_request_message", "button"]
+
+    inbound, _ = await server.fake.send_inbound("int1", {"from": CUSTOMER, "text": "hello"})
+    assert not server.fake.is_typing("int1", CUSTOMER)
+    assert (await asyncio.to_thread(wa.indicate_typing, inbound)).success is True
+    assert server.fake.is_typing("int1", CUSTOMER)
+    [entry] = [e for e in server.fake.thread("int1", CUSTOMER) if e.wamid == inbound]
+    assert entry.status == "read"  # typing marks read, as Meta's indicator does
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.get("/whatsapp/int1/thread", params={"to": CUSTOMER})).json()["typing"] is True
+        wrong = await http.post(f"/graph/v23.0/{PHONE_ID}/messages", headers={"Authorization": f"Bearer {TOKEN}"},
+                                json={"messaging_product": "whatsapp", "status": "read", "message_id": inbound,
+                                      "typing_indicator": {"type": "audio"}})
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == 131009
+    await asyncio.to_thread(wa.send_message, to, "here I am")  # the reply ends the indicator
+    assert not server.fake.is_typing("int1", CUSTOMER)
+
+
+async def test_list_reply_with_description_parses_in_pywa(server: FakeServer, receiver: Receiver) -> None:
+    await server.fake.send_inbound("int1", {"from": CUSTOMER, "listReply": {
+        "id": "plan_pro", "title": "Pro", "description": "$10/mo"}, "contextId": "wamid.OUT2"})
+    [(body, _)] = await receiver.wait_for(1)
+    selections: list[types.CallbackSelection] = []
+    run_handlers(pywa_validator(), body, handlers.CallbackSelectionHandler(lambda _c, s: selections.append(s)))
+    [selection] = selections
+    assert (selection.data, selection.title, selection.description) == ("plan_pro", "Pro", "$10/mo")
+    assert selection.reply_to_message is not None and selection.reply_to_message.id == "wamid.OUT2"
