@@ -16,21 +16,29 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared import outbound
+from shared import outbound, render
 from shared.ingress import Rejected, WebhookShapeError, rejected
 from shared.messages.channel import DeliveryState, DeliveryStatus, InboundMessage, OutboundSend, Postback
 from shared.outbound import CodedSendFailure
 from shared.records import IntegrationRecord
 from shared.sunco import (
     Action,
+    BuyAction,
+    CarouselContent,
     Content,
     FileContent,
+    FormContent,
+    FormResponseContent,
     ImageContent,
+    Item,
     LinkAction,
+    ListContent,
     LocationContent,
     LocationCoordinates,
+    LocationRequestAction,
     PostbackAction,
     ReplyAction,
+    TemplateContent,
     TextContent,
     UnsupportedContent,
     WebviewAction,
@@ -47,11 +55,18 @@ QUICK_REPLY_TITLE_MAX = 20
 MAX_BUTTONS = 3
 BUTTON_TITLE_MAX = 20
 PAYLOAD_MAX = 1000
+# Generic template (Meta's Send API reference): up to 10 elements, title and subtitle up to 80.
+GENERIC_MAX_ELEMENTS = 10
+ELEMENT_TITLE_MAX = 80
+ELEMENT_SUBTITLE_MAX = 80
+# The text of the button template that carries a list's own links (a button template needs one).
+LIST_ACTIONS_TEXT = "More options"
 HUMAN_AGENT = "HUMAN_AGENT"
 # Non-promotional tags a business may attach itself (it attests the content fits the tag).
 UPDATE_TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE"})
 MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
-
+# The SunCo actions a Messenger button carries (a payment opens its link).
+ButtonAction = PostbackAction | LinkAction | WebviewAction | BuyAction
 
 
 # --- integration credentials -------------------------------------------------------------------
@@ -540,6 +555,11 @@ class UnsendableContent(outbound.UnsendableContent):
     """The content has no Messenger representation (a permanent failure)."""
 
 
+class _OverLimit(Exception):
+    """The native form would break a Send API limit Meta enforces: send the readable text
+    (`render.fallback`) instead, never a body Meta refuses."""
+
+
 @dataclass(frozen=True)
 class SendPart:
     """One Send API call; `media` parts count against the Page's audio/video rate limit."""
@@ -564,7 +584,7 @@ def build_send_parts(send: OutboundSend, tagging: Tagging) -> list[SendPart]:
     if payload is not None and ("message" in payload or "sender_action" in payload):
         body = {**head, **{k: v for k, v in payload.items() if k not in ("messaging_type", "tag")}}
         return [SendPart(body, media=_is_media(body.get("message")))]
-    messages = _content_messages(send.content)
+    messages = content_messages(send.content)
     return [SendPart({**head, "message": message}, media=_is_media(message)) for message in messages]
 
 
@@ -573,19 +593,39 @@ def _is_media(message: Any) -> bool:
     return isinstance(attachment, dict) and attachment.get("type") in ("audio", "video")
 
 
-def _content_messages(content: Content) -> list[dict[str, Any]]:
+def content_messages(content: Content) -> list[dict[str, Any]]:
+    """The Send API `message` objects of one SunCo content, in order.
+
+    Native where Messenger has a form (text, quick replies, button and generic templates,
+    attachments); the readable text of `render.fallback` (numbered choices the conversations
+    service maps back) where it has none (a form) or where the native form would pass one of
+    Meta's limits (the body would be refused). UnsendableContent when neither exists.
+    """
+    if isinstance(content, FormResponseContent):
+        raise UnsendableContent("a formResponse is the customer's answer to a form; it is never sent to them")
+    if isinstance(content, TemplateContent | UnsupportedContent):
+        raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on Messenger")
+    if isinstance(content, TextContent) and not content.text.strip():
+        raise UnsendableContent("empty text")
+    if isinstance(content, ImageContent | FileContent) and not content.media_url:
+        raise UnsendableContent(f"{content.__class__.__name__} without mediaUrl")
+    if isinstance(content, FormContent):
+        return fallback_messages(content)
+    try:
+        return _native_messages(content)
+    except _OverLimit:
+        return fallback_messages(content)
+
+
+def _native_messages(content: Content) -> list[dict[str, Any]]:
     if isinstance(content, TextContent):
         return [_text_message(content.text, content.actions or [])]
     if isinstance(content, ImageContent | FileContent):
-        if not content.media_url:
-            raise UnsendableContent(f"{content.__class__.__name__} without mediaUrl")
-        kind = "image" if isinstance(content, ImageContent) else _file_kind(content.media_type)
-        attachment: dict[str, Any] = {
-            "attachment": {"type": kind, "payload": {"url": content.media_url, "is_reusable": True}}}
+        attachment: dict[str, Any] = {"attachment": _attachment(content)}
         actions = (content.actions or []) if isinstance(content, ImageContent) else []
-        if content.text:
-            # Messenger attachments have no caption: the text follows as its own message.
-            return [attachment, _text_message(content.text, actions)]
+        if content.text or any(not isinstance(a, ReplyAction) for a in actions):
+            # Messenger attachments have no caption: the text (and its buttons) follow as their own message.
+            return [attachment, _text_message(content.text or "", actions)]
         replies = _quick_replies(actions)
         if replies:
             attachment["quick_replies"] = replies
@@ -596,7 +636,17 @@ def _content_messages(content: Content) -> list[dict[str, Any]]:
         query = urllib.parse.quote(f"{lat},{long}")
         lines.append(f"https://www.google.com/maps/search/?api=1&query={query}")
         return [{"text": _clip("\n".join(lines), TEXT_MAX)}]
+    if isinstance(content, CarouselContent):
+        ratio = content.display_settings.image_aspect_ratio if content.display_settings else None
+        return [_generic_message(content.items, ratio)]
+    if isinstance(content, ListContent):
+        return _list_messages(content)
     raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on Messenger")
+
+
+def _attachment(content: ImageContent | FileContent) -> dict[str, Any]:
+    kind = "image" if isinstance(content, ImageContent) else _file_kind(content.media_type)
+    return {"type": kind, "payload": {"url": content.media_url, "is_reusable": True}}
 
 
 def _file_kind(media_type: str | None) -> str:
@@ -604,39 +654,200 @@ def _file_kind(media_type: str | None) -> str:
     return {"image": "image", "video": "video", "audio": "audio"}.get(major, "file")
 
 
-def _text_message(text: str, actions: list[Action]) -> dict[str, Any]:
+def fallback_messages(content: Content) -> list[dict[str, Any]]:
+    """`render.fallback(content)` as Send API messages: its media as attachments, then its text
+    in as many text messages as Meta's 2,000-character limit needs (split between lines, so a
+    numbered choice is never cut)."""
+    try:
+        fallback = render.fallback(content)
+    except render.NoFallback as exc:
+        raise UnsendableContent(str(exc)) from exc
+    messages: list[dict[str, Any]] = []
+    if isinstance(content, ImageContent | FileContent) and content.media_url in fallback.media_urls:
+        messages.append({"attachment": _attachment(content)})
+    messages += [{"text": chunk} for chunk in split_text(fallback.text, TEXT_MAX)]
+    if not messages:
+        raise UnsendableContent(f"{content.__class__.__name__} has nothing to show")
+    return messages
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters, cut between lines where it can be."""
+    pieces: list[str] = []
+    current = ""
+    for line in text.split("\n"):
+        while len(line) > limit:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(line[:limit])
+            line = line[limit:]
+        candidate = f"{current}\n{line}" if current else line
+        if len(candidate) <= limit:
+            current = candidate
+        else:
+            pieces.append(current)
+            current = line
+    pieces.append(current)
+    return [p.strip("\n") for p in pieces if p.strip()]
+
+
+def _with_location_prompt(text: str, actions: Sequence[Action]) -> str:
+    # Meta removed the location quick reply: ask in words (as render.fallback does).
+    if not any(isinstance(a, LocationRequestAction) for a in actions):
+        return text
+    return f"{text}\n\n{render.LOCATION_PROMPT}" if text.strip() else render.LOCATION_PROMPT
+
+
+def _buttonable(actions: Sequence[Action]) -> list[ButtonAction]:
+    # A payment without a link has nowhere to send the customer (render.fallback drops it too).
+    return [a for a in actions if isinstance(a, PostbackAction | LinkAction | WebviewAction)
+            or (isinstance(a, BuyAction) and a.uri)]
+
+
+def _text_message(text: str, actions: Sequence[Action]) -> dict[str, Any]:
     replies = [a for a in actions if isinstance(a, ReplyAction)]
-    buttons = [a for a in actions if isinstance(a, PostbackAction | LinkAction | WebviewAction)]
+    buttons = _buttonable(actions)
+    text = _with_location_prompt(text, actions)
     message: dict[str, Any]
     if buttons:
-        if not text:
-            raise UnsendableContent("buttons need a text")
+        if not text.strip() or len(text) > BUTTON_TEMPLATE_TEXT_MAX:
+            raise _OverLimit("a button template needs a text of 1 to 640 characters")
+        if len(buttons) > MAX_BUTTONS:
+            raise _OverLimit("a button template has at most 3 buttons")
         message = {"attachment": {"type": "template", "payload": {
-            "template_type": "button", "text": _clip(text, BUTTON_TEMPLATE_TEXT_MAX),
-            "buttons": [_button(a) for a in buttons[:MAX_BUTTONS]]}}}
+            "template_type": "button", "text": text, "buttons": [_button(a) for a in buttons]}}}
     else:
-        if not text:
+        if not text.strip():
             raise UnsendableContent("empty text")
-        message = {"text": _clip(text, TEXT_MAX)}
-    if replies:
-        message["quick_replies"] = _quick_replies(replies)
+        if len(text) > TEXT_MAX:
+            raise _OverLimit("a text over 2000 characters goes in several messages")
+        message = {"text": text}
+    quick = _quick_replies(replies)
+    if quick:
+        message["quick_replies"] = quick
     return message
 
 
 def _quick_replies(actions: Sequence[Action]) -> list[dict[str, str]]:
-    return [{"content_type": "text", "title": _clip(a.text, QUICK_REPLY_TITLE_MAX),
-             "payload": _clip(a.payload or a.text, PAYLOAD_MAX)}
-            for a in actions if isinstance(a, ReplyAction)][:MAX_QUICK_REPLIES]
+    """Quick replies of reply (and, for a list's own actions, postback) actions, titles clipped
+    to 20 characters; more than 13, or a payload over 1,000 characters, cannot be sent so."""
+    out: list[dict[str, str]] = []
+    for action in actions:
+        if not isinstance(action, ReplyAction | PostbackAction) or not action.text.strip():
+            continue
+        payload = action.payload or action.text
+        if len(payload) > PAYLOAD_MAX:
+            raise _OverLimit("quick reply payload over 1000 characters")
+        reply = {"content_type": "text", "title": _clip(action.text, QUICK_REPLY_TITLE_MAX), "payload": payload}
+        if isinstance(action, ReplyAction) and action.icon_url and _web_url(action.icon_url):
+            reply["image_url"] = action.icon_url
+        out.append(reply)
+    if len(out) > MAX_QUICK_REPLIES:
+        raise _OverLimit("more than 13 quick replies")
+    return out
 
 
-def _button(action: PostbackAction | LinkAction | WebviewAction) -> dict[str, Any]:
+def _web_url(uri: str | None) -> bool:
+    if not uri:
+        return False
+    parts = urllib.parse.urlsplit(uri)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _button(action: ButtonAction) -> dict[str, Any]:
+    if not action.text.strip():
+        raise _OverLimit("a button needs a title")
     title = _clip(action.text, BUTTON_TITLE_MAX)
     if isinstance(action, PostbackAction):
-        return {"type": "postback", "title": title, "payload": _clip(action.payload or action.text, PAYLOAD_MAX)}
+        payload = action.payload or action.text
+        if len(payload) > PAYLOAD_MAX:
+            raise _OverLimit("postback payload over 1000 characters")
+        return {"type": "postback", "title": title, "payload": payload}
+    if not _web_url(action.uri):
+        raise _OverLimit("a URL button needs an http(s) URL")
     if isinstance(action, WebviewAction):
         ratio = {"compact": "compact", "tall": "tall"}.get(action.size or "", "full")
         return {"type": "web_url", "url": action.uri, "title": title, "webview_height_ratio": ratio}
     return {"type": "web_url", "url": action.uri, "title": title}
+
+
+def _generic_message(items: Sequence[Item], aspect_ratio: str | None = None) -> dict[str, Any]:
+    """A generic template (a horizontal carousel of cards) of carousel or list items."""
+    if not 1 <= len(items) <= GENERIC_MAX_ELEMENTS:
+        raise _OverLimit("a generic template holds 1 to 10 elements")
+    payload: dict[str, Any] = {"template_type": "generic", "elements": [_element(item) for item in items]}
+    if aspect_ratio in ("horizontal", "square"):
+        payload["image_aspect_ratio"] = aspect_ratio
+    return {"attachment": {"type": "template", "payload": payload}}
+
+
+def _element(item: Item) -> dict[str, Any]:
+    if not item.title.strip():
+        raise _OverLimit("an element needs a title")
+    element: dict[str, Any] = {"title": _clip(item.title, ELEMENT_TITLE_MAX)}
+    if item.description and item.description.strip():
+        element["subtitle"] = _clip(item.description, ELEMENT_SUBTITLE_MAX)
+    if item.media_url:
+        if (item.media_type and not item.media_type.startswith("image/")) or not _web_url(item.media_url):
+            raise _OverLimit("a card shows only an image")
+        element["image_url"] = item.media_url
+    if any(isinstance(a, ReplyAction | LocationRequestAction) for a in item.actions):
+        raise _OverLimit("a card button cannot be a reply or a location request")
+    actions = _buttonable(item.actions)
+    default = next((a for a in actions if isinstance(a, LinkAction) and a.default and _web_url(a.uri)), None)
+    buttons = [a for a in actions if a is not default]
+    if len(buttons) > MAX_BUTTONS:
+        raise _OverLimit("a card holds at most 3 buttons")
+    if buttons:
+        element["buttons"] = [_button(a) for a in buttons]
+    if default is not None:
+        if len(element) > 1:
+            # SunCo's `default` link: tapping the card itself opens it.
+            element["default_action"] = {"type": "web_url", "url": default.uri}
+        else:
+            element["buttons"] = [_button(default)]
+    if len(element) == 1:
+        # Meta: "title and at least one other field (image url, subtitle or buttons) is required".
+        raise _OverLimit("an element needs a subtitle, an image or a button besides its title")
+    return element
+
+
+def _list_messages(content: ListContent) -> list[dict[str, Any]]:
+    """A list as a generic template; its own postbacks as quick replies, its links (and
+    payments) in a following button template."""
+    actions = content.actions or []
+    if any(isinstance(a, ReplyAction | LocationRequestAction) for a in actions):
+        raise _OverLimit("a list's own actions are postbacks, links and payments")
+    messages = [_generic_message(content.items)]
+    links = [a for a in _buttonable(actions) if not isinstance(a, PostbackAction)]
+    if links:
+        if len(links) > MAX_BUTTONS:
+            raise _OverLimit("a button template holds at most 3 buttons")
+        messages.append({"attachment": {"type": "template", "payload": {
+            "template_type": "button", "text": LIST_ACTIONS_TEXT, "buttons": [_button(a) for a in links]}}})
+    postbacks = [a for a in actions if isinstance(a, PostbackAction)]
+    if len(postbacks) > MAX_QUICK_REPLIES:
+        raise _OverLimit("at most 13 quick replies")
+    quick = _quick_replies(postbacks)
+    if quick:
+        messages[-1]["quick_replies"] = quick
+    return messages
+
+
+# --- business activity ----------------------------------------------------------------------------
+
+SENDER_ACTIONS: dict[str, str] = {"typing:start": "typing_on", "typing:stop": "typing_off",
+                                  "conversation:read": "mark_seen"}
+
+
+def sender_action_body(recipient: str, activity: str) -> dict[str, Any] | None:
+    """The Send API body that shows the business typing, stopping, or having read (§2.4), or
+    None when Messenger has no sender action for it (or there is nobody to show it to)."""
+    action = SENDER_ACTIONS.get(activity)
+    if action is None or not recipient:
+        return None
+    return {"recipient": {"id": recipient}, "sender_action": action}
 
 
 # --- Send API answers ---------------------------------------------------------------------------------

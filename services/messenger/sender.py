@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from shared.bus import Bus
 from shared.egress import EgressSession
-from shared.messages.channel import OutboundSend
+from shared.messages.channel import OutboundActivity, OutboundSend
 from shared.outbound import ChannelSender, PlatformRequest, SendSettings, Unsendable
 from shared.ratelimit import BucketMap
 
@@ -56,8 +57,19 @@ class MessengerSender(ChannelSender[Credentials, SendPart]):
         await (self.media_buckets if part.media else self.buckets).get(creds.page_id).acquire()
 
     def request(self, creds: Credentials, part: SendPart) -> PlatformRequest:
+        return self._graph_post(creds, part.body)
+
+    def activity_request(self, creds: Credentials, activity: OutboundActivity) -> PlatformRequest | None:
+        """The business typing, stopping, or having read, as a `sender_action` on the Send API
+        (the same endpoint and Page token as messages)."""
+        body = handlers.sender_action_body(activity.recipient, activity.activity)
+        return None if body is None else self._graph_post(creds, body, "POST graph page messages sender_action")
+
+    @staticmethod
+    def _graph_post(creds: Credentials, body: dict[str, Any], span_name: str = "POST graph page messages",
+                    ) -> PlatformRequest:
         return PlatformRequest(
-            url=creds.messages_url, body=msgspec.json.encode(part.body), span_name="POST graph page messages",
+            url=creds.messages_url, body=msgspec.json.encode(body), span_name=span_name,
             headers={"Authorization": f"Bearer {creds.page_access_token}", "Content-Type": "application/json"},
             server_address=creds.base_url, attributes={"threadline.messenger.page_id": creds.page_id})
 

@@ -8,12 +8,18 @@ app, and it behaves like Meta towards a gateway (platform reference §2):
   `access_token` query parameter or Bearer header, JSON or form bodies (form fields holding JSON
   strings, as in Meta's curl examples), answered `{"recipient_id", "message_id"}` or with the
   Graph error envelope; the standard window is enforced (free-form more than 24 h after the
-  person's last action, or HUMAN_AGENT after 7 days → `(#10)` / 2018278);
+  person's last action, or HUMAN_AGENT after 7 days → `(#10)` / 2018278); message bodies are
+  checked as Meta checks them (`validate_message`: text ≤ 2,000, 1-13 quick replies of title ≤ 20
+  and payload ≤ 1,000, button templates of 1-3 buttons and text ≤ 640, generic templates of 1-10
+  elements with title/subtitle ≤ 80, http(s) URLs, no location quick reply) and refused with
+  `(#100)` in the Graph envelope; `sender_action` calls (`typing_on`, `typing_off`, `mark_seen`)
+  are answered `{"recipient_id"}` and recorded (`sender_actions`, the person's typing / seen state);
 - signed webhooks (`X-Hub-Signature-256` over `json.dumps(payload, ensure_ascii=True)`) for the
   person's messages, postbacks (Get Started with the m.me `ref` on a new thread), referrals
   (m.me `ref` into an existing thread), quick replies, attachments, and `delivery`/`read` receipts;
 - scripting under `{prefix}/messenger/{integrationId}/…`: `inbound`, `read`, `fail-next`,
-  `verify`, `window`, `outbox?to=`, `thread?to=` (errors in SunCo's shape).
+  `verify`, `window`, `outbox?to=`, `thread?to=` (with the Page's sender actions and whether it
+  is typing), errors in SunCo's shape.
 
 With a `store_path` the people and threads survive a restart (JSON lines, replayed and compacted
 when the fake is created), like `FakeWhatsApp`'s.
@@ -33,6 +39,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -56,6 +63,19 @@ HUMAN_AGENT_SECONDS = 7 * 24 * 3600
 MAX_BODY = 1024 * 1024
 TEXT_MAX = 2000
 MAX_QUICK_REPLIES = 13
+QUICK_REPLY_TITLE_MAX = 20
+PAYLOAD_MAX = 1000
+BUTTON_TITLE_MAX = 20
+BUTTON_TEXT_MAX = 640
+MAX_BUTTONS = 3
+MAX_ELEMENTS = 10
+ELEMENT_TEXT_MAX = 80
+# Meta turns a typing indicator off after 20 s, or when the Page sends a message.
+TYPING_SECONDS = 20.0
+SENDER_ACTIONS = ("typing_on", "typing_off", "mark_seen")
+MAX_SENDER_ACTIONS = 1000
+TEMPLATE_TYPES = frozenset({"button", "generic", "media", "receipt", "customer_feedback", "product"})
+BUTTON_TYPES = frozenset({"postback", "web_url", "phone_number", "account_link", "account_unlink", "game_play"})
 _VERSION = r"{version:v\d+\.\d+}"
 TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE", "HUMAN_AGENT"})
 ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "file", "template"})
@@ -128,6 +148,14 @@ class Person:
     psid: str
     name: str = ""
     last_user_at: float | None = None
+    # What the Page's sender actions show the person (not journaled: it fades anyway).
+    typing_until: float = 0.0
+    seen_at: float | None = None
+
+    @property
+    def typing(self) -> bool:
+        """Whether the person sees the Page typing now."""
+        return self.typing_until > time.time()
 
 
 @dataclass
@@ -169,6 +197,20 @@ class WebhookDelivery:
 
 
 @dataclass
+class SenderAction:
+    """A `sender_action` call the fake accepted."""
+
+    integration_id: str
+    psid: str
+    action: str
+    at: float
+
+    def view(self) -> dict[str, Any]:
+        """JSON shape for the scripting API."""
+        return {"action": self.action, "at": self.at}
+
+
+@dataclass
 class SendRequest:
     """A Send API call as received (after auth), for white-box assertions."""
 
@@ -194,6 +236,7 @@ class FakeMessenger:
         self.threads: dict[tuple[str, str], list[ThreadEntry]] = {}
         self.injected: dict[str, list[InjectedError]] = {}
         self.requests: list[SendRequest] = []
+        self.actions: list[SenderAction] = []
         self.webhooks: list[WebhookDelivery] = []
         self._synced: dict[str, tuple[str, ...]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -323,6 +366,10 @@ class FakeMessenger:
     def outbox(self, integration_id: str, psid: str) -> list[dict[str, Any]]:
         """Send API bodies the Page sent to `psid`, as received, oldest first."""
         return [e.body for e in self.thread(integration_id, psid) if e.direction == "out"]
+
+    def sender_actions(self, integration_id: str, psid: str) -> list[str]:
+        """The sender actions (`typing_on`, …) the Page sent to `psid`, oldest first."""
+        return [a.action for a in self.actions if a.integration_id == integration_id and a.psid == psid]
 
     def find_entry(self, integration_id: str, mid: str) -> tuple[str, ThreadEntry] | None:
         """(psid, entry) of a message id."""
@@ -587,16 +634,22 @@ class FakeMessenger:
         message, action = body.get("message"), body.get("sender_action")
         if message is None and action is None:
             return graph_error(100, 400, "(#100) Must send either message or sender action")
-        if action is not None and action not in ("typing_on", "typing_off", "mark_seen"):
+        if message is not None and action is not None:
+            return graph_error(100, 400, "(#100) sender_action cannot be sent with message")
+        if action is not None and action not in SENDER_ACTIONS:
             return graph_error(100, 400, "(#100) Param sender_action must be one of {MARK_SEEN, TYPING_ON, "
                                          "TYPING_OFF}")
         person = self.people.get((account.integration_id, psid))
         if person is None:
             return graph_error(100, 400, "(#100) No matching user found", 2018001)
         if message is not None:
-            problem = self._validate_message(body, message)
+            problem = validate_message(body, message)
             if problem is not None:
                 return graph_error(100, 400, problem)
+        if message is None:
+            # Scripted failures (`fail_next`) are for messages: a typing indicator never eats one.
+            self._sender_action(account.integration_id, person, str(action))
+            return web.json_response({"recipient_id": psid})
         injected = self.injected.get(account.integration_id)
         if injected:
             error = injected[0]
@@ -604,56 +657,25 @@ class FakeMessenger:
             if error.remaining <= 0:
                 injected.pop(0)
             return graph_error(error.code, error.http_status, error.message, error.subcode)
-        if message is not None and self.enforce_window and not self._window_allows(person, body):
+        if self.enforce_window and not self._window_allows(person, body):
             return graph_error(10, 400)
-        if message is None:
-            return web.json_response({"recipient_id": psid})
         mid = new_mid()
+        person.typing_until = 0.0  # a message ends the typing indicator
         self._append(account.integration_id, psid, ThreadEntry("out", mid, time.time(), body, status="sent"))
         if self.auto_statuses:
             self._spawn(self._after_send(account, psid, mid))
         return web.json_response({"recipient_id": psid, "message_id": mid})
 
-    @staticmethod
-    def _validate_message(body: dict[str, Any], message: Any) -> str | None:
-        messaging_type = body.get("messaging_type")
-        if messaging_type not in ("RESPONSE", "UPDATE", "MESSAGE_TAG"):
-            return "(#100) param messaging_type must be one of {RESPONSE, UPDATE, MESSAGE_TAG}"
-        if messaging_type == "MESSAGE_TAG" and body.get("tag") not in TAGS:
-            return "(#100) Param tag must be a valid message tag when messaging_type is MESSAGE_TAG"
-        if not isinstance(message, dict):
-            return "(#100) param message must be an object"
-        text, attachment = message.get("text"), message.get("attachment")
-        if (text is None) == (attachment is None):
-            return "(#100) Must send either text or attachment in message"
-        if text is not None and (not isinstance(text, str) or not text or len(text) > TEXT_MAX):
-            return f"(#100) param message[text] must be a non-empty UTF-8 string of at most {TEXT_MAX} characters"
-        if attachment is not None:
-            if not isinstance(attachment, dict) or attachment.get("type") not in ATTACHMENT_TYPES:
-                return "(#100) param message[attachment][type] must be one of {image, video, audio, file, template}"
-            payload = attachment.get("payload")
-            if not isinstance(payload, dict):
-                return "(#100) param message[attachment][payload] is required"
-            if attachment["type"] == "template":
-                buttons = payload.get("buttons")
-                if payload.get("template_type") == "button" and (
-                        not isinstance(buttons, list) or not 1 <= len(buttons) <= 3 or not payload.get("text")):
-                    return "(#100) Button template needs text and 1 to 3 buttons"
-            elif not payload.get("url") and not payload.get("attachment_id"):
-                return "(#100) param message[attachment][payload][url] is required"
-        replies = message.get("quick_replies")
-        if replies is not None:
-            if not isinstance(replies, list) or not 1 <= len(replies) <= MAX_QUICK_REPLIES:
-                return f"(#100) param message[quick_replies] must have 1 to {MAX_QUICK_REPLIES} elements"
-            for reply in replies:
-                if not isinstance(reply, dict) or reply.get("content_type") not in (
-                        "text", "user_phone_number", "user_email"):
-                    return "(#100) param message[quick_replies][content_type] is invalid"
-                if reply.get("content_type") == "text" and (not reply.get("title") or not reply.get("payload")):
-                    return "(#100) Quick replies of type text need a title and a payload"
-                if len(str(reply.get("title") or "")) > 20:
-                    return "(#100) Quick reply titles are limited to 20 characters"
-        return None
+    def _sender_action(self, integration_id: str, person: Person, action: str) -> None:
+        now = time.time()
+        self.actions.append(SenderAction(integration_id, person.psid, action, now))
+        del self.actions[:-MAX_SENDER_ACTIONS]  # a sandbox runs for days: keep the recent ones
+        if action == "typing_on":
+            person.typing_until = now + TYPING_SECONDS
+        elif action == "typing_off":
+            person.typing_until = 0.0
+        else:
+            person.seen_at = now
 
     @staticmethod
     def _window_allows(person: Person, body: dict[str, Any]) -> bool:
@@ -737,14 +759,175 @@ class FakeMessenger:
         person = self.people.get((account.integration_id, to))
         return web.json_response({
             "messages": [e.view() for e in self.thread(account.integration_id, to)],
-            "person": {"psid": person.psid, "name": person.name, "lastUserAt": person.last_user_at}
-            if person else None,
+            "person": {"psid": person.psid, "name": person.name, "lastUserAt": person.last_user_at,
+                       "typing": person.typing, "seenAt": person.seen_at} if person else None,
+            "senderActions": [a.view() for a in self.actions
+                              if a.integration_id == account.integration_id and a.psid == to],
         })
 
     async def _script_account(self, request: web.Request) -> web.Response:
         account = self._account_or_404(request)
         return web.json_response({"integrationId": account.integration_id, "pageId": account.page_id,
                                   "webhookUrl": account.webhook_url, "link": f"https://m.me/{account.page_id}"})
+
+
+# --- what Meta accepts in a message -------------------------------------------------------------------
+
+def _is_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _string(value: Any, where: str, limit: int) -> str | None:
+    """Meta's complaint about a required string (non-empty, at most `limit` characters), or None."""
+    if not isinstance(value, str) or not value.strip():
+        return f"(#100) param {where} must be a non-empty UTF-8 encoded string"
+    if len(value) > limit:
+        return f"(#100) Length of param {where} must be less than or equal to {limit}"
+    return None
+
+
+def validate_message(body: dict[str, Any], message: Any) -> str | None:
+    """What Meta would refuse in a Send API body's tagging and `message` (the `(#100)` error
+    message), or None when it is sendable (platform reference §2.4; Meta's Send API reference)."""
+    messaging_type = body.get("messaging_type")
+    if messaging_type not in ("RESPONSE", "UPDATE", "MESSAGE_TAG"):
+        return "(#100) param messaging_type must be one of {RESPONSE, UPDATE, MESSAGE_TAG}"
+    if messaging_type == "MESSAGE_TAG" and body.get("tag") not in TAGS:
+        return "(#100) Param tag must be a valid message tag when messaging_type is MESSAGE_TAG"
+    if not isinstance(message, dict):
+        return "(#100) param message must be an object"
+    text, attachment = message.get("text"), message.get("attachment")
+    if (text is None) == (attachment is None):
+        return "(#100) Must send either text or attachment in message"
+    if text is not None:
+        problem = _string(text, "message[text]", TEXT_MAX)
+        if problem is not None:
+            return problem
+    if attachment is not None:
+        problem = _attachment_problem(attachment)
+        if problem is not None:
+            return problem
+    return _quick_replies_problem(message.get("quick_replies"))
+
+
+def _attachment_problem(attachment: Any) -> str | None:
+    where = "message[attachment]"
+    if not isinstance(attachment, dict) or attachment.get("type") not in ATTACHMENT_TYPES:
+        return f"(#100) param {where}[type] must be one of {{image, video, audio, file, template}}"
+    payload = attachment.get("payload")
+    if not isinstance(payload, dict):
+        return f"(#100) param {where}[payload] is required"
+    if attachment["type"] != "template":
+        if payload.get("attachment_id"):
+            return None
+        if not _is_url(payload.get("url")):
+            return f"(#100) param {where}[payload][url] must be a valid http(s) URL"
+        return None
+    kind = payload.get("template_type")
+    if kind not in TEMPLATE_TYPES:
+        return f"(#100) param {where}[payload][template_type] must be one of {{{', '.join(sorted(TEMPLATE_TYPES))}}}"
+    where = f"{where}[payload]"
+    if kind == "button":
+        return (_string(payload.get("text"), f"{where}[text]", BUTTON_TEXT_MAX)
+                or _buttons_problem(payload.get("buttons"), f"{where}[buttons]", required=True))
+    if kind == "generic":
+        ratio = payload.get("image_aspect_ratio")
+        if ratio is not None and ratio not in ("horizontal", "square"):
+            return f"(#100) param {where}[image_aspect_ratio] must be one of {{horizontal, square}}"
+        elements = payload.get("elements")
+        if not isinstance(elements, list) or not 1 <= len(elements) <= MAX_ELEMENTS:
+            return f"(#100) param {where}[elements] must be an array of 1 to {MAX_ELEMENTS} elements"
+        for index, element in enumerate(elements):
+            problem = _element_problem(element, f"{where}[elements][{index}]")
+            if problem is not None:
+                return problem
+    return None
+
+
+def _element_problem(element: Any, where: str) -> str | None:
+    if not isinstance(element, dict):
+        return f"(#100) param {where} must be an object"
+    problem = _string(element.get("title"), f"{where}[title]", ELEMENT_TEXT_MAX)
+    if problem is not None:
+        return problem
+    if element.get("subtitle") is not None:
+        problem = _string(element["subtitle"], f"{where}[subtitle]", ELEMENT_TEXT_MAX)
+        if problem is not None:
+            return problem
+    if element.get("image_url") is not None and not _is_url(element["image_url"]):
+        return f"(#100) param {where}[image_url] must be a valid http(s) URL"
+    default = element.get("default_action")
+    if default is not None:
+        if not isinstance(default, dict) or default.get("type") != "web_url" or not _is_url(default.get("url")):
+            return f"(#100) param {where}[default_action] must be a web_url with a valid URL"
+        if "title" in default:
+            return f"(#100) param {where}[default_action] must not have a title"
+    if element.get("buttons") is not None:
+        problem = _buttons_problem(element["buttons"], f"{where}[buttons]", required=True)
+        if problem is not None:
+            return problem
+    if not any(element.get(k) for k in ("subtitle", "image_url", "buttons")):
+        return ("(#100) Incomplete element data: title and at least one other field (image url, subtitle or "
+                "buttons) is required with non-empty value")
+    return None
+
+
+def _buttons_problem(buttons: Any, where: str, required: bool) -> str | None:
+    if not isinstance(buttons, list) or not (1 if required else 0) <= len(buttons) <= MAX_BUTTONS:
+        return f"(#100) param {where} must be an array of 1 to {MAX_BUTTONS} buttons"
+    for index, button in enumerate(buttons):
+        at = f"{where}[{index}]"
+        if not isinstance(button, dict) or button.get("type") not in BUTTON_TYPES:
+            return f"(#100) param {at}[type] must be one of {{{', '.join(sorted(BUTTON_TYPES))}}}"
+        kind = button["type"]
+        if kind in ("postback", "web_url", "phone_number", "game_play"):
+            problem = _string(button.get("title"), f"{at}[title]", BUTTON_TITLE_MAX)
+            if problem is not None:
+                return problem
+        if kind == "postback":
+            problem = _string(button.get("payload"), f"{at}[payload]", PAYLOAD_MAX)
+            if problem is not None:
+                return problem
+        elif kind in ("web_url", "account_link"):
+            if not _is_url(button.get("url")):
+                return f"(#100) param {at}[url] must be a valid http(s) URL"
+            ratio = button.get("webview_height_ratio")
+            if ratio is not None and ratio not in ("compact", "tall", "full"):
+                return f"(#100) param {at}[webview_height_ratio] must be one of {{compact, tall, full}}"
+        elif kind == "phone_number":
+            number = button.get("payload")
+            if not isinstance(number, str) or not re.fullmatch(r"\+[0-9]{6,15}", number):
+                return f"(#100) param {at}[payload] must be a phone number starting with +"
+    return None
+
+
+def _quick_replies_problem(replies: Any) -> str | None:
+    if replies is None:
+        return None
+    where = "message[quick_replies]"
+    if not isinstance(replies, list) or not 1 <= len(replies) <= MAX_QUICK_REPLIES:
+        return f"(#100) param {where} must be an array of 1 to {MAX_QUICK_REPLIES} elements"
+    for index, reply in enumerate(replies):
+        at = f"{where}[{index}]"
+        if not isinstance(reply, dict):
+            return f"(#100) param {at} must be an object"
+        kind = reply.get("content_type")
+        if kind == "location":
+            return f"(#100) param {at}[content_type] location is no longer supported"
+        if kind not in ("text", "user_phone_number", "user_email"):
+            return f"(#100) param {at}[content_type] must be one of {{text, user_phone_number, user_email}}"
+        if kind != "text":
+            continue
+        problem = (_string(reply.get("title"), f"{at}[title]", QUICK_REPLY_TITLE_MAX)
+                   or _string(reply.get("payload"), f"{at}[payload]", PAYLOAD_MAX))
+        if problem is not None:
+            return problem
+        if reply.get("image_url") is not None and not _is_url(reply["image_url"]):
+            return f"(#100) param {at}[image_url] must be a valid http(s) URL"
+    return None
 
 
 _FAKE_PATH = re.compile(r"/sandbox/messenger-graph/?$")

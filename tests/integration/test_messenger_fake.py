@@ -1,5 +1,6 @@
 """The fake Messenger Platform on its own (no NATS): pywa's validator proves its webhook signatures,
-its Send API answers like Graph (bodies, errors, the window), and `sync` follows the records."""
+its Send API answers like Graph (bodies checked against Meta's limits, errors, the window, sender
+actions), whatever the messenger channel renders passes those checks, and `sync` follows the records."""
 
 from __future__ import annotations
 
@@ -17,9 +18,25 @@ import pytest
 from aiohttp import web
 from pywa.utils import HUB_SIG, webhook_updates_validator
 
+from services.messenger import handlers as messenger_handlers
 from services.sandbox.messenger_fake import FakeMessenger, gateway_base, points_at_sandbox
 from shared.ids import new_id
 from shared.records import IntegrationRecord
+from shared.sunco import (
+    BuyAction,
+    CarouselContent,
+    FormContent,
+    FormField,
+    ImageContent,
+    Item,
+    LinkAction,
+    ListContent,
+    LocationRequestAction,
+    PostbackAction,
+    ReplyAction,
+    TextContent,
+    WebviewAction,
+)
 from threadline.natsserver import free_port
 
 APP_SECRET = "fake-ms-secret-0123456789"
@@ -265,3 +282,190 @@ def test_sync_follows_records_pointing_at_the_sandbox() -> None:
     fake.sync([])
     assert fake.accounts == {}
     assert points_at_sandbox("http://x/sandbox/messenger-graph/") and not points_at_sandbox("http://x/sandbox/graph")
+
+
+# --- what Meta accepts in a message, and sender actions ---------------------------------------------------
+
+def _button_template(text: str = "Pick", buttons: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"attachment": {"type": "template", "payload": {"template_type": "button", "text": text, "buttons": (
+        buttons if buttons is not None else [{"type": "postback", "title": "Yes", "payload": "Y"}])}}}
+
+
+def _generic(*elements: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"attachment": {"type": "template", "payload": {"template_type": "generic", "elements": list(elements),
+                                                           **extra}}}
+
+
+CARD = {"title": "Beans", "subtitle": "Dark roast", "image_url": "https://shop.example/b.jpg",
+        "default_action": {"type": "web_url", "url": "https://shop.example/b"},
+        "buttons": [{"type": "postback", "title": "Order", "payload": "ORDER"},
+                    {"type": "web_url", "title": "Reviews", "url": "https://shop.example/r",
+                     "webview_height_ratio": "tall"},
+                    {"type": "phone_number", "title": "Call", "payload": "+15551234567"}]}
+
+
+def _reply(title: str = "Yes", payload: str = "Y", **extra: Any) -> dict[str, Any]:
+    return {"content_type": "text", "title": title, "payload": payload, **extra}
+
+
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    ("quick reply title over 20", {"text": "q", "quick_replies": [_reply("t" * 21)]}, "[title]"),
+    ("quick reply payload over 1000", {"text": "q", "quick_replies": [_reply(payload="p" * 1001)]}, "[payload]"),
+    ("quick reply without payload", {"text": "q", "quick_replies": [{"content_type": "text", "title": "x"}]},
+     "[payload]"),
+    ("14 quick replies", {"text": "q", "quick_replies": [_reply(str(i)) for i in range(14)]}, "quick_replies"),
+    ("empty quick replies", {"text": "q", "quick_replies": []}, "quick_replies"),
+    ("location quick reply", {"text": "q", "quick_replies": [{"content_type": "location"}]}, "location"),
+    ("quick reply icon not a URL", {"text": "q", "quick_replies": [_reply(image_url="javascript:x")]},
+     "[image_url]"),
+    ("button text over 640", _button_template("t" * 641), "[text]"),
+    ("button template without text", _button_template(""), "[text]"),
+    ("four buttons", _button_template(buttons=[{"type": "postback", "title": str(i), "payload": str(i)}
+                                               for i in range(4)]), "[buttons]"),
+    ("no buttons", _button_template(buttons=[]), "[buttons]"),
+    ("button title over 20", _button_template(buttons=[{"type": "postback", "title": "t" * 21, "payload": "p"}]),
+     "[title]"),
+    ("postback payload over 1000", _button_template(buttons=[{"type": "postback", "title": "t",
+                                                              "payload": "p" * 1001}]), "[payload]"),
+    ("web_url not http", _button_template(buttons=[{"type": "web_url", "title": "t", "url": "javascript:x"}]),
+     "[url]"),
+    ("bad webview ratio", _button_template(buttons=[{"type": "web_url", "title": "t", "url": "https://x",
+                                                     "webview_height_ratio": "huge"}]), "webview_height_ratio"),
+    ("unknown button type", _button_template(buttons=[{"type": "call_me", "title": "t"}]), "[type]"),
+    ("phone without +", _button_template(buttons=[{"type": "phone_number", "title": "t", "payload": "555"}]),
+     "[payload]"),
+    ("eleven elements", _generic(*[{**CARD, "title": str(i)} for i in range(11)]), "[elements]"),
+    ("no elements", _generic(), "[elements]"),
+    ("element title over 80", _generic({**CARD, "title": "t" * 81}), "[title]"),
+    ("element subtitle over 80", _generic({**CARD, "subtitle": "s" * 81}), "[subtitle]"),
+    ("element without title", _generic({"subtitle": "s"}), "[title]"),
+    ("element with only a title", _generic({"title": "alone"}), "Incomplete element data"),
+    ("element image not a URL", _generic({**CARD, "image_url": "data:image/png;base64,AA"}), "[image_url]"),
+    ("default action with a title", _generic({**CARD, "default_action": {
+        "type": "web_url", "url": "https://x", "title": "t"}}), "default_action"),
+    ("four card buttons", _generic({**CARD, "buttons": CARD["buttons"] + CARD["buttons"][:1]}), "[buttons]"),
+    ("bad aspect ratio", _generic(CARD, image_aspect_ratio="wide"), "image_aspect_ratio"),
+    ("unknown template", {"attachment": {"type": "template", "payload": {"template_type": "list"}}},
+     "template_type"),
+    ("image without url", {"attachment": {"type": "image", "payload": {"is_reusable": True}}}, "[url]"),
+    ("text and attachment", {"text": "x", **_button_template()}, "either text or attachment"),
+]
+
+
+@pytest.mark.parametrize(("what", "message", "named"), REFUSED, ids=[r[0] for r in REFUSED])
+async def test_send_api_refuses_what_meta_refuses(served: Served, what: str, message: dict[str, Any],
+                                                   named: str) -> None:
+    served.fake.person(INTEGRATION, PSID).last_user_at = time.time()
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(served.send_url, headers={"Authorization": f"Bearer {TOKEN}"}, json={
+            "recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": message})
+    assert resp.status_code == 400, what
+    error = _error(resp)
+    assert error["code"] == 100 and error["message"].startswith("(#100)") and named in error["message"]
+    assert served.fake.outbox(INTEGRATION, PSID) == []
+
+
+async def test_templates_within_the_limits_are_accepted_and_kept(served: Served) -> None:
+    served.fake.person(INTEGRATION, PSID).last_user_at = time.time()
+    messages = [
+        {**_generic(*[{**CARD, "title": "t" * 80, "subtitle": "s" * 80}] * 10, image_aspect_ratio="square"),
+         "quick_replies": [_reply(str(i), "p" * 1000) for i in range(13)]},
+        _button_template("t" * 640, [{"type": "postback", "title": "t" * 20, "payload": "p" * 1000},
+                                     {"type": "web_url", "title": "Site", "url": "https://x.example"},
+                                     {"type": "phone_number", "title": "Call", "payload": "+15551234567"}]),
+        _generic({"title": "Just a subtitle", "subtitle": "s"}),
+        {"text": "x" * 2000, "quick_replies": [_reply(image_url="https://x.example/i.png"),
+                                               {"content_type": "user_email"}]},
+    ]
+    async with httpx.AsyncClient() as http:
+        for message in messages:
+            resp = await http.post(served.send_url, headers={"Authorization": f"Bearer {TOKEN}"}, json={
+                "recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": message})
+            assert resp.status_code == 200, resp.text
+    assert [b["message"] for b in served.fake.outbox(INTEGRATION, PSID)] == messages
+
+
+async def test_sender_actions_are_recorded_and_shown(served: Served) -> None:
+    served.fake.person(INTEGRATION, PSID).last_user_at = time.time()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def action(name: Any, **extra: Any) -> httpx.Response:
+        async with httpx.AsyncClient() as http:
+            return await http.post(served.send_url, headers=auth,
+                                   json={"recipient": {"id": PSID}, "sender_action": name, **extra})
+
+    async def person() -> dict[str, Any]:
+        async with httpx.AsyncClient() as http:
+            thread = (await http.get(f"{served.base}/messenger/{INTEGRATION}/thread", params={"to": PSID})).json()
+        result: dict[str, Any] = thread["person"]
+        assert [a["action"] for a in thread["senderActions"]] == served.fake.sender_actions(INTEGRATION, PSID)
+        return result
+
+    on = await action("typing_on")
+    assert on.status_code == 200 and on.json() == {"recipient_id": PSID}
+    assert (await person())["typing"] is True
+    async with httpx.AsyncClient() as http:  # a message ends the typing indicator, as on Messenger
+        sent = await http.post(served.send_url, headers=auth, json={
+            "recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": {"text": "here"}})
+    assert sent.status_code == 200 and (await person())["typing"] is False
+    await action("typing_on")
+    await action("typing_off")
+    assert (await person())["typing"] is False and (await person())["seenAt"] is None
+    seen = await action("mark_seen")
+    assert seen.status_code == 200 and (await person())["seenAt"] is not None
+    bad = await action("typing_maybe")
+    both = await action("typing_on", messaging_type="RESPONSE", message={"text": "x"})
+    stranger = await served.fake.send_inbound(INTEGRATION, {"from": "7000000000000009", "text": "hi"})
+    assert stranger["webhookStatus"] == 200
+    async with httpx.AsyncClient() as http:
+        unknown = await http.post(served.send_url, headers=auth,
+                                  json={"recipient": {"id": "123"}, "sender_action": "typing_on"})
+        no_token = await http.post(served.send_url, json={"recipient": {"id": PSID}, "sender_action": "mark_seen"})
+    assert bad.status_code == both.status_code == 400 and _error(bad)["code"] == _error(both)["code"] == 100
+    assert (_error(unknown)["code"], _error(unknown)["error_subcode"]) == (100, 2018001)
+    assert no_token.status_code == 401
+    assert served.fake.sender_actions(INTEGRATION, PSID) == ["typing_on", "typing_on", "typing_off", "mark_seen"]
+    assert [b["message"] for b in served.fake.outbox(INTEGRATION, PSID)] == [{"text": "here"}]
+    # A scripted failure waits for the next message: the typing indicator before it does not eat it.
+    served.fake.fail_next(INTEGRATION, 613)
+    assert (await action("typing_on")).status_code == 200
+    async with httpx.AsyncClient() as http:
+        limited = await http.post(served.send_url, headers=auth, json={
+            "recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": {"text": "later"}})
+    assert limited.status_code == 400 and _error(limited)["code"] == 613
+
+
+RENDERED = [
+    TextContent(text="Pick", actions=[ReplyAction(text=f"Choice number {i} here", payload="p" * 1000)
+                                      for i in range(20)]),
+    TextContent(text="x" * 4096, actions=[WebviewAction(text="Open the catalogue please", uri="https://x.example",
+                                                        size="tall"), PostbackAction(text="b", payload="B")]),
+    TextContent(text="Where?", actions=[LocationRequestAction(text="Send location")]),
+    ImageContent(media_url="https://x.example/a.png", actions=[PostbackAction(text="Like", payload="LIKE")]),
+    CarouselContent(items=[Item(title="t" * 128, description="d" * 128, media_url="https://x.example/i.jpg",
+                                actions=[PostbackAction(text="a" * 128, payload="p" * 1000),
+                                         LinkAction(text="l", uri="https://x.example/l", default=True),
+                                         BuyAction(text="Buy", amount=100, uri="https://pay.example")])] * 10),
+    CarouselContent(items=[Item(title="only a default link", actions=[
+        LinkAction(text="Open", uri="https://x.example/o", default=True)])]),
+    ListContent(items=[Item(title="row", actions=[PostbackAction(text="r", payload="R")])] * 3,
+                actions=[PostbackAction(text=str(i), payload=str(i)) for i in range(7)]
+                + [LinkAction(text=f"link {i}", uri=f"https://x.example/{i}") for i in range(3)]),
+    ListContent(items=[Item(title="row", actions=[PostbackAction(text="r", payload="R")])],
+                actions=[LinkAction(text=f"link {i}", uri=f"https://x.example/{i}") for i in range(4)]),
+    FormContent(fields=[FormField(type="email", name=f"f{i}", label="l" * 128) for i in range(20)]),
+]
+
+
+@pytest.mark.parametrize("content", RENDERED, ids=[f"{type(c).__name__}-{i}" for i, c in enumerate(RENDERED)])
+async def test_whatever_threadline_renders_meta_accepts(served: Served, content: Any) -> None:
+    """The channel's rendering of content at and past the limits (native, clipped or fallen back)
+    always passes the fake's checks."""
+    served.fake.person(INTEGRATION, PSID).last_user_at = time.time()
+    messages = messenger_handlers.content_messages(content)
+    async with httpx.AsyncClient() as http:
+        for message in messages:
+            resp = await http.post(served.send_url, headers={"Authorization": f"Bearer {TOKEN}"}, json={
+                "recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": message})
+            assert resp.status_code == 200, resp.text
+    assert len(served.fake.outbox(INTEGRATION, PSID)) == len(messages)

@@ -19,22 +19,34 @@ from shared import records, subjects
 from shared.bus import Bus
 from shared.ids import new_id
 from shared.messages import channel
-from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundSend
+from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundActivity, OutboundSend
 from shared.records import IntegrationRecord
+from shared.render import LOCATION_PROMPT
 from shared.signing import meta_signature
 from shared.sunco import (
+    BuyAction,
+    CarouselContent,
+    CarouselDisplaySettings,
     Content,
     FileContent,
+    FormContent,
+    FormField,
+    FormOption,
+    FormResponseContent,
     ImageContent,
+    Item,
     LinkAction,
+    ListContent,
     LocationContent,
     LocationCoordinates,
     LocationInfo,
+    LocationRequestAction,
     PostbackAction,
     ReplyAction,
     TemplateContent,
     TextContent,
     UnsupportedContent,
+    WebviewAction,
 )
 from tests.fakes.whatsapp_env import eventually, stream_messages
 from tests.harness import ENGINES, System, new_postgres_database
@@ -327,6 +339,203 @@ async def test_read_watermark_marks_sent_messages_read(ms: MsEnv) -> None:
     count = len(await ms.statuses())
     await ms.script("/read", {"to": PSID})
     assert len(await ms.statuses()) == count
+
+
+# --- every SunCo message type ----------------------------------------------------------------------------
+
+async def send_all(ms: MsEnv, *contents: Content) -> list[OutboundSend]:
+    """Send each content in turn (each reported `sent` before the next goes)."""
+    sends = []
+    for content in contents:
+        send = outbound(ms, content)
+        await publish(ms, send)
+        [sent] = [s for s in await statuses_of(ms, send.message_id, {"sent"}) if s.status == "sent"]
+        assert sent.provider_message_id.startswith("m_")
+        sends.append(send)
+    return sends
+
+
+CARD_TAP = "ORDER_BEANS_250G"
+
+
+async def test_carousel_is_a_generic_template_and_a_tapped_card_button_comes_back_as_a_postback(
+        ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "what do you sell?"})
+    carousel = CarouselContent(text="Our coffees", display_settings=CarouselDisplaySettings(
+        image_aspect_ratio="square"), items=[
+        Item(title="Beans", description="Dark roast, 250 g", media_url="https://shop.example/beans.jpg",
+             media_type="image/jpeg", actions=[
+                 PostbackAction(text="Order", payload=CARD_TAP),
+                 LinkAction(text="Details", uri="https://shop.example/beans", default=True),
+                 WebviewAction(text="Reviews", uri="https://shop.example/beans/reviews", size="compact")]),
+        Item(title="Gift card", actions=[BuyAction(text="Buy", amount=2500, currency="eur",
+                                                   uri="https://pay.example/gift")]),
+    ])
+    await send_all(ms, carousel)
+    [body] = await ms.outbox()
+    assert body == {"recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": {"attachment": {
+        "type": "template", "payload": {"template_type": "generic", "image_aspect_ratio": "square", "elements": [
+            {"title": "Beans", "subtitle": "Dark roast, 250 g", "image_url": "https://shop.example/beans.jpg",
+             "default_action": {"type": "web_url", "url": "https://shop.example/beans"},
+             "buttons": [{"type": "postback", "title": "Order", "payload": CARD_TAP},
+                         {"type": "web_url", "url": "https://shop.example/beans/reviews", "title": "Reviews",
+                          "webview_height_ratio": "compact"}]},
+            {"title": "Gift card", "buttons": [{"type": "web_url", "url": "https://pay.example/gift",
+                                                "title": "Buy"}]}]}}}}
+    # The person taps the card's postback button (what the sandbox phone does): the fake posts a
+    # signed messaging_postbacks webhook carrying the button's payload.
+    [button] = [b for b in body["message"]["attachment"]["payload"]["elements"][0]["buttons"]
+                if b["type"] == "postback"]
+    tap = await ms.script("/inbound", {"from": PSID, "postback": {"payload": button["payload"],
+                                                                  "title": button["title"]}})
+    assert tap["webhookStatus"] == 200
+    messages = await eventually(lambda: _at_least(ms, 2))
+    [tapped] = [m for m in messages if m.provider_message_id == tap["mid"]]
+    assert tapped.postback is not None and tapped.postback.payload == CARD_TAP and tapped.postback.text == "Order"
+    assert tapped.content == TextContent(text="Order", payload=CARD_TAP)
+    assert tapped.raw["postback"]["payload"] == CARD_TAP and "message" not in tapped.raw
+
+
+async def test_list_is_a_generic_template_with_its_own_actions_after_it(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "my orders"})
+    listing = ListContent(items=[
+        Item(title="Order 41", description="shipped", actions=[PostbackAction(text="Track", payload="TRACK_41")]),
+        Item(title="Order 42", media_url="https://shop.example/42.png",
+             actions=[LinkAction(text="Invoice", uri="https://shop.example/i/42")]),
+    ], actions=[PostbackAction(text="Load more", payload="MORE"), LinkAction(text="All orders",
+                                                                            uri="https://shop.example/orders")])
+    plain = ListContent(items=[Item(title="Only", description="one", actions=[
+        PostbackAction(text="Pick", payload="PICK")])], actions=[PostbackAction(text="Other", payload="OTHER")])
+    await send_all(ms, listing, plain)
+    bodies = [b["message"] for b in await ms.outbox()]
+    assert bodies == [
+        {"attachment": {"type": "template", "payload": {"template_type": "generic", "elements": [
+            {"title": "Order 41", "subtitle": "shipped",
+             "buttons": [{"type": "postback", "title": "Track", "payload": "TRACK_41"}]},
+            {"title": "Order 42", "image_url": "https://shop.example/42.png",
+             "buttons": [{"type": "web_url", "url": "https://shop.example/i/42", "title": "Invoice"}]}]}}},
+        # The list's link needs a button template after it; its postback is a quick reply on the last part.
+        {"attachment": {"type": "template", "payload": {"template_type": "button", "text": "More options",
+                                                        "buttons": [{"type": "web_url",
+                                                                     "url": "https://shop.example/orders",
+                                                                     "title": "All orders"}]}},
+         "quick_replies": [{"content_type": "text", "title": "Load more", "payload": "MORE"}]},
+        {"attachment": {"type": "template", "payload": {"template_type": "generic", "elements": [
+            {"title": "Only", "subtitle": "one", "buttons": [{"type": "postback", "title": "Pick",
+                                                              "payload": "PICK"}]}]}},
+         "quick_replies": [{"content_type": "text", "title": "Other", "payload": "OTHER"}]},
+    ]
+
+
+async def test_file_location_request_buy_and_webview(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    await send_all(
+        ms,
+        FileContent(media_url="https://shop.example/invoice.pdf", media_type="application/pdf"),
+        TextContent(text="Where should we deliver?", actions=[
+            LocationRequestAction(text="Send my location"), ReplyAction(text="Pick up", payload="PICKUP")]),
+        TextContent(text="Your basket", actions=[
+            BuyAction(text="Pay 12.50", amount=1250, currency="usd", uri="https://pay.example/b/1"),
+            WebviewAction(text="Edit", uri="https://shop.example/basket"),
+            LocationRequestAction(text="Share location")]),
+    )
+    bodies = [b["message"] for b in await ms.outbox()]
+    assert bodies == [
+        {"attachment": {"type": "file", "payload": {"url": "https://shop.example/invoice.pdf",
+                                                    "is_reusable": True}}},
+        # Meta removed location quick replies: the request is asked in words, the reply stays native.
+        {"text": f"Where should we deliver?\n\n{LOCATION_PROMPT}",
+         "quick_replies": [{"content_type": "text", "title": "Pick up", "payload": "PICKUP"}]},
+        {"attachment": {"type": "template", "payload": {
+            "template_type": "button", "text": f"Your basket\n\n{LOCATION_PROMPT}", "buttons": [
+                {"type": "web_url", "url": "https://pay.example/b/1", "title": "Pay 12.50"},
+                {"type": "web_url", "url": "https://shop.example/basket", "title": "Edit",
+                 "webview_height_ratio": "full"}]}}},
+    ]
+
+
+async def test_form_is_numbered_text_and_a_form_response_is_never_sent(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "sign me up"})
+    form = FormContent(fields=[
+        FormField(type="text", name="name", label="Your name"),
+        FormField(type="select", name="size", label="Size", options=[FormOption(name="s", label="Small"),
+                                                                     FormOption(name="l", label="Large")]),
+    ])
+    await send_all(ms, form)
+    [body] = await ms.outbox()
+    assert body["message"] == {"text": "Please reply with:\nYour name\nSize (Small, Large)"}
+    answer = outbound(ms, FormResponseContent(fields=[FormField(type="text", name="name", label="Your name",
+                                                                text="Ada")]))
+    await publish(ms, answer)
+    [failed] = await statuses_of(ms, answer.message_id, {"failed"})
+    assert failed.error_code == "unsupported_content"
+    assert len(ms.fake.requests) == 1  # only the form went to Meta
+
+
+async def test_over_the_limits_clips_or_falls_back_never_refused(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "hi"})
+    long_title = "A very long card title that goes well past the eighty characters Messenger shows"
+    clipped = CarouselContent(items=[Item(title=long_title + "!", description="d" * 120, actions=[
+        PostbackAction(text="A button label over twenty", payload="LONG")])])
+    too_many = CarouselContent(text="Pick one", items=[
+        Item(title=f"Card {i}", description="x", actions=[PostbackAction(text=f"Pick {i}", payload=f"P{i}")])
+        for i in range(11)])
+    video_card = CarouselContent(items=[Item(title="Clip", media_url="https://shop.example/c.mp4",
+                                             media_type="video/mp4",
+                                             actions=[PostbackAction(text="Play", payload="PLAY")])])
+    long_text = TextContent(text="Terms: " + "t" * 700, actions=[PostbackAction(text="Accept", payload="OK"),
+                                                                  ReplyAction(text="Later", payload="LATER")])
+    huge = TextContent(text="word " * 398 + "end", actions=[PostbackAction(text="Yes", payload="Y"),
+                                                             LinkAction(text="Terms", uri="https://x.example/t")])
+    await send_all(ms, clipped, too_many, video_card, long_text, huge)
+    bodies = [b["message"] for b in await ms.outbox()]
+    assert all(r.status == 200 for r in ms.fake.requests)  # Meta (the fake) refused nothing
+    # Clipped where clipping loses no choice: card title and subtitle to 80, button titles to 20.
+    [element] = bodies[0]["attachment"]["payload"]["elements"]
+    assert element["title"] == long_title[:79] + "…" and len(element["title"]) == 80
+    assert element["subtitle"] == "d" * 79 + "…"
+    assert element["buttons"] == [{"type": "postback", "title": "A button label over…", "payload": "LONG"}]
+    # Eleven cards: Meta takes ten at most, so the whole carousel is the numbered text instead.
+    assert bodies[1]["text"].startswith("Pick one\n\nCard 0 — x\n1. Pick 0\n\nCard 1 — x\n2. Pick 1")
+    assert bodies[1]["text"].endswith("Card 10 — x\n11. Pick 10") and "quick_replies" not in bodies[1]
+    # A card shows only images: a video card is text with its link.
+    assert bodies[2] == {"text": "Clip\nhttps://shop.example/c.mp4\n1. Play"}
+    # A button template's text is 640 at most: numbered text (replies numbered too), not clipped.
+    assert bodies[3] == {"text": "Terms: " + "t" * 700 + "\n\n1. Accept\n2. Later"}
+    # A fallback over 2,000 characters is split between lines: no numbered choice is cut.
+    assert [b["text"] for b in bodies[4:]] == ["word " * 398 + "end", "1. Yes\nTerms: https://x.example/t"]
+    assert len(bodies) == 6
+
+
+# --- business activity ------------------------------------------------------------------------------------
+
+async def test_typing_and_read_are_sender_actions(ms: MsEnv) -> None:
+    await ms.script("/inbound", {"from": PSID, "text": "anyone there?"})
+    expected: list[str] = []
+    for activity, action in (("typing:start", "typing_on"), ("typing:stop", "typing_off"),
+                             ("conversation:read", "mark_seen")):
+        command = OutboundActivity(app_id=ms.record.app_id, integration_id=ms.integration_id, channel="messenger",
+                                   conversation_id=new_id(), user_id=new_id(), client_id=new_id(), recipient=PSID,
+                                   recipient_info={"page_id": PAGE_ID, "psid": PSID}, activity=activity,
+                                   created_at=time.time())
+        await ms.bus.publish(channel.subject_of(command), channel.encode(command))
+        expected.append(action)
+
+        async def shown(count: int = len(expected)) -> list[str] | None:
+            found = ms.fake.sender_actions(ms.integration_id, PSID)
+            return found if len(found) >= count else None
+
+        assert await eventually(shown) == expected
+    assert [(r.path, r.body, r.status) for r in ms.fake.requests] == [
+        (f"/sandbox/messenger-graph/v23.0/{PAGE_ID}/messages", {"recipient": {"id": PSID}, "sender_action": a}, 200)
+        for a in expected]
+    assert await ms.outbox() == []  # no message, no status: only the indicator
+    assert [s for s in await ms.statuses() if s.status == "sent"] == []
+    async with httpx.AsyncClient() as http:
+        thread = (await http.get(f"{ms.system.base_url}/sandbox/messenger/{ms.integration_id}/thread",
+                                 params={"to": PSID})).json()
+    assert [a["action"] for a in thread["senderActions"]] == expected
+    assert thread["person"]["typing"] is False and thread["person"]["seenAt"] is not None
 
 
 # --- the reply window --------------------------------------------------------------------------------

@@ -270,22 +270,28 @@ def _bodies(content: Content, tagging: Tagging = RESPONSE, override: dict[str, A
 
 
 def test_text_buttons_webview_and_clipping() -> None:
-    [body] = _bodies(TextContent(text="x" * 2500), Tagging("MESSAGE_TAG", "HUMAN_AGENT"))
-    assert body["messaging_type"] == "MESSAGE_TAG" and body["tag"] == "HUMAN_AGENT"
-    assert len(body["message"]["text"]) == handlers.TEXT_MAX and body["message"]["text"].endswith("…")
+    # Nothing is cut: a long text goes in several messages (each tagged), between lines or words.
+    long_text = _bodies(TextContent(text=("word " * 500).strip()), Tagging("MESSAGE_TAG", "HUMAN_AGENT"))
+    assert len(long_text) == 2 and all(b["messaging_type"] == "MESSAGE_TAG" and b["tag"] == "HUMAN_AGENT"
+                                       for b in long_text)
+    assert all(len(b["message"]["text"]) <= handlers.TEXT_MAX for b in long_text)
+    assert " ".join(b["message"]["text"] for b in long_text).split() == ["word"] * 500
     [buttons] = _bodies(TextContent(text="Choose", actions=[
         WebviewAction(text="Open the catalogue please", uri="https://x/w", size="tall"),
         PostbackAction(text="Buy", payload="BUY"), LinkAction(text="Site", uri="https://x"),
-        PostbackAction(text="Fourth", payload="4"), ReplyAction(text="Later", payload="LATER")]))
+        ReplyAction(text="Later", payload="LATER")]))
     payload = buttons["message"]["attachment"]["payload"]
     assert payload["buttons"] == [
         {"type": "web_url", "url": "https://x/w", "title": "Open the catalogue …", "webview_height_ratio": "tall"},
         {"type": "postback", "title": "Buy", "payload": "BUY"},
         {"type": "web_url", "url": "https://x", "title": "Site"}]
     assert buttons["message"]["quick_replies"] == [{"content_type": "text", "title": "Later", "payload": "LATER"}]
+    # Past a limit (a 4th button, a 14th quick reply) the choices go as numbered text: none dropped.
+    four = _bodies(TextContent(text="Choose", actions=[PostbackAction(text=f"B{i}", payload=f"b{i}")
+                                                        for i in range(4)]))
+    assert [b["message"]["text"] for b in four] == ["Choose\n\n1. B0\n2. B1\n3. B2\n4. B3"]
     many = _bodies(TextContent(text="q", actions=[ReplyAction(text=str(i)) for i in range(20)]))
-    assert len(many[0]["message"]["quick_replies"]) == handlers.MAX_QUICK_REPLIES
-    assert many[0]["message"]["quick_replies"][0]["payload"] == "0"
+    assert "quick_replies" not in many[0]["message"] and many[0]["message"]["text"].endswith("20. 19")
 
 
 def test_media_kinds_parts_and_buckets() -> None:
