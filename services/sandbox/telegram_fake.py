@@ -7,19 +7,28 @@ like Telegram towards a gateway (platform reference §4):
 - the Bot API at `{prefix}/telegram-api/bot<token>/<method>` (GET or POST; query string, JSON,
   form-urlencoded with JSON-valued fields as python-telegram-bot sends them, or multipart):
   getMe, setWebhook, deleteWebhook, getWebhookInfo, getUpdates (409 while a webhook is set),
-  sendMessage, sendPhoto, sendDocument, sendLocation, answerCallbackQuery, getFile, and file
-  downloads at `{prefix}/telegram-api/file/bot<token>/<file_path>`; answers in Telegram's
-  envelopes (`{"ok": true, "result": …}` / `{"ok": false, "error_code", "description",
-  "parameters"?}`), unknown token → 401 Unauthorized, malformed token or method → 404 Not Found;
+  sendMessage, sendPhoto, sendDocument, sendLocation, sendVenue, sendChatAction,
+  answerCallbackQuery, getFile, and file downloads at
+  `{prefix}/telegram-api/file/bot<token>/<file_path>`; answers in Telegram's envelopes
+  (`{"ok": true, "result": …}` / `{"ok": false, "error_code", "description", "parameters"?}`),
+  unknown token → 401 Unauthorized, malformed token or method → 404 Not Found;
+- sends are checked as the Bot API checks them, answering `400 Bad Request: …`: a known chat,
+  non-empty text of at most 4096 and captions of at most 1024 (counted in UTF-16 units),
+  `reply_markup` as exactly one of an inline keyboard (non-empty text per button, exactly one
+  kind per button, `callback_data` 1-64 bytes, `url` http(s)/tg, at most 100 buttons and 8 a
+  row), a reply keyboard (buttons with text and at most one `request_*`), `remove_keyboard` or
+  `force_reply`; a venue needs a title and an address, a chat action one of Telegram's;
 - webhooks: each `Update` is POSTed to the URL given to `setWebhook`, with
   `Content-Type: application/json` and `X-Telegram-Bot-Api-Secret-Token`; `update_id` grows
   monotonically per bot; updates that arrive while no webhook is set wait and are delivered
   once one is;
 - scripting (`{prefix}/telegram/{integrationId}/...`, errors in SunCo's shape): `inbound`
   (`{"from": <user id>, "text": "hi"}`, or `"start": "<payload>"` for a deep link, or
-  `"callbackData": "<data>"` for an inline-button press, or `"photo": {"caption": …}`),
-  `outbox?to=<chat id>`, `thread?to=`, `fail-next` (e.g. 429 with `retryAfter`), `block`
-  (the user blocks the bot: sends get 403), and the account itself.
+  `"callbackData": "<data>"` for an inline-button press, or `"photo": {"caption": …}`, or
+  `"location": {"latitude", "longitude"}` as a `request_location` button sends it),
+  `outbox?to=<chat id>`, `thread?to=` (with the `chatAction` the chat shows now), `fail-next`
+  (e.g. 429 with `retryAfter`), `block` (the user blocks the bot: sends get 403), and the
+  account itself.
 
 Flood control: with `flood_per_chat` set, more than that many sends to one chat within a second
 get `429 Too Many Requests: retry after 1`.
@@ -66,7 +75,20 @@ MAX_BODY = 1024 * 1024
 TEXT_MAX = 4096
 CAPTION_MAX = 1024
 CALLBACK_DATA_MAX_BYTES = 64
-SEND_METHODS = frozenset({"sendmessage", "sendphoto", "senddocument", "sendlocation"})
+SEND_METHODS = frozenset({"sendmessage", "sendphoto", "senddocument", "sendlocation", "sendvenue"})
+# python-telegram-bot's `InlineKeyboardMarkupLimit` (TOTAL_BUTTON_NUMBER, BUTTONS_PER_ROW).
+INLINE_BUTTONS_MAX = 100
+BUTTONS_PER_ROW_MAX = 8
+INLINE_BUTTON_KINDS = ("callback_data", "url", "switch_inline_query", "switch_inline_query_current_chat",
+                       "switch_inline_query_chosen_chat", "web_app", "login_url", "copy_text", "pay",
+                       "callback_game")
+KEYBOARD_BUTTON_REQUESTS = ("request_location", "request_contact", "request_poll", "request_users",
+                            "request_chat", "web_app")
+# `sendChatAction` actions (`telegram.constants.ChatAction`); one is shown for 5 s at most.
+CHAT_ACTIONS = frozenset({"typing", "upload_photo", "record_video", "upload_video", "record_voice", "upload_voice",
+                          "upload_document", "choose_sticker", "find_location", "record_video_note",
+                          "upload_video_note"})
+CHAT_ACTION_SECONDS = 5.0
 # Parameters whose values python-telegram-bot sends JSON-encoded inside form bodies (§4.1).
 JSON_FIELDS = frozenset({"reply_markup", "allowed_updates", "reply_parameters", "link_preview_options",
                          "entities", "caption_entities"})
@@ -98,6 +120,12 @@ class BotApiError(Exception):
         if self.parameters:
             body["parameters"] = self.parameters
         return web.json_response(body, status=self.error_code)
+
+
+def text_length(text: str) -> int:
+    """A text's length as the limits are checked here: UTF-16 code units (what Telegram's entity
+    offsets count), the stricter reading, so a gateway that passes the fake passes Telegram."""
+    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
 
 
 def bad_request(reason: str) -> BotApiError:
@@ -235,6 +263,8 @@ class FakeTelegram:
         self.blocked: set[tuple[str, int]] = set()
         self.files: dict[str, dict[str, Any]] = {}
         self.callbacks: dict[str, dict[str, Any]] = {}  # callback query id → {integration_id, answered}
+        # The latest `sendChatAction` per chat: (action, time.time() it was sent).
+        self.chat_actions: dict[tuple[str, int], tuple[str, float]] = {}
         self.injected: dict[str, list[InjectedError]] = {}
         self.requests: list[dict[str, Any]] = []
         self.deliveries: list[UpdateDelivery] = []
@@ -458,7 +488,8 @@ class FakeTelegram:
 
         `spec`: `from` (user id, required); one of `text`, `start` (deep-link payload: the message
         `/start <payload>`), `callbackData` (press the inline button with that data on the latest
-        bot message that has it), `photo` ({caption?}), `message` (raw Message fields); optional
+        bot message that has it), `photo` ({caption?}), `location` ({latitude, longitude}: what a
+        `request_location` keyboard button sends), `message` (raw Message fields); optional
         `name`, `username`, `replyTo` (message id in the chat).
         """
         bot = self.bots[integration_id]
@@ -493,10 +524,19 @@ class FakeTelegram:
             ]
             if isinstance(photo.get("caption"), str) and photo["caption"]:
                 message["caption"] = photo["caption"]
+        elif "location" in spec:
+            where = spec["location"]
+            try:
+                lat, lon = float(where["latitude"]), float(where["longitude"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError("location needs numeric latitude and longitude") from exc
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise ValueError("latitude must be within ±90 and longitude within ±180")
+            message["location"] = {"latitude": lat, "longitude": lon}
         elif isinstance(spec.get("message"), dict):
             message.update({k: v for k, v in spec["message"].items() if k not in ("message_id", "chat", "from")})
         else:
-            raise ValueError("give one of text, start, callbackData, photo, message")
+            raise ValueError("give one of text, start, callbackData, photo, location, message")
         text = message.get("text")
         if isinstance(text, str) and (command := re.match(r"^/[A-Za-z0-9_]+(@[A-Za-z0-9_]+)?", text)):
             # Telegram marks a leading command with a bot_command entity (§4.4).
@@ -620,6 +660,7 @@ class FakeTelegram:
             "getwebhookinfo": self._get_webhook_info, "getupdates": self._get_updates,
             "sendmessage": partial(self._send, "sendmessage"), "sendphoto": partial(self._send, "sendphoto"),
             "senddocument": partial(self._send, "senddocument"), "sendlocation": partial(self._send, "sendlocation"),
+            "sendvenue": partial(self._send, "sendvenue"), "sendchataction": self._send_chat_action,
             "answercallbackquery": self._answer_callback, "getfile": self._get_file,
         }
 
@@ -717,6 +758,25 @@ class FakeTelegram:
         updates, bot.pending = bot.pending, []
         return _ok(updates)
 
+    async def _send_chat_action(self, bot: Bot, params: dict[str, Any]) -> web.Response:
+        user = self._chat_of(bot, params)
+        action = params.get("action")
+        if not action:
+            raise bad_request("action is empty")
+        if action not in CHAT_ACTIONS:
+            raise bad_request("wrong parameter action in request")
+        self.chat_actions[(bot.integration_id, user.id)] = (str(action), time.time())
+        return _ok(True)
+
+    def chat_action(self, integration_id: str, chat_id: int) -> str | None:
+        """The action the chat shows now (`typing`, …): sent within the last 5 s and not ended
+        by a message from the bot since, as on Telegram."""
+        shown = self.chat_actions.get((integration_id, chat_id))
+        if shown is None or time.time() - shown[1] > CHAT_ACTION_SECONDS:
+            return None
+        later = any(e.direction == "out" and e.at >= shown[1] for e in self.chats.get((integration_id, chat_id), []))
+        return None if later else shown[0]
+
     async def _answer_callback(self, bot: Bot, params: dict[str, Any]) -> web.Response:
         query = self.callbacks.get(str(params.get("callback_query_id", "")))
         if query is None or query["integration_id"] != bot.integration_id or query["answered"]:
@@ -777,23 +837,42 @@ class FakeTelegram:
 
     @staticmethod
     def _markup(params: dict[str, Any]) -> dict[str, Any] | None:
+        """Check `reply_markup` as the Bot API does; the inline keyboard a sent Message carries
+        (reply keyboards, their removal and force_reply are not part of the Message)."""
         markup = params.get("reply_markup")
         if markup is None:
             return None
-        if not isinstance(markup, dict):
+        kinds = [k for k in ("inline_keyboard", "keyboard", "remove_keyboard", "force_reply")
+                 if isinstance(markup, dict) and k in markup]
+        if len(kinds) != 1:
             raise bad_request("can't parse reply keyboard markup JSON object")
-        if "inline_keyboard" not in markup:
-            return None  # reply keyboards and keyboard removal: not shown on the message
-        rows = markup["inline_keyboard"]
+        kind = kinds[0]
+        if kind in ("remove_keyboard", "force_reply"):
+            if markup[kind] is not True:
+                raise bad_request(f"field \"{kind}\" must be true")
+            return None
+        rows = markup[kind]
         if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
-            raise bad_request("field \"inline_keyboard\" of the InlineKeyboardMarkup should be an Array of Arrays")
+            owner = "InlineKeyboardMarkup" if kind == "inline_keyboard" else "ReplyKeyboardMarkup"
+            raise bad_request(f"field \"{kind}\" of the {owner} should be an Array of Arrays")
+        if sum(len(row) for row in rows) > INLINE_BUTTONS_MAX or any(len(row) > BUTTONS_PER_ROW_MAX for row in rows):
+            raise bad_request("reply markup is too long")
+        if kind == "keyboard":
+            if not any(rows):
+                raise bad_request("keyboard must be non-empty")
+            for row in rows:
+                for button in row:
+                    FakeTelegram._keyboard_button(button)
+            for flag in ("one_time_keyboard", "resize_keyboard", "is_persistent", "selective"):
+                if flag in markup and not isinstance(markup[flag], bool):
+                    raise bad_request(f"field \"{flag}\" must be of type Boolean")
+            return None
         for row in rows:
             for button in row:
-                if not isinstance(button, dict) or not isinstance(button.get("text"), str) or not button["text"]:
-                    raise bad_request("can't parse inline keyboard button: Text buttons are unallowed in the "
-                                      "inline keyboard")
-                kinds = [k for k in ("callback_data", "url", "switch_inline_query", "web_app", "login_url",
-                                     "copy_text", "pay", "callback_game") if k in button]
+                if not isinstance(button, dict) or not isinstance(button.get("text"), str) \
+                        or not button["text"].strip():
+                    raise bad_request("can't parse inline keyboard button: Text must be non-empty")
+                kinds = [k for k in INLINE_BUTTON_KINDS if k in button]
                 if len(kinds) != 1:
                     raise bad_request("can't parse inline keyboard button: Text buttons are unallowed in the "
                                       "inline keyboard")
@@ -801,10 +880,24 @@ class FakeTelegram:
                 if "callback_data" in button and (not isinstance(data, str) or not data
                                                   or len(data.encode()) > CALLBACK_DATA_MAX_BYTES):
                     raise bad_request("BUTTON_DATA_INVALID")
-                if "url" in button and not (isinstance(button["url"], str) and re.match(r"^(https?|tg)://",
-                                                                                         button["url"])):
-                    raise bad_request("inline keyboard button URL is invalid")
-        return {"inline_keyboard": rows}
+                if "url" in button and not (isinstance(button["url"], str) and re.match(r"^(https?|tg)://\S+$",
+                                                                                         button["url"], re.I)):
+                    raise bad_request("BUTTON_URL_INVALID")
+        return {"inline_keyboard": rows} if any(rows) else None
+
+    @staticmethod
+    def _keyboard_button(button: Any) -> None:
+        """A reply keyboard's button: a string, or a KeyboardButton with text and at most one request."""
+        text = button if isinstance(button, str) else button.get("text") if isinstance(button, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise bad_request("can't parse keyboard button: Text must be non-empty")
+        if isinstance(button, dict):
+            requests = [k for k in KEYBOARD_BUTTON_REQUESTS if k in button]
+            if len(requests) > 1:
+                raise bad_request("can't parse keyboard button: a button can request one thing only")
+            for flag in ("request_location", "request_contact"):
+                if flag in button and not isinstance(button[flag], bool):
+                    raise bad_request(f"can't parse keyboard button: field \"{flag}\" must be of type Boolean")
 
     async def _send(self, method: str, bot: Bot, params: dict[str, Any]) -> web.Response:
         user = self._chat_of(bot, params)
@@ -813,7 +906,7 @@ class FakeTelegram:
             text = params.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise bad_request("message text is empty")
-            if len(text) > TEXT_MAX:
+            if text_length(text) > TEXT_MAX:
                 raise bad_request("message is too long")
             message["text"] = text
         elif method in ("sendphoto", "senddocument"):
@@ -825,7 +918,7 @@ class FakeTelegram:
             if caption is not None:
                 if not isinstance(caption, str):
                     raise bad_request("can't parse caption")
-                if len(caption) > CAPTION_MAX:
+                if text_length(caption) > CAPTION_MAX:
                     raise bad_request("message caption is too long")
             stored = self.register_file(f"{kind}s", mime_type="image/png" if kind == "photo" else
                                         "application/octet-stream")
@@ -837,7 +930,7 @@ class FakeTelegram:
                 message["document"] = ref | {"file_name": str(name or "file"), "mime_type": stored["mime_type"]}
             if caption:
                 message["caption"] = caption
-        else:  # sendlocation
+        else:  # sendlocation, sendvenue
             try:
                 lat, lon = float(params["latitude"]), float(params["longitude"])
             except (KeyError, TypeError, ValueError) as exc:
@@ -845,6 +938,12 @@ class FakeTelegram:
             if not (-90 <= lat <= 90 and -180 <= lon <= 180):
                 raise bad_request("wrong latitude or longitude")
             message["location"] = {"latitude": lat, "longitude": lon}
+            if method == "sendvenue":
+                for key in ("title", "address"):
+                    if not isinstance(params.get(key), str) or not params[key].strip():
+                        raise bad_request(f"venue {key} is empty")
+                message["venue"] = {"location": message["location"], "title": params["title"],
+                                    "address": params["address"]}
         markup = self._markup(params)
         reply = params.get("reply_parameters")
         thread = self.chats[(bot.integration_id, user.id)]
@@ -919,7 +1018,8 @@ class FakeTelegram:
         chat_id = self._chat_param(request)
         user = self.users.get(chat_id)
         return web.json_response({"messages": [e.view() for e in self.thread(bot.integration_id, chat_id)],
-                                  "user": user.user() if user else None})
+                                  "user": user.user() if user else None,
+                                  "chatAction": self.chat_action(bot.integration_id, chat_id)})
 
     async def _script_account(self, request: web.Request) -> web.Response:
         bot = self._bot_or_404(request)

@@ -23,17 +23,25 @@ from typing import Any
 
 import msgspec
 
-from shared import outbound
+from shared import outbound, render
 from shared.ingress import WebhookShapeError
 from shared.messages.channel import InboundMessage, OutboundSend, Postback
 from shared.records import IntegrationRecord
 from shared.sunco import (
+    Action,
+    BuyAction,
+    CarouselContent,
     Content,
     FileContent,
+    FormContent,
     ImageContent,
+    Item,
     LinkAction,
+    ListContent,
     LocationContent,
     LocationCoordinates,
+    LocationInfo,
+    LocationRequestAction,
     PostbackAction,
     ReplyAction,
     TextContent,
@@ -202,6 +210,11 @@ class _Location(msgspec.Struct):
     longitude: float
 
 
+class _Venue(msgspec.Struct):
+    title: str = ""
+    address: str = ""
+
+
 class _Replied(msgspec.Struct):
     message_id: int
 
@@ -220,6 +233,7 @@ class _Message(msgspec.Struct):
     audio: _File | None = None
     voice: _File | None = None
     location: _Location | None = None
+    venue: _Venue | None = None
     reply_to_message: _Replied | None = None
     reply_markup: dict[str, Any] | None = None
 
@@ -343,7 +357,10 @@ def _from_message(message: _Message, raw: dict[str, Any], creds: Credentials, pu
         loc = message.location
         if not (math.isfinite(loc.latitude) and math.isfinite(loc.longitude)):
             raise WebhookShapeError("bad coordinates")
-        content = LocationContent(coordinates=LocationCoordinates(lat=loc.latitude, long=loc.longitude))
+        venue = message.venue
+        place = LocationInfo(name=venue.title or None, address=venue.address or None) if venue is not None else None
+        content = LocationContent(coordinates=LocationCoordinates(lat=loc.latitude, long=loc.longitude),
+                                  location=place)
     else:
         # Stickers, contacts, polls, service messages, …: kept, never dropped.
         kind = next((k for k in raw if k not in _COMMON_MESSAGE_KEYS), "message")
@@ -415,12 +432,66 @@ def inbound_msg_id(message: InboundMessage) -> str:
 
 # --- sending ---------------------------------------------------------------------------------------
 
+# One Bot API call: the method and its JSON parameters.
+MethodCall = tuple[str, dict[str, Any]]
+
+# Schemes Telegram accepts in an inline keyboard's `url` button (others: BUTTON_URL_INVALID).
+URL_BUTTON_SCHEMES = ("http://", "https://", "tg://")
+# python-telegram-bot's `InlineKeyboardMarkupLimit.TOTAL_BUTTON_NUMBER`.
+INLINE_BUTTONS_MAX = 100
+# The button of a location request without a label of its own.
+LOCATION_BUTTON_TEXT = "Share location"
+
+
 class UnsendableContent(outbound.UnsendableContent):
     """The content has no Telegram representation (a permanent failure)."""
 
 
+class _NoNativeForm(Exception):
+    """A part of the content Telegram cannot carry as is (a payload over 64 bytes, a `mailto:`
+    link): the whole content goes as `render.fallback` text instead."""
+
+
+def text_length(text: str) -> int:
+    """The length Telegram's limits are checked against, read strictly: UTF-16 code units (what
+    its entity offsets count), so a character outside the BMP counts twice."""
+    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+
+
+def _prefix(text: str, limit: int) -> str:
+    """The longest prefix of `text` within `limit` UTF-16 units."""
+    used = 0
+    for index, ch in enumerate(text):
+        used += 2 if ord(ch) > 0xFFFF else 1
+        if used > limit:
+            return text[:index]
+    return text
+
+
 def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if text_length(text) <= limit else _prefix(text, limit - 1) + "…"
+
+
+def split_text(text: str, limit: int = TEXT_MAX) -> list[str]:
+    """`text` as messages of at most `limit` (UTF-16 units), cut at a paragraph, line or word
+    break where one is near the end; no part is empty (Telegram refuses empty text)."""
+    parts: list[str] = []
+    rest = text.strip()
+    while rest:
+        if text_length(rest) <= limit:
+            parts.append(rest)
+            break
+        head = _prefix(rest, limit)
+        cut = len(head)
+        for sep in ("\n\n", "\n", " "):
+            at = head.rfind(sep)
+            if at > len(head) // 2:
+                cut = at
+                break
+        part, rest = rest[:cut].rstrip(), rest[cut:].lstrip()
+        if part:
+            parts.append(part)
+    return parts
 
 
 def chat_id_of(recipient: str) -> int | str:
@@ -431,65 +502,211 @@ def chat_id_of(recipient: str) -> int | str:
         return recipient
 
 
-def inline_keyboard(content: TextContent | ImageContent) -> dict[str, Any] | None:
-    """SunCo actions as an inline keyboard, one button per row.
+def _label(text: str | None, otherwise: str) -> str:
+    return _clip((text or "").strip() or otherwise, BUTTON_TEXT_MAX)
 
-    reply/postback → `callback_data` (the action's payload, else its text; 1-64 bytes),
-    link/webview → `url`. Location requests have no inline form and are left out.
-    """
-    rows: list[list[dict[str, Any]]] = []
-    for action in content.actions or []:
-        label = _clip(action.text or "", BUTTON_TEXT_MAX)
-        if isinstance(action, ReplyAction | PostbackAction):
-            data = action.payload or action.text
-            if not data or len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
-                raise UnsendableContent(f"button payload must be 1-{CALLBACK_DATA_MAX_BYTES} bytes on Telegram")
-            rows.append([{"text": label or data, "callback_data": data}])
-        elif isinstance(action, LinkAction | WebviewAction) and action.uri:
-            rows.append([{"text": label or action.uri, "url": action.uri}])
+
+def inline_button(action: Action, label: str | None = None) -> dict[str, Any] | None:
+    """One SunCo action as an inline keyboard button: reply/postback → `callback_data` (the
+    payload, else the text), link/webview/buy → `url`; None for what has no inline form (a
+    location request, a buy without a link). _NoNativeForm when the action does not fit (a
+    payload that is not 1-64 bytes, a link Telegram does not open)."""
+    if isinstance(action, ReplyAction | PostbackAction):
+        data = action.payload or action.text
+        if not data or len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
+            raise _NoNativeForm(f"button payload must be 1-{CALLBACK_DATA_MAX_BYTES} bytes on Telegram")
+        return {"text": label or _label(action.text, data), "callback_data": data}
+    if isinstance(action, LinkAction | WebviewAction | BuyAction):
+        if not action.uri:
+            return None
+        if not action.uri.lower().startswith(URL_BUTTON_SCHEMES):
+            raise _NoNativeForm("Telegram's url buttons open http(s) and tg links only")
+        text = action.text
+        if isinstance(action, BuyAction) and action.currency:
+            text = f"{action.text} ({action.amount / 100:.2f} {action.currency.upper()})"
+        return {"text": label or _label(text, action.uri), "url": action.uri}
+    return None
+
+
+def _inline_markup(rows: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+    if len(rows) > INLINE_BUTTONS_MAX:
+        raise _NoNativeForm(f"more than {INLINE_BUTTONS_MAX} buttons")
     return {"inline_keyboard": rows} if rows else None
 
 
-def build_request(send: OutboundSend) -> tuple[str, dict[str, Any]]:
-    """The Bot API method and JSON parameters for an outbound message (platform reference §4.5)."""
-    params: dict[str, Any] = {"chat_id": chat_id_of(send.recipient)}
-    content = send.content
+def inline_keyboard(actions: list[Action] | None) -> dict[str, Any] | None:
+    """Actions as an inline keyboard, one button per row (None when no action has an inline form)."""
+    rows = [[button] for action in actions or [] if (button := inline_button(action)) is not None]
+    return _inline_markup(rows)
+
+
+def location_keyboard(actions: list[Action] | None) -> dict[str, Any] | None:
+    """A location request as a reply keyboard with a `request_location` button (the customer's
+    location comes back as a message with `location`), or None without one."""
+    request = next((a for a in actions or [] if isinstance(a, LocationRequestAction)), None)
+    if request is None:
+        return None
+    return {"keyboard": [[{"text": _label(request.text, LOCATION_BUTTON_TEXT), "request_location": True}]],
+            "one_time_keyboard": True, "resize_keyboard": True}
+
+
+def _messages(chat_id: int | str, text: str, markup: dict[str, Any] | None = None) -> list[MethodCall]:
+    """`sendMessage` calls carrying `text` (split at 4096), the markup on the last one."""
+    calls: list[MethodCall] = [("sendMessage", {"chat_id": chat_id, "text": part}) for part in split_text(text)]
+    if not calls:
+        raise UnsendableContent("empty text")
+    if markup is not None:
+        calls[-1][1]["reply_markup"] = markup
+    return calls
+
+
+def _media(method: str, kind: str, chat_id: int | str, url: str, caption: str | None,
+           markup: dict[str, Any] | None = None) -> MethodCall:
+    params: dict[str, Any] = {"chat_id": chat_id, kind: url}
+    if caption and caption.strip():
+        params["caption"] = _clip(caption.strip(), CAPTION_MAX)
+    if markup is not None:
+        params["reply_markup"] = markup
+    return method, params
+
+
+def _with_actions(calls: list[MethodCall], chat_id: int | str, actions: list[Action] | None) -> list[MethodCall]:
+    """Put a message's buttons on its last call: the inline keyboard, and the location request's
+    reply keyboard — on a prompt of its own when both exist (a message has one reply_markup)."""
+    inline = inline_keyboard(actions)
+    location = location_keyboard(actions)
+    if inline is not None:
+        calls[-1][1]["reply_markup"] = inline
+    if location is not None:
+        if inline is None:
+            calls[-1][1]["reply_markup"] = location
+        else:
+            calls += _messages(chat_id, render.LOCATION_PROMPT, location)
+    return calls
+
+
+def _item_text(item: Item) -> str:
+    return "\n".join(x for x in (item.title.strip(), (item.description or "").strip()) if x)
+
+
+def _card(chat_id: int | str, item: Item) -> list[MethodCall]:
+    """A carousel item: a photo with the title and description as caption (or a text message
+    when it has no image), with its actions as an inline keyboard."""
+    markup = inline_keyboard(list(item.actions))
+    if item.media_url:
+        return [_media("sendPhoto", "photo", chat_id, item.media_url, _item_text(item), markup)]
+    return _messages(chat_id, _item_text(item) or "…", markup)
+
+
+def _list_message(chat_id: int | str, content: ListContent) -> list[MethodCall]:
+    """A list: one message naming every item, an inline keyboard with one row per item action
+    (named after its item where labels repeat), then the list's own actions."""
+    text = "\n\n".join(_item_text(item) for item in content.items)
+    labelled = [(item, action) for item in content.items for action in item.actions]
+    labels = [action.text.strip() for _item, action in labelled]
+    rows: list[list[dict[str, Any]]] = []
+    for (item, action), label in zip(labelled, labels, strict=True):
+        named = f"{item.title.strip()}: {label}" if label and labels.count(label) > 1 else None
+        button = inline_button(action, _label(named, label) if named else None)
+        if button is not None:
+            rows.append([button])
+    rows += [[button] for action in content.actions or [] if (button := inline_button(action)) is not None]
+    return _messages(chat_id, text, _inline_markup(rows))
+
+
+def _native(content: Content, chat_id: int | str) -> list[MethodCall]:
+    """The calls that show `content` as Telegram does (_NoNativeForm where a part does not fit)."""
     if isinstance(content, TextContent):
         if not content.text.strip():
             raise UnsendableContent("empty text")
-        method = "sendMessage"
-        params["text"] = _clip(content.text, TEXT_MAX)
-        keyboard = inline_keyboard(content)
-    elif isinstance(content, ImageContent):
+        return _with_actions(_messages(chat_id, content.text), chat_id, content.actions)
+    if isinstance(content, ImageContent):
         if not content.media_url:
             raise UnsendableContent("image without mediaUrl")
-        method = "sendPhoto"
-        params["photo"] = content.media_url
-        if content.text:
-            params["caption"] = _clip(content.text, CAPTION_MAX)
-        keyboard = inline_keyboard(content)
-    elif isinstance(content, FileContent):
+        return _with_actions([_media("sendPhoto", "photo", chat_id, content.media_url, content.text)], chat_id,
+                             content.actions)
+    if isinstance(content, FileContent):
         if not content.media_url:
             raise UnsendableContent("file without mediaUrl")
-        method = "sendDocument"
-        params["document"] = content.media_url
-        if content.text:
-            params["caption"] = _clip(content.text, CAPTION_MAX)
-        keyboard = None
-    elif isinstance(content, LocationContent):
-        method = "sendLocation"
-        params["latitude"] = content.coordinates.lat
-        params["longitude"] = content.coordinates.long
-        keyboard = None
+        return [_media("sendDocument", "document", chat_id, content.media_url, content.text)]
+    if isinstance(content, LocationContent):
+        where: dict[str, Any] = {"chat_id": chat_id, "latitude": content.coordinates.lat,
+                                 "longitude": content.coordinates.long}
+        name = (content.location.name or "").strip() if content.location else ""
+        address = (content.location.address or "").strip() if content.location else ""
+        if name and address:  # a named place: Telegram's venue (both are required there)
+            return [("sendVenue", {**where, "title": name, "address": address})]
+        return [("sendLocation", where)]
+    if isinstance(content, CarouselContent):
+        if not content.items:
+            raise UnsendableContent("carousel without items")
+        calls = _messages(chat_id, content.text) if content.text and content.text.strip() else []
+        for item in content.items:
+            calls += _card(chat_id, item)
+        return calls
+    if isinstance(content, ListContent):
+        if not content.items:
+            raise UnsendableContent("list without items")
+        return _list_message(chat_id, content)
+    if isinstance(content, FormContent):
+        return _messages(chat_id, render.fallback(content).text)
+    # A formResponse is the customer's own answer; templates are WhatsApp's.
+    raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on Telegram")
+
+
+def _fallback(content: Content, chat_id: int | str) -> list[MethodCall]:
+    """`content` as readable text with numbered choices (`render.fallback`: the customer's
+    numbered answer maps back to the payload), keeping an image and a location request."""
+    try:
+        text = render.fallback(content)
+    except render.NoFallback as exc:
+        raise UnsendableContent(str(exc)) from exc
+    actions = content.actions if isinstance(content, TextContent | ImageContent) else None
+    if isinstance(content, ImageContent) and content.media_url:
+        if text_length(text.text) <= CAPTION_MAX:
+            calls = [_media("sendPhoto", "photo", chat_id, content.media_url, text.text)]
+        else:
+            calls = [_media("sendPhoto", "photo", chat_id, content.media_url, None), *_messages(chat_id, text.text)]
     else:
-        raise UnsendableContent(f"{content.__class__.__name__} cannot be sent on Telegram")
-    if keyboard is not None:
-        params["reply_markup"] = keyboard
+        calls = _messages(chat_id, text.text)
+    location = location_keyboard(actions)
+    if location is not None:
+        calls[-1][1]["reply_markup"] = location
+    return calls
+
+
+def build_requests(send: OutboundSend) -> list[MethodCall]:
+    """The Bot API calls that carry an outbound message, in order (platform reference §4.5).
+
+    Natively where Telegram has a form (inline keyboards, a reply keyboard for a location
+    request, a carousel as one message per card, a list as one message with a keyboard), as
+    `render.fallback` text where a part does not fit Telegram's limits; UnsendableContent for
+    content with no Telegram form at all. A quoted message is replied to by the first call.
+    """
+    chat_id = chat_id_of(send.recipient)
+    try:
+        calls = _native(send.content, chat_id)
+    except _NoNativeForm:
+        calls = _fallback(send.content, chat_id)
     if send.quoted_provider_message_id:
         _chat, sep, quoted = send.quoted_provider_message_id.rpartition(":")
         if sep and quoted.isdigit():
-            params["reply_parameters"] = {"message_id": int(quoted), "allow_sending_without_reply": True}
-    return method, params
+            calls[0][1]["reply_parameters"] = {"message_id": int(quoted), "allow_sending_without_reply": True}
+    return calls
+
+
+def build_request(send: OutboundSend) -> MethodCall:
+    """The first (main) call of an outbound message: the one that replies to a quoted message."""
+    return build_requests(send)[0]
+
+
+def chat_action_request(recipient: str, activity: str) -> MethodCall | None:
+    """The `sendChatAction` call that shows a business activity: typing; None for what a bot
+    cannot show (typing stopping ends with the next message or after 5 s; bots send no read
+    receipts)."""
+    if activity != "typing:start":
+        return None
+    return "sendChatAction", {"chat_id": chat_id_of(recipient), "action": "typing"}
 
 
 @dataclass

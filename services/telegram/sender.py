@@ -11,22 +11,22 @@ import msgspec
 from shared import outbound
 from shared.bus import Bus, Retry
 from shared.egress import EgressSession
-from shared.messages.channel import OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings
+from shared.messages.channel import OutboundActivity, OutboundSend
+from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap, TokenBucket
 
 from . import handlers
-from .handlers import Credentials, SendFailure
+from .handlers import Credentials, MethodCall, SendFailure
 
 # Chat buckets kept before the full (idle) ones are forgotten.
 CHAT_BUCKETS_MAX = 20_000
 
-MethodCall = tuple[str, dict[str, Any]]
-
 
 class TelegramSender(ChannelSender[Credentials, MethodCall]):
-    """One Bot API method call per message, paced per bot and per chat (1/s, 20/min in a group);
-    a chat Telegram told to wait (429 `retry_after`) sends nothing until then."""
+    """One or more Bot API method calls per message (a carousel is a message per card), each
+    paced per bot and per chat (1/s, 20/min in a group); a chat Telegram told to wait (429
+    `retry_after`) sends nothing until then. The parts of a message already accepted are
+    remembered (in this process), so a retry after a failed later part does not repeat them."""
 
     channel = handlers.CHANNEL
     classify_error = staticmethod(handlers.classify_error)
@@ -40,13 +40,22 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
         self.group_buckets = BucketMap(group_messages_per_minute / 60.0, burst=1.0)
         # Chats Telegram told to wait (429 retry_after): monotonic time until which nothing is sent.
         self.paused_until: dict[str, float] = {}
+        # Parts accepted so far of messages not yet wholly sent: message id → {index: provider id}.
+        self.parts: BoundedMemory[str, dict[int, str]] = BoundedMemory()
 
     def unknown_integration(self) -> SendFailure:
         return SendFailure(http_status=0, error_code=None, description="Unknown or inactive Telegram integration",
                            transient=True, reported_code="telegram_unknown_integration")
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[MethodCall]:
-        return [handlers.build_request(command)]
+        return handlers.build_requests(command)
+
+    async def done_parts(self, command: OutboundSend) -> dict[int, str]:
+        return dict(self.parts.get(command.message_id, {}))
+
+    async def part_sent(self, command: OutboundSend, creds: Credentials, index: int, provider_id: str,
+                        started: float) -> None:
+        self.parts.remember(command.message_id, {**self.parts.get(command.message_id, {}), index: provider_id})
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: MethodCall) -> None:
         chat_key = _chat_key(command)
@@ -91,6 +100,16 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
 
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         self.paused_until.pop(_chat_key(command), None)
+        self.parts.pop(command.message_id, None)
+
+    def activity_request(self, creds: Credentials, activity: OutboundActivity) -> PlatformRequest | None:
+        """Typing → `sendChatAction` (shown for 5 s or until the next message); nothing while
+        Telegram has the chat waiting, and nothing for typing:stop or conversation:read, which
+        bots cannot show."""
+        call = handlers.chat_action_request(activity.recipient, activity.activity)
+        if call is None or self.paused_until.get(_chat_key(activity), 0.0) > time.monotonic():
+            return None
+        return self.request(creds, call)
 
     async def call(self, creds: Credentials, method: str, params: dict[str, Any]) -> Any:
         """Call a Bot API method with JSON parameters; its `result`, or SendFailure (EgressRefused
@@ -98,5 +117,5 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
         return handlers.parse_ok_result(await self.post(self.request(creds, (method, params))))
 
 
-def _chat_key(command: OutboundSend) -> str:
+def _chat_key(command: OutboundSend | OutboundActivity) -> str:
     return f"{command.integration_id}:{command.recipient}"

@@ -1,22 +1,32 @@
 """The sandbox's fake Telegram Bot API, proven with python-telegram-bot 22.8 (platform reference §9).
 
-`telegram.Bot(base_url=…)` talks to the fake (getMe, sendMessage with an inline keyboard, sendPhoto,
-setWebhook, getFile + download, errors), and every `Update` the fake posts is parsed by
-`telegram.Update.de_json`.
+`telegram.Bot(base_url=…)` talks to the fake (getMe, sendMessage with an inline or a reply keyboard,
+sendPhoto, sendVenue, sendChatAction, setWebhook, getFile + download, errors and the limits the
+Bot API enforces), and every `Update` the fake posts is parsed by `telegram.Update.de_json`.
 """
 
 from __future__ import annotations
 
 import datetime as dtm
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from aiohttp import web
-from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
-from telegram.constants import MessageLimit
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    KeyboardButton,
+    Message,
+    ReplyKeyboardMarkup,
+    Update,
+)
+from telegram.constants import ChatAction, MessageLimit
 from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, RetryAfter
 from telegram.helpers import create_deep_linked_url
 
@@ -217,3 +227,83 @@ async def _wait_for(condition: object, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def test_reply_keyboard_venue_and_chat_action_through_ptb(served: Served) -> None:
+    fake = served.fake
+    fake.start_chat(INTEGRATION, USER)
+    keyboard = ReplyKeyboardMarkup([[KeyboardButton("Send my location", request_location=True)]],
+                                   one_time_keyboard=True, resize_keyboard=True)
+    async with served.bot() as bot:
+        asked = await bot.send_message(chat_id=USER, text="Where are you?", reply_markup=keyboard)
+        # A reply keyboard is shown under the input, never part of the Message.
+        assert asked.text == "Where are you?" and asked.reply_markup is None
+        assert await bot.send_chat_action(chat_id=USER, action=ChatAction.TYPING)
+        assert fake.chat_action(INTEGRATION, USER) == "typing"
+        venue = await bot.send_venue(chat_id=USER, latitude=48.8584, longitude=2.2945, title="Our shop",
+                                     address="5 Av. Anatole France")
+        assert venue.venue is not None and venue.venue.title == "Our shop" and venue.location is not None
+        # A message from the bot ends the typing it showed, as on Telegram.
+        assert fake.chat_action(INTEGRATION, USER) is None
+        assert await bot.send_chat_action(chat_id=USER, action=ChatAction.TYPING)
+    shown, at = fake.chat_actions[(INTEGRATION, USER)]
+    fake.chat_actions[(INTEGRATION, USER)] = (shown, at - 6)
+    assert fake.chat_action(INTEGRATION, USER) is None  # it lasts 5 s at most
+    [asked_params, _venue] = fake.outbox(INTEGRATION, USER)
+    assert asked_params["reply_markup"] == {"keyboard": [[{"text": "Send my location", "request_location": True}]],
+                                            "one_time_keyboard": True, "resize_keyboard": True}
+    assert [r["method"] for r in fake.requests if r["method"] == "sendchataction"] == ["sendchataction"] * 2
+
+
+async def test_the_fake_refuses_what_the_bot_api_refuses(served: Served) -> None:
+    served.fake.start_chat(INTEGRATION, USER)
+    inline = [[InlineKeyboardButton("Yes", callback_data="y")]]
+    async with served.bot() as bot:
+        refused = {  # what the description says → the call
+            "wrong parameter action": bot.send_chat_action(chat_id=USER, action="dancing"),
+            "chat not found": bot.send_chat_action(chat_id=999, action=ChatAction.TYPING),
+            "BUTTON_URL_INVALID": bot.send_message(chat_id=USER, text="x", reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton("Mail", url="mailto:a@x.test")]])),
+            "Text must be non-empty": bot.send_message(chat_id=USER, text="x", reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton(" ", callback_data="y")]])),
+            "reply markup is too long": bot.send_message(chat_id=USER, text="x", reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton(str(i), callback_data=str(i))] for i in range(101)])),
+            "markup is too long": bot.send_message(chat_id=USER, text="x", reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton(str(i), callback_data=str(i)) for i in range(9)]])),
+            "request one thing only": bot.send_message(chat_id=USER, text="x", reply_markup=ReplyKeyboardMarkup(
+                [[KeyboardButton("Both", request_location=True, request_contact=True)]])),
+            "message is too long": bot.send_message(chat_id=USER, text="a" * 4097),
+            "is too long": bot.send_message(chat_id=USER, text="😀" * 2049),  # 4098 UTF-16 units
+            "caption is too long": bot.send_photo(chat_id=USER, photo="https://x.test/a.jpg", caption="c" * 1025),
+            "venue title is empty": bot.send_venue(chat_id=USER, latitude=1.0, longitude=2.0, title=" ",
+                                                   address="Main St"),
+        }
+        for expected, call in refused.items():
+            with pytest.raises(BadRequest, match=f"(?i){re.escape(expected)}"):
+                await call
+        assert (await bot.send_message(chat_id=USER, text="a" * 4096)).text == "a" * 4096
+        assert (await bot.send_message(chat_id=USER, text="😀" * 2048)).text == "😀" * 2048
+        assert (await bot.send_message(chat_id=USER, text="ok", reply_markup=InlineKeyboardMarkup(inline)))
+    # Both keyboards at once: what a client cannot even build is still refused, in Telegram's envelope.
+    async with httpx.AsyncClient() as http:
+        both = await http.post(f"{served.api}/bot{TOKEN}/sendMessage", json={
+            "chat_id": USER, "text": "x", "reply_markup": {"inline_keyboard": [[{"text": "Y", "callback_data": "y"}]],
+                                                           "keyboard": [[{"text": "Y"}]]}})
+    assert both.status_code == 400
+    assert both.json() == {"ok": False, "error_code": 400,
+                           "description": "Bad Request: can't parse reply keyboard markup JSON object"}
+    assert len(served.fake.outbox(INTEGRATION, USER)) == 3
+
+
+async def test_a_shared_location_is_an_update_ptb_reads(served: Served) -> None:
+    async with served.bot() as bot:
+        await bot.set_webhook(served.receiver_url, secret_token=SECRET)
+        sent = await served.fake.send_inbound(INTEGRATION, {"from": USER, "location": {"latitude": 52.52,
+                                                                                       "longitude": 13.405}})
+        assert sent["webhookStatus"] == 200
+        [(body, _headers)] = served.received
+        update = Update.de_json(json.loads(body), bot)
+        assert update is not None and update.message is not None and update.message.location is not None
+        assert (update.message.location.latitude, update.message.location.longitude) == (52.52, 13.405)
+    with pytest.raises(ValueError, match="latitude"):
+        await served.fake.send_inbound(INTEGRATION, {"from": USER, "location": {"latitude": 91, "longitude": 0}})

@@ -164,9 +164,14 @@ def test_build_request_text_photo_file_location() -> None:
     assert params["chat_id"] == "@channel"
 
 
+def test_a_payload_past_callback_datas_64_bytes_goes_as_numbered_text() -> None:
+    method, params = handlers.build_request(send(TextContent(text="x", actions=[
+        ReplyAction(text="Yes", payload="é" * 33)])))  # 66 bytes: no button can carry it back
+    assert method == "sendMessage" and params["text"] == "x\n\n1. Yes" and "reply_markup" not in params
+
+
 @pytest.mark.parametrize("content", [
     TextContent(text="  "),
-    TextContent(text="x", actions=[ReplyAction(text="x", payload="é" * 33)]),  # 66 bytes
     ImageContent(media_url=""),
     TemplateContent(template={"name": "t"}),
 ])
