@@ -64,7 +64,7 @@
     address: (ch) => ch.number,
     inbound: (from, name, spec) => Object.assign({from, name}, spec),
     items(data) {
-      return (data.messages || []).map((m) => ({
+      const items = (data.messages || []).map((m) => ({
         key: m.wamid, direction: m.direction, at: m.at,
         state: m.status + "|" + JSON.stringify(m.errors || []),
         render: (bubble) => (m.direction === "out" ? waOut(m.body, bubble) : waIn(m.body, bubble)),
@@ -74,6 +74,12 @@
           footer.append(el("span", "meta" + (m.status === "read" && m.direction === "in" ? " read" : ""), clock(m.at) + ticks));
         },
       }));
+      // The business's typing indicator, under its name as WhatsApp shows it (the fake keeps it
+      // until the business's next message, or 25 s).
+      if (current && current.kind === "whatsapp") {
+        $("phone-business").textContent = data.typing ? "typing…" : whatsapp.subtitle(current);
+      }
+      return items;
     },
     markRead(data, api) {
       for (const m of data.messages || []) {
@@ -101,18 +107,46 @@
         const params = (component.parameters || []).map((p) => p.text || p.payload || "").filter(Boolean);
         if (params.length) bubble.append(el("div", "", params.join(" · ")));
       }
-    } else if (type === "interactive") {
-      const inter = body.interactive;
-      if (inter.body) bubble.append(el("div", "", inter.body.text));
-      const buttons = el("div", "buttons");
-      const choices = inter.type === "button"
-        ? inter.action.buttons.map((b) => ({id: b.reply.id, title: b.reply.title, kind: "buttonReply"}))
-        : [].concat(...(inter.action.sections || []).map((s) => s.rows.map((r) => ({id: r.id, title: r.title, kind: "listReply"}))));
-      for (const choice of choices) {
-        buttons.append(choiceButton(choice.title, () => sendAsCustomer({[choice.kind]: {id: choice.id, title: choice.title}})));
+    } else if (type === "interactive") waInteractive(body.interactive, bubble);
+    else bubble.append(el("div", "", "[" + type + "]"));
+  }
+
+  // Interactive messages as WhatsApp shows them; a tap sends what WhatsApp would (the fake's
+  // /inbound turns it into the real webhook): a button_reply, a list_reply with the row id, a
+  // location message for a location request. A CTA URL button is a link.
+  const WA_SHARED_LOCATION = {latitude: 48.8584, longitude: 2.2945, name: "Shared location", address: "Champ de Mars, Paris"};
+  function waInteractive(inter, bubble) {
+    const action = inter.action || {};
+    const header = inter.header || {};
+    if (header.type === "image") renderImage((header.image || {}).link || "", "", bubble);
+    else if (header.type === "text") bubble.append(el("div", "card-title", header.text));
+    else if (header.type) bubble.append(el("div", "card-sub", "📎 " + header.type));
+    if (inter.body) bubble.append(el("div", "", inter.body.text));
+    if (inter.footer) bubble.append(el("div", "card-sub", inter.footer.text));
+    const buttons = el("div", "buttons");
+    if (inter.type === "button") {
+      for (const b of action.buttons || []) {
+        buttons.append(choiceButton(b.reply.title, () => sendAsCustomer({buttonReply: {id: b.reply.id, title: b.reply.title}})));
       }
-      bubble.append(buttons);
-    } else bubble.append(el("div", "", "[" + type + "]"));
+    } else if (inter.type === "list") {
+      const rows = el("div", "buttons");
+      rows.hidden = true;
+      for (const section of action.sections || []) {
+        if (section.title) rows.append(el("div", "card-sub", section.title));
+        for (const r of section.rows || []) {
+          const row = choiceButton(r.title, () => sendAsCustomer({listReply: {id: r.id, title: r.title, description: r.description}}));
+          if (r.description) row.append(el("div", "card-sub", r.description));
+          rows.append(row);
+        }
+      }
+      buttons.append(choiceButton("☰ " + action.button, () => { rows.hidden = !rows.hidden; }), rows);
+    } else if (inter.type === "cta_url") {
+      const params = action.parameters || {};
+      buttons.append(link(params.url, "↗ " + params.display_text));
+    } else if (inter.type === "location_request_message") {
+      buttons.append(choiceButton("📍 Send location", () => sendAsCustomer({location: WA_SHARED_LOCATION})));
+    } else bubble.append(el("div", "card-sub", "[" + inter.type + "]"));
+    if (buttons.childNodes.length) bubble.append(buttons);
   }
 
   function waIn(body, bubble) {
@@ -121,7 +155,10 @@
       const reply = body.interactive.button_reply || body.interactive.list_reply || {};
       bubble.append(el("div", "", reply.title || "[choice]"));
     } else if (body.type === "image") bubble.append(el("div", "", "🖼 " + (body.image.caption || "image")));
-    else bubble.append(el("div", "", "[" + body.type + "]"));
+    else if (body.type === "location") {
+      const loc = body.location || {};
+      bubble.append(el("div", "", "📍 " + (loc.name ? loc.name + " " : "") + loc.latitude + "," + loc.longitude));
+    } else bubble.append(el("div", "", "[" + body.type + "]"));
   }
 
   const messenger = {
@@ -132,16 +169,25 @@
     address: (ch) => (ch.pageId ? "m.me/" + ch.pageId : ch.pageName),
     inbound: (from, name, spec) => Object.assign({from, name}, spec),
     items(data) {
-      return (data.messages || []).map((m, index) => ({
-        key: m.mid || "event-" + index + "-" + m.at, direction: m.direction, at: m.at, state: m.status,
-        render: (bubble) => (m.direction === "out" ? msOut(m.body.message || {}, bubble) : msIn(m.body, bubble)),
-        footer: (footer) => {
-          footer.append(el("span", "meta", clock(m.at)));
-        },
-        quickReplies: m.direction === "out" ? ((m.body.message || {}).quick_replies || [])
-          .filter((q) => q.content_type === "text")
-          .map((q) => ({title: q.title, spec: {text: q.title, quickReply: q.payload}})) : [],
-      }));
+      // The Page's sender actions: typing_on shows "typing…" under its name, mark_seen "Seen".
+      const person = data.person || {};
+      if (current && current.kind === "messenger") {
+        $("phone-business").textContent = person.typing ? "typing…" : messenger.subtitle(current);
+      }
+      return (data.messages || []).map((m, index) => {
+        const seen = m.direction === "in" && typeof person.seenAt === "number" && person.seenAt >= m.at;
+        return {
+          key: m.mid || "event-" + index + "-" + m.at, direction: m.direction, at: m.at,
+          state: m.status + (seen ? "|seen" : ""),
+          render: (bubble) => (m.direction === "out" ? msOut(m.body.message || {}, bubble) : msIn(m.body, bubble)),
+          footer: (footer) => {
+            footer.append(el("span", "meta" + (seen ? " read" : ""), clock(m.at) + (seen ? " · Seen" : "")));
+          },
+          quickReplies: m.direction === "out" ? ((m.body.message || {}).quick_replies || [])
+            .filter((q) => q.content_type === "text")
+            .map((q) => ({title: q.title, spec: {text: q.title, quickReply: q.payload}})) : [],
+        };
+      });
     },
     markRead(data, api, from) {
       const unread = (data.messages || []).filter((m) => m.direction === "out" && m.status !== "read" && !readSent.has(m.mid));
@@ -158,6 +204,8 @@
         box.append(choiceButton(b.title, () => sendAsCustomer({postback: {payload: b.payload, title: b.title}})));
       } else if (b.type === "web_url") {
         box.append(link(b.url, b.title));
+      } else if (b.type === "phone_number") {
+        box.append(link("tel:" + b.payload, b.title));
       } else box.append(el("span", "", b.title || "[" + b.type + "]"));
     }
     bubble.append(box);
@@ -173,14 +221,45 @@
       bubble.append(el("div", "", payload.text || ""));
       msButtons(payload.buttons, bubble);
     } else if (attachment.type === "template" && payload.template_type === "generic") {
-      for (const element of payload.elements || []) {
-        if (element.image_url) renderImage(element.image_url, element.title, bubble);
-        bubble.append(el("div", "card-title", element.title || ""));
-        if (element.subtitle) bubble.append(el("div", "card-sub", element.subtitle));
-        msButtons(element.buttons, bubble);
-      }
+      msCarousel(payload, bubble);
     } else if (payload.url) bubble.append(link(payload.url, "📎 " + attachment.type));
     else bubble.append(el("div", "", "[" + attachment.type + "]"));
+  }
+
+  // A generic template as Messenger shows it: a row of cards that scrolls sideways, each with its
+  // image, title, subtitle and buttons (a postback button sends the real messaging_postbacks
+  // webhook; a default_action makes the title open the link). Styled here: it is Messenger's alone.
+  function msCarousel(payload, bubble) {
+    Object.assign(bubble.style, {maxWidth: "100%", width: "100%", boxSizing: "border-box", padding: "0",
+      background: "transparent"});
+    const row = el("div", "ms-cards");
+    Object.assign(row.style, {display: "flex", gap: "8px", overflowX: "auto", scrollSnapType: "x mandatory",
+      whiteSpace: "normal", paddingBottom: "4px"});
+    const ratio = payload.image_aspect_ratio === "square" ? "1 / 1" : "1.91 / 1";
+    for (const element of payload.elements || []) {
+      const card = el("div", "ms-card");
+      Object.assign(card.style, {flex: "0 0 78%", scrollSnapAlign: "start", background: "#fff",
+        border: "1px solid #dadde1", borderRadius: "14px", overflow: "hidden"});
+      if (element.image_url) {
+        renderImage(element.image_url, element.title, card);
+        const img = card.lastChild;
+        if (img && img.tagName === "IMG") {
+          Object.assign(img.style, {width: "100%", aspectRatio: ratio, objectFit: "cover", borderRadius: "0"});
+        }
+      }
+      const text = el("div");
+      text.style.padding = "6px 10px 8px";
+      const target = element.default_action ? element.default_action.url : null;
+      const title = target ? link(target, element.title || "") : el("span", "", element.title || "");
+      const titleLine = el("div", "card-title");
+      titleLine.append(title);
+      text.append(titleLine);
+      if (element.subtitle) text.append(el("div", "card-sub", element.subtitle));
+      if ((element.buttons || []).length) msButtons(element.buttons, text);
+      card.append(text);
+      row.append(card);
+    }
+    bubble.append(row);
   }
 
   function msIn(event, bubble) {
@@ -203,6 +282,10 @@
     address: (ch) => (ch.username ? "@" + ch.username : null),
     inbound: (from, name, spec) => Object.assign({from: /^\d+$/.test(from) ? Number(from) : from, name}, spec),
     items(data) {
+      // The bot's sendChatAction: "typing…" under its name while Telegram would show it.
+      if (current && current.kind === "telegram") {
+        $("phone-business").textContent = data.chatAction === "typing" ? "typing…" : telegram.subtitle(current);
+      }
       return (data.messages || []).map((m) => {
         const msg = m.message || {};
         const pressed = m.callbackQuery;
@@ -214,11 +297,32 @@
             else tgMessage(msg, m.params || {}, bubble);
           },
           footer: (footer) => footer.append(el("span", "meta", clock(m.at) + (m.direction === "in" ? " ✓✓" : ""))),
+          // A reply keyboard (not part of the Message: it is in the call's reply_markup) sits
+          // under the input while it is the newest message's, as one_time_keyboard does.
+          quickReplies: m.direction === "out" ? tgReplyKeyboard((m.params || {}).reply_markup) : [],
         };
       });
     },
     markRead() { /* bots never learn that a user read their messages */ },
   };
+
+  // Where the phone is when "Share location" is tapped (the sandbox has no GPS).
+  const TG_SANDBOX_LOCATION = {latitude: 52.520008, longitude: 13.404954};
+
+  function tgReplyKeyboard(markup) {
+    const buttons = [];
+    for (const row of (markup || {}).keyboard || []) {
+      for (const b of row) {
+        const text = typeof b === "string" ? b : (b || {}).text;
+        if (!text) continue;
+        if (b.request_location) buttons.push({title: "📍 " + text, spec: {location: TG_SANDBOX_LOCATION}});
+        else if (!Object.keys(b).some((k) => k.startsWith("request_") || k === "web_app")) {
+          buttons.push({title: text, spec: {text}});
+        }
+      }
+    }
+    return buttons;
+  }
 
   function tgButtonText(message, data) {
     for (const row of (message.reply_markup || {}).inline_keyboard || []) {
@@ -238,10 +342,16 @@
       else bubble.append(el("div", "", "🖼 photo"));
     }
     if (msg.document) bubble.append(el("div", "", "📄 " + (msg.document.file_name || "document")));
-    if (msg.location) bubble.append(el("div", "", "📍 " + msg.location.latitude + "," + msg.location.longitude));
+    if (msg.venue) bubble.append(el("div", "", "📍 " + msg.venue.title + ", " + msg.venue.address));
+    else if (msg.location) bubble.append(el("div", "", "📍 " + msg.location.latitude + "," + msg.location.longitude));
     if (msg.text) bubble.append(el("div", "", msg.text));
-    if (msg.caption) bubble.append(el("div", "", msg.caption));
     const rows = (msg.reply_markup || {}).inline_keyboard;
+    if (msg.caption && msg.photo && rows && rows.length) {
+      // A photo with a caption and buttons is how a carousel card arrives: shown as a card.
+      const [title, ...rest] = msg.caption.split("\n");
+      bubble.append(el("div", "card-title", title));
+      if (rest.length) bubble.append(el("div", "card-sub", rest.join("\n")));
+    } else if (msg.caption) bubble.append(el("div", "", msg.caption));
     if (rows && rows.length) {
       const keyboard = el("div", "tg-keyboard");
       for (const row of rows) {
@@ -266,8 +376,13 @@
     address: (ch) => ch.number,
     inbound: (from, _name, spec) => Object.assign({from}, spec),
     items(data) {
-      return (data.messages || []).map((m) => ({
+      const messages = data.messages || [];
+      // The choices the business's latest texts number ("1. Yes"): a tap answers with the number,
+      // as a customer would type it.
+      const answers = (data.choices || []).map((c) => ({title: c.number + ". " + c.label, spec: {text: String(c.number)}}));
+      return messages.map((m, i) => ({
         key: m.sid, direction: m.direction, at: m.at, state: m.status + "|" + (m.errorCode || ""),
+        quickReplies: i === messages.length - 1 ? answers : [],
         render: (bubble) => {
           const body = m.body || {};
           const media = m.direction === "out" ? (body.MediaUrl || [])
@@ -276,16 +391,30 @@
             if (m.direction === "out") renderImage(url, "MMS", bubble);
             else bubble.append(el("div", "", "🖼 picture"));
           }
-          if (body.Body) bubble.append(el("div", "", body.Body));
+          if (body.Body) bubble.append(smsText(body.Body));
         },
         footer: (footer) => {
           if (m.status === "failed" || m.status === "undelivered") footer.append(el("div", "failed", "not delivered (" + (m.errorCode || m.status) + ")"));
-          footer.append(el("span", "meta", clock(m.at)));
+          // A long text is one message of several segments (each billed), as the handset joins them.
+          footer.append(el("span", "meta", clock(m.at) + (m.segments > 1 ? " · " + m.segments + " segments" : "")));
         },
       }));
     },
     markRead() { /* SMS has no read receipts */ },
   };
+
+  // An SMS body as a phone shows it: line breaks kept, web links tappable.
+  function smsText(text) {
+    const box = el("div");
+    let last = 0;
+    for (const match of text.matchAll(/https?:\/\/[^\s]+/g)) {
+      if (match.index > last) box.append(document.createTextNode(text.slice(last, match.index)));
+      box.append(link(match[0], match[0]));
+      last = match.index + match[0].length;
+    }
+    if (last < text.length) box.append(document.createTextNode(text.slice(last)));
+    return box;
+  }
 
 
   // --- the App phone: the business's own Android app with Threadline's in-app SDK -----------------
