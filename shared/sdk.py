@@ -13,11 +13,17 @@ import msgspec
 
 from shared.ids import iso
 from shared.signing import sign_token, verify_token
-from shared.sunco import ActivityType, Author, Message, Wire, api_content
+from shared.sunco import ActivityType, Author, FormFieldType, FormOption, Message, Wire, api_content
 
 # Limits the SDK endpoints enforce.
 MAX_TEXT_LENGTH = 4096
 MAX_CLIENT_MESSAGE_ID_LENGTH = 128
+MAX_PAYLOAD_LENGTH = 1000  # a button's payload (the business API's limit)
+MAX_LOCATION_TEXT_LENGTH = 256  # a shared location's name, its address
+MAX_FORM_FIELDS = 20
+MAX_FORM_LABEL_LENGTH = 128  # a form field's name and label, an option's name and label
+MAX_FORM_TEXT_LENGTH = 256
+MAX_FORM_EMAIL_LENGTH = 128
 HISTORY_PAGE_LIMIT = 100
 
 
@@ -138,15 +144,52 @@ class IntegrationConfig(Wire, kw_only=True):
 
 # --- messages and activity -------------------------------------------------------------------
 
+class PostLocation(Wire, kw_only=True):
+    """A location the customer shares (`PostMessage.location`): coordinates, and optionally
+    the place's name and address."""
+
+    lat: float
+    long: float
+    name: str | None = None
+    address: str | None = None
+
+
+class PostFormField(Wire, kw_only=True):
+    """One answered field of a form (`PostMessage.formResponse.fields`): the form field's
+    `type`, `name` and `label`, and its value in `text`, `email` or `select` (one option)."""
+
+    type: FormFieldType
+    name: str
+    label: str
+    text: str | None = None
+    email: str | None = None
+    select: list[FormOption] | None = None
+
+
+class PostFormResponse(Wire, kw_only=True):
+    """The customer's answer to the form message `quotedMessageId` (`PostMessage.formResponse`)."""
+
+    quoted_message_id: str
+    fields: list[PostFormField]
+
+
 class PostMessage(Wire, kw_only=True):
-    """Body of `POST .../conversations/{conversationId}/messages`.
+    """Body of `POST .../conversations/{conversationId}/messages` (and of a session's first
+    message, `POST .../conversations`).
 
     `clientMessageId` is chosen by the client (a UUID) and makes retries idempotent; it comes
     back as `message.source.originalMessageId`.
+
+    The message is exactly one of: a `text`; a tap on a business's reply or postback button
+    (`payload`: the button's payload, `text`: its label); a shared `location`; or a
+    `formResponse` to a form message (`text` empty for these two).
     """
 
     client_message_id: str
-    text: str
+    text: str = ""
+    payload: str | None = None
+    location: PostLocation | None = None
+    form_response: PostFormResponse | None = None
 
 
 class MessageAccepted(Wire, kw_only=True):

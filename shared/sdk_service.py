@@ -22,7 +22,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -53,13 +53,20 @@ from shared.http import (
 from shared.ids import iso, new_id, now
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
-from shared.messages.channel import InboundActivity, InboundMessage
+from shared.messages.channel import InboundActivity, InboundMessage, Postback
 from shared.presence import PresenceBoard
 from shared.ratelimit import SharedLimiter
 from shared.records import INTEGRATION_DECODER, IntegrationRecord, integration_decoder, open_integration
+from shared.render import form_response_text
 from shared.sdk import (
     HISTORY_PAGE_LIMIT,
     MAX_CLIENT_MESSAGE_ID_LENGTH,
+    MAX_FORM_EMAIL_LENGTH,
+    MAX_FORM_FIELDS,
+    MAX_FORM_LABEL_LENGTH,
+    MAX_FORM_TEXT_LENGTH,
+    MAX_LOCATION_TEXT_LENGTH,
+    MAX_PAYLOAD_LENGTH,
     MAX_TEXT_LENGTH,
     ChannelFrame,
     DeliveryFrame,
@@ -72,6 +79,8 @@ from shared.sdk import (
     MessageFrame,
     MessagesPage,
     PostActivity,
+    PostFormResponse,
+    PostLocation,
     PostMessage,
     ReadFrame,
     ReadyFrame,
@@ -87,10 +96,19 @@ from shared.sdk import (
     sdk_message,
 )
 from shared.service import ServiceApp
-from shared.sunco import TextContent
+from shared.sunco import (
+    Content,
+    FormField,
+    FormResponseContent,
+    LocationContent,
+    LocationCoordinates,
+    LocationInfo,
+    TextContent,
+)
 from shared.telemetry import extract_context, log_fields, tracer
 
 log = logging.getLogger(__name__)
+PostMessageT = TypeVar("PostMessageT", bound=PostMessage)
 _tracer = tracer(__name__)
 
 SDK_CLIENT_TYPE: Final = "sdk"
@@ -104,6 +122,8 @@ PING_TICK_SECONDS: Final = 0.1
 MAX_SOCKET_QUERY_FIELDS: Final = 16
 _CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
 _KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What `conversations` takes for a form's e-mail answer.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 # Error code of a pending session's calls that need its conversation (409).
 NOT_STARTED: Final = "conversation_not_started"
 MAX_ORIGIN_KEY_LENGTH: Final = 256
@@ -298,15 +318,79 @@ def parse_limit(raw: str | None, maximum: int) -> int:
     return int(raw)
 
 
-def validate_post_message(body: PostMessage) -> PostMessage:
-    """400 for an unusable client message id or text (empty, or over 4096 characters)."""
+def validate_post_message(body: PostMessageT) -> PostMessageT:
+    """400 unless the body is one usable customer message: a client message id, and exactly one
+    of a text (1-4096 characters; with `payload`, a button tap), a `location` or a
+    `formResponse`, each of the shape `inbound_message` turns into SunCo content."""
     if not _CLIENT_MESSAGE_ID.match(body.client_message_id):
         raise ApiError(400, "clientMessageId must be 8-128 characters of [A-Za-z0-9_-] (a UUID)")
-    if not body.text.strip():
-        raise ApiError(400, "text must not be empty")
     if len(body.text) > MAX_TEXT_LENGTH:
         raise ApiError(400, f"text must be at most {MAX_TEXT_LENGTH} characters")
+    kinds = [name for name, given in (("text", bool(body.text.strip())), ("location", body.location is not None),
+                                      ("formResponse", body.form_response is not None)) if given]
+    if not kinds:
+        raise ApiError(400, "text must not be empty")
+    if len(kinds) > 1:
+        raise ApiError(400, f"A message is one of text, location or formResponse, not {' and '.join(kinds)}")
+    if body.payload is not None:
+        if kinds != ["text"]:
+            raise ApiError(400, "payload is a button tap: it comes with the button's text only")
+        if not body.payload or len(body.payload) > MAX_PAYLOAD_LENGTH:
+            raise ApiError(400, f"payload must be 1-{MAX_PAYLOAD_LENGTH} characters")
+    if body.location is not None:
+        _check_location(body.location)
+    if body.form_response is not None:
+        _check_form_response(body.form_response)
     return body
+
+
+def _check_location(location: PostLocation) -> None:
+    if not (math.isfinite(location.lat) and -90 <= location.lat <= 90):
+        raise ApiError(400, "location.lat must be a latitude between -90 and 90")
+    if not (math.isfinite(location.long) and -180 <= location.long <= 180):
+        raise ApiError(400, "location.long must be a longitude between -180 and 180")
+    for name in ("name", "address"):
+        value = getattr(location, name)
+        if value is not None and len(value) > MAX_LOCATION_TEXT_LENGTH:
+            raise ApiError(400, f"location.{name} must be at most {MAX_LOCATION_TEXT_LENGTH} characters")
+
+
+def _check_label(value: str, at: str) -> None:
+    if not value.strip() or len(value) > MAX_FORM_LABEL_LENGTH:
+        raise ApiError(400, f"{at} must be 1-{MAX_FORM_LABEL_LENGTH} characters")
+
+
+def _check_form_response(answer: PostFormResponse) -> None:
+    """The shape of a form answer; whether it answers its form (names, types, options, the
+    form's lengths) is `conversations`' check, which knows the form."""
+    if not _KV_KEY.match(answer.quoted_message_id):
+        raise ApiError(400, "formResponse.quotedMessageId must name the form message it answers")
+    if not 1 <= len(answer.fields) <= MAX_FORM_FIELDS:
+        raise ApiError(400, f"formResponse.fields must have 1-{MAX_FORM_FIELDS} fields")
+    if len({f.name for f in answer.fields}) != len(answer.fields):
+        raise ApiError(400, "formResponse.fields must answer each field once (names are unique)")
+    for index, given in enumerate(answer.fields):
+        at = f"formResponse.fields[{index}]"
+        _check_label(given.name, f"{at}.name")
+        _check_label(given.label, f"{at}.label")
+        values = {"text": given.text, "email": given.email, "select": given.select}
+        if [key for key, value in values.items() if value is not None] != [given.type]:
+            raise ApiError(400, f"{at} answers a {given.type} field: it has {given.type} and nothing else")
+        if given.type == "text":
+            assert given.text is not None
+            if not given.text.strip() or len(given.text) > MAX_FORM_TEXT_LENGTH:
+                raise ApiError(400, f"{at}.text must be 1-{MAX_FORM_TEXT_LENGTH} characters")
+        elif given.type == "email":
+            assert given.email is not None
+            if len(given.email) > MAX_FORM_EMAIL_LENGTH or not _EMAIL.match(given.email):
+                raise ApiError(400, f"{at}.email must be an e-mail address of at most {MAX_FORM_EMAIL_LENGTH} "
+                                    "characters")
+        else:
+            assert given.select is not None
+            if len(given.select) != 1:
+                raise ApiError(400, f"{at}.select must be exactly one option")
+            _check_label(given.select[0].name, f"{at}.select[0].name")
+            _check_label(given.select[0].label, f"{at}.select[0].label")
 
 
 def inbound_msg_id(channel_name: str, client_message_id: str) -> str:
@@ -314,15 +398,36 @@ def inbound_msg_id(channel_name: str, client_message_id: str) -> str:
     return f"{channel_name}:{client_message_id}"
 
 
+def message_content(body: PostMessage) -> Content:
+    """The SunCo content of a (validated) customer message: a text (a tap's carries its
+    button's payload), a location, or a formResponse naming its form in every field, with
+    SunCo's `textFallback`."""
+    if body.location is not None:
+        where = body.location
+        info = LocationInfo(name=where.name or None, address=where.address or None)
+        return LocationContent(coordinates=LocationCoordinates(lat=where.lat, long=where.long),
+                               location=info if info.name or info.address else None)
+    if body.form_response is not None:
+        form_id = body.form_response.quoted_message_id
+        answer = FormResponseContent(fields=[
+            FormField(type=f.type, name=f.name, label=f.label, text=f.text, email=f.email, select=f.select,
+                      quoted_message_id=form_id) for f in body.form_response.fields])
+        return msgspec.structs.replace(answer, text_fallback=form_response_text(answer))
+    return TextContent(text=body.text, payload=body.payload)
+
+
 def inbound_message(claims: SessionClaims, conversation_id: str, body: PostMessage, now: float,
                     channel_name: str, client_info: dict[str, Any] | None = None) -> InboundMessage:
-    """The normalized inbound message for a customer's post on SDK channel `channel_name`."""
+    """The normalized inbound message for a customer's post on SDK channel `channel_name`; a
+    button tap (`payload`) carries its `Postback` (`conversations` tells a reply from a postback
+    by the business's button)."""
     return InboundMessage(
         app_id=claims.app, integration_id=claims.integration, channel=channel_name,
         client_type=SDK_CLIENT_TYPE, channel_user_id=claims.channel_user_id,
         provider_message_id=body.client_message_id, received_at=now,
-        content=TextContent(text=body.text), client_info=client_info or {},
+        content=message_content(body), client_info=client_info or {},
         user_id=claims.user, client_id=claims.client, conversation_id=conversation_id,
+        postback=Postback(payload=body.payload, text=body.text) if body.payload is not None else None,
     )
 
 

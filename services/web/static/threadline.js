@@ -99,7 +99,55 @@
     "color:var(--tl-brand,#2b59c3);text-decoration:underline;cursor:pointer}",
     ".tl-system{align-self:center;max-width:90%;text-align:center;font-size:12px;color:#656d76;",
     "background:#eaeef2;border-radius:10px;padding:4px 10px}",
-    ".tl-system[data-kind=failed],.tl-system[data-kind=link-refused]{color:#d1242f;background:#ffebe9}"
+    ".tl-system[data-kind=failed],.tl-system[data-kind=link-refused]{color:#d1242f;background:#ffebe9}",
+    // Rich messages: buttons in the bubble, quick replies under the latest message, carousels,
+    // lists and forms.
+    ".tl-actions{display:flex;flex-direction:column;gap:4px;margin-top:8px;white-space:normal}",
+    ".tl-action{display:block;box-sizing:border-box;width:100%;border:1px solid var(--tl-brand,#2b59c3);",
+    "background:#fff;color:var(--tl-brand,#2b59c3);border-radius:8px;padding:6px 10px;font:inherit;",
+    "text-align:center;text-decoration:none;cursor:pointer}",
+    ".tl-action:hover,.tl-action:focus-visible,.tl-chip:hover,.tl-chip:focus-visible{background:#eef3fc}",
+    ".tl-action:focus-visible,.tl-chip:focus-visible{outline:2px solid var(--tl-brand,#2b59c3);outline-offset:1px}",
+    ".tl-action[disabled],.tl-action[aria-busy=true],.tl-action[aria-disabled=true],.tl-chip[disabled]{opacity:.6;",
+    "cursor:default}",
+    ".tl-action[data-state=failed]{border-color:#d1242f;color:#d1242f}",
+    ".tl-replies{display:flex;flex-wrap:wrap;justify-content:flex-end;gap:6px;align-self:flex-end;max-width:90%}",
+    ".tl-chip{display:inline-flex;align-items:center;gap:4px;border:1px solid var(--tl-brand,#2b59c3);",
+    "background:#fff;color:var(--tl-brand,#2b59c3);border-radius:999px;padding:4px 12px;font:inherit;",
+    "cursor:pointer}",
+    ".tl-chip-icon{width:16px;height:16px;border-radius:50%}",
+    ".tl-message[data-type=carousel]{max-width:100%;align-self:stretch}",
+    ".tl-message[data-type=carousel] .tl-bubble,.tl-message[data-type=list] .tl-bubble{padding:0;",
+    "white-space:normal}",
+    ".tl-message[data-type=carousel] .tl-bubble{border:0;background:none;align-self:stretch;min-width:0;",
+    "max-width:100%}",
+    ".tl-message[data-type=list],.tl-message[data-type=form]{min-width:70%}",
+    ".tl-carousel{display:flex;gap:8px;overflow-x:auto;scroll-snap-type:x mandatory;padding:2px 2px 6px}",
+    ".tl-carousel:focus-visible{outline:2px solid var(--tl-brand,#2b59c3)}",
+    ".tl-card{flex:0 0 200px;scroll-snap-align:start;display:flex;flex-direction:column;background:#fff;",
+    "border:1px solid #d0d7de;border-radius:12px;overflow:hidden}",
+    ".tl-card .tl-item-media{width:100%;aspect-ratio:1.91/1;object-fit:cover;border-radius:0}",
+    ".tl-carousel[data-aspect=square] .tl-item-media{aspect-ratio:1/1}",
+    ".tl-card .tl-item-body{display:flex;flex-direction:column;gap:2px;padding:8px 10px;flex:1}",
+    ".tl-card .tl-actions{margin-top:auto;padding-top:6px}",
+    ".tl-item-title{font-weight:600}",
+    ".tl-item-description{font-size:12px;color:#656d76}",
+    ".tl-list{display:flex;flex-direction:column}",
+    ".tl-list-item{display:flex;gap:10px;padding:8px 10px;border-bottom:1px solid #d0d7de}",
+    ".tl-list-item .tl-item-media{width:56px;height:56px;object-fit:cover;flex:none;border-radius:6px}",
+    ".tl-list-item .tl-item-body{flex:1;min-width:0}",
+    ".tl-list>.tl-actions{padding:8px 10px;margin:0}",
+    ".tl-form{display:flex;flex-direction:column;gap:8px;white-space:normal;min-width:200px}",
+    ".tl-form-field{display:flex;flex-direction:column;gap:2px}",
+    ".tl-form-field label{font-size:12px;color:#656d76}",
+    ".tl-form-input{border:1px solid #d0d7de;border-radius:6px;padding:6px 8px;font:inherit;background:#fff;",
+    "color:inherit}",
+    ".tl-form-input:disabled{background:#f6f8fa;color:#1f2328}",
+    ".tl-form[data-state=submitted] .tl-form-submit{border-color:#d0d7de;color:#656d76}",
+    ".tl-form-error{font-size:12px;color:#d1242f}",
+    ".tl-form-error[hidden]{display:none}",
+    ".tl-input:disabled{background:#f6f8fa}",
+    ".tl-send:disabled{opacity:.6;cursor:default}"
   ].join("");
 
   // How the widget names a channel: on its buttons ("Continue on WhatsApp") and in the thread.
@@ -254,6 +302,10 @@
     this.businessReadAt = 0;      // ms; when the business last read the conversation
     this.pending = {};            // clientMessageId -> element
     this.rendered = {};           // message id -> element
+    this.forms = {};              // form message id -> its <form>
+    this.formAnswers = {};        // form message id -> the customer's answered fields
+    this.itemForms = {};          // clientMessageId of a form answer being sent -> its <form>
+    this.tapButtons = {};         // clientMessageId of a postback tap being sent -> its button
     this.socket = null;
     this.reconnectAttempt = 0;
     this.reconnectTimer = null;
@@ -481,47 +533,536 @@
     return day + " " + time;
   }
 
-  function renderContent(bubble, content) {
-    content = content || {};
+  function renderImage(bubble, content) {
     var mediaUrl = safeUrl(content.mediaUrl);
-    if (content.type === "image" && content.mediaUrl) {
-      if (mediaUrl) {
-        var img = el("img", {"alt": content.altText || "image"});
-        img.addEventListener("error", function () {
-          if (img.parentNode) {
-            img.parentNode.replaceChild(imagePlaceholder(content.altText), img);
-          }
-        });
-        img.setAttribute("src", mediaUrl);
-        bubble.appendChild(img);
-      } else {
-        bubble.appendChild(imagePlaceholder(content.altText));
+    if (mediaUrl) {
+      var img = el("img", {"alt": content.altText || "image"});
+      img.addEventListener("error", function () {
+        if (img.parentNode) {
+          img.parentNode.replaceChild(imagePlaceholder(content.altText), img);
+        }
+      });
+      img.setAttribute("src", mediaUrl);
+      bubble.appendChild(img);
+    } else {
+      bubble.appendChild(imagePlaceholder(content.altText));
+    }
+    if (content.text) {
+      bubble.appendChild(el("div", {}, content.text));
+    }
+  }
+
+  // A shared location as the thread shows it: its name and address, else its coordinates.
+  function locationText(content) {
+    var place = content.location || {};
+    var parts = [place.name, place.address].filter(function (p) { return typeof p === "string" && p; });
+    if (parts.length) {
+      return parts.join("\n");
+    }
+    var at = content.coordinates || {};
+    return "Location: " + at.lat + ", " + at.long;
+  }
+
+  // A field's answer in words (SunCo's textFallback line: "label: value").
+  function answerValue(field) {
+    if (typeof field.text === "string" && field.type !== "email" && field.type !== "select") {
+      return field.text;
+    }
+    if (typeof field.email === "string" && field.type === "email") {
+      return field.email;
+    }
+    return (Array.isArray(field.select) ? field.select : []).map(function (o) { return o && o.label; })
+      .filter(Boolean).join(", ");
+  }
+
+  function formResponseText(content) {
+    var fields = Array.isArray(content.fields) ? content.fields : [];
+    if (!fields.length) {
+      return content.textFallback || "[form response]";
+    }
+    return fields.map(function (f) { return (f && f.label) + ": " + answerValue(f || {}); }).join("\n");
+  }
+
+  // The form message a formResponse answers (every field names it).
+  function answeredFormId(content) {
+    var fields = Array.isArray(content.fields) ? content.fields : [];
+    for (var i = 0; i < fields.length; i++) {
+      if (fields[i] && typeof fields[i].quotedMessageId === "string" && fields[i].quotedMessageId) {
+        return fields[i].quotedMessageId;
       }
-      if (content.text) {
-        bubble.appendChild(el("div", {}, content.text));
-      }
-    } else if (content.type === "file" && content.mediaUrl) {
+    }
+    return null;
+  }
+
+  // "Buy (12.50 EUR)"
+  function buyLabel(action) {
+    var label = action.text || "Buy";
+    if (typeof action.amount !== "number" || !(action.amount > 0)) {
+      return label;
+    }
+    var price = (action.amount / 100).toFixed(2) + (action.currency ? " " + String(action.currency).toUpperCase() : "");
+    if (action.currency) {
+      try {
+        price = new Intl.NumberFormat(undefined, {style: "currency", currency: String(action.currency).toUpperCase()})
+          .format(action.amount / 100);
+      } catch (e) { /* an unknown currency code: the plain figure */ }
+    }
+    return label + " (" + price + ")";
+  }
+
+  // Actions a customer answers with a quick reply under the latest message (they go once it is
+  // answered); the others are buttons in the bubble, and stay.
+  function isQuickReply(action) {
+    return !!action && (action.type === "reply" || action.type === "locationRequest");
+  }
+
+  // The pending bubble's text for an outbox item (a text, a tap's label, a location, a form answer).
+  function itemText(item) {
+    if (item.formResponse) {
+      return formResponseText(item.formResponse);
+    }
+    if (item.location) {
+      return locationText({coordinates: {lat: item.location.lat, long: item.location.long},
+        location: {name: item.location.name, address: item.location.address}});
+    }
+    return item.text || "";
+  }
+
+  function itemType(item) {
+    return item.formResponse ? "formResponse" : item.location ? "location" : "text";
+  }
+
+  // A message's content in its node: text, media, location, carousel, list, form, form answer,
+  // and the business's buttons. DOM only (textContent, safeUrl for every URL), never HTML.
+  Widget.prototype.renderContent = function (node, author, message) {
+    var bubble = node.firstChild;
+    var content = (message && message.content) || {};
+    var type = typeof content.type === "string" ? content.type : "text";
+    var business = author === "business";
+    node.setAttribute("data-type", type);
+    if (type === "image" && content.mediaUrl) {
+      renderImage(bubble, content);
+    } else if (type === "file" && content.mediaUrl) {
+      var mediaUrl = safeUrl(content.mediaUrl);
       var label = content.altText || content.text || "file";
       // Not a web URL: the file's name as text, never a link.
       bubble.appendChild(mediaUrl ? el("a", {"href": mediaUrl, "target": "_blank", "rel": "noopener noreferrer"},
         label) : el("span", {"data-threadline": "file-unavailable"}, label));
-    } else if (content.type === "location" && content.coordinates) {
-      bubble.textContent = (content.location && (content.location.name || content.location.address)) ||
-        content.coordinates.lat + ", " + content.coordinates.long;
+    } else if (type === "location" && content.coordinates) {
+      bubble.textContent = locationText(content);
+    } else if (type === "carousel" && Array.isArray(content.items)) {
+      bubble.appendChild(this.carouselView(content, message, business));
+    } else if (type === "list" && Array.isArray(content.items)) {
+      bubble.appendChild(this.listView(content, message, business));
+    } else if (type === "form" && Array.isArray(content.fields)) {
+      bubble.appendChild(this.formView(content, message, business));
+    } else if (type === "formResponse") {
+      bubble.textContent = formResponseText(content);
     } else {
-      bubble.textContent = content.text || "[" + (content.type || "message") + "]";
+      bubble.textContent = content.text || "[" + type + "]";
     }
-    if (Array.isArray(content.actions)) {
-      content.actions.forEach(function (action) {
-        var uri = action && action.type === "link" && safeUrl(action.uri);
-        if (uri) {
-          bubble.appendChild(el("br"));
-          bubble.appendChild(el("a", {"href": uri, "target": "_blank", "rel": "noopener noreferrer"},
-            action.text || uri));
+    if (business && (type === "text" || type === "image") && Array.isArray(content.actions)) {
+      var inBubble = content.actions.filter(function (a) { return a && !isQuickReply(a); });
+      var quick = content.actions.filter(isQuickReply);
+      if (inBubble.length) {
+        bubble.appendChild(this.actionsView(inBubble, "actions"));
+      }
+      if (quick.length) {
+        node.tlQuickReplies = quick;
+      }
+    }
+    node.tlBlocksInput = business && content.blockChatInput === true;
+  };
+
+  // Buttons for `actions`: taps (postback, reply) post a message, links open a new tab, a
+  // location request shares the browser's position. A link without a web URL is left out.
+  Widget.prototype.actionsView = function (actions, hook) {
+    var self = this;
+    var box = el("div", {"class": "tl-actions", "data-threadline": hook, "role": "group"});
+    actions.forEach(function (action) {
+      var button = self.actionElement(action, false);
+      if (button) {
+        box.appendChild(button);
+      }
+    });
+    return box;
+  };
+
+  Widget.prototype.actionElement = function (action, chip) {
+    var self = this;
+    if (!action || typeof action.type !== "string") {
+      return null;
+    }
+    var cls = chip ? "tl-chip" : "tl-action";
+    var hook = chip ? "quick-reply" : "action";
+    var text = typeof action.text === "string" ? action.text : "";
+    if (action.type === "link" || action.type === "webview" || action.type === "buy") {
+      var uri = safeUrl(action.uri);
+      if (!uri && action.type === "buy" && !chip) {
+        // SunCo's buy button pays in its own checkout, which this widget does not have: without a
+        // payment page (`uri`) it shows what is on offer, and does nothing.
+        return el("span", {"class": cls, "data-threadline": hook, "data-action": "buy", "aria-disabled": "true"},
+          buyLabel(action));
+      }
+      if (!uri) {
+        return null;
+      }
+      return el("a", {"class": cls, "data-threadline": hook, "data-action": action.type, "href": uri,
+        "target": "_blank", "rel": "noopener noreferrer"}, action.type === "buy" ? buyLabel(action) : text || uri);
+    }
+    if (action.type === "locationRequest") {
+      var share = el("button", {"class": cls, "type": "button", "data-threadline": hook,
+        "data-action": "locationRequest"}, text || "Share location");
+      share.addEventListener("click", function () { self.shareLocation(share); });
+      return share;
+    }
+    if ((action.type === "reply" || action.type === "postback") && text && typeof action.payload === "string" &&
+        action.payload) {
+      var button = el("button", {"class": cls, "type": "button", "data-threadline": hook,
+        "data-action": action.type});
+      var icon = action.type === "reply" && safeUrl(action.iconUrl);
+      if (icon) {
+        button.appendChild(el("img", {"class": "tl-chip-icon", "src": icon, "alt": ""}));
+      }
+      button.appendChild(document.createTextNode(text));
+      button.addEventListener("click", function () { self.tap(action, button); });
+      return button;
+    }
+    return null;
+  };
+
+  // One card or row: image, title, description, its buttons.
+  Widget.prototype.itemView = function (item, kind) {
+    var card = el("div", {"class": kind === "carousel" ? "tl-card" : "tl-list-item",
+      "data-threadline": kind + "-item", "role": "group", "aria-label": String(item.title || "")});
+    var mediaUrl = safeUrl(item.mediaUrl);
+    if (mediaUrl) {
+      var img = el("img", {"class": "tl-item-media", "alt": item.altText || "", "src": mediaUrl});
+      img.addEventListener("error", function () {
+        if (img.parentNode) {
+          img.parentNode.removeChild(img);
         }
       });
+      card.appendChild(img);
     }
+    var body = el("div", {"class": "tl-item-body"});
+    body.appendChild(el("div", {"class": "tl-item-title", "data-threadline": "item-title"}, String(item.title || "")));
+    if (item.description) {
+      body.appendChild(el("div", {"class": "tl-item-description", "data-threadline": "item-description"},
+        String(item.description)));
+    }
+    if (Array.isArray(item.actions) && item.actions.length) {
+      body.appendChild(this.actionsView(item.actions, "actions"));
+    }
+    card.appendChild(body);
+    return card;
+  };
+
+  // A horizontally scrolling row of cards (scrollable by keyboard too).
+  Widget.prototype.carouselView = function (content, message, business) {
+    var self = this;
+    var ratio = content.displaySettings && content.displaySettings.imageAspectRatio === "square" ? "square" :
+      "horizontal";
+    var row = el("div", {"class": "tl-carousel", "data-threadline": "carousel", "data-aspect": ratio,
+      "role": "group", "aria-label": "Carousel", "tabindex": "0"});
+    content.items.forEach(function (item) {
+      if (item) {
+        row.appendChild(self.itemView(item, "carousel"));
+      }
+    });
+    return row;
+  };
+
+  // Items one under the other, then the list's own buttons.
+  Widget.prototype.listView = function (content, message, business) {
+    var self = this;
+    var box = el("div", {"class": "tl-list", "data-threadline": "list", "role": "list"});
+    content.items.forEach(function (item) {
+      if (item) {
+        var row = self.itemView(item, "list");
+        row.setAttribute("role", "listitem");
+        box.appendChild(row);
+      }
+    });
+    if (Array.isArray(content.actions) && content.actions.length) {
+      box.appendChild(this.actionsView(content.actions, "list-actions"));
+    }
+    return box;
+  };
+
+  var formCounter = 0;
+
+  // Code points, as the server counts a text's length.
+  function codePoints(text) {
+    return Array.from(text).length;
   }
+
+  var EMAIL = /^[^@\s]{1,64}@[^@\s]{1,255}$/;
+
+  // An inline form: its submit sends the formResponse, then it shows as submitted with the answers.
+  Widget.prototype.formView = function (content, message, business) {
+    var self = this;
+    formCounter += 1;
+    var form = el("form", {"class": "tl-form", "data-threadline": "form", "data-state": "open", "novalidate": ""});
+    var inputs = [];
+    content.fields.forEach(function (field, index) {
+      if (!field || typeof field.name !== "string") {
+        return;
+      }
+      var id = "threadline-form-" + formCounter + "-" + index;
+      var row = el("div", {"class": "tl-form-field", "data-threadline": "form-field", "data-name": field.name,
+        "data-type": field.type});
+      row.appendChild(el("label", {"for": id}, String(field.label || field.name)));
+      var input;
+      if (field.type === "select") {
+        input = el("select", {"id": id, "class": "tl-form-input", "required": ""});
+        input.appendChild(el("option", {"value": ""}, field.placeholder || "Choose\u2026"));
+        (Array.isArray(field.options) ? field.options : []).forEach(function (option, i) {
+          if (option && typeof option.name === "string") {
+            input.appendChild(el("option", {"value": String(i)}, String(option.label || option.name)));
+          }
+        });
+      } else {
+        var low = field.type === "text" ? field.minSize || 1 : 1;
+        var high = field.type === "text" ? field.maxSize || 128 : 128;
+        input = el("input", {"id": id, "class": "tl-form-input", "type": field.type === "email" ? "email" : "text",
+          "required": "", "autocomplete": field.type === "email" ? "email" : "off",
+          "minlength": String(low), "maxlength": String(high), "placeholder": field.placeholder || ""});
+      }
+      row.appendChild(input);
+      form.appendChild(row);
+      inputs.push({field: field, input: input});
+    });
+    var error = el("div", {"class": "tl-form-error", "data-threadline": "form-error", "role": "alert", "hidden": ""});
+    var submit = el("button", {"class": "tl-action tl-form-submit", "type": "submit",
+      "data-threadline": "form-submit"}, "Submit");
+    form.appendChild(error);
+    form.appendChild(submit);
+    form.tlInputs = inputs;
+    form.tlSubmit = submit;
+    if (!business) {
+      this.setFormState(form, "submitted", null);
+      return form;
+    }
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      if (form.getAttribute("data-state") !== "open") {
+        return;
+      }
+      var answers = [];
+      for (var i = 0; i < inputs.length; i++) {
+        var problem = self.formAnswer(inputs[i], answers);
+        if (problem) {
+          error.textContent = problem;
+          error.removeAttribute("hidden");
+          inputs[i].input.focus();
+          return;
+        }
+      }
+      error.setAttribute("hidden", "");
+      error.textContent = "";
+      self.setFormState(form, "submitted", answers);
+      var id = self.send("", {formResponse: {quotedMessageId: message.id, fields: answers}});
+      self.itemForms[id] = form;
+    });
+    this.forms[message.id] = form;
+    var known = this.formAnswers[message.id];
+    if (known) {
+      this.setFormState(form, "submitted", known);
+    } else if (content.submitted === true) {
+      this.setFormState(form, "submitted", null);
+    }
+    return form;
+  };
+
+  // Adds the answer of one field to `answers`; a sentence saying what is wrong, else null.
+  Widget.prototype.formAnswer = function (entry, answers) {
+    var field = entry.field;
+    var label = String(field.label || field.name);
+    var base = {type: field.type, name: field.name, label: label};
+    if (field.type === "select") {
+      var options = Array.isArray(field.options) ? field.options : [];
+      var chosen = options[parseInt(entry.input.value, 10)];
+      if (!entry.input.value || !chosen) {
+        return "Please choose " + label + ".";
+      }
+      base.select = [{name: chosen.name, label: String(chosen.label || chosen.name)}];
+    } else if (field.type === "email") {
+      var email = entry.input.value.trim();
+      if (!EMAIL.test(email) || codePoints(email) > 128) {
+        return label + ": please enter an e-mail address.";
+      }
+      base.email = email;
+    } else {
+      var text = entry.input.value.trim();
+      var low = field.minSize || 1;
+      var high = Math.min(field.maxSize || 128, 256);
+      var size = codePoints(text);
+      if (size < low || size > high) {
+        return label + (low > 1 ? ": please enter " + low + " to " + high + " characters." :
+          size < low ? ": please fill this in." : ": at most " + high + " characters, please.");
+      }
+      base.text = text;
+    }
+    answers.push(base);
+    return null;
+  };
+
+  // open (editable), or submitted (disabled, showing `answers` when known).
+  Widget.prototype.setFormState = function (form, state, answers) {
+    form.setAttribute("data-state", state);
+    var open = state === "open";
+    var byName = {};
+    (answers || []).forEach(function (a) {
+      if (a && typeof a.name === "string") {
+        byName[a.name] = a;
+      }
+    });
+    (form.tlInputs || []).forEach(function (entry) {
+      entry.input.disabled = !open;
+      var answer = byName[entry.field.name];
+      if (!answer) {
+        return;
+      }
+      if (entry.field.type === "select") {
+        var picked = (answer.select || [])[0];
+        var options = Array.isArray(entry.field.options) ? entry.field.options : [];
+        var index = -1;
+        for (var i = 0; i < options.length; i++) {
+          if (options[i] && picked && options[i].name === picked.name) {
+            index = i;
+          }
+        }
+        if (index >= 0) {
+          entry.input.value = String(index);
+        }
+      } else {
+        entry.input.value = answerValue(answer);
+      }
+    });
+    form.tlSubmit.disabled = !open;
+    form.tlSubmit.textContent = open ? "Submit" : "Submitted";
+    this.updateLatest();
+  };
+
+  // A customer's formResponse (from history, or ours confirmed): its form shows as submitted.
+  Widget.prototype.noteFormAnswer = function (content) {
+    var formId = answeredFormId(content || {});
+    if (!formId) {
+      return;
+    }
+    this.formAnswers[formId] = content.fields;
+    var form = this.forms[formId];
+    if (form) {
+      this.setFormState(form, "submitted", content.fields);
+    }
+  };
+
+  // The customer tapped a reply or postback button: the label as text, with the button's payload.
+  // A reply comes back as the customer's message; a postback is announced to the business only
+  // (`conversation:postback`), so it leaves no bubble and the button stays.
+  Widget.prototype.tap = function (action, button) {
+    if (action.type === "reply") {
+      this.send(action.text, {payload: action.payload});
+      return;
+    }
+    if (button.getAttribute("aria-busy") === "true") {
+      return;
+    }
+    button.setAttribute("aria-busy", "true");
+    button.setAttribute("data-state", "sending");
+    var id = this.send(action.text, {payload: action.payload, silent: true});
+    this.tapButtons[id] = button;
+  };
+
+  // A postback tap reached the server (or was refused).
+  Widget.prototype.tapDone = function (item, ok) {
+    var button = this.tapButtons[item.id];
+    delete this.tapButtons[item.id];
+    if (button) {
+      button.removeAttribute("aria-busy");
+      button.setAttribute("data-state", ok ? "sent" : "failed");
+    }
+  };
+
+  // "Share location": the browser's position as a location message. Refused or unavailable:
+  // say so; the customer can still type an address.
+  Widget.prototype.shareLocation = function (button) {
+    var self = this;
+    var geo = navigator.geolocation;
+    if (!geo || typeof geo.getCurrentPosition !== "function") {
+      this.locationNotice("Location sharing isn't available in this browser. You can type your address instead.");
+      return;
+    }
+    if (button.disabled) {
+      return;
+    }
+    var label = button.textContent;
+    button.disabled = true;
+    button.setAttribute("aria-busy", "true");
+    geo.getCurrentPosition(function (position) {
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+      var coords = position && position.coords;
+      if (!coords || !isFinite(coords.latitude) || !isFinite(coords.longitude)) {
+        self.locationNotice("We couldn't get your location. You can type your address instead.");
+        return;
+      }
+      self.send("", {location: {lat: coords.latitude, long: coords.longitude}});
+    }, function (error) {
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+      button.textContent = label;
+      self.locationNotice(error && error.code === 1 ?
+        "Location sharing is turned off for this site. You can type your address instead." :
+        "We couldn't get your location. You can type your address instead.");
+    }, {enableHighAccuracy: false, timeout: 20000, maximumAge: 60000});
+  };
+
+  Widget.prototype.locationNotice = function (text) {
+    var old = this.list.querySelector('[data-threadline="location-error"]');
+    if (old) {
+      old.parentNode.removeChild(old);
+    }
+    this.list.appendChild(el("div", {"class": "tl-system", "data-threadline": "location-error", "data-kind": "failed",
+      "role": "alert"}, text));
+    this.scrollToEnd();
+    this.input.focus();
+  };
+
+  // After any change to the thread: quick replies under the latest message when it is the
+  // business's (gone once anything follows it), and the input blocked while the latest message
+  // asks for it (`blockChatInput`; a form until it is submitted).
+  Widget.prototype.updateLatest = function () {
+    var nodes = this.list.querySelectorAll('[data-threadline="message"]');
+    var last = nodes.length ? nodes[nodes.length - 1] : null;
+    var business = !!last && last.getAttribute("data-author") === "business";
+    var shown = this.list.querySelector('[data-threadline="quick-replies"]');
+    var wanted = business && last.tlQuickReplies ? last : null;
+    if (shown && shown.tlFor !== wanted) {
+      shown.parentNode.removeChild(shown);
+      shown = null;
+    }
+    if (wanted && !shown) {
+      var self = this;
+      shown = el("div", {"class": "tl-replies", "data-threadline": "quick-replies", "role": "group",
+        "aria-label": "Quick replies"});
+      shown.tlFor = wanted;
+      wanted.tlQuickReplies.forEach(function (action) {
+        var chip = self.actionElement(action, true);
+        if (chip) {
+          shown.appendChild(chip);
+        }
+      });
+      this.list.insertBefore(shown, wanted.nextSibling);
+    }
+    var form = business ? last.querySelector('[data-threadline="form"]') : null;
+    var blocked = business && last.tlBlocksInput === true &&
+      !(form && form.getAttribute("data-state") === "submitted");
+    this.input.disabled = blocked;
+    this.sendButton.disabled = blocked;
+    this.input.setAttribute("placeholder", blocked ? "Please answer above\u2026" : "Type a message\u2026");
+  };
 
   Widget.prototype.messageElement = function (author, status) {
     var node = el("div", {"class": "tl-message", "data-threadline": "message", "data-author": author,
@@ -584,12 +1125,13 @@
     if (node) {
       // Our own message came back: it is stored, confirm it where it stands.
       delete this.pending[clientMessageId];
+      delete this.itemForms[clientMessageId];
       this.dropFromOutbox(clientMessageId);
       this.list.removeChild(node);
       node.setAttribute("data-status", "confirmed");
     } else {
       node = this.messageElement(author, author === "user" ? "confirmed" : "received");
-      renderContent(node.firstChild, message.content);
+      this.renderContent(node, author, message);
       if (clientMessageId) {
         node.setAttribute("data-client-message-id", clientMessageId);
       }
@@ -600,6 +1142,10 @@
     setMeta(node, author, message);
     this.insertByCursor(node, cursor);
     this.rendered[message.id] = node;
+    if (author === "user" && message.content && message.content.type === "formResponse") {
+      this.noteFormAnswer(message.content);
+    }
+    this.updateLatest();
     if (author === "business") {
       this.showBusinessTyping(false);
       if (cursor > this.latestBusinessCursor) {
@@ -1250,7 +1796,7 @@
     if (this.startPromise) {
       return this.startPromise.then(function () { return self.postMessage(item); });
     }
-    this.startPromise = this.request("POST", "/conversations", {clientMessageId: item.id, text: item.text})
+    this.startPromise = this.request("POST", "/conversations", messageBody(item))
       .then(function (res) {
         if (!res.ok) {
           return {ok: false, status: res.status};
@@ -1290,7 +1836,7 @@
         return self.startConversation(item);
       }
       return self.request("POST", "/conversations/" + encodeURIComponent(session.conversationId) +
-        "/messages", {clientMessageId: item.id, text: item.text});
+        "/messages", messageBody(item));
     });
   };
 
@@ -1436,11 +1982,16 @@
   Widget.prototype.clearThread = function () {
     this.pending = {};
     this.rendered = {};
+    this.forms = {};
+    this.formAnswers = {};
+    this.itemForms = {};
+    this.tapButtons = {};
     this.latestBusinessCursor = 0;
     this.businessReadAt = 0;
     this.lastCursor = null;
     this.readCursor = 0;
     this.list.textContent = "";
+    this.updateLatest();
   };
 
   // Threadline.logout(): forget the session on this browser; the next chat is anonymous.
@@ -1648,10 +2199,37 @@
 
   // --- sending --------------------------------------------------------------------------------
 
+  // What an outbox item keeps (localStorage) and posts: a text, a tap (`payload`; `silent`: a
+  // postback, which leaves no message), a `location` or a `formResponse`.
+  var ITEM_FIELDS = ["id", "text", "payload", "location", "formResponse", "silent"];
+
+  function storedItem(item) {
+    var kept = {};
+    ITEM_FIELDS.forEach(function (key) {
+      if (item[key] !== undefined && item[key] !== null) {
+        kept[key] = item[key];
+      }
+    });
+    return kept;
+  }
+
+  // The body of the item's POST (the same clientMessageId on every retry).
+  function messageBody(item) {
+    var body = {clientMessageId: item.id, text: item.text || ""};
+    if (item.payload) {
+      body.payload = item.payload;
+    }
+    if (item.location) {
+      body.location = item.location;
+    }
+    if (item.formResponse) {
+      body.formResponse = item.formResponse;
+    }
+    return body;
+  }
+
   Widget.prototype.saveOutbox = function () {
-    save(this.storageKey + ":outbox", this.outbox.length ? this.outbox.map(function (item) {
-      return {id: item.id, text: item.text};
-    }) : null);
+    save(this.storageKey + ":outbox", this.outbox.length ? this.outbox.map(storedItem) : null);
   };
 
   Widget.prototype.dropFromOutbox = function (clientMessageId) {
@@ -1666,14 +2244,22 @@
     var self = this;
     this.outbox.forEach(function (item) {
       item.posting = false;
-      self.addPending(item);
+      var answer = item.formResponse;
+      if (answer && typeof answer.quotedMessageId === "string") {
+        // Its form shows as answered when the history brings it.
+        self.formAnswers[answer.quotedMessageId] = answer.fields;
+      }
+      if (!item.silent) {
+        self.addPending(item);
+      }
     });
   };
 
   Widget.prototype.addPending = function (item) {
     var self = this;
     var node = this.messageElement("user", "pending");
-    node.firstChild.textContent = item.text;
+    node.firstChild.textContent = itemText(item);
+    node.setAttribute("data-type", itemType(item));
     node.setAttribute("data-client-message-id", item.id);
     // The whole message (bubble and its "tap to retry" line) retries a failed send.
     node.addEventListener("click", function () {
@@ -1684,6 +2270,7 @@
     });
     this.pending[item.id] = node;
     this.list.appendChild(node);
+    this.updateLatest();
     this.updateSeen();
     this.scrollToEnd();
   };
@@ -1698,11 +2285,20 @@
     this.send(text);
   };
 
-  Widget.prototype.send = function (text) {
-    var item = {id: uuid(), text: text.slice(0, 4096)};
+  // Queue a message and post it: a text, or (`extra`) a tap `{payload, silent?}`, a `{location}`
+  // or a `{formResponse}`. Returns its clientMessageId.
+  Widget.prototype.send = function (text, extra) {
+    var item = {id: uuid(), text: String(text || "").slice(0, 4096)};
+    ITEM_FIELDS.forEach(function (key) {
+      if (extra && key !== "id" && key !== "text" && extra[key] !== undefined) {
+        item[key] = extra[key];
+      }
+    });
     this.outbox.push(item);
     this.saveOutbox();
-    this.addPending(item);
+    if (!item.silent) {
+      this.addPending(item);
+    }
     this.post(item);
     return item.id;
   };
@@ -1710,8 +2306,8 @@
   Widget.prototype.flushOutbox = function () {
     var self = this;
     this.outbox.forEach(function (item) {
-      if (!item.posting && self.pending[item.id] &&
-          self.pending[item.id].getAttribute("data-status") === "pending") {
+      if (!item.posting && (item.silent || (self.pending[item.id] &&
+          self.pending[item.id].getAttribute("data-status") === "pending"))) {
         self.post(item);
       }
     });
@@ -1735,6 +2331,11 @@
           if (node && node.getAttribute("data-status") === "pending") {
             node.setAttribute("data-status", "sent");
           }
+          if (item.silent) {
+            // A postback: accepted is all there is (no message comes back to confirm it).
+            self.dropFromOutbox(item.id);
+            self.tapDone(item, true);
+          }
           return null;
         }
         if (res.status === 401) {
@@ -1746,6 +2347,7 @@
             node.setAttribute("data-status", "failed");
           }
           self.dropFromOutbox(item.id);
+          self.itemRefused(item);
           return null;
         }
         throw new Error("retry " + res.status);
@@ -1755,6 +2357,18 @@
       });
     };
     run().finally(function () { item.posting = false; });
+  };
+
+  // The service refused an item for good (4xx): a postback's button says so, a form opens again.
+  Widget.prototype.itemRefused = function (item) {
+    if (item.silent) {
+      this.tapDone(item, false);
+    }
+    var form = this.itemForms[item.id];
+    delete this.itemForms[item.id];
+    if (form) {
+      this.setFormState(form, "open", null);
+    }
   };
 
   // --- typing and read ------------------------------------------------------------------------
