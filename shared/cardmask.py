@@ -21,9 +21,15 @@ import msgspec
 
 from shared.sunco import (
     Action,
+    CarouselContent,
     Content,
     FileContent,
+    FormContent,
+    FormOption,
+    FormResponseContent,
     ImageContent,
+    Item,
+    ListContent,
     LocationContent,
     TemplateContent,
     TextContent,
@@ -112,6 +118,19 @@ def mask_strings(value: Any) -> Any:
     return value
 
 
+def _mask_items(items: list[Item]) -> list[Item]:
+    return [msgspec.structs.replace(item, title=mask_card_numbers(item.title),
+                                    description=_mask_optional(item.description),
+                                    alt_text=_mask_optional(item.alt_text),
+                                    actions=_mask_actions(item.actions) or []) for item in items]
+
+
+def _mask_options(options: list[FormOption] | None) -> list[FormOption] | None:
+    if not options:
+        return options
+    return [msgspec.structs.replace(option, label=mask_card_numbers(option.label)) for option in options]
+
+
 def _mask_actions(actions: list[Action] | None) -> list[Action] | None:
     if not actions:
         return actions
@@ -134,6 +153,17 @@ def mask_content(content: Content) -> Content:
         location = replace(content.location, name=_mask_optional(content.location.name),
                            address=_mask_optional(content.location.address))
         return replace(content, location=location)
+    if isinstance(content, CarouselContent):
+        return replace(content, text=_mask_optional(content.text), items=_mask_items(content.items))
+    if isinstance(content, ListContent):
+        return replace(content, items=_mask_items(content.items), actions=_mask_actions(content.actions))
+    if isinstance(content, FormContent | FormResponseContent):
+        fields = [replace(f, label=mask_card_numbers(f.label), placeholder=_mask_optional(f.placeholder),
+                          text=_mask_optional(f.text), email=_mask_optional(f.email),
+                          options=_mask_options(f.options), select=_mask_options(f.select)) for f in content.fields]
+        if isinstance(content, FormResponseContent):
+            return replace(content, fields=fields, text_fallback=_mask_optional(content.text_fallback))
+        return replace(content, fields=fields)
     if isinstance(content, TemplateContent):
         return replace(content, template=mask_strings(content.template))
     if isinstance(content, UnsupportedContent):

@@ -12,6 +12,7 @@ from typing import Any, Final
 import msgspec
 
 from services.app.push import PushMessage, PushOutcome
+from shared import render
 from shared.http import ApiError
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.messages.identity import RegisterDevice
@@ -107,7 +108,11 @@ def content_summary(send: OutboundSend) -> str:
         return content.text or "📎 File"
     if isinstance(content, LocationContent):
         return "📍 Location"
-    return DEFAULT_PUSH_TITLE
+    try:  # a carousel, a list, a form: the first line of its text form
+        first = render.fallback(content).text.strip().split("\n", 1)[0]
+    except render.NoFallback:
+        return DEFAULT_PUSH_TITLE
+    return first or DEFAULT_PUSH_TITLE
 
 
 def push_message(send: OutboundSend, record: IntegrationRecord) -> PushMessage:

@@ -13,7 +13,21 @@ from shared.cardmask import (
     mask_content,
     mask_strings,
 )
-from shared.sunco import ImageContent, LinkAction, ReplyAction, TemplateContent, TextContent
+from shared.sunco import (
+    CarouselContent,
+    FormContent,
+    FormField,
+    FormOption,
+    FormResponseContent,
+    ImageContent,
+    Item,
+    LinkAction,
+    ListContent,
+    PostbackAction,
+    ReplyAction,
+    TemplateContent,
+    TextContent,
+)
 
 DIGITS = "0123456789"
 
@@ -120,3 +134,26 @@ def test_mask_content_covers_what_a_person_reads_and_leaves_urls() -> None:
     assert isinstance(template, TemplateContent)
     assert template.template["components"][0]["parameters"][0]["text"] == "paid with **** **** **** 4242"
     assert mask_strings({"a": [pan, 1, None]}) == {"a": ["**** **** **** 4242", 1, None]}
+
+
+def test_mask_content_covers_cards_lists_forms_and_form_answers() -> None:
+    pan = "4242 4242 4242 4242"
+    masked_pan = "**** **** **** 4242"
+    item = Item(title=f"card {pan}", description=pan, media_url="https://cdn/4242424242424242.png",
+                actions=[PostbackAction(text=pan, payload=pan)])
+    carousel = mask_content(CarouselContent(items=[item], text=pan))
+    assert isinstance(carousel, CarouselContent) and carousel.text == masked_pan
+    [card] = carousel.items
+    assert (card.title, card.description, card.actions[0].text) == (f"card {masked_pan}", masked_pan, masked_pan)
+    assert card.media_url == item.media_url and isinstance(card.actions[0], PostbackAction)
+    assert card.actions[0].payload == pan  # the business's own id
+    listed = mask_content(ListContent(items=[item], actions=[PostbackAction(text=pan, payload="p")]))
+    assert isinstance(listed, ListContent) and listed.actions is not None and listed.actions[0].text == masked_pan
+    answer = mask_content(FormResponseContent(text_fallback=f"Card: {pan}", fields=[
+        FormField(type="text", name="card", label="Card", text=pan),
+        FormField(type="select", name="saved", label="Saved", select=[FormOption(name="s", label=pan)])]))
+    assert isinstance(answer, FormResponseContent) and answer.text_fallback == f"Card: {masked_pan}"
+    assert answer.fields[0].text == masked_pan and answer.fields[1].select is not None
+    assert answer.fields[1].select[0].label == masked_pan and answer.fields[1].select[0].name == "s"
+    form = mask_content(FormContent(fields=[FormField(type="text", name="n", label=pan, placeholder=pan)]))
+    assert isinstance(form, FormContent) and form.fields[0].label == form.fields[0].placeholder == masked_pan
