@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from shared.bus import Bus
 from shared.db import DatabaseSettings
 from shared.natsauth import ADMIN_USER
-from tests.harness import ENGINES, NATS_PASSWORDS, new_postgres_database
+from tests.harness import CHROMIUM, CHROMIUM_ARGS, ENGINES, NATS_PASSWORDS, new_postgres_database
 from threadline.natsserver import NatsServer
 from threadline.postgres import PostgresServer
 
@@ -116,3 +117,14 @@ async def system(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[objec
         yield sys_
     finally:
         await sys_.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless Chromium for the test (closed after it)."""
+    async with async_playwright() as pw:
+        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            await instance.close()

@@ -62,6 +62,10 @@ def service_credentials(name: str) -> dict[str, str]:
         env[KEY_ENV] = SECRETS_KEY
     return env
 
+# Debian's headless Chromium, driven by Playwright (the browser tests' `browser` fixture, tests/conftest.py).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOOPBACK_EGRESS_ALLOW = "127.0.0.0/8,[::1]"
 # The same policy for tests that build a client outside a service (push senders, send_email).
 LOOPBACK_EGRESS = EgressPolicy(allow_http=True, rules=parse_rules(LOOPBACK_EGRESS_ALLOW))

@@ -21,11 +21,9 @@ from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shared.http import basic_auth_header
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, CHROMIUM, CHROMIUM_ARGS, System
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 # A short push grace period: a reply no socket got is pushed 0.3 s later.
 APP_ENV = {"THREADLINE_APP_PUSH_GRACE_SECONDS": "0.3", "THREADLINE_APP_RETRY_BASE_SECONDS": "0.1",
@@ -121,7 +119,7 @@ async def business(system: System) -> AsyncIterator[Business]:
 @pytest.fixture
 async def page(system: System, business: Business) -> AsyncIterator[Page]:
     async with async_playwright() as pw:
-        browser: Browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 800})
             tab = await context.new_page()

@@ -19,15 +19,13 @@ import aiohttp
 import pytest
 import sunshine_conversations_client as sunco
 from aiohttp import web
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from shared.sdk import SessionClaims
 from shared.sdk_service import SdkSettings, issue_tokens
 from tests.harness import SDK_TOKEN_SECRET
 from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 
 pytestmark = pytest.mark.e2e
@@ -155,15 +153,6 @@ async def page_url(system: Any, business: Business) -> AsyncIterator[str]:
     finally:
         await runner.cleanup()
 
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        instance = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 @pytest.fixture

@@ -25,11 +25,9 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shared.http import basic_auth_header
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, CHROMIUM, CHROMIUM_ARGS, System
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 SERVICE = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram", "twilio": "sms"}
 NAME = {"whatsapp": "WhatsApp", "messenger": "Messenger", "telegram": "Telegram", "twilio": "SMS"}
@@ -85,7 +83,7 @@ async def shop(request: pytest.FixtureRequest, system: System) -> Shop:
 async def sandbox_page(base_url: str) -> AsyncIterator[Page]:
     """The sandbox page in headless Chromium, desktop-sized."""
     async with async_playwright() as pw:
-        browser: Browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 800})
             tab = await context.new_page()

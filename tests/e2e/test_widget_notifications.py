@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from shared import subjects
 from shared.bus import Bus
@@ -28,8 +28,6 @@ from shared.http import basic_auth_header
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 CUSTOMER_NUMBER = "+15557770001"
 CUSTOMER_EMAIL = "ada@example.com"
@@ -122,15 +120,6 @@ async def shop(system: System, shop_env: dict[str, str]) -> AsyncIterator[Shop]:
             {"target": hook_url, "triggers": TRIGGERS}]})
         yield shop
 
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 async def open_shop_page(browser: Browser, shop: Shop) -> tuple[BrowserContext, Page]:

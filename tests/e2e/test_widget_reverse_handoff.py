@@ -13,17 +13,16 @@ business's reply there appears in the widget.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, expect
 
 from shared.http import basic_auth_header
 from shared.signing import jwt_encode
 from tests.e2e.test_handoff_channels import outbox_texts
-from tests.e2e.test_widget_handoff import CHROMIUM_ARGS, TIMEOUT_MS, eventually
+from tests.e2e.test_widget_handoff import TIMEOUT_MS, eventually
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks, start_sdk_session
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -31,15 +30,6 @@ pytestmark = pytest.mark.e2e
 
 PHONE_NUMBER = "+15557000042"
 
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 async def test_a_whatsapp_customer_continues_on_the_web_and_logs_in(system: System, browser: Browser) -> None:

@@ -22,11 +22,9 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from services.conversations.store import dumps
 from shared.ids import new_id
 from shared.sunco import Author, FileContent, ImageContent, LinkAction, Message, TextContent
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, CHROMIUM, CHROMIUM_ARGS, System
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 HOSTILE = ("javascript:window.__pwned=1", " JavaScript:window.__pwned=2", "java\tscript:window.__pwned=3",
            "data:text/html,<script>window.__pwned=4</script>", "vbscript:msgbox(5)")
@@ -38,7 +36,7 @@ pytestmark = pytest.mark.e2e
 async def sandbox_page(base_url: str) -> AsyncIterator[Page]:
     """The sandbox page (the widget beside the simulated phones) in headless Chromium."""
     async with async_playwright() as pw:
-        browser: Browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser: Browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 800})
             tab = await context.new_page()

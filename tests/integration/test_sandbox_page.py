@@ -7,14 +7,13 @@ and the App phone (the in-app SDK) gets only the android integration's public id
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from services.sandbox.messenger_fake import FakeMessenger
 from services.sandbox.telegram_fake import FakeTelegram
@@ -39,8 +38,6 @@ from tests.integration.test_web_conversation import ACCOUNT, create_app_with_web
 from threadline.bootstrap import sandbox_integrations
 
 CHANNELS = ("whatsapp", "messenger", "telegram", "twilio", "app")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
 
 pytestmark = pytest.mark.e2e
@@ -87,15 +84,6 @@ def write_sandbox_json(system: System, integrations: dict[str, Any], app_id: str
         "baseUrl": system.base_url, "appId": app_id, "apiKey": {"id": "app_key_x", "secret": "not-on-the-page"},
         "integrations": integrations}))
 
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        instance = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 async def open_page(browser: Browser, url: str, width: int, height: int) -> Page:
