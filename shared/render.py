@@ -33,6 +33,9 @@ from shared.sunco import (
 )
 
 Answerable = ReplyAction | PostbackAction
+# The channels that show every choice numbered (they have no buttons): a bare number typed there
+# answers the business's latest message.
+NUMBERED_CHANNELS = frozenset({"twilio", "messagebird", "mailgun"})
 _NUMBER = re.compile(r"^\s*#?(\d{1,2})\s*[.)]?\s*$")
 LOCATION_PROMPT = "Reply with your address, or share your location."
 

@@ -106,6 +106,7 @@ from shared.sunco import (
     TextContent,
 )
 from shared.telemetry import extract_context, log_fields, tracer
+from shared.untrusted import is_email_address
 
 log = logging.getLogger(__name__)
 PostMessageT = TypeVar("PostMessageT", bound=PostMessage)
@@ -122,8 +123,6 @@ PING_TICK_SECONDS: Final = 0.1
 MAX_SOCKET_QUERY_FIELDS: Final = 16
 _CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
 _KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# What `conversations` takes for a form's e-mail answer.
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 # Error code of a pending session's calls that need its conversation (409).
 NOT_STARTED: Final = "conversation_not_started"
 MAX_ORIGIN_KEY_LENGTH: Final = 256
@@ -382,7 +381,7 @@ def _check_form_response(answer: PostFormResponse) -> None:
                 raise ApiError(400, f"{at}.text must be 1-{MAX_FORM_TEXT_LENGTH} characters")
         elif given.type == "email":
             assert given.email is not None
-            if len(given.email) > MAX_FORM_EMAIL_LENGTH or not _EMAIL.match(given.email):
+            if len(given.email) > MAX_FORM_EMAIL_LENGTH or not is_email_address(given.email):
                 raise ApiError(400, f"{at}.email must be an e-mail address of at most {MAX_FORM_EMAIL_LENGTH} "
                                     "characters")
         else:

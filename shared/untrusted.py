@@ -39,6 +39,18 @@ def _utf8(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
 
 
+# An address a person could use: no spaces, quotes, brackets or separators in the local part, a
+# dotted domain ending in a letters-only top-level domain.
+_EMAIL_ADDRESS = re.compile(r"^[^@\s<>\"(),;:\[\]\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
+                            r"\.[A-Za-z]{2,}$")
+
+
+def is_email_address(text: str) -> bool:
+    """Whether `text` is an e-mail address a person could reply to (and nothing more: no
+    display name, no markup, no list)."""
+    return _EMAIL_ADDRESS.match(text) is not None
+
+
 def secrets_equal(expected: str | bytes, given: str | bytes | None) -> bool:
     """Constant-time equality of a secret and what a request presented (None: absent).
 

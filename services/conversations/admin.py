@@ -83,6 +83,11 @@ def webhook_out(record: records.WebhookRecord) -> models.Webhook:
                           include_full_source=record.include_full_source)
 
 
+def switchboard_lock(app_id: str) -> str:
+    """What changes to an app's switchboard (and to the integrations in it) serialize on."""
+    return f"switchboard:{app_id}"
+
+
 def member_record(row: Row | Mapping[str, Any]) -> records.SwitchboardIntegrationRecord:
     """A switchboard_integrations row as the apps bucket carries it."""
     return records.SwitchboardIntegrationRecord(
@@ -400,14 +405,15 @@ class Admin:
 
     async def delete_integration(self, app_id: str, integration_id: str) -> None:
         await self.integration_row(app_id, integration_id)
-        switchboard = await self.switchboard_record(app_id)
-        member = next((m for m in switchboard.integrations if m.integration_id == integration_id),
-                      None) if switchboard is not None else None
-        if member is not None:
-            raise ApiError(400, f"The integration is the switchboard integration {member.name!r}: remove it from "
-                                "the switchboard first")
         webhooks = await self.store.list_webhooks(integration_id=integration_id)
         async with self.store.tx():
+            await self.store.serialize(switchboard_lock(app_id))  # not while it joins the switchboard
+            switchboard = await self.switchboard_record(app_id)
+            member = next((m for m in switchboard.integrations if m.integration_id == integration_id),
+                          None) if switchboard is not None else None
+            if member is not None:
+                raise ApiError(400, f"The integration is the switchboard integration {member.name!r}: remove it "
+                                    "from the switchboard first")
             await self.store.delete_integration(integration_id)
             for webhook in webhooks:
                 await self.sink.delete_webhook(app_id, webhook["id"])

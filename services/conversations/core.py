@@ -51,14 +51,18 @@ class ConversationCore:
 
     async def with_default_control(self, app_id: str, row: Row) -> Row:
         """The conversation with the switchboard's default integration in control when nobody
-        is (a conversation from before the switchboard, or released): the customer's next
-        message goes to the default again, as SunCo does. The row as it is now."""
-        if row["switchboard_active"] is not None:
+        is (a conversation from before the switchboard, or released, or controlled by a member
+        since deleted): the customer's next message goes to the default again, as SunCo does.
+        The row as it is now."""
+        switchboard = self.switchboard(app_id)
+        active = row["switchboard_active"]
+        if switchboard is None or (active is not None and switchboard.integration(active) is not None):
             return row
-        default_id = self._default_control(app_id)
-        if default_id is None:
+        default_id = switchboard.default_switchboard_integration_id
+        if default_id is None or default_id == active:
             return row
-        updated = await self.store.give_default_control(row["id"], default_id)
+        # Nobody in control, or a member since deleted: the default takes it.
+        updated = await self.store.give_default_control(row["id"], default_id, active)
         return updated if updated is not None else row
 
     async def publish_event(self, event: conv.ConversationEvent) -> None:

@@ -473,7 +473,8 @@ class Conversations(ConversationCore):
         if isinstance(body.content, FormResponseContent):
             if author.type != "user":
                 raise ApiError(400, "A formResponse is a user's answer to a form")
-            await self._check_form_response(app_id, conversation_id, body.content)
+            body = msgspec.structs.replace(
+                body, content=await self._answer_to_form(app_id, conversation_id, body.content))
         if author.type == "user":
             participant = await self._author_participant(conversation_id, author)
             author = msgspec.structs.replace(author, user_id=participant["user_id"],
@@ -558,8 +559,10 @@ class Conversations(ConversationCore):
 
     # --- activity -------------------------------------------------------------------------
 
-    async def _check_form_response(self, app_id: str, conversation_id: str, answer: FormResponseContent) -> None:
-        """400 unless the answer names (`quotedMessageId`) a form of this conversation and fits it."""
+    async def _answer_to_form(self, app_id: str, conversation_id: str,
+                              answer: FormResponseContent) -> FormResponseContent:
+        """The answer as the form it names (`quotedMessageId`, a form of this conversation) has
+        it (`models.answer_to_form`); 400 unless it answers one."""
         quoted = {f.quoted_message_id for f in answer.fields if f.quoted_message_id}
         if len(quoted) != 1:
             raise ApiError(400, "A formResponse's fields must name the form they answer (quotedMessageId)")
@@ -567,7 +570,7 @@ class Conversations(ConversationCore):
         form = MESSAGE_DECODER.decode(stored.body).content if stored is not None else None
         if stored is None or stored.conversation_id != conversation_id or not isinstance(form, FormContent):
             raise ApiError(400, "quotedMessageId does not name a form of this conversation")
-        models.check_form_response(answer, form)
+        return models.answer_to_form(answer, form, stored.id)
 
     async def post_activity(self, app_id: str, conversation_id: str, body: models.ActivityPostBody) -> None:
         """Typing or read from the business (or read on behalf of a user), announced as ActivityPosted."""
@@ -667,18 +670,21 @@ class Conversations(ConversationCore):
             return handled
         if isinstance(msg.content, FormResponseContent):
             try:
-                await self._check_form_response(msg.app_id, resolved.row["id"], msg.content)
+                answer = await self._answer_to_form(msg.app_id, resolved.row["id"], msg.content)
             except ApiError as refused:  # the widget checks first: only a forged answer gets here
                 log.warning("dropping a form response that does not answer its form: %s", refused.title,
                             extra=log_fields(integration_id=msg.integration_id, conversation_id=resolved.row["id"]))
                 return handled
+            resolved = replace(resolved, msg=msgspec.structs.replace(msg, content=answer))
         tapped = await self._tapped_action(resolved)
         if isinstance(tapped, PostbackAction):
             await self._announce_postback(resolved, tapped)
             return handled
         if tapped is not None and resolved.msg.postback is None:  # a numbered answer picked a reply
+            # The customer's own words ("2") are kept, with the payload of the choice they picked.
+            said = resolved.msg.content.text if isinstance(resolved.msg.content, TextContent) else tapped.text
             resolved = replace(resolved, msg=msgspec.structs.replace(
-                resolved.msg, postback=chan.Postback(payload=tapped.payload, text=tapped.text)))
+                resolved.msg, postback=chan.Postback(payload=tapped.payload, text=said)))
         stored = await self._store_inbound(resolved)
         if stored is not None:
             await self._announce_inbound(resolved, stored)
@@ -686,8 +692,10 @@ class Conversations(ConversationCore):
 
     async def _tapped_action(self, resolved: ResolvedInbound) -> render.Answerable | None:
         """The business's action a customer message answers: the button whose payload it carries
-        (looked up among the business's recent messages), or the choice a bare number picks in
-        the latest one (channels without buttons show choices numbered, `shared.render`)."""
+        (looked up among the business's recent messages), or, on a channel that shows choices
+        numbered (`shared.render`), the choice a bare number picks in the conversation's latest
+        message when that is the business's (a number typed where buttons were shown, or after
+        the customer wrote something else, is just a number)."""
         msg, conversation_id = resolved.msg, resolved.row["id"]
         if msg.postback is not None:
             for content in await self.store.recent_business_contents(conversation_id, TAP_LOOKBACK):
@@ -696,9 +704,11 @@ class Conversations(ConversationCore):
                     return found
             return None
         content = msg.content
-        if isinstance(content, TextContent) and content.payload is None and render.is_numbered_answer(content.text):
-            latest = await self.store.recent_business_contents(conversation_id, 1)
-            return render.answered_choice(content.text, latest[0]) if latest else None
+        if (msg.channel in render.NUMBERED_CHANNELS and isinstance(content, TextContent) and content.payload is None
+                and render.is_numbered_answer(content.text)):
+            latest = await self.store.latest_message(conversation_id)
+            if latest is not None and latest[0] == "business":
+                return render.answered_choice(content.text, latest[1])
         return None
 
     async def _announce_postback(self, resolved: ResolvedInbound, action: PostbackAction) -> None:

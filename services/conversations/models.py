@@ -7,6 +7,7 @@ unknown fields are ignored, as SunCo does.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ import msgspec
 
 from shared.http import ApiError
 from shared.records import NotificationSettings
+from shared.render import form_response_text
 from shared.sunco import (
     Action,
     ActivityType,
@@ -37,6 +39,7 @@ from shared.sunco import (
     Item,
     LinkAction,
     ListContent,
+    LocationContent,
     LocationRequestAction,
     Message,
     PostbackAction,
@@ -48,7 +51,7 @@ from shared.sunco import (
     WebviewAction,
     Wire,
 )
-from shared.untrusted import decode_json
+from shared.untrusted import decode_json, is_email_address
 
 # --- shared pieces ---------------------------------------------------------------------------
 
@@ -258,11 +261,13 @@ def _check_actions(actions: Sequence[Action], where: str, allowed: tuple[type, .
         if isinstance(action, ReplyAction):
             check_url(action.icon_url, f"{at}.iconUrl")
         if isinstance(action, BuyAction):
+            # SunCo's buy has no link of its own (its checkout was SunCo's); Threadline's optional
+            # `uri` is where the customer pays, shown as a link where there is one.
             check_url(action.uri, f"{at}.uri")
             if action.amount <= 0:
                 raise ApiError(400, f"{at}.amount must be a positive number of cents")
-        if isinstance(action, ReplyAction | PostbackAction) and len(action.payload) > MAX_PAYLOAD_LENGTH:
-            raise ApiError(400, f"{at}.payload exceeds {MAX_PAYLOAD_LENGTH} characters")
+        if isinstance(action, ReplyAction | PostbackAction) and not 1 <= len(action.payload) <= MAX_PAYLOAD_LENGTH:
+            raise ApiError(400, f"{at}.payload must be 1 to {MAX_PAYLOAD_LENGTH} characters (what a tap sends back)")
         check_metadata(action.metadata)
 
 
@@ -296,39 +301,59 @@ def _check_form_fields(fields: Sequence[FormField], where: str, answers: bool) -
                 raise ApiError(400, f"{at}.{name} must be 1 to {MAX_LABEL_LENGTH} characters")
         if answers:
             continue
-        if form_field.type == "select" and not 1 <= len(form_field.options or []) <= MAX_SELECT_OPTIONS:
-            raise ApiError(400, f"{at}.options must have 1 to {MAX_SELECT_OPTIONS} options")
+        if any(v is not None for v in (form_field.text, form_field.email, form_field.select,
+                                       form_field.quoted_message_id)):
+            raise ApiError(400, f"{at}: a form asks; text, email, select and quotedMessageId are for its answer")
+        if form_field.type == "select":
+            options = form_field.options or []
+            if not 1 <= len(options) <= MAX_SELECT_OPTIONS:
+                raise ApiError(400, f"{at}.options must have 1 to {MAX_SELECT_OPTIONS} options")
+            if len({o.name for o in options}) != len(options) or any(
+                    not (1 <= len(o.name) <= MAX_LABEL_LENGTH and 1 <= len(o.label.strip()) <= MAX_LABEL_LENGTH)
+                    for o in options):
+                raise ApiError(400, f"{at}.options: names unique, names and labels 1 to {MAX_LABEL_LENGTH} characters")
         low, high = form_field.min_size or 1, form_field.max_size or 128
         if not 1 <= low <= high <= 256:
             raise ApiError(400, f"{at}: 1 <= minSize <= maxSize <= 256")
 
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 
 
-def check_form_response(answer: FormResponseContent, form: FormContent) -> None:
-    """400 unless `answer` answers `form`: each field one of the form's, of its type, with a
-    value the form allows (a text of its length, an e-mail address, options it offered)."""
+def answer_to_form(answer: FormResponseContent, form: FormContent, form_message_id: str) -> FormResponseContent:
+    """`answer` as the form's answer, or 400 unless it is one: every field of the form answered
+    once, with its type and a value the form allows (a text of its length, an e-mail address,
+    one option it offered). What a person reads — the labels, the option labels and the
+    `textFallback` — comes from the form, never from the customer."""
     asked = {f.name: f for f in form.fields}
+    given_names = [f.name for f in answer.fields]
+    if len(set(given_names)) != len(given_names):
+        raise ApiError(400, "content.fields answers a field twice")
+    fields: list[FormField] = []
     for index, given in enumerate(answer.fields):
         at = f"content.fields[{index}]"
         field = asked.get(given.name)
         if field is None or field.type != given.type:
             raise ApiError(400, f"{at} ({given.name!r}, {given.type}) is not a field of the form it answers")
+        base = FormField(type=field.type, name=field.name, label=field.label, quoted_message_id=form_message_id)
         if given.type == "text":
             low, high = field.min_size or 1, field.max_size or 128
             if given.text is None or not low <= len(given.text) <= high:
                 raise ApiError(400, f"{at}.text must be {low} to {high} characters")
+            fields.append(msgspec.structs.replace(base, text=given.text))
         elif given.type == "email":
-            if given.email is None or not _EMAIL.match(given.email):
+            if given.email is None or not is_email_address(given.email):
                 raise ApiError(400, f"{at}.email must be an e-mail address")
+            fields.append(msgspec.structs.replace(base, email=given.email))
         else:
-            offered = {o.name for o in field.options or []}
+            offered = {o.name: o for o in field.options or []}
             if not given.select or len(given.select) != 1 or given.select[0].name not in offered:
                 raise ApiError(400, f"{at}.select must be one of the options the form offered")
-    missing = sorted(set(asked) - {f.name for f in answer.fields})
+            fields.append(msgspec.structs.replace(base, select=[offered[given.select[0].name]]))
+    missing = sorted(set(asked) - set(given_names))
     if missing:
         raise ApiError(400, f"the form's fields {', '.join(missing)} are not answered")
+    normalized = FormResponseContent(fields=fields)
+    return msgspec.structs.replace(normalized, text_fallback=form_response_text(normalized))
 
 
 def check_content(content: Content) -> None:
@@ -346,6 +371,11 @@ def check_content(content: Content) -> None:
         raise ApiError(400, f"content.text exceeds {MAX_TEXT_LENGTH} characters")
     if isinstance(content, FormContent):
         _check_form_fields(content.fields, "content.fields", answers=False)
+    if isinstance(content, LocationContent):
+        coordinates = content.coordinates
+        if not (math.isfinite(coordinates.lat) and math.isfinite(coordinates.long)
+                and -90 <= coordinates.lat <= 90 and -180 <= coordinates.long <= 180):
+            raise ApiError(400, "content.coordinates must be a latitude in [-90, 90] and a longitude in [-180, 180]")
     if isinstance(content, FormResponseContent):
         _check_form_fields(content.fields, "content.fields", answers=True)
     if isinstance(content, TextContent):
@@ -734,7 +764,8 @@ class Switchboard(Wire, kw_only=True):
 
 class SwitchboardUpdateBody(Wire, kw_only=True):
     enabled: bool | None = None
-    default_switchboard_integration_id: str | None = None
+    # Absent: unchanged; null: no default.
+    default_switchboard_integration_id: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class SwitchboardResponse(Wire, kw_only=True):
@@ -771,7 +802,8 @@ class SwitchboardIntegrationUpdateBody(Wire, kw_only=True):
     integration_id: str | None = None
     integration_type: str | None = None
     deliver_standby_events: bool | None = None
-    next_switchboard_integration_id: str | None = None
+    # Absent: unchanged; null: no next.
+    next_switchboard_integration_id: str | msgspec.UnsetType | None = msgspec.UNSET
     message_history_count: HistoryCount | None = None
 
 

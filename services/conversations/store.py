@@ -625,11 +625,11 @@ class Store:
             " AND switchboard_active IS NOT DISTINCT FROM $4 AND switchboard_pending IS NOT DISTINCT FROM $5"
             " RETURNING *", conversation_id, active, pending, expected[0], expected[1])
 
-    async def give_default_control(self, conversation_id: str, default_id: str) -> Row | None:
-        """Put the switchboard's default in control of a conversation nobody controls; the row
-        (None when the conversation is gone)."""
-        await self._run("UPDATE conversations SET switchboard_active=$2 WHERE id=$1 AND switchboard_active IS NULL",
-                        conversation_id, default_id)
+    async def give_default_control(self, conversation_id: str, default_id: str, replaced: str | None) -> Row | None:
+        """Put the switchboard's default in control of a conversation that `replaced` (None:
+        nobody, or a member since deleted) controls; the row (None when the conversation is gone)."""
+        await self._run("UPDATE conversations SET switchboard_active=$2 WHERE id=$1"
+                        " AND switchboard_active IS NOT DISTINCT FROM $3", conversation_id, default_id, replaced)
         return await self._one("SELECT * FROM conversations WHERE id=$1", conversation_id)
 
     # --- integration keys -------------------------------------------------------------------
@@ -996,6 +996,13 @@ class Store:
             "SELECT body FROM messages WHERE conversation_id=$1 AND author_type='business' ORDER BY seq DESC LIMIT $2",
             conversation_id, limit)
         return [MESSAGE_DECODER.decode(row["body"]).content for row in rows]
+
+    async def latest_message(self, conversation_id: str) -> tuple[str, Content] | None:
+        """(author type, content) of the conversation's latest message."""
+        row = await self._one(
+            "SELECT author_type, body FROM messages WHERE conversation_id=$1 ORDER BY seq DESC LIMIT 1",
+            conversation_id)
+        return None if row is None else (row["author_type"], MESSAGE_DECODER.decode(row["body"]).content)
 
     async def last_inbound_provider_id(self, conversation_id: str, integration_id: str) -> str | None:
         """The platform's id of the customer's latest message in the conversation on this integration."""

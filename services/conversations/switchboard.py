@@ -13,11 +13,15 @@ the inbound path reads to give new conversations to the default integration with
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from services.conversations import models
-from services.conversations.admin import Admin, member_record
+from services.conversations.admin import Admin, member_record, switchboard_lock
 from services.conversations.core import ConversationCore
 from services.conversations.store import Store, conversation_ref
 from shared import records
@@ -78,9 +82,19 @@ class Switchboards:
         self.core = core
 
     # --- configuration ----------------------------------------------------------------------
+    # Every change reads, checks and writes inside one transaction serialized per app (with
+    # `Admin.delete_integration` too), so two calls at once, on any replicas, cannot leave a
+    # default, a next or a member pointing at something the other one removed.
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, app_id: str) -> AsyncIterator[None]:
+        await self.admin.app_row(app_id)
+        async with self.store.tx():
+            await self.store.serialize(switchboard_lock(app_id))
+            yield
+            await self.admin.publish_app(app_id)
 
     async def _switchboard_row(self, app_id: str, switchboard_id: str) -> Row:
-        await self.admin.app_row(app_id)
         row = await self.store.switchboard(app_id, switchboard_id)
         if row is None:
             raise ApiError(404, "Switchboard not found", "switchboard_not_found")
@@ -89,11 +103,9 @@ class Switchboards:
     async def create(self, app_id: str) -> models.Switchboard:
         """The app's switchboard, created disabled (configure it, then enable it); 409 when the
         app has one."""
-        await self.admin.app_row(app_id)
-        async with self.store.tx():
+        async with self._changing(app_id):
             if not await self.store.add_switchboard(new_id(), app_id, False, now()):
                 raise ApiError(409, "This app already has a switchboard", "conflict")
-            await self.admin.publish_app(app_id)
         row = await self.store.switchboard(app_id)
         assert row is not None
         return switchboard_out(row)
@@ -104,38 +116,41 @@ class Switchboards:
         return [] if row is None else [switchboard_out(row)]
 
     async def update(self, app_id: str, switchboard_id: str, body: models.SwitchboardUpdateBody) -> models.Switchboard:
-        row = await self._switchboard_row(app_id, switchboard_id)
-        default_id = row["default_switchboard_integration_id"]
-        if body.default_switchboard_integration_id is not None:
+        async with self._changing(app_id):
+            row = await self._switchboard_row(app_id, switchboard_id)
+            default_id = row["default_switchboard_integration_id"]
+            if body.default_switchboard_integration_id is not msgspec.UNSET:
+                default_id = body.default_switchboard_integration_id  # null: no default
             members = {m["id"] for m in await self.store.switchboard_integrations(switchboard_id)}
-            if body.default_switchboard_integration_id not in members:
+            if default_id is not None and default_id not in members:
                 raise ApiError(400, "defaultSwitchboardIntegrationId must be a switchboard integration of this "
                                     "switchboard", "bad_request")
-            default_id = body.default_switchboard_integration_id
-        enabled = bool(row["enabled"]) if body.enabled is None else body.enabled
-        async with self.store.tx():
+            enabled = bool(row["enabled"]) if body.enabled is None else body.enabled
             await self.store.set_switchboard(switchboard_id, enabled, default_id)
-            await self.admin.publish_app(app_id)
         return switchboard_out(await self._switchboard_row(app_id, switchboard_id))
 
     async def delete(self, app_id: str, switchboard_id: str) -> None:
-        await self._switchboard_row(app_id, switchboard_id)
-        async with self.store.tx():
+        async with self._changing(app_id):
+            await self._switchboard_row(app_id, switchboard_id)
             await self.store.delete_switchboard(switchboard_id)
-            await self.admin.publish_app(app_id)
 
     async def members(self, app_id: str, switchboard_id: str) -> list[models.SwitchboardIntegration]:
+        await self.admin.app_row(app_id)
         await self._switchboard_row(app_id, switchboard_id)
         return [member_out(member_record(r)) for r in await self.store.switchboard_integrations(switchboard_id)]
 
     async def _check_member(self, app_id: str, values: dict[str, Any], others: list[Row]) -> dict[str, Any]:
-        """`values` (a member's columns) validated against the app and the other members."""
+        """`values` (a member's columns) checked against the app and the other members."""
+        if values["name"] == NEXT:
+            raise ApiError(400, f"{NEXT!r} is the keyword for a member's next: not a name", "bad_request")
         if any(o["name"] == values["name"] for o in others):
             raise ApiError(409, f"A switchboard integration named {values['name']!r} exists", "conflict")
         if values["integration_id"] is not None:
             integration = await self.store.get_integration(app_id, values["integration_id"])
-            if integration is None:
-                raise ApiError(400, "integrationId must be an integration of this app", "bad_request")
+            if integration is None or integration["type"] != "custom":
+                raise ApiError(400, "integrationId must be a custom integration of this app", "bad_request")
+            if any(o["integration_id"] == values["integration_id"] for o in others):
+                raise ApiError(409, "That integration is a switchboard integration already", "conflict")
             values["integration_type"] = integration["type"]
         elif not values["integration_type"] or not _INTEGRATION_TYPE.match(values["integration_type"]):
             raise ApiError(400, "One of integrationId or integrationType (1-64 of [A-Za-z0-9:_.-]) is required",
@@ -148,26 +163,24 @@ class Switchboards:
 
     async def add_member(self, app_id: str, switchboard_id: str,
                          body: models.SwitchboardIntegrationCreateBody) -> models.SwitchboardIntegration:
-        await self._switchboard_row(app_id, switchboard_id)
         if body.integration_id is not None and body.integration_type is not None:
             raise ApiError(400, "Give integrationId or integrationType, not both", "bad_request")
-        others = await self.store.switchboard_integrations(switchboard_id)
-        if len(others) >= MAX_SWITCHBOARD_INTEGRATIONS:
-            raise ApiError(400, f"A switchboard has at most {MAX_SWITCHBOARD_INTEGRATIONS} switchboard integrations",
-                           "bad_request")
-        values = await self._check_member(app_id, {
-            "id": new_id(), "app_id": app_id, "switchboard_id": switchboard_id, "name": body.name,
-            "integration_id": body.integration_id, "integration_type": body.integration_type,
-            "deliver_standby_events": body.deliver_standby_events,
-            "next_switchboard_integration_id": body.next_switchboard_integration_id,
-            "message_history_count": body.message_history_count, "created_at": now()}, others)
-        async with self.store.tx():
+        async with self._changing(app_id):
+            await self._switchboard_row(app_id, switchboard_id)
+            others = await self.store.switchboard_integrations(switchboard_id)
+            if len(others) >= MAX_SWITCHBOARD_INTEGRATIONS:
+                raise ApiError(400, f"A switchboard has at most {MAX_SWITCHBOARD_INTEGRATIONS} switchboard "
+                                    "integrations", "bad_request")
+            values = await self._check_member(app_id, {
+                "id": new_id(), "app_id": app_id, "switchboard_id": switchboard_id, "name": body.name,
+                "integration_id": body.integration_id, "integration_type": body.integration_type,
+                "deliver_standby_events": body.deliver_standby_events,
+                "next_switchboard_integration_id": body.next_switchboard_integration_id,
+                "message_history_count": body.message_history_count, "created_at": now()}, others)
             await self.store.put_switchboard_integration(values)
-            await self.admin.publish_app(app_id)
         return member_out(member_record(values))
 
-    async def _member_rows(self, app_id: str, switchboard_id: str, member_id: str) -> tuple[Row, list[Row]]:
-        await self._switchboard_row(app_id, switchboard_id)
+    async def _member_rows(self, switchboard_id: str, member_id: str) -> tuple[Row, list[Row]]:
         rows = await self.store.switchboard_integrations(switchboard_id)
         found = next((r for r in rows if r["id"] == member_id), None)
         if found is None:
@@ -176,38 +189,40 @@ class Switchboards:
 
     async def update_member(self, app_id: str, switchboard_id: str, member_id: str,
                             body: models.SwitchboardIntegrationUpdateBody) -> models.SwitchboardIntegration:
-        row, others = await self._member_rows(app_id, switchboard_id, member_id)
         if body.integration_id is not None and body.integration_type is not None:
             raise ApiError(400, "Give integrationId or integrationType, not both", "bad_request")
-        values = dict(row)
-        for column, value in (("name", body.name), ("deliver_standby_events", body.deliver_standby_events),
-                              ("next_switchboard_integration_id", body.next_switchboard_integration_id),
-                              ("message_history_count", body.message_history_count)):
-            if value is not None:
-                values[column] = value
-        if body.integration_id is not None:
-            values["integration_id"], values["integration_type"] = body.integration_id, None
-        elif body.integration_type is not None:
-            values["integration_id"], values["integration_type"] = None, body.integration_type
-        values = await self._check_member(app_id, values, others)
-        async with self.store.tx():
+        async with self._changing(app_id):
+            await self._switchboard_row(app_id, switchboard_id)
+            row, others = await self._member_rows(switchboard_id, member_id)
+            values = dict(row)
+            for column, value in (("name", body.name), ("deliver_standby_events", body.deliver_standby_events),
+                                  ("message_history_count", body.message_history_count)):
+                if value is not None:
+                    values[column] = value
+            if body.next_switchboard_integration_id is not msgspec.UNSET:  # null: no next
+                values["next_switchboard_integration_id"] = body.next_switchboard_integration_id
+            if body.integration_id is not None:
+                values["integration_id"], values["integration_type"] = body.integration_id, None
+            elif body.integration_type is not None:
+                values["integration_id"], values["integration_type"] = None, body.integration_type
+            values = await self._check_member(app_id, values, others)
             await self.store.put_switchboard_integration(values)
-            await self.admin.publish_app(app_id)
         return member_out(member_record(values))
 
     async def delete_member(self, app_id: str, switchboard_id: str, member_id: str) -> None:
-        """Remove a switchboard integration, unless it is the default or another one's next."""
-        _row, others = await self._member_rows(app_id, switchboard_id, member_id)
-        switchboard = await self._switchboard_row(app_id, switchboard_id)
-        if switchboard["default_switchboard_integration_id"] == member_id:
-            raise ApiError(400, "The switchboard's default integration cannot be deleted; choose another default "
-                                "first", "bad_request")
-        if any(o["next_switchboard_integration_id"] == member_id for o in others):
-            raise ApiError(400, "Another switchboard integration passes control to this one (its next); change "
-                                "that first", "bad_request")
-        async with self.store.tx():
+        """Remove a switchboard integration, unless it is the default or another one's next.
+        Conversations it had control of have nobody in control then (the customer's next message
+        gives them to the default)."""
+        async with self._changing(app_id):
+            switchboard = await self._switchboard_row(app_id, switchboard_id)
+            _row, others = await self._member_rows(switchboard_id, member_id)
+            if switchboard["default_switchboard_integration_id"] == member_id:
+                raise ApiError(400, "The switchboard's default integration cannot be deleted; choose another "
+                                    "default first", "bad_request")
+            if any(o["next_switchboard_integration_id"] == member_id for o in others):
+                raise ApiError(400, "Another switchboard integration passes control to this one (its next); "
+                                    "change that first", "bad_request")
             await self.store.delete_switchboard_integration(member_id)
-            await self.admin.publish_app(app_id)
 
     # --- control ----------------------------------------------------------------------------
 
@@ -267,6 +282,11 @@ class Switchboards:
             if wanted == expected:  # already so: nothing changes, nothing to announce
                 return
             async with self.store.tx():
+                # Not while a member is deleted: control never goes to one that is gone.
+                await self.store.serialize(switchboard_lock(app_id))
+                current = {m["id"] for m in await self.store.switchboard_integrations(switchboard.id)}
+                if any(member is not None and member not in current for member in wanted):
+                    continue  # the configuration changed under us: read it again
                 updated = await self.store.set_control(conversation_id, expected, *wanted)
             if updated is not None:
                 await self._announce(app_id, updated, action, metadata, reason)

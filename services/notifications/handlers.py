@@ -62,7 +62,7 @@ from shared.sunco import (
     UserRef,
 )
 from shared.telemetry import log_fields
-from shared.untrusted import secrets_equal
+from shared.untrusted import is_email_address, secrets_equal
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ LINK_RETRY_SECONDS = 30.0
 PRUNE_LIMITS_SECONDS = 600.0
 STOP_WORDS = frozenset({"stop", "stopall", "unsubscribe"})
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_EMAIL = re.compile(r"^[^@\s<>\"(),;:]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,}$")
 RE_ENGAGEMENT_ERROR = "131047"
 
 EmailSender = Callable[..., Awaitable[str]]
@@ -730,7 +729,7 @@ class Notifier:
         """
         address = req.address.strip()
         if req.channel == "email":
-            if not _EMAIL.match(address):
+            if not is_email_address(address):
                 raise OptInRefused(400, "invalid_address", "That does not look like an e-mail address")
         elif not _E164.match(address):
             raise OptInRefused(400, "invalid_address", "Give the phone number in international format (+15551234567)")

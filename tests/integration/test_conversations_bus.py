@@ -329,37 +329,69 @@ async def test_a_user_ended_through_another_replica_leaves_no_cached_resolution(
 async def test_taps_and_numbered_answers_are_postbacks_or_replies_as_the_business_asked(wa: Wa) -> None:
     from shared.messages.channel import Postback
 
+    t = wa.t
+    status, body = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={
+        "type": "twilio", "accountSid": "AC" + "b" * 32, "authToken": "twilio-token-0123456789",
+        "phoneNumber": "+15550009999"})
+    assert status == 201
+    sms = Wa(t, wa.bus, body["integration"]["id"])
+
+    def on_sms(provider_id: str, text: str) -> chan.InboundMessage:
+        return sms.inbound(provider_id, text=text, channel="twilio", client_type="twilio")
+
+    question = {"author": {"type": "business"}, "content": {"type": "text", "text": "How can we help?", "actions": [
+        {"type": "postback", "text": "Talk to sales", "payload": "SALES", "metadata": {"team": "sales"}},
+        {"type": "reply", "text": "Track my order", "payload": "TRACK"}]}}
     await wa.publish_inbound(wa.inbound("wamid.first", text="hi"))
     user_id, conversation_id = await user_conversation(wa)
-    t = wa.t
-    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages", body={
-        "author": {"type": "business"}, "content": {"type": "text", "text": "How can we help?", "actions": [
-            {"type": "postback", "text": "Talk to sales", "payload": "SALES", "metadata": {"team": "sales"}},
-            {"type": "reply", "text": "Track my order", "payload": "TRACK"}]}})
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages",
+                                body=question)
     assert status == 201
-    # Taps (a platform button carries the payload) and answers by number (SMS shows them numbered).
+    # Taps on WhatsApp's buttons carry their payload; a number typed there is just a number.
     await wa.publish_inbound(wa.inbound("wamid.tap1", text="Talk to sales",
                                         postback=Postback(payload="SALES", text="Talk to sales")))
     await wa.publish_inbound(wa.inbound("wamid.tap2", text="Track my order",
                                         postback=Postback(payload="TRACK", text="Track my order")))
-    await wa.publish_inbound(wa.inbound("wamid.n1", text=" 1 "))
-    await wa.publish_inbound(wa.inbound("wamid.n2", text="2."))
-    await wa.publish_inbound(wa.inbound("wamid.n3", text="3"))  # no third choice: just a message
+    await wa.publish_inbound(wa.inbound("wamid.n1", text="1"))
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 4)
+    # On SMS the choices were numbered: a bare number answers the latest message if it is the business's.
+    await sms.publish_inbound(on_sms("SM1", "hello"))
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 5)
+    sms_conversation = next(e.conversation_id for e in await events(wa.bus, t.app_id)
+                            if isinstance(e, conv.MessageCreated) and e.message.source is not None
+                            and e.message.source.type == "twilio")
+    assert sms_conversation != conversation_id  # another number, another customer
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{sms_conversation}/messages",
+                                body=question)
+    assert status == 201
+    await sms.publish_inbound(on_sms("SM2", " 1 "))  # → the postback
     await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 6)
+    status, _ = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{sms_conversation}/messages",
+                                body=question)
+    assert status == 201
+    await sms.publish_inbound(on_sms("SM3", "2."))  # → the reply, in the customer's words
+    await sms.publish_inbound(on_sms("SM4", "1"))  # the latest message is the customer's: just a number
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 8)
     found = await events(wa.bus, t.app_id)
     postbacks = [e for e in found if isinstance(e, conv.PostbackReceived)]
-    assert [(p.payload, p.metadata, p.user.id) for p in postbacks] == [("SALES", {"team": "sales"}, user_id)] * 2
-    assert len({p.id for p in postbacks}) == 2
+    assert [(p.payload, p.metadata, p.conversation_id) for p in postbacks] == [
+        ("SALES", {"team": "sales"}, conversation_id), ("SALES", {"team": "sales"}, sms_conversation)]
+    assert postbacks[0].user.id == user_id and len({p.id for p in postbacks}) == 2
     hook = webhook_event(postbacks[0])
     assert hook is not None and hook[0] == "conversation:postback"
     parsed = sc.ConversationPostbackEvent.from_dict(hook[1])
     assert parsed.payload.postback.payload == "SALES" and parsed.payload.postback.metadata == {"team": "sales"}
     assert parsed.payload.user.id == user_id and parsed.payload.conversation.id == conversation_id
+
+    async def user_said(conversation: str) -> list[dict[str, Any]]:
+        status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{conversation}/messages")
+        assert status == 200
+        return [m["content"] for m in body["messages"] if m["author"]["type"] == "user"]
+
     # Postbacks are not messages of the history; replies are, with their payload.
-    status, body = await t.request("GET", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages")
-    assert status == 200
-    user_said = [m["content"] for m in body["messages"] if m["author"]["type"] == "user"]
-    assert user_said == [{"type": "text", "text": "hi"},
-                         {"type": "text", "text": "Track my order", "payload": "TRACK"},
-                         {"type": "text", "text": "Track my order", "payload": "TRACK"},
-                         {"type": "text", "text": "3"}]
+    assert await user_said(conversation_id) == [{"type": "text", "text": "hi"},
+                                                {"type": "text", "text": "Track my order", "payload": "TRACK"},
+                                                {"type": "text", "text": "1"}]
+    assert await user_said(sms_conversation) == [{"type": "text", "text": "hello"},
+                                                 {"type": "text", "text": "2.", "payload": "TRACK"},
+                                                 {"type": "text", "text": "1"}]

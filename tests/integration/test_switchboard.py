@@ -301,3 +301,57 @@ async def test_configuration_rules(desk: Desk) -> None:
     await t.call(switchboards.delete_switchboard, t.app_id, d.switchboard_id)
     assert (await t.call(switchboards.list_switchboards, t.app_id)).switchboards == []
     assert await d.in_control() is None
+
+
+async def test_membership_rules_races_and_a_deleted_member_in_control(desk: Desk) -> None:
+    d = desk
+    t = d.t
+    base = f"/v2/apps/{t.app_id}/switchboards/{d.switchboard_id}"
+    web = (await t.call(sc.IntegrationsApi(t.client()).create_integration, t.app_id,
+                        sc.Web(display_name="site"))).integration
+    for body, status in (({"name": "site", "integrationId": web.id}, 400),  # members are custom integrations
+                         ({"name": "bot-again", "integrationId": d.bot.integration_id}, 409),  # one member each
+                         ({"name": "next", "integrationType": "desk"}, 400)):  # the keyword
+        got, _ = await t.request("POST", f"{base}/switchboardIntegrations", body=body)
+        assert got == status, body
+    # null clears a next (absent leaves it).
+    status, body = await t.request("PATCH", f"{base}/switchboardIntegrations/{d.agent.member_id}",
+                                   body={"nextSwitchboardIntegrationId": None})
+    assert status == 200 and body["switchboardIntegration"].get("nextSwitchboardIntegrationId") is None
+    status, body = await t.request("PATCH", f"{base}/switchboardIntegrations/{d.agent.member_id}",
+                                   body={"deliverStandbyEvents": True})
+    assert status == 200 and body["switchboardIntegration"].get("nextSwitchboardIntegrationId") is None
+    # Making a member the default while deleting it: one wins, and the switchboard stays whole.
+    for round_ in range(4):
+        status, body = await t.request("POST", f"{base}/switchboardIntegrations",
+                                       body={"name": f"temp-{round_}", "integrationType": "desk"})
+        assert status == 201
+        temp = body["switchboardIntegration"]["id"]
+        outcomes = await asyncio.gather(
+            t.request("PATCH", base, body={"defaultSwitchboardIntegrationId": temp}),
+            t.request("DELETE", f"{base}/switchboardIntegrations/{temp}"))
+        # Either the PATCH went first (then the default cannot be deleted) or the DELETE did (then
+        # there is no such member to make the default): never both.
+        assert sorted(status for status, _ in outcomes) == [200, 400]
+        status, body = await t.request("GET", base.rsplit("/", 1)[0])
+        [switchboard] = body["switchboards"]
+        status, listed = await t.request("GET", f"{base}/switchboardIntegrations")
+        members = {m["id"] for m in listed["switchboardIntegrations"]}
+        assert switchboard["defaultSwitchboardIntegrationId"] in members
+        if switchboard["defaultSwitchboardIntegrationId"] == temp:  # the PATCH won: put the bot back
+            await t.request("PATCH", base, body={"defaultSwitchboardIntegrationId": d.bot.member_id})
+            await t.request("DELETE", f"{base}/switchboardIntegrations/{temp}")
+    # A member deleted while in control: the customer's next message goes to the default.
+    status, body = await t.request("POST", f"{base}/switchboardIntegrations",
+                                   body={"name": "night-shift", "integrationType": "desk"})
+    night = body["switchboardIntegration"]["id"]
+    await _conversation(d)
+    await t.call(d.actions().pass_control, t.app_id, d.conversation_id,
+                 sc.PassControlBody(switchboard_integration="night-shift"))
+    assert await d.in_control() == "night-shift"
+    status, _ = await t.request("DELETE", f"{base}/switchboardIntegrations/{night}")
+    assert status == 200
+    assert await d.in_control() is None
+    await d.say("anyone there?")
+    await _until(lambda: "anyone there?" in d.bot.messages())
+    assert await d.in_control() == "bot"
