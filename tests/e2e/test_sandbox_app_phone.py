@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from shared.http import basic_auth_header
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, CHROMIUM, CHROMIUM_ARGS, System
@@ -51,9 +51,18 @@ class Business:
         return data
 
     async def reply(self, conversation_id: str, text: str) -> str:
+        return await self.send(conversation_id, {"type": "text", "text": text})
+
+    async def send(self, conversation_id: str, content: dict[str, Any]) -> str:
+        """Post `content` as the business; the message's id."""
         sent = await self.api("POST", f"/conversations/{conversation_id}/messages", {
-            "author": {"type": "business", "displayName": "Support"}, "content": {"type": "text", "text": text}})
+            "author": {"type": "business", "displayName": "Support"}, "content": content})
         return str(sent["messages"][0]["id"])
+
+    async def history(self, conversation_id: str) -> list[dict[str, Any]]:
+        page = await self.api("GET", f"/conversations/{conversation_id}/messages")
+        messages: list[dict[str, Any]] = page["messages"]
+        return messages
 
     async def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float = 8.0) -> dict[str, Any]:
         """The first webhook event (old or new) for which `match` holds."""
@@ -110,7 +119,7 @@ async def business(system: System) -> AsyncIterator[Business]:
         await holder["b"].api("POST", "/integrations", {
             "type": "custom", "displayName": "Helpdesk",
             "webhooks": [{"target": f"http://127.0.0.1:{port}/hook",
-                          "triggers": ["conversation:message", "conversation:read"]}]})
+                          "triggers": ["conversation:message", "conversation:read", "conversation:postback"]}]})
         yield holder["b"]
     finally:
         await runner.cleanup()
@@ -255,3 +264,163 @@ async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: B
     assert again["session"]["appUserId"] not in (None, user_id)
     devices = (await business.api("GET", f"/users/{again['session']['appUserId']}/devices"))["devices"]
     assert [d["pushNotificationToken"] for d in devices] == [again["token"]]
+
+
+async def test_the_app_shows_what_the_business_sends_and_answers_like_the_widget(
+        page: Page, business: Business) -> None:
+    conversation_id = await send_from_app(page, business, "Can you help me choose?")
+    thread = page.locator("#phone-thread")
+    chips = page.locator("#phone-quick button")
+
+    # A text with reply buttons (chips under it), a postback button and a link (in the bubble).
+    await business.send(conversation_id, {"type": "text", "text": "Espresso or filter?", "actions": [
+        {"type": "reply", "text": "Espresso", "payload": "pick-espresso"},
+        {"type": "reply", "text": "Filter", "payload": "pick-filter"},
+        {"type": "postback", "text": "Talk to a barista", "payload": "handoff-barista"},
+        {"type": "link", "text": "Our menu", "uri": "https://shop.example/menu"}]})
+    offer = thread.locator("li.out").last
+    await expect(offer).to_contain_text("Espresso or filter?")
+    await expect(chips).to_have_text(["Espresso", "Filter"])
+    await expect(offer.get_by_role("link", name="Our menu")).to_have_attribute("href", "https://shop.example/menu")
+
+    # A postback tap: the business hears of it, the history keeps nothing, the button says it went.
+    await offer.get_by_role("button", name="Talk to a barista").click()
+    tapped = await business.wait_event(lambda e: e["type"] == "conversation:postback")
+    assert tapped["payload"]["postback"]["payload"] == "handoff-barista"
+    assert tapped["payload"]["conversation"]["id"] == conversation_id
+    await expect(offer.get_by_role("button", name="Talk to a barista")).to_have_attribute("data-state", "sent")
+    await expect(thread.locator("li.in")).to_have_count(1)
+    assert [m["content"].get("text") for m in await business.history(conversation_id)] == [
+        "Can you help me choose?", "Espresso or filter?"]
+
+    # A reply tap: the label as the customer's message, with the button's payload.
+    await chips.filter(has_text="Espresso").click()
+    await expect(thread.locator("li.in").last).to_contain_text("Espresso")
+    await expect(chips).to_have_count(0)
+    answer = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                       and e["payload"]["message"]["content"].get("payload") == "pick-espresso")
+    assert answer["payload"]["message"]["content"]["text"] == "Espresso"
+    stored = (await business.history(conversation_id))[-1]
+    assert stored["author"]["type"] == "user"
+    assert (stored["content"]["text"], stored["content"]["payload"]) == ("Espresso", "pick-espresso")
+
+    # A carousel: cards in a row that scrolls sideways, each with its buttons.
+    await business.send(conversation_id, {"type": "carousel", "items": [
+        {"title": "Ethiopia Yirgacheffe", "description": "Floral, bright",
+         "actions": [{"type": "postback", "text": "Add Ethiopia", "payload": "add-ethiopia"},
+                     {"type": "link", "text": "Details", "uri": "https://shop.example/ethiopia"}]},
+        {"title": "Colombia Huila", "description": "Chocolate, round",
+         "actions": [{"type": "postback", "text": "Add Colombia", "payload": "add-colombia"}]},
+        {"title": "Kenya AA", "description": "Blackcurrant",
+         "actions": [{"type": "buy", "text": "Buy", "amount": 1250, "currency": "eur",
+                      "uri": "https://shop.example/pay/kenya"}]}]})
+    cards = thread.locator("li.out").last.locator(".app-cards .app-card")
+    await expect(cards).to_have_count(3)
+    await expect(cards.locator(".card-title")).to_have_text(["Ethiopia Yirgacheffe", "Colombia Huila", "Kenya AA"])
+    await expect(cards.nth(2).get_by_role("link")).to_have_attribute("href", "https://shop.example/pay/kenya")
+    row = thread.locator("li.out").last.locator(".app-cards")
+    assert await row.evaluate("r => getComputedStyle(r).overflowX === 'auto' && r.scrollWidth > r.clientWidth")
+    boxes = [await cards.nth(i).bounding_box() for i in range(2)]
+    assert boxes[0] and boxes[1] and boxes[1]["x"] > boxes[0]["x"] and abs(boxes[1]["y"] - boxes[0]["y"]) < 1
+    await cards.nth(1).get_by_role("button", name="Add Colombia").click()
+    added = await business.wait_event(lambda e: e["type"] == "conversation:postback"
+                                      and e["payload"]["postback"]["payload"] == "add-colombia")
+    assert added["payload"]["conversation"]["id"] == conversation_id
+    await expect(cards.nth(1).get_by_role("button", name="Add Colombia")).to_have_attribute("data-state", "sent")
+
+    # A list: its items one under the other with their buttons, then its own buttons.
+    await business.send(conversation_id, {"type": "list", "items": [
+        {"title": "Brewing guide", "description": "Pour-over in five steps",
+         "actions": [{"type": "webview", "text": "Read", "uri": "https://shop.example/guide",
+                      "fallback": "https://shop.example/guide"}]},
+        {"title": "Grinder", "description": "Burr, 40 settings",
+         "actions": [{"type": "buy", "text": "Buy", "amount": 8900, "currency": "usd"}]}],
+        "actions": [{"type": "postback", "text": "More like these", "payload": "more"}]})
+    listed = thread.locator("li.out").last
+    await expect(listed.locator(".app-list-item .card-title")).to_have_text(["Brewing guide", "Grinder"])
+    await expect(listed.get_by_role("link", name="Read")).to_have_attribute("href", "https://shop.example/guide")
+    # A buy button without a payment page shows the offer and opens nothing.
+    await expect(listed.locator("[data-action=buy]")).to_have_text(re.compile(r"^Buy \(.*89\.00.*\)$"))
+    await expect(listed.locator("a[data-action=buy]")).to_have_count(0)
+    await expect(listed.get_by_role("button", name="More like these")).to_be_visible()
+
+    # A location request: a chip that shares the phone's (sample) place.
+    await business.send(conversation_id, {"type": "text", "text": "Where should we deliver?",
+                                          "actions": [{"type": "locationRequest", "text": "Send my location"}]})
+    await expect(chips).to_have_text(["📍 Send my location"])
+    await chips.click()
+    await expect(thread.locator("li.in").last).to_contain_text("Champ de Mars, Paris")
+    shared = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                       and e["payload"]["message"]["content"]["type"] == "location")
+    assert shared["payload"]["message"]["content"]["coordinates"] == {"lat": 48.8584, "long": 2.2945}
+
+    # A form: answered inline, checked before it is sent, then shown submitted.
+    form_id = await business.send(conversation_id, {"type": "form", "blockChatInput": True, "fields": [
+        {"type": "text", "name": "name", "label": "Your name", "placeholder": "Ada"},
+        {"type": "email", "name": "email", "label": "E-mail"},
+        {"type": "select", "name": "grind", "label": "Grind",
+         "options": [{"name": "whole", "label": "Whole bean"}, {"name": "fine", "label": "Fine"}]}]})
+    form = thread.locator("li.out").last.locator("form.app-form")
+    await expect(form).to_have_attribute("data-state", "open")
+    await form.get_by_label("Your name").fill("Ada Lovelace")
+    await form.get_by_label("E-mail").fill("not an address")
+    await form.get_by_role("button", name="Submit").click()
+    await expect(form.get_by_role("alert")).to_contain_text("E-mail")
+    await form.get_by_label("E-mail").fill("ada@example.com")
+    await form.get_by_label("Grind").select_option(label="Fine")
+    await form.get_by_role("button", name="Submit").click()
+    await expect(form).to_have_attribute("data-state", "submitted")
+    await expect(form.get_by_label("Your name")).to_be_disabled()
+    await expect(thread.locator("li.in").last).to_contain_text("Grind: Fine")
+    event = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                      and e["payload"]["message"]["content"]["type"] == "formResponse")
+    fields = event["payload"]["message"]["content"]["fields"]
+    assert [(f["label"], f["type"]) for f in fields] == [
+        ("Your name", "text"), ("E-mail", "email"), ("Grind", "select")]
+    assert (fields[0]["text"], fields[1]["email"], fields[2]["select"]) == (
+        "Ada Lovelace", "ada@example.com", [{"name": "fine", "label": "Fine"}])
+    assert {f["quotedMessageId"] for f in fields} == {form_id}
+    stored = (await business.history(conversation_id))[-1]
+    assert stored["content"]["type"] == "formResponse"
+    assert [f["label"] for f in stored["content"]["fields"]] == ["Your name", "E-mail", "Grind"]
+    # The first (wrong) try was never sent: one answer, no postback or extra message on the way.
+    assert [m["content"]["type"] for m in await business.history(conversation_id)].count("formResponse") == 1
+
+    # Opened again, the app rebuilds the thread from its history: the form shows its answer.
+    await page.reload()
+    form = thread.locator("form.app-form")
+    await expect(form).to_have_attribute("data-state", "submitted")
+    await expect(form.get_by_label("Your name")).to_have_value("Ada Lovelace")
+    await expect(form.get_by_label("Grind")).to_have_value("1")
+    await expect(thread.locator("li.in").last).to_contain_text(
+        "Your name: Ada Lovelace\nE-mail: ada@example.com\nGrind: Fine", use_inner_text=True)
+    await expect(thread.locator("li.in").nth(1)).to_have_text(re.compile("^Espresso"))
+
+
+async def test_a_message_that_did_not_get_through_is_retried_as_the_same_message(
+        page: Page, business: Business) -> None:
+    conversation_id = await send_from_app(page, business, "Hello")
+    posted: list[dict[str, Any]] = []
+
+    async def lose_first(route: Route) -> None:
+        posted.append(route.request.post_data_json)
+        if len(posted) == 1:
+            await route.abort("connectionreset")  # the network drops the first attempt
+        else:
+            await route.continue_()
+
+    await page.route(re.compile(r"/app/v1/apps/[^/]+/conversations/[^/]+/messages$"), lose_first)
+    await business.send(conversation_id, {"type": "text", "text": "Milk?", "actions": [
+        {"type": "reply", "text": "Oat milk", "payload": "milk-oat"}]})
+    await page.locator("#phone-quick button").filter(has_text="Oat milk").click()
+    bubble = page.locator("#phone-thread li.in").last
+    await expect(bubble).to_contain_text("not sent")
+    await bubble.get_by_role("button", name="Retry").click()
+    await expect(bubble.locator(".meta")).to_have_text(re.compile("✓$"))
+    await expect(bubble).not_to_contain_text("not sent")
+    await business.wait_event(lambda e: e["type"] == "conversation:message"
+                              and e["payload"]["message"]["content"].get("payload") == "milk-oat")
+    assert len(posted) == 2 and posted[0] == posted[1]
+    assert posted[0]["text"] == "Oat milk" and posted[0]["payload"] == "milk-oat"
+    texts = [m["content"].get("text") for m in await business.history(conversation_id)]
+    assert texts == ["Hello", "Milk?", "Oat milk"]

@@ -426,6 +426,10 @@
 
   const APP_VERSION = "1.0.0-sandbox";
   const APP_TYPING_MS = 10000; // a typing:start without its stop fades after this long
+  const WEB_SCHEMES = ["http:", "https:"]; // what the app's link, webview and buy buttons may open
+  // Where the phone is when the app shares its location (the sandbox has no GPS): WhatsApp's place.
+  const APP_SHARED_LOCATION = {lat: WA_SHARED_LOCATION.latitude, long: WA_SHARED_LOCATION.longitude,
+                               name: WA_SHARED_LOCATION.name, address: WA_SHARED_LOCATION.address};
 
   const app = (function () {
     let ch = null; // {integrationId, appId} of the App tab while it is shown
@@ -669,39 +673,70 @@
     }
 
     // --- sending -------------------------------------------------------------------------------
+    // What the customer sends is one SDK message body (`PostMessage`): a typed text, a tap on a
+    // reply or postback button (its label as text, with the button's payload), a shared location
+    // or a form's answer. Each has its clientMessageId from the start, so tapping "Retry" on one
+    // that did not get through posts the same message again (the service de-duplicates it). A
+    // postback tap is `silent`: the business is told (conversation:postback), the history keeps
+    // nothing, so it has no bubble; its button shows how the tap went.
+
+    // The spec the phone's compose box, quick replies and buttons send, as the SDK body (without
+    // its clientMessageId); null when there is nothing to send.
+    function messageBody(spec) {
+      if (spec.location) return {location: spec.location};
+      if (spec.formResponse) return {formResponse: spec.formResponse};
+      const text = String(spec.text || "").trim();
+      if (!text) return null;
+      return spec.payload ? {text, payload: String(spec.payload)} : {text};
+    }
 
     async function send(spec) {
-      const text = String(spec.text || "").trim();
-      const session = stored.session;
-      if (!text) return;
-      if (!session || stored.closed || stored.uninstalled) {
+      const body = messageBody(spec);
+      if (!body) return;
+      if (!stored.session || stored.closed || stored.uninstalled) {
         showError("Not sent: the app is not open yet");
+        if (spec.onDone) spec.onDone("refused");
         return;
       }
       const id = uuid();
-      const entry = {key: "c:" + id, pending: {text, status: "sending", at: Date.now() / 1000}};
-      messages.set(entry.key, entry);
+      const entry = {key: "c:" + id, id, pending: {body, status: "sending", at: Date.now() / 1000,
+                                                   silent: !!spec.silent, onDone: spec.onDone}};
+      if (!spec.silent) {
+        messages.set(entry.key, entry);
+        show();
+        scrollToNewest();
+      }
+      await post(entry);
+    }
+
+    // POST the entry's message (again, after a failure: the same clientMessageId).
+    async function post(entry) {
+      const p = entry.pending;
+      p.status = "sending";
       show();
-      scrollToNewest();
       try {
         if (needsRefresh()) await refresh();
         const now = stored.session;
         if (!now) throw new Error("the session ended");
+        const body = Object.assign({clientMessageId: entry.id}, p.body);
         if (!started()) {
           // The first message: it creates the user, registers this install, and brings the session.
-          keepSession(await call(appPath("/conversations"), "POST", {clientMessageId: id, text, device: deviceBody()},
+          keepSession(await call(appPath("/conversations"), "POST", Object.assign(body, {device: deviceBody()}),
             now.sessionToken));
         } else {
-          await call(appPath("/conversations/" + enc(now.conversationId) + "/messages"), "POST",
-            {clientMessageId: id, text}, now.sessionToken);
+          await call(appPath("/conversations/" + enc(now.conversationId) + "/messages"), "POST", body,
+            now.sessionToken);
         }
-        if (entry.pending) entry.pending.status = "sent";
+        p.status = "sent";
         showError("");
       } catch (e) {
-        if (entry.pending) entry.pending.status = "failed";
+        // Refused for what it says (not the session, not the rate): sending it again would not help.
+        const refused = e.status >= 400 && e.status < 500 && ![401, 408, 429].includes(e.status);
+        p.status = refused ? "refused" : "failed";
         showError("Not sent: " + e.message);
         if (e.status === 401 && stored.session) stored.session.stale = true;
       }
+      if (p.onDone) p.onDone(p.status);
       show();
       tick();
     }
@@ -817,6 +852,7 @@
     function show() {
       if (current !== ch || !ch) return;
       render(items());
+      syncForms();
       updateChrome();
     }
 
@@ -865,9 +901,17 @@
         const p = entry.pending;
         return {
           key: entry.key, direction: "in", at: p.at, state: p.status,
-          render: (bubble) => bubble.append(el("div", "", p.text)),
+          render: (bubble) => appContent(sentContent(p.body), bubble, {}, false),
           footer: (footer) => {
-            if (p.status === "failed") footer.append(el("div", "failed", "not sent"));
+            if (p.status === "failed" || p.status === "refused") {
+              const line = el("div", "failed", "not sent");
+              if (p.status === "failed") {
+                const again = choiceButton("Retry", () => { if (p.status === "failed") post(entry); });
+                again.className = "app-retry";
+                line.append(" · ", again);
+              }
+              footer.append(line);
+            }
             footer.append(el("span", "meta", clock(p.at) + (p.status === "sent" ? " ✓" : p.status === "sending" ? " …" : "")));
           },
         };
@@ -877,23 +921,35 @@
       const receivedMs = Date.parse(m.received) || Date.now();
       const read = !business && businessReadAt >= receivedMs;
       const content = m.content || {};
-      const actions = Array.isArray(content.actions) ? content.actions : [];
       return {
         key: entry.key, direction: business ? "out" : "in", at: receivedMs / 1000, state: read ? "read" : "ok",
         render: (bubble) => {
           if (business && (m.author || {}).displayName) bubble.append(el("div", "note", m.author.displayName));
-          appContent(content, bubble);
+          appContent(content, bubble, m, business);
         },
         footer: (footer) => {
           footer.append(el("span", "meta" + (read ? " read" : ""), clock(receivedMs / 1000) + (business ? "" : read ? " ✓✓" : " ✓")));
         },
-        quickReplies: business ? actions.filter((a) => a.type === "reply" && a.text)
-          .map((a) => ({title: a.text, spec: {text: a.text}})) : [],
+        quickReplies: business ? appQuickReplies(content) : [],
       };
     }
 
-    function appContent(content, bubble) {
+    // What a message the app sent (or is sending) shows, as the content the history will have.
+    function sentContent(body) {
+      if (body.location) {
+        const at = body.location;
+        return {type: "location", coordinates: {lat: at.lat, long: at.long}, location: {name: at.name, address: at.address}};
+      }
+      if (body.formResponse) return {type: "formResponse", fields: body.formResponse.fields};
+      return {type: "text", text: body.text};
+    }
+
+    // A message's content as the app shows it: text, media, a location (its name and address),
+    // a carousel (cards scrolling sideways), a list, a form (answered inline), a form's answer
+    // (`label: value` lines), and the business's buttons. DOM nodes and text only.
+    function appContent(content, bubble, message, business) {
       const type = content.type || "text";
+      bubble.dataset.type = type;
       if (type === "image") {
         renderImage(content.mediaUrl || "", content.altText || content.text || "", bubble);
         if (content.text) bubble.append(el("div", "", content.text));
@@ -903,15 +959,274 @@
       } else if (type === "location") {
         const place = content.location || {};
         const at = content.coordinates || {};
-        bubble.append(el("div", "", "📍 " + (place.name || place.address || (at.lat + "," + at.long))));
+        const lines = [place.name, place.address].filter((line) => typeof line === "string" && line);
+        bubble.append(el("div", "", "📍 " + (lines.length ? lines.join("\n") : at.lat + "," + at.long)));
+      } else if (type === "carousel" && Array.isArray(content.items)) {
+        bubble.classList.add("app-wide");
+        const row = el("div", "app-cards");
+        row.tabIndex = 0; // scrolls sideways by keyboard too
+        row.setAttribute("role", "group");
+        row.setAttribute("aria-label", "Carousel");
+        if ((content.displaySettings || {}).imageAspectRatio === "square") row.dataset.aspect = "square";
+        for (const card of content.items) if (card) row.append(appItem(card, "app-card"));
+        bubble.append(row);
+      } else if (type === "list" && Array.isArray(content.items)) {
+        const list = el("div", "app-list");
+        for (const row of content.items) if (row) list.append(appItem(row, "app-list-item"));
+        appActions(content.actions, list);
+        bubble.append(list);
+      } else if (type === "form" && Array.isArray(content.fields)) {
+        bubble.append(appForm(content, message, business));
+      } else if (type === "formResponse") {
+        const fields = (Array.isArray(content.fields) ? content.fields : []).filter(Boolean);
+        if (!fields.length) bubble.append(el("div", "", content.textFallback || "[form response]"));
+        for (const f of fields) bubble.append(el("div", "", String(f.label || f.name || "") + ": " + answerValue(f)));
       } else if (type === "text") {
         bubble.append(el("div", "", content.text || ""));
       } else bubble.append(el("div", "", content.text || "[" + type + "]"));
-      const links = (content.actions || []).filter((a) => (a.type === "link" || a.type === "webview") && /^https?:/i.test(a.uri || ""));
-      if (links.length) {
-        const box = el("div", "buttons");
-        for (const a of links) box.append(link(a.uri, a.text || a.uri));
-        bubble.append(box);
+      // Reply and location request buttons are quick replies under the message (appQuickReplies).
+      if (business && (type === "text" || type === "image")) appActions(content.actions, bubble);
+    }
+
+    // A card of a carousel or a row of a list: its image, title, description and buttons.
+    function appItem(entry, cls) {
+      const card = el("div", cls);
+      card.setAttribute("role", "group");
+      card.setAttribute("aria-label", String(entry.title || ""));
+      if (entry.mediaUrl) renderImage(entry.mediaUrl, entry.altText || entry.title || "", card);
+      const body = el("div", "app-item-body");
+      body.append(el("div", "card-title", String(entry.title || "")));
+      if (entry.description) body.append(el("div", "card-sub", String(entry.description)));
+      appActions(entry.actions, body);
+      card.append(body);
+      return card;
+    }
+
+    // The buttons that stay in the bubble: postbacks, and links (link, webview, buy) to web pages only.
+    function appActions(actions, into) {
+      const box = el("div", "buttons");
+      for (const action of Array.isArray(actions) ? actions : []) {
+        const node = action && appAction(action);
+        if (node) box.append(node);
+      }
+      if (box.childNodes.length) into.append(box);
+    }
+
+    function appAction(action) {
+      const text = typeof action.text === "string" ? action.text : "";
+      let node = null;
+      if (action.type === "postback" && text) node = postbackButton(action);
+      else if ((action.type === "link" || action.type === "webview") && safeUrl(action.uri, WEB_SCHEMES)) {
+        node = link(action.uri, text || action.uri);
+      } else if (action.type === "buy") {
+        // Without a web page to pay on (SunCo's own checkout), the offer is shown, not followed.
+        if (safeUrl(action.uri, WEB_SCHEMES)) node = link(action.uri, buyLabel(action));
+        else {
+          node = el("span", "app-offer", buyLabel(action));
+          node.setAttribute("aria-disabled", "true");
+        }
+      }
+      if (node) node.dataset.action = action.type;
+      return node;
+    }
+
+    // "Buy (€12.50)"
+    function buyLabel(action) {
+      const label = action.text || "Buy";
+      if (typeof action.amount !== "number" || !(action.amount > 0)) return label;
+      const currency = action.currency ? String(action.currency).toUpperCase() : "";
+      let price = (action.amount / 100).toFixed(2) + (currency ? " " + currency : "");
+      if (currency) {
+        try {
+          price = new Intl.NumberFormat(undefined, {style: "currency", currency}).format(action.amount / 100);
+        } catch (e) { /* an unknown currency code: the plain figure */ }
+      }
+      return label + " (" + price + ")";
+    }
+
+    // A postback button: a tap posts its label with its payload, which the business hears of
+    // (conversation:postback) and the history does not keep, so the button says how it went.
+    function postbackButton(action) {
+      const button = choiceButton(action.text, () => {
+        if (button.getAttribute("aria-busy") === "true") return;
+        button.setAttribute("aria-busy", "true");
+        button.dataset.state = "sending";
+        send({text: action.text, payload: action.payload || action.text, silent: true, onDone: (status) => {
+          if (status === "sending") return;
+          button.removeAttribute("aria-busy");
+          button.dataset.state = status === "sent" ? "sent" : "failed";
+        }});
+      });
+      return button;
+    }
+
+    // The business's reply buttons and location request, as chips under its newest message: a
+    // reply posts its label with its payload, the location request a sample place (no GPS here).
+    function appQuickReplies(content) {
+      if (content.type && content.type !== "text" && content.type !== "image") return [];
+      const replies = [];
+      for (const action of Array.isArray(content.actions) ? content.actions : []) {
+        if (action && action.type === "reply" && action.text) {
+          replies.push({title: action.text, spec: {text: action.text, payload: action.payload || action.text}});
+        } else if (action && action.type === "locationRequest") {
+          replies.push({title: "📍 " + (action.text || "Share location"), spec: {location: APP_SHARED_LOCATION}});
+        }
+      }
+      return replies;
+    }
+
+    // --- forms -----------------------------------------------------------------------------------
+    // A form message is answered inline: Submit checks each field as the service will (so a
+    // wrong answer is not queued and then dropped), posts the formResponse and shows the form
+    // submitted with its answers. A form the customer answered before (the history has the
+    // answer) shows submitted too.
+
+    const EMAIL_ADDRESS = /^[^@\s<>"(),;:[\]\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,}$/;
+    const formStates = new WeakMap(); // a form element → its setState(state, answers)
+    let formCount = 0;
+
+    // A field's answer in words: what follows "label: ".
+    function answerValue(field) {
+      if (field.type === "email") return String(field.email || "");
+      if (field.type === "select") return (Array.isArray(field.select) ? field.select : []).map((o) => o && o.label).filter(Boolean).join(", ");
+      return String(field.text || "");
+    }
+
+    function appForm(content, message, business) {
+      formCount += 1;
+      const form = el("form", "app-form");
+      form.noValidate = true;
+      form.dataset.formId = message.id || "";
+      const rows = [];
+      content.fields.forEach((field, index) => {
+        if (!field || typeof field.name !== "string") return;
+        const id = "app-form-" + formCount + "-" + index;
+        const label = el("label", "", String(field.label || field.name));
+        label.htmlFor = id;
+        let input;
+        if (field.type === "select") {
+          input = el("select");
+          const none = el("option", "", field.placeholder || "Choose…");
+          none.value = "";
+          input.append(none);
+          (Array.isArray(field.options) ? field.options : []).forEach((option, i) => {
+            if (!option || typeof option.name !== "string") return;
+            const choice = el("option", "", String(option.label || option.name));
+            choice.value = String(i);
+            input.append(choice);
+          });
+        } else {
+          input = el("input");
+          input.type = field.type === "email" ? "email" : "text";
+          input.placeholder = field.placeholder || "";
+          input.autocomplete = field.type === "email" ? "email" : "off";
+        }
+        input.id = id;
+        const row = el("div", "app-form-field");
+        row.dataset.name = field.name;
+        row.append(label, input);
+        form.append(row);
+        rows.push({field, input});
+      });
+      const error = el("div", "failed");
+      error.hidden = true;
+      error.setAttribute("role", "alert");
+      const submit = el("button", "app-form-submit", "Submit");
+      submit.type = "submit";
+      form.append(error, submit);
+
+      // open (editable) or submitted (disabled, with the answers when known).
+      function setState(state, answers) {
+        form.dataset.state = state;
+        const byName = new Map((answers || []).filter((a) => a && typeof a.name === "string").map((a) => [a.name, a]));
+        for (const {field, input} of rows) {
+          input.disabled = state !== "open";
+          const answer = byName.get(field.name);
+          if (!answer) continue;
+          if (field.type === "select") {
+            const picked = (answer.select || [])[0] || {};
+            const index = (Array.isArray(field.options) ? field.options : []).findIndex((o) => o && o.name === picked.name);
+            if (index >= 0) input.value = String(index);
+          } else input.value = answerValue(answer);
+        }
+        submit.disabled = state !== "open";
+        submit.textContent = state === "open" ? "Submit" : "Submitted";
+      }
+      formStates.set(form, setState);
+      if (!business || content.submitted === true) {
+        setState("submitted", null);
+        return form;
+      }
+      setState("open", null);
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        if (form.dataset.state !== "open") return;
+        const answers = [];
+        for (const row of rows) {
+          const problem = formAnswer(row, answers);
+          if (problem) {
+            error.textContent = problem;
+            error.hidden = false;
+            row.input.focus();
+            return;
+          }
+        }
+        error.hidden = true;
+        error.textContent = "";
+        setState("submitted", answers);
+        // Refused (the service said what is wrong): the form opens again to be corrected.
+        send({formResponse: {quotedMessageId: message.id, fields: answers},
+              onDone: (status) => { if (status === "refused") setState("open", null); }});
+      });
+      return form;
+    }
+
+    // Adds one field's answer to `answers`; what is wrong with it, else null. Lengths count
+    // code points, as the service does.
+    function formAnswer({field, input}, answers) {
+      const label = String(field.label || field.name);
+      const answer = {type: field.type, name: field.name, label};
+      if (field.type === "select") {
+        const chosen = input.value === "" ? null : (Array.isArray(field.options) ? field.options : [])[Number(input.value)];
+        if (!chosen) return "Please choose " + label + ".";
+        answer.select = [{name: chosen.name, label: String(chosen.label || chosen.name)}];
+      } else if (field.type === "email") {
+        const email = input.value.trim();
+        if (email.length > 128 || !EMAIL_ADDRESS.test(email)) return label + ": please enter an e-mail address.";
+        answer.email = email;
+      } else {
+        const text = input.value.trim();
+        const low = field.minSize || 1;
+        const high = Math.min(field.maxSize || 128, 256);
+        const size = Array.from(text).length;
+        if (size < low) return label + (low > 1 ? ": at least " + low + " characters, please." : ": please fill this in.");
+        if (size > high) return label + ": at most " + high + " characters, please.";
+        answer.text = text;
+      }
+      answers.push(answer);
+      return null;
+    }
+
+    // Forms shown open whose answer the thread has (sent from here before a reload, or
+    // confirmed by the history) show as submitted with it.
+    function syncForms() {
+      const answers = new Map();
+      for (const entry of messages.values()) {
+        let fields = null;
+        let formId = null;
+        if (entry.message && (entry.message.author || {}).type !== "business" && (entry.message.content || {}).type === "formResponse") {
+          fields = Array.isArray(entry.message.content.fields) ? entry.message.content.fields : [];
+          formId = (fields.find((f) => f && f.quotedMessageId) || {}).quotedMessageId;
+        } else if (entry.pending && entry.pending.body.formResponse && entry.pending.status !== "refused") {
+          fields = entry.pending.body.formResponse.fields;
+          formId = entry.pending.body.formResponse.quotedMessageId;
+        }
+        if (formId) answers.set(formId, fields);
+      }
+      for (const form of thread.querySelectorAll("form.app-form[data-state=open]")) {
+        const setState = formStates.get(form);
+        const fields = answers.get(form.dataset.formId);
+        if (setState && fields) setState("submitted", fields);
       }
     }
 
