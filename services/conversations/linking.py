@@ -227,6 +227,9 @@ class Linker:
         if isinstance(reply, handoff.CodeRefused):
             if reply.reason == "unknown" and not visible:
                 return False  # an ordinary m.me ref / t.me start parameter, not one of ours
+            if reply.reason == "repeated":
+                log.info("link code sent again by the sender who redeemed it on %s: nothing to do", msg.channel)
+                return True
             await self._answer(msg, reply.message)
             log.info("link code refused (%s) on %s; the message is stored as the customer's", reply.reason,
                      msg.channel)

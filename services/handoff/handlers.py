@@ -72,6 +72,7 @@ REFUSAL_MESSAGES: dict[RefusalReason, str] = {
     "unknown": "This code isn't valid. " + _GET_NEW,
     "expired": "This link has expired. " + _GET_NEW,
     "used": "This link has already been used. " + _GET_NEW,
+    "repeated": "",  # never said: the sender is linked already
     "wrong_channel": "This link was made for a different channel, so nothing was linked here. " + _GET_NEW,
     # Same wording as unknown: a code of another business must not be confirmed as existing.
     "foreign": "This code isn't valid here. " + _GET_NEW,
@@ -309,7 +310,9 @@ class HandoffHandlers:
             if record.app_id != request.app_id:
                 failure = "foreign"
             elif record.used_at is not None:
-                return refused("used")
+                repeated = (record.used_by == request.channel_user_id
+                            and record.integration_id == request.integration_id)
+                return refused("repeated" if repeated else "used")
             elif record.failed_attempts >= self.config.max_code_failures or now >= record.expires_at:
                 # A burned code reads like an expired one: the customer needs a new link either way.
                 return refused("expired")

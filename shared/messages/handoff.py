@@ -106,7 +106,9 @@ class CodeRedeemed(HandoffMessage, tag="handoff.redeemed", kw_only=True):
     source_integration_id: str | None = None
 
 
-RefusalReason = Literal["unknown", "expired", "used", "wrong_channel", "foreign", "rate_limited"]
+# `repeated`: the sender who redeemed the code sent it again (a second tap, a platform's pending
+# copies): nothing to link, nothing to say, nothing to store.
+RefusalReason = Literal["unknown", "expired", "used", "repeated", "wrong_channel", "foreign", "rate_limited"]
 
 
 class CodeRefused(HandoffMessage, tag="handoff.refused", kw_only=True):

@@ -125,6 +125,16 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
                                        "content": {"type": "text", "text": "now on your phone"}}) as resp:
                 assert resp.status == 201
             await eventually(timeout=20.0, check=lambda: _contains(outbox(sender), "now on your phone"))
+            # The customer taps the link again: already linked, nothing to say, nothing stored.
+            await eventually(timeout=20.0, check=lambda: deliver(phone_spec(channel, link["url"], sender)))
+            await eventually(timeout=20.0, check=lambda: deliver({"from": sender, "text": "thanks"}))
+
+            def said(text: str) -> list[dict[str, Any]]:
+                return [e for e in events if e["type"] == "conversation:message"
+                        and e["payload"]["message"]["content"].get("text") == text]
+
+            await eventually(timeout=20.0, check=lambda: _async(said("thanks")))  # in order after the repeat
+            assert not any("used" in text.lower() for text in await outbox(sender))
             # The code was never shown to the business as a customer message.
             texts = [e["payload"]["message"]["content"].get("text", "") for e in events
                      if e["type"] == "conversation:message"]
@@ -283,3 +293,7 @@ async def test_a_known_channel_identity_joins_the_link_user_only_after_saying_ye
             async with http.get(f"{base}/v2/apps/{app_id}/conversations",
                                 params={"filter[userId]": survivor}, headers=auth) as resp:
                 assert len((await resp.json())["conversations"]) == 2
+
+
+async def _async(value: Any) -> Any:
+    return value

@@ -124,7 +124,7 @@ async def handoff(nats_server: NatsServer, bus: Bus, tmp_path: Path) -> AsyncIte
 
 def refusal(reply: msgs.HandoffUnion) -> str:
     assert isinstance(reply, msgs.CodeRefused), reply
-    assert reply.message
+    assert bool(reply.message) == (reply.reason != "repeated")  # a repeat is not answered
     return reply.reason
 
 
@@ -194,8 +194,10 @@ async def test_redeem_outcomes(handoff: HandoffEnv) -> None:
     redeemed = await handoff.redeem(wa.code.lower(), i.whatsapp)
     assert redeemed == msgs.CodeRedeemed(app_id=APP, user_id="u1", conversation_id="conv-9",
                                          integration_id=i.whatsapp.id, source_integration_id=i.web.id)
-    # A second redemption, by the same sender or anyone else, links nothing.
-    assert refusal(await handoff.redeem(wa.code, i.whatsapp)) == "used"
+    # A second redemption links nothing: by the same sender it is a repeat (nothing to say), by
+    # anyone else the code is used.
+    repeat = await handoff.redeem(wa.code, i.whatsapp)
+    assert refusal(repeat) == "repeated"
     assert refusal(await handoff.redeem(wa.code, i.whatsapp, sender="+15559999999")) == "used"
     assert isinstance(await handoff.redeem(tg.code, i.telegram, sender="4242"), msgs.CodeRedeemed)
 

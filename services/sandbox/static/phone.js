@@ -1570,7 +1570,8 @@
     // Quick replies belong to the newest message only, as on the real app.
     const last = items[items.length - 1];
     const replies = last && last.direction === "out" ? last.quickReplies || [] : [];
-    const signature = JSON.stringify(replies.map((r) => r.title));
+    // Keyed by what a tap sends too: the same titles with other payloads are other chips.
+    const signature = JSON.stringify([last ? last.key : null, replies.map((r) => [r.title, r.spec])]);
     if (quick.dataset.signature !== signature) {
       quick.dataset.signature = signature;
       quick.textContent = "";
