@@ -225,8 +225,10 @@ async def test_redeem_rules() -> None:
     ok = await handlers.redeem(redeem(tg.code, "tg", sender="tg-user"))
     assert ok == CodeRedeemed(app_id=APP, user_id="u1", conversation_id="c1", integration_id="tg",
                               source_integration_id="web")
-    again = await handlers.redeem(redeem(tg.code, "tg", sender="tg-user"))
-    assert isinstance(again, CodeRefused) and again.reason == "used" and again.message == REFUSAL_MESSAGES["used"]
+    again = await handlers.redeem(redeem(tg.code, "tg", sender="tg-user"))  # the same sender: a repeat
+    assert isinstance(again, CodeRefused) and again.reason == "repeated" and again.message == ""
+    other = await handlers.redeem(redeem(tg.code, "tg", sender="someone-else"))
+    assert isinstance(other, CodeRefused) and other.reason == "used" and other.message == REFUSAL_MESSAGES["used"]
     assert await handlers.qr_target(tg.code) is None
     unknown = await handlers.redeem(redeem("nope-nope", "tg", sender="s2"))
     assert isinstance(unknown, CodeRefused) and unknown.reason == "unknown"
