@@ -49,6 +49,7 @@ SANDBOX_SMTP_PORT: Final = 2525
 ROUTES: Final = (
     Route("/v2/", "conversations"),
     Route("/v1.1/", "conversations"),
+    Route("/attachments/", "conversations"),
     Route("/sdk/", "web"),
     Route("/widget/", "web"),
     Route("/app/", "app"),

@@ -25,6 +25,8 @@ from yarl import URL
 
 from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
+from services.conversations.attachments import PATH_PREFIX as ATTACHMENT_PATH
+from services.conversations.attachments import Attachments
 from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
 from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 # What a custom integration's key may call (SunCo's integration scope: users, conversations and
 # their parts, its own webhooks; not apps, keys, integrations or switchboards).
 INTEGRATION_SCOPE_TAGS = frozenset({"Users", "Clients", "Devices", "Conversations", "Participants", "Messages",
-                                    "Activities", "Switchboard Actions", "Webhooks", "Handoff"})
+                                    "Activities", "Switchboard Actions", "Webhooks", "Handoff", "Attachments"})
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,10 @@ class Api:
     """HTTP handlers. Holds the account key; app keys live in the DB."""
 
     def __init__(self, store: Store, admin: Admin, conversations: Conversations, switchboards: Switchboards,
-                 account_key_id: str, account_key_secret: str, public_base_url: str,
+                 attachments: Attachments, account_key_id: str, account_key_secret: str, public_base_url: str,
                  jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY) -> None:
         self.store = store
+        self.attachments = attachments
         self.jwt_policy = jwt_policy
         self.admin = admin
         self.conversations = conversations
@@ -663,6 +666,19 @@ class Api:
                                         target=target, metadata=metadata, reason=reason,
                                         caller=request[PRINCIPAL_KEY].integration_id)
 
+    # --- attachments ------------------------------------------------------------------------
+
+    async def upload_attachment(self, request: web.Request) -> web.Response:
+        app_id = request.match_info["appId"]
+        await self.admin.app_row(app_id)
+        upload = await self.attachments.check_upload(app_id, request.query)
+        return json_response({"attachment": await self.attachments.upload(upload, request)}, 201)
+
+    async def delete_attachment(self, request: web.Request) -> web.Response:
+        body = await read_json(request, models.AttachmentDeleteBody)
+        await self.attachments.remove(request.match_info["appId"], body.media_url)
+        return json_response({})
+
     # --- custom integration keys --------------------------------------------------------------
 
     async def create_integration_key(self, request: web.Request) -> web.Response:
@@ -810,6 +826,12 @@ OPERATIONS: tuple[Operation, ...] = (
               Api.update_webhook, request=models.WebhookUpdateBody, response=models.WebhookResponse),
     Operation("DELETE", INT + "/webhooks/{webhookId}", "deleteWebhook", "Webhooks", "Delete a webhook",
               Api.delete_webhook),
+    Operation("POST", A + "/attachments", "uploadAttachment", "Attachments",
+              "Upload a file (multipart `source`, ≤ 50 MB; query access=public, for=message, conversationId) to "
+              "send as an image or file message", Api.upload_attachment, 201, response=models.AttachmentResponse,
+              query=("access", "for", "conversationId")),
+    Operation("POST", A + "/attachments/remove", "deleteAttachment", "Attachments", "Delete an attachment by its URL",
+              Api.delete_attachment, request=models.AttachmentDeleteBody),
     Operation("POST", INT + "/keys", "createCustomIntegrationKey", "Custom Integration API Keys",
               "Create a key of a custom integration (integration scope: users, conversations, its webhooks)",
               Api.create_integration_key, 201, request=models.IntegrationApiKeyBody,
@@ -858,9 +880,10 @@ OPERATIONS: tuple[Operation, ...] = (
 
 
 def add_routes(app: web.Application, api: Api) -> None:
-    """Register every operation of the table on `app`."""
+    """Register every operation of the table on `app`, and the attachments' public URLs."""
     for op in OPERATIONS:
         app.router.add_route(op.method, op.path, api.make_handler(op))
+    app.router.add_get(ATTACHMENT_PATH + "/{app_id}/{token}/{filename}", api.attachments.serve)
 
 
 __all__ = ["OPERATIONS", "Api", "Operation", "Principal", "add_routes"]

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 import nats.js.errors
@@ -14,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from services.conversations.admin import SEALED_CONFIG_FIELDS, Admin
 from services.conversations.api import Api, add_routes
+from services.conversations.attachments import Attachments
 from services.conversations.config import ConversationsConfig
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
@@ -160,7 +162,8 @@ class ConversationsService(ServiceApp):
         self.admin = Admin(self.store, sink, self.common.egress)
         switchboards = Switchboards(self.store, self.admin, self.conversations)
         await self._republish(sink)
-        api = Api(self.store, self.admin, self.conversations, switchboards, self.config.account_key_id,
+        attachments = Attachments(self.store, Path(self.common.data_dir) / "attachments", self.common.public_base_url)
+        api = Api(self.store, self.admin, self.conversations, switchboards, attachments, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
         inbound = await self.bus.consume(subjects.CONVERSATIONS_INBOUND, self.conversations.handle_inbound,

@@ -834,6 +834,21 @@ class ControlBody(Wire, kw_only=True):
     metadata: dict[str, Any] | None = None
 
 
+# --- attachments -----------------------------------------------------------------------------
+
+class Attachment(Wire, kw_only=True):
+    media_url: str
+    media_type: str
+
+
+class AttachmentResponse(Wire, kw_only=True):
+    attachment: Attachment
+
+
+class AttachmentDeleteBody(Wire, kw_only=True):
+    media_url: str
+
+
 # --- custom integration keys -----------------------------------------------------------------
 
 class IntegrationApiKeyBody(Wire, kw_only=True):

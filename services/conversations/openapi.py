@@ -53,6 +53,18 @@ QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
                        "(integrations, comma-separated). URL-encoded JSON is accepted too.",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
     },
+    "access": {
+        "name": "access", "in": "query", "required": True, "description": "Only `public`.",
+        "schema": {"type": "string", "enum": ["public"]},
+    },
+    "for": {
+        "name": "for", "in": "query", "required": False, "description": "Only `message`.",
+        "schema": {"type": "string", "enum": ["message"]},
+    },
+    "conversationId": {
+        "name": "conversationId", "in": "query", "required": False,
+        "description": "The conversation the attachment is for (of this app).", "schema": {"type": "string"},
+    },
     "integrationIds": {
         "name": "integrationIds", "in": "query", "required": True,
         "description": "Comma-separated ids of the integrations to link to (SunCo v1.1).",

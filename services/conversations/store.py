@@ -247,6 +247,20 @@ SCRIPTS: tuple[str, ...] = (
     );
     CREATE INDEX integration_keys_integration ON integration_keys(integration_id, id);
     """,
+    # 7 (attachments): files uploaded for messages, kept under the data directory; `id` is the
+    # unguessable token in their public URL.
+    """
+    CREATE TABLE attachments (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id) ON DELETE CASCADE,
+        filename TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        conversation_id TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX attachments_conversation ON attachments(conversation_id);
+    """,
 )
 
 
@@ -631,6 +645,20 @@ class Store:
         await self._run("UPDATE conversations SET switchboard_active=$2 WHERE id=$1"
                         " AND switchboard_active IS NOT DISTINCT FROM $3", conversation_id, default_id, replaced)
         return await self._one("SELECT * FROM conversations WHERE id=$1", conversation_id)
+
+    # --- attachments ------------------------------------------------------------------------
+
+    async def add_attachment(self, attachment_id: str, app_id: str, filename: str, media_type: str, size: int,
+                             conversation_id: str | None, now: float) -> None:
+        await self._run("INSERT INTO attachments (id, app_id, filename, media_type, size, conversation_id, created_at)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7)", attachment_id, app_id, filename, media_type, size,
+                        conversation_id, now)
+
+    async def attachment(self, app_id: str, attachment_id: str) -> Row | None:
+        return await self._one("SELECT * FROM attachments WHERE app_id=$1 AND id=$2", app_id, attachment_id)
+
+    async def delete_attachment(self, app_id: str, attachment_id: str) -> int:
+        return await self._run("DELETE FROM attachments WHERE app_id=$1 AND id=$2", app_id, attachment_id)
 
     # --- integration keys -------------------------------------------------------------------
 
