@@ -130,6 +130,7 @@ class ConversationsService(ServiceApp):
     conversations: Conversations
     admin: Admin
     apps: KvMirror
+    attachments: Attachments
 
     def __init__(self, config: ConversationsConfig) -> None:
         super().__init__(config.common)
@@ -162,7 +163,8 @@ class ConversationsService(ServiceApp):
         self.admin = Admin(self.store, sink, self.common.egress)
         switchboards = Switchboards(self.store, self.admin, self.conversations)
         await self._republish(sink)
-        attachments = Attachments(self.store, Path(self.common.data_dir) / "attachments", self.common.public_base_url)
+        self.attachments = attachments = Attachments(self.store, Path(self.common.data_dir) / "attachments",
+                                                     self.common.public_base_url)
         api = Api(self.store, self.admin, self.conversations, switchboards, attachments, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
@@ -183,6 +185,8 @@ class ConversationsService(ServiceApp):
         # the same link twice.
         self.spawn(self.conversations.sweep_forever(is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned),
                    "conversations:sweep")
+        self.spawn(attachments.sweep_forever(is_sweeper=lambda: SWEEPER_PARTITION in inbound.owned),
+                   "conversations:attachments")
         await self.start_http()
 
     def _app(self, app_id: str) -> records.AppRecord | None:

@@ -10,17 +10,21 @@ Served with `X-Content-Type-Options: nosniff`, as an attachment unless it is an 
 video, and with a sandboxing Content-Security-Policy.
 
 Files are on the local disk: with several `conversations` replicas they need a shared volume
-(an S3-compatible store is the next step, see the README).
+(an S3-compatible store is the next step, see the README). An attachment goes with its
+conversation, its user and its app; `sweep` deletes the files left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import secrets
+import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -33,7 +37,13 @@ from services.conversations.store import Store
 from shared.http import ApiError
 from shared.ids import now
 
+log = logging.getLogger(__name__)
+
 MAX_ATTACHMENT_BYTES = 50 * 1024 * 1024
+# Files with no attachment row are deleted by the sweep once older than this (an upload records
+# its row right after its file).
+ORPHAN_GRACE_SECONDS = 600.0
+SWEEP_INTERVAL_SECONDS = 300.0
 PATH_PREFIX = "/attachments/v1"
 _CHUNK = 256 * 1024
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
@@ -210,6 +220,52 @@ class Attachments:
             "Content-Security-Policy": "default-src 'none'; sandbox",
             "Cache-Control": "public, max-age=3600",
         })
+
+
+    async def sweep(self, older_than: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Delete the files whose attachment is gone (removed with its conversation, its user or
+        its app, or a removal cut short), and uploads abandoned half-way; the number deleted.
+        A file younger than `older_than` seconds may be an upload still being recorded: kept."""
+        removed = 0
+        for app_dir in await asyncio.to_thread(_children, self.root):
+            if not _APP_ID.match(app_dir.name):
+                continue
+            cutoff = time.time() - older_than
+            files = [f for f in await asyncio.to_thread(_children, app_dir) if _mtime(f) < cutoff]
+            for batch in (files[i:i + 500] for i in range(0, len(files), 500)):
+                kept = await self.store.attachment_ids(app_dir.name, [f.name for f in batch])
+                for file in batch:
+                    if file.name not in kept:
+                        await asyncio.to_thread(_unlink, file)
+                        removed += 1
+        return removed
+
+    async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS,
+                            is_sweeper: Callable[[], bool] = lambda: True) -> None:
+        """`sweep` now and every `interval` seconds while this replica is the sweeper."""
+        while True:
+            if is_sweeper():
+                try:
+                    removed = await self.sweep()
+                    if removed:
+                        log.info("removed %d attachment files no longer attached", removed)
+                except Exception:
+                    log.exception("attachment sweep failed")
+            await asyncio.sleep(interval)
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _unlink(path: Path) -> None:

@@ -657,6 +657,13 @@ class Store:
     async def attachment(self, app_id: str, attachment_id: str) -> Row | None:
         return await self._one("SELECT * FROM attachments WHERE app_id=$1 AND id=$2", app_id, attachment_id)
 
+    async def attachment_ids(self, app_id: str, attachment_ids: Sequence[str]) -> set[str]:
+        """Which of these attachments of the app still exist."""
+        args = _Args(app_id)
+        marks = args.marks(attachment_ids)
+        rows = await self._all(f"SELECT id FROM attachments WHERE app_id=$1 AND id IN ({marks})", *args.values)
+        return {str(row["id"]) for row in rows}
+
     async def delete_attachment(self, app_id: str, attachment_id: str) -> int:
         return await self._run("DELETE FROM attachments WHERE app_id=$1 AND id=$2", app_id, attachment_id)
 
@@ -829,6 +836,8 @@ class Store:
         await self._run("UPDATE conversations SET business_last_read=$1 WHERE id=$2", at, conversation_id)
 
     async def delete_conversation(self, conversation_id: str) -> int:
+        """Delete a conversation (its messages, participants and attachments go with it)."""
+        await self._run("DELETE FROM attachments WHERE conversation_id=$1", conversation_id)
         return await self._run("DELETE FROM conversations WHERE id=$1", conversation_id)
 
     async def get_conversation(self, app_id: str, conversation_id: str) -> Row | None:
@@ -1147,6 +1156,7 @@ class Store:
         args = _Args()
         marks = args.marks(conversation_ids)
         await self._run(f"DELETE FROM external_messages WHERE conversation_id IN ({marks})", *args.values)
+        await self._run(f"DELETE FROM attachments WHERE conversation_id IN ({marks})", *args.values)
         await self._run("DELETE FROM client_links WHERE app_id=$1 AND user_id=$2", app_id, user_id)
         await self._run("DELETE FROM merge_confirmations WHERE app_id=$1 AND (surviving_user_id=$2 OR"
                         " discarded_user_id=$2)", app_id, user_id)

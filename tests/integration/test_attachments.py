@@ -109,3 +109,26 @@ async def test_another_apps_attachments_are_out_of_reach(tenant: Tenant) -> None
     async with t.http.get(media_url) as resp:
         assert resp.status == 200
     await asyncio.sleep(0)
+
+
+async def test_attachments_go_with_their_conversation_and_the_sweep_deletes_their_files(tenant: Tenant) -> None:
+    t = tenant
+    user_id, _default = await new_user_conversation(t, "lee")
+    second = (await t.call(sc.ConversationsApi(t.client()).create_conversation, t.app_id, sc.ConversationCreateBody(
+        type="personal", participants=[sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user_id))]))).conversation
+    status, body = await upload(t, PNG, "image/png", query=f"access=public&for=message&conversationId={second.id}")
+    assert status == 201
+    kept_status, kept = await upload(t, PNG, "image/png")  # for no conversation: stays
+    assert kept_status == 201
+    service = t.system.service("conversations")
+    files = sorted((service.attachments.root / t.app_id).iterdir())
+    assert len(files) == 2
+    await t.call(sc.ConversationsApi(t.client()).delete_conversation, t.app_id, second.id)
+    async with t.http.get(body["attachment"]["mediaUrl"]) as resp:
+        assert resp.status == 404
+    assert await service.attachments.sweep(older_than=3600) == 0  # too young to be sure of
+    assert await service.attachments.sweep(older_than=0) == 1
+    [left] = list((service.attachments.root / t.app_id).iterdir())
+    assert left.name in kept["attachment"]["mediaUrl"]
+    async with t.http.get(kept["attachment"]["mediaUrl"]) as resp:
+        assert resp.status == 200
