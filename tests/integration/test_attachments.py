@@ -114,8 +114,9 @@ async def test_another_apps_attachments_are_out_of_reach(tenant: Tenant) -> None
 async def test_attachments_go_with_their_conversation_and_the_sweep_deletes_their_files(tenant: Tenant) -> None:
     t = tenant
     user_id, _default = await new_user_conversation(t, "lee")
-    second = (await t.call(sc.ConversationsApi(t.client()).create_conversation, t.app_id, sc.ConversationCreateBody(
-        type="personal", participants=[sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user_id))]))).conversation
+    body = sc.ConversationCreateBody(type="personal", participants=[
+        sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user_id))])
+    second = (await t.call(sc.ConversationsApi(t.client()).create_conversation, t.app_id, body)).conversation
     status, body = await upload(t, PNG, "image/png", query=f"access=public&for=message&conversationId={second.id}")
     assert status == 201
     kept_status, kept = await upload(t, PNG, "image/png")  # for no conversation: stays
