@@ -203,6 +203,8 @@ class ChannelSender(ABC, Generic[C, P]):
         self.credentials = credentials
         self.sent: BoundedMemory[str, str] = BoundedMemory()
         self.in_flight: set[str] = set()
+        # Message id → its parts accepted so far (index → provider id), until all are sent.
+        self.parts: BoundedMemory[str, dict[int, str]] = BoundedMemory()
 
     # --- what a channel supplies ---------------------------------------------------------
 
@@ -240,12 +242,15 @@ class ChannelSender(ABC, Generic[C, P]):
         """Wait for the platform's rate limits before sending `part` (raise Retry to come back)."""
 
     async def done_parts(self, command: OutboundSend) -> dict[int, str]:
-        """The parts of `command` sent on an earlier delivery (index → provider id)."""
-        return {}
+        """The parts of `command` sent on an earlier delivery (index → provider id); remembered
+        in this process unless the channel keeps a record of its own."""
+        return dict(self.parts.get(command.message_id) or {})
 
     async def part_sent(self, command: OutboundSend, creds: C, index: int, provider_id: str,
                         started: float) -> None:
-        """Record that part `index` of `command` was accepted (a channel that keeps a record)."""
+        """Record that part `index` of `command` was accepted, so a redelivery (a transient
+        failure on a later part) sends only the rest."""
+        self.parts.remember(command.message_id, {**(self.parts.get(command.message_id) or {}), index: provider_id})
 
     def failed_once(self, command: OutboundSend, failure: SendFailure) -> None:
         """Note a failed attempt before it is retried or given up (e.g. pause the chat)."""
@@ -311,6 +316,7 @@ class ChannelSender(ABC, Generic[C, P]):
         finally:
             self.in_flight.discard(command.message_id)
         provider_id = sent[0]
+        self.parts.pop(command.message_id, None)
         self.sent.remember(command.message_id, provider_id)
         self.sent_once(command, provider_id)
         await self.report(sent_status(self.channel, command, provider_id))

@@ -186,6 +186,11 @@ class SwitchboardRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         """The member with this id, if there is one."""
         return next((i for i in self.integrations if i.id == switchboard_integration_id), None)
 
+    def ref(self, switchboard_integration_id: str) -> SwitchboardIntegrationRef:
+        """How a conversation names a member: in full, or by its id alone once it is deleted."""
+        member = self.integration(switchboard_integration_id)
+        return member.ref() if member is not None else SwitchboardIntegrationRef(id=switchboard_integration_id)
+
 
 class AppRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One app as other services need it: its name, its settings (SunCo camelCase keys) and

@@ -138,8 +138,7 @@ def conversation_out(row: Row, switchboard: records.SwitchboardRecord | None = N
     def member(member_id: str | None) -> SwitchboardIntegrationRef | None:
         if member_id is None:
             return None
-        found = switchboard.integration(member_id) if switchboard is not None else None
-        return found.ref() if found is not None else SwitchboardIntegrationRef(id=member_id)
+        return switchboard.ref(member_id) if switchboard is not None else SwitchboardIntegrationRef(id=member_id)
 
     return models.Conversation(
         id=row["id"], type=row["type"], is_default=row["default_user_id"] is not None,

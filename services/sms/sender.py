@@ -42,8 +42,6 @@ class SmsSender(ChannelSender[Credentials, Form]):
         # Provider SID (of every part) → (message id, conversation id), so a status callback can
         # name its message.
         self.sids: BoundedMemory[str, tuple[str, str]] = BoundedMemory()
-        # Message id → the SIDs of its parts accepted so far, while the message is not all sent.
-        self.parts: BoundedMemory[str, dict[int, str]] = BoundedMemory()
         # Message id → when the current delivery must stop waiting for its sender's bucket.
         self.wait_until: BoundedMemory[str, float] = BoundedMemory()
 
@@ -55,14 +53,9 @@ class SmsSender(ChannelSender[Credentials, Form]):
         self.wait_until.remember(command.message_id, time.monotonic() + self.max_rate_wait_seconds)
         return forms
 
-    async def done_parts(self, command: OutboundSend) -> dict[int, str]:
-        return dict(self.parts.get(command.message_id) or {})
-
     async def part_sent(self, command: OutboundSend, creds: Credentials, index: int, provider_id: str,
                         started: float) -> None:
-        done = self.parts.get(command.message_id) or {}
-        done[index] = provider_id
-        self.parts.remember(command.message_id, done)
+        await super().part_sent(command, creds, index, provider_id, started)
         self.sids.remember(provider_id, (command.message_id, command.conversation_id))
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: Form) -> None:
@@ -98,5 +91,4 @@ class SmsSender(ChannelSender[Credentials, Form]):
 
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         self.sids.remember(provider_id, (command.message_id, command.conversation_id))
-        self.parts.pop(command.message_id, None)
         self.wait_until.pop(command.message_id, None)

@@ -12,7 +12,7 @@ from shared import outbound
 from shared.bus import Bus, Retry
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundActivity, OutboundSend
-from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings
+from shared.outbound import ChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap, TokenBucket
 
 from . import handlers
@@ -40,8 +40,6 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
         self.group_buckets = BucketMap(group_messages_per_minute / 60.0, burst=1.0)
         # Chats Telegram told to wait (429 retry_after): monotonic time until which nothing is sent.
         self.paused_until: dict[str, float] = {}
-        # Parts accepted so far of messages not yet wholly sent: message id → {index: provider id}.
-        self.parts: BoundedMemory[str, dict[int, str]] = BoundedMemory()
 
     def unknown_integration(self) -> SendFailure:
         return SendFailure(http_status=0, error_code=None, description="Unknown or inactive Telegram integration",
@@ -49,13 +47,6 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
 
     async def plan(self, command: OutboundSend, creds: Credentials) -> list[MethodCall]:
         return handlers.build_requests(command)
-
-    async def done_parts(self, command: OutboundSend) -> dict[int, str]:
-        return dict(self.parts.get(command.message_id, {}))
-
-    async def part_sent(self, command: OutboundSend, creds: Credentials, index: int, provider_id: str,
-                        started: float) -> None:
-        self.parts.remember(command.message_id, {**self.parts.get(command.message_id, {}), index: provider_id})
 
     async def pace(self, command: OutboundSend, creds: Credentials, part: MethodCall) -> None:
         chat_key = _chat_key(command)
@@ -100,7 +91,6 @@ class TelegramSender(ChannelSender[Credentials, MethodCall]):
 
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         self.paused_until.pop(_chat_key(command), None)
-        self.parts.pop(command.message_id, None)
 
     def activity_request(self, creds: Credentials, activity: OutboundActivity) -> PlatformRequest | None:
         """Typing → `sendChatAction` (shown for 5 s or until the next message); nothing while

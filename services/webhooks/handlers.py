@@ -131,9 +131,8 @@ def _conversation_wire(conversation: ConversationRef, switchboard: SwitchboardRe
         return wire
     for key, ref in (("activeSwitchboardIntegration", conversation.active_switchboard_integration),
                      ("pendingSwitchboardIntegration", conversation.pending_switchboard_integration)):
-        member = switchboard.integration(ref.id) if ref is not None else None
-        if member is not None:
-            wire[key] = to_wire(member.ref())
+        if ref is not None:
+            wire[key] = to_wire(switchboard.ref(ref.id))
     return wire
 
 
