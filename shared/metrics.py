@@ -140,8 +140,16 @@ WEBSOCKETS_OPEN: Final = MetricSpec(
     "Realtime SDK sockets open, per service (web, app).",
     (SERVICE,))
 
+MEDIA_COPIES: Final = MetricSpec(
+    "threadline.media.copies", "counter", "{file}",
+    "Customer media from a platform copied into the object store before its message is published, per channel"
+    " and outcome: copied, failed (the platform or the store failed or was too slow: the message keeps the"
+    " platform's URL), too_large, unavailable (the platform no longer has it).",
+    (CHANNEL, OUTCOME))
+
 METRICS: Final = (MESSAGES_IN, MESSAGES_OUT, WEBHOOK_DELIVERY_LATENCY, WEBHOOK_POST_DURATION, WEBHOOK_ATTEMPTS,
-                  WEBHOOK_EVENTS, CONSUMER_PENDING, CONSUMER_REDELIVERIES, STORE_DURATION, WEBSOCKETS_OPEN)
+                  WEBHOOK_EVENTS, CONSUMER_PENDING, CONSUMER_REDELIVERIES, STORE_DURATION, WEBSOCKETS_OPEN,
+                  MEDIA_COPIES)
 
 
 def exported_series() -> dict[str, MetricSpec]:
@@ -225,6 +233,7 @@ _meter.create_observable_gauge(CONSUMER_PENDING.name, callbacks=[PENDING.observe
                                description=CONSUMER_PENDING.description)
 _redeliveries = _counter(CONSUMER_REDELIVERIES)
 _store = _histogram(STORE_DURATION)
+_media_copies = _counter(MEDIA_COPIES)
 _websockets = _meter.create_up_down_counter(WEBSOCKETS_OPEN.name, unit=WEBSOCKETS_OPEN.unit,
                                             description=WEBSOCKETS_OPEN.description)
 
@@ -274,6 +283,11 @@ def webhook_events(delivered_created_at: Sequence[float], retried: int, failed: 
     for outcome, count in (("delivered", len(delivered_created_at)), ("retried", retried), ("failed", failed)):
         if count:
             _webhook_events.add(count, OUTCOME, outcome)
+
+
+def media_copied(channel: str, outcome: str) -> None:
+    """One platform file of `channel` was copied into the object store, or not (`outcome`)."""
+    _media_copies.add(1, CHANNEL, channel, OUTCOME, outcome)
 
 
 def consumer_group(durable: str) -> str:

@@ -14,6 +14,7 @@ from shared.bus import Bus
 from shared.db import DatabaseSettings
 from shared.natsauth import ADMIN_USER
 from tests.harness import CHROMIUM, CHROMIUM_ARGS, ENGINES, NATS_PASSWORDS, new_postgres_database
+from tests.s3server import S3Server
 from threadline.natsserver import NatsServer
 from threadline.postgres import PostgresServer
 
@@ -27,6 +28,17 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One real S3-compatible server for the session (`rclone serve s3`); tests take a bucket of
+    their own with `new_bucket`."""
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import msgspec
 import nats.js.errors
@@ -26,6 +25,7 @@ from shared.config import ConfigError
 from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
 from shared.messages import identity as ident
+from shared.objectstore import ObjectStoreSettings, open_object_store
 from shared.service import ServiceApp
 from shared.telemetry import log_fields, setup_telemetry
 
@@ -163,8 +163,9 @@ class ConversationsService(ServiceApp):
         self.admin = Admin(self.store, sink, self.common.egress)
         switchboards = Switchboards(self.store, self.admin, self.conversations)
         await self._republish(sink)
-        self.attachments = attachments = Attachments(self.store, Path(self.common.data_dir) / "attachments",
-                                                     self.common.public_base_url)
+        files = await self.resources.enter_async_context(open_object_store(
+            self.config.files or ObjectStoreSettings.local(self.common.data_dir)))
+        self.attachments = attachments = Attachments(self.store, files, self.common.public_base_url)
         api = Api(self.store, self.admin, self.conversations, switchboards, attachments, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)

@@ -1,24 +1,50 @@
 """Attachments through the official client: upload (multipart `source`), a public URL that serves
 the file safely, removal; and what is refused — types a browser would run, files that lie about
-their type, oversized files, path tricks in the name, another app's files."""
+their type, oversized files, path tricks in the name, another app's files. Every test runs with
+the files on local disk and state on SQLite, then with the files in a real S3-compatible server
+and state on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
+import pytest
 import sunshine_conversations_client as sc
 from sunshine_conversations_client.rest import ApiException
 
 from services.conversations.attachments import MAX_ATTACHMENT_BYTES
+from tests.harness import System, new_postgres_database
 from tests.integration.test_conversations_api import Tenant, create_tenant, new_user_conversation
-from tests.integration.test_conversations_api import system as system  # on SQLite, then on PostgreSQL
 from tests.integration.test_conversations_api import tenant as tenant
+from tests.s3server import S3Server
+from threadline.natsserver import NatsServer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"\x00" * 64
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n%%EOF\n"
+
+
+@pytest.fixture(params=["sqlite-disk", "postgres-s3"])
+async def system(request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[System]:
+    env: dict[str, str] = {}
+    if request.param == "postgres-s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        env = {"THREADLINE_DATABASE_URL": await new_postgres_database(request.getfixturevalue("postgres_server")),
+               **s3.environ(s3.new_bucket(), prefix="media")}
+    sys_ = System(nats_server.url, tmp_path / "data", env=env)
+    try:
+        yield sys_
+    finally:
+        await sys_.close()
+
+
+async def stored_keys(t: Tenant) -> list[str]:
+    files = t.system.service("conversations").attachments.files
+    return sorted([key async for batch in files.older_than(f"{t.app_id}/", float("inf")) for key in batch])
 
 
 async def upload(t: Tenant, data: bytes, media_type: str, filename: str = "photo.png",
@@ -122,14 +148,13 @@ async def test_attachments_go_with_their_conversation_and_the_sweep_deletes_thei
     kept_status, kept = await upload(t, PNG, "image/png")  # for no conversation: stays
     assert kept_status == 201
     service = t.system.service("conversations")
-    files = sorted((service.attachments.root / t.app_id).iterdir())
-    assert len(files) == 2
+    assert len(await stored_keys(t)) == 2
     await t.call(sc.ConversationsApi(t.client()).delete_conversation, t.app_id, second.id)
     async with t.http.get(body["attachment"]["mediaUrl"]) as resp:
         assert resp.status == 404
     assert await service.attachments.sweep(older_than=3600) == 0  # too young to be sure of
     assert await service.attachments.sweep(older_than=0) == 1
-    [left] = list((service.attachments.root / t.app_id).iterdir())
-    assert left.name in kept["attachment"]["mediaUrl"]
+    [left] = await stored_keys(t)
+    assert left.split("/")[1] in kept["attachment"]["mediaUrl"]
     async with t.http.get(kept["attachment"]["mediaUrl"]) as resp:
         assert resp.status == 200
