@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from shared.egress import EgressPolicy
 
@@ -100,6 +102,68 @@ _REPLICA_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Where and how to reach the bucket."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    addressing_style: str = "auto"
+
+
+@dataclass(frozen=True)
+class ObjectStoreSettings:
+    """`THREADLINE_OBJECT_STORE_URL` (unset: local disk under `<data dir>/<folder>`)."""
+
+    local_root: Path
+    s3: S3Settings | None = None
+
+    @classmethod
+    def local(cls, data_dir: str, folder: str = "attachments") -> ObjectStoreSettings:
+        """Local disk under the data directory."""
+        return cls(local_root=Path(data_dir) / folder)
+
+    @classmethod
+    def from_env(cls, data_dir: str, environ: Mapping[str, str], *, sandbox: bool,
+                 folder: str = "attachments") -> ObjectStoreSettings:
+        """Read and check the settings. For S3: `THREADLINE_S3_ENDPOINT_URL` (a compatible server;
+        unset for AWS), `THREADLINE_S3_REGION`, `THREADLINE_S3_ACCESS_KEY_ID` and
+        `THREADLINE_S3_SECRET_ACCESS_KEY` (both or neither: neither takes the AWS default chain,
+        e.g. an IAM role), `THREADLINE_S3_ADDRESSING` (auto | path | virtual)."""
+        url = env_str("THREADLINE_OBJECT_STORE_URL", "", environ).strip()
+        local_root = Path(data_dir) / folder
+        if not url:
+            return cls(local_root=local_root)
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ConfigError("THREADLINE_OBJECT_STORE_URL must be s3://bucket or s3://bucket/prefix")
+        prefix = parts.path.strip("/")
+        if prefix and not _OBJECT_PREFIX.match(prefix):
+            raise ConfigError("THREADLINE_OBJECT_STORE_URL's prefix may hold letters, digits, _, - and /")
+        endpoint = env_str("THREADLINE_S3_ENDPOINT_URL", "", environ).strip() or None
+        if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+            raise ConfigError("THREADLINE_S3_ENDPOINT_URL must be an http(s) URL")
+        key_id = env_str("THREADLINE_S3_ACCESS_KEY_ID", "", environ).strip() or None
+        secret = (env_secret("THREADLINE_S3_SECRET_ACCESS_KEY", sandbox=sandbox, environ=environ)
+                  if key_id else None)
+        if key_id is None and env_str("THREADLINE_S3_SECRET_ACCESS_KEY", "", environ):
+            raise ConfigError("THREADLINE_S3_SECRET_ACCESS_KEY is set without THREADLINE_S3_ACCESS_KEY_ID")
+        addressing = env_str("THREADLINE_S3_ADDRESSING", "auto", environ).strip().lower()
+        if addressing not in ("auto", "path", "virtual"):
+            raise ConfigError("THREADLINE_S3_ADDRESSING must be auto, path or virtual")
+        return cls(local_root=local_root, s3=S3Settings(
+            bucket=parts.netloc, prefix=f"{prefix}/" if prefix else "", endpoint_url=endpoint,
+            region=env_str("THREADLINE_S3_REGION", "us-east-1", environ).strip() or "us-east-1",
+            access_key_id=key_id, secret_access_key=secret, addressing_style=addressing))
+
+
+_OBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+
+@dataclass(frozen=True)
 class CommonConfig:
     """Settings every service shares."""
 
@@ -122,6 +186,13 @@ class CommonConfig:
     # Kubernetes): partition leases are held under it, and a replica restarted under the same id
     # takes its partitions back at once. None: a random id per start.
     replica_id: str | None = None
+    # Where files are kept (THREADLINE_OBJECT_STORE_URL); None: local disk under the data directory.
+    files: ObjectStoreSettings | None = None
+
+    @property
+    def file_store(self) -> ObjectStoreSettings:
+        """The object store settings (`shared.objectstore`)."""
+        return self.files or ObjectStoreSettings.local(self.data_dir)
 
     @classmethod
     def from_env(cls, default_port: int, environ: Mapping[str, str] | None = None) -> CommonConfig:
@@ -150,11 +221,12 @@ class CommonConfig:
         replica_id = env_str("THREADLINE_REPLICA_ID", "", environ) or None
         if replica_id is not None and not _REPLICA_ID.fullmatch(replica_id):
             raise ConfigError("THREADLINE_REPLICA_ID may hold only letters, digits, '-' and '_' (at most 63)")
+        data_dir = env_str("THREADLINE_DATA_DIR", ".threadline", environ)
         return cls(
             nats_url=env_str("THREADLINE_NATS_URL", "nats://127.0.0.1:4222", environ),
             http_host=env_str("THREADLINE_HTTP_HOST", "127.0.0.1", environ),
             http_port=port,
-            data_dir=env_str("THREADLINE_DATA_DIR", ".threadline", environ),
+            data_dir=data_dir,
             sandbox=sandbox,
             stream_replicas=replicas,
             public_base_url=public_base_url,
@@ -163,4 +235,6 @@ class CommonConfig:
             nats_password=nats_password,
             nats_tls_ca_file=env_str("THREADLINE_NATS_TLS_CA_FILE", "", environ) or None,
             replica_id=replica_id,
+            files=ObjectStoreSettings.from_env(data_dir, os.environ if environ is None else environ,
+                                               sandbox=sandbox),
         )

@@ -64,8 +64,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # operator (sandbox origin or THREADLINE_EGRESS_ALLOW).
 GRAPH_HOSTS = ("graph.facebook.com",)
 WHATSAPP_MEDIA_HOSTS = ("lookaside.fbsbx.com",)  # Meta's media CDN (the `url` a media lookup returns)
+MESSENGER_MEDIA_HOSTS = (".fbcdn.net", ".fbsbx.com")  # where Messenger's attachment URLs point
 TELEGRAM_HOSTS = ("api.telegram.org",)
 TWILIO_HOSTS = ("api.twilio.com", ".twilio.com")  # regional edges: api.dublin.ie1.twilio.com
+TWILIO_MEDIA_HOSTS = (".twiliocdn.com", ".twilio.com")  # where an MMS media URL redirects
 FCM_HOSTS = ("fcm.googleapis.com",)
 GOOGLE_OAUTH_HOSTS = ("oauth2.googleapis.com", "www.googleapis.com", "accounts.google.com")
 APNS_HOSTS = ("api.push.apple.com", "api.sandbox.push.apple.com", "api.development.push.apple.com")

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
+from aiohttp import web
 
 from shared.messages.channel import InboundMessage
 from shared.metrics import media_copied
@@ -95,6 +98,14 @@ def safe_filename(name: str | None, media_type: str) -> str:
     if not base:
         base = "file" if "/" not in media_type else media_type.split("/", 1)[0]
     return base
+
+
+def named_file(name: str | None, media_type: str) -> str:
+    """`safe_filename`, with the extension of its type when it has none: a photo that came
+    without a name is `image.jpg`."""
+    safe = safe_filename(name, media_type)
+    extension = mimetypes.guess_extension(media_type) if media_type != OPAQUE_TYPE else None
+    return safe if "." in safe or not extension else safe + extension
 
 
 def content_matches(media_type: str, head: bytes) -> bool:
@@ -201,7 +212,21 @@ class Download:
     chunks: AsyncIterator[bytes]
 
 
-Downloader = Callable[[InboundMessage, str], Awaitable[Download | None]]
+async def relay(request: web.Request, download: Download) -> web.StreamResponse:
+    """Stream a platform download to the client (a channel's media passthrough URL)."""
+    response = web.StreamResponse(status=200)
+    response.content_type = normal_type(download.media_type) or OPAQUE_TYPE
+    response.headers["Cache-Control"] = "private, max-age=300"
+    await response.prepare(request)
+    async for chunk in download.chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+# A channel's download of a message's media URL: a context that yields the download (None when
+# the platform no longer has the file) and closes the connection when left.
+Downloader = Callable[[InboundMessage, str], AbstractAsyncContextManager[Download | None]]
 
 
 class MediaCopier:
@@ -231,14 +256,15 @@ class MediaCopier:
         if content is None or content.media_url is None:
             return message
         try:
-            async with asyncio.timeout(self.timeout):
-                fetched = await download(message, content.media_url)
+            async with asyncio.timeout(self.timeout), download(message, content.media_url) as fetched:
                 if fetched is None:
                     media_copied(self.channel, "unavailable")
                     return message
-                declared = normal_type(fetched.media_type or content.media_type)
-                kept_type = declared if declared in ALLOWED_TYPES else OPAQUE_TYPE
-                name = safe_filename(fetched.filename or content.alt_text, kept_type)
+                # The download's type, else the webhook's (a CDN may answer octet-stream).
+                kept_type = next((candidate for candidate in (normal_type(fetched.media_type),
+                                                              normal_type(content.media_type))
+                                  if candidate in ALLOWED_TYPES), OPAQUE_TYPE)
+                name = named_file(content.alt_text or fetched.filename, kept_type)
                 token = new_token()
                 await self.store.put(object_key(message.app_id, token),
                                      _bounded(fetched.chunks, self.max_bytes), kept_type)

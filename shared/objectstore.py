@@ -21,19 +21,18 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 from opentelemetry.trace import SpanKind
 
-from shared.config import ConfigError, env_secret, env_str
+from shared.config import ObjectStoreSettings, S3Settings
 from shared.telemetry import tracer
 
 log = logging.getLogger(__name__)
@@ -301,65 +300,6 @@ class S3ObjectStore:
             return await getattr(self._client, operation)(**params)
         except Exception as exc:
             raise ObjectStoreError(f"S3 {operation} failed: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and how to reach the bucket."""
-
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    addressing_style: str = "auto"
-
-
-@dataclass(frozen=True)
-class ObjectStoreSettings:
-    """`THREADLINE_OBJECT_STORE_URL` (unset: local disk under `<data dir>/<folder>`)."""
-
-    local_root: Path
-    s3: S3Settings | None = None
-
-    @classmethod
-    def local(cls, data_dir: str, folder: str = "attachments") -> ObjectStoreSettings:
-        """Local disk under the data directory."""
-        return cls(local_root=Path(data_dir) / folder)
-
-    @classmethod
-    def from_env(cls, data_dir: str, environ: Mapping[str, str], *, sandbox: bool,
-                 folder: str = "attachments") -> ObjectStoreSettings:
-        """Read and check the settings. For S3: `THREADLINE_S3_ENDPOINT_URL` (a compatible server;
-        unset for AWS), `THREADLINE_S3_REGION`, `THREADLINE_S3_ACCESS_KEY_ID` and
-        `THREADLINE_S3_SECRET_ACCESS_KEY` (both or neither: neither takes the AWS default chain,
-        e.g. an IAM role), `THREADLINE_S3_ADDRESSING` (auto | path | virtual)."""
-        url = env_str("THREADLINE_OBJECT_STORE_URL", "", environ).strip()
-        local_root = Path(data_dir) / folder
-        if not url:
-            return cls(local_root=local_root)
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-            raise ConfigError("THREADLINE_OBJECT_STORE_URL must be s3://bucket or s3://bucket/prefix")
-        prefix = parts.path.strip("/")
-        if prefix and not _KEY.match(prefix):
-            raise ConfigError("THREADLINE_OBJECT_STORE_URL's prefix may hold letters, digits, _, - and /")
-        endpoint = env_str("THREADLINE_S3_ENDPOINT_URL", "", environ).strip() or None
-        if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise ConfigError("THREADLINE_S3_ENDPOINT_URL must be an http(s) URL")
-        key_id = env_str("THREADLINE_S3_ACCESS_KEY_ID", "", environ).strip() or None
-        secret = (env_secret("THREADLINE_S3_SECRET_ACCESS_KEY", sandbox=sandbox, environ=environ)
-                  if key_id else None)
-        if key_id is None and env_str("THREADLINE_S3_SECRET_ACCESS_KEY", "", environ):
-            raise ConfigError("THREADLINE_S3_SECRET_ACCESS_KEY is set without THREADLINE_S3_ACCESS_KEY_ID")
-        addressing = env_str("THREADLINE_S3_ADDRESSING", "auto", environ).strip().lower()
-        if addressing not in ("auto", "path", "virtual"):
-            raise ConfigError("THREADLINE_S3_ADDRESSING must be auto, path or virtual")
-        return cls(local_root=local_root, s3=S3Settings(
-            bucket=parts.netloc, prefix=f"{prefix}/" if prefix else "", endpoint_url=endpoint,
-            region=env_str("THREADLINE_S3_REGION", "us-east-1", environ).strip() or "us-east-1",
-            access_key_id=key_id, secret_access_key=secret, addressing_style=addressing))
 
 
 @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ from shared.bus import Bus, KvMirror
 from shared.config import CommonConfig
 from shared.db import Database
 from shared.egress import EgressSession, Purpose
+from shared.objectstore import ObjectStore, open_object_store
 from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ class ServiceApp:
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    async def open_files(self) -> ObjectStore:
+        """The object store of `THREADLINE_OBJECT_STORE_URL` (else the data directory), open until
+        `stop()`."""
+        return await self.resources.enter_async_context(open_object_store(self.common.file_store))
 
     async def connect_bus(self) -> Bus:
         """Connect to NATS, create the streams, and make /readyz follow the connection."""

@@ -25,7 +25,6 @@ from shared.config import ConfigError
 from shared.encryption import SecretsError
 from shared.http import error_middleware, tracing_middleware
 from shared.messages import identity as ident
-from shared.objectstore import ObjectStoreSettings, open_object_store
 from shared.service import ServiceApp
 from shared.telemetry import log_fields, setup_telemetry
 
@@ -159,12 +158,12 @@ class ConversationsService(ServiceApp):
         ended_users = await self.mirror_bucket(self.bus, subjects.ENDED_USERS_BUCKET, ident.USER_ENDED_DECODER.decode)
         ended_users.add_listener(lambda user_id, _ended: identity.forget_user(user_id))
         self.conversations = Conversations(self.store, self.bus, identity, self.config.handoff_recap_count,
-                                           streams=self.bus, jwt_policy=self.config.jwt_policy, apps=self._app)
+                                           streams=self.bus, jwt_policy=self.config.jwt_policy, apps=self._app,
+                                           public_base_url=self.common.public_base_url)
         self.admin = Admin(self.store, sink, self.common.egress)
         switchboards = Switchboards(self.store, self.admin, self.conversations)
         await self._republish(sink)
-        files = await self.resources.enter_async_context(open_object_store(
-            self.config.files or ObjectStoreSettings.local(self.common.data_dir)))
+        files = await self.open_files()
         self.attachments = attachments = Attachments(self.store, files, self.common.public_base_url)
         api = Api(self.store, self.admin, self.conversations, switchboards, attachments, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from shared.config import CommonConfig, ConfigError, env_float, env_int, env_secret, env_str
 from shared.db import DatabaseSettings
 from shared.encryption import Keyring
-from shared.objectstore import ObjectStoreSettings
 from shared.routes import DEFAULT_PORTS
 from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 
@@ -34,9 +33,6 @@ class ConversationsConfig:
     # Business API and SDK login JWTs: time claims must be numbers, lifetime bounded
     # (THREADLINE_JWT_MAX_LIFETIME_SECONDS), exp required if THREADLINE_JWT_REQUIRE_EXP.
     jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY
-    # Where attachments are kept: local disk under the data directory, or an S3 bucket
-    # (THREADLINE_OBJECT_STORE_URL; None = the local default).
-    files: ObjectStoreSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ConversationsConfig:
@@ -57,8 +53,7 @@ class ConversationsConfig:
         return cls(common=common, database=DatabaseSettings.from_env(common.data_dir, "conversations", environ),
                    account_key_id=key_id, account_key_secret=secret, identity_timeout=timeout,
                    keyring=Keyring.from_env(environ, sandbox=common.sandbox), handoff_recap_count=recap,
-                   jwt_policy=jwt_policy_from_env(environ),
-                   files=ObjectStoreSettings.from_env(common.data_dir, environ, sandbox=common.sandbox))
+                   jwt_policy=jwt_policy_from_env(environ))
 
 
 def jwt_policy_from_env(environ: Mapping[str, str]) -> JwtPolicy:

@@ -31,6 +31,7 @@ from services.conversations.sdk_login import sdk_login
 from services.conversations.store import (
     MESSAGE_DECODER,
     Association,
+    AttachmentClaim,
     Store,
     StoredMessage,
     conversation_ref,
@@ -43,6 +44,7 @@ from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
 from shared.http import ApiError
 from shared.ids import derived_id, iso, new_id, now, parse_iso
+from shared.media import ALLOWED_TYPES, OPAQUE_TYPE, normal_type, parse_attachment_url
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -53,11 +55,14 @@ from shared.sunco import (
     Activity,
     Author,
     Client,
+    Content,
     DeliveryError,
     Destination,
     ExternalMessage,
+    FileContent,
     FormContent,
     FormResponseContent,
+    ImageContent,
     Message,
     PostbackAction,
     QuotedMessage,
@@ -166,13 +171,27 @@ class Conversations(ConversationCore):
     def __init__(self, store: Store, bus: Publisher, identity: IdentityClient,
                  recap_count: int = DEFAULT_RECAP_COUNT, streams: Streams | None = None,
                  jwt_policy: JwtPolicy = DEFAULT_JWT_POLICY,
-                 apps: Callable[[str], records.AppRecord | None] = lambda _app_id: None) -> None:
+                 apps: Callable[[str], records.AppRecord | None] = lambda _app_id: None,
+                 public_base_url: str = "") -> None:
         super().__init__(store, bus, identity, jwt_policy, apps)
         self.streams = streams
+        # Files at URLs under it are ours (`shared.media`): a message that carries one claims it.
+        self.public_base_url = public_base_url
         # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
         self._retention_marks: dict[str, tuple[float, str]] = {}
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
+
+    def claimed_file(self, app_id: str, content: Content) -> AttachmentClaim | None:
+        """The file of this app's that an image or file message carries, if it is one of ours;
+        kept as its declared type when that may be served, else as an opaque download."""
+        if not isinstance(content, ImageContent | FileContent) or not content.media_url:
+            return None
+        ref = parse_attachment_url(self.public_base_url, content.media_url) if self.public_base_url else None
+        if ref is None or ref.app_id != app_id:
+            return None
+        declared = normal_type(content.media_type)
+        return AttachmentClaim(ref.token, ref.filename, declared if declared in ALLOWED_TYPES else OPAQUE_TYPE)
 
     async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS,
                             is_sweeper: Callable[[], bool] = lambda: True) -> None:
@@ -487,7 +506,7 @@ class Conversations(ConversationCore):
         async with self.store.tx():
             seq = await self.store.insert_message(
                 message.id, app_id, conversation_id, author.type, author.user_id, None, None, event_id, received,
-                dumps(message))
+                dumps(message), attachment=self.claimed_file(app_id, message.content))
             await self.store.touch_conversation(conversation_id, received)
             if author.type == "business":
                 await self.store.add_unread(conversation_id)
@@ -782,7 +801,8 @@ class Conversations(ConversationCore):
             user_external_id=user.external_id, integration_id=msg.integration_id,
             provider_message_id=msg.provider_message_id, event_id=event_id, received=received, body=dumps(message),
             client_id=client.id, client_type=client.type, client_integration_id=client.integration_id,
-            client_external_id=client.external_id, client_info=client.info)
+            client_external_id=client.external_id, client_info=client.info,
+            attachment=self.claimed_file(msg.app_id, message.content))
         if record.seq is None:  # a concurrent duplicate won the insert
             duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
                                                                 msg.provider_message_id)

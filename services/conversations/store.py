@@ -333,6 +333,15 @@ class InboundLookup:
 
 
 @dataclass(frozen=True)
+class AttachmentClaim:
+    """A file of ours that a message carries (`shared.media`): recorded with the message."""
+
+    token: str
+    filename: str
+    media_type: str
+
+
+@dataclass(frozen=True)
 class InboundRecord:
     """What `record_inbound` wrote: the message's cursor, and whether its client is new here."""
 
@@ -378,6 +387,11 @@ _INBOUND_LOOKUP = (
     " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = $1"
     " LEFT JOIN messages m ON m.app_id = a.id AND m.integration_id = $1 AND m.provider_message_id = $3"
     " WHERE a.id = $2")
+# A file a message carries, claimed for the message's conversation unless already recorded (a
+# business's upload keeps the conversation it was uploaded for, or none).
+_CLAIM_ATTACHMENT = (
+    "INSERT INTO attachments (id, app_id, filename, media_type, size, conversation_id, created_at)"
+    " VALUES ($1, $2, $3, $4, 0, $5, $6) ON CONFLICT (id) DO NOTHING")
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, app_id, conversation_id, author_type, user_id, integration_id,"
     " provider_message_id, event_id, received, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
@@ -502,15 +516,19 @@ class Store:
                              user_external_id: str | None, integration_id: str, provider_message_id: str,
                              event_id: str, received: float, body: str, client_id: str, client_type: str,
                              client_integration_id: str | None, client_external_id: str | None,
-                             client_info: dict[str, Any] | None) -> InboundRecord:
-        """Store a customer message, touch the conversation and make the client primary, in one
-        group transaction (`GroupCommit`). `seq` is None when the provider id was stored already
-        (nothing written)."""
+                             client_info: dict[str, Any] | None,
+                             attachment: AttachmentClaim | None = None) -> InboundRecord:
+        """Store a customer message (and claim the file it carries), touch the conversation and
+        make the client primary, in one group transaction (`GroupCommit`). `seq` is None when the
+        provider id was stored already (nothing written)."""
         async def op(tx: Connection) -> InboundRecord:
             seq = await tx.fetchval(_INSERT_MESSAGE, message_id, app_id, conversation_id, "user", user_id,
                                     integration_id, provider_message_id, event_id, received, body)
             if seq is None:
                 return InboundRecord(seq=None)
+            if attachment is not None:
+                await tx.execute(_CLAIM_ATTACHMENT, attachment.token, app_id, attachment.filename,
+                                 attachment.media_type, conversation_id, received)
             await tx.execute("UPDATE conversations SET last_updated_at=$1 WHERE id=$2", received, conversation_id)
             participant = await tx.fetchrow("SELECT * FROM participants WHERE conversation_id=$1 AND user_id=$2",
                                             conversation_id, user_id)
@@ -1021,10 +1039,15 @@ class Store:
 
     async def insert_message(self, message_id: str, app_id: str, conversation_id: str, author_type: str,
                              user_id: str | None, integration_id: str | None, provider_message_id: str | None,
-                             event_id: str, received: float, body: str) -> int | None:
-        """Insert a message and return its seq, or None when the provider id was stored already."""
+                             event_id: str, received: float, body: str,
+                             attachment: AttachmentClaim | None = None) -> int | None:
+        """Insert a message (and claim the file it carries) and return its seq, or None when the
+        provider id was stored already."""
         seq = await self._returning(_INSERT_MESSAGE, message_id, app_id, conversation_id, author_type, user_id,
                                     integration_id, provider_message_id, event_id, received, body)
+        if seq is not None and attachment is not None:
+            await self._run(_CLAIM_ATTACHMENT, attachment.token, app_id, attachment.filename, attachment.media_type,
+                            conversation_id, received)
         return None if seq is None else int(seq)
 
     async def recent_business_contents(self, conversation_id: str, limit: int) -> list[Content]:

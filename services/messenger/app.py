@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from shared import records, subjects
 from shared.bus import Bus, KvMirror
-from shared.egress import GRAPH_HOSTS, EgressSession
+from shared.egress import GRAPH_HOSTS, MESSENGER_MEDIA_HOSTS, EgressSession
 from shared.http import ApiError, error_middleware, tracing_middleware
 from shared.ingress import WebhookIntake, meta_handshake, publish_durably, report_rejected
+from shared.media import Download, MediaCopier
+from shared.messages.channel import InboundMessage
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -45,6 +48,7 @@ class MessengerService(ServiceApp):
     bus: Bus
     integrations: KvMirror
     sender: MessengerSender
+    media_copier: MediaCopier
 
     def __init__(self, config: MessengerConfig) -> None:
         super().__init__(config.common)
@@ -63,6 +67,7 @@ class MessengerService(ServiceApp):
         self.store = await Store.open(self.config.database)
         self.on_stop(self.store.close)
         self.session = self.egress_session("platform", hosts=GRAPH_HOSTS, timeout=self.config.send.client_timeout())
+        self.media_copier = MediaCopier(await self.open_files(), self.common.public_base_url, handlers.CHANNEL)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
@@ -131,7 +136,8 @@ class MessengerService(ServiceApp):
             log.exception("recording a webhook failed")
             raise ApiError(503, "Could not store the notification, retry later") from exc
         statuses = [(receipt, handlers.receipt_statuses(receipt, sent)) for receipt, sent in receipts]
-        await publish_durably(bus, handlers.CHANNEL, normalized.messages,
+        messages = await self.media_copier.copied(normalized.messages, self.message_media)
+        await publish_durably(bus, handlers.CHANNEL, messages,
                               [s for _receipt, found in statuses for s in found],
                               message_id=handlers.inbound_msg_id, status_id=handlers.status_msg_id)
         for receipt, found in statuses:
@@ -145,6 +151,21 @@ class MessengerService(ServiceApp):
         return web.Response(status=200, text="EVENT_RECEIVED", content_type="text/plain")
 
     # --- sending ---------------------------------------------------------------------------
+
+
+    @contextlib.asynccontextmanager
+    async def message_media(self, _message: InboundMessage, url: str) -> AsyncIterator[Download | None]:
+        """Download an attachment a customer sent (its URL is on Meta's CDN and needs no token;
+        it expires, hence the copy)."""
+        with _tracer.start_as_current_span("GET messenger attachment", kind=SpanKind.CLIENT) as span:
+            async with self.session.get(url, hosts=MESSENGER_MEDIA_HOSTS) as upstream:
+                span.set_attribute("http.response.status_code", upstream.status)
+                if upstream.status in (403, 404, 410):
+                    yield None
+                    return
+                if upstream.status != 200:
+                    raise ValueError(f"attachment download answered {upstream.status}")
+                yield Download(upstream.content_type, None, upstream.content.iter_chunked(64 * 1024))
 
 
 def create(environ: Mapping[str, str] | None = None) -> MessengerService:

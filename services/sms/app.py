@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
+import aiohttp
 from aiohttp import web
+from opentelemetry.trace import SpanKind
+from yarl import URL
 
 from shared import records, subjects
 from shared.bus import Bus, KvMirror
-from shared.egress import TWILIO_HOSTS, EgressSession
+from shared.egress import TWILIO_HOSTS, TWILIO_MEDIA_HOSTS, EgressSession, same_origin
 from shared.http import ApiError, error_middleware, tracing_middleware
 from shared.ingress import WebhookIntake, publish_durably
+from shared.media import Download, MediaCopier
+from shared.messages.channel import InboundMessage
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -50,6 +56,7 @@ class SmsService(ServiceApp):
     bus: Bus
     integrations: KvMirror
     sender: SmsSender
+    media_copier: MediaCopier
 
     def __init__(self, config: SmsConfig) -> None:
         super().__init__(config.common)
@@ -64,6 +71,7 @@ class SmsService(ServiceApp):
     async def start(self) -> None:
         """Connect NATS, mirror the integrations, start the send loop, then serve HTTP."""
         self.session = self.egress_session("platform", hosts=TWILIO_HOSTS, timeout=self.config.send.client_timeout())
+        self.media_copier = MediaCopier(await self.open_files(), self.common.public_base_url, handlers.CHANNEL)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
@@ -127,6 +135,7 @@ class SmsService(ServiceApp):
         creds = self.intake.integration(request)
         form = await self._signed_form(request, creds, creds.webhook_url, "message")
         messages = self.intake.normalized(lambda: handlers.normalize_inbound(form, creds), "message webhook")
+        messages = await self.media_copier.copied(messages, self.message_media)
         await publish_durably(self.bus, handlers.CHANNEL, messages, message_id=handlers.inbound_msg_id,
                               what="message")
         log.info("twilio message accepted: %s (%d part(s))", messages[0].provider_message_id, len(messages),
@@ -147,6 +156,34 @@ class SmsService(ServiceApp):
         return twiml_ok()
 
     # --- sending ---------------------------------------------------------------------------
+
+
+    @contextlib.asynccontextmanager
+    async def message_media(self, message: InboundMessage, url: str) -> AsyncIterator[Download | None]:
+        """Download an MMS media file. The account's credentials go only to the integration's
+        Twilio origin; Twilio answers with a redirect to its media CDN, followed once, without
+        credentials, only to Twilio's hosts."""
+        creds = self.credentials(message.integration_id)
+        auth = (aiohttp.BasicAuth(creds.account_sid, creds.auth_token)
+                if creds is not None and same_origin(url, creds.base_url) else None)
+        with _tracer.start_as_current_span("GET twilio media", kind=SpanKind.CLIENT) as span:
+            async with self.session.get(url, auth=auth) as first:
+                span.set_attribute("http.response.status_code", first.status)
+                location = first.headers.get("Location") if first.status in (301, 302, 303, 307, 308) else None
+                if location is None:
+                    if first.status == 404:
+                        yield None
+                        return
+                    if first.status != 200:
+                        raise ValueError(f"media download answered {first.status}")
+                    yield Download(first.content_type, None, first.content.iter_chunked(64 * 1024))
+                    return
+            target = str(first.url.join(URL(location)))
+            async with self.session.get(target, hosts=TWILIO_MEDIA_HOSTS) as upstream:
+                span.set_attribute("http.response.status_code", upstream.status)
+                if upstream.status != 200:
+                    raise ValueError(f"media download answered {upstream.status}")
+                yield Download(upstream.content_type, None, upstream.content.iter_chunked(64 * 1024))
 
 
 def create(environ: Mapping[str, str] | None = None) -> SmsService:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
@@ -16,6 +18,8 @@ from shared.bus import Bus, KvMirror
 from shared.egress import REFUSED_CODE, TELEGRAM_HOSTS, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, tracing_middleware
 from shared.ingress import WebhookIntake, publish_durably
+from shared.media import Download, MediaCopier, relay
+from shared.messages.channel import InboundMessage
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.retry import backoff_delay
@@ -135,6 +139,7 @@ class TelegramService(ServiceApp):
     name = "telegram"
     # Set by `start`, before HTTP serves (and released by `stop`, in the reverse order).
     session: EgressSession
+    media_copier: MediaCopier
     sender: TelegramSender
     bus: Bus
     integrations: KvMirror
@@ -152,6 +157,7 @@ class TelegramService(ServiceApp):
     async def start(self) -> None:
         """Connect NATS, mirror the integrations (registering webhooks), start the send loop, serve HTTP."""
         self.session = self.egress_session("platform", hosts=TELEGRAM_HOSTS, timeout=self.config.send.client_timeout())
+        self.media_copier = MediaCopier(await self.open_files(), self.common.public_base_url, handlers.CHANNEL)
         self.bus = await self.connect_bus()
         self.sender = TelegramSender(self.bus, self.session, self.config.send, self.credentials,
                                      self.config.bot_messages_per_second, self.config.chat_messages_per_second,
@@ -195,6 +201,7 @@ class TelegramService(ServiceApp):
                                             "update")
         message = normalized.message
         if message is not None:
+            [message] = await self.media_copier.copied((message,), self.message_media)
             await publish_durably(self.bus, handlers.CHANNEL, (message,), message_id=handlers.inbound_msg_id,
                                   what="update")
         if normalized.callback_query_id is not None:
@@ -212,7 +219,8 @@ class TelegramService(ServiceApp):
             log.info("answerCallbackQuery failed: %s", failure)
 
     async def media(self, request: web.Request) -> web.StreamResponse:
-        """Serve a customer's file: `getFile`, then stream it (the Bot API file URL holds the token)."""
+        """Serve a customer's file that was not copied into the object store: `getFile`, then
+        stream it (the Bot API file URL holds the token)."""
         integration_id = request.match_info["integration_id"]
         file_id = request.match_info["file_id"]
         creds = self.credentials(integration_id)
@@ -220,35 +228,51 @@ class TelegramService(ServiceApp):
                 handlers.media_signature(creds.token, integration_id, file_id), request.query.get("sig", "")):
             raise ApiError(404, "Unknown media")
         try:
-            info = await self.call(creds, "getFile", {"file_id": file_id})
+            async with self.bot_file(creds, file_id) as download:
+                if download is None:
+                    raise ApiError(404, "Unknown media")
+                return await relay(request, download)
         except EgressRefused:
-            raise ApiError(502, "Media lookup refused by the egress policy") from None
+            raise ApiError(502, "Media download refused by the egress policy") from None
+        except (SendFailure, aiohttp.ClientError, TimeoutError, ValueError):
+            raise ApiError(502, "Media download failed") from None
+
+    def message_media(self, message: InboundMessage, url: str) -> AbstractAsyncContextManager[Download | None]:
+        """The download of a message's file (for the copy into the object store)."""
+        creds = self.credentials(message.integration_id)
+        file_id = None if creds is None else handlers.file_id_of(url, self.common.public_base_url, creds)
+        if creds is None or file_id is None:
+            return contextlib.nullcontext(None)
+        return self.bot_file(creds, file_id)
+
+    @contextlib.asynccontextmanager
+    async def bot_file(self, creds: Credentials, file_id: str) -> AsyncIterator[Download | None]:
+        """Download a file id: `getFile`, then the file (None when the Bot API does not know it)."""
+        try:
+            info = await self.call(creds, "getFile", {"file_id": file_id})
         except SendFailure as failure:
-            raise ApiError(404 if failure.http_status == 400 else 502, "Media lookup failed") from None
+            if failure.http_status == 400:
+                yield None
+                return
+            raise
         file_path = info.get("file_path") if isinstance(info, dict) else None
         if not isinstance(file_path, str) or not file_path or ".." in file_path:
-            raise ApiError(502, "Unexpected getFile answer")
+            raise ValueError("unexpected getFile answer")
         with _tracer.start_as_current_span("GET telegram file", kind=SpanKind.CLIENT) as span:
             span.set_attribute("http.request.method", "GET")
             try:
                 async with self.session.get(creds.file_url(file_path), headers=inject_headers()) as upstream:
                     span.set_attribute("http.response.status_code", upstream.status)
                     if upstream.status != 200:
-                        raise ApiError(502, "Media download failed")
-                    response = web.StreamResponse(status=200)
-                    response.content_type = upstream.content_type or "application/octet-stream"
-                    response.headers["Cache-Control"] = "private, max-age=300"
-                    await response.prepare(request)
-                    async for chunk in upstream.content.iter_chunked(64 * 1024):
-                        await response.write(chunk)
-                    await response.write_eof()
-                    return response
+                        raise ValueError(f"file download answered {upstream.status}")
+                    yield Download(upstream.content_type, file_path.rsplit("/", 1)[-1],
+                                   upstream.content.iter_chunked(64 * 1024))
             except EgressRefused:
                 span.set_status(Status(StatusCode.ERROR, REFUSED_CODE))
-                raise ApiError(502, "Media download refused by the egress policy") from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                raise ApiError(502, "Media download failed") from None
+                raise
 
     # --- sending ---------------------------------------------------------------------------
 

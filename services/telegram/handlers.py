@@ -164,6 +164,13 @@ def media_url(public_base_url: str, creds: Credentials, file_id: str) -> str:
     return f"{public_base_url}/webhooks/telegram/{creds.integration_id}/media/{file_id}?sig={sig}"
 
 
+def file_id_of(url: str, public_base_url: str, creds: Credentials) -> str | None:
+    """The file id of a gateway media URL of this integration (`media_url`), or None."""
+    prefix = f"{public_base_url}/webhooks/telegram/{creds.integration_id}/media/"
+    file_id = url[len(prefix):].split("?", 1)[0] if url.startswith(prefix) else ""
+    return file_id if file_id and "/" not in file_id else None
+
+
 # --- Update wire schema (platform reference §4.3) ---------------------------------------------------
 
 class _User(msgspec.Struct):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from aiohttp import web
@@ -14,6 +16,8 @@ from shared.bus import Bus, KvMirror
 from shared.egress import GRAPH_HOSTS, REFUSED_CODE, EgressRefused, EgressSession
 from shared.http import ApiError, error_middleware, tracing_middleware
 from shared.ingress import WebhookIntake, meta_handshake, publish_durably, report_rejected
+from shared.media import Download, MediaCopier, relay
+from shared.messages.channel import InboundMessage
 from shared.outbound import recipient_key
 from shared.records import IntegrationRecord
 from shared.service import ServiceApp
@@ -39,6 +43,7 @@ class WhatsAppService(ServiceApp):
     bus: Bus
     integrations: KvMirror
     sender: WhatsAppSender
+    media_copier: MediaCopier
 
     def __init__(self, config: WhatsAppConfig) -> None:
         super().__init__(config.common)
@@ -54,6 +59,7 @@ class WhatsAppService(ServiceApp):
         """Open the Graph API session, connect NATS, mirror the integrations, start the send
         loop, then serve HTTP."""
         self.session = self.egress_session("platform", hosts=GRAPH_HOSTS, timeout=self.config.send.client_timeout())
+        self.media_copier = MediaCopier(await self.open_files(), self.common.public_base_url, handlers.CHANNEL)
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
@@ -94,7 +100,8 @@ class WhatsAppService(ServiceApp):
         normalized = self.intake.normalized(lambda: handlers.normalize_webhook(
             raw, creds, self.by_phone_number_id, self.common.public_base_url))
         report_rejected(log, handlers.CHANNEL, request.match_info["integration_id"], normalized.rejected)
-        await publish_durably(self.bus, handlers.CHANNEL, normalized.messages, normalized.statuses,
+        messages = await self.media_copier.copied(normalized.messages, self.message_media)
+        await publish_durably(self.bus, handlers.CHANNEL, messages, normalized.statuses,
                               message_id=handlers.inbound_msg_id, status_id=handlers.status_msg_id)
         log.info("webhook accepted: %d message(s), %d status(es)", len(normalized.messages),
                  len(normalized.statuses), extra=log_fields(
@@ -103,12 +110,8 @@ class WhatsAppService(ServiceApp):
         return web.Response(status=200, text="ok", content_type="text/plain")
 
     async def media(self, request: web.Request) -> web.StreamResponse:
-        """Serve a customer's media: resolve the Graph media id to its short-lived URL and stream it.
-
-        The integration's bearer token goes only to its Graph base URL and to the URL the lookup
-        returns when that is Meta's media CDN or the Graph origin itself (the sandbox's fake);
-        any other URL, or an address the egress policy refuses, is never fetched.
-        """
+        """Serve a customer's media that was not copied into the object store: resolve the Graph
+        media id to its short-lived URL and stream it."""
         integration_id = request.match_info["integration_id"]
         media_id = request.match_info["media_id"]
         creds = self.credentials(integration_id)
@@ -116,39 +119,61 @@ class WhatsAppService(ServiceApp):
         if creds is None or not secrets_equal(
                 handlers.media_signature(creds.app_secret, integration_id, media_id), sig):
             raise ApiError(404, "Unknown media")
+        try:
+            async with self.graph_media(creds, media_id) as download:
+                if download is None:
+                    raise ApiError(404, "Unknown media")
+                return await relay(request, download)
+        except EgressRefused as exc:
+            raise ApiError(502, "Media download refused by the egress policy") from exc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ApiError(502, "Media download failed") from exc
+
+    def message_media(self, message: InboundMessage, url: str) -> AbstractAsyncContextManager[Download | None]:
+        """The download of a message's media (for the copy into the object store)."""
+        creds = self.credentials(message.integration_id)
+        media_id = None if creds is None else handlers.media_id_of(url, self.common.public_base_url, creds)
+        if creds is None or media_id is None:
+            return contextlib.nullcontext(None)
+        return self.graph_media(creds, media_id)
+
+    @contextlib.asynccontextmanager
+    async def graph_media(self, creds: Credentials, media_id: str) -> AsyncIterator[Download | None]:
+        """Download a media id: None when Graph does not know it.
+
+        The integration's bearer token goes only to its Graph base URL and to the URL the lookup
+        returns when that is Meta's media CDN or the Graph origin itself (the sandbox's fake);
+        any other URL, or an address the egress policy refuses, is never fetched (ValueError,
+        EgressRefused).
+        """
         session = self.session
         auth = {"Authorization": f"Bearer {creds.access_token}"}
         with _tracer.start_as_current_span("GET graph media", kind=SpanKind.CLIENT) as span:
             span.set_attribute("http.request.method", "GET")
             try:
                 async with session.get(creds.media_lookup_url(media_id), headers=inject_headers(auth)) as resp:
-                    if resp.status != 200:
-                        raise ApiError(404, "Unknown media")
-                    info = decode_json(await resp.read())
+                    info = decode_json(await resp.read()) if resp.status == 200 else None
+                if info is None:
+                    yield None
+                    return
                 url = info.get("url") if isinstance(info, dict) else None
                 if not isinstance(url, str) or not handlers.media_download_allowed(url, creds.base_url):
                     log.warning("media lookup of integration %s answered a URL off Meta's hosts: not fetched",
-                                integration_id, extra=log_fields(integration_id=integration_id, event="egress_refused",
-                                                                 reason="media URL off the Graph and CDN hosts"))
-                    raise ApiError(502, "Unexpected media lookup answer")
-                async with session.get(url, headers=inject_headers(auth),
-                                       hosts=handlers.MEDIA_HOSTS) as upstream:
+                                creds.integration_id, extra=log_fields(
+                                    integration_id=creds.integration_id, event="egress_refused",
+                                    reason="media URL off the Graph and CDN hosts"))
+                    raise ValueError("media lookup answered a URL off the Graph and CDN hosts")
+                async with session.get(url, headers=inject_headers(auth), hosts=handlers.MEDIA_HOSTS) as upstream:
+                    span.set_attribute("http.response.status_code", upstream.status)
                     if upstream.status != 200:
-                        raise ApiError(502, "Media download failed")
-                    response = web.StreamResponse(status=200)
-                    response.content_type = upstream.content_type or "application/octet-stream"
-                    response.headers["Cache-Control"] = "private, max-age=300"
-                    await response.prepare(request)
-                    async for chunk in upstream.content.iter_chunked(64 * 1024):
-                        await response.write(chunk)
-                    await response.write_eof()
-                    return response
-            except EgressRefused as exc:
+                        raise ValueError(f"media download answered {upstream.status}")
+                    yield Download(upstream.content_type, None, upstream.content.iter_chunked(64 * 1024))
+            except EgressRefused:
                 span.set_status(Status(StatusCode.ERROR, REFUSED_CODE))
-                raise ApiError(502, "Media download refused by the egress policy") from exc
+                raise
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                raise ApiError(502, "Media download failed") from exc
+                raise
 
 
 def create(environ: Mapping[str, str] | None = None) -> WhatsAppService:

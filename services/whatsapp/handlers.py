@@ -158,6 +158,13 @@ def media_url(public_base_url: str, creds: Credentials, media_id: str) -> str:
     return f"{public_base_url}/webhooks/whatsapp/{creds.integration_id}/media/{media_id}?sig={sig}"
 
 
+def media_id_of(url: str, public_base_url: str, creds: Credentials) -> str | None:
+    """The media id of a gateway media URL of this integration (`media_url`), or None."""
+    prefix = f"{public_base_url}/webhooks/whatsapp/{creds.integration_id}/media/"
+    media_id = url[len(prefix):].split("?", 1)[0] if url.startswith(prefix) else ""
+    return media_id if media_id and "/" not in media_id else None
+
+
 # --- webhook wire schema -------------------------------------------------------------------------
 
 class _Context(msgspec.Struct):

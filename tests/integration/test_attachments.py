@@ -18,6 +18,8 @@ import sunshine_conversations_client as sc
 from sunshine_conversations_client.rest import ApiException
 
 from services.conversations.attachments import MAX_ATTACHMENT_BYTES
+from shared.media import attachment_url, new_token, object_key
+from shared.objectstore import put_bytes
 from tests.harness import System, new_postgres_database
 from tests.integration.test_conversations_api import Tenant, create_tenant, new_user_conversation
 from tests.integration.test_conversations_api import tenant as tenant
@@ -158,3 +160,35 @@ async def test_attachments_go_with_their_conversation_and_the_sweep_deletes_thei
     assert left.split("/")[1] in kept["attachment"]["mediaUrl"]
     async with t.http.get(kept["attachment"]["mediaUrl"]) as resp:
         assert resp.status == 200
+
+
+async def test_a_file_a_message_carries_is_claimed_by_its_conversation(tenant: Tenant) -> None:
+    """A customer's file (copied from a platform, or sent from the widget) is in the store before
+    its message is: the message claims it for its conversation, and it goes with it."""
+    t = tenant
+    service = t.system.service("conversations")
+    files = service.attachments.files
+    token = new_token()
+    await put_bytes(files, object_key(t.app_id, token), PNG, "image/png")
+    url = attachment_url(t.system.base_url, t.app_id, token, "photo.png")
+    async with t.http.get(url) as resp:  # unclaimed: not served
+        assert resp.status == 404
+    user_id, _default = await new_user_conversation(t, "kim")
+    created = sc.ConversationCreateBody(type="personal", participants=[
+        sc.ParticipantSubSchema(sc.ParticipantWithUserId(user_id=user_id))])
+    conversation_id = (await t.call(sc.ConversationsApi(t.client()).create_conversation, t.app_id,
+                                    created)).conversation.id
+    status, body = await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages", body={
+        "author": {"type": "user", "userId": user_id},
+        "content": {"type": "image", "mediaUrl": url, "mediaType": "image/svg+xml"}})
+    assert status == 201, body
+    async with t.http.get(url) as resp:
+        assert resp.status == 200 and await resp.read() == PNG
+        # A type a browser would run is never served as such.
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+        assert resp.headers["Content-Disposition"].startswith("attachment")
+    await t.call(sc.ConversationsApi(t.client()).delete_conversation, t.app_id, conversation_id)
+    async with t.http.get(url) as resp:
+        assert resp.status == 404
+    assert await service.attachments.sweep(older_than=0) == 1
+    assert await stored_keys(t) == []

@@ -6,6 +6,7 @@ webhook targets, base URLs and SMTP hosts refused at create time, refusals at se
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ from shared import records, subjects
 from shared.bus import Bus
 from shared.egress import REFUSED_CODE, EgressPolicy, EgressRefused, parse_rules
 from shared.ids import new_id
+from shared.media import object_key, parse_attachment_url
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend
 from shared.records import IntegrationRecord
+from shared.signing import meta_signature
 from shared.sunco import TextContent
 from tests.fakes.whatsapp_env import eventually, stream_messages
 from tests.harness import NO_EGRESS_ALLOW, System
@@ -236,6 +239,55 @@ async def test_media_proxy_sends_the_bearer_only_to_the_graph_origin_and_streams
         assert graph.server.seen[-1] == ("/media/photo.png", f"Bearer {ACCESS_TOKEN}")
     finally:
         await graph.server.stop()
+
+
+async def test_customer_media_is_copied_from_the_platform_cdn_and_never_fetched_from_inside(
+        system: System, bus: Bus, internal: Server) -> None:
+    """Messenger attachments are copied into the object store before their message is published:
+    from an allowed CDN (an allow-listed stand-in here), never from an internal address — that
+    message keeps the platform's URL and nothing is lost."""
+    async def photo(_request: web.Request) -> web.Response:
+        return web.Response(body=b"\x89PNG\r\n\x1a\n-the-customer-photo", content_type="image/png")
+
+    cdn = await Server([web.get("/p.png", photo)]).start()
+    try:
+        await system.start("messenger", env={"THREADLINE_EGRESS_ALLOW": f"127.0.0.1:{cdn.port}"})
+        record = IntegrationRecord(id=new_id(), app_id=new_id(), type="messenger", config={
+            "pageId": "5550001", "pageAccessToken": "page-token", "appSecret": APP_SECRET, "verifyToken": "v",
+            "apiVersion": "v23.0"})
+        kv = await bus.key_value(subjects.INTEGRATIONS_BUCKET)
+        await kv.put(record.id, records.ENCODER.encode(record))
+        service = system.service("messenger")
+
+        async def seen() -> bool:
+            return service.credentials(record.id) is not None
+
+        await eventually(seen)
+        sent = {"m.cdn": f"{cdn.origin}/p.png", "m.inside": f"{internal.origin}/latest/meta-data/p.png"}
+        body = json.dumps({"object": "page", "entry": [{"id": "5550001", "time": 1, "messaging": [
+            {"sender": {"id": "777"}, "recipient": {"id": "5550001"}, "timestamp": 1_700_000_000_000 + index,
+             "message": {"mid": mid, "attachments": [{"type": "image", "payload": {"url": url}}]}}
+            for index, (mid, url) in enumerate(sent.items())]}]}).encode()
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"{system.base_url}/webhooks/messenger/{record.id}", content=body, headers={
+                "Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(APP_SECRET, body)})
+        assert answer.status_code == 200
+
+        async def both() -> dict[str, Any] | None:
+            found = {m.provider_message_id: m for m in await stream_messages(
+                bus, subjects.INBOUND, subjects.integration_subjects("inbound", "messenger", record.id))}
+            return found if len(found) == 2 else None
+
+        messages = await eventually(both)
+        copied = messages["m.cdn"].content
+        ref = parse_attachment_url(system.base_url, copied.media_url)
+        assert ref is not None and copied.media_type == "image/png"
+        stored = await service.media_copier.store.open(object_key(ref.app_id, ref.token))
+        assert stored is not None and await stored.read() == b"\x89PNG\r\n\x1a\n-the-customer-photo"
+        assert messages["m.inside"].content.media_url == sent["m.inside"]
+        assert internal.seen == []
+    finally:
+        await cdn.stop()
 
 
 async def test_a_stored_internal_base_url_is_refused_at_send_time(system: System, bus: Bus, internal: Server) -> None:

@@ -25,6 +25,7 @@ from services.sms.app import SmsService
 from shared import records, render, subjects
 from shared.bus import Bus, Delivery
 from shared.ids import new_id
+from shared.media import object_key, parse_attachment_url
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundActivity, OutboundSend
 from shared.records import IntegrationRecord
@@ -240,19 +241,26 @@ async def test_configured_webhook_url_is_what_gets_checked(sms: SmsEnv) -> None:
     assert message.content == TextContent(text="via configured url")
 
 
-async def test_mms_media_become_image_and_file_content(sms: SmsEnv) -> None:
+async def test_mms_media_become_image_and_file_content_copied_into_the_object_store(sms: SmsEnv) -> None:
+    # The first file is served by the fake's media URL itself; the second redirects to a host the
+    # egress policy refuses, so its copy fails and its message keeps Twilio's URL.
     sent = await sms.script("/inbound", {"from": CUSTOMER, "text": "see attached",
-                                         "mediaUrl": ["https://example.com/a.jpg", "https://example.com/b.pdf"]})
+                                         "mediaUrl": [f"{sms.system.base_url}/sandbox/a.png",
+                                                      "https://example.com/b.pdf"]})
     messages = {m.provider_message_id: m for m in await sms.inbound()}
     assert set(messages) == {sent["sid"], f"{sent['sid']}/1"}
     image, document = messages[sent["sid"]].content, messages[f"{sent['sid']}/1"].content
-    assert isinstance(image, ImageContent) and image.media_type == "image/jpeg" and image.text == "see attached"
+    assert isinstance(image, ImageContent) and image.media_type == "image/png" and image.text == "see attached"
+    ref = parse_attachment_url(sms.system.base_url, image.media_url or "")
+    assert ref is not None and ref.filename == "image.png"
+    stored = await sms.service.media_copier.store.open(object_key(ref.app_id, ref.token))
+    assert stored is not None and (await stored.read()).startswith(b"\x89PNG")
     assert isinstance(document, FileContent) and document.media_type == "application/pdf"
-    assert image.media_url.startswith(f"{sms.system.base_url}/sandbox/twilio-api/2010-04-01/Accounts/{ACCOUNT_SID}/")
+    assert document.media_url.startswith(
+        f"{sms.system.base_url}/sandbox/twilio-api/2010-04-01/Accounts/{ACCOUNT_SID}/")
     async with httpx.AsyncClient() as http:  # the media URL works (the fake redirects to the content)
-        fetched = await http.get(image.media_url)
-    assert fetched.status_code == 302 and fetched.headers["Location"] == "https://example.com/a.jpg"
-
+        fetched = await http.get(document.media_url)
+    assert fetched.status_code == 302 and fetched.headers["Location"] == "https://example.com/b.pdf"
 
 
 # --- outbound --------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from telegram.constants import InlineKeyboardButtonLimit, MessageLimit
 from services.sandbox.app import SandboxService
 from services.sandbox.telegram_fake import FakeTelegram
 from services.telegram.app import TelegramService
+from services.telegram.handlers import media_url
 from shared import records, subjects
 from shared.bus import Bus
 from shared.ids import new_id
+from shared.media import object_key, parse_attachment_url
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundActivity, OutboundSend
 from shared.records import IntegrationRecord
@@ -229,20 +231,27 @@ async def test_button_press_is_a_postback_and_is_answered(tg: TgEnv) -> None:
     await eventually(lambda: _async(query["answered"]))
 
 
-async def test_photo_is_an_image_served_by_the_gateway(tg: TgEnv) -> None:
+async def test_photo_is_copied_into_the_object_store_and_the_gateway_still_serves_it(tg: TgEnv) -> None:
     await tg.script("/inbound", {"from": USER, "photo": {"caption": "look"}})
     [message] = await tg.inbound()
     assert isinstance(message.content, ImageContent) and message.content.text == "look"
-    largest = message.raw["photo"][-1]["file_id"]
-    assert largest in message.content.media_url and TOKEN not in message.content.media_url
+    assert message.content.media_url and TOKEN not in message.content.media_url
+    ref = parse_attachment_url(tg.system.base_url, message.content.media_url)
+    assert ref is not None and ref.app_id == message.app_id and ref.filename.endswith(".png")
+    service: TelegramService = tg.system.service("telegram")
+    stored = await service.media_copier.store.open(object_key(ref.app_id, ref.token))
+    assert stored is not None
+    copied = await stored.read()
+    assert copied.startswith(b"\x89PNG")
+    creds = service.credentials(tg.integration_id)
+    assert creds is not None
+    passthrough = media_url(tg.system.base_url, creds, message.raw["photo"][-1]["file_id"])
+    assert TOKEN not in passthrough
     async with httpx.AsyncClient() as http:
-        fetched = await http.get(message.content.media_url)
-        assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
-        forged = await http.get(message.content.media_url.split("?")[0] + "?sig=00")
+        fetched = await http.get(passthrough)
+        assert fetched.status_code == 200 and fetched.content == copied
+        forged = await http.get(passthrough.split("?")[0] + "?sig=00")
         assert forged.status_code == 404
-
-
-
 
 
 async def test_an_update_kind_the_gateway_does_not_handle_is_acknowledged(tg: TgEnv) -> None:

@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from services.whatsapp.handlers import media_url
 from shared import subjects
 from shared.bus import Bus
 from shared.ids import new_id
+from shared.media import object_key, parse_attachment_url
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, InboundMessage, OutboundActivity, OutboundSend
 from shared.signing import meta_signature
@@ -139,12 +141,22 @@ async def test_content_types_are_normalized(wa: WaEnv) -> None:
     img = by_id[image["wamid"]]
     assert isinstance(img.content, ImageContent)
     assert img.content.text == "look" and img.content.media_type == "image/png"
-    media_id = img.raw["image"]["id"]
-    assert media_id in img.content.media_url
-    async with httpx.AsyncClient() as http:  # the gateway serves the media it points at
-        fetched = await http.get(img.content.media_url)
-        assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
-        forged = await http.get(img.content.media_url.split("?")[0] + "?sig=00")
+    # Copied into the object store before it was published: history keeps it when Meta's
+    # media id expires.
+    ref = parse_attachment_url(wa.system.base_url, img.content.media_url)
+    assert ref is not None and ref.app_id == img.app_id and ref.filename == "image.png"
+    stored = await wa.service.media_copier.store.open(object_key(ref.app_id, ref.token))
+    assert stored is not None
+    copied = await stored.read()
+    assert copied.startswith(b"\x89PNG")
+    # The passthrough URL (what a message carries when the copy fails) serves the same file.
+    creds = wa.service.credentials(img.integration_id)
+    assert creds is not None
+    passthrough = media_url(wa.system.base_url, creds, img.raw["image"]["id"])
+    async with httpx.AsyncClient() as http:
+        fetched = await http.get(passthrough)
+        assert fetched.status_code == 200 and fetched.content == copied
+        forged = await http.get(passthrough.split("?")[0] + "?sig=00")
         assert forged.status_code == 404
 
     tapped = by_id[button["wamid"]]
