@@ -1088,6 +1088,9 @@ class Store:
         return await self._run("DELETE FROM messages WHERE conversation_id=$1 AND id=$2", conversation_id, message_id)
 
     async def delete_messages(self, conversation_id: str) -> int:
+        """Delete the conversation's messages and the files they carried or were uploaded for it
+        (inside `tx()`; the sweep deletes the files)."""
+        await self._run("DELETE FROM attachments WHERE conversation_id=$1", conversation_id)
         return await self._run("DELETE FROM messages WHERE conversation_id=$1", conversation_id)
 
     async def message_seq(self, conversation_id: str, message_id: str) -> int | None:
@@ -1160,7 +1163,9 @@ class Store:
             " ORDER BY m.seq LIMIT $3)", conversation_id, cutoff, limit)
 
     async def delete_expired_externals(self, conversation_id: str, cutoff: float) -> int:
-        """Forget the provider ids of the conversation's messages that are gone (inside `tx()`)."""
+        """Forget the provider ids of the conversation's messages that are gone, and their files
+        (inside `tx()`; the sweep deletes the files)."""
+        await self._run("DELETE FROM attachments WHERE conversation_id=$1 AND created_at < $2", conversation_id, cutoff)
         return await self._run(
             "DELETE FROM external_messages WHERE conversation_id=$1 AND created_at < $2"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = external_messages.message_id)",
