@@ -71,7 +71,7 @@ ALLOWED_TYPES: dict[str, tuple[bytes, ...]] = {
     "application/vnd.openxmlformats-officedocument.presentationml.presentation": (b"PK\x03\x04",),
 }
 INLINE_PREFIXES = ("image/", "audio/", "video/")
-ALLOWED_DESCRIPTION = "images (jpeg, png, gif, webp), pdf, audio, video, text, office documents"
+ALLOWED_DESCRIPTION = "images (jpeg, png, gif, webp), pdf, audio, video, text, csv, zip, office documents"
 # What a platform's file of another type is kept as: downloadable, never rendered.
 OPAQUE_TYPE = "application/octet-stream"
 

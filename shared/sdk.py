@@ -24,6 +24,8 @@ MAX_FORM_FIELDS = 20
 MAX_FORM_LABEL_LENGTH = 128  # a form field's name and label, an option's name and label
 MAX_FORM_TEXT_LENGTH = 256
 MAX_FORM_EMAIL_LENGTH = 128
+MAX_MEDIA_URL_LENGTH = 2048  # an image's or a file's URL (one of Threadline's attachment URLs)
+MAX_ALT_TEXT_LENGTH = 512  # an image's or a file's altText (the widget sends the file's name)
 HISTORY_PAGE_LIMIT = 100
 
 
@@ -140,6 +142,8 @@ class IntegrationConfig(Wire, kw_only=True):
     business_name: str | None = None
     business_icon_url: str | None = None
     brand_color: str | None = None
+    # The largest file the widget may upload (`POST …/attachments`), in bytes.
+    max_upload_bytes: int | None = None
 
 
 # --- messages and activity -------------------------------------------------------------------
@@ -173,6 +177,16 @@ class PostFormResponse(Wire, kw_only=True):
     fields: list[PostFormField]
 
 
+class PostMedia(Wire, kw_only=True):
+    """An image or a file the customer sends (`PostMessage.image`, `PostMessage.file`): what
+    `POST .../attachments` answered (`mediaUrl`, `mediaType`), and its `altText` (the widget and
+    the sandbox app send the file's name, as SunCo's file messages carry it)."""
+
+    media_url: str
+    media_type: str
+    alt_text: str | None = None
+
+
 class PostMessage(Wire, kw_only=True):
     """Body of `POST .../conversations/{conversationId}/messages` (and of a session's first
     message, `POST .../conversations`).
@@ -181,8 +195,9 @@ class PostMessage(Wire, kw_only=True):
     back as `message.source.originalMessageId`.
 
     The message is exactly one of: a `text`; a tap on a business's reply or postback button
-    (`payload`: the button's payload, `text`: its label); a shared `location`; or a
-    `formResponse` to a form message (`text` empty for these two).
+    (`payload`: the button's payload, `text`: its label); a shared `location`; a
+    `formResponse` to a form message (`text` empty for these two); or an `image` or a `file`
+    uploaded with `POST .../attachments` (`text`, if any, is its caption).
     """
 
     client_message_id: str
@@ -190,6 +205,21 @@ class PostMessage(Wire, kw_only=True):
     payload: str | None = None
     location: PostLocation | None = None
     form_response: PostFormResponse | None = None
+    image: PostMedia | None = None
+    file: PostMedia | None = None
+
+
+class UploadedAttachment(Wire, kw_only=True):
+    """A file the customer uploaded: its public URL and type, to send as an image or a file."""
+
+    media_url: str
+    media_type: str
+
+
+class AttachmentUploaded(Wire, kw_only=True):
+    """Answer (201) of `POST .../attachments` (the shape of SunCo's attachment upload)."""
+
+    attachment: UploadedAttachment
 
 
 class MessageAccepted(Wire, kw_only=True):

@@ -1,9 +1,9 @@
 """The server side of the SDK protocol (`shared.sdk`), shared by the `web` and `app` services.
 
-`SdkService` serves sessions, history, message and activity posts and the realtime socket
-under a path prefix; a subclass says which integrations it serves, what it checks on each
-request (the web checks Origin), what a session body carries (the app registers a device) and
-what to do when a business message reached a socket (the app skips the push).
+`SdkService` serves sessions, history, message and activity posts, file uploads and the
+realtime socket under a path prefix; a subclass says which integrations it serves, what it
+checks on each request (the web checks Origin), what a session body carries (the app registers
+a device) and what to do when a business message reached a socket (the app skips the push).
 
 One core NATS subscription on every conversation event per process (`EventHub`) fans events
 out to the sockets of their conversation; a socket replays history from its `after` cursor
@@ -51,23 +51,35 @@ from shared.http import (
     server_span,
 )
 from shared.ids import iso, new_id, now
+from shared.media import (
+    ALLOWED_TYPES,
+    MAX_ATTACHMENT_BYTES,
+    attachment_url,
+    normal_type,
+    parse_attachment_url,
+    safe_filename,
+)
 from shared.messages import channel, identity, sdk_presence
 from shared.messages import conversation as conv
 from shared.messages.channel import InboundActivity, InboundMessage, Postback
+from shared.objectstore import ObjectStore
 from shared.presence import PresenceBoard
 from shared.ratelimit import SharedLimiter
 from shared.records import INTEGRATION_DECODER, IntegrationRecord, integration_decoder, open_integration
 from shared.render import form_response_text
 from shared.sdk import (
     HISTORY_PAGE_LIMIT,
+    MAX_ALT_TEXT_LENGTH,
     MAX_CLIENT_MESSAGE_ID_LENGTH,
     MAX_FORM_EMAIL_LENGTH,
     MAX_FORM_FIELDS,
     MAX_FORM_LABEL_LENGTH,
     MAX_FORM_TEXT_LENGTH,
     MAX_LOCATION_TEXT_LENGTH,
+    MAX_MEDIA_URL_LENGTH,
     MAX_PAYLOAD_LENGTH,
     MAX_TEXT_LENGTH,
+    AttachmentUploaded,
     ChannelFrame,
     DeliveryFrame,
     ErrorFrame,
@@ -81,6 +93,7 @@ from shared.sdk import (
     PostActivity,
     PostFormResponse,
     PostLocation,
+    PostMedia,
     PostMessage,
     ReadFrame,
     ReadyFrame,
@@ -91,6 +104,7 @@ from shared.sdk import (
     SessionStarted,
     TokenType,
     TypingFrame,
+    UploadedAttachment,
     encode_frame,
     ping_frame,
     sdk_message,
@@ -98,8 +112,10 @@ from shared.sdk import (
 from shared.service import ServiceApp
 from shared.sunco import (
     Content,
+    FileContent,
     FormField,
     FormResponseContent,
+    ImageContent,
     LocationContent,
     LocationCoordinates,
     LocationInfo,
@@ -107,6 +123,7 @@ from shared.sunco import (
 )
 from shared.telemetry import extract_context, log_fields, tracer
 from shared.untrusted import is_email_address
+from shared.uploads import receive_source
 
 log = logging.getLogger(__name__)
 PostMessageT = TypeVar("PostMessageT", bound=PostMessage)
@@ -129,6 +146,9 @@ MAX_ORIGIN_KEY_LENGTH: Final = 256
 
 
 # --- settings --------------------------------------------------------------------------------
+
+# What a customer may upload by default (`THREADLINE_SDK_MAX_UPLOAD_BYTES`).
+DEFAULT_SDK_MAX_UPLOAD_BYTES: Final = 25 * 1024 * 1024
 
 # Limits are counted in `subjects.SDK_LIMITS_BUCKET`, whose entries live this long: no window
 # may be longer.
@@ -162,10 +182,15 @@ class SdkLimits:
     links_per_ip: tuple[Rate, ...] = ()
     links_per_origin: tuple[Rate, ...] = ()
     links_per_app: tuple[Rate, ...] = ()
+    # Files the customer uploads (`POST …/attachments`): per session client, address and app.
+    uploads_per_client: tuple[Rate, ...] = ()
+    uploads_per_ip: tuple[Rate, ...] = ()
+    uploads_per_app: tuple[Rate, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SdkLimits:
-        """`THREADLINE_SDK_SESSIONS_PER_IP|_PER_ORIGIN|_PER_APP`, `THREADLINE_SDK_LINKS_PER_USER|_PER_IP|…`."""
+        """`THREADLINE_SDK_SESSIONS_PER_IP|_PER_ORIGIN|_PER_APP`, `THREADLINE_SDK_LINKS_PER_USER|_PER_IP|…`,
+        `THREADLINE_SDK_UPLOADS_PER_CLIENT|_PER_IP|_PER_APP`."""
         return cls(
             sessions_per_ip=env_limit("THREADLINE_SDK_SESSIONS_PER_IP", "30/m,300/h", env),
             sessions_per_origin=env_limit("THREADLINE_SDK_SESSIONS_PER_ORIGIN", "600/m,10000/h", env),
@@ -174,6 +199,9 @@ class SdkLimits:
             links_per_ip=env_limit("THREADLINE_SDK_LINKS_PER_IP", "20/m,200/h", env),
             links_per_origin=env_limit("THREADLINE_SDK_LINKS_PER_ORIGIN", "300/m,5000/h", env),
             links_per_app=env_limit("THREADLINE_SDK_LINKS_PER_APP", "600/m,10000/h", env),
+            uploads_per_client=env_limit("THREADLINE_SDK_UPLOADS_PER_CLIENT", "10/m,100/h", env),
+            uploads_per_ip=env_limit("THREADLINE_SDK_UPLOADS_PER_IP", "30/m,300/h", env),
+            uploads_per_app=env_limit("THREADLINE_SDK_UPLOADS_PER_APP", "600/m,20000/h", env),
         )
 
 
@@ -199,11 +227,14 @@ class SdkSettings:
     limits: SdkLimits = SdkLimits()
     # Proxies whose X-Forwarded-For names the client (THREADLINE_TRUSTED_PROXIES).
     trusted_proxies: tuple[Network, ...] = ()
+    # The largest file a customer may upload (THREADLINE_SDK_MAX_UPLOAD_BYTES; at most the 50 MB
+    # of any attachment).
+    max_upload_bytes: int = DEFAULT_SDK_MAX_UPLOAD_BYTES
 
     @classmethod
     def from_env(cls, common: CommonConfig, prefix: str, env: Mapping[str, str]) -> SdkSettings:
-        """Read `THREADLINE_SDK_*` (token secret and lifetimes, limits), `THREADLINE_TRUSTED_PROXIES`
-        and `<prefix>_PING_INTERVAL|_SOCKET_QUEUE|_REQUEST_TIMEOUT`."""
+        """Read `THREADLINE_SDK_*` (token secret and lifetimes, limits, upload size),
+        `THREADLINE_TRUSTED_PROXIES` and `<prefix>_PING_INTERVAL|_SOCKET_QUEUE|_REQUEST_TIMEOUT`."""
         settings = cls(
             token_secret=env_secret("THREADLINE_SDK_TOKEN_SECRET", sandbox=common.sandbox,
                                     default=SANDBOX_SDK_TOKEN_SECRET, environ=env),
@@ -215,7 +246,10 @@ class SdkSettings:
             session_max_age=env_float("THREADLINE_SDK_SESSION_MAX_AGE_SECONDS", 0.0, env),
             limits=SdkLimits.from_env(env),
             trusted_proxies=env_trusted_proxies(env),
+            max_upload_bytes=env_int("THREADLINE_SDK_MAX_UPLOAD_BYTES", DEFAULT_SDK_MAX_UPLOAD_BYTES, env),
         )
+        if not 1 <= settings.max_upload_bytes <= MAX_ATTACHMENT_BYTES:
+            raise ConfigError(f"THREADLINE_SDK_MAX_UPLOAD_BYTES must be between 1 and {MAX_ATTACHMENT_BYTES} (50 MB)")
         if not 0.05 <= settings.ping_interval <= 300:
             raise ConfigError(f"{prefix}_PING_INTERVAL must be between 0.05 and 300 seconds")
         if settings.socket_queue_size < 8:
@@ -319,18 +353,23 @@ def parse_limit(raw: str | None, maximum: int) -> int:
 
 def validate_post_message(body: PostMessageT) -> PostMessageT:
     """400 unless the body is one usable customer message: a client message id, and exactly one
-    of a text (1-4096 characters; with `payload`, a button tap), a `location` or a
-    `formResponse`, each of the shape `inbound_message` turns into SunCo content."""
+    of a text (1-4096 characters; with `payload`, a button tap), a `location`, a `formResponse`,
+    an `image` or a `file` (whose `text`, if any, is its caption), each of the shape
+    `inbound_message` turns into SunCo content. Whether an image's or a file's URL is one of the
+    app's uploads is the service's check (`SdkService.check_media`), which knows the app."""
     if not _CLIENT_MESSAGE_ID.match(body.client_message_id):
         raise ApiError(400, "clientMessageId must be 8-128 characters of [A-Za-z0-9_-] (a UUID)")
     if len(body.text) > MAX_TEXT_LENGTH:
         raise ApiError(400, f"text must be at most {MAX_TEXT_LENGTH} characters")
-    kinds = [name for name, given in (("text", bool(body.text.strip())), ("location", body.location is not None),
-                                      ("formResponse", body.form_response is not None)) if given]
+    media = [name for name, given in (("image", body.image), ("file", body.file)) if given is not None]
+    kinds = [name for name, given in (("text", bool(body.text.strip()) and not media),
+                                      ("location", body.location is not None),
+                                      ("formResponse", body.form_response is not None)) if given] + media
     if not kinds:
         raise ApiError(400, "text must not be empty")
     if len(kinds) > 1:
-        raise ApiError(400, f"A message is one of text, location or formResponse, not {' and '.join(kinds)}")
+        raise ApiError(400, "A message is one of text, location, formResponse, image or file, not "
+                            f"{' and '.join(kinds)}")
     if body.payload is not None:
         if kinds != ["text"]:
             raise ApiError(400, "payload is a button tap: it comes with the button's text only")
@@ -340,7 +379,31 @@ def validate_post_message(body: PostMessageT) -> PostMessageT:
         _check_location(body.location)
     if body.form_response is not None:
         _check_form_response(body.form_response)
+    if body.image is not None:
+        _check_media(body.image, "image")
+    if body.file is not None:
+        _check_media(body.file, "file")
     return body
+
+
+def _check_media(media: PostMedia, at: str) -> None:
+    if not media.media_url or len(media.media_url) > MAX_MEDIA_URL_LENGTH:
+        raise ApiError(400, f"{at}.mediaUrl must be the mediaUrl POST …/attachments answered")
+    media_type = normal_type(media.media_type)
+    if media_type not in ALLOWED_TYPES or (at == "image" and not media_type.startswith("image/")):
+        raise ApiError(400, f"{at}.mediaType must be the mediaType POST …/attachments answered"
+                            + (" (an image/… type)" if at == "image" else ""))
+    if media.alt_text is not None and len(media.alt_text) > MAX_ALT_TEXT_LENGTH:
+        raise ApiError(400, f"{at}.altText must be at most {MAX_ALT_TEXT_LENGTH} characters")
+
+
+def is_own_upload(public_base_url: str, app_id: str, url: str) -> bool:
+    """Whether `url` is an attachment URL of `app_id` exactly as Threadline makes them (the name
+    already a safe one, no query, no fragment): what `POST …/attachments` answered."""
+    ref = parse_attachment_url(public_base_url, url)
+    return (ref is not None and ref.app_id == app_id
+            and url == attachment_url(public_base_url, app_id, ref.token, ref.filename)
+            and ref.filename == safe_filename(ref.filename, ""))
 
 
 def _check_location(location: PostLocation) -> None:
@@ -399,13 +462,22 @@ def inbound_msg_id(channel_name: str, client_message_id: str) -> str:
 
 def message_content(body: PostMessage) -> Content:
     """The SunCo content of a (validated) customer message: a text (a tap's carries its
-    button's payload), a location, or a formResponse naming its form in every field, with
-    SunCo's `textFallback`."""
+    button's payload), a location, a formResponse naming its form in every field, with SunCo's
+    `textFallback`, or an image or a file (its text the caption)."""
     if body.location is not None:
         where = body.location
         info = LocationInfo(name=where.name or None, address=where.address or None)
         return LocationContent(coordinates=LocationCoordinates(lat=where.lat, long=where.long),
                                location=info if info.name or info.address else None)
+    caption = body.text if body.text.strip() else None
+    if body.image is not None:
+        image = body.image
+        return ImageContent(media_url=image.media_url, media_type=normal_type(image.media_type),
+                            alt_text=image.alt_text or None, text=caption)
+    if body.file is not None:
+        file = body.file
+        return FileContent(media_url=file.media_url, media_type=normal_type(file.media_type),
+                           alt_text=file.alt_text or None, text=caption)
     if body.form_response is not None:
         form_id = body.form_response.quoted_message_id
         answer = FormResponseContent(fields=[
@@ -672,6 +744,9 @@ class EventHub:
 class SdkService(ServiceApp):
     """SDK endpoints under `/{path_root}/v1/apps/{app_id}` for the integrations of `integration_types`.
 
+    Customers upload files (`POST …/attachments`) into the object store and send them as image
+    or file messages.
+
     Subclasses set `name`, `path_root` and `integration_types`, and may override the hooks
     `check_request`, `session_info`, `read_session_body`, `read_start_body`, `session_created`
     and `business_message_delivered`.
@@ -687,6 +762,9 @@ class SdkService(ServiceApp):
     presence_kv: KeyValue
     # New sessions and link requests, counted in `SDK_LIMITS_BUCKET` (every replica agrees).
     limiter: SharedLimiter
+    # Where the files customers upload go (`shared.objectstore`): the store `conversations`
+    # serves them from (`<data dir>/attachments`, or THREADLINE_OBJECT_STORE_URL's bucket).
+    files: ObjectStore
 
     def __init__(self, common: CommonConfig, sdk: SdkSettings, keyring: Keyring | None = None) -> None:
         super().__init__(common)
@@ -705,6 +783,7 @@ class SdkService(ServiceApp):
         r.add_get(prefix + "/conversations/{conversation_id}/messages", self.get_messages)
         r.add_post(prefix + "/conversations/{conversation_id}/messages", self.post_message)
         r.add_post(prefix + "/conversations/{conversation_id}/activity", self.post_activity)
+        r.add_post(prefix + "/attachments", self.upload_attachment)
         self._socket_route = r.add_get(prefix + "/conversations/{conversation_id}/socket", self.socket)
         # First in the list: the outermost middleware (subclasses add theirs after).
         self.http.middlewares.append(self.socket_middleware)
@@ -752,6 +831,7 @@ class SdkService(ServiceApp):
     async def start_sdk(self) -> None:
         """Connect the bus, mirror integrations and subscribe to events (call from `start`,
         before `start_http`)."""
+        self.files = await self.open_files()
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      integration_decoder(self.keyring))
@@ -1010,7 +1090,7 @@ class SdkService(ServiceApp):
         if not claims.pending:
             raise ApiError(409, "This session's conversation has started: post to …/conversations/"
                                 f"{claims.conversation}/messages", "conversation_started")
-        body = validate_post_message(await self.read_start_body(request))
+        body = self.check_media(claims, validate_post_message(await self.read_start_body(request)))
         started = await self.materialize(request, record, claims, body)
         accepted = await self.queue_message(started, record, started.conversation, body)
         tokens = issue_tokens(self.sdk, started, now())
@@ -1070,9 +1150,40 @@ class SdkService(ServiceApp):
         message the consumer could only drop."""
         claims, record, conversation_id = await self.authorized(
             request, bearer_token(request.headers.get("Authorization")), confirm=True)
-        body = validate_post_message(await read_json(request, PostMessage))
+        body = self.check_media(claims, validate_post_message(await read_json(request, PostMessage)))
         accepted = await self.queue_message(claims, record, conversation_id, body)
         return json_response(accepted, status=202)
+
+    def check_media(self, claims: SessionClaims, body: PostMessageT) -> PostMessageT:
+        """400 unless the image or file a (validated) message carries is one of this app's
+        uploads: a customer sends what `POST …/attachments` answered, never a URL of elsewhere
+        (which the business's tools and the other channels would fetch or show)."""
+        for name, media in (("image", body.image), ("file", body.file)):
+            if media is not None and not is_own_upload(self.common.public_base_url, claims.app, media.media_url):
+                raise ApiError(400, f"{name}.mediaUrl must be the mediaUrl POST …/attachments answered")
+        return body
+
+    async def upload_attachment(self, request: web.Request) -> web.Response:
+        """A file the customer will send (multipart/form-data, the file as `source`), streamed
+        into the object store: 201 `{"attachment": {"mediaUrl", "mediaType"}}`, the URL to send
+        in an image or a file message (which attaches the file to the conversation). A pending
+        session may upload (its first message may be the file). At most
+        THREADLINE_SDK_MAX_UPLOAD_BYTES (413), of the types `shared.media` allows (415), the
+        content what its type says (400); limited per client, address and app (429); 503 when
+        the store is unavailable."""
+        claims, _record = await self.session(request, bearer_token(request.headers.get("Authorization")),
+                                             pending_ok=True)
+        limits = self.sdk.limits
+        await self.limit(request, "uploads", claims.app, [
+            ("client", f"{claims.app} {claims.channel_user_id}", limits.uploads_per_client),
+            *self.source_checks(request, claims.app, limits.uploads_per_ip, (), limits.uploads_per_app)])
+        stored = await receive_source(request, self.files, self.common.public_base_url, claims.app,
+                                      self.sdk.max_upload_bytes)
+        log.info("sdk upload stored", extra=log_fields(app_id=claims.app, user_id=claims.user or None,
+                                                       integration_id=claims.integration,
+                                                       media_type=stored.media_type, size=stored.size))
+        return json_response(AttachmentUploaded(attachment=UploadedAttachment(
+            media_url=stored.url, media_type=stored.media_type)), status=201)
 
     async def queue_message(self, claims: SessionClaims, record: IntegrationRecord, conversation_id: str,
                             body: PostMessage) -> MessageAccepted:

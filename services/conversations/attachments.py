@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from multidict import MultiMapping
 
 from services.conversations import models
@@ -29,13 +29,12 @@ from shared.media import (
     MAX_ATTACHMENT_BYTES,
     PATH_PREFIX,
     TOKEN,
-    MediaRejected,
-    normal_type,
     object_key,
     parse_attachment_url,
-    store_file,
+    safe_filename,
 )
 from shared.objectstore import ObjectStore, ObjectStoreError, epoch_now
+from shared.uploads import receive_source
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +77,10 @@ class Attachments:
 
     async def upload(self, upload: Upload, request: web.Request) -> models.Attachment:
         """Store the multipart `source` file (streamed to the store, never whole in memory)."""
-        if not request.content_type.startswith("multipart/form-data"):
-            raise ApiError(415, "Content-Type must be multipart/form-data with the file as `source`")
-        reader = await request.multipart()
-        part = await reader.next()
-        while part is not None and (not isinstance(part, BodyPartReader) or part.name != "source"):
-            part = await reader.next()
-        if part is None or not isinstance(part, BodyPartReader):
-            raise ApiError(400, "The file must be sent as the multipart field `source`")
-        media_type = normal_type(part.headers.get("Content-Type"))
-        try:
-            stored = await store_file(self.files, self.public_base_url, upload.app_id, _part_chunks(part),
-                                      media_type, part.filename)
-        except MediaRejected as exc:
-            raise ApiError(exc.status, str(exc)) from exc
-        except ObjectStoreError as exc:
-            log.error("attachment not stored: %s", exc)
-            raise ApiError(503, "The file store is unavailable; try again") from exc
-        await self.record(upload.app_id, stored.url, media_type, stored.size, upload.conversation_id)
-        return models.Attachment(media_url=stored.url, media_type=media_type)
+        stored = await receive_source(request, self.files, self.public_base_url, upload.app_id,
+                                      MAX_ATTACHMENT_BYTES)
+        await self.record(upload.app_id, stored.url, stored.media_type, stored.size, upload.conversation_id)
+        return models.Attachment(media_url=stored.url, media_type=stored.media_type)
 
     async def record(self, app_id: str, url: str, media_type: str, size: int | None,
                      conversation_id: str | None) -> bool:
@@ -136,9 +120,10 @@ class Attachments:
             raise web.HTTPNotFound(text="Not found")
         media_type = str(row["media_type"])
         disposition = "inline" if media_type.startswith(INLINE_PREFIXES) else "attachment"
+        filename = safe_filename(str(row["filename"]), media_type)
         headers = {
             "Content-Type": media_type,
-            "Content-Disposition": f"{disposition}; filename=\"{row['filename']}\"",
+            "Content-Disposition": f"{disposition}; filename=\"{filename}\"",
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'none'; sandbox",
             "Cache-Control": "public, max-age=3600",
@@ -186,6 +171,3 @@ class Attachments:
             await asyncio.sleep(interval)
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(256 * 1024):
-        yield chunk

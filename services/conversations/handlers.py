@@ -44,7 +44,7 @@ from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
 from shared.http import ApiError
 from shared.ids import derived_id, iso, new_id, now, parse_iso
-from shared.media import ALLOWED_TYPES, OPAQUE_TYPE, normal_type, parse_attachment_url
+from shared.media import ALLOWED_TYPES, OPAQUE_TYPE, normal_type, parse_attachment_url, safe_filename
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -191,7 +191,8 @@ class Conversations(ConversationCore):
         if ref is None or ref.app_id != app_id:
             return None
         declared = normal_type(content.media_type)
-        return AttachmentClaim(ref.token, ref.filename, declared if declared in ALLOWED_TYPES else OPAQUE_TYPE)
+        kept_type = declared if declared in ALLOWED_TYPES else OPAQUE_TYPE
+        return AttachmentClaim(ref.token, safe_filename(ref.filename, kept_type), kept_type)
 
     async def sweep_forever(self, interval: float = SWEEP_INTERVAL_SECONDS,
                             is_sweeper: Callable[[], bool] = lambda: True) -> None:

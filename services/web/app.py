@@ -100,11 +100,11 @@ class WebService(SdkService):
     # --- web-only endpoints -------------------------------------------------------------------
 
     async def get_config(self, request: web.Request) -> web.Response:
-        """Public settings of the web integration (name, colors) for the widget."""
+        """Public settings of the web integration (name, colors, the upload limit) for the widget."""
         app_id = request.match_info["app_id"]
         record = handlers.web_integration(await self.integration(request.match_info["integration_id"]), app_id)
         handlers.check_origin(record, request.headers.get("Origin"))
-        return json_response(handlers.public_config(record))
+        return json_response(handlers.public_config(record, self.sdk.max_upload_bytes))
 
     async def get_channels(self, request: web.Request) -> web.Response:
         """The app's other channels the customer can continue on ("Continue on…")."""

@@ -69,8 +69,9 @@ def check_origin(record: IntegrationRecord, origin: str | None) -> None:
         raise ApiError(403, "Origin not allowed for this integration")
 
 
-def public_config(record: IntegrationRecord) -> IntegrationConfig:
-    """What the widget may know about its integration (no secrets)."""
+def public_config(record: IntegrationRecord, max_upload_bytes: int | None = None) -> IntegrationConfig:
+    """What the widget may know about its integration (no secrets), and the largest file it may
+    upload."""
 
     def text(key: str) -> str | None:
         value = record.config.get(key)
@@ -82,6 +83,7 @@ def public_config(record: IntegrationRecord) -> IntegrationConfig:
         business_name=text("businessName"),
         business_icon_url=text("businessIconUrl"),
         brand_color=text("brandColor"),
+        max_upload_bytes=max_upload_bytes,
     )
 
 

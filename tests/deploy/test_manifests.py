@@ -266,6 +266,28 @@ def test_services_get_the_database_by_secret_and_a_replica_id_from_the_pod_name(
         assert all("THREADLINE_DATABASE_URL" not in env_of(c) for c in containers(sandbox))
 
 
+# The object store (shared/config.py ObjectStoreSettings): the optional keys of `threadline-secrets`.
+OBJECT_STORE_ENV = {"THREADLINE_OBJECT_STORE_URL": "object-store-url", "THREADLINE_S3_ENDPOINT_URL": "s3-endpoint-url",
+                    "THREADLINE_S3_REGION": "s3-region", "THREADLINE_S3_ADDRESSING": "s3-addressing",
+                    "THREADLINE_S3_ACCESS_KEY_ID": "s3-access-key-id",
+                    "THREADLINE_S3_SECRET_ACCESS_KEY": "s3-secret-access-key"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_services_with_files_share_one_object_store(overlay: str) -> None:
+    """What customers upload to `web` and `app`, and the media the channel services copy, is
+    served by `conversations`: they all read the same bucket settings, optional (unset: the pod's
+    disk, for a deployment without files)."""
+    deployments = objects(render(overlay), "Deployment")
+    for name in ("conversations", "web", "app", "whatsapp", "messenger", "telegram", "sms"):
+        env = env_of(main_container(deployments[name]))
+        for var, key in OBJECT_STORE_ENV.items():
+            assert env[var] == {"name": var, "valueFrom": {"secretKeyRef": {
+                "name": "threadline-secrets", "key": key, "optional": True}}}, (name, var)
+    example = (DEPLOY / "k8s" / "secret.example.yaml").read_text()
+    assert all(f"# {key}:" in example for key in OBJECT_STORE_ENV.values())
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_carry_prometheus_scrape_annotations(overlay: str) -> None:
     deployments = objects(render(overlay), "Deployment")

@@ -9,6 +9,7 @@ The business side is a webhook receiver (a custom integration) and the business 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,10 @@ from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, CHROMIUM, CHROMIUM
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
 TIMEOUT_MS = 8000
+# A real 1×1 PNG (the phone must be able to show it) and a small PDF, sent from the app.
+PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                         "AAAABJRU5ErkJggg==")
+PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
 # A short push grace period: a reply no socket got is pushed 0.3 s later.
 APP_ENV = {"THREADLINE_APP_PUSH_GRACE_SECONDS": "0.3", "THREADLINE_APP_RETRY_BASE_SECONDS": "0.1",
            "THREADLINE_APP_RETRY_MAX_SECONDS": "0.3"}
@@ -424,3 +429,51 @@ async def test_a_message_that_did_not_get_through_is_retried_as_the_same_message
     assert posted[0]["text"] == "Oat milk" and posted[0]["payload"] == "milk-oat"
     texts = [m["content"].get("text") for m in await business.history(conversation_id)]
     assert texts == ["Hello", "Milk?", "Oat milk"]
+
+
+async def test_the_app_sends_a_photo_and_a_document(page: Page, business: Business) -> None:
+    conversation_id = await send_from_app(page, business, "Here is my receipt")
+    attach = page.get_by_role("button", name="Attach a photo or file")
+    await expect(attach).to_be_visible()
+    files = page.locator("#phone-file")
+    # What the app refuses itself never leaves the phone.
+    await files.set_input_files({"name": "page.html", "mimeType": "text/html", "buffer": b"<html></html>"})
+    await expect(page.locator("#phone-error")).to_contain_text("“page.html” can’t be sent")
+
+    # A photo: uploaded (its progress shown while it goes), then sent as an image message.
+    held: asyncio.Queue[Route] = asyncio.Queue()
+    await page.route(re.compile(r"/app/v1/apps/[^/]+/attachments$"), held.put)
+    await files.set_input_files({"name": "receipt.png", "mimeType": "image/png", "buffer": PIXEL})
+    uploading = page.locator("#phone-thread li.in").last
+    await expect(uploading).to_contain_text("receipt.png")
+    await expect(uploading.get_by_label("Uploading receipt.png")).to_be_visible()
+    await (await asyncio.wait_for(held.get(), TIMEOUT_MS / 1000)).continue_()
+    await page.unroute(re.compile(r"/app/v1/apps/[^/]+/attachments$"))
+    event = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                      and e["payload"]["message"]["content"]["type"] == "image")
+    content = event["payload"]["message"]["content"]
+    assert event["payload"]["conversation"]["id"] == conversation_id
+    assert event["payload"]["message"]["source"]["type"] == "android"
+    url = content["mediaUrl"]
+    assert url.startswith(f"{business.base_url}/attachments/v1/{business.app_id}/") and url.endswith("/receipt.png")
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200 and await resp.read() == PIXEL and resp.headers["Content-Type"] == "image/png"
+    # Once stored, the app shows the picture from its URL, as it shows the business's.
+    photo = page.locator("#phone-thread li.in").last.locator("img")
+    await expect(photo).to_have_attribute("src", url)
+    await expect(photo).to_have_js_property("complete", True)
+    assert await photo.evaluate("img => img.naturalWidth") == 1
+
+    # A document: a file message named after it.
+    await files.set_input_files({"name": "order.pdf", "mimeType": "application/pdf", "buffer": PDF})
+    event = await business.wait_event(lambda e: e["type"] == "conversation:message"
+                                      and e["payload"]["message"]["content"]["type"] == "file")
+    document = event["payload"]["message"]["content"]
+    assert (document["mediaType"], document["altText"]) == ("application/pdf", "order.pdf")
+    link = page.locator("#phone-thread li.in").last.get_by_role("link")
+    await expect(link).to_have_attribute("href", document["mediaUrl"])
+    await expect(link).to_contain_text("order.pdf")
+    await expect(page.locator("#phone-error")).to_be_hidden()
+    history = await business.history(conversation_id)
+    assert [(m["content"]["type"], m["content"].get("mediaUrl")) for m in history] == [
+        ("text", None), ("image", url), ("file", document["mediaUrl"])]

@@ -202,4 +202,6 @@ async def test_integration_created_after_start_is_found(web: Any, bus: Bus) -> N
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{web.base_url}/sdk/v1/apps/{APP}/integrations/{fresh}/config") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"integrationId": fresh, "displayName": "Fresh shop"}
+            # With the largest file the widget may upload (THREADLINE_SDK_MAX_UPLOAD_BYTES).
+            assert await resp.json() == {"integrationId": fresh, "displayName": "Fresh shop",
+                                         "maxUploadBytes": 25 * 1024 * 1024}

@@ -13,7 +13,8 @@ from shared.http import ApiError
 from shared.messages.channel import Postback
 from shared.render import form_response_text
 from shared.sdk import PostMessage, SessionClaims
-from shared.sunco import FormResponseContent, LocationContent, TextContent
+from shared.sunco import FileContent, FormResponseContent, ImageContent, LocationContent, TextContent
+from shared.uploads import describe_size
 
 NOW = 1_800_000_000
 CLAIMS = SessionClaims(typ="session", app="app1", user="u1", client="c1", integration="i1", channel_user_id="cu1",
@@ -138,3 +139,61 @@ def test_a_message_is_exactly_one_kind() -> None:
     assert "at most 4096" in refused(body(text="x" * 4097, location=location))
     # Blank text beside a location or a form is no text.
     assert sdk_service.validate_post_message(body(text=" ", location=location))
+
+
+# --- images and files (uploaded with POST …/attachments) ------------------------------------------
+
+BASE = "https://threadline.example.com"
+APP = "0123456789abcdef01234567"
+UPLOADED = f"{BASE}/attachments/v1/{APP}/{'t' * 32}/My%20photo.png"
+
+
+def test_an_image_or_a_file_becomes_media_content_with_its_caption() -> None:
+    raw = sdk_service.validate_post_message(body(image={"mediaUrl": UPLOADED, "mediaType": "Image/PNG; q=1",
+                                                        "altText": "My photo.png"}))
+    content = sdk_service.message_content(raw)
+    assert content == ImageContent(media_url=UPLOADED, media_type="image/png", alt_text="My photo.png")
+    raw = sdk_service.validate_post_message(body(text="my invoice", file={"mediaUrl": UPLOADED,
+                                                                         "mediaType": "application/pdf"}))
+    assert sdk_service.message_content(raw) == FileContent(media_url=UPLOADED, media_type="application/pdf",
+                                                           text="my invoice")
+    # Blank text beside a file is no caption.
+    raw = sdk_service.validate_post_message(body(text="  ", file={"mediaUrl": UPLOADED, "mediaType": "text/csv"}))
+    content = sdk_service.message_content(raw)
+    assert isinstance(content, FileContent) and content.text is None
+
+
+@pytest.mark.parametrize(("fields", "why"), [
+    ({"image": {"mediaUrl": "", "mediaType": "image/png"}}, "image.mediaUrl"),
+    ({"image": {"mediaUrl": UPLOADED + "x" * 2048, "mediaType": "image/png"}}, "image.mediaUrl"),
+    ({"image": {"mediaUrl": UPLOADED, "mediaType": "image/svg+xml"}}, "image.mediaType"),
+    ({"image": {"mediaUrl": UPLOADED, "mediaType": "application/pdf"}}, "an image/"),
+    ({"file": {"mediaUrl": UPLOADED, "mediaType": "text/html"}}, "file.mediaType"),
+    ({"file": {"mediaUrl": UPLOADED, "mediaType": "application/pdf", "altText": "a" * 513}}, "file.altText"),
+    ({"image": {"mediaUrl": UPLOADED, "mediaType": "image/png"}, "file": {"mediaUrl": UPLOADED,
+                                                                          "mediaType": "image/png"}},
+     "not image and file"),
+    ({"location": {"lat": 1, "long": 2}, "file": {"mediaUrl": UPLOADED, "mediaType": "image/png"}},
+     "not location and file"),
+    ({"text": "Yes", "payload": "P", "image": {"mediaUrl": UPLOADED, "mediaType": "image/png"}}, "button tap"),
+])
+def test_a_malformed_image_or_file_is_refused(fields: dict[str, Any], why: str) -> None:
+    assert why in refused(body(**fields))
+
+
+def test_only_the_apps_own_upload_urls_may_be_sent() -> None:
+    assert sdk_service.is_own_upload(BASE, APP, UPLOADED)
+    token = "t" * 32
+    for url in (UPLOADED.replace(APP, "f" * 24),  # another app's
+                "https://cdn.example.com/attachments/v1/" + f"{APP}/{token}/a.png",  # elsewhere
+                UPLOADED + "?download=1", UPLOADED + "#x",
+                f"{BASE}/attachments/v1/{APP}/{token}/My photo.png",  # not as Threadline writes it
+                f"{BASE}/attachments/v1/{APP}/{token}/..", f"{BASE}/attachments/v1/{APP}/{token}/a%2Fb.png",
+                f"{BASE}/attachments/v1/{APP}/short/a.png", f"{BASE}/attachments/v1/{APP}/{token}"):
+        assert not sdk_service.is_own_upload(BASE, APP, url), url
+
+
+def test_sizes_are_said_as_they_are_set() -> None:
+    assert [describe_size(n) for n in (25 * 1024 * 1024, 64 * 1024, 1536, 1000, 3 * 1024 * 1024 // 2,
+                                       2 * 1024 * 1024 - 1)] == [
+        "25 MB", "64 KB", "1.5 KB", "1000 bytes", "1.5 MB", "1.9 MB"]

@@ -84,7 +84,16 @@ def test_token_lifetimes_and_limits_are_validated_at_start() -> None:
     settings = SdkSettings.from_env(common, "THREADLINE_WEB", env)
     assert (settings.token_ttl, settings.refresh_ttl, settings.session_max_age) == (86400, 30 * 86400, 0)
     assert settings.limits.sessions_per_ip == (Rate(30, 60.0), Rate(300, 3600.0))
+    # Customers' uploads: 25 MB unless set, never over the 50 MB of any attachment.
+    assert settings.max_upload_bytes == 25 * 1024 * 1024
+    assert settings.limits.uploads_per_client == (Rate(10, 60.0), Rate(100, 3600.0))
+    assert SdkSettings.from_env(common, "THREADLINE_APP", {
+        **env, "THREADLINE_SDK_MAX_UPLOAD_BYTES": "1048576"}).max_upload_bytes == 1024 * 1024
     for bad in ({"THREADLINE_SDK_TOKEN_TTL_SECONDS": "10"},
+                {"THREADLINE_SDK_MAX_UPLOAD_BYTES": "0"},
+                {"THREADLINE_SDK_MAX_UPLOAD_BYTES": str(50 * 1024 * 1024 + 1)},
+                {"THREADLINE_SDK_MAX_UPLOAD_BYTES": "25MB"},
+                {"THREADLINE_SDK_UPLOADS_PER_IP": "many"},
                 {"THREADLINE_SDK_TOKEN_TTL_SECONDS": "7200", "THREADLINE_SDK_REFRESH_TTL_SECONDS": "3600"},
                 {"THREADLINE_SDK_SESSION_MAX_AGE_SECONDS": "100"},
                 {"THREADLINE_SDK_SESSIONS_PER_IP": "lots"},

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import msgspec
 import pytest
 
 from services.web import handlers
 from shared import sdk_service
 from shared.http import ApiError
+from shared.media import ALLOWED_TYPES
 from shared.messages import conversation as conv
 from shared.records import IntegrationRecord
 from shared.sdk import (
@@ -230,3 +234,13 @@ def test_channel_frames_say_moved_only_when_the_new_client_is_primary() -> None:
     assert sdk_service.event_frame(updated("confirmed", primary=True)) == moved
     assert sdk_service.event_frame(updated("confirmed", primary=False)) is None
     assert sdk_service.event_frame(updated("blocked", primary=False)) is None
+
+
+def test_the_widget_and_the_sandbox_app_offer_the_types_threadline_keeps() -> None:
+    """The clients' own check of a file's type (before uploading) is shared/media.py's list."""
+    root = Path(__file__).resolve().parents[2]
+    for path, name in ((root / "services/web/static/threadline.js", "UPLOAD_TYPES"),
+                       (root / "services/sandbox/static/phone.js", "APP_UPLOAD_TYPES")):
+        found = re.search(rf"\b{name} = \[(.*?)\];", path.read_text(encoding="utf-8"), re.S)
+        assert found is not None, path
+        assert set(re.findall(r'"([^"]+)"', found.group(1))) == set(ALLOWED_TYPES), path

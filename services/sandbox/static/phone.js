@@ -16,6 +16,8 @@
   const errorLine = $("phone-error");
   const tabs = $("phone-tabs");
   const identityRow = frame.querySelector(".phone-identity");
+  const attachButton = $("phone-attach");
+  const fileInput = $("phone-file");
   const businessName = config.businessName || "Threadline";
 
   // --- helpers ---------------------------------------------------------------------------------
@@ -431,6 +433,32 @@
   const APP_SHARED_LOCATION = {lat: WA_SHARED_LOCATION.latitude, long: WA_SHARED_LOCATION.longitude,
                                name: WA_SHARED_LOCATION.name, address: WA_SHARED_LOCATION.address};
 
+  // What the app may attach: the types Threadline keeps (shared/media.py ALLOWED_TYPES), and the
+  // app service's default limit (THREADLINE_SDK_MAX_UPLOAD_BYTES; a lower one answers 413).
+  const APP_UPLOAD_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp", "application/pdf", "audio/mpeg",
+    "audio/ogg", "audio/aac", "audio/mp4", "audio/amr", "video/mp4", "video/3gpp", "text/plain", "text/csv",
+    "application/zip", "application/msword", "application/vnd.ms-excel", "application/vnd.ms-powerpoint",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation"];
+  const APP_UPLOAD_EXTENSIONS = {jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", gif: "image/gif",
+    webp: "image/webp", pdf: "application/pdf", mp3: "audio/mpeg", ogg: "audio/ogg", m4a: "audio/mp4",
+    mp4: "video/mp4", txt: "text/plain", csv: "text/csv", zip: "application/zip",
+    docx: "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    xlsx: "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    pptx: "application/vnd.openxmlformats-officedocument.presentationml.presentation"};
+  const APP_MAX_UPLOAD_BYTES = 25 * 1024 * 1024;
+
+  // The type a file is uploaded as, when it is one Threadline keeps; else null.
+  function uploadType(file) {
+    const name = String(file.name || "");
+    const extension = name.includes(".") ? name.slice(name.lastIndexOf(".") + 1).toLowerCase() : "";
+    const byName = Object.hasOwn(APP_UPLOAD_EXTENSIONS, extension) ? APP_UPLOAD_EXTENSIONS[extension] : undefined;
+    const declared = String(file.type || "").split(";")[0].trim().toLowerCase();
+    if (byName === "text/csv" || !declared) return byName || null;
+    return APP_UPLOAD_TYPES.includes(declared) ? declared : null;
+  }
+
   const app = (function () {
     let ch = null; // {integrationId, appId} of the App tab while it is shown
     let stored = {}; // {guid, token, session, closed, uninstalled, seenUpTo}, kept in localStorage
@@ -683,6 +711,8 @@
     // The spec the phone's compose box, quick replies and buttons send, as the SDK body (without
     // its clientMessageId); null when there is nothing to send.
     function messageBody(spec) {
+      if (spec.image) return {image: spec.image};
+      if (spec.file) return {file: spec.file};
       if (spec.location) return {location: spec.location};
       if (spec.formResponse) return {formResponse: spec.formResponse};
       const text = String(spec.text || "").trim();
@@ -700,7 +730,8 @@
       }
       const id = uuid();
       const entry = {key: "c:" + id, id, pending: {body, status: "sending", at: Date.now() / 1000,
-                                                   silent: !!spec.silent, onDone: spec.onDone}};
+                                                   silent: !!spec.silent, onDone: spec.onDone,
+                                                   preview: spec.preview || null}};
       if (!spec.silent) {
         messages.set(entry.key, entry);
         show();
@@ -739,6 +770,92 @@
       if (p.onDone) p.onDone(p.status);
       show();
       tick();
+    }
+
+    // --- attachments ---------------------------------------------------------------------------
+    // The paper clip: each file is checked (its type, its size), uploaded (POST …/attachments,
+    // its progress in the thread), then sent as an image or a file message like anything else
+    // the app sends. An upload cut off (the network, the service) is retried with "Retry".
+
+    function attach(files) {
+      if (!stored.session || stored.closed || stored.uninstalled) {
+        showError("Not sent: the app is not open yet");
+        return;
+      }
+      const refused = [];
+      for (const file of files) {
+        const name = String(file.name || "file");
+        const type = uploadType(file);
+        if (!type) refused.push("“" + name + "” can’t be sent: only photos, PDFs, audio, video, text, office documents and zip files.");
+        else if (file.size > APP_MAX_UPLOAD_BYTES) refused.push("“" + name + "” is too large: at most 25 MB.");
+        else if (!file.size) refused.push("“" + name + "” is empty.");
+        else {
+          const entry = {key: "u:" + uuid(), upload: {file, name, type, progress: 0, status: "uploading",
+                                                     at: Date.now() / 1000}};
+          messages.set(entry.key, entry);
+          upload(entry);
+        }
+      }
+      showError(refused.join(" "));
+      show();
+      scrollToNewest();
+    }
+
+    async function upload(entry) {
+      const u = entry.upload;
+      u.status = "uploading";
+      u.progress = 0;
+      show();
+      let result;
+      try {
+        if (needsRefresh()) await refresh();
+        const session = stored.session;
+        if (!session) throw new Error("the session ended");
+        result = await postFile(u, session.sessionToken);
+      } catch (e) {
+        result = {status: 0, body: null, reason: e.message};
+      }
+      const attachment = result.body && result.body.attachment;
+      if (result.status === 201 && attachment && attachment.mediaUrl) {
+        messages.delete(entry.key);
+        const media = {mediaUrl: attachment.mediaUrl, mediaType: attachment.mediaType || u.type,
+                       altText: u.name.slice(0, 512)};
+        showError("");
+        if (/^image\//.test(media.mediaType)) await send({image: media, preview: URL.createObjectURL(u.file)});
+        else await send({file: media});
+        return;
+      }
+      if (result.status === 401 && stored.session) stored.session.stale = true;
+      const reason = (((result.body && result.body.errors) || [])[0] || {}).title || result.reason ||
+        (result.status ? "HTTP " + result.status : "no connection");
+      showError("Not sent: “" + u.name + "”: " + reason);
+      // Refused for what it is (its type, its size): sending it again would not help.
+      if (result.status >= 400 && result.status < 500 && ![401, 408, 429].includes(result.status)) messages.delete(entry.key);
+      else u.status = "failed";
+      show();
+    }
+
+    // POST the file (multipart, as `source`) with XMLHttpRequest, for its upload progress.
+    function postFile(u, token) {
+      return new Promise((resolve) => {
+        const xhr = new XMLHttpRequest();
+        xhr.open("POST", appPath("/attachments"));
+        xhr.setRequestHeader("Authorization", "Bearer " + token);
+        xhr.upload.onprogress = (event) => {
+          if (!event.lengthComputable || !event.total) return;
+          u.progress = Math.round(event.loaded * 100 / event.total);
+          show();
+        };
+        xhr.onload = () => {
+          let body = null;
+          try { body = JSON.parse(xhr.responseText); } catch (e) { /* the status says enough */ }
+          resolve({status: xhr.status, body});
+        };
+        xhr.onerror = xhr.onabort = xhr.ontimeout = () => resolve({status: 0, body: null});
+        const form = new FormData();
+        form.append("source", new Blob([u.file], {type: u.type}), u.name);
+        xhr.send(form);
+      });
     }
 
     // --- the lock screen -----------------------------------------------------------------------
@@ -897,11 +1014,38 @@
     }
 
     function item(entry) {
+      if (entry.upload) {
+        const u = entry.upload;
+        return {
+          key: entry.key, direction: "in", at: u.at, state: u.status + ":" + u.progress,
+          render: (bubble) => {
+            bubble.dataset.type = "upload";
+            bubble.append(el("span", "upload-name", u.name));
+          },
+          footer: (footer) => {
+            if (u.status === "failed") {
+              const line = el("div", "failed", "not sent · ");
+              const again = choiceButton("Retry", () => { if (u.status === "failed") upload(entry); });
+              again.className = "app-retry";
+              line.append(again);
+              footer.append(line);
+              return;
+            }
+            const bar = el("progress");
+            bar.max = 100;
+            bar.value = u.progress;
+            bar.setAttribute("aria-label", "Uploading " + u.name);
+            footer.append(bar, el("span", "meta", "uploading… " + u.progress + "%"));
+          },
+        };
+      }
       if (!entry.message) {
         const p = entry.pending;
+        const media = p.body.image || p.body.file;
         return {
-          key: entry.key, direction: "in", at: p.at, state: p.status,
-          render: (bubble) => appContent(sentContent(p.body), bubble, {}, false),
+          // A picture or a file shows again once stored (its URL serves it only then): another key.
+          key: media ? "p:" + entry.id : entry.key, direction: "in", at: p.at, state: p.status,
+          render: (bubble) => (media ? pendingMedia(p, bubble) : appContent(sentContent(p.body), bubble, {}, false)),
           footer: (footer) => {
             if (p.status === "failed" || p.status === "refused") {
               const line = el("div", "failed", "not sent");
@@ -932,6 +1076,18 @@
         },
         quickReplies: business ? appQuickReplies(content) : [],
       };
+    }
+
+    // An image or a file on its way: the picture from the phone's own copy, else its name.
+    function pendingMedia(p, bubble) {
+      const media = p.body.image || p.body.file;
+      bubble.dataset.type = p.body.image ? "image" : "file";
+      if (p.preview && /^blob:/.test(p.preview)) {
+        const img = el("img");
+        img.alt = media.altText || "photo";
+        img.src = p.preview;
+        bubble.append(img);
+      } else bubble.append(el("div", "file-pending", "📄 " + (media.altText || "file")));
     }
 
     // What a message the app sent (or is sending) shows, as the content the history will have.
@@ -1278,6 +1434,7 @@
       items,
       markRead() { /* the app marks read itself, over the SDK */ },
       send,
+      attach,
       tick,
       activate(next) {
         ch = next;
@@ -1620,6 +1777,7 @@
     nameInput.parentElement.hidden = adapter.hasName === false;
     identityRow.hidden = adapter.hasIdentity === false;
     $("phone-app-bar").hidden = !adapter.activate;
+    attachButton.hidden = !adapter.attach;
     $("phone-number-label").textContent = adapter.fromLabel;
     frame.setAttribute("aria-label", "Simulated " + adapter.label + " phone");
     textInput.placeholder = adapter.placeholder;
@@ -1666,7 +1824,7 @@
     const notice = $("sandbox-notice");
     notice.hidden = false;
     notice.textContent = "No simulated channel yet (sandbox.json has no whatsapp, messenger, telegram, twilio or android integration).";
-    $("phone-compose").querySelector("button").disabled = true;
+    $("phone-compose").querySelector("button[type=submit]").disabled = true;
   }
 
   // --- links into the phone ------------------------------------------------------------------------
@@ -1729,6 +1887,14 @@
   select(params.get("channel") || localStorage.getItem("sandbox.phone.channel") || "whatsapp", false);
   const initial = params.get("waText");
   if (initial) follow({kind: "whatsapp", text: initial});
+
+  fileInput.accept = APP_UPLOAD_TYPES.join(",");
+  attachButton.addEventListener("click", () => fileInput.click());
+  fileInput.addEventListener("change", () => {
+    const files = Array.from(fileInput.files || []);
+    fileInput.value = "";
+    if (current && adapter.attach) adapter.attach(files);
+  });
 
   $("phone-compose").addEventListener("submit", (event) => {
     event.preventDefault();

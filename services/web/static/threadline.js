@@ -33,6 +33,28 @@
   var BUSINESS_TYPING_TIMEOUT_MS = 15000;
   var CONNECT_TIMEOUT_MS = 10000;
   var REFRESH_MARGIN_MS = 5 * 60 * 1000;   // renew the session token this long before it expires
+  var DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024;  // until the integration's config says otherwise
+  // What a customer may attach: the types Threadline keeps (shared/media.py ALLOWED_TYPES).
+  var UPLOAD_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp", "application/pdf", "audio/mpeg",
+    "audio/ogg", "audio/aac", "audio/mp4", "audio/amr", "video/mp4", "video/3gpp", "text/plain", "text/csv",
+    "application/zip", "application/msword", "application/vnd.ms-excel", "application/vnd.ms-powerpoint",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation"];
+  // The type of a file the browser could not name (or named after the spreadsheet program that
+  // opens it, as Windows does for .csv), by its extension.
+  var UPLOAD_EXTENSIONS = {jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", gif: "image/gif",
+    webp: "image/webp", pdf: "application/pdf", mp3: "audio/mpeg", ogg: "audio/ogg", oga: "audio/ogg",
+    aac: "audio/aac", m4a: "audio/mp4", amr: "audio/amr", mp4: "video/mp4", "3gp": "video/3gpp", txt: "text/plain",
+    csv: "text/csv", zip: "application/zip", doc: "application/msword", xls: "application/vnd.ms-excel",
+    ppt: "application/vnd.ms-powerpoint",
+    docx: "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    xlsx: "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    pptx: "application/vnd.openxmlformats-officedocument.presentationml.presentation"};
+  var UPLOAD_KINDS = "images, PDFs, audio, video, text and CSV files, office documents and zip files";
+  var PAPERCLIP_ICON = '<svg width="18" height="18" viewBox="0 0 24 24" aria-hidden="true"><path fill="currentColor" ' +
+    'd="M16.5 6v11.5a4 4 0 0 1-8 0V5a2.5 2.5 0 0 1 5 0v10.5a1 1 0 0 1-2 0V6H10v9.5a2.5 2.5 0 0 0 5 0V5a4 4 0 0 ' +
+    '0-8 0v12.5a5.5 5.5 0 0 0 11 0V6h-1.5z"/></svg>';
 
   var CSS = [
     ".tl-root{position:fixed;right:20px;bottom:20px;z-index:2147483000;font:14px/1.4 system-ui,-apple-system,",
@@ -147,7 +169,22 @@
     ".tl-form-error{font-size:12px;color:#d1242f}",
     ".tl-form-error[hidden]{display:none}",
     ".tl-input:disabled{background:#f6f8fa}",
-    ".tl-send:disabled{opacity:.6;cursor:default}"
+    ".tl-send:disabled{opacity:.6;cursor:default}",
+    // Attachments: the paper clip, the drop target, an upload on its way, what was refused.
+    ".tl-attach{flex:none;width:38px;border:1px solid #d0d7de;border-radius:8px;background:#fff;",
+    "color:#656d76;cursor:pointer;display:flex;align-items:center;justify-content:center;padding:0}",
+    ".tl-attach:hover,.tl-attach:focus-visible{color:var(--tl-brand,#2b59c3);border-color:var(--tl-brand,#2b59c3)}",
+    ".tl-attach:disabled{opacity:.6;cursor:default}",
+    ".tl-file{display:none}",
+    ".tl-panel[data-dragging=true] .tl-messages{outline:2px dashed var(--tl-brand,#2b59c3);outline-offset:-6px;",
+    "background:#eef3fc}",
+    ".tl-attach-error{padding:6px 12px 0;font-size:12px;color:#d1242f}",
+    ".tl-attach-error[hidden]{display:none}",
+    ".tl-upload-name{display:block;font-size:12px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}",
+    ".tl-progress{display:block;width:160px;max-width:100%;height:6px;margin-top:6px}",
+    ".tl-message[data-author=user] .tl-bubble a{color:inherit}",
+    ".tl-preview{min-width:160px;height:96px;border-radius:8px;background:rgba(255,255,255,.2);",
+    "display:flex;align-items:center;justify-content:center;font-size:12px}"
   ].join("");
 
   // How the widget names a channel: on its buttons ("Continue on WhatsApp") and in the thread.
@@ -319,6 +356,8 @@
     this.businessTypingTimer = null;
     this.sessionPromise = null;
     this.channels = null;         // where "Continue on…" can take the conversation (null: not loaded)
+    this.maxUploadBytes = DEFAULT_MAX_UPLOAD_BYTES;
+    this.uploads = [];            // files being uploaded (or whose upload failed), in the order attached
     this.render();
     var self = this;
     this.watchdog = setInterval(function () { self.checkSocket(); }, 1000);
@@ -394,12 +433,22 @@
     this.input = el("textarea", {"class": "tl-input", "data-threadline": "input", "rows": "1",
       "placeholder": "Type a message\u2026", "maxlength": "4096", "aria-label": "Message"});
     this.sendButton = el("button", {"class": "tl-send", "data-threadline": "send", "type": "submit"}, "Send");
+    this.attachButton = el("button", {"class": "tl-attach", "data-threadline": "attach", "type": "button",
+      "aria-label": "Attach a file", "title": "Attach a file"});
+    this.attachButton.innerHTML = PAPERCLIP_ICON;
+    this.fileInput = el("input", {"class": "tl-file", "data-threadline": "file-input", "type": "file",
+      "multiple": "", "tabindex": "-1", "aria-hidden": "true", "accept": UPLOAD_TYPES.join(",")});
+    this.attachError = el("div", {"class": "tl-attach-error", "data-threadline": "attach-error", "role": "alert",
+      "hidden": ""});
+    composer.appendChild(this.attachButton);
+    composer.appendChild(this.fileInput);
     composer.appendChild(this.input);
     composer.appendChild(this.sendButton);
     this.panel.appendChild(header);
     this.panel.appendChild(this.handoff);
     this.panel.appendChild(this.list);
     this.panel.appendChild(this.typing);
+    this.panel.appendChild(this.attachError);
     this.panel.appendChild(composer);
     this.root.appendChild(this.panel);
     this.root.appendChild(this.launcher);
@@ -425,6 +474,7 @@
       }
     });
     this.input.addEventListener("input", function () { self.onTyping(); });
+    this.listenForFiles();
     this.renderNotify();
   };
 
@@ -443,6 +493,9 @@
           return;
         }
         self.title.textContent = config.businessName || config.displayName || "Chat";
+        if (typeof config.maxUploadBytes === "number" && config.maxUploadBytes > 0) {
+          self.maxUploadBytes = config.maxUploadBytes;
+        }
         if (config.brandColor && /^#?[0-9a-fA-F]{3,8}$/.test(config.brandColor)) {
           var color = config.brandColor.charAt(0) === "#" ? config.brandColor : "#" + config.brandColor;
           self.root.style.setProperty("--tl-brand", color);
@@ -618,6 +671,10 @@
 
   // The pending bubble's text for an outbox item (a text, a tap's label, a location, a form answer).
   function itemText(item) {
+    var media = item.image || item.file;
+    if (media) {
+      return media.altText || (item.image ? "image" : "file");
+    }
     if (item.formResponse) {
       return formResponseText(item.formResponse);
     }
@@ -629,7 +686,8 @@
   }
 
   function itemType(item) {
-    return item.formResponse ? "formResponse" : item.location ? "location" : "text";
+    return item.formResponse ? "formResponse" : item.location ? "location" : item.image ? "image" :
+      item.file ? "file" : "text";
   }
 
   // A message's content in its node: text, media, location, carousel, list, form, form answer,
@@ -1061,6 +1119,7 @@
       !(form && form.getAttribute("data-state") === "submitted");
     this.input.disabled = blocked;
     this.sendButton.disabled = blocked;
+    this.attachButton.disabled = blocked;
     this.input.setAttribute("placeholder", blocked ? "Please answer above\u2026" : "Type a message\u2026");
   };
 
@@ -1095,12 +1154,18 @@
     }
   }
 
-  // Insert a confirmed message in cursor order, before any still-pending message.
+  // Insert a confirmed message in cursor order, before any still-pending message or upload.
   Widget.prototype.insertByCursor = function (node, cursor) {
     var children = this.list.children;
     for (var i = 0; i < children.length; i++) {
       var child = children[i];
-      if (child.getAttribute("data-threadline") !== "message") {
+      var hook = child.getAttribute("data-threadline");
+      if (hook === "upload") {
+        // A file still uploading stays last, with the messages still pending.
+        this.list.insertBefore(node, child);
+        return;
+      }
+      if (hook !== "message") {
         continue;
       }
       var childCursor = child.getAttribute("data-cursor");
@@ -1129,6 +1194,16 @@
       this.dropFromOutbox(clientMessageId);
       this.list.removeChild(node);
       node.setAttribute("data-status", "confirmed");
+      var sentType = message.content && message.content.type;
+      if (sentType === "image" || sentType === "file") {
+        // Its file is served once the message is stored: now it shows like any other.
+        node.firstChild.textContent = "";
+        this.renderContent(node, author, message);
+        if (node.tlPreview) {
+          URL.revokeObjectURL(node.tlPreview);
+          node.tlPreview = null;
+        }
+      }
     } else {
       node = this.messageElement(author, author === "user" ? "confirmed" : "received");
       this.renderContent(node, author, message);
@@ -2197,11 +2272,271 @@
     }
   };
 
+  // --- attachments ----------------------------------------------------------------------------
+  // The paper clip, a file dropped on the panel or an image pasted in the input: each file is
+  // checked here (its type, its size), uploaded (POST …/attachments, with a progress bar in the
+  // thread), then sent as an image or a file message through the outbox like any other message.
+
+  function hasFiles(event) {
+    var types = event.dataTransfer && event.dataTransfer.types;
+    return !!types && Array.prototype.indexOf.call(types, "Files") >= 0;
+  }
+
+  // The type to upload `file` as, when it is one Threadline keeps; else null.
+  function uploadType(file) {
+    var name = String(file.name || "");
+    var dot = name.lastIndexOf(".");
+    var extension = dot >= 0 ? name.slice(dot + 1).toLowerCase() : "";
+    var byName = Object.prototype.hasOwnProperty.call(UPLOAD_EXTENSIONS, extension) ?
+      UPLOAD_EXTENSIONS[extension] : undefined;
+    var declared = String(file.type || "").split(";")[0].trim().toLowerCase();
+    // A .csv is text whatever the system calls it (Windows says application/vnd.ms-excel).
+    if (byName === "text/csv" || !declared) {
+      return byName || null;
+    }
+    return UPLOAD_TYPES.indexOf(declared) >= 0 ? declared : null;
+  }
+
+  function sizeText(bytes) {
+    var units = [[1024 * 1024, "MB"], [1024, "KB"]];
+    for (var i = 0; i < units.length; i++) {
+      if (bytes >= units[i][0]) {
+        return Math.floor(bytes * 10 / units[i][0]) / 10 + " " + units[i][1];
+      }
+    }
+    return bytes + " bytes";
+  }
+
+  Widget.prototype.listenForFiles = function () {
+    var self = this;
+    var panel = this.panel;
+    this.attachButton.addEventListener("click", function () { self.fileInput.click(); });
+    this.fileInput.addEventListener("change", function () {
+      var files = Array.prototype.slice.call(self.fileInput.files || []);
+      self.fileInput.value = "";
+      self.attachFiles(files);
+    });
+    panel.addEventListener("dragover", function (event) {
+      if (!hasFiles(event)) {
+        return;
+      }
+      event.preventDefault();
+      event.dataTransfer.dropEffect = self.attachButton.disabled ? "none" : "copy";
+      panel.setAttribute("data-dragging", "true");
+    });
+    panel.addEventListener("dragleave", function (event) {
+      if (!event.relatedTarget || !panel.contains(event.relatedTarget)) {
+        panel.removeAttribute("data-dragging");
+      }
+    });
+    panel.addEventListener("drop", function (event) {
+      panel.removeAttribute("data-dragging");
+      if (!hasFiles(event)) {
+        return;
+      }
+      event.preventDefault();
+      self.attachFiles(Array.prototype.slice.call(event.dataTransfer.files || []));
+    });
+    // A pasted image (a screenshot) is attached; pasted text stays text.
+    this.input.addEventListener("paste", function (event) {
+      var items = (event.clipboardData && event.clipboardData.items) || [];
+      var images = [];
+      for (var i = 0; i < items.length; i++) {
+        if (items[i].kind === "file" && /^image\//.test(items[i].type)) {
+          var file = items[i].getAsFile();
+          if (file) {
+            images.push(file);
+          }
+        }
+      }
+      if (images.length) {
+        event.preventDefault();
+        self.attachFiles(images);
+      }
+    });
+  };
+
+  Widget.prototype.showAttachError = function (text) {
+    this.attachError.textContent = text;
+    if (text) {
+      this.attachError.removeAttribute("hidden");
+    } else {
+      this.attachError.setAttribute("hidden", "");
+    }
+  };
+
+  // Check each file and upload those that may be sent; say what was refused, and why.
+  Widget.prototype.attachFiles = function (files) {
+    var self = this;
+    if (this.attachButton.disabled) {
+      return;
+    }
+    var problems = [];
+    files.forEach(function (file) {
+      var name = String(file.name || "file");
+      var type = uploadType(file);
+      if (!type) {
+        problems.push("\u201C" + name + "\u201D can\u2019t be sent: you can send " + UPLOAD_KINDS + ".");
+      } else if (file.size > self.maxUploadBytes) {
+        problems.push("\u201C" + name + "\u201D is too large: files can be at most " + sizeText(self.maxUploadBytes) +
+          ".");
+      } else if (!file.size) {
+        problems.push("\u201C" + name + "\u201D is empty.");
+      } else {
+        self.startUpload(file, name, type);
+      }
+    });
+    this.showAttachError(problems.join(" "));
+  };
+
+  // A file on its way: a bubble with its name and a progress bar, replaced by the message once
+  // the file is stored.
+  Widget.prototype.startUpload = function (file, name, type) {
+    var self = this;
+    var node = el("div", {"class": "tl-message", "data-threadline": "upload", "data-author": "user",
+      "data-status": "pending", "data-type": /^image\//.test(type) ? "image" : "file"});
+    var bubble = el("div", {"class": "tl-bubble"});
+    bubble.appendChild(el("span", {"class": "tl-upload-name"}, name));
+    var bar = el("progress", {"class": "tl-progress", "data-threadline": "upload-progress", "max": "100",
+      "value": "0", "aria-label": "Uploading " + name});
+    bubble.appendChild(bar);
+    node.appendChild(bubble);
+    node.appendChild(el("div", {"class": "tl-meta", "data-threadline": "meta", "data-label": "Uploading\u2026"}));
+    var upload = {file: file, name: name, type: type, node: node, bar: bar, running: false};
+    // A failed upload (the network, the service) is tried again by a tap, as a failed message is.
+    node.addEventListener("click", function () {
+      if (node.getAttribute("data-status") === "failed") {
+        self.runUpload(upload);
+      }
+    });
+    this.uploads.push(upload);
+    this.list.appendChild(node);
+    this.scrollToEnd();
+    this.runUpload(upload);
+  };
+
+  Widget.prototype.runUpload = function (upload, retried) {
+    var self = this;
+    if (upload.running || this.destroyed) {
+      return;
+    }
+    upload.running = true;
+    upload.node.setAttribute("data-status", "pending");
+    upload.node.lastChild.setAttribute("data-label", "Uploading\u2026");
+    upload.bar.value = 0;
+    this.ensureSession().then(function (session) {
+      return self.postFile(upload, session);
+    }).catch(function () {
+      return {status: 0, body: null};
+    }).then(function (result) {
+      upload.running = false;
+      var attachment = result.body && result.body.attachment;
+      if (result.status === 201 && attachment && attachment.mediaUrl) {
+        self.uploadDone(upload, attachment);
+        return;
+      }
+      if (result.status === 401) {
+        self.sessionRefused();
+        if (!retried) {
+          self.runUpload(upload, true);  // once, with the refreshed (or a new) session
+          return;
+        }
+      }
+      var detail = result.body && result.body.errors && result.body.errors[0];
+      var reason = (detail && detail.title) || (result.status ? "HTTP " + result.status : "no connection");
+      var final = result.status >= 400 && result.status < 500 && [401, 408, 429].indexOf(result.status) < 0;
+      self.showAttachError("\u201C" + upload.name + "\u201D was not sent: " + reason +
+        (final ? "" : " Tap it to try again."));
+      if (final) {
+        self.dropUpload(upload);
+      } else {
+        upload.node.setAttribute("data-status", "failed");
+        upload.node.lastChild.setAttribute("data-label", "");
+      }
+    });
+  };
+
+  // POST the file (multipart, as `source`); resolves to {status, body}. XMLHttpRequest, for its
+  // upload progress.
+  Widget.prototype.postFile = function (upload, session) {
+    var url = this.apiUrl("/attachments");
+    return new Promise(function (resolve) {
+      var xhr = new XMLHttpRequest();
+      xhr.open("POST", url);
+      xhr.setRequestHeader("Authorization", "Bearer " + session.sessionToken);
+      xhr.upload.onprogress = function (event) {
+        if (event.lengthComputable && event.total) {
+          upload.bar.value = Math.round(event.loaded * 100 / event.total);
+        }
+      };
+      xhr.onload = function () {
+        var body = null;
+        try {
+          body = JSON.parse(xhr.responseText);
+        } catch (e) { /* not JSON: the status says enough */ }
+        resolve({status: xhr.status, body: body});
+      };
+      xhr.onerror = xhr.onabort = xhr.ontimeout = function () { resolve({status: 0, body: null}); };
+      var form = new FormData();
+      // The part's type is the one checked here (a Blob of the same bytes, not a copy).
+      form.append("source", new Blob([upload.file], {type: upload.type}), upload.name);
+      xhr.send(form);
+    });
+  };
+
+  Widget.prototype.dropUpload = function (upload) {
+    this.uploads = this.uploads.filter(function (u) { return u !== upload; });
+    if (upload.node.parentNode) {
+      upload.node.parentNode.removeChild(upload.node);
+    }
+  };
+
+  // Stored: the upload's bubble becomes the message, sent like any other (retried, confirmed).
+  Widget.prototype.uploadDone = function (upload, attachment) {
+    var self = this;
+    this.dropUpload(upload);
+    if (!this.uploads.some(function (u) { return u.node.getAttribute("data-status") === "failed"; })) {
+      this.showAttachError("");
+    }
+    var media = {mediaUrl: attachment.mediaUrl, mediaType: attachment.mediaType || upload.type,
+      altText: upload.name.slice(0, 512)};
+    var image = /^image\//.test(media.mediaType);
+    var preview = null;
+    if (image && window.URL && typeof URL.createObjectURL === "function") {
+      preview = URL.createObjectURL(upload.file);
+    }
+    var extra = image ? {image: media, preview: preview} : {file: media};
+    var id = this.send("", extra);
+    var node = this.pending[id];
+    if (node && preview) {
+      node.tlPreview = preview;
+      setTimeout(function () { self.scrollToEnd(); }, 0);
+    }
+  };
+
+  // A pending image or file: the image from this page's copy while it has one (its URL serves it
+  // only once the message is stored), else its name.
+  Widget.prototype.pendingMedia = function (node, item) {
+    var bubble = node.firstChild;
+    var media = item.image || item.file;
+    var preview = item.image && item.preview && safeUrl(item.preview, ["blob:"]);
+    if (preview) {
+      bubble.appendChild(el("img", {"src": preview, "alt": media.altText || "image"}));
+    } else {
+      bubble.appendChild(el("div", {"class": "tl-preview", "data-threadline": "file-pending"},
+        media.altText || (item.image ? "image" : "file")));
+    }
+    if (item.text) {
+      bubble.appendChild(el("div", {}, item.text));
+    }
+  };
+
   // --- sending --------------------------------------------------------------------------------
 
   // What an outbox item keeps (localStorage) and posts: a text, a tap (`payload`; `silent`: a
-  // postback, which leaves no message), a `location` or a `formResponse`.
-  var ITEM_FIELDS = ["id", "text", "payload", "location", "formResponse", "silent"];
+  // postback, which leaves no message), a `location`, a `formResponse`, or an uploaded `image` or
+  // `file` ({mediaUrl, mediaType, altText}).
+  var ITEM_FIELDS = ["id", "text", "payload", "location", "formResponse", "image", "file", "silent"];
 
   function storedItem(item) {
     var kept = {};
@@ -2224,6 +2559,12 @@
     }
     if (item.formResponse) {
       body.formResponse = item.formResponse;
+    }
+    if (item.image) {
+      body.image = item.image;
+    }
+    if (item.file) {
+      body.file = item.file;
     }
     return body;
   }
@@ -2258,7 +2599,11 @@
   Widget.prototype.addPending = function (item) {
     var self = this;
     var node = this.messageElement("user", "pending");
-    node.firstChild.textContent = itemText(item);
+    if (item.image || item.file) {
+      this.pendingMedia(node, item);
+    } else {
+      node.firstChild.textContent = itemText(item);
+    }
     node.setAttribute("data-type", itemType(item));
     node.setAttribute("data-client-message-id", item.id);
     // The whole message (bubble and its "tap to retry" line) retries a failed send.
@@ -2285,8 +2630,9 @@
     this.send(text);
   };
 
-  // Queue a message and post it: a text, or (`extra`) a tap `{payload, silent?}`, a `{location}`
-  // or a `{formResponse}`. Returns its clientMessageId.
+  // Queue a message and post it: a text, or (`extra`) a tap `{payload, silent?}`, a `{location}`,
+  // a `{formResponse}`, or an uploaded `{image}` or `{file}` (`preview`: a local URL to show the
+  // image by until it is stored). Returns its clientMessageId.
   Widget.prototype.send = function (text, extra) {
     var item = {id: uuid(), text: String(text || "").slice(0, 4096)};
     ITEM_FIELDS.forEach(function (key) {
@@ -2294,6 +2640,9 @@
         item[key] = extra[key];
       }
     });
+    if (extra && extra.preview) {
+      item.preview = extra.preview;  // this page view only (not kept in the outbox)
+    }
     this.outbox.push(item);
     this.saveOutbox();
     if (!item.silent) {
