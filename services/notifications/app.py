@@ -22,12 +22,12 @@ from collections.abc import Iterable, Mapping
 from aiohttp import web
 
 from services.notifications.config import NotificationsConfig
-from services.notifications.email import send_email
 from services.notifications.handlers import Lookups, Notifier
 from services.notifications.store import Store
 from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.http import error_middleware, tracing_middleware
+from shared.mailsend import send_email
 from shared.messages import sdk_presence
 from shared.presence import PresenceIndex
 from shared.records import AppRecord, IntegrationRecord

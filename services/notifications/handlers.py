@@ -35,10 +35,10 @@ from typing import Any, Protocol
 import msgspec
 import nats.errors
 
-from services.notifications import email as email_out
 from services.notifications import limits, policy
 from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
+from shared import mailsend as email_out
 from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed
 from shared.clientip import source_key

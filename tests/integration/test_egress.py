@@ -19,13 +19,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from services.app.push import FcmSender, PushMessage
-from services.notifications.email import EmailPermanentError, send_email
 from services.sandbox.push_fake import sandbox_android_config
 from services.whatsapp.handlers import media_signature
 from shared import records, subjects
 from shared.bus import Bus
 from shared.egress import REFUSED_CODE, EgressPolicy, EgressRefused, parse_rules
 from shared.ids import new_id
+from shared.mailsend import EmailPermanentError, send_email
 from shared.media import object_key, parse_attachment_url
 from shared.messages import channel
 from shared.messages.channel import DeliveryStatus, OutboundSend

@@ -1,4 +1,4 @@
-"""E-mail out (`services/notifications/email.py`) against the sandbox SMTP sink, over real SMTP on
+"""E-mail out (`shared/mailsend.py`) against the sandbox SMTP sink, over real SMTP on
 loopback; the sink's scripting API; the e-mail integration (SunCo's `mailgun` type, sent over SMTP)
 in the business API, as the official client reads it."""
 
@@ -26,17 +26,17 @@ from opentelemetry import trace
 
 from services.conversations.store import MIGRATION
 from services.conversations.store import Store as ConversationsStore
-from services.notifications.email import (
+from services.sandbox.smtp_fake import ScriptedFailure, SmtpSink
+from shared import records, subjects
+from shared.bus import Bus
+from shared.db import DatabaseSettings, Migration, open_database
+from shared.mailsend import (
     TRACEPARENT_HEADER,
     EmailPermanentError,
     EmailTransientError,
     build_message,
 )
-from services.notifications.email import send_email as send_email_with_policy
-from services.sandbox.smtp_fake import ScriptedFailure, SmtpSink
-from shared import records, subjects
-from shared.bus import Bus
-from shared.db import DatabaseSettings, Migration, open_database
+from shared.mailsend import send_email as send_email_with_policy
 from shared.records import IntegrationRecord
 from shared.telemetry import setup_telemetry, tracer
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, TEST_KEYRING, System

@@ -1,5 +1,6 @@
-"""E-mail out: one notification (or opt-in code) through the SMTP server of a `mailgun` integration
-(SunCo's e-mail integration type; Threadline sends it over SMTP, e.g. Mailgun's SMTP relay).
+"""E-mail out: a notification, an opt-in code or a message of the e-mail channel, through the
+SMTP server of a `mailgun` integration (SunCo's e-mail integration type; Threadline sends it over
+SMTP, e.g. Mailgun's SMTP relay).
 
 The integration's config (camelCase, as the business API stores it): `smtpHost`, `smtpPort`,
 `security` ("starttls" | "tls" | "none"), `username`/`password` (SMTP AUTH when a username is
