@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -38,7 +39,7 @@ SEALED_PREFIX = "tlenc1:"
 # credentials, push keys, SMTP passwords, webhook secrets; the sandbox's fakes check them).
 # `identity`, `handoff` and `web` need none and are not given it.
 SERVICES_WITH_SECRETS = ("conversations", "webhooks", "notifications", "whatsapp", "messenger", "telegram", "sms",
-                         "app", "sandbox")
+                         "email", "app", "sandbox")
 KEY_ENV = "THREADLINE_SECRETS_KEY"
 KEY_FILE_ENV = "THREADLINE_SECRETS_KEY_FILE"
 _KEY_BYTES = 32
@@ -146,6 +147,13 @@ class Keyring:
                 return cls.parse(SANDBOX_KEYRING, strict=False)
             raise ConfigError(f"{KEY_ENV} (or {KEY_FILE_ENV}) must be set: the key that encrypts secrets at rest")
         return cls.parse(text, strict=not sandbox)
+
+    def derived(self, label: str) -> list[bytes]:
+        """Keys for another purpose than sealing (signing reply addresses, …), one per key of the
+        ring, the primary's first: sign with the first, accept any (a rotation keeps what was
+        signed before it working while the old key stays in the ring)."""
+        return [hmac.new(key, b"threadline derived key\0" + label.encode(), hashlib.sha256).digest()
+                for _key_id, key in self.keys]
 
     @property
     def primary_id(self) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Mapping
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -43,6 +44,8 @@ DEFAULT_PORTS: Final = {"starttls": 587, "tls": 465, "none": 25}
 # receiving system that knows it (the sandbox inbox shows it) can join the trace.
 TRACEPARENT_HEADER: Final = "X-Threadline-Traceparent"
 MAX_SUBJECT_LENGTH: Final = 200
+# The headers a caller may add (`build_message`'s `headers`): replies and threading.
+THREAD_HEADERS: Final = ("Reply-To", "In-Reply-To", "References")
 
 
 class EmailError(Exception):
@@ -82,10 +85,15 @@ def sender_address(integration: IntegrationRecord) -> tuple[str, str]:
 
 
 def build_message(integration: IntegrationRecord, to: str, subject: str, text: str, html: str | None = None,
-                  *, unsubscribe_url: str | None = None, traceparent: str | None = None) -> EmailMessage:
+                  *, unsubscribe_url: str | None = None, traceparent: str | None = None,
+                  headers: Mapping[str, str] | None = None, automated: bool = True,
+                  message_id: str | None = None) -> EmailMessage:
     """The MIME message (text, plus an HTML alternative when given) with every header set.
 
-    Raises `EmailPermanentError` for a recipient that is not one plain address.
+    `headers` adds Reply-To, In-Reply-To, References (a `Subject` there replaces `subject`);
+    `automated` marks it `Auto-Submitted` (notifications and codes, not a conversation's
+    messages); `message_id` is its Message-ID (a new one when None). Raises
+    `EmailPermanentError` for a recipient that is not one plain address.
     """
     name, from_address = sender_address(integration)
     try:
@@ -94,14 +102,20 @@ def build_message(integration: IntegrationRecord, to: str, subject: str, text: s
         raise EmailPermanentError(f"not an e-mail address: {to!r}") from exc
     if not recipient.domain or not recipient.username or "," in to or "\n" in to or "\r" in to:
         raise EmailPermanentError(f"not an e-mail address: {to!r}")
+    extra = dict(headers or {})
     message = EmailMessage(policy=SMTP)
     message["From"] = formataddr((name, from_address)) if name else from_address
     message["To"] = recipient.addr_spec
-    message["Subject"] = _one_line(subject)[:MAX_SUBJECT_LENGTH]
+    message["Subject"] = _one_line(extra.pop("Subject", subject))[:MAX_SUBJECT_LENGTH]
     message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = make_msgid(domain=from_address.rpartition("@")[2] or None)
-    # Automated mail: no out-of-office replies back to the sender.
-    message["Auto-Submitted"] = "auto-generated"
+    message["Message-ID"] = message_id or make_msgid(domain=from_address.rpartition("@")[2] or None)
+    for header in THREAD_HEADERS:
+        value = _one_line(extra.get(header, ""))
+        if value:
+            message[header] = value
+    if automated:
+        # Automated mail: no out-of-office replies back to the sender.
+        message["Auto-Submitted"] = "auto-generated"
     if unsubscribe_url:
         message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
     if traceparent:
@@ -140,12 +154,15 @@ def smtp_options(integration: IntegrationRecord, timeout: float,
 
 async def send_email(integration: IntegrationRecord, to: str, subject: str, text: str, html: str | None = None,
                      *, unsubscribe_url: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                     tls_context: ssl.SSLContext | None = None, policy: EgressPolicy | None = None) -> str:
+                     tls_context: ssl.SSLContext | None = None, policy: EgressPolicy | None = None,
+                     headers: Mapping[str, str] | None = None, automated: bool = True,
+                     message_id: str | None = None) -> str:
     """Send one e-mail through the integration's SMTP server; return its Message-ID.
 
     `unsubscribe_url` becomes the List-Unsubscribe header (the opt-out link). `tls_context`
     overrides certificate checks (tests with a private CA). `policy` is the egress policy (the
-    strictest when None). Raises `EmailTransientError` or `EmailPermanentError`.
+    strictest when None). `headers`, `automated`, `message_id`: see `build_message`. Raises
+    `EmailTransientError` or `EmailPermanentError`.
     """
     with _tracer.start_as_current_span("smtp send", kind=SpanKind.CLIENT) as span:
         span.set_attribute("server.address", str(integration.config.get("smtpHost") or ""))
@@ -153,7 +170,8 @@ async def send_email(integration: IntegrationRecord, to: str, subject: str, text
         try:
             traceparent = inject_headers().get("traceparent")
             message = build_message(integration, to, subject, text, html, unsubscribe_url=unsubscribe_url,
-                                    traceparent=traceparent)
+                                    traceparent=traceparent, headers=headers, automated=automated,
+                                    message_id=message_id)
             options = smtp_options(integration, timeout, tls_context)
             span.set_attribute("server.port", options["port"])
             await _deliver(message, options, policy or EgressPolicy())

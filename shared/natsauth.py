@@ -23,6 +23,7 @@ bus logs "nats refused … see shared/natsauth.py").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ SERVICE_ACCESS: Mapping[str, Access] = {
     "messenger": _channel("messenger"),
     "telegram": _channel("telegram"),
     "sms": _channel("twilio"),
+    "email": dataclasses.replace(_channel("mailgun"),
+                                 kv_write=(subjects.MAIL_THREADS_BUCKET, subjects.MAIL_LIMITS_BUCKET)),
     "web": Access(publish=(subjects.channel_subjects("inbound", "web"), *_SDK_REQUESTS),
                   subscribe=(subjects.EVENTS_ALL,),
                   kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),

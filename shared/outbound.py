@@ -180,24 +180,22 @@ P = TypeVar("P")
 
 
 class ChannelSender(ABC, Generic[C, P]):
-    """The whole outbound path of a platform channel: decode a send command, never send it twice
-    (a redelivery of a sent command reports again; one still being sent waits), find the
-    integration's credentials (waiting a while for a KV mirror that lags), plan the platform
-    requests, pace them, POST each inside its span, classify a failure, back off (or wait the
-    `retry_after` the platform asked for) and report the outcome as a DeliveryStatus.
+    """The whole outbound path of a channel: decode a send command, never send it twice (a
+    redelivery of a sent command reports again; one still being sent waits), find the
+    integration's credentials (waiting a while for a KV mirror that lags), plan the parts, pace
+    them, deliver each, back off on a transient failure (or wait the `retry_after` the platform
+    asked for) and report the outcome as a DeliveryStatus.
 
-    A channel subclasses it with only its own parts: its wire format
-    (`plan`, `request`, `parse_response`), its error table (`classify_error`, `unreachable`),
-    its pacing (`pace`) and, where it keeps any, its record of sent parts (`done_parts`,
-    `part_sent`) — `C` is its credentials type, `P` one planned request's type.
+    A channel subclasses it with only its own parts: its plan (`plan`), how one part is delivered
+    (`deliver`; `HttpChannelSender` for the platforms with an HTTP API), its pacing (`pace`) and,
+    where it keeps any, its record of sent parts (`done_parts`, `part_sent`) — `C` is its
+    credentials type, `P` one planned part's type.
     """
 
     channel: str = ""
 
-    def __init__(self, bus: Bus, session: EgressSession, settings: SendSettings,
-                 credentials: Callable[[str], C | None]) -> None:
+    def __init__(self, bus: Bus, settings: SendSettings, credentials: Callable[[str], C | None]) -> None:
         self.bus = bus
-        self.session = session
         self.settings = settings
         # The usable credentials of an integration of this channel, or None.
         self.credentials = credentials
@@ -214,29 +212,14 @@ class ChannelSender(ABC, Generic[C, P]):
 
     @abstractmethod
     async def plan(self, command: OutboundSend, creds: C) -> list[P]:
-        """The requests that carry `command`, in order (at least one); UnsendableContent when
+        """The parts that carry `command`, in order (at least one); UnsendableContent when
         its content has no form on the channel, Unsendable when it may not be sent for another
         reason (a closed reply window)."""
 
     @abstractmethod
-    def request(self, creds: C, part: P) -> PlatformRequest:
-        """The HTTP call of one planned part."""
-
-    @abstractmethod
-    def classify_error(self, http_status: int, body: bytes) -> SendFailure:
-        """The failure a non-accepted answer means (transient when a retry can help)."""
-
-    @abstractmethod
-    def unreachable(self, exc: Exception) -> SendFailure:
-        """The (transient) failure of a call that never got an answer."""
-
-    @abstractmethod
-    def parse_response(self, body: bytes) -> str:
-        """The provider's id of the message an accepted answer carries (SendFailure if none)."""
-
-    def accepted(self, http_status: int) -> bool:
-        """Whether the platform accepted the call (most answer 200)."""
-        return http_status == 200
+    async def deliver(self, creds: C, part: P) -> str:
+        """Send one planned part; the provider's id of it (SendFailure when it was not accepted,
+        EgressRefused when the egress policy refuses where it would go)."""
 
     async def pace(self, command: OutboundSend, creds: C, part: P) -> None:
         """Wait for the platform's rate limits before sending `part` (raise Retry to come back)."""
@@ -258,10 +241,8 @@ class ChannelSender(ABC, Generic[C, P]):
     def sent_once(self, command: OutboundSend, provider_id: str) -> None:
         """Note that `command` went out (e.g. map the provider id back to it)."""
 
-    def activity_request(self, creds: C, activity: OutboundActivity) -> PlatformRequest | None:
-        """The call that shows the business's typing or read state, None where the platform
-        has none for it."""
-        return None
+    async def show_activity(self, activity: OutboundActivity) -> None:
+        """Show the business's typing or read state where the channel can (nowhere by default)."""
 
     # --- the path itself ------------------------------------------------------------------
 
@@ -303,7 +284,7 @@ class ChannelSender(ABC, Generic[C, P]):
                     continue
                 await self.pace(command, creds, part)
                 started = time.time()
-                provider_id = self.parse_response(await self.post(self.request(creds, part)))
+                provider_id = await self.deliver(creds, part)
                 await self.part_sent(command, creds, index, provider_id, started)
                 sent[index] = provider_id
         except EgressRefused as exc:
@@ -320,6 +301,64 @@ class ChannelSender(ABC, Generic[C, P]):
         self.sent.remember(command.message_id, provider_id)
         self.sent_once(command, provider_id)
         await self.report(sent_status(self.channel, command, provider_id))
+
+    async def retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
+        """Have the command redelivered after a back-off while a retry can help and attempts
+        remain; otherwise report it `failed`."""
+        if failure.transient and delivery.num_delivered < self.settings.max_send_attempts:
+            metrics.message_out(self.channel, "retried")
+            delay = failure.retry_after if failure.retry_after is not None else self.settings.backoff(
+                delivery.num_delivered)
+            raise Retry(delay, str(failure))
+        log.warning("giving up on message %s: %s", command.message_id, failure)
+        code, title, details = failure.status_error()
+        await self.report(failed_status(self.channel, command, code, title, details))
+
+    async def report(self, status: DeliveryStatus) -> None:
+        """Publish a status of a send (de-duplicated per message and status)."""
+        metrics.message_out(status.channel, status.status)
+        await self.bus.publish(channel_messages.subject_of(status), channel_messages.encode(status),
+                               msg_id=send_status_msg_id(status))
+
+
+class HttpChannelSender(ChannelSender[C, P]):
+    """`ChannelSender` for a platform with an HTTP API: each part is one POST (`request`) inside
+    its client span, through the egress session; the channel supplies its wire format
+    (`request`, `parse_response`), its error table (`classify_error`, `unreachable`) and the
+    call that shows the business's activity (`activity_request`)."""
+
+    def __init__(self, bus: Bus, session: EgressSession, settings: SendSettings,
+                 credentials: Callable[[str], C | None]) -> None:
+        super().__init__(bus, settings, credentials)
+        self.session = session
+
+    @abstractmethod
+    def request(self, creds: C, part: P) -> PlatformRequest:
+        """The HTTP call of one planned part."""
+
+    @abstractmethod
+    def classify_error(self, http_status: int, body: bytes) -> SendFailure:
+        """The failure a non-accepted answer means (transient when a retry can help)."""
+
+    @abstractmethod
+    def unreachable(self, exc: Exception) -> SendFailure:
+        """The (transient) failure of a call that never got an answer."""
+
+    @abstractmethod
+    def parse_response(self, body: bytes) -> str:
+        """The provider's id of the message an accepted answer carries (SendFailure if none)."""
+
+    def accepted(self, http_status: int) -> bool:
+        """Whether the platform accepted the call (most answer 200)."""
+        return http_status == 200
+
+    def activity_request(self, creds: C, activity: OutboundActivity) -> PlatformRequest | None:
+        """The call that shows the business's typing or read state, None where the platform
+        has none for it."""
+        return None
+
+    async def deliver(self, creds: C, part: P) -> str:
+        return self.parse_response(await self.post(self.request(creds, part)))
 
     async def show_activity(self, activity: OutboundActivity) -> None:
         """Show the business's typing or read state once; a failure is logged, never retried
@@ -359,24 +398,6 @@ class ChannelSender(ABC, Generic[C, P]):
                 # put the token in the URL; the channel's failure says what may be said.
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise self.unreachable(exc) from None
-
-    async def retry_or_fail(self, command: OutboundSend, delivery: Delivery, failure: SendFailure) -> None:
-        """Have the command redelivered after a back-off while a retry can help and attempts
-        remain; otherwise report it `failed`."""
-        if failure.transient and delivery.num_delivered < self.settings.max_send_attempts:
-            metrics.message_out(self.channel, "retried")
-            delay = failure.retry_after if failure.retry_after is not None else self.settings.backoff(
-                delivery.num_delivered)
-            raise Retry(delay, str(failure))
-        log.warning("giving up on message %s: %s", command.message_id, failure)
-        code, title, details = failure.status_error()
-        await self.report(failed_status(self.channel, command, code, title, details))
-
-    async def report(self, status: DeliveryStatus) -> None:
-        """Publish a status of a send (de-duplicated per message and status)."""
-        metrics.message_out(status.channel, status.status)
-        await self.bus.publish(channel_messages.subject_of(status), channel_messages.encode(status),
-                               msg_id=send_status_msg_id(status))
 
 
 def decode_send(data: bytes) -> OutboundSend | OutboundActivity | None:

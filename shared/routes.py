@@ -39,12 +39,15 @@ SERVICES: Final = (
     ServicePort("app", 8090),
     ServicePort("handoff", 8091),
     ServicePort("notifications", 8092),
+    ServicePort("email", 8093),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
 # The sandbox's SMTP sink (`THREADLINE_SANDBOX_SMTP_PORT`); `threadline up --auto-ports` picks a
 # free one instead, so that a second instance's mail never lands in the first one's sink.
 SANDBOX_SMTP_PORT: Final = 2525
+# The e-mail channel's SMTP receiver (`THREADLINE_MAIL_SMTP_PORT`; `--auto-ports` picks a free one).
+MAIL_SMTP_PORT: Final = 2526
 
 ROUTES: Final = (
     Route("/v2/", "conversations"),
@@ -57,6 +60,8 @@ ROUTES: Final = (
     Route("/webhooks/messenger/", "messenger"),
     Route("/webhooks/telegram/", "telegram"),
     Route("/webhooks/twilio/", "sms"),
+    Route("/webhooks/mailgun/", "email"),
+    Route("/webhooks/sendgrid/", "email"),
     Route("/sandbox/", "sandbox"),
     Route("/handoff/", "handoff"),
     Route("/notifications/", "notifications"),

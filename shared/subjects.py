@@ -246,6 +246,10 @@ SDK_REPLICA_DEAD_SECONDS: Final = 45
 # shared by every replica of web and app (`shared.ratelimit.SharedLimiter`); entries expire a day
 # after their last write.
 SDK_LIMITS_BUCKET: Final = "tl_sdk_limits"
+# The e-mail channel: each conversation's thread (subject, last Message-IDs) so business replies
+# thread under the customer's mail, and the per-sender limits of inbound mail.
+MAIL_THREADS_BUCKET: Final = "tl_mail_threads"
+MAIL_LIMITS_BUCKET: Final = "tl_mail_limits"
 
 # Direct linking of a phone-number client (SunCo Clients API `matchCriteria`), served by
 # `conversations`; also used by `notifications` when a customer confirms an opt-in.

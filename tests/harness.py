@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import importlib
+import ipaddress
 import re
 import secrets
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -28,6 +31,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from shared.egress import EgressPolicy, parse_rules
 from shared.encryption import KEY_ENV, SERVICES_WITH_SECRETS, Keyring
@@ -74,7 +81,7 @@ NO_EGRESS_ALLOW = {"THREADLINE_EGRESS_ALLOW": ""}
 
 # Start order: what a service asks at start-up runs before it.
 SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
-                 "telegram", "sms", "web", "app", "sandbox")
+                 "telegram", "sms", "email", "web", "app", "sandbox")
 
 
 class System:
@@ -102,6 +109,8 @@ class System:
             "THREADLINE_SDK_TOKEN_SECRET": SDK_TOKEN_SECRET,
             # The sandbox's SMTP sink on any free port (read it from `sandbox.mail.port`).
             "THREADLINE_SANDBOX_SMTP_PORT": "0",
+            # The e-mail channel's SMTP receiver too (`system.service("email").smtp_port`).
+            "THREADLINE_MAIL_SMTP_PORT": "0",
             # Tests run platform stand-ins, business webhook receivers and SMTP sinks on random
             # loopback ports: allow loopback explicitly (tests of the egress policy itself pass
             # `env=NO_EGRESS_ALLOW` to get the default, empty allow-list).
@@ -229,3 +238,26 @@ async def new_postgres_database(server: PostgresServer) -> str:
     finally:
         await conn.close()
     return server.url_for(name)
+
+
+def localhost_certificate(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, Path, Path]:
+    """(server context, client context trusting it, certificate file, key file) of a self-signed
+    127.0.0.1 certificate written under `tmp_path`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client, cert_path, key_path

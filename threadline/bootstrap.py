@@ -23,6 +23,7 @@ SANDBOX_PAGE_ID = "102290129340398"
 SANDBOX_FCM_PROJECT = "threadline-sandbox"
 SANDBOX_BUNDLE_ID = "com.threadline.demo"
 SANDBOX_MAIL_FROM = "notifications@demo-shop.threadline.test"
+SANDBOX_MAIL_INBOX = "support@demo-shop.threadline.test"
 
 
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
@@ -92,6 +93,8 @@ def sandbox_integrations(base_url: str) -> dict[str, dict[str, Any]]:
             "type": "mailgun", "displayName": "E-mail (sandbox)", "smtpHost": "127.0.0.1",
             "smtpPort": SANDBOX_SMTP_PORT,
             "security": "none", "fromAddress": SANDBOX_MAIL_FROM, "fromName": "Threadline Demo Shop",
+            # Where customers write; replies to any mail of a conversation go to reply+…@ its domain.
+            "incomingAddress": SANDBOX_MAIL_INBOX,
         },
     }
 

@@ -23,7 +23,7 @@ from shared.egress import ALLOW_ENV
 from shared.encryption import KEY_ENV, KEY_FILE_ENV, SERVICES_WITH_SECRETS, generate_key
 from shared.files import ensure_private_file, private_dir, write_private
 from shared.natsauth import ADMIN_USER, USERS
-from shared.routes import DEFAULT_PORTS, SANDBOX_SMTP_PORT
+from shared.routes import DEFAULT_PORTS, MAIL_SMTP_PORT, SANDBOX_SMTP_PORT
 from shared.subjects import PARTITIONS_VARIABLE
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.frontdoor import FrontdoorSite, build_frontdoor
@@ -47,8 +47,9 @@ def log_tail(path: str, lines: int = 20) -> str:
 
 
 START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
-               "telegram", "sms", "web", "app", "sandbox")
+               "telegram", "sms", "email", "web", "app", "sandbox")
 SMTP_PORT_VARIABLE = "THREADLINE_SANDBOX_SMTP_PORT"
+MAIL_SMTP_PORT_VARIABLE = "THREADLINE_MAIL_SMTP_PORT"
 # sandbox.json kinds (bootstrap.sandbox_integrations); the `email` kind is a `mailgun` integration.
 SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios", "email")
 
@@ -189,6 +190,17 @@ class Launcher:
                 raise LaunchError(f"{SMTP_PORT_VARIABLE} must be a port number, got {configured!r}") from exc
         return free_port() if self.auto_ports else SANDBOX_SMTP_PORT
 
+    def mail_smtp_port(self) -> int:
+        """The port of the e-mail channel's SMTP receiver (where the sandbox's mail box sends its
+        replies): THREADLINE_MAIL_SMTP_PORT when set, else a free one with --auto-ports, else 2526."""
+        configured = self.extra_env.get(MAIL_SMTP_PORT_VARIABLE, os.environ.get(MAIL_SMTP_PORT_VARIABLE, ""))
+        if configured:
+            try:
+                return int(configured)
+            except ValueError as exc:
+                raise LaunchError(f"{MAIL_SMTP_PORT_VARIABLE} must be a port number, got {configured!r}") from exc
+        return free_port() if self.auto_ports else MAIL_SMTP_PORT
+
     def say(self, text: str) -> None:
         print(text, flush=True)
 
@@ -245,8 +257,9 @@ class Launcher:
             raise LaunchError(f"port {self.port} is in use; pass --port or set THREADLINE_PORT")
         ports = {name: (free_port() if self.auto_ports else DEFAULT_PORTS[name]) for name in START_ORDER}
         smtp_port = self.sandbox_smtp_port()
-        busy = [f"{n}:{p}" for n, p in {**ports, "sandbox SMTP sink": smtp_port}.items()
-                if p and not _port_free("127.0.0.1", p)]
+        mail_port = self.mail_smtp_port()
+        wanted = {**ports, "sandbox SMTP sink": smtp_port, "e-mail SMTP receiver": mail_port}
+        busy = [f"{n}:{p}" for n, p in wanted.items() if p and not _port_free("127.0.0.1", p)]
         if busy:
             raise LaunchError("service ports in use: " + ", ".join(busy)
                               + " (is another `threadline up` running? --auto-ports picks free ones)")
@@ -270,8 +283,10 @@ class Launcher:
             "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
-            ALLOW_ENV: loopback_egress_allow([self.port, nats_port, *ports.values()], os.environ.get(ALLOW_ENV, "")),
+            ALLOW_ENV: loopback_egress_allow([self.port, nats_port, mail_port, *ports.values()],
+                                             os.environ.get(ALLOW_ENV, "")),
             SMTP_PORT_VARIABLE: str(smtp_port),
+            MAIL_SMTP_PORT_VARIABLE: str(mail_port),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

@@ -42,6 +42,7 @@ from shared.routes import DEFAULT_PORTS, ROUTES
 from shared.subjects import INBOUND, PARTITIONS_VARIABLE, StreamSpec, partitions_for
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 from threadline.cli import (
+    MAIL_SMTP_PORT_VARIABLE,
     SANDBOX_INTEGRATIONS,
     SMTP_PORT_VARIABLE,
     START_ORDER,
@@ -306,7 +307,8 @@ class ClusterLauncher(Launcher):
         self.say(f"PostgreSQL on {self.postgres.host}:{self.postgres.port} (data in {self.postgres.data_dir})")
         replica_ports = {name: [free_port() for _ in range(self.replica_count(name))] for name in self.service_names}
         nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
-        own_ports = [self.port, self.postgres.port, *nats_ports,
+        mail_port = self.mail_smtp_port()
+        own_ports = [self.port, self.postgres.port, mail_port, *nats_ports,
                      *(p for ports in replica_ports.values() for p in ports)]
         base_env = {
             # As many partitions as the most replicated service has replicas: each partition is a
@@ -326,6 +328,7 @@ class ClusterLauncher(Launcher):
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
             ALLOW_ENV: loopback_egress_allow(own_ports, os.environ.get(ALLOW_ENV, "")),
             SMTP_PORT_VARIABLE: str(self.sandbox_smtp_port()),
+            MAIL_SMTP_PORT_VARIABLE: str(mail_port),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

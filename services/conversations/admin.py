@@ -614,6 +614,10 @@ def _check_email_settings(type_: str, config: dict[str, Any]) -> None:
     incoming = config.get("incomingAddress")
     if incoming is not None and (not isinstance(incoming, str) or not _EMAIL_ADDRESS.match(incoming)):
         raise ApiError(400, "incomingAddress must be an e-mail address (name@example.com)")
+    secret = config.get("inboundSecret")
+    if secret is not None and (not isinstance(secret, str) or not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", secret)):
+        # It is a URL path segment, and the only proof a SendGrid post carries.
+        raise ApiError(400, "inboundSecret must be 16-128 letters, digits, '-' or '_'")
     port = config.get("smtpPort")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
         raise ApiError(400, "smtpPort must be between 1 and 65535")

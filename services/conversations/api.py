@@ -27,7 +27,7 @@ from services.conversations import models
 from services.conversations.admin import Admin, app_out, key_out, webhook_out
 from services.conversations.attachments import PATH_PREFIX as ATTACHMENT_PATH
 from services.conversations.attachments import Attachments
-from services.conversations.clients import PHONE_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
+from services.conversations.clients import ADDRESS_TYPES, UNSUPPORTED_PHONE_TYPES, confirmation_content
 from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.openapi import Operation, openapi_document
@@ -307,26 +307,29 @@ class Api:
         return json_response({"clients": reply.clients, "meta": {"hasMore": False}, "links": {}})
 
     async def create_client(self, request: web.Request) -> web.Response:
-        """SunCo Clients API: link a phone number (whatsapp/twilio) to the user's conversation."""
+        """SunCo Clients API: link a phone number (whatsapp/twilio) or an e-mail address (mailgun)
+        to the user's conversation."""
         app_id = await self._app(request)
         body = await read_json(request, models.ClientCreateBody)
         criteria = body.match_criteria
         if criteria.type in UNSUPPORTED_PHONE_TYPES:
             raise ApiError(400, f"matchCriteria.type {criteria.type} is not supported by this gateway "
-                                "(use whatsapp or twilio)")
-        if criteria.type not in PHONE_TYPES:
+                                "(use whatsapp, twilio or mailgun)")
+        if criteria.type not in ADDRESS_TYPES:
             raise ApiError(400, "matchCriteria.type must be one of whatsapp, twilio, messagebird, mailgun")
         client_type = await self.conversations.phone_links.check_integration(app_id, criteria.integration_id,
                                                                             criteria.type)
-        if not criteria.phone_number:
-            raise ApiError(400, "matchCriteria.phoneNumber is required")
+        address = criteria.address if client_type == "mailgun" else criteria.phone_number
+        if not address:
+            raise ApiError(400, "matchCriteria.address is required" if client_type == "mailgun"
+                           else "matchCriteria.phoneNumber is required")
         message = None if body.confirmation.message is None else confirmation_content(body.confirmation.message,
                                                                                        client_type)
         user = (await self._user(app_id, None, request.match_info["userIdOrExternalId"])).user
         assert criteria.integration_id is not None
         linked = await self.conversations.phone_links.link(conv.LinkPhoneClient(
             app_id=app_id, user_id=user.id, conversation_id=body.target.conversation_id,
-            integration_id=criteria.integration_id, phone_number=criteria.phone_number,
+            integration_id=criteria.integration_id, phone_number=address,
             confirmation=body.confirmation.type, primary=criteria.primary),
             message=message, message_schema=body.confirmation.message.schema if body.confirmation.message else None,
             source=Source(type="api:conversations"))

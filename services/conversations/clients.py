@@ -48,6 +48,7 @@ from shared.cardmask import mask_content
 from shared.db import Row
 from shared.http import ApiError
 from shared.ids import derived_id, new_id, now
+from shared.mailreply import normal_address
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
@@ -64,13 +65,16 @@ from shared.sunco import (
     TextContent,
     User,
 )
+from shared.untrusted import is_email_address
 
 log = logging.getLogger(__name__)
 
 LINK_TTL_SECONDS = 24 * 3600
 SWEEP_INTERVAL_SECONDS = 300.0
 PHONE_TYPES = ("whatsapp", "twilio")
-UNSUPPORTED_PHONE_TYPES = ("messagebird", "mailgun")
+# Integrations whose clients are linked by an address: a phone number, or an e-mail address.
+ADDRESS_TYPES = (*PHONE_TYPES, "mailgun")
+UNSUPPORTED_PHONE_TYPES = ("messagebird",)
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 YES_WORDS = frozenset({"yes", "y", "yeah", "yep", "yup", "ok", "okay", "sure", "oui", "si", "sí", "ja", "sim",
@@ -185,8 +189,8 @@ class PhoneLinks:
             raise ApiError(404, "Integration not found", "integration_not_found")
         if wanted_type is not None and row["type"] != wanted_type:
             raise ApiError(400, f"matchCriteria.integrationId is a {row['type']} integration, not {wanted_type}")
-        if row["type"] not in PHONE_TYPES:
-            raise ApiError(400, f"A {row['type']} integration cannot be linked by phone number")
+        if row["type"] not in ADDRESS_TYPES:
+            raise ApiError(400, f"A {row['type']} integration cannot be linked by phone number or e-mail address")
         return str(row["type"])
 
     async def link(self, req: conv.LinkPhoneClient, *, message: Content | None = None,
@@ -200,7 +204,12 @@ class PhoneLinks:
         if await store.get_app(req.app_id) is None:
             raise ApiError(404, "App not found", "app_not_found")
         client_type = await self.check_integration(req.app_id, req.integration_id, None)
-        phone = normalize_phone(req.phone_number)
+        if client_type == "mailgun":
+            phone = normal_address(req.phone_number) if is_email_address(req.phone_number.strip()) else None
+            if phone is None:
+                raise ApiError(400, "address must be an e-mail address")
+        else:
+            phone = normalize_phone(req.phone_number)
         if phone is None:
             raise ApiError(400, "phoneNumber must be a number with + and the country code, e.g. +12125552368")
         row = await store.get_conversation(req.app_id, req.conversation_id)

@@ -761,11 +761,19 @@ class Conversations(ConversationCore):
                 user, client = outcome.user, outcome.client
             if outcome.conversation_id:
                 msg = msgspec.structs.replace(msg, conversation_id=outcome.conversation_id)
+        row = None
         if msg.conversation_id:
             row = await self.store.get_conversation(msg.app_id, msg.conversation_id)
             if row is None or await self.store.participant(msg.conversation_id, user.id) is None:
-                raise Poison(f"conversation {msg.conversation_id} is not the user's")
-        else:
+                if msg.user_id:  # an SDK session names only its own conversations
+                    raise Poison(f"conversation {msg.conversation_id} is not the user's")
+                # A channel's hint (an e-mail replying to a conversation the address is not part
+                # of, or one deleted since): the message is the sender's, in their own conversation.
+                log.warning("message %s names conversation %s, which is not its sender's: stored in theirs",
+                            msg.provider_message_id, msg.conversation_id,
+                            extra=log_fields(integration_id=msg.integration_id))
+                row = None
+        if row is None:
             row = await self.store.default_conversation(msg.app_id, user.id)
             if row is None:
                 source = Source(type=msg.channel, integration_id=msg.integration_id)

@@ -74,7 +74,7 @@ SUPPORTED_INTEGRATIONS = ("custom", "web", "whatsapp", "messenger", "telegram", 
 # Secrets never returned by the API (they stay in the DB and the KV record for channel services).
 SECRET_FIELDS = frozenset({"accessToken", "appSecret", "accountManagementAccessToken", "pageAccessToken",
                            "token", "webhookSecret", "authToken", "privateKey", "serverKey", "certificate",
-                           "password", "signingKey", "apiKey"})
+                           "password", "signingKey", "apiKey", "webhookSigningKey", "inboundSecret"})
 DEFAULT_WHATSAPP_API_VERSION = "v23.0"
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
 
@@ -612,6 +612,10 @@ class MailgunIntegrationIn(Wire, kw_only=True):
     TLS, 465) or "none" (25)), `username` (default `postmaster@<domain>` when a `domain` is
     given), `password` (write-only), `fromName`. Mail goes out from `fromAddress`, else
     `incomingAddress`.
+
+    E-mail as a channel (the `email` service): customers write to `incomingAddress`, delivered by
+    the SMTP receiver, by a Mailgun inbound route signed with `webhookSigningKey` (write-only) or
+    by SendGrid's Inbound Parse at a URL ending in `inboundSecret` (write-only, ≥ 16 characters).
     """
 
     display_name: str | None = None
@@ -626,6 +630,8 @@ class MailgunIntegrationIn(Wire, kw_only=True):
     username: str | None = None
     password: str | None = None
     from_name: str | None = None
+    webhook_signing_key: str | None = None
+    inbound_secret: str | None = None
 
 
 INTEGRATION_CREATE_BODIES: dict[str, type[Wire]] = {
@@ -1006,7 +1012,7 @@ def check_notification_settings(settings: NotificationSettings | None) -> None:
 
 class MatchCriteriaIn(Wire, kw_only=True):
     """SunCo `matchCriteria` (oneOf by `type`): whatsapp/twilio/messagebird carry a phone number,
-    mailgun an address. Only whatsapp and twilio are served here."""
+    mailgun an address. whatsapp, twilio and mailgun are served here."""
 
     type: str
     integration_id: str | None = None

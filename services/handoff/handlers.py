@@ -54,7 +54,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 # Integration types a conversation can be handed off to.
-LINKABLE_TYPES = frozenset({"whatsapp", "twilio", "messenger", "telegram", "android", "ios", "web"})
+LINKABLE_TYPES = frozenset({"whatsapp", "twilio", "messenger", "telegram", "android", "ios", "web", "mailgun"})
 INVISIBLE_CODE_BYTES = 18  # 144 bits, 24 characters of token_urlsafe
 MAX_TARGETS = 20
 MAX_ID_LENGTH = 256
@@ -166,6 +166,13 @@ def deep_link(record: IntegrationRecord, code: str, *, business_name: str, publi
             raise LinkError(400, "Set phoneNumber on the SMS integration to hand conversations off to it")
         # `?body=` works on Android and iOS alike (`&body=` is an iOS-only quirk).
         return f"sms:+{digits}?body={quote(customer_text(business_name, code), safe='')}"
+    if kind == "mailgun":
+        address = str(cfg.get("incomingAddress") or "").strip()
+        if "@" not in address:
+            raise LinkError(400, "Set incomingAddress on the e-mail integration to hand conversations off to it")
+        subject = quote(f"Continue my conversation with {business_name}", safe="")
+        body = quote(customer_text(business_name, code), safe="")
+        return f"mailto:{quote(address, safe='@')}?subject={subject}&body={body}"
     if kind in ("android", "ios"):
         universal = cfg.get("universalLink")
         base = universal if isinstance(universal, str) and universal else public_base_url + OPEN_PATH

@@ -219,9 +219,12 @@ class IdentityHandlers:
         key = msgs.phone_client_key(req.client_type, req.phone_number)
         found = await self.store.find_client(req.app_id, req.integration_id, key)
         if found is None:
-            digits = key.lstrip("+")
-            info: dict[str, Any] = {"phoneNumber": f"+{digits}"}
-            info["wa_id" if req.client_type == "whatsapp" else "phone_number"] = key
+            info: dict[str, Any]
+            if req.client_type == "mailgun":
+                info = {"email": key}
+            else:
+                info = {"phoneNumber": f"+{key.lstrip('+')}"}
+                info["wa_id" if req.client_type == "whatsapp" else "phone_number"] = key
             user, client, _user_created, created = await self.store.create_client(
                 app_id=req.app_id, integration_id=req.integration_id, client_type=req.client_type,
                 channel_user_id=key, display_name=None, avatar_url=None, info=info, raw={}, user_id=target.id,

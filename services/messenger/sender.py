@@ -1,4 +1,4 @@
-"""The messenger send path: the reply window, then the Send API calls of `ChannelSender`."""
+"""The messenger send path: the reply window, then the Send API calls of `HttpChannelSender`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgspec
 from shared.bus import Bus
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundActivity, OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings, Unsendable
+from shared.outbound import HttpChannelSender, PlatformRequest, SendSettings, Unsendable
 from shared.ratelimit import BucketMap
 
 from . import handlers
@@ -19,7 +19,7 @@ from .handlers import Credentials, ReplyWindowPolicy, SendFailure, SendPart, Win
 from .store import Store
 
 
-class MessengerSender(ChannelSender[Credentials, SendPart]):
+class MessengerSender(HttpChannelSender[Credentials, SendPart]):
     """Sends only inside the reply window (or with a tag Meta allows), as one or more Send API
     calls per message; each accepted part is recorded, so a retry never repeats one."""
 

@@ -38,8 +38,8 @@ import nats.errors
 from services.notifications import limits, policy
 from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
+from shared import mailreply, subjects
 from shared import mailsend as email_out
-from shared import subjects
 from shared.bus import Delivery, Poison, RequestFailed
 from shared.clientip import source_key
 from shared.config import Rate
@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 APP_INTEGRATION_TYPES = frozenset({"android", "ios"})
 CHANNEL_CLIENT_TYPES = frozenset({"whatsapp", "messenger", "telegram", "twilio"})
 PHONE_CHANNELS = frozenset({"whatsapp", "twilio"})
+# Opt-ins whose address becomes a client of the conversation once confirmed, so that the
+# customer's messages from it (a text, a reply to the notification e-mail) continue it.
+LINKED_CHANNELS = PHONE_CHANNELS | {"email"}
 RETRY_SECONDS = 5.0
 MAX_FIRE_ATTEMPTS = 12
 LINK_RETRY_SECONDS = 30.0
@@ -225,11 +228,13 @@ class Notifier:
             raise Unavailable(f"{subject}: {exc or type(exc).__name__}") from exc
 
     async def send_email(self, integration: IntegrationRecord, to: str, subject: str, text: str,
-                         html_body: str | None, unsubscribe_url: str | None) -> str:
+                         html_body: str | None, unsubscribe_url: str | None,
+                         headers: Mapping[str, str] | None = None) -> str:
         sender = self._email_sender
         if sender is None:
             sender = email_out.send_email
-        return await sender(integration, to, subject, text, html_body, unsubscribe_url=unsubscribe_url)
+        return await sender(integration, to, subject, text, html_body, unsubscribe_url=unsubscribe_url,
+                            headers=headers)
 
     def email_errors(self) -> tuple[type[Exception], type[Exception]]:
         return email_out.EmailTransientError, email_out.EmailPermanentError
@@ -571,13 +576,16 @@ class Notifier:
         if record is None:
             return False
         unsubscribe = self.optout_url(target.optin_id) if target.optin_id else None
-        text = notice.text(reply_here=False)
+        # A reply to the notification comes back into the conversation (the e-mail channel).
+        reply_to = mailreply.reply_to(self.config.keyring, record, row.conversation_id, target.recipient)
+        text = notice.text(reply_here=reply_to is not None)
         if unsubscribe:
             text += f"\n\nDon't want these e-mails? {unsubscribe}"
         transient, permanent = self.email_errors()
         try:
             await self.send_email(record, target.recipient, f"New message from {notice.business}", text,
-                                  email_html(notice, unsubscribe), unsubscribe)
+                                  email_html(notice, unsubscribe), unsubscribe,
+                                  headers={"Reply-To": reply_to} if reply_to else None)
         except transient as exc:
             raise Unavailable(f"smtp: {exc}") from exc
         except permanent as exc:
@@ -847,12 +855,13 @@ class Notifier:
         await self.store.confirm_optin(optin.id, self.clock(), req.client_id)
         confirmed = await self.store.optin(req.app_id, optin.id)
         assert confirmed is not None
-        if confirmed.channel in PHONE_CHANNELS:
+        if confirmed.channel in LINKED_CHANNELS:
             await self._link_phone(confirmed)
         return optin_state(confirmed)
 
     async def _link_phone(self, optin: OptInRow) -> bool:
-        """Make the confirmed number a (secondary) client of the conversation, so a reply there continues it."""
+        """Make the confirmed number or e-mail address a (secondary) client of the conversation, so a
+        reply from it continues the conversation."""
         try:
             data = await self._ask(subjects.CONVERSATIONS_CLIENT_LINK, conv.ENCODER.encode(conv.LinkPhoneClient(
                 app_id=optin.app_id, user_id=optin.user_id, conversation_id=optin.conversation_id,
@@ -872,7 +881,7 @@ class Notifier:
         return True
 
     async def _link_confirmed_optins(self) -> None:
-        """Retry linking confirmed numbers that conversations could not link at confirmation time."""
+        """Retry linking confirmed addresses that conversations could not link at confirmation time."""
         now = self.clock()
         if now < self._next_link_retry:
             return

@@ -171,7 +171,8 @@ WINDOWS: dict[str, ReplyWindow] = {
     "messenger": MessengerWindow(),
     "telegram": NoWindow(),
     "twilio": NoWindow(),
-    "email": NoWindow(reply_here=False),  # reply-by-mail is not there yet: the link is the way back
+    # The mail says itself how to answer: by replying when it carries a signed Reply-To.
+    "email": NoWindow(reply_here=False),
     "android": NoWindow(reply_here=False),
     "ios": NoWindow(reply_here=False),
 }

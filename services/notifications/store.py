@@ -477,9 +477,10 @@ class Store:
         await self.db.execute("UPDATE optins SET linked = 1 WHERE id = $1", optin_id)
 
     async def unlinked_phone_optins(self) -> list[OptInRow]:
-        """Confirmed WhatsApp/SMS opt-ins whose number is not linked to the conversation yet."""
+        """Confirmed WhatsApp/SMS/e-mail opt-ins whose address is not linked to the conversation yet."""
         return [_optin(r) for r in await self.db.fetch(
-            "SELECT * FROM optins WHERE status = 'confirmed' AND linked = 0 AND channel IN ('whatsapp', 'twilio')")]
+            "SELECT * FROM optins WHERE status = 'confirmed' AND linked = 0"
+            " AND channel IN ('whatsapp', 'twilio', 'email')")]
 
     # --- limits ---------------------------------------------------------------------------
 

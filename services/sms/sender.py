@@ -1,4 +1,4 @@
-"""The sms send path: what Twilio's Messages.json needs of `ChannelSender`."""
+"""The sms send path: what Twilio's Messages.json needs of `HttpChannelSender`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from shared.bus import Bus, Retry
 from shared.egress import EgressSession
 from shared.http import basic_auth_header
 from shared.messages.channel import OutboundSend
-from shared.outbound import BoundedMemory, ChannelSender, PlatformRequest, SendSettings
+from shared.outbound import BoundedMemory, HttpChannelSender, PlatformRequest, SendSettings
 from shared.twilio_wire import FORM_CONTENT_TYPE
 
 from . import handlers
 from .handlers import Credentials, Form, SegmentBucket, SendFailure
 
 
-class SmsSender(ChannelSender[Credentials, Form]):
+class SmsSender(HttpChannelSender[Credentials, Form]):
     """One Messages.json call per message part (a text past 1,600 characters goes as several),
     paced in segments per sender.
 

@@ -1,4 +1,4 @@
-"""The telegram send path: what the Bot API's send methods need of `ChannelSender`."""
+"""The telegram send path: what the Bot API's send methods need of `HttpChannelSender`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from shared import outbound
 from shared.bus import Bus, Retry
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundActivity, OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings
+from shared.outbound import HttpChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap, TokenBucket
 
 from . import handlers
@@ -22,7 +22,7 @@ from .handlers import Credentials, MethodCall, SendFailure
 CHAT_BUCKETS_MAX = 20_000
 
 
-class TelegramSender(ChannelSender[Credentials, MethodCall]):
+class TelegramSender(HttpChannelSender[Credentials, MethodCall]):
     """One or more Bot API method calls per message (a carousel is a message per card), each
     paced per bot and per chat (1/s, 20/min in a group); a chat Telegram told to wait (429
     `retry_after`) sends nothing until then. The parts of a message already accepted are

@@ -90,7 +90,7 @@ def public_config(record: IntegrationRecord, max_upload_bytes: int | None = None
 # --- "Continue on…" (the handoff, web side) --------------------------------------------------
 
 # Integration types a web customer may continue on, in the order the widget lists them.
-CONTINUE_TYPES: tuple[str, ...] = ("whatsapp", "messenger", "telegram", "twilio", "android", "ios")
+CONTINUE_TYPES: tuple[str, ...] = ("whatsapp", "messenger", "telegram", "twilio", "android", "ios", "mailgun")
 # Targets one "Continue on…" request may name (the widget asks for one at a time).
 MAX_LINK_TARGETS = 10
 MAX_INTEGRATION_ID_LENGTH = 64
@@ -119,7 +119,9 @@ class LinkRequestsBody(Wire, kw_only=True):
 def continuable(record: IntegrationRecord | None, app_id: str) -> bool:
     """Whether `record` is an active integration of `app_id` a web customer can continue on."""
     return (record is not None and record.app_id == app_id and record.status == "active"
-            and record.type in CONTINUE_TYPES)
+            and record.type in CONTINUE_TYPES
+            # An e-mail integration takes a handoff at its inbound address.
+            and (record.type != "mailgun" or "@" in str(record.config.get("incomingAddress") or "")))
 
 
 def continue_channels(app_id: str, records: Iterable[object]) -> ContinueChannels:

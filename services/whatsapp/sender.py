@@ -1,4 +1,4 @@
-"""The whatsapp send path: what the Graph API's messages endpoint needs of `ChannelSender`."""
+"""The whatsapp send path: what the Graph API's messages endpoint needs of `HttpChannelSender`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 from shared.bus import Bus
 from shared.egress import EgressSession
 from shared.messages.channel import OutboundActivity, OutboundSend
-from shared.outbound import ChannelSender, PlatformRequest, SendSettings
+from shared.outbound import HttpChannelSender, PlatformRequest, SendSettings
 from shared.ratelimit import BucketMap
 
 from . import handlers
@@ -19,7 +19,7 @@ from .handlers import Credentials, SendFailure
 WhatsAppBody = dict[str, Any]
 
 
-class WhatsAppSender(ChannelSender[Credentials, WhatsAppBody]):
+class WhatsAppSender(HttpChannelSender[Credentials, WhatsAppBody]):
     """One Graph API call per message, paced per business number."""
 
     channel = handlers.CHANNEL

@@ -20,7 +20,7 @@ import msgspec
 from shared.ids import iso
 
 # Channels where the code rides in a message the customer sends (and could edit or type).
-VISIBLE_CODE_CHANNELS = frozenset({"whatsapp", "twilio"})
+VISIBLE_CODE_CHANNELS = frozenset({"whatsapp", "twilio", "mailgun"})
 # "TL" + 8 characters of Crockford's base32 (no I, L, O, U): 40 bits, readable aloud.
 VISIBLE_CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 VISIBLE_CODE_PREFIX = "TL"
@@ -37,7 +37,8 @@ MAX_REDEMPTION_TEXT = 300
 
 
 def customer_text(business_name: str, code: str) -> str:
-    """The prefilled message that carries a visible code (WhatsApp `text=`, SMS `body=`)."""
+    """The prefilled message that carries a visible code (WhatsApp `text=`, SMS `body=`, an
+    e-mail's body)."""
     return f"Continue my conversation with {business_name} — code {code}"
 
 

@@ -250,7 +250,10 @@ class AttachPhoneClient(IdentityMessage, tag="identity.client.attachphone", kw_o
 
 def phone_client_key(client_type: str, phone_number: str) -> str:
     """How a channel keys the client of a phone number: WhatsApp by `wa_id` (the number's
-    digits, no "+"), twilio (SMS) by the E.164 number."""
+    digits, no "+"), twilio (SMS) by the E.164 number; and the e-mail channel (`mailgun`) the
+    client of an address by the address, lower-cased."""
+    if client_type == "mailgun":
+        return phone_number.strip().lower()
     digits = "".join(ch for ch in phone_number if ch.isdigit())
     return digits if client_type == "whatsapp" else f"+{digits}"
 

@@ -3,7 +3,8 @@ resources against their vendored CRDs), and say what the deployment promises: pr
 shutdown, every service replicated with a PDB and no volume of its own, the database by secret
 reference, a replica id per pod, Prometheus scraping, PostgreSQL (CloudNativePG in prod, one
 StatefulSet in dev) reachable only by the services that use it, secrets only by reference, an
-Ingress routing exactly shared/routes.py."""
+Ingress routing exactly shared/routes.py, the e-mail service's SMTP receiver open to anyone and
+its egress limited to what it needs."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import yaml
 from shared.db import DEFAULT_POOL_SIZE
 from shared.encryption import SERVICES_WITH_SECRETS
 from shared.natsauth import SERVICE_ACCESS
-from shared.routes import DEFAULT_PORTS, ROUTES
+from shared.routes import DEFAULT_PORTS, MAIL_SMTP_PORT, ROUTES
 from shared.subjects import PARTITIONS
 from tests.deploy import crd
 from tests.deploy.k8s import DEPLOY, K8S_VERSION, OVERLAYS, REPO, containers, objects, one, render, workloads
 
 # The services with a database (THREADLINE_DATABASE_URL), and those without.
 STATEFUL = ("identity", "conversations", "webhooks", "messenger", "notifications")
-STATELESS = ("whatsapp", "telegram", "sms", "web", "app", "handoff")
+STATELESS = ("whatsapp", "telegram", "sms", "email", "web", "app", "handoff")
 SERVICES = STATEFUL + STATELESS
 # Secrets each service reads (its config.py) and the Secret keys they come from.
 SECRET_ENV = {
@@ -46,6 +47,8 @@ CNPG_POD_PORTS = {"postgresql": 5432, "status": 8000, "metrics": 9187}
 CNPG_OPERATOR = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cnpg-system"}},
                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "cloudnative-pg"}}}
 DATABASE_CLIENTS = {"podSelector": {"matchLabels": {"threadline.io/database-client": "true"}}}
+# The peer of an ingress rule without `from`: every source, in the cluster or outside.
+ANYONE: dict[str, Any] = {}
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -91,7 +94,8 @@ def ingress_to(docs: list[dict[str, Any]], pod_labels: dict[str, str],
                     port = pod_ports.get(entry["port"]) if isinstance(entry["port"], str) else entry["port"]
                     if port is not None:
                         ports.add(port)
-                allowed += [(peer, ports) for peer in rule["from"] if ports]
+                # No `from` (or an empty one): every source.
+                allowed += [(peer, ports) for peer in rule.get("from") or [ANYONE] if ports]
     return allowed
 
 
@@ -279,7 +283,7 @@ def test_the_services_with_files_share_one_object_store(overlay: str) -> None:
     served by `conversations`: they all read the same bucket settings, optional (unset: the pod's
     disk, for a deployment without files)."""
     deployments = objects(render(overlay), "Deployment")
-    for name in ("conversations", "web", "app", "whatsapp", "messenger", "telegram", "sms"):
+    for name in ("conversations", "web", "app", "whatsapp", "messenger", "telegram", "sms", "email"):
         env = env_of(main_container(deployments[name]))
         for var, key in OBJECT_STORE_ENV.items():
             assert env[var] == {"name": var, "valueFrom": {"secretKeyRef": {
@@ -463,6 +467,79 @@ def test_network_policies_isolate_http_and_nats() -> None:
     routes = policies["nats-routes"]["spec"]
     assert routes["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 6222}]
     assert routes["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nats"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_email_receives_smtp_from_anyone_on_port_25(overlay: str) -> None:
+    """The SMTP receiver listens on the pod's addresses (not its loopback default) at the port the
+    Service forwards port 25 to; that port, and no other of any pod, is open to every source."""
+    docs = render(overlay)
+    email = objects(docs, "Deployment")["email"]
+    main = main_container(email)
+    env = env_of(main)
+    assert env["THREADLINE_MAIL_SMTP_HOST"]["value"] in ("0.0.0.0", "::")
+    assert env["THREADLINE_MAIL_SMTP_PORT"]["value"] == str(MAIL_SMTP_PORT)
+    pod_ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert pod_ports["smtp"] == MAIL_SMTP_PORT
+    smtp = objects(docs, "Service")["email-smtp"]["spec"]
+    assert smtp["selector"] == email["spec"]["selector"]["matchLabels"]
+    assert smtp["ports"] == [{"name": "smtp", "protocol": "TCP", "port": 25, "targetPort": "smtp"}]
+    # The HTTP Service stays the Ingress's (and the front door's) backend, on HTTP only.
+    assert [p["targetPort"] for p in objects(docs, "Service")["email"]["spec"]["ports"]] == ["http"]
+    for name, workload in workloads(docs).items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for c in containers(workload) for p in c.get("ports", [])}
+        open_to_anyone = {port for peer, found in ingress_to(docs, labels, ports) if peer == ANYONE
+                          for port in found}
+        assert open_to_anyone == ({MAIL_SMTP_PORT} if name == "email" else set()), name
+    # The dev sandbox's mail box sends the customers' replies to that Service.
+    sandbox = objects(docs, "Deployment").get("sandbox")
+    if sandbox is not None:
+        sandbox_env = env_of(main_container(sandbox))
+        receiver = objects(docs, "Service")[sandbox_env["THREADLINE_MAIL_SMTP_HOST"]["value"]]["spec"]
+        assert int(sandbox_env["THREADLINE_MAIL_SMTP_PORT"]["value"]) in [p["port"] for p in receiver["ports"]]
+        assert receiver["selector"] == email["spec"]["selector"]["matchLabels"]
+    # Whom the receiver believes about SPF/DKIM/DMARC is the operator's to say: nothing is trusted
+    # out of the box (a placeholder authserv-id would let any sender claim a pass).
+    config = config_of(docs)
+    assert config["THREADLINE_MAIL_TRUSTED_AUTHSERV_IDS"] == ""
+    assert config["THREADLINE_MAIL_HOSTNAME"]
+
+
+def egress_of(docs: list[dict[str, Any]], pod_labels: dict[str, str]) -> list[tuple[tuple[str, int], list[Any]]]:
+    """((protocol, port), destinations) of every egress rule of the NetworkPolicies that limit the
+    egress of a pod with these labels ([] destinations: anywhere)."""
+    allowed = []
+    for policy in objects(docs, "NetworkPolicy").values():
+        if "Egress" in policy["spec"]["policyTypes"] and selects(policy["spec"]["podSelector"], pod_labels):
+            for rule in policy["spec"].get("egress", []):
+                for entry in rule.get("ports") or [{"protocol": "any", "port": 0}]:
+                    allowed.append(((entry.get("protocol", "TCP"), entry["port"]), rule.get("to", [])))
+    return allowed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_email_has_its_egress_limited(overlay: str) -> None:
+    """The e-mail service takes mail from anyone: it reaches NATS, DNS (DKIM keys, SMTP hosts),
+    SMTP servers (25, 465, 587) and HTTPS (the object store), nothing else; in dev also the sandbox
+    pod (its SMTP sink and fake platforms). Every other pod keeps open egress."""
+    docs = render(overlay)
+    nats = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}
+    sandbox = {"podSelector": {"matchLabels": {"threadline.io/frontdoor": "true"}}}
+    expected = {(("TCP", 4222), repr([nats]))} | {
+        ((protocol, port), "[]") for protocol, port in (("UDP", 53), ("TCP", 53), ("TCP", 25), ("TCP", 465),
+                                                        ("TCP", 587), ("TCP", 443))}
+    if overlay == "dev":
+        expected.add((("any", 0), repr([sandbox])))
+    for name, workload in workloads(docs).items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        allowed = {(port, repr(to)) for port, to in egress_of(docs, labels)}
+        assert allowed == (expected if name == "email" else set()), name
+    # The destinations named are what they mean: the NATS pods, the dev front door's pod.
+    assert selects(nats["podSelector"], one(docs, "StatefulSet", "nats")["spec"]["template"]["metadata"]["labels"])
+    if overlay == "dev":
+        assert selects(sandbox["podSelector"], objects(docs, "Deployment")["sandbox"]["spec"]["template"]["metadata"][
+            "labels"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,6 +1,6 @@
 """The NATS configs the StatefulSet mounts pass `nats-server -t`, are the ConfigMap's text
-byte for byte, and route to every pod of the StatefulSet; their users are shared/natsauth.py's;
-cluster mode's node config too."""
+byte for byte, and route to every pod of the StatefulSet; their users are shared/natsauth.py's,
+each with a password in the example Secret; cluster mode's node config too."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shared.natsauth import USERS, kubernetes_auth_config, password_env
-from tests.deploy.k8s import K8S, one, render
+from tests.deploy.k8s import DEPLOY, K8S, one, render
 from threadline.natsserver import cluster_node_config, find_nats_server
 
 CONFIGS = {"prod": K8S / "base" / "nats" / "nats.conf", "dev": K8S / "overlays" / "dev" / "nats.conf"}
@@ -116,3 +117,17 @@ def test_cluster_mode_node_config_is_valid(tmp_path: Path) -> None:
     assert 'user: "conversations"' in path.read_text() and "nats://route:route-secret@" in path.read_text()
     result = nats_check(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_secret_examples_give_every_user_a_password() -> None:
+    """A user without a password in Secret `threadline-nats` stops the NATS pods (an unresolved
+    variable): the example Secret and the commands that create it name every user."""
+    path = K8S / "secret.example.yaml"
+    [nats] = [d for d in yaml.safe_load_all(path.read_text()) if d and d["metadata"]["name"] == "threadline-nats"]
+    assert sorted(nats["stringData"]) == sorted(USERS)
+    for document in (path, DEPLOY / "README.md"):
+        # `for user in a b \<newline># c d; do …`: the shell loop, continuation lines joined.
+        text = re.sub(r"\\\n[#\s]*", " ", document.read_text())
+        loops = re.findall(r"for user in ([\w\s]+?); do", text)
+        assert loops, document
+        assert all(sorted(loop.split()) == sorted(USERS) for loop in loops), document

@@ -174,7 +174,8 @@ class TiltRun:
             raise TiltfileError(f"local_resource({name}) has nothing to run")
         for path in _list(deps):
             self._path(path, f"local_resource({name}) deps")
-        self.local_resources[name] = {"resource_deps": _list(resource_deps), "labels": _list(labels)}
+        self.local_resources[name] = {"cmd": cmd, "serve_cmd": serve_cmd, "resource_deps": _list(resource_deps),
+                                      "labels": _list(labels)}
 
     def allow_k8s_contexts(self, contexts: list[str] | str) -> None:
         pass

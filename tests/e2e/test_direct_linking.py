@@ -347,8 +347,9 @@ async def test_validation_errors_through_the_official_client(sandbox: Sandbox) -
     status, body = await refused(sc.MatchCriteriaMessagebird(type="messagebird", integration_id=sms,
                                                              phone_number="+15550000000"))
     assert status == 400 and "not supported" in body["errors"][0]["title"]
+    # An e-mail link needs an e-mail integration.
     status, body = await refused(sc.MatchCriteriaMailgun(type="mailgun", integration_id=sms, address="a@b.co"))
-    assert status == 400 and "not supported" in body["errors"][0]["title"]
+    assert status == 400 and "not mailgun" in body["errors"][0]["title"]
     status, body = await refused(sc.MatchCriteriaWhatsapp(type="whatsapp", integration_id=sms,
                                                           phone_number="+15550000000"))
     assert status == 400 and "twilio" in body["errors"][0]["title"]

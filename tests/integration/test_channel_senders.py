@@ -1,4 +1,4 @@
-"""The send path every platform channel shares (`shared.outbound.ChannelSender`), run against
+"""The send path every platform channel shares (`shared.outbound.HttpChannelSender`), run against
 each channel's sender: a real nats-server takes the statuses, a scripted platform on loopback
 answers the calls over real HTTP through the egress policy.
 
@@ -33,7 +33,7 @@ from shared.db import DatabaseSettings
 from shared.egress import REFUSED_CODE, EgressPolicy, parse_rules
 from shared.messages import channel as channel_messages
 from shared.messages.channel import DeliveryStatus, OutboundSend
-from shared.outbound import ChannelSender, SendSettings
+from shared.outbound import HttpChannelSender, SendSettings
 from shared.records import IntegrationRecord
 from shared.sunco import TextContent
 
@@ -97,7 +97,7 @@ CASES = [
 @dataclass
 class Env:
     case: ChannelCase
-    sender: ChannelSender[Any, Any]
+    sender: HttpChannelSender[Any, Any]
     platform: Platform
     statuses: asyncio.Queue[DeliveryStatus]
     known: dict[str, IntegrationRecord]
@@ -116,7 +116,7 @@ class Env:
 
 
 def _sender(case: ChannelCase, bus: Bus, session: Any, lookup: Callable[[str], Any], store: MessengerStore | None,
-            ) -> ChannelSender[Any, Any]:
+            ) -> HttpChannelSender[Any, Any]:
     if case.name == "whatsapp":
         return WhatsAppSender(bus, session, SETTINGS, lookup, 1000.0)
     if case.name == "messenger":

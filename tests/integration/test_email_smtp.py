@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import functools
-import ipaddress
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +15,6 @@ import httpx
 import msgspec
 import pytest
 import sunshine_conversations_client as sc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from opentelemetry import trace
 
 from services.conversations.store import MIGRATION
@@ -39,7 +32,14 @@ from shared.mailsend import (
 from shared.mailsend import send_email as send_email_with_policy
 from shared.records import IntegrationRecord
 from shared.telemetry import setup_telemetry, tracer
-from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, LOOPBACK_EGRESS, TEST_KEYRING, System
+from tests.harness import (
+    ACCOUNT_KEY_ID,
+    ACCOUNT_KEY_SECRET,
+    LOOPBACK_EGRESS,
+    TEST_KEYRING,
+    System,
+    localhost_certificate,
+)
 from threadline.natsserver import free_port
 
 # The SMTP sinks of these tests listen on loopback.
@@ -131,31 +131,9 @@ async def test_starttls_required_but_not_offered_is_permanent(sink: SmtpSink) ->
     assert list(sink.mails) == []
 
 
-def _certificate(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server context, client context trusting it) for a self-signed 127.0.0.1 certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert_path, key_path)
-    client = ssl.create_default_context(cafile=str(cert_path))
-    return server, client
-
-
 @pytest.mark.parametrize("security", ["starttls", "tls"])
 async def test_tls_modes(tmp_path: Path, security: str) -> None:
-    server_context, client_context = _certificate(tmp_path)
+    server_context, client_context = localhost_certificate(tmp_path)[:2]
     sink = SmtpSink("127.0.0.1", 0, None, tls_context=server_context, implicit_tls=security == "tls")
     await sink.start()
     try:

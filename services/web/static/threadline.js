@@ -189,7 +189,7 @@
 
   // How the widget names a channel: on its buttons ("Continue on WhatsApp") and in the thread.
   var CHANNEL_NAMES = {whatsapp: "WhatsApp", messenger: "Messenger", telegram: "Telegram", twilio: "SMS",
-    sms: "SMS", android: "our app", ios: "our app"};
+    sms: "SMS", android: "our app", ios: "our app", mailgun: "e-mail"};
   // What the customer does once the link opened the channel.
   var CHANNEL_STEPS = {
     whatsapp: "Open WhatsApp and send the message that is filled in for you.",
@@ -197,11 +197,12 @@
     messenger: "Open Messenger and tap Get Started.",
     telegram: "Open Telegram and tap Start.",
     android: "Open the link on the phone where our app is installed.",
-    ios: "Open the link on the phone where our app is installed."
+    ios: "Open the link on the phone where our app is installed.",
+    mailgun: "Send the e-mail that is filled in for you; our answers will come by e-mail."
   };
-  // Links the widget will show: the channels' deep links (https wa.me/m.me/t.me, sms:) and, in
+  // Links the widget will show: the channels' deep links (https wa.me/m.me/t.me, sms:, mailto:) and, in
   // a sandbox, the plain-http app page. Never javascript: or data: URLs.
-  var LINK_SCHEMES = ["http:", "https:", "sms:"];
+  var LINK_SCHEMES = ["http:", "https:", "sms:", "mailto:"];
   // What message content may point at (media, link actions, QR codes).
   var WEB_SCHEMES = ["http:", "https:"];
 
