@@ -19,6 +19,9 @@ from shared.mailparse import InboundMail, parse_reply_address, reply_address
 from shared.records import IntegrationRecord
 
 KEY_LABEL = "mail reply addresses"
+# The authserv-id the sandbox's mail box stamps on the replies it sends (`Authentication-Results`);
+# the e-mail service trusts it in the sandbox only.
+SANDBOX_AUTHSERV_ID = "sandbox.threadline.local"
 LOCAL_PART = "reply"
 
 

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field, replace
 
 from shared.config import CommonConfig, ConfigError, Rate, env_int, env_rates, env_str
 from shared.encryption import Keyring
+from shared.mailreply import SANDBOX_AUTHSERV_ID
 from shared.outbound import SendSettings
 from shared.routes import DEFAULT_PORTS, MAIL_SMTP_PORT
-
-# The authserv-id the sandbox's mail box stamps on the replies it relays (trusted in the sandbox only).
-SANDBOX_AUTHSERV_ID = "sandbox.threadline.local"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from shared.telemetry import setup_telemetry
 from .channels import build_channel_fakes
 from .config import SandboxConfig
 from .smtp_fake import SmtpSink
+from .uploads import MEDIA_RULES, Uploads
 from .whatsapp_fake import FakeWhatsApp, points_at_sandbox
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def page_config(sandbox: Mapping[str, Any], fake: FakeWhatsApp, sandbox_file: st
         "baseUrl": base_url if isinstance(base_url, str) and base_url else None,
         "keyId": key_id if isinstance(key_id, str) and key_id else None,
         "sandboxFile": os.path.abspath(sandbox_file) if sandbox_file else None,
+        # What each phone's paper clip may send (types and sizes), checked before uploading.
+        "attachments": {kind: rule.view() for kind, rule in MEDIA_RULES.items()},
     }
 
 
@@ -122,10 +125,15 @@ class SandboxService(ServiceApp):
     def __init__(self, config: SandboxConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        # The photos and documents the phones send (served by each fake as its platform serves media).
+        self.uploads = Uploads(config.uploads_dir, config.uploads_index_file, config.public_url)
         self.fake = FakeWhatsApp(config.public_url, enforce_window=config.enforce_window,
-                                 auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file)
-        self.channel_fakes = build_channel_fakes(config.public_url, config.common.data_dir)
-        self.mail = SmtpSink(config.smtp_host, config.smtp_port, config.mail_store_file)
+                                 auto_statuses=config.auto_statuses, store_path=config.whatsapp_store_file,
+                                 uploads=self.uploads)
+        self.channel_fakes = build_channel_fakes(config.public_url, config.common.data_dir, self.uploads)
+        receiver = (config.mail_receiver_host, config.mail_receiver_port) if config.mail_receiver_port else None
+        self.mail = SmtpSink(config.smtp_host, config.smtp_port, config.mail_store_file, receiver=receiver,
+                             receiver_problem=config.mail_receiver_problem)
         self._synced: dict[str, tuple[str, ...]] = {}
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -138,6 +146,7 @@ class SandboxService(ServiceApp):
         for channel_fake in self.channel_fakes:
             self.http.router.add_routes(channel_fake.routes(PREFIX))
         self.http.router.add_routes(self.mail.routes(PREFIX))
+        self.http.router.add_routes(self.uploads.routes(PREFIX))
 
     async def start(self) -> None:
         """Start the mail sink, connect NATS, mirror the integrations, then serve HTTP (stopped

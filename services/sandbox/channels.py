@@ -19,6 +19,7 @@ from .messenger_fake import FakeMessenger, gateway_base
 from .push_fake import FakeApns, FakeFcm
 from .telegram_fake import FakeTelegram
 from .twilio_fake import FakeTwilio
+from .uploads import Uploads
 
 
 class ChannelFake(Protocol):
@@ -40,12 +41,12 @@ class ChannelFake(Protocol):
         ...
 
 
-def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFake]:
+def build_channel_fakes(public_url: str, data_dir: str | None, uploads: Uploads | None = None) -> list[ChannelFake]:
     """Every channel fake the sandbox hosts besides WhatsApp.
 
     `public_url` is the sandbox's public URL (`<gateway public base>/sandbox`; webhooks go to the
     gateway base), `data_dir` where each fake keeps its phone's history across restarts, in
-    `<data_dir>/sandbox-<channel>.jsonl` (None: memory only).
+    `<data_dir>/sandbox-<channel>.jsonl` (None: memory only), `uploads` the files the phones send.
     """
     def store(channel: str) -> str | None:
         # Next to FakeWhatsApp's `sandbox-whatsapp.jsonl`: one JSON-lines journal per channel.
@@ -53,9 +54,9 @@ def build_channel_fakes(public_url: str, data_dir: str | None) -> list[ChannelFa
 
     fakes: list[ChannelFake] = []
     fakes.append(FakeTwilio(public_url=public_url.rstrip("/").removesuffix("/sandbox") + "/sandbox",
-                            store_path=store("twilio")))
-    fakes.append(FakeMessenger(gateway_base(public_url), store_path=store("messenger")))
-    fakes.append(FakeTelegram(public_url, store_path=store("telegram")))
+                            store_path=store("twilio"), uploads=uploads))
+    fakes.append(FakeMessenger(gateway_base(public_url), store_path=store("messenger"), uploads=uploads))
+    fakes.append(FakeTelegram(public_url, store_path=store("telegram"), uploads=uploads))
     fakes.append(FakeFcm(public_url, store_path=store("android")))
     fakes.append(FakeApns(public_url, store_path=store("ios")))
     return fakes

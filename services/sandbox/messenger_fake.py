@@ -17,6 +17,9 @@ app, and it behaves like Meta towards a gateway (platform reference §2):
 - signed webhooks (`X-Hub-Signature-256` over `json.dumps(payload, ensure_ascii=True)`) for the
   person's messages, postbacks (Get Started with the m.me `ref` on a new thread), referrals
   (m.me `ref` into an existing thread), quick replies, attachments, and `delivery`/`read` receipts;
+- a photo or a document the phone uploaded (`{"upload": id}`) arrives as an `image` or `file`
+  attachment whose payload URL is on the fake's CDN path (`{prefix}/messenger-cdn/v/…/{name}?oe=`,
+  no token needed, expiring after 3 days as Meta's links do: 403 "URL signature expired");
 - scripting under `{prefix}/messenger/{integrationId}/…`: `inbound`, `read`, `fail-next`,
   `verify`, `window`, `outbox?to=`, `thread?to=` (with the Page's sender actions and whether it
   is typing), errors in SunCo's shape.
@@ -37,15 +40,16 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
@@ -79,6 +83,8 @@ BUTTON_TYPES = frozenset({"postback", "web_url", "phone_number", "account_link",
 _VERSION = r"{version:v\d+\.\d+}"
 TAGS = frozenset({"CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE", "HUMAN_AGENT"})
 ATTACHMENT_TYPES = frozenset({"image", "video", "audio", "file", "template"})
+# How long an attachment URL of the fake's CDN works (Meta's expire too: the gateway copies them).
+CDN_URL_SECONDS = 3 * 24 * 3600
 WINDOW_MESSAGE = ("(#10) This message is sent outside of allowed window. Learn more about the new policy here: "
                   "https://developers.facebook.com/docs/messenger-platform/policy-overview")
 
@@ -167,11 +173,16 @@ class ThreadEntry:
     at: float
     body: dict[str, Any]
     status: str = ""
+    # A file the phone sent (the upload's view: what the phone shows of it).
+    media: list[dict[str, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON shape for the scripting API and the phone page."""
-        return {"direction": self.direction, "mid": self.mid, "at": self.at, "body": self.body,
-                "status": self.status}
+        out = {"direction": self.direction, "mid": self.mid, "at": self.at, "body": self.body,
+               "status": self.status}
+        if self.media:
+            out["media"] = self.media
+        return out
 
 
 @dataclass
@@ -226,9 +237,11 @@ class FakeMessenger:
     integration_type = INTEGRATION_TYPE
 
     def __init__(self, gateway_url: str = "", *, enforce_window: bool = True, auto_statuses: bool = True,
-                 store_path: str | None = None) -> None:
+                 store_path: str | None = None, uploads: Uploads | None = None) -> None:
         # The gateway's public base URL: webhooks go to `{gateway_url}/webhooks/messenger/{id}`.
         self.gateway_url = gateway_url.rstrip("/")
+        # The files the phones uploaded (`{"upload": id}` in an inbound spec), served on the CDN path.
+        self.uploads = uploads
         self.enforce_window = enforce_window
         self.auto_statuses = auto_statuses
         self.accounts: dict[str, Account] = {}
@@ -259,7 +272,7 @@ class FakeMessenger:
                 last_user_at=float(last) if last is not None else None)
         elif kind == "entry":
             entry = ThreadEntry(record["direction"], str(record["mid"]), float(record["at"]), dict(record["body"]),
-                                status=str(record.get("status") or ""))
+                                status=str(record.get("status") or ""), media=list(record.get("media") or []))
             self.threads.setdefault((record["integrationId"], record["psid"]), []).append(entry)
         elif kind == "status":
             found = self.find_entry(record["integrationId"], record["mid"])
@@ -280,7 +293,7 @@ class FakeMessenger:
     @staticmethod
     def _entry_record(integration_id: str, psid: str, entry: ThreadEntry) -> dict[str, Any]:
         return {"kind": "entry", "integrationId": integration_id, "psid": psid, "direction": entry.direction,
-                "mid": entry.mid, "at": entry.at, "body": entry.body, "status": entry.status}
+                "mid": entry.mid, "at": entry.at, "body": entry.body, "status": entry.status, "media": entry.media}
 
     def _save_person(self, integration_id: str, person: Person) -> None:
         self._journal.append(self._person_record(integration_id, person))
@@ -397,7 +410,8 @@ class FakeMessenger:
 
         `spec`: `from` (the PSID, required); any of `ref` (m.me?ref=: a Get Started postback
         carrying it on a new thread, a `referral` event on an existing one), `postback` (a payload
-        string or {payload, title}), `text` (+ `quickReply`: a payload), `image` (a URL) or
+        string or {payload, title}), `text` (+ `quickReply`: a payload), `upload` (the id of a file the
+        phone uploaded: an `image` or `file` attachment on the fake's CDN), `image` (a URL) or
         `attachment` ({type, url}); optional `name`, `at` (Unix seconds of the action), `replyTo`.
         """
         account = self.accounts[integration_id]
@@ -410,10 +424,15 @@ class FakeMessenger:
             raise ValueError("'at' must be Unix seconds")
         when = float(at) if at is not None else time.time()
         new_thread = not self.threads.get((integration_id, psid))
+        upload = self.upload_of(spec)
+        if upload is not None:
+            kind = "image" if MEDIA_RULES["messenger"].kind_of(upload) == "photo" else "file"
+            spec = {**spec, "attachment": {"type": kind, "url": self.cdn_url(upload, when)}}
+            spec.pop("image", None)
         person = self.person(integration_id, psid, name)
         events = self._inbound_events(account, psid, spec, new_thread)
         if not events:
-            raise ValueError("give one of text, ref, postback, image, attachment")
+            raise ValueError("give one of text, ref, postback, upload, image, attachment")
         statuses: list[int] = []
         mids: list[str] = []
         for offset, event in enumerate(events):
@@ -422,12 +441,32 @@ class FakeMessenger:
             mid = (event.get("message") or event.get("postback") or {}).get("mid")
             if mid:
                 mids.append(mid)
-            self._append(integration_id, psid, ThreadEntry("in", mid or "", ms / 1000, event))
+            media = ([self.uploads.view(upload)] if upload is not None and self.uploads is not None
+                     and "message" in event and event["message"].get("attachments") else [])
+            self._append(integration_id, psid, ThreadEntry("in", mid or "", ms / 1000, event, media=media))
             person.last_user_at = max(person.last_user_at or 0.0, ms / 1000)
             statuses.append(await self.deliver(account, [event]))
         self._save_person(integration_id, person)
         return {"mids": mids, "mid": mids[-1] if mids else None, "events": len(events),
                 "webhookStatus": max(statuses, key=lambda s: (s != 200, s)), "webhookStatuses": statuses}
+
+    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
+        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
+        unknown one."""
+        if spec.get("upload") is None:
+            return None
+        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
+        if upload is None:
+            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
+        return upload
+
+    def cdn_url(self, upload: Upload, now: float | None = None) -> str:
+        """Where an attachment the person sent is on the fake's CDN (as on Meta's: a path that ends
+        in the file's name, `oe` its expiry in hex seconds)."""
+        bucket = "t1.15752-9" if upload.is_image else "t59.2708-21"
+        expiry = int((now if now is not None else time.time()) + CDN_URL_SECONDS)
+        return (f"{self.gateway_url}/sandbox/messenger-cdn/v/{bucket}/{upload.id}/{quote(upload.name)}"
+                f"?_nc_cat=1&_nc_sid=b8a5f8&oe={expiry:08X}")
 
     @staticmethod
     def _inbound_events(account: Account, psid: str, spec: dict[str, Any], new_thread: bool) -> list[dict[str, Any]]:
@@ -567,6 +606,7 @@ class FakeMessenger:
         s = sunco_errors  # the scripting API is ours, so it answers errors like the business API
         return [
             web.post(f"{p}/messenger-graph/{_VERSION}/{{page_id}}/messages", self._send_api),
+            web.get(f"{p}/messenger-cdn/v/{{bucket}}/{{upload_id}}/{{name}}", self._cdn),
             web.post(f"{p}/messenger/{{integration_id}}/inbound", s(self._script_inbound)),
             web.post(f"{p}/messenger/{{integration_id}}/read", s(self._script_read)),
             web.post(f"{p}/messenger/{{integration_id}}/fail-next", s(self._script_fail_next)),
@@ -686,6 +726,19 @@ class FakeMessenger:
         elapsed = time.time() - person.last_user_at
         limit = HUMAN_AGENT_SECONDS if body.get("tag") == "HUMAN_AGENT" else WINDOW_SECONDS
         return elapsed <= limit
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        """An attachment the person sent, as Meta's CDN serves it (no token; 403 once expired)."""
+        try:
+            expiry = int(request.query.get("oe", ""), 16)
+        except ValueError:
+            return web.Response(status=403, text="Bad URL hash")
+        if expiry < time.time():
+            return web.Response(status=403, text="URL signature expired")
+        upload = self.uploads.get(request.match_info["upload_id"]) if self.uploads is not None else None
+        if upload is None or self.uploads is None:
+            return web.Response(status=404, text="Not Found")
+        return self.uploads.response(upload)
 
     # --- scripting routes --------------------------------------------------------------------------
 

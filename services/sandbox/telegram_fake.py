@@ -25,6 +25,8 @@ like Telegram towards a gateway (platform reference §4):
 - scripting (`{prefix}/telegram/{integrationId}/...`, errors in SunCo's shape): `inbound`
   (`{"from": <user id>, "text": "hi"}`, or `"start": "<payload>"` for a deep link, or
   `"callbackData": "<data>"` for an inline-button press, or `"photo": {"caption": …}`, or
+  `"upload": "<id>"` (a file the phone uploaded: a `photo` or a `document` whose file_id
+  `getFile` and the file download resolve to its bytes; `caption` optional), or
   `"location": {"latitude", "longitude"}` as a `request_location` button sends it),
   `outbox?to=<chat id>`, `thread?to=` (with the `chatAction` the chat shows now), `fail-next`
   (e.g. 429 with `retryAfter`), `block` (the user blocks the bot: sends get 403), and the
@@ -46,6 +48,7 @@ import base64
 import hashlib
 import json
 import logging
+import mimetypes
 import os
 import re
 import time
@@ -59,6 +62,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.tasks import cancel_and_wait
@@ -207,10 +211,14 @@ class ChatEntry:
     method: str = ""  # for "out": the Bot API method
     params: dict[str, Any] = field(default_factory=dict)  # for "out": the parameters as received
     callback: dict[str, Any] | None = None  # for a button press: the callback query
+    # A file the phone sent (the upload's view: what the phone shows of it).
+    media: list[dict[str, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON shape for the scripting API and the phone page."""
         out: dict[str, Any] = {"direction": self.direction, "at": self.at, "message": self.message}
+        if self.media:
+            out["media"] = self.media
         if self.method:
             out["method"] = self.method
             out["params"] = self.params
@@ -252,9 +260,11 @@ class FakeTelegram:
     integration_type = "telegram"
 
     def __init__(self, public_url: str = "", *, flood_per_chat: int | None = None,
-                 store_path: str | None = None) -> None:
+                 store_path: str | None = None, uploads: Uploads | None = None) -> None:
         # Where `routes(prefix)` is reachable from outside (for the account's deep link only).
         self.public_url = public_url.rstrip("/")
+        # The files the phones uploaded (`{"upload": id}` in an inbound spec).
+        self.uploads = uploads
         self.flood_per_chat = flood_per_chat
         self.bots: dict[str, Bot] = {}
         self.users: dict[int, TgUser] = {}
@@ -294,12 +304,13 @@ class FakeTelegram:
             key = (record["integrationId"], int(record["chatId"]))
             entry = ChatEntry(record["direction"], dict(record["message"]), float(record["at"]),
                               method=str(record.get("method") or ""), params=dict(record.get("params") or {}),
-                              callback=record.get("callback"))
+                              callback=record.get("callback"), media=list(record.get("media") or []))
             self.chats.setdefault(key, []).append(entry)
             self.message_ids[key] = max(self.message_ids.get(key, 0), int(entry.message.get("message_id") or 0))
         elif kind == "file":
             info = dict(record["info"])
-            info["data"] = base64.b64decode(info["data"])
+            if "data" in info:  # an uploaded file is kept by the sandbox's uploads, not here
+                info["data"] = base64.b64decode(info["data"])
             self.files[info["file_id"]] = info
         elif kind == "block":
             key = (str(record["integrationId"]), int(record["user"]))
@@ -328,13 +339,15 @@ class FakeTelegram:
 
     @staticmethod
     def _file_info(info: dict[str, Any]) -> dict[str, Any]:
+        if "data" not in info:
+            return dict(info)
         return {**info, "data": base64.b64encode(info["data"]).decode()}
 
     @staticmethod
     def _entry_record(integration_id: str, chat_id: int, entry: ChatEntry) -> dict[str, Any]:
         return {"kind": "entry", "integrationId": integration_id, "chatId": chat_id, "direction": entry.direction,
                 "message": entry.message, "at": entry.at, "method": entry.method, "params": entry.params,
-                "callback": entry.callback}
+                "callback": entry.callback, "media": entry.media}
 
     def _save_bot(self, bot: Bot) -> None:
         record = {"kind": "bot", "integrationId": bot.integration_id, "token": bot.token,
@@ -472,10 +485,20 @@ class FakeTelegram:
         self.message_ids[key] = self.message_ids.get(key, 0) + 1
         return self.message_ids[key]
 
-    def register_file(self, kind: str, data: bytes = TINY_PNG, mime_type: str = "image/png") -> dict[str, Any]:
-        """Store a file the Bot API can serve (`getFile` + download); returns its File fields."""
+    def register_file(self, kind: str, data: bytes = TINY_PNG, mime_type: str = "image/png", *,
+                      upload: Upload | None = None) -> dict[str, Any]:
+        """Store a file the Bot API can serve (`getFile` + download): `data`, or an uploaded file;
+        returns its File fields."""
         unique = base64.urlsafe_b64encode(os.urandom(9)).decode()
         file_id = "AgAC" + base64.urlsafe_b64encode(os.urandom(30)).decode().rstrip("=")
+        if upload is not None:
+            extension = mimetypes.guess_extension(upload.media_type) or ".bin"
+            info = {"file_id": file_id, "file_unique_id": unique, "file_size": upload.size,
+                    "file_path": f"{kind}/file_{len(self.files)}{extension}", "mime_type": upload.media_type,
+                    "upload": upload.id}
+            self.files[file_id] = info
+            self._journal.append({"kind": "file", "info": self._file_info(info)})
+            return info
         info = {"file_id": file_id, "file_unique_id": unique, "file_size": len(data),
                 "file_path": f"{kind}/file_{len(self.files)}.{'png' if mime_type == 'image/png' else 'bin'}",
                 "data": data, "mime_type": mime_type}
@@ -493,6 +516,8 @@ class FakeTelegram:
         `name`, `username`, `replyTo` (message id in the chat).
         """
         bot = self.bots[integration_id]
+        upload = self.upload_of(spec)
+        upload_kind = MEDIA_RULES["telegram"].kind_of(upload) if upload is not None else None
         raw_from = spec.get("from")
         if isinstance(raw_from, bool) or not isinstance(raw_from, int | str) or not str(raw_from).isdigit():
             raise ValueError("'from' must be a positive Telegram user id")
@@ -514,6 +539,18 @@ class FakeTelegram:
             message["text"] = f"/start {spec['start']}".rstrip()
         elif isinstance(spec.get("text"), str) and spec["text"]:
             message["text"] = spec["text"]
+        elif upload is not None:
+            if upload_kind == "photo":
+                stored = self.register_file("photos", upload=upload)
+                # The photo as sent (the sandbox makes no smaller sizes): its PhotoSize.
+                message["photo"] = [{k: stored[k] for k in ("file_id", "file_unique_id", "file_size")}
+                                    | {"width": upload.width or 0, "height": upload.height or 0}]
+            else:
+                stored = self.register_file("documents", upload=upload)
+                message["document"] = {"file_name": upload.name, "mime_type": upload.media_type,
+                                       **{k: stored[k] for k in ("file_id", "file_unique_id", "file_size")}}
+            if isinstance(spec.get("caption"), str) and spec["caption"].strip():
+                message["caption"] = spec["caption"]
         elif "photo" in spec:
             photo = spec["photo"] if isinstance(spec["photo"], dict) else {}
             small = self.register_file("photos")
@@ -536,14 +573,25 @@ class FakeTelegram:
         elif isinstance(spec.get("message"), dict):
             message.update({k: v for k, v in spec["message"].items() if k not in ("message_id", "chat", "from")})
         else:
-            raise ValueError("give one of text, start, callbackData, photo, location, message")
+            raise ValueError("give one of text, start, callbackData, upload, photo, location, message")
         text = message.get("text")
         if isinstance(text, str) and (command := re.match(r"^/[A-Za-z0-9_]+(@[A-Za-z0-9_]+)?", text)):
             # Telegram marks a leading command with a bot_command entity (§4.4).
             message["entities"] = [{"offset": 0, "length": len(command.group(0)), "type": "bot_command"}]
-        self._add_entry(integration_id, user.id, ChatEntry("in", message, time.time()))
+        media = [self.uploads.view(upload)] if upload is not None and self.uploads is not None else []
+        self._add_entry(integration_id, user.id, ChatEntry("in", message, time.time(), media=media))
         status = await self.deliver(bot, {"message": message})
         return {"messageId": message["message_id"], "chatId": user.id, "webhookStatus": status}
+
+    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
+        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
+        unknown one."""
+        if spec.get("upload") is None:
+            return None
+        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
+        if upload is None:
+            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
+        return upload
 
     async def _press_button(self, bot: Bot, user: TgUser, thread: list[ChatEntry], data: str) -> dict[str, Any]:
         def has_button(entry: ChatEntry) -> bool:
@@ -790,11 +838,16 @@ class FakeTelegram:
             raise bad_request("invalid file_id")
         return _ok({k: info[k] for k in ("file_id", "file_unique_id", "file_size", "file_path")})
 
-    async def _download(self, request: web.Request) -> web.Response:
+    async def _download(self, request: web.Request) -> web.StreamResponse:
         bot = self.bot_by_token(request.match_info["token"])
         info = next((f for f in self.files.values() if f["file_path"] == request.match_info["file_path"]), None)
         if bot is None or info is None:
             return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"}, status=404)
+        if "upload" in info:
+            upload = self.uploads.get(info["upload"]) if self.uploads is not None else None
+            if upload is None or self.uploads is None:
+                return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"}, status=404)
+            return self.uploads.response(upload, download_name=False)
         return web.Response(body=info["data"], content_type=info["mime_type"])
 
     # --- sending ------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ on an aiohttp app, and it behaves like Twilio towards a gateway (platform refere
 - the REST API (`{prefix}/twilio-api/2010-04-01/Accounts/{AccountSid}/Messages.json`): HTTP Basic
   `AccountSid:AuthToken`, form-encoded parameters validated as Twilio does, answered 201 with the
   Message resource JSON, errors in Twilio's envelope `{code, message, more_info, status}`;
-  fetch a message (`Messages/{Sid}.json`) and the media of inbound MMS (`…/Media/{MediaSid}`);
+  fetch a message (`Messages/{Sid}.json`) and the media of inbound MMS (`…/Media/{MediaSid}`: a
+  file the phone uploaded is answered as Twilio answers, with a redirect to where the file is);
 - form-encoded webhooks signed with `X-Twilio-Signature` over the exact webhook URL configured for
   the number (the gateway's public URL, through its proxy): inbound SMS/MMS (STOP/START keywords
   opt the customer out/in, as Twilio's Advanced Opt-Out does) and status callbacks
@@ -41,6 +42,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
+from services.sandbox.uploads import MEDIA_RULES, Uploads
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.tasks import cancel_and_wait
@@ -134,11 +136,15 @@ class ThreadEntry:
     status: str = ""
     error_code: int | None = None
     status_callback: str = ""
+    # A file the phone sent (the upload's view: what the phone shows of it).
+    media: list[dict[str, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON shape for the scripting API and the phone page (with the segments its text costs)."""
         out: dict[str, Any] = {"direction": self.direction, "sid": self.sid, "at": self.at, "body": self.body,
                                "status": self.status}
+        if self.media:
+            out["media"] = self.media
         text = self.body.get("Body")
         if isinstance(text, str) and text:
             out["segments"] = sms_segments(text).count
@@ -194,6 +200,8 @@ class FakeTwilio:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # Where the journal of threads, resources, media and opt-outs lives (None: memory only).
     store_path: str | None = None
+    # The files the phones uploaded (`{"upload": id}` in an inbound spec).
+    uploads: Uploads | None = None
     _journal: Journal = field(init=False)
 
     def __post_init__(self) -> None:
@@ -214,7 +222,8 @@ class FakeTwilio:
             entry = ThreadEntry(record["direction"], str(record["sid"]), float(record["at"]), dict(record["body"]),
                                 status=str(record.get("status") or ""),
                                 error_code=int(code) if code is not None else None,
-                                status_callback=str(record.get("statusCallback") or ""))
+                                status_callback=str(record.get("statusCallback") or ""),
+                                media=list(record.get("media") or []))
             self.threads.setdefault((record["integrationId"], record["number"]), []).append(entry)
         elif kind == "status":
             found = self.find(record["integrationId"], record["sid"])
@@ -246,7 +255,7 @@ class FakeTwilio:
     def _entry_record(integration_id: str, number: str, entry: ThreadEntry) -> dict[str, Any]:
         return {"kind": "entry", "integrationId": integration_id, "number": number, "direction": entry.direction,
                 "sid": entry.sid, "at": entry.at, "body": entry.body, "status": entry.status,
-                "errorCode": entry.error_code, "statusCallback": entry.status_callback}
+                "errorCode": entry.error_code, "statusCallback": entry.status_callback, "media": entry.media}
 
     def _save_opt_out(self, key: tuple[str, str], out: bool) -> None:
         if out == (key in self.opted_out):
@@ -357,8 +366,9 @@ class FakeTwilio:
     async def send_inbound(self, integration_id: str, spec: dict[str, Any]) -> tuple[str, int]:
         """Have a customer text the business; returns (MessageSid, the gateway's HTTP status, 0 if unreachable).
 
-        `spec`: `from` (E.164, required), `text`, `mediaUrl` (a URL or a list), `mediaContentType`
-        (one or a list; guessed from the URL otherwise), `name` (WhatsApp-style ProfileName).
+        `spec`: `from` (E.164, required), `text`, `upload` (the id of a file the phone uploaded: the
+        MMS's first media), `mediaUrl` (a URL or a list), `mediaContentType` (one or a list; guessed
+        from the URL otherwise), `name` (WhatsApp-style ProfileName).
         """
         account = self.accounts[integration_id]
         sender = spec.get("from")
@@ -375,14 +385,27 @@ class FakeTwilio:
             raise ValueError("'mediaUrl' must be a URL or a list of at most 10 URLs")
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
             raise ValueError("'mediaContentType' must be a string or a list of strings")
-        if not text and not links:
-            raise ValueError("give 'text' and/or 'mediaUrl'")
-        sid = new_sid("MM" if links else "SM")
+        upload = None
+        if spec.get("upload") is not None:
+            upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
+            if upload is None:
+                raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
+            MEDIA_RULES["twilio"].kind_of(upload)
+            if len(links) >= MAX_MEDIA:
+                raise ValueError("an MMS carries at most 10 media")
+        # (link, content type, upload id) of each media, the uploaded file first.
+        media_items: list[tuple[str | None, str | None, str | None]] = (
+            [(None, upload.media_type, upload.id)] if upload is not None else [])
+        media_items += [(link, types[index] if index < len(types) and types[index] else None, None)
+                        for index, link in enumerate(links)]
+        if not text and not media_items:
+            raise ValueError("give 'text', 'upload' and/or 'mediaUrl'")
+        sid = new_sid("MM" if media_items else "SM")
         number = _address(sender)
         country = "US" if number.startswith("+1") else ""
         form: list[tuple[str, str]] = [
             ("ToCountry", "US" if account.phone_number.startswith("+1") else ""), ("ToState", ""),
-            ("SmsMessageSid", sid), ("NumMedia", str(len(links))), ("ToCity", ""), ("FromZip", ""),
+            ("SmsMessageSid", sid), ("NumMedia", str(len(media_items))), ("ToCity", ""), ("FromZip", ""),
             ("SmsSid", sid), ("FromState", ""), ("SmsStatus", "received"), ("FromCity", ""), ("Body", text),
             ("FromCountry", country), ("To", account.phone_number if not sender.startswith("whatsapp:")
                                        else f"whatsapp:{account.phone_number}"),
@@ -404,16 +427,21 @@ class FakeTwilio:
             self._save_opt_out(key, False)
         elif keyword in HELP_WORDS:
             form.append(("OptOutType", "HELP"))
-        for index, link in enumerate(links):
-            guessed = mimetypes.guess_type(link.split("?", 1)[0])[0]
-            content_type = types[index] if index < len(types) and types[index] else guessed or "image/jpeg"
+        for index, (link, declared, upload_id) in enumerate(media_items):
+            guessed = mimetypes.guess_type(link.split("?", 1)[0])[0] if link else None
+            content_type = declared or guessed or "image/jpeg"
             media_sid = new_sid("ME")
-            self.media[media_sid] = {"link": link, "content_type": content_type, "account_sid": account.account_sid}
+            self.media[media_sid] = {"link": link or "", "content_type": content_type,
+                                     "account_sid": account.account_sid}
+            if upload_id is not None:
+                self.media[media_sid]["upload"] = upload_id
             self._journal.append({"kind": "media", "id": media_sid, "media": self.media[media_sid]})
             url = (f"{self.public_url}/twilio-api/{API_VERSION}/Accounts/{account.account_sid}"
                    f"/Messages/{sid}/Media/{media_sid}")
             form += [(f"MediaContentType{index}", content_type), (f"MediaUrl{index}", url)]
-        self._append(integration_id, number, ThreadEntry("in", sid, time.time(), form_view(form), status="received"))
+        shown = [self.uploads.view(upload)] if upload is not None and self.uploads is not None else []
+        self._append(integration_id, number, ThreadEntry("in", sid, time.time(), form_view(form), status="received",
+                                                         media=shown))
         status = await self.deliver(account, account.webhook_url, form)
         return sid, status
 
@@ -639,6 +667,12 @@ class FakeTwilio:
         media = self.media.get(request.match_info["media_sid"])
         if media is None or media["account_sid"] != request.match_info["account_sid"]:
             return twilio_error(20404, 404, f"The requested resource {request.path} was not found")
+        if media.get("upload"):
+            # Twilio answers a media URL with a redirect to where the file is kept (its CDN).
+            upload = self.uploads.get(media["upload"]) if self.uploads is not None else None
+            if upload is None or self.uploads is None:
+                return twilio_error(20404, 404, f"The requested resource {request.path} was not found")
+            raise web.HTTPTemporaryRedirect(self.uploads.url(upload))
         link = str(media["link"])
         if link.startswith(("https://", "http://")) and not link.startswith(self.public_url + "/"):
             raise web.HTTPFound(link)

@@ -10,7 +10,9 @@ aiohttp app (`routes(prefix)`), and it behaves like Meta towards a gateway:
 - signed webhooks (`X-Hub-Signature-256` over `json.dumps(payload, ensure_ascii=True)`) for
   customer messages and for `sent`/`delivered`/`read`/`failed` statuses, always in the BSUID-era
   superset shape (contacts with `wa_id` + `user_id`, contacts in statuses);
-- scripting (`{prefix}/whatsapp/{integrationId}/...`): inbound messages, late statuses,
+- scripting (`{prefix}/whatsapp/{integrationId}/...`): inbound messages (a photo or a document
+  the phone uploaded, `{"upload": id}`, arrives as an `image` or `document` message whose media
+  id the Graph media lookup and download resolve to its bytes), late statuses,
   injected send errors, the outbox and the whole thread per customer, with whether the business
   is typing (errors in SunCo's shape).
 
@@ -39,6 +41,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
 from shared.http import ApiError
 from shared.tasks import cancel_and_wait
 from shared.telemetry import inject_headers, tracer
@@ -308,6 +311,8 @@ class ThreadEntry:
     body: dict[str, Any]
     status: str = ""
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # A file the phone sent (the upload's view: what the phone shows of it).
+    media: list[dict[str, Any]] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """JSON shape for the scripting API and the phone page."""
@@ -315,6 +320,8 @@ class ThreadEntry:
                "status": self.status}
         if self.errors:
             out["errors"] = self.errors
+        if self.media:
+            out["media"] = self.media
         return out
 
 
@@ -343,9 +350,11 @@ class FakeWhatsApp:
     """The fake Cloud API; see the module docstring."""
 
     def __init__(self, public_url: str = "", *, enforce_window: bool = False, auto_statuses: bool = True,
-                 store_path: str | None = None) -> None:
+                 store_path: str | None = None, uploads: Uploads | None = None) -> None:
         # Base URL under which `routes(prefix)` is reachable from outside (for media URLs).
         self.public_url = public_url.rstrip("/")
+        # The files the phones uploaded (`{"upload": id}` in an inbound spec).
+        self.uploads = uploads
         self.enforce_window = enforce_window
         self.auto_statuses = auto_statuses
         self.accounts: dict[str, Account] = {}
@@ -402,7 +411,8 @@ class FakeWhatsApp:
                                                         last_inbound_at=record.get("lastInboundAt"))
         elif kind == "entry":
             entry = ThreadEntry(record["direction"], record["wamid"], float(record["at"]), record["body"],
-                                status=record.get("status") or "", errors=list(record.get("errors") or []))
+                                status=record.get("status") or "", errors=list(record.get("errors") or []),
+                                media=list(record.get("media") or []))
             self.threads.setdefault((record["integrationId"], record["number"]), []).append(entry)
         elif kind == "status":
             found = self.find_entry(record["integrationId"], record["wamid"])
@@ -428,7 +438,7 @@ class FakeWhatsApp:
     def _entry_record(integration_id: str, number: str, entry: ThreadEntry) -> dict[str, Any]:
         return {"kind": "entry", "integrationId": integration_id, "number": number, "direction": entry.direction,
                 "wamid": entry.wamid, "at": entry.at, "body": entry.body, "status": entry.status,
-                "errors": entry.errors}
+                "errors": entry.errors, "media": entry.media}
 
     def _journal(self, record: dict[str, Any]) -> None:
         if self.store_path is None:
@@ -529,7 +539,8 @@ class FakeWhatsApp:
     async def send_inbound(self, integration_id: str, spec: dict[str, Any]) -> tuple[str, int]:
         """Have a customer send a message; returns (wamid, the gateway's HTTP status, 0 if unreachable).
 
-        `spec`: `from` (required), one of `text`, `image` ({link?, caption?, mimeType?}),
+        `spec`: `from` (required), one of `text`, `upload` (the id of a file the phone uploaded, with
+        `caption?`: an `image` or a `document` message), `image` ({link?, caption?, mimeType?}),
         `buttonReply`/`listReply` ({id, title, description?}), `location` ({latitude, longitude, name?, address?}),
         `message` (a raw message object for other types); optional `name`, `bsuid`, `contextId`,
         `withWaId`/`withBsuid` (false drops that identifier, as Meta does for username users).
@@ -538,6 +549,9 @@ class FakeWhatsApp:
         number = spec.get("from")
         if not isinstance(number, str) or not digits(number):
             raise ValueError("'from' must be a phone number")
+        upload = self.upload_of(spec)
+        if upload is not None:
+            MEDIA_RULES["whatsapp"].kind_of(upload)  # what WhatsApp does not carry is refused first
         bsuid = spec.get("bsuid") if isinstance(spec.get("bsuid"), str) else None
         name = spec.get("name") if isinstance(spec.get("name"), str) else None
         customer = self.customer(number, name, bsuid)
@@ -552,7 +566,7 @@ class FakeWhatsApp:
         if with_bsuid:
             message["from_user_id"] = customer.bsuid
         message.update({"id": wamid, "timestamp": str(int(time.time()))})
-        message.update(self._inbound_content(account, customer, spec))
+        message.update(self._inbound_content(account, customer, spec, upload))
         context_id = spec.get("contextId")
         if isinstance(context_id, str) and context_id:
             message["context"] = {"from": digits(account.display_phone_number), "id": context_id}
@@ -563,13 +577,37 @@ class FakeWhatsApp:
             contact["user_id"] = customer.bsuid
         customer.last_inbound_at = time.time()
         self._save_customer(customer)
-        self._append(integration_id, customer.number, ThreadEntry("in", wamid, time.time(), message))
+        media = [self.uploads.view(upload)] if upload is not None and self.uploads is not None else []
+        self._append(integration_id, customer.number, ThreadEntry("in", wamid, time.time(), message, media=media))
         status = await self.deliver(account, {"contacts": [contact], "messages": [message]})
         return wamid, status
 
-    def _inbound_content(self, account: Account, customer: Customer, spec: dict[str, Any]) -> dict[str, Any]:
+    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
+        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
+        unknown one."""
+        if spec.get("upload") is None:
+            return None
+        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
+        if upload is None:
+            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
+        return upload
+
+    def _inbound_content(self, account: Account, customer: Customer, spec: dict[str, Any],
+                         upload: Upload | None = None) -> dict[str, Any]:
         last_out = next((e.wamid for e in reversed(self.threads.get((account.integration_id, customer.number), []))
                          if e.direction == "out"), None)
+        if upload is not None:
+            # What WhatsApp delivers for a photo (jpeg, png) or a document the customer sent: a
+            # media id (lookup + download serve the file), its type and sha256, and the caption.
+            kind = "image" if MEDIA_RULES["whatsapp"].kind_of(upload) == "photo" else "document"
+            media_id = self.register_media(account.integration_id, None, upload.media_type, upload=upload)
+            media: dict[str, Any] = {}
+            if isinstance(spec.get("caption"), str) and spec["caption"].strip():
+                media["caption"] = spec["caption"]
+            if kind == "document":
+                media["filename"] = upload.name
+            media.update({"mime_type": upload.media_type, "sha256": self.media[media_id]["sha256"], "id": media_id})
+            return {"type": kind, kind: media}
         if isinstance(spec.get("text"), str):
             return {"type": "text", "text": {"body": spec["text"]}}
         if isinstance(spec.get("image"), dict):
@@ -601,11 +639,20 @@ class FakeWhatsApp:
             return {"type": "location", "location": location}
         if isinstance(spec.get("message"), dict) and isinstance(spec["message"].get("type"), str):
             return dict(spec["message"])
-        raise ValueError("give one of text, image, buttonReply, listReply, location, message")
+        raise ValueError("give one of text, upload, image, buttonReply, listReply, location, message")
 
-    def register_media(self, integration_id: str, link: Any, mime_type: str) -> str:
-        """Store a media object (served by the fake) and return its id."""
+    def register_media(self, integration_id: str, link: Any, mime_type: str, *, upload: Upload | None = None) -> str:
+        """Store a media object (served by the fake: an uploaded file, a link it redirects to, or a
+        placeholder PNG) and return its id."""
         media_id = str(10**15 + int.from_bytes(os.urandom(6), "big"))
+        if upload is not None:
+            self.media[media_id] = {
+                "integration_id": integration_id, "link": None, "mime_type": upload.media_type,
+                "sha256": base64.b64encode(bytes.fromhex(upload.sha256)).decode(), "file_size": upload.size,
+                "upload": upload.id,
+            }
+            self._journal({"kind": "media", "id": media_id, "media": self.media[media_id]})
+            return media_id
         data = TINY_PNG if not isinstance(link, str) or not link else link.encode()
         self.media[media_id] = {
             "integration_id": integration_id, "link": link if isinstance(link, str) and link else None,
@@ -881,6 +928,11 @@ class FakeWhatsApp:
             return web.Response(status=404)
         if not self._authorized(request, account):
             return web.Response(status=401)
+        if media.get("upload"):
+            upload = self.uploads.get(media["upload"]) if self.uploads is not None else None
+            if upload is None or self.uploads is None:
+                return web.Response(status=404)
+            return self.uploads.response(upload, download_name=False)
         if media["link"]:
             raise web.HTTPFound(media["link"])
         return web.Response(body=TINY_PNG, content_type=media["mime_type"])

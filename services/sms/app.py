@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 
-import aiohttp
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 from yarl import URL
@@ -14,7 +13,7 @@ from yarl import URL
 from shared import records, subjects
 from shared.bus import Bus, KvMirror
 from shared.egress import TWILIO_HOSTS, TWILIO_MEDIA_HOSTS, EgressSession, same_origin
-from shared.http import ApiError, error_middleware, tracing_middleware
+from shared.http import ApiError, basic_auth_header, error_middleware, tracing_middleware
 from shared.ingress import WebhookIntake, publish_durably
 from shared.media import Download, MediaCopier
 from shared.messages.channel import InboundMessage
@@ -164,10 +163,10 @@ class SmsService(ServiceApp):
         Twilio origin; Twilio answers with a redirect to its media CDN, followed once, without
         credentials, only to Twilio's hosts."""
         creds = self.credentials(message.integration_id)
-        auth = (aiohttp.BasicAuth(creds.account_sid, creds.auth_token)
-                if creds is not None and same_origin(url, creds.base_url) else None)
+        auth = (basic_auth_header(creds.account_sid, creds.auth_token)
+                if creds is not None and same_origin(url, creds.base_url) else {})
         with _tracer.start_as_current_span("GET twilio media", kind=SpanKind.CLIENT) as span:
-            async with self.session.get(url, auth=auth) as first:
+            async with self.session.get(url, headers=auth) as first:
                 span.set_attribute("http.response.status_code", first.status)
                 location = first.headers.get("Location") if first.status in (301, 302, 303, 307, 308) else None
                 if location is None:

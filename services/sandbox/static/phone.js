@@ -1,8 +1,9 @@
 // The simulated phone of the sandbox page: one phone frame, one tab per channel the sandbox has
 // (WhatsApp, Messenger, Telegram, SMS, App). The chosen channel's phone polls its fake's thread for
 // one customer and sends what is typed (or tapped) as that customer through the fake, which
-// delivers a real, signed webhook to the gateway. The App phone is the business's own app
-// instead: a client of the in-app SDK with push notifications (see `app` below).
+// delivers a real, signed webhook to the gateway; its paper clip sends a photo or a document
+// (uploaded to the sandbox, then delivered as that platform's media). The App phone is the
+// business's own app instead: a client of the in-app SDK with push notifications (see `app` below).
 (function () {
   "use strict";
   const config = window.SANDBOX || {};
@@ -65,11 +66,12 @@
     subtitle: (ch) => "WhatsApp business" + (ch.number ? " · " + ch.number : ""),
     address: (ch) => ch.number,
     inbound: (from, name, spec) => Object.assign({from, name}, spec),
+    attach: (files) => fakeAttach(files),
     items(data) {
       const items = (data.messages || []).map((m) => ({
         key: m.wamid, direction: m.direction, at: m.at,
         state: m.status + "|" + JSON.stringify(m.errors || []),
-        render: (bubble) => (m.direction === "out" ? waOut(m.body, bubble) : waIn(m.body, bubble)),
+        render: (bubble) => (m.direction === "out" ? waOut(m.body, bubble) : waIn(m.body, bubble, m.media)),
         footer: (footer) => {
           if (m.status === "failed") footer.append(el("div", "failed", "not delivered: " + (((m.errors || [])[0] || {}).title || "")));
           const ticks = m.direction === "in" ? (m.status === "read" ? " ✓✓" : " ✓") : "";
@@ -151,12 +153,21 @@
     if (buttons.childNodes.length) bubble.append(buttons);
   }
 
-  function waIn(body, bubble) {
+  function waIn(body, bubble, media) {
+    const file = (media || [])[0]; // a file this phone sent: the sandbox shows it from its upload
     if (body.type === "text") bubble.append(el("div", "", body.text.body));
     else if (body.type === "interactive") {
       const reply = body.interactive.button_reply || body.interactive.list_reply || {};
       bubble.append(el("div", "", reply.title || "[choice]"));
+    } else if (body.type === "image" && file) {
+      sentMedia(file, bubble);
+      if (body.image.caption) bubble.append(el("div", "", body.image.caption));
     } else if (body.type === "image") bubble.append(el("div", "", "🖼 " + (body.image.caption || "image")));
+    else if (body.type === "document") {
+      const label = "📄 " + (body.document.filename || "document");
+      bubble.append(file ? link(file.url, label) : el("div", "", label));
+      if (body.document.caption) bubble.append(el("div", "", body.document.caption));
+    }
     else if (body.type === "location") {
       const loc = body.location || {};
       bubble.append(el("div", "", "📍 " + (loc.name ? loc.name + " " : "") + loc.latitude + "," + loc.longitude));
@@ -170,6 +181,7 @@
     subtitle: (ch) => "Messenger" + (ch.pageId ? " · m.me/" + ch.pageId : ""),
     address: (ch) => (ch.pageId ? "m.me/" + ch.pageId : ch.pageName),
     inbound: (from, name, spec) => Object.assign({from, name}, spec),
+    attach: (files) => fakeAttach(files),
     items(data) {
       // The Page's sender actions: typing_on shows "typing…" under its name, mark_seen "Seen".
       const person = data.person || {};
@@ -181,7 +193,7 @@
         return {
           key: m.mid || "event-" + index + "-" + m.at, direction: m.direction, at: m.at,
           state: m.status + (seen ? "|seen" : ""),
-          render: (bubble) => (m.direction === "out" ? msOut(m.body.message || {}, bubble) : msIn(m.body, bubble)),
+          render: (bubble) => (m.direction === "out" ? msOut(m.body.message || {}, bubble) : msIn(m.body, bubble, m.media)),
           footer: (footer) => {
             footer.append(el("span", "meta" + (seen ? " read" : ""), clock(m.at) + (seen ? " · Seen" : "")));
           },
@@ -264,10 +276,15 @@
     bubble.append(row);
   }
 
-  function msIn(event, bubble) {
+  function msIn(event, bubble, media) {
     if (event.message) {
       if (event.message.text) bubble.append(el("div", "", event.message.text));
-      for (const a of event.message.attachments || []) bubble.append(el("div", "", "📎 " + a.type));
+      (event.message.attachments || []).forEach((a, index) => {
+        const file = (media || [])[index]; // a file this phone sent: shown from its upload
+        if (file && a.type === "image") sentMedia(file, bubble);
+        else if (file) bubble.append(link(file.url, "📄 " + file.name));
+        else bubble.append(el("div", "", "📎 " + a.type));
+      });
     } else if (event.postback) {
       bubble.append(el("div", "", event.postback.title || event.postback.payload));
       if (event.postback.referral) bubble.append(el("div", "note", "opened from m.me?ref=" + event.postback.referral.ref));
@@ -283,6 +300,7 @@
     subtitle: (ch) => "bot" + (ch.username ? " · @" + ch.username : ""),
     address: (ch) => (ch.username ? "@" + ch.username : null),
     inbound: (from, name, spec) => Object.assign({from: /^\d+$/.test(from) ? Number(from) : from, name}, spec),
+    attach: (files) => fakeAttach(files),
     items(data) {
       // The bot's sendChatAction: "typing…" under its name while Telegram would show it.
       if (current && current.kind === "telegram") {
@@ -296,7 +314,7 @@
           direction: m.direction, at: m.at, state: "",
           render: (bubble) => {
             if (pressed) bubble.append(el("div", "pressed", tgButtonText(msg, pressed.data)));
-            else tgMessage(msg, m.params || {}, bubble);
+            else tgMessage(msg, m.params || {}, bubble, m.media);
           },
           footer: (footer) => footer.append(el("span", "meta", clock(m.at) + (m.direction === "in" ? " ✓✓" : ""))),
           // A reply keyboard (not part of the Message: it is in the call's reply_markup) sits
@@ -333,7 +351,8 @@
     return data;
   }
 
-  function tgMessage(msg, params, bubble) {
+  function tgMessage(msg, params, bubble, media) {
+    const file = (media || [])[0]; // a file this phone sent: shown from its upload
     if (msg.reply_to_message) {
       const quoted = msg.reply_to_message;
       bubble.append(el("div", "quote", quoted.text || quoted.caption || "[message]"));
@@ -341,9 +360,13 @@
     if (msg.photo) {
       const source = typeof params.photo === "string" ? params.photo : "";
       if (source && /^https?:/.test(source)) renderImage(source, msg.caption || "photo", bubble);
+      else if (file) sentMedia(file, bubble);
       else bubble.append(el("div", "", "🖼 photo"));
     }
-    if (msg.document) bubble.append(el("div", "", "📄 " + (msg.document.file_name || "document")));
+    if (msg.document) {
+      const label = "📄 " + (msg.document.file_name || "document");
+      bubble.append(file ? link(file.url, label) : el("div", "", label));
+    }
     if (msg.venue) bubble.append(el("div", "", "📍 " + msg.venue.title + ", " + msg.venue.address));
     else if (msg.location) bubble.append(el("div", "", "📍 " + msg.location.latitude + "," + msg.location.longitude));
     if (msg.text) bubble.append(el("div", "", msg.text));
@@ -377,6 +400,7 @@
     subtitle: () => "Text message · SMS/MMS",
     address: (ch) => ch.number,
     inbound: (from, _name, spec) => Object.assign({from}, spec),
+    attach: (files) => fakeAttach(files),
     items(data) {
       const messages = data.messages || [];
       // The choices the business's latest texts number ("1. Yes"): a tap answers with the number,
@@ -389,10 +413,13 @@
           const body = m.body || {};
           const media = m.direction === "out" ? (body.MediaUrl || [])
             : Object.keys(body).filter((k) => /^MediaUrl\d+$/.test(k)).map((k) => body[k]);
-          for (const url of media) {
+          media.forEach((url, index) => {
+            const file = m.direction === "in" ? (m.media || [])[index] : null; // a file this phone sent
             if (m.direction === "out") renderImage(url, "MMS", bubble);
+            else if (file && file.mediaType.startsWith("image/")) sentMedia(file, bubble);
+            else if (file) bubble.append(link(file.url, "📄 " + file.name));
             else bubble.append(el("div", "", "🖼 picture"));
-          }
+          });
           if (body.Body) bubble.append(smsText(body.Body));
         },
         footer: (footer) => {
@@ -1480,12 +1507,18 @@
   })();
 
   // --- the Mail tab ------------------------------------------------------------------------------
-  // No phone app: the inbox of the sandbox's SMTP sink for one address (the e-mail notifications
+  // No phone app: the mail box of one address in the sandbox's SMTP sink (the e-mail notifications
   // and opt-in codes the gateway sends). A list of mails, newest first; a tap opens one, with its
-  // links clickable. The customer does not write from here (reply-by-mail may come later).
+  // links clickable. "Reply" answers a mail as the person's mail client would: the sandbox sends
+  // the typed text above the quoted original over SMTP to the e-mail service's receiver (From this
+  // address, To the mail's Reply-To), and shows what the receiver answered. Replies sent are in
+  // the list too, marked "Sent".
 
   const mail = (function () {
     let openId = null; // the mail shown, or null: the list
+    let replies = {enabled: false, reason: ""}; // whether the mail box can reply (the sandbox's config)
+    const composing = new Map(); // mail id → the reply being typed (kept while the list refreshes)
+    const outcomes = new Map(); // mail id → {ok, text}: how its last reply went
 
     function linkify(text, into) {
       let last = 0;
@@ -1506,6 +1539,10 @@
       return (m && m[1]) || from || "(unknown sender)";
     }
 
+    const isSent = (m) => m.direction === "sent";
+    const replyTarget = (m) => m.replyTo || (/<([^>]+)>/.exec(m.from || "") || [])[1] || m.from || "";
+    const replySubject = (subject) => (/^\s*re\s*:/i.test(subject || "") ? subject : "Re: " + (subject || ""));
+
     function listView(mails, address) {
       const view = el("li", "mail-view");
       if (!mails.length) {
@@ -1513,13 +1550,16 @@
         return view;
       }
       const list = el("ul", "mail-list");
-      list.setAttribute("aria-label", "Inbox of " + address);
+      list.setAttribute("aria-label", "Mail box of " + address);
       for (const m of mails.slice().reverse()) {
         const row = el("button", "mail-row");
         row.type = "button";
         row.dataset.mailId = m.id;
+        row.dataset.direction = isSent(m) ? "sent" : "received";
         const top = el("span", "mail-row-top");
-        top.append(el("strong", "", senderName(m.from)), el("span", "meta", when(m.receivedAt)));
+        const who = el("strong", "", isSent(m) ? "To: " + (m.to || []).join(", ") : senderName(m.from));
+        if (isSent(m)) top.append(el("span", "mail-tag", "Sent"));
+        top.append(who, el("span", "meta", when(m.receivedAt)));
         row.append(top, el("span", "mail-subject", m.subject || "(no subject)"),
           el("span", "mail-snippet", (m.text || "").replace(/\s+/g, " ").slice(0, 90)));
         row.addEventListener("click", () => { openId = m.id; tick(); });
@@ -1531,15 +1571,18 @@
       return view;
     }
 
-    function mailView(m) {
+    function mailView(m, address) {
       const view = el("li", "mail-view mail-open");
-      const back = el("button", "linkish mail-back", "← Inbox");
+      view.dataset.mailId = m.id;
+      const back = el("button", "linkish mail-back", "← Mail box");
       back.type = "button";
       back.addEventListener("click", () => { openId = null; tick(); });
       const heading = el("h3", "mail-heading", m.subject || "(no subject)");
+      if (isSent(m)) heading.prepend(el("span", "mail-tag", "Sent"), " ");
       const meta = el("div", "mail-meta");
-      meta.append(el("div", "", "From: " + (m.from || "")), el("div", "", "To: " + (m.to || []).join(", ")),
-        el("div", "", "Date: " + (m.date || when(m.receivedAt))));
+      meta.append(el("div", "", "From: " + (m.from || "")), el("div", "", "To: " + (m.to || []).join(", ")));
+      if (m.replyTo) meta.append(el("div", "", "Reply-To: " + m.replyTo));
+      meta.append(el("div", "", "Date: " + (m.date || when(m.receivedAt))));
       const body = el("div", "mail-body");
       if (m.text) linkify(m.text, body);
       else if (m.html) {
@@ -1550,13 +1593,98 @@
         frame.srcdoc = '<base target="_blank">' + m.html;
         body.append(frame);
       }
-      view.append(back, heading, meta, body);
+      view.append(back, heading, meta);
+      if (!isSent(m)) view.append(replyBox(m, address));
+      view.append(body);
       if (m.unsubscribe && /^https?:/i.test(m.unsubscribe)) {
         const footer = el("div", "mail-unsubscribe");
         footer.append(link(m.unsubscribe, "Unsubscribe"));
         view.append(footer);
       }
       return view;
+    }
+
+    // The Reply button, the reply form (To, Subject, the text) and how the last reply went.
+    function replyBox(m, address) {
+      const box = el("div", "mail-reply");
+      const status = el("p", "mail-reply-status");
+      status.setAttribute("role", "status");
+      const shown = outcomes.get(m.id);
+      if (shown) { status.textContent = shown.text; status.dataset.outcome = shown.ok ? "sent" : "failed"; }
+      const open = el("button", "mail-reply-open", "Reply");
+      open.type = "button";
+      const form = el("form", "mail-compose");
+      form.hidden = !composing.has(m.id);
+      open.hidden = !form.hidden;
+      if (!replies.enabled) {
+        open.disabled = true;
+        box.append(open, el("p", "mail-reply-off", replies.reason || "E-mail replies are off."), status);
+        return box;
+      }
+      const fields = el("div", "mail-meta");
+      fields.append(el("div", "", "From: " + address), el("div", "", "To: " + replyTarget(m)),
+        el("div", "", "Subject: " + replySubject(m.subject)));
+      const text = el("textarea", "mail-reply-text");
+      text.rows = 4;
+      text.setAttribute("aria-label", "Your reply");
+      text.placeholder = "Write your reply…";
+      text.value = composing.get(m.id) || "";
+      text.addEventListener("input", () => composing.set(m.id, text.value));
+      const send = el("button", "mail-reply-send", "Send");
+      send.type = "submit";
+      const cancel = el("button", "linkish mail-reply-cancel", "Cancel");
+      cancel.type = "button";
+      const actions = el("div", "mail-reply-actions");
+      actions.append(send, cancel);
+      form.append(fields, text, actions);
+      open.addEventListener("click", () => {
+        composing.set(m.id, composing.get(m.id) || "");
+        form.hidden = false;
+        open.hidden = true;
+        text.focus();
+      });
+      cancel.addEventListener("click", () => {
+        composing.delete(m.id);
+        form.hidden = true;
+        open.hidden = false;
+      });
+      form.addEventListener("submit", async (event) => {
+        event.preventDefault();
+        const typed = text.value;
+        if (!typed.trim() || send.disabled) return;
+        send.disabled = true;
+        status.textContent = "Sending…";
+        delete status.dataset.outcome;
+        let outcome;
+        try {
+          const response = await fetch("/sandbox/mail/" + encodeURIComponent(m.id) + "/reply", {
+            method: "POST", headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({text: typed, from: address})});
+          const data = await response.json().catch(() => ({}));
+          const smtp = data.smtp || {};
+          if (response.ok && data.sent) {
+            outcome = {ok: true, text: "Reply sent · the e-mail service answered " + (smtp.code || 250) + " " + (smtp.message || "")};
+          } else if (smtp.code) {
+            outcome = {ok: false, text: "Not delivered · the e-mail service answered " + smtp.code + " " + (smtp.message || "")};
+          } else {
+            outcome = {ok: false, text: "Not delivered · " + (smtp.message || ((data.errors || [])[0] || {}).title || "HTTP " + response.status)};
+          }
+        } catch (e) {
+          outcome = {ok: false, text: "Not delivered · the sandbox did not answer"};
+        }
+        send.disabled = false;
+        outcomes.set(m.id, outcome);
+        status.textContent = outcome.text;
+        status.dataset.outcome = outcome.ok ? "sent" : "failed";
+        if (outcome.ok) {
+          composing.delete(m.id);
+          text.value = "";
+          form.hidden = true;
+          open.hidden = false;
+        }
+      });
+      box.append(open, form, status);
+      return box;
     }
 
     function show(view, signature) {
@@ -1572,9 +1700,10 @@
       if (!address || !current || current.kind !== "mail") return;
       fetch("/sandbox/mail?to=" + encodeURIComponent(address)).then((r) => (r.ok ? r.json() : null)).then((data) => {
         if (!data || !current || current.kind !== "mail" || numberInput.value.trim() !== address) return;
+        if (data.replies) replies = data.replies;
         const mails = data.mails || [];
         const open = openId && mails.find((m) => m.id === openId);
-        if (open) show(mailView(open), "open:" + open.id);
+        if (open) show(mailView(open, address), "open:" + open.id + ":" + replies.enabled);
         else {
           openId = null;
           show(listView(mails, address), "list:" + address + ":" + mails.map((m) => m.id).join(","));
@@ -1587,9 +1716,9 @@
       label: "Mail", who: "E-mail customer", fromLabel: "Your address", defaultFrom: "ada@example.com",
       fromKey: "sandbox.phone.email", placeholder: "", hasName: false,
       title: () => "Mail",
-      subtitle: (ch) => "Inbox · mail from " + (ch.fromAddress || businessName),
+      subtitle: (ch) => "Mail box · mail from " + (ch.fromAddress || businessName),
       address: (ch) => ch.fromAddress,
-      addressLine: () => "an inbox: e-mail notifications to the address above land there",
+      addressLine: () => "a mail box: e-mail notifications to the address above land there, and you can reply",
       tick,
     };
   })();
@@ -1625,6 +1754,7 @@
   function resetThread() {
     generation += 1;
     bubbles = new Map();
+    lastItems = [];
     thread.textContent = "";
     quick.textContent = "";
     quick.hidden = true;
@@ -1696,6 +1826,180 @@
       .catch((e) => showError("Not sent: " + e.message));
   }
 
+  // --- photos and documents from the channel phones ------------------------------------------------
+  // The paper clip of the WhatsApp, Messenger, Telegram and SMS phones: each file is checked
+  // against what that platform takes (`config.attachments`: photo and document types and sizes),
+  // uploaded to the sandbox (POST /sandbox/uploads, its progress in the thread), then sent by the
+  // phone's fake ({"upload": id} to /inbound) as that platform's own webhook carrying it. An upload
+  // or a send that did not get through can be retried; what the platform would refuse never leaves.
+
+  const MEDIA_RULES = config.attachments || {};
+  const MB = 1024 * 1024;
+  let outgoing = []; // files on their way: {key, channel, from, name, file, type, photo, status, progress, uploadId?, reason?}
+  let lastItems = []; // what the fake's thread showed at the last poll
+
+  const shortType = (type) => ({"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif", "image/webp": "webp",
+    "application/pdf": "pdf", "text/plain": "text", "text/csv": "csv", "application/zip": "zip"})[type] || null;
+  function typeList(types) {
+    const names = Array.from(new Set(types.map((t) => shortType(t) || "office")));
+    return names.join(", ");
+  }
+
+  function fakeAttach(files) {
+    const rule = current ? MEDIA_RULES[current.kind] : null;
+    const from = numberInput.value.trim();
+    if (!rule || !from) {
+      showError("Not sent: " + (rule ? "enter the sender first" : "this phone sends no files"));
+      return;
+    }
+    const refused = [];
+    for (const file of files) {
+      const name = String(file.name || "file");
+      const type = uploadType(file);
+      const photo = !!type && rule.photoTypes.includes(type);
+      const limit = photo ? rule.maxPhotoBytes : rule.maxDocumentBytes;
+      if (!type || (!photo && !rule.documentTypes.includes(type))) {
+        refused.push("“" + name + "” can’t be sent on " + adapter.label + ": photos (" + typeList(rule.photoTypes) +
+          ") and documents (" + typeList(rule.documentTypes) + ") only.");
+      } else if (!file.size) refused.push("“" + name + "” is empty.");
+      else if (file.size > limit) {
+        refused.push("“" + name + "” is too large for " + adapter.label + ": a " + (photo ? "photo" : "document") +
+          " is at most " + Math.floor(limit / MB) + " MB.");
+      } else {
+        const entry = {key: "up:" + Date.now().toString(36) + Math.random().toString(36).slice(2), channel: current,
+                       phone: adapter, from, name, file, type, photo, status: "uploading", progress: 0,
+                       at: Date.now() / 1000, preview: photo ? URL.createObjectURL(file) : null};
+        outgoing.push(entry);
+        sendFile(entry);
+      }
+    }
+    showError(refused.join(" "));
+    redraw();
+    scrollToNewest();
+  }
+
+  // Upload the file (unless it already is), then have the phone send it; the thread shows how it goes.
+  async function sendFile(entry) {
+    entry.reason = "";
+    if (!entry.uploadId) {
+      entry.status = "uploading";
+      entry.progress = 0;
+      redraw();
+      const result = await postUpload(entry);
+      const upload = result.body && result.body.upload;
+      if (result.status !== 201 || !upload) {
+        failed(entry, result.status, (((result.body && result.body.errors) || [])[0] || {}).title ||
+          (result.status ? "HTTP " + result.status : "no connection"));
+        return;
+      }
+      entry.uploadId = upload.id;
+    }
+    entry.status = "sending";
+    redraw();
+    const ch = entry.channel;
+    let status = 0;
+    let reason = "";
+    try {
+      const response = await fetch("/sandbox/" + ch.kind + "/" + encodeURIComponent(ch.integrationId) + "/inbound", {
+        method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify(entry.phone.inbound(entry.from, nameInput.value.trim(), {upload: entry.uploadId}))});
+      status = response.status;
+      const data = await response.json().catch(() => ({}));
+      reason = ((data.errors || [])[0] || {}).title || "HTTP " + status;
+    } catch (e) {
+      reason = "no connection";
+    }
+    if (status !== 200) { failed(entry, status, reason); return; }
+    outgoing = outgoing.filter((e) => e !== entry);
+    if (entry.preview) URL.revokeObjectURL(entry.preview);
+    showError("");
+    poll();
+  }
+
+  function failed(entry, status, reason) {
+    showError("Not sent: “" + entry.name + "”: " + reason);
+    // Refused for what it is (its type, its size): sending it again would not help.
+    if (status >= 400 && status < 500 && ![408, 429].includes(status)) {
+      outgoing = outgoing.filter((e) => e !== entry);
+      if (entry.preview) URL.revokeObjectURL(entry.preview);
+    } else {
+      entry.status = "failed";
+      entry.reason = reason;
+    }
+    redraw();
+  }
+
+  // POST the file (multipart, as `file`) with XMLHttpRequest, for its upload progress.
+  function postUpload(entry) {
+    return new Promise((resolve) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/sandbox/uploads");
+      xhr.upload.onprogress = (event) => {
+        if (!event.lengthComputable || !event.total) return;
+        entry.progress = Math.round(event.loaded * 100 / event.total);
+        redraw();
+      };
+      xhr.onload = () => {
+        let body = null;
+        try { body = JSON.parse(xhr.responseText); } catch (e) { /* the status says enough */ }
+        resolve({status: xhr.status, body});
+      };
+      xhr.onerror = xhr.onabort = xhr.ontimeout = () => resolve({status: 0, body: null});
+      const form = new FormData();
+      form.append("file", new Blob([entry.file], {type: entry.type}), entry.name);
+      xhr.send(form);
+    });
+  }
+
+  // The files on their way from the phone shown now, as thread items after the fake's own.
+  function outgoingItems() {
+    const from = numberInput.value.trim();
+    return outgoing.filter((e) => e.channel === current && e.from === from).map((e) => ({
+      key: e.key, direction: "in", at: e.at, state: e.status + ":" + e.progress,
+      render: (bubble) => {
+        bubble.dataset.type = "upload";
+        if (e.preview) {
+          const img = el("img");
+          img.alt = e.name;
+          img.src = e.preview;
+          bubble.append(img);
+        }
+        bubble.append(el("span", "upload-name", (e.photo ? "" : "📄 ") + e.name));
+      },
+      footer: (footer) => {
+        if (e.status === "failed") {
+          const line = el("div", "failed", "not sent" + (e.reason ? " (" + e.reason + ")" : "") + " · ");
+          const again = choiceButton("Retry", () => { if (e.status === "failed") sendFile(e); });
+          again.className = "app-retry";
+          line.append(again);
+          footer.append(line);
+          return;
+        }
+        if (e.status === "sending") {
+          footer.append(el("span", "meta", "sending…"));
+          return;
+        }
+        const bar = el("progress");
+        bar.max = 100;
+        bar.value = e.progress;
+        bar.setAttribute("aria-label", "Uploading " + e.name);
+        footer.append(bar, el("span", "meta", "uploading… " + e.progress + "%"));
+      },
+    }));
+  }
+
+  // Draw the thread again with what is on its way (a fake phone's; the App and Mail tabs draw their own).
+  function redraw() {
+    if (!current || adapter.tick || adapter.activate) return;
+    render(lastItems.concat(outgoingItems()));
+  }
+
+  // A file this phone sent, as the phone shows it: the picture, else its name as a link.
+  function sentMedia(file, bubble) {
+    if (String(file.mediaType || "").startsWith("image/")) renderImage(file.url, file.name || "photo", bubble);
+    else bubble.append(link(file.url, "📄 " + (file.name || "file")));
+  }
+
   function render(items) {
     let added = false;
     let previous = null;
@@ -1748,7 +2052,8 @@
     try {
       const data = await api("/thread?to=" + encodeURIComponent(from));
       if (mine !== generation) return;
-      render(adapter.items(data));
+      lastItems = adapter.items(data);
+      render(lastItems.concat(outgoingItems()));
       if (document.visibilityState === "visible") adapter.markRead(data, api, from);
     } catch (e) { /* the sandbox restarts, or this sender has no thread yet; try again on the next tick */ }
   }
@@ -1777,7 +2082,9 @@
     nameInput.parentElement.hidden = adapter.hasName === false;
     identityRow.hidden = adapter.hasIdentity === false;
     $("phone-app-bar").hidden = !adapter.activate;
-    attachButton.hidden = !adapter.attach;
+    attachButton.hidden = !adapter.attach || (adapter !== app && !MEDIA_RULES[next.kind]);
+    const rule = MEDIA_RULES[next.kind];
+    fileInput.accept = adapter === app ? APP_UPLOAD_TYPES.join(",") : (rule ? rule.photoTypes.concat(rule.documentTypes).join(",") : "");
     $("phone-number-label").textContent = adapter.fromLabel;
     frame.setAttribute("aria-label", "Simulated " + adapter.label + " phone");
     textInput.placeholder = adapter.placeholder;
@@ -1888,7 +2195,6 @@
   const initial = params.get("waText");
   if (initial) follow({kind: "whatsapp", text: initial});
 
-  fileInput.accept = APP_UPLOAD_TYPES.join(",");
   attachButton.addEventListener("click", () => fileInput.click());
   fileInput.addEventListener("change", () => {
     const files = Array.from(fileInput.files || []);
