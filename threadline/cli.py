@@ -182,24 +182,21 @@ class Launcher:
         """The port of this run's sandbox SMTP sink: THREADLINE_SANDBOX_SMTP_PORT when set, else a
         free one with --auto-ports (mail of this instance must reach its own sink, never another
         instance's on the default port), else 2525. Bootstrap points the e-mail integration at it."""
-        configured = self.extra_env.get(SMTP_PORT_VARIABLE, os.environ.get(SMTP_PORT_VARIABLE, ""))
-        if configured:
-            try:
-                return int(configured)
-            except ValueError as exc:
-                raise LaunchError(f"{SMTP_PORT_VARIABLE} must be a port number, got {configured!r}") from exc
-        return free_port() if self.auto_ports else SANDBOX_SMTP_PORT
+        return self._port_setting(SMTP_PORT_VARIABLE, SANDBOX_SMTP_PORT)
 
     def mail_smtp_port(self) -> int:
         """The port of the e-mail channel's SMTP receiver (where the sandbox's mail box sends its
         replies): THREADLINE_MAIL_SMTP_PORT when set, else a free one with --auto-ports, else 2526."""
-        configured = self.extra_env.get(MAIL_SMTP_PORT_VARIABLE, os.environ.get(MAIL_SMTP_PORT_VARIABLE, ""))
+        return self._port_setting(MAIL_SMTP_PORT_VARIABLE, MAIL_SMTP_PORT)
+
+    def _port_setting(self, variable: str, default: int) -> int:
+        configured = self.extra_env.get(variable, os.environ.get(variable, ""))
         if configured:
             try:
                 return int(configured)
             except ValueError as exc:
-                raise LaunchError(f"{MAIL_SMTP_PORT_VARIABLE} must be a port number, got {configured!r}") from exc
-        return free_port() if self.auto_ports else MAIL_SMTP_PORT
+                raise LaunchError(f"{variable} must be a port number, got {configured!r}") from exc
+        return free_port() if self.auto_ports else default
 
     def say(self, text: str) -> None:
         print(text, flush=True)

@@ -803,6 +803,7 @@ class Conversations(ConversationCore):
                                               external_id=client.external_id)),
             quoted_message=None if not msg.quoted_provider_message_id else QuotedMessage(
                 type="externalMessageId", external_message_id=msg.quoted_provider_message_id),
+            metadata=msg.metadata or None,
         )
         event_id = new_id()
         record = await self.store.record_inbound(

@@ -311,10 +311,11 @@ class EmailService(ServiceApp):
             except ObjectStoreError as exc:
                 log.warning("mail attachments not stored: %s", exc)
                 return Outcome("retry", "temporary failure storing attachments")
-            conversation_id = replied[1] if replied is not None else None
+            conversation_id = replied[1] if replied is not None else await self.threads.replied_conversation(
+                creds.app_id, mail)
             id_of_mail = handlers.provider_id(mail, raw_digest)
             messages = handlers.inbound_messages(mail, creds, id_of_mail=id_of_mail, received_at=time.time(),
-                                                 conversation_id=conversation_id, files=files)
+                                                 conversation_id=conversation_id, files=files, verdict=verdict)
             try:
                 await publish_durably(self.bus, handlers.CHANNEL, messages, message_id=handlers.inbound_msg_id,
                                       what="mail")
@@ -322,6 +323,8 @@ class EmailService(ServiceApp):
                 return Outcome("retry", "temporary failure, try again later")
             thread_key = conversation_id or handlers.sender_thread_key(creds.integration_id, mail.from_address)
             await self.threads.add(thread_key, id_of_mail, mail.subject)
+            if conversation_id is not None:
+                await self.threads.link(id_of_mail, creds.app_id, conversation_id, mail.from_address)
             log.info("mail accepted through %s: %d message(s)", way, len(messages),
                      extra=log_fields(integration_id=creds.integration_id, conversation_id=conversation_id,
                                       messages=len(messages)))

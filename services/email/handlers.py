@@ -126,9 +126,21 @@ def customer_text(mail: InboundMail, replied: bool) -> str:
     return f"{subject}\n\n{text}" if text else subject
 
 
+MAX_SUBJECT_METADATA = 200
+
+
+def mail_metadata(mail: InboundMail, id_of_mail: str, verdict: AuthVerdict) -> dict[str, str | int | float | bool]:
+    """What the business may want of a mail beside its text (SunCo message metadata, flat): its
+    subject, Message-ID and the sender authentication it passed."""
+    return {"email:subject": " ".join(mail.subject.split())[:MAX_SUBJECT_METADATA], "email:messageId": id_of_mail,
+            "email:spf": verdict.spf, "email:dkim": verdict.dkim, "email:dmarc": verdict.dmarc}
+
+
 def inbound_messages(mail: InboundMail, creds: Credentials, *, id_of_mail: str, received_at: float,
-                     conversation_id: str | None, files: Sequence[KeptFile]) -> list[InboundMessage]:
-    """The customer messages a mail becomes: its text, then one per attachment (`<id>/<n>`)."""
+                     conversation_id: str | None, files: Sequence[KeptFile],
+                     verdict: AuthVerdict = AuthVerdict()) -> list[InboundMessage]:
+    """The customer messages a mail becomes: its text, then one per attachment (`<id>/<n>`),
+    each with the mail's metadata."""
     sender = normal_address(mail.from_address)
     info = {"email": sender}
     contents: list[Content] = []
@@ -146,7 +158,7 @@ def inbound_messages(mail: InboundMail, creds: Credentials, *, id_of_mail: str, 
         app_id=creds.app_id, integration_id=creds.integration_id, channel=CHANNEL, client_type=CHANNEL,
         channel_user_id=sender, provider_message_id=id_of_mail if index == 0 else f"{id_of_mail}/{index}",
         received_at=received_at, content=content, display_name=mail.from_name or None, client_info=info,
-        conversation_id=conversation_id)
+        conversation_id=conversation_id, metadata=mail_metadata(mail, id_of_mail, verdict))
         for index, content in enumerate(contents)]
 
 
@@ -177,6 +189,22 @@ def sender_thread_key(integration_id: str, address: str) -> str:
     return f"sender.{integration_id}.{hashlib.sha256(normal_address(address).encode()).hexdigest()[:32]}"
 
 
+class ThreadLink(msgspec.Struct, kw_only=True):
+    """Which conversation a Message-ID of ours or of a customer's belongs to, and with whom: a
+    reply naming it (In-Reply-To, References) joins that conversation only from that address."""
+
+    app_id: str
+    conversation_id: str
+    address: str
+
+
+def message_link_key(message_id: str) -> str:
+    """Where a Message-ID's `ThreadLink` is kept (KV keys allow no `<@>`)."""
+    return f"mid.{hashlib.sha256(message_id.strip().lower().encode()).hexdigest()[:40]}"
+
+
+LINK_ENCODER = msgspec.json.Encoder()
+LINK_DECODER = msgspec.json.Decoder(ThreadLink)
 THREAD_ENCODER = msgspec.json.Encoder()
 THREAD_DECODER = msgspec.json.Decoder(MailThread)
 

@@ -15,15 +15,18 @@ from shared import mailsend, render
 from shared.bus import Bus
 from shared.egress import EgressPolicy
 from shared.encryption import Keyring
-from shared.mailparse import reply_headers
-from shared.mailreply import reply_to
+from shared.mailparse import InboundMail, reply_headers
+from shared.mailreply import normal_address, reply_to
 from shared.messages.channel import OutboundSend
 from shared.outbound import ChannelSender, SendSettings, UnsendableContent
 
 from . import handlers
-from .handlers import Credentials, MailPart, MailSendFailure, MailThread
+from .handlers import Credentials, MailPart, MailSendFailure, MailThread, ThreadLink
 
 log = logging.getLogger(__name__)
+
+# In-Reply-To and the last References looked up to find the conversation a mail answers.
+MAX_LINK_LOOKUPS = 5
 
 
 class ThreadStore:
@@ -50,6 +53,31 @@ class ThreadStore:
     async def put(self, key: str, thread: MailThread) -> None:
         """Keep a thread as it is now."""
         await self.kv.put(key, handlers.THREAD_ENCODER.encode(thread))
+
+    async def link(self, message_id: str, app_id: str, conversation_id: str, address: str) -> None:
+        """Remember that a mail (ours, or the customer's) belongs to the conversation with `address`
+        (best effort: a reply to it still has its Reply-To)."""
+        try:
+            await self.kv.put(handlers.message_link_key(message_id), handlers.LINK_ENCODER.encode(ThreadLink(
+                app_id=app_id, conversation_id=conversation_id, address=normal_address(address))))
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("mail %s not linked to its conversation: %s", message_id, exc)
+
+    async def replied_conversation(self, app_id: str, mail: InboundMail) -> str | None:
+        """The conversation a mail answers by its In-Reply-To or References (the nearest first),
+        when that mail was exchanged with the same address in this app; None otherwise."""
+        sender = normal_address(mail.from_address)
+        for message_id in [mail.in_reply_to, *reversed(mail.references)][:MAX_LINK_LOOKUPS]:
+            if not message_id:
+                continue
+            try:
+                entry = await self.kv.get(handlers.message_link_key(message_id))
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            link = handlers.LINK_DECODER.decode(entry.value) if entry.value else None
+            if link is not None and link.app_id == app_id and link.address == sender:
+                return link.conversation_id
+        return None
 
 
 class EmailSender(ChannelSender[Credentials, MailPart]):
@@ -102,12 +130,14 @@ class EmailSender(ChannelSender[Credentials, MailPart]):
             raise MailSendFailure(str(exc), exc.code, transient=True) from exc
         except mailsend.EmailPermanentError as exc:
             raise MailSendFailure(str(exc), exc.code) from exc
-        await self.remember_sent(part, provider_id)
+        await self.remember_sent(creds, part, provider_id)
         return provider_id
 
-    async def remember_sent(self, part: MailPart, provider_id: str) -> None:
-        """The conversation's thread now ends with the mail just sent (best effort)."""
+    async def remember_sent(self, creds: Credentials, part: MailPart, provider_id: str) -> None:
+        """The conversation's thread now ends with the mail just sent, and a reply naming it joins
+        the conversation (best effort)."""
         try:
             await self.threads.put(part.conversation_id, part.thread.with_message(provider_id))
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("mail thread of conversation %s not updated: %s", part.conversation_id, exc)
+        await self.threads.link(provider_id, creds.app_id, part.conversation_id, part.to)

@@ -49,7 +49,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
-from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads, upload_in
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.telemetry import inject_headers, tracer
@@ -424,7 +424,7 @@ class FakeMessenger:
             raise ValueError("'at' must be Unix seconds")
         when = float(at) if at is not None else time.time()
         new_thread = not self.threads.get((integration_id, psid))
-        upload = self.upload_of(spec)
+        upload = upload_in(self.uploads, spec)
         if upload is not None:
             kind = "image" if MEDIA_RULES["messenger"].kind_of(upload) == "photo" else "file"
             spec = {**spec, "attachment": {"type": kind, "url": self.cdn_url(upload, when)}}
@@ -449,16 +449,6 @@ class FakeMessenger:
         self._save_person(integration_id, person)
         return {"mids": mids, "mid": mids[-1] if mids else None, "events": len(events),
                 "webhookStatus": max(statuses, key=lambda s: (s != 200, s)), "webhookStatuses": statuses}
-
-    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
-        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
-        unknown one."""
-        if spec.get("upload") is None:
-            return None
-        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
-        if upload is None:
-            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
-        return upload
 
     def cdn_url(self, upload: Upload, now: float | None = None) -> str:
         """Where an attachment the person sent is on the fake's CDN (as on Meta's: a path that ends

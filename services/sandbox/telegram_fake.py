@@ -62,7 +62,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
-from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads, upload_in
 from shared.http import ApiError
 from shared.records import IntegrationRecord
 from shared.tasks import cancel_and_wait
@@ -516,7 +516,7 @@ class FakeTelegram:
         `name`, `username`, `replyTo` (message id in the chat).
         """
         bot = self.bots[integration_id]
-        upload = self.upload_of(spec)
+        upload = upload_in(self.uploads, spec)
         upload_kind = MEDIA_RULES["telegram"].kind_of(upload) if upload is not None else None
         raw_from = spec.get("from")
         if isinstance(raw_from, bool) or not isinstance(raw_from, int | str) or not str(raw_from).isdigit():
@@ -582,16 +582,6 @@ class FakeTelegram:
         self._add_entry(integration_id, user.id, ChatEntry("in", message, time.time(), media=media))
         status = await self.deliver(bot, {"message": message})
         return {"messageId": message["message_id"], "chatId": user.id, "webhookStatus": status}
-
-    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
-        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
-        unknown one."""
-        if spec.get("upload") is None:
-            return None
-        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
-        if upload is None:
-            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
-        return upload
 
     async def _press_button(self, bot: Bot, user: TgUser, thread: list[ChatEntry], data: str) -> dict[str, Any]:
         def has_button(entry: ChatEntry) -> bool:

@@ -342,6 +342,17 @@ async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def upload_in(uploads: Uploads | None, spec: dict[str, Any]) -> Upload | None:
+    """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
+    unknown one."""
+    if spec.get("upload") is None:
+        return None
+    upload = uploads.get(spec["upload"]) if uploads is not None else None
+    if upload is None:
+        raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
+    return upload
+
+
 class _NullFile:
     """A file that writes nowhere (memory-only uploads keep their bytes themselves)."""
 

@@ -41,7 +41,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from services.sandbox.scripting import read_json_object, sunco_errors
-from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads
+from services.sandbox.uploads import MEDIA_RULES, Upload, Uploads, upload_in
 from shared.http import ApiError
 from shared.tasks import cancel_and_wait
 from shared.telemetry import inject_headers, tracer
@@ -549,7 +549,7 @@ class FakeWhatsApp:
         number = spec.get("from")
         if not isinstance(number, str) or not digits(number):
             raise ValueError("'from' must be a phone number")
-        upload = self.upload_of(spec)
+        upload = upload_in(self.uploads, spec)
         if upload is not None:
             MEDIA_RULES["whatsapp"].kind_of(upload)  # what WhatsApp does not carry is refused first
         bsuid = spec.get("bsuid") if isinstance(spec.get("bsuid"), str) else None
@@ -581,16 +581,6 @@ class FakeWhatsApp:
         self._append(integration_id, customer.number, ThreadEntry("in", wamid, time.time(), message, media=media))
         status = await self.deliver(account, {"contacts": [contact], "messages": [message]})
         return wamid, status
-
-    def upload_of(self, spec: dict[str, Any]) -> Upload | None:
-        """The uploaded file an inbound spec sends (`upload`: its id), or None; ValueError for an
-        unknown one."""
-        if spec.get("upload") is None:
-            return None
-        upload = self.uploads.get(spec["upload"]) if self.uploads is not None else None
-        if upload is None:
-            raise ValueError("'upload' must be the id of a file uploaded to /sandbox/uploads")
-        return upload
 
     def _inbound_content(self, account: Account, customer: Customer, spec: dict[str, Any],
                          upload: Upload | None = None) -> dict[str, Any]:

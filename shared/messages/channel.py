@@ -44,6 +44,9 @@ class InboundMessage(ChannelMessage, tag="channel.inbound.message", kw_only=True
     quoted_provider_message_id: str | None = None
     # A handoff code or deep-link referral carried invisibly by the channel (Telegram start, m.me ref).
     referral: str | None = None
+    # What the channel knows of the message that the business may want (SunCo message metadata:
+    # flat strings, numbers, booleans), e.g. an e-mail's subject and sender authentication.
+    metadata: dict[str, str | int | float | bool] | None = None
 
 
 class InboundActivity(ChannelMessage, tag="channel.inbound.activity", kw_only=True):

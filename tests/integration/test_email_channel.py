@@ -126,6 +126,9 @@ async def test_a_mail_starts_a_conversation_the_reply_is_threaded_and_the_answer
     stored = await eventually(lambda: scene.stored(str(first["Message-ID"])))
     assert text_of(stored) == "Order 1042 arrived broken\n\nHello,\nthe vase in order 1042 arrived in pieces."
     conversation_id = stored.conversation_id
+    metadata = MESSAGE_DECODER.decode(stored.body).metadata or {}
+    assert metadata["email:subject"] == "Order 1042 arrived broken" and metadata["email:dkim"] == "pass"
+    assert metadata["email:messageId"] == str(first["Message-ID"])
 
     # The business answers through the API: one mail, threaded under the customer's.
     t = scene.tenant
@@ -149,6 +152,16 @@ async def test_a_mail_starts_a_conversation_the_reply_is_threaded_and_the_answer
     assert joined.conversation_id == conversation_id and text_of(joined) == "Great, thank you!"
     # A retried delivery of the same mail is the same message.
     assert (await scene.send(answer))[0] == 250
+    # A mail app that answers the incoming address instead still threads: In-Reply-To names our mail,
+    # sent to this very address. The same In-Reply-To from anyone else joins nothing of Pat's.
+    by_reference = mail("One more thing: the box was wet.", subject="Re: Order 1042 arrived broken",
+                        In_Reply_To=sent["messageId"])
+    assert (await scene.send(by_reference))[0] == 250
+    assert (await eventually(lambda: scene.stored(str(by_reference["Message-ID"])))).conversation_id == conversation_id
+    intruder = mail("Send the refund to me.", sender="eve@other.example", subject="Re: Order 1042 arrived broken",
+                    In_Reply_To=sent["messageId"])
+    assert (await scene.send(intruder))[0] == 250
+    assert (await eventually(lambda: scene.stored(str(intruder["Message-ID"])))).conversation_id != conversation_id
     # The next answer threads under the customer's last mail, same subject, the whole chain referenced.
     await t.request("POST", f"/v2/apps/{t.app_id}/conversations/{conversation_id}/messages", body={
         "author": {"type": "business"}, "content": {"type": "text", "text": "Tracking: 1Z999."}})
@@ -160,9 +173,9 @@ async def test_a_mail_starts_a_conversation_the_reply_is_threaded_and_the_answer
     later = next(m for m in await eventually(second, timeout=10.0) if "Tracking" in m["text"])
     later_headers = {name: value for name, value in later["headers"]}
     assert later["subject"] == "Re: Order 1042 arrived broken"
-    assert later_headers["In-Reply-To"] == str(answer["Message-ID"])
+    assert later_headers["In-Reply-To"] == str(by_reference["Message-ID"])
     assert later_headers["References"].split() == [str(first["Message-ID"]), sent["messageId"],
-                                                   str(answer["Message-ID"])]
+                                                   str(answer["Message-ID"]), str(by_reference["Message-ID"])]
 
 
 async def test_forged_unauthenticated_automatic_and_hostile_mail_is_refused_or_set_aside(scene: Mail) -> None:
