@@ -1,0 +1,1 @@
+"""The `desk` service: agents, teams, presence, routing queues, assignments and the agent UI."""
