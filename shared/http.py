@@ -112,26 +112,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except UNAVAILABLE_ERRORS as exc:
         # The database is down or failing over: the caller (a platform, a business) retries.
-        log.warning("database unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
+        log.warning("database unavailable on %s %s: %s", request.method, route_of(request), type(exc).__name__)
         return error_response(503, "Service temporarily unavailable, retry later", headers={"Retry-After": "1"})
     except CONFLICT_ERRORS as exc:
         # Another replica's transaction won a conflict over the same rows; nothing was written.
-        log.warning("database conflict on %s %s: %s", request.method, request.path, type(exc).__name__)
+        log.warning("database conflict on %s %s: %s", request.method, route_of(request), type(exc).__name__)
         return error_response(503, "Concurrent update, retry", headers={"Retry-After": "1"})
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, route_of(request))
         return error_response(500, "Internal error")
+
+
+def route_of(request: web.Request) -> str:
+    """The route template `request` matched (`/webhooks/sendgrid/{integration_id}/{secret}`), what
+    logs and spans name: a path may carry a secret (SendGrid's inbound URL does)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 @contextlib.contextmanager
 def server_span(request: web.Request) -> Iterator[Span]:
     """A SERVER span for `request`, continuing a `traceparent` the caller sent (current while open)."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else request.path
+    route = route_of(request)
     with _tracer.start_as_current_span(f"{request.method} {route}", context=extract_context(request.headers),
                                        kind=SpanKind.SERVER) as span:
         span.set_attribute("http.request.method", request.method)
-        span.set_attribute("url.path", request.path)
+        span.set_attribute("http.route", route)
         yield span
 
 

@@ -1096,6 +1096,12 @@ def _unquote(value: str) -> str:
     return value
 
 
+def _authserv_id(value: str) -> str:
+    """The authserv-id an Authentication-Results value starts with, lower-cased ("" if none)."""
+    head = _without_comments(_normal_newlines(value[:_MAX_AUTH_RESULTS_CHARS])).split(";", 1)[0].split()
+    return head[0].lower() if head else ""
+
+
 def _auth_results(value: str, trusted_authserv_ids: set[str]) -> list[tuple[str, str, dict[str, str]]]:
     if len(value) > _MAX_AUTH_RESULTS_CHARS:
         return []
@@ -1131,15 +1137,17 @@ def domains_aligned(domain: str, from_domain: str) -> bool:
 
 def parse_authentication_results(header_values: list[str], trusted_authserv_ids: set[str],
                                  from_domain: str | None = None) -> AuthVerdict:
-    """The verdict in RFC 8601 `Authentication-Results` header values, counting only those
-    whose authserv-id is trusted (anyone can add the header to the mail they send; the
-    receiving MTA must also strip incoming ones that claim its own id).
+    """The verdict in the topmost RFC 8601 `Authentication-Results` header whose authserv-id is
+    trusted (`header_values` top first). Only that one counts: the trusted MTA adds its header
+    above everything the sender wrote, and a sender can write a header claiming the MTA's id
+    lower down (an MTA that does not strip those would otherwise let it vouch for itself).
 
-    SPF and DMARC come from the first (topmost) trusted result; DKIM is `pass` when any
-    signature passed. Alignment is judged against `from_domain` (the From header's domain),
-    or the DMARC result's `header.from` when it is not given.
+    DKIM is `pass` when any signature in it passed. Alignment is judged against `from_domain`
+    (the From header's domain), or the DMARC result's `header.from` when it is not given.
     """
-    results = [result for value in header_values for result in _auth_results(value, trusted_authserv_ids)]
+    topmost = next((value for value in header_values if _authserv_id(value) in
+                    {server.lower() for server in trusted_authserv_ids}), None)
+    results = _auth_results(topmost, trusted_authserv_ids) if topmost is not None else []
     first = {method: (result, properties) for method, result, properties in reversed(results)}
     spf, spf_properties = first.get("spf", ("none", {}))
     dmarc, dmarc_properties = first.get("dmarc", ("none", {}))

@@ -212,11 +212,30 @@ class Download:
     chunks: AsyncIterator[bytes]
 
 
+SERVED_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+def served_type(media_type: str | None) -> str:
+    """The type a file is served as: its own when it may be kept, else an opaque download (a
+    customer's HTML or SVG never renders on the gateway's origin)."""
+    declared = normal_type(media_type)
+    return declared if declared in ALLOWED_TYPES else OPAQUE_TYPE
+
+
+def disposition(media_type: str, filename: str | None = None) -> str:
+    """`inline` for images, audio and video, else `attachment` (with the safe name, if any)."""
+    kind = "inline" if media_type.startswith(INLINE_PREFIXES) else "attachment"
+    return f'{kind}; filename="{safe_filename(filename, media_type)}"' if filename else kind
+
+
 async def relay(request: web.Request, download: Download) -> web.StreamResponse:
-    """Stream a platform download to the client (a channel's media passthrough URL)."""
-    response = web.StreamResponse(status=200)
-    response.content_type = normal_type(download.media_type) or OPAQUE_TYPE
-    response.headers["Cache-Control"] = "private, max-age=300"
+    """Stream a platform download to the client (a channel's media passthrough URL), with the
+    same protections as an attachment: an allowed type or a download, nosniff, a sandbox."""
+    media_type = served_type(download.media_type)
+    response = web.StreamResponse(status=200, headers={
+        **SERVED_HEADERS, "Content-Disposition": disposition(media_type, download.filename),
+        "Cache-Control": "private, max-age=300"})
+    response.content_type = media_type
     await response.prepare(request)
     async for chunk in download.chunks:
         await response.write(chunk)

@@ -363,6 +363,7 @@ class Admin:
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=type_, status=status,
                                            display_name=display_name, config=config)
         async with self.store.tx():
+            await self._claim_incoming_address(type_, integration_id, config)
             if webhooks:
                 await self.store.serialize(f"webhooks:{app_id}")
             if webhooks and len(await self.store.list_webhooks(app_id=app_id)) + len(webhooks) > MAX_WEBHOOKS_PER_APP:
@@ -399,9 +400,24 @@ class Admin:
         record = records.IntegrationRecord(id=integration_id, app_id=app_id, type=row["type"], status=status,
                                            display_name=display_name, config=config)
         async with self.store.tx():
+            await self._claim_incoming_address(row["type"], integration_id, config)
             await self.store.set_integration(integration_id, status, display_name, config)
             await self.sink.put_integration(record)
         return await self.integration_out(await self.integration_row(app_id, integration_id))
+
+    async def _claim_incoming_address(self, type_: str, integration_id: str, config: Mapping[str, Any]) -> None:
+        """409 when another integration (of any app) receives at the same `incomingAddress`: mail
+        to it would reach one of them only (inside `tx()`, serialized with other claims)."""
+        address = config.get("incomingAddress")
+        if type_ != "mailgun" or not isinstance(address, str):
+            return
+        await self.store.serialize("mailgun-incoming-addresses")
+        wanted = address.strip().lower()
+        for other in await self.store.integrations_of_type("mailgun"):
+            if other["id"] != integration_id and str(loads(other["config"]).get("incomingAddress") or "").strip(
+                    ).lower() == wanted:
+                raise ApiError(409, "incomingAddress is already the address of another e-mail integration",
+                               "conflict")
 
     async def delete_integration(self, app_id: str, integration_id: str) -> None:
         await self.integration_row(app_id, integration_id)

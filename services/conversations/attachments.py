@@ -25,13 +25,13 @@ from shared.http import ApiError
 from shared.ids import now
 from shared.media import (
     APP_ID,
-    INLINE_PREFIXES,
     MAX_ATTACHMENT_BYTES,
     PATH_PREFIX,
+    SERVED_HEADERS,
     TOKEN,
+    disposition,
     object_key,
     parse_attachment_url,
-    safe_filename,
 )
 from shared.objectstore import ObjectStore, ObjectStoreError, epoch_now
 from shared.uploads import receive_source
@@ -119,15 +119,9 @@ class Attachments:
         if row is None or stored is None:
             raise web.HTTPNotFound(text="Not found")
         media_type = str(row["media_type"])
-        disposition = "inline" if media_type.startswith(INLINE_PREFIXES) else "attachment"
-        filename = safe_filename(str(row["filename"]), media_type)
-        headers = {
-            "Content-Type": media_type,
-            "Content-Disposition": f"{disposition}; filename=\"{filename}\"",
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-            "Cache-Control": "public, max-age=3600",
-        }
+        headers = {**SERVED_HEADERS, "Content-Type": media_type,
+                   "Content-Disposition": disposition(media_type, str(row["filename"])),
+                   "Cache-Control": "public, max-age=3600"}
         if stored.path is not None:
             return web.FileResponse(stored.path, headers=headers)
         response = web.StreamResponse(headers=headers)

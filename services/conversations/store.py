@@ -807,6 +807,10 @@ class Store:
     async def get_integration(self, app_id: str, integration_id: str) -> Row | None:
         return await self._one("SELECT * FROM integrations WHERE app_id=$1 AND id=$2", app_id, integration_id)
 
+    async def integrations_of_type(self, type_: str) -> list[Row]:
+        """Every integration of a type, whatever its app (id, app_id, config)."""
+        return await self._all("SELECT id, app_id, config FROM integrations WHERE type=$1", type_)
+
     async def list_integrations(self, app_id: str | None, types: Iterable[str] | None = None, *,
                                 after: str | None = None, before: str | None = None,
                                 limit: int = 1000) -> tuple[list[Row], bool]:

@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 from urllib.parse import parse_qsl
 
-import dkim
+import dns.exception
+import dns.resolver
 import msgspec
+import nats.errors
+import nats.js.errors
 from aiohttp import BodyPartReader, web
+from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from shared import metrics, records, subjects
@@ -65,6 +73,74 @@ _tracer = tracer(__name__)
 MAIL_THREADS_TTL_SECONDS = 180 * 86400.0
 MAIL_LIMITS_TTL_SECONDS = 86400.0
 _CHUNK = 256 * 1024
+# An ESP's inbound post: some 30 fields and up to MailLimits.max_attachments files; a body must
+# arrive within a minute (a post that trickles in holds a slot meant for mail).
+MAX_FORM_FIELDS = 128
+PART_OVERHEAD_BYTES = 128
+FORM_READ_SECONDS = 60.0
+
+
+class MailReader:
+    """Parses mail in worker processes, each within a time budget: reading a hostile mail (HTML
+    or address lists built to be slow to parse) must cost neither the event loop nor more than
+    the budget; a mail that takes longer is refused, and its worker replaced."""
+
+    def __init__(self, workers: int = 2, budget_seconds: float = 30.0) -> None:
+        self.workers = workers
+        self.budget_seconds = budget_seconds
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: a fork of a process running an event loop and threads is not safe to use.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    async def read(self, parse: Callable[..., InboundMail], *args: Any) -> InboundMail:
+        """`parse(*args)` in a worker; MailRejected when it fails or runs out of time."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor(), parse, *args)
+        try:
+            return await asyncio.wait_for(future, self.budget_seconds)
+        except TimeoutError:
+            self._replace_workers()
+            raise MailRejected(f"the mail could not be read within {self.budget_seconds:.0f} s") from None
+        except BrokenProcessPool:
+            self._replace_workers()
+            raise MailRejected("the mail could not be read") from None
+
+    def _replace_workers(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # Python 3.11 has no public way to stop a running task: its process is killed.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    async def close(self) -> None:
+        """Stop the workers."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+
+class KeyLookup:
+    """DKIM key lookups over DNS that remember whether DNS failed (a timeout, SERVFAIL), which
+    dkimpy's own lookup reports like a missing key: a mail then gets a 451 and comes again."""
+
+    def __init__(self, resolve: Callable[..., Any] = dns.resolver.resolve) -> None:
+        self.resolve = resolve
+        self.failed = False
+
+    def __call__(self, name: bytes, timeout: float = 5.0) -> bytes | None:
+        try:
+            answer = self.resolve(name.decode("ascii", "replace").rstrip("."), "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except dns.exception.DNSException:
+            self.failed = True
+            return None
+        return b"".join(b"".join(record.strings) for record in answer[:1])
 
 
 class EmailService(ServiceApp):
@@ -77,12 +153,15 @@ class EmailService(ServiceApp):
     files: ObjectStore
     threads: ThreadStore
     limiter: SharedLimiter
+    # Mailgun signature tokens seen (with a digest of their body), in the limits bucket.
+    replays: KeyValue
     sender: EmailSender
 
     def __init__(self, config: EmailConfig) -> None:
         super().__init__(config.common)
         self.config = config
         self.limits = MailLimits(max_bytes=handlers.MAX_MAIL_BYTES)
+        self.reader = MailReader(budget_seconds=config.parse_budget_seconds)
         self.smtp_port: int | None = None
         # Webhook posts read at once (each may hold a 25 MB mail): past it, 503 and the ESP retries.
         self.webhook_slots = asyncio.Semaphore(config.max_sessions)
@@ -96,14 +175,15 @@ class EmailService(ServiceApp):
         then the SMTP receiver and HTTP."""
         if not self.config.keyring.keys:
             raise ConfigError("the e-mail channel signs reply addresses with THREADLINE_SECRETS_KEY: set it")
+        self.on_stop(self.reader.close)
         self.files = await self.open_files()
         self.bus = await self.connect_bus()
         self.integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
                                                      records.integration_decoder(self.config.keyring))
         self.threads = ThreadStore(await self.bus.key_value(subjects.MAIL_THREADS_BUCKET,
                                                             ttl=MAIL_THREADS_TTL_SECONDS))
-        self.limiter = SharedLimiter(await self.bus.key_value(subjects.MAIL_LIMITS_BUCKET, ttl=MAIL_LIMITS_TTL_SECONDS),
-                                     self.config.keyring.derived("mail rate limits")[0])
+        self.replays = await self.bus.key_value(subjects.MAIL_LIMITS_BUCKET, ttl=MAIL_LIMITS_TTL_SECONDS)
+        self.limiter = SharedLimiter(self.replays, self.config.keyring.derived("mail rate limits")[0])
         self.sender = EmailSender(self.bus, self.config.send, self.credentials, self.threads, self.config.keyring,
                                   self.common.egress)
         await self.bus.consume(subjects.channel_outbound_consumer(handlers.CHANNEL), self.sender.on_outbound)
@@ -154,7 +234,7 @@ class EmailService(ServiceApp):
     async def receive_smtp(self, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> Outcome:
         """A mail the SMTP receiver took (recipients already checked)."""
         try:
-            mail = parse_mail(raw, self.limits)
+            mail = await self.reader.read(parse_mail, raw, self.limits)
         except MailRejected as exc:
             return self._rejected(None, exc.reason)
         mail = msgspec.structs.replace(mail, envelope_from=mail_from or mail.envelope_from,
@@ -169,11 +249,14 @@ class EmailService(ServiceApp):
                                                    mail.from_domain)
             if verdict != AuthVerdict():
                 return verdict
+        lookup = KeyLookup()
         try:
-            domains = await asyncio.to_thread(verify_dkim, raw, dkim.dnsplug.get_txt)
+            domains = await asyncio.to_thread(verify_dkim, raw, lookup)
         except Exception as exc:  # a DNS outage is no verdict: the sender retries later
             log.warning("DKIM verification failed to run: %s", exc)
             return AuthVerdict(dkim="temperror")
+        if not domains and lookup.failed:
+            return AuthVerdict(dkim="temperror")  # a key that could not be fetched is no forgery
         aligned = any(domains_aligned(domain, mail.from_domain) for domain in domains)
         return AuthVerdict(dkim="pass" if domains else "none", aligned=aligned)
 
@@ -186,12 +269,14 @@ class EmailService(ServiceApp):
                 creds.webhook_signing_key, fields.get("timestamp", ""), fields.get("token", ""),
                 fields.get("signature", ""), time.time())):
             raise ApiError(401, "Missing or invalid Mailgun signature")
+        await self._first_use_of(fields["token"], fields)
         try:
-            mail = inbound_from_mailgun(fields, files, self.limits)
+            mail = await self.reader.read(inbound_from_mailgun, fields, files, self.limits)
+            verdict = verdict_from_mailgun(fields, self.limits)
         except MailRejected as exc:
             return self._webhook_answer(self._rejected(creds, exc.reason))
-        outcome = await self.accept(mail, verdict_from_mailgun(fields, self.limits),
-                                    handlers.digest(fields.get("token", "").encode()), "mailgun", creds)
+        outcome = await self.accept(mail, verdict, handlers.digest(fields.get("token", "").encode()), "mailgun",
+                                    creds)
         return self._webhook_answer(outcome)
 
     async def sendgrid_webhook(self, request: web.Request) -> web.Response:
@@ -201,13 +286,35 @@ class EmailService(ServiceApp):
             raise ApiError(401, "Unknown inbound parse URL")
         fields, files = await self._read_form(request)
         try:
-            mail = inbound_from_sendgrid(fields, files, self.limits)
+            mail = await self.reader.read(inbound_from_sendgrid, fields, files, self.limits)
         except MailRejected as exc:
             return self._webhook_answer(self._rejected(creds, exc.reason))
         verdict = verdict_from_sendgrid(fields.get("SPF", ""), fields.get("dkim", ""), mail.from_domain,
                                         mail.envelope_from or None)
         raw = "\n".join(f"{key}={fields[key]}" for key in sorted(fields)).encode()
         return self._webhook_answer(await self.accept(mail, verdict, handlers.digest(raw), "sendgrid", creds))
+
+    async def _first_use_of(self, token: str, fields: Mapping[str, str]) -> None:
+        """401 when a signature's token was seen with another body: Mailgun signs the timestamp
+        and token, not the body, so a captured signature must not carry a forged mail. The same
+        body again (Mailgun's retry) passes, and its Message-ID de-duplicates it."""
+        body = handlers.digest("\n".join(f"{key}={fields[key]}" for key in sorted(fields)).encode()).encode()
+        key = f"mgtoken.{handlers.digest(token.encode())}"
+        try:
+            await self.replays.create(key, body)
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise ApiError(503, "try again later") from exc
+        try:
+            seen = (await self.replays.get(key)).value
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise ApiError(503, "try again later") from exc
+        if seen != body:
+            log.warning("a Mailgun signature came again with another body: refused", extra=log_fields(
+                event="mail_refused", reason="replayed signature"))
+            raise ApiError(401, "Missing or invalid Mailgun signature")
 
     def _webhook_integration(self, request: web.Request) -> Credentials:
         creds = self.credentials(request.match_info["integration_id"])
@@ -225,12 +332,17 @@ class EmailService(ServiceApp):
         raise ApiError(406, outcome.reason or "refused", "mail_refused")
 
     async def _read_form(self, request: web.Request) -> tuple[dict[str, str], list[MailAttachment]]:
-        """A webhook's form fields and files, bounded (413 past the mail limit; 503 while as many
-        posts as SMTP sessions are being read)."""
+        """A webhook's form fields and files, bounded: 413 past the mail limit, 400 past the
+        fields an ESP sends, 408 for a body that does not arrive in time, 503 while as many posts
+        as SMTP sessions are being read (the ESP retries)."""
         if self.webhook_slots.locked():
             raise ApiError(503, "Too busy, try again later")
         async with self.webhook_slots:
-            return await self._read_form_now(request)
+            try:
+                async with asyncio.timeout(FORM_READ_SECONDS):
+                    return await self._read_form_now(request)
+            except TimeoutError:
+                raise ApiError(408, "The body did not arrive in time") from None
 
     async def _read_form_now(self, request: web.Request) -> tuple[dict[str, str], list[MailAttachment]]:
         limit = handlers.MAX_MAIL_BYTES + 1024 * 1024
@@ -240,7 +352,11 @@ class EmailService(ServiceApp):
             body = await request.content.read(limit + 1)
             if len(body) > limit:
                 raise ApiError(413, "The mail is larger than 25 MB")
-            return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)), []
+            try:
+                return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
+                                      max_num_fields=MAX_FORM_FIELDS)), []
+            except ValueError as exc:
+                raise ApiError(400, f"More than {MAX_FORM_FIELDS} form fields") from exc
         if request.content_type != "multipart/form-data":
             raise ApiError(415, "Content-Type must be multipart/form-data or application/x-www-form-urlencoded")
         fields: dict[str, str] = {}
@@ -249,8 +365,12 @@ class EmailService(ServiceApp):
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
+                if len(fields) + len(files) >= MAX_FORM_FIELDS:
+                    raise ApiError(400, f"More than {MAX_FORM_FIELDS} form fields")
                 if not isinstance(part, BodyPartReader):
                     raise ApiError(400, "A nested multipart body is not a form field")
+                # Each part's headers and boundary count too (an empty part is not free).
+                total += PART_OVERHEAD_BYTES
                 data = bytearray()
                 while chunk := await part.read_chunk(_CHUNK):
                     total += len(chunk)
@@ -261,7 +381,7 @@ class EmailService(ServiceApp):
                     files.append(MailAttachment(part.filename, normal_type(part.headers.get("Content-Type"))
                                                 or OPAQUE_TYPE, bytes(data)))
                 elif part.name:
-                    fields[part.name] = bytes(data).decode(part.get_charset("utf-8") or "utf-8", "replace")
+                    fields[part.name] = handlers.decoded_field(bytes(data), part.get_charset("utf-8"))
         except ValueError as exc:
             raise ApiError(400, f"Malformed multipart/form-data body: {exc}") from exc
         return fields, files

@@ -7,7 +7,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from shared.config import CommonConfig, ConfigError, Rate, env_int, env_rates, env_str
+from shared.config import CommonConfig, ConfigError, Rate, env_float, env_int, env_rates, env_str
 from shared.encryption import Keyring
 from shared.mailreply import SANDBOX_AUTHSERV_ID
 from shared.outbound import SendSettings
@@ -29,6 +29,8 @@ class EmailConfig:
     # SMTP sessions and webhook posts handled at once (THREADLINE_MAIL_MAX_SESSIONS): each may
     # hold a 25 MB mail in memory; past it, 421 / 503 and the sender retries.
     max_sessions: int
+    # How long reading one mail may take (THREADLINE_MAIL_PARSE_BUDGET_SECONDS), in a worker process.
+    parse_budget_seconds: float
     # A certificate for STARTTLS (THREADLINE_MAIL_TLS_CERT_FILE / _KEY_FILE; none: plain SMTP).
     tls_cert_file: str | None
     # Hosts whose Authentication-Results headers are believed (THREADLINE_MAIL_TRUSTED_AUTHSERV_IDS,
@@ -70,12 +72,15 @@ class EmailConfig:
             smtp_port=port,
             smtp_hostname=env_str("THREADLINE_MAIL_HOSTNAME", "threadline.local", env),
             max_sessions=env_int("THREADLINE_MAIL_MAX_SESSIONS", 8, env),
+            parse_budget_seconds=env_float("THREADLINE_MAIL_PARSE_BUDGET_SECONDS", 30.0, env),
             tls_cert_file=env_str("THREADLINE_MAIL_TLS_CERT_FILE", "", env) or None,
             tls_key_file=env_str("THREADLINE_MAIL_TLS_KEY_FILE", "", env) or None,
             trusted_authserv_ids=frozenset(trusted),
             per_sender=env_rates("THREADLINE_MAIL_PER_SENDER", "20/m,200/h", env),
             send=SendSettings.from_env("MAIL", env),
         )
+        if config.parse_budget_seconds <= 0:
+            raise ConfigError("THREADLINE_MAIL_PARSE_BUDGET_SECONDS must be positive")
         if config.max_sessions < 1:
             raise ConfigError("THREADLINE_MAIL_MAX_SESSIONS must be at least 1")
         if (config.tls_cert_file is None) != (config.tls_key_file is None):

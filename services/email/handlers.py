@@ -71,9 +71,11 @@ def integration_for(recipients: Iterable[str], integrations: Sequence[Credential
     conversation's app when the token was valid."""
     addresses = [normal_address(address) for address in recipients]
     for address in addresses:
-        for creds in integrations:
-            if creds.incoming_address and creds.incoming_address == address:
-                return creds
+        owners = [creds for creds in integrations if creds.incoming_address and creds.incoming_address == address]
+        if len(owners) == 1:
+            return owners[0]
+        if owners:  # two integrations at one address (the API refuses it): deliver to neither
+            return None
     for address in addresses:
         if not carries_reply_token(address):
             continue
@@ -104,6 +106,14 @@ class KeptFile:
     url: str
     media_type: str
     filename: str
+
+
+def decoded_field(data: bytes, charset: str | None) -> str:
+    """A webhook form field as text: in its declared charset, UTF-8 when that is unknown."""
+    try:
+        return data.decode(charset or "utf-8", "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
 
 
 def provider_id(mail: InboundMail, raw_digest: str) -> str:

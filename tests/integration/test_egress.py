@@ -188,7 +188,11 @@ class Graph:
         async def download(_request: web.Request) -> web.Response:
             return web.Response(body=b"\x89PNG-the-customer-photo", content_type="image/png")
 
-        graph.server.routes = [web.get("/v23.0/{media_id}", lookup), web.get("/media/{name}", download)]
+        async def page(_request: web.Request) -> web.Response:
+            return web.Response(body=b"<script>steal(document.cookie)</script>", content_type="text/html")
+
+        graph.server.routes = [web.get("/v23.0/{media_id}", lookup), web.get("/media/{name}", download),
+                               web.get("/page/{name}", page)]
         await graph.server.start()
         return graph
 
@@ -236,7 +240,15 @@ async def test_media_proxy_sends_the_bearer_only_to_the_graph_origin_and_streams
             graph.media_url = f"{graph.server.origin}/media/photo.png"
             response = await http.get(media_link(system, record, "m2"))
             assert response.status_code == 200 and response.content == b"\x89PNG-the-customer-photo"
-        assert graph.server.seen[-1] == ("/media/photo.png", f"Bearer {ACCESS_TOKEN}")
+            assert response.headers["content-type"] == "image/png"
+            # A customer's HTML is relayed as a download, never rendered on the gateway's origin.
+            graph.media_url = f"{graph.server.origin}/page/x.html"
+            response = await http.get(media_link(system, record, "m3"))
+            assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["content-disposition"].startswith("attachment")
+            assert "sandbox" in response.headers["content-security-policy"]
+        assert ("/media/photo.png", f"Bearer {ACCESS_TOKEN}") in graph.server.seen
     finally:
         await graph.server.stop()
 

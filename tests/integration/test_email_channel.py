@@ -6,6 +6,7 @@ mail is refused or set aside with a clear reason, and nothing accepted is lost."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -255,7 +256,17 @@ async def test_attachments_are_kept_and_the_webhooks_take_the_same_path(scene: M
         "Please resend my invoice.")
     async with scene.tenant.http.post(base, data={**fields, "signature": "0" * 64}) as resp:
         assert resp.status == 401
-    async with scene.tenant.http.post(base, data={**fields, "message-headers": '[["X-Mailgun-Spf", "Fail"]]'}) as resp:
+    # The signature covers the timestamp and token, not the body: a captured one carries no other
+    # mail; Mailgun's retry of the same post is taken again (and is the same message).
+    async with scene.tenant.http.post(base, data={**fields, "body-plain": "Refund me to IBAN XX00."}) as resp:
+        assert resp.status == 401
+    async with scene.tenant.http.post(base, data=fields) as resp:
+        assert resp.status == 200
+    timestamp, token = str(int(time.time())), "u" * 50
+    signature = hmac.new(SIGNING_KEY.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
+    unsigned_by_spf = {**fields, "timestamp": timestamp, "token": token, "signature": signature,
+                       "message-headers": '[["X-Mailgun-Spf", "Fail"]]'}
+    async with scene.tenant.http.post(base, data=unsigned_by_spf) as resp:
         assert resp.status == 406 and "not authenticated" in (await resp.json())["errors"][0]["title"]
 
     # SendGrid's Inbound Parse: the secret in the path.
@@ -272,6 +283,20 @@ async def test_attachments_are_kept_and_the_webhooks_take_the_same_path(scene: M
         "Do you have it in blue?")
     async with scene.tenant.http.post(f"{sendgrid}/wrong-secret-0123456789", data={"to": SUPPORT}) as resp:
         assert resp.status == 401
+    # A body no ESP sends: hundreds of fields (each costs memory however small), an unknown charset.
+    flood = aiohttp.FormData()
+    for index in range(300):
+        flood.add_field(f"f{index}", "")
+    async with scene.tenant.http.post(f"{sendgrid}/{INBOUND_SECRET}", data=flood) as resp:
+        assert resp.status == 400 and "fields" in (await resp.json())["errors"][0]["title"]
+    odd = aiohttp.FormData()
+    for name, value in {"from": "Kim <kim@customer.example>", "to": SUPPORT, "subject": "Size", "SPF": "pass",
+                        "dkim": "{@customer.example : pass}",
+                        "headers": "Message-ID: <sg-2@customer.example>\nFrom: Kim <kim@customer.example>\n"}.items():
+        odd.add_field(name, value)
+    odd.add_field("text", b"Blue?", content_type="text/plain; charset=x-no-such-charset")
+    async with scene.tenant.http.post(f"{sendgrid}/{INBOUND_SECRET}", data=odd) as resp:
+        assert resp.status == 200, await resp.text()
 
 
 async def test_an_address_linked_by_the_business_gets_its_messages_and_replies_into_the_conversation(
@@ -342,3 +367,62 @@ async def test_the_receiver_offers_starttls_and_turns_away_sessions_past_its_lim
     third = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
     await third.connect()  # the slot is free again
     await third.quit()
+
+
+async def test_an_incoming_address_belongs_to_one_integration(scene: Mail) -> None:
+    """Another app cannot take the address customers write to (its mail would reach one app only)."""
+    t = scene.tenant
+    other_app, key_id, secret = await create_tenant(t.system, t.http, "Squatter")
+    squatter = Tenant(t.system, t.http, other_app, key_id, secret)
+    status, body = await squatter.request("POST", f"/v2/apps/{other_app}/integrations", body={
+        "type": "mailgun", "incomingAddress": SUPPORT.upper(), "fromAddress": "x@squat.example",
+        "smtpHost": "127.0.0.1", "security": "none"})
+    assert status == 409 and body["errors"][0]["code"] == "conflict", body
+    status, body = await squatter.request("POST", f"/v2/apps/{other_app}/integrations", body={
+        "type": "mailgun", "incomingAddress": "hello@squat.example", "fromAddress": "x@squat.example",
+        "smtpHost": "127.0.0.1", "security": "none"})
+    assert status == 201, body
+    status, body = await squatter.request(
+        "PATCH", f"/v2/apps/{other_app}/integrations/{body['integration']['id']}", body={"incomingAddress": SUPPORT})
+    assert status == 409, body
+    # Mail to the address still reaches its owner.
+    message = mail("Is the shop open on Sunday?")
+    assert (await scene.send(message))[0] == 250
+    assert (await eventually(lambda: scene.stored(str(message["Message-ID"])))) is not None
+
+
+async def test_a_mail_built_to_be_slow_to_read_is_refused_without_stalling_the_service(system: System) -> None:
+    """Reading happens in worker processes with a budget: the service answers meanwhile, the mail
+    is refused with a reason, and the next mail is read by a fresh worker."""
+    await system.start("identity", "conversations", "email", env={"THREADLINE_MAIL_PARSE_BUDGET_SECONDS": "3"})
+    service = system.service("email")
+    async with aiohttp.ClientSession() as http:
+        app_id, key_id, secret = await create_tenant(system, http)
+        tenant = Tenant(system, http, app_id, key_id, secret)
+        status, body = await tenant.request("POST", f"/v2/apps/{app_id}/integrations", body={
+            "type": "mailgun", "incomingAddress": SUPPORT, "fromAddress": SUPPORT, "smtpHost": "127.0.0.1",
+            "security": "none"})
+        assert status == 201, body
+
+        async def seen() -> bool:
+            return service.credentials(body["integration"]["id"]) is not None
+
+        await eventually(seen)
+        # HTML that Python's parser reads in quadratic time (seconds for a few hundred KB).
+        slow = mail("")
+        slow.set_content("</" * 160_000, subtype="html", cte="base64")
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=service.smtp_port, start_tls=False)
+        await smtp.connect()
+        sending = asyncio.create_task(smtp.send_message(slow))
+        await asyncio.sleep(0.5)
+        async with http.get(f"{system.service_url('email')}/healthz") as resp:  # the loop is free
+            assert resp.status == 200 and not sending.done()
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await sending
+        assert refused.value.code == 550 and "could not be read" in refused.value.message
+        await smtp.quit()
+        ok = mail("Are you open?")
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=service.smtp_port, start_tls=False)
+        await smtp.connect()
+        await smtp.send_message(ok)
+        await smtp.quit()

@@ -1172,3 +1172,15 @@ def test_a_customer_line_right_above_an_attribution_is_kept() -> None:
     text = ("On my side all is fine.\nOn Mon, Jun 3, 2024 at 10:00 AM Acme <s@acme.test> wrote:\n> q\n"
             "Danke!\nAcme Support <s@acme.test> schrieb am 03.06.2024 um 10:00:\n> q\n")
     assert strip_reply(text) == "On my side all is fine.\nDanke!"
+
+
+def test_only_the_topmost_trusted_authentication_results_counts() -> None:
+    """A sender's own header claiming the trusted MTA's id, below the MTA's, vouches for nothing
+    (even when the MTA's says nothing of DKIM at all)."""
+    trusted = {"mx.trusted.example"}
+    forged = "mx.trusted.example; dkim=pass header.d=victim.example; dmarc=pass header.from=victim.example"
+    for genuine in ("mx.trusted.example; spf=softfail smtp.mailfrom=victim.example; dkim=none",
+                    "mx.trusted.example; none"):
+        verdict = parse_authentication_results([genuine, forged], trusted, "victim.example")
+        assert verdict.dkim != "pass" and not verdict.aligned, genuine
+    assert parse_authentication_results([forged], trusted, "victim.example").aligned
