@@ -805,7 +805,9 @@ def _is_auto_submitted(message: email.message.Message) -> bool:
 
 def _header_fields(message: email.message.Message) -> dict[str, Any]:
     from_pairs = [pair for raw in _raw_values(message, "From") for pair in parse_address_list(raw)]
-    from_name, from_address = from_pairs[0] if from_pairs else ("", "")
+    # Exactly one author, or none at all: with two, a verifier may vouch for one and the reader
+    # believe the other (the mail is then refused for having no From).
+    from_name, from_address = from_pairs[0] if len(from_pairs) == 1 else ("", "")
     return_path = _addresses(message, "Return-Path")
     references = [found for raw in _raw_values(message, "References") for found in _message_ids(raw)]
     message_ids = _message_ids(_first_raw(message, "Message-ID"))

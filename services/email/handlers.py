@@ -90,7 +90,7 @@ def refusal(verdict: AuthVerdict, mail: InboundMail) -> str | None:
     """Why a mail must be refused as a possible forgery (None when its sender is authenticated):
     DMARC failed, or neither SPF nor DKIM passed for a domain aligned with the From address."""
     if not mail.from_address or "@" not in mail.from_address:
-        return "the mail has no From address"
+        return "the mail must have exactly one From address"
     if not is_spoofed(verdict):
         return None
     if verdict.dmarc == "fail":
@@ -208,9 +208,9 @@ class ThreadLink(msgspec.Struct, kw_only=True):
     address: str
 
 
-def message_link_key(message_id: str) -> str:
-    """Where a Message-ID's `ThreadLink` is kept (KV keys allow no `<@>`)."""
-    return f"mid.{hashlib.sha256(message_id.strip().lower().encode()).hexdigest()[:40]}"
+def message_link_key(app_id: str, message_id: str) -> str:
+    """Where a Message-ID's `ThreadLink` in an app is kept (KV keys allow no `<@>`)."""
+    return f"mid.{app_id}.{hashlib.sha256(message_id.strip().lower().encode()).hexdigest()[:40]}"
 
 
 LINK_ENCODER = msgspec.json.Encoder()

@@ -58,8 +58,11 @@ class ThreadStore:
         """Remember that a mail (ours, or the customer's) belongs to the conversation with `address`
         (best effort: a reply to it still has its Reply-To)."""
         try:
-            await self.kv.put(handlers.message_link_key(message_id), handlers.LINK_ENCODER.encode(ThreadLink(
-                app_id=app_id, conversation_id=conversation_id, address=normal_address(address))))
+            # The first link of an id stays: a later mail claiming the same Message-ID moves nothing.
+            await self.kv.create(handlers.message_link_key(app_id, message_id), handlers.LINK_ENCODER.encode(
+                ThreadLink(app_id=app_id, conversation_id=conversation_id, address=normal_address(address))))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("mail %s not linked to its conversation: %s", message_id, exc)
 
@@ -71,7 +74,7 @@ class ThreadStore:
             if not message_id:
                 continue
             try:
-                entry = await self.kv.get(handlers.message_link_key(message_id))
+                entry = await self.kv.get(handlers.message_link_key(app_id, message_id))
             except nats.js.errors.KeyNotFoundError:
                 continue
             link = handlers.LINK_DECODER.decode(entry.value) if entry.value else None

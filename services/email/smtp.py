@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 Verdict = Literal["accepted", "ignored", "refused", "retry"]
+# Recipients of one mail (RFC 5321 asks servers to take at least 100).
+MAX_RECIPIENTS = 100
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class ReceiverHooks:
 
     async def handle_RCPT(self, server: SmtpProtocol, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
         if not self.accepts(address):
             return "550 5.1.1 No such mailbox here"
         envelope.rcpt_tos.append(address)

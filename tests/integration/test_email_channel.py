@@ -208,6 +208,23 @@ async def test_forged_unauthenticated_automatic_and_hostile_mail_is_refused_or_s
     code, reason = await scene.send(refused["another sender's reply address"])
     assert code == 550 and "not issued to this sender" in reason
 
+    # Two authors: a verifier may vouch for one and a reader believe the other.
+    two_from = (f"From: Pat <{CUSTOMER}>\r\nFrom: Eve <eve@other.example>\r\nTo: {SUPPORT}\r\nSubject: hi\r\n"
+                f"Message-ID: <two@customer.example>\r\nAuthentication-Results: {authenticated()}\r\n\r\nhi\r\n")
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=scene.smtp_port, start_tls=False)
+    await smtp.connect()
+    with pytest.raises(aiosmtplib.SMTPDataError) as two_authors:
+        await smtp.sendmail(CUSTOMER, [SUPPORT], two_from.encode())
+    assert two_authors.value.code == 550 and "exactly one From" in two_authors.value.message
+    # At most 100 recipients per mail.
+    await smtp.ehlo()
+    await smtp.mail(CUSTOMER)
+    for index in range(100):
+        await smtp.rcpt(f"reply+{index:055d}@shop.example")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as crowded:
+        await smtp.rcpt("reply+x@shop.example")
+    assert crowded.value.code == 452
+    await smtp.quit()
     # An out-of-office reply is taken (250) and set aside: no message.
     away = mail("I am away until Monday.", Auto_Submitted="auto-replied")
     assert (await scene.send(away))[0] == 250
