@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -120,26 +121,58 @@ class SharedLimiter:
         return 0.0
 
     async def _take_one(self, key: str, rate: Rate) -> float:
-        for _ in range(MAX_CAS_ROUNDS):
-            try:
-                entry = await self.kv.get(key)
-                revision = entry.revision
-                tat = _float(entry.value)
-            except nats.js.errors.KeyNotFoundError:
-                revision, tat = None, None
-            new_tat, wait = gcra(tat, self.clock(), rate)
-            if new_tat is None:
-                return wait
-            value = repr(new_tat).encode()
-            try:
-                if revision is None:
-                    await self.kv.create(key, value)
-                else:
-                    await self.kv.update(key, value, last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another replica counted first: read again
-            return 0.0
-        return 1.0  # this subject is too busy to count: treat it as over the limit
+        def step(current: bytes | None) -> tuple[bytes | None, float]:
+            new_tat, wait = gcra(_float(current), self.clock(), rate)
+            return (None, wait) if new_tat is None else (repr(new_tat).encode(), 0.0)
+
+        return await update_with_cas(self.kv, key, step)
+
+
+class CasEntry(Protocol):
+    """What `CasStore.get` returns (nats' `KeyValue.Entry`)."""
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def revision(self) -> int | None: ...
+
+
+class CasStore(Protocol):
+    """The part of nats' `KeyValue` compare-and-set needs (get raises `KeyNotFoundError`, update
+    with a stale `last` raises `KeyWrongLastSequenceError`)."""
+
+    async def get(self, key: str) -> CasEntry: ...
+
+    async def create(self, key: str, value: bytes) -> int: ...
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int: ...
+
+
+async def update_with_cas(kv: CasStore, key: str,
+                          step: Callable[[bytes | None], tuple[bytes | None, float]]) -> float:
+    """Apply `step` to a KV entry with compare-and-set, as many replicas may at once: `step` gets
+    the stored value (None when there is none) and gives the value to write, or None to write
+    nothing, and a wait. The wait when nothing is written, else 0; 1.0 when the key is too
+    contended to change (callers treat that as over their limit)."""
+    for _ in range(MAX_CAS_ROUNDS):
+        try:
+            entry = await kv.get(key)
+            revision, current = entry.revision, entry.value
+        except nats.js.errors.KeyNotFoundError:
+            revision, current = None, None
+        value, wait = step(current)
+        if value is None:
+            return wait
+        try:
+            if revision is None:
+                await kv.create(key, value)
+            else:
+                await kv.update(key, value, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue  # another replica wrote first: read again
+        return 0.0
+    return 1.0
 
 
 def _float(value: bytes | None) -> float | None:

@@ -109,7 +109,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from shared.clientip import source_key
 from shared.config import Rate
 from shared.http import ApiError, Handler, error_response, is_websocket_upgrade
-from shared.ratelimit import MAX_CAS_ROUNDS
+from shared.ratelimit import CasStore, update_with_cas
 from shared.retry import backoff_delay
 from shared.untrusted import secrets_equal
 
@@ -660,25 +660,8 @@ def normalize_email(email: str) -> str:
     return unicodedata.normalize("NFKC", email).strip().casefold()
 
 
-class KvEntry(Protocol):
-    """What `ThrottleKV.get` returns (nats' `KeyValue.Entry`)."""
-
-    @property
-    def value(self) -> bytes | None: ...
-
-    @property
-    def revision(self) -> int | None: ...
-
-
-class ThrottleKV(Protocol):
-    """The part of nats' `KeyValue` the throttle uses (get raises `KeyNotFoundError`, update with
-    a stale `last` raises `KeyWrongLastSequenceError`)."""
-
-    async def get(self, key: str) -> KvEntry: ...
-
-    async def create(self, key: str, value: bytes) -> int: ...
-
-    async def update(self, key: str, value: bytes, last: int | None = None) -> int: ...
+class ThrottleKV(CasStore, Protocol):
+    """The part of nats' `KeyValue` the throttle uses: compare-and-set, and delete."""
 
     async def delete(self, key: str) -> bool: ...
 
@@ -714,8 +697,8 @@ class SharedLoginThrottle:
     async def wait(self, app_id: str, email: str, address: str | None) -> float:
         """Seconds before the next attempt for (app, e-mail) from `address` may go ahead, counting nothing."""
         now = self.clock()
-        account = throttle_wait((await self._read(self.account_key(app_id, email)))[0], now, self.account_policy)
-        source = throttle_wait((await self._read(self.address_key(address)))[0], now, self.address_policy)
+        account = throttle_wait(await self._read(self.account_key(app_id, email)), now, self.account_policy)
+        source = throttle_wait(await self._read(self.address_key(address)), now, self.address_policy)
         return max(account, source)
 
     async def attempt(self, app_id: str, email: str, address: str | None) -> float:
@@ -739,33 +722,24 @@ class SharedLoginThrottle:
             pass
         await self._change(self.address_key(address), lambda s: (throttle_forgive(s), 0.0))
 
-    async def _read(self, key: str) -> tuple[ThrottleState | None, int | None]:
+    async def _read(self, key: str) -> ThrottleState | None:
         try:
             entry = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
-            return None, None
-        return decode_throttle_state(entry.value), entry.revision
+            return None
+        return decode_throttle_state(entry.value)
 
     async def _change(self, key: str,
                       step: Callable[[ThrottleState | None], tuple[ThrottleState | None, float]]) -> float:
         """Apply `step` to the stored state with compare-and-set; its wait (nothing written) or 0."""
-        for _ in range(MAX_CAS_ROUNDS):
-            state, revision = await self._read(key)
+        def on_value(current: bytes | None) -> tuple[bytes | None, float]:
+            state = decode_throttle_state(current)
             new_state, wait = step(state)
-            if wait > 0:
-                return wait
-            if new_state is None and state is None:
-                return 0.0
-            value = encode_throttle_state(new_state) if new_state is not None else b""
-            try:
-                if revision is None:
-                    await self.kv.create(key, value)
-                else:
-                    await self.kv.update(key, value, last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another replica wrote first: read again
-            return 0.0
-        return 1.0  # this subject is too busy to count: treat it as throttled
+            if wait > 0 or (new_state is None and state is None):
+                return None, wait
+            return (encode_throttle_state(new_state) if new_state is not None else b""), 0.0
+
+        return await update_with_cas(self.kv, key, on_value)
 
 
 # --- roles and apps --------------------------------------------------------------------------

@@ -76,6 +76,14 @@ class Shop:
     async def inbox(self) -> list[dict[str, Any]]:
         return list((await self.sandbox(f"/mail?to={CUSTOMER_EMAIL}"))["mails"])
 
+    async def mail_code(self) -> str | None:
+        """The opt-in code of the confirmation mail in the customer's inbox, once it is there."""
+        for mail in await self.inbox():
+            found = re.search(r"\b(\d{6})\b", mail["subject"])
+            if found:
+                return found.group(1)
+        return None
+
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
     """Poll an async check until it returns a truthy value (bounded)."""
@@ -263,14 +271,7 @@ async def test_email_opt_in_notifies_with_a_working_opt_out_link(system: System,
     context, page = await open_shop_page(browser, shop)
     conversation_id = await chat(page, shop, "please mail me")
 
-    async def mail_code() -> str | None:
-        for mail in await shop.inbox():
-            found = re.search(r"\b(\d{6})\b", mail["subject"])
-            if found:
-                return found.group(1)
-        return None
-
-    await opt_in(page, "e-mail", CUSTOMER_EMAIL, mail_code)
+    await opt_in(page, "e-mail", CUSTOMER_EMAIL, shop.mail_code)
     await context.close()
 
     await shop.reply(conversation_id, "Your refund is on its way")
@@ -326,14 +327,7 @@ async def test_a_refused_code_says_when_to_retry_and_asking_again_reuses_the_pen
     await widget.get_by_role("button", name="Send code").click()
     await expect(widget.locator('[data-threadline="notify-sent"]')).to_contain_text("We sent a code to")
 
-    async def mail_code() -> str | None:
-        for mail in await shop.inbox():
-            found = re.search(r"\b(\d{6})\b", mail["subject"])
-            if found:
-                return found.group(1)
-        return None
-
-    code = await eventually(mail_code)
+    code = await eventually(shop.mail_code)
     await widget.get_by_role("button", name="Send a new code").click()
     await widget.locator('[data-threadline="notify-address"]').fill("grace@example.com")
     await widget.get_by_role("button", name="Send code").click()
