@@ -36,10 +36,11 @@ from shared.config import PLACEHOLDER_SECRETS, ConfigError
 
 SEALED_PREFIX = "tlenc1:"
 # The services given the keyring: those that keep secrets (`conversations`) or use them (channel
-# credentials, push keys, SMTP passwords, webhook secrets; the sandbox's fakes check them).
+# credentials, push keys, SMTP passwords, webhook secrets; the sandbox's fakes check them; the desk
+# derives its CSRF and throttle keys from it).
 # `identity`, `handoff` and `web` need none and are not given it.
 SERVICES_WITH_SECRETS = ("conversations", "webhooks", "notifications", "whatsapp", "messenger", "telegram", "sms",
-                         "email", "app", "sandbox")
+                         "email", "app", "sandbox", "desk")
 KEY_ENV = "THREADLINE_SECRETS_KEY"
 KEY_FILE_ENV = "THREADLINE_SECRETS_KEY_FILE"
 _KEY_BYTES = 32

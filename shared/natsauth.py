@@ -87,7 +87,7 @@ _SDK_REQUESTS = (
 SERVICE_ACCESS: Mapping[str, Access] = {
     "identity": Access(serves=("identity.>",), kv_write=(subjects.ENDED_USERS_BUCKET,)),
     "conversations": Access(
-        publish=("events.>", "outbound.>", "identity.>", "handoff.>", "notifications.>"),
+        publish=("events.>", "outbound.>", "identity.>", "handoff.>", "notifications.>", subjects.DESK_API),
         serves=("conversations.>",),
         consumers=(subjects.CONVERSATIONS_INBOUND, subjects.CONVERSATIONS_STATUS),
         kv_read=(subjects.ENDED_USERS_BUCKET,),
@@ -120,6 +120,15 @@ SERVICE_ACCESS: Mapping[str, Access] = {
         consumers=(subjects.channel_outbound_consumer("android"), subjects.channel_outbound_consumer("ios")),
         kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
         kv_write=(subjects.SDK_PRESENCE_BUCKET, subjects.APP_DELIVERIES_BUCKET, subjects.SDK_LIMITS_BUCKET)),
+    "desk": Access(
+        publish=(subjects.CONVERSATIONS_DESK, subjects.CONVERSATIONS_HISTORY, subjects.CONVERSATIONS_PARTICIPANTS,
+                 subjects.IDENTITY_USER_GET, subjects.IDENTITY_CLIENTS_LIST, subjects.HANDOFF_ISSUE,
+                 f"{subjects.DESK_UPDATES_PREFIX}.*"),
+        subscribe=(f"{subjects.DESK_UPDATES_PREFIX}.*",),
+        serves=(subjects.DESK_API,),
+        consumers=(subjects.DESK_EVENTS,),
+        kv_read=(subjects.APPS_BUCKET, subjects.INTEGRATIONS_BUCKET),
+        kv_write=(subjects.DESK_LOGIN_BUCKET,)),
     "sandbox": Access(kv_read=(subjects.INTEGRATIONS_BUCKET,)),
 }
 

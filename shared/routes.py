@@ -40,6 +40,7 @@ SERVICES: Final = (
     ServicePort("handoff", 8091),
     ServicePort("notifications", 8092),
     ServicePort("email", 8093),
+    ServicePort("desk", 8094),
 )
 
 DEFAULT_PORTS: Final = {s.name: s.port for s in SERVICES}
@@ -65,6 +66,7 @@ ROUTES: Final = (
     Route("/sandbox/", "sandbox"),
     Route("/handoff/", "handoff"),
     Route("/notifications/", "notifications"),
+    Route("/desk/", "desk"),
 )
 
 # `/_svc/<name>/healthz|readyz` reach each service's own probes through the front door.

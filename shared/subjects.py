@@ -176,6 +176,7 @@ CONVERSATIONS_STATUS: Final = ConsumerSpec(STATUS, "conversations-status", "stat
 WEBHOOKS_EVENTS: Final = ConsumerSpec(EVENTS, "webhooks-events", "events.*.*")
 NOTIFICATIONS_EVENTS: Final = ConsumerSpec(EVENTS, "notifications-events", "events.*.*")
 NOTIFICATIONS_STATUS: Final = ConsumerSpec(STATUS, "notifications-status", "status.*.*")
+DESK_EVENTS: Final = ConsumerSpec(EVENTS, "desk-events", "events.*.*")
 
 
 def channel_outbound_consumer(channel: str) -> ConsumerSpec:
@@ -186,6 +187,10 @@ def channel_outbound_consumer(channel: str) -> ConsumerSpec:
 # Core (not stored) broadcast among `webhooks` replicas: a privacy event one replica handled, so
 # that the others drop the rows it names from their queues too.
 WEBHOOKS_ERASURES: Final = "webhooks.erasures"
+
+# Core (not stored) live updates for the agent desks of one app, `desk.updates.<app>`: whichever
+# replica changed a ticket, every replica's sockets of that app hear of it.
+DESK_UPDATES_PREFIX: Final = "desk.updates"
 
 # Partitions of the consumer groups (`shared.partitions`): `<group>.<replica>` heartbeats, which
 # expire when not rewritten within PARTITION_LEASE_SECONDS (a dead replica's partitions are taken
@@ -254,6 +259,15 @@ MAIL_LIMITS_BUCKET: Final = "tl_mail_limits"
 # Direct linking of a phone-number client (SunCo Clients API `matchCriteria`), served by
 # `conversations`; also used by `notifications` when a customer confirms an opt-in.
 CONVERSATIONS_CLIENT_LINK: Final = "conversations.client.link"
+
+DESK_SERVICE: Final = "desk"
+# The desk's REST API as the business reaches it (`/v2/apps/{appId}/desk/…`, authenticated by
+# `conversations`, which forwards the call).
+DESK_API: Final = "desk.api"
+# What the desk asks of `conversations`: an agent's message, a switchboard action.
+CONVERSATIONS_DESK: Final = "conversations.desk"
+# The desk's sign-in throttle (`services.desk.auth.SharedLoginThrottle`).
+DESK_LOGIN_BUCKET: Final = "tl_desk_login"
 
 NOTIFICATIONS_SERVICE: Final = "notifications"
 NOTIFICATIONS_OPTIN_START: Final = "notifications.optin.start"

@@ -81,7 +81,7 @@ NO_EGRESS_ALLOW = {"THREADLINE_EGRESS_ALLOW": ""}
 
 # Start order: what a service asks at start-up runs before it.
 SERVICE_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
-                 "telegram", "sms", "email", "web", "app", "sandbox")
+                 "telegram", "sms", "email", "web", "app", "desk", "sandbox")
 
 
 class System:

@@ -116,8 +116,11 @@ async def sandbox_smtp_server(session: aiohttp.ClientSession, base_url: str) -> 
 
 
 async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
-                            kinds: tuple[str, ...] = ("web", "whatsapp")) -> dict[str, Any]:
+                            kinds: tuple[str, ...] = ("web", "whatsapp"), *, desk: bool = False) -> dict[str, Any]:
     """Ensure the sandbox app and one integration of each of `kinds` exist; return sandbox.json.
+
+    With `desk`, the app's switchboard (created when it has none) has the agent desk as its default
+    member, so every new conversation shows up in the desk (`make up`'s "Reply as the business").
 
     A second run finds the app recorded in `<data_dir>/sandbox.json` and keeps it (history
     survives); integrations missing from the file (a newer version added a channel) are created.
@@ -164,8 +167,36 @@ async def bootstrap_sandbox(base_url: str, account: AccountKey, data_dir: str,
             if kind not in ("web", "android", "ios"):
                 entry["webhookUrl"] = f"{base_url}/webhooks/{webhook_path}/{integration_id}"
             info["integrations"][kind] = {"id": integration_id, **entry}
+        if desk:
+            await _desk_switchboard(session, base_url, auth, info)
     _write(path, info)
     return info
+
+
+async def _desk_switchboard(session: aiohttp.ClientSession, base_url: str, auth: dict[str, str],
+                            info: dict[str, Any]) -> None:
+    """The app's switchboard with the desk as default member (left alone when the app has one)."""
+    switchboards = f"{base_url}/v2/apps/{info['appId']}/switchboards"
+    status, body = await _call(session, "GET", switchboards, auth)
+    if status != 200:
+        raise BootstrapError(f"list switchboards: {status} {body}")
+    if body["switchboards"]:
+        info["switchboardId"] = body["switchboards"][0]["id"]
+        return
+    status, body = await _call(session, "POST", switchboards, auth)
+    if status != 201:
+        raise BootstrapError(f"create switchboard: {status} {body}")
+    switchboard_id = body["switchboard"]["id"]
+    status, body = await _call(session, "POST", f"{switchboards}/{switchboard_id}/switchboardIntegrations", auth,
+                               {"name": "desk", "integrationType": "desk"})
+    if status != 201:
+        raise BootstrapError(f"add the desk to the switchboard: {status} {body}")
+    member_id = body["switchboardIntegration"]["id"]
+    status, body = await _call(session, "PATCH", f"{switchboards}/{switchboard_id}", auth,
+                               {"enabled": True, "defaultSwitchboardIntegrationId": member_id})
+    if status != 200:
+        raise BootstrapError(f"enable the switchboard: {status} {body}")
+    info["switchboardId"] = switchboard_id
 
 
 async def _follow_smtp_sink(session: aiohttp.ClientSession, base_url: str, auth: dict[str, str],

@@ -47,8 +47,9 @@ def log_tail(path: str, lines: int = 20) -> str:
 
 
 START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notifications", "whatsapp", "messenger",
-               "telegram", "sms", "email", "web", "app", "sandbox")
+               "telegram", "sms", "email", "web", "app", "desk", "sandbox")
 SMTP_PORT_VARIABLE = "THREADLINE_SANDBOX_SMTP_PORT"
+DEMO_AGENT_EMAIL = "demo@threadline.invalid"
 MAIL_SMTP_PORT_VARIABLE = "THREADLINE_MAIL_SMTP_PORT"
 # sandbox.json kinds (bootstrap.sandbox_integrations); the `email` kind is a `mailgun` integration.
 SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios", "email")
@@ -280,6 +281,8 @@ class Launcher:
             "THREADLINE_ACCOUNT_KEY_ID": keys["accountKeyId"],
             "THREADLINE_ACCOUNT_KEY_SECRET": keys["accountKeySecret"],
             "THREADLINE_SDK_TOKEN_SECRET": keys["sdkTokenSecret"],
+            # The sandbox page's "Reply as the business" opens the desk signed in as this agent.
+            "THREADLINE_DESK_DEMO_AGENT_EMAIL": DEMO_AGENT_EMAIL,
             ALLOW_ENV: loopback_egress_allow([self.port, nats_port, mail_port, *ports.values()],
                                              os.environ.get(ALLOW_ENV, "")),
             SMTP_PORT_VARIABLE: str(smtp_port),
@@ -300,7 +303,7 @@ class Launcher:
         # The fast path serves plain requests; the app behind it everything else.
         await FrontdoorSite(self._frontdoor, self.host, self.port).start()
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
-        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS)
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS, desk=True)
 
     async def shutdown(self) -> None:
         """Stop the front door, then the services (SIGTERM, in reverse order), then NATS."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from services.conversations.clients import ADDRESS_TYPES, UNSUPPORTED_PHONE_TYPE
 from services.conversations.export import export_user
 from services.conversations.handlers import Conversations, conversation_out
 from services.conversations.openapi import Operation, openapi_document
-from services.conversations.store import CursorNotFound, Store
+from services.conversations.store import ConversationFilter, CursorNotFound, Store
 from services.conversations.switchboard import Switchboards
 from shared import records, subjects
 from shared.bus import RequestFailed
@@ -165,19 +165,22 @@ class Api:
 
         return handle
 
-    def links(self, request: web.Request, cursors: dict[str, str]) -> dict[str, str]:
-        """`links.prev/next`: absolute URLs with `page[before]`/`page[after]` (the documented style)."""
+    def links(self, request: web.Request, cursors: dict[str, str],
+              keep: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`links.prev/next`: absolute URLs with `page[before]`/`page[after]` (the documented style),
+        and the query parameters `keep` (a list's filters and page size, so the link lists the same)."""
         base = URL(self.public_base_url + request.path)
         out: dict[str, str] = {}
         if "before" in cursors:
-            out["prev"] = str(base.with_query({"page[before]": cursors["before"]}))
+            out["prev"] = str(base.with_query({**(keep or {}), "page[before]": cursors["before"]}))
         if "after" in cursors:
-            out["next"] = str(base.with_query({"page[after]": cursors["after"]}))
+            out["next"] = str(base.with_query({**(keep or {}), "page[after]": cursors["after"]}))
         return out
 
     def _page_lists(self, request: web.Request, ids: list[str], more: bool,
-                    page: models.PageParams) -> dict[str, Any]:
-        """`meta`/`links` of a forward-paged list (apps, conversations, integrations)."""
+                    page: models.PageParams, keep: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """`meta`/`links` of a forward-paged list (apps, conversations, integrations); `ids` are
+        the cursors of its items."""
         meta: dict[str, Any] = {"hasMore": more}
         cursors: dict[str, str] = {}
         if ids:
@@ -192,7 +195,7 @@ class Api:
                     cursors["after"] = ids[-1]
                 if page.after is not None:
                     cursors["before"] = ids[0]
-        return {"meta": meta, "links": self.links(request, cursors)}
+        return {"meta": meta, "links": self.links(request, cursors, keep)}
 
     # --- apps -----------------------------------------------------------------------------
 
@@ -458,19 +461,56 @@ class Api:
         return json_response({"conversation": conversation_out(row, self._switchboard(app_id))}, 201)
 
     async def list_conversations(self, request: web.Request) -> web.Response:
+        """A user's conversations (`filter[userId]` / `filter[userExternalId]`: creation order, id
+        cursors, as SunCo), or without those the app's, most recent activity first (Threadline);
+        the other filters narrow either (see `models.conversation_filters`)."""
         app_id = await self._app(request)
-        filters = models.query_object(request.query, "filter")
-        page = models.page_params(request.query)
-        user_id = filters.get("userId")
-        if not user_id:
-            external_id = filters.get("userExternalId")
-            if not external_id:
-                raise ApiError(400, "filter.userId or filter.userExternalId is required")
-            user_id = (await self._user(app_id, None, external_id)).user.id
-        rows, more = await self.store.list_user_conversations(app_id, user_id, page.after, page.before, page.size)
+        raw_filters = models.query_object(request.query, "filter")
+        filters = models.conversation_filters(raw_filters)
+        where = await self._conversation_filter(app_id, filters)
+        page = models.page_params(request.query, activity=not filters.by_user)
+        if filters.by_user:
+            user_id = filters.user_id or (await self._user(app_id, None, filters.user_external_id)).user.id
+            rows, more = await self.store.list_user_conversations(app_id, user_id, page.after, page.before,
+                                                                  page.size, where)
+            cursors = [str(r["id"]) for r in rows]
+        else:
+            rows, more = await self.store.list_conversations(
+                app_id, where, None if page.after is None else models.activity_keyset(page.after),
+                None if page.before is None else models.activity_keyset(page.before), page.size)
+            cursors = [models.activity_cursor(r["last_updated_at"], r["id"]) for r in rows]
+        keep = {f"filter[{key}]": value for key, value in raw_filters.items()}
+        size = models.query_object(request.query, "page").get("size")
+        if size is not None:
+            keep["page[size]"] = size
         switchboard = self._switchboard(app_id)
         return json_response({"conversations": [conversation_out(r, switchboard) for r in rows],
-                              **self._page_lists(request, [r["id"] for r in rows], more, page)})
+                              **self._page_lists(request, cursors, more, page, keep)})
+
+    async def _conversation_filter(self, app_id: str, filters: models.ConversationFilters) -> ConversationFilter:
+        """The store's filter of a listing: switchboard integrations named by id or integration
+        type become the ids of the app's members (400 when the app's switchboard has none such)."""
+        active: tuple[str, ...] | None = None
+        by_id, by_type = filters.active_switchboard_integration_id, filters.active_switchboard_integration_type
+        if by_id is not None or by_type is not None:
+            switchboard = await self.store.switchboard(app_id)
+            members = [] if switchboard is None else await self.store.switchboard_integrations(switchboard["id"])
+            ids = {str(m["id"]) for m in members}
+            if by_id is not None:
+                if by_id not in ids:
+                    raise ApiError(400, "filter.activeSwitchboardIntegrationId names no switchboard integration "
+                                        "of this app")
+                ids = {by_id}
+            if by_type is not None:
+                typed = {str(m["id"]) for m in members if m["integration_type"] == by_type}
+                if not typed:
+                    raise ApiError(400, f"filter.activeSwitchboardIntegrationType: no switchboard integration of "
+                                        f"type {by_type!r} in this app's switchboard")
+                ids &= typed
+            active = tuple(sorted(ids))
+        return ConversationFilter(type=filters.type, active_switchboard_integration_ids=active,
+                                  channel=filters.channel, updated_since=_next_millisecond(filters.updated_after),
+                                  created_since=_next_millisecond(filters.created_after))
 
     async def get_conversation(self, request: web.Request) -> web.Response:
         app_id = request.match_info["appId"]
@@ -716,6 +756,13 @@ def _ts(value: str | None) -> float:
     return 0.0
 
 
+def _next_millisecond(millis: int | None) -> float | None:
+    """`…After` filters compare times as the API shows them (milliseconds, truncated): strictly
+    after `millis` is from the next millisecond on, so a conversation's own `createdAt` given
+    back leaves that conversation out."""
+    return None if millis is None else (millis + 1) / 1000
+
+
 def _loads_or(text: str | None) -> dict[str, Any] | None:
     return None if text is None else msgspec.json.decode(text)
 
@@ -787,8 +834,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "Create a personal conversation", Api.create_conversation, 201,
               request=models.ConversationCreateBody, response=models.ConversationResponse),
     Operation("GET", A + "/conversations", "listConversations", "Conversations",
-              "List a user's conversations (filter userId or userExternalId)", Api.list_conversations,
-              response=models.ConversationListResponse, query=("page", "filter")),
+              "List a user's conversations (filter userId or userExternalId), or without those the app's, "
+              "most recent activity first (Threadline); filters type, activeSwitchboardIntegrationId, "
+              "activeSwitchboardIntegrationType, channel, updatedAfter, createdAfter narrow either",
+              Api.list_conversations, response=models.ConversationListResponse,
+              query=("page", "conversationFilter")),
     Operation("GET", C, "getConversation", "Conversations", "Get a conversation", Api.get_conversation,
               response=models.ConversationResponse),
     Operation("PATCH", C, "updateConversation", "Conversations", "Update a conversation", Api.update_conversation,

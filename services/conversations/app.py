@@ -16,6 +16,7 @@ from services.conversations.admin import SEALED_CONFIG_FIELDS, Admin
 from services.conversations.api import Api, add_routes
 from services.conversations.attachments import Attachments
 from services.conversations.config import ConversationsConfig
+from services.conversations.desk_bridge import DeskBridge, add_desk_routes
 from services.conversations.handlers import Conversations, IdentityClient
 from services.conversations.store import Store
 from services.conversations.switchboard import Switchboards
@@ -168,6 +169,7 @@ class ConversationsService(ServiceApp):
         api = Api(self.store, self.admin, self.conversations, switchboards, attachments, self.config.account_key_id,
                   self.config.account_key_secret, self.common.public_base_url, self.config.jwt_policy)
         add_routes(self.http, api)
+        add_desk_routes(self.http, api, self.bus)
         inbound = await self.bus.consume(subjects.CONVERSATIONS_INBOUND, self.conversations.handle_inbound,
                                          ordering_key=inbound_ordering_key)
         await self.bus.consume(subjects.CONVERSATIONS_STATUS, self.conversations.handle_status,
@@ -179,6 +181,7 @@ class ConversationsService(ServiceApp):
             subjects.CONVERSATIONS_SDK_LINK: self.conversations.answer,
             subjects.CONVERSATIONS_SDK_LOGIN: self.conversations.answer,
             subjects.CONVERSATIONS_CLIENT_LINK: self.conversations.phone_links.answer,
+            subjects.CONVERSATIONS_DESK: DeskBridge(self.conversations, switchboards).answer,
         })
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
         # One replica sweeps (the holder of the inbound stream's partition 0): two would expire

@@ -6,12 +6,16 @@ unknown fields are ignored, as SunCo does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
+import struct
 import zoneinfo
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -948,14 +952,19 @@ class PageParams(msgspec.Struct, frozen=True):
     size: int
 
 
-def page_params(query: Mapping[str, str], default_size: int = 25) -> PageParams:
-    """Validate `page` (after/before cursors are 24-hex ids, size 1..100)."""
+def page_params(query: Mapping[str, str], default_size: int = 25, *, activity: bool = False) -> PageParams:
+    """Validate `page` (after/before cursors are 24-hex ids, or with `activity` the 24-character
+    cursors of `activity_cursor`; size 1..100)."""
     page = query_object(query, "page")
     after, before = page.get("after") or None, page.get("before") or None
     if after is not None and before is not None:
         raise ApiError(400, "page.after and page.before are mutually exclusive")
     for cursor in (after, before):
-        if cursor is not None and (len(cursor) != 24 or not all(c in "0123456789abcdef" for c in cursor)):
+        if cursor is None:
+            continue
+        if activity:
+            activity_keyset(cursor)
+        elif len(cursor) != 24 or not all(c in "0123456789abcdef" for c in cursor):
             raise ApiError(400, "page cursors must be 24-character ids")
     size = default_size
     if "size" in page:
@@ -966,6 +975,112 @@ def page_params(query: Mapping[str, str], default_size: int = 25) -> PageParams:
         if not 1 <= size <= 100:
             raise ApiError(400, "page.size must be between 1 and 100")
     return PageParams(after=after, before=before, size=size)
+
+
+# --- the app-wide conversation listing (Threadline extension) --------------------------------
+
+# A conversation's place in the listing by activity: `t` + base64url of its `last_updated_at`
+# (the 8 bytes of the double, exact) and the first 9 bytes of its id (18 hex digits: the id's
+# creation second and 40 random bits, the tie-break). 24 characters like SunCo's cursors (the
+# official client checks the length) yet never a 24-hex id, so neither listing takes the other's.
+# The cursor holds the position itself, not a row to look up: it stays valid when its
+# conversation gets a message (and moves to the top) or is deleted between two pages.
+_ACTIVITY_CURSOR = re.compile(r"^t[A-Za-z0-9_-]{23}$")
+ACTIVITY_ID_PREFIX = 18
+
+
+def activity_cursor(last_updated_at: float, conversation_id: str) -> str:
+    """The listing's cursor of a conversation at `last_updated_at` (ids are 24-hex)."""
+    raw = struct.pack(">d", last_updated_at) + bytes.fromhex(conversation_id[:ACTIVITY_ID_PREFIX])
+    return "t" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def activity_keyset(cursor: str) -> tuple[float, str]:
+    """(last_updated_at, id prefix) of an `activity_cursor`; 400 for anything else."""
+    if _ACTIVITY_CURSOR.match(cursor):
+        try:
+            raw = base64.urlsafe_b64decode(cursor[1:] + "=")
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) == 8 + ACTIVITY_ID_PREFIX // 2:
+            (at,) = struct.unpack(">d", raw[:8])
+            if math.isfinite(at):
+                return at, raw[8:].hex()
+    raise ApiError(400, "page cursor is not a cursor of this list (use meta.afterCursor / meta.beforeCursor)")
+
+
+CONVERSATION_TYPES: frozenset[str] = frozenset(get_args(ConversationType))
+# `filter[channel]`: an integration type or a client type (`sdk`: any SDK client).
+CHANNEL_TYPES: frozenset[str] = frozenset(get_args(IntegrationType)) | frozenset(get_args(ClientType))
+# What a switchboard integration's integrationType may be (as switchboard.py checks it).
+_SWITCHBOARD_INTEGRATION_TYPE = re.compile(r"^[A-Za-z0-9:_.-]{1,64}$")
+_HEX_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+class ConversationFilters(msgspec.Struct, frozen=True):
+    """The `filter` of `GET /v2/apps/{appId}/conversations`, checked (times in Unix milliseconds)."""
+
+    user_id: str | None = None
+    user_external_id: str | None = None
+    type: str | None = None
+    active_switchboard_integration_id: str | None = None
+    active_switchboard_integration_type: str | None = None
+    channel: str | None = None
+    updated_after: int | None = None
+    created_after: int | None = None
+
+    @property
+    def by_user(self) -> bool:
+        return bool(self.user_id or self.user_external_id)
+
+
+_CONVERSATION_FILTER_FIELDS = {
+    "userId": "user_id", "userExternalId": "user_external_id", "type": "type",
+    "activeSwitchboardIntegrationId": "active_switchboard_integration_id",
+    "activeSwitchboardIntegrationType": "active_switchboard_integration_type", "channel": "channel",
+    "updatedAfter": "updated_after", "createdAfter": "created_after",
+}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_millis(value: str, name: str) -> int:
+    """Unix milliseconds (truncated, exactly) of an ISO 8601 date or date-time (no offset: UTC);
+    400 otherwise."""
+    try:
+        if len(value) > 64:
+            raise ValueError(value)
+        at = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ApiError(400, f"{name} must be an ISO 8601 timestamp, e.g. 2024-05-01T12:00:00.000Z") from exc
+    return ((at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH) // timedelta(milliseconds=1)
+
+
+def conversation_filters(raw: Mapping[str, str]) -> ConversationFilters:
+    """Check a conversation listing's `filter` (from `query_object`): unknown keys, unknown or
+    malformed values are a 400. An empty userId/userExternalId counts as absent (as it always did)."""
+    unknown = sorted(set(raw) - set(_CONVERSATION_FILTER_FIELDS))
+    if unknown:
+        raise ApiError(400, f"Unknown filter {', '.join(unknown)}: the filters are "
+                            f"{', '.join(_CONVERSATION_FILTER_FIELDS)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"filter.{key}"
+        if key in ("userId", "userExternalId"):
+            values[_CONVERSATION_FILTER_FIELDS[key]] = value or None
+            continue
+        if key == "type" and value not in CONVERSATION_TYPES:
+            raise ApiError(400, f"{name} must be one of {', '.join(sorted(CONVERSATION_TYPES))}")
+        if key == "activeSwitchboardIntegrationId" and not _HEX_ID.match(value):
+            raise ApiError(400, f"{name} must be a switchboard integration id (24 hex characters)")
+        if key == "activeSwitchboardIntegrationType" and not _SWITCHBOARD_INTEGRATION_TYPE.match(value):
+            raise ApiError(400, f"{name} must be an integration type (1-64 of [A-Za-z0-9:_.-])")
+        if key == "channel" and value not in CHANNEL_TYPES:
+            raise ApiError(400, f"{name} must be an integration or client type: {', '.join(sorted(CHANNEL_TYPES))}")
+        values[_CONVERSATION_FILTER_FIELDS[key]] = (parse_millis(value, name) if key.endswith("After")
+                                                    else value)
+    return ConversationFilters(**values)
 
 
 _CLOCK_TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")

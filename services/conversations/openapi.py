@@ -40,8 +40,9 @@ _PATH_PARAM = re.compile(r"{([^}]+)}")
 QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
     "page": {
         "name": "page", "in": "query", "required": False, "style": "deepObject", "explode": True,
-        "description": "Cursor paging: `page[after]`, `page[before]` (24-char ids), `page[size]` (1-100). "
-                       "URL-encoded JSON (`page={\"after\":\"...\"}`) is accepted too.",
+        "description": "Cursor paging: `page[after]`, `page[before]` (24-char ids; the app-wide conversation "
+                       "listing's are opaque 24-char cursors: take them from `meta` or `links`), `page[size]` "
+                       "(1-100). URL-encoded JSON (`page={\"after\":\"...\"}`) is accepted too.",
         "schema": {"type": "object", "properties": {
             "after": {"type": "string", "minLength": 24, "maxLength": 24},
             "before": {"type": "string", "minLength": 24, "maxLength": 24},
@@ -52,6 +53,27 @@ QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
         "description": "`filter[userId]`, `filter[userExternalId]` (conversations) or `filter[types]` "
                        "(integrations, comma-separated). URL-encoded JSON is accepted too.",
         "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "conversationFilter": {
+        "name": "filter", "in": "query", "required": False, "style": "deepObject", "explode": True,
+        "description": "`filter[userId]` or `filter[userExternalId]`: the user's conversations, oldest first "
+                       "(SunCo). Without them: every conversation of the app, most recent activity "
+                       "(`lastUpdatedAt`) first (Threadline). Either narrowed by (Threadline): `type` "
+                       "(personal, sdkGroup), `activeSwitchboardIntegrationId` (a member of the app's switchboard), "
+                       "`activeSwitchboardIntegrationType` (e.g. `desk`: the conversations such a member controls), "
+                       "`channel` (an integration or client type with a client in the conversation, e.g. "
+                       "`whatsapp`; `sdk`: any SDK client), `updatedAfter`, `createdAfter` (ISO 8601, strictly "
+                       "after; no offset means UTC). An unknown filter or value is a 400. URL-encoded JSON is "
+                       "accepted too.",
+        "schema": {"type": "object", "properties": {
+            "userId": {"type": "string"}, "userExternalId": {"type": "string"},
+            "type": {"type": "string", "enum": ["personal", "sdkGroup"]},
+            "activeSwitchboardIntegrationId": {"type": "string", "minLength": 24, "maxLength": 24},
+            "activeSwitchboardIntegrationType": {"type": "string", "maxLength": 64},
+            "channel": {"type": "string", "enum": sorted(models.CHANNEL_TYPES)},
+            "updatedAfter": {"type": "string", "format": "date-time"},
+            "createdAfter": {"type": "string", "format": "date-time"}},
+            "additionalProperties": False},
     },
     "access": {
         "name": "access", "in": "query", "required": True, "description": "Only `public`.",
@@ -152,6 +174,8 @@ def _error_refs(op: Operation) -> list[tuple[int, str]]:
         refs.append((404, "NotFound"))
     if op.request is not None:
         refs.extend([(400, "BadRequest"), (413, "PayloadTooLarge"), (415, "UnsupportedMediaType")])
+    elif {"page", "filter", "conversationFilter"} & set(op.query):
+        refs.append((400, "BadRequest"))  # a malformed cursor, page size or filter
     if op.method != "GET" or "users" in op.path:
         refs.append((503, "ServiceUnavailable"))
     return refs

@@ -261,6 +261,12 @@ SCRIPTS: tuple[str, ...] = (
     );
     CREATE INDEX attachments_conversation ON attachments(conversation_id);
     """,
+    # 8 (app-wide listing): an app's conversations by who is in control of them (the desk's
+    # queue), most recent activity first; the listing without that filter walks
+    # conversations_activity (5) backwards.
+    """
+    CREATE INDEX conversations_control ON conversations(app_id, switchboard_active, last_updated_at, id);
+    """,
 )
 
 
@@ -379,6 +385,38 @@ class _Args:
     def marks(self, values: Iterable[Any]) -> str:
         """`$n, $n+1, …` for each value (NULL for none: `x IN (NULL)` matches nothing)."""
         return ", ".join(self.add(value) for value in values) or "NULL"
+
+
+@dataclass(frozen=True)
+class ConversationFilter:
+    """Which conversations a listing keeps (a field left None keeps them all)."""
+
+    type: str | None = None
+    # The switchboard integrations one of which must be in control (empty: none matches).
+    active_switchboard_integration_ids: Sequence[str] | None = None
+    # An integration type (or client type) of which a client is in the conversation.
+    channel: str | None = None
+    updated_since: float | None = None  # last_updated_at at or after
+    created_since: float | None = None  # created_at at or after
+
+    def clauses(self, args: _Args) -> list[str]:
+        """SQL conditions on the conversations row `c`, their values added to `args`."""
+        out = []
+        if self.type is not None:
+            out.append(f"c.type = {args.add(self.type)}")
+        if self.active_switchboard_integration_ids is not None:
+            out.append(f"c.switchboard_active IN ({args.marks(self.active_switchboard_integration_ids)})")
+        if self.channel is not None:
+            channel = args.add(self.channel)
+            out.append(
+                "EXISTS (SELECT 1 FROM participants cp JOIN client_associations ca ON ca.participant_id = cp.id"
+                " LEFT JOIN integrations ci ON ci.id = ca.integration_id"
+                f" WHERE cp.conversation_id = c.id AND (ca.type = {channel} OR ci.type = {channel}))")
+        if self.updated_since is not None:
+            out.append(f"c.last_updated_at >= {args.add(self.updated_since)}")
+        if self.created_since is not None:
+            out.append(f"c.created_at >= {args.add(self.created_since)}")
+        return out
 
 
 _MESSAGE_COLUMNS = "seq, id, conversation_id, event_id, body"
@@ -870,10 +908,45 @@ class Store:
         return await self._one("SELECT * FROM conversations WHERE app_id=$1 AND default_user_id=$2", app_id, user_id)
 
     async def list_user_conversations(self, app_id: str, user_id: str, after: str | None, before: str | None,
-                                      limit: int) -> tuple[list[Row], bool]:
+                                      limit: int, where: ConversationFilter | None = None) -> tuple[list[Row], bool]:
+        """The user's conversations in creation order (`_page`: id cursors), those `where` keeps."""
+        args = _Args(app_id, user_id)
+        clauses = ["p.app_id=$1 AND p.user_id=$2", *(where.clauses(args) if where is not None else [])]
         return await self._page(
             "SELECT c.* FROM conversations c JOIN participants p ON p.conversation_id = c.id",
-            "p.app_id=$1 AND p.user_id=$2", _Args(app_id, user_id), after, before, limit, "conversations", "c")
+            " AND ".join(clauses), args, after, before, limit, "conversations", "c")
+
+    async def list_conversations(self, app_id: str, where: ConversationFilter, after: tuple[float, str] | None,
+                                 before: tuple[float, str] | None, limit: int) -> tuple[list[Row], bool]:
+        """The app's conversations that `where` keeps, most recent activity first: keyset paging
+        on (last_updated_at, id) descending, never an offset.
+
+        A cursor is a position (last_updated_at, a prefix of the id), not a row: `after` pages
+        towards older activity, `before` towards newer. Rows sharing the cursor's id prefix and
+        time are taken for the cursor's own row (ids share 18 hex digits only by a 2^-40 chance
+        within one second). Returns the page newest first and whether more rows lie beyond it in
+        the direction of paging. A conversation created, or active, after the first page sorts
+        above it: paging on (`after`) shows no conversation twice and skips none that kept its
+        place; one that moved up is seen by paging back (`before`) or on a new first page.
+        """
+        args = _Args(app_id)
+        clauses = ["c.app_id=$1", *where.clauses(args)]
+        for cursor, op in ((after, "<"), (before, ">")):
+            if cursor is None:
+                continue
+            at, prefix = args.add(cursor[0]), args.add(cursor[1])
+            # The first comparison bounds the index range; the second breaks the tie.
+            clauses.append(f"c.last_updated_at {op}= {at} AND (c.last_updated_at {op} {at}"
+                           f" OR substr(c.id, 1, {len(cursor[1])}) {op} {prefix})")
+        order = "ASC" if before is not None and after is None else "DESC"
+        rows = await self._all(
+            f"SELECT c.* FROM conversations c WHERE {' AND '.join(clauses)}"
+            f" ORDER BY c.last_updated_at {order}, c.id {order} LIMIT {args.add(limit + 1)}", *args.values)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if order == "ASC":
+            rows.reverse()
+        return rows, more
 
     async def set_participant_external_id(self, app_id: str, user_id: str, external_id: str | None) -> None:
         await self._run("UPDATE participants SET user_external_id=$1 WHERE app_id=$2 AND user_id=$3",

@@ -27,7 +27,7 @@ from tests.deploy import crd
 from tests.deploy.k8s import DEPLOY, K8S_VERSION, OVERLAYS, REPO, containers, objects, one, render, workloads
 
 # The services with a database (THREADLINE_DATABASE_URL), and those without.
-STATEFUL = ("identity", "conversations", "webhooks", "messenger", "notifications")
+STATEFUL = ("identity", "conversations", "webhooks", "messenger", "notifications", "desk")
 STATELESS = ("whatsapp", "telegram", "sms", "email", "web", "app", "handoff")
 SERVICES = STATEFUL + STATELESS
 # Secrets each service reads (its config.py) and the Secret keys they come from.

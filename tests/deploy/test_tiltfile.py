@@ -21,8 +21,8 @@ from tests.deploy.tilt import TiltfileError, evaluate
 
 TILTFILE = (REPO / "Tiltfile").read_text()
 SERVICES = ("identity", "conversations", "webhooks", "messenger", "whatsapp", "telegram", "sms", "email", "web",
-            "app", "handoff", "notifications")
-WITH_DATABASE = ("identity", "conversations", "webhooks", "messenger", "notifications")
+            "app", "handoff", "notifications", "desk")
+WITH_DATABASE = ("identity", "conversations", "webhooks", "messenger", "notifications", "desk")
 INFRA = ("nats", "postgres")
 
 

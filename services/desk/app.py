@@ -1,0 +1,441 @@
+"""Wiring of the `desk` service: the agent desk at `/desk/`.
+
+- a durable consumer on `events.>` follows the switchboard and the messages of the conversations the
+  desk controls (`handlers.Desk.handle_event`), and routes them to agents;
+- `/desk/api/v1/…` serves signed-in agents (sessions, CSRF), and `desk.api` the business's REST
+  calls that `conversations` forwards (`api.py`);
+- `/desk/api/v1/socket` is each open desk's live feed (`desk.updates.<app>` on core NATS, so a
+  change made by any replica reaches every replica's sockets) and its heartbeat (presence);
+- a sweeper takes agents silent past the grace period offline (their conversations back to the
+  queue) and wakes snoozed conversations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from aiohttp import WSMsgType, web
+from nats.aio.msg import Msg
+
+from shared import records, subjects
+from shared.bus import Bus, Delivery
+from shared.clientip import client_ip
+from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
+from shared.ids import new_id, parse_iso
+from shared.messages import conversation as conv
+from shared.messages import desk as msgs
+from shared.messages import handoff
+from shared.messages import identity as ident
+from shared.service import ServiceApp
+from shared.telemetry import setup_telemetry
+
+from . import auth
+from .api import API_PREFIX, OPERATIONS, DeskApi, answer_call, http_handler
+from .config import DeskConfig
+from .handlers import Actor, Desk, Snapshot, Update, agent_out
+from .store import AgentRow, Store
+
+log = logging.getLogger(__name__)
+
+SESSION_PATH = API_PREFIX + "/session"
+DEMO_SESSION_PATH = API_PREFIX + "/session/demo"
+STATIC_DIR = Path(__file__).parent / "static"
+# The desk page: scripts and styles from this origin only, nothing inline, never framed.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+                               " connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "Cache-Control": "no-cache",
+    "X-Frame-Options": "DENY",
+}
+SOCKET_PATH = API_PREFIX + "/socket"
+# A desk's socket heartbeat is written at most this often per agent (a write per beat of every
+# open tab would be needless load).
+SEEN_WRITE_INTERVAL = 10.0
+# How often an open socket re-checks its session (it may have been signed out or expired).
+SOCKET_SESSION_CHECK = 30.0
+CONVERSATIONS_TIMEOUT = 10.0
+_UPDATE_ENCODER = msgspec.json.Encoder()
+_UPDATE_DECODER = msgspec.json.Decoder(Update)
+
+
+class LoginBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    app_id: str
+    email: str
+    password: str
+
+
+class DemoLoginBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    app_id: str
+
+
+class NatsConversations:
+    """The conversations service, as the desk asks it (`conversations.desk`)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def _ask(self, request: msgs.DeskRequest) -> msgs.DeskDone:
+        try:
+            raw = await self.bus.request(subjects.CONVERSATIONS_DESK, msgs.encode(request),
+                                         timeout=CONVERSATIONS_TIMEOUT)
+            reply = msgs.REPLY_DECODER.decode(raw)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ApiError(503, "Conversations are unavailable right now, try again") from exc
+        if isinstance(reply, msgs.DeskRefused):
+            raise ApiError(reply.status, reply.title, reply.code)
+        return reply
+
+    async def post_message(self, request: msgs.PostAgentMessage) -> dict[str, Any] | None:
+        """Post an agent's message; the message as stored."""
+        return (await self._ask(request)).message
+
+    async def snapshot(self, app_id: str, conversation_id: str) -> Snapshot:
+        """The conversation's first participant, the type of their primary client, and the last message."""
+        try:
+            raw = await self.bus.request(subjects.CONVERSATIONS_PARTICIPANTS, conv.ENCODER.encode(
+                conv.GetParticipants(app_id=app_id, conversation_id=conversation_id)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = conv.decode_request(raw)
+            raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
+                app_id=app_id, conversation_id=conversation_id, limit=1)), timeout=CONVERSATIONS_TIMEOUT)
+            page = conv.decode_request(raw)
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("conversation %s unavailable: %s", conversation_id, exc)
+            return Snapshot()
+        last = page.messages[-1].message if isinstance(page, conv.HistoryPage) and page.messages else None
+        last_at = parse_iso(last.received) if last is not None else None
+        if not isinstance(reply, conv.ParticipantsReply) or not reply.participants:
+            return Snapshot(last_message=last, last_message_at=last_at)
+        participant = reply.participants[0]
+        primary = participant.clients[0] if participant.clients else None
+        return Snapshot(user_id=participant.user_id, channel=None if primary is None else channel_name(primary),
+                        last_message=last, last_message_at=last_at)
+
+    async def history(self, app_id: str, conversation_id: str, limit: int) -> dict[str, Any]:
+        """The latest `limit` messages of a conversation (oldest first) and its switchboard state."""
+        try:
+            raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
+                app_id=app_id, conversation_id=conversation_id, limit=limit)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = conv.decode_request(raw)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ApiError(503, "Conversations are unavailable right now, try again") from exc
+        if isinstance(reply, conv.ConversationError):
+            raise ApiError(reply.status, reply.title, reply.code)
+        if not isinstance(reply, conv.HistoryPage):
+            raise ApiError(502, "Unexpected answer from conversations")
+        return {"conversation": msgspec.to_builtins(reply.conversation), "hasMore": reply.has_more,
+                "messages": [{"cursor": m.cursor, "message": msgspec.to_builtins(m.message)} for m in reply.messages]}
+
+    async def profile(self, app_id: str, user_id: str) -> dict[str, Any] | None:
+        """The customer's profile and every channel identity (None: the user is gone)."""
+        try:
+            raw = await self.bus.request(subjects.IDENTITY_CLIENTS_LIST, ident.encode(ident.ListClients(
+                app_id=app_id, user_id_or_external_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = ident.decode(raw)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ApiError(503, "Identities are unavailable right now, try again") from exc
+        if not isinstance(reply, ident.ClientsReply):
+            return None
+        return {"user": msgspec.to_builtins(reply.user), "clients": msgspec.to_builtins(reply.clients)}
+
+    async def issue_link(self, app_id: str, user_id: str, conversation_id: str, integration_id: str) -> str:
+        """A handoff link that brings the customer to `integration_id`'s channel in this conversation."""
+        try:
+            raw = await self.bus.request(subjects.HANDOFF_ISSUE, handoff.encode(handoff.IssueLinks(
+                app_id=app_id, user_id=user_id, conversation_id=conversation_id, integration_ids=[integration_id])),
+                timeout=CONVERSATIONS_TIMEOUT)
+            answer = handoff.decode(raw)
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ApiError(503, "Handoff is unavailable right now, try again") from exc
+        if isinstance(answer, handoff.HandoffError):
+            raise ApiError(answer.status, answer.title, answer.code)
+        if not isinstance(answer, handoff.LinksIssued) or not answer.links:
+            raise ApiError(502, "Unexpected answer from handoff")
+        return answer.links[0].url
+
+    async def switchboard(self, app_id: str, conversation_id: str, action: str,
+                          metadata: dict[str, Any] | None = None) -> None:
+        """Move control (the desk's own actions, e.g. releaseControl on resolve)."""
+        try:
+            await self._ask(msgs.MoveControl(app_id=app_id, conversation_id=conversation_id,
+                                             action=action, metadata=metadata))  # type: ignore[arg-type]
+        except ApiError as exc:
+            # Control already moved elsewhere (a bot took it back): the desk's part is over anyway.
+            log.info("switchboard %s on %s refused: %s", action, conversation_id, exc.title)
+
+
+def channel_name(client: conv.ParticipantClient) -> str:
+    """A client's channel as the desk shows it (an SDK client: web, android or ios)."""
+    if client.type == "sdk":
+        platform = client.info.get("platform") if isinstance(client.info, dict) else None
+        return platform if platform in ("android", "ios") else "web"
+    return client.type
+
+
+class DeskService(ServiceApp):
+    """Agents, teams, routing and the desk's API."""
+
+    name = "desk"
+    # Set by `start`, before NATS and HTTP serve (and released by `stop`, in the reverse order).
+    store: Store
+    bus: Bus
+    desk: Desk
+    api: DeskApi
+    throttle: auth.SharedLoginThrottle
+
+    def __init__(self, config: DeskConfig) -> None:
+        super().__init__(config.common)
+        self.config = config
+        self.secure = auth.cookie_secure(config.common.public_base_url)
+        self.csrf_key = config.keyring.derived("desk csrf")[0]
+        self.kdf = auth.Kdf()
+        self.http.middlewares.extend([
+            tracing_middleware, error_middleware,
+            auth.csrf_middleware(key=self.csrf_key, secure=self.secure,
+                                 allowed_origins=[config.common.public_base_url],
+                                 exempt_paths=[SESSION_PATH, DEMO_SESSION_PATH])])
+        self.http.router.add_get("/desk", self.page_redirect)
+        self.http.router.add_get("/desk/", self.page)
+        self.http.router.add_static("/desk/static", STATIC_DIR, show_index=False, append_version=False)
+        self.http.router.add_post(SESSION_PATH, self.sign_in)
+        self.http.router.add_post(DEMO_SESSION_PATH, self.demo_sign_in)
+        self.http.router.add_delete(SESSION_PATH, self.sign_out)
+        self.http.router.add_get(SESSION_PATH, self.session_info)
+        self.http.router.add_get(SOCKET_PATH, self.socket)
+        self.add_database_check(lambda: self.store.db)
+        self._sockets: dict[str, weakref.WeakSet[web.WebSocketResponse]] = {}
+        self._seen_written: dict[str, float] = {}
+
+    async def start(self) -> None:
+        """Open the store, connect, consume events, serve NATS and HTTP, start the sweeper."""
+        self.store = await Store.open(self.config.database)
+        self.on_stop(self.store.close)
+        self.bus = await self.connect_bus()
+        apps = await self.mirror_bucket(self.bus, subjects.APPS_BUCKET, records.APP_DECODER.decode)
+        integrations = await self.mirror_bucket(self.bus, subjects.INTEGRATIONS_BUCKET,
+                                                records.integration_decoder(self.config.keyring))
+
+        def channels(app_id: str) -> list[records.IntegrationRecord]:
+            return sorted((record for record in integrations.values.values()
+                           if isinstance(record, records.IntegrationRecord) and record.app_id == app_id),
+                          key=lambda record: (record.type, record.id))
+        throttle_kv = await self.bus.key_value(subjects.DESK_LOGIN_BUCKET, ttl=auth.THROTTLE_TTL_SECONDS,
+                                               replicas=self.common.stream_replicas)
+        self.throttle = auth.SharedLoginThrottle(throttle_kv, self.config.keyring.derived("desk login throttle")[0])
+        conversations = NatsConversations(self.bus)
+        def member_type(app_id: str, member_id: str) -> str | None:
+            record = apps.get(app_id)
+            switchboard = record.switchboard if isinstance(record, records.AppRecord) else None
+            member = switchboard.integration(member_id) if switchboard is not None else None
+            return None if member is None else member.integration_type
+
+        self.desk = Desk(self.store, conversations, self._publish_update, member_type,
+                         default_capacity=self.config.default_capacity,
+                         grace_seconds=self.config.presence_grace_seconds)
+        self.api = DeskApi(self.desk, self.kdf, conversations, channels)
+        for op in OPERATIONS:
+            self.http.router.add_route(op.method, API_PREFIX + op.path, http_handler(self.api, op, self.actor))
+        if self.config.demo_agent_email:
+            apps.add_listener(lambda app_id, record: self.spawn(self._demo_agent(app_id, record), "desk:demo"))
+            for app_id, record in list(apps.values.items()):
+                await self._demo_agent(app_id, record)
+        await self.bus.nc.subscribe(f"{subjects.DESK_UPDATES_PREFIX}.*", cb=self._on_update)
+        await self.bus.consume(subjects.DESK_EVENTS, self._on_event)
+        await self.bus.serve(subjects.DESK_SERVICE, {subjects.DESK_API: self._answer_call})
+        self.spawn(self._sweep_forever(), "desk:sweep")
+        await self.start_http()
+
+    # --- events and updates --------------------------------------------------------------------
+
+    async def _on_event(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        try:
+            event = conv.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return  # an event type this version does not know: nothing for the desk
+        await self.desk.handle_event(event)
+
+    async def _publish_update(self, update: Update) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.bus.nc.publish(f"{subjects.DESK_UPDATES_PREFIX}.{update.app_id}", _UPDATE_ENCODER.encode(update))
+
+    async def _on_update(self, msg: Msg) -> None:
+        sockets = self._sockets.get(msg.subject.rsplit(".", 1)[-1])
+        if not sockets:
+            return
+        try:
+            update = _UPDATE_DECODER.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        text = msg.data.decode()
+        del update  # decoded only to refuse what is not an update
+        for ws in list(sockets):
+            if not ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_str(text)
+
+    async def _answer_call(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
+        return await answer_call(self.api, data)
+
+    async def _sweep_forever(self) -> None:
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(self.config.sweep_seconds)
+            try:
+                await self.desk.sweep()
+                if time.time() - last_prune > 3600:
+                    await self.store.prune_sessions(time.time())
+                    last_prune = time.time()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("desk sweep failed")
+
+    async def _demo_agent(self, app_id: str, record: Any) -> None:
+        """`make up`'s demo agent, an admin of every sandbox app (sandbox only, see the config)."""
+        if not isinstance(record, records.AppRecord):
+            return
+        email = auth.normalize_email(self.config.demo_agent_email)
+        if await self.store.agent_by_email(app_id, email) is not None:
+            return
+        agent = AgentRow(id=new_id(), app_id=app_id, email=email, display_name="Demo agent", role="admin",
+                         password_hash=None,
+                         capacity=self.config.default_capacity, presence="offline", skills=[], channels=[],
+                         disabled=False, last_assigned_at=None, last_seen_at=None, created_at=time.time())
+        async with self.store.transaction("desk_demo") as tx:
+            await self.store.insert_agent(tx, agent)
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    async def actor(self, request: web.Request) -> Actor:
+        """The signed-in agent of a request (401 without a live session, 403 once disabled)."""
+        record = await auth.current_session(request, self.store, secure=self.secure)
+        agent = await self.store.agent(record.agent_id)
+        if agent is None or agent.app_id != record.app_id:
+            await self.store.delete_session(record.token_hash)
+            raise ApiError(401, "Sign in to the desk")
+        if agent.disabled:
+            raise ApiError(403, "This agent account is disabled")
+        await self._heard_from(agent)
+        return Actor(app_id=agent.app_id, agent=agent)
+
+    async def _heard_from(self, agent: AgentRow) -> None:
+        now = time.time()
+        if now - self._seen_written.get(agent.id, 0.0) >= SEEN_WRITE_INTERVAL:
+            self._seen_written[agent.id] = now
+            await self.desk.heard_from(agent)
+
+    async def sign_in(self, request: web.Request) -> web.Response:
+        """Password sign-in: throttled per account and per address, the session rotated."""
+        body = await read_json(request, LoginBody)
+        address = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []),
+                            self.config.trusted_proxies)
+        if len(body.app_id) > 64 or len(body.email) > 254 or len(body.password) > auth.MAX_PASSWORD_LENGTH * 4:
+            raise ApiError(400, "Invalid sign-in")
+        try:
+            wait = await self.throttle.attempt(body.app_id, body.email, address)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            raise ApiError(503, "Sign-in is unavailable right now, try again") from exc
+        if wait > 0:
+            raise ApiError(429, "Too many sign-in attempts; wait and try again", "too_many_requests",
+                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        agent = await self.store.agent_by_email(body.app_id, auth.normalize_email(body.email))
+        usable = agent is not None and not agent.disabled
+        if not await self.kdf.verify(agent.password_hash if usable and agent else None, body.password) or agent is None:
+            raise ApiError(401, "Wrong e-mail or password", "unauthorized")
+        with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            await self.throttle.succeeded(body.app_id, body.email, address)
+        if agent.password_hash and auth.needs_rehash(agent.password_hash):
+            async with self.store.transaction("desk_rehash") as tx:
+                await self.store.update_agent(tx, replace(agent, password_hash=await self.kdf.hash(body.password)))
+        return await self._signed_in(request, agent)
+
+    async def demo_sign_in(self, request: web.Request) -> web.Response:
+        """The sandbox's demo agent, signed in without a password (`make up`'s "Reply as the business"
+        step): only when THREADLINE_DESK_DEMO_AGENT_* is set, which the config allows in the sandbox only."""
+        if not self.config.demo_agent_email:
+            raise ApiError(404, "Not found")
+        body = await read_json(request, DemoLoginBody)
+        agent = await self.store.agent_by_email(body.app_id[:64], auth.normalize_email(self.config.demo_agent_email))
+        if agent is None or agent.disabled:
+            raise ApiError(404, "No demo agent in this app")
+        return await self._signed_in(request, agent)
+
+    async def _signed_in(self, request: web.Request, agent: AgentRow) -> web.Response:
+        token, record = await auth.rotate_session(
+            self.store, auth.read_session_token(request, secure=self.secure), agent.id, agent.app_id, time.time(),
+            self.config.session_idle_seconds, self.config.session_absolute_seconds)
+        response = json_response({"agent": agent_out(agent), "csrfToken": auth.csrf_token(self.csrf_key, token)})
+        response.headers["Cache-Control"] = "no-store"
+        auth.set_session_cookie(response, token, record, secure=self.secure)
+        return response
+
+    async def page(self, _request: web.Request) -> web.FileResponse:
+        """The desk's single page (it signs in, then drives the API and the socket)."""
+        return web.FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    async def page_redirect(self, _request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/desk/")
+
+    async def sign_out(self, request: web.Request) -> web.Response:
+        """End the session (and clear the cookie)."""
+        response = json_response({})
+        await auth.end_session(request, response, self.store, secure=self.secure)
+        return response
+
+    async def session_info(self, request: web.Request) -> web.Response:
+        """The signed-in agent and the CSRF token for this session (the desk page asks on load)."""
+        actor = await self.actor(request)
+        token = auth.read_session_token(request, secure=self.secure)
+        assert actor.agent is not None and token is not None
+        response = json_response({"agent": agent_out(actor.agent), "csrfToken": auth.csrf_token(self.csrf_key, token)})
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    # --- the live socket -----------------------------------------------------------------------
+
+    async def socket(self, request: web.Request) -> web.WebSocketResponse:
+        """An open desk's feed of its app's updates; its heartbeats keep the agent present."""
+        actor = await self.actor(request)
+        assert actor.agent is not None
+        token = auth.read_session_token(request, secure=self.secure)
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=4096)
+        await ws.prepare(request)
+        sockets = self._sockets.setdefault(actor.app_id, weakref.WeakSet())
+        sockets.add(ws)
+        checked = time.time()
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                now = time.time()
+                if now - checked >= SOCKET_SESSION_CHECK:
+                    checked = now
+                    record = await self.store.get_session(auth.session_token_hash(token or ""))
+                    if record is None or not auth.session_valid(record, now):
+                        await ws.close(code=4401, message=b"session ended")
+                        break
+                agent = await self.store.agent(actor.agent.id)
+                if agent is None or agent.disabled:
+                    await ws.close(code=4403, message=b"agent removed")
+                    break
+                await self._heard_from(agent)
+        finally:
+            sockets.discard(ws)
+        return ws
+
+
+def create(environ: Mapping[str, str] | None = None) -> DeskService:
+    """The desk service, configured from `environ` (`os.environ` when None)."""
+    setup_telemetry("desk")
+    return DeskService(DeskConfig.from_env(os.environ if environ is None else environ))

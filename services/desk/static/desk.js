@@ -1,0 +1,428 @@
+// The Threadline desk: one page over the desk's API (/desk/api/v1) and its live socket.
+// Everything the page shows is set with textContent: customers' words never become markup.
+
+const API = "/desk/api/v1";
+const HEARTBEAT_MS = 20000;
+const DAY_MS = 24 * 3600 * 1000;
+const CHANNEL_NAMES = {
+  whatsapp: "WhatsApp", messenger: "Messenger", telegram: "Telegram", twilio: "SMS", mailgun: "E-mail",
+  web: "Web", android: "Android", ios: "iOS", sdk: "Web", unknown: "—",
+};
+
+const state = {
+  agent: null, csrf: "", view: "mine", tickets: new Map(), agents: new Map(), teams: [], canned: [],
+  selected: null, timeline: [], socket: null, heartbeat: null,
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("data-")) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+function badge(channel) {
+  return el("span", { class: `badge ${channel || "unknown"}`, text: CHANNEL_NAMES[channel] || channel || "—" });
+}
+
+function when(value) {
+  if (value === null || value === undefined) return "";
+  const date = typeof value === "number" ? new Date(value * 1000) : new Date(value);
+  return date.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+}
+
+class ApiError extends Error {
+  constructor(status, title) { super(title); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const headers = { "Accept": "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET") headers["X-CSRF-Token"] = state.csrf;
+  const response = await fetch(API + path, {
+    method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    if (response.status === 401 && !path.startsWith("/session")) showSignIn();
+    throw new ApiError(response.status, data.errors?.[0]?.title || `HTTP ${response.status}`);
+  }
+  return data;
+}
+
+// --- signing in ----------------------------------------------------------------------------------
+
+function showSignIn(message = "") {
+  stopSocket();
+  $("desk").hidden = true;
+  $("signin").hidden = false;
+  $("signin-error").textContent = message;
+  const params = new URLSearchParams(location.search);
+  const form = $("signin-form");
+  if (params.get("app") && !form.appId.value) form.appId.value = params.get("app");
+}
+
+async function signedIn(session) {
+  state.agent = session.agent;
+  state.csrf = session.csrfToken;
+  $("signin").hidden = true;
+  $("desk").hidden = false;
+  $("me").textContent = `${state.agent.displayName} · ${state.agent.role}`;
+  await Promise.all([loadAgents(), loadTeams(), loadCanned(), loadChannels()]);
+  await setPresence("online");
+  openSocket();
+  await loadInbox();
+}
+
+$("signin-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    await signedIn(await api("POST", "/session", {
+      appId: form.appId.value.trim(), email: form.email.value.trim(), password: form.password.value,
+    }));
+    form.password.value = "";
+  } catch (error) {
+    $("signin-error").textContent = error.message;
+  }
+});
+
+$("signout").addEventListener("click", async () => {
+  await setPresence("offline").catch(() => {});
+  await api("DELETE", "/session").catch(() => {});
+  showSignIn("Signed out.");
+});
+
+// --- presence and the live socket ----------------------------------------------------------------
+
+async function setPresence(presence) {
+  const data = await api("PUT", `/agents/${state.agent.id}/presence`, { presence });
+  state.agent = data.agent;
+  $("presence").value = presence;
+}
+
+$("presence").addEventListener("change", (event) => setPresence(event.target.value).catch(reportError));
+
+function openSocket() {
+  stopSocket();
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${API}/socket`;
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  socket.addEventListener("open", () => {
+    $("live").classList.add("on");
+    state.heartbeat = setInterval(() => socket.readyState === 1 && socket.send("beat"), HEARTBEAT_MS);
+  });
+  socket.addEventListener("message", (event) => onUpdate(JSON.parse(event.data)));
+  socket.addEventListener("close", (event) => {
+    $("live").classList.remove("on");
+    clearInterval(state.heartbeat);
+    if (state.socket !== socket) return;
+    if (event.code === 4401 || event.code === 4403) showSignIn("Your session ended. Sign in again.");
+    else setTimeout(() => state.agent && openSocket(), 2000);
+  });
+}
+
+function stopSocket() {
+  clearInterval(state.heartbeat);
+  const socket = state.socket;
+  state.socket = null;
+  if (socket) socket.close();
+}
+
+function onUpdate(update) {
+  if (update.kind === "ticket") {
+    state.tickets.set(update.conversationId, update.data);
+    renderInbox();
+    if (state.selected === update.conversationId) renderHead();
+  } else if (update.kind === "message" && update.conversationId === state.selected) {
+    if (!state.timeline.some((item) => item.message?.id === update.data.message.id)) {
+      state.timeline.push({ cursor: update.data.cursor, message: update.data.message });
+      renderTimeline();
+    }
+  } else if (update.kind === "note" && update.conversationId === state.selected) {
+    if (!state.timeline.some((item) => item.note?.id === update.data.id)) {
+      state.timeline.push({ note: update.data });
+      renderTimeline();
+    }
+  } else if (update.kind === "agent") {
+    if (update.data.deleted) state.agents.delete(update.data.id);
+    else state.agents.set(update.data.id, update.data);
+    if (update.data.id === state.agent?.id && !update.data.deleted) $("presence").value = update.data.presence;
+    renderTransferOptions();
+  } else if (update.kind === "removed") {
+    state.tickets.delete(update.conversationId);
+    if (state.selected === update.conversationId) selectConversation(null);
+    renderInbox();
+  }
+}
+
+// --- inbox ---------------------------------------------------------------------------------------
+
+async function loadAgents() {
+  const data = await api("GET", "/agents");
+  state.agents = new Map(data.agents.map((agent) => [agent.id, agent]));
+  renderTransferOptions();
+}
+
+async function loadTeams() {
+  state.teams = (await api("GET", "/teams")).teams;
+  renderTransferOptions();
+}
+
+async function loadCanned() {
+  state.canned = (await api("GET", "/canned-replies")).cannedReplies;
+  const select = $("canned");
+  select.replaceChildren(el("option", { value: "", text: "Canned replies…" }),
+    ...state.canned.map((reply) => el("option", { value: reply.id, text: reply.shortcut })));
+}
+
+async function loadChannels() {
+  const channels = (await api("GET", "/channels")).channels;
+  $("continue-on").replaceChildren(el("option", { value: "", text: "Continue on…" }),
+    ...channels.filter((channel) => channel.type in CHANNEL_NAMES).map((channel) => el("option", {
+      value: channel.id, text: `${CHANNEL_NAMES[channel.type] || channel.type}${channel.displayName ? ` · ${channel.displayName}` : ""}`,
+    })));
+}
+
+async function loadInbox() {
+  const query = new URLSearchParams({ view: state.view });
+  const status = $("filter-status").value;
+  const channel = $("filter-channel").value;
+  if (status) query.set("status", status);
+  if (channel) query.set("channel", channel);
+  const data = await api("GET", `/conversations?${query}`);
+  state.tickets = new Map(data.conversations.map((ticket) => [ticket.conversationId, ticket]));
+  renderInbox();
+}
+
+function inView(ticket) {
+  const status = $("filter-status").value;
+  const channel = $("filter-channel").value;
+  const search = $("filter-search").value.trim().toLowerCase();
+  if (status && !status.split(",").includes(ticket.status)) return false;
+  if (channel && ticket.channel !== channel) return false;
+  if (state.view === "mine" && ticket.agentId !== state.agent.id) return false;
+  if (state.view === "unassigned" && ticket.agentId) return false;
+  if (search) {
+    const haystack = [ticket.lastMessageText, ticket.userId, ticket.conversationId, ...ticket.labels]
+      .filter(Boolean).join(" ").toLowerCase();
+    if (!haystack.includes(search)) return false;
+  }
+  return true;
+}
+
+function renderInbox() {
+  const items = [...state.tickets.values()].filter(inView).sort((a, b) => b.updatedAt - a.updatedAt);
+  $("tickets").replaceChildren(...items.map((ticket) => {
+    const agent = ticket.agentId ? state.agents.get(ticket.agentId)?.displayName || "an agent" : "unassigned";
+    const item = el("li", { "data-conversation": ticket.conversationId },
+      el("div", { class: "row" }, badge(ticket.channel), el("span", { class: "state", text: `${ticket.status} · ${agent}` })),
+      el("div", { class: "preview", text: ticket.lastMessageText || "(no message yet)" }));
+    if (ticket.conversationId === state.selected) item.classList.add("selected");
+    item.addEventListener("click", () => selectConversation(ticket.conversationId));
+    return item;
+  }));
+}
+
+for (const button of document.querySelectorAll(".views button")) {
+  button.addEventListener("click", () => {
+    state.view = button.dataset.view;
+    for (const other of document.querySelectorAll(".views button")) {
+      other.setAttribute("aria-selected", String(other === button));
+    }
+    loadInbox().catch(reportError);
+  });
+}
+for (const id of ["filter-status", "filter-channel"]) $(id).addEventListener("change", () => loadInbox().catch(reportError));
+$("filter-search").addEventListener("input", renderInbox);
+
+// --- the conversation ----------------------------------------------------------------------------
+
+async function selectConversation(conversationId) {
+  state.selected = conversationId;
+  $("thread").hidden = !conversationId;
+  $("thread-empty").hidden = Boolean(conversationId);
+  renderInbox();
+  if (!conversationId) return;
+  const [timeline, context] = await Promise.all([
+    api("GET", `/conversations/${conversationId}/messages?limit=1000`),
+    api("GET", `/conversations/${conversationId}/context`),
+  ]);
+  if (state.selected !== conversationId) return;
+  state.tickets.set(conversationId, timeline.ticket);
+  state.timeline = [
+    ...timeline.messages.map((item) => ({ cursor: item.cursor, message: item.message })),
+    ...timeline.notes.map((note) => ({ note })),
+  ];
+  renderHead();
+  renderTimeline();
+  renderContext(context);
+}
+
+function ticketOf() {
+  return state.tickets.get(state.selected);
+}
+
+function renderHead() {
+  const ticket = ticketOf();
+  if (!ticket) return;
+  const agent = ticket.agentId ? state.agents.get(ticket.agentId)?.displayName || "an agent" : "nobody yet";
+  $("thread-title").replaceChildren(badge(ticket.channel), ` Conversation ${ticket.conversationId.slice(-6)}`);
+  $("thread-state").textContent = `${ticket.status}${ticket.queued ? " · waiting in the queue" : ""} · with ${agent}`
+    + (ticket.snoozedUntil ? ` · snoozed until ${when(ticket.snoozedUntil)}` : "");
+  $("accept").hidden = ticket.agentId === state.agent.id;
+  $("labels").value = ticket.labels.join(", ");
+}
+
+function timeOf(item) {
+  return item.note ? item.note.createdAt * 1000 : Date.parse(item.message.received);
+}
+
+function renderTimeline() {
+  state.timeline.sort((a, b) => timeOf(a) - timeOf(b) || (a.cursor ?? 0) - (b.cursor ?? 0));
+  const list = $("timeline");
+  list.replaceChildren(...state.timeline.map((item) => {
+    if (item.note) {
+      return el("li", { class: "note" },
+        el("div", { class: "meta", text: `Private note · ${item.note.authorName} · ${when(item.note.createdAt)}` }),
+        el("div", { class: "text", text: item.note.text }));
+    }
+    const message = item.message;
+    const author = message.author || {};
+    const content = message.content || {};
+    const channel = message.source?.type || "";
+    const who = author.type === "business" ? (author.displayName || "Business") : (author.displayName || "Customer");
+    let text = content.text || "";
+    if (!text && content.mediaUrl) text = `[${content.type}] ${content.altText || content.mediaUrl}`;
+    if (!text) text = `[${content.type || "message"}]`;
+    return el("li", { class: author.type === "business" ? "business" : "user", "data-message": message.id },
+      el("div", { class: "meta" }, channel ? badge(channel.startsWith("api") ? "api" : channel) : null,
+        el("span", { text: `${who} · ${when(message.received)}` })),
+      el("div", { class: "text", text }));
+  }));
+  list.scrollTop = list.scrollHeight;
+  renderWindowWarning();
+}
+
+function renderWindowWarning() {
+  const ticket = ticketOf();
+  const lastCustomer = [...state.timeline].reverse().find((item) => item.message?.author?.type === "user");
+  const closed = ticket?.channel === "whatsapp" && lastCustomer
+    && Date.now() - Date.parse(lastCustomer.message.received) > DAY_MS;
+  $("window-warning").hidden = !closed;
+  $("window-warning").textContent = closed
+    ? "WhatsApp's 24-hour window is closed: a free-form reply will fail. Send an approved template "
+      + "(a canned reply of type template) or continue on another channel." : "";
+}
+
+function renderContext(context) {
+  const user = context.user;
+  const profile = user?.profile || {};
+  const rows = [["Name", [profile.givenName, profile.surname].filter(Boolean).join(" ")], ["E-mail", profile.email],
+    ["Locale", profile.locale], ["External id", user?.externalId], ["User id", user?.id]];
+  for (const [key, value] of Object.entries(user?.metadata || {})) rows.push([key, String(value)]);
+  $("customer").replaceChildren(el("dl", {}, ...rows.filter(([, value]) => value)
+    .flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: value })])));
+  $("identities").replaceChildren(...context.clients.map((client) => el("li", {},
+    badge(client.type), ` ${client.displayName || client.externalId || client.id} · ${client.status}`)));
+  $("previous").replaceChildren(...context.previousConversations.map((ticket) => {
+    const item = el("li", {}, badge(ticket.channel), ` ${ticket.status} · ${when(ticket.updatedAt)}`);
+    item.addEventListener("click", () => selectConversation(ticket.conversationId));
+    return item;
+  }));
+}
+
+function renderTransferOptions() {
+  const select = $("transfer");
+  const agents = [...state.agents.values()].filter((agent) => agent.id !== state.agent?.id && !agent.disabled);
+  select.replaceChildren(el("option", { value: "", text: "Transfer…" }),
+    ...agents.map((agent) => el("option", { value: `agent:${agent.id}`, text: `${agent.displayName} (${agent.presence})` })),
+    ...state.teams.map((team) => el("option", { value: `team:${team.id}`, text: `Team ${team.name}` })));
+}
+
+async function act(promise) {
+  try {
+    const data = await promise;
+    if (data?.conversation) {
+      state.tickets.set(data.conversation.conversationId, data.conversation);
+      renderHead();
+      renderInbox();
+    }
+    $("reply-error").textContent = "";
+  } catch (error) {
+    reportError(error);
+  }
+}
+
+function reportError(error) {
+  $("reply-error").textContent = error.message;
+}
+
+$("accept").addEventListener("click", () => act(api("POST", `/conversations/${state.selected}/assign`, {})));
+$("pending").addEventListener("click", () => act(api("PUT", `/conversations/${state.selected}/status`, { status: "pending" })));
+$("resolve").addEventListener("click", () => act(api("PUT", `/conversations/${state.selected}/status`, { status: "resolved" })));
+$("snooze").addEventListener("click", () => act(api("PUT", `/conversations/${state.selected}/status`,
+  { status: "snoozed", snoozedUntil: Date.now() / 1000 + 3600 })));
+$("transfer").addEventListener("change", (event) => {
+  const [kind, id] = event.target.value.split(":");
+  event.target.value = "";
+  if (id) act(api("POST", `/conversations/${state.selected}/transfer`, kind === "agent" ? { agentId: id } : { teamId: id }));
+});
+$("continue-on").addEventListener("change", (event) => {
+  const integrationId = event.target.value;
+  event.target.value = "";
+  if (integrationId) act(api("POST", `/conversations/${state.selected}/handoff`, { integrationId }));
+});
+$("labels").addEventListener("change", (event) => act(api("PUT", `/conversations/${state.selected}/labels`,
+  { labels: event.target.value.split(",").map((label) => label.trim()).filter(Boolean) })));
+$("canned").addEventListener("change", (event) => {
+  const reply = state.canned.find((item) => item.id === event.target.value);
+  event.target.value = "";
+  if (reply) $("reply-text").value = reply.text;
+});
+
+$("reply-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("reply-text").value.trim();
+  if (!text || !state.selected) return;
+  const note = event.target.mode.value === "note";
+  try {
+    if (note) await api("POST", `/conversations/${state.selected}/notes`, { text });
+    else await api("POST", `/conversations/${state.selected}/messages`, { text });
+    $("reply-text").value = "";
+    $("reply-error").textContent = "";
+  } catch (error) {
+    reportError(error);
+  }
+});
+
+// --- start ---------------------------------------------------------------------------------------
+
+async function start() {
+  document.querySelector('.views button[data-view="mine"]').setAttribute("aria-selected", "true");
+  const demo = new URLSearchParams(location.hash.slice(1)).get("demo");
+  if (demo) {
+    history.replaceState(null, "", location.pathname);
+    try {
+      await signedIn(await api("POST", "/session/demo", { appId: demo }));
+      return;
+    } catch (error) {
+      showSignIn(error.message);
+      return;
+    }
+  }
+  try {
+    await signedIn(await api("GET", "/session"));
+  } catch {
+    showSignIn();
+  }
+}
+
+start();

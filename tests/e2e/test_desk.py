@@ -1,0 +1,182 @@
+"""The agent desk in headless Chromium, with a customer in the sandbox page's web messenger.
+
+A customer writes on the web; the bot (the switchboard's default) passes control to the desk;
+agent A, online, gets the conversation; A goes offline and agent B gets it; B sends the customer to
+WhatsApp with the handoff link, the customer continues there, and the conversation goes on in the
+same timeline (a badge per channel). A's desk, in a second browser context, sees it all live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, expect
+
+from shared.http import basic_auth_header
+from tests.e2e.test_widget_conversation import TIMEOUT_MS
+from tests.e2e.test_widget_handoff import eventually
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from threadline.bootstrap import AccountKey, bootstrap_sandbox
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct horse battery staple 42"
+CUSTOMER_PHONE = "15550199"
+
+
+@dataclass
+class Scene:
+    base: str
+    app_id: str
+    web_id: str
+    whatsapp_id: str
+    auth: dict[str, str]
+    http: aiohttp.ClientSession
+    events: list[dict[str, Any]]
+
+    async def rest(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        async with self.http.request(method, f"{self.base}/v2/apps/{self.app_id}{path}", json=body,
+                                     headers=self.auth) as resp:
+            data = await resp.json()
+            assert resp.status == status, (resp.status, data)
+            return data
+
+
+
+@pytest.fixture
+async def scene(system: System) -> AsyncIterator[Scene]:
+    await system.start("identity", "conversations", "webhooks", "handoff", "web", "whatsapp", "sandbox", "desk")
+    info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                   system.data_dir, ("web", "whatsapp"))
+    async with business_webhooks() as (hook_url, events), aiohttp.ClientSession() as http:
+        s = Scene(system.base_url, info["appId"], info["integrations"]["web"]["id"],
+                  info["integrations"]["whatsapp"]["id"],
+                  basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"]), http, events)
+        bot = await s.rest("POST", "/integrations", {"type": "custom", "displayName": "bot", "webhooks": [
+            {"target": hook_url, "triggers": ["conversation:message"]}]}, status=201)
+        switchboard = (await s.rest("POST", "/switchboards", status=201))["switchboard"]
+        members = f"/switchboards/{switchboard['id']}/switchboardIntegrations"
+        desk_member = (await s.rest("POST", members, {"name": "desk", "integrationType": "desk"},
+                                    status=201))["switchboardIntegration"]
+        bot_member = (await s.rest("POST", members, {"name": "bot", "integrationId": bot["integration"]["id"],
+                                                     "nextSwitchboardIntegrationId": desk_member["id"]},
+                                   status=201))["switchboardIntegration"]
+        await s.rest("PATCH", f"/switchboards/{switchboard['id']}",
+                     {"enabled": True, "defaultSwitchboardIntegrationId": bot_member["id"]})
+        for email, name, role in (("ana@example.com", "Ana", "admin"), ("ben@example.com", "Ben", "agent")):
+            await s.rest("POST", "/desk/agents", {"email": email, "displayName": name, "role": role,
+                                                  "password": PASSWORD}, status=201)
+        yield s
+
+
+async def open_desk(browser: Browser, scene: Scene, email: str) -> tuple[BrowserContext, Page]:
+    """A browser context signed in to the desk as `email` (through the sign-in form)."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(f"{scene.base}/desk/?app={scene.app_id}")
+    await page.get_by_label("E-mail").fill(email)
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#desk")).to_be_visible()
+    await expect(page.locator("#presence")).to_have_value("online")
+    await expect(page.locator("#live")).to_have_class("live on")
+    return context, page
+
+
+def inbox_item(page: Page, conversation_id: str) -> Any:
+    return page.locator(f'#tickets li[data-conversation="{conversation_id}"]')
+
+
+async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(browser: Browser,
+                                                                              scene: Scene) -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+    ana_context, ana = await open_desk(browser, scene, "ana@example.com")
+    customer_context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    shop = await customer_context.new_page()
+    shop.set_default_timeout(TIMEOUT_MS)
+    ben_context: BrowserContext | None = None
+    try:
+        # The customer writes in the web messenger; the bot holds the conversation, then passes it.
+        await shop.goto(f"{scene.base}/sandbox/")
+        widget = shop.locator('[data-threadline="root"]')
+        await widget.locator('[data-threadline="launcher"]').click()
+        await widget.locator('[data-threadline="input"]').fill("my parcel never came")
+        await widget.locator('[data-threadline="input"]').press("Enter")
+
+        async def first_message() -> str | None:
+            return next((e["payload"]["conversation"]["id"] for e in scene.events
+                         if e["payload"]["message"]["content"].get("text") == "my parcel never came"), None)
+
+        conversation_id = str(await eventually(first_message, timeout=20.0))
+        await scene.rest("POST", f"/conversations/{conversation_id}/passControl", {"switchboardIntegration": "next"})
+
+        # Ana is online: it is hers, live in her inbox.
+        await expect(inbox_item(ana, conversation_id)).to_contain_text("my parcel never came")
+        await expect(inbox_item(ana, conversation_id)).to_contain_text("open · Ana")
+        await inbox_item(ana, conversation_id).click()
+        await expect(ana.locator("#timeline li.user .text")).to_have_text(["my parcel never came"])
+        await expect(ana.locator("#timeline li.user .badge")).to_have_text(["Web"])
+        await expect(ana.locator("#identities")).to_contain_text("Web")
+
+        # Ben signs in; Ana goes offline: the conversation is Ben's.
+        ben_context, ben = await open_desk(browser, scene, "ben@example.com")
+        await ana.get_by_role("tab", name="All").click()
+        await ana.locator("#presence").select_option("offline")
+        await expect(inbox_item(ben, conversation_id)).to_contain_text("open · Ben")
+        await expect(inbox_item(ana, conversation_id)).to_contain_text("open · Ben")  # live, in Ana's "All"
+
+        # Ben sends the customer to WhatsApp with the handoff link.
+        await inbox_item(ben, conversation_id).click()
+        await expect(ben.locator("#timeline")).to_contain_text("my parcel never came")
+        await ben.locator("#continue-on").select_option(label="WhatsApp · WhatsApp (sandbox)")
+        handoff = ben.locator("#timeline li.business").last
+        await expect(handoff).to_contain_text("Continue this conversation on WhatsApp")
+        await expect(widget.locator('[data-threadline="message"][data-author="business"]').last).to_contain_text(
+            "Continue this conversation on WhatsApp")
+        link = (await handoff.locator(".text").inner_text()).split(": ", 1)[1].strip()
+        prefilled = parse_qs(urlsplit(link).query)["text"][0]
+
+        # The customer follows the link on WhatsApp (the sandbox's phone sends what WhatsApp would).
+        async def send(text: str) -> None:
+            async with scene.http.post(f"{scene.base}/sandbox/whatsapp/{scene.whatsapp_id}/inbound",
+                                       json={"from": CUSTOMER_PHONE, "text": text}) as resp:
+                assert resp.status == 200, await resp.text()
+
+        await send(prefilled)
+        await send("it's me, now on WhatsApp")
+        # Same timeline, a WhatsApp badge on the new message; Ana's desk sees it live too.
+        await expect(ben.locator("#timeline li.user").last).to_contain_text("it's me, now on WhatsApp")
+        await expect(ben.locator("#timeline li.user").last.locator(".badge")).to_have_text("WhatsApp")
+        await expect(ben.locator("#timeline li.user").first.locator(".badge")).to_have_text("Web")
+        await inbox_item(ana, conversation_id).click()
+        await expect(ana.locator("#timeline")).to_contain_text("it's me, now on WhatsApp")
+
+        # Ben's reply goes out on the customer's current channel: WhatsApp.
+        await ben.locator("#reply-text").fill("Found it, it arrives tomorrow")
+        await ben.get_by_role("button", name="Send").click()
+        await expect(ana.locator("#timeline li.business").last).to_contain_text("Found it, it arrives tomorrow")
+
+        async def on_whatsapp() -> bool:
+            async with scene.http.get(f"{scene.base}/sandbox/whatsapp/{scene.whatsapp_id}/outbox",
+                                      params={"to": CUSTOMER_PHONE}) as resp:
+                return "Found it, it arrives tomorrow" in await resp.text()
+        await eventually(on_whatsapp, timeout=20.0)
+
+        # A private note stays in the desk; resolving hands the conversation back to the bot.
+        await ben.get_by_label("Private note").check()
+        await ben.locator("#reply-text").fill("Carrier lost it once already")
+        await ben.get_by_role("button", name="Send").click()
+        await expect(ana.locator("#timeline li.note")).to_contain_text("Carrier lost it once already")
+        await ben.get_by_role("button", name="Resolve").click()
+        await expect(ben.locator("#thread-state")).to_contain_text("resolved")
+    finally:
+        await customer_context.close()
+        await ana_context.close()
+        if ben_context is not None:
+            await ben_context.close()

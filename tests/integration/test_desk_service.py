@@ -1,0 +1,324 @@
+"""The desk service against the real system: NATS, its database (SQLite, then PostgreSQL), HTTP
+through the front door, the WhatsApp sandbox fake.
+
+A bot is the switchboard's default; the desk its next member. A WhatsApp customer writes, the bot
+passes control, and the desk routes the conversation to an online agent; agents sign in with
+passwords (session cookie, CSRF token), go offline and come back, transfer, reply, note, resolve.
+The business drives the same desk through `/v2/apps/{appId}/desk/…` with its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from services.desk.app import DeskService
+from shared.http import basic_auth_header
+from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
+from tests.integration.test_web_conversation import eventually
+from threadline.bootstrap import AccountKey, bootstrap_sandbox
+
+SERVICES = ("identity", "conversations", "webhooks", "whatsapp", "sandbox", "desk")
+PASSWORD = "correct horse battery staple 42"
+SQLITE_ONLY = pytest.mark.parametrize("engine_env", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def system(system_on_each_engine: System) -> System:
+    """The services' state on SQLite, then on PostgreSQL (but for tests marked `SQLITE_ONLY`)."""
+    return system_on_each_engine
+
+
+@dataclass
+class AgentSession:
+    """A browser-like client signed in as one agent: its cookie jar and CSRF token."""
+
+    http: aiohttp.ClientSession
+    base: str
+    agent: dict[str, Any]
+    csrf: str
+
+    @property
+    def id(self) -> str:
+        return str(self.agent["id"])
+
+    def headers(self) -> dict[str, str]:
+        return {"Origin": self.base, "X-CSRF-Token": self.csrf}
+
+    async def call(self, method: str, path: str, body: Any = None, status: int | None = 200) -> Any:
+        async with self.http.request(method, f"{self.base}/desk/api/v1{path}", json=body,
+                                     headers=self.headers()) as resp:
+            data = await resp.json()
+            if status is not None:
+                assert resp.status == status, (resp.status, data)
+            return data
+
+
+@dataclass
+class Desk:
+    http: aiohttp.ClientSession
+    system: System
+    info: dict[str, Any]
+    auth: dict[str, str]
+    events: list[dict[str, Any]]
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.system.base_url
+
+    @property
+    def app_id(self) -> str:
+        return str(self.info["appId"])
+
+    @property
+    def whatsapp(self) -> str:
+        return str(self.info["integrations"]["whatsapp"]["id"])
+
+    async def rest(self, method: str, path: str, body: Any = None, status: int | None = 200,
+                   app_id: str | None = None) -> Any:
+        """The business's REST API (its app key)."""
+        async with self.http.request(method, f"{self.base}/v2/apps/{app_id or self.app_id}{path}", json=body,
+                                     headers=self.auth) as resp:
+            data = await resp.json()
+            if status is not None:
+                assert resp.status == status, (resp.status, data)
+            return data
+
+    async def create_agent(self, email: str, name: str, role: str = "agent", capacity: int = 2,
+                           **extra: Any) -> dict[str, Any]:
+        created = await self.rest("POST", "/desk/agents", {"email": email, "displayName": name, "role": role,
+                                                            "password": PASSWORD, "capacity": capacity, **extra},
+                                  status=201)
+        return dict(created["agent"])
+
+    async def sign_in(self, email: str) -> AgentSession:
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.sessions.append(http)
+        async with http.post(f"{self.base}/desk/api/v1/session", headers={"Origin": self.base},
+                             json={"appId": self.app_id, "email": email, "password": PASSWORD}) as resp:
+            data = await resp.json()
+            assert resp.status == 200, data
+        return AgentSession(http=http, base=self.base, agent=data["agent"], csrf=data["csrfToken"])
+
+    async def customer_writes(self, sender: str, text: str) -> None:
+        async def delivered() -> bool:
+            async with self.http.post(f"{self.base}/sandbox/whatsapp/{self.whatsapp}/inbound",
+                                      json={"from": sender, "text": text}) as resp:
+                body = await resp.json(content_type=None)
+                return resp.status == 200 and body.get("webhookStatus", 200) == 200
+
+        await eventually(delivered, timeout=20.0)
+
+    async def outbox(self, to: str) -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.base}/sandbox/whatsapp/{self.whatsapp}/outbox", params={"to": to}) as resp:
+            assert resp.status == 200, await resp.text()
+            return list((await resp.json())["messages"])
+
+    async def ticket(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self.http.get(f"{self.base}/v2/apps/{self.app_id}/desk/conversations/{conversation_id}",
+                                 headers=self.auth) as resp:
+            if resp.status == 404:
+                return None
+            assert resp.status == 200, await resp.text()
+            return dict((await resp.json())["conversation"])
+
+    async def assigned_to(self, conversation_id: str, agent_id: str | None, timeout: float = 15.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            ticket = await self.ticket(conversation_id)
+            return ticket if ticket is not None and ticket["agentId"] == agent_id else None
+
+        return dict(await eventually(check, timeout=timeout))
+
+    @property
+    def service(self) -> DeskService:
+        service = self.system.service("desk")
+        assert isinstance(service, DeskService)
+        return service
+
+
+@asynccontextmanager
+async def desk_scene(system: System, tmp_path: Path) -> AsyncIterator[Desk]:
+    """Services up, a sandbox app with WhatsApp, and a switchboard: a bot (default) then the desk."""
+    async with business_webhooks() as (hook_url, events), aiohttp.ClientSession() as http:
+        await system.start(*SERVICES)
+        info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                       str(tmp_path / "sbx"), ("whatsapp",))
+        desk = Desk(http=http, system=system, info=info, events=events,
+                    auth=basic_auth_header(info["apiKey"]["id"], info["apiKey"]["secret"]))
+        try:
+            bot = await desk.rest("POST", "/integrations", {
+                "type": "custom", "displayName": "bot",
+                "webhooks": [{"target": hook_url, "triggers": ["conversation:message"]}]}, status=201)
+            switchboard = (await desk.rest("POST", "/switchboards", status=201))["switchboard"]
+            members = f"/switchboards/{switchboard['id']}/switchboardIntegrations"
+            desk_member = (await desk.rest("POST", members, {"name": "desk", "integrationType": "desk"},
+                                           status=201))["switchboardIntegration"]
+            bot_member = (await desk.rest("POST", members, {
+                "name": "bot", "integrationId": bot["integration"]["id"],
+                "nextSwitchboardIntegrationId": desk_member["id"]}, status=201))["switchboardIntegration"]
+            await desk.rest("PATCH", f"/switchboards/{switchboard['id']}", {
+                "enabled": True, "defaultSwitchboardIntegrationId": bot_member["id"]})
+            yield desk
+        finally:
+            for session in desk.sessions:
+                await session.close()
+
+
+async def customer_conversation(desk: Desk, sender: str, text: str) -> str:
+    """A WhatsApp customer writes; the conversation's id, from the bot's webhook."""
+    await desk.customer_writes(sender, text)
+
+    async def found() -> str | None:
+        return next((e["payload"]["conversation"]["id"] for e in desk.events
+                     if e["type"] == "conversation:message"
+                     and e["payload"]["message"]["content"].get("text") == text), None)
+
+    return str(await eventually(found, timeout=20.0))
+
+
+async def pass_to_desk(desk: Desk, conversation_id: str, metadata: dict[str, Any] | None = None) -> None:
+    await desk.rest("POST", f"/conversations/{conversation_id}/passControl",
+                    {"switchboardIntegration": "next", "metadata": metadata or {}})
+
+
+async def test_a_conversation_passed_to_the_desk_reaches_an_online_agent_and_moves_when_they_leave(
+        system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        ada = await desk.create_agent("ada@example.com", "Ada", role="admin")
+        bob = await desk.create_agent("Bob@Example.com", "Bob")
+        assert bob["email"] == "bob@example.com" and "passwordHash" not in bob and "password" not in bob
+        a = await desk.sign_in("ada@example.com")
+        await a.call("PUT", f"/agents/{ada['id']}/presence", {"presence": "online"})
+
+        conversation_id = await customer_conversation(desk, "+15550001", "where is my order?")
+        # The bot holds it: not the desk's yet.
+        assert await desk.ticket(conversation_id) is None
+        await pass_to_desk(desk, conversation_id)
+        ticket = await desk.assigned_to(conversation_id, ada["id"])
+        assert ticket["channel"] == "whatsapp" and ticket["status"] == "open" and not ticket["queued"]
+        mine = await a.call("GET", "/conversations?view=mine")
+        assert [t["conversationId"] for t in mine["conversations"]] == [conversation_id]
+
+        # Ada goes offline: the conversation waits (nobody else online), then Bob comes and gets it.
+        await a.call("PUT", f"/agents/{ada['id']}/presence", {"presence": "offline"})
+        waiting = await desk.assigned_to(conversation_id, None)
+        assert waiting["queued"] and waiting["lastAgentId"] == ada["id"]
+        b = await desk.sign_in("bob@example.com")
+        await b.call("PUT", f"/agents/{bob['id']}/presence", {"presence": "online"})
+        await desk.assigned_to(conversation_id, bob["id"])
+
+        # Bob answers from the desk: it goes out on WhatsApp as the business, named after him.
+        sent = await b.call("POST", f"/conversations/{conversation_id}/messages", {"text": "On its way!"}, 201)
+        assert sent["message"]["author"]["displayName"] == "Bob"
+        assert sent["message"]["metadata"] == {"desk:agentId": bob["id"]}
+
+        async def delivered() -> bool:
+            return any("On its way!" in str(m) for m in await desk.outbox("+15550001"))
+
+        await eventually(delivered, timeout=20.0)
+
+        # A private note and labels stay in the desk.
+        await b.call("POST", f"/conversations/{conversation_id}/notes", {"text": "VIP, ordered twice"}, 201)
+        await b.call("PUT", f"/conversations/{conversation_id}/labels", {"labels": ["delivery", "vip"]})
+        detail = await a.call("GET", f"/conversations/{conversation_id}")
+        assert [n["text"] for n in detail["notes"]] == ["VIP, ordered twice"]
+        assert detail["conversation"]["labels"] == ["delivery", "vip"]
+        assert not any("VIP" in str(m) for m in await desk.outbox("+15550001"))
+
+        # Resolved: the slot is free and the switchboard gets control back (the bot is the default).
+        await b.call("PUT", f"/conversations/{conversation_id}/status", {"status": "resolved"})
+
+        async def released() -> bool:
+            conversation = (await desk.rest("GET", f"/conversations/{conversation_id}"))["conversation"]
+            return conversation.get("activeSwitchboardIntegration") is None or \
+                conversation["activeSwitchboardIntegration"]["name"] != "desk"
+
+        await eventually(released, timeout=10.0)
+
+
+@SQLITE_ONLY
+async def test_two_agents_accepting_one_conversation_at_once_get_one_assignment(
+        system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        agents = [await desk.create_agent(f"agent{i}@example.com", f"Agent {i}") for i in range(2)]
+        sessions = [await desk.sign_in(agent["email"]) for agent in agents]
+        for session in sessions:
+            await session.call("PUT", f"/agents/{session.id}/presence", {"presence": "online"})
+        # Nobody has the skill the bot asks for: it waits in the queue, for someone to take it by hand.
+        conversation_id = await customer_conversation(desk, "+15550002", "hallo")
+        await pass_to_desk(desk, conversation_id, {"desk:skills": "German"})
+        waiting = await eventually(lambda: desk.ticket(conversation_id), timeout=15.0)
+        assert waiting["queued"] and waiting["agentId"] is None and waiting["requiredSkills"] == ["german"]
+
+        responses = await asyncio.gather(*(session.http.post(
+            f"{desk.base}/desk/api/v1/conversations/{conversation_id}/assign", json={}, headers=session.headers())
+            for session in sessions))
+        outcomes = {session.id: response.status for session, response in zip(sessions, responses, strict=True)}
+        for response in responses:
+            response.release()
+        assert sorted(outcomes.values()) == [200, 409]
+        winner = next(agent_id for agent_id, status in outcomes.items() if status == 200)
+        assert (await desk.ticket(conversation_id))["agentId"] == winner
+
+        # An agent who is away cannot take one either.
+        other = await customer_conversation(desk, "+15550003", "guten Tag")
+        await pass_to_desk(desk, other, {"desk:skills": "german, french"})
+        await eventually(lambda: desk.ticket(other), timeout=15.0)
+        loser = next(session for session in sessions if session.id != winner)
+        await loser.call("PUT", f"/agents/{loser.id}/presence", {"presence": "away"})
+        refused = await loser.call("POST", f"/conversations/{other}/assign", {}, status=409)
+        assert refused["errors"][0]["title"] == "The agent is not online"
+
+
+@SQLITE_ONLY
+async def test_roles_apps_and_hostile_input(system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        await desk.create_agent("admin@example.com", "Admin", role="admin")
+        await desk.create_agent("agent@example.com", "Agent")
+        agent = await desk.sign_in("agent@example.com")
+        refused = await agent.call("POST", "/agents", {"email": "x@example.com", "displayName": "X",
+                                                       "password": PASSWORD}, status=403)
+        assert refused["errors"][0]["title"] == "This action needs the admin role"
+        # No CSRF token, or a cross-site origin: refused before anything happens.
+        async with agent.http.put(f"{desk.base}/desk/api/v1/agents/{agent.id}/presence",
+                                  json={"presence": "online"}, headers={"Origin": desk.base}) as resp:
+            assert resp.status == 403
+        async with agent.http.put(f"{desk.base}/desk/api/v1/agents/{agent.id}/presence", json={"presence": "online"},
+                                  headers={**agent.headers(), "Origin": "https://evil.example"}) as resp:
+            assert resp.status == 403
+        # Wrong passwords: 401, never which part was wrong; an unknown app the same.
+        async with aiohttp.ClientSession() as anon:
+            for app_id, email, password in ((desk.app_id, "agent@example.com", "wrong password 123"),
+                                            (desk.app_id, "nobody@example.com", PASSWORD),
+                                            ("0" * 24, "agent@example.com", PASSWORD)):
+                async with anon.post(f"{desk.base}/desk/api/v1/session", headers={"Origin": desk.base},
+                                     json={"appId": app_id, "email": email, "password": password}) as resp:
+                    assert resp.status == 401, await resp.text()
+            async with anon.get(f"{desk.base}/desk/api/v1/conversations") as resp:
+                assert resp.status == 401
+        # Hostile bodies: 400 with SunCo's error body, never a 500.
+        for body in ('{"email": "\udc80"}', "[" * 5000 + "]" * 5000, '{"email": 1}', "not json"):
+            async with desk.http.post(f"{desk.base}/v2/apps/{desk.app_id}/desk/agents", data=body.encode(
+                    "utf-8", "surrogatepass"), headers={**desk.auth, "Content-Type": "application/json"}) as resp:
+                assert resp.status == 400, (body[:20], await resp.text())
+                assert (await resp.json())["errors"][0]["code"] == "bad_request"
+        # Another app's ids look like ids that do not exist; its key cannot reach this desk.
+        other = await bootstrap_sandbox(desk.base, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
+                                        str(tmp_path / "other"), ("whatsapp",))
+        other_auth = basic_auth_header(other["apiKey"]["id"], other["apiKey"]["secret"])
+        async with desk.http.get(f"{desk.base}/v2/apps/{desk.app_id}/desk/agents", headers=other_auth) as resp:
+            assert resp.status == 403
+        async with desk.http.get(f"{desk.base}/v2/apps/{other['appId']}/desk/agents/{agent.id}",
+                                 headers=other_auth) as resp:
+            assert resp.status == 404
+        await agent.call("GET", f"/agents/{agent.id}")
+        async with desk.http.get(f"{desk.base}/v2/apps/{desk.app_id}/desk/nothing-here", headers=desk.auth) as resp:
+            assert resp.status == 404

@@ -1,0 +1,274 @@
+"""The desk's logic on its store, on both engines (a real SQLite file, a real PostgreSQL server),
+with the conversations service replaced by a recorder and the clock by a number.
+
+Routing through events and actions: least busy first, a returning customer back to their last
+agent, transfers, agents who fall silent past the grace period, snoozes, control leaving the desk,
+erasure, and two desks (replicas) deciding at once on one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from services.desk.handlers import Actor, Desk, Snapshot, Update
+from services.desk.store import AgentRow, Store, TeamRow
+from shared.db import DatabaseSettings
+from shared.http import ApiError
+from shared.messages import conversation as conv
+from shared.sunco import ConversationRef, SwitchboardIntegrationRef, UserRef
+
+APP = "app00000000000000000000a"
+OTHER_APP = "app00000000000000000000b"
+DESK_MEMBER = "sbi_desk"
+BOT_MEMBER = "sbi_bot"
+
+
+class Recorder:
+    """The conversations service: records the switchboard actions, knows every customer."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, str]] = []
+        self.customers: dict[str, tuple[str, str]] = {}
+
+    async def switchboard(self, app_id: str, conversation_id: str, action: str,
+                          metadata: dict[str, Any] | None = None) -> None:
+        self.actions.append((conversation_id, action))
+
+    async def snapshot(self, app_id: str, conversation_id: str) -> Snapshot:
+        user, channel = self.customers.get(conversation_id, (f"user-{conversation_id}", "whatsapp"))
+        return Snapshot(user_id=user, channel=channel)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def member_type(_app_id: str, member_id: str) -> str | None:
+    return {DESK_MEMBER: "desk", BOT_MEMBER: "custom"}.get(member_id)
+
+
+def make_desk(store: Store, clock: Clock, updates: list[Update] | None = None,
+              recorder: Recorder | None = None) -> Desk:
+    async def publish(update: Update) -> None:
+        if updates is not None:
+            updates.append(update)
+
+    return Desk(store, recorder or Recorder(), publish, member_type, grace_seconds=60.0, clock=clock)
+
+
+def control_event(conversation_id: str, member: str | None, at: float, app_id: str = APP,
+                  metadata: dict[str, Any] | None = None) -> conv.SwitchboardControlled:
+    ref = None if member is None else SwitchboardIntegrationRef(id=member)
+    return conv.SwitchboardControlled(
+        id=f"evt-{conversation_id}-{at}", app_id=app_id, conversation_id=conversation_id, created_at=at,
+        action="passControl", conversation=ConversationRef(id=conversation_id, type="personal",
+                                                           active_switchboard_integration=ref),
+        metadata=metadata)
+
+
+async def add_agent(desk: Desk, name: str, *, capacity: int = 2, skills: tuple[str, ...] = (),
+                    app_id: str = APP, role: str = "agent") -> AgentRow:
+    agent = AgentRow(id=f"agent-{name}", app_id=app_id, email=f"{name}@example.com", display_name=name,
+                     role=role, password_hash=None, capacity=capacity, presence="offline", skills=list(skills),
+                     channels=[], disabled=False, last_assigned_at=None, last_seen_at=None, created_at=desk.clock())
+    return await desk.create_agent(Actor(app_id=app_id), agent)
+
+
+async def online(desk: Desk, agent: AgentRow) -> None:
+    await desk.set_presence(Actor(app_id=agent.app_id), agent.id, "online")
+
+
+async def holder(desk: Desk, conversation_id: str) -> str | None:
+    ticket = await desk.store.ticket(conversation_id)
+    assert ticket is not None
+    return ticket.agent_id
+
+
+@pytest.fixture
+async def store(database_settings: DatabaseSettings) -> Any:
+    opened = await Store.open(database_settings)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_least_busy_returning_customer_and_agents_leaving(store: Store) -> None:
+    clock = Clock()
+    updates: list[Update] = []
+    desk = make_desk(store, clock, updates)
+    ada, bob = await add_agent(desk, "ada"), await add_agent(desk, "bob")
+    await online(desk, ada)
+    clock.now += 1
+    await online(desk, bob)
+
+    # Least busy first, round robin among equals (never assigned first, then assigned longest ago).
+    for n in range(4):
+        clock.now += 1
+        await desk.handle_event(control_event(f"c{n}", DESK_MEMBER, clock.now))
+    holders = [await holder(desk, f"c{n}") for n in range(4)]
+    assert sorted(holders) == [ada.id, ada.id, bob.id, bob.id]  # type: ignore[type-var]
+    assert holders[0] != holders[1]
+    # Both full (capacity 2): the fifth waits.
+    await desk.handle_event(control_event("c4", DESK_MEMBER, clock.now + 1))
+    assert await holder(desk, "c4") is None
+    assert any(u.kind == "ticket" and u.conversation_id == "c0" for u in updates)
+
+    # Resolving frees a slot: the waiting one is routed at once; control goes back to the switchboard.
+    first_holder = holders[0]
+    assert first_holder is not None
+    resolver = Actor(app_id=APP, agent=await store.agent(first_holder))
+    await desk.set_status(resolver, "c0", "resolved")
+    assert await holder(desk, "c4") == first_holder
+    assert ("c0", "releaseControl") in desk.conversations.actions  # type: ignore[attr-defined]
+
+    # Ada falls silent past the grace period: offline, and her open conversations go back to the
+    # queue keeping their place; Bob is full, so they wait.
+    ada_held = [c for c in ("c1", "c2", "c3", "c4") if await holder(desk, c) == ada.id]
+    clock.now += 30
+    await desk.heard_from(bob)
+    clock.now += 40  # Ada last heard from 70 s ago, Bob 40 s ago (grace 60 s)
+    await desk.sweep()
+    assert (await store.agent(ada.id)).presence == "offline"  # type: ignore[union-attr]
+    assert (await store.agent(bob.id)).presence == "online"  # type: ignore[union-attr]
+    for conversation_id in ada_held:
+        ticket = await store.ticket(conversation_id)
+        assert ticket is not None and ticket.queued and ticket.agent_id is None
+        assert ticket.last_agent_id == ada.id
+
+    # Ada returns: her customers come back to her (returning customer), before anyone else.
+    await online(desk, ada)
+    for conversation_id in ada_held:
+        ticket = await store.ticket(conversation_id)
+        assert ticket is not None and ticket.agent_id == ada.id and ticket.assign_reason == "returning"
+
+
+async def test_transfer_skills_snooze_leave_and_reopen(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada, bob = await add_agent(desk, "ada", skills=("german",)), await add_agent(desk, "bob")
+    carl = await add_agent(desk, "carl", role="admin")
+    team = await desk.save_team(Actor(app_id=APP), TeamRow(id="team-billing", app_id=APP, name="Billing", skills=[],
+                                                           channels=[], members=[bob.id], created_at=clock.now),
+                                new=True)
+    for agent in (ada, bob, carl):
+        await online(desk, agent)
+
+    # Skills from the bot's metadata: only Ada speaks German.
+    await desk.handle_event(control_event("de", DESK_MEMBER, clock.now, metadata={"desk:skills": "German"}))
+    assert await holder(desk, "de") == ada.id
+    # A team from the metadata, by name: only Bob is in Billing.
+    await desk.handle_event(control_event("bill", DESK_MEMBER, clock.now, metadata={"desk:team": "Billing"}))
+    assert await holder(desk, "bill") == bob.id
+
+    # Ada transfers hers to Carl (an agent, online with room): his at once.
+    ada_actor = Actor(app_id=APP, agent=ada)
+    moved = await desk.transfer(ada_actor, "de", to_agent_id=carl.id, to_team_id=None)
+    assert moved.agent_id == carl.id and moved.last_agent_id == carl.id
+    # Bob cannot move Carl's conversation (not his, not an admin); Carl can send it to a team.
+    with pytest.raises(ApiError) as refused:
+        await desk.transfer(Actor(app_id=APP, agent=bob), "de", to_agent_id=None, to_team_id=team.id)
+    assert refused.value.status == 403
+    moved = await desk.transfer(Actor(app_id=APP, agent=carl), "de", to_agent_id=None, to_team_id=team.id)
+    # Nobody in Billing speaks German: it waits for the team (never back to Carl, who gave it away).
+    assert moved.agent_id is None and moved.queued and moved.team_id == team.id
+    # Ada joins Billing: the next routing pass gives it to her.
+    await desk.save_team(Actor(app_id=APP), TeamRow(id=team.id, app_id=APP, name="Billing", skills=[], channels=[],
+                                                    members=[bob.id, ada.id], created_at=team.created_at), new=False)
+    assert await holder(desk, "de") == ada.id
+
+    # Snoozed until later: it wakes when due, still Bob's while he is online.
+    bob_actor = Actor(app_id=APP, agent=bob)
+    await desk.set_status(bob_actor, "bill", "snoozed", clock.now + 600)
+    await desk.sweep()
+    assert (await store.ticket("bill")).status == "snoozed"  # type: ignore[union-attr]
+    clock.now += 601
+    await desk.heard_from(bob)
+    await desk.heard_from(ada)
+    await desk.heard_from(carl)
+    await desk.sweep()
+    woken = await store.ticket("bill")
+    assert woken is not None and woken.status == "open" and woken.agent_id == bob.id
+
+    # The bot takes control back: the desk's part ends and Bob's slot is free.
+    await desk.handle_event(control_event("bill", BOT_MEMBER, clock.now))
+    ended = await store.ticket("bill")
+    assert ended is not None and ended.status == "resolved" and not ended.queued
+    # The desk gets it again later: the customer's last agent, Bob, takes it back.
+    clock.now += 10
+    await desk.handle_event(control_event("bill", DESK_MEMBER, clock.now))
+    again = await store.ticket("bill")
+    assert again is not None and again.status == "open" and again.agent_id == bob.id
+    assert again.assign_reason == "returning"
+
+    # Erasure of the customer: the desk forgets the conversation and its notes.
+    await desk.add_note(bob_actor, "bill", "asked for a refund")
+    await desk.handle_event(conv.UserRemoved(
+        id="evt-erase", app_id=APP, conversation_id="bill", created_at=clock.now,
+        user=UserRef(id="user-bill"), conversation_ids=["bill"]))
+    assert await store.ticket("bill") is None
+    assert await store.notes("bill") == []
+
+
+async def test_other_apps_and_roles(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada = await add_agent(desk, "ada")
+    stranger = await add_agent(desk, "eve", app_id=OTHER_APP, role="admin")
+    await online(desk, ada)
+    await desk.handle_event(control_event("mine", DESK_MEMBER, clock.now))
+    eve = Actor(app_id=OTHER_APP, agent=stranger)
+    for action in (desk.ticket_for(eve, "mine"), desk.add_note(eve, "mine", "hi"),
+                   desk.set_status(eve, "mine", "resolved"), desk.accept(eve, "mine"),
+                   desk.agent_for(eve, ada.id), desk.set_presence(eve, ada.id, "offline")):
+        with pytest.raises(ApiError) as refused:
+            await action
+        assert refused.value.status == 404
+    with pytest.raises(ApiError) as refused:
+        await desk.create_agent(Actor(app_id=APP, agent=ada), AgentRow(
+                id="agent-x", app_id=APP, email="x@example.com", display_name="X", role="admin", password_hash=None,
+                capacity=1, presence="offline", skills=[], channels=[], disabled=False, last_assigned_at=None,
+                last_seen_at=None, created_at=clock.now))
+    assert refused.value.status == 403  # an agent creating agents
+    assert await holder(desk, "mine") == ada.id
+
+
+async def test_two_desks_on_one_database_decide_each_conversation_once(
+        store: Store, database_settings: DatabaseSettings) -> None:
+    clock = Clock()
+    second_store = await Store.open(database_settings)
+    try:
+        first, second = make_desk(store, clock), make_desk(second_store, clock)
+        agents = [await add_agent(first, f"a{i}", capacity=3) for i in range(4)]
+        for agent in agents:
+            await online(first, agent)
+        # 12 conversations reach the two replicas at once (each event once, split between them).
+        await asyncio.gather(*((first if n % 2 else second).handle_event(control_event(f"k{n}", DESK_MEMBER,
+                                                                                       clock.now + n))
+                               for n in range(12)))
+        holders = [await holder(first, f"k{n}") for n in range(12)]
+        assert None not in holders
+        loads = {agent.id: holders.count(agent.id) for agent in agents}
+        assert sorted(loads.values()) == [3, 3, 3, 3]
+        # Two replicas accepting one waiting conversation for two agents: one wins.
+        await asyncio.gather(*(first.set_presence(Actor(app_id=APP), a.id, "online") for a in agents))
+        extra = await add_agent(first, "late", capacity=1)
+        await online(first, extra)
+        await first.handle_event(control_event("k-last", DESK_MEMBER, clock.now + 100,
+                                               metadata={"desk:skills": "nobody"}))
+        other = await add_agent(first, "later", capacity=1)
+        await online(first, other)
+        results = await asyncio.gather(first.accept(Actor(app_id=APP, agent=extra), "k-last"),
+                                       second.accept(Actor(app_id=APP, agent=other), "k-last"),
+                                       return_exceptions=True)
+        assert sum(1 for r in results if isinstance(r, ApiError) and r.status == 409) == 1
+        assert await holder(first, "k-last") in {extra.id, other.id}
+    finally:
+        await second_store.close()
