@@ -29,9 +29,23 @@ A replica that keeps its id across a restart (`THREADLINE_REPLICA_ID`: the pod n
 Kubernetes, `<service>-<n>` under `threadline up`) takes its own partitions back at once instead
 of waiting out the TTL. Two live processes must never share an id.
 
-Not a fence: a replica stalled longer than the TTL (a stopped VM) may still finish the batch it
-held after another replica took the partition over. A batch takes milliseconds and the TTL is
-seconds; the receivers de-duplicate by event id in any case.
+The leases alone are not a fence: a replica stalled longer than the TTL (a stopped VM, a loop
+blocked, heartbeats stuck behind a NATS leader election) still believes it owns its partitions
+and goes on with the batch it held after another replica took them over, until its watcher or
+its heartbeat check tells it. So every take of a partition has an epoch (`Lease`, which the
+acquire hook reads with `lease_being_taken`): the revision of the owner entry its
+compare-and-set wrote, greater than every earlier take's of that partition. A consumer whose
+writes must not outlive its lease fences them in its own database: taking a partition, it
+stores the epoch (only ever raising the stored one) before it reads the partition's state, and
+it does every write of the partition in one transaction with a check that the stored epoch is
+still its own. A stalled replica's writes are then refused from the moment the new owner took
+the partition over (and what it committed before is what the new owner reads); it stops
+consuming the partition at once (`Lease.fenced`), and the messages it held, never acknowledged,
+go to the new owner. A stored epoch greater than a take's own is a later take, or a bucket made
+anew (its revisions start again): `Lease.reaffirm` tells them apart. `webhooks` fences its
+deliveries so (`services.webhooks.store`). The other groups do not: a stalled replica of theirs
+may still finish its batch after the takeover (their handlers are idempotent, so nothing is
+stored twice; a batch takes milliseconds, the TTL is seconds).
 """
 
 from __future__ import annotations
@@ -42,6 +56,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -58,6 +74,67 @@ PartitionHook = Callable[[int], Coroutine[Any, Any, None]]
 # back (it died, or this replica restarted under its id): its consumer may hold messages that
 # owner never finished.
 AcquireHook = Callable[[int, bool], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """One take of a partition by this replica.
+
+    `epoch` is the revision of the owner entry the take's compare-and-set wrote: the bucket's
+    revisions only grow, so a later take of the partition (by any replica, this one after a
+    restart included) has a greater epoch. It fences the partition's writes (see the module's
+    docstring).
+    """
+
+    group: str
+    partition: int
+    replica: str
+    epoch: int
+    holder: PartitionLeases = field(repr=False)
+
+    async def reaffirm(self) -> Lease | None:
+        """The same take under a fresh epoch, if no other take of the partition came after this
+        one (None then): the owner entry rewritten with compare-and-set on this take's revision.
+
+        For a fence that finds a greater epoch stored than this take's, which is either a later
+        take (this one is stale) or one of an owners bucket since made anew, whose revisions
+        started again: only the second lets the rewrite through (a read could not tell them
+        apart, it may be answered by a lagging replica of the bucket)."""
+        holder = self.holder
+        if holder.owned.get(self.partition) != self.epoch:
+            return None
+        try:
+            revision = await holder.owners_kv.update(holder._owner_key(self.partition), self.replica.encode(),
+                                                     last=self.epoch)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
+            return None
+        if holder.owned.get(self.partition) != self.epoch:
+            # Lost meanwhile (our heartbeat lapsed): a next tick deletes the entry, as after a
+            # give-back whose delete failed.
+            return None
+        holder.owned[self.partition] = revision
+        holder._owners[self.partition] = (self.replica, revision)
+        return Lease(self.group, self.partition, self.replica, revision, holder)
+
+    def fenced(self) -> None:
+        """A write of this take was refused, a later take's epoch being stored: stop consuming the
+        partition now (its release hook runs) rather than when the watcher or the heartbeat
+        check tells."""
+        if self.holder.owned.get(self.partition) == self.epoch:
+            self.holder._lost(self.partition)
+
+
+# The take an acquire hook runs for (set around the hook, in its context).
+_TAKING: ContextVar[Lease | None] = ContextVar("threadline_partition_taking", default=None)
+
+
+def lease_being_taken(partition: int) -> Lease:
+    """Inside an acquire hook of `PartitionLeases` (and the tasks it starts): the take of
+    `partition` it runs for."""
+    lease = _TAKING.get()
+    if lease is None or lease.partition != partition:
+        raise RuntimeError(f"partition {partition} is not being taken here (only an acquire hook knows its lease)")
+    return lease
 
 
 def _weight(member: str, partition: int) -> int:
@@ -255,6 +332,7 @@ class PartitionLeases:
             took_over = await self._claim(partition)
             if took_over is None:
                 continue
+            taking = _TAKING.set(Lease(self.group, partition, self.replica, self.owned[partition], self))
             try:
                 await self.acquire(partition, took_over)
             except Exception:
@@ -262,6 +340,8 @@ class PartitionLeases:
                 log.exception("taking partition %d of %s failed", partition, self.group)
                 await self._give_back(partition)
                 continue
+            finally:
+                _TAKING.reset(taking)
             if partition not in self.owned:
                 # Lost while being taken (taken over, or our heartbeat lapsed): its release may
                 # have run before the acquire started consuming; run it again now.

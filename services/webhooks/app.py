@@ -13,15 +13,20 @@ from nats.aio.msg import Msg
 from services.webhooks.config import SERVICE_NAME, WebhooksConfig
 from services.webhooks.delivery import Dispatcher
 from services.webhooks.handlers import deliveries_for
-from services.webhooks.store import DeliveryStore
+from services.webhooks.store import DeliveryStore, StaleEpoch
 from shared import records, subjects
-from shared.bus import Bus, Delivery, KvMirror, Poison
+from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import EgressSession
 from shared.http import error_middleware, json_response, tracing_middleware
 from shared.messages import conversation
 from shared.records import WebhookRecord
 from shared.service import ServiceApp
 from shared.telemetry import inject_headers, setup_telemetry
+
+# An event whose partition was taken over while this replica handled it goes back unacknowledged,
+# to be redelivered after this delay to whichever replica pulls the partition: the new owner
+# (which has it already when it restarted the partition's consumer at its ack floor).
+TAKEN_OVER_RETRY_SECONDS = 1.0
 
 
 class WebhooksService(ServiceApp):
@@ -88,8 +93,12 @@ class WebhooksService(ServiceApp):
             return
         # Durable before the ack (the bus acks when this returns); the dispatcher only sees
         # committed rows.
-        created = await self.store.insert(rows)
-        self.dispatcher.add(created)
+        try:
+            await self.dispatcher.insert(rows)
+        except StaleEpoch as exc:
+            # Another replica took the partition over while this one was stalled: not stored,
+            # not acknowledged.
+            raise Retry(TAKEN_OVER_RETRY_SECONDS, str(exc)) from exc
 
     async def _on_erasure(self, msg: Msg) -> None:
         """Another replica handled a privacy event: drop what it names from this one's queues."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,6 +16,8 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.webhooks.config import WebhooksConfig
 from services.webhooks.handlers import (
+    CompletedBatch,
+    NewDelivery,
     Outcome,
     PendingDelivery,
     RetryPolicy,
@@ -24,10 +26,11 @@ from services.webhooks.handlers import (
     classify,
     request_headers,
 )
-from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
+from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore, StaleEpoch
 from shared import metrics, subjects
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages.conversation import Erasure
+from shared.partitions import Lease, lease_being_taken
 from shared.records import WebhookRecord
 from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, inject_headers, log_fields, tracer
@@ -64,6 +67,13 @@ class Dispatcher:
     stream (`shared.partitions`): `acquire` loads the partition's pending rows, `release` drops
     them from memory once its attempts in flight have finished and recorded their outcome, so
     the next holder resumes exactly where this one stopped, in order.
+
+    That holds for a replica that knows it lost the partition. One stalled past its lease does
+    not know yet: its writes are fenced by the epoch of its take (`acquire` stores it before it
+    loads the rows), so once another replica took the partition over they are refused
+    (`StaleEpoch`) — an event's rows are not stored (its message is not acknowledged, the new
+    owner gets it), an attempt's outcome is not recorded (the row stays pending for the new
+    owner, which loaded it) — and this replica drops the partition's rows and gives it up.
     """
 
     def __init__(self, store: DeliveryStore, lookup: WebhookLookup, session: EgressSession,
@@ -84,6 +94,8 @@ class Dispatcher:
         self._prune_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self.partitions: set[int] = set()
+        self.leases: dict[int, Lease] = {}  # partition → this replica's take of it (its epoch)
+        self._superseded: set[int] = set()  # partitions whose writes were refused, until released
         self._inflight_partitions: Counter[int] = Counter()
         self._settled = asyncio.Event()  # set whenever an attempt finished
 
@@ -101,13 +113,34 @@ class Dispatcher:
         self._deliveries.clear()
 
     async def acquire(self, partition: int) -> None:
-        """This replica now delivers the conversations of `partition`: resume their pending rows."""
+        """This replica now delivers the conversations of `partition` (an acquire hook of
+        `shared.partitions`): fence the partition's writes with the epoch of this take, then
+        resume its pending rows. StaleEpoch when a later take's epoch is stored already."""
+        lease = lease_being_taken(partition)
+        stored = await self.store.raise_epoch(partition, lease.epoch)
+        if stored != lease.epoch:
+            lease = await self._take_back(lease, stored)
+        self.leases[partition] = lease
+        self._superseded.discard(partition)
         self.partitions.add(partition)
         resumed = await self.store.load_pending(partition)
         self.add(resumed)
         if resumed:
             log.info("resuming %d pending webhook deliveries of partition %d", len(resumed), partition,
                      extra=log_fields(partition=partition, deliveries=len(resumed)))
+
+    async def _take_back(self, lease: Lease, stored: int) -> Lease:
+        """A greater epoch is stored than this take's: a later take's (this one is stale:
+        StaleEpoch), or one of an owners bucket since made anew, whose revisions started again.
+        Only in the second case is the owner entry still this take's: rewritten, its fresh epoch
+        replaces the stored one."""
+        renewed = await lease.reaffirm()
+        if renewed is None or not await self.store.replace_epoch(lease.partition, renewed.epoch, stored):
+            raise StaleEpoch(lease.partition, lease.epoch, stored)
+        log.warning("partition %d: the stored epoch (%d) is ahead of the owners bucket (%d), which was made"
+                    " anew: the partition is fenced from that bucket's epochs on", lease.partition, stored,
+                    renewed.epoch, extra=log_fields(partition=lease.partition))
+        return renewed
 
     async def release(self, partition: int) -> None:
         """Another replica delivers `partition` from now on: wait for its attempts in flight
@@ -120,6 +153,44 @@ class Dispatcher:
             await self._settled.wait()
         self._inflight_partitions.pop(partition, None)
         self._drop_partition(partition)
+        self.leases.pop(partition, None)
+        self._superseded.discard(partition)
+
+    def _epochs(self, rows: Iterable[NewDelivery | PendingDelivery]) -> dict[int, int]:
+        """The epochs of this replica's takes of the rows' partitions (those it holds)."""
+        epochs: dict[int, int] = {}
+        for row in rows:
+            partition = subjects.partition_of(row.conversation_id)
+            lease = self.leases.get(partition)
+            if lease is not None:
+                epochs[partition] = lease.epoch
+        return epochs
+
+    def _fenced(self, stale: StaleEpoch) -> None:
+        """A write for a partition was refused, another replica having taken it over (this one
+        was stalled past its lease): stop delivering its rows and give it up now."""
+        partition = stale.partition
+        if partition in self._superseded:
+            return
+        self._superseded.add(partition)
+        log.warning("webhook deliveries of partition %d are another replica's now (%s): dropping its rows here",
+                    partition, stale, extra=log_fields(partition=partition))
+        self.partitions.discard(partition)
+        self._drop_partition(partition)
+        lease = self.leases.get(partition)
+        if lease is not None:
+            lease.fenced()
+
+    async def insert(self, rows: list[NewDelivery]) -> None:
+        """Store an event's rows, fenced by this replica's takes of their partitions, then schedule
+        the new ones (durable before this returns). StaleEpoch, nothing stored, when their
+        partition was taken over meanwhile (this replica gives it up)."""
+        try:
+            created = await self.store.insert(rows, self._epochs(rows))
+        except StaleEpoch as stale:
+            self._fenced(stale)
+            raise
+        self.add(created)
 
     def _drop_partition(self, partition: int) -> None:
         for queue in self.queues.values():
@@ -128,6 +199,8 @@ class Dispatcher:
 
     def add(self, rows: list[PendingDelivery]) -> None:
         """Schedule stored rows (rows of one conversation in event order)."""
+        if self._superseded:
+            rows = [row for row in rows if subjects.partition_of(row.conversation_id) not in self._superseded]
         if not rows:
             return
         now = self.clock()
@@ -225,8 +298,7 @@ class Dispatcher:
                                 conversation_id=row.conversation_id, attempts=row.attempts,
                                 http_status=result.status, error=result.error))
             try:
-                await self.store.record_outcome(completed.delivered, completed.failed, completed.retried,
-                                                self.clock(), result.status, result.error)
+                await self._record_outcome(completed, result)
             except Exception:
                 # The rows stay pending in the database: a restart delivers them again (same ids).
                 log.exception("could not record webhook outcome for webhook %s", queue.webhook_id)
@@ -235,6 +307,22 @@ class Dispatcher:
             self._inflight_partitions.subtract(partitions)
             self._settled.set()
             self._wake.set()
+
+    async def _record_outcome(self, completed: CompletedBatch, result: AttemptResult) -> None:
+        """Persist an attempt's outcome, fenced: the rows of a partition taken over meanwhile stay
+        as they are (pending, in the new owner's hands), the others are written."""
+        now = self.clock()
+        delivered, failed, retried = completed.delivered, completed.failed, completed.retried
+        while delivered or failed or retried:
+            try:
+                await self.store.record_outcome(delivered, failed, retried, now, result.status, result.error,
+                                                self._epochs([*delivered, *failed, *retried]))
+                return
+            except StaleEpoch as stale:
+                self._fenced(stale)
+                delivered, failed, retried = (
+                    [row for row in rows if subjects.partition_of(row.conversation_id) != stale.partition]
+                    for rows in (delivered, failed, retried))
 
     async def _post(self, record: WebhookRecord, batch: list[PendingDelivery]) -> AttemptResult:
         body = build_envelope(record.app_id, record.id, record.version, (row.body for row in batch))

@@ -3,12 +3,20 @@
 Writes go through `shared.db.GroupCommit`: every write handed in during one turn of the loop
 runs in one transaction, so a burst of events costs one commit (on SQLite with no thread hop
 per statement).
+
+The rows of a conversation are written by the replica holding its partition, fenced by the
+epoch of its take (`shared.partitions`): `partition_epochs` keeps each partition's latest, a
+take raises it (`raise_epoch`) before it loads the partition's pending rows, and a write given
+`epochs` checks in its own transaction that the stored epoch of each partition it writes is
+still the writer's (`StaleEpoch` if not, nothing written). The check holds the partition's
+entry until the commit (SQLite's write transaction holds the file; PostgreSQL a share lock on
+the row), so a take waits for the writes in hand, and then reads them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from services.webhooks.handlers import NewDelivery, PendingDelivery
@@ -62,6 +70,13 @@ MIGRATION = Migration([
     CREATE INDEX deliveries_part_pending ON deliveries (part, seq) WHERE status = 'pending'
     """,
     _partition_pending,
+    # The fence of each partition's writes: the epoch of its latest take (shared.partitions).
+    """
+    CREATE TABLE partition_epochs (
+        part INTEGER NOT NULL PRIMARY KEY,
+        epoch INTEGER NOT NULL
+    )
+    """,
 ])
 
 _INSERT = (
@@ -75,6 +90,45 @@ _PENDING_COLUMNS = (
     "seq, webhook_id, app_id, event_id, conversation_id, body, traceparent, tracestate, created_at,"
     " next_attempt_at, attempts, first_attempt_at"
 )
+
+_RAISE_EPOCH = (
+    "INSERT INTO partition_epochs (part, epoch) VALUES ($1, $2)"
+    " ON CONFLICT (part) DO UPDATE SET epoch = excluded.epoch WHERE partition_epochs.epoch < excluded.epoch"
+)
+_EPOCH = "SELECT epoch FROM partition_epochs WHERE part = $1"
+# Held until the commit: a take's raise of the epoch waits for the writes in hand.
+_EPOCH_LOCKED = {"sqlite": _EPOCH, "postgres": _EPOCH + " FOR SHARE"}
+
+
+class StaleEpoch(Exception):
+    """A write for a partition that a later take (another replica's, while this one was stalled
+    past its lease) holds now: its epoch is stored, this writer's is older. Nothing was written."""
+
+    def __init__(self, partition: int, epoch: int, stored: int | None) -> None:
+        super().__init__(f"partition {partition} was taken over: this replica's epoch is {epoch},"
+                         f" the partition's {stored}")
+        self.partition = partition
+        self.epoch = epoch
+        self.stored = stored
+
+
+def fence_of(conversation_ids: Iterable[str], epochs: Mapping[int, int] | None) -> dict[int, int]:
+    """The epochs to check for writing rows of these conversations: those of their partitions
+    found in `epochs` (a partition not there is written unfenced: a leftover durable's message,
+    drained by whichever replica holds partition 0)."""
+    if not epochs:
+        return {}
+    return {p: epochs[p] for p in {subjects.partition_of(c) for c in conversation_ids} if p in epochs}
+
+
+async def _check_fence(tx: Connection, fence: Mapping[int, int]) -> None:
+    """StaleEpoch unless every partition's stored epoch is still the writer's; holds the entries
+    until the commit."""
+    query = _EPOCH_LOCKED[tx.engine]
+    for partition in sorted(fence):
+        stored = await tx.fetchval(query, partition)
+        if stored is None or int(stored) != fence[partition]:
+            raise StaleEpoch(partition, fence[partition], None if stored is None else int(stored))
 
 
 class DeliveryStore:
@@ -93,13 +147,19 @@ class DeliveryStore:
         """Close the database (a write handed in later fails)."""
         await self.db.close()
 
-    async def insert(self, rows: Sequence[NewDelivery]) -> list[PendingDelivery]:
+    async def insert(self, rows: Sequence[NewDelivery], epochs: Mapping[int, int] | None = None,
+                     ) -> list[PendingDelivery]:
         """Store rows (all or none); returns the ones that were new, in order.
 
         A row whose (webhook, event) is already stored is skipped: a redelivered event never
-        becomes a second delivery.
+        becomes a second delivery. `epochs` (partition → the epoch of this replica's take) fence
+        the rows of those partitions: StaleEpoch, nothing stored, if a later take's is stored.
         """
+        fence = fence_of((row.conversation_id for row in rows), epochs)
+
         async def op(tx: Connection) -> list[PendingDelivery]:
+            if fence:
+                await _check_fence(tx, fence)
             created: list[PendingDelivery] = []
             for row in rows:
                 seq = await tx.fetchval(
@@ -130,11 +190,32 @@ class DeliveryStore:
             for r in found
         ]
 
+    async def raise_epoch(self, partition: int, epoch: int) -> int:
+        """A take of `partition` under `epoch`: stored unless a greater one is (the stored epoch
+        only rises), before the take reads the partition's rows. Returns the stored epoch: `epoch`,
+        or a greater one (a later take's, or one of an owners bucket made anew). Waits for
+        another replica's writes of the partition in hand: the rows read next include them."""
+        async with self.db.transaction() as tx:
+            await tx.execute(_RAISE_EPOCH, partition, epoch)
+            return int(await tx.fetchval(_EPOCH, partition))
+
+    async def replace_epoch(self, partition: int, epoch: int, stored: int) -> bool:
+        """Store `epoch` for `partition` in place of `stored` (greater), if that is still the one
+        stored: for a take whose owners bucket was made anew (its revisions started again)."""
+        async with self.db.transaction() as tx:
+            return await tx.execute("UPDATE partition_epochs SET epoch = $1 WHERE part = $2 AND epoch = $3",
+                                    epoch, partition, stored) == 1
+
     async def record_outcome(self, delivered: Sequence[PendingDelivery], failed: Sequence[PendingDelivery],
                              retried: Sequence[PendingDelivery], now: float, status: int | None,
-                             error: str | None) -> None:
-        """Persist the result of one attempt for the rows it carried."""
+                             error: str | None, epochs: Mapping[int, int] | None = None) -> None:
+        """Persist the result of one attempt for the rows it carried (fenced by `epochs` as
+        `insert` is: StaleEpoch, nothing written, if a partition of the rows was taken over)."""
+        fence = fence_of((r.conversation_id for r in (*delivered, *failed, *retried)), epochs)
+
         async def op(tx: Connection) -> None:
+            if fence:
+                await _check_fence(tx, fence)
             if delivered:
                 await tx.executemany(
                     "UPDATE deliveries SET status = 'delivered', attempts = $1, first_attempt_at = $2,"

@@ -15,8 +15,9 @@ from nats.js.errors import NotFoundError
 from shared import bus as bus_module
 from shared import subjects
 from shared.bus import Bus, Delivery
-from shared.partitions import PartitionLeases
+from shared.partitions import Lease, PartitionLeases, lease_being_taken
 from shared.subjects import ConsumerSpec
+from shared.tasks import cancel_and_wait
 from threadline.natsserver import NatsServer
 
 
@@ -314,3 +315,59 @@ async def test_a_slow_acquire_never_stops_the_heartbeat(bus: Bus) -> None:
         finish.set()
         await asyncio.wait_for(starting, 5)
         await leases.stop()
+
+
+async def test_every_take_of_a_partition_has_a_greater_epoch_and_a_fenced_one_is_given_up_at_once(
+        bus: Bus) -> None:
+    ttl = 2.0
+    members = await bus.js.create_key_value(bucket="t_epoch_members", ttl=ttl)
+    owners = await bus.js.create_key_value(bucket="t_epoch_owners")
+    taken: list[Lease] = []
+    released: list[tuple[str, int]] = []
+
+    def hooks(replica: str):  # type: ignore[no-untyped-def]
+        async def acquire(partition: int, _took_over: bool) -> None:
+            taken.append(lease_being_taken(partition))
+
+        async def release(partition: int) -> None:
+            released.append((replica, partition))
+        return acquire, release
+
+    a = PartitionLeases(members, owners, "t-epoch", "r-a", 1, ttl, *hooks("r-a"))
+    b = PartitionLeases(members, owners, "t-epoch", "r-b", 1, ttl, *hooks("r-b"))
+    try:
+        await a.start()
+        first = taken[-1]
+        assert (first.replica, first.partition, first.epoch) == ("r-a", 0, a.owned[0])
+        with pytest.raises(RuntimeError):
+            lease_being_taken(0)  # only an acquire hook knows its lease
+        # r-a stalls past its lease (no heartbeat, no watching, its entry expired): r-b takes over.
+        await cancel_and_wait(a._tasks)
+        await members.delete("t-epoch.r-a")
+        await b.start()
+        second = taken[-1]
+        assert second.replica == "r-b" and second.epoch == b.owned[0] > first.epoch
+        assert await first.reaffirm() is None  # the later take stands
+        # r-a's store refused its write (it found the later epoch): r-a lets the partition go at once.
+        first.fenced()
+        for _ in range(100):
+            if ("r-a", 0) in released:
+                break
+            await asyncio.sleep(0.02)
+        assert released == [("r-a", 0)] and 0 not in a.owned
+        # r-b is fenced in turn (a write of its take refused): it lets go, and takes the
+        # partition again at a next tick — a later take, a greater epoch.
+        second.fenced()
+        for _ in range(200):
+            if len(taken) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert ("r-b", 0) in released
+        third = taken[-1]
+        assert third.replica == "r-b" and third.epoch == b.owned[0] > second.epoch
+        renewed = await third.reaffirm()
+        assert renewed is not None and renewed.epoch > third.epoch and b.owned[0] == renewed.epoch
+        assert (await owners.get("t-epoch.0")).revision == renewed.epoch
+    finally:
+        await a.stop()
+        await b.stop()
