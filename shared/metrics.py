@@ -35,6 +35,8 @@ GROUP: Final = "group"
 ENGINE: Final = "engine"
 OPERATION: Final = "operation"
 SERVICE: Final = "service"
+REASON: Final = "reason"
+CAUSE: Final = "cause"
 
 # Label values.
 IN_RESULTS: Final = ("accepted", "rejected", "duplicate")
@@ -48,6 +50,8 @@ STORE_OPERATIONS: Final = ("execute", "executemany", "fetch", "fetchrow", "fetch
 STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                         2.5, 5.0, 10.0)
 POST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                       3600.0, 14400.0)
 DELIVERY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                            300.0, 900.0, 1800.0, 3600.0)
 
@@ -137,7 +141,7 @@ STORE_DURATION: Final = MetricSpec(
     (ENGINE, OPERATION), STORE_BUCKETS)
 WEBSOCKETS_OPEN: Final = MetricSpec(
     "threadline.websockets.open", "up_down_counter", "{socket}",
-    "Realtime SDK sockets open, per service (web, app).",
+    "Realtime sockets open, per service (web, app: SDK clients; desk: open agent desks).",
     (SERVICE,))
 
 MEDIA_COPIES: Final = MetricSpec(
@@ -147,9 +151,30 @@ MEDIA_COPIES: Final = MetricSpec(
     " platform's URL), too_large, unavailable (the platform no longer has it).",
     (CHANNEL, OUTCOME))
 
+DESK_ASSIGNMENTS: Final = MetricSpec(
+    "threadline.desk.assignments", "counter", "{conversation}",
+    "Agent desk: conversations given to an agent, per reason: least_busy, returning (back to the customer's last"
+    " agent), transfer (to a named agent, or taken by hand).",
+    (REASON,))
+DESK_WAIT: Final = MetricSpec(
+    "threadline.desk.wait", "histogram", "s",
+    "Agent desk: seconds a conversation waited in the queue before an agent got it (from entering the queue, or"
+    " re-entering it after a transfer or its agent leaving).",
+    (), WAIT_BUCKETS)
+DESK_REQUEUED: Final = MetricSpec(
+    "threadline.desk.requeued", "counter", "{conversation}",
+    "Agent desk: conversations put back in the queue, per cause: agent_left (away, offline, silent past the grace"
+    " period, disabled or deleted), transfer.",
+    (CAUSE,))
+DESK_QUEUED: Final = MetricSpec(
+    "threadline.desk.queued", "observable_gauge", "{conversation}",
+    "Agent desk: conversations waiting for an agent, all apps (every desk replica reports the same count: take"
+    " the max).",
+    ())
+
 METRICS: Final = (MESSAGES_IN, MESSAGES_OUT, WEBHOOK_DELIVERY_LATENCY, WEBHOOK_POST_DURATION, WEBHOOK_ATTEMPTS,
                   WEBHOOK_EVENTS, CONSUMER_PENDING, CONSUMER_REDELIVERIES, STORE_DURATION, WEBSOCKETS_OPEN,
-                  MEDIA_COPIES)
+                  MEDIA_COPIES, DESK_ASSIGNMENTS, DESK_WAIT, DESK_REQUEUED, DESK_QUEUED)
 
 
 def exported_series() -> dict[str, MetricSpec]:
@@ -234,6 +259,12 @@ _meter.create_observable_gauge(CONSUMER_PENDING.name, callbacks=[PENDING.observe
 _redeliveries = _counter(CONSUMER_REDELIVERIES)
 _store = _histogram(STORE_DURATION)
 _media_copies = _counter(MEDIA_COPIES)
+_desk_assignments = _counter(DESK_ASSIGNMENTS)
+_desk_wait = _histogram(DESK_WAIT)
+_desk_requeued = _counter(DESK_REQUEUED)
+_desk_queued: list[int] = []
+_meter.create_observable_gauge(DESK_QUEUED.name, unit=DESK_QUEUED.unit, description=DESK_QUEUED.description,
+                               callbacks=[lambda _options: [Observation(_desk_queued[-1])] if _desk_queued else []])
 _websockets = _meter.create_up_down_counter(WEBSOCKETS_OPEN.name, unit=WEBSOCKETS_OPEN.unit,
                                             description=WEBSOCKETS_OPEN.description)
 
@@ -319,6 +350,23 @@ def websocket_opened(service: str) -> None:
 def websocket_closed(service: str) -> None:
     """A realtime socket of `service` closed."""
     _websockets.add(-1, _labels(SERVICE, service))
+
+
+def desk_assigned(reason: str, waited: float) -> None:
+    """The desk gave a conversation to an agent (`reason`) after it waited `waited` seconds."""
+    _desk_assignments.add(1, REASON, reason)
+    _desk_wait.record(max(0.0, waited))
+
+
+def desk_requeued(cause: str, count: int = 1) -> None:
+    """`count` conversations went back to the desk's queue (`cause`: agent_left, transfer)."""
+    if count:
+        _desk_requeued.add(count, CAUSE, cause)
+
+
+def desk_queue_length(count: int) -> None:
+    """How many conversations wait for an agent now (read by the sweeper)."""
+    _desk_queued[:] = [count]
 
 
 # --- the process's MeterProvider and the exposition ---------------------------------------------

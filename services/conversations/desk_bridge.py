@@ -23,12 +23,14 @@ from services.conversations.handlers import Conversations
 from services.conversations.openapi import Operation
 from services.conversations.switchboard import Switchboards
 from shared import subjects
-from shared.bus import Bus, Retry
+from shared.bus import Bus, RequestFailed, Retry
 from shared.http import ApiError, read_body
 from shared.messages import desk
 from shared.sunco import Author
 
 log = logging.getLogger(__name__)
+
+DESK_INTEGRATION_TYPE = "desk"
 
 # Longest a forwarded call waits for the desk (an agent creation hashes a password: ~0.2 s).
 DESK_CALL_TIMEOUT = 10.0
@@ -72,7 +74,8 @@ class DeskBridge:
             return desk.DeskDone(message=msgspec.to_builtins(message))
         await self.switchboards.control(
             request.app_id, request.conversation_id, request.action,
-            target=request.switchboard_integration, metadata=request.metadata)
+            target=request.switchboard_integration, metadata=request.metadata,
+            only_if_active_type=DESK_INTEGRATION_TYPE if request.only_from_desk else None)
         return desk.DeskDone()
 
 
@@ -103,6 +106,9 @@ async def forward_to_desk(bus: Bus, request: web.Request) -> web.Response:
         answer = desk.ANSWER_DECODER.decode(raw)
     except nats.errors.NoRespondersError as exc:
         raise ApiError(503, "The desk is not running", "service_unavailable") from exc
+    except RequestFailed as exc:
+        log.error("the desk failed a call: %s", exc)
+        raise ApiError(502, "The desk failed to answer this call") from exc
     except (TimeoutError, nats.errors.Error) as exc:
         raise ApiError(503, "The desk did not answer in time", "service_unavailable") from exc
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

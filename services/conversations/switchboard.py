@@ -244,16 +244,21 @@ class Switchboards:
 
     async def control(self, app_id: str, conversation_id: str, action: conv.SwitchboardAction, *,
                       target: str | None = None, metadata: dict[str, Any] | None = None,
-                      reason: str | None = None, caller: str | None = None) -> None:
+                      reason: str | None = None, caller: str | None = None,
+                      only_if_active_type: str | None = None) -> bool:
         """Apply a control action (`caller`: the integration an integration-scoped key belongs
         to) and announce it; a request the conversation's state refuses is answered 400 and
-        announced as the action's failure."""
+        announced as the action's failure. With `only_if_active_type` (an internal handler such as
+        the desk acting on its own), nothing happens unless a member of that type is in control
+        when the change is made (False then)."""
         models.check_metadata(metadata)
         for _ in range(_CONTROL_ATTEMPTS):
             row, switchboard = await self._state(app_id, conversation_id)
             expected = (row["switchboard_active"], row["switchboard_pending"])
             active = switchboard.integration(expected[0])
             pending = switchboard.integration(expected[1])
+            if only_if_active_type is not None and (active is None or active.integration_type != only_if_active_type):
+                return False
             try:
                 if action == "acceptControl":
                     self._caller_may(caller, pending, "offered control")
@@ -280,7 +285,7 @@ class Switchboards:
                                          error={"code": refused.code, "message": refused.title})
                 raise
             if wanted == expected:  # already so: nothing changes, nothing to announce
-                return
+                return True
             async with self.store.tx():
                 # Not while a member is deleted: control never goes to one that is gone.
                 await self.store.serialize(switchboard_lock(app_id))
@@ -290,7 +295,7 @@ class Switchboards:
                 updated = await self.store.set_control(conversation_id, expected, *wanted)
             if updated is not None:
                 await self._announce(app_id, updated, action, metadata, reason)
-                return
+                return True
         raise ApiError(409, "The conversation's control kept changing; try again", "conflict")
 
     async def _announce(self, app_id: str, row: Row, action: conv.SwitchboardAction,

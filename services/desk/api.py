@@ -13,10 +13,12 @@ as ids that do not exist do.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -46,6 +48,7 @@ MAX_BODY = 64 * 1024
 MAX_MESSAGE_LENGTH = 4096
 MAX_NAME_LENGTH = 128
 MAX_EMAIL_LENGTH = 254
+MAX_SNOOZE_SECONDS = 366 * 86400
 PAGE_SIZE = 50
 VIEWS = ("mine", "unassigned", "team", "all")
 # Where a conversation can be continued with a handoff link, and how the customer is told.
@@ -71,6 +74,8 @@ class AgentUpdateBody(_Body):
     display_name: str | None = None
     role: str | None = None
     password: str | None = None
+    # Required to change one's own password.
+    current_password: str | None = None
     capacity: int | None = None
     skills: list[str] | None = None
     channels: list[str] | None = None
@@ -139,12 +144,20 @@ class Call:
             raise ApiError(400, "Request body is required")
         if len(self.body) > MAX_BODY:
             raise ApiError(413, f"Request body larger than {MAX_BODY} bytes")
+        refuse_nul(self.body)
         try:
             return decode_json(self.body, type_)
         except msgspec.ValidationError as exc:
             raise ApiError(400, f"Invalid request body: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"Malformed JSON: {exc}") from exc
+
+
+def refuse_nul(raw: bytes) -> None:
+    """400 for a NUL character anywhere in a JSON body (PostgreSQL's text cannot hold one, and no
+    name, note or e-mail needs it)."""
+    if b"\x00" in raw or b"\\u0000" in raw.lower():
+        raise ApiError(400, "Text must not contain NUL characters")
 
 
 Result = tuple[int, Any]
@@ -188,12 +201,21 @@ def _role(value: str) -> str:
 
 
 def _timestamp(value: str | float | None) -> float | None:
-    if value is None or isinstance(value, float | int):
-        return None if value is None else float(value)
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError as exc:
-        raise ApiError(400, "snoozedUntil must be ISO 8601 or Unix seconds") from exc
+    """A time given as ISO 8601 (UTC when it names no offset) or Unix seconds; finite and within
+    `MAX_SNOOZE_SECONDS` of now."""
+    if value is None:
+        return None
+    if isinstance(value, float | int):
+        at = float(value)
+    else:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ApiError(400, "snoozedUntil must be ISO 8601 or Unix seconds") from exc
+        at = (parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(at) or at > time.time() + MAX_SNOOZE_SECONDS:
+        raise ApiError(400, "snoozedUntil must be within a year")
+    return at
 
 
 class DeskApi:
@@ -251,6 +273,8 @@ class DeskApi:
             raise ApiError(409, "An admin cannot disable or demote their own account", "conflict")
         password_hash = agent.password_hash
         if body.password is not None:
+            if own and not await self.kdf.verify(agent.password_hash, body.current_password or ""):
+                raise ApiError(403, "currentPassword is wrong or missing")
             try:
                 auth.check_new_password(body.password, agent.email)
             except auth.PasswordRejected as exc:
@@ -266,10 +290,12 @@ class DeskApi:
             disabled=agent.disabled if body.disabled is None else body.disabled,
             last_assigned_at=agent.last_assigned_at, last_seen_at=agent.last_seen_at, created_at=agent.created_at)
         # Someone else's role or password changed, or they were disabled: they sign in again. One's
-        # own password change keeps only the session that made it (the service rotates it).
+        # own password change keeps only the session that made it: a thief's session ends with it.
         privileges_changed = (updated.role != agent.role or updated.disabled
                               or updated.password_hash != agent.password_hash)
         saved = await self.desk.update_agent(call.actor, updated, drop_sessions=privileges_changed and not own)
+        if own and updated.password_hash != agent.password_hash:
+            await self.store.delete_agent_sessions(agent.id, keep=call.actor.session_hash)
         return 200, {"agent": agent_out(saved)}
 
     async def delete_agent(self, call: Call) -> Result:
@@ -371,6 +397,8 @@ class DeskApi:
                 before = (float(at), conversation_id)
             except ValueError as exc:
                 raise ApiError(400, "before is not a cursor of this list") from exc
+            if not math.isfinite(before[0]) or not conversation_id.isalnum() or len(conversation_id) > 64:
+                raise ApiError(400, "before is not a cursor of this list")
         try:
             size = min(max(int(query.get("size", PAGE_SIZE)), 1), 100)
         except ValueError as exc:
@@ -401,7 +429,8 @@ class DeskApi:
             raise ApiError(400, "limit must be an integer") from exc
         history = await self.conversations.history(ticket.app_id, ticket.conversation_id, limit)
         notes = await self.store.notes(ticket.conversation_id)
-        return 200, {**history, "notes": [note_out(note) for note in notes], "ticket": ticket_out(ticket)}
+        return 200, {**history, "notes": [note_out(note) for note in notes], "ticket": ticket_out(ticket),
+                     "events": await self.store.timeline_events(ticket.conversation_id)}
 
     async def context(self, call: Call) -> Result:
         """The customer beside the conversation: profile, every channel identity, previous conversations."""
@@ -543,6 +572,12 @@ def match(method: str, path: str) -> tuple[DeskOperation, dict[str, str]] | None
     return None
 
 
+def _error_body(status: int, title: str) -> bytes:
+    body = error_response(status, title).body
+    assert isinstance(body, bytes)
+    return body
+
+
 async def run(api: DeskApi, op: DeskOperation, call: Call) -> tuple[int, bytes]:
     """Run an operation; its status and JSON body (SunCo's error body for an ApiError)."""
     try:
@@ -568,8 +603,11 @@ async def answer_call(api: DeskApi, data: bytes) -> bytes:
         assert isinstance(response.body, bytes)
         return msgs.encode(msgs.DeskAnswer(status=404, body=response.body))
     op, params = found
-    status, body = await run(api, op, Call(actor=Actor(app_id=call.app_id), params=params, query=call.query,
-                                           body=call.body))
+    if any("\x00" in value for value in call.query.values()):
+        status, body = 400, _error_body(400, "Query values must not contain NUL characters")
+    else:
+        status, body = await run(api, op, Call(actor=Actor(app_id=call.app_id), params=params, query=call.query,
+                                               body=call.body))
     return msgs.encode(msgs.DeskAnswer(status=status, body=body))
 
 
@@ -578,6 +616,8 @@ def http_handler(api: DeskApi, op: DeskOperation,
     """The aiohttp handler of an operation for signed-in agents."""
     async def handle(request: web.Request) -> web.Response:
         actor = await actor_of(request)
+        if any("\x00" in value for value in request.query.values()):
+            raise ApiError(400, "Query values must not contain NUL characters")
         body = await read_body(request, MAX_BODY) if request.can_read_body else b""
         status, payload = await run(api, op, Call(actor=actor, params=dict(request.match_info),
                                                   query=dict(request.query), body=body))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -29,22 +30,23 @@ import nats.js.errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
 
-from shared import records, subjects
-from shared.bus import Bus, Delivery
-from shared.clientip import client_ip
+from shared import metrics, records, subjects
+from shared.bus import Bus, Delivery, KvMirror, RequestFailed
+from shared.clientip import client_ip, source_key
 from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
 from shared.ids import new_id, parse_iso
 from shared.messages import conversation as conv
 from shared.messages import desk as msgs
 from shared.messages import handoff
 from shared.messages import identity as ident
+from shared.ratelimit import SharedLimiter
 from shared.service import ServiceApp
 from shared.telemetry import setup_telemetry
 
 from . import auth
 from .api import API_PREFIX, OPERATIONS, DeskApi, answer_call, http_handler
 from .config import DeskConfig
-from .handlers import Actor, Desk, Snapshot, Update, agent_out
+from .handlers import DESK_TYPE, Actor, Desk, Snapshot, Update, agent_out
 from .store import AgentRow, Store
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,18 @@ SOCKET_PATH = API_PREFIX + "/socket"
 # A desk's socket heartbeat is written at most this often per agent (a write per beat of every
 # open tab would be needless load).
 SEEN_WRITE_INTERVAL = 10.0
-# How often an open socket re-checks its session (it may have been signed out or expired).
-SOCKET_SESSION_CHECK = 30.0
+# How often open sockets are checked: their session (signed out, expired), their agent (disabled,
+# removed); the desk page beats every 20 s.
+SOCKET_SESSION_CHECK = 15.0
 CONVERSATIONS_TIMEOUT = 10.0
+# A socket that takes longer than this to accept one update is closed (its desk reconnects).
+SOCKET_SEND_TIMEOUT = 2.0
+# Open desk sockets one agent may hold (tabs, windows) on one replica.
+MAX_SOCKETS_PER_AGENT = 8
+# What a desk socket carries for the periodic checks.
+SOCKET_AGENT = web.ResponseKey("desk_agent", str)
+SOCKET_SESSION = web.ResponseKey("desk_session", str)
+SOCKET_BEAT = web.ResponseKey("desk_beat", float)
 _UPDATE_ENCODER = msgspec.json.Encoder()
 _UPDATE_DECODER = msgspec.json.Decoder(Update)
 
@@ -91,7 +102,7 @@ class NatsConversations:
             raw = await self.bus.request(subjects.CONVERSATIONS_DESK, msgs.encode(request),
                                          timeout=CONVERSATIONS_TIMEOUT)
             reply = msgs.REPLY_DECODER.decode(raw)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ApiError(503, "Conversations are unavailable right now, try again") from exc
         if isinstance(reply, msgs.DeskRefused):
             raise ApiError(reply.status, reply.title, reply.code)
@@ -110,7 +121,7 @@ class NatsConversations:
             raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
                 app_id=app_id, conversation_id=conversation_id, limit=1)), timeout=CONVERSATIONS_TIMEOUT)
             page = conv.decode_request(raw)
-        except (TimeoutError, nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("conversation %s unavailable: %s", conversation_id, exc)
             return Snapshot()
         last = page.messages[-1].message if isinstance(page, conv.HistoryPage) and page.messages else None
@@ -128,7 +139,7 @@ class NatsConversations:
             raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
                 app_id=app_id, conversation_id=conversation_id, limit=limit)), timeout=CONVERSATIONS_TIMEOUT)
             reply = conv.decode_request(raw)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ApiError(503, "Conversations are unavailable right now, try again") from exc
         if isinstance(reply, conv.ConversationError):
             raise ApiError(reply.status, reply.title, reply.code)
@@ -143,7 +154,7 @@ class NatsConversations:
             raw = await self.bus.request(subjects.IDENTITY_CLIENTS_LIST, ident.encode(ident.ListClients(
                 app_id=app_id, user_id_or_external_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
             reply = ident.decode(raw)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ApiError(503, "Identities are unavailable right now, try again") from exc
         if not isinstance(reply, ident.ClientsReply):
             return None
@@ -156,7 +167,7 @@ class NatsConversations:
                 app_id=app_id, user_id=user_id, conversation_id=conversation_id, integration_ids=[integration_id])),
                 timeout=CONVERSATIONS_TIMEOUT)
             answer = handoff.decode(raw)
-        except (TimeoutError, nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ApiError(503, "Handoff is unavailable right now, try again") from exc
         if isinstance(answer, handoff.HandoffError):
             raise ApiError(answer.status, answer.title, answer.code)
@@ -165,14 +176,48 @@ class NatsConversations:
         return answer.links[0].url
 
     async def switchboard(self, app_id: str, conversation_id: str, action: str,
-                          metadata: dict[str, Any] | None = None) -> None:
-        """Move control (the desk's own actions, e.g. releaseControl on resolve)."""
+                          metadata: dict[str, Any] | None = None, target: str | None = None) -> None:
+        """Move control (the desk's own actions): a release only while the desk holds the
+        conversation (a bot that took it back keeps it), a pass to `target`."""
         try:
-            await self._ask(msgs.MoveControl(app_id=app_id, conversation_id=conversation_id,
-                                             action=action, metadata=metadata))  # type: ignore[arg-type]
+            await self._ask(msgs.MoveControl(
+                app_id=app_id, conversation_id=conversation_id, action=action,  # type: ignore[arg-type]
+                metadata=metadata, switchboard_integration=target, only_from_desk=action == "releaseControl"))
         except ApiError as exc:
             # Control already moved elsewhere (a bot took it back): the desk's part is over anyway.
             log.info("switchboard %s on %s refused: %s", action, conversation_id, exc.title)
+
+
+class AppMembers:
+    """Switchboard members from the apps mirror, read from the bucket itself when the mirror does
+    not know a member yet (a desk member added a moment ago must not make its first conversation
+    look like one leaving the desk)."""
+
+    def __init__(self, bus: Bus, apps: KvMirror) -> None:
+        self.bus = bus
+        self.apps = apps
+
+    def _record(self, app_id: str) -> records.AppRecord | None:
+        record = self.apps.get(app_id)
+        return record if isinstance(record, records.AppRecord) else None
+
+    async def member_type(self, app_id: str, member_id: str) -> str | None:
+        record = self._record(app_id)
+        member = record.switchboard.integration(member_id) if record and record.switchboard else None
+        if member is None:
+            try:
+                entry = await (await self.bus.key_value(subjects.APPS_BUCKET)).get(app_id)
+                fresh = records.APP_DECODER.decode(entry.value) if entry.value else None
+            except (nats.js.errors.KeyNotFoundError, nats.errors.Error, TimeoutError, msgspec.DecodeError,
+                    msgspec.ValidationError):
+                fresh = None
+            member = fresh.switchboard.integration(member_id) if fresh and fresh.switchboard else None
+        return None if member is None else member.integration_type
+
+    def has_desk(self, app_id: str) -> bool:
+        record = self._record(app_id)
+        return bool(record and record.switchboard and any(
+            member.integration_type == DESK_TYPE for member in record.switchboard.integrations))
 
 
 def channel_name(client: conv.ParticipantClient) -> str:
@@ -233,14 +278,9 @@ class DeskService(ServiceApp):
         throttle_kv = await self.bus.key_value(subjects.DESK_LOGIN_BUCKET, ttl=auth.THROTTLE_TTL_SECONDS,
                                                replicas=self.common.stream_replicas)
         self.throttle = auth.SharedLoginThrottle(throttle_kv, self.config.keyring.derived("desk login throttle")[0])
+        self.limiter = SharedLimiter(throttle_kv, self.config.keyring.derived("desk login rate")[0])
         conversations = NatsConversations(self.bus)
-        def member_type(app_id: str, member_id: str) -> str | None:
-            record = apps.get(app_id)
-            switchboard = record.switchboard if isinstance(record, records.AppRecord) else None
-            member = switchboard.integration(member_id) if switchboard is not None else None
-            return None if member is None else member.integration_type
-
-        self.desk = Desk(self.store, conversations, self._publish_update, member_type,
+        self.desk = Desk(self.store, conversations, self._publish_update, AppMembers(self.bus, apps),
                          default_capacity=self.config.default_capacity,
                          grace_seconds=self.config.presence_grace_seconds)
         self.api = DeskApi(self.desk, self.kdf, conversations, channels)
@@ -254,6 +294,7 @@ class DeskService(ServiceApp):
         await self.bus.consume(subjects.DESK_EVENTS, self._on_event)
         await self.bus.serve(subjects.DESK_SERVICE, {subjects.DESK_API: self._answer_call})
         self.spawn(self._sweep_forever(), "desk:sweep")
+        self.spawn(self._check_sockets_forever(), "desk:sockets")
         await self.start_http()
 
     # --- events and updates --------------------------------------------------------------------
@@ -279,10 +320,16 @@ class DeskService(ServiceApp):
             return
         text = msg.data.decode()
         del update  # decoded only to refuse what is not an update
-        for ws in list(sockets):
-            if not ws.closed:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_str(text)
+        # Every socket at once, each within a bound: a desk that stopped reading is closed rather
+        # than holding up the others (and every other app's updates behind this callback).
+        await asyncio.gather(*(self._send(ws, text) for ws in list(sockets) if not ws.closed))
+
+    async def _send(self, ws: web.WebSocketResponse, text: str) -> None:
+        try:
+            await asyncio.wait_for(ws.send_str(text), SOCKET_SEND_TIMEOUT)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1013, message=b"too slow"), 1.0)
 
     async def _answer_call(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
         return await answer_call(self.api, data)
@@ -312,7 +359,7 @@ class DeskService(ServiceApp):
                          password_hash=None,
                          capacity=self.config.default_capacity, presence="offline", skills=[], channels=[],
                          disabled=False, last_assigned_at=None, last_seen_at=None, created_at=time.time())
-        async with self.store.transaction("desk_demo") as tx:
+        async with self.store.transaction() as tx:
             await self.store.insert_agent(tx, agent)
 
     # --- sessions ------------------------------------------------------------------------------
@@ -327,7 +374,7 @@ class DeskService(ServiceApp):
         if agent.disabled:
             raise ApiError(403, "This agent account is disabled")
         await self._heard_from(agent)
-        return Actor(app_id=agent.app_id, agent=agent)
+        return Actor(app_id=agent.app_id, agent=agent, session_hash=record.token_hash)
 
     async def _heard_from(self, agent: AgentRow) -> None:
         now = time.time()
@@ -338,11 +385,18 @@ class DeskService(ServiceApp):
     async def sign_in(self, request: web.Request) -> web.Response:
         """Password sign-in: throttled per account and per address, the session rotated."""
         body = await read_json(request, LoginBody)
-        address = client_ip(request.remote, request.headers.getall("X-Forwarded-For", []),
-                            self.config.trusted_proxies)
-        if len(body.app_id) > 64 or len(body.email) > 254 or len(body.password) > auth.MAX_PASSWORD_LENGTH * 4:
+        address = self.client_address(request)
+        if (len(body.app_id) > 64 or len(body.email) > 254 or len(body.password) > auth.MAX_PASSWORD_LENGTH * 4
+                or "\x00" in body.app_id + body.email + body.password):
             raise ApiError(400, "Invalid sign-in")
         try:
+            # Every attempt per address first: it bounds the password hashing a flood can cost,
+            # successful sign-ins included.
+            limited = await self.limiter.take("desk-login", source_key(address or "unknown"),
+                                              auth.LOGIN_ATTEMPT_RATES)
+            if limited > 0:
+                raise ApiError(429, "Too many sign-in attempts; wait and try again", "too_many_requests",
+                               headers={"Retry-After": str(max(1, int(limited + 0.999)))})
             wait = await self.throttle.attempt(body.app_id, body.email, address)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             raise ApiError(503, "Sign-in is unavailable right now, try again") from exc
@@ -356,7 +410,7 @@ class DeskService(ServiceApp):
         with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
             await self.throttle.succeeded(body.app_id, body.email, address)
         if agent.password_hash and auth.needs_rehash(agent.password_hash):
-            async with self.store.transaction("desk_rehash") as tx:
+            async with self.store.transaction() as tx:
                 await self.store.update_agent(tx, replace(agent, password_hash=await self.kdf.hash(body.password)))
         return await self._signed_in(request, agent)
 
@@ -365,6 +419,10 @@ class DeskService(ServiceApp):
         step): only when THREADLINE_DESK_DEMO_AGENT_* is set, which the config allows in the sandbox only."""
         if not self.config.demo_agent_email:
             raise ApiError(404, "Not found")
+        address = self.client_address(request)
+        if address is None or not ipaddress.ip_address(address).is_loopback:
+            # `make up` may listen on every interface: the demo agent is for the person at the machine.
+            raise ApiError(403, "The demo agent signs in from this machine only")
         body = await read_json(request, DemoLoginBody)
         agent = await self.store.agent_by_email(body.app_id[:64], auth.normalize_email(self.config.demo_agent_email))
         if agent is None or agent.disabled:
@@ -387,6 +445,10 @@ class DeskService(ServiceApp):
     async def page_redirect(self, _request: web.Request) -> web.Response:
         raise web.HTTPMovedPermanently("/desk/")
 
+    def client_address(self, request: web.Request) -> str | None:
+        """The client's address (X-Forwarded-For believed from trusted proxies only)."""
+        return client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), self.config.trusted_proxies)
+
     async def sign_out(self, request: web.Request) -> web.Response:
         """End the session (and clear the cookie)."""
         response = json_response({})
@@ -405,34 +467,64 @@ class DeskService(ServiceApp):
     # --- the live socket -----------------------------------------------------------------------
 
     async def socket(self, request: web.Request) -> web.WebSocketResponse:
-        """An open desk's feed of its app's updates; its heartbeats keep the agent present."""
+        """An open desk's feed of its app's updates; its heartbeats keep the agent present. The
+        session and the agent are checked again every `SOCKET_SESSION_CHECK` seconds whatever the
+        client sends (`_check_sockets`): a signed-out, expired, disabled or deleted agent's feed ends."""
         actor = await self.actor(request)
-        assert actor.agent is not None
-        token = auth.read_session_token(request, secure=self.secure)
+        assert actor.agent is not None and actor.session_hash is not None
+        sockets = self._sockets.setdefault(actor.app_id, weakref.WeakSet())
+        if sum(1 for ws in sockets if ws.get(SOCKET_AGENT) == actor.agent.id) >= MAX_SOCKETS_PER_AGENT:
+            raise ApiError(429, "Too many open desks for this agent", "too_many_requests")
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=4096)
         await ws.prepare(request)
-        sockets = self._sockets.setdefault(actor.app_id, weakref.WeakSet())
+        ws[SOCKET_AGENT], ws[SOCKET_SESSION], ws[SOCKET_BEAT] = actor.agent.id, actor.session_hash, time.time()
         sockets.add(ws)
-        checked = time.time()
+        metrics.websocket_opened(self.name)
         try:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                now = time.time()
-                if now - checked >= SOCKET_SESSION_CHECK:
-                    checked = now
-                    record = await self.store.get_session(auth.session_token_hash(token or ""))
-                    if record is None or not auth.session_valid(record, now):
-                        await ws.close(code=4401, message=b"session ended")
-                        break
-                agent = await self.store.agent(actor.agent.id)
-                if agent is None or agent.disabled:
-                    await ws.close(code=4403, message=b"agent removed")
-                    break
-                await self._heard_from(agent)
+                if msg.type == WSMsgType.TEXT:
+                    ws[SOCKET_BEAT] = time.time()  # presence and the session's idle time follow it
         finally:
             sockets.discard(ws)
+            if not sockets:
+                self._sockets.pop(actor.app_id, None)
+            metrics.websocket_closed(self.name)
         return ws
+
+    async def _check_sockets_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SOCKET_SESSION_CHECK)
+            try:
+                await self._check_sockets()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("desk socket check failed")
+
+    async def _check_sockets(self) -> None:
+        """Close the sockets whose session ended or whose agent was disabled or removed; keep the
+        others' agents present and their sessions alive while their desk beats."""
+        now = time.time()
+        agents: dict[str, AgentRow | None] = {}
+        for sockets in list(self._sockets.values()):
+            for ws in list(sockets):
+                if ws.closed:
+                    continue
+                record = await self.store.get_session(ws[SOCKET_SESSION])
+                agent_id = ws[SOCKET_AGENT]
+                if agent_id not in agents:
+                    agents[agent_id] = await self.store.agent(agent_id)
+                agent = agents[agent_id]
+                if record is None or not auth.session_valid(record, now):
+                    await ws.close(code=4401, message=b"session ended")
+                elif agent is None or agent.disabled:
+                    await ws.close(code=4403, message=b"agent removed")
+                elif now - ws[SOCKET_BEAT] < SOCKET_SESSION_CHECK * 2:
+                    if auth.session_needs_touch(record, now):
+                        await self.store.touch_session(record.token_hash, now)
+                    await self._heard_from(agent)
+        self._seen_written = {agent_id: at for agent_id, at in self._seen_written.items()
+                              if now - at < SEEN_WRITE_INTERVAL * 2}
 
 
 def create(environ: Mapping[str, str] | None = None) -> DeskService:

@@ -29,10 +29,12 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from shared import metrics
 from shared.db import Connection, serialize
 from shared.http import ApiError
 from shared.ids import new_id
 from shared.messages import conversation as conv
+from shared.telemetry import log_fields
 
 from . import routing
 from .auth import require_role, require_same_app
@@ -49,7 +51,10 @@ MAX_SKILLS = 32
 # What a ticket keeps of the last message, for the inbox.
 PREVIEW_LENGTH = 200
 
-UpdateKind = Literal["ticket", "agent", "message", "note", "activity", "removed"]
+UpdateKind = Literal["ticket", "agent", "message", "note", "activity", "removed", "event"]
+CHANNEL_NAMES = {"whatsapp": "WhatsApp", "messenger": "Messenger", "telegram": "Telegram", "twilio": "SMS",
+                 "mailgun": "e-mail", "sdk": "the web or the app", "web": "the web", "android": "Android",
+                 "ios": "iOS"}
 
 
 class Update(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel"):
@@ -61,11 +66,26 @@ class Update(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel"):
     data: dict[str, Any] | None = None
 
 
+class Members(Protocol):
+    """The apps' switchboards, as the desk needs them (events name a member by id only)."""
+
+    async def member_type(self, app_id: str, member_id: str) -> str | None:
+        """The integration type of an app's switchboard member (None: no such member)."""
+        ...
+
+    def has_desk(self, app_id: str) -> bool:
+        """Whether the app's switchboard has a desk member (as far as this replica knows)."""
+        ...
+
+
 class Conversations(Protocol):
     """What the desk asks the conversations service (over NATS in the service)."""
 
     async def switchboard(self, app_id: str, conversation_id: str, action: str,
-                          metadata: dict[str, Any] | None = None) -> None: ...
+                          metadata: dict[str, Any] | None = None, target: str | None = None) -> None:
+        """Move control as the desk: `releaseControl` only while the desk holds it, `passControl`
+        to `target`."""
+        ...
 
     async def snapshot(self, app_id: str, conversation_id: str) -> Snapshot:
         """What the desk needs of a conversation entering it: customer, channel, last message."""
@@ -88,6 +108,8 @@ class Actor:
 
     app_id: str
     agent: AgentRow | None = None
+    # The signed-in session's hash (None for an app key).
+    session_hash: str | None = None
 
     @property
     def role(self) -> str:
@@ -167,11 +189,11 @@ class Desk:
     """Tickets, routing and agents' actions on one store."""
 
     def __init__(self, store: Store, conversations: Conversations,
-                 publish: Callable[[Update], Awaitable[None]], member_type: Callable[[str, str], str | None], *,
+                 publish: Callable[[Update], Awaitable[None]], members: Members, *,
                  default_capacity: int = 5, grace_seconds: float = 90.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.member_type = member_type
+        self.members = members
         self.conversations = conversations
         self.publish = publish
         self.default_capacity = default_capacity
@@ -180,24 +202,24 @@ class Desk:
 
     # --- events --------------------------------------------------------------------------------
 
-    def is_desk(self, app_id: str, ref: Any) -> bool:
+    async def is_desk(self, app_id: str, ref: Any) -> bool:
         """Whether a conversation's `activeSwitchboardIntegration` is a desk member (events name a
         member by id only: its type comes from the app's switchboard)."""
         if ref is None:
             return False
         if ref.integration_type is not None:
             return bool(ref.integration_type == DESK_TYPE)
-        return self.member_type(app_id, ref.id) == DESK_TYPE
+        return await self.members.member_type(app_id, ref.id) == DESK_TYPE
 
     async def handle_event(self, event: conv.ConversationUnion) -> None:
         """Follow the conversation events that concern the desk."""
         forget = conv.erasure(event)
         if forget is not None:
-            await self._forget(forget)
+            await self._forget(forget, event.app_id)
             return
         if isinstance(event, conv.ConversationRemoved):
             if await self.store.ticket(event.conversation_id) is not None:
-                async with self.store.transaction("desk_remove") as tx:
+                async with self.store.transaction() as tx:
                     await self.store.delete_ticket(tx, event.conversation_id)
                 await self.publish(Update(app_id=event.app_id, kind="removed", conversation_id=event.conversation_id))
             return
@@ -205,33 +227,76 @@ class Desk:
             if event.error is not None:
                 return
             active = event.conversation.active_switchboard_integration
-            if self.is_desk(event.app_id, active):
+            if await self.is_desk(event.app_id, active):
                 await self.enter(event.app_id, event.conversation_id, metadata=event.metadata, at=event.created_at)
             else:
                 await self.leave(event.app_id, event.conversation_id, at=event.created_at)
             return
+        if isinstance(event, conv.ClientAdded | conv.ClientUpdated | conv.UsersMerged):
+            if self.members.has_desk(event.app_id) or await self.store.ticket(event.conversation_id) is not None:
+                await self._timeline_event(event)
+            return
         if isinstance(event, conv.MessageCreated):
             await self._message(event)
-        elif isinstance(event, conv.ActivityPosted) and self.is_desk(
+        elif isinstance(event, conv.ActivityPosted) and await self.is_desk(
                 event.app_id, event.conversation.active_switchboard_integration):
             author = event.activity.author
             if author is not None and author.type == "user":
                 await self.publish(Update(app_id=event.app_id, kind="activity", conversation_id=event.conversation_id,
                                           data={"type": event.activity.type}))
 
-    async def _forget(self, erasure: conv.Erasure) -> None:
-        if erasure.before is not None:
-            return  # expired messages: a ticket keeps no message but its preview, dropped below
-        async with self.store.transaction("desk_forget") as tx:
+    async def _timeline_event(self, event: conv.ClientAdded | conv.ClientUpdated | conv.UsersMerged) -> None:
+        """A handoff (a client joining and becoming primary) or a merge, kept for the timeline."""
+        channel: str | None = None
+        primary = False
+        if isinstance(event, conv.UsersMerged):
+            text = f"Merged with another customer ({event.reason})"
+            conversation_ids = list(dict.fromkeys([event.conversation_id, *event.merged_conversation_ids]))
+        else:
+            if isinstance(event, conv.ClientUpdated) and not (event.primary and event.reason == "confirmed"):
+                return
+            channel, primary = event.client.type, event.primary
+            name = CHANNEL_NAMES.get(channel, channel)
+            text = f"Moved to {name}" if event.primary else f"Linked {name}"
+            conversation_ids = [event.conversation.id if event.conversation is not None else event.conversation_id]
+        for conversation_id in conversation_ids:
+            record = {"id": f"{event.id}:{conversation_id}"[:96], "appId": event.app_id,
+                      "conversationId": conversation_id, "kind": type(event).__name__, "channel": channel,
+                      "text": text, "createdAt": event.created_at}
+            if not await self.store.insert_timeline_event(record):
+                continue
+            await self.publish(Update(app_id=event.app_id, kind="event", conversation_id=conversation_id,
+                                      data=record))
+            if channel is not None and channel != "sdk" and primary:
+                await self._moved(conversation_id, channel, event.created_at)
+
+    async def _moved(self, conversation_id: str, channel: str, at: float) -> None:
+        """The customer's current channel changed (a handoff): the ticket follows."""
+        if await self.store.set_channel(conversation_id, channel, at):
+            ticket = await self.store.ticket(conversation_id)
+            if ticket is not None:
+                await self._announce(ticket)
+
+    async def _forget(self, erasure: conv.Erasure, app_id: str) -> None:
+        """A privacy event: expired messages take the preview with them; a deletion of personal
+        information the preview and the notes (agents write about the person); a deleted user every
+        ticket of theirs."""
+        if erasure.before is not None or erasure.delivered_only:
             for conversation_id in erasure.conversation_ids:
+                await self.store.forget_previews(conversation_id, erasure.before)
                 if erasure.delivered_only:
-                    await tx.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1",
-                                     conversation_id)
-                else:
-                    await self.store.delete_ticket(tx, conversation_id)
+                    await self.store.delete_notes(conversation_id)
+            return
+        doomed = list(erasure.conversation_ids)
+        if erasure.user_id is not None:
+            doomed.extend(await self.store.user_conversations(app_id, erasure.user_id))
+        for conversation_id in dict.fromkeys(doomed):
+            async with self.store.transaction() as tx:
+                await self.store.delete_ticket(tx, conversation_id)
+            await self.publish(Update(app_id=app_id, kind="removed", conversation_id=conversation_id))
 
     async def _message(self, event: conv.MessageCreated) -> None:
-        in_desk = self.is_desk(event.app_id, event.conversation.active_switchboard_integration)
+        in_desk = await self.is_desk(event.app_id, event.conversation.active_switchboard_integration)
         ticket = await self.store.ticket(event.conversation_id)
         if ticket is None and not in_desk:
             return
@@ -243,16 +308,10 @@ class Desk:
             await self.enter(event.app_id, event.conversation_id, user_id=event.user_id, channel=channel,
                              at=event.created_at, message=message)
         else:
-            async with self.store.transaction("desk_message") as tx:
-                current = await self.store.ticket(event.conversation_id, tx)
-                if current is None:
-                    return
-                updated = replace(current, last_message_at=event.created_at, last_message_text=_preview(message),
-                                  last_author=message.author.type, channel=channel or current.channel,
-                                  user_id=current.user_id or event.user_id or None,
-                                  updated_at=max(current.updated_at, event.created_at))
-                await self.store.save_ticket(tx, updated)
-            await self._announce(updated)
+            updated = await self.store.note_message(event.conversation_id, event.created_at, _preview(message),
+                                                    message.author.type, channel, event.user_id or None)
+            if updated is not None:
+                await self._announce(updated)
         await self.publish(Update(app_id=event.app_id, kind="message", conversation_id=event.conversation_id,
                                   data={"message": msgspec.to_builtins(message), "cursor": event.cursor}))
 
@@ -269,7 +328,7 @@ class Desk:
             user_id, channel = user_id or known.user_id, channel or known.channel
             message = known.last_message
             message_at = known.last_message_at or when
-        async with self.store.transaction("desk_enter") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{app_id}")
             ticket = await self.store.ticket(conversation_id, tx)
             team_id = await self._team_from(tx, app_id, steer.get("desk:team"))
@@ -308,7 +367,7 @@ class Desk:
     async def leave(self, app_id: str, conversation_id: str, *, at: float | None = None) -> None:
         """Another switchboard member took control: the desk's part ends (its agent's slot is freed)."""
         when = self.clock() if at is None else at
-        async with self.store.transaction("desk_leave") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{app_id}")
             ticket = await self.store.ticket(conversation_id, tx)
             if ticket is None or (ticket.status == RESOLVED and not ticket.queued):
@@ -335,7 +394,7 @@ class Desk:
 
     async def route_app(self, app_id: str) -> list[routing.Assignment]:
         """Run a routing pass for one app (after presence or capacity changed)."""
-        async with self.store.transaction("desk_route") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{app_id}")
             assignments = await self._route(tx, app_id)
         await self._after(app_id, assignments)
@@ -344,13 +403,19 @@ class Desk:
     async def _after(self, app_id: str, assignments: Sequence[routing.Assignment],
                      changed: Sequence[str] = ()) -> None:
         """Tell the app's desks what changed (once committed)."""
-        for assignment in assignments:
-            log.info("desk assigned conversation %s to agent %s (%s)", assignment.conversation_id,
-                     assignment.agent_id, assignment.reason)
-        for conversation_id in dict.fromkeys([*changed, *(a.conversation_id for a in assignments)]):
+        reasons = {assignment.conversation_id: assignment for assignment in assignments}
+        for conversation_id in dict.fromkeys([*changed, *reasons]):
             ticket = await self.store.ticket(conversation_id)
-            if ticket is not None:
-                await self._announce(ticket)
+            if ticket is None:
+                continue
+            made = reasons.get(conversation_id)
+            if made is not None:
+                waited_since = max(ticket.enqueued_at or made.assigned_at, ticket.requeued_at or 0.0)
+                metrics.desk_assigned(made.reason, made.assigned_at - waited_since)
+                log.info("desk assigned conversation %s to agent %s (%s)", conversation_id, made.agent_id,
+                         made.reason, extra=log_fields(conversation_id=conversation_id, agent_id=made.agent_id,
+                                                       reason=made.reason))
+            await self._announce(ticket)
 
     async def _announce(self, ticket: Ticket) -> None:
         await self.publish(Update(app_id=ticket.app_id, kind="ticket", conversation_id=ticket.conversation_id,
@@ -378,7 +443,7 @@ class Desk:
         if agent.disabled and presence == "online":
             raise ApiError(409, "A disabled agent cannot go online")
         now = self.clock()
-        async with self.store.transaction("desk_presence") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{agent.app_id}")
             await self.store.set_presence(tx, agent.id, presence, now)
             released = await self._release(tx, agent.id, now) if presence != "online" else []
@@ -402,6 +467,7 @@ class Desk:
                 transferred_from_agent_id=None, requeued_at=now, updated_at=now))
             requeued.append(ticket.conversation_id)
         if requeued:
+            metrics.desk_requeued("agent_left", len(requeued))
             log.info("agent %s left: %d conversation(s) back in the queue", agent_id, len(requeued))
         return requeued
 
@@ -415,7 +481,7 @@ class Desk:
         now = self.clock()
         for agent in await self.store.silent_agents(now - self.grace_seconds):
             log.info("agent %s silent for %.0f s: offline", agent.id, self.grace_seconds)
-            async with self.store.transaction("desk_sweep") as tx:
+            async with self.store.transaction() as tx:
                 await serialize(tx, f"desk:{agent.app_id}")
                 current = await self.store.agent(agent.id, tx)
                 if current is None or current.presence == "offline" or (
@@ -430,9 +496,10 @@ class Desk:
             await self._after(agent.app_id, assignments, changed=released)
         for ticket in await self.store.due_snoozes(now):
             await self._wake(ticket, now)
+        metrics.desk_queue_length(await self.store.queued_count())
 
     async def _wake(self, ticket: Ticket, now: float) -> None:
-        async with self.store.transaction("desk_wake") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{ticket.app_id}")
             current = await self.store.ticket(ticket.conversation_id, tx)
             if current is None or current.status != SNOOZED:
@@ -467,7 +534,7 @@ class Desk:
             require_role(actor.role, "admin")
         target = await self._agent_for(actor, target_id)
         now = self.clock()
-        async with self.store.transaction("desk_accept") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{actor.app_id}")
             ticket = await self.ticket_for(actor, conversation_id, tx)
             if ticket.agent_id == target.id and ticket.status in (OPEN, PENDING):
@@ -482,7 +549,7 @@ class Desk:
             if not seat.has_room:
                 raise ApiError(409, "The agent has no free slot (capacity reached)", "conflict")
             assignment = routing.Assignment(app_id=actor.app_id, conversation_id=conversation_id, agent_id=target.id,
-                                            reason="transfer", assigned_at=now,
+                                            reason="manual", assigned_at=now,
                                             previous_agent_id=ticket.previous_agent_id)
             if not await self.store.assign(tx, assignment):
                 raise ApiError(409, "This conversation was assigned meanwhile", "conflict")
@@ -501,7 +568,7 @@ class Desk:
             if team is None or team.app_id != actor.app_id:
                 raise ApiError(404, "Team not found")
         now = self.clock()
-        async with self.store.transaction("desk_transfer") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{actor.app_id}")
             ticket = await self.ticket_for(actor, conversation_id, tx)
             if ticket.status == RESOLVED:
@@ -524,6 +591,8 @@ class Desk:
             made = []
             if outcome.assignment is not None and await self.store.assign(tx, outcome.assignment):
                 made.append(outcome.assignment)
+            else:
+                metrics.desk_requeued("transfer")
             made.extend(await self._route(tx, actor.app_id))
         await self._after(actor.app_id, made, changed=[conversation_id])
         return await self.ticket_for(actor, conversation_id)
@@ -537,23 +606,29 @@ class Desk:
         now = self.clock()
         if status == SNOOZED and (snooze_until is None or snooze_until <= now):
             raise ApiError(400, "snoozedUntil must be a time in the future")
-        async with self.store.transaction("desk_status") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{actor.app_id}")
             ticket = await self.ticket_for(actor, conversation_id, tx)
             if actor.agent_id is not None and ticket.agent_id not in (None, actor.agent_id):
                 require_role(actor.role, "admin")
-            if status == OPEN and ticket.status == RESOLVED:
-                updated = replace(ticket, status=OPEN, queued=ticket.agent_id is None, snoozed_until=None,
-                                  enqueued_at=now if ticket.agent_id is None else ticket.enqueued_at, updated_at=now)
+            if ticket.status == RESOLVED and status != RESOLVED:
+                # Reopened: waiting for an agent unless one still has it (a snoozed one waits for its time).
+                waits = ticket.agent_id is None and status != SNOOZED
+                updated = replace(ticket, status=status, queued=waits, snoozed_until=snooze_until,
+                                  enqueued_at=now if waits else ticket.enqueued_at, updated_at=now)
             else:
+                # A snoozed conversation leaves the queue until its time comes (it waits again then).
                 updated = replace(ticket, status=status, snoozed_until=snooze_until if status == SNOOZED else None,
-                                  queued=ticket.queued and status != RESOLVED, updated_at=now)
+                                  queued=ticket.queued and status not in (RESOLVED, SNOOZED), updated_at=now)
             await self.store.save_ticket(tx, updated)
             assignments = await self._route(tx, actor.app_id)
         await self._after(actor.app_id, assignments, changed=[conversation_id])
         if status == RESOLVED and ticket.status != RESOLVED:
             await self.conversations.switchboard(actor.app_id, conversation_id, "releaseControl",
                                                  {"desk:resolvedBy": actor.agent_id or "api"})
+        elif ticket.status == RESOLVED and status != RESOLVED:
+            await self.conversations.switchboard(actor.app_id, conversation_id, "passControl",
+                                                 {"desk:reopenedBy": actor.agent_id or "api"}, target=DESK_TYPE)
         return await self.ticket_for(actor, conversation_id)
 
     async def set_labels(self, actor: Actor, conversation_id: str, labels: Sequence[str]) -> Ticket:
@@ -561,10 +636,9 @@ class Desk:
         clean = sorted({label.strip() for label in labels if label.strip()})
         if len(clean) > MAX_LABELS or any(len(label) > MAX_LABEL_LENGTH for label in clean):
             raise ApiError(400, f"At most {MAX_LABELS} labels of at most {MAX_LABEL_LENGTH} characters")
-        async with self.store.transaction("desk_labels") as tx:
-            ticket = await self.ticket_for(actor, conversation_id, tx)
-            updated = replace(ticket, labels=clean, updated_at=self.clock())
-            await self.store.save_ticket(tx, updated)
+        await self.ticket_for(actor, conversation_id)
+        await self.store.set_labels(conversation_id, clean, self.clock())
+        updated = await self.ticket_for(actor, conversation_id)
         await self._announce(updated)
         return updated
 
@@ -604,7 +678,7 @@ class Desk:
     async def create_agent(self, actor: Actor, agent: AgentRow) -> AgentRow:
         """A new agent (admins only); 409 when the e-mail is taken in the app."""
         require_role(actor.role, "admin")
-        async with self.store.transaction("desk_agent") as tx:
+        async with self.store.transaction() as tx:
             if not await self.store.insert_agent(tx, agent):
                 raise ApiError(409, "An agent with this e-mail already exists in the app", "conflict")
         await self.publish(Update(app_id=agent.app_id, kind="agent", data=agent_out(agent)))
@@ -613,7 +687,7 @@ class Desk:
     async def update_agent(self, actor: Actor, agent: AgentRow, *, drop_sessions: bool) -> AgentRow:
         """Write an agent (admins, or the agent on their own name and password); a disabled agent
         goes offline and their conversations back to the queue."""
-        async with self.store.transaction("desk_agent") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{agent.app_id}")
             await self.store.update_agent(tx, agent)
             released: list[str] = []
@@ -634,7 +708,7 @@ class Desk:
         agent = await self._agent_for(actor, agent_id)
         if actor.agent_id == agent.id:
             raise ApiError(409, "An admin cannot delete their own account", "conflict")
-        async with self.store.transaction("desk_agent") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{agent.app_id}")
             await self.store.set_presence(tx, agent.id, "offline", None)
             released = await self._release(tx, agent.id, self.clock())
@@ -648,13 +722,13 @@ class Desk:
         require_role(actor.role, "admin")
         for member in team.members:
             await self._agent_for(actor, member)
-        async with self.store.transaction("desk_team") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{actor.app_id}")
             if new:
                 if not await self.store.insert_team(tx, team):
                     raise ApiError(409, "A team with this name already exists in the app", "conflict")
-            else:
-                await self.store.update_team(tx, team)
+            elif not await self.store.update_team(tx, team):
+                raise ApiError(409, "A team with this name already exists in the app", "conflict")
             assignments = await self._route(tx, actor.app_id)
         await self._after(actor.app_id, assignments)
         return await self.store.team(team.id) or team
@@ -665,7 +739,7 @@ class Desk:
         team = await self.store.team(team_id)
         if team is None or team.app_id != actor.app_id:
             raise ApiError(404, "Team not found")
-        async with self.store.transaction("desk_team") as tx:
+        async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{actor.app_id}")
             await self.store.delete_team(tx, team_id)
             assignments = await self._route(tx, actor.app_id)

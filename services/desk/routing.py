@@ -59,7 +59,8 @@ Presence = Literal["online", "away", "offline"]
 PRESENCES: frozenset[str] = frozenset({"online", "away", "offline"})
 
 # How the agent was chosen; shown in the desk and logged with the assignment.
-AssignReason = Literal["transfer", "returning", "least_busy"]
+# `manual`: taken by hand (an agent accepting, an admin assigning), not decided by routing.
+AssignReason = Literal["transfer", "returning", "least_busy", "manual"]
 
 
 @dataclass(frozen=True, slots=True)

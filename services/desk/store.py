@@ -116,6 +116,20 @@ MIGRATION = Migration([
         UNIQUE (app_id, shortcut)
     )
     """,
+    # What happened to a conversation besides its messages, shown inline in the desk's timeline:
+    # a customer moving to another channel (a handoff), a merge of two customers.
+    """
+    CREATE TABLE timeline_events (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        channel TEXT,
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX timeline_events_conversation ON timeline_events (conversation_id, created_at)
+    """,
 ])
 
 OPEN, PENDING, SNOOZED, RESOLVED = "open", "pending", "snoozed", "resolved"
@@ -137,7 +151,13 @@ def _list(value: str | None) -> list[str]:
 
 
 def _dump(values: Iterable[str]) -> str:
-    return json.dumps(sorted(set(values)))
+    return json.dumps(sorted(set(values)), ensure_ascii=False)
+
+
+def _like_escape(text: str) -> str:
+    """`text` matched literally by LIKE … ESCAPE '!' (both engines; PostgreSQL's default escape is
+    the backslash, which JSON text is full of)."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,9 +297,9 @@ class Store:
         """Close the connections."""
         await self.db.close()
 
-    def transaction(self, operation: str = "transaction") -> Any:
+    def transaction(self) -> Any:
         """A transaction on the database (`async with store.transaction() as tx`)."""
-        return self.db.transaction(operation)
+        return self.db.transaction()
 
     # --- agents --------------------------------------------------------------------------------
 
@@ -382,11 +402,17 @@ class Store:
             await self.set_members(tx, team.id, team.members)
         return inserted > 0
 
-    async def update_team(self, tx: Connection, team: TeamRow) -> None:
-        """Write a team's name, skills, channels and members."""
+    async def update_team(self, tx: Connection, team: TeamRow) -> bool:
+        """Write a team's name, skills, channels and members; False when another team of the app
+        has that name."""
+        taken = await tx.fetchval("SELECT id FROM teams WHERE app_id = $1 AND name = $2 AND id <> $3",
+                                  team.app_id, team.name, team.id)
+        if taken is not None:
+            return False
         await tx.execute("UPDATE teams SET name = $2, skills = $3, channels = $4 WHERE id = $1",
                          team.id, team.name, _dump(team.skills), _dump(team.channels))
         await self.set_members(tx, team.id, team.members)
+        return True
 
     async def set_members(self, tx: Connection, team_id: str, members: Iterable[str]) -> None:
         """Make `members` the team's members."""
@@ -483,15 +509,59 @@ class Store:
             _dump(ticket.labels), ticket.last_message_at, ticket.last_message_text, ticket.last_author,
             ticket.created_at, ticket.updated_at)
 
+    async def note_message(self, conversation_id: str, at: float, preview: str, author: str,
+                           channel: str | None, user_id: str | None) -> Ticket | None:
+        """A message in a conversation the desk handles: the inbox's preview (only the columns it
+        owns, so a routing decision committed meanwhile is never written over); None without a ticket."""
+        changed = await self.db.execute(
+            "UPDATE tickets SET last_message_at = $2, last_message_text = $3, last_author = $4,"
+            " channel = COALESCE($5, channel), user_id = COALESCE(user_id, $6),"
+            " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
+            " WHERE conversation_id = $1 AND (last_message_at IS NULL OR last_message_at <= $2)",
+            conversation_id, at, preview, author, channel, user_id)
+        return await self.ticket(conversation_id) if changed else None
+
+    async def set_labels(self, conversation_id: str, labels: Sequence[str], at: float) -> None:
+        """Replace a ticket's labels (that column alone)."""
+        await self.db.execute("UPDATE tickets SET labels = $2, updated_at = $3 WHERE conversation_id = $1",
+                              conversation_id, _dump(labels), at)
+
+    async def set_channel(self, conversation_id: str, channel: str, at: float) -> bool:
+        """The customer's current channel changed (a handoff); False without a ticket or no change."""
+        return await self.db.execute(
+            "UPDATE tickets SET channel = $2, updated_at = CASE WHEN updated_at > $3 THEN updated_at ELSE $3 END"
+            " WHERE conversation_id = $1 AND channel <> $2", conversation_id, channel, at) > 0
+
+    async def forget_previews(self, conversation_id: str, before: float | None) -> None:
+        """Drop a ticket's message preview (expired messages: when its message is older than `before`)."""
+        if before is None:
+            await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1",
+                                  conversation_id)
+        else:
+            await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1"
+                                  " AND last_message_at < $2", conversation_id, before)
+
+    async def user_conversations(self, app_id: str | None, user_id: str) -> list[str]:
+        """The conversations the desk handled for a user."""
+        rows = await self.db.fetch("SELECT conversation_id FROM tickets WHERE user_id = $1"
+                                   + (" AND app_id = $2" if app_id else ""), *((user_id, app_id) if app_id
+                                                                              else (user_id,)))
+        return [row["conversation_id"] for row in rows]
+
     async def delete_ticket(self, tx: Connection, conversation_id: str) -> None:
-        """Forget a conversation (removed from the app) and its notes."""
+        """Forget a conversation (removed from the app), its notes and timeline events."""
         await tx.execute("DELETE FROM notes WHERE conversation_id = $1", conversation_id)
+        await tx.execute("DELETE FROM timeline_events WHERE conversation_id = $1", conversation_id)
         await tx.execute("DELETE FROM tickets WHERE conversation_id = $1", conversation_id)
 
     async def queued(self, tx: Connection, app_id: str) -> list[Ticket]:
         """An app's tickets waiting for an agent."""
         rows = await tx.fetch(f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE app_id = $1 AND queued = 1", app_id)
         return [Ticket.of(row) for row in rows]
+
+    async def queued_count(self) -> int:
+        """Conversations waiting for an agent, every app."""
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM tickets WHERE queued = 1"))
 
     async def held_by(self, tx: Connection, agent_id: str) -> list[Ticket]:
         """The unresolved tickets an agent holds."""
@@ -549,7 +619,8 @@ class Store:
         if where.channel is not None:
             clauses.append(f"channel = {arg(where.channel)}")
         if where.label is not None:
-            clauses.append(f"labels LIKE {arg('%' + json.dumps(where.label) + '%')}")
+            pattern = _like_escape(json.dumps(where.label, ensure_ascii=False))
+            clauses.append(f"labels LIKE {arg('%' + pattern + '%')} ESCAPE '!'")
         if where.user_ids is not None:
             if not where.user_ids:
                 return []
@@ -578,6 +649,10 @@ class Store:
             " VALUES ($1, $2, $3, $4, $5, $6, $7)", note.id, note.app_id, note.conversation_id, note.agent_id,
             note.author_name, note.text, note.created_at)
 
+    async def delete_notes(self, conversation_id: str) -> None:
+        """Forget a conversation's private notes."""
+        await self.db.execute("DELETE FROM notes WHERE conversation_id = $1", conversation_id)
+
     async def notes(self, conversation_id: str) -> list[NoteRow]:
         """A conversation's private notes, oldest first."""
         rows = await self.db.fetch("SELECT id, app_id, conversation_id, agent_id, author_name, text, created_at"
@@ -605,3 +680,21 @@ class Store:
         """Remove one of the app's canned replies; False when there is none."""
         return await self.db.execute("DELETE FROM canned_replies WHERE id = $1 AND app_id = $2", reply_id,
                                      app_id) > 0
+
+    # --- timeline events -----------------------------------------------------------------------
+
+    async def insert_timeline_event(self, event: dict[str, Any]) -> bool:
+        """Keep a timeline event once (its id is the conversation event's)."""
+        return await self.db.execute(
+            "INSERT INTO timeline_events (id, app_id, conversation_id, kind, channel, text, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING", event["id"], event["appId"],
+            event["conversationId"], event["kind"], event.get("channel"), event["text"], event["createdAt"]) > 0
+
+    async def timeline_events(self, conversation_id: str) -> list[dict[str, Any]]:
+        """A conversation's timeline events, oldest first."""
+        rows = await self.db.fetch("SELECT id, app_id, conversation_id, kind, channel, text, created_at"
+                                   " FROM timeline_events WHERE conversation_id = $1 ORDER BY created_at, id",
+                                   conversation_id)
+        return [{"id": row["id"], "appId": row["app_id"], "conversationId": row["conversation_id"],
+                 "kind": row["kind"], "channel": row["channel"], "text": row["text"],
+                 "createdAt": float(row["created_at"])} for row in rows]

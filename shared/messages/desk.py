@@ -54,11 +54,14 @@ ControlAction = Literal["passControl", "offerControl", "acceptControl", "release
 
 
 class MoveControl(DeskRequest, tag="desk.control"):
-    """A switchboard action taken by the desk (e.g. `releaseControl` when a conversation is resolved)."""
+    """A switchboard action taken by the desk (e.g. `releaseControl` when a conversation is resolved).
+    With `only_from_desk`, nothing happens unless a `desk` member is in control at that moment (a bot
+    that took the conversation back keeps it)."""
 
     action: ControlAction
     switchboard_integration: str | None = None
     metadata: dict[str, Any] | None = None
+    only_from_desk: bool = False
 
 
 class DeskDone(msgspec.Struct, tag_field="type", tag="desk.done", kw_only=True, omit_defaults=True):

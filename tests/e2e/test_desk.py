@@ -154,6 +154,9 @@ async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(
         await expect(ben.locator("#timeline li.user").last).to_contain_text("it's me, now on WhatsApp")
         await expect(ben.locator("#timeline li.user").last.locator(".badge")).to_have_text("WhatsApp")
         await expect(ben.locator("#timeline li.user").first.locator(".badge")).to_have_text("Web")
+        # The handoff itself is in the timeline, and the conversation's channel is WhatsApp now.
+        await expect(ben.locator("#timeline li.event")).to_contain_text("Moved to WhatsApp")
+        await expect(inbox_item(ben, conversation_id).locator(".badge")).to_have_text("WhatsApp")
         await inbox_item(ana, conversation_id).click()
         await expect(ana.locator("#timeline")).to_contain_text("it's me, now on WhatsApp")
 

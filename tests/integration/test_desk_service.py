@@ -100,10 +100,13 @@ class Desk:
         return dict(created["agent"])
 
     async def sign_in(self, email: str) -> AgentSession:
+        return await self.sign_in_with(email, PASSWORD)
+
+    async def sign_in_with(self, email: str, password: str) -> AgentSession:
         http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         self.sessions.append(http)
         async with http.post(f"{self.base}/desk/api/v1/session", headers={"Origin": self.base},
-                             json={"appId": self.app_id, "email": email, "password": PASSWORD}) as resp:
+                             json={"appId": self.app_id, "email": email, "password": password}) as resp:
             data = await resp.json()
             assert resp.status == 200, data
         return AgentSession(http=http, base=self.base, agent=data["agent"], csrf=data["csrfToken"])
@@ -204,6 +207,11 @@ async def test_a_conversation_passed_to_the_desk_reaches_an_online_agent_and_mov
         await pass_to_desk(desk, conversation_id)
         ticket = await desk.assigned_to(conversation_id, ada["id"])
         assert ticket["channel"] == "whatsapp" and ticket["status"] == "open" and not ticket["queued"]
+        assert ticket["lastMessageText"] == "where is my order?"
+        async with desk.http.get(f"{desk.system.service_url('desk')}/metrics") as resp:
+            exposition = await resp.text()
+        assert 'threadline_desk_assignments_total{reason="least_busy"}' in exposition
+        assert "threadline_desk_wait_seconds_bucket" in exposition
         mine = await a.call("GET", "/conversations?view=mine")
         assert [t["conversationId"] for t in mine["conversations"]] == [conversation_id]
 
@@ -321,4 +329,46 @@ async def test_roles_apps_and_hostile_input(system: System, tmp_path: Path) -> N
             assert resp.status == 404
         await agent.call("GET", f"/agents/{agent.id}")
         async with desk.http.get(f"{desk.base}/v2/apps/{desk.app_id}/desk/nothing-here", headers=desk.auth) as resp:
+            assert resp.status == 404
+
+
+async def test_nul_characters_sessions_and_sockets(system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        admin = await desk.create_agent("admin@example.com", "Admin", role="admin")
+        # NUL anywhere: 400, never a 500 (PostgreSQL's text cannot hold it).
+        async with desk.http.post(f"{desk.base}/desk/api/v1/session", headers={"Origin": desk.base},
+                                  json={"appId": desk.app_id, "email": "admin@example.com\u0000",
+                                        "password": PASSWORD}) as resp:
+            assert resp.status == 400
+        await desk.rest("POST", "/desk/agents", {"email": "x\u0000@example.com", "displayName": "X",
+                                                 "password": PASSWORD}, status=400)
+        await desk.rest("GET", "/desk/conversations?channel=%00", status=400)
+        await desk.rest("GET", "/desk/conversations?before=nan_abc", status=400)
+
+        # One's own password: the current one is required, and the other sessions end with it.
+        first = await desk.sign_in("admin@example.com")
+        second = await desk.sign_in("admin@example.com")
+        refused = await first.call("PATCH", f"/agents/{admin['id']}", {"password": "a brand new passphrase 7"},
+                                   status=403)
+        assert refused["errors"][0]["title"] == "currentPassword is wrong or missing"
+        await first.call("PATCH", f"/agents/{admin['id']}", {"password": "a brand new passphrase 7",
+                                                             "currentPassword": PASSWORD})
+        await first.call("GET", "/me")
+        await second.call("GET", "/me", status=401)
+
+        # A live socket ends with its session, whatever its client sends (or does not).
+        third = await desk.sign_in_with("admin@example.com", "a brand new passphrase 7")
+        ws = await third.http.ws_connect(f"{desk.base}/desk/api/v1/socket", headers={"Origin": desk.base})
+        await third.call("GET", "/me")
+        async with third.http.delete(f"{desk.base}/desk/api/v1/session", headers=third.headers()) as resp:
+            assert resp.status == 200
+        await desk.service._check_sockets()
+        closed = await ws.receive(timeout=5.0)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == 4401 or closed.data == 4401
+        await ws.close()
+
+        # The demo sign-in does not exist unless configured (it is, under `make up` only).
+        async with desk.http.post(f"{desk.base}/desk/api/v1/session/demo", headers={"Origin": desk.base},
+                                  json={"appId": desk.app_id}) as resp:
             assert resp.status == 404

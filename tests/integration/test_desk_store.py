@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from services.desk.handlers import Actor, Desk, Snapshot, Update
-from services.desk.store import AgentRow, Store, TeamRow
+from services.desk.store import AgentRow, Store, TeamRow, TicketFilter
 from shared.db import DatabaseSettings
 from shared.http import ApiError
 from shared.messages import conversation as conv
-from shared.sunco import ConversationRef, SwitchboardIntegrationRef, UserRef
+from shared.sunco import Author, ConversationRef, Message, SwitchboardIntegrationRef, TextContent, UserRef
 
 APP = "app00000000000000000000a"
 OTHER_APP = "app00000000000000000000b"
@@ -34,7 +34,7 @@ class Recorder:
         self.customers: dict[str, tuple[str, str]] = {}
 
     async def switchboard(self, app_id: str, conversation_id: str, action: str,
-                          metadata: dict[str, Any] | None = None) -> None:
+                          metadata: dict[str, Any] | None = None, target: str | None = None) -> None:
         self.actions.append((conversation_id, action))
 
     async def snapshot(self, app_id: str, conversation_id: str) -> Snapshot:
@@ -50,8 +50,14 @@ class Clock:
         return self.now
 
 
-def member_type(_app_id: str, member_id: str) -> str | None:
-    return {DESK_MEMBER: "desk", BOT_MEMBER: "custom"}.get(member_id)
+class Members:
+    """Every app's switchboard: a bot and the desk."""
+
+    async def member_type(self, _app_id: str, member_id: str) -> str | None:
+        return {DESK_MEMBER: "desk", BOT_MEMBER: "custom"}.get(member_id)
+
+    def has_desk(self, _app_id: str) -> bool:
+        return True
 
 
 def make_desk(store: Store, clock: Clock, updates: list[Update] | None = None,
@@ -60,7 +66,7 @@ def make_desk(store: Store, clock: Clock, updates: list[Update] | None = None,
         if updates is not None:
             updates.append(update)
 
-    return Desk(store, recorder or Recorder(), publish, member_type, grace_seconds=60.0, clock=clock)
+    return Desk(store, recorder or Recorder(), publish, Members(), grace_seconds=60.0, clock=clock)
 
 
 def control_event(conversation_id: str, member: str | None, at: float, app_id: str = APP,
@@ -272,3 +278,93 @@ async def test_two_desks_on_one_database_decide_each_conversation_once(
         assert await holder(first, "k-last") in {extra.id, other.id}
     finally:
         await second_store.close()
+
+
+async def test_concurrent_writers_never_undo_an_assignment_and_snoozes_leave_the_queue(store: Store) -> None:
+    clock = Clock()
+    recorder = Recorder()
+    desk = make_desk(store, clock, recorder=recorder)
+    ada = await add_agent(desk, "ada", capacity=5)
+    await online(desk, ada)
+    # Waiting for a skill nobody has: Ada takes it by hand while a business message and a label
+    # change land at the same moment; none of them may write the assignment away.
+    await desk.handle_event(control_event("race", DESK_MEMBER, clock.now, metadata={"desk:skills": "klingon"}))
+    business = conv.MessageCreated(
+        id="evt-business", app_id=APP, conversation_id="race", created_at=clock.now + 1,
+        conversation=ConversationRef(id="race", type="personal",
+                                     active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
+        message=Message(id="m1", received="2026-12-07T00:00:00.000Z", author=Author(type="business"),
+                        content=TextContent(text="we are on it")), cursor=2, user_id="user-race")
+    ada_actor = Actor(app_id=APP, agent=ada)
+    await asyncio.gather(desk.accept(ada_actor, "race"), desk.handle_event(business),
+                         desk.set_labels(ada_actor, "race", ["urgent"]))
+    ticket = await store.ticket("race")
+    assert ticket is not None and ticket.agent_id == ada.id and not ticket.queued
+    assert ticket.labels == ["urgent"] and ticket.last_message_text == "we are on it"
+    assert ticket.assign_reason == "manual"
+
+    # Snoozing a waiting conversation takes it out of the queue until its time.
+    await desk.handle_event(control_event("later", DESK_MEMBER, clock.now, metadata={"desk:skills": "klingon"}))
+    await desk.set_status(Actor(app_id=APP), "later", "snoozed", clock.now + 60)
+    bob = await add_agent(desk, "bob", skills=("klingon",))
+    await online(desk, bob)
+    snoozed = await store.ticket("later")
+    assert snoozed is not None and snoozed.status == "snoozed" and snoozed.agent_id is None and not snoozed.queued
+    clock.now += 61
+    for agent in (ada, bob):
+        await desk.heard_from(agent)
+    await desk.sweep()
+    assert await holder(desk, "later") == bob.id
+
+    # Reopening a resolved conversation takes control back for the desk.
+    await desk.set_status(Actor(app_id=APP, agent=bob), "later", "resolved")
+    await desk.set_status(Actor(app_id=APP, agent=bob), "later", "open")
+    assert recorder.actions[-2:] == [("later", "releaseControl"), ("later", "passControl")]
+
+
+async def test_labels_match_literally_and_teams_keep_unique_names(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    admin = Actor(app_id=APP)
+    for n, labels in enumerate((["café"], ["50%_off"], ["50xxoff"], ['say "hi"\\'])):
+        await desk.handle_event(control_event(f"l{n}", DESK_MEMBER, clock.now))
+        await desk.set_labels(admin, f"l{n}", labels)
+    for label, expected in (("café", ["l0"]), ("50%_off", ["l1"]), ('say "hi"\\', ["l3"]), ("50", [])):
+        found = await store.tickets(APP, TicketFilter(label=label), before=None, limit=10)
+        assert [t.conversation_id for t in found] == expected, label
+    first = await desk.save_team(admin, TeamRow(id="t1", app_id=APP, name="Sales", skills=[], channels=[], members=[],
+                                                created_at=clock.now), new=True)
+    await desk.save_team(admin, TeamRow(id="t2", app_id=APP, name="Support", skills=[], channels=[], members=[],
+                                        created_at=clock.now), new=True)
+    with pytest.raises(ApiError) as refused:
+        await desk.save_team(admin, TeamRow(id="t2", app_id=APP, name="Sales", skills=[], channels=[], members=[],
+                                            created_at=clock.now), new=False)
+    assert refused.value.status == 409 and first.name == "Sales"
+
+
+async def test_privacy_events_reach_previews_notes_and_every_ticket_of_the_user(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada = await add_agent(desk, "ada")
+    await online(desk, ada)
+    recorder = desk.conversations
+    assert isinstance(recorder, Recorder)
+    for name in ("p1", "p2", "p3"):
+        recorder.customers[name] = ("user-pat", "whatsapp")
+        await desk.handle_event(control_event(name, DESK_MEMBER, clock.now))
+        await store.note_message(name, clock.now, f"secret {name}", "user", None, None)
+        await desk.add_note(Actor(app_id=APP, agent=ada), name, "called them")
+    await desk.handle_event(conv.MessagesExpired(id="e-exp", app_id=APP, conversation_id="p1",
+                                                 created_at=clock.now + 1, before=clock.now + 1,
+                                                 conversation=ConversationRef(id="p1", type="personal")))
+    assert (await store.ticket("p1")).last_message_text is None  # type: ignore[union-attr]
+    await desk.handle_event(conv.PersonalInformationDeleted(
+        id="e-pii", app_id=APP, conversation_id="p2", created_at=clock.now, user_id="user-pat",
+        conversation_ids=["p2"]))
+    assert (await store.ticket("p2")).last_message_text is None  # type: ignore[union-attr]
+    assert await store.notes("p2") == [] and len(await store.notes("p3")) == 1
+    # The user is deleted: every conversation the desk had of theirs goes, named or not.
+    await desk.handle_event(conv.UserRemoved(id="e-rm", app_id=APP, conversation_id="p1", created_at=clock.now,
+                                             user=UserRef(id="user-pat"), conversation_ids=["p1"]))
+    for name in ("p1", "p2", "p3"):
+        assert await store.ticket(name) is None

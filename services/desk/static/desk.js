@@ -11,7 +11,7 @@ const CHANNEL_NAMES = {
 
 const state = {
   agent: null, csrf: "", view: "mine", tickets: new Map(), agents: new Map(), teams: [], canned: [],
-  selected: null, timeline: [], socket: null, heartbeat: null,
+  selected: null, timeline: [], socket: null, heartbeat: null, more: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -151,6 +151,11 @@ function onUpdate(update) {
       state.timeline.push({ note: update.data });
       renderTimeline();
     }
+  } else if (update.kind === "event" && update.conversationId === state.selected) {
+    if (!state.timeline.some((item) => item.event?.id === update.data.id)) {
+      state.timeline.push({ event: update.data });
+      renderTimeline();
+    }
   } else if (update.kind === "agent") {
     if (update.data.deleted) state.agents.delete(update.data.id);
     else state.agents.set(update.data.id, update.data);
@@ -199,6 +204,17 @@ async function loadInbox() {
   if (channel) query.set("channel", channel);
   const data = await api("GET", `/conversations?${query}`);
   state.tickets = new Map(data.conversations.map((ticket) => [ticket.conversationId, ticket]));
+  state.more = data.meta.hasMore ? { query, before: data.meta.before } : null;
+  renderInbox();
+}
+
+async function loadMore() {
+  if (!state.more) return;
+  const query = new URLSearchParams(state.more.query);
+  query.set("before", state.more.before);
+  const data = await api("GET", `/conversations?${query}`);
+  for (const ticket of data.conversations) state.tickets.set(ticket.conversationId, ticket);
+  state.more = data.meta.hasMore ? { query: state.more.query, before: data.meta.before } : null;
   renderInbox();
 }
 
@@ -229,6 +245,11 @@ function renderInbox() {
     item.addEventListener("click", () => selectConversation(ticket.conversationId));
     return item;
   }));
+  if (state.more) {
+    const more = el("li", { class: "more" }, el("button", { type: "button", text: "Load more" }));
+    more.firstChild.addEventListener("click", () => loadMore().catch(reportError));
+    $("tickets").append(more);
+  }
 }
 
 for (const button of document.querySelectorAll(".views button")) {
@@ -260,6 +281,7 @@ async function selectConversation(conversationId) {
   state.timeline = [
     ...timeline.messages.map((item) => ({ cursor: item.cursor, message: item.message })),
     ...timeline.notes.map((note) => ({ note })),
+    ...timeline.events.map((event) => ({ event })),
   ];
   renderHead();
   renderTimeline();
@@ -282,13 +304,19 @@ function renderHead() {
 }
 
 function timeOf(item) {
-  return item.note ? item.note.createdAt * 1000 : Date.parse(item.message.received);
+  if (item.note) return item.note.createdAt * 1000;
+  if (item.event) return item.event.createdAt * 1000;
+  return Date.parse(item.message.received);
 }
 
 function renderTimeline() {
   state.timeline.sort((a, b) => timeOf(a) - timeOf(b) || (a.cursor ?? 0) - (b.cursor ?? 0));
   const list = $("timeline");
   list.replaceChildren(...state.timeline.map((item) => {
+    if (item.event) {
+      return el("li", { class: "event", "data-kind": item.event.kind },
+        item.event.channel ? badge(item.event.channel) : null, ` ${item.event.text} · ${when(item.event.createdAt)}`);
+    }
     if (item.note) {
       return el("li", { class: "note" },
         el("div", { class: "meta", text: `Private note · ${item.note.authorName} · ${when(item.note.createdAt)}` }),
