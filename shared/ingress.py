@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from aiohttp import web
 from nats.js.api import PubAck
 from opentelemetry import trace
 
-from shared import metrics
+from shared import metrics, subjects
 from shared.bus import Bus
 from shared.http import ApiError, read_body
 from shared.messages import channel as channel_messages
@@ -137,6 +140,36 @@ async def publish_durably(bus: Bus, channel: str, messages: Sequence[InboundMess
         log.warning("publishing a %s %s failed (%d of %d): %s", channel, what, len(failures), len(publishes),
                     failures[0])
         raise ApiError(503, f"Could not store the {what}, retry later")
+    await SEEN.record(bus, {m.integration_id for m in messages} | {s.integration_id for s in statuses})
+
+
+class WebhooksSeen:
+    """When each integration's platform webhook last brought something in, in a KV bucket the desk
+    reads ("last webhook received" in its channel setup). Written at most every `interval` seconds
+    per integration and process, after the webhook's content is durable; a failure to write it is
+    logged, never the webhook's."""
+
+    interval = 30.0
+
+    def __init__(self) -> None:
+        self._written: dict[str, float] = {}
+
+    async def record(self, bus: Bus, integration_ids: set[str]) -> None:
+        now = time.time()
+        due = [i for i in integration_ids if now - self._written.get(i, 0.0) >= self.interval]
+        if not due:
+            return
+        for integration_id in due:
+            self._written[integration_id] = now
+        try:
+            kv = await bus.key_value(subjects.WEBHOOKS_SEEN_BUCKET)
+            for integration_id in due:
+                await kv.put(integration_id, str(now).encode())
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("could not note the last webhook of %s: %s", ", ".join(due), exc)
+
+
+SEEN = WebhooksSeen()
 
 
 @dataclass(frozen=True)

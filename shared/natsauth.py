@@ -71,7 +71,7 @@ _CHANNELS = ("whatsapp", "messenger", "telegram", "twilio")
 def _channel(channel: str) -> Access:
     return Access(publish=(subjects.channel_subjects("inbound", channel), subjects.channel_subjects("status", channel)),
                   consumers=(subjects.channel_outbound_consumer(channel),),
-                  kv_read=(subjects.INTEGRATIONS_BUCKET,))
+                  kv_read=(subjects.INTEGRATIONS_BUCKET,), kv_write=(subjects.WEBHOOKS_SEEN_BUCKET,))
 
 
 # The internal requests the internet-facing SDK services make, exactly: none of them can delete a
@@ -108,7 +108,8 @@ SERVICE_ACCESS: Mapping[str, Access] = {
     "telegram": _channel("telegram"),
     "sms": _channel("twilio"),
     "email": dataclasses.replace(_channel("mailgun"),
-                                 kv_write=(subjects.MAIL_THREADS_BUCKET, subjects.MAIL_LIMITS_BUCKET)),
+                                 kv_write=(subjects.MAIL_THREADS_BUCKET, subjects.MAIL_LIMITS_BUCKET,
+                                           subjects.WEBHOOKS_SEEN_BUCKET)),
     "web": Access(publish=(subjects.channel_subjects("inbound", "web"), *_SDK_REQUESTS),
                   subscribe=(subjects.EVENTS_ALL,),
                   kv_read=(subjects.INTEGRATIONS_BUCKET, subjects.ENDED_USERS_BUCKET),
@@ -127,7 +128,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
         subscribe=(f"{subjects.DESK_UPDATES_PREFIX}.*",),
         serves=(subjects.DESK_API,),
         consumers=(subjects.DESK_EVENTS,),
-        kv_read=(subjects.APPS_BUCKET, subjects.INTEGRATIONS_BUCKET),
+        kv_read=(subjects.APPS_BUCKET, subjects.INTEGRATIONS_BUCKET, subjects.WEBHOOKS_SEEN_BUCKET),
         kv_write=(subjects.DESK_LOGIN_BUCKET,)),
     "sandbox": Access(kv_read=(subjects.INTEGRATIONS_BUCKET,)),
 }

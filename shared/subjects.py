@@ -266,6 +266,9 @@ DESK_SERVICE: Final = "desk"
 DESK_API: Final = "desk.api"
 # What the desk asks of `conversations`: an agent's message, a switchboard action.
 CONVERSATIONS_DESK: Final = "conversations.desk"
+# When each integration's platform webhook last brought something in (`shared.ingress`), for the
+# desk's channel setup: `<integration id>` → Unix seconds, written at most every 30 s per replica.
+WEBHOOKS_SEEN_BUCKET: Final = "tl_webhooks_seen"
 # The desk's sign-in throttle (`services.desk.auth.SharedLoginThrottle`).
 DESK_LOGIN_BUCKET: Final = "tl_desk_login"
 

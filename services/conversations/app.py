@@ -181,7 +181,7 @@ class ConversationsService(ServiceApp):
             subjects.CONVERSATIONS_SDK_LINK: self.conversations.answer,
             subjects.CONVERSATIONS_SDK_LOGIN: self.conversations.answer,
             subjects.CONVERSATIONS_CLIENT_LINK: self.conversations.phone_links.answer,
-            subjects.CONVERSATIONS_DESK: DeskBridge(self.conversations, switchboards).answer,
+            subjects.CONVERSATIONS_DESK: DeskBridge(self.conversations, switchboards, self.admin).answer,
         })
         # Pending direct links by phone expire (client:remove linkFailed) even if the number stays silent.
         # One replica sweeps (the holder of the inbound stream's partition 0): two would expire

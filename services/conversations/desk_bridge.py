@@ -18,6 +18,7 @@ import nats.errors
 from aiohttp import web
 
 from services.conversations import models
+from services.conversations.admin import Admin
 from services.conversations.api import Api
 from services.conversations.handlers import Conversations
 from services.conversations.openapi import Operation
@@ -31,6 +32,9 @@ from shared.sunco import Author
 log = logging.getLogger(__name__)
 
 DESK_INTEGRATION_TYPE = "desk"
+# What an admin may add or remove from the desk (not custom integrations: their keys and webhooks
+# are the API's business).
+CHANNEL_TYPES = ("whatsapp", "messenger", "telegram", "twilio", "mailgun", "web", "android", "ios")
 
 # Longest a forwarded call waits for the desk (an agent creation hashes a password: ~0.2 s).
 DESK_CALL_TIMEOUT = 10.0
@@ -40,9 +44,10 @@ _QUERY_LIMIT = 32
 class DeskBridge:
     """The `conversations.desk` endpoint."""
 
-    def __init__(self, conversations: Conversations, switchboards: Switchboards) -> None:
+    def __init__(self, conversations: Conversations, switchboards: Switchboards, admin: Admin) -> None:
         self.conversations = conversations
         self.switchboards = switchboards
+        self.admin = admin
 
     async def answer(self, data: bytes, _headers: Mapping[str, str]) -> bytes:
         """Post an agent's message or move control; a refusal carries the REST API's status and title."""
@@ -59,6 +64,16 @@ class DeskBridge:
         return desk.encode(reply)
 
     async def _handle(self, request: desk.DeskRequestUnion) -> desk.DeskDone:
+        if isinstance(request, desk.CreateChannel):
+            if request.body.get("type") not in CHANNEL_TYPES:
+                raise ApiError(400, f"The desk adds channels only ({', '.join(CHANNEL_TYPES)})")
+            return desk.DeskDone(integration=await self.admin.create_integration(request.app_id, request.body))
+        if isinstance(request, desk.DeleteChannel):
+            row = await self.admin.integration_row(request.app_id, request.integration_id)
+            if row["type"] not in CHANNEL_TYPES:
+                raise ApiError(400, "The desk removes channels only")
+            await self.admin.delete_integration(request.app_id, request.integration_id)
+            return desk.DeskDone()
         await self.conversations.conversation_row(request.app_id, request.conversation_id)
         if isinstance(request, desk.PostAgentMessage):
             try:
@@ -72,6 +87,10 @@ class DeskBridge:
                 metadata={"desk:agentId": request.agent_id})
             message = await self.conversations.post_message(request.app_id, request.conversation_id, body)
             return desk.DeskDone(message=msgspec.to_builtins(message))
+        if isinstance(request, desk.PostAgentActivity):
+            await self.conversations.post_activity(request.app_id, request.conversation_id, models.ActivityPostBody(
+                type=request.activity, author=Author(type="business", display_name=request.display_name[:128] or None)))
+            return desk.DeskDone()
         await self.switchboards.control(
             request.app_id, request.conversation_id, request.action,
             target=request.switchboard_integration, metadata=request.metadata,

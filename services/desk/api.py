@@ -51,6 +51,12 @@ MAX_EMAIL_LENGTH = 254
 MAX_SNOOZE_SECONDS = 366 * 86400
 PAGE_SIZE = 50
 VIEWS = ("mine", "unassigned", "team", "all")
+AGENT_ACTIVITIES = ("typing:start", "typing:stop", "conversation:read")
+# The channels an admin sets up from the desk, and the path of their platform webhook (None: the
+# SDK channels, which have none).
+CHANNEL_SETUP: dict[str, str | None] = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram",
+                                        "twilio": "twilio", "mailgun": "mailgun", "web": None, "android": None,
+                                        "ios": None}
 # Where a conversation can be continued with a handoff link, and how the customer is told.
 HANDOFF_TARGETS = {"whatsapp": "WhatsApp", "messenger": "Messenger", "telegram": "Telegram", "twilio": "SMS",
                    "mailgun": "e-mail", "web": "the web", "android": "the app", "ios": "the app"}
@@ -119,6 +125,10 @@ class NoteBody(_Body):
 class CannedReplyBody(_Body):
     shortcut: str
     text: str
+
+
+class ActivityBody(_Body):
+    type: str
 
 
 class HandoffBody(_Body):
@@ -222,12 +232,13 @@ class DeskApi:
     """The operations, over the desk's logic."""
 
     def __init__(self, desk: Desk, kdf: auth.Kdf, conversations: Any,
-                 channels: Callable[[str], list[IntegrationRecord]]) -> None:
+                 channels: Callable[[str], list[IntegrationRecord]], public_base_url: str) -> None:
         self.desk = desk
         self.store = desk.store
         self.kdf = kdf
         self.conversations = conversations
         self.channels = channels
+        self.public_base_url = public_base_url
 
     # --- agents --------------------------------------------------------------------------------
 
@@ -473,10 +484,59 @@ class DeskApi:
         note = await self.desk.add_note(call.actor, call.params["conversationId"], body.text)
         return 201, {"note": note_out(note)}
 
+    async def activity(self, call: Call) -> Result:
+        """The agent is typing, stopped, or read the conversation (the customer sees it where the
+        channel can show it)."""
+        agent = call.actor.agent
+        assert agent is not None
+        ticket = await self.desk.ticket_for(call.actor, call.params["conversationId"])
+        body: ActivityBody = call.decode(ActivityBody)
+        if body.type not in AGENT_ACTIVITIES:
+            raise ApiError(400, f"type must be one of {', '.join(AGENT_ACTIVITIES)}")
+        await self.conversations.post_activity(msgs.PostAgentActivity(
+            app_id=ticket.app_id, conversation_id=ticket.conversation_id, activity=body.type,  # type: ignore[arg-type]
+            display_name=agent.display_name))
+        return 200, {}
+
     async def list_channels(self, call: Call) -> Result:
-        """The app's channels (integrations), for "Continue on …" and the channel overview."""
-        return 200, {"channels": [{"id": record.id, "type": record.type, "displayName": record.display_name,
-                                   "status": record.status} for record in self.channels(call.actor.app_id)]}
+        """The app's channels (integrations), for "Continue on …" and the channel setup: for an admin
+        also what to paste into the platform (webhook URL, verify token, e-mail address) and when its
+        last webhook came in."""
+        records = [record for record in self.channels(call.actor.app_id) if record.type in CHANNEL_SETUP]
+        admin = call.actor.role == "admin"
+        seen = await self.conversations.webhook_seen([record.id for record in records]) if admin else {}
+        channels = []
+        for record in records:
+            channel: dict[str, Any] = {"id": record.id, "type": record.type, "displayName": record.display_name,
+                                       "status": record.status}
+            if admin:
+                path = CHANNEL_SETUP[record.type]
+                if path:
+                    channel["webhookUrl"] = f"{self.public_base_url}/webhooks/{path}/{record.id}"
+                for key in ("verifyToken", "phoneNumber", "pageId", "username", "incomingAddress"):
+                    if record.config.get(key):
+                        channel[key] = str(record.config[key])
+                channel["lastWebhookAt"] = seen.get(record.id)
+            channels.append(channel)
+        return 200, {"channels": channels}
+
+    async def create_channel(self, call: Call) -> Result:
+        """Add a channel: the REST API's integration body (`type` and its fields)."""
+        auth.require_role(call.actor.role, "admin")
+        body = call.decode(dict[str, Any])
+        if body.get("type") not in CHANNEL_SETUP:
+            raise ApiError(400, f"type must be one of {', '.join(CHANNEL_SETUP)}")
+        integration = await self.conversations.create_channel(call.actor.app_id, body)
+        return 201, {"channel": integration}
+
+    async def delete_channel(self, call: Call) -> Result:
+        """Remove a channel."""
+        auth.require_role(call.actor.role, "admin")
+        integration_id = call.params["integrationId"]
+        if not any(record.id == integration_id for record in self.channels(call.actor.app_id)):
+            raise ApiError(404, "Channel not found")
+        await self.conversations.delete_channel(call.actor.app_id, integration_id)
+        return 200, {}
 
     async def handoff(self, call: Call) -> Result:
         """Send the customer a link that continues this conversation on another channel."""
@@ -550,7 +610,10 @@ OPERATIONS: tuple[DeskOperation, ...] = (
     DeskOperation("POST", C + "/notes", DeskApi.add_note),
     DeskOperation("POST", C + "/messages", DeskApi.send_message, agent_only=True),
     DeskOperation("POST", C + "/handoff", DeskApi.handoff),
+    DeskOperation("POST", C + "/activity", DeskApi.activity, agent_only=True),
     DeskOperation("GET", "/channels", DeskApi.list_channels),
+    DeskOperation("POST", "/channels", DeskApi.create_channel),
+    DeskOperation("DELETE", "/channels/{integrationId}", DeskApi.delete_channel),
 )
 
 _PARAM = re.compile(r"{([A-Za-z]+)}")

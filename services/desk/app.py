@@ -108,6 +108,33 @@ class NatsConversations:
             raise ApiError(reply.status, reply.title, reply.code)
         return reply
 
+    async def create_channel(self, app_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Add a channel (the REST API's integration body); the integration as the API shows it."""
+        done = await self._ask(msgs.CreateChannel(app_id=app_id, conversation_id="", body=body))
+        return done.integration or {}
+
+    async def delete_channel(self, app_id: str, integration_id: str) -> None:
+        """Remove a channel."""
+        await self._ask(msgs.DeleteChannel(app_id=app_id, conversation_id="", integration_id=integration_id))
+
+    async def webhook_seen(self, integration_ids: list[str]) -> dict[str, float]:
+        """When each integration's platform webhook last brought something in (absent: never seen)."""
+        seen: dict[str, float] = {}
+        try:
+            kv = await self.bus.js.key_value(subjects.WEBHOOKS_SEEN_BUCKET)
+        except (nats.js.errors.BucketNotFoundError, nats.errors.Error, TimeoutError):
+            return seen  # no webhook ever came in
+        for integration_id in integration_ids:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.errors.Error, TimeoutError, ValueError):
+                entry = await kv.get(integration_id)
+                if entry.value:
+                    seen[integration_id] = float(entry.value)
+        return seen
+
+    async def post_activity(self, request: msgs.PostAgentActivity) -> None:
+        """Show an agent's typing or read to the customer."""
+        await self._ask(request)
+
     async def post_message(self, request: msgs.PostAgentMessage) -> dict[str, Any] | None:
         """Post an agent's message; the message as stored."""
         return (await self._ask(request)).message
@@ -283,7 +310,7 @@ class DeskService(ServiceApp):
         self.desk = Desk(self.store, conversations, self._publish_update, AppMembers(self.bus, apps),
                          default_capacity=self.config.default_capacity,
                          grace_seconds=self.config.presence_grace_seconds)
-        self.api = DeskApi(self.desk, self.kdf, conversations, channels)
+        self.api = DeskApi(self.desk, self.kdf, conversations, channels, self.common.public_base_url)
         for op in OPERATIONS:
             self.http.router.add_route(op.method, API_PREFIX + op.path, http_handler(self.api, op, self.actor))
         if self.config.demo_agent_email:

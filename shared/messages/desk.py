@@ -4,7 +4,9 @@
   authenticated there with the app's keys) as `DeskCall`s on `desk.api`; the desk answers a
   `DeskAnswer` holding the HTTP status and JSON body to return.
 - The desk asks `conversations` (on `conversations.desk`) to post an agent's message
-  (`PostAgentMessage`) or to move switchboard control (`MoveControl`), and gets a `DeskDone` or a
+  (`PostAgentMessage`) or activity (`PostAgentActivity`), or to move switchboard control
+  (`MoveControl`), or an admin's channel change (`CreateChannel`, `DeleteChannel`), and gets a
+  `DeskDone` or a
   `DeskRefused` (the status and title the API would have answered).
 """
 
@@ -50,6 +52,17 @@ class PostAgentMessage(DeskRequest, tag="desk.message"):
     avatar_url: str | None = None
 
 
+AgentActivityType = Literal["typing:start", "typing:stop", "conversation:read"]
+
+
+class PostAgentActivity(DeskRequest, tag="desk.activity"):
+    """An agent is typing, stopped, or read the conversation: shown to the customer where the
+    channel can (as the business's activity)."""
+
+    activity: AgentActivityType
+    display_name: str
+
+
 ControlAction = Literal["passControl", "offerControl", "acceptControl", "releaseControl"]
 
 
@@ -64,10 +77,25 @@ class MoveControl(DeskRequest, tag="desk.control"):
     only_from_desk: bool = False
 
 
+class CreateChannel(DeskRequest, tag="desk.channel.create"):
+    """An admin adds a channel (integration) from the desk: `body` is the REST API's integration
+    body (`type` and its fields). `conversation_id` is unused ("")."""
+
+    body: dict[str, Any]
+
+
+class DeleteChannel(DeskRequest, tag="desk.channel.delete"):
+    """An admin removes a channel (integration) from the desk. `conversation_id` is unused ("")."""
+
+    integration_id: str
+
+
 class DeskDone(msgspec.Struct, tag_field="type", tag="desk.done", kw_only=True, omit_defaults=True):
-    """Done; `message` is the posted message (SunCo JSON) for a `PostAgentMessage`."""
+    """Done; `message` is the posted message (SunCo JSON) for a `PostAgentMessage`, `integration`
+    the created integration (the REST API's form) for a `CreateChannel`."""
 
     message: dict[str, Any] | None = None
+    integration: dict[str, Any] | None = None
 
 
 class DeskRefused(msgspec.Struct, tag_field="type", tag="desk.refused", kw_only=True):
@@ -78,7 +106,7 @@ class DeskRefused(msgspec.Struct, tag_field="type", tag="desk.refused", kw_only=
     title: str
 
 
-DeskRequestUnion = PostAgentMessage | MoveControl
+DeskRequestUnion = PostAgentMessage | MoveControl | PostAgentActivity | CreateChannel | DeleteChannel
 DeskReplyUnion = DeskDone | DeskRefused
 
 ENCODER = msgspec.json.Encoder()

@@ -8,6 +8,8 @@ same timeline (a badge per channel). A's desk, in a second browser context, sees
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from shared.http import basic_auth_header
+from shared.signing import meta_signature
 from tests.e2e.test_widget_conversation import TIMEOUT_MS
 from tests.e2e.test_widget_handoff import eventually
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
@@ -80,8 +83,8 @@ async def open_desk(browser: Browser, scene: Scene, email: str) -> tuple[Browser
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     await page.goto(f"{scene.base}/desk/?app={scene.app_id}")
-    await page.get_by_label("E-mail").fill(email)
-    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("E-mail", exact=True).fill(email)
+    await page.get_by_label("Password", exact=True).fill(PASSWORD)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.locator("#desk")).to_be_visible()
     await expect(page.locator("#presence")).to_have_value("online")
@@ -131,9 +134,17 @@ async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(
         await expect(inbox_item(ben, conversation_id)).to_contain_text("open · Ben")
         await expect(inbox_item(ana, conversation_id)).to_contain_text("open · Ben")  # live, in Ana's "All"
 
-        # Ben sends the customer to WhatsApp with the handoff link.
+        # Ben opens it; typing shows both ways while the customer is still on the web.
         await inbox_item(ben, conversation_id).click()
         await expect(ben.locator("#timeline")).to_contain_text("my parcel never came")
+        await widget.locator('[data-threadline="input"]').press_sequentially("still there?")
+        await expect(ben.locator("#customer-typing")).to_be_visible()
+        await ben.locator("#reply-text").press_sequentially("Let me check")
+        await expect(widget.locator('[data-threadline="typing"]')).to_be_visible()
+        await ben.locator("#reply-text").fill("")
+        await widget.locator('[data-threadline="input"]').fill("")
+
+        # Ben sends the customer to WhatsApp with the handoff link.
         await ben.locator("#continue-on").select_option(label="WhatsApp · WhatsApp (sandbox)")
         handoff = ben.locator("#timeline li.business").last
         await expect(handoff).to_contain_text("Continue this conversation on WhatsApp")
@@ -183,3 +194,57 @@ async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(
         await ana_context.close()
         if ben_context is not None:
             await ben_context.close()
+
+
+async def test_an_admin_sets_a_channel_up_from_the_desk(browser: Browser, scene: Scene) -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+    context, ana = await open_desk(browser, scene, "ana@example.com")
+    try:
+        await ana.get_by_role("button", name="Channels").click()
+        rows = ana.locator("#channel-rows tr")
+        await expect(rows).to_have_count(2)  # the sandbox's web messenger and WhatsApp
+        form = ana.locator("#channel-form")
+        await form.get_by_label("Type").select_option("whatsapp")
+        await form.get_by_label("Name").fill("Support line")
+        await form.get_by_label("Phone number (+E.164)").fill("+15550123000")
+        await form.get_by_label("Phone number id").fill("123000123000")
+        await form.get_by_label("Access token").fill("a-fake-access-token-for-the-test")
+        await form.get_by_label("App secret").fill("the-app-secret-of-the-test")
+        await form.get_by_role("button", name="Add").click()
+        await expect(rows).to_have_count(3)
+        added = rows.filter(has_text="Support line")
+        await expect(added).to_contain_text("Webhook URL: http")
+        await expect(added).to_contain_text("Verify token: ")
+        await expect(added).to_contain_text("never")
+        integration_id = await added.get_attribute("data-channel")
+        url = f"{scene.base}/webhooks/whatsapp/{integration_id}"
+        await expect(added).to_contain_text(url)
+
+        # The platform's first webhook, signed with the app secret: the desk shows when it came.
+        body = json.dumps({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{
+            "field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550123000", "phone_number_id": "123000123000"},
+                "contacts": [{"profile": {"name": "Kim"}, "wa_id": "15550777"}],
+                "messages": [{"from": "15550777", "id": "wamid.setup1", "timestamp": str(int(time.time())),
+                              "type": "text", "text": {"body": "hello support"}}]}}]}]}).encode()
+
+        async def delivered() -> bool:
+            async with scene.http.post(url, data=body, headers={
+                    "Content-Type": "application/json",
+                    "X-Hub-Signature-256": meta_signature("the-app-secret-of-the-test", body)}) as resp:
+                return resp.status == 200
+        await eventually(delivered, timeout=15.0)
+        await ana.get_by_role("button", name="Back to conversations").click()
+        await ana.get_by_role("button", name="Channels").click()
+        await expect(rows.filter(has_text="Support line")).not_to_contain_text("never")
+
+        # An admin removes the channel.
+        ana.once("dialog", lambda dialog: dialog.accept())
+        await rows.filter(has_text="Support line").get_by_role("button", name="Remove").click()
+        await expect(rows).to_have_count(2)
+        async with scene.http.get(f"{scene.base}/v2/apps/{scene.app_id}/integrations/{integration_id}",
+                                  headers=scene.auth) as resp:
+            assert resp.status == 404
+    finally:
+        await context.close()

@@ -372,3 +372,28 @@ async def test_nul_characters_sessions_and_sockets(system: System, tmp_path: Pat
         async with desk.http.post(f"{desk.base}/desk/api/v1/session/demo", headers={"Origin": desk.base},
                                   json={"appId": desk.app_id}) as resp:
             assert resp.status == 404
+
+
+@SQLITE_ONLY
+async def test_channels_show_what_to_paste_to_admins_only(system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        channels = (await desk.rest("GET", "/desk/channels"))["channels"]
+        [whatsapp] = [c for c in channels if c["type"] == "whatsapp"]
+        assert whatsapp["webhookUrl"] == f"{desk.base}/webhooks/whatsapp/{desk.whatsapp}"
+        assert whatsapp["verifyToken"] and whatsapp["lastWebhookAt"] is None
+        # The platform's webhook comes in: its time is noted.
+        await desk.customer_writes("+15550010", "hello")
+
+        async def seen() -> bool:
+            listed = (await desk.rest("GET", "/desk/channels"))["channels"]
+            return any(c["id"] == desk.whatsapp and c["lastWebhookAt"] for c in listed)
+
+        await eventually(seen, timeout=15.0)
+        # An agent sees the channels (for "Continue on…"), not their secrets or setup.
+        await desk.create_agent("agent@example.com", "Agent")
+        agent = await desk.sign_in("agent@example.com")
+        for channel in (await agent.call("GET", "/channels"))["channels"]:
+            assert set(channel) == {"id", "type", "displayName", "status"}
+        await agent.call("POST", "/channels", {"type": "telegram", "token": "123:abc"}, status=403)
+        # Only channels: a custom integration (keys, webhooks) is the API's business.
+        await desk.rest("POST", "/desk/channels", {"type": "custom", "webhooks": []}, status=400)

@@ -11,7 +11,7 @@ const CHANNEL_NAMES = {
 
 const state = {
   agent: null, csrf: "", view: "mine", tickets: new Map(), agents: new Map(), teams: [], canned: [],
-  selected: null, timeline: [], socket: null, heartbeat: null, more: null,
+  selected: null, timeline: [], socket: null, heartbeat: null, more: null, typingSent: 0, typingTimer: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -75,6 +75,7 @@ async function signedIn(session) {
   $("signin").hidden = true;
   $("desk").hidden = false;
   $("me").textContent = `${state.agent.displayName} · ${state.agent.role}`;
+  $("open-channels").hidden = state.agent.role !== "admin";
   await Promise.all([loadAgents(), loadTeams(), loadCanned(), loadChannels()]);
   await setPresence("online");
   openSocket();
@@ -156,6 +157,11 @@ function onUpdate(update) {
       state.timeline.push({ event: update.data });
       renderTimeline();
     }
+  } else if (update.kind === "activity" && update.conversationId === state.selected) {
+    const typing = update.data?.type === "typing:start";
+    $("customer-typing").hidden = !typing;
+    clearTimeout(state.typingTimer);
+    if (typing) state.typingTimer = setTimeout(() => { $("customer-typing").hidden = true; }, 10000);
   } else if (update.kind === "agent") {
     if (update.data.deleted) state.agents.delete(update.data.id);
     else state.agents.set(update.data.id, update.data);
@@ -286,7 +292,30 @@ async function selectConversation(conversationId) {
   renderHead();
   renderTimeline();
   renderContext(context);
+  $("customer-typing").hidden = true;
+  activity("conversation:read");
 }
+
+// The agent's typing and reading, shown to the customer where the channel can.
+function activity(type) {
+  if (!state.selected) return;
+  api("POST", `/conversations/${state.selected}/activity`, { type }).catch(() => {});
+}
+
+$("reply-text").addEventListener("input", () => {
+  if ($("reply-form").mode.value !== "reply") return;
+  const now = Date.now();
+  if (now - (state.typingSent || 0) > 5000) {
+    state.typingSent = now;
+    activity("typing:start");
+  }
+});
+$("reply-text").addEventListener("blur", () => {
+  if (state.typingSent) {
+    state.typingSent = 0;
+    activity("typing:stop");
+  }
+});
 
 function ticketOf() {
   return state.tickets.get(state.selected);
@@ -424,12 +453,89 @@ $("reply-form").addEventListener("submit", async (event) => {
   try {
     if (note) await api("POST", `/conversations/${state.selected}/notes`, { text });
     else await api("POST", `/conversations/${state.selected}/messages`, { text });
+    state.typingSent = 0;
     $("reply-text").value = "";
     $("reply-error").textContent = "";
   } catch (error) {
     reportError(error);
   }
 });
+
+// --- channel setup (admins) ------------------------------------------------------------------
+
+// What each platform needs: the fields of the business API's integration body.
+const CHANNEL_FIELDS = {
+  whatsapp: [["phoneNumber", "Phone number (+E.164)"], ["phoneNumberId", "Phone number id"],
+    ["accessToken", "Access token", "password"], ["appSecret", "App secret", "password"]],
+  messenger: [["pageId", "Page id"], ["pageAccessToken", "Page access token", "password"], ["appId", "App id"],
+    ["appSecret", "App secret", "password"]],
+  telegram: [["token", "Bot token", "password"], ["username", "Bot username"]],
+  twilio: [["accountSid", "Account SID"], ["authToken", "Auth token", "password"], ["phoneNumber", "Phone number (+E.164)"]],
+  mailgun: [["incomingAddress", "Address customers write to"], ["smtpHost", "SMTP server"], ["smtpPort", "SMTP port", "number"],
+    ["username", "SMTP user"], ["password", "SMTP password", "password"]],
+  web: [["businessName", "Business name"], ["brandColor", "Brand colour (hex, no #)"]],
+};
+
+function renderChannelFields() {
+  const type = $("channel-type").value;
+  $("channel-fields").replaceChildren(...CHANNEL_FIELDS[type].map(([name, label, kind]) =>
+    el("label", {}, label, el("input", { name, type: kind || "text", autocomplete: "off" }))));
+}
+
+async function showChannels(show) {
+  $("channels").hidden = !show;
+  document.querySelector(".thread").hidden = show;
+  document.querySelector(".context").hidden = show;
+  if (!show) return;
+  const channels = (await api("GET", "/channels")).channels;
+  $("channel-rows").replaceChildren(...channels.map((channel) => {
+    const paste = el("td");
+    for (const [key, label] of [["webhookUrl", "Webhook URL"], ["verifyToken", "Verify token"],
+      ["incomingAddress", "Address"], ["phoneNumber", "Number"], ["pageId", "Page"], ["username", "Bot"]]) {
+      if (channel[key]) paste.append(el("div", {}, `${label}: `, el("code", { text: channel[key] })));
+    }
+    const remove = el("button", { type: "button", text: "Remove" });
+    remove.addEventListener("click", async () => {
+      if (!confirm(`Remove ${channel.displayName || channel.type}? Customers on it can no longer write.`)) return;
+      try {
+        await api("DELETE", `/channels/${channel.id}`);
+        await showChannels(true);
+        await loadChannels();
+      } catch (error) {
+        $("channel-error").textContent = error.message;
+      }
+    });
+    return el("tr", { "data-channel": channel.id },
+      el("td", {}, badge(channel.type), ` ${channel.displayName || ""}`), paste,
+      el("td", { text: channel.lastWebhookAt ? when(channel.lastWebhookAt) : (CHANNEL_FIELDS[channel.type] && channel.webhookUrl ? "never" : "—") }),
+      el("td", { text: channel.status }), el("td", {}, remove));
+  }));
+}
+
+$("open-channels").addEventListener("click", () => showChannels(true).catch(reportError));
+$("close-channels").addEventListener("click", () => showChannels(false));
+$("channel-type").addEventListener("change", renderChannelFields);
+$("channel-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const body = { type: form.type.value };
+  if (form.displayName.value.trim()) body.displayName = form.displayName.value.trim();
+  for (const [name, , kind] of CHANNEL_FIELDS[body.type]) {
+    const value = form.elements[name].value.trim();
+    if (value) body[name] = kind === "number" ? Number(value) : value;
+  }
+  try {
+    await api("POST", "/channels", body);
+    form.reset();
+    renderChannelFields();
+    $("channel-error").textContent = "";
+    await showChannels(true);
+    await loadChannels();
+  } catch (error) {
+    $("channel-error").textContent = error.message;
+  }
+});
+renderChannelFields();
 
 // --- start ---------------------------------------------------------------------------------------
 
