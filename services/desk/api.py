@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -131,6 +131,12 @@ class ActivityBody(_Body):
     type: str
 
 
+class SettingsBody(_Body):
+    # None clears the context panel.
+    context_url: str | None = None
+    rotate_context_secret: bool = False
+
+
 class HandoffBody(_Body):
     integration_id: str
 
@@ -228,17 +234,30 @@ def _timestamp(value: str | float | None) -> float | None:
     return at
 
 
+class ContextPanel(Protocol):
+    """The business's context panel (`context.py`), as the service wires it."""
+
+    async def cards(self, app_id: str, user_id: str, external_id: str | None,
+                    conversation_id: str) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    async def settings(self, app_id: str) -> tuple[str | None, str | None]: ...
+
+    async def configure(self, app_id: str, url: str | None, *, rotate: bool) -> tuple[str | None, str | None]: ...
+
+
 class DeskApi:
     """The operations, over the desk's logic."""
 
     def __init__(self, desk: Desk, kdf: auth.Kdf, conversations: Any,
-                 channels: Callable[[str], list[IntegrationRecord]], public_base_url: str) -> None:
+                 channels: Callable[[str], list[IntegrationRecord]], public_base_url: str,
+                 context: ContextPanel) -> None:
         self.desk = desk
         self.store = desk.store
         self.kdf = kdf
         self.conversations = conversations
         self.channels = channels
         self.public_base_url = public_base_url
+        self.context_panel = context
 
     # --- agents --------------------------------------------------------------------------------
 
@@ -450,8 +469,28 @@ class DeskApi:
         previous = [ticket_out(other) for other in (await self.store.user_tickets(ticket.app_id, ticket.user_id)
                                                      if ticket.user_id else [])
                     if other.conversation_id != ticket.conversation_id]
+        cards: list[dict[str, Any]] = []
+        context_error = None
+        if profile is not None and ticket.user_id:
+            cards, context_error = await self.context_panel.cards(
+                ticket.app_id, ticket.user_id, profile["user"].get("externalId"), ticket.conversation_id)
         return 200, {"user": None if profile is None else profile["user"],
-                     "clients": [] if profile is None else profile["clients"], "previousConversations": previous}
+                     "clients": [] if profile is None else profile["clients"], "previousConversations": previous,
+                     "cards": cards, "contextError": context_error}
+
+    async def get_settings(self, call: Call) -> Result:
+        """The app's desk settings (admins): the context panel's URL and signing secret."""
+        auth.require_role(call.actor.role, "admin")
+        url, secret = await self.context_panel.settings(call.actor.app_id)
+        return 200, {"settings": {"contextUrl": url, "contextSecret": secret}}
+
+    async def put_settings(self, call: Call) -> Result:
+        """Set (or clear, with null) the context panel's URL; a secret is made on first use."""
+        auth.require_role(call.actor.role, "admin")
+        body: SettingsBody = call.decode(SettingsBody)
+        url, secret = await self.context_panel.configure(call.actor.app_id, body.context_url,
+                                                         rotate=body.rotate_context_secret)
+        return 200, {"settings": {"contextUrl": url, "contextSecret": secret}}
 
     async def assign(self, call: Call) -> Result:
         body: AssignBody = call.decode(AssignBody) if call.body else AssignBody()
@@ -611,6 +650,8 @@ OPERATIONS: tuple[DeskOperation, ...] = (
     DeskOperation("POST", C + "/messages", DeskApi.send_message, agent_only=True),
     DeskOperation("POST", C + "/handoff", DeskApi.handoff),
     DeskOperation("POST", C + "/activity", DeskApi.activity, agent_only=True),
+    DeskOperation("GET", "/settings", DeskApi.get_settings),
+    DeskOperation("PUT", "/settings", DeskApi.put_settings),
     DeskOperation("GET", "/channels", DeskApi.list_channels),
     DeskOperation("POST", "/channels", DeskApi.create_channel),
     DeskOperation("DELETE", "/channels/{integrationId}", DeskApi.delete_channel),

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import time
 import weakref
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from nats.aio.msg import Msg
 from shared import metrics, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, RequestFailed
 from shared.clientip import client_ip, source_key
+from shared.egress import EgressPolicy, EgressRefused, EgressSession
+from shared.encryption import Keyring
 from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
 from shared.ids import new_id, parse_iso
 from shared.messages import conversation as conv
@@ -46,6 +49,7 @@ from shared.telemetry import setup_telemetry
 from . import auth
 from .api import API_PREFIX, OPERATIONS, DeskApi, answer_call, http_handler
 from .config import DeskConfig
+from .context import CONTEXT_TIMEOUT, fetch_cards
 from .handlers import DESK_TYPE, Actor, Desk, Snapshot, Update, agent_out
 from .store import AgentRow, Store
 
@@ -255,6 +259,49 @@ def channel_name(client: conv.ParticipantClient) -> str:
     return client.type
 
 
+class BusinessContext:
+    """The context panel of each app: its settings in the store (the secret sealed), its calls
+    through the egress policy (`context.fetch_cards`)."""
+
+    def __init__(self, store: Store, keyring: Keyring, egress: EgressPolicy, session: EgressSession) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.egress = egress
+        self.session = session
+
+    def _open(self, app_id: str, sealed: str | None) -> str | None:
+        return None if sealed is None else self.keyring.open(sealed, f"desk-context:{app_id}")
+
+    async def settings(self, app_id: str) -> tuple[str | None, str | None]:
+        url, sealed = await self.store.app_settings(app_id)
+        return url, self._open(app_id, sealed)
+
+    async def configure(self, app_id: str, url: str | None, *, rotate: bool) -> tuple[str | None, str | None]:
+        if url is not None:
+            if len(url) > 2048:
+                raise ApiError(400, "contextUrl is too long")
+            try:
+                self.egress.check_url(url, purpose="business")
+            except EgressRefused as exc:
+                raise ApiError(400, f"contextUrl: {exc}") from None
+        current_url, sealed = await self.store.app_settings(app_id)
+        del current_url
+        secret = self._open(app_id, sealed)
+        if secret is None or rotate:
+            secret = secrets.token_urlsafe(32)
+        await self.store.set_app_settings(app_id, url, self.keyring.seal(secret, f"desk-context:{app_id}"),
+                                          time.time())
+        return url, secret
+
+    async def cards(self, app_id: str, user_id: str, external_id: str | None,
+                    conversation_id: str) -> tuple[list[dict[str, Any]], str | None]:
+        url, secret = await self.settings(app_id)
+        if not url or not secret:
+            return [], None
+        return await fetch_cards(self.session, url, secret, app_id=app_id, user_id=user_id, external_id=external_id,
+                                 conversation_id=conversation_id)
+
+
 class DeskService(ServiceApp):
     """Agents, teams, routing and the desk's API."""
 
@@ -310,7 +357,9 @@ class DeskService(ServiceApp):
         self.desk = Desk(self.store, conversations, self._publish_update, AppMembers(self.bus, apps),
                          default_capacity=self.config.default_capacity,
                          grace_seconds=self.config.presence_grace_seconds)
-        self.api = DeskApi(self.desk, self.kdf, conversations, channels, self.common.public_base_url)
+        context = BusinessContext(self.store, self.config.keyring, self.common.egress,
+                                  self.egress_session("business", timeout=CONTEXT_TIMEOUT, limit=20))
+        self.api = DeskApi(self.desk, self.kdf, conversations, channels, self.common.public_base_url, context)
         for op in OPERATIONS:
             self.http.router.add_route(op.method, API_PREFIX + op.path, http_handler(self.api, op, self.actor))
         if self.config.demo_agent_email:

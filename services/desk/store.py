@@ -130,6 +130,16 @@ MIGRATION = Migration([
     );
     CREATE INDEX timeline_events_conversation ON timeline_events (conversation_id, created_at)
     """,
+    # Per app: the business's context panel (a URL the desk calls with the customer, signed with a
+    # secret sealed at rest).
+    """
+    CREATE TABLE app_settings (
+        app_id TEXT PRIMARY KEY,
+        context_url TEXT,
+        context_secret TEXT,
+        updated_at REAL NOT NULL
+    )
+    """,
 ])
 
 OPEN, PENDING, SNOOZED, RESOLVED = "open", "pending", "snoozed", "resolved"
@@ -698,3 +708,19 @@ class Store:
         return [{"id": row["id"], "appId": row["app_id"], "conversationId": row["conversation_id"],
                  "kind": row["kind"], "channel": row["channel"], "text": row["text"],
                  "createdAt": float(row["created_at"])} for row in rows]
+
+    # --- app settings ------------------------------------------------------------------------------
+
+    async def app_settings(self, app_id: str) -> tuple[str | None, str | None]:
+        """An app's context panel: (URL, sealed secret), each None when unset."""
+        row = await self.db.fetchrow("SELECT context_url, context_secret FROM app_settings WHERE app_id = $1", app_id)
+        return (None, None) if row is None else (row["context_url"], row["context_secret"])
+
+    async def set_app_settings(self, app_id: str, context_url: str | None, sealed_secret: str | None,
+                               at: float) -> None:
+        """Write an app's context panel settings."""
+        await self.db.execute(
+            "INSERT INTO app_settings (app_id, context_url, context_secret, updated_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (app_id) DO UPDATE SET context_url = excluded.context_url,"
+            " context_secret = excluded.context_secret, updated_at = excluded.updated_at",
+            app_id, context_url, sealed_secret, at)

@@ -10,6 +10,8 @@ The business drives the same desk through `/v2/apps/{appId}/desk/…` with its k
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from services.desk.app import DeskService
 from shared.http import basic_auth_header
@@ -397,3 +400,64 @@ async def test_channels_show_what_to_paste_to_admins_only(system: System, tmp_pa
         await agent.call("POST", "/channels", {"type": "telegram", "token": "123:abc"}, status=403)
         # Only channels: a custom integration (keys, webhooks) is the API's business.
         await desk.rest("POST", "/desk/channels", {"type": "custom", "webhooks": []}, status=400)
+
+
+@SQLITE_ONLY
+async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(system: System, tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    answer: dict[str, Any] = {"status": 200, "body": {"cards": [
+        {"title": "Customer value", "url": "https://crm.example.com/c/1",
+         "fields": [{"label": "Lifetime", "value": 1234.5}, {"label": "Tier", "value": "gold"}]},
+        {"title": "Open case", "fields": [{"label": "Subject", "value": "x" * 500}], "url": "javascript:alert(1)"}]}}
+
+    async def context(request: web.Request) -> web.Response:
+        calls.append({"query": dict(request.query), "signature": request.headers.get("X-Threadline-Signature", "")})
+        if answer["status"] != 200:
+            return web.Response(status=answer["status"])
+        return web.json_response(answer["body"])
+
+    receiver = web.Application()
+    receiver.router.add_get("/context", context)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with desk_scene(system, tmp_path) as desk:
+            await desk.rest("PUT", "/desk/settings", {"contextUrl": "http://169.254.169.254/latest"}, status=400)
+            settings = (await desk.rest("PUT", "/desk/settings", {"contextUrl": f"http://127.0.0.1:{port}/context"}))
+            secret = settings["settings"]["contextSecret"]
+            assert len(secret) >= 40
+            agent = await desk.create_agent("agent@example.com", "Agent")
+            session = await desk.sign_in("agent@example.com")
+            await session.call("GET", "/settings", status=403)  # only admins see the secret
+            await session.call("PUT", f"/agents/{agent['id']}/presence", {"presence": "online"})
+            conversation_id = await customer_conversation(desk, "+15550020", "my order?")
+            await pass_to_desk(desk, conversation_id)
+            await desk.assigned_to(conversation_id, agent["id"])
+
+            shown = await session.call("GET", f"/conversations/{conversation_id}/context")
+            assert shown["contextError"] is None
+            assert [card["title"] for card in shown["cards"]] == ["Customer value", "Open case"]
+            assert shown["cards"][0]["fields"] == [{"label": "Lifetime", "value": "1234.5"},
+                                                   {"label": "Tier", "value": "gold"}]
+            assert shown["cards"][0]["url"] == "https://crm.example.com/c/1"
+            assert shown["cards"][1]["url"] is None and len(shown["cards"][1]["fields"][0]["value"]) == 200
+            [call] = calls
+            user_id = call["query"]["userId"]
+            assert call["query"]["appId"] == desk.app_id and call["query"]["conversationId"] == conversation_id
+            at = call["signature"].split(",")[0].removeprefix("t=")
+            expected = hmac.new(secret.encode(), f"{at}.{desk.app_id}.{user_id}".encode(), hashlib.sha256).hexdigest()
+            assert call["signature"] == f"t={at},v1={expected}"
+
+            # The business's server failing or answering nonsense never fails the desk.
+            answer["status"] = 500
+            shown = await session.call("GET", f"/conversations/{conversation_id}/context")
+            assert shown["cards"] == [] and shown["contextError"] == "the context service answered 500"
+            answer.update(status=200, body={"cards": "nope"})
+            shown = await session.call("GET", f"/conversations/{conversation_id}/context")
+            assert shown["contextError"] == "the context service's answer is not cards"
+            assert shown["clients"] and shown["user"]["id"] == user_id
+    finally:
+        await runner.cleanup()

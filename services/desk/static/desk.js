@@ -389,6 +389,12 @@ function renderContext(context) {
     .flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: value })])));
   $("identities").replaceChildren(...context.clients.map((client) => el("li", {},
     badge(client.type), ` ${client.displayName || client.externalId || client.id} · ${client.status}`)));
+  $("cards").replaceChildren(
+    ...(context.contextError ? [el("p", { class: "fine", text: `Context unavailable: ${context.contextError}` })] : []),
+    ...context.cards.map((card) => el("section", { class: "card-item" },
+      el("h4", { text: card.title }),
+      el("dl", {}, ...card.fields.flatMap((field) => [el("dt", { text: field.label }), el("dd", { text: field.value })])),
+      card.url ? el("a", { href: card.url, target: "_blank", rel: "noopener noreferrer", text: "Open" }) : null)));
   $("previous").replaceChildren(...context.previousConversations.map((ticket) => {
     const item = el("li", {}, badge(ticket.channel), ` ${ticket.status} · ${when(ticket.updatedAt)}`);
     item.addEventListener("click", () => selectConversation(ticket.conversationId));
@@ -487,6 +493,9 @@ async function showChannels(show) {
   document.querySelector(".thread").hidden = show;
   document.querySelector(".context").hidden = show;
   if (!show) return;
+  const settings = (await api("GET", "/settings")).settings;
+  $("settings-form").contextUrl.value = settings.contextUrl || "";
+  $("context-secret").textContent = settings.contextSecret ? `Signing secret: ${settings.contextSecret}` : "";
   const channels = (await api("GET", "/channels")).channels;
   $("channel-rows").replaceChildren(...channels.map((channel) => {
     const paste = el("td");
@@ -515,6 +524,17 @@ async function showChannels(show) {
 $("open-channels").addEventListener("click", () => showChannels(true).catch(reportError));
 $("close-channels").addEventListener("click", () => showChannels(false));
 $("channel-type").addEventListener("change", renderChannelFields);
+$("settings-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const url = event.target.contextUrl.value.trim();
+  try {
+    const settings = (await api("PUT", "/settings", { contextUrl: url || null })).settings;
+    $("context-secret").textContent = settings.contextSecret ? `Signing secret: ${settings.contextSecret}` : "";
+    $("settings-error").textContent = "";
+  } catch (error) {
+    $("settings-error").textContent = error.message;
+  }
+});
 $("channel-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = event.target;
