@@ -461,3 +461,46 @@ async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(sy
             assert shown["clients"] and shown["user"]["id"] == user_id
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("engine_env", ["postgres"], indirect=True)
+async def test_two_desk_replicas_decide_each_conversation_once_and_share_live_updates(
+        system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        second = await system.start_replica("desk")
+        try:
+            first = desk.service
+            # Both replicas hold some of the desk's event partitions.
+            async def split() -> bool:
+                mine = {p for leases in first.bus._leases for p in leases.owned}
+                theirs = {p for leases in second.bus._leases for p in leases.owned}  # type: ignore[attr-defined]
+                return bool(mine) and bool(theirs)
+
+            await eventually(split, timeout=20.0)
+            agents = [await desk.create_agent(f"a{i}@example.com", f"A{i}", capacity=3) for i in range(3)]
+            sessions = [await desk.sign_in(agent["email"]) for agent in agents]
+            for session in sessions:
+                await session.call("PUT", f"/agents/{session.id}/presence", {"presence": "online"})
+            # A desk open on the second replica hears of what the first decides, and the other way.
+            watcher = sessions[0]
+            ws = await watcher.http.ws_connect(f"http://127.0.0.1:{second.port}/desk/api/v1/socket",
+                                               headers={"Origin": desk.base})
+            conversations = [await customer_conversation(desk, f"+1555003{i:04d}", f"hello {i}") for i in range(9)]
+            await asyncio.gather(*(pass_to_desk(desk, c) for c in conversations))
+
+            async def all_assigned() -> list[str] | None:
+                tickets = [await desk.ticket(c) for c in conversations]
+                holders = [t["agentId"] for t in tickets if t is not None and t["agentId"]]
+                return holders if len(holders) == len(conversations) else None
+
+            holders = await eventually(all_assigned, timeout=30.0)
+            assert sorted(holders.count(agent["id"]) for agent in agents) == [3, 3, 3]
+            seen: set[str] = set()
+            while len(seen) < len(conversations):
+                update = (await ws.receive(timeout=10.0)).json()
+                if update["kind"] == "ticket" and update["data"]["agentId"]:
+                    seen.add(update["conversationId"])
+            assert seen == set(conversations)
+            await ws.close()
+        finally:
+            await second.stop()
