@@ -52,6 +52,8 @@ MAX_SNOOZE_SECONDS = 366 * 86400
 PAGE_SIZE = 50
 VIEWS = ("mine", "unassigned", "team", "all")
 AGENT_ACTIVITIES = ("typing:start", "typing:stop", "conversation:read")
+TEMPLATE_NAME = re.compile(r"[a-z0-9_]{1,512}")
+TEMPLATE_LANGUAGE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
 # The channels an admin sets up from the desk, and the path of their platform webhook (None: the
 # SDK channels, which have none).
 CHANNEL_SETUP: dict[str, str | None] = {"whatsapp": "whatsapp", "messenger": "messenger", "telegram": "telegram",
@@ -122,9 +124,16 @@ class NoteBody(_Body):
     text: str
 
 
+class WhatsappTemplateBody(_Body):
+    name: str
+    language: str
+
+
 class CannedReplyBody(_Body):
     shortcut: str
     text: str
+    # An approved WhatsApp template this reply stands for (sent once the 24-hour window is closed).
+    whatsapp_template: WhatsappTemplateBody | None = None
 
 
 class ActivityBody(_Body):
@@ -381,9 +390,17 @@ class DeskApi:
             raise ApiError(400, f"text must have 1 to {MAX_MESSAGE_LENGTH} characters")
         reply_id = new_id()
         shortcut = _name(body.shortcut, "shortcut")
-        if not await self.store.insert_canned_reply(call.actor.app_id, reply_id, shortcut, text, self.desk.clock()):
+        template = None
+        if body.whatsapp_template is not None:
+            if not TEMPLATE_NAME.fullmatch(body.whatsapp_template.name) or not TEMPLATE_LANGUAGE.fullmatch(
+                    body.whatsapp_template.language):
+                raise ApiError(400, "whatsappTemplate: name is [a-z0-9_] (≤ 512), language a code such as en_US")
+            template = {"name": body.whatsapp_template.name, "language": body.whatsapp_template.language}
+        if not await self.store.insert_canned_reply(call.actor.app_id, reply_id, shortcut, text, self.desk.clock(),
+                                                    template):
             raise ApiError(409, "A canned reply with this shortcut already exists", "conflict")
-        return 201, {"cannedReply": {"id": reply_id, "shortcut": shortcut, "text": text}}
+        return 201, {"cannedReply": {"id": reply_id, "shortcut": shortcut, "text": text,
+                                     "whatsappTemplate": template}}
 
     async def delete_canned(self, call: Call) -> Result:
         auth.require_role(call.actor.role, "admin")

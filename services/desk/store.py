@@ -140,6 +140,11 @@ MIGRATION = Migration([
         updated_at REAL NOT NULL
     )
     """,
+    # A canned reply may stand for an approved WhatsApp template (`{"name", "language"}`): what the
+    # desk offers once WhatsApp's 24-hour window is closed.
+    """
+    ALTER TABLE canned_replies ADD COLUMN whatsapp_template TEXT
+    """,
 ])
 
 OPEN, PENDING, SNOOZED, RESOLVED = "open", "pending", "snoozed", "resolved"
@@ -675,16 +680,19 @@ class Store:
 
     async def canned_replies(self, app_id: str) -> list[dict[str, Any]]:
         """An app's canned replies, by shortcut."""
-        rows = await self.db.fetch("SELECT id, shortcut, text, created_at FROM canned_replies WHERE app_id = $1"
-                                   " ORDER BY shortcut", app_id)
+        rows = await self.db.fetch("SELECT id, shortcut, text, whatsapp_template, created_at FROM canned_replies"
+                                   " WHERE app_id = $1 ORDER BY shortcut", app_id)
         return [{"id": row["id"], "shortcut": row["shortcut"], "text": row["text"],
+                 "whatsappTemplate": json.loads(row["whatsapp_template"]) if row["whatsapp_template"] else None,
                  "createdAt": float(row["created_at"])} for row in rows]
 
-    async def insert_canned_reply(self, app_id: str, reply_id: str, shortcut: str, text: str, at: float) -> bool:
+    async def insert_canned_reply(self, app_id: str, reply_id: str, shortcut: str, text: str, at: float,
+                                  whatsapp_template: dict[str, str] | None = None) -> bool:
         """Add a canned reply; False when the app already has that shortcut."""
         return await self.db.execute(
-            "INSERT INTO canned_replies (id, app_id, shortcut, text, created_at) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (app_id, shortcut) DO NOTHING", reply_id, app_id, shortcut, text, at) > 0
+            "INSERT INTO canned_replies (id, app_id, shortcut, text, created_at, whatsapp_template)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (app_id, shortcut) DO NOTHING", reply_id, app_id, shortcut,
+            text, at, json.dumps(whatsapp_template) if whatsapp_template else None) > 0
 
     async def delete_canned_reply(self, app_id: str, reply_id: str) -> bool:
         """Remove one of the app's canned replies; False when there is none."""

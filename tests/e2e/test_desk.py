@@ -182,6 +182,22 @@ async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(
                 return "Found it, it arrives tomorrow" in await resp.text()
         await eventually(on_whatsapp, timeout=20.0)
 
+        # A day later (the page's clock moved on), WhatsApp's window is closed: the desk warns and
+        # offers the app's approved templates.
+        await scene.rest("POST", "/desk/canned-replies", {
+            "shortcut": "follow up", "text": "Following up",
+            "whatsappTemplate": {"name": "order_follow_up", "language": "en_US"}}, status=201)
+        await ben.clock.set_fixed_time(time.time() + 25 * 3600)
+        await inbox_item(ben, conversation_id).click()
+        await expect(ben.locator("#window-warning")).to_contain_text("24-hour window is closed")
+        await ben.locator("#template").select_option(label="follow up (order_follow_up, en_US)")
+
+        async def template_sent() -> bool:
+            async with scene.http.get(f"{scene.base}/sandbox/whatsapp/{scene.whatsapp_id}/outbox",
+                                      params={"to": CUSTOMER_PHONE}) as resp:
+                return "order_follow_up" in await resp.text()
+        await eventually(template_sent, timeout=20.0)
+
         # A private note stays in the desk; resolving hands the conversation back to the bot.
         await ben.get_by_label("Private note").check()
         await ben.locator("#reply-text").fill("Carrier lost it once already")

@@ -504,3 +504,30 @@ async def test_two_desk_replicas_decide_each_conversation_once_and_share_live_up
             await ws.close()
         finally:
             await second.stop()
+
+
+@SQLITE_ONLY
+async def test_a_whatsapp_template_from_a_canned_reply_goes_out_as_a_template(system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        await desk.rest("POST", "/desk/canned-replies", {"shortcut": "follow up", "text": "Following up",
+                                                         "whatsappTemplate": {"name": "x-bad!", "language": "en"}},
+                        status=400)
+        created = await desk.rest("POST", "/desk/canned-replies", {
+            "shortcut": "follow up", "text": "Following up on your order",
+            "whatsappTemplate": {"name": "order_follow_up", "language": "en_US"}}, status=201)
+        assert created["cannedReply"]["whatsappTemplate"] == {"name": "order_follow_up", "language": "en_US"}
+        agent = await desk.create_agent("agent@example.com", "Agent")
+        session = await desk.sign_in("agent@example.com")
+        await session.call("PUT", f"/agents/{agent['id']}/presence", {"presence": "online"})
+        conversation_id = await customer_conversation(desk, "+15550040", "any news?")
+        await pass_to_desk(desk, conversation_id)
+        await desk.assigned_to(conversation_id, agent["id"])
+        listed = (await session.call("GET", "/canned-replies"))["cannedReplies"]
+        assert [r["whatsappTemplate"]["name"] for r in listed] == ["order_follow_up"]
+        await session.call("POST", f"/conversations/{conversation_id}/messages", {"content": {
+            "type": "template", "template": {"name": "order_follow_up", "language": {"code": "en_US"}}}}, status=201)
+
+        async def sent() -> bool:
+            return any("order_follow_up" in str(m) for m in await desk.outbox("+15550040"))
+
+        await eventually(sent, timeout=20.0)

@@ -191,7 +191,8 @@ async function loadCanned() {
   state.canned = (await api("GET", "/canned-replies")).cannedReplies;
   const select = $("canned");
   select.replaceChildren(el("option", { value: "", text: "Canned replies…" }),
-    ...state.canned.map((reply) => el("option", { value: reply.id, text: reply.shortcut })));
+    ...state.canned.filter((reply) => !reply.whatsappTemplate)
+      .map((reply) => el("option", { value: reply.id, text: reply.shortcut })));
 }
 
 async function loadChannels() {
@@ -281,6 +282,7 @@ async function selectConversation(conversationId) {
   const [timeline, context] = await Promise.all([
     api("GET", `/conversations/${conversationId}/messages?limit=1000`),
     api("GET", `/conversations/${conversationId}/context`),
+    loadCanned(),
   ]);
   if (state.selected !== conversationId) return;
   state.tickets.set(conversationId, timeline.ticket);
@@ -376,7 +378,13 @@ function renderWindowWarning() {
   $("window-warning").hidden = !closed;
   $("window-warning").textContent = closed
     ? "WhatsApp's 24-hour window is closed: a free-form reply will fail. Send an approved template "
-      + "(a canned reply of type template) or continue on another channel." : "";
+      + "or continue on another channel." : "";
+  const templates = state.canned.filter((reply) => reply.whatsappTemplate);
+  $("template-picker").hidden = !closed;
+  $("template").replaceChildren(el("option", { value: "", text: templates.length
+    ? "Send an approved template…" : "No template: an admin adds canned replies with a WhatsApp template" }),
+  ...templates.map((reply) => el("option", { value: reply.id,
+    text: `${reply.shortcut} (${reply.whatsappTemplate.name}, ${reply.whatsappTemplate.language})` })));
 }
 
 function renderContext(context) {
@@ -445,6 +453,13 @@ $("continue-on").addEventListener("change", (event) => {
 });
 $("labels").addEventListener("change", (event) => act(api("PUT", `/conversations/${state.selected}/labels`,
   { labels: event.target.value.split(",").map((label) => label.trim()).filter(Boolean) })));
+$("template").addEventListener("change", (event) => {
+  const reply = state.canned.find((item) => item.id === event.target.value);
+  event.target.value = "";
+  if (!reply || !state.selected) return;
+  const template = { name: reply.whatsappTemplate.name, language: { code: reply.whatsappTemplate.language } };
+  act(api("POST", `/conversations/${state.selected}/messages`, { content: { type: "template", template } }));
+});
 $("canned").addEventListener("change", (event) => {
   const reply = state.canned.find((item) => item.id === event.target.value);
   event.target.value = "";
