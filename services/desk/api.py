@@ -491,9 +491,10 @@ class DeskApi:
         if profile is not None and ticket.user_id:
             cards, context_error = await self.context_panel.cards(
                 ticket.app_id, ticket.user_id, profile["user"].get("externalId"), ticket.conversation_id)
+        opt_ins = await self.conversations.opt_ins(ticket.app_id, ticket.user_id) if profile is not None else []
         return 200, {"user": None if profile is None else profile["user"],
                      "clients": [] if profile is None else profile["clients"], "previousConversations": previous,
-                     "cards": cards, "contextError": context_error}
+                     "optIns": opt_ins, "cards": cards, "contextError": context_error}
 
     async def get_settings(self, call: Call) -> Result:
         """The app's desk settings (admins): the context panel's URL and signing secret."""

@@ -40,7 +40,7 @@ from shared.http import ApiError, error_middleware, json_response, read_json, tr
 from shared.ids import new_id, parse_iso
 from shared.messages import conversation as conv
 from shared.messages import desk as msgs
-from shared.messages import handoff
+from shared.messages import handoff, notification
 from shared.messages import identity as ident
 from shared.ratelimit import SharedLimiter
 from shared.service import ServiceApp
@@ -120,6 +120,19 @@ class NatsConversations:
     async def delete_channel(self, app_id: str, integration_id: str) -> None:
         """Remove a channel."""
         await self._ask(msgs.DeleteChannel(app_id=app_id, conversation_id="", integration_id=integration_id))
+
+    async def opt_ins(self, app_id: str, user_id: str) -> list[dict[str, Any]]:
+        """Where the customer asked to be notified when away (addresses masked); [] when unknown."""
+        try:
+            raw = await self.bus.request(subjects.NOTIFICATIONS_OPTIN_LIST, notification.ENCODER.encode(
+                notification.ListOptIns(app_id=app_id, user_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = notification.decode(raw)
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.info("opt-ins of %s unavailable: %s", user_id, exc)
+            return []
+        if not isinstance(reply, notification.OptInsReply):
+            return []
+        return [{"channel": o.channel, "maskedAddress": o.masked_address, "status": o.status} for o in reply.opt_ins]
 
     async def webhook_seen(self, integration_ids: list[str]) -> dict[str, float]:
         """When each integration's platform webhook last brought something in (absent: never seen)."""

@@ -23,7 +23,10 @@ import pytest
 from aiohttp import web
 
 from services.desk.app import DeskService
+from shared import subjects
+from shared.bus import Bus
 from shared.http import basic_auth_header
+from shared.messages import notification
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -403,7 +406,8 @@ async def test_channels_show_what_to_paste_to_admins_only(system: System, tmp_pa
 
 
 @SQLITE_ONLY
-async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(system: System, tmp_path: Path) -> None:
+async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(system: System, tmp_path: Path,
+                                                                              bus: Bus) -> None:
     calls: list[dict[str, Any]] = []
     answer: dict[str, Any] = {"status": 200, "body": {"cards": [
         {"title": "Customer value", "url": "https://crm.example.com/c/1",
@@ -450,6 +454,26 @@ async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(sy
             at = call["signature"].split(",")[0].removeprefix("t=")
             expected = hmac.new(secret.encode(), f"{at}.{desk.app_id}.{user_id}".encode(), hashlib.sha256).hexdigest()
             assert call["signature"] == f"t={at},v1={expected}"
+
+            # Where the customer asked to be notified when away shows too (the address masked).
+            assert shown["optIns"] == []
+            await system.start("notifications")
+            async with desk.http.patch(f"{desk.base}/v2/apps/{desk.app_id}", json={"settings": {"notifications": {
+                    "templates": {"whatsappOptIn": {"name": "optin_code", "language": "en_US"}}}}},
+                    headers=basic_auth_header(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET)) as resp:
+                assert resp.status == 200, await resp.text()
+
+            async def opted_in() -> bool:
+                started = await bus.request(subjects.NOTIFICATIONS_OPTIN_START, notification.ENCODER.encode(
+                    notification.StartOptIn(app_id=desk.app_id, user_id=user_id, conversation_id=conversation_id,
+                                            channel="whatsapp", address="+15550020")), timeout=10.0)
+                return not isinstance(notification.decode(started), notification.NotificationError)
+
+            await eventually(opted_in, timeout=15.0)
+            shown = await session.call("GET", f"/conversations/{conversation_id}/context")
+            [opt_in] = shown["optIns"]
+            assert opt_in["channel"] == "whatsapp" and opt_in["status"] == "pending"
+            assert "+15550020" not in opt_in["maskedAddress"] and opt_in["maskedAddress"].endswith("0020")
 
             # The business's server failing or answering nonsense never fails the desk.
             answer["status"] = 500

@@ -397,6 +397,8 @@ function renderContext(context) {
     .flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: value })])));
   $("identities").replaceChildren(...context.clients.map((client) => el("li", {},
     badge(client.type), ` ${client.displayName || client.externalId || client.id} · ${client.status}`)));
+  $("opt-ins").replaceChildren(...(context.optIns.length ? context.optIns.map((optIn) => el("li", {},
+    badge(optIn.channel), ` ${optIn.maskedAddress} · ${optIn.status}`)) : [el("li", { class: "fine", text: "No opt-in: notified on the channel they last used" })]));
   $("cards").replaceChildren(
     ...(context.contextError ? [el("p", { class: "fine", text: `Context unavailable: ${context.contextError}` })] : []),
     ...context.cards.map((card) => el("section", { class: "card-item" },
