@@ -492,9 +492,21 @@ class DeskApi:
             cards, context_error = await self.context_panel.cards(
                 ticket.app_id, ticket.user_id, profile["user"].get("externalId"), ticket.conversation_id)
         opt_ins = await self.conversations.opt_ins(ticket.app_id, ticket.user_id) if profile is not None else []
+        suggestions = []
+        if profile is not None and ticket.user_id:
+            channels = self.channels(ticket.app_id)
+            for similar in await self.conversations.similar_users(ticket.app_id, ticket.user_id):
+                # Merging takes the customer's own confirmation: the desk offers to send them a link
+                # to a channel where the other user is; redeeming it there asks them "YES <n>".
+                target = next((record for kind in similar.channels for record in channels
+                               if record.type == kind and record.status == "active"), None)
+                suggestions.append({"userId": similar.user_id, "reason": similar.reason, "channels": similar.channels,
+                                    "confirmOn": None if target is None else {"integrationId": target.id,
+                                                                              "type": target.type}})
         return 200, {"user": None if profile is None else profile["user"],
                      "clients": [] if profile is None else profile["clients"], "previousConversations": previous,
-                     "optIns": opt_ins, "cards": cards, "contextError": context_error}
+                     "optIns": opt_ins, "mergeSuggestions": suggestions, "cards": cards,
+                     "contextError": context_error}
 
     async def get_settings(self, call: Call) -> Result:
         """The app's desk settings (admins): the context panel's URL and signing secret."""

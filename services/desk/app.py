@@ -121,6 +121,17 @@ class NatsConversations:
         """Remove a channel."""
         await self._ask(msgs.DeleteChannel(app_id=app_id, conversation_id="", integration_id=integration_id))
 
+    async def similar_users(self, app_id: str, user_id: str) -> list[ident.SimilarUser]:
+        """Other users who may be this customer (the same number or address); [] when unknown."""
+        try:
+            raw = await self.bus.request(subjects.IDENTITY_USERS_SIMILAR, ident.encode(ident.FindSimilarUsers(
+                app_id=app_id, user_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = ident.decode(raw)
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.info("similar users of %s unavailable: %s", user_id, exc)
+            return []
+        return reply.users if isinstance(reply, ident.SimilarUsers) else []
+
     async def opt_ins(self, app_id: str, user_id: str) -> list[dict[str, Any]]:
         """Where the customer asked to be notified when away (addresses masked); [] when unknown."""
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -27,7 +27,7 @@ from shared.db import (
     split_sql,
 )
 from shared.ids import iso, new_id, now
-from shared.messages.identity import MergeRecord, RegisterDevice, ResolveClient
+from shared.messages.identity import MergeRecord, RegisterDevice, ResolveClient, SimilarUser
 from shared.sunco import Client, Device, Profile, User
 
 # Version 4's table, as SQLite has always been given it.
@@ -153,6 +153,11 @@ MIGRATION = Migration([
         AND (newer.last_seen > devices.last_seen OR (newer.last_seen = devices.last_seen AND newer.id > devices.id)));
     DROP INDEX devices_push_token;
     CREATE UNIQUE INDEX devices_push_token ON devices (app_id, push_token) WHERE push_token IS NOT NULL
+    """,
+    # The desk's merge suggestions look a number or an address up across an app's integrations.
+    """
+    CREATE INDEX clients_app_external_id ON clients (app_id, external_id);
+    CREATE INDEX client_aliases_app_alias ON client_aliases (app_id, alias)
     """,
 ])
 
@@ -577,6 +582,56 @@ class IdentityStore:
             "SELECT * FROM merges WHERE app_id = $1 AND (surviving_user_id = $2 OR discarded_user_id = $2)"
             " ORDER BY created_at", app_id, user_id)
         return [_merge_record(r) for r in rows]
+
+
+    async def similar_users(self, app_id: str, user_id: str, limit: int = 10) -> list[SimilarUser]:
+        """Other users of the app sharing a phone number (WhatsApp's wa_id, an SMS number) or an
+        e-mail address (a profile's, an e-mail client's) with this one; most recently seen first."""
+        row = await self.db.fetchrow("SELECT profile FROM users WHERE app_id = $1 AND id = $2", app_id, user_id)
+        if row is None:
+            return []
+        mine = await self.db.fetch("SELECT type, external_id, info FROM clients WHERE user_id = $1", user_id)
+        digits: set[str] = set()
+        emails: set[str] = set()
+        profile_email = json.loads(row["profile"] or "{}").get("email")
+        if isinstance(profile_email, str) and "@" in profile_email:
+            emails.add(profile_email.strip().lower())
+        for client in mine:
+            if client["type"] in ("whatsapp", "twilio"):
+                wa_id = json.loads(client["info"] or "{}").get("wa_id") if client["type"] == "whatsapp" else None
+                number = "".join(ch for ch in str(wa_id or client["external_id"]) if ch.isdigit())
+                if 6 <= len(number) <= 15:
+                    digits.add(number)
+            elif client["type"] == "mailgun":
+                emails.add(str(client["external_id"]).lower())
+        found: dict[str, SimilarUser] = {}
+        keys = sorted({*digits, *(f"+{d}" for d in digits), *emails})
+        if keys:
+            marks = ", ".join(f"${n}" for n in range(3, len(keys) + 3))
+            for other in await self.db.fetch(
+                    "SELECT c.user_id, c.type, c.external_id FROM clients c WHERE c.app_id = $1 AND c.user_id <> $2"
+                    f" AND c.type IN ('whatsapp', 'twilio', 'mailgun') AND c.external_id IN ({marks})"
+                    " ORDER BY c.last_seen DESC LIMIT 50", app_id, user_id, *keys):
+                reason: Literal["phone", "email"] = "email" if other["type"] == "mailgun" else "phone"
+                entry = found.setdefault(other["user_id"], SimilarUser(user_id=other["user_id"], reason=reason))
+                if other["type"] not in entry.channels:
+                    entry.channels.append(other["type"])
+            for alias in await self.db.fetch(
+                    "SELECT c.user_id FROM client_aliases a JOIN clients c ON c.id = a.client_id"
+                    f" WHERE a.app_id = $1 AND c.user_id <> $2 AND a.alias IN ({marks}) LIMIT 50",
+                    app_id, user_id, *keys):
+                entry = found.setdefault(alias["user_id"], SimilarUser(user_id=alias["user_id"], reason="phone"))
+                if "whatsapp" not in entry.channels:
+                    entry.channels.append("whatsapp")
+        for email in sorted(emails):
+            pattern = "%" + email.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+            for other in await self.db.fetch(
+                    "SELECT id, profile FROM users WHERE app_id = $1 AND id <> $2 AND lower(profile) LIKE $3 ESCAPE '!'"
+                    " LIMIT 20", app_id, user_id, pattern):
+                theirs = json.loads(other["profile"] or "{}").get("email")
+                if isinstance(theirs, str) and theirs.strip().lower() == email:
+                    found.setdefault(other["id"], SimilarUser(user_id=other["id"], reason="email"))
+        return list(found.values())[:limit]
 
 
 class UserGone(LookupError):

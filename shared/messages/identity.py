@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -228,6 +228,26 @@ class MergesReply(IdentityMessage, tag="identity.merges", kw_only=True):
     merges: list[MergeRecord]
 
 
+class FindSimilarUsers(IdentityMessage, tag="identity.users.similar", kw_only=True):
+    """Other users of the app who may be the same person (for the agent desk's merge suggestions):
+    the same phone number on another phone channel, or the same e-mail address (profile or e-mail
+    channel). A suggestion only: merging still takes the customer's own confirmation."""
+
+    app_id: str
+    user_id: str
+
+
+class SimilarUser(msgspec.Struct, kw_only=True, omit_defaults=True):
+    user_id: str
+    # What they share: `phone` or `email`, and the channel types of the other user's clients.
+    reason: Literal["phone", "email"]
+    channels: list[str] = []
+
+
+class SimilarUsers(IdentityMessage, tag="identity.users.similarlist", kw_only=True):
+    users: list[SimilarUser]
+
+
 class AttachPhoneClient(IdentityMessage, tag="identity.client.attachphone", kw_only=True):
     """Attach the client of a phone number on a `whatsapp`/`twilio` integration to `user_id`.
 
@@ -322,7 +342,7 @@ IdentityUnion = (
     | RegisterDevice | ListDevices | DropPushToken | LinkClient | ListMerges | ClientLinked | MergesReply
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
     | AttachPhoneClient | PhoneClientAttached | RemoveClient
-    | LoginUser | UserLoggedIn | ClientOwnedElsewhere | DeletePersonalInformation
+    | LoginUser | UserLoggedIn | ClientOwnedElsewhere | DeletePersonalInformation | FindSimilarUsers | SimilarUsers
 )
 
 ENCODER = msgspec.json.Encoder()

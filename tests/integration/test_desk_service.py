@@ -455,6 +455,15 @@ async def test_the_business_context_panel_is_called_signed_and_shown_as_cards(sy
             expected = hmac.new(secret.encode(), f"{at}.{desk.app_id}.{user_id}".encode(), hashlib.sha256).hexdigest()
             assert call["signature"] == f"t={at},v1={expected}"
 
+            # Another customer with the same e-mail address is suggested (merging stays theirs to confirm).
+            assert shown["mergeSuggestions"] == []
+            twin = (await desk.rest("POST", "/users", {"externalId": "kim-42", "profile": {"email": "kim@example.com"}},
+                                    status=201))["user"]
+            await desk.rest("PATCH", f"/users/{user_id}", {"profile": {"email": "Kim@example.com"}})
+            shown = await session.call("GET", f"/conversations/{conversation_id}/context")
+            assert shown["mergeSuggestions"] == [{"userId": twin["id"], "reason": "email", "channels": [],
+                                                  "confirmOn": None}]
+
             # Where the customer asked to be notified when away shows too (the address masked).
             assert shown["optIns"] == []
             await system.start("notifications")

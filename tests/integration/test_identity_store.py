@@ -210,3 +210,28 @@ async def test_sdk_login_identifies_merges_or_separates(store: IdentityStore) ->
     assert [c.id for c in await store.list_clients(APP, third_user)] == [phone.client.id]
     found = await user_by_external_id(store, APP, "ext-2")
     assert found is not None and found.id == third.user.id
+
+
+async def test_similar_users_share_a_number_or_an_address(store: IdentityStore) -> None:
+    sms = "e" * 24
+    mail = "f" * 24
+    # One person reached the business three ways, each a user of its own: WhatsApp (a BSUID, the
+    # number in wa_id), SMS (the E.164 number) and e-mail (the address, also in a fourth user's profile).
+    [whatsapp] = await store.resolve_clients([identity("US.77", wa_id="15550077")])
+    [texting] = await store.resolve_clients([identity("+15550077", client_type="twilio", integration=sms)])
+    [emailing] = await store.resolve_clients([identity("kim@example.com", client_type="mailgun", integration=mail)])
+    assert whatsapp is not None and texting is not None and emailing is not None
+    profiled = await store.create_user(APP, "kim", Profile(email="Kim@Example.com"), {})
+    stranger = await store.create_user(APP, None, Profile(email="kim@example.com.evil"), {})
+    other_app = await store.create_user("c" * 24, None, Profile(email="kim@example.com"), {})
+    found = {s.user_id: s for s in await store.similar_users(APP, whatsapp.user.id)}
+    assert set(found) == {texting.user.id}
+    assert found[texting.user.id].reason == "phone" and found[texting.user.id].channels == ["twilio"]
+    found = {s.user_id: s for s in await store.similar_users(APP, texting.user.id)}
+    assert set(found) == {whatsapp.user.id} and found[whatsapp.user.id].channels == ["whatsapp"]
+    found = {s.user_id: s for s in await store.similar_users(APP, profiled.id)}
+    assert set(found) == {emailing.user.id} and found[emailing.user.id].reason == "email"
+    found = {s.user_id: s for s in await store.similar_users(APP, emailing.user.id)}
+    assert set(found) == {profiled.id}
+    assert stranger.id not in found and other_app.id not in found
+    assert await store.similar_users(APP, "0" * 24) == []

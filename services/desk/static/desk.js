@@ -397,6 +397,19 @@ function renderContext(context) {
     .flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: value })])));
   $("identities").replaceChildren(...context.clients.map((client) => el("li", {},
     badge(client.type), ` ${client.displayName || client.externalId || client.id} · ${client.status}`)));
+  $("suggestions-block").hidden = !context.mergeSuggestions.length;
+  $("suggestions").replaceChildren(...context.mergeSuggestions.map((suggestion) => {
+    const item = el("li", { "data-user": suggestion.userId },
+      `Another customer with the same ${suggestion.reason === "phone" ? "phone number" : "e-mail address"} on `,
+      ...suggestion.channels.map((channel) => badge(channel)));
+    if (suggestion.confirmOn) {
+      const ask = el("button", { type: "button", text: `Ask them to confirm on ${CHANNEL_NAMES[suggestion.confirmOn.type]}` });
+      ask.addEventListener("click", () => act(api("POST", `/conversations/${state.selected}/handoff`,
+        { integrationId: suggestion.confirmOn.integrationId })));
+      item.append(" ", ask);
+    }
+    return item;
+  }));
   $("opt-ins").replaceChildren(...(context.optIns.length ? context.optIns.map((optIn) => el("li", {},
     badge(optIn.channel), ` ${optIn.maskedAddress} · ${optIn.status}`)) : [el("li", { class: "fine", text: "No opt-in: notified on the channel they last used" })]));
   $("cards").replaceChildren(
