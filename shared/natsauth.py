@@ -124,7 +124,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
     "desk": Access(
         publish=(subjects.CONVERSATIONS_DESK, subjects.CONVERSATIONS_HISTORY, subjects.CONVERSATIONS_PARTICIPANTS,
                  subjects.IDENTITY_USER_GET, subjects.IDENTITY_CLIENTS_LIST, subjects.HANDOFF_ISSUE,
-                 subjects.NOTIFICATIONS_OPTIN_LIST, subjects.IDENTITY_USERS_SIMILAR,
+                 subjects.NOTIFICATIONS_OPTIN_LIST, subjects.IDENTITY_USERS_SIMILAR, subjects.IDENTITY_USERS_SEARCH,
                  f"{subjects.DESK_UPDATES_PREFIX}.*"),
         subscribe=(f"{subjects.DESK_UPDATES_PREFIX}.*",),
         serves=(subjects.DESK_API,),

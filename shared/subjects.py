@@ -217,6 +217,7 @@ IDENTITY_DEVICE_DROP_TOKEN: Final = "identity.device.droptoken"
 IDENTITY_CLIENT_LINK: Final = "identity.client.link"
 IDENTITY_MERGES_LIST: Final = "identity.merges.list"
 IDENTITY_USERS_SIMILAR: Final = "identity.users.similar"
+IDENTITY_USERS_SEARCH: Final = "identity.users.search"
 # Direct linking by phone (SunCo Clients API): attach a number's client to a user, remove a client.
 IDENTITY_CLIENT_ATTACH_PHONE: Final = "identity.client.attachphone"
 IDENTITY_CLIENT_REMOVE: Final = "identity.client.remove"

@@ -68,6 +68,13 @@ class DeskBridge:
             if request.body.get("type") not in CHANNEL_TYPES:
                 raise ApiError(400, f"The desk adds channels only ({', '.join(CHANNEL_TYPES)})")
             return desk.DeskDone(integration=await self.admin.create_integration(request.app_id, request.body))
+        if isinstance(request, desk.SearchMessages):
+            query = request.query.strip()
+            if not 2 <= len(query) <= 200:
+                raise ApiError(400, "A search has 2 to 200 characters")
+            found = await self.conversations.store.search_messages(request.app_id, query,
+                                                                   max(1, min(request.limit, 200)))
+            return desk.DeskDone(conversation_ids=found)
         if isinstance(request, desk.DeleteChannel):
             row = await self.admin.integration_row(request.app_id, request.integration_id)
             if row["type"] not in CHANNEL_TYPES:

@@ -267,6 +267,10 @@ SCRIPTS: tuple[str, ...] = (
     """
     CREATE INDEX conversations_control ON conversations(app_id, switchboard_active, last_updated_at, id);
     """,
+    # 9: the desk's search walks an app's newest messages.
+    """
+    CREATE INDEX messages_app_seq ON messages(app_id, seq);
+    """,
 )
 
 
@@ -274,6 +278,15 @@ MIGRATION = Migration(SCRIPTS)
 
 
 _JSON = msgspec.json.Encoder()
+
+
+# The newest messages of an app a search looks through.
+SEARCH_WINDOW = 100_000
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE … ESCAPE '!' pattern matching `text` anywhere (its wildcards taken literally)."""
+    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
 
 
 def dumps(value: Any) -> str:
@@ -1160,6 +1173,16 @@ class Store:
         row = await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE app_id=$1 AND id=$2",
                               app_id, message_id)
         return None if row is None else StoredMessage(**dict(row))
+
+    async def search_messages(self, app_id: str, query: str, limit: int) -> list[str]:
+        """The conversations whose messages hold `query` (lower-cased, as the JSON text has it), most
+        recent first, among the app's newest `SEARCH_WINDOW` messages (a bound on what one search costs)."""
+        text = _JSON.encode(query.lower()).decode()[1:-1]
+        rows = await self._all(
+            "SELECT conversation_id, MAX(seq) AS last FROM (SELECT conversation_id, body, seq FROM messages"
+            " WHERE app_id = $1 ORDER BY seq DESC LIMIT $2) recent WHERE lower(body) LIKE $3 ESCAPE '!'"
+            " GROUP BY conversation_id ORDER BY last DESC LIMIT $4", app_id, SEARCH_WINDOW, like_pattern(text), limit)
+        return [row["conversation_id"] for row in rows]
 
     async def delete_message(self, conversation_id: str, message_id: str) -> int:
         return await self._run("DELETE FROM messages WHERE conversation_id=$1 AND id=$2", conversation_id, message_id)

@@ -39,7 +39,7 @@ from .handlers import (
     team_out,
     ticket_out,
 )
-from .store import STATUSES, AgentRow, TeamRow, TicketFilter
+from .store import STATUSES, AgentRow, SearchMatches, TeamRow, TicketFilter
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +436,13 @@ class DeskApi:
             where = replace(where, team_ids=team_ids)
         if query.get("team") and view != "team":
             where = replace(where, team_ids=[query["team"]])
+        text = query.get("q", "").strip()
+        if text:
+            if not 2 <= len(text) <= 200:
+                raise ApiError(400, "q has 2 to 200 characters")
+            conversation_ids, user_ids = await self.conversations.search(call.actor.app_id, text)
+            where = replace(where, search=SearchMatches(text=text, conversation_ids=conversation_ids,
+                                                        user_ids=user_ids))
         before = None
         cursor = query.get("before")
         if cursor:

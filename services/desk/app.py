@@ -121,6 +121,18 @@ class NatsConversations:
         """Remove a channel."""
         await self._ask(msgs.DeleteChannel(app_id=app_id, conversation_id="", integration_id=integration_id))
 
+    async def search(self, app_id: str, query: str) -> tuple[list[str], list[str]]:
+        """(conversations whose messages hold `query`, users it names) from conversations and identity."""
+        done = await self._ask(msgs.SearchMessages(app_id=app_id, conversation_id="", query=query))
+        try:
+            raw = await self.bus.request(subjects.IDENTITY_USERS_SEARCH, ident.encode(ident.SearchUsers(
+                app_id=app_id, query=query)), timeout=CONVERSATIONS_TIMEOUT)
+            reply = ident.decode(raw)
+        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ApiError(503, "Customers cannot be searched right now, try again") from exc
+        users = reply.user_ids if isinstance(reply, ident.UserIds) else []
+        return done.conversation_ids or [], users
+
     async def similar_users(self, app_id: str, user_id: str) -> list[ident.SimilarUser]:
         """Other users who may be this customer (the same number or address); [] when unknown."""
         try:

@@ -295,6 +295,18 @@ class TicketFilter:
     channel: str | None = None
     label: str | None = None
     user_ids: Sequence[str] | None = None
+    # A search's matches: these conversations, or these customers', or this text in a label or
+    # the last message's preview.
+    search: SearchMatches | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchMatches:
+    """What a search matched elsewhere (conversations, identity) and its text."""
+
+    text: str
+    conversation_ids: Sequence[str] = ()
+    user_ids: Sequence[str] = ()
 
 
 class Store:
@@ -640,6 +652,16 @@ class Store:
             if not where.user_ids:
                 return []
             clauses.append(f"user_id IN ({', '.join(arg(user) for user in where.user_ids)})")
+        if where.search is not None:
+            found = where.search
+            text = arg("%" + _like_escape(found.text.lower()) + "%")
+            alternatives = [f"lower(last_message_text) LIKE {text} ESCAPE '!'", f"lower(labels) LIKE {text} ESCAPE '!'",
+                            f"conversation_id = {arg(found.text)}"]
+            if found.conversation_ids:
+                alternatives.append(f"conversation_id IN ({', '.join(arg(c) for c in found.conversation_ids)})")
+            if found.user_ids:
+                alternatives.append(f"user_id IN ({', '.join(arg(u) for u in found.user_ids)})")
+            clauses.append(f"({' OR '.join(alternatives)})")
         if before is not None:
             at, conversation_id = before
             clauses.append(f"(updated_at < {arg(at)} OR (updated_at = {arg(at)} AND conversation_id < "

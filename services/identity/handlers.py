@@ -58,6 +58,9 @@ class IdentityHandlers:
             return await login_user(self.store, self.forget_user, request)
         if isinstance(request, msgs.ListMerges):
             return msgs.MergesReply(merges=await self.store.list_merges(request.app_id, request.user_id))
+        if isinstance(request, msgs.SearchUsers):
+            return msgs.UserIds(user_ids=await self.store.search_users(request.app_id, request.query,
+                                                                       max(1, min(request.limit, 200))))
         if isinstance(request, msgs.FindSimilarUsers):
             return msgs.SimilarUsers(users=await self.store.similar_users(request.app_id, request.user_id))
         return msgs.IdentityError(status=400, code="bad_request", title=f"Unexpected request {type(request).__name__}")

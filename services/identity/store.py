@@ -9,6 +9,7 @@ index and `ON CONFLICT`, not by a read before the write.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -583,6 +584,35 @@ class IdentityStore:
             " ORDER BY created_at", app_id, user_id)
         return [_merge_record(r) for r in rows]
 
+
+    async def search_users(self, app_id: str, query: str, limit: int = 50) -> list[str]:
+        """Users of the app named by `query`: their externalId, a channel identity (exactly, a
+        phone number however written), or a part of their profile (name, e-mail; ASCII
+        case-insensitive)."""
+        text = query.strip()
+        if not text:
+            return []
+        found: dict[str, None] = {}
+        for row in await self.db.fetch("SELECT id FROM users WHERE app_id = $1 AND external_id = $2", app_id, text):
+            found[row["id"]] = None
+        keys = {text, text.lower()}
+        number = re.sub(r"[\s\-().]", "", text)
+        if re.fullmatch(r"\+?\d{6,15}", number):  # a phone number, however it was written
+            digits = number.lstrip("+")
+            keys |= {digits, f"+{digits}"}
+        marks = ", ".join(f"${n}" for n in range(2, len(keys) + 2))
+        for row in await self.db.fetch(f"SELECT user_id FROM clients WHERE app_id = $1 AND external_id IN ({marks})"
+                                       f" LIMIT {int(limit)}", app_id, *sorted(keys)):
+            found[row["user_id"]] = None
+        for row in await self.db.fetch(  # WhatsApp senders known by a BSUID, their number an alias
+                "SELECT c.user_id FROM client_aliases a JOIN clients c ON c.id = a.client_id"
+                f" WHERE a.app_id = $1 AND a.alias IN ({marks}) LIMIT {int(limit)}", app_id, *sorted(keys)):
+            found[row["user_id"]] = None
+        pattern = "%" + json.dumps(text.lower())[1:-1].replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+        for row in await self.db.fetch("SELECT id FROM users WHERE app_id = $1 AND lower(profile) LIKE $2 ESCAPE '!'"
+                                       f" LIMIT {int(limit)}", app_id, pattern):
+            found[row["id"]] = None
+        return list(found)[:limit]
 
     async def similar_users(self, app_id: str, user_id: str, limit: int = 10) -> list[SimilarUser]:
         """Other users of the app sharing a phone number (WhatsApp's wa_id, an SMS number) or an

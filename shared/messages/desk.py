@@ -90,12 +90,22 @@ class DeleteChannel(DeskRequest, tag="desk.channel.delete"):
     integration_id: str
 
 
+class SearchMessages(DeskRequest, tag="desk.search"):
+    """The app's conversations whose messages contain `query` (case-insensitive for ASCII), most
+    recent first. `conversation_id` is unused ("")."""
+
+    query: str
+    limit: int = 100
+
+
 class DeskDone(msgspec.Struct, tag_field="type", tag="desk.done", kw_only=True, omit_defaults=True):
     """Done; `message` is the posted message (SunCo JSON) for a `PostAgentMessage`, `integration`
     the created integration (the REST API's form) for a `CreateChannel`."""
 
     message: dict[str, Any] | None = None
     integration: dict[str, Any] | None = None
+    # For a `SearchMessages`.
+    conversation_ids: list[str] | None = None
 
 
 class DeskRefused(msgspec.Struct, tag_field="type", tag="desk.refused", kw_only=True):
@@ -106,7 +116,8 @@ class DeskRefused(msgspec.Struct, tag_field="type", tag="desk.refused", kw_only=
     title: str
 
 
-DeskRequestUnion = PostAgentMessage | MoveControl | PostAgentActivity | CreateChannel | DeleteChannel
+DeskRequestUnion = (PostAgentMessage | MoveControl | PostAgentActivity | CreateChannel | DeleteChannel
+                    | SearchMessages)
 DeskReplyUnion = DeskDone | DeskRefused
 
 ENCODER = msgspec.json.Encoder()

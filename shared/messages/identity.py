@@ -248,6 +248,19 @@ class SimilarUsers(IdentityMessage, tag="identity.users.similarlist", kw_only=Tr
     users: list[SimilarUser]
 
 
+class SearchUsers(IdentityMessage, tag="identity.users.search", kw_only=True):
+    """Users of the app a desk search names: by externalId, a channel identity (a number, an
+    address), or a word of their profile (name, e-mail). Answered with `UserIds`."""
+
+    app_id: str
+    query: str
+    limit: int = 50
+
+
+class UserIds(IdentityMessage, tag="identity.users.ids", kw_only=True):
+    user_ids: list[str]
+
+
 class AttachPhoneClient(IdentityMessage, tag="identity.client.attachphone", kw_only=True):
     """Attach the client of a phone number on a `whatsapp`/`twilio` integration to `user_id`.
 
@@ -343,6 +356,7 @@ IdentityUnion = (
     | UserReply | ClientsReply | ClientReply | Deleted | DeviceReply | DevicesReply | IdentityError
     | AttachPhoneClient | PhoneClientAttached | RemoveClient
     | LoginUser | UserLoggedIn | ClientOwnedElsewhere | DeletePersonalInformation | FindSimilarUsers | SimilarUsers
+    | SearchUsers | UserIds
 )
 
 ENCODER = msgspec.json.Encoder()

@@ -171,6 +171,15 @@ async def test_a_conversation_goes_from_the_web_to_agent_a_then_b_then_whatsapp(
         await inbox_item(ana, conversation_id).click()
         await expect(ana.locator("#timeline")).to_contain_text("it's me, now on WhatsApp")
 
+        # Ana searches: an earlier message finds the conversation; nonsense finds nothing.
+        await ana.locator("#filter-search").fill("parcel never")
+        await expect(ana.locator("#tickets li[data-conversation]")).to_have_count(1)
+        await expect(inbox_item(ana, conversation_id)).to_be_visible()
+        await ana.locator("#filter-search").fill("no such words here")
+        await expect(ana.locator("#tickets li[data-conversation]")).to_have_count(0)
+        await ana.locator("#filter-search").fill("")
+        await expect(inbox_item(ana, conversation_id)).to_be_visible()
+
         # Ben's reply goes out on the customer's current channel: WhatsApp.
         await ben.locator("#reply-text").fill("Found it, it arrives tomorrow")
         await ben.get_by_role("button", name="Send").click()

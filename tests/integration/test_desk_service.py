@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -564,3 +565,29 @@ async def test_a_whatsapp_template_from_a_canned_reply_goes_out_as_a_template(sy
             return any("order_follow_up" in str(m) for m in await desk.outbox("+15550040"))
 
         await eventually(sent, timeout=20.0)
+
+
+@pytest.mark.parametrize("engine_env", ["postgres"], indirect=True)
+async def test_search_finds_messages_customers_and_labels(system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path) as desk:
+        first = await customer_conversation(desk, "+15550061", "Mein Paket ist beschädigt, Bestellung #A-1234")
+        await desk.customer_writes("+15550061", "hello again")
+        second = await customer_conversation(desk, "+15550062", "50% off? Is that_true")
+        third = await customer_conversation(desk, "+15550063", "nothing special")
+        for conversation in (first, second, third):
+            await pass_to_desk(desk, conversation)
+            await eventually(lambda c=conversation: desk.ticket(c), timeout=15.0)
+        await desk.rest("PUT", f"/desk/conversations/{third}/labels", {"labels": ["Refund-VIP"]})
+
+        async def found(q: str) -> list[str]:
+            listed = await desk.rest("GET", f"/desk/conversations?q={quote(q)}&status=")
+            return sorted(t["conversationId"] for t in listed["conversations"])
+
+        assert await found("beschädigt") == [first]  # an earlier message, not the preview
+        assert await found("MEIN PAKET") == [first]
+        assert await found("#a-1234") == [first]
+        assert await found("50%") == [second] and await found("that_t") == [second]
+        assert await found("+1 555 0062") == [second]  # the customer's number, however written
+        assert await found("refund-vip") == [third]
+        assert await found("zz-nothing-zz") == []
+        await desk.rest("GET", "/desk/conversations?q=x", status=400)

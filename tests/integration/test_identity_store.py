@@ -235,3 +235,18 @@ async def test_similar_users_share_a_number_or_an_address(store: IdentityStore) 
     assert set(found) == {profiled.id}
     assert stranger.id not in found and other_app.id not in found
     assert await store.similar_users(APP, "0" * 24) == []
+
+
+async def test_search_names_users_by_external_id_number_address_or_profile(store: IdentityStore) -> None:
+    [whatsapp] = await store.resolve_clients([identity("US.88", wa_id="15550088")])
+    [texting] = await store.resolve_clients([identity("+15550099", client_type="twilio", integration="e" * 24)])
+    assert whatsapp is not None and texting is not None
+    noor = await store.create_user(APP, "crm-42", Profile(given_name="Noor", surname="Haddad", email="noor@ex.com"), {})
+    odd = await store.create_user(APP, None, Profile(given_name="100%_sure"), {})
+    assert await store.search_users(APP, "crm-42") == [noor.id]
+    assert await store.search_users(APP, "haddad") == [noor.id]
+    assert await store.search_users(APP, "NOOR@EX.COM") == [noor.id]
+    assert await store.search_users(APP, "+1 (555) 0088") == [whatsapp.user.id]  # the alias of a BSUID sender
+    assert await store.search_users(APP, "1555-0099") == [texting.user.id]
+    assert await store.search_users(APP, "100%_") == [odd.id] and await store.search_users(APP, "0%x") == []
+    assert await store.search_users("c" * 24, "haddad") == []

@@ -12,6 +12,7 @@ const CHANNEL_NAMES = {
 const state = {
   agent: null, csrf: "", view: "mine", tickets: new Map(), agents: new Map(), teams: [], canned: [],
   selected: null, timeline: [], socket: null, heartbeat: null, more: null, typingSent: 0, typingTimer: null,
+  matches: new Set(), searchTimer: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -207,10 +208,13 @@ async function loadInbox() {
   const query = new URLSearchParams({ view: state.view });
   const status = $("filter-status").value;
   const channel = $("filter-channel").value;
+  const search = $("filter-search").value.trim();
   if (status) query.set("status", status);
   if (channel) query.set("channel", channel);
+  if (search.length >= 2) query.set("q", search);
   const data = await api("GET", `/conversations?${query}`);
   state.tickets = new Map(data.conversations.map((ticket) => [ticket.conversationId, ticket]));
+  state.matches = new Set(state.tickets.keys());
   state.more = data.meta.hasMore ? { query, before: data.meta.before } : null;
   renderInbox();
 }
@@ -220,7 +224,10 @@ async function loadMore() {
   const query = new URLSearchParams(state.more.query);
   query.set("before", state.more.before);
   const data = await api("GET", `/conversations?${query}`);
-  for (const ticket of data.conversations) state.tickets.set(ticket.conversationId, ticket);
+  for (const ticket of data.conversations) {
+    state.tickets.set(ticket.conversationId, ticket);
+    state.matches.add(ticket.conversationId);
+  }
   state.more = data.meta.hasMore ? { query: state.more.query, before: data.meta.before } : null;
   renderInbox();
 }
@@ -228,16 +235,13 @@ async function loadMore() {
 function inView(ticket) {
   const status = $("filter-status").value;
   const channel = $("filter-channel").value;
-  const search = $("filter-search").value.trim().toLowerCase();
   if (status && !status.split(",").includes(ticket.status)) return false;
   if (channel && ticket.channel !== channel) return false;
   if (state.view === "mine" && ticket.agentId !== state.agent.id) return false;
   if (state.view === "unassigned" && ticket.agentId) return false;
-  if (search) {
-    const haystack = [ticket.lastMessageText, ticket.userId, ticket.conversationId, ...ticket.labels]
-      .filter(Boolean).join(" ").toLowerCase();
-    if (!haystack.includes(search)) return false;
-  }
+  // A search's matches come from the server (messages, customers, labels): live updates of other
+  // conversations wait until the search is cleared.
+  if ($("filter-search").value.trim().length >= 2 && !state.matches.has(ticket.conversationId)) return false;
   return true;
 }
 
@@ -269,7 +273,10 @@ for (const button of document.querySelectorAll(".views button")) {
   });
 }
 for (const id of ["filter-status", "filter-channel"]) $(id).addEventListener("change", () => loadInbox().catch(reportError));
-$("filter-search").addEventListener("input", renderInbox);
+$("filter-search").addEventListener("input", () => {
+  clearTimeout(state.searchTimer);
+  state.searchTimer = setTimeout(() => loadInbox().catch(reportError), 300);
+});
 
 // --- the conversation ----------------------------------------------------------------------------
 
