@@ -140,10 +140,19 @@ class ActivityBody(_Body):
     type: str
 
 
+class SsoBody(_Body):
+    issuer: str
+    client_id: str
+    # Needed the first time; left out, the secret set before stays.
+    client_secret: str | None = None
+
+
 class SettingsBody(_Body):
-    # None clears the context panel.
-    context_url: str | None = None
+    # null clears the context panel; left out, it stays as it is.
+    context_url: str | msgspec.UnsetType | None = msgspec.UNSET
     rotate_context_secret: bool = False
+    # null turns single sign-on off; left out, it stays as it is.
+    sso: SsoBody | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class HandoffBody(_Body):
@@ -252,6 +261,11 @@ class ContextPanel(Protocol):
     async def settings(self, app_id: str) -> tuple[str | None, str | None]: ...
 
     async def configure(self, app_id: str, url: str | None, *, rotate: bool) -> tuple[str | None, str | None]: ...
+
+    async def sso_settings(self, app_id: str) -> dict[str, Any] | None: ...
+
+    async def configure_sso(self, app_id: str, issuer: str | None, client_id: str | None,
+                            client_secret: str | None) -> dict[str, Any] | None: ...
 
 
 class DeskApi:
@@ -519,15 +533,23 @@ class DeskApi:
         """The app's desk settings (admins): the context panel's URL and signing secret."""
         auth.require_role(call.actor.role, "admin")
         url, secret = await self.context_panel.settings(call.actor.app_id)
-        return 200, {"settings": {"contextUrl": url, "contextSecret": secret}}
+        return 200, {"settings": {"contextUrl": url, "contextSecret": secret,
+                                  "sso": await self.context_panel.sso_settings(call.actor.app_id)}}
 
     async def put_settings(self, call: Call) -> Result:
         """Set (or clear, with null) the context panel's URL; a secret is made on first use."""
         auth.require_role(call.actor.role, "admin")
         body: SettingsBody = call.decode(SettingsBody)
-        url, secret = await self.context_panel.configure(call.actor.app_id, body.context_url,
-                                                         rotate=body.rotate_context_secret)
-        return 200, {"settings": {"contextUrl": url, "contextSecret": secret}}
+        app_id = call.actor.app_id
+        if not isinstance(body.sso, msgspec.UnsetType):
+            await self.context_panel.configure_sso(app_id, None if body.sso is None else body.sso.issuer,
+                                                   None if body.sso is None else body.sso.client_id,
+                                                   None if body.sso is None else body.sso.client_secret)
+        if not isinstance(body.context_url, msgspec.UnsetType) or body.rotate_context_secret:
+            current, _ = await self.context_panel.settings(app_id)
+            wanted = current if isinstance(body.context_url, msgspec.UnsetType) else body.context_url
+            await self.context_panel.configure(app_id, wanted, rotate=body.rotate_context_secret)
+        return await self.get_settings(call)
 
     async def assign(self, call: Call) -> Result:
         body: AssignBody = call.decode(AssignBody) if call.body else AssignBody()

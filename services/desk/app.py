@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import ipaddress
 import logging
 import os
@@ -25,18 +26,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import nats.errors
 import nats.js.errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
+from yarl import URL
 
 from shared import metrics, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, RequestFailed
 from shared.clientip import client_ip, source_key
 from shared.egress import EgressPolicy, EgressRefused, EgressSession
 from shared.encryption import Keyring
-from shared.http import ApiError, error_middleware, json_response, read_json, tracing_middleware
+from shared.http import ApiError, basic_auth_header, error_middleware, json_response, read_json, tracing_middleware
 from shared.ids import new_id, parse_iso
 from shared.messages import conversation as conv
 from shared.messages import desk as msgs
@@ -45,8 +48,9 @@ from shared.messages import identity as ident
 from shared.ratelimit import SharedLimiter
 from shared.service import ServiceApp
 from shared.telemetry import setup_telemetry
+from shared.untrusted import decode_json
 
-from . import auth
+from . import auth, sso
 from .api import API_PREFIX, OPERATIONS, DeskApi, answer_call, http_handler
 from .config import DeskConfig
 from .context import CONTEXT_TIMEOUT, fetch_cards
@@ -56,6 +60,11 @@ from .store import AgentRow, Store
 log = logging.getLogger(__name__)
 
 SESSION_PATH = API_PREFIX + "/session"
+SSO_START_PATH = API_PREFIX + "/sso/start"
+SSO_CALLBACK_PATH = API_PREFIX + "/sso/callback"
+SSO_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+SSO_MAX_DOCUMENT = 256 * 1024
+SSO_COOKIE_SECONDS = 600
 DEMO_SESSION_PATH = API_PREFIX + "/session/demo"
 STATIC_DIR = Path(__file__).parent / "static"
 # The desk page: scripts and styles from this origin only, nothing inline, never framed.
@@ -299,6 +308,8 @@ class BusinessContext:
     """The context panel of each app: its settings in the store (the secret sealed), its calls
     through the egress policy (`context.fetch_cards`)."""
 
+    sso: SingleSignOn
+
     def __init__(self, store: Store, keyring: Keyring, egress: EgressPolicy, session: EgressSession) -> None:
         self.store = store
         self.keyring = keyring
@@ -329,6 +340,13 @@ class BusinessContext:
                                           time.time())
         return url, secret
 
+    async def sso_settings(self, app_id: str) -> dict[str, Any] | None:
+        return await self.sso.settings(app_id)
+
+    async def configure_sso(self, app_id: str, issuer: str | None, client_id: str | None,
+                            client_secret: str | None) -> dict[str, Any] | None:
+        return await self.sso.configure(app_id, issuer, client_id, client_secret)
+
     async def cards(self, app_id: str, user_id: str, external_id: str | None,
                     conversation_id: str) -> tuple[list[dict[str, Any]], str | None]:
         url, secret = await self.settings(app_id)
@@ -336,6 +354,119 @@ class BusinessContext:
             return [], None
         return await fetch_cards(self.session, url, secret, app_id=app_id, user_id=user_id, external_id=external_id,
                                  conversation_id=conversation_id)
+
+
+class SingleSignOn:
+    """OpenID Connect sign-in per app (`sso.py` has the flow and its checks): the provider's settings
+    in the store (the client secret sealed), its discovery document and keys read through the
+    egress policy and kept a few minutes."""
+
+    cache_seconds = 300.0
+
+    def __init__(self, store: Store, keyring: Keyring, egress: EgressPolicy, session: EgressSession,
+                 public_base_url: str) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.egress = egress
+        self.session = session
+        self.redirect_uri = public_base_url + SSO_CALLBACK_PATH
+        self._documents: dict[str, tuple[float, Any]] = {}
+
+    async def settings(self, app_id: str) -> dict[str, Any] | None:
+        found = await self.store.sso_settings(app_id)
+        if found is None:
+            return None
+        return {"issuer": found[0], "clientId": found[1], "redirectUri": self.redirect_uri}
+
+    async def configure(self, app_id: str, issuer: str | None, client_id: str | None,
+                        client_secret: str | None) -> dict[str, Any] | None:
+        if issuer is None:
+            await self.store.set_sso_settings(app_id, None, time.time())
+            return None
+        if not client_id or len(client_id) > 256 or len(issuer) > 512:
+            raise ApiError(400, "sso needs issuer and clientId (and clientSecret the first time)")
+        try:
+            self.egress.check_url(issuer, purpose="business")
+        except EgressRefused as exc:
+            raise ApiError(400, f"sso.issuer: {exc}") from None
+        current = await self.store.sso_settings(app_id)
+        sealed = current[2] if current is not None and client_secret is None else None
+        if sealed is None:
+            if not client_secret or len(client_secret) > 512:
+                raise ApiError(400, "sso.clientSecret is required")
+            sealed = self.keyring.seal(client_secret, f"desk-sso:{app_id}")
+        await self.store.set_sso_settings(app_id, (issuer.rstrip("/"), client_id, sealed), time.time())
+        return await self.settings(app_id)
+
+    async def _json(self, url: str) -> Any:
+        cached = self._documents.get(url)
+        if cached is not None and time.monotonic() - cached[0] < self.cache_seconds:
+            return cached[1]
+        try:
+            async with self.session.get(url, allow_redirects=False, timeout=SSO_TIMEOUT) as resp:
+                if resp.status != 200:
+                    raise sso.SsoError(f"the provider answered {resp.status} for {URL(url).path}")
+                document = decode_json(await resp.content.read(SSO_MAX_DOCUMENT))
+        except (EgressRefused, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+            raise sso.SsoError(f"the provider could not be reached ({type(exc).__name__})") from exc
+        self._documents[url] = (time.monotonic(), document)
+        return document
+
+    async def _discovery(self, issuer: str) -> sso.Discovery:
+        try:
+            found = msgspec.convert(await self._json(issuer + "/.well-known/openid-configuration"), sso.Discovery)
+        except msgspec.ValidationError as exc:
+            raise sso.SsoError("the provider's discovery document is incomplete") from exc
+        if found.issuer.rstrip("/") != issuer:
+            raise sso.SsoError("the provider's discovery document names another issuer")
+        return found
+
+    async def start(self, app_id: str) -> tuple[str, str]:
+        """Where to send the browser, and the state its cookie keeps."""
+        found = await self.store.sso_settings(app_id)
+        if found is None:
+            raise sso.SsoError("single sign-on is not set up for this app")
+        issuer, client_id, _ = found
+        discovery = await self._discovery(issuer)
+        pending = sso.new_pending()
+        await self.store.put_sso_state(sso.state_hash(pending.state), app_id, pending.nonce, pending.verifier,
+                                       time.time())
+        return sso.authorization_url(discovery, client_id, self.redirect_uri, pending), pending.state
+
+    async def finish(self, state: str, code: str) -> AgentRow:
+        """The agent the provider vouches for, after every check (`sso.SsoError` otherwise)."""
+        taken = await self.store.take_sso_state(sso.state_hash(state), time.time() - sso.STATE_TTL)
+        if taken is None:
+            raise sso.SsoError("this sign-in expired or was already used: start again")
+        app_id, nonce, verifier = taken
+        found = await self.store.sso_settings(app_id)
+        if found is None:
+            raise sso.SsoError("single sign-on is not set up for this app")
+        issuer, client_id, sealed = found
+        discovery = await self._discovery(issuer)
+        secret = self.keyring.open(sealed, f"desk-sso:{app_id}")
+        try:
+            async with self.session.post(
+                    discovery.token_endpoint, allow_redirects=False, timeout=SSO_TIMEOUT,
+                    data={"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
+                          "code_verifier": verifier},
+                    headers=basic_auth_header(client_id, secret)) as resp:
+                body = await resp.content.read(SSO_MAX_DOCUMENT)
+                if resp.status != 200:
+                    raise sso.SsoError(f"the provider refused the code ({resp.status})")
+            tokens = decode_json(body)
+        except (EgressRefused, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+            raise sso.SsoError(f"the provider could not be reached ({type(exc).__name__})") from exc
+        id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
+        if not isinstance(id_token, str):
+            raise sso.SsoError("the provider sent no ID token")
+        jwks = await self._json(discovery.jwks_uri)
+        claims = sso.verify_id_token(id_token, jwks if isinstance(jwks, dict) else {}, issuer=discovery.issuer,
+                                     client_id=client_id, nonce=nonce)
+        agent = await self.store.agent_by_email(app_id, auth.normalize_email(claims["email"]))
+        if agent is None or agent.disabled:
+            raise sso.SsoError("no agent of this app has that e-mail address: an admin adds you first")
+        return agent
 
 
 class DeskService(ServiceApp):
@@ -365,6 +496,8 @@ class DeskService(ServiceApp):
         self.http.router.add_static("/desk/static", STATIC_DIR, show_index=False, append_version=False)
         self.http.router.add_post(SESSION_PATH, self.sign_in)
         self.http.router.add_post(DEMO_SESSION_PATH, self.demo_sign_in)
+        self.http.router.add_get(SSO_START_PATH, self.sso_start)
+        self.http.router.add_get(SSO_CALLBACK_PATH, self.sso_callback)
         self.http.router.add_delete(SESSION_PATH, self.sign_out)
         self.http.router.add_get(SESSION_PATH, self.session_info)
         self.http.router.add_get(SOCKET_PATH, self.socket)
@@ -395,6 +528,10 @@ class DeskService(ServiceApp):
                          grace_seconds=self.config.presence_grace_seconds)
         context = BusinessContext(self.store, self.config.keyring, self.common.egress,
                                   self.egress_session("business", timeout=CONTEXT_TIMEOUT, limit=20))
+        self.sso = SingleSignOn(self.store, self.config.keyring, self.common.egress,
+                                self.egress_session("business", timeout=SSO_TIMEOUT, limit=10),
+                                self.common.public_base_url)
+        context.sso = self.sso
         self.api = DeskApi(self.desk, self.kdf, conversations, channels, self.common.public_base_url, context)
         for op in OPERATIONS:
             self.http.router.add_route(op.method, API_PREFIX + op.path, http_handler(self.api, op, self.actor))
@@ -561,6 +698,43 @@ class DeskService(ServiceApp):
         """The client's address (X-Forwarded-For believed from trusted proxies only)."""
         return client_ip(request.remote, request.headers.getall("X-Forwarded-For", []), self.config.trusted_proxies)
 
+    def _sso_cookie(self) -> str:
+        return "__Host-tl_desk_sso" if self.secure else "tl_desk_sso"
+
+    async def sso_start(self, request: web.Request) -> web.Response:
+        """Off to the app's identity provider (the state kept in this browser's cookie)."""
+        app_id = request.query.get("app", "")[:64]
+        try:
+            url, state = await self.sso.start(app_id)
+        except sso.SsoError as exc:
+            return _sso_page(400, str(exc))
+        response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+        response.set_cookie(self._sso_cookie(), state, max_age=SSO_COOKIE_SECONDS, path="/", secure=self.secure,
+                            httponly=True, samesite="Lax")
+        return response
+
+    async def sso_callback(self, request: web.Request) -> web.Response:
+        """Back from the provider: every check of `SingleSignOn.finish`, then a session as after a
+        password sign-in."""
+        state, code = request.query.get("state", ""), request.query.get("code", "")
+        if request.query.get("error"):
+            return _sso_page(400, f"The identity provider said: {request.query.get('error', '')[:100]}")
+        cookie = request.cookies.get(self._sso_cookie(), "")
+        if not state or not code or len(code) > 4096 or not secrets.compare_digest(cookie.encode(), state.encode()):
+            return _sso_page(400, "This sign-in was not started in this browser: start again")
+        try:
+            agent = await self.sso.finish(state, code)
+        except sso.SsoError as exc:
+            log.info("single sign-on refused: %s", exc)
+            return _sso_page(403, str(exc))
+        token, record = await auth.rotate_session(
+            self.store, auth.read_session_token(request, secure=self.secure), agent.id, agent.app_id, time.time(),
+            self.config.session_idle_seconds, self.config.session_absolute_seconds)
+        response = web.Response(status=303, headers={"Location": "/desk/", "Cache-Control": "no-store"})
+        auth.set_session_cookie(response, token, record, secure=self.secure)
+        response.del_cookie(self._sso_cookie(), path="/", secure=self.secure, httponly=True, samesite="Lax")
+        return response
+
     async def sign_out(self, request: web.Request) -> web.Response:
         """End the session (and clear the cookie)."""
         response = json_response({})
@@ -637,6 +811,15 @@ class DeskService(ServiceApp):
                     await self._heard_from(agent)
         self._seen_written = {agent_id: at for agent_id, at in self._seen_written.items()
                               if now - at < SEEN_WRITE_INTERVAL * 2}
+
+
+def _sso_page(status: int, message: str) -> web.Response:
+    """A plain page saying why single sign-on did not go through, with the way back."""
+    body = ("<!doctype html><meta charset=utf-8><title>Sign-in failed</title>"
+            "<body style=\"font-family:system-ui;max-width:32rem;margin:3rem auto\">"
+            f"<h1>Sign-in failed</h1><p>{html.escape(message)}</p><p><a href=\"/desk/\">Back to the desk</a></p>")
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
+    return web.Response(status=status, text=body, content_type="text/html", headers=headers)
 
 
 def create(environ: Mapping[str, str] | None = None) -> DeskService:

@@ -145,6 +145,21 @@ MIGRATION = Migration([
     """
     ALTER TABLE canned_replies ADD COLUMN whatsapp_template TEXT
     """,
+    # Single sign-on with OpenID Connect: the app's provider (the client secret sealed at rest) and
+    # the sign-ins under way (keyed by the state's hash, single use).
+    """
+    ALTER TABLE app_settings ADD COLUMN sso_issuer TEXT;
+    ALTER TABLE app_settings ADD COLUMN sso_client_id TEXT;
+    ALTER TABLE app_settings ADD COLUMN sso_client_secret TEXT;
+    CREATE TABLE sso_states (
+        state_hash TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        verifier TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX sso_states_created ON sso_states (created_at)
+    """,
 ])
 
 OPEN, PENDING, SNOOZED, RESOLVED = "open", "pending", "snoozed", "resolved"
@@ -754,3 +769,40 @@ class Store:
             " ON CONFLICT (app_id) DO UPDATE SET context_url = excluded.context_url,"
             " context_secret = excluded.context_secret, updated_at = excluded.updated_at",
             app_id, context_url, sealed_secret, at)
+
+    # --- single sign-on -------------------------------------------------------------------------
+
+    async def sso_settings(self, app_id: str) -> tuple[str, str, str] | None:
+        """An app's provider: (issuer, client id, sealed client secret), None when it has none."""
+        row = await self.db.fetchrow("SELECT sso_issuer, sso_client_id, sso_client_secret FROM app_settings"
+                                     " WHERE app_id = $1", app_id)
+        if row is None or not row["sso_issuer"]:
+            return None
+        return row["sso_issuer"], row["sso_client_id"], row["sso_client_secret"]
+
+    async def set_sso_settings(self, app_id: str, sso: tuple[str, str, str] | None, at: float) -> None:
+        """Set (or clear, with None) an app's provider."""
+        issuer, client_id, sealed = sso if sso is not None else (None, None, None)
+        await self.db.execute(
+            "INSERT INTO app_settings (app_id, sso_issuer, sso_client_id, sso_client_secret, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (app_id) DO UPDATE SET sso_issuer = excluded.sso_issuer,"
+            " sso_client_id = excluded.sso_client_id, sso_client_secret = excluded.sso_client_secret,"
+            " updated_at = excluded.updated_at", app_id, issuer, client_id, sealed, at)
+
+    async def put_sso_state(self, state_hash: str, app_id: str, nonce: str, verifier: str, at: float) -> None:
+        """Keep a sign-in under way (and forget those older than ten minutes)."""
+        await self.db.execute("DELETE FROM sso_states WHERE created_at < $1", at - 600)
+        await self.db.execute("INSERT INTO sso_states (state_hash, app_id, nonce, verifier, created_at)"
+                              " VALUES ($1, $2, $3, $4, $5)", state_hash, app_id, nonce, verifier, at)
+
+    async def take_sso_state(self, state_hash: str, not_before: float) -> tuple[str, str, str] | None:
+        """(app id, nonce, verifier) of a sign-in under way, once: it is deleted here, so a replayed
+        callback finds nothing; None when unknown or older than `not_before`."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow("SELECT app_id, nonce, verifier, created_at FROM sso_states WHERE state_hash = $1",
+                                    state_hash)
+            if row is None or not await tx.execute("DELETE FROM sso_states WHERE state_hash = $1", state_hash):
+                return None
+        if float(row["created_at"]) < not_before:
+            return None
+        return row["app_id"], row["nonce"], row["verifier"]

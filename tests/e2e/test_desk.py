@@ -23,6 +23,7 @@ from shared.http import basic_auth_header
 from shared.signing import meta_signature
 from tests.e2e.test_widget_conversation import TIMEOUT_MS
 from tests.e2e.test_widget_handoff import eventually
+from tests.fakes.oidc import oidc_provider
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
 
@@ -273,3 +274,21 @@ async def test_an_admin_sets_a_channel_up_from_the_desk(browser: Browser, scene:
             assert resp.status == 404
     finally:
         await context.close()
+
+
+async def test_an_agent_signs_in_with_single_sign_on(browser: Browser, scene: Scene) -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+    async with oidc_provider() as provider:
+        await scene.rest("PUT", "/desk/settings", {"sso": {"issuer": provider.base, "clientId": provider.client_id,
+                                                           "clientSecret": provider.client_secret}})
+        context = await browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            await page.goto(f"{scene.base}/desk/?app={scene.app_id}")
+            await page.get_by_role("button", name="Sign in with single sign-on").click()
+            await expect(page.locator("#desk")).to_be_visible()
+            await expect(page.locator("#me")).to_have_text("Ben · agent")
+            assert provider.token_requests == 1
+        finally:
+            await context.close()

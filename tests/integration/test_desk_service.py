@@ -28,6 +28,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.http import basic_auth_header
 from shared.messages import notification
+from tests.fakes.oidc import oidc_provider
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, System, business_webhooks
 from tests.integration.test_web_conversation import eventually
 from threadline.bootstrap import AccountKey, bootstrap_sandbox
@@ -591,3 +592,65 @@ async def test_search_finds_messages_customers_and_labels(system: System, tmp_pa
         assert await found("refund-vip") == [third]
         assert await found("zz-nothing-zz") == []
         await desk.rest("GET", "/desk/conversations?q=x", status=400)
+
+
+@SQLITE_ONLY
+async def test_single_sign_on_with_openid_connect(system: System, tmp_path: Path) -> None:
+    async with oidc_provider() as provider, desk_scene(system, tmp_path) as desk:
+        ben = await desk.create_agent("ben@example.com", "Ben")
+        settings = (await desk.rest("PUT", "/desk/settings", {"sso": {
+            "issuer": provider.base, "clientId": provider.client_id, "clientSecret": provider.client_secret}}))
+        assert settings["settings"]["sso"] == {"issuer": provider.base, "clientId": provider.client_id,
+                                               "redirectUri": f"{desk.base}/desk/api/v1/sso/callback"}
+        assert "clientSecret" not in str(settings)
+        await desk.rest("PUT", "/desk/settings", {"sso": {"issuer": "http://169.254.169.254", "clientId": "x",
+                                                          "clientSecret": "y"}}, status=400)
+
+        async def sign_in(http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+            """Start at the desk, follow the provider back to the callback (not past it)."""
+            async with http.get(f"{desk.base}/desk/api/v1/sso/start", params={"app": desk.app_id},
+                                allow_redirects=False) as start:
+                assert start.status == 302, await start.text()
+                authorize = start.headers["Location"]
+            async with http.get(authorize, allow_redirects=False) as back:
+                assert back.status == 302
+                callback = back.headers["Location"]
+            return await http.get(callback, allow_redirects=False)
+
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            done = await sign_in(http)
+            assert done.status == 303 and done.headers["Location"] == "/desk/"
+            async with http.get(f"{desk.base}/desk/api/v1/session") as resp:
+                assert resp.status == 200 and (await resp.json())["agent"]["id"] == ben["id"]
+            # The same callback again (a replay): refused, its state was used.
+            async with http.get(str(done.url), allow_redirects=False) as again:
+                assert again.status in (400, 403)
+
+        # A callback this browser did not start (login CSRF: someone else's code and state): refused.
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as attacker:
+            async with attacker.get(f"{desk.base}/desk/api/v1/sso/start", params={"app": desk.app_id},
+                                    allow_redirects=False) as start:
+                authorize = start.headers["Location"]
+            async with attacker.get(authorize, allow_redirects=False) as back:
+                planted = back.headers["Location"]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as victim:
+            async with victim.get(planted, allow_redirects=False) as resp:
+                assert resp.status == 400 and "not started in this browser" in await resp.text()
+            async with victim.get(f"{desk.base}/desk/api/v1/session") as resp:
+                assert resp.status == 401
+
+        # What the provider vouches for must hold: a verified e-mail of an agent, this client, this sign-in.
+        for tamper, reason in (({"email_verified": False}, "email_verified"), ({"aud": "another-client"}, "not valid"),
+                               ({"email": "stranger@example.com"}, "no agent"), ({"nonce": "x"}, "nonce")):
+            provider.tamper = tamper
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                resp = await sign_in(http)
+                assert resp.status == 403 and reason in await resp.text(), tamper
+                async with http.get(f"{desk.base}/desk/api/v1/session") as session:
+                    assert session.status == 401
+        provider.tamper = {}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{desk.base}/desk/api/v1/sso/start", params={"app": "0" * 24},
+                                allow_redirects=False) as resp:
+                assert resp.status == 400 and "not set up" in await resp.text()

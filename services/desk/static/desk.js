@@ -96,6 +96,15 @@ $("signin-form").addEventListener("submit", async (event) => {
   }
 });
 
+$("sso").addEventListener("click", () => {
+  const appId = $("signin-form").appId.value.trim();
+  if (!appId) {
+    $("signin-error").textContent = "Fill in the app id first.";
+    return;
+  }
+  location.assign(`${API}/sso/start?app=${encodeURIComponent(appId)}`);
+});
+
 $("signout").addEventListener("click", async () => {
   await setPresence("offline").catch(() => {});
   await api("DELETE", "/session").catch(() => {});
@@ -531,8 +540,13 @@ async function showChannels(show) {
   document.querySelector(".context").hidden = show;
   if (!show) return;
   const settings = (await api("GET", "/settings")).settings;
-  $("settings-form").contextUrl.value = settings.contextUrl || "";
+  const form = $("settings-form");
+  form.contextUrl.value = settings.contextUrl || "";
   $("context-secret").textContent = settings.contextSecret ? `Signing secret: ${settings.contextSecret}` : "";
+  form.issuer.value = settings.sso?.issuer || "";
+  form.clientId.value = settings.sso?.clientId || "";
+  form.clientSecret.value = "";
+  $("sso-redirect").textContent = `Redirect URI to register: ${location.origin}${API}/sso/callback`;
   const channels = (await api("GET", "/channels")).channels;
   $("channel-rows").replaceChildren(...channels.map((channel) => {
     const paste = el("td");
@@ -563,9 +577,18 @@ $("close-channels").addEventListener("click", () => showChannels(false));
 $("channel-type").addEventListener("change", renderChannelFields);
 $("settings-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const url = event.target.contextUrl.value.trim();
+  const form = event.target;
+  const url = form.contextUrl.value.trim();
+  const body = { contextUrl: url || null };
+  if (form.issuer.value.trim()) {
+    body.sso = { issuer: form.issuer.value.trim(), clientId: form.clientId.value.trim() };
+    if (form.clientSecret.value) body.sso.clientSecret = form.clientSecret.value;
+  } else {
+    body.sso = null;
+  }
   try {
-    const settings = (await api("PUT", "/settings", { contextUrl: url || null })).settings;
+    const settings = (await api("PUT", "/settings", body)).settings;
+    form.clientSecret.value = "";
     $("context-secret").textContent = settings.contextSecret ? `Signing secret: ${settings.contextSecret}` : "";
     $("settings-error").textContent = "";
   } catch (error) {
