@@ -332,6 +332,8 @@ class Desk:
             await serialize(tx, f"desk:{app_id}")
             ticket = await self.store.ticket(conversation_id, tx)
             team_id = await self._team_from(tx, app_id, steer.get("desk:team"))
+            if team_id is None and ticket is None and channel:
+                team_id = await self._team_serving(tx, app_id, channel)
             if ticket is None:
                 last_agent = await self.store.last_agent_of_user(app_id, user_id, tx) if user_id else None
                 ticket = Ticket(
@@ -420,6 +422,12 @@ class Desk:
     async def _announce(self, ticket: Ticket) -> None:
         await self.publish(Update(app_id=ticket.app_id, kind="ticket", conversation_id=ticket.conversation_id,
                                   data=ticket_out(ticket)))
+
+    async def _team_serving(self, tx: Connection, app_id: str, channel: str) -> str | None:
+        """The team a new conversation of `channel` is queued for: the team that lists it among the
+        channels it serves (the first by name when several do); None (the app's default team) when
+        none does."""
+        return next((team.id for team in await self.store.teams(app_id, tx) if channel in team.channels), None)
 
     async def _team_from(self, tx: Connection, app_id: str, value: Any) -> str | None:
         if not isinstance(value, str) or not value:

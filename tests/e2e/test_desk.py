@@ -9,6 +9,7 @@ same timeline (a badge per channel). A's desk, in a second browser context, sees
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -292,3 +293,32 @@ async def test_an_agent_signs_in_with_single_sign_on(browser: Browser, scene: Sc
             assert provider.token_requests == 1
         finally:
             await context.close()
+
+
+async def test_the_sandbox_page_opens_the_desk_as_the_demo_agent(browser: Browser, system: System) -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+    await system.start("identity", "conversations", "web", "sandbox", "desk",
+                       env={"THREADLINE_DESK_DEMO_AGENT_EMAIL": "demo@threadline.invalid"})
+    await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET), system.data_dir,
+                            ("web",), desk=True)
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        await page.goto(f"{system.base_url}/sandbox/")
+        link = page.get_by_role("link", name="Open the agent desk")
+        await expect(link).to_have_attribute("href", re.compile(r"^/desk/#demo=[0-9a-f]{24}$"))
+
+        async def demo_agent_made() -> bool:
+            desk = system.service("desk")
+            app_id = (await link.get_attribute("href") or "").rpartition("=")[2]
+            return await desk.store.agent_by_email(app_id, "demo@threadline.invalid") is not None
+
+        await eventually(demo_agent_made, timeout=15.0)
+        async with context.expect_page() as opened:
+            await link.click()
+        desk_page = await opened.value
+        await expect(desk_page.locator("#me")).to_have_text("Demo agent · admin")
+        await expect(desk_page.locator("#presence")).to_have_value("online")
+    finally:
+        await context.close()

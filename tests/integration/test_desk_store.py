@@ -368,3 +368,23 @@ async def test_privacy_events_reach_previews_notes_and_every_ticket_of_the_user(
                                              user=UserRef(id="user-pat"), conversation_ids=["p1"]))
     for name in ("p1", "p2", "p3"):
         assert await store.ticket(name) is None
+
+
+async def test_a_team_serving_a_channel_gets_its_new_conversations(store: Store) -> None:
+    clock = Clock()
+    recorder = Recorder()
+    desk = make_desk(store, clock, recorder=recorder)
+    ada, bob = await add_agent(desk, "ada"), await add_agent(desk, "bob")
+    await desk.save_team(Actor(app_id=APP), TeamRow(id="t-sms", app_id=APP, name="SMS desk", skills=[],
+                                                    channels=["twilio"], members=[bob.id], created_at=clock.now),
+                         new=True)
+    await online(desk, ada)
+    recorder.customers["text"] = ("user-text", "twilio")
+    recorder.customers["chat"] = ("user-chat", "whatsapp")
+    await desk.handle_event(control_event("text", DESK_MEMBER, clock.now))
+    await desk.handle_event(control_event("chat", DESK_MEMBER, clock.now))
+    texting = await store.ticket("text")
+    assert texting is not None and texting.team_id == "t-sms" and texting.agent_id is None  # Ada is not in it
+    assert await holder(desk, "chat") == ada.id
+    await online(desk, bob)
+    assert await holder(desk, "text") == bob.id

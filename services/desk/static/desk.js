@@ -194,6 +194,10 @@ async function loadAgents() {
 
 async function loadTeams() {
   state.teams = (await api("GET", "/teams")).teams;
+  const chosen = $("filter-team").value;
+  $("filter-team").replaceChildren(el("option", { value: "", text: "Any team" }),
+    ...state.teams.map((team) => el("option", { value: team.id, text: team.name })));
+  $("filter-team").value = chosen;
   renderTransferOptions();
 }
 
@@ -218,8 +222,12 @@ async function loadInbox() {
   const status = $("filter-status").value;
   const channel = $("filter-channel").value;
   const search = $("filter-search").value.trim();
+  const team = $("filter-team").value;
+  const label = $("filter-label").value.trim();
   if (status) query.set("status", status);
   if (channel) query.set("channel", channel);
+  if (team) query.set("team", team);
+  if (label) query.set("label", label);
   if (search.length >= 2) query.set("q", search);
   const data = await api("GET", `/conversations?${query}`);
   state.tickets = new Map(data.conversations.map((ticket) => [ticket.conversationId, ticket]));
@@ -246,6 +254,10 @@ function inView(ticket) {
   const channel = $("filter-channel").value;
   if (status && !status.split(",").includes(ticket.status)) return false;
   if (channel && ticket.channel !== channel) return false;
+  const team = $("filter-team").value;
+  const label = $("filter-label").value.trim();
+  if (team && ticket.teamId !== team) return false;
+  if (label && !ticket.labels.includes(label)) return false;
   if (state.view === "mine" && ticket.agentId !== state.agent.id) return false;
   if (state.view === "unassigned" && ticket.agentId) return false;
   // A search's matches come from the server (messages, customers, labels): live updates of other
@@ -281,7 +293,9 @@ for (const button of document.querySelectorAll(".views button")) {
     loadInbox().catch(reportError);
   });
 }
-for (const id of ["filter-status", "filter-channel"]) $(id).addEventListener("change", () => loadInbox().catch(reportError));
+for (const id of ["filter-status", "filter-channel", "filter-team", "filter-label"]) {
+  $(id).addEventListener("change", () => loadInbox().catch(reportError));
+}
 $("filter-search").addEventListener("input", () => {
   clearTimeout(state.searchTimer);
   state.searchTimer = setTimeout(() => loadInbox().catch(reportError), 300);
