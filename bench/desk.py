@@ -238,7 +238,7 @@ async def main() -> None:
                     await page.goto(f"{base}/desk/?app={app_id}")
                     await page.get_by_label("E-mail", exact=True).fill(email)
                     await page.get_by_label("Password", exact=True).fill(PASSWORD)
-                    await page.get_by_role("button", name="Sign in").click()
+                    await page.get_by_role("button", name="Sign in", exact=True).click()
                     await page.locator("#desk").wait_for()
                     item = page.locator(f'#tickets li[data-conversation="{timeline_id}"]')
                     await item.wait_for()

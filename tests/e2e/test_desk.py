@@ -87,7 +87,7 @@ async def open_desk(browser: Browser, scene: Scene, email: str) -> tuple[Browser
     await page.goto(f"{scene.base}/desk/?app={scene.app_id}")
     await page.get_by_label("E-mail", exact=True).fill(email)
     await page.get_by_label("Password", exact=True).fill(PASSWORD)
-    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_role("button", name="Sign in", exact=True).click()
     await expect(page.locator("#desk")).to_be_visible()
     await expect(page.locator("#presence")).to_have_value("online")
     await expect(page.locator("#live")).to_have_class("live on")
