@@ -11,7 +11,7 @@ services in one process (the tests' `System`) share it: `/metrics` shows the pro
 dashboard (deploy/grafana/threadline-dashboard.json) is checked against what is exported.
 
 Labels are low-cardinality by construction — channel, result, outcome, group, engine,
-operation, service — never an id. Call sites are one line each: the helpers below.
+operation, service, reason, cause — never an id. Call sites are one line each: the helpers below.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ MEDIA_COPIES: Final = MetricSpec(
 DESK_ASSIGNMENTS: Final = MetricSpec(
     "threadline.desk.assignments", "counter", "{conversation}",
     "Agent desk: conversations given to an agent, per reason: least_busy, returning (back to the customer's last"
-    " agent), transfer (to a named agent, or taken by hand).",
+    " agent), transfer (to a named agent), manual (taken by an agent or given by an admin by hand).",
     (REASON,))
 DESK_WAIT: Final = MetricSpec(
     "threadline.desk.wait", "histogram", "s",

@@ -66,7 +66,7 @@ def test_names_and_labels_are_prometheus_names_and_low_cardinality() -> None:
     names = [spec.prometheus_name for spec in metrics.METRICS]
     assert len(names) == len(set(names))
     allowed = {metrics.CHANNEL, metrics.RESULT, metrics.OUTCOME, metrics.GROUP, metrics.ENGINE, metrics.OPERATION,
-               metrics.SERVICE}
+               metrics.SERVICE, metrics.REASON, metrics.CAUSE}
     for spec in metrics.METRICS:
         assert re.fullmatch(r"threadline_[a-z_]+", spec.prometheus_name), spec
         assert spec.description and set(spec.labels) <= allowed, spec
