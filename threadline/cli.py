@@ -371,6 +371,7 @@ class Launcher:
 Threadline is up.  Front door: {self.base_url}   (Ctrl-C stops everything)
 
   Sandbox page     {self.base_url}/sandbox/
+  Agent desk       {self.base_url}/desk/#demo={info['appId']}   (signed in as the demo agent)
   Business API     {self.base_url}/v2   (OpenAPI: {self.base_url}/v2/openapi.json)
   Widget           {self.base_url}/widget/threadline.js
   Health           {self.base_url}/healthz
