@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from shared.http import basic_auth_header
@@ -266,10 +268,23 @@ async def test_an_admin_sets_a_channel_up_from_the_desk(browser: Browser, scene:
         await ana.get_by_role("button", name="Channels").click()
         await expect(rows.filter(has_text="Support line")).not_to_contain_text("never")
 
+        # The app's push channel too: an Android app with its service account.
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        await form.get_by_label("Type").select_option("android")
+        await form.get_by_label("Name").fill("Shop app")
+        await form.get_by_label("Firebase project id").fill("shop-app-test")
+        await form.get_by_label("Service account e-mail").fill("push@shop-app-test.iam.gserviceaccount.com")
+        await form.get_by_label("Service account private key (PEM)").fill(key)
+        await form.get_by_role("button", name="Add").click()
+        android = rows.filter(has_text="Shop app")
+        await expect(android).to_contain_text("active")
+        await expect(rows).to_have_count(4)
+
         # An admin removes the channel.
         ana.once("dialog", lambda dialog: dialog.accept())
         await rows.filter(has_text="Support line").get_by_role("button", name="Remove").click()
-        await expect(rows).to_have_count(2)
+        await expect(rows).to_have_count(3)
         async with scene.http.get(f"{scene.base}/v2/apps/{scene.app_id}/integrations/{integration_id}",
                                   headers=scene.auth) as resp:
             assert resp.status == 404

@@ -111,8 +111,15 @@ async def test_a_web_conversation_continues_on_the_channel(system: System, tmp_p
             await eventually(timeout=20.0, check=linked)
             client_add = added()[0]["payload"]
             assert client_add["reason"] == "channelLinking" and client_add["user"]["id"] == user_id
-            assert any(e["type"] == "conversation:referral"
-                       and e["payload"]["conversation"]["id"] == conversation_id for e in events)
+
+            # The referral is announced right after the client (it may come in the next webhook call).
+            async def referred() -> list[dict[str, Any]]:
+                return [e for e in events if e["type"] == "conversation:referral"
+                        and e["payload"]["conversation"]["id"] == conversation_id]
+
+            await eventually(timeout=20.0, check=referred)
+            kinds = [e["type"] for e in events if e["type"] in ("client:add", "conversation:referral")]
+            assert kinds.index("client:add") < kinds.index("conversation:referral")
             # The widget hears that the conversation moved.
             frame = decode_frame((await socket.receive(timeout=10)).data)
             while not isinstance(frame, ChannelFrame):

@@ -540,12 +540,19 @@ const CHANNEL_FIELDS = {
   mailgun: [["incomingAddress", "Address customers write to"], ["smtpHost", "SMTP server"], ["smtpPort", "SMTP port", "number"],
     ["username", "SMTP user"], ["password", "SMTP password", "password"]],
   web: [["businessName", "Business name"], ["brandColor", "Brand colour (hex, no #)"]],
+  android: [["projectId", "Firebase project id"], ["clientEmail", "Service account e-mail"],
+    ["privateKey", "Service account private key (PEM)", "textarea"]],
+  ios: [["bundleId", "Bundle id"], ["teamId", "Team id"], ["keyId", "APNs key id"],
+    ["signingKey", "APNs signing key (.p8, PEM)", "textarea"], ["production", "Production APNs (yes/no)", "boolean"]],
 };
 
 function renderChannelFields() {
   const type = $("channel-type").value;
   $("channel-fields").replaceChildren(...CHANNEL_FIELDS[type].map(([name, label, kind]) =>
-    el("label", {}, label, el("input", { name, type: kind || "text", autocomplete: "off" }))));
+    el("label", {}, label, kind === "textarea"
+      ? el("textarea", { name, rows: 4, autocomplete: "off", spellcheck: false })
+      : el("input", { name, type: kind === "number" ? "number" : kind === "password" ? "password" : "text",
+        autocomplete: "off" }))));
 }
 
 async function showChannels(show) {
@@ -616,7 +623,10 @@ $("channel-form").addEventListener("submit", async (event) => {
   if (form.displayName.value.trim()) body.displayName = form.displayName.value.trim();
   for (const [name, , kind] of CHANNEL_FIELDS[body.type]) {
     const value = form.elements[name].value.trim();
-    if (value) body[name] = kind === "number" ? Number(value) : value;
+    if (!value) continue;
+    if (kind === "number") body[name] = Number(value);
+    else if (kind === "boolean") body[name] = /^(y|yes|true|1)$/i.test(value);
+    else body[name] = value;
   }
   try {
     await api("POST", "/channels", body);
