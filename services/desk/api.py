@@ -341,7 +341,8 @@ class DeskApi:
             skills=agent.skills if body.skills is None else _clean_list(body.skills, "skills"),
             channels=agent.channels if body.channels is None else _clean_list(body.channels, "channels"),
             disabled=agent.disabled if body.disabled is None else body.disabled,
-            last_assigned_at=agent.last_assigned_at, last_seen_at=agent.last_seen_at, created_at=agent.created_at)
+            last_assigned_at=agent.last_assigned_at, last_seen_at=agent.last_seen_at, created_at=agent.created_at,
+            version=agent.version)
         # Someone else's role or password changed, or they were disabled: they sign in again. One's
         # own password change keeps only the session that made it: a thief's session ends with it.
         privileges_changed = (updated.role != agent.role or updated.disabled

@@ -659,8 +659,9 @@ class DeskService(ServiceApp):
         with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
             await self.throttle.succeeded(body.app_id, body.email, address)
         if agent.password_hash and auth.needs_rehash(agent.password_hash):
+            rehashed = replace(agent, password_hash=await self.kdf.hash(body.password))
             async with self.store.transaction() as tx:
-                await self.store.update_agent(tx, replace(agent, password_hash=await self.kdf.hash(body.password)))
+                await self.store.update_agent(tx, rehashed)  # an edit made meanwhile wins; the next sign-in rehashes
         return await self._signed_in(request, agent)
 
     async def demo_sign_in(self, request: web.Request) -> web.Response:

@@ -384,6 +384,8 @@ class Desk:
 
     async def _route(self, tx: Connection, app_id: str) -> list[routing.Assignment]:
         """Assign what can be assigned in the app now (inside the serialized transaction)."""
+        if not await self.store.has_free_seat(tx, app_id):
+            return []  # everyone busy or away: the queue waits as it is
         queue = [ticket.routing_record() for ticket in await self.store.queued(tx, app_id)]
         if not queue:
             return []
@@ -697,7 +699,8 @@ class Desk:
         goes offline and their conversations back to the queue."""
         async with self.store.transaction() as tx:
             await serialize(tx, f"desk:{agent.app_id}")
-            await self.store.update_agent(tx, agent)
+            if not await self.store.update_agent(tx, agent):
+                raise ApiError(409, "The agent was changed meanwhile: read it again", "conflict")
             released: list[str] = []
             if agent.disabled:
                 await self.store.set_presence(tx, agent.id, "offline", None)

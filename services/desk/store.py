@@ -160,6 +160,11 @@ MIGRATION = Migration([
     );
     CREATE INDEX sso_states_created ON sso_states (created_at)
     """,
+    # An agent's edits are compare-and-set on this: two admins editing one agent at once, the
+    # second is told (409) instead of silently undoing the first.
+    """
+    ALTER TABLE agents ADD COLUMN version INTEGER NOT NULL DEFAULT 0
+    """,
 ])
 
 OPEN, PENDING, SNOOZED, RESOLVED = "open", "pending", "snoozed", "resolved"
@@ -170,7 +175,7 @@ _TICKET_COLUMNS = (
     " transferred_from_agent_id, requeued_at, snoozed_until, labels, last_message_at, last_message_text,"
     " last_author, created_at, updated_at")
 _AGENT_COLUMNS = ("id, app_id, email, display_name, role, password_hash, capacity, presence, skills, channels,"
-                  " disabled, last_assigned_at, last_seen_at, created_at")
+                  " disabled, last_assigned_at, last_seen_at, created_at, version")
 
 
 def _list(value: str | None) -> list[str]:
@@ -208,6 +213,8 @@ class AgentRow:
     last_assigned_at: float | None
     last_seen_at: float | None
     created_at: float
+    # Bumped by every edit (`Store.update_agent` compares it).
+    version: int = 0
 
     @classmethod
     def of(cls, row: Row) -> AgentRow:
@@ -215,7 +222,7 @@ class AgentRow:
                    role=row["role"], password_hash=row["password_hash"], capacity=int(row["capacity"]),
                    presence=row["presence"], skills=_list(row["skills"]), channels=_list(row["channels"]),
                    disabled=bool(row["disabled"]), last_assigned_at=row["last_assigned_at"],
-                   last_seen_at=row["last_seen_at"], created_at=float(row["created_at"]))
+                   last_seen_at=row["last_seen_at"], created_at=float(row["created_at"]), version=int(row["version"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +356,7 @@ class Store:
         """Create an agent; False when the app already has one with that e-mail."""
         inserted = await tx.execute(
             f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-            " $13, $14) ON CONFLICT (app_id, email) DO NOTHING",
+            " $13, $14, 0) ON CONFLICT (app_id, email) DO NOTHING",
             agent.id, agent.app_id, agent.email, agent.display_name, agent.role, agent.password_hash,
             agent.capacity, agent.presence, _dump(agent.skills), _dump(agent.channels), int(agent.disabled),
             agent.last_assigned_at, agent.last_seen_at, agent.created_at)
@@ -372,13 +379,14 @@ class Store:
             f"SELECT {_AGENT_COLUMNS} FROM agents WHERE app_id = $1 ORDER BY display_name, id", app_id)
         return [AgentRow.of(row) for row in rows]
 
-    async def update_agent(self, tx: Connection, agent: AgentRow) -> None:
-        """Write an agent's editable fields (not presence, which `set_presence` owns)."""
-        await tx.execute(
+    async def update_agent(self, tx: Connection, agent: AgentRow) -> bool:
+        """Write an agent's editable fields (not presence, which `set_presence` owns) if nobody
+        edited the agent since `agent` was read (its `version`); False otherwise."""
+        return await tx.execute(
             "UPDATE agents SET display_name = $2, role = $3, password_hash = $4, capacity = $5, skills = $6,"
-            " channels = $7, disabled = $8 WHERE id = $1",
+            " channels = $7, disabled = $8, version = version + 1 WHERE id = $1 AND version = $9",
             agent.id, agent.display_name, agent.role, agent.password_hash, agent.capacity, _dump(agent.skills),
-            _dump(agent.channels), int(agent.disabled))
+            _dump(agent.channels), int(agent.disabled), agent.version) > 0
 
     async def delete_agent(self, tx: Connection, agent_id: str) -> None:
         """Remove an agent, their team memberships and sessions (their tickets are released first)."""
@@ -402,6 +410,14 @@ class Store:
             f"SELECT {_AGENT_COLUMNS} FROM agents WHERE presence <> 'offline'"
             " AND (last_seen_at IS NULL OR last_seen_at < $1)", before)
         return [AgentRow.of(row) for row in rows]
+
+    async def has_free_seat(self, tx: Connection, app_id: str) -> bool:
+        """Whether an online, enabled agent of the app holds fewer open conversations than their
+        capacity (no routing pass can assign anything otherwise)."""
+        return await tx.fetchval(
+            "SELECT 1 FROM agents a WHERE a.app_id = $1 AND a.presence = 'online' AND a.disabled = 0 AND a.capacity >"
+            " (SELECT COUNT(*) FROM tickets t WHERE t.agent_id = a.id AND t.status IN ('open', 'pending')) LIMIT 1",
+            app_id) is not None
 
     async def routing_agents(self, tx: Connection, app_id: str) -> list[routing.Agent]:
         """An app's enabled agents as routing sees them: teams, skills (their own and their teams'),

@@ -9,6 +9,7 @@ erasure, and two desks (replicas) deciding at once on one database.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -388,3 +389,22 @@ async def test_a_team_serving_a_channel_gets_its_new_conversations(store: Store)
     assert await holder(desk, "chat") == ada.id
     await online(desk, bob)
     assert await holder(desk, "text") == bob.id
+
+
+async def test_two_admins_editing_one_agent_at_once_do_not_undo_each_other(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada = await add_agent(desk, "ada")
+    read_by_first = await store.agent(ada.id)
+    read_by_second = await store.agent(ada.id)
+    assert read_by_first is not None and read_by_second is not None
+    admin = Actor(app_id=APP)
+    await desk.update_agent(admin, replace(read_by_first, disabled=True), drop_sessions=True)
+    with pytest.raises(ApiError) as refused:  # built on a stale read: it would have enabled her again
+        await desk.update_agent(admin, replace(read_by_second, capacity=9), drop_sessions=False)
+    assert refused.value.status == 409
+    current = await store.agent(ada.id)
+    assert current is not None and current.disabled and current.capacity == ada.capacity and current.version == 1
+    # Nobody online with a free seat: a conversation waits without a routing pass over the queue.
+    await desk.handle_event(control_event("waits", DESK_MEMBER, clock.now))
+    assert await holder(desk, "waits") is None
