@@ -259,6 +259,12 @@ def postgres_ddl(script: str) -> str:
     return script
 
 
+def like_containing(text: str) -> str:
+    """A `LIKE $n ESCAPE '!'` pattern matching `text` anywhere, its `%`, `_` and `!` taken literally
+    (the same on both engines: PostgreSQL's default escape, the backslash, is common in JSON text)."""
+    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
 def split_sql(script: str) -> list[str]:
     """The statements of a script (no `;` inside literals in our migrations)."""
     return [s.strip() for s in script.split(";") if s.strip()]

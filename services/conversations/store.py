@@ -30,6 +30,7 @@ from shared.db import (
     GroupCommit,
     Migration,
     Row,
+    like_containing,
     open_database,
     serialize,
 )
@@ -282,11 +283,6 @@ _JSON = msgspec.json.Encoder()
 
 # The newest messages of an app a search looks through.
 SEARCH_WINDOW = 100_000
-
-
-def like_pattern(text: str) -> str:
-    """A LIKE … ESCAPE '!' pattern matching `text` anywhere (its wildcards taken literally)."""
-    return "%" + text.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
 
 
 def dumps(value: Any) -> str:
@@ -1181,7 +1177,8 @@ class Store:
         rows = await self._all(
             "SELECT conversation_id, MAX(seq) AS last FROM (SELECT conversation_id, body, seq FROM messages"
             " WHERE app_id = $1 ORDER BY seq DESC LIMIT $2) recent WHERE lower(body) LIKE $3 ESCAPE '!'"
-            " GROUP BY conversation_id ORDER BY last DESC LIMIT $4", app_id, SEARCH_WINDOW, like_pattern(text), limit)
+            " GROUP BY conversation_id ORDER BY last DESC LIMIT $4",
+            app_id, SEARCH_WINDOW, like_containing(text), limit)
         return [row["conversation_id"] for row in rows]
 
     async def delete_message(self, conversation_id: str, message_id: str) -> int:

@@ -736,8 +736,8 @@ def match(method: str, path: str) -> tuple[DeskOperation, dict[str, str]] | None
     return None
 
 
-def _error_body(status: int, title: str) -> bytes:
-    body = error_response(status, title).body
+def _error_body(status: int, title: str, code: str | None = None) -> bytes:
+    body = error_response(status, title, code).body
     assert isinstance(body, bytes)
     return body
 
@@ -747,9 +747,7 @@ async def run(api: DeskApi, op: DeskOperation, call: Call) -> tuple[int, bytes]:
     try:
         status, data = await op.fn(api, call)
     except ApiError as exc:
-        response = error_response(exc.status, exc.title, exc.code)
-        assert isinstance(response.body, bytes)
-        return exc.status, response.body
+        return exc.status, _error_body(exc.status, exc.title, exc.code)
     response = json_response(data, status)
     assert isinstance(response.body, bytes)
     return status, response.body
@@ -763,9 +761,7 @@ async def answer_call(api: DeskApi, data: bytes) -> bytes:
         return msgs.encode(msgs.DeskAnswer(status=400, body=b'{"errors":[{"code":"bad_request","title":"Bad call"}]}'))
     found = match(call.method, call.path)
     if found is None or found[0].agent_only:
-        response = error_response(404, "No such desk operation")
-        assert isinstance(response.body, bytes)
-        return msgs.encode(msgs.DeskAnswer(status=404, body=response.body))
+        return msgs.encode(msgs.DeskAnswer(status=404, body=_error_body(404, "No such desk operation")))
     op, params = found
     if any("\x00" in value for value in call.query.values()):
         status, body = 400, _error_body(400, "Query values must not contain NUL characters")

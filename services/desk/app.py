@@ -21,10 +21,10 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -58,6 +58,7 @@ from .handlers import DESK_TYPE, Actor, Desk, Snapshot, Update, agent_out
 from .store import AgentRow, Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_PATH = API_PREFIX + "/session"
 SSO_START_PATH = API_PREFIX + "/sso/start"
@@ -91,7 +92,6 @@ SOCKET_AGENT = web.ResponseKey("desk_agent", str)
 SOCKET_SESSION = web.ResponseKey("desk_session", str)
 SOCKET_BEAT = web.ResponseKey("desk_beat", float)
 _UPDATE_ENCODER = msgspec.json.Encoder()
-_UPDATE_DECODER = msgspec.json.Decoder(Update)
 
 
 class LoginBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -104,19 +104,27 @@ class DemoLoginBody(msgspec.Struct, rename="camel", forbid_unknown_fields=True, 
     app_id: str
 
 
+# What a request to another service may fail with (it then cannot answer now).
+PEER_FAILURES = (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError)
+
+
 class NatsConversations:
-    """The conversations service, as the desk asks it (`conversations.desk`)."""
+    """The services the desk asks over NATS: conversations (`conversations.desk`, history,
+    participants), identity, handoff and notifications."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
-    async def _ask(self, request: msgs.DeskRequest) -> msgs.DeskDone:
+    async def _call(self, subject: str, data: bytes, decode: Callable[[bytes], T], unavailable: str) -> T:
+        """A request's decoded answer; ApiError(503, `unavailable`) when the service cannot answer."""
         try:
-            raw = await self.bus.request(subjects.CONVERSATIONS_DESK, msgs.encode(request),
-                                         timeout=CONVERSATIONS_TIMEOUT)
-            reply = msgs.REPLY_DECODER.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(503, "Conversations are unavailable right now, try again") from exc
+            return decode(await self.bus.request(subject, data, timeout=CONVERSATIONS_TIMEOUT))
+        except PEER_FAILURES as exc:
+            raise ApiError(503, unavailable) from exc
+
+    async def _ask(self, request: msgs.DeskRequest) -> msgs.DeskDone:
+        reply = await self._call(subjects.CONVERSATIONS_DESK, msgs.encode(request), msgs.REPLY_DECODER.decode,
+                                 "Conversations are unavailable right now, try again")
         if isinstance(reply, msgs.DeskRefused):
             raise ApiError(reply.status, reply.title, reply.code)
         return reply
@@ -133,34 +141,27 @@ class NatsConversations:
     async def search(self, app_id: str, query: str) -> tuple[list[str], list[str]]:
         """(conversations whose messages hold `query`, users it names) from conversations and identity."""
         done = await self._ask(msgs.SearchMessages(app_id=app_id, conversation_id="", query=query))
-        try:
-            raw = await self.bus.request(subjects.IDENTITY_USERS_SEARCH, ident.encode(ident.SearchUsers(
-                app_id=app_id, query=query)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = ident.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(503, "Customers cannot be searched right now, try again") from exc
-        users = reply.user_ids if isinstance(reply, ident.UserIds) else []
-        return done.conversation_ids or [], users
+        reply = await self._call(subjects.IDENTITY_USERS_SEARCH, ident.encode(ident.SearchUsers(
+            app_id=app_id, query=query)), ident.decode, "Customers cannot be searched right now, try again")
+        return done.conversation_ids or [], reply.user_ids if isinstance(reply, ident.UserIds) else []
 
     async def similar_users(self, app_id: str, user_id: str) -> list[ident.SimilarUser]:
         """Other users who may be this customer (the same number or address); [] when unknown."""
         try:
-            raw = await self.bus.request(subjects.IDENTITY_USERS_SIMILAR, ident.encode(ident.FindSimilarUsers(
-                app_id=app_id, user_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = ident.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.info("similar users of %s unavailable: %s", user_id, exc)
+            reply = await self._call(subjects.IDENTITY_USERS_SIMILAR, ident.encode(ident.FindSimilarUsers(
+                app_id=app_id, user_id=user_id)), ident.decode, "identity unavailable")
+        except ApiError as exc:
+            log.info("similar users of %s unavailable: %s", user_id, exc.__cause__)
             return []
         return reply.users if isinstance(reply, ident.SimilarUsers) else []
 
     async def opt_ins(self, app_id: str, user_id: str) -> list[dict[str, Any]]:
         """Where the customer asked to be notified when away (addresses masked); [] when unknown."""
         try:
-            raw = await self.bus.request(subjects.NOTIFICATIONS_OPTIN_LIST, notification.ENCODER.encode(
-                notification.ListOptIns(app_id=app_id, user_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = notification.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.info("opt-ins of %s unavailable: %s", user_id, exc)
+            reply = await self._call(subjects.NOTIFICATIONS_OPTIN_LIST, notification.ENCODER.encode(
+                notification.ListOptIns(app_id=app_id, user_id=user_id)), notification.decode, "unavailable")
+        except ApiError as exc:
+            log.info("opt-ins of %s unavailable: %s", user_id, exc.__cause__)
             return []
         if not isinstance(reply, notification.OptInsReply):
             return []
@@ -191,14 +192,12 @@ class NatsConversations:
     async def snapshot(self, app_id: str, conversation_id: str) -> Snapshot:
         """The conversation's first participant, the type of their primary client, and the last message."""
         try:
-            raw = await self.bus.request(subjects.CONVERSATIONS_PARTICIPANTS, conv.ENCODER.encode(
-                conv.GetParticipants(app_id=app_id, conversation_id=conversation_id)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = conv.decode_request(raw)
-            raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
-                app_id=app_id, conversation_id=conversation_id, limit=1)), timeout=CONVERSATIONS_TIMEOUT)
-            page = conv.decode_request(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("conversation %s unavailable: %s", conversation_id, exc)
+            reply = await self._call(subjects.CONVERSATIONS_PARTICIPANTS, conv.ENCODER.encode(conv.GetParticipants(
+                app_id=app_id, conversation_id=conversation_id)), conv.decode_request, "unavailable")
+            page = await self._call(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
+                app_id=app_id, conversation_id=conversation_id, limit=1)), conv.decode_request, "unavailable")
+        except ApiError as exc:
+            log.warning("conversation %s unavailable: %s", conversation_id, exc.__cause__)
             return Snapshot()
         last = page.messages[-1].message if isinstance(page, conv.HistoryPage) and page.messages else None
         last_at = parse_iso(last.received) if last is not None else None
@@ -211,12 +210,9 @@ class NatsConversations:
 
     async def history(self, app_id: str, conversation_id: str, limit: int) -> dict[str, Any]:
         """The latest `limit` messages of a conversation (oldest first) and its switchboard state."""
-        try:
-            raw = await self.bus.request(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
-                app_id=app_id, conversation_id=conversation_id, limit=limit)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = conv.decode_request(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(503, "Conversations are unavailable right now, try again") from exc
+        reply = await self._call(subjects.CONVERSATIONS_HISTORY, conv.ENCODER.encode(conv.GetHistory(
+            app_id=app_id, conversation_id=conversation_id, limit=limit)), conv.decode_request,
+            "Conversations are unavailable right now, try again")
         if isinstance(reply, conv.ConversationError):
             raise ApiError(reply.status, reply.title, reply.code)
         if not isinstance(reply, conv.HistoryPage):
@@ -226,25 +222,18 @@ class NatsConversations:
 
     async def profile(self, app_id: str, user_id: str) -> dict[str, Any] | None:
         """The customer's profile and every channel identity (None: the user is gone)."""
-        try:
-            raw = await self.bus.request(subjects.IDENTITY_CLIENTS_LIST, ident.encode(ident.ListClients(
-                app_id=app_id, user_id_or_external_id=user_id)), timeout=CONVERSATIONS_TIMEOUT)
-            reply = ident.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(503, "Identities are unavailable right now, try again") from exc
+        reply = await self._call(subjects.IDENTITY_CLIENTS_LIST, ident.encode(ident.ListClients(
+            app_id=app_id, user_id_or_external_id=user_id)), ident.decode,
+            "Identities are unavailable right now, try again")
         if not isinstance(reply, ident.ClientsReply):
             return None
         return {"user": msgspec.to_builtins(reply.user), "clients": msgspec.to_builtins(reply.clients)}
 
     async def issue_link(self, app_id: str, user_id: str, conversation_id: str, integration_id: str) -> str:
         """A handoff link that brings the customer to `integration_id`'s channel in this conversation."""
-        try:
-            raw = await self.bus.request(subjects.HANDOFF_ISSUE, handoff.encode(handoff.IssueLinks(
-                app_id=app_id, user_id=user_id, conversation_id=conversation_id, integration_ids=[integration_id])),
-                timeout=CONVERSATIONS_TIMEOUT)
-            answer = handoff.decode(raw)
-        except (TimeoutError, nats.errors.Error, RequestFailed, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(503, "Handoff is unavailable right now, try again") from exc
+        answer = await self._call(subjects.HANDOFF_ISSUE, handoff.encode(handoff.IssueLinks(
+            app_id=app_id, user_id=user_id, conversation_id=conversation_id, integration_ids=[integration_id])),
+            handoff.decode, "Handoff is unavailable right now, try again")
         if isinstance(answer, handoff.HandoffError):
             raise ApiError(answer.status, answer.title, answer.code)
         if not isinstance(answer, handoff.LinksIssued) or not answer.links:
@@ -308,13 +297,13 @@ class BusinessContext:
     """The context panel of each app: its settings in the store (the secret sealed), its calls
     through the egress policy (`context.fetch_cards`)."""
 
-    sso: SingleSignOn
-
-    def __init__(self, store: Store, keyring: Keyring, egress: EgressPolicy, session: EgressSession) -> None:
+    def __init__(self, store: Store, keyring: Keyring, egress: EgressPolicy, session: EgressSession,
+                 sso: SingleSignOn) -> None:
         self.store = store
         self.keyring = keyring
         self.egress = egress
         self.session = session
+        self.sso = sso
 
     def _open(self, app_id: str, sealed: str | None) -> str | None:
         return None if sealed is None else self.keyring.open(sealed, f"desk-context:{app_id}")
@@ -526,12 +515,11 @@ class DeskService(ServiceApp):
         self.desk = Desk(self.store, conversations, self._publish_update, AppMembers(self.bus, apps),
                          default_capacity=self.config.default_capacity,
                          grace_seconds=self.config.presence_grace_seconds)
-        context = BusinessContext(self.store, self.config.keyring, self.common.egress,
-                                  self.egress_session("business", timeout=CONTEXT_TIMEOUT, limit=20))
         self.sso = SingleSignOn(self.store, self.config.keyring, self.common.egress,
                                 self.egress_session("business", timeout=SSO_TIMEOUT, limit=10),
                                 self.common.public_base_url)
-        context.sso = self.sso
+        context = BusinessContext(self.store, self.config.keyring, self.common.egress,
+                                  self.egress_session("business", timeout=CONTEXT_TIMEOUT, limit=20), self.sso)
         self.api = DeskApi(self.desk, self.kdf, conversations, channels, self.common.public_base_url, context)
         for op in OPERATIONS:
             self.http.router.add_route(op.method, API_PREFIX + op.path, http_handler(self.api, op, self.actor))
@@ -563,12 +551,7 @@ class DeskService(ServiceApp):
         sockets = self._sockets.get(msg.subject.rsplit(".", 1)[-1])
         if not sockets:
             return
-        try:
-            update = _UPDATE_DECODER.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        text = msg.data.decode()
-        del update  # decoded only to refuse what is not an update
+        text = msg.data.decode()  # as a desk replica published it (only they may: shared/natsauth.py)
         # Every socket at once, each within a bound: a desk that stopped reading is closed rather
         # than holding up the others (and every other app's updates behind this callback).
         await asyncio.gather(*(self._send(ws, text) for ws in list(sockets) if not ws.closed))

@@ -297,6 +297,8 @@ class Desk:
 
     async def _message(self, event: conv.MessageCreated) -> None:
         in_desk = await self.is_desk(event.app_id, event.conversation.active_switchboard_integration)
+        if not in_desk and not self.members.has_desk(event.app_id):
+            return  # every message of every app comes here: those of apps without a desk cost no read
         ticket = await self.store.ticket(event.conversation_id)
         if ticket is None and not in_desk:
             return

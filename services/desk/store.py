@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.db import Connection, Database, DatabaseSettings, Migration, Row, open_database
+from shared.db import Connection, Database, DatabaseSettings, Migration, Row, like_containing, open_database
 
 from . import routing
 from .auth import SessionRecord
@@ -188,11 +188,6 @@ def _list(value: str | None) -> list[str]:
 def _dump(values: Iterable[str]) -> str:
     return json.dumps(sorted(set(values)), ensure_ascii=False)
 
-
-def _like_escape(text: str) -> str:
-    """`text` matched literally by LIKE … ESCAPE '!' (both engines; PostgreSQL's default escape is
-    the backslash, which JSON text is full of)."""
-    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,15 +672,15 @@ class Store:
         if where.channel is not None:
             clauses.append(f"channel = {arg(where.channel)}")
         if where.label is not None:
-            pattern = _like_escape(json.dumps(where.label, ensure_ascii=False))
-            clauses.append(f"labels LIKE {arg('%' + pattern + '%')} ESCAPE '!'")
+            label = json.dumps(where.label, ensure_ascii=False)  # as the labels column's JSON has it
+            clauses.append(f"labels LIKE {arg(like_containing(label))} ESCAPE '!'")
         if where.user_ids is not None:
             if not where.user_ids:
                 return []
             clauses.append(f"user_id IN ({', '.join(arg(user) for user in where.user_ids)})")
         if where.search is not None:
             found = where.search
-            text = arg("%" + _like_escape(found.text.lower()) + "%")
+            text = arg(like_containing(found.text.lower()))
             alternatives = [f"lower(last_message_text) LIKE {text} ESCAPE '!'", f"lower(labels) LIKE {text} ESCAPE '!'",
                             f"conversation_id = {arg(found.text)}"]
             if found.conversation_ids:

@@ -22,6 +22,7 @@ from shared.db import (
     DatabaseSettings,
     Migration,
     Row,
+    like_containing,
     open_database,
     postgres_ddl,
     serialize,
@@ -608,7 +609,7 @@ class IdentityStore:
                 "SELECT c.user_id FROM client_aliases a JOIN clients c ON c.id = a.client_id"
                 f" WHERE a.app_id = $1 AND a.alias IN ({marks}) LIMIT {int(limit)}", app_id, *sorted(keys)):
             found[row["user_id"]] = None
-        pattern = "%" + json.dumps(text.lower())[1:-1].replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+        pattern = like_containing(json.dumps(text.lower())[1:-1])  # as the profile's JSON text has it
         for row in await self.db.fetch("SELECT id FROM users WHERE app_id = $1 AND lower(profile) LIKE $2 ESCAPE '!'"
                                        f" LIMIT {int(limit)}", app_id, pattern):
             found[row["id"]] = None
@@ -654,10 +655,9 @@ class IdentityStore:
                 if "whatsapp" not in entry.channels:
                     entry.channels.append("whatsapp")
         for email in sorted(emails):
-            pattern = "%" + email.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
             for other in await self.db.fetch(
                     "SELECT id, profile FROM users WHERE app_id = $1 AND id <> $2 AND lower(profile) LIKE $3 ESCAPE '!'"
-                    " LIMIT 20", app_id, user_id, pattern):
+                    " LIMIT 20", app_id, user_id, like_containing(email)):
                 theirs = json.loads(other["profile"] or "{}").get("email")
                 if isinstance(theirs, str) and theirs.strip().lower() == email:
                     found.setdefault(other["id"], SimilarUser(user_id=other["id"], reason="email"))

@@ -864,25 +864,7 @@
 
     // POST the file (multipart, as `source`) with XMLHttpRequest, for its upload progress.
     function postFile(u, token) {
-      return new Promise((resolve) => {
-        const xhr = new XMLHttpRequest();
-        xhr.open("POST", appPath("/attachments"));
-        xhr.setRequestHeader("Authorization", "Bearer " + token);
-        xhr.upload.onprogress = (event) => {
-          if (!event.lengthComputable || !event.total) return;
-          u.progress = Math.round(event.loaded * 100 / event.total);
-          show();
-        };
-        xhr.onload = () => {
-          let body = null;
-          try { body = JSON.parse(xhr.responseText); } catch (e) { /* the status says enough */ }
-          resolve({status: xhr.status, body});
-        };
-        xhr.onerror = xhr.onabort = xhr.ontimeout = () => resolve({status: 0, body: null});
-        const form = new FormData();
-        form.append("source", new Blob([u.file], {type: u.type}), u.name);
-        xhr.send(form);
-      });
+      return postWithProgress(appPath("/attachments"), {Authorization: "Bearer " + token}, "source", u, show);
     }
 
     // --- the lock screen -----------------------------------------------------------------------
@@ -1929,11 +1911,13 @@
     redraw();
   }
 
-  // POST the file (multipart, as `file`) with XMLHttpRequest, for its upload progress.
-  function postUpload(entry) {
+  // POST a file (multipart, in `field`) with XMLHttpRequest, for its upload progress: `entry`
+  // ({file, type, name}) gets `progress` (0-100), `redraw` shows it; resolves {status, body}.
+  function postWithProgress(url, headers, field, entry, redraw) {
     return new Promise((resolve) => {
       const xhr = new XMLHttpRequest();
-      xhr.open("POST", "/sandbox/uploads");
+      xhr.open("POST", url);
+      for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
       xhr.upload.onprogress = (event) => {
         if (!event.lengthComputable || !event.total) return;
         entry.progress = Math.round(event.loaded * 100 / event.total);
@@ -1946,9 +1930,13 @@
       };
       xhr.onerror = xhr.onabort = xhr.ontimeout = () => resolve({status: 0, body: null});
       const form = new FormData();
-      form.append("file", new Blob([entry.file], {type: entry.type}), entry.name);
+      form.append(field, new Blob([entry.file], {type: entry.type}), entry.name);
       xhr.send(form);
     });
+  }
+
+  function postUpload(entry) {
+    return postWithProgress("/sandbox/uploads", {}, "file", entry, redraw);
   }
 
   // The files on their way from the phone shown now, as thread items after the fake's own.
