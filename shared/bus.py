@@ -75,6 +75,9 @@ HOLD_GRACE_SECONDS = 60.0
 # How often the holder of a group's partition 0 looks again at the durables of partitions beyond
 # today's count (`Bus._drain_leftovers`).
 LEFTOVER_RECHECK_SECONDS = 60.0
+# How long a KV mirror waits, past the watcher's end-of-initial-values marker, for the bucket's
+# last revision before it starts with what it has (`KvMirror.start`).
+KV_MIRROR_CATCH_UP_SECONDS = 2.0
 
 
 class Retry(Exception):
@@ -954,19 +957,33 @@ class KvMirror:
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[str, Any | None], None]] = []
+        self._initial_revision = 0
 
     async def start(self) -> None:
         """Start watching and wait for the initial values."""
         kv = await self.bus.key_value(self.bucket)
+        # The watcher's end-of-initial-values marker is not enough on its own: nats-py sends it
+        # when the consumer has nothing pending, which is also the case while the values it has
+        # already delivered are still in flight to us. Being ready means having seen the
+        # bucket's last revision as of now (or, for an empty bucket, the marker).
+        status = await kv.status()
+        self._initial_revision = status.stream_info.state.last_seq
         watcher = await kv.watchall()
         self._task = asyncio.create_task(self._run(watcher), name=f"kv:{self.bucket}")
         await self.ready.wait()
 
     async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
+        fallback: asyncio.TimerHandle | None = None
         try:
             async for entry in watcher:
                 if entry is None:
-                    self.ready.set()
+                    if self._initial_revision == 0:
+                        self.ready.set()
+                    elif not self.ready.is_set() and fallback is None:
+                        # The last revision may never come (a TTL bucket's value expiring on
+                        # the way, a server marker the watcher skips): do not wait forever.
+                        fallback = asyncio.get_running_loop().call_later(
+                            KV_MIRROR_CATCH_UP_SECONDS, self._ready_without_last_revision)
                     continue
                 if entry.operation in ("DEL", "PURGE") or entry.value in (None, b""):
                     self.values.pop(entry.key, None)
@@ -976,13 +993,19 @@ class KvMirror:
                     except Exception:
                         log.exception("undecodable KV entry %s/%s", self.bucket, entry.key)
                 self._notify(entry.key)
-                if not self.ready.is_set():
-                    # The watcher sends a None marker after the initial values; a bucket
-                    # with pending history sets ready on it. This covers a value seen first.
-                    pass
+                if not self.ready.is_set() and entry.revision >= self._initial_revision:
+                    self.ready.set()
         finally:
+            if fallback is not None:
+                fallback.cancel()
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+    def _ready_without_last_revision(self) -> None:
+        if not self.ready.is_set():
+            log.warning("KV %s: revision %d never arrived; starting with what was seen",
+                        self.bucket, self._initial_revision)
+            self.ready.set()
 
     def get(self, key: str) -> Any | None:
         """The current value for `key`, or None."""

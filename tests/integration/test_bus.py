@@ -83,6 +83,18 @@ async def test_kv_mirror_sees_initial_and_later_values(bus: Bus) -> None:
     await mirror.stop()
 
 
+async def test_kv_mirror_start_waits_for_every_initial_value(bus: Bus) -> None:
+    # nats-py marks the end of the initial values when the consumer has nothing pending, which
+    # is also true while values it delivered are still on their way: ready must not trust it.
+    kv = await bus.key_value("tl_many")
+    for round_ in range(5):
+        await kv.put(f"k{round_}", str(round_).encode())
+        mirror = KvMirror(bus, "tl_many", bytes.decode)
+        await asyncio.wait_for(mirror.start(), 5)
+        assert mirror.values == {f"k{i}": str(i) for i in range(round_ + 1)}
+        await mirror.stop()
+
+
 @pytest.mark.parametrize("bucket", ["tl_empty"])
 async def test_kv_mirror_ready_on_empty_bucket(bus: Bus, bucket: str) -> None:
     mirror = KvMirror(bus, bucket, bytes.decode)

@@ -1,10 +1,14 @@
-"""Stream and bucket setup waits out a busy JetStream instead of failing the service's start."""
+"""Stream and bucket setup waits out a busy JetStream; a KV mirror is ready only with every initial value."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.js.kv import KeyValue
 
 from shared import bus as bus_module
 
@@ -51,3 +55,59 @@ async def test_setup_gives_up_after_its_deadline_and_never_retries_a_real_refusa
     with pytest.raises(nats.js.errors.BadRequestError):
         await bus_module._retry_setup(refused)
     assert calls == 1
+
+
+class _ScriptedWatcher:
+    """What nats-py's KV watcher yields, in an order it can yield under load."""
+
+    def __init__(self, updates: list[KeyValue.Entry | None]) -> None:
+        self.updates = updates
+        self.stopped = False
+
+    def __aiter__(self) -> _ScriptedWatcher:
+        return self
+
+    async def __anext__(self) -> KeyValue.Entry | None:
+        while not self.updates:
+            await asyncio.sleep(0)
+        return self.updates.pop(0)
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def _entry(key: str, value: bytes, revision: int) -> KeyValue.Entry:
+    return KeyValue.Entry(bucket="b", key=key, value=value, revision=revision, delta=0,
+                          created=None, operation=None)
+
+
+async def test_kv_mirror_is_not_ready_on_an_early_end_marker() -> None:
+    # The marker came before values already delivered (the consumer had nothing pending
+    # while they were in flight): ready waits for the bucket's last revision.
+    mirror = bus_module.KvMirror(None, "b", bytes.decode)  # type: ignore[arg-type]
+    mirror._initial_revision = 2
+    watcher = _ScriptedWatcher([None])
+    task = asyncio.create_task(mirror._run(watcher))  # type: ignore[arg-type]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not mirror.ready.is_set()
+    watcher.updates.extend([_entry("a", b"1", 1), _entry("b", b"2", 2)])
+    await asyncio.wait_for(mirror.ready.wait(), 1)
+    assert mirror.values == {"a": "1", "b": "2"}
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert watcher.stopped
+
+
+async def test_kv_mirror_starts_with_what_it_has_when_the_last_revision_never_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_module, "KV_MIRROR_CATCH_UP_SECONDS", 0.0)
+    mirror = bus_module.KvMirror(None, "b", bytes.decode)  # type: ignore[arg-type]
+    mirror._initial_revision = 5
+    task = asyncio.create_task(mirror._run(_ScriptedWatcher([_entry("a", b"1", 1), None])))  # type: ignore[arg-type]
+    await asyncio.wait_for(mirror.ready.wait(), 1)
+    assert mirror.values == {"a": "1"}
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
