@@ -966,8 +966,9 @@ class KvMirror:
         # when the consumer has nothing pending, which is also the case while the values it has
         # already delivered are still in flight to us. Being ready means having seen the
         # bucket's last revision as of now (or, for an empty bucket, the marker).
-        status = await kv.status()
-        self._initial_revision = status.stream_info.state.last_seq
+        state = (await kv.status()).stream_info.state
+        # A bucket whose values have all expired keeps its last sequence number: it is empty.
+        self._initial_revision = state.last_seq if state.messages else 0
         watcher = await kv.watchall()
         self._task = asyncio.create_task(self._run(watcher), name=f"kv:{self.bucket}")
         await self.ready.wait()
