@@ -23,6 +23,10 @@ PostgreSQL, two replicas of every service, the webhooks alternating between the 
 the channel's service as a Kubernetes Service would spread them), and the cluster's figures are
 printed beside the single node's.
 
+The sandbox app is set up as a business with its own bot: the conversations stay with the
+business's integrations. With `--desk`, its switchboard hands every conversation to the agent
+desk as `make up`'s does (a ticket per conversation, routing, the desk following each message).
+
     python bench/e2e.py --messages 5000 --concurrency 64 --senders 500
     python bench/e2e.py --channel all --messages 3000 --rate 500
     python bench/e2e.py --cluster --messages 20000 --senders 20
@@ -366,6 +370,7 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...], *,
     launcher_type = ClusterLauncher if cluster else Launcher
     launcher = launcher_type(data_dir=data_dir, host="127.0.0.1", port=0, nats_port=0, auto_ports=True,
                              extra_env={"THREADLINE_LOG_LEVEL": "WARNING", **UNLIMITED_SDK_SESSIONS})
+    launcher.sandbox_desk = args.desk
     launcher.say = lambda text: None  # type: ignore[method-assign]
     info = await launcher.start()
     receiver = Receiver()
@@ -519,7 +524,7 @@ def print_block(result: dict[str, Any], args: argparse.Namespace, floor_msg_per_
     target = "through the front door" if args.via_frontdoor else f"straight to the {SERVICE_OF[channel]} service"
     where = f" {system}" if system else ""
     print(f"threadline e2e [{channel}]{where}: {args.messages} webhooks, {args.concurrency} in flight, "
-          f"{args.senders} senders, {target}, "
+          f"{args.senders} senders, {target}, {'the desk routing every conversation, ' if args.desk else ''}"
           f"offered {f'{args.rate:.0f} msg/s' if args.rate else 'as fast as accepted'}")
     refused = ", ".join(f"{status}×{count}" for status, count in sorted(result["refused"].items()))
     print(f"  accepted (2xx)            {result['accepted_200']}" + (f"   refused: {refused}" if refused else ""))
@@ -563,6 +568,9 @@ async def main() -> None:
     parser.add_argument("--cluster", action="store_true",
                         help="run the load on the single node (SQLite), then on cluster mode (PostgreSQL, "
                              "2 replicas of every service, 3 NATS nodes) and compare")
+    parser.add_argument("--desk", action="store_true",
+                        help="the sandbox app's switchboard hands its conversations to the agent desk "
+                             "(as under `make up`)")
     args = parser.parse_args()
     channels = CHANNELS if args.channel == "all" else (args.channel,)
     results = await bench_system(args, channels)

@@ -168,6 +168,9 @@ class Launcher:
     nats_port: int
     auto_ports: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The sandbox app's switchboard hands its conversations to the agent desk (`make up`'s
+    # "Reply as the business"); off, the business's own integrations get them alone.
+    sandbox_desk: bool = True
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     nats: NatsServer | None = None
     account: AccountKey | None = None
@@ -303,7 +306,8 @@ class Launcher:
         # The fast path serves plain requests; the app behind it everything else.
         await FrontdoorSite(self._frontdoor, self.host, self.port).start()
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
-        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS, desk=True)
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, SANDBOX_INTEGRATIONS,
+                                       desk=self.sandbox_desk)
 
     async def shutdown(self) -> None:
         """Stop the front door, then the services (SIGTERM, in reverse order), then NATS."""

@@ -357,7 +357,7 @@ class ClusterLauncher(Launcher):
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
         kinds = tuple(k for k in SANDBOX_INTEGRATIONS
                       if ("sms" if k == "twilio" else k) in self.service_names)
-        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, kinds)
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, kinds, desk=self.sandbox_desk)
 
     async def shutdown(self) -> None:
         """Stop the front door, every replica (reverse start order), the balancers, then NATS."""
