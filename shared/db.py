@@ -480,6 +480,13 @@ class PostgresConnection:
         return await self.conn.fetchval(query, *args)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """A pool connection's reset on release: nothing to do (asyncpg still rolls back a transaction
+    left open). The stores hold no session state (advisory locks are transaction-scoped; no
+    LISTEN, cursors or SET), and asyncpg's default reset cost a round trip and four statements per
+    release: on the hot path, a fifth of the statements PostgreSQL ran."""
+
+
 class PostgresDatabase:
     """A pool on the database of the URL, with `search_path` set to the service's schema."""
 
@@ -503,7 +510,7 @@ class PostgresDatabase:
         finally:
             await conn.close()
         pool = await asyncpg.create_pool(
-            settings.url, min_size=1, max_size=settings.pool_size,
+            settings.url, min_size=1, max_size=settings.pool_size, reset=_keep_session,
             server_settings={"search_path": settings.schema, "application_name": f"threadline-{settings.schema}"})
         return cls(settings, pool)
 
