@@ -455,6 +455,13 @@ _UPSERT_ASSOCIATION = (
 _TOUCH_ASSOCIATION = (
     "UPDATE client_associations SET last_active=$1, type=$2, integration_id=$3, external_id=$4, info=$5"
     " WHERE participant_id=$6 AND client_id=$7")
+# The same by conversation and user, answering the participant's id: one statement for a
+# returning customer's message instead of a read of the participant and the update.
+_TOUCH_PARTICIPANTS_ASSOCIATION = (
+    "UPDATE client_associations SET last_active=$1, type=$2, integration_id=$3, external_id=$4, info=$5"
+    " WHERE client_id=$6"
+    " AND participant_id=(SELECT id FROM participants WHERE conversation_id=$7 AND user_id=$8)"
+    " RETURNING participant_id")
 
 
 class Store:
@@ -577,20 +584,24 @@ class Store:
                 await tx.execute(_CLAIM_ATTACHMENT, attachment.token, app_id, attachment.filename,
                                  attachment.media_type, conversation_id, received)
             await tx.execute("UPDATE conversations SET last_updated_at=$1 WHERE id=$2", received, conversation_id)
-            participant = await tx.fetchrow("SELECT * FROM participants WHERE conversation_id=$1 AND user_id=$2",
-                                            conversation_id, user_id)
-            if participant is None:
-                return InboundRecord(seq=int(seq))
-            participant_id = str(participant["id"])
             info = None if client_info is None else dumps(client_info)
-            # A returning client (the common case) is one UPDATE; a new one is inserted.
-            existed = await tx.execute(_TOUCH_ASSOCIATION, received, client_type, client_integration_id,
-                                       client_external_id, info, participant_id, client_id) > 0
-            if not existed:
+            # A returning client (the common case) is one UPDATE, which finds the participant too;
+            # a new one is inserted.
+            participant_id = await tx.fetchval(_TOUCH_PARTICIPANTS_ASSOCIATION, received, client_type,
+                                               client_integration_id, client_external_id, info, client_id,
+                                               conversation_id, user_id)
+            existed = participant_id is not None
+            if participant_id is None:
+                participant_id = await tx.fetchval(
+                    "SELECT id FROM participants WHERE conversation_id=$1 AND user_id=$2", conversation_id, user_id)
+                if participant_id is None:
+                    return InboundRecord(seq=int(seq))
                 await tx.execute(_UPSERT_ASSOCIATION, participant_id, client_id, client_type, client_integration_id,
                                  client_external_id, info, received)
-            if user_external_id is not None and user_external_id != participant["user_external_id"]:
-                await tx.execute("UPDATE participants SET user_external_id=$1 WHERE app_id=$2 AND user_id=$3",
+            participant_id = str(participant_id)
+            if user_external_id is not None:  # writes only when it changed
+                await tx.execute("UPDATE participants SET user_external_id=$1 WHERE app_id=$2 AND user_id=$3"
+                                 " AND (user_external_id IS NULL OR user_external_id <> $1)",
                                  user_external_id, app_id, user_id)
             joined_others = not existed and await tx.fetchrow(
                 "SELECT 1 FROM client_associations WHERE participant_id=$1 AND client_id<>$2 LIMIT 1",

@@ -72,13 +72,18 @@ async def test_the_inbound_hot_path(store: Store) -> None:
     associations = await store.associations(str(participant["id"]))
     assert [a.client_id for a in associations] == ["cl2", "cl1"]
     assert associations[0].info == {"phoneNumber": "+155"} and associations[0].last_active == 40.0
+    assert associations[1].last_active == 30.0
+    # A returning client's message carrying a new externalId updates the participant.
+    await inbound(store, conv, "u1", "w4", at=45.0, external_id="ext-2")
+    participant = await store.participant(conv, "u1")
+    assert participant is not None and participant["user_external_id"] == "ext-2"
     row = await store.get_conversation(APP, conv)
-    assert row is not None and row["last_updated_at"] == 40.0
+    assert row is not None and row["last_updated_at"] == 45.0
     # Concurrent messages share a group commit, each stored once.
     results = await asyncio.gather(*(inbound(store, conv, "u1", f"burst-{i % 5}", at=50.0 + i) for i in range(10)))
     assert sum(seq is not None for seq, _, _ in results) == 5
     page, more = await store.messages_before(conv, None, 100)
-    assert len(page) == 8 and not more and [m.seq for m in page] == sorted(m.seq for m in page)
+    assert len(page) == 9 and not more and [m.seq for m in page] == sorted(m.seq for m in page)
 
 
 async def test_a_default_conversation_is_made_once(store: Store, database_settings: DatabaseSettings) -> None:
