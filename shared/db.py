@@ -39,8 +39,19 @@ import os
 import re
 import sqlite3
 import time
+import weakref
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -202,8 +213,27 @@ async def savepoint(tx: Connection) -> AsyncIterator[Connection]:
     except BaseException:
         await tx.execute(f"ROLLBACK TO SAVEPOINT {name}")
         await tx.execute(f"RELEASE SAVEPOINT {name}")
+        _forget_verified(tx)
         raise
     await tx.execute(f"RELEASE SAVEPOINT {name}")
+
+
+# What each open transaction has verified and still holds (see `verified_in`).
+_VERIFIED: weakref.WeakKeyDictionary[Connection, set[Hashable]] = weakref.WeakKeyDictionary()
+
+
+def verified_in(tx: Connection) -> set[Hashable]:
+    """Facts this transaction has checked and locked (e.g. with `SELECT … FOR SHARE`), so that a
+    later write of the same transaction need not check them again. Forgotten when the
+    transaction ends and whenever it rolls back to a savepoint (whose locks go with it)."""
+    facts = _VERIFIED.get(tx)
+    if facts is None:
+        facts = _VERIFIED[tx] = set()
+    return facts
+
+
+def _forget_verified(tx: Connection) -> None:
+    _VERIFIED.pop(tx, None)
 
 
 async def serialize(tx: Connection, name: str) -> None:
@@ -406,6 +436,7 @@ class SqliteDatabase:
             async with self.lock:
                 conn = self._writer.conn
                 conn.execute("BEGIN IMMEDIATE")
+                _forget_verified(self._writer)  # the writer serves every transaction in turn
                 try:
                     yield self._writer
                 except BaseException:
@@ -692,6 +723,7 @@ class GroupCommit:
                 outcomes.append((True, await op(tx)))
             except Exception as exc:
                 await tx.execute("ROLLBACK TO SAVEPOINT op")
+                _forget_verified(tx)
                 outcomes.append((False, exc))
             await tx.execute("RELEASE SAVEPOINT op")
         return outcomes

@@ -21,7 +21,7 @@ from typing import Any
 
 from services.webhooks.handlers import NewDelivery, PendingDelivery
 from shared import subjects
-from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database
+from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database, verified_in
 from shared.messages.conversation import Erasure
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,15 @@ async def _check_fence(tx: Connection, fence: Mapping[int, int]) -> None:
     """StaleEpoch unless every partition's stored epoch is still the writer's; holds the entries
     until the commit."""
     query = _EPOCH_LOCKED[tx.engine]
+    verified = verified_in(tx)  # a group commit's writes of one partition check it once
     for partition in sorted(fence):
+        fact = ("epoch", partition, fence[partition])
+        if fact in verified:
+            continue
         stored = await tx.fetchval(query, partition)
         if stored is None or int(stored) != fence[partition]:
             raise StaleEpoch(partition, fence[partition], None if stored is None else int(stored))
+        verified.add(fact)
 
 
 class DeliveryStore:

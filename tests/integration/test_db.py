@@ -23,6 +23,7 @@ from shared.db import (
     postgres_ddl,
     savepoint,
     sqlite_query,
+    verified_in,
 )
 
 SCHEMA = Migration([
@@ -91,6 +92,46 @@ async def test_a_savepoint_undoes_its_block_alone(database_settings: DatabaseSet
             await tx.execute("INSERT INTO items (name, size) VALUES ($1, $2)", "third", 4)
         names = [r["name"] for r in await db.fetch("SELECT name FROM items ORDER BY seq")]
         assert names == ["first", "third"]
+    finally:
+        await db.close()
+
+
+async def test_what_a_transaction_verified_lasts_until_its_end_or_a_savepoint_rollback(
+        database_settings: DatabaseSettings) -> None:
+    db = await open_database(database_settings, SCHEMA)
+    group = GroupCommit(db)
+    try:
+        async with db.transaction() as tx:
+            verified_in(tx).add("checked")
+            assert "checked" in verified_in(tx)
+            async with savepoint(tx):
+                verified_in(tx).add("inside")
+            assert {"checked", "inside"} <= verified_in(tx)  # a released savepoint keeps its locks
+            with pytest.raises(RuntimeError):
+                async with savepoint(tx):
+                    raise RuntimeError("undo")
+            assert not verified_in(tx)  # its locks went with the rollback: check again
+            verified_in(tx).add("again")
+        async with db.transaction() as tx:
+            assert not verified_in(tx)  # a new transaction (SQLite's reuses the writer connection)
+
+        # A group commit run again one savepoint per write: a write after a failed one sees
+        # nothing its predecessors verified.
+        seen: list[set[object]] = []
+
+        def op(name: str, fails: bool) -> object:
+            async def run(tx: Connection) -> None:
+                seen.append(set(verified_in(tx)))
+                verified_in(tx).add(name)
+                if fails:
+                    raise ValueError(name)
+            return run
+
+        results = await asyncio.gather(*(group.run(op(n, n == "b")) for n in ("a", "b", "c")),  # type: ignore[arg-type]
+                                       return_exceptions=True)
+        assert isinstance(results[1], ValueError) and results[0] is None and results[2] is None
+        # First try: a, then b (which sees a's) fails; again with savepoints: a, b, then c.
+        assert seen == [set(), {"a"}, set(), {"a"}, set()]
     finally:
         await db.close()
 
