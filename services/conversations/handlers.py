@@ -684,7 +684,7 @@ class Conversations(ConversationCore):
         if lookup.duplicate is not None:
             await self._republish(msg.app_id, lookup.duplicate)
             return handled
-        resolved = await self._resolve_inbound(msg)
+        resolved = await self._resolve_inbound(msg, merges_pending=lookup.merges_pending)
         if resolved is None:  # a linking step took the message
             return handled
         if isinstance(msg.content, FormResponseContent):
@@ -742,13 +742,14 @@ class Conversations(ConversationCore):
                                                     original_message_id=msg.provider_message_id))),
             msg_id=event_id)
 
-    async def _resolve_inbound(self, msg: chan.InboundMessage) -> ResolvedInbound | None:
+    async def _resolve_inbound(self, msg: chan.InboundMessage, *, merges_pending: bool) -> ResolvedInbound | None:
         """Who sent `msg` and into which conversation it goes (created when the user has none);
-        None when a link or merge step consumed it instead."""
+        None when a link or merge step consumed it instead (`merges_pending`: the app has merges
+        waiting for a customer's yes, so this one may be answering one)."""
         if await self.linker.handle(msg):
             return None
         user, client = await self.inbound_identity(msg)
-        if await self.linker.on_inbound(msg, user, client):  # a yes or no to a merge it was asked about
+        if merges_pending and await self.linker.on_inbound(msg, user, client):  # a yes or no to a merge
             return None
         if client.status == "pending":  # a direct link by phone waits for this number (clients.py)
             outcome = await self.phone_links.on_pending_inbound(msg, user, client)

@@ -272,6 +272,11 @@ SCRIPTS: tuple[str, ...] = (
     """
     CREATE INDEX messages_app_seq ON messages(app_id, seq);
     """,
+    # 10: whether an app has any merge waiting for a customer's yes, read with every customer
+    # message (`_INBOUND_LOOKUP`).
+    """
+    CREATE INDEX merge_confirmations_app ON merge_confirmations(app_id);
+    """,
 )
 
 
@@ -345,6 +350,9 @@ class InboundLookup:
     integration_known: bool
     masks_cards: bool  # the app's `maskCreditCardNumbers`
     duplicate: StoredMessage | None  # the message already stored with this provider id
+    # Some client of the app is asked to confirm a merge (rarely, briefly): only then is the
+    # sender's own question looked for (`pending_merge`).
+    merges_pending: bool
 
 
 @dataclass(frozen=True)
@@ -430,7 +438,8 @@ class ConversationFilter:
 
 _MESSAGE_COLUMNS = "seq, id, conversation_id, event_id, body"
 _INBOUND_LOOKUP = (
-    "SELECT a.settings, i.id AS integration_id, m.seq, m.id, m.conversation_id, m.event_id, m.body FROM apps a"
+    "SELECT a.settings, i.id AS integration_id, m.seq, m.id, m.conversation_id, m.event_id, m.body,"
+    " EXISTS (SELECT 1 FROM merge_confirmations c WHERE c.app_id = a.id) AS merges_pending FROM apps a"
     " LEFT JOIN integrations i ON i.app_id = a.id AND i.id = $1"
     " LEFT JOIN messages m ON m.app_id = a.id AND m.integration_id = $1 AND m.provider_message_id = $3"
     " WHERE a.id = $2")
@@ -543,15 +552,16 @@ class Store:
     # --- the inbound hot path -----------------------------------------------------------------
 
     async def inbound_lookup(self, app_id: str, integration_id: str, provider_message_id: str) -> InboundLookup:
-        """Whether the app has the integration and masks card numbers, and the already-stored
-        message with this provider id, in one read (a message for an unknown app is dropped
+        """Whether the app has the integration, masks card numbers and has merges waiting for a
+        yes, and the already-stored message with this provider id, in one read (a message for an unknown app is dropped
         whether or not it is a duplicate)."""
         row = await self._one(_INBOUND_LOOKUP, integration_id, app_id, provider_message_id)
         if row is None:
-            return InboundLookup(integration_known=False, masks_cards=False, duplicate=None)
+            return InboundLookup(integration_known=False, masks_cards=False, duplicate=None, merges_pending=False)
         return InboundLookup(
             integration_known=row["integration_id"] is not None,
             masks_cards=bool(_privacy(row["settings"]).mask_credit_card_numbers),
+            merges_pending=bool(row["merges_pending"]),
             duplicate=None if row["seq"] is None else StoredMessage(
                 seq=int(row["seq"]), id=row["id"], conversation_id=row["conversation_id"], event_id=row["event_id"],
                 body=row["body"]))

@@ -279,9 +279,11 @@ async def test_pending_links_and_merges(store: Store) -> None:
     pending = PendingMerge(client_id="cl", app_id=APP, surviving_user_id="u1", discarded_user_id="u2",
                            conversation_id=conv, integration_id="wa", client_type="whatsapp", code=None,
                            answer="4821", created_at=5.0, expires_at=500.0)
+    assert not (await store.inbound_lookup(APP, "wa", "any")).merges_pending
     async with store.tx():
         await store.put_pending_merge(pending)
         await store.put_pending_merge(pending)
+    assert (await store.inbound_lookup(APP, "wa", "any")).merges_pending  # every message looks then
     assert await store.pending_merge("cl") == pending
     assert await store.pending_merge("other") is None
     assert await store.expired_pending_merges(600.0) == [pending] and await store.expired_pending_merges(1.0) == []
@@ -289,6 +291,7 @@ async def test_pending_links_and_merges(store: Store) -> None:
     async with store.tx():
         assert not await store.drop_pending_merge("cl", 6.0)  # a newer one: left alone
         assert await store.drop_pending_merge("cl", 5.0)
+    assert not (await store.inbound_lookup(APP, "wa", "any")).merges_pending
 
 
 async def test_retention_and_erasure(store: Store) -> None:
