@@ -14,7 +14,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.db import Connection, Database, DatabaseSettings, Migration, Row, like_containing, open_database
+from shared.db import (
+    Connection,
+    Database,
+    DatabaseSettings,
+    GroupCommit,
+    Migration,
+    Row,
+    like_containing,
+    open_database,
+)
 
 from . import routing
 from .auth import SessionRecord
@@ -331,6 +340,7 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.writes = GroupCommit(db)  # the messages of a consumer batch share a commit
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Store:
@@ -566,13 +576,17 @@ class Store:
                            channel: str | None, user_id: str | None) -> Ticket | None:
         """A message in a conversation the desk handles: the inbox's preview (only the columns it
         owns, so a routing decision committed meanwhile is never written over); None without a ticket."""
-        changed = await self.db.execute(
-            "UPDATE tickets SET last_message_at = $2, last_message_text = $3, last_author = $4,"
-            " channel = COALESCE($5, channel), user_id = COALESCE(user_id, $6),"
-            " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
-            " WHERE conversation_id = $1 AND (last_message_at IS NULL OR last_message_at <= $2)",
-            conversation_id, at, preview, author, channel, user_id)
-        return await self.ticket(conversation_id) if changed else None
+        async def op(tx: Connection) -> Ticket | None:
+            row = await tx.fetchrow(
+                "UPDATE tickets SET last_message_at = $2, last_message_text = $3, last_author = $4,"
+                " channel = COALESCE($5, channel), user_id = COALESCE(user_id, $6),"
+                " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
+                " WHERE conversation_id = $1 AND (last_message_at IS NULL OR last_message_at <= $2)"
+                f" RETURNING {_TICKET_COLUMNS}",
+                conversation_id, at, preview, author, channel, user_id)
+            return None if row is None else Ticket.of(row)
+
+        return await self.writes.run(op)
 
     async def set_labels(self, conversation_id: str, labels: Sequence[str], at: float) -> None:
         """Replace a ticket's labels (that column alone)."""

@@ -408,3 +408,23 @@ async def test_two_admins_editing_one_agent_at_once_do_not_undo_each_other(store
     # Nobody online with a free seat: a conversation waits without a routing pass over the queue.
     await desk.handle_event(control_event("waits", DESK_MEMBER, clock.now))
     assert await holder(desk, "waits") is None
+
+
+async def test_messages_update_the_inbox_preview_in_order_and_only_of_tickets(store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    recorder = desk.conversations
+    assert isinstance(recorder, Recorder)
+    recorder.customers["n1"] = ("user-n", "whatsapp")
+    await desk.handle_event(control_event("n1", DESK_MEMBER, clock.now))
+    assert await store.note_message("unknown", clock.now, "hi", "user", None, None) is None
+    # Messages of one consumer batch share a commit; each answers the ticket as it wrote it.
+    first, second, late = await asyncio.gather(
+        store.note_message("n1", clock.now + 2, "second", "business", None, None),
+        store.note_message("n1", clock.now + 3, "third", "user", "messenger", "user-n"),
+        store.note_message("n1", clock.now + 1, "older", "user", None, None))
+    assert first is not None and first.last_message_text == "second" and first.last_author == "business"
+    assert second is not None and second.last_message_text == "third" and second.channel == "messenger"
+    assert late is None  # an older message never overwrites a newer preview
+    ticket = await store.ticket("n1")
+    assert ticket is not None and ticket.last_message_text == "third" and ticket.last_message_at == clock.now + 3
