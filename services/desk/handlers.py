@@ -299,21 +299,26 @@ class Desk:
         in_desk = await self.is_desk(event.app_id, event.conversation.active_switchboard_integration)
         if not in_desk and not self.members.has_desk(event.app_id):
             return  # every message of every app comes here: those of apps without a desk cost no read
-        ticket = await self.store.ticket(event.conversation_id)
-        if ticket is None and not in_desk:
-            return
         message = event.message
         from_customer = message.author.type == "user"
         channel = message.source.type if from_customer and message.source is not None else None
-        if in_desk and from_customer and (ticket is None or ticket.status in (RESOLVED, SNOOZED, PENDING)
-                                          or (ticket.agent_id is None and not ticket.queued)):
-            await self.enter(event.app_id, event.conversation_id, user_id=event.user_id, channel=channel,
-                             at=event.created_at, message=message)
+        # A customer writing to the desk may reopen or requeue the conversation; any other
+        # message only moves the preview. Most are in a conversation being handled: one
+        # conditional write, and the ticket is read only when it did not apply.
+        may_reopen = in_desk and from_customer
+        updated = await self.store.note_message(event.conversation_id, event.created_at, _preview(message),
+                                                message.author.type, channel, event.user_id or None,
+                                                only_while_handled=may_reopen)
+        if updated is not None:
+            await self._announce(updated)
         else:
-            updated = await self.store.note_message(event.conversation_id, event.created_at, _preview(message),
-                                                    message.author.type, channel, event.user_id or None)
-            if updated is not None:
-                await self._announce(updated)
+            ticket = await self.store.ticket(event.conversation_id)
+            if ticket is None and not in_desk:
+                return
+            if may_reopen and (ticket is None or ticket.status in (RESOLVED, SNOOZED, PENDING)
+                               or (ticket.agent_id is None and not ticket.queued)):
+                await self.enter(event.app_id, event.conversation_id, user_id=event.user_id, channel=channel,
+                                 at=event.created_at, message=message)
         await self.publish(Update(app_id=event.app_id, kind="message", conversation_id=event.conversation_id,
                                   data={"message": msgspec.to_builtins(message), "cursor": event.cursor}))
 

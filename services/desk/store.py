@@ -573,16 +573,21 @@ class Store:
             ticket.created_at, ticket.updated_at)
 
     async def note_message(self, conversation_id: str, at: float, preview: str, author: str,
-                           channel: str | None, user_id: str | None) -> Ticket | None:
+                           channel: str | None, user_id: str | None, *,
+                           only_while_handled: bool = False) -> Ticket | None:
         """A message in a conversation the desk handles: the inbox's preview (only the columns it
-        owns, so a routing decision committed meanwhile is never written over); None without a ticket."""
+        owns, so a routing decision committed meanwhile is never written over) and the ticket as
+        written; None without a ticket, for a message older than its preview, or, with
+        `only_while_handled`, unless the ticket is open and assigned or queued."""
+        handled = " AND status = 'open' AND (agent_id IS NOT NULL OR queued = 1)" if only_while_handled else ""
+
         async def op(tx: Connection) -> Ticket | None:
             row = await tx.fetchrow(
                 "UPDATE tickets SET last_message_at = $2, last_message_text = $3, last_author = $4,"
                 " channel = COALESCE($5, channel), user_id = COALESCE(user_id, $6),"
                 " updated_at = CASE WHEN updated_at > $2 THEN updated_at ELSE $2 END"
                 " WHERE conversation_id = $1 AND (last_message_at IS NULL OR last_message_at <= $2)"
-                f" RETURNING {_TICKET_COLUMNS}",
+                f"{handled} RETURNING {_TICKET_COLUMNS}",
                 conversation_id, at, preview, author, channel, user_id)
             return None if row is None else Ticket.of(row)
 

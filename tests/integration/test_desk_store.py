@@ -428,3 +428,35 @@ async def test_messages_update_the_inbox_preview_in_order_and_only_of_tickets(st
     assert late is None  # an older message never overwrites a newer preview
     ticket = await store.ticket("n1")
     assert ticket is not None and ticket.last_message_text == "third" and ticket.last_message_at == clock.now + 3
+
+
+async def test_a_customer_writing_reopens_a_pending_conversation_and_otherwise_moves_the_preview(
+        store: Store) -> None:
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada = await add_agent(desk, "ada")
+    await online(desk, ada)
+    recorder = desk.conversations
+    assert isinstance(recorder, Recorder)
+    recorder.customers["w1"] = ("user-w", "whatsapp")
+    await desk.handle_event(control_event("w1", DESK_MEMBER, clock.now))
+    assert await holder(desk, "w1") == ada.id
+
+    def customer_says(text: str, at: float) -> conv.MessageCreated:
+        return conv.MessageCreated(
+            id=f"evt-{text}", app_id=APP, conversation_id="w1", created_at=at,
+            conversation=ConversationRef(id="w1", type="personal",
+                                         active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
+            message=Message(id=f"m-{text}", received="2026-12-07T00:00:00.000Z",
+                            author=Author(type="user", user_id="user-w"), content=TextContent(text=text)),
+            cursor=1, user_id="user-w")
+
+    await desk.handle_event(customer_says("still there?", clock.now + 1))
+    handled = await store.ticket("w1")
+    assert handled is not None and handled.status == "open" and handled.agent_id == ada.id
+    assert handled.last_message_text == "still there?"
+    await desk.set_status(Actor(app_id=APP, agent=ada), "w1", "pending")
+    await desk.handle_event(customer_says("hello again", clock.now + 2))
+    reopened = await store.ticket("w1")
+    assert reopened is not None and reopened.status == "open" and reopened.agent_id == ada.id
+    assert reopened.last_message_text == "hello again"
