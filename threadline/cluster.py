@@ -119,6 +119,10 @@ class NatsCluster:
         route_password = secrets.token_urlsafe(24) if self.passwords is not None else None
         cluster_ports = [free_port() for _ in range(self.size)]
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports]
+        # The nodes share this machine's cores: each Go runtime sized for all of them kept
+        # threads spinning and handing work to each other (a quarter of nats-server's CPU per
+        # message in cluster mode on 2 cores, measured with bench/e2e.py --cluster).
+        node_procs = max(1, (os.cpu_count() or 1) // self.size)
         for i in range(self.size):
             name = f"nats-{i}"
             store = private_dir(os.path.join(self.data_dir, name))
@@ -128,7 +132,8 @@ class NatsCluster:
                 server_name=name, host=self.host, client_port=client_ports[i], cluster_port=cluster_ports[i],
                 routes=routes, monitor_port=monitor_port, passwords=self.passwords, route_password=route_password))
             server = NatsServer(store_dir=store, port=client_ports[i], host=self.host,
-                                extra_args=["-c", config_path], log_path=os.path.join(store, "nats-server.log"))
+                                extra_args=["-c", config_path], log_path=os.path.join(store, "nats-server.log"),
+                                env={"GOMAXPROCS": str(node_procs)})
             self.nodes.append(NatsNode(name, server, cluster_ports[i], monitor_port, config_path))
         try:
             for node in self.nodes:

@@ -114,6 +114,7 @@ class NatsServer:
     log_path: str | None = None
     passwords: Mapping[str, str] | None = None
     url_user: str | None = None
+    env: Mapping[str, str] | None = None  # added to the server's environment
 
     @property
     def address(self) -> str:
@@ -143,6 +144,7 @@ class NatsServer:
             [find_nats_server(), *auth_args, "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=None if self.env is None else {**os.environ, **self.env},
         )
         log.close()
         try:
