@@ -982,7 +982,9 @@ class KvMirror:
                         self.ready.set()
                     elif not self.ready.is_set() and fallback is None:
                         # The last revision may never come (a TTL bucket's value expiring on
-                        # the way, a server marker the watcher skips): do not wait forever.
+                        # the way, a server marker the watcher skips): past the marker, wait a
+                        # bounded time. (Should every pending value expire before delivery, no
+                        # marker comes either, and the start waits for the next write.)
                         fallback = asyncio.get_running_loop().call_later(
                             KV_MIRROR_CATCH_UP_SECONDS, self._ready_without_last_revision)
                     continue

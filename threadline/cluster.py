@@ -121,8 +121,9 @@ class NatsCluster:
         routes = [f"nats://{self.host}:{port}" for port in cluster_ports]
         # The nodes share this machine's cores: each Go runtime sized for all of them kept
         # threads spinning and handing work to each other (a quarter of nats-server's CPU per
-        # message in cluster mode on 2 cores, measured with bench/e2e.py --cluster).
-        node_procs = max(1, (os.cpu_count() or 1) // self.size)
+        # message in cluster mode on 2 cores, measured with bench/e2e.py --cluster). A
+        # GOMAXPROCS set by the operator wins.
+        node_procs = max(1, len(os.sched_getaffinity(0)) // self.size)
         for i in range(self.size):
             name = f"nats-{i}"
             store = private_dir(os.path.join(self.data_dir, name))
@@ -133,7 +134,7 @@ class NatsCluster:
                 routes=routes, monitor_port=monitor_port, passwords=self.passwords, route_password=route_password))
             server = NatsServer(store_dir=store, port=client_ports[i], host=self.host,
                                 extra_args=["-c", config_path], log_path=os.path.join(store, "nats-server.log"),
-                                env={"GOMAXPROCS": str(node_procs)})
+                                env={"GOMAXPROCS": os.environ.get("GOMAXPROCS", str(node_procs))})
             self.nodes.append(NatsNode(name, server, cluster_ports[i], monitor_port, config_path))
         try:
             for node in self.nodes:
@@ -362,7 +363,8 @@ class ClusterLauncher(Launcher):
         self.account = AccountKey(keys["accountKeyId"], keys["accountKeySecret"])
         kinds = tuple(k for k in SANDBOX_INTEGRATIONS
                       if ("sms" if k == "twilio" else k) in self.service_names)
-        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, kinds, desk=self.sandbox_desk)
+        return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, kinds,
+                                       desk=self.sandbox_desk and "desk" in self.service_names)
 
     async def shutdown(self) -> None:
         """Stop the front door, every replica (reverse start order), the balancers, then NATS."""

@@ -302,23 +302,30 @@ class Desk:
         message = event.message
         from_customer = message.author.type == "user"
         channel = message.source.type if from_customer and message.source is not None else None
-        # A customer writing to the desk may reopen or requeue the conversation; any other
-        # message only moves the preview. Most are in a conversation being handled: one
-        # conditional write, and the ticket is read only when it did not apply.
-        may_reopen = in_desk and from_customer
-        updated = await self.store.note_message(event.conversation_id, event.created_at, _preview(message),
-                                                message.author.type, channel, event.user_id or None,
-                                                only_while_handled=may_reopen)
-        if updated is not None:
-            await self._announce(updated)
-        else:
-            ticket = await self.store.ticket(event.conversation_id)
-            if ticket is None and not in_desk:
+        preview = (event.conversation_id, event.created_at, _preview(message), message.author.type, channel,
+                   event.user_id or None)
+        if not in_desk:
+            # Another member's conversation (the bot's, most often): it has a ticket only if the
+            # desk handled it before.
+            if await self.store.ticket(event.conversation_id) is None:
                 return
-            if may_reopen and (ticket is None or ticket.status in (RESOLVED, SNOOZED, PENDING)
-                               or (ticket.agent_id is None and not ticket.queued)):
-                await self.enter(event.app_id, event.conversation_id, user_id=event.user_id, channel=channel,
-                                 at=event.created_at, message=message)
+            await self._announce_if(await self.store.note_message(*preview))
+        elif not from_customer:
+            await self._announce_if(await self.store.note_message(*preview))
+        else:
+            # The customer writes to the desk: most often in a conversation being handled, where
+            # one conditional write moves the preview; otherwise it reopens or requeues it.
+            updated = await self.store.note_message(*preview, only_while_handled=True)
+            if updated is not None:
+                await self._announce(updated)
+            else:
+                ticket = await self.store.ticket(event.conversation_id)
+                if ticket is None or ticket.status in (RESOLVED, SNOOZED, PENDING) or (
+                        ticket.agent_id is None and not ticket.queued):
+                    await self.enter(event.app_id, event.conversation_id, user_id=event.user_id, channel=channel,
+                                     at=event.created_at, message=message)
+                else:  # handled after all (assigned since the write was refused), or an older message
+                    await self._announce_if(await self.store.note_message(*preview))
         await self.publish(Update(app_id=event.app_id, kind="message", conversation_id=event.conversation_id,
                                   data={"message": msgspec.to_builtins(message), "cursor": event.cursor}))
 
@@ -426,6 +433,10 @@ class Desk:
                 log.info("desk assigned conversation %s to agent %s (%s)", conversation_id, made.agent_id,
                          made.reason, extra=log_fields(conversation_id=conversation_id, agent_id=made.agent_id,
                                                        reason=made.reason))
+            await self._announce(ticket)
+
+    async def _announce_if(self, ticket: Ticket | None) -> None:
+        if ticket is not None:
             await self._announce(ticket)
 
     async def _announce(self, ticket: Ticket) -> None:

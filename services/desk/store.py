@@ -18,7 +18,6 @@ from shared.db import (
     Connection,
     Database,
     DatabaseSettings,
-    GroupCommit,
     Migration,
     Row,
     like_containing,
@@ -340,7 +339,6 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.writes = GroupCommit(db)  # the messages of a consumer batch share a commit
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Store:
@@ -580,8 +578,10 @@ class Store:
         written; None without a ticket, for a message older than its preview, or, with
         `only_while_handled`, unless the ticket is open and assigned or queued."""
         handled = " AND status = 'open' AND (agent_id IS NOT NULL OR queued = 1)" if only_while_handled else ""
-
-        async def op(tx: Connection) -> Ticket | None:
+        # A transaction of its own, one row locked: a group commit of several tickets' previews
+        # would lock them in another order than a routing pass assigning them (a deadlock on
+        # PostgreSQL).
+        async with self.db.transaction() as tx:
             row = await tx.fetchrow(
                 "UPDATE tickets SET last_message_at = $2, last_message_text = $3, last_author = $4,"
                 " channel = COALESCE($5, channel), user_id = COALESCE(user_id, $6),"
@@ -589,9 +589,7 @@ class Store:
                 " WHERE conversation_id = $1 AND (last_message_at IS NULL OR last_message_at <= $2)"
                 f"{handled} RETURNING {_TICKET_COLUMNS}",
                 conversation_id, at, preview, author, channel, user_id)
-            return None if row is None else Ticket.of(row)
-
-        return await self.writes.run(op)
+        return None if row is None else Ticket.of(row)
 
     async def set_labels(self, conversation_id: str, labels: Sequence[str], at: float) -> None:
         """Replace a ticket's labels (that column alone)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,14 @@ async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_noth
         info = await launcher.start()
         assert launcher.cluster is not None
         assert {len(launcher.replicas_of(name)) for name in launcher.service_names} == {2}
+        # The three nodes share this machine's cores; the sandbox hands nothing to a desk that
+        # is not running.
+        node_procs = os.environ.get("GOMAXPROCS", str(max(1, len(os.sched_getaffinity(0)) // 3)))
+        for node in launcher.cluster.nodes:
+            assert node.server.process is not None
+            environ = Path(f"/proc/{node.server.process.pid}/environ").read_bytes().split(b"\0")
+            assert f"GOMAXPROCS={node_procs}".encode() in environ
+        assert "switchboardId" not in info
         observer = await Bus.connect(launcher.cluster.url, "test-observer")
         for stream in subjects.ALL_STREAMS:
             assert (await observer.js.stream_info(stream.name)).config.num_replicas == 3

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from services.desk.handlers import Actor, Desk, Snapshot, Update
-from services.desk.store import AgentRow, Store, TeamRow, TicketFilter
+from services.desk.store import AgentRow, Store, TeamRow, Ticket, TicketFilter
 from shared.db import DatabaseSettings
 from shared.http import ApiError
 from shared.messages import conversation as conv
@@ -418,11 +418,10 @@ async def test_messages_update_the_inbox_preview_in_order_and_only_of_tickets(st
     recorder.customers["n1"] = ("user-n", "whatsapp")
     await desk.handle_event(control_event("n1", DESK_MEMBER, clock.now))
     assert await store.note_message("unknown", clock.now, "hi", "user", None, None) is None
-    # Messages of one consumer batch share a commit; each answers the ticket as it wrote it.
-    first, second, late = await asyncio.gather(
-        store.note_message("n1", clock.now + 2, "second", "business", None, None),
-        store.note_message("n1", clock.now + 3, "third", "user", "messenger", "user-n"),
-        store.note_message("n1", clock.now + 1, "older", "user", None, None))
+    # Each answers the ticket as it wrote it.
+    first = await store.note_message("n1", clock.now + 2, "second", "business", None, None)
+    second = await store.note_message("n1", clock.now + 3, "third", "user", "messenger", "user-n")
+    late = await store.note_message("n1", clock.now + 1, "older", "user", None, None)
     assert first is not None and first.last_message_text == "second" and first.last_author == "business"
     assert second is not None and second.last_message_text == "third" and second.channel == "messenger"
     assert late is None  # an older message never overwrites a newer preview
@@ -460,3 +459,36 @@ async def test_a_customer_writing_reopens_a_pending_conversation_and_otherwise_m
     reopened = await store.ticket("w1")
     assert reopened is not None and reopened.status == "open" and reopened.agent_id == ada.id
     assert reopened.last_message_text == "hello again"
+
+
+async def test_a_customer_message_refused_as_unhandled_still_reaches_a_conversation_assigned_meanwhile(
+        store: Store) -> None:
+    # The conditional write found the ticket pending; before the ticket was read, an agent
+    # opened it for themselves: the message is still the inbox's preview.
+    clock = Clock()
+    desk = make_desk(store, clock)
+    ada = await add_agent(desk, "ada")
+    await online(desk, ada)
+    recorder = desk.conversations
+    assert isinstance(recorder, Recorder)
+    recorder.customers["r1"] = ("user-r", "whatsapp")
+    await desk.handle_event(control_event("r1", DESK_MEMBER, clock.now))
+    ada_actor = Actor(app_id=APP, agent=ada)
+    await desk.set_status(ada_actor, "r1", "pending")
+    real_note = store.note_message
+
+    async def note_then_open(*args: Any, **kwargs: Any) -> Ticket | None:
+        written = await real_note(*args, **kwargs)
+        if kwargs.get("only_while_handled"):
+            await desk.set_status(ada_actor, "r1", "open")
+        return written
+
+    store.note_message = note_then_open  # type: ignore[method-assign]
+    await desk.handle_event(conv.MessageCreated(
+        id="evt-r", app_id=APP, conversation_id="r1", created_at=clock.now + 5,
+        conversation=ConversationRef(id="r1", type="personal",
+                                     active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
+        message=Message(id="m-r", received="2026-12-07T00:00:00.000Z", author=Author(type="user", user_id="user-r"),
+                        content=TextContent(text="are you there?")), cursor=1, user_id="user-r"))
+    ticket = await store.ticket("r1")
+    assert ticket is not None and ticket.status == "open" and ticket.last_message_text == "are you there?"
