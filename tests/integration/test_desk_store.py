@@ -429,33 +429,40 @@ async def test_messages_update_the_inbox_preview_in_order_and_only_of_tickets(st
     assert ticket is not None and ticket.last_message_text == "third" and ticket.last_message_at == clock.now + 3
 
 
-async def test_a_customer_writing_reopens_a_pending_conversation_and_otherwise_moves_the_preview(
-        store: Store) -> None:
-    clock = Clock()
+async def handled_by_ada(store: Store, clock: Clock, conversation_id: str, user_id: str) -> tuple[Desk, AgentRow]:
+    """A desk whose only agent, Ada, was routed the customer's conversation."""
     desk = make_desk(store, clock)
     ada = await add_agent(desk, "ada")
     await online(desk, ada)
     recorder = desk.conversations
     assert isinstance(recorder, Recorder)
-    recorder.customers["w1"] = ("user-w", "whatsapp")
-    await desk.handle_event(control_event("w1", DESK_MEMBER, clock.now))
-    assert await holder(desk, "w1") == ada.id
+    recorder.customers[conversation_id] = (user_id, "whatsapp")
+    await desk.handle_event(control_event(conversation_id, DESK_MEMBER, clock.now))
+    assert await holder(desk, conversation_id) == ada.id
+    return desk, ada
 
-    def customer_says(text: str, at: float) -> conv.MessageCreated:
-        return conv.MessageCreated(
-            id=f"evt-{text}", app_id=APP, conversation_id="w1", created_at=at,
-            conversation=ConversationRef(id="w1", type="personal",
-                                         active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
-            message=Message(id=f"m-{text}", received="2026-12-07T00:00:00.000Z",
-                            author=Author(type="user", user_id="user-w"), content=TextContent(text=text)),
-            cursor=1, user_id="user-w")
 
-    await desk.handle_event(customer_says("still there?", clock.now + 1))
+def customer_says(conversation_id: str, user_id: str, text: str, at: float) -> conv.MessageCreated:
+    """The customer's message in a conversation the desk holds."""
+    return conv.MessageCreated(
+        id=f"evt-{text}", app_id=APP, conversation_id=conversation_id, created_at=at,
+        conversation=ConversationRef(id=conversation_id, type="personal",
+                                     active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
+        message=Message(id=f"m-{text}", received="2026-12-07T00:00:00.000Z",
+                        author=Author(type="user", user_id=user_id), content=TextContent(text=text)),
+        cursor=1, user_id=user_id)
+
+
+async def test_a_customer_writing_reopens_a_pending_conversation_and_otherwise_moves_the_preview(
+        store: Store) -> None:
+    clock = Clock()
+    desk, ada = await handled_by_ada(store, clock, "w1", "user-w")
+    await desk.handle_event(customer_says("w1", "user-w", "still there?", clock.now + 1))
     handled = await store.ticket("w1")
     assert handled is not None and handled.status == "open" and handled.agent_id == ada.id
     assert handled.last_message_text == "still there?"
     await desk.set_status(Actor(app_id=APP, agent=ada), "w1", "pending")
-    await desk.handle_event(customer_says("hello again", clock.now + 2))
+    await desk.handle_event(customer_says("w1", "user-w", "hello again", clock.now + 2))
     reopened = await store.ticket("w1")
     assert reopened is not None and reopened.status == "open" and reopened.agent_id == ada.id
     assert reopened.last_message_text == "hello again"
@@ -466,13 +473,7 @@ async def test_a_customer_message_refused_as_unhandled_still_reaches_a_conversat
     # The conditional write found the ticket pending; before the ticket was read, an agent
     # opened it for themselves: the message is still the inbox's preview.
     clock = Clock()
-    desk = make_desk(store, clock)
-    ada = await add_agent(desk, "ada")
-    await online(desk, ada)
-    recorder = desk.conversations
-    assert isinstance(recorder, Recorder)
-    recorder.customers["r1"] = ("user-r", "whatsapp")
-    await desk.handle_event(control_event("r1", DESK_MEMBER, clock.now))
+    desk, ada = await handled_by_ada(store, clock, "r1", "user-r")
     ada_actor = Actor(app_id=APP, agent=ada)
     await desk.set_status(ada_actor, "r1", "pending")
     real_note = store.note_message
@@ -484,11 +485,6 @@ async def test_a_customer_message_refused_as_unhandled_still_reaches_a_conversat
         return written
 
     store.note_message = note_then_open  # type: ignore[method-assign]
-    await desk.handle_event(conv.MessageCreated(
-        id="evt-r", app_id=APP, conversation_id="r1", created_at=clock.now + 5,
-        conversation=ConversationRef(id="r1", type="personal",
-                                     active_switchboard_integration=SwitchboardIntegrationRef(id=DESK_MEMBER)),
-        message=Message(id="m-r", received="2026-12-07T00:00:00.000Z", author=Author(type="user", user_id="user-r"),
-                        content=TextContent(text="are you there?")), cursor=1, user_id="user-r"))
+    await desk.handle_event(customer_says("r1", "user-r", "are you there?", clock.now + 5))
     ticket = await store.ticket("r1")
     assert ticket is not None and ticket.status == "open" and ticket.last_message_text == "are you there?"
