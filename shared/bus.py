@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import ssl
 import time
@@ -60,6 +61,9 @@ _tracer = tracer(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_SECONDS = 10.0
 HANDLING_GRACE_SECONDS = 5.0
+# How long `Bus.close` waits for its cancelled background tasks to end before it reports the
+# ones still running (with where each is stuck) and goes on closing the connection.
+STOP_TASKS_SECONDS = 5.0
 # How long creating streams and buckets keeps trying while JetStream is busy or electing leaders
 # (a cluster starting, every replica of every service asking at once): a service that gave up
 # at the first timeout would exit and wait for a restart.
@@ -664,16 +668,27 @@ class Bus:
         if self._leases:
             # Every partition handed back (batches in hand finished, leases deleted): the other
             # replicas take them over at their next tick instead of after the lease TTL.
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.gather(*(leases.stop() for leases in self._leases),
                                                       return_exceptions=True), HANDLING_GRACE_SECONDS + 2)
+            except TimeoutError:
+                log.warning("partitions not all given back within %.0f s: the other replicas take them"
+                            " over when their leases expire", HANDLING_GRACE_SECONDS + 2)
         busy = [task for task in self._tasks if task in self._handling]
         for task in list(self._tasks):
             if task not in self._handling:
                 task.cancel()
         if busy:
             await asyncio.wait(busy, timeout=HANDLING_GRACE_SECONDS)
-        await cancel_and_wait(list(self._tasks))
+        tasks = list(self._tasks)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cancel_and_wait(tasks), STOP_TASKS_SECONDS)
+        for task in tasks:
+            if not task.done():
+                where = io.StringIO()
+                task.print_stack(file=where)
+                log.error("task %s did not stop within %.0f s of its cancellation: %s",
+                          task.get_name(), STOP_TASKS_SECONDS, where.getvalue())
         # A pull request still open would deliver into the inbox; drain would wait on it.
         for puller in list(self._pullers):
             with contextlib.suppress(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 
 import pytest
@@ -337,3 +338,29 @@ async def test_closing_does_not_wait_forever_for_a_handler_that_never_returns(na
     await consumer.publish(subjects.inbound_subject("web", "i1", "u1"), b"never done")
     await asyncio.wait_for(started.wait(), 10)
     await asyncio.wait_for(consumer.close(), 30)  # the grace, then the handler is cancelled
+
+
+async def test_closing_reports_a_task_that_will_not_stop_and_still_closes(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A background task that will not stop (here: one that shrugs off every cancellation until
+    an event no one sets) cannot hold a service's shutdown forever: close() names it, with where
+    it is stuck, and closes the connection anyway."""
+    monkeypatch.setattr(bus_module, "STOP_TASKS_SECONDS", 0.2)
+    closing = await Bus.connect(nats_server.url, "stubborn")
+    never = asyncio.Event()
+
+    async def cleanup_that_hangs() -> None:
+        while not never.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await never.wait()
+
+    stubborn = closing._spawn(cleanup_that_hangs(), name="stubborn-cleanup")
+    await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(closing.close(), 10)
+        assert closing.nc.is_closed
+        reports = [r.getMessage() for r in caplog.records if "stubborn-cleanup" in r.getMessage()]
+        assert reports and "did not stop" in reports[0] and "cleanup_that_hangs" in reports[0]
+    finally:
+        never.set()
+        await asyncio.wait([stubborn])
