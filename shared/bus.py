@@ -986,7 +986,28 @@ class KvMirror:
         self._initial_revision = state.last_seq if state.messages else 0
         watcher = await kv.watchall()
         self._task = asyncio.create_task(self._run(watcher), name=f"kv:{self.bucket}")
-        await self.ready.wait()
+        await self._until_ready(kv, self._task)
+
+    async def _until_ready(self, kv: KeyValue, watching: asyncio.Task[None]) -> None:
+        """Wait for `ready`, checking every `KV_MIRROR_CATCH_UP_SECONDS` that the watch goes on
+        (a watch that failed raises here rather than leaving its service starting forever)
+        and that the bucket still holds values: should every value pending at the start expire
+        before it is delivered, neither they nor the end marker ever come."""
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            while not ready.done():
+                await asyncio.wait([ready, watching], timeout=KV_MIRROR_CATCH_UP_SECONDS,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if ready.done():
+                    return
+                if watching.done():
+                    failure = None if watching.cancelled() else watching.exception()
+                    raise RuntimeError(f"watching KV bucket {self.bucket} ended before its values were"
+                                       f" loaded: {failure!r}") from failure
+                if not (await kv.status()).stream_info.state.messages:
+                    self._ready_without_last_revision()
+        finally:
+            ready.cancel()
 
     async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
         fallback: asyncio.TimerHandle | None = None
@@ -999,7 +1020,7 @@ class KvMirror:
                         # The last revision may never come (a TTL bucket's value expiring on
                         # the way, a server marker the watcher skips): past the marker, wait a
                         # bounded time. (Should every pending value expire before delivery, no
-                        # marker comes either, and the start waits for the next write.)
+                        # marker comes either: `_until_ready` sees the bucket empty.)
                         fallback = asyncio.get_running_loop().call_later(
                             KV_MIRROR_CATCH_UP_SECONDS, self._ready_without_last_revision)
                     continue
@@ -1046,10 +1067,7 @@ class KvMirror:
 
     async def stop(self) -> None:
         """Stop watching."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
 
 
 def current_span_trace_id() -> str:

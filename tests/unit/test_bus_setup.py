@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import SimpleNamespace
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -111,3 +113,55 @@ async def test_kv_mirror_starts_with_what_it_has_when_the_last_revision_never_co
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class _Bucket:
+    """What `KvMirror` asks of a KV bucket: its state, and a watcher."""
+
+    def __init__(self, watcher: Any, messages: list[int], last_seq: int) -> None:
+        self.watcher = watcher
+        self.messages = messages  # what each status() reports, in turn (the last one repeats)
+        self.last_seq = last_seq
+
+    async def status(self) -> Any:
+        messages = self.messages.pop(0) if len(self.messages) > 1 else self.messages[0]
+        state = SimpleNamespace(messages=messages, last_seq=self.last_seq)
+        return SimpleNamespace(stream_info=SimpleNamespace(state=state))
+
+    async def watchall(self) -> Any:
+        return self.watcher
+
+
+class _BusOf:
+    def __init__(self, bucket: _Bucket) -> None:
+        self.bucket = bucket
+
+    async def key_value(self, _name: str) -> _Bucket:
+        return self.bucket
+
+
+async def test_kv_mirror_starts_when_the_values_pending_at_its_start_expire_undelivered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two values when the watch began, both expired before delivery: no value and no end marker
+    # ever come; the bucket, looked at again, is empty.
+    monkeypatch.setattr(bus_module, "KV_MIRROR_CATCH_UP_SECONDS", 0.01)
+    bucket = _Bucket(_ScriptedWatcher([]), messages=[2, 0], last_seq=2)
+    mirror = bus_module.KvMirror(_BusOf(bucket), "b", bytes.decode)  # type: ignore[arg-type]
+    await asyncio.wait_for(mirror.start(), 5)
+    assert mirror.ready.is_set() and mirror.values == {}
+    await mirror.stop()
+
+
+class _FailingWatcher(_ScriptedWatcher):
+    async def __anext__(self) -> KeyValue.Entry | None:
+        raise nats.errors.ConnectionClosedError
+
+
+async def test_kv_mirror_start_fails_when_its_watch_ends_before_the_values_are_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_module, "KV_MIRROR_CATCH_UP_SECONDS", 0.01)
+    bucket = _Bucket(_FailingWatcher([]), messages=[3], last_seq=3)
+    mirror = bus_module.KvMirror(_BusOf(bucket), "b", bytes.decode)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="watching KV bucket b ended"):
+        await asyncio.wait_for(mirror.start(), 5)
+    assert not mirror.ready.is_set() and bucket.watcher.stopped
