@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -55,6 +54,7 @@ from e2e import percentile, whatsapp_payload
 
 from shared.http import basic_auth_header
 from shared.signing import meta_signature
+from shared.tasks import cancel_and_wait
 from threadline.cli import Launcher, ServiceProcess
 from threadline.natsserver import free_port
 
@@ -327,11 +327,7 @@ async def run(args: argparse.Namespace) -> int:
         raise
     finally:
         stop.set()
-        for task in (*background, *([supervisor] if supervisor else [])):
-            task.cancel()
-        for task in (*background, *([supervisor] if supervisor else [])):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([*background, supervisor])
         await runner.cleanup()
         await launcher.shutdown()
         for svc in launcher.services.values():  # a restart racing the shutdown leaves nothing behind

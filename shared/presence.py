@@ -28,6 +28,7 @@ from shared.messages.sdk_presence import (
     replica_key,
     socket_key,
 )
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,7 @@ class PresenceBoard:
         """Stop writing; delete the heartbeat (every socket of this replica stops counting at
         once), then this replica's socket entries, within STOP_SECONDS."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         try:
             kv = await self.bucket()

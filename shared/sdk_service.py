@@ -121,6 +121,7 @@ from shared.sunco import (
     LocationInfo,
     TextContent,
 )
+from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, log_fields, tracer
 from shared.untrusted import is_email_address
 from shared.uploads import receive_source
@@ -673,9 +674,7 @@ class SocketListener:
         """Stop sending (the socket closed)."""
         self.live = False
         if self.sender is not None:
-            self.sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.sender
+            await cancel_and_wait([self.sender])
             self.sender = None
 
 

@@ -13,7 +13,6 @@ aiohttp application below, which also serves every request when the app runs on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from yarl import URL
 
 from shared.http import error_response
 from shared.routes import ROUTES, SERVICE_PROBE_PREFIX, route_for
+from shared.tasks import cancel_and_wait
 from threadline.fastpath import Door, fast_connection
 from threadline.upstream import Upstream, UpstreamClosed
 
@@ -227,10 +227,7 @@ async def _proxy_websocket(request: web.Request, target: str) -> web.StreamRespo
 
     tasks = [asyncio.create_task(pump(upstream, downstream)), asyncio.create_task(pump(downstream, upstream))]
     _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    await cancel_and_wait(pending)
     await upstream.close()
     # Keep the service's close code (e.g. 4401 for a bad token) for the browser.
     await downstream.close(code=upstream.close_code or 1000)
