@@ -995,7 +995,7 @@ class KvMirror:
         before it is delivered, neither they nor the end marker ever come."""
         ready = asyncio.ensure_future(self.ready.wait())
         try:
-            while not ready.done():
+            while True:
                 await asyncio.wait([ready, watching], timeout=KV_MIRROR_CATCH_UP_SECONDS,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if ready.done():

@@ -102,9 +102,8 @@ class PresenceBoard:
     async def stop(self) -> None:
         """Stop writing; delete the heartbeat (every socket of this replica stops counting at
         once), then this replica's socket entries, within STOP_SECONDS."""
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         try:
             kv = await self.bucket()
             await kv.delete(replica_key(self.replica_id))

@@ -673,9 +673,8 @@ class SocketListener:
     async def stop(self) -> None:
         """Stop sending (the socket closed)."""
         self.live = False
-        if self.sender is not None:
-            await cancel_and_wait([self.sender])
-            self.sender = None
+        await cancel_and_wait([self.sender])
+        self.sender = None
 
 
 class EventHub:
