@@ -486,12 +486,17 @@ class Door:
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.connections):
-            if not conn.busy and now - conn.last_seen > CLIENT_IDLE_SECONDS:
+            if now - conn.last_seen <= CLIENT_IDLE_SECONDS:
+                continue
+            if conn.write_paused:  # the visitor has read nothing for that long
+                conn.abort()
+            elif not conn.busy:
                 conn.close()
         self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     async def close(self, timeout: float) -> None:
-        """Close idle connections now, busy ones once answered (or after `timeout`)."""
+        """Close idle connections now, busy ones once answered; drop those still open after
+        `timeout` (an answer its visitor is not reading)."""
         self.closing = True
         self._sweeper.cancel()
         deadline = self.loop.time() + timeout
@@ -503,7 +508,7 @@ class Door:
                 break
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.close()
+            conn.abort()
         for pool in self.pools.values():
             if pool is not None:
                 pool.close()
@@ -580,6 +585,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_seen = self.door.loop.time()  # the visitor reads: not idle
         if self.upstream is not None:
             self.upstream.resume_reading()
         elif not self.busy:
@@ -595,6 +601,13 @@ class _ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now: `close()` first sends what is buffered, which a visitor
+        that stopped reading never lets happen."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.door.connections.discard(self)
 
     # requests
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from threadline import fastpath
 from threadline.frontdoor import APP_KEY_UPSTREAMS, FrontdoorSite, build_frontdoor
 from threadline.natsserver import free_port
 
@@ -593,5 +594,93 @@ async def test_a_visitor_that_never_reads_cannot_make_the_door_hold_more_than_a_
             response = await asyncio.wait_for(read_response(reader), 5)
             assert status_of(response) == 200 and len(body_of(response)) == 65536
     finally:
-        writer.close()
+        writer.transport.abort()  # gone: what it had left to send is never sent
     assert status_of(await door.exchange(b"GET /v2/after HTTP/1.1\r\nHost: h\r\n\r\n")) == 200
+    # The door noticed the visitor left: nothing of it is held.
+    for _ in range(100):
+        if len(door.site.door.connections) <= 1:
+            break
+        await asyncio.sleep(0.02)
+    assert len(door.site.door.connections) <= 1  # at most the exchange's own, closing
+
+
+async def _stop_reading(door: Door) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A visitor that asks for large answers and pipelines more requests, reading nothing: the
+    door's writes to it stall, and then its reads."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+    for _ in range(16):
+        writer.write(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    padding = b"GET /v2/pad HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n"
+    for _ in range(4000):
+        writer.write(padding)
+        try:
+            await asyncio.wait_for(writer.drain(), 0.5)
+        except TimeoutError:
+            break
+    assert door.site.door is not None
+    assert any(conn.write_paused and conn.read_paused for conn in door.site.door.connections)
+    return reader, writer
+
+
+async def _until_dropped(reader: asyncio.StreamReader) -> int:
+    """Read what the door had sent until it ends the connection; how many bytes came."""
+    received = 0
+    try:
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    return received
+
+
+async def test_closing_the_door_drops_a_visitor_that_stopped_reading_once_the_grace_is_over(
+        service: RawService, door: Door) -> None:
+    """A close waits for answers in flight up to its grace, then drops the connections still
+    open: one whose visitor stopped reading would otherwise stay open as long as it is (a
+    close first sends what is buffered)."""
+    service.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1048576
+    reader, writer = await _stop_reading(door)
+    assert door.site.door is not None
+    try:
+        await asyncio.wait_for(door.site.door.close(timeout=0.2), 5)
+        assert not door.site.door.connections
+        assert await _until_dropped(reader) < 16 * 1048576
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
+        service: RawService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweeper drops a connection whose visitor has read nothing for the idle time, even in
+    the middle of an answer; one that keeps reading is kept."""
+    monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 1.5)
+    monkeypatch.setattr(fastpath, "SWEEP_SECONDS", 0.1)
+    service.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1048576
+    door = await open_door({"conversations": f"http://127.0.0.1:{service.port}"})
+    try:
+        reader, writer = await _stop_reading(door)
+        try:
+            assert door.site.door is not None
+            for _ in range(250):
+                if not door.site.door.connections:
+                    break
+                await asyncio.sleep(0.02)
+            assert not door.site.door.connections
+            assert await _until_dropped(reader) < 16 * 1048576
+        finally:
+            writer.transport.abort()
+        # A visitor reading slowly, but reading, gets its whole answer.
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        try:
+            writer.write(b"GET /v2/slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + 1048576:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                assert chunk, "the door dropped a visitor that was reading"
+                received += chunk
+                await asyncio.sleep(0.01)
+            assert status_of(received) == 200
+        finally:
+            writer.transport.abort()
+    finally:
+        await door.runner.cleanup()
