@@ -235,6 +235,20 @@ class Bus:
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(config)
 
+    async def pause(self, seconds: float, reason: str) -> None:
+        """Wait `seconds` in a consumer handler (a platform's rate limit), unless this bus starts
+        to stop meanwhile: then raise `Retry`, so the message goes back to the stream at once
+        rather than hold the stop for up to HANDLING_GRACE_SECONDS."""
+        if not self._stopping.is_set():
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait([stopping], timeout=seconds)
+            finally:
+                stopping.cancel()
+            if not self._stopping.is_set():
+                return
+        raise Retry(seconds, f"stopping: {reason}")
+
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> api.PubAck:
         """Publish to JetStream and wait for the ack: on return the message is durable."""

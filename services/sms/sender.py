@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from urllib.parse import urlencode
@@ -66,7 +65,7 @@ class SmsSender(HttpChannelSender[Credentials, Form]):
             # The sender's queue is long: come back later rather than hold the ack.
             raise Retry(self.max_rate_wait_seconds, f"sender {creds.sender_key} is busy")
         if wait > 0:
-            await asyncio.sleep(wait)
+            await self.bus.pause(wait, f"sender {creds.sender_key} is paced")
 
     def _bucket(self, creds: Credentials) -> SegmentBucket:
         rate = creds.segments_per_second or self.segments_per_second

@@ -233,6 +233,35 @@ async def test_closing_lets_the_batch_in_hand_finish_and_hands_nothing_to_ack_wa
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
 
 
+async def test_a_handler_pausing_gives_its_message_back_when_the_bus_stops(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler waiting out a rate limit (`Bus.pause`) does not hold a stop for the grace: the
+    wait ends when the stop begins, and the message goes back to the stream, unacknowledged."""
+    monkeypatch.setattr(bus_module, "HANDLING_GRACE_SECONDS", 60.0)
+    consumer = await Bus.connect(nats_server.url, "pausing")
+    waiting = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def paced(_data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        await consumer.pause(0.01, "a short wait")  # one that ends by itself returns
+        waiting.set()
+        try:
+            await consumer.pause(300, "the sender's queue")
+        except Retry as exc:
+            outcomes.append(str(exc))
+            raise
+        outcomes.append("sent")
+
+    subject = subjects.inbound_subject("web", "pausing", "u")
+    consumer.consume_durable(subjects.INBOUND, "t-pausing", subject, paced, ack_wait=60)
+    await bus.publish(subject, b"paced")
+    await asyncio.wait_for(waiting.wait(), 10)
+    await asyncio.wait_for(consumer.close(), 10)  # not the 60 s grace
+    assert outcomes == ["stopping: the sender's queue"]
+    info = await bus.js.consumer_info(subjects.INBOUND.name, "t-pausing")
+    assert info.ack_floor is None or not info.ack_floor.stream_seq  # handed back, not acknowledged
+
+
 async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, nats_server: NatsServer) -> None:
     consumer = await Bus.connect(nats_server.url, "outage")
     running = peak = 0
