@@ -354,7 +354,9 @@ async def test_a_held_key_is_released_when_its_message_never_comes_back(
     assert [d for d in seen if d.startswith(b"a")] == [b"a2", b"a3"] and b"b1" in seen
 
 
-async def test_closing_does_not_wait_forever_for_a_handler_that_never_returns(nats_server: NatsServer) -> None:
+async def test_closing_does_not_wait_forever_for_a_handler_that_never_returns(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_module, "HANDLING_GRACE_SECONDS", 0.5)  # the wait is the same, shorter
     consumer = await Bus.connect(nats_server.url, "stuck")
     await consumer.ensure_streams()
     started = asyncio.Event()
