@@ -539,11 +539,8 @@ class Bus:
                 await asyncio.sleep(0.5)
                 continue
             if not msgs:
-                if until_empty:
-                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                        info = await self.js.consumer_info(puller.stream, durable)
-                        if not info.num_pending and not info.num_ack_pending:
-                            return True
+                if until_empty and await self._drained(puller.stream, durable):
+                    return True
                 continue
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
@@ -554,6 +551,16 @@ class Bus:
                                        for group_key, group in groups.items()))
             finally:
                 self._handling.discard(this_task)
+            # A drain that took the last messages ends now, not after the next pull's wait.
+            if until_empty and await self._drained(puller.stream, durable):
+                return True
+        return False
+
+    async def _drained(self, stream: str, durable: str) -> bool:
+        """Whether the durable holds nothing undelivered or unacknowledged (False when unknown)."""
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            info = await self.js.consumer_info(stream, durable)
+            return not info.num_pending and not info.num_ack_pending
         return False
 
     async def _handle_group(self, durable: str, group_key: str, group: list[Msg], handler: Handler,
