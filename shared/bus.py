@@ -237,8 +237,10 @@ class Bus:
 
     async def pause(self, seconds: float, reason: str) -> None:
         """Wait `seconds` in a consumer handler (a platform's rate limit), unless this bus starts
-        to stop meanwhile: then raise `Retry`, so the message goes back to the stream at once
-        rather than hold the stop for up to HANDLING_GRACE_SECONDS."""
+        to stop meanwhile: then raise `Retry` with no delay, so the message goes back to the
+        stream at once, ahead of its key's later messages, rather than hold the stop for up to
+        HANDLING_GRACE_SECONDS. Only for a wait before the handler did anything it would repeat
+        when the message comes again."""
         if not self._stopping.is_set():
             stopping = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -247,7 +249,7 @@ class Bus:
                 stopping.cancel()
             if not self._stopping.is_set():
                 return
-        raise Retry(seconds, f"stopping: {reason}")
+        raise Retry(0.0, f"stopping: {reason}")
 
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> api.PubAck:

@@ -486,11 +486,12 @@ class Door:
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.connections):
-            if now - conn.last_seen <= CLIENT_IDLE_SECONDS:
-                continue
-            if conn.write_paused:  # the visitor has read nothing for that long
-                conn.abort()
-            elif not conn.busy:
+            if conn.write_paused:
+                # Writes resume once the visitor has read a part of what the kernel holds for it
+                # (up to a third of the socket's send buffer): paused this long, it reads nothing.
+                if now - conn.write_paused_at > CLIENT_IDLE_SECONDS:
+                    conn.abort()
+            elif not conn.busy and now - conn.last_seen > CLIENT_IDLE_SECONDS:
                 conn.close()
         self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
@@ -534,6 +535,7 @@ class _ClientConnection(asyncio.Protocol):
         self.busy = False  # a request is being answered
         self.close_after = False
         self.write_paused = False
+        self.write_paused_at = 0.0  # since when the visitor has taken nothing of what is written
         self.read_paused = False
         self.lost = False
         self.handed_off = False
@@ -580,6 +582,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self.door.loop.time()
         if self.upstream is not None:
             self.upstream.pause_reading()
 

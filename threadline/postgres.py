@@ -13,6 +13,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -141,7 +142,7 @@ class PostgresServer:
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(2)  # SIGINT: "fast" shutdown, what pg_ctl stop -m fast sends
+            self.process.send_signal(signal.SIGINT)  # a "fast" shutdown, what pg_ctl stop -m fast sends
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -161,7 +162,7 @@ class PostgresServer:
         data is kept — a fast one would first write every dirty page (a test session's hundreds
         of databases took it 5–10 s)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(3)
+            self.process.send_signal(signal.SIGQUIT)
             try:
                 self.process.wait(15.0)
             except subprocess.TimeoutExpired:

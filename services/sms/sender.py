@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from urllib.parse import urlencode
@@ -64,7 +65,13 @@ class SmsSender(HttpChannelSender[Credentials, Form]):
         if wait is None:
             # The sender's queue is long: come back later rather than hold the ack.
             raise Retry(self.max_rate_wait_seconds, f"sender {creds.sender_key} is busy")
-        if wait > 0:
+        if wait <= 0:
+            return
+        if self.parts.get(command.message_id):
+            # A later part of a message already partly sent: the sent parts are remembered in
+            # this process only, so a stop waits for this one rather than have them sent again.
+            await asyncio.sleep(wait)
+        else:
             await self.bus.pause(wait, f"sender {creds.sender_key} is paced")
 
     def _bucket(self, creds: Credentials) -> SegmentBucket:

@@ -260,6 +260,15 @@ async def test_a_handler_pausing_gives_its_message_back_when_the_bus_stops(
     assert outcomes == ["stopping: the sender's queue"]
     info = await bus.js.consumer_info(subjects.INBOUND.name, "t-pausing")
     assert info.ack_floor is None or not info.ack_floor.stream_seq  # handed back, not acknowledged
+    # Handed back without a delay: the next consumer gets it at once, not after the wait.
+    again: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def next_replica(data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
+        if not again.done():
+            again.set_result(data)
+
+    bus.consume_durable(subjects.INBOUND, "t-pausing", subject, next_replica, ack_wait=60)
+    assert await asyncio.wait_for(again, 10) == b"paced"
 
 
 async def test_after_an_outage_a_consumer_takes_one_batch_at_a_time(bus: Bus, nats_server: NatsServer) -> None:

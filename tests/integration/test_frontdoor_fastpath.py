@@ -649,37 +649,77 @@ async def test_closing_the_door_drops_a_visitor_that_stopped_reading_once_the_gr
         writer.transport.abort()
 
 
+async def _until_no_connections(door: Door) -> None:
+    assert door.site.door is not None
+    for _ in range(250):
+        if not door.site.door.connections:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the door still holds {len(door.site.door.connections)} connection(s)")
+
+
 async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
         service: RawService, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweeper drops a connection whose visitor has read nothing for the idle time, even in
-    the middle of an answer; one that keeps reading is kept."""
-    monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 1.5)
-    monkeypatch.setattr(fastpath, "SWEEP_SECONDS", 0.1)
+    """The sweeper drops a connection whose visitor has read nothing of an answer for the idle
+    time, whatever it still sends; one that keeps reading, however slowly, is kept."""
+    monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 3600.0)  # not while the scene is set up
+    monkeypatch.setattr(fastpath, "SWEEP_SECONDS", 0.05)
     service.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1048576
     door = await open_door({"conversations": f"http://127.0.0.1:{service.port}"})
+    assert door.site.door is not None
     try:
         reader, writer = await _stop_reading(door)
         try:
-            assert door.site.door is not None
-            for _ in range(250):
-                if not door.site.door.connections:
-                    break
-                await asyncio.sleep(0.02)
-            assert not door.site.door.connections
+            monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 0.3)
+            await _until_no_connections(door)
             assert await _until_dropped(reader) < 16 * 1048576
         finally:
             writer.transport.abort()
-        # A visitor reading slowly, but reading, gets its whole answer.
+
+        # Reading nothing, but sending a byte now and then (which the door reads: it holds
+        # far less than its pipelining bound): dropped all the same.
+        monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 3600.0)
         reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         try:
-            writer.write(b"GET /v2/slow HTTP/1.1\r\nHost: h\r\n\r\n")
-            received = b""
-            while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + 1048576:
-                chunk = await asyncio.wait_for(reader.read(65536), 5)
-                assert chunk, "the door dropped a visitor that was reading"
-                received += chunk
-                await asyncio.sleep(0.01)
-            assert status_of(received) == 200
+            writer.write(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n" * 8)
+            for _ in range(250):
+                if any(conn.write_paused for conn in door.site.door.connections):
+                    break
+                await asyncio.sleep(0.02)
+            assert any(conn.write_paused for conn in door.site.door.connections)
+            monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 0.3)
+            for _ in range(100):
+                if not door.site.door.connections:
+                    break
+                writer.write(b" ")
+                await asyncio.sleep(0.05)
+            assert not door.site.door.connections, "a trickle of bytes kept a visitor that reads nothing"
+        finally:
+            writer.transport.abort()
+
+        # A visitor that reads: an answer streaming for longer than the idle time, its writes
+        # paused for a moment now (as a reader's are, again and again), is kept.
+        monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 1.0)
+        size = 8 * 1048576
+        service.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"y" * size
+        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+        try:
+            writer.write(b"GET /v2/long HTTP/1.1\r\nHost: h\r\n\r\n")
+            for _ in range(250):
+                if any(conn.write_paused for conn in door.site.door.connections):
+                    break
+                await asyncio.sleep(0.02)
+            (conn,) = door.site.door.connections
+            assert conn.write_paused
+            conn.last_seen -= 3600  # its request came long ago
+            await asyncio.sleep(0.3)  # several sweeps
+            assert conn in door.site.door.connections, "the door dropped a visitor whose answer was long"
+            received = 0
+            while received < size:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), 5)
+                assert chunk
+                received += len(chunk)
+            assert received >= size
         finally:
             writer.transport.abort()
     finally:
