@@ -137,12 +137,13 @@ class PostgresServer:
             subprocess.run([os.path.join(bin_dir, "createdb"), *login, self.database], env=env, check=True,
                            capture_output=True)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop the server (fast shutdown, then SIGKILL)."""
+    def stop(self, timeout: float = 15.0, how: signal.Signals = signal.SIGINT) -> None:
+        """Stop the server: a "fast" shutdown by default (SIGINT, what pg_ctl stop -m fast
+        sends), an "immediate" one with SIGQUIT; SIGKILL after `timeout`."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # a "fast" shutdown, what pg_ctl stop -m fast sends
+            self.process.send_signal(how)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -158,16 +159,8 @@ class PostgresServer:
         self.process = None
 
     def remove(self) -> None:
-        """Stop and delete the data directory: an immediate shutdown (SIGQUIT), as nothing of the
-        data is kept — a fast one would first write every dirty page (a test session's hundreds
-        of databases took it 5–10 s)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(15.0)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        """Stop and delete the data directory. The shutdown is immediate: nothing of the data is
+        kept, so a fast one's writing of every dirty page would be wasted."""
+        self.stop(how=signal.SIGQUIT)
         if self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)

@@ -597,10 +597,7 @@ async def test_a_visitor_that_never_reads_cannot_make_the_door_hold_more_than_a_
         writer.transport.abort()  # gone: what it had left to send is never sent
     assert status_of(await door.exchange(b"GET /v2/after HTTP/1.1\r\nHost: h\r\n\r\n")) == 200
     # The door noticed the visitor left: nothing of it is held.
-    for _ in range(100):
-        if len(door.site.door.connections) <= 1:
-            break
-        await asyncio.sleep(0.02)
+    await _until(lambda: len(door.site.door.connections) <= 1, 2.0)
     assert len(door.site.door.connections) <= 1  # at most the exchange's own, closing
 
 
@@ -649,13 +646,19 @@ async def test_closing_the_door_drops_a_visitor_that_stopped_reading_once_the_gr
         writer.transport.abort()
 
 
-async def _until_no_connections(door: Door) -> None:
-    assert door.site.door is not None
-    for _ in range(250):
-        if not door.site.door.connections:
+async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll `condition` until it holds or `seconds` pass (the caller asserts it then)."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"the door still holds {len(door.site.door.connections)} connection(s)")
+
+
+async def _until_no_connections(door: Door) -> None:
+    assert door.site.door is not None
+    connections = door.site.door.connections
+    await _until(lambda: not connections)
+    assert not connections, f"the door still holds {len(connections)} connection(s)"
 
 
 async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
@@ -667,6 +670,7 @@ async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
     service.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1048576
     door = await open_door({"conversations": f"http://127.0.0.1:{service.port}"})
     assert door.site.door is not None
+    connections = door.site.door.connections
     try:
         reader, writer = await _stop_reading(door)
         try:
@@ -682,11 +686,8 @@ async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
         reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         try:
             writer.write(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n" * 8)
-            for _ in range(250):
-                if any(conn.write_paused for conn in door.site.door.connections):
-                    break
-                await asyncio.sleep(0.02)
-            assert any(conn.write_paused for conn in door.site.door.connections)
+            await _until(lambda: any(conn.write_paused for conn in connections))
+            assert any(conn.write_paused for conn in connections)
             monkeypatch.setattr(fastpath, "CLIENT_IDLE_SECONDS", 0.3)
             for _ in range(100):
                 if not door.site.door.connections:
@@ -705,11 +706,8 @@ async def test_a_visitor_that_reads_nothing_past_the_idle_time_is_dropped(
         reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         try:
             writer.write(b"GET /v2/long HTTP/1.1\r\nHost: h\r\n\r\n")
-            for _ in range(250):
-                if any(conn.write_paused for conn in door.site.door.connections):
-                    break
-                await asyncio.sleep(0.02)
-            (conn,) = door.site.door.connections
+            await _until(lambda: any(conn.write_paused for conn in connections))
+            (conn,) = connections
             assert conn.write_paused
             conn.last_seen -= 3600  # its request came long ago
             await asyncio.sleep(0.3)  # several sweeps
