@@ -186,6 +186,10 @@ class SwitchboardRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         """The member with this id, if there is one."""
         return next((i for i in self.integrations if i.id == switchboard_integration_id), None)
 
+    def has_member_of_type(self, integration_type: str) -> bool:
+        """Whether a member is of this integration type (e.g. `desk`)."""
+        return any(member.integration_type == integration_type for member in self.integrations)
+
     def ref(self, switchboard_integration_id: str) -> SwitchboardIntegrationRef:
         """How a conversation names a member: in full, or by its id alone once it is deleted."""
         member = self.integration(switchboard_integration_id)

@@ -687,7 +687,7 @@ class EventHub:
 
     async def start(self, nc: NatsClient) -> None:
         """Subscribe (core NATS: live events only; history fills the gaps)."""
-        self._sub = await nc.subscribe(subjects.EVENTS_ALL, cb=self._on_message,
+        self._sub = await nc.subscribe(subjects.CONVERSATION_EVENTS_ALL, cb=self._on_message,
                                        pending_msgs_limit=100_000, pending_bytes_limit=128 * 1024 * 1024)
 
     async def stop(self) -> None:

@@ -119,13 +119,31 @@ def conversation_events(app_id: str, conversation_id: str) -> str:
     return f"events.{app_id}.{conversation_id}.*"
 
 
+# The agent desk reads copies of the events that concern it (`shared.messages.conversation.
+# concerns_desk`), published by `conversations` after each original under this prefix: five tokens,
+# so that the other readers' `events.*.*.<n>` never match them, and the desk reads nothing of the
+# apps that have no desk.
+DESK_COPY_PREFIX: Final = "events.desk"
+
+
+def desk_event_subject(app_id: str, conversation_id: str) -> str:
+    """Subject of the desk's copy of an event in one conversation (the conversation's partition)."""
+    return f"{DESK_COPY_PREFIX}.{app_id}.{conversation_id}.{partition_of(conversation_id)}"
+
+
+def conversation_desk_events(app_id: str, conversation_id: str) -> str:
+    """Filter matching the desk's copies of one conversation's events (what an erasure purges too)."""
+    return f"{DESK_COPY_PREFIX}.{app_id}.{conversation_id}.*"
+
+
 def conversation_of_event_subject(subject: str) -> str:
     """The conversation id in a subject made by `event_subject` (cheap routing without decoding)."""
     parts = subject.split(".")
     return parts[2] if len(parts) > 2 else ""
 
 
-EVENTS_ALL: Final = "events.>"
+# Every conversation's events as published (not the desk's copies): what the SDK services follow live.
+CONVERSATION_EVENTS_ALL: Final = "events.*.*.*"
 INBOUND_ALL: Final = "inbound.>"
 STATUS_ALL: Final = "status.>"
 
@@ -176,7 +194,7 @@ CONVERSATIONS_STATUS: Final = ConsumerSpec(STATUS, "conversations-status", "stat
 WEBHOOKS_EVENTS: Final = ConsumerSpec(EVENTS, "webhooks-events", "events.*.*")
 NOTIFICATIONS_EVENTS: Final = ConsumerSpec(EVENTS, "notifications-events", "events.*.*")
 NOTIFICATIONS_STATUS: Final = ConsumerSpec(STATUS, "notifications-status", "status.*.*")
-DESK_EVENTS: Final = ConsumerSpec(EVENTS, "desk-events", "events.*.*")
+DESK_EVENTS: Final = ConsumerSpec(EVENTS, "desk-events", f"{DESK_COPY_PREFIX}.*.*")
 
 
 def channel_outbound_consumer(channel: str) -> ConsumerSpec:

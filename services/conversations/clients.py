@@ -355,10 +355,9 @@ class PhoneLinks:
             for reason in reasons:
                 # Derived ids: a redelivered message confirms once.
                 event_id = derived_id(client.id, str(link.created_at), reason)
-                await convs.bus.publish(subjects.event_subject(link.app_id, ref.id), conv.encode(conv.ClientUpdated(
+                await convs.announce(conv.ClientUpdated(
                     id=event_id, app_id=link.app_id, conversation_id=ref.id, created_at=at, user=user,
-                    client=active, reason=reason, conversation=ref, source=source, primary=link.primary)),
-                    msg_id=event_id)
+                    client=active, reason=reason, conversation=ref, source=source, primary=link.primary))
         await self._drop(client.id)
         log.info("direct link of client %s confirmed", client.id)
         return active
@@ -378,10 +377,10 @@ class PhoneLinks:
             ref = conversation_ref(row)
             event_id = derived_id(client.id, str(link.created_at), reason)
             removed = msgspec.structs.replace(client, status="inactive")
-            await convs.bus.publish(subjects.event_subject(link.app_id, ref.id), conv.encode(conv.ClientRemoved(
+            await convs.announce(conv.ClientRemoved(
                 id=event_id, app_id=link.app_id, conversation_id=ref.id, created_at=now(), user=user,
                 client=removed, reason=reason, error=error, conversation=ref,
-                source=await self._source(link.app_id, link.source_integration_id))), msg_id=event_id)
+                source=await self._source(link.app_id, link.source_integration_id)))
         await self._drop(client.id)
 
     async def _cancel(self, link: PendingLink, user: User, client: Client) -> None:

@@ -65,12 +65,29 @@ class ConversationCore:
         updated = await self.store.give_default_control(row["id"], default_id, active)
         return updated if updated is not None else row
 
-    async def publish_event(self, event: conv.ConversationEvent) -> None:
-        """Announce `event` on its conversation's subject (de-duplicated by its id); a failure
-        other than a MessageCreated's is answered 503 (the caller's change stays)."""
+    async def announce(self, event: conv.ConversationUnion) -> Any:
+        """Publish `event` on its conversation's subject, de-duplicated by its id, then its copy
+        for the agent desk when it concerns the desk (`conv.concerns_desk`); the original's ack.
+
+        The copy goes second, so that its sequence is above the original's: an erasure purges
+        both subjects below the sequence of its own announcement and keeps the copy of it. A
+        failure between the two is the caller's to retry, like any failed publish: the
+        original is then de-duplicated and the copy sent.
+        """
+        data = conv.encode(event)
+        ack = await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), data,
+                                     msg_id=event.id)
+        app = self.apps(event.app_id)
+        if conv.concerns_desk(event, app.switchboard if app is not None else None):
+            await self.bus.publish(subjects.desk_event_subject(event.app_id, event.conversation_id), data,
+                                   msg_id=f"{event.id}:desk")
+        return ack
+
+    async def publish_event(self, event: conv.ConversationUnion) -> None:
+        """Announce `event` (`announce`); a failure other than a MessageCreated's is answered 503
+        (the caller's change stays)."""
         try:
-            await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), conv.encode(event),
-                                   msg_id=event.id)
+            await self.announce(event)
         except ApiError:
             raise
         except Exception as exc:
@@ -124,8 +141,7 @@ class ConversationCore:
             id=new_id(), app_id=app_id, conversation_id=conversation_id, created_at=created_at,
             conversation=conversation_ref(row), user=user, creation_reason=reason, source=source)
         try:
-            await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(event),
-                                   msg_id=event.id)
+            await self.announce(event)
         except Exception:
             async with self.store.tx():
                 await self.store.delete_conversation(conversation_id)

@@ -26,12 +26,12 @@ from services.conversations.switchboard import Switchboards
 from shared import subjects
 from shared.bus import Bus, RequestFailed, Retry
 from shared.http import ApiError, read_body
+from shared.messages import conversation as conv
 from shared.messages import desk
 from shared.sunco import Author
 
 log = logging.getLogger(__name__)
 
-DESK_INTEGRATION_TYPE = "desk"
 # What an admin may add or remove from the desk (not custom integrations: their keys and webhooks
 # are the API's business).
 CHANNEL_TYPES = ("whatsapp", "messenger", "telegram", "twilio", "mailgun", "web", "android", "ios")
@@ -101,7 +101,7 @@ class DeskBridge:
         await self.switchboards.control(
             request.app_id, request.conversation_id, request.action,
             target=request.switchboard_integration, metadata=request.metadata,
-            only_if_active_type=DESK_INTEGRATION_TYPE if request.only_from_desk else None)
+            only_if_active_type=conv.DESK_INTEGRATION_TYPE if request.only_from_desk else None)
         return desk.DeskDone()
 
 

@@ -250,9 +250,9 @@ class Conversations(ConversationCore):
         if not await self.store.has_messages_before(conversation_id, cutoff):
             return 0
         event_id = derived_id(conversation_id, "messages:expired", repr(cutoff))
-        ack = await self.bus.publish(subjects.event_subject(app_id, conversation_id), conv.encode(conv.MessagesExpired(
+        ack = await self.announce(conv.MessagesExpired(
             id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=now(),
-            conversation=conversation_ref(row), before=cutoff)), msg_id=event_id)
+            conversation=conversation_ref(row), before=cutoff))
         deleted = 0
         while True:
             async with self.store.tx():
@@ -266,11 +266,18 @@ class Conversations(ConversationCore):
         if self.streams is not None:
             # The bus's copies of the conversation's events (message contents) go too; the
             # announcement itself stays for the services that have not read it yet.
-            await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
-                                             before_seq=getattr(ack, "seq", None))
+            await self._purge_events(app_id, conversation_id, before_seq=getattr(ack, "seq", None))
         log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
         return deleted
+
+    async def _purge_events(self, app_id: str, conversation_id: str, *, before_seq: int | None) -> None:
+        """Drop the bus's copies of a conversation's events (below `before_seq` when given): the
+        originals and the desk's copies, whose sequences follow their originals'."""
+        assert self.streams is not None
+        for subject in (subjects.conversation_events(app_id, conversation_id),
+                        subjects.conversation_desk_events(app_id, conversation_id)):
+            await self.streams.purge_subject(subjects.EVENTS, subject, before_seq=before_seq)
 
     async def purge_consumed(self) -> None:
         """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
@@ -384,8 +391,7 @@ class Conversations(ConversationCore):
                                  user=UserRef(id=user.id, external_id=user.external_id),
                                  authenticated=user.authenticated, conversation_ids=conversation_ids)
         try:
-            ack = await self.bus.publish(subjects.event_subject(app_id, subject_id), conv.encode(event),
-                                         msg_id=event_id)
+            ack = await self.announce(event)
         except Exception as exc:
             log.warning("announcing the deletion of user %s failed: %s", user.id, exc)
             raise ApiError(503, "Messaging bus unavailable, try again") from exc
@@ -397,9 +403,8 @@ class Conversations(ConversationCore):
         if self.streams is not None:
             # The bus's copies of the user's events go too; `user:remove` stays for its readers.
             for conversation_id in {*conversation_ids, subject_id}:
-                await self.streams.purge_subject(
-                    subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
-                    before_seq=getattr(ack, "seq", None) if conversation_id == subject_id else None)
+                kept_from = getattr(ack, "seq", None) if conversation_id == subject_id else None
+                await self._purge_events(app_id, conversation_id, before_seq=kept_from)
         await self.store.checkpoint()
         log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids),
                  extra=log_fields(app_id=app_id, user_id=user.id))
@@ -735,12 +740,11 @@ class Conversations(ConversationCore):
         id derives from the platform's, so a redelivered tap is announced once)."""
         msg, row = resolved.msg, resolved.row
         event_id = derived_id(msg.integration_id, msg.provider_message_id, "postback")
-        await self.bus.publish(subjects.event_subject(msg.app_id, row["id"]), conv.encode(conv.PostbackReceived(
+        await self.announce(conv.PostbackReceived(
             id=event_id, app_id=msg.app_id, conversation_id=row["id"], created_at=msg.received_at,
             conversation=conversation_ref(row), user=resolved.user, payload=action.payload, text=action.text,
             metadata=action.metadata, source=Source(type=msg.channel, integration_id=msg.integration_id,
-                                                    original_message_id=msg.provider_message_id))),
-            msg_id=event_id)
+                                                    original_message_id=msg.provider_message_id)))
 
     async def _resolve_inbound(self, msg: chan.InboundMessage, *, merges_pending: bool) -> ResolvedInbound | None:
         """Who sent `msg` and into which conversation it goes (created when the user has none);
@@ -829,16 +833,13 @@ class Conversations(ConversationCore):
         """ClientAdded when a new channel joined a conversation the user already had (SunCo's
         client:add), then MessageCreated."""
         app_id, user, client, conversation_id = resolved.msg.app_id, resolved.user, resolved.client, resolved.row["id"]
-        subject = subjects.event_subject(app_id, conversation_id)
         if stored.joined_others:
-            client_added = derived_id(conversation_id, client.id, "client:add")
-            await self.bus.publish(subject, conv.encode(conv.ClientAdded(
-                id=client_added, app_id=app_id, conversation_id=conversation_id, created_at=stored.received,
-                user=user, client=client)), msg_id=client_added)
-        await self.bus.publish(subject, conv.encode(conv.MessageCreated(
+            await self.announce(conv.ClientAdded(
+                id=derived_id(conversation_id, client.id, "client:add"), app_id=app_id,
+                conversation_id=conversation_id, created_at=stored.received, user=user, client=client))
+        await self.announce(conv.MessageCreated(
             id=stored.event_id, app_id=app_id, conversation_id=conversation_id, created_at=stored.received,
-            conversation=conversation_ref(resolved.row), message=stored.message, cursor=stored.seq,
-            user_id=user.id)), msg_id=stored.event_id)
+            conversation=conversation_ref(resolved.row), message=stored.message, cursor=stored.seq, user_id=user.id))
 
     async def _republish(self, app_id: str, stored: StoredMessage) -> None:
         """Publish a stored message's MessageCreated again with its original event id (de-duplicated
@@ -847,13 +848,10 @@ class Conversations(ConversationCore):
         if row is None:
             return
         message = MESSAGE_DECODER.decode(stored.body)
-        await self.bus.publish(
-            subjects.event_subject(app_id, stored.conversation_id),
-            conv.encode(conv.MessageCreated(
-                id=stored.event_id, app_id=app_id, conversation_id=stored.conversation_id,
-                created_at=_parse_received(message), conversation=conversation_ref(row), message=message,
-                cursor=stored.seq, user_id=message.author.user_id or "")),
-            msg_id=stored.event_id)
+        await self.announce(conv.MessageCreated(
+            id=stored.event_id, app_id=app_id, conversation_id=stored.conversation_id,
+            created_at=_parse_received(message), conversation=conversation_ref(row), message=message,
+            cursor=stored.seq, user_id=message.author.user_id or ""))
 
     async def inbound_activity(self, msg: chan.InboundActivity) -> None:
         """Typing/read from a customer: update read state, announce ActivityPosted."""
@@ -868,15 +866,13 @@ class Conversations(ConversationCore):
                 await self.store.mark_read(participant["id"], msg.at)
         client = SourceClient(id=msg.client_id, type="sdk" if msg.channel in SDK_INTEGRATION_TYPES else msg.channel,  # type: ignore[arg-type]
                               integration_id=msg.integration_id) if _is_client_type(msg.channel) else None
-        await self.bus.publish(subjects.event_subject(msg.app_id, msg.conversation_id), conv.encode(
-            conv.ActivityPosted(
-                id=new_id(), app_id=msg.app_id, conversation_id=msg.conversation_id, created_at=msg.at,
-                conversation=conversation_ref(row), user_id=msg.user_id,
-                activity=Activity(type=msg.activity,
-                                  author=Author(type="user", user_id=msg.user_id,
-                                                user_external_id=participant["user_external_id"]),
-                                  source=Source(type=msg.channel, integration_id=msg.integration_id,
-                                                client=client)))))
+        await self.announce(conv.ActivityPosted(
+            id=new_id(), app_id=msg.app_id, conversation_id=msg.conversation_id, created_at=msg.at,
+            conversation=conversation_ref(row), user_id=msg.user_id,
+            activity=Activity(type=msg.activity,
+                              author=Author(type="user", user_id=msg.user_id,
+                                            user_external_id=participant["user_external_id"]),
+                              source=Source(type=msg.channel, integration_id=msg.integration_id, client=client))))
 
     # --- delivery statuses ----------------------------------------------------------------
 
@@ -932,8 +928,7 @@ class Conversations(ConversationCore):
             destination=Destination(type=status.channel, integration_id=status.integration_id),
             external_messages=[ExternalMessage(id=status.provider_message_id)],
             is_final=status.status == "failed", error=error, read=status.status == "read")
-        await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(event),
-                               msg_id=event_id)
+        await self.announce(event)
         if status.status == "read" and participants:
             await self._customer_read(status, row, participants[0], message_id)
         if status.status == "failed" and status.error_code in BLOCKED_ERROR_CODES and participants:
@@ -951,7 +946,7 @@ class Conversations(ConversationCore):
             conversation=conversation_ref(row), user_id=participant["user_id"],
             activity=Activity(type="conversation:read", author=author,
                               source=Source(type=status.channel, integration_id=status.integration_id)))
-        await self.bus.publish(subjects.event_subject(status.app_id, row["id"]), conv.encode(event), msg_id=event_id)
+        await self.announce(event)
 
     async def _mark_blocked(self, status: chan.DeliveryStatus, conversation_id: str, participant_id: str) -> None:
         """The customer blocked the business on this channel: the client becomes `blocked` (SunCo
@@ -967,9 +962,9 @@ class Conversations(ConversationCore):
             return
         self.identity.forget_user(reply.user.id)
         event_id = derived_id(client_id, status.provider_message_id, "client:update:blocked")
-        await self.bus.publish(subjects.event_subject(status.app_id, conversation_id), conv.encode(conv.ClientUpdated(
+        await self.announce(conv.ClientUpdated(
             id=event_id, app_id=status.app_id, conversation_id=conversation_id, created_at=status.timestamp,
-            user=reply.user, client=reply.client, reason="blocked")), msg_id=event_id)
+            user=reply.user, client=reply.client, reason="blocked"))
 
     # --- request/reply for other services -------------------------------------------------
 

@@ -411,15 +411,13 @@ class Linker:
         if row is not None:
             # Published before the row goes (a derived id de-duplicates a second try).
             event_id = derived_id(pending.client_id, str(pending.created_at), "pending-merge-end")
-            await self.conversations.bus.publish(
-                subjects.event_subject(pending.app_id, pending.conversation_id), conv.encode(conv.ClientRemoved(
-                    id=event_id, app_id=pending.app_id, conversation_id=pending.conversation_id, created_at=now(),
-                    user=User(id=pending.surviving_user_id),
-                    client=Client(id=pending.client_id, type=pending.client_type,  # type: ignore[arg-type]
-                                  status="inactive", integration_id=pending.integration_id),
-                    reason=reason, error=DeliveryError(code=code, message=message),
-                    conversation=conversation_ref(row))),
-                msg_id=event_id)
+            await self.conversations.announce(conv.ClientRemoved(
+                id=event_id, app_id=pending.app_id, conversation_id=pending.conversation_id, created_at=now(),
+                user=User(id=pending.surviving_user_id),
+                client=Client(id=pending.client_id, type=pending.client_type,  # type: ignore[arg-type]
+                              status="inactive", integration_id=pending.integration_id),
+                reason=reason, error=DeliveryError(code=code, message=message),
+                conversation=conversation_ref(row)))
         async with store.tx():
             await store.drop_pending_merge(pending.client_id, pending.created_at)
 

@@ -1,7 +1,8 @@
 """Wiring of the `desk` service: the agent desk at `/desk/`.
 
-- a durable consumer on `events.>` follows the switchboard and the messages of the conversations the
-  desk controls (`handlers.Desk.handle_event`), and routes them to agents;
+- a durable consumer on the desk's copies of the events (`events.desk.>`: those that concern the
+  desk, published by `conversations`) follows the switchboard and the messages of the conversations
+  the desk controls (`handlers.Desk.handle_event`), and routes them to agents;
 - `/desk/api/v1/…` serves signed-in agents (sessions, CSRF), and `desk.api` the business's REST
   calls that `conversations` forwards (`api.py`);
 - `/desk/api/v1/socket` is each open desk's live feed (`desk.updates.<app>` on core NATS, so a
@@ -281,8 +282,7 @@ class AppMembers:
 
     def has_desk(self, app_id: str) -> bool:
         record = self._record(app_id)
-        return bool(record and record.switchboard and any(
-            member.integration_type == DESK_TYPE for member in record.switchboard.integrations))
+        return bool(record and record.switchboard and record.switchboard.has_member_of_type(DESK_TYPE))
 
 
 def channel_name(client: conv.ParticipantClient) -> str:

@@ -42,7 +42,7 @@ from .store import OPEN, PENDING, RESOLVED, SNOOZED, STATUSES, AgentRow, NoteRow
 
 log = logging.getLogger(__name__)
 
-DESK_TYPE = "desk"
+DESK_TYPE = conv.DESK_INTEGRATION_TYPE
 MAX_NOTE_LENGTH = 4096
 MAX_LABELS = 20
 MAX_LABEL_LENGTH = 64

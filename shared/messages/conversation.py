@@ -7,10 +7,11 @@ which is what the `webhooks` service delivers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
+from shared.records import SwitchboardRecord
 from shared.sunco import (
     Activity,
     Client,
@@ -268,6 +269,36 @@ def erasure(event: ConversationUnion) -> Erasure | None:
     if isinstance(event, MessagesExpired):
         return Erasure((event.conversation_id,), before=event.created_at)
     return None
+
+
+DESK_INTEGRATION_TYPE: Final = "desk"
+
+
+def concerns_desk(event: ConversationUnion, switchboard: SwitchboardRecord | None) -> bool:
+    """Whether the agent desk needs `event` (`conversations` publishes it a copy,
+    `subjects.desk_event_subject`), given the app's switchboard.
+
+    Always: privacy events and removals (the tickets of a desk since removed must go too), control
+    changes, handoffs and merges (the ticket's timeline) — all rare. A message or an activity:
+    when the app has a desk member, or the conversation's controller is one or unknown here (a
+    member this copy of the switchboard does not hold yet, or one since deleted). Nothing else.
+    """
+    if isinstance(event, ClientUpdated):
+        return event.primary and event.reason == "confirmed"
+    if isinstance(event, UserRemoved | PersonalInformationDeleted | MessagesExpired | ConversationRemoved
+                  | SwitchboardControlled | UsersMerged | ClientAdded):
+        return True
+    if not isinstance(event, MessageCreated | ActivityPosted):
+        return False
+    if switchboard is not None and switchboard.has_member_of_type(DESK_INTEGRATION_TYPE):
+        return True
+    active = event.conversation.active_switchboard_integration
+    if active is None:
+        return False
+    member = switchboard.integration(active.id) if switchboard is not None else None
+    if member is None:
+        return active.integration_type in (None, DESK_INTEGRATION_TYPE)
+    return False
 
 
 # --- request/reply with `conversations` ------------------------------------------------------

@@ -10,6 +10,7 @@ The business drives the same desk through `/v2/apps/{appId}/desk/…` with its k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import nats.js.errors
 import pytest
 from aiohttp import web
 
@@ -77,6 +79,7 @@ class Desk:
     auth: dict[str, str]
     events: list[dict[str, Any]]
     sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+    bot_id: str = ""
 
     @property
     def base(self) -> str:
@@ -156,8 +159,9 @@ class Desk:
 
 
 @asynccontextmanager
-async def desk_scene(system: System, tmp_path: Path) -> AsyncIterator[Desk]:
-    """Services up, a sandbox app with WhatsApp, and a switchboard: a bot (default) then the desk."""
+async def desk_scene(system: System, tmp_path: Path, *, switchboard: bool = True) -> AsyncIterator[Desk]:
+    """Services up, a sandbox app with WhatsApp, a bot, and (unless not asked) a switchboard: the
+    bot (default) then the desk."""
     async with business_webhooks() as (hook_url, events), aiohttp.ClientSession() as http:
         await system.start(*SERVICES)
         info = await bootstrap_sandbox(system.base_url, AccountKey(ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET),
@@ -168,19 +172,26 @@ async def desk_scene(system: System, tmp_path: Path) -> AsyncIterator[Desk]:
             bot = await desk.rest("POST", "/integrations", {
                 "type": "custom", "displayName": "bot",
                 "webhooks": [{"target": hook_url, "triggers": ["conversation:message"]}]}, status=201)
-            switchboard = (await desk.rest("POST", "/switchboards", status=201))["switchboard"]
-            members = f"/switchboards/{switchboard['id']}/switchboardIntegrations"
-            desk_member = (await desk.rest("POST", members, {"name": "desk", "integrationType": "desk"},
-                                           status=201))["switchboardIntegration"]
-            bot_member = (await desk.rest("POST", members, {
-                "name": "bot", "integrationId": bot["integration"]["id"],
-                "nextSwitchboardIntegrationId": desk_member["id"]}, status=201))["switchboardIntegration"]
-            await desk.rest("PATCH", f"/switchboards/{switchboard['id']}", {
-                "enabled": True, "defaultSwitchboardIntegrationId": bot_member["id"]})
+            desk.bot_id = bot["integration"]["id"]
+            if switchboard:
+                await bot_then_desk(desk)
             yield desk
         finally:
             for session in desk.sessions:
                 await session.close()
+
+
+async def bot_then_desk(desk: Desk) -> None:
+    """The app's switchboard: the bot (default), then the desk."""
+    switchboard = (await desk.rest("POST", "/switchboards", status=201))["switchboard"]
+    members = f"/switchboards/{switchboard['id']}/switchboardIntegrations"
+    desk_member = (await desk.rest("POST", members, {"name": "desk", "integrationType": "desk"},
+                                   status=201))["switchboardIntegration"]
+    bot_member = (await desk.rest("POST", members, {
+        "name": "bot", "integrationId": desk.bot_id,
+        "nextSwitchboardIntegrationId": desk_member["id"]}, status=201))["switchboardIntegration"]
+    await desk.rest("PATCH", f"/switchboards/{switchboard['id']}", {
+        "enabled": True, "defaultSwitchboardIntegrationId": bot_member["id"]})
 
 
 async def customer_conversation(desk: Desk, sender: str, text: str) -> str:
@@ -258,6 +269,73 @@ async def test_a_conversation_passed_to_the_desk_reaches_an_online_agent_and_mov
                 conversation["activeSwitchboardIntegration"]["name"] != "desk"
 
         await eventually(released, timeout=10.0)
+
+
+async def stored_events(bus: Bus, prefix: str) -> list[bytes]:
+    """The events stream's messages whose subjects start with `prefix`, oldest first."""
+    info = await bus.js.stream_info(subjects.EVENTS.name)
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            msg = await bus.js.get_msg(subjects.EVENTS.name, seq)
+            if (msg.subject or "").startswith(prefix):
+                found.append(msg.data or b"")
+    return found
+
+
+async def desk_deliveries(bus: Bus) -> int:
+    """How many messages the desk's durables have handed out, over every partition."""
+    total = 0
+    for partition in range(subjects.PARTITIONS):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await bus.js.consumer_info(subjects.EVENTS.name, subjects.DESK_EVENTS.durable(partition))
+            total += info.delivered.consumer_seq if info.delivered and info.delivered.consumer_seq else 0
+    return total
+
+
+@SQLITE_ONLY
+async def test_the_desk_reads_the_events_of_apps_with_a_desk_only_and_erasures_purge_its_copies(
+        system: System, tmp_path: Path) -> None:
+    async with desk_scene(system, tmp_path, switchboard=False) as desk:
+        bus = await Bus.connect(system.nats_url, "test-desk-copies")
+        try:
+            app_events, copies = f"events.{desk.app_id}.", f"{subjects.DESK_COPY_PREFIX}.{desk.app_id}."
+            # No desk in the app's switchboard (it has none): its events reach the business, and
+            # the desk is handed none of them.
+            await customer_conversation(desk, "+15550071", "is anyone there?")
+            assert any(b"is anyone there?" in data for data in await stored_events(bus, app_events))
+            assert await stored_events(bus, copies) == []
+            assert await desk_deliveries(bus) == 0
+
+            # The desk joins the switchboard: the desk gets copies of what concerns it.
+            await bot_then_desk(desk)
+            ada = await desk.create_agent("ada@example.com", "Ada", role="admin")
+            a = await desk.sign_in("ada@example.com")
+            await a.call("PUT", f"/agents/{ada['id']}/presence", {"presence": "online"})
+            conversation_id = await customer_conversation(desk, "+15550072", "my parcel is late")
+            await pass_to_desk(desk, conversation_id)
+            ticket = await desk.assigned_to(conversation_id, ada["id"])
+            assert ticket["lastMessageText"] == "my parcel is late"
+            assert any(b"my parcel is late" in data for data in await stored_events(bus, copies))
+            assert not any(b"is anyone there?" in data for data in await stored_events(bus, copies))
+            assert await desk_deliveries(bus) > 0
+
+            # The customer is deleted: the copy of user:remove reaches the desk (the ticket goes),
+            # and the copies of her messages are purged with the originals.
+            user_id = next(e["payload"]["message"]["author"]["userId"] for e in desk.events
+                           if e["type"] == "conversation:message"
+                           and e["payload"]["message"]["content"].get("text") == "my parcel is late")
+            await desk.rest("DELETE", f"/users/{user_id}")
+
+            async def ticket_gone() -> bool:
+                return await desk.ticket(conversation_id) is None
+
+            await eventually(ticket_gone, timeout=10.0)
+            left = await stored_events(bus, copies)
+            assert any(b"conversation.user.removed" in data for data in left)
+            assert not any(b"my parcel is late" in data for data in left + await stored_events(bus, app_events))
+        finally:
+            await bus.close()
 
 
 @SQLITE_ONLY
