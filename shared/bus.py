@@ -20,7 +20,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -264,6 +264,19 @@ class Bus:
             if ack.duplicate:
                 span.set_attribute("threadline.duplicate", True)
             return ack
+
+    async def publish_together(self, messages: Sequence[tuple[str, bytes, str | None]]
+                               ) -> list[api.PubAck | BaseException]:
+        """Publish (subject, data, msg_id) messages back to back on this connection, then wait for
+        every ack: the stream stores them in this order with nothing this process publishes in
+        between. Each message's ack, or the exception its publish ended with."""
+        with _tracer.start_as_current_span(f"publish {messages[0][0].split('.')[0]}", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.destination.name", messages[0][0])
+            span.set_attribute("messaging.batch.message_count", len(messages))
+            base = inject_headers({})
+            return await self._publisher.publish_together(
+                [(subject, data, base if msg_id is None else {**base, MSG_ID_HEADER: msg_id})
+                 for subject, data, msg_id in messages])
 
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
         """Send a request to a `nats.micro` endpoint and return the reply body."""
@@ -768,6 +781,31 @@ class JetStreamPublisher:
         finally:
             timer.cancel()
             del self._waiting[token]
+
+    async def publish_together(self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
+                               ) -> list[api.PubAck | BaseException]:
+        """Send every message before awaiting any ack (nothing else this connection sends goes
+        between them: nats-py queues a publish without yielding), then each one's ack or error."""
+        if not self._prefix:
+            await self._subscribe()
+        loop = asyncio.get_running_loop()
+        tokens: list[str] = []
+        futures: list[asyncio.Future[api.PubAck]] = []
+        for _message in messages:
+            self._count += 1
+            tokens.append(str(self._count))
+            futures.append(loop.create_future())
+            self._waiting[tokens[-1]] = futures[-1]
+        timers = [loop.call_later(self.timeout, _expire, future) for future in futures]
+        try:
+            for (subject, data, headers), token in zip(messages, tokens, strict=True):
+                await self.nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            for timer in timers:
+                timer.cancel()
+            for token in tokens:
+                del self._waiting[token]
 
     async def _subscribe(self) -> None:
         async with self._subscribing:

@@ -171,10 +171,15 @@ DESK_QUEUED: Final = MetricSpec(
     "Agent desk: conversations waiting for an agent, all apps (every desk replica reports the same count: take"
     " the max).",
     ())
+DESK_COPIES_LOST: Final = MetricSpec(
+    "threadline.desk.copies.lost", "counter", "{event}",
+    "Conversation events whose copy for the agent desk could not be stored after its original was (the desk"
+    " misses them; their error is logged).",
+    ())
 
 METRICS: Final = (MESSAGES_IN, MESSAGES_OUT, WEBHOOK_DELIVERY_LATENCY, WEBHOOK_POST_DURATION, WEBHOOK_ATTEMPTS,
                   WEBHOOK_EVENTS, CONSUMER_PENDING, CONSUMER_REDELIVERIES, STORE_DURATION, WEBSOCKETS_OPEN,
-                  MEDIA_COPIES, DESK_ASSIGNMENTS, DESK_WAIT, DESK_REQUEUED, DESK_QUEUED)
+                  MEDIA_COPIES, DESK_ASSIGNMENTS, DESK_WAIT, DESK_REQUEUED, DESK_QUEUED, DESK_COPIES_LOST)
 
 
 def exported_series() -> dict[str, MetricSpec]:
@@ -262,6 +267,7 @@ _media_copies = _counter(MEDIA_COPIES)
 _desk_assignments = _counter(DESK_ASSIGNMENTS)
 _desk_wait = _histogram(DESK_WAIT)
 _desk_requeued = _counter(DESK_REQUEUED)
+_desk_copies_lost = _counter(DESK_COPIES_LOST)
 _desk_queued: list[int] = []
 _meter.create_observable_gauge(DESK_QUEUED.name, unit=DESK_QUEUED.unit, description=DESK_QUEUED.description,
                                callbacks=[lambda _options: [Observation(_desk_queued[-1])] if _desk_queued else []])
@@ -356,6 +362,11 @@ def desk_assigned(reason: str, waited: float) -> None:
     """The desk gave a conversation to an agent (`reason`) after it waited `waited` seconds."""
     _desk_assignments.add(1, REASON, reason)
     _desk_wait.record(max(0.0, waited))
+
+
+def desk_copy_lost() -> None:
+    """An event's copy for the desk was given up (`conversations`)."""
+    _desk_copies_lost.add(1)
 
 
 def desk_requeued(cause: str, count: int = 1) -> None:

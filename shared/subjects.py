@@ -142,7 +142,10 @@ def conversation_of_event_subject(subject: str) -> str:
     return parts[2] if len(parts) > 2 else ""
 
 
-# Every conversation's events as published (not the desk's copies): what the SDK services follow live.
+EVENTS_ALL: Final = "events.>"
+# Every conversation's events as published (not the desk's copies): what the SDK services follow
+# live. (Their permission stays EVENTS_ALL: the copies hold nothing the originals do not, and a
+# replica of a version before the copies subscribes to that.)
 CONVERSATION_EVENTS_ALL: Final = "events.*.*.*"
 INBOUND_ALL: Final = "inbound.>"
 STATUS_ALL: Final = "status.>"

@@ -5,13 +5,15 @@ that reaches a client. A leaf: it imports none of the modules built on it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
 from services.conversations.store import Store, conversation_ref, loads
-from shared import records, subjects
+from shared import metrics, records, subjects
 from shared.bus import Retry
 from shared.db import Row
 from shared.http import ApiError
@@ -21,11 +23,25 @@ from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 from shared.sunco import Client, Source, User
+from shared.telemetry import log_fields
 
 log = logging.getLogger(__name__)
 
 SDK_INTEGRATION_TYPES = frozenset({"web", "ios", "android", "unity", "sdk"})
 APP_INTEGRATION_TYPES = frozenset({"ios", "android"})
+
+
+# Waits before each new try of a desk copy whose original was stored (about 1.7 s in all).
+DESK_COPY_RETRY_DELAYS = (0.1, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Announced:
+    """Where an announced event was stored in the events stream: its sequence, and its desk
+    copy's (None: no copy, or none stored)."""
+
+    seq: int | None
+    desk_seq: int | None = None
 
 
 class ConversationCore:
@@ -65,23 +81,41 @@ class ConversationCore:
         updated = await self.store.give_default_control(row["id"], default_id, active)
         return updated if updated is not None else row
 
-    async def announce(self, event: conv.ConversationUnion) -> Any:
-        """Publish `event` on its conversation's subject, de-duplicated by its id, then its copy
-        for the agent desk when it concerns the desk (`conv.concerns_desk`); the original's ack.
+    async def announce(self, event: conv.ConversationUnion) -> Announced:
+        """Publish `event` on its conversation's subject, de-duplicated by its id, and with it its
+        copy for the agent desk when it concerns the desk (`conv.concerns_desk`).
 
-        The copy goes second, so that its sequence is above the original's: an erasure purges
-        both subjects below the sequence of its own announcement and keeps the copy of it. A
-        failure between the two is the caller's to retry, like any failed publish: the
-        original is then de-duplicated and the copy sent.
+        The two go back to back (`publish_together`): the copies of one process's events keep
+        their originals' order, so an erasure that purges each subject below its own
+        announcement's sequence leaves the copies as it leaves the originals. A failed original
+        raises (the caller's retry sends both again, de-duplicated); a copy that fails alone is
+        sent again a few times, then given up with an error logged and counted
+        (`threadline.desk.copies.lost`): the business's change and its original stand.
         """
         data = conv.encode(event)
-        ack = await self.bus.publish(subjects.event_subject(event.app_id, event.conversation_id), data,
-                                     msg_id=event.id)
+        subject = subjects.event_subject(event.app_id, event.conversation_id)
         app = self.apps(event.app_id)
-        if conv.concerns_desk(event, app.switchboard if app is not None else None):
-            await self.bus.publish(subjects.desk_event_subject(event.app_id, event.conversation_id), data,
-                                   msg_id=f"{event.id}:desk")
-        return ack
+        if not conv.concerns_desk(event, app.switchboard if app is not None else None):
+            return Announced(getattr(await self.bus.publish(subject, data, msg_id=event.id), "seq", None))
+        copy = (subjects.desk_event_subject(event.app_id, event.conversation_id), data, f"{event.id}:desk")
+        original, copied = await self.bus.publish_together([(subject, data, event.id), copy])
+        if isinstance(original, BaseException):
+            raise original
+        for delay in DESK_COPY_RETRY_DELAYS:
+            if not isinstance(copied, BaseException):
+                return Announced(getattr(original, "seq", None), getattr(copied, "seq", None))
+            log.warning("the desk's copy of event %s failed (%s): trying again in %.1f s", event.id, copied, delay)
+            await asyncio.sleep(delay)
+            try:
+                copied = await self.bus.publish(copy[0], data, msg_id=copy[2])
+            except Exception as exc:
+                copied = exc
+        if isinstance(copied, BaseException):
+            log.error("the desk's copy of event %s (%s) was given up: %s", event.id, type(event).__name__, copied,
+                      extra=log_fields(app_id=event.app_id, conversation_id=event.conversation_id))
+            metrics.desk_copy_lost()
+            return Announced(getattr(original, "seq", None))
+        return Announced(getattr(original, "seq", None), getattr(copied, "seq", None))
 
     async def publish_event(self, event: conv.ConversationUnion) -> None:
         """Announce `event` (`announce`); a failure other than a MessageCreated's is answered 503

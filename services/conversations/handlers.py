@@ -24,7 +24,7 @@ from services.conversations.clients import (
     normalize_phone,
     notification_content,
 )
-from services.conversations.core import APP_INTEGRATION_TYPES, SDK_INTEGRATION_TYPES, ConversationCore
+from services.conversations.core import APP_INTEGRATION_TYPES, SDK_INTEGRATION_TYPES, Announced, ConversationCore
 from services.conversations.identity_client import IdentityClient, IdentityUnavailable, Publisher
 from services.conversations.linking import DEFAULT_RECAP_COUNT, Linker
 from services.conversations.sdk_login import sdk_login
@@ -250,7 +250,7 @@ class Conversations(ConversationCore):
         if not await self.store.has_messages_before(conversation_id, cutoff):
             return 0
         event_id = derived_id(conversation_id, "messages:expired", repr(cutoff))
-        ack = await self.announce(conv.MessagesExpired(
+        announced = await self.announce(conv.MessagesExpired(
             id=event_id, app_id=app_id, conversation_id=conversation_id, created_at=now(),
             conversation=conversation_ref(row), before=cutoff))
         deleted = 0
@@ -266,18 +266,19 @@ class Conversations(ConversationCore):
         if self.streams is not None:
             # The bus's copies of the conversation's events (message contents) go too; the
             # announcement itself stays for the services that have not read it yet.
-            await self._purge_events(app_id, conversation_id, before_seq=getattr(ack, "seq", None))
+            await self._purge_events(app_id, conversation_id, kept=announced)
         log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
         return deleted
 
-    async def _purge_events(self, app_id: str, conversation_id: str, *, before_seq: int | None) -> None:
-        """Drop the bus's copies of a conversation's events (below `before_seq` when given): the
-        originals and the desk's copies, whose sequences follow their originals'."""
+    async def _purge_events(self, app_id: str, conversation_id: str, *, kept: Announced | None) -> None:
+        """Drop the bus's copies of a conversation's events: the originals and the desk's copies,
+        each subject below `kept` (the erasure's own announcement and its copy; None: all)."""
         assert self.streams is not None
-        for subject in (subjects.conversation_events(app_id, conversation_id),
-                        subjects.conversation_desk_events(app_id, conversation_id)):
-            await self.streams.purge_subject(subjects.EVENTS, subject, before_seq=before_seq)
+        await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
+                                         before_seq=kept.seq if kept is not None else None)
+        await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
+                                         before_seq=kept.desk_seq if kept is not None else None)
 
     async def purge_consumed(self) -> None:
         """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
@@ -391,7 +392,7 @@ class Conversations(ConversationCore):
                                  user=UserRef(id=user.id, external_id=user.external_id),
                                  authenticated=user.authenticated, conversation_ids=conversation_ids)
         try:
-            ack = await self.announce(event)
+            announced = await self.announce(event)
         except Exception as exc:
             log.warning("announcing the deletion of user %s failed: %s", user.id, exc)
             raise ApiError(503, "Messaging bus unavailable, try again") from exc
@@ -403,8 +404,8 @@ class Conversations(ConversationCore):
         if self.streams is not None:
             # The bus's copies of the user's events go too; `user:remove` stays for its readers.
             for conversation_id in {*conversation_ids, subject_id}:
-                kept_from = getattr(ack, "seq", None) if conversation_id == subject_id else None
-                await self._purge_events(app_id, conversation_id, before_seq=kept_from)
+                await self._purge_events(app_id, conversation_id,
+                                         kept=announced if conversation_id == subject_id else None)
         await self.store.checkpoint()
         log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids),
                  extra=log_fields(app_id=app_id, user_id=user.id))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -32,6 +32,8 @@ class Publisher(Protocol):
 
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> Any: ...
+
+    async def publish_together(self, messages: Sequence[tuple[str, bytes, str | None]]) -> list[Any]: ...
 
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes: ...
 

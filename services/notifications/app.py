@@ -1,8 +1,8 @@
 """Wiring of the `notifications` service: away notifications, reply-window policies, opt-ins.
 
-- a durable consumer on `events.>` schedules a notification when the business replies (one row
-  per conversation in its database, committed before the event is acked) and cancels it when the
-  customer reads or writes;
+- a durable consumer on the conversation events (`events.*.*.<partition>`) schedules a
+  notification when the business replies (one row per conversation in its database, committed
+  before the event is acked) and cancels it when the customer reads or writes;
 - a timer fires the rows that fell due (`handlers.Notifier.fire`), sending on the channel
   services' outbound subjects (or by e-mail) with ids `ntf_…` that are also the Nats-Msg-Id;
 - a durable consumer on `status.>` follows those sends and publishes

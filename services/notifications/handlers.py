@@ -242,7 +242,7 @@ class Notifier:
     # --- events -----------------------------------------------------------------------------
 
     async def on_event(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
-        """Consumer of `events.>`: schedule on business replies, cancel on reads and customer messages."""
+        """Consumer of the conversation events: schedule on business replies, cancel on reads and customer messages."""
         try:
             event = conv.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):

@@ -165,6 +165,28 @@ async def test_publisher_acks_refusals_and_timeouts_are_nats_pys(bus: Bus) -> No
         await silent.unsubscribe()
 
 
+async def test_messages_published_together_are_stored_back_to_back_each_with_its_own_outcome(bus: Bus) -> None:
+    # Forty pairs and forty single messages at once: each pair lands side by side, in its order.
+    singles = [bus.publish(subjects.event_subject("app", f"s{i}"), f"single{i}".encode()) for i in range(40)]
+    pairs = [bus.publish_together([(subjects.event_subject("app", f"c{i}"), f"first{i}".encode(), f"p{i}"),
+                                   (subjects.desk_event_subject("app", f"c{i}"), f"second{i}".encode(), f"p{i}:desk")])
+             for i in range(40)]
+    results = await asyncio.gather(*(call for both in zip(singles, pairs, strict=True) for call in both))
+    for i, (first, second) in enumerate(results[1::2]):
+        assert isinstance(first, api.PubAck) and isinstance(second, api.PubAck)
+        assert second.seq == first.seq + 1
+        stored = [(await bus.js.get_msg(subjects.EVENTS.name, ack.seq)).data for ack in (first, second)]
+        assert stored == [f"first{i}".encode(), f"second{i}".encode()]
+    # Each message has its own outcome: a duplicate, a refusal, an ack.
+    first, refused, fresh = await bus.publish_together([
+        (subjects.event_subject("app", "c0"), b"first0", "p0"),
+        ("no-stream-here.x", b"x", None),
+        (subjects.event_subject("app", "c0"), b"third", "p-new")])
+    assert isinstance(first, api.PubAck) and first.duplicate
+    assert isinstance(refused, NoStreamResponseError)
+    assert isinstance(fresh, api.PubAck) and not fresh.duplicate
+
+
 async def test_a_consumer_at_max_ack_pending_gets_its_batch_without_waiting_for_the_expiry(bus: Bus) -> None:
     subject = subjects.inbound_subject("web", "full", "u")
     # A request that waits up to 60 s: at the ack limit the server sends what it may and then

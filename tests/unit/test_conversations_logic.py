@@ -5,20 +5,21 @@ document, and the handlers against a real database (SQLite, then PostgreSQL) wit
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
 from multidict import MultiDict
 
-from services.conversations import models
+from services.conversations import core, models
 from services.conversations.api import OPERATIONS
 from services.conversations.app import inbound_ordering_key, status_ordering_key
 from services.conversations.handlers import Conversations, IdentityClient, derived_id
 from services.conversations.openapi import openapi_document
 from services.conversations.store import Store
-from shared import subjects
+from shared import metrics, records, subjects
 from shared.db import DatabaseSettings
 from shared.http import ApiError
 from shared.ids import new_id, now
@@ -99,17 +100,32 @@ def test_openapi_document_covers_every_operation() -> None:
 # --- handlers with a real database --------------------------------------------------------
 
 class Recorder:
-    """Records publishes; fails them when `fail` is set."""
+    """Records publishes, each acked with its place as its sequence; fails them all when `fail`
+    is set, and the next `fail_desk_copies` publishes of desk copies."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, str | None]] = []
         self.fail = False
+        self.fail_desk_copies = 0
 
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> Any:
         if self.fail:
             raise ConnectionError("bus down")
+        if subject.startswith(subjects.DESK_COPY_PREFIX + ".") and self.fail_desk_copies:
+            self.fail_desk_copies -= 1
+            raise ConnectionError("no ack for the copy")
         self.published.append((subject, data, msg_id))
+        return SimpleNamespace(seq=len(self.published))
+
+    async def publish_together(self, messages: Sequence[tuple[str, bytes, str | None]]) -> list[Any]:
+        results: list[Any] = []
+        for subject, data, msg_id in messages:
+            try:
+                results.append(await self.publish(subject, data, msg_id=msg_id))
+            except ConnectionError as exc:
+                results.append(exc)
+        return results
 
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
         raise TimeoutError
@@ -177,3 +193,42 @@ async def test_history_request_errors_are_conversation_errors(handlers: tuple[Co
     garbage = conv.decode_request(await conversations.answer(b"{}", {}))
     assert isinstance(garbage, conv.ConversationError) and garbage.status == 400
     assert msgspec.json.decode(await conversations.answer(b"[", {}))["status"] == 400
+
+
+async def test_an_events_desk_copy_goes_with_it_and_is_retried_alone_then_given_up_without_failing_the_caller(
+        database_settings: DatabaseSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "DESK_COPY_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    store = await Store.open(database_settings)
+    recorder = Recorder()
+    app_id = new_id()
+    desk_app = records.AppRecord(id=app_id, display_name="A", switchboard=records.SwitchboardRecord(
+        id="sb", enabled=True, integrations=[records.SwitchboardIntegrationRecord(id="m", name="desk",
+                                                                                 integration_type="desk")]))
+    conversations = Conversations(store, recorder, IdentityClient(recorder), apps=lambda _app: desk_app)
+    try:
+        async with store.tx():
+            await store.add_app(app_id, "A", {}, {}, now())
+        row, _ = await conversations.ensure_conversation(app_id, User(id=new_id()), reason="api")
+        body = models.MessagePostBody(author=Author(type="business"), content=TextContent(text="hello"))
+        copy_subject = subjects.desk_event_subject(app_id, row["id"])
+
+        # The copy follows its original at once, or after a failed try or two.
+        recorder.published.clear()
+        recorder.fail_desk_copies = 2
+        await conversations.post_message(app_id, row["id"], body)
+        assert [subject for subject, _, _ in recorder.published] == [
+            subjects.event_subject(app_id, row["id"]), copy_subject]
+        assert recorder.published[1][2] == recorder.published[0][2] + ":desk"
+        assert recorder.published[1][1] == recorder.published[0][1]
+
+        # Given up after its tries: counted, and the message stands (the caller is not failed).
+        assert "threadline_desk_copies_lost_total" in metrics.exported_series()
+        lost = sum(metrics._desk_copies_lost._totals.values())
+        recorder.published.clear()
+        recorder.fail_desk_copies = 1 + len(core.DESK_COPY_RETRY_DELAYS)
+        message = await conversations.post_message(app_id, row["id"], body)
+        assert [subject for subject, _, _ in recorder.published] == [subjects.event_subject(app_id, row["id"])]
+        assert sum(metrics._desk_copies_lost._totals.values()) == lost + 1
+        assert await store.get_message(app_id, message.id) is not None
+    finally:
+        await store.close()
