@@ -5,8 +5,8 @@ realtime socket under a path prefix; a subclass says which integrations it serve
 checks on each request (the web checks Origin), what a session body carries (the app registers
 a device) and what to do when a business message reached a socket (the app skips the push).
 
-One core NATS subscription on every conversation event per process (`EventHub`) fans events
-out to the sockets of their conversation; a socket replays history from its `after` cursor
+One core NATS subscription on every conversation event per process (`EventHub`, held while a
+socket listens) fans events out to the sockets of their conversation; a socket replays history from its `after` cursor
 first, de-duplicating by cursor, so a reconnecting client gets every missed message once.
 """
 
@@ -138,6 +138,8 @@ SOCKET_CLOSE_BASE: Final = 4000
 _SOCKET_ENDS: Final = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 # The idle-socket pinger wakes this often and pings the slice of sockets due.
 PING_TICK_SECONDS: Final = 0.1
+# How long the event hub stays subscribed after its last socket closed (`EventHub`).
+HUB_LINGER_SECONDS: Final = 60.0
 MAX_SOCKET_QUERY_FIELDS: Final = 16
 _CLIENT_MESSAGE_ID = re.compile(rf"^[A-Za-z0-9_-]{{8,{MAX_CLIENT_MESSAGE_ID_LENGTH}}}$")
 _KV_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -678,39 +680,93 @@ class SocketListener:
 
 
 class EventHub:
-    """One core NATS subscription on every conversation event, fanned out by conversation."""
+    """One core NATS subscription on every conversation event, fanned out by conversation.
 
-    def __init__(self) -> None:
+    The subscription is held only while a socket of this process listens: a replica with no
+    socket (an app whose customers use no SDK, a quiet hour) is not sent every event of every
+    conversation to drop. The first socket subscribes, and the server has the subscription before
+    that socket reads its history; the last one to go leaves it for `linger` seconds more (a
+    reconnecting client finds it there).
+    """
+
+    def __init__(self, linger: float = HUB_LINGER_SECONDS) -> None:
         # A list per conversation: it has one socket or a few, and a set of one costs 216 B.
         self.listeners: dict[str, list[SocketListener]] = {}
+        self.linger = linger
+        self._nc: NatsClient | None = None
         self._sub: Subscription | None = None
+        self._subscribing = asyncio.Lock()
+        self._idle: asyncio.TimerHandle | None = None
+        self._leaving: asyncio.Task[None] | None = None
+
+    @property
+    def following(self) -> bool:
+        """Whether this process is subscribed to the events now."""
+        return self._sub is not None
 
     async def start(self, nc: NatsClient) -> None:
-        """Subscribe (core NATS: live events only; history fills the gaps)."""
-        self._sub = await nc.subscribe(subjects.CONVERSATION_EVENTS_ALL, cb=self._on_message,
-                                       pending_msgs_limit=100_000, pending_bytes_limit=128 * 1024 * 1024)
+        """Use `nc` (core NATS: live events only; history fills the gaps) once a socket listens."""
+        self._nc = nc
 
     async def stop(self) -> None:
         """Unsubscribe."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        await cancel_and_wait([self._leaving])
         if self._sub is not None:
+            sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._nc = None
 
-    def add(self, conversation_id: str, listener: SocketListener) -> None:
-        """Start delivering the conversation's events to `listener`."""
+    async def add(self, conversation_id: str, listener: SocketListener) -> None:
+        """Start delivering the conversation's events to `listener` (subscribing first if this
+        process was not: on return the server sends every event published from now on)."""
         listeners = self.listeners.setdefault(conversation_id, [])
         if listener not in listeners:
             listeners.append(listener)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._sub is not None or self._nc is None:
+            return
+        try:
+            async with self._subscribing:
+                if self._sub is None and self._nc is not None:
+                    sub = await self._nc.subscribe(subjects.CONVERSATION_EVENTS_ALL, cb=self._on_message,
+                                                   pending_msgs_limit=100_000,
+                                                   pending_bytes_limit=128 * 1024 * 1024)
+                    self._sub = sub
+                    await self._nc.flush()  # the server has it: nothing published from here is missed
+        except BaseException:
+            self.remove(conversation_id, listener)
+            raise
 
     def remove(self, conversation_id: str, listener: SocketListener) -> None:
-        """Stop delivering to `listener`."""
+        """Stop delivering to `listener` (the last one leaves the subscription to `linger`)."""
         listeners = self.listeners.get(conversation_id)
         if listeners is not None:
             if listener in listeners:
                 listeners.remove(listener)
             if not listeners:
                 del self.listeners[conversation_id]
+        if not self.listeners and self._sub is not None and self._idle is None:
+            self._idle = asyncio.get_running_loop().call_later(self.linger, self._leave)
+
+    def _leave(self) -> None:
+        self._idle = None
+        if self._leaving is None or self._leaving.done():
+            self._leaving = asyncio.create_task(self._unsubscribe_if_idle(), name="sdk:hub-leave")
+
+    async def _unsubscribe_if_idle(self) -> None:
+        async with self._subscribing:
+            if self.listeners or self._sub is None:
+                return
+            # Cleared first: a socket arriving meanwhile subscribes anew once this is done.
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
         # Route by subject first: events of conversations nobody watches here are not decoded.
@@ -1278,13 +1334,13 @@ class SdkService(ServiceApp):
             listener = SocketListener(self.sdk.socket_queue_size, self._drain_socket, ws=ws, claims=claims,
                                       conversation_id=conversation_id, after=after or 0,
                                       transport=request.transport, now=asyncio.get_running_loop().time())
-            # Listen before reading history so nothing published in between is lost.
-            self.hub.add(conversation_id, listener)
             self.sockets[ws] = listener
             metrics.websocket_opened(self.name)
             socket_id = new_id()
             self.presence.open(socket_id, self.socket_presence(claims, conversation_id))
             try:
+                # Listen before reading history so nothing published in between is lost.
+                await self.hub.add(conversation_id, listener)
                 live = await self._replay(listener, after)
             except BaseException:
                 await self._forget_socket(listener, socket_id)

@@ -26,9 +26,9 @@ def created(conversation_id: str, cursor: int) -> Msg:
 async def test_hub_routes_events_to_the_sockets_of_their_conversation() -> None:
     hub = EventHub()
     mine, also_mine, other = SocketListener(8), SocketListener(8), SocketListener(8)
-    hub.add("c1", mine)
-    hub.add("c1", also_mine)
-    hub.add("c2", other)
+    await hub.add("c1", mine)
+    await hub.add("c1", also_mine)
+    await hub.add("c2", other)
     await hub._on_message(created("c1", 1))
     await hub._on_message(created("c3", 2))  # nobody watches c3
     for listener in (mine, also_mine):
@@ -50,7 +50,7 @@ async def test_hub_routes_events_to_the_sockets_of_their_conversation() -> None:
 async def test_a_full_queue_marks_the_socket_for_closing() -> None:
     hub = EventHub()
     slow = SocketListener(8)
-    hub.add("c1", slow)
+    await hub.add("c1", slow)
     for cursor in range(1, 10):
         await hub._on_message(created("c1", cursor))
     assert slow.overflowed
@@ -75,7 +75,7 @@ async def test_a_live_listener_sends_in_order_with_one_short_lived_sender() -> N
 
     hub = EventHub()
     listener = SocketListener(8, drain, after=1)
-    hub.add("c1", listener)
+    await hub.add("c1", listener)
     for cursor in (1, 2, 3):  # offered while history is replayed: held, no sender yet
         await hub._on_message(created("c1", cursor))
     assert listener.sender is None and sent == []
