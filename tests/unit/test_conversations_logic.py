@@ -25,6 +25,7 @@ from shared.http import ApiError
 from shared.ids import new_id, now
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
+from shared.messages import identity as ident
 from shared.sunco import Author, TextContent, User
 
 
@@ -230,5 +231,50 @@ async def test_an_events_desk_copy_goes_with_it_and_is_retried_alone_then_given_
         assert [subject for subject, _, _ in recorder.published] == [subjects.event_subject(app_id, row["id"])]
         assert sum(metrics._desk_copies_lost._totals.values()) == lost + 1
         assert await store.get_message(app_id, message.id) is not None
+    finally:
+        await store.close()
+
+
+class IdentityAnswers(Recorder):
+    """The bus, with identity answering who a user is and their deletion."""
+
+    def __init__(self, user: User) -> None:
+        super().__init__()
+        self.user = user
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        if subject == subjects.IDENTITY_USER_GET:
+            return ident.encode(ident.UserReply(user=self.user))
+        if subject == subjects.IDENTITY_USER_DELETE:
+            return ident.encode(ident.Deleted(user_id=self.user.id))
+        raise TimeoutError
+
+
+async def test_a_user_deletion_whose_announcement_failed_is_retried_with_every_conversation_named(
+        database_settings: DatabaseSettings) -> None:
+    store = await Store.open(database_settings)
+    user = User(id=new_id())
+    bus = IdentityAnswers(user)
+    conversations = Conversations(store, bus, IdentityClient(bus))
+    app_id = new_id()
+    try:
+        async with store.tx():
+            await store.add_app(app_id, "A", {}, {}, now())
+        row, _ = await conversations.ensure_conversation(app_id, user, reason="api")
+        await conversations.post_message(app_id, row["id"], models.MessagePostBody(
+            author=Author(type="business"), content=TextContent(text="your order")))
+        # The bus refuses `user:remove`: nothing is deleted, so the retry knows what to name.
+        bus.fail = True
+        with pytest.raises(ApiError) as refused:
+            await conversations.delete_user(app_id, user.id)
+        assert refused.value.status == 503
+        assert await store.get_conversation(app_id, row["id"]) is not None
+        bus.fail = False
+        await conversations.delete_user(app_id, user.id)
+        removed = [conv.decode(data) for subject, data, _ in bus.published
+                   if b"conversation.user.removed" in data and subject == subjects.event_subject(app_id, row["id"])]
+        assert len(removed) == 1 and isinstance(removed[0], conv.UserRemoved)
+        assert removed[0].conversation_ids == [row["id"]]
+        assert await store.get_conversation(app_id, row["id"]) is None
     finally:
         await store.close()
