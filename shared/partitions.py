@@ -42,8 +42,9 @@ still its own. A stalled replica's writes are then refused from the moment the n
 the partition over (and what it committed before is what the new owner reads); it stops
 consuming the partition at once (`Lease.fenced`), and the messages it held, never acknowledged,
 go to the new owner. A stored epoch greater than a take's own is a later take, or a bucket made
-anew (its revisions start again): `Lease.reaffirm` tells them apart. `webhooks` fences its
-deliveries so (`services.webhooks.store`). The other groups do not: a stalled replica of theirs
+anew (its revisions start again): `Lease.reaffirm` tells them apart. `shared.fencing` does
+this; `webhooks` fences its deliveries so, and `conversations` its inbound messages. The other
+groups do not: a stalled replica of theirs
 may still finish its batch after the takeover (their handlers are idempotent, so nothing is
 stored twice; a batch takes milliseconds, the TTL is seconds).
 """

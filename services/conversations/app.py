@@ -171,7 +171,9 @@ class ConversationsService(ServiceApp):
         add_routes(self.http, api)
         add_desk_routes(self.http, api, self.bus)
         inbound = await self.bus.consume(subjects.CONVERSATIONS_INBOUND, self.conversations.handle_inbound,
-                                         ordering_key=inbound_ordering_key)
+                                         ordering_key=inbound_ordering_key,
+                                         on_acquire=self.conversations.take_inbound,
+                                         on_release=self.conversations.release_inbound)
         await self.bus.consume(subjects.CONVERSATIONS_STATUS, self.conversations.handle_status,
                                ordering_key=status_ordering_key)
         await self.bus.serve(subjects.CONVERSATIONS_SERVICE, {

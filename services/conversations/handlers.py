@@ -38,7 +38,7 @@ from services.conversations.store import (
     dumps,
     loads,
 )
-from shared import records, render, subjects
+from shared import fencing, records, render, subjects
 from shared.bus import Delivery, Poison, Retry
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
@@ -49,6 +49,7 @@ from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
 from shared.messages import notification
+from shared.partitions import Lease
 from shared.signing import DEFAULT_JWT_POLICY, JwtPolicy
 from shared.subjects import StreamSpec
 from shared.sunco import (
@@ -90,6 +91,9 @@ MESSAGES_PAGE_SIZE = 100
 # transaction, so it never holds the write lock for long.
 RETENTION_PAGE = 100
 RETENTION_BATCH = 500
+# A message refused by the fence (its partition taken over) goes back at once, ahead of its
+# sender's later messages, to the new owner.
+TAKEN_OVER_RETRY_SECONDS = 0.0
 
 
 # Delivery failures that mean "the customer blocked the business here" (channel services
@@ -179,6 +183,8 @@ class Conversations(ConversationCore):
         self.public_base_url = public_base_url
         # Per app, the (last_updated_at, id) the retention sweep reached (keyset of its walk).
         self._retention_marks: dict[str, tuple[float, str]] = {}
+        # This replica's takes of the inbound partitions it consumes (`take_inbound`).
+        self.inbound_leases: dict[int, Lease] = {}
         self.linker = Linker(self, recap_count)
         self.phone_links = PhoneLinks(self)
 
@@ -656,6 +662,25 @@ class Conversations(ConversationCore):
 
     # --- inbound from channels ------------------------------------------------------------
 
+    async def take_inbound(self, partition: int) -> None:
+        """This replica now consumes inbound `partition` (an acquire hook of `shared.partitions`):
+        its messages' writes are fenced with the epoch of this take (`shared.fencing`), so that
+        a replica stalled past its lease stores nothing of the partition once it is taken over
+        (two replicas would store one sender's messages in either order)."""
+        self.inbound_leases[partition] = await fencing.take(self.store.db, partition)
+
+    async def release_inbound(self, partition: int) -> None:
+        """Another replica consumes inbound `partition` from now on."""
+        self.inbound_leases.pop(partition, None)
+
+    def _inbound_fence(self, subject: str) -> dict[int, int] | None:
+        """The fence of a message's write: its partition (the subject's last token) and the epoch
+        of this replica's take. None for a partition it holds no take of: a leftover durable's
+        message (a partition beyond today's count, drained by the holder of partition 0)."""
+        token = subject.rpartition(".")[2]
+        lease = self.inbound_leases.get(int(token)) if token.isdecimal() else None
+        return None if lease is None else {lease.partition: lease.epoch}
+
     async def handle_inbound(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
         """Consumer of `inbound.>`: customer messages and activity."""
         try:
@@ -663,7 +688,17 @@ class Conversations(ConversationCore):
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Poison(f"undecodable inbound message: {exc}") from exc
         if isinstance(message, chan.InboundMessage):
-            masked = await self.inbound_message(message)
+            try:
+                masked = await self.inbound_message(message, fence=self._inbound_fence(delivery.subject))
+            except fencing.StaleEpoch as stale:
+                # Another replica took the partition over while this one was stalled: nothing was
+                # stored, the message is not acknowledged (it is the new owner's), and this
+                # replica stops consuming the partition now (the rest of its batch is refused
+                # the same way: the take stays until the release).
+                lease = self.inbound_leases.get(stale.partition)
+                if lease is not None:
+                    lease.fenced()
+                raise Retry(TAKEN_OVER_RETRY_SECONDS, str(stale)) from stale
             if masked is not message and self.streams is not None:
                 # The bus's copy still holds the card number: it goes once the masked one is stored.
                 await self.streams.delete_message(subjects.INBOUND, delivery.stream_sequence)
@@ -684,10 +719,12 @@ class Conversations(ConversationCore):
         masked = msgspec.structs.replace(msg, content=mask_content(msg.content), postback=postback)
         return msg if masked == msg else masked
 
-    async def inbound_message(self, msg: chan.InboundMessage) -> chan.InboundMessage:
+    async def inbound_message(self, msg: chan.InboundMessage,
+                              fence: Mapping[int, int] | None = None) -> chan.InboundMessage:
         """Store a customer message once (by provider id) and announce it, card numbers masked
-        first when the app asks for it: resolve (who, which conversation) → store → announce.
-        Returns the message as handled (masked or the same)."""
+        first when the app asks for it: resolve (who, which conversation) → store (fenced by
+        `fence`: `Store.record_inbound`) → announce. Returns the message as handled (masked or
+        the same)."""
         lookup = await self.store.inbound_lookup(msg.app_id, msg.integration_id, msg.provider_message_id)
         if lookup.masks_cards:
             msg = self.mask_inbound(msg)
@@ -719,7 +756,7 @@ class Conversations(ConversationCore):
             said = resolved.msg.content.text if isinstance(resolved.msg.content, TextContent) else tapped.text
             resolved = replace(resolved, msg=msgspec.structs.replace(
                 resolved.msg, postback=chan.Postback(payload=tapped.payload, text=said)))
-        stored = await self._store_inbound(resolved)
+        stored = await self._store_inbound(resolved, fence)
         if stored is not None:
             await self._announce_inbound(resolved, stored)
         return handled
@@ -795,7 +832,7 @@ class Conversations(ConversationCore):
                 row, _created = await self.ensure_conversation(msg.app_id, user, reason="message", source=source)
         return ResolvedInbound(msg, user, client, await self.with_default_control(msg.app_id, row))
 
-    async def _store_inbound(self, resolved: ResolvedInbound) -> StoredInbound | None:
+    async def _store_inbound(self, resolved: ResolvedInbound, fence: Mapping[int, int] | None) -> StoredInbound | None:
         """The message stored in its conversation's history; None when a concurrent duplicate won
         the insert (its announcement is republished instead)."""
         msg, user, client = resolved.msg, resolved.user, resolved.client
@@ -827,7 +864,7 @@ class Conversations(ConversationCore):
             provider_message_id=msg.provider_message_id, event_id=event_id, received=received, body=dumps(message),
             client_id=client.id, client_type=client.type, client_integration_id=client.integration_id,
             client_external_id=client.external_id, client_info=client.info,
-            attachment=self.claimed_file(msg.app_id, message.content))
+            attachment=self.claimed_file(msg.app_id, message.content), fence=fence)
         if record.seq is None:  # a concurrent duplicate won the insert
             duplicate = await self.store.message_by_provider_id(msg.app_id, msg.integration_id,
                                                                 msg.provider_message_id)

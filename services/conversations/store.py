@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from shared import records
+from shared import fencing, records
 from shared.db import (
     Connection,
     Database,
@@ -277,6 +277,9 @@ SCRIPTS: tuple[str, ...] = (
     """
     CREATE INDEX merge_confirmations_app ON merge_confirmations(app_id);
     """,
+    # 11: the fence of the inbound partitions' writes: the epoch of each one's latest take
+    # (`shared.fencing`).
+    fencing.EPOCHS_TABLE,
 )
 
 
@@ -581,11 +584,15 @@ class Store:
                              event_id: str, received: float, body: str, client_id: str, client_type: str,
                              client_integration_id: str | None, client_external_id: str | None,
                              client_info: dict[str, Any] | None,
-                             attachment: AttachmentClaim | None = None) -> InboundRecord:
+                             attachment: AttachmentClaim | None = None,
+                             fence: Mapping[int, int] | None = None) -> InboundRecord:
         """Store a customer message (and claim the file it carries), touch the conversation and
         make the client primary, in one group transaction (`GroupCommit`). `seq` is None when the
-        provider id was stored already (nothing written)."""
+        provider id was stored already (nothing written). `fence` (the inbound partition → the
+        epoch of this replica's take): StaleEpoch, nothing written, when a later take's is stored."""
         async def op(tx: Connection) -> InboundRecord:
+            if fence:
+                await fencing.check_fence(tx, fence)
             seq = await tx.fetchval(_INSERT_MESSAGE, message_id, app_id, conversation_id, "user", user_id,
                                     integration_id, provider_message_id, event_id, received, body)
             if seq is None:

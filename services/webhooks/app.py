@@ -13,8 +13,8 @@ from nats.aio.msg import Msg
 from services.webhooks.config import SERVICE_NAME, WebhooksConfig
 from services.webhooks.delivery import Dispatcher
 from services.webhooks.handlers import deliveries_for
-from services.webhooks.store import DeliveryStore, StaleEpoch
-from shared import records, subjects
+from services.webhooks.store import DeliveryStore
+from shared import fencing, records, subjects
 from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
 from shared.egress import EgressSession
 from shared.http import error_middleware, json_response, tracing_middleware
@@ -95,7 +95,7 @@ class WebhooksService(ServiceApp):
         # committed rows.
         try:
             await self.dispatcher.insert(rows)
-        except StaleEpoch as exc:
+        except fencing.StaleEpoch as exc:
             # Another replica took the partition over while this one was stalled: not stored,
             # not acknowledged.
             raise Retry(TAKEN_OVER_RETRY_SECONDS, str(exc)) from exc

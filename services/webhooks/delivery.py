@@ -26,11 +26,11 @@ from services.webhooks.handlers import (
     classify,
     request_headers,
 )
-from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore, StaleEpoch
-from shared import metrics, subjects
+from services.webhooks.store import DELIVERED, FAILED, PENDING, DeliveryStore
+from shared import fencing, metrics, subjects
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages.conversation import Erasure
-from shared.partitions import Lease, lease_being_taken
+from shared.partitions import Lease
 from shared.records import WebhookRecord
 from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, inject_headers, log_fields, tracer
@@ -71,7 +71,7 @@ class Dispatcher:
     That holds for a replica that knows it lost the partition. One stalled past its lease does
     not know yet: its writes are fenced by the epoch of its take (`acquire` stores it before it
     loads the rows), so once another replica took the partition over they are refused
-    (`StaleEpoch`) — an event's rows are not stored (its message is not acknowledged, the new
+    (`fencing.StaleEpoch`) — an event's rows are not stored (its message is not acknowledged, the new
     owner gets it), an attempt's outcome is not recorded (the row stays pending for the new
     owner, which loaded it) — and this replica drops the partition's rows and gives it up.
     """
@@ -115,11 +115,8 @@ class Dispatcher:
     async def acquire(self, partition: int) -> None:
         """This replica now delivers the conversations of `partition` (an acquire hook of
         `shared.partitions`): fence the partition's writes with the epoch of this take, then
-        resume its pending rows. StaleEpoch when a later take's epoch is stored already."""
-        lease = lease_being_taken(partition)
-        stored = await self.store.raise_epoch(partition, lease.epoch)
-        if stored != lease.epoch:
-            lease = await self._take_back(lease, stored)
+        resume its pending rows. fencing.StaleEpoch when a later take's epoch is stored already."""
+        lease = await fencing.take(self.store.db, partition)
         self.leases[partition] = lease
         self._superseded.discard(partition)
         self.partitions.add(partition)
@@ -128,19 +125,6 @@ class Dispatcher:
         if resumed:
             log.info("resuming %d pending webhook deliveries of partition %d", len(resumed), partition,
                      extra=log_fields(partition=partition, deliveries=len(resumed)))
-
-    async def _take_back(self, lease: Lease, stored: int) -> Lease:
-        """A greater epoch is stored than this take's: a later take's (this one is stale:
-        StaleEpoch), or one of an owners bucket since made anew, whose revisions started again.
-        Only in the second case is the owner entry still this take's: rewritten, its fresh epoch
-        replaces the stored one."""
-        renewed = await lease.reaffirm()
-        if renewed is None or not await self.store.replace_epoch(lease.partition, renewed.epoch, stored):
-            raise StaleEpoch(lease.partition, lease.epoch, stored)
-        log.warning("partition %d: the stored epoch (%d) is ahead of the owners bucket (%d), which was made"
-                    " anew: the partition is fenced from that bucket's epochs on", lease.partition, stored,
-                    renewed.epoch, extra=log_fields(partition=lease.partition))
-        return renewed
 
     async def release(self, partition: int) -> None:
         """Another replica delivers `partition` from now on: wait for its attempts in flight
@@ -166,7 +150,7 @@ class Dispatcher:
                 epochs[partition] = lease.epoch
         return epochs
 
-    def _fenced(self, stale: StaleEpoch) -> None:
+    def _fenced(self, stale: fencing.StaleEpoch) -> None:
         """A write for a partition was refused, another replica having taken it over (this one
         was stalled past its lease): stop delivering its rows and give it up now."""
         partition = stale.partition
@@ -183,11 +167,11 @@ class Dispatcher:
 
     async def insert(self, rows: list[NewDelivery]) -> None:
         """Store an event's rows, fenced by this replica's takes of their partitions, then schedule
-        the new ones (durable before this returns). StaleEpoch, nothing stored, when their
+        the new ones (durable before this returns). fencing.StaleEpoch, nothing stored, when their
         partition was taken over meanwhile (this replica gives it up)."""
         try:
             created = await self.store.insert(rows, self._epochs(rows))
-        except StaleEpoch as stale:
+        except fencing.StaleEpoch as stale:
             self._fenced(stale)
             raise
         self.add(created)
@@ -318,7 +302,7 @@ class Dispatcher:
                 await self.store.record_outcome(delivered, failed, retried, now, result.status, result.error,
                                                 self._epochs([*delivered, *failed, *retried]))
                 return
-            except StaleEpoch as stale:
+            except fencing.StaleEpoch as stale:
                 self._fenced(stale)
                 delivered, failed, retried = (
                     [row for row in rows if subjects.partition_of(row.conversation_id) != stale.partition]

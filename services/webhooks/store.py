@@ -5,12 +5,10 @@ runs in one transaction, so a burst of events costs one commit (on SQLite with n
 per statement).
 
 The rows of a conversation are written by the replica holding its partition, fenced by the
-epoch of its take (`shared.partitions`): `partition_epochs` keeps each partition's latest, a
-take raises it (`raise_epoch`) before it loads the partition's pending rows, and a write given
-`epochs` checks in its own transaction that the stored epoch of each partition it writes is
-still the writer's (`StaleEpoch` if not, nothing written). The check holds the partition's
-entry until the commit (SQLite's write transaction holds the file; PostgreSQL a share lock on
-the row), so a take waits for the writes in hand, and then reads them.
+epoch of its take (`shared.fencing`): a take raises the partition's stored epoch before it loads
+the partition's pending rows, and a write given `epochs` checks in its own transaction that the
+stored epoch of each partition it writes is still the writer's (`StaleEpoch` if not, nothing
+written).
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from services.webhooks.handlers import NewDelivery, PendingDelivery
-from shared import subjects
-from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database, verified_in
+from shared import fencing, subjects
+from shared.db import Connection, Database, DatabaseSettings, GroupCommit, Migration, open_database
 from shared.messages.conversation import Erasure
 
 log = logging.getLogger(__name__)
@@ -70,13 +68,8 @@ MIGRATION = Migration([
     CREATE INDEX deliveries_part_pending ON deliveries (part, seq) WHERE status = 'pending'
     """,
     _partition_pending,
-    # The fence of each partition's writes: the epoch of its latest take (shared.partitions).
-    """
-    CREATE TABLE partition_epochs (
-        part INTEGER NOT NULL PRIMARY KEY,
-        epoch INTEGER NOT NULL
-    )
-    """,
+    # The fence of each partition's writes: the epoch of its latest take (shared.fencing).
+    fencing.EPOCHS_TABLE,
 ])
 
 _INSERT = (
@@ -91,27 +84,6 @@ _PENDING_COLUMNS = (
     " next_attempt_at, attempts, first_attempt_at"
 )
 
-_RAISE_EPOCH = (
-    "INSERT INTO partition_epochs (part, epoch) VALUES ($1, $2)"
-    " ON CONFLICT (part) DO UPDATE SET epoch = excluded.epoch WHERE partition_epochs.epoch < excluded.epoch"
-)
-_EPOCH = "SELECT epoch FROM partition_epochs WHERE part = $1"
-# Held until the commit: a take's raise of the epoch waits for the writes in hand.
-_EPOCH_LOCKED = {"sqlite": _EPOCH, "postgres": _EPOCH + " FOR SHARE"}
-
-
-class StaleEpoch(Exception):
-    """A write for a partition that a later take (another replica's, while this one was stalled
-    past its lease) holds now: its epoch is stored, this writer's is older. Nothing was written."""
-
-    def __init__(self, partition: int, epoch: int, stored: int | None) -> None:
-        super().__init__(f"partition {partition} was taken over: this replica's epoch is {epoch},"
-                         f" the partition's {stored}")
-        self.partition = partition
-        self.epoch = epoch
-        self.stored = stored
-
-
 def fence_of(conversation_ids: Iterable[str], epochs: Mapping[int, int] | None) -> dict[int, int]:
     """The epochs to check for writing rows of these conversations: those of their partitions
     found in `epochs` (a partition not there is written unfenced: a leftover durable's message,
@@ -119,21 +91,6 @@ def fence_of(conversation_ids: Iterable[str], epochs: Mapping[int, int] | None) 
     if not epochs:
         return {}
     return {p: epochs[p] for p in {subjects.partition_of(c) for c in conversation_ids} if p in epochs}
-
-
-async def _check_fence(tx: Connection, fence: Mapping[int, int]) -> None:
-    """StaleEpoch unless every partition's stored epoch is still the writer's; holds the entries
-    until the commit."""
-    query = _EPOCH_LOCKED[tx.engine]
-    verified = verified_in(tx)  # a group commit's writes of one partition check it once
-    for partition in sorted(fence):
-        fact = ("epoch", partition, fence[partition])
-        if fact in verified:
-            continue
-        stored = await tx.fetchval(query, partition)
-        if stored is None or int(stored) != fence[partition]:
-            raise StaleEpoch(partition, fence[partition], None if stored is None else int(stored))
-        verified.add(fact)
 
 
 class DeliveryStore:
@@ -164,7 +121,7 @@ class DeliveryStore:
 
         async def op(tx: Connection) -> list[PendingDelivery]:
             if fence:
-                await _check_fence(tx, fence)
+                await fencing.check_fence(tx, fence)
             created: list[PendingDelivery] = []
             for row in rows:
                 seq = await tx.fetchval(
@@ -195,22 +152,6 @@ class DeliveryStore:
             for r in found
         ]
 
-    async def raise_epoch(self, partition: int, epoch: int) -> int:
-        """A take of `partition` under `epoch`: stored unless a greater one is (the stored epoch
-        only rises), before the take reads the partition's rows. Returns the stored epoch: `epoch`,
-        or a greater one (a later take's, or one of an owners bucket made anew). Waits for
-        another replica's writes of the partition in hand: the rows read next include them."""
-        async with self.db.transaction() as tx:
-            await tx.execute(_RAISE_EPOCH, partition, epoch)
-            return int(await tx.fetchval(_EPOCH, partition))
-
-    async def replace_epoch(self, partition: int, epoch: int, stored: int) -> bool:
-        """Store `epoch` for `partition` in place of `stored` (greater), if that is still the one
-        stored: for a take whose owners bucket was made anew (its revisions started again)."""
-        async with self.db.transaction() as tx:
-            return await tx.execute("UPDATE partition_epochs SET epoch = $1 WHERE part = $2 AND epoch = $3",
-                                    epoch, partition, stored) == 1
-
     async def record_outcome(self, delivered: Sequence[PendingDelivery], failed: Sequence[PendingDelivery],
                              retried: Sequence[PendingDelivery], now: float, status: int | None,
                              error: str | None, epochs: Mapping[int, int] | None = None) -> None:
@@ -220,7 +161,7 @@ class DeliveryStore:
 
         async def op(tx: Connection) -> None:
             if fence:
-                await _check_fence(tx, fence)
+                await fencing.check_fence(tx, fence)
             if delivered:
                 await tx.executemany(
                     "UPDATE deliveries SET status = 'delivered', attempts = $1, first_attempt_at = $2,"

@@ -3,6 +3,7 @@ the start/history endpoints, against real identity + conversations services and 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,8 +12,9 @@ import pytest
 import sunshine_conversations_client as sc
 from nats.js.errors import NotFoundError
 
+from services.conversations.store import loads
 from services.webhooks.handlers import webhook_event
-from shared import subjects
+from shared import fencing, subjects
 from shared.bus import Bus
 from shared.ids import new_id
 from shared.messages import channel as chan
@@ -23,6 +25,7 @@ from shared.sunco import TextContent, UnsupportedContent
 from tests.integration.test_conversations_api import Tenant, eventually, text_post
 from tests.integration.test_conversations_api import system as system  # on SQLite, then on PostgreSQL
 from tests.integration.test_conversations_api import tenant as tenant
+from tests.integration.test_webhooks_fencing import stall
 
 
 class Wa:
@@ -395,3 +398,80 @@ async def test_taps_and_numbered_answers_are_postbacks_or_replies_as_the_busines
     assert await user_said(sms_conversation) == [{"type": "text", "text": "hello"},
                                                  {"type": "text", "text": "2.", "payload": "TRACK"},
                                                  {"type": "text", "text": "1"}]
+
+
+async def test_a_replica_stalled_past_its_lease_stores_nothing_of_the_message_it_held(
+        wa: Wa, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica A holds a customer's second message when it stalls past its lease; B takes the
+    partition over (a later epoch), gets the message again and stores it, then the third. A wakes
+    up and goes on: its write is refused by the fence (nothing stored, not acknowledged), and it
+    gives the partition up at once. The history holds the three messages once each, in order.
+    (Unfenced, A's late write is a duplicate, but A goes on pulling the partition's next messages
+    beside B until its own lease check tells it, and two consumers of one partition may store a
+    sender's messages in either order.)"""
+    system = wa.t.system
+    a = system.service("conversations")
+    await eventually(lambda: _holds_every_inbound_partition(a))
+    first, second, third = (wa.inbound(f"wamid.fence.{n}", text) for n, text in
+                            ((1, "one"), (2, "two"), (3, "three")))
+    await wa.publish_inbound(first)
+    _, conversation_id = await user_conversation(wa)
+
+    store_a = a.conversations.store
+    record = store_a.record_inbound
+    holding, go_on = asyncio.Event(), asyncio.Event()
+    outcome: list[object] = []
+
+    async def held_at_the_write(**fields: Any) -> Any:
+        if fields["provider_message_id"] != second.provider_message_id or outcome:
+            return await record(**fields)
+        holding.set()
+        await go_on.wait()
+        try:
+            result = await record(**fields)
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+        outcome.append(result)
+        return result
+
+    monkeypatch.setattr(store_a, "record_inbound", held_at_the_write)
+    await wa.publish_inbound(second)
+    await asyncio.wait_for(holding.wait(), 10)
+    partition = subjects.partition_of(subjects.inbound_key(wa.integration_id, "15551234"))
+    taken_by_a = a.conversations.inbound_leases[partition].epoch
+    leases_a = next(leases for leases in a.bus._leases if leases.group == subjects.CONVERSATIONS_INBOUND.group)
+    await stall(leases_a)
+
+    b = await system.start_replica("conversations")
+    try:
+        await eventually(lambda: _holds_every_inbound_partition(b))
+        assert b.conversations.inbound_leases[partition].epoch > taken_by_a
+        await wa.publish_inbound(third)
+
+        async def texts() -> list[str] | None:
+            stored_messages, _ = await b.conversations.store.messages_before(conversation_id, None, 100)
+            found = [loads(message.body)["content"]["text"] for message in stored_messages]
+            return found if len(found) == 3 else None
+
+        assert await eventually(texts, timeout=20.0) == ["one", "two", "three"]
+        go_on.set()
+        await eventually(lambda: _settled(outcome), timeout=10.0)
+        assert isinstance(outcome[0], fencing.StaleEpoch)
+        await eventually(lambda: _gave_up(a, partition), timeout=10.0)
+        assert await texts() == ["one", "two", "three"]
+    finally:
+        go_on.set()
+        await b.stop()
+
+
+async def _holds_every_inbound_partition(service: Any) -> bool:
+    return len(service.conversations.inbound_leases) == subjects.PARTITIONS
+
+
+async def _settled(outcome: list[object]) -> bool:
+    return bool(outcome)
+
+
+async def _gave_up(service: Any, partition: int) -> bool:
+    return partition not in service.conversations.inbound_leases

@@ -15,17 +15,17 @@ from typing import Any, cast
 
 import pytest
 
-from services.webhooks import store as store_module
 from services.webhooks.app import WebhooksService
 from services.webhooks.config import WebhooksConfig
 from services.webhooks.delivery import Dispatcher
 from services.webhooks.handlers import NewDelivery, PendingDelivery
-from services.webhooks.store import DeliveryStore, StaleEpoch
-from shared import subjects
+from services.webhooks.store import DeliveryStore
+from shared import fencing, subjects
 from shared.bus import Bus, Delivery, Retry
 from shared.config import CommonConfig
 from shared.db import DatabaseSettings
 from shared.egress import EgressSession
+from shared.fencing import StaleEpoch
 from shared.ids import new_id
 from shared.messages import conversation
 from shared.partitions import PartitionLeases
@@ -89,11 +89,11 @@ async def test_a_take_of_a_partition_fences_out_the_writes_of_the_one_before(
         conversation_id = new_id()
         partition = subjects.partition_of(conversation_id)
         other = conversation_in((partition + 1) % subjects.PARTITIONS)
-        assert await a.raise_epoch(partition, 5) == 5
-        assert await a.raise_epoch(subjects.partition_of(other), 6) == 6
+        assert await fencing.raise_epoch(a.db, partition, 5) == 5
+        assert await fencing.raise_epoch(a.db, subjects.partition_of(other), 6) == 6
         [first] = await a.insert([a_delivery(conversation_id, "ev-1")], {partition: 5})
 
-        assert await b.raise_epoch(partition, 9) == 9  # B takes the partition over, then reads it
+        assert await fencing.raise_epoch(b.db, partition, 9) == 9  # B takes the partition over, then reads it
         assert [row.event_id for row in await b.load_pending(partition)] == ["ev-1"]
 
         # A, stalled past its lease, goes on: nothing it writes for the partition gets in.
@@ -108,7 +108,7 @@ async def test_a_take_of_a_partition_fences_out_the_writes_of_the_one_before(
         assert await b.delivery("wh-1", "ev-2") is None
         assert await b.delivery("wh-1", "ev-x") is None
         assert (await b.delivery("wh-1", "ev-1"))["status"] == "pending"  # type: ignore[index]
-        assert await a.raise_epoch(partition, 5) == 9  # a late take never lowers the stored epoch
+        assert await fencing.raise_epoch(a.db, partition, 5) == 9  # a late take never lowers the stored epoch
 
         # The new owner's writes go through; A's partitions not taken over too.
         assert [row.event_id for row in await b.insert([a_delivery(conversation_id, "ev-2")], {partition: 9})] \
@@ -132,21 +132,21 @@ async def test_on_postgresql_a_take_waits_for_the_writes_in_hand_then_reads_them
     try:
         conversation_id = new_id()
         partition = subjects.partition_of(conversation_id)
-        await a.raise_epoch(partition, 5)
+        await fencing.raise_epoch(a.db, partition, 5)
         checked, go_on = asyncio.Event(), asyncio.Event()
-        check = store_module._check_fence
+        check = fencing.check_fence
 
         async def check_then_stall(tx: Any, fence: Mapping[int, int]) -> None:
             await check(tx, fence)
             checked.set()
             await go_on.wait()
 
-        monkeypatch.setattr(store_module, "_check_fence", check_then_stall)
+        monkeypatch.setattr(fencing, "check_fence", check_then_stall)
         inserting = asyncio.create_task(a.insert([a_delivery(conversation_id, "ev-1")], {partition: 5}))
         await checked.wait()  # A's epoch checked, its row not written yet
 
         async def take() -> list[PendingDelivery]:
-            assert await b.raise_epoch(partition, 9) == 9
+            assert await fencing.raise_epoch(b.db, partition, 9) == 9
             return await b.load_pending(partition)
 
         taking = asyncio.create_task(take())
@@ -205,7 +205,7 @@ async def test_a_take_overtaken_by_a_later_one_is_refused(bus: Bus, database_set
         await asyncio.wait_for(starting, 10)  # A's take failed (StaleEpoch) and was given back
         assert 0 not in dispatcher_a.leases and 0 not in leases_a.owned
         assert (await owners.get("t-overtaken.0")).value == b"r-b"
-        assert await store_a.raise_epoch(0, taken_by_a) == dispatcher_b.leases[0].epoch
+        assert await fencing.raise_epoch(store_a.db, 0, taken_by_a) == dispatcher_b.leases[0].epoch
     finally:
         go_on.set()
         await asyncio.wait_for(starting, 10)
@@ -224,7 +224,7 @@ async def test_a_take_under_an_owners_bucket_made_anew_starts_the_fence_again(
     owners = await bus.key_value("t_anew_owners")
     store = await DeliveryStore.open(database_settings)
     old_epoch = 10 ** 12
-    assert await store.raise_epoch(0, old_epoch) == old_epoch
+    assert await fencing.raise_epoch(store.db, 0, old_epoch) == old_epoch
     dispatcher = dispatcher_on(store, database_settings)
 
     async def acquire(partition: int, _took_over: bool) -> None:
