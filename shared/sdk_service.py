@@ -709,16 +709,17 @@ class EventHub:
         self._nc = nc
 
     async def stop(self) -> None:
-        """Unsubscribe."""
+        """Unsubscribe (a socket arriving after this routes nothing)."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
         await cancel_and_wait([self._leaving])
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._nc = None
+        async with self._subscribing:
+            self._nc = None
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def add(self, conversation_id: str, listener: SocketListener) -> None:
         """Start delivering the conversation's events to `listener` (subscribing first if this
@@ -737,8 +738,17 @@ class EventHub:
                     sub = await self._nc.subscribe(subjects.CONVERSATION_EVENTS_ALL, cb=self._on_message,
                                                    pending_msgs_limit=100_000,
                                                    pending_bytes_limit=128 * 1024 * 1024)
+                    try:
+                        # nats-py writes a flush's PING ahead of its send buffer: the first flush
+                        # hands the SUB to the socket, the second's PONG comes after the server
+                        # read it. From then on nothing published is missed.
+                        await self._nc.flush()
+                        await self._nc.flush()
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                        raise
                     self._sub = sub
-                    await self._nc.flush()  # the server has it: nothing published from here is missed
         except BaseException:
             self.remove(conversation_id, listener)
             raise
@@ -1340,8 +1350,14 @@ class SdkService(ServiceApp):
             self.presence.open(socket_id, self.socket_presence(claims, conversation_id))
             try:
                 # Listen before reading history so nothing published in between is lost.
-                await self.hub.add(conversation_id, listener)
-                live = await self._replay(listener, after)
+                try:
+                    await self.hub.add(conversation_id, listener)
+                except (nats.errors.Error, TimeoutError) as exc:  # NATS away: the client comes back
+                    log.warning("socket not followed, NATS unavailable: %s", exc)
+                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"try again")
+                    live = False
+                else:
+                    live = await self._replay(listener, after)
             except BaseException:
                 await self._forget_socket(listener, socket_id)
                 raise

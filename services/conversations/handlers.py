@@ -382,20 +382,22 @@ class Conversations(ConversationCore):
         and every copy other services keep (they learn it from `user:remove`); no byte of the
         person stays in the databases.
 
-        Retry-safe in this order: `user:remove` (a derived event id, so a retried call announces
-        once) names the user's conversations and goes first, and the bus's copies of their events
-        are purged at once; then the history goes, then identity deletes the user. A failure
-        anywhere leaves the rest for the retry, which still finds the conversations to name
-        until their rows are gone (and by then the bus holds nothing of them). Conversations a
-        message created meanwhile go last.
+        Retry-safe in this order: the deletion is noted with the conversations it names (a retry
+        adds to the note and names them all, though their rows are gone); the history goes;
+        `user:remove` (a derived event id, so a retried call announces once) is published
+        before identity deletes the user, so a failure leaves the user there for the retry;
+        conversations created meanwhile go after; the bus's copies of the events of every one
+        of them go last, and the note with them.
         """
         reply = await self.identity.api_call(subjects.IDENTITY_USER_GET, ident.GetUser(
             app_id=app_id, user_id_or_external_id=user_id_or_external_id))
         assert isinstance(reply, ident.UserReply)
         user = reply.user
         default = await self.store.default_conversation(app_id, user.id)
-        conversation_ids = await self.store.user_conversation_ids(app_id, user.id)
-        subject_id = str(default["id"]) if default is not None else user.id
+        subject_id, conversation_ids = await self.store.begin_user_deletion(
+            app_id, user.id, str(default["id"]) if default is not None else user.id,
+            await self.store.user_conversation_ids(app_id, user.id))
+        await self._delete_user_conversations(app_id, user.id)
         event_id = derived_id(app_id, user.id, "user:remove")
         event = conv.UserRemoved(id=event_id, app_id=app_id, conversation_id=subject_id, created_at=now(),
                                  user=UserRef(id=user.id, external_id=user.external_id),
@@ -405,15 +407,13 @@ class Conversations(ConversationCore):
         except Exception as exc:
             log.warning("announcing the deletion of user %s failed: %s", user.id, exc)
             raise ApiError(503, "Messaging bus unavailable, try again") from exc
-        # The bus's copies of the user's events go; `user:remove` stays for its readers.
-        await self._purge_user_events(app_id, conversation_ids, subject_id, announced)
-        await self._delete_user_conversations(app_id, user.id)
         deleted = await self.identity.api_call(subjects.IDENTITY_USER_DELETE, ident.DeleteUser(
             app_id=app_id, user_id_or_external_id=user.id))
         assert isinstance(deleted, ident.Deleted)
         self.identity.forget_user(user.id)
         meanwhile = await self._delete_user_conversations(app_id, user.id)
         await self._purge_user_events(app_id, [*conversation_ids, *meanwhile], subject_id, announced)
+        await self.store.end_user_deletion(app_id, user.id)
         await self.store.checkpoint()
         log.info("user %s deleted with %d conversation(s)", user.id, len(conversation_ids) + len(meanwhile),
                  extra=log_fields(app_id=app_id, user_id=user.id))

@@ -280,6 +280,17 @@ SCRIPTS: tuple[str, ...] = (
     # 11: the fence of the inbound partitions' writes: the epoch of each one's latest take
     # (`shared.fencing`).
     fencing.EPOCHS_TABLE,
+    # 12: a user deletion under way: what its `user:remove` must name, kept until it is announced
+    # (the conversations' rows go first, so a retry would otherwise name none).
+    """
+    CREATE TABLE user_deletions (
+        app_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        subject_id TEXT NOT NULL,
+        conversation_ids TEXT NOT NULL,
+        PRIMARY KEY (app_id, user_id)
+    );
+    """,
 )
 
 
@@ -996,6 +1007,27 @@ class Store:
     async def participant(self, conversation_id: str, user_id: str) -> Row | None:
         return await self._one("SELECT * FROM participants WHERE conversation_id=$1 AND user_id=$2",
                                conversation_id, user_id)
+
+    async def begin_user_deletion(self, app_id: str, user_id: str, subject_id: str,
+                                  conversation_ids: Sequence[str]) -> tuple[str, list[str]]:
+        """Note a user deletion under way, or add to the one an earlier attempt noted: the subject
+        its `user:remove` goes on (the first attempt's) and every conversation it names."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow(
+                "SELECT subject_id, conversation_ids FROM user_deletions WHERE app_id=$1 AND user_id=$2",
+                app_id, user_id)
+            named = list(dict.fromkeys([*(loads(row["conversation_ids"]) if row else []), *conversation_ids]))
+            subject = str(row["subject_id"]) if row else subject_id
+            await tx.execute(
+                "INSERT INTO user_deletions (app_id, user_id, subject_id, conversation_ids) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (app_id, user_id) DO UPDATE SET conversation_ids = excluded.conversation_ids",
+                app_id, user_id, subject, dumps(named))
+        return subject, named
+
+    async def end_user_deletion(self, app_id: str, user_id: str) -> None:
+        """The user deletion is done: forget its note."""
+        async with self.db.transaction() as tx:
+            await tx.execute("DELETE FROM user_deletions WHERE app_id=$1 AND user_id=$2", app_id, user_id)
 
     async def user_conversation_ids(self, app_id: str, user_id: str) -> list[str]:
         rows = await self._all("SELECT conversation_id FROM participants WHERE app_id=$1 AND user_id=$2",

@@ -263,18 +263,20 @@ async def test_a_user_deletion_whose_announcement_failed_is_retried_with_every_c
         row, _ = await conversations.ensure_conversation(app_id, user, reason="api")
         await conversations.post_message(app_id, row["id"], models.MessagePostBody(
             author=Author(type="business"), content=TextContent(text="your order")))
-        # The bus refuses `user:remove`: nothing is deleted, so the retry knows what to name.
+        # The bus refuses `user:remove` once the history is gone: the retry still names the
+        # conversation, from the deletion's note.
         bus.fail = True
         with pytest.raises(ApiError) as refused:
             await conversations.delete_user(app_id, user.id)
         assert refused.value.status == 503
-        assert await store.get_conversation(app_id, row["id"]) is not None
+        assert await store.get_conversation(app_id, row["id"]) is None
         bus.fail = False
         await conversations.delete_user(app_id, user.id)
         removed = [conv.decode(data) for subject, data, _ in bus.published
                    if b"conversation.user.removed" in data and subject == subjects.event_subject(app_id, row["id"])]
         assert len(removed) == 1 and isinstance(removed[0], conv.UserRemoved)
-        assert removed[0].conversation_ids == [row["id"]]
+        assert removed[0].conversation_ids == [row["id"]] and removed[0].conversation_id == row["id"]
         assert await store.get_conversation(app_id, row["id"]) is None
+        assert await store.db.fetchval("SELECT count(*) FROM user_deletions") == 0
     finally:
         await store.close()
