@@ -117,11 +117,11 @@ class ConversationCore:
             return Announced(getattr(original, "seq", None))
         return Announced(getattr(original, "seq", None), getattr(copied, "seq", None))
 
-    async def publish_event(self, event: conv.ConversationUnion) -> None:
+    async def publish_event(self, event: conv.ConversationUnion) -> Announced:
         """Announce `event` (`announce`); a failure other than a MessageCreated's is answered 503
         (the caller's change stays)."""
         try:
-            await self.announce(event)
+            return await self.announce(event)
         except ApiError:
             raise
         except Exception as exc:

@@ -375,7 +375,10 @@ class Conversations(ConversationCore):
         # Announced inside the transaction: if the bus refuses, the delete is rolled back (503).
         async with self.store.tx():
             await self.store.delete_conversation(conversation_id)
-            await self.publish_event(event)
+            announced = await self.publish_event(event)
+        if self.streams is not None:
+            # The bus's copies of its events (message contents) go too; the announcement stays.
+            await self._purge_events(app_id, conversation_id, kept=announced)
 
     async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
         """SunCo's Delete User: the user, its clients and its conversations with their history,

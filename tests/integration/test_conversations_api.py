@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from sunshine_conversations_client.exceptions import ApiException
 
 from shared import records, subjects
 from shared.bus import Bus
+from shared.messages import conversation as conv
 from shared.signing import jwt_encode
 from tests.harness import ACCOUNT_KEY_ID, ACCOUNT_KEY_SECRET, TEST_KEYRING, System
 
@@ -246,10 +248,25 @@ async def test_conversations_crud_and_participants(tenant: Tenant) -> None:
     with pytest.raises(ApiException) as exc:
         await t.call(conversations.delete_conversation, t.app_id, conversation_id)
     assert exc.value.status == 400
+    await t.call(sc.MessagesApi(t.client()).post_message, t.app_id, second.id, text_post("invoice 4711 is paid"))
     assert await t.call(conversations.delete_conversation, t.app_id, second.id) == {}
     with pytest.raises(ApiException) as exc:
         await t.call(conversations.get_conversation, t.app_id, second.id)
     assert exc.value.status == 404
+    # The bus keeps nothing of its events but their announcement (`conversation:remove`) and
+    # the desk's copy of it.
+    bus = await Bus.connect(t.system.nats_url, "test-deleted-conversation")
+    try:
+        left = []
+        info = await bus.js.stream_info(subjects.EVENTS.name)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                msg = await bus.js.get_msg(subjects.EVENTS.name, seq)
+                if msg.subject and second.id in msg.subject:
+                    left.append(conv.decode(msg.data or b""))
+        assert [type(event).__name__ for event in left] == ["ConversationRemoved"] * 2
+    finally:
+        await bus.close()
     # Unknown user → 404; sdkGroup → 400.
     with pytest.raises(ApiException) as exc:
         await t.call(conversations.create_conversation, t.app_id, sc.ConversationCreateBody(
