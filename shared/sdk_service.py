@@ -6,8 +6,9 @@ checks on each request (the web checks Origin), what a session body carries (the
 a device) and what to do when a business message reached a socket (the app skips the push).
 
 One core NATS subscription on every conversation event per process (`EventHub`, held while a
-socket listens) fans events out to the sockets of their conversation; a socket replays history from its `after` cursor
-first, de-duplicating by cursor, so a reconnecting client gets every missed message once.
+socket listens) fans events out to the sockets of their conversation; a socket replays history
+from its `after` cursor first, de-duplicating by cursor, so a reconnecting client gets every
+missed message once.
 """
 
 from __future__ import annotations

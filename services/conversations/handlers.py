@@ -269,10 +269,9 @@ class Conversations(ConversationCore):
             await asyncio.sleep(0)  # writers waiting for the lock go between batches
         async with self.store.tx():
             await self.store.delete_expired_externals(conversation_id, cutoff)
-        if self.streams is not None:
-            # The bus's copies of the conversation's events (message contents) go too; the
-            # announcement itself stays for the services that have not read it yet.
-            await self._purge_events(app_id, conversation_id, kept=announced)
+        # The bus's copies of the conversation's events (message contents) go too; the
+        # announcement itself stays for the services that have not read it yet.
+        await self._purge_events(app_id, conversation_id, kept=announced)
         log.info("retention: %d message(s) of conversation %s deleted", deleted, conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
         return deleted
@@ -280,7 +279,8 @@ class Conversations(ConversationCore):
     async def _purge_events(self, app_id: str, conversation_id: str, *, kept: Announced | None) -> None:
         """Drop the bus's copies of a conversation's events: the originals and the desk's copies,
         each subject below `kept` (the erasure's own announcement and its copy; None: all)."""
-        assert self.streams is not None
+        if self.streams is None:
+            return
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
                                          before_seq=kept.seq if kept is not None else None)
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
@@ -376,9 +376,8 @@ class Conversations(ConversationCore):
         async with self.store.tx():
             await self.store.delete_conversation(conversation_id)
             announced = await self.publish_event(event)
-        if self.streams is not None:
-            # The bus's copies of its events (message contents) go too; the announcement stays.
-            await self._purge_events(app_id, conversation_id, kept=announced)
+        # The bus's copies of its events (message contents) go too; the announcement stays.
+        await self._purge_events(app_id, conversation_id, kept=announced)
 
     async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
         """SunCo's Delete User: the user, its clients and its conversations with their history,
@@ -423,10 +422,8 @@ class Conversations(ConversationCore):
 
     async def _purge_user_events(self, app_id: str, conversation_ids: list[str], subject_id: str,
                                  announced: Announced) -> None:
-        if self.streams is not None:
-            for conversation_id in {*conversation_ids, subject_id}:
-                await self._purge_events(app_id, conversation_id,
-                                         kept=announced if conversation_id == subject_id else None)
+        for conversation_id in {*conversation_ids, subject_id}:
+            await self._purge_events(app_id, conversation_id, kept=announced if conversation_id == subject_id else None)
 
     async def _delete_user_conversations(self, app_id: str, user_id: str) -> list[str]:
         """Delete the user's conversations and their messages, a batch per transaction; their ids."""
