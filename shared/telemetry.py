@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
+import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -201,15 +202,29 @@ def current_trace_id() -> str | None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line with service, level, message, trace and span ids."""
+    """One JSON object per line with service, level, message, trace and span ids.
+
+    A line is written for each customer message by several services, so it is built cheaply:
+    msgspec encodes it (json.dumps took 5 of a line's 17 µs) and the timestamp's text up to the
+    second is kept between lines of the same second."""
 
     def __init__(self, service_name: str) -> None:
         super().__init__()
         self.service_name = service_name
+        self._encoder = msgspec.json.Encoder(enc_hook=str)
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "service": self.service_name,
             "logger": record.name,
@@ -224,7 +239,10 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        try:
+            return self._encoder.encode(entry).decode()
+        except (TypeError, ValueError, OverflowError):  # a field msgspec cannot take (a non-string key, a huge int)
+            return json.dumps(entry, default=str)
 
 
 def configure_logging(service_name: str) -> None:

@@ -48,6 +48,8 @@ class WhatsAppService(ServiceApp):
     def __init__(self, config: WhatsAppConfig) -> None:
         super().__init__(config.common)
         self.config = config
+        # integration id → (the mirror's record, its credentials): a changed record is a new object.
+        self._credentials: dict[str, tuple[IntegrationRecord, Credentials | None]] = {}
         self.intake = WebhookIntake(handlers.CHANNEL, "WhatsApp", self.credentials, handlers.MAX_WEBHOOK_BODY)
         self.http.middlewares.append(tracing_middleware)
         self.http.middlewares.append(error_middleware)
@@ -72,9 +74,17 @@ class WhatsAppService(ServiceApp):
     # --- integrations ----------------------------------------------------------------------
 
     def credentials(self, integration_id: str) -> Credentials | None:
-        """The usable credentials of a whatsapp integration, or None."""
+        """The usable credentials of a whatsapp integration, or None (built once per version of
+        its record: every webhook asks)."""
         record = self.integrations.get(integration_id)
-        return Credentials.from_record(record) if isinstance(record, IntegrationRecord) else None
+        if not isinstance(record, IntegrationRecord):
+            self._credentials.pop(integration_id, None)  # deleted since: its secrets go too
+            return None
+        built = self._credentials.get(integration_id)
+        if built is None or built[0] is not record:
+            built = (record, Credentials.from_record(record))
+            self._credentials[integration_id] = built
+        return built[1]
 
     def by_phone_number_id(self, phone_number_id: str) -> Credentials | None:
         """The whatsapp integration of a business number (for multi-number Meta apps)."""
