@@ -571,9 +571,7 @@ class Api:
 
     async def delete_messages(self, request: web.Request) -> web.Response:
         app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
-        await self.conversations.conversation_row(app_id, conversation_id)
-        async with self.store.tx():
-            await self.store.delete_messages(conversation_id)
+        await self.conversations.delete_all_messages(app_id, conversation_id)
         return json_response({})
 
     async def post_activity(self, request: web.Request) -> web.Response:

@@ -379,6 +379,28 @@ class Conversations(ConversationCore):
         # The bus's copies of its events (message contents) go too; the announcement stays.
         await self._purge_events(app_id, conversation_id, kept=announced)
 
+    async def delete_all_messages(self, app_id: str, conversation_id: str) -> None:
+        """SunCo's Delete All Messages: the history goes, with the files its messages carried, and
+        so does every copy of it, as after the retention sweep. MessagesExpired, up to the moment
+        of the deletion, is announced in the same transaction (the bus refusing it rolls the
+        deletion back: 503): `webhooks`, `notifications` and the desk drop their copies. Then the
+        conversation's events are purged from the bus below that announcement. No business webhook
+        (SunCo sends none). The conversation stays, so this also empties a user's default
+        conversation, which cannot be deleted."""
+        row = await self.conversation_row(app_id, conversation_id)
+        async with self.store.tx():
+            cutoff = now()
+            await self.store.delete_messages(conversation_id)
+            await self.store.delete_expired_externals(conversation_id, cutoff)
+            announced = await self.publish_event(conv.MessagesExpired(
+                id=derived_id(conversation_id, "messages:deleted", repr(cutoff)), app_id=app_id,
+                conversation_id=conversation_id, created_at=cutoff, conversation=conversation_ref(row),
+                before=cutoff))
+        await self.store.checkpoint()  # the deleted rows' bytes leave the write-ahead log too
+        await self._purge_events(app_id, conversation_id, kept=announced)
+        log.info("every message of conversation %s deleted", conversation_id,
+                 extra=log_fields(app_id=app_id, conversation_id=conversation_id))
+
     async def delete_user(self, app_id: str, user_id_or_external_id: str) -> None:
         """SunCo's Delete User: the user, its clients and its conversations with their history,
         and every copy other services keep (they learn it from `user:remove`); no byte of the

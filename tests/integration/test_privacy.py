@@ -232,6 +232,58 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
     assert holding(stored, "fresh news from Bea")  # the search does find what is still there
 
 
+async def test_delete_all_messages_empties_the_history_and_every_copy_of_it(sandbox: Sandbox) -> None:
+    """SunCo's Delete All Messages, by the official client, on a customer's default conversation
+    (which cannot be deleted itself): the messages go, and so do the deliveries `webhooks`
+    stored, the pending notification and the conversation's events on the bus; another
+    conversation keeps all of its."""
+    s = sandbox
+    await set_settings(s, {"conversationRetentionSeconds": 0})
+    gone = await customer_conversation(s, "+15557300031", "please forget my order 7731")
+    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, gone, sc.MessagePost(
+        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text="order 7731 noted"))))
+    kept = await customer_conversation(s, "+15557300032", "keep my order 8842")
+    notifications = s.system.service("notifications")
+
+    async def copies_made() -> bool:
+        return (await notifications.store.pending(gone) is not None and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1 AND status='delivered'",
+            gone) >= 2)
+
+    await eventually(copies_made, timeout=10.0)
+    messages = sc.MessagesApi(s.api)
+    await s.call(messages.delete_all_messages, s.app_id, gone)
+    assert (await s.call(messages.list_messages, s.app_id, gone)).messages == []
+    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, kept)).messages] \
+        == ["keep my order 8842"]
+    assert (await s.call(sc.ConversationsApi(s.api).get_conversation, s.app_id, gone)).conversation.id == gone
+
+    async def copies_gone() -> bool:
+        return (await notifications.store.pending(gone) is None and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1", gone) == 0)
+
+    await eventually(copies_gone, timeout=10.0)
+    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
+                                  kept) > 0
+    bus = await Bus.connect(s.system.nats_url, "test-privacy-delete-all")
+    try:
+        events = await stream_bytes(bus, subjects.EVENTS)  # purged by the deletion itself
+        assert b"keep my order 8842" in events
+        assert b"order 7731" not in events
+        await s.system.service("conversations").conversations.purge_consumed()  # the sweep: inbound copies
+        for stream in subjects.ALL_STREAMS:
+            assert b"order 7731" not in await stream_bytes(bus, stream), stream.name
+    finally:
+        await bus.close()
+    stored = await files_once_erased(Path(s.system.data_dir), "order 7731")
+    assert holding(stored, "order 7731") == []
+    assert holding(stored, "keep my order 8842")
+    # The conversation goes on: a new message is stored, delivered and kept.
+    await customer_conversation(s, "+15557300031", "a new question")
+    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, gone)).messages] \
+        == ["a new question"]
+
+
 # The person of the erasure tests: every trace of these must go with her.
 NAME, SURNAME, EMAIL = "Adalinda", "Zqwertyova", "adalinda.zq@example.com"
 PHONE, OPTIN_EMAIL = "+15557300021", "ada.optin@example.org"
