@@ -653,8 +653,33 @@ class Bus:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.js.delete_msg(stream.name, seq)
 
-    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None) -> None:
-        """Remove the messages stored on `subject` (only those below `before_seq` when given)."""
+    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None, *,
+                            consumed_only: bool = False) -> None:
+        """Remove the messages stored on `subject` (only those below `before_seq` when given).
+
+        `consumed_only`: only those every durable consumer that wants them has acknowledged.
+        Each stored subject `subject` matches is purged up to the lowest ack floor among the
+        consumers whose filters match it (as `purge_consumed` does per filter; a consumer of
+        other subjects, whose floor says nothing of these, holds nothing back). A message a
+        consumer has yet to read stays, for the stream's max age or a later purge."""
+        if not consumed_only:
+            await self._purge_below(stream, subject, before_seq)
+            return
+        stored = (await self.js.stream_info(stream.name, subjects_filter=subject)).state.subjects or {}
+        if not stored:
+            return
+        consumers = await self.js.consumers_info(stream.name)
+        for concrete in stored:
+            floors = [info.ack_floor.stream_seq if info.ack_floor else 0 for info in consumers
+                      if subjects_overlap(concrete, info.config.filter_subject or ">")]
+            bound = before_seq
+            if floors:
+                bound = min(floors) + 1 if bound is None else min(bound, min(floors) + 1)
+            await self._purge_below(stream, concrete, bound)
+
+    async def _purge_below(self, stream: StreamSpec, subject: str, before_seq: int | None) -> None:
+        if before_seq is not None and before_seq <= 1:
+            return  # nothing lies below it
         await self.js.purge_stream(stream.name, seq=before_seq, subject=subject)
 
     async def purge_consumed(self, stream: StreamSpec) -> int:

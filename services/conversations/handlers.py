@@ -106,7 +106,8 @@ class Streams(Protocol):
 
     async def delete_message(self, stream: StreamSpec, seq: int) -> None: ...
 
-    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None) -> None: ...
+    async def purge_subject(self, stream: StreamSpec, subject: str, before_seq: int | None = None, *,
+                            consumed_only: bool = False) -> None: ...
 
     async def purge_consumed(self, stream: StreamSpec) -> int: ...
 
@@ -276,15 +277,22 @@ class Conversations(ConversationCore):
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id, deleted=deleted))
         return deleted
 
-    async def _purge_events(self, app_id: str, conversation_id: str, *, kept: Announced | None) -> None:
+    async def _purge_events(self, app_id: str, conversation_id: str, *, kept: Announced | None,
+                            consumed_only: bool = False) -> None:
         """Drop the bus's copies of a conversation's events: the originals and the desk's copies,
-        each subject below `kept` (the erasure's own announcement and its copy; None: all)."""
+        each subject below `kept` (the erasure's own announcement and its copy; None: all), and
+        with `consumed_only` only what every consumer has read (`Streams.purge_subject`).
+
+        A copy goes out right after its original, so when the announcement's own copy was given
+        up, the copies below the announcement are the ones to purge."""
         if self.streams is None:
             return
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
-                                         before_seq=kept.seq if kept is not None else None)
+                                         before_seq=kept.seq if kept is not None else None,
+                                         consumed_only=consumed_only)
+        desk_bound = None if kept is None else kept.desk_seq or kept.seq
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
-                                         before_seq=kept.desk_seq if kept is not None else None)
+                                         before_seq=desk_bound, consumed_only=consumed_only)
 
     async def purge_consumed(self) -> None:
         """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
@@ -377,27 +385,44 @@ class Conversations(ConversationCore):
             await self.store.delete_conversation(conversation_id)
             announced = await self.publish_event(event)
         # The bus's copies of its events (message contents) go too; the announcement stays.
-        await self._purge_events(app_id, conversation_id, kept=announced)
+        try:
+            await self._purge_events(app_id, conversation_id, kept=announced)
+        except Exception as exc:  # the deletion stands (a retry would find no conversation): the copies age out
+            log.error("conversation %s deleted, but its events stay on the bus until they age out: %s",
+                      conversation_id, exc, extra=log_fields(app_id=app_id, conversation_id=conversation_id))
 
     async def delete_all_messages(self, app_id: str, conversation_id: str) -> None:
         """SunCo's Delete All Messages: the history goes, with the files its messages carried, and
-        so does every copy of it, as after the retention sweep. MessagesExpired, up to the moment
-        of the deletion, is announced in the same transaction (the bus refusing it rolls the
-        deletion back: 503): `webhooks`, `notifications` and the desk drop their copies. Then the
-        conversation's events are purged from the bus below that announcement. No business webhook
-        (SunCo sends none). The conversation stays, so this also empties a user's default
-        conversation, which cannot be deleted."""
+        so does every copy of it, as after the retention sweep. The conversation stays, so this
+        also empties a user's default conversation, which cannot be deleted. No business webhook
+        (SunCo sends none).
+
+        The deletion commits first. Then MessagesExpired, up to the moment the deletion began, is
+        announced: `webhooks`, `notifications` and the desk drop their copies. Then the
+        conversation's events that every consumer has read are purged from the bus below that
+        announcement (what one has yet to read stays: it may be a customer message that arrived
+        after the deletion began). A failure after the commit answers 503, and a retry announces
+        and purges again. Announcing after the commit means a lost acknowledgement can never erase
+        the copies of a history that a rolled-back deletion kept.
+        """
         row = await self.conversation_row(app_id, conversation_id)
         async with self.store.tx():
             cutoff = now()
             await self.store.delete_messages(conversation_id)
             await self.store.delete_expired_externals(conversation_id, cutoff)
-            announced = await self.publish_event(conv.MessagesExpired(
+        try:
+            await self.store.checkpoint()  # the deleted rows' bytes leave the write-ahead log too
+            announced = await self.announce(conv.MessagesExpired(
                 id=derived_id(conversation_id, "messages:deleted", repr(cutoff)), app_id=app_id,
                 conversation_id=conversation_id, created_at=cutoff, conversation=conversation_ref(row),
                 before=cutoff))
-        await self.store.checkpoint()  # the deleted rows' bytes leave the write-ahead log too
-        await self._purge_events(app_id, conversation_id, kept=announced)
+            await self._purge_events(app_id, conversation_id, kept=announced, consumed_only=True)
+        except ApiError:
+            raise
+        except Exception as exc:
+            log.warning("the messages of conversation %s are deleted, their copies not yet: %s", conversation_id, exc,
+                        extra=log_fields(app_id=app_id, conversation_id=conversation_id))
+            raise ApiError(503, "The messages are deleted but their copies are not erased yet: try again") from exc
         log.info("every message of conversation %s deleted", conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id))
 

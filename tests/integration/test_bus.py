@@ -426,3 +426,47 @@ async def test_closing_reports_a_task_that_will_not_stop_and_still_closes(
     finally:
         never.set()
         await asyncio.wait([stubborn])
+
+
+async def test_a_consumed_only_purge_keeps_what_a_consumer_has_yet_to_read(bus: Bus) -> None:
+    """Two consumers whose filters overlap one conversation's subject (as `webhooks` and
+    `notifications` read every conversation's events): a consumed-only purge removes what both
+    acknowledged, below the bound, and keeps what one of them has not read; a consumer of other
+    subjects holds nothing back."""
+    subject = subjects.event_subject("app1", "conv1")
+    other = subjects.event_subject("app1", "conv2")
+    stream = subjects.EVENTS.name
+    readers = {}
+    for durable, filter_subject in (("t-purge-a", "events.*.*.*"), ("t-purge-b", subject), ("t-purge-c", other)):
+        await bus.js.add_consumer(stream, api.ConsumerConfig(
+            durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, filter_subject=filter_subject))
+        readers[durable] = await PullBatches.start(bus.nc, stream, durable, batch=10, wait=1.0)
+    try:
+        seqs = [(await bus.publish(subject, f"e{i}".encode())).seq for i in range(4)]
+        await bus.publish(other, b"elsewhere")  # c never reads it: it does not hold conv1's back
+        for msg in await readers["t-purge-a"].next_batch():
+            await msg.ack_sync()
+        read_by_b = await readers["t-purge-b"].next_batch()
+        for msg in read_by_b[:2]:  # b has handled e0 and e1 only
+            await msg.ack_sync()
+
+        async def stored() -> list[bytes]:
+            found = []
+            for seq in seqs:
+                with contextlib.suppress(Exception):
+                    found.append((await bus.js.get_msg(stream, seq)).data or b"")
+            return found
+
+        await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"),
+                                before_seq=seqs[3], consumed_only=True)
+        assert await stored() == [b"e2", b"e3"]
+        for msg in read_by_b[2:]:  # b handles the rest
+            await msg.ack_sync()
+        await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"),
+                                before_seq=seqs[3], consumed_only=True)
+        assert await stored() == [b"e3"]  # the bound (an announcement) stays
+        await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"))
+        assert await stored() == []
+    finally:
+        for reader in readers.values():
+            await reader.stop()
