@@ -176,6 +176,44 @@ async def stored_row_count(system: System, service: str, sql: str, *params: Any)
     return int(await system.service(service).store.db.fetchval(sql, *params))
 
 
+async def answered_conversation(s: Sandbox, phone: str, text: str, reply: str) -> str:
+    """A customer's conversation with the business's reply, once `notifications` holds its
+    pending notification and `webhooks` has delivered both messages (the copies an erasure must
+    take)."""
+    conversation_id = await customer_conversation(s, phone, text)
+    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, conversation_id, sc.MessagePost(
+        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text=reply))))
+    notifications = s.system.service("notifications")
+
+    async def copies_made() -> bool:
+        return (await notifications.store.pending(conversation_id) is not None and await stored_row_count(
+            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1 AND status='delivered'",
+            conversation_id) >= 2)
+
+    await eventually(copies_made, timeout=10.0)
+    return conversation_id
+
+
+async def copies_gone(s: Sandbox, conversation_id: str) -> bool:
+    """Whether `notifications` and `webhooks` hold nothing of the conversation any more."""
+    return (await s.system.service("notifications").store.pending(conversation_id) is None
+            and await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
+                                       conversation_id) == 0)
+
+
+async def check_emptied(s: Sandbox, emptied: str, other: str, other_text: str) -> None:
+    """`emptied` has no message left but stays (as after SunCo's Delete All Messages), and
+    `notifications` and `webhooks` drop their copies of it; `other` keeps its message and copies."""
+    messages = sc.MessagesApi(s.api)
+    assert (await s.call(messages.list_messages, s.app_id, emptied)).messages == []
+    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, other)).messages] \
+        == [other_text]
+    assert (await s.call(sc.ConversationsApi(s.api).get_conversation, s.app_id, emptied)).conversation.id == emptied
+    await eventually(lambda: copies_gone(s, emptied), timeout=10.0)
+    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
+                                  other) > 0
+
+
 async def test_retention_deletes_an_inactive_conversations_messages_and_every_copy(
         sandbox: Sandbox, tmp_path: Path) -> None:
     s = sandbox
@@ -183,18 +221,8 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
                                 ACCOUNT)
     assert status == 400
     await set_settings(s, {"conversationRetentionSeconds": 3600})
-    old = await customer_conversation(s, "+15557300011", "old news from Ada")
-    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, old, sc.MessagePost(
-        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text="old reply to Ada"))))
+    old = await answered_conversation(s, "+15557300011", "old news from Ada", "old reply to Ada")
     fresh = await customer_conversation(s, "+15557300012", "fresh news from Bea")
-    notifications = s.system.service("notifications")
-
-    async def copies_made() -> bool:
-        return (await notifications.store.pending(old) is not None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1 AND status='delivered'",
-            old) >= 2)
-
-    await eventually(copies_made, timeout=10.0)
     # Ada's conversation was last active two hours ago (its rows say so); Bea's is active now.
     convs = s.system.service("conversations").conversations
     async with convs.store.tx() as tx:
@@ -202,20 +230,7 @@ async def test_retention_deletes_an_inactive_conversations_messages_and_every_co
         await tx.execute("UPDATE conversations SET last_updated_at = last_updated_at - 7200 WHERE id=$1", old)
     assert await convs.sweep_retention() == 2
     assert await convs.sweep_retention() == 0  # nothing left, nothing visited again
-    messages = sc.MessagesApi(s.api)
-    assert (await s.call(messages.list_messages, s.app_id, old)).messages == []
-    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, fresh)).messages] \
-        == ["fresh news from Bea"]
-    # The conversation stays (as after SunCo's Delete All Messages); the copies go.
-    assert (await s.call(sc.ConversationsApi(s.api).get_conversation, s.app_id, old)).conversation.id == old
-
-    async def copies_gone() -> bool:
-        return (await notifications.store.pending(old) is None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1", old) == 0)
-
-    await eventually(copies_gone, timeout=10.0)
-    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
-                                  fresh) > 0
+    await check_emptied(s, old, fresh, "fresh news from Bea")
     await convs.purge_consumed()
     bus = await Bus.connect(s.system.nats_url, "test-privacy")
     try:
@@ -239,18 +254,8 @@ async def test_delete_all_messages_empties_the_history_and_every_copy_of_it(sand
     conversation keeps all of its."""
     s = sandbox
     await set_settings(s, {"conversationRetentionSeconds": 0})
-    gone = await customer_conversation(s, "+15557300031", "please forget my order 7731")
-    await s.call(sc.MessagesApi(s.api).post_message, s.app_id, gone, sc.MessagePost(
-        author=sc.Author(type="business"), content=sc.Content(sc.TextMessage(type="text", text="order 7731 noted"))))
+    gone = await answered_conversation(s, "+15557300031", "please forget my order 7731", "order 7731 noted")
     kept = await customer_conversation(s, "+15557300032", "keep my order 8842")
-    notifications = s.system.service("notifications")
-
-    async def copies_made() -> bool:
-        return (await notifications.store.pending(gone) is not None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1 AND status='delivered'",
-            gone) >= 2)
-
-    await eventually(copies_made, timeout=10.0)
     bus = await Bus.connect(s.system.nats_url, "test-privacy-delete-all")
     try:
         async def events_read() -> bool:  # what a consumer has yet to read is not purged
@@ -262,18 +267,7 @@ async def test_delete_all_messages_empties_the_history_and_every_copy_of_it(sand
         await bus.close()
     messages = sc.MessagesApi(s.api)
     await s.call(messages.delete_all_messages, s.app_id, gone)
-    assert (await s.call(messages.list_messages, s.app_id, gone)).messages == []
-    assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, kept)).messages] \
-        == ["keep my order 8842"]
-    assert (await s.call(sc.ConversationsApi(s.api).get_conversation, s.app_id, gone)).conversation.id == gone
-
-    async def copies_gone() -> bool:
-        return (await notifications.store.pending(gone) is None and await stored_row_count(
-            s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1", gone) == 0)
-
-    await eventually(copies_gone, timeout=10.0)
-    assert await stored_row_count(s.system, "webhooks", "SELECT COUNT(*) FROM deliveries WHERE conversation_id=$1",
-                                  kept) > 0
+    await check_emptied(s, gone, kept, "keep my order 8842")
     bus = await Bus.connect(s.system.nats_url, "test-privacy-delete-all")
     try:
         events = await stream_bytes(bus, subjects.EVENTS)  # purged by the deletion itself
