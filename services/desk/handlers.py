@@ -278,14 +278,17 @@ class Desk:
                 await self._announce(ticket)
 
     async def _forget(self, erasure: conv.Erasure, app_id: str) -> None:
-        """A privacy event: expired messages take the preview with them; a deletion of personal
-        information the preview and the notes (agents write about the person); a deleted user every
-        ticket of theirs."""
+        """A privacy event: expired or deleted messages take the preview with them; a deletion of
+        personal information the preview and the notes (agents write about the person); a deleted
+        user every ticket of theirs. Open agent screens get the ticket without its preview, and
+        the freed pages are erased where the engine allows (SQLite's write-ahead log)."""
         if erasure.before is not None or erasure.delivered_only:
             for conversation_id in erasure.conversation_ids:
                 await self.store.forget_previews(conversation_id, erasure.before)
                 if erasure.delivered_only:
                     await self.store.delete_notes(conversation_id)
+                await self._announce_if(await self.store.ticket(conversation_id))
+            await self.store.db.erase_freed_pages()
             return
         doomed = list(erasure.conversation_ids)
         if erasure.user_id is not None:

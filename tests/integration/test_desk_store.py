@@ -9,6 +9,7 @@ erasure, and two desks (replicas) deciding at once on one database.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -345,7 +346,8 @@ async def test_labels_match_literally_and_teams_keep_unique_names(store: Store) 
 
 async def test_privacy_events_reach_previews_notes_and_every_ticket_of_the_user(store: Store) -> None:
     clock = Clock()
-    desk = make_desk(store, clock)
+    updates: list[Update] = []
+    desk = make_desk(store, clock, updates)
     ada = await add_agent(desk, "ada")
     await online(desk, ada)
     recorder = desk.conversations
@@ -355,10 +357,14 @@ async def test_privacy_events_reach_previews_notes_and_every_ticket_of_the_user(
         await desk.handle_event(control_event(name, DESK_MEMBER, clock.now))
         await store.note_message(name, clock.now, f"secret {name}", "user", None, None)
         await desk.add_note(Actor(app_id=APP, agent=ada), name, "called them")
+    seen = len(updates)
     await desk.handle_event(conv.MessagesExpired(id="e-exp", app_id=APP, conversation_id="p1",
                                                  created_at=clock.now + 1, before=clock.now + 1,
                                                  conversation=ConversationRef(id="p1", type="personal")))
     assert (await store.ticket("p1")).last_message_text is None  # type: ignore[union-attr]
+    # Open agent screens are told: the ticket as it is now, without the preview.
+    shown = [u.data for u in updates[seen:] if u.kind == "ticket" and u.conversation_id == "p1"]
+    assert len(shown) == 1 and shown[0] is not None and "secret p1" not in json.dumps(shown[0])
     await desk.handle_event(conv.PersonalInformationDeleted(
         id="e-pii", app_id=APP, conversation_id="p2", created_at=clock.now, user_id="user-pat",
         conversation_ids=["p2"]))
