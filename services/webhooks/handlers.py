@@ -67,6 +67,9 @@ class NewDelivery:
     traceparent: str | None
     tracestate: str | None
     created_at: float
+    # When the event happened, by `conversations`' clock: what an erasure's `before` is compared
+    # with (a row is created when this service reads the event, which may be later).
+    event_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -241,7 +244,7 @@ def deliveries_for(event: ConversationUnion, records: Iterable[WebhookRecord],
             webhook_id=hook.id, app_id=event.app_id, event_id=event.id,
             conversation_id=event.conversation_id, trigger=trigger, body=body,
             traceparent=trace_headers.get("traceparent"), tracestate=trace_headers.get("tracestate"),
-            created_at=now,
+            created_at=now, event_at=event.created_at,
         )
         for hook in hooks
     ]

@@ -70,12 +70,14 @@ MIGRATION = Migration([
     _partition_pending,
     # The fence of each partition's writes: the epoch of its latest take (shared.fencing).
     fencing.EPOCHS_TABLE,
+    # When the event happened (an erasure's `before` is in that clock); rows from before have none.
+    "ALTER TABLE deliveries ADD COLUMN event_at REAL",
 ])
 
 _INSERT = (
     "INSERT INTO deliveries (webhook_id, app_id, event_id, conversation_id, trigger_name, body, traceparent,"
-    " tracestate, status, attempts, created_at, next_attempt_at, part)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9, $10)"
+    " tracestate, status, attempts, created_at, next_attempt_at, part, event_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9, $10, $11)"
     " ON CONFLICT (webhook_id, event_id) DO NOTHING RETURNING seq"
 )
 
@@ -126,7 +128,8 @@ class DeliveryStore:
             for row in rows:
                 seq = await tx.fetchval(
                     _INSERT, row.webhook_id, row.app_id, row.event_id, row.conversation_id, row.trigger, row.body,
-                    row.traceparent, row.tracestate, row.created_at, subjects.partition_of(row.conversation_id))
+                    row.traceparent, row.tracestate, row.created_at, subjects.partition_of(row.conversation_id),
+                    row.event_at)
                 if seq is not None:
                     created.append(PendingDelivery(
                         seq=int(seq), webhook_id=row.webhook_id, app_id=row.app_id, event_id=row.event_id,
@@ -205,8 +208,10 @@ class DeliveryStore:
         where = f"conversation_id IN ({','.join(f'${i}' for i in range(1, len(keys) + 1))})"
         params: list[Any] = list(keys)
         if erasure.before is not None:
+            # By the event's time: a row this service created after `before` (it read the event
+            # late) is still a copy of what happened before it.
             params.append(erasure.before)
-            where += f" AND created_at < ${len(params)}"
+            where += f" AND COALESCE(event_at, created_at) < ${len(params)}"
         if erasure.delivered_only:
             where += " AND status <> 'pending'"
 

@@ -4,10 +4,13 @@ count at the next start."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from services.webhooks.handlers import NewDelivery
 from services.webhooks.store import DeliveryStore
 from shared import subjects
 from shared.db import DatabaseSettings
+from shared.messages.conversation import Erasure
 
 T0 = 1_700_000_000.0
 
@@ -45,5 +48,24 @@ async def test_pending_deliveries_follow_a_changed_partition_count_at_the_next_s
             assert all(subjects.partition_of(row.conversation_id) == partition for row in rows)
             seqs = [row.seq for row in rows]
             assert seqs == sorted(seqs)  # in insertion order, as delivery needs
+    finally:
+        await store.close()
+
+
+async def test_an_erasure_before_a_time_takes_rows_by_when_their_event_happened(
+        database_settings: DatabaseSettings) -> None:
+    """Delete All Messages or retention up to `before`: a row this service created later (it read
+    the event late, after `before`) is still a copy of an event from before, and goes; the row of
+    an event after `before` stays, and so do another conversation's."""
+    store = await DeliveryStore.open(database_settings)
+    try:
+        def read_late(event_id: str, event_at: float, conversation_id: str = "conv-1") -> NewDelivery:
+            return replace(a_delivery(conversation_id, event_id), created_at=T0 + 60, event_at=event_at)
+
+        await store.insert([read_late("ev-old", T0), read_late("ev-new", T0 + 20), read_late("ev-other", T0, "conv-2")])
+        removed = await store.forget(Erasure(("conv-1",), before=T0 + 10))
+        assert removed == {"pending": 1}
+        left = [p.event_id for part in range(subjects.PARTITIONS) for p in await store.load_pending(part)]
+        assert sorted(left) == ["ev-new", "ev-other"]
     finally:
         await store.close()
