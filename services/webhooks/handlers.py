@@ -88,6 +88,12 @@ class PendingDelivery:
     next_attempt_at: float
     attempts: int = 0
     first_attempt_at: float | None = None
+    event_at: float | None = None  # as `NewDelivery.event_at`
+
+    @property
+    def happened_at(self) -> float:
+        """When its event happened (the row's creation for rows stored before that was kept)."""
+        return self.created_at if self.event_at is None else self.event_at
 
     def trace_headers(self) -> dict[str, str]:
         """The trace context of the event this row was made from."""
@@ -480,7 +486,7 @@ class WebhookQueue:
             rows = self._rows.get(conversation_id)
             if not rows:
                 continue
-            kept = deque(r for r in rows if before is not None and r.created_at >= before)
+            kept = deque(r for r in rows if before is not None and r.happened_at >= before)
             dropped += len(rows) - len(kept)
             if kept:
                 self._rows[conversation_id] = kept

@@ -83,7 +83,7 @@ _INSERT = (
 
 _PENDING_COLUMNS = (
     "seq, webhook_id, app_id, event_id, conversation_id, body, traceparent, tracestate, created_at,"
-    " next_attempt_at, attempts, first_attempt_at"
+    " next_attempt_at, attempts, first_attempt_at, event_at"
 )
 
 def fence_of(conversation_ids: Iterable[str], epochs: Mapping[int, int] | None) -> dict[int, int]:
@@ -135,6 +135,7 @@ class DeliveryStore:
                         seq=int(seq), webhook_id=row.webhook_id, app_id=row.app_id, event_id=row.event_id,
                         conversation_id=row.conversation_id, body=row.body, traceparent=row.traceparent,
                         tracestate=row.tracestate, created_at=row.created_at, next_attempt_at=row.created_at,
+                        event_at=row.event_at,
                     ))
             return created
 
@@ -151,6 +152,7 @@ class DeliveryStore:
                 seq=int(r[0]), webhook_id=r[1], app_id=r[2], event_id=r[3], conversation_id=r[4], body=bytes(r[5]),
                 traceparent=r[6], tracestate=r[7], created_at=float(r[8]), next_attempt_at=float(r[9]),
                 attempts=int(r[10]), first_attempt_at=None if r[11] is None else float(r[11]),
+                event_at=None if r[12] is None else float(r[12]),
             )
             for r in found
         ]

@@ -51,6 +51,18 @@ def test_the_webhook_queue_drops_the_waiting_rows_of_erased_conversations() -> N
     assert queue.is_idle() and queue.pending == 0
 
 
+def test_the_webhook_queue_compares_an_erasure_with_when_the_event_happened() -> None:
+    """A row stored at 400 (this service read its event late) of an event that happened at 100
+    goes with an erasure up to 150; the row of an event at 200 stays."""
+    queue = WebhookQueue("w", "a")
+    for seq, happened in ((1, 100.0), (2, 200.0)):
+        late = row(seq, "c1", created_at=400.0)
+        late.event_at = happened
+        queue.add(late, 400.0)
+    assert queue.forget(["c1"], before=150.0) == 1
+    assert [r.seq for r in queue.take_batch(401.0, 10)] == [2]
+
+
 def test_subject_filters_overlap_when_one_subject_can_match_both() -> None:
     assert subjects_overlap("inbound.>", "inbound.whatsapp.i1")
     assert subjects_overlap("outbound.whatsapp.>", "outbound.*.i1")
