@@ -20,7 +20,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -676,6 +676,36 @@ class Bus:
             if floors:
                 bound = min(floors) + 1 if bound is None else min(bound, min(floors) + 1)
             await self._purge_below(stream, concrete, bound)
+
+    async def erase_published(self, stream: StreamSpec, subject: str, msg_ids: Collection[str],
+                              before_seq: int) -> int:
+        """Erase the stored messages on `subject` (a filter) below `before_seq` whose Nats-Msg-Id is
+        one of `msg_ids`, each once every durable consumer whose filter matches it has
+        acknowledged it (one still unread stays: its consumer reads the erasure's announcement
+        after it). Walks the subject's messages one request each, so it is for the rare erasure of
+        one message; returns how many were erased."""
+        wanted = set(msg_ids)
+        consumers: list[api.ConsumerInfo] | None = None
+        seq, erased = 1, 0
+        while wanted and seq < before_seq:
+            try:
+                found = await self.js.get_msg(stream.name, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            if found.seq is None or found.seq >= before_seq:
+                break
+            msg_id = (found.headers or {}).get("Nats-Msg-Id")
+            if msg_id in wanted:
+                wanted.discard(msg_id)
+                if consumers is None:
+                    consumers = await self.js.consumers_info(stream.name)
+                floors = [info.ack_floor.stream_seq if info.ack_floor else 0 for info in consumers
+                          if subjects_overlap(found.subject or subject, info.config.filter_subject or ">")]
+                if all(floor >= found.seq for floor in floors):
+                    await self.delete_message(stream, found.seq)
+                    erased += 1
+            seq = found.seq + 1
+        return erased
 
     async def _purge_below(self, stream: StreamSpec, subject: str, before_seq: int | None) -> None:
         if before_seq is not None and before_seq <= 1:

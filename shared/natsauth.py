@@ -162,9 +162,9 @@ def permissions(user: str) -> dict[str, object] | None:
                         # durable is removed once drained.
                         _js(f"CONSUMER.DELETE.{stream.name}.{durable}"),
                         f"$JS.ACK.{stream.name}.{durable}.>"]
-    for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message
+    for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message, erase_published
         publish += [_js(f"STREAM.PURGE.{stream.name}"), _js(f"STREAM.MSG.DELETE.{stream.name}"),
-                    _js(f"CONSUMER.LIST.{stream.name}")]
+                    _js(f"STREAM.MSG.GET.{stream.name}"), _js(f"CONSUMER.LIST.{stream.name}")]
     kv_write = access.buckets_written
     for bucket in dict.fromkeys((*access.kv_read, *kv_write)):
         stream_name = kv_stream(bucket)

@@ -131,6 +131,11 @@ def desk_event_subject(app_id: str, conversation_id: str) -> str:
     return f"{DESK_COPY_PREFIX}.{app_id}.{conversation_id}.{partition_of(conversation_id)}"
 
 
+def desk_copy_msg_id(event_id: str) -> str:
+    """The Nats-Msg-Id of the desk's copy of an event (the original's is the event id)."""
+    return f"{event_id}:desk"
+
+
 def conversation_desk_events(app_id: str, conversation_id: str) -> str:
     """Filter matching the desk's copies of one conversation's events (what an erasure purges too)."""
     return f"{DESK_COPY_PREFIX}.{app_id}.{conversation_id}.*"

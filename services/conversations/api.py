@@ -562,11 +562,7 @@ class Api:
 
     async def delete_message(self, request: web.Request) -> web.Response:
         app_id, conversation_id = request.match_info["appId"], request.match_info["conversationId"]
-        await self.conversations.conversation_row(app_id, conversation_id)
-        async with self.store.tx():
-            deleted = await self.store.delete_message(conversation_id, request.match_info["messageId"])
-        if not deleted:
-            raise ApiError(404, "Message not found", "message_not_found")
+        await self.conversations.delete_message(app_id, conversation_id, request.match_info["messageId"])
         return json_response({})
 
     async def delete_messages(self, request: web.Request) -> web.Response:

@@ -97,7 +97,8 @@ class ConversationCore:
         app = self.apps(event.app_id)
         if not conv.concerns_desk(event, app.switchboard if app is not None else None):
             return Announced(getattr(await self.bus.publish(subject, data, msg_id=event.id), "seq", None))
-        copy = (subjects.desk_event_subject(event.app_id, event.conversation_id), data, f"{event.id}:desk")
+        copy = (subjects.desk_event_subject(event.app_id, event.conversation_id), data,
+                subjects.desk_copy_msg_id(event.id))
         original, copied = await self.bus.publish_together([(subject, data, event.id), copy])
         if isinstance(original, BaseException):
             raise original

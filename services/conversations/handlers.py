@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -110,6 +110,17 @@ class Streams(Protocol):
                             consumed_only: bool = False) -> None: ...
 
     async def purge_consumed(self, stream: StreamSpec) -> int: ...
+
+    async def erase_published(self, stream: StreamSpec, subject: str, msg_ids: Collection[str],
+                              before_seq: int) -> int: ...
+
+
+def _erasure_unavailable(exc: Exception, title: str, app_id: str, conversation_id: str) -> ApiError:
+    """The answer to a deletion whose erasure of copies failed with `exc`: a 503 (a retry does
+    the erasure again), logged."""
+    log.warning("%s (conversation %s): %s", title, conversation_id, exc,
+                extra=log_fields(app_id=app_id, conversation_id=conversation_id))
+    return ApiError(503, title)
 
 
 @dataclass(frozen=True)
@@ -391,6 +402,45 @@ class Conversations(ConversationCore):
             log.error("conversation %s deleted, but its events stay on the bus until they age out: %s",
                       conversation_id, exc, extra=log_fields(app_id=app_id, conversation_id=conversation_id))
 
+    async def delete_message(self, app_id: str, conversation_id: str, message_id: str) -> None:
+        """SunCo's Delete Message: the message leaves the history, and its copies go too. No
+        business webhook (SunCo sends none).
+
+        MessageDeleted is announced first (`webhooks` drops the deliveries of the message's
+        event, `notifications` a pending notification with its text, the desk its preview when it
+        is the latest). Then the bus's copies of its MessageCreated that every consumer has read
+        are erased, then the row. A failure before the row's deletion answers 503 and a retry
+        does it all again (the announcement is de-duplicated by its id); an announcement whose
+        deletion never came only erased copies of a message the business asked to delete.
+        """
+        row = await self.conversation_row(app_id, conversation_id)
+        found = await self.store.message_event(conversation_id, message_id)
+        if found is None:
+            raise ApiError(404, "Message not found", "message_not_found")
+        event_id, at = found
+        try:
+            announced = await self.announce(conv.MessageDeleted(
+                id=derived_id(conversation_id, message_id, "message:deleted"), app_id=app_id,
+                conversation_id=conversation_id, created_at=now(), conversation=conversation_ref(row),
+                message_id=message_id, message_event_id=event_id, message_at=at))
+            if self.streams is not None and announced.seq is not None:
+                await self.streams.erase_published(
+                    subjects.EVENTS, subjects.conversation_events(app_id, conversation_id), [event_id],
+                    before_seq=announced.seq)
+                await self.streams.erase_published(
+                    subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
+                    [subjects.desk_copy_msg_id(event_id)], before_seq=announced.desk_seq or announced.seq)
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise _erasure_unavailable(exc, "The message could not be deleted now: try again",
+                                       app_id, conversation_id) from exc
+        async with self.store.tx():
+            await self.store.delete_message(conversation_id, message_id)
+        await self.store.checkpoint()  # its bytes leave the write-ahead log too
+        log.info("message %s of conversation %s deleted", message_id, conversation_id,
+                 extra=log_fields(app_id=app_id, conversation_id=conversation_id, message_id=message_id))
+
     async def delete_all_messages(self, app_id: str, conversation_id: str) -> None:
         """SunCo's Delete All Messages: the history goes, with the files its messages carried, and
         so does every copy of it, as after the retention sweep. The conversation stays, so this
@@ -420,9 +470,8 @@ class Conversations(ConversationCore):
         except ApiError:
             raise
         except Exception as exc:
-            log.warning("the messages of conversation %s are deleted, their copies not yet: %s", conversation_id, exc,
-                        extra=log_fields(app_id=app_id, conversation_id=conversation_id))
-            raise ApiError(503, "The messages are deleted but their copies are not erased yet: try again") from exc
+            raise _erasure_unavailable(exc, "The messages are deleted but their copies are not erased yet: try again",
+                                       app_id, conversation_id) from exc
         log.info("every message of conversation %s deleted", conversation_id,
                  extra=log_fields(app_id=app_id, conversation_id=conversation_id))
 

@@ -1241,6 +1241,12 @@ class Store:
             app_id, SEARCH_WINDOW, like_containing(text), limit)
         return [row["conversation_id"] for row in rows]
 
+    async def message_event(self, conversation_id: str, message_id: str) -> tuple[str, float] | None:
+        """A message's MessageCreated: its event id and time (None when there is no such message)."""
+        row = await self._one("SELECT event_id, received FROM messages WHERE conversation_id=$1 AND id=$2",
+                              conversation_id, message_id)
+        return None if row is None else (str(row["event_id"]), float(row["received"]))
+
     async def delete_message(self, conversation_id: str, message_id: str) -> int:
         return await self._run("DELETE FROM messages WHERE conversation_id=$1 AND id=$2", conversation_id, message_id)
 

@@ -22,6 +22,7 @@ integer, higher first), `desk:skills` (comma-separated, e.g. a language: SunCo m
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -282,9 +283,11 @@ class Desk:
         personal information the preview and the notes (agents write about the person); a deleted
         user every ticket of theirs. Open agent screens get the ticket without its preview, and
         the freed pages are erased where the engine allows (SQLite's write-ahead log)."""
-        if erasure.before is not None or erasure.delivered_only:
+        if erasure.before is not None or erasure.delivered_only or erasure.message is not None:
             for conversation_id in erasure.conversation_ids:
-                await self.store.forget_previews(conversation_id, erasure.before)
+                # One deleted message takes the preview when it is the latest (at or after its time).
+                before = erasure.before if erasure.message is None else math.nextafter(erasure.message.at, math.inf)
+                await self.store.forget_previews(conversation_id, before)
                 if erasure.delivered_only:
                     await self.store.delete_notes(conversation_id)
                 await self._announce_if(await self.store.ticket(conversation_id))

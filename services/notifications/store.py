@@ -506,7 +506,19 @@ class Store:
         - messages past retention: the conversations' pending notification and sends (their texts);
         - a deleted user: also every pending notification, send, opt-in and reply window of theirs;
         - deleted personal information: the user's opt-ins and sends (the addresses), history kept.
+        - one deleted message: the conversation's pending notification when its text is that
+          message's (the sends stay: they are what reached the customer).
         The number of rows deleted."""
+        if erasure.message is not None:
+            deleted = 0
+            async with self.db.transaction() as tx:
+                for conversation_id in erasure.conversation_ids:
+                    deleted += await tx.execute(
+                        "DELETE FROM pending WHERE conversation_id = $1 AND last_message_id = $2",
+                        conversation_id, erasure.message.id)
+            if deleted:
+                await self.db.erase_freed_pages()
+            return deleted
         ids = list(erasure.conversation_ids)
         marks = ",".join(f"${i}" for i in range(1, len(ids) + 1)) or "NULL"
         before = float("inf") if erasure.before is None else float(erasure.before)

@@ -200,8 +200,9 @@ class Dispatcher:
         """Drop the rows a privacy event names from this replica's queues (not the database)."""
         keys = [*erasure.conversation_ids, *([erasure.user_id] if erasure.user_id else [])]
         if not erasure.delivered_only:
+            event_id = erasure.message.event_id if erasure.message is not None else None
             for queue in self.queues.values():
-                self.pending -= queue.forget(keys, erasure.before)
+                self.pending -= queue.forget(keys, erasure.before, event_id)
 
     async def forget(self, erasure: Erasure) -> None:
         """A privacy event: drop the rows it names from the queues and the database."""

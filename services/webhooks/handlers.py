@@ -478,15 +478,19 @@ class WebhookQueue:
             self._rows.pop(conversation_id, None)
             self._failing_since.pop(conversation_id, None)
 
-    def forget(self, conversation_ids: Iterable[str], before: float | None) -> int:
-        """Drop the waiting rows of these conversations (created before `before`, None = all)
-        after a privacy event; rows in flight finish. The number dropped."""
+    def forget(self, conversation_ids: Iterable[str], before: float | None, event_id: str | None = None) -> int:
+        """Drop the waiting rows of these conversations (of events before `before`, None = all;
+        only those of `event_id` when given) after a privacy event; rows in flight finish. The
+        number dropped."""
         dropped = 0
         for conversation_id in conversation_ids:
             rows = self._rows.get(conversation_id)
             if not rows:
                 continue
-            kept = deque(r for r in rows if before is not None and r.happened_at >= before)
+            if event_id is not None:
+                kept = deque(r for r in rows if r.event_id != event_id)
+            else:
+                kept = deque(r for r in rows if before is not None and r.happened_at >= before)
             dropped += len(rows) - len(kept)
             if kept:
                 self._rows[conversation_id] = kept

@@ -209,7 +209,10 @@ class DeliveryStore:
             return {}
         where = f"conversation_id IN ({','.join(f'${i}' for i in range(1, len(keys) + 1))})"
         params: list[Any] = list(keys)
-        if erasure.before is not None:
+        if erasure.message is not None:  # one message: the deliveries of its event, whatever their status
+            params.append(erasure.message.event_id)
+            where += f" AND event_id = ${len(params)}"
+        elif erasure.before is not None:
             # By the event's time: a row this service created after `before` (it read the event
             # late) is still a copy of what happened before it.
             params.append(erasure.before)

@@ -200,6 +200,18 @@ class MessagesExpired(ConversationEvent, tag="conversation.messages.expired", kw
     before: float
 
 
+class MessageDeleted(ConversationEvent, tag="conversation.message.deleted", kw_only=True):
+    """The business deleted one message of the history (SunCo's Delete Message: no webhook).
+    Services drop their copies of it: the deliveries of its MessageCreated (`message_event_id`),
+    a pending notification whose text it is, the desk's preview when it is the latest message
+    (`message_at`: its MessageCreated's `created_at`)."""
+
+    conversation: ConversationRef
+    message_id: str
+    message_event_id: str
+    message_at: float
+
+
 class PostbackReceived(ConversationEvent, tag="conversation.postback", kw_only=True):
     """The customer tapped a postback button (SunCo `conversation:postback`: not a message of
     the history)."""
@@ -231,7 +243,8 @@ class SwitchboardControlled(ConversationEvent, tag="conversation.switchboard", k
 ConversationUnion = (
     MessageCreated | ActivityPosted | DeliveryReported | ConversationCreated | ConversationRemoved | ClientAdded
     | ClientUpdated | ClientRemoved | Referred | UsersMerged | NotificationReported | UserUpdated
-    | UserRemoved | PersonalInformationDeleted | MessagesExpired | SwitchboardControlled | PostbackReceived
+    | UserRemoved | PersonalInformationDeleted | MessagesExpired | MessageDeleted | SwitchboardControlled
+    | PostbackReceived
 )
 
 ENCODER = msgspec.json.Encoder()
@@ -249,15 +262,26 @@ def decode(data: bytes) -> ConversationUnion:
 
 
 @dataclass(frozen=True)
+class DeletedMessage:
+    """One message deleted from a conversation's history (`MessageDeleted`)."""
+
+    id: str
+    event_id: str  # its MessageCreated's
+    at: float  # its MessageCreated's `created_at`
+
+
+@dataclass(frozen=True)
 class Erasure:
     """What a service must forget of its copies after a privacy event: rows of
     `conversation_ids` (created before `before`, None = all), of `user_id` (None = none), and
-    whether only already-delivered copies go (personal information: the history stays)."""
+    whether only already-delivered copies go (personal information: the history stays). With
+    `message`, only the copies of that one message of the (single) conversation go."""
 
     conversation_ids: tuple[str, ...]
     before: float | None = None
     user_id: str | None = None
     delivered_only: bool = False
+    message: DeletedMessage | None = None
 
 
 def erasure(event: ConversationUnion) -> Erasure | None:
@@ -268,6 +292,9 @@ def erasure(event: ConversationUnion) -> Erasure | None:
         return Erasure(tuple(event.conversation_ids), user_id=event.user_id, delivered_only=True)
     if isinstance(event, MessagesExpired):
         return Erasure((event.conversation_id,), before=event.created_at)
+    if isinstance(event, MessageDeleted):
+        return Erasure((event.conversation_id,), message=DeletedMessage(
+            id=event.message_id, event_id=event.message_event_id, at=event.message_at))
     return None
 
 
@@ -285,8 +312,8 @@ def concerns_desk(event: ConversationUnion, switchboard: SwitchboardRecord | Non
     """
     if isinstance(event, ClientUpdated):
         return event.primary and event.reason == "confirmed"
-    if isinstance(event, UserRemoved | PersonalInformationDeleted | MessagesExpired | ConversationRemoved
-                  | SwitchboardControlled | UsersMerged | ClientAdded):
+    if isinstance(event, UserRemoved | PersonalInformationDeleted | MessagesExpired | MessageDeleted
+                  | ConversationRemoved | SwitchboardControlled | UsersMerged | ClientAdded):
         return True
     if not isinstance(event, MessageCreated | ActivityPosted):
         return False

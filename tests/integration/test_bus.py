@@ -450,23 +450,53 @@ async def test_a_consumed_only_purge_keeps_what_a_consumer_has_yet_to_read(bus: 
         for msg in read_by_b[:2]:  # b has handled e0 and e1 only
             await msg.ack_sync()
 
-        async def stored() -> list[bytes]:
-            found = []
-            for seq in seqs:
-                with contextlib.suppress(Exception):
-                    found.append((await bus.js.get_msg(stream, seq)).data or b"")
-            return found
-
         await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"),
                                 before_seq=seqs[3], consumed_only=True)
-        assert await stored() == [b"e2", b"e3"]
+        assert await stored_data(bus, stream, seqs) == [b"e2", b"e3"]
         for msg in read_by_b[2:]:  # b handles the rest
             await msg.ack_sync()
         await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"),
                                 before_seq=seqs[3], consumed_only=True)
-        assert await stored() == [b"e3"]  # the bound (an announcement) stays
+        assert await stored_data(bus, stream, seqs) == [b"e3"]  # the bound (an announcement) stays
         await bus.purge_subject(subjects.EVENTS, subjects.conversation_events("app1", "conv1"))
-        assert await stored() == []
+        assert await stored_data(bus, stream, seqs) == []
     finally:
         for reader in readers.values():
             await reader.stop()
+
+
+async def test_erasing_published_messages_by_id_takes_only_those_every_consumer_has_read(bus: Bus) -> None:
+    """One event of a conversation, named by its Nats-Msg-Id, goes once every consumer that
+    wants it has acknowledged it; the other events stay, and so does one still unread."""
+    subject = subjects.event_subject("app2", "conv1")
+    stream = subjects.EVENTS.name
+    await bus.js.add_consumer(stream, api.ConsumerConfig(
+        durable_name="t-erase", ack_policy=api.AckPolicy.EXPLICIT, filter_subject="events.app2.*.*"))
+    reader = await PullBatches.start(bus.nc, stream, "t-erase", batch=10, wait=1.0)
+    try:
+        seqs = [(await bus.publish(subject, f"e{i}".encode(), msg_id=f"id-{i}")).seq for i in range(4)]
+        batch = await reader.next_batch()
+        for msg in batch[:3]:  # e3 is not acknowledged yet
+            await msg.ack_sync()
+        end = seqs[-1] + 1
+        assert await bus.erase_published(subjects.EVENTS, subjects.conversation_events("app2", "conv1"),
+                                         ["id-1", "id-3", "id-unknown"], before_seq=end) == 1
+
+        assert await stored_data(bus, stream, seqs) == [b"e0", b"e2", b"e3"]
+        await batch[3].ack_sync()
+        assert await bus.erase_published(subjects.EVENTS, subjects.conversation_events("app2", "conv1"),
+                                         ["id-3"], before_seq=seqs[3]) == 0  # at the bound: not below it
+        assert await bus.erase_published(subjects.EVENTS, subjects.conversation_events("app2", "conv1"),
+                                         ["id-3"], before_seq=end) == 1
+        assert await stored_data(bus, stream, seqs) == [b"e0", b"e2"]
+    finally:
+        await reader.stop()
+
+
+async def stored_data(bus: Bus, stream: str, seqs: list[int]) -> list[bytes]:
+    """The data of the messages at `seqs` still in `stream` (erased ones left out)."""
+    found = []
+    for seq in seqs:
+        with contextlib.suppress(Exception):
+            found.append((await bus.js.get_msg(stream, seq)).data or b"")
+    return found

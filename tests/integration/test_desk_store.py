@@ -365,6 +365,14 @@ async def test_privacy_events_reach_previews_notes_and_every_ticket_of_the_user(
     # Open agent screens are told: the ticket as it is now, without the preview.
     shown = [u.data for u in updates[seen:] if u.kind == "ticket" and u.conversation_id == "p1"]
     assert len(shown) == 1 and shown[0] is not None and "secret p1" not in json.dumps(shown[0])
+    # One deleted message takes the preview when it is the latest; an older one leaves it.
+    await store.note_message("p3", clock.now + 2, "secret p3 again", "user", None, None)
+    for at, expected in ((clock.now + 1, "secret p3 again"), (clock.now + 2, None)):
+        await desk.handle_event(conv.MessageDeleted(
+            id=f"e-del-{at}", app_id=APP, conversation_id="p3", created_at=clock.now + 3,
+            conversation=ConversationRef(id="p3", type="personal"), message_id="m", message_event_id="e",
+            message_at=at))
+        assert (await store.ticket("p3")).last_message_text == expected  # type: ignore[union-attr]
     await desk.handle_event(conv.PersonalInformationDeleted(
         id="e-pii", app_id=APP, conversation_id="p2", created_at=clock.now, user_id="user-pat",
         conversation_ids=["p2"]))

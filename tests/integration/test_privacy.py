@@ -201,6 +201,12 @@ async def copies_gone(s: Sandbox, conversation_id: str) -> bool:
                                        conversation_id) == 0)
 
 
+async def events_read(bus: Bus) -> bool:
+    """Whether every consumer of the events has read and acknowledged everything."""
+    return all(info.num_pending == 0 and info.num_ack_pending == 0
+               for info in await bus.js.consumers_info(subjects.EVENTS.name))
+
+
 async def check_emptied(s: Sandbox, emptied: str, other: str, other_text: str) -> None:
     """`emptied` has no message left but stays (as after SunCo's Delete All Messages), and
     `notifications` and `webhooks` drop their copies of it; `other` keeps its message and copies."""
@@ -258,11 +264,7 @@ async def test_delete_all_messages_empties_the_history_and_every_copy_of_it(sand
     kept = await customer_conversation(s, "+15557300032", "keep my order 8842")
     bus = await Bus.connect(s.system.nats_url, "test-privacy-delete-all")
     try:
-        async def events_read() -> bool:  # what a consumer has yet to read is not purged
-            return all(info.num_pending == 0 and info.num_ack_pending == 0
-                       for info in await bus.js.consumers_info(subjects.EVENTS.name))
-
-        await eventually(events_read, timeout=10.0)
+        await eventually(lambda: events_read(bus), timeout=10.0)  # what is unread stays on the bus
     finally:
         await bus.close()
     messages = sc.MessagesApi(s.api)
@@ -285,6 +287,43 @@ async def test_delete_all_messages_empties_the_history_and_every_copy_of_it(sand
     await customer_conversation(s, "+15557300031", "a new question")
     assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id, gone)).messages] \
         == ["a new question"]
+
+
+async def test_delete_message_erases_that_message_and_every_copy_of_it_only(sandbox: Sandbox) -> None:
+    """SunCo's Delete Message, by the official client: the business's reply goes from the
+    history, from `webhooks`' deliveries, from `notifications` (the pending notification carried
+    its text) and from the bus; the customer's message before it keeps every copy."""
+    s = sandbox
+    conversation_id = await answered_conversation(s, "+15557300041", "my locker code is 4417",
+                                                  "we changed it to 9083, keep it secret")
+    bus = await Bus.connect(s.system.nats_url, "test-privacy-delete-one")
+    try:
+        await eventually(lambda: events_read(bus), timeout=10.0)  # what is unread stays on the bus
+        messages = sc.MessagesApi(s.api)
+        listed = (await s.call(messages.list_messages, s.app_id, conversation_id)).messages
+        reply = next(m for m in listed if m.author.type == "business")
+        await s.call(messages.delete_message, s.app_id, conversation_id, reply.id)
+        with pytest.raises(sc.ApiException) as again:
+            await s.call(messages.delete_message, s.app_id, conversation_id, reply.id)
+        assert again.value.status == 404
+        assert [m.content.actual_instance.text for m in (await s.call(messages.list_messages, s.app_id,
+                                                                       conversation_id)).messages] \
+            == ["my locker code is 4417"]
+
+        async def reply_copies_gone() -> bool:
+            bodies = [bytes(r[0]) for r in await s.system.service("webhooks").store.db.fetch(
+                "SELECT body FROM deliveries WHERE conversation_id=$1", conversation_id)]
+            return (await s.system.service("notifications").store.pending(conversation_id) is None
+                    and not any(b"9083" in body for body in bodies) and any(b"4417" in body for body in bodies))
+
+        await eventually(reply_copies_gone, timeout=10.0)
+        events = await stream_bytes(bus, subjects.EVENTS)
+        assert b"9083" not in events and b"my locker code is 4417" in events
+    finally:
+        await bus.close()
+    stored = await files_once_erased(Path(s.system.data_dir), "9083")
+    assert holding(stored, "9083") == []
+    assert holding(stored, "my locker code is 4417")
 
 
 # The person of the erasure tests: every trace of these must go with her.

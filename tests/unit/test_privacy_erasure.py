@@ -28,8 +28,14 @@ def test_privacy_events_name_the_copies_to_forget() -> None:
     expired = conv.MessagesExpired(id="e3", app_id="a", conversation_id="c1", created_at=7.0,
                                    conversation=ConversationRef(id="c1", type="personal"), before=3.0)
     assert conv.erasure(expired) == conv.Erasure(("c1",), before=7.0)
-    # Only user:remove is a webhook (SunCo announces neither retention nor personal information).
-    assert webhook_event(personal) is None and webhook_event(expired) is None
+    deleted = conv.MessageDeleted(id="e4", app_id="a", conversation_id="c1", created_at=9.0,
+                                  conversation=ConversationRef(id="c1", type="personal"), message_id="m1",
+                                  message_event_id="e0", message_at=4.0)
+    assert conv.erasure(conv.decode(conv.encode(deleted))) == conv.Erasure(
+        ("c1",), message=conv.DeletedMessage(id="m1", event_id="e0", at=4.0))
+    assert conv.concerns_desk(deleted, None)  # the desk's preview may be its text
+    # Only user:remove is a webhook (SunCo announces neither retention, personal information nor deletions).
+    assert webhook_event(personal) is None and webhook_event(expired) is None and webhook_event(deleted) is None
     found = webhook_event(conv.decode(conv.encode(removed)))
     assert found is not None and found[0] == "user:remove"
     assert found[1]["payload"] == {"user": {"id": "u1", "externalId": "x", "authenticated": False}}
@@ -61,6 +67,14 @@ def test_the_webhook_queue_compares_an_erasure_with_when_the_event_happened() ->
         queue.add(late, 400.0)
     assert queue.forget(["c1"], before=150.0) == 1
     assert [r.seq for r in queue.take_batch(401.0, 10)] == [2]
+
+
+def test_the_webhook_queue_drops_the_waiting_rows_of_one_deleted_message_only() -> None:
+    queue = WebhookQueue("w", "a")
+    for seq in (1, 2, 3):
+        queue.add(row(seq, "c1"), 300.0)
+    assert queue.forget(["c1"], before=None, event_id="e2") == 1 and queue.pending == 2
+    assert [r.seq for r in queue.take_batch(301.0, 10)] == [1, 3]
 
 
 def test_subject_filters_overlap_when_one_subject_can_match_both() -> None:
