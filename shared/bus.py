@@ -73,6 +73,8 @@ SETUP_RETRY_PAUSE_SECONDS = 0.5
 # partition consumers of a deployment cost the servers a request every few seconds each. A
 # consumer told to stop ends its wait at once.
 PULL_WAIT_SECONDS = 5.0
+# The most stored messages `erase_published` walks (one request each) looking for what it erases.
+ERASE_SCAN_MAX_STEPS = 20_000
 # How long past its redelivery delay a handed-back message holds its key's later messages back
 # at most (it may never come back: erased by retention, its partition taken by another replica).
 HOLD_GRACE_SECONDS = 60.0
@@ -683,11 +685,14 @@ class Bus:
         one of `msg_ids`, each once every durable consumer whose filter matches it has
         acknowledged it (one still unread stays: its consumer reads the erasure's announcement
         after it). Walks the subject's messages one request each, so it is for the rare erasure of
-        one message; returns how many were erased."""
+        one message, and gives up (logged) after ERASE_SCAN_MAX_STEPS of them; returns how many
+        were erased."""
         wanted = set(msg_ids)
         consumers: list[api.ConsumerInfo] | None = None
         seq, erased = 1, 0
-        while wanted and seq < before_seq:
+        for _step in range(ERASE_SCAN_MAX_STEPS):
+            if not wanted or seq >= before_seq:
+                break
             try:
                 found = await self.js.get_msg(stream.name, seq=seq, subject=subject, next=True)
             except nats.js.errors.NotFoundError:
@@ -705,6 +710,9 @@ class Bus:
                     await self.delete_message(stream, found.seq)
                     erased += 1
             seq = found.seq + 1
+        else:
+            log.warning("erasing %s from %s: gave up after %d stored messages, at sequence %d",
+                        sorted(wanted), subject, ERASE_SCAN_MAX_STEPS, seq)
         return erased
 
     async def _purge_below(self, stream: StreamSpec, subject: str, before_seq: int | None) -> None:

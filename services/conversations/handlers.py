@@ -423,7 +423,9 @@ class Conversations(ConversationCore):
                 id=derived_id(conversation_id, message_id, "message:deleted"), app_id=app_id,
                 conversation_id=conversation_id, created_at=now(), conversation=conversation_ref(row),
                 message_id=message_id, message_event_id=event_id, message_at=at))
-            if self.streams is not None and announced.seq is not None:
+            # A message older than the stream's max age has no copy there any more.
+            on_the_bus = at > now() - subjects.EVENTS.max_age_seconds
+            if self.streams is not None and announced.seq is not None and on_the_bus:
                 await self.streams.erase_published(
                     subjects.EVENTS, subjects.conversation_events(app_id, conversation_id), [event_id],
                     before_seq=announced.seq)

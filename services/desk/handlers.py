@@ -284,14 +284,19 @@ class Desk:
         user every ticket of theirs. Open agent screens get the ticket without its preview, and
         the freed pages are erased where the engine allows (SQLite's write-ahead log)."""
         if erasure.before is not None or erasure.delivered_only or erasure.message is not None:
+            erased = False
             for conversation_id in erasure.conversation_ids:
                 # One deleted message takes the preview when it is the latest (at or after its time).
                 before = erasure.before if erasure.message is None else math.nextafter(erasure.message.at, math.inf)
-                await self.store.forget_previews(conversation_id, before)
+                changed = await self.store.forget_previews(conversation_id, before)
                 if erasure.delivered_only:
                     await self.store.delete_notes(conversation_id)
-                await self._announce_if(await self.store.ticket(conversation_id))
-            await self.store.db.erase_freed_pages()
+                    changed = True
+                if changed:
+                    await self._announce_if(await self.store.ticket(conversation_id))
+                erased = erased or changed
+            if erased:  # nothing to erase for a conversation the desk never had (most of them)
+                await self.store.db.erase_freed_pages()
             return
         doomed = list(erasure.conversation_ids)
         if erasure.user_id is not None:

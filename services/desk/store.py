@@ -602,14 +602,17 @@ class Store:
             "UPDATE tickets SET channel = $2, updated_at = CASE WHEN updated_at > $3 THEN updated_at ELSE $3 END"
             " WHERE conversation_id = $1 AND channel <> $2", conversation_id, channel, at) > 0
 
-    async def forget_previews(self, conversation_id: str, before: float | None) -> None:
-        """Drop a ticket's message preview (expired messages: when its message is older than `before`)."""
+    async def forget_previews(self, conversation_id: str, before: float | None) -> bool:
+        """Drop a ticket's message preview (expired messages: when its message is older than
+        `before`); whether there was one to drop."""
         if before is None:
-            await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1",
-                                  conversation_id)
+            changed = await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1"
+                                            " AND last_message_text IS NOT NULL", conversation_id)
         else:
-            await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1"
-                                  " AND last_message_at < $2", conversation_id, before)
+            changed = await self.db.execute("UPDATE tickets SET last_message_text = NULL WHERE conversation_id = $1"
+                                            " AND last_message_at < $2 AND last_message_text IS NOT NULL",
+                                            conversation_id, before)
+        return changed > 0
 
     async def user_conversations(self, app_id: str | None, user_id: str) -> list[str]:
         """The conversations the desk handled for a user."""
