@@ -33,11 +33,12 @@ up: $(STAMP)
 cluster: $(STAMP)
 	$(BIN)/threadline up --cluster $(ARGS)
 
-# The suite mostly waits (real servers, browsers, sockets): three worker processes keep this
-# 2-core machine busy and take it from ~14 to ~7 minutes. A file's tests stay on one worker
-# (`loadfile`), so its module fixtures are shared as before. `make test TEST_WORKERS=0` runs it
-# in one process.
-TEST_WORKERS ?= 3
+# The suite mostly waits (real servers, browsers, sockets): two worker processes use the idle
+# half of this 2-core machine and take it from ~14 to ~9 minutes. Three were faster (~8) but
+# starved the slowest whole-system tests past their waits now and then. A file's tests stay on
+# one worker (`loadfile`), so its module fixtures are shared as before. `make test
+# TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
