@@ -34,10 +34,11 @@ cluster: $(STAMP)
 	$(BIN)/threadline up --cluster $(ARGS)
 
 # The suite mostly waits (real servers, browsers, sockets): two worker processes use the idle
-# half of this 2-core machine and take it from ~14 to ~9 minutes. Three were faster (~8) but
-# starved the slowest whole-system tests past their waits now and then. A file's tests stay on
-# one worker (`loadfile`), so its module fixtures are shared as before. `make test
-# TEST_WORKERS=0` runs it in one process.
+# half of this 2-core machine and take it from ~14 to ~9 minutes. (One run with three failed
+# three tests: a finished test's service, still reconnecting, joined another worker's
+# nats-server on the port it had reused; test NATS passwords are now per process, and two
+# workers leave more room.) A file's tests stay on one worker (`loadfile`), so its module
+# fixtures are shared as before. `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) system-packages

@@ -48,8 +48,10 @@ ENGINES = ("sqlite", "postgres")
 ACCOUNT_KEY_ID = "act_000000000000000000000001"
 ACCOUNT_KEY_SECRET = "test-account-secret-0123456789abcdef"
 SDK_TOKEN_SECRET = "test-sdk-token-secret-0123456789abcdef"
-# The test nats-server (tests/conftest.py) has a user per service, as `threadline up` does.
-NATS_PASSWORDS = {user: f"test-nats-password-{user}-0123456789" for user in USERS}
+# The test nats-server (tests/conftest.py) has a user per service, as `threadline up` does. The
+# passwords are this process's own: a service of another test process (`make test` runs several)
+# still reconnecting after its test ended cannot join a server that took over its port.
+NATS_PASSWORDS = {user: f"test-nats-password-{user}-{secrets.token_hex(8)}" for user in USERS}
 # The keyring services that keep or use secrets get (THREADLINE_SECRETS_KEY).
 SECRETS_KEY = "test:" + base64.urlsafe_b64encode(
     hashlib.sha256(b"threadline test secrets key").digest()).decode().rstrip("=")
