@@ -57,6 +57,9 @@ class Access:
     kv_write: tuple[str, ...] = ()
     # Streams it erases from: purges (retention, consumed copies) and single-message deletes.
     erases: tuple[StreamSpec, ...] = ()
+    # Streams whose stored messages it reads back one by one to find what to erase
+    # (`Bus.erase_published`: a deleted message's event).
+    reads_back: tuple[StreamSpec, ...] = ()
 
     @property
     def buckets_written(self) -> tuple[str, ...]:
@@ -92,7 +95,7 @@ SERVICE_ACCESS: Mapping[str, Access] = {
         consumers=(subjects.CONVERSATIONS_INBOUND, subjects.CONVERSATIONS_STATUS),
         kv_read=(subjects.ENDED_USERS_BUCKET,),
         kv_write=(subjects.INTEGRATIONS_BUCKET, subjects.WEBHOOKS_BUCKET, subjects.APPS_BUCKET),
-        erases=(EVENTS, INBOUND, OUTBOUND)),
+        erases=(EVENTS, INBOUND, OUTBOUND), reads_back=(EVENTS,)),
     "webhooks": Access(publish=(subjects.WEBHOOKS_ERASURES,), subscribe=(subjects.WEBHOOKS_ERASURES,),
                        consumers=(subjects.WEBHOOKS_EVENTS,),
                        kv_read=(subjects.WEBHOOKS_BUCKET, subjects.APPS_BUCKET)),
@@ -162,9 +165,10 @@ def permissions(user: str) -> dict[str, object] | None:
                         # durable is removed once drained.
                         _js(f"CONSUMER.DELETE.{stream.name}.{durable}"),
                         f"$JS.ACK.{stream.name}.{durable}.>"]
-    for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message, erase_published
+    for stream in access.erases:  # Bus.purge_subject, purge_consumed, delete_message
         publish += [_js(f"STREAM.PURGE.{stream.name}"), _js(f"STREAM.MSG.DELETE.{stream.name}"),
-                    _js(f"STREAM.MSG.GET.{stream.name}"), _js(f"CONSUMER.LIST.{stream.name}")]
+                    _js(f"CONSUMER.LIST.{stream.name}")]
+    publish += [_js(f"STREAM.MSG.GET.{stream.name}") for stream in access.reads_back]
     kv_write = access.buckets_written
     for bucket in dict.fromkeys((*access.kv_read, *kv_write)):
         stream_name = kv_stream(bucket)
