@@ -672,11 +672,10 @@ class Bus:
             return
         consumers = await self.js.consumers_info(stream.name)
         for concrete in stored:
-            floors = [info.ack_floor.stream_seq if info.ack_floor else 0 for info in consumers
-                      if subjects_overlap(concrete, info.config.filter_subject or ">")]
+            floor = _lowest_ack_floor(consumers, concrete)
             bound = before_seq
-            if floors:
-                bound = min(floors) + 1 if bound is None else min(bound, min(floors) + 1)
+            if floor is not None:
+                bound = floor + 1 if bound is None else min(bound, floor + 1)
             await self._purge_below(stream, concrete, bound)
 
     async def erase_published(self, stream: StreamSpec, subject: str, msg_ids: Collection[str],
@@ -704,9 +703,8 @@ class Bus:
                 wanted.discard(msg_id)
                 if consumers is None:
                     consumers = await self.js.consumers_info(stream.name)
-                floors = [info.ack_floor.stream_seq if info.ack_floor else 0 for info in consumers
-                          if subjects_overlap(found.subject or subject, info.config.filter_subject or ">")]
-                if all(floor >= found.seq for floor in floors):
+                floor = _lowest_ack_floor(consumers, found.subject or subject)
+                if floor is None or floor >= found.seq:
                     await self.delete_message(stream, found.seq)
                     erased += 1
             seq = found.seq + 1
@@ -730,11 +728,9 @@ class Bus:
         many filters were purged.
         """
         consumers = await self.js.consumers_info(stream.name)
-        floors = [(info.config.filter_subject or ">", info.ack_floor.stream_seq if info.ack_floor else 0)
-                  for info in consumers]
         purged = 0
-        for subject in sorted({subject for subject, _ in floors}):
-            floor = min((seq or 0) for other, seq in floors if subjects_overlap(subject, other))
+        for subject in sorted({info.config.filter_subject or ">" for info in consumers}):
+            floor = _lowest_ack_floor(consumers, subject) or 0
             if floor > 0:
                 await self.js.purge_stream(stream.name, seq=floor + 1, subject=subject)
                 purged += 1
@@ -1042,6 +1038,15 @@ async def _wake_on(stop: asyncio.Event, stopping: asyncio.Event, puller: PullBat
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _lowest_ack_floor(consumers: Sequence[api.ConsumerInfo], subject: str) -> int | None:
+    """The lowest ack floor (a stream sequence) among the durable consumers whose filters can
+    match `subject`: every message on it at or below that one is acknowledged by all who want
+    it. None when no consumer wants it."""
+    floors = [info.ack_floor.stream_seq if info.ack_floor else 0 for info in consumers
+              if subjects_overlap(subject, info.config.filter_subject or ">")]
+    return min(floors) if floors else None
 
 
 def subjects_overlap(a: str, b: str) -> bool:

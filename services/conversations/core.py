@@ -43,6 +43,12 @@ class Announced:
     seq: int | None
     desk_seq: int | None = None
 
+    @property
+    def desk_bound(self) -> int | None:
+        """Below what the desk's copies of earlier events lie: its copy's sequence, or when that
+        copy was given up the event's own (a copy goes out right after its original)."""
+        return self.desk_seq or self.seq
+
 
 class ConversationCore:
     """The store, the bus and identity, and the operations every part of the model shares."""

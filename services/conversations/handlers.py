@@ -292,18 +292,15 @@ class Conversations(ConversationCore):
                             consumed_only: bool = False) -> None:
         """Drop the bus's copies of a conversation's events: the originals and the desk's copies,
         each subject below `kept` (the erasure's own announcement and its copy; None: all), and
-        with `consumed_only` only what every consumer has read (`Streams.purge_subject`).
-
-        A copy goes out right after its original, so when the announcement's own copy was given
-        up, the copies below the announcement are the ones to purge."""
+        with `consumed_only` only what every consumer has read (`Streams.purge_subject`)."""
         if self.streams is None:
             return
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_events(app_id, conversation_id),
                                          before_seq=kept.seq if kept is not None else None,
                                          consumed_only=consumed_only)
-        desk_bound = None if kept is None else kept.desk_seq or kept.seq
         await self.streams.purge_subject(subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
-                                         before_seq=desk_bound, consumed_only=consumed_only)
+                                         before_seq=kept.desk_bound if kept is not None else None,
+                                         consumed_only=consumed_only)
 
     async def purge_consumed(self) -> None:
         """Drop the bus's copies of inbound messages and send commands every consumer acknowledged
@@ -431,7 +428,7 @@ class Conversations(ConversationCore):
                     before_seq=announced.seq)
                 await self.streams.erase_published(
                     subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
-                    [subjects.desk_copy_msg_id(event_id)], before_seq=announced.desk_seq or announced.seq)
+                    [subjects.desk_copy_msg_id(event_id)], before_seq=announced.desk_bound or announced.seq)
         except ApiError:
             raise
         except Exception as exc:

@@ -285,9 +285,9 @@ class Desk:
         the freed pages are erased where the engine allows (SQLite's write-ahead log)."""
         if erasure.before is not None or erasure.delivered_only or erasure.message is not None:
             erased = False
+            # One deleted message takes the preview when it is the latest (at or after its time).
+            before = erasure.before if erasure.message is None else math.nextafter(erasure.message.at, math.inf)
             for conversation_id in erasure.conversation_ids:
-                # One deleted message takes the preview when it is the latest (at or after its time).
-                before = erasure.before if erasure.message is None else math.nextafter(erasure.message.at, math.inf)
                 changed = await self.store.forget_previews(conversation_id, before)
                 if erasure.delivered_only:
                     await self.store.delete_notes(conversation_id)
