@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -60,6 +61,10 @@ _tracer = tracer(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_SECONDS = 10.0
+# JetStream's API (no domain), for the requests nats-py has no call for, and the timeout of every
+# JetStream API request.
+JS_API_PREFIX = "$JS.API"
+JS_API_TIMEOUT_SECONDS = 10.0
 HANDLING_GRACE_SECONDS = 5.0
 # How long `Bus.close` waits for its cancelled background tasks to end before it reports the
 # ones still running (with where each is stuck) and goes on closing the connection.
@@ -75,6 +80,9 @@ SETUP_RETRY_PAUSE_SECONDS = 0.5
 PULL_WAIT_SECONDS = 5.0
 # The most stored messages `erase_published` walks (one request each) looking for what it erases.
 ERASE_SCAN_MAX_STEPS = 20_000
+# How much earlier than the caller's time `erase_published` starts its walk: the stream stamps a
+# message with nats-server's clock when it stores it, the caller's time is its own clock's.
+ERASE_CLOCK_MARGIN_SECONDS = 300.0
 # How long past its redelivery delay a handed-back message holds its key's later messages back
 # at most (it may never come back: erased by retention, its partition taken by another replica).
 HOLD_GRACE_SECONDS = 60.0
@@ -208,7 +216,7 @@ class Bus:
             servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=5, allow_reconnect=True, error_cb=on_error, drain_timeout=5, **options,
         )
-        bus = cls(nc=nc, js=nc.jetstream(timeout=10))
+        bus = cls(nc=nc, js=nc.jetstream(timeout=JS_API_TIMEOUT_SECONDS))
         if replica:
             bus.replica = replica
         return bus
@@ -679,16 +687,22 @@ class Bus:
             await self._purge_below(stream, concrete, bound)
 
     async def erase_published(self, stream: StreamSpec, subject: str, msg_ids: Collection[str],
-                              before_seq: int) -> int:
+                              before_seq: int, since: float | None = None) -> int:
         """Erase the stored messages on `subject` (a filter) below `before_seq` whose Nats-Msg-Id is
         one of `msg_ids`, each once every durable consumer whose filter matches it has
         acknowledged it (one still unread stays: its consumer reads the erasure's announcement
         after it). Walks the subject's messages one request each, so it is for the rare erasure of
-        one message, and gives up (logged) after ERASE_SCAN_MAX_STEPS of them; returns how many
+        one message: from those stored around `since` (Unix seconds, when the messages were
+        published, less ERASE_CLOCK_MARGIN_SECONDS for the servers' clocks) when given, else from
+        the oldest; it gives up (logged) after ERASE_SCAN_MAX_STEPS of them. Returns how many
         were erased."""
         wanted = set(msg_ids)
         consumers: list[api.ConsumerInfo] | None = None
-        seq, erased = 1, 0
+        erased = 0
+        seq = 1 if since is None else await self._first_stored_since(stream, subject,
+                                                                       since - ERASE_CLOCK_MARGIN_SECONDS)
+        if seq is None:
+            return 0  # nothing on the subject stored since then
         for _step in range(ERASE_SCAN_MAX_STEPS):
             if not wanted or seq >= before_seq:
                 break
@@ -712,6 +726,21 @@ class Bus:
             log.warning("erasing %s from %s: gave up after %d stored messages, at sequence %d",
                         sorted(wanted), subject, ERASE_SCAN_MAX_STEPS, seq)
         return erased
+
+    async def _first_stored_since(self, stream: StreamSpec, subject: str, since: float) -> int | None:
+        """The sequence of the first message on `subject` (a filter) the stream stored at or after
+        `since` (Unix seconds), None when there is none: one lookup by time (nats-py's `get_msg`
+        has no time parameter, the server's message-get request does)."""
+        request = msgspec.json.encode({"start_time": _rfc3339(since), "next_by_subj": subject})
+        reply = await self.nc.request(f"{JS_API_PREFIX}.STREAM.MSG.GET.{stream.name}", request,
+                                      timeout=JS_API_TIMEOUT_SECONDS)
+        found = msgspec.json.decode(reply.data, type=_MessageGetReply)
+        if found.message is not None:
+            return found.message.seq
+        if found.error is not None and found.error.code == 404:
+            return None
+        error = found.error or _ApiError(description=reply.data.decode(errors="replace"))
+        raise nats.js.errors.APIError(code=error.code, description=error.description)
 
     async def _purge_below(self, stream: StreamSpec, subject: str, before_seq: int | None) -> None:
         if before_seq is not None and before_seq <= 1:
@@ -804,6 +833,25 @@ class _PubAckReply(msgspec.Struct):
 
 
 _PUB_ACK_REPLY = msgspec.json.Decoder(_PubAckReply)
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    description: str = ""
+
+
+class _StoredRef(msgspec.Struct):
+    seq: int
+
+
+class _MessageGetReply(msgspec.Struct):
+    message: _StoredRef | None = None
+    error: _ApiError | None = None
+
+
+def _rfc3339(ts: float) -> str:
+    """Unix seconds as the RFC 3339 UTC time JetStream's API reads (microseconds kept)."""
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 class JetStreamPublisher:

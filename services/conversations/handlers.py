@@ -112,7 +112,7 @@ class Streams(Protocol):
     async def purge_consumed(self, stream: StreamSpec) -> int: ...
 
     async def erase_published(self, stream: StreamSpec, subject: str, msg_ids: Collection[str],
-                              before_seq: int) -> int: ...
+                              before_seq: int, since: float | None = None) -> int: ...
 
 
 def _erasure_unavailable(exc: Exception, title: str, app_id: str, conversation_id: str) -> ApiError:
@@ -423,12 +423,14 @@ class Conversations(ConversationCore):
             # A message older than the stream's max age has no copy there any more.
             on_the_bus = at > now() - subjects.EVENTS.max_age_seconds
             if self.streams is not None and announced.seq is not None and on_the_bus:
+                # The walk starts where the message was published, not at the subject's oldest.
                 await self.streams.erase_published(
                     subjects.EVENTS, subjects.conversation_events(app_id, conversation_id), [event_id],
-                    before_seq=announced.seq)
+                    before_seq=announced.seq, since=at)
                 await self.streams.erase_published(
                     subjects.EVENTS, subjects.conversation_desk_events(app_id, conversation_id),
-                    [subjects.desk_copy_msg_id(event_id)], before_seq=announced.desk_bound or announced.seq)
+                    [subjects.desk_copy_msg_id(event_id)], before_seq=announced.desk_bound or announced.seq,
+                    since=at)
         except ApiError:
             raise
         except Exception as exc:

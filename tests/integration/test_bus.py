@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -491,6 +492,28 @@ async def test_erasing_published_messages_by_id_takes_only_those_every_consumer_
         assert await stored_data(bus, stream, seqs) == [b"e0", b"e2"]
     finally:
         await reader.stop()
+
+
+async def test_erasing_published_messages_starts_where_they_were_published(bus: Bus) -> None:
+    """Given when its messages were published, the walk starts among those stored then (less a
+    margin for the clocks), not at the subject's oldest: what was stored before is not seen."""
+    subject = subjects.event_subject("app3", "conv1")
+    stream = subjects.EVENTS.name
+    published = time.time()
+    seqs = [(await bus.publish(subject, f"e{i}".encode(), msg_id=f"t-{i}")).seq for i in range(3)]
+    end = seqs[-1] + 1
+    conversation = subjects.conversation_events("app3", "conv1")
+    margin = bus_module.ERASE_CLOCK_MARGIN_SECONDS
+    # Nothing was stored on the subject after then: no walk at all.
+    assert await bus.erase_published(subjects.EVENTS, conversation, ["t-0"], before_seq=end,
+                                     since=published + margin + 60) == 0
+    assert await stored_data(bus, stream, seqs) == [b"e0", b"e1", b"e2"]
+    assert await bus.erase_published(subjects.EVENTS, conversation, ["t-1"], before_seq=end, since=published) == 1
+    assert await stored_data(bus, stream, seqs) == [b"e0", b"e2"]
+    # The margin covers a publisher's clock ahead of the server's.
+    assert await bus.erase_published(subjects.EVENTS, conversation, ["t-2"], before_seq=end,
+                                     since=published + margin - 60) == 1
+    assert await stored_data(bus, stream, seqs) == [b"e0"]
 
 
 async def stored_data(bus: Bus, stream: str, seqs: list[int]) -> list[bytes]:
