@@ -731,7 +731,7 @@ class Bus:
         """The sequence of the first message on `subject` (a filter) the stream stored at or after
         `since` (Unix seconds), None when there is none: one lookup by time (nats-py's `get_msg`
         has no time parameter, the server's message-get request does)."""
-        # `start_time` needs nats-server 2.11 (an older one ignores it: the walk starts at the oldest).
+        # `start_time` needs nats-server 2.11 or later (pyproject.toml, deploy/k8s).
         request = msgspec.json.encode({"start_time": _rfc3339(since), "next_by_subj": subject})
         reply = await self.nc.request(f"{JS_API_PREFIX}.STREAM.MSG.GET.{stream.name}", request,
                                       timeout=JS_API_TIMEOUT_SECONDS)
