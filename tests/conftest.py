@@ -13,7 +13,7 @@ from playwright.async_api import Browser, async_playwright
 from shared.bus import Bus
 from shared.db import DatabaseSettings
 from shared.natsauth import ADMIN_USER
-from tests.harness import CHROMIUM, CHROMIUM_ARGS, ENGINES, NATS_PASSWORDS, new_postgres_database
+from tests.harness import CHROMIUM, CHROMIUM_ARGS, ENGINES, NATS_PASSWORDS, System, new_postgres_database
 from tests.s3server import S3Server
 from threadline.natsserver import NatsServer
 from threadline.postgres import PostgresServer
@@ -58,11 +58,9 @@ async def engine_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.fixture
 async def system_on_each_engine(nats_server: NatsServer, tmp_path: Path,
-                                engine_env: dict[str, str]) -> AsyncIterator[object]:
+                                engine_env: dict[str, str]) -> AsyncIterator[System]:
     """`system`, once with the services' state on SQLite and once on PostgreSQL (a module opts
     in by defining its `system` fixture as this one)."""
-    from tests.harness import System
-
     sys_ = System(nats_server.url, tmp_path / "data", env=engine_env)
     try:
         yield sys_
@@ -71,10 +69,8 @@ async def system_on_each_engine(nats_server: NatsServer, tmp_path: Path,
 
 
 @pytest.fixture
-async def system_on_postgres(nats_server: NatsServer, tmp_path: Path, postgres_url: str) -> AsyncIterator[object]:
+async def system_on_postgres(nats_server: NatsServer, tmp_path: Path, postgres_url: str) -> AsyncIterator[System]:
     """`system` with every service's state in a fresh database of the session's PostgreSQL server."""
-    from tests.harness import System
-
     sys_ = System(nats_server.url, tmp_path / "data", env={"THREADLINE_DATABASE_URL": postgres_url})
     try:
         yield sys_
@@ -120,10 +116,8 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-async def system(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[object]:
+async def system(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[System]:
     """An empty in-process System (tests start the services they need)."""
-    from tests.harness import System
-
     sys_ = System(nats_server.url, tmp_path / "data")
     try:
         yield sys_

@@ -20,6 +20,7 @@ from shared.ids import new_id
 from shared.messages import channel as chan
 from shared.messages import conversation as conv
 from shared.messages import identity as ident
+from shared.messages.channel import Postback
 from shared.subjects import ConsumerSpec, StreamSpec
 from shared.sunco import TextContent, UnsupportedContent
 from tests.integration.test_conversations_api import Tenant, eventually, text_post
@@ -195,8 +196,6 @@ async def test_business_reply_goes_to_whatsapp_and_statuses_are_reported(wa: Wa)
 
 
 async def test_postback_and_unsupported_content(wa: Wa) -> None:
-    from shared.messages.channel import Postback
-
     # A reply-button tap quotes the business message it answers (WhatsApp's context.id).
     await wa.publish_inbound(wa.inbound("wamid.p", text="", postback=Postback(payload="BUY_1", text="Buy"),
                                         quoted_provider_message_id="wamid.OUTBOUND1"))
@@ -330,8 +329,6 @@ async def test_a_user_ended_through_another_replica_leaves_no_cached_resolution(
 
 
 async def test_taps_and_numbered_answers_are_postbacks_or_replies_as_the_business_asked(wa: Wa) -> None:
-    from shared.messages.channel import Postback
-
     t = wa.t
     status, body = await t.request("POST", f"/v2/apps/{t.app_id}/integrations", body={
         "type": "twilio", "accountSid": "AC" + "b" * 32, "authToken": "twilio-token-0123456789",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import ipaddress
 import os
 import sqlite3
 import ssl
@@ -18,7 +20,15 @@ import msgspec
 import nats
 import nats.errors
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from services.conversations.app import create as create_conversations
+from services.conversations.store import MIGRATION
+from services.webhooks.app import create as create_webhooks
+from services.whatsapp.app import create as create_whatsapp
 from shared import records, subjects
 from shared.bus import Bus
 from shared.config import ConfigError
@@ -159,8 +169,6 @@ async def test_data_files_are_private_and_an_older_data_dir_is_tightened(
 async def test_an_older_data_dir_with_plaintext_secrets_is_sealed_at_start(system: System, bus: Bus) -> None:
     path = str(Path(system.data_dir) / "conversations.db")
     Path(system.data_dir).mkdir(parents=True, exist_ok=True)
-    from services.conversations.store import MIGRATION
-
     old = await open_database(DatabaseSettings(sqlite_path=path, schema="conversations"), MIGRATION)
     hook = records.WebhookRecord(id="b" * 24, app_id="a" * 24, integration_id="c" * 24,
                                  target="https://bot.example/hook", triggers=["conversation:message"],
@@ -261,23 +269,20 @@ async def test_a_secret_sent_in_sealed_form_is_refused_and_rotation_still_works(
 
 
 def test_start_refuses_a_placeholder_key_outside_the_sandbox(tmp_path: Path) -> None:
-    from services.conversations.app import create as conversations
-    from services.whatsapp.app import create as whatsapp
-
     env = {"THREADLINE_SANDBOX": "0", "THREADLINE_DATA_DIR": str(tmp_path), "THREADLINE_ACCOUNT_KEY_ID": ACCOUNT_KEY_ID,
            "THREADLINE_ACCOUNT_KEY_SECRET": ACCOUNT_KEY_SECRET}
-    for create in (conversations, whatsapp):
+    for create in (create_conversations, create_whatsapp):
         for bad in ({}, {KEY_ENV: "changeme"}, {KEY_ENV: "k1:c2hvcnQ="}):
             with pytest.raises(ConfigError, match=r"THREADLINE_SECRETS_KEY|secrets key"):
                 create({**env, **bad})
         assert create({**env, KEY_ENV: SECRETS_KEY}).config.keyring.primary_id == "test"
     # The sandbox accepts a missing key (a well-known one), and NATS credentials come in pairs.
-    assert conversations({**env, "THREADLINE_SANDBOX": "1"}).config.keyring.primary_id == "sandbox"
+    assert create_conversations({**env, "THREADLINE_SANDBOX": "1"}).config.keyring.primary_id == "sandbox"
     with pytest.raises(ConfigError):
-        conversations({**env, KEY_ENV: SECRETS_KEY, "THREADLINE_NATS_USER": "conversations"})
+        create_conversations({**env, KEY_ENV: SECRETS_KEY, "THREADLINE_NATS_USER": "conversations"})
     with pytest.raises(ConfigError):
-        conversations({**env, KEY_ENV: SECRETS_KEY, "THREADLINE_NATS_USER": "conversations",
-                       "THREADLINE_NATS_PASSWORD": "changeme"})
+        create_conversations({**env, KEY_ENV: SECRETS_KEY, "THREADLINE_NATS_USER": "conversations",
+                              "THREADLINE_NATS_PASSWORD": "changeme"})
 
 
 class Refusals:
@@ -366,14 +371,6 @@ async def test_nats_refuses_anonymous_clients_and_each_service_gets_only_what_it
 
 def write_certificate(directory: Path) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 (as Secret nats-tls would hold): (cert = CA, key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")])
     now = datetime.datetime.now(datetime.UTC)
@@ -398,9 +395,7 @@ async def test_services_reach_a_tls_nats_with_the_ca_they_are_given(tmp_path: Pa
     try:
         url = f"tls://127.0.0.1:{server.port}"
         # As a service configured with THREADLINE_NATS_URL=tls://… and THREADLINE_NATS_TLS_CA_FILE.
-        from services.webhooks.app import create
-
-        service = create({"THREADLINE_NATS_URL": url, "THREADLINE_NATS_TLS_CA_FILE": cert,
+        service = create_webhooks({"THREADLINE_NATS_URL": url, "THREADLINE_NATS_TLS_CA_FILE": cert,
                           "THREADLINE_NATS_USER": "webhooks", "THREADLINE_NATS_PASSWORD": NATS_PASSWORDS["webhooks"],
                           "THREADLINE_SANDBOX": "0", KEY_ENV: SECRETS_KEY, "THREADLINE_HTTP_PORT": "0",
                           "THREADLINE_DATA_DIR": str(tmp_path / "data")})

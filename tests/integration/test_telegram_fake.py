@@ -7,9 +7,11 @@ Bot API enforces), and every `Update` the fake posts is parsed by `telegram.Upda
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dtm
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -219,9 +221,6 @@ def test_points_at_sandbox() -> None:
 
 
 async def _wait_for(condition: object, timeout: float = 5.0) -> None:
-    import asyncio
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:

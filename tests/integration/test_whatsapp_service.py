@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import async_playwright, expect
+from pywa import WhatsApp, types
 
 from services.whatsapp.handlers import media_url
 from shared import subjects
@@ -583,8 +585,6 @@ async def test_activity_without_a_customer_message_or_for_stopped_typing_makes_n
 # --- pywa, an independent client, sends the same bodies ----------------------------------------
 
 def pywa_client(wa: WaEnv) -> Any:
-    from pywa import WhatsApp
-
     graph = httpx.URL(f"{wa.system.base_url}/sandbox/graph")
 
     class Rewrite(httpx.HTTPTransport):
@@ -598,8 +598,6 @@ def pywa_client(wa: WaEnv) -> Any:
 
 
 async def test_our_interactive_bodies_are_what_pywa_sends(wa: WaEnv) -> None:
-    from pywa import types
-
     client = pywa_client(wa)
     to = "15551234567"
     cases: list[tuple[Content, Any]] = [
@@ -647,8 +645,6 @@ async def test_our_interactive_bodies_are_what_pywa_sends(wa: WaEnv) -> None:
 
 @pytest.mark.e2e
 async def test_sandbox_phone_taps_interactive_messages(wa: WaEnv) -> None:
-    from playwright.async_api import async_playwright, expect
-
     Path(wa.system.data_dir).mkdir(parents=True, exist_ok=True)
     (Path(wa.system.data_dir) / "sandbox.json").write_text(json.dumps({
         "baseUrl": wa.system.base_url, "appId": wa.record.app_id,

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import ClientResponse, WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from argon2 import PasswordHasher
+from multidict import CIMultiDict
 
 from services.desk import auth
 from services.desk.auth import (
@@ -413,8 +414,6 @@ async def test_cross_origin_is_refused_even_with_the_right_token(csrf_client: Te
 
 
 async def test_two_origin_headers_are_refused(csrf_client: TestClient) -> None:
-    from multidict import CIMultiDict
-
     headers = CIMultiDict(_headers(csrf=csrf_token(KEY, TOKEN)))
     headers.add("Origin", BASE)
     headers.add("Origin", "https://evil.example")

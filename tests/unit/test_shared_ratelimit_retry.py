@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.outbound import BoundedMemory, recipient_key
 from shared.ratelimit import TokenBucket
 from shared.retry import backoff_delay
 
@@ -26,8 +27,6 @@ def test_token_bucket_paces_a_burst() -> None:
 
 
 def test_recipient_key_and_bounded_memory() -> None:
-    from shared.outbound import BoundedMemory, recipient_key
-
     assert recipient_key("outbound.x.i1", b'{"integration_id":"i1","recipient":"+1555","content":{}}') == "i1:+1555"
     assert recipient_key("outbound.x.i1", b"not json") == "undecodable"
     memory: BoundedMemory[str, str] = BoundedMemory(limit=2)

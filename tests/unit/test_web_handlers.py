@@ -15,6 +15,7 @@ from shared.media import ALLOWED_TYPES
 from shared.messages import conversation as conv
 from shared.records import IntegrationRecord
 from shared.sdk import (
+    ChannelFrame,
     DeliveryFrame,
     MessageFrame,
     PostActivity,
@@ -28,12 +29,14 @@ from shared.sdk import (
 from shared.sunco import (
     Activity,
     Author,
+    Client,
     ConversationRef,
     Destination,
     Message,
     Source,
     TextContent,
     UnsupportedContent,
+    User,
     UserRef,
 )
 
@@ -212,9 +215,6 @@ def test_cursor_watermark_deduplicates() -> None:
 
 
 def test_channel_frames_say_moved_only_when_the_new_client_is_primary() -> None:
-    from shared.sdk import ChannelFrame
-    from shared.sunco import Client, User
-
     user = User(id="u1")
     active = Client(id="c1", type="whatsapp", status="active", integration_id="wa1")
     pending = Client(id="c1", type="whatsapp", status="pending", integration_id="wa1")
