@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -51,6 +52,8 @@ START_ORDER = ("identity", "conversations", "webhooks", "handoff", "notification
 SMTP_PORT_VARIABLE = "THREADLINE_SANDBOX_SMTP_PORT"
 DEMO_AGENT_EMAIL = "demo@threadline.invalid"
 MAIL_SMTP_PORT_VARIABLE = "THREADLINE_MAIL_SMTP_PORT"
+# A crashed service that had run this long restarts after the shortest back-off again.
+RESTART_BACKOFF_RESET_SECONDS = 60.0
 # sandbox.json kinds (bootstrap.sandbox_integrations); the `email` kind is a `mailgun` integration.
 SANDBOX_INTEGRATIONS = ("web", "whatsapp", "messenger", "telegram", "twilio", "android", "ios", "email")
 
@@ -131,6 +134,10 @@ def service_env(base: Mapping[str, str], service: str, keys: Mapping[str, Any], 
             **service_credentials(service, keys)}
 
 
+def _forget_restart(restarting: dict[str, asyncio.Task[None]], name: str, _done: asyncio.Task[None]) -> None:
+    restarting.pop(name, None)
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -139,6 +146,8 @@ class ServiceProcess:
     log_path: str
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    # Crashes since it last ran for RESTART_BACKOFF_RESET_SECONDS (what its back-off doubles on).
+    crashes: int = 0
     started_at: float = 0.0
 
     async def start(self) -> None:
@@ -341,18 +350,37 @@ class Launcher:
                 self.say(f"  {name:<14} ready on :{svc.port}")
 
     async def _supervise(self, stop: asyncio.Event) -> None:
-        """Restart a service that crashed (with back-off), as Kubernetes would."""
-        while not stop.is_set():
-            await asyncio.sleep(0.5)
-            for name, svc in self.services.items():
-                if svc.process is None or svc.process.returncode is None or self._stopping:
-                    continue
-                delay = min(30.0, 0.5 * 2 ** svc.restarts)
-                self.say(f"{name} exited with {svc.process.returncode}; restarting in {delay:.1f}s "
-                         f"(log: {svc.log_path})")
-                await asyncio.sleep(delay)
-                svc.restarts += 1
-                await svc.start()
+        """Restart a service that crashed, as Kubernetes would: each on its own back-off, so one
+        that keeps crashing does not hold back the restart of another."""
+        restarting: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.5)
+                for name, svc in self.services.items():
+                    if (svc.process is None or svc.process.returncode is None or self._stopping
+                            or name in restarting):
+                        continue
+                    task = restarting[name] = asyncio.create_task(self._restart(svc))
+                    task.add_done_callback(functools.partial(_forget_restart, restarting, name))
+        finally:
+            for task in list(restarting.values()):
+                task.cancel()
+
+    async def _restart(self, svc: ServiceProcess) -> None:
+        """Start a service again after its back-off: 0.5 s doubling per crash up to 30 s, from
+        0.5 s again once it had run for RESTART_BACKOFF_RESET_SECONDS."""
+        assert svc.process is not None
+        if time.monotonic() - svc.started_at >= RESTART_BACKOFF_RESET_SECONDS:
+            svc.crashes = 0
+        delay = min(30.0, 0.5 * 2 ** svc.crashes)
+        self.say(f"{svc.name} exited with {svc.process.returncode}; restarting in {delay:.1f}s "
+                 f"(log: {svc.log_path})")
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        svc.crashes += 1
+        svc.restarts += 1
+        await svc.start()
 
     @staticmethod
     def _channel_lines(info: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -110,6 +112,16 @@ async def test_killing_services_loses_no_acknowledged_message(tmp_path: Path) ->
         assert expected - set(seen) == set(), "lost after a crash"
         assert [text for text, count in seen.items() if count > 1] == [], "duplicated after a crash"
         assert all(launcher.services[name].restarts == 1 for name in victims.values())
+    except BaseException:
+        # What the killed services said after their restart: why one did not come back.
+        for name in ("conversations", "webhooks", "whatsapp"):
+            svc = launcher.services.get(name)
+            if svc is not None and os.path.exists(svc.log_path):
+                with open(svc.log_path, errors="replace") as log_file:
+                    tail = log_file.readlines()[-30:]
+                print(f"--- {name}: {svc.restarts} restart(s), last lines of its log ---\n{''.join(tail)}",
+                      file=sys.stderr)
+        raise
     finally:
         stop.set()
         if supervisor is not None:
