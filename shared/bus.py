@@ -323,7 +323,8 @@ class Bus:
     async def consume(self, spec: ConsumerSpec, handler: Handler, *, batch: int = 100,
                       ordering_key: Callable[[str, bytes], str] | None = None, ack_wait: float = 30.0,
                       max_ack_pending: int = 2000, on_acquire: PartitionHook | None = None,
-                      on_release: PartitionHook | None = None) -> PartitionLeases:
+                      on_release: PartitionHook | None = None, pause: float = PULL_PAUSE_SECONDS,
+                      ) -> PartitionLeases:
         """Consume this replica's share of a consumer group until `close()`.
 
         The group's partitions are split among its live replicas (`shared.partitions`); for each
@@ -334,7 +335,9 @@ class Bus:
         those of partitions beyond today's count (kept, drained) — and looks again every
         LEFTOVER_RECHECK_SECONDS. (A key's messages still queued in a leftover are handled
         beside its new ones: change the count with the queues drained when per-key order
-        matters to them.)
+        matters to them.) `pause`: the wait before the next pull request after a batch that did
+        not fill (PULL_PAUSE_SECONDS); a group whose handling nobody waits on may take longer
+        ones, and bigger batches.
         """
         stops: dict[int, asyncio.Event] = {}
         loops: dict[int, asyncio.Task[None]] = {}
@@ -348,7 +351,7 @@ class Bus:
             loops[partition] = self._spawn(
                 self._consume_loop(spec.stream, durable, spec.filter(partition), handler, batch, key, ack_wait,
                                    max_ack_pending, stop, legacy=spec if partition == 0 else None,
-                                   took_over=took_over),
+                                   took_over=took_over, pause=pause),
                 name=f"consume:{durable}")
 
         async def release(partition: int) -> None:
@@ -417,7 +420,7 @@ class Bus:
     async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
                             batch: int, key: Callable[[str, bytes], str], ack_wait: float,
                             max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None,
-                            took_over: bool = False) -> None:
+                            took_over: bool = False, pause: float = PULL_PAUSE_SECONDS) -> None:
         config = api.ConsumerConfig(
             durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
             max_ack_pending=max_ack_pending, filter_subject=filter_subject,
@@ -434,7 +437,7 @@ class Bus:
                                                       removed=legacy.group),
                                 name=f"drain:{legacy.group}")
         try:
-            await self._pull_and_handle(puller, durable, handler, key, stop)
+            await self._pull_and_handle(puller, durable, handler, key, stop, pause=pause)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
@@ -545,7 +548,7 @@ class Bus:
 
     async def _pull_and_handle(self, puller: PullBatches, durable: str, handler: Handler,
                                key: Callable[[str, bytes], str], stop: asyncio.Event, *,
-                               until_empty: bool = False) -> bool:
+                               until_empty: bool = False, pause: float = PULL_PAUSE_SECONDS) -> bool:
         """Fetch and handle batches until stopped (or, `until_empty`, until the consumer has
         nothing pending or unacknowledged: then True)."""
         this_task = asyncio.current_task()
@@ -553,12 +556,13 @@ class Bus:
         # Stopping ends a pull request's wait at once (not after its expiry); a batch in hand finishes.
         waker = asyncio.create_task(_wake_on(stop, self._stopping, puller))
         try:
-            return await self._pull_loop(puller, durable, handler, key, stop, this_task, until_empty)
+            return await self._pull_loop(puller, durable, handler, key, stop, this_task, until_empty, pause)
         finally:
             waker.cancel()
 
     async def _pull_loop(self, puller: PullBatches, durable: str, handler: Handler, key: Callable[[str, bytes], str],
-                         stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool) -> bool:
+                         stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool,
+                         pause: float) -> bool:
         # key → (stream seq, delay, hold until) of its message handed back
         held: dict[str, tuple[int, float, float]] = {}
         while not (self._stopping.is_set() or stop.is_set()):
@@ -586,8 +590,8 @@ class Bus:
             # A drain that took the last messages ends now, not after the next pull's wait.
             if until_empty and await self._drained(puller.stream, durable):
                 return True
-            if len(msgs) < puller.batch:
-                await asyncio.sleep(PULL_PAUSE_SECONDS)
+            if len(msgs) < puller.batch and pause > 0:
+                await asyncio.sleep(pause)
         return False
 
     async def _drained(self, stream: str, durable: str) -> bool:
