@@ -710,12 +710,25 @@ class Bus:
         the oldest; it gives up (logged) after ERASE_SCAN_MAX_STEPS of them. Returns how many
         were erased."""
         wanted = set(msg_ids)
+        if since is None:
+            return await self._erase_walk(stream, subject, wanted, 1, before_seq)
+        start = await self._first_stored_since(stream, subject, since - ERASE_CLOCK_MARGIN_SECONDS)
+        erased = 0 if start is None else await self._erase_walk(stream, subject, wanted, start, before_seq)
+        if wanted:
+            # Not among those stored since: erased already, aged out, or stored before then by
+            # a server whose clock is further behind than the margin. The older ones are looked
+            # through too, rather than leave a copy behind.
+            earlier = before_seq if start is None else min(start, before_seq)
+            log.info("erasing %s from %s: not found from %s on, looking before sequence %d", sorted(wanted),
+                     subject, _rfc3339(since - ERASE_CLOCK_MARGIN_SECONDS), earlier)
+            erased += await self._erase_walk(stream, subject, wanted, 1, earlier)
+        return erased
+
+    async def _erase_walk(self, stream: StreamSpec, subject: str, wanted: set[str], seq: int,
+                          before_seq: int) -> int:
+        """`erase_published`'s walk from `seq` to below `before_seq`; found ids leave `wanted`."""
         consumers: list[api.ConsumerInfo] | None = None
         erased = 0
-        seq = 1 if since is None else await self._first_stored_since(stream, subject,
-                                                                       since - ERASE_CLOCK_MARGIN_SECONDS)
-        if seq is None:
-            return 0  # nothing on the subject stored since then
         for _step in range(ERASE_SCAN_MAX_STEPS):
             if not wanted or seq >= before_seq:
                 break

@@ -363,8 +363,10 @@ class Launcher:
                     task = restarting[name] = asyncio.create_task(self._restart(svc))
                     task.add_done_callback(functools.partial(_forget_restart, restarting, name))
         finally:
-            for task in list(restarting.values()):
+            tasks = list(restarting.values())
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _restart(self, svc: ServiceProcess) -> None:
         """Start a service again after its back-off: 0.5 s doubling per crash up to 30 s, from
@@ -380,7 +382,11 @@ class Launcher:
             return
         svc.crashes += 1
         svc.restarts += 1
-        await svc.start()
+        try:
+            await svc.start()
+        except OSError as exc:  # not even a process: the next round tries again, after a longer wait
+            svc.started_at = time.monotonic()
+            self.say(f"{svc.name} could not be started again: {exc}")
 
     @staticmethod
     def _channel_lines(info: dict[str, Any]) -> str:
