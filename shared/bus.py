@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -41,6 +40,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import metrics
+from shared.ids import iso
 from shared.natsauth import inbox_prefix
 from shared.partitions import PartitionHook, PartitionLeases
 from shared.subjects import (
@@ -720,7 +720,7 @@ class Bus:
             # through too, rather than leave a copy behind.
             earlier = before_seq if start is None else min(start, before_seq)
             log.info("erasing %s from %s: not found from %s on, looking before sequence %d", sorted(wanted),
-                     subject, _rfc3339(since - ERASE_CLOCK_MARGIN_SECONDS), earlier)
+                     subject, iso(since - ERASE_CLOCK_MARGIN_SECONDS), earlier)
             erased += await self._erase_walk(stream, subject, wanted, 1, earlier)
         return erased
 
@@ -738,7 +738,7 @@ class Bus:
                 break
             if found.seq is None or found.seq >= before_seq:
                 break
-            msg_id = (found.headers or {}).get("Nats-Msg-Id")
+            msg_id = (found.headers or {}).get(MSG_ID_HEADER)
             if msg_id in wanted:
                 wanted.discard(msg_id)
                 if consumers is None:
@@ -758,7 +758,7 @@ class Bus:
         `since` (Unix seconds), None when there is none: one lookup by time (nats-py's `get_msg`
         has no time parameter, the server's message-get request does)."""
         # `start_time` needs nats-server 2.11 or later (pyproject.toml, deploy/k8s).
-        request = msgspec.json.encode({"start_time": _rfc3339(since), "next_by_subj": subject})
+        request = msgspec.json.encode({"start_time": iso(since), "next_by_subj": subject})
         reply = await self.nc.request(f"{JS_API_PREFIX}.STREAM.MSG.GET.{stream.name}", request,
                                       timeout=JS_API_TIMEOUT_SECONDS)
         found = msgspec.json.decode(reply.data, type=_MessageGetReply)
@@ -874,11 +874,6 @@ class _StoredRef(msgspec.Struct):
 class _MessageGetReply(msgspec.Struct):
     message: _StoredRef | None = None
     error: _ApiError | None = None
-
-
-def _rfc3339(ts: float) -> str:
-    """Unix seconds as the RFC 3339 UTC time JetStream's API reads (microseconds kept)."""
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 class JetStreamPublisher:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import secrets
@@ -132,10 +131,6 @@ def service_env(base: Mapping[str, str], service: str, keys: Mapping[str, Any], 
     env = {k: v for k, v in base.items() if k not in (KEY_ENV, KEY_FILE_ENV)}
     return {**env, "THREADLINE_HTTP_PORT": str(port), "THREADLINE_REPLICA_ID": replica or service,
             **service_credentials(service, keys)}
-
-
-def _forget_restart(restarting: dict[str, asyncio.Task[None]], name: str, _done: asyncio.Task[None]) -> None:
-    restarting.pop(name, None)
 
 
 @dataclass
@@ -357,16 +352,15 @@ class Launcher:
             while not stop.is_set():
                 await asyncio.sleep(0.5)
                 for name, svc in self.services.items():
+                    pending = restarting.get(name)
                     if (svc.process is None or svc.process.returncode is None or self._stopping
-                            or name in restarting):
+                            or (pending is not None and not pending.done())):
                         continue
-                    task = restarting[name] = asyncio.create_task(self._restart(svc))
-                    task.add_done_callback(functools.partial(_forget_restart, restarting, name))
+                    restarting[name] = asyncio.create_task(self._restart(svc))
         finally:
-            tasks = list(restarting.values())
-            for task in tasks:
+            for task in restarting.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*restarting.values(), return_exceptions=True)
 
     async def _restart(self, svc: ServiceProcess) -> None:
         """Start a service again after its back-off: 0.5 s doubling per crash up to 30 s, from

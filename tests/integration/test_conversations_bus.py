@@ -248,7 +248,7 @@ async def test_customer_read_activity(wa: Wa) -> None:
         # The read is stored before it is announced: the history can show it a moment earlier.
         return [e for e in await events(wa.bus, t.app_id) if isinstance(e, conv.ActivityPosted)]
 
-    activity = await eventually(announced)
+    await eventually(announced)
     await asyncio.sleep(0.2)  # a second announcement, were there one, would be there by now
     activity = await announced()
     assert len(activity) == 1 and activity[0].activity.type == "conversation:read"
