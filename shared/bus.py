@@ -343,7 +343,7 @@ class Bus:
         loops: dict[int, asyncio.Task[None]] = {}
         key = ordering_key or (lambda subject, _data: subject)
 
-        async def acquire(partition: int, took_over: bool) -> None:
+        async def acquire(partition: int) -> None:
             if on_acquire is not None:
                 await on_acquire(partition)
             stop = stops[partition] = asyncio.Event()
@@ -351,7 +351,7 @@ class Bus:
             loops[partition] = self._spawn(
                 self._consume_loop(spec.stream, durable, spec.filter(partition), handler, batch, key, ack_wait,
                                    max_ack_pending, stop, legacy=spec if partition == 0 else None,
-                                   took_over=took_over, pause=pause),
+                                   new_holder=True, pause=pause),
                 name=f"consume:{durable}")
 
         async def release(partition: int) -> None:
@@ -420,13 +420,13 @@ class Bus:
     async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
                             batch: int, key: Callable[[str, bytes], str], ack_wait: float,
                             max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None,
-                            took_over: bool = False, pause: float = PULL_PAUSE_SECONDS) -> None:
+                            new_holder: bool = False, pause: float = PULL_PAUSE_SECONDS) -> None:
         config = api.ConsumerConfig(
             durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
             max_ack_pending=max_ack_pending, filter_subject=filter_subject,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=took_over)
+        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, new_holder=new_holder)
         if puller is None:
             return
         drain: asyncio.Task[None] | None = None
@@ -450,31 +450,33 @@ class Bus:
                 await asyncio.wait([drain])
 
     async def _start_puller(self, stream: StreamSpec, durable: str, config: api.ConsumerConfig, batch: int,
-                            stop: asyncio.Event, *, create: bool, took_over: bool = False) -> PullBatches | None:
+                            stop: asyncio.Event, *, create: bool, new_holder: bool = False) -> PullBatches | None:
         """The durable's puller (created when missing, unless `create` is false: then None when
         there is no such durable).
 
-        `took_over`: this replica has just taken the durable's partition from an owner that did
-        not give it back (it died, or this replica restarted under its id). Messages still
-        awaiting an ack were handed to it: the server would redeliver them only after `ack_wait`,
-        behind the messages that came later. The durable is recreated at its ack floor instead, so
-        the partition goes on at once and in stream order; the messages acked beyond the floor
-        come again, which the handlers' idempotence absorbs. (A partition given back cleanly is
-        not recreated: its holder finished its batch and handed the rest back.)
+        `new_holder`: this replica has just taken the durable's partition. Messages still awaiting
+        an ack were handed out before, and their place in their keys' order was kept in the
+        memory of whoever held the partition: an owner that died with them in hand, or one that
+        handed a message back for later (`Retry`, a failure) and then gave the partition up
+        (the hold that kept the key's later messages behind it went with it). The server would
+        hand them out again only after `ack_wait` or their delay, behind the messages that came
+        later. So the durable is recreated at its ack floor instead: the partition goes on at
+        once and in stream order, and the messages acked beyond the floor come again, which the
+        handlers' idempotence absorbs.
         """
         while not (self._stopping.is_set() or stop.is_set()):
             try:
                 try:
                     info = await self.js.consumer_info(stream.name, durable)
-                    if took_over and info.num_ack_pending:
+                    if new_holder and info.num_ack_pending:
                         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-                        log.warning("consumer %s: %d messages of a dead holder, resuming at the ack floor (%d)",
-                                    durable, info.num_ack_pending, floor)
+                        log.warning("consumer %s: %d messages handed out by an earlier holder, resuming at the ack"
+                                    " floor (%d)", durable, info.num_ack_pending, floor)
                         # From here on the floor's config (a retry after the delete must not
                         # recreate the durable from the stream's start).
                         config = dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                                      opt_start_seq=(floor or 0) + 1)
-                        took_over = False
+                        new_holder = False
                         await self.js.delete_consumer(stream.name, durable)
                         await self.js.add_consumer(stream.name, config)
                     elif info.config.filter_subject != config.filter_subject:

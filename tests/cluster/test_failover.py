@@ -46,19 +46,18 @@ def payload(wa: dict[str, Any], i: int, prefix: str = "cluster") -> bytes:
                           "type": "text", "text": {"body": f"{prefix}-{i}"}}]}}]}]}, ensure_ascii=True).encode()
 
 
-async def history_ids(session: aiohttp.ClientSession, base_url: str, app_id: str, conversation_id: str,
-                      auth: dict[str, str]) -> list[str]:
-    """The ids of a conversation's messages in history order (every page)."""
-    ids: list[str] = []
+async def history(session: aiohttp.ClientSession, base_url: str, app_id: str, conversation_id: str,
+                  auth: dict[str, str]) -> list[dict[str, Any]]:
+    """A conversation's messages in history order (every page)."""
+    messages: list[dict[str, Any]] = []
     url: str | None = f"{base_url}/v2/apps/{app_id}/conversations/{conversation_id}/messages"
     while url:
         async with session.get(url, headers=auth) as resp:
             assert resp.status == 200
             body = await resp.json()
-        page = [m["id"] for m in body["messages"]]
-        ids = page + ids  # SunCo pages go backwards from the newest
+        messages = body["messages"] + messages  # SunCo pages go backwards from the newest
         url = body.get("links", {}).get("prev")
-    return ids
+    return messages
 
 
 async def until(probe: Any, timeout: float, what: str) -> Any:
@@ -80,6 +79,7 @@ async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_noth
     launcher.say = lambda _text: None  # type: ignore[method-assign]
     seen: dict[str, set[str]] = {}  # message text → the event ids it arrived under
     arrivals: dict[str, list[str]] = {}  # conversation → message ids, first arrival of each event
+    texts: dict[str, str] = {}  # message id → text
 
     async def hook(request: web.Request) -> web.Response:
         for event in (await request.json())["events"]:
@@ -87,6 +87,7 @@ async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_noth
                 ids = seen.setdefault(event["payload"]["message"]["content"]["text"], set())
                 if event["id"] not in ids:
                     ids.add(event["id"])
+                    texts[event["payload"]["message"]["id"]] = event["payload"]["message"]["content"]["text"]
                     arrivals.setdefault(event["payload"]["conversation"]["id"], []).append(
                         event["payload"]["message"]["id"])
         return web.Response(text="ok")
@@ -190,8 +191,11 @@ async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_noth
         # handled its messages.
         async with aiohttp.ClientSession() as session:
             for conversation_id, arrived in arrivals.items():
-                history = await history_ids(session, launcher.base_url, info["appId"], conversation_id, auth)
-                assert arrived == history, f"conversation {conversation_id} out of order"
+                stored = await history(session, launcher.base_url, info["appId"], conversation_id, auth)
+                # On a failure, what each side saw: the texts (their send order) and when each was stored.
+                assert arrived == [m["id"] for m in stored], (
+                    f"conversation {conversation_id} out of order:\n arrived {[texts[i] for i in arrived]}\n"
+                    f" history {[(m['content']['text'], m['id'], m['received']) for m in stored]}")
     finally:
         if observer is not None:
             await observer.close()

@@ -14,7 +14,7 @@ from nats.js.errors import NotFoundError
 
 from shared import bus as bus_module
 from shared import subjects
-from shared.bus import Bus, Delivery
+from shared.bus import Bus, Delivery, Retry
 from shared.partitions import Lease, PartitionLeases, lease_being_taken
 from shared.subjects import ConsumerSpec
 from shared.tasks import cancel_and_wait
@@ -190,6 +190,41 @@ async def test_a_replica_restarted_under_its_id_takes_its_partitions_back_at_onc
         await again.close()
 
 
+async def test_a_message_handed_back_before_a_give_back_keeps_its_place_for_the_next_holder(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A replica hands a key's message back for later (its announcement failed: NATS was electing
+    a leader), then gives its partitions up. The key's hold lived in that replica's memory: the
+    next holder must not handle the key's later message before the handed-back one comes."""
+    spec = ConsumerSpec(subjects.INBOUND, "t-handback", "inbound.*.*")
+    seen = Seen()
+    handed_back = asyncio.Event()
+
+    async def failing_once(data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+        if data.endswith(b":0") and not handed_back.is_set():
+            handed_back.set()
+            raise Retry(5.0, "the announcement failed")
+        seen.handled.append(("r-a", delivery.subject, data))
+
+    a = await Bus.connect(nats_server.url, "r-a", replica="r-a")
+    await a.consume(spec, failing_once, batch=20)
+    b: Bus | None = None
+    try:
+        await until_held_by(bus, spec, {"r-a"})
+        await bus.publish(subjects.inbound_subject("web", "i1", "k0"), b"h:k0:0")
+        await asyncio.wait_for(handed_back.wait(), 10)
+        b = await replica(nats_server, "r-b", spec, seen)
+        await a.close()  # a clean give-back: r-b takes every partition at its next tick
+        await until_held_by(bus, spec, {"r-b"}, timeout=subjects.PARTITION_LEASE_SECONDS)
+        await bus.publish(subjects.inbound_subject("web", "i1", "k0"), b"h:k0:1")
+        await seen.until(2, timeout=15)
+        assert seen.data() == [b"h:k0:0", b"h:k0:1"]
+        assert {who for who, _, _ in seen.handled} == {"r-b"}
+    finally:
+        if b is not None:
+            await b.close()
+        await a.close()
+
+
 async def test_the_durable_from_before_partitioning_is_drained_then_removed(bus: Bus, nats_server: NatsServer) -> None:
     spec = ConsumerSpec(subjects.INBOUND, "t-legacy", "inbound.*.*")
     # What the previous version left: one durable over every subject, with messages on the old
@@ -291,7 +326,7 @@ async def test_a_slow_acquire_never_stops_the_heartbeat(bus: Bus) -> None:
     owners = await bus.js.create_key_value(bucket="t_slow_owners")
     started, finish = asyncio.Event(), asyncio.Event()
 
-    async def acquire(partition: int, _took_over: bool) -> None:
+    async def acquire(partition: int) -> None:
         if partition == 0:
             started.set()
             await finish.wait()  # e.g. a partition's pending rows loaded from a slow database
@@ -326,7 +361,7 @@ async def test_every_take_of_a_partition_has_a_greater_epoch_and_a_fenced_one_is
     released: list[tuple[str, int]] = []
 
     def hooks(replica: str):  # type: ignore[no-untyped-def]
-        async def acquire(partition: int, _took_over: bool) -> None:
+        async def acquire(partition: int) -> None:
             taken.append(lease_being_taken(partition))
 
         async def release(partition: int) -> None:
