@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -430,7 +431,11 @@ async def bench_system(args: argparse.Namespace, channels: tuple[str, ...], *,
         if bus is not None:
             await bus.close()
         await runner.cleanup()
-        await launcher.shutdown()
+        if isinstance(launcher, ClusterLauncher):
+            await launcher.shutdown(discard_database=True)
+        else:
+            await launcher.shutdown()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def service_entries(launcher: Launcher, service: str) -> list[str]:

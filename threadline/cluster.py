@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import hashlib
 import importlib.util
 import itertools
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -58,6 +60,9 @@ from threadline.natsserver import NatsServer, cluster_node_config, credentials_u
 from threadline.postgres import PostgresServer
 
 log = logging.getLogger(__name__)
+
+# Where the cluster's PostgreSQL data goes when running as root (see `postgres_dir`).
+ROOTS_POSTGRES_PARENT = "/var/tmp"
 
 CLUSTER_SIZE = 3
 # Every service runs two replicas, as in deploy/k8s (the sandbox's fakes keep their state in memory: one).
@@ -308,7 +313,9 @@ class ClusterLauncher(Launcher):
         await wait_for_jetstream(self.cluster.url, stream_replicas)
         self.say(f"nats-server cluster ({self.cluster_size} nodes, JetStream R{stream_replicas}) "
                  f"on {self.cluster.address}")
-        self.postgres = PostgresServer(base_dir=postgres_dir(self.data_dir), password=keys["postgresPassword"])
+        self.postgres = PostgresServer(base_dir=await asyncio.to_thread(claim_postgres_dir, self.data_dir,
+                                                                        keys["postgresPassword"]),
+                                       password=keys["postgresPassword"])
         await asyncio.to_thread(self.postgres.start)
         self.say(f"PostgreSQL on {self.postgres.host}:{self.postgres.port} (data in {self.postgres.data_dir})")
         replica_ports = {name: [free_port() for _ in range(self.replica_count(name))] for name in self.service_names}
@@ -366,8 +373,10 @@ class ClusterLauncher(Launcher):
         return await bootstrap_sandbox(self.base_url, self.account, self.data_dir, kinds,
                                        desk=self.sandbox_desk and "desk" in self.service_names)
 
-    async def shutdown(self) -> None:
-        """Stop the front door, every replica (reverse start order), the balancers, then NATS."""
+    async def shutdown(self, *, discard_database: bool = False) -> None:
+        """Stop the front door, every replica (reverse start order), the balancers, PostgreSQL
+        (its data removed with `discard_database`: a test's or a benchmark's, which nothing will
+        start again; under /var/tmp it would outlive the data dir), then NATS."""
         self._stopping = True
         if self._frontdoor is not None:
             await self._frontdoor.cleanup()
@@ -376,19 +385,43 @@ class ClusterLauncher(Launcher):
         for balancer in self.balancers.values():
             await balancer.stop()
         if self.postgres is not None:
-            await asyncio.to_thread(self.postgres.stop)
+            await asyncio.to_thread(self.postgres.remove if discard_database else self.postgres.stop)
         if self.cluster is not None:
             await self.cluster.astop()
 
 
-def postgres_dir(data_dir: str) -> str:
+def postgres_dir(data_dir: str, password: str) -> str:
     """Where the cluster's PostgreSQL keeps its data: beside the rest, unless running as root —
     the server then runs as an unprivileged user, who cannot enter the private (0700, root's)
-    data directory, so it gets a folder of its own under /var/tmp, named after the data dir."""
+    data directory, so it gets a folder of its own under /var/tmp, named after the data dir and
+    its database password: a data dir made anew at the same path (new secrets) gets a new
+    database, where it used to find the old one's, which refused its password."""
     if os.geteuid() != 0:
         return os.path.join(os.path.abspath(data_dir), "postgres")
+    return f"{_postgres_dir_prefix(data_dir)}-{hashlib.sha256(password.encode()).hexdigest()[:8]}"
+
+
+def _postgres_dir_prefix(data_dir: str) -> str:
     tag = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
-    return os.path.join("/var/tmp", f"threadline-postgres-{tag}")
+    return os.path.join(ROOTS_POSTGRES_PARENT, f"threadline-postgres-{tag}")
+
+
+def claim_postgres_dir(data_dir: str, password: str) -> str:
+    """`postgres_dir`, with what earlier data dirs at this path left under /var/tmp settled: the
+    folder of one before this naming (no password tag) becomes this one's (it is the same data
+    dir unless that was made anew, which the server's login then says); the folders of earlier
+    data dirs at this path are removed, their passwords having gone with them."""
+    folder = postgres_dir(data_dir, password)
+    if os.geteuid() != 0:
+        return folder
+    prefix = _postgres_dir_prefix(data_dir)
+    if os.path.isdir(prefix) and not os.path.exists(folder):
+        os.rename(prefix, folder)
+    for earlier in glob.glob(f"{prefix}-*"):
+        if earlier != folder:
+            log.info("removing %s: the database of an earlier data directory at %s", earlier, data_dir)
+            shutil.rmtree(earlier, ignore_errors=True)
+    return folder
 
 
 async def run_cluster(data_dir: str, host: str, port: int) -> int:

@@ -27,6 +27,10 @@ SUPERUSER = "threadline"
 READY_TIMEOUT_SECONDS = 30.0
 
 
+class LoginRefused(RuntimeError):
+    """The server answers but refuses the password: its data directory was made with another."""
+
+
 def find_postgres_bin() -> str:
     """The folder holding `postgres` and `initdb`: the pgserver wheel's, else a system install."""
     spec = importlib.util.find_spec("pgserver")
@@ -130,6 +134,9 @@ class PostgresServer:
                 env=env, capture_output=True, text=True)
             if done.returncode == 0:
                 break
+            if "password authentication failed" in done.stderr:
+                raise LoginRefused(f"PostgreSQL in {self.data_dir} refuses this password: its data was made with"
+                                   f" another one ({done.stderr.strip()})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"PostgreSQL did not accept logins: {done.stderr.strip()}")
             time.sleep(0.1)

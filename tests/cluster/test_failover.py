@@ -200,4 +200,4 @@ async def test_losing_the_stream_leader_and_a_replica_of_each_service_loses_noth
         if observer is not None:
             await observer.close()
         await runner.cleanup()
-        await launcher.shutdown()
+        await launcher.shutdown(discard_database=True)
