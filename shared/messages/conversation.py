@@ -7,7 +7,7 @@ which is what the `webhooks` service delivers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -249,6 +249,15 @@ ConversationUnion = (
 
 ENCODER = msgspec.json.Encoder()
 DECODER: msgspec.json.Decoder[ConversationUnion] = msgspec.json.Decoder(ConversationUnion)
+KNOWN_TYPES: Final = frozenset(member.__struct_config__.tag for member in get_args(ConversationUnion))
+
+
+class _EventProbe(msgspec.Struct):
+    type: str
+    created_at: float = 0.0
+
+
+_PROBE = msgspec.json.Decoder(_EventProbe)
 
 
 def encode(event: ConversationEvent) -> bytes:
@@ -259,6 +268,17 @@ def encode(event: ConversationEvent) -> bytes:
 def decode(data: bytes) -> ConversationUnion:
     """Decode a conversation event (raises msgspec.ValidationError on a bad one)."""
     return DECODER.decode(data)
+
+
+def unknown_type_created_at(data: bytes) -> float | None:
+    """For an event this version cannot decode: when it was created, if it is well formed but of
+    a type this version does not know (a newer replica published it, during a rolling upgrade);
+    None when it is malformed."""
+    try:
+        probe = _PROBE.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return None if probe.type in KNOWN_TYPES else probe.created_at
 
 
 @dataclass(frozen=True)
