@@ -41,6 +41,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import metrics
 from shared.ids import iso
+from shared.messages import type_of
 from shared.natsauth import inbox_prefix
 from shared.partitions import PartitionHook, PartitionLeases
 from shared.subjects import (
@@ -93,6 +94,11 @@ ERASE_CLOCK_MARGIN_SECONDS = 300.0
 # How long past its redelivery delay a handed-back message holds its key's later messages back
 # at most (it may never come back: erased by retention, its partition taken by another replica).
 HOLD_GRACE_SECONDS = 60.0
+# A message of a type this version does not know (`FromNewerVersion`): how often it is tried
+# again, and for how long after it was stored — a rolling upgrade replaces the replica well
+# within it; one rolled back never will.
+NEWER_VERSION_RETRY_SECONDS = 10.0
+NEWER_VERSION_PATIENCE_SECONDS = 15 * 60.0
 # How often the holder of a group's partition 0 looks again at the durables of partitions beyond
 # today's count (`Bus._drain_leftovers`).
 LEFTOVER_RECHECK_SECONDS = 60.0
@@ -119,6 +125,27 @@ class Poison(Exception):
     """Raise from a consumer handler when a message can never be processed (it is terminated)."""
 
 
+class FromNewerVersion(Retry):
+    """Raise from a consumer handler for a message of a type this version does not know: a newer
+    replica published it during a rolling upgrade, and a newer replica of this service will
+    handle it once it holds the partition. Until then it comes back every
+    NEWER_VERSION_RETRY_SECONDS, its key's later messages waiting behind it. One stored longer
+    than NEWER_VERSION_PATIENCE_SECONDS ago is terminated instead (an upgrade rolled back: no
+    replica will ever know it, and its key must not wait for ever)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(NEWER_VERSION_RETRY_SECONDS, reason)
+
+
+def refusal(data: bytes, error: Exception, known: Collection[str], what: str) -> FromNewerVersion | Poison:
+    """What a handler raises for a stream message that failed to decode (`error`): FromNewerVersion
+    when it is a well-formed message of a type not in `known` (its family's types), else Poison."""
+    from_newer = type_of(data)
+    if from_newer is not None and from_newer not in known:
+        return FromNewerVersion(f"{what} of a type this version does not know ({from_newer})")
+    return Poison(f"undecodable {what}: {error}")
+
+
 Handler = Callable[[bytes, Mapping[str, str], "Delivery"], Awaitable[None]]
 RequestHandler = Callable[[bytes, Mapping[str, str]], Awaitable[bytes]]
 
@@ -126,12 +153,13 @@ RequestHandler = Callable[[bytes, Mapping[str, str]], Awaitable[bytes]]
 class Delivery:
     """Facts about one JetStream delivery handed to a consumer handler."""
 
-    __slots__ = ("num_delivered", "stream_sequence", "subject")
+    __slots__ = ("num_delivered", "published_at", "stream_sequence", "subject")
 
-    def __init__(self, subject: str, num_delivered: int, stream_sequence: int) -> None:
+    def __init__(self, subject: str, num_delivered: int, stream_sequence: int, published_at: float = 0.0) -> None:
         self.subject = subject
         self.num_delivered = num_delivered
         self.stream_sequence = stream_sequence
+        self.published_at = published_at  # when the stream stored it (Unix seconds, server clock); 0 unknown
 
     def __repr__(self) -> str:
         return f"Delivery({self.subject!r}, delivered={self.num_delivered}, seq={self.stream_sequence})"
@@ -148,11 +176,12 @@ class Delivery:
         tokens = (msg.reply or "").split(".")
         if (len(tokens) == 9 or len(tokens) >= 11) and tokens[0] == "$JS" and tokens[1] == "ACK":
             first = 4 if len(tokens) == 9 else 6
-            delivered, sequence = tokens[first], tokens[first + 1]
-            if delivered.isdecimal() and sequence.isdecimal():
-                return cls(msg.subject, int(delivered) or 1, int(sequence))
+            delivered, sequence, stamp = tokens[first], tokens[first + 1], tokens[first + 3]
+            if delivered.isdecimal() and sequence.isdecimal() and stamp.isdecimal():
+                return cls(msg.subject, int(delivered) or 1, int(sequence), int(stamp) / 1e9)
         meta = msg.metadata
-        return cls(msg.subject, meta.num_delivered or 1, meta.sequence.stream if meta.sequence else 0)
+        return cls(msg.subject, meta.num_delivered or 1, meta.sequence.stream if meta.sequence else 0,
+                   meta.timestamp.timestamp() if meta.timestamp else 0.0)
 
 
 async def _retry_setup(setup: Callable[[], Awaitable[_T]]) -> _T:
@@ -645,6 +674,17 @@ class Bus:
                 span.set_attribute("messaging.message.delivery_count", delivery.num_delivered)
                 try:
                     await handler(msg.data, headers, delivery)
+                except FromNewerVersion as exc:
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    age = time.time() - delivery.published_at
+                    if delivery.published_at and age > NEWER_VERSION_PATIENCE_SECONDS:
+                        log.error("terminating message on %s, still unknown %.0f s after it was stored: %s",
+                                  msg.subject, age, exc)
+                        await msg.term()
+                        return None
+                    log.warning("%s on %s: waiting for a newer replica", exc, msg.subject)
+                    await msg.nak(delay=exc.delay)
+                    return exc.delay
                 except Retry as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     handed_back = None if exc.let_pass else exc.delay

@@ -15,7 +15,7 @@ import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import metrics
-from shared.bus import Bus, Delivery, Poison, Retry
+from shared.bus import Bus, Delivery, Retry, refusal
 from shared.config import ConfigError, env_float, env_int
 from shared.egress import REFUSED_CODE, EgressRefused, EgressSession
 from shared.messages import channel as channel_messages
@@ -402,11 +402,12 @@ class HttpChannelSender(ChannelSender[C, P]):
 
 def decode_send(data: bytes) -> OutboundSend | OutboundActivity | None:
     """The send command or business activity in a message of an outbound stream (None: another
-    kind of channel message, not for a send loop); Poison when it cannot be decoded at all."""
+    kind of channel message, not for a send loop); Poison when it cannot be decoded at all,
+    FromNewerVersion when it is of a type this version does not know."""
     try:
         command = channel_messages.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise Poison(f"undecodable outbound command: {exc}") from exc
+        raise refusal(data, exc, channel_messages.TYPES, "outbound command") from exc
     return command if isinstance(command, OutboundSend | OutboundActivity) else None
 
 

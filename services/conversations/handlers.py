@@ -39,7 +39,7 @@ from services.conversations.store import (
     loads,
 )
 from shared import fencing, records, render, subjects
-from shared.bus import Delivery, Poison, Retry
+from shared.bus import Delivery, Poison, Retry, refusal
 from shared.cardmask import mask_card_numbers, mask_content, mask_strings
 from shared.db import Row
 from shared.http import ApiError
@@ -783,7 +783,7 @@ class Conversations(ConversationCore):
         try:
             message = chan.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise Poison(f"undecodable inbound message: {exc}") from exc
+            raise refusal(data, exc, chan.TYPES, "inbound message") from exc
         if isinstance(message, chan.InboundMessage):
             try:
                 masked = await self.inbound_message(message, fence=self._inbound_fence(delivery.subject))
@@ -1025,7 +1025,7 @@ class Conversations(ConversationCore):
         try:
             status = chan.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise Poison(f"undecodable status: {exc}") from exc
+            raise refusal(data, exc, chan.TYPES, "status") from exc
         if not isinstance(status, chan.DeliveryStatus):
             raise Poison(f"unexpected {type(status).__name__} on status")
         await self.delivery_status(status, delivery.num_delivered)

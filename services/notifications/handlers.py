@@ -40,7 +40,7 @@ from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
 from shared import mailreply, subjects
 from shared import mailsend as email_out
-from shared.bus import Delivery, Poison, RequestFailed
+from shared.bus import Delivery, RequestFailed, refusal
 from shared.clientip import source_key
 from shared.config import Rate
 from shared.ids import derived_id, new_id
@@ -633,7 +633,7 @@ class Notifier:
         try:
             status = chan.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise Poison(f"undecodable status: {exc}") from exc
+            raise refusal(data, exc, chan.TYPES, "status") from exc
         if not isinstance(status, chan.DeliveryStatus) or not note.is_notification_id(status.message_id):
             return
         await self.handle_status(status)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping
@@ -16,25 +15,18 @@ from services.webhooks.delivery import Dispatcher
 from services.webhooks.handlers import deliveries_for
 from services.webhooks.store import DeliveryStore
 from shared import fencing, records, subjects
-from shared.bus import Bus, Delivery, KvMirror, Poison, Retry
+from shared.bus import Bus, Delivery, KvMirror, Retry, refusal
 from shared.egress import EgressSession
 from shared.http import error_middleware, json_response, tracing_middleware
 from shared.messages import conversation
 from shared.records import WebhookRecord
 from shared.service import ServiceApp
-from shared.telemetry import inject_headers, log_fields, setup_telemetry
+from shared.telemetry import inject_headers, setup_telemetry
 
 # An event whose partition was taken over while this replica handled it goes back unacknowledged,
 # to be redelivered after this delay to whichever replica pulls the partition: the new owner
 # (which has it already when it restarted the partition's consumer at its ack floor).
 TAKEN_OVER_RETRY_SECONDS = 1.0
-# An event of a type this version does not know (published by a newer replica of
-# `conversations` during a rolling upgrade) is tried again this often, as long as it is younger
-# than the patience: an upgrade replaces this replica well within it, one rolled back never will.
-UNKNOWN_EVENT_RETRY_SECONDS = 10.0
-UNKNOWN_EVENT_PATIENCE_SECONDS = 15 * 60.0
-
-log = logging.getLogger(__name__)
 
 
 class WebhooksService(ServiceApp):
@@ -82,21 +74,13 @@ class WebhooksService(ServiceApp):
         record = self.mirror.get(records.webhook_key(app_id, webhook_id))
         return record if isinstance(record, WebhookRecord) else None
 
-    async def _on_event(self, data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
+    async def _on_event(self, data: bytes, _headers: Mapping[str, str], _delivery: Delivery) -> None:
         try:
             event = conversation.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            created_at = conversation.unknown_type_created_at(data)
-            if created_at is not None and time.time() - created_at < UNKNOWN_EVENT_PATIENCE_SECONDS:
-                # A newer replica of `conversations` published it during a rolling upgrade: a
-                # newer replica of this service will deliver it, once it holds the partition.
-                # Until then its conversation's later events wait behind it (order per conversation).
-                log.warning("an event of a type this version does not know (%s): waiting for a newer replica",
-                            exc, extra=log_fields(subject=delivery.subject))
-                raise Retry(UNKNOWN_EVENT_RETRY_SECONDS, f"event type unknown to this version: {exc}") from exc
-            # Malformed, or still unknown long after: an upgrade rolled back. Its conversation's
-            # other events must not wait for ever.
-            raise Poison(f"undecodable conversation event: {exc}") from exc
+            # One of a type this version does not know waits for a newer replica, its
+            # conversation's later events behind it.
+            raise refusal(data, exc, conversation.TYPES, "conversation event") from exc
         forget = conversation.erasure(event)
         if forget is not None:  # before its own delivery (user:remove) is stored
             await self.dispatcher.forget(forget)

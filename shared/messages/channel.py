@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
 from shared import subjects
+from shared.messages import tags_of
 from shared.sunco import ActivityType, ClientType, Content
 
 
@@ -131,6 +132,8 @@ ChannelUnion = InboundMessage | InboundActivity | DeliveryStatus | OutboundSend 
 
 ENCODER = msgspec.json.Encoder()
 DECODER: msgspec.json.Decoder[ChannelUnion] = msgspec.json.Decoder(ChannelUnion)
+# The message types this version knows (`shared.bus.refusal`).
+TYPES: Final = tags_of(ChannelUnion)
 
 
 def encode(message: ChannelMessage) -> bytes:

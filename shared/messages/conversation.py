@@ -7,10 +7,11 @@ which is what the `webhooks` service delivers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal
 
 import msgspec
 
+from shared.messages import tags_of
 from shared.records import SwitchboardRecord
 from shared.sunco import (
     Activity,
@@ -249,15 +250,8 @@ ConversationUnion = (
 
 ENCODER = msgspec.json.Encoder()
 DECODER: msgspec.json.Decoder[ConversationUnion] = msgspec.json.Decoder(ConversationUnion)
-KNOWN_TYPES: Final = frozenset(member.__struct_config__.tag for member in get_args(ConversationUnion))
-
-
-class _EventProbe(msgspec.Struct):
-    type: str
-    created_at: float = 0.0
-
-
-_PROBE = msgspec.json.Decoder(_EventProbe)
+# The event types this version knows (`shared.bus.refusal`).
+TYPES: Final = tags_of(ConversationUnion)
 
 
 def encode(event: ConversationEvent) -> bytes:
@@ -268,17 +262,6 @@ def encode(event: ConversationEvent) -> bytes:
 def decode(data: bytes) -> ConversationUnion:
     """Decode a conversation event (raises msgspec.ValidationError on a bad one)."""
     return DECODER.decode(data)
-
-
-def unknown_type_created_at(data: bytes) -> float | None:
-    """For an event this version cannot decode: when it was created, if it is well formed but of
-    a type this version does not know (a newer replica published it, during a rolling upgrade);
-    None when it is malformed."""
-    try:
-        probe = _PROBE.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return None if probe.type in KNOWN_TYPES else probe.created_at
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ the start/history endpoints, against real identity + conversations services and 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from nats.js.errors import NotFoundError
 
 from services.conversations.store import loads
 from services.webhooks.handlers import webhook_event
+from shared import bus as bus_module
 from shared import fencing, subjects
 from shared.bus import Bus
 from shared.ids import new_id
@@ -479,3 +481,31 @@ async def _settled(outcome: list[object]) -> bool:
 
 async def _gave_up(service: Any, partition: int) -> bool:
     return partition not in service.conversations.inbound_leases
+
+
+async def test_a_customer_message_of_a_type_from_a_newer_version_is_kept_and_the_senders_next_waits(
+        wa: Wa, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A newer `whatsapp` (mid-upgrade) publishes an inbound kind this `conversations` does not
+    know: it is not terminated (a customer's message is never dropped; a newer replica will take
+    it), and the same sender's next message waits behind it, as order per customer asks."""
+    monkeypatch.setattr(bus_module, "NEWER_VERSION_RETRY_SECONDS", 0.1)
+    after = wa.inbound("wamid.after", text="after the new kind")
+    newer = json.dumps({"type": "channel.inbound.from.a.newer.version", "app_id": wa.t.app_id,
+                        "integration_id": wa.integration_id, "channel_user_id": "15551234"}).encode()
+    await wa.bus.publish(chan.subject_of(after), newer, msg_id="wamid.newer")
+    await wa.publish_inbound(after)
+
+    async def tried_again() -> bool:
+        return sum("waiting for a newer replica" in r.getMessage() for r in caplog.records) >= 3
+
+    await eventually(tried_again)
+    assert not [e for e in await events(wa.bus, wa.t.app_id) if isinstance(e, conv.MessageCreated)]
+
+    monkeypatch.setattr(bus_module, "NEWER_VERSION_PATIENCE_SECONDS", 0.0)  # rolled back: it is given up
+
+    async def stored_after() -> bool:
+        return any(isinstance(e, conv.MessageCreated) and e.message.source is not None
+                   and e.message.source.original_message_id == "wamid.after"
+                   for e in await events(wa.bus, wa.t.app_id))
+
+    await eventually(stored_after)

@@ -16,7 +16,7 @@ from aiohttp import web
 from opentelemetry import trace
 from sunshine_conversations_client import ConversationCreateEvent, ConversationMessageEvent
 
-from services.webhooks import app as webhooks_app
+from shared import bus as bus_module
 from shared import records, subjects
 from shared.bus import Bus
 from shared.ids import iso, new_id
@@ -305,27 +305,28 @@ async def test_an_event_of_a_type_from_a_newer_version_waits_for_a_replica_that_
         caplog: pytest.LogCaptureFixture) -> None:
     """During a rolling upgrade a newer `conversations` publishes an event type this `webhooks`
     does not know: it is not thrown away (a newer replica will deliver it), and its
-    conversation's later events wait behind it. One still unknown long after (an upgrade rolled
-    back) or a malformed one holds its conversation up no longer."""
-    monkeypatch.setattr(webhooks_app, "UNKNOWN_EVENT_RETRY_SECONDS", 0.1)
+    conversation's later events wait behind it. A malformed event holds nothing up, nor does an
+    unknown one once it is older than the patience (an upgrade rolled back)."""
+    monkeypatch.setattr(bus_module, "NEWER_VERSION_RETRY_SECONDS", 0.1)
     await system.start("webhooks", env=FAST_RETRIES)
-    app_id, waiting, rolled_back, malformed = new_id(), new_id(), new_id(), new_id()
+    app_id, waiting, malformed = new_id(), new_id(), new_id()
     hook = await add_webhook(bus, system, app_id, receiver.url)
-
-    def unknown(conversation_id: str, created_at: float) -> bytes:
-        return json.dumps({"type": "conversation.from.a.newer.version", "id": new_id(), "app_id": app_id,
-                           "conversation_id": conversation_id, "created_at": created_at}).encode()
-
-    for conversation_id, data in ((waiting, unknown(waiting, time.time())),
-                                  (rolled_back, unknown(rolled_back, time.time() - 3600)),
-                                  (malformed, b'{"type": "conversation.message.created", "id": 5}')):
-        await bus.publish(subjects.event_subject(app_id, conversation_id), data, msg_id=new_id())
-    later = {c: message_created(app_id, c, "later") for c in (waiting, rolled_back, malformed)}
+    unknown = json.dumps({"type": "conversation.from.a.newer.version", "id": new_id(), "app_id": app_id,
+                          "conversation_id": waiting, "created_at": time.time()}).encode()
+    await bus.publish(subjects.event_subject(app_id, waiting), unknown, msg_id=new_id())
+    await bus.publish(subjects.event_subject(app_id, malformed), b'{"type": "conversation.message.created", "id": 5}',
+                      msg_id=new_id())
+    later = {c: message_created(app_id, c, "later") for c in (waiting, malformed)}
     for event in later.values():
         await publish(bus, event)
 
-    await eventually(lambda: {later[rolled_back].id, later[malformed].id} <= set(receiver.accepted_event_ids(hook.id)),
-                     what="the events behind a rolled-back type and a malformed one")
-    await eventually(lambda: sum("does not know" in r.getMessage() for r in caplog.records) >= 3,
+    await eventually(lambda: later[malformed].id in receiver.accepted_event_ids(hook.id),
+                     what="the event behind a malformed one")
+    await eventually(lambda: sum("waiting for a newer replica" in r.getMessage() for r in caplog.records) >= 3,
                      what="the unknown event tried again")
     assert later[waiting].id not in receiver.accepted_event_ids(hook.id)  # it waits behind it
+
+    monkeypatch.setattr(bus_module, "NEWER_VERSION_PATIENCE_SECONDS", 0.0)  # no newer replica came
+    await eventually(lambda: later[waiting].id in receiver.accepted_event_ids(hook.id),
+                     what="the event behind one given up")
+    assert any("still unknown" in r.getMessage() for r in caplog.records)

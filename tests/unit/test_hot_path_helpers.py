@@ -14,9 +14,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from shared import bus as bus_module
 from shared import telemetry
-from shared.bus import Delivery
+from shared.bus import Delivery, FromNewerVersion, Poison, Retry, refusal
 from shared.ingress import publish_all
+from shared.messages import channel as chan
 from shared.telemetry import RecordWhenExported, Tracer, extract_context, inject_headers
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -139,12 +141,14 @@ def test_delivery_facts_read_from_the_ack_subject_match_nats_py(reply: str) -> N
     meta = msg.metadata
     assert (delivery.subject, delivery.num_delivered, delivery.stream_sequence) == (
         "inbound.whatsapp", meta.num_delivered, meta.sequence.stream)
+    assert delivery.published_at == meta.timestamp.timestamp() == 1733000000.0
 
 
 def test_delivery_facts_fall_back_to_nats_py_for_other_ack_subjects() -> None:
     # Eleven tokens (a v2 subject without its final token): nats-py reads it, so do we.
     eleven = _message("$JS.ACK._.ACC.INBOUND.conversations.2.41.40.1733000000000000000.0")
     assert (Delivery.of(eleven).num_delivered, Delivery.of(eleven).stream_sequence) == (2, 41)
+    assert Delivery.of(eleven).published_at == 1733000000.0
     # Not digits where the counts are: whatever nats-py makes of it, not a guess of ours.
     odd = _message("$JS.ACK.INBOUND.conversations.x.1234.1200.1733000000000000000.7")
     with pytest.raises(ValueError):
@@ -169,3 +173,14 @@ async def test_publish_all_reports_the_failures_of_one_or_many_publishes() -> No
     failures = await publish_all([ok(), fails(), ok(), fails()])
     assert len(failures) == 2 and all(isinstance(f, ConnectionError) for f in failures)
     assert await publish_all([]) == []
+
+
+def test_an_undecodable_message_of_an_unknown_type_waits_for_a_newer_version_and_a_malformed_one_is_poison() -> None:
+    known = chan.TYPES
+    newer = refusal(b'{"type": "channel.inbound.reaction", "emoji": "x"}', ValueError("no"), known, "inbound message")
+    assert isinstance(newer, FromNewerVersion) and isinstance(newer, Retry)
+    assert newer.delay == bus_module.NEWER_VERSION_RETRY_SECONDS and not newer.let_pass
+    # A known type that does not validate, no type, not an object, not JSON: nothing newer will read them.
+    for data in (b'{"type": "channel.inbound.message", "app_id": 5}', b'{"id": 1}', b'[1]', b'\xff{',
+                 b'{"type": 7}'):
+        assert isinstance(refusal(data, ValueError("bad"), known, "inbound message"), Poison), data
