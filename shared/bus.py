@@ -99,6 +99,12 @@ HOLD_GRACE_SECONDS = 60.0
 # within it; one rolled back never will.
 NEWER_VERSION_RETRY_SECONDS = 10.0
 NEWER_VERSION_PATIENCE_SECONDS = 15 * 60.0
+# Where a partition's holder leaves the keys it holds for the next holder (in the owners bucket,
+# beside the owner entries: `holds.<durable>`), and how long it tries to while NATS is away.
+HOLDS_KEY_PREFIX = "holds."
+# Where a durable being recreated at its ack floor starts, kept there until it exists again.
+RESUME_KEY_PREFIX = "resume."
+HOLDS_HANDOVER_SECONDS = 30.0
 # How often the holder of a group's partition 0 looks again at the durables of partitions beyond
 # today's count (`Bus._drain_leftovers`).
 LEFTOVER_RECHECK_SECONDS = 60.0
@@ -147,6 +153,12 @@ def refusal(data: bytes, error: Exception, known: Collection[str], what: str) ->
 
 
 Handler = Callable[[bytes, Mapping[str, str], "Delivery"], Awaitable[None]]
+# The keys a consumer holds back: key → (stream seq, delay, monotonic deadline) of the message
+# handed back that the key's later messages wait for.
+Held = dict[str, tuple[int, float, float]]
+_HOLDS_ENCODER = msgspec.json.Encoder()
+# As left for the next holder: the deadline as seconds remaining.
+_HOLDS_DECODER = msgspec.json.Decoder(dict[str, tuple[int, float, float]])
 RequestHandler = Callable[[bytes, Mapping[str, str]], Awaitable[bytes]]
 
 
@@ -372,7 +384,7 @@ class Bus:
         loops: dict[int, asyncio.Task[None]] = {}
         key = ordering_key or (lambda subject, _data: subject)
 
-        async def acquire(partition: int) -> None:
+        async def acquire(partition: int, took_over: bool) -> None:
             if on_acquire is not None:
                 await on_acquire(partition)
             stop = stops[partition] = asyncio.Event()
@@ -380,7 +392,7 @@ class Bus:
             loops[partition] = self._spawn(
                 self._consume_loop(spec.stream, durable, spec.filter(partition), handler, batch, key, ack_wait,
                                    max_ack_pending, stop, legacy=spec if partition == 0 else None,
-                                   new_holder=True, pause=pause),
+                                   took_over=took_over, bucket=owners, pause=pause),
                 name=f"consume:{durable}")
 
         async def release(partition: int) -> None:
@@ -449,15 +461,20 @@ class Bus:
     async def _consume_loop(self, stream: StreamSpec, durable: str, filter_subject: str, handler: Handler,
                             batch: int, key: Callable[[str, bytes], str], ack_wait: float,
                             max_ack_pending: int, stop: asyncio.Event, legacy: ConsumerSpec | None = None,
-                            new_holder: bool = False, pause: float = PULL_PAUSE_SECONDS) -> None:
+                            took_over: bool = False, bucket: KeyValue | None = None,
+                            pause: float = PULL_PAUSE_SECONDS) -> None:
         config = api.ConsumerConfig(
             durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
             max_ack_pending=max_ack_pending, filter_subject=filter_subject,
             deliver_policy=api.DeliverPolicy.ALL,
         )
-        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, new_holder=new_holder)
+        puller = await self._start_puller(stream, durable, config, batch, stop, create=True, took_over=took_over,
+                                          bucket=bucket)
         if puller is None:
             return
+        # The keys the partition's previous holder left held (`_leave_holds`): none after a
+        # takeover, whose consumer starts again at its ack floor, in stream order.
+        held = {} if bucket is None else await self._take_holds(bucket, durable, ignore=took_over)
         drain: asyncio.Task[None] | None = None
         if legacy is not None:
             leftovers = [dataclasses.replace(config, durable_name=name, filter_subject=subjects_filter)
@@ -466,54 +483,141 @@ class Bus:
                                                       removed=legacy.group),
                                 name=f"drain:{legacy.group}")
         try:
-            await self._pull_and_handle(puller, durable, handler, key, stop, pause=pause)
+            await self._pull_and_handle(puller, durable, handler, key, stop, held, pause=pause)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
             if puller in self._pullers:
                 self._pullers.remove(puller)
+            if bucket is not None:
+                await self._leave_holds(bucket, durable, held)
             if drain is not None:
                 # The partition is released only once its drain stopped too (it sees `stop`
                 # and finishes the batch in hand): the next holder drains the same durables,
                 # and two replicas pulling one would mix a key's messages.
                 await asyncio.wait([drain])
 
+    async def _add_durable(self, stream: StreamSpec, durable: str, config: api.ConsumerConfig,
+                           bucket: KeyValue | None) -> None:
+        """Create the durable; then it no longer needs the start kept for it (`_resumed`)."""
+        await self.js.add_consumer(stream.name, config)
+        if bucket is not None and config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE:
+            with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+                await bucket.delete(f"{RESUME_KEY_PREFIX}{durable}")
+
+    async def _resumed(self, bucket: KeyValue, durable: str, config: api.ConsumerConfig) -> api.ConsumerConfig:
+        """The config of a missing durable: from the start kept for it when a holder was
+        recreating it at its ack floor and stopped between the delete and the add, else from
+        the stream's first message (a new durable)."""
+        try:
+            entry = await bucket.get(f"{RESUME_KEY_PREFIX}{durable}")
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return config
+        start = (entry.value or b"").decode()
+        if not start.isdecimal():
+            return config
+        log.warning("consumer %s: created again from stream sequence %s, where a holder was recreating it",
+                    durable, start)
+        return dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(start))
+
+    async def _take_holds(self, holds: KeyValue, durable: str, *, ignore: bool) -> Held:
+        """The keys the durable's previous holder left held (`_leave_holds`), removed from the
+        bucket: a key's later messages go on waiting for its message handed back, which the
+        server redelivers only after its delay, to whoever pulls then. Nothing (the entry only
+        removed) when `ignore`."""
+        entry_key = f"{HOLDS_KEY_PREFIX}{durable}"
+        try:
+            entry = await holds.get(entry_key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return {}
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("consumer %s: the keys its previous holder held not read: %s", durable, exc)
+            return {}
+        with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            await holds.delete(entry_key, last=entry.revision)
+        if ignore or not entry.value:
+            return {}
+        try:
+            left = _HOLDS_DECODER.decode(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return {}
+        now = time.monotonic()
+        held = {key: (sequence, delay, now + remaining) for key, (sequence, delay, remaining) in left.items()
+                if remaining > 0}
+        if held:
+            log.info("consumer %s: %d keys held by its previous holder wait for their messages handed back",
+                     durable, len(held))
+        return held
+
+    async def _leave_holds(self, holds: KeyValue, durable: str, held: Held) -> None:
+        """Leave the keys this holder still holds for the durable's next holder (`_take_holds`):
+        their messages handed back come again after their delay, and the key's later messages
+        must not overtake them there. Tried again while NATS is away (the partition is given
+        back only after this returns), for a bounded time."""
+        now = time.monotonic()
+        left = {key: (sequence, delay, until - now) for key, (sequence, delay, until) in held.items() if until > now}
+        if not left:
+            return
+        data = _HOLDS_ENCODER.encode(left)
+        deadline = now + HOLDS_HANDOVER_SECONDS
+        while True:
+            try:
+                await holds.put(f"{HOLDS_KEY_PREFIX}{durable}", data)
+                return
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                if time.monotonic() > deadline or self.nc.is_closed:
+                    log.warning("consumer %s: %d held keys not handed on (%s): their later messages may overtake"
+                                " the ones handed back", durable, len(left), exc)
+                    return
+                await asyncio.sleep(0.5)
+
     async def _start_puller(self, stream: StreamSpec, durable: str, config: api.ConsumerConfig, batch: int,
-                            stop: asyncio.Event, *, create: bool, new_holder: bool = False) -> PullBatches | None:
+                            stop: asyncio.Event, *, create: bool, took_over: bool = False,
+                            bucket: KeyValue | None = None) -> PullBatches | None:
         """The durable's puller (created when missing, unless `create` is false: then None when
         there is no such durable).
 
-        `new_holder`: this replica has just taken the durable's partition. Messages still awaiting
-        an ack were handed out before, and their place in their keys' order was kept in the
-        memory of whoever held the partition: an owner that died with them in hand, or one that
-        handed a message back for later (`Retry`, a failure) and then gave the partition up
-        (the hold that kept the key's later messages behind it went with it). The server would
-        hand them out again only after `ack_wait` or their delay, behind the messages that came
-        later. So the durable is recreated at its ack floor instead: the partition goes on at
-        once and in stream order, and the messages acked beyond the floor come again, which the
-        handlers' idempotence absorbs.
+        `took_over`: this replica has just taken the durable's partition from an owner that did
+        not give it back (it died, or this replica restarted under its id). Messages still
+        awaiting an ack were handed to it: the server would redeliver them only after `ack_wait`,
+        behind the messages that came later. The durable is recreated at its ack floor instead, so
+        the partition goes on at once and in stream order; the messages acked beyond the floor
+        come again, which the handlers' idempotence absorbs. (A partition given back cleanly is
+        not recreated: its holder finished its batch, handed the rest back, and left the keys it
+        held for the next holder, `_leave_holds`.) `bucket` (the partition owners') keeps where
+        a durable being recreated starts, until it is.
         """
         while not (self._stopping.is_set() or stop.is_set()):
             try:
                 try:
                     info = await self.js.consumer_info(stream.name, durable)
-                    if new_holder and info.num_ack_pending:
+                    if took_over and info.num_ack_pending:
                         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-                        log.warning("consumer %s: %d messages handed out by an earlier holder, resuming at the ack"
-                                    " floor (%d)", durable, info.num_ack_pending, floor)
+                        log.warning("consumer %s: %d messages of a dead holder, resuming at the ack floor (%d)",
+                                    durable, info.num_ack_pending, floor)
                         # From here on the floor's config (a retry after the delete must not
                         # recreate the durable from the stream's start).
                         config = dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                                      opt_start_seq=(floor or 0) + 1)
-                        new_holder = False
+                        took_over = False
+                        if bucket is not None:
+                            # Stopped (or dead) between the delete and the add, this replica
+                            # leaves the next holder to create the durable from the floor, not
+                            # from the stream's start.
+                            await bucket.put(f"{RESUME_KEY_PREFIX}{durable}", str(config.opt_start_seq).encode())
                         await self.js.delete_consumer(stream.name, durable)
-                        await self.js.add_consumer(stream.name, config)
+                        await self._add_durable(stream, durable, config, bucket)
                     elif info.config.filter_subject != config.filter_subject:
-                        await self.js.add_consumer(stream.name, config)  # an update: same durable
+                        # An update of the same durable: where it delivers from stays as it is
+                        # (the server refuses to change it; one recreated at its floor starts there).
+                        await self.js.add_consumer(stream.name, dataclasses.replace(
+                            config, deliver_policy=info.config.deliver_policy, opt_start_seq=info.config.opt_start_seq))
                 except nats.js.errors.NotFoundError:
                     if not create:
                         return None
-                    await self.js.add_consumer(stream.name, config)
+                    if bucket is not None:
+                        config = await self._resumed(bucket, durable, config)
+                    await self._add_durable(stream, durable, config, bucket)
                 puller = await PullBatches.start(self.nc, stream.name, durable, batch, wait=PULL_WAIT_SECONDS)
                 self._pullers.append(puller)
                 return puller
@@ -578,24 +682,24 @@ class Bus:
                 log.info("consumer %s drained and removed", durable)
 
     async def _pull_and_handle(self, puller: PullBatches, durable: str, handler: Handler,
-                               key: Callable[[str, bytes], str], stop: asyncio.Event, *,
+                               key: Callable[[str, bytes], str], stop: asyncio.Event, held: Held | None = None, *,
                                until_empty: bool = False, pause: float = PULL_PAUSE_SECONDS) -> bool:
         """Fetch and handle batches until stopped (or, `until_empty`, until the consumer has
-        nothing pending or unacknowledged: then True)."""
+        nothing pending or unacknowledged: then True). `held`: the keys held back (filled in
+        place, for the caller to hand on)."""
         this_task = asyncio.current_task()
         assert this_task is not None
         # Stopping ends a pull request's wait at once (not after its expiry); a batch in hand finishes.
         waker = asyncio.create_task(_wake_on(stop, self._stopping, puller))
         try:
-            return await self._pull_loop(puller, durable, handler, key, stop, this_task, until_empty, pause)
+            return await self._pull_loop(puller, durable, handler, key, stop, this_task, until_empty, pause,
+                                         {} if held is None else held)
         finally:
             waker.cancel()
 
     async def _pull_loop(self, puller: PullBatches, durable: str, handler: Handler, key: Callable[[str, bytes], str],
                          stop: asyncio.Event, this_task: asyncio.Task[Any], until_empty: bool,
-                         pause: float) -> bool:
-        # key → (stream seq, delay, hold until) of its message handed back
-        held: dict[str, tuple[int, float, float]] = {}
+                         pause: float, held: Held) -> bool:
         while not (self._stopping.is_set() or stop.is_set()):
             try:
                 msgs = await puller.next_batch()
@@ -633,7 +737,7 @@ class Bus:
         return False
 
     async def _handle_group(self, durable: str, group_key: str, group: list[Msg], handler: Handler,
-                            held: dict[str, tuple[int, float, float]]) -> None:
+                            held: Held) -> None:
         """One key's messages in stream order. A message handed back for later (`Retry`, a
         failure) holds back every later message of its key until it is handled: handled now,
         they would overtake it (a customer's second message stored before the first)."""
@@ -657,7 +761,8 @@ class Bus:
                     del held[group_key]
             else:
                 until = time.monotonic() + delay + HOLD_GRACE_SECONDS
-                held[group_key] = (sequence, delay, until) if first is None or sequence < first[0] else first
+                # The held message handed back again keeps the key held until its new delay is over.
+                held[group_key] = (sequence, delay, until) if first is None or sequence <= first[0] else first
 
     async def _handle_one(self, durable: str, msg: Msg, handler: Handler) -> float | None:
         """Handle one message and ack it; the delay it was handed back with (nak), if it was."""

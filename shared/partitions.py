@@ -71,6 +71,10 @@ from shared.telemetry import log_fields
 log = logging.getLogger(__name__)
 
 PartitionHook = Callable[[int], Coroutine[Any, Any, None]]
+# `acquire(partition, took_over)`: took_over when the partition's previous owner did not give it
+# back (it died, or this replica restarted under its id): its consumer may hold messages that
+# owner never finished.
+AcquireHook = Callable[[int, bool], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,13 +156,13 @@ def assignment(members: Iterable[str], partitions: int) -> dict[str, set[int]]:
 class PartitionLeases:
     """One replica's share of one consumer group's partitions, kept up to date every `tick`.
 
-    `acquire(n)` is awaited once this replica owns partition n; `release(n)` when it must give
+    `acquire(n, took_over)` is awaited once this replica owns partition n; `release(n)` when it must give
     the partition up (another member owns it now, it was taken over, or `stop()`), and must
     return only once nothing of partition n is being handled any more.
     """
 
     def __init__(self, members: KeyValue, owners: KeyValue, group: str, replica: str, partitions: int, ttl: float,
-                 acquire: PartitionHook, release: PartitionHook) -> None:
+                 acquire: AcquireHook, release: PartitionHook) -> None:
         self.members_kv = members
         self.owners_kv = owners
         self.group = group
@@ -326,11 +330,12 @@ class PartitionLeases:
             self._releasing[partition] = asyncio.create_task(self.release(partition))
         taken = []
         for partition in sorted(wanted - set(self.owned) - set(self._releasing)):
-            if not await self._claim(partition):
+            took_over = await self._claim(partition)
+            if took_over is None:
                 continue
             taking = _TAKING.set(Lease(self.group, partition, self.replica, self.owned[partition], self))
             try:
-                await self.acquire(partition)
+                await self.acquire(partition, took_over)
             except Exception:
                 # Not consumed, so not ours: give it back, and try again at a next tick.
                 log.exception("taking partition %d of %s failed", partition, self.group)
@@ -358,26 +363,29 @@ class PartitionLeases:
         horizon = time.monotonic() - self.ttl
         return [member for member, heard in self._heard.items() if heard >= horizon]
 
-    async def _claim(self, partition: int) -> bool:
-        """Own `partition`, if it can be had now: free, or its owner stopped beating."""
+    async def _claim(self, partition: int) -> bool | None:
+        """Own `partition`: None when not (now), else whether it was taken over from an owner
+        that did not give it back."""
         key = self._owner_key(partition)
         current = self._owners.get(partition)
         try:
             if current is None:
                 revision = await self.owners_kv.create(key, self.replica.encode())
+                took_over = False
             elif current[0] != self.replica and (current[0] in self._live_members()
                                                   or await self._beating(current[0])):
-                return False  # its owner lets it go at its next tick
+                return None  # its owner lets it go at its next tick
             else:
                 # Its owner stopped beating (checked at the server, not only in our watched
                 # view), or it is ours from before a restart under the same id: a written
                 # compare-and-set either way, so a stale view cannot make two owners.
                 revision = await self.owners_kv.update(key, self.replica.encode(), last=current[1])
+                took_over = True
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError):
-            return False  # someone else was quicker, or our view is behind: next tick
+            return None  # someone else was quicker, or our view is behind: next tick
         self.owned[partition] = revision
         self._owners[partition] = (self.replica, revision)
-        return True
+        return took_over
 
     async def _beating(self, member: str) -> bool:
         """Whether `member`'s heartbeat is still in the bucket (our watcher may have gone stale)."""

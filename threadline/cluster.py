@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import hashlib
 import importlib.util
 import itertools
 import logging
 import os
 import secrets
-import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -57,12 +56,12 @@ from threadline.cli import (
 )
 from threadline.frontdoor import FrontdoorSite, build_frontdoor
 from threadline.natsserver import NatsServer, cluster_node_config, credentials_url, free_port
-from threadline.postgres import PostgresServer
+from threadline.postgres import LoginRefused, PostgresServer
 
 log = logging.getLogger(__name__)
 
 # Where the cluster's PostgreSQL data goes when running as root (see `postgres_dir`).
-ROOTS_POSTGRES_PARENT = "/var/tmp"
+ROOTS_POSTGRES_PARENT = "/var/lib/threadline-postgres"
 
 CLUSTER_SIZE = 3
 # Every service runs two replicas, as in deploy/k8s (the sandbox's fakes keep their state in memory: one).
@@ -316,7 +315,11 @@ class ClusterLauncher(Launcher):
         self.postgres = PostgresServer(base_dir=await asyncio.to_thread(claim_postgres_dir, self.data_dir,
                                                                         keys["postgresPassword"]),
                                        password=keys["postgresPassword"])
-        await asyncio.to_thread(self.postgres.start)
+        try:
+            await asyncio.to_thread(self.postgres.start)
+        except LoginRefused as exc:
+            raise LaunchError(f"{exc}: remove {self.postgres.base_dir}, or restore the secrets.json it was"
+                              " made with") from exc
         self.say(f"PostgreSQL on {self.postgres.host}:{self.postgres.port} (data in {self.postgres.data_dir})")
         replica_ports = {name: [free_port() for _ in range(self.replica_count(name))] for name in self.service_names}
         nats_ports = [p for n in self.cluster.nodes for p in (n.server.port, n.cluster_port, n.monitor_port)]
@@ -393,34 +396,37 @@ class ClusterLauncher(Launcher):
 def postgres_dir(data_dir: str, password: str) -> str:
     """Where the cluster's PostgreSQL keeps its data: beside the rest, unless running as root —
     the server then runs as an unprivileged user, who cannot enter the private (0700, root's)
-    data directory, so it gets a folder of its own under /var/tmp, named after the data dir and
-    its database password: a data dir made anew at the same path (new secrets) gets a new
-    database, where it used to find the old one's, which refused its password."""
+    data directory, so it gets a folder of its own in ROOTS_POSTGRES_PARENT (root's, which
+    others may only traverse), named after the data dir and its database password: a data dir
+    made anew at the same path (new secrets) gets a new database."""
     if os.geteuid() != 0:
         return os.path.join(os.path.abspath(data_dir), "postgres")
-    return f"{_postgres_dir_prefix(data_dir)}-{hashlib.sha256(password.encode()).hexdigest()[:8]}"
-
-
-def _postgres_dir_prefix(data_dir: str) -> str:
-    tag = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
-    return os.path.join(ROOTS_POSTGRES_PARENT, f"threadline-postgres-{tag}")
+    path_tag = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+    password_tag = hashlib.sha256(password.encode()).hexdigest()[:8]
+    return os.path.join(ROOTS_POSTGRES_PARENT, f"{path_tag}-{password_tag}")
 
 
 def claim_postgres_dir(data_dir: str, password: str) -> str:
-    """`postgres_dir`, with what earlier data dirs at this path left under /var/tmp settled: the
-    folder of one before this naming (no password tag) becomes this one's (it is the same data
-    dir unless that was made anew, which the server's login then says); the folders of earlier
-    data dirs at this path are removed, their passwords having gone with them."""
+    """`postgres_dir`, made safe to use as root: its parent is created root's, 0711 (nobody
+    else can put anything there, so no name in it can be planted: a symlink, a folder holding
+    one), and refused — LaunchError — when something else is there; the folder itself must be
+    a folder, not a link. What earlier data dirs at the same path left there stays (their
+    passwords went with them; remove them by hand)."""
     folder = postgres_dir(data_dir, password)
     if os.geteuid() != 0:
         return folder
-    prefix = _postgres_dir_prefix(data_dir)
-    if os.path.isdir(prefix) and not os.path.exists(folder):
-        os.rename(prefix, folder)
-    for earlier in glob.glob(f"{prefix}-*"):
-        if earlier != folder:
-            log.info("removing %s: the database of an earlier data directory at %s", earlier, data_dir)
-            shutil.rmtree(earlier, ignore_errors=True)
+    parent = os.path.dirname(folder)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(parent, 0o711)
+    facts = os.lstat(parent)
+    if (not stat.S_ISDIR(facts.st_mode) or facts.st_uid != os.getuid() or facts.st_mode & 0o022):
+        raise LaunchError(f"{parent} must be a folder of this user's that nobody else may write to:"
+                          " remove it (or what it is) and start again")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise LaunchError(f"{folder} is not a folder: remove it and start again") from None
     return folder
 
 

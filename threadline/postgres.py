@@ -7,6 +7,7 @@ root the server runs as `nobody`, in a data directory that user owns.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -87,7 +88,10 @@ class PostgresServer:
         fresh = not os.path.exists(os.path.join(self.data_dir, "PG_VERSION"))
         if fresh:
             password_file = os.path.join(self.base_dir, "initdb-password")
-            with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(password_file)  # a leftover of an initdb that failed (not followed if a link)
+            # Never through a link someone left there: the superuser's password goes in it.
+            with open(os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as fh:
                 fh.write(self.password)
             if owner is not None:
                 os.chown(password_file, owner.pw_uid, owner.pw_gid)
@@ -110,7 +114,8 @@ class PostgresServer:
         args = [os.path.join(bin_dir, "postgres"), "-D", self.data_dir]
         for name, value in settings.items():
             args += ["-c", f"{name}={value}"]
-        log = open(os.path.join(self.base_dir, "postgres.log"), "ab")
+        log = open(os.open(os.path.join(self.base_dir, "postgres.log"),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                         **run_as)  # type: ignore[call-overload]
         log.close()

@@ -40,7 +40,7 @@ from services.notifications.config import NotificationsConfig
 from services.notifications.store import OptInRow, PendingRow, SendRow, Store
 from shared import mailreply, subjects
 from shared import mailsend as email_out
-from shared.bus import Delivery, RequestFailed, refusal
+from shared.bus import Delivery, FromNewerVersion, RequestFailed, refusal
 from shared.clientip import source_key
 from shared.config import Rate
 from shared.ids import derived_id, new_id
@@ -633,7 +633,12 @@ class Notifier:
         try:
             status = chan.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise refusal(data, exc, chan.TYPES, "status") from exc
+            refused = refusal(data, exc, chan.TYPES, "status")
+            if isinstance(refused, FromNewerVersion):
+                # Of a kind this version does not know: waiting for a newer replica would hold
+                # every status of its partition back for the few that are notifications'.
+                return
+            raise refused from exc
         if not isinstance(status, chan.DeliveryStatus) or not note.is_notification_id(status.message_id):
             return
         await self.handle_status(status)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from shared import bus as bus_module
 from shared import subjects
@@ -193,14 +193,15 @@ async def test_a_replica_restarted_under_its_id_takes_its_partitions_back_at_onc
 async def test_a_message_handed_back_before_a_give_back_keeps_its_place_for_the_next_holder(
         bus: Bus, nats_server: NatsServer) -> None:
     """A replica hands a key's message back for later (its announcement failed: NATS was electing
-    a leader), then gives its partitions up. The key's hold lived in that replica's memory: the
-    next holder must not handle the key's later message before the handed-back one comes."""
+    a leader), then gives its partitions up. The hold that keeps the key's later messages behind
+    it goes to the next holder with the partition; what the first one acknowledged does not
+    come again."""
     spec = ConsumerSpec(subjects.INBOUND, "t-handback", "inbound.*.*")
     seen = Seen()
     handed_back = asyncio.Event()
 
     async def failing_once(data: bytes, _headers: Mapping[str, str], delivery: Delivery) -> None:
-        if data.endswith(b":0") and not handed_back.is_set():
+        if data == b"h:k0:0" and not handed_back.is_set():
             handed_back.set()
             raise Retry(5.0, "the announcement failed")
         seen.handled.append(("r-a", delivery.subject, data))
@@ -211,14 +212,20 @@ async def test_a_message_handed_back_before_a_give_back_keeps_its_place_for_the_
     try:
         await until_held_by(bus, spec, {"r-a"})
         await bus.publish(subjects.inbound_subject("web", "i1", "k0"), b"h:k0:0")
+        others = [f"o:k{k}:0".encode() for k in range(1, 7)]  # other keys, acknowledged by r-a
+        for k, data in enumerate(others, start=1):
+            await bus.publish(subjects.inbound_subject("web", "i1", f"k{k}"), data)
         await asyncio.wait_for(handed_back.wait(), 10)
+        await seen.until(len(others), timeout=10)
         b = await replica(nats_server, "r-b", spec, seen)
         await a.close()  # a clean give-back: r-b takes every partition at its next tick
         await until_held_by(bus, spec, {"r-b"}, timeout=subjects.PARTITION_LEASE_SECONDS)
         await bus.publish(subjects.inbound_subject("web", "i1", "k0"), b"h:k0:1")
-        await seen.until(2, timeout=15)
-        assert seen.data() == [b"h:k0:0", b"h:k0:1"]
-        assert {who for who, _, _ in seen.handled} == {"r-b"}
+        await seen.until(len(others) + 2, timeout=15)
+        await asyncio.sleep(0.5)
+        by_b = [data for who, _, data in seen.handled if who == "r-b"]
+        assert by_b == [b"h:k0:0", b"h:k0:1"]  # in order, and nothing r-a acknowledged again
+        assert sorted(data for who, _, data in seen.handled if who == "r-a") == sorted(others)
     finally:
         if b is not None:
             await b.close()
@@ -326,7 +333,7 @@ async def test_a_slow_acquire_never_stops_the_heartbeat(bus: Bus) -> None:
     owners = await bus.js.create_key_value(bucket="t_slow_owners")
     started, finish = asyncio.Event(), asyncio.Event()
 
-    async def acquire(partition: int) -> None:
+    async def acquire(partition: int, _took_over: bool) -> None:
         if partition == 0:
             started.set()
             await finish.wait()  # e.g. a partition's pending rows loaded from a slow database
@@ -361,7 +368,7 @@ async def test_every_take_of_a_partition_has_a_greater_epoch_and_a_fenced_one_is
     released: list[tuple[str, int]] = []
 
     def hooks(replica: str):  # type: ignore[no-untyped-def]
-        async def acquire(partition: int) -> None:
+        async def acquire(partition: int, _took_over: bool) -> None:
             taken.append(lease_being_taken(partition))
 
         async def release(partition: int) -> None:
@@ -406,3 +413,48 @@ async def test_every_take_of_a_partition_has_a_greater_epoch_and_a_fenced_one_is
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_durable_lost_while_being_recreated_at_its_floor_starts_there_again(bus: Bus) -> None:
+    """A holder recreating a dead owner's durable at its ack floor that stops between the delete
+    and the add leaves the start behind: the next holder creates it from there, not from the
+    stream's first message (days of events again)."""
+    for i in range(5):
+        await bus.publish(subjects.inbound_subject("web", "i1", "k0"), f"old-{i}".encode())
+    first_kept = (await bus.js.stream_info(subjects.INBOUND.name)).state.last_seq
+    owners = await bus.key_value(subjects.PARTITION_OWNERS_BUCKET)
+    durable = "t-resume-p0"
+    await owners.put(f"{bus_module.RESUME_KEY_PREFIX}{durable}", str(first_kept).encode())
+    config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                filter_subject="inbound.*.*", deliver_policy=api.DeliverPolicy.ALL)
+    puller = await bus._start_puller(subjects.INBOUND, durable, config, 10, asyncio.Event(), create=True,
+                                     bucket=owners)
+    assert puller is not None
+    try:
+        info = await bus.js.consumer_info(subjects.INBOUND.name, durable)
+        assert info.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE
+        assert info.config.opt_start_seq == first_kept
+        with pytest.raises(KeyNotFoundError):  # used: the next creation is a new durable's again
+            await owners.get(f"{bus_module.RESUME_KEY_PREFIX}{durable}")
+    finally:
+        await puller.stop()
+
+
+async def test_a_durable_recreated_at_its_floor_takes_a_new_filter(bus: Bus) -> None:
+    """A filter update keeps where the durable delivers from (the server refuses to change it):
+    a durable recreated at its ack floor still takes a change of the partition count."""
+    durable = "t-refilter-p0"
+    await bus.js.add_consumer(subjects.INBOUND.name, api.ConsumerConfig(
+        durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, filter_subject="inbound.*.*.0",
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1))
+    config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                filter_subject="inbound.*.*", deliver_policy=api.DeliverPolicy.ALL)
+    puller = await asyncio.wait_for(bus._start_puller(subjects.INBOUND, durable, config, 10, asyncio.Event(),
+                                                      create=True), 10)
+    assert puller is not None
+    try:
+        info = await bus.js.consumer_info(subjects.INBOUND.name, durable)
+        assert info.config.filter_subject == "inbound.*.*"
+        assert info.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE
+    finally:
+        await puller.stop()

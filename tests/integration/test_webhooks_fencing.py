@@ -184,12 +184,12 @@ async def test_a_take_overtaken_by_a_later_one_is_refused(bus: Bus, database_set
     dispatcher_a, dispatcher_b = dispatcher_on(store_a, database_settings), dispatcher_on(store_b, database_settings)
     claimed, go_on = asyncio.Event(), asyncio.Event()
 
-    async def acquire_a(partition: int) -> None:
+    async def acquire_a(partition: int, _took_over: bool) -> None:
         claimed.set()
         await go_on.wait()  # A stalls between its compare-and-set and its fence
         await dispatcher_a.acquire(partition)
 
-    async def acquire_b(partition: int) -> None:
+    async def acquire_b(partition: int, _took_over: bool) -> None:
         await dispatcher_b.acquire(partition)
 
     leases_a = PartitionLeases(members, owners, "t-overtaken", "r-a", 1, LEASE_TTL, acquire_a, dispatcher_a.release)
@@ -227,7 +227,7 @@ async def test_a_take_under_an_owners_bucket_made_anew_starts_the_fence_again(
     assert await fencing.raise_epoch(store.db, 0, old_epoch) == old_epoch
     dispatcher = dispatcher_on(store, database_settings)
 
-    async def acquire(partition: int) -> None:
+    async def acquire(partition: int, _took_over: bool) -> None:
         await dispatcher.acquire(partition)
 
     leases = PartitionLeases(members, owners, "t-anew", "r-a", 1, LEASE_TTL, acquire, dispatcher.release)
