@@ -102,9 +102,9 @@ NEWER_VERSION_PATIENCE_SECONDS = 15 * 60.0
 # Where a partition's holder leaves the keys it holds for the next holder (in the owners bucket,
 # beside the owner entries: `holds.<durable>`), and how long it tries to while NATS is away.
 HOLDS_KEY_PREFIX = "holds."
+HOLDS_HANDOVER_SECONDS = 30.0
 # Where a durable being recreated at its ack floor starts, kept there until it exists again.
 RESUME_KEY_PREFIX = "resume."
-HOLDS_HANDOVER_SECONDS = 30.0
 # How often the holder of a group's partition 0 looks again at the durables of partitions beyond
 # today's count (`Bus._drain_leftovers`).
 LEFTOVER_RECHECK_SECONDS = 60.0
@@ -520,21 +520,21 @@ class Bus:
                     durable, start)
         return dataclasses.replace(config, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(start))
 
-    async def _take_holds(self, holds: KeyValue, durable: str, *, ignore: bool) -> Held:
+    async def _take_holds(self, bucket: KeyValue, durable: str, *, ignore: bool) -> Held:
         """The keys the durable's previous holder left held (`_leave_holds`), removed from the
         bucket: a key's later messages go on waiting for its message handed back, which the
         server redelivers only after its delay, to whoever pulls then. Nothing (the entry only
         removed) when `ignore`."""
         entry_key = f"{HOLDS_KEY_PREFIX}{durable}"
         try:
-            entry = await holds.get(entry_key)
+            entry = await bucket.get(entry_key)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return {}
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("consumer %s: the keys its previous holder held not read: %s", durable, exc)
             return {}
         with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
-            await holds.delete(entry_key, last=entry.revision)
+            await bucket.delete(entry_key, last=entry.revision)
         if ignore or not entry.value:
             return {}
         try:
@@ -549,7 +549,7 @@ class Bus:
                      durable, len(held))
         return held
 
-    async def _leave_holds(self, holds: KeyValue, durable: str, held: Held) -> None:
+    async def _leave_holds(self, bucket: KeyValue, durable: str, held: Held) -> None:
         """Leave the keys this holder still holds for the durable's next holder (`_take_holds`):
         their messages handed back come again after their delay, and the key's later messages
         must not overtake them there. Tried again while NATS is away (the partition is given
@@ -562,7 +562,7 @@ class Bus:
         deadline = now + HOLDS_HANDOVER_SECONDS
         while True:
             try:
-                await holds.put(f"{HOLDS_KEY_PREFIX}{durable}", data)
+                await bucket.put(f"{HOLDS_KEY_PREFIX}{durable}", data)
                 return
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 if time.monotonic() > deadline or self.nc.is_closed:
@@ -788,8 +788,9 @@ class Bus:
                         await msg.term()
                         return None
                     log.warning("%s on %s: waiting for a newer replica", exc, msg.subject)
+                    handed_back = exc.delay
                     await msg.nak(delay=exc.delay)
-                    return exc.delay
+                    return handed_back
                 except Retry as exc:
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     handed_back = None if exc.let_pass else exc.delay
