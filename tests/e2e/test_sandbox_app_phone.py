@@ -233,7 +233,7 @@ async def test_the_app_chats_live_and_shows_a_push_while_closed(page: Page, busi
     assert pushed[0]["message"]["data"]["conversationId"] == conversation_id
 
 
-async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: Business) -> None:
+async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: Business, system: System) -> None:
     conversation_id = await send_from_app(page, business, "Hello from the app")
     stored = await installed(page, business)
     user_id = stored["session"]["appUserId"]
@@ -241,6 +241,14 @@ async def test_uninstalling_the_app_drops_its_push_token(page: Page, business: B
     await expect(page.locator("#phone-lock")).to_be_visible()
     await expect(page.locator("#phone-lock-empty")).to_contain_text("not installed")
     await expect(page.locator("#phone-app-toggle")).to_be_disabled()
+    app_service = system.service("app")
+
+    async def socket_gone() -> bool:
+        # The app closed its socket; until the server has seen the close, a reply would still be
+        # written into it (and count as delivered there) rather than pushed.
+        return not app_service.sockets
+
+    await eventually(socket_gone)
 
     # The next reply is pushed to a revoked token: FCM says UNREGISTERED and the token is dropped.
     await business.reply(conversation_id, "Are you still there?")
