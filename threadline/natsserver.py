@@ -78,6 +78,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class PortTaken(OSError):
+    """Another process listens on the port a server was to listen on."""
+
+
+# How many ports `NatsServer.start` tries when the one it chose was taken before it bound it.
+PORT_ATTEMPTS = 3
+
+
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
     """Block until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
@@ -128,9 +136,21 @@ class NatsServer:
         return self.address
 
     def start(self) -> NatsServer:
-        """Start the server and wait until it accepts connections."""
-        if self.port == 0:
-            self.port = free_port()
+        """Start the server and wait until it accepts connections. A port chosen here that
+        another process took meanwhile (another test run's server, between the choice and the
+        bind) is chosen again; a port given is not (PortTaken)."""
+        chosen = self.port == 0
+        for attempt in range(PORT_ATTEMPTS):
+            if chosen:
+                self.port = free_port()
+            try:
+                return self._start_once()
+            except PortTaken:
+                if not chosen or attempt == PORT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> NatsServer:
         private_dir(self.store_dir)
         self.log_path = self.log_path or os.path.join(self.store_dir, "nats-server.log")
         auth_args: list[str] = []
@@ -140,6 +160,7 @@ class NatsServer:
                 fh.write(authorization_config(self.passwords).encode())
             auth_args = ["-c", config]
         log = open(ensure_private_file(self.log_path), "ab")
+        logged_before = log.tell()
         self.process = subprocess.Popen(
             [find_nats_server(), *auth_args, "-js", "-a", self.host, "-p", str(self.port), "-sd", self.store_dir,
              *self.extra_args],
@@ -148,11 +169,32 @@ class NatsServer:
         )
         log.close()
         try:
-            wait_for_port(self.host, self.port)
-        except TimeoutError:
+            self._wait_ready(logged_before)
+        except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_ready(self, logged_before: int, timeout: float = 15.0) -> None:
+        """Until this server says it is ready and accepts connections. Something else accepting
+        on the port is not enough: a server that could not bind it exits, and connecting there
+        reached another (which refuses our passwords, then goes away)."""
+        assert self.process is not None and self.log_path is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(logged_before)
+                said = fh.read().decode(errors="replace")
+            if self.process.poll() is not None:
+                if "address already in use" in said:
+                    raise PortTaken(f"nats-server could not listen on {self.host}:{self.port}: taken")
+                raise RuntimeError(f"nats-server exited ({self.process.returncode}): {said[-500:]}")
+            if "Server is ready" in said:
+                wait_for_port(self.host, self.port, max(0.1, deadline - time.monotonic()))
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server not ready on {self.host}:{self.port} after {timeout}s")
+            time.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""
