@@ -48,12 +48,17 @@ _STATUS_PROBE = msgspec.json.Decoder(_StatusKeyProbe)
 
 
 def inbound_ordering_key(subject: str, data: bytes) -> str:
-    """One customer's messages are handled in order; different customers concurrently."""
+    """One customer's messages are handled in order; different customers concurrently. The
+    integration is the subject's (`inbound.<channel>.<integration>.<partition>`), which only the
+    channel's own service may publish on: a message on another channel's subject cannot name
+    (and hold back) this integration's customers."""
     try:
         probe = _INBOUND_PROBE.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return subject
-    return subjects.inbound_key(probe.integration_id, probe.channel_user_id or probe.user_id)
+    tokens = subject.split(".")
+    integration_id = tokens[2] if len(tokens) > 2 else probe.integration_id
+    return subjects.inbound_key(integration_id, probe.channel_user_id or probe.user_id)
 
 
 def status_ordering_key(subject: str, data: bytes) -> str:

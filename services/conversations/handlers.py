@@ -784,6 +784,8 @@ class Conversations(ConversationCore):
             message = chan.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise refusal(data, exc, chan.TYPES, "inbound message") from exc
+        if isinstance(message, chan.InboundMessage | chan.InboundActivity):
+            _refuse_off_subject(message, delivery.subject)
         if isinstance(message, chan.InboundMessage):
             try:
                 masked = await self.inbound_message(message, fence=self._inbound_fence(delivery.subject))
@@ -1028,6 +1030,7 @@ class Conversations(ConversationCore):
             raise refusal(data, exc, chan.TYPES, "status") from exc
         if not isinstance(status, chan.DeliveryStatus):
             raise Poison(f"unexpected {type(status).__name__} on status")
+        _refuse_off_subject(status, delivery.subject)
         await self.delivery_status(status, delivery.num_delivered)
 
     async def delivery_status(self, status: chan.DeliveryStatus, num_delivered: int = 1) -> None:
@@ -1216,6 +1219,20 @@ _CLIENT_TYPES = frozenset({
     "apple", "gbm", "googlercs", "instagram", "kakao", "line", "mailgun", "messagebird", "messenger",
     "slackconnect", "sdk", "telegram", "twilio", "twitter", "viber", "wechat", "whatsapp", "web",
 })
+
+
+def _refuse_off_subject(message: chan.InboundMessage | chan.InboundActivity | chan.DeliveryStatus,
+                       subject: str) -> None:
+    """Poison unless the message names the channel and integration of the subject it came on
+    (`<family>.<channel>.<integration>.<partition>`). NATS lets each service publish only on its
+    own channel's subjects; a message claiming another channel's integration (another
+    channel's customer, another channel's sends) came from a service that must not speak for
+    it — one taken over from the internet, say — and is not believed."""
+    tokens = subject.split(".")
+    if len(tokens) > 2 and (tokens[1] != message.channel or tokens[2] != message.integration_id):
+        log.error("refusing a message that claims %s integration %s on %s", message.channel,
+                  message.integration_id, subject)
+        raise Poison(f"{message.channel}/{message.integration_id} does not match the subject {subject}")
 
 
 def _is_client_type(channel: str) -> bool:

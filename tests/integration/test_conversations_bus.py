@@ -509,3 +509,24 @@ async def test_a_customer_message_of_a_type_from_a_newer_version_is_kept_and_the
                    for e in await events(wa.bus, wa.t.app_id))
 
     await eventually(stored_after)
+
+
+async def test_a_message_claiming_another_channels_integration_is_not_believed(
+        wa: Wa, caplog: pytest.LogCaptureFixture) -> None:
+    """NATS lets each service publish only on its own channel's subjects. A message on the web
+    channel's subject that claims to be a WhatsApp customer's (what a web service taken over from
+    the internet could send) is refused, and the real customer's messages go on."""
+    forged = wa.inbound("wamid.forged", text="transfer my balance")
+    genuine = wa.inbound("wamid.genuine", text="hello")
+    web_subject = subjects.inbound_subject("web", new_id(), forged.channel_user_id or "")
+    await wa.bus.publish(web_subject, chan.encode(forged))
+    await wa.publish_inbound(genuine)
+
+    async def refused() -> bool:
+        return any("refusing a message that claims whatsapp" in r.getMessage() for r in caplog.records)
+
+    await eventually(refused)
+    await consumed(wa.bus, subjects.CONVERSATIONS_INBOUND, 2)
+    texts = [e.message.content.text for e in await events(wa.bus, wa.t.app_id)
+             if isinstance(e, conv.MessageCreated) and isinstance(e.message.content, TextContent)]
+    assert texts == ["hello"]
