@@ -141,6 +141,14 @@ def conversation_desk_events(app_id: str, conversation_id: str) -> str:
     return f"{DESK_COPY_PREFIX}.{app_id}.{conversation_id}.*"
 
 
+def channel_of_subject(subject: str) -> tuple[str, str] | None:
+    """(channel, integration id) of a subject made by `inbound_subject`, `outbound_subject` or
+    `status_subject` (`<family>.<channel>.<integration>.<partition>`, or an older one without the
+    partition); None for anything shorter."""
+    parts = subject.split(".")
+    return (parts[1], parts[2]) if len(parts) > 2 else None
+
+
 def conversation_of_event_subject(subject: str) -> str:
     """The conversation id in a subject made by `event_subject` (cheap routing without decoding)."""
     parts = subject.split(".")

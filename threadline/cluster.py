@@ -379,7 +379,8 @@ class ClusterLauncher(Launcher):
     async def shutdown(self, *, discard_database: bool = False) -> None:
         """Stop the front door, every replica (reverse start order), the balancers, PostgreSQL
         (its data removed with `discard_database`: a test's or a benchmark's, which nothing will
-        start again; under /var/tmp it would outlive the data dir), then NATS."""
+        start again; as root it lives outside the data dir, which would not take it along), then
+        NATS."""
         self._stopping = True
         if self._frontdoor is not None:
             await self._frontdoor.cleanup()

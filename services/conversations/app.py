@@ -56,8 +56,8 @@ def inbound_ordering_key(subject: str, data: bytes) -> str:
         probe = _INBOUND_PROBE.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return subject
-    tokens = subject.split(".")
-    integration_id = tokens[2] if len(tokens) > 2 else probe.integration_id
+    named = subjects.channel_of_subject(subject)
+    integration_id = named[1] if named is not None else probe.integration_id
     return subjects.inbound_key(integration_id, probe.channel_user_id or probe.user_id)
 
 

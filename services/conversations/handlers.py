@@ -1228,8 +1228,8 @@ def _refuse_off_subject(message: chan.InboundMessage | chan.InboundActivity | ch
     own channel's subjects; a message claiming another channel's integration (another
     channel's customer, another channel's sends) came from a service that must not speak for
     it — one taken over from the internet, say — and is not believed."""
-    tokens = subject.split(".")
-    if len(tokens) > 2 and (tokens[1] != message.channel or tokens[2] != message.integration_id):
+    named = subjects.channel_of_subject(subject)
+    if named is not None and named != (message.channel, message.integration_id):
         log.error("refusing a message that claims %s integration %s on %s", message.channel,
                   message.integration_id, subject)
         raise Poison(f"{message.channel}/{message.integration_id} does not match the subject {subject}")
